@@ -1,0 +1,43 @@
+"""lowbit: fully quantized training (FQT) for PyTorch.
+
+Every GEMM of training — forward and both backward ones — runs with low-bit operands,
+and the gradients are unbiased estimates of the quantization-aware (QAT) gradient::
+
+    import lowbit
+    model = lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-bhq-4"))
+"""
+
+from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec
+from .formats import IntFormat, Rounding
+from .functional import fqt_conv2d, fqt_linear
+from .nn import FQTConv2d, FQTLinear, convert, describe, fqt_layers, load_rng_state, rng_state
+from .quantizers import QUANTIZERS, Granularity, get_quantizer, quantize_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # configuration
+    "FQTConfig",
+    "OperandSpec",
+    "GradSpec",
+    "Backend",
+    "Granularity",
+    "Rounding",
+    "RECIPES",
+    # number formats and quantizers
+    "IntFormat",
+    "QUANTIZERS",
+    "get_quantizer",
+    "quantize_grad",
+    # layers and conversion
+    "FQTLinear",
+    "FQTConv2d",
+    "convert",
+    "describe",
+    "fqt_layers",
+    "fqt_linear",
+    "fqt_conv2d",
+    # reproducibility
+    "rng_state",
+    "load_rng_state",
+]

@@ -1,0 +1,1 @@
+"""Experiment support: offline datasets (:mod:`.data`) and plain models (:mod:`.models`)."""

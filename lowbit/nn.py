@@ -1,0 +1,203 @@
+"""Fully quantized modules and the one-call model conversion.
+
+``FQTLinear`` and ``FQTConv2d`` subclass ``nn.Linear`` / ``nn.Conv2d`` and keep their
+parameters (same objects, same names), so a converted model loads the unconverted
+model's ``state_dict`` and vice versa, and an optimizer built before conversion keeps
+working. Each converted layer owns the generator that draws its stochastic-rounding
+noise, seeded at conversion: a seeded run is bitwise reproducible on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .config import FQTConfig
+from .functional import fqt_conv2d, fqt_linear
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _StochasticLayer:
+    """Config and a per-device ``torch.Generator`` for the SR noise of one layer."""
+
+    config: FQTConfig
+    seed: int
+    _generators: dict[str, torch.Generator]
+
+    def _init_quant(self, config: FQTConfig, seed: int | None) -> None:
+        if not isinstance(config, FQTConfig):
+            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+        self.config = config
+        self.seed = _draw_seed() if seed is None else int(seed)
+        self._generators = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """States of this layer's generators, by device (for checkpoints)."""
+        return {k: g.get_state() for k, g in self._generators.items()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        for key, s in state.items():
+            self.generator(torch.device(key)).set_state(s)
+
+    def _extra(self) -> str:
+        return f"recipe={describe(self.config)}, seed={self.seed}"
+
+
+class FQTLinear(nn.Linear, _StochasticLayer):
+    """``nn.Linear`` whose three GEMMs run under an :class:`FQTConfig`. Accepts inputs of
+    any leading shape ``(*, in_features)``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: FQTConfig, seed: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(config, seed)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, config: FQTConfig, seed: int | None = None) -> FQTLinear:
+        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTLinear``."""
+        new = cls(mod.in_features, mod.out_features, mod.bias is not None,
+                  config=config, seed=seed, device="meta")
+        new.weight, new.bias = mod.weight, mod.bias
+        new.train(mod.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fqt_linear(x, self.weight, self.bias, self.config, self.generator(x.device))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._extra()}"
+
+
+class FQTConv2d(nn.Conv2d, _StochasticLayer):
+    """``nn.Conv2d`` (stride, padding incl. ``'same'``/padding modes, dilation, groups,
+    bias) whose three GEMMs run under an :class:`FQTConfig` (simulated kernels)."""
+
+    def __init__(self, *args, config: FQTConfig, seed: int | None = None, **kwargs):  # noqa: ANN002,ANN003
+        super().__init__(*args, **kwargs)
+        self._init_quant(config, seed)
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, config: FQTConfig, seed: int | None = None) -> FQTConv2d:
+        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv2d``."""
+        new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                  padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                  bias=mod.bias is not None, padding_mode=mod.padding_mode,
+                  config=config, seed=seed, device="meta")
+        new.weight, new.bias = mod.weight, mod.bias
+        new.train(mod.training)
+        return new
+
+    def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Turn padding modes and string padding into a pre-padded input plus int padding."""
+        if self.padding_mode != "zeros":
+            return nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+        if self.padding == "valid":
+            return x, (0, 0)
+        if self.padding == "same":
+            # total padding d·(k−1) per dim; extra one on the right when odd (as torch does)
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return nn.functional.pad(x, pads), (0, 0)
+        return x, _pair(self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._explicit_padding(x)
+        return fqt_conv2d(x, self.weight, self.bias, self.config, self.generator(x.device),
+                          self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._extra()}"
+
+
+def describe(config: FQTConfig) -> str:
+    """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8``."""
+    if config.is_fp:
+        return "fp"
+    fwd = f"fwd{config.weight.bits}"
+    parts = [fwd]
+    for name, spec in (("gi", config.grad_input), ("gw", config.grad_weight)):
+        parts.append(f"{name}:{'fp' if spec is None else f'{spec.quantizer}{spec.bits}'}")
+    return "/".join(parts)
+
+
+def _child_seed(base: int, index: int) -> int:
+    return (base * 1_000_003 + index * 7_919 + 1) % (2**62)
+
+
+def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None) -> nn.Module:
+    """Swap every ``nn.Linear`` and ``nn.Conv2d`` in ``model`` (any depth) for its FQT
+    version under ``config``, in place, and return ``model``.
+
+    ``module_filter(module, fully_qualified_name)`` returning False leaves a module
+    alone. Parameters are shared, names unchanged. Converting again is idempotent:
+    already-converted layers only take the new config.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, FQTConfig):
+        raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+    base = _draw_seed() if config.seed is None else config.seed
+    index = 0
+
+    def visit(module: nn.Module, prefix: str) -> nn.Module:
+        nonlocal index
+        if isinstance(module, (FQTLinear, FQTConv2d)):
+            if module_filter is None or module_filter(module, prefix):
+                module.config = config
+            return module
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and (
+            module_filter is None or module_filter(module, prefix)
+        ):
+            cls = FQTLinear if isinstance(module, nn.Linear) else FQTConv2d
+            index += 1
+            return cls.from_float(module, config, seed=_child_seed(base, index))
+        for name, child in module.named_children():
+            new = visit(child, f"{prefix}.{name}" if prefix else name)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    return visit(model, "")
+
+
+def fqt_layers(model: nn.Module) -> dict[str, FQTLinear | FQTConv2d]:
+    """The converted layers of ``model`` by fully qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (FQTLinear, FQTConv2d))}
+
+
+def rng_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Every converted layer's SR generator state (save it in checkpoints)."""
+    return {n: m.rng_state() for n, m in fqt_layers(model).items()}
+
+
+def load_rng_state(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Restore what :func:`rng_state` returned; layer names must match."""
+    layers = fqt_layers(model)
+    missing = sorted(set(state) - set(layers))
+    if missing:
+        raise KeyError(f"rng state names layers this model does not have: {missing[:5]}")
+    for name, s in state.items():
+        layers[name].set_rng_state(s)
+
+
+__all__ = ["FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "load_rng_state", "rng_state"]

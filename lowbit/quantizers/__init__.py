@@ -1,0 +1,63 @@
+"""Gradient quantizers: each is transform → stochastic rounding → inverse (see ``base``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import IntFormat, Rounding, check_float_tensor
+from .base import GradQuantizer, Granularity, QuantizedRows, RowTransform, absmax
+from .bhq import BHQ
+from .hadamard import Hadamard
+from .psq import PSQ
+from .ptq import PTQ
+
+QUANTIZERS: dict[str, GradQuantizer] = {q.name: q for q in (PTQ(), PSQ(), BHQ(), Hadamard())}
+
+
+def get_quantizer(name: str | GradQuantizer) -> GradQuantizer:
+    """Look a quantizer up by name (``ptq``, ``psq``, ``bhq``, ``hadamard``)."""
+    if isinstance(name, GradQuantizer):
+        return name
+    try:
+        return QUANTIZERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}"
+        ) from None
+
+
+def quantize_grad(
+    g: torch.Tensor,
+    quantizer: str | GradQuantizer,
+    bits: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantize a 2-D gradient (rows = samples or tokens) with an unbiased quantizer and
+    return the dequantized (simulated) result, same shape and dtype as ``g``.
+
+    ``E[quantize_grad(g, ...)] = g`` over the rounding noise; NaN/Inf propagate.
+    """
+    check_float_tensor(g, "gradient")
+    if g.dim() != 2:
+        raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")
+    q = get_quantizer(quantizer)
+    fmt = IntFormat(bits)
+    if g.numel() == 0:
+        return g.clone()
+    return q.quantize(g, fmt, generator, Rounding.STOCHASTIC).dequantize().to(g.dtype)
+
+
+__all__ = [
+    "BHQ",
+    "GradQuantizer",
+    "Granularity",
+    "Hadamard",
+    "PSQ",
+    "PTQ",
+    "QUANTIZERS",
+    "QuantizedRows",
+    "RowTransform",
+    "absmax",
+    "get_quantizer",
+    "quantize_grad",
+]

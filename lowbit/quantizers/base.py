@@ -1,0 +1,143 @@
+"""The shape every gradient quantizer shares: transform → stochastic rounding → inverse.
+
+A gradient operand ``A`` is always oriented so that its **rows are the dimension that
+is not summed** by the GEMM that consumes it (``∇Y`` itself for ``∇X = ∇Y·W``, and
+``∇Yᵀ`` for ``∇W = ∇Yᵀ·X``). A quantizer then
+
+1. applies an invertible transform ``T`` that mixes rows only (identity for PTQ/PSQ,
+   scale + block Householder for BHQ, random signs + block Hadamard for ``hadamard``);
+2. quantizes ``T·A`` with stochastic rounding, one scale per row or per tensor;
+3. applies ``T⁻¹`` — to the dequantized operand (simulated path), or, because ``T``
+   acts on rows only, to the GEMM's output rows (integer path). Both give
+   ``T⁻¹·Q(T·A)·B`` up to float rounding.
+
+Every scale sits on rows, a non-summed dimension, so the integer GEMM stays exact.
+The analytic variance of the estimate follows from the per-row rounding variance pushed
+through ``T⁻¹`` with squared coefficients (:meth:`RowTransform.inverse_sq`).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import IntFormat, Rounding, uniform_noise
+
+
+class Granularity(enum.Enum):
+    """Which elements share one scale."""
+
+    TENSOR = "tensor"
+    ROW = "row"
+
+
+def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """``max |x|`` per tensor (shape (1, 1)) or per row (shape (R, 1)); NaN propagates."""
+    a = x.abs()
+    if granularity is Granularity.TENSOR:
+        return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
+    return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(a.shape[0], 1)
+
+
+class RowTransform(abc.ABC):
+    """An invertible linear map acting on the rows of ``(R, D)`` matrices."""
+
+    n_rows: int  # rows of the original operand (the transformed one may be padded)
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``T⁻¹ y`` cropped to the original ``n_rows`` rows."""
+
+    @abc.abstractmethod
+    def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
+        """For independent per-row noise of total variance ``v`` (shape (R,)), the
+        variance each output row of ``T⁻¹`` receives: ``Σ_i (T⁻¹)_ji² v_i``, cropped."""
+
+
+class Identity(RowTransform):
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+
+@dataclass
+class QuantizedRows:
+    """``T⁻¹ · diag(step) · codes``: the quantized operand before its inverse transform.
+
+    ``codes`` are int8 (``|codes| ≤ 2**(bits-1) - 1``), ``step`` is (R, 1) or (1, 1)
+    float32, ``transform`` maps rows back. A group holding NaN/Inf has a non-finite
+    step (its int8 codes are then meaningless), so its values stay non-finite.
+    """
+
+    codes: torch.Tensor
+    step: torch.Tensor
+    transform: RowTransform
+
+    def dequantize(self) -> torch.Tensor:
+        return self.transform.inverse(self.codes.float() * self.step)
+
+
+class GradQuantizer(abc.ABC):
+    """Unbiased gradient quantizer: a row transform plus per-row or per-tensor SR."""
+
+    name: str
+    granularity: Granularity
+
+    @abc.abstractmethod
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+        """The row transform for operand ``a`` (float32, (R, D))."""
+
+    def quantize(
+        self,
+        a: torch.Tensor,
+        fmt: IntFormat,
+        generator: torch.Generator | None = None,
+        rounding: Rounding = Rounding.STOCHASTIC,
+    ) -> QuantizedRows:
+        a = a.float()
+        t = self.transform(a, generator)
+        y = t.forward(a)
+        amax = absmax(y, self.granularity)
+        noise = uniform_noise(y.shape, y.device, generator) if rounding is Rounding.STOCHASTIC else None
+        codes = fmt.codes(y, amax, rounding, noise).to(torch.int8)
+        return QuantizedRows(codes, fmt.scale_from_absmax(amax), t)
+
+    # -- analytic variance ------------------------------------------------------------
+    def _row_step(self, y: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+        return fmt.scale_from_absmax(absmax(y, self.granularity)).expand(y.shape[0], 1)
+
+    def expected_variance(
+        self, a: torch.Tensor, fmt: IntFormat, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``E‖Q(a) − a‖²`` over the rounding noise: ``Σ p(1−p)·step²`` per transformed
+        element, pushed through ``T⁻¹``. (For random transforms: given that draw.)"""
+        a = a.float()
+        t = self.transform(a, generator)
+        y = t.forward(a)
+        step = self._row_step(y, fmt)
+        frac = y / step - torch.floor(y / step)
+        row_var = (frac * (1 - frac)).sum(dim=1) * step.squeeze(1) ** 2
+        return t.inverse_sq(row_var).sum()
+
+    def variance_bound(self, a: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+        """Upper bound on ``E‖Q(a) − a‖²`` (METHOD.md §2): ``step²/4`` per element."""
+        a = a.float()
+        t = self.transform(a, None)
+        y = t.forward(a)
+        step = self._row_step(y, fmt)
+        row_var = y.shape[1] * step.squeeze(1) ** 2 / 4
+        return t.inverse_sq(row_var).sum()

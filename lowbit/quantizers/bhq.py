@@ -1,0 +1,148 @@
+"""BHQ: block Householder quantizer (METHOD.md §2), applied in O(N·D).
+
+When a few rows are huge and the rest tiny, PSQ's variance is dominated by the huge
+rows. BHQ groups each large row with a share of the small rows, scales the large row by
+``s1`` and the small ones by ``s2``, and reflects the group with the Householder matrix
+``H_g = I − 2vvᵀ``, ``v ∝ e1 − 𝟙/√g``, which maps ``e1`` to ``𝟙/√g``: the large row's
+content is spread evenly over its group, so every row of the group uses its bins.
+
+With row ranges ``λ`` (``max |row|``), sorted descending:
+
+* the number ``z`` of small rows is the first ``z ≥ 1`` with
+  ``z · λ_(N−z−1) > Σ_{k<N−z} λ_k`` (at most ``N − 1``); the other ``K = N − z`` are large;
+* large row ``i`` gets ``round(cumsum(z·λ_i / Σλ_large))`` differences of small rows,
+  taken in sorted order;
+* ``s1 = (λ_large/√g)^(−1/3)``, ``s2 = (λ_small·max|H_g| / (g−1))^(−1/3)`` with
+  ``λ_small`` the largest small range of the group.
+
+``T = H·S`` is applied as a rank-1 update per group (``x − 2v(vᵀx)`` with a scatter-add),
+never as a dense N×N matrix; ``T⁻¹ = S⁻¹·H``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GradQuantizer, Granularity, RowTransform
+
+# Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
+# finite when a group's small rows are all zero (their scale is then immaterial).
+_MIN_SMALL_RATIO = 1e-12
+
+
+def _householder_absmax(g: torch.Tensor) -> torch.Tensor:
+    """``max |H_g|`` for ``H_g = I − 2vvᵀ``, ``v ∝ e1 − 𝟙/√g`` (g ≥ 2).
+
+    ``H e1 = 𝟙/√g``; off the first row/column ``H_jj = 1 − c`` and ``H_jk = −c`` with
+    ``c = 1 / (√g (√g − 1))``.
+    """
+    r = g.sqrt()
+    c = 1.0 / (r * (r - 1.0))
+    return torch.maximum(torch.maximum(1.0 / r, (1.0 - c).abs()), c)
+
+
+class BlockHouseholder(RowTransform):
+    """Per-row scale ``s`` and Householder vector entries ``v`` with group ids."""
+
+    def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int):
+        self.n_rows = scale.shape[0]
+        self.scale = scale  # (N,) float32
+        self.v = v  # (N,) float32, 0 for groups of one
+        self.group = group  # (N,) int64
+        self.n_groups = n_groups
+
+    def _reflect(self, x: torch.Tensor) -> torch.Tensor:
+        # H x per group: x − 2 v (vᵀ x), all groups at once.
+        vx = self.v[:, None] * x  # (N, D)
+        dots = x.new_zeros(self.n_groups, x.shape[1]).index_add_(0, self.group, vx)  # (G, D)
+        return x - 2 * self.v[:, None] * dots[self.group]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reflect(x * self.scale[:, None])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._reflect(y) / self.scale[:, None]
+
+    def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
+        # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².
+        v2 = self.v.double() ** 2
+        var = var.double()
+        grp = var.new_zeros(self.n_groups).index_add_(0, self.group, v2 * var)
+        out = var * (1 - 4 * v2) + 4 * v2 * grp[self.group]
+        return out / self.scale.double() ** 2
+
+
+def bhq_transform(a: torch.Tensor) -> BlockHouseholder:
+    """Build the BHQ transform for ``a`` (N, D). O(N log N) bookkeeping on row ranges,
+    computed in float64 so that ranges from 1e-30 to 1e30 stay exact enough."""
+    n = a.shape[0]
+    dev = a.device
+    lam = (a.abs().amax(dim=1) if a.shape[1] else a.new_zeros(n)).double()  # (N,)
+    ones = torch.ones(n, dtype=torch.float32, device=dev)
+    if n <= 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
+        # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
+        # (non-finite values then propagate through the per-row quantizer unchanged).
+        return BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n)
+
+    order = torch.argsort(lam, descending=True, stable=True)
+    ls = lam[order]  # sorted ranges, descending
+    prefix = torch.cumsum(ls, 0)
+    z_cand = torch.arange(1, n, device=dev)  # candidate numbers of small rows
+    k_cand = n - z_cand  # number of large rows left
+    cond = z_cand.double() * ls[k_cand - 1] > prefix[k_cand - 1]
+    z = int(z_cand[cond.int().argmax()]) if bool(cond.any()) else n - 1
+    k = n - z
+
+    # Share of small rows for each large row, proportional to its range.
+    total = prefix[k - 1]
+    cum = torch.round(torch.cumsum(z * ls[:k] / total, 0)).long()
+    cum[-1] = z
+    cum = torch.cummax(cum.clamp(0, z), 0).values
+    start = torch.cat([cum.new_zeros(1), cum[:-1]])  # first small index of each group
+    size = (cum - start + 1).double()  # group sizes g ≥ 1
+
+    # Group id and position (0 = the large row) of every row, in sorted order.
+    t = torch.arange(z, device=dev)
+    small_group = torch.searchsorted(cum, t, right=True)
+    group_sorted = torch.cat([torch.arange(k, device=dev), small_group])
+    is_large = torch.cat([torch.ones(k, dtype=torch.bool, device=dev),
+                          torch.zeros(z, dtype=torch.bool, device=dev)])
+    g = size[group_sorted]
+
+    # Householder vector entries: v ∝ e1 − 𝟙/√g, ‖e1 − 𝟙/√g‖² = 2 − 2/√g.
+    r = g.sqrt()
+    norm = torch.sqrt(torch.clamp(2 - 2 / r, min=0))
+    v = torch.where(is_large, 1 - 1 / r, -1 / r)
+    v = torch.where(g > 1, v / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(v))
+
+    # Variance-minimising scales (overall scale is immaterial: rows are quantized per row).
+    lam_large = ls[:k][group_sorted]
+    lam_small_first = torch.zeros(k, dtype=torch.float64, device=dev)
+    has_small = cum > start
+    lam_small_first[has_small] = ls[k + start[has_small]]
+    lam_small = lam_small_first[group_sorted]
+    w1 = lam_large / r
+    gm1 = torch.clamp(g - 1, min=1)
+    w2 = torch.maximum(lam_small * _householder_absmax(torch.clamp(g, min=2)),
+                       _MIN_SMALL_RATIO * lam_large)
+    s = torch.where(is_large, w1.pow(-1 / 3), (w2 / gm1).pow(-1 / 3))
+    s = torch.where(g > 1, s, torch.ones_like(s))
+
+    # Back to the original row order.
+    scale = torch.empty(n, dtype=torch.float32, device=dev)
+    v_out = torch.empty(n, dtype=torch.float32, device=dev)
+    grp = torch.empty(n, dtype=torch.long, device=dev)
+    scale[order] = s.float()
+    v_out[order] = v.float()
+    grp[order] = group_sorted
+    return BlockHouseholder(scale, v_out, grp, k)
+
+
+class BHQ(GradQuantizer):
+    name = "bhq"
+    granularity = Granularity.ROW
+
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+        return bhq_transform(a)
+
+

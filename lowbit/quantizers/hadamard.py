@@ -1,0 +1,97 @@
+"""Randomized block Hadamard quantizer (beyond the paper).
+
+Random signs ``±1`` on the rows, then an orthonormal Walsh–Hadamard transform on blocks
+of ``b`` consecutive rows (``b`` a power of two, 16–256 by default capped at the row
+count; rows are zero-padded to a multiple of ``b``), then per-row stochastic rounding.
+The transform is orthogonal and symmetric per block, so ``T⁻¹ = D·H`` inverts it exactly
+and the rounding variance is carried back unchanged in total.
+
+It spreads an outlier row over its block. Since rows are the non-summed dimension
+(samples on the ∇X path, output features on the ∇W path), the inverse is applied to the
+GEMM's output rows and the integer GEMM stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats import IntFormat
+from .base import GradQuantizer, Granularity, RowTransform
+
+DEFAULT_BLOCK = 64
+
+
+def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of order ``b`` (a power of two)."""
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {b}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(b)
+
+
+def block_size_for(n_rows: int, block: int) -> int:
+    """The block actually used: ``block`` capped at the next power of two ≥ ``n_rows``."""
+    return min(block, 1 << max(n_rows - 1, 0).bit_length())
+
+
+class BlockHadamard(RowTransform):
+    def __init__(self, signs: torch.Tensor, n_rows: int, block: int):
+        self.signs = signs  # (N_padded,) ±1 float32
+        self.n_rows = n_rows
+        self.block = block
+        self.h = hadamard_matrix(block, signs.device)
+
+    def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
+        return torch.matmul(self.h, blocks).reshape(n, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.signs.shape[0] - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        return self._apply_h(x * self.signs[:, None])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return (self._apply_h(y) * self.signs[:, None])[: self.n_rows]
+
+    def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
+        # Every entry of H is ±1/√b: each output row gets the block's mean variance.
+        means = var.reshape(-1, self.block).mean(dim=1, keepdim=True)
+        return means.expand(-1, self.block).reshape(-1)[: self.n_rows]
+
+
+class Hadamard(GradQuantizer):
+    name = "hadamard"
+    granularity = Granularity.ROW
+
+    def __init__(self, block: int = DEFAULT_BLOCK) -> None:
+        hadamard_matrix(block)  # validates the block size
+        self.block = block
+
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+        n = a.shape[0]
+        b = block_size_for(n, self.block)
+        n_pad = -(-n // b) * b if n else 0
+        bits = torch.randint(0, 2, (n_pad,), generator=generator, device=a.device)
+        return BlockHadamard(bits.float() * 2 - 1, n, b)
+
+    def variance_bound(self, a: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+        """Sign-free bound: every entry of block ``k`` after the transform is at most
+        ``c_k = max_d ‖A_block_k[:, d]‖₂`` (Cauchy–Schwarz), so
+        ``Var ≤ Σ_k n_k · D · (c_k / Q)² / 4`` with ``n_k`` real rows in block ``k``."""
+        a = a.float()
+        n, d = a.shape
+        if n == 0 or d == 0:
+            return a.new_zeros(())
+        b = block_size_for(n, self.block)
+        n_pad = -(-n // b) * b
+        x = torch.cat([a, a.new_zeros(n_pad - n, d)]) if n_pad > n else a
+        c = x.reshape(-1, b, d).pow(2).sum(dim=1).sqrt().amax(dim=1)  # (nb,)
+        rows = torch.full_like(c, b)
+        rows[-1] = n - (c.shape[0] - 1) * b
+        return (rows * d * (c / fmt.qmax) ** 2 / 4).sum()
