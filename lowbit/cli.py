@@ -1,0 +1,58 @@
+"""Command line: ``lowbit demo | train | sweep | report | variance | bench``.
+
+Each subcommand lives in the module that owns its concept and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
+Bad values exit with status 2 and one line naming the problem (no traceback; set
+``LOWBIT_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lowbit.experiments.demo", "short digits study: fp, qat-8 and FQT PTQ/PSQ/BHQ at 8 and 4 bits"),
+    "train": ("lowbit.experiments.train", "train one model with one recipe"),
+    "sweep": ("lowbit.experiments.sweep", "run a grid of tasks × recipes × seeds, skipping finished runs"),
+    "report": ("lowbit.experiments.report", "turn run folders into docs/results.md tables and plots"),
+    "variance": ("lowbit.analysis.cli", "variance decomposition, bounds and bin utilization"),
+    "bench": ("lowbit.bench", "time training steps of lowbit recipes against fp32 and bf16"),
+}
+
+
+class UsageError(Exception):
+    """A bad command-line value; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
