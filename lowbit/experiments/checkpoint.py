@@ -1,0 +1,148 @@
+"""Crash-safe checkpoints: ``last.pt`` written atomically, ``prev.pt`` kept as a fallback.
+
+A checkpoint is a plain dict (loaded with ``weights_only=True``)::
+
+    model, optimizer, scheduler     state_dicts
+    epoch, step                     epochs completed, optimizer steps taken
+    train_config, fqt_config        the run's TrainConfig and resolved FQTConfig, as dicts
+    history                         per-epoch metric rows so far
+    rng                             torch_global, data (generator) and sr (lowbit.rng_state)
+
+Saving writes a temporary file in the run folder, fsyncs it, renames the old ``last.pt``
+to ``prev.pt`` and the temporary file to ``last.pt`` (each ``os.replace`` is atomic), then
+fsyncs the folder. A kill at any moment leaves at least one complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lowbit
+
+LAST, PREV = "last.pt", "prev.pt"
+REQUIRED_KEYS = frozenset(
+    {"model", "optimizer", "scheduler", "epoch", "step", "train_config", "fqt_config", "rng"}
+)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint although one was expected."""
+
+
+def capture_rng(model: nn.Module, data_generator: torch.Generator) -> dict[str, Any]:
+    """Every random state the training loop draws from."""
+    return {
+        "torch_global": torch.get_rng_state(),
+        "data": data_generator.get_state(),
+        "sr": lowbit.rng_state(model),
+    }
+
+
+def restore_rng(model: nn.Module, data_generator: torch.Generator, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_global"])
+    data_generator.set_state(state["data"])
+    lowbit.load_rng_state(model, state["sr"])
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every platform / filesystem
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``run_dir/last.pt`` atomically, keeping the old one as ``prev.pt``."""
+    missing = REQUIRED_KEYS - set(state)
+    if missing:
+        raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+    run_dir = Path(run_dir)
+    last = run_dir / LAST
+    fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt.tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if last.exists():
+            os.replace(last, run_dir / PREV)
+        os.replace(tmp, last)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+    return last
+
+
+def _read(path: Path) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
+        raise ValueError("not a lowbit training checkpoint (keys missing)")
+    return state
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of ``run_dir`` and its path, or None if there is none.
+
+    A truncated or corrupt ``last.pt`` is reported on stderr and ``prev.pt`` is used
+    instead; if both exist and neither loads, raises :class:`CheckpointError`.
+    """
+    run_dir = Path(run_dir)
+    errors = []
+    for name in (LAST, PREV):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            state = _read(path)
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as exc:
+            errors.append(
+                f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+            print(
+                f"warning: cannot load checkpoint {path} ({errors[-1]}); "
+                + ("trying prev.pt" if name == LAST else "no older checkpoint"),
+                file=sys.stderr,
+            )
+            continue
+        if name == PREV:
+            print(
+                f"warning: resuming from the previous checkpoint {path} "
+                f"(epoch {state['epoch']}); last.pt was missing or unreadable",
+                file=sys.stderr,
+            )
+        return state, path
+    if errors:
+        raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + "; ".join(errors))
+    return None
+
+
+__all__ = [
+    "LAST",
+    "PREV",
+    "CheckpointError",
+    "capture_rng",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]

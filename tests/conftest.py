@@ -1,0 +1,53 @@
+"""Shared test helpers: devices to run on, and a z-test for unbiasedness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def available_devices() -> list[str]:
+    """CPU always; CUDA when present (GPU cases otherwise do not exist, CI has none)."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# float32 rounding of a transform + inverse (a few ulps of the largest value) is not bias
+FLOAT_EPS = 1e-6
+
+
+def _z(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    mean = samples.mean(0)
+    se = samples.std(0) / samples.shape[0] ** 0.5
+    keep = se > 0
+    gap = ((mean - target).abs() - FLOAT_EPS * (1 + target.abs())).clamp_min(0)
+    return (gap / se)[keep]
+
+
+def assert_unbiased(samples: torch.Tensor, target: torch.Tensor, z_max: float = 5.0) -> float:
+    """z-test of ``E[samples] == target``; returns the largest |z|.
+
+    Two views, both at ``z_max`` (5σ): every element whose draws vary, and 16 random
+    Gaussian projections of the whole tensor (a bias confined to rarely-varying elements,
+    e.g. values far below one grid step that round to 0 in all S draws, still moves the
+    projections). Each mean of S i.i.d. draws has standard error σ/√S (CLT; rounding noise
+    is bounded, so S ≥ a few hundred is enough). Gaps below float32 rounding
+    (``FLOAT_EPS`` of the unit scale) are not counted as bias. At 5σ a false alarm has probability
+    < 6e-7 per statistic, < 1e-3 for 1,000 statistics."""
+    s = samples.double().flatten(1)
+    t = target.double().flatten()
+    scale = t.abs().amax().clamp_min(1e-300)  # compare on a unit scale
+    s, t = s / scale, t / scale
+    proj = torch.randn(t.numel(), 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.cat([_z(s, t), _z(s @ proj, t @ proj)])
+    zmax = float(z.max()) if z.numel() else 0.0
+    assert zmax < z_max, f"bias detected: max |z| = {zmax:.2f} ≥ {z_max}"
+    if not z.numel():  # nothing varied at all: the draws must equal the target
+        assert torch.allclose(s.mean(0), t, atol=1e-6), "constant draws differ from the target"
+    return zmax
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

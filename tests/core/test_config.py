@@ -1,0 +1,68 @@
+"""FQTConfig: recipes, validation with messages naming field and allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec
+from lowbit.config import Granularity
+
+
+def test_all_named_recipes_build() -> None:
+    for name in ["fp", "qat-8"] + [f"fqt-{q}-{b}" for q in ("ptq", "psq", "bhq", "hadamard") for b in range(4, 9)]:
+        assert name in RECIPES
+        FQTConfig.from_recipe(name)
+
+
+def test_recipe_contents() -> None:
+    fp = FQTConfig.from_recipe("fp")
+    assert fp.is_fp and not fp.is_fqt
+    qat = FQTConfig.from_recipe("qat-8")
+    assert qat.weight.bits == 8 and qat.grad_input is None and qat.grad_weight is None
+    bhq = FQTConfig.from_recipe("fqt-bhq-4")
+    assert (bhq.grad_input.quantizer, bhq.grad_input.bits) == ("bhq", 4)
+    assert (bhq.grad_weight.quantizer, bhq.grad_weight.bits) == ("psq", 8)  # per-column ∇W
+    ptq = FQTConfig.from_recipe("fqt-ptq-5")
+    assert (ptq.grad_weight.quantizer, ptq.grad_weight.bits) == ("ptq", 8)
+    assert bhq.weight == OperandSpec(8) and bhq.activation.granularity is Granularity.TENSOR
+
+
+def test_overrides_and_bits() -> None:
+    c = FQTConfig.from_recipe("fqt-psq-8", backend="reference", seed=3)
+    assert c.backend is Backend.REFERENCE and c.seed == 3
+    c2 = c.with_grad_bits(grad_input=5, grad_weight=6)
+    assert (c2.grad_input.bits, c2.grad_weight.bits) == (5, 6)
+    assert FQTConfig.from_dict(c2.to_dict()) == c2
+
+
+def test_custom_config_strings_coerced() -> None:
+    c = FQTConfig(weight=OperandSpec(6, "row"), activation=OperandSpec(8, "tensor"),
+                  grad_input=GradSpec(4, "hadamard", "stochastic"), grad_weight=None, backend="int8")
+    assert c.weight.granularity is Granularity.ROW and c.backend is Backend.INT8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(grad_input=lambda: GradSpec(4, "foo")), "quantizer must be one of ptq, psq, bhq, hadamard, got 'foo'"),
+    (dict(weight=lambda: OperandSpec(9)), r"bits must be in 2..8, got 9"),
+    (dict(grad_weight=lambda: GradSpec(1)), r"bits must be in 2..8, got 1"),
+    (dict(backend="gpu"), "backend must be one of 'auto', 'reference', 'int8', got 'gpu'"),
+    (dict(weight=lambda: OperandSpec(8, "column")), "granularity must be one of 'tensor', 'row', got 'column'"),
+    (dict(weight=None), "weight and activation must both be quantized or both be None"),
+    (dict(weight=None, activation=None), "needs a quantized forward"),
+])
+def test_validation_messages(kwargs: dict, match: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        FQTConfig(**{k: v() if callable(v) else v for k, v in kwargs.items()})
+
+
+def test_unknown_recipe_lists_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown recipe 'fqt-xyz-4'; allowed: fp, qat-B, fqt-\{ptq,psq,bhq,hadamard\}-B"):
+        FQTConfig.from_recipe("fqt-xyz-4")
+    with pytest.raises(ValueError, match="unknown recipe 'fqt-psq-3'"):
+        FQTConfig.from_recipe("fqt-psq-3")
+
+
+def test_frozen() -> None:
+    c = FQTConfig.from_recipe("fqt-psq-8")
+    with pytest.raises(AttributeError):
+        c.seed = 1  # type: ignore[misc]
