@@ -18,16 +18,8 @@ import re
 from dataclasses import dataclass
 
 from .formats import MAX_BITS, MIN_BITS, Rounding, check_bits
+from .kernels import Backend
 from .quantizers import QUANTIZERS, Granularity
-
-
-class Backend(enum.Enum):
-    """Which kernels compute the GEMMs. ``AUTO`` picks the integer path wherever it
-    computes the same estimator as the reference; ``REFERENCE`` forces simulation."""
-
-    AUTO = "auto"
-    REFERENCE = "reference"
-    INT8 = "int8"
 
 
 def _coerce_enum(obj: object, field: str, enum_type: type[enum.Enum]) -> None:

@@ -77,36 +77,34 @@ class IntFormat:
         safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
         return safe / self.qmax
 
-    def codes(
-        self,
-        x: torch.Tensor,
-        absmax: torch.Tensor,
-        rounding: Rounding,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Integer-valued float32 codes of ``x`` for groups with the given ``absmax``
-        (broadcastable to ``x``). ``noise`` holds the ``u ~ U[0,1)`` draws for
-        stochastic rounding (same shape as ``x``)."""
-        absmax = absmax.float()
-        safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-        # x / absmax ∈ [-1, 1] is well defined even for denormal ranges, where
-        # absmax / qmax would underflow.
-        y = x.float() / safe * self.qmax
-        if rounding is Rounding.NEAREST:
-            q = torch.round(y)
-        else:
-            if noise is None:
-                raise ValueError("stochastic rounding needs a noise tensor")
-            q = torch.floor(y + noise)
-        # Rounding error of y near ±Q can push a code one level out; clamping there is
-        # harmless (it only moves values already within float rounding of ±Q).
-        return q.clamp_(-self.qmax, self.qmax)
+
+_MASK32 = 0xFFFFFFFF
 
 
-def uniform_noise(
-    shape: torch.Size | tuple[int, ...],
-    device: torch.device,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """``U[0,1)`` float32 draws from an explicit generator (``None``: torch's global RNG)."""
-    return torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> torch.Tensor:
+    """``U[0,1)`` float32 noise as a pure function of (element index, ``seed``).
+
+    A counter-based generator: element ``i`` (row-major index in ``shape``) gets
+    ``h(i·K + seed mod 2³²)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
+    bits (the resolution of ``torch.rand`` in float32: bias ≤ 2⁻²⁴ of a grid step). Being
+    a pure function of the index, the same noise comes out of the reference path, a
+    compiled kernel or another device, whatever the memory layout. ``seed`` is a 0-d
+    int64 tensor drawn from the layer's ``torch.Generator`` (:func:`draw_seed`).
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    x = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
+    x = (x * 0x27D4EB2D + seed) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (x >> 16) ^ x
+    return (x >> 8).to(torch.float32) * (2.0**-24)
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A fresh 32-bit seed (0-d int64 tensor on ``device``) from ``generator``
+    (``None``: torch's global RNG). One draw per quantization call."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2**32, (), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device)

@@ -28,30 +28,33 @@ from .quantizers.forward import quantize_operand
 
 
 def quantize_forward(
-    x2d: torch.Tensor, spec: OperandSpec, generator: torch.Generator | None = None
+    x2d: torch.Tensor, spec: OperandSpec, generator: torch.Generator | None = None,
+    backend: Backend = Backend.AUTO,
 ) -> QuantizedRows:
     """``Q_f`` of a weight (out, in) or activation (N, in) operand."""
-    return quantize_operand(x2d, spec.bits, spec.granularity, spec.rounding, generator)
+    return quantize_operand(x2d, spec.bits, spec.granularity, spec.rounding, generator, backend)
 
 
 def quantize_gradient(
-    a: torch.Tensor, spec: GradSpec, generator: torch.Generator | None
+    a: torch.Tensor, spec: GradSpec, generator: torch.Generator | None,
+    backend: Backend = Backend.AUTO,
 ) -> QuantizedRows:
     """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension."""
-    return get_quantizer(spec.quantizer).quantize(a, IntFormat(spec.bits), generator, spec.rounding)
+    q = get_quantizer(spec.quantizer)
+    return q.quantize(a, IntFormat(spec.bits), generator, spec.rounding, backend)
 
 
-def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend, transpose_b: bool) -> torch.Tensor:
-    """``T⁻¹ · (codes_a·step_a) @ B`` with ``B`` the dequantized ``b`` (or its transpose)."""
-    b_codes, b_step = (b.codes.t(), b.step.t()) if transpose_b else (b.codes, b.step)
-    out = scaled_mm(q.codes, q.step, b_codes, b_step, backend)
-    return q.transform.inverse(out)
+def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend) -> torch.Tensor:
+    """``T⁻¹ · (codes_a·step_a) @ B`` with ``B`` the dequantized ``b``: the inverse
+    transform acts on the output rows, after the (integer) GEMM."""
+    return q.transform.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend))
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------
-def linear_output(qx: QuantizedRows, qw: QuantizedRows, backend: Backend) -> torch.Tensor:
-    """``Y = Q_f(X) Q_f(W)ᵀ``: (N, in) × (out, in)ᵀ → (N, out)."""
-    return _rows_times(qx, qw, backend, transpose_b=True)
+def linear_output(qx: QuantizedRows, qw: QuantizedRows, backend: Backend,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Y = Q_f(X) Q_f(W)ᵀ + b``: (N, in) × (out, in)ᵀ → (N, out)."""
+    return scaled_mm(qx.codes, qx.step, qw.codes.t(), qw.step.t(), backend, bias, out_dtype)
 
 
 def linear_grad_input(
@@ -60,8 +63,8 @@ def linear_grad_input(
 ) -> torch.Tensor:
     """``∇X = Q_a(∇Y) Q_f(W)``: (N, out) × (out, in) → (N, in). ``spec=None``: QAT."""
     if spec is None:
-        return gy @ qw.dequantize()
-    return _rows_times(quantize_gradient(gy, spec, generator), qw, backend, transpose_b=False)
+        return gy.float() @ qw.dequantize()
+    return _rows_times(quantize_gradient(gy, spec, generator, backend), qw, backend)
 
 
 def linear_grad_weight(
@@ -70,8 +73,8 @@ def linear_grad_weight(
 ) -> torch.Tensor:
     """``∇W = Q_w(∇Y)ᵀ Q_f(X)``: rows of ``∇Yᵀ`` are output features. (out, N) × (N, in)."""
     if spec is None:
-        return gy.t() @ qx.dequantize()
-    return _rows_times(quantize_gradient(gy.t(), spec, generator), qx, backend, transpose_b=False)
+        return gy.float().t() @ qx.dequantize()
+    return _rows_times(quantize_gradient(gy.t(), spec, generator, backend), qx, backend)
 
 
 def _save_rows(ctx: Any, *qs: QuantizedRows) -> None:
@@ -86,24 +89,24 @@ def _load_rows(ctx: Any) -> list[QuantizedRows]:
 class _FQTLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                config: FQTConfig, generator: torch.Generator | None) -> torch.Tensor:
+                config: FQTConfig, generator: torch.Generator | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        qx = quantize_forward(x2d, config.activation, generator)
-        qw = quantize_forward(weight, config.weight, generator)
-        y = linear_output(qx, qw, config.backend)  # (N, out)
-        if bias is not None:
-            y = y + bias.float()
+        with torch.autocast(x.device.type, enabled=False):  # our GEMMs pick their own types
+            qx = quantize_forward(x2d, config.activation, generator, config.backend)
+            qw = quantize_forward(weight, config.weight, generator, config.backend)
+            y = linear_output(qx, qw, config.backend, bias, out_dtype)  # (N, out)
         _save_rows(ctx, qx, qw)
         ctx.config, ctx.generator = config, generator
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         qx, qw = _load_rows(ctx)
         cfg = ctx.config
-        gy = grad_out.reshape(-1, grad_out.shape[-1]).float()  # (N, out)
+        gy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), read as is by the quantizers
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend)
@@ -112,16 +115,25 @@ class _FQTLinearFn(torch.autograd.Function):
             gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend)
             gw = gw.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(0).to(ctx.w_dtype)
-        return gx, gw, gb, None, None
+            gb = gy.sum(0, dtype=torch.float32).to(ctx.w_dtype)
+        return gx, gw, gb, None, None, None
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """``x``'s dtype, or the autocast dtype when autocast is on (as ``nn.Linear`` does)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                config: FQTConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Linear layer under ``config`` (``fp``: plain ``F.linear``)."""
+    """Linear layer under ``config`` (``fp``: plain ``F.linear``). Under autocast the
+    output has the autocast dtype; the GEMMs themselves run as the config says."""
     if config.is_fp:
         return F.linear(x, weight, bias)
-    return _FQTLinearFn.apply(x, weight, bias, config, generator)
+    return _FQTLinearFn.apply(x, weight, bias, config, generator, output_dtype(x))
 
 
 # -- Conv2d: the same three GEMMs as convolutions (simulated) ---------------------------
@@ -134,8 +146,9 @@ class _FQTConv2dFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 config: FQTConfig, generator: torch.Generator | None, conv: tuple) -> torch.Tensor:
         stride, padding, dilation, groups = conv
-        qx = quantize_forward(x.reshape(x.shape[0], -1), config.activation, generator)  # rows: samples
-        qw = quantize_forward(weight.reshape(weight.shape[0], -1), config.weight, generator)  # rows: out channels
+        be = config.backend
+        qx = quantize_forward(x.reshape(x.shape[0], -1), config.activation, generator, be)  # rows: samples
+        qw = quantize_forward(weight.reshape(weight.shape[0], -1), config.weight, generator, be)  # rows: out ch.
         xd, wd = _conv_rows_dequant(qx, x.shape), _conv_rows_dequant(qw, weight.shape)
         y = F.conv2d(xd, wd, None if bias is None else bias.float(), stride, padding, dilation, groups)
         _save_rows(ctx, qx, qw)
@@ -153,7 +166,7 @@ class _FQTConv2dFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gi = g
             if cfg.grad_input is not None:  # rows = samples
-                gi = quantize_gradient(g.reshape(g.shape[0], -1), cfg.grad_input, ctx.generator)
+                gi = quantize_gradient(g.reshape(g.shape[0], -1), cfg.grad_input, ctx.generator, cfg.backend)
                 gi = gi.dequantize().reshape(g.shape)
             wd = _conv_rows_dequant(qw, ctx.w_shape)
             gx = torch.nn.grad.conv2d_input(ctx.x_shape, wd, gi, stride, padding, dilation, groups)
@@ -162,7 +175,7 @@ class _FQTConv2dFn(torch.autograd.Function):
             gw_in = g
             if cfg.grad_weight is not None:  # rows = output channels
                 gt = g.transpose(0, 1).reshape(g.shape[1], -1)
-                gq = quantize_gradient(gt, cfg.grad_weight, ctx.generator).dequantize()
+                gq = quantize_gradient(gt, cfg.grad_weight, ctx.generator, cfg.backend).dequantize()
                 gw_in = gq.reshape(g.shape[1], g.shape[0], *g.shape[2:]).transpose(0, 1)
             xd = _conv_rows_dequant(qx, ctx.x_shape)
             gw = torch.nn.grad.conv2d_weight(xd, ctx.w_shape, gw_in, stride, padding, dilation, groups)

@@ -137,7 +137,8 @@ class TrainConfig:
                 f"backend must be one of {', '.join(allowed_backends)}, got {self.backend!r}"
             )
         task_cls = TASK_CLASSES[self.task]
-        self.batch_size = self.batch_size or task_cls.default_batch_size
+        if self.batch_size is None:
+            self.batch_size = task_cls.default_batch_size
         self.lr = task_cls.default_lr if self.lr is None else self.lr
         if self.weight_decay is None:
             self.weight_decay = task_cls.default_weight_decay
@@ -318,6 +319,10 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(model, data_gen, state["rng"])
         start_epoch, step = state["epoch"], state["step"]
+        if start_epoch > cfg.epochs:
+            raise ValueError(
+                f"cannot resume {path}: it has {start_epoch} epochs done, more than epochs={cfg.epochs}"
+            )
         bad_in_a_row, history = state.get("bad_in_a_row", 0), list(state.get("history", []))
         _log(f"resumed {path} at epoch {start_epoch}, step {step}")
 
@@ -329,6 +334,7 @@ def train(
                 "fqt": fqt.to_dict(),
                 "recipe": lowbit.describe(fqt),
                 "steps_per_epoch": steps_per_epoch,
+                "threads": torch.get_num_threads(),
                 "lowbit": lowbit.__version__,
                 "torch": torch.__version__,
             },

@@ -1,15 +1,42 @@
-"""GEMM kernels and the dispatcher that picks one.
+"""Kernels and the dispatcher that picks one.
 
-``reference`` (pure torch, float32) defines the semantics; ``int8`` (``torch._int_mm``)
-computes the same product exactly in integers when the scales allow it.
+``reference`` (plain torch, float32) defines the semantics; ``compiled`` runs the same
+functions fused by ``torch.compile``; ``int8`` (``torch._int_mm``) computes the GEMM
+exactly in integers when the scales allow it. Every path gives the reference's result up
+to float rounding, on the same random stream.
 """
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
-from ..config import Backend
-from . import int8, reference
+from . import compiled, int8, reference
+
+
+class Backend(enum.Enum):
+    """Which kernels run. ``AUTO``: the fastest path that computes the same estimator
+    (integer GEMMs, compiled quantizers); ``REFERENCE``: plain torch, simulated GEMMs;
+    ``INT8``: like AUTO but an error where the integer GEMM cannot be used."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    INT8 = "int8"
+
+
+def quantize_codes(
+    x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor,
+    backend: Backend = Backend.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and steps of a 2-D operand (see :func:`reference.quantize_codes`)."""
+    if x.numel() == 0:
+        rows = x.shape[0] if per_row else 1
+        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.ones(
+            rows, 1, device=x.device) / qmax
+    if backend is not Backend.REFERENCE and compiled.use_for(x):
+        return compiled.quantize_codes(x, qmax, per_row, stochastic, seed)
+    return reference.quantize_codes(x, qmax, per_row, stochastic, seed)
 
 
 def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
@@ -32,23 +59,28 @@ def scaled_mm(
     b_codes: torch.Tensor,
     b_step: torch.Tensor,
     backend: Backend = Backend.AUTO,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``(a_codes·a_step) @ (b_codes·b_step)`` by the fastest path that computes it.
+    """``(a_codes·a_step) @ (b_codes·b_step) + bias`` by the fastest path that computes
+    it, returned as ``out_dtype`` (bias add and cast fused into the epilogue).
 
     ``a_step`` is (1, 1) or (M, 1); ``b_step`` is (1, 1), (1, N) or (K, 1) — the last
     only on the reference path. ``Backend.INT8`` raises if the integer path cannot
-    compute this product; ``AUTO`` falls back to the reference silently (by design:
-    the fallback is the same estimator).
+    compute this product; ``AUTO`` then uses the reference GEMM (the same estimator).
     """
     if backend is not Backend.REFERENCE and int8_applicable(a_codes, b_codes, b_step):
-        return int8.scaled_mm(a_codes, a_step, b_codes, b_step)
+        acc = int8.int_mm(a_codes, b_codes)
+        if compiled.use_for(acc):
+            return compiled.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
+        return reference.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
     if backend is Backend.INT8:
         raise ValueError(
             "backend='int8' cannot compute this GEMM: it needs int8 codes, scales on "
             f"non-summed dimensions and suitable shapes; got a {tuple(a_codes.shape)} "
             f"{a_codes.dtype}, b {tuple(b_codes.shape)} {b_codes.dtype}, b_step {tuple(b_step.shape)}"
         )
-    return reference.scaled_mm(a_codes, a_step, b_codes, b_step)
+    return reference.scaled_mm(a_codes, a_step, b_codes, b_step, bias, out_dtype)
 
 
-__all__ = ["int8_applicable", "scaled_mm"]
+__all__ = ["Backend", "int8_applicable", "quantize_codes", "scaled_mm"]

@@ -25,9 +25,6 @@ def shape_ok(m: int, k: int, n: int, device: torch.device) -> bool:
     return True
 
 
-def scaled_mm(
-    a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor
-) -> torch.Tensor:
-    """``diag(a_step) · (a_codes @ b_codes) · diag(b_step)`` with an exact integer sum."""
-    acc = torch._int_mm(a_codes, b_codes)  # (M, N) int32
-    return acc.float() * a_step * b_step
+def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
+    """``a_codes @ b_codes`` with an exact int32 sum."""
+    return torch._int_mm(a_codes, b_codes)  # (M, N) int32

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import IntFormat, Rounding, uniform_noise
+from ..formats import IntFormat, Rounding, draw_seed
+from ..kernels import Backend, quantize_codes
 
 
 class Granularity(enum.Enum):
@@ -40,6 +41,20 @@ def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     if granularity is Granularity.TENSOR:
         return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
     return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(a.shape[0], 1)
+
+
+def quantize_rows(
+    y: torch.Tensor,
+    fmt: IntFormat,
+    granularity: Granularity,
+    rounding: Rounding,
+    generator: torch.Generator | None,
+    backend: Backend = Backend.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and steps of a 2-D ``y``, one scale per row or per tensor."""
+    stochastic = rounding is Rounding.STOCHASTIC
+    seed = draw_seed(generator, y.device) if stochastic else torch.zeros((), dtype=torch.int64, device=y.device)
+    return quantize_codes(y, fmt.qmax, granularity is Granularity.ROW, stochastic, seed, backend)
 
 
 class RowTransform(abc.ABC):
@@ -107,14 +122,14 @@ class GradQuantizer(abc.ABC):
         fmt: IntFormat,
         generator: torch.Generator | None = None,
         rounding: Rounding = Rounding.STOCHASTIC,
+        backend: Backend = Backend.AUTO,
     ) -> QuantizedRows:
+        """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``)."""
         a = a.float()
         t = self.transform(a, generator)
         y = t.forward(a)
-        amax = absmax(y, self.granularity)
-        noise = uniform_noise(y.shape, y.device, generator) if rounding is Rounding.STOCHASTIC else None
-        codes = fmt.codes(y, amax, rounding, noise).to(torch.int8)
-        return QuantizedRows(codes, fmt.scale_from_absmax(amax), t)
+        codes, step = quantize_rows(y, fmt, self.granularity, rounding, generator, backend)
+        return QuantizedRows(codes, step, t)
 
     # -- analytic variance ------------------------------------------------------------
     def _row_step(self, y: torch.Tensor, fmt: IntFormat) -> torch.Tensor:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import IntFormat, Rounding, uniform_noise
-from .base import Granularity, Identity, QuantizedRows, absmax
+from ..formats import IntFormat, Rounding
+from ..kernels import Backend
+from .base import Granularity, Identity, QuantizedRows, quantize_rows
 
 
 def quantize_operand(
@@ -20,11 +21,8 @@ def quantize_operand(
     granularity: Granularity,
     rounding: Rounding = Rounding.NEAREST,
     generator: torch.Generator | None = None,
+    backend: Backend = Backend.AUTO,
 ) -> QuantizedRows:
     """int8 codes and steps of a 2-D operand (weights: (out, in); activations: (N, in))."""
-    fmt = IntFormat(bits)
-    x = x2d.float()
-    amax = absmax(x, granularity)
-    noise = uniform_noise(x.shape, x.device, generator) if rounding is Rounding.STOCHASTIC else None
-    codes = fmt.codes(x, amax, rounding, noise).to(torch.int8)
-    return QuantizedRows(codes, fmt.scale_from_absmax(amax), Identity(x.shape[0]))
+    codes, step = quantize_rows(x2d, IntFormat(bits), granularity, rounding, generator, backend)
+    return QuantizedRows(codes, step, Identity(x2d.shape[0]))

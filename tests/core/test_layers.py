@@ -40,8 +40,8 @@ def grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quantizer", QUANT)
 def test_integer_path_equals_reference(quantizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = int8_kernel.scaled_mm
-    monkeypatch.setattr(int8_kernel, "scaled_mm", lambda *a: calls.append(1) or real(*a))
+    real = int8_kernel.int_mm
+    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, 7, 12)  # (B, T, C): any leading shape
     out = {}
     for backend in ("int8", "reference"):

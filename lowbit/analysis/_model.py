@@ -1,0 +1,218 @@
+"""Shared plumbing of the analysis tools: config swaps, parameter groups, gradients, and
+hooks that capture what each converted layer sees (its input ``X`` and its output
+gradient ``∇Y``) during a forward/backward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FQTConfig
+from ..functional import quantize_forward
+from ..nn import FQTConv2d, FQTLinear, convert, fqt_layers
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+FQTLayer = FQTLinear | FQTConv2d
+
+OTHER = "other"  # parameters outside converted layers (norms, embeddings, ...)
+TOTAL = "total"  # all parameters together
+
+
+@contextlib.contextmanager
+def with_config(model: nn.Module, config_fn: Callable[[FQTConfig], FQTConfig]) -> Iterator[nn.Module]:
+    """Temporarily give every converted layer ``config_fn(layer.config)``."""
+    layers = fqt_layers(model)
+    saved = {n: m.config for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.config = config_fn(m.config)
+        yield model
+    finally:
+        for n, m in layers.items():
+            m.config = saved[n]
+
+
+def qat_of(config: FQTConfig) -> FQTConfig:
+    """The QAT twin of a config: same forward, exact (STE) backward."""
+    return dataclasses.replace(config, grad_input=None, grad_weight=None)
+
+
+@contextlib.contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore buffers (e.g. BatchNorm running stats) after repeated forwards."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
+@contextlib.contextmanager
+def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module]:
+    """The model to measure under ``config``.
+
+    * ``config=None``: ``model`` itself, which must hold converted layers with gradient
+      quantization (an ``fqt-*`` recipe);
+    * ``config`` given and ``model`` already converted: every converted layer takes
+      ``config`` for the duration (:func:`with_config`), then gets its own back;
+    * ``config`` given and ``model`` not converted: a converted deep copy (the caller's
+      model is untouched).
+    """
+    if config is not None and not isinstance(config, FQTConfig):
+        raise TypeError(f"config must be an FQTConfig or None, got {type(config).__name__}")
+    if config is None:
+        layers = fqt_layers(model)
+        if not layers:
+            raise ValueError("model has no converted layers: pass config= or lowbit.convert it first")
+        if not any(m.config.is_fqt for m in layers.values()):
+            raise ValueError("no converted layer quantizes gradients (QAT or fp recipe): "
+                             "pass an fqt-* config")
+        yield model
+    elif fqt_layers(model):
+        with with_config(model, lambda _: config):
+            yield model
+    else:
+        yield convert(copy.deepcopy(model), config)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names by group: one group per converted layer (its weight and bias, in
+    module order), then ``"other"`` for every remaining trainable parameter (if any)."""
+    groups: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for name, layer in fqt_layers(model).items():
+        names = [f"{name}.{p}" if name else p for p, t in layer.named_parameters(recurse=False)
+                 if t.requires_grad]
+        if names:
+            groups[name] = names
+            taken.update(names)
+    rest = [n for n, p in model.named_parameters() if p.requires_grad and n not in taken]
+    if rest:
+        groups[OTHER] = rest
+    return groups
+
+
+class FlatGrads:
+    """Gradients of a model as one float32 vector, with each group's slice."""
+
+    def __init__(self, model: nn.Module, groups: dict[str, list[str]]) -> None:
+        params = dict(model.named_parameters())
+        self.names = [n for g in groups.values() for n in g]
+        self.params = [params[n] for n in self.names]
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for g, names in groups.items():
+            size = sum(params[n].numel() for n in names)
+            self.slices[g] = slice(start, start + size)
+            start += size
+        self.numel = start
+
+    def grads(self, model: nn.Module, loss_fn: LossFn, batch: object) -> torch.Tensor:
+        """One backward pass; the gradient as a flat float32 vector (unused params: 0)."""
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn(model, batch) must return a scalar tensor")
+        loss.backward()
+        out = torch.cat([p.grad.detach().reshape(-1).float() if p.grad is not None
+                         else torch.zeros(p.numel(), device=p.device) for p in self.params])
+        model.zero_grad(set_to_none=True)
+        return out
+
+
+# -- what a layer sees --------------------------------------------------------------------
+@dataclass
+class LayerRecord:
+    """One converted layer during a captured pass."""
+
+    calls: int = 0
+    x: torch.Tensor | None = None  # input (detached), when inputs are captured
+    x_needs_grad: bool = False  # is ∇X computed (and so quantized) at all
+    y: torch.Tensor | None = None  # output, attached to the graph, when outputs are kept
+    gy: torch.Tensor | None = None  # ∇Y (detached), once the backward reached the layer
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
+            grads: bool = True) -> Iterator[dict[str, LayerRecord]]:
+    """Record each converted layer's input, output and output gradient ``∇Y``.
+
+    Forward hooks on the layers; ``∇Y`` comes from a tensor hook on the output, so it is
+    exactly the ``grad_out`` the layer's backward quantizes. Each layer must run once per
+    forward (weight sharing would mix several ``∇Y``): a second call raises.
+    """
+    records = {n: LayerRecord() for n in fqt_layers(model)}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        rec = records[name]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            rec.calls += 1
+            if rec.calls > 1:
+                raise ValueError(f"layer {name!r} ran {rec.calls} times in one forward; the "
+                                 "analysis needs each converted layer called once")
+            x = args[0]
+            rec.x_needs_grad = bool(x.requires_grad)
+            if inputs:
+                rec.x = x.detach()
+            if outputs:
+                rec.y = output
+            if grads and output.requires_grad:
+                def store(g: torch.Tensor) -> None:
+                    rec.gy = g.detach()
+                output.register_hook(store)
+
+        return hook
+
+    for name, layer in fqt_layers(model).items():
+        handles.append(layer.register_forward_hook(make_hook(name)))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- the operands of a layer's backward GEMMs ---------------------------------------------
+def grad_input_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
+    """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``) or
+    tokens (linear: ``(N, out)``)."""
+    if isinstance(layer, FQTConv2d):
+        return gy.reshape(gy.shape[0], -1).float()
+    return gy.reshape(-1, gy.shape[-1]).float()
+
+
+def grad_weight_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
+    """``∇Yᵀ`` as the ∇W GEMM quantizes it: rows = output features/channels, columns =
+    tokens (linear) or (sample, position) pairs in row-major order (conv)."""
+    if isinstance(layer, FQTConv2d):
+        return gy.transpose(0, 1).reshape(gy.shape[1], -1).float()
+    return gy.reshape(-1, gy.shape[-1]).t().float()
+
+
+def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """``U``, the dequantized ``Q_f(X)`` operand of the ∇W GEMM, so that ``∇W = A·U`` with
+    ``A`` from :func:`grad_weight_operand`: (N, in) for a linear layer, the im2col matrix
+    (B·L, C_in·k·k) for a conv. ``None`` for grouped convolutions (not a single GEMM)."""
+    spec = layer.config.activation
+    if isinstance(layer, FQTConv2d):
+        if layer.groups != 1:
+            return None
+        xp, padding = layer._explicit_padding(x)  # what fqt_conv2d receives
+        xd = xp.float() if spec is None else (
+            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize().reshape(xp.shape))
+        cols = F.unfold(xd, layer.kernel_size, layer.dilation, padding, layer.stride)  # (B, Ck², L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·L, Ck²)
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d.float() if spec is None else quantize_forward(x2d, spec).dequantize()

@@ -1,0 +1,334 @@
+"""Theorem 2, made computable: predicted quantization variance of every parameter group.
+
+In an FQT backward, every gradient quantizer adds zero-mean noise to an otherwise exact
+(QAT) linear backward. With ``A = ∇Y_l`` the operand of layer ``l``'s ∇X GEMM and
+``A_w = ∇Y_lᵀ`` the operand of its ∇W GEMM::
+
+    ε_l = Q_a(∇Y_l) − ∇Y_l       enters  ∇X_l = (∇Y_l + ε_l)·Q_f(W_l)
+    η_l = Q_w(∇Y_lᵀ) − ∇Y_lᵀ     enters  ∇W_l = (∇Y_lᵀ + η_l)·U_l,   U_l = Q_f(X_l) (im2col)
+
+so the FQT gradient of parameter group ``p`` is ``g_QAT + Σ_l J_{l→p} ε_l + [p = l] η_l U_l``
+where ``J_{l→p}`` is the linear map from a perturbation of ``∇Y_l`` on the ∇X path to
+``∇θ_p`` — the QAT backward from layer ``l``'s ∇X GEMM down to ``θ_p``: ``∇Y_l ↦ ∇Y_l·Q_f(W_l)
+= ∇X_l ↦ … ↦ ∇θ_p``. It is the transposed Jacobian ``(∂Y_l/∂θ_p)ᵀ`` of the QAT graph (STE),
+non-zero only for groups upstream of ``l`` (``p ≠ l``: ``ε_l`` never reaches ``θ_l``).
+
+Each noise term has zero mean given everything computed before it, so cross terms vanish
+and, exactly,
+
+    E‖g_FQT,p − g_QAT,p‖² = Σ_l E‖J_{l→p} ε_l‖² + E‖η_p U_p‖²
+                          ≤ Σ_l λ_max(J_{l→p}ᵀ J_{l→p}) · E‖ε_l‖² + E‖η_p U_p‖²        (∗)
+
+and ``E‖η U‖² ≤ λ_max(UᵀU)·E‖η‖²``. What this module computes:
+
+* ``λ_max(J_{l→p}ᵀJ_{l→p})`` by power iteration on ``JᵀJ`` in the space of ``∇Y_l``, with
+  ``J·v`` a vector-Jacobian product (``autograd.grad(Y_l, θ_p, v, create_graph=True)``) and
+  ``Jᵀ·u`` its derivative with respect to ``v`` (double backward) —
+  :func:`jacobian_spectrum`. Power iteration approaches ``λ_max`` from below (the estimate
+  ``‖JᵀJv‖`` for a unit ``v`` never exceeds it), so a bound that is not converged is
+  slightly optimistic; each pair reports its last relative change.
+* ``E‖ε_l‖²`` two ways, on the ``∇Y_l`` actually captured during FQT backward passes (so
+  upstream layers see the noisy operand they really quantize): the quantizer's exact
+  ``expected_variance`` given the data ("data") and its ``variance_bound`` ("analytic",
+  METHOD.md §2 — the paper's Theorem 2 bound).
+* the ∇W-path term exactly: for per-row SR in a row-transformed basis ``T``,
+  ``E‖η U‖² = Σ_j Σ_i (T⁻¹)²_ji Σ_n Var(ξ_in)·‖U_n‖²`` ("data"), and the analytic bound
+  ``λ_max(UᵀU)·variance_bound(∇Yᵀ)``.
+
+Both predictions are upper bounds of the measured quantization variance in expectation:
+``tightness = measured / predicted ≤ 1`` means the bound holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import FQTConfig
+from ..formats import IntFormat
+from ..quantizers import GradQuantizer, absmax, get_quantizer
+from ._model import (
+    FQTLayer,
+    LayerRecord,
+    LossFn,
+    capture,
+    configured,
+    frozen_buffers,
+    grad_input_operand,
+    grad_weight_operand,
+    parameter_groups,
+    qat_of,
+    weight_gemm_input,
+    with_config,
+)
+
+
+# -- one quantizer on one operand -------------------------------------------------------
+def weighted_expected_variance(
+    quantizer: str | GradQuantizer, a: torch.Tensor, fmt: IntFormat, col_weight: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``E‖(Q(a) − a)·U‖²`` over the rounding noise, given ``a`` (R, N) and the squared row
+    norms ``col_weight[n] = ‖U_n‖²`` of ``U`` (N, K): the exact variance that the quantized
+    operand of ``A·U`` adds to the product.
+
+    With ``Q(a) = T⁻¹·SR(T·a)`` and independent rounding errors ``ξ`` of variance
+    ``p(1−p)·step²``: ``Σ_j Σ_i (T⁻¹)²_ji Σ_n Var(ξ_in)·‖U_n‖²``. With ``col_weight = 1``
+    this is the quantizer's ``expected_variance``. (Random transforms: given this draw.)
+    """
+    q = get_quantizer(quantizer)
+    a = a.float()
+    t = q.transform(a, generator)
+    y = t.forward(a)
+    step = fmt.scale_from_absmax(absmax(y, q.granularity)).expand(y.shape[0], 1)
+    frac = y / step - torch.floor(y / step)
+    var = (frac * (1 - frac)).double() * step.double() ** 2  # (R_pad, N)
+    return t.inverse_sq(var @ col_weight.double().reshape(-1)).sum()
+
+
+# -- Jacobian spectra -----------------------------------------------------------------
+@dataclass
+class JacobianSpectrum:
+    """The propagation constants of one minibatch (they depend on the forward only, so
+    one spectrum serves every gradient quantizer and bit width).
+
+    ``lam[l][p]``: ``λ_max(J_{l→p}ᵀJ_{l→p})`` for each layer ``l`` whose ∇X is computed and
+    each group ``p`` upstream of it; ``rel_change[l][p]``: the last power-iteration step's
+    relative change; ``iters[l][p]``: iterations used. ``gram[l]``: ``λ_max(U_lᵀU_l)``;
+    ``col_norms[l]``: ``‖U_n‖²`` per row of ``U_l`` (∇W path; absent for grouped convs).
+    """
+
+    lam: dict[str, dict[str, float]] = field(default_factory=dict)
+    rel_change: dict[str, dict[str, float]] = field(default_factory=dict)
+    iters: dict[str, dict[str, int]] = field(default_factory=dict)
+    gram: dict[str, float] = field(default_factory=dict)
+    col_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"lam": self.lam, "rel_change": self.rel_change, "iters": self.iters,
+                "gram": self.gram}
+
+
+def weight_gemm_stats(layer: FQTLayer, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``(‖U_n‖² per row n, λ_max(UᵀU))`` of the ∇W GEMM's ``U = Q_f(X)`` (im2col for a
+    conv) for the layer input ``x``; ``None`` where ∇W is not one GEMM (grouped conv)."""
+    u = weight_gemm_input(layer, x)
+    if u is None:
+        return None
+    ud = u.double()
+    return ud.pow(2).sum(1).float(), float(torch.linalg.eigvalsh(ud.t() @ ud)[-1])
+
+
+@contextlib.contextmanager
+def _double_differentiable_attention() -> Iterator[None]:
+    """Fused CPU attention kernels have no double backward; the math one does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the math kernel is the only one on the CPU anyway
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _sqnorm(ts: list[torch.Tensor]) -> torch.Tensor:
+    return sum((t.double() ** 2).sum() for t in ts)
+
+
+def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, tol: float,
+                     generator: torch.Generator) -> tuple[float, float, int]:
+    """``λ_max(JᵀJ)`` for ``J·v = ∂⟨v, y⟩/∂params`` (returns λ, last relative change, iters)."""
+    v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
+    v = v / v.norm()
+    lam, change = 0.0, math.inf
+    for k in range(1, iters + 1):
+        v = v.detach().requires_grad_(True)
+        jv = torch.autograd.grad(y, params, v.to(y.dtype), create_graph=True, retain_graph=True,
+                                 allow_unused=True)
+        jv = [g for g in jv if g is not None]
+        if not jv or not any(g.requires_grad for g in jv):
+            return 0.0, 0.0, k  # J is zero (no path)
+        sq = _sqnorm(jv)  # vᵀJᵀJv
+        (h,) = torch.autograd.grad(sq, v, retain_graph=True)  # 2·JᵀJv
+        h = h.detach().double()
+        new = float(h.norm()) / 2  # ‖JᵀJv‖ ≤ λ_max for a unit v
+        change = abs(new - lam) / new if new > 0 else 0.0
+        lam = new
+        if new == 0 or change < tol:
+            break
+        v = (h / h.norm()).float()
+    return lam, change, k
+
+
+def jacobian_spectrum(
+    model: nn.Module, loss_fn: LossFn, batch: object, config: FQTConfig | None = None, *,
+    iters: int = 8, tol: float = 1e-2, seed: int = 0, progress: bool = False,
+) -> JacobianSpectrum:
+    """Propagation constants of Theorem 2 on one minibatch (see the module docstring).
+
+    Runs one QAT forward (the configs' gradient quantizers removed; buffers restored
+    afterwards), then, for each layer ``l`` with a computed ∇X and each parameter group
+    ``p`` upstream of it, ``iters`` power-iteration steps (fewer once the estimate moves by
+    less than ``tol``), each a vector-Jacobian product plus a double backward over the
+    part of the graph between ``θ_p`` and ``Y_l``. Cost ≈ ``iters × Σ_pairs`` (segment
+    backward ×3). ``config`` as in :func:`lowbit.analysis.gradient_variance`.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be ≥ 1, got {iters}")
+    gen = torch.Generator().manual_seed(seed)
+    out = JacobianSpectrum()
+    with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \
+            _double_differentiable_attention(), capture(m, inputs=True, outputs=True, grads=False) as rec:
+        groups = parameter_groups(m)
+        params = dict(m.named_parameters())
+        layers = _layers(m)
+        m.zero_grad(set_to_none=True)
+        loss_fn(m, batch)  # forward only: the graph up to every Y_l is kept via rec[l].y
+        layers = {n: layer for n, layer in layers.items() if rec[n].calls}
+        for name, layer in layers.items():
+            stats = weight_gemm_stats(layer, rec[name].x)
+            if stats is not None:
+                out.col_norms[name], out.gram[name] = stats
+        todo = []
+        for name in layers:
+            r = rec[name]
+            if not (r.x_needs_grad and r.y is not None and r.y.requires_grad):
+                continue
+            flat = [params[n] for g in groups.values() for n in g]
+            probe = torch.randn(r.y.shape, generator=gen).to(r.y)
+            reach = torch.autograd.grad(r.y, flat, probe, retain_graph=True, allow_unused=True)
+            used = {n for n, g in zip([n for g in groups.values() for n in g], reach) if g is not None}
+            for gname, names in groups.items():
+                if gname == name:
+                    continue
+                ps = [params[n] for n in names if n in used]
+                if ps:
+                    todo.append((name, gname, ps))
+        bar = _progress(len(todo), "jacobian spectra", progress)
+        for name, gname, ps in todo:
+            lam, change, k = _power_iteration(rec[name].y, ps, iters, tol, gen)
+            out.lam.setdefault(name, {})[gname] = lam
+            out.rel_change.setdefault(name, {})[gname] = change
+            out.iters.setdefault(name, {})[gname] = k
+            bar.update(1)
+        bar.close()
+        for r in rec.values():
+            r.y = None
+    return out
+
+
+# -- quantizer variances on captured operands -----------------------------------------
+@dataclass
+class LayerNoise:
+    """Quantization noise of one layer's two gradient operands (mean over captured draws).
+
+    ``gi_*``: ∇X path, ``E‖ε‖²`` given ``∇Y`` (``expected``) and its analytic bound
+    (``bound``); ``gw_expected``/``gw_bound``: the same for ``∇Yᵀ`` on the ∇W path;
+    ``gw_exact = E‖η·U‖²`` (what lands in ∇W) and ``gw_propagated = λ_max(UᵀU)·gw_bound``.
+    """
+
+    gi_expected: float = 0.0
+    gi_bound: float = 0.0
+    gw_expected: float = 0.0
+    gw_bound: float = 0.0
+    gw_exact: float = math.nan
+    gw_propagated: float = math.nan
+    draws: int = 0
+
+    def add(self, other: LayerNoise) -> None:
+        """Running mean over draws."""
+        n = self.draws + other.draws
+        if self.draws == 0:  # (0 · NaN would poison the mean)
+            self.__dict__.update(other.__dict__)
+            return
+        for f in ("gi_expected", "gi_bound", "gw_expected", "gw_bound", "gw_exact", "gw_propagated"):
+            a, b = getattr(self, f), getattr(other, f)
+            setattr(self, f, (a * self.draws + b * other.draws) / n if n else 0.0)
+        self.draws = n
+
+
+def layer_noise(layer: FQTLayer, record: LayerRecord,
+                wstats: tuple[torch.Tensor, float] | None = None,
+                generator: torch.Generator | None = None) -> LayerNoise:
+    """:class:`LayerNoise` of ``layer`` from the ``∇Y`` captured in ``record`` under the
+    layer's current config (paths whose spec is ``None`` add nothing). ``wstats`` is
+    :func:`weight_gemm_stats` of the layer's input (without it the ∇W terms are NaN)."""
+    cfg, gy, out = layer.config, record.gy, LayerNoise(draws=1)
+    if gy is None:
+        return out
+    if cfg.grad_input is not None and record.x_needs_grad:
+        q, fmt = get_quantizer(cfg.grad_input.quantizer), IntFormat(cfg.grad_input.bits)
+        a = grad_input_operand(layer, gy)
+        out.gi_expected = float(q.expected_variance(a, fmt, generator))
+        out.gi_bound = float(q.variance_bound(a, fmt))
+    if cfg.grad_weight is not None:
+        q, fmt = get_quantizer(cfg.grad_weight.quantizer), IntFormat(cfg.grad_weight.bits)
+        a = grad_weight_operand(layer, gy)
+        out.gw_expected = float(q.expected_variance(a, fmt, generator))
+        out.gw_bound = float(q.variance_bound(a, fmt))
+        if wstats is not None:
+            out.gw_exact = float(weighted_expected_variance(q, a, fmt, wstats[0], generator))
+            out.gw_propagated = wstats[1] * out.gw_bound
+    else:
+        out.gw_exact = out.gw_propagated = 0.0
+    return out
+
+
+def propagate(spectrum: JacobianSpectrum, noise: dict[str, LayerNoise],
+              groups: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per (layer, group) predicted contributions of (∗): ``(data, analytic)``, each
+    ``pred[l][p] = λ_{l→p}·E‖ε_l‖² + [p = l]·(∇W term)`` with the data-dependent or the
+    analytic quantizer variance."""
+    data: dict[str, dict[str, float]] = {}
+    analytic: dict[str, dict[str, float]] = {}
+    for name, nz in noise.items():
+        lam = spectrum.lam.get(name, {})
+        data[name] = {p: lam.get(p, 0.0) * nz.gi_expected for p in groups}
+        analytic[name] = {p: lam.get(p, 0.0) * nz.gi_bound for p in groups}
+        if name in groups:
+            data[name][name] += nz.gw_exact
+            analytic[name][name] += nz.gw_propagated
+    return data, analytic
+
+
+def column_sums(pairs: dict[str, dict[str, float]], groups: list[str]) -> dict[str, float]:
+    """``Σ_l pairs[l][p]`` per group ``p``, and ``"total"`` over groups."""
+    out = {p: sum(row.get(p, 0.0) for row in pairs.values()) for p in groups}
+    out["total"] = sum(out.values())
+    return out
+
+
+# -- helpers ----------------------------------------------------------------------------
+def _layers(model: nn.Module) -> dict[str, FQTLayer]:
+    from ..nn import fqt_layers
+    return fqt_layers(model)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool) -> object:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+__all__ = [
+    "JacobianSpectrum",
+    "LayerNoise",
+    "column_sums",
+    "jacobian_spectrum",
+    "layer_noise",
+    "propagate",
+    "weight_gemm_stats",
+    "weighted_expected_variance",
+]

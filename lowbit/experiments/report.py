@@ -1,0 +1,269 @@
+"""``lowbit report``: turn run folders into markdown tables and plots.
+
+    lowbit report --runs results/ --out docs/
+
+Reads every ``config.json`` + ``metrics.json`` under ``--runs`` and writes, between the
+markers ``<!-- BEGIN lowbit report -->`` and ``<!-- END lowbit report -->`` of
+``OUT/results.md`` (the rest of the file is kept), one table per task and setting:
+rows are recipes; columns the final metric as mean ± std over seeds, the number of
+seeds, the time per step and its ratio to qat-8. Plots go to ``OUT/figures/``: learning
+curves per task, and the final metric against the gradient bits, one line per quantizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from lowbit.config import RECIPES, FQTConfig
+from lowbit.nn import describe
+
+from .tasks import TASK_CLASSES
+
+BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
+# Settings that tell runs of one table apart from each other (not from other tables).
+PER_RUN_FIELDS = frozenset(
+    {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps"}
+)
+HEADER = """# Results
+
+Measured numbers of `lowbit` experiments. The section between the report markers is
+generated: run the sweep that fills `results/`, then `lowbit report --runs results/ --out
+docs/`; everything outside the markers is written by hand and kept.
+
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
+    parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
+
+
+@dataclass
+class Run:
+    path: Path
+    train: dict[str, Any]
+    fqt: dict[str, Any]
+    rows: list[dict[str, Any]]
+    status: str  # done, diverged, running
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.status != "diverged"
+            and bool(self.rows)
+            and (self.rows[-1]["epoch"] >= self.train["epochs"])
+        )
+
+    @property
+    def label(self) -> str:
+        """Recipe name, plus the gradient bits when they were overridden."""
+        gi, gw = self.train.get("grad_input_bits"), self.train.get("grad_weight_bits")
+        if gi is None and gw is None:
+            return self.train["recipe"]
+        fqt = FQTConfig.from_dict(self.fqt)
+        return f"{self.train['recipe']} gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
+
+    def sort_key(self) -> tuple[int, int, int]:
+        fqt = FQTConfig.from_dict(self.fqt)
+        gi = fqt.grad_input.bits if fqt.grad_input else 99
+        gw = fqt.grad_weight.bits if fqt.grad_weight else 99
+        return RECIPES.index(self.train["recipe"]), -gi, -gw
+
+    def final(self, metric: str) -> float | None:
+        return self.rows[-1].get(metric) if self.rows else None
+
+    def step_ms(self) -> float:
+        """Median over epochs of each epoch's median step time."""
+        return statistics.median(r["step_time_ms"] for r in self.rows)
+
+
+def load_runs(root: Path) -> list[Run]:
+    runs = []
+    for config_file in sorted(root.rglob("config.json")):
+        run_dir = config_file.parent
+        metrics_file, status_file = run_dir / "metrics.json", run_dir / "status.json"
+        if not metrics_file.exists():
+            continue
+        config = json.loads(config_file.read_text())
+        status = (
+            json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
+        )
+        rows = json.loads(metrics_file.read_text())
+        runs.append(Run(run_dir, config["train"], config["fqt"], rows, status))
+    return runs
+
+
+def _settings(run: Run) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        sorted((k, json.dumps(v)) for k, v in run.train.items() if k not in PER_RUN_FIELDS)
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _fmt(value: float, std: float | None, scale: float, digits: int) -> str:
+    text = f"{value * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+
+
+def table(runs: list[Run], figure_names: list[str]) -> list[str]:
+    """Markdown lines for one task/setting: a row per recipe (label)."""
+    first = runs[0].train
+    task_cls = TASK_CLASSES[first["task"]]
+    metric = task_cls.primary_metric
+    scale, digits, unit = (100.0, 2, " (%)") if metric == "accuracy" else (1.0, 4, "")
+    by_label: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=Run.sort_key):
+        by_label[run.label].append(run)
+    done_ms = {lab: [r.step_ms() for r in rs if r.complete] for lab, rs in by_label.items()}
+    qat8 = statistics.fmean(done_ms["qat-8"]) if done_ms.get("qat-8") else None
+
+    settings = ", ".join(f"{k} {v}" for k, v in _settings(runs[0]) if k not in ("task", "model")
+                         and v not in ("null", "{}"))  # fmt: skip
+    better = "higher" if task_cls.higher_is_better else "lower"
+    lines = [
+        f"### {first['task']} — {first['model']}",
+        "",
+        f"Settings: {settings}. Final {metric} after {first['epochs']} epochs "
+        + f"({better} is better), mean ± std over seeds.",
+        "",
+        f"| recipe | GEMM operands | {metric}{unit} | seeds | step (ms) | vs qat-8 | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lab, group in by_label.items():
+        done = [r for r in group if r.complete]
+        finals = [v for r in done if (v := r.final(metric)) is not None]
+        notes = []
+        if n_div := sum(r.status == "diverged" for r in group):
+            notes.append(f"{n_div} diverged")
+        if n_part := sum(not r.complete and r.status != "diverged" for r in group):
+            notes.append(f"{n_part} unfinished")
+        score = _fmt(*_mean_std(finals), scale, digits) if finals else "–"
+        ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
+        ratio = f"{ms / qat8:.2f}×" if ms is not None and qat8 else "–"
+        fqt_desc = describe(FQTConfig.from_dict(group[0].fqt))
+        lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
+                     f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {'; '.join(notes)} |")  # fmt: skip
+    lines.append("")
+    lines += [f"![{name}](figures/{name})" for name in figure_names]
+    return lines + [""]
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Primary metric against epoch, mean over seeds, one line per recipe."""
+    metric = TASK_CLASSES[runs[0].train["task"]].primary_metric
+    by_label: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=Run.sort_key):
+        if run.rows:
+            by_label[run.label].append(run)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lab, group in by_label.items():
+        n = min(len(r.rows) for r in group)
+        values = [[r.rows[i].get(metric) for r in group] for i in range(n)]
+        mean = [statistics.fmean(v) if None not in v else float("nan") for v in values]
+        ax.plot([group[0].rows[i]["epoch"] for i in range(n)], mean, marker=".", label=lab)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bits(runs: list[Run], path: Path) -> bool:
+    """Final metric against ∇X bits, one line per quantizer; fp and qat-8 as references."""
+    metric = TASK_CLASSES[runs[0].train["task"]].primary_metric
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    refs: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        value = run.final(metric)
+        if not run.complete or value is None:
+            continue
+        fqt = FQTConfig.from_dict(run.fqt)
+        if fqt.grad_input is not None:
+            points[fqt.grad_input.quantizer][fqt.grad_input.bits].append(value)
+        elif run.train["recipe"] in ("fp", "qat-8"):
+            refs[run.train["recipe"]].append(value)
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for quantizer, by_bits in sorted(points.items()):
+        bits = sorted(by_bits)
+        means = [statistics.fmean(by_bits[b]) for b in bits]
+        stds = [statistics.stdev(by_bits[b]) if len(by_bits[b]) > 1 else 0.0 for b in bits]
+        ax.errorbar(bits, means, yerr=stds, marker="o", capsize=3, label=quantizer.upper())
+    for name, style in (("fp", "--"), ("qat-8", ":")):
+        if refs[name]:
+            ax.axhline(statistics.fmean(refs[name]), color="gray", linestyle=style, label=name)
+    ax.set_xlabel("gradient bits (∇X path)")
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} vs gradient bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(runs: list[Run], figures_dir: Path, command: str) -> str:
+    """The generated section (without markers); writes the figures."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.train["task"], run.train["model"], _settings(run))].append(run)
+    lines = [f"Generated by `{command}` from {len(runs)} runs.", ""]
+    seen: dict[str, int] = defaultdict(int)
+    for (task, model, _), group in sorted(groups.items(), key=lambda kv: kv[0][:2]):
+        stem = f"{task}-{model}"
+        seen[stem] += 1
+        if seen[stem] > 1:
+            stem += f"-{seen[stem]}"
+        names = [f"{stem}-curves.png"]
+        plot_curves(group, figures_dir / names[0])
+        if plot_bits(group, figures_dir / f"{stem}-bits.png"):
+            names.append(f"{stem}-bits.png")
+        lines += table(group, names)
+    lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
+                 "in the same sweep (a shared 2-core CPU unless stated otherwise).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the text between the markers of ``path`` (create the file if needed)."""
+    text = path.read_text() if path.exists() else HEADER + f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{body.rstrip()}\n{END}{tail}")
+
+
+def run(args: argparse.Namespace) -> int:
+    root, out = Path(args.runs), Path(args.out)
+    if not root.is_dir():
+        raise ValueError(f"--runs must be a folder of run folders, got {args.runs!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out must be a folder, but {args.out} is a file")
+    runs = load_runs(root)
+    if not runs:
+        raise ValueError(f"no runs (config.json + metrics.json) under {root}")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    body = render(runs, out / "figures", f"lowbit report --runs {args.runs} --out {args.out}")
+    write_section(out / "results.md", body)
+    print(f"report: {len(runs)} runs -> {out / 'results.md'}, {out / 'figures'}")
+    return 0

@@ -1,0 +1,130 @@
+"""``lowbit sweep``: run a grid of tasks × models × recipes × seeds, one run at a time.
+
+    lowbit sweep --tasks digits --recipes fp,qat-8,fqt-psq-8 --seeds 0,1 --epochs 10 \\
+        --out results/
+
+Each run goes to ``OUT/{task}-{model}-{recipe}[-giB-gwB]-s{seed}``. A run whose
+``metrics.json`` already holds all its epochs is skipped; a run with a checkpoint is
+resumed; a run that diverges is recorded (``status.json``) and the sweep goes on.
+Checkpoints (``*.pt``) are git-ignored; the metric files are small enough to commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .models import MODELS
+from .tasks import TASKS
+from .train import (
+    add_training_arguments,
+    check_out_dir,
+    make_config,
+    parse_int,
+    set_threads,
+    training_fields,
+)
+from .trainer import TrainConfig, TrainingDiverged, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--tasks", default="digits", help=f"comma list of tasks: {', '.join(TASKS)}")
+    add("--models", help="comma list of models (default: each task's default); a model is "
+        "used for the tasks that have it")  # fmt: skip
+    add("--recipes", default="fp,qat-8,fqt-psq-8", help="comma list of recipes")
+    add("--seeds", default="0", help="comma list of seeds (default 0)")
+    add("--out", default="results", help="folder holding one folder per run (default results)")
+    add("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    add_training_arguments(parser)
+
+
+def _split(option: str, text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"{option} must be a non-empty comma-separated list, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def grid(args: argparse.Namespace) -> list[TrainConfig]:
+    """The runs of the sweep, each a validated TrainConfig (out = its run folder)."""
+    tasks = _split("--tasks", args.tasks)
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"--tasks: unknown task {t!r}; allowed: {', '.join(TASKS)}")
+    models = _split("--models", args.models) if args.models else None
+    if models:
+        known = {m for t in tasks for m in MODELS[t]}
+        unknown = [m for m in models if m not in known]
+        if unknown:
+            raise ValueError(f"--models: {unknown[0]!r} is not a model of {', '.join(tasks)}; "
+                             f"allowed: {', '.join(sorted(known))}")  # fmt: skip
+    seeds = [parse_int("--seeds", s) for s in _split("--seeds", args.seeds)]
+    recipes = _split("--recipes", args.recipes)
+    common = training_fields(args)
+    configs = []
+    for task in tasks:
+        task_models = [m for m in models if m in MODELS[task]] if models else [None]
+        for model in task_models:
+            for recipe in recipes:
+                gradient_bits = common["grad_input_bits"] or common["grad_weight_bits"]
+                fields = dict(common, task=task, model=model, recipe=recipe)
+                if gradient_bits and not recipe.startswith("fqt-"):  # bits apply to fqt only
+                    fields.update(grad_input_bits=None, grad_weight_bits=None)
+                for seed in seeds:
+                    cfg = make_config(dict(fields, seed=seed))
+                    cfg.out = str(Path(args.out) / cfg.run_name())
+                    configs.append(cfg)
+    return configs
+
+
+def run_state(cfg: TrainConfig) -> str:
+    """``done`` (all epochs in metrics.json), ``diverged``, ``partial`` or ``new``."""
+    run_dir = Path(cfg.out)
+    status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
+    if status_file.exists() and json.loads(status_file.read_text())["status"] == "diverged":
+        return "diverged"
+    if metrics_file.exists():
+        rows = json.loads(metrics_file.read_text())
+        if rows and rows[-1]["epoch"] >= cfg.epochs:
+            return "done"
+    return "partial" if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists() else "new"
+
+
+def run(args: argparse.Namespace) -> int:
+    check_out_dir("--out", args.out)
+    configs = grid(args)
+    set_threads(args.threads)
+    states = [run_state(cfg) for cfg in configs]
+    print(f"sweep: {len(configs)} runs -> {args.out} ("
+          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "diverged", "new")
+                      if s in states) + ")")  # fmt: skip
+    if args.dry_run:
+        for cfg, state in zip(configs, states):
+            print(f"  {state:8s} {cfg.out}")
+        return 0
+    diverged = []
+    for i, (cfg, state) in enumerate(zip(configs, states), 1):
+        if state in ("done", "diverged"):
+            print(f"[{i}/{len(configs)}] {cfg.run_name()}: {state}, skipped")
+            if state == "diverged":
+                diverged.append(cfg.run_name())
+            continue
+        print(f"[{i}/{len(configs)}] {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
+              flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            result = train(cfg, resume=state == "partial", progress=not args.no_progress)
+        except TrainingDiverged as exc:
+            print(f"[{i}/{len(configs)}] {cfg.run_name()}: {exc}", flush=True)
+            diverged.append(cfg.run_name())
+            continue
+        last = result.history[-1]
+        shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
+        print(f"[{i}/{len(configs)}] {cfg.run_name()}: {shown} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    if diverged:
+        print(f"sweep: {len(diverged)} run(s) diverged: {', '.join(diverged)}")
+    return 0

@@ -1,0 +1,171 @@
+"""``lowbit train``: train one model with one recipe.
+
+    lowbit train --task digits --model cnn --recipe fqt-bhq-4 --epochs 10 --seed 0 \\
+        --out runs/digits-cnn-bhq4          # add --resume to continue after a crash
+
+Every value is checked before any work starts; a bad one exits with status 2 and one
+line naming the option and its allowed values. Options take strings at the argparse
+level and are converted here, so that the message is always that one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.config import RECIPES
+
+from .checkpoint import CheckpointError
+from .models import MODELS
+from .tasks import TASKS
+from .trainer import TrainConfig, TrainingDiverged, train
+
+MODEL_ARG_HELP = "KEY=VALUE model constructor argument, repeatable (e.g. n_layer=2)"
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``sweep`` (everything but what names a run)."""
+    add = parser.add_argument
+    add("--epochs", default="10", help="number of epochs (default 10)")
+    add("--batch-size", help="batch size (default: digits 64, fashion-mnist 128, text 32)")
+    add("--lr", help="peak learning rate (default: digits 0.05, fashion-mnist 0.1, text 1e-3)")
+    add("--weight-decay", help="weight decay on matrices and kernels (default 5e-4; text 0.1)")
+    add("--subset", help="images: keep N training images; text: keep the first N corpus bytes")
+    add("--eval-subset", help="evaluate on the first N test images / validation windows")
+    add("--steps-per-epoch", help="text only: optimizer steps per epoch (default 200)")
+    add("--grad-input-bits", help="bits of the ∇X gradient quantizer, 2..8 (fqt-* recipes)")
+    add("--grad-weight-bits", help="bits of the ∇W gradient quantizer, 2..8 (fqt-* recipes)")
+    add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
+    add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
+    add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
+    add("--threads", help="CPU threads for torch (default: torch's choice)")
+    add("--no-progress", action="store_true", help="no progress bar (epoch lines only)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--task", default="digits", help=f"one of {', '.join(TASKS)} (default digits)")
+    add("--model", help="per task: " + "; ".join(f"{t}: {', '.join(m)}" for t, m in MODELS.items()))
+    add("--recipe", default="fp", help="fp, qat-B or fqt-{ptq,psq,bhq,hadamard}-B, B in 4..8")
+    add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
+    add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
+    add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt)")
+    add_training_arguments(parser)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_int(option: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option} must be an integer, got {text!r}") from None
+
+
+def parse_float(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{option} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be finite, got {text!r}")
+    return value
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``["n_layer=2", "dropout=0.1"]`` → ``{"n_layer": 2, "dropout": 0.1}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg must look like KEY=VALUE, got {item!r}")
+        try:
+            out[key] = int(text)
+        except ValueError:
+            out[key] = parse_float(f"--model-arg {key}", text)
+    return out
+
+
+def check_out_dir(option: str, path: str) -> str:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} must be a folder, but {path} is a file")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option}: {parent} is a file, cannot create {path}")
+            break
+    return path
+
+
+def training_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig fields from the shared options (values converted, not yet validated)."""
+    # A value that fails here or in TrainConfig raises with the option's name.
+    ints = ("epochs", "batch_size", "subset", "eval_subset", "steps_per_epoch",
+            "grad_input_bits", "grad_weight_bits", "max_bad_steps")  # fmt: skip
+    fields: dict[str, Any] = {
+        k: parse_int(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ints
+    }
+    for k in ("lr", "weight_decay"):
+        fields[k] = parse_float(f"--{k.replace('_', '-')}", getattr(args, k))
+    fields["backend"] = args.backend
+    fields["model_kwargs"] = parse_model_args(args.model_arg)
+    return fields
+
+
+def set_threads(text: str | None) -> None:
+    """Apply ``--threads`` (torch's intra-op CPU threads)."""
+    threads = parse_int("--threads", text)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def make_config(fields: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig, turning its ValueError into a one-line usage error."""
+    try:
+        return TrainConfig(**fields)
+    except ValueError as exc:
+        raise ValueError(_as_option(str(exc))) from None
+
+
+def _as_option(message: str) -> str:
+    """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option)."""
+    name, sep, rest = message.partition(" ")
+    if sep and name.isidentifier() and name.islower():
+        return f"--{name.replace('_', '-')} {rest}"
+    return message
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    if args.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be fp, qat-B or fqt-{{ptq,psq,bhq,hadamard}}-B with B "
+                         f"in 4..8, got {args.recipe!r}")  # fmt: skip
+    fields = training_fields(args)
+    fields.update(task=args.task, model=args.model, recipe=args.recipe,
+                  seed=parse_int("--seed", args.seed))  # fmt: skip
+    cfg = make_config(fields)
+    set_threads(args.threads)
+    cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (TrainingDiverged, CheckpointError) as exc:
+        print(f"lowbit train: {exc}", file=sys.stderr)
+        return 1
+    last = result.history[-1] if result.history else {}
+    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_loss", "bpb") if k in last)
+    print(f"{cfg.run_name()}: {shown or 'no epochs run'} -> {cfg.out}")
+    return 0
