@@ -44,10 +44,13 @@ def quantize_gradient(
     return q.quantize(a, IntFormat(spec.bits), generator, spec.rounding, backend)
 
 
-def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend) -> torch.Tensor:
+def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend,
+                out_dtype: torch.dtype) -> torch.Tensor:
     """``T⁻¹ · (codes_a·step_a) @ B`` with ``B`` the dequantized ``b``: the inverse
     transform acts on the output rows, after the (integer) GEMM."""
-    return q.transform.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend))
+    if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
+        return scaled_mm(q.codes, q.step, b.codes, b.step, backend, out_dtype=out_dtype)
+    return q.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend)).to(out_dtype)
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------
@@ -59,22 +62,22 @@ def linear_output(qx: QuantizedRows, qw: QuantizedRows, backend: Backend,
 
 def linear_grad_input(
     gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
-    generator: torch.Generator | None, backend: Backend,
+    generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``∇X = Q_a(∇Y) Q_f(W)``: (N, out) × (out, in) → (N, in). ``spec=None``: QAT."""
     if spec is None:
-        return gy.float() @ qw.dequantize()
-    return _rows_times(quantize_gradient(gy, spec, generator, backend), qw, backend)
+        return (gy.float() @ qw.dequantize()).to(out_dtype)
+    return _rows_times(quantize_gradient(gy, spec, generator, backend), qw, backend, out_dtype)
 
 
 def linear_grad_weight(
     gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
-    generator: torch.Generator | None, backend: Backend,
+    generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``∇W = Q_w(∇Y)ᵀ Q_f(X)``: rows of ``∇Yᵀ`` are output features. (out, N) × (N, in)."""
     if spec is None:
-        return gy.float().t() @ qx.dequantize()
-    return _rows_times(quantize_gradient(gy.t(), spec, generator, backend), qx, backend)
+        return (gy.float().t() @ qx.dequantize()).to(out_dtype)
+    return _rows_times(quantize_gradient(gy.t(), spec, generator, backend), qx, backend, out_dtype)
 
 
 def _save_rows(ctx: Any, *qs: QuantizedRows) -> None:
@@ -109,11 +112,10 @@ class _FQTLinearFn(torch.autograd.Function):
         gy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), read as is by the quantizers
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend)
-            gx = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
+            gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend, ctx.x_dtype)
+            gx = gx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend)
-            gw = gw.to(ctx.w_dtype)
+            gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0, dtype=torch.float32).to(ctx.w_dtype)
         return gx, gw, gb, None, None, None

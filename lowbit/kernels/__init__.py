@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 import torch
+from torch.profiler import record_function
 
 from . import compiled, int8, reference
 
@@ -34,9 +35,10 @@ def quantize_codes(
         rows = x.shape[0] if per_row else 1
         return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.ones(
             rows, 1, device=x.device) / qmax
-    if backend is not Backend.REFERENCE and compiled.use_for(x):
-        return compiled.quantize_codes(x, qmax, per_row, stochastic, seed)
-    return reference.quantize_codes(x, qmax, per_row, stochastic, seed)
+    with record_function("lowbit::quantize"):
+        if backend is not Backend.REFERENCE and compiled.use_for(x):
+            return compiled.quantize_codes(x, qmax, per_row, stochastic, seed)
+        return reference.quantize_codes(x, qmax, per_row, stochastic, seed)
 
 
 def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
@@ -70,17 +72,20 @@ def scaled_mm(
     compute this product; ``AUTO`` then uses the reference GEMM (the same estimator).
     """
     if backend is not Backend.REFERENCE and int8_applicable(a_codes, b_codes, b_step):
-        acc = int8.int_mm(a_codes, b_codes)
-        if compiled.use_for(acc):
-            return compiled.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
-        return reference.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
+        with record_function("lowbit::gemm"):
+            acc = int8.int_mm(a_codes, b_codes)
+        with record_function("lowbit::epilogue"):
+            if compiled.use_for(acc):
+                return compiled.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
+            return reference.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
     if backend is Backend.INT8:
         raise ValueError(
             "backend='int8' cannot compute this GEMM: it needs int8 codes, scales on "
             f"non-summed dimensions and suitable shapes; got a {tuple(a_codes.shape)} "
             f"{a_codes.dtype}, b {tuple(b_codes.shape)} {b_codes.dtype}, b_step {tuple(b_step.shape)}"
         )
-    return reference.scaled_mm(a_codes, a_step, b_codes, b_step, bias, out_dtype)
+    with record_function("lowbit::gemm"):
+        return reference.scaled_mm(a_codes, a_step, b_codes, b_step, bias, out_dtype)
 
 
 __all__ = ["Backend", "int8_applicable", "quantize_codes", "scaled_mm"]

@@ -56,6 +56,11 @@ def use_for(x: torch.Tensor) -> bool:
     return _enabled and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
+def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` through ``torch.compile`` (compiled once per ``name``)."""
+    return _call(name, fn, *args)
+
+
 def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     global _enabled
     f = _compiled.get(name)

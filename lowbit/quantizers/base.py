@@ -23,6 +23,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from ..formats import IntFormat, Rounding, draw_seed
 from ..kernels import Backend, quantize_codes
@@ -61,6 +62,7 @@ class RowTransform(abc.ABC):
     """An invertible linear map acting on the rows of ``(R, D)`` matrices."""
 
     n_rows: int  # rows of the original operand (the transformed one may be padded)
+    use_compiled: bool = False  # set by the quantizer: fused kernels allowed (not REFERENCE)
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -103,7 +105,14 @@ class QuantizedRows:
     transform: RowTransform
 
     def dequantize(self) -> torch.Tensor:
-        return self.transform.inverse(self.codes.float() * self.step)
+        return self.inverse(self.codes.float() * self.step)
+
+    def inverse(self, out: torch.Tensor) -> torch.Tensor:
+        """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand)."""
+        if isinstance(self.transform, Identity):
+            return out
+        with record_function("lowbit::transform"):
+            return self.transform.inverse(out)
 
 
 class GradQuantizer(abc.ABC):
@@ -125,9 +134,10 @@ class GradQuantizer(abc.ABC):
         backend: Backend = Backend.AUTO,
     ) -> QuantizedRows:
         """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``)."""
-        a = a.float()
-        t = self.transform(a, generator)
-        y = t.forward(a)
+        with record_function("lowbit::transform"):
+            t = self.transform(a, generator)
+            t.use_compiled = backend is not Backend.REFERENCE
+            y = t.forward(a)
         codes, step = quantize_rows(y, fmt, self.granularity, rounding, generator, backend)
         return QuantizedRows(codes, step, t)
 

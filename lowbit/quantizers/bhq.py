@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import compiled
 from .base import GradQuantizer, Granularity, RowTransform
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -41,6 +42,25 @@ def _householder_absmax(g: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(1.0 / r, (1.0 - c).abs()), c)
 
 
+def _reflect(x: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``H x`` for every group at once: ``x − 2 v (vᵀ x)`` with a scatter-add. O(N·D)."""
+    vx = v[:, None] * x  # (N, D)
+    dots = x.new_zeros(n_groups, x.shape[1]).index_add_(0, group, vx)  # (G, D)
+    return x - 2 * v[:, None] * dots[group]
+
+
+def _bhq_forward(x: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor,
+                 n_groups: int) -> torch.Tensor:
+    """``T x = H (S x)``."""
+    return _reflect(x.float() * scale[:, None], v, group, n_groups)
+
+
+def _bhq_inverse(y: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor,
+                 n_groups: int) -> torch.Tensor:
+    """``T⁻¹ y = S⁻¹ (H y)`` (H is symmetric and orthogonal)."""
+    return _reflect(y.float(), v, group, n_groups) / scale[:, None]
+
+
 class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids."""
 
@@ -51,17 +71,17 @@ class BlockHouseholder(RowTransform):
         self.group = group  # (N,) int64
         self.n_groups = n_groups
 
-    def _reflect(self, x: torch.Tensor) -> torch.Tensor:
-        # H x per group: x − 2 v (vᵀ x), all groups at once.
-        vx = self.v[:, None] * x  # (N, D)
-        dots = x.new_zeros(self.n_groups, x.shape[1]).index_add_(0, self.group, vx)  # (G, D)
-        return x - 2 * self.v[:, None] * dots[self.group]
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        args = (x, self.scale, self.v, self.group, self.n_groups)
+        if self.use_compiled and compiled.use_for(x):
+            return compiled.run(fn.__name__, fn, *args)
+        return fn(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reflect(x * self.scale[:, None])
+        return self._run(_bhq_forward, x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self._reflect(y) / self.scale[:, None]
+        return self._run(_bhq_inverse, y)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².
