@@ -101,16 +101,21 @@ class JacobianSpectrum:
     each group ``p`` upstream of it; ``rel_change[l][p]``: the last power-iteration step's
     relative change; ``iters[l][p]``: iterations used. ``gram[l]``: ``λ_max(U_lᵀU_l)``;
     ``col_norms[l]``: ``‖U_n‖²`` per row of ``U_l`` (∇W path; absent for grouped convs).
+    ``mode="layer"`` (see :func:`jacobian_spectrum`) also fills ``lam_total[l]``, the
+    constant for all upstream parameters together.
     """
 
+    mode: str = "pairs"
     lam: dict[str, dict[str, float]] = field(default_factory=dict)
+    lam_total: dict[str, float] = field(default_factory=dict)
     rel_change: dict[str, dict[str, float]] = field(default_factory=dict)
     iters: dict[str, dict[str, int]] = field(default_factory=dict)
     gram: dict[str, float] = field(default_factory=dict)
     col_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"lam": self.lam, "rel_change": self.rel_change, "iters": self.iters,
+        return {"mode": self.mode, "lam": self.lam, "lam_total": self.lam_total,
+                "rel_change": self.rel_change, "iters": self.iters,
                 "gram": self.gram}
 
 
@@ -141,18 +146,20 @@ def _sqnorm(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, tol: float,
-                     generator: torch.Generator) -> tuple[float, float, int]:
-    """``λ_max(JᵀJ)`` for ``J·v = ∂⟨v, y⟩/∂params`` (returns λ, last relative change, iters)."""
+                     generator: torch.Generator) -> tuple[float, float, int, list[bool]]:
+    """``λ_max(JᵀJ)`` for ``J·v = ∂⟨v, y⟩/∂params``: returns λ, the last relative change,
+    the iterations used and which ``params`` ``y`` depends on."""
     v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
     v = v / v.norm()
-    lam, change = 0.0, math.inf
+    lam, change, used = 0.0, math.inf, [False] * len(params)
     for k in range(1, iters + 1):
         v = v.detach().requires_grad_(True)
         jv = torch.autograd.grad(y, params, v.to(y.dtype), create_graph=True, retain_graph=True,
                                  allow_unused=True)
-        jv = [g for g in jv if g is not None]
-        if not jv or not any(g.requires_grad for g in jv):
-            return 0.0, 0.0, k  # J is zero (no path)
+        used = [g is not None for g in jv]
+        jv = [g for g in jv if g is not None and g.requires_grad]
+        if not jv:
+            return 0.0, 0.0, k, used  # J is zero (no path)
         sq = _sqnorm(jv)  # vᵀJᵀJv
         (h,) = torch.autograd.grad(sq, v, retain_graph=True)  # 2·JᵀJv
         h = h.detach().double()
@@ -162,26 +169,40 @@ def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, to
         if new == 0 or change < tol:
             break
         v = (h / h.norm()).float()
-    return lam, change, k
+    return lam, change, k, used
+
+
+SPECTRUM_MODES = ("pairs", "layer")
 
 
 def jacobian_spectrum(
     model: nn.Module, loss_fn: LossFn, batch: object, config: FQTConfig | None = None, *,
-    iters: int = 8, tol: float = 1e-2, seed: int = 0, progress: bool = False,
+    mode: str = "pairs", iters: int = 8, tol: float = 1e-2, seed: int = 0,
+    progress: bool = False,
 ) -> JacobianSpectrum:
     """Propagation constants of Theorem 2 on one minibatch (see the module docstring).
 
     Runs one QAT forward (the configs' gradient quantizers removed; buffers restored
-    afterwards), then, for each layer ``l`` with a computed ∇X and each parameter group
-    ``p`` upstream of it, ``iters`` power-iteration steps (fewer once the estimate moves by
-    less than ``tol``), each a vector-Jacobian product plus a double backward over the
-    part of the graph between ``θ_p`` and ``Y_l``. Cost ≈ ``iters × Σ_pairs`` (segment
-    backward ×3). ``config`` as in :func:`lowbit.analysis.gradient_variance`.
+    afterwards), then power iteration — ``iters`` steps at most, fewer once the estimate
+    moves by less than ``tol`` — each step a vector-Jacobian product plus a double
+    backward over the part of the graph between the parameters and ``Y_l``:
+
+    * ``mode="pairs"``: for each layer ``l`` with a computed ∇X and each parameter group
+      ``p`` upstream of it, ``λ_max(J_{l→p}ᵀJ_{l→p})``. Cost ≈ ``iters`` × 3 backward
+      passes over each pair's segment: about ``L/3`` times the cost of ``"layer"``;
+    * ``mode="layer"``: one power iteration per layer for ``J_l``, the map to *all*
+      upstream parameters at once; ``lam[l][p]`` is then ``λ_max(J_lᵀJ_l)`` for every
+      upstream ``p`` — a valid but looser bound per group (``J_pᵀJ_p ≼ J_lᵀJ_l``), and
+      ``lam_total[l]`` gives the tighter bound of the total.
+
+    ``config`` as in :func:`lowbit.analysis.gradient_variance`.
     """
     if iters < 1:
         raise ValueError(f"iters must be ≥ 1, got {iters}")
+    if mode not in SPECTRUM_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SPECTRUM_MODES)}, got {mode!r}")
     gen = torch.Generator().manual_seed(seed)
-    out = JacobianSpectrum()
+    out = JacobianSpectrum(mode=mode)
     with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \
             _double_differentiable_attention(), capture(m, inputs=True, outputs=True, grads=False) as rec:
         groups = parameter_groups(m)
@@ -194,32 +215,42 @@ def jacobian_spectrum(
             stats = weight_gemm_stats(layer, rec[name].x)
             if stats is not None:
                 out.col_norms[name], out.gram[name] = stats
-        todo = []
+        todo = []  # (layer, [(group, param names)])
         for name in layers:
             r = rec[name]
-            if not (r.x_needs_grad and r.y is not None and r.y.requires_grad):
-                continue
-            flat = [params[n] for g in groups.values() for n in g]
-            probe = torch.randn(r.y.shape, generator=gen).to(r.y)
-            reach = torch.autograd.grad(r.y, flat, probe, retain_graph=True, allow_unused=True)
-            used = {n for n, g in zip([n for g in groups.values() for n in g], reach) if g is not None}
-            for gname, names in groups.items():
-                if gname == name:
-                    continue
-                ps = [params[n] for n in names if n in used]
-                if ps:
-                    todo.append((name, gname, ps))
+            if r.x_needs_grad and r.y is not None and r.y.requires_grad:
+                todo.append((name, [(g, ns) for g, ns in groups.items() if g != name]))
+        if mode == "pairs":
+            todo = [(name, [gp]) for name, gps in todo for gp in _upstream(rec[name].y, gps, params, gen)]
         bar = _progress(len(todo), "jacobian spectra", progress)
-        for name, gname, ps in todo:
-            lam, change, k = _power_iteration(rec[name].y, ps, iters, tol, gen)
-            out.lam.setdefault(name, {})[gname] = lam
-            out.rel_change.setdefault(name, {})[gname] = change
-            out.iters.setdefault(name, {})[gname] = k
+        for name, gps in todo:
+            ps = [params[n] for _, ns in gps for n in ns]
+            lam, change, k, used = _power_iteration(rec[name].y, ps, iters, tol, gen)
+            i = 0
+            for g, ns in gps:
+                if any(used[i:i + len(ns)]):
+                    out.lam.setdefault(name, {})[g] = lam
+                    out.rel_change.setdefault(name, {})[g] = change
+                    out.iters.setdefault(name, {})[g] = k
+                i += len(ns)
+            if mode == "layer":
+                out.lam_total[name] = lam
             bar.update(1)
         bar.close()
         for r in rec.values():
             r.y = None
     return out
+
+
+def _upstream(y: torch.Tensor, gps: list[tuple[str, list[str]]], params: dict[str, torch.Tensor],
+              gen: torch.Generator) -> list[tuple[str, list[str]]]:
+    """The groups (restricted to their parameters) that ``y`` depends on."""
+    names = [n for _, ns in gps for n in ns]
+    probe = torch.randn(y.shape, generator=gen).to(y)
+    reach = torch.autograd.grad(y, [params[n] for n in names], probe, retain_graph=True,
+                                allow_unused=True)
+    used = {n for n, g in zip(names, reach) if g is not None}
+    return [(g, [n for n in ns if n in used]) for g, ns in gps if any(n in used for n in ns)]
 
 
 # -- quantizer variances on captured operands -----------------------------------------
@@ -283,24 +314,28 @@ def propagate(spectrum: JacobianSpectrum, noise: dict[str, LayerNoise],
               groups: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Per (layer, group) predicted contributions of (∗): ``(data, analytic)``, each
     ``pred[l][p] = λ_{l→p}·E‖ε_l‖² + [p = l]·(∇W term)`` with the data-dependent or the
-    analytic quantizer variance."""
+    analytic quantizer variance; ``pred[l]["total"]`` bounds layer ``l``'s contribution to
+    all parameters (the sum over groups, or with ``spectrum.lam_total`` where known)."""
     data: dict[str, dict[str, float]] = {}
     analytic: dict[str, dict[str, float]] = {}
     for name, nz in noise.items():
         lam = spectrum.lam.get(name, {})
-        data[name] = {p: lam.get(p, 0.0) * nz.gi_expected for p in groups}
-        analytic[name] = {p: lam.get(p, 0.0) * nz.gi_bound for p in groups}
-        if name in groups:
-            data[name][name] += nz.gw_exact
-            analytic[name][name] += nz.gw_propagated
+        for out, var, w in ((data, nz.gi_expected, nz.gw_exact),
+                            (analytic, nz.gi_bound, nz.gw_propagated)):
+            row = {p: lam.get(p, 0.0) * var for p in groups}
+            if name in groups:
+                row[name] += w
+            if name in spectrum.lam_total:
+                row["total"] = spectrum.lam_total[name] * var + (w if name in groups else 0.0)
+            else:
+                row["total"] = sum(row.values())
+            out[name] = row
     return data, analytic
 
 
 def column_sums(pairs: dict[str, dict[str, float]], groups: list[str]) -> dict[str, float]:
-    """``Σ_l pairs[l][p]`` per group ``p``, and ``"total"`` over groups."""
-    out = {p: sum(row.get(p, 0.0) for row in pairs.values()) for p in groups}
-    out["total"] = sum(out.values())
-    return out
+    """``Σ_l pairs[l][p]`` per group ``p`` and for ``"total"``."""
+    return {p: sum(row.get(p, 0.0) for row in pairs.values()) for p in [*groups, "total"]}
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -325,6 +360,7 @@ def _progress(total: int, desc: str, enabled: bool) -> object:
 __all__ = [
     "JacobianSpectrum",
     "LayerNoise",
+    "SPECTRUM_MODES",
     "column_sums",
     "jacobian_spectrum",
     "layer_noise",

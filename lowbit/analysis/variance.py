@@ -179,6 +179,7 @@ def gradient_variance(
     *,
     bound_batches: int = 0,
     spectra: Sequence[JacobianSpectrum] | None = None,
+    spectrum_mode: str = "pairs",
     power_iters: int = 8,
     power_tol: float = 1e-2,
     seed: int = 0,
@@ -217,7 +218,7 @@ def gradient_variance(
     the ``∇Y`` captured during every FQT draw and propagated with the Jacobian spectra
     of :func:`~lowbit.analysis.bounds.jacobian_spectrum` (``spectra[i]``, if given, is
     batch ``i``'s — it depends on the forward only, so one serves every quantizer; the
-    rest are computed with ``power_iters``/``power_tol``). ``pred_*`` are then the bounds
+    rest are computed with ``spectrum_mode``/``power_iters``/``power_tol``). ``pred_*`` are then the bounds
     (∗) of that module and ``tightness_* = quant_bound_batches / pred_*``: ≤ 1 where the
     bound holds. ``seed`` seeds the random directions and the Hadamard sign draws of the
     predictions (the layers' own generators draw the FQT noise).
@@ -258,7 +259,7 @@ def gradient_variance(
         for b, batch in enumerate(batches):
             bounded = b < n_bound
             if bounded and b >= len(spectra):
-                spectra.append(jacobian_spectrum(m, loss_fn, batch, iters=power_iters,
+                spectra.append(jacobian_spectrum(m, loss_fn, batch, mode=spectrum_mode, iters=power_iters,
                                                  tol=power_tol, seed=seed + b, progress=progress))
             with with_config(m, qat_of):
                 q = flat.grads(m, loss_fn, batch)
@@ -444,7 +445,7 @@ def variance_profile(
                     ws = (sp.col_norms[name], sp.gram[name]) if name in sp.col_norms else None
                     nz = layer_noise(layers[name], rec[name], ws, gen)  # the layer's own config
                     dd, da = propagate(sp, {name: nz}, list(groups))
-                    for j, p in enumerate(groups):
+                    for j, p in enumerate(slices):  # the groups, then "total"
                         pd[i, j] += dd[name][p] / len(batches)
                         pa[i, j] += da[name][p] / len(batches)
                 dsum = torch.zeros(flat.numel, dtype=torch.float64)
@@ -460,9 +461,6 @@ def variance_profile(
                     v = (dsq[j] - dsum[sl].pow(2).sum() / repeats) / (repeats - 1)
                     meas[i, j] += v / len(batches)
         bar.close()
-    if spectra is not None:
-        pd[:, -1] = pd[:, :-1].sum(1)
-        pa[:, -1] = pa[:, :-1].sum(1)
     return VarianceProfile(
         layers=names, groups=list(slices), measured=meas.tolist(), batches=len(batches),
         repeats=repeats, pred_data=pd.tolist() if spectra is not None else [],

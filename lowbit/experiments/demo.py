@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lowbit.analysis import quantization_variance
 
-from .train import check_out_dir, parse_int
-from .trainer import TrainConfig, train
+from .train import check_out_dir, make_config, parse_int, set_threads
+from .trainer import train
 
 RECIPES = ("fp", "qat-8", "fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-ptq-4", "fqt-psq-4",
            "fqt-bhq-4")  # fmt: skip
@@ -29,17 +29,22 @@ VARIANCE_REPEATS = 16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--epochs", default=str(DEFAULT_EPOCHS), help=f"epochs per recipe ({DEFAULT_EPOCHS})")
-    add("--model", default="mlp", help="digits model: mlp or cnn (default mlp)")
+    add("--model", default="cnn", help="digits model: cnn or mlp (default cnn)")
     add("--seed", default="0", help="seed of the weights, data order and SR noise (default 0)")
     add("--out", help="keep the run folders here (default: a temporary folder)")
+    add("--threads", default="1", help="CPU threads for torch (default 1: the models are tiny)")
     add("--progress", action="store_true", help="show a progress bar per run")
 
 
 def run(args: argparse.Namespace) -> int:
     epochs, seed = parse_int("--epochs", args.epochs), parse_int("--seed", args.seed)
     # Validate everything before the first run starts.
-    configs = [TrainConfig(task="digits", model=args.model, recipe=r, epochs=epochs, seed=seed)
-               for r in RECIPES]  # fmt: skip
+    configs = [
+        make_config({"task": "digits", "model": args.model, "recipe": r, "epochs": epochs,
+                     "seed": seed})
+        for r in RECIPES
+    ]  # fmt: skip
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         root = Path(check_out_dir("--out", args.out) if args.out else tmp)
         print(f"lowbit demo: digits {args.model}, {epochs} epochs, seed {seed}; runs in {root}")
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for cfg in configs:
             cfg.out = str(root / cfg.run_name())
-            result = train(cfg, resume=True, progress=args.progress)
+            result = train(cfg, resume=args.out is not None, progress=args.progress)
             last = result.history[-1]
             variance = None
             if cfg.fqt_config().is_fqt:

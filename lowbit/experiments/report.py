@@ -24,9 +24,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-from lowbit.config import RECIPES, FQTConfig
+from lowbit.config import FQTConfig
 from lowbit.nn import describe
+from lowbit.quantizers import QUANTIZERS
 
 from .tasks import TASK_CLASSES
 
@@ -74,11 +76,15 @@ class Run:
         fqt = FQTConfig.from_dict(self.fqt)
         return f"{self.train['recipe']} gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
 
-    def sort_key(self) -> tuple[int, int, int]:
+    def sort_key(self) -> tuple[int, int, int, int]:
+        """fp, then qat-B, then fqt grouped by quantizer; more bits first."""
         fqt = FQTConfig.from_dict(self.fqt)
-        gi = fqt.grad_input.bits if fqt.grad_input else 99
-        gw = fqt.grad_weight.bits if fqt.grad_weight else 99
-        return RECIPES.index(self.train["recipe"]), -gi, -gw
+        if fqt.is_fp:
+            return 0, 0, 0, 0
+        if not fqt.is_fqt:
+            return 1, 0, -fqt.weight.bits, 0
+        gi, gw = fqt.grad_input, fqt.grad_weight
+        return 2, list(QUANTIZERS).index(gi.quantizer), -gi.bits, -gw.bits
 
     def final(self, metric: str) -> float | None:
         return self.rows[-1].get(metric) if self.rows else None
@@ -105,9 +111,11 @@ def load_runs(root: Path) -> list[Run]:
 
 
 def _settings(run: Run) -> tuple[tuple[str, str], ...]:
+    """The settings that runs sharing a table must agree on, as printable text."""
     return tuple(
-        sorted((k, json.dumps(v)) for k, v in run.train.items() if k not in PER_RUN_FIELDS)
-    )
+        sorted((k, v if isinstance(v, str) else json.dumps(v))
+               for k, v in run.train.items() if k not in PER_RUN_FIELDS)
+    )  # fmt: skip
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -175,6 +183,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
         values = [[r.rows[i].get(metric) for r in group] for i in range(n)]
         mean = [statistics.fmean(v) if None not in v else float("nan") for v in values]
         ax.plot([group[0].rows[i]["epoch"] for i in range(n)], mean, marker=".", label=lab)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
@@ -210,6 +219,7 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     for name, style in (("fp", "--"), ("qat-8", ":")):
         if refs[name]:
             ax.axhline(statistics.fmean(refs[name]), color="gray", linestyle=style, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("gradient bits (∇X path)")
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} vs gradient bits")

@@ -65,16 +65,14 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     recipes = _split("--recipes", args.recipes)
     common = training_fields(args)
     configs = []
-    for task in tasks:
-        task_models = [m for m in models if m in MODELS[task]] if models else [None]
-        for model in task_models:
-            for recipe in recipes:
-                gradient_bits = common["grad_input_bits"] or common["grad_weight_bits"]
-                fields = dict(common, task=task, model=model, recipe=recipe)
-                if gradient_bits and not recipe.startswith("fqt-"):  # bits apply to fqt only
-                    fields.update(grad_input_bits=None, grad_weight_bits=None)
-                for seed in seeds:
-                    cfg = make_config(dict(fields, seed=seed))
+    for seed in seeds:  # seeds outermost: a sweep cut short still covers every recipe once
+        for task in tasks:
+            for model in [m for m in models if m in MODELS[task]] if models else [None]:
+                for recipe in recipes:
+                    fields = dict(common, task=task, model=model, recipe=recipe, seed=seed)
+                    if not recipe.startswith("fqt-"):  # gradient bits apply to fqt-* only
+                        fields.update(grad_input_bits=None, grad_weight_bits=None)
+                    cfg = make_config(fields)
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
     return configs

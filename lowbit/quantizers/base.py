@@ -26,7 +26,7 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import IntFormat, Rounding, draw_seed
-from ..kernels import Backend, quantize_codes
+from ..kernels import Backend, compiled, quantize_codes
 
 
 class Granularity(enum.Enum):
@@ -42,6 +42,19 @@ def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     if granularity is Granularity.TENSOR:
         return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
     return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(a.shape[0], 1)
+
+
+def _row_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax(dim=1).float()
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max_j |x_ij|`` per row as float32 (N,), fused for large inputs; NaN propagates."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], dtype=torch.float32)
+    if compiled.use_for(x):
+        return compiled.run("row_absmax", _row_absmax, x)
+    return _row_absmax(x)
 
 
 def quantize_rows(

@@ -54,3 +54,16 @@ def test_counter_noise_is_uniform_and_seed_dependent() -> None:
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 5 / n**0.5
     v = counter_uniform((n,), torch.tensor(2)).double()
     assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 5 / n**0.5
+
+
+def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
+    from lowbit.quantizers.bhq import bhq_transform
+
+    x = torch.randn(64, 40) * torch.logspace(-4, 0, 64)[torch.randperm(64)][:, None]
+    t = bhq_transform(x)
+    y_ref, y_fast = t.forward(x), None
+    t.use_compiled = True
+    y_fast = t.forward(x)
+    # different summation order (sparse product vs scatter-add): float32 rounding only
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6 * float(y_ref.abs().max()))
+    torch.testing.assert_close(t.inverse(y_fast), x, rtol=1e-4, atol=1e-6 * float(x.abs().max()))
