@@ -18,9 +18,10 @@ import math
 import torch
 
 from ..formats import IntFormat
-from .base import GradQuantizer, Granularity, RowTransform
+from .base import GradQuantizer, Granularity, RowTransform, row_absmax
 
 DEFAULT_BLOCK = 64
+_TINY = 2.0**-60  # blocks whose largest value is below this are transformed in float64
 
 
 def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
@@ -48,6 +49,12 @@ class BlockHadamard(RowTransform):
     def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
         n, d = x.shape
         blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
+        if n and d:
+            # float32 BLAS kernels may flush denormals to zero: blocks of tiny values are
+            # transformed in float64, where they are normal numbers.
+            amax = row_absmax(x).reshape(-1, self.block).amax(dim=1)  # (nb,)
+            if bool(((amax > 0) & (amax < _TINY)).any()):
+                return torch.matmul(self.h.double(), blocks.double()).to(x.dtype).reshape(n, d)
         return torch.matmul(self.h, blocks).reshape(n, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Property-based tests (hypothesis) over shapes, dtypes and magnitudes, for every
+quantizer on both backends: finite output for finite input, unbiased, and only the
+documented exceptions.
+
+Documented limits these tests respect: a float16 result of BHQ/Hadamard can overflow
+when inputs come near float16's maximum (an unbiased estimate of 65504 must sometimes
+exceed it), so float16 magnitudes stay ≤ 1e3; results returned in bfloat16/float16 are
+rounded to that dtype, so unbiasedness is checked on the float32 dequantized values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unbiased
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit import FQTConfig
+from lowbit.formats import IntFormat
+from lowbit.kernels import Backend, compiled
+from lowbit.quantizers import QUANTIZERS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_MAG = {"float32": 1e30, "bfloat16": 1e30, "float16": 1e3}
+MIN_MAG = {"float32": 1e-30, "bfloat16": 1e-30, "float16": 1e-4}
+
+
+@st.composite
+def gradients(draw: st.DrawFn) -> tuple[torch.Tensor, str]:
+    dtype = draw(st.sampled_from(list(DTYPES)))
+    n = draw(st.integers(0, 9))
+    d = draw(st.integers(0, 7))
+    kind = draw(st.sampled_from(["randn", "zeros", "constant_rows", "denormal", "mixed"]))
+    seed = draw(st.integers(0, 2**16))
+    mag = draw(st.floats(MIN_MAG[dtype], MAX_MAG[dtype]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == "zeros":
+        x = torch.zeros(n, d, dtype=torch.float64)
+    elif kind == "constant_rows":
+        x = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, d) * mag
+    elif kind == "denormal":
+        x = x * {"float32": 1e-40, "bfloat16": 1e-40, "float16": 1e-6}[dtype]
+    elif kind == "mixed":  # row magnitudes spread between the dtype's limits
+        lo, hi = torch.log10(torch.tensor(MIN_MAG[dtype])), torch.log10(torch.tensor(MAX_MAG[dtype]))
+        x = x * 10 ** (lo + (hi - lo) * torch.rand(n, 1, generator=g, dtype=torch.float64))
+    else:
+        x = x * mag
+    return x.to(DTYPES[dtype]), dtype
+
+
+@pytest.fixture(scope="module", params=["reference", "auto"])
+def backend(request: pytest.FixtureRequest):
+    if request.param == "auto":  # route even tiny tensors through the compiled kernels
+        old = compiled.MIN_NUMEL
+        compiled.MIN_NUMEL = 0
+        yield Backend.AUTO
+        compiled.MIN_NUMEL = old
+    else:
+        yield Backend.REFERENCE
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=gradients())
+def test_quantizer_properties(backend: Backend, name: str, case: tuple[torch.Tensor, str]) -> None:
+    g, dtype = case
+    q = QUANTIZERS[name]
+    gen = torch.Generator().manual_seed(0)
+    out = lowbit.quantize_grad(g, name, 4, gen)
+    assert out.shape == g.shape and out.dtype == g.dtype
+    assert torch.isfinite(out).all(), "finite input gave a non-finite output"
+    if g.numel() == 0:
+        return
+    draws = torch.stack([q.quantize(g, IntFormat(4), gen, backend=backend).dequantize()
+                         for _ in range(200)])
+    assert torch.isfinite(draws).all()
+    assert_unbiased(draws, g.float())
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-4", "fqt-bhq-4", "fqt-hadamard-4", "fqt-ptq-4"])
+@pytest.mark.parametrize("batch", [0, 1])
+def test_layer_degenerate_batches(recipe: str, batch: int) -> None:
+    layer = lowbit.convert(torch.nn.Linear(3, 2), FQTConfig.from_recipe(recipe))
+    x = torch.randn(batch, 3, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (batch, 2) and x.grad.shape == (batch, 3)
+    assert torch.isfinite(layer.weight.grad).all()
