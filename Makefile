@@ -34,6 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps torchao || echo "torchao unavailable: its row will be skipped"
 	$(PY) benchmarks/bench_step.py
 
 lint: $(STAMP)

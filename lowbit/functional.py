@@ -50,7 +50,7 @@ def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend,
     transform acts on the output rows, after the (integer) GEMM."""
     if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
         return scaled_mm(q.codes, q.step, b.codes, b.step, backend, out_dtype=out_dtype)
-    return q.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend)).to(out_dtype)
+    return q.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend), out_dtype)
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------

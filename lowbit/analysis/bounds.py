@@ -358,9 +358,9 @@ def _progress(total: int, desc: str, enabled: bool) -> object:
 
 
 __all__ = [
+    "SPECTRUM_MODES",
     "JacobianSpectrum",
     "LayerNoise",
-    "SPECTRUM_MODES",
     "column_sums",
     "jacobian_spectrum",
     "layer_noise",

@@ -115,6 +115,7 @@ class GroupVariance:
     z_grad: float  # bias test along the QAT gradient's direction
     z_rand: float  # bias test along a fixed random direction
     quant_bound_batches: float = math.nan  # quant, on the batches with a predicted bound
+    quant_bound_batches_se: float = math.nan  # its s.e. (jackknife over draws; needs R ≥ 3)
     pred_data: float = math.nan  # Theorem 2 bound with the exact data-dependent quantizer variance
     pred_analytic: float = math.nan  # ... with the quantizer's analytic variance bound
     tightness_data: float = math.nan  # quant_bound_batches / pred_data (≤ 1: bound holds)
@@ -148,10 +149,18 @@ class VarianceReport:
         """Largest |z| of the bias tests over groups (``total`` included)."""
         return max(g.max_abs_z for g in self.groups.values())
 
-    def bound_violations(self, which: str = "data") -> list[str]:
-        """Groups whose measured quantization variance exceeds the predicted bound."""
-        key = f"tightness_{which}"
-        return [n for n, g in self.groups.items() if getattr(g, key) > 1]
+    def bound_violations(self, which: str = "data", sigmas: float = 3.0) -> list[str]:
+        """Groups whose measured quantization variance exceeds the predicted bound by more
+        than ``sigmas`` standard errors of the measurement (where the bound is an equality
+        — a group reached by its own ∇W-path noise only — the measurement straddles it, so
+        a bare ``measured > bound`` would fire half the time)."""
+        out = []
+        for n, g in self.groups.items():
+            pred = getattr(g, f"pred_{which}")
+            se = g.quant_bound_batches_se if math.isfinite(g.quant_bound_batches_se) else 0.0
+            if g.quant_bound_batches > pred + sigmas * se:
+                out.append(n)
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -220,7 +229,9 @@ def gradient_variance(
     batch ``i``'s — it depends on the forward only, so one serves every quantizer; the
     rest are computed with ``spectrum_mode``/``power_iters``/``power_tol``). ``pred_*`` are then the bounds
     (∗) of that module and ``tightness_* = quant_bound_batches / pred_*``: ≤ 1 where the
-    bound holds. ``seed`` seeds the random directions and the Hadamard sign draws of the
+    bound holds, up to the measurement's standard error ``quant_bound_batches_se``
+    (delete-one jackknife over the draws of each bound batch; needs ``repeats ≥ 3``) —
+    :meth:`VarianceReport.bound_violations` flags only excesses beyond 3 of them. ``seed`` seeds the random directions and the Hadamard sign draws of the
     predictions (the layers' own generators draw the FQT noise).
     """
     batches = list(batches)
@@ -249,6 +260,7 @@ def gradient_variance(
         qs = torch.empty(n_b, flat.numel)  # QAT gradients
         ts = torch.empty(n_b, flat.numel)  # one FQT draw per batch
         quant_b = torch.empty(n_b, len(names), dtype=torch.float64)
+        quant_b_se = torch.empty(n_b, len(names), dtype=torch.float64)
         zsum = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("grad", "rand")}
         zsq = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("grad", "rand")}
         noise_acc: dict[str, LayerNoise] = {}
@@ -270,8 +282,7 @@ def gradient_variance(
             for g, sl in slices.items():
                 nrm = qd[sl].norm()
                 grad_u[g] = qd[sl] / nrm if nrm > 0 else torch.zeros_like(qd[sl])
-            dsum = torch.zeros(flat.numel, dtype=torch.float64)
-            dsq = torch.zeros(len(names), dtype=torch.float64)
+            draws = torch.empty(reps, flat.numel, dtype=torch.float64)  # f_b,r − q_b
             noise_b: dict[str, LayerNoise] = {n: LayerNoise() for n in layers}
             for r in range(reps):
                 cm = capture(m, grads=True) if bounded else contextlib.nullcontext({})
@@ -285,17 +296,15 @@ def gradient_variance(
                 bar.update(1)
                 if r == 0:
                     ts[b] = f
-                d = (f - q).double()
-                dsum += d
+                draws[r] = d = (f - q).double()
                 for i, g in enumerate(names):
                     dg = d[slices[g]]
-                    dsq[i] += dg.pow(2).sum()
                     for k, u in (("grad", grad_u[g]), ("rand", rand_u[g])):
                         s = float(dg @ u)
                         zsum[k][i] += s
                         zsq[k][i] += s * s
             for i, g in enumerate(names):
-                quant_b[b, i] = (dsq[i] - dsum[slices[g]].pow(2).sum() / reps) / (reps - 1)
+                quant_b[b, i], quant_b_se[b, i] = _within(draws[:, slices[g]])
             if bounded:
                 for name, nz in noise_b.items():
                     if nz.draws:
@@ -330,6 +339,7 @@ def gradient_variance(
         )
         if n_bound:
             st.quant_bound_batches = float(qb[:n_bound].mean())
+            st.quant_bound_batches_se = float(quant_b_se[:n_bound, i].pow(2).sum().sqrt()) / n_bound
             st.pred_data = sum(p[g] for p in pred_d) / n_bound
             st.pred_analytic = sum(p[g] for p in pred_a) / n_bound
             st.tightness_data = _ratio(st.quant_bound_batches, st.pred_data)
@@ -340,6 +350,15 @@ def gradient_variance(
         groups=stats, layers=noise_acc, pairs_data=_mean_pairs(pairs_d),
         pairs_analytic=_mean_pairs(pairs_a), spectra=spectra[:n_bound],
     )
+
+
+def _within(draws: torch.Tensor) -> tuple[float, float]:
+    """Unbiased sample variance ``1/(R−1)·Σ_r ‖d_r − d̄‖²`` of ``R`` draws (rows) and its
+    delete-one jackknife standard error (NaN for ``R < 3``)."""
+    gram = draws @ draws.t()
+    var = _var_from_gram(gram)
+    se = _jackknife_se(_var_loo(gram)) if draws.shape[0] >= 3 else math.nan
+    return var, se
 
 
 def _z(s: torch.Tensor, s2: torch.Tensor) -> float:
@@ -380,12 +399,13 @@ def _only_layer(model: nn.Module, name: str) -> Iterator[None]:
 class VarianceProfile:
     """``measured[i][j]``: quantization variance that layer ``layers[i]``'s gradient
     quantizers (both paths, all other layers QAT) add to group ``groups[j]``'s gradient
-    (``groups`` ends with ``"total"``); ``pred_data``/``pred_analytic``: the matching
+    (``groups`` ends with ``"total"``), ``measured_se`` its standard error; ``pred_data``/``pred_analytic``: the matching
     bounds from :mod:`lowbit.analysis.bounds` where spectra were given (else empty)."""
 
     layers: list[str]
     groups: list[str]
     measured: list[list[float]]
+    measured_se: list[list[float]]  # jackknife over draws (NaN when repeats < 3)
     batches: int
     repeats: int
     pred_data: list[list[float]] = field(default_factory=list)
@@ -411,7 +431,7 @@ def variance_profile(
     For each converted layer ``l`` in turn, only ``l`` quantizes gradients (its ∇X and ∇W
     paths as configured) and every other layer runs QAT; the quantization variance of
     each group is the unbiased sample variance over ``repeats ≥ 2`` draws per batch,
-    averaged over ``batches``. By Theorem 2 the contributions add up: each column's sum
+    averaged over ``batches`` (standard error by a jackknife over draws: ``repeats ≥ 3``). By Theorem 2 the contributions add up: each column's sum
     over layers estimates the all-layers quantization variance. Cost: ``L·B·R`` backward
     passes. ``config`` as in :func:`gradient_variance`. With ``spectra`` (one per batch,
     for all batches), the predicted pair bounds from the QAT ``∇Y`` come along.
@@ -432,6 +452,7 @@ def variance_profile(
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
         names = list(layers)
         meas = torch.zeros(len(names), len(slices), dtype=torch.float64)
+        meas_se2 = torch.zeros_like(meas)
         pd = torch.zeros_like(meas)
         pa = torch.zeros_like(meas)
         bar = _progress(len(batches) * (1 + len(names) * repeats), "variance profile", progress)
@@ -448,21 +469,19 @@ def variance_profile(
                     for j, p in enumerate(slices):  # the groups, then "total"
                         pd[i, j] += dd[name][p] / len(batches)
                         pa[i, j] += da[name][p] / len(batches)
-                dsum = torch.zeros(flat.numel, dtype=torch.float64)
-                dsq = torch.zeros(len(slices), dtype=torch.float64)
+                draws = torch.empty(repeats, flat.numel, dtype=torch.float64)
                 with _only_layer(m, name):
-                    for _ in range(repeats):
-                        d = (flat.grads(m, loss_fn, batch) - q).double()
-                        dsum += d
-                        for j, sl in enumerate(slices.values()):
-                            dsq[j] += d[sl].pow(2).sum()
+                    for r in range(repeats):
+                        draws[r] = (flat.grads(m, loss_fn, batch) - q).double()
                         bar.update(1)
                 for j, sl in enumerate(slices.values()):
-                    v = (dsq[j] - dsum[sl].pow(2).sum() / repeats) / (repeats - 1)
+                    v, se = _within(draws[:, sl])
                     meas[i, j] += v / len(batches)
+                    meas_se2[i, j] += se**2 / len(batches) ** 2
         bar.close()
     return VarianceProfile(
-        layers=names, groups=list(slices), measured=meas.tolist(), batches=len(batches),
+        layers=names, groups=list(slices), measured=meas.tolist(),
+        measured_se=meas_se2.sqrt().tolist(), batches=len(batches),
         repeats=repeats, pred_data=pd.tolist() if spectra is not None else [],
         pred_analytic=pa.tolist() if spectra is not None else [],
     )
@@ -473,6 +492,7 @@ __all__ = [
     "VarianceProfile",
     "VarianceReport",
     "gradient_variance",
+    "qat_of",
     "quantization_variance",
     "variance_profile",
     "with_config",

@@ -5,7 +5,7 @@ A checkpoint is a plain dict (loaded with ``weights_only=True``)::
     model, optimizer, scheduler     state_dicts
     epoch, step                     epochs completed, optimizer steps taken
     train_config, fqt_config        the run's TrainConfig and resolved FQTConfig, as dicts
-    history                         per-epoch metric rows so far
+    history, bad_in_a_row           per-epoch metric rows so far; current run of bad steps
     rng                             torch_global, data (generator) and sr (lowbit.rng_state)
 
 Saving writes a temporary file in the run folder, fsyncs it, renames the old ``last.pt``
@@ -29,9 +29,10 @@ from torch import nn
 import lowbit
 
 LAST, PREV = "last.pt", "prev.pt"
-REQUIRED_KEYS = frozenset(
-    {"model", "optimizer", "scheduler", "epoch", "step", "train_config", "fqt_config", "rng"}
-)
+REQUIRED_KEYS = frozenset({
+    "model", "optimizer", "scheduler", "epoch", "step", "train_config", "fqt_config", "history",
+    "bad_in_a_row", "rng",
+})  # fmt: skip
 
 
 class CheckpointError(RuntimeError):

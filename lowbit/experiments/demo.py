@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", default="0", help="seed of the weights, data order and SR noise (default 0)")
     add("--out", help="keep the run folders here (default: a temporary folder)")
     add("--threads", default="1", help="CPU threads for torch (default 1: the models are tiny)")
+    add("--recipes", default=",".join(RECIPES), help="comma list of recipes (default: all eight)")
     add("--progress", action="store_true", help="show a progress bar per run")
 
 
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     configs = [
         make_config({"task": "digits", "model": args.model, "recipe": r, "epochs": epochs,
                      "seed": seed})
-        for r in RECIPES
+        for r in dict.fromkeys(r.strip() for r in args.recipes.split(",") if r.strip())
     ]  # fmt: skip
+    if not configs:
+        raise ValueError(f"--recipes must name at least one recipe, got {args.recipes!r}")
     set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         root = Path(check_out_dir("--out", args.out) if args.out else tmp)

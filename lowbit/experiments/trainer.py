@@ -258,6 +258,41 @@ def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
+def _load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: start fresh), checked against ``cfg``."""
+    loaded = ckpt.load_checkpoint(run_dir)
+    if loaded is None:
+        _log(f"no checkpoint in {run_dir}; starting fresh")
+        return None
+    state, path = loaded
+    saved = state["train_config"]
+    diff = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"cannot resume {path}: it was made with a different "
+            + ", ".join(f"{k} ({saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff)
+        )
+    if state["epoch"] > cfg.epochs:
+        raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "
+                         f"epochs={cfg.epochs}")  # fmt: skip
+    _log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
+    return state
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
+    config = {
+        "run": cfg.run_name(),
+        "train": cfg.to_dict(),
+        "fqt": fqt.to_dict(),
+        "recipe": lowbit.describe(fqt),
+        "steps_per_epoch": steps_per_epoch,
+        "threads": torch.get_num_threads(),
+        "lowbit": lowbit.__version__,
+        "torch": torch.__version__,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -293,55 +328,24 @@ def train(
     warmup = total_steps // 20 if cfg.optimizer == "adamw" else 0
     scheduler = cosine_schedule(optimizer, total_steps, warmup)
     data_gen = torch.Generator()
-    start_epoch, step, bad_in_a_row, history = 0, 0, 0, []
 
-    loaded = ckpt.load_checkpoint(run_dir) if resume else None
-    if resume and loaded is None:
-        _log(f"no checkpoint in {run_dir}; starting fresh")
     if not resume and (run_dir / ckpt.LAST).exists():
         raise ValueError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue "
-            "it or choose another --out"
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
+            "another --out"
         )
-    if loaded is not None:
-        state, path = loaded
-        saved = state["train_config"]
-        diff = [
-            k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
-        ]
-        if diff:
-            raise ValueError(
-                f"cannot resume {path}: it was made with a different "
-                + ", ".join(f"{k} ({saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff)
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(model, data_gen, state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        if start_epoch > cfg.epochs:
-            raise ValueError(
-                f"cannot resume {path}: it has {start_epoch} epochs done, more than epochs={cfg.epochs}"
-            )
-        bad_in_a_row, history = state.get("bad_in_a_row", 0), list(state.get("history", []))
-        _log(f"resumed {path} at epoch {start_epoch}, step {step}")
+    start_epoch, step, bad_in_a_row, history = 0, 0, 0, []
+    if resume:
+        state = _load_resumable(run_dir, cfg)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            ckpt.restore_rng(model, data_gen, state["rng"])
+            start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+            bad_in_a_row = state["bad_in_a_row"]
 
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "run": cfg.run_name(),
-                "train": cfg.to_dict(),
-                "fqt": fqt.to_dict(),
-                "recipe": lowbit.describe(fqt),
-                "steps_per_epoch": steps_per_epoch,
-                "threads": torch.get_num_threads(),
-                "lowbit": lowbit.__version__,
-                "torch": torch.__version__,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    _write_config(run_dir, cfg, fqt, steps_per_epoch)
     write_metrics(run_dir, history)
     write_status(run_dir, "running")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -390,10 +394,11 @@ def train(
                 )
                 if bad_in_a_row >= cfg.max_bad_steps:
                     bar.close()
+                    last = run_dir / ckpt.LAST
                     msg = (
                         f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
                         f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
-                        f"checkpoint: {run_dir / ckpt.LAST}"
+                        f"checkpoint: {last if last.exists() else 'none'}"
                     )
                     write_status(run_dir, "diverged", msg)
                     raise TrainingDiverged(msg)

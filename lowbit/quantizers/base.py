@@ -57,6 +57,14 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return _row_absmax(x)
 
 
+def sr_seed(generator: torch.Generator | None, rounding: Rounding, device: torch.device) -> torch.Tensor:
+    """The seed of one quantization call: drawn from ``generator`` for stochastic
+    rounding, a constant 0 for round-to-nearest (which uses no noise)."""
+    if rounding is Rounding.STOCHASTIC:
+        return draw_seed(generator, device)
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
 def quantize_rows(
     y: torch.Tensor,
     fmt: IntFormat,
@@ -66,9 +74,9 @@ def quantize_rows(
     backend: Backend = Backend.AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and steps of a 2-D ``y``, one scale per row or per tensor."""
-    stochastic = rounding is Rounding.STOCHASTIC
-    seed = draw_seed(generator, y.device) if stochastic else torch.zeros((), dtype=torch.int64, device=y.device)
-    return quantize_codes(y, fmt.qmax, granularity is Granularity.ROW, stochastic, seed, backend)
+    seed = sr_seed(generator, rounding, y.device)
+    return quantize_codes(y, fmt.qmax, granularity is Granularity.ROW,
+                          rounding is Rounding.STOCHASTIC, seed, backend)
 
 
 class RowTransform(abc.ABC):
@@ -81,8 +89,17 @@ class RowTransform(abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``T⁻¹ y`` cropped to the original ``n_rows`` rows."""
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``T⁻¹ y`` cropped to the original ``n_rows`` rows, as ``out_dtype``."""
+
+    def forward_quantize(
+        self, x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
+        seed: torch.Tensor, backend: Backend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and steps of ``T x``. Transforms with a fused kernel override this."""
+        with record_function("lowbit::transform"):
+            y = self.forward(x)
+        return quantize_codes(y, qmax, per_row, stochastic, seed, backend)
 
     @abc.abstractmethod
     def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
@@ -97,8 +114,8 @@ class Identity(RowTransform):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return y.to(out_dtype)
 
     def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
         return v
@@ -120,12 +137,13 @@ class QuantizedRows:
     def dequantize(self) -> torch.Tensor:
         return self.inverse(self.codes.float() * self.step)
 
-    def inverse(self, out: torch.Tensor) -> torch.Tensor:
-        """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand)."""
+    def inverse(self, out: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand),
+        returned as ``out_dtype``."""
         if isinstance(self.transform, Identity):
-            return out
+            return out.to(out_dtype)
         with record_function("lowbit::transform"):
-            return self.transform.inverse(out)
+            return self.transform.inverse(out, out_dtype)
 
 
 class GradQuantizer(abc.ABC):
@@ -150,8 +168,9 @@ class GradQuantizer(abc.ABC):
         with record_function("lowbit::transform"):
             t = self.transform(a, generator)
             t.use_compiled = backend is not Backend.REFERENCE
-            y = t.forward(a)
-        codes, step = quantize_rows(y, fmt, self.granularity, rounding, generator, backend)
+        seed = sr_seed(generator, rounding, a.device)
+        codes, step = t.forward_quantize(a, fmt.qmax, self.granularity is Granularity.ROW,
+                                         rounding is Rounding.STOCHASTIC, seed, backend)
         return QuantizedRows(codes, step, t)
 
     # -- analytic variance ------------------------------------------------------------

@@ -21,11 +21,10 @@ never as a dense N×N matrix; ``T⁻¹ = S⁻¹·H``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+from torch.profiler import record_function
 
-from ..kernels import compiled
+from ..kernels import Backend, compiled, reference
 from .base import GradQuantizer, Granularity, RowTransform, row_absmax
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -44,31 +43,43 @@ def _householder_absmax(g: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(1.0 / r, (1.0 - c).abs()), c)
 
 
-def _reflect(x: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """``H x`` for every group at once: ``x − 2 v (vᵀ x)`` with a scatter-add. O(N·D)."""
-    vx = v[:, None] * x  # (N, D)
-    dots = x.new_zeros(n_groups, x.shape[1]).index_add_(0, group, vx)  # (G, D)
-    return x - 2 * v[:, None] * dots[group]
+def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.float() * w[:, None]
+
+
+def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int,
+                fast: bool) -> torch.Tensor:
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D): one weighting pass and a scatter-add."""
+    wx = compiled.run("bhq_weighted", _weighted, x, w) if fast else _weighted(x, w)  # (N, D)
+    return wx.new_zeros(n_groups, x.shape[1]).index_add_(0, group, wx)
 
 
 def _apply_forward(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                    group: torch.Tensor) -> torch.Tensor:
-    """``S x − 2 v · dots[group]`` with ``dots = Vᵀ(S x)`` per group (fused pass)."""
+    """``T x = H S x = S x − 2 v · dots[group]`` with ``dots = Σ_group v s x``."""
     return x.float() * scale[:, None] - 2 * v[:, None] * dots[group]
 
 
 def _apply_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                   group: torch.Tensor) -> torch.Tensor:
-    """``S⁻¹ (y − 2 v · dots[group])`` with ``dots = Vᵀ y`` per group (fused pass)."""
-    return (y.float() - 2 * v[:, None] * dots[group]) / scale[:, None]
+                   group: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``T⁻¹ y = S⁻¹ H y = S⁻¹ (y − 2 v · dots[group])`` with ``dots = Σ_group v y``."""
+    return ((y.float() - 2 * v[:, None] * dots[group]) / scale[:, None]).to(out_dtype)
+
+
+def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                      group: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
+                      seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transform and quantize in one kernel (``T x`` is never written to memory)."""
+    y = _apply_forward(x, dots, scale, v, group)
+    return reference.quantize_codes(y, qmax, per_row, stochastic, seed)
 
 
 class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids.
 
-    ``T = H·S``, ``T⁻¹ = S⁻¹·H``. Reference kernels: scatter-add per group. Fast path:
-    the per-group dot products ``Σ_r v_r x_r`` as one sparse (G × N, N non-zeros) ×
-    dense product, then one fused pass; both O(N·D).
+    ``T = H·S``, ``T⁻¹ = S⁻¹·H``; each group's ``vᵀx`` is a scatter-add of the weighted
+    rows, then one pass applies the rank-1 update: O(N·D). The fast path fuses those
+    passes (and the quantizer) with ``torch.compile``; the arithmetic is the same.
     """
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int):
@@ -81,26 +92,28 @@ class BlockHouseholder(RowTransform):
     def _fast(self, x: torch.Tensor) -> bool:
         return self.use_compiled and compiled.use_for(x)
 
-    def _group_dots(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``dots[g] = Σ_{r∈g} weights_r x_r`` as a CSR (G × N) @ (N × D) product."""
-        n = self.n_rows
-        idx = torch.stack([self.group, torch.arange(n, device=x.device)])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            mat = torch.sparse_coo_tensor(idx, weights, (self.n_groups, n)).coalesce().to_sparse_csr()
-            return torch.sparse.mm(mat, x.float())  # (G, D)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast(x):
-            return _reflect(x.float() * self.scale[:, None], self.v, self.group, self.n_groups)
-        dots = self._group_dots(x, self.v * self.scale)
-        return compiled.run("bhq_forward", _apply_forward, x, dots, self.scale, self.v, self.group)
+        dots = _group_sums(x, self.v * self.scale, self.group, self.n_groups, self._fast(x))
+        args = (x, dots, self.scale, self.v, self.group)
+        return compiled.run("bhq_forward", _apply_forward, *args) if self._fast(x) else _apply_forward(*args)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if not self._fast(y):
-            return _reflect(y.float(), self.v, self.group, self.n_groups) / self.scale[:, None]
-        dots = self._group_dots(y, self.v)
-        return compiled.run("bhq_inverse", _apply_inverse, y, dots, self.scale, self.v, self.group)
+    def forward_quantize(
+        self, x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
+        seed: torch.Tensor, backend: Backend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._fast(x):
+            return super().forward_quantize(x, qmax, per_row, stochastic, seed, backend)
+        with record_function("lowbit::transform"):
+            dots = _group_sums(x, self.v * self.scale, self.group, self.n_groups, True)
+        with record_function("lowbit::quantize"):
+            return compiled.run("bhq_forward_quantize", _forward_quantize, x, dots, self.scale,
+                                self.v, self.group, qmax, per_row, stochastic, seed)
+
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        fast = self._fast(y)
+        dots = _group_sums(y, self.v, self.group, self.n_groups, fast)
+        args = (y, dots, self.scale, self.v, self.group, out_dtype)
+        return compiled.run("bhq_inverse", _apply_inverse, *args) if fast else _apply_inverse(*args)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².

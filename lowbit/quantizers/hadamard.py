@@ -63,8 +63,8 @@ class BlockHadamard(RowTransform):
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         return self._apply_h(x * self.signs[:, None])
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (self._apply_h(y) * self.signs[:, None])[: self.n_rows]
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self._apply_h(y) * self.signs[:, None])[: self.n_rows].to(out_dtype)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.

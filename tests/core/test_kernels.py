@@ -67,3 +67,11 @@ def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
     # different summation order (sparse product vs scatter-add): float32 rounding only
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6 * float(y_ref.abs().max()))
     torch.testing.assert_close(t.inverse(y_fast), x, rtol=1e-4, atol=1e-6 * float(x.abs().max()))
+    # the fused transform + quantize kernel gives the reference's codes
+    from lowbit.kernels import Backend
+
+    seed = torch.tensor(42)
+    fast = t.forward_quantize(x, 7, True, True, seed, Backend.AUTO)
+    t.use_compiled = False
+    ref = t.forward_quantize(x, 7, True, True, seed, Backend.REFERENCE)
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
