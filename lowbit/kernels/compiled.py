@@ -61,10 +61,26 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     return _call(name, fn, *args)
 
 
+# Each kernel is specialised on its flags (bits, per-row, rounding), dtype and layout:
+# a model meets a dozen variants, more than dynamo's default of 8 recompiles per function,
+# after which it would silently run eager. Raise the limits (never lower them).
+_LIMITS = {"recompile_limit": 64, "cache_size_limit": 64, "accumulated_recompile_limit": 1024,
+           "accumulated_cache_size_limit": 1024}
+
+
+def _raise_recompile_limits() -> None:
+    import torch._dynamo.config as cfg
+
+    for key, value in _LIMITS.items():
+        if hasattr(cfg, key) and getattr(cfg, key) < value:
+            setattr(cfg, key, value)
+
+
 def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     global _enabled
     f = _compiled.get(name)
     if f is None:
+        _raise_recompile_limits()
         f = _compiled[name] = torch.compile(fn, dynamic=True)
     try:
         return f(*args)

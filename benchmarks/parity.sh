@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Integer path vs reference path: same recipe, same seeds, final validation loss.
+# Small text transformer (2 layers, width 128, 16×64 tokens per step), 3 epochs × 200
+# steps, 1 thread each. Writes results/parity/<backend>-s<seed>/ (metrics only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for seed in 0 1 2; do
+  for backend in auto reference; do
+    out=results/parity/$backend-s$seed
+    [ -f "$out/metrics.json" ] && grep -q '"epoch": 3' "$out/metrics.json" && continue
+    python -m lowbit.cli train --task text --model gpt --recipe fqt-psq-8 --backend $backend \
+      --epochs 3 --steps-per-epoch 200 --batch-size 16 --model-arg n_layer=2 \
+      --model-arg n_embd=128 --model-arg block_size=64 --seed $seed --out $out \
+      --threads 1 --no-progress
+  done
+done
