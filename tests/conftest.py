@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small tensors: one thread avoids OpenMP overhead and oversubscription
 
 
 def available_devices() -> list[str]:

@@ -8,7 +8,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ TOTAL = "total"  # all parameters together
 
 
 @contextlib.contextmanager
-def with_config(model: nn.Module, config_fn: Callable[[FQTConfig], FQTConfig]) -> Iterator[nn.Module]:
+def with_config(model: nn.Module,
+                config_fn: Callable[[FQTConfig], FQTConfig]) -> Iterator[nn.Module]:
     """Temporarily give every converted layer ``config_fn(layer.config)``."""
     layers = fqt_layers(model)
     saved = {n: m.config for n, m in layers.items()}
@@ -72,7 +73,8 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
     if config is None:
         layers = fqt_layers(model)
         if not layers:
-            raise ValueError("model has no converted layers: pass config= or lowbit.convert it first")
+            raise ValueError("model has no converted layers: pass config= or "
+                             "lowbit.convert it first")
         if not any(m.config.is_fqt for m in layers.values()):
             raise ValueError("no converted layer quantizes gradients (QAT or fp recipe): "
                              "pass an fqt-* config")
@@ -139,7 +141,6 @@ class LayerRecord:
     x_needs_grad: bool = False  # is ∇X computed (and so quantized) at all
     y: torch.Tensor | None = None  # output, attached to the graph, when outputs are kept
     gy: torch.Tensor | None = None  # ∇Y (detached), once the backward reached the layer
-    extra: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -216,3 +217,19 @@ def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·L, Ck²)
     x2d = x.reshape(-1, x.shape[-1])
     return x2d.float() if spec is None else quantize_forward(x2d, spec).dequantize()
+
+
+# -- progress -----------------------------------------------------------------------------
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> object:
+    """A tqdm bar (stderr) when ``enabled``, else a silent stand-in with the same calls."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import IntFormat
+from ..nn import fqt_layers
 from ..quantizers import GradQuantizer, absmax, get_quantizer
 from ._model import (
     FQTLayer,
@@ -62,6 +63,7 @@ from ._model import (
     grad_input_operand,
     grad_weight_operand,
     parameter_groups,
+    progress_bar,
     qat_of,
     weight_gemm_input,
     with_config,
@@ -204,10 +206,11 @@ def jacobian_spectrum(
     gen = torch.Generator().manual_seed(seed)
     out = JacobianSpectrum(mode=mode)
     with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \
-            _double_differentiable_attention(), capture(m, inputs=True, outputs=True, grads=False) as rec:
+            _double_differentiable_attention(), \
+            capture(m, inputs=True, outputs=True, grads=False) as rec:
         groups = parameter_groups(m)
         params = dict(m.named_parameters())
-        layers = _layers(m)
+        layers = fqt_layers(m)
         m.zero_grad(set_to_none=True)
         loss_fn(m, batch)  # forward only: the graph up to every Y_l is kept via rec[l].y
         layers = {n: layer for n, layer in layers.items() if rec[n].calls}
@@ -221,8 +224,9 @@ def jacobian_spectrum(
             if r.x_needs_grad and r.y is not None and r.y.requires_grad:
                 todo.append((name, [(g, ns) for g, ns in groups.items() if g != name]))
         if mode == "pairs":
-            todo = [(name, [gp]) for name, gps in todo for gp in _upstream(rec[name].y, gps, params, gen)]
-        bar = _progress(len(todo), "jacobian spectra", progress)
+            todo = [(name, [gp]) for name, gps in todo
+                    for gp in _upstream(rec[name].y, gps, params, gen)]
+        bar = progress_bar(len(todo), "jacobian spectra", progress)
         for name, gps in todo:
             ps = [params[n] for _, ns in gps for n in ns]
             lam, change, k, used = _power_iteration(rec[name].y, ps, iters, tol, gen)
@@ -277,7 +281,8 @@ class LayerNoise:
         if self.draws == 0:  # (0 · NaN would poison the mean)
             self.__dict__.update(other.__dict__)
             return
-        for f in ("gi_expected", "gi_bound", "gw_expected", "gw_bound", "gw_exact", "gw_propagated"):
+        for f in ("gi_expected", "gi_bound", "gw_expected", "gw_bound", "gw_exact",
+                  "gw_propagated"):
             a, b = getattr(self, f), getattr(other, f)
             setattr(self, f, (a * self.draws + b * other.draws) / n if n else 0.0)
         self.draws = n
@@ -339,24 +344,6 @@ def column_sums(pairs: dict[str, dict[str, float]], groups: list[str]) -> dict[s
 
 
 # -- helpers ----------------------------------------------------------------------------
-def _layers(model: nn.Module) -> dict[str, FQTLayer]:
-    from ..nn import fqt_layers
-    return fqt_layers(model)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _progress(total: int, desc: str, enabled: bool) -> object:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
-
-
 __all__ = [
     "SPECTRUM_MODES",
     "JacobianSpectrum",

@@ -63,7 +63,15 @@ from ..config import FQTConfig, GradSpec
 from ..formats import MAX_BITS, MIN_BITS
 from ..nn import convert, fqt_layers
 from ..quantizers import QUANTIZERS
-from ._model import LossFn, capture, frozen_buffers, grad_input_operand, qat_of, with_config
+from ._model import (
+    LossFn,
+    capture,
+    frozen_buffers,
+    grad_input_operand,
+    progress_bar,
+    qat_of,
+    with_config,
+)
 from .bins import BinHistogram, bin_utilization, plot_bin_utilization
 from .bounds import SPECTRUM_MODES, JacobianSpectrum, jacobian_spectrum
 from .plots import plot_bounds, plot_profile
@@ -91,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bits", default="4,8", help=f"comma-separated ∇X-path bit widths in {MIN_BITS}..{MAX_BITS}")
     a("--out", required=True, help="output folder (created)")
     a("--batches", type=int, default=12, help="minibatches for the decomposition (≥ 3)")
-    a("--batch-size", type=int, default=None, help="minibatch size (default: 32 images, 16 windows)")
+    a("--batch-size", type=int, default=None,
+      help="minibatch size (default: 32 images, 16 windows)")
     a("--repeats", type=int, default=4, help="FQT draws per minibatch (≥ 2)")
     a("--seed", type=int, default=0)
     a("--subset", type=int, default=None,
@@ -205,7 +214,8 @@ def validate(args: argparse.Namespace) -> Options:
         train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,
         bound_batches=bound, spectrum=args.spectrum,
         power_iters=_at_least("power-iters", args.power_iters, 1), profile=profile,
-        profile_batches=pbatches, profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
+        profile_batches=pbatches,
+        profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
         bin_layer=args.bin_layer,
         threads=None if args.threads is None else _at_least("threads", args.threads, 1),
         progress=not args.quiet,
@@ -291,7 +301,7 @@ def _warmup(model: nn.Module, data: _Data, opts: Options, gen: torch.Generator) 
     else:
         opt = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=5e-4)
     losses = []
-    bar = _tqdm(opts.train_steps, "QAT warm-up", opts.progress)
+    bar = progress_bar(opts.train_steps, "QAT warm-up", opts.progress)
     for batch in data.train(opts.train_steps, gen):
         opt.zero_grad(set_to_none=True)
         loss = data.loss(model, batch)
@@ -306,13 +316,9 @@ def _warmup(model: nn.Module, data: _Data, opts: Options, gen: torch.Generator) 
             "loss_last": sum(losses[-k:]) / k}
 
 
-def _tqdm(total: int, desc: str, enabled: bool):
-    from .bounds import _progress
-    return _progress(total, desc, enabled)
-
-
 # -- the study ----------------------------------------------------------------------------
-def _bin_study(model: nn.Module, data: _Data, batch: object, opts: Options) -> tuple[dict, list[Path]]:
+def _bin_study(model: nn.Module, data: _Data, batch: object,
+               opts: Options) -> tuple[dict, list[Path]]:
     """Capture the clean (QAT) ∇Y of one layer and map it on every quantizer's grid."""
     layers = fqt_layers(model)
     with frozen_buffers(model), with_config(model, qat_of), capture(model) as rec:
@@ -410,8 +416,7 @@ def run(args: argparse.Namespace) -> int:
 
     groups = list(next(iter(reports))[1].groups) if reports else []
     result = {
-        "command": "lowbit variance " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["variance"]
-                                                  else sys.argv[1:]),
+        "command": _command(opts),
         "machine": _machine(), "args": {k: str(v) if isinstance(v, Path) else v
                                          for k, v in asdict(opts).items()},
         "task": opts.task, "model": model_name, "data": data.source, "warmup": warm,
@@ -427,6 +432,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(opts: Options) -> str:
+    """The command line as typed (``lowbit variance …``), or rebuilt from the options when
+    ``run`` was called from Python."""
+    argv = sys.argv
+    if "variance" in argv:
+        return "lowbit " + " ".join(argv[argv.index("variance"):])
+    parts = ["lowbit variance", f"--task {opts.task}", f"--quantizers {','.join(opts.quantizers)}",
+             f"--bits {','.join(map(str, opts.bits))}", f"--out {opts.out}",
+             f"--batches {opts.batches}", f"--batch-size {opts.batch_size}",
+             f"--repeats {opts.repeats}", f"--seed {opts.seed}",
+             f"--train-steps {opts.train_steps}",
+             f"--spectrum {opts.spectrum}", f"--power-iters {opts.power_iters}"]
+    if opts.model:
+        parts.insert(2, f"--model {opts.model}")
+    return " ".join(parts)
+
+
 def _jsonable(x: object) -> object:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
@@ -436,7 +458,8 @@ def _jsonable(x: object) -> object:
 
 
 def _machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
@@ -455,6 +478,13 @@ def _write_csv(path: Path, runs: list[dict]) -> None:
 
 def _e(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def _tight(g: GroupVariance) -> str:
+    t = g.tightness_data
+    if t > 1 and g.quant_bound_batches > 0 and math.isfinite(g.quant_bound_batches_se):
+        return f"{t:.3g} ± {t * g.quant_bound_batches_se / g.quant_bound_batches:.2g}"
+    return _e(t)
 
 
 def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
@@ -476,9 +506,9 @@ def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
         q, b = label.split("-")
         g = rep.groups["total"]
         ratio = _e(ptq[int(b)] / g.quant) if int(b) in ptq and g.quant > 0 else "–"
-        holds = "–" if not rep.bound_batches else (
-            f"{'yes' if not rep.bound_violations('data') else 'NO ' + ','.join(rep.bound_violations('data'))}"
-            f" / {'yes' if not rep.bound_violations('analytic') else 'NO'}")
+        holds = "–" if not rep.bound_batches else " / ".join(
+            "NO " + ",".join(v) if (v := rep.bound_violations(k)) else "yes"
+            for k in ("data", "analytic"))
         lines.append(f"| {q} | {b} | {_e(g.sgd)} | {_e(g.quant)} | {ratio} | {_e(g.total)} | "
                      f"{g.rel_gap:+.3f} ± {g.gap_se / g.total if g.total else 0:.3f} | "
                      f"{rep.max_abs_z:.2f} | {holds} | {_e(g.tightness_data)} / "
@@ -488,12 +518,22 @@ def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
                   "| group | " + " | ".join(label for label, _ in reports) + " |",
                   "|---|" + "---|" * len(reports)]
         for gname in reports[0][1].groups:
-            lines.append(f"| {gname} | " + " | ".join(_e(r.groups[gname].tightness_data)
+            lines.append(f"| {gname} | " + " | ".join(_tight(r.groups[gname])
                                                      for _, r in reports) + " |")
+        lines += ["", ("Where a group's only noise is its own ∇W-path noise (the last layer), the "
+                  "prediction is exact, not a bound: the ratio straddles 1 and is shown ± its "
+                  "standard error when above 1. A violation counts only beyond 3 s.e.")]
+        changes = [c for s in reports[0][1].spectra for row in s.rel_change.values()
+                   for c in row.values()]
+        if changes:
+            changes.sort()
+            lines.append(f"Power iteration ({reports[0][1].spectra[0].mode}): last relative "
+                         f"change median {changes[len(changes) // 2]:.3g}, max {changes[-1]:.3g}.")
     if profiles:
         lines += ["", ("## Variance profile: each layer quantized alone, contribution to all "
                        "parameters (measured, and measured / data-dependent bound)"), "",
-                  "| layer | " + " | ".join(f"{label} var | {label} tight." for label, _ in profiles)
+                  "| layer | "
+                  + " | ".join(f"{label} var | {label} tight." for label, _ in profiles)
                   + " |", "|---|" + "---|---|" * len(profiles)]
         p0 = profiles[0][1]
         for i, layer in enumerate(p0.layers):
@@ -504,8 +544,9 @@ def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
                 cells += [_e(meas), _e(meas / pred) if pred > 0 else "–"]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     bins = res["bins"]
-    lines += ["", f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, rows = samples",
-              "", "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
+    lines += ["", (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
+              "rows = samples"), "",
+              "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
     for b, hs in bins["by_bits"].items():
         for q, h in hs.items():
             lines.append(f"| {b} | {q} | {h['effective']:.3f} | {h['occupied']:.3f} |")

@@ -55,7 +55,7 @@ def plot_profile(profile: VarianceProfile, path: str | Path, title: str | None =
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 

@@ -31,13 +31,13 @@ from ._model import (
     configured,
     frozen_buffers,
     parameter_groups,
+    progress_bar,
     qat_of,
     with_config,
 )
 from .bounds import (
     JacobianSpectrum,
     LayerNoise,
-    _progress,
     column_sums,
     jacobian_spectrum,
     layer_noise,
@@ -227,12 +227,13 @@ def gradient_variance(
     the ``∇Y`` captured during every FQT draw and propagated with the Jacobian spectra
     of :func:`~lowbit.analysis.bounds.jacobian_spectrum` (``spectra[i]``, if given, is
     batch ``i``'s — it depends on the forward only, so one serves every quantizer; the
-    rest are computed with ``spectrum_mode``/``power_iters``/``power_tol``). ``pred_*`` are then the bounds
-    (∗) of that module and ``tightness_* = quant_bound_batches / pred_*``: ≤ 1 where the
-    bound holds, up to the measurement's standard error ``quant_bound_batches_se``
-    (delete-one jackknife over the draws of each bound batch; needs ``repeats ≥ 3``) —
-    :meth:`VarianceReport.bound_violations` flags only excesses beyond 3 of them. ``seed`` seeds the random directions and the Hadamard sign draws of the
-    predictions (the layers' own generators draw the FQT noise).
+    rest are computed with ``spectrum_mode``/``power_iters``/``power_tol``). ``pred_*``
+    are then the bounds (∗) of that module and ``tightness_* = quant_bound_batches /
+    pred_*``: ≤ 1 where the bound holds, up to the measurement's standard error
+    ``quant_bound_batches_se`` (delete-one jackknife over the draws of each bound batch;
+    needs ``repeats ≥ 3``) — :meth:`VarianceReport.bound_violations` flags only excesses
+    beyond 3 of them. ``seed`` seeds the random directions and the Hadamard sign draws of
+    the predictions (the layers' own generators draw the FQT noise).
     """
     batches = list(batches)
     n_b, reps = len(batches), int(repeats)
@@ -267,12 +268,13 @@ def gradient_variance(
         pairs_d: list = []
         pairs_a: list = []
 
-        bar = _progress(n_b * (1 + reps), "gradient variance", progress)
+        bar = progress_bar(n_b * (1 + reps), "gradient variance", progress)
         for b, batch in enumerate(batches):
             bounded = b < n_bound
             if bounded and b >= len(spectra):
-                spectra.append(jacobian_spectrum(m, loss_fn, batch, mode=spectrum_mode, iters=power_iters,
-                                                 tol=power_tol, seed=seed + b, progress=progress))
+                spectra.append(jacobian_spectrum(m, loss_fn, batch, mode=spectrum_mode,
+                                                 iters=power_iters, tol=power_tol, seed=seed + b,
+                                                 progress=progress))
             with with_config(m, qat_of):
                 q = flat.grads(m, loss_fn, batch)
             bar.update(1)
@@ -399,8 +401,9 @@ def _only_layer(model: nn.Module, name: str) -> Iterator[None]:
 class VarianceProfile:
     """``measured[i][j]``: quantization variance that layer ``layers[i]``'s gradient
     quantizers (both paths, all other layers QAT) add to group ``groups[j]``'s gradient
-    (``groups`` ends with ``"total"``), ``measured_se`` its standard error; ``pred_data``/``pred_analytic``: the matching
-    bounds from :mod:`lowbit.analysis.bounds` where spectra were given (else empty)."""
+    (``groups`` ends with ``"total"``), ``measured_se`` its standard error;
+    ``pred_data``/``pred_analytic``: the matching bounds from :mod:`lowbit.analysis.bounds`
+    where spectra were given (else empty)."""
 
     layers: list[str]
     groups: list[str]
@@ -431,9 +434,11 @@ def variance_profile(
     For each converted layer ``l`` in turn, only ``l`` quantizes gradients (its ∇X and ∇W
     paths as configured) and every other layer runs QAT; the quantization variance of
     each group is the unbiased sample variance over ``repeats ≥ 2`` draws per batch,
-    averaged over ``batches`` (standard error by a jackknife over draws: ``repeats ≥ 3``). By Theorem 2 the contributions add up: each column's sum
-    over layers estimates the all-layers quantization variance. Cost: ``L·B·R`` backward
-    passes. ``config`` as in :func:`gradient_variance`. With ``spectra`` (one per batch,
+    averaged over ``batches`` (standard error by a jackknife over draws: ``repeats ≥ 3``).
+    By Theorem 2 the contributions add up, but each quantizer sees a clean ``∇Y`` here:
+    where downstream noise widens the ranges upstream quantizers must cover (coarse PTQ),
+    a column's sum falls short of the all-layers quantization variance. Cost: ``L·B·R``
+    backward passes. ``config`` as in :func:`gradient_variance`. With ``spectra`` (one per batch,
     for all batches), the predicted pair bounds from the QAT ``∇Y`` come along.
     """
     batches = list(batches)
@@ -455,7 +460,7 @@ def variance_profile(
         meas_se2 = torch.zeros_like(meas)
         pd = torch.zeros_like(meas)
         pa = torch.zeros_like(meas)
-        bar = _progress(len(batches) * (1 + len(names) * repeats), "variance profile", progress)
+        bar = progress_bar(len(batches) * (1 + len(names) * repeats), "variance profile", progress)
         for b, batch in enumerate(batches):
             with with_config(m, qat_of), capture(m, grads=spectra is not None) as rec:
                 q = flat.grads(m, loss_fn, batch)

@@ -1,0 +1,69 @@
+"""``lowbit variance``: argument checks and a small end-to-end run on digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from lowbit.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: a second thread only spins (and slows a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["variance", *argv])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "cifar"], "--task must be one of digits, fashion-mnist, text"),
+    (["--task", "digits", "--quantizers", "ptq,fp8"], "allowed: ptq, psq, bhq, hadamard"),
+    (["--task", "digits", "--bits", "4,9"], "--bits must be integers in 2..8"),
+    (["--task", "digits", "--model", "gpt"], "must be one of mlp, cnn"),
+    (["--task", "digits", "--batches", "2"], "--batches must be ≥ 3"),
+    (["--task", "digits", "--repeats", "1"], "--repeats must be ≥ 2"),
+    (["--task", "digits", "--spectrum", "full"], "--spectrum must be one of pairs, layer"),
+    (["--task", "digits", "--bound-batches", "20"], "must be ≤ --batches"),
+])
+def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
+    from lowbit.analysis.cli import validate
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(parse(*argv, "--out", str(tmp_path)))
+
+
+def test_cli_error_is_one_line_and_status_2(tmp_path, capsys) -> None:
+    assert main(["variance", "--task", "digits", "--bits", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--bits" in err
+
+
+def test_end_to_end_on_digits(tmp_path) -> None:
+    out = tmp_path / "v"
+    rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "ptq,bhq",
+               "--bits", "4", "--out", str(out), "--batches", "3", "--repeats", "3",
+               "--train-steps", "5", "--profile", "bhq", "--profile-repeats", "2",
+               "--spectrum", "pairs", "--power-iters", "3", "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "variance.json").read_text())
+    assert {"command", "machine", "args", "warmup", "groups", "layers", "spectra", "bins",
+            "runs", "seconds"} <= set(res)
+    assert [(r["quantizer"], r["bits"]) for r in res["runs"]] == [("ptq", 4), ("bhq", 4)]
+    total = res["runs"][0]["report"]["groups"]["total"]
+    keys = {"sgd", "quant", "total", "rel_gap", "gap_se", "max_abs_z", "tightness_data"}
+    assert keys <= set(total)
+    assert res["runs"][1]["profile"]["layers"] == res["layers"]
+    with (out / "variance.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert "total" in res["groups"] and len(rows) == 2 * len(res["groups"])
+    for name in ("bins_4bit.png", "profile_bhq4.png", "bounds.png", "summary.md"):
+        assert (out / name).stat().st_size > 500, name
+    assert "| bhq | 4 |" in (out / "summary.md").read_text()

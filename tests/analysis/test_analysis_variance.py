@@ -1,0 +1,219 @@
+"""The variance estimators on cases with known answers.
+
+A single ``y = x·Wᵀ`` layer with a squared loss has a closed-form QAT gradient
+``∇W = (Q_f(X)Q_f(W)ᵀ − T)ᵀ·Q_f(X)`` per batch, and its FQT gradient differs from it only by
+the ∇W-path rounding noise ``η·U`` (the input needs no gradient, so there is no ∇X path):
+both the minibatch variance and the quantization variance are known exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import FQTConfig, FQTLinear, GradSpec, IntFormat, Rounding
+from lowbit.analysis import gradient_variance, quantization_variance, variance_profile, with_config
+from lowbit.analysis.bounds import weighted_expected_variance
+from lowbit.analysis.variance import qat_of
+from lowbit.functional import quantize_forward
+
+QUANT = ["ptq", "psq", "bhq", "hadamard"]
+N, D_IN, D_OUT = 24, 6, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: a second thread only spins (and slows a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sq_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, t = batch
+    return 0.5 * (model(x) - t).pow(2).sum()
+
+
+def linear_batches(n_batches: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        scale = torch.exp(2 * torch.randn(N, 1, generator=g))  # unequal rows: PTQ ≠ PSQ
+        out.append((torch.randn(N, D_IN, generator=g) * scale, torch.randn(N, D_OUT, generator=g)))
+    return out
+
+
+def linear_layer(q: str, bits: int = 4) -> FQTLinear:
+    torch.manual_seed(0)
+    cfg = FQTConfig(grad_input=GradSpec(bits, q), grad_weight=GradSpec(bits, q), seed=1)
+    return FQTLinear.from_float(nn.Linear(D_IN, D_OUT, bias=False), cfg, seed=1)
+
+
+def closed_form(layer: FQTLinear, batch: tuple[torch.Tensor, torch.Tensor]):
+    """QAT gradient of the squared loss, ∇Yᵀ and the squared row norms of U = Q_f(X)."""
+    x, t = batch
+    qx = quantize_forward(x, layer.config.activation).dequantize()
+    qw = quantize_forward(layer.weight.detach(), layer.config.weight).dequantize()
+    gy = qx @ qw.t() - t  # (N, out)
+    return gy.t() @ qx, gy.t(), qx.pow(2).sum(1)
+
+
+@pytest.mark.parametrize("q", QUANT)
+def test_single_linear_layer_known_answers(q: str) -> None:
+    layer = linear_layer(q)
+    batches = linear_batches(4)
+    rep = gradient_variance(layer, sq_loss, batches, repeats=24, bound_batches=len(batches))
+    g = rep.groups[""]  # the layer is the model: its name is ""
+    assert set(rep.groups) == {"", "total"}
+
+    # SGD variance: the sample variance of the closed-form QAT gradients, exactly.
+    qat = torch.stack([closed_form(layer, b)[0].flatten() for b in batches]).double()
+    sgd = float((qat - qat.mean(0)).pow(2).sum() / (len(batches) - 1))
+    assert g.sgd == pytest.approx(sgd, rel=1e-4)
+
+    # Quantization variance: E‖η·U‖², computed exactly per batch (Hadamard: averaged over
+    # its random signs). 5σ with σ the jackknife s.e. over batches: a false alarm at 5σ has
+    # probability < 1e-6; 24 draws per batch make σ a few % of the value.
+    fmt = IntFormat(4)
+    exact = []
+    for b in batches:
+        _, a, w = closed_form(layer, b)
+        draws = 8 if q == "hadamard" else 1
+        gen = torch.Generator().manual_seed(7)
+        exact.append(sum(float(weighted_expected_variance(q, a, fmt, w, gen))
+                         for _ in range(draws)) / draws)
+    exact_mean = sum(exact) / len(exact)
+    assert abs(g.quant - exact_mean) < 5 * g.quant_se, (g.quant, exact_mean, g.quant_se)
+    # The predicted ∇W term is that same exact value: tightness 1 within its s.e.
+    assert abs(g.quant_bound_batches - g.pred_data) < 5 * g.quant_bound_batches_se
+    assert g.pred_analytic >= g.pred_data
+    assert not rep.bound_violations("data") and not rep.bound_violations("analytic")
+    # One layer, no ∇X: total = sgd + quant, no bias.
+    assert abs(g.gap) < 5 * g.gap_se
+    assert rep.max_abs_z < 5
+
+
+def test_weighted_variance_matches_monte_carlo() -> None:
+    """E‖(Q(A)−A)·U‖² by formula against the mean of S direct draws, within 5σ (the draws
+    are i.i.d.: σ = sample s.d./√S; P(false alarm) < 1e-6). PSQ rows are quantized
+    independently, so S stacked copies of A give S draws in one call."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 30, generator=g) * torch.exp(torch.randn(8, 1, generator=g))
+    u = torch.randn(30, 5, generator=g)
+    fmt = IntFormat(3)
+    for q, draws in (("psq", 4000), ("bhq", 300)):
+        quant = lowbit.get_quantizer(q)
+        pred = float(weighted_expected_variance(q, a, fmt, u.pow(2).sum(1)))
+        if q == "psq":  # 100 copies a call: small enough for the eager kernels
+            big = a.repeat(100, 1)
+            vals = torch.cat([((quant.quantize(big, fmt, g).dequantize() - big) @ u)
+                              .reshape(100, 8, 5).pow(2).sum((1, 2)) for _ in range(draws // 100)])
+        else:
+            vals = torch.tensor([float(((quant.quantize(a, fmt, g).dequantize() - a) @ u)
+                                       .pow(2).sum()) for _ in range(draws)])
+        assert abs(vals.mean() - pred) < 5 * vals.std() / math.sqrt(draws), q
+
+
+@pytest.mark.parametrize("q", QUANT)
+def test_weighted_variance_with_unit_weights_is_expected_variance(q: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(20, 12, generator=g) * torch.exp(2 * torch.randn(20, 1, generator=g))
+    fmt = IntFormat(4)
+    ours = weighted_expected_variance(q, a, fmt, torch.ones(12), torch.Generator().manual_seed(5))
+    core = lowbit.get_quantizer(q).expected_variance(a, fmt, torch.Generator().manual_seed(5))
+    assert float(ours) == pytest.approx(float(core), rel=1e-5)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def mlp_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 10, generator=g) * torch.exp(torch.randn(16, 1, generator=g)),
+             torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def test_decomposition_bias_and_bound_on_mlp() -> None:
+    """Total ≈ SGD + quant (10%, and within 5 s.e.), no bias (max |z| < 5: N(0,1) under H0,
+    P(|z| > 5) < 1e-6 per statistic), and the Theorem 2 bound holds for every group."""
+    model = mlp()
+    # 2-bit per-tensor gradients: a quantization term comparable to the SGD one
+    cfg = FQTConfig(grad_input=GradSpec(2, "ptq"), grad_weight=GradSpec(2, "ptq"), seed=0)
+    rep = gradient_variance(model, ce_loss, mlp_batches(24), cfg, repeats=3, bound_batches=2,
+                            spectrum_mode="pairs", power_iters=30, power_tol=1e-4)
+    tot = rep.groups["total"]
+    assert tot.quant > 0.2 * tot.sgd  # the check is not vacuous
+    assert abs(tot.rel_gap) < 0.10
+    assert abs(tot.gap) < 5 * tot.gap_se
+    assert rep.max_abs_z < 5
+    assert rep.bound_violations("data") == []
+    assert rep.bound_violations("analytic") == []
+    for g in rep.groups.values():
+        assert g.pred_data <= g.pred_analytic * (1 + 1e-9)
+    # the ∇X noise of layer 2 reaches only groups upstream of it
+    assert set(rep.pairs_data["2"]) >= {"0"} and rep.pairs_data["2"]["4"] == 0
+    assert not fqt_layers_converted(model)  # config on an unconverted model: a copy
+
+
+def fqt_layers_converted(model: nn.Module) -> bool:
+    return bool(lowbit.fqt_layers(model))
+
+
+def test_nearest_rounding_is_flagged_as_biased() -> None:
+    """Round-to-nearest gradients are deterministic and biased: every draw moves the same
+    way, z = √(B·R) ≈ 8.5 > 5. The test has power where it should."""
+    cfg = FQTConfig(grad_input=GradSpec(3, "ptq", rounding=Rounding.NEAREST),
+                    grad_weight=GradSpec(3, "ptq", rounding=Rounding.NEAREST), seed=0)
+    rep = gradient_variance(mlp(), ce_loss, mlp_batches(12), cfg, repeats=6)
+    assert rep.max_abs_z > 5
+    assert rep.groups["total"].quant == pytest.approx(0, abs=1e-12)
+
+
+def test_config_swap_restores_and_validates() -> None:
+    model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    before = {n: m.config for n, m in lowbit.fqt_layers(model).items()}
+    gradient_variance(model, ce_loss, mlp_batches(3), FQTConfig.from_recipe("fqt-bhq-4"), repeats=2)
+    assert {n: m.config for n, m in lowbit.fqt_layers(model).items()} == before
+    with pytest.raises(ValueError, match="at least 3 batches"):
+        gradient_variance(model, ce_loss, mlp_batches(2))
+    with pytest.raises(ValueError, match="repeats"):
+        gradient_variance(model, ce_loss, mlp_batches(3), repeats=1)
+    with pytest.raises(ValueError, match="quantizes gradients"):
+        gradient_variance(lowbit.convert(mlp(), FQTConfig.from_recipe("qat-8")), ce_loss,
+                          mlp_batches(3))
+    with pytest.raises(ValueError, match="no converted layers"):
+        gradient_variance(mlp(), ce_loss, mlp_batches(3))
+
+
+def test_quantization_variance_and_with_config_still_work() -> None:
+    model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    out = quantization_variance(model, ce_loss, mlp_batches(1)[0], repeats=2)
+    assert out["total"] > 0 and set(out) >= {"0.weight", "total"}
+    before = {n: m.config for n, m in lowbit.fqt_layers(model).items()}
+    with with_config(model, qat_of):
+        assert not any(m.config.is_fqt for m in lowbit.fqt_layers(model).values())
+    assert {n: m.config for n, m in lowbit.fqt_layers(model).items()} == before
+
+
+def test_profile_attributes_noise_to_upstream_groups() -> None:
+    cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
+    prof = variance_profile(mlp(), ce_loss, mlp_batches(2), cfg, repeats=3)
+    assert prof.layers == ["0", "2", "4"] and prof.groups == ["0", "2", "4", "total"]
+    m = torch.tensor(prof.measured)
+    # layer i's quantizers never touch groups downstream of it
+    assert m[0, 1] == 0 and m[0, 2] == 0 and m[1, 2] == 0
+    assert (m.diagonal() > 0).all()  # its own ∇W path
+    assert torch.allclose(m[:, -1], m[:, :-1].sum(1), rtol=1e-9)
+    assert all(math.isfinite(x) for row in prof.measured_se for x in row)
