@@ -49,12 +49,12 @@ def quantize_grad(
 
 __all__ = [
     "BHQ",
-    "GradQuantizer",
-    "Granularity",
-    "Hadamard",
     "PSQ",
     "PTQ",
     "QUANTIZERS",
+    "GradQuantizer",
+    "Granularity",
+    "Hadamard",
     "QuantizedRows",
     "RowTransform",
     "absmax",
