@@ -182,7 +182,7 @@ def table(results: list[Result]) -> str:
         out.append("| mode | ms/step | × fp32 | × bf16 | peak MB | gemm | quantize | transform | epilogue | note |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            def ratio(ref: str) -> str:
+            def ratio(ref: str, r: Result = r, base: dict = base) -> str:
                 return f"{base[ref] / r.ms:.2f}" if r.ms and base.get(ref) else "-"
             b = r.breakdown
             cells = [f"{b[k]:.1f}" if k in b else "-" for k in ("gemm", "quantize", "transform", "epilogue")]

@@ -15,7 +15,7 @@ from .quantizers import QUANTIZERS, Granularity, get_quantizer, quantize_grad
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # grouped by role, not sorted
     # configuration
     "FQTConfig",
     "OperandSpec",

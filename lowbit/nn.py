@@ -90,7 +90,7 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
     """``nn.Conv2d`` (stride, padding incl. ``'same'``/padding modes, dilation, groups,
     bias) whose three GEMMs run under an :class:`FQTConfig` (simulated kernels)."""
 
-    def __init__(self, *args, config: FQTConfig, seed: int | None = None, **kwargs):  # noqa: ANN002,ANN003
+    def __init__(self, *args, config: FQTConfig, seed: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_quant(config, seed)
 

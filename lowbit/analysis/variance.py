@@ -176,7 +176,7 @@ class VarianceReport:
 def _mean_pairs(acc: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     if not acc:
         return {}
-    return {l: {p: sum(a[l][p] for a in acc) / len(acc) for p in acc[0][l]} for l in acc[0]}
+    return {lay: {p: sum(a[lay][p] for a in acc) / len(acc) for p in acc[0][lay]} for lay in acc[0]}
 
 
 def gradient_variance(
