@@ -4,10 +4,11 @@ Workloads (forward + backward of one training step, gradients for the input too)
   ffn   Linear(D→F) → GELU → Linear(F→D) on T tokens (default D=1024, F=4096, T=2048)
   gpt   the text task's transformer (4 layers, width 256, 16×128 tokens)
 
-Each mode runs in its own subprocess (so peak memory is its own); the table reports the
-median step time over ``--steps`` timed steps after ``--warmup`` steps, speedups against
-fp32 and bf16 of the same run, and the peak resident memory the step adds on top of the
-idle process (sampled every 0.5 ms). For lowbit modes a profiled step gives the
+All modes of a workload are timed in one process, interleaved: ``--rounds`` rounds,
+each timing ``--steps`` steps of every mode, so that the drift of a shared machine hits
+all modes alike; the table reports the median step time, speedups against fp32 and bf16
+of the same run, and the peak resident memory a step adds on top of the idle process
+(each mode in its own subprocess, sampled every 0.5 ms). For lowbit modes a profiled step gives the
 breakdown GEMM / quantize / transform / epilogue (CPU time inside lowbit's labelled
 regions; the rest is the model's own ops: GELU, bias gradients, the loss).
 
@@ -121,55 +122,83 @@ class PeakRSS:
         self._t.join()
 
 
-def run_one(workload: str, mode: str, size: str, warmup: int, steps: int, measure_memory: bool) -> Result:
-    model, loss_fn = build(workload, size)
-    amp, note = prepare(mode, model)
-    params = [p for p in model.parameters()]
+class Bench:
+    """One (workload, mode): the converted model and its training step."""
 
-    def step() -> None:
-        for p in params:
+    def __init__(self, workload: str, mode: str, size: str) -> None:
+        self.workload, self.mode = workload, mode
+        model, self.loss_fn = build(workload, size)
+        self.amp, self.note = prepare(mode, model)
+        self.params = list(model.parameters())
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        for p in self.params:
             p.grad = None
-        if amp:
+        if self.amp:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_fn()
+                loss = self.loss_fn()
         else:
-            loss = loss_fn()
+            loss = self.loss_fn()
         loss.backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    mem = PeakRSS() if measure_memory and os.path.exists("/proc/self/statm") else None
-    if mem:
-        mem.__enter__()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    if mem:
-        mem.__exit__()
-    breakdown: dict[str, float] = {}
-    if mode not in BASELINES:
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.step()
+            self.times.append(time.perf_counter() - t0)
+
+    def breakdown(self) -> dict[str, float]:
+        if self.mode in BASELINES:
+            return {}
         from torch.profiler import profile
 
         with profile() as prof:
-            step()
+            self.step()
         totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in LABELS}
-        breakdown = {k.split("::")[1]: round(totals.get(k, 0.0), 2) for k in LABELS}
-    peak = round(mem.peak - mem.base, 1) if mem else None
-    return Result(workload, mode, round(statistics.median(times) * 1e3, 2), peak, breakdown, note)
+        return {k.split("::")[1]: round(totals.get(k, 0.0), 2) for k in LABELS}
 
 
-def run_subprocess(args: argparse.Namespace, workload: str, mode: str) -> Result:
+def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: int,
+               rounds: int) -> list[Result]:
+    """Interleaved timing in one process: ``rounds`` rounds, each timing ``steps`` steps
+    of every mode (order rotated per round), so that drifts of a shared machine hit all
+    modes alike. Reports the median over all ``rounds × steps`` step times."""
+    benches, skipped = [], []
+    for mode in modes:
+        try:
+            benches.append(Bench(workload, mode, size))
+        except RuntimeError as exc:  # optional baselines (torchao) may be absent
+            skipped.append(Result(workload, mode, None, None, {}, f"skipped: {exc}"))
+    for b in benches:
+        for _ in range(warmup):
+            b.step()
+    for r in range(rounds):
+        for b in benches[r % len(benches):] + benches[: r % len(benches)]:
+            b.timed(steps)
+        print(f"{workload}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    out = [Result(workload, b.mode, round(statistics.median(b.times) * 1e3, 2), None,
+                  b.breakdown(), b.note) for b in benches]
+    return out + skipped
+
+
+def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int) -> float:
+    """Peak resident memory (MB) that ``steps`` training steps add to the idle process."""
+    b = Bench(workload, mode, size)
+    for _ in range(max(warmup, 1)):
+        b.step()
+    with PeakRSS() as mem:
+        b.timed(steps)
+    return round(mem.peak - mem.base, 1)
+
+
+def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> float | None:
     cmd = [sys.executable, __file__, "--child", "--workload", workload, "--modes", mode,
-           "--size", args.size, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--size", args.size, "--warmup", str(args.warmup), "--steps", "3",
            "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        return Result(workload, mode, None, None, {}, f"skipped: {err[:120]}")
-    return Result(**json.loads(lines[-1]))
+    return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
 
 
 # -- report --------------------------------------------------------------------------------
@@ -201,35 +230,34 @@ def main(argv: list[str] | None = None) -> int:
                         "(under bf16 autocast), RECIPE:reference")
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--inprocess", action="store_true", help="no subprocesses, no memory (smoke test)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--inprocess", action="store_true", help="no memory subprocesses (smoke test)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be ≥ 1 and --warmup ≥ 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be ≥ 1, --warmup ≥ 0")
     torch.set_num_threads(args.threads)
     workloads = [w for w in args.workload.split(",") if w]
     modes = [m for m in args.modes.split(",") if m]
     if args.child:
-        r = run_one(workloads[0], modes[0], args.size, args.warmup, args.steps, measure_memory=True)
-        print(json.dumps(asdict(r)))
+        peak = peak_memory(workloads[0], modes[0], args.size, args.warmup, args.steps)
+        print(json.dumps({"peak_mb": peak}))
         return 0
     results = []
     for wl in workloads:
-        for mode in modes:
-            if args.inprocess:
-                try:
-                    r = run_one(wl, mode, args.size, args.warmup, args.steps, measure_memory=False)
-                except RuntimeError as exc:  # optional baselines (torchao) may be absent
-                    r = Result(wl, mode, None, None, {}, f"skipped: {exc}")
-            else:
-                r = run_subprocess(args, wl, mode)
-            results.append(r)
-            print(f"{wl:4s} {mode:24s} {r.ms if r.ms else '-':>9} ms  {r.note}", file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {args.threads} threads, size={args.size}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+        rows = time_modes(wl, modes, args.size, args.warmup, args.steps, args.rounds)
+        for r in rows:
+            if not args.inprocess and r.ms is not None:
+                r.peak_mb = memory_subprocess(args, wl, r.mode)
+            print(f"{wl:4s} {r.mode:24s} {r.ms if r.ms else '-':>9} ms  {r.peak_mb} MB {r.note}",
+                  file=sys.stderr, flush=True)
+        results += rows
+    print(f"torch {torch.__version__}, {args.threads} threads, size={args.size}; median of "
+          f"{args.rounds} interleaved rounds × {args.steps} steps after {args.warmup} warm-up; "
+          "peak MB: resident memory a step adds (own process per mode)")
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
