@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A bad command-line value; printed as one line, exit status 2."""
 
 
@@ -54,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lowbit.cli`: run the importable module's main, so that the UsageError
+    # raised by subcommands is the class caught there.
+    from lowbit.cli import main as _main
+
+    sys.exit(_main())

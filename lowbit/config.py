@@ -168,4 +168,4 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"))
 
 
-__all__ = ["Backend", "FQTConfig", "GradSpec", "OperandSpec", "RECIPES", "MIN_BITS"]
+__all__ = ["MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec"]

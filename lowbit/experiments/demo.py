@@ -2,9 +2,9 @@
 
 Trains the same digits model from the same initial weights with full precision, QAT and
 FQT at 8 and 4 gradient bits with per-tensor (PTQ), per-sample (PSQ) and block
-Householder (BHQ) gradient quantizers, then prints one table: final validation accuracy,
-the quantization variance of the gradient (``E‖g_FQT − g_QAT‖²`` on a fixed batch of the
-trained model, summed over parameters) and the median time per training step.
+Householder (BHQ) gradient quantizers, then prints one table: final validation accuracy
+and loss, the quantization variance of the gradient (``E‖g_FQT − g_QAT‖²`` on a fixed
+batch of the trained model, summed over parameters) and the median time per step.
 """
 
 from __future__ import annotations
@@ -64,16 +64,17 @@ def run(args: argparse.Namespace) -> int:
                     result.model, result.task.loss, batch, VARIANCE_REPEATS
                 )
                 variance = stats["total"]
-            rows.append((cfg.recipe, last["accuracy"], variance, last["step_time_ms"]))
+            rows.append((cfg.recipe, last["accuracy"], last["val_loss"], variance,
+                         last["step_time_ms"]))  # fmt: skip
             print(f"  {cfg.recipe:10s} done: accuracy {100 * last['accuracy']:.2f}%", flush=True)
         wall = time.perf_counter() - t_start
 
     print()
-    print("| recipe     | val accuracy | grad quantization variance | step (ms) |")
-    print("|------------|--------------|----------------------------|-----------|")
-    for recipe, acc, var, ms in rows:
+    print("| recipe     | val accuracy | val loss | grad quantization variance | step (ms) |")
+    print("|------------|--------------|----------|----------------------------|-----------|")
+    for recipe, acc, loss, var, ms in rows:
         shown = "-" if var is None else f"{var:.3e}"
-        print(f"| {recipe:10s} | {100 * acc:11.2f}% | {shown:>26s} | {ms:9.1f} |")
+        print(f"| {recipe:10s} | {100 * acc:11.2f}% | {loss:8.4f} | {shown:>26s} | {ms:9.1f} |")
     print()
     print(f"variance: E||g_FQT - g_QAT||^2 summed over parameters, one fixed batch of "
           f"{VARIANCE_BATCH} training images, {VARIANCE_REPEATS} repeats; step: median of the "

@@ -69,12 +69,13 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Recipe name, plus the gradient bits when they were overridden."""
-        gi, gw = self.train.get("grad_input_bits"), self.train.get("grad_weight_bits")
-        if gi is None and gw is None:
-            return self.train["recipe"]
-        fqt = FQTConfig.from_dict(self.fqt)
-        return f"{self.train['recipe']} gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
+        """Recipe name, plus the gradient bits when overridden and a backend other than auto."""
+        label = self.train["recipe"]
+        if self.train.get("grad_input_bits") or self.train.get("grad_weight_bits"):
+            fqt = FQTConfig.from_dict(self.fqt)
+            label += f" gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
+        backend = self.train.get("backend", "auto")
+        return label if backend == "auto" else f"{label} [{backend}]"
 
     def sort_key(self) -> tuple[int, int, int, int]:
         """fp, then qat-B, then fqt grouped by quantizer; more bits first."""

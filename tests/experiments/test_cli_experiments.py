@@ -1,0 +1,226 @@
+"""Command-line tests: ``lowbit train | sweep | report | demo``.
+
+The SIGKILL test runs ``python -m lowbit.cli train`` in a subprocess, kills it as soon as
+its first checkpoint exists, resumes it, and checks the final weights bitwise against an
+uninterrupted run. Subprocesses run with one thread and ``LOWBIT_COMPILE=0`` (no
+per-process kernel compilation): the subject here is the loop, not the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import cli
+from lowbit.experiments import report
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+ENV = dict(os.environ, PYTHONPATH=PYTHONPATH, LOWBIT_COMPILE="0", OMP_NUM_THREADS="1")
+TINY = ["--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _lowbit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lowbit.cli", *args]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(_lowbit(*args), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- SIGKILL + resume
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    epochs = 20  # 8 steps each: long enough to be killed well before the end
+    args = ["train", "--task", "digits", "--model", "mlp", "--recipe", "fqt-bhq-4",
+            "--epochs", str(epochs), "--subset", "512", "--seed", "3", *TINY]  # fmt: skip
+    killed_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
+
+    proc = subprocess.Popen(_lowbit(*args, "--out", str(killed_dir)), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (killed_dir / "last.pt").exists():
+        assert proc.poll() is None, "training exited before writing a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    state = torch.load(killed_dir / "last.pt", weights_only=True)
+    assert state["epoch"] < epochs, "the run finished before it was killed"
+
+    resumed = _run(*args, "--out", str(killed_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    reference = _run(*args, "--out", str(ref_dir))
+    assert reference.returncode == 0, reference.stderr
+
+    a = torch.load(killed_dir / "last.pt", weights_only=True)
+    b = torch.load(ref_dir / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == epochs * 8
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["rng"]["sr"].keys() == b["rng"]["sr"].keys()
+    timing = ("step_time_ms", "samples_per_s")
+    rows_a, rows_b = (
+        [{k: v for k, v in r.items() if k not in timing} for r in json.loads(p.read_text())]
+        for p in (killed_dir / "metrics.json", ref_dir / "metrics.json")
+    )
+    assert rows_a == rows_b
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--task", "cifar"], "--task must be one of digits, fashion-mnist, text"),
+        (["train", "--model", "vgg"], "--model for task 'digits' must be one of mlp, cnn"),
+        (["train", "--recipe", "fqt-xyz-4"], "--recipe must be fp, qat-B or fqt-"),
+        (["train", "--epochs", "0"], "--epochs must be a positive integer"),
+        (["train", "--epochs", "two"], "--epochs must be an integer, got 'two'"),
+        (["train", "--batch-size", "-3"], "--batch-size must be a positive integer"),
+        (["train", "--lr", "nan"], "--lr must be finite"),
+        (["train", "--lr", "0"], "--lr must be a finite number > 0"),
+        (["train", "--recipe", "fqt-psq-8", "--grad-input-bits", "9"], "2..8"),
+        (["train", "--grad-weight-bits", "4"], "--grad-weight-bits needs an fqt-* recipe"),
+        (["train", "--backend", "cuda"], "--backend must be one of auto, reference, int8"),
+        (["train", "--steps-per-epoch", "5"], "text task only"),
+        (["train", "--model-arg", "width"], "--model-arg must look like KEY=VALUE"),
+        (["train", "--threads", "0"], "--threads must be a positive integer"),
+        (["sweep", "--tasks", "digits,cifar"], "--tasks: unknown task 'cifar'"),
+        (["sweep", "--seeds", "0,x"], "--seeds must be an integer"),
+        (["sweep", "--recipes", "fp,qat-9"], "--recipe must be one of"),
+        (["report", "--runs", "/nonexistent"], "--runs must be a folder"),
+        (["demo", "--epochs", "-1"], "--epochs must be a positive integer"),
+        (["demo", "--model", "resnet"], "must be one of mlp, cnn"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(tmp_path, capsys, args, message):
+    rc = cli.main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"lowbit {args[0]}: error: ") and message in err, err
+
+
+def test_bad_value_in_a_subprocess_has_no_traceback(tmp_path):
+    """``python -m lowbit.cli`` (cli as ``__main__``) reports errors the same way."""
+    proc = _run("train", "--epochs", "0", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "lowbit train: error: --epochs must be a positive integer, got 0"
+    assert not (tmp_path / "x").exists()  # nothing created before validation
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train", "--out", str(tmp_path / "file")]) == 2
+    assert "--out must be a folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- sweep + report
+
+
+def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    sweep = ["sweep", "--tasks", "digits", "--recipes", "fp,qat-8,fqt-psq-8,fqt-psq-4",
+             "--seeds", "0,1", "--epochs", "2", "--subset", "128", "--eval-subset", "64",
+             "--batch-size", "32", "--out", str(results), *TINY]  # fmt: skip
+    assert cli.main(sweep) == 0
+    names = sorted(p.name for p in results.iterdir())
+    assert names == sorted(f"digits-mlp-{r}-s{s}" for r in ("fp", "qat-8", "fqt-psq-8", "fqt-psq-4")
+                           for s in (0, 1))  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(sweep) == 0  # everything done: nothing retrained
+    assert capsys.readouterr().out.count("done, skipped") == 8
+
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n\nhand-written intro\n\n"
+                                      f"{report.BEGIN}\nold\n{report.END}\n\nhand-written outro\n")  # fmt: skip
+    assert cli.main(["report", "--runs", str(results), "--out", str(docs)]) == 0
+    text = (docs / "results.md").read_text()
+    assert "hand-written intro" in text and "hand-written outro" in text and "\nold\n" not in text
+    section = text.split(report.BEGIN)[1].split(report.END)[0]
+    assert "### digits — mlp" in section
+    row = next(line for line in section.splitlines() if line.startswith("| qat-8 |"))
+    assert "| 2 |" in row and "1.00×" in row and " ± " in row
+    assert (docs / "figures" / "digits-mlp-curves.png").stat().st_size > 1000
+    assert (docs / "figures" / "digits-mlp-bits.png").stat().st_size > 1000
+
+
+def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
+    args = ["sweep", "--recipes", "fp,fqt-bhq-8", "--grad-input-bits", "5", "--epochs", "1",
+            "--out", str(tmp_path), "--dry-run"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "digits-mlp-fp-s0" in out and "digits-mlp-fqt-bhq-8-gi5-gw8-s0" in out
+
+
+def test_report_creates_results_md_with_markers(tmp_path):
+    body = "table"
+    path = tmp_path / "results.md"
+    report.write_section(path, body)
+    report.write_section(path, "new table")
+    text = path.read_text()
+    assert text.startswith("# Results") and text.count(report.BEGIN) == 1
+    assert "new table" in text and "\ntable\n" not in text
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_smoke(tmp_path):
+    proc = _run("demo", "--model", "mlp", "--epochs", "1", "--recipes", "fp,fqt-bhq-4",
+                "--out", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 3  # header + 2 recipes
+    assert table[1].split("|")[4].strip() == "-"  # no gradient quantization in fp
+    assert float(table[2].split("|")[4]) > 0  # FQT adds variance
+    assert "Wall time" in proc.stdout
+
+
+def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str) -> None:
+    from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
+
+    cfg = TrainConfig(task="digits", recipe=recipe, seed=seed, epochs=2)
+    run_dir = root / cfg.run_name()
+    run_dir.mkdir(parents=True)
+    config = {"train": cfg.to_dict(), "fqt": cfg.fqt_config().to_dict()}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": i + 1, "accuracy": a, "step_time_ms": 10.0} for i, a in enumerate(finals)]
+    write_metrics(run_dir, rows)
+    write_status(run_dir, status)
+
+
+def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs, "qat-8", 1, [0.5, 0.7], "done")
+    _fake_run(runs, "fqt-ptq-4", 0, [0.2, 0.3], "done")
+    _fake_run(runs, "fqt-ptq-4", 1, [0.1], "diverged")
+    _fake_run(runs, "fqt-ptq-4", 2, [0.4], "running")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    rows = {
+        line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")
+    }
+    assert "| 80.00 ± 14.14 | 2 |" in rows["qat-8"]
+    assert "| 30.00 | 1 |" in rows["fqt-ptq-4"] and "1 diverged; 1 unfinished" in rows["fqt-ptq-4"]

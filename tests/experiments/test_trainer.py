@@ -1,0 +1,294 @@
+"""Tests for the training loop, tasks and checkpoints (lowbit.experiments.trainer & co).
+
+Runs are tiny (a few hundred images, a handful of steps): they check the plumbing — files,
+resume, bitwise reproducibility, bad-step handling — not the accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowbit.experiments import checkpoint as ckpt
+from lowbit.experiments import data as D
+from lowbit.experiments import tasks as T
+from lowbit.experiments.trainer import TrainConfig, TrainingDiverged, train
+
+DIGITS = {"task": "digits", "subset": 256, "eval_subset": 64, "batch_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two
+    OpenMP threads that wait for each other make a step up to 50× slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAt:
+    """Wraps a task; raises after ``at`` training batches (a crash mid-epoch)."""
+
+    def __init__(self, task: T.Task, at: int) -> None:
+        self.task, self.at, self.seen = task, at, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def train_batches(self, batch_size, generator):
+        for batch in self.task.train_batches(batch_size, generator):
+            self.seen += 1
+            if self.seen > self.at:
+                raise _Interrupt
+            yield batch
+
+
+class _NaNLoss:
+    """Wraps a task; the loss of the listed (0-based) steps is NaN."""
+
+    def __init__(self, task: T.Task, bad_steps: set[int]) -> None:
+        self.task, self.bad, self.calls = task, bad_steps, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        loss = self.task.loss(model, batch)
+        self.calls += 1
+        return loss * math.nan if self.calls - 1 in self.bad else loss
+
+
+# --------------------------------------------------------------------------- tasks end to end
+
+
+@pytest.mark.parametrize("model, recipe", [("mlp", "fqt-bhq-4"), ("cnn", "fqt-psq-8")])
+def test_digits_trains_and_writes_run_files(tmp_path, model, recipe):
+    cfg = TrainConfig(**DIGITS, model=model, recipe=recipe, epochs=3, lr=0.1, out=str(tmp_path))
+    result = train(cfg, progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0], losses  # learning happens even with 4-bit gradients
+    assert [row["step"] for row in result.history] == [8, 16, 24]  # 256 // 32 steps per epoch
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"]["recipe"] == recipe and config["train"]["model"] == model
+    assert config["fqt"] == cfg.fqt_config().to_dict() and config["fqt"]["seed"] == 0
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert rows == result.history
+    keys = {"epoch", "step", "train_loss", "accuracy", "step_time_ms", "samples_per_s"}
+    assert keys | {"bad_steps"} <= set(rows[0])
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("epoch,step,")
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "prev.pt").exists()
+
+
+@pytest.mark.skipif(
+    not D.FASHION_MNIST_DEBIAN_DIR.is_dir(),
+    reason=f"Fashion-MNIST not installed ({D.FASHION_MNIST_INSTALL})",
+)
+def test_fashion_mnist_resnet20_on_a_subset(tmp_path):
+    cfg = TrainConfig(
+        task="fashion-mnist", recipe="fqt-psq-8", epochs=1, subset=64, eval_subset=64,
+        batch_size=32, out=str(tmp_path),
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    (row,) = result.history
+    assert row["step"] == 2 and 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["train_loss"])
+    assert type(result.task) is T.FashionMNISTTask and result.task.augment_padding == 2
+
+
+def test_fashion_mnist_augmentation_is_seeded():
+    images = D.ImageData(torch.randn(8, 1, 28, 28), torch.arange(8), torch.zeros(1, 1, 28, 28),
+                         torch.zeros(1, dtype=torch.long))  # fmt: skip
+    task = T.ImageTask("preact-resnet20", images, augment_padding=2)
+    task.name = "fashion-mnist"
+    a = list(task.train_batches(4, torch.Generator().manual_seed(3)))
+    b = list(task.train_batches(4, torch.Generator().manual_seed(3)))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    assert not torch.equal(a[0][0], images.x_train[:4])  # cropped and flipped
+
+
+def test_text_tiny_gpt_trains_and_reports_bits_per_byte(tmp_path):
+    cfg = TrainConfig(
+        task="text", recipe="fqt-psq-8", epochs=2, steps_per_epoch=3, batch_size=4,
+        subset=100_000, eval_subset=4, out=str(tmp_path),
+        model_kwargs={"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 32},
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    assert [row["step"] for row in result.history] == [3, 6]
+    last = result.history[-1]
+    assert last["bpb"] == pytest.approx(last["val_loss"] / math.log(2))
+    assert last["val_loss"] < math.log(256)  # better than uniform over bytes after 6 steps
+    assert "tokens_per_s" in last and cfg.optimizer == "adamw" and cfg.grad_clip == 1.0
+    assert result.task.y_eval.shape == (4, 32)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_the_step_count(tmp_path):
+    train(TrainConfig(**DIGITS, recipe="qat-8", epochs=1, out=str(tmp_path)), progress=False)
+    result = train(TrainConfig(**DIGITS, recipe="qat-8", epochs=2, out=str(tmp_path)), resume=True,
+                   progress=False)  # fmt: skip
+    assert [row["step"] for row in result.history] == [8, 16]
+    assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_crash_and_resume_is_bitwise_identical(tmp_path, model):
+    cfg = dict(DIGITS, model=model, recipe="fqt-bhq-4", epochs=3)
+    ref = train(TrainConfig(**cfg, out=str(tmp_path / "ref")), progress=False)
+    task = T.make_task("digits", model, subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):  # dies in epoch 2, after the epoch-1 checkpoint
+        train(TrainConfig(**cfg, out=str(tmp_path / "b")), task=_InterruptAt(task, 12),
+              progress=False)  # fmt: skip
+    resumed = train(TrainConfig(**cfg, out=str(tmp_path / "b")), resume=True, progress=False)
+    assert _equal_state(ref.model, resumed.model)
+    strip = ("step_time_ms", "samples_per_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in ref.history] == [
+        {k: v for k, v in r.items() if k not in strip} for r in resumed.history
+    ]
+
+
+def test_corrupt_last_checkpoint_falls_back_to_prev(tmp_path, capsys):
+    cfg = TrainConfig(**DIGITS, recipe="fqt-psq-4", epochs=2, out=str(tmp_path))
+    ref = train(cfg, progress=False)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    capsys.readouterr()
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert path.name == "prev.pt" and state["epoch"] == 1
+    err = capsys.readouterr().err
+    assert "warning: cannot load checkpoint" in err and "last.pt" in err and "prev.pt" in err
+    resumed = train(cfg, resume=True, progress=False)  # redoes epoch 2 from prev.pt
+    assert _equal_state(ref.model, resumed.model)
+
+
+def test_checkpoint_rotation_and_contents(tmp_path):
+    cfg = TrainConfig(**DIGITS, recipe="fqt-bhq-8", epochs=2, out=str(tmp_path))
+    train(cfg, progress=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    prev = torch.load(tmp_path / "prev.pt", weights_only=True)
+    assert (last["epoch"], prev["epoch"]) == (2, 1) and (last["step"], prev["step"]) == (16, 8)
+    assert set(last["rng"]) == {"torch_global", "data", "sr"} and last["rng"]["sr"]
+    assert (
+        last["train_config"] == cfg.to_dict() and last["fqt_config"] == cfg.fqt_config().to_dict()
+    )
+    assert {"model", "optimizer", "scheduler"} <= set(last)
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    result = train(TrainConfig(**DIGITS, epochs=1, out=str(tmp_path)), resume=True, progress=False)
+    assert result.history[-1]["step"] == 8
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_unreadable_checkpoints_raise(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
+    train(TrainConfig(**DIGITS, epochs=1, out=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train(TrainConfig(**DIGITS, epochs=1, out=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="recipe"):
+        train(TrainConfig(**DIGITS, recipe="qat-8", epochs=1, out=str(tmp_path)), resume=True,
+              progress=False)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- bad steps
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, capsys):
+    task = T.make_task("digits", "cnn", subset=256, eval_subset=64)
+    cfg = TrainConfig(**DIGITS, model="cnn", recipe="fqt-psq-8", epochs=1, out=str(tmp_path))
+    result = train(cfg, task=_NaNLoss(task, {2, 3, 5}), progress=False)
+    (row,) = result.history
+    assert row["bad_steps"] == 3 and row["step"] == 8 and math.isfinite(row["train_loss"])
+    assert all(torch.isfinite(t).all() for t in result.model.state_dict().values())
+    assert "optimizer step skipped" in capsys.readouterr().err
+
+
+def test_skipped_steps_leave_weights_and_batchnorm_statistics_alone(tmp_path):
+    task = T.make_task("digits", "cnn", subset=64, eval_subset=16)
+    cfg = TrainConfig(**dict(DIGITS, subset=64, eval_subset=16), model="cnn", epochs=1,
+                      max_bad_steps=10, out=str(tmp_path))  # fmt: skip
+    result = train(cfg, task=_NaNLoss(task, {0, 1}), progress=False)  # both steps bad
+    torch.manual_seed(cfg.seed)
+    initial = task.build_model()
+    assert _equal_state(result.model, initial)  # incl. running stats and num_batches_tracked
+    (row,) = result.history
+    assert row["bad_steps"] == 2 and math.isnan(row["train_loss"])
+    assert json.loads((tmp_path / "metrics.json").read_text())[0]["train_loss"] is None
+
+
+def test_consecutive_bad_steps_stop_with_a_clear_error(tmp_path):
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    cfg = TrainConfig(**DIGITS, epochs=2, max_bad_steps=3, out=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with a non-finite"):
+        train(cfg, task=_NaNLoss(task, set(range(10, 100))), progress=False)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "diverged" and "non-finite" in status["message"]
+    assert json.loads((tmp_path / "metrics.json").read_text())[-1]["epoch"] == 1
+
+
+def test_nan_metrics_are_written_as_null_not_numbers(tmp_path):
+    from lowbit.experiments.trainer import write_metrics
+
+    write_metrics(tmp_path, [{"epoch": 1, "train_loss": math.nan, "accuracy": 0.5}])
+    assert json.loads((tmp_path / "metrics.json").read_text())[0]["train_loss"] is None
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1] == "1,,0.5"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("task", "cifar", "task must be one of digits, fashion-mnist, text"),
+        ("model", "resnet", "must be one of mlp, cnn"),
+        ("recipe", "fqt-foo-4", "recipe must be one of"),
+        ("epochs", 0, "epochs must be a positive integer"),
+        ("batch_size", -1, "batch_size must be a positive integer"),
+        ("lr", 0.0, "lr must be a finite number > 0"),
+        ("lr", math.inf, "lr must be a finite number"),
+        ("grad_input_bits", 1, "grad_input_bits must be an integer in 2..8"),
+        ("backend", "cuda", "backend must be one of auto, reference, int8"),
+        ("steps_per_epoch", 5, "text task only"),
+        ("max_bad_steps", 0, "max_bad_steps must be a positive integer"),
+    ],
+)
+def test_train_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{"task": "digits", "recipe": "fqt-psq-8", field: value})
+
+
+def test_train_config_defaults_resolution_and_run_name():
+    cfg = TrainConfig(task="fashion-mnist", recipe="fqt-bhq-8", grad_input_bits=5, seed=1)
+    assert (cfg.model, cfg.batch_size, cfg.optimizer, cfg.lr) == (
+        "preact-resnet20",
+        128,
+        "sgd",
+        0.1,
+    )
+    assert cfg.run_name() == "fashion-mnist-preact-resnet20-fqt-bhq-8-gi5-gw8-s1"
+    assert cfg.fqt_config().grad_input.bits == 5 and cfg.fqt_config().grad_input.quantizer == "bhq"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="needs an fqt"):
+        TrainConfig(recipe="qat-8", grad_weight_bits=4)
