@@ -11,15 +11,6 @@ from lowbit.analysis.bins import mapped_values
 QUANT = ["ptq", "psq", "bhq", "hadamard"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread only spins (and slows a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unequal_rows() -> torch.Tensor:
     """A gradient whose rows span 6 orders of magnitude (a few hard samples dominate)."""
     g = torch.Generator().manual_seed(0)

@@ -6,18 +6,8 @@ import csv
 import json
 
 import pytest
-import torch
 
 from lowbit.cli import build_parser, main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread only spins (and slows a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def parse(*argv: str):

@@ -25,15 +25,6 @@ QUANT = ["ptq", "psq", "bhq", "hadamard"]
 N, D_IN, D_OUT = 24, 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread only spins (and slows a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sq_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, t = batch
     return 0.5 * (model(x) - t).pow(2).sum()
