@@ -292,3 +292,16 @@ def test_train_config_defaults_resolution_and_run_name():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="needs an fqt"):
         TrainConfig(recipe="qat-8", grad_weight_bits=4)
+
+
+def test_same_seed_is_bitwise_reproducible_and_seeds_differ(tmp_path):
+    """Issue 6: the whole trajectory, stochastic-rounding noise included, is a function
+    of the seed on the CPU."""
+    def run(seed: int, name: str) -> dict:
+        cfg = TrainConfig(**DIGITS, model="mlp", recipe="fqt-bhq-4", epochs=2, seed=seed,
+                          out=str(tmp_path / name))
+        return train(cfg, progress=False).model.state_dict()
+
+    a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
