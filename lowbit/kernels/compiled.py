@@ -56,11 +56,6 @@ def use_for(x: torch.Tensor) -> bool:
     return _enabled and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
-def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` through ``torch.compile`` (compiled once per ``name``)."""
-    return _call(name, fn, *args)
-
-
 # Each kernel is specialised on its flags (bits, per-row, rounding), dtype and layout:
 # a model meets a dozen variants, more than dynamo's default of 8 recompiles per function,
 # after which it would silently run eager. Raise the limits (never lower them).
@@ -76,7 +71,9 @@ def _raise_recompile_limits() -> None:
             setattr(cfg, key, value)
 
 
-def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` through ``torch.compile`` (one compiled wrapper per ``name``); on a
+    compiler failure, warn once and run ``fn`` eagerly from then on."""
     global _enabled
     f = _compiled.get(name)
     if f is None:
@@ -93,9 +90,9 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _call("quantize_codes", reference.quantize_codes, x, qmax, per_row, stochastic, seed)
+    return run("quantize_codes", reference.quantize_codes, x, qmax, per_row, stochastic, seed)
 
 
 def dequantize_acc(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return _call("dequantize_acc", reference.dequantize_acc, acc, a_step, b_step, bias, out_dtype)
+    return run("dequantize_acc", reference.dequantize_acc, acc, a_step, b_step, bias, out_dtype)
