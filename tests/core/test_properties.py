@@ -63,7 +63,10 @@ def backend(request: pytest.FixtureRequest):
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the examples (and so the test) are the same on every run, so a 5σ
+# statistic cannot fail CI by chance on an unlucky draw
+@settings(max_examples=20, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=gradients())
 def test_quantizer_properties(backend: Backend, name: str, case: tuple[torch.Tensor, str]) -> None:
     g, dtype = case
