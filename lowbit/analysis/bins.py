@@ -26,6 +26,7 @@ import torch
 
 from ..formats import IntFormat
 from ..quantizers import QUANTIZERS, absmax, get_quantizer
+from .plots import save_figure
 
 
 @dataclass
@@ -107,11 +108,7 @@ def plot_bin_utilization(hists: dict[str, BinHistogram], path: str | Path,
     axes[0][0].set_ylabel("values", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["BinHistogram", "bin_histogram", "bin_utilization", "mapped_values",

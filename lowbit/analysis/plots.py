@@ -10,6 +10,18 @@ from pathlib import Path
 from .variance import VarianceProfile, VarianceReport
 
 
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -53,11 +65,7 @@ def plot_profile(profile: VarianceProfile, path: str | Path, title: str | None =
         cb.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_bounds(reports: Sequence[tuple[str, VarianceReport]], path: str | Path,
@@ -93,11 +101,7 @@ def plot_bounds(reports: Sequence[tuple[str, VarianceReport]], path: str | Path,
     ax.legend(fontsize=6, loc="upper left")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["plot_bounds", "plot_profile"]
