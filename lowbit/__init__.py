@@ -7,10 +7,22 @@ and the gradients are unbiased estimates of the quantization-aware (QAT) gradien
     model = lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-bhq-4"))
 """
 
-from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec
+from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode
 from .formats import IntFormat, Rounding
 from .functional import fqt_conv2d, fqt_linear
-from .nn import FQTConv2d, FQTLinear, convert, describe, fqt_layers, load_rng_state, rng_state
+from .nn import (
+    FQTConv2d,
+    FQTLinear,
+    convert,
+    describe,
+    fqt_layers,
+    frozen_ranges,
+    load_range_state,
+    load_rng_state,
+    range_state,
+    range_stats,
+    rng_state,
+)
 from .quantizers import QUANTIZERS, Granularity, get_quantizer, quantize_grad
 
 __version__ = "0.1.0"
@@ -23,6 +35,8 @@ __all__ = [  # grouped by role, not sorted
     "Backend",
     "Granularity",
     "Rounding",
+    "RangeMode",
+    "Overflow",
     "RECIPES",
     # number formats and quantizers
     "IntFormat",
@@ -37,7 +51,12 @@ __all__ = [  # grouped by role, not sorted
     "fqt_layers",
     "fqt_linear",
     "fqt_conv2d",
-    # reproducibility
+    # predicted gradient ranges
+    "range_stats",
+    "frozen_ranges",
+    # reproducibility and checkpoints
     "rng_state",
     "load_rng_state",
+    "range_state",
+    "load_range_state",
 ]

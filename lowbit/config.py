@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .formats import MAX_BITS, MIN_BITS, Rounding, check_bits
 from .kernels import Backend
 from .quantizers import QUANTIZERS, Granularity
+from .ranges import Overflow, RangeMode
 
 
 def _coerce_enum(obj: object, field: str, enum_type: type[enum.Enum]) -> None:
@@ -52,11 +53,20 @@ class OperandSpec:
 @dataclass(frozen=True)
 class GradSpec:
     """Gradient quantizer of one backward GEMM: ``quantizer`` in ``ptq``, ``psq``,
-    ``bhq``, ``hadamard``; stochastic rounding (unbiased) by default."""
+    ``bhq``, ``hadamard``; stochastic rounding (unbiased) by default.
+
+    ``range``: ``dynamic`` (the operand's own absmax) or ``predicted`` (known before the
+    GEMM that produces the gradient: ``margin`` × the largest absmax of the layer's last
+    ``history`` calls; values beyond it handled per ``overflow``, see ``lowbit.ranges``).
+    """
 
     bits: int = 8
     quantizer: str = "psq"
     rounding: Rounding = Rounding.STOCHASTIC
+    range: RangeMode = RangeMode.DYNAMIC
+    margin: float = 2.0
+    history: int = 16
+    overflow: Overflow = Overflow.REQUANTIZE
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -65,12 +75,27 @@ class GradSpec:
                 f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"
             )
         _coerce_enum(self, "rounding", Rounding)
+        _coerce_enum(self, "range", RangeMode)
+        _coerce_enum(self, "overflow", Overflow)
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m < float("inf"):
+            raise ValueError(f"margin must be a finite number ≥ 1, got {m!r}")
+        h = self.history
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"history must be a positive integer, got {h!r}")
+
+    @property
+    def predicted(self) -> bool:
+        return self.range is RangeMode.PREDICTED
+
+
+PREDICTED_SUFFIX = "-predicted"
 
 
 def _recipe_names() -> list[str]:
     bits = range(4, MAX_BITS + 1)
-    return (["fp"] + [f"qat-{b}" for b in bits]
-            + [f"fqt-{q}-{b}" for q in QUANTIZERS for b in bits])
+    fqt = [f"fqt-{q}-{b}" for q in QUANTIZERS for b in bits]
+    return ["fp"] + [f"qat-{b}" for b in bits] + fqt + [n + PREDICTED_SUFFIX for n in fqt]
 
 
 RECIPES: tuple[str, ...] = tuple(_recipe_names())
@@ -116,14 +141,15 @@ class FQTConfig:
     def from_recipe(cls, name: str, **overrides: object) -> FQTConfig:
         """A named recipe: ``fp``; ``qat-B``; ``fqt-Q-B`` with ``Q`` in ptq, psq, bhq,
         hadamard and ``B`` in 4..8 (forward 8-bit per-tensor; ∇X path ``B`` bits with
-        ``Q``; ∇W path 8 bits, per-tensor for ptq, per-column (psq) otherwise).
+        ``Q``; ∇W path 8 bits, per-tensor for ptq, per-column (psq) otherwise);
+        ``fqt-Q-B-predicted``: the same with predicted gradient ranges on both paths.
         Keyword ``overrides`` replace fields (e.g. ``backend="reference"``, ``seed=0``)."""
         if not isinstance(name, str):
             raise TypeError(f"recipe name must be a str, got {name!r}")
-        m = re.fullmatch(r"fp|qat-(\d+)|fqt-([a-z]+)-(\d+)", name)
+        m = re.fullmatch(r"fp|qat-(\d+)|fqt-([a-z]+)-(\d+)(-predicted)?", name)
         if m is None or name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; allowed: fp, qat-B, "
-                             f"fqt-{{{','.join(QUANTIZERS)}}}-B with B in 4..{MAX_BITS}")
+                             f"fqt-{{{','.join(QUANTIZERS)}}}-B[-predicted] with B in 4..{MAX_BITS}")
         if name == "fp":
             cfg = cls(weight=None, activation=None, grad_input=None, grad_weight=None)
         elif m.group(1):
@@ -132,8 +158,9 @@ class FQTConfig:
                       grad_input=None, grad_weight=None)
         else:
             q, b = m.group(2), int(m.group(3))
-            cfg = cls(grad_input=GradSpec(b, q),
-                      grad_weight=GradSpec(8, "ptq" if q == "ptq" else "psq"))
+            rng = RangeMode.PREDICTED if m.group(4) else RangeMode.DYNAMIC
+            cfg = cls(grad_input=GradSpec(b, q, range=rng),
+                      grad_weight=GradSpec(8, "ptq" if q == "ptq" else "psq", range=rng))
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
@@ -168,4 +195,5 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"))
 
 
-__all__ = ["MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec"]
+__all__ = ["MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
+           "RangeMode"]

@@ -25,6 +25,11 @@ from .kernels import scaled_mm
 from .quantizers import QuantizedRows, get_quantizer
 from .quantizers.base import Identity
 from .quantizers.forward import quantize_operand
+from .ranges import RangeTracker
+
+# Predicted-range trackers of a layer's (grad_input, grad_weight) paths; None: dynamic.
+Trackers = tuple[RangeTracker | None, RangeTracker | None]
+_DYNAMIC: Trackers = (None, None)
 
 
 def quantize_forward(
@@ -37,11 +42,13 @@ def quantize_forward(
 
 def quantize_gradient(
     a: torch.Tensor, spec: GradSpec, generator: torch.Generator | None,
-    backend: Backend = Backend.AUTO,
+    backend: Backend = Backend.AUTO, tracker: RangeTracker | None = None,
 ) -> QuantizedRows:
-    """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension."""
+    """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension
+    (range from ``tracker`` when the spec's range is predicted)."""
     q = get_quantizer(spec.quantizer)
-    return q.quantize(a, IntFormat(spec.bits), generator, spec.rounding, backend)
+    return q.quantize(a, IntFormat(spec.bits), generator, spec.rounding, backend,
+                      tracker if spec.predicted else None)
 
 
 def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend,
@@ -63,21 +70,25 @@ def linear_output(qx: QuantizedRows, qw: QuantizedRows, backend: Backend,
 def linear_grad_input(
     gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
     generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
+    tracker: RangeTracker | None = None,
 ) -> torch.Tensor:
     """``∇X = Q_a(∇Y) Q_f(W)``: (N, out) × (out, in) → (N, in). ``spec=None``: QAT."""
     if spec is None:
         return (gy.float() @ qw.dequantize()).to(out_dtype)
-    return _rows_times(quantize_gradient(gy, spec, generator, backend), qw, backend, out_dtype)
+    qa = quantize_gradient(gy, spec, generator, backend, tracker)
+    return _rows_times(qa, qw, backend, out_dtype)
 
 
 def linear_grad_weight(
     gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
     generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
+    tracker: RangeTracker | None = None,
 ) -> torch.Tensor:
     """``∇W = Q_w(∇Y)ᵀ Q_f(X)``: rows of ``∇Yᵀ`` are output features. (out, N) × (N, in)."""
     if spec is None:
         return (gy.float().t() @ qx.dequantize()).to(out_dtype)
-    return _rows_times(quantize_gradient(gy.t(), spec, generator, backend), qx, backend, out_dtype)
+    qa = quantize_gradient(gy.t(), spec, generator, backend, tracker)
+    return _rows_times(qa, qx, backend, out_dtype)
 
 
 def _save_rows(ctx: Any, *qs: QuantizedRows) -> None:
@@ -93,14 +104,14 @@ class _FQTLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 config: FQTConfig, generator: torch.Generator | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, trackers: Trackers) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         with torch.autocast(x.device.type, enabled=False):  # our GEMMs pick their own types
             qx = quantize_forward(x2d, config.activation, generator, config.backend)
             qw = quantize_forward(weight, config.weight, generator, config.backend)
             y = linear_output(qx, qw, config.backend, bias, out_dtype)  # (N, out)
         _save_rows(ctx, qx, qw)
-        ctx.config, ctx.generator = config, generator
+        ctx.config, ctx.generator, ctx.trackers = config, generator, trackers
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -112,13 +123,15 @@ class _FQTLinearFn(torch.autograd.Function):
         gy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), read as is by the quantizers
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend, ctx.x_dtype)
+            gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend, ctx.x_dtype,
+                                   ctx.trackers[0])
             gx = gx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend, ctx.w_dtype)
+            gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend, ctx.w_dtype,
+                                    ctx.trackers[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0, dtype=torch.float32).to(ctx.w_dtype)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -130,12 +143,14 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               config: FQTConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+               config: FQTConfig, generator: torch.Generator | None = None,
+               trackers: Trackers = _DYNAMIC) -> torch.Tensor:
     """Linear layer under ``config`` (``fp``: plain ``F.linear``). Under autocast the
-    output has the autocast dtype; the GEMMs themselves run as the config says."""
+    output has the autocast dtype; the GEMMs themselves run as the config says.
+    ``trackers``: the (grad_input, grad_weight) range trackers of predicted specs."""
     if config.is_fp:
         return F.linear(x, weight, bias)
-    return _FQTLinearFn.apply(x, weight, bias, config, generator, output_dtype(x))
+    return _FQTLinearFn.apply(x, weight, bias, config, generator, output_dtype(x), trackers)
 
 
 # -- Conv2d: the same three GEMMs as convolutions (simulated) ---------------------------
@@ -146,7 +161,8 @@ def _conv_rows_dequant(q: QuantizedRows, shape: torch.Size) -> torch.Tensor:
 class _FQTConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                config: FQTConfig, generator: torch.Generator | None, conv: tuple) -> torch.Tensor:
+                config: FQTConfig, generator: torch.Generator | None, conv: tuple,
+                trackers: Trackers) -> torch.Tensor:
         stride, padding, dilation, groups = conv
         be = config.backend
         qx = quantize_forward(x.reshape(x.shape[0], -1), config.activation, generator, be)  # rows: samples
@@ -154,7 +170,7 @@ class _FQTConv2dFn(torch.autograd.Function):
         xd, wd = _conv_rows_dequant(qx, x.shape), _conv_rows_dequant(qw, weight.shape)
         y = F.conv2d(xd, wd, None if bias is None else bias.float(), stride, padding, dilation, groups)
         _save_rows(ctx, qx, qw)
-        ctx.config, ctx.generator, ctx.conv = config, generator, conv
+        ctx.config, ctx.generator, ctx.conv, ctx.trackers = config, generator, conv, trackers
         ctx.x_shape, ctx.w_shape, ctx.x_dtype, ctx.w_dtype = x.shape, weight.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         return y.to(x.dtype)
@@ -168,7 +184,8 @@ class _FQTConv2dFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gi = g
             if cfg.grad_input is not None:  # rows = samples
-                gi = quantize_gradient(g.reshape(g.shape[0], -1), cfg.grad_input, ctx.generator, cfg.backend)
+                gi = quantize_gradient(g.reshape(g.shape[0], -1), cfg.grad_input, ctx.generator,
+                                       cfg.backend, ctx.trackers[0])
                 gi = gi.dequantize().reshape(g.shape)
             wd = _conv_rows_dequant(qw, ctx.w_shape)
             gx = torch.nn.grad.conv2d_input(ctx.x_shape, wd, gi, stride, padding, dilation, groups)
@@ -177,23 +194,26 @@ class _FQTConv2dFn(torch.autograd.Function):
             gw_in = g
             if cfg.grad_weight is not None:  # rows = output channels
                 gt = g.transpose(0, 1).reshape(g.shape[1], -1)
-                gq = quantize_gradient(gt, cfg.grad_weight, ctx.generator, cfg.backend).dequantize()
+                gq = quantize_gradient(gt, cfg.grad_weight, ctx.generator, cfg.backend,
+                                       ctx.trackers[1]).dequantize()
                 gw_in = gq.reshape(g.shape[1], g.shape[0], *g.shape[2:]).transpose(0, 1)
             xd = _conv_rows_dequant(qx, ctx.x_shape)
             gw = torch.nn.grad.conv2d_weight(xd, ctx.w_shape, gw_in, stride, padding, dilation, groups)
             gw = gw.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2, 3)).to(ctx.w_dtype)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                config: FQTConfig, generator: torch.Generator | None = None,
-               stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+               stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+               trackers: Trackers = _DYNAMIC) -> torch.Tensor:
     """Conv2d under ``config`` (reference kernels; ``fp``: plain ``F.conv2d``)."""
     if config.is_fp:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return _FQTConv2dFn.apply(x, weight, bias, config, generator, (stride, padding, dilation, groups))
+    return _FQTConv2dFn.apply(x, weight, bias, config, generator,
+                              (stride, padding, dilation, groups), trackers)
 
 
 __all__ = [

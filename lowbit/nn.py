@@ -9,14 +9,18 @@ noise, seeded at conversion: a seeded run is bitwise reproducible on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .config import FQTConfig
-from .functional import fqt_conv2d, fqt_linear
+from .config import FQTConfig, GradSpec
+from .functional import Trackers, fqt_conv2d, fqt_linear
+from .quantizers import Granularity, get_quantizer
+from .ranges import RangeStats, RangeTracker
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -25,12 +29,29 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+GRAD_PATHS = ("grad_input", "grad_weight")
+
+
+def _tracker_for(spec: GradSpec | None, rows_persist: bool,
+                 existing: RangeTracker | None) -> RangeTracker | None:
+    """The tracker a predicted spec needs (``existing`` if it fits), else ``None``.
+    Per row only where rows persist and the quantizer neither mixes nor pools them."""
+    if spec is None or not spec.predicted:
+        return None
+    q = get_quantizer(spec.quantizer)
+    per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
+    new = RangeTracker(spec.history, spec.margin, per_row, spec.overflow)
+    return existing if existing is not None and existing.key() == new.key() else new
+
+
 class _StochasticLayer:
-    """Config and a per-device ``torch.Generator`` for the SR noise of one layer."""
+    """Config, a per-device ``torch.Generator`` for the SR noise of one layer, and the
+    predicted-range trackers of its gradient paths (created when a spec asks for them)."""
 
     config: FQTConfig
     seed: int
     _generators: dict[str, torch.Generator]
+    range_trackers: dict[str, RangeTracker]
 
     def _init_quant(self, config: FQTConfig, seed: int | None) -> None:
         if not isinstance(config, FQTConfig):
@@ -38,6 +59,19 @@ class _StochasticLayer:
         self.config = config
         self.seed = _draw_seed() if seed is None else int(seed)
         self._generators = {}
+        self.range_trackers = {}
+
+    def trackers(self) -> Trackers:
+        """(grad_input, grad_weight) trackers for the current config (``None``: dynamic).
+        The ∇W path's rows are output features: they persist, so PSQ predicts per row."""
+        out = []
+        for path in GRAD_PATHS:
+            t = _tracker_for(getattr(self.config, path), path == "grad_weight",
+                             self.range_trackers.get(path))
+            if t is not None:
+                self.range_trackers[path] = t
+            out.append(t)
+        return out[0], out[1]
 
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -80,7 +114,8 @@ class FQTLinear(nn.Linear, _StochasticLayer):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fqt_linear(x, self.weight, self.bias, self.config, self.generator(x.device))
+        return fqt_linear(x, self.weight, self.bias, self.config, self.generator(x.device),
+                          self.trackers())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
@@ -123,7 +158,7 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._explicit_padding(x)
         return fqt_conv2d(x, self.weight, self.bias, self.config, self.generator(x.device),
-                          self.stride, padding, self.dilation, self.groups)
+                          self.stride, padding, self.dilation, self.groups, self.trackers())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
@@ -136,7 +171,8 @@ def describe(config: FQTConfig) -> str:
     fwd = f"fwd{config.weight.bits}"
     parts = [fwd]
     for name, spec in (("gi", config.grad_input), ("gw", config.grad_weight)):
-        parts.append(f"{name}:{'fp' if spec is None else f'{spec.quantizer}{spec.bits}'}")
+        text = "fp" if spec is None else f"{spec.quantizer}{spec.bits}"
+        parts.append(f"{name}:{text}{'~pred' if spec is not None and spec.predicted else ''}")
     return "/".join(parts)
 
 
@@ -200,4 +236,57 @@ def load_rng_state(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) 
         layers[name].set_rng_state(s)
 
 
-__all__ = ["FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "load_rng_state", "rng_state"]
+def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every predicted-range tracker's history and counters, by layer and path (save it
+    in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
+    return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
+            for n, m in fqt_layers(model).items() if m.range_trackers}
+
+
+def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Restore what :func:`range_state` returned (trackers are created as the saved ones)."""
+    layers = fqt_layers(model)
+    missing = sorted(set(state) - set(layers))
+    if missing:
+        raise KeyError(f"range state names layers this model does not have: {missing[:5]}")
+    for name, paths in state.items():
+        layer = layers[name]
+        for path, s in paths.items():
+            history, margin, per_row, overflow = s["key"]
+            t = RangeTracker(history, margin, per_row, overflow)
+            t.load_state_dict(s)
+            layer.range_trackers[path] = t
+
+
+def range_stats(model: nn.Module) -> dict[str, RangeStats]:
+    """Overflow counters of every predicted-range tracker, keyed ``layer/path``, plus
+    ``"total"`` (their sum; all zero when no layer predicts its ranges)."""
+    out = {f"{n}/{p}": t.stats for n, m in fqt_layers(model).items()
+           for p, t in m.range_trackers.items()}
+    total = RangeStats()
+    for s in out.values():
+        total = total + s
+    out["total"] = total
+    return out
+
+
+@contextlib.contextmanager
+def frozen_ranges(model: nn.Module) -> Iterator[None]:
+    """Predicted ranges predict and count but record no history inside the block (for
+    repeated draws of one minibatch, e.g. variance measurements)."""
+    layers = list(fqt_layers(model).values())
+    for m in layers:
+        m.trackers()  # create the trackers the current config needs
+    trackers = [t for m in layers for t in m.range_trackers.values()]
+    saved = [t.frozen for t in trackers]
+    try:
+        for t in trackers:
+            t.frozen = True
+        yield
+    finally:
+        for t, f in zip(trackers, saved):
+            t.frozen = f
+
+
+__all__ = ["FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "frozen_ranges",
+           "load_range_state", "load_rng_state", "range_state", "range_stats", "rng_state"]

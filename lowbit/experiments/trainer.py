@@ -342,6 +342,7 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             ckpt.restore_rng(model, data_gen, state["rng"])
+            lowbit.load_range_state(model, state.get("ranges", {}))
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row = state["bad_in_a_row"]
 
@@ -364,6 +365,7 @@ def train(
         data_gen.manual_seed(epoch_seed(cfg.seed, epoch))
         model.train()
         losses, step_times, units, bad_steps = [], [], 0, 0
+        ranges_before = lowbit.range_stats(model)["total"]
         for batch in task.train_batches(cfg.batch_size, data_gen):
             t0 = time.perf_counter()
             buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
@@ -411,6 +413,7 @@ def train(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
 
         metrics = task.evaluate(model)
+        ranges = lowbit.range_stats(model)["total"] - ranges_before
         row = {
             "epoch": epoch + 1,
             "step": step,
@@ -421,6 +424,11 @@ def train(
             f"{unit}_per_s": units / sum(step_times),
             "bad_steps": bad_steps,
         }
+        if ranges.calls:  # predicted gradient ranges: how often they were exceeded
+            row |= {"range_overflow_calls": ranges.overflow_calls,
+                    "range_requantized_calls": ranges.requantized_calls,
+                    "range_overflow_rate": ranges.overflow_rate,
+                    "range_clipped_norm": ranges.clipped_norm}
         history.append(row)
         ckpt.save_checkpoint(
             run_dir,
@@ -433,6 +441,7 @@ def train(
                 "train_config": cfg.to_dict(),
                 "fqt_config": fqt.to_dict(),
                 "rng": ckpt.capture_rng(model, data_gen),
+                "ranges": lowbit.range_state(model),
                 "history": history,
                 "bad_in_a_row": bad_in_a_row,
             },

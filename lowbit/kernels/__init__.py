@@ -41,6 +41,22 @@ def quantize_codes(
         return reference.quantize_codes(x, qmax, per_row, stochastic, seed)
 
 
+def quantize_codes_fixed(
+    x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool, seed: torch.Tensor,
+    backend: Backend = Backend.AUTO,
+) -> tuple[torch.Tensor, ...]:
+    """Codes on a grid fixed ahead of time, plus overflow accounting (see
+    :func:`reference.quantize_codes_fixed`)."""
+    if x.numel() == 0:
+        zero = torch.zeros((), device=x.device)
+        return (torch.zeros(x.shape, dtype=torch.int8, device=x.device), amax.float() / qmax,
+                torch.zeros_like(amax, dtype=torch.float32), zero.long(), zero, zero)
+    with record_function("lowbit::quantize"):
+        if backend is not Backend.REFERENCE and compiled.use_for(x):
+            return compiled.quantize_codes_fixed(x, amax, qmax, stochastic, seed)
+        return reference.quantize_codes_fixed(x, amax, qmax, stochastic, seed)
+
+
 def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
     """The integer path computes the same estimator when ``b``'s scale is not on the
     summed dimension (shape (1, 1) or (1, N)) and the shapes suit ``_int_mm``."""
@@ -88,4 +104,4 @@ def scaled_mm(
         return reference.scaled_mm(a_codes, a_step, b_codes, b_step, bias, out_dtype)
 
 
-__all__ = ["Backend", "int8_applicable", "quantize_codes", "scaled_mm"]
+__all__ = ["Backend", "int8_applicable", "quantize_codes", "quantize_codes_fixed", "scaled_mm"]

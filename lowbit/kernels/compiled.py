@@ -93,6 +93,11 @@ def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
     return run("quantize_codes", reference.quantize_codes, x, qmax, per_row, stochastic, seed)
 
 
+def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
+                         seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return run("quantize_codes_fixed", reference.quantize_codes_fixed, x, amax, qmax, stochastic, seed)
+
+
 def dequantize_acc(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return run("dequantize_acc", reference.dequantize_acc, acc, a_step, b_step, bias, out_dtype)

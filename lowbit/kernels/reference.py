@@ -31,6 +31,28 @@ def quantize_codes(
     return q.clamp(-qmax, qmax).to(torch.int8), safe / qmax
 
 
+def quantize_codes_fixed(
+    x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool, seed: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Like :func:`quantize_codes`, but on a grid fixed in advance: ``step = amax/qmax``
+    with ``amax`` given ((1, 1) per tensor or (R, 1) per row, all > 0), not read from ``x``.
+
+    Values beyond ``±amax`` are clipped to ``±qmax`` codes. Also returns what the caller
+    needs to account for that, in the granularity of ``amax``: the observed absmax
+    (for the next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and
+    ``Σ x²``. A group whose observed absmax is non-finite gets that as its step, so
+    NaN/Inf propagate as on the dynamic path."""
+    x = x.float()
+    a = x.abs()
+    obs = a.amax(dim=1, keepdim=True) if amax.shape[0] > 1 else a.amax().reshape(1, 1)
+    y = x / amax * qmax
+    q = torch.floor(y + counter_uniform(x.shape, seed)) if stochastic else torch.round(y)
+    excess = (a - amax).clamp_min(0)
+    step = torch.where(torch.isfinite(obs), amax / qmax, obs)
+    return (q.clamp(-qmax, qmax).to(torch.int8), step, obs, (a > amax).sum(),
+            (excess * excess).sum(), (x * x).sum())
+
+
 def scaled_mm(
     a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,

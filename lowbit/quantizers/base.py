@@ -26,7 +26,8 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import IntFormat, Rounding, draw_seed
-from ..kernels import Backend, compiled, quantize_codes
+from ..kernels import Backend, compiled, quantize_codes, quantize_codes_fixed
+from ..ranges import Overflow, RangeTracker
 
 
 class Granularity(enum.Enum):
@@ -146,11 +147,45 @@ class QuantizedRows:
             return self.transform.inverse(out, out_dtype)
 
 
+def _quantize_predicted(
+    t: RowTransform, a: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
+    seed: torch.Tensor, backend: Backend, tracker: RangeTracker,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and steps of ``T a`` on the grid the tracker predicts (see ``lowbit.ranges``):
+    dynamic while it has no history; on overflow clipped or quantized again."""
+    with record_function("lowbit::transform"):
+        y = t.forward(a)
+    st = tracker.stats
+    st.calls += 1
+    amax = tracker.predict()
+    if amax is None:
+        st.dynamic_calls += 1
+        tracker.record(absmax(y, Granularity.ROW if tracker.per_row else Granularity.TENSOR))
+        return quantize_codes(y, qmax, per_row, stochastic, seed, backend)
+    codes, step, observed, n_over, clipped_sq, total_sq = quantize_codes_fixed(
+        y, amax.to(y.device), qmax, stochastic, seed, backend)
+    tracker.record(observed)
+    if not bool(torch.isfinite(observed).all()):  # NaN/Inf: propagate, count nothing else
+        return codes, step
+    n_over = int(n_over)
+    st.elements += y.numel()
+    st.overflow_elements += n_over
+    st.total_sq += float(total_sq)
+    if n_over:
+        st.overflow_calls += 1
+        if tracker.overflow is Overflow.REQUANTIZE:
+            st.requantized_calls += 1
+            return quantize_codes(y, qmax, per_row, stochastic, seed, backend)
+        st.clipped_sq += float(clipped_sq)
+    return codes, step
+
+
 class GradQuantizer(abc.ABC):
     """Unbiased gradient quantizer: a row transform plus per-row or per-tensor SR."""
 
     name: str
     granularity: Granularity
+    mixes_rows: bool = False  # the transform mixes rows (so per-row ranges do not persist)
 
     @abc.abstractmethod
     def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
@@ -163,14 +198,20 @@ class GradQuantizer(abc.ABC):
         generator: torch.Generator | None = None,
         rounding: Rounding = Rounding.STOCHASTIC,
         backend: Backend = Backend.AUTO,
+        tracker: RangeTracker | None = None,
     ) -> QuantizedRows:
-        """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``)."""
+        """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``).
+        The grid's range is ``T·a``'s own (dynamic), or ``tracker``'s prediction."""
         with record_function("lowbit::transform"):
             t = self.transform(a, generator)
             t.use_compiled = backend is not Backend.REFERENCE
         seed = sr_seed(generator, rounding, a.device)
-        codes, step = t.forward_quantize(a, fmt.qmax, self.granularity is Granularity.ROW,
-                                         rounding is Rounding.STOCHASTIC, seed, backend)
+        args = (fmt.qmax, self.granularity is Granularity.ROW, rounding is Rounding.STOCHASTIC,
+                seed, backend)
+        if tracker is None:
+            codes, step = t.forward_quantize(a, *args)
+        else:
+            codes, step = _quantize_predicted(t, a, *args, tracker)
         return QuantizedRows(codes, step, t)
 
     # -- analytic variance ------------------------------------------------------------

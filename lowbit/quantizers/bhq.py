@@ -206,6 +206,7 @@ def bhq_transform(a: torch.Tensor) -> BlockHouseholder:
 class BHQ(GradQuantizer):
     name = "bhq"
     granularity = Granularity.ROW
+    mixes_rows = True
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
         return bhq_transform(a)

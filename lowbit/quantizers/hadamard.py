@@ -75,6 +75,7 @@ class BlockHadamard(RowTransform):
 class Hadamard(GradQuantizer):
     name = "hadamard"
     granularity = Granularity.ROW
+    mixes_rows = True
 
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
         hadamard_matrix(block)  # validates the block size

@@ -146,9 +146,11 @@ def test_resume_continues_the_step_count(tmp_path):
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_crash_and_resume_is_bitwise_identical(tmp_path, model):
-    cfg = dict(DIGITS, model=model, recipe="fqt-bhq-4", epochs=3)
+@pytest.mark.parametrize("model, recipe", [("mlp", "fqt-bhq-4"), ("cnn", "fqt-bhq-4"),
+                                           ("mlp", "fqt-psq-4-predicted")])
+def test_crash_and_resume_is_bitwise_identical(tmp_path, model, recipe):
+    # predicted ranges: the trackers' histories must come back from the checkpoint too
+    cfg = dict(DIGITS, model=model, recipe=recipe, epochs=3)
     ref = train(TrainConfig(**cfg, out=str(tmp_path / "ref")), progress=False)
     task = T.make_task("digits", model, subset=256, eval_subset=64)
     with pytest.raises(_Interrupt):  # dies in epoch 2, after the epoch-1 checkpoint

@@ -1,0 +1,154 @@
+"""Gradient ranges known before the GEMM that produces the gradient (METHOD.md §4.5).
+
+A dynamic quantizer reads ``max |x|`` of the operand it rounds, which hardware only
+knows once the whole accumulator output exists. A *predicted* range is fixed before:
+each layer keeps, per gradient path, the absmax it observed on its last ``history``
+calls and uses ``margin × max(history)`` as this call's range.
+
+* **Granularity.** Per row where rows persist from step to step: the ∇W path's rows are
+  the layer's output features, so PSQ there keeps one predicted range per feature.
+  Elsewhere (∇X path rows are samples; BHQ and Hadamard mix rows anew each call) one
+  range for the whole tensor.
+* **Overflow.** Values beyond the predicted range are either clipped to the grid's end
+  (``clip``: biased, the clipped mass is reported) or the call is quantized again with
+  its own dynamic range (``requantize``: stays unbiased, costs a second pass). Both are
+  counted.
+* **Warm-up.** A tracker with no usable history quantizes dynamically (counted as
+  ``dynamic_calls``) and records the range it saw.
+* **Non-finite gradients** are quantized as usual (NaN/Inf propagate) but never enter
+  the history.
+
+Prediction uses only earlier calls, so given the data the rounding is still stochastic
+rounding on a fixed grid: unbiased unless values are clipped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+class RangeMode(enum.Enum):
+    """Where a gradient quantizer's range comes from."""
+
+    DYNAMIC = "dynamic"  # max |x| of this very operand
+    PREDICTED = "predicted"  # from earlier calls, known before the producing GEMM
+
+
+class Overflow(enum.Enum):
+    """What a predicted range does with values beyond it."""
+
+    CLIP = "clip"  # clip to the end of the grid (biased; counted and measured)
+    REQUANTIZE = "requantize"  # quantize this call again with its dynamic range
+
+
+@dataclass
+class RangeStats:
+    """Counters of one tracker (plain numbers: JSON-friendly, summed over calls)."""
+
+    calls: int = 0  # quantizations done through this tracker
+    dynamic_calls: int = 0  # no usable history yet: quantized with the dynamic range
+    overflow_calls: int = 0  # calls with at least one value beyond the predicted range
+    requantized_calls: int = 0  # overflow calls quantized again (overflow="requantize")
+    nonfinite_calls: int = 0  # calls whose operand held NaN/Inf (not recorded)
+    elements: int = 0  # elements quantized with a predicted range
+    overflow_elements: int = 0  # of which beyond the range
+    clipped_sq: float = 0.0  # Σ (|x| − range)₊² over clipped calls (overflow="clip")
+    total_sq: float = 0.0  # Σ x² over calls with a predicted range
+
+    def __add__(self, other: RangeStats) -> RangeStats:
+        return RangeStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def __sub__(self, other: RangeStats) -> RangeStats:
+        return RangeStats(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
+
+    @property
+    def overflow_rate(self) -> float:
+        """Fraction of predicted-range elements beyond the range."""
+        return self.overflow_elements / self.elements if self.elements else 0.0
+
+    @property
+    def clipped_norm(self) -> float:
+        """``‖x − clip(x)‖ / ‖x‖`` over all predicted-range calls (0 without clipping)."""
+        return math.sqrt(self.clipped_sq / self.total_sq) if self.total_sq > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "overflow_rate": self.overflow_rate,
+                "clipped_norm": self.clipped_norm}
+
+
+class RangeTracker:
+    """Predicted range of one gradient path of one layer.
+
+    ``history`` past absmax observations (a ring buffer of shape (history, R): R rows when
+    ``per_row``, else 1); the prediction is ``margin × max`` over them. ``frozen``
+    trackers predict and count but do not record (for repeated draws of one minibatch).
+    """
+
+    def __init__(self, history: int, margin: float, per_row: bool, overflow: Overflow) -> None:
+        self.history = history
+        self.margin = margin
+        self.per_row = per_row
+        self.overflow = Overflow(overflow)
+        self.frozen = False
+        self.stats = RangeStats()
+        self._hist: torch.Tensor | None = None
+        self._count = 0
+
+    def key(self) -> tuple:
+        """What must match for a tracker to be reused under a new config."""
+        return (self.history, self.margin, self.per_row, self.overflow)
+
+    def predict(self) -> torch.Tensor | None:
+        """This call's range, (R, 1) or (1, 1) float32 > 0; ``None`` without history.
+
+        A row that was all zero in every recorded call gets the largest row's range
+        (it has no range of its own to go by)."""
+        if self._hist is None or self._count == 0:
+            return None
+        seen = self._hist[: min(self._count, self.history)].amax(dim=0)  # (R,)
+        top = seen.amax()
+        if not bool(top > 0):
+            return None
+        seen = torch.where(seen > 0, seen, top)
+        return (seen * self.margin).reshape(-1, 1)
+
+    def record(self, observed: torch.Tensor) -> None:
+        """Add one call's absmax ((R, 1) or (1, 1)) to the history (not when frozen or
+        non-finite)."""
+        obs = observed.detach().reshape(-1).float()
+        if not bool(torch.isfinite(obs).all()):
+            self.stats.nonfinite_calls += 1
+            return
+        if self.frozen:
+            return
+        if self._hist is None:
+            self._hist = obs.new_zeros(self.history, obs.numel())
+        elif self._hist.shape[1] != obs.numel():
+            raise ValueError(
+                f"predicted range: this tracker holds {self._hist.shape[1]} rows, the gradient "
+                f"has {obs.numel()}; per-row ranges need the same rows every call")
+        self._hist[self._count % self.history] = obs.to(self._hist.device)
+        self._count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hist": None if self._hist is None else self._hist.clone(), "count": self._count,
+                "stats": asdict(self.stats), "key": [self.history, self.margin, self.per_row,
+                                                     self.overflow.value]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = tuple(state["key"])
+        mine = (self.history, self.margin, self.per_row, self.overflow.value)
+        if saved != mine:
+            raise ValueError(f"range state was saved with (history, margin, per_row, overflow) "
+                             f"= {saved}, this tracker has {mine}")
+        self._hist = None if state["hist"] is None else state["hist"].clone()
+        self._count = int(state["count"])
+        self.stats = RangeStats(**state["stats"])
+
+
+__all__ = ["Overflow", "RangeMode", "RangeStats", "RangeTracker"]

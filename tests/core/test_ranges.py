@@ -1,0 +1,262 @@
+"""Predicted gradient ranges: the fixed-grid kernel, the tracker's history and
+prediction, overflow handling (clip is counted and biased, requantize stays unbiased),
+layers, config and the checkpointed state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import assert_unbiased
+from torch import nn
+
+import lowbit
+from lowbit import FQTConfig, GradSpec
+from lowbit.formats import IntFormat
+from lowbit.kernels import Backend, compiled, quantize_codes_fixed, reference
+from lowbit.quantizers import get_quantizer
+from lowbit.ranges import Overflow, RangeMode, RangeStats, RangeTracker
+
+
+def _seed(s: int) -> torch.Tensor:
+    return torch.tensor(s, dtype=torch.int64)
+
+
+# -- the fixed-grid kernel ----------------------------------------------------------------
+def test_fixed_grid_counts_and_clips_exactly() -> None:
+    x = torch.tensor([[0.5, -3.0, 1.0], [2.5, 0.0, -0.25]])
+    amax = torch.tensor([[1.0], [2.0]])
+    codes, step, obs, n_over, clip_sq, tot_sq = reference.quantize_codes_fixed(x, amax, 7, False, _seed(0))
+    assert torch.equal(step, amax / 7)
+    assert torch.equal(obs, torch.tensor([[3.0], [2.5]]))
+    assert int(n_over) == 2  # -3 beyond 1, 2.5 beyond 2
+    assert float(clip_sq) == pytest.approx(2.0**2 + 0.5**2)
+    assert float(tot_sq) == pytest.approx(float((x * x).sum()))
+    assert codes.tolist() == [[4, -7, 7], [7, 0, -1]]  # clipped to ±qmax, rest round-to-nearest
+
+
+def test_fixed_grid_compiled_equals_reference() -> None:
+    if not compiled.enabled():
+        pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0)")
+    x = torch.randn(256, 160) * torch.logspace(-3, 3, 256)[:, None]
+    amax = x.abs().amax(1, keepdim=True) * torch.rand(256, 1).add(0.6)  # some rows overflow
+    ref = reference.quantize_codes_fixed(x, amax, 127, True, _seed(3))
+    fast = compiled.quantize_codes_fixed(x, amax, 127, True, _seed(3))
+    assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1]) and int(ref[3]) == int(fast[3])
+    torch.testing.assert_close(ref[4], fast[4], rtol=1e-4, atol=0)
+
+
+def test_fixed_grid_in_range_is_unbiased() -> None:
+    x = torch.randn(8, 16)
+    amax = torch.full((1, 1), 4.0 * float(x.abs().max()))  # a generous range: nothing clipped
+    draws = []
+    for s in range(1500):
+        codes, step, *_ = reference.quantize_codes_fixed(x, amax, 7, True, _seed(s))
+        draws.append(codes.float() * step)
+    assert_unbiased(torch.stack(draws), x)  # 5σ z-test over 1500 draws (conftest)
+
+
+def test_fixed_grid_propagates_nan_and_empty() -> None:
+    x = torch.tensor([[1.0, float("nan")], [0.5, 0.25]])
+    _, step, *_ = quantize_codes_fixed(x, torch.ones(2, 1), 7, True, _seed(0))
+    assert torch.isnan(step[0, 0]) and torch.isfinite(step[1, 0])
+    codes, step, obs, n_over, *_ = quantize_codes_fixed(torch.zeros(0, 3), torch.ones(1, 1), 7, True,
+                                                        _seed(0))
+    assert codes.shape == (0, 3) and int(n_over) == 0
+
+
+# -- the tracker ------------------------------------------------------------------------
+def test_tracker_predicts_margin_times_recent_max() -> None:
+    t = RangeTracker(history=3, margin=2.0, per_row=True, overflow=Overflow.CLIP)
+    assert t.predict() is None
+    for v in ([1.0, 0.0], [4.0, 0.0], [2.0, 0.0]):
+        t.record(torch.tensor(v).reshape(2, 1))
+    # row 1 never had a range: it borrows the largest row's
+    assert t.predict().flatten().tolist() == [8.0, 8.0]
+    t.record(torch.tensor([[1.0], [0.5]]))  # the 4.0 is still in the last 3
+    t.record(torch.tensor([[1.0], [0.5]]))  # now it has left the ring
+    assert t.predict().flatten().tolist() == [4.0, 1.0]
+
+
+def test_tracker_skips_non_finite_and_frozen_and_checks_rows() -> None:
+    t = RangeTracker(4, 1.5, per_row=False, overflow="requantize")
+    t.record(torch.tensor([[2.0]]))
+    t.record(torch.tensor([[float("inf")]]))
+    assert t.stats.nonfinite_calls == 1 and t.predict().item() == 3.0
+    t.frozen = True
+    t.record(torch.tensor([[10.0]]))
+    assert t.predict().item() == 3.0
+    rows = RangeTracker(4, 1.5, per_row=True, overflow="clip")
+    rows.record(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="holds 3 rows, the gradient has 2"):
+        rows.record(torch.ones(2, 1))
+
+
+def test_tracker_state_round_trip() -> None:
+    t = RangeTracker(4, 2.0, per_row=True, overflow="clip")
+    for i in range(6):
+        t.record(torch.rand(5, 1) * (i + 1))
+    t.stats.overflow_calls = 3
+    u = RangeTracker(4, 2.0, per_row=True, overflow="clip")
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.predict(), t.predict()) and u.stats == t.stats
+    with pytest.raises(ValueError, match="saved with"):
+        RangeTracker(8, 2.0, True, "clip").load_state_dict(t.state_dict())
+
+
+# -- quantizers with a tracker ------------------------------------------------------------
+def _warm(tracker: RangeTracker, a: torch.Tensor, q: str, n: int = 3) -> None:
+    for i in range(n):
+        get_quantizer(q).quantize(a, IntFormat(4), torch.Generator().manual_seed(i), tracker=tracker)
+
+
+@pytest.mark.parametrize("q", ["ptq", "psq", "bhq", "hadamard"])
+def test_requantize_on_overflow_equals_dynamic(q: str) -> None:
+    a = torch.randn(32, 24)
+    # margin 2: the random Hadamard signs move the transformed range from call to call
+    t = RangeTracker(4, 2.0, per_row=q == "psq", overflow=Overflow.REQUANTIZE)
+    _warm(t, a, q)
+    assert t.stats.dynamic_calls == 1 and t.stats.overflow_calls == 0
+    big = 5 * a
+    got = get_quantizer(q).quantize(big, IntFormat(4), torch.Generator().manual_seed(9), tracker=t)
+    want = get_quantizer(q).quantize(big, IntFormat(4), torch.Generator().manual_seed(9))
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.step, want.step)
+    assert t.stats.overflow_calls == 1 and t.stats.requantized_calls == 1
+    assert t.stats.overflow_elements > 0 and t.stats.clipped_sq == 0.0
+
+
+def test_clip_is_counted_and_biased_requantize_is_not() -> None:
+    a = torch.randn(16, 32)
+    out = {}
+    for mode in ("clip", "requantize"):
+        t = RangeTracker(4, 1.0, per_row=False, overflow=mode)
+        _warm(t, a, "ptq")
+        t.frozen = True
+        before = dataclasses.replace(t.stats)
+        big = a * 1.5
+        draws = torch.stack([
+            get_quantizer("ptq").quantize(big, IntFormat(8), torch.Generator().manual_seed(s),
+                                          tracker=t).dequantize() for s in range(400)])
+        out[mode] = (draws, t.stats - before)
+    draws, st = out["clip"]
+    clip_err = (big.abs() - a.abs().max()).clamp_min(0)
+    assert st.overflow_calls == 400 and st.requantized_calls == 0
+    assert st.overflow_elements == 400 * int((clip_err > 0).sum())
+    expect_rel = float(clip_err.pow(2).sum() / big.pow(2).sum()) ** 0.5
+    assert st.clipped_norm == pytest.approx(expect_rel, rel=1e-4)
+    assert float(draws.abs().max()) <= float(a.abs().max()) * (1 + 1e-6)  # clipped at the range
+    with pytest.raises(AssertionError):
+        assert_unbiased(draws, big)  # the clipped elements are biased, by design
+    draws, st = out["requantize"]
+    assert st.requantized_calls == 400
+    assert_unbiased(draws, big)  # 5σ z-test, 400 draws: requantizing keeps SR unbiased
+
+
+# -- layers -------------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    (scale * nn.functional.cross_entropy(model(x), y)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("q", ["psq", "bhq"])
+def test_predicted_fqt_gradient_unbiased_for_qat_gradient(q: str) -> None:
+    from lowbit.analysis.variance import qat_of, with_config
+
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe(f"fqt-{q}-4-predicted", seed=0))
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    for _ in range(4):  # fill the histories
+        _grads(model, x, y)
+    with with_config(model, qat_of):
+        exact = _grads(model, x, y)
+    with lowbit.frozen_ranges(model):
+        draws = torch.stack([_grads(model, x, y, scale=1.0) for _ in range(300)])
+    total = lowbit.range_stats(model)["total"]
+    assert total.calls > 300 and total.dynamic_calls == 3  # one warm-up call per used path
+    assert_unbiased(draws, exact)  # 5σ z-test over 300 draws
+
+
+def test_layer_overflow_is_counted_and_int8_matches_reference() -> None:
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    out = {}
+    for backend in ("int8", "reference"):
+        model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0,
+                                                             backend=backend))
+        for _ in range(3):
+            _grads(model, x, y)
+        g = _grads(model, x, y, scale=10.0)  # ten times the usual gradient: overflow
+        out[backend] = (g, lowbit.range_stats(model))
+    stats = out["reference"][1]
+    assert stats["0/grad_weight"].overflow_calls == 1 and stats["2/grad_input"].overflow_calls == 1
+    assert stats["total"].requantized_calls == stats["total"].overflow_calls
+    assert {k: v.overflow_calls for k, v in stats.items()} == {
+        k: v.overflow_calls for k, v in out["int8"][1].items()}
+    torch.testing.assert_close(out["int8"][0], out["reference"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_row_only_where_rows_persist() -> None:
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-bhq-4-predicted", seed=0))
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    trackers = model[2].range_trackers
+    assert not trackers["grad_input"].per_row  # rows = samples (and BHQ mixes them)
+    assert trackers["grad_weight"].per_row  # ∇W path: PSQ-8 on output features
+
+
+def test_range_state_round_trip_and_errors() -> None:
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-4-predicted", seed=0))
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    state = lowbit.range_state(model)
+    fresh = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-4-predicted", seed=0))
+    lowbit.load_range_state(fresh, state)
+    for name, paths in state.items():
+        for path in paths:
+            a = model.get_submodule(name).range_trackers[path]
+            b = fresh.get_submodule(name).range_trackers[path]
+            assert (a.predict() is None and b.predict() is None) or torch.equal(a.predict(), b.predict())
+    with pytest.raises(KeyError, match="does not have"):
+        lowbit.load_range_state(fresh, {"nope": {}})
+
+
+# -- config -------------------------------------------------------------------------------
+def test_recipes_and_spec_validation() -> None:
+    cfg = FQTConfig.from_recipe("fqt-bhq-4-predicted")
+    assert cfg.grad_input.range is RangeMode.PREDICTED and cfg.grad_weight.predicted
+    assert lowbit.describe(cfg) == "fwd8/gi:bhq4~pred/gw:psq8~pred"
+    assert FQTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["grad_input"]["range"] == "predicted"
+    assert not FQTConfig.from_recipe("fqt-bhq-4").grad_input.predicted
+    with pytest.raises(ValueError, match="unknown recipe"):
+        FQTConfig.from_recipe("qat-8-predicted")
+    with pytest.raises(ValueError, match="range must be one of"):
+        GradSpec(range="sometimes")
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        GradSpec(overflow="ignore")
+    with pytest.raises(ValueError, match="margin must be a finite number ≥ 1"):
+        GradSpec(margin=0.5)
+    with pytest.raises(ValueError, match="history must be a positive integer"):
+        GradSpec(history=0)
+
+
+def test_stats_arithmetic() -> None:
+    a = RangeStats(calls=3, elements=10, overflow_elements=2, clipped_sq=1.0, total_sq=4.0)
+    b = a + a - a
+    assert b == a and a.overflow_rate == 0.2 and a.clipped_norm == 0.5
+
+
+def test_dynamic_spec_ignores_tracker() -> None:
+    from lowbit.functional import quantize_gradient
+
+    a = torch.randn(6, 5)
+    t = RangeTracker(2, 1.0, False, "clip")
+    t.record(torch.full((1, 1), 1e-3))  # a prediction that would clip everything
+    spec = GradSpec(8, "ptq")  # range="dynamic"
+    got = quantize_gradient(a, spec, torch.Generator().manual_seed(0), Backend.AUTO, t)
+    want = quantize_gradient(a, spec, torch.Generator().manual_seed(0), Backend.AUTO)
+    assert t.stats.calls == 0 and torch.equal(got.codes, want.codes) and torch.equal(got.step, want.step)
