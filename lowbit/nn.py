@@ -40,7 +40,7 @@ def _tracker_for(spec: GradSpec | None, rows_persist: bool,
         return None
     q = get_quantizer(spec.quantizer)
     per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
-    new = RangeTracker(spec.history, spec.margin, per_row, spec.overflow)
+    new = RangeTracker(spec.history, spec.margin, per_row, spec.overflow, spec.quantizer)
     return existing if existing is not None and existing.key() == new.key() else new
 
 
@@ -252,8 +252,7 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     for name, paths in state.items():
         layer = layers[name]
         for path, s in paths.items():
-            history, margin, per_row, overflow = s["key"]
-            t = RangeTracker(history, margin, per_row, overflow)
+            t = RangeTracker(*s["key"])
             t.load_state_dict(s)
             layer.range_trackers[path] = t
 

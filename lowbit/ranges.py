@@ -89,19 +89,21 @@ class RangeTracker:
     trackers predict and count but do not record (for repeated draws of one minibatch).
     """
 
-    def __init__(self, history: int, margin: float, per_row: bool, overflow: Overflow) -> None:
+    def __init__(self, history: int, margin: float, per_row: bool, overflow: Overflow | str,
+                 quantizer: str = "") -> None:
         self.history = history
         self.margin = margin
         self.per_row = per_row
         self.overflow = Overflow(overflow)
+        self.quantizer = quantizer  # whose transformed operand the ranges describe
         self.frozen = False
         self.stats = RangeStats()
         self._hist: torch.Tensor | None = None
         self._count = 0
 
     def key(self) -> tuple:
-        """What must match for a tracker to be reused under a new config."""
-        return (self.history, self.margin, self.per_row, self.overflow)
+        """What must match for a tracker to be reused (or its state loaded)."""
+        return (self.history, self.margin, self.per_row, self.overflow.value, self.quantizer)
 
     def predict(self) -> torch.Tensor | None:
         """This call's range, (R, 1) or (1, 1) float32 > 0; ``None`` without history.
@@ -137,15 +139,13 @@ class RangeTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"hist": None if self._hist is None else self._hist.clone(), "count": self._count,
-                "stats": asdict(self.stats), "key": [self.history, self.margin, self.per_row,
-                                                     self.overflow.value]}
+                "stats": asdict(self.stats), "key": list(self.key())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = tuple(state["key"])
-        mine = (self.history, self.margin, self.per_row, self.overflow.value)
+        saved, mine = tuple(state["key"]), self.key()
         if saved != mine:
-            raise ValueError(f"range state was saved with (history, margin, per_row, overflow) "
-                             f"= {saved}, this tracker has {mine}")
+            raise ValueError(f"range state was saved with (history, margin, per_row, overflow, "
+                             f"quantizer) = {saved}, this tracker has {mine}")
         self._hist = None if state["hist"] is None else state["hist"].clone()
         self._count = int(state["count"])
         self.stats = RangeStats(**state["stats"])

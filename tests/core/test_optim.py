@@ -1,14 +1,29 @@
-"""Low-precision updates: stochastic rounding to bfloat16 is unbiased, keeps updates
-that round-to-nearest loses, and SRSGD trains bfloat16 weights with no float32 copy."""
+"""Low-precision updates: stochastic rounding to bfloat16 and to int8 (per-channel
+power-of-two scales for weights, blockwise scales for state) is unbiased, keeps updates
+that round-to-nearest loses, and SRSGD / SRAdamW train with no float32 copy; memory is
+accounted exactly, non-finite values stay non-finite, and checkpoints resume bitwise."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from conftest import assert_unbiased
 from torch import nn
 
-from lowbit.optim import SRSGD, bytes_per_parameter, stochastic_round_bf16
+from lowbit.optim import (
+    BLOCK_SIZE,
+    SRSGD,
+    SRAdamW,
+    bytes_per_parameter,
+    decode_int8_blockwise,
+    decode_int8_per_channel,
+    encode_int8_blockwise,
+    encode_int8_per_channel,
+    memory_breakdown,
+    stochastic_round_bf16,
+)
 
 
 def test_stochastic_round_bf16_is_unbiased_and_on_grid() -> None:
@@ -52,7 +67,7 @@ def test_srsgd_trains_bf16_weights_without_fp32_copy() -> None:
         loss = (model(x).float() - y.float()).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(s["momentum"].dtype == torch.bfloat16 for s in opt.state.values())
@@ -64,3 +79,231 @@ def test_srsgd_validation() -> None:
         SRSGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         SRSGD(nn.Linear(2, 2).bfloat16().parameters(), lr=0)
+
+
+# ------------------------------------------------------------------ int8 storage formats
+
+
+def test_int8_per_channel_encode_is_unbiased_and_exact_in_bf16() -> None:
+    g = torch.Generator().manual_seed(2)
+    mags = torch.tensor([1e-30, 1e-6, 1e-2, 1.0, 3e2, 1e20, 1e-39])  # last row: subnormal
+    x = torch.randn(7, 3, 5, generator=g) * mags[:, None, None]
+    x[3, 0, 0] = -x[3].abs().amax()  # a value on the edge of the grid (code -127)
+    x = torch.cat([x, torch.zeros(1, 3, 5)])  # an all-zero row
+    draws = []
+    for _ in range(2000):
+        codes, scale = encode_int8_per_channel(x, g)
+        draws.append(decode_int8_per_channel(codes, scale))
+    draws = torch.stack(draws)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.dtype == torch.float32
+    assert torch.equal(torch.frexp(scale).mantissa, torch.full_like(scale, 0.5))  # powers of 2
+    assert torch.equal(draws, draws.bfloat16().float())  # codes·2^k is a bfloat16 number
+    assert scale[-1] == 1 and not draws[:, -1].any()
+    for row in range(7):  # rows one at a time: their magnitudes differ by up to 1e59
+        assert_unbiased(draws[:, row], x[row])  # 5σ z-test (see conftest)
+
+
+def test_int8_blockwise_encode_is_unbiased() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, generator=g)  # 3 blocks of 128, the last one padded
+    x[:128] *= 1e-4
+    x[256:] *= 1e3
+    draws = []
+    for _ in range(2000):
+        codes, scale = encode_int8_blockwise(x, g)
+        draws.append(decode_int8_blockwise(codes, scale))
+    draws = torch.stack(draws)
+    assert codes.dtype == torch.int8 and codes.shape == (300,) and scale.shape == (3,)
+    assert BLOCK_SIZE == 128
+    for block in range(3):
+        sl = slice(128 * block, 128 * (block + 1))
+        assert_unbiased(draws[:, sl], x[sl])  # 5σ z-test (see conftest)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int8_non_finite_never_decodes_finite(bad: float) -> None:
+    x = torch.randn(4, 300)
+    x[1, 5] = bad
+    w = decode_int8_per_channel(*encode_int8_per_channel(x))
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2, 3]]).all()  # NaN row
+    s = decode_int8_blockwise(*encode_int8_blockwise(x))
+    s = s.flatten()  # flat index 305 is in block 2 (elements 256 to 383): a NaN block
+    assert torch.isnan(s[256:384]).all() and torch.isfinite(torch.cat([s[:256], s[384:]])).all()
+
+
+# ------------------------------------------------------------------------- optimizers
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(torch.bfloat16)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(128, 8, generator=g).bfloat16()
+    y = x.float().sum(1, keepdim=True)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x).float() - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _assert_int8_weights_exact(opt: torch.optim.Optimizer) -> None:
+    """The bf16 parameter is exactly the int8 weight (codes·scale), for every ndim ≥ 2 param."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            assert ("weight_codes" in st) == (p.ndim >= 2)
+            if p.ndim >= 2:
+                assert st["weight_codes"].dtype == torch.int8
+                w = decode_int8_per_channel(st["weight_codes"], st["weight_scale"])
+                assert torch.equal(p.float(), w)
+
+
+def test_srsgd_int8_update_is_unbiased() -> None:
+    g = torch.Generator().manual_seed(4)
+    w0 = (torch.randn(4, 32, generator=g) * torch.tensor([1e-3, 1.0, 10.0, 1e3])[:, None])
+    grad = torch.randn(4, 32, generator=g) * w0.abs().amax(1, keepdim=True) / 127  # ~1 step
+    lr = 0.3
+    draws, target = [], None
+    for _ in range(2000):  # independent one-step updates from the same weights
+        p = nn.Parameter(w0.bfloat16())
+        opt = SRSGD([p], lr=lr, generator=g, weights="int8")
+        target = p.detach().float() - lr * grad.bfloat16().float() if target is None else target
+        p.grad = grad.bfloat16()
+        opt.step()
+        draws.append(p.detach().float())
+    _assert_int8_weights_exact(opt)
+    draws = torch.stack(draws)
+    for row in range(4):
+        assert_unbiased(draws[:, row], target[row])  # 5σ z-test (see conftest)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_sradamw_trains_without_fp32_copy(fmt: str) -> None:
+    model = _mlp()
+    opt = SRAdamW(model.parameters(), lr=0.02, weight_decay=0.01,
+                  generator=torch.Generator().manual_seed(0), weights=fmt, state=fmt)
+    losses = _train(model, opt, 60)
+    assert losses[-1] < 0.02 * losses[0]  # observed ≈ 0.004-0.005 for bf16 and int8
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for st in opt.state.values():
+        for key, v in st.items():
+            if key.endswith("_scale"):  # one float32 scale per row or per 128 elements
+                assert fmt == "int8" and v.dtype == torch.float32 and v.ndim == 1
+            elif key == "step":
+                assert isinstance(v, int)
+            else:
+                assert v.dtype == (torch.int8 if key.endswith("_codes") else torch.bfloat16)
+    if fmt == "int8":
+        _assert_int8_weights_exact(opt)
+
+
+# MLP Linear(8, 16) + Linear(16, 1): weights 16×8 and 1×16 (rows of 8 and 16), biases 16, 1;
+# 161 parameters. int8 weights: 128 + 16·4 + 16 + 1·4 codes/scales + bf16 biases 2·17.
+# int8 state: one block (4-byte scale) per tensor: 161 codes + 4·4 scales.
+MLP_BYTES = {
+    (SRSGD, "bf16"): {"weights": 2 * 161, "decode_buffer": 0, "state": 2 * 161},
+    (SRSGD, "int8"): {"weights": 212 + 34, "decode_buffer": 2 * 144, "state": 161 + 16},
+    (SRAdamW, "bf16"): {"weights": 2 * 161, "decode_buffer": 0, "state": 4 * 161},
+    (SRAdamW, "int8"): {"weights": 212 + 34, "decode_buffer": 2 * 144,
+                        "state": 161 + 16 + 2 * 161},  # m int8, v bf16
+}
+
+
+@pytest.mark.parametrize("cls, fmt", list(MLP_BYTES))
+def test_memory_breakdown_counts_every_tensor(cls: type, fmt: str) -> None:
+    model = _mlp()
+    kwargs = {"momentum": 0.9} if cls is SRSGD else {}
+    opt = cls(model.parameters(), lr=0.01, weights=fmt, state=fmt, **kwargs)
+    _train(model, opt, 1)
+    expected = {k: v / 161 for k, v in MLP_BYTES[cls, fmt].items()}
+    expected["total"] = sum(MLP_BYTES[cls, fmt].values()) / 161
+    assert memory_breakdown(opt) == expected
+    assert bytes_per_parameter(opt) == expected["total"]
+
+
+def test_int8_bytes_per_parameter_for_a_large_layer() -> None:
+    # 512 rows of 256: weights 1 + 4/256 B, image 2 B, int8 momentum 1 + 4/128 B.
+    layer = nn.Linear(256, 512, bias=False).bfloat16()
+    opt = SRSGD(layer.parameters(), lr=0.01, momentum=0.9, weights="int8", state="int8")
+    layer.weight.grad = torch.ones_like(layer.weight)
+    opt.step()
+    assert memory_breakdown(opt) == {"weights": 1.015625, "decode_buffer": 2.0,
+                                     "state": 1.03125, "total": 4.046875}
+
+
+def _make(cls: type, fmt: str) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    model, gen = _mlp(), torch.Generator().manual_seed(6)
+    kwargs = {"momentum": 0.9, "weight_decay": 1e-3} if cls is SRSGD else {"weight_decay": 0.01}
+    return model, cls(model.parameters(), lr=0.01, generator=gen, weights=fmt, state=fmt,
+                      **kwargs), gen
+
+
+@pytest.mark.parametrize("cls, fmt", list(MLP_BYTES))
+def test_state_dict_round_trip_is_bitwise(cls: type, fmt: str) -> None:
+    model, opt, gen = _make(cls, fmt)
+    _train(model, opt, 3)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), gen.get_state()))
+    _train(model, opt, 3)
+    model2, opt2, gen2 = _make(cls, fmt)
+    _train(model2, opt2, 1)  # different state, to be overwritten
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    gen2.set_state(saved[2])
+    for pid, st in saved[1]["state"].items():  # int8 codes and float32 scales kept their dtype
+        p2 = list(model2.parameters())[pid]
+        assert {k: v.dtype for k, v in opt2.state[p2].items() if isinstance(v, torch.Tensor)} == \
+            {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
+    _train(model2, opt2, 3)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+        for (k, v), (k2, v2) in zip(opt.state[p].items(), opt2.state[p2].items()):
+            assert k == k2 and (torch.equal(v, v2) if isinstance(v, torch.Tensor) else v == v2)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_non_finite_gradient_keeps_weight_non_finite(cls: type, fmt: str) -> None:
+    model = _mlp()
+    opt = cls(model.parameters(), lr=0.01, weights=fmt, state=fmt,
+              **({"momentum": 0.9} if cls is SRSGD else {}))
+    weight, bias = model[0].weight, model[0].bias
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    weight.grad[0, 0], weight.grad[1, 1], bias.grad[2] = float("nan"), float("inf"), -float("inf")
+    opt.step()
+    for _ in range(3):  # finite gradients afterwards do not heal them
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert not weight[0, 0].isfinite() and not weight[1, 1].isfinite()
+        assert not bias[2].isfinite()
+
+
+def test_validation_names_the_problem() -> None:
+    params = list(_mlp().parameters())
+    with pytest.raises(ValueError, match="weights must be one of 'bf16', 'int8', got 'fp8'"):
+        SRSGD(params, lr=0.1, weights="fp8")
+    with pytest.raises(ValueError, match="state must be one of 'bf16', 'int8', got 'int4'"):
+        SRAdamW(params, lr=0.1, state="int4")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        SRAdamW(params, lr=-1e-3)
+    for betas in [(0.9, 1.0), (-0.1, 0.999), (0.9,)]:
+        with pytest.raises(ValueError, match="betas must be two numbers in"):
+            SRAdamW(params, lr=0.1, betas=betas)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        SRAdamW(params, lr=0.1, eps=0.0)
+    with pytest.raises(TypeError, match="SRAdamW keeps weights in bfloat16"):
+        SRAdamW(nn.Linear(2, 2).parameters(), lr=0.1)
+    opt = SRSGD(params, lr=0.1)
+    with pytest.raises(TypeError, match="keeps weights in bfloat16"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert len(opt.param_groups) == 1  # the rejected group is not kept
+    with pytest.raises(ValueError, match="ndim ≥ 2"):
+        encode_int8_per_channel(torch.zeros(3))
