@@ -37,7 +37,15 @@ Outputs in ``--out``:
     ``profile`` (:meth:`VarianceProfile.to_dict` or null);
   - ``seconds``: wall time per stage.
 
-* ``variance.csv`` — one row per (quantizer, bits, group) with the ``groups`` fields;
+    With ``--ranges dynamic,predicted,predicted-clip`` every (quantizer, bits) is also
+    measured with predicted gradient ranges (``lowbit.ranges``; ``predicted`` re-quantizes
+    on overflow, ``predicted-clip`` clips): the histories are first filled by
+    ``--range-calibration`` FQT backward passes on fresh training batches (no weight
+    update), then frozen for the study; such runs add ``range`` and ``range_stats`` (the
+    overflow counters of the study, :class:`~lowbit.ranges.RangeStats`) and skip the
+    profile.
+
+* ``variance.csv`` — one row per (quantizer, bits, range, group) with the ``groups`` fields;
 * ``bins_<B>bit.png`` — bin utilization; ``profile_<Q><B>.png`` — variance profile
   heatmaps; ``bounds.png`` — measured against predicted; ``summary.md``.
 """
@@ -61,8 +69,9 @@ from torch import nn
 
 from ..config import FQTConfig, GradSpec
 from ..formats import MAX_BITS, MIN_BITS
-from ..nn import convert, fqt_layers
+from ..nn import convert, fqt_layers, frozen_ranges, range_stats
 from ..quantizers import QUANTIZERS
+from ..ranges import Overflow, RangeMode
 from ._model import (
     LossFn,
     capture,
@@ -88,6 +97,7 @@ DEFAULT_BATCH_SIZE = {"digits": 32, "fashion-mnist": 32, "text": 16}
 DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
 DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
 TEXT_BLOCK = 64  # tokens per window
+RANGES = ("dynamic", "predicted", "predicted-clip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--spectrum", default="layer",
       help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum)")
     a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")
+    a("--ranges", default="dynamic",
+      help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
+    a("--range-calibration", type=int, default=16,
+      help="FQT backward passes that fill the predicted-range histories (default 16)")
     a("--profile", default=None,
       help="quantizers to profile layer by layer (default: all of --quantizers; 'none': off)")
     a("--profile-batches", type=int, default=1, help="minibatches of the profile")
@@ -145,6 +159,8 @@ class Options:
     bin_layer: str | None
     threads: int | None
     progress: bool
+    ranges: list[str]
+    range_calibration: int
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -202,6 +218,10 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
     if args.subset is not None:
         _at_least("subset", args.subset, 1)
+    ranges = [x.strip() for x in args.ranges.split(",") if x.strip()]
+    if not ranges or any(r not in RANGES for r in ranges):
+        raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
+                         f"got {args.ranges!r}")
     lr = DEFAULT_LR[args.task] if args.lr is None else args.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
@@ -218,7 +238,8 @@ def validate(args: argparse.Namespace) -> Options:
         profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
         bin_layer=args.bin_layer,
         threads=None if args.threads is None else _at_least("threads", args.threads, 1),
-        progress=not args.quiet,
+        progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
+        range_calibration=_at_least("range-calibration", args.range_calibration, 1),
     )
 
 
@@ -345,8 +366,26 @@ def _bin_study(model: nn.Module, data: _Data, batch: object,
     return out, paths
 
 
-def _config(q: str, bits: int, seed: int) -> FQTConfig:
-    return FQTConfig(grad_input=GradSpec(bits, q), grad_weight=GradSpec(8, "psq"), seed=seed)
+def _config(q: str, bits: int, seed: int, ranges: str = "dynamic") -> FQTConfig:
+    mode = RangeMode.DYNAMIC if ranges == "dynamic" else RangeMode.PREDICTED
+    over = Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE
+    return FQTConfig(grad_input=GradSpec(bits, q, range=mode, overflow=over),
+                     grad_weight=GradSpec(8, "psq", range=mode, overflow=over), seed=seed)
+
+
+def _calibrate(model: nn.Module, data: _Data, cfg: FQTConfig, opts: Options) -> None:
+    """Fill the predicted-range histories of ``cfg`` with FQT backward passes on fresh
+    training batches (weights and BatchNorm statistics untouched)."""
+    gen = torch.Generator().manual_seed(opts.seed + 7_777)
+    with with_config(model, lambda _: cfg), frozen_buffers(model):
+        for batch in data.train(opts.range_calibration, gen):
+            model.zero_grad(set_to_none=True)
+            data.loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _label(q: str, bits: int, ranges: str) -> str:
+    return f"{q}-{bits}" + ("" if ranges == "dynamic" else f"-{ranges}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,13 +429,23 @@ def run(args: argparse.Namespace) -> int:
     profiles: list[tuple[str, VarianceProfile]] = []
     t = time.perf_counter()
     for bits in opts.bits:
-        for q in opts.quantizers:
+        for q, rmode in ((q, r) for q in opts.quantizers for r in opts.ranges):
             t_run = time.perf_counter()
-            cfg = _config(q, bits, opts.seed)
-            rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,
-                                    spectra=spectra, seed=opts.seed, progress=opts.progress)
+            cfg = _config(q, bits, opts.seed, rmode)
+            extra: dict = {"range": rmode}
+            if rmode == "dynamic":
+                rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,
+                                        spectra=spectra, seed=opts.seed, progress=opts.progress)
+            else:
+                _calibrate(model, data, cfg, opts)
+                before = range_stats(model)["total"]
+                with frozen_ranges(model):
+                    rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,
+                                            spectra=spectra, seed=opts.seed,
+                                            progress=opts.progress)
+                extra["range_stats"] = (range_stats(model)["total"] - before).to_dict()
             prof = None
-            if q in opts.profile and opts.profile_batches:
+            if rmode == "dynamic" and q in opts.profile and opts.profile_batches:
                 pb = opts.profile_batches
                 prof = variance_profile(model, data.loss, batches[:pb], cfg, opts.profile_repeats,
                                         spectra=spectra[:pb] if len(spectra) >= pb else None,
@@ -405,8 +454,9 @@ def run(args: argparse.Namespace) -> int:
                              f"{opts.task}/{model_name}: ∇X {q.upper()}-{bits}, ∇W PSQ-8, "
                              "one layer quantized at a time")
                 profiles.append((f"{q}-{bits}", prof))
-            reports.append((f"{q}-{bits}", rep))
-            runs.append({"quantizer": q, "bits": bits, "seconds": time.perf_counter() - t_run,
+            reports.append((_label(q, bits, rmode), rep))
+            runs.append({"quantizer": q, "bits": bits, **extra,
+                         "seconds": time.perf_counter() - t_run,
                          "report": rep.to_dict(), "profile": prof.to_dict() if prof else None})
     seconds["runs"] = time.perf_counter() - t
     if spectra:
@@ -470,10 +520,11 @@ CSV_FIELDS = [f for f in GroupVariance.__dataclass_fields__]
 def _write_csv(path: Path, runs: list[dict]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["quantizer", "bits", "group", *CSV_FIELDS])
+        w.writerow(["quantizer", "bits", "range", "group", *CSV_FIELDS])
         for r in runs:
             for g, st in r["report"]["groups"].items():
-                w.writerow([r["quantizer"], r["bits"], g, *[st[f] for f in CSV_FIELDS]])
+                w.writerow([r["quantizer"], r["bits"], r["range"], g,
+                            *[st[f] for f in CSV_FIELDS]])
 
 
 def _e(x: float) -> str:
@@ -487,6 +538,31 @@ def _tight(g: GroupVariance) -> str:
     return _e(t)
 
 
+def _range_section(res: dict, reports: list[tuple[str, VarianceReport]]) -> list[str]:
+    """Predicted against dynamic ranges: variance ratio, bias and overflow counters."""
+    by_label = dict(reports)
+    rows = []
+    for run, (_, rep) in zip(res["runs"], reports):
+        if run["range"] == "dynamic":
+            continue
+        st = run["range_stats"]
+        dyn = by_label.get(f"{run['quantizer']}-{run['bits']}")
+        g = rep.groups["total"]
+        ratio = _e(g.quant / dyn.groups["total"].quant) if dyn and dyn.groups["total"].quant else "–"
+        rows.append(f"| {run['quantizer']} | {run['bits']} | {run['range']} | {_e(g.quant)} | {ratio} | "
+                    f"{rep.max_abs_z:.2f} | {st['overflow_calls']} / {st['calls']} | "
+                    f"{st['overflow_rate']:.2e} | {st['clipped_norm']:.2e} |")
+    if not rows:
+        return []
+    return ["", "## Predicted ranges against dynamic ranges", "",
+            ("| ∇X quantizer | bits | range | quant var | / dynamic | max abs z (bias) "
+             "| calls with overflow | elements beyond range | clipped norm / norm |"),
+            "|---|---|---|---|---|---|---|---|---|", *rows, "",
+            ("Histories filled by FQT backward passes on fresh training batches, then frozen; "
+             "the counters cover the study's draws. `predicted` re-quantizes a call that "
+             "overflows (unbiased), `predicted-clip` clips it (biased by the clipped mass).")]
+
+
 def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
              profiles: list[tuple[str, VarianceProfile]]) -> str:
     m = res["machine"]
@@ -496,14 +572,15 @@ def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
               f"({m['torch_threads']} threads); total {res['seconds']['total']:.0f} s  "),
              f"Data: {res['data']}; warm-up: {res['warmup']}", ""]
     ptq = {int(label.split("-")[1]): r.groups["total"].quant for label, r in reports
-           if label.startswith("ptq-")}
+           if label.startswith("ptq-") and label.count("-") == 1}
     lines += ["## Decomposition, all parameters (Theorem 2)", "",
               ("| ∇X quantizer | bits | SGD var | quant var | PTQ / this | total "
                "| gap / total (± s.e.) | max abs z (bias) | bound holds: data / analytic "
                "| tightness total: data / analytic |"),
               "|---|---|---|---|---|---|---|---|---|---|"]
     for label, rep in reports:
-        q, b = label.split("-")
+        q, b, *mode = label.split("-", 2)
+        q = f"{q} ({mode[0]} range)" if mode else q
         g = rep.groups["total"]
         ratio = _e(ptq[int(b)] / g.quant) if int(b) in ptq and g.quant > 0 else "–"
         holds = "–" if not rep.bound_batches else " / ".join(
@@ -543,6 +620,7 @@ def _summary(res: dict, reports: list[tuple[str, VarianceReport]],
                 pred = p.pred_data[i][-1] if p.pred_data else math.nan
                 cells += [_e(meas), _e(meas / pred) if pred > 0 else "–"]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines += _range_section(res, reports)
     bins = res["bins"]
     lines += ["", (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
               "rows = samples"), "",

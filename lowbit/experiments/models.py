@@ -241,7 +241,7 @@ class TinyGPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(b * t))
+            loss = F.cross_entropy(logits.reshape(b * t, -1).float(), targets.reshape(b * t))
         return logits, loss
 
 

@@ -35,7 +35,8 @@ from .tasks import TASK_CLASSES
 BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
 # Settings that tell runs of one table apart from each other (not from other tables).
 PER_RUN_FIELDS = frozenset(
-    {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps"}
+    {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps",
+     "weights", "opt_state"}
 )
 HEADER = """# Results
 
@@ -69,11 +70,15 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Recipe name, plus the gradient bits when overridden and a backend other than auto."""
+        """Recipe name, plus the gradient bits when overridden, a backend other than auto
+        and low-precision weights / optimizer state."""
         label = self.train["recipe"]
         if self.train.get("grad_input_bits") or self.train.get("grad_weight_bits"):
             fqt = FQTConfig.from_dict(self.fqt)
             label += f" gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
+        weights = self.train.get("weights", "fp32")
+        if weights != "fp32":
+            label += f", {weights} weights + {self.train.get('opt_state', weights)} state"
         backend = self.train.get("backend", "auto")
         return label if backend == "auto" else f"{label} [{backend}]"
 
@@ -128,6 +133,20 @@ def _fmt(value: float, std: float | None, scale: float, digits: int) -> str:
     return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
 
 
+def _memory_and_range_notes(done: list[Run]) -> list[str]:
+    """Bytes per parameter of weights + optimizer state, and how often predicted gradient
+    ranges overflowed (over all epochs of all seeds), when the runs logged them."""
+    notes = []
+    if done and (bpp := done[0].rows[-1].get("bytes_per_param")) is not None:
+        stored = done[0].rows[-1].get("bytes_per_param_stored", bpp)
+        notes.append(f"{bpp:.2f} B/param" + (f" ({stored:.2f} stored)" if stored != bpp else ""))
+    overflow = [row["range_overflow_calls"] for r in done for row in r.rows
+                if "range_overflow_calls" in row]
+    if overflow:
+        notes.append(f"range overflow in {sum(overflow)} quantizer calls")
+    return notes
+
+
 def table(runs: list[Run], figure_names: list[str]) -> list[str]:
     """Markdown lines for one task/setting: a row per recipe (label)."""
     first = runs[0].train
@@ -160,6 +179,7 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
             notes.append(f"{n_div} diverged")
         if n_part := sum(not r.complete and r.status != "diverged" for r in group):
             notes.append(f"{n_part} unfinished")
+        notes += _memory_and_range_notes(done)
         score = _fmt(*_mean_std(finals), scale, digits) if finals else "–"
         ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
         ratio = f"{ms / qat8:.2f}×" if ms is not None and qat8 else "–"

@@ -114,7 +114,7 @@ class ImageTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch  # (B, 1, H, W), (B,)
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x).float(), y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 1000) -> dict[str, float]:
@@ -122,7 +122,7 @@ class ImageTask(Task):
         model.eval()
         correct, total_loss = 0, 0.0
         for xb, yb in D.iterate_batches(self.x_eval, self.y_eval, batch_size, False, None):
-            logits = model(xb)  # (B, classes)
+            logits = model(xb).float()  # (B, classes)
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(1) == yb).sum())
         model.train(was_training)

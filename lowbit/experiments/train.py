@@ -41,6 +41,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-input-bits", help="bits of the ∇X gradient quantizer, 2..8 (fqt-* recipes)")
     add("--grad-weight-bits", help="bits of the ∇W gradient quantizer, 2..8 (fqt-* recipes)")
     add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
+    add("--weights", default="fp32",
+        help="weight storage: fp32 (float32 master), bf16 or int8 (SR updates, no fp32 copy)")
+    add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
+        "(default: as --weights)")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
     add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     add("--threads", help="CPU threads for torch (default: torch's choice)")
@@ -119,6 +123,8 @@ def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     for k in ("lr", "weight_decay"):
         fields[k] = parse_float(f"--{k.replace('_', '-')}", getattr(args, k))
     fields["backend"] = args.backend
+    fields["weights"] = args.weights
+    fields["opt_state"] = args.opt_state
     fields["model_kwargs"] = parse_model_args(args.model_arg)
     return fields
 

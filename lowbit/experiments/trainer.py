@@ -11,6 +11,12 @@ Images train with SGD (momentum 0.9) and text with AdamW (β = 0.9, 0.95, 5% war
 both follow a cosine schedule over all steps, stepped once per optimizer step. Weight
 decay applies to matrices and conv kernels only (not biases or norm layers).
 
+``weights``: ``fp32`` (torch's optimizers, float32 weights and state), or low precision
+with no float32 copy (``lowbit.optim.SRSGD`` / ``SRAdamW``): ``bf16`` weights and state,
+or ``int8`` weights (per-channel scales) and int8 state (AdamW: first moment int8,
+second bf16); ``opt_state`` overrides the state format. The model then runs in bfloat16
+(inputs cast on entry, logits cast to float32 for the loss).
+
 Reproducibility: the model is initialised under ``torch.manual_seed(seed)`` (so every
 recipe starts from the same weights), the stochastic-rounding generators are seeded from
 ``seed``, and the data order of epoch ``e`` comes from a generator seeded with
@@ -36,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lowbit
+import lowbit.optim
 from lowbit.config import RECIPES, Backend, FQTConfig
 from lowbit.formats import MAX_BITS, MIN_BITS
 
@@ -44,6 +51,7 @@ from .models import DEFAULT_MODEL, MODELS
 from .tasks import TASK_CLASSES, TASKS, Task, make_task
 
 OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 # Fields a resumed run may change without invalidating the checkpoint.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out"})
 
@@ -100,6 +108,8 @@ class TrainConfig:
     eval_subset: int | None = None  # evaluate on the first N images / windows only
     steps_per_epoch: int | None = None  # text only
     max_bad_steps: int = 5
+    weights: str = "fp32"  # fp32 | bf16 | int8 (low precision: no float32 master copy)
+    opt_state: str | None = None  # bf16 | int8 (default: as weights); fp32 weights: fp32
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/run"
 
@@ -166,6 +176,13 @@ class TrainConfig:
                 "steps_per_epoch applies to the text task only (images use full epochs)"
             )
         _positive_int("max_bad_steps", self.max_bad_steps)
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        self.opt_state = self.opt_state or self.weights
+        allowed_state = ("fp32",) if self.weights == "fp32" else ("bf16", "int8")
+        if self.opt_state not in allowed_state:
+            raise ValueError(f"opt_state with {self.weights} weights must be one of "
+                             f"{', '.join(allowed_state)}, got {self.opt_state!r}")
         if not str(self.out):
             raise ValueError("out must be a folder path, got an empty string")
         self.out = str(self.out)
@@ -178,11 +195,13 @@ class TrainConfig:
         return cfg
 
     def run_name(self) -> str:
-        """``{task}-{model}-{recipe}[-giB-gwB]-s{seed}``."""
+        """``{task}-{model}-{recipe}[-giB-gwB][-wFMT[-sFMT]]-s{seed}``."""
         bits = ""
         if self.grad_input_bits is not None or self.grad_weight_bits is not None:
             fqt = self.fqt_config()
             bits = f"-gi{fqt.grad_input.bits}-gw{fqt.grad_weight.bits}"
+        if self.weights != "fp32":
+            bits += f"-w{self.weights}" + (f"-s{self.opt_state}" if self.opt_state != self.weights else "")
         return f"{self.task}-{self.model}-{self.recipe}{bits}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,16 +217,36 @@ class TrainConfig:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay on matrices and kernels (ndim ≥ 2) only."""
+    """SGD or AdamW; weight decay on matrices and kernels (ndim ≥ 2) only. Low-precision
+    ``cfg.weights``: their stochastic-rounding versions, noise seeded from ``cfg.seed``."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.weights != "fp32":
+        low = {"weights": cfg.weights, "state": cfg.opt_state,
+               "generator": torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))}
+        if cfg.optimizer == "sgd":
+            return lowbit.optim.SRSGD(groups, lr=cfg.lr, momentum=cfg.momentum, **low)
+        return lowbit.optim.SRAdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.95), **low)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.95))
+
+
+def to_bfloat16(model: nn.Module) -> nn.Module:
+    """Parameters and buffers to bfloat16; floating inputs are cast on entry (a
+    forward pre-hook), so the task's data need not change."""
+    model.to(torch.bfloat16)
+
+    def cast(_: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
+                     for a in args)
+
+    model.register_forward_pre_hook(cast)
+    return model
 
 
 def cosine_schedule(
@@ -279,6 +318,13 @@ def _load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
+def _memory_row(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Bytes per parameter: everything held (``bytes_per_param``) and the stored training
+    state alone, weights + optimizer state without a decode buffer (``..._stored``)."""
+    mem = lowbit.optim.memory_breakdown(optimizer)
+    return {"bytes_per_param": mem["total"], "bytes_per_param_stored": mem["weights"] + mem["state"]}
+
+
 def _write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
     config = {
         "run": cfg.run_name(),
@@ -322,7 +368,10 @@ def train(
     model = task.build_model()  # same initial weights for every recipe of a seed
     if not fqt.is_fp:
         lowbit.convert(model, fqt)
+    if cfg.weights != "fp32":
+        to_bfloat16(model)
     optimizer = build_optimizer(model, cfg)
+    sr_gen = getattr(optimizer, "generator", None)  # the low-precision optimizers' noise
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = total_steps // 20 if cfg.optimizer == "adamw" else 0
@@ -343,6 +392,8 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             ckpt.restore_rng(model, data_gen, state["rng"])
             lowbit.load_range_state(model, state.get("ranges", {}))
+            if sr_gen is not None:
+                sr_gen.set_state(state["optim_rng"])  # saved by low-precision runs
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row = state["bad_in_a_row"]
 
@@ -423,6 +474,7 @@ def train(
             "step_time_ms": 1e3 * statistics.median(step_times),
             f"{unit}_per_s": units / sum(step_times),
             "bad_steps": bad_steps,
+            **_memory_row(optimizer),
         }
         if ranges.calls:  # predicted gradient ranges: how often they were exceeded
             row |= {"range_overflow_calls": ranges.overflow_calls,
@@ -442,6 +494,7 @@ def train(
                 "fqt_config": fqt.to_dict(),
                 "rng": ckpt.capture_rng(model, data_gen),
                 "ranges": lowbit.range_state(model),
+                "optim_rng": None if sr_gen is None else sr_gen.get_state(),
                 "history": history,
                 "bad_in_a_row": bad_in_a_row,
             },

@@ -23,6 +23,8 @@ def parse(*argv: str):
     (["--task", "digits", "--repeats", "1"], "--repeats must be ≥ 2"),
     (["--task", "digits", "--spectrum", "full"], "--spectrum must be one of pairs, layer"),
     (["--task", "digits", "--bound-batches", "20"], "must be ≤ --batches"),
+    (["--task", "digits", "--ranges", "dynamic,guessed"], "--ranges must be a comma-separated list"),
+    (["--task", "digits", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
 ])
 def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
     from lowbit.analysis.cli import validate
@@ -57,3 +59,24 @@ def test_end_to_end_on_digits(tmp_path) -> None:
     for name in ("bins_4bit.png", "profile_bhq4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
     assert "| bhq | 4 |" in (out / "summary.md").read_text()
+
+
+def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:
+    out = tmp_path / "v"
+    rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq",
+               "--bits", "4", "--out", str(out), "--batches", "3", "--repeats", "3",
+               "--ranges", "dynamic,predicted,predicted-clip", "--range-calibration", "4",
+               "--bound-batches", "0", "--profile", "none", "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "variance.json").read_text())
+    assert [r["range"] for r in res["runs"]] == ["dynamic", "predicted", "predicted-clip"]
+    n_layers = len(res["layers"])
+    for r in res["runs"][1:]:
+        st = r["range_stats"]
+        # every study draw (3 batches × 3 repeats) quantized ∇W of each layer and ∇X of all
+        # but the first, none of them as a warm-up (the histories were calibrated)
+        assert st["calls"] == 9 * (2 * n_layers - 1) and st["dynamic_calls"] == 0
+    assert "## Predicted ranges against dynamic ranges" in (out / "summary.md").read_text()
+    with (out / "variance.csv").open() as fh:
+        assert {row["range"] for row in csv.DictReader(fh)} == {"dynamic", "predicted",
+                                                               "predicted-clip"}
