@@ -174,6 +174,17 @@ class FQTConfig:
             gw = dataclasses.replace(gw, bits=grad_weight)
         return dataclasses.replace(self, grad_input=gi, grad_weight=gw)
 
+    def with_ranges(self, **fields: object) -> FQTConfig:
+        """Same recipe with other predicted-range settings (``margin``, ``history``,
+        ``overflow``) on every gradient spec whose range is predicted."""
+        if not any(g is not None and g.predicted for g in (self.grad_input, self.grad_weight)):
+            raise ValueError("range settings apply to predicted ranges: use an "
+                             "fqt-*-predicted recipe or GradSpec(range='predicted')")
+        def upd(g: GradSpec | None) -> GradSpec | None:
+            return dataclasses.replace(g, **fields) if g is not None and g.predicted else g
+        return dataclasses.replace(self, grad_input=upd(self.grad_input),
+                                   grad_weight=upd(self.grad_weight))
+
     def to_dict(self) -> dict:
         """JSON-friendly form (enums as their values)."""
         def conv(x: object) -> object:

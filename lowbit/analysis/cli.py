@@ -123,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")
     a("--ranges", default="dynamic",
       help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
+    a("--range-margin", type=float, default=2.0,
+      help="predicted range = margin × the largest recent absmax (≥ 1, default 2)")
     a("--range-calibration", type=int, default=16,
       help="FQT backward passes that fill the predicted-range histories (default 16)")
     a("--profile", default=None,
@@ -161,6 +163,7 @@ class Options:
     progress: bool
     ranges: list[str]
     range_calibration: int
+    range_margin: float
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -222,6 +225,9 @@ def validate(args: argparse.Namespace) -> Options:
     if not ranges or any(r not in RANGES for r in ranges):
         raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
                          f"got {args.ranges!r}")
+    margin = args.range_margin
+    if not (math.isfinite(margin) and margin >= 1):
+        raise ValueError(f"--range-margin must be a finite number ≥ 1, got {margin}")
     lr = DEFAULT_LR[args.task] if args.lr is None else args.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
@@ -240,6 +246,7 @@ def validate(args: argparse.Namespace) -> Options:
         threads=None if args.threads is None else _at_least("threads", args.threads, 1),
         progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
         range_calibration=_at_least("range-calibration", args.range_calibration, 1),
+        range_margin=margin,
     )
 
 
@@ -366,11 +373,13 @@ def _bin_study(model: nn.Module, data: _Data, batch: object,
     return out, paths
 
 
-def _config(q: str, bits: int, seed: int, ranges: str = "dynamic") -> FQTConfig:
+def _config(q: str, bits: int, seed: int, ranges: str = "dynamic",
+            margin: float = 2.0) -> FQTConfig:
     mode = RangeMode.DYNAMIC if ranges == "dynamic" else RangeMode.PREDICTED
-    over = Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE
-    return FQTConfig(grad_input=GradSpec(bits, q, range=mode, overflow=over),
-                     grad_weight=GradSpec(8, "psq", range=mode, overflow=over), seed=seed)
+    kw = {"range": mode, "margin": margin,
+          "overflow": Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE}
+    return FQTConfig(grad_input=GradSpec(bits, q, **kw), grad_weight=GradSpec(8, "psq", **kw),
+                     seed=seed)
 
 
 def _calibrate(model: nn.Module, data: _Data, cfg: FQTConfig, opts: Options) -> None:
@@ -431,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
     for bits in opts.bits:
         for q, rmode in ((q, r) for q in opts.quantizers for r in opts.ranges):
             t_run = time.perf_counter()
-            cfg = _config(q, bits, opts.seed, rmode)
+            cfg = _config(q, bits, opts.seed, rmode, opts.range_margin)
             extra: dict = {"range": rmode}
             if rmode == "dynamic":
                 rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,

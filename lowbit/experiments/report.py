@@ -36,7 +36,7 @@ BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
 # Settings that tell runs of one table apart from each other (not from other tables).
 PER_RUN_FIELDS = frozenset(
     {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps",
-     "weights", "opt_state"}
+     "weights", "opt_state", "range_margin"}
 )
 HEADER = """# Results
 
@@ -76,6 +76,8 @@ class Run:
         if self.train.get("grad_input_bits") or self.train.get("grad_weight_bits"):
             fqt = FQTConfig.from_dict(self.fqt)
             label += f" gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
+        if self.train.get("range_margin") is not None:
+            label += f" margin {self.train['range_margin']:g}"
         weights = self.train.get("weights", "fp32")
         if weights != "fp32":
             label += f", {weights} weights + {self.train.get('opt_state', weights)} state"

@@ -95,6 +95,7 @@ class TrainConfig:
     recipe: str = "fp"
     grad_input_bits: int | None = None  # override the recipe's ∇X bits (fqt-* only)
     grad_weight_bits: int | None = None  # override the recipe's ∇W bits (fqt-* only)
+    range_margin: float | None = None  # override the predicted-range margin (*-predicted only)
     backend: str = "auto"
     epochs: int = 10
     batch_size: int | None = None
@@ -141,6 +142,10 @@ class TrainConfig:
                 )
             if not self.recipe.startswith("fqt-"):
                 raise ValueError(f"{name} needs an fqt-* recipe, got {self.recipe!r}")
+        if self.range_margin is not None:
+            _finite("range_margin", self.range_margin, 1.0, True)
+            if not self.recipe.endswith("-predicted"):
+                raise ValueError(f"range_margin needs an fqt-*-predicted recipe, got {self.recipe!r}")
         allowed_backends = [b.value for b in Backend]
         if self.backend not in allowed_backends:
             raise ValueError(
@@ -192,14 +197,18 @@ class TrainConfig:
         cfg = FQTConfig.from_recipe(self.recipe, backend=self.backend, seed=self.seed)
         if self.grad_input_bits is not None or self.grad_weight_bits is not None:
             cfg = cfg.with_grad_bits(self.grad_input_bits, self.grad_weight_bits)
+        if self.range_margin is not None:
+            cfg = cfg.with_ranges(margin=float(self.range_margin))
         return cfg
 
     def run_name(self) -> str:
-        """``{task}-{model}-{recipe}[-giB-gwB][-wFMT[-sFMT]]-s{seed}``."""
+        """``{task}-{model}-{recipe}[-giB-gwB][-mMARGIN][-wFMT[-sFMT]]-s{seed}``."""
         bits = ""
         if self.grad_input_bits is not None or self.grad_weight_bits is not None:
             fqt = self.fqt_config()
             bits = f"-gi{fqt.grad_input.bits}-gw{fqt.grad_weight.bits}"
+        if self.range_margin is not None:
+            bits += f"-m{self.range_margin:g}"
         if self.weights != "fp32":
             bits += f"-w{self.weights}" + (f"-s{self.opt_state}" if self.opt_state != self.weights else "")
         return f"{self.task}-{self.model}-{self.recipe}{bits}-s{self.seed}"

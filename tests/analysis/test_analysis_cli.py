@@ -25,6 +25,7 @@ def parse(*argv: str):
     (["--task", "digits", "--bound-batches", "20"], "must be ≤ --batches"),
     (["--task", "digits", "--ranges", "dynamic,guessed"], "--ranges must be a comma-separated list"),
     (["--task", "digits", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
+    (["--task", "digits", "--range-margin", "0.5"], "--range-margin must be a finite number ≥ 1"),
 ])
 def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
     from lowbit.analysis.cli import validate

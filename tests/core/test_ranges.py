@@ -244,6 +244,15 @@ def test_recipes_and_spec_validation() -> None:
         GradSpec(history=0)
 
 
+def test_with_ranges_changes_predicted_specs_only() -> None:
+    cfg = FQTConfig.from_recipe("fqt-bhq-4-predicted").with_ranges(margin=1.25, overflow="clip")
+    assert cfg.grad_input.margin == 1.25 and cfg.grad_weight.overflow is Overflow.CLIP
+    mixed = FQTConfig(grad_input=GradSpec(4, "bhq"), grad_weight=GradSpec(8, range="predicted"))
+    assert mixed.with_ranges(history=4).grad_input == mixed.grad_input
+    with pytest.raises(ValueError, match="apply to predicted ranges"):
+        FQTConfig.from_recipe("fqt-bhq-4").with_ranges(margin=1.5)
+
+
 def test_stats_arithmetic() -> None:
     a = RangeStats(calls=3, elements=10, overflow_elements=2, clipped_sq=1.0, total_sq=4.0)
     b = a + a - a

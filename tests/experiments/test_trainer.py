@@ -277,6 +277,7 @@ def test_nan_metrics_are_written_as_null_not_numbers(tmp_path):
         ("steps_per_epoch", 5, "text task only"),
         ("max_bad_steps", 0, "max_bad_steps must be a positive integer"),
         ("weights", "fp16", "weights must be one of fp32, bf16, int8"),
+        ("range_margin", 1.5, "range_margin needs an fqt-\\*-predicted recipe"),
         ("opt_state", "int8", "opt_state with fp32 weights must be one of fp32"),
     ],
 )
