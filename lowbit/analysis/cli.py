@@ -125,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
     a("--range-margin", type=float, default=2.0,
       help="predicted range = margin × the largest recent absmax (≥ 1, default 2)")
+    a("--range-history", type=int, default=16,
+      help="predicted range: calls whose absmax is remembered (default 16)")
     a("--range-calibration", type=int, default=16,
       help="FQT backward passes that fill the predicted-range histories (default 16)")
     a("--profile", default=None,
@@ -164,6 +166,7 @@ class Options:
     ranges: list[str]
     range_calibration: int
     range_margin: float
+    range_history: int
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -246,7 +249,7 @@ def validate(args: argparse.Namespace) -> Options:
         threads=None if args.threads is None else _at_least("threads", args.threads, 1),
         progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
         range_calibration=_at_least("range-calibration", args.range_calibration, 1),
-        range_margin=margin,
+        range_margin=margin, range_history=_at_least("range-history", args.range_history, 1),
     )
 
 
@@ -374,9 +377,9 @@ def _bin_study(model: nn.Module, data: _Data, batch: object,
 
 
 def _config(q: str, bits: int, seed: int, ranges: str = "dynamic",
-            margin: float = 2.0) -> FQTConfig:
+            margin: float = 2.0, history: int = 16) -> FQTConfig:
     mode = RangeMode.DYNAMIC if ranges == "dynamic" else RangeMode.PREDICTED
-    kw = {"range": mode, "margin": margin,
+    kw = {"range": mode, "margin": margin, "history": history,
           "overflow": Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE}
     return FQTConfig(grad_input=GradSpec(bits, q, **kw), grad_weight=GradSpec(8, "psq", **kw),
                      seed=seed)
@@ -440,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     for bits in opts.bits:
         for q, rmode in ((q, r) for q in opts.quantizers for r in opts.ranges):
             t_run = time.perf_counter()
-            cfg = _config(q, bits, opts.seed, rmode, opts.range_margin)
+            cfg = _config(q, bits, opts.seed, rmode, opts.range_margin, opts.range_history)
             extra: dict = {"range": rmode}
             if rmode == "dynamic":
                 rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,
