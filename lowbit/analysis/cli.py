@@ -123,8 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")
     a("--ranges", default="dynamic",
       help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
-    a("--range-margin", type=float, default=2.0,
-      help="predicted range = margin × the largest recent absmax (≥ 1, default 2)")
+    a("--range-margin", type=float, default=1.25,
+      help="predicted range = margin × the largest recent absmax (≥ 1, default 1.25)")
     a("--range-history", type=int, default=16,
       help="predicted range: calls whose absmax is remembered (default 16)")
     a("--range-calibration", type=int, default=16,
@@ -377,7 +377,7 @@ def _bin_study(model: nn.Module, data: _Data, batch: object,
 
 
 def _config(q: str, bits: int, seed: int, ranges: str = "dynamic",
-            margin: float = 2.0, history: int = 16) -> FQTConfig:
+            margin: float = 1.25, history: int = 16) -> FQTConfig:
     mode = RangeMode.DYNAMIC if ranges == "dynamic" else RangeMode.PREDICTED
     kw = {"range": mode, "margin": margin, "history": history,
           "overflow": Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE}

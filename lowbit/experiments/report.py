@@ -76,8 +76,10 @@ class Run:
         if self.train.get("grad_input_bits") or self.train.get("grad_weight_bits"):
             fqt = FQTConfig.from_dict(self.fqt)
             label += f" gi{fqt.grad_input.bits}/gw{fqt.grad_weight.bits}"
-        if self.train.get("range_margin") is not None:
-            label += f" margin {self.train['range_margin']:g}"
+        margins = {g["margin"] for g in (self.fqt.get("grad_input"), self.fqt.get("grad_weight"))
+                   if g and g.get("range") == "predicted"}
+        if margins:
+            label += " margin " + "/".join(f"{m:g}" for m in sorted(margins))
         weights = self.train.get("weights", "fp32")
         if weights != "fp32":
             label += f", {weights} weights + {self.train.get('opt_state', weights)} state"

@@ -40,7 +40,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps-per-epoch", help="text only: optimizer steps per epoch (default 200)")
     add("--grad-input-bits", help="bits of the ∇X gradient quantizer, 2..8 (fqt-* recipes)")
     add("--grad-weight-bits", help="bits of the ∇W gradient quantizer, 2..8 (fqt-* recipes)")
-    add("--range-margin", help="predicted-range margin ≥ 1 (fqt-*-predicted recipes; default 2)")
+    add("--range-margin", help="predicted-range margin ≥ 1 (fqt-*-predicted recipes; default 1.25)")
     add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
     add("--weights", default="fp32",
         help="weight storage: fp32 (float32 master), bf16 or int8 (SR updates, no fp32 copy)")
