@@ -86,15 +86,18 @@ class Run:
         backend = self.train.get("backend", "auto")
         return label if backend == "auto" else f"{label} [{backend}]"
 
-    def sort_key(self) -> tuple[int, int, int, int]:
-        """fp, then qat-B, then fqt grouped by quantizer; more bits first."""
+    def sort_key(self) -> tuple:
+        """fp, then qat-B, then fqt grouped by quantizer; more bits first; dynamic ranges
+        before predicted ones (wider margin first); fp32 weights before bf16 and int8."""
         fqt = FQTConfig.from_dict(self.fqt)
+        weights = ("fp32", "bf16", "int8").index(self.train.get("weights", "fp32"))
         if fqt.is_fp:
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0, 0, weights
         if not fqt.is_fqt:
-            return 1, 0, -fqt.weight.bits, 0
+            return 1, 0, -fqt.weight.bits, 0, 0, 0, weights
         gi, gw = fqt.grad_input, fqt.grad_weight
-        return 2, list(QUANTIZERS).index(gi.quantizer), -gi.bits, -gw.bits
+        margin = -gi.margin if gi.predicted else 0
+        return 2, list(QUANTIZERS).index(gi.quantizer), -gi.bits, -gw.bits, gi.predicted, margin, weights
 
     def final(self, metric: str) -> float | None:
         return self.rows[-1].get(metric) if self.rows else None

@@ -43,7 +43,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--range-margin", help="predicted-range margin ≥ 1 (fqt-*-predicted recipes; default 1.25)")
     add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
     add("--weights", default="fp32",
-        help="weight storage: fp32 (float32 master), bf16 or int8 (SR updates, no fp32 copy)")
+        help="weight storage: fp32, bf16-master (bf16 model + fp32 master copy), bf16 or "
+        "int8 (SR updates, no fp32 copy)")
     add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
         "(default: as --weights)")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")

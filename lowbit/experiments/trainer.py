@@ -11,11 +11,14 @@ Images train with SGD (momentum 0.9) and text with AdamW (β = 0.9, 0.95, 5% war
 both follow a cosine schedule over all steps, stepped once per optimizer step. Weight
 decay applies to matrices and conv kernels only (not biases or norm layers).
 
-``weights``: ``fp32`` (torch's optimizers, float32 weights and state), or low precision
-with no float32 copy (``lowbit.optim.SRSGD`` / ``SRAdamW``): ``bf16`` weights and state,
-or ``int8`` weights (per-channel scales) and int8 state (AdamW: first moment int8,
-second bf16); ``opt_state`` overrides the state format. The model then runs in bfloat16
-(inputs cast on entry, logits cast to float32 for the loss).
+``weights``: ``fp32`` (torch's optimizers, float32 weights and state); ``bf16-master``
+(the mixed-precision baseline: a bfloat16 model whose float32 master copy is what torch's
+optimizer updates, copied back after each step); or low precision with no float32 copy
+(``lowbit.optim.SRSGD`` / ``SRAdamW``): ``bf16`` weights and state, or ``int8`` weights
+(per-channel scales) and int8 state (AdamW: first moment int8, second bf16);
+``opt_state`` overrides the state format. All but ``fp32`` run the model in bfloat16
+(inputs cast on entry, logits cast to float32 for the loss), so ``bf16-master`` is the
+baseline that differs from ``bf16``/``int8`` in the weight storage only.
 
 Reproducibility: the model is initialised under ``torch.manual_seed(seed)`` (so every
 recipe starts from the same weights), the stochastic-rounding generators are seeded from
@@ -51,7 +54,7 @@ from .models import DEFAULT_MODEL, MODELS
 from .tasks import TASK_CLASSES, TASKS, Task, make_task
 
 OPTIMIZERS = ("sgd", "adamw")
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+WEIGHT_FORMATS = ("fp32", "bf16-master", "bf16", "int8")
 # Fields a resumed run may change without invalidating the checkpoint.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out"})
 
@@ -109,7 +112,7 @@ class TrainConfig:
     eval_subset: int | None = None  # evaluate on the first N images / windows only
     steps_per_epoch: int | None = None  # text only
     max_bad_steps: int = 5
-    weights: str = "fp32"  # fp32 | bf16 | int8 (low precision: no float32 master copy)
+    weights: str = "fp32"  # fp32 | bf16-master | bf16 | int8 (the last two: no float32 copy)
     opt_state: str | None = None  # bf16 | int8 (default: as weights); fp32 weights: fp32
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/run"
@@ -183,14 +186,18 @@ class TrainConfig:
         _positive_int("max_bad_steps", self.max_bad_steps)
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
-        self.opt_state = self.opt_state or self.weights
-        allowed_state = ("fp32",) if self.weights == "fp32" else ("bf16", "int8")
+        self.opt_state = self.opt_state or self.default_state()
+        allowed_state = ("fp32",) if self.weights in ("fp32", "bf16-master") else ("bf16", "int8")
         if self.opt_state not in allowed_state:
             raise ValueError(f"opt_state with {self.weights} weights must be one of "
                              f"{', '.join(allowed_state)}, got {self.opt_state!r}")
         if not str(self.out):
             raise ValueError("out must be a folder path, got an empty string")
         self.out = str(self.out)
+
+    def default_state(self) -> str:
+        """The optimizer-state format that goes with ``weights`` unless overridden."""
+        return "fp32" if self.weights in ("fp32", "bf16-master") else self.weights
 
     def fqt_config(self) -> FQTConfig:
         """The resolved recipe: backend, SR seed and gradient-bit overrides applied."""
@@ -210,7 +217,8 @@ class TrainConfig:
         if self.range_margin is not None:
             bits += f"-m{self.range_margin:g}"
         if self.weights != "fp32":
-            bits += f"-w{self.weights}" + (f"-s{self.opt_state}" if self.opt_state != self.weights else "")
+            bits += f"-w{self.weights}"
+            bits += f"-s{self.opt_state}" if self.opt_state != self.default_state() else ""
         return f"{self.task}-{self.model}-{self.recipe}{bits}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,16 +233,48 @@ class TrainConfig:
 # --------------------------------------------------------------------------- pieces
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+class MasterWeights:
+    """float32 master copies of a bfloat16 model's parameters (the mixed-precision
+    baseline): the optimizer updates the masters, the model gets their bfloat16 rounding."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.pairs = [(p, p.detach().float().clone().requires_grad_(True)) for p in params]
+        self.of = {id(p): m for p, m in self.pairs}
+
+    def grads_in(self) -> None:
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        for p, m in self.pairs:
+            p.copy_(m)
+
+    def state(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for _, m in self.pairs]
+
+    @torch.no_grad()
+    def load(self, masters: list[torch.Tensor]) -> None:
+        for (_, m), saved in zip(self.pairs, masters, strict=True):
+            m.copy_(saved)
+        self.weights_out()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig,
+                    master: MasterWeights | None = None) -> torch.optim.Optimizer:
     """SGD or AdamW; weight decay on matrices and kernels (ndim ≥ 2) only. Low-precision
-    ``cfg.weights``: their stochastic-rounding versions, noise seeded from ``cfg.seed``."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    ``cfg.weights``: their stochastic-rounding versions, noise seeded from ``cfg.seed``;
+    with ``master``, the optimizer updates the master copies."""
+    def pick(p: torch.Tensor) -> torch.Tensor:
+        return p if master is None else master.of[id(p)]
+
+    decay = [pick(p) for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [pick(p) for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if cfg.weights != "fp32":
+    if cfg.weights in ("bf16", "int8"):
         low = {"weights": cfg.weights, "state": cfg.opt_state,
                "generator": torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))}
         if cfg.optimizer == "sgd":
@@ -327,11 +367,19 @@ def _load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def _memory_row(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def _memory_row(optimizer: torch.optim.Optimizer, bf16_model: nn.Module | None = None,
+                ) -> dict[str, float]:
     """Bytes per parameter: everything held (``bytes_per_param``) and the stored training
-    state alone, weights + optimizer state without a decode buffer (``..._stored``)."""
+    state alone, weights + optimizer state without a decode buffer (``..._stored``).
+    ``bf16_model``: the optimizer holds float32 masters of this model's bfloat16
+    parameters, which count too."""
     mem = lowbit.optim.memory_breakdown(optimizer)
-    return {"bytes_per_param": mem["total"], "bytes_per_param_stored": mem["weights"] + mem["state"]}
+    extra = 0.0
+    if bf16_model is not None:
+        ps = list(bf16_model.parameters())
+        extra = sum(p.numel() * p.element_size() for p in ps) / max(1, sum(p.numel() for p in ps))
+    return {"bytes_per_param": mem["total"] + extra,
+            "bytes_per_param_stored": mem["weights"] + mem["state"] + extra}
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
@@ -379,7 +427,8 @@ def train(
         lowbit.convert(model, fqt)
     if cfg.weights != "fp32":
         to_bfloat16(model)
-    optimizer = build_optimizer(model, cfg)
+    master = MasterWeights(list(model.parameters())) if cfg.weights == "bf16-master" else None
+    optimizer = build_optimizer(model, cfg, master)
     sr_gen = getattr(optimizer, "generator", None)  # the low-precision optimizers' noise
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -403,6 +452,8 @@ def train(
             lowbit.load_range_state(model, state.get("ranges", {}))
             if sr_gen is not None:
                 sr_gen.set_state(state["optim_rng"])  # saved by low-precision runs
+            if master is not None:
+                master.load(state["master"])
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row = state["bad_in_a_row"]
 
@@ -430,7 +481,7 @@ def train(
             t0 = time.perf_counter()
             buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
             loss = task.loss(model, batch)  # scalar
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -439,7 +490,11 @@ def train(
                     [p.grad for p in params if p.grad is not None]
                 )
             if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+                if master is not None:
+                    master.grads_in()
                 optimizer.step()
+                if master is not None:
+                    master.weights_out()
                 losses.append(loss.item())
                 bad_in_a_row = 0
             else:  # skip the update, keep the weights and BN statistics as they were
@@ -483,7 +538,7 @@ def train(
             "step_time_ms": 1e3 * statistics.median(step_times),
             f"{unit}_per_s": units / sum(step_times),
             "bad_steps": bad_steps,
-            **_memory_row(optimizer),
+            **_memory_row(optimizer, model if master is not None else None),
         }
         if ranges.calls:  # predicted gradient ranges: how often they were exceeded
             row |= {"range_overflow_calls": ranges.overflow_calls,
@@ -504,6 +559,7 @@ def train(
                 "rng": ckpt.capture_rng(model, data_gen),
                 "ranges": lowbit.range_state(model),
                 "optim_rng": None if sr_gen is None else sr_gen.get_state(),
+                "master": None if master is None else master.state(),
                 "history": history,
                 "bad_in_a_row": bad_in_a_row,
             },

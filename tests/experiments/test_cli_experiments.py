@@ -103,7 +103,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         (["train", "--recipe", "fqt-psq-8", "--grad-input-bits", "9"], "2..8"),
         (["train", "--grad-weight-bits", "4"], "--grad-weight-bits needs an fqt-* recipe"),
         (["train", "--backend", "cuda"], "--backend must be one of auto, reference, int8"),
-        (["train", "--weights", "fp8"], "--weights must be one of fp32, bf16, int8"),
+        (["train", "--weights", "fp8"], "--weights must be one of fp32, bf16-master, bf16, int8"),
         (["train", "--weights", "bf16", "--opt-state", "fp32"],
          "--opt-state with bf16 weights must be one of bf16, int8"),
         (["train", "--recipe", "fqt-psq-8", "--range-margin", "1.5"],

@@ -150,6 +150,7 @@ def test_resume_continues_the_step_count(tmp_path):
     ("mlp", "fqt-bhq-4", "fp32"), ("cnn", "fqt-bhq-4", "fp32"),
     ("mlp", "fqt-psq-4-predicted", "fp32"),  # range histories come back from the checkpoint
     ("cnn", "fqt-psq-8", "int8"),  # int8 codes, scales and the optimizer's SR generator too
+    ("mlp", "fp", "bf16-master"),  # the float32 master copies too
 ])
 def test_crash_and_resume_is_bitwise_identical(tmp_path, model, recipe, weights):
     cfg = dict(DIGITS, model=model, recipe=recipe, epochs=3, weights=weights)
@@ -276,7 +277,7 @@ def test_nan_metrics_are_written_as_null_not_numbers(tmp_path):
         ("backend", "cuda", "backend must be one of auto, reference, int8"),
         ("steps_per_epoch", 5, "text task only"),
         ("max_bad_steps", 0, "max_bad_steps must be a positive integer"),
-        ("weights", "fp16", "weights must be one of fp32, bf16, int8"),
+        ("weights", "fp16", "weights must be one of fp32, bf16-master, bf16, int8"),
         ("range_margin", 1.5, "range_margin needs an fqt-\\*-predicted recipe"),
         ("opt_state", "int8", "opt_state with fp32 weights must be one of fp32"),
     ],
@@ -315,7 +316,8 @@ def test_same_seed_is_bitwise_reproducible_and_seeds_differ(tmp_path):
 
 
 @pytest.mark.parametrize("weights, opt_state, optimizer", [
-    ("bf16", None, "sgd"), ("int8", None, "sgd"), ("int8", "bf16", "adamw")])
+    ("bf16-master", None, "sgd"), ("bf16", None, "sgd"), ("int8", None, "sgd"),
+    ("int8", "bf16", "adamw")])
 def test_low_precision_weights_train_without_float32_copies(tmp_path, weights, opt_state, optimizer):
     cfg = TrainConfig(**DIGITS, model="mlp", recipe="fqt-psq-8", epochs=3, lr=0.1, weights=weights,
                       opt_state=opt_state, optimizer=optimizer, out=str(tmp_path))
@@ -324,11 +326,15 @@ def test_low_precision_weights_train_without_float32_copies(tmp_path, weights, o
     assert all(p.dtype == torch.bfloat16 for p in result.model.parameters())
     assert result.history[-1]["accuracy"] > 0.5  # 10 classes: well above chance after 24 steps
     row = result.history[-1]
-    # stored state: SGD int8 = 1 (+ scales) weight + 1 (+ scales) momentum; bf16 = 2 + 2
-    stored = {("bf16", "sgd"): 4.0, ("int8", "sgd"): 2.0, ("int8", "adamw"): 1.0 + 2 + 2}
+    # stored state: SGD int8 = 1 (+ scales) weight + 1 (+ scales) momentum; bf16 = 2 + 2;
+    # bf16 model + float32 master + float32 momentum = 2 + 4 + 4
+    stored = {("bf16", "sgd"): 4.0, ("int8", "sgd"): 2.0, ("int8", "adamw"): 1.0 + 2 + 2,
+              ("bf16-master", "sgd"): 10.0}
     assert row["bytes_per_param_stored"] == pytest.approx(stored[weights, optimizer], abs=0.15)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["optim_rng"] is not None  # the SR noise generator is checkpointed
+    # the SR noise generator, or the float32 masters, are checkpointed
+    assert (state["optim_rng"] is None) == (weights == "bf16-master")
+    assert (state["master"] is not None) == (weights == "bf16-master")
     codes = [v for st in state["optimizer"]["state"].values() for k, v in st.items()
              if k == "weight_codes"]
     assert (len(codes) > 0) == (weights == "int8")
