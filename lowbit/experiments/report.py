@@ -31,6 +31,7 @@ from lowbit.nn import describe
 from lowbit.quantizers import QUANTIZERS
 
 from .tasks import TASK_CLASSES
+from .trainer import WEIGHT_FORMATS
 
 BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
 # Settings that tell runs of one table apart from each other (not from other tables).
@@ -90,7 +91,7 @@ class Run:
         """fp, then qat-B, then fqt grouped by quantizer; more bits first; dynamic ranges
         before predicted ones (wider margin first); fp32 weights before bf16 and int8."""
         fqt = FQTConfig.from_dict(self.fqt)
-        weights = ("fp32", "bf16", "int8").index(self.train.get("weights", "fp32"))
+        weights = WEIGHT_FORMATS.index(self.train.get("weights", "fp32"))
         if fqt.is_fp:
             return 0, 0, 0, 0, 0, 0, weights
         if not fqt.is_fqt:

@@ -172,6 +172,19 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     assert (docs / "figures" / "digits-mlp-curves.png").stat().st_size > 1000
     assert (docs / "figures" / "digits-mlp-bits.png").stat().st_size > 1000
 
+    # low-precision weights and predicted ranges: rows of the same table, in order
+    more = ["sweep", "--tasks", "digits", "--seeds", "0", "--epochs", "2", "--subset", "128",
+            "--eval-subset", "64", "--batch-size", "32", "--out", str(results), *TINY]
+    assert cli.main([*more, "--recipes", "fqt-psq-8", "--weights", "int8"]) == 0
+    assert cli.main([*more, "--recipes", "fqt-psq-8", "--weights", "bf16-master"]) == 0
+    assert cli.main([*more, "--recipes", "fqt-psq-8-predicted"]) == 0
+    assert cli.main(["report", "--runs", str(results), "--out", str(docs)]) == 0
+    text = (docs / "results.md").read_text()
+    assert text.count("### digits — mlp") == 1  # same settings: one table
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| fqt-psq-8")]
+    assert rows[:4] == ["| fqt-psq-8", "| fqt-psq-8, bf16-master weights + fp32 state",
+                        "| fqt-psq-8, int8 weights + int8 state", "| fqt-psq-8-predicted margin 1.25"]
+
 
 def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
     args = ["sweep", "--recipes", "fp,fqt-bhq-8", "--grad-input-bits", "5", "--epochs", "1",
