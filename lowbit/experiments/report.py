@@ -83,7 +83,10 @@ class Run:
             label += " margin " + "/".join(f"{m:g}" for m in sorted(margins))
         weights = self.train.get("weights", "fp32")
         if weights != "fp32":
-            label += f", {weights} weights + {self.train.get('opt_state', weights)} state"
+            state = self.train.get("opt_state", weights)
+            if state == "int8" and self.train.get("optimizer") == "adamw":
+                state = "int8 m / bf16 v"  # SRAdamW keeps its second moment in bf16
+            label += f", {weights} weights + {state} state"
         backend = self.train.get("backend", "auto")
         return label if backend == "auto" else f"{label} [{backend}]"
 
