@@ -36,12 +36,14 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 import lowbit
@@ -285,10 +287,41 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.95))
 
 
+def _batchnorm_float32_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` computed in float32 against float32 running statistics, returned in
+    ``x``'s dtype (the parameters may be bfloat16: gradients flow through the casts)."""
+    bn._check_input_dim(x)
+    factor = 0.0
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    y = F.batch_norm(x.float(), bn.running_mean if track else None,
+                     bn.running_var if track else None,
+                     None if bn.weight is None else bn.weight.float(),
+                     None if bn.bias is None else bn.bias.float(), batch_stats, factor, bn.eps)
+    return y.to(x.dtype)
+
+
+def _float32_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Keep ``bn``'s running statistics in float32 and normalise in float32: they are
+    statistics, not weights, and a bfloat16 running average drops the small updates a
+    momentum of 0.1 makes."""
+    for name in ("running_mean", "running_var"):
+        if getattr(bn, name) is not None:
+            setattr(bn, name, getattr(bn, name).float())
+    bn.forward = types.MethodType(_batchnorm_float32_forward, bn)  # survives deepcopy
+
+
 def to_bfloat16(model: nn.Module) -> nn.Module:
-    """Parameters and buffers to bfloat16; floating inputs are cast on entry (a
-    forward pre-hook), so the task's data need not change."""
+    """Parameters and buffers to bfloat16 (BatchNorm statistics stay float32, see
+    :func:`_float32_batchnorm`); floating inputs are cast on entry (a forward
+    pre-hook), so the task's data need not change."""
     model.to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _float32_batchnorm(m)
 
     def cast(_: nn.Module, args: tuple) -> tuple:
         return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a

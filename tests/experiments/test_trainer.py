@@ -339,3 +339,27 @@ def test_low_precision_weights_train_without_float32_copies(tmp_path, weights, o
              if k == "weight_codes"]
     assert (len(codes) > 0) == (weights == "int8")
     assert all(c.dtype == torch.int8 for c in codes)
+
+
+def test_bfloat16_model_keeps_batchnorm_statistics_in_float32():
+    import copy
+
+    from lowbit.experiments.trainer import to_bfloat16
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    low = to_bfloat16(copy.deepcopy(ref))
+    bn, bn_ref = low[1], ref[1]
+    x = torch.randn(8, 1, 6, 6)
+    for _ in range(3):
+        y = low(x)
+        ref[1](low[0](x.bfloat16()).float())  # float32 BN on the same conv output
+    assert y.dtype == torch.bfloat16 and bn.weight.dtype == torch.bfloat16
+    assert bn.running_mean.dtype == torch.float32 and int(bn.num_batches_tracked) == 3
+    # the statistics are float32 sums of the same values: equal to float rounding
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-6, atol=1e-7)
+    y.float().sum().backward()
+    assert bn.weight.grad.dtype == torch.bfloat16
+    twin = copy.deepcopy(low)  # the float32 forward is bound to the copy, not the original
+    twin(x)
+    assert int(twin[1].num_batches_tracked) == 4 and int(bn.num_batches_tracked) == 3
