@@ -40,8 +40,8 @@ def _tracker_for(spec: GradSpec | None, rows_persist: bool,
         return None
     q = get_quantizer(spec.quantizer)
     per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
-    new = RangeTracker(spec.history, spec.margin, per_row, spec.overflow, spec.quantizer)
-    return existing if existing is not None and existing.key() == new.key() else new
+    key = (spec.history, spec.margin, per_row, spec.overflow.value, spec.quantizer)
+    return existing if existing is not None and existing.key() == key else RangeTracker(*key)
 
 
 class _StochasticLayer:

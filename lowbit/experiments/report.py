@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from lowbit.analysis.plots import save_figure
 from lowbit.config import FQTConfig
 from lowbit.nn import describe
 from lowbit.quantizers import QUANTIZERS
@@ -221,9 +222,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bits(runs: list[Run], path: Path) -> bool:
@@ -257,9 +256,7 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} vs gradient bits")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
