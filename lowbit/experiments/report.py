@@ -225,20 +225,28 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_bits(runs: list[Run], path: Path) -> bool:
-    """Final metric against ∇X bits, one line per quantizer; fp and qat-8 as references."""
-    metric = TASK_CLASSES[runs[0].train["task"]].primary_metric
+def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
+    """Final values by ∇X quantizer and bits, and the fp / qat-8 references. Only runs
+    that differ in the gradient quantizer count: dynamic ranges, float32 weights."""
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     refs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         value = run.final(metric)
-        if not run.complete or value is None:
+        if not run.complete or value is None or run.train.get("weights", "fp32") != "fp32":
             continue
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:
-            points[fqt.grad_input.quantizer][fqt.grad_input.bits].append(value)
+            if not fqt.grad_input.predicted:
+                points[fqt.grad_input.quantizer][fqt.grad_input.bits].append(value)
         elif run.train["recipe"] in ("fp", "qat-8"):
             refs[run.train["recipe"]].append(value)
+    return points, refs
+
+
+def plot_bits(runs: list[Run], path: Path) -> bool:
+    """Final metric against ∇X bits, one line per quantizer; fp and qat-8 as references."""
+    metric = TASK_CLASSES[runs[0].train["task"]].primary_metric
+    points, refs = bits_points(runs, metric)
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -184,6 +184,10 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| fqt-psq-8")]
     assert rows[:4] == ["| fqt-psq-8", "| fqt-psq-8, bf16-master weights + fp32 state",
                         "| fqt-psq-8, int8 weights + int8 state", "| fqt-psq-8-predicted margin 1.25"]
+    # the bits figure compares gradient quantizers only: the seed-0 fqt-psq-8 point holds the
+    # two dynamic float32 runs, not the low-precision or predicted ones
+    points, _ = report.bits_points(report.load_runs(results), "accuracy")
+    assert len(points["psq"][8]) == 2
 
 
 def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
