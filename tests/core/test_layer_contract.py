@@ -1,0 +1,265 @@
+"""The layer contract: an FQT layer's output behaves like the float module's.
+
+Issue 11, items 4, 6, 7 and 17, for every lowbit autograd Function (FQTLinear, FQTConv2d):
+in-place ops, views, ``retain_graph`` and double use of the output give exactly the
+gradients of the same model with out-of-place ops; under ``torch.autocast`` the output has
+the autocast dtype and exactly the values of the same layer run without autocast, cast;
+empty inputs give what the float module gives (shapes, dtypes, zero gradients) on every
+backend; mismatched dtypes raise at once, as ``nn.Linear``/``nn.Conv2d`` do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit import FQTConfig
+
+BACKENDS = ["reference", "auto", "int8"]
+LAYERS = ["linear", "linear3d", "conv"]
+
+
+def float_forward(kind: str):
+    """The unconverted module's forward (runs on the converted layer's parameters)."""
+    return nn.Conv2d.forward if kind == "conv" else nn.Linear.forward
+
+
+def make(kind: str, backend: str = "auto", recipe: str = "fqt-psq-4", dtype=torch.float32,
+         bias: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A converted layer and an input for it, the same for the same arguments."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        m, x = nn.Conv2d(3, 4, 3, padding=1, bias=bias), torch.randn(2, 3, 5, 5)
+    else:
+        m = nn.Linear(8, 6, bias=bias)
+        x = torch.randn(4, 8) if kind == "linear" else torch.randn(2, 3, 8)
+    m = lowbit.convert(m.to(dtype), FQTConfig.from_recipe(recipe, backend=backend, seed=7))
+    return m, x.to(dtype).requires_grad_()
+
+
+# -- item 4: in-place ops, views, retain_graph, double use ------------------------------------
+def _relu(y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return F.relu(y, inplace=inplace)  # nn.ReLU(inplace=True)
+
+
+def _iadd(y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    c = torch.linspace(-1, 1, y.shape[-1])
+    if inplace:
+        y += c
+        return y
+    return y + c
+
+
+def _view_then_inplace(y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if inplace:
+        y[..., :2].mul_(2)  # a view of the output, modified in place
+        y.flatten(1).relu_()
+        return y
+    scale = torch.ones(y.shape[-1])
+    scale[:2] = 2
+    return (y * scale).flatten(1).relu().view(y.shape)
+
+
+def _double_use(y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    z = F.relu(y, inplace=inplace)
+    return z * 3 + z  # the (modified) output used twice
+
+
+OPS = {"relu_inplace": _relu, "iadd": _iadd, "view_then_inplace": _view_then_inplace,
+       "double_use": _double_use}
+
+
+def _grads(kind: str, backend: str, op, inplace: bool, twice: bool) -> list[torch.Tensor]:
+    m, x = make(kind, backend)
+    out = op(m(x), inplace)
+    w = torch.linspace(-2, 3, out.numel()).reshape(out.shape)
+    loss = (out * w).sum()
+    loss.backward(retain_graph=twice)
+    if twice:  # a second backward of the same graph: fresh noise, accumulated
+        loss.backward()
+    return [x.grad, m.weight.grad, m.bias.grad]
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "retain_graph"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_inplace_ops_on_outputs_give_the_out_of_place_gradients(kind, op, twice) -> None:
+    # same seed, same noise stream: the gradients must be bitwise equal
+    a = _grads(kind, "auto", OPS[op], True, twice)
+    b = _grads(kind, "auto", OPS[op], False, twice)
+    for ga, gb in zip(a, b):
+        assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_output_is_not_a_view_of_a_function_internal(kind, backend) -> None:
+    m, x = make(kind, backend)
+    y = m(x)
+    assert y._base is None  # a fresh tensor: autograd allows in-place ops on it
+    _relu(y, True).sum().backward()  # the issue's failing case: ReLU(inplace=True)
+
+
+def test_inplace_on_a_saved_output_raises_as_for_the_float_module() -> None:
+    # Modifying an output that a later op saved is an error for nn.Linear too: the same kind.
+    for fqt in (False, True):
+        m, x = make("linear", recipe="fqt-psq-4" if fqt else "fp")
+        y = m(x)
+        z = y * y  # saves y
+        y.relu_()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.sum().backward()
+
+
+# -- item 6: autocast ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_autocast_output_is_the_recipe_result_cast(kind, backend, cast) -> None:
+    m_ac, x_ac = make(kind, backend)
+    m, x = make(kind, backend)
+    with torch.autocast("cpu", dtype=cast):
+        y_ac = m_ac(x_ac)
+    y = m(x)
+    assert y_ac.dtype == cast
+    assert torch.equal(y_ac, y.to(cast))  # the recipe's float32 arithmetic, then one cast
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(cast)
+    y_ac.backward(g)
+    y.backward(g.float())  # the same upstream values
+    for p_ac, p in ((x_ac, x), (m_ac.weight, m.weight), (m_ac.bias, m.bias)):
+        assert p_ac.grad.dtype == p.dtype == torch.float32  # gradients in the parameters' dtypes
+        assert torch.equal(p_ac.grad, p.grad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_allows_mixed_dtypes_as_torch_does(kind) -> None:
+    _, x = make(kind)
+    for layer_dtype, x_dtype in ((torch.float32, torch.bfloat16), (torch.float16, torch.float32)):
+        m, _ = make(kind, dtype=layer_dtype)
+        xm = x.detach().to(x_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xm)
+            float_out = float_forward(kind)(m, xm)
+        assert out.dtype == float_out.dtype == torch.bfloat16
+        if layer_dtype == torch.float32:  # x.bfloat16() rounds the input the same way both times
+            m2, _ = make(kind)
+            assert torch.equal(out, m2(xm.float()).to(torch.bfloat16))
+    # float64 is not cast by autocast: mixing it with float32 is an error, as in torch
+    m, _ = make(kind)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError) as err:
+        m(x.detach().double())
+    name = "fqt_conv2d" if kind == "conv" else "fqt_linear"
+    assert str(err.value) == (f"{name}: input and weight must have the same dtype, but got "
+                              "torch.float64 and torch.float32")
+
+
+def test_float64_and_bf16_layers_keep_their_dtype() -> None:
+    for kind in ("linear", "conv"):
+        for dt in (torch.float64, torch.bfloat16):
+            m, x = make(kind, dtype=dt)
+            y = m(x)
+            y.sum().backward()
+            assert y.dtype == x.grad.dtype == m.weight.grad.dtype == m.bias.grad.dtype == dt
+
+
+# -- item 7: empty inputs ------------------------------------------------------------------------
+EMPTY = {
+    "linear_N0": (lambda: nn.Linear(8, 4), (0, 8)),
+    "linear_2x0": (lambda: nn.Linear(8, 4), (2, 0, 8)),
+    "linear_0x3": (lambda: nn.Linear(8, 4), (0, 3, 8)),
+    "linear_in0": (lambda: nn.Linear(0, 4), (3, 0)),
+    "linear_out0": (lambda: nn.Linear(8, 0), (3, 8)),
+    "conv_N0": (lambda: nn.Conv2d(3, 4, 3), (0, 3, 8, 8)),
+    "conv_N0_same": (lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), (0, 3, 8, 8)),
+    "conv_Cin0": (lambda: nn.Conv2d(0, 4, 3), (2, 0, 8, 8)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", EMPTY)
+def test_empty_inputs_give_what_the_float_module_gives(case, backend, dtype) -> None:
+    build, shape = EMPTY[case]
+    results = []
+    for recipe in ("fp", "fqt-bhq-4", "fqt-psq-8-predicted"):
+        torch.manual_seed(0)
+        m = build().to(dtype)
+        if m.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(torch.arange(1, m.bias.numel() + 1))  # a visible bias
+        if recipe != "fp":
+            m = lowbit.convert(m, FQTConfig.from_recipe(recipe, backend=backend, seed=0))
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        y = m(x)
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad, m.weight.grad, m.bias.grad])
+    want = results[0]  # the float module's
+    for got in results[1:]:
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(a, b)
+
+
+def test_empty_batch_records_no_predicted_range() -> None:
+    m, _ = make("linear", recipe="fqt-psq-8-predicted")
+    for _ in range(2):
+        m(torch.randn(4, 8, requires_grad=True)).sum().backward()
+    before = lowbit.range_state(m)[""]
+    m(torch.randn(0, 8, requires_grad=True)).sum().backward()
+    after = lowbit.range_state(m)[""]
+    assert set(before) == set(after) == {"grad_input", "grad_weight"}
+    for path, state in before.items():
+        assert state["hist"] is not None and torch.equal(state["hist"], after[path]["hist"])
+        assert state["stats"] == after[path]["stats"] and state["count"] == after[path]["count"]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 8), (2, 3, 1, 8)])
+def test_conv_on_too_small_input_raises_torchs_error(shape) -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(RuntimeError) as want:
+        conv(torch.randn(shape))
+    with pytest.raises(RuntimeError) as got:
+        lowbit.convert(conv, FQTConfig.from_recipe("fqt-psq-8"))(torch.randn(shape))
+    assert str(got.value) == str(want.value)
+
+
+# -- item 17: dtypes outside autocast ----------------------------------------------------------
+MISMATCH = [  # (layer dtype, input dtype, bias dtype or None: the layer's)
+    (torch.bfloat16, torch.float32, None),
+    (torch.float32, torch.bfloat16, None),
+    (torch.float32, torch.float64, None),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("layer_dtype, x_dtype, bias_dtype", MISMATCH)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mismatched_dtypes_raise_at_once(kind, layer_dtype, x_dtype, bias_dtype) -> None:
+    m, x = make(kind, dtype=layer_dtype)
+    if bias_dtype is not None:
+        m.bias.data = m.bias.data.to(bias_dtype)
+    with pytest.raises(RuntimeError):  # nn.Linear / nn.Conv2d refuse it too
+        float_forward(kind)(m, x.detach().to(x_dtype))
+    with pytest.raises(RuntimeError) as err:
+        m(x.detach().to(x_dtype))
+    name = "fqt_conv2d" if kind == "conv" else "fqt_linear"
+    if bias_dtype is None:
+        want = f"input and weight must have the same dtype, but got {x_dtype} and {layer_dtype}"
+    else:
+        want = f"bias and weight must have the same dtype, but got {bias_dtype} and {layer_dtype}"
+    assert str(err.value) == f"{name}: {want}"
+
+
+def test_linear_shape_mismatch_raises_even_on_empty_input() -> None:
+    m, _ = make("linear")
+    for x in (torch.randn(2, 5), torch.randn(0, 5), torch.tensor(1.0)):
+        with pytest.raises(RuntimeError):
+            nn.Linear(8, 6)(x)
+        with pytest.raises(RuntimeError) as err:
+            m(x)
+        assert str(err.value) == (f"fqt_linear: input of shape {tuple(x.shape)} does not fit a "
+                                  "weight of shape (6, 8): its last dimension must be 8")
