@@ -1,22 +1,16 @@
 """Low-precision weights and optimizer state, with no float32 master copy.
 
-Storage formats (``FORMATS``), for weights and for optimizer state alike:
-
-* ``"bf16"``: bfloat16, written with :func:`stochastic_round_bf16`.
-* ``"int8"``: int8 codes ``c`` and float32 scales ``s``, value ``c·s``, written with
-  stochastic rounding onto the grid ``s·{-127, …, 127}``. Weights (``ndim ≥ 2``) use one
-  power-of-two scale per output channel (:func:`encode_int8_per_channel`); optimizer
-  state uses one scale per block of ``BLOCK_SIZE`` elements (:func:`encode_int8_blockwise`).
-  1-D parameters (biases, norm weights) always stay bfloat16: they are a negligible share
-  of the memory, and a per-channel scale for them would cost more than it saves.
+Storage formats (``FORMATS``, from :mod:`lowbit.storage`), for weights and state alike:
+``"bf16"`` (bfloat16) or ``"int8"`` (int8 codes with float32 scales: one power-of-two
+scale per output channel for weights with ``ndim ≥ 2``, one per block of ``BLOCK_SIZE``
+elements for state). 1-D parameters (biases, norm weights) always stay bfloat16: they
+are a negligible share of the memory, and a per-channel scale for them would cost more
+than it saves.
 
 Every write rounds stochastically, so ``E[stored] = value``: an update computed in
 float32 for one parameter at a time (the only float32 anywhere, and only transiently)
 and written back is unbiased, ``E[w_{t+1} | w_t] = w_t − lr·d_t``; updates smaller than
 one grid step, which round-to-nearest would drop, survive in expectation.
-
-bfloat16 is the top half of a float32: adding uniform noise to the 16 low bits of the
-float32 pattern and truncating them is stochastic rounding onto the bfloat16 grid.
 
 Bytes per parameter (:func:`memory_breakdown`; ``r`` = row length, i.e. ``numel / rows``):
 
@@ -35,6 +29,19 @@ tensor itself then holds a bfloat16 *image* of the int8 weight (the decode, exac
 bfloat16), because autograd needs a floating-point leaf to run the forward and backward
 passes on; it is a working buffer that a fused kernel dequantizing on the fly would not
 need, so :func:`memory_breakdown` reports it apart from the authoritative weights.
+
+Writes from outside the optimizer. The parameter is what the user reads and writes
+(``model.load_state_dict``, ``copy_``, ``torch.nn.init``, ``p.data``, weight averaging),
+so it wins: at each step the stored codes are used only while their decode still equals
+the parameter exactly (NaN equal to NaN); otherwise the parameter is re-encoded with
+round-to-nearest and fresh scales. That is exact when its rows lie on a power-of-two int8
+grid (e.g. weights saved from an int8 run), and otherwise within half a grid step of what
+was written; the parameter then holds that int8 weight. The comparison reads values, not
+``p._version``, which writes through ``p.data`` do not advance; it costs about 5% of an
+SRSGD int8 step (0.8 of 18 ms on a 1024×1024 weight, one CPU thread). A parameter that
+is no longer bfloat16, or whose stored state no longer has its device or shape
+(``model.to()`` or ``.float()`` after the optimizer was built, ``p.data = …``), is
+refused with an error at the next step, before anything is updated.
 """
 
 from __future__ import annotations
@@ -44,124 +51,18 @@ from itertools import chain
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-FORMATS = ("bf16", "int8")
-BLOCK_SIZE = 128  # elements per scale in int8 optimizer state
-_LOW16 = 0xFFFF
-_INT8_MAX = 127
-# bfloat16 subnormals are the multiples of 2^-133: the smallest power-of-two weight scale
-# for which every c·s (|c| ≤ 127) is still a bfloat16 number.
-_MIN_POW2_EXP = -133
+from lowbit.storage import (
+    BLOCK_SIZE,
+    FORMATS,
+    decode_int8_blockwise,
+    decode_int8_per_channel,
+    encode_int8_blockwise,
+    encode_int8_per_channel,
+    stochastic_round_bf16,
+)
+
 _W_CODES, _W_SCALE = "weight_codes", "weight_scale"
-
-
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """float32 → bfloat16 with stochastic rounding: ``E[result] = x`` for finite ``x``
-    whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are."""
-    x = x.float()
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
-                          device=x.device)
-    rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
-    # Non-finite inputs (and overflow past the largest bfloat16) keep their own value.
-    out = torch.where(torch.isfinite(x) & torch.isfinite(rounded), rounded, x)
-    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
-
-
-# ---------------------------------------------------------------------------- int8 codes
-
-
-def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None,
-                stochastic: bool = True) -> torch.Tensor:
-    """Codes ``c`` for the rows ``x`` of a 2-D float32 tensor, one scale ``s`` per row,
-    given ``|x| ≤ 127·s``.
-
-    Stochastic: with ``q = x/s`` and ``u ~ U[0, 1)``, ``c = ⌊q⌋ + [u < q − ⌊q⌋]``, so
-    ``P(c = ⌊q⌋ + 1) = q − ⌊q⌋`` and ``E[c] = q``, i.e. ``E[c·s] = x`` (up to ``2^-24·s``
-    from the float32 grid of ``u``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the final
-    clamp never acts and cannot bias. Otherwise round-to-nearest. Rows whose scale is not
-    finite (they held NaN or ±Inf) get codes 0: their NaN scale carries the non-finiteness.
-    """
-    q = torch.where(torch.isfinite(scale)[:, None], rows / scale[:, None], 0.0)
-    if stochastic:
-        low = q.floor()
-        u = torch.rand(q.shape, generator=generator, device=q.device)
-        q = low + (u < q - low).float()
-    else:
-        q = q.round()
-    return q.clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-
-
-def _nan_unless_finite(scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """A row or block holding NaN or ±Inf gets scale NaN, so it decodes to NaN: a
-    non-finite value never comes back finite."""
-    return torch.where(torch.isfinite(absmax), scale, torch.nan)
-
-
-def _pow2_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """Smallest ``s = 2^k`` with ``absmax ≤ 127·s`` (``k ≥ -133``); all-zero rows get 1.
-
-    Why a power of two: a code has at most 7 significant bits (``|c| ≤ 127``) and
-    bfloat16 has 8, so ``c·2^k`` is exactly a bfloat16 number for ``-133 ≤ k ≤ 121``,
-    i.e. for rows with ``absmax ≤ 127·2^121 ≈ 3.4e38``. The bfloat16 image of the weight that autograd sees is then the int8 weight itself,
-    not a rounding of it."""
-    a = torch.where(absmax > 0, absmax, float(_INT8_MAX)).double()
-    k = torch.log2(a / _INT8_MAX).ceil().clamp_min(_MIN_POW2_EXP)
-    k = k + (a > _INT8_MAX * torch.exp2(k)).double()  # in case log2 rounded down
-    return _nan_unless_finite(torch.exp2(k).float(), absmax)
-
-
-def _linear_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """``s ≈ absmax/127``, nudged up one float32 ulp where rounding made ``absmax/s > 127``
-    (and at least the smallest normal float32); all-zero blocks get 1."""
-    a = torch.where(absmax > 0, absmax, float(_INT8_MAX))
-    s = (a / _INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    s = torch.where(a / s > _INT8_MAX, torch.nextafter(s, torch.full_like(s, torch.inf)), s)
-    return _nan_unless_finite(s, absmax)
-
-
-def encode_int8_per_channel(x: torch.Tensor, generator: torch.Generator | None = None, *,
-                            stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight (``ndim ≥ 2``) → int8 codes (shape of ``x``) and one float32 power-of-two
-    scale per output channel, i.e. per row of ``x.flatten(1)``: ``scale[i] = 2^⌈log2(
-    max|x[i]|/127)⌉``. Stochastic rounding (default) makes it unbiased,
-    ``E[decode(encode(x))] = x``, and the decode is exact in bfloat16 (see
-    :func:`_pow2_scale`). A row holding NaN or ±Inf decodes to NaN."""
-    if x.ndim < 2:
-        raise ValueError(f"per-channel int8 needs a tensor with ndim ≥ 2, got shape "
-                         f"{tuple(x.shape)} (1-D parameters stay bfloat16)")
-    rows = x.float().flatten(1)
-    scale = _pow2_scale(rows.abs().amax(1))
-    return _int8_codes(rows, scale, generator, stochastic).view(x.shape), scale
-
-
-def decode_int8_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``codes[i]·scale[i]`` per row, in float32."""
-    return (codes.flatten(1).float() * scale[:, None]).view(codes.shape)
-
-
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` flattened to float32, zero-padded to rows of ``BLOCK_SIZE``."""
-    flat = x.float().flatten()
-    return F.pad(flat, (0, -flat.numel() % BLOCK_SIZE)).view(-1, BLOCK_SIZE)
-
-
-def encode_int8_blockwise(x: torch.Tensor, generator: torch.Generator | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimizer state → int8 codes (shape of ``x``) and one float32 scale
-    ``max|block|/127`` per block of ``BLOCK_SIZE`` consecutive elements (the last block
-    zero-padded), with stochastic rounding: ``E[decode(encode(x))] = x``. A block holding
-    NaN or ±Inf decodes to NaN."""
-    blocks = _blocks(x)
-    scale = _linear_scale(blocks.abs().amax(1))
-    codes = _int8_codes(blocks, scale, generator).flatten()[: x.numel()].clone()
-    return codes.view(x.shape), scale
-
-
-def decode_int8_blockwise(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``codes·scale`` block by block, in float32."""
-    return (_blocks(codes) * scale[:, None]).flatten()[: codes.numel()].view(codes.shape)
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -227,11 +128,42 @@ class _SROptimizer(torch.optim.Optimizer):
         p.copy_(decode_int8_per_channel(codes, scale))  # exact: power-of-two scales
 
     def _load_weight(self, p: torch.Tensor) -> torch.Tensor:
-        """The authoritative weight in float32: int8 codes·scales if stored, else ``p``."""
+        """The weight in float32: the int8 codes·scales if stored and still equal to ``p``,
+        else ``p`` (a write from outside the optimizer; int8 weights are then re-encoded
+        from it with round-to-nearest, see the module docstring)."""
         st = self.state.get(p, {})
-        if _W_CODES in st:
-            return decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
-        return p.float()
+        if _W_CODES not in st:
+            return p.float()
+        w = decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
+        pf = p.float()
+        if torch.equal(pf, w) or torch.allclose(pf, w, rtol=0, atol=0, equal_nan=True):
+            return w
+        self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
+        return decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
+
+    def _check_params(self) -> None:
+        """Refuses, before any update, a parameter to step whose dtype changed since the
+        optimizer was built or whose stored state no longer has its device or shape
+        (``model.to()``, ``.float()``, ``p.data = …`` after the optimizer was built)."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                what = f"parameter {pi} of param group {gi}"
+                if p.dtype != torch.bfloat16:
+                    raise TypeError(
+                        f"{type(self).__name__} keeps weights in bfloat16, but {what} is now "
+                        f"{p.dtype} (changed after the optimizer was built, e.g. by model.to()"
+                        "); convert it back with .to(torch.bfloat16)")
+                for key, v in self.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and (v.device != p.device or (
+                            not key.endswith("_scale") and v.shape != p.shape)):
+                        raise RuntimeError(
+                            f"{what} is a {tuple(p.shape)} tensor on {p.device} but its "
+                            f"optimizer state {key!r} is {tuple(v.shape)} on {v.device}: the "
+                            "parameter was moved or replaced after the optimizer was built; "
+                            "build the optimizer after model.to(), or load this optimizer's "
+                            "state_dict into one built on the moved model")
 
     def _store_weight(self, p: torch.Tensor, w: torch.Tensor) -> None:
         """Writes ``w`` with stochastic rounding (``E[stored] = w``): int8 per channel
@@ -271,6 +203,7 @@ class _SROptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_params()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -281,19 +214,18 @@ class _SROptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but state tensors keep their
         saved dtypes (torch casts floating-point state to the parameter's dtype, which
-        would turn float32 scales and int8 codes into bfloat16), and each int8 weight's
-        bfloat16 image is rewritten from its codes. The rounding generator is the
-        caller's: restore its state too for a bitwise-identical continuation."""
+        would turn float32 scales and int8 codes into bfloat16). Parameters are not
+        written: load the model's state_dict from the same checkpoint (then the codes
+        equal the parameters and the continuation is bitwise identical); where they
+        differ, the parameter wins at the next step (see the module docstring). The
+        rounding generator is the caller's: restore its state too."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        with torch.no_grad():
-            for pid, p in zip(saved_ids, params):
-                for key, value in state_dict["state"].get(pid, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(p.device)
-                if _W_CODES in self.state.get(p, {}):
-                    p.copy_(self._load_weight(p))
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(p.device)
 
 
 class SRSGD(_SROptimizer):

@@ -6,6 +6,7 @@ accounted exactly, non-finite values stay non-finite, and checkpoints resume bit
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -307,3 +308,269 @@ def test_validation_names_the_problem() -> None:
     assert len(opt.param_groups) == 1  # the rejected group is not kept
     with pytest.raises(ValueError, match="ndim ≥ 2"):
         encode_int8_per_channel(torch.zeros(3))
+
+
+# ------------------------------------------------ writes to parameters from outside the optimizer
+
+
+def _grid_round(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: the per-row power-of-two grid step ``s`` (smallest with
+    ``max|row| ≤ 127·s``) and ``w`` rounded to nearest (ties to even) on it, in float64."""
+    w = w.double().flatten(1)
+    s = torch.exp2(torch.ceil(torch.log2(w.abs().amax(1) / 127)))[:, None]
+    return s, torch.round(w / s) * s
+
+
+def _zero_grad_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_model_load_state_dict_is_not_undone(cls: type, fmt: str) -> None:
+    # Issue 11.1: the int8 codes captured at construction used to be written back
+    # (max error 0.45, ~230 grid steps).
+    torch.manual_seed(0)
+    m = nn.Linear(16, 8).to(torch.bfloat16)
+    opt = cls(m.parameters(), lr=1e-3, weights=fmt)
+    pre = nn.Linear(16, 8).to(torch.bfloat16).state_dict()
+    m.load_state_dict(pre)
+    _zero_grad_step(m, opt)
+    assert torch.equal(m.bias, pre["bias"])  # 1-D: bfloat16, the parameter itself
+    if fmt == "bf16":
+        assert torch.equal(m.weight, pre["weight"])
+        return
+    # pre's weights are not on an int8 grid: re-encoded to nearest with fresh scales
+    s, nearest = _grid_round(pre["weight"])
+    err = (m.weight.double() - pre["weight"].double()).abs()
+    assert torch.equal(m.weight.double(), nearest)
+    assert torch.all(err <= s / 2) and err.max() > 0  # within half a grid step, not exact
+    assert torch.all(s <= 2**-8)  # |w| ≤ 1/4 (init bound 1/√16) < 127·2^-8: error ≤ 2^-9
+    _assert_int8_weights_exact(opt)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_weights_already_on_an_int8_grid_are_loaded_exactly(cls: type) -> None:
+    source, src_opt, _ = _make(cls, "int8")  # weights saved from another int8 run
+    _train(source, src_opt, 3)
+    m = _mlp()
+    opt = cls(m.parameters(), lr=1e-3, weights="int8")
+    if cls is SRSGD:  # no momentum: a zero-gradient step does not move the weights
+        _train(m, opt, 2)  # (AdamW's first moment would: it stays fresh)
+    m.load_state_dict(source.state_dict())
+    _zero_grad_step(m, opt)
+    for p, q in zip(m.parameters(), source.parameters()):
+        assert torch.equal(p, q)
+    _assert_int8_weights_exact(opt)
+
+
+def _swa_average(p: torch.Tensor) -> None:
+    """A weight-averaging write: AveragedModel's average of p and its double, copied back."""
+    holder = nn.Module()
+    holder.w = p
+    swa = torch.optim.swa_utils.AveragedModel(holder)
+    holder2 = copy.deepcopy(holder)
+    with torch.no_grad():
+        holder2.w.mul_(2)
+    swa.update_parameters(holder2)
+    with torch.no_grad():
+        p.copy_(swa.module.w)
+
+
+OUTSIDE_WRITES = {  # every kind of write the optimizer must see
+    "copy_": lambda p: p.copy_(torch.linspace(-1, 1, p.numel()).view(p.shape)),
+    "in-place under no_grad": lambda p: p.mul_(-3),
+    "p.data (no version bump)": lambda p: p.data.add_(0.01),  # p._version unchanged
+    "nn.init": lambda p: nn.init.normal_(p, generator=torch.Generator().manual_seed(9)),
+    "EMA lerp_": lambda p: p.data.lerp_(torch.ones_like(p), 0.5),
+    "AveragedModel": _swa_average,
+}
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+@pytest.mark.parametrize("write", list(OUTSIDE_WRITES))
+def test_every_outside_write_is_seen(cls: type, write: str) -> None:
+    m = _mlp()
+    opt = cls(m.parameters(), lr=0.01, weights="int8", state="int8",
+              generator=torch.Generator().manual_seed(7))
+    if cls is SRSGD:  # no momentum: a zero-gradient step leaves the weight where it is
+        _train(m, opt, 2)  # (AdamW's first moment would move it: it stays fresh)
+    p = m[0].weight
+    version = p._version
+    with torch.no_grad():
+        OUTSIDE_WRITES[write](p)
+    assert (p._version == version) == (write in ("p.data (no version bump)", "EMA lerp_"))
+    written = p.detach().clone()
+    s, nearest = _grid_round(written)
+    _zero_grad_step(m, opt)  # exactly the written weight, rounded to nearest on its grid
+    assert torch.equal(p.double().flatten(1), nearest)
+    assert torch.all((nearest - written.double().flatten(1)).abs() <= s / 2)
+    _assert_int8_weights_exact(opt)
+
+
+def test_update_after_an_outside_write_starts_from_the_written_weight() -> None:
+    # Exact reference: the written weight, rounded to nearest on its grid, minus lr·g,
+    # stochastically rounded with the optimizer's own noise stream.
+    p = nn.Parameter(torch.randn(4, 32).bfloat16())
+    gen = torch.Generator().manual_seed(8)
+    opt = SRSGD([p], lr=0.1, weights="int8", generator=gen)
+    with torch.no_grad():
+        p.copy_(torch.randn(4, 32))
+    p.grad = torch.randn(4, 32).bfloat16()
+    ref_gen = torch.Generator().manual_seed(0)
+    ref_gen.set_state(gen.get_state())
+    w = decode_int8_per_channel(*encode_int8_per_channel(p.detach(), stochastic=False))
+    expected = decode_int8_per_channel(*encode_int8_per_channel(w - 0.1 * p.grad.float(), ref_gen))
+    opt.step()
+    assert torch.equal(p.float(), expected)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_dtype_device_or_shape_change_is_refused_before_any_update(cls: type, fmt: str) -> None:
+    model, opt, _ = _make(cls, fmt)
+    _train(model, opt, 1)
+    name = cls.__name__
+    first = model[0].weight
+    before = [p.detach().clone() for p in model.parameters()]
+
+    model.float()  # .to() after the optimizer was built
+    with pytest.raises(TypeError, match=rf"^{name} keeps weights in bfloat16, but parameter 0 of "
+                       r"param group 0 is now torch.float32 \(changed after the optimizer was "
+                       r"built, e.g. by model.to\(\)\); convert it back with "
+                       r"\.to\(torch.bfloat16\)$"):
+        opt.step()
+    model.bfloat16()  # back: new storage, the same values — not a write, nothing re-encoded
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+    key = next(k for k, v in opt.state[first].items() if isinstance(v, torch.Tensor))
+    assert (key in ("weight_codes", "momentum_codes", "exp_avg_codes")) == (fmt == "int8")
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # .to() keeps the objects
+    try:
+        model.to("meta")  # another device (meta: no GPU needed to test it)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert first is model[0].weight and first.device.type == "meta"
+    with pytest.raises(RuntimeError, match=rf"^parameter 0 of param group 0 is a \(16, 8\) tensor "
+                       rf"on meta but its optimizer state '{key}' is \(16, 8\) on cpu: the "
+                       r"parameter was moved or replaced after the optimizer was built; build "
+                       r"the optimizer after model.to\(\), or load this optimizer's state_dict "
+                       r"into one built on the moved model$"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        torch.utils.swap_tensors(p, nn.Parameter(b.clone()))
+    first.data = torch.zeros(4, 8, dtype=torch.bfloat16)  # replaced by another shape
+    first.grad = torch.zeros_like(first)
+    with pytest.raises(RuntimeError, match=rf"is a \(4, 8\) tensor on cpu but its optimizer "
+                       rf"state '{key}' is \(16, 8\) on cpu"):
+        opt.step()
+    first.data = before[0].clone()
+    for p, b in zip(model.parameters(), before):  # nothing was updated by the refused steps
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_optimizer_load_state_dict_does_not_overwrite_a_reloaded_model(cls: type) -> None:
+    model, opt, _ = _make(cls, "int8")
+    _train(model, opt, 2)
+    opt_saved = copy.deepcopy(opt.state_dict())
+    other, other_opt, _ = _make(cls, "int8")
+    _train(other, other_opt, 5)  # different weights, on an int8 grid
+    other_weights = copy.deepcopy(other.state_dict())
+    ref_saved = copy.deepcopy(opt_saved)
+    for pid, p in enumerate(other.parameters()):
+        if p.ndim >= 2:  # on the grid: round-to-nearest encodes other's weights exactly
+            codes, scale = encode_int8_per_channel(p.detach(), stochastic=False)
+            assert torch.equal(decode_int8_per_channel(codes, scale), p.float())
+            ref_saved["state"][pid] |= {"weight_codes": codes, "weight_scale": scale}
+    for order in ("model first", "optimizer first"):
+        model2, opt2, _ = _make(cls, "int8")
+        if order == "model first":
+            model2.load_state_dict(other_weights)
+            opt2.load_state_dict(opt_saved)
+        else:
+            opt2.load_state_dict(opt_saved)
+            model2.load_state_dict(other_weights)
+        assert all(torch.equal(p, other_weights[k]) for k, p in model2.state_dict().items())
+        _zero_grad_step(model2, opt2)  # the loaded model wins over the optimizer's codes:
+        model3, opt3, _ = _make(cls, "int8")  # as if the saved codes were other's weights
+        model3.load_state_dict(other_weights)
+        opt3.load_state_dict(ref_saved)
+        _zero_grad_step(model3, opt3)
+        for p, p3 in zip(model2.parameters(), model3.parameters()):
+            assert torch.equal(p, p3)
+        _assert_int8_weights_exact(opt2)
+
+
+def _reference_step(cls: type, w: torch.Tensor, g: torch.Tensor, st: dict[str, Any], t: int,
+                    gen: torch.Generator, fmt: str) -> torch.Tensor:
+    """One SRSGD (lr 0.01, momentum 0.9, wd 1e-3) or SRAdamW (lr 0.01, wd 0.01) step on a
+    float32 weight with the public codecs, drawing noise in the optimizers' order (state,
+    then weight); returns the stored weight in float32."""
+    def store(x: torch.Tensor, f: str) -> torch.Tensor:
+        if f == "bf16":
+            return stochastic_round_bf16(x, gen).float()
+        return decode_int8_blockwise(*encode_int8_blockwise(x, gen))
+
+    if cls is SRSGD:
+        d = g + 1e-3 * w
+        d = d if "v" not in st else 0.9 * st["v"] + d
+        st["v"] = store(d, fmt)
+        w = w - 0.01 * d
+    else:
+        w = w - 0.01 * 0.01 * w
+        m = 0.1 * g if "m" not in st else 0.9 * st["m"] + 0.1 * g
+        v = 0.001 * g * g if "v" not in st else 0.999 * st["v"] + 0.001 * g * g
+        st["m"], st["v"] = store(m, fmt), store(v, "bf16")
+        w = w - 0.01 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    if fmt == "int8" and w.ndim >= 2:
+        return decode_int8_per_channel(*encode_int8_per_channel(w, gen))
+    return stochastic_round_bf16(w, gen).float()
+
+
+@pytest.mark.parametrize("cls, fmt", list(MLP_BYTES))
+def test_trajectory_without_outside_writes_equals_the_reference(cls: type, fmt: str) -> None:
+    # The check for outside writes must not change the normal path: no re-encoding, no
+    # extra noise drawn. Five steps, bitwise against the update rules written out.
+    model, opt, gen = _make(cls, fmt)
+    ref_gen = torch.Generator().manual_seed(6)
+    ws = [decode_int8_per_channel(*encode_int8_per_channel(p.detach(), stochastic=False))
+          if fmt == "int8" and p.ndim >= 2 else p.float() for p in model.parameters()]
+    states: list[dict[str, Any]] = [{} for _ in ws]
+    grads = torch.Generator().manual_seed(10)
+    for t in range(1, 6):
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=grads).bfloat16()
+            ws[i] = _reference_step(cls, ws[i], p.grad.float(), states[i], t, ref_gen, fmt)
+        opt.step()
+        for p, w in zip(model.parameters(), ws):
+            assert torch.equal(p.float(), w)
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
+
+
+def test_trainer_master_copy_sees_outside_writes() -> None:
+    # The same fault in the trainer's float32 master copy (--weights bf16-master).
+    from lowbit.experiments.trainer import MasterWeights
+
+    torch.manual_seed(0)
+    m = nn.Linear(16, 8).to(torch.bfloat16)
+    master = MasterWeights(list(m.parameters()))
+    opt = torch.optim.SGD([w for _, w in master.pairs], lr=0.5)
+    m.weight.grad = torch.ones_like(m.weight)
+    master.grads_in(), opt.step(), master.weights_out()
+    fine = master.pairs[0][1].detach().clone()  # float32 master, off the bfloat16 grid
+    assert not torch.equal(fine, fine.bfloat16().float())
+    pre = nn.Linear(16, 8).to(torch.bfloat16).state_dict()
+    m.load_state_dict(pre)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    master.grads_in(), opt.step(), master.weights_out()
+    assert torch.equal(m.weight, pre["weight"]) and torch.equal(m.bias, pre["bias"])
+    assert torch.equal(master.pairs[0][1], pre["weight"].float())
+    m.weight.grad = torch.ones_like(m.weight)  # untouched masters keep their float32 bits
+    master.grads_in()
+    assert torch.equal(master.pairs[0][1], pre["weight"].float())

@@ -1,0 +1,148 @@
+"""Low-precision storage of weights and optimizer state, written with stochastic rounding.
+
+Formats (``FORMATS``), for weights and for optimizer state alike:
+
+* ``"bf16"``: bfloat16, written with :func:`stochastic_round_bf16`.
+* ``"int8"``: int8 codes ``c`` and float32 scales ``s``, value ``c·s``, written with
+  stochastic rounding onto the grid ``s·{-127, …, 127}``. Weights (``ndim ≥ 2``) use one
+  power-of-two scale per output channel (:func:`encode_int8_per_channel`; the decode is
+  exact in bfloat16); optimizer state uses one scale per block of ``BLOCK_SIZE`` elements
+  (:func:`encode_int8_blockwise`).
+
+Stochastic rounding makes every write unbiased, ``E[decode(encode(x))] = x``; a row or
+block holding NaN or ±Inf decodes to NaN. bfloat16 is the top half of a float32: adding
+uniform noise to the 16 low bits of the float32 pattern and truncating them is
+stochastic rounding onto the bfloat16 grid. Used by :mod:`lowbit.optim`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FORMATS = ("bf16", "int8")
+BLOCK_SIZE = 128  # elements per scale in int8 optimizer state
+_LOW16 = 0xFFFF
+_INT8_MAX = 127
+# bfloat16 subnormals are the multiples of 2^-133: the smallest power-of-two weight scale
+# for which every c·s (|c| ≤ 127) is still a bfloat16 number.
+_MIN_POW2_EXP = -133
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 → bfloat16 with stochastic rounding: ``E[result] = x`` for finite ``x``
+    whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are."""
+    x = x.float()
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
+                          device=x.device)
+    rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
+    # Non-finite inputs (and overflow past the largest bfloat16) keep their own value.
+    out = torch.where(torch.isfinite(x) & torch.isfinite(rounded), rounded, x)
+    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+# ---------------------------------------------------------------------------- int8 codes
+
+
+def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None,
+                stochastic: bool = True) -> torch.Tensor:
+    """Codes ``c`` for the rows ``x`` of a 2-D float32 tensor, one scale ``s`` per row,
+    given ``|x| ≤ 127·s``.
+
+    Stochastic: with ``q = x/s`` and ``u ~ U[0, 1)``, ``c = ⌊q⌋ + [u < q − ⌊q⌋]``, so
+    ``P(c = ⌊q⌋ + 1) = q − ⌊q⌋`` and ``E[c] = q``, i.e. ``E[c·s] = x`` (up to ``2^-24·s``
+    from the float32 grid of ``u``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the final
+    clamp never acts and cannot bias. Otherwise round-to-nearest. Rows whose scale is not
+    finite (they held NaN or ±Inf) get codes 0: their NaN scale carries the non-finiteness.
+    """
+    q = torch.where(torch.isfinite(scale)[:, None], rows / scale[:, None], 0.0)
+    if stochastic:
+        low = q.floor()
+        u = torch.rand(q.shape, generator=generator, device=q.device)
+        q = low + (u < q - low).float()
+    else:
+        q = q.round()
+    return q.clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+
+
+def _nan_unless_finite(scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """A row or block holding NaN or ±Inf gets scale NaN, so it decodes to NaN: a
+    non-finite value never comes back finite."""
+    return torch.where(torch.isfinite(absmax), scale, torch.nan)
+
+
+def _pow2_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """Smallest ``s = 2^k`` with ``absmax ≤ 127·s`` (``k ≥ -133``); all-zero rows get 1.
+
+    Why a power of two: a code has at most 7 significant bits (``|c| ≤ 127``) and
+    bfloat16 has 8, so ``c·2^k`` is exactly a bfloat16 number for ``-133 ≤ k ≤ 121``,
+    i.e. for rows with ``absmax ≤ 127·2^121 ≈ 3.4e38``. The bfloat16 image of the weight that autograd sees is then the int8 weight itself,
+    not a rounding of it."""
+    a = torch.where(absmax > 0, absmax, float(_INT8_MAX)).double()
+    k = torch.log2(a / _INT8_MAX).ceil().clamp_min(_MIN_POW2_EXP)
+    k = k + (a > _INT8_MAX * torch.exp2(k)).double()  # in case log2 rounded down
+    return _nan_unless_finite(torch.exp2(k).float(), absmax)
+
+
+def _linear_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """``s ≈ absmax/127``, nudged up one float32 ulp where rounding made ``absmax/s > 127``
+    (and at least the smallest normal float32); all-zero blocks get 1."""
+    a = torch.where(absmax > 0, absmax, float(_INT8_MAX))
+    s = (a / _INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    s = torch.where(a / s > _INT8_MAX, torch.nextafter(s, torch.full_like(s, torch.inf)), s)
+    return _nan_unless_finite(s, absmax)
+
+
+def encode_int8_per_channel(x: torch.Tensor, generator: torch.Generator | None = None, *,
+                            stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (``ndim ≥ 2``) → int8 codes (shape of ``x``) and one float32 power-of-two
+    scale per output channel, i.e. per row of ``x.flatten(1)``: ``scale[i] = 2^⌈log2(
+    max|x[i]|/127)⌉``. Stochastic rounding (default) makes it unbiased,
+    ``E[decode(encode(x))] = x``, and the decode is exact in bfloat16 (see
+    :func:`_pow2_scale`). A row holding NaN or ±Inf decodes to NaN."""
+    if x.ndim < 2:
+        raise ValueError(f"per-channel int8 needs a tensor with ndim ≥ 2, got shape "
+                         f"{tuple(x.shape)} (1-D parameters stay bfloat16)")
+    rows = x.float().flatten(1)
+    scale = _pow2_scale(rows.abs().amax(1))
+    return _int8_codes(rows, scale, generator, stochastic).view(x.shape), scale
+
+
+def decode_int8_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes[i]·scale[i]`` per row, in float32."""
+    return (codes.flatten(1).float() * scale[:, None]).view(codes.shape)
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` flattened to float32, zero-padded to rows of ``BLOCK_SIZE``."""
+    flat = x.float().flatten()
+    return F.pad(flat, (0, -flat.numel() % BLOCK_SIZE)).view(-1, BLOCK_SIZE)
+
+
+def encode_int8_blockwise(x: torch.Tensor, generator: torch.Generator | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer state → int8 codes (shape of ``x``) and one float32 scale
+    ``max|block|/127`` per block of ``BLOCK_SIZE`` consecutive elements (the last block
+    zero-padded), with stochastic rounding: ``E[decode(encode(x))] = x``. A block holding
+    NaN or ±Inf decodes to NaN."""
+    blocks = _blocks(x)
+    scale = _linear_scale(blocks.abs().amax(1))
+    codes = _int8_codes(blocks, scale, generator).flatten()[: x.numel()].clone()
+    return codes.view(x.shape), scale
+
+
+def decode_int8_blockwise(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes·scale`` block by block, in float32."""
+    return (_blocks(codes) * scale[:, None]).flatten()[: codes.numel()].view(codes.shape)
+
+
+__all__ = [
+    "BLOCK_SIZE",
+    "FORMATS",
+    "decode_int8_blockwise",
+    "decode_int8_per_channel",
+    "encode_int8_blockwise",
+    "encode_int8_per_channel",
+    "stochastic_round_bf16",
+]
