@@ -8,6 +8,7 @@ and the gradients are unbiased estimates of the quantization-aware (QAT) gradien
 """
 
 from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode
+from .conversion import ConversionReport, ConversionWarning
 from .formats import IntFormat, Rounding
 from .functional import fqt_conv2d, fqt_linear
 from .nn import (
@@ -21,6 +22,7 @@ from .nn import (
     load_rng_state,
     range_state,
     range_stats,
+    reset_ran,
     rng_state,
 )
 from .quantizers import QUANTIZERS, Granularity, get_quantizer, quantize_grad
@@ -47,8 +49,11 @@ __all__ = [  # grouped by role, not sorted
     "FQTLinear",
     "FQTConv2d",
     "convert",
+    "ConversionReport",
+    "ConversionWarning",
     "describe",
     "fqt_layers",
+    "reset_ran",
     "fqt_linear",
     "fqt_conv2d",
     # predicted gradient ranges

@@ -10,6 +10,7 @@ noise, seeded at conversion: a seeded run is bitwise reproducible on the CPU.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import FQTConfig, GradSpec
+from .conversion import ConversionReport, ConversionWarning, disable_fused_fastpath, rebuild, skip_reason
 from .functional import Trackers, fqt_conv2d, fqt_linear
 from .quantizers import Granularity, get_quantizer
 from .ranges import RangeStats, RangeTracker
@@ -113,7 +115,10 @@ class FQTLinear(nn.Linear, _StochasticLayer):
         new.train(mod.training)
         return new
 
+    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ran = True  # a constant store: no torch.compile guard or graph break
         return fqt_linear(x, self.weight, self.bias, self.config, self.generator(x.device),
                           self.trackers())
 
@@ -155,13 +160,19 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
             return nn.functional.pad(x, pads), (0, 0)
         return x, _pair(self.padding)
 
+    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ran = True  # a constant store: no torch.compile guard or graph break
         x, padding = self._explicit_padding(x)
         return fqt_conv2d(x, self.weight, self.bias, self.config, self.generator(x.device),
                           self.stride, padding, self.dilation, self.groups, self.trackers())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
+
+
+_FQT_LAYERS = (FQTLinear, FQTConv2d)
 
 
 def describe(config: FQTConfig) -> str:
@@ -180,13 +191,28 @@ def _child_seed(base: int, index: int) -> int:
     return (base * 1_000_003 + index * 7_919 + 1) % (2**62)
 
 
-def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None) -> nn.Module:
+def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None,
+            *, report: bool = False) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Swap every ``nn.Linear`` and ``nn.Conv2d`` in ``model`` (any depth) for its FQT
-    version under ``config``, in place, and return ``model``.
+    version under ``config``, in place, and return ``model`` (``(model, report)`` with
+    ``report=True``: a :class:`ConversionReport`).
+
+    Only faithful swaps are made (:func:`lowbit.conversion.skip_reason`): a module whose
+    class is a subclass, that carries hooks, owns extra parameters/buffers, is not yet
+    materialized (lazy) or is read by its parent without being called
+    (``nn.MultiheadAttention.out_proj``) is left alone, listed in the report's
+    ``skipped`` with the reason and in one :class:`ConversionWarning`. Parametrized
+    layers (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, …) are
+    converted with their parametrizations; plain instance attributes are carried over.
+    ``nn.TransformerEncoderLayer``s holding converted layers lose their fused inference
+    path, which would bypass them (:func:`lowbit.conversion.disable_fused_fastpath`).
 
     ``module_filter(module, fully_qualified_name)`` returning False leaves a module
-    alone. Parameters are shared, names unchanged. Converting again is idempotent:
-    already-converted layers only take the new config.
+    alone. Parameters are shared, names unchanged. A module reachable under several
+    names becomes one converted layer. Converting again is idempotent: already-converted
+    layers only take the new config (and restart their :attr:`ran` flag).
+    Raises ``TypeError`` if ``model`` is not an ``nn.Module`` or ``config`` not an
+    :class:`FQTConfig`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -194,31 +220,75 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
     base = _draw_seed() if config.seed is None else config.seed
     index = 0
+    converted: list[str] = []
+    skipped: dict[str, str] = {}
+    excluded: list[str] = []
+    probes: dict[type[nn.Module], nn.Module] = {}
+    memo: dict[int, nn.Module] = {}
 
-    def visit(module: nn.Module, prefix: str) -> nn.Module:
+    def swap(module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
         nonlocal index
-        if isinstance(module, (FQTLinear, FQTConv2d)):
-            if module_filter is None or module_filter(module, prefix):
-                module.config = config
+        if module_filter is not None and not module_filter(module, name):
+            excluded.append(name)
             return module
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and (
-            module_filter is None or module_filter(module, prefix)
-        ):
-            cls = FQTLinear if isinstance(module, nn.Linear) else FQTConv2d
-            index += 1
-            return cls.from_float(module, config, seed=_child_seed(base, index))
-        for name, child in module.named_children():
-            new = visit(child, f"{prefix}.{name}" if prefix else name)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+        if isinstance(module, _FQT_LAYERS):
+            module.config, module.ran = config, False
+            converted.append(name)
+            return module
+        plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+        cls = FQTLinear if plain is nn.Linear else FQTConv2d
+        if plain not in probes:  # what an FQT layer holds, for attribute clashes
+            probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else nn.Conv2d(1, 1, 1, device="meta")
+            probes[plain] = cls.from_float(probe, config, seed=0)
+        reason = skip_reason(module, parent, plain, probes[plain])
+        if reason is not None:
+            skipped[name] = reason
+            return module
+        index += 1
+        seed = _child_seed(base, index)
+        converted.append(name)
+        return rebuild(module, plain, lambda m: cls.from_float(m, config, seed=seed))
 
-    return visit(model, "")
+    def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> nn.Module:
+        if id(module) in memo:  # shared module: convert once, reuse everywhere
+            return memo[id(module)]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            new = swap(module, prefix, parent)
+        else:
+            new = module
+            for name, child in list(module._modules.items()):  # aliases too (named_children dedups)
+                if child is None:
+                    continue
+                sub = visit(child, f"{prefix}.{name}" if prefix else name, module)
+                if sub is not child:
+                    setattr(module, name, sub)
+        memo[id(module)] = new
+        return new
+
+    model = visit(model, "", None)
+    fastpath = disable_fused_fastpath(model, lambda m: isinstance(m, _FQT_LAYERS))
+    if skipped:
+        listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
+        warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
+                      ConversionWarning, stacklevel=2)
+    if not report:
+        return model
+    return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
 
 
-def fqt_layers(model: nn.Module) -> dict[str, FQTLinear | FQTConv2d]:
-    """The converted layers of ``model`` by fully qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (FQTLinear, FQTConv2d))}
+def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, FQTLinear | FQTConv2d]:
+    """The converted layers of ``model`` by fully qualified name; with ``ran=True`` only
+    those whose forward has run since conversion or :func:`reset_ran`, with ``ran=False``
+    only those that have not (converted, yet bypassed or unused)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, _FQT_LAYERS) and (ran is None or m.ran == ran)}
+
+
+def reset_ran(model: nn.Module) -> None:
+    """Clear the :attr:`ran` flag of every converted layer (before a step whose coverage
+    is to be checked with :func:`fqt_layers` ``(model, ran=...)``)."""
+    for m in fqt_layers(model).values():
+        m.ran = False
 
 
 def rng_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -288,4 +358,5 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 
 
 __all__ = ["FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "frozen_ranges",
-           "load_range_state", "load_rng_state", "range_state", "range_stats", "rng_state"]
+           "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
+           "rng_state"]

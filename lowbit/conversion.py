@@ -1,0 +1,231 @@
+"""What :func:`lowbit.convert` may swap without changing the model, and its report.
+
+``convert`` replaces an ``nn.Linear`` / ``nn.Conv2d`` by an FQT layer that holds the same
+parameters and runs the same GEMM with quantized operands. That is faithful only when the
+module computes, owns and is hooked to nothing beyond what the plain class defines, and
+when the module is actually *called* by its parent. :func:`skip_reason` checks exactly
+that and names what would be lost; :func:`rebuild` moves what can be carried over
+(``torch.nn.utils.parametrize`` parametrizations, plain attributes); and
+:func:`disable_fused_fastpath` makes the parents that would bypass converted children
+(PyTorch's fused transformer inference path) call them instead. Modules left alone are
+listed in a :class:`ConversionReport` and in a :class:`ConversionWarning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
+
+# (attribute of nn.Module, what the reason calls it): every per-module hook registry
+_HOOKS = (
+    ("_forward_pre_hooks", "forward pre-hooks"),
+    ("_forward_hooks", "forward hooks"),
+    ("_backward_pre_hooks", "backward pre-hooks"),
+    ("_backward_hooks", "backward hooks"),
+    ("_state_dict_pre_hooks", "state_dict pre-hooks"),
+    ("_state_dict_hooks", "state_dict hooks"),
+    ("_load_state_dict_pre_hooks", "load_state_dict pre-hooks"),
+    ("_load_state_dict_post_hooks", "load_state_dict post-hooks"),
+)
+
+# load_state_dict pre-hooks registered without the module (``with_module=False``) see
+# only the state dict: they are carried to the replacement (weight_norm's key-renaming
+# hook for checkpoints of the old weight_g/weight_v format is one).
+_CARRIED = "_load_state_dict_pre_hooks"
+
+
+def _module_free(module: nn.Module) -> bool:
+    return all(getattr(h, "with_module", True) is False for h in getattr(module, _CARRIED).values())
+
+
+MHA_REASON = ("child of nn.MultiheadAttention: its forward reads this layer's weight "
+              "directly (F.multi_head_attention_forward) and never calls it, so a "
+              "converted layer would not run")
+LAZY_REASON = ("lazy module with uninitialized parameters: run one forward pass to "
+               "materialize it, then convert")
+
+
+class ConversionWarning(UserWarning):
+    """``convert`` left a Linear/Conv2d alone because it could not swap it faithfully."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    """What one :func:`lowbit.convert` call did.
+
+    * ``converted``: fully qualified names of the layers that are FQT layers under the
+      new config after the call (newly swapped or already converted), in module order
+      (``""`` is the root module itself).
+    * ``skipped``: Linear/Conv2d modules selected by the filter but left alone, name →
+      reason (what a swap would have lost or bypassed).
+    * ``excluded``: names the ``module_filter`` turned down.
+    * ``fastpath_disabled``: ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder``
+      modules whose fused inference path is turned off because it would bypass
+      converted ``linear1``/``linear2`` (see :func:`disable_fused_fastpath`).
+    """
+
+    converted: tuple[str, ...]
+    skipped: Mapping[str, str]
+    excluded: tuple[str, ...]
+    fastpath_disabled: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layers, skipped {len(self.skipped)}, "
+                 f"excluded by the filter {len(self.excluded)}"]
+        lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  fused fast path off: {name or '<root>'}" for name in self.fastpath_disabled]
+        return "\n".join(lines)
+
+
+@functools.cache
+def _plain_keys(base: type[nn.Module]) -> frozenset[str]:
+    """Instance attributes every plain ``base`` module has (hook registries, sizes, …)."""
+    probe = nn.Linear(1, 1, device="meta") if base is nn.Linear else nn.Conv2d(1, 1, 1, device="meta")
+    return frozenset(probe.__dict__)
+
+
+def _parametrized_names(module: nn.Module) -> frozenset[str]:
+    return frozenset(module.parametrizations) if parametrize.is_parametrized(module) else frozenset()
+
+
+def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Module],
+                replacement: nn.Module) -> str | None:
+    """Why ``module`` (an instance of ``base``: ``nn.Linear`` or ``nn.Conv2d``, child of
+    ``parent``) cannot be replaced faithfully by a layer like ``replacement`` (an
+    instance of the FQT class, e.g. on the meta device), or ``None`` if it can.
+
+    Faithful means: its class is exactly ``base`` (or ``base`` with
+    ``torch.nn.utils.parametrize`` parametrizations, which :func:`rebuild` carries over),
+    its parameters are initialized plain ``nn.Parameter``s named ``weight``/``bias``, it
+    owns no other parameters, buffers or submodules, carries no module hooks (except
+    load_state_dict pre-hooks that never see the module, which are carried), has no
+    instance attribute that ``replacement`` defines itself (e.g. an instance ``forward``),
+    and its parent calls it (``nn.MultiheadAttention`` reads ``out_proj.weight`` instead).
+    """
+    if isinstance(parent, nn.MultiheadAttention):
+        return MHA_REASON
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return LAZY_REASON
+    cls = type(module)
+    params = _parametrized_names(module)
+    if not (cls is base or (params and cls.__bases__ == (base,))):
+        return (f"{cls.__qualname__} is a subclass of nn.{base.__name__}: its own forward, "
+                f"parameters or state would be lost")
+    hooks = [label for attr, label in _HOOKS
+             if getattr(module, attr, None) and not (attr == _CARRIED and _module_free(module))]
+    if hooks:
+        return f"has {', '.join(hooks)}: the converted layer would not carry them"
+    extra = sorted(set(module._parameters) - {"weight", "bias"})
+    if extra:
+        return f"owns extra parameters {extra}"
+    if "weight" not in params and not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return "weight is not a registered nn.Parameter"
+    for name in ("weight", "bias"):
+        p = module._parameters.get(name)
+        if p is not None and type(p) is not nn.Parameter:
+            return f"{name} is a {type(p).__name__}, not a plain nn.Parameter"
+    if module._buffers:
+        return f"owns buffers {sorted(module._buffers)}"
+    children = sorted(set(module._modules) - ({"parametrizations"} if params else set()))
+    if children:
+        return f"owns submodules {children}"
+    clash = sorted(k for k in set(module.__dict__) - _plain_keys(base) if hasattr(replacement, k))
+    if clash:
+        return (f"instance attributes {clash} would clash with "
+                f"{type(replacement).__name__}'s own")
+    return None
+
+
+class _Placeholder(nn.Module):
+    """Registered only to create a parametrized class; replaced at once by the
+    original module's parametrizations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _meta_twin(module: nn.Module, base: type[nn.Module], names: frozenset[str]) -> nn.Module:
+    """A plain ``base`` on the meta device with ``module``'s hyperparameters, built
+    without reading a parametrized tensor (reading one can run the parametrization,
+    e.g. a power iteration of spectral norm that updates its buffers)."""
+    has_bias = "bias" in names or module._parameters.get("bias") is not None
+    if base is nn.Linear:
+        twin = nn.Linear(module.in_features, module.out_features, bias=has_bias, device="meta")
+    else:
+        twin = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                         stride=module.stride, padding=module.padding, dilation=module.dilation,
+                         groups=module.groups, bias=has_bias, padding_mode=module.padding_mode,
+                         device="meta")
+    return twin.train(module.training)
+
+
+def rebuild(module: nn.Module, base: type[nn.Module],
+            make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """The replacement of ``module`` (which passed :func:`skip_reason`): ``make`` builds
+    it from a plain ``base`` sharing the parameters (``from_float``), then the
+    parametrizations (the same ``ParametrizationList`` objects: same parameters, same
+    buffers, same ``state_dict`` keys) and the plain instance attributes are carried over.
+    A parametrized weight is then computed through its parametrization on every forward,
+    exactly as in ``module``."""
+    names = _parametrized_names(module)
+    extras = {k: v for k, v in module.__dict__.items() if k not in _plain_keys(base)}
+    if not names:
+        new = make(module)
+    else:
+        new = make(_meta_twin(module, base, names))
+        for name in ("weight", "bias"):
+            if name in names:
+                parametrize.register_parametrization(new, name, _Placeholder(), unsafe=True)
+            else:
+                setattr(new, name, module._parameters.get(name))
+        new.parametrizations = module.parametrizations
+    new.__dict__.update(extras)
+    carried = getattr(module, _CARRIED)
+    if carried:  # module-free by skip_reason; share the dict so that handles still remove
+        if getattr(new, _CARRIED):
+            getattr(new, _CARRIED).update(carried)
+        else:
+            setattr(new, _CARRIED, carried)
+    return new
+
+
+def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bool]) -> tuple[str, ...]:
+    """Turn off PyTorch's fused transformer inference path wherever it would bypass a
+    converted layer; return the names of the modules changed or already off for it.
+
+    In ``eval()`` under ``no_grad``, ``nn.TransformerEncoderLayer.forward`` may call
+    ``torch._transformer_encoder_layer_fwd``, which reads ``linear1.weight`` and
+    ``linear2.weight`` directly and never calls ``linear1``/``linear2``: converted layers
+    there would silently not run. The unfused path is PyTorch's reference definition of
+    the same layer (the fused one must match it), so turning the fused one off changes
+    only which kernels compute the float parts, and makes the converted layers run in
+    every mode. ``torch.backends.mha.set_fastpath_enabled(False)`` would do it for every
+    model in the process, so instead the per-module flags that these modules compute at
+    construction to decide whether the fused path applies are set to "does not apply":
+    ``activation_relu_or_gelu = 0`` on the encoder layer (the unfused path calls
+    ``self.activation`` and never reads the flag) and ``use_nested_tensor = False`` on an
+    ``nn.TransformerEncoder`` holding such a layer (its nested-tensor path hands padded
+    batches to the fused layers).
+    """
+    names: list[str] = []
+    off: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and (converted(m.linear1) or converted(m.linear2)):
+            m.activation_relu_or_gelu = 0
+            off.add(id(m))
+            names.append(name)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder) and any(id(layer) in off for layer in m.layers):
+            m.use_nested_tensor = False
+            names.append(name)
+    return tuple(names)
+
+
+__all__ = ["ConversionReport", "ConversionWarning", "disable_fused_fastpath", "rebuild",
+           "skip_reason"]

@@ -1,0 +1,508 @@
+"""convert() never changes what a module computes, owns or is hooked to, and what lowbit
+reports as quantized is what runs quantized (issue 11, items 2 and 3).
+
+Modules that cannot be swapped faithfully (subclasses such as timm's Conv2dSame and
+StdConv2d, hooked modules, lazy modules, MultiheadAttention's out_proj) must be left
+alone: same object, same output bit for bit, same state_dict keys, listed with the exact
+reason. Converted layers must really run: their ``ran`` flag moves and their output is
+the quantized one (compared exactly with an independently built FQT layer)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit import ConversionWarning, FQTConfig, FQTConv2d, FQTLinear
+from lowbit.conversion import LAZY_REASON, MHA_REASON
+
+FQT = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+FP = FQTConfig.from_recipe("fp")
+
+
+def convert_quietly(model: nn.Module, config: FQTConfig = FQT, **kw):
+    """convert(..., report=True), collecting its ConversionWarnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = lowbit.convert(model, config, report=True, **kw)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ConversionWarning)]
+    return model, report, msgs
+
+
+# -- subclasses: the module a user or library wrote ---------------------------------------
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with an extra parameter and its own forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = nn.Parameter(torch.full((self.out_features,), 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+# timm.layers: padding.get_padding / get_same_padding / pad_same, conv2d_same.Conv2dSame,
+# std_conv.StdConv2d, written out as timm defines them (timm itself needs torchvision).
+def get_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def get_same_padding(x: int, k: int, s: int, d: int) -> int:
+    return max((math.ceil(x / s) - 1) * s + (k - 1) * d + 1 - x, 0)
+
+
+def pad_same(x: torch.Tensor, k, s, d, value: float = 0) -> torch.Tensor:
+    ih, iw = x.size()[-2:]
+    pad_h, pad_w = get_same_padding(ih, k[0], s[0], d[0]), get_same_padding(iw, k[1], s[1], d[1])
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow-like 'SAME' convolution: padding computed from the input in forward."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d with weight standardization computed in forward."""
+
+    def __init__(self, in_channel, out_channels, kernel_size, stride=1, padding=None, dilation=1,
+                 groups=1, bias=False, eps=1e-6):
+        if padding is None:
+            padding = get_padding(kernel_size, stride, dilation)
+        super().__init__(in_channel, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+SUBCLASSES = {
+    "linear-extra-param": (lambda: ScaledLinear(8, 8), (5, 8), "ScaledLinear", "Linear"),
+    "timm-conv2d-same": (lambda: Conv2dSame(3, 4, 3, stride=2), (2, 3, 9, 9), "Conv2dSame", "Conv2d"),
+    "timm-std-conv2d": (lambda: StdConv2d(3, 4, 3), (2, 3, 9, 9), "StdConv2d", "Conv2d"),
+}
+
+
+@pytest.mark.parametrize("case", SUBCLASSES)
+def test_subclass_is_left_alone(case: str) -> None:
+    make, shape, cls_name, base = SUBCLASSES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), nn.Flatten())
+    ref = copy.deepcopy(model)
+    keys, sub = list(model.state_dict()), model[0]
+    x = torch.randn(*shape)
+    model, report, msgs = convert_quietly(model)
+    reason = f"{cls_name} is a subclass of nn.{base}: its own forward, parameters or state would be lost"
+    assert report.skipped == {"0": reason} and report.converted == ()
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {reason}"]
+    assert model[0] is sub and type(sub).__name__ == cls_name
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), ref(x))  # bit for bit: nothing changed
+    if case == "timm-conv2d-same":
+        assert model(x).shape == (2, 4 * 5 * 5)  # 'SAME' padding kept: 9×9, stride 2 → 5×5
+
+
+def test_subclass_beside_plain_layers_only_plain_ones_convert() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    ref = copy.deepcopy(model)
+    model, report, _ = convert_quietly(model)
+    assert report.converted == ("2",) and set(report.skipped) == {"0"}
+    x = torch.randn(6, 8)
+    h = model[1](model[0](x))
+    assert torch.equal(h, ref[1](ref[0](x)))  # the skipped subclass: bit-identical
+    # the converted layer ran, quantized: equal to an FQT layer built on its own
+    twin = FQTLinear.from_float(copy.deepcopy(ref[2]), FQT, seed=model[2].seed)
+    lowbit.reset_ran(model)
+    y = model(x)
+    assert lowbit.fqt_layers(model, ran=True).keys() == {"2"}
+    assert torch.equal(y, twin(h)) and not torch.equal(y, ref(x))
+
+
+# -- hooks ----------------------------------------------------------------------------------
+HOOKS = {
+    "forward hooks": lambda m: m.register_forward_hook(lambda mod, i, o: o * 3),
+    "forward pre-hooks": lambda m: m.register_forward_pre_hook(lambda mod, i: (i[0] * 2,)),
+    "backward hooks": lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+    "backward pre-hooks": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    "state_dict pre-hooks": lambda m: m.register_state_dict_pre_hook(lambda mod, p, kv: None),
+    "state_dict hooks": lambda m: m.register_state_dict_post_hook(lambda mod, sd, p, meta: None),
+    "load_state_dict pre-hooks": lambda m: m.register_load_state_dict_pre_hook(
+        lambda mod, sd, p, meta, strict, missing, unexpected, errors: None),
+    "load_state_dict post-hooks": lambda m: m.register_load_state_dict_post_hook(lambda mod, keys: None),
+}
+
+
+@pytest.mark.parametrize("kind", HOOKS)
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_hooked_module_is_left_alone(kind: str, layer: str) -> None:
+    torch.manual_seed(0)
+    mod, x = (nn.Linear(6, 6), torch.randn(4, 6)) if layer == "linear" else \
+        (nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5))
+    handle = HOOKS[kind](mod)
+    before = mod(x)
+    model, report, msgs = convert_quietly(nn.Sequential(mod))
+    reason = f"has {kind}: the converted layer would not carry them"
+    assert report.skipped == {"0": reason} and model[0] is mod
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {reason}"]
+    assert torch.equal(model(x), before)
+    handle.remove()  # the user's handle still works on the untouched module
+    assert lowbit.convert(model, FQT)[0].__class__ in (FQTLinear, FQTConv2d)
+
+
+def test_old_style_weight_norm_hook_is_left_alone() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates it
+        mod = nn.utils.weight_norm(nn.Linear(6, 6))
+    x = torch.randn(4, 6)
+    before, keys = mod(x), list(mod.state_dict())
+    model, report, _ = convert_quietly(nn.Sequential(mod))
+    assert report.skipped == {"0": "has forward pre-hooks: the converted layer would not carry them"}
+    assert torch.equal(model(x), before) and list(model[0].state_dict()) == keys
+
+
+# -- parametrizations: converted, the weight computed through them -----------------------
+PARAMETRIZE = {"weight_norm": nn.utils.parametrizations.weight_norm,
+               "spectral_norm": nn.utils.parametrizations.spectral_norm,
+               "orthogonal": nn.utils.parametrizations.orthogonal}
+
+
+def _parametrized_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    p = PARAMETRIZE[kind]
+    return nn.Sequential(p(nn.Conv2d(2, 3, 3, padding=1)), nn.Flatten(), p(nn.Linear(3 * 4 * 4, 5)))
+
+
+@pytest.mark.parametrize("kind", PARAMETRIZE)
+def test_parametrized_layers_convert_exactly(kind: str) -> None:
+    model = _parametrized_model(kind)
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    model, report, msgs = convert_quietly(model, FP)
+    assert report.converted == ("0", "2") and not report.skipped and msgs == []
+    assert isinstance(model[0], FQTConv2d) and isinstance(model[2], FQTLinear)
+    assert list(model.state_dict()) == keys  # parametrizations.weight.original*, _u, _v
+    assert all(p is params[n] for n, p in model.named_parameters())  # shared, not copied
+    # the fp recipe runs the same arithmetic: training forward (spectral norm's power
+    # iteration updates _u/_v) and backward bit-identical to the unconverted model
+    x = torch.randn(4, 2, 4, 4)
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    assert all(m.ran for m in lowbit.fqt_layers(model).values())
+    copy.deepcopy(model)  # the analysis tools copy models
+
+
+@pytest.mark.parametrize("kind", PARAMETRIZE)
+def test_parametrized_layer_quantizes_the_parametrized_weight(kind: str) -> None:
+    model = _parametrized_model(kind).eval()  # eval: spectral norm reuses its _u/_v
+    lin = model[2]
+    w = lin.weight.detach().clone()  # W = g·v/‖v‖ or W/σ(W), through the parametrization
+    model, _, _ = convert_quietly(model)
+    twin = FQTLinear(w.shape[1], w.shape[0], config=FQT, seed=model[2].seed)
+    with torch.no_grad():
+        twin.weight.copy_(w)
+        twin.bias.copy_(lin.bias)
+    x = torch.randn(4, w.shape[1])
+    assert torch.equal(model[2](x), twin(x))  # Q_f(x)·Q_f(W)ᵀ with the parametrized W
+    assert not torch.equal(model[2](x), F.linear(x, w, lin.bias))  # and it is quantized
+    # the gradient reaches the parametrization's own parameters
+    model[2](x).sum().backward()
+    originals = [p for n, p in model[2].named_parameters() if "original" in n]
+    assert originals and all(p.grad is not None and p.grad.abs().sum() > 0 for p in originals)
+
+
+def test_weight_norm_loads_old_style_checkpoints_after_convert() -> None:
+    """weight_norm's load_state_dict pre-hook (weight_g/weight_v keys → original0/1)
+    never sees the module: it is carried to the converted layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)))
+    model, report, _ = convert_quietly(model)
+    assert report.converted == ("0",)
+    g, v, b = torch.rand(3, 1), torch.randn(3, 4), torch.randn(3)
+    model.load_state_dict({"0.weight_g": g, "0.weight_v": v, "0.bias": b})
+    assert torch.equal(model[0].parametrizations.weight.original0, g)
+    assert torch.equal(model[0].parametrizations.weight.original1, v)
+
+
+# -- lazy modules ---------------------------------------------------------------------------
+def test_lazy_module_is_skipped_then_converts_once_materialized() -> None:
+    model, ref = nn.Sequential(nn.LazyLinear(4)), nn.Sequential(nn.LazyLinear(4))
+    model, report, msgs = convert_quietly(model)
+    assert report.skipped == {"0": LAZY_REASON}
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {LAZY_REASON}"]
+    x = torch.randn(2, 3)
+    torch.manual_seed(0)
+    y = model(x)  # used to fail here; materializes as a plain nn.Linear
+    torch.manual_seed(0)
+    assert torch.equal(y, ref(x)) and type(model[0]) is nn.Linear
+    model, report, msgs = convert_quietly(model)
+    assert report.converted == ("0",) and msgs == [] and type(model[0]) is FQTLinear
+
+
+# -- what a module owns beyond nn.Linear ----------------------------------------------------
+def _with_buffer(m: nn.Module) -> None:
+    m.register_buffer("mask", torch.ones(6, 6))
+
+
+def _with_param(m: nn.Module) -> None:
+    m.register_parameter("scale", nn.Parameter(torch.ones(6)))
+
+
+def _with_child(m: nn.Module) -> None:
+    m.add_module("act", nn.ReLU())
+
+
+def _with_forward(m: nn.Module) -> None:
+    m.forward = lambda x: nn.Linear.forward(m, x) * 2
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass (as DTensor or a float8 tensor would be)."""
+
+
+def _with_subclass_weight(m: nn.Module) -> None:
+    m.weight = nn.Parameter(m.weight.detach().as_subclass(Tagged))
+
+
+OWNS = {
+    "buffer": (_with_buffer, "owns buffers ['mask']"),
+    "parameter": (_with_param, "owns extra parameters ['scale']"),
+    "submodule": (_with_child, "owns submodules ['act']"),
+    "instance-forward": (_with_forward, "instance attributes ['forward'] would clash with FQTLinear's own"),
+    "tensor-subclass-weight": (_with_subclass_weight, "weight is a Tagged, not a plain nn.Parameter"),
+}
+
+
+@pytest.mark.parametrize("case", OWNS)
+def test_module_owning_more_is_left_alone(case: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    add, reason = OWNS[case]
+    add(lin)
+    x = torch.randn(3, 6)
+    before, keys = lin(x), list(lin.state_dict())
+    model, report, _ = convert_quietly(nn.Sequential(lin))
+    assert report.skipped == {"0": reason} and model[0] is lin
+    assert torch.equal(torch.as_tensor(model(x)), torch.as_tensor(before))
+    assert list(model.state_dict()) == [f"0.{k}" for k in keys]
+
+
+def test_plain_attributes_are_carried_over() -> None:
+    lin = nn.Linear(4, 4)
+    lin._is_hf_initialized = True  # transformers tags every module like this
+    lin.note = {"owner": "me"}
+    model, report, msgs = convert_quietly(nn.Sequential(lin))
+    assert report.converted == ("0",) and msgs == []
+    assert model[0]._is_hf_initialized is True and model[0].note is lin.note
+
+
+# -- modules that read a child's weight without calling it ------------------------------
+class AttnBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_multihead_attention_out_proj_is_not_claimed(mode: str) -> None:
+    torch.manual_seed(0)
+    model = AttnBlock()
+    ref = copy.deepcopy(model)
+    model, report, msgs = convert_quietly(model)
+    assert report.skipped == {"mha.out_proj": MHA_REASON} and report.converted == ("head",)
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: mha.out_proj: {MHA_REASON}"]
+    assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert set(lowbit.fqt_layers(model)) == {"head"}
+    x = torch.randn(2, 5, 8)
+    with torch.set_grad_enabled(mode == "train"):
+        model.train(mode == "train"), ref.train(mode == "train")
+        a, b = model.mha(x, x, x)[0], ref.mha(x, x, x)[0]
+        assert torch.equal(a, b)  # attention untouched, bit for bit
+        lowbit.reset_ran(model)
+        y = model(x)
+    twin = FQTLinear.from_float(copy.deepcopy(ref.head), FQT, seed=model.head.seed).train(mode == "train")
+    assert model.head.ran and torch.equal(y, twin(a))
+
+
+def _encoder_layer() -> nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+
+def _unfused(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """TransformerEncoderLayer's unfused path (norm_first=False, no masks, no dropout),
+    written out with the layer's own submodules."""
+    x = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
+    return layer.norm2(x + layer.linear2(layer.activation(layer.linear1(x))))
+
+
+def test_encoder_layer_runs_quantized_in_eval_no_grad() -> None:
+    layer = _encoder_layer().eval()
+    ref = copy.deepcopy(layer)
+    model, report, _ = convert_quietly(layer)
+    assert report.converted == ("linear1", "linear2")
+    assert report.skipped == {"self_attn.out_proj": MHA_REASON}
+    assert report.fastpath_disabled == ("",)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        lowbit.reset_ran(model)
+        y = model(x)
+        assert set(lowbit.fqt_layers(model, ran=True)) == {"linear1", "linear2"}
+        assert torch.equal(y, _unfused(model, x))  # the unfused path, quantized linears
+        assert not torch.equal(y, ref(x))  # not the float fused path
+        # without the change, the fused path bypasses the converted layers, and the ran
+        # flags tell: that is what lowbit.coverage reads
+        model.activation_relu_or_gelu = 1
+        lowbit.reset_ran(model)
+        assert torch.equal(model(x), ref(x))
+        assert set(lowbit.fqt_layers(model, ran=False)) == {"linear1", "linear2"}
+
+
+def test_encoder_layer_train_mode() -> None:
+    layer = _encoder_layer().train()
+    ref = copy.deepcopy(layer)
+    x = torch.randn(2, 5, 16)
+    exact, _, _ = convert_quietly(copy.deepcopy(layer), FP)
+    assert torch.equal(exact(x), ref(x))  # fp recipe: the same float computation
+    model, _, _ = convert_quietly(layer)
+    y = model(x)
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"linear1", "linear2"}
+    assert not torch.equal(y, ref(x))
+    y.sum().backward()
+    assert model.linear1.weight.grad.abs().sum() > 0
+
+
+def test_encoder_nested_tensor_path_is_turned_off() -> None:
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(_encoder_layer(), num_layers=2, enable_nested_tensor=True).eval()
+    assert enc.use_nested_tensor  # the fused nested-tensor path applies to the float model
+    model, report, _ = convert_quietly(enc)
+    assert report.fastpath_disabled == ("layers.0", "layers.1", "")
+    assert set(report.skipped) == {"layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"}
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        lowbit.reset_ran(model)
+        y = model(x, src_key_padding_mask=pad)
+        assert lowbit.fqt_layers(model, ran=False) == {}
+        out = x
+        for layer in model.layers:  # the layers on the padded batch, not a nested tensor
+            out = layer(out, src_key_padding_mask=pad)
+        assert torch.equal(y, out)
+        assert y[1, 3:].abs().sum() > 0  # the nested path would have zeroed the padding
+
+
+def test_decoder_layer_has_no_fast_path_to_turn_off() -> None:
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    model, report, _ = convert_quietly(dec)
+    assert report.converted == ("linear1", "linear2") and report.fastpath_disabled == ()
+    assert set(report.skipped) == {"self_attn.out_proj", "multihead_attn.out_proj"}
+    with torch.no_grad():
+        model(torch.randn(2, 5, 16), torch.randn(2, 4, 16))
+    assert lowbit.fqt_layers(model, ran=False) == {}
+
+
+# -- the report, shared modules, the root, the ran flag -----------------------------------
+def test_plain_model_converts_without_warning() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv2d(1, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lowbit.convert(model, FQT) is model  # without report=: the model only
+    model, report = lowbit.convert(model, FQT, module_filter=lambda m, n: n != "2", report=True)
+    assert report.converted == ("0",) and report.excluded == ("2",) and report.skipped == {}
+    assert str(report) == "converted 1 layers, skipped 0, excluded by the filter 1"
+
+
+def test_shared_module_becomes_one_converted_layer() -> None:
+    lin = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a, model.b = lin, lin
+    model, report, _ = convert_quietly(model)
+    assert model.a is model.b and isinstance(model.a, FQTLinear)
+    assert report.converted == ("a",)
+
+
+def test_root_module() -> None:
+    model, report, _ = convert_quietly(nn.Linear(3, 2))
+    assert type(model) is FQTLinear and report.converted == ("",)
+    hooked = nn.Linear(3, 2)
+    hooked.register_forward_hook(lambda m, i, o: o)
+    model, report, msgs = convert_quietly(hooked)
+    assert model is hooked and set(report.skipped) == {""}
+    assert msgs[0].startswith("lowbit.convert left 1 layer(s) in float: <root>: has forward hooks")
+
+
+def test_ran_flag_and_reset() -> None:
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), FQT)
+    assert set(lowbit.fqt_layers(model, ran=False)) == {"0", "1"}
+    model[0](torch.randn(2, 4))
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"0"}
+    model(torch.randn(2, 4))
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"0", "1"}
+    lowbit.reset_ran(model)
+    assert lowbit.fqt_layers(model, ran=True) == {}
+    model(torch.randn(2, 4))
+    lowbit.convert(model, FP)  # a new config restarts the flags
+    assert lowbit.fqt_layers(model, ran=True) == {}
+
+
+def test_ran_flag_under_torch_compile() -> None:
+    """The flag is a constant attribute store: set on every compiled call, and it causes
+    no recompilation (a counter would be guarded and recompile on every call)."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = lowbit.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), FP)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for _ in range(3):
+        lowbit.reset_ran(model)
+        compiled(torch.randn(2, 4))
+        assert set(lowbit.fqt_layers(model, ran=True)) == {"0", "2"}
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[2] == frames[0]
+
+
+def test_gpt2_conv1d_stays_float_as_the_readme_says() -> None:
+    """Hugging Face GPT-2's projections are transformers' Conv1D, not nn.Linear: only the
+    lm_head converts, and nothing is claimed for the rest (README: what stays in float)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    model, report, msgs = convert_quietly(model)
+    assert report.converted == ("lm_head",) and report.skipped == {} and msgs == []
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    ids = torch.randint(0, 50, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"lm_head"}
