@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
         "(default: as --weights)")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
+    add("--grad-comm", default="fp32", help="data-parallel gradient averaging: fp32 (DDP's "
+        "all-reduce) or int2..int8 (unbiased stochastic rounding, lowbit.distributed)")
     add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     add("--threads", help="CPU threads for torch (default: torch's choice)")
     add("--no-progress", action="store_true", help="no progress bar (epoch lines only)")
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
     add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt)")
+    add("--nproc", help="data-parallel ranks: launches torchrun with N processes (default 1; "
+        "under torchrun, its WORLD_SIZE)")
     add_training_arguments(parser)
 
 
@@ -127,6 +133,7 @@ def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields["backend"] = args.backend
     fields["weights"] = args.weights
     fields["opt_state"] = args.opt_state
+    fields["grad_comm"] = args.grad_comm
     fields["model_kwargs"] = parse_model_args(args.model_arg)
     return fields
 
@@ -165,9 +172,15 @@ def run(args: argparse.Namespace) -> int:
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_int("--seed", args.seed))  # fmt: skip
+    nproc = parse_int("--nproc", args.nproc)
+    launch = nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ
+    if nproc is not None:
+        fields["world_size"] = nproc
     cfg = make_config(fields)
     set_threads(args.threads)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
+    if launch:  # every value checked: now the same command on nproc ranks
+        return _torchrun(args, cfg.world_size, cfg.out)
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (TrainingDiverged, CheckpointError) as exc:
@@ -175,5 +188,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_loss", "bpb") if k in last)
-    print(f"{cfg.run_name()}: {shown or 'no epochs run'} -> {cfg.out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{cfg.run_name()}: {shown or 'no epochs run'} -> {cfg.out}")
     return 0
+
+
+def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
+    """``lowbit train`` with the same options on ``nproc`` local ranks under torchrun
+    (``python -m torch.distributed.run --standalone``); returns its exit status."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "lowbit", "train"]
+    for key, value in (vars(args) | {"out": out}).items():
+        if key.startswith("_") or key in ("command", "nproc") or value in (None, False, []):
+            continue
+        option = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            argv += [option] if v is True else [option, str(v)]
+    return subprocess.call(argv)

@@ -1,0 +1,348 @@
+"""Unbiased quantized gradient communication for ``DistributedDataParallel``.
+
+``N`` ranks hold gradients ``g_r``; DDP averages them. :func:`quantized_allreduce_hook`
+sends each gradient quantized with stochastic rounding (METHOD.md §8)::
+
+    state = QuantizedCommState(ddp_model, GradComm(bits=8))
+    ddp_model.register_comm_hook(state, quantized_allreduce_hook)
+
+**The estimator.** Each parameter's gradient is cut into blocks of ``block`` elements
+(``block=None``: one block per parameter, i.e. PTQ per tensor). For one bucket:
+
+1. every rank computes its blocks' absmax; one all-reduce MAX gives the shared absmax
+   ``A_k`` of block ``k`` (a tiny message: 4 bytes per block);
+2. rank ``r`` rounds ``y = g_r/s_k`` (step ``s_k = A_k/Q``, ``Q = 2^(bits−1) − 1``,
+   :meth:`~lowbit.formats.IntFormat.scale_from_absmax`) stochastically onto
+   ``c_r = ⌊y⌋ + [u_r < y − ⌊y⌋] ∈ {−Q..Q}`` (``u_r`` uniform); ``|y| ≤ Q`` because the
+   scale is shared, so nothing clips;
+3. the integer codes are summed exactly over ranks and decoded: ``ĝ = s_k·Σ_r c_r / N``.
+
+``E[c_r] = y`` given the gradients, so ``E[ĝ] = ḡ = (1/N)Σ_r g_r``: unbiased. The noises
+``u_r`` are independent across ranks, so the added variance is
+``(1/N²)·Σ_r Σ_i p_ri(1 − p_ri)·s_k²`` with ``p_ri`` the fractional part of ``y_ri``
+(:func:`expected_variance`): the third term of the variance decomposition
+(:func:`lowbit.analysis.gradient_variance` with ``comm=``).
+
+**The wire.** Codes can only be summed under a shared scale (hence step 1), and the sum
+must not overflow: ``N·Q`` must fit the summing integer type. Gloo and NCCL all-reduce
+int8 and int32 but not int16, so the choices are (bytes sent per element per rank,
+bandwidth-optimal ring algorithms; fp32 all-reduce: ``2(N−1)/N·4``):
+
+* ``allreduce``: sum in int8 when ``N·Q ≤ 127`` (4 bits: ``N ≤ 18``), else int32:
+  ``2(N−1)/N·b`` bytes, ``b`` = 1 or 4 (int32 saves nothing over fp32);
+* ``allgather``: gather every rank's int8 codes, sum in int32 locally: ``(N−1)`` bytes.
+
+``wire="auto"`` (default) takes the cheaper: int8 all-reduce where it cannot overflow,
+else the all-gather while ``N < 8`` (8-bit codes, 2 ranks: 1 byte against fp32's 4),
+else the int32 all-reduce (no gain; a second-stage re-quantization would be needed, not
+implemented). Both give the same integer sum, so the same bits.
+
+**Noise.** Rank ``r`` rounds parameter ``i`` (index in ``model.named_parameters()``) at
+its ``t``-th communication with counter-based noise (:func:`lowbit.formats.counter_uniform`)
+seeded by :func:`comm_noise_seed` ``(seed, r, t, i)``: independent across ranks,
+deterministic, and independent of how DDP lays parameters out in buckets (DDP rebuilds
+its buckets after the first iteration, so a resumed run would otherwise differ). The
+call counters are in :meth:`QuantizedCommState.state_dict` for checkpoints.
+
+**Non-finite gradients.** If any rank has a NaN/Inf in a bucket, the bucket is sent as
+the plain fp32 all-reduce instead (the MAX message carries the flag): NaN/Inf reach the
+averaged gradient as they would without the hook, never a finite number.
+
+Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float format
+(FP8) has a non-uniform grid, so its codes cannot be summed; it would plug in through
+:func:`encode`/:func:`decode` with ``wire="allgather"``.
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .formats import IntFormat, counter_uniform
+
+WIRES = ("auto", "allreduce", "allgather")
+GRAD_COMM_NAMES = ("fp32",) + tuple(f"int{b}" for b in range(2, 9))
+DEFAULT_BLOCK = 256
+_INT8_MAX = 127
+_M64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class GradComm:
+    """How gradients travel: ``bits`` (2..8) of a symmetric integer grid, one scale per
+    ``block`` elements of each parameter (``None``: per parameter), the ``wire``
+    (``auto``, ``allreduce`` or ``allgather``, see the module doc) and the noise ``seed``."""
+
+    bits: int = 8
+    block: int | None = DEFAULT_BLOCK
+    wire: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        IntFormat(self.bits)  # validates bits
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(
+                self.block, int) or self.block < 1):
+            raise ValueError(f"block must be a positive integer or None, got {self.block!r}")
+        if self.wire not in WIRES:
+            raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {self.wire!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def format(self) -> IntFormat:
+        return IntFormat(self.bits)
+
+    @classmethod
+    def from_name(cls, name: str, **kw) -> "GradComm | None":
+        """``"int8"`` → ``GradComm(bits=8)``; ``"fp32"`` → ``None`` (DDP's own all-reduce)."""
+        if name not in GRAD_COMM_NAMES:
+            raise ValueError(f"grad_comm must be one of {', '.join(GRAD_COMM_NAMES)}, got {name!r}")
+        return None if name == "fp32" else cls(bits=int(name[3:]), **kw)
+
+    def wire_for(self, world: int) -> tuple[str, torch.dtype]:
+        """The collective and the dtype it carries the codes in, for ``world`` ranks."""
+        q = self.format.qmax
+        fits8 = world * q <= _INT8_MAX
+        if self.wire == "allgather" or (self.wire == "auto" and not fits8 and world < 8):
+            return "allgather", torch.int8
+        return "allreduce", torch.int8 if fits8 else torch.int32
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def comm_noise_seed(seed: int, rank: int, call: int, index: int) -> int:
+    """32-bit seed of rank ``rank``'s noise for parameter ``index`` at its ``call``-th
+    communication: SplitMix64 chained over ``(seed, rank, call, index)``."""
+    h = _splitmix64(seed)
+    for v in (rank, call, index):
+        h = _splitmix64(h ^ v)
+    return h & 0xFFFFFFFF
+
+
+def _blocks(g: torch.Tensor, block: int | None) -> torch.Tensor:
+    """``g`` (flat) as ``(n_blocks, block)``, zero-padded at the end."""
+    n = g.numel()
+    b = block or max(n, 1)
+    nb = max(1, -(-n // b))
+    return torch.nn.functional.pad(g, (0, nb * b - n)).view(nb, b)
+
+
+def block_absmax(g: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Absmax of each block of the flat gradient ``g``: float32 ``(n_blocks,)``; NaN/Inf
+    stay non-finite (``amax`` propagates NaN)."""
+    return _blocks(g.float(), block).abs().amax(dim=1)
+
+
+def _scaled(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = g/step`` per block (``|y| ≤ Q``: :meth:`IntFormat.scale_from_absmax` rounds
+    the step up where needed) and the step, ``(n_blocks, 1)`` (``1/Q`` for a zero block)."""
+    step = fmt.scale_from_absmax(absmax)[:, None]
+    return _blocks(g.float(), block) / step, step
+
+
+def encode(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None,
+           seed: int) -> torch.Tensor:
+    """int8 codes (``g/step`` rounded stochastically) of the flat gradient ``g`` (``(n,)``) against the shared
+    block absmax ``absmax`` (``(n_blocks,)``, all finite, ≥ each block's |g|); ``u`` is
+    :func:`counter_uniform` noise of ``seed``. Returns ``(n,)`` int8."""
+    y, _ = _scaled(g, absmax, fmt, block)
+    u = counter_uniform(y.shape, torch.tensor(seed, dtype=torch.int64, device=g.device))
+    low = torch.floor(y)
+    q = low + (u < y - low).float()  # floor(y) + [u < frac(y)]: no rounding of y + u
+    # |y| ≤ Q by the step's construction; the clamp only guards the int8 cast
+    return q.clamp_(-fmt.qmax, fmt.qmax).to(torch.int8).flatten()[: g.numel()]
+
+
+def decode(code_sum: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None,
+           world: int) -> torch.Tensor:
+    """The average ``step·Σ_r c_r / N`` from the summed codes (``(n,)``, any integer
+    dtype): float32 ``(n,)``."""
+    out = _blocks(code_sum.float(), block) * fmt.scale_from_absmax(absmax)[:, None] / world
+    return out.flatten()[: code_sum.numel()]
+
+
+def expected_variance(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat,
+                      block: int | None) -> float:
+    """``Σ_i p_i(1 − p_i)·step_i²``: the variance one rank's stochastic rounding of ``g``
+    adds (trace of the covariance; ``p`` the fractional part of ``g/step``), in float64.
+    The averaged gradient's is ``(1/N²)·Σ_r`` of it."""
+    y, step = _scaled(g, absmax, fmt, block)
+    y, step = y.double(), step.double()
+    p = y - torch.floor(y)
+    return float((p * (1 - p) * step * step).sum())
+
+
+def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
+                   ) -> tuple[torch.Tensor, float]:
+    """Reference of the hook for one parameter, without communication.
+
+    ``grads``: ``(N, n)`` float, row ``r`` = rank ``r``'s flat gradient of parameter
+    ``index`` at its ``call``-th communication. Returns the averaged gradient (float32
+    ``(n,)``, bitwise what :func:`quantized_allreduce_hook` produces) and the expected
+    variance ``(1/N²)·Σ_r Var Q(g_r)``. Non-finite input: the plain mean, variance NaN.
+    """
+    world = grads.shape[0]
+    fmt = comm.format
+    absmax = torch.stack([block_absmax(g, comm.block) for g in grads]).amax(0)
+    if not bool(torch.isfinite(absmax).all()):
+        return (grads.float() / world).sum(0), math.nan
+    codes = [encode(g, absmax, fmt, comm.block, comm_noise_seed(comm.seed, r, call, index))
+             for r, g in enumerate(grads)]
+    total = torch.stack(codes).to(torch.int32).sum(0)
+    var = sum(expected_variance(g, absmax, fmt, comm.block) for g in grads) / world**2
+    return decode(total, absmax, fmt, comm.block, world), var
+
+
+def ring_bytes(numel: int, element_size: int, world: int, collective: str) -> float:
+    """Bytes one rank sends for a ``numel``-element message: all-reduce
+    ``2(N−1)/N·numel·size`` (ring), all-gather ``(N−1)·numel·size``."""
+    if world <= 1:
+        return 0.0
+    per = numel * element_size
+    return 2 * (world - 1) / world * per if collective == "allreduce" else (world - 1) * per
+
+
+@dataclass
+class QuantizedCommState:
+    """State of :func:`quantized_allreduce_hook`: the :class:`GradComm`, the process group
+    (``None``: the default group), each parameter's index and communication count, and
+    byte counters (``bytes_sent`` by this rank; ``bytes_fp32``: what DDP's fp32 all-reduce
+    of the same buckets sends; ``steps``: backward passes seen)."""
+
+    model: nn.Module
+    comm: GradComm
+    process_group: dist.ProcessGroup | None = None
+    index: dict[int, int] = field(init=False)
+    calls: dict[int, int] = field(init=False)
+    bytes_sent: float = 0.0
+    bytes_fp32: float = 0.0
+    fallbacks: int = 0  # buckets sent in fp32 because a rank had a NaN/Inf
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.comm, GradComm):
+            raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
+        module = getattr(self.model, "module", self.model)  # DDP wraps the model
+        self.index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
+        self.calls = {}
+
+    def state_dict(self) -> dict:
+        return {"calls": dict(self.calls), "bytes_sent": self.bytes_sent,
+                "bytes_fp32": self.bytes_fp32, "fallbacks": self.fallbacks, "steps": self.steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.calls = {int(k): int(v) for k, v in d["calls"].items()}
+        self.bytes_sent, self.bytes_fp32 = float(d["bytes_sent"]), float(d["bytes_fp32"])
+        self.fallbacks, self.steps = int(d["fallbacks"]), int(d["steps"])
+
+
+def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
+                             ) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: the bucket's average, quantized with stochastic rounding
+    (unbiased; see the module doc for the math, the wire and the noise rule).
+    Register with ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``.
+    Shaped like torch's ``default_hooks.allreduce_hook``: returns a future of the bucket
+    buffer holding the averaged gradient (in the buffer's dtype)."""
+    group = state.process_group or dist.group.WORLD
+    world, rank = group.size(), dist.get_rank(group)
+    comm, fmt = state.comm, state.comm.format
+    buf = bucket.buffer()
+    params = bucket.parameters()
+    sizes = [p.numel() for p in params]
+    if sum(sizes) != buf.numel():
+        raise RuntimeError(f"bucket {bucket.index()}: {buf.numel()} elements but its "
+                           f"parameters have {sum(sizes)} (sparse or padded buckets are not supported)")
+    try:
+        idx = [state.index[id(p)] for p in params]
+    except KeyError:
+        raise RuntimeError("a bucket holds a parameter the state does not know: build "
+                           "QuantizedCommState from the model DDP wraps") from None
+    calls = [state.calls.get(i, 0) for i in idx]
+    for i in idx:
+        state.calls[i] = state.calls.get(i, 0) + 1
+    if bucket.index() == 0:
+        state.steps += 1
+    grads = list(buf.float().split(sizes))
+    absmax = [block_absmax(g, comm.block) for g in grads]
+    local = torch.cat(absmax)
+    bad = not bool(torch.isfinite(local).all())
+    # MAX loses a NaN on the other rank (max(1, NaN) = 1): send the flag explicitly
+    msg = torch.cat([torch.where(torch.isfinite(local), local, 0.0),
+                     torch.tensor([1.0 if bad else 0.0])])
+    state.bytes_fp32 += ring_bytes(buf.numel(), 4, world, "allreduce")
+    state.bytes_sent += ring_bytes(msg.numel(), 4, world, "allreduce")
+    fut = dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group, async_op=True).get_future()
+
+    def quantize_and_sum(f: torch.futures.Future) -> torch.Tensor:
+        shared = f.value()[0]
+        if shared[-1] > 0:  # some rank has NaN/Inf: plain fp32 average, non-finite kept
+            state.fallbacks += 1
+            state.bytes_sent += ring_bytes(buf.numel(), buf.element_size(), world, "allreduce")
+            buf.div_(world)
+            dist.all_reduce(buf, group=group, async_op=True).get_future().wait()
+            return buf
+        shared_k = list(shared[:-1].split([a.numel() for a in absmax]))
+        codes = torch.cat([encode(g, a, fmt, comm.block, comm_noise_seed(comm.seed, rank, c, i))
+                           for g, a, c, i in zip(grads, shared_k, calls, idx)])
+        how, dtype = comm.wire_for(world)
+        if how == "allgather":
+            parts = [torch.empty_like(codes) for _ in range(world)]
+            dist.all_gather(parts, codes, group=group, async_op=True).get_future().wait()
+            total = torch.stack(parts).to(torch.int32).sum(0)
+        else:
+            total = codes.to(dtype)
+            dist.all_reduce(total, group=group, async_op=True).get_future().wait()
+        state.bytes_sent += ring_bytes(codes.numel(), total.element_size() if how == "allreduce"
+                                       else 1, world, how)
+        out = [decode(t, a, fmt, comm.block, world)
+               for t, a in zip(total.split(sizes), shared_k)]
+        buf.copy_(torch.cat(out))
+        return buf
+
+    return fut.then(quantize_and_sum)
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` as torchrun sets them (``(0, 1, 0)`` without)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group_from_env(device: torch.device | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment when
+    ``WORLD_SIZE > 1``: NCCL for a CUDA ``device``, gloo otherwise. Returns whether this
+    process is part of a multi-rank job."""
+    _, world, _ = world_from_env()
+    if world <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return True
+
+
+__all__ = [
+    "GRAD_COMM_NAMES",
+    "GradComm",
+    "QuantizedCommState",
+    "block_absmax",
+    "comm_noise_seed",
+    "decode",
+    "encode",
+    "expected_variance",
+    "init_process_group_from_env",
+    "quantized_allreduce_hook",
+    "quantized_mean",
+    "ring_bytes",
+    "world_from_env",
+]

@@ -1,0 +1,186 @@
+"""lowbit.distributed on 2 real gloo ranks: the quantized DDP hook is bitwise its
+single-process reference, unbiased, with exactly the variance it predicts; FSDP2 trains
+a converted model like DDP.
+
+One process pair for the module (``_ranks.run_ranks``): each start costs seconds, so one
+worker runs every case and returns what the tests assert on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from _ranks import run_ranks
+from conftest import assert_unbiased
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lowbit
+from lowbit.distributed import (
+    GradComm,
+    QuantizedCommState,
+    block_absmax,
+    expected_variance,
+    quantized_allreduce_hook,
+    quantized_mean,
+)
+
+DRAWS = 300
+COMM = GradComm(bits=4, block=32)  # coarse, so the noise is large against float rounding
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+
+
+def _data(rank: int) -> torch.Tensor:
+    return torch.randn(16, 48, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _hook_worker(rank: int, world: int) -> dict:
+    x = _data(rank)
+    model = _mlp()
+    model(x).square().mean().backward()
+    local = _flat(model)  # this rank's exact gradient
+    out: dict = {"local": [torch.empty_like(local) for _ in range(world)]}
+    dist.all_gather(out["local"], local)
+    for wire in ("allreduce", "allgather"):  # 4 bits, 2 ranks: auto = int8 all-reduce
+        net = DDP(_mlp(), bucket_cap_mb=0.004)  # ~1,000 floats a bucket: several buckets
+        state = QuantizedCommState(net, GradComm(bits=4, block=32, wire=wire))
+        net.register_comm_hook(state, quantized_allreduce_hook)
+        draws = []
+        for _ in range(DRAWS if wire == "allreduce" else 3):
+            net.zero_grad()
+            net(x).square().mean().backward()
+            draws.append(_flat(net.module))
+        out[wire] = torch.stack(draws)
+        out[wire + "_state"] = state.state_dict()
+    # a NaN on rank 1 reaches the average on both ranks (the bucket goes fp32)
+    net = DDP(_mlp())
+    state = QuantizedCommState(net, COMM)
+    net.register_comm_hook(state, quantized_allreduce_hook)
+    bad = x.clone()
+    if rank == 1:
+        bad[0, 0] = math.nan
+    net(bad).square().mean().backward()
+    out["nan_grad"], out["nan_fallbacks"] = _flat(net.module), state.fallbacks
+    return out | _fsdp_vs_ddp(rank, world)
+
+
+@pytest.fixture(scope="module")
+def hook_runs() -> list[dict]:
+    return run_ranks(_hook_worker, timeout=90)
+
+
+def test_replicas_agree_and_the_hook_is_its_reference_bitwise(hook_runs):
+    r0, r1 = hook_runs
+    assert torch.equal(r0["allreduce"], r1["allreduce"])  # every replica, bit for bit
+    grads = torch.stack(r0["local"])  # (ranks, n): each rank's exact gradient
+    sizes = [p.numel() for p in _mlp().parameters()]
+    for call in (0, 1, DRAWS - 1):  # the first call runs on DDP's initial buckets, later
+        ref = torch.cat([quantized_mean(g, COMM, i, call)[0]  # ones on rebuilt buckets
+                         for i, g in enumerate(grads.split(sizes, dim=1))])
+        assert torch.equal(r0["allreduce"][call], ref)
+    # the integer sum is exact, so the all-gather wire gives the same bits
+    assert torch.equal(r0["allgather"], r0["allreduce"][:3])
+
+
+def test_hook_average_is_unbiased_with_the_predicted_variance(hook_runs):
+    r0 = hook_runs[0]
+    grads = torch.stack(r0["local"])  # (2, n)
+    exact = grads.mean(0)
+    draws = r0["allreduce"]  # (DRAWS, n), each with fresh noise
+    assert_unbiased(draws, exact)  # 5σ per element and on 16 projections (conftest)
+    # analytic (1/N²) Σ_r Var Q(g_r): the scales are shared, so fixed given the gradients
+    sizes = [p.numel() for p in _mlp().parameters()]
+    analytic = 0.0
+    for g in grads.split(sizes, dim=1):
+        shared = torch.stack([block_absmax(r, COMM.block) for r in g]).amax(0)
+        analytic += sum(expected_variance(r, shared, COMM.format, COMM.block) for r in g) / 4
+    sq = (draws.double() - exact.double()).pow(2).sum(1)  # ‖ĝ − ḡ‖² per draw, i.i.d.
+    se = float(sq.std()) / math.sqrt(len(sq))  # CLT over the 300 draws
+    z = (float(sq.mean()) - analytic) / se
+    assert abs(z) < 5, (float(sq.mean()), analytic, z)  # 5σ: a false alarm < 6e-7
+
+
+def test_hook_counts_calls_and_bytes(hook_runs):
+    state = hook_runs[0]["allreduce_state"]
+    n_params = len(list(_mlp().parameters()))
+    assert state["calls"] == {i: DRAWS for i in range(n_params)} and state["steps"] == DRAWS
+    n = sum(p.numel() for p in _mlp().parameters())
+    # ring all-reduce, 2 ranks: 2(N−1)/N = 1× the message; fp32 sends 4 bytes/element,
+    # int8 codes 1, plus the MAX message (4 bytes per block of 32 and 1 flag per bucket)
+    assert state["bytes_fp32"] == DRAWS * 4 * n
+    blocks = sum(-(-p.numel() // 32) for p in _mlp().parameters())
+    per_step = state["bytes_sent"] / DRAWS
+    assert n + 4 * (blocks + 1) <= per_step <= n + 4 * (blocks + n_params)
+    assert hook_runs[0]["allgather_state"]["bytes_sent"] / 3 == per_step  # N = 2: same cost
+
+
+def test_non_finite_gradients_reach_the_average(hook_runs):
+    for r in hook_runs:
+        assert r["nan_fallbacks"] >= 1
+        assert not torch.isfinite(r["nan_grad"]).all()  # never made finite
+    assert torch.equal(hook_runs[0]["nan_grad"].isnan(), hook_runs[1]["nan_grad"].isnan())
+
+
+def test_grad_comm_validation():
+    with pytest.raises(ValueError, match="bits must be in 2..8"):
+        GradComm(bits=9)
+    with pytest.raises(ValueError, match="block must be a positive integer or None"):
+        GradComm(block=0)
+    with pytest.raises(ValueError, match="wire must be one of auto, allreduce, allgather"):
+        GradComm(wire="ring")
+    with pytest.raises(ValueError, match="grad_comm must be one of fp32, int2"):
+        GradComm.from_name("fp8")
+    assert GradComm.from_name("fp32") is None and GradComm.from_name("int4").bits == 4
+    # the wire rule: int8 sums while N·Q ≤ 127, else all-gather below 8 ranks, else int32
+    assert GradComm(bits=4).wire_for(18) == ("allreduce", torch.int8)
+    assert GradComm(bits=8).wire_for(2) == ("allgather", torch.int8)
+    assert GradComm(bits=8).wire_for(8) == ("allreduce", torch.int32)
+
+
+def _fsdp_vs_ddp(rank: int, world: int) -> dict:
+    """Losses of 4 SGD steps of a converted model under DDP and under FSDP2."""
+    from torch.distributed.fsdp import fully_shard
+
+    x = _data(rank)
+    y = torch.randint(0, 6, (16,), generator=torch.Generator().manual_seed(rank))
+    out = {}
+    for kind in ("ddp", "fsdp"):
+        model = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        if kind == "ddp":
+            net = DDP(model)
+        else:
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            net = fully_shard(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        losses = []
+        for _ in range(4):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world)
+        out[kind] = losses
+    return out
+
+
+def test_fsdp2_trains_a_converted_model_with_the_losses_of_ddp(hook_runs):
+    """fully_shard on 2 CPU ranks (gloo): the same losses as DDP, bit for bit — both
+    average two gradients (a two-term sum and a halving are exact in any order), and
+    each rank's layers draw the same noise streams in both."""
+    r0, r1 = hook_runs
+    assert r0["fsdp"] == r0["ddp"] == r1["fsdp"]
+    assert r0["ddp"][-1] < r0["ddp"][0]

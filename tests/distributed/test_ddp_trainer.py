@@ -1,0 +1,91 @@
+"""The trainer on 2 gloo ranks: replicas in sync, the same seed and world size give the
+same bits, rank 0 alone writes the run folder, and a job with one rank SIGKILLed under
+torchrun resumes to exactly the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _kill_rank import CONFIG
+from _ranks import run_ranks
+
+from lowbit.experiments.trainer import TrainConfig, train
+
+HERE = Path(__file__).parent
+TIMEOUT = 120  # seconds for one torchrun job (about 10 s alone; the CPUs are shared)
+
+
+def _train_twice(rank: int, world: int, root: str) -> dict:
+    out = {}
+    for name in ("a", "b"):
+        result = train(TrainConfig(**CONFIG, out=f"{root}/{name}"), progress=False)
+        out[name] = result.model.state_dict()
+        out[name + "_history"] = result.history
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("ddp")
+    return root, run_ranks(_train_twice, str(root), timeout=TIMEOUT)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("step_time_ms", "samples_per_s")}
+            for r in history]
+
+
+def test_replicas_stay_bitwise_in_sync_and_runs_repeat(reference):
+    _, (r0, r1) = reference
+    assert _same(r0["a"], r1["a"])  # the two replicas after 24 steps
+    assert _same(r0["a"], r0["b"])  # same seed, same world size: the same bits
+    assert r0["a_history"] == r1["a_history"]  # every rank returns rank 0's rows
+
+
+def test_rank_zero_writes_the_run_folder(reference):
+    root, (r0, _) = reference
+    run = root / "a"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["world_size"] == 2 and config["train"]["grad_comm"] == "int8"
+    assert config["run"] == "digits-mlp-fqt-psq-8-n2-cint8-s0"
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [8, 16, 24]  # 256 images / global batch 32
+    n = sum(t.numel() for k, t in r0["a"].items() if "running" not in k)
+    assert rows[0]["comm_bytes_fp32_per_step"] == 4 * n  # ring, 2 ranks: 2(N−1)/N·4 B
+    assert rows[0]["comm_bytes_per_step"] < n * 1.1  # int8 codes + block scales
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["comm"]["steps"] == 24
+    assert json.loads((run / "status.json").read_text())["status"] == "done"
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_path):
+    root, _ = reference
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(HERE / "_kill_rank.py"), str(tmp_path), "12"],  # dies in epoch 2 of 3
+        env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items()]
+    resumed = subprocess.run(  # lowbit train --nproc 2 launches torchrun -m lowbit train
+        [sys.executable, "-m", "lowbit", "train", "--nproc=2", *args, f"--out={tmp_path}",
+         "--resume", "--no-progress"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stderr and "-> " + str(tmp_path) in resumed.stdout
+    a = torch.load(root / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert _same(a["model"], b["model"])
+    assert _strip(a["history"]) == _strip(b["history"])
