@@ -2,10 +2,13 @@
 
 Theorem 2 (METHOD.md §1) splits the variance of the FQT gradient into the minibatch
 (SGD) variance of the QAT gradient and the quantization variance that the gradient
-quantizers add. :func:`gradient_variance` measures all three on real minibatches, checks
-that they add up, tests the FQT gradient for bias (Theorem 1), and compares the measured
-quantization variance with the propagated bound of :mod:`lowbit.analysis.bounds`;
-:func:`variance_profile` attributes it to the layer whose quantizer adds it.
+quantizers add; data parallelism with quantized gradient communication adds a third
+term, the communication-quantization variance (METHOD.md §8).
+:func:`gradient_variance` measures them on real minibatches, checks that they add up,
+tests the FQT gradient (and the communicated one) for bias (Theorem 1), and compares the
+measured quantization variance with the propagated bound of :mod:`lowbit.analysis.bounds`;
+:func:`~lowbit.analysis.profile.variance_profile` attributes it to the layer whose
+quantizer adds it.
 
 "Variance" of a gradient ``g`` of a parameter group is always ``E‖g − E g‖²``, summed
 over the group's entries (the trace of its covariance).
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..config import FQTConfig
+from ..distributed import GradComm
 from ..nn import fqt_layers
 from ._model import (
     TOTAL,
@@ -43,6 +47,9 @@ from .bounds import (
     layer_noise,
     propagate,
 )
+from .dataparallel import comm_average, parameter_index, rank_grads
+from .estimators import BiasTest, jackknife_se, ratio, unit, var_from_gram, var_loo, within
+from .profile import VarianceProfile, variance_profile
 
 
 def _grads(model: nn.Module, loss_fn: LossFn, batch: object) -> dict[str, torch.Tensor]:
@@ -76,28 +83,9 @@ def quantization_variance(
     return acc
 
 
-# -- estimators ---------------------------------------------------------------------------
-def _var_from_gram(gram: torch.Tensor) -> float:
-    """Unbiased sample variance ``1/(n−1)·Σ‖x_i − x̄‖²`` from the Gram matrix ``⟨x_i, x_j⟩``."""
-    n = gram.shape[0]
-    return float((gram.trace() - gram.sum() / n) / (n - 1))
 
 
-def _var_loo(gram: torch.Tensor) -> torch.Tensor:
-    """The sample variance with each ``x_i`` left out in turn (for the jackknife)."""
-    n = gram.shape[0]
-    m = n - 1
-    tr = gram.trace() - gram.diagonal()
-    tot = gram.sum() - 2 * gram.sum(1) + gram.diagonal()
-    return (tr - tot / m) / (m - 1)
-
-
-def _jackknife_se(loo: torch.Tensor) -> float:
-    """Delete-one jackknife standard error from the leave-one-out estimates."""
-    n = loo.shape[0]
-    return float(((n - 1) / n * (loo - loo.mean()).pow(2).sum()).sqrt())
-
-
+# -- the decomposition ---------------------------------------------------------------------
 @dataclass
 class GroupVariance:
     """Variance of one parameter group's gradient (see :func:`gradient_variance`)."""
@@ -114,6 +102,11 @@ class GroupVariance:
     rel_gap: float  # gap / total
     z_grad: float  # bias test along the QAT gradient's direction
     z_rand: float  # bias test along a fixed random direction
+    comm: float = math.nan  # communication-quantization variance (data parallel, measured)
+    comm_se: float = math.nan
+    comm_expected: float = math.nan  # ... exact: (1/N²)·Σ_r Var Q(g_r), mean over draws
+    z_comm_grad: float = math.nan  # bias test of the communicated average, QAT direction
+    z_comm_rand: float = math.nan  # ... along a fixed random direction
     quant_bound_batches: float = math.nan  # quant, on the batches with a predicted bound
     quant_bound_batches_se: float = math.nan  # its s.e. (jackknife over draws; needs R ≥ 3)
     pred_data: float = math.nan  # Theorem 2 bound with the exact data-dependent quantizer variance
@@ -123,7 +116,8 @@ class GroupVariance:
 
     @property
     def max_abs_z(self) -> float:
-        return max(abs(self.z_grad), abs(self.z_rand))
+        zs = (self.z_grad, self.z_rand, self.z_comm_grad, self.z_comm_rand)
+        return max(abs(z) for z in zs if not math.isnan(z))
 
 
 @dataclass
@@ -143,6 +137,8 @@ class VarianceReport:
     pairs_data: dict[str, dict[str, float]] = field(default_factory=dict)
     pairs_analytic: dict[str, dict[str, float]] = field(default_factory=dict)
     spectra: list[JacobianSpectrum] = field(default_factory=list)
+    world_size: int = 1
+    comm: dict | None = None  # the GradComm, with world_size > 1 and quantized communication
 
     @property
     def max_abs_z(self) -> float:
@@ -170,6 +166,7 @@ class VarianceReport:
             "layers": {n: asdict(v) for n, v in self.layers.items()},
             "pairs_data": self.pairs_data, "pairs_analytic": self.pairs_analytic,
             "spectra": [s.to_dict() for s in self.spectra],
+            "world_size": self.world_size, "comm": self.comm,
         }
 
 
@@ -177,6 +174,7 @@ def _mean_pairs(acc: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, f
     if not acc:
         return {}
     return {lay: {p: sum(a[lay][p] for a in acc) / len(acc) for p in acc[0][lay]} for lay in acc[0]}
+
 
 
 def gradient_variance(
@@ -192,9 +190,11 @@ def gradient_variance(
     power_iters: int = 8,
     power_tol: float = 1e-2,
     seed: int = 0,
+    world_size: int = 1,
+    comm: GradComm | None = None,
     progress: bool = False,
 ) -> VarianceReport:
-    """Theorem 2 measured: SGD, quantization and total variance of the FQT gradient.
+    """Theorem 2 measured: SGD, quantization (and communication) variance of the FQT gradient.
 
     ``model`` runs under ``config`` (``None``: the model's own converted layers, which
     must quantize gradients; given: swapped into the converted layers for the duration,
@@ -204,24 +204,36 @@ def gradient_variance(
     deterministic given the batch (no dropout), or dropout noise is counted as
     quantization noise. ``loss_fn(model, batch)`` returns the scalar loss.
 
+    ``world_size = N > 1`` measures a data-parallel step (:mod:`.dataparallel`): every
+    gradient below is the average of the ``N`` shards' gradients (rank ``r``: rows
+    ``r::N`` of the batch, a tensor or tuple of tensors), averaged exactly or, with
+    ``comm``, by the quantized communication of :mod:`lowbit.distributed`.
+
     For each of the ``B ≥ 3`` ``batches`` (i.i.d. minibatches), one QAT gradient ``q_b``
     (gradient quantizers removed, same forward) and ``R = repeats ≥ 2`` FQT gradients
-    ``f_b,r`` with fresh quantization noise. Per parameter group, all unbiased:
+    ``f_b,r`` with fresh quantization noise; with ``comm``, two communicated averages
+    ``c_b,r``, ``c'_b,r`` of each draw's per-rank gradients with fresh communication noise.
+    Per parameter group, all unbiased:
 
     * ``sgd = 1/(B−1)·Σ_b ‖q_b − q̄‖²``, the minibatch variance of the QAT gradient;
     * ``quant = mean_b 1/(R−1)·Σ_r ‖f_b,r − f̄_b‖²``, the quantization variance given the
       minibatch, averaged over minibatches (centred on the draws' mean, so it does not
       assume unbiasedness);
-    * ``total = 1/(B−1)·Σ_b ‖t_b − t̄‖²`` with ``t_b = f_b,1``: one FQT draw per minibatch;
-    * ``gap = total − (sgd + quant)``: zero in expectation when the FQT gradient is an
-      unbiased estimate of the QAT one (law of total variance). ``*_se`` are delete-one
-      jackknife standard errors over batches (the three estimates share batches, so the
-      gap's error is much smaller than theirs: the SGD part cancels), ``rel_gap =
-      gap/total``;
+    * ``comm = mean_b,r ‖c_b,r − c'_b,r‖²/2``: the communication-quantization variance
+      given the per-rank gradients (centred likewise), and ``comm_expected``, its exact
+      value ``(1/N²)·Σ_r Var Q(g_r)`` (:func:`lowbit.distributed.quantized_mean`)
+      averaged over the same draws;
+    * ``total = 1/(B−1)·Σ_b ‖t_b − t̄‖²`` with ``t_b = f_b,1`` (``c_b,1`` with ``comm``):
+      one draw per minibatch;
+    * ``gap = total − (sgd + quant [+ comm])``: zero in expectation when the estimate is
+      unbiased (law of total variance). ``*_se`` are delete-one jackknife standard errors
+      over batches (the estimates share batches, so the gap's error is much smaller than
+      theirs: the SGD part cancels), ``rel_gap = gap/total``;
     * bias (Theorem 1): projections ``s = ⟨f_b,r − q_b, u⟩`` of all ``B·R`` draws on a
       direction ``u`` chosen without the noise — the group's QAT gradient direction
       ``q_b/‖q_b‖`` (``z_grad``) and a fixed random unit vector (``z_rand``) — give
-      ``z = Σ s / √(Σ s²)``: N(0, 1) under "no bias" for independent zero-mean draws.
+      ``z = Σ s / √(Σ s²)``: N(0, 1) under "no bias" for independent zero-mean draws;
+      ``z_comm_*`` the same for ``c_b,r − f_b,r`` (the communication's own bias).
 
     On the first ``bound_batches`` batches the quantizers' variances are also computed on
     the ``∇Y`` captured during every FQT draw and propagated with the Jacobian spectra
@@ -232,20 +244,26 @@ def gradient_variance(
     pred_*``: ≤ 1 where the bound holds, up to the measurement's standard error
     ``quant_bound_batches_se`` (delete-one jackknife over the draws of each bound batch;
     needs ``repeats ≥ 3``) — :meth:`VarianceReport.bound_violations` flags only excesses
-    beyond 3 of them. ``seed`` seeds the random directions and the Hadamard sign draws of
-    the predictions (the layers' own generators draw the FQT noise).
+    beyond 3 of them; single-rank only. ``seed`` seeds the random directions and the
+    Hadamard sign draws of the predictions (the layers' own streams draw the FQT noise,
+    ``comm.seed`` the communication noise). Raises ``ValueError`` for fewer than 3
+    batches, ``repeats < 2``, ``comm`` without ``world_size ≥ 2`` or bounds with it.
     """
     batches = list(batches)
-    n_b, reps = len(batches), int(repeats)
+    n_b, reps, world = len(batches), int(repeats), int(world_size)
     if n_b < 3:
         raise ValueError(f"gradient_variance needs at least 3 batches (jackknife), got {n_b}")
     if reps < 2:
         raise ValueError(f"repeats must be ≥ 2 (the quantization variance is a sample "
                          f"variance over repeats), got {repeats}")
+    if world < 1 or (comm is not None and world < 2):
+        raise ValueError(f"world_size must be ≥ 1, and ≥ 2 with comm; got {world_size}")
     spectra = list(spectra or [])
     n_bound = max(int(bound_batches), len(spectra)) if bound_batches or spectra else 0
     if n_bound > n_b:
         raise ValueError(f"bound_batches ({n_bound}) exceeds the number of batches ({n_b})")
+    if n_bound and world > 1:
+        raise ValueError("bound_batches/spectra need world_size 1 (the bound is per rank)")
     gen = torch.Generator().manual_seed(seed)
 
     with configured(model, config) as m, frozen_buffers(m):
@@ -253,20 +271,30 @@ def gradient_variance(
         cfgs = {n: lay.config for n, lay in layers.items()}
         groups = parameter_groups(m)
         flat = FlatGrads(m, groups)
+        index = parameter_index(m, flat)
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
         names = list(slices)
         rand_dir = torch.randn(flat.numel, generator=gen, dtype=torch.float64)
-        rand_u = {g: rand_dir[sl] / rand_dir[sl].norm() for g, sl in slices.items()}
+        dirs = {"rand": {g: unit(rand_dir[sl]) for g, sl in slices.items()}}
+
+        def draw(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The (averaged) gradient, and the per-rank ones with world_size > 1."""
+            if world == 1:
+                return flat.grads(m, loss_fn, batch), None
+            per = rank_grads(m, loss_fn, batch, flat, world)
+            return per.sum(0) / world, per
 
         qs = torch.empty(n_b, flat.numel)  # QAT gradients
-        ts = torch.empty(n_b, flat.numel)  # one FQT draw per batch
+        ts = torch.empty(n_b, flat.numel)  # one FQT (communicated) draw per batch
         quant_b = torch.empty(n_b, len(names), dtype=torch.float64)
         quant_b_se = torch.empty(n_b, len(names), dtype=torch.float64)
-        zsum = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("grad", "rand")}
-        zsq = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("grad", "rand")}
+        comm_b = torch.zeros(n_b, len(names), dtype=torch.float64)
+        comm_exp_b = torch.zeros(n_b, len(names), dtype=torch.float64)
+        bias, bias_comm = BiasTest(slices), BiasTest(slices)
         noise_acc: dict[str, LayerNoise] = {}
         pairs_d: list = []
         pairs_a: list = []
+        call = 0  # communication calls so far: fresh noise for each
 
         bar = progress_bar(n_b * (1 + reps), "gradient variance", progress)
         for b, batch in enumerate(batches):
@@ -276,37 +304,38 @@ def gradient_variance(
                                                  iters=power_iters, tol=power_tol, seed=seed + b,
                                                  progress=progress))
             with with_config(m, qat_of):
-                q = flat.grads(m, loss_fn, batch)
+                q, _ = draw(batch)
             bar.update(1)
             qs[b] = q
-            qd = q.double()
-            grad_u = {}
-            for g, sl in slices.items():
-                nrm = qd[sl].norm()
-                grad_u[g] = qd[sl] / nrm if nrm > 0 else torch.zeros_like(qd[sl])
+            dirs["grad"] = {g: unit(q.double()[sl]) for g, sl in slices.items()}
             draws = torch.empty(reps, flat.numel, dtype=torch.float64)  # f_b,r − q_b
             noise_b: dict[str, LayerNoise] = {n: LayerNoise() for n in layers}
             for r in range(reps):
                 cm = capture(m, grads=True) if bounded else contextlib.nullcontext({})
                 with cm as rec:
-                    f = flat.grads(m, loss_fn, batch)
+                    f, per = draw(batch)
                 for name, lrec in rec.items():
                     if lrec.calls:
                         sp = spectra[b]
                         ws = (sp.col_norms[name], sp.gram[name]) if name in sp.col_norms else None
                         noise_b[name].add(layer_noise(layers[name], lrec, ws, gen))
                 bar.update(1)
+                t = f
+                if comm is not None:  # two communicated averages of this draw
+                    t, var = comm_average(per, flat, index, comm, call)
+                    t2, _ = comm_average(per, flat, index, comm, call + 1)
+                    call += 2
+                    dc, dd = (t - f).double(), (t - t2).double()
+                    bias_comm.add(dc, dirs)
+                    for i, sl in enumerate(slices.values()):
+                        comm_b[b, i] += float(dd[sl] @ dd[sl]) / 2 / reps
+                        comm_exp_b[b, i] += float(var[sl].sum()) / reps
                 if r == 0:
-                    ts[b] = f
+                    ts[b] = t
                 draws[r] = d = (f - q).double()
-                for i, g in enumerate(names):
-                    dg = d[slices[g]]
-                    for k, u in (("grad", grad_u[g]), ("rand", rand_u[g])):
-                        s = float(dg @ u)
-                        zsum[k][i] += s
-                        zsq[k][i] += s * s
+                bias.add(d, dirs)
             for i, g in enumerate(names):
-                quant_b[b, i], quant_b_se[b, i] = _within(draws[:, slices[g]])
+                quant_b[b, i], quant_b_se[b, i] = within(draws[:, slices[g]])
             if bounded:
                 for name, nz in noise_b.items():
                     if nz.draws:
@@ -324,53 +353,38 @@ def gradient_variance(
         sl = slices[g]
         gq = qs[:, sl].double() @ qs[:, sl].double().t()
         gt = ts[:, sl].double() @ ts[:, sl].double().t()
-        qb = quant_b[:, i]
-        sgd, tot, quant = _var_from_gram(gq), _var_from_gram(gt), float(qb.mean())
-        loo_s, loo_t = _var_loo(gq), _var_loo(gt)
-        loo_q = (qb.sum() - qb) / (n_b - 1)
-        gap = tot - sgd - quant
+        qb, cb = quant_b[:, i], comm_b[:, i]
+        sgd, tot, quant, com = var_from_gram(gq), var_from_gram(gt), float(qb.mean()), float(cb.mean())
+        loo_s, loo_t = var_loo(gq), var_loo(gt)
+        loo_q, loo_c = (qb.sum() - qb) / (n_b - 1), (cb.sum() - cb) / (n_b - 1)
+        gap = tot - sgd - quant - com
         st = GroupVariance(
             numel=sl.stop - sl.start,
-            sgd=sgd, sgd_se=_jackknife_se(loo_s),
-            quant=quant, quant_se=_jackknife_se(loo_q),
-            total=tot, total_se=_jackknife_se(loo_t),
-            gap=gap, gap_se=_jackknife_se(loo_t - loo_s - loo_q),
+            sgd=sgd, sgd_se=jackknife_se(loo_s),
+            quant=quant, quant_se=jackknife_se(loo_q),
+            total=tot, total_se=jackknife_se(loo_t),
+            gap=gap, gap_se=jackknife_se(loo_t - loo_s - loo_q - loo_c),
             rel_gap=gap / tot if tot > 0 else 0.0,
-            z_grad=_z(zsum["grad"][i], zsq["grad"][i]),
-            z_rand=_z(zsum["rand"][i], zsq["rand"][i]),
+            z_grad=bias.z("grad", i), z_rand=bias.z("rand", i),
         )
+        if comm is not None:
+            st.comm, st.comm_se = com, jackknife_se(loo_c)
+            st.comm_expected = float(comm_exp_b[:, i].mean())
+            st.z_comm_grad, st.z_comm_rand = bias_comm.z("grad", i), bias_comm.z("rand", i)
         if n_bound:
             st.quant_bound_batches = float(qb[:n_bound].mean())
             st.quant_bound_batches_se = float(quant_b_se[:n_bound, i].pow(2).sum().sqrt()) / n_bound
             st.pred_data = sum(p[g] for p in pred_d) / n_bound
             st.pred_analytic = sum(p[g] for p in pred_a) / n_bound
-            st.tightness_data = _ratio(st.quant_bound_batches, st.pred_data)
-            st.tightness_analytic = _ratio(st.quant_bound_batches, st.pred_analytic)
+            st.tightness_data = ratio(st.quant_bound_batches, st.pred_data)
+            st.tightness_analytic = ratio(st.quant_bound_batches, st.pred_analytic)
         stats[g] = st
     return VarianceReport(
         config=_config_summary(cfgs), batches=n_b, repeats=reps, bound_batches=n_bound,
         groups=stats, layers=noise_acc, pairs_data=_mean_pairs(pairs_d),
-        pairs_analytic=_mean_pairs(pairs_a), spectra=spectra[:n_bound],
+        pairs_analytic=_mean_pairs(pairs_a), spectra=spectra[:n_bound], world_size=world,
+        comm=None if comm is None else asdict(comm),
     )
-
-
-def _within(draws: torch.Tensor) -> tuple[float, float]:
-    """Unbiased sample variance ``1/(R−1)·Σ_r ‖d_r − d̄‖²`` of ``R`` draws (rows) and its
-    delete-one jackknife standard error (NaN for ``R < 3``)."""
-    gram = draws @ draws.t()
-    var = _var_from_gram(gram)
-    se = _jackknife_se(_var_loo(gram)) if draws.shape[0] >= 3 else math.nan
-    return var, se
-
-
-def _z(s: torch.Tensor, s2: torch.Tensor) -> float:
-    return float(s / s2.sqrt()) if s2 > 0 else 0.0
-
-
-def _ratio(a: float, b: float) -> float:
-    if b > 0:
-        return a / b
-    return 0.0 if a == 0 else math.inf
 
 
 def _config_summary(cfgs: dict[str, FQTConfig]) -> dict:
@@ -379,117 +393,6 @@ def _config_summary(cfgs: dict[str, FQTConfig]) -> dict:
     if len(uniq) == 1:
         return next(iter(uniq.values())).to_dict()
     return {n: c.to_dict() for n, c in cfgs.items()}
-
-
-# -- attribution to layers ----------------------------------------------------------------
-@contextlib.contextmanager
-def _only_layer(model: nn.Module, name: str) -> Iterator[None]:
-    """Gradient quantization on layer ``name`` only; every other layer runs QAT."""
-    layers = fqt_layers(model)
-    saved = {n: lay.config for n, lay in layers.items()}
-    try:
-        for n, lay in layers.items():
-            if n != name:
-                lay.config = qat_of(lay.config)
-        yield
-    finally:
-        for n, lay in layers.items():
-            lay.config = saved[n]
-
-
-@dataclass
-class VarianceProfile:
-    """``measured[i][j]``: quantization variance that layer ``layers[i]``'s gradient
-    quantizers (both paths, all other layers QAT) add to group ``groups[j]``'s gradient
-    (``groups`` ends with ``"total"``), ``measured_se`` its standard error;
-    ``pred_data``/``pred_analytic``: the matching bounds from :mod:`lowbit.analysis.bounds`
-    where spectra were given (else empty)."""
-
-    layers: list[str]
-    groups: list[str]
-    measured: list[list[float]]
-    measured_se: list[list[float]]  # jackknife over draws (NaN when repeats < 3)
-    batches: int
-    repeats: int
-    pred_data: list[list[float]] = field(default_factory=list)
-    pred_analytic: list[list[float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def variance_profile(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[object],
-    config: FQTConfig | None = None,
-    repeats: int = 2,
-    *,
-    spectra: Sequence[JacobianSpectrum] | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> VarianceProfile:
-    """Which layer's quantizer adds how much variance to which parameter group.
-
-    For each converted layer ``l`` in turn, only ``l`` quantizes gradients (its ∇X and ∇W
-    paths as configured) and every other layer runs QAT; the quantization variance of
-    each group is the unbiased sample variance over ``repeats ≥ 2`` draws per batch,
-    averaged over ``batches`` (standard error by a jackknife over draws: ``repeats ≥ 3``).
-    By Theorem 2 the contributions add up, but each quantizer sees a clean ``∇Y`` here:
-    where downstream noise widens the ranges upstream quantizers must cover (coarse PTQ),
-    a column's sum falls short of the all-layers quantization variance. Cost: ``L·B·R``
-    backward passes. ``config`` as in :func:`gradient_variance`. With ``spectra`` (one per batch,
-    for all batches), the predicted pair bounds from the QAT ``∇Y`` come along.
-    """
-    batches = list(batches)
-    if not batches:
-        raise ValueError("variance_profile needs at least one batch")
-    if repeats < 2:
-        raise ValueError(f"repeats must be ≥ 2, got {repeats}")
-    if spectra is not None and len(spectra) < len(batches):
-        raise ValueError(f"spectra must give one spectrum per batch ({len(batches)}), "
-                         f"got {len(spectra)}")
-    gen = torch.Generator().manual_seed(seed)
-    with configured(model, config) as m, frozen_buffers(m):
-        layers = fqt_layers(m)
-        groups = parameter_groups(m)
-        flat = FlatGrads(m, groups)
-        slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
-        names = list(layers)
-        meas = torch.zeros(len(names), len(slices), dtype=torch.float64)
-        meas_se2 = torch.zeros_like(meas)
-        pd = torch.zeros_like(meas)
-        pa = torch.zeros_like(meas)
-        bar = progress_bar(len(batches) * (1 + len(names) * repeats), "variance profile", progress)
-        for b, batch in enumerate(batches):
-            with with_config(m, qat_of), capture(m, grads=spectra is not None) as rec:
-                q = flat.grads(m, loss_fn, batch)
-            bar.update(1)
-            for i, name in enumerate(names):
-                if spectra is not None and rec[name].calls:
-                    sp = spectra[b]
-                    ws = (sp.col_norms[name], sp.gram[name]) if name in sp.col_norms else None
-                    nz = layer_noise(layers[name], rec[name], ws, gen)  # the layer's own config
-                    dd, da = propagate(sp, {name: nz}, list(groups))
-                    for j, p in enumerate(slices):  # the groups, then "total"
-                        pd[i, j] += dd[name][p] / len(batches)
-                        pa[i, j] += da[name][p] / len(batches)
-                draws = torch.empty(repeats, flat.numel, dtype=torch.float64)
-                with _only_layer(m, name):
-                    for r in range(repeats):
-                        draws[r] = (flat.grads(m, loss_fn, batch) - q).double()
-                        bar.update(1)
-                for j, sl in enumerate(slices.values()):
-                    v, se = _within(draws[:, sl])
-                    meas[i, j] += v / len(batches)
-                    meas_se2[i, j] += se**2 / len(batches) ** 2
-        bar.close()
-    return VarianceProfile(
-        layers=names, groups=list(slices), measured=meas.tolist(),
-        measured_se=meas_se2.sqrt().tolist(), batches=len(batches),
-        repeats=repeats, pred_data=pd.tolist() if spectra is not None else [],
-        pred_analytic=pa.tolist() if spectra is not None else [],
-    )
 
 
 __all__ = [
