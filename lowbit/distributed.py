@@ -212,6 +212,22 @@ def ring_bytes(numel: int, element_size: int, world: int, collective: str) -> fl
     return 2 * (world - 1) / world * per if collective == "allreduce" else (world - 1) * per
 
 
+def code_bytes(comm: GradComm, numel: int, world: int) -> float:
+    """Bytes one rank sends for the codes of ``numel`` elements (:meth:`GradComm.wire_for`)."""
+    how, dtype = comm.wire_for(world)
+    return ring_bytes(numel, dtype.itemsize if how == "allreduce" else 1, world, how)
+
+
+def step_bytes(comm: GradComm | None, numels: list[int], world: int) -> float:
+    """Bytes one rank sends per step for gradients of parameters of ``numels`` elements in
+    one bucket: the fp32 all-reduce (``comm=None``) or the hook's MAX message (one float
+    per block, plus the non-finite flag) and codes."""
+    if comm is None:
+        return ring_bytes(sum(numels), 4, world, "allreduce")
+    blocks = sum(max(1, -(-n // (comm.block or max(n, 1)))) for n in numels)
+    return ring_bytes(blocks + 1, 4, world, "allreduce") + code_bytes(comm, sum(numels), world)
+
+
 @dataclass
 class QuantizedCommState:
     """State of :func:`quantized_allreduce_hook`: the :class:`GradComm`, the process group
@@ -302,8 +318,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         else:
             total = codes.to(dtype)
             dist.all_reduce(total, group=group, async_op=True).get_future().wait()
-        state.bytes_sent += ring_bytes(codes.numel(), total.element_size() if how == "allreduce"
-                                       else 1, world, how)
+        state.bytes_sent += code_bytes(comm, codes.numel(), world)
         out = [decode(t, a, fmt, comm.block, world)
                for t, a in zip(total.split(sizes), shared_k)]
         buf.copy_(torch.cat(out))
@@ -336,6 +351,7 @@ __all__ = [
     "GradComm",
     "QuantizedCommState",
     "block_absmax",
+    "code_bytes",
     "comm_noise_seed",
     "decode",
     "encode",
@@ -344,5 +360,6 @@ __all__ = [
     "quantized_allreduce_hook",
     "quantized_mean",
     "ring_bytes",
+    "step_bytes",
     "world_from_env",
 ]

@@ -4,13 +4,16 @@ against the exact (1/N²)·Σ_r Var Q(g_r), with the decomposition and bias test
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lowbit
+import lowbit.experiments.models
 from lowbit.analysis import gradient_variance
 from lowbit.analysis.dataparallel import shard
 from lowbit.distributed import GradComm
@@ -65,3 +68,33 @@ def test_world_size_splits_each_batch_by_rank():
 def test_gradient_variance_rejects_what_it_cannot_measure(kw, match):
     with pytest.raises(ValueError, match=match):
         gradient_variance(_model(), _loss, _batches(3), **kw)
+
+
+def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
+    from lowbit.cli import main
+
+    rc = main(["comm-variance", "--task", "digits", "--model", "mlp", "--grad-comm", "fp32,int4",
+               "--batches", "3", "--repeats", "2", "--train-steps", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    out = json.loads((tmp_path / "comm_variance.json").read_text())
+    fp32, int4 = out["runs"]
+    assert (fp32["grad_comm"], int4["grad_comm"]) == ("fp32", "int4")
+    assert fp32["bytes_per_step"] == fp32["bytes_fp32_per_step"]
+    n = sum(p.numel() for p in lowbit.experiments.models.build_model("digits", "mlp").parameters())
+    assert fp32["bytes_fp32_per_step"] == 4 * n  # ring, 2 ranks: 2(N−1)/N·4 bytes/element
+    assert n < int4["bytes_per_step"] < 1.05 * n  # int8 sums of 4-bit codes + block scales
+    g = int4["report"]["groups"]["total"]
+    assert g["comm"] > 0 and g["comm_expected"] > 0 and out["warmup"]["steps"] == 2
+    assert "| int4 |" in (tmp_path / "summary.md").read_text() and "| int4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--grad-comm", "fp8"], "--grad-comm values must be in fp32, int2"),
+    (["--world-size", "1"], "--world-size must be an integer ≥ 2"),
+    (["--batch-size", "63"], "--batch-size \\(63\\) must be a multiple of --world-size"),
+])
+def test_comm_variance_command_rejects_bad_values(tmp_path, capsys, argv, match):
+    from lowbit.cli import main
+
+    assert main(["comm-variance", "--task", "digits", "--out", str(tmp_path), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)

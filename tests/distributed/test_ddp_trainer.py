@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,24 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_p
     b = torch.load(tmp_path / "last.pt", weights_only=True)
     assert _same(a["model"], b["model"])
     assert _strip(a["history"]) == _strip(b["history"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--grad-comm", "int8"], "--grad-comm int8 needs a data-parallel run"),
+    (["--nproc", "2", "--batch-size", "33"], "--batch-size \\(33\\) must be a multiple of world_size"),
+    (["--nproc", "2", "--grad-comm", "int9"], "--grad-comm must be one of fp32, int2"),
+])
+def test_train_rejects_bad_distributed_options_before_launching(tmp_path, capsys, argv, match):
+    from lowbit.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # nothing launched, nothing written
+
+
+def test_train_config_world_size():
+    cfg = TrainConfig(task="digits", recipe="fqt-psq-8", world_size=2, grad_comm="int4")
+    assert cfg.run_name() == "digits-mlp-fqt-psq-8-n2-cint4-s0"
+    assert cfg.grad_comm_config().bits == 4 and TrainConfig(task="digits").world_size == 1
+    with pytest.raises(ValueError, match="world_size is 2 but this process was not launched"):
+        train(TrainConfig(task="digits", world_size=2, out="unused"), progress=False)
