@@ -1,4 +1,4 @@
-"""Command line: ``lowbit demo | train | sweep | report | variance | comm-variance``.
+"""Command line: ``lowbit demo | train | sweep | report | variance``.
 
 Each subcommand lives in the module that owns its concept and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
@@ -19,7 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("lowbit.experiments.sweep", "run a grid of tasks × recipes × seeds, skipping finished runs"),
     "report": ("lowbit.experiments.report", "turn run folders into docs/results.md tables and plots"),
     "variance": ("lowbit.analysis.cli", "variance decomposition, bounds and bin utilization"),
-    "comm-variance": ("lowbit.commands.comm_variance", "variance added by quantized gradient communication (data parallel)"),
 }
 
 
@@ -27,8 +26,17 @@ class UsageError(ValueError):
     """A bad command-line value; printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown option, missing value, bad choice) as one line,
+    ``PROG: error: MESSAGE``, exit status 2, like every other bad value (no usage block:
+    ``--help`` shows it). Subcommand parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -199,6 +199,7 @@ def _at_least(name: str, value: int, low: int) -> int:
 def validate(args: argparse.Namespace) -> Options:
     """Check the arguments; raise ``ValueError`` with a line naming the allowed values."""
     from ..experiments.models import MODELS
+    from ..experiments.train import check_out_dir
 
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
@@ -236,9 +237,9 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     return Options(
         task=args.task, model=args.model, quantizers=quantizers,
-        bits=_int_list(args.bits, "bits"), out=Path(args.out), batches=batches,
+        bits=_int_list(args.bits, "bits"), out=Path(check_out_dir("--out", args.out)), batches=batches,
         batch_size=_at_least("batch-size", args.batch_size or DEFAULT_BATCH_SIZE[args.task], 2),
-        repeats=_at_least("repeats", args.repeats, 2), seed=args.seed,
+        repeats=_at_least("repeats", args.repeats, 2), seed=_at_least("seed", args.seed, 0),
         subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],
         train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,
         bound_batches=bound, spectrum=args.spectrum,

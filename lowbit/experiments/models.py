@@ -4,6 +4,7 @@ Every GEMM is an ordinary ``nn.Linear`` or ``nn.Conv2d`` so that the library can
 quantized versions afterwards; normalisation layers are the stock BatchNorm/LayerNorm.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -260,11 +261,87 @@ DEFAULT_MODEL: dict[str, str] = {
 }
 
 
+# --------------------------------------------------------------------------- constructor arguments
+# Each settable argument: (check, what it must be). A check returns the value to use
+# (ints given for floats become floats) or None when the value is not allowed.
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> Any:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= low else None
+    return check, f"an integer ≥ {low}"
+
+
+def _probability() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> Any:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+        return float(v) if ok else None
+    return check, "a number in [0, 1)"
+
+
+def _fixed(value: Any, why: str) -> tuple[Callable[[Any], Any], str]:
+    """An argument the task decides (its class count, channels, vocabulary)."""
+    return (lambda v: v if type(v) is type(value) and v == value else None), f"{value!r} ({why})"
+
+
+def _widths() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> Any:
+        v = tuple(v) if isinstance(v, list) else v  # a config.json holds a list
+        ok = (isinstance(v, tuple) and len(v) == 3 and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in v)
+            and v[0] <= v[1] <= v[2])
+        return v if ok else None
+    return check, "3 non-decreasing integers ≥ 1, comma-separated (e.g. 16,32,64)"
+
+
+_TEN_CLASSES = _fixed(10, "the task's class count")
+_PREACT = {"num_classes": _TEN_CLASSES, "in_channels": _fixed(1, "grayscale images"),
+           "widths": _widths()}
+MODEL_ARGS: dict[str, dict[str, dict[str, tuple[Callable[[Any], Any], str]]]] = {
+    "digits": {"mlp": {"hidden": _int_at_least(1), "num_classes": _TEN_CLASSES},
+               "cnn": {"width": _int_at_least(1), "num_classes": _TEN_CLASSES}},
+    "fashion-mnist": {"preact-resnet20": _PREACT, "preact-resnet56": _PREACT},
+    "text": {"gpt": {"vocab_size": _fixed(256, "byte-level: 256 symbols"),
+                     "block_size": _int_at_least(1), "n_layer": _int_at_least(1),
+                     "n_head": _int_at_least(1), "n_embd": _int_at_least(1),
+                     "dropout": _probability()}},
+}
+
+
+def check_model_args(task: str, name: str, kw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Check keyword arguments of model ``name`` of ``task`` against its constructor:
+    known names (:data:`MODEL_ARGS`), types, ranges, and the values the task decides
+    (``num_classes``, ``in_channels``, ``vocab_size`` may only be given as the task's).
+
+    Returns the arguments to pass (ints given for float arguments become floats).
+    Raises ``ValueError`` whose one line starts with ``prefix`` + the argument's name.
+    """
+    allowed = MODEL_ARGS[task][name]
+    out = {}
+    for key, value in kw.items():
+        if key not in allowed:
+            raise ValueError(f"{prefix}{key} is not an argument of model {name!r}; "
+                             f"allowed: {', '.join(allowed)}")
+        check, what = allowed[key]
+        out[key] = check(value)
+        if out[key] is None:
+            raise ValueError(f"{prefix}{key} must be {what} for model {name!r}, got {value!r}")
+    if name == "gpt":
+        defaults = inspect.signature(TinyGPT).parameters
+        n_embd = out.get("n_embd", defaults["n_embd"].default)
+        n_head = out.get("n_head", defaults["n_head"].default)
+        if n_embd % n_head:
+            raise ValueError(f"{prefix}n_embd ({n_embd}) must be divisible by n_head ({n_head}) "
+                             f"for model {name!r}")
+    return out
+
+
 def build_model(task: str, name: str | None = None, **kw: Any) -> nn.Module:
     """Build model ``name`` for ``task`` (``DEFAULT_MODEL[task]`` when ``name`` is None).
 
-    Allowed names per task are in :data:`MODELS`; keyword arguments go to the constructor.
-    Raises ``ValueError`` listing the allowed tasks or names.
+    Allowed names per task are in :data:`MODELS`; keyword arguments go to the constructor
+    after :func:`check_model_args`. Raises ``ValueError`` listing the allowed tasks or
+    names, or naming the bad argument.
     """
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; allowed tasks: {', '.join(_BUILDERS)}")
@@ -273,4 +350,4 @@ def build_model(task: str, name: str | None = None, **kw: Any) -> nn.Module:
         raise ValueError(
             f"unknown model {name!r} for task {task!r}; allowed: {', '.join(MODELS[task])}"
         )
-    return _BUILDERS[task][name](**kw)
+    return _BUILDERS[task][name](**check_model_args(task, name, kw, "model argument "))

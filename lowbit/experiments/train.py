@@ -23,7 +23,7 @@ import torch
 from lowbit.config import RECIPES
 
 from .checkpoint import CheckpointError
-from .models import MODELS
+from .models import MODELS, check_model_args
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, train
 
@@ -95,16 +95,28 @@ def parse_float(option: str, text: str | None) -> float | None:
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
-    """``["n_layer=2", "dropout=0.1"]`` → ``{"n_layer": 2, "dropout": 0.1}``."""
+    """``["n_layer=2", "dropout=0.1", "widths=8,16,32"]`` →
+    ``{"n_layer": 2, "dropout": 0.1, "widths": (8, 16, 32)}``: an integer, else a finite
+    number, or a tuple of integers when the value holds commas. Names, types and ranges
+    are checked against the model by :func:`~lowbit.experiments.models.check_model_args`."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--model-arg must look like KEY=VALUE, got {item!r}")
+        if key in out:
+            raise ValueError(f"--model-arg {key} is given twice")
+        option = f"--model-arg {key}"
+        if "," in text:
+            try:
+                out[key] = tuple(int(t) for t in text.split(","))
+            except ValueError:
+                raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+            continue
         try:
             out[key] = int(text)
         except ValueError:
-            out[key] = parse_float(f"--model-arg {key}", text)
+            out[key] = parse_float(option, text)
     return out
 
 
@@ -148,17 +160,21 @@ def set_threads(text: str | None) -> None:
 
 
 def make_config(fields: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig, turning its ValueError into a one-line usage error."""
+    """Build a TrainConfig with checked model arguments, turning a ValueError into a
+    one-line usage error that names the option."""
     try:
-        return TrainConfig(**fields)
+        cfg = TrainConfig(**fields)
     except ValueError as exc:
         raise ValueError(_as_option(str(exc))) from None
+    cfg.model_kwargs = check_model_args(cfg.task, cfg.model, cfg.model_kwargs, "--model-arg ")
+    return cfg
 
 
 def _as_option(message: str) -> str:
-    """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option)."""
+    """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option of a
+    TrainConfig field; other messages are left as they are)."""
     name, sep, rest = message.partition(" ")
-    if sep and name.isidentifier() and name.islower():
+    if sep and name in TrainConfig.__dataclass_fields__:
         return f"--{name.replace('_', '-')} {rest}"
     return message
 
@@ -186,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingDiverged, CheckpointError) as exc:
         print(f"lowbit train: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a value that only the data can check (e.g. --subset)
+        raise ValueError(_as_option(str(exc))) from exc
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "val_loss", "bpb") if k in last)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -137,6 +137,112 @@ def test_bad_value_in_a_subprocess_has_no_traceback(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing created before validation
 
 
+MODEL_ARG_ERRORS = [  # issue 11.14: every model argument checked against its constructor
+    (["--model", "mlp", "--model-arg", "hidden=-3"],
+     "--model-arg hidden must be an integer ≥ 1 for model 'mlp', got -3"),
+    (["--model", "cnn", "--model-arg", "width=0"],
+     "--model-arg width must be an integer ≥ 1 for model 'cnn', got 0"),
+    (["--model-arg", "num_classes=3"],
+     "--model-arg num_classes must be 10 (the task's class count) for model 'mlp', got 3"),
+    (["--model-arg", "num_classes=10.0"],
+     "--model-arg num_classes must be 10 (the task's class count) for model 'mlp', got 10.0"),
+    (["--model-arg", "foo=1"], "--model-arg foo is not an argument of model 'mlp'; allowed: hidden, num_classes"),
+    (["--model-arg", "hidden=1.5"], "--model-arg hidden must be an integer ≥ 1 for model 'mlp', got 1.5"),
+    (["--model-arg", "hidden=abc"], "--model-arg hidden must be a number, got 'abc'"),
+    (["--model-arg", "hidden=3", "--model-arg", "hidden=4"], "--model-arg hidden is given twice"),
+    (["--task", "text", "--model-arg", "n_head=3"],
+     "--model-arg n_embd (256) must be divisible by n_head (3) for model 'gpt'"),
+    (["--task", "text", "--model-arg", "dropout=1"],
+     "--model-arg dropout must be a number in [0, 1) for model 'gpt', got 1"),
+    (["--task", "text", "--model-arg", "block_size=0"],
+     "--model-arg block_size must be an integer ≥ 1 for model 'gpt', got 0"),
+    (["--task", "text", "--model-arg", "vocab_size=100"],
+     "--model-arg vocab_size must be 256 (byte-level: 256 symbols) for model 'gpt', got 100"),
+    (["--task", "fashion-mnist", "--model-arg", "widths=16,8,32"],
+     "--model-arg widths must be 3 non-decreasing integers ≥ 1, comma-separated (e.g. 16,32,64) "
+     "for model 'preact-resnet20', got (16, 8, 32)"),
+    (["--task", "fashion-mnist", "--model-arg", "widths=16,a"],
+     "--model-arg widths must be comma-separated integers, got '16,a'"),
+    (["--task", "fashion-mnist", "--model-arg", "in_channels=3"],
+     "--model-arg in_channels must be 1 (grayscale images) for model 'preact-resnet20', got 3"),
+]
+
+
+def _main(args: list[str], capsys) -> tuple[int, str]:
+    """``lowbit ARGS`` in this process: exit status and stderr (argparse exits itself)."""
+    try:
+        rc = cli.main(args)
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", MODEL_ARG_ERRORS)
+def test_bad_model_args_exit_2_with_the_exact_line(tmp_path, capsys, args, message):
+    sweep = [{"--task": "--tasks", "--model": "--models"}.get(a, a) for a in args]
+    for command, argv in (("train", args), ("sweep", [*sweep, "--dry-run"])):
+        rc, err = _main([command, *argv, "--out", str(tmp_path / "out")], capsys)  # sweep: same check
+        assert (rc, err) == (2, f"lowbit {command}: error: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_args_within_range_build_the_model():
+    from lowbit.experiments.models import build_model, check_model_args
+
+    assert check_model_args("text", "gpt", {"dropout": 0, "n_head": 2}) == {"dropout": 0.0, "n_head": 2}
+    model = build_model("fashion-mnist", "preact-resnet20", widths=[4, 8, 8], num_classes=10)
+    assert model.head.in_features == 8  # a config.json's list is accepted as the tuple
+    with pytest.raises(ValueError, match="^model argument hidden must be an integer ≥ 1"):
+        build_model("digits", "mlp", hidden=0)  # the library checks too, not only the CLI
+
+
+def test_every_model_arg_is_a_constructor_parameter():
+    import inspect
+
+    from lowbit.experiments.models import _BUILDERS, MODEL_ARGS, PreActResNet
+
+    for task, models in MODEL_ARGS.items():
+        for name, allowed in models.items():
+            builder = _BUILDERS[task][name]
+            params = set(inspect.signature(PreActResNet if "preact" in name else builder).parameters)
+            assert set(allowed) == params - {"self", "depth"}, (task, name)
+
+
+def test_argparse_and_path_errors_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["train", "--epochs"], "lowbit train: error: argument --epochs: expected one argument"),
+        (["train", "--bogus"], "lowbit: error: unrecognized arguments: --bogus"),
+        (["variance"], "lowbit variance: error: the following arguments are required: --task, --out"),
+        (["variance", "--task", "digits", "--out", str(tmp_path / "v"), "--batches", "x"],
+         "lowbit variance: error: argument --batches: invalid int value: 'x'"),
+        (["variance", "--task", "digits", "--out", str(a_file)],
+         f"lowbit variance: error: --out must be a folder, but {a_file} is a file"),
+        (["variance", "--task", "digits", "--out", str(tmp_path / "v"), "--seed", "-1"],
+         "lowbit variance: error: --seed must be ≥ 0, got -1"),
+        (["report", "--runs", str(tmp_path), "--out", str(a_file / "x")],
+         f"lowbit report: error: --out: {a_file} is a file, cannot create {a_file / 'x'}"),
+        (["train", "--subset", "100000", "--out", str(tmp_path / "t")],
+         "lowbit train: error: --subset must be at most 1438, got 100000"),
+    ]
+    for args, line in cases:
+        assert _main(args, capsys) == (2, line + "\n"), args
+    rc, err = _main(["nosuch"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("lowbit: error: argument COMMAND: invalid choice: 'nosuch'")
+
+
+@pytest.mark.parametrize("args, message", MODEL_ARG_ERRORS[:3] + [
+    (["--epochs"], "argument --epochs: expected one argument")])
+def test_bad_model_args_in_a_subprocess(tmp_path, args, message):
+    """The issue's failing commands, as a user runs them: exit 2, exactly one line."""
+    proc = _run("train", "--out", str(tmp_path / "x"), "--task", "digits", *args)
+    assert proc.returncode == 2
+    assert proc.stderr == f"lowbit train: error: {message}\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_out_must_be_a_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(["train", "--out", str(tmp_path / "file")]) == 2
