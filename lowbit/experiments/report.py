@@ -38,7 +38,7 @@ BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
 # Settings that tell runs of one table apart from each other (not from other tables).
 PER_RUN_FIELDS = frozenset(
     {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps",
-     "weights", "opt_state", "range_margin"}
+     "weights", "opt_state", "range_margin", "grad_comm"}
 )
 HEADER = """# Results
 
@@ -88,6 +88,8 @@ class Run:
             if state == "int8" and self.train.get("optimizer") == "adamw":
                 state = "int8 m / bf16 v"  # SRAdamW keeps its second moment in bf16
             label += f", {weights} weights + {state} state"
+        if self.train.get("grad_comm", "fp32") != "fp32":  # quantized data-parallel averaging
+            label += f", {self.train['grad_comm']} grad comm"
         backend = self.train.get("backend", "auto")
         return label if backend == "auto" else f"{label} [{backend}]"
 
@@ -156,6 +158,8 @@ def _memory_and_range_notes(done: list[Run]) -> list[str]:
                 if "range_overflow_calls" in row]
     if overflow:
         notes.append(f"range overflow in {sum(overflow)} quantizer calls")
+    if done and (sent := done[0].rows[-1].get("comm_bytes_per_step")) is not None:
+        notes.append(f"{sent / 1e6:.3g} MB/step sent per rank")
     return notes
 
 
@@ -304,9 +308,8 @@ def run(args: argparse.Namespace) -> int:
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise ValueError(f"--runs must be a folder of run folders, got {args.runs!r}")
-    from .train import check_out_dir
-
-    check_out_dir("--out", args.out)  # a folder, or creatable as one
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out must be a folder, but {args.out} is a file")
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")

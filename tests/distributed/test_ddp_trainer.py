@@ -111,3 +111,13 @@ def test_train_config_world_size():
     assert cfg.grad_comm_config().bits == 4 and TrainConfig(task="digits").world_size == 1
     with pytest.raises(ValueError, match="world_size is 2 but this process was not launched"):
         train(TrainConfig(task="digits", world_size=2, out="unused"), progress=False)
+
+
+def test_report_tells_quantized_communication_apart(reference):
+    from lowbit.experiments.report import load_runs, table
+
+    root, _ = reference
+    runs = load_runs(root)
+    assert {r.label for r in runs} == {"fqt-psq-8, int8 grad comm"}
+    text = "\n".join(table(runs, []))
+    assert "world_size 2" in text and "MB/step sent per rank" in text and "| 2 |" in text
