@@ -308,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise ValueError(f"--runs must be a folder of run folders, got {args.runs!r}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out must be a folder, but {args.out} is a file")
+    from .train import check_out_dir
+
+    check_out_dir("--out", args.out)  # a folder, or creatable as one
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")
