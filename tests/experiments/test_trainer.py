@@ -167,6 +167,23 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path, model, recipe, weights)
     ]
 
 
+def test_checkpoints_from_before_data_parallel_training_resume(tmp_path):
+    """A checkpoint whose train_config predates world_size/grad_comm ran on one rank with
+    fp32 averaging (LEGACY_DEFAULTS): it resumes, and to the same bits."""
+    cfg = dict(DIGITS, recipe="fqt-psq-8", epochs=2)
+    ref = train(TrainConfig(**cfg, out=str(tmp_path / "ref")), progress=False)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):  # dies in epoch 2, after the epoch-1 checkpoint
+        train(TrainConfig(**cfg, out=str(tmp_path / "old")), task=_InterruptAt(task, 12),
+              progress=False)
+    state = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    for key in ("world_size", "grad_comm"):
+        del state["train_config"][key]
+    ckpt.save_checkpoint(tmp_path / "old", state)
+    resumed = train(TrainConfig(**cfg, out=str(tmp_path / "old")), resume=True, progress=False)
+    assert _equal_state(ref.model, resumed.model)
+
+
 def test_corrupt_last_checkpoint_falls_back_to_prev(tmp_path, capsys):
     cfg = TrainConfig(**DIGITS, recipe="fqt-psq-4", epochs=2, out=str(tmp_path))
     ref = train(cfg, progress=False)
