@@ -98,7 +98,16 @@ def _recipe_names() -> list[str]:
     return ["fp"] + [f"qat-{b}" for b in bits] + fqt + [n + PREDICTED_SUFFIX for n in fqt]
 
 
-RECIPES: tuple[str, ...] = tuple(_recipe_names())
+# Adaptive recipes: candidate quantizers of the (∇X, ∇W) paths, cheapest first. The config
+# starts at 8 bits with the first of each; lowbit.adaptive.AdaptivePolicy.from_recipe then
+# lets the variance monitor choose each layer's widths (fqt-auto: and its ∇X quantizer).
+ADAPTIVE_RECIPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fqt-auto": (("psq", "bhq"), ("psq",)),
+    "fqt-auto-psq": (("psq",), ("psq",)),
+    "fqt-auto-bhq": (("bhq",), ("psq",)),
+}
+
+RECIPES: tuple[str, ...] = tuple(_recipe_names()) + tuple(ADAPTIVE_RECIPES)
 
 
 @dataclass(frozen=True)
@@ -142,14 +151,21 @@ class FQTConfig:
         """A named recipe: ``fp``; ``qat-B``; ``fqt-Q-B`` with ``Q`` in ptq, psq, bhq,
         hadamard and ``B`` in 4..8 (forward 8-bit per-tensor; ∇X path ``B`` bits with
         ``Q``; ∇W path 8 bits, per-tensor for ptq, per-column (psq) otherwise);
-        ``fqt-Q-B-predicted``: the same with predicted gradient ranges on both paths.
+        ``fqt-Q-B-predicted``: the same with predicted gradient ranges on both paths;
+        ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (its bit widths are
+        then chosen by ``lowbit.adaptive.AdaptivePolicy.from_recipe(name)``).
         Keyword ``overrides`` replace fields (e.g. ``backend="reference"``, ``seed=0``)."""
         if not isinstance(name, str):
             raise TypeError(f"recipe name must be a str, got {name!r}")
+        if name in ADAPTIVE_RECIPES:  # the starting point; the policy is lowbit.adaptive's
+            gi, gw = ADAPTIVE_RECIPES[name]
+            cfg = cls(grad_input=GradSpec(MAX_BITS, gi[0]), grad_weight=GradSpec(MAX_BITS, gw[0]))
+            return dataclasses.replace(cfg, **overrides) if overrides else cfg
         m = re.fullmatch(r"fp|qat-(\d+)|fqt-([a-z]+)-(\d+)(-predicted)?", name)
         if m is None or name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; allowed: fp, qat-B, "
-                             f"fqt-{{{','.join(QUANTIZERS)}}}-B[-predicted] with B in 4..{MAX_BITS}")
+                             f"fqt-{{{','.join(QUANTIZERS)}}}-B[-predicted] with B in 4..{MAX_BITS}, "
+                             f"{', '.join(ADAPTIVE_RECIPES)}")
         if name == "fp":
             cfg = cls(weight=None, activation=None, grad_input=None, grad_weight=None)
         elif m.group(1):
@@ -206,5 +222,5 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"))
 
 
-__all__ = ["MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
+__all__ = ["ADAPTIVE_RECIPES", "MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]

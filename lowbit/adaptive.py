@@ -1,0 +1,127 @@
+"""Adaptive precision: each layer's gradient bit width chosen from measured variance.
+
+Theorem 2 (METHOD.md §1, §9): FQT trains like QAT while the variance its quantizers add
+is small against the minibatch (SGD) variance. A quantization/SGD variance ratio ``r``
+makes the gradient as noisy as an SGD gradient of batch ``B/(1 + r)``, so the default
+target ``r ≤ 0.1`` costs at most what a 9% smaller batch would — well inside the range
+where SGD's progress per step barely changes — while each bit removed cuts the GEMM
+operands' width. :class:`AdaptivePolicy` picks, per layer and gradient path, the
+**fewest bits** (then the first listed quantizer) whose predicted ratio meets the target.
+
+The prediction is exact, not extrapolated: on each monitored step the monitor evaluates
+the quantizer's expected variance on the step's actual ``∇Y`` at every candidate width
+and quantizer (:mod:`lowbit.monitor`). Ratios scale roughly as 4^-bits, so one width
+spans a 4× band; **hysteresis** keeps a layer from flapping on the noise of one batch's
+SGD estimate: a path moves up as soon as its current ratio exceeds ``target``, and down
+only to a width whose ratio is at most ``down × target`` (default 0.5: with 4× per bit
+the stable band is a ratio between about 0.0125 and 0.1).
+
+Why a policy held by the monitor and not a field of ``GradSpec``: a layer's
+``GradSpec`` says what its backward runs *now* (what lowbit reports as quantized is what
+ran quantized); the decision needs measurements only the monitor has, and changes the
+spec between steps. The recipes ``fqt-auto*`` (``lowbit.config.ADAPTIVE_RECIPES``) give
+the starting config (8 bits, first candidate quantizer) and
+:meth:`AdaptivePolicy.from_recipe` the policy; the trainer attaches both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ADAPTIVE_RECIPES
+from .formats import MAX_BITS, check_bits
+from .quantizers import QUANTIZERS
+
+DEFAULT_TARGET = 0.1
+DEFAULT_DOWN = 0.5
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One change of one layer's gradient path: at monitored step ``step`` (the
+    monitor's step index), ``path`` (``grad_input``/``grad_weight``) of ``layer`` went
+    from ``old_quantizer``/``old_bits`` (measured ratio ``ratio``) to the new spec
+    (predicted ratio ``new_ratio`` on the same ∇Y); it applies from the next step."""
+
+    step: int
+    layer: str
+    path: str
+    old_quantizer: str
+    old_bits: int
+    new_quantizer: str
+    new_bits: int
+    ratio: float
+    new_ratio: float
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """Keep each path's quantization/SGD variance ratio at most ``target`` with the
+    fewest bits in ``min_bits..max_bits``; candidates are every width with each quantizer
+    of ``grad_input`` / ``grad_weight`` (listed cheapest first: at equal width the first
+    that meets the target wins). Hysteresis: down only where the ratio is at most
+    ``down·target``. Raises ``ValueError`` naming the field for bad values."""
+
+    target: float = DEFAULT_TARGET
+    down: float = DEFAULT_DOWN
+    min_bits: int = 4
+    max_bits: int = MAX_BITS
+    grad_input: tuple[str, ...] = ("psq",)
+    grad_weight: tuple[str, ...] = ("psq",)
+
+    def __post_init__(self) -> None:
+        for name in ("target", "down"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if self.down > 1:
+            raise ValueError(f"down must be at most 1 (a hysteresis factor), got {self.down!r}")
+        check_bits(self.min_bits, "min_bits")
+        check_bits(self.max_bits, "max_bits")
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"min_bits ({self.min_bits}) exceeds max_bits ({self.max_bits})")
+        for name in ("grad_input", "grad_weight"):
+            qs = getattr(self, name)
+            if isinstance(qs, str) or not qs or any(q not in QUANTIZERS for q in qs):
+                raise ValueError(f"{name} must be a non-empty tuple of quantizers from "
+                                 f"{', '.join(QUANTIZERS)}, got {qs!r}")
+            object.__setattr__(self, name, tuple(qs))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: object) -> AdaptivePolicy:
+        """The policy of an ``fqt-auto*`` recipe (``lowbit.config.ADAPTIVE_RECIPES``);
+        ``overrides`` replace fields (``target=0.05``). ``ValueError`` for other names."""
+        if name not in ADAPTIVE_RECIPES:
+            raise ValueError(f"{name!r} is not an adaptive recipe; allowed: {', '.join(ADAPTIVE_RECIPES)}")
+        gi, gw = ADAPTIVE_RECIPES[name]
+        return cls(**{"grad_input": gi, "grad_weight": gw, **overrides})  # type: ignore[arg-type]
+
+    def candidates(self, path: str) -> list[tuple[str, int]]:
+        """``(quantizer, bits)`` of ``path`` in order of preference: fewest bits first,
+        then the order the quantizers are listed in."""
+        qs = getattr(self, path)
+        return [(q, b) for b in range(self.min_bits, self.max_bits + 1) for q in qs]
+
+    def choose(self, path: str, current: tuple[str, int],
+               ratios: dict[tuple[str, int], float]) -> tuple[str, int]:
+        """The spec ``path`` should run from the next step, given the ratios measured on
+        this step at the current spec and at each candidate (``ratios`` must hold them).
+        Unchanged when the current ratio is NaN (no SGD estimate)."""
+        r_cur = ratios[current]
+        if math.isnan(r_cur):
+            return current
+        order = [c for c in self.candidates(path) if c in ratios]
+        if r_cur > self.target:
+            for c in order:
+                if ratios[c] <= self.target:
+                    return c
+            top = [c for c in order if c[1] == self.max_bits] or [current]
+            return min(top, key=lambda c: ratios[c])
+        for c in order:
+            if c[1] < current[1] and ratios[c] <= self.down * self.target:
+                return c
+        return current
+
+
+__all__ = ["DEFAULT_DOWN", "DEFAULT_TARGET", "AdaptivePolicy", "Decision"]

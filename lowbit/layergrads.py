@@ -1,0 +1,147 @@
+"""What a converted layer's backward GEMMs multiply, rebuilt from its hooks.
+
+For the variance formulas of :mod:`lowbit.varstats`, from the layer's input ``X`` (seen
+by a forward hook) and its output gradient ``∇Y`` (seen by a hook on the output, before
+the layer's backward runs), under the layer's current config:
+
+* ``grad_weight``: the operand ``A = ∇Yᵀ`` that ``Q_w`` quantizes (rows = output features;
+  columns = tokens, or (sample, position) pairs of a Conv2d in row-major order) and
+  ``col_weight[n] = ‖U_n‖²`` for the other operand ``U`` = ``Q_f(X)`` (a Linear) or its
+  im2col patches (a Conv2d: ``F.unfold`` of the padded ``Q_f(X)``; per group for a grouped
+  convolution, with ``row_groups`` the group of each output channel). Also the
+  per-sample squared norms of the weight (+ bias) gradient and the norm of their sum.
+* ``grad_input``: ``A = ∇Y`` as ``Q_a`` quantizes it (rows = tokens for a Linear, samples
+  for a Conv2d) and ``col_weight`` = the squared norm each column's error reaches ∇X with:
+  ``‖Q_f(W)_o‖²`` for a Linear; for a Conv2d, output element ``(o, q)`` adds
+  ``Σ_{c,k} Q_f(W)²_{o,c,k}`` over the taps ``k`` that land inside the input at ``q``
+  (a convolution of the input's indicator with ``Σ_c W²``). ``shift_weight``: the same
+  for the column sums of ∇X per input feature/channel (the input-shift probe of
+  :mod:`lowbit.monitor`): ``‖Q_f(W)_o‖²`` for a Linear, ``Σ_c (Σ_{k inside} W_{o,c,k})²``
+  for a Conv2d; and the probe's per-sample gradients ``Σ_{t∈n} ∇X_t`` (QAT).
+
+Samples are the first dimension of ``X``. The forward operands are quantized as the
+layer does (round-to-nearest: deterministic, so they are the very values it used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .functional import quantize_forward
+from .nn import FQTConv2d, FQTLinear
+from .varstats import weight_grad_sq_norms
+
+
+@dataclass
+class PathOperand:
+    """One gradient path: the quantized operand ``a`` (R, N), its column weights
+    ``col_weight`` (N,) or (N, G), ``row_groups`` (R,) for grouped products, and the
+    probe's column weights ``shift_weight`` (N,) (∇X path only)."""
+
+    a: torch.Tensor
+    col_weight: torch.Tensor
+    row_groups: torch.Tensor | None = None
+    shift_weight: torch.Tensor | None = None
+
+
+@dataclass
+class LayerGrads:
+    """A layer's backward GEMM operands on one call. ``sq``/``total``: per-sample squared
+    norms (B,) and ``‖Σ_n G_n‖²`` of the weight (+ bias) gradient (``grad_weight`` set) and of
+    the input-shift probe (``grad_input`` set)."""
+
+    samples: int
+    grad_weight: PathOperand | None = None
+    grad_input: PathOperand | None = None
+    w_sq: torch.Tensor | None = None
+    w_total: float = math.nan
+    x_sq: torch.Tensor | None = None
+    x_total: float = math.nan
+
+
+def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
+    return quantize_forward(x2d, spec).dequantize()  # type: ignore[arg-type]
+
+
+def _probe_norms(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
+    s = shift.double()  # (B, features): each sample's ∇β
+    return s.square().sum(1), float(s.sum(0).square().sum())
+
+
+def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
+                 input_path: bool, bias: bool) -> LayerGrads:
+    """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) float32."""
+    cfg, n_in, n_out = layer.config, layer.in_features, layer.out_features
+    b = x.shape[0] if x.dim() > 1 else 1
+    a = gy.reshape(-1, n_out)  # (N, out): the rows the layer quantizes
+    t = a.shape[0] // max(b, 1)  # rows (tokens) per sample
+    out = LayerGrads(b)
+    if weight_path:
+        u = _dequant(x.reshape(-1, n_in), cfg.activation)  # (N, in)
+        out.grad_weight = PathOperand(a.t(), u.square().sum(1))
+        out.w_sq, out.w_total = weight_grad_sq_norms(a.reshape(b, t, n_out), u.reshape(b, t, n_in), bias)
+    if input_path:
+        wq = _dequant(layer.weight.detach(), cfg.weight)  # (out, in)
+        wn = wq.square().sum(1)  # (out,)
+        out.grad_input = PathOperand(a, wn, shift_weight=wn)
+        out.x_sq, out.x_total = _probe_norms(a.reshape(b, t, n_out).sum(1) @ wq)  # (B, in)
+    return out
+
+
+def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
+                 input_path: bool, bias: bool) -> LayerGrads:
+    """Operands of an ``FQTConv2d`` call: ``x`` (B, C_in, H, W) or unbatched, ``gy``
+    (B, C_out, H', W') float32. Zero padding only (other modes fold ∇X back)."""
+    if x.dim() == 3:  # unbatched
+        x, gy = x.unsqueeze(0), gy.unsqueeze(0)
+    cfg = layer.config
+    xp, padding = layer._explicit_padding(x)  # what fqt_conv2d receives
+    b, c_out, groups = x.shape[0], layer.out_channels, layer.groups
+    geom = dict(stride=layer.stride, padding=padding, dilation=layer.dilation)
+    a_rows = gy.reshape(b, c_out, -1)  # (B, C_out, P)
+    out = LayerGrads(b)
+    if weight_path:
+        xq = _dequant(xp.reshape(b, -1), cfg.activation).reshape(xp.shape)
+        cols = F.unfold(xq, layer.kernel_size, **geom)  # (B, C_in·k², P)
+        kg = cols.shape[1] // groups
+        col_w = torch.stack([cols[:, g * kg:(g + 1) * kg].square().sum(1).reshape(-1)
+                             for g in range(groups)], 1)  # (B·P, G)
+        a_w = gy.transpose(0, 1).reshape(c_out, -1)  # (C_out, B·P)
+        if groups > 1:
+            rows = torch.arange(c_out, device=gy.device) // (c_out // groups)
+            out.grad_weight = PathOperand(a_w, col_w, rows)
+        else:
+            out.grad_weight = PathOperand(a_w, col_w[:, 0])
+        out.w_sq, out.w_total = weight_grad_sq_norms(a_rows.transpose(1, 2), cols.transpose(1, 2),
+                                                     bias, groups)
+    if input_path:
+        w = layer.weight.detach()
+        wq = _dequant(w.reshape(c_out, -1), cfg.weight).reshape(w.shape)  # (C_out, C_g, kh, kw)
+        inside, _ = layer._explicit_padding(x.new_ones(1, 1, *x.shape[2:]))  # 0 on padding
+        reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)  # (1, C_out, H', W')
+        taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
+        taps = taps.reshape(groups, c_out // groups, wq.shape[1], -1)  # (G, O_g, C_g, P)
+        out.grad_input = PathOperand(gy.reshape(b, -1), reach.reshape(-1),
+                                     shift_weight=taps.square().sum(2).reshape(-1))
+        shift = torch.einsum("bgop,gocp->bgc", a_rows.reshape(b, groups, c_out // groups, -1), taps)
+        out.x_sq, out.x_total = _probe_norms(shift.reshape(b, -1))  # (B, C_in)
+    return out
+
+
+def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
+                x_requires_grad: bool) -> LayerGrads:
+    """:func:`linear_grads` or :func:`conv2d_grads` for the paths the layer's backward
+    quantizes on this call (∇W if its weight requires grad, ∇X if its input does)."""
+    cfg = layer.config
+    weight_path = cfg.grad_weight is not None and layer.weight.requires_grad
+    input_path = cfg.grad_input is not None and x_requires_grad
+    bias = layer.bias is not None and layer.bias.requires_grad
+    fn = conv2d_grads if isinstance(layer, FQTConv2d) else linear_grads
+    return fn(layer, x, gy.float(), weight_path, input_path, bias)  # type: ignore[arg-type]
+
+
+__all__ = ["LayerGrads", "PathOperand", "conv2d_grads", "layer_grads", "linear_grads"]

@@ -1,0 +1,393 @@
+"""Live variance monitor: quantization against minibatch variance, per layer (METHOD.md §9).
+
+FQT trains as well as QAT when the variance its gradient quantizers add is small against
+the minibatch (SGD) variance (Theorem 2). :class:`VarianceMonitor` watches that ratio
+while a model trains, from module hooks only (nothing in the layers changes, no extra
+forward or backward pass, the training trajectory is bitwise the same with or without
+it). Every ``every`` steps, for each converted layer, on the step's actual ``∇Y``:
+
+The operands come from :mod:`lowbit.layergrads`, the formulas from :mod:`lowbit.varstats`.
+
+* **∇W path**: ``quant_w = E‖∇W_FQT − ∇W_QAT‖²``, exact over the rounding noise
+  (:func:`lowbit.varstats.product_noise`: the quantizer's per-element stochastic-rounding
+  variances of ``Q_w(∇Yᵀ)`` pushed through its inverse transform and weighted by the
+  squared norms of the rows of ``Q_f(X)``, im2col patches for a Conv2d);
+  ``sgd_w``, the minibatch variance of the layer's weight (and bias) gradient from
+  per-sample gradient norms (:mod:`lowbit.varstats`, formula (1)); ``ratio_w``.
+* **∇X path**: ``quant_x = E‖∇X_FQT − ∇X_QAT‖²`` (the same formula with ``Q_f(W)``; for a
+  Conv2d each output element's weight counts the kernel taps that land inside the input).
+  ∇X is not averaged over samples, so its own "minibatch variance" is not defined; its
+  ratio is taken on a probe parameter, a shift ``β`` added to the layer's input
+  (``x + β``, per feature; per channel for a Conv2d): ``∇β`` is the column sum of ∇X,
+  which is exactly the gradient of a LayerNorm/BatchNorm shift feeding the layer (or of
+  the previous layer's bias through linear ops). ``quant_x_shift`` is its quantization
+  variance (:func:`lowbit.varstats.column_sum_noise`), ``sgd_x`` its minibatch variance
+  by formula (1) (per-sample ``∇β_n = Σ_{t∈n} ∇X_t``), ``ratio_x`` their ratio.
+
+"Variance" is always the trace of the covariance (summed over the group's entries), as
+in :mod:`lowbit.analysis.variance`, whose measured figures the monitor's agree with
+(docs/results.md, "Variance monitor"). Samples are the first dimension of a layer's input
+(rows for a 2-D input; sequences for ``(B, T, C)``); a layer called more than once in a
+step gets ``sgd_*`` NaN (per-sample gradients then span calls), its ``quant_*`` are summed.
+Random transforms (``hadamard``) use the very signs the layer drew: the generator is
+rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
+
+Cost: on a monitored step, one extra GEMM per layer the size of its ∇W GEMM
+(``‖∇W_QAT‖²``), elementwise float64 passes over ∇Y per path (and per candidate width
+under a policy), per-sample norms (``B·(O+K)`` per layer for one row per sample); nothing
+on other steps except a forward hook that returns at once. The input ``X`` of each layer
+is held from its forward to its backward on monitored steps only. Measured in
+docs/benchmarks.md ("Variance monitor overhead").
+
+Not monitored (listed in :attr:`VarianceMonitor.skipped` with the reason): layers with a
+stochastic-rounding forward (the codes the backward used are not observable) or with
+predicted gradient ranges (their grid is not the operand's own), fp/QAT layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adaptive import AdaptivePolicy, Decision
+from .config import GradSpec
+from .formats import IntFormat, Rounding
+from .layergrads import layer_grads
+from .nn import FQTConv2d, FQTLinear, fqt_layers
+from .noise import Path, generator_for
+from .quantizers import get_quantizer
+from .varstats import column_sum_noise, product_noise, sgd_variance
+
+log = logging.getLogger("lowbit.monitor")
+PATHS = ("grad_input", "grad_weight")
+_NOISE_PATH = {"grad_input": Path.GRAD_INPUT, "grad_weight": Path.GRAD_WEIGHT}
+
+
+@dataclass
+class LayerVariance:
+    """One layer on one monitored step. Variances in squared gradient units (float;
+    NaN where a path is not quantized or not computed); ``bits_*``/``quantizer_*``: the
+    path's spec on that step (0 / "" when in float)."""
+
+    samples: int = 0
+    calls: int = 0
+    grad_rows: int = 0  # elements of ∇Y (both paths quantize it once each)
+    sgd_w: float = math.nan
+    quant_w: float = math.nan
+    ratio_w: float = math.nan
+    quant_x: float = math.nan
+    sgd_x: float = math.nan
+    quant_x_shift: float = math.nan
+    ratio_x: float = math.nan
+    bits_w: int = 0
+    quantizer_w: str = ""
+    bits_x: int = 0
+    quantizer_x: str = ""
+    candidates_w: dict[str, float] = field(default_factory=dict)  # "psq6" -> predicted ratio
+    candidates_x: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepRecord:
+    """What one monitored step measured: ``layers`` by fully qualified name."""
+
+    step: int
+    layers: dict[str, LayerVariance]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "layers": {n: asdict(v) for n, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepRecord:
+        return cls(int(d["step"]), {n: LayerVariance(**v) for n, v in d["layers"].items()})
+
+
+def path_generator(layer: FQTLinear | FQTConv2d, path: str, device: torch.device) -> torch.Generator:
+    """The generator ``layer``'s next backward call draws ``path``'s noise from (its
+    random transform's signs, for ``hadamard``): valid from the output's gradient hook,
+    i.e. before that backward advances the layer's counter (:mod:`lowbit.noise`)."""
+    noise = layer.noise
+    return generator_for(noise.key(_NOISE_PATH[path], noise.counter), device)
+
+
+def skip_reason(layer: FQTLinear | FQTConv2d) -> str | None:
+    """Why ``layer`` cannot be monitored under its current config, or ``None``."""
+    cfg = layer.config
+    if not cfg.is_fqt:
+        return "gradients not quantized (fp or QAT recipe)"
+    if any(s is not None and s.rounding is not Rounding.NEAREST for s in (cfg.weight, cfg.activation)):
+        return "stochastic-rounding forward: the codes its backward used are not observable"
+    if any(s is not None and s.predicted for s in (cfg.grad_input, cfg.grad_weight)):
+        return "predicted gradient ranges: the grid is not the operand's own"
+    if any(s is not None and s.rounding is not Rounding.STOCHASTIC for s in (cfg.grad_input, cfg.grad_weight)):
+        return "round-to-nearest gradients: biased, no rounding variance to compare"
+    if isinstance(layer, FQTConv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r}: ∇X of the padded input is folded back"
+    return None
+
+
+class _Acc:
+    """One layer's sums over the calls of the current monitored step."""
+
+    def __init__(self) -> None:
+        self.v = LayerVariance()
+        self.quant: dict[str, dict[tuple[str, int], float]] = {"grad_input": {}, "grad_weight": {}}
+        self.shift: dict[tuple[str, int], float] = {}
+
+
+class VarianceMonitor:
+    """Per-layer quantization and minibatch variance every ``every`` steps (module doc).
+
+    ``model``: holds converted layers (``lowbit.convert`` first); hooks are added to the
+    layers :func:`lowbit.fqt_layers` lists now (monitorable ones; others in
+    :attr:`skipped`). ``every``: a positive int, the monitored steps are those whose
+    index (count of :meth:`step` blocks so far, from 0) is a multiple of it. ``policy``:
+    an :class:`~lowbit.adaptive.AdaptivePolicy` that revises each layer's gradient bit
+    widths from each monitored step's measurements (``None``: observe only).
+    Raises ``TypeError``/``ValueError`` for a bad argument or a model without
+    monitorable layers.
+
+    Use::
+
+        mon = VarianceMonitor(model, every=50)
+        for batch in data:
+            with mon.step():
+                loss_fn(model, batch).backward()
+            opt.step()
+        mon.history  # StepRecord per monitored step; mon.decisions under a policy
+    """
+
+    def __init__(self, model: nn.Module, every: int, *, policy: AdaptivePolicy | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if policy is not None and not isinstance(policy, AdaptivePolicy):
+            raise TypeError(f"policy must be an AdaptivePolicy or None, got {type(policy).__name__}")
+        self.every, self.policy = every, policy
+        self.skipped: dict[str, str] = {}
+        self.layers: dict[str, FQTLinear | FQTConv2d] = {}
+        for name, layer in fqt_layers(model).items():
+            reason = skip_reason(layer)
+            if reason is None:
+                self.layers[name] = layer
+            else:
+                self.skipped[name] = reason
+        if not self.layers:
+            raise ValueError("no monitorable converted layer: "
+                             + ("; ".join(f"{n}: {r}" for n, r in self.skipped.items())
+                                or "convert the model with an fqt-* recipe first"))
+        self.steps = 0
+        self.history: list[StepRecord] = []
+        self.decisions: list[Decision] = []
+        self._bit_sums = {n: {p: 0 for p in PATHS} for n in self.layers}
+        self._grad_numel = {n: {p: 0 for p in PATHS} for n in self.layers}  # ∇Y size, paths that ran
+        self._active = False
+        self._acc: dict[str, _Acc] = {}
+        self._handles = [lay.register_forward_hook(self._forward_hook(n)) for n, lay in self.layers.items()]
+
+    # -- the training loop's side -------------------------------------------------------
+    def due(self) -> bool:
+        """Whether the next :meth:`step` is a monitored one."""
+        return self.steps % self.every == 0
+
+    @contextlib.contextmanager
+    def step(self, force: bool = False) -> Iterator[None]:
+        """Wrap one training step's forward and backward (not the optimizer step). On a
+        monitored step (:meth:`due`, or ``force``) the layers are measured, a
+        :class:`StepRecord` is appended to :attr:`history` and the policy decides."""
+        for n, layer in self.layers.items():
+            for p in PATHS:
+                spec = getattr(layer.config, p)
+                self._bit_sums[n][p] += 0 if spec is None else spec.bits
+        self._active = force or self.due()
+        self._acc = {}
+        try:
+            yield
+            if self._active:
+                self._finish()
+        finally:
+            self._active = False
+            self._acc = {}
+            self.steps += 1
+
+    def close(self) -> None:
+        """Remove the hooks (the monitor then measures nothing)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0].detach()
+            x_grad = bool(args[0].requires_grad)
+
+            def on_grad(gy: torch.Tensor) -> None:
+                with torch.no_grad():
+                    self._measure(name, module, x, x_grad, gy.detach())
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _measure(self, name: str, layer: nn.Module, x: torch.Tensor, x_grad: bool,
+                 gy: torch.Tensor) -> None:
+        """One call's figures at the current spec and every candidate, added to the step."""
+        acc = self._acc.setdefault(name, _Acc())
+        v = acc.v
+        v.calls += 1
+        g = layer_grads(layer, x, gy, x_grad)  # type: ignore[arg-type]
+        v.samples, v.grad_rows = g.samples, gy.numel()
+        for path in PATHS:
+            op = getattr(g, path)
+            if op is None:
+                continue
+            spec: GradSpec = getattr(layer.config, path)
+            cands = [(spec.quantizer, spec.bits)]
+            if self.policy is not None:
+                cands = list(dict.fromkeys([*cands, *self.policy.candidates(path)]))
+            for q, b in cands:
+                gen = path_generator(layer, path, op.a.device)  # type: ignore[arg-type]
+                t, var = get_quantizer(q).rounding_variance(op.a, IntFormat(b), gen)
+                d = acc.quant[path]
+                d[(q, b)] = d.get((q, b), 0.0) + product_noise(t, var, op.col_weight, op.row_groups)
+                if op.shift_weight is not None:
+                    acc.shift[(q, b)] = acc.shift.get((q, b), 0.0) + column_sum_noise(t, var, op.shift_weight)
+        one = v.calls == 1  # per-sample gradients of several calls would span calls
+        if g.grad_weight is not None:
+            v.sgd_w = sgd_variance(g.w_sq, g.w_total) if one else math.nan
+        if g.grad_input is not None:
+            v.sgd_x = sgd_variance(g.x_sq, g.x_total) if one else math.nan
+
+    # -- end of a monitored step ----------------------------------------------------------
+    def _finish(self) -> None:
+        rec = StepRecord(self.steps, {})
+        ratios: dict[str, dict[str, dict[tuple[str, int], float]]] = {}
+        for name, acc in self._acc.items():
+            layer, v = self.layers[name], acc.v
+            for path, tag in (("grad_weight", "w"), ("grad_input", "x")):
+                spec = getattr(layer.config, path)
+                if spec is None or not acc.quant[path]:
+                    continue
+                cur = (spec.quantizer, spec.bits)
+                setattr(v, f"bits_{tag}", spec.bits)
+                setattr(v, f"quantizer_{tag}", spec.quantizer)
+                if tag == "w":
+                    v.quant_w = acc.quant[path][cur]
+                    r = {k: _ratio(q, v.sgd_w) for k, q in acc.quant[path].items()}
+                else:
+                    v.quant_x, v.quant_x_shift = acc.quant[path][cur], acc.shift[cur]
+                    r = {k: _ratio(q, v.sgd_x) for k, q in acc.shift.items()}
+                setattr(v, f"ratio_{tag}", r[cur])
+                if self.policy is not None:
+                    setattr(v, f"candidates_{tag}", {f"{q}{b}": x for (q, b), x in r.items()})
+                ratios.setdefault(name, {})[path] = r
+                self._grad_numel[name][path] = v.grad_rows
+            rec.layers[name] = v
+        self.history.append(rec)
+        if self.policy is not None:
+            self._decide(rec.step, ratios)
+
+    def _decide(self, step: int, ratios: dict[str, dict[str, dict[tuple[str, int], float]]]) -> None:
+        """Apply the policy to every measured path; log and record each change."""
+        assert self.policy is not None
+        for name, paths in ratios.items():
+            layer = self.layers[name]
+            cfg = layer.config
+            for path, r in paths.items():
+                spec = getattr(cfg, path)
+                cur = (spec.quantizer, spec.bits)
+                new = self.policy.choose(path, cur, r)
+                if new == cur:
+                    continue
+                cfg = dataclasses.replace(cfg, **{path: dataclasses.replace(spec, quantizer=new[0], bits=new[1])})
+                d = Decision(step, name, path, cur[0], cur[1], new[0], new[1], r[cur], r[new])
+                self.decisions.append(d)
+                log.info("step %d %s %s: %s%d -> %s%d (ratio %.3g -> %.3g)", step, name, path,
+                         cur[0], cur[1], new[0], new[1], r[cur], r[new])
+            layer.config = cfg
+
+    # -- summaries and checkpoints --------------------------------------------------------
+    def mean_bits(self) -> dict[str, dict[str, float]]:
+        """Mean bit width of each layer's paths over the steps so far (0 for a path in
+        float), plus ``"all"``: per path and ``"both"``, the mean over the layers' paths
+        that ran at a monitored step, weighted by their ``∇Y`` size (each path quantizes
+        ∇Y once; a first layer's ∇X path never runs)."""
+        n = max(self.steps, 1)
+        out = {name: {p: s / n for p, s in paths.items()} for name, paths in self._bit_sums.items()}
+        pairs = [(k, p, w) for k, d in self._grad_numel.items() for p, w in d.items() if w]
+        if pairs:
+            def mean(sel: list[tuple[str, str, int]]) -> float:
+                tot = sum(w for _, _, w in sel)
+                return sum(out[k][p] * w for k, p, w in sel) / tot if tot else math.nan
+            out["all"] = {p: mean([x for x in pairs if x[1] == p]) for p in PATHS}
+            out["all"]["both"] = mean(pairs)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bitwise (plain Python values): the
+        step count, each layer's current gradient specs (the policy changes them), the
+        decision log, the history and the bit sums."""
+        specs = {n: {p: None if getattr(lay.config, p) is None else
+                     [getattr(lay.config, p).quantizer, getattr(lay.config, p).bits] for p in PATHS}
+                 for n, lay in self.layers.items()}
+        return {"every": self.every, "steps": self.steps, "specs": specs,
+                "policy": _policy_state(self.policy),
+                "decisions": [asdict(d) for d in self.decisions],
+                "history": [r.to_dict() for r in self.history],
+                "bit_sums": {n: dict(p) for n, p in self._bit_sums.items()},
+                "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the layers take the saved gradient specs.
+        Raises ``ValueError`` if the layers or the policy differ from this monitor's."""
+        if sorted(state["specs"]) != sorted(self.layers):
+            raise ValueError(f"monitor state is for layers {sorted(state['specs'])[:5]}..., "
+                             f"this monitor has {sorted(self.layers)[:5]}...")
+        mine = _policy_state(self.policy)
+        if state["policy"] != mine:
+            raise ValueError(f"monitor state has policy {state['policy']}, this monitor {mine}")
+        for n, paths in state["specs"].items():
+            layer, cfg = self.layers[n], self.layers[n].config
+            for p, qb in paths.items():
+                spec = getattr(cfg, p)
+                if (qb is None) != (spec is None):
+                    raise ValueError(f"monitor state: layer {n!r} path {p} is "
+                                     f"{'float' if qb is None else 'quantized'} in the state")
+                if qb is not None:
+                    cfg = dataclasses.replace(cfg, **{p: dataclasses.replace(spec, quantizer=qb[0], bits=int(qb[1]))})
+            layer.config = cfg
+        self.every, self.steps = int(state["every"]), int(state["steps"])
+        self.decisions = [Decision(**d) for d in state["decisions"]]
+        self.history = [StepRecord.from_dict(r) for r in state["history"]]
+        self._bit_sums = {n: {p: int(s) for p, s in d.items()} for n, d in state["bit_sums"].items()}
+        self._grad_numel = {n: {p: int(w) for p, w in d.items()} for n, d in state["grad_numel"].items()}
+
+
+def _policy_state(policy: AdaptivePolicy | None) -> dict[str, Any] | None:
+    """The policy's fields as JSON values (tuples as lists), or None."""
+    if policy is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(policy).items()}
+
+
+def _ratio(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if b > 0:
+        return a / b
+    return 0.0 if a == 0 else math.inf
+
+
+__all__ = ["LayerVariance", "StepRecord", "VarianceMonitor", "path_generator", "skip_reason"]

@@ -1,0 +1,392 @@
+"""Variance monitor and adaptive precision (lowbit.monitor, lowbit.varstats, lowbit.adaptive).
+
+* the per-sample-norm SGD estimator equals brute-force per-sample gradients (Linear rows,
+  sequences by ghost norm and by per-sample products, Conv2d with padding/stride/groups);
+* the monitor's quantization variance equals the quantizer's exact expectation, and a
+  Monte-Carlo z-test over repeated backward passes (both paths, the input-shift probe);
+* Hadamard figures use the very signs the layer drew;
+* the monitor does not change training; adaptive decisions are deterministic under a seed
+  and survive kill-and-resume bitwise; state round-trips.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit import FQTConfig, GradSpec
+from lowbit.adaptive import AdaptivePolicy
+from lowbit.analysis.variance import qat_of, with_config
+from lowbit.formats import IntFormat
+from lowbit.functional import quantize_forward
+from lowbit.monitor import VarianceMonitor, path_generator
+from lowbit.quantizers import get_quantizer
+from lowbit.varstats import per_sample_sq_norms, sgd_variance
+
+QUANT = ["ptq", "psq", "bhq", "hadamard"]
+# float32 products summed in float64 against a float64 brute force: a few ulps of float32
+# per product, relative to the largest term
+REL = 1e-5
+
+
+def _cfg(q: str, bits: int, paths: str = "both", seed: int = 0) -> FQTConfig:
+    gi = GradSpec(bits, q) if paths in ("both", "x") else None
+    gw = GradSpec(bits, q) if paths in ("both", "w") else None
+    return FQTConfig(grad_input=gi, grad_weight=gw, backend="reference", seed=seed)
+
+
+# -- the estimator --------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(7, 1, 5, 9), (6, 3, 16, 16), (5, 20, 8, 8)],
+                         ids=["one-row", "ghost", "per-sample-product"])
+def test_per_sample_sq_norms_equal_brute_force(shape: tuple[int, int, int, int]) -> None:
+    b, t, o, k = shape
+    g = torch.Generator().manual_seed(0)
+    a, u = torch.randn(b, t, o, generator=g), torch.randn(b, t, k, generator=g)
+    brute = torch.stack([(a[n].double().t() @ u[n].double()).square().sum() for n in range(b)])
+    torch.testing.assert_close(per_sample_sq_norms(a, u), brute, rtol=REL, atol=0)
+
+
+def test_sgd_variance_is_the_sample_variance_over_b() -> None:
+    g = torch.Generator().manual_seed(1)
+    per = torch.randn(9, 4, 3, generator=g, dtype=torch.float64)  # per-sample gradients G_n
+    b = per.shape[0]
+    s2 = (b * per).var(0, unbiased=True).sum()  # sample variance of the B·G_n
+    got = sgd_variance(per.square().sum((1, 2)), float(per.sum(0).square().sum()))
+    assert got == pytest.approx(float(s2 / b), rel=1e-12)
+    assert math.isnan(sgd_variance(per[:1].square().sum((1, 2)), 1.0))
+
+
+def _layer_model(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(12, 7)), torch.randn(9, 12)
+    if kind == "sequence":
+        return nn.Sequential(nn.Linear(12, 7)), torch.randn(5, 6, 12)
+    if kind == "conv":
+        return nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1)), torch.randn(5, 4, 7, 7)
+    if kind == "conv-groups-same":
+        return nn.Sequential(nn.Conv2d(4, 6, 3, padding="same", groups=2, bias=False)), torch.randn(5, 4, 6, 6)
+    raise ValueError(kind)
+
+
+def _per_sample_grads(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor,
+                      wrt: str) -> torch.Tensor:
+    """Brute force: each sample's gradient of ``⟨layer_QAT(x_n), ∇Y_n⟩`` with respect to
+    the layer's parameters (``wrt="w"``) or to a shift of its input (``wrt="x"``: per
+    feature / per channel), through the layer's quantized forward operands."""
+    cfg = layer.config
+    conv = isinstance(layer, lowbit.FQTConv2d)
+    wq = quantize_forward(layer.weight.detach().reshape(layer.weight.shape[0], -1),
+                          cfg.weight).dequantize().reshape(layer.weight.shape).double()
+    out = []
+    for n in range(x.shape[0]):
+        if conv:
+            xp, pad = layer._explicit_padding(x)
+            xq = quantize_forward(xp.reshape(xp.shape[0], -1), cfg.activation).dequantize().reshape(xp.shape)
+        else:
+            xq = quantize_forward(x.reshape(-1, x.shape[-1]), cfg.activation).dequantize().reshape(x.shape)
+        xn = xq[n:n + 1].double()
+        w = wq.clone().requires_grad_()
+        bias = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
+        if wrt == "w":
+            if conv:
+                y = F.conv2d(xn, w, bias, layer.stride, pad, layer.dilation, layer.groups)
+            else:
+                y = F.linear(xn, w, bias)
+            gs = torch.autograd.grad((y * gy[n:n + 1].double()).sum(), [w] + ([bias] if bias is not None else []))
+        else:
+            if conv:
+                beta = torch.zeros(1, x.shape[1], 1, 1, dtype=torch.float64, requires_grad=True)
+                xs, pad = layer._explicit_padding(x[n:n + 1].double() * 0 + beta)  # ∇β does not depend on x
+                y = F.conv2d(xs, w.detach(), None, layer.stride, pad, layer.dilation, layer.groups)
+            else:
+                beta = torch.zeros(x.shape[-1], dtype=torch.float64, requires_grad=True)
+                y = F.linear(xn * 0 + beta, w.detach())
+            gs = torch.autograd.grad((y * gy[n:n + 1].double()).sum(), [beta])
+        out.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(out)  # (B, params)
+
+
+@pytest.mark.parametrize("kind", ["linear", "sequence", "conv", "conv-groups-same"])
+def test_monitor_sgd_equals_brute_force_per_sample_gradients(kind: str) -> None:
+    model, x = _layer_model(kind)
+    lowbit.convert(model, _cfg("psq", 8))
+    layer = model[0]
+    mon = VarianceMonitor(model, every=1)
+    x = x.requires_grad_()
+    with mon.step():
+        y = model(x)
+        r = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        (y * r).sum().backward()  # ∇Y = r: the only layer, so ∇Y is exact under FQT too
+    v = mon.history[-1].layers["0"]
+    b = x.shape[0]
+    for wrt, got in (("w", v.sgd_w), ("x", v.sgd_x)):
+        per = _per_sample_grads(layer, x.detach(), r, wrt)
+        brute = (b * per.square().sum() - per.sum(0).square().sum()) / (b - 1)
+        assert got == pytest.approx(float(brute), rel=REL), wrt
+    # the per-sample gradients add up to the layer's own QAT gradient: same operands
+    with with_config(model, qat_of):
+        model.zero_grad()
+        (model(x.detach()) * r).sum().backward()
+    qat = torch.cat([p.grad.reshape(-1) for p in layer.parameters()]).double()
+    torch.testing.assert_close(_per_sample_grads(layer, x.detach(), r, "w").sum(0), qat,
+                               rtol=1e-5, atol=1e-5 * float(qat.abs().max()))
+
+
+# -- quantization variance ------------------------------------------------------------------
+@pytest.mark.parametrize("quantizer", QUANT)
+def test_quant_variance_is_the_quantizers_expected_variance(quantizer: str) -> None:
+    """With ``Q_f(X) = I`` the ∇W-path variance is ``expected_variance(∇Yᵀ)`` itself, and
+    with ``Q_f(W) = I`` the ∇X-path one is ``expected_variance(∇Y)`` (formula (2) with
+    unit row norms)."""
+    d = 16
+    lin = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(d))  # 8-bit per-tensor: exactly I after Q_f
+    model = lowbit.convert(nn.Sequential(lin), _cfg(quantizer, 4))
+    mon = VarianceMonitor(model, every=1)
+    x = torch.eye(d).requires_grad_()  # Q_f(X) = I exactly
+    gy = torch.randn(d, d, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 0, d)[:, None]
+    seen = {}
+
+    def grab(g: torch.Tensor) -> None:  # the generators the layer is about to use
+        seen["w"] = path_generator(model[0], "grad_weight", g.device)
+        seen["x"] = path_generator(model[0], "grad_input", g.device)
+
+    with mon.step():
+        y = model(x)
+        y.register_hook(grab)
+        y.backward(gy)
+    v = mon.history[-1].layers["0"]
+    q, fmt = get_quantizer(quantizer), IntFormat(4)
+    assert v.quant_w == pytest.approx(float(q.expected_variance(gy.t(), fmt, seen["w"])), rel=1e-12)
+    assert v.quant_x == pytest.approx(float(q.expected_variance(gy, fmt, seen["x"])), rel=1e-12)
+
+
+def _mc_model(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    if kind == "sequence":
+        m, x = nn.Sequential(nn.Linear(10, 12)), torch.randn(4, 5, 10)
+    else:
+        m, x = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)), torch.randn(3, 4, 6, 6)
+    y = m(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    gy = gy * torch.logspace(-2, 0, gy.shape[0]).reshape(-1, *[1] * (gy.dim() - 1))  # unequal samples
+    return m, x, gy
+
+
+@pytest.mark.parametrize("kind", ["sequence", "conv"])
+@pytest.mark.parametrize("quantizer", QUANT)
+def test_quant_variance_monte_carlo(kind: str, quantizer: str) -> None:
+    """``‖g_FQT − g_QAT‖²`` over R independent backward passes of one batch, against the
+    monitor's figure on each pass: the mean of the differences is 0 (z-test at 5σ, CLT
+    over R = 300 draws; for Hadamard the figure is given each draw's own signs, so the
+    differences are paired per draw). Checked on ∇W, ∇X and the input-shift probe ∇β."""
+    model, x, gy = _mc_model(kind)
+    lowbit.convert(model, _cfg(quantizer, 3))
+    layer = model[0]
+    mon = VarianceMonitor(model, every=1)
+    feat = (0, 2, 3) if kind == "conv" else tuple(range(x.dim() - 1))
+
+    def grads() -> tuple[torch.Tensor, torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        layer.weight.grad = None
+        model(xi).backward(gy)
+        return layer.weight.grad.double(), xi.grad.double()
+
+    with with_config(model, qat_of):
+        w0, x0 = grads()
+    diffs = []
+    for _ in range(300):
+        with mon.step():
+            w, gx = grads()
+        v = mon.history[-1].layers["0"]
+        diffs.append([float((w - w0).square().sum()) - v.quant_w,
+                      float((gx - x0).square().sum()) - v.quant_x,
+                      float((gx - x0).sum(feat).square().sum()) - v.quant_x_shift])
+    d = torch.tensor(diffs, dtype=torch.float64)
+    z = d.mean(0) / (d.std(0) / math.sqrt(d.shape[0]))
+    assert z.abs().max() < 5, f"monitor variance differs from Monte-Carlo: z = {z.tolist()}"
+
+
+def test_hadamard_uses_the_layers_own_signs() -> None:
+    """With ``Q_f(X) = I`` the layer's ∇W is ``Q(∇Yᵀ) = T⁻¹·step·codes`` exactly, so the
+    transform the monitor rebuilds must map it onto the grid; another draw does not."""
+    d = 16
+    model = lowbit.convert(nn.Sequential(nn.Linear(d, d, bias=False)), _cfg("hadamard", 4, "w"))
+    layer = model[0]
+    gy = torch.randn(d, d, generator=torch.Generator().manual_seed(7))
+    q = get_quantizer("hadamard")
+    got = {}
+
+    def grab(g: torch.Tensor) -> None:
+        a = g.t().float()
+        got["t"] = q.transform(a, path_generator(layer, "grad_weight", g.device))
+        wrong = torch.Generator().manual_seed(12345)
+        got["other"] = q.transform(a, wrong)
+        got["a"] = a
+
+    y = model(torch.eye(d))
+    y.register_hook(grab)
+    y.backward(gy)
+    for key, on_grid in (("t", True), ("other", False)):
+        t = got[key]
+        step = t.forward(got["a"]).abs().amax(1, keepdim=True) / IntFormat(4).qmax
+        z = t.forward(layer.weight.grad.float()) / step
+        off = float((z - z.round()).abs().max())
+        assert (off < 1e-3) is on_grid, (key, off)
+
+
+# -- the monitor in training ----------------------------------------------------------------
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _train(steps: int, recipe: str, monitor: str | None, seed: int = 0,
+           resume_at: int | None = None) -> tuple[list[torch.Tensor], list, dict]:
+    """SGD on fixed random data; ``monitor``: None, "observe" or "adapt"; with
+    ``resume_at`` the run is checkpointed there and continued in fresh objects."""
+    g = torch.Generator().manual_seed(99)
+    data = [(torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(steps)]
+
+    def build() -> tuple:
+        model = lowbit.convert(_net(), FQTConfig.from_recipe(recipe, seed=seed, backend="reference"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        mon = None
+        if monitor == "observe":
+            mon = VarianceMonitor(model, every=2)
+        elif monitor == "adapt":
+            mon = VarianceMonitor(model, every=2, policy=AdaptivePolicy.from_recipe(recipe, target=0.02))
+        return model, opt, mon
+
+    model, opt, mon = build()
+    for i, (xb, yb) in enumerate(data):
+        if i == resume_at:
+            ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                                  "rng": lowbit.rng_state(model), "mon": mon.state_dict()})
+            model, opt, mon = build()  # "killed": fresh objects, state from the checkpoint
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            lowbit.load_rng_state(model, ckpt["rng"])
+            mon.load_state_dict(json.loads(json.dumps(ckpt["mon"])))  # survives JSON too
+        opt.zero_grad()
+        if mon is None:
+            F.cross_entropy(model(xb), yb).backward()
+        else:
+            with mon.step():
+                F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    return params, [] if mon is None else mon.decisions, {} if mon is None else mon.state_dict()
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal to the last bit (floats by repr, NaN equal to NaN)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_monitor_leaves_training_bitwise_unchanged() -> None:
+    rng = torch.get_rng_state()
+    with_mon, _, state = _train(4, "fqt-hadamard-4", "observe")
+    without, _, _ = _train(4, "fqt-hadamard-4", None)
+    assert all(torch.equal(a, b) for a, b in zip(with_mon, without))
+    assert len(state["history"]) == 2  # steps 0 and 2
+    torch.set_rng_state(rng)
+
+
+def test_adaptive_decisions_deterministic_and_resume_bitwise() -> None:
+    p1, d1, s1 = _train(6, "fqt-auto", "adapt", seed=3)
+    p2, d2, s2 = _train(6, "fqt-auto", "adapt", seed=3)
+    assert d1 and d1 == d2, "the policy must decide, and the same way under a seed"
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    p3, d3, s3 = _train(6, "fqt-auto", "adapt", seed=3, resume_at=3)
+    assert d3 == d1 and _same(s3, s1)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p3))
+    for dec in d1:  # every move lands on a candidate of the recipe
+        assert dec.new_quantizer in ({"psq", "bhq"} if dec.path == "grad_input" else {"psq"})
+        assert 4 <= dec.new_bits <= 8
+    # the bit sums replay the decisions: a decision at step k applies from step k + 1
+    for layer, paths in s1["bit_sums"].items():
+        for path, total in paths.items():
+            bits, expect = 8, 0
+            for step in range(6):
+                expect += bits
+                for dec in d1:
+                    if (dec.step, dec.layer, dec.path) == (step, layer, path):
+                        bits = dec.new_bits
+            assert total == expect, (layer, path)
+
+
+def test_state_round_trip() -> None:
+    _, _, state = _train(3, "fqt-auto-bhq", "adapt")
+    model = lowbit.convert(_net(), FQTConfig.from_recipe("fqt-auto-bhq", seed=0))
+    mon = VarianceMonitor(model, every=2, policy=AdaptivePolicy.from_recipe("fqt-auto-bhq", target=0.02))
+    mon.load_state_dict(json.loads(json.dumps(state)))
+    assert _same(mon.state_dict(), state)
+    bits = {n: (lay.config.grad_input.bits, lay.config.grad_weight.bits) for n, lay in mon.layers.items()}
+    assert bits == {n: (s["grad_input"][1], s["grad_weight"][1]) for n, s in state["specs"].items()}
+    other = VarianceMonitor(lowbit.convert(_net(), FQTConfig.from_recipe("fqt-auto-bhq")), every=2)
+    with pytest.raises(ValueError, match="monitor state has policy"):
+        other.load_state_dict(state)
+
+
+# -- the policy and the edges ---------------------------------------------------------------
+def test_policy_fewest_bits_with_hysteresis() -> None:
+    pol = AdaptivePolicy(target=0.1, down=0.5, min_bits=4, max_bits=8, grad_input=("psq", "bhq"))
+    r = {("psq", b): 0.2 * 4.0 ** (6 - b) for b in range(4, 9)} | \
+        {("bhq", b): 0.1 * 4.0 ** (6 - b) for b in range(4, 9)}
+    assert pol.choose("grad_input", ("psq", 6), r) == ("bhq", 6)  # 0.2 > 0.1: fewest bits meeting it
+    assert pol.choose("grad_input", ("psq", 7), r) == ("psq", 7)  # 0.05 ≤ 0.1, nothing ≤ 0.05 below
+    r2 = {k: v / 8 for k, v in r.items()}
+    assert pol.choose("grad_input", ("psq", 8), r2) == ("bhq", 5)  # bhq5: 0.05 ≤ 0.5·0.1, bhq4: 0.2
+    assert pol.choose("grad_weight", ("psq", 8), {("psq", b): 1.0 for b in range(4, 9)}) == ("psq", 8)
+    nan = {k: math.nan for k in r}
+    assert pol.choose("grad_input", ("psq", 6), nan) == ("psq", 6)
+    assert pol.candidates("grad_input")[:3] == [("psq", 4), ("bhq", 4), ("psq", 5)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target": 0}, "target must be a positive finite number"),
+    ({"down": 2}, "down must be at most 1"),
+    ({"min_bits": 6, "max_bits": 5}, r"min_bits \(6\) exceeds max_bits \(5\)"),
+    ({"grad_input": ("psq", "nope")}, "grad_input must be a non-empty tuple of quantizers"),
+    ({"grad_weight": "psq"}, "grad_weight must be a non-empty tuple"),
+])
+def test_policy_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaptivePolicy(**kwargs)
+
+
+def test_adaptive_recipes() -> None:
+    for name, gi in (("fqt-auto", ("psq", "bhq")), ("fqt-auto-psq", ("psq",)), ("fqt-auto-bhq", ("bhq",))):
+        assert name in lowbit.RECIPES
+        cfg = FQTConfig.from_recipe(name, seed=1)
+        assert (cfg.grad_input.bits, cfg.grad_input.quantizer) == (8, gi[0])
+        assert (cfg.grad_weight.bits, cfg.grad_weight.quantizer) == (8, "psq")
+        assert AdaptivePolicy.from_recipe(name).grad_input == gi
+    with pytest.raises(ValueError, match="'fqt-psq-8' is not an adaptive recipe"):
+        AdaptivePolicy.from_recipe("fqt-psq-8")
+
+
+def test_monitor_errors_and_skips() -> None:
+    with pytest.raises(ValueError, match="every must be a positive int, got 0"):
+        VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=0)
+    with pytest.raises(ValueError, match="no monitorable converted layer: convert the model"):
+        VarianceMonitor(_net(), every=1)
+    with pytest.raises(ValueError, match="gradients not quantized"):
+        VarianceMonitor(lowbit.convert(_net(), FQTConfig.from_recipe("qat-8")), every=1)
+    model = lowbit.convert(_net(), FQTConfig.from_recipe("fqt-psq-8"))
+    model[5].config = FQTConfig.from_recipe("fqt-psq-8-predicted")
+    mon = VarianceMonitor(model, every=1)
+    assert set(mon.skipped) == {"5"} and "predicted" in mon.skipped["5"]
+    assert set(mon.layers) == {"0", "3"}
