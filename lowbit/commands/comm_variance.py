@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                            world)
     if batch_size % world:
         raise ValueError(f"--batch-size ({batch_size}) must be a multiple of --world-size ({world})")
-    subset = parse_int("--subset", args.subset)
+    subset = None if args.subset is None else _at_least("--subset", args.subset, 1)
     out = Path(check_out_dir("--out", args.out))
     set_threads(args.threads)
     cfg = FQTConfig.from_recipe(args.recipe, seed=seed)

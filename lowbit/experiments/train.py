@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_int("--seed", args.seed))  # fmt: skip
     nproc = parse_int("--nproc", args.nproc)
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer, got {nproc}")
     launch = nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ
     if nproc is not None:
         fields["world_size"] = nproc

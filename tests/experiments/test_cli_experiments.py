@@ -225,6 +225,10 @@ def test_argparse_and_path_errors_are_one_line(tmp_path, capsys):
          f"lowbit report: error: --out: {a_file} is a file, cannot create {a_file / 'x'}"),
         (["train", "--subset", "100000", "--out", str(tmp_path / "t")],
          "lowbit train: error: --subset must be at most 1438, got 100000"),
+        (["train", "--nproc", "0", "--out", str(tmp_path / "t")],
+         "lowbit train: error: --nproc must be a positive integer, got 0"),
+        (["comm-variance", "--task", "digits", "--out", str(tmp_path / "c"), "--subset", "0"],
+         "lowbit comm-variance: error: --subset must be an integer ≥ 1, got '0'"),
     ]
     for args, line in cases:
         assert _main(args, capsys) == (2, line + "\n"), args
