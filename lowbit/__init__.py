@@ -9,6 +9,7 @@ and the gradients are unbiased estimates of the quantization-aware (QAT) gradien
 
 from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode
 from .conversion import ConversionReport, ConversionWarning
+from .coverage import CoverageReport, coverage
 from .formats import IntFormat, Rounding
 from .functional import fqt_conv2d, fqt_linear
 from .nn import (
@@ -56,6 +57,9 @@ __all__ = [  # grouped by role, not sorted
     "reset_ran",
     "fqt_linear",
     "fqt_conv2d",
+    # what ran low-bit
+    "coverage",
+    "CoverageReport",
     # predicted gradient ranges
     "range_stats",
     "frozen_ranges",

@@ -1,4 +1,5 @@
-"""Command line: ``lowbit demo | train | sweep | report | variance | comm-variance``.
+"""Command line: ``lowbit demo | train | sweep | report | variance | coverage |
+comm-variance``.
 
 Each subcommand lives in the module that owns its concept and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("lowbit.experiments.sweep", "run a grid of tasks × recipes × seeds, skipping finished runs"),
     "report": ("lowbit.experiments.report", "turn run folders into docs/results.md tables and plots"),
     "variance": ("lowbit.analysis.cli", "variance decomposition, bounds and bin utilization"),
+    "coverage": ("lowbit.commands.coverage", "which GEMMs of one training step run low-bit"),
     "comm-variance": ("lowbit.commands.comm_variance", "variance added by quantized gradient communication (data parallel)"),
 }
 

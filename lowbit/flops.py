@@ -1,0 +1,159 @@
+"""FLOPs of the aten ops that multiply matrices: GEMMs, convolutions, attention.
+
+One formula per op (as ``torch.utils.flop_counter`` has), plus the ops it lacks or
+miscounts: ``_int_mm``, the CPU flash attention, grouped-query attention, and the
+weight gradient of grouped (depthwise) convolutions. A GEMM of an ``(m, k)`` by a
+``(k, n)`` matrix counts ``2·m·k·n`` FLOPs (one multiply and one add per term); bias
+adds, softmax and other elementwise work are not counted.
+
+Each formula returns the op's *parts*: one per GEMM the op computes that coverage
+reports apart. ``convolution_backward`` gives its ``grad_input`` and ``grad_weight``
+parts; attention gives one part holding its internal GEMMs, counted as
+``QKᵀ`` and ``P·V`` forward (2 GEMMs) and ``∇P = ∇O·Vᵀ``, ``∇V = Pᵀ·∇O``,
+``∇Q = ∇S·K``, ``∇K = ∇Sᵀ·Q`` backward (4 GEMMs; the flash kernels' recomputation of
+``QKᵀ`` is not counted), over the full ``s_q × s_k`` score matrix even when causal,
+as ``FlopCounterMode`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+aten = torch.ops.aten
+
+
+class Part(NamedTuple):
+    """One GEMM (or group of GEMMs) of an op.
+
+    ``role``: the pass when the op itself says it — ``"grad_input"`` / ``"grad_weight"``
+    for ``convolution_backward``, ``"backward"`` for attention backward ops — else ``None``. ``operands``: the
+    tensors multiplied (their dtypes are the GEMM's operand formats)."""
+
+    role: str | None
+    flops: int
+    operands: tuple[torch.Tensor, ...]
+
+
+Formula = Callable[[Sequence[Any], Any], list[Part]]
+
+
+def _inner(t: torch.Tensor) -> int:
+    """Length of the summed dimension of ``t`` as the left operand (packed FP4 holds two
+    values per byte)."""
+    packed = getattr(torch, "float4_e2m1fn_x2", None)
+    return t.shape[-1] * (2 if packed is not None and t.dtype == packed else 1)
+
+
+def _mm(i: int, j: int) -> Formula:
+    """``args[i] @ args[j]``, both 2-D: ``2·m·k·n``."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        a, b = args[i], args[j]
+        return [Part(None, 2 * a.shape[0] * _inner(a) * out.shape[-1], (a, b))]
+    return f
+
+
+def _bmm(i: int, j: int) -> Formula:
+    """``args[i] @ args[j]``, both 3-D (b, m, k) × (b, k, n): ``2·b·m·k·n``."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        a, b = args[i], args[j]
+        return [Part(None, 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], (a, b))]
+    return f
+
+
+def _mv(i: int, j: int) -> Formula:
+    """``args[i] @ args[j]``, (m, k) × (k,): ``2·m·k``."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        a, v = args[i], args[j]
+        return [Part(None, 2 * a.shape[0] * a.shape[1], (a, v))]
+    return f
+
+
+def conv_flops(x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence[int],
+               transposed: bool) -> int:
+    """Multiply-adds of a convolution, ×2: ``2·N·prod(w.shape)·prod(spatial)``, where
+    ``spatial`` is the output's (the input's for a transposed convolution). ``w``'s
+    second dimension is already ``C_in/groups``, so groups (depthwise) are counted
+    right. The two backward GEMMs of a convolution multiply the same pairs, so each
+    costs the same."""
+    spatial = (x_shape if transposed else y_shape)[2:]
+    return 2 * x_shape[0] * math.prod(w_shape) * math.prod(spatial)
+
+
+def _conv(args: Sequence[Any], out: Any) -> list[Part]:
+    x, w, transposed = args[0], args[1], bool(args[6])
+    return [Part(None, conv_flops(x.shape, w.shape, out.shape, transposed), (x, w))]
+
+
+def _conv_backward(args: Sequence[Any], out: Any) -> list[Part]:
+    grad_out, x, w, transposed, mask = args[0], args[1], args[2], bool(args[7]), args[10]
+    n = conv_flops(x.shape, w.shape, grad_out.shape, transposed)
+    parts = []
+    if mask[0]:
+        parts.append(Part("grad_input", n, (grad_out, w)))
+    if mask[1]:
+        parts.append(Part("grad_weight", n, (grad_out, x)))
+    return parts
+
+
+def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                    gemms: int) -> int:
+    """``gemms`` GEMMs of attention over (b, h, s, d) tensors, half of them with the
+    head size of ``q``/``k`` and half with ``v``'s: ``gemms·b·h·s_q·s_k·(d + d_v)``.
+    ``h`` is the query's head count (grouped-query attention repeats key/value heads)."""
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[2], v_shape[3]
+    return gemms * b * h * s_q * s_k * (d + d_v)
+
+
+def _sdpa(args: Sequence[Any], out: Any) -> list[Part]:
+    q, k, v = args[0], args[1], args[2]
+    return [Part(None, attention_flops(q.shape, k.shape, v.shape, 2), (q, k, v))]
+
+
+def _sdpa_backward(args: Sequence[Any], out: Any) -> list[Part]:
+    grad_out, q, k, v = args[0], args[1], args[2], args[3]
+    return [Part("backward", attention_flops(q.shape, k.shape, v.shape, 4), (grad_out, q, k, v))]
+
+
+_BY_NAME: dict[str, Formula] = {
+    "mm": _mm(0, 1), "addmm": _mm(1, 2), "_addmm_activation": _mm(1, 2), "_int_mm": _mm(0, 1),
+    "_scaled_mm": _mm(0, 1), "bmm": _bmm(0, 1), "baddbmm": _bmm(1, 2), "addbmm": _bmm(1, 2),
+    "mv": _mv(0, 1), "addmv": _mv(1, 2),
+    "convolution": _conv, "_convolution": _conv, "convolution_backward": _conv_backward,
+}
+for _kind in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention",
+              "fused_attention_overrideable"):
+    _BY_NAME[f"_scaled_dot_product_{_kind}"] = _sdpa
+    _BY_NAME[f"_scaled_dot_product_{_kind}_backward"] = _sdpa_backward
+# ops this torch has (older versions lack some attention variants)
+FORMULAS: dict[Any, Formula] = {getattr(aten, n): f for n, f in _BY_NAME.items() if hasattr(aten, n)}
+
+ATTENTION_OPS = frozenset(p for p, f in FORMULAS.items() if f in (_sdpa, _sdpa_backward))
+
+# Names of aten ops that multiply matrices; one of these without a formula is reported
+# as seen but not counted, never silently dropped.
+_MATMUL_NAME = re.compile(r"(^|_)([a-z0-9]*mm|(add)?mv|matmul|einsum|[a-z]*linear|transformer)($|_)"
+                          r"|(^|_)conv(\dd|olution|_)|attention")
+
+
+def parts(func: torch._ops.OpOverload, args: Sequence[Any], out: Any) -> list[Part] | None:
+    """The GEMM parts of one executed aten op, or ``None`` when it multiplies no
+    matrices (or has no formula: see :func:`looks_like_gemm`)."""
+    f = FORMULAS.get(func.overloadpacket)
+    return None if f is None else f(args, out)
+
+
+def looks_like_gemm(func: torch._ops.OpOverload) -> bool:
+    """An aten op with no formula whose name says it multiplies matrices."""
+    name = func.overloadpacket.__name__
+    return (func.namespace == "aten" and func.overloadpacket not in FORMULAS
+            and not name.startswith(("upsample", "_upsample")) and bool(_MATMUL_NAME.search(name)))
+
+
+__all__ = ["ATTENTION_OPS", "FORMULAS", "Part", "attention_flops", "conv_flops",
+           "looks_like_gemm", "parts"]

@@ -1,0 +1,383 @@
+"""Trace the GEMMs that really execute: who issued them, in which pass, on what formats.
+
+:class:`GemmTracer` is a ``TorchDispatchMode``: it sees every aten op after autograd and
+after composite ops have decomposed (``F.linear`` arrives as ``addmm``, ``matmul`` as
+``mm``/``bmm``), so it counts what ran — a converted module that is never called adds
+nothing, and ``torch._int_mm``/``torch._scaled_mm`` are counted like any GEMM
+(FLOPs from :mod:`lowbit.flops`). For each GEMM it records:
+
+* **the module**: in the forward, the innermost module whose forward is running; in the
+  backward, the module whose forward *created the autograd node* being run. Each forward
+  call of a module spans an interval of autograd sequence numbers
+  (``torch._C._autograd._get_sequence_nr``); the node being run
+  (``torch._C._current_autograd_node``) falls in the innermost such interval.
+* **the pass**: ``forward`` (a forward recomputed in the backward by activation
+  checkpointing included); in the backward ``grad_input`` when an operand derives from
+  a parameter (``∇X = ∇Y·W``), ``grad_weight`` when no operand does and the output has
+  a parameter's shape (``∇W = ∇Yᵀ·X``), as the op says for ``convolution_backward``,
+  else ``backward`` (attention, activation × activation products).
+* **the operand formats**: the dtype (``int8``, ``fp8 e4m3``, ``bf16``, ``fp32``...), or
+  :data:`SIMULATED` for float operands that hold dequantized low-bit codes. Data flow
+  decides: a float tensor made from int8/fp8 codes is *dequantized*, and stays so
+  through scaling (``mul``/``div``), dtype casts, views and lowbit's row transforms;
+  a GEMM's output never is. A float GEMM whose operands are all dequantized is
+  lowbit's reference (simulated) path; one with a plain float operand is float.
+
+Where values come from is tracked per tensor: *param* (made from parameters only, named
+by the first), *data* (depends on the inputs) or *const*. GEMMs inside lowbit's
+``lowbit::transform``/``lowbit::quantize`` profiler scopes (e.g. the Hadamard transform)
+are quantizer work, not model GEMMs: they are summed apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from . import flops
+from .config import FQTConfig
+
+aten = torch.ops.aten
+SIMULATED = "float (simulated low-bit)"
+PHASES = ("forward", "grad_input", "grad_weight", "backward")
+REAL_KINDS = ("int8", "fp8", "fp4")  # low-bit GEMMs on real low-bit kernels
+KINDS = (*REAL_KINDS, "simulated", "float")
+OUTSIDE = "(outside model)"  # GEMMs of the loss function or other code around the model
+
+_FORMATS = {torch.int8: "int8", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.float32: "fp32", torch.float64: "fp64"}
+for _name, _label in (("float8_e4m3fn", "fp8 e4m3"), ("float8_e4m3fnuz", "fp8 e4m3"),
+                      ("float8_e5m2", "fp8 e5m2"), ("float8_e5m2fnuz", "fp8 e5m2"),
+                      ("float4_e2m1fn_x2", "fp4 e2m1")):
+    if hasattr(torch, _name):
+        _FORMATS[getattr(torch, _name)] = _label
+CODE_DTYPES = frozenset(d for d, f in _FORMATS.items() if f.startswith(("int8", "fp8", "fp4")))
+_QUANTIZER_SCOPES = ("lowbit::transform", "lowbit::quantize")
+_profiler = torch.ops.profiler
+_SCOPE_ENTER = {_profiler._record_function_enter_new.default, _profiler._record_function_enter.default}
+_SCOPE_EXIT = {_profiler._record_function_exit.default,
+               _profiler._record_function_exit._RecordFunction}
+_SCALING = {aten.mul, aten.div}
+_BUILTIN_NAMESPACES = frozenset({"aten", "prim", "prims", "profiler", "_c10d_functional",
+                                 "c10d", "c10d_functional", "quantized", "rngprims"})
+_BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}
+
+
+class Taint(NamedTuple):
+    """Where a tensor's values come from: ``kind`` is ``param``, ``data`` or ``const``;
+    ``param`` names the parameter (kind ``param``); ``deq``: dequantized low-bit codes."""
+
+    kind: str
+    param: str | None = None
+    deq: bool = False
+
+
+_CONST = Taint("const")
+
+
+@dataclass
+class GemmCall:
+    """One executed GEMM part (see :class:`lowbit.flops.Part`)."""
+
+    module: str  # fully qualified name; "" is the model itself; OUTSIDE
+    module_type: str
+    op: str  # e.g. "aten._int_mm"
+    phase: str  # one of PHASES
+    formats: tuple[str, ...]  # per operand
+    kind: str  # one of KINDS
+    flops: int
+    weight: str | None  # the parameter an operand derives from
+    reason: str | None  # float GEMMs: why not low-bit
+
+
+def operand_format(t: torch.Tensor, taint: Taint) -> str:
+    """``int8``, ``fp8 e4m3``, ``bf16``, ``fp32``, ... or :data:`SIMULATED`."""
+    if taint.deq and t.dtype not in CODE_DTYPES:
+        return SIMULATED
+    return _FORMATS.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def gemm_kind(formats: tuple[str, ...]) -> str:
+    """``int8``/``fp8``/``fp4`` when every operand is one of those formats (the
+    narrowest one named), ``simulated`` when every operand is low-bit and one is
+    simulated, else ``float``."""
+    families = {f.split(" ")[0] for f in formats if f != SIMULATED}
+    if not families <= set(REAL_KINDS):
+        return "float"
+    if SIMULATED in formats:
+        return "simulated"
+    return next(k for k in reversed(REAL_KINDS) if k in families)
+
+
+class _ModuleSpans:
+    """Which module is running (forward) or created the running autograd node (backward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(dict((id(m), m) for m in model.modules()).values())
+        self.stack: list[tuple[nn.Module, int]] = []
+        self.spans: list[tuple[int, int, nn.Module]] = []  # [start, end) sequence numbers
+        self.called: set[int] = set()
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        for m in self.modules:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post, always_call=True))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self.called.add(id(module))
+        self.stack.append((module, torch._C._autograd._get_sequence_nr()))
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        while self.stack:  # an exception may have skipped inner post-hooks
+            m, start = self.stack.pop()
+            self.spans.append((start, torch._C._autograd._get_sequence_nr(), m))
+            if m is module:
+                break
+
+    def current(self, backward: bool) -> nn.Module | None:
+        if not backward:
+            return self.stack[-1][0] if self.stack else None
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return None
+        seq, best, best_len = node._sequence_nr(), None, None
+        for start, end, m in self.spans:  # inner spans close first: strict < keeps them
+            if start <= seq < end and (best_len is None or end - start < best_len):
+                best, best_len = m, end - start
+        return best
+
+
+class GemmTracer(TorchDispatchMode):
+    """Record every GEMM run under it (``with GemmTracer(...).tracing(): ...``).
+
+    ``model``'s parameters are the *param* sources (named as in ``named_parameters``),
+    the tensors in ``inputs`` (any nesting) the *data* sources; ``lowbit_layers`` maps
+    converted modules (by ``id``) to their names, for the float reasons. After the block:
+    ``calls`` (one :class:`GemmCall` per GEMM part, in execution order),
+    ``quantizer_flops``/``quantizer_calls`` (GEMMs in lowbit's quantizer scopes),
+    ``unaccounted`` (op, module) pairs of matrix ops without a FLOP formula, and
+    ``called`` (ids of the modules whose forward ran)."""
+
+    def __init__(self, model: nn.Module, inputs: Any, lowbit_layers: dict[int, str]) -> None:
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.lowbit_layers = lowbit_layers
+        self.owner: dict[str, nn.Module] = {}  # parameter name -> module holding it
+        self.taints = WeakTensorKeyDictionary()
+        self._param_storage: dict[int, str] = {}
+        for mname, m in model.named_modules():
+            for pname, p in m.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if p not in self.taints:
+                    self.taints[p] = Taint("param", full)
+                    self.owner[full] = m
+                    if p.device.type != "meta" and p.numel():
+                        self._param_storage.setdefault(p.untyped_storage().data_ptr(), full)
+        for t in tree_leaves(inputs):
+            if isinstance(t, torch.Tensor):
+                self.taints[t] = Taint("data")
+        self.spans = _ModuleSpans(model)
+        self.scopes: list[str] = []
+        self.calls: list[GemmCall] = []
+        self.quantizer_flops = 0
+        self.quantizer_calls = 0
+        self.unaccounted: list[tuple[str, str]] = []
+
+    @property
+    def called(self) -> set[int]:
+        return self.spans.called
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[GemmTracer]:
+        """The block to trace: module hooks installed, this mode on."""
+        self.spans.install()
+        try:
+            with self:
+                yield self
+        finally:
+            self.spans.remove()
+
+    # -- dispatch ---------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _composite(func):  # what runs is its decomposition: trace that
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        key = _python_kernel_key(func, args)
+        if key is not None:  # a custom op: run its kernel with this mode on, to see inside
+            with self:
+                return func._op_dk(key, *args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _SCOPE_ENTER:
+            self.scopes.append(str(args[0]))
+        elif func in _SCOPE_EXIT:
+            if self.scopes:
+                self.scopes.pop()
+        else:
+            self._observe(func, args, kwargs, out)
+        return out
+
+    def taint(self, t: torch.Tensor) -> Taint:
+        got = self.taints.get(t)
+        if got is not None:
+            return got
+        if self._param_storage and t.layout == torch.strided and t.device.type != "meta":
+            # a view of a parameter made before tracing
+            name = self._param_storage.get(t.untyped_storage().data_ptr())
+            if name is not None:
+                return Taint("param", name)
+        return _CONST
+
+    def _observe(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        in_quantizer = any(s in _QUANTIZER_SCOPES for s in self.scopes)
+        parts = flops.parts(func, args, out)
+        if parts is not None:
+            for part in parts:
+                self._record(func, part, out, in_quantizer)
+        elif flops.looks_like_gemm(func):
+            module = self.spans.current(self._in_backward())
+            self.unaccounted.append((str(func.overloadpacket), self._name(module)))
+        if outs:
+            taint = self._propagate(func, ins, outs, parts is not None and not in_quantizer, in_quantizer)
+            for o in outs:
+                self.taints[o] = taint
+
+    def _propagate(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor],
+                   gemm: bool, in_quantizer: bool) -> Taint:
+        taints = [self.taint(t) for t in ins]
+        kinds = {t.kind for t in taints}
+        kind = "data" if "data" in kinds else "param" if "param" in kinds else "const"
+        param = next((t.param for t in taints if t.kind == "param"), None) if kind == "param" else None
+        return Taint(kind, param, not gemm and self._dequantized(func, ins, taints, outs, in_quantizer))
+
+    @staticmethod
+    def _dequantized(func: Any, ins: list[torch.Tensor], taints: list[Taint],
+                     outs: list[torch.Tensor], in_quantizer: bool) -> bool:
+        """Do the outputs hold dequantized low-bit codes (see the module docstring)?"""
+        low = [tn.deq or t.dtype in CODE_DTYPES for t, tn in zip(ins, taints)]
+        if not any(low) or not any(o.is_floating_point() for o in outs):
+            return False
+        if in_quantizer or func.overloadpacket in _SCALING:
+            return True
+        if func.overloadpacket is aten.copy_:
+            return len(low) > 1 and low[1]
+        return all(lo for t, lo in zip(ins, low) if t.is_floating_point() or lo)
+
+    # -- records ----------------------------------------------------------------------
+    def _in_backward(self) -> bool:
+        """Running the backward — but not a forward recomputed inside it (activation
+        checkpointing: a module's forward is running), which counts as forward."""
+        return torch._C._current_graph_task_id() != -1 and not self.spans.stack
+
+    def _name(self, module: nn.Module | None) -> str:
+        return OUTSIDE if module is None else self.names.get(id(module), OUTSIDE)
+
+    def _record(self, func: Any, part: flops.Part, out: Any, in_quantizer: bool) -> None:
+        if in_quantizer:
+            self.quantizer_flops += part.flops
+            self.quantizer_calls += 1
+            return
+        backward = self._in_backward()
+        module = self.spans.current(backward)
+        taints = [self.taint(t) for t in part.operands]
+        weight = next((t.param for t in taints if t.kind == "param"), None)
+        if not backward:
+            phase = "forward"
+        elif part.role is not None:
+            phase = part.role
+        elif weight is not None:
+            phase = "grad_input"
+        else:
+            grad_of = _weight_shaped_like(out, module)
+            phase = "backward" if grad_of is None else "grad_weight"
+            weight = None if grad_of is None else self.taint(grad_of).param
+        formats = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
+        kind = gemm_kind(formats)
+        op = str(func.overloadpacket)
+        reason = None if kind != "float" else self._why_float(module, phase, op, weight)
+        self.calls.append(GemmCall(self._name(module), "-" if module is None else type(module).__name__,
+                                   op, phase, formats, kind, part.flops, weight, reason))
+
+    def _why_float(self, module: nn.Module | None, phase: str, op: str, weight: str | None) -> str:
+        if module is None:
+            return "runs outside the model's modules (e.g. in the loss)"
+        owner = self.owner.get(weight) if weight is not None else None
+        if owner is not None and owner is not module and id(owner) in self.lowbit_layers:
+            return (f"uses the weight of converted {self.lowbit_layers[id(owner)]} "
+                    f"({type(owner).__name__}) directly; that layer's forward is bypassed")
+        if id(module) in self.lowbit_layers:
+            return _why_layer_float(module, phase)
+        if op.removeprefix("aten.") in {p.__name__ for p in flops.ATTENTION_OPS}:
+            return "attention (softmax(QKᵀ)·V): not converted"
+        if weight is None and phase in ("forward", "backward"):
+            return "activation × activation product (e.g. attention): not converted"
+        local = weight.removeprefix(f"{self._name(module)}.") if weight is not None else "weight"
+        return f"{type(module).__name__} is not converted" + (f" ({local})" if local != "weight" else "")
+
+
+@functools.cache
+def _composite(func: Any) -> bool:
+    """Has ``func`` a CompositeImplicitAutograd kernel? (It reaches a dispatch mode
+    undecomposed when called from inside a custom op's kernel.)"""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def _python_kernel_key(func: Any, args: Any) -> Any:
+    """The dispatch key of a custom (non-aten) op's own kernel — on the arguments'
+    device or CompositeExplicitAutograd — or ``None`` (an aten op, or none found).
+    Custom ops such as lowbit's ``lowbit::block_forward`` are opaque to a dispatch mode
+    otherwise: their inner GEMMs would go unseen."""
+    if func.namespace in _BUILTIN_NAMESPACES or not hasattr(func, "_op_dk"):
+        return None
+    dev = next((t.device.type for t in tree_leaves(args) if isinstance(t, torch.Tensor)), "cpu")
+    for key in (_BACKEND_KEYS.get(dev), "CompositeExplicitAutograd"):
+        if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+            return getattr(torch._C.DispatchKey, key)
+    return None
+
+
+def _why_layer_float(module: nn.Module, phase: str) -> str:
+    cfg = getattr(module, "config", None)
+    if isinstance(cfg, FQTConfig):
+        if cfg.is_fp:
+            return "converted with the fp recipe (float by design)"
+        spec = {"grad_input": cfg.grad_input, "grad_weight": cfg.grad_weight}.get(phase, 0)
+        if spec is None:
+            return f"the recipe keeps {phase} in float (QAT: straight-through)"
+    return "a converted layer ran a float GEMM"
+
+
+def _weight_shaped_like(out: Any, module: nn.Module | None) -> torch.Tensor | None:
+    """The matrix of ``module`` whose gradient a 2-D GEMM output ``out`` can be: the same
+    shape or its transpose, else the same columns with more rows (rows padded by a row
+    transform); ``None`` if none is."""
+    if module is None or not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return None
+    mats = [p for p in module.parameters() if p.dim() == 2]
+    r, c = out.shape
+    exact = [p for p in mats if tuple(p.shape) in ((r, c), (c, r))]
+    padded = [p for p in mats if p.shape[1] == c and p.shape[0] < r]
+    return (exact or padded or [None])[0]
+
+
+__all__ = ["CODE_DTYPES", "KINDS", "OUTSIDE", "PHASES", "REAL_KINDS", "SIMULATED", "GemmCall",
+           "GemmTracer", "Taint", "gemm_kind", "operand_format"]

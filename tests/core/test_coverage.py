@@ -1,0 +1,390 @@
+"""lowbit.coverage: exact GEMM FLOPs, passes, formats and float reasons of one training
+step, counted from what executed; the step leaves no trace; the CLI command.
+
+FLOPs are exact integers (2·m·k·n per GEMM, 2·N·prod(w.shape)·prod(out spatial) per
+convolution GEMM, 2·b·h·s_q·s_k·(d + d_v) per pair of attention GEMMs), so every count is
+checked with ==.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+import lowbit
+from lowbit.cli import main
+from lowbit.coverage import SIMULATED, CoverageReport, coverage, default_loss
+from lowbit.nn import range_state, rng_state
+
+SIM = (SIMULATED, SIMULATED)
+INT8 = ("int8", "int8")
+FP32 = ("fp32", "fp32")
+
+
+def by_gemm(report: CoverageReport) -> dict[tuple[str, str], tuple[int, str, tuple[str, ...]]]:
+    """{(module, phase): (flops, kind, formats)}; fails if a (module, phase) repeats."""
+    out = {}
+    for r in report.rows:
+        key = (r.module, r.phase)
+        assert key not in out, f"two groups for {key}: {out[key]} and {r}"
+        out[key] = (r.flops, r.kind, r.formats)
+    return out
+
+
+def converted(model: nn.Module, recipe: str, **overrides: object) -> nn.Module:
+    with warnings.catch_warnings():  # convert may warn about layers it leaves in float
+        warnings.simplefilter("ignore")
+        return lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0, **overrides))
+
+
+# -- MLP: every Linear has its three GEMMs --------------------------------------------------
+N, D_IN, D_HID, D_OUT = 5, 8, 16, 4
+L0 = 2 * N * D_IN * D_HID  # each GEMM of layer 0: 1280
+L2 = 2 * N * D_HID * D_OUT  # each GEMM of layer 2: 640
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.ReLU(), nn.Linear(D_HID, D_OUT))
+
+
+def mlp_step(model: nn.Module, input_grad: bool = True) -> CoverageReport:
+    x = torch.randn(N, D_IN, requires_grad=input_grad)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    return coverage(model, x, loss_fn=lambda out: F.cross_entropy(out, y))
+
+
+def mlp_expected(kind: str, formats: tuple[str, ...]) -> dict:
+    return {(m, p): (f, kind, formats) for m, f in (("0", L0), ("2", L2))
+            for p in ("forward", "grad_input", "grad_weight")}
+
+
+def test_mlp_fp_recipe_runs_all_float() -> None:
+    rep = mlp_step(converted(mlp(), "fp"))
+    assert by_gemm(rep) == mlp_expected("float", FP32)
+    assert rep.total_flops == 3 * (L0 + L2) == 5760
+    assert rep.lowbit_share == 0.0 and rep.float_share == 1.0
+    assert {g["reason"] for g in rep.float_reasons()} == {"converted with the fp recipe (float by design)"}
+
+
+def test_unconverted_mlp_says_not_converted() -> None:
+    rep = mlp_step(mlp())
+    assert by_gemm(rep) == mlp_expected("float", FP32)
+    reasons = rep.float_reasons()
+    assert {g["reason"] for g in reasons} == {"Linear is not converted"}
+    assert sum(g["flops"] for g in reasons) == 5760
+
+
+def test_mlp_psq8_auto_runs_every_gemm_on_int8() -> None:
+    rep = mlp_step(converted(mlp(), "fqt-psq-8"))
+    assert by_gemm(rep) == mlp_expected("int8", INT8)
+    assert all(r.op == "aten._int_mm" for r in rep.rows)
+    assert rep.real_share == 1.0 and rep.simulated_share == 0.0 and rep.float_reasons() == []
+
+
+def test_first_layer_without_input_grad_has_two_gemms() -> None:
+    rep = mlp_step(converted(mlp(), "fqt-psq-8"), input_grad=False)
+    expected = mlp_expected("int8", INT8)
+    del expected[("0", "grad_input")]  # nothing asks for ∇x of the input
+    assert by_gemm(rep) == expected
+
+
+def test_mlp_reference_backend_is_simulated() -> None:
+    rep = mlp_step(converted(mlp(), "fqt-psq-8", backend="reference"))
+    assert by_gemm(rep) == mlp_expected("simulated", SIM)
+    assert rep.simulated_share == 1.0 and rep.real_share == 0.0 and rep.lowbit_share == 1.0
+
+
+def test_qat_backward_is_float_with_its_reason() -> None:
+    rep = mlp_step(converted(mlp(), "qat-8"))
+    got = by_gemm(rep)
+    assert got[("0", "forward")] == (L0, "int8", INT8)
+    assert got[("0", "grad_input")] == (L0, "float", ("fp32", SIMULATED))  # ∇Y is float
+    assert rep.lowbit_share == pytest.approx((L0 + L2) / (3 * (L0 + L2)), rel=1e-12)
+    reasons = {(g["phase"], g["reason"]) for g in rep.float_reasons()}
+    assert reasons == {(p, f"the recipe keeps {p} in float (QAT: straight-through)")
+                       for p in ("grad_input", "grad_weight")}
+
+
+# -- CNN: standard, depthwise (groups) and pointwise convolutions -------------------------
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)  # (2, 4, 6, 6)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False)  # (2, 4, 3, 3)
+        self.pw = nn.Conv2d(4, 6, 1)  # (2, 6, 3, 3)
+        self.head = nn.Linear(6 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pw(F.relu(self.dw(F.relu(self.conv1(x)))))
+        return self.head(h.flatten(1))
+
+
+# 2·N·prod(w.shape)·prod(out spatial), N = 2; the same for each of a conv's three GEMMs
+CONV = {"conv1": 2 * 2 * (4 * 1 * 9) * 36, "dw": 2 * 2 * (4 * 1 * 9) * 9,
+        "pw": 2 * 2 * (6 * 4) * 9, "head": 2 * 2 * 54 * 3}
+
+
+def cnn_step(model: nn.Module) -> CoverageReport:
+    x = torch.randn(2, 1, 6, 6)
+    return coverage(model, x, loss_fn=lambda out: F.cross_entropy(out, torch.tensor([0, 2])))
+
+
+def cnn_expected(kind_of: dict[str, str], formats_of: dict[str, tuple[str, ...]]) -> dict:
+    out = {}
+    for m, f in CONV.items():
+        for p in ("forward", "grad_input", "grad_weight"):
+            if (m, p) != ("conv1", "grad_input"):  # the image needs no gradient
+                out[(m, p)] = (f, kind_of[m], formats_of[m])
+    return out
+
+
+def test_cnn_flops_exact_fp() -> None:
+    torch.manual_seed(0)
+    rep = cnn_step(SmallCNN())
+    assert by_gemm(rep) == cnn_expected(dict.fromkeys(CONV, "float"), dict.fromkeys(CONV, FP32))
+    assert rep.total_flops == 5184 * 2 + 1296 * 3 + 864 * 3 + 648 * 3
+    ops = {(r.module, r.phase): r.op for r in rep.rows}
+    assert ops[("dw", "grad_weight")] == "aten.convolution_backward"
+
+
+def test_cnn_reference_backend_is_simulated() -> None:
+    torch.manual_seed(0)
+    rep = cnn_step(converted(SmallCNN(), "fqt-psq-8", backend="reference"))
+    assert by_gemm(rep) == cnn_expected(dict.fromkeys(CONV, "simulated"), dict.fromkeys(CONV, SIM))
+
+
+def test_cnn_psq8_auto_is_all_low_bit() -> None:
+    torch.manual_seed(0)
+    rep = cnn_step(converted(SmallCNN(), "fqt-psq-8"))
+    got = by_gemm(rep)
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in cnn_expected(
+        dict.fromkeys(CONV, ""), dict.fromkeys(CONV, ())).items()}
+    # Conv2d runs simulated kernels today (integer convolutions are issue 13, item 2)
+    assert all(kind in ("int8", "simulated") for _, kind, _ in got.values())
+    assert got[("head", "forward")] == (CONV["head"], "int8", INT8)
+    assert rep.lowbit_share == 1.0
+
+
+# -- attention --------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
+def test_multihead_attention_out_proj_and_attention_are_float(recipe: str) -> None:
+    torch.manual_seed(0)
+    model = SelfAttention() if recipe == "fp" else converted(SelfAttention(), recipe)
+    rep = coverage(model, torch.randn(2, 5, 16))  # B=2, T=5, E=16, 2 heads of 8
+    bt, e = 10, 16
+    out_proj = [r for r in rep.rows if r.weight == "attn.out_proj.weight"]
+    assert {(r.phase, r.flops, r.kind, r.module) for r in out_proj} == {
+        (p, 2 * bt * e * e, "float", "attn") for p in ("forward", "grad_input", "grad_weight")}
+    attention = [r for r in rep.rows if "attention" in r.op]
+    assert {(r.phase, r.flops, r.kind) for r in attention} == {
+        ("forward", 2 * 2 * 2 * 5 * 5 * (8 + 8), "float"),  # QKᵀ and P·V
+        ("backward", 4 * 2 * 2 * 5 * 5 * (8 + 8), "float")}  # ∇P, ∇V, ∇Q, ∇K
+    in_proj = 2 * bt * e * 3 * e
+    weight_grads = 2 * bt * e * 3 * e + 2 * bt * e * e
+    assert rep.total_flops == in_proj + 2 * (2 * bt * e * e) + 3 * 3200 + weight_grads
+    assert rep.lowbit_share == 0.0
+
+
+def test_grouped_query_attention_counts_query_heads() -> None:
+    class GQA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Parameter(torch.randn(1, 4, 6, 8))
+            self.kv = nn.Parameter(torch.randn(1, 2, 6, 8))
+
+        def forward(self) -> torch.Tensor:
+            return F.scaled_dot_product_attention(self.q, self.kv, self.kv, enable_gqa=True)
+
+    rep = coverage(GQA())
+    assert rep.flops(phase="forward") == 2 * 1 * 4 * 6 * 6 * (8 + 8)
+    assert rep.total_flops - rep.flops(phase="forward") == 4 * 1 * 4 * 6 * 6 * (8 + 8)
+
+
+# -- what executed, not what was swapped ------------------------------------------------------
+class Bypass(nn.Module):
+    """Reads ``proj``'s weight with F.linear: a converted ``proj`` never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(x, self.proj.weight, self.proj.bias))
+
+
+def test_swapped_module_that_is_never_called_counts_as_float() -> None:
+    torch.manual_seed(0)
+    model = converted(Bypass(), "fqt-psq-8")
+    assert isinstance(model.proj, lowbit.FQTLinear)  # swapped...
+    rep = coverage(model, torch.randn(5, 8))
+    got = by_gemm(rep)
+    proj, head = 2 * 5 * 8 * 8, 2 * 5 * 8 * 4
+    assert got == {("", "forward"): (proj, "float", FP32), ("", "grad_weight"): (proj, "float", FP32),
+                   ("head", "forward"): (head, "int8", INT8), ("head", "grad_input"): (head, "int8", INT8),
+                   ("head", "grad_weight"): (head, "int8", INT8)}
+    assert rep.never_called == ("proj",)  # ...but never called
+    assert rep.lowbit_share == pytest.approx(3 * head / (3 * head + 2 * proj), rel=1e-12)
+    reasons = {g["reason"] for g in rep.float_reasons()}
+    assert reasons == {"uses the weight of converted proj (FQTLinear) directly; that layer's "
+                       "forward is bypassed"}
+
+
+def test_int_mm_and_scaled_mm_called_directly_are_counted() -> None:
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 40))
+
+        def forward(self, a8: torch.Tensor, b8: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:
+            i = torch._int_mm(a8, b8)  # (17, 24)
+            one = torch.ones((), dtype=torch.float32)
+            s = torch._scaled_mm(f8, f8.t(), one, one, out_dtype=torch.float32)  # (16, 16)
+            return (self.w * 0).sum() + i.float().sum() * 0 + s.sum() * 0
+
+    a8 = torch.ones(17, 40, dtype=torch.int8)
+    b8 = torch.ones(40, 24, dtype=torch.int8)
+    f8 = torch.ones(16, 32).to(torch.float8_e4m3fn)
+    rep = coverage(Direct(), a8, b8, f8)
+    got = {(r.op, r.phase): (r.flops, r.kind, r.formats) for r in rep.rows}
+    assert got == {("aten._int_mm", "forward"): (2 * 17 * 40 * 24, "int8", INT8),
+                   ("aten._scaled_mm", "forward"): (2 * 16 * 32 * 16, "fp8", ("fp8 e4m3", "fp8 e4m3"))}
+    assert rep.real_share == 1.0
+
+
+def test_forward_recomputed_by_checkpointing_counts_as_forward() -> None:
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False)
+
+    rep = coverage(converted(Checkpointed(), "fqt-psq-8"), torch.randn(N, D_IN, requires_grad=True))
+    single = {"body.0": L0, "body.2": L2}
+    for r in rep.rows:
+        assert (r.op, r.kind) == ("aten._int_mm", "int8")
+        if r.phase == "forward":  # run once, then again (all or part of it) in the backward
+            assert r.flops == r.calls * single[r.module] and r.calls in (1, 2)
+        else:
+            assert r.phase in ("grad_input", "grad_weight") and r.flops == single[r.module]
+    assert {r.calls for r in rep.rows if (r.module, r.phase) == ("body.0", "forward")} == {2}
+
+
+# -- the step leaves no trace ---------------------------------------------------------------
+def test_coverage_restores_everything_a_step_changes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Dropout(0.5), nn.Linear(64, 3))
+    converted(model, "fqt-psq-8-predicted")
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y)
+
+    loss(model(x)).backward()  # grads, range histories and BN statistics exist
+    model.eval()
+    twin = copy.deepcopy(model)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    cpu_rng = torch.get_rng_state()
+    coverage(model, x, loss_fn=loss)
+    assert all(p.grad is grads[n] for n, p in model.named_parameters())
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    assert same(rng_state(model), rng_state(twin))
+    for m in (model, twin):  # the next step is bitwise the same as if coverage never ran
+        m.zero_grad(set_to_none=True)  # (deepcopy does not copy .grad)
+        m.train()
+        torch.manual_seed(1)
+        loss(m(x)).backward()
+    for (n, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), n
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert same(rng_state(model), rng_state(twin))
+    assert same(range_state(model), range_state(twin))
+
+
+def same(a: object, b: object) -> bool:
+    """Nested dicts/lists of tensors and plain values, compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+# -- loss and argument errors ----------------------------------------------------------------
+def test_default_loss_prefers_the_models_own_loss() -> None:
+    logits = torch.randn(2, 3, requires_grad=True)
+    loss = logits.sum()
+    assert default_loss((logits, loss)) is loss
+    got = default_loss({"a": logits, "b": logits * 2})
+    assert torch.equal(got, logits.sum() + (logits * 2).sum())
+
+
+def test_bad_arguments_raise_named_errors() -> None:
+    with pytest.raises(TypeError, match="^model must be an nn.Module, got function$"):
+        coverage(lambda x: x, torch.ones(1))
+    with pytest.raises(ValueError, match=r"^the loss must be a floating 0-d tensor that requires "
+                       r"grad, got a tensor of shape \(5, 4\), dtype torch.float32, requires_grad=True$"):
+        coverage(mlp(), torch.randn(5, 8), loss_fn=lambda out: out)
+    with pytest.raises(ValueError, match="^by must be 'module' or 'type', got 'x'$"):
+        mlp_step(mlp()).table(by="x")
+
+
+def test_report_table_and_dict() -> None:
+    rep = mlp_step(converted(mlp(), "qat-8"))
+    text = str(rep)
+    assert text == rep.table()
+    assert text.splitlines()[1] == ("low-bit 33.3% (real int8/fp8 33.3%, simulated 0.0%), float "
+                                    "66.7%; forward alone: low-bit 100.0%")
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["total_flops"] == 5760 and d["flops_by_kind"]["int8"] == 1920
+    assert d["flops_by_phase"] == {"forward": 1920, "grad_input": 1920, "grad_weight": 1920,
+                                   "backward": 0}
+
+
+# -- the command line ------------------------------------------------------------------------
+def test_cli_prints_the_table_and_writes_json(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    out = tmp_path / "cov.json"
+    rc = main(["coverage", "--task", "digits", "--model", "mlp", "--batch-size", "4",
+               "--by", "type", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "low-bit 100.0% (real int8/fp8 100.0%, simulated 0.0%), float 0.0%" in text
+    # digits MLP 64 → 128 → 128 → 10 on 4 images; the images need no gradient
+    total = 2 * (2 * 4 * 64 * 128) + 3 * (2 * 4 * 128 * 128) + 3 * (2 * 4 * 128 * 10)
+    assert json.loads(out.read_text())["total_flops"] == total == 555008
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nope"], "--task must be one of digits, fashion-mnist, text, got 'nope'"),
+    (["--model", "gpt"], "--model for task digits must be one of mlp, cnn, got 'gpt'"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--by", "layer"], "--by must be module or type, got 'layer'"),
+])
+def test_cli_bad_values_exit_2_with_one_line(argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["coverage", *argv]) == 2
+    assert capsys.readouterr().err == f"lowbit coverage: error: {message}\n"
