@@ -4,19 +4,34 @@ A :class:`IntFormat` is a signed, symmetric integer grid with ``bits`` bits:
 
     levels  q ∈ {-Q, ..., -1, 0, 1, ..., Q},   Q = 2**(bits-1) - 1
 
-A real tensor ``x`` is mapped onto it with a positive ``scale`` (the value of one grid
-step) chosen from ``absmax = max |x|`` over the scaling group, ``scale = absmax / Q``:
+A real tensor ``x`` is mapped onto it with a positive ``step`` (the value of one grid
+step) chosen from ``absmax = max |x|`` over the scaling group (:func:`grid_step`):
+``step = absmax / Q``, rounded up where float rounding would put ``absmax / step`` above
+``Q``. With ``y = x / step`` (one correctly rounded division, ``|y| ≤ Q``):
 
-    nearest     q = round(x / scale)                       (deterministic, biased)
-    stochastic  q = floor(x / scale + u),  u ~ U[0, 1)     (E[q] · scale = x: unbiased)
+    nearest     q = round(y)                               (deterministic, biased)
+    stochastic  q = floor(y) + [u < y − floor(y)],  u ~ U[0, 1)   (E[q]·step = x)
 
 Stochastic rounding of a value whose fractional part (in grid steps) is ``p`` has
-variance ``p (1 - p) · scale² ≤ scale² / 4``. Because ``|x| / scale ≤ Q`` the codes never
-leave the grid, so no clipping is needed and the estimate stays unbiased. For
-``bits ≤ 8`` every code fits an ``int8``: that is what makes the integer GEMM path exact.
+variance ``p (1 - p) · step² ≤ step² / 4``. Because ``|y| ≤ Q`` the codes never leave
+the grid, so no clipping is needed and the estimate stays unbiased. For ``bits ≤ 8``
+every code fits an ``int8``: that is what makes the integer GEMM path exact.
+
+**Bias, exactly.** The noise ``u`` takes the 2²⁴ values ``k·2⁻²⁴`` (:func:`counter_uniform`),
+so over the whole noise alphabet ``E[q] = floor(y) + ⌈2²⁴·f⌉/2²⁴`` with ``f = y − floor(y)``
+(exact in floating point for ``y ≥ 0`` and ``|y| ≥ 1/2``; otherwise rounded by at most
+2⁻²⁵): the bias is below 2⁻²⁴ of a step. The form ``floor(y + u)`` would round ``y + u``
+first and be off by up to ``ulp(y)/2`` (2⁻¹⁸ of a step for ``|y|`` in [64, 128) in
+float32). Beyond that, the only error is the rounding of ``y = x / step`` (half an ulp of
+``y``) and the output dtype's own final rounding — over the whole finite range of the
+input's dtype, subnormals included: the step is a representable number that is never
+rounded after ``y`` is computed from it, and the arithmetic runs in
+:func:`compute_dtype` (float64 for float64 inputs, float32 otherwise, which holds
+every bfloat16/float16 value exactly).
 
 Non-finite values are never made finite: a NaN or ±Inf in a scaling group gives that
-group a non-finite scale, so every dequantized value of the group is non-finite too.
+group a non-finite step, so every dequantized value of the group is non-finite too.
+An all-zero group has step 0: its codes are 0 and it adds no variance.
 """
 
 from __future__ import annotations
@@ -70,12 +85,48 @@ class IntFormat:
         """Largest code ``Q``; the grid has ``2Q + 1`` levels and ``2Q`` bins."""
         return 2 ** (self.bits - 1) - 1
 
+    def step(self, absmax: torch.Tensor) -> torch.Tensor:
+        """Grid step of each group (:func:`grid_step`) in the compute dtype of
+        ``absmax``: 0 for an all-zero group, non-finite where ``absmax`` is."""
+        return grid_step(absmax.to(compute_dtype(absmax.dtype)), self.qmax)
+
     def scale_from_absmax(self, absmax: torch.Tensor) -> torch.Tensor:
-        """Grid step for each group. An all-zero group gets step 1 (its codes are 0);
-        NaN/Inf stay non-finite so that they propagate."""
-        absmax = absmax.float()
-        safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-        return safe / self.qmax
+        """:meth:`step` made safe to divide by: an all-zero group gets ``1/Q`` instead of 0
+        (its values map to code 0 either way). Not a variance: use :meth:`step` for that."""
+        step = self.step(absmax)
+        return torch.where(step == 0, torch.full_like(step, 1 / self.qmax), step)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where quantizer arithmetic runs for inputs of ``dtype``: float64 for float64 (a
+    float32 step would underflow or overflow for values like 1e-300 or 1e300), float32
+    otherwise (it holds every float32/bfloat16/float16 value and step exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grid_step(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``absmax / qmax`` in ``absmax``'s dtype, rounded up by one ulp where rounding to
+    nearest left ``absmax / step > qmax``: the smallest step (to the ulp) for which every
+    ``|x| ≤ absmax`` maps to ``|x / step| ≤ qmax`` (the division is correctly rounded and
+    monotone). Valid down to the smallest subnormal (``absmax / qmax`` rounding to 0 gives
+    the smallest positive number) and up to the largest finite ``absmax``.
+
+    All-zero groups get 0; NaN and ±Inf stay non-finite. A step is used as it is, never
+    rounded again: ``q·step`` with ``q`` the codes is what a quantizer estimates."""
+    step = absmax / qmax
+    up = torch.nextafter(step, torch.full_like(step, torch.inf))
+    return torch.where(absmax / step > qmax, up, step)
+
+
+def stochastic_round(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``floor(y) + [u < y − floor(y)]`` (as ``y``'s dtype) for noise ``u`` in [0, 1).
+
+    ``y − floor(y)`` is exact for ``y ≥ 0`` and for ``|y| ≥ 1/2`` (and within 2⁻²⁵
+    otherwise), and the comparison is exact, so with ``u`` uniform on the 2²⁴ values of
+    :func:`counter_uniform` the mean is ``y`` to within 2⁻²⁴ — unlike ``floor(y + u)``,
+    whose addition rounds (see the module docstring)."""
+    low = torch.floor(y)
+    return low + (u < y - low).to(y.dtype)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -86,7 +137,8 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> 
 
     A counter-based generator: element ``i`` (row-major index in ``shape``) gets
     ``h(i·K + seed mod 2³²)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
-    bits (the resolution of ``torch.rand`` in float32: bias ≤ 2⁻²⁴ of a grid step). Being
+    bits (the resolution of ``torch.rand`` in float32: the values ``k·2⁻²⁴``, so
+    :func:`stochastic_round` is biased by less than 2⁻²⁴ of a grid step). Being
     a pure function of the index, the same noise comes out of the reference path, a
     compiled kernel or another device, whatever the memory layout. ``seed`` is a 0-d
     int64 tensor drawn from the layer's ``torch.Generator`` (:func:`draw_seed`).

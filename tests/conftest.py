@@ -14,7 +14,7 @@ def available_devices() -> list[str]:
 
 
 # float32 rounding of a transform + inverse (a few ulps of the largest value), and of
-# steps that are themselves denormal (absolute spacing 1.4e-45), is not bias
+# results rounded to float32 subnormals (absolute spacing 1.4e-45), is not bias
 FLOAT_EPS = 1e-6
 DENORMAL_SPACING = 1.4e-45
 
@@ -32,7 +32,8 @@ def _z(samples: torch.Tensor, target: torch.Tensor, slack: torch.Tensor) -> torc
     return (gap / se)[keep]
 
 
-def assert_unbiased(samples: torch.Tensor, target: torch.Tensor, z_max: float = 5.0) -> float:
+def assert_unbiased(samples: torch.Tensor, target: torch.Tensor, z_max: float = 5.0,
+                    denormal_spacing: float = DENORMAL_SPACING) -> float:
     """z-test of ``E[samples] == target``; returns the largest |z|.
 
     Two views, both at ``z_max`` (5σ): every element whose draws vary, and 16 random
@@ -40,13 +41,16 @@ def assert_unbiased(samples: torch.Tensor, target: torch.Tensor, z_max: float = 
     e.g. values far below one grid step that round to 0 in all S draws, still moves the
     projections). Each mean of S i.i.d. draws has standard error σ/√S (CLT; rounding noise
     is bounded, so S ≥ a few hundred is enough). Gaps below float32 rounding
-    (``FLOAT_EPS`` of the unit scale) are not counted as bias. At 5σ a false alarm has probability
+    (``FLOAT_EPS`` of the unit scale) are not counted as bias, nor are gaps of a few
+    float32 subnormal spacings (``denormal_spacing``; pass 0 for float64 draws, which
+    have no such rounding). At 5σ a false alarm has probability
     < 6e-7 per statistic, < 1e-3 for 1,000 statistics."""
     s = samples.double().flatten(1)
     t = target.double().flatten()
-    scale = t.abs().amax().clamp_min(1e-300)  # compare on a unit scale
+    top = t.abs().amax()
+    scale = torch.where(top > 0, top, torch.ones_like(top))  # compare on a unit scale
     s, t = s / scale, t / scale
-    ulp = 16 * DENORMAL_SPACING / scale
+    ulp = 16 * denormal_spacing / scale if denormal_spacing else torch.zeros_like(scale)
     proj = torch.randn(t.numel(), 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     slack = FLOAT_EPS * (1 + t.abs()) + ulp
     slack_p = FLOAT_EPS * (1 + (t.abs() @ proj.abs())) + ulp * proj.abs().sum(0)

@@ -52,7 +52,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..formats import IntFormat
 from ..nn import fqt_layers
-from ..quantizers import GradQuantizer, absmax, get_quantizer
+from ..quantizers import GradQuantizer, get_quantizer
 from ._model import (
     FQTLayer,
     LayerRecord,
@@ -83,13 +83,7 @@ def weighted_expected_variance(
     ``p(1−p)·step²``: ``Σ_j Σ_i (T⁻¹)²_ji Σ_n Var(ξ_in)·‖U_n‖²``. With ``col_weight = 1``
     this is the quantizer's ``expected_variance``. (Random transforms: given this draw.)
     """
-    q = get_quantizer(quantizer)
-    a = a.float()
-    t = q.transform(a, generator)
-    y = t.forward(a)
-    step = fmt.scale_from_absmax(absmax(y, q.granularity)).expand(y.shape[0], 1)
-    frac = y / step - torch.floor(y / step)
-    var = (frac * (1 - frac)).double() * step.double() ** 2  # (R_pad, N)
+    t, var = get_quantizer(quantizer).rounding_variance(a, fmt, generator)  # (R_pad, N) float64
     return t.inverse_sq(var @ col_weight.double().reshape(-1)).sum()
 
 

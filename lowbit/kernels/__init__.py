@@ -1,7 +1,8 @@
 """Kernels and the dispatcher that picks one.
 
-``reference`` (plain torch, float32) defines the semantics; ``compiled`` runs the same
-functions fused by ``torch.compile``; ``int8`` (``torch._int_mm``) computes the GEMM
+``reference`` (plain eager torch, float32 — float64 for float64 inputs) defines the
+semantics; ``compiled`` runs the same functions fused by ``torch.compile`` (never under
+``Backend.REFERENCE``); ``int8`` (``torch._int_mm``) computes the GEMM
 exactly in integers when the scales allow it. Every path gives the reference's result up
 to float rounding, on the same random stream.
 """
@@ -13,6 +14,7 @@ import enum
 import torch
 from torch.profiler import record_function
 
+from ..formats import compute_dtype, grid_step
 from . import compiled, int8, reference
 
 
@@ -31,10 +33,10 @@ def quantize_codes(
     backend: Backend = Backend.AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and steps of a 2-D operand (see :func:`reference.quantize_codes`)."""
-    if x.numel() == 0:
+    if x.numel() == 0:  # nothing to scale: step 0, as for an all-zero group
         rows = x.shape[0] if per_row else 1
-        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.ones(
-            rows, 1, device=x.device) / qmax
+        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.zeros(
+            rows, 1, dtype=compute_dtype(x.dtype), device=x.device)
     with record_function("lowbit::quantize"):
         if backend is not Backend.REFERENCE and compiled.use_for(x):
             return compiled.quantize_codes(x, qmax, per_row, stochastic, seed)
@@ -48,9 +50,11 @@ def quantize_codes_fixed(
     """Codes on a grid fixed ahead of time, plus overflow accounting (see
     :func:`reference.quantize_codes_fixed`)."""
     if x.numel() == 0:
-        zero = torch.zeros((), device=x.device)
-        return (torch.zeros(x.shape, dtype=torch.int8, device=x.device), amax.float() / qmax,
-                torch.zeros_like(amax, dtype=torch.float32), zero.long(), zero, zero)
+        dt = compute_dtype(x.dtype)
+        zero = torch.zeros((), dtype=dt, device=x.device)
+        return (torch.zeros(x.shape, dtype=torch.int8, device=x.device),
+                grid_step(amax.to(dt), qmax), torch.zeros_like(amax, dtype=dt), zero.long(),
+                zero, zero)
     with record_function("lowbit::quantize"):
         if backend is not Backend.REFERENCE and compiled.use_for(x):
             return compiled.quantize_codes_fixed(x, amax, qmax, stochastic, seed)

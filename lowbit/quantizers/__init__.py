@@ -35,7 +35,9 @@ def quantize_grad(
     """Quantize a 2-D gradient (rows = samples or tokens) with an unbiased quantizer and
     return the dequantized (simulated) result, same shape and dtype as ``g``.
 
-    ``E[quantize_grad(g, ...)] = g`` over the rounding noise; NaN/Inf propagate.
+    ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
+    of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
+    :mod:`lowbit.formats`); NaN/Inf propagate.
     """
     check_float_tensor(g, "gradient")
     if g.dim() != 2:
@@ -44,7 +46,7 @@ def quantize_grad(
     fmt = IntFormat(bits)
     if g.numel() == 0:
         return g.clone()
-    return q.quantize(g, fmt, generator, Rounding.STOCHASTIC).dequantize().to(g.dtype)
+    return q.quantize(g, fmt, generator, Rounding.STOCHASTIC).dequantize(g.dtype)
 
 
 __all__ = [

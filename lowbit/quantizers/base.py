@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from ..formats import IntFormat, Rounding, draw_seed
+from ..formats import IntFormat, Rounding, compute_dtype, draw_seed
 from ..kernels import Backend, compiled, quantize_codes, quantize_codes_fixed
 from ..ranges import Overflow, RangeTracker
 
@@ -46,14 +46,16 @@ def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
 
 
 def _row_absmax(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().amax(dim=1).float()
+    return x.abs().amax(dim=1).to(compute_dtype(x.dtype))
 
 
-def row_absmax(x: torch.Tensor) -> torch.Tensor:
-    """``max_j |x_ij|`` per row as float32 (N,), fused for large inputs; NaN propagates."""
+def row_absmax(x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """``max_j |x_ij|`` per row (N,) in :func:`~lowbit.formats.compute_dtype` (float64
+    for float64 ``x``, else float32); NaN propagates. ``fast``: fused by
+    ``torch.compile`` for large inputs (never under ``Backend.REFERENCE``)."""
     if x.shape[1] == 0:
-        return x.new_zeros(x.shape[0], dtype=torch.float32)
-    if compiled.use_for(x):
+        return x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+    if fast and compiled.use_for(x):
         return compiled.run("row_absmax", _row_absmax, x)
     return _row_absmax(x)
 
@@ -127,16 +129,21 @@ class QuantizedRows:
     """``T⁻¹ · diag(step) · codes``: the quantized operand before its inverse transform.
 
     ``codes`` are int8 (``|codes| ≤ 2**(bits-1) - 1``), ``step`` is (R, 1) or (1, 1)
-    float32, ``transform`` maps rows back. A group holding NaN/Inf has a non-finite
-    step (its int8 codes are then meaningless), so its values stay non-finite.
+    in the compute dtype (float32; float64 for float64 operands), 0 for an all-zero
+    group; ``transform`` maps rows back. A group holding NaN/Inf has a non-finite step
+    (its int8 codes are then meaningless), so its values stay non-finite.
     """
 
     codes: torch.Tensor
     step: torch.Tensor
     transform: RowTransform
 
-    def dequantize(self) -> torch.Tensor:
-        return self.inverse(self.codes.float() * self.step)
+    def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``T⁻¹ · diag(step) · codes`` as ``out_dtype``, computed in the step's dtype
+        (float64 if ``out_dtype`` is: then exactly, up to the inverse transform's
+        rounding)."""
+        dt = torch.promote_types(self.step.dtype, out_dtype)
+        return self.inverse(self.codes.to(dt) * self.step, out_dtype)
 
     def inverse(self, out: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand),
@@ -188,8 +195,10 @@ class GradQuantizer(abc.ABC):
     mixes_rows: bool = False  # the transform mixes rows (so per-row ranges do not persist)
 
     @abc.abstractmethod
-    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
-        """The row transform for operand ``a`` (float32, (R, D))."""
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None,
+                  fast: bool = False) -> RowTransform:
+        """The row transform for operand ``a`` ((R, D)); ``fast``: compiled kernels
+        allowed while building it (the quantizer passes ``backend is not REFERENCE``)."""
 
     def quantize(
         self,
@@ -202,9 +211,10 @@ class GradQuantizer(abc.ABC):
     ) -> QuantizedRows:
         """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``).
         The grid's range is ``T·a``'s own (dynamic), or ``tracker``'s prediction."""
+        fast = backend is not Backend.REFERENCE
         with record_function("lowbit::transform"):
-            t = self.transform(a, generator)
-            t.use_compiled = backend is not Backend.REFERENCE
+            t = self.transform(a, generator, fast)
+            t.use_compiled = fast
         seed = sr_seed(generator, rounding, a.device)
         args = (fmt.qmax, self.granularity is Granularity.ROW, rounding is Rounding.STOCHASTIC,
                 seed, backend)
@@ -215,27 +225,39 @@ class GradQuantizer(abc.ABC):
         return QuantizedRows(codes, step, t)
 
     # -- analytic variance ------------------------------------------------------------
+    def rounding_variance(
+        self, a: torch.Tensor, fmt: IntFormat, generator: torch.Generator | None = None
+    ) -> tuple[RowTransform, torch.Tensor]:
+        """The transform of ``a`` and the stochastic-rounding variance ``p(1−p)·step²`` of
+        each element of ``T·a`` (float64, shape of ``T·a``; ``p`` its fractional part on
+        the grid, exactly as the kernels compute it). An all-zero group adds 0."""
+        a = a.to(compute_dtype(a.dtype))
+        t = self.transform(a, generator)
+        y = t.forward(a)
+        step = self._row_step(y, fmt)
+        z = y / torch.where(step == 0, torch.ones_like(step), step)
+        frac = (z - torch.floor(z)).double()
+        return t, frac * (1 - frac) * step.double() ** 2
+
     def _row_step(self, y: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-        return fmt.scale_from_absmax(absmax(y, self.granularity)).expand(y.shape[0], 1)
+        """The kernels' grid step of each row of ``y`` (R, 1): 0 for all-zero groups."""
+        return fmt.step(absmax(y, self.granularity)).expand(y.shape[0], 1)
 
     def expected_variance(
         self, a: torch.Tensor, fmt: IntFormat, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``E‖Q(a) − a‖²`` over the rounding noise: ``Σ p(1−p)·step²`` per transformed
-        element, pushed through ``T⁻¹``. (For random transforms: given that draw.)"""
-        a = a.float()
-        t = self.transform(a, generator)
-        y = t.forward(a)
-        step = self._row_step(y, fmt)
-        frac = y / step - torch.floor(y / step)
-        row_var = (frac * (1 - frac)).sum(dim=1) * step.squeeze(1) ** 2
-        return t.inverse_sq(row_var).sum()
+        """``E‖Q(a) − a‖²`` over the rounding noise (0-d float64): ``Σ p(1−p)·step²`` per
+        transformed element, pushed through ``T⁻¹``. (For random transforms: given that
+        draw.)"""
+        t, var = self.rounding_variance(a, fmt, generator)
+        return t.inverse_sq(var.sum(dim=1)).sum()
 
     def variance_bound(self, a: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-        """Upper bound on ``E‖Q(a) − a‖²`` (METHOD.md §2): ``step²/4`` per element."""
-        a = a.float()
+        """Upper bound on ``E‖Q(a) − a‖²`` (METHOD.md §2), 0-d float64: ``step²/4`` per
+        element of ``T·a``; an all-zero group (step 0) has no variance and adds 0."""
+        a = a.to(compute_dtype(a.dtype))
         t = self.transform(a, None)
         y = t.forward(a)
-        step = self._row_step(y, fmt)
+        step = self._row_step(y, fmt).double()
         row_var = y.shape[1] * step.squeeze(1) ** 2 / 4
         return t.inverse_sq(row_var).sum()

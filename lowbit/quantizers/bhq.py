@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch.profiler import record_function
 
+from ..formats import compute_dtype
 from ..kernels import Backend, compiled, reference
 from .base import GradQuantizer, Granularity, RowTransform, row_absmax
 
@@ -37,16 +38,19 @@ _MIN_SMALL_RATIO = 1e-12
 def _householder_absmax(g: torch.Tensor) -> torch.Tensor:
     """``max |H_g|`` for ``H_g = I − 2vvᵀ``, ``v ∝ e1 − 𝟙/√g`` (g ≥ 2).
 
-    ``H e1 = 𝟙/√g``; off the first row/column ``H_jj = 1 − c`` and ``H_jk = −c`` with
-    ``c = 1 / (√g (√g − 1))``.
+    ``H e1 = 𝟙/√g`` and ``H`` is symmetric, so its first row and column hold ``1/√g``;
+    the rest is ``H_jj = 1 − c`` on the diagonal and ``H_jk = −c`` off it (j ≠ k, both
+    ≥ 2), with ``c = 1 / (√g (√g − 1))``. The off-diagonal ``−c`` exists only for
+    ``g ≥ 3``: ``H_2 = [[1, 1], [1, −1]]/√2``, whose largest entry is ``1/√2``, not ``c``.
     """
     r = g.sqrt()
     c = 1.0 / (r * (r - 1.0))
-    return torch.maximum(torch.maximum(1.0 / r, (1.0 - c).abs()), c)
+    diag = torch.maximum(1.0 / r, (1.0 - c).abs())
+    return torch.where(g >= 3, torch.maximum(diag, c), diag)
 
 
 def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.float() * w[:, None]
+    return x.to(w.dtype) * w[:, None]
 
 
 def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int,
@@ -70,13 +74,14 @@ def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups:
 def _apply_forward(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                    group: torch.Tensor) -> torch.Tensor:
     """``T x = H S x = S x − 2 v · dots[group]`` with ``dots = Σ_group v s x``."""
-    return x.float() * scale[:, None] - 2 * v[:, None] * dots[group]
+    return x.to(scale.dtype) * scale[:, None] - 2 * v[:, None] * dots[group]
 
 
 def _apply_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                    group: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``T⁻¹ y = S⁻¹ H y = S⁻¹ (y − 2 v · dots[group])`` with ``dots = Σ_group v y``."""
-    return ((y.float() - 2 * v[:, None] * dots[group]) / scale[:, None]).to(out_dtype)
+    """``T⁻¹ y = S⁻¹ H y = S⁻¹ (y − 2 v · dots[group])`` with ``dots = Σ_group v y``
+    (all of one dtype)."""
+    return ((y - 2 * v[:, None] * dots[group]) / scale[:, None]).to(out_dtype)
 
 
 def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
@@ -97,8 +102,8 @@ class BlockHouseholder(RowTransform):
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int):
         self.n_rows = scale.shape[0]
-        self.scale = scale  # (N,) float32
-        self.v = v  # (N,) float32, 0 for groups of one
+        self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
+        self.v = v  # (N,) same dtype, 0 for groups of one
         self.group = group  # (N,) int64
         self.n_groups = n_groups
 
@@ -123,9 +128,13 @@ class BlockHouseholder(RowTransform):
                                 self.v, self.group, qmax, per_row, stochastic, seed)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # In the transform's dtype, or float64 where y is (a float64 GEMM output or a
+        # dequantization asked for in float64): the inverse adds no rounding of its own.
+        dt = torch.promote_types(torch.promote_types(y.dtype, self.scale.dtype), torch.float32)
+        y, v, scale = y.to(dt), self.v.to(dt), self.scale.to(dt)
         fast = self._fast(y)
-        dots = _group_sums(y, self.v, self.group, self.n_groups, fast)
-        args = (y, dots, self.scale, self.v, self.group, out_dtype)
+        dots = _group_sums(y, v, self.group, self.n_groups, fast)
+        args = (y, dots, scale, v, self.group, out_dtype)
         return compiled.run("bhq_inverse", _apply_inverse, *args) if fast else _apply_inverse(*args)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
@@ -137,13 +146,16 @@ class BlockHouseholder(RowTransform):
         return out / self.scale.double() ** 2
 
 
-def bhq_transform(a: torch.Tensor) -> BlockHouseholder:
+def bhq_transform(a: torch.Tensor, fast: bool = False) -> BlockHouseholder:
     """Build the BHQ transform for ``a`` (N, D). O(N log N) bookkeeping on row ranges,
-    computed in float64 so that ranges from 1e-30 to 1e30 stay exact enough."""
+    computed in float64 so that every float32 range, subnormals included, stays exact;
+    the transform itself runs in the compute dtype (float64 for float64 ``a``). ``fast``:
+    the row ranges may come from a compiled kernel."""
     n = a.shape[0]
     dev = a.device
-    lam = row_absmax(a).double()  # (N,)
-    ones = torch.ones(n, dtype=torch.float32, device=dev)
+    dt = compute_dtype(a.dtype)
+    lam = row_absmax(a, fast).double()  # (N,)
+    ones = torch.ones(n, dtype=dt, device=dev)
     if n <= 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
@@ -188,17 +200,18 @@ def bhq_transform(a: torch.Tensor) -> BlockHouseholder:
     lam_small = lam_small_first[group_sorted]
     w1 = lam_large / r
     gm1 = torch.clamp(g - 1, min=1)
+    # (a floor at the smallest normal float64 keeps s2 finite for subnormal float64 rows)
     w2 = torch.maximum(lam_small * _householder_absmax(torch.clamp(g, min=2)),
-                       _MIN_SMALL_RATIO * lam_large)
+                       (_MIN_SMALL_RATIO * lam_large).clamp_min(torch.finfo(torch.float64).tiny))
     s = torch.where(is_large, w1.pow(-1 / 3), (w2 / gm1).pow(-1 / 3))
     s = torch.where(g > 1, s, torch.ones_like(s))
 
     # Back to the original row order.
-    scale = torch.empty(n, dtype=torch.float32, device=dev)
-    v_out = torch.empty(n, dtype=torch.float32, device=dev)
+    scale = torch.empty(n, dtype=dt, device=dev)
+    v_out = torch.empty(n, dtype=dt, device=dev)
     grp = torch.empty(n, dtype=torch.long, device=dev)
-    scale[order] = s.float()
-    v_out[order] = v.float()
+    scale[order] = s.to(dt)
+    v_out[order] = v.to(dt)
     grp[order] = group_sorted
     return BlockHouseholder(scale, v_out, grp, k)
 
@@ -208,7 +221,8 @@ class BHQ(GradQuantizer):
     granularity = Granularity.ROW
     mixes_rows = True
 
-    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
-        return bhq_transform(a)
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None,
+                  fast: bool = False) -> RowTransform:
+        return bhq_transform(a, fast)
 
 

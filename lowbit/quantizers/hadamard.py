@@ -17,11 +17,15 @@ import math
 
 import torch
 
-from ..formats import IntFormat
+from ..formats import IntFormat, compute_dtype
 from .base import GradQuantizer, Granularity, RowTransform, row_absmax
 
 DEFAULT_BLOCK = 64
-_TINY = 2.0**-60  # blocks whose largest value is below this are transformed in float64
+# float32 blocks whose largest value is below _TINY (float32 BLAS kernels may flush
+# subnormal products to zero) or above _HUGE (a sum of b values of up to max/√b each can
+# overflow) are transformed in float64, and the transformed operand stays float64.
+_TINY = 2.0**-60
+_HUGE = 2.0**100
 
 
 def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
@@ -47,24 +51,26 @@ class BlockHadamard(RowTransform):
         self.h = hadamard_matrix(block, signs.device)
 
     def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
+        """``H x`` block by block, in ``x``'s dtype, or in float64 (and returned as
+        float64) for a float32 ``x`` with blocks outside [_TINY, _HUGE]."""
         n, d = x.shape
         blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
-        if n and d:
-            # float32 BLAS kernels may flush denormals to zero: blocks of tiny values are
-            # transformed in float64, where they are normal numbers.
-            amax = row_absmax(x).reshape(-1, self.block).amax(dim=1)  # (nb,)
-            if bool(((amax > 0) & (amax < _TINY)).any()):
-                return torch.matmul(self.h.double(), blocks.double()).to(x.dtype).reshape(n, d)
-        return torch.matmul(self.h, blocks).reshape(n, d)
+        if n and d and x.dtype == torch.float32:
+            amax = row_absmax(x, self.use_compiled).reshape(-1, self.block).amax(dim=1)  # (nb,)
+            if bool((((amax > 0) & (amax < _TINY)) | (amax > _HUGE)).any()):
+                blocks = blocks.double()
+        return torch.matmul(self.h.to(blocks.dtype), blocks).reshape(n, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x.dtype))
         pad = self.signs.shape[0] - x.shape[0]
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return self._apply_h(x * self.signs[:, None])
+        return self._apply_h(x * self.signs[:, None].to(x.dtype))
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self._apply_h(y) * self.signs[:, None])[: self.n_rows].to(out_dtype)
+        y = y.to(compute_dtype(y.dtype))
+        return (self._apply_h(y) * self.signs[:, None].to(y.dtype))[: self.n_rows].to(out_dtype)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.
@@ -81,7 +87,8 @@ class Hadamard(GradQuantizer):
         hadamard_matrix(block)  # validates the block size
         self.block = block
 
-    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None,
+                  fast: bool = False) -> RowTransform:
         n = a.shape[0]
         b = block_size_for(n, self.block)
         n_pad = -(-n // b) * b if n else 0
@@ -91,15 +98,20 @@ class Hadamard(GradQuantizer):
     def variance_bound(self, a: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
         """Sign-free bound: every entry of block ``k`` after the transform is at most
         ``c_k = max_d ‖A_block_k[:, d]‖₂`` (Cauchy–Schwarz), so
-        ``Var ≤ Σ_k n_k · D · (c_k / Q)² / 4`` with ``n_k`` real rows in block ``k``."""
-        a = a.float()
+        ``Var ≤ Σ_k n_k · D · (c_k / Q)² / 4`` with ``n_k`` real rows in block ``k``.
+        0-d float64; the norms are taken on ``a`` scaled by a power of two (exact), so
+        squares of extreme values neither underflow nor overflow."""
+        a = a.double()
         n, d = a.shape
         if n == 0 or d == 0:
             return a.new_zeros(())
         b = block_size_for(n, self.block)
         n_pad = -(-n // b) * b
         x = torch.cat([a, a.new_zeros(n_pad - n, d)]) if n_pad > n else a
-        c = x.reshape(-1, b, d).pow(2).sum(dim=1).sqrt().amax(dim=1)  # (nb,)
+        top = x.abs().amax()
+        ok = torch.isfinite(top) & (top > 0)  # unit: a power of two in [top/2, top)
+        unit = torch.where(ok, torch.exp2(torch.frexp(top)[1].double() - 1), torch.ones_like(top))
+        c = (x / unit).reshape(-1, b, d).pow(2).sum(dim=1).sqrt().amax(dim=1) * unit  # (nb,)
         rows = torch.full_like(c, b)
         rows[-1] = n - (c.shape[0] - 1) * b
         return (rows * d * (c / fmt.qmax) ** 2 / 4).sum()

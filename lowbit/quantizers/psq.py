@@ -15,5 +15,6 @@ class PSQ(GradQuantizer):
     name = "psq"
     granularity = Granularity.ROW
 
-    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None,
+                  fast: bool = False) -> RowTransform:
         return Identity(a.shape[0])

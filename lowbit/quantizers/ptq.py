@@ -11,5 +11,6 @@ class PTQ(GradQuantizer):
     name = "ptq"
     granularity = Granularity.TENSOR
 
-    def transform(self, a: torch.Tensor, generator: torch.Generator | None) -> RowTransform:
+    def transform(self, a: torch.Tensor, generator: torch.Generator | None,
+                  fast: bool = False) -> RowTransform:
         return Identity(a.shape[0])

@@ -1,12 +1,16 @@
 """Fast kernels against the reference on the same random stream: compiled quantizers
-give identical codes, the fused epilogue equal values; the noise is uniform."""
+give identical codes, the fused epilogue equal values; the noise is uniform. The rounding
+arithmetic itself: stochastic rounding's exact mean over the whole noise alphabet, grid
+steps over every binade of float32/float64 (subnormals and the largest value included)."""
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 import torch
 
-from lowbit.formats import counter_uniform
+from lowbit.formats import counter_uniform, grid_step, stochastic_round
 from lowbit.kernels import compiled, reference
 
 
@@ -75,3 +79,134 @@ def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
     t.use_compiled = False
     ref = t.forward_quantize(x, 7, True, True, seed, Backend.REFERENCE)
     assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+
+
+# -- exact arithmetic of the rounding (issue 11, items 9 and 10) -------------------------
+ALPHABET = torch.arange(2**24, dtype=torch.float32) * 2.0**-24  # every value counter_uniform takes
+
+# values in many binades, both signs, with fractional parts near 0, ½ and 1 on the grid
+SR_VALUES = [2.0**-30, 0.5 + 2.0**-24, 5.25 + 2.0**-20, 100.37, 127.99999, 2.0**20 + 0.625,
+             -1e-30, -0.3, -100.37, -(2.0**22) - 0.25]
+
+
+def _exact_mean_bias(y: torch.Tensor, rounded: torch.Tensor) -> Fraction:
+    """|mean over the whole noise alphabet − y| in grid steps, in exact rational arithmetic;
+    ``rounded`` holds one result per alphabet value, each ``floor(y)`` or ``floor(y) + 1``."""
+    low = torch.floor(y)
+    ups = int((rounded == low + 1).sum())
+    assert ups + int((rounded == low).sum()) == 2**24, "rounded off the two neighbours"
+    return abs(Fraction(float(low)) + Fraction(ups, 2**24) - Fraction(float(y)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_stochastic_rounding_exact_mean_over_noise_alphabet(dtype: torch.dtype) -> None:
+    # formats.py promises bias < 2^-24 of a step; the mean over all 2^24 equally likely
+    # noise values is exactly E[q], so this checks the promise with no statistics at all.
+    for v in SR_VALUES:
+        y = torch.tensor(v, dtype=dtype)
+        bias = _exact_mean_bias(y, stochastic_round(y, ALPHABET))  # y broadcast over u
+        assert bias < Fraction(1, 2**24), f"y={v!r} ({dtype}): bias {float(bias):.3g} steps"
+
+
+def test_floor_y_plus_u_is_biased_beyond_promise() -> None:
+    # The old form floor(y + u) in float32 rounds y + u first: the test above would catch it.
+    y = torch.tensor(100.37, dtype=torch.float32)
+    assert _exact_mean_bias(y, torch.floor(y + ALPHABET)) > Fraction(1, 2**20)
+
+
+def test_counter_noise_lies_on_the_alphabet() -> None:
+    u = counter_uniform((100_000,), torch.tensor(3))
+    k = u.double() * 2**24
+    assert torch.equal(k, torch.floor(k)) and float(k.min()) >= 0 and float(k.max()) < 2**24
+
+
+@pytest.mark.parametrize("per_row", [True, False], ids=["row", "tensor"])
+def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool) -> None:
+    # The kernel's codes are exactly stochastic_round(x / step, u): so the exact-mean
+    # property above carries over to every quantizer built on it.
+    x = torch.randn(6, 9, dtype=torch.float64) * torch.tensor([1e-300, 1e-5, 1.0, 0.0, 1e200, 3.0])[:, None]
+    for dt in (torch.float32, torch.float64):
+        xd = x.to(dt)
+        seed = torch.tensor(77)
+        codes, step = reference.quantize_codes(xd, 7, per_row, True, seed)
+        a = xd.abs()
+        amax = a.amax(1, keepdim=True) if per_row else a.amax().reshape(1, 1)
+        want_step = grid_step(amax, 7)
+        assert step.dtype == dt and torch.equal(step, want_step)
+        safe = torch.where(want_step == 0, torch.ones_like(want_step), want_step)
+        want = stochastic_round(xd / safe, counter_uniform(xd.shape, seed))
+        assert torch.equal(codes, want.to(torch.int8))
+
+
+def _all_binades(dtype: torch.dtype, n: int = 4000) -> torch.Tensor:
+    """Positive finite values spread over every binade of ``dtype``, subnormals and the
+    largest finite value included."""
+    g = torch.Generator().manual_seed(5)
+    if dtype == torch.float32:
+        bits = torch.randint(1, 0x7F800000, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+        x = bits.view(torch.float32)
+    else:
+        bits = torch.randint(1, 0x7FF0000000000000, (n,), generator=g, dtype=torch.int64)
+        x = bits.view(torch.float64)
+    fi = torch.finfo(dtype)
+    extremes = torch.tensor([fi.smallest_normal * 2.0**-23 if dtype == torch.float32 else 5e-324,
+                             fi.smallest_normal, fi.max, 1.0], dtype=dtype)
+    return torch.cat([x, extremes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("qmax", [1, 7, 127])
+def test_grid_step_is_smallest_step_covering_absmax(dtype: torch.dtype, qmax: int) -> None:
+    amax = _all_binades(dtype)
+    step = grid_step(amax, qmax)
+    assert step.dtype == dtype and bool(torch.isfinite(step).all()) and bool((step > 0).all())
+    assert bool((amax / step <= qmax).all())  # |x| ≤ amax maps inside the grid
+    below = torch.nextafter(step, torch.zeros_like(step))  # one ulp less would not
+    assert bool(((below == 0) | (amax / below > qmax)).all())
+    z = grid_step(torch.tensor([0.0, float("nan"), float("inf")], dtype=dtype), qmax)
+    assert float(z[0]) == 0 and torch.isnan(z[1]) and torch.isinf(z[2])
+
+
+def test_constant_subnormal_gradients_are_exact() -> None:
+    # Issue 11 item 9's inputs: 1e-42 came out 6.7% too large, 1e-44 as 0. A constant
+    # row maps to |y| ≤ qmax exactly on the grid here, so every draw must return it.
+    for v in (1e-42, 1e-44, 1.4e-45):
+        x = torch.full((3, 5), v, dtype=torch.float32)
+        for per_row in (True, False):
+            codes, step = reference.quantize_codes(x, 127, per_row, True, torch.tensor(1))
+            assert torch.equal(codes.float() * step, x), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fixed_grid_kernel_unbiased_at_extremes(dtype: torch.dtype) -> None:
+    # The predicted-range kernel: a grid from a given amax, values inside it. Mean over
+    # 2,000 seeds against x, 5σ (σ from the draws; rounding noise is bounded).
+    scales = [1e-42, 3e-39, 1e30] if dtype == torch.float32 else [1e-300, 1e-310, 1e300]
+    for s in scales:
+        x = (torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 2
+        x = (x * s).to(dtype)
+        amax = (x.abs().amax(1, keepdim=True) * 1.5).to(dtype)
+        draws = torch.stack([
+            (lambda c, st: c.double() * st.double())(*reference.quantize_codes_fixed(
+                x, amax, 7, True, torch.tensor(i))[:2]) for i in range(2000)])
+        ratio = draws / x.double()  # relative to each value: no absolute slack
+        m, se = ratio.mean(0), ratio.std(0) / 2000**0.5
+        assert bool(((m - 1).abs() <= 5 * se + 1e-6).all()), (s, float((m - 1).abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: torch.dtype) -> None:
+    # Subnormal, huge and ordinary rows: the compiled kernel must not flush subnormals or
+    # round the step differently.
+    x = torch.randn(8, 64, dtype=torch.float64)
+    if dtype == torch.float32:
+        mags = [1e-45, 1e-42, 1e-39, 1e-30, 1.0, 1e30, 3e37, 0.0]
+    else:
+        mags = [5e-324, 1e-315, 1e-300, 1e-30, 1.0, 1e300, 1e307, 0.0]
+    x = (x * torch.tensor(mags, dtype=torch.float64)[:, None]).to(dtype)
+    seed = torch.tensor(2024)
+    for per_row in (True, False):
+        for stochastic in (True, False):
+            c1, s1 = compiled.quantize_codes(x, 7, per_row, stochastic, seed)
+            c2, s2 = reference.quantize_codes(x, 7, per_row, stochastic, seed)
+            assert torch.equal(c1, c2) and torch.equal(s1, s2), (per_row, stochastic)

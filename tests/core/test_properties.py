@@ -2,13 +2,17 @@
 quantizer on both backends: finite output for finite input, unbiased, and only the
 documented exceptions.
 
-Documented limits these tests respect: a float16 result of BHQ/Hadamard can overflow
-when inputs come near float16's maximum (an unbiased estimate of 65504 must sometimes
-exceed it), so float16 magnitudes stay ≤ 1e3; results returned in bfloat16/float16 are
-rounded to that dtype, so unbiasedness is checked on the float32 dequantized values.
+Documented limits these tests respect: a result within a grid step of its dtype's largest
+value can round past it (an unbiased estimate of 65504 must sometimes exceed it), so
+magnitudes stay well below each maximum (float16 ≤ 1e3, where BHQ/Hadamard's transforms
+also stay finite); results returned in bfloat16/float16/float32 are rounded to that dtype,
+so unbiasedness is checked on the dequantized values in float64, with no allowance for
+subnormal spacing (the steps are exact down to the smallest subnormal).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -22,9 +26,11 @@ from lowbit.formats import IntFormat
 from lowbit.kernels import Backend, compiled
 from lowbit.quantizers import QUANTIZERS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_MAG = {"float32": 1e30, "bfloat16": 1e30, "float16": 1e3}
-MIN_MAG = {"float32": 1e-30, "bfloat16": 1e-30, "float16": 1e-4}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+MAX_MAG = {"float32": 1e30, "bfloat16": 1e30, "float16": 1e3, "float64": 1e300}
+MIN_MAG = {"float32": 1e-30, "bfloat16": 1e-30, "float16": 1e-4, "float64": 1e-300}
+DENORMAL = {"float32": 1e-40, "bfloat16": 1e-40, "float16": 1e-6, "float64": 1e-310}
 
 
 @st.composite
@@ -42,9 +48,9 @@ def gradients(draw: st.DrawFn) -> tuple[torch.Tensor, str]:
     elif kind == "constant_rows":
         x = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, d) * mag
     elif kind == "denormal":
-        x = x * {"float32": 1e-40, "bfloat16": 1e-40, "float16": 1e-6}[dtype]
+        x = x * DENORMAL[dtype]
     elif kind == "mixed":  # row magnitudes spread between the dtype's limits
-        lo, hi = torch.log10(torch.tensor(MIN_MAG[dtype])), torch.log10(torch.tensor(MAX_MAG[dtype]))
+        lo, hi = math.log10(MIN_MAG[dtype]), math.log10(MAX_MAG[dtype])
         x = x * 10 ** (lo + (hi - lo) * torch.rand(n, 1, generator=g, dtype=torch.float64))
     else:
         x = x * mag
@@ -77,10 +83,10 @@ def test_quantizer_properties(backend: Backend, name: str, case: tuple[torch.Ten
     assert torch.isfinite(out).all(), "finite input gave a non-finite output"
     if g.numel() == 0:
         return
-    draws = torch.stack([q.quantize(g, IntFormat(4), gen, backend=backend).dequantize()
+    draws = torch.stack([q.quantize(g, IntFormat(4), gen, backend=backend).dequantize(torch.float64)
                          for _ in range(200)])
     assert torch.isfinite(draws).all()
-    assert_unbiased(draws, g.float())
+    assert_unbiased(draws, g.double(), denormal_spacing=0.0)
 
 
 @pytest.mark.parametrize("recipe", ["fqt-psq-4", "fqt-bhq-4", "fqt-hadamard-4", "fqt-ptq-4"])

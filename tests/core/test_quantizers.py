@@ -1,5 +1,7 @@
-"""Properties of the gradient quantizers: unbiased, variance within the analytic bound,
-ordering BHQ < PSQ < PTQ on unequal rows, edge cases, NaN/Inf propagation."""
+"""Properties of the gradient quantizers: unbiased (over the whole finite range of each
+dtype), variance within the analytic bound (all-zero groups add none), ordering
+BHQ < PSQ < PTQ on unequal rows, BHQ's Householder entries against a dense matrix, edge
+cases, NaN/Inf propagation, and backend="reference" running no compiled code."""
 
 from __future__ import annotations
 
@@ -7,11 +9,17 @@ import pytest
 import torch
 from conftest import assert_unbiased
 
+from torch import nn
+
 import lowbit
-from lowbit.formats import IntFormat
-from lowbit.quantizers import QUANTIZERS
-from lowbit.quantizers.bhq import bhq_transform
+from lowbit import FQTConfig
+from lowbit.formats import IntFormat, Rounding, compute_dtype
+from lowbit.kernels import Backend, compiled, quantize_codes
+from lowbit.quantizers import QUANTIZERS, Granularity, absmax
+from lowbit.quantizers.bhq import _householder_absmax, bhq_transform
+from lowbit.quantizers.forward import quantize_operand
 from lowbit.quantizers.hadamard import hadamard_matrix
+from lowbit.ranges import RangeTracker
 
 NAMES = list(QUANTIZERS)
 
@@ -149,3 +157,193 @@ def test_bad_inputs_named() -> None:
         lowbit.quantize_grad(torch.ones(3, 3, dtype=torch.long), "psq", 4)
     with pytest.raises(TypeError, match="torch.Tensor"):
         lowbit.quantize_grad([[1.0]], "psq", 4)  # type: ignore[arg-type]
+
+
+# -- the whole finite range of each dtype (issue 11, item 9) -----------------------------
+def _extreme(dtype: torch.dtype, kind: str, scale: float, n: int = 6, d: int = 8) -> torch.Tensor:
+    if kind == "const":
+        return torch.full((n, d), scale, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    return (x / x.abs().amax() * scale).to(dtype)  # largest |x| = scale (before rounding)
+
+
+F32_TINY = torch.finfo(torch.float32).smallest_normal
+EXTREMES = {  # (dtype, kind, scale): subnormals, the largest finite values, float64 far out
+    "f32_const_1e-42": (torch.float32, "const", 1e-42),
+    "f32_const_1e-44": (torch.float32, "const", 1e-44),
+    "f32_const_min_subnormal": (torch.float32, "const", 2.0**-149),
+    "f32_randn_subnormal": (torch.float32, "randn", 1e-40),
+    "f32_randn_at_min_normal": (torch.float32, "randn", F32_TINY),
+    "f32_const_max": (torch.float32, "const", torch.finfo(torch.float32).max),
+    "f32_randn_max": (torch.float32, "randn", torch.finfo(torch.float32).max),
+    "f64_randn_1e-300": (torch.float64, "randn", 1e-300),
+    "f64_randn_1e300": (torch.float64, "randn", 1e300),
+    "f64_const_subnormal": (torch.float64, "const", 1e-310),
+    # float64 has no wider type to dequantize into: a result within a step of its largest
+    # value may round past it (documented), so stay a factor 64 below it
+    "f64_randn_near_max": (torch.float64, "randn", torch.finfo(torch.float64).max / 64),
+    "bf16_const_subnormal": (torch.bfloat16, "const", 1e-40),
+    "bf16_randn_max": (torch.bfloat16, "randn", 3.38e38),
+    "f16_const_min_subnormal": (torch.float16, "const", 2.0**-24),
+    "f16_randn_max": (torch.float16, "randn", 65504.0),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTREMES))
+@pytest.mark.parametrize("name", NAMES)
+def test_unbiased_over_whole_dtype_range(name: str, case: str) -> None:
+    # Dequantized in float64, so nothing rounds after the codes: the mean must equal the
+    # input with no subnormal slack (conftest's z-test at 5σ; gaps below 1e-6 of the
+    # largest value are float rounding of y = x/step or of the transform). Before the fix
+    # 1e-42 came out 6.7% too large and 1e-44 as 0 (float32 steps lost precision).
+    dtype, kind, scale = EXTREMES[case]
+    g = _extreme(dtype, kind, scale)
+    q, fmt = QUANTIZERS[name], IntFormat(8)
+    gen = torch.Generator().manual_seed(3)
+    for backend in (Backend.REFERENCE, Backend.AUTO):
+        s = torch.stack([q.quantize(g, fmt, gen, backend=backend).dequantize(torch.float64)
+                         for _ in range(300)])
+        assert torch.isfinite(s).all()
+        assert_unbiased(s, g.double(), denormal_spacing=0.0)
+
+
+@pytest.mark.parametrize("case", ["f32_const_1e-42", "f32_randn_subnormal", "f64_randn_1e-300",
+                                  "f64_randn_1e300", "f64_const_subnormal", "f32_randn_max"])
+@pytest.mark.parametrize("granularity", [Granularity.ROW, Granularity.TENSOR])
+def test_forward_round_to_nearest_over_whole_dtype_range(case: str, granularity: Granularity) -> None:
+    # Q_f (round-to-nearest): the step is grid_step(absmax) in the compute dtype and every
+    # value is within half a step of its code — at float32 subnormals and float64 extremes.
+    dtype, kind, scale = EXTREMES[case]
+    x = _extreme(dtype, kind, scale)
+    for backend in (Backend.REFERENCE, Backend.AUTO):
+        qr = quantize_operand(x, 8, granularity, Rounding.NEAREST, None, backend)
+        a = absmax(x.to(compute_dtype(dtype)), granularity)
+        assert torch.equal(qr.step, IntFormat(8).step(a))
+        err = (qr.dequantize(torch.float64) - x.double()).abs()
+        assert bool((err <= qr.step.double() / 2 * (1 + 2.0**-20)).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_grad_keeps_float64_extremes(name: str) -> None:
+    # float64 gradients are not squeezed through float32 (1e-300 became 0, 1e300 inf).
+    for scale in (1e-300, 1e300):
+        g = _extreme(torch.float64, "randn", scale)
+        out = lowbit.quantize_grad(g, name, 8, torch.Generator().manual_seed(0))
+        assert out.dtype == torch.float64 and torch.isfinite(out).all()
+        rel = (out - g).abs().amax() / g.abs().amax()  # within a 255-level grid of the max
+        assert 0 < float(rel) <= 2 / 127, float(rel)
+
+
+@pytest.mark.parametrize("case", ["f32_randn_subnormal", "f32_randn_max", "f64_randn_1e-150",
+                                  "f64_randn_1e150"])
+@pytest.mark.parametrize("name", NAMES)
+def test_variance_formulas_over_whole_dtype_range(name: str, case: str) -> None:
+    # expected_variance (exact) and variance_bound, at scales where the variance itself is
+    # representable in float64, against the measured mean squared error (5 s.e.).
+    extra = {"f64_randn_1e-150": (torch.float64, "randn", 1e-150),
+             "f64_randn_1e150": (torch.float64, "randn", 1e150)}
+    dtype, kind, scale = {**EXTREMES, **extra}[case]
+    g = _extreme(dtype, kind, scale, n=12, d=10)
+    q, fmt, s = QUANTIZERS[name], IntFormat(4), 400
+    gen = torch.Generator().manual_seed(4)
+    unit = float(g.double().abs().amax())
+    err = torch.stack([((q.quantize(g, fmt, gen).dequantize(torch.float64) - g.double()) / unit)
+                       .pow(2).sum() for _ in range(s)])
+    measured, se = err.mean(), err.std() / s**0.5
+    bound = q.variance_bound(g, fmt) / unit**2
+    assert bound.dtype == torch.float64 and measured <= bound + 5 * se, (measured, bound)
+    if name != "hadamard":  # exact for deterministic transforms
+        expected = q.expected_variance(g, fmt) / unit**2
+        assert expected.dtype == torch.float64
+        assert abs(measured - expected) <= 5 * se + 1e-9 * expected, (measured, expected)
+
+
+# -- all-zero groups add no variance (issue 11, item 12) ----------------------------------
+def test_zero_rows_add_nothing_to_variance_bound_or_expected_variance() -> None:
+    # The ∇W operand of a ReLU layer with dead units: rows (output features) all zero.
+    # Each zero row used to add D/(4Q²) to the bound whatever the gradient's scale.
+    live = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 1e-3
+    g = torch.zeros(16, 32)
+    g[[1, 5, 6, 12]] = live
+    fmt = IntFormat(4)
+    for name in ("psq", "bhq"):
+        q = QUANTIZERS[name]
+        # with only the live rows present (BHQ: zero rows join groups, so compare PSQ only)
+        if name == "psq":
+            assert float(q.variance_bound(g, fmt)) == float(q.variance_bound(live, fmt))
+            assert float(q.expected_variance(g, fmt)) == float(q.expected_variance(live, fmt))
+        bound, exp = float(q.variance_bound(g, fmt)), float(q.expected_variance(g, fmt))
+        assert 0 < exp <= bound <= 4 * float(QUANTIZERS["psq"].variance_bound(live, fmt)) * 4
+    for name in NAMES:  # an all-zero gradient: no variance at all, and no draw moves it
+        q = QUANTIZERS[name]
+        assert float(q.variance_bound(torch.zeros(6, 5), fmt)) == 0.0
+        assert float(q.expected_variance(torch.zeros(6, 5), fmt)) == 0.0
+    from lowbit.analysis.bounds import weighted_expected_variance
+
+    w = torch.rand(32, generator=torch.Generator().manual_seed(1))
+    assert float(weighted_expected_variance("psq", g, fmt, w)) == float(
+        weighted_expected_variance("psq", live, fmt, w))
+    assert float(weighted_expected_variance("psq", g, fmt, torch.ones(32))) == float(
+        QUANTIZERS["psq"].expected_variance(g, fmt))
+
+
+def test_zero_group_step_is_zero() -> None:
+    codes, step = quantize_codes(torch.zeros(3, 4), 7, True, True, torch.tensor(0))
+    assert torch.equal(step, torch.zeros(3, 1)) and torch.equal(codes, torch.zeros(3, 4, dtype=torch.int8))
+
+
+# -- BHQ's Householder entries (issue 11, item 11) ----------------------------------------
+def _dense_householder(g: int) -> torch.Tensor:
+    """``H_g = I − 2vvᵀ``, ``v = (e1 − 𝟙/√g)/‖e1 − 𝟙/√g‖``, built explicitly (float64)."""
+    v = -torch.ones(g, dtype=torch.float64) / g**0.5
+    v[0] += 1
+    v = v / v.norm()
+    return torch.eye(g, dtype=torch.float64) - 2 * torch.outer(v, v)
+
+
+def test_householder_absmax_matches_dense_matrix() -> None:
+    for g in range(2, 21):
+        h = _dense_householder(g)
+        torch.testing.assert_close(h @ torch.eye(g, dtype=torch.float64)[:, 0],
+                                   torch.full((g,), g**-0.5, dtype=torch.float64))  # H e1 = 𝟙/√g
+        got = float(_householder_absmax(torch.tensor(float(g), dtype=torch.float64)))
+        assert got == pytest.approx(float(h.abs().max()), rel=1e-12), g
+
+
+def test_bhq_equals_psq_when_the_group_is_a_pair_of_equal_rows() -> None:
+    # Two equal rows form one group of two; with the right max|H_2| = 1/√2 the scales are
+    # equal, the reflection puts the whole content in one row, and the variance is PSQ's.
+    g = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).expand(2, 64).contiguous()
+    t = bhq_transform(g)
+    assert t.n_groups == 1 and float(t.scale[0]) == pytest.approx(float(t.scale[1]), rel=1e-6)
+    fmt = IntFormat(4)
+    bhq, psq = (float(QUANTIZERS[n].expected_variance(g, fmt)) for n in ("bhq", "psq"))
+    assert bhq == pytest.approx(psq, rel=1e-5)
+
+
+# -- backend="reference" is plain eager torch (issue 11, item 13) -------------------------
+def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.compile called under backend='reference'")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(compiled, "_compiled", {})  # no wrapper compiled earlier is reused
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every size would take the fused path
+    monkeypatch.setattr(compiled, "_enabled", True)
+    g = unequal_rows(n=40, d=24)
+    for name in NAMES:
+        for rounding in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            qr = QUANTIZERS[name].quantize(g, IntFormat(4), torch.Generator().manual_seed(0),
+                                           rounding, Backend.REFERENCE)
+            qr.dequantize()
+        tracker = RangeTracker(4, 2.0, False, "requantize")
+        for _ in range(2):  # predicted-range path: dynamic first, then the fixed grid
+            QUANTIZERS[name].quantize(g, IntFormat(4), None, Rounding.STOCHASTIC,
+                                      Backend.REFERENCE, tracker).dequantize()
+        cfg = FQTConfig.from_recipe(f"fqt-{name}-4", backend="reference", seed=0)
+        for layer, x in ((nn.Linear(24, 16), torch.randn(40, 24)),
+                         (nn.Conv2d(3, 8, 3, padding=1), torch.randn(4, 3, 8, 8))):
+            m = lowbit.convert(layer, cfg)
+            x.requires_grad_(True)
+            m(x).square().sum().backward()
+            assert x.grad is not None and m.weight.grad is not None

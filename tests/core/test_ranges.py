@@ -33,7 +33,8 @@ def test_fixed_grid_counts_and_clips_exactly() -> None:
     assert int(n_over) == 2  # -3 beyond 1, 2.5 beyond 2
     assert float(clip_sq) == pytest.approx(2.0**2 + 0.5**2)
     assert float(tot_sq) == pytest.approx(float((x * x).sum()))
-    assert codes.tolist() == [[4, -7, 7], [7, 0, -1]]  # clipped to ±qmax, rest round-to-nearest
+    # clipped to ±qmax, rest round-to-nearest of x/step: 0.5/fl(1/7) = 3.4999998 → 3
+    assert codes.tolist() == [[3, -7, 7], [7, 0, -1]]
 
 
 def test_fixed_grid_compiled_equals_reference() -> None:
