@@ -5,20 +5,24 @@
     grad_weight  ∇W = Q_w(∇Y)ᵀ · Q_f(X)
 
 The math lives in plain functions (``linear_output``, ``linear_grad_input``,
-``linear_grad_weight``, ...) so that analysis code can call them without autograd; the
-autograd Functions only wire them together. Weights are quantized once per step and
-reused by the output and grad_input GEMMs; the activation is saved for the backward as
-int8 codes plus scales. The two gradient quantizations of ``∇Y`` are independent draws
-from the layer's generator.
+``linear_grad_weight``, ...) so that analysis code can call them without autograd; a
+layer's forward and backward (``_linear_forward``/``_linear_backward``, ``_conv2d_*``)
+are rows of the block table of :mod:`lowbit.ops`, whose custom ops wire them into
+autograd and keep them opaque to ``torch.compile``. Weights are quantized once per step
+and reused by the output and grad_input GEMMs; the activation is saved for the backward
+as int8 codes plus scales. Each operand draws its noise from its own generator, keyed by
+the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import IntFormat
@@ -26,11 +30,11 @@ from .kernels import scaled_mm
 from .quantizers import QuantizedRows, get_quantizer
 from .quantizers.base import Identity
 from .quantizers.forward import quantize_operand
+from .noise import NoiseStream, Path, draw_base_seed
+from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .ranges import RangeTracker
 
-# Predicted-range trackers of a layer's (grad_input, grad_weight) paths; None: dynamic.
-Trackers = tuple[RangeTracker | None, RangeTracker | None]
-_DYNAMIC: Trackers = (None, None)
+Generators = dict[Path, torch.Generator]  # one per operand path that draws noise
 
 
 def quantize_forward(
@@ -112,47 +116,55 @@ def linear_grad_weight(
     return _rows_times(qa, qx, backend, out_dtype)
 
 
-def _save_rows(ctx: Any, *qs: QuantizedRows) -> None:
-    ctx.save_for_backward(*[t for q in qs for t in (q.codes, q.step)])
+def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    config: FQTConfig, gens: Generators, params: Sequence[int],
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+    """Forward of a linear block: ``x`` (N, in) → ``(Y (N, out), Q_f(x), Q_f(W))``."""
+    # x: (N, in), flattened by fqt_linear, so that the output is the GEMM's own fresh
+    # (N, out) tensor: a view made in here could not be modified in place outside.
+    with torch.autocast(x.device.type, enabled=False):  # our GEMMs pick their own types
+        qx = quantize_forward(x, config.activation, gens.get(Path.ACTIVATION), config.backend)
+        qw = quantize_forward(weight, config.weight, gens.get(Path.WEIGHT), config.backend)
+        y = linear_output(qx, qw, config.backend, bias, out_dtype)  # (N, out)
+    return y, qx, qw
 
 
-def _load_rows(ctx: Any) -> list[QuantizedRows]:
-    t = ctx.saved_tensors
-    return [QuantizedRows(t[i], t[i + 1], Identity(t[i].shape[0])) for i in range(0, len(t), 2)]
+def _linear_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+                     gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(∇X, ∇W, ∇b)`` of a linear block from ``gy`` (N, out), read as is by the
+    quantizers; ``None`` where ``needs`` says not wanted."""
+    gx = gw = gb = None
+    with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
+        if needs[0]:
+            gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), cfg.backend,
+                                   meta.x_dtype, trackers[0])
+        if needs[1]:
+            gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
+                                    cfg.backend, meta.w_dtype, trackers[1])
+        if meta.b_dtype is not None and needs[2]:
+            gb = gy.sum(0, dtype=torch.float32).to(meta.b_dtype)
+    return gx, gw, gb
 
 
-class _FQTLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                config: FQTConfig, generator: torch.Generator | None,
-                out_dtype: torch.dtype, trackers: Trackers) -> torch.Tensor:
-        # x: (N, in), flattened by fqt_linear, so that the output is the GEMM's own fresh
-        # (N, out) tensor: a view made in here could not be modified in place outside.
-        with torch.autocast(x.device.type, enabled=False):  # our GEMMs pick their own types
-            qx = quantize_forward(x, config.activation, generator, config.backend)
-            qw = quantize_forward(weight, config.weight, generator, config.backend)
-            y = linear_output(qx, qw, config.backend, bias, out_dtype)  # (N, out)
-        _save_rows(ctx, qx, qw)
-        ctx.config, ctx.generator, ctx.trackers = config, generator, trackers
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        return y
+def _linear_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> list[int]:
+    return [x_shape[0], w_shape[0]]
 
-    @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor):  # type: ignore[override]
-        qx, qw = _load_rows(ctx)  # gy: (N, out), read as is by the quantizers
-        cfg = ctx.config
-        gx = gw = gb = None
-        with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
-            if ctx.needs_input_grad[0]:
-                gx = linear_grad_input(gy, qw, cfg.grad_input, ctx.generator, cfg.backend,
-                                       ctx.x_dtype, ctx.trackers[0])
-            if ctx.needs_input_grad[1]:
-                gw = linear_grad_weight(gy, qx, cfg.grad_weight, ctx.generator, cfg.backend,
-                                        ctx.w_dtype, ctx.trackers[1])
-            if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
-                gb = gy.sum(0, dtype=torch.float32).to(ctx.b_dtype)
-        return gx, gw, gb, None, None, None, None
+
+register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape))
+
+
+def block_state(state: BlockState | FQTConfig) -> BlockState:
+    """``state`` itself, or for a bare :class:`FQTConfig` a fresh :class:`BlockState`
+    whose noise stream has base seed ``config.seed`` (``None``: one draw from torch's
+    global RNG) and name ``""`` — a new stream per call, so pass a ``BlockState`` (as the
+    layers do) to keep one stream, range trackers and ``torch.compile`` across calls."""
+    if isinstance(state, BlockState):
+        return state
+    if not isinstance(state, FQTConfig):
+        raise TypeError(f"state must be a BlockState or an FQTConfig, got {type(state).__name__}")
+    seed = draw_base_seed() if state.seed is None else state.seed
+    return BlockState(state, NoiseStream(seed))
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -178,24 +190,24 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               config: FQTConfig, generator: torch.Generator | None = None,
-               trackers: Trackers = _DYNAMIC) -> torch.Tensor:
+               state: BlockState | FQTConfig) -> torch.Tensor:
     """Linear layer under ``config`` (``fp``: plain ``F.linear``): ``x`` (*, in),
     ``weight`` (out, in), ``bias`` (out,) → (*, out), any leading shape, empty ones too.
 
     The output dtype is :func:`output_dtype` of ``x`` (the autocast dtype under autocast);
     the GEMMs run in the recipe's arithmetic whatever autocast says; gradients have the
-    dtypes of ``x``, ``weight`` and ``bias``. ``trackers``: the (grad_input, grad_weight)
-    range trackers of predicted specs. Raises ``RuntimeError`` as ``nn.Linear`` does for
+    dtypes of ``x``, ``weight`` and ``bias``. ``state``: the recipe, noise stream and
+    range trackers (:func:`block_state`; a layer passes its own). Raises ``RuntimeError`` as ``nn.Linear`` does for
     mismatched dtypes (:func:`check_dtypes`) or shapes."""
-    if config.is_fp:
+    state = block_state(state)
+    if state.config.is_fp:
         return F.linear(x, weight, bias)
     check_dtypes("fqt_linear", x, weight, bias)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise RuntimeError(f"fqt_linear: input of shape {tuple(x.shape)} does not fit a weight "
                            f"of shape {tuple(weight.shape)}: its last dimension must be {weight.shape[1]}")
     x2d = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (N, in)
-    y = _FQTLinearFn.apply(x2d, weight, bias, config, generator, output_dtype(x), trackers)
+    y = apply_block("linear", x2d, weight, bias, state, (), output_dtype(x))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # (*, out)
 
 
@@ -204,80 +216,108 @@ def _conv_rows_dequant(q: QuantizedRows, shape: torch.Size) -> torch.Tensor:
     return q.dequantize().reshape(shape)
 
 
-class _FQTConv2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                config: FQTConfig, generator: torch.Generator | None, conv: tuple,
-                trackers: Trackers) -> torch.Tensor:
-        stride, padding, dilation, groups = conv
-        be = config.backend
-        out_dtype = output_dtype(x)  # the autocast dtype under autocast, as nn.Conv2d
-        with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
-            qx = quantize_forward(_rows(x), config.activation, generator, be)  # rows: samples
-            qw = quantize_forward(_rows(weight), config.weight, generator, be)  # rows: out ch.
-            xd, wd = _conv_rows_dequant(qx, x.shape), _conv_rows_dequant(qw, weight.shape)
-            b = None if bias is None else bias.float()
-            y = F.conv2d(xd, wd, b, stride, padding, dilation, groups)  # fresh: not a view
-        _save_rows(ctx, qx, qw)
-        ctx.config, ctx.generator, ctx.conv, ctx.trackers = config, generator, conv, trackers
-        ctx.x_shape, ctx.w_shape, ctx.x_dtype, ctx.w_dtype = x.shape, weight.shape, x.dtype, weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        return y.to(out_dtype)
+def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    config: FQTConfig, gens: Generators, params: Sequence[int],
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+    """Forward of a conv2d block, ``params`` = (stride×2, padding×2, dilation×2, groups):
+    ``x`` (N, C_in, H, W) → ``(Y (N, C_out, H', W'), Q_f(x), Q_f(W))``."""
+    stride, padding, dilation, groups = params[0:2], params[2:4], params[4:6], params[6]
+    be = config.backend
+    with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
+        qx = quantize_forward(_rows(x), config.activation, gens.get(Path.ACTIVATION), be)  # rows: samples
+        qw = quantize_forward(_rows(weight), config.weight, gens.get(Path.WEIGHT), be)  # rows: out ch.
+        xd, wd = _conv_rows_dequant(qx, x.shape), _conv_rows_dequant(qw, weight.shape)
+        b = None if bias is None else bias.float()
+        y = F.conv2d(xd, wd, b, stride, padding, dilation, groups)  # fresh: not a view
+    return y.to(out_dtype), qx, qw
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        qx, qw = _load_rows(ctx)
-        cfg, (stride, padding, dilation, groups) = ctx.config, ctx.conv
-        gx = gw = gb = None
-        with torch.autocast(grad_out.device.type, enabled=False):  # the recipe's arithmetic
-            g = grad_out.float()  # (B, C_out, H, W)
-            empty = g.numel() == 0 or qx.codes.numel() == 0  # nothing to quantize or to sum
-            if ctx.needs_input_grad[0] and empty:
-                gx = g.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
-            elif ctx.needs_input_grad[0]:
-                gi = g
-                if cfg.grad_input is not None:  # rows = samples
-                    gi = quantize_gradient(_rows(g), cfg.grad_input, ctx.generator,
-                                           cfg.backend, ctx.trackers[0])
-                    gi = gi.dequantize().reshape(g.shape)
-                wd = _conv_rows_dequant(qw, ctx.w_shape)
-                gx = torch.nn.grad.conv2d_input(ctx.x_shape, wd, gi, stride, padding, dilation, groups)
-                gx = gx.to(ctx.x_dtype)
-            if ctx.needs_input_grad[1] and empty:
-                gw = g.new_zeros(ctx.w_shape, dtype=ctx.w_dtype)
-            elif ctx.needs_input_grad[1]:
-                gw_in = g
-                if cfg.grad_weight is not None:  # rows = output channels
-                    gt = _rows(g.transpose(0, 1))
-                    gq = quantize_gradient(gt, cfg.grad_weight, ctx.generator, cfg.backend,
-                                           ctx.trackers[1]).dequantize()
-                    gw_in = gq.reshape(g.shape[1], g.shape[0], *g.shape[2:]).transpose(0, 1)
-                xd = _conv_rows_dequant(qx, ctx.x_shape)
-                gw = torch.nn.grad.conv2d_weight(xd, ctx.w_shape, gw_in, stride, padding, dilation, groups)
-                gw = gw.to(ctx.w_dtype)
-            if ctx.b_dtype is not None and ctx.needs_input_grad[2]:  # (C_out,)
-                gb = (g.new_zeros(ctx.w_shape[0]) if empty else g.sum(dim=(0, 2, 3))).to(ctx.b_dtype)
-        return gx, gw, gb, None, None, None, None
+
+def _conv2d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+                     gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(∇X, ∇W, ∇b)`` of a conv2d block from ``gy`` (N, C_out, H', W')."""
+    p = meta.params
+    stride, padding, dilation, groups = p[0:2], p[2:4], p[4:6], p[6]
+    gx = gw = gb = None
+    with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
+        g = gy.float()  # (B, C_out, H, W)
+        empty = g.numel() == 0 or qx.codes.numel() == 0  # nothing to quantize or to sum
+        if needs[0] and empty:
+            gx = g.new_zeros(meta.x_shape, dtype=meta.x_dtype)
+        elif needs[0]:
+            gi = g
+            if cfg.grad_input is not None:  # rows = samples
+                gi = quantize_gradient(_rows(g), cfg.grad_input, gens.get(Path.GRAD_INPUT),
+                                       cfg.backend, trackers[0])
+                gi = gi.dequantize().reshape(g.shape)
+            wd = _conv_rows_dequant(qw, meta.w_shape)
+            gx = torch.nn.grad.conv2d_input(meta.x_shape, wd, gi, stride, padding, dilation, groups)
+            gx = gx.to(meta.x_dtype)
+        if needs[1] and empty:
+            gw = g.new_zeros(meta.w_shape, dtype=meta.w_dtype)
+        elif needs[1]:
+            gw_in = g
+            if cfg.grad_weight is not None:  # rows = output channels
+                gt = _rows(g.transpose(0, 1))
+                gq = quantize_gradient(gt, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), cfg.backend,
+                                       trackers[1]).dequantize()
+                gw_in = gq.reshape(g.shape[1], g.shape[0], *g.shape[2:]).transpose(0, 1)
+            xd = _conv_rows_dequant(qx, meta.x_shape)
+            gw = torch.nn.grad.conv2d_weight(xd, meta.w_shape, gw_in, stride, padding, dilation, groups)
+            gw = gw.to(meta.w_dtype)
+        if meta.b_dtype is not None and needs[2]:  # (C_out,)
+            gb = (g.new_zeros(meta.w_shape[0]) if empty else g.sum(dim=(0, 2, 3))).to(meta.b_dtype)
+    return gx, gw, gb
+
+
+def _conv2d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> list[int]:
+    """(N, C_out, H', W'), ``H' = ⌊(H + 2p − d(k − 1) − 1)/s⌋ + 1`` (as ``nn.Conv2d``)."""
+    s, p, d = params[0:2], params[2:4], params[4:6]
+    hw = [(x_shape[2 + i] + 2 * p[i] - d[i] * (w_shape[2 + i] - 1) - 1) // s[i] + 1 for i in range(2)]
+    return [x_shape[0], w_shape[0], *hw]
+
+
+register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape))
+
+
+def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """``F.pad`` amounts (left, right, top, bottom) of ``padding="same"``: total
+    ``d·(k − 1)`` per dimension, the odd one extra on the right/bottom (as torch does)."""
+    pads: list[int] = []
+    for d, k in zip(reversed(dilation), reversed(kernel_size)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return pads
 
 
 def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               config: FQTConfig, generator: torch.Generator | None = None,
-               stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
-               trackers: Trackers = _DYNAMIC) -> torch.Tensor:
-    """Conv2d under ``config`` (``fp``: plain ``F.conv2d``): ``x`` (N, C_in, H, W),
-    ``weight`` (C_out, C_in/groups, kH, kW), ``bias`` (C_out,) → (N, C_out, H', W'), empty
-    batches too. The same contract as :func:`fqt_linear`: output dtype
-    :func:`output_dtype` of ``x``, the recipe's arithmetic under autocast (the three GEMMs
-    are simulated: dequantize, then a float32 convolution), gradients in the dtypes of
-    ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes."""
-    if config.is_fp:
+               state: BlockState | FQTConfig, stride: Any = 1, padding: Any = 0,
+               dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    """Conv2d under ``state`` (:func:`block_state`; ``fp``: plain ``F.conv2d``): ``x``
+    (N, C_in, H, W) or unbatched (C_in, H, W), ``weight`` (C_out, C_in/groups, kH, kW),
+    ``bias`` (C_out,) → (N, C_out, H', W'), empty batches too; ``padding`` an int, a pair,
+    ``"valid"`` or ``"same"`` (zeros). The same contract as :func:`fqt_linear`: output
+    dtype :func:`output_dtype` of ``x``, the recipe's arithmetic under autocast (the three
+    GEMMs are simulated: dequantize, then a float32 convolution), gradients in the dtypes
+    of ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes."""
+    state = block_state(state)
+    if state.config.is_fp:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     check_dtypes("fqt_conv2d", x, weight, bias)
-    return _FQTConv2dFn.apply(x, weight, bias, config, generator,
-                              (stride, padding, dilation, groups), trackers)
+    if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
+        return fqt_conv2d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
+    stride, dilation = _pair(stride), _pair(dilation)
+    if padding == "same":
+        x, padding = F.pad(x, same_padding(weight.shape[2:], dilation)), 0
+    elif padding == "valid":
+        padding = 0
+    params = [*stride, *_pair(padding), *dilation, groups]
+    return apply_block("conv2d", x, weight, bias, state, params, output_dtype(x))
 
 
 __all__ = [
+    "Trackers",
+    "block_state",
     "check_dtypes",
     "fqt_conv2d",
     "fqt_linear",
@@ -287,4 +327,5 @@ __all__ = [
     "output_dtype",
     "quantize_forward",
     "quantize_gradient",
+    "same_padding",
 ]

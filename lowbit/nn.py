@@ -3,8 +3,10 @@
 ``FQTLinear`` and ``FQTConv2d`` subclass ``nn.Linear`` / ``nn.Conv2d`` and keep their
 parameters (same objects, same names), so a converted model loads the unconverted
 model's ``state_dict`` and vice versa, and an optimizer built before conversion keeps
-working. Each converted layer owns the generator that draws its stochastic-rounding
-noise, seeded at conversion: a seeded run is bitwise reproducible on the CPU.
+working. Each converted layer owns its stochastic-rounding noise stream
+(:class:`lowbit.noise.NoiseStream`: base seed, fully qualified name, rank, a counter of
+backward calls — the rule is in :mod:`lowbit.noise`): a seeded run is bitwise reproducible
+on the CPU, and recomputation (activation checkpointing) sees the same noise.
 """
 
 from __future__ import annotations
@@ -18,82 +20,71 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .config import FQTConfig, GradSpec
+from .config import FQTConfig
 from .conversion import ConversionReport, ConversionWarning, disable_fused_fastpath, rebuild, skip_reason
-from .functional import Trackers, fqt_conv2d, fqt_linear
-from .quantizers import Granularity, get_quantizer
+from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
+from .noise import NoiseStream, draw_base_seed
+from .ops import BlockState
 from .ranges import RangeStats, RangeTracker
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-GRAD_PATHS = ("grad_input", "grad_weight")
-
-
-def _tracker_for(spec: GradSpec | None, rows_persist: bool,
-                 existing: RangeTracker | None) -> RangeTracker | None:
-    """The tracker a predicted spec needs (``existing`` if it fits), else ``None``.
-    Per row only where rows persist and the quantizer neither mixes nor pools them."""
-    if spec is None or not spec.predicted:
-        return None
-    q = get_quantizer(spec.quantizer)
-    per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
-    key = (spec.history, spec.margin, per_row, spec.overflow.value, spec.quantizer)
-    return existing if existing is not None and existing.key() == key else RangeTracker(*key)
-
-
 class _StochasticLayer:
-    """Config, a per-device ``torch.Generator`` for the SR noise of one layer, and the
-    predicted-range trackers of its gradient paths (created when a spec asks for them)."""
+    """A layer's :class:`~lowbit.ops.BlockState`: its config (reassignable), its noise
+    stream, and the predicted-range trackers of its gradient paths (created when a spec
+    asks for them). The layer's custom ops read it when they run."""
 
-    config: FQTConfig
-    seed: int
-    _generators: dict[str, torch.Generator]
-    range_trackers: dict[str, RangeTracker]
+    _block: BlockState
 
-    def _init_quant(self, config: FQTConfig, seed: int | None) -> None:
+    def _init_quant(self, config: FQTConfig, seed: int | None, name: str) -> None:
+        """Base seed: ``seed`` if given, else ``config.seed``, else one draw from torch's
+        global RNG (:mod:`lowbit.noise`); ``name``: the layer's fully qualified name."""
         if not isinstance(config, FQTConfig):
             raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
-        self.config = config
-        self.seed = _draw_seed() if seed is None else int(seed)
-        self._generators = {}
-        self.range_trackers = {}
+        if seed is None:
+            seed = draw_base_seed() if config.seed is None else config.seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._block = BlockState(config, NoiseStream(seed, name))
+
+    @property
+    def config(self) -> FQTConfig:
+        return self._block.config
+
+    @config.setter
+    def config(self, value: FQTConfig) -> None:
+        if not isinstance(value, FQTConfig):
+            raise TypeError(f"config must be an FQTConfig, got {type(value).__name__}")
+        self._block.config = value
+
+    @property
+    def noise(self) -> NoiseStream:
+        """This layer's noise stream (seed, name, counter)."""
+        return self._block.noise
+
+    @property
+    def seed(self) -> int:
+        """The base seed of this layer's noise stream."""
+        return self._block.noise.seed
+
+    @property
+    def range_trackers(self) -> dict[str, RangeTracker]:
+        return self._block.range_trackers
 
     def trackers(self) -> Trackers:
-        """(grad_input, grad_weight) trackers for the current config (``None``: dynamic).
-        The ∇W path's rows are output features: they persist, so PSQ predicts per row."""
-        out = []
-        for path in GRAD_PATHS:
-            t = _tracker_for(getattr(self.config, path), path == "grad_weight",
-                             self.range_trackers.get(path))
-            if t is not None:
-                self.range_trackers[path] = t
-            out.append(t)
-        return out[0], out[1]
+        """(grad_input, grad_weight) trackers for the current config (``None``: dynamic)."""
+        return self._block.trackers()
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[key] = gen
-        return gen
+    def rng_state(self) -> dict[str, Any]:
+        """This layer's noise state ``{"seed", "name", "counter"}`` (for checkpoints)."""
+        return self._block.noise.state_dict()
 
-    def rng_state(self) -> dict[str, torch.Tensor]:
-        """States of this layer's generators, by device (for checkpoints)."""
-        return {k: g.get_state() for k, g in self._generators.items()}
-
-    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
-        for key, s in state.items():
-            self.generator(torch.device(key)).set_state(s)
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self._block.noise.load_state_dict(state)
 
     def _extra(self) -> str:
-        return f"recipe={describe(self.config)}, seed={self.seed}"
+        return f"recipe={describe(self.config)}, seed={self.seed}, name={self.noise.name!r}"
 
 
 class FQTLinear(nn.Linear, _StochasticLayer):
@@ -101,16 +92,19 @@ class FQTLinear(nn.Linear, _StochasticLayer):
     any leading shape ``(*, in_features)``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 config: FQTConfig, seed: int | None = None,
+                 config: FQTConfig, seed: int | None = None, name: str = "",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_quant(config, seed)
+        self._init_quant(config, seed, name)
 
     @classmethod
-    def from_float(cls, mod: nn.Linear, config: FQTConfig, seed: int | None = None) -> FQTLinear:
-        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTLinear``."""
+    def from_float(cls, mod: nn.Linear, config: FQTConfig, seed: int | None = None,
+                   name: str = "") -> FQTLinear:
+        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTLinear``. Noise:
+        base seed ``seed``, else ``config.seed``, else one global-RNG draw; ``name`` (the
+        fully qualified name; ``convert`` passes it) keys the stream (:mod:`lowbit.noise`)."""
         new = cls(mod.in_features, mod.out_features, mod.bias is not None,
-                  config=config, seed=seed, device="meta")
+                  config=config, seed=seed, name=name, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
         new.train(mod.training)
         return new
@@ -119,8 +113,7 @@ class FQTLinear(nn.Linear, _StochasticLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True  # a constant store: no torch.compile guard or graph break
-        return fqt_linear(x, self.weight, self.bias, self.config, self.generator(x.device),
-                          self.trackers())
+        return fqt_linear(x, self.weight, self.bias, self._block)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
@@ -130,17 +123,20 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
     """``nn.Conv2d`` (stride, padding incl. ``'same'``/padding modes, dilation, groups,
     bias) whose three GEMMs run under an :class:`FQTConfig` (simulated kernels)."""
 
-    def __init__(self, *args, config: FQTConfig, seed: int | None = None, **kwargs):
+    def __init__(self, *args, config: FQTConfig, seed: int | None = None, name: str = "",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(config, seed)
+        self._init_quant(config, seed, name)
 
     @classmethod
-    def from_float(cls, mod: nn.Conv2d, config: FQTConfig, seed: int | None = None) -> FQTConv2d:
-        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv2d``."""
+    def from_float(cls, mod: nn.Conv2d, config: FQTConfig, seed: int | None = None,
+                   name: str = "") -> FQTConv2d:
+        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv2d`` (seed and
+        ``name`` as for :meth:`FQTLinear.from_float`)."""
         new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
                   padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
                   bias=mod.bias is not None, padding_mode=mod.padding_mode,
-                  config=config, seed=seed, device="meta")
+                  config=config, seed=seed, name=name, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
         new.train(mod.training)
         return new
@@ -152,12 +148,7 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
         if self.padding == "valid":
             return x, (0, 0)
         if self.padding == "same":
-            # total padding d·(k−1) per dim; extra one on the right when odd (as torch does)
-            pads = []
-            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            return nn.functional.pad(x, pads), (0, 0)
+            return nn.functional.pad(x, same_padding(self.kernel_size, self.dilation)), (0, 0)
         return x, _pair(self.padding)
 
     ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
@@ -165,8 +156,8 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True  # a constant store: no torch.compile guard or graph break
         x, padding = self._explicit_padding(x)
-        return fqt_conv2d(x, self.weight, self.bias, self.config, self.generator(x.device),
-                          self.stride, padding, self.dilation, self.groups, self.trackers())
+        return fqt_conv2d(x, self.weight, self.bias, self._block, self.stride, padding,
+                          self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
@@ -185,10 +176,6 @@ def describe(config: FQTConfig) -> str:
         text = "fp" if spec is None else f"{spec.quantizer}{spec.bits}"
         parts.append(f"{name}:{text}{'~pred' if spec is not None and spec.predicted else ''}")
     return "/".join(parts)
-
-
-def _child_seed(base: int, index: int) -> int:
-    return (base * 1_000_003 + index * 7_919 + 1) % (2**62)
 
 
 def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None,
@@ -218,8 +205,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, FQTConfig):
         raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
-    base = _draw_seed() if config.seed is None else config.seed
-    index = 0
+    base = draw_base_seed() if config.seed is None else config.seed  # noise: lowbit.noise
     converted: list[str] = []
     skipped: dict[str, str] = {}
     excluded: list[str] = []
@@ -227,7 +213,6 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     memo: dict[int, nn.Module] = {}
 
     def swap(module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
-        nonlocal index
         if module_filter is not None and not module_filter(module, name):
             excluded.append(name)
             return module
@@ -244,10 +229,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         if reason is not None:
             skipped[name] = reason
             return module
-        index += 1
-        seed = _child_seed(base, index)
         converted.append(name)
-        return rebuild(module, plain, lambda m: cls.from_float(m, config, seed=seed))
+        return rebuild(module, plain, lambda m: cls.from_float(m, config, seed=base, name=name))
 
     def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> nn.Module:
         if id(module) in memo:  # shared module: convert once, reuse everywhere
@@ -291,12 +274,13 @@ def reset_ran(model: nn.Module) -> None:
         m.ran = False
 
 
-def rng_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """Every converted layer's SR generator state (save it in checkpoints)."""
+def rng_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every converted layer's noise state ``{"seed", "name", "counter"}`` by layer name
+    (plain ints and strings: save it in checkpoints; :mod:`lowbit.noise` has the rule)."""
     return {n: m.rng_state() for n, m in fqt_layers(model).items()}
 
 
-def load_rng_state(model: nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_rng_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
     """Restore what :func:`rng_state` returned; layer names must match."""
     layers = fqt_layers(model)
     missing = sorted(set(state) - set(layers))

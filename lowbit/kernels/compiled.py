@@ -7,13 +7,24 @@ epilogue one pass. Same code, same arithmetic: the codes equal the reference's (
 Compilation needs a C++ compiler (CPU) or Triton (GPU). If it is unavailable the first
 failure is reported once as a warning and the reference kernels are used from then on.
 Set ``LOWBIT_COMPILE=0`` to never compile. Small tensors are not worth a compiled call.
+
+**No global settings are touched.** Dynamo keeps its compiled variants per code object
+and falls back to eager after ``torch._dynamo.config.recompile_limit`` (8) of them. A
+model meets more variants of one kernel than that (flags, dtypes, layouts), so instead of
+raising the user's limits, each *variant* gets its own copy of the kernel's code object
+(:func:`_variant_key` names it: the kernel, its non-tensor arguments, and each tensor's
+dtype, rank, contiguity and unit dimensions) and so its own cache; shapes are dynamic
+within a variant. Every variant is compiled with ``fullgraph=True``: a graph break or a
+variant that still hits the recompile limit raises, and is reported by the warning above
+rather than silently run eagerly.
 """
 
 from __future__ import annotations
 
 import os
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -22,7 +33,8 @@ from . import reference
 
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
 _enabled = os.environ.get("LOWBIT_COMPILE", "1") != "0" and hasattr(torch, "compile")
-_compiled: dict[str, Callable[..., Any]] = {}
+# kernel name -> variant key -> compiled copy of the kernel
+_compiled: dict[str, dict[Hashable, Callable[..., Any]]] = {}
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -56,36 +68,55 @@ def use_for(x: torch.Tensor) -> bool:
     return _enabled and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
-# Each kernel is specialised on its flags (bits, per-row, rounding), dtype and layout:
-# a model meets a dozen variants, more than dynamo's default of 8 recompiles per function,
-# after which it would silently run eager. Raise the limits (never lower them).
-_LIMITS = {"recompile_limit": 64, "cache_size_limit": 64, "accumulated_recompile_limit": 1024,
-           "accumulated_cache_size_limit": 1024}
+def _variant_key(args: tuple[Any, ...]) -> Hashable:
+    """What dynamo specialises on: non-tensor arguments by value; tensors by dtype,
+    device type, rank, contiguity and which dimensions are 1 (sizes stay dynamic). The
+    tensors reach the kernel detached (:func:`run`), so neither a ``Parameter`` (whose
+    shape dynamo keeps static) nor the base of a view adds guards."""
+    key: list[Hashable] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.device.type, a.dim(), a.is_contiguous(),
+                        tuple(d == 1 for d in a.shape)))
+        else:
+            key.append(a if isinstance(a, Hashable) else repr(a))
+    return tuple(key)
 
 
-def _raise_recompile_limits() -> None:
-    import torch._dynamo.config as cfg
-
-    for key, value in _LIMITS.items():
-        if hasattr(cfg, key) and getattr(cfg, key) < value:
-            setattr(cfg, key, value)
+def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a fresh code object (same bytecode, globals, defaults and closure):
+    dynamo's cache and recompile count belong to that copy alone."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` through ``torch.compile`` (one compiled wrapper per ``name``); on a
-    compiler failure, warn once and run ``fn`` eagerly from then on."""
+    """``fn(*args)`` through ``torch.compile`` (one compiled copy per kernel variant); on
+    a compiler failure, warn once and run ``fn`` eagerly from then on. Tensor arguments
+    are detached (plain tensors, no view or autograd history: the kernels compute codes,
+    scales and epilogues, which nothing differentiates)."""
     global _enabled
-    f = _compiled.get(name)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    variants = _compiled.setdefault(name, {})
+    key = _variant_key(args)
+    f = variants.get(key)
     if f is None:
-        _raise_recompile_limits()
-        f = _compiled[name] = torch.compile(fn, dynamic=True)
+        f = variants[key] = torch.compile(_own_copy(fn), dynamic=True, fullgraph=True)
     try:
         return f(*args)
     except _compile_errors() as exc:
         _enabled = False
-        warnings.warn(f"lowbit: torch.compile failed ({type(exc).__name__}); using the "
-                      "reference kernels from now on (same results, slower)", stacklevel=3)
+        warnings.warn(f"lowbit: torch.compile failed for kernel {name!r} ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); using the reference "
+                      "kernels from now on (same results, slower)", stacklevel=3)
         return fn(*args)
+
+
+def variant_count() -> int:
+    """How many compiled kernel variants exist (each compiled once, on first use)."""
+    return sum(len(v) for v in _compiled.values())
 
 
 def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,

@@ -1,0 +1,192 @@
+"""Where every stochastic-rounding noise stream comes from: one rule, one module.
+
+A converted layer owns a :class:`NoiseStream`. Every quantization call that rounds
+stochastically (or draws random signs, like the Hadamard quantizer) seeds a fresh
+``torch.Generator`` on the operand's device with a 64-bit **key**, and the quantizer draws
+its noise from that generator alone. Keys follow one rule::
+
+    base    = config.seed — or, when it is None, ONE draw from torch's global CPU RNG at
+              conversion (``convert``: one draw for the whole model; ``from_float`` or a
+              layer's constructor: one draw per layer)
+    layer   = the layer's fully qualified name in the model given to ``convert`` (not the
+              conversion order); ``from_float``/the constructor use ``name=""`` unless
+              given one, so two identical conversions draw identical noise
+    rank    = ``torch.distributed.get_rank()`` if the default process group is initialised
+              when the stream is FIRST USED (its first quantization call), else 0
+    stream  = stream_seed(base, layer, rank) = mix(base, fnv1a64(layer), rank)
+
+    backward call k of the layer (k = 0, 1, ...: the layer's counter, advanced once per
+    backward call, never by the forward):
+        key = mix(stream, path, k)         path ∈ {GRAD_INPUT = 3, GRAD_WEIGHT = 4}
+    forward call with a stochastic-rounding forward spec:
+        d   = ONE draw of 63 bits from torch's default CPU generator (as dropout draws)
+        key = mix(stream, path, d)          path ∈ {ACTIVATION = 1, WEIGHT = 2}
+    round-to-nearest forward (the default): no key, nothing drawn from any RNG.
+
+Why the forward draws from the global RNG: recomputation (``torch.utils.checkpoint`` in
+both modes, which saves and restores torch's CPU RNG state around the recomputed
+forward; a step retried after ``torch.set_rng_state``) then sees the same noise as the
+original forward, while the backward, which is never recomputed, runs on the layer's own
+counter. So the same (seed, layer, rank, step) always gives the same stream, and streams
+differ when any of them differ: ranks of a data-parallel job draw independent noise (the
+averaged gradient then has 1/world_size the quantization variance of one rank's, instead
+of the same noise summed coherently).
+
+``mix(w₀, …, wₙ)``: ``h ← 0``; for each word ``h ← splitmix64(h ⊕ (w mod 2⁶⁴))``, where
+``splitmix64`` is the finaliser of Steele, Lea & Flood, "Fast splittable pseudorandom
+number generators" (OOPSLA 2014), the generator Java's ``SplittableRandom`` uses.
+``fnv1a64`` is the 64-bit FNV-1a hash of the name's UTF-8 bytes (Fowler–Noll–Vo), stable
+across processes and Python versions, unlike ``hash(str)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+
+_M64 = (1 << 64) - 1
+
+
+class Path(enum.IntEnum):
+    """Which operand of a layer's three GEMMs a key is for."""
+
+    ACTIVATION = 1
+    WEIGHT = 2
+    GRAD_INPUT = 3
+    GRAD_WEIGHT = 4
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64 of a 64-bit word (Steele, Lea & Flood 2014): add the golden-ratio
+    increment, then the variant-13 finaliser. A bijection on ``[0, 2⁶⁴)``."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def mix(*words: int) -> int:
+    """One 64-bit key from integer words (any sign; taken mod 2⁶⁴), order-sensitive:
+    ``h ← splitmix64(h ⊕ w)`` from ``h = 0``."""
+    h = 0
+    for w in words:
+        h = splitmix64(h ^ (int(w) & _M64))
+    return h
+
+
+def fnv1a64(text: str) -> int:
+    """64-bit FNV-1a hash of ``text``'s UTF-8 bytes (offset basis 0xcbf29ce484222325,
+    prime 0x100000001b3)."""
+    h = 0xCBF29CE484222325
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & _M64
+    return h
+
+
+def stream_seed(base_seed: int, layer_name: str, rank: int = 0) -> int:
+    """The seed of one layer's noise stream on one rank: ``mix(base_seed,
+    fnv1a64(layer_name), rank)`` (module docstring). Same arguments → same stream; any
+    argument different → an independent stream. ``base_seed``: ``FQTConfig.seed`` (or the
+    one draw made at conversion); ``layer_name``: the fully qualified module name;
+    ``rank``: the data-parallel rank (``torch.distributed.get_rank()``)."""
+    if not isinstance(layer_name, str):
+        raise TypeError(f"layer_name must be a str, got {type(layer_name).__name__}")
+    return mix(base_seed, fnv1a64(layer_name), rank)
+
+
+def current_rank() -> int:
+    """``torch.distributed.get_rank()`` when the default process group is initialised,
+    else 0."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def draw_base_seed() -> int:
+    """One 62-bit draw from torch's global CPU RNG: the base seed when ``config.seed`` is
+    None (so ``torch.manual_seed`` makes such runs reproducible)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def forward_draw() -> int:
+    """One 63-bit draw from torch's default CPU generator: the per-call part of a
+    stochastic-rounding forward's key (saved and restored by ``torch.utils.checkpoint``)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+def generator_for(key: int, device: torch.device | str) -> torch.Generator:
+    """A fresh ``torch.Generator`` on ``device`` seeded with the 64-bit ``key``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(key & _M64)
+    return gen
+
+
+class NoiseStream:
+    """The noise of one layer: ``(seed, name)`` fix the stream, ``counter`` counts its
+    backward calls; the rank is read at the first quantization call (module docstring).
+
+    ``seed``: int (the base seed); ``name``: str (the layer's fully qualified name).
+    """
+
+    def __init__(self, seed: int, name: str = "") -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        self.seed, self.name, self.counter = seed, name, 0
+        self._rank: int | None = None
+        self._stream: int | None = None
+
+    @property
+    def rank(self) -> int:
+        """The rank this stream is bound to (read once, at first use)."""
+        if self._rank is None:
+            self._rank = current_rank()
+        return self._rank
+
+    def stream_seed(self) -> int:
+        """:func:`stream_seed` of (seed, name, rank), computed once."""
+        if self._stream is None:
+            self._stream = stream_seed(self.seed, self.name, self.rank)
+        return self._stream
+
+    def key(self, path: Path, index: int) -> int:
+        """``mix(stream, path, index)``: ``index`` is the counter value (backward paths)
+        or the call's global draw (forward paths); the path tells the two apart."""
+        return mix(self.stream_seed(), int(path), index)
+
+    def forward_generators(self, device: torch.device, paths: tuple[Path, ...]
+                           ) -> dict[Path, torch.Generator]:
+        """Generators of one stochastic-rounding forward call (one global draw for all
+        ``paths``); empty, and nothing drawn, when ``paths`` is empty."""
+        if not paths:
+            return {}
+        index = forward_draw()
+        return {p: generator_for(self.key(p, index), device) for p in paths}
+
+    def backward_generators(self, device: torch.device, paths: tuple[Path, ...]
+                            ) -> dict[Path, torch.Generator]:
+        """Generators of one backward call; advances the counter by one (also when
+        ``paths`` is empty, so a step's index does not depend on which paths ran)."""
+        k = self.counter
+        self.counter += 1
+        return {p: generator_for(self.key(p, k), device) for p in paths}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed", "name", "counter"}``: plain ints and a str (checkpoint-safe)."""
+        return {"seed": self.seed, "name": self.name, "counter": self.counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"seed", "name", "counter"} - set(state)
+        if missing:
+            raise KeyError(f"noise state lacks {sorted(missing)}")
+        self.seed, self.name, self.counter = int(state["seed"]), str(state["name"]), int(state["counter"])
+        self._rank = self._stream = None  # re-read at next use: a resumed job may run elsewhere
+
+    def __repr__(self) -> str:
+        return f"NoiseStream(seed={self.seed}, name={self.name!r}, counter={self.counter})"
+
+
+__all__ = ["NoiseStream", "Path", "current_rank", "draw_base_seed", "fnv1a64", "forward_draw",
+           "generator_for", "mix", "splitmix64", "stream_seed"]

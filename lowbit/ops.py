@@ -1,0 +1,247 @@
+"""A layer's quantized GEMM block as an opaque ``torch.library`` custom op.
+
+Everything a converted layer does between its input and its output — quantizing the
+operands, the integer or simulated GEMMs, the noise streams, the predicted-range
+trackers — runs inside two custom ops, ``lowbit::block_forward`` and
+``lowbit::block_backward`` (wired together with ``register_autograd``). Their arguments
+are tensors, ints, strings and dtypes only, and each has a fake (meta) implementation,
+so ``torch.compile`` traces a converted model into the same graphs as the unconverted
+one, with one call per layer and no ``torch.Generator``, data-dependent branch or Python
+state in traced code. Eager mode runs the very same ops, so compiled and eager results
+are bitwise equal.
+
+The Python state a block reads when it runs (recipe, :class:`~lowbit.noise.NoiseStream`,
+range trackers) is a :class:`BlockState`, found from the op through its ``handle`` (a
+string, registered weakly: the layer owns the state). Which GEMMs a block computes is a
+row of a table (:func:`register_kind`): ``linear`` and ``conv2d`` are registered by
+``lowbit.functional``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import FQTConfig, GradSpec, OperandSpec
+from .formats import Rounding
+from .noise import NoiseStream, Path
+from .quantizers import Granularity, QuantizedRows, get_quantizer
+from .quantizers.base import Identity
+from .ranges import RangeTracker
+
+# Predicted-range trackers of a block's (grad_input, grad_weight) paths; None: dynamic.
+Trackers = tuple[RangeTracker | None, RangeTracker | None]
+GRAD_PATHS = ("grad_input", "grad_weight")
+
+_STATES: weakref.WeakValueDictionary[str, BlockState] = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+def _tracker_for(spec: GradSpec | None, rows_persist: bool,
+                 existing: RangeTracker | None) -> RangeTracker | None:
+    """The tracker a predicted spec needs (``existing`` if it fits), else ``None``.
+    Per row only where rows persist and the quantizer neither mixes nor pools them."""
+    if spec is None or not spec.predicted:
+        return None
+    q = get_quantizer(spec.quantizer)
+    per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
+    key = (spec.history, spec.margin, per_row, spec.overflow.value, spec.quantizer)
+    return existing if existing is not None and existing.key() == key else RangeTracker(*key)
+
+
+class BlockState:
+    """What one block reads when it runs: ``config`` (an :class:`FQTConfig`, may be
+    reassigned), ``noise`` (its :class:`NoiseStream`) and ``range_trackers`` (created
+    when a predicted spec asks for them). ``handle`` names it to the ops; a copy
+    (``copy.deepcopy``, pickling) gets a handle of its own."""
+
+    def __init__(self, config: FQTConfig, noise: NoiseStream) -> None:
+        if not isinstance(config, FQTConfig):
+            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+        if not isinstance(noise, NoiseStream):
+            raise TypeError(f"noise must be a lowbit.noise.NoiseStream, got {type(noise).__name__}")
+        self.config = config
+        self.noise = noise
+        self.range_trackers: dict[str, RangeTracker] = {}
+        self._register()
+
+    def _register(self) -> None:
+        self.handle = f"block{next(_next_handle)}"
+        _STATES[self.handle] = self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "handle"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def trackers(self) -> Trackers:
+        """(grad_input, grad_weight) trackers for the current config (``None``: dynamic).
+        The ∇W path's rows are output features: they persist, so PSQ predicts per row."""
+        out = []
+        for path in GRAD_PATHS:
+            t = _tracker_for(getattr(self.config, path), path == "grad_weight",
+                             self.range_trackers.get(path))
+            if t is not None:
+                self.range_trackers[path] = t
+            out.append(t)
+        return out[0], out[1]
+
+
+def _state(handle: str) -> BlockState:
+    state = _STATES.get(handle)
+    if state is None:
+        raise RuntimeError(f"lowbit: block state {handle!r} no longer exists (the layer or "
+                           "BlockState that ran the forward was freed before its backward)")
+    return state
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    """What the backward knows of the forward's operands (shapes as int lists)."""
+
+    params: list[int]
+    x_shape: list[int]
+    x_dtype: torch.dtype
+    w_shape: list[int]
+    w_dtype: torch.dtype
+    b_dtype: torch.dtype | None
+
+
+# forward(x, weight, bias, config, generators, params, out_dtype) -> (y, Q_f(x), Q_f(w));
+# backward(gy, qx, qw, config, generators, trackers, meta, needs) -> (gx, gw, gb);
+# out_shape(x_shape, w_shape, params) -> the output's shape.
+@dataclass(frozen=True)
+class BlockKind:
+    forward: Callable[..., tuple[torch.Tensor, QuantizedRows, QuantizedRows]]
+    backward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+    out_shape: Callable[[Sequence[int], Sequence[int], Sequence[int]], list[int]]
+
+
+_KINDS: dict[str, BlockKind] = {}
+
+
+def register_kind(name: str, kind: BlockKind) -> None:
+    """Add a row to the block table (``lowbit.functional`` registers linear and conv2d)."""
+    _KINDS[name] = kind
+
+
+def _kind(name: str) -> BlockKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown block kind {name!r}; registered: {', '.join(_KINDS)}") from None
+
+
+def _forward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
+    specs: tuple[tuple[Path, OperandSpec | None], ...] = (
+        (Path.ACTIVATION, cfg.activation), (Path.WEIGHT, cfg.weight))
+    return tuple(p for p, s in specs if s is not None and s.rounding is Rounding.STOCHASTIC)
+
+
+def _backward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
+    specs = ((Path.GRAD_INPUT, cfg.grad_input), (Path.GRAD_WEIGHT, cfg.grad_weight))
+    return tuple(p for p, s in specs if s is not None)
+
+
+# -- the two ops -----------------------------------------------------------------------
+@torch.library.custom_op("lowbit::block_forward", mutates_args=())
+def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  handle: str, params: list[int], out_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, x_codes, x_step, w_codes, w_step)``: the output and the quantized forward
+    operands (int8 codes (rows, cols), float32 steps (rows, 1) or (1, 1)) saved for the
+    backward. Draws from torch's CPU RNG only for a stochastic-rounding forward spec."""
+    state = _state(handle)
+    cfg = state.config
+    gens = state.noise.forward_generators(x.device, _forward_paths(cfg))
+    y, qx, qw = _kind(kind).forward(x, weight, bias, cfg, gens, params, out_dtype)
+    return y.contiguous(), qx.codes.contiguous(), qx.step.contiguous(), \
+        qw.codes.contiguous(), qw.step.contiguous()
+
+
+def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = t.shape[0], math.prod(t.shape[1:])
+    per_row = spec is not None and spec.granularity is Granularity.ROW
+    return (t.new_empty((rows, cols), dtype=torch.int8),
+            t.new_empty((rows if per_row else 1, 1), dtype=torch.float32))
+
+
+@block_forward.register_fake
+def _(kind, x, weight, bias, handle, params, out_dtype):  # noqa: ANN001, ANN202
+    cfg = _state(handle).config
+    y = x.new_empty(_kind(kind).out_shape(x.shape, weight.shape, params), dtype=out_dtype)
+    return (y, *_fake_rows(x, cfg.activation), *_fake_rows(weight, cfg.weight))
+
+
+@torch.library.custom_op("lowbit::block_backward", mutates_args=())
+def block_backward(kind: str, gy: torch.Tensor, x_codes: torch.Tensor, x_step: torch.Tensor,
+                   w_codes: torch.Tensor, w_step: torch.Tensor, handle: str, params: list[int],
+                   x_shape: list[int], x_dtype: torch.dtype, w_shape: list[int],
+                   w_dtype: torch.dtype, b_dtype: torch.dtype | None, needs: list[bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∇x, ∇w, ∇b)``; an empty tensor where ``needs`` says the gradient is not wanted.
+    Advances the block's noise counter by one and updates its range trackers."""
+    meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype)
+    grads = _run_backward(kind, gy, (x_codes, x_step, w_codes, w_step), handle, meta, needs)
+    return tuple(gy.new_empty(0) if g is None else g.contiguous() for g in grads)  # type: ignore[return-value]
+
+
+def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], handle: str,
+                  meta: BlockMeta, needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+    state = _state(handle)
+    cfg = state.config
+    gens = state.noise.backward_generators(gy.device, _backward_paths(cfg))
+    x_codes, x_step, w_codes, w_step = saved
+    qx = QuantizedRows(x_codes, x_step, Identity(x_codes.shape[0]))
+    qw = QuantizedRows(w_codes, w_step, Identity(w_codes.shape[0]))
+    return _kind(kind).backward(gy, qx, qw, cfg, gens, state.trackers(), meta, needs)
+
+
+@block_backward.register_fake
+def _(kind, gy, x_codes, x_step, w_codes, w_step, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
+      w_shape, w_dtype, b_dtype, needs):
+    shapes = ((x_shape, x_dtype), (w_shape, w_dtype), ([w_shape[0]], b_dtype))
+    return tuple(gy.new_empty(s, dtype=d) if n else gy.new_empty(0)
+                 for (s, d), n in zip(shapes, needs))
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    kind, x, weight, bias, handle, params, _ = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.kind, ctx.handle = kind, handle
+    ctx.meta = BlockMeta(list(params), list(x.shape), x.dtype, list(weight.shape), weight.dtype,
+                         None if bias is None else bias.dtype)
+    ctx.state = _STATES.get(handle)  # keeps a transient state alive until the backward
+
+
+def _backward(ctx: Any, gy: torch.Tensor, *_: Any) -> tuple:
+    m: BlockMeta = ctx.meta
+    needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
+    if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
+        gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
+    else:
+        gx, gw, gb = block_backward(ctx.kind, gy, *ctx.saved_tensors, ctx.handle, m.params,
+                                    m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, needs)
+    return (None, gx if needs[0] else None, gw if needs[1] else None,
+            gb if needs[2] else None, None, None, None)
+
+
+block_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                state: BlockState, params: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """The output of block ``kind`` under ``state`` (differentiable in x, weight, bias)."""
+    return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
+
+
+__all__ = ["BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
+           "block_forward", "register_kind"]

@@ -1,0 +1,219 @@
+"""torch.compile and lowbit: a converted model compiles like the unconverted one (same
+graphs, no graph break, no recompile per layer) and gives bitwise the eager results;
+lowbit's own compiled kernels leave dynamo's global settings alone and never fall back to
+eager silently, even with many layer shapes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import lowbit
+from lowbit import FQTConfig, OperandSpec
+from lowbit.kernels import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_compile = pytest.mark.skipif(not compiled.enabled(), reason="torch.compile disabled "
+                                   "(LOWBIT_COMPILE=0 or unavailable)")
+
+
+def dilated(n: int = 70, c: int = 3) -> nn.Module:
+    """``n`` convolutions of distinct (kernel, dilation, padding) settings, then a Linear."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(n):
+        k, d = 1 + 2 * (i % 3), 1 + i % 7 + 7 * (i // 21)
+        layers += [nn.Conv2d(c, c, k, padding=d * (k // 2), dilation=d), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 8 * 8, 5))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(inplace=True),
+                         nn.Linear(32, 5))
+
+
+class InvertedResidual(nn.Module):
+    """A MobileNetV3 block: 1×1 expand, depthwise 3×3, squeeze-excite, 1×1 project."""
+
+    def __init__(self, c: int, e: int) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False),
+                                nn.BatchNorm2d(e), nn.Hardswish())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(e, e // 4, 1), nn.ReLU(inplace=True),
+                                nn.Conv2d(e // 4, e, 1), nn.Hardsigmoid())
+        self.project = nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(self.expand(x))
+        return x + self.project(h * self.se(h))
+
+
+def mobilenet_v3_like() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Hardswish(),
+                         *[InvertedResidual(8, e) for e in (16, 24, 32)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+MODELS = {"mlp": (mlp, (6, 12)), "cnn": (cnn, (4, 3, 8, 8)), "dilated70": (dilated, (2, 3, 8, 8)),
+          "mobilenet_v3_like": (mobilenet_v3_like, (2, 3, 16, 16))}
+
+
+def sr_forward(recipe: str) -> FQTConfig:
+    cfg = FQTConfig.from_recipe(recipe, seed=0)
+    return dataclasses.replace(cfg, activation=OperandSpec(8, rounding="stochastic"))
+
+
+def train_step(model: nn.Module, run: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    y = run(xi)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+
+# -- item 16: a converted model compiles like the unconverted one ---------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_traces_into_the_same_single_graph(name: str) -> None:
+    build, shape = MODELS[name]
+    x = torch.randn(shape)
+    plain = torch._dynamo.explain(build())(x)
+    model = lowbit.convert(build(), FQTConfig.from_recipe("fqt-bhq-4", seed=0))
+    conv = torch._dynamo.explain(model)(x)
+    assert (plain.graph_count, plain.graph_break_count) == (1, 0)
+    assert (conv.graph_count, conv.graph_break_count) == (1, 0), conv.break_reasons
+    n_layers = len(lowbit.fqt_layers(model))
+    calls = [n for g in conv.graphs for n in g.graph.nodes
+             if n.op == "call_function" and "block_forward" in str(n.target)]
+    assert len(calls) == n_layers  # one opaque op per converted layer
+
+
+@needs_compile
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "sr-forward:fqt-hadamard-4"])
+def test_compiled_training_is_bitwise_eager_without_recompiles(recipe: str) -> None:
+    cfg = sr_forward(recipe.split(":")[1]) if recipe.startswith("sr-forward") else \
+        FQTConfig.from_recipe(recipe, seed=0)
+
+    # Linear and Conv2d layers in one model. Its float ops are ReLU and reshapes, which
+    # Inductor computes exactly; a GELU would differ from eager by float rounding (as it
+    # does in the unconverted model), and so would everything downstream of it.
+    def both() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.Flatten(),
+                             nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    x = torch.randn(4, 3, 8, 8)
+    eager = lowbit.convert(both(), cfg)
+    model = lowbit.convert(both(), cfg)
+    run = torch.compile(model)
+    torch._dynamo.reset()
+    counters.clear()
+    for step in range(2):  # the second step: new noise (counter 1), no recompile
+        torch.manual_seed(step)
+        want = train_step(eager, eager, x)
+        torch.manual_seed(step)
+        got = train_step(model, run, x)
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), f"step {step}"
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1
+    assert eager[0].noise.counter == model[0].noise.counter == 2
+
+
+def test_compiled_model_with_checkpointing_matches_eager() -> None:
+    """torch.compile's recompute of a checkpointed region sees the original noise too."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    x = torch.randn(6, 12)
+    cfg = sr_forward("fqt-psq-4")
+    eager = lowbit.convert(mlp(), cfg)
+    model = lowbit.convert(mlp(), cfg)
+    run = torch.compile(Ckpt(model), backend="aot_eager")  # AOT's partitioner decides recompute
+    torch.manual_seed(3)
+    want = train_step(eager, eager, x)
+    torch.manual_seed(3)
+    got = train_step(model, run, x)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+# -- item 15: lowbit's kernels change no global setting and do not fall back silently -------
+def _config_snapshot() -> dict:
+    import torch._inductor.config as inductor_config
+
+    return {"dynamo": torch._dynamo.config.get_config_copy(),
+            "inductor": inductor_config.get_config_copy()}
+
+
+@needs_compile
+def test_every_kernel_leaves_dynamo_config_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = copy.deepcopy(_config_snapshot())
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every kernel through torch.compile
+    x = torch.randn(16, 40)
+    seed = torch.tensor(7, dtype=torch.int64)
+    compiled.quantize_codes(x, 7, True, True, seed)
+    compiled.quantize_codes_fixed(x, x.abs().amax().reshape(1, 1), 7, True, seed)
+    compiled.dequantize_acc(torch.randint(-99, 99, (16, 8), dtype=torch.int32), torch.rand(16, 1),
+                            torch.rand(1, 8))
+    for recipe in ("fqt-bhq-4", "fqt-hadamard-4", "fqt-psq-4-predicted"):  # row_absmax, BHQ's
+        model = lowbit.convert(mlp(), FQTConfig.from_recipe(recipe, seed=0))  # fused kernels,
+        for _ in range(2):  # the fixed-grid quantizer once ranges are predicted
+            train_step(model, model, torch.randn(64, 12))
+    assert {k for k in compiled._compiled} >= {"quantize_codes", "quantize_codes_fixed",
+                                               "dequantize_acc", "row_absmax",
+                                               "bhq_forward_quantize", "bhq_inverse"}
+    assert compiled.enabled()
+    assert _config_snapshot() == before
+
+
+@needs_compile
+def test_kernels_compile_each_variant_once_on_many_layer_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    model = lowbit.convert(dilated(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    graphs, variants = counters["stats"]["unique_graphs"], compiled.variant_count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning would fail the test
+        for batch in (2, 3):
+            train_step(model, model, torch.randn(batch, 3, 8, 8))
+    assert compiled.enabled()
+    new_graphs = counters["stats"]["unique_graphs"] - graphs
+    # every compiled graph is the first of a new kernel variant: no variant recompiled
+    # (so none can reach dynamo's recompile limit and run eagerly)
+    assert new_graphs == compiled.variant_count() - variants
+
+
+# -- the benchmark that measures first-step time (docs/benchmarks.md) runs ------------------
+def test_bench_compile_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_compile", ROOT / "benchmarks" / "bench_compile.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_compile"] = bench
+    spec.loader.exec_module(bench)
+    assert bench.main(["--size", "tiny", "--inprocess", "--steps", "1", "--backend", "eager",
+                       "--workload", "mlp,dilated"]) == 0
+    text = capsys.readouterr().out
+    for mode in bench.MODES:
+        assert f"| mlp | {mode} | 1 (0) |" in text and f"| dilated | {mode} | 1 (0) |" in text
