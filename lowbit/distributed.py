@@ -297,34 +297,34 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
                      torch.tensor([1.0 if bad else 0.0])])
     state.bytes_fp32 += ring_bytes(buf.numel(), 4, world, "allreduce")
     state.bytes_sent += ring_bytes(msg.numel(), 4, world, "allreduce")
-    fut = dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group, async_op=True).get_future()
+    # Every collective is issued here, on the thread DDP calls the hook from, bucket after
+    # bucket: ranks then issue them in the same order (collectives are matched by order; a
+    # second collective issued from a callback of the first races the next bucket's).
+    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)  # tiny; blocks until shared
+    if msg[-1] > 0:  # some rank has NaN/Inf: plain fp32 average, non-finite kept
+        state.fallbacks += 1
+        state.bytes_sent += ring_bytes(buf.numel(), buf.element_size(), world, "allreduce")
+        buf.div_(world)
+        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda _: buf)
+    shared = list(msg[:-1].split([a.numel() for a in absmax]))
+    codes = torch.cat([encode(g, a, fmt, comm.block, comm_noise_seed(comm.seed, rank, c, i))
+                       for g, a, c, i in zip(grads, shared, calls, idx)])
+    state.bytes_sent += code_bytes(comm, codes.numel(), world)
+    how, dtype = comm.wire_for(world)
+    if how == "allgather":
+        parts = [torch.empty_like(codes) for _ in range(world)]
+        work = dist.all_gather(parts, codes, group=group, async_op=True)
+    else:
+        parts = [codes.to(dtype)]
+        work = dist.all_reduce(parts[0], group=group, async_op=True)
 
-    def quantize_and_sum(f: torch.futures.Future) -> torch.Tensor:
-        shared = f.value()[0]
-        if shared[-1] > 0:  # some rank has NaN/Inf: plain fp32 average, non-finite kept
-            state.fallbacks += 1
-            state.bytes_sent += ring_bytes(buf.numel(), buf.element_size(), world, "allreduce")
-            buf.div_(world)
-            dist.all_reduce(buf, group=group, async_op=True).get_future().wait()
-            return buf
-        shared_k = list(shared[:-1].split([a.numel() for a in absmax]))
-        codes = torch.cat([encode(g, a, fmt, comm.block, comm_noise_seed(comm.seed, rank, c, i))
-                           for g, a, c, i in zip(grads, shared_k, calls, idx)])
-        how, dtype = comm.wire_for(world)
-        if how == "allgather":
-            parts = [torch.empty_like(codes) for _ in range(world)]
-            dist.all_gather(parts, codes, group=group, async_op=True).get_future().wait()
-            total = torch.stack(parts).to(torch.int32).sum(0)
-        else:
-            total = codes.to(dtype)
-            dist.all_reduce(total, group=group, async_op=True).get_future().wait()
-        state.bytes_sent += code_bytes(comm, codes.numel(), world)
-        out = [decode(t, a, fmt, comm.block, world)
-               for t, a in zip(total.split(sizes), shared_k)]
-        buf.copy_(torch.cat(out))
+    def decode_into_bucket(_: torch.futures.Future) -> torch.Tensor:
+        total = torch.stack(parts).to(torch.int32).sum(0)  # exact: |Σ codes| ≤ N·Q
+        buf.copy_(torch.cat([decode(t, a, fmt, comm.block, world)
+                             for t, a in zip(total.split(sizes), shared)]))
         return buf
 
-    return fut.then(quantize_and_sum)
+    return work.get_future().then(decode_into_bucket)
 
 
 def world_from_env() -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 """lowbit.distributed on 2 real gloo ranks: the quantized DDP hook is bitwise its
-single-process reference, unbiased, with exactly the variance it predicts; FSDP2 trains
-a converted model like DDP.
+single-process reference, unbiased, with exactly the variance it predicts; per-rank
+stochastic-rounding noise is independent; FSDP2 trains a converted model like DDP.
 
 One process pair for the module (``_ranks.run_ranks``): each start costs seconds, so one
 worker runs every case and returns what the tests assert on.
@@ -71,6 +71,10 @@ def _hook_worker(rank: int, world: int) -> dict:
         bad[0, 0] = math.nan
     net(bad).square().mean().backward()
     out["nan_grad"], out["nan_fallbacks"] = _flat(net.module), state.fallbacks
+    # the layers' own stochastic rounding: same input and seed, rank-keyed streams
+    fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    fqt(_data(0)).square().mean().backward()
+    out["fqt_grad"] = _flat(fqt)
     return out | _fsdp_vs_ddp(rank, world)
 
 
@@ -129,6 +133,14 @@ def test_non_finite_gradients_reach_the_average(hook_runs):
         assert r["nan_fallbacks"] >= 1
         assert not torch.isfinite(r["nan_grad"]).all()  # never made finite
     assert torch.equal(hook_runs[0]["nan_grad"].isnan(), hook_runs[1]["nan_grad"].isnan())
+
+
+def test_each_rank_draws_its_own_layer_noise(hook_runs):
+    """Same weights, same input, same seed: only the rank (read from torch.distributed
+    when a layer's stream is first used, lowbit.noise) differs, and so do the gradients."""
+    g0, g1 = hook_runs[0]["fqt_grad"], hook_runs[1]["fqt_grad"]
+    assert not torch.equal(g0, g1)
+    torch.testing.assert_close(g0, g1, rtol=0, atol=0.05)  # ... by quantization noise only
 
 
 def test_grad_comm_validation():
