@@ -1,40 +1,64 @@
-"""Training-step benchmark: lowbit recipes against fp32, bf16 autocast and torchao.
+"""Training-step benchmark: lowbit recipes against fp32 and bf16 autocast, and the limit.
 
-Workloads (forward + backward of one training step, gradients for the input too):
-  ffn   Linear(D→F) → GELU → Linear(F→D) on T tokens (default D=1024, F=4096, T=2048)
-  gpt   the text task's transformer (4 layers, width 256, 16×128 tokens)
+Workloads (benchmarks/step_workloads.py): ``ffn``, ``gpt`` (text-task TinyGPT),
+``gpt2-block`` (one GPT-2-small block, 4 × 512 tokens) and ``cnn`` (PreAct-ResNet-20,
+batch 128). One step = forward + backward, gradients for the input too, no optimizer.
 
-All modes of a workload are timed in one process, interleaved: ``--rounds`` rounds,
-each timing ``--steps`` steps of every mode, so that the drift of a shared machine hits
-all modes alike; the table reports the median step time, speedups against fp32 and bf16
-of the same run, and the peak resident memory a step adds on top of the idle process
-(each mode in its own subprocess, sampled every 0.5 ms). For lowbit modes a profiled step gives the
-breakdown GEMM / quantize / transform / epilogue (CPU time inside lowbit's labelled
-regions; the rest is the model's own ops: GELU, bias gradients, the loss).
+All modes of a workload are timed in one process, interleaved: ``--rounds`` rounds, each
+timing ``--steps`` steps of every mode (order rotated per round) and, in the same
+rotation, the machine's GEMM ceilings (``torch._int_mm`` int8, bf16 and fp32 at
+2048³), so that the drift of a shared machine hits all of them alike. Per mode the table
+gives the median step time, speedups against fp32 and bf16 of the same run, and:
 
-    python benchmarks/bench_step.py                      # full table, both workloads
+* GEMM GFLOP of the step, counted by ``lowbit.coverage`` from the aten ops that ran
+  (mm/addmm/bmm, ``_int_mm``, ``_scaled_mm``, convolutions, attention), and the share
+  of them that ran on real low-bit kernels (int8 ``_int_mm`` or FP8 ``_scaled_mm``;
+  simulated GEMMs — dequantized codes in a float GEMM — do not count);
+* floor: those FLOPs at the int8 ceiling — the step if nothing but integer GEMMs ran
+  at the machine's best rate; ``× floor`` = step / floor;
+* GEMM ms: CPU time inside GEMM ops in one profiled step; ``outside``: the share of
+  that profiled step spent outside GEMM ops;
+* for lowbit modes, CPU ms inside lowbit's labelled regions (quantize, transform,
+  epilogue; ``lowbit::gemm`` is inside GEMM ms);
+* peak MB: resident memory a step adds on top of the idle process (each mode in its own
+  subprocess, sampled every 0.5 ms).
+
+    python benchmarks/bench_step.py                          # all workloads, default modes
     python benchmarks/bench_step.py --workload ffn --modes fp32,bf16,fqt-psq-8
+    python benchmarks/bench_step.py --modes fqt-psq-8,fqt-psq-8@1,fqt-psq-8@1000000
+
+Modes: ``fp32``; ``bf16`` (autocast); ``torchao-int8`` (if installed); a lowbit recipe;
+``RECIPE+bf16`` (under bf16 autocast); ``RECIPE:BACKEND`` (e.g. ``:reference``);
+``RECIPE@K`` runs ``lowbit.monitor.VarianceMonitor(model, every=K)``: ``@1`` measures
+every step, a huge ``K`` times the idle hooks; the cost at interval K is
+``(t@1 − t@huge)/K + (t@huge − t)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_workloads import WORKLOADS, attention_note, build  # noqa: E402
 
 BASELINES = ("fp32", "bf16", "torchao-int8")
-LOWBIT = ("fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8")
-DEFAULT_MODES = BASELINES + LOWBIT + tuple(f"{m}+bf16" for m in LOWBIT) + ("fqt-psq-8:reference",)
-LABELS = ("lowbit::gemm", "lowbit::quantize", "lowbit::transform", "lowbit::epilogue")
+LOWBIT = ("fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8")
+DEFAULT_MODES = ("fp32", "bf16") + LOWBIT + tuple(f"{m}+bf16" for m in LOWBIT)
+LABELS = ("lowbit::quantize", "lowbit::transform", "lowbit::epilogue")
+CEILING_N = 2048
 
 
 @dataclass
@@ -42,44 +66,25 @@ class Result:
     workload: str
     mode: str
     ms: float | None
-    peak_mb: float | None
-    breakdown: dict[str, float]
+    peak_mb: float | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)
+    gemm_flops: int | None = None
+    real_share: float | None = None
+    gemm_ms: float | None = None
+    profiled_ms: float | None = None
     note: str = ""
 
 
-# -- workloads -----------------------------------------------------------------------------
-def build(workload: str, size: str) -> tuple[nn.Module, callable]:
-    torch.manual_seed(0)
-    if workload == "ffn":
-        d, f, t = (1024, 4096, 2048) if size == "full" else (64, 128, 64)
-        model = nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
-        x = torch.randn(t, d, requires_grad=True)  # (T, D)
-
-        def loss() -> torch.Tensor:
-            return model(x).float().square().mean()
-    elif workload == "gpt":
-        from lowbit.experiments.models import TinyGPT
-
-        layers, width, batch, block = (4, 256, 16, 128) if size == "full" else (2, 64, 2, 16)
-        model = TinyGPT(block_size=block, n_layer=layers, n_head=4, n_embd=width)
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, 256, (batch, block), generator=g)  # (B, T)
-        tgt = torch.randint(0, 256, (batch, block), generator=g)
-
-        def loss() -> torch.Tensor:
-            return model(idx, tgt)[1].float()
-    else:
-        raise ValueError(f"unknown workload {workload!r}; allowed: ffn, gpt")
-    return model, loss
-
-
-def prepare(mode: str, model: nn.Module) -> tuple[str | None, str]:
-    """Convert ``model`` for ``mode``; returns (autocast dtype name or None, note)."""
+# -- modes -----------------------------------------------------------------------------------
+def prepare(mode: str, model: torch.nn.Module) -> tuple[bool, str]:
+    """Convert ``model`` for ``mode``; returns (run under bf16 autocast, note)."""
     recipe, _, amp = mode.partition("+")
+    if amp not in ("", "bf16"):
+        raise ValueError(f"unknown autocast suffix {amp!r} in mode {mode!r}; allowed: +bf16")
     if recipe == "fp32":
-        return None, ""
+        return False, ""
     if recipe == "bf16":
-        return "bf16", ""
+        return True, ""
     if recipe == "torchao-int8":
         try:
             from torchao import quantize_
@@ -87,19 +92,154 @@ def prepare(mode: str, model: nn.Module) -> tuple[str | None, str]:
         except ImportError as exc:
             raise RuntimeError(f"torchao not installed ({exc.name})") from None
         quantize_(model, int8_mixed_precision_training())
-        return None, ""
+        return False, ""
     import lowbit
 
     name, _, backend = recipe.partition(":")
-    cfg = lowbit.FQTConfig.from_recipe(name, backend=backend or "auto", seed=0)
-    lowbit.convert(model, cfg)
-    return (amp or None), ("reference kernels" if backend == "reference" else "")
+    lowbit.convert(model, lowbit.FQTConfig.from_recipe(name, backend=backend or "auto", seed=0))
+    return amp == "bf16", (f"{backend} kernels" if backend else "")
 
 
-# -- measurement ---------------------------------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+class Bench:
+    """One (workload, mode): the converted model and its training step."""
+
+    def __init__(self, workload: str, mode: str, size: str) -> None:
+        self.workload, self.mode = workload, mode
+        self.w = build(workload, size)
+        recipe, _, every = mode.partition("@")
+        self.amp, note = prepare(recipe, self.w.model)
+        self.note = ", ".join(n for n in (note, attention_note(self.w.model)) if n)
+        self.monitor = None
+        if every:  # lowbit's variance monitor, every K steps
+            from lowbit.monitor import VarianceMonitor
+
+            self.monitor = VarianceMonitor(self.w.model, every=int(every))
+        self.params = list(self.w.model.parameters())
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for x in self.w.inputs:
+            if isinstance(x, torch.Tensor):
+                x.grad = None
+        with contextlib.nullcontext() if self.monitor is None else self.monitor.step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.w.step_loss()
+            loss.backward()
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.step()
+            self.times.append(time.perf_counter() - t0)
+
+    def profiled(self) -> tuple[list, float]:
+        """(the profiler's events, wall ms) of one step, run after a warm-up step under
+        the profiler."""
+        from torch.profiler import profile, schedule
+
+        got: dict[str, list] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
+            with profile(schedule=schedule(wait=0, warmup=1, active=1),
+                         on_trace_ready=lambda p: got.setdefault("events", list(p.events()))) as prof:
+                self.step()
+                prof.step()
+                t0 = time.perf_counter()
+                self.step()
+                wall = (time.perf_counter() - t0) * 1e3
+                prof.step()
+        return got["events"], wall
+
+    def breakdown(self) -> tuple[dict[str, float], float, float]:
+        """One profiled step: (lowbit label → CPU ms, CPU ms inside GEMM ops, the step's
+        wall ms under the profiler)."""
+        from lowbit.flops import FORMULAS
+
+        gemm_names = {f"aten::{p.__name__}" for p in FORMULAS}
+        events, wall = self.profiled()
+        gemm = sum(e.self_cpu_time_total for e in events if e.name in gemm_names) / 1e3
+        labels = {k: sum(e.cpu_time_total for e in events if e.name == k) / 1e3 for k in LABELS}
+        lowbit_mode = self.mode.split("+")[0] not in BASELINES
+        breakdown = {k.split("::")[1]: round(v, 2) for k, v in labels.items()} if lowbit_mode else {}
+        return breakdown, gemm, wall
+
+
+# -- GEMM FLOPs and ceilings ------------------------------------------------------------------
+def count_flops(bench: Bench) -> tuple[int, float]:
+    """(GEMM FLOPs of one step of ``bench``, share of them that ran on real low-bit
+    kernels: int8 ``_int_mm`` or FP8 ``_scaled_mm``), traced by ``lowbit.coverage`` —
+    the same step, under the mode's autocast; model state is put back afterwards."""
+    from lowbit.coverage import coverage
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bench.amp):
+        rep = coverage(bench.w.model, *bench.w.inputs, loss_fn=bench.w.loss)
+    return rep.total_flops, rep.real_share
+
+
+class Ceilings:
+    """The machine's GEMM rates at ``n``³: int8 ``torch._int_mm`` (int32 out), bf16 and
+    fp32 ``torch.mm``; timed once per round inside the modes' rotation."""
+
+    KINDS = ("int8", "bf16", "fp32")
+
+    def __init__(self, n: int = CEILING_N) -> None:
+        self.n = n
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+        a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+        b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+        ab, bb = a.bfloat16(), b.bfloat16()
+        self.fns = {"int8": lambda: torch._int_mm(a8, b8), "bf16": lambda: ab @ bb,
+                    "fp32": lambda: a @ b}
+        self.times: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        for f in self.fns.values():
+            f()  # warm-up (threads, packing buffers)
+
+    def timed(self, steps: int = 1) -> None:
+        for kind, f in self.fns.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                f()
+                self.times[kind].append(time.perf_counter() - t0)
+
+    def gflops(self) -> dict[str, float]:
+        """Median GOP/s (= GFLOP/s: one multiply and one add per term) per kind."""
+        return {k: 2 * self.n**3 / statistics.median(t) / 1e9 for k, t in self.times.items() if t}
+
+
+# -- timing -----------------------------------------------------------------------------------
+def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: int, rounds: int,
+               ceilings: Ceilings | None) -> list[Result]:
+    """Interleaved timing in one process: ``rounds`` rounds, each timing ``steps`` steps
+    of every mode (order rotated per round) and the GEMM ceilings, so that drifts of a
+    shared machine hit all alike. Reports the median over all ``rounds × steps`` steps."""
+    benches: list[Bench] = []
+    skipped = []
+    for mode in modes:
+        try:
+            benches.append(Bench(workload, mode, size))
+        except RuntimeError as exc:  # optional baselines (torchao) may be absent
+            skipped.append(Result(workload, mode, None, note=f"skipped: {exc}"))
+    for b in benches:
+        for _ in range(warmup):
+            b.step()
+    items: list = benches + ([ceilings] if ceilings is not None else [])
+    for r in range(rounds):
+        for b in items[r % len(items):] + items[: r % len(items)]:
+            b.timed(steps if isinstance(b, Bench) else 1)
+        print(f"{workload}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    out = []
+    for b in benches:
+        breakdown, gemm_ms, wall = b.breakdown()
+        total, real = count_flops(b)
+        out.append(Result(workload, b.mode, round(statistics.median(b.times) * 1e3, 2),
+                          breakdown=breakdown, gemm_flops=total,
+                          real_share=round(real, 3),
+                          gemm_ms=round(gemm_ms, 2), profiled_ms=round(wall, 2), note=b.note))
+    return out + skipped
 
 
 class PeakRSS:
@@ -122,64 +262,9 @@ class PeakRSS:
         self._t.join()
 
 
-class Bench:
-    """One (workload, mode): the converted model and its training step."""
-
-    def __init__(self, workload: str, mode: str, size: str) -> None:
-        self.workload, self.mode = workload, mode
-        model, self.loss_fn = build(workload, size)
-        self.amp, self.note = prepare(mode, model)
-        self.params = list(model.parameters())
-        self.times: list[float] = []
-
-    def step(self) -> None:
-        for p in self.params:
-            p.grad = None
-        if self.amp:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = self.loss_fn()
-        else:
-            loss = self.loss_fn()
-        loss.backward()
-
-    def timed(self, steps: int) -> None:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            self.step()
-            self.times.append(time.perf_counter() - t0)
-
-    def breakdown(self) -> dict[str, float]:
-        if self.mode in BASELINES:
-            return {}
-        from torch.profiler import profile
-
-        with profile() as prof:
-            self.step()
-        totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in LABELS}
-        return {k.split("::")[1]: round(totals.get(k, 0.0), 2) for k in LABELS}
-
-
-def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: int,
-               rounds: int) -> list[Result]:
-    """Interleaved timing in one process: ``rounds`` rounds, each timing ``steps`` steps
-    of every mode (order rotated per round), so that drifts of a shared machine hit all
-    modes alike. Reports the median over all ``rounds × steps`` step times."""
-    benches, skipped = [], []
-    for mode in modes:
-        try:
-            benches.append(Bench(workload, mode, size))
-        except RuntimeError as exc:  # optional baselines (torchao) may be absent
-            skipped.append(Result(workload, mode, None, None, {}, f"skipped: {exc}"))
-    for b in benches:
-        for _ in range(warmup):
-            b.step()
-    for r in range(rounds):
-        for b in benches[r % len(benches):] + benches[: r % len(benches)]:
-            b.timed(steps)
-        print(f"{workload}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    out = [Result(workload, b.mode, round(statistics.median(b.times) * 1e3, 2), None,
-                  b.breakdown(), b.note) for b in benches]
-    return out + skipped
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int) -> float:
@@ -201,67 +286,97 @@ def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> flo
     return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
 
 
-# -- report --------------------------------------------------------------------------------
-def table(results: list[Result]) -> str:
+# -- report -----------------------------------------------------------------------------------
+def machine() -> str:
+    """CPU model, cores, torch version, date and the 1-minute load average."""
+    cpu = platform.processor() or "cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
+
+
+def table(results: list[Result], ceil: dict[str, float]) -> str:
     out = []
     for wl in dict.fromkeys(r.workload for r in results):
         rows = [r for r in results if r.workload == wl]
         base = {r.mode: r.ms for r in rows if r.ms}
         out.append(f"\n### {wl}\n")
-        out.append("| mode | ms/step | × fp32 | × bf16 | peak MB | gemm | quantize | transform | epilogue | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| mode | ms/step | × fp32 | × bf16 | peak MB | GEMM GFLOP (real low-bit) | floor ms | "
+                   "× floor | GEMM ms | outside GEMMs | quantize | transform | epilogue | note |")
+        out.append("|" + "---|" * 14)
         for r in rows:
             def ratio(ref: str, r: Result = r, base: dict = base) -> str:
                 return f"{base[ref] / r.ms:.2f}" if r.ms and base.get(ref) else "-"
-            b = r.breakdown
-            cells = [f"{b[k]:.1f}" if k in b else "-" for k in ("gemm", "quantize", "transform", "epilogue")]
-            ms = f"{r.ms:.1f}" if r.ms else "-"
-            peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
-            out.append(f"| {r.mode} | {ms} | {ratio('fp32')} | {ratio('bf16')} | {peak} | "
-                       + " | ".join(cells) + f" | {r.note} |")
+            floor = (r.gemm_flops / 1e9 / ceil["int8"] * 1e3) if r.gemm_flops and ceil.get("int8") else None
+            cells = [
+                r.mode, f"{r.ms:.1f}" if r.ms else "-", ratio("fp32"), ratio("bf16"),
+                f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-",
+                f"{r.gemm_flops / 1e9:.3g} ({r.real_share:.0%})" if r.gemm_flops else "-",
+                f"{floor:.1f}" if floor else "-",
+                f"{r.ms / floor:.2f}" if floor and r.ms else "-",
+                f"{r.gemm_ms:.1f}" if r.gemm_ms is not None else "-",
+                f"{1 - r.gemm_ms / r.profiled_ms:.0%}" if r.gemm_ms is not None and r.profiled_ms else "-",
+                *(f"{r.breakdown[k]:.1f}" if k in r.breakdown else "-"
+                  for k in ("quantize", "transform", "epilogue")),
+                r.note,
+            ]
+            out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", default="ffn,gpt", help="comma list of ffn, gpt")
+    p.add_argument("--workload", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help="comma list: fp32, bf16, torchao-int8, a lowbit recipe, RECIPE+bf16 "
-                        "(under bf16 autocast), RECIPE:reference")
+                        "(under bf16 autocast), RECIPE:BACKEND, RECIPE@K (variance monitor)")
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--ceiling-n", type=int, default=CEILING_N, help="GEMM size of the ceilings")
     p.add_argument("--inprocess", action="store_true", help="no memory subprocesses (smoke test)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        p.error("--steps and --rounds must be ≥ 1, --warmup ≥ 0")
-    torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.ceiling_n < 1:
+        p.error("--steps, --rounds and --ceiling-n must be ≥ 1, --warmup ≥ 0")
     workloads = [w for w in args.workload.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}; allowed: {', '.join(WORKLOADS)}")
+    torch.set_num_threads(args.threads)
     modes = [m for m in args.modes.split(",") if m]
     if args.child:
         peak = peak_memory(workloads[0], modes[0], args.size, args.warmup, args.steps)
         print(json.dumps({"peak_mb": peak}))
         return 0
+    header = machine()
+    ceilings = Ceilings(args.ceiling_n)
     results = []
     for wl in workloads:
-        rows = time_modes(wl, modes, args.size, args.warmup, args.steps, args.rounds)
+        rows = time_modes(wl, modes, args.size, args.warmup, args.steps, args.rounds, ceilings)
         for r in rows:
             if not args.inprocess and r.ms is not None:
                 r.peak_mb = memory_subprocess(args, wl, r.mode)
-            print(f"{wl:4s} {r.mode:24s} {r.ms if r.ms else '-':>9} ms  {r.peak_mb} MB {r.note}",
+            print(f"{wl:10s} {r.mode:24s} {r.ms if r.ms else '-':>9} ms  {r.peak_mb} MB {r.note}",
                   file=sys.stderr, flush=True)
         results += rows
-    print(f"torch {torch.__version__}, {args.threads} threads, size={args.size}; median of "
-          f"{args.rounds} interleaved rounds × {args.steps} steps after {args.warmup} warm-up; "
-          "peak MB: resident memory a step adds (own process per mode)")
-    print(table(results))
+    ceil = ceilings.gflops()
+    print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
+          f"size={args.size}; median of {args.rounds} interleaved rounds × {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
+          "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
+          + (f"; int8/bf16 {ceil['int8'] / ceil['bf16']:.2f}×, bf16/fp32 {ceil['bf16'] / ceil['fp32']:.2f}×"
+             if len(ceil) == 3 else ""))
+    print(table(results, ceil))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            json.dump({"machine": header, "ceilings_gflops": ceil,
+                       "results": [asdict(r) for r in results]}, f, indent=1)
     return 0
 
 

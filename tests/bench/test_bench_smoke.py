@@ -1,9 +1,12 @@
-"""Smoke run of the step benchmark: tiny shapes, no timing assertions (timings on shared
-machines are noise; the benchmark itself reports medians against same-run baselines)."""
+"""Smoke runs of the CPU benchmarks: tiny shapes, no timing assertions (timings on shared
+machines are noise; the benchmarks report medians against same-run baselines). What is
+checked is what the tables are made of: every row present, FLOP counts equal to the
+workloads' own formulas, the floor computed from them."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -12,28 +15,86 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
+def load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = mod  # dataclasses need the module registered
+    sys.modules[name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
     return mod
 
 
+def ffn_tiny_flops() -> int:
+    """FLOPs of the tiny FFN step (D=64, F=128, T=64): 2 layers × 3 GEMMs × 2·T·D·F."""
+    return 2 * 3 * 2 * 64 * 64 * 128
+
+
 def test_bench_step_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    bench = load_bench()
+    bench = load("bench_step")
     out = tmp_path / "r.json"
     modes = "fp32,bf16,torchao-int8,fqt-psq-8,fqt-bhq-8+bf16,fqt-hadamard-8,fqt-psq-8:reference"
     rc = bench.main(["--size", "tiny", "--inprocess", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                     "--workload", "ffn,gpt", "--modes", modes, "--json", str(out)])
+                     "--ceiling-n", "64", "--workload", "ffn,gpt", "--modes", modes, "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     for mode in modes.split(","):
         assert f"| {mode} |" in text
-    import json
-
-    rows = json.loads(out.read_text())
+    assert "GEMM ceilings at 64³" in text
+    data = json.loads(out.read_text())
+    assert set(data["ceilings_gflops"]) == {"int8", "bf16", "fp32"}
+    rows = data["results"]
     assert len(rows) == 14
+    timed = [r for r in rows if r["ms"] is not None]
+    assert all(r["ms"] > 0 and r["gemm_ms"] >= 0 and r["profiled_ms"] > 0 for r in timed)
     lowbit_rows = [r for r in rows if r["mode"].startswith("fqt")]
-    assert all(r["ms"] and r["ms"] > 0 for r in lowbit_rows)
-    assert all(set(r["breakdown"]) == {"gemm", "quantize", "transform", "epilogue"} for r in lowbit_rows)
+    assert all(set(r["breakdown"]) == {"quantize", "transform", "epilogue"} for r in lowbit_rows)
+    ffn = {r["mode"]: r for r in rows if r["workload"] == "ffn"}
+    # every mode of the FFN runs the same six GEMMs; the integer path runs all of them on
+    # _int_mm, the reference path none (it dequantizes), the float modes none
+    for mode in ("fp32", "bf16", "fqt-psq-8", "fqt-hadamard-8", "fqt-psq-8:reference"):
+        assert ffn[mode]["gemm_flops"] == ffn_tiny_flops()
+    assert ffn["fqt-psq-8"]["real_share"] == 1.0
+    assert ffn["fqt-psq-8:reference"]["real_share"] == 0.0
+    assert ffn["fp32"]["real_share"] == 0.0
+    gpt = {r["mode"]: r for r in rows if r["workload"] == "gpt"}
+    assert gpt["fp32"]["note"] == "attention float"
+
+
+def test_bench_step_rejects_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_step")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--workload", "resnet"])
+    assert exc.value.code == 2
+    assert "unknown workload 'resnet'; allowed: ffn, gpt, gpt2-block, cnn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workload", ["gpt2-block", "cnn"])
+def test_new_workloads_build_and_step(workload: str) -> None:
+    workloads = load("step_workloads")
+    w = workloads.build(workload, "tiny")
+    loss = w.step_loss()
+    assert loss.dim() == 0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in w.model.parameters())
+
+
+def test_profile_step_charges_int_mm_to_the_gemm_scope() -> None:
+    prof = load("profile_step")
+    wall, table = prof.profile_mode("ffn", "fqt-psq-8", "tiny", warmup=1)
+    assert wall > 0
+    # the tiny FFN's six GEMMs all run as _int_mm inside lowbit::gemm, none outside it
+    assert table["gemm"]["aten::_int_mm"][1] == 6
+    assert "aten::_int_mm" not in table["model"]
+    assert set(table) <= {"model", "quantize", "gemm", "epilogue", "transform"}
+    text = prof.render("ffn", "fqt-psq-8", wall, table, top=3)
+    assert "| **gemm** | (all) |" in text
+
+
+def test_first_step_measure_and_table() -> None:
+    first = load("bench_first_step")
+    row = first.measure("ffn", "fqt-psq-8", "tiny", steps=1)
+    assert set(row) == {"workload", "mode", "dynamo_import_ms", "build_ms", "first_ms",
+                        "second_ms", "steady_ms", "variants"}
+    assert row["first_ms"] > 0 and row["steady_ms"] > 0
+    text = first.table([{"workload": "ffn", "mode": "fqt-psq-8", "cold": row, "warm": row}])
+    assert text.splitlines()[2].startswith("| ffn | fqt-psq-8 |")
