@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .functional import quantize_forward
 from .nn import FQTConv2d, FQTLinear
-from .varstats import weight_grad_sq_norms
+from .varstats import product_row_norms, weight_grad_sq_norms
 
 
 @dataclass
@@ -67,11 +67,6 @@ def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
     return quantize_forward(x2d, spec).dequantize()  # type: ignore[arg-type]
 
 
-def _probe_norms(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
-    s = shift.double()  # (B, features): each sample's ∇β
-    return s.square().sum(1), float(s.sum(0).square().sum())
-
-
 def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
                  input_path: bool, bias: bool) -> LayerGrads:
     """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) float32."""
@@ -88,7 +83,7 @@ def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_pat
         wq = _dequant(layer.weight.detach(), cfg.weight)  # (out, in)
         wn = wq.square().sum(1)  # (out,)
         out.grad_input = PathOperand(a, wn, shift_weight=wn)
-        out.x_sq, out.x_total = _probe_norms(a.reshape(b, t, n_out).sum(1) @ wq)  # (B, in)
+        out.x_sq, out.x_total = product_row_norms(a.reshape(b, t, n_out).sum(1), wq)  # rows (B, in)
     return out
 
 
@@ -121,14 +116,16 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
     if input_path:
         w = layer.weight.detach()
         wq = _dequant(w.reshape(c_out, -1), cfg.weight).reshape(w.shape)  # (C_out, C_g, kh, kw)
-        inside, _ = layer._explicit_padding(x.new_ones(1, 1, *x.shape[2:]))  # 0 on padding
+        ones = torch.ones(1, 1, *x.shape[2:], device=x.device)  # float32, as wq
+        inside, _ = layer._explicit_padding(ones)  # 1 on the input, 0 on padding
         reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)  # (1, C_out, H', W')
         taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
         taps = taps.reshape(groups, c_out // groups, wq.shape[1], -1)  # (G, O_g, C_g, P)
         out.grad_input = PathOperand(gy.reshape(b, -1), reach.reshape(-1),
                                      shift_weight=taps.square().sum(2).reshape(-1))
-        shift = torch.einsum("bgop,gocp->bgc", a_rows.reshape(b, groups, c_out // groups, -1), taps)
-        out.x_sq, out.x_total = _probe_norms(shift.reshape(b, -1))  # (B, C_in)
+        a_g = a_rows.reshape(b, groups, c_out // groups, -1)  # (B, G, O_g, P)
+        shift = torch.einsum("bgop,gocp->bgc", a_g, taps).reshape(b, -1)  # (B, C_in): ∇β_n
+        out.x_sq, out.x_total = product_row_norms(shift, torch.eye(shift.shape[1], device=shift.device))
     return out
 
 

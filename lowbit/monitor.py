@@ -64,7 +64,7 @@ from .layergrads import layer_grads
 from .nn import FQTConv2d, FQTLinear, fqt_layers
 from .noise import Path, generator_for
 from .quantizers import get_quantizer
-from .varstats import column_sum_noise, product_noise, sgd_variance
+from .varstats import path_noise, sgd_variance
 
 log = logging.getLogger("lowbit.monitor")
 PATHS = ("grad_input", "grad_weight")
@@ -120,6 +120,8 @@ def path_generator(layer: FQTLinear | FQTConv2d, path: str, device: torch.device
 
 def skip_reason(layer: FQTLinear | FQTConv2d) -> str | None:
     """Why ``layer`` cannot be monitored under its current config, or ``None``."""
+    if not isinstance(layer, (FQTLinear, FQTConv2d)):
+        return f"{type(layer).__name__}: the monitor knows Linear and Conv2d GEMMs only"
     cfg = layer.config
     if not cfg.is_fqt:
         return "gradients not quantized (fp or QAT recipe)"
@@ -259,11 +261,11 @@ class VarianceMonitor:
                 cands = list(dict.fromkeys([*cands, *self.policy.candidates(path)]))
             for q, b in cands:
                 gen = path_generator(layer, path, op.a.device)  # type: ignore[arg-type]
-                t, var = get_quantizer(q).rounding_variance(op.a, IntFormat(b), gen)
-                d = acc.quant[path]
-                d[(q, b)] = d.get((q, b), 0.0) + product_noise(t, var, op.col_weight, op.row_groups)
+                quant, shift = path_noise(get_quantizer(q), op.a, IntFormat(b), gen, op.col_weight,
+                                          op.row_groups, op.shift_weight)
+                acc.quant[path][(q, b)] = acc.quant[path].get((q, b), 0.0) + quant
                 if op.shift_weight is not None:
-                    acc.shift[(q, b)] = acc.shift.get((q, b), 0.0) + column_sum_noise(t, var, op.shift_weight)
+                    acc.shift[(q, b)] = acc.shift.get((q, b), 0.0) + shift
         one = v.calls == 1  # per-sample gradients of several calls would span calls
         if g.grad_weight is not None:
             v.sgd_w = sgd_variance(g.w_sq, g.w_total) if one else math.nan
@@ -350,7 +352,8 @@ class VarianceMonitor:
                 "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; the layers take the saved gradient specs.
+        """Restore :meth:`state_dict`'s output (all but ``every``, which stays this
+        monitor's); the layers take the saved gradient specs.
         Raises ``ValueError`` if the layers or the policy differ from this monitor's."""
         if sorted(state["specs"]) != sorted(self.layers):
             raise ValueError(f"monitor state is for layers {sorted(state['specs'])[:5]}..., "
@@ -368,7 +371,7 @@ class VarianceMonitor:
                 if qb is not None:
                     cfg = dataclasses.replace(cfg, **{p: dataclasses.replace(spec, quantizer=qb[0], bits=int(qb[1]))})
             layer.config = cfg
-        self.every, self.steps = int(state["every"]), int(state["steps"])
+        self.steps = int(state["steps"])  # the interval stays the constructor's
         self.decisions = [Decision(**d) for d in state["decisions"]]
         self.history = [StepRecord.from_dict(r) for r in state["history"]]
         self._bit_sums = {n: {p: int(s) for p, s in d.items()} for n, d in state["bit_sums"].items()}

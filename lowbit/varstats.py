@@ -14,7 +14,8 @@ variance of the ``B·G_n``::
 
     Var_SGD(∇W) ≈ (B · Σ_n ‖G_n‖² − ‖Σ_n G_n‖²) / (B − 1)                       (1)
 
-(the same formula for a sum-reduced loss). The per-sample norms need no per-sample
+(the same formula for a sum-reduced loss; ``‖Σ_n G_n‖²`` of large products by a bfloat16
+GEMM, :func:`total_sq_norm`). The per-sample norms need no per-sample
 gradients: for one row per sample ``‖G_n‖² = ‖a_n‖²‖u_n‖²``, and for ``T`` rows the
 "ghost norm" ``‖G_n‖² = Σ_{t,t'} (a_t·a_t')(u_t·u_t') = ⟨A_nA_nᵀ, U_nU_nᵀ⟩``, which costs
 ``T²(O + K)`` per sample against ``T·O·K`` for forming ``G_n``; :func:`per_sample_sq_norms`
@@ -42,7 +43,44 @@ import math
 
 import torch
 
+from .formats import IntFormat
+from .quantizers import GradQuantizer, Granularity
+
 _CHUNK_ELEMS = 1 << 24  # largest intermediate (per-sample Grams or gradients) per chunk
+_ROW_BLOCK = 1 << 16  # elements per block of rows in path_noise (row-separable quantizers)
+_BF16_MACS = 1 << 26  # ‖Σ_n G_n‖² of products this large: bfloat16 GEMM (total_sq_norm)
+_COHERENT = 0.9  # ... redone in float32 above this coherence ‖Σ G_n‖² / (B·Σ ‖G_n‖²)
+
+
+def _sq(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Squared 2-norms over ``dim`` (all of ``x`` for None) as float64, from one float32
+    pass (``vector_norm`` accumulates in float32 with torch's cascade summation)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).double().square()
+
+
+def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample ``‖a_nᵀu_n‖²`` (B,) float64, and ``Σ_n a_nᵀu_n`` (O, K) when it comes
+    for free (the per-sample-product branch), else ``None``."""
+    b, t, o = a.shape
+    k = u.shape[2]
+    a, u = a.float(), u.float()
+    if t == 1:
+        return _sq(a, (1, 2)) * _sq(u, (1, 2)), None
+    ghost = t * (o + k) < o * k
+    per = t * t if ghost else o * k
+    step = max(1, _CHUNK_ELEMS // max(per, 1))
+    out, total = [], None
+    for s in range(0, b, step):
+        ac, uc = a[s:s + step], u[s:s + step]
+        if ghost:
+            prod = (ac @ ac.transpose(1, 2)) * (uc @ uc.transpose(1, 2))  # (b, T, T)
+            out.append(prod.double().sum((1, 2)))
+        else:
+            g = ac.transpose(1, 2) @ uc  # G_n: (b, O, K)
+            out.append(_sq(g, (1, 2)))
+            total = g.sum(0) if total is None else total + g.sum(0)
+    sq = torch.cat(out) if out else a.new_zeros(0, dtype=torch.float64)
+    return sq, (None if ghost else total)
 
 
 def per_sample_sq_norms(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -53,23 +91,43 @@ def per_sample_sq_norms(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if a.dim() != 3 or u.dim() != 3 or a.shape[:2] != u.shape[:2]:
         raise ValueError(f"per_sample_sq_norms needs a (B, T, O) and u (B, T, K) with the same "
                          f"B and T, got {tuple(a.shape)} and {tuple(u.shape)}")
-    b, t, o = a.shape
-    k = u.shape[2]
-    a, u = a.float(), u.float()
-    if t == 1:
-        return a.square().sum((1, 2)).double() * u.square().sum((1, 2)).double()
-    ghost = t * (o + k) < o * k
-    per = t * t if ghost else o * k
-    step = max(1, _CHUNK_ELEMS // max(per, 1))
-    out = []
-    for s in range(0, b, step):
-        ac, uc = a[s:s + step], u[s:s + step]
-        if ghost:
-            prod = (ac @ ac.transpose(1, 2)) * (uc @ uc.transpose(1, 2))  # (b, T, T)
-            out.append(prod.double().sum((1, 2)))
-        else:
-            out.append((ac.transpose(1, 2) @ uc).double().square().sum((1, 2)))  # G_n: (b, O, K)
-    return torch.cat(out) if out else a.new_zeros(0, dtype=torch.float64)
+    return _per_sample(a, u)[0]
+
+
+def total_sq_norm(a: torch.Tensor, u: torch.Tensor, sq: torch.Tensor) -> float:
+    """``‖aᵀu‖²_F`` for ``a`` (N, O), ``u`` (N, K) given the per-sample squared norms ``sq``
+    whose sum bounds it (``‖Σ_n G_n‖² ≤ B·Σ_n ‖G_n‖²``).
+
+    Products of at least 2²⁶ multiply-adds run in bfloat16 (float32 accumulation, 4× a
+    float32 GEMM on CPUs with AVX-512 BF16). Its input rounding (relative 2⁻⁹ per element,
+    independent signs) moves ``‖aᵀu‖²`` by a relative 1e-5–5e-5 (measured, Gaussian
+    operands 1024×256×256), so formula (1) by that times ``c/(1 − c)``, ``c`` the
+    coherence ``‖aᵀu‖² / (B·Σ‖G_n‖²)``: at most 5e-4 for ``c ≤ 0.9``, far below (1)'s own
+    sampling error (≥ √(2/B)). Above ``c = 0.9`` (the samples' gradients nearly coincide
+    and (1) subtracts two close numbers) the product is redone in float32."""
+    n, o = a.shape
+    k = u.shape[1]
+    if n * o * k >= _BF16_MACS:
+        total = float(_sq(a.bfloat16().t() @ u.bfloat16()))
+        if total <= _COHERENT * sq.shape[0] * float(sq.sum()):
+            return total
+    return float(_sq(a.float().t() @ u.float()))
+
+
+def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rows ``s_n`` of ``a·w`` (``a`` (B, O), ``w`` (O, K)) as per-sample gradients: their
+    squared norms (B,) float64 and ``‖Σ_n s_n‖²``. In bfloat16 for products of at least
+    2²⁶ multiply-adds, redone in float32 above coherence 0.9 — the rule and bound of
+    :func:`total_sq_norm`."""
+    def norms(p: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return _sq(p, 1), float(_sq(p.float().sum(0)))
+
+    b, o = a.shape
+    if b * o * w.shape[1] >= _BF16_MACS:
+        sq, total = norms(a.bfloat16() @ w.bfloat16())
+        if total <= _COHERENT * b * float(sq.sum()):
+            return sq, total
+    return norms(a.float() @ w.float())
 
 
 def sgd_variance(sq_norms: torch.Tensor, total_sq: float) -> float:
@@ -99,13 +157,16 @@ def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,
     total = 0.0
     for g in range(groups):
         ag, ug = a[:, :, g * og:(g + 1) * og], u[:, :, g * kg:(g + 1) * kg]
-        sq = sq + per_sample_sq_norms(ag, ug)
-        full = ag.reshape(-1, og).float().t() @ ug.reshape(-1, kg).float()  # (O_g, K_g)
-        total += float(full.double().square().sum())
+        sq_g, full = _per_sample(ag, ug)
+        sq = sq + sq_g
+        if full is None:  # (O_g, K_g): a GEMM unless the per-sample products gave it
+            total += total_sq_norm(ag.reshape(-1, og), ug.reshape(-1, kg), sq_g)
+        else:
+            total += float(_sq(full))
     if bias:
-        per = a.float().sum(1).double()  # (B, O): each sample's bias gradient
-        sq = sq + per.square().sum(1)
-        total += float(per.sum(0).square().sum())
+        per = a.float().sum(1)  # (B, O): each sample's bias gradient
+        sq = sq + _sq(per, 1)
+        total += float(_sq(per.sum(0)))
     return sq, total
 
 
@@ -125,6 +186,34 @@ def product_noise(t: object, var: torch.Tensor, col_weight: torch.Tensor,
     for g in range(w.shape[1]):
         total += float(t.inverse_sq(r[:, g])[row_groups == g].sum())  # type: ignore[attr-defined]
     return total
+
+
+def path_noise(quantizer: GradQuantizer, a: torch.Tensor, fmt: IntFormat,
+               generator: torch.Generator | None, col_weight: torch.Tensor,
+               row_groups: torch.Tensor | None = None,
+               shift_weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(E‖(Q(A) − A)·U‖², E‖𝟙ᵀ(Q(A) − A)·M‖²)`` (formula (2) and
+    :func:`column_sum_noise`; the second NaN without ``shift_weight``) for ``quantizer``
+    at ``fmt`` on ``a``, its noise drawn from ``generator`` (random transforms).
+
+    A quantizer whose steps are per row and whose transform mixes no rows (PSQ) is
+    evaluated on blocks of rows — the same arithmetic, on temporaries that stay in cache
+    (``rounding_variance`` of a whole large operand writes several operand-sized float64
+    arrays); its ``T⁻¹`` is the identity, so both sums are sums over rows."""
+    if quantizer.granularity is Granularity.ROW and not quantizer.mixes_rows:
+        a = a.contiguous()
+        step = max(1, _ROW_BLOCK // max(a.shape[1], 1))
+        quant = shift = 0.0
+        for r in range(0, a.shape[0], step):
+            t, var = quantizer.rounding_variance(a[r:r + step], fmt, generator)
+            groups = None if row_groups is None else row_groups[r:r + step]
+            quant += product_noise(t, var, col_weight, groups)
+            if shift_weight is not None:
+                shift += float((var @ shift_weight.double().to(var.device)).sum())  # c = 𝟙
+        return quant, shift if shift_weight is not None else math.nan
+    t, var = quantizer.rounding_variance(a, fmt, generator)
+    quant = product_noise(t, var, col_weight, row_groups)
+    return quant, (math.nan if shift_weight is None else column_sum_noise(t, var, shift_weight))
 
 
 def inverse_column_sums(t: object, n_pad: int, device: torch.device) -> torch.Tensor:
@@ -147,5 +236,5 @@ def column_sum_noise(t: object, var: torch.Tensor, col_weight: torch.Tensor) -> 
     return float((c.square() * (var @ col_weight.double().to(var.device))).sum())
 
 
-__all__ = ["column_sum_noise", "inverse_column_sums", "per_sample_sq_norms", "product_noise",
-           "sgd_variance", "weight_grad_sq_norms"]
+__all__ = ["column_sum_noise", "inverse_column_sums", "path_noise", "per_sample_sq_norms", "product_noise",
+           "product_row_norms", "sgd_variance", "total_sq_norm", "weight_grad_sq_norms"]

@@ -31,6 +31,7 @@ from lowbit.config import FQTConfig
 from lowbit.nn import describe
 from lowbit.quantizers import QUANTIZERS
 
+from . import monitoring
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
 
@@ -38,7 +39,7 @@ BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
 # Settings that tell runs of one table apart from each other (not from other tables).
 PER_RUN_FIELDS = frozenset(
     {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps",
-     "weights", "opt_state", "range_margin", "grad_comm"}
+     "weights", "opt_state", "range_margin", "grad_comm", "monitor_every"}
 )
 HEADER = """# Results
 
@@ -195,11 +196,11 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
             notes.append(f"{n_div} diverged")
         if n_part := sum(not r.complete and r.status != "diverged" for r in group):
             notes.append(f"{n_part} unfinished")
-        notes += _memory_and_range_notes(done)
+        notes += _memory_and_range_notes(done) + monitoring.bits_note(done)
         score = _fmt(*_mean_std(finals), scale, digits) if finals else "–"
         ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
         ratio = f"{ms / qat8:.2f}×" if ms is not None and qat8 else "–"
-        fqt_desc = describe(FQTConfig.from_dict(group[0].fqt))
+        fqt_desc = monitoring.describe_adaptive(group[0].train) or describe(FQTConfig.from_dict(group[0].fqt))
         lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
                      f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {'; '.join(notes)} |")  # fmt: skip
     lines.append("")
@@ -236,7 +237,8 @@ def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
     refs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         value = run.final(metric)
-        if not run.complete or value is None or run.train.get("weights", "fp32") != "fp32":
+        if (not run.complete or value is None or run.train.get("weights", "fp32") != "fp32"
+                or monitoring.describe_adaptive(run.train)):  # adaptive: no fixed width
             continue
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:
@@ -288,6 +290,8 @@ def render(runs: list[Run], figures_dir: Path, command: str) -> str:
         plot_curves(group, figures_dir / names[0])
         if plot_bits(group, figures_dir / f"{stem}-bits.png"):
             names.append(f"{stem}-bits.png")
+        if monitoring.plot_ratios(group, figures_dir / f"{stem}-variance.png"):
+            names.append(f"{stem}-variance.png")
         lines += table(group, names)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep (a shared 2-core CPU unless stated otherwise).")  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lowbit.config import RECIPES, Backend, FQTConfig
+from lowbit.config import ADAPTIVE_RECIPES, RECIPES, Backend, FQTConfig
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm
 from lowbit.formats import MAX_BITS, MIN_BITS
 
@@ -28,7 +28,7 @@ from .tasks import TASK_CLASSES, TASKS
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_FORMATS = ("fp32", "bf16-master", "bf16", "int8")
 # Fields a resumed run may change without invalidating the checkpoint.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out"})
+RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out", "monitor_every"})
 # Fields older checkpoints lack, with the value they ran with.
 LEGACY_DEFAULTS = {"world_size": 1, "grad_comm": "fp32"}
 
@@ -85,6 +85,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     grad_comm: str = "fp32"  # fp32 (DDP's all-reduce) | int2..int8 (quantized, unbiased)
     world_size: int | None = None  # data-parallel ranks; None: as launched
+    monitor_every: int = 50  # variance monitor interval in steps (lowbit.monitor); 0: off
     out: str = "runs/run"
 
     def __post_init__(self) -> None:
@@ -173,6 +174,13 @@ class TrainConfig:
         if self.grad_comm != "fp32" and self.world_size < 2:
             raise ValueError(f"grad_comm {self.grad_comm} needs a data-parallel run "
                              "(world_size ≥ 2, launched with torchrun or lowbit train --nproc)")
+        m = self.monitor_every
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"monitor_every must be a non-negative integer, got {m!r}")
+        if self.recipe in ADAPTIVE_RECIPES and (m < 1 or self.world_size > 1):
+            raise ValueError(f"monitor_every must be ≥ 1 on a single rank for {self.recipe}: its "
+                             f"bit widths come from the variance monitor (got {m}, world_size "
+                             f"{self.world_size})")
         if not str(self.out):
             raise ValueError("out must be a folder path, got an empty string")
         self.out = str(self.out)

@@ -50,6 +50,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
         "(default: as --weights)")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
+    add("--monitor-every", default="50", help="variance monitor every N steps (lowbit.monitor; "
+        "default 50, 0 off; fqt-auto* recipes need it)")
     add("--grad-comm", default="fp32", help="data-parallel gradient averaging: fp32 (DDP's "
         "all-reduce) or int2..int8 (unbiased stochastic rounding, lowbit.distributed)")
     add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
@@ -61,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--task", default="digits", help=f"one of {', '.join(TASKS)} (default digits)")
     add("--model", help="per task: " + "; ".join(f"{t}: {', '.join(m)}" for t, m in MODELS.items()))
-    add("--recipe", default="fp", help="fp, qat-B or fqt-{ptq,psq,bhq,hadamard}-B, B in 4..8")
+    add("--recipe", default="fp", help="fp, qat-B or fqt-{ptq,psq,bhq,hadamard}-B, B in 4..8, "
+        "or fqt-auto[-psq|-bhq] (bit widths chosen from the measured variance)")
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
     add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt)")
@@ -136,7 +139,7 @@ def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from the shared options (values converted, not yet validated)."""
     # A value that fails here or in TrainConfig raises with the option's name.
     ints = ("epochs", "batch_size", "subset", "eval_subset", "steps_per_epoch",
-            "grad_input_bits", "grad_weight_bits", "max_bad_steps")  # fmt: skip
+            "grad_input_bits", "grad_weight_bits", "max_bad_steps", "monitor_every")  # fmt: skip
     fields: dict[str, Any] = {
         k: parse_int(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ints
     }
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     if args.recipe not in RECIPES:
         raise ValueError(f"--recipe must be fp, qat-B or fqt-{{ptq,psq,bhq,hadamard}}-B with B "
-                         f"in 4..8, got {args.recipe!r}")  # fmt: skip
+                         f"in 4..8, or fqt-auto[-psq|-bhq], got {args.recipe!r}")  # fmt: skip
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_int("--seed", args.seed))  # fmt: skip

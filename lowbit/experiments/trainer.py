@@ -20,6 +20,11 @@ optimizer updates, copied back after each step); or low precision with no float3
 (:mod:`.precision`), so ``bf16-master`` is the baseline that differs from
 ``bf16``/``int8`` in the weight storage only.
 
+The variance monitor (:mod:`.monitoring`, :mod:`lowbit.monitor`) measures each converted
+layer's quantization and minibatch variance every ``monitor_every`` steps (default 50) and
+logs them per epoch; ``fqt-auto*`` recipes let it choose the gradient bit widths. Its state
+is in the checkpoint, so a resumed adaptive run makes the same decisions.
+
 Data parallel (``world_size > 1``, under torchrun; :mod:`.parallel`): DDP over gloo,
 each rank trains on its strided share of every global batch, gradients are averaged by
 DDP's fp32 all-reduce or, with ``grad_comm``, quantized without bias
@@ -55,6 +60,7 @@ import lowbit
 import lowbit.optim
 
 from . import checkpoint as ckpt
+from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
 from .rundir import load_resumable, write_config, write_metrics, write_status
@@ -197,6 +203,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         to_bfloat16(model)
     master = MasterWeights(list(model.parameters())) if cfg.weights == "bf16-master" else None
     optimizer = build_optimizer(model, cfg, master)
+    monitor = monitoring.make_monitor(model, cfg)  # variance monitor (+ adaptive bits), or None
     sr_gen = getattr(optimizer, "generator", None)  # the low-precision optimizers' noise
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -216,6 +223,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
             _restore(state, ranks, model, data_gen, optimizer, scheduler, master, sr_gen)
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row, comm_saved = state["bad_in_a_row"], state.get("comm")
+            monitoring.restore(monitor, state, step)
     net, comm = ranks.wrap(model, cfg.grad_comm_config())  # DDP (+ hook) over several ranks
     if comm is not None and comm_saved is not None:
         comm.load_state_dict(comm_saved)
@@ -242,13 +250,15 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         losses, step_times, units, bad_steps = [], [], 0, 0
         ranges_before = lowbit.range_stats(model)["total"]
         comm_before = 0.0 if comm is None else comm.bytes_sent
+        epoch_first_step = step
         for full_batch in task.train_batches(cfg.batch_size, data_gen):
             t0 = time.perf_counter()
             batch = ranks.shard(full_batch)  # this rank's rows of the global batch
             buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
-            loss = task.loss(net, batch)  # scalar
-            model.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over ranks here
+            with monitoring.watch(monitor):  # measures every monitor_every steps
+                loss = task.loss(net, batch)  # scalar
+                model.zero_grad(set_to_none=True)
+                loss.backward()  # DDP averages the gradients over ranks here
             loss = ranks.mean(loss)  # the global batch's loss: the same on every rank
             if cfg.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -308,6 +318,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                 "bad_steps": bad_steps,
                 **memory_row(optimizer, model if master is not None else None),
                 **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),
+                **monitoring.epoch_row(monitor, epoch_first_step),
             }
             if ranks.world > 1:  # bytes one rank sent per step, against an fp32 all-reduce
                 sent = (ranks.allreduce_bytes(model) if comm is None
@@ -328,9 +339,11 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                 "master": None if master is None else master.state(),
                 "history": history,
                 "bad_in_a_row": bad_in_a_row,
+                "monitor": None if monitor is None else monitor.state_dict(),
             } | ({"world_size": ranks.world, "ranks": per_rank,
                   "comm": None if comm is None else comm.state_dict()} if ranks.world > 1 else {}))
             write_metrics(run_dir, history)
+            monitoring.write_log(run_dir, monitor)
             shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             bar.write(
                 f"{cfg.run_name()} epoch {epoch + 1}/{cfg.epochs} step {step} "

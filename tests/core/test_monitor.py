@@ -28,7 +28,7 @@ from lowbit.formats import IntFormat
 from lowbit.functional import quantize_forward
 from lowbit.monitor import VarianceMonitor, path_generator
 from lowbit.quantizers import get_quantizer
-from lowbit.varstats import per_sample_sq_norms, sgd_variance
+from lowbit.varstats import per_sample_sq_norms, product_row_norms, sgd_variance, total_sq_norm
 
 QUANT = ["ptq", "psq", "bhq", "hadamard"]
 # float32 products summed in float64 against a float64 brute force: a few ulps of float32
@@ -51,6 +51,30 @@ def test_per_sample_sq_norms_equal_brute_force(shape: tuple[int, int, int, int])
     a, u = torch.randn(b, t, o, generator=g), torch.randn(b, t, k, generator=g)
     brute = torch.stack([(a[n].double().t() @ u[n].double()).square().sum() for n in range(b)])
     torch.testing.assert_close(per_sample_sq_norms(a, u), brute, rtol=REL, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0, 10.0])
+def test_total_norm_in_bfloat16_keeps_the_sgd_estimate(alpha: float) -> None:
+    """A 2²⁶-MAC product takes the bfloat16 GEMM: formula (1) within 1e-3 relative of the
+    float64 value (the documented bound is 5e-4 up to coherence 0.9; Gaussian operands
+    whose shared mean ``alpha`` sets the coherence from ~0 to ~0.98, where the float32
+    fallback must give the float32 product exactly)."""
+    g = torch.Generator().manual_seed(0)
+    n, o, k = 1024, 256, 256
+    a = alpha * torch.randn(o, generator=g) + torch.randn(n, o, generator=g)
+    u = alpha * torch.randn(k, generator=g) + torch.randn(n, k, generator=g)
+    sq = per_sample_sq_norms(a[:, None], u[:, None])
+    exact = float((a.double().t() @ u.double()).square().sum())
+    got = total_sq_norm(a, u, sq)
+    assert sgd_variance(sq, got) == pytest.approx(sgd_variance(sq, exact), rel=1e-3)
+    if exact > 0.9 * n * float(sq.sum()):  # coherent: redone in float32 (GEMM and the
+        # norm's accumulation: a few float32 ulps; the bfloat16 GEMM would be off by ~1e-5)
+        assert got == pytest.approx(exact, rel=2e-6)
+    # the rows of a·w as per-sample gradients (the ∇X probe of a Linear, one row per sample)
+    w = u[:o].t().contiguous() / 16  # (O, K)
+    s64 = a.double() @ w.double()
+    ref = sgd_variance(s64.square().sum(1), float(s64.sum(0).square().sum()))
+    assert sgd_variance(*product_row_norms(a, w)) == pytest.approx(ref, rel=1e-3)
 
 
 def test_sgd_variance_is_the_sample_variance_over_b() -> None:
