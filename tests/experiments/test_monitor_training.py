@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from test_trainer import DIGITS, _Interrupt, _InterruptAt, one_thread  # noqa: F401 (autouse fixture)
 
 from lowbit.experiments import report
