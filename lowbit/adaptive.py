@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from .config import ADAPTIVE_RECIPES
-from .formats import MAX_BITS, check_bits
+from .formats import MAX_BITS, MIN_BITS, check_bits
 from .quantizers import QUANTIZERS
 
 DEFAULT_TARGET = 0.1
@@ -58,14 +58,15 @@ class Decision:
 @dataclass(frozen=True)
 class AdaptivePolicy:
     """Keep each path's quantization/SGD variance ratio at most ``target`` with the
-    fewest bits in ``min_bits..max_bits``; candidates are every width with each quantizer
+    fewest bits in ``min_bits..max_bits`` (default 2..8: every width the integer format
+    has — the ratio, not a floor, decides); candidates are every width with each quantizer
     of ``grad_input`` / ``grad_weight`` (listed cheapest first: at equal width the first
     that meets the target wins). Hysteresis: down only where the ratio is at most
     ``down·target``. Raises ``ValueError`` naming the field for bad values."""
 
     target: float = DEFAULT_TARGET
     down: float = DEFAULT_DOWN
-    min_bits: int = 4
+    min_bits: int = MIN_BITS
     max_bits: int = MAX_BITS
     grad_input: tuple[str, ...] = ("psq",)
     grad_weight: tuple[str, ...] = ("psq",)

@@ -338,7 +338,7 @@ def test_adaptive_decisions_deterministic_and_resume_bitwise() -> None:
     assert all(torch.equal(a, b) for a, b in zip(p1, p3))
     for dec in d1:  # every move lands on a candidate of the recipe
         assert dec.new_quantizer in ({"psq", "bhq"} if dec.path == "grad_input" else {"psq"})
-        assert 4 <= dec.new_bits <= 8
+        assert 2 <= dec.new_bits <= 8
     # the bit sums replay the decisions: a decision at step k applies from step k + 1
     for layer, paths in s1["bit_sums"].items():
         for path, total in paths.items():

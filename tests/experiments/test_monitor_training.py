@@ -54,8 +54,8 @@ def test_adaptive_run_resumes_bitwise(tmp_path) -> None:
     lb = json.loads((tmp_path / "b" / "monitor.json").read_text())
     assert la == lb and la["decisions"], "fqt-auto must decide, and identically after resume"
     last = ref.history[-1]
-    assert 4 <= last["grad_bits_mean"] < 8 and last["bit_changes"] >= 0
-    assert {last[f"bits_x:{n}"] for n in ("net.3", "net.5")} <= set(range(4, 9))
+    assert 2 <= last["grad_bits_mean"] < 8 and last["bit_changes"] >= 0
+    assert {last[f"bits_x:{n}"] for n in ("net.3", "net.5")} <= set(range(2, 9))
 
 
 def test_adaptive_recipe_needs_the_monitor() -> None:
@@ -73,4 +73,4 @@ def test_report_plots_ratios_and_labels_adaptive_runs(tmp_path) -> None:
     body = report.render(runs, tmp_path, "lowbit report")
     assert "digits-mlp-variance.png" in body and (tmp_path / "digits-mlp-variance.png").exists()
     line = next(x for x in body.splitlines() if x.startswith("| fqt-auto "))
-    assert "gi:psq|bhq4–8/gw:psq4–8 adaptive" in line and "mean gradient bits ∇X" in line
+    assert "gi:psq|bhq2–8/gw:psq2–8 adaptive" in line and "mean gradient bits ∇X" in line
