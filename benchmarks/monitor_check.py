@@ -1,20 +1,20 @@
 """The live variance monitor against the measuring toolkit, at several points of training.
 
-For a task's model trained with ``fqt-psq-8`` and snapshotted at ``--points`` steps,
-and for each ∇W-path quantizer in ``--quantizers`` at each of ``--bits``:
+For a task's model trained with ``fqt-psq-8`` and snapshotted at ``--points`` steps:
 
-* toolkit: :func:`lowbit.analysis.gradient_variance` on ``--batches`` i.i.d. minibatches
-  (``--repeats`` FQT draws each): per layer (weight + bias), ``sgd`` (variance of the QAT
-  gradient across the minibatches) and ``quant`` (variance of the FQT gradient over draws
-  of one minibatch, mean over minibatches), with jackknife standard errors;
-* monitor: :class:`lowbit.monitor.VarianceMonitor` on one FQT pass of each of the same
-  minibatches: ``sgd_w`` (per-sample norms, formula (1) of lowbit.varstats) and ``quant_w``
-  (exact), averaged over the minibatches, standard error = std / √batches.
-
-Only the ∇W path is quantized (``grad_input=None``): then a layer's quantization variance
-is its own ∇W-path noise alone, which is what the monitor's ``quant_w`` is (with the ∇X
-path on, the toolkit's figure would also hold the noise of the layers downstream). Agreement
-is ``|z| = |monitor − toolkit| / √(se_m² + se_t²) ≤ 3`` per layer.
+* **minibatch variance**: :func:`lowbit.analysis.gradient_variance` on ``--sgd-batches``
+  i.i.d. minibatches gives, per layer (weight + bias), the variance of the QAT gradient
+  across them (``sgd``, jackknife s.e.); the monitor, on one pass of each of the same
+  minibatches, its per-sample-norm estimate ``sgd_w`` (formula (1) of lowbit.varstats),
+  averaged (s.e. = std/√n). Agreement: ``|z| = |Δ| / √(se_t² + se_m²) ≤ 3``.
+* **quantization variance**, for each ∇W-path quantizer of ``--quantizers`` at each of
+  ``--bits``: the toolkit's :func:`lowbit.analysis.quantization_variance` on each of
+  ``--quant-batches`` minibatches (``E‖g_FQT − g_QAT‖²`` with the exact QAT gradient, mean
+  over ``--repeats`` FQT draws) against the monitor's exact ``quant_w`` on the same
+  minibatch, paired: ``z`` = mean difference / its s.e. over the minibatches, ``|z| ≤ 3``.
+  Only the ∇W path is quantized (``grad_input=None``): a layer's quantization variance is
+  then its own ∇W-path noise alone, which is what ``quant_w`` is (with the ∇X path on, the
+  toolkit's figure also holds the noise of the layers downstream).
 
     python benchmarks/monitor_check.py --task text --points 0,100,300 --out runs/monitor-text.json
 """
@@ -33,8 +33,8 @@ import torch
 
 import lowbit
 from lowbit import FQTConfig, GradSpec
-from lowbit.analysis import gradient_variance
-from lowbit.analysis._model import frozen_buffers, with_config
+from lowbit.analysis import gradient_variance, quantization_variance
+from lowbit.analysis._model import frozen_buffers, parameter_groups, with_config
 from lowbit.experiments.tasks import make_task
 from lowbit.monitor import VarianceMonitor
 
@@ -59,8 +59,8 @@ def snapshots(task, points: list[int], seed: int, batch_size: int, lr: float) ->
     return out
 
 
-def monitor_figures(model, task, batches, cfg: FQTConfig) -> dict[str, dict[str, float]]:
-    """Per layer: mean and standard error over ``batches`` of the monitor's sgd_w, quant_w."""
+def monitor_records(model, task, batches, cfg: FQTConfig) -> list[dict]:
+    """The monitor's figures (``LayerVariance`` per layer) on one FQT pass of each batch."""
     with with_config(model, lambda _: cfg), frozen_buffers(model):
         mon = VarianceMonitor(model, every=1)
         for batch in batches:
@@ -68,16 +68,64 @@ def monitor_figures(model, task, batches, cfg: FQTConfig) -> dict[str, dict[str,
                 model.zero_grad(set_to_none=True)
                 task.loss(model, batch).backward()
         mon.close()
-    out = {}
-    for name in mon.layers:
-        row = {}
-        for key in ("sgd_w", "quant_w"):
-            vals = [getattr(r.layers[name], key) for r in mon.history]
-            row[key] = statistics.fmean(vals)
-            row[key + "_se"] = statistics.stdev(vals) / math.sqrt(len(vals))
-        out[name] = row
     model.zero_grad(set_to_none=True)
+    return [r.layers for r in mon.history]
+
+
+def _mean_se(vals: list[float]) -> tuple[float, float]:
+    return statistics.fmean(vals), statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def _z(diff: float, se: float) -> float:
+    return diff / se if se > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _take(task, size: int, n: int, gen: torch.Generator) -> list:
+    out = []
+    while len(out) < n:
+        for batch in task.train_batches(size, gen):
+            out.append(batch)
+            if len(out) == n:
+                break
     return out
+
+
+def check_point(model, task, point: int, a: argparse.Namespace, gen: torch.Generator) -> list[dict]:
+    rows = []
+    size = a.batch or task.default_batch_size
+    batches = _take(task, size, a.sgd_batches, gen)
+    cfg = FQTConfig(grad_input=None, grad_weight=GradSpec(8, "psq"), seed=a.seed)
+    tk = gradient_variance(model, task.loss, batches, config=cfg, repeats=2, seed=a.seed)
+    recs = monitor_records(model, task, batches, cfg)
+    for layer in recs[0]:
+        g = tk.groups[layer]
+        m, ms = _mean_se([r[layer].sgd_w for r in recs])
+        rows.append({"point": point, "kind": "sgd", "layer": layer, "batches": len(batches),
+                     "toolkit": g.sgd, "toolkit_se": g.sgd_se, "monitor": m, "monitor_se": ms,
+                     "ratio": m / g.sgd, "z": _z(m - g.sgd, math.hypot(g.sgd_se, ms))})
+    batches = batches[:a.quant_batches]
+    for q in a.quantizers.split(","):
+        for bits in (int(b) for b in a.bits.split(",")):
+            t1 = time.time()
+            cfg = FQTConfig(grad_input=None, grad_weight=GradSpec(bits, q), seed=a.seed)
+            recs = monitor_records(model, task, batches, cfg)
+            with with_config(model, lambda _, c=cfg: c), frozen_buffers(model):
+                tks = [quantization_variance(model, task.loss, b, repeats=a.repeats) for b in batches]
+            params = dict(parameter_groups(model))
+            for layer in recs[0]:
+                tk_b = [sum(t[p] for p in params[layer]) for t in tks]
+                mon_b = [r[layer].quant_w for r in recs]
+                d, ds = _mean_se([x - y for x, y in zip(tk_b, mon_b)])
+                t, ts = _mean_se(tk_b)
+                rows.append({"point": point, "kind": "quant", "quantizer": q, "bits": bits,
+                             "layer": layer, "batches": len(batches), "repeats": a.repeats,
+                             "toolkit": t, "toolkit_se": ts, "monitor": statistics.fmean(mon_b),
+                             "ratio": statistics.fmean(mon_b) / t if t else math.nan,
+                             "diff_se": ds, "z": _z(-d, ds)})
+            zs = [abs(r["z"]) for r in rows if r.get("quantizer") == q and r.get("bits") == bits]
+            print(f"step {point} {q}{bits}: max |z| {max(zs):.2f} ({time.time() - t1:.0f} s)",
+                  file=sys.stderr, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", default="0,100,300")
     p.add_argument("--train-batch", type=int, help="training batch (default: the task's)")
     p.add_argument("--batch", type=int, help="measurement minibatch (default: the task's)")
-    p.add_argument("--batches", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sgd-batches", type=int, default=48)
+    p.add_argument("--quant-batches", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=6, help="FQT draws per quantization batch")
     p.add_argument("--quantizers", default="ptq,psq,bhq")
     p.add_argument("--bits", default="4,8")
     p.add_argument("--seed", type=int, default=0)
@@ -109,32 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     for point in points:
         model.load_state_dict(snaps[point])
         model.train()
-        batches = []
-        for batch in task.train_batches(a.batch or task.default_batch_size, gen):
-            batches.append(batch)
-            if len(batches) == a.batches:
-                break
-        for q in a.quantizers.split(","):
-            for bits in (int(b) for b in a.bits.split(",")):
-                cfg = FQTConfig(grad_input=None, grad_weight=GradSpec(bits, q), seed=a.seed)
-                t1 = time.time()
-                tk = gradient_variance(model, task.loss, batches, config=cfg, repeats=a.repeats,
-                                       seed=a.seed)
-                mon = monitor_figures(model, task, batches, cfg)
-                for layer, m in mon.items():
-                    g = tk.groups[layer]
-                    row = {"point": point, "quantizer": q, "bits": bits, "layer": layer,
-                           "toolkit_sgd": g.sgd, "toolkit_sgd_se": g.sgd_se,
-                           "toolkit_quant": g.quant, "toolkit_quant_se": g.quant_se, **m}
-                    for kind in ("sgd", "quant"):
-                        t, ts = g.sgd if kind == "sgd" else g.quant, g.sgd_se if kind == "sgd" else g.quant_se
-                        mv, ms = m[f"{kind}_w"], m[f"{kind}_w_se"]
-                        row[f"z_{kind}"] = (mv - t) / math.sqrt(ts**2 + ms**2) if ts or ms else 0.0
-                        row[f"ratio_{kind}"] = mv / t if t else math.nan
-                    results.append(row)
-                zs = [abs(r[f"z_{k}"]) for r in results[-len(mon):] for k in ("sgd", "quant")]
-                print(f"step {point} {q}{bits}: {len(mon)} layers, max |z| {max(zs):.2f} "
-                      f"({time.time() - t1:.0f} s)", file=sys.stderr, flush=True)
+        results += check_point(model, task, point, a, gen)
+        sgd = [abs(r["z"]) for r in results if r["point"] == point and r["kind"] == "sgd"]
+        print(f"step {point} sgd: max |z| {max(sgd):.2f}", file=sys.stderr, flush=True)
     with open(a.out, "w") as f:
         json.dump({"args": vars(a), "rows": results, "seconds": time.time() - t0}, f, indent=1)
     return 0
