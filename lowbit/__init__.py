@@ -11,8 +11,10 @@ from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow
 from .conversion import ConversionReport, ConversionWarning
 from .coverage import CoverageReport, coverage
 from .formats import IntFormat, Rounding
+from .conv import fqt_conv1d
 from .functional import fqt_conv2d, fqt_linear
 from .nn import (
+    FQTConv1d,
     FQTConv2d,
     FQTLinear,
     convert,
@@ -48,6 +50,7 @@ __all__ = [  # grouped by role, not sorted
     "quantize_grad",
     # layers and conversion
     "FQTLinear",
+    "FQTConv1d",
     "FQTConv2d",
     "convert",
     "ConversionReport",
@@ -56,6 +59,7 @@ __all__ = [  # grouped by role, not sorted
     "fqt_layers",
     "reset_ran",
     "fqt_linear",
+    "fqt_conv1d",
     "fqt_conv2d",
     # what ran low-bit
     "coverage",

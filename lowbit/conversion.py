@@ -86,7 +86,7 @@ class ConversionReport:
 @functools.cache
 def _plain_keys(base: type[nn.Module]) -> frozenset[str]:
     """Instance attributes every plain ``base`` module has (hook registries, sizes, …)."""
-    probe = nn.Linear(1, 1, device="meta") if base is nn.Linear else nn.Conv2d(1, 1, 1, device="meta")
+    probe = nn.Linear(1, 1, device="meta") if base is nn.Linear else base(1, 1, 1, device="meta")
     return frozenset(probe.__dict__)
 
 
@@ -158,7 +158,7 @@ def _meta_twin(module: nn.Module, base: type[nn.Module], names: frozenset[str]) 
     if base is nn.Linear:
         twin = nn.Linear(module.in_features, module.out_features, bias=has_bias, device="meta")
     else:
-        twin = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+        twin = base(module.in_channels, module.out_channels, module.kernel_size,
                          stride=module.stride, padding=module.padding, dilation=module.dilation,
                          groups=module.groups, bias=has_bias, padding_mode=module.padding_mode,
                          device="meta")

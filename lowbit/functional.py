@@ -211,75 +211,7 @@ def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # (*, out)
 
 
-# -- Conv2d: the same three GEMMs as convolutions (simulated) ---------------------------
-def _conv_rows_dequant(q: QuantizedRows, shape: torch.Size) -> torch.Tensor:
-    return q.dequantize().reshape(shape)
-
-
-def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    config: FQTConfig, gens: Generators, params: Sequence[int],
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
-    """Forward of a conv2d block, ``params`` = (stride×2, padding×2, dilation×2, groups):
-    ``x`` (N, C_in, H, W) → ``(Y (N, C_out, H', W'), Q_f(x), Q_f(W))``."""
-    stride, padding, dilation, groups = params[0:2], params[2:4], params[4:6], params[6]
-    be = config.backend
-    with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
-        qx = quantize_forward(_rows(x), config.activation, gens.get(Path.ACTIVATION), be)  # rows: samples
-        qw = quantize_forward(_rows(weight), config.weight, gens.get(Path.WEIGHT), be)  # rows: out ch.
-        xd, wd = _conv_rows_dequant(qx, x.shape), _conv_rows_dequant(qw, weight.shape)
-        b = None if bias is None else bias.float()
-        y = F.conv2d(xd, wd, b, stride, padding, dilation, groups)  # fresh: not a view
-    return y.to(out_dtype), qx, qw
-
-
-def _conv2d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
-                     gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(∇X, ∇W, ∇b)`` of a conv2d block from ``gy`` (N, C_out, H', W')."""
-    p = meta.params
-    stride, padding, dilation, groups = p[0:2], p[2:4], p[4:6], p[6]
-    gx = gw = gb = None
-    with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
-        g = gy.float()  # (B, C_out, H, W)
-        empty = g.numel() == 0 or qx.codes.numel() == 0  # nothing to quantize or to sum
-        if needs[0] and empty:
-            gx = g.new_zeros(meta.x_shape, dtype=meta.x_dtype)
-        elif needs[0]:
-            gi = g
-            if cfg.grad_input is not None:  # rows = samples
-                gi = quantize_gradient(_rows(g), cfg.grad_input, gens.get(Path.GRAD_INPUT),
-                                       cfg.backend, trackers[0])
-                gi = gi.dequantize().reshape(g.shape)
-            wd = _conv_rows_dequant(qw, meta.w_shape)
-            gx = torch.nn.grad.conv2d_input(meta.x_shape, wd, gi, stride, padding, dilation, groups)
-            gx = gx.to(meta.x_dtype)
-        if needs[1] and empty:
-            gw = g.new_zeros(meta.w_shape, dtype=meta.w_dtype)
-        elif needs[1]:
-            gw_in = g
-            if cfg.grad_weight is not None:  # rows = output channels
-                gt = _rows(g.transpose(0, 1))
-                gq = quantize_gradient(gt, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), cfg.backend,
-                                       trackers[1]).dequantize()
-                gw_in = gq.reshape(g.shape[1], g.shape[0], *g.shape[2:]).transpose(0, 1)
-            xd = _conv_rows_dequant(qx, meta.x_shape)
-            gw = torch.nn.grad.conv2d_weight(xd, meta.w_shape, gw_in, stride, padding, dilation, groups)
-            gw = gw.to(meta.w_dtype)
-        if meta.b_dtype is not None and needs[2]:  # (C_out,)
-            gb = (g.new_zeros(meta.w_shape[0]) if empty else g.sum(dim=(0, 2, 3))).to(meta.b_dtype)
-    return gx, gw, gb
-
-
-def _conv2d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> list[int]:
-    """(N, C_out, H', W'), ``H' = ⌊(H + 2p − d(k − 1) − 1)/s⌋ + 1`` (as ``nn.Conv2d``)."""
-    s, p, d = params[0:2], params[2:4], params[4:6]
-    hw = [(x_shape[2 + i] + 2 * p[i] - d[i] * (w_shape[2 + i] - 1) - 1) // s[i] + 1 for i in range(2)]
-    return [x_shape[0], w_shape[0], *hw]
-
-
-register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape))
-
-
+# -- Conv2d: its block kinds (conv2d, conv1d) and three GEMMs live in lowbit.conv ----------
 def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[int]:
     """``F.pad`` amounts (left, right, top, bottom) of ``padding="same"``: total
     ``d·(k − 1)`` per dimension, the odd one extra on the right/bottom (as torch does)."""
@@ -298,7 +230,7 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``bias`` (C_out,) → (N, C_out, H', W'), empty batches too; ``padding`` an int, a pair,
     ``"valid"`` or ``"same"`` (zeros). The same contract as :func:`fqt_linear`: output
     dtype :func:`output_dtype` of ``x``, the recipe's arithmetic under autocast (the three
-    GEMMs are simulated: dequantize, then a float32 convolution), gradients in the dtypes
+    GEMMs of :mod:`lowbit.conv`: integer im2col GEMMs, or simulated), gradients in the dtypes
     of ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes."""
     state = block_state(state)
     if state.config.is_fp:
@@ -314,6 +246,8 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     params = [*stride, *_pair(padding), *dilation, groups]
     return apply_block("conv2d", x, weight, bias, state, params, output_dtype(x))
 
+
+from . import conv as _conv  # noqa: E402,F401  registers the conv2d/conv1d block kinds
 
 __all__ = [
     "Trackers",

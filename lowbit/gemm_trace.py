@@ -62,6 +62,8 @@ for _name, _label in (("float8_e4m3fn", "fp8 e4m3"), ("float8_e4m3fnuz", "fp8 e4
         _FORMATS[getattr(torch, _name)] = _label
 CODE_DTYPES = frozenset(d for d, f in _FORMATS.items() if f.startswith(("int8", "fp8", "fp4")))
 _QUANTIZER_SCOPES = ("lowbit::transform", "lowbit::quantize")
+# a backward GEMM run inside one of these scopes is of that pass (lowbit.conv's im2col GEMMs)
+_PHASE_SCOPES = {"lowbit::grad_input": "grad_input", "lowbit::grad_weight": "grad_weight"}
 _profiler = torch.ops.profiler
 _SCOPE_ENTER = {_profiler._record_function_enter_new.default, _profiler._record_function_enter.default}
 _SCOPE_EXIT = {_profiler._record_function_exit.default,
@@ -304,6 +306,8 @@ class GemmTracer(TorchDispatchMode):
             phase = "forward"
         elif part.role is not None:
             phase = part.role
+        elif any(s in _PHASE_SCOPES for s in self.scopes):
+            phase = next(_PHASE_SCOPES[s] for s in reversed(self.scopes) if s in _PHASE_SCOPES)
         elif weight is not None:
             phase = "grad_input"
         else:

@@ -1,6 +1,7 @@
 """Fully quantized modules and the one-call model conversion.
 
-``FQTLinear`` and ``FQTConv2d`` subclass ``nn.Linear`` / ``nn.Conv2d`` and keep their
+``FQTLinear``, ``FQTConv2d`` and ``FQTConv1d`` subclass ``nn.Linear`` / ``nn.Conv2d`` /
+``nn.Conv1d`` and keep their
 parameters (same objects, same names), so a converted model loads the unconverted
 model's ``state_dict`` and vice versa, and an optimizer built before conversion keeps
 working. Each converted layer owns its stochastic-rounding noise stream
@@ -22,6 +23,7 @@ from torch.nn.modules.utils import _pair
 
 from .config import FQTConfig
 from .conversion import ConversionReport, ConversionWarning, disable_fused_fastpath, rebuild, skip_reason
+from .conv import fqt_conv1d
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import BlockState
@@ -163,7 +165,36 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
         return f"{super().extra_repr()}, {self._extra()}"
 
 
-_FQT_LAYERS = (FQTLinear, FQTConv2d)
+class FQTConv1d(nn.Conv1d, _StochasticLayer):
+    """``nn.Conv1d`` (stride, padding incl. ``'same'``/padding modes, dilation, groups,
+    bias) whose three GEMMs run under an :class:`FQTConfig` (:func:`lowbit.conv.fqt_conv1d`:
+    the conv2d GEMMs on a height-1 image)."""
+
+    def __init__(self, *args, config: FQTConfig, seed: int | None = None, name: str = "",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(config, seed, name)
+
+    # wrap ``mod``'s parameters (shared, not copied), as FQTConv2d.from_float does
+    from_float = classmethod(FQTConv2d.from_float.__func__)  # type: ignore[assignment]
+
+    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ran = True  # a constant store: no torch.compile guard or graph break
+        if self.padding_mode != "zeros":
+            x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return fqt_conv1d(x, self.weight, self.bias, self._block, self.stride, 0,
+                              self.dilation, self.groups)
+        return fqt_conv1d(x, self.weight, self.bias, self._block, self.stride, self.padding,
+                          self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._extra()}"
+
+
+_FQT_LAYERS = (FQTLinear, FQTConv2d, FQTConv1d)
+_PLAIN = {nn.Linear: FQTLinear, nn.Conv2d: FQTConv2d, nn.Conv1d: FQTConv1d}
 
 
 def describe(config: FQTConfig) -> str:
@@ -180,7 +211,7 @@ def describe(config: FQTConfig) -> str:
 
 def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None,
             *, report: bool = False) -> nn.Module | tuple[nn.Module, ConversionReport]:
-    """Swap every ``nn.Linear`` and ``nn.Conv2d`` in ``model`` (any depth) for its FQT
+    """Swap every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` in ``model`` (any depth) for its FQT
     version under ``config``, in place, and return ``model`` (``(model, report)`` with
     ``report=True``: a :class:`ConversionReport`).
 
@@ -220,10 +251,10 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             module.config, module.ran = config, False
             converted.append(name)
             return module
-        plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-        cls = FQTLinear if plain is nn.Linear else FQTConv2d
+        plain = next(p for p in _PLAIN if isinstance(module, p))
+        cls = _PLAIN[plain]
         if plain not in probes:  # what an FQT layer holds, for attribute clashes
-            probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else nn.Conv2d(1, 1, 1, device="meta")
+            probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else plain(1, 1, 1, device="meta")
             probes[plain] = cls.from_float(probe, config, seed=0)
         reason = skip_reason(module, parent, plain, probes[plain])
         if reason is not None:
@@ -235,7 +266,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> nn.Module:
         if id(module) in memo:  # shared module: convert once, reuse everywhere
             return memo[id(module)]
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, tuple(_PLAIN)):
             new = swap(module, prefix, parent)
         else:
             new = module
@@ -259,7 +290,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
 
 
-def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, FQTLinear | FQTConv2d]:
+def fqt_layers(model: nn.Module, *, ran: bool | None = None
+               ) -> dict[str, FQTLinear | FQTConv2d | FQTConv1d]:
     """The converted layers of ``model`` by fully qualified name; with ``ran=True`` only
     those whose forward has run since conversion or :func:`reset_ran`, with ``ran=False``
     only those that have not (converted, yet bypassed or unused)."""
@@ -341,6 +373,6 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
             t.frozen = f
 
 
-__all__ = ["FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "frozen_ranges",
+__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
            "rng_state"]

@@ -1,0 +1,306 @@
+"""Fully quantized convolutions: the three GEMMs of a conv layer by name.
+
+    conv_output       Y  = Q_f(X) ⊛ Q_f(W)  (+ b)
+    conv_grad_input   ∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)   (the transposed convolution)
+    conv_grad_weight  ∇W = Q_w(∇Y) ⋆ Q_f(X)    (correlation over samples and positions)
+
+The reference (``backend="reference"``, and wherever an operand is not plain int8 codes
+on a symmetric grid) dequantizes and runs float32 convolutions: it defines the estimator.
+Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-last
+(:mod:`lowbit.kernels.im2col`), one GEMM per group, with the same quantized operands
+(same noise stream) and an exact int32/int64 sum, scaled once:
+
+* output: rows (sample, output position) × columns output channels, summed over
+  (kernel position, input channel of the group); scales: the activation's per tensor or
+  per sample (rows), the weight's per tensor or per output channel (columns);
+* ∇X: the GEMM ``∇Y`` (rows (sample, output position), channels-last codes) × ``W``
+  (output channel × (kernel position, input channel)), summed over the output channels
+  of the group, then col2im: each column block added (float32) at its input position —
+  the transposed convolution. ``Q_a`` has rows = samples, so its scale and its row
+  transform (BHQ/Hadamard mix samples) sit on the output's sample rows: ``T⁻¹`` applies
+  after the GEMM and the scatter, as for Linear. A per-output-channel weight scale is on
+  the summed dimension: that GEMM runs simulated;
+* ∇W: rows output channels (``Q_w``'s rows: scale and transform) × columns (kernel
+  position, input channel), summed over (sample, output position) — ``N·H'·W'`` may
+  exceed ``int8.MAX_K``, so the sum is split (:func:`~lowbit.kernels.im2col.exact_gemm`).
+  A per-sample activation scale is on the summed dimension: simulated.
+
+The integer result differs from the reference only by float32 rounding: the integer
+sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im adds at most kH·kW
+float32 terms per element, where the reference rounds every term of its float32 sums.
+The backward GEMMs run inside ``lowbit::grad_input`` / ``lowbit::grad_weight`` profiler
+scopes, which name their pass to :mod:`lowbit.coverage`.
+Conv1d is the conv2d block on a height-1 image. ``params`` of a block: (stride_h,
+stride_w, padding_h, padding_w, dilation_h, dilation_w, groups).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+from torch.nn.modules.utils import _single
+
+from .config import Backend, FQTConfig, GradSpec
+from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
+                         quantize_gradient, same_padding)
+from .kernels import Encoded, kernels_for
+from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, patches, place
+from .noise import Path
+from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
+from .quantizers import QuantizedRows
+from .ranges import RangeTracker
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def _geometry(params: Sequence[int]) -> tuple[list[int], list[int], list[int], int]:
+    return list(params[0:2]), list(params[2:4]), list(params[4:6]), int(params[6])
+
+
+def integer_path(backend: Backend, *ops: QuantizedRows) -> bool:
+    """Whether the conv GEMMs on ``ops`` run on integer kernels: not the reference
+    backend, every operand int8 codes with no offset (a zero code is then the value 0,
+    so padding and zero insertion are exact) and no block scale, on cpu/cuda."""
+    return Backend(backend) is not Backend.REFERENCE and all(
+        q.codes.dtype == torch.int8 and q.offset is None and q.block_scale is None
+        and q.codes.device.type in ("cpu", "cuda") and q.codes.numel() > 0 for q in ops)
+
+
+def _valid(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> bool:
+    """Whether ``F.conv2d`` accepts this geometry (else the reference path runs it and
+    raises torch's own error)."""
+    stride, padding, dilation, groups = _geometry(params)
+    if len(x_shape) != 4 or len(w_shape) != 4 or groups < 1 or x_shape[1] != w_shape[1] * groups \
+            or w_shape[0] % groups or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return False
+    return all(x_shape[2 + i] + 2 * padding[i] >= dilation[i] * (w_shape[2 + i] - 1) + 1
+               for i in range(2))
+
+
+def _per_row(scale: torch.Tensor, repeat: int) -> torch.Tensor:
+    """A per-sample (N, 1) scale repeated over each sample's ``repeat`` GEMM rows."""
+    return scale if scale.shape[0] == 1 else scale.repeat_interleave(repeat, dim=0)
+
+
+def _group(scale: torch.Tensor, g: int, size: int) -> torch.Tensor:
+    return scale if scale.shape[0] == 1 else scale[g * size:(g + 1) * size]
+
+
+def _weight_rows(qw: QuantizedRows, w_shape: Sequence[int]) -> torch.Tensor:
+    """W's codes (C_out, C/g, kH, kW) as (C_out, kH·kW·C/g), column order (i, j, c)."""
+    co, cg, kh, kw = w_shape
+    return qw.codes.reshape(co, cg, kh, kw).permute(0, 2, 3, 1).reshape(co, kh * kw * cg)
+
+
+def _dq(q: QuantizedRows, shape: Sequence[int]) -> torch.Tensor:
+    return q.dequantize().reshape(shape)
+
+
+# -- the three GEMMs ---------------------------------------------------------------------
+def conv_output(qx: QuantizedRows, qw: QuantizedRows, x_shape: Sequence[int],
+                w_shape: Sequence[int], params: Sequence[int], backend: Backend,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Y = Q_f(X) ⊛ Q_f(W) + b``: ``qx`` rows = samples of X (N, C, H, W), ``qw`` rows
+    = output channels of W (C_out, C/groups, kH, kW) → Y (N, C_out, H', W') as
+    ``out_dtype`` (contiguous)."""
+    stride, padding, dilation, groups = _geometry(params)
+    if not integer_path(backend, qx, qw) or not _valid(x_shape, w_shape, params):
+        b = None if bias is None else bias.float()
+        y = F.conv2d(_dq(qx, x_shape), _dq(qw, w_shape), b, stride, padding, dilation, groups)
+        return y.to(out_dtype)
+    n, _, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    x = place(channels_last(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
+    ho, wo = p.shape[1], p.shape[2]
+    a_scale = _per_row(qx.scale, ho * wo)
+    wl = _weight_rows(qw, w_shape)
+    k = kernels_for(backend, qx.codes.device)
+    cog = co // groups
+    outs = [exact_gemm(k, Encoded(im2col(p, g, groups), a_scale),
+                       Encoded(wl[g * cog:(g + 1) * cog], _group(qw.scale, g, cog)).t(),
+                       None if bias is None else bias[g * cog:(g + 1) * cog])
+            for g in range(groups)]
+    y = outs[0] if groups == 1 else torch.cat(outs, 1)  # (N·H'·W', C_out)
+    return y.reshape(n, ho, wo, co).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+
+
+def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
+                    generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
+                    w_shape: Sequence[int], params: Sequence[int],
+                    out_dtype: torch.dtype = torch.float32,
+                    tracker: RangeTracker | None = None) -> torch.Tensor:
+    """``∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)``: ``gy`` (N, C_out, H', W'), quantized with rows =
+    samples (``spec=None``: QAT, float ``gy``), ``qw`` rows = output channels of W
+    ``w_shape`` → ∇X ``x_shape`` (N, C, H, W)."""
+    stride, padding, dilation, groups = _geometry(params)
+    g = gy.float()
+    if g.numel() == 0 or qw.codes.numel() == 0:
+        return g.new_zeros(x_shape, dtype=out_dtype)
+    if spec is None:
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g, stride, padding,
+                                          dilation, groups).to(out_dtype)
+    qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
+    if not integer_path(backend, qa, qw):
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
+                                          padding, dilation, groups).to(out_dtype)
+    n, c, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    _, _, ho, wo = g.shape
+    a_codes = channels_last(qa.codes, g.shape).reshape(n * ho * wo, co)  # rows (sample, position)
+    a_scale = _per_row(qa.scale, ho * wo)
+    wl = _weight_rows(qw, w_shape)
+    k = kernels_for(backend, g.device)
+    cog = co // groups
+    out = g.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)  # padded, channels-last
+    with record_function("lowbit::grad_input"):
+        for gi in range(groups):
+            rows = slice(gi * cog, (gi + 1) * cog)
+            a = Encoded(a_codes[:, rows].contiguous(), a_scale)
+            b_scale = _group(qw.scale, gi, cog)  # per output channel: on the summed dimension
+            cols = exact_gemm(k, a, Encoded(wl[rows], b_scale))  # (N·H'·W', kH·kW·C/g)
+            col2im(cols.reshape(n, ho, wo, kh, kw, cg), out, stride, dilation,
+                   slice(gi * cg, (gi + 1) * cg))
+    gx = out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
+    return qa.inverse(gx.reshape(n, c * h * w), out_dtype).reshape(x_shape)  # T⁻¹: sample rows
+
+
+def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
+                     generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
+                     w_shape: Sequence[int], params: Sequence[int],
+                     out_dtype: torch.dtype = torch.float32,
+                     tracker: RangeTracker | None = None) -> torch.Tensor:
+    """``∇W = Q_w(∇Y) ⋆ Q_f(X)``: ``gy`` (N, C_out, H', W') quantized with rows = output
+    channels (columns (sample, position)) → ∇W ``w_shape`` (C_out, C/groups, kH, kW)."""
+    stride, padding, dilation, groups = _geometry(params)
+    g = gy.float()
+    if g.numel() == 0 or qx.codes.numel() == 0:
+        return g.new_zeros(w_shape, dtype=out_dtype)
+    if spec is None:
+        return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, g, stride, padding,
+                                           dilation, groups).to(out_dtype)
+    qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
+    if not integer_path(backend, qa, qx):
+        ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:])).transpose(0, 1)
+        return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, ga, stride, padding,
+                                           dilation, groups).to(out_dtype)
+    _, _, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    x = place(channels_last(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
+    b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
+    k = kernels_for(backend, g.device)
+    cog = co // groups
+    with record_function("lowbit::grad_weight"):
+        outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
+                           Encoded(im2col(p, gi, groups), b_scale))
+                for gi in range(groups)]
+    gw = outs[0] if groups == 1 else torch.cat(outs, 0)  # (C_out, kH·kW·C/g)
+    gw = qa.inverse(gw, torch.float32)  # T⁻¹ on the output-channel rows
+    return gw.reshape(co, kh, kw, cg).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+
+
+# -- the block kinds ---------------------------------------------------------------------
+def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    config: FQTConfig, gens: Generators, params: Sequence[int],
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+    """Forward of a conv2d block: ``x`` (N, C, H, W) → ``(Y (N, C_out, H', W'), Q_f(x)
+    (rows: samples), Q_f(W) (rows: output channels))``."""
+    be = config.backend
+    with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
+        qx = quantize_forward(_rows(x), config.activation, gens.get(Path.ACTIVATION), be)
+        qw = quantize_forward(_rows(weight), config.weight, gens.get(Path.WEIGHT), be)
+        y = conv_output(qx, qw, x.shape, weight.shape, params, be, bias, out_dtype)
+    return y, qx, qw
+
+
+def _conv2d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+                     gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(∇X, ∇W, ∇b)`` of a conv2d block from ``gy`` (N, C_out, H', W')."""
+    gx = gw = gb = None
+    be, p = cfg.backend, meta.params
+    with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
+        if needs[0]:
+            gx = conv_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), be,
+                                 meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0])
+        if needs[1]:
+            gw = conv_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), be,
+                                  meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1])
+        if meta.b_dtype is not None and needs[2]:  # (C_out,)
+            empty = gy.numel() == 0 or qx.codes.numel() == 0
+            g = gy.float()
+            gb = (g.new_zeros(meta.w_shape[0]) if empty else g.sum(dim=(0, 2, 3))).to(meta.b_dtype)
+    return gx, gw, gb
+
+
+def _conv2d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> list[int]:
+    """(N, C_out, H', W'), ``H' = ⌊(H + 2p − d(k − 1) − 1)/s⌋ + 1`` (as ``nn.Conv2d``)."""
+    s, p, d = params[0:2], params[2:4], params[4:6]
+    hw = [(x_shape[2 + i] + 2 * p[i] - d[i] * (w_shape[2 + i] - 1) - 1) // s[i] + 1 for i in range(2)]
+    return [x_shape[0], w_shape[0], *hw]
+
+
+# conv1d: the conv2d block on (N, C, 1, L) with a (C_out, C/g, 1, k) kernel
+def _conv1d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    config: FQTConfig, gens: Generators, params: Sequence[int],
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+    y, qx, qw = _conv2d_forward(x.unsqueeze(2), weight.unsqueeze(2), bias, config, gens, params,
+                                out_dtype)
+    return y.squeeze(2), qx, qw
+
+
+def _conv1d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+                     gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    xs, ws = meta.x_shape, meta.w_shape
+    m2 = BlockMeta(meta.params, [xs[0], xs[1], 1, xs[2]], meta.x_dtype,
+                   [ws[0], ws[1], 1, ws[2]], meta.w_dtype, meta.b_dtype)
+    gx, gw, gb = _conv2d_backward(gy.unsqueeze(2), qx, qw, cfg, gens, trackers, m2, needs)
+    return (None if gx is None else gx.reshape(xs), None if gw is None else gw.reshape(ws), gb)
+
+
+def _conv1d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> list[int]:
+    n, co, _, lo = _conv2d_out_shape([x_shape[0], x_shape[1], 1, x_shape[2]],
+                                     [w_shape[0], w_shape[1], 1, w_shape[2]], params)
+    return [n, co, lo]
+
+
+register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape))
+register_kind("conv1d", BlockKind(_conv1d_forward, _conv1d_backward, _conv1d_out_shape))
+
+
+def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               state: BlockState | FQTConfig, stride: Any = 1, padding: Any = 0,
+               dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    """Conv1d under ``state`` (``fp``: plain ``F.conv1d``): ``x`` (N, C_in, L) or
+    unbatched (C_in, L), ``weight`` (C_out, C_in/groups, k), ``bias`` (C_out,) →
+    (N, C_out, L'); ``padding`` an int, ``"valid"`` or ``"same"`` (zeros). The contract
+    of :func:`lowbit.functional.fqt_conv2d` (dtypes, autocast, errors); the GEMMs are
+    those of the conv2d block on a height-1 image."""
+    state = block_state(state)
+    if state.config.is_fp:
+        return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    check_dtypes("fqt_conv1d", x, weight, bias)
+    if x.dim() == 2:  # unbatched, as nn.Conv1d accepts
+        return fqt_conv1d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
+    if x.dim() != 3 or weight.dim() != 3:
+        raise RuntimeError(f"fqt_conv1d: expected a 3-D input (N, C, L) and a 3-D weight, got "
+                           f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    (s,), (d,) = _single(stride), _single(dilation)
+    if padding == "same":
+        x, padding = F.pad(x, same_padding(weight.shape[2:], (d,))), 0
+    elif padding == "valid":
+        padding = 0
+    (p,) = _single(padding)
+    return apply_block("conv1d", x, weight, bias, state, [1, s, 0, p, 1, d, groups], output_dtype(x))
+
+
+__all__ = ["conv_grad_input", "conv_grad_weight", "conv_output", "fqt_conv1d", "integer_path"]

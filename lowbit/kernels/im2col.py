@@ -1,0 +1,106 @@
+"""im2col of integer codes, channels-last, and an integer GEMM whose long sums stay exact.
+
+A convolution's GEMMs read patches of their operand: ``patches(x)[n, h, w, i, j, c] =
+x[n, h·s + i·d, w·s + j·d, c]`` of the zero-padded channels-last tensor. Built here as an
+``as_strided`` view of the int8 codes (no float copy: DESIGN.md "Measured anchors", 16
+channels at 28²: int8 patches + ``torch._int_mm`` 2.2 ms, where ``F.unfold`` of floats +
+``_int_mm`` took 46 ms), then one int8 copy into the (rows, K) operand of the GEMM. A
+zero code is the value 0 only on a symmetric grid: callers pad codes of offset-free
+operands only.
+
+:func:`exact_gemm` sums over any ``K``: ``torch._int_mm``'s int32 accumulator is exact
+while ``K·128² < 2³¹`` (``int8.MAX_K``); longer sums are split into chunks of at most
+``MAX_K``, each an exact int32 product, added exactly in int64, then scaled once by the
+same epilogue as one GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import Backend, Kernels, int8
+from .encoded import Encoded
+
+
+def channels_last(codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Row-major codes (N, C·H·W) of a (N, C, H, W) tensor as contiguous (N, H, W, C)."""
+    n, c, h, w = shape
+    return codes.reshape(n, c, h, w).permute(0, 2, 3, 1).contiguous()
+
+
+def place(x: torch.Tensor, size: Sequence[int], offset: Sequence[int],
+          stride: Sequence[int] = (1, 1)) -> torch.Tensor:
+    """A zero (N, size[0], size[1], C) tensor holding ``x`` (N, H, W, C) at
+    ``offset + i·stride`` per spatial dimension; entries falling outside are dropped.
+    Zero padding (offset ≥ 0), cropping (offset < 0) and the zero insertion of a
+    transposed convolution (stride > 1) in one copy."""
+    n, h, w, c = x.shape
+    out = x.new_zeros(n, size[0], size[1], c)
+    src: list[slice] = []
+    dst: list[slice] = []
+    for ext, full, off, s in ((h, size[0], offset[0], stride[0]), (w, size[1], offset[1], stride[1])):
+        first = max(0, -(off // s))  # source indices i with 0 ≤ off + i·s < full
+        last = min(ext, (full - 1 - off) // s + 1)
+        if last <= first:
+            return out
+        src.append(slice(first, last))
+        dst.append(slice(off + first * s, off + (last - 1) * s + 1, s))
+    out[:, dst[0], dst[1]] = x[:, src[0], src[1]]
+    return out
+
+
+def patches(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
+            dilation: Sequence[int]) -> torch.Tensor:
+    """The (N, H', W', kH, kW, C) view of the (already padded) contiguous channels-last
+    ``x`` (N, H, W, C): ``H' = ⌊(H − d(k − 1) − 1)/s⌋ + 1``."""
+    n, h, w, c = x.shape
+    ho = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    sn, sh, sw, sc = x.stride()
+    return x.as_strided((n, ho, wo, kernel[0], kernel[1], c),
+                        (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc))
+
+
+def im2col(p: torch.Tensor, group: int, groups: int) -> torch.Tensor:
+    """Group ``group`` of the patches ``p`` (N, H', W', kH, kW, C) as the contiguous
+    (N·H'·W', kH·kW·C/groups) operand, column order (i, j, c)."""
+    n, ho, wo, kh, kw, c = p.shape
+    cg = c // groups
+    return p[..., group * cg:(group + 1) * cg].reshape(n * ho * wo, kh * kw * cg)
+
+
+def col2im(cols: torch.Tensor, out: torch.Tensor, stride: Sequence[int],
+           dilation: Sequence[int], channels: slice) -> None:
+    """Add ``cols`` (N, H', W', kH, kW, Cg) into ``out[..., channels]`` ((N, H, W, C),
+    padded): the adjoint of :func:`patches` (a transposed convolution's scatter), in
+    ``out``'s dtype, one strided add per kernel position."""
+    _, ho, wo, kh, kw, _ = cols.shape
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dilation[0], j * dilation[1]
+            out[:, h0:h0 + stride[0] * (ho - 1) + 1:stride[0],
+                w0:w0 + stride[1] * (wo - 1) + 1:stride[1], channels] += cols[:, :, :, i, j]
+
+
+def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``â @ b̂ + bias`` ((M, K) × (K, N)) as :meth:`Kernels.gemm`, for any ``K``: where
+    the integer GEMM applies but ``K > int8.MAX_K``, the sum is split into exact int32
+    chunks added in int64 and scaled once (the ``int8_epilogue`` of one GEMM)."""
+    k = a.codes.shape[1]
+    head = (Encoded(a.codes[:, :int8.MAX_K], a.scale, a.offset, a.block_scale),
+            Encoded(b.codes[:int8.MAX_K], b.scale, b.offset, b.block_scale))
+    if k <= int8.MAX_K or kernels.backend not in (Backend.AUTO, Backend.INT8) \
+            or not int8.supports(*head) or a.offset is not None or b.offset is not None:
+        return kernels.gemm(a, b, bias, out_dtype)  # one GEMM (or not integer: simulated)
+    acc = torch.zeros(a.codes.shape[0], b.codes.shape[1], dtype=torch.int64, device=a.codes.device)
+    for s in range(0, k, int8.MAX_K):
+        acc += int8.int_mm(a.codes[:, s:s + int8.MAX_K].contiguous(),
+                           b.codes[s:s + int8.MAX_K].contiguous())
+    return kernels.run("int8_epilogue", acc, a.scale, b.scale, None, None, None, None, k, bias,
+                       out_dtype)
+
+
+__all__ = ["channels_last", "col2im", "exact_gemm", "im2col", "patches", "place"]

@@ -1,0 +1,321 @@
+"""Integer convolutions (lowbit.conv) against the reference conv on the same operands.
+
+The three GEMMs of a conv block run as int8 im2col GEMMs with exact integer sums; the
+reference dequantizes and runs float32 convolutions. Both compute the same estimator, so
+they differ only by float rounding, bounded here from first principles with
+``u = 2⁻²⁴`` and ``A = Σ|â||b̂|`` (+ |bias|) per output element, computed in float64:
+
+* integer path vs the exact float64 value ``E`` of the same codes: the sum is exact,
+  then at most 4 roundings (int→float, × each scale, + bias): ``|int − E| ≤ 4u·A``, plus
+  ``kH·kW·u·A`` for ∇X, whose col2im adds kH·kW float32 terms per element;
+* reference vs ``E``: rounding of each dequantized operand and of their product (3u per
+  term) and a K-term float32 sum ((K − 1)u), so ``|int − ref| ≤ (K + 8)u·A``.
+
+The quantized operands are the same in both paths: the gradient quantizers draw from the
+same seeded generator (the noise stream does not depend on the backend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit import FQTConfig, FQTConv1d, FQTConv2d
+from lowbit.config import Backend, GradSpec, OperandSpec
+from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
+from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
+from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
+from lowbit.kernels.im2col import exact_gemm
+
+U = 2.0**-24
+# (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
+GEOMETRIES = {
+    "plain": (3, 4, 9, 11, 6, 3, 1, 1, 1, 1),
+    "stride2": (3, 4, 9, 11, 6, 3, 2, 1, 1, 1),
+    "dilation2": (2, 3, 10, 9, 5, 3, 1, 2, 2, 1),
+    "groups2": (3, 4, 8, 8, 6, 3, 2, 0, 1, 2),
+    "depthwise": (2, 8, 7, 7, 8, 3, 1, 1, 1, 8),
+    "depthwise_x2": (2, 4, 7, 9, 8, 3, 2, 1, 1, 4),
+    "stride3_k2": (2, 3, 11, 10, 5, 2, 3, 1, 2, 1),
+    "pointwise": (3, 5, 6, 6, 7, 1, 1, 0, 1, 1),
+    "pad_beyond_kernel": (2, 3, 5, 6, 4, 1, 2, 2, 1, 1),  # padding > d(k−1): crop in ∇X
+    "rect_kernel": (2, 3, 8, 9, 4, (2, 3), (1, 2), (0, 1), 1, 1),
+}
+
+
+def _pair(v):  # noqa: ANN001, ANN202
+    return tuple(v) if isinstance(v, tuple) else (v, v)
+
+
+def _params(stride, padding, dilation, groups) -> list[int]:  # noqa: ANN001
+    return [*_pair(stride), *_pair(padding), *_pair(dilation), groups]
+
+
+def _case(name: str, bias: bool = True):  # noqa: ANN202
+    n, c, h, w, co, k, s, p, d, g = GEOMETRIES[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen)
+    wt = torch.randn(co, c // g, *_pair(k), generator=gen)
+    b = torch.randn(co, generator=gen) if bias else None
+    return x, wt, b, _params(s, p, d, g)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _check(int_out: torch.Tensor, ref_out: torch.Tensor, exact: torch.Tensor,
+           absolute: torch.Tensor, k: int, scatter: int = 0) -> None:
+    """The two bounds of the module docstring; ``absolute`` = A (float64); ``scatter``:
+    the float32 terms col2im adds per element of ∇X (kH·kW, each rounding once)."""
+    assert int_out.dtype == ref_out.dtype and int_out.shape == ref_out.shape == exact.shape
+    assert ((int_out.double() - exact).abs() <= (4 + scatter) * U * absolute).all()
+    assert ((int_out.double() - ref_out.double()).abs() <= (k + 8) * U * absolute).all()
+
+
+def _forward_operands(x, wt, spec=OperandSpec()):  # noqa: ANN001, ANN202
+    return quantize_forward(_rows(x), spec), quantize_forward(_rows(wt), spec)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_conv_output_integer_equals_reference(name: str) -> None:
+    x, wt, b, params = _case(name)
+    qx, qw = _forward_operands(x, wt)
+    y_int = conv_output(qx, qw, x.shape, wt.shape, params, Backend.INT8, b)  # raises if not int8
+    y_ref = conv_output(qx, qw, x.shape, wt.shape, params, Backend.REFERENCE, b)
+    s, p, d, g = params[0:2], params[2:4], params[4:6], params[6]
+    xd, wd = qx.dequantize(torch.float64).reshape(x.shape), qw.dequantize(torch.float64).reshape(wt.shape)
+    exact = F.conv2d(xd, wd, b.double(), s, p, d, g)
+    absolute = F.conv2d(xd.abs(), wd.abs(), b.double().abs(), s, p, d, g)
+    _check(y_int, y_ref, exact, absolute, math.prod(wt.shape[1:]))
+
+
+@pytest.mark.parametrize("quantizer", ["psq", "ptq"])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_conv_grads_integer_equal_reference(name: str, quantizer: str) -> None:
+    x, wt, _, params = _case(name, bias=False)
+    s, p, d, g = params[0:2], params[2:4], params[4:6], params[6]
+    qx, qw = _forward_operands(x, wt)
+    y = F.conv2d(x, wt, None, s, p, d, g)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    spec = GradSpec(quantizer=quantizer)
+
+    def run(fn, backend, *args):  # noqa: ANN001, ANN202
+        return fn(gy, *args[:1], spec, torch.Generator().manual_seed(7), backend, *args[1:])
+
+    gx_int = run(conv_grad_input, Backend.INT8, qw, x.shape, wt.shape, params)
+    gx_ref = run(conv_grad_input, Backend.REFERENCE, qw, x.shape, wt.shape, params)
+    qa = quantize_gradient(_rows(gy), spec, torch.Generator().manual_seed(7), Backend.REFERENCE)
+    ad = qa.dequantize(torch.float64).reshape(gy.shape)
+    wd = qw.dequantize(torch.float64).reshape(wt.shape)
+    exact = torch.nn.grad.conv2d_input(x.shape, wd, ad, s, p, d, g)
+    absolute = torch.nn.grad.conv2d_input(x.shape, wd.abs(), ad.abs(), s, p, d, g)
+    _check(gx_int, gx_ref, exact, absolute, math.prod(wt.shape[2:]) * wt.shape[0] // g,
+           scatter=math.prod(wt.shape[2:]))
+
+    gw_int = run(conv_grad_weight, Backend.INT8, qx, x.shape, wt.shape, params)
+    gw_ref = run(conv_grad_weight, Backend.REFERENCE, qx, x.shape, wt.shape, params)
+    qa = quantize_gradient(_rows(gy.transpose(0, 1)), spec, torch.Generator().manual_seed(7),
+                           Backend.REFERENCE)
+    ad = qa.dequantize(torch.float64).reshape(gy.shape[1], gy.shape[0], *gy.shape[2:]).transpose(0, 1)
+    xd = qx.dequantize(torch.float64).reshape(x.shape)
+    exact = torch.nn.grad.conv2d_weight(xd, wt.shape, ad, s, p, d, g)
+    absolute = torch.nn.grad.conv2d_weight(xd.abs(), wt.shape, ad.abs(), s, p, d, g)
+    _check(gw_int, gw_ref, exact, absolute, gy.shape[0] * gy.shape[2] * gy.shape[3])
+
+
+def _layer_run(backend: str, x, wt, b, params, gy, recipe="fqt-psq-8"):  # noqa: ANN001, ANN202
+    cfg = FQTConfig.from_recipe(recipe, backend=backend, seed=3)
+    xs, ws = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    bs = None if b is None else b.clone().requires_grad_()
+    y = fqt_conv2d(xs, ws, bs, cfg, params[0:2], params[2:4], params[4:6], params[6])
+    y.backward(gy)
+    return y, xs.grad, ws.grad, None if bs is None else bs.grad
+
+
+@pytest.mark.parametrize("name", ["plain", "stride2", "groups2", "depthwise"])
+def test_layer_auto_equals_reference_same_noise_stream(name: str) -> None:
+    """End to end through the block's custom ops: auto (integer) against reference on
+    one seeded noise stream. The bound: each element within (K + 8)u of the largest
+    |value| times K (A ≤ K·max|â|·max|b̂|, and max|â||b̂| ≤ the output's scale)."""
+    x, wt, b, params = _case(name)
+    s, p, d, g = params[0:2], params[2:4], params[4:6], params[6]
+    gy = torch.randn(F.conv2d(x, wt, b, s, p, d, g).shape, generator=torch.Generator().manual_seed(5))
+    got = _layer_run("auto", x, wt, b, params, gy)
+    ref = _layer_run("reference", x, wt, b, params, gy)
+    assert torch.equal(got[3], ref[3])  # ∇b: the same float sum of ∇Y on both
+    for a, r in zip(got[:3], ref[:3]):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        assert not torch.equal(a, torch.zeros_like(a))
+    # the forward/grad operands are the same (same stream): differences are rounding only
+    y_ratio = (got[0] - ref[0]).abs().max() / ref[0].abs().max()
+    assert y_ratio <= (math.prod(wt.shape[1:]) + 8) * U * math.prod(wt.shape[1:])
+
+
+def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
+    """What runs under auto for a per-tensor int8 recipe: ``_int_mm`` once per group for
+    each of the three GEMMs, no float convolution."""
+    x, wt, b, params = _case("groups2")
+    gy = torch.ones(F.conv2d(x, wt, b, params[0:2], params[2:4], params[4:6], params[6]).shape)
+    with torch.profiler.profile() as prof:
+        _layer_run("auto", x, wt, b, params, gy)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::_int_mm") == 3 * params[6]
+    assert not any("convolution" in n for n in names)
+
+
+def test_saved_activation_is_int8() -> None:
+    x, wt, b, params = _case("plain")
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    saved: list[torch.Tensor] = []
+    xs = x.clone().requires_grad_()
+    w = wt.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fqt_conv2d(xs, w, b, cfg, params[0:2], params[2:4], params[4:6], params[6])
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert big and all(t.dtype == torch.int8 for t in big)
+
+
+def test_scale_on_summed_dimension_runs_simulated_or_refuses() -> None:
+    """Per-output-channel weight scales sit on the summed dimension of ∇X (sum over
+    output channels): ``int8`` refuses that GEMM with the dispatcher's message, ``auto``
+    runs it simulated (the reference GEMM) within the rounding bound."""
+    x, wt, _, params = _case("plain", bias=False)
+    row = OperandSpec(granularity="row")
+    qx, qw = _forward_operands(x, wt, row)
+    gy = torch.randn(3, 6, 9, 11, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="backend='int8' cannot compute this GEMM"):
+        conv_grad_input(gy, qw, GradSpec(), torch.Generator().manual_seed(7), Backend.INT8,
+                        x.shape, wt.shape, params)
+    auto = conv_grad_input(gy, qw, GradSpec(), torch.Generator().manual_seed(7), Backend.AUTO,
+                           x.shape, wt.shape, params)
+    ref = conv_grad_input(gy, qw, GradSpec(), torch.Generator().manual_seed(7), Backend.REFERENCE,
+                          x.shape, wt.shape, params)
+    qa = quantize_gradient(_rows(gy), GradSpec(), torch.Generator().manual_seed(7), Backend.REFERENCE)
+    ad, wd = qa.dequantize(torch.float64).reshape(gy.shape), qw.dequantize(torch.float64).reshape(wt.shape)
+    absolute = torch.nn.grad.conv2d_input(x.shape, wd.abs(), ad.abs(), (1, 1), (1, 1), (1, 1), 1)
+    k = 6 * 9
+    assert ((auto.double() - ref.double()).abs() <= 2 * (k + 8) * U * absolute).all()
+    # the output GEMM has both scales on non-summed dimensions: integer even per row
+    y = conv_output(qx, qw, x.shape, wt.shape, params, Backend.INT8)
+    assert y.shape == (3, 6, 9, 11)
+
+
+def test_long_sum_split_exact() -> None:
+    """K > int8.MAX_K: chunks of exact int32 sums added in int64. All codes −128: the
+    sum ``K·128² = 2³¹ + 2¹⁷`` overflows int32 and is a float32 number, so exact."""
+    k = int8_kernel.MAX_K + 9
+    a = Encoded(torch.full((2, k), -128, dtype=torch.int8), torch.tensor([[1.0]]))
+    b = Encoded(torch.full((k, 3), -128, dtype=torch.int8), torch.tensor([[1.0]]))
+    out = exact_gemm(kernels_for(Backend.INT8, "cpu"), a, b)
+    assert k * 128 * 128 == 2**31 + 2**17
+    assert torch.equal(out, torch.full((2, 3), float(2**31 + 2**17)))
+
+
+def test_grad_weight_long_sum_through_conv() -> None:
+    """∇W sums over N·H'·W' > MAX_K positions: integer (split) vs reference, bounded."""
+    n = int8_kernel.MAX_K // (12 * 12) + 2
+    x = torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    wt = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    params = _params(1, 1, 1, 1)
+    qx, _ = _forward_operands(x, wt)
+    gy = torch.randn(n, 2, 12, 12, generator=torch.Generator().manual_seed(2))
+    assert n * 144 > int8_kernel.MAX_K
+    got = conv_grad_weight(gy, qx, GradSpec(), torch.Generator().manual_seed(7), Backend.INT8,
+                           x.shape, wt.shape, params)
+    ref = conv_grad_weight(gy, qx, GradSpec(), torch.Generator().manual_seed(7), Backend.REFERENCE,
+                           x.shape, wt.shape, params)
+    qa = quantize_gradient(_rows(gy.transpose(0, 1)), GradSpec(), torch.Generator().manual_seed(7),
+                           Backend.REFERENCE)
+    ad = qa.dequantize(torch.float64).reshape(2, n, 12, 12).transpose(0, 1)
+    xd = qx.dequantize(torch.float64).reshape(x.shape)
+    exact = torch.nn.grad.conv2d_weight(xd, wt.shape, ad, (1, 1), (1, 1), (1, 1), 1)
+    absolute = torch.nn.grad.conv2d_weight(xd.abs(), wt.shape, ad.abs(), (1, 1), (1, 1), (1, 1), 1)
+    _check(got, ref, exact, absolute, n * 144)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 2, 2), (1, "same", 2, 1),
+                                                            (1, "valid", 1, 4)])
+def test_conv1d_integer_equals_reference_and_conv2d(stride, padding, dilation, groups) -> None:  # noqa: ANN001
+    """fqt_conv1d is the conv2d block on a height-1 image: integer == reference within
+    the bound, and both equal fqt_conv2d on the unsqueezed operands bitwise."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 19, generator=gen)
+    wt = torch.randn(8, 4 // groups, 3, generator=gen)
+    b = torch.randn(8, generator=gen)
+    outs = {}
+    for be in ("int8", "reference"):
+        cfg = FQTConfig.from_recipe("fqt-psq-8", backend=be, seed=1)
+        xs = x.clone().requires_grad_()
+        y = fqt_conv1d(xs, wt, b, cfg, stride, padding, dilation, groups)
+        y.backward(torch.ones_like(y))
+        outs[be] = (y, xs.grad)
+        assert y.shape == F.conv1d(x, wt, b, stride, padding, dilation, groups).shape
+    p2 = (0, padding) if isinstance(padding, int) else padding
+    y2 = fqt_conv2d(x.unsqueeze(2), wt.unsqueeze(2), b, FQTConfig.from_recipe("fqt-psq-8", seed=1),
+                    (1, stride), p2, (1, dilation), groups)
+    assert torch.equal(outs["int8"][0], y2.squeeze(2))
+    ratio = (outs["int8"][0] - outs["reference"][0]).abs().max() / outs["reference"][0].abs().max()
+    k = 3 * 4 // groups
+    assert ratio <= (k + 8) * U * k
+
+
+def test_convert_conv1d_exact_type_only() -> None:
+    class MyConv1d(nn.Conv1d):
+        pass
+
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), MyConv1d(4, 4, 1))
+    with pytest.warns(lowbit.ConversionWarning, match="MyConv1d is a subclass of nn.Conv1d"):
+        model, rep = lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
+    assert type(model[0]) is FQTConv1d and type(model[2]) is MyConv1d
+    assert rep.converted == ("0",) and set(rep.skipped) == {"2"}
+    y = model(torch.randn(2, 2, 9))
+    assert y.shape == (2, 4, 9)
+
+
+def test_empty_batch() -> None:
+    x, wt, b, params = _case("stride2")
+    x = x[:0]
+    for be in ("auto", "int8", "reference"):
+        cfg = FQTConfig.from_recipe("fqt-psq-8", backend=be, seed=0)
+        xs, ws, bs = x.clone().requires_grad_(), wt.clone().requires_grad_(), b.clone().requires_grad_()
+        y = fqt_conv2d(xs, ws, bs, cfg, params[0:2], params[2:4], params[4:6], params[6])
+        assert y.shape == (0, 6, 5, 6)
+        y.sum().backward()
+        assert xs.grad.shape == x.shape
+        assert torch.equal(ws.grad, torch.zeros_like(wt)) and torch.equal(bs.grad, torch.zeros_like(b))
+
+
+def test_autocast_output_is_the_float32_result_cast() -> None:
+    """Under bf16 autocast the integer GEMMs are the same (the recipe's arithmetic); the
+    output is the float32 result cast to bf16, the gradients are unchanged (float32)."""
+    x, wt, b, params = _case("groups2")
+    gy = torch.randn(3, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    plain = _layer_run("auto", x, wt, b, params, gy)
+    cfg = FQTConfig.from_recipe("fqt-psq-8", backend="auto", seed=3)
+    xs, ws, bs = x.clone().requires_grad_(), wt.clone().requires_grad_(), b.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = fqt_conv2d(xs, ws, bs, cfg, params[0:2], params[2:4], params[4:6], params[6])
+    assert y.dtype == torch.bfloat16 and torch.equal(y, plain[0].to(torch.bfloat16))
+    y.backward(gy.to(torch.bfloat16))  # ∇Y in bf16: the plain run on the same values
+    plain_bf = _layer_run("auto", x, wt, b, params, gy.to(torch.bfloat16).float())
+    assert torch.equal(xs.grad, plain_bf[1]) and torch.equal(ws.grad, plain_bf[2])
+    assert xs.grad.dtype == torch.float32
+
+
+def test_module_conv2d_and_conv1d_match_nn_shapes_and_run_integer() -> None:
+    torch.manual_seed(0)
+    cfg = FQTConfig.from_recipe("fqt-psq-8", backend="int8", seed=0)
+    for plain, x in ((nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), torch.randn(2, 3, 9, 9)),
+                     (nn.Conv1d(3, 6, 3, stride=2, padding=1, groups=3), torch.randn(2, 3, 9))):
+        cls = FQTConv2d if isinstance(plain, nn.Conv2d) else FQTConv1d
+        layer = cls.from_float(plain, cfg)
+        y = layer(x.requires_grad_())
+        assert y.shape == plain(x).shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
