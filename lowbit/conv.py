@@ -13,10 +13,10 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
 * output: rows (sample, output position) × columns output channels, summed over
   (kernel position, input channel of the group); scales: the activation's per tensor or
   per sample (rows), the weight's per tensor or per output channel (columns);
-* ∇X: the GEMM ``∇Y`` (rows (sample, output position), channels-last codes) × ``W``
-  (output channel × (kernel position, input channel)), summed over the output channels
-  of the group, then col2im: each column block added (float32) at its input position —
-  the transposed convolution. ``Q_a`` has rows = samples, so its scale and its row
+* ∇X, the transposed convolution: at stride 1 a convolution of ``∇Y``'s codes (padded
+  by ``d(k − 1) − p``) with the flipped kernel, rows (sample, input position), summed
+  over (kernel position, output channel); at stride > 1 the GEMM ``∇Y`` (rows (sample,
+  output position)) × ``W``, summed over output channels, then col2im (float32 adds). ``Q_a`` has rows = samples, so its scale and its row
   transform (BHQ/Hadamard mix samples) sit on the output's sample rows: ``T⁻¹`` applies
   after the GEMM and the scatter, as for Linear. A per-output-channel weight scale is on
   the summed dimension: that GEMM runs simulated;
@@ -26,8 +26,8 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
   A per-sample activation scale is on the summed dimension: simulated.
 
 The integer result differs from the reference only by float32 rounding: the integer
-sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im adds at most kH·kW
-float32 terms per element, where the reference rounds every term of its float32 sums.
+sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1) adds
+kH·kW float32 terms per element, where the reference rounds every term of its float32 sums.
 The backward GEMMs run inside ``lowbit::grad_input`` / ``lowbit::grad_weight`` profiler
 scopes, which name their pass to :mod:`lowbit.coverage`.
 Conv1d is the conv2d block on a height-1 image. ``params`` of a block: (stride_h,
@@ -151,15 +151,59 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
     if not integer_path(backend, qa, qw):
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
                                           padding, dilation, groups).to(out_dtype)
+    if stride == [1, 1]:
+        gx = _grad_input_gather(qa, qw, g.shape, x_shape, w_shape, padding, dilation, groups, backend)
+    else:
+        gx = _grad_input_scatter(qa, qw, g.shape, x_shape, w_shape, padding, stride, dilation,
+                                 groups, backend)
+    return qa.inverse(gx.reshape(x_shape[0], -1), out_dtype).reshape(x_shape)  # T⁻¹: sample rows
+
+
+def _grad_input_gather(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[int],
+                       x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int], groups: int, backend: Backend) -> torch.Tensor:
+    """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
+    where negative), with the flipped kernel — one GEMM per group with every sum in the
+    integer accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
-    _, _, ho, wo = g.shape
-    a_codes = channels_last(qa.codes, g.shape).reshape(n * ho * wo, co)  # rows (sample, position)
+    ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+    gz = place(channels_last(qa.codes, g_shape), (h + ext[0], w + ext[1]),
+               (ext[0] - padding[0], ext[1] - padding[1]))
+    p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
+    wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
+    k = kernels_for(backend, qa.codes.device)
+    a_scale = _per_row(qa.scale, h * w)
+    cog = co // groups
+    outs = []
+    with record_function("lowbit::grad_input"):
+        for gi in range(groups):
+            b_codes = wf[:, :, gi * cog:(gi + 1) * cog].reshape(kh * kw * cog, cg)
+            b_scale = _group(qw.scale, gi, cog)
+            if b_scale.shape[0] != 1:  # per output channel: on the summed dimension
+                b_scale = b_scale.reshape(1, cog, 1).expand(kh * kw, cog, 1).reshape(-1, 1)
+            outs.append(exact_gemm(k, Encoded(im2col(p, gi, groups), a_scale),
+                                   Encoded(b_codes, b_scale)))
+    gx = outs[0] if groups == 1 else torch.cat(outs, 1)  # (N·H·W, C)
+    return gx.reshape(n, h, w, c).permute(0, 3, 1, 2).reshape(n, c * h * w)
+
+
+def _grad_input_scatter(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[int],
+                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
+                        stride: Sequence[int], dilation: Sequence[int], groups: int,
+                        backend: Backend) -> torch.Tensor:
+    """Stride > 1: the GEMM ``∇Y`` (rows (sample, output position)) × ``W`` (output
+    channel × (kernel position, input channel)), then col2im, adding kH·kW float32 terms
+    per element (a gather would multiply s² inserted zeros). (N, C·H·W) before ``T⁻¹``."""
+    n, c, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    _, _, ho, wo = g_shape
+    a_codes = channels_last(qa.codes, g_shape).reshape(n * ho * wo, co)  # rows (sample, position)
     a_scale = _per_row(qa.scale, ho * wo)
     wl = _weight_rows(qw, w_shape)
-    k = kernels_for(backend, g.device)
+    k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    out = g.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)  # padded, channels-last
+    out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)  # padded, channels-last
     with record_function("lowbit::grad_input"):
         for gi in range(groups):
             rows = slice(gi * cog, (gi + 1) * cog)
@@ -169,7 +213,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
             col2im(cols.reshape(n, ho, wo, kh, kw, cg), out, stride, dilation,
                    slice(gi * cg, (gi + 1) * cg))
     gx = out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
-    return qa.inverse(gx.reshape(n, c * h * w), out_dtype).reshape(x_shape)  # T⁻¹: sample rows
+    return gx.reshape(n, c * h * w)
 
 
 def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
