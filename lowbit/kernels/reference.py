@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import compute_dtype, counter_uniform, grid_step, stochastic_round
+from ..formats import compute_dtype, counter_uniform, div_rn, grid_step, stochastic_round
 
 
 def _round(y: torch.Tensor, stochastic: bool, seed: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,8 @@ def quantize_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and steps ((R, 1) per row, (1, 1) per tensor) of a 2-D ``x``.
 
-    ``step = grid_step(absmax, qmax)``, ``y = x / step`` (``|y| ≤ qmax``), then
+    ``step = grid_step(absmax, qmax)``, ``y = x / step`` correctly rounded
+    (:func:`~lowbit.formats.div_rn`, ``|y| ≤ qmax``), then
     :func:`~lowbit.formats.stochastic_round` with ``u`` from :func:`counter_uniform`, or
     ``round(y)``. Arithmetic and steps in :func:`~lowbit.formats.compute_dtype` (float64
     for float64 ``x``, float32 otherwise), so ``E[codes]·step = x`` over the whole finite
@@ -32,7 +33,7 @@ def quantize_codes(
     a = x.abs()
     amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
     step = grid_step(amax, qmax)
-    q = _round(x / torch.where(amax == 0, torch.ones_like(step), step), stochastic, seed)
+    q = _round(div_rn(x, torch.where(amax == 0, torch.ones_like(step), step)), stochastic, seed)
     # |y| ≤ qmax makes the clamp a no-op on finite groups (it only tames NaN rows' codes).
     return q.clamp(-qmax, qmax).to(torch.int8), step
 
@@ -54,7 +55,7 @@ def quantize_codes_fixed(
     a = x.abs()
     obs = a.amax(dim=1, keepdim=True) if amax.shape[0] > 1 else a.amax().reshape(1, 1)
     step = grid_step(amax, qmax)
-    q = _round(x / step, stochastic, seed)
+    q = _round(div_rn(x, step), stochastic, seed)
     excess = (a - amax).clamp_min(0)
     step = torch.where(torch.isfinite(obs), step, obs)
     return (q.clamp(-qmax, qmax).to(torch.int8), step, obs, (a > amax).sum(),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from ..formats import IntFormat, Rounding, compute_dtype, draw_seed
+from ..formats import IntFormat, Rounding, compute_dtype, div_rn, draw_seed
 from ..kernels import Backend, compiled, quantize_codes, quantize_codes_fixed
 from ..ranges import Overflow, RangeTracker
 
@@ -235,7 +235,7 @@ class GradQuantizer(abc.ABC):
         t = self.transform(a, generator)
         y = t.forward(a)
         step = self._row_step(y, fmt)
-        z = y / torch.where(step == 0, torch.ones_like(step), step)
+        z = div_rn(y, torch.where(step == 0, torch.ones_like(step), step))
         frac = (z - torch.floor(z)).double()
         return t, frac * (1 - frac) * step.double() ** 2
 

@@ -9,8 +9,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import available_devices
 
-from lowbit.formats import counter_uniform, grid_step, stochastic_round
+from lowbit.formats import _div_rn_wide, counter_uniform, grid_step, stochastic_round
 from lowbit.kernels import compiled, reference
 
 
@@ -82,6 +83,7 @@ def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
 
 
 # -- exact arithmetic of the rounding (issue 11, items 9 and 10) -------------------------
+DEVICES = available_devices()
 ALPHABET = torch.arange(2**24, dtype=torch.float32) * 2.0**-24  # every value counter_uniform takes
 
 # values in many binades, both signs, with fractional parts near 0, ½ and 1 on the grid
@@ -98,13 +100,15 @@ def _exact_mean_bias(y: torch.Tensor, rounded: torch.Tensor) -> Fraction:
     return abs(Fraction(float(low)) + Fraction(ups, 2**24) - Fraction(float(y)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_stochastic_rounding_exact_mean_over_noise_alphabet(dtype: torch.dtype) -> None:
+def test_stochastic_rounding_exact_mean_over_noise_alphabet(dtype: torch.dtype, device: str) -> None:
     # formats.py promises bias < 2^-24 of a step; the mean over all 2^24 equally likely
     # noise values is exactly E[q], so this checks the promise with no statistics at all.
+    alphabet = ALPHABET.to(device)
     for v in SR_VALUES:
-        y = torch.tensor(v, dtype=dtype)
-        bias = _exact_mean_bias(y, stochastic_round(y, ALPHABET))  # y broadcast over u
+        y = torch.tensor(v, dtype=dtype, device=device)
+        bias = _exact_mean_bias(y, stochastic_round(y, alphabet))  # y broadcast over u
         assert bias < Fraction(1, 2**24), f"y={v!r} ({dtype}): bias {float(bias):.3g} steps"
 
 
@@ -120,14 +124,15 @@ def test_counter_noise_lies_on_the_alphabet() -> None:
     assert torch.equal(k, torch.floor(k)) and float(k.min()) >= 0 and float(k.max()) < 2**24
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_row", [True, False], ids=["row", "tensor"])
-def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool) -> None:
+def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool, device: str) -> None:
     # The kernel's codes are exactly stochastic_round(x / step, u): so the exact-mean
     # property above carries over to every quantizer built on it.
     x = torch.randn(6, 9, dtype=torch.float64) * torch.tensor([1e-300, 1e-5, 1.0, 0.0, 1e200, 3.0])[:, None]
     for dt in (torch.float32, torch.float64):
-        xd = x.to(dt)
-        seed = torch.tensor(77)
+        xd = x.to(dt).to(device)
+        seed = torch.tensor(77, device=device)
         codes, step = reference.quantize_codes(xd, 7, per_row, True, seed)
         a = xd.abs()
         amax = a.amax(1, keepdim=True) if per_row else a.amax().reshape(1, 1)
@@ -136,6 +141,9 @@ def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool) -> N
         safe = torch.where(want_step == 0, torch.ones_like(want_step), want_step)
         want = stochastic_round(xd / safe, counter_uniform(xd.shape, seed))
         assert torch.equal(codes, want.to(torch.int8))
+        if device != "cpu":  # the counter noise does not depend on the device
+            cpu = reference.quantize_codes(xd.cpu(), 7, per_row, True, seed.cpu())
+            assert torch.equal(codes.cpu(), cpu[0]) and torch.equal(step.cpu(), cpu[1])
 
 
 def _all_binades(dtype: torch.dtype, n: int = 4000) -> torch.Tensor:
@@ -154,48 +162,74 @@ def _all_binades(dtype: torch.dtype, n: int = 4000) -> torch.Tensor:
     return torch.cat([x, extremes])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("qmax", [1, 7, 127])
-def test_grid_step_is_smallest_step_covering_absmax(dtype: torch.dtype, qmax: int) -> None:
-    amax = _all_binades(dtype)
+def test_grid_step_is_smallest_step_covering_absmax(dtype: torch.dtype, qmax: int, device: str) -> None:
+    amax = _all_binades(dtype).to(device)
     step = grid_step(amax, qmax)
     assert step.dtype == dtype and bool(torch.isfinite(step).all()) and bool((step > 0).all())
     assert bool((amax / step <= qmax).all())  # |x| ≤ amax maps inside the grid
     below = torch.nextafter(step, torch.zeros_like(step))  # one ulp less would not
     assert bool(((below == 0) | (amax / below > qmax)).all())
-    z = grid_step(torch.tensor([0.0, float("nan"), float("inf")], dtype=dtype), qmax)
+    z = grid_step(torch.tensor([0.0, float("nan"), float("inf")], dtype=dtype, device=device), qmax)
     assert float(z[0]) == 0 and torch.isnan(z[1]) and torch.isinf(z[2])
 
 
-def test_constant_subnormal_gradients_are_exact() -> None:
+def test_float64_route_of_div_rn_is_correctly_rounded() -> None:
+    # What div_rn runs under torch.compile on CUDA, where Triton's float32 `/` is not
+    # correctly rounded (div.full.f32: 29% of random quotients differed on an H200):
+    # a·(1/b) in float64, rounded once. It must equal IEEE float32 division bit for bit,
+    # over every binade (subnormal and overflowing quotients included), in the kernels'
+    # domain |x/step| ≤ 127, and on exactly representable quotients.
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+
+    def anywhere(n: int) -> torch.Tensor:  # positive finite float32 in every binade
+        return torch.randint(1, 0x7F800000, (n,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+    a = anywhere(n) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    b = anywhere(n)
+    assert torch.equal(_div_rn_wide(a, b), a / b)
+    x = (torch.rand(n, generator=g) * 2 - 1) * b * 127
+    assert torch.equal(_div_rn_wide(x, b), x / b)
+    k = torch.randint(-127, 128, (n,), generator=g).float()
+    assert torch.equal(_div_rn_wide(k * b, b), (k * b) / b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_subnormal_gradients_are_exact(device: str) -> None:
     # Issue 11 item 9's inputs: 1e-42 came out 6.7% too large, 1e-44 as 0. A constant
     # row maps to |y| ≤ qmax exactly on the grid here, so every draw must return it.
     for v in (1e-42, 1e-44, 1.4e-45):
-        x = torch.full((3, 5), v, dtype=torch.float32)
+        x = torch.full((3, 5), v, dtype=torch.float32, device=device)
         for per_row in (True, False):
-            codes, step = reference.quantize_codes(x, 127, per_row, True, torch.tensor(1))
+            codes, step = reference.quantize_codes(x, 127, per_row, True, torch.tensor(1, device=device))
             assert torch.equal(codes.float() * step, x), v
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_fixed_grid_kernel_unbiased_at_extremes(dtype: torch.dtype) -> None:
+def test_fixed_grid_kernel_unbiased_at_extremes(dtype: torch.dtype, device: str) -> None:
     # The predicted-range kernel: a grid from a given amax, values inside it. Mean over
     # 2,000 seeds against x, 5σ (σ from the draws; rounding noise is bounded).
     scales = [1e-42, 3e-39, 1e30] if dtype == torch.float32 else [1e-300, 1e-310, 1e300]
     for s in scales:
         x = (torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 2
-        x = (x * s).to(dtype)
+        x = (x * s).to(dtype).to(device)
         amax = (x.abs().amax(1, keepdim=True) * 1.5).to(dtype)
         draws = torch.stack([
             (lambda c, st: c.double() * st.double())(*reference.quantize_codes_fixed(
-                x, amax, 7, True, torch.tensor(i))[:2]) for i in range(2000)])
-        ratio = draws / x.double()  # relative to each value: no absolute slack
+                x, amax, 7, True, torch.tensor(i, device=device))[:2]) for i in range(2000)])
+        ratio = (draws / x.double()).cpu()  # relative to each value: no absolute slack
         m, se = ratio.mean(0), ratio.std(0) / 2000**0.5
         assert bool(((m - 1).abs() <= 5 * se + 1e-6).all()), (s, float((m - 1).abs().max()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: torch.dtype) -> None:
+def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: torch.dtype,
+                                                         device: str) -> None:
     # Subnormal, huge and ordinary rows: the compiled kernel must not flush subnormals or
     # round the step differently.
     x = torch.randn(8, 64, dtype=torch.float64)
@@ -203,8 +237,8 @@ def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: 
         mags = [1e-45, 1e-42, 1e-39, 1e-30, 1.0, 1e30, 3e37, 0.0]
     else:
         mags = [5e-324, 1e-315, 1e-300, 1e-30, 1.0, 1e300, 1e307, 0.0]
-    x = (x * torch.tensor(mags, dtype=torch.float64)[:, None]).to(dtype)
-    seed = torch.tensor(2024)
+    x = (x * torch.tensor(mags, dtype=torch.float64)[:, None]).to(dtype).to(device)
+    seed = torch.tensor(2024, device=device)
     for per_row in (True, False):
         for stochastic in (True, False):
             c1, s1 = compiled.quantize_codes(x, 7, per_row, stochastic, seed)

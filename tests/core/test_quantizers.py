@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unbiased
+from conftest import assert_unbiased, available_devices
 
 from torch import nn
 
@@ -22,6 +22,7 @@ from lowbit.quantizers.hadamard import hadamard_matrix
 from lowbit.ranges import RangeTracker
 
 NAMES = list(QUANTIZERS)
+DEVICES = available_devices()
 
 
 def unequal_rows(n: int = 24, d: int = 16, span: float = 3.0, seed: int = 0) -> torch.Tensor:
@@ -189,22 +190,23 @@ EXTREMES = {  # (dtype, kind, scale): subnormals, the largest finite values, flo
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(EXTREMES))
 @pytest.mark.parametrize("name", NAMES)
-def test_unbiased_over_whole_dtype_range(name: str, case: str) -> None:
+def test_unbiased_over_whole_dtype_range(name: str, case: str, device: str) -> None:
     # Dequantized in float64, so nothing rounds after the codes: the mean must equal the
     # input with no subnormal slack (conftest's z-test at 5σ; gaps below 1e-6 of the
     # largest value are float rounding of y = x/step or of the transform). Before the fix
     # 1e-42 came out 6.7% too large and 1e-44 as 0 (float32 steps lost precision).
     dtype, kind, scale = EXTREMES[case]
-    g = _extreme(dtype, kind, scale)
+    g = _extreme(dtype, kind, scale).to(device)
     q, fmt = QUANTIZERS[name], IntFormat(8)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(device).manual_seed(3)
     for backend in (Backend.REFERENCE, Backend.AUTO):
         s = torch.stack([q.quantize(g, fmt, gen, backend=backend).dequantize(torch.float64)
-                         for _ in range(300)])
+                         for _ in range(300)]).cpu()
         assert torch.isfinite(s).all()
-        assert_unbiased(s, g.double(), denormal_spacing=0.0)
+        assert_unbiased(s, g.double().cpu(), denormal_spacing=0.0)
 
 
 @pytest.mark.parametrize("case", ["f32_const_1e-42", "f32_randn_subnormal", "f64_randn_1e-300",
@@ -322,7 +324,8 @@ def test_bhq_equals_psq_when_the_group_is_a_pair_of_equal_rows() -> None:
 
 
 # -- backend="reference" is plain eager torch (issue 11, item 13) -------------------------
-def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("torch.compile called under backend='reference'")
 
@@ -330,20 +333,20 @@ def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(compiled, "_compiled", {})  # no wrapper compiled earlier is reused
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every size would take the fused path
     monkeypatch.setattr(compiled, "_enabled", True)
-    g = unequal_rows(n=40, d=24)
+    g = unequal_rows(n=40, d=24).to(device)
     for name in NAMES:
         for rounding in (Rounding.STOCHASTIC, Rounding.NEAREST):
-            qr = QUANTIZERS[name].quantize(g, IntFormat(4), torch.Generator().manual_seed(0),
+            qr = QUANTIZERS[name].quantize(g, IntFormat(4), torch.Generator(device).manual_seed(0),
                                            rounding, Backend.REFERENCE)
             qr.dequantize()
         tracker = RangeTracker(4, 2.0, False, "requantize")
         for _ in range(2):  # predicted-range path: dynamic first, then the fixed grid
-            QUANTIZERS[name].quantize(g, IntFormat(4), None, Rounding.STOCHASTIC,
+            QUANTIZERS[name].quantize(g, IntFormat(4), torch.Generator(device), Rounding.STOCHASTIC,
                                       Backend.REFERENCE, tracker).dequantize()
         cfg = FQTConfig.from_recipe(f"fqt-{name}-4", backend="reference", seed=0)
         for layer, x in ((nn.Linear(24, 16), torch.randn(40, 24)),
                          (nn.Conv2d(3, 8, 3, padding=1), torch.randn(4, 3, 8, 8))):
-            m = lowbit.convert(layer, cfg)
-            x.requires_grad_(True)
+            m = lowbit.convert(layer.to(device), cfg)
+            x = x.to(device).requires_grad_(True)
             m(x).square().sum().backward()
             assert x.grad is not None and m.weight.grad is not None
