@@ -6,8 +6,9 @@ and each mode — the float model and the ``fqt-psq-8`` conversion, each eager a
 really paid) builds the model, times its first training step (forward + backward + SGD
 step; for compiled modes this includes compilation) and the median of the next
 ``--steps`` steps, and reports the graphs and graph breaks dynamo makes of it
-(``torch._dynamo.explain``) and the graphs it compiled in the timed run (a recompile per
-layer would show here).
+(``torch._dynamo.explain``), the model graphs dynamo compiled in the timed run (a
+recompile per layer would show here) and, apart, the variants of lowbit's own fused
+kernels compiled on first use (``lowbit.kernels.compiled``; eager runs pay them too).
 
     python benchmarks/bench_compile.py                        # all workloads, markdown table
     python benchmarks/bench_compile.py --workload cnn --json compile.json
@@ -63,6 +64,7 @@ def build(workload: str, size: str) -> tuple[nn.Module, torch.Tensor, torch.Tens
 def measure(workload: str, mode: str, size: str, steps: int, backend: str) -> dict:
     """Run one (workload, mode) in this process and return its row."""
     import lowbit
+    from lowbit.kernels import compiled
     from torch._dynamo.utils import counters
 
     model, x, y = build(workload, size)
@@ -86,7 +88,8 @@ def measure(workload: str, mode: str, size: str, steps: int, backend: str) -> di
     return {"workload": workload, "mode": mode, "first_ms": first,
             "step_ms": statistics.median(rest) if rest else None,
             "graphs": explain.graph_count, "breaks": explain.graph_break_count,
-            "compiled_graphs": counters["stats"]["unique_graphs"]}
+            "model_graphs": counters["stats"]["unique_graphs"] - compiled.variant_count(),
+            "kernel_variants": compiled.variant_count()}
 
 
 def run_isolated(workload: str, mode: str, size: str, steps: int, backend: str) -> dict:
@@ -102,12 +105,12 @@ def run_isolated(workload: str, mode: str, size: str, steps: int, backend: str) 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | mode | graphs (breaks) | compiled graphs | first step ms | step ms |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| workload | mode | graphs (breaks) | model graphs compiled | lowbit kernel variants "
+             "compiled | first step ms | step ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         step = "–" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
         lines.append(f"| {r['workload']} | {r['mode']} | {r['graphs']} ({r['breaks']}) | "
-                     f"{r['compiled_graphs']} | {r['first_ms']:.0f} | {step} |")
+                     f"{r['model_graphs']} | {r['kernel_variants']} | {r['first_ms']:.0f} | {step} |")
     return "\n".join(lines)
 
 

@@ -12,8 +12,8 @@ Set ``LOWBIT_COMPILE=0`` to never compile. Small tensors are not worth a compile
 and falls back to eager after ``torch._dynamo.config.recompile_limit`` (8) of them. A
 model meets more variants of one kernel than that (flags, dtypes, layouts), so instead of
 raising the user's limits, each *variant* gets its own copy of the kernel's code object
-(:func:`_variant_key` names it: the kernel, its non-tensor arguments, and each tensor's
-dtype, rank, contiguity and unit dimensions) and so its own cache; shapes are dynamic
+(:func:`_variant_key` names it: the kernel, its non-tensor arguments, each tensor's
+dtype, rank, contiguity and unit dimensions, and the thread's dispatch context) and so its own cache; shapes are dynamic
 within a variant. Every variant is compiled with ``fullgraph=True``: a graph break or a
 variant that still hits the recompile limit raises, and is reported by the warning above
 rather than silently run eagerly.
@@ -68,12 +68,23 @@ def use_for(x: torch.Tensor) -> bool:
     return _enabled and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
+def _dispatch_context() -> Hashable:
+    """The thread-local dispatch key sets, which dynamo's tensor guards include: a kernel
+    called from eager code and from inside a compiled graph (below autograd) sees others."""
+    try:
+        return (repr(torch._C._dispatch_tls_local_include_set()),
+                repr(torch._C._dispatch_tls_local_exclude_set()))
+    except AttributeError:  # pragma: no cover - a torch without these introspection hooks
+        return ()
+
+
 def _variant_key(args: tuple[Any, ...]) -> Hashable:
     """What dynamo specialises on: non-tensor arguments by value; tensors by dtype,
     device type, rank, contiguity and which dimensions are 1 (sizes stay dynamic). The
     tensors reach the kernel detached (:func:`run`), so neither a ``Parameter`` (whose
-    shape dynamo keeps static) nor the base of a view adds guards."""
-    key: list[Hashable] = []
+    shape dynamo keeps static) nor the base of a view adds guards. Plus the dispatch
+    context (:func:`_dispatch_context`)."""
+    key: list[Hashable] = [_dispatch_context()]
     for a in args:
         if isinstance(a, torch.Tensor):
             key.append((a.dtype, a.device.type, a.dim(), a.is_contiguous(),
