@@ -49,7 +49,7 @@ from .config import Backend, FQTConfig, GradSpec
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, kernels_for
-from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, patches, place
+from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, nhwc, patches, place
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedRows
@@ -117,7 +117,7 @@ def conv_output(qx: QuantizedRows, qw: QuantizedRows, x_shape: Sequence[int],
         return y.to(out_dtype)
     n, _, h, w = x_shape
     co, cg, kh, kw = w_shape
-    x = place(channels_last(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
     a_scale = _per_row(qx.scale, ho * wo)
@@ -168,7 +168,7 @@ def _grad_input_gather(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[i
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
-    gz = place(channels_last(qa.codes, g_shape), (h + ext[0], w + ext[1]),
+    gz = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
@@ -237,7 +237,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
                                            dilation, groups).to(out_dtype)
     _, _, h, w = x_shape
     co, cg, kh, kw = w_shape
-    x = place(channels_last(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
     b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
     k = kernels_for(backend, g.device)

@@ -30,23 +30,38 @@ def channels_last(codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return codes.reshape(n, c, h, w).permute(0, 2, 3, 1).contiguous()
 
 
+def nhwc(codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Row-major codes (N, C·H·W) of a (N, C, H, W) tensor as a (N, H, W, C) view."""
+    n, c, h, w = shape
+    return codes.reshape(n, c, h, w).permute(0, 2, 3, 1)
+
+
 def place(x: torch.Tensor, size: Sequence[int], offset: Sequence[int],
           stride: Sequence[int] = (1, 1)) -> torch.Tensor:
-    """A zero (N, size[0], size[1], C) tensor holding ``x`` (N, H, W, C) at
-    ``offset + i·stride`` per spatial dimension; entries falling outside are dropped.
-    Zero padding (offset ≥ 0), cropping (offset < 0) and the zero insertion of a
-    transposed convolution (stride > 1) in one copy."""
+    """A contiguous zero (N, size[0], size[1], C) tensor holding ``x`` (N, H, W, C, any
+    strides: a channels-last view is copied once) at ``offset + i·stride`` per spatial
+    dimension; entries falling outside are dropped. Zero padding (offset ≥ 0), cropping
+    (offset < 0) and the zero insertion of a transposed convolution (stride > 1) in one
+    copy; only what ``x`` does not cover is zeroed."""
     n, h, w, c = x.shape
-    out = x.new_zeros(n, size[0], size[1], c)
     src: list[slice] = []
     dst: list[slice] = []
     for ext, full, off, s in ((h, size[0], offset[0], stride[0]), (w, size[1], offset[1], stride[1])):
         first = max(0, -(off // s))  # source indices i with 0 ≤ off + i·s < full
         last = min(ext, (full - 1 - off) // s + 1)
         if last <= first:
-            return out
+            return x.new_zeros(n, size[0], size[1], c)
         src.append(slice(first, last))
         dst.append(slice(off + first * s, off + (last - 1) * s + 1, s))
+    if tuple(stride) != (1, 1):
+        out = x.new_zeros(n, size[0], size[1], c)
+    else:  # a block: zero the border around it only
+        out = x.new_empty(n, size[0], size[1], c)
+        (h0, h1), (w0, w1) = (dst[0].start, dst[0].stop), (dst[1].start, dst[1].stop)
+        out[:, :h0].zero_()
+        out[:, h1:].zero_()
+        out[:, h0:h1, :w0].zero_()
+        out[:, h0:h1, w1:].zero_()
     out[:, dst[0], dst[1]] = x[:, src[0], src[1]]
     return out
 
@@ -103,4 +118,4 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
                        out_dtype)
 
 
-__all__ = ["channels_last", "col2im", "exact_gemm", "im2col", "patches", "place"]
+__all__ = ["channels_last", "col2im", "exact_gemm", "im2col", "nhwc", "patches", "place"]
