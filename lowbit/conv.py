@@ -16,14 +16,16 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
 * ∇X, the transposed convolution: at stride 1 a convolution of ``∇Y``'s codes (padded
   by ``d(k − 1) − p``) with the flipped kernel, rows (sample, input position), summed
   over (kernel position, output channel); at stride > 1 the GEMM ``∇Y`` (rows (sample,
-  output position)) × ``W``, summed over output channels, then col2im (float32 adds). ``Q_a`` has rows = samples, so its scale and its row
-  transform (BHQ/Hadamard mix samples) sit on the output's sample rows: ``T⁻¹`` applies
-  after the GEMM and the scatter, as for Linear. A per-output-channel weight scale is on
-  the summed dimension: that GEMM runs simulated;
+  output position)) × ``W``, summed over output channels, then col2im (float32 adds).
+  ``Q_a`` has rows = samples, so its scale and its row transform (BHQ/Hadamard mix
+  samples) sit on the output's sample rows: ``T⁻¹`` applies after the GEMM (and the
+  scatter), as for Linear. A per-output-channel weight scale is on the summed
+  dimension: that GEMM runs simulated;
 * ∇W: rows output channels (``Q_w``'s rows: scale and transform) × columns (kernel
   position, input channel), summed over (sample, output position) — ``N·H'·W'`` may
   exceed ``int8.MAX_K``, so the sum is split (:func:`~lowbit.kernels.im2col.exact_gemm`).
-  A per-sample activation scale is on the summed dimension: simulated.
+  A per-sample activation scale is on the summed dimension, and with groups a row
+  transform (BHQ/Hadamard) mixes the groups' output channels: both run simulated.
 
 The integer result differs from the reference only by float32 rounding: the integer
 sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1) adds
@@ -53,6 +55,7 @@ from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, nhwc, pat
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedRows
+from .quantizers.base import Identity
 from .ranges import RangeTracker
 
 
@@ -151,12 +154,15 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
     if not integer_path(backend, qa, qw):
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
                                           padding, dilation, groups).to(out_dtype)
+    # a row transform may pad the sample rows (BHQ blocks): the GEMMs run on all R of them
+    r = qa.codes.shape[0]
+    g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
     if stride == [1, 1]:
-        gx = _grad_input_gather(qa, qw, g.shape, x_shape, w_shape, padding, dilation, groups, backend)
+        gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend)
     else:
-        gx = _grad_input_scatter(qa, qw, g.shape, x_shape, w_shape, padding, stride, dilation,
+        gx = _grad_input_scatter(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation,
                                  groups, backend)
-    return qa.inverse(gx.reshape(x_shape[0], -1), out_dtype).reshape(x_shape)  # T⁻¹: sample rows
+    return qa.inverse(gx, out_dtype).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
 def _grad_input_gather(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[int],
@@ -231,7 +237,9 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
         return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, g, stride, padding,
                                            dilation, groups).to(out_dtype)
     qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
-    if not integer_path(backend, qa, qx):
+    # a transform mixing output channels across groups: a group's GEMM would need all rows
+    mixed = groups > 1 and not isinstance(qa.transform, Identity)
+    if mixed or not integer_path(backend, qa, qx):
         ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:])).transpose(0, 1)
         return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, ga, stride, padding,
                                            dilation, groups).to(out_dtype)
@@ -241,7 +249,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
     b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
     k = kernels_for(backend, g.device)
-    cog = co // groups
+    cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
     with record_function("lowbit::grad_weight"):
         outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
                            Encoded(im2col(p, gi, groups), b_scale))

@@ -78,7 +78,8 @@ def _check(int_out: torch.Tensor, ref_out: torch.Tensor, exact: torch.Tensor,
     assert ((int_out.double() - ref_out.double()).abs() <= (k + 8) * U * absolute).all()
 
 
-def _forward_operands(x, wt, spec=OperandSpec()):  # noqa: ANN001, ANN202
+def _forward_operands(x, wt, spec=None):  # noqa: ANN001, ANN202
+    spec = OperandSpec() if spec is None else spec
     return quantize_forward(_rows(x), spec), quantize_forward(_rows(wt), spec)
 
 
@@ -319,3 +320,28 @@ def test_module_conv2d_and_conv1d_match_nn_shapes_and_run_integer() -> None:
         assert y.shape == plain(x).shape
         y.sum().backward()
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("quantizer", ["bhq", "hadamard"])
+@pytest.mark.parametrize("name", ["plain", "stride2", "groups2"])
+def test_row_transforms_integer_equal_reference(name: str, quantizer: str) -> None:
+    """BHQ/Hadamard transform (and pad: 3 samples → a block) the rows of ∇Y; the integer
+    GEMMs run on all transformed rows and apply ``T⁻¹`` after (for ∇W with groups the
+    transform mixes the groups' channels: that GEMM runs simulated, so it equals the
+    reference bitwise). Bound, relative to the largest |value|: the first-order rounding
+    of a K-term sum, (K + 8)·u·K (A ≤ K·max|term| ≤ K·max|result| does not hold under
+    cancellation, so this is the same bound as the layer test: it catches any error of
+    the GEMM's structure, which is O(1))."""
+    x, wt, _, params = _case(name, bias=False)
+    qx, qw = _forward_operands(x, wt)
+    gy = torch.randn(F.conv2d(x, wt, None, params[0:2], params[2:4], params[4:6], params[6]).shape,
+                     generator=torch.Generator().manual_seed(2))
+    spec = GradSpec(quantizer=quantizer)
+    for fn, op, k in ((conv_grad_input, qw, math.prod(wt.shape[2:]) * wt.shape[0] // params[6]),
+                      (conv_grad_weight, qx, gy.shape[0] * gy.shape[2] * gy.shape[3])):
+        got, ref = (fn(gy, op, spec, torch.Generator().manual_seed(7), be, x.shape, wt.shape, params)
+                    for be in (Backend.INT8, Backend.REFERENCE))
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        if fn is conv_grad_weight and params[6] > 1:
+            assert torch.equal(got, ref)
+        assert (got - ref).abs().max() <= (k + 8) * U * k * ref.abs().max()
