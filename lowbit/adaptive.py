@@ -6,15 +6,26 @@ makes the gradient as noisy as an SGD gradient of batch ``B/(1 + r)``, so the de
 target ``r ≤ 0.1`` costs at most what a 9% smaller batch would — well inside the range
 where SGD's progress per step barely changes — while each bit removed cuts the GEMM
 operands' width. :class:`AdaptivePolicy` picks, per layer and gradient path, the
-**fewest bits** (then the first listed quantizer) whose predicted ratio meets the target.
+**fewest bits** (then the first listed quantizer) whose predicted ratio meets that path's
+share of the target.
+
+**The budget is per parameter group, not per quantizer.** Theorem 2 sums, for a layer's
+weight gradient, its own ∇W-path noise and the ∇X-path noise of *every* layer downstream
+of it. Giving each path the whole target lets these add up: a first version that did
+(every path ≤ 0.1) chose 2–3-bit ∇X paths and lost 4.6 points on Fashion-MNIST (while
+matching on text; docs/results.md, "Adaptive precision"). So the ∇W path gets
+``(1 − input_share)·target`` and each of the ``L`` measured ∇X paths
+``input_share·target / L`` (default ``input_share`` 0.5): a group's total then stays
+within ``target`` wherever each ∇X path's ratio, measured on the input-shift probe of
+:mod:`lowbit.monitor`, bounds its relative contribution upstream.
 
 The prediction is exact, not extrapolated: on each monitored step the monitor evaluates
 the quantizer's expected variance on the step's actual ``∇Y`` at every candidate width
 and quantizer (:mod:`lowbit.monitor`). Ratios scale roughly as 4^-bits, so one width
 spans a 4× band; **hysteresis** keeps a layer from flapping on the noise of one batch's
-SGD estimate: a path moves up as soon as its current ratio exceeds ``target``, and down
-only to a width whose ratio is at most ``down × target`` (default 0.5: with 4× per bit
-the stable band is a ratio between about 0.0125 and 0.1).
+SGD estimate: a path moves up as soon as its current ratio exceeds its target, and down
+only to a width whose ratio is at most ``down ×`` its target (default 0.5: with 4× per
+bit the stable band spans a factor of about 8).
 
 Why a policy held by the monitor and not a field of ``GradSpec``: a layer's
 ``GradSpec`` says what its backward runs *now* (what lowbit reports as quantized is what
@@ -35,6 +46,7 @@ from .quantizers import QUANTIZERS
 
 DEFAULT_TARGET = 0.1
 DEFAULT_DOWN = 0.5
+DEFAULT_INPUT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,15 +69,18 @@ class Decision:
 
 @dataclass(frozen=True)
 class AdaptivePolicy:
-    """Keep each path's quantization/SGD variance ratio at most ``target`` with the
-    fewest bits in ``min_bits..max_bits`` (default 2..8: every width the integer format
-    has — the ratio, not a floor, decides); candidates are every width with each quantizer
+    """Keep each parameter group's quantization/SGD variance ratio within ``target``: each
+    path gets its share (:meth:`path_target`, module doc) and the fewest bits in
+    ``min_bits..max_bits`` (default 2..8: every width the integer format has — the ratio,
+    not a floor, decides) that meet it; candidates are every width with each quantizer
     of ``grad_input`` / ``grad_weight`` (listed cheapest first: at equal width the first
     that meets the target wins). Hysteresis: down only where the ratio is at most
-    ``down·target``. Raises ``ValueError`` naming the field for bad values."""
+    ``down`` times the path's target. Raises ``ValueError`` naming the field for bad
+    values."""
 
     target: float = DEFAULT_TARGET
     down: float = DEFAULT_DOWN
+    input_share: float = DEFAULT_INPUT_SHARE
     min_bits: int = MIN_BITS
     max_bits: int = MAX_BITS
     grad_input: tuple[str, ...] = ("psq",)
@@ -78,6 +93,9 @@ class AdaptivePolicy:
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         if self.down > 1:
             raise ValueError(f"down must be at most 1 (a hysteresis factor), got {self.down!r}")
+        v = self.input_share
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"input_share must be a number in (0, 1), got {v!r}")
         check_bits(self.min_bits, "min_bits")
         check_bits(self.max_bits, "max_bits")
         if self.min_bits > self.max_bits:
@@ -104,25 +122,33 @@ class AdaptivePolicy:
         qs = getattr(self, path)
         return [(q, b) for b in range(self.min_bits, self.max_bits + 1) for q in qs]
 
+    def path_target(self, path: str, input_paths: int) -> float:
+        """The ratio ``path`` may reach: ``(1 − input_share)·target`` for ``grad_weight``,
+        ``input_share·target / input_paths`` for each of the ``input_paths`` ∇X paths."""
+        if path == "grad_weight":
+            return (1 - self.input_share) * self.target
+        return self.input_share * self.target / max(1, input_paths)
+
     def choose(self, path: str, current: tuple[str, int],
-               ratios: dict[tuple[str, int], float]) -> tuple[str, int]:
+               ratios: dict[tuple[str, int], float], target: float) -> tuple[str, int]:
         """The spec ``path`` should run from the next step, given the ratios measured on
-        this step at the current spec and at each candidate (``ratios`` must hold them).
-        Unchanged when the current ratio is NaN (no SGD estimate)."""
+        this step at the current spec and at each candidate (``ratios`` must hold them)
+        and the path's ``target`` (:meth:`path_target`). Unchanged when the current ratio
+        is NaN (no SGD estimate)."""
         r_cur = ratios[current]
         if math.isnan(r_cur):
             return current
         order = [c for c in self.candidates(path) if c in ratios]
-        if r_cur > self.target:
+        if r_cur > target:
             for c in order:
-                if ratios[c] <= self.target:
+                if ratios[c] <= target:
                     return c
             top = [c for c in order if c[1] == self.max_bits] or [current]
             return min(top, key=lambda c: ratios[c])
         for c in order:
-            if c[1] < current[1] and ratios[c] <= self.down * self.target:
+            if c[1] < current[1] and ratios[c] <= self.down * target:
                 return c
         return current
 
 
-__all__ = ["DEFAULT_DOWN", "DEFAULT_TARGET", "AdaptivePolicy", "Decision"]
+__all__ = ["DEFAULT_DOWN", "DEFAULT_INPUT_SHARE", "DEFAULT_TARGET", "AdaptivePolicy", "Decision"]

@@ -304,13 +304,14 @@ class VarianceMonitor:
     def _decide(self, step: int, ratios: dict[str, dict[str, dict[tuple[str, int], float]]]) -> None:
         """Apply the policy to every measured path; log and record each change."""
         assert self.policy is not None
+        n_input = sum("grad_input" in paths for paths in ratios.values())  # ∇X paths measured
         for name, paths in ratios.items():
             layer = self.layers[name]
             cfg = layer.config
             for path, r in paths.items():
                 spec = getattr(cfg, path)
                 cur = (spec.quantizer, spec.bits)
-                new = self.policy.choose(path, cur, r)
+                new = self.policy.choose(path, cur, r, self.policy.path_target(path, n_input))
                 if new == cur:
                     continue
                 cfg = dataclasses.replace(cfg, **{path: dataclasses.replace(spec, quantizer=new[0], bits=new[1])})

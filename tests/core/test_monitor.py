@@ -369,19 +369,25 @@ def test_policy_fewest_bits_with_hysteresis() -> None:
     pol = AdaptivePolicy(target=0.1, down=0.5, min_bits=4, max_bits=8, grad_input=("psq", "bhq"))
     r = {("psq", b): 0.2 * 4.0 ** (6 - b) for b in range(4, 9)} | \
         {("bhq", b): 0.1 * 4.0 ** (6 - b) for b in range(4, 9)}
-    assert pol.choose("grad_input", ("psq", 6), r) == ("bhq", 6)  # 0.2 > 0.1: fewest bits meeting it
-    assert pol.choose("grad_input", ("psq", 7), r) == ("psq", 7)  # 0.05 ≤ 0.1, nothing ≤ 0.05 below
+    t = 0.1
+    assert pol.choose("grad_input", ("psq", 6), r, t) == ("bhq", 6)  # 0.2 > 0.1: fewest bits meeting it
+    assert pol.choose("grad_input", ("psq", 7), r, t) == ("psq", 7)  # 0.05 ≤ 0.1, nothing ≤ 0.05 below
     r2 = {k: v / 8 for k, v in r.items()}
-    assert pol.choose("grad_input", ("psq", 8), r2) == ("bhq", 5)  # bhq5: 0.05 ≤ 0.5·0.1, bhq4: 0.2
-    assert pol.choose("grad_weight", ("psq", 8), {("psq", b): 1.0 for b in range(4, 9)}) == ("psq", 8)
+    assert pol.choose("grad_input", ("psq", 8), r2, t) == ("bhq", 5)  # bhq5: 0.05 ≤ 0.5·0.1, bhq4: 0.2
+    assert pol.choose("grad_input", ("psq", 8), r2, t / 4) == ("bhq", 6)  # a smaller share: more bits
+    assert pol.choose("grad_weight", ("psq", 8), {("psq", b): 1.0 for b in range(4, 9)}, t) == ("psq", 8)
     nan = {k: math.nan for k in r}
-    assert pol.choose("grad_input", ("psq", 6), nan) == ("psq", 6)
+    assert pol.choose("grad_input", ("psq", 6), nan, t) == ("psq", 6)
     assert pol.candidates("grad_input")[:3] == [("psq", 4), ("bhq", 4), ("psq", 5)]
+    # the budget: half to the ∇W path, the other half split over the ∇X paths
+    assert pol.path_target("grad_weight", 10) == pytest.approx(0.05)
+    assert pol.path_target("grad_input", 10) == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": 0}, "target must be a positive finite number"),
     ({"down": 2}, "down must be at most 1"),
+    ({"input_share": 1}, r"input_share must be a number in \(0, 1\), got 1"),
     ({"min_bits": 6, "max_bits": 5}, r"min_bits \(6\) exceeds max_bits \(5\)"),
     ({"grad_input": ("psq", "nope")}, "grad_input must be a non-empty tuple of quantizers"),
     ({"grad_weight": "psq"}, "grad_weight must be a non-empty tuple"),
