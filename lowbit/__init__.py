@@ -7,6 +7,11 @@ and the gradients are unbiased estimates of the quantization-aware (QAT) gradien
     model = lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-bhq-4"))
 """
 
+from .attention_modules import (
+    FQTMultiheadAttention,
+    FQTScaledDotProductAttention,
+    ScaledDotProductAttention,
+)
 from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode
 from .conversion import ConversionReport, ConversionWarning
 from .coverage import CoverageReport, coverage
@@ -19,6 +24,7 @@ from .nn import (
     FQTLinear,
     convert,
     describe,
+    fqt_blocks,
     fqt_layers,
     frozen_ranges,
     load_range_state,
@@ -57,10 +63,15 @@ __all__ = [  # grouped by role, not sorted
     "ConversionWarning",
     "describe",
     "fqt_layers",
+    "fqt_blocks",
     "reset_ran",
     "fqt_linear",
     "fqt_conv1d",
     "fqt_conv2d",
+    # attention
+    "FQTMultiheadAttention",
+    "ScaledDotProductAttention",
+    "FQTScaledDotProductAttention",
     # what ran low-bit
     "coverage",
     "CoverageReport",

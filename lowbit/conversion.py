@@ -16,11 +16,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from .config import FQTConfig
 
 # (attribute of nn.Module, what the reason calls it): every per-module hook registry
 _HOOKS = (
@@ -67,7 +72,7 @@ class ConversionReport:
     * ``excluded``: names the ``module_filter`` turned down.
     * ``fastpath_disabled``: ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder``
       modules whose fused inference path is turned off because it would bypass
-      converted ``linear1``/``linear2`` (see :func:`disable_fused_fastpath`).
+      converted ``linear1``/``linear2``/``self_attn`` (see :func:`disable_fused_fastpath`).
     """
 
     converted: tuple[str, ...]
@@ -83,11 +88,77 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class SwapRule:
+    """One more kind of module ``convert`` swaps, beyond ``nn.Linear``/``nn.Conv2d``
+    (attention: :mod:`lowbit.attention_modules`; Hugging Face: :mod:`lowbit.hf`).
+
+    A module that is an instance of ``fqt`` is already converted: it only takes the new
+    config. Otherwise an instance of ``plain`` is replaced by ``swap(module, config, seed,
+    name)``, which returns the replacement (sharing the parameters) or the reason it
+    cannot be made faithfully (then the module is left alone and reported). ``internal``
+    names children of ``fqt`` modules that belong to them (their own GEMM blocks), which
+    ``convert`` does not visit."""
+
+    plain: type[nn.Module]
+    fqt: type[nn.Module]
+    swap: Callable[[nn.Module, FQTConfig, int, str], nn.Module | str]
+    internal: tuple[str, ...] = ()
+
+
+def hooks_reason(module: nn.Module) -> str | None:
+    """Why hooks on ``module`` prevent a swap (they would not be carried), or ``None``:
+    load_state_dict pre-hooks that never see the module are carried by :func:`rebuild`."""
+    hooks = [label for attr, label in _HOOKS
+             if getattr(module, attr, None) and not (attr == _CARRIED and _module_free(module))]
+    return f"has {', '.join(hooks)}: the converted layer would not carry them" if hooks else None
+
+
+_MHA_PARAMS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                         "in_proj_bias", "bias_k", "bias_v"})
+
+
+def mha_reason(module: nn.Module) -> str | None:
+    """Why an ``nn.MultiheadAttention`` cannot become an ``FQTMultiheadAttention`` that
+    computes the same thing, or ``None``: it must be exactly that class, without hooks or
+    parameters, buffers or children beyond the standard ones, and its ``out_proj`` (which
+    the converted module calls, where the float one reads its weight) a plain Linear
+    without hooks, since they would start to fire."""
+    cls = type(module)
+    if cls is not nn.MultiheadAttention:
+        return (f"{cls.__qualname__} is a subclass of nn.MultiheadAttention: its own forward, "
+                "parameters or state would be lost")
+    extra = sorted(set(module._parameters) - _MHA_PARAMS)
+    if extra or module._buffers or set(module._modules) != {"out_proj"}:
+        owned = extra or sorted(module._buffers) or sorted(set(module._modules) - {"out_proj"})
+        return f"owns more than nn.MultiheadAttention defines: {owned}"
+    out = module.out_proj
+    if type(out) not in (nn.Linear, NonDynamicallyQuantizableLinear) or hooks_reason(out):
+        return ("its out_proj is not a plain Linear without hooks (the converted module calls "
+                "out_proj, the float one never does)")
+    return hooks_reason(module)
+
+
+# classes that are their base in all but name (NonDynamicallyQuantizableLinear only keeps
+# torch's dynamic quantization away from nn.MultiheadAttention.out_proj)
+_SAME_AS = {nn.Linear: (NonDynamicallyQuantizableLinear,)}
+_PROBES: dict[type[nn.Module], Callable[[], nn.Module]] = {
+    nn.Linear: lambda: nn.Linear(1, 1, device="meta"),
+    nn.Conv2d: lambda: nn.Conv2d(1, 1, 1, device="meta"),
+    nn.Conv1d: lambda: nn.Conv1d(1, 1, 1, device="meta"),
+}
+
+
+def register_probe(base: type[nn.Module], make: Callable[[], nn.Module]) -> None:
+    """How to build a small plain ``base`` (for :func:`skip_reason`'s attribute check)."""
+    _PROBES[base] = make
+    _plain_keys.cache_clear()
+
+
 @functools.cache
 def _plain_keys(base: type[nn.Module]) -> frozenset[str]:
     """Instance attributes every plain ``base`` module has (hook registries, sizes, …)."""
-    probe = nn.Linear(1, 1, device="meta") if base is nn.Linear else base(1, 1, 1, device="meta")
-    return frozenset(probe.__dict__)
+    return frozenset(_PROBES[base]().__dict__)
 
 
 def _parametrized_names(module: nn.Module) -> frozenset[str]:
@@ -106,21 +177,22 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
     owns no other parameters, buffers or submodules, carries no module hooks (except
     load_state_dict pre-hooks that never see the module, which are carried), has no
     instance attribute that ``replacement`` defines itself (e.g. an instance ``forward``),
-    and its parent calls it (``nn.MultiheadAttention`` reads ``out_proj.weight`` instead).
+    and its parent calls it (``nn.MultiheadAttention`` reads ``out_proj.weight`` instead;
+    lowbit's ``FQTMultiheadAttention`` calls it). ``nn.MultiheadAttention``'s
+    ``NonDynamicallyQuantizableLinear`` counts as a plain ``nn.Linear``.
     """
-    if isinstance(parent, nn.MultiheadAttention):
+    if isinstance(parent, nn.MultiheadAttention) and not getattr(parent, "calls_out_proj", False):
         return MHA_REASON
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return LAZY_REASON
     cls = type(module)
     params = _parametrized_names(module)
-    if not (cls is base or (params and cls.__bases__ == (base,))):
+    if not (cls is base or cls in _SAME_AS.get(base, ()) or (params and cls.__bases__ == (base,))):
         return (f"{cls.__qualname__} is a subclass of nn.{base.__name__}: its own forward, "
                 f"parameters or state would be lost")
-    hooks = [label for attr, label in _HOOKS
-             if getattr(module, attr, None) and not (attr == _CARRIED and _module_free(module))]
+    hooks = hooks_reason(module)
     if hooks:
-        return f"has {', '.join(hooks)}: the converted layer would not carry them"
+        return hooks
     extra = sorted(set(module._parameters) - {"weight", "bias"})
     if extra:
         return f"owns extra parameters {extra}"
@@ -200,8 +272,9 @@ def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bo
     converted layer; return the names of the modules changed or already off for it.
 
     In ``eval()`` under ``no_grad``, ``nn.TransformerEncoderLayer.forward`` may call
-    ``torch._transformer_encoder_layer_fwd``, which reads ``linear1.weight`` and
-    ``linear2.weight`` directly and never calls ``linear1``/``linear2``: converted layers
+    ``torch._transformer_encoder_layer_fwd``, which reads ``linear1.weight``,
+    ``linear2.weight`` and the attention's weights directly and never calls ``linear1``,
+    ``linear2`` or ``self_attn``: converted layers
     there would silently not run. The unfused path is PyTorch's reference definition of
     the same layer (the fused one must match it), so turning the fused one off changes
     only which kernels compute the float parts, and makes the converted layers run in
@@ -216,7 +289,8 @@ def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bo
     names: list[str] = []
     off: set[int] = set()
     for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and (converted(m.linear1) or converted(m.linear2)):
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+                converted(c) for c in (m.linear1, m.linear2, m.self_attn)):
             m.activation_relu_or_gelu = 0
             off.add(id(m))
             names.append(name)
@@ -227,5 +301,5 @@ def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bo
     return tuple(names)
 
 
-__all__ = ["ConversionReport", "ConversionWarning", "disable_fused_fastpath", "rebuild",
-           "skip_reason"]
+__all__ = ["ConversionReport", "ConversionWarning", "SwapRule", "disable_fused_fastpath",
+           "hooks_reason", "mha_reason", "rebuild", "register_probe", "skip_reason"]

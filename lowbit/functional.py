@@ -249,6 +249,15 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 from . import conv as _conv  # noqa: E402,F401  registers the conv2d/conv1d block kinds
 
+def __getattr__(name: str) -> Any:
+    """``scaled_dot_product_attention``: lowbit.attention's, re-exported lazily (that
+    module builds on this one, so it cannot be imported here at the top)."""
+    if name == "scaled_dot_product_attention":
+        from .attention import scaled_dot_product_attention
+        return scaled_dot_product_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Trackers",
     "block_state",
@@ -262,4 +271,5 @@ __all__ = [
     "quantize_forward",
     "quantize_gradient",
     "same_padding",
+    "scaled_dot_product_attention",
 ]

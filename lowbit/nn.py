@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import FQTConfig
-from .conversion import ConversionReport, ConversionWarning, disable_fused_fastpath, rebuild, skip_reason
+from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
+                         rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
@@ -215,10 +216,18 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     version under ``config``, in place, and return ``model`` (``(model, report)`` with
     ``report=True``: a :class:`ConversionReport`).
 
+    Attention too (:mod:`lowbit.attention_modules`): ``nn.MultiheadAttention`` becomes an
+    ``FQTMultiheadAttention`` (in- and out-projections and both attention products
+    low-bit; inside ``nn.Transformer*Layer`` as well), lowbit's own
+    ``ScaledDotProductAttention`` modules (TinyGPT calls attention through one) an
+    ``FQTScaledDotProductAttention``. Hugging Face models (:mod:`lowbit.hf`, when
+    ``transformers`` is loaded): ``Conv1D`` becomes ``FQTConv1D``, and attention runs
+    through lowbit via transformers' attention registry (``attn_implementation="lowbit"``).
+
     Only faithful swaps are made (:func:`lowbit.conversion.skip_reason`): a module whose
     class is a subclass, that carries hooks, owns extra parameters/buffers, is not yet
     materialized (lazy) or is read by its parent without being called
-    (``nn.MultiheadAttention.out_proj``) is left alone, listed in the report's
+    (``out_proj`` of an ``nn.MultiheadAttention`` left float) is left alone, listed in the report's
     ``skipped`` with the reason and in one :class:`ConversionWarning`. Parametrized
     layers (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, …) are
     converted with their parametrizations; plain instance attributes are carried over.
@@ -242,6 +251,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     excluded: list[str] = []
     probes: dict[type[nn.Module], nn.Module] = {}
     memo: dict[int, nn.Module] = {}
+    from .attention_modules import FQTMultiheadAttention, extensions  # they import this module
+
+    rules, finish = extensions(model)  # attention, Hugging Face
 
     def swap(module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
         if module_filter is not None and not module_filter(module, name):
@@ -263,24 +275,43 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         converted.append(name)
         return rebuild(module, plain, lambda m: cls.from_float(m, config, seed=base, name=name))
 
+    def swap_by(rule: SwapRule, module: nn.Module, name: str) -> nn.Module:
+        if module_filter is not None and not module_filter(module, name):
+            excluded.append(name)
+            return module
+        if isinstance(module, rule.fqt):
+            module.config = config
+            converted.append(name)
+            return module
+        new = rule.swap(module, config, base, name)
+        if isinstance(new, str):
+            skipped[name] = new
+            return module
+        converted.append(name)
+        return new
+
     def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> nn.Module:
         if id(module) in memo:  # shared module: convert once, reuse everywhere
             return memo[id(module)]
-        if isinstance(module, tuple(_PLAIN)):
+        rule = next((r for r in rules if isinstance(module, (r.fqt, r.plain))), None)
+        if rule is None and isinstance(module, tuple(_PLAIN)):
             new = swap(module, prefix, parent)
         else:
-            new = module
-            for name, child in list(module._modules.items()):  # aliases too (named_children dedups)
-                if child is None:
+            new = module if rule is None else swap_by(rule, module, prefix)
+            internal = rule.internal if rule is not None and isinstance(new, rule.fqt) else ()
+            for name, child in list(new._modules.items()):  # aliases too (named_children dedups)
+                if child is None or name in internal:
                     continue
-                sub = visit(child, f"{prefix}.{name}" if prefix else name, module)
+                sub = visit(child, f"{prefix}.{name}" if prefix else name, new)
                 if sub is not child:
-                    setattr(module, name, sub)
+                    setattr(new, name, sub)
         memo[id(module)] = new
         return new
 
     model = visit(model, "", None)
-    fastpath = disable_fused_fastpath(model, lambda m: isinstance(m, _FQT_LAYERS))
+    skipped.update(finish(model))
+    fastpath = disable_fused_fastpath(
+        model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))
     if skipped:
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
@@ -306,15 +337,24 @@ def reset_ran(model: nn.Module) -> None:
         m.ran = False
 
 
+def fqt_blocks(model: nn.Module) -> dict[str, _StochasticLayer]:
+    """Every module of ``model`` that runs GEMMs under a recipe and owns a noise stream,
+    by name: the converted layers (:func:`fqt_layers`) and the GEMM blocks of converted
+    attention (:mod:`lowbit.attention_modules`: attention products, in-projections).
+    Each has ``config`` (settable), ``noise`` and ``range_trackers``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _StochasticLayer)}
+
+
 def rng_state(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every converted layer's noise state ``{"seed", "name", "counter"}`` by layer name
-    (plain ints and strings: save it in checkpoints; :mod:`lowbit.noise` has the rule)."""
-    return {n: m.rng_state() for n, m in fqt_layers(model).items()}
+    """Every converted layer's and attention block's noise state ``{"seed", "name",
+    "counter"}`` by module name (plain ints and strings: save it in checkpoints;
+    :mod:`lowbit.noise` has the rule)."""
+    return {n: m.rng_state() for n, m in fqt_blocks(model).items()}
 
 
 def load_rng_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
     """Restore what :func:`rng_state` returned; layer names must match."""
-    layers = fqt_layers(model)
+    layers = fqt_blocks(model)
     missing = sorted(set(state) - set(layers))
     if missing:
         raise KeyError(f"rng state names layers this model does not have: {missing[:5]}")
@@ -326,12 +366,12 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     """Every predicted-range tracker's history and counters, by layer and path (save it
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
-            for n, m in fqt_layers(model).items() if m.range_trackers}
+            for n, m in fqt_blocks(model).items() if m.range_trackers}
 
 
 def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Restore what :func:`range_state` returned (trackers are created as the saved ones)."""
-    layers = fqt_layers(model)
+    layers = fqt_blocks(model)
     missing = sorted(set(state) - set(layers))
     if missing:
         raise KeyError(f"range state names layers this model does not have: {missing[:5]}")
@@ -346,7 +386,7 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:
     """Overflow counters of every predicted-range tracker, keyed ``layer/path``, plus
     ``"total"`` (their sum; all zero when no layer predicts its ranges)."""
-    out = {f"{n}/{p}": t.stats for n, m in fqt_layers(model).items()
+    out = {f"{n}/{p}": t.stats for n, m in fqt_blocks(model).items()
            for p, t in m.range_trackers.items()}
     total = RangeStats()
     for s in out.values():
@@ -359,7 +399,7 @@ def range_stats(model: nn.Module) -> dict[str, RangeStats]:
 def frozen_ranges(model: nn.Module) -> Iterator[None]:
     """Predicted ranges predict and count but record no history inside the block (for
     repeated draws of one minibatch, e.g. variance measurements)."""
-    layers = list(fqt_layers(model).values())
+    layers = list(fqt_blocks(model).values())
     for m in layers:
         m.trackers()  # create the trackers the current config needs
     trackers = [t for m in layers for t in m.range_trackers.values()]
@@ -373,6 +413,6 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
             t.frozen = f
 
 
-__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_layers", "frozen_ranges",
+__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
            "rng_state"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..functional import quantize_forward
-from ..nn import FQTConv2d, FQTLinear, convert, fqt_layers
+from ..nn import FQTConv2d, FQTLinear, convert, fqt_blocks, fqt_layers
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 FQTLayer = FQTLinear | FQTConv2d
@@ -28,8 +28,9 @@ TOTAL = "total"  # all parameters together
 @contextlib.contextmanager
 def with_config(model: nn.Module,
                 config_fn: Callable[[FQTConfig], FQTConfig]) -> Iterator[nn.Module]:
-    """Temporarily give every converted layer ``config_fn(layer.config)``."""
-    layers = fqt_layers(model)
+    """Temporarily give every converted layer and attention block (:func:`~lowbit.nn.fqt_blocks`)
+    ``config_fn(layer.config)``."""
+    layers = fqt_blocks(model)
     saved = {n: m.config for n, m in layers.items()}
     try:
         for m in layers.values():

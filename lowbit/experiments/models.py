@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.attention_modules import ScaledDotProductAttention
+
 # --------------------------------------------------------------------------- digits (1×8×8)
 
 
@@ -151,7 +153,10 @@ def preact_resnet56(**kw: Any) -> PreActResNet:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: one ``nn.Linear`` for q, k, v and one for the output."""
+    """Multi-head causal self-attention: one ``nn.Linear`` for q, k, v and one for the output;
+    the attention itself through a :class:`~lowbit.attention_modules.ScaledDotProductAttention`
+    (``F.scaled_dot_product_attention`` as a module, no parameters), which ``lowbit.convert``
+    swaps for its low-bit version."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -161,12 +166,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
         self.resid_drop = nn.Dropout(dropout)
+        self.sdpa = ScaledDotProductAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = self.qkv(x).split(c, dim=2)  # 3 × (B, T, C)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
+        y = self.sdpa(  # (B, nh, T, hs)
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
         y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)

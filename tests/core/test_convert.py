@@ -330,11 +330,15 @@ class AttnBlock(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
-def test_multihead_attention_out_proj_is_not_claimed(mode: str) -> None:
+def test_multihead_attention_kept_float_does_not_claim_out_proj(mode: str) -> None:
+    """A MultiheadAttention the filter keeps float reads out_proj's weight without calling
+    it: out_proj is not converted (it would not run). (Converted MHA: test_attention.py.)"""
     torch.manual_seed(0)
     model = AttnBlock()
     ref = copy.deepcopy(model)
-    model, report, msgs = convert_quietly(model)
+    keep_float = lambda m, n: not isinstance(m, nn.MultiheadAttention)  # noqa: E731
+    model, report, msgs = convert_quietly(model, module_filter=keep_float)
+    assert report.excluded == ("mha",)
     assert report.skipped == {"mha.out_proj": MHA_REASON} and report.converted == ("head",)
     assert msgs == [f"lowbit.convert left 1 layer(s) in float: mha.out_proj: {MHA_REASON}"]
     assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
@@ -366,22 +370,26 @@ def test_encoder_layer_runs_quantized_in_eval_no_grad() -> None:
     layer = _encoder_layer().eval()
     ref = copy.deepcopy(layer)
     model, report, _ = convert_quietly(layer)
-    assert report.converted == ("linear1", "linear2")
-    assert report.skipped == {"self_attn.out_proj": MHA_REASON}
+    assert report.converted == ("self_attn", "self_attn.out_proj", "linear1", "linear2")
+    assert report.skipped == {}
     assert report.fastpath_disabled == ("",)
     x = torch.randn(2, 5, 16)
+    linears = {"self_attn.out_proj", "linear1", "linear2"}
     with torch.no_grad():
         lowbit.reset_ran(model)
+        model.self_attn.attention.ran = False
         y = model(x)
-        assert set(lowbit.fqt_layers(model, ran=True)) == {"linear1", "linear2"}
-        assert torch.equal(y, _unfused(model, x))  # the unfused path, quantized linears
+        assert set(lowbit.fqt_layers(model, ran=True)) == linears and model.self_attn.attention.ran
+        assert torch.equal(y, _unfused(model, x))  # the unfused path, quantized GEMMs
         assert not torch.equal(y, ref(x))  # not the float fused path
         # without the change, the fused path bypasses the converted layers, and the ran
         # flags tell: that is what lowbit.coverage reads
         model.activation_relu_or_gelu = 1
         lowbit.reset_ran(model)
+        model.self_attn.attention.ran = False
         assert torch.equal(model(x), ref(x))
-        assert set(lowbit.fqt_layers(model, ran=False)) == {"linear1", "linear2"}
+        assert set(lowbit.fqt_layers(model, ran=False)) == linears
+        assert not model.self_attn.attention.ran
 
 
 def test_encoder_layer_train_mode() -> None:
@@ -392,9 +400,9 @@ def test_encoder_layer_train_mode() -> None:
     assert torch.equal(exact(x), ref(x))  # fp recipe: the same float computation
     model, _, _ = convert_quietly(layer)
     y = model(x)
-    assert set(lowbit.fqt_layers(model, ran=True)) == {"linear1", "linear2"}
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"self_attn.out_proj", "linear1", "linear2"}
     assert not torch.equal(y, ref(x))
-    y.sum().backward()
+    (y * torch.linspace(-1, 1, 16)).sum().backward()  # y.sum() after LayerNorm has zero gradient
     assert model.linear1.weight.grad.abs().sum() > 0
 
 
@@ -404,7 +412,7 @@ def test_encoder_nested_tensor_path_is_turned_off() -> None:
     assert enc.use_nested_tensor  # the fused nested-tensor path applies to the float model
     model, report, _ = convert_quietly(enc)
     assert report.fastpath_disabled == ("layers.0", "layers.1", "")
-    assert set(report.skipped) == {"layers.0.self_attn.out_proj", "layers.1.self_attn.out_proj"}
+    assert report.skipped == {}
     x = torch.randn(2, 5, 16)
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     with torch.no_grad():
@@ -422,8 +430,9 @@ def test_decoder_layer_has_no_fast_path_to_turn_off() -> None:
     torch.manual_seed(0)
     dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
     model, report, _ = convert_quietly(dec)
-    assert report.converted == ("linear1", "linear2") and report.fastpath_disabled == ()
-    assert set(report.skipped) == {"self_attn.out_proj", "multihead_attn.out_proj"}
+    assert report.converted == ("self_attn", "self_attn.out_proj", "multihead_attn",
+                                "multihead_attn.out_proj", "linear1", "linear2")
+    assert report.fastpath_disabled == () and report.skipped == {}
     with torch.no_grad():
         model(torch.randn(2, 5, 16), torch.randn(2, 4, 16))
     assert lowbit.fqt_layers(model, ran=False) == {}
@@ -490,19 +499,3 @@ def test_ran_flag_under_torch_compile() -> None:
         assert set(lowbit.fqt_layers(model, ran=True)) == {"0", "2"}
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[1] == frames[2] == frames[0]
-
-
-def test_gpt2_conv1d_stays_float_as_the_readme_says() -> None:
-    """Hugging Face GPT-2's projections are transformers' Conv1D, not nn.Linear: only the
-    lm_head converts, and nothing is claimed for the rest (README: what stays in float)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8,
-                                  bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg).train()
-    model, report, msgs = convert_quietly(model)
-    assert report.converted == ("lm_head",) and report.skipped == {} and msgs == []
-    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
-    ids = torch.randint(0, 50, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert set(lowbit.fqt_layers(model, ran=True)) == {"lm_head"}

@@ -38,10 +38,11 @@ def by_gemm(report: CoverageReport) -> dict[tuple[str, str], tuple[int, str, tup
     return out
 
 
-def converted(model: nn.Module, recipe: str, **overrides: object) -> nn.Module:
+def converted(model: nn.Module, recipe: str, module_filter=None, **overrides: object) -> nn.Module:
     with warnings.catch_warnings():  # convert may warn about layers it leaves in float
         warnings.simplefilter("ignore")
-        return lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0, **overrides))
+        return lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0, **overrides),
+                              module_filter)
 
 
 # -- MLP: every Linear has its three GEMMs --------------------------------------------------
@@ -185,8 +186,10 @@ class SelfAttention(nn.Module):
 
 @pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
 def test_multihead_attention_out_proj_and_attention_are_float(recipe: str) -> None:
+    """nn.MultiheadAttention kept float (converted: tests/core/test_attention.py)."""
     torch.manual_seed(0)
-    model = SelfAttention() if recipe == "fp" else converted(SelfAttention(), recipe)
+    keep_float = {"module_filter": lambda m, n: not isinstance(m, nn.MultiheadAttention)}
+    model = SelfAttention() if recipe == "fp" else converted(SelfAttention(), recipe, **keep_float)
     rep = coverage(model, torch.randn(2, 5, 16))  # B=2, T=5, E=16, 2 heads of 8
     bt, e = 10, 16
     out_proj = [r for r in rep.rows if r.weight == "attn.out_proj.weight"]

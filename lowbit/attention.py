@@ -1,0 +1,418 @@
+"""Fully quantized scaled-dot-product attention: its six GEMMs by name (METHOD.md §7).
+
+For each batch entry and head, with queries ``Q`` (L, E), keys ``K`` (S, E), values
+``V`` (S, Ev), scale ``c`` (default ``1/√E``) and an additive mask ``M``::
+
+    scores      S  = c · Q_f(Q) · Q_f(K)ᵀ + M          forward spec (round-to-nearest)
+                P  = softmax(S),  P̃ = P ⊙ keep/(1−p)   float (dropout: keep ~ Bernoulli(1−p))
+    output      O  = Q_f(P̃) · Q_f(V)                   forward spec; P̃ ∈ [0, 1/(1−p)]
+    grad_probs  ∇P̃ = Q_a(∇O) · Q_f(V)ᵀ                 grad_input spec, a scale per query token
+    grad_value  ∇V = (Q_w(∇Oᵀ) · Q_f(P̃))ᵀ              grad_weight spec, a scale per value feature
+                ∇S = P ⊙ (∇P − rowsum(∇P ⊙ P)),  ∇P = ∇P̃ ⊙ keep/(1−p)   float
+    grad_query  ∇Q = c · Q_a(∇S) · Q_f(K)               grad_input spec, a scale per query token
+    grad_key    ∇K = c · Q_w(∇Sᵀ) · Q_f(Q)              grad_weight spec, a scale per key token
+
+Every gradient operand is oriented so that its rows are the dimension its GEMM does not
+sum over (the rule of METHOD.md §2), and ``∇O`` and ``∇S`` are each quantized twice, by
+independent draws. The backward is straight-through for the forward quantizers, so with
+unbiased gradient quantizers the result is an unbiased estimate of the QAT gradient (the
+gradient of the forward-quantized attention, which ``grad_input = grad_weight = None``
+computes exactly). The forward spec is the recipe's ``activation`` spec for all of
+``Q, K, V, P̃``. Per tensor means one scale for the whole tensor of every batch entry and
+head (as a Linear's activation scale spans the batch); per row, one per (batch, head,
+token). Gradient ranges are always dynamic here (a predicted-range spec is read as
+dynamic: attention keeps no range history).
+
+Execution: a per-head GEMM runs through :func:`lowbit.kernels.scaled_mm` (``int8`` where
+the scales allow) when both operands are integer codes, the backend is not
+``reference``, and each head's GEMM is big enough to amortise one call per head
+(:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
+otherwise all heads run as one batched float GEMM of the dequantized codes (simulated,
+the same estimator; ``lowbit.coverage`` reports it so). Row-mixing gradient quantizers
+(``bhq``, ``hadamard``) transform the rows of all heads together, so their inverse is
+applied to the operand before the GEMM (rows of different heads meet different right
+operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
+each of the four gradient operands gets its own generator split from its path's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from .config import Backend, FQTConfig, GradSpec
+from .formats import Rounding, compute_dtype
+from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
+from .kernels import compiled, int8_applicable, scaled_mm
+from .noise import Path, generator_for
+from .ops import BlockState, flatten_operand, unflatten_operand
+from .quantizers import QuantizedRows
+
+# Per-head multiply-adds from which heads run one integer GEMM each (a Python loop of
+# dispatcher calls); below, one batched float GEMM is faster on the CPU (measured: at
+# 128×64×128 per head, 64 heads, the loop took 2–5× the time of the batched GEMM).
+LOOP_MIN_MACS = 1 << 24
+Generators = dict[Path, torch.Generator]
+
+
+# -- batched GEMM operands -------------------------------------------------------------------
+def _dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return codes.to(step.dtype) * step
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One side of a batched GEMM, (B, R, C): int8 ``codes`` times ``step`` ((1, 1, 1),
+    (B, R, 1) per row or, transposed, (B, 1, C) per column), or — ``codes`` None — float
+    ``values``: dequantized low-bit values (``lowbit``) or a float (QAT) operand."""
+
+    codes: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    lowbit: bool = True
+
+    @classmethod
+    def of(cls, q: QuantizedRows, shape: tuple[int, int, int], dtype: torch.dtype) -> Operand:
+        """``q`` (rows flattened to B·R) as a (B, R, C) operand; a row transform other than
+        the identity, an offset or block scales (asymmetric and block formats) are applied
+        here, on the operand."""
+        if not q.plain:
+            return cls(values=q.dequantize(dtype).reshape(shape))
+        per_row = q.step.shape[0] > 1
+        step = q.step.reshape(shape[0], shape[1], 1) if per_row else q.step.reshape(1, 1, 1)
+        return cls(q.codes.reshape(shape), step)
+
+    @property
+    def mT(self) -> Operand:  # noqa: N802 (as torch.Tensor.mT)
+        if self.codes is None:
+            return Operand(values=self.values.mT, lowbit=self.lowbit)
+        return Operand(self.codes.mT, self.step.mT)
+
+    def scaled(self, c: float) -> Operand:
+        """``c`` times this operand: folded into the steps (or the values)."""
+        if self.codes is None:
+            return Operand(values=self.values * c, lowbit=self.lowbit)
+        return Operand(self.codes, self.step * c)
+
+    def dequantize(self, dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
+        """The values (the steps' dtype for codes); ``fast``: fused by ``torch.compile``
+        for large operands (the same arithmetic: an exact cast, one multiply)."""
+        if self.codes is None:
+            return self.values.to(dtype)
+        if fast and compiled.use_for(self.codes):
+            return compiled.run("attention_dequantize", _dequantize, self.codes, self.step)
+        return _dequantize(self.codes, self.step)
+
+    def head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes[i], self.step[i if self.step.shape[0] > 1 else 0]
+
+
+def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``a @ b`` per batch entry: (B, M, K) × (B, K, N) → (B, M, N) in ``dtype``."""
+    n_batch, m, k = (a.codes if a.codes is not None else a.values).shape
+    n = (b.codes if b.codes is not None else b.values).shape[2]
+    both = a.codes is not None and b.codes is not None
+    integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
+        and int8_applicable(a.codes[0], *b.head(0))
+    if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
+        return torch.stack([scaled_mm(*a.head(i), *b.head(i), backend, out_dtype=dtype)
+                            for i in range(n_batch)])
+    if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
+        why = "a row transform, offset or block scale" if not both else \
+            "a scale on the summed dimension, or codes or shapes the kernel refuses"
+        raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
+                         f"per head: it has {why}; use backend='auto' (simulated there)")
+    fast = backend is not Backend.REFERENCE
+    a_values, b_values = a.dequantize(dtype, fast), b.dequantize(dtype, fast)
+    with record_function("lowbit::gemm"):
+        return torch.matmul(a_values, b_values)
+
+
+# -- the math, without autograd ------------------------------------------------------------
+def masked_softmax(scores: torch.Tensor, masked: bool) -> torch.Tensor:
+    """``softmax`` over the last dimension; with ``masked`` (an attention mask was added),
+    rows whose scores are all ``-inf`` are set to 0, as torch's
+    ``scaled_dot_product_attention`` gives (a NaN score keeps its row NaN)."""
+    probs = torch.softmax(scores, dim=-1)
+    if masked:
+        probs = probs.masked_fill_((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    return probs
+
+
+def _dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1 else 1.0 / (1.0 - p)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
+                      causal: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                 tuple[QuantizedRows, ...]]:
+    """``q`` (B, L, E), ``k`` (B, S, E), ``v`` (B, S, Ev), ``mask`` additive (1 or B, L, S)
+    or None (``causal``: it is the causal mask, which blocks no row entirely), all in one
+    float dtype → ``(O (B, L, Ev), P, P̃ (B, L, S), keep (bool or
+    None), (Q_f(q), Q_f(k), Q_f(v), Q_f(P̃)))``. Dropout draws ``keep`` from torch's
+    global RNG (as ``F.dropout``: recomputation under checkpointing sees the same)."""
+    b, lq, e = q.shape
+    s, ev = k.shape[1], v.shape[2]
+    dt, spec, gen, be = q.dtype, config.activation, gens.get(Path.ACTIVATION), config.backend
+    qq = quantize_forward(q.reshape(b * lq, e), spec, gen, be)
+    qk = quantize_forward(k.reshape(b * s, e), spec, gen, be)
+    scores = batched_mm(Operand.of(qq, (b, lq, e), dt).scaled(scale),  # c in Q's steps
+                        Operand.of(qk, (b, s, e), dt).mT, be, dt, "Q·Kᵀ")  # (B, L, S)
+    if mask is not None:
+        scores = scores + mask
+    probs = masked_softmax(scores, mask is not None and not causal)  # (B, L, S); causal: none dead
+    keep = None
+    dropped = probs
+    if dropout_p > 0:
+        keep = torch.empty_like(probs).bernoulli_(1 - dropout_p).bool()
+        dropped = probs * keep * _dropout_scale(dropout_p)
+    qp = quantize_forward(dropped.reshape(b * lq, s), spec, gen, be)
+    qv = quantize_forward(v.reshape(b * s, ev), spec, gen, be)
+    out = batched_mm(Operand.of(qp, (b, lq, s), dt), Operand.of(qv, (b, s, ev), dt), be, dt, "P·V")
+    return out, probs, dropped, keep, (qq, qk, qv, qp)
+
+
+def _split(gen: torch.Generator | None, n: int) -> list[torch.Generator | None]:
+    """``n`` independent generators drawn from ``gen`` (its next ``n`` draws)."""
+    if gen is None:
+        return [None] * n
+    seeds = torch.randint(0, 2**63 - 1, (n,), generator=gen, device=gen.device)
+    return [generator_for(int(x), gen.device) for x in seeds.tolist()]
+
+
+def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None,
+                 backend: Backend) -> Operand:
+    """A gradient operand (B, R, C) whose rows R are its GEMM's non-summed dimension,
+    quantized by ``spec`` (``None``: float, QAT)."""
+    if spec is None:
+        return Operand(values=a, lowbit=False)
+    if a.numel() == 0:
+        return Operand(values=a)
+    q = quantize_gradient(a.reshape(-1, a.shape[2]), spec, gen, backend)
+    return Operand.of(q, tuple(a.shape), a.dtype)  # type: ignore[arg-type]
+
+
+def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedRows, ...],
+                       probs: torch.Tensor, keep: torch.Tensor | None, shapes: tuple[int, ...],
+                       scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
+                       needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """``(∇Q, ∇K, ∇V, ∇S)`` (None where ``needs`` says not wanted; ``∇S`` is the mask's
+    gradient) from ``g_out`` (B, L, Ev) and the gradient ``g_dropped`` of the returned
+    ``P̃`` (or None), given what :func:`attention_forward` returned; ``shapes`` = (B, L, S,
+    E, Ev)."""
+    b, lq, s, e, ev = shapes
+    dt, be, gi, gw = g_out.dtype, config.backend, config.grad_input, config.grad_weight
+    rows_gen = _split(gens.get(Path.GRAD_INPUT), 2)  # ∇O, ∇S with a scale per query token
+    cols_gen = _split(gens.get(Path.GRAD_WEIGHT), 2)  # ∇Oᵀ, ∇Sᵀ: per value feature, key token
+    qq, qk, qv, qp = (Operand.of(q, sh, dt) for q, sh in
+                      zip(quant, ((b, lq, e), (b, s, e), (b, s, ev), (b, lq, s))))
+    gq = gk = gv = gs = None
+    if needs[2]:
+        gv = batched_mm(grad_operand(g_out.mT, gw, cols_gen[0], be), qp, be, dt, "∇V").mT
+    if needs[0] or needs[1] or needs[3]:
+        gp = batched_mm(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, be, dt, "∇P")
+        if g_dropped is not None:
+            gp = gp + g_dropped
+        if keep is not None:
+            gp = gp * keep * _dropout_scale(dropout_p)
+        gs = torch._softmax_backward_data(gp, probs, -1, dt)  # P ⊙ (∇P − rowsum(∇P ⊙ P))
+        if needs[0]:
+            gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
+        if needs[1]:
+            gk = batched_mm(grad_operand(gs.mT, gw, cols_gen[1], be), qq, be, dt, "∇K") * scale
+    return gq, gk, gv, gs if needs[3] else None
+
+
+# -- autograd ------------------------------------------------------------------------------
+def _forward_paths(config: FQTConfig) -> tuple[Path, ...]:
+    return (Path.ACTIVATION,) if config.activation.rounding is Rounding.STOCHASTIC else ()
+
+
+def _backward_paths(config: FQTConfig) -> tuple[Path, ...]:
+    return tuple(p for p, s in ((Path.GRAD_INPUT, config.grad_input),
+                                (Path.GRAD_WEIGHT, config.grad_weight)) if s is not None)
+
+
+class _Attention(torch.autograd.Function):
+    """``(O, P̃)`` of (B, L, E)/(B, S, E)/(B, S, Ev) inputs; ``P̃`` is empty unless asked for."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                state: BlockState, scale: float, dropout_p: float, out_dtype: torch.dtype,
+                need_weights: bool, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, dt = state.config, compute_dtype(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # the recipe's arithmetic
+            gens = state.noise.forward_generators(q.device, _forward_paths(cfg))
+            m = None if mask is None else mask.to(dt)
+            out, probs, dropped, keep, quant = attention_forward(
+                q.to(dt), k.to(dt), v.to(dt), m, scale, dropout_p, cfg, gens, causal)
+        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)), probs, keep)
+        ctx.blocks = [x.block for x in quant]
+        ctx.state, ctx.scale, ctx.dropout_p = state, scale, dropout_p
+        ctx.shapes = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype)
+        ctx.mask_batch = None if mask is None else mask.shape[0]
+        ctx.set_materialize_grads(False)
+        weights = dropped.to(out_dtype) if need_weights else out.new_empty(0, dtype=out_dtype)
+        if not need_weights:
+            ctx.mark_non_differentiable(weights)
+        return out.to(out_dtype), weights
+
+    @staticmethod
+    def backward(ctx: Any, g_out: torch.Tensor | None, g_weights: torch.Tensor | None) -> tuple:
+        *codes, probs, keep = ctx.saved_tensors
+        b, lq, s, e, ev = ctx.shapes
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        if g_out is None:
+            g_out = probs.new_zeros(b, lq, ev)
+        state: BlockState = ctx.state
+        cfg, dt = state.config, probs.dtype
+        quant = tuple(unflatten_operand(codes[4 * i:4 * i + 4], blk) for i, blk in enumerate(ctx.blocks))
+        with torch.autocast(g_out.device.type, enabled=False):
+            gens = state.noise.backward_generators(g_out.device, _backward_paths(cfg))
+            gd = None if g_weights is None or g_weights.numel() == 0 else g_weights.to(dt)
+            grads = attention_backward(g_out.to(dt), gd, quant, probs, keep, ctx.shapes,
+                                       ctx.scale, ctx.dropout_p, cfg, gens, needs)
+        gq, gk, gv, gs = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
+        if gs is not None and ctx.mask_batch == 1 and gs.shape[0] != 1:
+            gs = gs.sum(0, keepdim=True)
+        return gq, gk, gv, gs, None, None, None, None, None, None
+
+
+# -- the public function ---------------------------------------------------------------------
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+           dropout_p: float, is_causal: bool, enable_gqa: bool) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
+                            f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
+    if not torch.is_autocast_enabled(query.device.type) and not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
+                           f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}")
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(f"scaled_dot_product_attention: query {tuple(query.shape)}, key "
+                           f"{tuple(key.shape)} and value {tuple(value.shape)} do not fit: query and "
+                           "key need the same feature size, key and value the same length")
+    if enable_gqa and (query.dim() < 3 or key.shape[-3] != value.shape[-3]
+                       or key.shape[-3] == 0 or query.shape[-3] % key.shape[-3]):
+        raise RuntimeError(f"enable_gqa: the query's heads ({query.shape[-3] if query.dim() > 2 else None}) "
+                           f"must be a multiple of the key's and value's (equal) heads "
+                           f"({key.shape[-3] if key.dim() > 2 else None}, {value.shape[-3] if value.dim() > 2 else None})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set "
+                           "when is_causal=True")
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or not (
+            attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
+        raise TypeError("attn_mask must be a bool or floating tensor, got "
+                        f"{attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__}")
+
+
+def _mask3(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int, s: int,
+           like: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask as (1, L, S) when it is the same for every batch entry and head,
+    else (B, L, S); bool masks keep ``True`` positions (``False`` → ``-inf``)."""
+    if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
+        keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
+        return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
+    full = (*lead, lq, s)
+    try:
+        ok = torch.broadcast_shapes(m.shape, full) == torch.Size(full)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be broadcast to the "
+                           f"attention scores' shape {full}")
+    if all(d == 1 for d in m.shape[:-2]):
+        return torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, s)).reshape(1, lq, s)
+    return m.expand(full).reshape(-1, lq, s)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: float | None = None, enable_gqa: bool = False, *,
+              state: BlockState | FQTConfig, need_weights: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`scaled_dot_product_attention` that also returns ``P̃`` (..., L, S), the
+    attention weights after dropout that the ``P·V`` GEMM used (before its quantization),
+    when ``need_weights`` (else ``None``). Gradients flow through it too. Needs a
+    non-``fp`` recipe when ``need_weights``."""
+    _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    state = block_state(state)
+    if state.config.is_fp:
+        if need_weights:
+            raise ValueError("need_weights needs a quantized recipe; under fp use torch's own "
+                             "attention (nn.MultiheadAttention does)")
+        kw = {"enable_gqa": True} if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                              scale=scale, **kw), None
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # key/value heads serve groups of queries
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    lq, e, s, ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    try:
+        lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    except RuntimeError:
+        raise RuntimeError(f"scaled_dot_product_attention: the batch dimensions of query "
+                           f"{tuple(query.shape)}, key {tuple(key.shape)} and value "
+                           f"{tuple(value.shape)} do not broadcast") from None
+    out_dtype = output_dtype(query)
+    n = math.prod(lead)
+    q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
+    mask = _mask3(attn_mask, is_causal, lead, lq, s, q3)
+    c = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    out, weights = _Attention.apply(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
+                                    need_weights, bool(is_causal))
+    out = out.reshape(*lead, lq, ev)
+    return out, weights.reshape(*lead, lq, s) if need_weights else None
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *,
+                                 state: BlockState | FQTConfig | None = None) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` with its GEMMs quantized under
+    ``state`` (module docstring; the math is METHOD.md §7).
+
+    ``query`` (..., Hq, L, E), ``key`` (..., H, S, E), ``value`` (..., H, S, Ev) → (..., Hq,
+    L, Ev); batch dimensions broadcast; ``enable_gqa``: ``Hq`` a multiple of ``H``, key and
+    value heads each serving ``Hq/H`` consecutive query heads. ``attn_mask``: bool (True
+    takes part) or float (added to the scores, differentiable), broadcastable to (...,
+    L, S); ``is_causal``: query ``i`` sees keys ``0..i`` (not with ``attn_mask``);
+    ``dropout_p`` in [0, 1], applied to ``P`` in float with a mask from torch's global RNG;
+    ``scale`` defaults to ``1/√E``. A fully masked row gives zeros, as in torch.
+
+    ``state``: a :class:`~lowbit.ops.BlockState` (recipe, noise stream; a layer passes its
+    own) or an :class:`FQTConfig` (a fresh stream per call, :func:`lowbit.functional.block_state`);
+    ``None`` or the ``fp`` recipe: torch's own float attention. The output has the dtype of
+    ``query`` (the autocast dtype under autocast); the GEMMs run in float32 (float64 for
+    float64 inputs) whatever autocast says; gradients come in the inputs' dtypes.
+    Raises ``RuntimeError``/``TypeError``/``ValueError`` naming the problem for mismatched
+    shapes or dtypes, a mask with ``is_causal``, a bad ``dropout_p`` or GQA head counts,
+    and (``backend="int8"``) a GEMM that cannot run on integer kernels."""
+    if state is None:
+        _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        kw = {"enable_gqa": True} if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                              scale=scale, **kw)
+    return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     state=state)[0]
+
+
+__all__ = ["LOOP_MIN_MACS", "Operand", "attention", "attention_backward", "attention_forward",
+           "batched_mm", "grad_operand", "masked_softmax", "scaled_dot_product_attention"]

@@ -1,0 +1,495 @@
+"""Low-bit attention (issue 13, item 3; METHOD.md §7): the forward equals its simulated
+reference exactly, the QAT backward is the gradient of the forward-quantized attention,
+the FQT gradients are unbiased estimates of it, the integer path equals the reference,
+masks / causal / GQA / dropout / checkpointing behave as torch's, and convert swaps
+nn.MultiheadAttention, the Transformer layers and TinyGPT's attention."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_unbiased
+from torch import nn
+
+import lowbit
+import lowbit.attention as A
+import lowbit.attention_modules as AM
+from lowbit import FQTConfig, OperandSpec
+from lowbit.attention import Operand, batched_mm, scaled_dot_product_attention
+from lowbit.config import Backend
+from lowbit.functional import block_state, quantize_forward
+from lowbit.kernels import int8 as int8_kernel
+
+FQT = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+B, H, L, S, E, EV = 2, 4, 6, 5, 8, 3
+
+
+def qkv(heads_kv: int = H, grad: bool = True, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, E, generator=g)
+    k = torch.randn(B, heads_kv, S, E, generator=g)
+    v = torch.randn(B, heads_kv, S, EV, generator=g)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def qat(config: FQTConfig) -> FQTConfig:
+    return dataclasses.replace(config, grad_input=None, grad_weight=None)
+
+
+# -- the simulated reference, written out with autograd -----------------------------------------
+class _STE(torch.autograd.Function):
+    """``c·Q_f(t)`` (``c`` folded into the steps, as lowbit.attention does for Q) with the
+    straight-through gradient of ``c·t``; Q_f over the whole tensor, a row per (batch,
+    head, token)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, spec: OperandSpec, c: float) -> torch.Tensor:
+        ctx.c = c
+        q = quantize_forward(t.reshape(-1, t.shape[-1]), spec)
+        return (q.codes * (q.step * c)).reshape(t.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple:
+        return g * ctx.c, None, None
+
+
+def deq(t: torch.Tensor, spec: OperandSpec, c: float = 1.0) -> torch.Tensor:
+    return _STE.apply(t, spec, c)
+
+
+def reference(q, k, v, mask=None, causal=False, gqa=False, dropout_p=0.0, spec=OperandSpec(8)):  # noqa: B008
+    """P = softmax(c·Q_f(Q)Q_f(K)ᵀ + M), O = Q_f(P̃)·Q_f(V): plain torch, autograd through
+    straight-through quantizers (the QAT gradient); dropout draws as attention_forward."""
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    scores = deq(q, spec, 1.0 / math.sqrt(q.shape[-1])) @ deq(k, spec).mT
+    if mask is not None:
+        scores = scores + mask
+    dead = (scores == float("-inf")).all(-1, keepdim=True)  # fully masked rows: P = 0
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    if dropout_p:
+        keep = torch.empty(probs.reshape(-1, *probs.shape[-2:]).shape).bernoulli_(1 - dropout_p)
+        probs = probs * keep.bool().reshape(probs.shape) * (1 / (1 - dropout_p))
+    return deq(probs, spec) @ deq(v, spec)
+
+
+def float_mask() -> torch.Tensor:
+    m = torch.randn(B, 1, L, S, generator=torch.Generator().manual_seed(3))
+    m[0, 0, 2] = float("-inf")  # a fully masked row
+    return m
+
+
+CASES = {  # name: (kwargs of attention, kv heads)
+    "plain": ({}, H),
+    "causal": ({"is_causal": True}, H),
+    "bool-mask": ({"attn_mask": torch.rand(L, S, generator=torch.Generator().manual_seed(1)) > 0.4}, H),
+    "float-mask": ({"attn_mask": float_mask()}, H),
+    "gqa": ({"enable_gqa": True, "is_causal": True}, 2),
+    "mqa": ({"enable_gqa": True}, 1),
+}
+
+
+def _ref_kwargs(kw: dict) -> dict:
+    return {"mask": kw.get("attn_mask"), "causal": kw.get("is_causal", False), "gqa": kw.get("enable_gqa", False)}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_equals_simulated_reference_exactly(case: str, granularity: str) -> None:
+    kw, heads = CASES[case]
+    spec = OperandSpec(8, granularity)
+    cfg = dataclasses.replace(FQT, activation=spec, backend="reference")
+    q, k, v = qkv(heads, grad=False)
+    got = scaled_dot_product_attention(q, k, v, state=cfg, **kw)
+    assert torch.equal(got, reference(q, k, v, spec=spec, **_ref_kwargs(kw)))
+    if case == "float-mask":
+        assert torch.equal(got[0, 0, 2], torch.zeros(EV))  # fully masked row → 0, as torch
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["dropout"])
+def test_qat_backward_is_the_gradient_of_the_forward_quantized_attention(case: str) -> None:
+    kw, heads = CASES.get(case, ({"dropout_p": 0.3, "attn_mask": float_mask()}, H))
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kw = {**kw, "attn_mask": mask.clone().requires_grad_()}
+    q, k, v = qkv(heads)
+    w = torch.randn(B, H, L, EV, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(5)
+    out = scaled_dot_product_attention(q, k, v, state=qat(FQT), **kw)
+    inputs = (q, k, v) + ((kw["attn_mask"],) if mask is not None and mask.is_floating_point() else ())
+    got = torch.autograd.grad((out * w).sum(), inputs)
+    torch.manual_seed(5)
+    ref = reference(q, k, v, dropout_p=kw.get("dropout_p", 0.0), **_ref_kwargs(kw))
+    assert torch.equal(out, ref)
+    want = torch.autograd.grad((ref * w).sum(), inputs)
+    for a, b in zip(got, want):
+        # the same math, different float32 operation order (softmax backward written out,
+        # batched GEMMs of dequantized codes vs autograd's): a few ulps of the largest value
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+        assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq", "hadamard"])
+def test_fqt_gradients_are_unbiased_for_the_qat_gradients(quantizer: str) -> None:
+    """∇Q, ∇K, ∇V and ∇mask: E[FQT] = QAT, a 5σ z-test over 300 draws (conftest), with
+    GQA, a float mask (differentiable, one row fully masked) and dropout (the same mask
+    in every draw: the global RNG is reseeded before each forward)."""
+    cfg = FQTConfig.from_recipe(f"fqt-{quantizer}-4", seed=0)
+    q, k, v = qkv(2)
+    mask = float_mask().requires_grad_()
+    w = torch.randn(B, H, L, EV, generator=torch.Generator().manual_seed(9))
+    kw = dict(attn_mask=mask, dropout_p=0.2, enable_gqa=True)
+
+    def grads(state) -> torch.Tensor:
+        torch.manual_seed(7)
+        out = scaled_dot_product_attention(q, k, v, state=state, **kw)
+        return torch.cat([g.flatten() for g in torch.autograd.grad((out * w).sum(), (q, k, v, mask))])
+
+    exact = grads(qat(cfg))
+    state = block_state(cfg)  # one noise stream: every backward call draws fresh noise
+    draws = torch.stack([grads(state) for _ in range(300)])
+    assert state.noise.counter == 300
+    assert not torch.equal(draws[0], draws[1]), "draws must differ (fresh SR noise)"
+    assert_unbiased(draws, exact)
+
+
+def test_gradient_operands_are_quantized_independently(monkeypatch: pytest.MonkeyPatch) -> None:
+    """∇O and ∇S are each quantized twice, by distinct generators, with the rows of each
+    on its GEMM's non-summed dimension: ∇O (B·L, Ev) and ∇Oᵀ (B·Ev, L), ∇S (B·L, S) and
+    ∇Sᵀ (B·S, L)."""
+    seen = []
+    real = A.quantize_gradient
+
+    def spy(a, spec, gen, backend, tracker=None):
+        seen.append((tuple(a.shape), spec.quantizer, gen.initial_seed()))
+        return real(a, spec, gen, backend, tracker)
+
+    monkeypatch.setattr(A, "quantize_gradient", spy)
+    q, k, v = qkv()
+    scaled_dot_product_attention(q, k, v, state=FQTConfig.from_recipe("fqt-bhq-5", seed=0)).sum().backward()
+    bh = B * H
+    assert sorted(s[:2] for s in seen) == sorted([
+        ((bh * EV, L), "psq"), ((bh * L, EV), "bhq"), ((bh * L, S), "bhq"), ((bh * S, L), "psq")])
+    assert len({s[2] for s in seen}) == 4
+
+
+# -- the integer path ------------------------------------------------------------------------------
+def test_per_head_integer_gemm_is_the_exact_integer_product() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (3, 5, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (3, 7, 64), dtype=torch.int8, generator=g)
+    sa, sb = torch.rand(3, 5, 1, generator=g), torch.rand(3, 7, 1, generator=g)
+    got = batched_mm(Operand(a, sa), Operand(b, sb).mT, Backend.INT8, torch.float32, "test")
+    acc = (a.double() @ b.double().mT).float()  # exact: |sum| < 2²⁴
+    assert torch.equal(got, acc * sa * sb.mT)
+
+
+def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = int8_kernel.int_mm
+    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for backend in ("int8", "reference"):
+        q, k, v = qkv()
+        o = scaled_dot_product_attention(q, k, v, is_causal=True,
+                                         state=dataclasses.replace(FQT, backend=backend))
+        o.backward(torch.linspace(-1, 1, EV).expand_as(o))
+        out[backend] = (o, q.grad, k.grad, v.grad)
+    assert len(calls) == 6 * B * H, "QKᵀ, P·V, ∇P, ∇V, ∇Q, ∇K: every head on _int_mm"
+    for a, b in zip(out["int8"], out["reference"]):
+        # same random stream; exact integer sums vs float32 sums: float rounding only
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
+
+
+def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = int8_kernel.int_mm
+    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
+    q, k, v = qkv(grad=False)
+    scaled_dot_product_attention(q, k, v, state=FQT)
+    assert calls == []  # 6×5×8 per head: one batched (simulated) GEMM
+    monkeypatch.setattr(A, "LOOP_MIN_MACS", 1)
+    scaled_dot_product_attention(q, k, v, state=FQT)
+    assert len(calls) == 2 * B * H
+
+
+@pytest.mark.parametrize("what, cfg, message", [
+    ("bhq", FQTConfig.from_recipe("fqt-bhq-8", backend="int8"),
+     "backend='int8' cannot compute attention's ∇P GEMM per head: it has a row transform, "
+     "offset or block scale; use backend='auto' (simulated there)"),
+    ("per-row V", dataclasses.replace(FQT, activation=OperandSpec(8, "row"), backend="int8"),
+     "backend='int8' cannot compute attention's P·V GEMM per head: it has a scale on the "
+     "summed dimension, or codes or shapes the kernel refuses; use backend='auto' "
+     "(simulated there)"),
+])
+def test_int8_backend_refuses_what_it_cannot_run(what: str, cfg: FQTConfig, message: str) -> None:
+    q, k, v = qkv()
+    with pytest.raises(ValueError) as err:
+        scaled_dot_product_attention(q, k, v, state=cfg).sum().backward()
+    assert str(err.value) == message
+
+
+# -- torch's semantics -------------------------------------------------------------------------------
+def test_fp_recipe_and_no_state_are_torchs_attention() -> None:
+    q, k, v = qkv(2, grad=False)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for state in (None, FQTConfig.from_recipe("fp")):
+        assert torch.equal(scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                        state=state), want)
+
+
+def test_masks_agree_with_each_other() -> None:
+    q, k, v = qkv(grad=False)
+    causal = torch.ones(L, S, dtype=torch.bool).tril()
+    additive = torch.zeros(L, S).masked_fill(~causal, float("-inf"))
+    outs = [scaled_dot_product_attention(q, k, v, state=FQT, **kw) for kw in
+            ({"is_causal": True}, {"attn_mask": causal}, {"attn_mask": additive},
+             {"attn_mask": causal.expand(B, H, L, S)})]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_dropout_mask_is_kept_for_backward_and_recomputed_by_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for ckpt in (False, True):
+        q, k, v = qkv()
+        state = block_state(FQT)
+        torch.manual_seed(11)
+        fn = lambda *t, st=state: scaled_dot_product_attention(*t, dropout_p=0.5, state=st)  # noqa: E731
+        out = checkpoint(fn, q, k, v, use_reentrant=False) if ckpt else fn(q, k, v)
+        out.backward(torch.ones_like(out))
+        grads.append((out, q.grad, k.grad, v.grad, state.noise.counter))
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][:4], grads[1][:4]))
+    assert grads[0][4] == grads[1][4] == 1
+
+
+def test_dtypes_autocast_and_nan() -> None:
+    q, k, v = qkv(grad=False)
+    want = scaled_dot_product_attention(q, k, v, state=FQT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scaled_dot_product_attention(q, k, v, state=FQT)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = scaled_dot_product_attention(qb, kb, vb, state=FQT)
+    out.float().sum().backward()
+    assert out.dtype == qb.grad.dtype == kb.grad.dtype == vb.grad.dtype == torch.bfloat16
+    q[0, 0, 0, 0] = float("nan")  # one NaN: its (per-tensor) group is NaN, never finite
+    assert torch.isnan(scaled_dot_product_attention(q, k, v, state=FQT)).all()
+    # ... also in a row the mask blocks entirely (torch: zeros only for -inf scores)
+    assert torch.isnan(scaled_dot_product_attention(q, k, v, attn_mask=float_mask(), state=FQT)).all()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"is_causal": True, "attn_mask": torch.ones(L, S, dtype=torch.bool)}, RuntimeError,
+     "scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True"),
+    ({"dropout_p": 1.5}, ValueError, "dropout_p must be a number in [0, 1], got 1.5"),
+    ({"attn_mask": torch.ones(3, S)}, RuntimeError,
+     f"attn_mask of shape (3, {S}) cannot be broadcast to the attention scores' shape ({B}, {H}, {L}, {S})"),
+    ({"attn_mask": torch.ones(L, S, dtype=torch.int64)}, TypeError,
+     "attn_mask must be a bool or floating tensor, got torch.int64"),
+])
+def test_bad_arguments_raise_named_errors(kwargs: dict, error: type, message: str) -> None:
+    q, k, v = qkv(grad=False)
+    with pytest.raises(error) as err:
+        scaled_dot_product_attention(q, k, v, state=FQT, **kwargs)
+    assert str(err.value) == message
+
+
+def test_shape_and_head_errors() -> None:
+    q, k, v = qkv(grad=False)
+    with pytest.raises(RuntimeError, match="^Expected query, key, and value to have the same dtype"):
+        scaled_dot_product_attention(q, k.double(), v, state=FQT)
+    with pytest.raises(RuntimeError, match=r"^enable_gqa: the query's heads \(4\) must be a multiple"):
+        scaled_dot_product_attention(q, k[:, :3], v[:, :3], enable_gqa=True, state=FQT)
+    with pytest.raises(RuntimeError, match="do not fit: query and key need the same feature size"):
+        scaled_dot_product_attention(q, k[..., :3], v, state=FQT)
+
+
+def test_empty_inputs_give_torchs_result() -> None:
+    q, k, v = qkv(grad=False)
+    for args in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q[:0], k[:0], v[:0])):
+        want = F.scaled_dot_product_attention(*args)
+        got = scaled_dot_product_attention(*args, state=FQT)
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+# -- modules and convert -----------------------------------------------------------------------------
+def _float_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FQTMultiheadAttention's GEMMs in float: F.linear and torch's attention."""
+    def float_attention(q, k, v, mask=None, p=0.0, causal=False, scale=None, gqa=False, *,
+                        state, need_weights=False):
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, mask, p, causal), None
+        w = torch.softmax(q @ k.mT / q.shape[-1] ** 0.5 + (0 if mask is None else mask), -1)
+        return w @ v, w
+
+    monkeypatch.setattr(AM, "fqt_linear", lambda x, w, b, state: F.linear(x, w, b))
+    monkeypatch.setattr(AM, "attention", float_attention)
+
+
+MHA_KW = {"packed": {}, "batch-first": {"batch_first": True}, "kdim-vdim": {"kdim": 6, "vdim": 5},
+          "bias-kv-zero-attn": {"add_bias_kv": True, "add_zero_attn": True}, "no-bias": {"bias": False}}
+
+
+@pytest.mark.parametrize("name", list(MHA_KW))
+def test_multihead_attention_computes_what_torch_computes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With its GEMMs run in float, FQTMultiheadAttention's forward is torch's, for every
+    option; so the quantized one is torch's with quantized GEMMs."""
+    kw = MHA_KW[name]
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, **kw).eval()
+    mha = AM.FQTMultiheadAttention.from_float(ref, FQT, seed=0, out_proj=False).eval()
+    _float_kernels(monkeypatch)
+    first = kw.get("batch_first", False)
+    make = lambda n, d: torch.randn(3, n, d) if first else torch.randn(n, 3, d)  # noqa: E731
+    q, k, v = make(L, 16), make(S, kw.get("kdim", 16)), make(S, kw.get("vdim", 16))
+    kpm = torch.zeros(3, S, dtype=torch.bool)
+    kpm[1, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    blocked = torch.rand(3 * 4, L, S) < 0.3  # MultiheadAttention: True = may not attend
+    blocked[..., 0] = False  # no fully masked row (torch's weights would be NaN there)
+    calls = [((q, k, v), {}), ((q, k, v), {"key_padding_mask": kpm}),
+             ((q, k, v), {"attn_mask": torch.randn(L, S), "need_weights": False}),
+             ((q, k, v), {"attn_mask": blocked, "average_attn_weights": False}),
+             ((q, k, v), {"key_padding_mask": kpm.float() * -1e4})]
+    if "kdim" not in kw:
+        calls += [((q, q, q), {}), ((q, k, k), {"need_weights": False}),
+                  ((q, q, q), {"attn_mask": causal[:, :L], "is_causal": True, "need_weights": False})]
+        unbatched = q[0] if first else q[:, 0]
+        calls.append(((unbatched, unbatched, unbatched), {}))
+    for args, kwargs in calls:
+        got, want = mha(*args, **kwargs), ref(*args, **kwargs)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # float32 op order
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_converts_sharing_parameters_and_state_dict() -> None:
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=True)
+    keys = list(ref.state_dict())
+    params = dict(ref.named_parameters())
+    model, report = lowbit.convert(ref, FQT, report=True)
+    assert type(model) is AM.FQTMultiheadAttention and report.converted == ("", "out_proj")
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert type(model.out_proj) is lowbit.FQTLinear
+    names = set(lowbit.rng_state(model))
+    assert names == {"out_proj", "attention", *(f"projections.{r}" for r in ("qkv", "q", "kv", "k", "v"))}
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out, w = model(x, x, x)
+    (out.sum() + w.sum()).backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+    again, report = lowbit.convert(model, FQTConfig.from_recipe("fqt-bhq-4", seed=1), report=True)
+    assert again is model and report.converted == ("", "out_proj")
+    assert model.attention.config == model.projections["qkv"].config == model.out_proj.config \
+        == FQTConfig.from_recipe("fqt-bhq-4", seed=1)
+
+
+class Mine(nn.MultiheadAttention):
+    pass
+
+
+def test_hooked_or_subclassed_multihead_attention_is_left_alone() -> None:
+    hooked = nn.MultiheadAttention(8, 2)
+    hooked.register_forward_hook(lambda m, i, o: o)
+    for mha, why in ((Mine(8, 2), "Mine is a subclass of nn.MultiheadAttention: its own forward, "
+                      "parameters or state would be lost"),
+                     (hooked, "has forward hooks: the converted layer would not carry them")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, report = lowbit.convert(nn.Sequential(mha), FQT, report=True)
+        assert model[0] is mha and report.skipped["0"] == why
+        assert report.skipped["0.out_proj"] == lowbit.conversion.MHA_REASON
+
+
+def test_coverage_of_multihead_attention_is_all_low_bit() -> None:
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.MultiheadAttention(16, 2, batch_first=True), FQT)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    rep = lowbit.coverage(model, x, x, x, loss_fn=lambda out: out[0].square().mean())
+    bt, e, h, hd = 10, 16, 2, 8
+    gemm = 2 * (2 * h) * 5 * 5 * hd  # one attention GEMM: 2·(b·h)·L·S·hd
+    in_proj, out_proj = 2 * bt * e * 3 * e, 2 * bt * e * e  # each of their three GEMMs
+    assert rep.flops(phase="forward") == in_proj + 2 * gemm + out_proj
+    assert rep.total_flops == 3 * in_proj + 6 * gemm + 3 * out_proj
+    assert rep.lowbit_share == 1.0 and rep.float_share == 0.0
+    assert rep.flops("int8") == 3 * in_proj + 3 * out_proj  # projections: integer GEMMs
+    assert rep.flops("simulated") == 6 * gemm  # small heads: one batched simulated GEMM each
+
+
+def test_tinygpt_attention_converts_and_trains() -> None:
+    from lowbit.experiments.models import TinyGPT
+
+    torch.manual_seed(0)
+    float_model = TinyGPT(block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = copy.deepcopy(float_model)
+    model, report = lowbit.convert(model, FQT, report=True)
+    assert {n for n in report.converted if n.endswith("sdpa")} == {"blocks.0.attn.sdpa", "blocks.1.attn.sdpa"}
+    assert list(model.state_dict()) == list(float_model.state_dict())  # checkpoints still load
+    x = torch.randint(0, 256, (2, 16))
+    rep = lowbit.coverage(model, x, torch.roll(x, -1, 1))
+    assert rep.lowbit_share == 1.0
+    gemm = 2 * (2 * 2) * 16 * 16 * 16  # one attention GEMM: 2·(b·h)·T·T·hd
+    assert rep.flops("simulated") == 2 * 6 * gemm  # 2 layers, forward 2 + backward 4 GEMMs
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(x, torch.roll(x, -1, 1))[1]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] and model.blocks[0].attn.sdpa.noise.counter == 3
+    keep_float = lambda m, n: not isinstance(m, AM.ScaledDotProductAttention)  # noqa: E731
+    half = lowbit.convert(copy.deepcopy(float_model), FQT, keep_float)
+    rep = lowbit.coverage(half, x, torch.roll(x, -1, 1))
+    assert rep.flops("float") == 2 * 6 * gemm and rep.flops("simulated") == 0
+
+
+class _QKVAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.sdpa = AM.ScaledDotProductAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, hd)
+        return self.sdpa(q, k, v, is_causal=True)
+
+
+def test_torch_compile_gives_the_eager_steps() -> None:
+    """Under torch.compile the attention runs eagerly between compiled graphs (it is an
+    autograd.Function with its own noise stream): the same noise, so the same output bit
+    for bit; the gradients reach the Linear through compiled view/permute backwards whose
+    layout changes the order of its float32 bias sum: equal to float rounding."""
+    torch.manual_seed(0)
+    eager = lowbit.convert(_QKVAttention(), FQT)
+    model = copy.deepcopy(eager)
+    run = torch.compile(model)
+    x = torch.randn(2, 5, 8)
+    for step in range(2):
+        outs = []
+        for m, f in ((eager, eager), (model, run)):
+            m.zero_grad()
+            y = f(x)
+            y.backward(torch.linspace(-1, 1, 4).expand_as(y))
+            outs.append((y, m.qkv.weight.grad, m.qkv.bias.grad))
+        (y0, *g0), (y1, *g1) = outs
+        assert torch.equal(y0, y1), f"step {step}"
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    assert eager.sdpa.noise.counter == model.sdpa.noise.counter == 2
