@@ -39,10 +39,18 @@ from lowbit.experiments.tasks import make_task
 from lowbit.monitor import VarianceMonitor
 
 
+def gemm_layers_only(module: torch.nn.Module, name: str) -> bool:
+    """``convert`` filter: Linear and Conv2d only. Attention (which ``convert`` also makes
+    low-bit) stays in float here: its own gradient quantizers would add noise to the
+    layers' gradients that neither the monitor's ∇W-path figure nor QAT removes."""
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+
+
 def snapshots(task, points: list[int], seed: int, batch_size: int, lr: float) -> dict[int, dict]:
     """The model's state after each of ``points`` optimizer steps of fqt-psq-8 training."""
     torch.manual_seed(seed)
-    model = lowbit.convert(task.build_model(), FQTConfig.from_recipe("fqt-psq-8", seed=seed))
+    model = lowbit.convert(task.build_model(), FQTConfig.from_recipe("fqt-psq-8", seed=seed),
+                           gemm_layers_only)
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if task.optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95)))
     gen, out, step = torch.Generator().manual_seed(seed), {}, 0
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                       task.default_lr)
     print(f"trained to {points} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     torch.manual_seed(a.seed)
-    model = lowbit.convert(task.build_model(), FQTConfig.from_recipe("fqt-psq-8", seed=a.seed))
+    model = lowbit.convert(task.build_model(), FQTConfig.from_recipe("fqt-psq-8", seed=a.seed),
+                           gemm_layers_only)
     gen = torch.Generator().manual_seed(a.seed + 1)
     results = []
     for point in points:
