@@ -294,7 +294,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     bad = not bool(torch.isfinite(local).all())
     # MAX loses a NaN on the other rank (max(1, NaN) = 1): send the flag explicitly
     msg = torch.cat([torch.where(torch.isfinite(local), local, 0.0),
-                     torch.tensor([1.0 if bad else 0.0])])
+                     torch.tensor([1.0 if bad else 0.0], device=local.device)])
     state.bytes_fp32 += ring_bytes(buf.numel(), 4, world, "allreduce")
     state.bytes_sent += ring_bytes(msg.numel(), 4, world, "allreduce")
     # Every collective is issued here, on the thread DDP calls the hook from, bucket after
