@@ -29,6 +29,7 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
 
 Modes: ``fp32``; ``bf16`` (autocast); ``torchao-int8`` (if installed); a lowbit recipe;
 ``RECIPE+bf16`` (under bf16 autocast); ``RECIPE:BACKEND`` (e.g. ``:reference``);
+``RECIPE/float-attn`` (attention modules left unconverted: float attention);
 ``RECIPE@K`` runs ``lowbit.monitor.VarianceMonitor(model, every=K)``: ``@1`` measures
 every step, a huge ``K`` times the idle hooks; the cost at interval K is
 ``(t@1 − t@huge)/K + (t@huge − t)``.
@@ -76,11 +77,19 @@ class Result:
 
 
 # -- modes -----------------------------------------------------------------------------------
+def _not_attention(module: torch.nn.Module, name: str) -> bool:
+    kind = type(module).__name__
+    return "DotProductAttention" not in kind and "MultiheadAttention" not in kind
+
+
 def prepare(mode: str, model: torch.nn.Module) -> tuple[bool, str]:
     """Convert ``model`` for ``mode``; returns (run under bf16 autocast, note)."""
     recipe, _, amp = mode.partition("+")
+    recipe, _, keep = recipe.partition("/")
     if amp not in ("", "bf16"):
         raise ValueError(f"unknown autocast suffix {amp!r} in mode {mode!r}; allowed: +bf16")
+    if keep not in ("", "float-attn"):
+        raise ValueError(f"unknown suffix /{keep} in mode {mode!r}; allowed: /float-attn")
     if recipe == "fp32":
         return False, ""
     if recipe == "bf16":
@@ -96,7 +105,8 @@ def prepare(mode: str, model: torch.nn.Module) -> tuple[bool, str]:
     import lowbit
 
     name, _, backend = recipe.partition(":")
-    lowbit.convert(model, lowbit.FQTConfig.from_recipe(name, backend=backend or "auto", seed=0))
+    cfg = lowbit.FQTConfig.from_recipe(name, backend=backend or "auto", seed=0)
+    lowbit.convert(model, cfg, _not_attention if keep else None)
     return amp == "bf16", (f"{backend} kernels" if backend else "")
 
 
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help="comma list: fp32, bf16, torchao-int8, a lowbit recipe, RECIPE+bf16 "
-                        "(under bf16 autocast), RECIPE:BACKEND, RECIPE@K (variance monitor)")
+                        "(under bf16 autocast), RECIPE:BACKEND, RECIPE/float-attn, "
+                        "RECIPE@K (variance monitor)")
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)

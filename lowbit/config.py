@@ -1,4 +1,4 @@
-"""Recipes: which operand of which GEMM is quantized, how, and with how many bits.
+"""Recipes: which operand of which GEMM is quantized, how, and on which number format.
 
 One spec per operand of a layer's three GEMMs (METHOD.md §1)::
 
@@ -7,7 +7,8 @@ One spec per operand of a layer's three GEMMs (METHOD.md §1)::
     grad_weight  ∇W = Q_w(∇Y)ᵀ · Q_f(X)       grad_weight         (unbiased, SR)
 
 A spec set to ``None`` keeps that operand in floating point: ``fp`` has all four
-``None``; QAT quantizes the forward only; FQT quantizes all four.
+``None``; QAT quantizes the forward only; FQT quantizes all four. Each spec's ``format``
+is a :mod:`lowbit.formats` value (``bits=B`` is shorthand for ``format=IntFormat(B)``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ import enum
 import re
 from dataclasses import dataclass
 
-from .formats import MAX_BITS, MIN_BITS, Rounding, check_bits
+from .formats import (
+    MAX_BITS,
+    MIN_BITS,
+    AnyFormat,
+    BlockFormat,
+    FloatFormat,
+    Format,
+    IntFormat,
+    Rounding,
+    check_bits,
+    parse_format,
+)
 from .kernels import Backend
 from .quantizers import QUANTIZERS, Granularity
 from .ranges import Overflow, RangeMode
@@ -34,18 +46,39 @@ def _coerce_enum(obj: object, field: str, enum_type: type[enum.Enum]) -> None:
         raise ValueError(f"{field} must be one of {allowed}, got {value!r}") from None
 
 
+def _resolve_format(spec: object) -> None:
+    """Fold ``bits`` and ``format`` into one format (``format``) and its element width
+    (``bits``). ``bits`` alone: a symmetric integer grid. Both: for an integer format
+    ``bits`` sets the width and keeps the grid (so ``dataclasses.replace(spec, bits=4)``
+    works); for any other format they must agree."""
+    bits, fmt = getattr(spec, "bits"), getattr(spec, "format")
+    if fmt is None:
+        fmt = IntFormat(check_bits(8 if bits is None else bits, "bits"))
+    else:
+        fmt = parse_format(fmt)
+        if bits is not None and bits != fmt.element_bits:
+            if not isinstance(fmt, IntFormat):
+                raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "
+                                 f"({fmt.element_bits}-bit elements); give one of them")
+            fmt = IntFormat(check_bits(bits, "bits"), fmt.grid)
+    object.__setattr__(spec, "format", fmt)
+    object.__setattr__(spec, "bits", fmt.element_bits)
+
+
 @dataclass(frozen=True)
 class OperandSpec:
-    """Forward quantizer of a weight or an activation: ``bits``-bit symmetric grid,
-    one scale per tensor or per row (per output channel for weights, per sample or
-    token for activations), round-to-nearest by default; STE in the backward."""
+    """Forward quantizer of a weight or an activation: ``format`` (default ``int8``, or
+    ``bits=B`` for ``intB``), one scale per tensor or per row (per output channel for
+    weights, per sample or token for activations; block formats add their block scales
+    along the input features), round-to-nearest by default; STE in the backward."""
 
-    bits: int = 8
+    bits: int | None = None
     granularity: Granularity = Granularity.TENSOR
     rounding: Rounding = Rounding.NEAREST
+    format: AnyFormat | str | int | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits, "bits")
+        _resolve_format(self)
         _coerce_enum(self, "granularity", Granularity)
         _coerce_enum(self, "rounding", Rounding)
 
@@ -53,23 +86,26 @@ class OperandSpec:
 @dataclass(frozen=True)
 class GradSpec:
     """Gradient quantizer of one backward GEMM: ``quantizer`` in ``ptq``, ``psq``,
-    ``bhq``, ``hadamard``; stochastic rounding (unbiased) by default.
+    ``bhq``, ``hadamard`` onto ``format`` (default ``int8``; ``bits=B`` for ``intB``);
+    stochastic rounding (unbiased) by default.
 
     ``range``: ``dynamic`` (the operand's own absmax) or ``predicted`` (known before the
     GEMM that produces the gradient: ``margin`` × the largest absmax of the layer's last
-    ``history`` calls; values beyond it handled per ``overflow``, see ``lowbit.ranges``).
+    ``history`` calls; values beyond it handled per ``overflow``, see ``lowbit.ranges``);
+    a predicted range needs a symmetric integer or FP8 format (``ValueError`` otherwise).
     """
 
-    bits: int = 8
+    bits: int | None = None
     quantizer: str = "psq"
     rounding: Rounding = Rounding.STOCHASTIC
     range: RangeMode = RangeMode.DYNAMIC
     margin: float = 1.25  # measured: docs/results.md, "Predicted gradient ranges"
     history: int = 16
     overflow: Overflow = Overflow.REQUANTIZE
+    format: AnyFormat | str | int | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits, "bits")
+        _resolve_format(self)
         if self.quantizer not in QUANTIZERS:
             raise ValueError(
                 f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"
@@ -83,6 +119,11 @@ class GradSpec:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, int) or h < 1:
             raise ValueError(f"history must be a positive integer, got {h!r}")
+        fmt = self.format
+        if self.range is RangeMode.PREDICTED and (fmt.block or fmt.asymmetric):  # type: ignore[union-attr]
+            raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
+                             f"scale per row or tensor, fixed ahead); format={fmt.name!r} has "  # type: ignore[union-attr]
+                             f"{'block scales' if fmt.block else 'an asymmetric grid'}")  # type: ignore[union-attr]
 
     @property
     def predicted(self) -> bool:
@@ -90,12 +131,27 @@ class GradSpec:
 
 
 PREDICTED_SUFFIX = "-predicted"
+# Float recipe families: (forward format, gradient format). Forward round-to-nearest on the
+# E4M3 element (block formats: their own element, as MX/NVFP4 training does); gradients
+# stochastically rounded onto E5M2 (or the block format), the named quantizer on ∇X.
+FLOAT_FAMILIES: dict[str, tuple[str, str]] = {
+    "fp8": ("fp8_e4m3", "fp8_e5m2"),
+    "mxfp8": ("mxfp8_e4m3", "mxfp8_e5m2"),
+    "mxfp4": ("mxfp4", "mxfp4"),
+    "nvfp4": ("nvfp4", "nvfp4"),
+}
+# Biased baselines as torchao's float8 recipes of these names: all three GEMMs FP8,
+# gradients rounded to nearest. tensorwise: E4M3 operands, E5M2 gradient, one scale per
+# tensor; rowwise: E4M3 everywhere, one scale per row (per column of ∇Y on the ∇W path).
+BASELINES = ("fp8-tensorwise", "fp8-rowwise")
 
 
 def _recipe_names() -> list[str]:
     bits = range(4, MAX_BITS + 1)
     fqt = [f"fqt-{q}-{b}" for q in QUANTIZERS for b in bits]
-    return ["fp"] + [f"qat-{b}" for b in bits] + fqt + [n + PREDICTED_SUFFIX for n in fqt]
+    return (["fp"] + [f"qat-{b}" for b in bits] + fqt + [n + PREDICTED_SUFFIX for n in fqt]
+            + [n + "a" for n in fqt] + [f"fqt-{q}-{f}" for q in QUANTIZERS for f in FLOAT_FAMILIES]
+            + list(BASELINES))
 
 
 # Adaptive recipes: candidate quantizers of the (∇X, ∇W) paths, cheapest first. The config
@@ -108,6 +164,42 @@ ADAPTIVE_RECIPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 RECIPES: tuple[str, ...] = tuple(_recipe_names()) + tuple(ADAPTIVE_RECIPES)
+
+_BACKEND_FORMATS = {Backend.INT8: (IntFormat, "integer (intB, intBa)"),
+                    Backend.FP8: (FloatFormat, "fp8 (fp8_e4m3, fp8_e5m2)")}
+
+
+def _recipe(name: str) -> dict[str, object]:
+    """The four specs of a recipe name in :data:`RECIPES` (not adaptive ones)."""
+    none = {"weight": None, "activation": None, "grad_input": None, "grad_weight": None}
+    if name == "fp":
+        return none
+    if name in BASELINES:
+        row = name == "fp8-rowwise"
+        gran = Granularity.ROW if row else Granularity.TENSOR
+        fwd = OperandSpec(format="fp8_e4m3", granularity=gran)
+        grad = "fp8_e4m3" if row else "fp8_e5m2"
+        q = "psq" if row else "ptq"
+        return {"weight": fwd, "activation": fwd,
+                "grad_input": GradSpec(quantizer=q, format=grad, rounding=Rounding.NEAREST),
+                "grad_weight": GradSpec(quantizer=q, format=grad, rounding=Rounding.NEAREST)}
+    m = re.fullmatch(r"qat-(\d+)|fqt-([a-z]+)-(\w+?)(a?)(-predicted)?", name)
+    assert m is not None, name
+    if m.group(1):
+        b = int(m.group(1))
+        return {**none, "weight": OperandSpec(b), "activation": OperandSpec(b)}
+    q, kind, asym = m.group(2), m.group(3), bool(m.group(4))
+    qw = "ptq" if q == "ptq" else "psq"  # per-column ∇W path (per-tensor for ptq)
+    if kind in FLOAT_FAMILIES:
+        fwd, grad = FLOAT_FAMILIES[kind]
+        return {"weight": OperandSpec(format=fwd), "activation": OperandSpec(format=fwd),
+                "grad_input": GradSpec(quantizer=q, format=grad),
+                "grad_weight": GradSpec(quantizer=qw, format=grad)}
+    rng = RangeMode.PREDICTED if m.group(5) else RangeMode.DYNAMIC
+    b = int(kind)
+    return {"weight": OperandSpec(), "activation": OperandSpec(),
+            "grad_input": GradSpec(quantizer=q, range=rng, format=f"int{b}{'a' if asym else ''}"),
+            "grad_weight": GradSpec(quantizer=qw, range=rng, format=f"int8{'a' if asym else ''}")}
 
 
 @dataclass(frozen=True)
@@ -135,6 +227,13 @@ class FQTConfig:
             raise ValueError("gradient quantization (FQT) needs a quantized forward "
                              "(weight and activation specs); got weight=None")
         _coerce_enum(self, "backend", Backend)
+        if self.backend in _BACKEND_FORMATS:
+            kind, allowed = _BACKEND_FORMATS[self.backend]
+            for name in ("weight", "activation", "grad_input", "grad_weight"):
+                spec = getattr(self, name)
+                if spec is not None and not isinstance(spec.format, kind):
+                    raise ValueError(f"backend={self.backend.value!r} runs {allowed} GEMMs only; "
+                                     f"{name}.format is {spec.format.name!r} (use backend='auto')")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
@@ -148,42 +247,49 @@ class FQTConfig:
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: object) -> FQTConfig:
-        """A named recipe: ``fp``; ``qat-B``; ``fqt-Q-B`` with ``Q`` in ptq, psq, bhq,
-        hadamard and ``B`` in 4..8 (forward 8-bit per-tensor; ∇X path ``B`` bits with
-        ``Q``; ∇W path 8 bits, per-tensor for ptq, per-column (psq) otherwise);
-        ``fqt-Q-B-predicted``: the same with predicted gradient ranges on both paths;
-        ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (its bit widths are
-        then chosen by ``lowbit.adaptive.AdaptivePolicy.from_recipe(name)``).
-        Keyword ``overrides`` replace fields (e.g. ``backend="reference"``, ``seed=0``)."""
+        """A named recipe (:data:`RECIPES`; the README has the table):
+
+        * ``fp``; ``qat-B`` (forward ``intB`` only);
+        * ``fqt-Q-B`` with ``Q`` in ptq, psq, bhq, hadamard and ``B`` in 4..8: forward int8
+          per-tensor; ∇X path ``intB`` with ``Q``; ∇W path int8, per-tensor for ptq,
+          per-column (psq) otherwise; ``fqt-Q-Ba``: the same on asymmetric grids (``intBa``,
+          ``int8a``); ``fqt-Q-B-predicted``: predicted gradient ranges on both paths;
+        * ``fqt-Q-F`` with ``F`` in fp8, mxfp8, mxfp4, nvfp4 (:data:`FLOAT_FAMILIES`):
+          forward round-to-nearest E4M3 (block formats: their own element), gradients
+          stochastically rounded onto E5M2 (or the block format), ``Q`` on ∇X and per-column
+          (psq; ptq for ptq) on ∇W;
+        * ``fp8-tensorwise``, ``fp8-rowwise``: torchao's biased FP8 baselines (all GEMMs FP8,
+          gradients rounded to nearest);
+        * ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (its bit widths are
+          then chosen by ``lowbit.adaptive.AdaptivePolicy.from_recipe(name)``).
+
+        Keyword ``overrides`` replace fields (e.g. ``backend="reference"``, ``seed=0``).
+        Raises ``ValueError`` naming the families for an unknown name."""
         if not isinstance(name, str):
             raise TypeError(f"recipe name must be a str, got {name!r}")
         if name in ADAPTIVE_RECIPES:  # the starting point; the policy is lowbit.adaptive's
             gi, gw = ADAPTIVE_RECIPES[name]
             cfg = cls(grad_input=GradSpec(MAX_BITS, gi[0]), grad_weight=GradSpec(MAX_BITS, gw[0]))
-            return dataclasses.replace(cfg, **overrides) if overrides else cfg
-        m = re.fullmatch(r"fp|qat-(\d+)|fqt-([a-z]+)-(\d+)(-predicted)?", name)
-        if m is None or name not in RECIPES:
-            raise ValueError(f"unknown recipe {name!r}; allowed: fp, qat-B, "
-                             f"fqt-{{{','.join(QUANTIZERS)}}}-B[-predicted] with B in 4..{MAX_BITS}, "
-                             f"{', '.join(ADAPTIVE_RECIPES)}")
-        if name == "fp":
-            cfg = cls(weight=None, activation=None, grad_input=None, grad_weight=None)
-        elif m.group(1):
-            b = int(m.group(1))
-            cfg = cls(weight=OperandSpec(b), activation=OperandSpec(b),
-                      grad_input=None, grad_weight=None)
+        elif name in RECIPES:
+            cfg = cls(**_recipe(name))  # type: ignore[arg-type]
         else:
-            q, b = m.group(2), int(m.group(3))
-            rng = RangeMode.PREDICTED if m.group(4) else RangeMode.DYNAMIC
-            cfg = cls(grad_input=GradSpec(b, q, range=rng),
-                      grad_weight=GradSpec(8, "ptq" if q == "ptq" else "psq", range=rng))
+            q = ",".join(QUANTIZERS)
+            raise ValueError(f"unknown recipe {name!r}; allowed: fp, qat-B, fqt-{{{q}}}-B[a] and "
+                             f"fqt-{{{q}}}-B-predicted with B in 4..{MAX_BITS}, "
+                             f"fqt-{{{q}}}-{{{','.join(FLOAT_FAMILIES)}}}, {', '.join(BASELINES)}, "
+                             f"{', '.join(ADAPTIVE_RECIPES)}")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
-        """Same recipe with other gradient bit widths (``None`` keeps a path as is)."""
+        """Same recipe with other gradient bit widths (``None`` keeps a path as is); the
+        grid (symmetric or asymmetric) is kept. Integer gradient formats only."""
         if not self.is_fqt and (grad_input or grad_weight):
             raise ValueError("gradient bits can only be set on an fqt-* recipe")
         gi, gw = self.grad_input, self.grad_weight
+        for spec, bits in ((gi, grad_input), (gw, grad_weight)):
+            if bits is not None and spec is not None and not isinstance(spec.format, IntFormat):
+                raise ValueError(f"gradient bits apply to integer formats; this recipe's gradient "
+                                 f"format is {spec.format.name!r}")
         if grad_input is not None and gi is not None:
             gi = dataclasses.replace(gi, bits=grad_input)
         if grad_weight is not None and gw is not None:
@@ -206,13 +312,17 @@ class FQTConfig:
         def conv(x: object) -> object:
             if isinstance(x, enum.Enum):
                 return x.value
-            if isinstance(x, dict):
-                return {k: conv(v) for k, v in x.items()}
+            if isinstance(x, Format):
+                return x.name
+            if isinstance(x, (OperandSpec, GradSpec)):
+                return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
             return x
-        return conv(dataclasses.asdict(self))  # type: ignore[return-value]
+        return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> FQTConfig:
+        """Inverse of :meth:`to_dict`; dicts saved before formats existed (``bits`` only)
+        load as integer formats."""
         def spec(kind: type, v: dict | None) -> object:
             return None if v is None else kind(**v)
         return cls(weight=spec(OperandSpec, d.get("weight")),
@@ -222,5 +332,5 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"))
 
 
-__all__ = ["ADAPTIVE_RECIPES", "MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
+__all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]

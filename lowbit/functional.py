@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
-from .formats import IntFormat
-from .kernels import scaled_mm
-from .quantizers import QuantizedRows, get_quantizer
-from .quantizers.base import Identity
-from .quantizers.forward import quantize_operand
+from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
+from .quantizers import QuantizedOperand, QuantizedRows, get_quantizer
+from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
 
 Generators = dict[Path, torch.Generator]  # one per operand path that draws noise
@@ -39,20 +37,25 @@ Generators = dict[Path, torch.Generator]  # one per operand path that draws nois
 
 def quantize_forward(
     x2d: torch.Tensor, spec: OperandSpec, generator: torch.Generator | None = None,
-    backend: Backend = Backend.AUTO,
-) -> QuantizedRows:
-    """``Q_f`` of a weight (out, in) or activation (N, in) operand."""
-    return quantize_operand(x2d, spec.bits, spec.granularity, spec.rounding, generator, backend)
+    backend: Backend | Kernels = Backend.AUTO,
+) -> QuantizedOperand:
+    """``Q_f`` of a weight (out, in) or activation (N, in) operand onto ``spec.format``
+    (block scales along ``in``, the summed dimension of the output GEMM): one kernel call."""
+    k = kernels_for(backend, x2d.device)
+    seed = sr_seed(generator, spec.rounding, x2d.device)
+    return QuantizedOperand.of(k.quantize(x2d, spec.format, spec.granularity, spec.rounding, seed),
+                               Identity(x2d.shape[0]))
 
 
 def quantize_gradient(
     a: torch.Tensor, spec: GradSpec, generator: torch.Generator | None,
-    backend: Backend = Backend.AUTO, tracker: RangeTracker | None = None,
-) -> QuantizedRows:
-    """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension
-    (range from ``tracker`` when the spec's range is predicted)."""
+    backend: Backend | Kernels = Backend.AUTO, tracker: RangeTracker | None = None,
+) -> QuantizedOperand:
+    """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension,
+    onto ``spec.format`` with ``spec.quantizer`` (range from ``tracker`` when the spec's
+    range is predicted)."""
     q = get_quantizer(spec.quantizer)
-    return q.quantize(a, IntFormat(spec.bits), generator, spec.rounding, backend,
+    return q.quantize(a, spec.format, generator, spec.rounding, backend,
                       tracker if spec.predicted else None)
 
 
@@ -70,27 +73,28 @@ def _empty_product(m: int, n: int, like: torch.Tensor, bias: torch.Tensor | None
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-def _rows_times(q: QuantizedRows, b: QuantizedRows, backend: Backend,
+def _rows_times(q: QuantizedOperand, b: QuantizedOperand, backend: Backend | Kernels,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """``T⁻¹ · (codes_a·step_a) @ B`` with ``B`` the dequantized ``b``: the inverse
-    transform acts on the output rows, after the (integer) GEMM."""
+    """``T⁻¹ · â @ b̂``: the GEMM of the encoded operands (integer, FP8 or simulated, as
+    the call's kernels decide), then the inverse transform on the output rows."""
+    k = kernels_for(backend, q.codes.device)
     if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
-        return scaled_mm(q.codes, q.step, b.codes, b.step, backend, out_dtype=out_dtype)
-    return q.inverse(scaled_mm(q.codes, q.step, b.codes, b.step, backend), out_dtype)
+        return k.gemm(q.enc, b.enc, None, out_dtype)
+    return q.inverse(k.gemm(q.enc, b.enc), out_dtype)
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------
-def linear_output(qx: QuantizedRows, qw: QuantizedRows, backend: Backend,
+def linear_output(qx: QuantizedOperand, qw: QuantizedOperand, backend: Backend | Kernels,
                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Y = Q_f(X) Q_f(W)ᵀ + b``: (N, in) × (out, in)ᵀ → (N, out)."""
     if qx.codes.numel() == 0 or qw.codes.numel() == 0:
         return _empty_product(qx.codes.shape[0], qw.codes.shape[0], qx.codes, bias, out_dtype)
-    return scaled_mm(qx.codes, qx.step, qw.codes.t(), qw.step.t(), backend, bias, out_dtype)
+    return kernels_for(backend, qx.codes.device).gemm(qx.enc, qw.enc.t(), bias, out_dtype)
 
 
 def linear_grad_input(
-    gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
-    generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
+    gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | None,
+    generator: torch.Generator | None, backend: Backend | Kernels, out_dtype: torch.dtype = torch.float32,
     tracker: RangeTracker | None = None,
 ) -> torch.Tensor:
     """``∇X = Q_a(∇Y) Q_f(W)``: (N, out) × (out, in) → (N, in). ``spec=None``: QAT."""
@@ -103,8 +107,8 @@ def linear_grad_input(
 
 
 def linear_grad_weight(
-    gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
-    generator: torch.Generator | None, backend: Backend, out_dtype: torch.dtype = torch.float32,
+    gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | None,
+    generator: torch.Generator | None, backend: Backend | Kernels, out_dtype: torch.dtype = torch.float32,
     tracker: RangeTracker | None = None,
 ) -> torch.Tensor:
     """``∇W = Q_w(∇Y)ᵀ Q_f(X)``: rows of ``∇Yᵀ`` are output features. (out, N) × (N, in)."""
@@ -122,10 +126,11 @@ def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Forward of a linear block: ``x`` (N, in) → ``(Y (N, out), Q_f(x), Q_f(W))``."""
     # x: (N, in), flattened by fqt_linear, so that the output is the GEMM's own fresh
     # (N, out) tensor: a view made in here could not be modified in place outside.
+    k = kernels_for(config.backend, x.device)  # the backend, decided once for the call
     with torch.autocast(x.device.type, enabled=False):  # our GEMMs pick their own types
-        qx = quantize_forward(x, config.activation, gens.get(Path.ACTIVATION), config.backend)
-        qw = quantize_forward(weight, config.weight, gens.get(Path.WEIGHT), config.backend)
-        y = linear_output(qx, qw, config.backend, bias, out_dtype)  # (N, out)
+        qx = quantize_forward(x, config.activation, gens.get(Path.ACTIVATION), k)
+        qw = quantize_forward(weight, config.weight, gens.get(Path.WEIGHT), k)
+        y = linear_output(qx, qw, k, bias, out_dtype)  # (N, out)
     return y, qx, qw
 
 
@@ -135,13 +140,14 @@ def _linear_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg
     """``(∇X, ∇W, ∇b)`` of a linear block from ``gy`` (N, out), read as is by the
     quantizers; ``None`` where ``needs`` says not wanted."""
     gx = gw = gb = None
+    k = kernels_for(cfg.backend, gy.device)  # the backend, decided once for the call
     with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
         if needs[0]:
-            gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), cfg.backend,
+            gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), k,
                                    meta.x_dtype, trackers[0])
         if needs[1]:
             gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
-                                    cfg.backend, meta.w_dtype, trackers[1])
+                                    k, meta.w_dtype, trackers[1])
         if meta.b_dtype is not None and needs[2]:
             gb = gy.sum(0, dtype=torch.float32).to(meta.b_dtype)
     return gx, gw, gb
@@ -249,6 +255,7 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 from . import conv as _conv  # noqa: E402,F401  registers the conv2d/conv1d block kinds
 
+
 def __getattr__(name: str) -> Any:
     """``scaled_dot_product_attention``: lowbit.attention's, re-exported lazily (that
     module builds on this one, so it cannot be imported here at the top)."""
@@ -256,7 +263,6 @@ def __getattr__(name: str) -> Any:
         from .attention import scaled_dot_product_attention
         return scaled_dot_product_attention
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "Trackers",

@@ -261,7 +261,8 @@ class VarianceMonitor:
                 cands = list(dict.fromkeys([*cands, *self.policy.candidates(path)]))
             for q, b in cands:
                 gen = path_generator(layer, path, op.a.device)  # type: ignore[arg-type]
-                quant, shift = path_noise(get_quantizer(q), op.a, IntFormat(b), gen, op.col_weight,
+                fmt = spec.format if (q, b) == (spec.quantizer, spec.bits) else IntFormat(b)
+                quant, shift = path_noise(get_quantizer(q), op.a, fmt, gen, op.col_weight,
                                           op.row_groups, op.shift_weight)
                 acc.quant[path][(q, b)] = acc.quant[path].get((q, b), 0.0) + quant
                 if op.shift_weight is not None:

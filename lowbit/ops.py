@@ -19,6 +19,7 @@ row of a table (:func:`register_kind`): ``linear`` and ``conv2d`` are registered
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import weakref
@@ -29,9 +30,10 @@ from typing import Any
 import torch
 
 from .config import FQTConfig, GradSpec, OperandSpec
-from .formats import Rounding
+from .formats import Rounding, compute_dtype
+from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path
-from .quantizers import Granularity, QuantizedRows, get_quantizer
+from .quantizers import Granularity, QuantizedOperand, QuantizedRows, get_quantizer
 from .quantizers.base import Identity
 from .ranges import RangeTracker
 
@@ -105,7 +107,8 @@ def _state(handle: str) -> BlockState:
 
 @dataclass(frozen=True)
 class BlockMeta:
-    """What the backward knows of the forward's operands (shapes as int lists)."""
+    """What the backward knows of the forward's operands (shapes as int lists;
+    ``blocks``: elements per block scale of the saved x and w codes, 0 for none)."""
 
     params: list[int]
     x_shape: list[int]
@@ -113,6 +116,27 @@ class BlockMeta:
     w_shape: list[int]
     w_dtype: torch.dtype
     b_dtype: torch.dtype | None
+    blocks: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
+
+
+# A quantized operand crosses the ops as four tensors: codes, scale, offset, block scale;
+# an absent offset or block scale is a 1-D empty tensor (a present one is 2-D).
+def flatten_operand(q: QuantizedOperand, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``q``'s codes, scale, offset and block scale as four tensors (``like`` makes the
+    1-D empty placeholders); its transform must be the identity."""
+    return (q.codes.contiguous(), q.scale.contiguous(),
+            like.new_empty(0) if q.offset is None else q.offset.contiguous(),
+            like.new_empty(0) if q.block_scale is None else q.block_scale.contiguous())
+
+
+def unflatten_operand(saved: Sequence[torch.Tensor], block: int,
+                      kernels: Kernels | None = None) -> QuantizedOperand:
+    """Inverse of :func:`flatten_operand` (``block``: elements per block scale;
+    ``kernels``: the call's, for its dequantization)."""
+    codes, scale, offset, bs = saved
+    return QuantizedOperand(codes, scale, Identity(codes.shape[0]),
+                            None if offset.dim() == 1 else offset,
+                            None if bs.dim() == 1 else bs, block, kernels)
 
 
 # forward(x, weight, bias, config, generators, params, out_dtype) -> (y, Q_f(x), Q_f(w));
@@ -155,23 +179,33 @@ def _backward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
 @torch.library.custom_op("lowbit::block_forward", mutates_args=())
 def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   handle: str, params: list[int], out_dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, x_codes, x_step, w_codes, w_step)``: the output and the quantized forward
-    operands (int8 codes (rows, cols), float32 steps (rows, 1) or (1, 1)) saved for the
-    backward. Draws from torch's CPU RNG only for a stochastic-rounding forward spec."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, x_codes, x_scale, x_offset, x_block_scale, w_codes, w_scale, w_offset,
+    w_block_scale)``: the output and the quantized forward operands saved for the
+    backward (codes (rows, cols) int8 or float8, scales (rows, 1) or (1, 1) in the compute
+    dtype, offsets and block scales 1-D empty where the format has none). Draws from
+    torch's CPU RNG only for a stochastic-rounding forward spec."""
     state = _state(handle)
     cfg = state.config
     gens = state.noise.forward_generators(x.device, _forward_paths(cfg))
     y, qx, qw = _kind(kind).forward(x, weight, bias, cfg, gens, params, out_dtype)
-    return y.contiguous(), qx.codes.contiguous(), qx.step.contiguous(), \
-        qw.codes.contiguous(), qw.step.contiguous()
+    return (y.contiguous(), *flatten_operand(qx, y), *flatten_operand(qw, y))
 
 
-def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, ...]:
     rows, cols = t.shape[0], math.prod(t.shape[1:])
+    fmt = spec.format if spec is not None else None  # type: ignore[union-attr]
     per_row = spec is not None and spec.granularity is Granularity.ROW
-    return (t.new_empty((rows, cols), dtype=torch.int8),
-            t.new_empty((rows if per_row else 1, 1), dtype=torch.float32))
+    dt = compute_dtype(t.dtype)
+    scale = (rows if per_row else 1, 1)
+    if fmt is not None and fmt.block and fmt.scale == "e8m0":  # type: ignore[attr-defined]
+        scale = (1, 1)  # MX: no group scale
+    return (t.new_empty((rows, cols), dtype=torch.int8 if fmt is None else fmt.code_dtype),
+            t.new_empty(scale, dtype=dt),
+            t.new_empty(scale, dtype=dt) if fmt is not None and fmt.asymmetric else t.new_empty(0),
+            t.new_empty((rows, -(-cols // fmt.block)), dtype=dt) if fmt is not None and fmt.block
+            else t.new_empty(0))
 
 
 @block_forward.register_fake
@@ -182,15 +216,15 @@ def _(kind, x, weight, bias, handle, params, out_dtype):  # noqa: ANN001, ANN202
 
 
 @torch.library.custom_op("lowbit::block_backward", mutates_args=())
-def block_backward(kind: str, gy: torch.Tensor, x_codes: torch.Tensor, x_step: torch.Tensor,
-                   w_codes: torch.Tensor, w_step: torch.Tensor, handle: str, params: list[int],
-                   x_shape: list[int], x_dtype: torch.dtype, w_shape: list[int],
-                   w_dtype: torch.dtype, b_dtype: torch.dtype | None, needs: list[bool]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(∇x, ∇w, ∇b)``; an empty tensor where ``needs`` says the gradient is not wanted.
-    Advances the block's noise counter by one and updates its range trackers."""
-    meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype)
-    grads = _run_backward(kind, gy, (x_codes, x_step, w_codes, w_step), handle, meta, needs)
+def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handle: str,
+                   params: list[int], x_shape: list[int], x_dtype: torch.dtype, w_shape: list[int],
+                   w_dtype: torch.dtype, b_dtype: torch.dtype | None, blocks: list[int],
+                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∇x, ∇w, ∇b)`` from ``gy`` and the eight ``saved`` operand tensors of
+    :func:`block_forward`; an empty tensor where ``needs`` says the gradient is not
+    wanted. Advances the block's noise counter by one and updates its range trackers."""
+    meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype, blocks)
+    grads = _run_backward(kind, gy, saved, handle, meta, needs)
     return tuple(gy.new_empty(0) if g is None else g.contiguous() for g in grads)  # type: ignore[return-value]
 
 
@@ -199,15 +233,14 @@ def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], ha
     state = _state(handle)
     cfg = state.config
     gens = state.noise.backward_generators(gy.device, _backward_paths(cfg))
-    x_codes, x_step, w_codes, w_step = saved
-    qx = QuantizedRows(x_codes, x_step, Identity(x_codes.shape[0]))
-    qw = QuantizedRows(w_codes, w_step, Identity(w_codes.shape[0]))
+    k = kernels_for(cfg.backend, gy.device)
+    qx, qw = unflatten_operand(saved[0:4], meta.blocks[0], k), unflatten_operand(saved[4:8], meta.blocks[1], k)
     return _kind(kind).backward(gy, qx, qw, cfg, gens, state.trackers(), meta, needs)
 
 
 @block_backward.register_fake
-def _(kind, gy, x_codes, x_step, w_codes, w_step, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
-      w_shape, w_dtype, b_dtype, needs):
+def _(kind, gy, saved, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
+      w_shape, w_dtype, b_dtype, blocks, needs):
     shapes = ((x_shape, x_dtype), (w_shape, w_dtype), ([w_shape[0]], b_dtype))
     return tuple(gy.new_empty(s, dtype=d) if n else gy.new_empty(0)
                  for (s, d), n in zip(shapes, needs))
@@ -217,15 +250,17 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     kind, x, weight, bias, handle, params, _ = inputs
     ctx.save_for_backward(*output[1:])
     ctx.kind, ctx.handle = kind, handle
+    cfg = _STATES[handle].config
+    blocks = [0 if s is None else s.format.block for s in (cfg.activation, cfg.weight)]
     ctx.meta = BlockMeta(list(params), list(x.shape), x.dtype, list(weight.shape), weight.dtype,
-                         None if bias is None else bias.dtype)
+                         None if bias is None else bias.dtype, blocks)
     ctx.state = _STATES.get(handle)  # keeps a transient state alive until the backward
     # Only y carries a gradient: do not fill zero gradients for the saved codes and steps
     # (four (rows, cols)-sized fills per backward, 3% of an FFN step; issue 14).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, gy: torch.Tensor, *_: Any) -> tuple:
+def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     m: BlockMeta = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
     if gy is None:  # y took no part in the loss (grads are not materialised)
@@ -233,8 +268,9 @@ def _backward(ctx: Any, gy: torch.Tensor, *_: Any) -> tuple:
     if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
-        gx, gw, gb = block_backward(ctx.kind, gy, *ctx.saved_tensors, ctx.handle, m.params,
-                                    m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, needs)
+        gx, gw, gb = block_backward(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
+                                    m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype,
+                                    m.blocks, needs)
     return (None, gx if needs[0] else None, gw if needs[1] else None,
             gb if needs[2] else None, None, None, None)
 
@@ -249,4 +285,4 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 __all__ = ["BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
-           "block_forward", "register_kind"]
+           "block_forward", "flatten_operand", "register_kind", "unflatten_operand"]

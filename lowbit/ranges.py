@@ -17,6 +17,9 @@ calls and uses ``margin × max(history)`` as this call's range.
   ``dynamic_calls``) and records the range it saw.
 * **Non-finite gradients** are quantized as usual (NaN/Inf propagate) but never enter
   the history.
+* **Formats.** A predicted range fixes one scale per row or tensor on a symmetric grid:
+  integer (``intB``) and FP8 formats. Asymmetric grids (two ends to predict) and block
+  formats (one scale per block, read from the block) are refused with a ``ValueError``.
 
 Prediction uses only earlier calls, so given the data the rounding is still stochastic
 rounding on a fixed grid: unbiased unless values are clipped.
@@ -30,6 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from .formats import Format, Granularity, Rounding
+from .kernels import Encoded, Kernels
 
 
 class RangeMode(enum.Enum):
@@ -118,6 +124,45 @@ class RangeTracker:
             return None
         seen = torch.where(seen > 0, seen, top)
         return (seen * self.margin).reshape(-1, 1)
+
+    def quantize(self, y: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                 seed: torch.Tensor, kernels: Kernels) -> Encoded:
+        """``y`` (the transformed operand, (R, D)) on ``fmt`` with this call's predicted
+        range: dynamic while there is no history; on overflow clipped or quantized again
+        with its own range (``overflow``). Counts the call in :attr:`stats` and records
+        the observed range. Raises ``ValueError`` for formats a predicted range cannot
+        serve (module docstring)."""
+        if fmt.block or fmt.asymmetric:
+            raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
+                             f"scale per row or tensor); {fmt.name} has "
+                             f"{'block scales' if fmt.block else 'an asymmetric grid'}")
+        st = self.stats
+        st.calls += 1
+        amax = self.predict()
+        if amax is None:
+            st.dynamic_calls += 1
+            a = y.abs()
+            if self.per_row:
+                self.record(a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(a.shape[0], 1))
+            else:
+                self.record(a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1))
+            return kernels.quantize(y, fmt, granularity, rounding, seed)
+        enc, observed, n_over, clipped_sq, total_sq = kernels.quantize_fixed(
+            y, amax.to(y.device), fmt, rounding, seed)
+        self.record(observed)
+        if not bool(torch.isfinite(observed).all()):  # NaN/Inf: propagate, count nothing else
+            return enc
+        n_over = int(n_over)
+        st.elements += y.numel()
+        st.overflow_elements += n_over
+        st.total_sq += float(total_sq)
+        if n_over:
+            st.overflow_calls += 1
+            if self.overflow is Overflow.REQUANTIZE:
+                st.requantized_calls += 1
+                return kernels.quantize(y, fmt, granularity, rounding, seed)
+            st.clipped_sq += float(clipped_sq)
+        return enc
 
     def record(self, observed: torch.Tensor) -> None:
         """Add one call's absmax ((R, 1) or (1, 1)) to the history (not when frozen or

@@ -292,12 +292,12 @@ def layer_noise(layer: FQTLayer, record: LayerRecord,
     if gy is None:
         return out
     if cfg.grad_input is not None and record.x_needs_grad:
-        q, fmt = get_quantizer(cfg.grad_input.quantizer), IntFormat(cfg.grad_input.bits)
+        q, fmt = get_quantizer(cfg.grad_input.quantizer), cfg.grad_input.format
         a = grad_input_operand(layer, gy)
         out.gi_expected = float(q.expected_variance(a, fmt, generator))
         out.gi_bound = float(q.variance_bound(a, fmt))
     if cfg.grad_weight is not None:
-        q, fmt = get_quantizer(cfg.grad_weight.quantizer), IntFormat(cfg.grad_weight.bits)
+        q, fmt = get_quantizer(cfg.grad_weight.quantizer), cfg.grad_weight.format
         a = grad_weight_operand(layer, gy)
         out.gw_expected = float(q.expected_variance(a, fmt, generator))
         out.gw_bound = float(q.variance_bound(a, fmt))

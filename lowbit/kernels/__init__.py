@@ -1,111 +1,245 @@
-"""Kernels and the dispatcher that picks one.
+"""Kernels, and the one table that says which runs.
 
-``reference`` (plain eager torch, float32 — float64 for float64 inputs) defines the
-semantics; ``compiled`` runs the same functions fused by ``torch.compile`` (never under
-``Backend.REFERENCE``); ``int8`` (``torch._int_mm``) computes the GEMM
-exactly in integers when the scales allow it. Every path gives the reference's result up
-to float rounding, on the same random stream.
+Every kernel is a row of ``_TABLE``: ``(operation, implementation, device) → kernel``,
+with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementations:
+
+* ``reference`` (any device): plain eager torch, float32 (float64 for float64 inputs) —
+  it defines the semantics;
+* ``compiled`` (cpu, cuda): the same function fused by ``torch.compile``
+  (:mod:`.compiled`), for tensors large enough to pay for a compiled call;
+* ``int8`` (``torch._int_mm``, :mod:`.int8`) and ``fp8`` (``torch._scaled_mm``, :mod:`.fp8`):
+  real low-bit GEMMs, exact where the scales sit on non-summed dimensions.
+
+The backend is decided once per call: :func:`kernels_for` resolves a :class:`Backend`
+and a device into a :class:`Kernels` object, and everything below a layer call (the
+quantizers, their transforms, the GEMMs) asks that object, never ``compiled`` or
+``torch._int_mm`` directly. ``Backend.REFERENCE`` only ever reads ``reference`` rows, so
+it never compiles. Adding a kernel (a Triton GEMM, a new format's encoder) is one
+:func:`register` call.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.profiler import record_function
 
-from ..formats import compute_dtype, grid_step
-from . import compiled, int8, reference
+from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
+from . import compiled, fp8, int8, reference
+from .encoded import Encoded, dequantize
 
 
 class Backend(enum.Enum):
     """Which kernels run. ``AUTO``: the fastest path that computes the same estimator
-    (integer GEMMs, compiled quantizers); ``REFERENCE``: plain torch, simulated GEMMs;
-    ``INT8``: like AUTO but an error where the integer GEMM cannot be used."""
+    (integer or FP8 GEMMs, compiled quantizers); ``REFERENCE``: plain torch, simulated
+    GEMMs; ``INT8`` / ``FP8``: like AUTO but an error where a GEMM cannot run on
+    ``torch._int_mm`` / ``torch._scaled_mm``."""
 
     AUTO = "auto"
     REFERENCE = "reference"
     INT8 = "int8"
+    FP8 = "fp8"
 
 
-def quantize_codes(
-    x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor,
-    backend: Backend = Backend.AUTO,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes and steps of a 2-D operand (see :func:`reference.quantize_codes`)."""
-    if x.numel() == 0:  # nothing to scale: step 0, as for an all-zero group
-        rows = x.shape[0] if per_row else 1
-        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.zeros(
-            rows, 1, dtype=compute_dtype(x.dtype), device=x.device)
-    with record_function("lowbit::quantize"):
-        if backend is not Backend.REFERENCE and compiled.use_for(x):
-            return compiled.quantize_codes(x, qmax, per_row, stochastic, seed)
-        return reference.quantize_codes(x, qmax, per_row, stochastic, seed)
+class Impl(enum.Enum):
+    """A family of kernels (a column of the table)."""
+
+    REFERENCE = "reference"
+    COMPILED = "compiled"
+    INT8 = "int8"
+    FP8 = "fp8"
 
 
-def quantize_codes_fixed(
-    x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool, seed: torch.Tensor,
-    backend: Backend = Backend.AUTO,
-) -> tuple[torch.Tensor, ...]:
-    """Codes on a grid fixed ahead of time, plus overflow accounting (see
-    :func:`reference.quantize_codes_fixed`)."""
-    if x.numel() == 0:
-        dt = compute_dtype(x.dtype)
-        zero = torch.zeros((), dtype=dt, device=x.device)
-        return (torch.zeros(x.shape, dtype=torch.int8, device=x.device),
-                grid_step(amax.to(dt), qmax), torch.zeros_like(amax, dtype=dt), zero.long(),
-                zero, zero)
-    with record_function("lowbit::quantize"):
-        if backend is not Backend.REFERENCE and compiled.use_for(x):
-            return compiled.quantize_codes_fixed(x, amax, qmax, stochastic, seed)
-        return reference.quantize_codes_fixed(x, amax, qmax, stochastic, seed)
+ANY_DEVICE = "any"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    fn: Callable[..., Any]
+    supports: Callable[..., bool] | None = None
+
+
+_TABLE: dict[tuple[str, Impl, str], Kernel] = {}
+
+
+def register(op: str, impl: Impl, fn: Callable[..., Any], devices: tuple[str, ...] = (ANY_DEVICE,),
+             supports: Callable[..., bool] | None = None) -> None:
+    """Add (or replace) the kernel ``fn`` of ``op`` for ``impl`` on ``devices``."""
+    for d in devices:
+        _TABLE[(op, impl, d)] = Kernel(fn, supports)
+
+
+def _first_tensor(*args: Any) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def worth_fusing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is large enough (and on a device) for a compiled kernel to pay."""
+    return compiled.use_for(x)
+
+
+def register_fused(op: str, fn: Callable[..., Any]) -> None:
+    """``fn`` (plain torch) as the reference kernel of ``op``, and its ``torch.compile``d
+    copy as the compiled one on cpu/cuda for inputs of at least ``compiled.MIN_NUMEL``."""
+    register(op, Impl.REFERENCE, fn)
+    register(op, Impl.COMPILED, functools.partial(compiled.run, op, fn), ("cpu", "cuda"),
+             lambda *args: worth_fusing(_first_tensor(*args)))
+
+
+register_fused("quantize", reference.quantize)
+register_fused("quantize_fixed", reference.quantize_fixed)
+register_fused("int8_epilogue", reference.int8_epilogue)
+register_fused("row_absmax", reference.row_absmax)
+register_fused("dequantize", dequantize)
+register("gemm", Impl.REFERENCE, lambda k, a, b, bias, out_dtype: reference.gemm(a, b, bias, out_dtype))
+register("gemm", Impl.INT8, int8.gemm, ("cpu", "cuda"), int8.supports)
+register("gemm", Impl.FP8, fp8.gemm, ("cpu", "cuda"), fp8.supports)
+
+_GEMM_ORDER = {Backend.AUTO: (Impl.INT8, Impl.FP8), Backend.INT8: (Impl.INT8,),
+               Backend.FP8: (Impl.FP8,), Backend.REFERENCE: ()}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels of one call: ``backend`` on ``device`` (a device type), with compiled
+    kernels allowed when ``fused``. Made by :func:`kernels_for`."""
+
+    backend: Backend
+    device: str
+    fused: bool
+
+    def lookup(self, op: str, impl: Impl) -> Kernel | None:
+        return _TABLE.get((op, impl, self.device)) or _TABLE.get((op, impl, ANY_DEVICE))
+
+    def run(self, op: str, *args: Any) -> Any:
+        """``op`` on ``args``: the compiled kernel where allowed and supported, else the
+        reference one."""
+        if self.fused:
+            k = self.lookup(op, Impl.COMPILED)
+            if k is not None and (k.supports is None or k.supports(*args)):
+                return k.fn(*args)
+        k = self.lookup(op, Impl.REFERENCE)
+        if k is None:
+            raise KeyError(f"no kernel registered for operation {op!r}")
+        return k.fn(*args)
+
+    def quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
+                 rounding: Rounding, seed: torch.Tensor) -> Encoded:
+        """``x`` (R, D) on ``fmt`` (:func:`reference.quantize`); empty tensors give empty
+        codes with zero scales, and draw nothing."""
+        if x.numel() == 0:
+            return _empty(x, fmt, granularity)
+        with record_function("lowbit::quantize"):
+            codes, scale, offset, bs = self.run("quantize", x, fmt, granularity, rounding, seed)
+        return Encoded(codes, scale, offset, bs, fmt.block, kernels=self)
+
+    def quantize_fixed(self, x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: Rounding,
+                       seed: torch.Tensor) -> tuple[Encoded, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor]:
+        """``x`` on a grid fixed by ``amax`` (:func:`reference.quantize_fixed`): the
+        operand and (observed absmax, clipped count, clipped Σ², Σ x²)."""
+        if fmt.block or fmt.asymmetric:
+            raise ValueError(f"a predicted range needs a format with one scale per row or "
+                             f"tensor and a symmetric grid (intB, fp8_*), got {fmt.name}")
+        if x.numel() == 0:
+            dt = compute_dtype(x.dtype)
+            zero = torch.zeros((), dtype=dt, device=x.device)
+            enc = Encoded(torch.zeros(x.shape, dtype=fmt.code_dtype, device=x.device),
+                          grid_step(amax.to(dt), fmt.emax))
+            return enc, torch.zeros_like(amax, dtype=dt), zero.long(), zero, zero
+        with record_function("lowbit::quantize"):
+            codes, step, *acct = self.run("quantize_fixed", x, amax, fmt, rounding, seed)
+        return (Encoded(codes, step, kernels=self), *acct)  # type: ignore[return-value]
+
+    def gemm(self, a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``â @ b̂ + bias`` ((M, K) × (K, N)) as ``out_dtype``, by the first GEMM of the
+        backend's order (int8, then fp8, under AUTO) that supports the operands, else
+        the simulated reference GEMM. ``INT8``/``FP8`` raise where theirs cannot."""
+        for impl in _GEMM_ORDER[self.backend]:
+            k = self.lookup("gemm", impl)
+            if k is not None and k.supports(a, b):
+                return k.fn(self, a, b, bias, out_dtype)
+        if self.backend in (Backend.INT8, Backend.FP8):
+            what = "torch._int_mm (int8 codes" if self.backend is Backend.INT8 else \
+                "torch._scaled_mm (fp8 codes, not both e5m2, float32 scales"
+            raise ValueError(
+                f"backend={self.backend.value!r} cannot compute this GEMM on {what}, scales and "
+                f"offsets on non-summed dimensions only, no block scales, supported shapes); got "
+                f"a {tuple(a.codes.shape)} {a.codes.dtype}, b {tuple(b.codes.shape)} "
+                f"{b.codes.dtype}, b scale {tuple(b.scale.shape)} on {self.device}")
+        with record_function("lowbit::gemm"):
+            return self.lookup("gemm", Impl.REFERENCE).fn(self, a, b, bias, out_dtype)  # type: ignore[union-attr]
+
+
+def _empty(x: torch.Tensor, fmt: Format, granularity: Granularity) -> Encoded:
+    rows = x.shape[0] if granularity is Granularity.ROW else 1
+    dt = compute_dtype(x.dtype)
+    scale = torch.zeros(rows, 1, dtype=dt, device=x.device)
+    offset = torch.zeros_like(scale) if fmt.asymmetric else None
+    bs = torch.zeros(x.shape[0], -(-x.shape[1] // fmt.block), dtype=dt, device=x.device) \
+        if fmt.block else None
+    return Encoded(torch.zeros(x.shape, dtype=fmt.code_dtype, device=x.device), scale, offset,
+                   bs, fmt.block)
+
+
+def kernels_for(backend: Backend | Kernels | str, device: torch.device | str) -> Kernels:
+    """Decide the kernels of one call, once: ``backend`` (a :class:`Backend`, its value,
+    or an already resolved :class:`Kernels`, returned as is) on ``device``."""
+    if isinstance(backend, Kernels):
+        return backend
+    backend = Backend(backend)
+    dev = torch.device(device).type
+    return Kernels(backend, dev, backend is not Backend.REFERENCE and compiled.enabled())
+
+
+# -- the integer-operand entry points kept for callers written before formats ---------------
+def _int_format(qmax: int) -> Format:
+    from ..formats import IntFormat
+    return IntFormat((qmax + 1).bit_length())
+
+
+def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor,
+                   backend: Backend | Kernels = Backend.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and steps of ``x`` on the symmetric grid ``{−qmax..qmax}``
+    (:meth:`Kernels.quantize` with an :class:`~lowbit.formats.IntFormat`)."""
+    enc = kernels_for(backend, x.device).quantize(
+        x, _int_format(qmax), Granularity.ROW if per_row else Granularity.TENSOR,
+        Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+    return enc.codes, enc.scale
+
+
+def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
+                         seed: torch.Tensor, backend: Backend | Kernels = Backend.AUTO
+                         ) -> tuple[torch.Tensor, ...]:
+    """:meth:`Kernels.quantize_fixed` on the symmetric grid ``{−qmax..qmax}``, flattened to
+    ``(codes, step, observed, clipped count, clipped Σ², Σ x²)``."""
+    enc, *acct = kernels_for(backend, x.device).quantize_fixed(
+        x, amax, _int_format(qmax), Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+    return (enc.codes, enc.scale, *acct)
 
 
 def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
-    """The integer path computes the same estimator when ``b``'s scale is not on the
-    summed dimension (shape (1, 1) or (1, N)) and the shapes suit ``_int_mm``."""
-    m, k = a_codes.shape
-    n = b_codes.shape[1]
-    return (
-        a_codes.dtype == torch.int8
-        and b_codes.dtype == torch.int8
-        and b_step.shape[0] == 1
-        and int8.available(a_codes.device)
-        and int8.shape_ok(m, k, n, a_codes.device)
-    )
+    """Whether ``int8`` computes ``(a_codes··) @ (b_codes·b_step)`` (``b``'s scale not on
+    the summed dimension, shapes ``_int_mm`` accepts); ``a``'s scale is per row."""
+    ones = torch.ones(1, 1, device=a_codes.device)
+    return int8.supports(Encoded(a_codes, ones), Encoded(b_codes, b_step))
 
 
-def scaled_mm(
-    a_codes: torch.Tensor,
-    a_step: torch.Tensor,
-    b_codes: torch.Tensor,
-    b_step: torch.Tensor,
-    backend: Backend = Backend.AUTO,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``(a_codes·a_step) @ (b_codes·b_step) + bias`` by the fastest path that computes
-    it, returned as ``out_dtype`` (bias add and cast fused into the epilogue).
-
-    ``a_step`` is (1, 1) or (M, 1); ``b_step`` is (1, 1), (1, N) or (K, 1) — the last
-    only on the reference path. ``Backend.INT8`` raises if the integer path cannot
-    compute this product; ``AUTO`` then uses the reference GEMM (the same estimator).
-    """
-    if backend is not Backend.REFERENCE and int8_applicable(a_codes, b_codes, b_step):
-        with record_function("lowbit::gemm"):
-            acc = int8.int_mm(a_codes, b_codes)
-        with record_function("lowbit::epilogue"):
-            if compiled.use_for(acc):
-                return compiled.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
-            return reference.dequantize_acc(acc, a_step, b_step, bias, out_dtype)
-    if backend is Backend.INT8:
-        raise ValueError(
-            "backend='int8' cannot compute this GEMM: it needs int8 codes, scales on "
-            f"non-summed dimensions and suitable shapes; got a {tuple(a_codes.shape)} "
-            f"{a_codes.dtype}, b {tuple(b_codes.shape)} {b_codes.dtype}, b_step {tuple(b_step.shape)}"
-        )
-    with record_function("lowbit::gemm"):
-        return reference.scaled_mm(a_codes, a_step, b_codes, b_step, bias, out_dtype)
+def scaled_mm(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor,
+              b_step: torch.Tensor, backend: Backend | Kernels = Backend.AUTO,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(a_codes·a_step) @ (b_codes·b_step) + bias``: :meth:`Kernels.gemm` of two plain
+    operands (int8 or fp8 codes)."""
+    k = kernels_for(backend, a_codes.device)
+    return k.gemm(Encoded(a_codes, a_step), Encoded(b_codes, b_step), bias, out_dtype)
 
 
-__all__ = ["Backend", "int8_applicable", "quantize_codes", "quantize_codes_fixed", "scaled_mm"]
+__all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable",
+           "kernels_for", "quantize_codes", "quantize_codes_fixed", "register", "register_fused",
+           "scaled_mm", "worth_fusing"]

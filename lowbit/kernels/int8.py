@@ -1,30 +1,67 @@
-"""Integer GEMM: int8 × int8 → int32 with ``torch._int_mm``, scales applied outside.
+"""Integer GEMM: int8 × int8 → int32 with ``torch._int_mm``, scales applied after.
 
 Exact for codes of ≤ 8 bits as long as the int32 accumulator cannot overflow:
-``K · 127² < 2³¹`` ⇔ ``K ≤ MAX_K``. Scales may only sit on the non-summed dimensions
-(rows of ``a``, columns of ``b``); the dispatcher checks this before choosing this path.
+``K · 128² < 2³¹`` ⇔ ``K ≤ MAX_K`` (8-bit asymmetric codes reach −128). Scales and
+offsets may only sit on the non-summed dimensions (rows of ``a``, columns of ``b``);
+an offset adds a rank-1 term built from the other operand's code sums (METHOD.md §6),
+so asymmetric grids stay exact. cuBLASLt's int8 rules on CUDA: ``M > 16``, ``K`` and
+``N`` multiples of 8.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-MAX_K = (2**31 - 1) // (127 * 127)
+from .encoded import Encoded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import Kernels
+
+MAX_K = (2**31 - 1) // (128 * 128)
 
 
-def available(device: torch.device) -> bool:
+def available(device: torch.device | str) -> bool:
     """``torch._int_mm`` exists for CPU and CUDA tensors in PyTorch ≥ 2.4."""
-    return hasattr(torch, "_int_mm") and device.type in ("cpu", "cuda")
+    return hasattr(torch, "_int_mm") and torch.device(device).type in ("cpu", "cuda")
 
 
-def shape_ok(m: int, k: int, n: int, device: torch.device) -> bool:
+def shape_ok(m: int, k: int, n: int, device: torch.device | str) -> bool:
     if k > MAX_K or m == 0 or k == 0 or n == 0:
         return False
-    if device.type == "cuda":  # cuBLASLt int8 constraints
+    if torch.device(device).type == "cuda":  # cuBLASLt int8 constraints
         return m > 16 and k % 8 == 0 and n % 8 == 0
     return True
+
+
+def supports(a: Encoded, b: Encoded) -> bool:
+    """Integer codes on both sides, no block scales, every scale and offset on a
+    non-summed dimension, and shapes ``_int_mm`` accepts."""
+    m, k = a.codes.shape
+    n = b.codes.shape[1]
+    return (a.codes.dtype == torch.int8 and b.codes.dtype == torch.int8
+            and a.block_scale is None and b.block_scale is None
+            and a.scale.shape[1] == 1 and b.scale.shape[0] == 1
+            and (a.offset is None or a.offset.shape[1] == 1)
+            and (b.offset is None or b.offset.shape[0] == 1)
+            and available(a.codes.device) and shape_ok(m, k, n, a.codes.device))
 
 
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
     """``a_codes @ b_codes`` with an exact int32 sum."""
     return torch._int_mm(a_codes, b_codes)  # (M, N) int32
+
+
+def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue."""
+    from torch.profiler import record_function
+
+    with record_function("lowbit::gemm"):
+        acc = int_mm(a.codes, b.codes)
+    rowsum = a.codes.sum(dim=1, keepdim=True, dtype=torch.int32) if b.offset is not None else None
+    colsum = b.codes.sum(dim=0, keepdim=True, dtype=torch.int32) if a.offset is not None else None
+    with record_function("lowbit::epilogue"):
+        return kernels.run("int8_epilogue", acc, a.scale, b.scale, a.offset, b.offset, rowsum,
+                           colsum, a.codes.shape[1], bias, out_dtype)

@@ -1,90 +1,209 @@
 """Reference kernels in plain torch: they define the semantics of every fast path.
 
-``quantize_codes`` is the whole quantizer of one operand (absmax → grid → rounding →
-int8); ``scaled_mm`` dequantizes both operands and multiplies in float32 (float64 for
-float64 operands). The compiled kernels (``compiled.py``) run these very functions
-through ``torch.compile``; nothing here is compiled.
+``quantize`` is the whole quantizer of one operand on any format (ranges → scales →
+elements → rounding → codes); ``gemm`` dequantizes both operands and multiplies in
+float32 (float64 where a scale is float64): the *simulated* GEMM, exact for block formats
+too; ``int8_epilogue`` turns an exact integer accumulator into the same product. The
+compiled kernels (``compiled.py``) run these very functions through ``torch.compile``;
+nothing here is compiled. Format math: :mod:`lowbit.formats`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..formats import compute_dtype, counter_uniform, div_rn, grid_step, stochastic_round
+from ..formats import (
+    ELEMENTS,
+    Format,
+    Granularity,
+    Rounding,
+    ScaleRule,
+    compute_dtype,
+    counter_uniform,
+    div_rn,
+    grid_step,
+    pow2_step,
+    round_elements,
+    round_up_on,
+)
+from .encoded import Encoded
+
+_E4M3 = ELEMENTS["e4m3"]
 
 
-def _round(y: torch.Tensor, stochastic: bool, seed: torch.Tensor) -> torch.Tensor:
-    return stochastic_round(y, counter_uniform(y.shape, seed)) if stochastic else torch.round(y)
+def _group(t: torch.Tensor, granularity: Granularity, op: str) -> torch.Tensor:
+    """``op`` (amax/amin) over each group: (R, 1) per row, (1, 1) per tensor."""
+    if granularity is Granularity.ROW:
+        return getattr(t, op)(dim=1, keepdim=True)
+    return getattr(t, op)().reshape(1, 1)
 
 
-def quantize_codes(
-    x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes and steps ((R, 1) per row, (1, 1) per tensor) of a 2-D ``x``.
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, torch.ones_like(s), s)
 
-    ``step = grid_step(absmax, qmax)``, ``y = x / step`` correctly rounded
-    (:func:`~lowbit.formats.div_rn`, ``|y| ≤ qmax``), then
-    :func:`~lowbit.formats.stochastic_round` with ``u`` from :func:`counter_uniform`, or
-    ``round(y)``. Arithmetic and steps in :func:`~lowbit.formats.compute_dtype` (float64
-    for float64 ``x``, float32 otherwise), so ``E[codes]·step = x`` over the whole finite
-    range of ``x``'s dtype, subnormals included. All-zero groups get step 0 (codes 0);
-    NaN/Inf make the group's step non-finite, so they propagate."""
+
+def prepare(x: torch.Tensor, fmt: Format, granularity: Granularity
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Elements before rounding and the scales of a 2-D ``x`` (compute dtype):
+    ``(y (R, D), scale, offset or None, block_scale (R, ⌈D/block⌉) or None)`` with
+    ``|y| ≤ emax`` (``0 ≤ y ≤ 2^b − 1`` on asymmetric grids; clipped there under
+    :attr:`ScaleRule.SPEC`). Rounding ``y`` onto the element grid gives the codes."""
+    if fmt.block:
+        return _prepare_blocks(x, fmt, granularity)
+    if fmt.asymmetric:
+        lo, hi = _group(x, granularity, "amin"), _group(x, granularity, "amax")
+        step = grid_step(hi - lo, fmt.emax)
+        return div_rn(x - lo, _nonzero(step)), step, lo + fmt.zero_code * step, None
+    amax = _group(x.abs(), granularity, "amax")
+    step = grid_step(amax, fmt.emax)
+    return div_rn(x, torch.where(amax == 0, torch.ones_like(step), step)), step, None, None
+
+
+def _prepare_blocks(x: torch.Tensor, fmt: Format, granularity: Granularity
+                    ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
+    r, d = x.shape
+    blk, el, up = fmt.block, fmt.element, fmt.rule is ScaleRule.UP  # type: ignore[attr-defined]
+    nb = -(-d // blk)
+    xb = (x if d == nb * blk else F.pad(x, (0, nb * blk - d))).view(r, nb, blk)  # (R, nb, block)
+    bamax = xb.abs().amax(dim=2)  # (R, nb)
+    if fmt.scale == "e8m0":  # type: ignore[attr-defined]  # MX: a power of two per block
+        scale = torch.ones(1, 1, dtype=x.dtype, device=x.device)
+        if up:
+            bs = pow2_step(bamax, el.max)
+        else:  # OCP MX: 2^(⌊log2 bamax⌋ − ⌊log2 emax⌋)
+            e = torch.frexp(bamax)[1] - 1 - el.top_exp
+            bs = torch.where(bamax == 0, torch.zeros_like(bamax), torch.exp2(e.to(x.dtype)))
+            bs = torch.where(torch.isfinite(bamax), bs, bamax)
+    else:  # NVFP4: an E4M3 value per block times one scale per group
+        gamax = _group(x.abs(), granularity, "amax")
+        top = _E4M3.max * el.max  # 2688: the largest element of the largest block
+        if up:
+            scale = pow2_step(gamax, top)  # a power of two: bs·scale is exact
+            bs = round_up_on(bamax / _nonzero(scale) / el.max, _E4M3)
+            bs = torch.where(bamax > el.max * bs * scale, bs + _E4M3.spacing(bs), bs)
+        else:
+            scale = gamax / top
+            ratio = bamax / (el.max * _nonzero(scale))
+            bs = ratio.to(torch.float8_e4m3fn).to(x.dtype)  # nearest E4M3 (may round down)
+    es = bs * scale  # (R, nb): the element scale of each block
+    # Elements in x's own (R, D) layout, each divided by its block's scale (a padded 3-D
+    # layout here makes Inductor's dynamic-shape index arithmetic an order slower).
+    y = div_rn(x, _nonzero(es).repeat_interleave(blk, dim=1)[:, :d])
+    if not up:
+        y = y.clamp(-el.max, el.max)  # the spec's rule may clip (biased)
+    return y, scale, None, bs
+
+
+def _codes(q: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Rounded elements as stored codes: centred for asymmetric grids; integer codes
+    clamped, NaN as 0 (a no-op on finite groups: it only tames non-finite groups, whose
+    scale is non-finite, so that every kernel stores the same codes)."""
+    if fmt.element is not None:
+        return q.to(fmt.code_dtype)
+    low = -fmt.zero_code if fmt.asymmetric else -fmt.emax
+    high = low + fmt.emax if fmt.asymmetric else fmt.emax
+    return (q - fmt.zero_code).nan_to_num(0.0).clamp(low, high).to(torch.int8)
+
+
+def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                          torch.Tensor | None]:
+    """``(codes, scale, offset, block_scale)`` of a 2-D ``x`` on ``fmt`` (see
+    :class:`~lowbit.kernels.encoded.Encoded`): :func:`prepare`, then
+    :func:`~lowbit.formats.round_elements` with ``u`` from :func:`counter_uniform` (stochastic)
+    or to nearest. Arithmetic and scales in :func:`~lowbit.formats.compute_dtype`, so
+    ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included.
+    All-zero groups and blocks get scale 0; NaN/Inf make their group's scale non-finite."""
     x = x.to(compute_dtype(x.dtype))
-    a = x.abs()
-    amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
-    step = grid_step(amax, qmax)
-    q = _round(div_rn(x, torch.where(amax == 0, torch.ones_like(step), step)), stochastic, seed)
-    # |y| ≤ qmax makes the clamp a no-op on finite groups (it only tames NaN rows' codes).
-    return q.clamp(-qmax, qmax).to(torch.int8), step
+    y, scale, offset, bs = prepare(x, fmt, granularity)
+    u = counter_uniform(y.shape, seed) if rounding is Rounding.STOCHASTIC else None
+    return _codes(round_elements(y, fmt, u), fmt), scale, offset, bs
 
 
-def quantize_codes_fixed(
-    x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool, seed: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Like :func:`quantize_codes`, but on a grid fixed in advance: ``step =
-    grid_step(amax, qmax)`` with ``amax`` given ((1, 1) per tensor or (R, 1) per row, all
-    > 0), not read from ``x``.
+def quantize_fixed(x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: Rounding,
+                   seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Like :func:`quantize` (symmetric integer and FP8 formats), but on a grid fixed in
+    advance: ``scale = grid_step(amax, emax)`` with ``amax`` given ((1, 1) per tensor or
+    (R, 1) per row, all > 0), not read from ``x``.
 
-    Values beyond ``±amax`` are clipped to ``±qmax`` codes. Also returns what the caller
-    needs to account for that, in the granularity of ``amax``: the observed absmax
-    (for the next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and
-    ``Σ x²``. A group whose observed absmax is non-finite gets that as its step, so
-    NaN/Inf propagate as on the dynamic path."""
+    Values beyond ``±amax`` are clipped to ``±emax`` elements. Also returns what the caller
+    needs to account for that, in the granularity of ``amax``: the observed absmax (for the
+    next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and ``Σ x²``. A
+    group whose observed absmax is non-finite gets that as its scale, so NaN/Inf propagate
+    as on the dynamic path."""
     x = x.to(compute_dtype(x.dtype))
     amax = amax.to(x.dtype)
     a = x.abs()
     obs = a.amax(dim=1, keepdim=True) if amax.shape[0] > 1 else a.amax().reshape(1, 1)
-    step = grid_step(amax, qmax)
-    q = _round(div_rn(x, step), stochastic, seed)
+    step = grid_step(amax, fmt.emax)
+    y = div_rn(x, step).clamp(-fmt.emax, fmt.emax)
+    u = counter_uniform(y.shape, seed) if rounding is Rounding.STOCHASTIC else None
     excess = (a - amax).clamp_min(0)
     step = torch.where(torch.isfinite(obs), step, obs)
-    return (q.clamp(-qmax, qmax).to(torch.int8), step, obs, (a > amax).sum(),
+    return (_codes(round_elements(y, fmt, u), fmt), step, obs, (a > amax).sum(),
             (excess * excess).sum(), (x * x).sum())
 
 
-def scaled_mm(
-    a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor,
-    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``(a_codes·a_step) @ (b_codes·b_step) + bias`` in the steps' dtype (float32, or
-    float64 where a step is), cast to ``out_dtype``. Steps broadcast against their
-    operand: (1, 1), (rows, 1) or (1, cols)."""
-    dt = torch.promote_types(a_step.dtype, b_step.dtype)
-    out = (a_codes.to(dt) * a_step) @ (b_codes.to(dt) * b_step)
-    return _finish(out, bias, out_dtype)
+def gemm(a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The simulated GEMM ``â @ b̂ + bias``: both operands dequantized in their scales'
+    dtype (float32, or float64 where a scale is), one float GEMM, cast to ``out_dtype``."""
+    dt = torch.promote_types(a.scale.dtype, b.scale.dtype)
+    return finish(a.dequantize(dt) @ b.dequantize(dt), bias, out_dtype)
 
 
-def dequantize_acc(
-    acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
-    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Epilogue of an integer GEMM: ``diag(a_step) · acc · diag(b_step) + bias``, in the
-    steps' dtype."""
-    return _finish(acc.to(torch.promote_types(a_step.dtype, b_step.dtype)) * a_step * b_step,
-                   bias, out_dtype)
+def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+                  a_rowsum: torch.Tensor | None, b_colsum: torch.Tensor | None, k: int,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """The product from the exact integer accumulator ``acc = Σ_k c_ik r_kj`` (METHOD.md
+    §6): ``Σ_k (s_i c_ik + m_i)(t_j r_kj + n_j) = s_i t_j acc_ij + m_i t_j Σ_k r_kj +
+    s_i n_j Σ_k c_ik + K m_i n_j`` — the rank-1 terms only where an offset exists. In the
+    scales' dtype, cast to ``out_dtype``."""
+    dt = torch.promote_types(a_scale.dtype, b_scale.dtype)
+    out = acc.to(dt) * a_scale * b_scale
+    if a_offset is not None:
+        out = out + a_offset * (b_colsum.to(dt) * b_scale)
+    if b_offset is not None:
+        out = out + (a_rowsum.to(dt) * a_scale) * b_offset
+    if a_offset is not None and b_offset is not None:
+        out = out + k * a_offset * b_offset
+    return finish(out, bias, out_dtype)
 
 
-def _finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``out + bias`` in ``out``'s dtype, cast to ``out_dtype``."""
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.to(out_dtype)
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max_j |x_ij|`` per row (R,) in the compute dtype; NaN propagates."""
+    return x.abs().amax(dim=1).to(compute_dtype(x.dtype))
+
+
+# -- transitional: the integer-only entry points of the pre-format API --------------------
+def _int_format(qmax: int) -> Format:
+    from ..formats import IntFormat
+    return IntFormat(max((qmax + 1).bit_length(), 2))
+
+
+def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
+                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, step, _, _ = quantize(x, _int_format(qmax), Granularity.ROW if per_row else Granularity.TENSOR,
+                                 Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+    return codes, step
+
+
+def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
+                         seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return quantize_fixed(x, amax, _int_format(qmax),
+                          Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+
+
+def dequantize_acc(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return int8_epilogue(acc, a_step, b_step, None, None, None, None, 0, bias, out_dtype)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import IntFormat, Rounding, check_float_tensor
-from .base import GradQuantizer, Granularity, QuantizedRows, RowTransform, absmax
+from ..formats import AnyFormat, Rounding, check_float_tensor, parse_format
+from .base import (
+    GradQuantizer,
+    Granularity,
+    Identity,
+    QuantizedOperand,
+    QuantizedRows,
+    RowTransform,
+    absmax,
+)
 from .bhq import BHQ
 from .hadamard import Hadamard
 from .psq import PSQ
@@ -29,21 +37,26 @@ def get_quantizer(name: str | GradQuantizer) -> GradQuantizer:
 def quantize_grad(
     g: torch.Tensor,
     quantizer: str | GradQuantizer,
-    bits: int,
+    fmt: int | str | AnyFormat,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Quantize a 2-D gradient (rows = samples or tokens) with an unbiased quantizer and
-    return the dequantized (simulated) result, same shape and dtype as ``g``.
+    """Quantize a 2-D gradient (rows = samples or tokens; columns = the dimension the
+    consuming GEMM sums over, along which block formats place their blocks) with an
+    unbiased quantizer onto ``fmt`` — an int (bits of a symmetric integer grid), a format
+    name (``"int4"``, ``"int4a"``, ``"fp8_e5m2"``, ``"mxfp4"``, ``"nvfp4"``, …:
+    :data:`lowbit.formats.FORMAT_NAMES`) or a format object — and return the dequantized
+    (simulated) result, same shape and dtype as ``g``.
 
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
     of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
-    :mod:`lowbit.formats`); NaN/Inf propagate.
+    :mod:`lowbit.formats`); NaN/Inf propagate. Raises ``ValueError`` for an unknown
+    quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``.
     """
     check_float_tensor(g, "gradient")
     if g.dim() != 2:
         raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")
     q = get_quantizer(quantizer)
-    fmt = IntFormat(bits)
+    fmt = parse_format(fmt)
     if g.numel() == 0:
         return g.clone()
     return q.quantize(g, fmt, generator, Rounding.STOCHASTIC).dequantize(g.dtype)
@@ -57,6 +70,8 @@ __all__ = [
     "GradQuantizer",
     "Granularity",
     "Hadamard",
+    "Identity",
+    "QuantizedOperand",
     "QuantizedRows",
     "RowTransform",
     "absmax",

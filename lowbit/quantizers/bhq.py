@@ -26,9 +26,9 @@ import warnings
 import torch
 from torch.profiler import record_function
 
-from ..formats import compute_dtype
-from ..kernels import Backend, compiled, reference
-from .base import GradQuantizer, Granularity, RowTransform, row_absmax
+from ..formats import Format, Granularity, Rounding, compute_dtype
+from ..kernels import Backend, Encoded, Impl, Kernels, kernels_for, reference, register, register_fused, worth_fusing
+from .base import GradQuantizer, RowTransform, row_absmax
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
 # finite when a group's small rows are all zero (their scale is then immaterial).
@@ -53,22 +53,23 @@ def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.to(w.dtype) * w[:, None]
 
 
-def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int,
-                fast: bool) -> torch.Tensor:
-    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D).
-
-    Reference: a weighting pass and a scatter-add. Fast path on float32 input: one sparse
-    (G × N, N non-zeros) × dense product, which reads ``x`` once and writes only (G, D)
-    (a fresh (N, D) buffer costs more than the arithmetic on this kind of machine)."""
-    if fast and x.dtype == torch.float32:
-        n = x.shape[0]
-        idx = torch.stack([group, torch.arange(n, device=x.device)])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            mat = torch.sparse_coo_tensor(idx, w, (n_groups, n)).coalesce().to_sparse_csr()
-            return torch.sparse.mm(mat, x)  # (G, D)
-    wx = compiled.run("bhq_weighted", _weighted, x, w) if fast else _weighted(x, w)  # (N, D)
+def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D): a weighting pass and a scatter-add."""
+    wx = _weighted(x, w)  # (N, D)
     return wx.new_zeros(n_groups, x.shape[1]).index_add_(0, group, wx)
+
+
+def _group_sums_sparse(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor,
+                       n_groups: int) -> torch.Tensor:
+    """:func:`_group_sums` as one sparse (G × N, N non-zeros) × dense product, which reads
+    ``x`` once and writes only (G, D) (a fresh (N, D) buffer costs more than the
+    arithmetic on this kind of machine). float32 only."""
+    n = x.shape[0]
+    idx = torch.stack([group, torch.arange(n, device=x.device)])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        mat = torch.sparse_coo_tensor(idx, w, (n_groups, n)).coalesce().to_sparse_csr()
+        return torch.sparse.mm(mat, x)  # (G, D)
 
 
 def _apply_forward(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
@@ -85,57 +86,66 @@ def _apply_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: 
 
 
 def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                      group: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
-                      seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      group: torch.Tensor, fmt: Format, granularity: Granularity,
+                      rounding: Rounding, seed: torch.Tensor) -> tuple:
     """Transform and quantize in one kernel (``T x`` is never written to memory)."""
-    y = _apply_forward(x, dots, scale, v, group)
-    return reference.quantize_codes(y, qmax, per_row, stochastic, seed)
+    return reference.quantize(_apply_forward(x, dots, scale, v, group), fmt, granularity,
+                              rounding, seed)
+
+
+register_fused("bhq_forward", _apply_forward)
+register_fused("bhq_inverse", _apply_inverse)
+register_fused("bhq_forward_quantize", _forward_quantize)
+register("bhq_group_sums", Impl.REFERENCE, _group_sums)
+register("bhq_group_sums", Impl.COMPILED, _group_sums_sparse, ("cpu", "cuda"),
+         lambda x, *rest: x.dtype == torch.float32 and worth_fusing(x))
 
 
 class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids.
 
     ``T = H·S``, ``T⁻¹ = S⁻¹·H``; each group's ``vᵀx`` is a scatter-add of the weighted
-    rows, then one pass applies the rank-1 update: O(N·D). The fast path fuses those
-    passes (and the quantizer) with ``torch.compile``; the arithmetic is the same.
+    rows, then one pass applies the rank-1 update: O(N·D). The call's kernels fuse those
+    passes (and the quantizer) where allowed; the arithmetic is the same.
     """
 
-    def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int):
+    def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,
+                 kernels: Kernels | None = None):
         self.n_rows = scale.shape[0]
         self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
         self.v = v  # (N,) same dtype, 0 for groups of one
         self.group = group  # (N,) int64
         self.n_groups = n_groups
+        self.kernels = kernels
 
-    def _fast(self, x: torch.Tensor) -> bool:
-        return self.use_compiled and compiled.use_for(x)
+    def _k(self, x: torch.Tensor) -> Kernels:
+        return self.kernels or kernels_for(Backend.REFERENCE, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dots = _group_sums(x, self.v * self.scale, self.group, self.n_groups, self._fast(x))
-        args = (x, dots, self.scale, self.v, self.group)
-        return compiled.run("bhq_forward", _apply_forward, *args) if self._fast(x) else _apply_forward(*args)
+        k = self._k(x)
+        dots = k.run("bhq_group_sums", x, self.v * self.scale, self.group, self.n_groups)
+        return k.run("bhq_forward", x, dots, self.scale, self.v, self.group)
 
-    def forward_quantize(
-        self, x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
-        seed: torch.Tensor, backend: Backend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._fast(x):
-            return super().forward_quantize(x, qmax, per_row, stochastic, seed, backend)
+    def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
+                         rounding: Rounding, seed: torch.Tensor) -> Encoded:
+        k = self._k(x)
+        if x.numel() == 0:
+            return super().forward_quantize(x, fmt, granularity, rounding, seed)
         with record_function("lowbit::transform"):
-            dots = _group_sums(x, self.v * self.scale, self.group, self.n_groups, True)
+            dots = k.run("bhq_group_sums", x, self.v * self.scale, self.group, self.n_groups)
         with record_function("lowbit::quantize"):
-            return compiled.run("bhq_forward_quantize", _forward_quantize, x, dots, self.scale,
-                                self.v, self.group, qmax, per_row, stochastic, seed)
+            codes, scale, offset, bs = k.run("bhq_forward_quantize", x, dots, self.scale, self.v,
+                                             self.group, fmt, granularity, rounding, seed)
+        return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # In the transform's dtype, or float64 where y is (a float64 GEMM output or a
         # dequantization asked for in float64): the inverse adds no rounding of its own.
         dt = torch.promote_types(torch.promote_types(y.dtype, self.scale.dtype), torch.float32)
         y, v, scale = y.to(dt), self.v.to(dt), self.scale.to(dt)
-        fast = self._fast(y)
-        dots = _group_sums(y, v, self.group, self.n_groups, fast)
-        args = (y, dots, scale, v, self.group, out_dtype)
-        return compiled.run("bhq_inverse", _apply_inverse, *args) if fast else _apply_inverse(*args)
+        k = self._k(y)
+        dots = k.run("bhq_group_sums", y, v, self.group, self.n_groups)
+        return k.run("bhq_inverse", y, dots, scale, v, self.group, out_dtype)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².
@@ -146,20 +156,20 @@ class BlockHouseholder(RowTransform):
         return out / self.scale.double() ** 2
 
 
-def bhq_transform(a: torch.Tensor, fast: bool = False) -> BlockHouseholder:
+def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None) -> BlockHouseholder:
     """Build the BHQ transform for ``a`` (N, D). O(N log N) bookkeeping on row ranges,
     computed in float64 so that every float32 range, subnormals included, stays exact;
-    the transform itself runs in the compute dtype (float64 for float64 ``a``). ``fast``:
-    the row ranges may come from a compiled kernel."""
+    the transform itself runs in the compute dtype (float64 for float64 ``a``).
+    ``kernels``: the call's kernels (default: reference)."""
     n = a.shape[0]
     dev = a.device
     dt = compute_dtype(a.dtype)
-    lam = row_absmax(a, fast).double()  # (N,)
+    lam = row_absmax(a, kernels).double()  # (N,)
     ones = torch.ones(n, dtype=dt, device=dev)
     if n <= 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
-        return BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n)
+        return BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n, kernels)
 
     order = torch.argsort(lam, descending=True, stable=True)
     ls = lam[order]  # sorted ranges, descending
@@ -213,7 +223,7 @@ def bhq_transform(a: torch.Tensor, fast: bool = False) -> BlockHouseholder:
     scale[order] = s.to(dt)
     v_out[order] = v.to(dt)
     grp[order] = group_sorted
-    return BlockHouseholder(scale, v_out, grp, k)
+    return BlockHouseholder(scale, v_out, grp, k, kernels)
 
 
 class BHQ(GradQuantizer):
@@ -222,7 +232,7 @@ class BHQ(GradQuantizer):
     mixes_rows = True
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
-                  fast: bool = False) -> RowTransform:
-        return bhq_transform(a, fast)
+                  kernels: Kernels | None = None) -> RowTransform:
+        return bhq_transform(a, kernels)
 
 

@@ -1,28 +1,20 @@
-"""Forward quantizer ``Q_f`` for weights and activations.
-
-Round-to-nearest on a symmetric ``bits``-bit grid, one scale per tensor or per row (per
-output channel for a weight, per sample/token for an activation); the backward treats
-it as the identity (straight-through estimator: the grid covers ``[-absmax, absmax]``, so
-nothing is clipped).
-"""
+"""Compatibility: ``quantize_operand`` of the API before formats (tests written against
+it). The library quantizes forward operands with one kernel call in
+:func:`lowbit.functional.quantize_forward`."""
 
 from __future__ import annotations
 
 import torch
 
 from ..formats import IntFormat, Rounding
-from ..kernels import Backend
-from .base import Granularity, Identity, QuantizedRows, quantize_rows
+from ..kernels import Backend, kernels_for
+from .base import Granularity, Identity, QuantizedOperand, sr_seed
 
 
-def quantize_operand(
-    x2d: torch.Tensor,
-    bits: int,
-    granularity: Granularity,
-    rounding: Rounding = Rounding.NEAREST,
-    generator: torch.Generator | None = None,
-    backend: Backend = Backend.AUTO,
-) -> QuantizedRows:
-    """int8 codes and steps of a 2-D operand (weights: (out, in); activations: (N, in))."""
-    codes, step = quantize_rows(x2d, IntFormat(bits), granularity, rounding, generator, backend)
-    return QuantizedRows(codes, step, Identity(x2d.shape[0]))
+def quantize_operand(x2d: torch.Tensor, bits: int, granularity: Granularity,
+                     rounding: Rounding = Rounding.NEAREST, generator: torch.Generator | None = None,
+                     backend: Backend = Backend.AUTO) -> QuantizedOperand:
+    """int8 codes and steps of a 2-D operand on a symmetric ``bits``-bit grid."""
+    enc = kernels_for(backend, x2d.device).quantize(x2d, IntFormat(bits), granularity, rounding,
+                                                   sr_seed(generator, rounding, x2d.device))
+    return QuantizedOperand.of(enc, Identity(x2d.shape[0]))

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from ..formats import IntFormat, compute_dtype
+from ..formats import AnyFormat, compute_dtype, parse_format
+from ..kernels import Kernels
 from .base import GradQuantizer, Granularity, RowTransform, row_absmax
 
 DEFAULT_BLOCK = 64
@@ -44,10 +45,11 @@ def block_size_for(n_rows: int, block: int) -> int:
 
 
 class BlockHadamard(RowTransform):
-    def __init__(self, signs: torch.Tensor, n_rows: int, block: int):
+    def __init__(self, signs: torch.Tensor, n_rows: int, block: int, kernels: Kernels | None = None):
         self.signs = signs  # (N_padded,) ±1 float32
         self.n_rows = n_rows
         self.block = block
+        self.kernels = kernels
         self.h = hadamard_matrix(block, signs.device)
 
     def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ class BlockHadamard(RowTransform):
         n, d = x.shape
         blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
         if n and d and x.dtype == torch.float32:
-            amax = row_absmax(x, self.use_compiled).reshape(-1, self.block).amax(dim=1)  # (nb,)
+            amax = row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)  # (nb,)
             if bool((((amax > 0) & (amax < _TINY)) | (amax > _HUGE)).any()):
                 blocks = blocks.double()
         return torch.matmul(self.h.to(blocks.dtype), blocks).reshape(n, d)
@@ -88,19 +90,23 @@ class Hadamard(GradQuantizer):
         self.block = block
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
-                  fast: bool = False) -> RowTransform:
+                  kernels: Kernels | None = None) -> RowTransform:
         n = a.shape[0]
         b = block_size_for(n, self.block)
         n_pad = -(-n // b) * b if n else 0
         bits = torch.randint(0, 2, (n_pad,), generator=generator, device=a.device)
-        return BlockHadamard(bits.float() * 2 - 1, n, b)
+        return BlockHadamard(bits.float() * 2 - 1, n, b, kernels)
 
-    def variance_bound(self, a: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    def variance_bound(self, a: torch.Tensor, fmt: AnyFormat | int | str) -> torch.Tensor:
         """Sign-free bound: every entry of block ``k`` after the transform is at most
-        ``c_k = max_d ‖A_block_k[:, d]‖₂`` (Cauchy–Schwarz), so
-        ``Var ≤ Σ_k n_k · D · (c_k / Q)² / 4`` with ``n_k`` real rows in block ``k``.
-        0-d float64; the norms are taken on ``a`` scaled by a power of two (exact), so
-        squares of extreme values neither underflow nor overflow."""
+        ``c_k = max_d ‖A_block_k[:, d]‖₂`` (Cauchy–Schwarz), and so is every range it
+        joins (row, tensor or block), so no grid spacing exceeds ``f·c_k`` with ``f`` the
+        format's :attr:`~lowbit.formats.Format.spacing_factor` (``1/Q`` on a symmetric
+        integer grid): ``Var ≤ Σ_k n_k · D · (f·c_k)² / 4`` with ``n_k`` real rows in block
+        ``k`` (up to the scale's one-ulp round-up). 0-d float64; the norms are taken on ``a``
+        scaled by a power of two (exact), so squares of extreme values neither underflow
+        nor overflow."""
+        fmt = parse_format(fmt)
         a = a.double()
         n, d = a.shape
         if n == 0 or d == 0:
@@ -114,4 +120,4 @@ class Hadamard(GradQuantizer):
         c = (x / unit).reshape(-1, b, d).pow(2).sum(dim=1).sqrt().amax(dim=1) * unit  # (nb,)
         rows = torch.full_like(c, b)
         rows[-1] = n - (c.shape[0] - 1) * b
-        return (rows * d * (c / fmt.qmax) ** 2 / 4).sum()
+        return (rows * d * (c * fmt.spacing_factor) ** 2 / 4).sum()

@@ -45,7 +45,7 @@ def test_custom_config_strings_coerced() -> None:
     (dict(grad_input=lambda: GradSpec(4, "foo")), "quantizer must be one of ptq, psq, bhq, hadamard, got 'foo'"),
     (dict(weight=lambda: OperandSpec(9)), r"bits must be in 2..8, got 9"),
     (dict(grad_weight=lambda: GradSpec(1)), r"bits must be in 2..8, got 1"),
-    (dict(backend="gpu"), "backend must be one of 'auto', 'reference', 'int8', got 'gpu'"),
+    (dict(backend="gpu"), "backend must be one of 'auto', 'reference', 'int8', 'fp8', got 'gpu'"),
     (dict(weight=lambda: OperandSpec(8, "column")), "granularity must be one of 'tensor', 'row', got 'column'"),
     (dict(weight=None), "weight and activation must both be quantized or both be None"),
     (dict(weight=None, activation=None), "needs a quantized forward"),

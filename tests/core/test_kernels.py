@@ -65,21 +65,23 @@ def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
     from lowbit.quantizers.bhq import bhq_transform
 
     x = torch.randn(64, 40) * torch.logspace(-4, 0, 64)[torch.randperm(64)][:, None]
+    from lowbit.formats import Granularity, IntFormat, Rounding
+    from lowbit.kernels import Backend, kernels_for
+
     t = bhq_transform(x)
     y_ref, y_fast = t.forward(x), None
-    t.use_compiled = True
+    t.kernels = kernels_for(Backend.AUTO, x.device)  # the fused kernels (sparse group sums)
     y_fast = t.forward(x)
     # different summation order (sparse product vs scatter-add): float32 rounding only
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6 * float(y_ref.abs().max()))
     torch.testing.assert_close(t.inverse(y_fast), x, rtol=1e-4, atol=1e-6 * float(x.abs().max()))
     # the fused transform + quantize kernel gives the reference's codes
-    from lowbit.kernels import Backend
-
     seed = torch.tensor(42)
-    fast = t.forward_quantize(x, 7, True, True, seed, Backend.AUTO)
-    t.use_compiled = False
-    ref = t.forward_quantize(x, 7, True, True, seed, Backend.REFERENCE)
-    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+    args = (IntFormat(4), Granularity.ROW, Rounding.STOCHASTIC, seed)
+    fast = t.forward_quantize(x, *args)
+    t.kernels = kernels_for(Backend.REFERENCE, x.device)
+    ref = t.forward_quantize(x, *args)
+    assert torch.equal(fast.codes, ref.codes) and torch.equal(fast.scale, ref.scale)
 
 
 # -- exact arithmetic of the rounding (issue 11, items 9 and 10) -------------------------
