@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (smoke tests)")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if not a.inprocess:  # a smoke run inside a test session leaves its thread count alone
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if a.one:
         print(json.dumps(measure(*a.one, a.size, a.steps, a.backend)))
         return 0
