@@ -20,8 +20,9 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
   that profiled step spent outside GEMM ops;
 * for lowbit modes, CPU ms inside lowbit's labelled regions (quantize, transform,
   epilogue; ``lowbit::gemm`` is inside GEMM ms);
-* peak MB: resident memory a step adds on top of the idle process (each mode in its own
-  subprocess, sampled every 0.5 ms).
+* peak MB: heap memory a step adds on top of the idle process (malloc's bytes in use,
+  glibc ``mallinfo2``, sampled every 0.2 ms; each mode in its own subprocess). Unlike the
+  resident size it does not depend on what the allocator keeps cached.
 
     python benchmarks/bench_step.py                          # all workloads, default modes
     python benchmarks/bench_step.py --workload ffn --modes fp32,bf16,fqt-psq-8
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -48,6 +50,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -252,11 +255,38 @@ def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: i
     return out + skipped
 
 
-class PeakRSS:
-    """Samples this process's resident memory in a thread while active."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                 "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                 "keepcost")]
 
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = _rss_mb()
+
+def _heap_mb() -> Callable[[], float]:
+    """Bytes in use by malloc (glibc ``mallinfo2``: ``uordblks + hblkhd``), in MB: what
+    the process's tensors hold, whatever the allocator keeps cached or gives back to the
+    system (which makes the resident size jump by tens of MB between identical runs).
+    Falls back to the resident size where glibc's ``mallinfo2`` is missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        def rss() -> float:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return rss
+
+    def heap() -> float:
+        m = libc.mallinfo2()
+        return (m.uordblks + m.hblkhd) / 2**20
+    return heap
+
+
+class PeakMemory:
+    """Samples the heap in use (:func:`_heap_mb`) in a thread while active (every 0.2 ms)."""
+
+    def __enter__(self) -> PeakMemory:
+        self._read = _heap_mb()
+        self.base = self.peak = self._read()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -264,27 +294,26 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(0.0005)
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.0002)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int) -> float:
-    """Peak resident memory (MB) that ``steps`` training steps add to the idle process."""
+    """Peak heap memory (MB) that a training step adds to the idle process: the largest
+    over ``steps`` steps, each measured from the heap in use just before it."""
     b = Bench(workload, mode, size)
     for _ in range(max(warmup, 1)):
         b.step()
-    with PeakRSS() as mem:
-        b.timed(steps)
-    return round(mem.peak - mem.base, 1)
+    peaks = []
+    for _ in range(steps):
+        with PeakMemory() as mem:
+            b.step()
+        peaks.append(mem.peak - mem.base)
+    return round(max(peaks), 1)
 
 
 def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> float | None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
+from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
@@ -142,12 +143,25 @@ def _linear_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg
     gx = gw = gb = None
     k = kernels_for(cfg.backend, gy.device)  # the backend, decided once for the call
     with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
-        if needs[0]:
-            gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), k,
-                                   meta.x_dtype, trackers[0])
-        if needs[1]:
-            gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
-                                    k, meta.w_dtype, trackers[1])
+        pair = None
+        if needs[0] and needs[1] and qx.codes.numel() and qw.codes.numel():
+            # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
+            pair = quantize_grad_pair(gy, cfg.grad_input, gens.get(Path.GRAD_INPUT),
+                                      cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), k)
+        if pair is not None:
+            qa, qg = pair
+            del pair  # each code tensor is freed as soon as its GEMM is done
+            gx = _rows_times(qa, qw, k, meta.x_dtype)  # (N, out) × (out, in)
+            del qa
+            gw = _rows_times(qg, qx, k, meta.w_dtype)  # (out, N) × (N, in)
+            del qg
+        else:
+            if needs[0]:
+                gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), k,
+                                       meta.x_dtype, trackers[0])
+            if needs[1]:
+                gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
+                                        k, meta.w_dtype, trackers[1])
         if meta.b_dtype is not None and needs[2]:
             gb = gy.sum(0, dtype=torch.float32).to(meta.b_dtype)
     return gx, gw, gb

@@ -52,27 +52,33 @@ class BlockHadamard(RowTransform):
         self.kernels = kernels
         self.h = hadamard_matrix(block, signs.device)
 
-    def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
-        """``H x`` block by block, in ``x``'s dtype, or in float64 (and returned as
-        float64) for a float32 ``x`` with blocks outside [_TINY, _HUGE]."""
+    def _apply(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """``H·D x`` (``inverse``: ``D·H x``) block by block, ``D`` the signs, in ``x``'s
+        dtype, or in float64 (and returned as float64) for a float32 ``x`` with blocks
+        outside [_TINY, _HUGE]. The signs are folded into each block's matrix
+        (``H·diag(s_k)``, or its transpose ``diag(s_k)·H``: exact sign flips), so one
+        batched GEMM does the block's work; the sums are bitwise those of multiplying by
+        the signs apart (negating terms negates a rounded sum exactly)."""
         n, d = x.shape
         blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
         if n and d and x.dtype == torch.float32:
             amax = row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)  # (nb,)
             if bool((((amax > 0) & (amax < _TINY)) | (amax > _HUGE)).any()):
                 blocks = blocks.double()
-        return torch.matmul(self.h.to(blocks.dtype), blocks).reshape(n, d)
+        dt = blocks.dtype
+        m = self.h.to(dt) * self.signs.reshape(-1, 1, self.block).to(dt)  # (nb, b, b): H·diag(s_k)
+        return torch.matmul(m.transpose(1, 2) if inverse else m, blocks).reshape(n, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x.dtype))
         pad = self.signs.shape[0] - x.shape[0]
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return self._apply_h(x * self.signs[:, None].to(x.dtype))
+        return self._apply(x, inverse=False)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         y = y.to(compute_dtype(y.dtype))
-        return (self._apply_h(y) * self.signs[:, None].to(y.dtype))[: self.n_rows].to(out_dtype)
+        return self._apply(y, inverse=True)[: self.n_rows].to(out_dtype)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.

@@ -3,6 +3,7 @@ exact count of the ops that caused it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,3 +39,28 @@ def test_backward_fills_no_zero_gradients_for_saved_codes() -> None:
     assert ops.counts.get("zeros_like", 0) == 0
     assert ops.counts["block_backward"] == 2  # both layers' backward ran, once each
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n, scale", [(256, 1.0), (200, 1.0), (64, 1e-25), (128, 1e35), (5, 1.0)])
+def test_hadamard_folded_signs_are_bitwise_the_signs_apart(n: int, scale: float, dtype: torch.dtype) -> None:
+    """The Hadamard transform folds its random signs into each block's matrix (one
+    batched GEMM instead of a sign pass and a GEMM; 2× faster at the text model's shapes):
+    forward ``H·(s ⊙ x)`` and inverse ``s ⊙ (H·y)`` stay bitwise what they were, padded
+    rows, float64 blocks (tiny or huge values) and every dtype included."""
+    from lowbit.quantizers.hadamard import Hadamard, hadamard_matrix
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, 48, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = Hadamard().transform(x, torch.Generator().manual_seed(1))
+    b = t.block
+    wide = x.dtype == torch.float64 or scale != 1.0  # beyond [2⁻⁶⁰, 2¹⁰⁰]: float64 blocks
+    dt = torch.float64 if wide else torch.float32
+    xs = torch.cat([x.to(dt), x.new_zeros(t.signs.shape[0] - n, 48, dtype=dt)]) * t.signs[:, None].to(dt)
+    h = hadamard_matrix(b).to(dt)
+    want = torch.matmul(h, xs.reshape(-1, b, 48)).reshape(-1, 48)  # H·(s ⊙ x), signs apart
+    got = t.forward(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    y = torch.randn(t.signs.shape[0], 24, generator=g, dtype=torch.float64).to(dt) * scale
+    want_inv = (torch.matmul(h, y.reshape(-1, b, 24)).reshape(-1, 24) * t.signs[:, None].to(dt))[:n]
+    assert torch.equal(t.inverse(y, dt), want_inv)

@@ -1,0 +1,122 @@
+"""A/B of one lowbit optimisation inside one process: the training step with it and with
+it switched off, interleaved (``--rounds`` rounds, order alternating), medians.
+
+Both variants are the same converted model; a toggle switches the optimisation between
+timed blocks by patching lowbit at run time, so the machine's drift hits both alike.
+Toggles (each is "on" as lowbit ships it):
+
+  pair         both quantizations of ∇Y from one kernel (``lowbit.gradpair``); off: the
+               two quantizer calls apart
+  materialize  no zero gradients filled for the block op's saved codes and steps; off:
+               autograd fills them (the behaviour before issue 14)
+  hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
+               batched GEMM); off: a sign pass and the block GEMM (bitwise the same)
+
+    python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import Bench, machine  # noqa: E402
+from step_workloads import WORKLOADS  # noqa: E402
+
+
+def _pair() -> Callable[[bool], None]:
+    import lowbit.functional as functional
+
+    real = functional.quantize_grad_pair
+
+    def switch(on: bool) -> None:
+        functional.quantize_grad_pair = real if on else (lambda *a, **k: None)
+    return switch
+
+
+def _materialize() -> Callable[[bool], None]:
+    import lowbit.ops as ops
+
+    flag = {"skip": True}
+
+    def setup(ctx, inputs, output) -> None:  # noqa: ANN001
+        ops._setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(not flag["skip"])
+
+    ops.block_forward.register_autograd(ops._backward, setup_context=setup)
+
+    def switch(on: bool) -> None:
+        flag["skip"] = on
+    return switch
+
+
+def _hadamard_fold() -> Callable[[bool], None]:
+    from lowbit.quantizers import hadamard as had
+
+    folded = had.BlockHadamard._apply
+
+    def apart(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:  # noqa: ANN001
+        """Before issue 14: a sign pass and ``H`` broadcast over the blocks."""
+        s = self.signs[:, None].to(x.dtype)
+        n, d = x.shape
+        if not inverse:
+            x = x * s
+        blocks = x.reshape(n // self.block, self.block, d)
+        if n and d and x.dtype == torch.float32:
+            amax = had.row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)
+            if bool((((amax > 0) & (amax < had._TINY)) | (amax > had._HUGE)).any()):
+                blocks = blocks.double()
+        y = torch.matmul(self.h.to(blocks.dtype), blocks).reshape(n, d)
+        return y * s.to(y.dtype) if inverse else y
+
+    def switch(on: bool) -> None:
+        had.BlockHadamard._apply = folded if on else apart
+    return switch
+
+
+TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
+    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("toggle", choices=sorted(TOGGLES))
+    p.add_argument("--workload", default="ffn", choices=WORKLOADS)
+    p.add_argument("--mode", default="fqt-psq-8")
+    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    header = machine()
+    switch = TOGGLES[a.toggle]()
+    b = Bench(a.workload, a.mode, a.size)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for on in (True, False):
+        switch(on)
+        for _ in range(a.warmup):
+            b.step()
+    for r in range(a.rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            switch(on)
+            b.times = []
+            b.timed(a.steps)
+            times[on] += b.times
+    switch(True)
+    t_on, t_off = (statistics.median(times[v]) * 1e3 for v in (True, False))
+    print(f"{header}; {a.threads} threads; {a.workload} {a.mode}, {a.toggle}: on {t_on:.1f} ms, "
+          f"off {t_off:.1f} ms ({(t_on - t_off) / t_off:+.1%}); medians of {a.rounds} rounds × "
+          f"{a.steps} steps each")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

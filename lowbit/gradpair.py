@@ -1,0 +1,77 @@
+"""Both quantizations of an output gradient from one read: ``Q_a(∇Y)`` and ``Q_w(∇Yᵀ)``.
+
+A layer's backward quantizes its output gradient ``∇Y`` (N, out) twice, independently
+(METHOD.md §1): rows for ``∇X = Q_a(∇Y)·Q_f(W)``, and ``∇Yᵀ``'s rows — ``∇Y``'s columns —
+for ``∇W = Q_w(∇Yᵀ)·Q_f(X)``. Done apart, each quantizer reads ``∇Y`` (twice: its range,
+then its rounding) and the second reads it transposed. :func:`quantize_pair` is the two
+quantizer calls as one function; its compiled kernel (``quantize_pair`` in the kernel
+table) reads ``∇Y`` once for both ranges and once for both code tensors.
+
+It computes exactly what the two separate calls compute: the same reference quantizer
+on ``∇Y`` and on ``∇Yᵀ``, the same seeds drawn from the same two generators in the same
+order (each quantizer's transform draws first, then its rounding seed), so the codes
+and scales are bitwise those of :func:`lowbit.functional.quantize_gradient` on each path
+(tested). It applies where both paths quantize stochastically or to nearest with a
+dynamic range, with quantizers that do not mix rows (``ptq``, ``psq``: an identity
+transform); otherwise :func:`quantize_grad_pair` returns ``None`` and the caller
+quantizes each path apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import record_function
+
+from .config import GradSpec
+from .formats import Format, Granularity, Rounding
+from .kernels import Encoded, Kernels, reference, register_fused
+from .quantizers import QuantizedOperand, get_quantizer
+from .quantizers.base import Identity, sr_seed
+
+
+def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                  seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                  seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``reference.quantize(g, fmt_a, …)`` then ``reference.quantize(gᵀ, fmt_w, …)``:
+    ``g`` (N, out) → (codes (N, out), scale, offset, block scale) of ``g`` followed by
+    the same four of ``gᵀ`` (codes (out, N))."""
+    return (*reference.quantize(g, fmt_a, gran_a, rnd_a, seed_a),
+            *reference.quantize(g.t(), fmt_w, gran_w, rnd_w, seed_w))
+
+
+register_fused("quantize_pair", quantize_pair)
+
+
+def _plain(spec: GradSpec | None) -> bool:
+    return spec is not None and not spec.predicted and not get_quantizer(spec.quantizer).mixes_rows
+
+
+def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
+                       spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels
+                       ) -> tuple[QuantizedOperand, QuantizedOperand] | None:
+    """``(Q_a(∇Y), Q_w(∇Yᵀ))`` of ``gy`` (N, out) from one kernel, bitwise what
+    ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
+    gen_w, k)`` give; ``None`` (nothing drawn) where that does not apply: a spec that is
+    ``None`` (QAT), predicted or row-mixing (``bhq``, ``hadamard``), fused kernels off
+    (``Backend.REFERENCE``) or an empty ``gy``."""
+    if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
+        return None
+    ops = []
+    for spec, gen, a in ((spec_a, gen_a, gy), (spec_w, gen_w, gy.t())):
+        q = get_quantizer(spec.quantizer)  # type: ignore[union-attr]
+        with record_function("lowbit::transform"):
+            t = q.transform(a, gen, k)  # draws what the quantizer's transform draws (nothing)
+            t.kernels = k
+        if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
+            raise TypeError(f"quantizer {q.name!r} does not mix rows but has a {type(t).__name__} transform")
+        ops.append((q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t))  # type: ignore[union-attr]
+    (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops
+    with record_function("lowbit::quantize"):
+        out = k.run("quantize_pair", gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
+                    spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
+    enc_a = Encoded(*out[:4], spec_a.format.block, kernels=k)  # type: ignore[union-attr]
+    enc_w = Encoded(*out[4:], spec_w.format.block, kernels=k)  # type: ignore[union-attr]
+    return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
+
+
+__all__ = ["quantize_grad_pair", "quantize_pair"]

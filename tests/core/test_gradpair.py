@@ -1,0 +1,88 @@
+"""lowbit.gradpair: both quantizations of ∇Y from one kernel are bitwise the two
+separate quantizer calls (same codes, scales, noise streams), and apply only where they
+can."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+import lowbit.functional as functional
+from lowbit.config import Backend, FQTConfig, GradSpec
+from lowbit.functional import quantize_gradient
+from lowbit.gradpair import quantize_grad_pair
+from lowbit.kernels import kernels_for
+
+# symmetric and asymmetric integer grids, per row and per tensor, FP8, a block format
+RECIPES = ["fqt-psq-8", "fqt-ptq-8", "fqt-psq-8a", "fqt-psq-fp8", "fqt-psq-nvfp4"]
+
+
+def _grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.MonkeyPatch,
+           calls: list[int]) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 384), nn.GELU(), nn.Linear(384, 96)).to(dtype)
+    lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
+    x = torch.randn(256, 96, dtype=dtype, requires_grad=True)  # ∇Y of 256×384: a compiled call
+
+    def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = quantize_grad_pair(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(functional, "quantize_grad_pair", counted if pair else (lambda *a, **k: None))
+    model(x).float().square().mean().backward()
+    monkeypatch.undo()
+    return [x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    fused = _grads(recipe, dtype, True, monkeypatch, calls)
+    apart = _grads(recipe, dtype, False, monkeypatch, [])
+    assert calls == [True, True]  # both layers' backward took the one-kernel path
+    for a, b in zip(fused, apart):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4a", "fp8_e5m2", "nvfp4"])
+def test_pair_operands_equal_quantize_gradient_on_each_path(fmt: str) -> None:
+    g = torch.randn(200, 300) * torch.rand(200, 1).pow(3)
+    spec_a, spec_w = GradSpec(quantizer="psq", format=fmt), GradSpec(quantizer="ptq", format="int8")
+    k = kernels_for(Backend.AUTO, g.device)
+    pair = quantize_grad_pair(g, spec_a, torch.Generator().manual_seed(1), spec_w,
+                              torch.Generator().manual_seed(2), k)
+    assert pair is not None
+    want_a = quantize_gradient(g, spec_a, torch.Generator().manual_seed(1), k)
+    want_w = quantize_gradient(g.t(), spec_w, torch.Generator().manual_seed(2), k)
+    for got, want in zip(pair, (want_a, want_w)):
+        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
+        for name in ("offset", "block_scale"):
+            u, v = getattr(got, name), getattr(want, name)
+            assert (u is None and v is None) or torch.equal(u, v)
+
+
+@pytest.mark.parametrize("why, spec_a, spec_w, backend", [
+    ("row-mixing ∇X quantizer", GradSpec(quantizer="bhq"), GradSpec(), Backend.AUTO),
+    ("row-mixing ∇X quantizer", GradSpec(quantizer="hadamard"), GradSpec(), Backend.AUTO),
+    ("predicted range", GradSpec(range="predicted"), GradSpec(), Backend.AUTO),
+    ("QAT ∇W path", GradSpec(), None, Backend.AUTO),
+    ("reference backend", GradSpec(), GradSpec(), Backend.REFERENCE),
+])
+def test_pair_does_not_apply(why: str, spec_a, spec_w, backend: Backend) -> None:  # noqa: ANN001
+    g = torch.randn(64, 32)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert quantize_grad_pair(g, spec_a, gen, spec_w, gen, kernels_for(backend, g.device)) is None, why
+    assert torch.equal(gen.get_state(), state)  # nothing drawn
+
+
+def test_pair_does_not_apply_to_an_empty_gradient() -> None:
+    g = torch.zeros(0, 32)
+    assert quantize_grad_pair(g, GradSpec(), None, GradSpec(), None,
+                              kernels_for(Backend.AUTO, g.device)) is None
