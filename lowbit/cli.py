@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lowbit.experiments.train", "train one model with one recipe"),
     "sweep": ("lowbit.experiments.sweep", "run a grid of tasks × recipes × seeds, skipping finished runs"),
     "report": ("lowbit.experiments.report", "turn run folders into docs/results.md tables and plots"),
-    "variance": ("lowbit.analysis.cli", "variance decomposition, bounds and bin utilization"),
+    "variance": ("lowbit.commands.variance", "variance decomposition, bounds, bin utilization, number formats"),
     "coverage": ("lowbit.commands.coverage", "which GEMMs of one training step run low-bit"),
     "comm-variance": ("lowbit.commands.comm_variance", "variance added by quantized gradient communication (data parallel)"),
 }

@@ -26,9 +26,11 @@ def parse(*argv: str):
     (["--task", "digits", "--ranges", "dynamic,guessed"], "--ranges must be a comma-separated list"),
     (["--task", "digits", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
     (["--task", "digits", "--range-margin", "0.5"], "--range-margin must be a finite number ≥ 1"),
+    (["--task", "digits", "--formats", "int4,fp6"], "--formats: unknown format 'fp6'; allowed: int2"),
+    (["--task", "digits", "--rounding", "stochastic,up"], "--rounding must be a comma-separated list"),
 ])
 def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
-    from lowbit.analysis.cli import validate
+    from lowbit.commands.variance import validate
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(parse(*argv, "--out", str(tmp_path)))
 
@@ -57,9 +59,9 @@ def test_end_to_end_on_digits(tmp_path) -> None:
     with (out / "variance.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert "total" in res["groups"] and len(rows) == 2 * len(res["groups"])
-    for name in ("bins_4bit.png", "profile_bhq4.png", "bounds.png", "summary.md"):
+    for name in ("bins_4bit.png", "profile_bhq_int4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
-    assert "| bhq | 4 |" in (out / "summary.md").read_text()
+    assert "| bhq | int4 (4) |" in (out / "summary.md").read_text()
 
 
 def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:
@@ -81,3 +83,21 @@ def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:
     with (out / "variance.csv").open() as fh:
         assert {row["range"] for row in csv.DictReader(fh)} == {"dynamic", "predicted",
                                                                "predicted-clip"}
+
+
+def test_formats_and_nearest_rounding_on_digits(tmp_path) -> None:
+    out = tmp_path / "v"
+    rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq",
+               "--formats", "int4a,fp8_e5m2,mxfp4", "--rounding", "stochastic,nearest",
+               "--out", str(out), "--batches", "3", "--repeats", "2", "--bound-batches", "0",
+               "--profile", "none", "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "variance.json").read_text())
+    assert [(r["format"], r["rounding"], r["bits"]) for r in res["runs"]] == [
+        ("int4a", "stochastic", 4), ("int4a", "nearest", 4), ("fp8_e5m2", "stochastic", 8),
+        ("fp8_e5m2", "nearest", 8), ("mxfp4", "stochastic", 4), ("mxfp4", "nearest", 4)]
+    for r in res["runs"]:
+        assert ("z_batches" in r) == (r["rounding"] == "nearest")
+        assert r["report"]["groups"]["total"]["quant"] == r["report"]["groups"]["total"]["quant"]
+    text = (out / "summary.md").read_text()
+    assert "| psq | fp8_e5m2 (8) |" in text and "| psq, nearest | mxfp4 (4) |" in text

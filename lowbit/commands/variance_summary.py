@@ -1,0 +1,208 @@
+"""Writing ``lowbit variance``'s results (:mod:`lowbit.commands.variance`).
+
+Outputs in ``--out``:
+
+* ``variance.json`` — everything, keys:
+
+  - ``command``, ``machine`` (platform, CPU count, torch version and threads), ``args``;
+  - ``warmup``: ``steps``, ``loss_first``, ``loss_last`` (mean of the first/last 10 steps);
+  - ``groups``: parameter groups (converted layers by name, ``other``) and ``layers``;
+  - ``spectra``: per bound batch, ``mode``, ``lam[layer][group]``, ``lam_total[layer]``,
+    ``rel_change``, ``iters``, ``gram[layer]`` (see :class:`JacobianSpectrum`);
+  - ``bins``: ``layer`` (whose ∇Y, rows = samples), and per bit width per quantizer the
+    :class:`~lowbit.analysis.bins.BinHistogram` (``levels``, ``counts``, ``effective``,
+    ``occupied``);
+  - ``runs``: one per (quantizer, format, range, rounding) with ``quantizer``, ``format``,
+    ``bits`` (element bits), ``rounding``, ``seconds``,
+    ``report`` (:meth:`VarianceReport.to_dict`: ``groups[g]`` with ``sgd``, ``quant``,
+    ``total`` and their ``*_se``, ``gap``, ``gap_se``, ``rel_gap``, ``z_grad``,
+    ``z_rand``, ``max_abs_z``, ``quant_bound_batches``, ``pred_data``,
+    ``pred_analytic``, ``tightness_data``, ``tightness_analytic``; ``layers[l]`` the
+    quantizer variances of :class:`LayerNoise`; ``pairs_data``/``pairs_analytic``) and
+    ``profile`` (:meth:`VarianceProfile.to_dict` or null);
+  - ``seconds``: wall time per stage.
+
+    With ``--ranges dynamic,predicted,predicted-clip`` every (quantizer, format) of a symmetric integer or FP8 grid is also
+    measured with predicted gradient ranges (``lowbit.ranges``; ``predicted`` re-quantizes
+    on overflow, ``predicted-clip`` clips): the histories are first filled by
+    ``--range-calibration`` FQT backward passes on fresh training batches (no weight
+    update), then frozen for the study; such runs add ``range`` and ``range_stats`` (the
+    overflow counters of the study, :class:`~lowbit.ranges.RangeStats`) and skip the
+    profile.
+
+* ``variance.csv`` — one row per (quantizer, format, rounding, range, group) with the ``groups`` fields;
+* ``bins_<B>bit.png`` — bin utilization; ``profile_<Q>_<F>.png`` — variance profile
+  heatmaps; ``bounds.png`` — measured against predicted; ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.analysis.variance import GroupVariance, VarianceProfile, VarianceReport
+
+
+def command_line(opts: Any) -> str:
+    """The command line as typed (``lowbit variance …``), or rebuilt from the options when
+    ``run`` was called from Python."""
+    argv = sys.argv
+    if "variance" in argv:
+        return "lowbit " + " ".join(argv[argv.index("variance"):])
+    parts = ["lowbit variance", f"--task {opts.task}", f"--quantizers {','.join(opts.quantizers)}",
+             f"--formats {','.join(opts.formats)}", f"--rounding {','.join(opts.roundings)}",
+             f"--out {opts.out}",
+             f"--batches {opts.batches}", f"--batch-size {opts.batch_size}",
+             f"--repeats {opts.repeats}", f"--seed {opts.seed}",
+             f"--train-steps {opts.train_steps}",
+             f"--spectrum {opts.spectrum}", f"--power-iters {opts.power_iters}"]
+    if opts.model:
+        parts.insert(2, f"--model {opts.model}")
+    return " ".join(parts)
+
+
+def jsonable(x: object) -> object:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+CSV_FIELDS = [f for f in GroupVariance.__dataclass_fields__]
+
+
+def write_csv(path: Path, runs: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["quantizer", "format", "bits", "rounding", "range", "group", *CSV_FIELDS])
+        for r in runs:
+            for g, st in r["report"]["groups"].items():
+                w.writerow([r["quantizer"], r["format"], r["bits"], r["rounding"], r["range"], g,
+                            *[st[f] for f in CSV_FIELDS]])
+
+
+def _e(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def _tight(g: GroupVariance) -> str:
+    t = g.tightness_data
+    if t > 1 and g.quant_bound_batches > 0 and math.isfinite(g.quant_bound_batches_se):
+        return f"{t:.3g} ± {t * g.quant_bound_batches_se / g.quant_bound_batches:.2g}"
+    return _e(t)
+
+
+def _range_section(res: dict, reports: list[tuple[str, VarianceReport]]) -> list[str]:
+    """Predicted against dynamic ranges: variance ratio, bias and overflow counters."""
+    by_label = dict(reports)
+    rows = []
+    for run, (_, rep) in zip(res["runs"], reports):
+        if run["range"] == "dynamic":
+            continue
+        st = run["range_stats"]
+        dyn = by_label.get(f"{run['quantizer']}-{run['format']}")
+        g = rep.groups["total"]
+        ratio = _e(g.quant / dyn.groups["total"].quant) if dyn and dyn.groups["total"].quant else "–"
+        rows.append(f"| {run['quantizer']} | {run['format']} | {run['range']} | {_e(g.quant)} | {ratio} | "
+                    f"{rep.max_abs_z:.2f} | {st['overflow_calls']} / {st['calls']} | "
+                    f"{st['overflow_rate']:.2e} | {st['clipped_norm']:.2e} |")
+    if not rows:
+        return []
+    return ["", "## Predicted ranges against dynamic ranges", "",
+            ("| ∇X quantizer | format | range | quant var | / dynamic | max abs z (bias) "
+             "| calls with overflow | elements beyond range | clipped norm / norm |"),
+            "|---|---|---|---|---|---|---|---|---|", *rows, "",
+            ("Histories filled by FQT backward passes on fresh training batches, then frozen; "
+             "the counters cover the study's draws. `predicted` re-quantizes a call that "
+             "overflows (unbiased), `predicted-clip` clips it (biased by the clipped mass).")]
+
+
+def summary(res: dict, reports: list[tuple[str, VarianceReport]],
+             profiles: list[tuple[str, VarianceProfile]]) -> str:
+    m = res["machine"]
+    lines = [f"# Variance study: {res['task']} / {res['model']}", "",
+             f"Command: `{res['command']}`  ",
+             (f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+              f"({m['torch_threads']} threads); total {res['seconds']['total']:.0f} s  "),
+             f"Data: {res['data']}; warm-up: {res['warmup']}", ""]
+    ptq = {run["format"]: rep.groups["total"].quant for run, (_, rep) in zip(res["runs"], reports)
+           if run["quantizer"] == "ptq" and run["range"] == "dynamic" and run["rounding"] == "stochastic"}
+    lines += ["## Decomposition, all parameters (Theorem 2)", "",
+              ("| ∇X quantizer | format (bits) | SGD var | quant var | PTQ / this | total "
+               "| gap / total (± s.e.) | max abs z (bias) | bound holds: data / analytic "
+               "| tightness total: data / analytic |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for run, (_, rep) in zip(res["runs"], reports):
+        q = run["quantizer"] + ("" if run["range"] == "dynamic" else f" ({run['range']} range)")
+        q += ", nearest" if run["rounding"] == "nearest" else ""
+        b = f"{run['format']} ({run['bits']})"
+        g = rep.groups["total"]
+        ratio = _e(ptq[run["format"]] / g.quant) if run["format"] in ptq and g.quant > 0 else "–"
+        zb = f" (batches: {run['z_batches']:.2f})" if "z_batches" in run else ""
+        holds = "–" if not rep.bound_batches else " / ".join(
+            "NO " + ",".join(v) if (v := rep.bound_violations(k)) else "yes"
+            for k in ("data", "analytic"))
+        lines.append(f"| {q} | {b} | {_e(g.sgd)} | {_e(g.quant)} | {ratio} | {_e(g.total)} | "
+                     f"{g.rel_gap:+.3f} ± {g.gap_se / g.total if g.total else 0:.3f} | "
+                     f"{rep.max_abs_z:.2f}{zb} | {holds} | {_e(g.tightness_data)} / "
+                     f"{_e(g.tightness_analytic)} |")
+    if reports and reports[0][1].bound_batches:
+        lines += ["", "## Tightness per parameter group (measured / data-dependent bound)", "",
+                  "| group | " + " | ".join(label for label, _ in reports) + " |",
+                  "|---|" + "---|" * len(reports)]
+        for gname in reports[0][1].groups:
+            lines.append(f"| {gname} | " + " | ".join(_tight(r.groups[gname])
+                                                     for _, r in reports) + " |")
+        lines += ["", ("Where a group's only noise is its own ∇W-path noise (the last layer), the "
+                  "prediction is exact, not a bound: the ratio straddles 1 and is shown ± its "
+                  "standard error when above 1. A violation counts only beyond 3 s.e.")]
+        changes = [c for s in reports[0][1].spectra for row in s.rel_change.values()
+                   for c in row.values()]
+        if changes:
+            changes.sort()
+            lines.append(f"Power iteration ({reports[0][1].spectra[0].mode}): last relative "
+                         f"change median {changes[len(changes) // 2]:.3g}, max {changes[-1]:.3g}.")
+    if profiles:
+        lines += ["", ("## Variance profile: each layer quantized alone, contribution to all "
+                       "parameters (measured, and measured / data-dependent bound)"), "",
+                  "| layer | "
+                  + " | ".join(f"{label} var | {label} tight." for label, _ in profiles)
+                  + " |", "|---|" + "---|---|" * len(profiles)]
+        p0 = profiles[0][1]
+        for i, layer in enumerate(p0.layers):
+            cells = []
+            for _, p in profiles:
+                meas = p.measured[i][-1]
+                pred = p.pred_data[i][-1] if p.pred_data else math.nan
+                cells += [_e(meas), _e(meas / pred) if pred > 0 else "–"]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines += _range_section(res, reports)
+    bins = res["bins"]
+    lines += ["", (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
+              "rows = samples"), "",
+              "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
+    for b, hs in bins["by_bits"].items():
+        for q, h in hs.items():
+            lines.append(f"| {b} | {q} | {h['effective']:.3f} | {h['occupied']:.3f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+
+
+__all__ = ["command_line", "jsonable", "machine", "summary", "write_csv"]
