@@ -116,17 +116,61 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
     if input_path:
         w = layer.weight.detach()
         wq = _dequant(w.reshape(c_out, -1), cfg.weight).reshape(w.shape)  # (C_out, C_g, kh, kw)
-        ones = torch.ones(1, 1, *x.shape[2:], device=x.device)  # float32, as wq
-        inside, _ = layer._explicit_padding(ones)  # 1 on the input, 0 on padding
-        reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)  # (1, C_out, H', W')
-        taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
-        taps = taps.reshape(groups, c_out // groups, wq.shape[1], -1)  # (G, O_g, C_g, P)
+        reach, taps = _conv_taps(layer, x, wq, geom)  # (1, C_out, H', W'), (G, O_g, C_g, P)
         out.grad_input = PathOperand(gy.reshape(b, -1), reach.reshape(-1),
                                      shift_weight=taps.square().sum(2).reshape(-1))
         a_g = a_rows.reshape(b, groups, c_out // groups, -1)  # (B, G, O_g, P)
         shift = torch.einsum("bgop,gocp->bgc", a_g, taps).reshape(b, -1)  # (B, C_in): ∇β_n
         out.x_sq, out.x_total = product_row_norms(shift, torch.eye(shift.shape[1], device=shift.device))
     return out
+
+
+def _conv_taps(layer: FQTConv2d, x: torch.Tensor, wq: torch.Tensor, geom: dict) -> tuple:
+    """``reach`` (1, C_out, H', W'): ``Σ_{c,k inside} W²`` per output element, and ``taps``
+    (G, O_g, C_g, P): ``Σ_{k inside} W_{o,c,k}`` per output position — kernel taps that land
+    on the real input, not on padding (module doc)."""
+    ones = torch.ones(1, 1, *x.shape[2:], device=x.device)  # float32, as wq
+    inside, _ = layer._explicit_padding(ones)  # 1 on the input, 0 on padding
+    reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)
+    taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
+    return reach, taps.reshape(layer.groups, layer.out_channels // layer.groups, wq.shape[1], -1)
+
+
+def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
+                 x_requires_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One call's QAT weight (+ bias) gradient ``Σ_n G_n`` (flattened, float32; ``None``
+    unless the ∇W path is quantized and the weight trains) and its input-shift probe
+    gradient ``Σ_n ∇β_n`` (``None`` unless the ∇X path is quantized and the input needs a
+    gradient): what the paired minibatch-variance estimate of :mod:`lowbit.monitor`
+    compares between two steps."""
+    cfg, gy = layer.config, gy.float()
+    w = layer.weight.detach()
+    want_w = cfg.grad_weight is not None and layer.weight.requires_grad
+    want_x = cfg.grad_input is not None and x_requires_grad
+    bias = layer.bias is not None and layer.bias.requires_grad
+    w_tot = x_tot = None
+    if isinstance(layer, FQTConv2d):
+        if x.dim() == 3:  # unbatched
+            x, gy = x.unsqueeze(0), gy.unsqueeze(0)
+        xp, padding = layer._explicit_padding(x)
+        geom = dict(stride=layer.stride, padding=padding, dilation=layer.dilation)
+        if want_w:
+            xq = _dequant(xp.reshape(x.shape[0], -1), cfg.activation).reshape(xp.shape)
+            w_tot = torch.nn.grad.conv2d_weight(xq, w.shape, gy, groups=layer.groups, **geom)
+            w_tot = torch.cat([w_tot.reshape(-1), gy.sum((0, 2, 3))]) if bias else w_tot.reshape(-1)
+        if want_x:
+            wq = _dequant(w.reshape(w.shape[0], -1), cfg.weight).reshape(w.shape)
+            _, taps = _conv_taps(layer, x, wq, geom)
+            g = gy.sum(0).reshape(layer.groups, layer.out_channels // layer.groups, -1)  # (G, O_g, P)
+            x_tot = torch.einsum("gop,gocp->gc", g, taps).reshape(-1)  # (C_in,)
+        return w_tot, x_tot
+    a = gy.reshape(-1, layer.out_features)  # (N, out)
+    if want_w:
+        w_tot = (a.t() @ _dequant(x.reshape(-1, layer.in_features), cfg.activation)).reshape(-1)
+        w_tot = torch.cat([w_tot, a.sum(0)]) if bias else w_tot
+    if want_x:
+        x_tot = a.sum(0) @ _dequant(w, cfg.weight)  # (in,)
+    return w_tot, x_tot
 
 
 def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
@@ -141,4 +185,4 @@ def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
     return fn(layer, x, gy.float(), weight_path, input_path, bias)  # type: ignore[arg-type]
 
 
-__all__ = ["LayerGrads", "PathOperand", "conv2d_grads", "layer_grads", "linear_grads"]
+__all__ = ["LayerGrads", "PathOperand", "conv2d_grads", "layer_grads", "layer_totals", "linear_grads"]

@@ -12,8 +12,8 @@ The operands come from :mod:`lowbit.layergrads`, the formulas from :mod:`lowbit.
   (:func:`lowbit.varstats.product_noise`: the quantizer's per-element stochastic-rounding
   variances of ``Q_w(∇Yᵀ)`` pushed through its inverse transform and weighted by the
   squared norms of the rows of ``Q_f(X)``, im2col patches for a Conv2d);
-  ``sgd_w``, the minibatch variance of the layer's weight (and bias) gradient from
-  per-sample gradient norms (:mod:`lowbit.varstats`, formula (1)); ``ratio_w``.
+  ``sgd_w``, the minibatch variance of the layer's weight (and bias) gradient;
+  ``ratio_w``.
 * **∇X path**: ``quant_x = E‖∇X_FQT − ∇X_QAT‖²`` (the same formula with ``Q_f(W)``; for a
   Conv2d each output element's weight counts the kernel taps that land inside the input).
   ∇X is not averaged over samples, so its own "minibatch variance" is not defined; its
@@ -21,8 +21,22 @@ The operands come from :mod:`lowbit.layergrads`, the formulas from :mod:`lowbit.
   (``x + β``, per feature; per channel for a Conv2d): ``∇β`` is the column sum of ∇X,
   which is exactly the gradient of a LayerNorm/BatchNorm shift feeding the layer (or of
   the previous layer's bias through linear ops). ``quant_x_shift`` is its quantization
-  variance (:func:`lowbit.varstats.column_sum_noise`), ``sgd_x`` its minibatch variance
-  by formula (1) (per-sample ``∇β_n = Σ_{t∈n} ∇X_t``), ``ratio_x`` their ratio.
+  variance (:func:`lowbit.varstats.column_sum_noise`), ``sgd_x`` its minibatch variance,
+  ``ratio_x`` their ratio.
+
+**Minibatch variance**, two estimators (``sgd=``): ``per-sample`` — formula (1) of
+:mod:`lowbit.varstats` from per-sample gradient norms (``∇β_n = Σ_{t∈n} ∇X_t`` for the
+probe), exact algebra, unbiased when the samples' contributions are independent; and
+``paired`` — ``½‖g_k − g_{k−1}‖²`` of the layer's QAT gradients on the monitored step and
+the step before it (two independent minibatches; the weights moved by one optimizer step,
+whose drift of the mean gradient adds ``½‖Δμ‖²``). BatchNorm in training mode couples the
+samples of a batch, and formula (1) then overestimates the between-batch variance — by
+2–50× on PreAct-ResNet-20 (docs/results.md, "Variance monitor") — so ``auto`` (default)
+pairs when the model holds a BatchNorm layer and uses per-sample norms otherwise. Both
+are recorded (``sgd_w_samples``/``sgd_x_samples`` always; ``sgd_w``/``sgd_x`` the one used).
+Both read the step's actual ``∇Y``, which carries the ∇X-path noise of the layers
+downstream: they include that part of the quantization variance (the toolkit's ``sgd``,
+measured with QAT gradients, does not).
 
 "Variance" is always the trace of the covariance (summed over the group's entries), as
 in :mod:`lowbit.analysis.variance`, whose measured figures the monitor's agree with
@@ -32,12 +46,12 @@ step gets ``sgd_*`` NaN (per-sample gradients then span calls), its ``quant_*`` 
 Random transforms (``hadamard``) use the very signs the layer drew: the generator is
 rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
 
-Cost: on a monitored step, one extra GEMM per layer the size of its ∇W GEMM
-(``‖∇W_QAT‖²``), elementwise float64 passes over ∇Y per path (and per candidate width
-under a policy), per-sample norms (``B·(O+K)`` per layer for one row per sample); nothing
-on other steps except a forward hook that returns at once. The input ``X`` of each layer
-is held from its forward to its backward on monitored steps only. Measured in
-docs/benchmarks.md ("Variance monitor overhead").
+Cost: on a monitored step, about one extra GEMM per layer the size of its ∇W GEMM
+(``‖∇W_QAT‖²``; bfloat16 when large), elementwise passes over ∇Y per path (and per
+candidate width under a policy), per-sample norms; paired: one ∇W-sized GEMM per layer on
+the step before. Nothing on other steps but a forward hook that returns at once. The
+input ``X`` of each layer is held from its forward to its backward on measured steps
+only. Measured in docs/benchmarks.md ("Variance monitor overhead").
 
 Not monitored (listed in :attr:`VarianceMonitor.skipped` with the reason): layers with a
 stochastic-rounding forward (the codes the backward used are not observable) or with
@@ -51,7 +65,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -60,54 +74,16 @@ from torch import nn
 from .adaptive import AdaptivePolicy, Decision
 from .config import GradSpec
 from .formats import IntFormat, Rounding
-from .layergrads import layer_grads
+from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, fqt_layers
 from .noise import Path, generator_for
 from .quantizers import get_quantizer
-from .varstats import path_noise, sgd_variance
+from .varrecord import LayerVariance, StepRecord, ratio
+from .varstats import paired_variance, path_noise, sgd_variance
 
 log = logging.getLogger("lowbit.monitor")
 PATHS = ("grad_input", "grad_weight")
 _NOISE_PATH = {"grad_input": Path.GRAD_INPUT, "grad_weight": Path.GRAD_WEIGHT}
-
-
-@dataclass
-class LayerVariance:
-    """One layer on one monitored step. Variances in squared gradient units (float;
-    NaN where a path is not quantized or not computed); ``bits_*``/``quantizer_*``: the
-    path's spec on that step (0 / "" when in float)."""
-
-    samples: int = 0
-    calls: int = 0
-    grad_rows: int = 0  # elements of ∇Y (both paths quantize it once each)
-    sgd_w: float = math.nan
-    quant_w: float = math.nan
-    ratio_w: float = math.nan
-    quant_x: float = math.nan
-    sgd_x: float = math.nan
-    quant_x_shift: float = math.nan
-    ratio_x: float = math.nan
-    bits_w: int = 0
-    quantizer_w: str = ""
-    bits_x: int = 0
-    quantizer_x: str = ""
-    candidates_w: dict[str, float] = field(default_factory=dict)  # "psq6" -> predicted ratio
-    candidates_x: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class StepRecord:
-    """What one monitored step measured: ``layers`` by fully qualified name."""
-
-    step: int
-    layers: dict[str, LayerVariance]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "layers": {n: asdict(v) for n, v in self.layers.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StepRecord:
-        return cls(int(d["step"]), {n: LayerVariance(**v) for n, v in d["layers"].items()})
 
 
 def path_generator(layer: FQTLinear | FQTConv2d, path: str, device: torch.device) -> torch.Generator:
@@ -167,13 +143,20 @@ class VarianceMonitor:
         mon.history  # StepRecord per monitored step; mon.decisions under a policy
     """
 
-    def __init__(self, model: nn.Module, every: int, *, policy: AdaptivePolicy | None = None) -> None:
+    def __init__(self, model: nn.Module, every: int, *, policy: AdaptivePolicy | None = None,
+                 sgd: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if policy is not None and not isinstance(policy, AdaptivePolicy):
             raise TypeError(f"policy must be an AdaptivePolicy or None, got {type(policy).__name__}")
+        if sgd not in ("auto", "per-sample", "paired"):
+            raise ValueError(f"sgd must be 'auto', 'per-sample' or 'paired', got {sgd!r}")
+        if sgd == "auto":  # BatchNorm couples the samples of a batch: formula (1) fails
+            coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+            sgd = "paired" if coupled else "per-sample"
+        self.sgd = sgd
         self.every, self.policy = every, policy
         self.skipped: dict[str, str] = {}
         self.layers: dict[str, FQTLinear | FQTConv2d] = {}
@@ -192,8 +175,10 @@ class VarianceMonitor:
         self.decisions: list[Decision] = []
         self._bit_sums = {n: {p: 0 for p in PATHS} for n in self.layers}
         self._grad_numel = {n: {p: 0 for p in PATHS} for n in self.layers}  # ∇Y size, paths that ran
-        self._active = False
+        self._mode: str | None = None  # this step: "full", "totals" (paired: the step before) or None
         self._acc: dict[str, _Acc] = {}
+        self._totals: dict[str, list[torch.Tensor | None]] = {}
+        self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
         self._handles = [lay.register_forward_hook(self._forward_hook(n)) for n, lay in self.layers.items()]
 
     # -- the training loop's side -------------------------------------------------------
@@ -210,15 +195,18 @@ class VarianceMonitor:
             for p in PATHS:
                 spec = getattr(layer.config, p)
                 self._bit_sums[n][p] += 0 if spec is None else spec.bits
-        self._active = force or self.due()
-        self._acc = {}
+        before = self.sgd == "paired" and (self.steps + 1) % self.every == 0
+        self._mode = "full" if force or self.due() else ("totals" if before else None)
+        self._acc, self._totals = {}, {}
         try:
             yield
-            if self._active:
+            if self._mode == "full":
                 self._finish()
+            if self._mode is not None and self.sgd == "paired":
+                self._pair = (self.steps, self._totals)
         finally:
-            self._active = False
-            self._acc = {}
+            self._mode = None
+            self._acc, self._totals = {}, {}
             self.steps += 1
 
     def close(self) -> None:
@@ -230,14 +218,20 @@ class VarianceMonitor:
     # -- hooks ----------------------------------------------------------------------------
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             x = args[0].detach()
             x_grad = bool(args[0].requires_grad)
 
             def on_grad(gy: torch.Tensor) -> None:
                 with torch.no_grad():
-                    self._measure(name, module, x, x_grad, gy.detach())
+                    if self.sgd == "paired":  # this call's QAT gradients, for the pair
+                        tot = self._totals.setdefault(name, [None, None])
+                        for i, t in enumerate(layer_totals(module, x, gy.detach(), x_grad)):
+                            if t is not None:
+                                tot[i] = t if tot[i] is None else tot[i] + t
+                    if self._mode == "full":
+                        self._measure(name, module, x, x_grad, gy.detach())
 
             output.register_hook(on_grad)
 
@@ -269,16 +263,21 @@ class VarianceMonitor:
                     acc.shift[(q, b)] = acc.shift.get((q, b), 0.0) + shift
         one = v.calls == 1  # per-sample gradients of several calls would span calls
         if g.grad_weight is not None:
-            v.sgd_w = sgd_variance(g.w_sq, g.w_total) if one else math.nan
+            v.sgd_w_samples = sgd_variance(g.w_sq, g.w_total) if one else math.nan
         if g.grad_input is not None:
-            v.sgd_x = sgd_variance(g.x_sq, g.x_total) if one else math.nan
+            v.sgd_x_samples = sgd_variance(g.x_sq, g.x_total) if one else math.nan
 
     # -- end of a monitored step ----------------------------------------------------------
     def _finish(self) -> None:
         rec = StepRecord(self.steps, {})
         ratios: dict[str, dict[str, dict[tuple[str, int], float]]] = {}
+        prev = self._pair[1] if self._pair is not None and self._pair[0] == self.steps - 1 else None
         for name, acc in self._acc.items():
             layer, v = self.layers[name], acc.v
+            v.sgd_w, v.sgd_x = v.sgd_w_samples, v.sgd_x_samples
+            if self.sgd == "paired":  # ½‖g_k − g_{k−1}‖²: two minibatches, nearly equal weights
+                cur, old = self._totals.get(name, [None, None]), (prev or {}).get(name, [None, None])
+                v.sgd_w, v.sgd_x = (paired_variance(c, o) for c, o in zip(cur, old))
             for path, tag in (("grad_weight", "w"), ("grad_input", "x")):
                 spec = getattr(layer.config, path)
                 if spec is None or not acc.quant[path]:
@@ -288,10 +287,10 @@ class VarianceMonitor:
                 setattr(v, f"quantizer_{tag}", spec.quantizer)
                 if tag == "w":
                     v.quant_w = acc.quant[path][cur]
-                    r = {k: _ratio(q, v.sgd_w) for k, q in acc.quant[path].items()}
+                    r = {k: ratio(q, v.sgd_w) for k, q in acc.quant[path].items()}
                 else:
                     v.quant_x, v.quant_x_shift = acc.quant[path][cur], acc.shift[cur]
-                    r = {k: _ratio(q, v.sgd_x) for k, q in acc.shift.items()}
+                    r = {k: ratio(q, v.sgd_x) for k, q in acc.shift.items()}
                 setattr(v, f"ratio_{tag}", r[cur])
                 if self.policy is not None:
                     setattr(v, f"candidates_{tag}", {f"{q}{b}": x for (q, b), x in r.items()})
@@ -351,6 +350,8 @@ class VarianceMonitor:
                 "decisions": [asdict(d) for d in self.decisions],
                 "history": [r.to_dict() for r in self.history],
                 "bit_sums": {n: dict(p) for n, p in self._bit_sums.items()},
+                "pair": None if self._pair is None else
+                {"step": self._pair[0], "totals": {n: list(t) for n, t in self._pair[1].items()}},
                 "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,6 +375,8 @@ class VarianceMonitor:
                     cfg = dataclasses.replace(cfg, **{p: dataclasses.replace(spec, quantizer=qb[0], bits=int(qb[1]))})
             layer.config = cfg
         self.steps = int(state["steps"])  # the interval stays the constructor's
+        pair = state.get("pair")
+        self._pair = None if pair is None else (int(pair["step"]), {n: list(t) for n, t in pair["totals"].items()})
         self.decisions = [Decision(**d) for d in state["decisions"]]
         self.history = [StepRecord.from_dict(r) for r in state["history"]]
         self._bit_sums = {n: {p: int(s) for p, s in d.items()} for n, d in state["bit_sums"].items()}
@@ -385,14 +388,6 @@ def _policy_state(policy: AdaptivePolicy | None) -> dict[str, Any] | None:
     if policy is None:
         return None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(policy).items()}
-
-
-def _ratio(a: float, b: float) -> float:
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    if b > 0:
-        return a / b
-    return 0.0 if a == 0 else math.inf
 
 
 __all__ = ["LayerVariance", "StepRecord", "VarianceMonitor", "path_generator", "skip_reason"]

@@ -170,6 +170,16 @@ def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,
     return sq, total
 
 
+def paired_variance(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """``½‖a − b‖²`` of two minibatch gradients (NaN when either is missing or their shapes
+    differ): unbiased for the minibatch variance when both come from independent
+    minibatches at the same weights (``E‖a − b‖² = 2·Var``); one optimizer step apart,
+    the drift ``Δμ`` of the mean gradient adds ``½‖Δμ‖²``."""
+    if a is None or b is None or a.shape != b.shape:
+        return math.nan
+    return float((a.double() - b.double()).square().sum()) / 2
+
+
 def product_noise(t: object, var: torch.Tensor, col_weight: torch.Tensor,
                   row_groups: torch.Tensor | None = None) -> float:
     """Formula (2): ``E‖(Q(A) − A)·U‖²`` from the quantizer's transform ``t`` and rounding
@@ -236,5 +246,5 @@ def column_sum_noise(t: object, var: torch.Tensor, col_weight: torch.Tensor) -> 
     return float((c.square() * (var @ col_weight.double().to(var.device))).sum())
 
 
-__all__ = ["column_sum_noise", "inverse_column_sums", "path_noise", "per_sample_sq_norms", "product_noise",
+__all__ = ["column_sum_noise", "inverse_column_sums", "paired_variance", "path_noise", "per_sample_sq_norms", "product_noise",
            "product_row_norms", "sgd_variance", "total_sq_norm", "weight_grad_sq_norms"]

@@ -105,7 +105,8 @@ def write_log(run_dir: Path, monitor: VarianceMonitor | None) -> None:
     """``monitor.json``: the monitor's full state and mean bits (written whole, atomically)."""
     if monitor is None:
         return
-    text = json.dumps(monitor.state_dict() | {"mean_bits": monitor.mean_bits()}, indent=1)
+    state = {k: v for k, v in monitor.state_dict().items() if k != "pair"}  # pair: tensors
+    text = json.dumps(state | {"sgd": monitor.sgd, "mean_bits": monitor.mean_bits()}, indent=1)
     tmp = run_dir / f".{LOG}.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, run_dir / LOG)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 
@@ -269,14 +270,23 @@ def test_hadamard_uses_the_layers_own_signs() -> None:
 
 
 # -- the monitor in training ----------------------------------------------------------------
-def _net() -> nn.Module:
+def _net(bn: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+    norm = [nn.BatchNorm2d(6)] if bn else []
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), *norm, nn.ReLU(), nn.Flatten(),
                          nn.Linear(6 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+def _via_checkpoint(state: dict) -> dict:
+    """``state`` after torch.save / torch.load(weights_only=True), as the trainer stores it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def _train(steps: int, recipe: str, monitor: str | None, seed: int = 0,
-           resume_at: int | None = None) -> tuple[list[torch.Tensor], list, dict]:
+           resume_at: int | None = None, bn: bool = False) -> tuple[list[torch.Tensor], list, dict]:
     """SGD on fixed random data; ``monitor``: None, "observe" or "adapt"; with
     ``resume_at`` the run is checkpointed there and continued in fresh objects."""
     g = torch.Generator().manual_seed(99)
@@ -284,7 +294,7 @@ def _train(steps: int, recipe: str, monitor: str | None, seed: int = 0,
             for _ in range(steps)]
 
     def build() -> tuple:
-        model = lowbit.convert(_net(), FQTConfig.from_recipe(recipe, seed=seed, backend="reference"))
+        model = lowbit.convert(_net(bn), FQTConfig.from_recipe(recipe, seed=seed, backend="reference"))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         mon = None
         if monitor == "observe":
@@ -302,7 +312,7 @@ def _train(steps: int, recipe: str, monitor: str | None, seed: int = 0,
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["opt"])
             lowbit.load_rng_state(model, ckpt["rng"])
-            mon.load_state_dict(json.loads(json.dumps(ckpt["mon"])))  # survives JSON too
+            mon.load_state_dict(_via_checkpoint(ckpt["mon"]))
         opt.zero_grad()
         if mon is None:
             F.cross_entropy(model(xb), yb).backward()
@@ -315,8 +325,10 @@ def _train(steps: int, recipe: str, monitor: str | None, seed: int = 0,
 
 
 def _same(a: dict, b: dict) -> bool:
-    """Equal to the last bit (floats by repr, NaN equal to NaN)."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    """Equal to the last bit (floats by repr, NaN equal to NaN, tensors element by element)."""
+    def plain(x: object) -> object:
+        return x.double().tolist() if isinstance(x, torch.Tensor) else repr(x)
+    return json.dumps(a, sort_keys=True, default=plain) == json.dumps(b, sort_keys=True, default=plain)
 
 
 def test_monitor_leaves_training_bitwise_unchanged() -> None:
@@ -349,6 +361,48 @@ def test_adaptive_decisions_deterministic_and_resume_bitwise() -> None:
                     if (dec.step, dec.layer, dec.path) == (step, layer, path):
                         bits = dec.new_bits
             assert total == expect, (layer, path)
+
+
+def test_paired_estimate_is_half_the_squared_difference_of_qat_gradients() -> None:
+    """``sgd="paired"``: on the monitored step, ``½‖g_k − g_{k−1}‖²`` of the layer's QAT
+    weight + bias gradients on this step's and the previous step's minibatch (no optimizer
+    step between them here, so it is exactly that). Only the ∇W path is quantized: a
+    quantized ∇X path downstream would put its noise into this layer's ∇Y."""
+    model = lowbit.convert(_net(), _cfg("psq", 4, "w"))
+    mon = VarianceMonitor(model, every=2, sgd="paired")
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(3)]
+    for xb, yb in batches:
+        with mon.step():
+            model.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+    assert [r.step for r in mon.history] == [0, 2]
+    assert math.isnan(mon.history[0].layers["3"].sgd_w)  # step 0: no step before it
+    qat = []
+    with with_config(model, qat_of):
+        for xb, yb in batches[1:]:
+            model.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            qat.append({n: torch.cat([p.grad.reshape(-1).double() for p in lay.parameters()])
+                        for n, lay in mon.layers.items()})
+    for name, v in mon.history[1].layers.items():
+        want = float((qat[1][name] - qat[0][name]).square().sum()) / 2
+        assert v.sgd_w == pytest.approx(want, rel=1e-5), name
+        assert v.ratio_w == pytest.approx(v.quant_w / want, rel=1e-5)
+        assert not math.isnan(v.sgd_w_samples)  # the per-sample estimate is kept beside it
+
+
+def test_batchnorm_models_pair_by_default_and_resume_bitwise() -> None:
+    assert VarianceMonitor(lowbit.convert(_net(bn=True), _cfg("psq", 8)), every=1).sgd == "paired"
+    assert VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=1).sgd == "per-sample"
+    with pytest.raises(ValueError, match="sgd must be 'auto', 'per-sample' or 'paired', got 'x'"):
+        VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=1, sgd="x")
+    # killed after step 3 (the step before monitored step 4): its gradients are in the state
+    p1, d1, s1 = _train(6, "fqt-auto", "adapt", seed=1, bn=True)
+    p2, d2, s2 = _train(6, "fqt-auto", "adapt", seed=1, bn=True, resume_at=4)
+    assert s1["pair"] is not None and d1 == d2 and _same(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
 
 
 def test_state_round_trip() -> None:
