@@ -5,8 +5,11 @@ For a task's model trained with ``fqt-psq-8`` and snapshotted at ``--points`` st
 * **minibatch variance**: :func:`lowbit.analysis.gradient_variance` on ``--sgd-batches``
   i.i.d. minibatches gives, per layer (weight + bias), the variance of the QAT gradient
   across them (``sgd``, jackknife s.e.); the monitor, on one pass of each of the same
-  minibatches, its per-sample-norm estimate ``sgd_w`` (formula (1) of lowbit.varstats),
-  averaged (s.e. = std/√n). Agreement: ``|z| = |Δ| / √(se_t² + se_m²) ≤ 3``.
+  minibatches, its estimate ``sgd_w``, averaged (s.e. = std/√n): per-sample norms
+  (formula (1) of lowbit.varstats), or on a model with BatchNorm the paired estimate
+  ``½‖g_k − g_{k−1}‖²`` over the disjoint pairs of consecutive minibatches (weights and
+  BatchNorm statistics frozen, so no drift term); the per-sample figure is recorded too
+  (``per_sample_ratio``). Agreement: ``|z| = |Δ| / √(se_t² + se_m²) ≤ 3``.
 * **quantization variance**, for each ∇W-path quantizer of ``--quantizers`` at each of
   ``--bits``: the toolkit's :func:`lowbit.analysis.quantization_variance` on each of
   ``--quant-batches`` minibatches (``E‖g_FQT − g_QAT‖²`` with the exact QAT gradient, mean
@@ -107,12 +110,18 @@ def check_point(model, task, point: int, a: argparse.Namespace, gen: torch.Gener
     recs = monitor_records(model, task, batches, cfg)
     for layer in recs[0]:
         g = tk.groups[layer]
-        m, ms = _mean_se([r[layer].sgd_w for r in recs])
+        # paired (models with BatchNorm): record k pairs batch k with batch k-1, so the odd
+        # records are the disjoint, independent pairs (0,1), (2,3), ...; per-sample: all
+        paired = math.isnan(recs[0][layer].sgd_w)
+        m, ms = _mean_se([r[layer].sgd_w for r in (recs[1::2] if paired else recs)])
+        ps = statistics.fmean(r[layer].sgd_w_samples for r in recs)
         rows.append({"point": point, "kind": "sgd", "layer": layer, "batches": len(batches),
+                     "estimator": "paired" if paired else "per-sample",
                      "toolkit": g.sgd, "toolkit_se": g.sgd_se, "monitor": m, "monitor_se": ms,
-                     "ratio": m / g.sgd, "z": _z(m - g.sgd, math.hypot(g.sgd_se, ms))})
+                     "ratio": m / g.sgd, "z": _z(m - g.sgd, math.hypot(g.sgd_se, ms)),
+                     "per_sample": ps, "per_sample_ratio": ps / g.sgd})
     batches = batches[:a.quant_batches]
-    for q in a.quantizers.split(","):
+    for q in [q for q in a.quantizers.split(",") if q != "none"]:
         for bits in (int(b) for b in a.bits.split(",")):
             t1 = time.time()
             cfg = FQTConfig(grad_input=None, grad_weight=GradSpec(bits, q), seed=a.seed)
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sgd-batches", type=int, default=48)
     p.add_argument("--quant-batches", type=int, default=12)
     p.add_argument("--repeats", type=int, default=6, help="FQT draws per quantization batch")
-    p.add_argument("--quantizers", default="ptq,psq,bhq")
+    p.add_argument("--quantizers", default="ptq,psq,bhq", help="∇W-path quantizers to check, or none")
     p.add_argument("--bits", default="4,8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
