@@ -37,6 +37,11 @@ of the same noise summed coherently).
 number generators" (OOPSLA 2014), the generator Java's ``SplittableRandom`` uses.
 ``fnv1a64`` is the 64-bit FNV-1a hash of the name's UTF-8 bytes (Fowler–Noll–Vo), stable
 across processes and Python versions, unlike ``hash(str)``.
+
+Inside one quantization call the noise is counter-based: :func:`draw_seed` takes one
+32-bit seed from the call's generator and :func:`counter_uniform` turns (element index,
+seed) into ``U[0, 1)`` values, so the reference path, a compiled kernel and another device
+read the same noise whatever the memory layout.
 """
 
 from __future__ import annotations
@@ -188,5 +193,39 @@ class NoiseStream:
         return f"NoiseStream(seed={self.seed}, name={self.name!r}, counter={self.counter})"
 
 
-__all__ = ["NoiseStream", "Path", "current_rank", "draw_base_seed", "fnv1a64", "forward_draw",
-           "generator_for", "mix", "splitmix64", "stream_seed"]
+# -- the noise a kernel reads: counter-based, a pure function of (index, seed) ------------
+_MASK32 = 0xFFFFFFFF
+
+
+def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> torch.Tensor:
+    """``U[0,1)`` float32 noise as a pure function of (element index, ``seed``).
+
+    A counter-based generator: element ``i`` (row-major index in ``shape``) gets
+    ``h(i·K + seed mod 2³²)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
+    bits (the resolution of ``torch.rand`` in float32: the values ``k·2⁻²⁴``, so
+    :func:`stochastic_round` is biased by less than 2⁻²⁴ of a grid step). Being
+    a pure function of the index, the same noise comes out of the reference path, a
+    compiled kernel or another device, whatever the memory layout. ``seed`` is a 0-d
+    int64 tensor drawn from the layer's ``torch.Generator`` (:func:`draw_seed`).
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    x = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
+    x = (x * 0x27D4EB2D + seed) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (x >> 16) ^ x
+    return (x >> 8).to(torch.float32) * (2.0**-24)
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A fresh 32-bit seed (0-d int64 tensor on ``device``) from ``generator``
+    (``None``: torch's global RNG). One draw per quantization call."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2**32, (), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device)
+
+
+__all__ = ["NoiseStream", "Path", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
+           "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import available_devices
 
-from lowbit.formats import _div_rn_wide, counter_uniform, grid_step, stochastic_round
+from lowbit.formats import counter_uniform, grid_step, stochastic_round
+from lowbit.formats.scales import _div_rn_wide
 from lowbit.kernels import compiled, reference
 
 

@@ -1,0 +1,75 @@
+"""What every format shares: the rounding, granularity, grid and scale-rule enums, the
+supported bit widths and input dtypes with their validation, and :func:`compute_dtype`
+(where quantizer arithmetic runs). The format math: :mod:`lowbit.formats`."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+MIN_BITS = 2
+MAX_BITS = 8
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class Rounding(enum.Enum):
+    """How a real value is mapped to a grid level."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+
+
+class Granularity(enum.Enum):
+    """Which elements share one scale (and offset): the whole tensor, or each row."""
+
+    TENSOR = "tensor"
+    ROW = "row"
+
+
+class Grid(enum.Enum):
+    """Integer grid: ``{−Q..Q}`` around 0, or ``2^b`` levels over ``[min, max]``."""
+
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+class ScaleRule(enum.Enum):
+    """How a block scale is rounded onto its own grid (:mod:`lowbit.formats`)."""
+
+    UP = "up"  # smallest block scale that holds the block: nothing clips (unbiased)
+    SPEC = "spec"  # the OCP MX / NVFP4 rule: may clip the largest elements (biased)
+
+
+def check_bits(bits: int, field: str = "bits") -> int:
+    """Validate a bit width: an int in ``MIN_BITS..MAX_BITS``."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{field} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{field} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return bits
+
+
+def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
+    """Raise a clear error for a non-tensor or a dtype the quantizers do not support."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name} has dtype {x.dtype}; supported dtypes: {allowed}")
+
+
+def _coerce(value: object, enum_type: type[enum.Enum], field: str) -> enum.Enum:
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(repr(e.value) for e in enum_type)
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}") from None
+
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where quantizer arithmetic runs for inputs of ``dtype``: float64 for float64 (a
+    float32 step would underflow or overflow for values like 1e-300 or 1e300), float32
+    otherwise (it holds every float32/bfloat16/float16 value and step exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
