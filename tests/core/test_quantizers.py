@@ -12,12 +12,12 @@ from conftest import assert_unbiased, available_devices
 from torch import nn
 
 import lowbit
-from lowbit import FQTConfig
+from lowbit import FQTConfig, OperandSpec
 from lowbit.formats import IntFormat, Rounding, compute_dtype
+from lowbit.functional import quantize_forward
 from lowbit.kernels import Backend, compiled, quantize_codes
 from lowbit.quantizers import QUANTIZERS, Granularity, absmax
 from lowbit.quantizers.bhq import _householder_absmax, bhq_transform
-from lowbit.quantizers.forward import quantize_operand
 from lowbit.quantizers.hadamard import hadamard_matrix
 from lowbit.ranges import RangeTracker
 
@@ -218,7 +218,7 @@ def test_forward_round_to_nearest_over_whole_dtype_range(case: str, granularity:
     dtype, kind, scale = EXTREMES[case]
     x = _extreme(dtype, kind, scale)
     for backend in (Backend.REFERENCE, Backend.AUTO):
-        qr = quantize_operand(x, 8, granularity, Rounding.NEAREST, None, backend)
+        qr = quantize_forward(x, OperandSpec(bits=8, granularity=granularity), None, backend)
         a = absmax(x.to(compute_dtype(dtype)), granularity)
         assert torch.equal(qr.step, IntFormat(8).step(a))
         err = (qr.dequantize(torch.float64) - x.double()).abs()
