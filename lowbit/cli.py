@@ -15,7 +15,7 @@ import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lowbit.experiments.demo", "short digits study: fp, qat-8 and FQT PTQ/PSQ/BHQ at 8 and 4 bits"),
+    "demo": ("lowbit.commands.demo", "short digits study: fp, qat-8 and FQT PTQ/PSQ/BHQ at 8 and 4 bits"),
     "train": ("lowbit.experiments.train", "train one model with one recipe"),
     "sweep": ("lowbit.experiments.sweep", "run a grid of tasks × recipes × seeds, skipping finished runs"),
     "report": ("lowbit.experiments.report", "turn run folders into docs/results.md tables and plots"),

@@ -7,28 +7,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..plots import pyplot, save_figure
 from .variance import VarianceProfile, VarianceReport
-
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _short(name: str) -> str:
@@ -41,7 +21,7 @@ def plot_profile(profile: VarianceProfile, path: str | Path, title: str | None =
     second panel with the tightness ``measured / bound`` (data-dependent bound)."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     meas = np.array(profile.measured, dtype=float)
     panels = [("log10 quantization variance", np.log10(np.where(meas > 0, meas, np.nan)))]
     if profile.pred_data:
@@ -73,7 +53,7 @@ def plot_bounds(reports: Sequence[tuple[str, VarianceReport]], path: str | Path,
     """Measured quantization variance (bound batches) against the predicted bound, one
     point per parameter group (``total`` as a star) and run; filled markers: the
     data-dependent bound, hollow: the analytic one. Below the diagonal = bound holds."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     lo, hi = math.inf, -math.inf
     for k, (label, rep) in enumerate(reports):

@@ -125,7 +125,7 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
         return False
     import matplotlib.pyplot as plt  # report time only (the report selects the Agg backend)
 
-    from lowbit.analysis.plots import save_figure
+    from lowbit.plots import save_figure
 
     fig, axes = plt.subplots(2, len(logs), figsize=(3.2 * len(logs), 5.2), squeeze=False,
                              sharey="row")

@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from lowbit.analysis.plots import save_figure
+from lowbit.plots import save_figure
 from lowbit.config import FQTConfig
 from lowbit.nn import describe
 from lowbit.quantizers import QUANTIZERS

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from lowbit.analysis import quantization_variance
-
-from .train import check_out_dir, make_config, parse_int, set_threads
-from .trainer import train
+from lowbit.experiments.train import check_out_dir, make_config, parse_int, set_threads
+from lowbit.experiments.trainer import train
 
 RECIPES = ("fp", "qat-8", "fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-ptq-4", "fqt-psq-4",
            "fqt-bhq-4")  # fmt: skip
