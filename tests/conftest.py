@@ -8,9 +8,19 @@ import torch
 torch.set_num_threads(1)  # small tensors: one thread avoids OpenMP overhead and oversubscription
 
 
-def available_devices() -> list[str]:
-    """CPU always; CUDA when present (GPU cases otherwise do not exist, CI has none)."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NO_CUDA = "no CUDA device here (CI has none): benchmarks/gpu_check.sh runs these on a GPU"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: a test case that runs on a CUDA device "
+                            "(selected by `pytest -m cuda`; skipped where there is none)")
+
+
+def available_devices() -> list:
+    """Device parameters: ``"cpu"``, and ``"cuda"`` marked ``cuda`` (``pytest -m cuda``
+    selects it), skipped with a reason where no CUDA device is present."""
+    return ["cpu", pytest.param("cuda", marks=[
+        pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])]
 
 
 # float32 rounding of a transform + inverse (a few ulps of the largest value), and of

@@ -2,11 +2,16 @@
 row of ``a`` / per column of ``b`` (never on the summed dimension).
 
 On the CPU (PyTorch ≥ 2.6) ``_scaled_mm`` dequantizes and multiplies in float32, which is
-bit for bit the simulated reference GEMM (tested). On CUDA it needs compute capability
-≥ 8.9 (Ada, Hopper, Blackwell), ``a`` row-major and ``b`` column-major (copied here when
-they are not), every dimension a multiple of 16, and not both operands E5M2; a
-combination that the installed torch still refuses is found by one probe on a 16×16
-product, reported once, and left to the reference GEMM (the same estimator, simulated).
+bit for bit the simulated reference GEMM (tested). On CUDA (ATen's ``_scaled_mm_out_cuda``
+and its meta function) it needs compute capability ≥ 8.9 (Ada, Hopper, Blackwell), ``a``
+row-major (``stride = (s, 1)``, ``s > 1``) and ``b`` column-major (``stride = (1, s)``,
+``s > 1``), both 16-byte aligned (cuBLASLt), ``K`` and ``N`` multiples of 16 (``M`` free),
+float32 scales, 0-d or (M, 1) and (1, N), contiguous, and not both operands E5M2.
+:func:`shape_ok` checks the shapes; :func:`row_major` / :func:`col_major` copy an operand
+whose layout does not fit. A combination that the installed torch still refuses (row-wise
+scales with float32 output, on a torch or GPU whose row-wise kernel writes bf16 only) is
+found by one probe on a 16×16 product, reported once, and left to the reference GEMM (the
+same estimator, simulated).
 """
 
 from __future__ import annotations
@@ -44,8 +49,37 @@ def _scales(a: Encoded, b: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     return a.scale.expand(m, 1).contiguous(), b.scale.expand(1, n).contiguous()
 
 
-def _col_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(0) == 1 else t.t().contiguous().t()
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (M, K) if it is row-major as cuBLASLt reads it (``stride = (s, 1)`` with
+    ``s > 1``, 16-byte aligned), else a row-major copy (same values)."""
+    if t.stride(1) == 1 and t.stride(0) > 1 and _aligned(t):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # strides (K, 1)
+    return out.copy_(t)
+
+
+def col_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (K, N) if it is column-major as cuBLASLt reads it (``stride = (1, s)`` with
+    ``s > 1``, 16-byte aligned), else a column-major copy (same values)."""
+    if t.stride(0) == 1 and t.stride(1) > 1 and _aligned(t):
+        return t
+    out = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=t.device)
+    return out.copy_(t.t()).t()  # strides (1, K)
+
+
+_col_major = col_major  # the name before the CUDA audit
+
+
+def shape_ok(m: int, k: int, n: int, device: torch.device | str) -> bool:
+    """Whether ``torch._scaled_mm`` takes an (m, k) × (k, n) product on ``device``:
+    non-empty, and on CUDA ``k`` and ``n`` multiples of 16 (module docstring)."""
+    if m <= 0 or k <= 0 or n <= 0:
+        return False
+    return torch.device(device).type != "cuda" or (k % 16 == 0 and n % 16 == 0)
 
 
 def _probe(a: Encoded, b: Encoded) -> bool:
@@ -79,9 +113,9 @@ def supports(a: Encoded, b: Encoded) -> bool:
           and not (a.codes.dtype == b.codes.dtype == torch.float8_e5m2)
           and a.plain and b.plain and a.scale.shape[1] == 1 and b.scale.shape[0] == 1
           and a.scale.dtype == b.scale.dtype == torch.float32
-          and m > 0 and k > 0 and n > 0 and available(dev))
+          and shape_ok(m, k, n, dev) and available(dev))
     if ok and dev.type == "cuda":
-        ok = m % 16 == 0 and k % 16 == 0 and n % 16 == 0 and _probe(a, b)
+        ok = _probe(a, b)
     return ok
 
 
@@ -93,6 +127,6 @@ def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
 
     sa, sb = _scales(a, b)
     with record_function("lowbit::gemm"):
-        out = torch._scaled_mm(a.codes.contiguous(), _col_major(b.codes), sa, sb,
+        out = torch._scaled_mm(row_major(a.codes), col_major(b.codes), sa, sb,
                                out_dtype=torch.float32)
     return finish(out, bias, out_dtype)

@@ -9,9 +9,9 @@ zero code is the value 0 only on a symmetric grid: callers pad codes of offset-f
 operands only.
 
 :func:`exact_gemm` sums over any ``K``: ``torch._int_mm``'s int32 accumulator is exact
-while ``K·128² < 2³¹`` (``int8.MAX_K``); longer sums are split into chunks of at most
-``MAX_K``, each an exact int32 product, added exactly in int64, then scaled once by the
-same epilogue as one GEMM.
+while ``K·128² < 2³¹`` (``int8.MAX_K``); longer sums are split into chunks of
+``int8.CHUNK_K`` (a multiple of 8, as ``_int_mm`` needs on CUDA), each an exact int32
+product, added exactly in int64, then scaled once by the same epilogue as one GEMM.
 """
 
 from __future__ import annotations
@@ -99,23 +99,34 @@ def col2im(cols: torch.Tensor, out: torch.Tensor, stride: Sequence[int],
                 w0:w0 + stride[1] * (wo - 1) + 1:stride[1], channels] += cols[:, :, :, i, j]
 
 
+def chunks_supported(a: Encoded, b: Encoded) -> bool:
+    """Whether every ``int8.CHUNK_K``-long chunk of the sum of ``a @ b`` runs on
+    ``torch._int_mm`` (:func:`int8.supports` of the first chunk and of the last, shorter
+    one: the rules are per shape, the same for the chunks in between)."""
+    k, c = a.codes.shape[1], int8.CHUNK_K
+    last = k - (k - 1) // c * c if k else 0
+
+    def chunk(size: int) -> tuple[Encoded, Encoded]:
+        return (Encoded(a.codes[:, :size], a.scale, a.offset, a.block_scale),
+                Encoded(b.codes[:size], b.scale, b.offset, b.block_scale))
+    return int8.supports(*chunk(min(k, c))) and int8.supports(*chunk(last))
+
+
 def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``â @ b̂ + bias`` ((M, K) × (K, N)) as :meth:`Kernels.gemm`, for any ``K``: where
     the integer GEMM applies but ``K > int8.MAX_K``, the sum is split into exact int32
     chunks added in int64 and scaled once (the ``int8_epilogue`` of one GEMM)."""
-    k = a.codes.shape[1]
-    head = (Encoded(a.codes[:, :int8.MAX_K], a.scale, a.offset, a.block_scale),
-            Encoded(b.codes[:int8.MAX_K], b.scale, b.offset, b.block_scale))
+    k, c = a.codes.shape[1], int8.CHUNK_K
     if k <= int8.MAX_K or kernels.backend not in (Backend.AUTO, Backend.INT8) \
-            or not int8.supports(*head) or a.offset is not None or b.offset is not None:
+            or not chunks_supported(a, b) or a.offset is not None or b.offset is not None:
         return kernels.gemm(a, b, bias, out_dtype)  # one GEMM (or not integer: simulated)
     acc = torch.zeros(a.codes.shape[0], b.codes.shape[1], dtype=torch.int64, device=a.codes.device)
-    for s in range(0, k, int8.MAX_K):
-        acc += int8.int_mm(a.codes[:, s:s + int8.MAX_K].contiguous(),
-                           b.codes[s:s + int8.MAX_K].contiguous())
+    for s in range(0, k, c):
+        acc += int8.int_mm(a.codes[:, s:s + c].contiguous(), b.codes[s:s + c].contiguous())
     return kernels.run("int8_epilogue", acc, a.scale, b.scale, None, None, None, None, k, bias,
                        out_dtype)
 
 
-__all__ = ["channels_last", "col2im", "exact_gemm", "im2col", "nhwc", "patches", "place"]
+__all__ = ["channels_last", "chunks_supported", "col2im", "exact_gemm", "im2col", "nhwc", "patches",
+           "place"]

@@ -4,8 +4,13 @@ Exact for codes of ≤ 8 bits as long as the int32 accumulator cannot overflow:
 ``K · 128² < 2³¹`` ⇔ ``K ≤ MAX_K`` (8-bit asymmetric codes reach −128). Scales and
 offsets may only sit on the non-summed dimensions (rows of ``a``, columns of ``b``);
 an offset adds a rank-1 term built from the other operand's code sums (METHOD.md §6),
-so asymmetric grids stay exact. cuBLASLt's int8 rules on CUDA: ``M > 16``, ``K`` and
-``N`` multiples of 8.
+so asymmetric grids stay exact. ``torch._int_mm``'s rules on CUDA (cuBLASLt, checked in
+ATen's ``_int_mm_out_cuda``): int8 operands, int32 result, ``M > 16``, ``K`` and ``N``
+positive multiples of 8 (any strides: ATen copies an operand cuBLASLt cannot read).
+:func:`shape_ok` applies them; where they fail the dispatcher runs the reference
+(simulated) GEMM, or ``backend="int8"`` raises. Sums longer than :data:`MAX_K` are split
+into chunks of :data:`CHUNK_K` (a multiple of 8, so every chunk of a ``K`` that meets
+the CUDA rule meets it too).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from .encoded import Encoded
 if TYPE_CHECKING:  # pragma: no cover
     from . import Kernels
 
-MAX_K = (2**31 - 1) // (128 * 128)
+MAX_K = (2**31 - 1) // (128 * 128)  # 131071
+CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 == 0
 
 
 def available(device: torch.device | str) -> bool:
@@ -28,6 +34,9 @@ def available(device: torch.device | str) -> bool:
 
 
 def shape_ok(m: int, k: int, n: int, device: torch.device | str) -> bool:
+    """Whether ``torch._int_mm`` takes an (m, k) × (k, n) product on ``device`` and its
+    int32 sum is exact (``k ≤ MAX_K``): on CUDA ``m > 16`` and ``k``, ``n`` multiples of 8
+    (module docstring); on the CPU any non-empty shape."""
     if k > MAX_K or m == 0 or k == 0 or n == 0:
         return False
     if torch.device(device).type == "cuda":  # cuBLASLt int8 constraints

@@ -100,7 +100,9 @@ class Hadamard(GradQuantizer):
         n = a.shape[0]
         b = block_size_for(n, self.block)
         n_pad = -(-n // b) * b if n else 0
-        bits = torch.randint(0, 2, (n_pad,), generator=generator, device=a.device)
+        # drawn where the generator lives (a CPU generator may serve a CUDA tensor), then moved
+        dev = a.device if generator is None else generator.device
+        bits = torch.randint(0, 2, (n_pad,), generator=generator, device=dev).to(a.device)
         return BlockHadamard(bits.float() * 2 - 1, n, b, kernels)
 
     def variance_bound(self, a: torch.Tensor, fmt: AnyFormat | int | str) -> torch.Tensor:
