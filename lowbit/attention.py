@@ -51,7 +51,7 @@ from .functional import block_state, output_dtype, quantize_forward, quantize_gr
 from .kernels import compiled, int8_applicable, scaled_mm
 from .noise import Path, generator_for
 from .ops import BlockState, flatten_operand, unflatten_operand
-from .quantizers import QuantizedRows
+from .quantizers import QuantizedOperand
 
 # Per-head multiply-adds from which heads run one integer GEMM each (a Python loop of
 # dispatcher calls); below, one batched float GEMM is faster on the CPU (measured: at
@@ -77,7 +77,7 @@ class Operand:
     lowbit: bool = True
 
     @classmethod
-    def of(cls, q: QuantizedRows, shape: tuple[int, int, int], dtype: torch.dtype) -> Operand:
+    def of(cls, q: QuantizedOperand, shape: tuple[int, int, int], dtype: torch.dtype) -> Operand:
         """``q`` (rows flattened to B·R) as a (B, R, C) operand; a row transform other than
         the identity, an offset or block scales (asymmetric and block formats) are applied
         here, on the operand."""
@@ -152,7 +152,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
                       causal: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                 tuple[QuantizedRows, ...]]:
+                                 tuple[QuantizedOperand, ...]]:
     """``q`` (B, L, E), ``k`` (B, S, E), ``v`` (B, S, Ev), ``mask`` additive (1 or B, L, S)
     or None (``causal``: it is the causal mask, which blocks no row entirely), all in one
     float dtype → ``(O (B, L, Ev), P, P̃ (B, L, S), keep (bool or
@@ -199,7 +199,7 @@ def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | 
     return Operand.of(q, tuple(a.shape), a.dtype)  # type: ignore[arg-type]
 
 
-def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedRows, ...],
+def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedOperand, ...],
                        probs: torch.Tensor, keep: torch.Tensor | None, shapes: tuple[int, ...],
                        scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
                        needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:

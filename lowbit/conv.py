@@ -54,7 +54,7 @@ from .kernels import Encoded, kernels_for
 from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, nhwc, patches, place
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
-from .quantizers import QuantizedRows
+from .quantizers import QuantizedOperand
 from .quantizers.base import Identity
 from .ranges import RangeTracker
 
@@ -67,7 +67,7 @@ def _geometry(params: Sequence[int]) -> tuple[list[int], list[int], list[int], i
     return list(params[0:2]), list(params[2:4]), list(params[4:6]), int(params[6])
 
 
-def integer_path(backend: Backend, *ops: QuantizedRows) -> bool:
+def integer_path(backend: Backend, *ops: QuantizedOperand) -> bool:
     """Whether the conv GEMMs on ``ops`` run on integer kernels: not the reference
     backend, every operand int8 codes with no offset (a zero code is then the value 0,
     so padding and zero insertion are exact) and no block scale, on cpu/cuda."""
@@ -96,18 +96,18 @@ def _group(scale: torch.Tensor, g: int, size: int) -> torch.Tensor:
     return scale if scale.shape[0] == 1 else scale[g * size:(g + 1) * size]
 
 
-def _weight_rows(qw: QuantizedRows, w_shape: Sequence[int]) -> torch.Tensor:
+def _weight_rows(qw: QuantizedOperand, w_shape: Sequence[int]) -> torch.Tensor:
     """W's codes (C_out, C/g, kH, kW) as (C_out, kH·kW·C/g), column order (i, j, c)."""
     co, cg, kh, kw = w_shape
     return qw.codes.reshape(co, cg, kh, kw).permute(0, 2, 3, 1).reshape(co, kh * kw * cg)
 
 
-def _dq(q: QuantizedRows, shape: Sequence[int]) -> torch.Tensor:
+def _dq(q: QuantizedOperand, shape: Sequence[int]) -> torch.Tensor:
     return q.dequantize().reshape(shape)
 
 
 # -- the three GEMMs ---------------------------------------------------------------------
-def conv_output(qx: QuantizedRows, qw: QuantizedRows, x_shape: Sequence[int],
+def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[int],
                 w_shape: Sequence[int], params: Sequence[int], backend: Backend,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Y = Q_f(X) ⊛ Q_f(W) + b``: ``qx`` rows = samples of X (N, C, H, W), ``qw`` rows
@@ -135,7 +135,7 @@ def conv_output(qx: QuantizedRows, qw: QuantizedRows, x_shape: Sequence[int],
     return y.reshape(n, ho, wo, co).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
 
 
-def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
+def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | None,
                     generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
                     w_shape: Sequence[int], params: Sequence[int],
                     out_dtype: torch.dtype = torch.float32,
@@ -165,7 +165,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedRows, spec: GradSpec | None,
     return qa.inverse(gx, out_dtype).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
-def _grad_input_gather(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[int],
+def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                        dilation: Sequence[int], groups: int, backend: Backend) -> torch.Tensor:
     """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
@@ -194,7 +194,7 @@ def _grad_input_gather(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[i
     return gx.reshape(n, h, w, c).permute(0, 3, 1, 2).reshape(n, c * h * w)
 
 
-def _grad_input_scatter(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[int],
+def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                         x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                         stride: Sequence[int], dilation: Sequence[int], groups: int,
                         backend: Backend) -> torch.Tensor:
@@ -222,7 +222,7 @@ def _grad_input_scatter(qa: QuantizedRows, qw: QuantizedRows, g_shape: Sequence[
     return gx.reshape(n, c * h * w)
 
 
-def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
+def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | None,
                      generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
                      w_shape: Sequence[int], params: Sequence[int],
                      out_dtype: torch.dtype = torch.float32,
@@ -262,7 +262,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedRows, spec: GradSpec | None,
 # -- the block kinds ---------------------------------------------------------------------
 def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     config: FQTConfig, gens: Generators, params: Sequence[int],
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedOperand, QuantizedOperand]:
     """Forward of a conv2d block: ``x`` (N, C, H, W) → ``(Y (N, C_out, H', W'), Q_f(x)
     (rows: samples), Q_f(W) (rows: output channels))``."""
     be = config.backend
@@ -273,7 +273,7 @@ def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, qx, qw
 
 
-def _conv2d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperand, cfg: FQTConfig,
                      gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(∇X, ∇W, ∇b)`` of a conv2d block from ``gy`` (N, C_out, H', W')."""
@@ -303,13 +303,13 @@ def _conv2d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
 # conv1d: the conv2d block on (N, C, 1, L) with a (C_out, C/g, 1, k) kernel
 def _conv1d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     config: FQTConfig, gens: Generators, params: Sequence[int],
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedOperand, QuantizedOperand]:
     y, qx, qw = _conv2d_forward(x.unsqueeze(2), weight.unsqueeze(2), bias, config, gens, params,
                                 out_dtype)
     return y.squeeze(2), qx, qw
 
 
-def _conv1d_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+def _conv1d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperand, cfg: FQTConfig,
                      gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     xs, ws = meta.x_shape, meta.w_shape

@@ -29,7 +29,7 @@ from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
-from .quantizers import QuantizedOperand, QuantizedRows, get_quantizer
+from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
 
@@ -123,7 +123,7 @@ def linear_grad_weight(
 
 def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     config: FQTConfig, gens: Generators, params: Sequence[int],
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedRows, QuantizedRows]:
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedOperand, QuantizedOperand]:
     """Forward of a linear block: ``x`` (N, in) → ``(Y (N, out), Q_f(x), Q_f(W))``."""
     # x: (N, in), flattened by fqt_linear, so that the output is the GEMM's own fresh
     # (N, out) tensor: a view made in here could not be modified in place outside.
@@ -135,7 +135,7 @@ def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, qx, qw
 
 
-def _linear_backward(gy: torch.Tensor, qx: QuantizedRows, qw: QuantizedRows, cfg: FQTConfig,
+def _linear_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperand, cfg: FQTConfig,
                      gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(∇X, ∇W, ∇b)`` of a linear block from ``gy`` (N, out), read as is by the

@@ -33,7 +33,7 @@ from .config import FQTConfig, GradSpec, OperandSpec
 from .formats import Rounding, compute_dtype
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path
-from .quantizers import Granularity, QuantizedOperand, QuantizedRows, get_quantizer
+from .quantizers import Granularity, QuantizedOperand, get_quantizer
 from .quantizers.base import Identity
 from .ranges import RangeTracker
 
@@ -144,7 +144,7 @@ def unflatten_operand(saved: Sequence[torch.Tensor], block: int,
 # out_shape(x_shape, w_shape, params) -> the output's shape.
 @dataclass(frozen=True)
 class BlockKind:
-    forward: Callable[..., tuple[torch.Tensor, QuantizedRows, QuantizedRows]]
+    forward: Callable[..., tuple[torch.Tensor, QuantizedOperand, QuantizedOperand]]
     backward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
     out_shape: Callable[[Sequence[int], Sequence[int], Sequence[int]], list[int]]
 

@@ -10,7 +10,6 @@ from .base import (
     Granularity,
     Identity,
     QuantizedOperand,
-    QuantizedRows,
     RowTransform,
     absmax,
 )
@@ -72,7 +71,6 @@ __all__ = [
     "Hadamard",
     "Identity",
     "QuantizedOperand",
-    "QuantizedRows",
     "RowTransform",
     "absmax",
     "get_quantizer",

@@ -168,8 +168,6 @@ class QuantizedOperand:
             return self.transform.inverse(out, out_dtype)
 
 
-QuantizedRows = QuantizedOperand  # the name before formats existed
-
 
 class GradQuantizer(abc.ABC):
     """Unbiased gradient quantizer: a row transform plus per-row or per-tensor rounding."""
