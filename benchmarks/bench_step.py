@@ -27,8 +27,16 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
     python benchmarks/bench_step.py                          # all workloads, default modes
     python benchmarks/bench_step.py --workload ffn --modes fp32,bf16,fqt-psq-8
     python benchmarks/bench_step.py --modes fqt-psq-8,fqt-psq-8@1,fqt-psq-8@1000000
+    python benchmarks/bench_step.py --device cuda --workload ffn --inprocess   # on a GPU
 
-Modes: ``fp32``; ``bf16`` (autocast); ``torchao-int8`` (if installed); a lowbit recipe;
+``--device cuda``: model, inputs and ceilings on the GPU, each timed step and GEMM
+between ``torch.cuda.synchronize()`` calls; GEMM ms and the lowbit labels are the
+profiler's device (kernel) times; peak MB is ``torch.cuda.max_memory_allocated`` above
+the idle process. The default ``--device cpu`` is the CPU benchmark described above.
+
+Modes: ``fp32``; ``bf16`` (autocast); ``torchao-int8`` and ``torchao-float8`` (torchao's
+``convert_to_float8_training``, tensor-wise; CUDA with compute capability ≥ 8.9) if
+installed; a lowbit recipe;
 ``RECIPE+bf16`` (under bf16 autocast); ``RECIPE:BACKEND`` (e.g. ``:reference``);
 ``RECIPE/float-attn`` (attention modules left unconverted: float attention);
 ``RECIPE@K`` runs ``lowbit.monitor.VarianceMonitor(model, every=K)``: ``@1`` measures
@@ -56,9 +64,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_workloads import WORKLOADS, attention_note, build  # noqa: E402
+from step_workloads import WORKLOADS, Workload, attention_note, build  # noqa: E402
 
-BASELINES = ("fp32", "bf16", "torchao-int8")
+BASELINES = ("fp32", "bf16", "torchao-int8", "torchao-float8")
 LOWBIT = ("fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8")
 DEFAULT_MODES = ("fp32", "bf16") + LOWBIT + tuple(f"{m}+bf16" for m in LOWBIT)
 LABELS = ("lowbit::quantize", "lowbit::transform", "lowbit::epilogue")
@@ -105,6 +113,13 @@ def prepare(mode: str, model: torch.nn.Module) -> tuple[bool, str]:
             raise RuntimeError(f"torchao not installed ({exc.name})") from None
         quantize_(model, int8_mixed_precision_training())
         return False, ""
+    if recipe == "torchao-float8":
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError as exc:
+            raise RuntimeError(f"torchao not installed ({exc.name})") from None
+        convert_to_float8_training(model)
+        return False, ""
     import lowbit
 
     name, _, backend = recipe.partition(":")
@@ -113,12 +128,29 @@ def prepare(mode: str, model: torch.nn.Module) -> tuple[bool, str]:
     return amp == "bf16", (f"{backend} kernels" if backend else "")
 
 
-class Bench:
-    """One (workload, mode): the converted model and its training step."""
+def to_device(w: Workload, device: str) -> Workload:
+    """``w`` with its model and inputs on ``device`` (leaf inputs stay leaves, with the
+    same ``requires_grad``); on the CPU ``w`` itself, untouched."""
+    if torch.device(device).type == "cpu":
+        return w
+    w.model.to(device)
+    w.inputs = tuple(x.detach().to(device).requires_grad_(x.requires_grad)
+                     if isinstance(x, torch.Tensor) else x for x in w.inputs)
+    return w
 
-    def __init__(self, workload: str, mode: str, size: str) -> None:
-        self.workload, self.mode = workload, mode
-        self.w = build(workload, size)
+
+def sync(device: str) -> None:
+    """Wait for ``device``'s queued kernels (CUDA), so that a wall-clock time covers them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    """One (workload, mode): the converted model and its training step, on ``device``."""
+
+    def __init__(self, workload: str, mode: str, size: str, device: str = "cpu") -> None:
+        self.workload, self.mode, self.device = workload, mode, device
+        self.w = to_device(build(workload, size), device)  # converted on the device
         recipe, _, every = mode.partition("@")
         self.amp, note = prepare(recipe, self.w.model)
         self.note = ", ".join(n for n in (note, attention_note(self.w.model)) if n)
@@ -137,14 +169,16 @@ class Bench:
             if isinstance(x, torch.Tensor):
                 x.grad = None
         with contextlib.nullcontext() if self.monitor is None else self.monitor.step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.amp):
                 loss = self.w.step_loss()
             loss.backward()
 
     def timed(self, steps: int) -> None:
         for _ in range(steps):
+            sync(self.device)
             t0 = time.perf_counter()
             self.step()
+            sync(self.device)
             self.times.append(time.perf_counter() - t0)
 
     def profiled(self) -> tuple[list, float]:
@@ -159,21 +193,25 @@ class Bench:
                          on_trace_ready=lambda p: got.setdefault("events", list(p.events()))) as prof:
                 self.step()
                 prof.step()
+                sync(self.device)
                 t0 = time.perf_counter()
                 self.step()
+                sync(self.device)
                 wall = (time.perf_counter() - t0) * 1e3
                 prof.step()
         return got["events"], wall
 
     def breakdown(self) -> tuple[dict[str, float], float, float]:
         """One profiled step: (lowbit label → CPU ms, CPU ms inside GEMM ops, the step's
-        wall ms under the profiler)."""
+        wall ms under the profiler); on CUDA device (kernel) ms instead of CPU ms."""
         from lowbit.flops import FORMULAS
 
         gemm_names = {f"aten::{p.__name__}" for p in FORMULAS}
         events, wall = self.profiled()
-        gemm = sum(e.self_cpu_time_total for e in events if e.name in gemm_names) / 1e3
-        labels = {k: sum(e.cpu_time_total for e in events if e.name == k) / 1e3 for k in LABELS}
+        where = "device" if torch.device(self.device).type == "cuda" else "cpu"
+        gemm = sum(getattr(e, f"self_{where}_time_total") for e in events if e.name in gemm_names) / 1e3
+        labels = {k: sum(getattr(e, f"{where}_time_total") for e in events if e.name == k) / 1e3
+                  for k in LABELS}
         lowbit_mode = self.mode.split("+")[0] not in BASELINES
         breakdown = {k.split("::")[1]: round(v, 2) for k, v in labels.items()} if lowbit_mode else {}
         return breakdown, gemm, wall
@@ -186,7 +224,7 @@ def count_flops(bench: Bench) -> tuple[int, float]:
     the same step, under the mode's autocast; model state is put back afterwards."""
     from lowbit.coverage import coverage
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bench.amp):
+    with torch.autocast(torch.device(bench.device).type, dtype=torch.bfloat16, enabled=bench.amp):
         rep = coverage(bench.w.model, *bench.w.inputs, loss_fn=bench.w.loss)
     return rep.total_flops, rep.real_share
 
@@ -197,13 +235,13 @@ class Ceilings:
 
     KINDS = ("int8", "bf16", "fp32")
 
-    def __init__(self, n: int = CEILING_N) -> None:
-        self.n = n
+    def __init__(self, n: int = CEILING_N, device: str = "cpu") -> None:
+        self.n, self.device = n, device
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g)
-        b = torch.randn(n, n, generator=g)
-        a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
-        b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+        a = torch.randn(n, n, generator=g).to(device)
+        b = torch.randn(n, n, generator=g).to(device)
+        a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g).to(device)
+        b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g).to(device)
         ab, bb = a.bfloat16(), b.bfloat16()
         self.fns = {"int8": lambda: torch._int_mm(a8, b8), "bf16": lambda: ab @ bb,
                     "fp32": lambda: a @ b}
@@ -214,8 +252,10 @@ class Ceilings:
     def timed(self, steps: int = 1) -> None:
         for kind, f in self.fns.items():
             for _ in range(steps):
+                sync(self.device)
                 t0 = time.perf_counter()
                 f()
+                sync(self.device)
                 self.times[kind].append(time.perf_counter() - t0)
 
     def gflops(self) -> dict[str, float]:
@@ -225,7 +265,7 @@ class Ceilings:
 
 # -- timing -----------------------------------------------------------------------------------
 def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: int, rounds: int,
-               ceilings: Ceilings | None) -> list[Result]:
+               ceilings: Ceilings | None, device: str = "cpu") -> list[Result]:
     """Interleaved timing in one process: ``rounds`` rounds, each timing ``steps`` steps
     of every mode (order rotated per round) and the GEMM ceilings, so that drifts of a
     shared machine hit all alike. Reports the median over all ``rounds × steps`` steps."""
@@ -233,7 +273,7 @@ def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: i
     skipped = []
     for mode in modes:
         try:
-            benches.append(Bench(workload, mode, size))
+            benches.append(Bench(workload, mode, size, device))
         except RuntimeError as exc:  # optional baselines (torchao) may be absent
             skipped.append(Result(workload, mode, None, note=f"skipped: {exc}"))
     for b in benches:
@@ -302,13 +342,24 @@ class PeakMemory:
         self._t.join()
 
 
-def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int) -> float:
+def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int,
+                device: str = "cpu") -> float:
     """Peak heap memory (MB) that a training step adds to the idle process: the largest
-    over ``steps`` steps, each measured from the heap in use just before it."""
-    b = Bench(workload, mode, size)
+    over ``steps`` steps, each measured from the heap in use just before it (CUDA: GPU
+    memory allocated by torch, ``max_memory_allocated`` above ``memory_allocated``)."""
+    b = Bench(workload, mode, size, device)
     for _ in range(max(warmup, 1)):
         b.step()
     peaks = []
+    if torch.device(device).type == "cuda":
+        for _ in range(steps):
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            b.step()
+            sync(device)
+            peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        return round(max(peaks), 1)
     for _ in range(steps):
         with PeakMemory() as mem:
             b.step()
@@ -319,7 +370,7 @@ def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int) ->
 def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> float | None:
     cmd = [sys.executable, __file__, "--child", "--workload", workload, "--modes", mode,
            "--size", args.size, "--warmup", str(args.warmup), "--steps", "3",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
@@ -331,7 +382,9 @@ def machine() -> str:
     cpu = platform.processor() or "cpu"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    gpu = (f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+           if torch.cuda.is_available() else "")
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
 
 
@@ -379,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ceiling-n", type=int, default=CEILING_N, help="GEMM size of the ceilings")
     p.add_argument("--inprocess", action="store_true", help="no memory subprocesses (smoke test)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.ceiling_n < 1:
@@ -387,17 +441,26 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; allowed: {', '.join(WORKLOADS)}")
+    try:
+        dev_type = torch.device(args.device).type
+    except RuntimeError:
+        dev_type = ""
+    if dev_type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
     modes = [m for m in args.modes.split(",") if m]
     if args.child:
-        peak = peak_memory(workloads[0], modes[0], args.size, args.warmup, args.steps)
+        peak = peak_memory(workloads[0], modes[0], args.size, args.warmup, args.steps, args.device)
         print(json.dumps({"peak_mb": peak}))
         return 0
     header = machine()
-    ceilings = Ceilings(args.ceiling_n)
+    ceilings = Ceilings(args.ceiling_n, args.device)
     results = []
     for wl in workloads:
-        rows = time_modes(wl, modes, args.size, args.warmup, args.steps, args.rounds, ceilings)
+        rows = time_modes(wl, modes, args.size, args.warmup, args.steps, args.rounds, ceilings,
+                          args.device)
         for r in rows:
             if not args.inprocess and r.ms is not None:
                 r.peak_mb = memory_subprocess(args, wl, r.mode)
@@ -406,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         results += rows
     ceil = ceilings.gflops()
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
-          f"size={args.size}; median of {args.rounds} interleaved rounds × {args.steps} steps "
+          f"size={args.size}, device {args.device}; median of {args.rounds} interleaved rounds × {args.steps} steps "
           f"after {args.warmup} warm-up")
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
           "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
@@ -415,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, ceil))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "ceilings_gflops": ceil,
+            json.dump({"machine": header, "device": args.device, "ceilings_gflops": ceil,
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return 0
 

@@ -78,7 +78,7 @@ def build(workload: str, size: str = "full") -> Workload:
         model = preact_resnet20(num_classes=10, in_channels=1)
         x = torch.randn(batch, 1, side, side, generator=g)  # (N, 1, H, W)
         y = torch.randint(0, 10, (batch,), generator=g)
-        return Workload(workload, model, (x,), lambda out: F.cross_entropy(out.float(), y))
+        return Workload(workload, model, (x,), lambda out: F.cross_entropy(out.float(), y.to(out.device)))
     raise ValueError(f"unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
 
 
