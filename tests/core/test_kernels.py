@@ -106,7 +106,7 @@ def _exact_mean_bias(y: torch.Tensor, rounded: torch.Tensor) -> Fraction:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_stochastic_rounding_exact_mean_over_noise_alphabet(dtype: torch.dtype, device: str) -> None:
-    # formats.py promises bias < 2^-24 of a step; the mean over all 2^24 equally likely
+    # lowbit.formats promises bias < 2^-24 of a step; the mean over all 2^24 equally likely
     # noise values is exactly E[q], so this checks the promise with no statistics at all.
     alphabet = ALPHABET.to(device)
     for v in SR_VALUES:
