@@ -94,3 +94,11 @@ def test_relative_import_in_a_package_init_resolves_against_the_package() -> Non
     found = imported_modules("from .variance import x\nfrom ..experiments import y",
                              "lowbit.analysis", is_package=True)
     assert {"lowbit.analysis.variance", "lowbit.experiments"} <= found
+
+
+def test_shared_plotting_module_is_a_leaf() -> None:
+    # lowbit/plots.py sits below analysis and experiments: it imports no lowbit module.
+    path = ROOT / "plots.py"
+    found = imported_modules(path.read_text(), module_name(path))
+    assert sorted(t for t in found if t == "lowbit" or t.startswith("lowbit.")) == []
+    assert "matplotlib" in found or "matplotlib.pyplot" in found  # the walk read the file
