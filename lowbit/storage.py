@@ -29,13 +29,20 @@ _INT8_MAX = 127
 _MIN_POW2_EXP = -133
 
 
+def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    """Where noise for ``like`` is drawn: on ``generator``'s device (a CPU generator may
+    serve CUDA parameters; the draw is then moved, and equals the CPU one), else on
+    ``like``'s device from torch's default generator there."""
+    return like.device if generator is None else generator.device
+
+
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """float32 → bfloat16 with stochastic rounding: ``E[result] = x`` for finite ``x``
     whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are."""
     x = x.float()
     bits = x.view(torch.int32)
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
-                          device=x.device)
+                          device=_draw_device(generator, x)).to(x.device)
     rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
     # Non-finite inputs (and overflow past the largest bfloat16) keep their own value.
     out = torch.where(torch.isfinite(x) & torch.isfinite(rounded), rounded, x)
@@ -59,7 +66,7 @@ def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Genera
     q = torch.where(torch.isfinite(scale)[:, None], rows / scale[:, None], 0.0)
     if stochastic:
         low = q.floor()
-        u = torch.rand(q.shape, generator=generator, device=q.device)
+        u = torch.rand(q.shape, generator=generator, device=_draw_device(generator, q)).to(q.device)
         q = low + (u < q - low).float()
     else:
         q = q.round()

@@ -38,6 +38,7 @@ from lowbit.kernels import fp8, int8
 from lowbit.kernels.encoded import Encoded
 from lowbit.kernels.im2col import chunks_supported
 from lowbit.quantizers.hadamard import Hadamard
+from lowbit.storage import encode_int8_per_channel, stochastic_round_bf16
 
 DEVICES = available_devices()
 U = 2.0**-24
@@ -250,3 +251,19 @@ def test_hadamard_signs_come_from_a_generator_on_another_device(device: str) -> 
     assert got.device.type == device and torch.equal(got.cpu(), want)
     q = lowbit.quantize_grad(a.to(device), "hadamard", 8, generator=torch.Generator().manual_seed(9))
     assert q.device.type == device and q.shape == a.shape and bool(torch.isfinite(q).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_rounding_noise_from_a_generator_on_another_device(device: str) -> None:
+    """SRSGD/SRAdamW round weights and state with a caller's generator, which may be a
+    CPU one for CUDA parameters: the noise is drawn on the generator's device and moved,
+    so the rounded values are exactly the CPU ones (bit operations and power-of-two
+    scales: no float rounding differs between devices)."""
+    x = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    want = stochastic_round_bf16(x, torch.Generator().manual_seed(4))
+    got = stochastic_round_bf16(x.to(device), torch.Generator().manual_seed(4))
+    assert got.device.type == device and torch.equal(got.cpu(), want)
+    want_c, want_s = encode_int8_per_channel(x, torch.Generator().manual_seed(4))
+    got_c, got_s = encode_int8_per_channel(x.to(device), torch.Generator().manual_seed(4))
+    assert got_c.device.type == device
+    assert torch.equal(got_c.cpu(), want_c) and torch.equal(got_s.cpu(), want_s)
