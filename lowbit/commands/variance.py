@@ -24,7 +24,8 @@ run gets :func:`~lowbit.analysis.gradient_variance` and, for ``--profile`` quant
 :func:`~lowbit.analysis.variance_profile`.
 
 Outputs in ``--out``: ``variance.json``, ``variance.csv``, plots and ``summary.md``
-(their keys: :mod:`lowbit.commands.variance_summary`).
+(their keys: :mod:`lowbit.commands.variance_summary`). The options and their checks:
+:mod:`lowbit.commands.variance_args`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,204 +48,18 @@ from lowbit.analysis._model import (
     with_config,
 )
 from lowbit.analysis.bins import bin_utilization, plot_bin_utilization
-from lowbit.analysis.bounds import SPECTRUM_MODES, JacobianSpectrum, jacobian_spectrum
+from lowbit.analysis.bounds import JacobianSpectrum, jacobian_spectrum
 from lowbit.analysis.plots import plot_bounds, plot_profile
 from lowbit.analysis.variance import VarianceProfile, VarianceReport, gradient_variance, variance_profile
 from lowbit.config import FQTConfig, GradSpec
-from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
-from lowbit.experiments.train import check_out_dir
-from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, IntFormat, Rounding, parse_format
+from lowbit.experiments.models import DEFAULT_MODEL, build_model
+from lowbit.formats import IntFormat, Rounding, parse_format
 from lowbit.nn import convert, fqt_layers, frozen_ranges, range_stats
-from lowbit.quantizers import QUANTIZERS
 from lowbit.ranges import Overflow, RangeMode
 
+from .variance_args import Options, add_arguments, validate
 from .variance_data import Data, warmup
 from .variance_summary import command_line, jsonable, machine, summary, write_csv
-
-TASKS = ("digits", "fashion-mnist", "text")
-DEFAULT_BATCH_SIZE = {"digits": 32, "fashion-mnist": 32, "text": 16}
-DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
-DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
-RANGES = ("dynamic", "predicted", "predicted-clip")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    a("--model", default=None, help="model name for the task (default: the task's default)")
-    a("--quantizers", default=",".join(QUANTIZERS),
-      help=f"comma-separated ∇X-path quantizers from {', '.join(QUANTIZERS)}")
-    a("--bits", default="4,8", help=f"comma-separated ∇X-path bit widths in {MIN_BITS}..{MAX_BITS} "
-      "(symmetric integer grids; ignored with --formats)")
-    a("--formats", default=None,
-      help=f"comma-separated ∇X-path formats from {', '.join(FORMAT_NAMES)} (block formats "
-      "also as NAME_spec: the OCP/NVFP4 scale rule that may clip)")
-    a("--rounding", default="stochastic",
-      help="comma-separated gradient rounding modes: stochastic, nearest (default stochastic)")
-    a("--out", required=True, help="output folder (created)")
-    a("--batches", type=int, default=12, help="minibatches for the decomposition (≥ 3)")
-    a("--batch-size", type=int, default=None,
-      help="minibatch size (default: 32 images, 16 windows)")
-    a("--repeats", type=int, default=4, help="FQT draws per minibatch (≥ 2)")
-    a("--seed", type=int, default=0)
-    a("--subset", type=int, default=None,
-      help="training images to load (fashion-mnist, default 10000; digits: all) or text bytes")
-    a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
-    a("--lr", type=float, default=None, help="warm-up learning rate (SGD images, AdamW text)")
-    a("--bound-batches", type=int, default=1, help="minibatches with a Theorem 2 bound (0: none)")
-    a("--spectrum", default="layer",
-      help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum)")
-    a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")
-    a("--ranges", default="dynamic",
-      help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
-    a("--range-margin", type=float, default=1.25,
-      help="predicted range = margin × the largest recent absmax (≥ 1, default 1.25)")
-    a("--range-history", type=int, default=16,
-      help="predicted range: calls whose absmax is remembered (default 16)")
-    a("--range-calibration", type=int, default=16,
-      help="FQT backward passes that fill the predicted-range histories (default 16)")
-    a("--profile", default=None,
-      help="quantizers to profile layer by layer (default: all of --quantizers; 'none': off)")
-    a("--profile-batches", type=int, default=1, help="minibatches of the profile")
-    a("--profile-repeats", type=int, default=2, help="draws per minibatch and layer (≥ 2)")
-    a("--bin-layer", default=None, help="layer whose ∇Y goes in the bin figure (default: middle)")
-    a("--threads", type=int, default=None,
-      help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
-    a("--quiet", action="store_true", help="no progress bars")
-
-
-# -- argument checks ----------------------------------------------------------------------
-@dataclass
-class Options:
-    task: str
-    model: str | None
-    quantizers: list[str]
-    bits: list[int]
-    formats: list[str]
-    roundings: list[str]
-    out: Path
-    batches: int
-    batch_size: int
-    repeats: int
-    seed: int
-    subset: int | None
-    train_steps: int
-    lr: float
-    bound_batches: int
-    spectrum: str
-    power_iters: int
-    profile: list[str]
-    profile_batches: int
-    profile_repeats: int
-    bin_layer: str | None
-    threads: int | None
-    progress: bool
-    ranges: list[str]
-    range_calibration: int
-    range_margin: float
-    range_history: int
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers in {MIN_BITS}..{MAX_BITS}, "
-                         f"got {text!r}") from None
-    bad = [v for v in vals if not MIN_BITS <= v <= MAX_BITS]
-    if not vals or bad:
-        raise ValueError(f"--{what} must be integers in {MIN_BITS}..{MAX_BITS}, got {text!r}")
-    return vals
-
-
-def _names(text: str, what: str) -> list[str]:
-    vals = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [v for v in vals if v not in QUANTIZERS]
-    if not vals or bad:
-        raise ValueError(f"--{what}: unknown quantizer(s) {', '.join(bad) or repr(text)}; "
-                         f"allowed: {', '.join(QUANTIZERS)}")
-    return vals
-
-
-def _formats(text: str) -> list[str]:
-    vals = [x.strip() for x in text.split(",") if x.strip()]
-    if not vals:
-        raise ValueError("--formats must name at least one format")
-    for v in vals:
-        try:
-            parse_format(v)
-        except ValueError:
-            raise ValueError(f"--formats: unknown format {v!r}; allowed: {', '.join(FORMAT_NAMES)} "
-                             "(block formats also as NAME_spec)") from None
-    return list(dict.fromkeys(vals))
-
-
-def _at_least(name: str, value: int, low: int) -> int:
-    if value < low:
-        raise ValueError(f"--{name} must be ≥ {low}, got {value}")
-    return value
-
-
-def validate(args: argparse.Namespace) -> Options:
-    """Check the arguments; raise ``ValueError`` with a line naming the allowed values."""
-    if args.task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
-    if args.model is not None and args.model not in MODELS[args.task]:
-        raise ValueError(f"--model for task {args.task!r} must be one of "
-                         f"{', '.join(MODELS[args.task])}, got {args.model!r}")
-    if args.spectrum not in SPECTRUM_MODES:
-        raise ValueError(f"--spectrum must be one of {', '.join(SPECTRUM_MODES)}, "
-                         f"got {args.spectrum!r}")
-    quantizers = _names(args.quantizers, "quantizers")
-    if args.profile is None:
-        profile = quantizers
-    elif args.profile.strip().lower() == "none":
-        profile = []
-    else:
-        profile = _names(args.profile, "profile")
-    batches = _at_least("batches", args.batches, 3)
-    bound = _at_least("bound-batches", args.bound_batches, 0)
-    if bound > batches:
-        raise ValueError(f"--bound-batches ({bound}) must be ≤ --batches ({batches})")
-    pbatches = _at_least("profile-batches", args.profile_batches, 0)
-    if pbatches > batches:
-        raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
-    if args.subset is not None:
-        _at_least("subset", args.subset, 1)
-    ranges = [x.strip() for x in args.ranges.split(",") if x.strip()]
-    if not ranges or any(r not in RANGES for r in ranges):
-        raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
-                         f"got {args.ranges!r}")
-    margin = args.range_margin
-    if not (math.isfinite(margin) and margin >= 1):
-        raise ValueError(f"--range-margin must be a finite number ≥ 1, got {margin}")
-    roundings = [x.strip() for x in args.rounding.split(",") if x.strip()]
-    if not roundings or any(r not in ("stochastic", "nearest") for r in roundings):
-        raise ValueError(f"--rounding must be a comma-separated list from stochastic, nearest, "
-                         f"got {args.rounding!r}")
-    bits = _int_list(args.bits, "bits")
-    formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
-    lr = DEFAULT_LR[args.task] if args.lr is None else args.lr
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    return Options(
-        task=args.task, model=args.model, quantizers=quantizers,
-        bits=sorted({parse_format(f).element_bits for f in formats}), formats=formats,
-        roundings=list(dict.fromkeys(roundings)), out=Path(check_out_dir("--out", args.out)), batches=batches,
-        batch_size=_at_least("batch-size", args.batch_size or DEFAULT_BATCH_SIZE[args.task], 2),
-        repeats=_at_least("repeats", args.repeats, 2), seed=_at_least("seed", args.seed, 0),
-        subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],
-        train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,
-        bound_batches=bound, spectrum=args.spectrum,
-        power_iters=_at_least("power-iters", args.power_iters, 1), profile=profile,
-        profile_batches=pbatches,
-        profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
-        bin_layer=args.bin_layer,
-        threads=None if args.threads is None else _at_least("threads", args.threads, 1),
-        progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
-        range_calibration=_at_least("range-calibration", args.range_calibration, 1),
-        range_margin=margin, range_history=_at_least("range-history", args.range_history, 1),
-    )
 
 
 # -- the study ----------------------------------------------------------------------------

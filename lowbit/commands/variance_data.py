@@ -12,7 +12,7 @@ from lowbit.analysis._model import LossFn, progress_bar
 from lowbit.experiments import data as D
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .variance import Options
+    from .variance_args import Options
 
 TEXT_BLOCK = 64  # tokens per window
 
