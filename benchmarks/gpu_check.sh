@@ -99,7 +99,8 @@ EOF
 
 # -- 3. the CUDA test cases ----------------------------------------------------------------
 stage cuda_tests "$T_TESTS" "$OUTDIR/cuda_tests.log" \
-    "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUTDIR/cuda_tests.xml" tests
+    "$PY" -m pytest -m cuda -v -rs --durations=15 -p no:cacheprovider \
+    --junitxml="$OUTDIR/cuda_tests.xml" tests  # -v: a timed-out run still shows how far it got
 
 # -- 4. lowbit.coverage on CUDA -------------------------------------------------------------
 stage coverage_cuda 50 "$OUTDIR/coverage_cuda.log" "$PY" benchmarks/coverage_cuda.py

@@ -193,9 +193,13 @@ def test_linear_runs_its_gemms_on_the_real_kernel_and_equals_reference(
     w_out = torch.randn(2, 24, 48, generator=g)
     torch.manual_seed(1)
     layer = nn.Linear(32, 48)
+    # a first run: on CUDA fp8.supports probes each (dtypes, scaling) once with its own
+    # 16×16 _scaled_mm call; the counted run below then calls only the layer's GEMMs
+    first = _linear_run(device, recipe, "auto", x, layer, w_out)
     calls = _count(monkeypatch, int8, "int_mm") if kernel == "int8" else \
         _count(monkeypatch, torch, "_scaled_mm")
     got = _linear_run(device, recipe, "auto", x, layer, w_out)
+    assert all(torch.equal(f, g) for f, g in zip(first, got))  # same seed, same stream
     assert len(calls) == real, f"{real} of the three GEMMs must run on the {kernel} kernel"
     ref = _linear_run(device, recipe, "reference", x, layer, w_out)
     assert len(calls) == real, "the reference backend runs no real low-bit GEMM"
