@@ -30,7 +30,7 @@ from lowbit.config import Backend, GradSpec, OperandSpec
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
 from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
-from lowbit.kernels.im2col import exact_gemm
+from lowbit.kernels.im2col import exact_gemm, im2col, nhwc, patches, place
 
 U = 2.0**-24
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
@@ -205,6 +205,27 @@ def test_scale_on_summed_dimension_runs_simulated_or_refuses() -> None:
     # the output GEMM has both scales on non-summed dimensions: integer even per row
     y = conv_output(qx, qw, x.shape, wt.shape, params, Backend.INT8)
     assert y.shape == (3, 6, 9, 11)
+
+
+@pytest.mark.parametrize("c,groups", [(16, 1), (12, 1), (6, 1), (3, 1), (16, 2), (24, 3), (8, 8), (32, 4)])
+def test_im2col_by_definition(c: int, groups: int) -> None:
+    """im2col (copied in 8/4/2-byte words where the group's channel run allows, else byte
+    by byte) is exactly its definition: column (i, j, c') of row (n, h, w) holds the
+    padded code at (n, h·s + i·d, w·s + j·d, g·C/groups + c')."""
+    n, h, w, k = 2, 7, 6, 3
+    codes = torch.randint(-127, 128, (n, c * h * w), dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(3))
+    x = place(nhwc(codes, (n, c, h, w)), (h + 2, w + 2), (1, 1))  # padded (N, H+2, W+2, C)
+    cg = c // groups
+    for s, d in ((1, 1), (2, 1), (1, 2)):
+        p = patches(x, (k, k), (s, s), (d, d))
+        ho, wo = p.shape[1], p.shape[2]
+        ni, hi, wi, ii, ji, ci = torch.meshgrid(*(torch.arange(m) for m in (n, ho, wo, k, k, cg)),
+                                                indexing="ij")
+        for g in range(groups):
+            want = x[ni, hi * s + ii * d, wi * s + ji * d, g * cg + ci].reshape(n * ho * wo, k * k * cg)
+            got = im2col(p, g, groups)
+            assert got.dtype == torch.int8 and got.is_contiguous() and torch.equal(got, want)
 
 
 def test_long_sum_split_exact() -> None:
