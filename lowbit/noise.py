@@ -201,18 +201,24 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> 
     """``U[0,1)`` float32 noise as a pure function of (element index, ``seed``).
 
     A counter-based generator: element ``i`` (row-major index in ``shape``) gets
-    ``h(i·K + seed mod 2³²)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
+    ``h((i·K mod 2³²) XOR seed)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
     bits (the resolution of ``torch.rand`` in float32: the values ``k·2⁻²⁴``, so
     :func:`stochastic_round` is biased by less than 2⁻²⁴ of a grid step). Being
     a pure function of the index, the same noise comes out of the reference path, a
     compiled kernel or another device, whatever the memory layout. ``seed`` is a 0-d
     int64 tensor drawn from the layer's ``torch.Generator`` (:func:`draw_seed`).
+
+    The seed enters by XOR, not by addition: with ``i·K + seed``, two calls whose seeds
+    differ by ``j·K mod 2³²`` (probability about ``2n/2³²`` for a pair of calls of ``n``
+    elements) drew the same noise shifted by ``j`` elements; with XOR the second call's
+    index map ``i ↦ ((i·K) ⊕ d)·K⁻¹`` scatters over all ``2³²`` counters, so two calls
+    share about ``n²/2³²`` noise values at unrelated positions, as any 32-bit generator.
     """
     n = 1
     for d in shape:
         n *= d
     x = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
-    x = (x * 0x27D4EB2D + seed) & _MASK32
+    x = ((x * 0x27D4EB2D) & _MASK32) ^ seed
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (x >> 16) ^ x

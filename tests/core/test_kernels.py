@@ -62,6 +62,21 @@ def test_counter_noise_is_uniform_and_seed_dependent() -> None:
     assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 5 / n**0.5
 
 
+def test_counter_noise_of_two_calls_is_never_a_shifted_copy() -> None:
+    """Two seeds that differ by j·K mod 2³² (K the index multiplier): with the seed added
+    to i·K, the second call's noise was the first's shifted by j elements (all n − j
+    equal); with the seed XORed in, the two share only chance values (~n²/2³² of them)."""
+    n, k = 100_000, 0x27D4EB2D
+    for s1, j in ((12345, 1), (2**31 + 7, 17), (99, 5000)):
+        s2 = (s1 + j * k) % 2**32
+        u = counter_uniform((n,), torch.tensor(s1))
+        v = counter_uniform((n,), torch.tensor(s2))
+        same = float((u[j:] == v[:-j]).double().mean())
+        # chance coincidence of two 24-bit values: 2⁻²⁴ each; 1e-3 is > 10⁴ times that
+        assert same < 1e-3, (s1, j, same)
+        assert abs(float(torch.corrcoef(torch.stack([u[j:], v[:-j]]).double())[0, 1])) < 5 / n**0.5
+
+
 def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
     from lowbit.quantizers.bhq import bhq_transform
 
