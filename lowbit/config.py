@@ -140,9 +140,11 @@ FLOAT_FAMILIES: dict[str, tuple[str, str]] = {
     "mxfp4": ("mxfp4", "mxfp4"),
     "nvfp4": ("nvfp4", "nvfp4"),
 }
-# Biased baselines as torchao's float8 recipes of these names: all three GEMMs FP8,
-# gradients rounded to nearest. tensorwise: E4M3 operands, E5M2 gradient, one scale per
-# tensor; rowwise: E4M3 everywhere, one scale per row (per column of ∇Y on the ∇W path).
+# Biased baselines with the numerics of torchao's float8 recipes of these names: all three
+# GEMMs on FP8 operands, gradients rounded to nearest. tensorwise: E4M3 operands, E5M2
+# gradient, one scale per tensor; rowwise: E4M3 everywhere, one scale per row (per column
+# of ∇Y on the ∇W path). rowwise's W and X row scales lie on the summed dimension of the
+# backward GEMMs, which therefore run simulated (README, "Execution").
 BASELINES = ("fp8-tensorwise", "fp8-rowwise")
 
 
@@ -258,8 +260,8 @@ class FQTConfig:
           forward round-to-nearest E4M3 (block formats: their own element), gradients
           stochastically rounded onto E5M2 (or the block format), ``Q`` on ∇X and per-column
           (psq; ptq for ptq) on ∇W;
-        * ``fp8-tensorwise``, ``fp8-rowwise``: torchao's biased FP8 baselines (all GEMMs FP8,
-          gradients rounded to nearest);
+        * ``fp8-tensorwise``, ``fp8-rowwise``: torchao's biased FP8 baselines (all GEMMs on
+          FP8 operands, gradients rounded to nearest; rowwise's backward GEMMs simulated);
         * ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (its bit widths are
           then chosen by ``lowbit.adaptive.AdaptivePolicy.from_recipe(name)``).
 
