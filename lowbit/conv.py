@@ -51,7 +51,7 @@ from .config import Backend, FQTConfig, GradSpec
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, kernels_for
-from .kernels.im2col import channels_last, col2im, exact_gemm, im2col, nhwc, patches, place
+from .kernels.im2col import channels_last, col2im, exact_gemm, gemm_nchw, im2col, nhwc, patches, place
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedOperand
@@ -123,9 +123,12 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
-    a_scale = _per_row(qx.scale, ho * wo)
     wl = _weight_rows(qw, w_shape)
     k = kernels_for(backend, qx.codes.device)
+    if groups == 1:  # the epilogue writes (N, C_out, H'·W')
+        return gemm_nchw(k, im2col(p, 0, 1), qx.scale, Encoded(wl, qw.scale).t(), (ho, wo), bias,
+                         out_dtype)
+    a_scale = _per_row(qx.scale, ho * wo)
     cog = co // groups
     outs = [exact_gemm(k, Encoded(im2col(p, g, groups), a_scale),
                        Encoded(wl[g * cog:(g + 1) * cog], _group(qw.scale, g, cog)).t(),
@@ -179,8 +182,13 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
     k = kernels_for(backend, qa.codes.device)
-    a_scale = _per_row(qa.scale, h * w)
     cog = co // groups
+    if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W)
+        with record_function("lowbit::grad_input"):
+            gx = gemm_nchw(k, im2col(p, 0, 1), qa.scale, Encoded(wf.reshape(kh * kw * co, cg), qw.scale),
+                           (h, w))
+        return gx.reshape(n, c * h * w)
+    a_scale = _per_row(qa.scale, h * w)
     outs = []
     with record_function("lowbit::grad_input"):
         for gi in range(groups):

@@ -16,11 +16,13 @@ product, added exactly in int64, then scaled once by the same epilogue as one GE
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+from torch.profiler import record_function
 
-from . import Backend, Kernels, int8
+from . import Backend, Kernels, int8, reference, register_fused
 from .encoded import Encoded
 
 
@@ -142,5 +144,48 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
                        out_dtype)
 
 
-__all__ = ["channels_last", "chunks_supported", "col2im", "exact_gemm", "im2col", "nhwc", "patches",
-           "place"]
+def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`reference.int8_epilogue` of ``acc`` (N, *spatial, C) int32 (no offsets),
+    written as a new contiguous (N, C, *spatial) tensor (never a view: a layer returns
+    it): ``a_scale`` (N, 1, …, 1) or all ones, ``b_scale`` (1, …, 1, C) or all ones,
+    ``bias`` (C,) or ``None``. Per element the same operations as the epilogue of the
+    (N·P, C) GEMM output, so bitwise the same values."""
+    out = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
+    return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
+
+
+register_fused("int8_epilogue_nchw", epilogue_nchw)
+
+
+def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b: Encoded,
+              spatial: Sequence[int], bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``â @ b̂ + bias`` as :func:`exact_gemm`, for ``a``'s rows (sample, position):
+    ``a_codes`` (N·P, K) with ``P = prod(spatial)``, ``a_scale`` per sample (N, 1) or per
+    tensor (1, 1), ``b`` (K, C) → a new contiguous (N, C, *spatial) in ``out_dtype``.
+    With the integer GEMM in one piece (``K ≤ int8.MAX_K``) the epilogue writes that
+    layout in its one pass (:func:`epilogue_nchw`); otherwise :func:`exact_gemm` with the
+    scale repeated over each sample's rows, then a permuting copy. Raises ``ValueError``
+    where the rows are not N samples of P positions or the scale is neither."""
+    m, c, p = a_codes.shape[0], b.codes.shape[1], math.prod(spatial)
+    n = m // p if p else 0
+    if p == 0 or m != n * p or a_scale.shape[0] not in (1, n):
+        raise ValueError(f"gemm_nchw: {m} rows are not samples of {tuple(spatial)} positions, or "
+                         f"the scale {tuple(a_scale.shape)} is neither per sample nor per tensor")
+    ones = (1,) * len(spatial)
+    if a_codes.shape[1] <= int8.MAX_K and kernels.backend in (Backend.AUTO, Backend.INT8) \
+            and b.offset is None and int8.supports(Encoded(a_codes, a_scale[:1]), b):
+        with record_function("lowbit::gemm"):
+            acc = int8.int_mm(a_codes, b.codes)
+        with record_function("lowbit::epilogue"):
+            return kernels.run("int8_epilogue_nchw", acc.view(n, *spatial, c),
+                               a_scale.reshape(a_scale.shape[0], *ones, 1),
+                               b.scale.reshape(*ones, 1, b.scale.shape[1]), bias, out_dtype)
+    rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
+    y = exact_gemm(kernels, Encoded(a_codes, rows), b, bias, out_dtype)
+    return y.reshape(n, *spatial, c).movedim(-1, 1).clone(memory_format=torch.contiguous_format)
+
+
+__all__ = ["channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
+           "gemm_nchw", "im2col", "nhwc", "patches", "place"]

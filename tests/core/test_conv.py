@@ -30,7 +30,8 @@ from lowbit.config import Backend, GradSpec, OperandSpec
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
 from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
-from lowbit.kernels.im2col import exact_gemm, im2col, nhwc, patches, place
+from lowbit.kernels import compiled
+from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place
 
 U = 2.0**-24
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
@@ -226,6 +227,36 @@ def test_im2col_by_definition(c: int, groups: int) -> None:
             want = x[ni, hi * s + ii * d, wi * s + ji * d, g * cg + ci].reshape(n * ho * wo, k * k * cg)
             got = im2col(p, g, groups)
             assert got.dtype == torch.int8 and got.is_contiguous() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gemm_nchw_bitwise_the_gemm_then_permute(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemm_nchw (the epilogue writes (N, C, P)) is bitwise exact_gemm of the (N·P, C)
+    product permuted, eager and compiled: per-sample and per-tensor activation scales,
+    per-tensor and per-channel column scales, bias, float32 and bfloat16 outputs; a scale
+    on the summed dimension takes the simulated GEMM, also bitwise."""
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 0 if fused else 1 << 62)
+    gen = torch.Generator().manual_seed(5)
+    n, p, k, c = 3, 20, 27, 8
+    codes = torch.randint(-127, 128, (n * p, k), dtype=torch.int8, generator=gen)
+    b_codes = torch.randint(-127, 128, (k, c), dtype=torch.int8, generator=gen)
+    kern = kernels_for(Backend.AUTO, "cpu")
+    for a_scale in (torch.rand(n, 1, generator=gen), torch.rand(1, 1, generator=gen)):
+        for b_scale in (torch.rand(1, c, generator=gen), torch.rand(1, 1, generator=gen),
+                        torch.rand(k, 1, generator=gen)):  # the last on the summed dimension
+            for bias, dt in ((None, torch.float32), (torch.randn(c, generator=gen), torch.float32),
+                             (torch.randn(c, generator=gen), torch.bfloat16)):
+                b = Encoded(b_codes, b_scale)
+                rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
+                want = exact_gemm(kern, Encoded(codes, rows), b, bias, dt)
+                want = want.reshape(n, 4, 5, c).permute(0, 3, 1, 2).contiguous()
+                got = gemm_nchw(kern, codes, a_scale, b, (4, 5), bias, dt)
+                assert got.dtype == dt and got.is_contiguous() and got._base is None
+                assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"60 rows are not samples of \(7,\) positions"):
+        gemm_nchw(kern, codes, torch.rand(1, 1), Encoded(b_codes, torch.rand(1, c)), (7,))
+    with pytest.raises(ValueError, match=r"the scale \(2, 1\) is neither"):
+        gemm_nchw(kern, codes, torch.rand(2, 1), Encoded(b_codes, torch.rand(1, c)), (4, 5))
 
 
 def test_long_sum_split_exact() -> None:
