@@ -50,7 +50,7 @@ from torch.nn.modules.utils import _single
 from .config import Backend, FQTConfig, GradSpec
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
-from .kernels import Encoded, kernels_for
+from .kernels import Encoded, Kernels, kernels_for, qconv
 from .kernels.im2col import channels_last, col2im, exact_gemm, gemm_nchw, im2col, nhwc, patches, place
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
@@ -106,6 +106,22 @@ def _dq(q: QuantizedOperand, shape: Sequence[int]) -> torch.Tensor:
     return q.dequantize().reshape(shape)
 
 
+def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int) -> bool:
+    """Whether a convolution of ``codes`` by a ``w_shape`` kernel runs on oneDNN's exact
+    int8 convolution (:mod:`lowbit.kernels.qconv`): integer kernels allowed, and exact."""
+    return k.backend in (Backend.AUTO, Backend.INT8) and qconv.available(codes, w_shape, groups)
+
+
+def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator (any memory
+    format), ``a_scale`` per sample or tensor, ``b_scale`` per channel or tensor → new
+    contiguous (N, C, H, W): the epilogue of the integer GEMM, the same arithmetic."""
+    with record_function("lowbit::epilogue"):
+        return k.run("int8_epilogue_nchw", acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1),
+                     b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
+
+
 # -- the three GEMMs ---------------------------------------------------------------------
 def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[int],
                 w_shape: Sequence[int], params: Sequence[int], backend: Backend,
@@ -120,11 +136,16 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
         return y.to(out_dtype)
     n, _, h, w = x_shape
     co, cg, kh, kw = w_shape
+    k = kernels_for(backend, qx.codes.device)
+    if _onednn(k, qx.codes, w_shape, groups):  # oneDNN's int8 convolution, exact sums
+        with record_function("lowbit::gemm"):
+            acc = qconv.conv_acc(qx.codes.view(x_shape), qw.codes.view(w_shape), stride, padding,
+                                 dilation, groups)
+        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype)
     x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
     wl = _weight_rows(qw, w_shape)
-    k = kernels_for(backend, qx.codes.device)
     if groups == 1:  # the epilogue writes (N, C_out, H'·W')
         return gemm_nchw(k, im2col(p, 0, 1), qx.scale, Encoded(wl, qw.scale).t(), (ho, wo), bias,
                          out_dtype)
@@ -177,12 +198,21 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+    pad = [ext[0] - padding[0], ext[1] - padding[1]]
+    k = kernels_for(backend, qa.codes.device)
+    cog = co // groups
+    if min(pad) >= 0 and qw.scale.shape[0] == 1 and _onednn(k, qa.codes, (c, cog, kh, kw), groups):
+        # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
+        wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
+        with record_function("lowbit::grad_input"):
+            with record_function("lowbit::gemm"):
+                acc = qconv.conv_acc(qa.codes.view(g_shape), wt, (1, 1), pad, dilation, groups)
+            gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32)
+        return gx.reshape(n, c * h * w)
     gz = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
-    k = kernels_for(backend, qa.codes.device)
-    cog = co // groups
     if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W)
         with record_function("lowbit::grad_input"):
             gx = gemm_nchw(k, im2col(p, 0, 1), qa.scale, Encoded(wf.reshape(kh * kw * co, cg), qw.scale),

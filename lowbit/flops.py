@@ -133,6 +133,17 @@ for _kind in ("flash_attention_for_cpu", "flash_attention", "efficient_attention
 # ops this torch has (older versions lack some attention variants)
 FORMULAS: dict[Any, Formula] = {getattr(aten, n): f for n, f in _BY_NAME.items() if hasattr(aten, n)}
 
+
+def _qconv(args: Sequence[Any], out: Any) -> list[Part]:
+    """``onednn::qconv2d_pointwise(qx, x_scale, x_zp, packed_w, …)``: lowbit.conv's exact
+    int8 convolution (lowbit.kernels.qconv); the packed weight keeps its logical shape."""
+    x, w = args[0], args[3]
+    return [Part(None, conv_flops(x.shape, w.shape, out.shape, False), (x, w))]
+
+
+if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
+    FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv
+
 ATTENTION_OPS = frozenset(p for p, f in FORMULAS.items() if f in (_sdpa, _sdpa_backward))
 
 # Names of aten ops that multiply matrices; one of these without a formula is reported

@@ -54,7 +54,8 @@ KINDS = (*REAL_KINDS, "simulated", "float")
 OUTSIDE = "(outside model)"  # GEMMs of the loss function or other code around the model
 
 _FORMATS = {torch.int8: "int8", torch.bfloat16: "bf16", torch.float16: "fp16",
-            torch.float32: "fp32", torch.float64: "fp64"}
+            torch.float32: "fp32", torch.float64: "fp64",
+            torch.uint8: "int8 (u8 + 128)"}  # int8 codes shifted for oneDNN (kernels.qconv)
 for _name, _label in (("float8_e4m3fn", "fp8 e4m3"), ("float8_e4m3fnuz", "fp8 e4m3"),
                       ("float8_e5m2", "fp8 e5m2"), ("float8_e5m2fnuz", "fp8 e5m2"),
                       ("float4_e2m1fn_x2", "fp4 e2m1")):

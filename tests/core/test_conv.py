@@ -30,7 +30,7 @@ from lowbit.config import Backend, GradSpec, OperandSpec
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
 from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
-from lowbit.kernels import compiled
+from lowbit.kernels import compiled, qconv
 from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place
 
 U = 2.0**-24
@@ -160,15 +160,68 @@ def test_layer_auto_equals_reference_same_noise_stream(name: str) -> None:
 
 
 def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
-    """What runs under auto for a per-tensor int8 recipe: ``_int_mm`` once per group for
-    each of the three GEMMs, no float convolution."""
+    """What runs under auto for a per-tensor int8 recipe: the output GEMM as one oneDNN
+    int8 convolution (all groups) where that is exact on this machine, else ``_int_mm``
+    once per group; ∇X (stride 2: the col2im GEMM) and ∇W ``_int_mm`` once per group; no
+    float convolution."""
     x, wt, b, params = _case("groups2")
     gy = torch.ones(F.conv2d(x, wt, b, params[0:2], params[2:4], params[4:6], params[6]).shape)
     with torch.profiler.profile() as prof:
         _layer_run("auto", x, wt, b, params, gy)
     names = [e.name for e in prof.events()]
-    assert names.count("aten::_int_mm") == 3 * params[6]
-    assert not any("convolution" in n for n in names)
+    onednn = qconv.available(torch.zeros(1, dtype=torch.int8), wt.shape, params[6])
+    assert names.count("onednn::qconv2d_pointwise") == int(onednn)
+    assert names.count("aten::_int_mm") == (3 - onednn) * params[6]
+    assert not any("aten::convolution" in n or "aten::_convolution" in n for n in names)
+
+
+ONEDNN = pytest.mark.skipif(not qconv.available(torch.zeros(1, dtype=torch.int8), (1, 1, 1, 1), 1),
+                            reason="oneDNN's int8 convolution is not exact on this CPU (no VNNI, "
+                                   "or the probe failed): lowbit uses im2col + _int_mm there")
+
+
+@ONEDNN
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_onednn_conv_acc_is_the_exact_integer_sum(name: str) -> None:
+    """qconv.conv_acc of int8 codes (extremes ±127 and random) equals the float64
+    convolution of the codes exactly, for every geometry, up to K = MAX_K terms."""
+    n, c, h, w, co, k, s, p, d, g = GEOMETRIES[name]
+    gen = torch.Generator().manual_seed(2)
+    for xc, wc in ((torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=gen),
+                    torch.randint(-127, 128, (co, c // g, *_pair(k)), dtype=torch.int8, generator=gen)),
+                   (torch.full((n, c, h, w), 127, dtype=torch.int8),
+                    torch.full((co, c // g, *_pair(k)), -127, dtype=torch.int8))):
+        got = qconv.conv_acc(xc, wc, _pair(s), _pair(p), _pair(d), g)
+        want = F.conv2d(xc.double(), wc.double(), None, _pair(s), _pair(p), _pair(d), g)
+        assert got.dtype == torch.float32 and torch.equal(got.double(), want)
+    big = torch.full((2, qconv.MAX_K, 1, 1), 127, dtype=torch.int8)  # |acc| = 1023·127² < 2²⁴
+    got = qconv.conv_acc(big, torch.full((3, qconv.MAX_K, 1, 1), 127, dtype=torch.int8), (1, 1),
+                         (0, 0), (1, 1), 1)
+    assert torch.equal(got, torch.full((2, 3, 1, 1), float(qconv.MAX_K * 127 * 127)))
+    assert not qconv.available(big, (3, qconv.MAX_K + 1, 1, 1), 1)  # float32 could round
+
+
+@ONEDNN
+@pytest.mark.parametrize("quantizer", ["psq", "bhq"])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_onednn_path_bitwise_the_im2col_path(name: str, quantizer: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Y and ∇X through oneDNN's convolution are bitwise those of im2col + _int_mm (the
+    same exact integer sums, then the same epilogue), per-tensor and per-sample scales."""
+    x, wt, b, params = _case(name)
+    runs = []
+    for onednn in (True, False):
+        if not onednn:
+            monkeypatch.setattr(qconv, "available", lambda *a: False)
+        for gran in ("tensor", "row"):
+            spec = OperandSpec(bits=8, granularity=gran)
+            qx, qw = quantize_forward(_rows(x), spec), quantize_forward(_rows(wt), spec)
+            y = conv_output(qx, qw, x.shape, wt.shape, params, Backend.INT8, b)
+            gx = conv_grad_input(torch.ones_like(y).cumsum(-1), qw, GradSpec(quantizer=quantizer),
+                                 torch.Generator().manual_seed(7), Backend.AUTO, x.shape, wt.shape, params)
+            runs.append((y, gx))
+    for (y1, g1), (y2, g2) in zip(runs[:2], runs[2:]):
+        assert torch.equal(y1, y2) and torch.equal(g1, g2) and y1.is_contiguous()
 
 
 def test_saved_activation_is_int8() -> None:

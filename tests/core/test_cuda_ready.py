@@ -34,7 +34,7 @@ from torch import nn
 import lowbit
 from lowbit import FQTConfig
 from lowbit.functional import fqt_conv2d
-from lowbit.kernels import fp8, int8
+from lowbit.kernels import fp8, int8, qconv
 from lowbit.kernels.encoded import Encoded
 from lowbit.kernels.im2col import chunks_supported
 from lowbit.quantizers.hadamard import Hadamard
@@ -218,7 +218,8 @@ def test_conv_runs_integer_gemms_on_device_and_equals_reference(
         monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     """Conv2d(8 → 24, 3×3, padding 1) on 2 × 8 × 8: forward (128 × 72 × 24), ∇X
     (128 × 216 × 8) and ∇W (24 × 128 × 72) meet the CUDA int8 rule; all three run on
-    ``_int_mm``; auto vs reference within the rounding bound."""
+    integer kernels — ``_int_mm``, or for Y and ∇X on the CPU oneDNN's int8 convolution
+    where it is exact (``lowbit.kernels.qconv``); auto vs reference within the rounding bound."""
     for m_, k_, n_ in ((128, 72, 24), (128, 216, 8), (24, 128, 72)):
         assert int8.shape_ok(m_, k_, n_, "cuda")
     g = torch.Generator().manual_seed(0)
@@ -226,7 +227,10 @@ def test_conv_runs_integer_gemms_on_device_and_equals_reference(
     wt = torch.randn(24, 8, 3, 3, generator=g) * 0.2
     b = torch.randn(24, generator=g)
     gy = torch.randn(2, 24, 8, 8, generator=g)
+    # (asked first: the once-per-process probe calls conv_acc itself)
+    on_cpu = torch.device(device).type == "cpu" and qconv.available(x.to(torch.int8), wt.shape, 1)
     calls = _count(monkeypatch, int8, "int_mm")
+    onednn = _count(monkeypatch, qconv, "conv_acc")
 
     def run(backend: str) -> tuple[torch.Tensor, ...]:
         cfg = FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=3)
@@ -236,7 +240,7 @@ def test_conv_runs_integer_gemms_on_device_and_equals_reference(
         return y.detach().cpu(), xs.grad.cpu(), ws.grad.cpu()
 
     got = run("auto")
-    assert len(calls) == 3
+    assert (len(calls), len(onednn)) == ((1, 2) if on_cpu else (3, 0))
     ref = run("reference")
     assert got[0].shape == F.conv2d(x, wt, b, padding=1).shape == (2, 24, 8, 8)
     bounds = (_bound(72, x, wt), _bound(216, gy, wt), _bound(128, gy, x))

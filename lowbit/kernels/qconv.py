@@ -1,0 +1,87 @@
+"""oneDNN's int8 convolution as an exact integer sum: ``acc = Σ x̂·ŵ`` of int8 codes.
+
+A convolution of int8 codes (``lowbit.conv``'s output GEMM, and ∇X at stride 1) runs
+directly on oneDNN's int8 convolution (``torch.ops.onednn.qconv2d_pointwise``) instead of
+im2col + ``torch._int_mm``: no (N·H'·W', K) patch matrix is written and read back. The
+op wants unsigned activations, so the codes enter as ``u8 = code + 128`` with zero point
+128 (oneDNN subtracts ``128·Σw`` in its int32 accumulator: exact); activation and weight
+scales are 1, so its float32 output is ``float(acc)`` — exact while ``|acc| < 2²⁴``,
+guaranteed by ``K·128² < 2²⁴`` (``K = C/groups·kH·kW ≤`` :data:`MAX_K`). The caller then
+applies the same epilogue (``acc·s_a·s_b + b``) as after ``_int_mm``, whose first step,
+``acc.to(float32)``, gives the same float: the result is bitwise the im2col path's.
+
+Where oneDNN's int8 kernels are not exact (without VNNI/AMX, ``vpmaddubsw`` saturates
+pairs of u8·s8 products at 2¹⁵ and weights are pre-scaled), :func:`available` is false:
+it requires a CPU with VNNI and, once per process, a probe of worst-case codes (every
+activation 127 against weights all 127, all −127 and alternating) equal to the exact
+float64 convolution. :func:`lowbit.flops` counts the op (``onednn.qconv2d_pointwise``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+MAX_K = (2**24 - 1) // (128 * 128)  # 1023: float32 holds every int32 sum of ≤ this many terms
+
+
+def _op_exists() -> bool:
+    onednn = getattr(torch.ops, "onednn", None)
+    return onednn is not None and hasattr(onednn, "qconv2d_pointwise") and hasattr(onednn, "qconv_prepack")
+
+
+def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``conv2d(x̂, ŵ)`` of int8 codes as float32 ``float(acc)``, exact: ``x_codes``
+    (N, C, H, W) int8, ``w_codes`` (C_out, C/groups, kH, kW) int8, codes in [−127, 127]
+    (or −128) → (N, C_out, H', W') float32, channels-last memory."""
+    co = w_codes.shape[0]
+    ones, zero = torch.ones(co), torch.zeros(co, dtype=torch.int64)
+    xu = x_codes.contiguous().view(torch.uint8) ^ 128  # code + 128
+    geometry = (list(stride), list(padding), list(dilation), groups)
+    packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), ones, 1.0, 128, *geometry,
+                                            list(x_codes.shape))
+    return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zero, None, *geometry,
+                                              1.0, 0, torch.float32, "none", [], "")
+
+
+@functools.cache
+def _exact_here() -> bool:
+    """The probe of the module docstring (once per process), hidden from dispatch modes
+    (a :mod:`lowbit.coverage` trace of the first step must not count its convolutions)."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    if not _op_exists() or vnni is None or not vnni():
+        return False
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.no_grad():
+        return _probe()
+
+
+def _probe() -> bool:
+    try:
+        x = torch.full((2, 64, 5, 5), 127, dtype=torch.int8)
+        for value in (127, -127, None):
+            w = torch.full((8, 64, 3, 3), 127 if value is None else value, dtype=torch.int8)
+            if value is None:
+                w[:, 1::2] = -127
+            got = conv_acc(x, w, (1, 1), (1, 1), (1, 1), 1)
+            want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+            if not torch.equal(got.double(), want):
+                return False
+        return True
+    except RuntimeError:  # a build whose oneDNN op refuses these arguments
+        return False
+
+
+def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int) -> bool:
+    """Whether :func:`conv_acc` is exact for these operands: int8 codes on the CPU,
+    ``K = C/groups·kH·kW ≤ MAX_K``, and this machine's oneDNN passes the probe."""
+    k = w_shape[1] * w_shape[2] * w_shape[3]
+    return (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
+            and x_codes.numel() > 0 and _exact_here())
+
+
+__all__ = ["MAX_K", "available", "conv_acc"]
