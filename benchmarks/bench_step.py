@@ -206,7 +206,7 @@ class Bench:
         wall ms under the profiler); on CUDA device (kernel) ms instead of CPU ms."""
         from lowbit.flops import FORMULAS
 
-        gemm_names = {f"aten::{p.__name__}" for p in FORMULAS}
+        gemm_names = {p._qualified_op_name for p in FORMULAS}  # aten::mm, onednn::qconv2d_pointwise
         events, wall = self.profiled()
         where = "device" if torch.device(self.device).type == "cuda" else "cpu"
         gemm = sum(getattr(e, f"self_{where}_time_total") for e in events if e.name in gemm_names) / 1e3
