@@ -31,7 +31,7 @@ probe), exact algebra, unbiased when the samples' contributions are independent;
 the step before it (two independent minibatches; the weights moved by one optimizer step,
 whose drift of the mean gradient adds ``½‖Δμ‖²``). BatchNorm in training mode couples the
 samples of a batch, and formula (1) then overestimates the between-batch variance — by
-2–50× on PreAct-ResNet-20 (docs/results.md, "Variance monitor") — so ``auto`` (default)
+up to 17× (median 2.4–7×) on PreAct-ResNet-20 (docs/results.md, "Variance monitor") — so ``auto`` (default)
 pairs when the model holds a BatchNorm layer and uses per-sample norms otherwise. Both
 are recorded (``sgd_w_samples``/``sgd_x_samples`` always; ``sgd_w``/``sgd_x`` the one used).
 Both read the step's actual ``∇Y``, which carries the ∇X-path noise of the layers
