@@ -19,7 +19,8 @@ nothing, and ``torch._int_mm``/``torch._scaled_mm`` are counted like any GEMM
 * **the operand formats**: the dtype (``int8``, ``fp8 e4m3``, ``bf16``, ``fp32``...), or
   :data:`SIMULATED` for float operands that hold dequantized low-bit codes. Data flow
   decides: a float tensor made from int8/fp8 codes is *dequantized*, and stays so
-  through scaling (``mul``/``div``), dtype casts, views and lowbit's row transforms;
+  through scaling (``mul``/``div``), adding the grid's offset (a tensor the quantizer
+  made: asymmetric grids), dtype casts, views and lowbit's row transforms;
   a GEMM's output never is. A float GEMM whose operands are all dequantized is
   lowbit's reference (simulated) path; one with a plain float operand is float.
 
@@ -77,11 +78,14 @@ _BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}
 
 class Taint(NamedTuple):
     """Where a tensor's values come from: ``kind`` is ``param``, ``data`` or ``const``;
-    ``param`` names the parameter (kind ``param``); ``deq``: dequantized low-bit codes."""
+    ``param`` names the parameter (kind ``param``); ``deq``: dequantized low-bit codes;
+    ``grid``: made by a quantizer (inside ``lowbit::quantize``: a scale, an asymmetric
+    grid's offset) or a view/cast of such a tensor."""
 
     kind: str
     param: str | None = None
     deq: bool = False
+    grid: bool = False
 
 
 _CONST = Taint("const")
@@ -270,7 +274,10 @@ class GemmTracer(TorchDispatchMode):
         kinds = {t.kind for t in taints}
         kind = "data" if "data" in kinds else "param" if "param" in kinds else "const"
         param = next((t.param for t in taints if t.kind == "param"), None) if kind == "param" else None
-        return Taint(kind, param, not gemm and self._dequantized(func, ins, taints, outs, in_quantizer))
+        grid = not gemm and ("lowbit::quantize" in self.scopes
+                             or (bool(taints) and all(t.grid for t in taints)))
+        return Taint(kind, param, not gemm and self._dequantized(func, ins, taints, outs, in_quantizer),
+                     grid)
 
     @staticmethod
     def _dequantized(func: Any, ins: list[torch.Tensor], taints: list[Taint],
@@ -283,7 +290,8 @@ class GemmTracer(TorchDispatchMode):
             return True
         if func.overloadpacket is aten.copy_:
             return len(low) > 1 and low[1]
-        return all(lo for t, lo in zip(ins, low) if t.is_floating_point() or lo)
+        # the grid's own tensors (an asymmetric grid's offset ``+ z``) keep codes dequantized
+        return all(lo or tn.grid for t, tn, lo in zip(ins, taints, low) if t.is_floating_point() or lo)
 
     # -- records ----------------------------------------------------------------------
     def _in_backward(self) -> bool:

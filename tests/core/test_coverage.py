@@ -391,3 +391,35 @@ def test_cli_bad_values_exit_2_with_one_line(argv: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["coverage", *argv]) == 2
     assert capsys.readouterr().err == f"lowbit coverage: error: {message}\n"
+
+
+# -- asymmetric grids (intBa): x̂ = codes·s + z is a dequantized operand ---------------------
+def test_mlp_asymmetric_gradient_grid_reference_is_simulated() -> None:
+    """``x̂ = codes·s + z``: adding the grid's offset keeps the operand dequantized (the
+    gradient GEMMs were reported ``fp32 × sim`` float before)."""
+    for recipe in ("fqt-psq-4a", "fqt-bhq-8a", "fqt-ptq-4a"):
+        rep = mlp_step(converted(mlp(), recipe, backend="reference"))
+        assert by_gemm(rep) == mlp_expected("simulated", SIM), recipe
+        assert rep.simulated_share == 1.0 and rep.float_reasons() == []
+
+
+def test_mlp_asymmetric_gradient_grid_auto_is_int8() -> None:
+    rep = mlp_step(converted(mlp(), "fqt-psq-4a"))
+    assert by_gemm(rep) == mlp_expected("int8", INT8)
+    assert rep.real_share == 1.0 and rep.float_reasons() == []
+
+
+def test_cnn_asymmetric_gradient_grid_is_all_low_bit() -> None:
+    """Conv's ∇X/∇W with an asymmetric gradient grid run simulated (the offset is no zero
+    code for the integer path), the forward on oneDNN int8, the Linear on _int_mm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
+    x, y = torch.randn(3, 2, 5, 5, requires_grad=True), torch.tensor([0, 1, 2])
+    rep = coverage(converted(model, "fqt-psq-4a"), x, loss_fn=lambda o: F.cross_entropy(o, y))
+    conv, lin = 2 * 3 * (4 * 2 * 9) * 25, 2 * 3 * 100 * 3  # 10800, 1800
+    assert by_gemm(rep) == {
+        ("0", "forward"): (conv, "int8", ("int8 (u8 + 128)", "int8")),
+        ("0", "grad_input"): (conv, "simulated", SIM), ("0", "grad_weight"): (conv, "simulated", SIM),
+        ("3", "forward"): (lin, "int8", INT8), ("3", "grad_input"): (lin, "int8", INT8),
+        ("3", "grad_weight"): (lin, "int8", INT8)}
+    assert rep.lowbit_share == 1.0 and rep.float_reasons() == []
