@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .formats import (
     MAX_BITS,
@@ -46,21 +47,22 @@ def _coerce_enum(obj: object, field: str, enum_type: type[enum.Enum]) -> None:
         raise ValueError(f"{field} must be one of {allowed}, got {value!r}") from None
 
 
+_Spec = TypeVar("_Spec", "OperandSpec", "GradSpec")
+
+
 def _resolve_format(spec: object) -> None:
     """Fold ``bits`` and ``format`` into one format (``format``) and its element width
-    (``bits``). ``bits`` alone: a symmetric integer grid. Both: for an integer format
-    ``bits`` sets the width and keeps the grid (so ``dataclasses.replace(spec, bits=4)``
-    works); for any other format they must agree."""
+    (``bits``). ``bits`` alone: a symmetric integer grid. Both: they must agree, for every
+    format kind (``ValueError`` otherwise); to change an integer spec's width keeping its
+    grid use :func:`with_bits`."""
     bits, fmt = getattr(spec, "bits"), getattr(spec, "format")
     if fmt is None:
         fmt = IntFormat(check_bits(8 if bits is None else bits, "bits"))
     else:
         fmt = parse_format(fmt)
         if bits is not None and bits != fmt.element_bits:
-            if not isinstance(fmt, IntFormat):
-                raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "
-                                 f"({fmt.element_bits}-bit elements); give one of them")
-            fmt = IntFormat(check_bits(bits, "bits"), fmt.grid)
+            raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "
+                             f"({fmt.element_bits}-bit elements); give one of them")
     object.__setattr__(spec, "format", fmt)
     object.__setattr__(spec, "bits", fmt.element_bits)
 
@@ -131,6 +133,19 @@ class GradSpec:
 
 
 PREDICTED_SUFFIX = "-predicted"
+def with_bits(spec: _Spec, bits: int) -> _Spec:
+    """``spec`` with its integer format's width set to ``bits`` (grid, symmetric or
+    asymmetric, kept). ``ValueError`` when ``bits`` is out of range, or differs from a
+    non-integer format's element width (a float or block format has no other width)."""
+    fmt = spec.format
+    if not isinstance(fmt, IntFormat):
+        if bits == fmt.element_bits:  # type: ignore[union-attr]
+            return spec
+        raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "  # type: ignore[union-attr]
+                         f"({fmt.element_bits}-bit elements): only integer formats change width")  # type: ignore[union-attr]
+    return dataclasses.replace(spec, bits=None, format=IntFormat(check_bits(bits, "bits"), fmt.grid))
+
+
 # Float recipe families: (forward format, gradient format). Forward round-to-nearest on the
 # E4M3 element (block formats: their own element, as MX/NVFP4 training does); gradients
 # stochastically rounded onto E5M2 (or the block format), the named quantizer on ∇X.
@@ -293,9 +308,9 @@ class FQTConfig:
                 raise ValueError(f"gradient bits apply to integer formats; this recipe's gradient "
                                  f"format is {spec.format.name!r}")
         if grad_input is not None and gi is not None:
-            gi = dataclasses.replace(gi, bits=grad_input)
+            gi = with_bits(gi, grad_input)
         if grad_weight is not None and gw is not None:
-            gw = dataclasses.replace(gw, bits=grad_weight)
+            gw = with_bits(gw, grad_weight)
         return dataclasses.replace(self, grad_input=gi, grad_weight=gw)
 
     def with_ranges(self, **fields: object) -> FQTConfig:

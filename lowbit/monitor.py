@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptivePolicy, Decision
-from .config import GradSpec
+from .config import GradSpec, with_bits
 from .formats import IntFormat, Rounding
 from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, fqt_layers
@@ -314,7 +314,7 @@ class VarianceMonitor:
                 new = self.policy.choose(path, cur, r, self.policy.path_target(path, n_input))
                 if new == cur:
                     continue
-                cfg = dataclasses.replace(cfg, **{path: dataclasses.replace(spec, quantizer=new[0], bits=new[1])})
+                cfg = dataclasses.replace(cfg, **{path: with_bits(dataclasses.replace(spec, quantizer=new[0]), new[1])})
                 d = Decision(step, name, path, cur[0], cur[1], new[0], new[1], r[cur], r[new])
                 self.decisions.append(d)
                 log.info("step %d %s %s: %s%d -> %s%d (ratio %.3g -> %.3g)", step, name, path,
@@ -372,7 +372,7 @@ class VarianceMonitor:
                     raise ValueError(f"monitor state: layer {n!r} path {p} is "
                                      f"{'float' if qb is None else 'quantized'} in the state")
                 if qb is not None:
-                    cfg = dataclasses.replace(cfg, **{p: dataclasses.replace(spec, quantizer=qb[0], bits=int(qb[1]))})
+                    cfg = dataclasses.replace(cfg, **{p: with_bits(dataclasses.replace(spec, quantizer=qb[0]), int(qb[1]))})
             layer.config = cfg
         self.steps = int(state["steps"])  # the interval stays the constructor's
         pair = state.get("pair")

@@ -225,13 +225,23 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> 
     return (x >> 8).to(torch.float32) * (2.0**-24)
 
 
+def check_generator(generator: object, where: str) -> None:
+    """``TypeError`` unless ``generator`` is a ``torch.Generator`` or ``None`` (a seed
+    integer is not one: build ``torch.Generator().manual_seed(seed)``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__} {generator!r}")
+
+
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """A fresh 32-bit seed (0-d int64 tensor on ``device``) from ``generator``
-    (``None``: torch's global RNG). One draw per quantization call."""
+    (``None``: torch's global RNG). One draw per quantization call. ``TypeError`` when
+    ``generator`` is neither (:func:`check_generator`)."""
+    check_generator(generator, "draw_seed")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     seed = torch.randint(0, 2**32, (), generator=generator, device=gen_device, dtype=torch.int64)
     return seed.to(device)
 
 
-__all__ = ["NoiseStream", "Path", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
+__all__ = ["NoiseStream", "Path", "check_generator", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
            "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .noise import check_generator
+
 FORMATS = ("bf16", "int8")
 BLOCK_SIZE = 128  # elements per scale in int8 optimizer state
 _LOW16 = 0xFFFF
@@ -32,7 +34,9 @@ _MIN_POW2_EXP = -133
 def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
     """Where noise for ``like`` is drawn: on ``generator``'s device (a CPU generator may
     serve CUDA parameters; the draw is then moved, and equals the CPU one), else on
-    ``like``'s device from torch's default generator there."""
+    ``like``'s device from torch's default generator there. ``TypeError`` for a
+    ``generator`` that is neither a ``torch.Generator`` nor ``None``."""
+    check_generator(generator, "storage rounding")
     return like.device if generator is None else generator.device
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import AnyFormat, Rounding, check_float_tensor, parse_format
+from ..noise import check_generator
 from .base import (
     GradQuantizer,
     Granularity,
@@ -49,8 +50,10 @@ def quantize_grad(
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
     of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
     :mod:`lowbit.formats`); NaN/Inf propagate. Raises ``ValueError`` for an unknown
-    quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``.
+    quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``,
+    ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``.
     """
+    check_generator(generator, "quantize_grad")
     check_float_tensor(g, "gradient")
     if g.dim() != 2:
         raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")

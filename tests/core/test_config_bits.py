@@ -1,0 +1,63 @@
+"""``bits`` and ``format`` together must agree for every format kind; generator type checks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lowbit import FQTConfig, GradSpec, OperandSpec
+from lowbit.config import with_bits
+from lowbit.formats import IntFormat
+from lowbit.quantizers import quantize_grad
+from lowbit.storage import encode_int8_per_channel, stochastic_round_bf16
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda: GradSpec(bits=8, quantizer="psq", format="int4"),
+     "bits=8 contradicts format='int4' (4-bit elements); give one of them"),
+    (lambda: OperandSpec(bits=4, format="int8a"),
+     "bits=4 contradicts format='int8a' (8-bit elements); give one of them"),
+    (lambda: OperandSpec(bits=5, format=IntFormat(6)),
+     "bits=5 contradicts format='int6' (6-bit elements); give one of them"),
+    (lambda: GradSpec(bits=4, format="fp8_e5m2"),
+     "bits=4 contradicts format='fp8_e5m2' (8-bit elements); give one of them"),
+    (lambda: GradSpec(bits=8, format="mxfp4"),
+     "bits=8 contradicts format='mxfp4' (4-bit elements); give one of them"),
+])
+def test_bits_contradicting_format_raises(make, msg) -> None:
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        make()
+
+
+def test_bits_agreeing_or_omitted_is_accepted() -> None:
+    assert GradSpec(bits=4, format="int4").format == IntFormat(4)
+    assert OperandSpec(bits=8, format="int8a").format.name == "int8a"
+    assert GradSpec(format="int5a").bits == 5
+    assert GradSpec(bits=8, format="fp8_e5m2").format.name == "fp8_e5m2"
+
+
+def test_with_bits_keeps_grid_and_rejects_float_width_change() -> None:
+    s = with_bits(GradSpec(format="int8a", quantizer="bhq"), 4)
+    assert (s.format.name, s.bits, s.quantizer) == ("int4a", 4, "bhq")
+    f = GradSpec(format="fp8_e5m2")
+    assert with_bits(f, 8) is f
+    with pytest.raises(ValueError, match=re.escape(
+            "bits=4 contradicts format='fp8_e5m2' (8-bit elements): only integer formats change width")):
+        with_bits(f, 4)
+    c = FQTConfig.from_recipe("fqt-psq-4a").with_grad_bits(grad_input=6, grad_weight=5)
+    assert (c.grad_input.format.name, c.grad_weight.format.name) == ("int6a", "int5a")
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda g: quantize_grad(torch.ones(4, 4), "psq", 4, generator=g), "quantize_grad"),
+    (lambda g: quantize_grad(torch.ones(4, 4), "bhq", "nvfp4", generator=g), "quantize_grad"),
+    (lambda g: stochastic_round_bf16(torch.ones(4), g), "storage rounding"),
+    (lambda g: encode_int8_per_channel(torch.ones(4, 4), g), "storage rounding"),
+])
+def test_generator_not_a_generator_raises_type_error(call, where) -> None:
+    with pytest.raises(TypeError, match=re.escape(
+            f"{where}: generator must be a torch.Generator or None, got int 0")):
+        call(0)
+    call(torch.Generator().manual_seed(0))  # the right type still works
