@@ -268,3 +268,16 @@ def test_new_recipes_train_linear_and_conv_layers(device: str, recipe: str) -> N
         opt.step()
         losses.append(float(loss))
     assert all(map(lambda v: v == v and abs(v) < 1e6, losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("recipe, text", [
+    ("fqt-psq-8", "fwd8/gi:psq8/gw:psq8"),
+    ("fqt-bhq-4a", "fwd8/gi:bhq·int4a/gw:psq·int8a"),
+    ("fqt-psq-fp8", "fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2"),
+    ("fp8-rowwise", "fwd:fp8_e4m3/gi:psq·fp8_e4m3~rtn/gw:psq·fp8_e4m3~rtn"),
+    ("fqt-psq-nvfp4", "fwd:nvfp4/gi:psq·nvfp4/gw:psq·nvfp4"),
+])
+def test_describe_names_the_format_and_a_biased_rounding(recipe: str, text: str) -> None:
+    """The report's "GEMM operands" column: a format other than a symmetric integer grid
+    is named, and nearest-rounded gradients are marked (they are biased)."""
+    assert lowbit.describe(lowbit.FQTConfig.from_recipe(recipe)) == text
