@@ -131,11 +131,17 @@ def load_runs(root: Path) -> list[Run]:
     return runs
 
 
+# Settings added to config.json after runs were recorded, with the value those runs had:
+# a run with the default is the same setting as one that predates the field.
+LATER_DEFAULTS = {"world_size": 1}
+
+
 def _settings(run: Run) -> tuple[tuple[str, str], ...]:
     """The settings that runs sharing a table must agree on, as printable text."""
     return tuple(
         sorted((k, v if isinstance(v, str) else json.dumps(v))
-               for k, v in run.train.items() if k not in PER_RUN_FIELDS)
+               for k, v in run.train.items()
+               if k not in PER_RUN_FIELDS and LATER_DEFAULTS.get(k, object()) != v)
     )  # fmt: skip
 
 

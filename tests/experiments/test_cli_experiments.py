@@ -358,3 +358,17 @@ def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
     }
     assert "| 80.00 ± 14.14 | 2 |" in rows["qat-8"]
     assert "| 30.00 | 1 |" in rows["fqt-ptq-4"] and "1 diverged; 1 unfinished" in rows["fqt-ptq-4"]
+
+
+def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
+    """world_size entered config.json later; a run without it trained on one process, so
+    it shares the table of runs recording world_size 1 (two tables before)."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs, "fqt-ptq-4", 0, [0.2, 0.3], "done")
+    cfg_path = next(runs.glob("*qat-8*")) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["train"].pop("world_size", None)
+    cfg_path.write_text(json.dumps(cfg))
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    assert section.count("| recipe |") == 1
