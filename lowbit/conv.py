@@ -30,6 +30,10 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
 The integer result differs from the reference only by float32 rounding: the integer
 sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1) adds
 kH·kW float32 terms per element, where the reference rounds every term of its float32 sums.
+``backend="int8"``/``"fp8"`` raise ``ValueError`` (:func:`refuse_simulated`) wherever a
+GEMM would run simulated: FP8 convolutions always (no ``_scaled_mm`` convolution kernel),
+int8 on non-int8 codes, asymmetric grids, block scales, a scale on the summed dimension,
+or a grouped ∇W under a mixing transform.
 The backward GEMMs run inside ``lowbit::grad_input`` / ``lowbit::grad_weight`` profiler
 scopes, which name their pass to :mod:`lowbit.coverage`.
 Conv1d is the conv2d block on a height-1 image. ``params`` of a block: (stride_h,
@@ -74,6 +78,36 @@ def integer_path(backend: Backend, *ops: QuantizedOperand) -> bool:
     return Backend(backend) is not Backend.REFERENCE and all(
         q.codes.dtype == torch.int8 and q.offset is None and q.block_scale is None
         and q.codes.device.type in ("cpu", "cuda") and q.codes.numel() > 0 for q in ops)
+
+
+def refuse_simulated(backend: Backend, gemm: str, ops: Sequence[QuantizedOperand],
+                     cause: str | None = None) -> None:
+    """``backend="int8"``/``"fp8"``: raise ``ValueError`` naming the convolution's ``gemm``
+    (``"output"``, ``"∇X"``, ``"∇W"``) and why it cannot run on the backend's kernel, where
+    it would otherwise run simulated (``cause`` given by the caller, else read from the
+    operands ``ops``); other backends, and empty operands, pass. FP8 convolutions have no
+    ``torch._scaled_mm`` kernel in :mod:`lowbit.kernels`'s table."""
+    be = Backend(backend)
+    if be not in (Backend.INT8, Backend.FP8) or any(q.codes.numel() == 0 for q in ops):
+        return
+    if be is Backend.FP8:
+        cause, kernel = "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)", \
+            "torch._scaled_mm"
+    else:
+        kernel = "integer kernels (oneDNN int8 convolution or torch._int_mm)"
+        for q in ops:
+            if cause is not None:
+                break
+            if q.codes.dtype != torch.int8:
+                cause = f"an operand's codes are {q.codes.dtype} (format not int8)"
+            elif q.offset is not None:
+                cause = "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
+            elif q.block_scale is not None:
+                cause = "an operand has block scales (a block format)"
+            elif q.codes.device.type not in ("cpu", "cuda"):
+                cause = f"the operands are on {q.codes.device.type}"
+    raise ValueError(f"backend={be.value!r} cannot compute this GEMM (the convolution's {gemm}) on "
+                     f"{kernel}: {cause}; use backend='auto' (simulated there)")
 
 
 def _valid(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> bool:
@@ -130,7 +164,10 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     = output channels of W (C_out, C/groups, kH, kW) → Y (N, C_out, H', W') as
     ``out_dtype`` (contiguous)."""
     stride, padding, dilation, groups = _geometry(params)
-    if not integer_path(backend, qx, qw) or not _valid(x_shape, w_shape, params):
+    if not _valid(x_shape, w_shape, params) or not integer_path(backend, qx, qw) \
+            or Backend(backend) is Backend.FP8:
+        if _valid(x_shape, w_shape, params):  # else torch's own error, below
+            refuse_simulated(backend, "output", (qx, qw))
         b = None if bias is None else bias.float()
         y = F.conv2d(_dq(qx, x_shape), _dq(qw, w_shape), b, stride, padding, dilation, groups)
         return y.to(out_dtype)
@@ -175,9 +212,13 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g, stride, padding,
                                           dilation, groups).to(out_dtype)
     qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
-    if not integer_path(backend, qa, qw):
+    if not integer_path(backend, qa, qw) or Backend(backend) is Backend.FP8:
+        refuse_simulated(backend, "∇X", (qa, qw))
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
                                           padding, dilation, groups).to(out_dtype)
+    if qw.scale.shape[0] != 1:
+        refuse_simulated(backend, "∇X", (qa, qw), "the per-output-channel weight scale "
+                         "(weight.granularity='row') lies on the summed dimension of ∇X")
     # a row transform may pad the sample rows (BHQ blocks): the GEMMs run on all R of them
     r = qa.codes.shape[0]
     g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
@@ -277,10 +318,16 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
     # a transform mixing output channels across groups: a group's GEMM would need all rows
     mixed = groups > 1 and not isinstance(qa.transform, Identity)
-    if mixed or not integer_path(backend, qa, qx):
+    if mixed or not integer_path(backend, qa, qx) or Backend(backend) is Backend.FP8:
+        refuse_simulated(backend, "∇W", (qa, qx), "with groups, the gradient's row transform "
+                         f"({type(qa.transform).__name__}) mixes the groups' output channels"
+                         if mixed and integer_path(backend, qa, qx) else None)
         ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:])).transpose(0, 1)
         return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, ga, stride, padding,
                                            dilation, groups).to(out_dtype)
+    if qx.scale.shape[0] != 1:
+        refuse_simulated(backend, "∇W", (qa, qx), "the per-sample activation scale "
+                         "(activation.granularity='row') lies on the summed dimension of ∇W")
     _, _, h, w = x_shape
     co, cg, kh, kw = w_shape
     x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
@@ -393,4 +440,5 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return apply_block("conv1d", x, weight, bias, state, [1, s, 0, p, 1, d, groups], output_dtype(x))
 
 
-__all__ = ["conv_grad_input", "conv_grad_weight", "conv_output", "fqt_conv1d", "integer_path"]
+__all__ = ["conv_grad_input", "conv_grad_weight", "conv_output", "fqt_conv1d", "integer_path",
+           "refuse_simulated"]

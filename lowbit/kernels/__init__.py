@@ -170,11 +170,40 @@ class Kernels:
                 "torch._scaled_mm (fp8 codes, not both e5m2, float32 scales"
             raise ValueError(
                 f"backend={self.backend.value!r} cannot compute this GEMM on {what}, scales and "
-                f"offsets on non-summed dimensions only, no block scales, supported shapes); got "
-                f"a {tuple(a.codes.shape)} {a.codes.dtype}, b {tuple(b.codes.shape)} "
-                f"{b.codes.dtype}, b scale {tuple(b.scale.shape)} on {self.device}")
+                f"offsets on non-summed dimensions only, no block scales, supported shapes): "
+                f"{refusal_cause(self.backend, a, b)}; got a {tuple(a.codes.shape)} "
+                f"{a.codes.dtype}, b {tuple(b.codes.shape)} {b.codes.dtype}, b scale "
+                f"{tuple(b.scale.shape)} on {self.device}")
         with record_function("lowbit::gemm"):
             return self.lookup("gemm", Impl.REFERENCE).fn(self, a, b, bias, out_dtype)  # type: ignore[union-attr]
+
+
+def refusal_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
+    """Why ``backend``'s GEMM (``INT8``: ``torch._int_mm``, ``FP8``: ``torch._scaled_mm``)
+    cannot compute ``â @ b̂`` ((M, K) × (K, N)), in the words a user can act on: the
+    first of codes, block scales, offsets, scales on the summed dimension ``K``, scale
+    dtype, else shapes or device."""
+    fp8_ok = fp8.FP8_DTYPES
+    want = "int8" if backend is Backend.INT8 else "fp8 (not both e5m2)"
+    ok = (a.codes.dtype == b.codes.dtype == torch.int8) if backend is Backend.INT8 else (
+        a.codes.dtype in fp8_ok and b.codes.dtype in fp8_ok
+        and not a.codes.dtype == b.codes.dtype == torch.float8_e5m2)
+    if not ok:
+        return f"its operands' codes are {a.codes.dtype} and {b.codes.dtype}, not {want}"
+    if a.block_scale is not None or b.block_scale is not None:
+        return "an operand has block scales (a block format)"
+    if backend is Backend.FP8 and (a.offset is not None or b.offset is not None):
+        return "an operand is on an asymmetric grid (an offset)"
+    if a.scale.shape[1] != 1 or (a.offset is not None and a.offset.shape[1] != 1):
+        return (f"a's scale {tuple(a.scale.shape)} lies on the summed dimension (one per "
+                f"column of a)")
+    if b.scale.shape[0] != 1 or (b.offset is not None and b.offset.shape[0] != 1):
+        return (f"b's scale {tuple(b.scale.shape)} lies on the summed dimension (one per row "
+                f"of b: e.g. weight.granularity='row' in ∇X = ∇Y·W, or "
+                f"activation.granularity='row' in ∇W = ∇Yᵀ·X)")
+    if backend is Backend.FP8 and not a.scale.dtype == b.scale.dtype == torch.float32:
+        return f"its scales are {a.scale.dtype} and {b.scale.dtype}, not float32"
+    return "the kernel does not take these shapes on this device"
 
 
 def _empty(x: torch.Tensor, fmt: Format, granularity: Granularity) -> Encoded:
@@ -241,5 +270,5 @@ def scaled_mm(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor
 
 
 __all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable",
-           "kernels_for", "quantize_codes", "quantize_codes_fixed", "register", "register_fused",
+           "kernels_for", "quantize_codes", "refusal_cause", "quantize_codes_fixed", "register", "register_fused",
            "scaled_mm", "worth_fusing"]

@@ -444,9 +444,76 @@ def test_row_transforms_integer_equal_reference(name: str, quantizer: str) -> No
     spec = GradSpec(quantizer=quantizer)
     for fn, op, k in ((conv_grad_input, qw, math.prod(wt.shape[2:]) * wt.shape[0] // params[6]),
                       (conv_grad_weight, qx, gy.shape[0] * gy.shape[2] * gy.shape[3])):
+        mixed = fn is conv_grad_weight and params[6] > 1  # simulated: int8 refuses it (below)
         got, ref = (fn(gy, op, spec, torch.Generator().manual_seed(7), be, x.shape, wt.shape, params)
-                    for be in (Backend.INT8, Backend.REFERENCE))
+                    for be in (Backend.AUTO if mixed else Backend.INT8, Backend.REFERENCE))
         assert got.shape == ref.shape and got.dtype == ref.dtype
         if fn is conv_grad_weight and params[6] > 1:
             assert torch.equal(got, ref)
         assert (got - ref).abs().max() <= (k + 8) * U * k * ref.abs().max()
+
+
+# -- backend="int8"/"fp8" refuse every convolution GEMM that would run simulated -----------------
+_INT8_KERNEL = "integer kernels (oneDNN int8 convolution or torch._int_mm)"
+
+
+def _refusal(backend: str, gemm: str, kernel: str, cause: str) -> str:
+    import re
+    return re.escape(f"backend={backend!r} cannot compute this GEMM (the convolution's {gemm}) on "
+                     f"{kernel}: {cause}; use backend='auto' (simulated there)")
+
+
+@pytest.mark.parametrize("module,x_shape", [(nn.Conv2d(2, 4, 3), (2, 2, 5, 5)),
+                                            (nn.Conv1d(2, 4, 3), (2, 2, 5))], ids=["conv2d", "conv1d"])
+def test_int8_backend_refuses_asymmetric_gradient_grid(module: nn.Module, x_shape: tuple) -> None:
+    """fqt-psq-4a: ∇Y on an asymmetric grid has no integer conv kernel (code 0 is not 0);
+    ``auto`` runs it simulated, ``int8`` must say so instead (it ran silently before)."""
+    m = lowbit.convert(module, FQTConfig.from_recipe("fqt-psq-4a", seed=0, backend="int8"))
+    y = m(torch.randn(*x_shape, requires_grad=True))  # the forward is symmetric int8: runs
+    cause = "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
+    with pytest.raises(ValueError, match=_refusal("int8", "∇X", _INT8_KERNEL, cause)):
+        y.sum().backward()
+
+
+def test_fp8_backend_refuses_convolutions() -> None:
+    m = lowbit.convert(nn.Conv2d(2, 4, 3), FQTConfig.from_recipe("fqt-psq-fp8", seed=0, backend="fp8"))
+    cause = "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)"
+    with pytest.raises(ValueError, match=_refusal("fp8", "output", "torch._scaled_mm", cause)):
+        m(torch.randn(2, 2, 5, 5))
+    x, wt, _, params = _case("plain", bias=False)
+    qx, qw = _forward_operands(x, wt)
+    gy = torch.randn(3, 6, 9, 11, generator=torch.Generator().manual_seed(2))
+    for gemm, call in (("∇X", conv_grad_input), ("∇W", conv_grad_weight)):
+        with pytest.raises(ValueError, match=_refusal("fp8", gemm, "torch._scaled_mm", cause)):
+            call(gy, qw if gemm == "∇X" else qx, GradSpec(), torch.Generator().manual_seed(7),
+                 Backend.FP8, x.shape, wt.shape, params)
+
+
+def test_int8_backend_names_the_scale_on_the_summed_dimension() -> None:
+    x, wt, _, params = _case("plain", bias=False)
+    qx, qw = _forward_operands(x, wt, OperandSpec(granularity="row"))
+    gy = torch.randn(3, 6, 9, 11, generator=torch.Generator().manual_seed(2))
+    cause = "the per-output-channel weight scale (weight.granularity='row') lies on the summed dimension of ∇X"
+    with pytest.raises(ValueError, match=_refusal("int8", "∇X", _INT8_KERNEL, cause)):
+        conv_grad_input(gy, qw, GradSpec(), torch.Generator().manual_seed(7), Backend.INT8,
+                        x.shape, wt.shape, params)
+    cause = "the per-sample activation scale (activation.granularity='row') lies on the summed dimension of ∇W"
+    with pytest.raises(ValueError, match=_refusal("int8", "∇W", _INT8_KERNEL, cause)):
+        conv_grad_weight(gy, qx, GradSpec(), torch.Generator().manual_seed(7), Backend.INT8,
+                         x.shape, wt.shape, params)
+
+
+def test_int8_backend_refuses_grouped_mixing_transform_and_block_formats() -> None:
+    x, wt, _, params = _case("groups2", bias=False)
+    qx, qw = _forward_operands(x, wt)
+    gy = torch.randn(3, 6, 3, 3, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=_refusal("int8", "∇W", _INT8_KERNEL, "with groups, the "
+                                                  "gradient's row transform (BlockHouseholder) mixes "
+                                                  "the groups' output channels")):
+        conv_grad_weight(gy, qx, GradSpec(quantizer="bhq"), torch.Generator().manual_seed(7),
+                         Backend.INT8, x.shape, wt.shape, params)
+    qxb, qwb = _forward_operands(x, wt, OperandSpec(format="mxfp4"))
+    cause = f"an operand's codes are {qxb.codes.dtype} (format not int8)"
+    assert qxb.codes.dtype != torch.int8
+    with pytest.raises(ValueError, match=_refusal("int8", "output", _INT8_KERNEL, cause)):
+        conv_output(qxb, qwb, x.shape, wt.shape, params, Backend.INT8)

@@ -423,3 +423,31 @@ def test_cnn_asymmetric_gradient_grid_is_all_low_bit() -> None:
         ("3", "forward"): (lin, "int8", INT8), ("3", "grad_input"): (lin, "int8", INT8),
         ("3", "grad_weight"): (lin, "int8", INT8)}
     assert rep.lowbit_share == 1.0 and rep.float_reasons() == []
+
+
+def test_int8_refusal_names_the_cause() -> None:
+    """The dispatcher's refusal says why (here the per-output-channel weight scale lies on
+    the summed dimension of ∇X = ∇Y·W), not only the operands' shapes."""
+    import dataclasses
+    import re
+    cfg = dataclasses.replace(lowbit.FQTConfig.from_recipe("fqt-psq-8", backend="int8"),
+                              weight=lowbit.OperandSpec(8, "row"))
+    m = lowbit.convert(nn.Linear(4, 8), cfg)
+    y = m(torch.randn(2, 4, requires_grad=True))
+    msg = ("backend='int8' cannot compute this GEMM on torch._int_mm (int8 codes, scales and "
+           "offsets on non-summed dimensions only, no block scales, supported shapes): b's scale "
+           "(8, 1) lies on the summed dimension (one per row of b: e.g. weight.granularity='row' "
+           "in ∇X = ∇Y·W, or activation.granularity='row' in ∇W = ∇Yᵀ·X); got a (2, 8) "
+           "torch.int8, b (8, 4) torch.int8, b scale (8, 1) on cpu")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        y.sum().backward()
+
+
+def test_coverage_fp8_backend_refuses_a_cnn() -> None:
+    """``backend="fp8"`` has no FP8 convolution: coverage's step raises instead of
+    reporting simulated conv GEMMs as if fp8 had been asked and granted."""
+    torch.manual_seed(0)
+    model = converted(nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(36, 3)),
+                      "fqt-psq-fp8", backend="fp8")
+    with pytest.raises(ValueError, match="FP8 convolution has no _scaled_mm kernel"):
+        coverage(model, torch.randn(3, 2, 5, 5))
