@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import statistics
@@ -39,17 +40,30 @@ from lowbit.nn import fqt_layers
 from .runconfig import TrainConfig
 
 LOG = "monitor.json"
+log = logging.getLogger("lowbit.train")
 
 
-def make_monitor(model: nn.Module, cfg: TrainConfig) -> VarianceMonitor | None:
+def make_monitor(model: nn.Module, cfg: TrainConfig, requested: bool = False) -> VarianceMonitor | None:
     """The run's monitor, or ``None``: ``monitor_every`` 0, several ranks, or no layer it
-    can watch (fp, QAT, predicted ranges: :func:`lowbit.monitor.skip_reason`)."""
-    if not cfg.monitor_every or cfg.world_size > 1:
+    can watch (fp, QAT, predicted ranges, round-to-nearest gradients:
+    :func:`lowbit.monitor.skip_reason`). When a monitor is wanted (``monitor_every`` > 0)
+    but none can run, says why in one line: a warning if the user asked for it
+    (``requested``), an info line on the trainer's default."""
+    if not cfg.monitor_every:
         return None
-    if not any(skip_reason(lay) is None for lay in fqt_layers(model).values()):
-        return None
-    policy = AdaptivePolicy.from_recipe(cfg.recipe) if cfg.recipe in ADAPTIVE_RECIPES else None
-    return VarianceMonitor(model, cfg.monitor_every, policy=policy)
+    if cfg.world_size > 1:
+        why = f"the variance monitor runs on a single rank only (world_size {cfg.world_size})"
+    else:
+        reasons = [skip_reason(lay) for lay in fqt_layers(model).values()]
+        if any(r is None for r in reasons):
+            policy = AdaptivePolicy.from_recipe(cfg.recipe) if cfg.recipe in ADAPTIVE_RECIPES else None
+            return VarianceMonitor(model, cfg.monitor_every, policy=policy)
+        why = ("no layer can be monitored: "
+               + ("; ".join(sorted({r for r in reasons if r})) or "the model has no quantized layer"))
+    msg = (f"monitor_every={cfg.monitor_every} with recipe {cfg.recipe}: {why} "
+           f"(no monitor.json, no ratio_* columns)")
+    (log.warning if requested else log.info)(msg)
+    return None
 
 
 def watch(monitor: VarianceMonitor | None) -> contextlib.AbstractContextManager:

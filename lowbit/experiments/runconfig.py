@@ -31,6 +31,7 @@ WEIGHT_FORMATS = ("fp32", "bf16-master", "bf16", "int8")
 RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out", "monitor_every"})
 # Fields older checkpoints lack, with the value they ran with.
 LEGACY_DEFAULTS = {"world_size": 1, "grad_comm": "fp32"}
+DEFAULT_MONITOR_EVERY = 50  # steps between variance-monitor measurements
 
 
 def launched_world_size() -> int:
@@ -85,7 +86,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     grad_comm: str = "fp32"  # fp32 (DDP's all-reduce) | int2..int8 (quantized, unbiased)
     world_size: int | None = None  # data-parallel ranks; None: as launched
-    monitor_every: int = 50  # variance monitor interval in steps (lowbit.monitor); 0: off
+    monitor_every: int = DEFAULT_MONITOR_EVERY  # variance monitor interval in steps (lowbit.monitor); 0: off
     out: str = "runs/run"
 
     def __post_init__(self) -> None:

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
               flush=True)  # fmt: skip
         t0 = time.perf_counter()
         try:
-            result = train(cfg, resume=state == "partial", progress=not args.no_progress)
+            result = train(cfg, resume=state == "partial", progress=not args.no_progress,
+                           monitor_requested=args.monitor_every is not None)
         except TrainingDiverged as exc:
             print(f"[{i}/{len(configs)}] {cfg.run_name()}: {exc}", flush=True)
             diverged.append(cfg.run_name())

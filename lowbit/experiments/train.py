@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lowbit.config import RECIPES
+from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError
 from .models import MODELS, check_model_args
@@ -43,14 +43,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-input-bits", help="bits of the ∇X gradient quantizer, 2..8 (fqt-* recipes)")
     add("--grad-weight-bits", help="bits of the ∇W gradient quantizer, 2..8 (fqt-* recipes)")
     add("--range-margin", help="predicted-range margin ≥ 1 (fqt-*-predicted recipes; default 1.25)")
-    add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
+    add("--backend", default="auto", help=f"GEMM kernels: {backend_names()} (default auto)")
     add("--weights", default="fp32",
         help="weight storage: fp32, bf16-master (bf16 model + fp32 master copy), bf16 or "
         "int8 (SR updates, no fp32 copy)")
     add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
         "(default: as --weights)")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
-    add("--monitor-every", default="50", help="variance monitor every N steps (lowbit.monitor; "
+    add("--monitor-every", help="variance monitor every N steps (lowbit.monitor; "
         "default 50, 0 off; fqt-auto* recipes need it)")
     add("--grad-comm", default="fp32", help="data-parallel gradient averaging: fp32 (DDP's "
         "all-reduce) or int2..int8 (unbiased stochastic rounding, lowbit.distributed)")
@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--task", default="digits", help=f"one of {', '.join(TASKS)} (default digits)")
     add("--model", help="per task: " + "; ".join(f"{t}: {', '.join(m)}" for t, m in MODELS.items()))
-    add("--recipe", default="fp", help="fp, qat-B or fqt-{ptq,psq,bhq,hadamard}-B, B in 4..8, "
-        "or fqt-auto[-psq|-bhq] (bit widths chosen from the measured variance)")
+    add("--recipe", default="fp", help=f"{recipe_families()} (fqt-auto*: bit widths chosen "
+        "from the measured variance; default fp)")
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
     add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt)")
@@ -150,6 +150,8 @@ def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields["opt_state"] = args.opt_state
     fields["grad_comm"] = args.grad_comm
     fields["model_kwargs"] = parse_model_args(args.model_arg)
+    if fields["monitor_every"] is None:  # not given: TrainConfig's default
+        del fields["monitor_every"]
     return fields
 
 
@@ -186,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     if args.recipe not in RECIPES:
-        raise ValueError(f"--recipe must be fp, qat-B or fqt-{{ptq,psq,bhq,hadamard}}-B with B "
-                         f"in 4..8, or fqt-auto[-psq|-bhq], got {args.recipe!r}")  # fmt: skip
+        raise ValueError(f"--recipe must be one of {recipe_families()}; got {args.recipe!r}")
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_int("--seed", args.seed))  # fmt: skip
@@ -203,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     if launch:  # every value checked: now the same command on nproc ranks
         return _torchrun(args, cfg.world_size, cfg.out)
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress,
+                       monitor_requested=args.monitor_every is not None)
     except (TrainingDiverged, CheckpointError) as exc:
         print(f"lowbit train: {exc}", file=sys.stderr)
         return 1

@@ -64,7 +64,7 @@ from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
 from .rundir import load_resumable, write_config, write_metrics, write_status
-from .runconfig import WEIGHT_FORMATS, TrainConfig
+from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig
 from .tasks import Task, make_task
 
 
@@ -162,7 +162,8 @@ def _ranges_row(ranges: Any) -> dict[str, Any]:
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, task: Task | None = None, progress: bool = True
+    cfg: TrainConfig, resume: bool = False, task: Task | None = None, progress: bool = True,
+    monitor_requested: bool | None = None,
 ) -> TrainResult:
     """Train per ``cfg``; return the per-epoch metric rows (also written to ``cfg.out``)
     and the trained model (unwrapped from DDP; every rank returns the same rows).
@@ -171,17 +172,21 @@ def train(
     unreadable); without a checkpoint it starts fresh. Raises :class:`TrainingDiverged`
     after ``cfg.max_bad_steps`` consecutive non-finite steps; ``ValueError`` if the run
     folder holds a checkpoint and ``resume`` is False, or the launch's number of ranks is
-    not ``cfg.world_size``.
+    not ``cfg.world_size``. ``monitor_requested``: the user asked for ``monitor_every``
+    (a warning, not an info line, when no layer can be monitored); ``None``: whenever
+    ``cfg.monitor_every`` is not the default.
     """
+    if monitor_requested is None:
+        monitor_requested = cfg.monitor_every != DEFAULT_MONITOR_EVERY
     ranks = Ranks.start(cfg.world_size)
     try:
-        return _train(cfg, resume, task, progress, ranks)
+        return _train(cfg, resume, task, progress, ranks, monitor_requested)
     finally:
         ranks.close()
 
 
 def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
-           ranks: Ranks) -> TrainResult:
+           ranks: Ranks, monitor_requested: bool) -> TrainResult:
     run_dir, main = Path(cfg.out), ranks.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +208,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         to_bfloat16(model)
     master = MasterWeights(list(model.parameters())) if cfg.weights == "bf16-master" else None
     optimizer = build_optimizer(model, cfg, master)
-    monitor = monitoring.make_monitor(model, cfg)  # variance monitor (+ adaptive bits), or None
+    monitor = monitoring.make_monitor(model, cfg, monitor_requested)  # variance monitor (+ adaptive bits), or None
     sr_gen = getattr(optimizer, "generator", None)  # the low-precision optimizers' noise
     steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
