@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = (f"lowbit, fully quantized training: lowbit {' | '.join(COMMANDS)} [options] "
+               f"(lowbit COMMAND --help for each)")
+
+
 class UsageError(ValueError):
     """A bad command-line value; printed as one line, exit status 2."""
 
@@ -39,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowbit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -182,6 +182,20 @@ ADAPTIVE_RECIPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 RECIPES: tuple[str, ...] = tuple(_recipe_names()) + tuple(ADAPTIVE_RECIPES)
 
+
+def recipe_families() -> str:
+    """The recipe families of :data:`RECIPES`, as one line for help texts and errors."""
+    q = ",".join(QUANTIZERS)
+    return (f"fp, qat-B, fqt-{{{q}}}-B[a] and fqt-{{{q}}}-B-predicted with B in 4..{MAX_BITS}, "
+            f"fqt-{{{q}}}-{{{','.join(FLOAT_FAMILIES)}}}, {', '.join(BASELINES)}, "
+            f"{', '.join(ADAPTIVE_RECIPES)}")
+
+
+def backend_names() -> str:
+    """The :class:`Backend` values, as ``auto, reference, int8 or fp8``."""
+    names = [b.value for b in Backend]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
 _BACKEND_FORMATS = {Backend.INT8: (IntFormat, "integer (intB, intBa)"),
                     Backend.FP8: (FloatFormat, "fp8 (fp8_e4m3, fp8_e5m2)")}
 
@@ -290,11 +304,7 @@ class FQTConfig:
         elif name in RECIPES:
             cfg = cls(**_recipe(name))  # type: ignore[arg-type]
         else:
-            q = ",".join(QUANTIZERS)
-            raise ValueError(f"unknown recipe {name!r}; allowed: fp, qat-B, fqt-{{{q}}}-B[a] and "
-                             f"fqt-{{{q}}}-B-predicted with B in 4..{MAX_BITS}, "
-                             f"fqt-{{{q}}}-{{{','.join(FLOAT_FAMILIES)}}}, {', '.join(BASELINES)}, "
-                             f"{', '.join(ADAPTIVE_RECIPES)}")
+            raise ValueError(f"unknown recipe {name!r}; allowed: {recipe_families()}")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
@@ -349,5 +359,5 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"))
 
 
-__all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
+__all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]

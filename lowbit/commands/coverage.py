@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.config import FQTConfig
+from lowbit.config import FQTConfig, backend_names, recipe_families
 from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
@@ -34,9 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--task", default="digits", help=f"one of {', '.join(TASKS)} (default digits)")
     add("--model", help="per task: " + "; ".join(f"{t}: {', '.join(m)}" for t, m in MODELS.items()))
-    add("--recipe", default="fqt-psq-8", help="fp, qat-B or fqt-{ptq,psq,bhq,hadamard}-B[-predicted] "
-        "(default fqt-psq-8)")
-    add("--backend", default="auto", help="GEMM kernels: auto, reference or int8 (default auto)")
+    add("--recipe", default="fqt-psq-8", help=f"{recipe_families()} (default fqt-psq-8)")
+    add("--backend", default="auto", help=f"GEMM kernels: {backend_names()} (default auto)")
     add("--batch-size", help="batch size (default: the task's: digits 64, fashion-mnist 128, text 32)")
     add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     add("--by", default="module", help="table rows per module (default) or per module type")

@@ -44,4 +44,5 @@ def parse_format(spec: int | str | Format) -> AnyFormat:
         b = BLOCK_FORMATS[spec[:-5]]
         return BlockFormat(b.format_name, b.element_name, b.block, b.scale, ScaleRule.SPEC)
     raise ValueError(f"unknown format {spec!r}; allowed: an int in {MIN_BITS}..{MAX_BITS} "
-                     f"(bits of a symmetric integer grid) or one of {', '.join(FORMAT_NAMES)}")
+                     f"(bits of a symmetric integer grid) or one of {', '.join(FORMAT_NAMES)}, "
+                     f"{', '.join(n + '_spec' for n in BLOCK_FORMATS)}")

@@ -61,3 +61,12 @@ def test_generator_not_a_generator_raises_type_error(call, where) -> None:
             f"{where}: generator must be a torch.Generator or None, got int 0")):
         call(0)
     call(torch.Generator().manual_seed(0))  # the right type still works
+
+
+def test_unknown_format_lists_the_spec_block_names() -> None:
+    from lowbit.formats import parse_format
+    with pytest.raises(ValueError, match=re.escape(
+            "int8a, fp8_e4m3, fp8_e5m2, mxfp8_e4m3, mxfp8_e5m2, mxfp4, nvfp4, mxfp8_e4m3_spec, "
+            "mxfp8_e5m2_spec, mxfp4_spec, nvfp4_spec")):
+        parse_format("fp6")
+    assert parse_format("nvfp4_spec").name == "nvfp4_spec"

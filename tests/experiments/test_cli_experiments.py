@@ -94,7 +94,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     [
         (["train", "--task", "cifar"], "--task must be one of digits, fashion-mnist, text"),
         (["train", "--model", "vgg"], "--model for task 'digits' must be one of mlp, cnn"),
-        (["train", "--recipe", "fqt-xyz-4"], "--recipe must be fp, qat-B or fqt-"),
+        (["train", "--recipe", "fqt-xyz-4"], "--recipe must be one of fp, qat-B, fqt-"),
         (["train", "--epochs", "0"], "--epochs must be a positive integer"),
         (["train", "--epochs", "two"], "--epochs must be an integer, got 'two'"),
         (["train", "--batch-size", "-3"], "--batch-size must be a positive integer"),
@@ -372,3 +372,28 @@ def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
     assert section.count("| recipe |") == 1
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_help_lists_every_recipe_family_and_backend(capsys) -> None:
+    from lowbit.config import recipe_families
+    families = ("fp, qat-B, fqt-{ptq,psq,bhq,hadamard}-B[a] and fqt-{ptq,psq,bhq,hadamard}-B-predicted "
+                "with B in 4..8, fqt-{ptq,psq,bhq,hadamard}-{fp8,mxfp8,mxfp4,nvfp4}, fp8-tensorwise, "
+                "fp8-rowwise, fqt-auto, fqt-auto-psq, fqt-auto-bhq")
+    assert recipe_families() == families
+    for command in ("train", "coverage"):
+        text = _help([command], capsys)
+        assert families in text
+        assert "GEMM kernels: auto, reference, int8 or fp8 (default auto)" in text
+    top = _help([], capsys)
+    assert ("lowbit, fully quantized training: lowbit demo | train | sweep | report | variance | "
+            "coverage | comm-variance [options] (lowbit COMMAND --help for each)") in top
+    assert "``" not in top
