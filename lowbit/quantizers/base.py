@@ -39,6 +39,7 @@ from ..formats import (
     parse_format,
 )
 from ..kernels import Backend, Encoded, Kernels, kernels_for, reference
+from ..noise import check_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..ranges import RangeTracker
@@ -67,7 +68,9 @@ def _reference(x: torch.Tensor) -> Kernels:
 
 def sr_seed(generator: torch.Generator | None, rounding: Rounding, device: torch.device) -> torch.Tensor:
     """The seed of one quantization call: drawn from ``generator`` for stochastic
-    rounding, a constant 0 for round-to-nearest (which uses no noise)."""
+    rounding, a constant 0 for round-to-nearest (which uses no noise). ``TypeError`` for a
+    ``generator`` that is neither a ``torch.Generator`` nor ``None``, whatever the rounding."""
+    check_generator(generator, "quantization")
     if rounding is Rounding.STOCHASTIC:
         return draw_seed(generator, device)
     return torch.zeros((), dtype=torch.int64, device=device)

@@ -70,3 +70,13 @@ def test_unknown_format_lists_the_spec_block_names() -> None:
             "mxfp8_e5m2_spec, mxfp4_spec, nvfp4_spec")):
         parse_format("fp6")
     assert parse_format("nvfp4_spec").name == "nvfp4_spec"
+
+
+def test_generator_type_checked_on_every_quantization_entry() -> None:
+    from lowbit.functional import quantize_forward, quantize_gradient
+    msg = "quantization: generator must be a torch.Generator or None, got int 0"
+    x = torch.ones(4, 4)
+    with pytest.raises(TypeError, match=re.escape(msg)):  # round-to-nearest: no draw, still checked
+        quantize_forward(x, OperandSpec(8), 0, backend="reference")
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        quantize_gradient(x, GradSpec(4, "psq"), 0, backend="reference")
