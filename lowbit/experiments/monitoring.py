@@ -11,7 +11,8 @@ that quantizes gradients with dynamic ranges; ``fqt-auto*`` recipes attach their
   ``ratio_x_max`` over layers (columns absent in an epoch without a monitored step);
 * ``grad_bits_gi`` / ``grad_bits_gw`` / ``grad_bits_mean``: mean gradient bit widths since
   the start of training, over the layers' paths that run, weighted by their ∇Y size;
-* adaptive recipes: ``bits_x:<layer>`` / ``bits_w:<layer>`` at the epoch's end and
+* adaptive recipes: ``bits_x:<layer>`` / ``bits_w:<layer>`` at the epoch's end (no
+  ``bits_x`` for a layer whose ∇X path never runs, as a first layer's) and
   ``bit_changes``, the policy's decisions in the epoch.
 
 ``monitor.json`` in the run folder holds everything (each monitored step's per-layer
@@ -107,8 +108,12 @@ def epoch_row(monitor: VarianceMonitor | None, first_step: int) -> dict[str, Any
         if math.isfinite(bits.get(path, math.nan)):
             row[f"grad_bits_{key}"] = bits[path]
     if monitor.policy is not None:
+        # a layer whose ∇X path never ran at a monitored step (a first layer) gets no bits_x
+        ran_x = {n for r in monitor.history for n, v in r.layers.items() if not math.isnan(v.quant_x)}
         for name, lay in monitor.layers.items():
             for tag, path in (("x", "grad_input"), ("w", "grad_weight")):
+                if tag == "x" and monitor.history and name not in ran_x:
+                    continue
                 spec = getattr(lay.config, path)
                 row[f"bits_{tag}:{name}"] = 0 if spec is None else spec.bits
         row["bit_changes"] = sum(d.step >= first_step for d in monitor.decisions)

@@ -56,6 +56,7 @@ def test_adaptive_run_resumes_bitwise(tmp_path) -> None:
     last = ref.history[-1]
     assert 2 <= last["grad_bits_mean"] < 8 and last["bit_changes"] >= 0
     assert {last[f"bits_x:{n}"] for n in ("net.3", "net.5")} <= set(range(2, 9))
+    assert "bits_x:net.1" not in last and last["bits_w:net.1"] in range(2, 9)  # no ∇X path
 
 
 def test_adaptive_recipe_needs_the_monitor() -> None:
