@@ -180,7 +180,7 @@ def describe_adaptive(train: dict[str, Any]) -> str | None:
         return None
     pol = AdaptivePolicy.from_recipe(train["recipe"])
     def path(qs: tuple[str, ...]) -> str:
-        return f"{'|'.join(qs)}{pol.min_bits}–{pol.max_bits}"
+        return f"{','.join(qs)}{pol.min_bits}–{pol.max_bits}"
     return f"fwd8/gi:{path(pol.grad_input)}/gw:{path(pol.grad_weight)} adaptive"
 
 
