@@ -30,7 +30,7 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
 The integer result differs from the reference only by float32 rounding: the integer
 sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1) adds
 kH·kW float32 terms per element, where the reference rounds every term of its float32 sums.
-``backend="int8"``/``"fp8"`` raise ``ValueError`` (:func:`refuse_simulated`) wherever a
+``backend="int8"``/``"fp8"`` raise ``ValueError`` (:func:`lowbit.conv_dispatch.refuse_simulated`) wherever a
 GEMM would run simulated: FP8 convolutions always (no ``_scaled_mm`` convolution kernel),
 int8 on non-int8 codes, asymmetric grids, block scales, a scale on the summed dimension,
 or a grouped ∇W under a mixing transform.
@@ -52,6 +52,7 @@ from torch.profiler import record_function
 from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
+from .conv_dispatch import integer_path, refuse_simulated
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, kernels_for, qconv
@@ -69,45 +70,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _geometry(params: Sequence[int]) -> tuple[list[int], list[int], list[int], int]:
     return list(params[0:2]), list(params[2:4]), list(params[4:6]), int(params[6])
-
-
-def integer_path(backend: Backend, *ops: QuantizedOperand) -> bool:
-    """Whether the conv GEMMs on ``ops`` run on integer kernels: not the reference
-    backend, every operand int8 codes with no offset (a zero code is then the value 0,
-    so padding and zero insertion are exact) and no block scale, on cpu/cuda."""
-    return Backend(backend) is not Backend.REFERENCE and all(
-        q.codes.dtype == torch.int8 and q.offset is None and q.block_scale is None
-        and q.codes.device.type in ("cpu", "cuda") and q.codes.numel() > 0 for q in ops)
-
-
-def refuse_simulated(backend: Backend, gemm: str, ops: Sequence[QuantizedOperand],
-                     cause: str | None = None) -> None:
-    """``backend="int8"``/``"fp8"``: raise ``ValueError`` naming the convolution's ``gemm``
-    (``"output"``, ``"∇X"``, ``"∇W"``) and why it cannot run on the backend's kernel, where
-    it would otherwise run simulated (``cause`` given by the caller, else read from the
-    operands ``ops``); other backends, and empty operands, pass. FP8 convolutions have no
-    ``torch._scaled_mm`` kernel in :mod:`lowbit.kernels`'s table."""
-    be = Backend(backend)
-    if be not in (Backend.INT8, Backend.FP8) or any(q.codes.numel() == 0 for q in ops):
-        return
-    if be is Backend.FP8:
-        cause, kernel = "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)", \
-            "torch._scaled_mm"
-    else:
-        kernel = "integer kernels (oneDNN int8 convolution or torch._int_mm)"
-        for q in ops:
-            if cause is not None:
-                break
-            if q.codes.dtype != torch.int8:
-                cause = f"an operand's codes are {q.codes.dtype} (format not int8)"
-            elif q.offset is not None:
-                cause = "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
-            elif q.block_scale is not None:
-                cause = "an operand has block scales (a block format)"
-            elif q.codes.device.type not in ("cpu", "cuda"):
-                cause = f"the operands are on {q.codes.device.type}"
-    raise ValueError(f"backend={be.value!r} cannot compute this GEMM (the convolution's {gemm}) on "
-                     f"{kernel}: {cause}; use backend='auto' (simulated there)")
 
 
 def _valid(x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> bool:
