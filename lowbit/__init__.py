@@ -12,7 +12,7 @@ from .attention_modules import (
     FQTScaledDotProductAttention,
     ScaledDotProductAttention,
 )
-from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode
+from .config import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec, Overflow, RangeMode, describe
 from .conversion import ConversionReport, ConversionWarning
 from .coverage import CoverageReport, coverage
 from .formats import IntFormat, Rounding
@@ -23,7 +23,6 @@ from .nn import (
     FQTConv2d,
     FQTLinear,
     convert,
-    describe,
     fqt_blocks,
     fqt_layers,
     frozen_ranges,

@@ -23,8 +23,8 @@ from .formats import (
     MAX_BITS,
     MIN_BITS,
     AnyFormat,
-    BlockFormat,
     FloatFormat,
+    Grid,
     Format,
     IntFormat,
     Rounding,
@@ -55,7 +55,7 @@ def _resolve_format(spec: object) -> None:
     (``bits``). ``bits`` alone: a symmetric integer grid. Both: they must agree, for every
     format kind (``ValueError`` otherwise); to change an integer spec's width keeping its
     grid use :func:`with_bits`."""
-    bits, fmt = getattr(spec, "bits"), getattr(spec, "format")
+    bits, fmt = spec.bits, spec.format
     if fmt is None:
         fmt = IntFormat(check_bits(8 if bits is None else bits, "bits"))
     else:
@@ -361,3 +361,26 @@ class FQTConfig:
 
 __all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]
+
+
+def describe(config: FQTConfig) -> str:
+    """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8`` (symmetric
+    integer grids by their bits); other formats by name, e.g.
+    ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; ``~rtn`` marks a gradient path
+    rounded to nearest (biased), ``~pred`` predicted ranges."""
+    if config.is_fp:
+        return "fp"
+    w = config.weight.format
+    plain_w = isinstance(w, IntFormat) and w.grid is Grid.SYMMETRIC
+    parts = [f"fwd{config.weight.bits}" if plain_w else f"fwd:{w.name}"]
+    for name, spec in (("gi", config.grad_input), ("gw", config.grad_weight)):
+        if spec is None:
+            parts.append(f"{name}:fp")
+            continue
+        f = spec.format
+        plain = isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC
+        text = f"{spec.quantizer}{spec.bits}" if plain else f"{spec.quantizer}·{f.name}"
+        text += "~pred" if spec.predicted else ""
+        text += "~rtn" if spec.rounding is Rounding.NEAREST else ""
+        parts.append(f"{name}:{text}")
+    return "/".join(parts)

@@ -291,5 +291,5 @@ __all__ = [
     "quantize_forward",
     "quantize_gradient",
     "same_padding",
-    "scaled_dot_product_attention",
+    "scaled_dot_product_attention",  # noqa: F822 (module __getattr__, lazily)
 ]

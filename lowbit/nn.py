@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .config import FQTConfig
-from .formats import Grid, IntFormat, Rounding
+from .config import FQTConfig, describe
 from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
@@ -197,29 +196,6 @@ class FQTConv1d(nn.Conv1d, _StochasticLayer):
 
 _FQT_LAYERS = (FQTLinear, FQTConv2d, FQTConv1d)
 _PLAIN = {nn.Linear: FQTLinear, nn.Conv2d: FQTConv2d, nn.Conv1d: FQTConv1d}
-
-
-def describe(config: FQTConfig) -> str:
-    """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8`` (symmetric
-    integer grids by their bits); other formats by name, e.g.
-    ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; ``~rtn`` marks a gradient path
-    rounded to nearest (biased), ``~pred`` predicted ranges."""
-    if config.is_fp:
-        return "fp"
-    w = config.weight.format
-    plain_w = isinstance(w, IntFormat) and w.grid is Grid.SYMMETRIC
-    parts = [f"fwd{config.weight.bits}" if plain_w else f"fwd:{w.name}"]
-    for name, spec in (("gi", config.grad_input), ("gw", config.grad_weight)):
-        if spec is None:
-            parts.append(f"{name}:fp")
-            continue
-        f = spec.format
-        plain = isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC
-        text = f"{spec.quantizer}{spec.bits}" if plain else f"{spec.quantizer}·{f.name}"
-        text += "~pred" if spec.predicted else ""
-        text += "~rtn" if spec.rounding is Rounding.NEAREST else ""
-        parts.append(f"{name}:{text}")
-    return "/".join(parts)
 
 
 def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | None = None,

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lowbit.plots import save_figure
 from lowbit.config import FQTConfig
-from lowbit.nn import describe
+from lowbit.config import describe
 from lowbit.quantizers import QUANTIZERS
 
 from . import monitoring

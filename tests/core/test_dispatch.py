@@ -12,7 +12,7 @@ from torch import nn
 import lowbit
 from lowbit import FQTConfig
 from lowbit.config import FLOAT_FAMILIES, RECIPES
-from lowbit.formats import FORMAT_NAMES, Granularity, IntFormat, Rounding, parse_format
+from lowbit.formats import FORMAT_NAMES, Granularity, Rounding, parse_format
 from lowbit.kernels import Backend, Encoded, Impl, compiled, fp8, int8, kernels_for, reference, register
 from lowbit.quantizers import QUANTIZERS
 
