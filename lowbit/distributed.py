@@ -56,7 +56,7 @@ Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float f
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -235,7 +235,7 @@ class QuantizedCommState:
     byte counters (``bytes_sent`` by this rank; ``bytes_fp32``: what DDP's fp32 all-reduce
     of the same buckets sends; ``steps``: backward passes seen)."""
 
-    model: nn.Module
+    model: InitVar[nn.Module]  # read once for the parameter order, not kept (see below)
     comm: GradComm
     process_group: dist.ProcessGroup | None = None
     index: dict[int, int] = field(init=False)
@@ -245,10 +245,13 @@ class QuantizedCommState:
     fallbacks: int = 0  # buckets sent in fp32 because a rank had a NaN/Inf
     steps: int = 0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, model: nn.Module) -> None:
+        # Not kept: DDP's C++ reducer holds this state, so a reference back to the DDP model
+        # would form a cycle the garbage collector cannot see, leaking the model, its
+        # gradient buckets and the process group until the interpreter's teardown.
         if not isinstance(self.comm, GradComm):
             raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
-        module = getattr(self.model, "module", self.model)  # DDP wraps the model
+        module = getattr(model, "module", model)  # DDP wraps the model
         self.index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
         self.calls = {}
 

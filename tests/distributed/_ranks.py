@@ -37,9 +37,8 @@ def _entry(rank: int, fn: Callable, world: int, port: int, out: str, args: tuple
         result: Any = fn(rank, world, *args)
     except BaseException:
         result = {"__error__": traceback.format_exc()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, Path(out) / f"{rank}.pt")
+    torch.save(result, Path(out) / f"{rank}.pt")  # before teardown: nothing to lose there
+    dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable, *args: Any, world: int = 2, timeout: float = 60.0) -> list[Any]:
