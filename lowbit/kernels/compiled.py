@@ -80,17 +80,23 @@ def _dispatch_context() -> Hashable:
 
 def _variant_key(args: tuple[Any, ...]) -> Hashable:
     """What dynamo specialises on: non-tensor arguments by value; tensors by dtype,
-    device type, rank, contiguity and which dimensions are 1 (sizes stay dynamic). The
+    device type, rank, contiguity and which dimensions are 1 (sizes stay dynamic); which
+    sizes are equal to each other, over all tensor arguments (dynamo's "duck sizing"
+    makes sizes that are equal at the first call one symbol, so a later call where they
+    differ — a square weight, then a wide one — would recompile the variant). The
     tensors reach the kernel detached (:func:`run`), so neither a ``Parameter`` (whose
     shape dynamo keeps static) nor the base of a view adds guards. Plus the dispatch
     context (:func:`_dispatch_context`)."""
     key: list[Hashable] = [_dispatch_context()]
+    sizes: list[int] = []
     for a in args:
         if isinstance(a, torch.Tensor):
             key.append((a.dtype, a.device.type, a.dim(), a.is_contiguous(),
                         tuple(d == 1 for d in a.shape)))
+            sizes.extend(a.shape)
         else:
             key.append(a if isinstance(a, Hashable) else repr(a))
+    key.append(tuple(sizes.index(d) if d > 1 else -1 for d in sizes))  # equal sizes
     return tuple(key)
 
 
