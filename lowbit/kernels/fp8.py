@@ -55,8 +55,9 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def row_major(t: torch.Tensor) -> torch.Tensor:
     """``t`` (M, K) if it is row-major as cuBLASLt reads it (``stride = (s, 1)`` with
-    ``s > 1``, 16-byte aligned), else a row-major copy (same values)."""
-    if t.stride(1) == 1 and t.stride(0) > 1 and _aligned(t):
+    ``s > 1`` and ``s ≥ K``: rows that overlap are misread, 16-byte aligned), else a
+    row-major copy (same values)."""
+    if t.stride(1) == 1 and t.stride(0) > 1 and t.stride(0) >= t.shape[1] and _aligned(t):
         return t
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # strides (K, 1)
     return out.copy_(t)
@@ -64,8 +65,8 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
 
 def col_major(t: torch.Tensor) -> torch.Tensor:
     """``t`` (K, N) if it is column-major as cuBLASLt reads it (``stride = (1, s)`` with
-    ``s > 1``, 16-byte aligned), else a column-major copy (same values)."""
-    if t.stride(0) == 1 and t.stride(1) > 1 and _aligned(t):
+    ``s > 1`` and ``s ≥ K``, 16-byte aligned), else a column-major copy (same values)."""
+    if t.stride(0) == 1 and t.stride(1) > 1 and t.stride(1) >= t.shape[0] and _aligned(t):
         return t
     out = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=t.device)
     return out.copy_(t.t()).t()  # strides (1, K)

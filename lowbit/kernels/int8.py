@@ -57,9 +57,25 @@ def supports(a: Encoded, b: Encoded) -> bool:
             and available(a.codes.device) and shape_ok(m, k, n, a.codes.device))
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (R, C) if a GEMM reads its strides as they are meant, else a row-major copy
+    (same values). Read as meant: row-major with a leading dimension ``stride(0) ≥ C``
+    when ``stride(1) == 1``, otherwise column-major with ``stride(1) ≥ R``. Views that
+    break this — overlapping rows (an im2col view of one sample's one output row: row
+    stride ``C_in`` < ``K``) and the degenerate strides torch gives a one-row matrix
+    (``w.t()`` of a (N, 1) weight is (1, N) with strides (1, 1)) — are misread by
+    ``torch._int_mm`` on the CPU (wrong sums, no error; README fault kind 24)."""
+    rows, cols = t.shape
+    s0, s1 = t.stride()
+    if (s1 == 1 and s0 >= cols) or (s1 != 1 and s0 == 1 and s1 >= rows):
+        return t
+    return torch.empty((rows, cols), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
-    """``a_codes @ b_codes`` with an exact int32 sum."""
-    return torch._int_mm(a_codes, b_codes)  # (M, N) int32
+    """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum:
+    operands whose strides ``_int_mm`` would misread are copied first (:func:`dense`)."""
+    return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
 
 
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,

@@ -46,6 +46,11 @@ GEOMETRIES = {
     "pointwise": (3, 5, 6, 6, 7, 1, 1, 0, 1, 1),
     "pad_beyond_kernel": (2, 3, 5, 6, 4, 1, 2, 2, 1, 1),  # padding > d(k−1): crop in ∇X
     "rect_kernel": (2, 3, 8, 9, 4, (2, 3), (1, 2), (0, 1), 1, 1),
+    # one sample, one output row: the patch view's rows overlap (row stride C < K), a
+    # layout torch._int_mm on the CPU misreads unless copied (fault kind 24)
+    "batch1_row": (1, 3, 1, 7, 4, (1, 3), 1, 0, 1, 1),
+    "batch1_row_pad": (1, 2, 1, 9, 3, (1, 4), 1, (0, 2), 1, 1),
+    "batch1_1x1_image": (1, 5, 1, 1, 2, 1, 1, 0, 1, 1),
 }
 
 
@@ -262,24 +267,28 @@ def test_scale_on_summed_dimension_runs_simulated_or_refuses() -> None:
 
 
 @pytest.mark.parametrize("c,groups", [(16, 1), (12, 1), (6, 1), (3, 1), (16, 2), (24, 3), (8, 8), (32, 4)])
-def test_im2col_by_definition(c: int, groups: int) -> None:
+@pytest.mark.parametrize("n,h,kh", [(2, 7, 3), (1, 1, 1)])  # one sample, one row: a Conv1d's view
+def test_im2col_by_definition(c: int, groups: int, n: int, h: int, kh: int) -> None:
     """im2col (copied in 8/4/2-byte words where the group's channel run allows, else byte
     by byte) is exactly its definition: column (i, j, c') of row (n, h, w) holds the
-    padded code at (n, h·s + i·d, w·s + j·d, g·C/groups + c')."""
-    n, h, w, k = 2, 7, 6, 3
+    padded code at (n, h·s + i·d, w·s + j·d, g·C/groups + c'), in a fresh row-major
+    (rows, K) layout (strides (K, 1), as a GEMM reads it; one sample's one output row
+    could be a view whose rows overlap, fault kind 24)."""
+    w, kw = 6, 3
+    ph = (kh - 1) // 2  # the padding keeps H
     codes = torch.randint(-127, 128, (n, c * h * w), dtype=torch.int8,
                           generator=torch.Generator().manual_seed(3))
-    x = place(nhwc(codes, (n, c, h, w)), (h + 2, w + 2), (1, 1))  # padded (N, H+2, W+2, C)
+    x = place(nhwc(codes, (n, c, h, w)), (h + 2 * ph, w + 2), (ph, 1))  # padded (N, H+2ph, W+2, C)
     cg = c // groups
     for s, d in ((1, 1), (2, 1), (1, 2)):
-        p = patches(x, (k, k), (s, s), (d, d))
+        p = patches(x, (kh, kw), (s, s), (d, d))
         ho, wo = p.shape[1], p.shape[2]
-        ni, hi, wi, ii, ji, ci = torch.meshgrid(*(torch.arange(m) for m in (n, ho, wo, k, k, cg)),
+        ni, hi, wi, ii, ji, ci = torch.meshgrid(*(torch.arange(m) for m in (n, ho, wo, kh, kw, cg)),
                                                 indexing="ij")
         for g in range(groups):
-            want = x[ni, hi * s + ii * d, wi * s + ji * d, g * cg + ci].reshape(n * ho * wo, k * k * cg)
+            want = x[ni, hi * s + ii * d, wi * s + ji * d, g * cg + ci].reshape(n * ho * wo, kh * kw * cg)
             got = im2col(p, g, groups)
-            assert got.dtype == torch.int8 and got.is_contiguous() and torch.equal(got, want)
+            assert got.dtype == torch.int8 and got.stride() == (kh * kw * cg, 1) and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -347,28 +356,30 @@ def test_grad_weight_long_sum_through_conv() -> None:
 
 @pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 2, 2), (1, "same", 2, 1),
                                                             (1, "valid", 1, 4)])
-def test_conv1d_integer_equals_reference_and_conv2d(stride, padding, dilation, groups) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("batch", [3, 1])  # batch 1: overlapping im2col rows (fault kind 24)
+def test_conv1d_integer_equals_reference_and_conv2d(stride, padding, dilation, groups, batch) -> None:  # noqa: ANN001
     """fqt_conv1d is the conv2d block on a height-1 image: integer == reference within
-    the bound, and both equal fqt_conv2d on the unsqueezed operands bitwise."""
+    the bound (output and ∇X), and both equal fqt_conv2d on the unsqueezed operands bitwise."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 19, generator=gen)
+    x = torch.randn(batch, 4, 19, generator=gen)
     wt = torch.randn(8, 4 // groups, 3, generator=gen)
     b = torch.randn(8, generator=gen)
     outs = {}
     for be in ("int8", "reference"):
         cfg = FQTConfig.from_recipe("fqt-psq-8", backend=be, seed=1)
-        xs = x.clone().requires_grad_()
-        y = fqt_conv1d(xs, wt, b, cfg, stride, padding, dilation, groups)
+        xs, ws = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        y = fqt_conv1d(xs, ws, b, cfg, stride, padding, dilation, groups)
         y.backward(torch.ones_like(y))
-        outs[be] = (y, xs.grad)
+        outs[be] = (y, xs.grad, ws.grad)
         assert y.shape == F.conv1d(x, wt, b, stride, padding, dilation, groups).shape
     p2 = (0, padding) if isinstance(padding, int) else padding
     y2 = fqt_conv2d(x.unsqueeze(2), wt.unsqueeze(2), b, FQTConfig.from_recipe("fqt-psq-8", seed=1),
                     (1, stride), p2, (1, dilation), groups)
     assert torch.equal(outs["int8"][0], y2.squeeze(2))
-    ratio = (outs["int8"][0] - outs["reference"][0]).abs().max() / outs["reference"][0].abs().max()
-    k = 3 * 4 // groups
-    assert ratio <= (k + 8) * U * k
+    # the length of each GEMM's sum: output C_in/g·k, ∇X C_out/g·k, ∇W N·L'
+    for i, k in enumerate((3 * 4 // groups, 3 * 8 // groups, batch * y2.shape[-1])):
+        ratio = (outs["int8"][i] - outs["reference"][i]).abs().max() / outs["reference"][i].abs().max()
+        assert ratio <= (k + 8) * U * k
 
 
 def test_convert_conv1d_exact_type_only() -> None:

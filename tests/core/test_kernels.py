@@ -262,3 +262,34 @@ def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: 
             c1, s1 = compiled.quantize_codes(x, 7, per_row, stochastic, seed)
             c2, s2 = reference.quantize_codes(x, 7, per_row, stochastic, seed)
             assert torch.equal(c1, c2) and torch.equal(s1, s2), (per_row, stochastic)
+
+
+def _views(rows: int, cols: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """(rows, cols) int8 operands in every layout a caller can hand a GEMM: contiguous,
+    transposed, sliced, a transposed (N, 1) weight (strides (1, 1) on a (1, N) matrix),
+    and rows that overlap (an im2col view: row stride < cols)."""
+    base = torch.randint(-127, 128, (rows * cols + cols,), dtype=torch.int8, generator=gen)
+    views = {"contiguous": base[:rows * cols].view(rows, cols),
+             "transposed": base[:rows * cols].view(cols, rows).t(),
+             "sliced": base.view(-1)[: (rows + 1) * cols].view(rows + 1, cols)[1:],
+             "overlapping": base.as_strided((rows, cols), (max(cols // 2, 1), 1))}
+    if rows == 1:
+        views["degenerate"] = base[:cols].view(cols, 1).t()  # strides (1, 1)
+    return views
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 1, 5), (1, 7, 5), (5, 7, 1), (1, 1, 1), (4, 9, 3), (1, 3, 9)])
+def test_int_mm_exact_on_any_strides(m: int, k: int, n: int) -> None:
+    """``int8.int_mm`` equals the int32 product on every layout of both operands:
+    layouts ``torch._int_mm`` misreads on the CPU are copied first (fault kind 24)."""
+    from lowbit.kernels import fp8, int8
+
+    gen = torch.Generator().manual_seed(0)
+    for (na, a), (nb, b) in ((x, y) for x in _views(m, k, gen).items() for y in _views(k, n, gen).items()):
+        exact = a.int() @ b.int()
+        assert torch.equal(int8.int_mm(a, b), exact), (na, a.stride(), nb, b.stride())
+        for t in (a, b):  # the operand fp8's _scaled_mm is handed: same values, readable strides
+            r, c = fp8.row_major(t), fp8.col_major(t)
+            assert torch.equal(r, t) and torch.equal(c, t)
+            assert r.stride(1) == 1 and r.stride(0) >= r.shape[1]
+            assert c.stride(0) == 1 and c.stride(1) >= c.shape[0]

@@ -37,21 +37,31 @@ def grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+# (in_features, out_features, input shape): a summed dimension of 1 in each GEMM — the
+# forward (in = 1), ∇X (out = 1), ∇W (one row) — gives operands with degenerate strides
+# that torch._int_mm on the CPU misreads unless copied (README fault kind 24)
+SHAPES = [(12, 16, (3, 7, 12)), (1, 16, (3, 7, 1)), (12, 1, (3, 7, 12)), (12, 16, (1, 12)),
+          (1, 1, (1, 1))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}x{'x'.join(map(str, s[2]))}")
 @pytest.mark.parametrize("quantizer", QUANT)
-def test_integer_path_equals_reference(quantizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_integer_path_equals_reference(quantizer: str, shape: tuple,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = int8_kernel.int_mm
     monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(3, 7, 12)  # (B, T, C): any leading shape
+    fan_in, fan_out, x_shape = shape
+    x = torch.randn(*x_shape)  # (B, T, C): any leading shape
     out = {}
     for backend in ("int8", "reference"):
         torch.manual_seed(1)
-        layer = nn.Linear(12, 16)
+        layer = nn.Linear(fan_in, fan_out)
         cfg = FQTConfig.from_recipe(f"fqt-{quantizer}-4", backend=backend, seed=5)
         m = lowbit.convert(nn.Sequential(layer), cfg)
         xi = x.clone().requires_grad_()
         y = m(xi)
-        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        (y * torch.linspace(-1, 1, fan_out)).sum().backward()
         out[backend] = (y.detach(), xi.grad, layer.weight.grad, layer.bias.grad)
     assert len(calls) == 3, "output, grad_input and grad_weight must all run on _int_mm"
     for a, b in zip(out["int8"], out["reference"]):
