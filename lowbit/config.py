@@ -32,6 +32,7 @@ from .formats import (
     parse_format,
 )
 from .kernels import Backend
+from .noise import check_seed
 from .quantizers import QUANTIZERS, Granularity
 from .ranges import Overflow, RangeMode
 
@@ -265,8 +266,8 @@ class FQTConfig:
                 if spec is not None and not isinstance(spec.format, kind):
                     raise ValueError(f"backend={self.backend.value!r} runs {allowed} GEMMs only; "
                                      f"{name}.format is {spec.format.name!r} (use backend='auto')")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
     @property
     def is_fp(self) -> bool:

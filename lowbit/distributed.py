@@ -63,6 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .formats import IntFormat, counter_uniform
+from .noise import check_seed
 
 WIRES = ("auto", "allreduce", "allgather")
 GRAD_COMM_NAMES = ("fp32",) + tuple(f"int{b}" for b in range(2, 9))
@@ -89,8 +90,7 @@ class GradComm:
             raise ValueError(f"block must be a positive integer or None, got {self.block!r}")
         if self.wire not in WIRES:
             raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {self.wire!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def format(self) -> IntFormat:

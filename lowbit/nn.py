@@ -47,8 +47,6 @@ class _StochasticLayer:
             raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
         if seed is None:
             seed = draw_base_seed() if config.seed is None else config.seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         self._block = BlockState(config, NoiseStream(seed, name))
 
     @property

@@ -90,6 +90,21 @@ def fnv1a64(text: str) -> int:
     return h
 
 
+SEED_LIMIT = 1 << 64  # seeds are words of the 64-bit hash: [0, 2⁶⁴)
+
+
+def check_seed(seed: object, what: str = "seed", limit: int = SEED_LIMIT) -> int:
+    """``seed`` if it is an int in ``[0, limit)``, else raise: ``TypeError`` for a non-int
+    (``bool`` included), ``ValueError`` naming ``what`` and the range otherwise. A seed
+    outside the range would alias one inside it (the hash reads 64-bit words: ``2⁶⁴``
+    and ``0``, ``-1`` and ``2⁶⁴ − 1`` gave the same noise; README fault kind 25)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{what} must be an int, got {seed!r}")
+    if not 0 <= seed < limit:
+        raise ValueError(f"{what} must be in [0, 2**{limit.bit_length() - 1}), got {seed}")
+    return seed
+
+
 def stream_seed(base_seed: int, layer_name: str, rank: int = 0) -> int:
     """The seed of one layer's noise stream on one rank: ``mix(base_seed,
     fnv1a64(layer_name), rank)`` (module docstring). Same arguments → same stream; any
@@ -135,8 +150,7 @@ class NoiseStream:
     """
 
     def __init__(self, seed: int, name: str = "") -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.seed, self.name, self.counter = seed, name, 0
@@ -243,5 +257,5 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device)
 
 
-__all__ = ["NoiseStream", "Path", "check_generator", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
+__all__ = ["SEED_LIMIT", "NoiseStream", "Path", "check_generator", "check_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
            "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]

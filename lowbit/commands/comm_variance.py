@@ -33,7 +33,7 @@ from lowbit.config import RECIPES, FQTConfig
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
 from lowbit.experiments.tasks import TASKS, Task, make_task
-from lowbit.experiments.train import check_out_dir, parse_int, set_threads
+from lowbit.experiments.train import check_out_dir, parse_int, parse_seed, set_threads
 from lowbit.nn import convert
 
 DEFAULT_BATCH_SIZE = {"digits": 64, "fashion-mnist": 64, "text": 16}
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     n_batches = _at_least("--batches", args.batches, 3)
     repeats = _at_least("--repeats", args.repeats, 2)
     steps = _at_least("--train-steps", args.train_steps, 0)
-    seed = _at_least("--seed", args.seed, 0)
+    seed = parse_seed("--seed", args.seed)
     batch_size = _at_least("--batch-size", args.batch_size or str(DEFAULT_BATCH_SIZE[args.task]),
                            world)
     if batch_size % world:

@@ -24,7 +24,7 @@ from lowbit.config import FQTConfig, backend_names, recipe_families
 from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
-from lowbit.experiments.train import MODEL_ARG_HELP, parse_int, parse_model_args, set_threads
+from lowbit.experiments.train import MODEL_ARG_HELP, parse_int, parse_model_args, parse_seed, set_threads
 from lowbit.nn import convert
 
 IMAGE_SIZE = {"digits": 8, "fashion-mnist": 28}
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(MODELS[args.task])}, got {name!r}")
     if args.by not in ("module", "type"):
         raise ValueError(f"--by must be module or type, got {args.by!r}")
-    seed = parse_int("--seed", args.seed)
+    seed = parse_seed("--seed", args.seed)
     batch = parse_int("--batch-size", args.batch_size)
     if batch is None:
         batch = TASK_CLASSES[args.task].default_batch_size

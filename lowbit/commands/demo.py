@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lowbit.analysis import quantization_variance
-from lowbit.experiments.train import check_out_dir, make_config, parse_int, set_threads
+from lowbit.experiments.train import check_out_dir, make_config, parse_int, parse_seed, set_threads
 from lowbit.experiments.trainer import train
 
 RECIPES = ("fp", "qat-8", "fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-ptq-4", "fqt-psq-4",
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    epochs, seed = parse_int("--epochs", args.epochs), parse_int("--seed", args.seed)
+    epochs, seed = parse_int("--epochs", args.epochs), parse_seed("--seed", args.seed)
     # Validate everything before the first run starts.
     configs = [
         make_config({"task": "digits", "model": args.model, "recipe": r, "epochs": epochs,

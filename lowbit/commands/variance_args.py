@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lowbit.analysis.bounds import SPECTRUM_MODES
 from lowbit.experiments.models import MODELS
-from lowbit.experiments.train import check_out_dir
+from lowbit.experiments.train import check_out_dir, parse_seed
 from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, parse_format
 from lowbit.quantizers import QUANTIZERS
 
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=None,
       help="minibatch size (default: 32 images, 16 windows)")
     a("--repeats", type=int, default=4, help="FQT draws per minibatch (≥ 2)")
-    a("--seed", type=int, default=0)
+    a("--seed", default="0")
     a("--subset", type=int, default=None,
       help="training images to load (fashion-mnist, default 10000; digits: all) or text bytes")
     a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
@@ -186,7 +186,7 @@ def validate(args: argparse.Namespace) -> Options:
         bits=sorted({parse_format(f).element_bits for f in formats}), formats=formats,
         roundings=list(dict.fromkeys(roundings)), out=Path(check_out_dir("--out", args.out)), batches=batches,
         batch_size=_at_least("batch-size", args.batch_size or DEFAULT_BATCH_SIZE[args.task], 2),
-        repeats=_at_least("repeats", args.repeats, 2), seed=_at_least("seed", args.seed, 0),
+        repeats=_at_least("repeats", args.repeats, 2), seed=parse_seed("--seed", args.seed),
         subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],
         train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,
         bound_batches=bound, spectrum=args.spectrum,

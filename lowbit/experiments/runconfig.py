@@ -148,6 +148,8 @@ class TrainConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed >= 2**63:  # epoch_seed works mod 2⁶³: seed + 2⁶³ would repeat seed's data order
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
         _positive_int("subset", self.subset, allow_none=True)
         _positive_int("eval_subset", self.eval_subset, allow_none=True)
         _positive_int("steps_per_epoch", self.steps_per_epoch, allow_none=True)

@@ -22,7 +22,7 @@ from .train import (
     add_training_arguments,
     check_out_dir,
     make_config,
-    parse_int,
+    parse_seed,
     set_threads,
     training_fields,
 )
@@ -61,7 +61,7 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
         if unknown:
             raise ValueError(f"--models: {unknown[0]!r} is not a model of {', '.join(tasks)}; "
                              f"allowed: {', '.join(sorted(known))}")  # fmt: skip
-    seeds = [parse_int("--seeds", s) for s in _split("--seeds", args.seeds)]
+    seeds = [parse_seed("--seeds", s) for s in _split("--seeds", args.seeds)]
     recipes = _split("--recipes", args.recipes)
     common = training_fields(args)
     configs = []

@@ -85,6 +85,18 @@ def parse_int(option: str, text: str | None) -> int | None:
         raise ValueError(f"{option} must be an integer, got {text!r}") from None
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed and the trainer's epoch_seed (mod 2⁶³) take seeds below it
+
+
+def parse_seed(option: str, text: str) -> int:
+    """A command-line seed: an integer in ``[0, 2**63)``; ``ValueError`` naming ``option``
+    otherwise (a seed outside would alias one inside: README fault kind 25)."""
+    value = parse_int(option, text)
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{option} must be an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 def parse_float(option: str, text: str | None) -> float | None:
     if text is None:
         return None
@@ -191,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--recipe must be one of {recipe_families()}; got {args.recipe!r}")
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
-                  seed=parse_int("--seed", args.seed))  # fmt: skip
+                  seed=parse_seed("--seed", args.seed))  # fmt: skip
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")

@@ -230,3 +230,37 @@ def test_functional_api_takes_a_state_or_a_config() -> None:
     assert state.noise.counter == 1
     with pytest.raises(TypeError, match="state must be a BlockState or an FQTConfig"):
         lowbit.fqt_linear(x, w, b, "fqt-psq-8")  # type: ignore[arg-type]
+
+
+# -- seeds outside [0, 2⁶⁴) are refused, never aliased (fault kind 25) ----------------------
+BAD_SEEDS = [(-1, ValueError), (2**64, ValueError), (-(2**64) + 5, ValueError), (True, TypeError),
+             (1.0, TypeError), ("3", TypeError)]
+
+
+@pytest.mark.parametrize("seed,error", BAD_SEEDS, ids=lambda v: repr(v))
+def test_every_seed_entry_point_refuses_a_seed_outside_its_range(seed: object, error: type) -> None:
+    """Each place a user hands lowbit a seed raises, naming it, instead of reducing it
+    mod 2⁶⁴ (``seed=2**64`` gave seed 0's noise, ``-1`` gave ``2**64 - 1``'s)."""
+    from lowbit.distributed import GradComm
+
+    entry_points = [lambda: FQTConfig.from_recipe("fqt-psq-4", seed=seed),
+                    lambda: FQTLinear(4, 4, config=FQTConfig.from_recipe("fqt-psq-4"), seed=seed),
+                    lambda: N.NoiseStream(seed, "layer"),
+                    lambda: GradComm(bits=8, seed=seed),
+                    lambda: lowbit.functional.fqt_linear(torch.randn(2, 3), torch.randn(4, 3), None,
+                                                         FQTConfig.from_recipe("fqt-psq-4", seed=seed))]
+    for make in entry_points:
+        with pytest.raises(error, match="seed"):
+            make()
+
+
+def test_seed_range_ends_are_accepted_and_distinct() -> None:
+    """0 and 2⁶⁴ − 1 are valid seeds with different noise (they are different words)."""
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for seed in (0, 2**64 - 1):
+        torch.manual_seed(0)
+        layer = FQTLinear(16, 16, config=FQTConfig.from_recipe("fqt-psq-4", seed=seed))
+        grads.append(layer_grads(layer, x)[1])
+    assert not torch.equal(grads[0], grads[1])
+

@@ -380,3 +380,13 @@ def test_bfloat16_model_keeps_batchnorm_statistics_in_float32():
     twin = copy.deepcopy(low)  # the float32 forward is bound to the copy, not the original
     twin(x)
     assert int(twin[1].num_batches_tracked) == 4 and int(bn.num_batches_tracked) == 3
+
+
+def test_run_config_seed_below_2_63() -> None:
+    """The trainer's data order is a function of the seed mod 2⁶³ (``epoch_seed``): a seed
+    of 2⁶³ or more would repeat a smaller seed's order, so it is refused."""
+    from lowbit.experiments.runconfig import TrainConfig
+
+    TrainConfig(seed=2**63 - 1)
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*63, got 9223372036854775808"):
+        TrainConfig(seed=2**63)
