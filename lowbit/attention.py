@@ -50,7 +50,7 @@ from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
 from .kernels import compiled, int8_applicable, scaled_mm
 from .noise import Path, generator_for
-from .ops import BlockState, flatten_operand, unflatten_operand
+from .ops import BlockState, flatten_operand, unflatten_operand, warn_if_not_adaptive
 from .quantizers import QuantizedOperand
 
 # Per-head multiply-adds from which heads run one integer GEMM each (a Python loop of
@@ -273,6 +273,7 @@ class _Attention(torch.autograd.Function):
         if g_out is None:
             g_out = probs.new_zeros(b, lq, ev)
         state: BlockState = ctx.state
+        warn_if_not_adaptive(state)
         cfg, dt = state.config, probs.dtype
         quant = tuple(unflatten_operand(codes[4 * i:4 * i + 4], blk) for i, blk in enumerate(ctx.blocks))
         with torch.autocast(g_out.device.type, enabled=False):

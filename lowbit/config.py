@@ -238,7 +238,10 @@ def _recipe(name: str) -> dict[str, object]:
 class FQTConfig:
     """Full recipe of a converted model. ``seed`` seeds the stochastic-rounding
     generators of the converted layers (``None``: drawn from torch's global RNG at
-    conversion, so ``torch.manual_seed`` makes runs reproducible)."""
+    conversion, so ``torch.manual_seed`` makes runs reproducible). ``adaptive``: the
+    ``fqt-auto*`` recipe (:data:`ADAPTIVE_RECIPES`) this config is the 8-bit start of, or
+    ``None``; its widths change only under a ``VarianceMonitor`` with that recipe's
+    ``AdaptivePolicy`` — a layer whose backward runs without one warns once."""
 
     weight: OperandSpec | None = OperandSpec()
     activation: OperandSpec | None = OperandSpec()
@@ -246,6 +249,7 @@ class FQTConfig:
     grad_weight: GradSpec | None = GradSpec()
     backend: Backend = Backend.AUTO
     seed: int | None = None
+    adaptive: str | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("weight", OperandSpec), ("activation", OperandSpec),
@@ -268,6 +272,9 @@ class FQTConfig:
                                      f"{name}.format is {spec.format.name!r} (use backend='auto')")
         if self.seed is not None:
             check_seed(self.seed)
+        if self.adaptive is not None and self.adaptive not in ADAPTIVE_RECIPES:
+            raise ValueError(f"adaptive must be one of {', '.join(ADAPTIVE_RECIPES)} or None, "
+                             f"got {self.adaptive!r}")
 
     @property
     def is_fp(self) -> bool:
@@ -292,8 +299,10 @@ class FQTConfig:
           (psq; ptq for ptq) on ∇W;
         * ``fp8-tensorwise``, ``fp8-rowwise``: torchao's biased FP8 baselines (all GEMMs on
           FP8 operands, gradients rounded to nearest; rowwise's backward GEMMs simulated);
-        * ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (its bit widths are
-          then chosen by ``lowbit.adaptive.AdaptivePolicy.from_recipe(name)``).
+        * ``fqt-auto[-psq|-bhq]``: the 8-bit start of an adaptive recipe (``adaptive=name``);
+          its bit widths are chosen only under
+          ``VarianceMonitor(model, every, policy=AdaptivePolicy.from_recipe(name))``, and a
+          layer that trains without one warns once (it runs the fixed 8-bit start).
 
         Keyword ``overrides`` replace fields (e.g. ``backend="reference"``, ``seed=0``).
         Raises ``ValueError`` naming the families for an unknown name."""
@@ -301,7 +310,8 @@ class FQTConfig:
             raise TypeError(f"recipe name must be a str, got {name!r}")
         if name in ADAPTIVE_RECIPES:  # the starting point; the policy is lowbit.adaptive's
             gi, gw = ADAPTIVE_RECIPES[name]
-            cfg = cls(grad_input=GradSpec(MAX_BITS, gi[0]), grad_weight=GradSpec(MAX_BITS, gw[0]))
+            cfg = cls(grad_input=GradSpec(MAX_BITS, gi[0]), grad_weight=GradSpec(MAX_BITS, gw[0]),
+                      adaptive=name)
         elif name in RECIPES:
             cfg = cls(**_recipe(name))  # type: ignore[arg-type]
         else:
@@ -313,6 +323,9 @@ class FQTConfig:
         grid (symmetric or asymmetric) is kept. Integer gradient formats only."""
         if not self.is_fqt and (grad_input or grad_weight):
             raise ValueError("gradient bits can only be set on an fqt-* recipe")
+        if self.adaptive is not None and (grad_input or grad_weight):
+            raise ValueError(f"gradient bits conflict with the adaptive recipe {self.adaptive!r}: "
+                             "its widths are chosen per layer by the variance monitor")
         gi, gw = self.grad_input, self.grad_weight
         for spec, bits in ((gi, grad_input), (gw, grad_weight)):
             if bits is not None and spec is not None and not isinstance(spec.format, IntFormat):
@@ -357,7 +370,7 @@ class FQTConfig:
                    activation=spec(OperandSpec, d.get("activation")),
                    grad_input=spec(GradSpec, d.get("grad_input")),
                    grad_weight=spec(GradSpec, d.get("grad_weight")),
-                   backend=d.get("backend", "auto"), seed=d.get("seed"))
+                   backend=d.get("backend", "auto"), seed=d.get("seed"), adaptive=d.get("adaptive"))
 
 
 __all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",

@@ -180,6 +180,8 @@ class VarianceMonitor:
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
         self._handles = [lay.register_forward_hook(self._forward_hook(n)) for n, lay in self.layers.items()]
+        for layer in self.layers.values() if policy is not None else ():
+            layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
 
     # -- the training loop's side -------------------------------------------------------
     def due(self) -> bool:
@@ -210,10 +212,13 @@ class VarianceMonitor:
             self.steps += 1
 
     def close(self) -> None:
-        """Remove the hooks (the monitor then measures nothing)."""
+        """Remove the hooks (the monitor then measures nothing, and its policy drives no
+        layer any more)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        for layer in self.layers.values():
+            layer._block.policy_driven = False
 
     # -- hooks ----------------------------------------------------------------------------
     def _forward_hook(self, name: str) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ class BlockState:
     """What one block reads when it runs: ``config`` (an :class:`FQTConfig`, may be
     reassigned), ``noise`` (its :class:`NoiseStream`) and ``range_trackers`` (created
     when a predicted spec asks for them). ``handle`` names it to the ops; a copy
-    (``copy.deepcopy``, pickling) gets a handle of its own."""
+    (``copy.deepcopy``, pickling) gets a handle of its own. ``policy_driven``: set by a
+    ``VarianceMonitor`` whose policy chooses this block's widths (an ``fqt-auto*`` config
+    without one warns at its first backward: :func:`warn_if_not_adaptive`)."""
 
     def __init__(self, config: FQTConfig, noise: NoiseStream) -> None:
         if not isinstance(config, FQTConfig):
@@ -71,17 +74,21 @@ class BlockState:
         self.config = config
         self.noise = noise
         self.range_trackers: dict[str, RangeTracker] = {}
+        self.policy_driven = False
+        self._adaptive_checked = False
         self._register()
 
     def _register(self) -> None:
         self.handle = f"block{next(_next_handle)}"
         _STATES[self.handle] = self
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "handle"}
+    def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("handle", "policy_driven", "_adaptive_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.policy_driven, self._adaptive_checked = False, False
         self._register()
 
     def trackers(self) -> Trackers:
@@ -95,6 +102,28 @@ class BlockState:
                 self.range_trackers[path] = t
             out.append(t)
         return out[0], out[1]
+
+
+class AdaptiveRecipeWarning(UserWarning):
+    """An ``fqt-auto*`` layer trained without the policy that chooses its widths."""
+
+
+def warn_if_not_adaptive(state: BlockState) -> None:
+    """Warn once per block when its config is the start of an adaptive recipe
+    (``config.adaptive``) but no ``VarianceMonitor`` policy drives it: the recipe then
+    trains at its fixed 8-bit start, which the name does not say (README fault kind 26)."""
+    if state._adaptive_checked:
+        return
+    state._adaptive_checked = True
+    name = state.config.adaptive
+    if name is not None and not state.policy_driven:
+        warnings.warn(
+            f"lowbit: recipe {name!r} chooses gradient bit widths only for the layers that "
+            f"lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy"
+            f".from_recipe({name!r})) "
+            f"drives (`lowbit train` attaches one; its .skipped names the layers it cannot "
+            f"drive); a layer trained without one, at the recipe's fixed 8-bit start",
+            AdaptiveRecipeWarning, stacklevel=2)
 
 
 def _state(handle: str) -> BlockState:
@@ -231,6 +260,7 @@ def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handl
 def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], handle: str,
                   meta: BlockMeta, needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
     state = _state(handle)
+    warn_if_not_adaptive(state)
     cfg = state.config
     gens = state.noise.backward_generators(gy.device, _backward_paths(cfg))
     k = kernels_for(cfg.backend, gy.device)
@@ -284,5 +314,5 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
 
 
-__all__ = ["BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
+__all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
            "block_forward", "flatten_operand", "register_kind", "unflatten_operand"]

@@ -117,6 +117,9 @@ class TrainConfig:
                 )
             if not self.recipe.startswith("fqt-"):
                 raise ValueError(f"{name} needs an fqt-* recipe, got {self.recipe!r}")
+            if self.recipe in ADAPTIVE_RECIPES:
+                raise ValueError(f"{name} conflicts with the adaptive recipe {self.recipe!r}: "
+                                 "its widths are chosen per layer by the variance monitor")
         if self.range_margin is not None:
             _finite("range_margin", self.range_margin, 1.0, True)
             if not self.recipe.endswith("-predicted"):

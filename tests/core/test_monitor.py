@@ -462,6 +462,49 @@ def test_adaptive_recipes() -> None:
         AdaptivePolicy.from_recipe("fqt-psq-8")
 
 
+def test_adaptive_recipe_without_its_policy_warns_once_per_layer_and_says_so() -> None:
+    """An ``fqt-auto*`` config trained without the policy that chooses its widths runs its
+    fixed 8-bit start (bitwise fqt-psq-8): each layer warns once, naming the recipe and
+    what drives it (fault kind 26); under ``VarianceMonitor(policy=...)`` nothing warns,
+    and after ``close()`` the layers are no longer driven. The recipe name survives
+    ``to_dict``/``from_dict``; explicit widths on it are refused."""
+    import warnings
+
+    from lowbit.ops import AdaptiveRecipeWarning
+
+    def steps(mon: VarianceMonitor | None, model: nn.Module, n: int = 2) -> list:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                x = torch.randn(8, 2, 5, 5)
+                if mon is None:
+                    model(x).square().mean().backward()
+                else:
+                    with mon.step():
+                        model(x).square().mean().backward()
+        return [w for w in caught if issubclass(w.category, AdaptiveRecipeWarning)]
+
+    cfg = FQTConfig.from_recipe("fqt-auto", seed=0)
+    assert cfg.adaptive == "fqt-auto" and FQTConfig.from_dict(cfg.to_dict()) == cfg
+    assert FQTConfig.from_recipe("fqt-psq-8").adaptive is None
+    plain = lowbit.convert(_net(False), cfg)
+    got = steps(None, plain)
+    assert len(got) == len(lowbit.fqt_layers(plain))  # once per layer, not per step
+    assert "recipe 'fqt-auto' chooses gradient bit widths only for the layers that " \
+           "lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy" \
+           ".from_recipe('fqt-auto')) " \
+           "drives" in str(got[0].message)
+    driven = lowbit.convert(_net(False), cfg)
+    mon = VarianceMonitor(driven, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
+    assert not mon.skipped and steps(mon, driven) == []
+    mon.close()
+    assert all(not lay._block.policy_driven for lay in lowbit.fqt_layers(driven).values())
+    with pytest.raises(ValueError, match="gradient bits conflict with the adaptive recipe 'fqt-auto'"):
+        cfg.with_grad_bits(4)
+    with pytest.raises(ValueError, match="adaptive must be one of fqt-auto, fqt-auto-psq, fqt-auto-bhq"):
+        FQTConfig(adaptive="fqt-psq-8")
+
+
 def test_monitor_errors_and_skips() -> None:
     with pytest.raises(ValueError, match="every must be a positive int, got 0"):
         VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=0)

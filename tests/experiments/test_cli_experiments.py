@@ -102,6 +102,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         (["train", "--lr", "0"], "--lr must be a finite number > 0"),
         (["train", "--recipe", "fqt-psq-8", "--grad-input-bits", "9"], "2..8"),
         (["train", "--grad-weight-bits", "4"], "--grad-weight-bits needs an fqt-* recipe"),
+        (["train", "--recipe", "fqt-auto", "--grad-input-bits", "4"],
+         "--grad-input-bits conflicts with the adaptive recipe 'fqt-auto'"),
         (["train", "--backend", "cuda"], "--backend must be one of auto, reference, int8"),
         (["train", "--weights", "fp8"], "--weights must be one of fp32, bf16-master, bf16, int8"),
         (["train", "--weights", "bf16", "--opt-state", "fp32"],
