@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lowbit.analysis import quantization_variance
-from lowbit.experiments.train import check_out_dir, make_config, parse_int, parse_seed, set_threads
+from lowbit.experiments.train import check_out_dir, make_config, parse_int, parse_recipes, parse_seed, set_threads
 from lowbit.experiments.trainer import train
 
 RECIPES = ("fp", "qat-8", "fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-ptq-4", "fqt-psq-4",
@@ -42,10 +42,8 @@ def run(args: argparse.Namespace) -> int:
     configs = [
         make_config({"task": "digits", "model": args.model, "recipe": r, "epochs": epochs,
                      "seed": seed})
-        for r in dict.fromkeys(r.strip() for r in args.recipes.split(",") if r.strip())
+        for r in parse_recipes("--recipes", args.recipes)
     ]  # fmt: skip
-    if not configs:
-        raise ValueError(f"--recipes must name at least one recipe, got {args.recipes!r}")
     set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         root = Path(check_out_dir("--out", args.out) if args.out else tmp)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lowbit.config import ADAPTIVE_RECIPES, RECIPES, Backend, FQTConfig
+from lowbit.config import ADAPTIVE_RECIPES, RECIPES, Backend, FQTConfig, recipe_families
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm
 from lowbit.formats import MAX_BITS, MIN_BITS
 
@@ -99,10 +99,7 @@ class TrainConfig:
                 f"{', '.join(MODELS[self.task])}, got {self.model!r}"
             )
         if self.recipe not in RECIPES:
-            raise ValueError(
-                f"recipe must be one of fp, qat-B, fqt-{{ptq,psq,bhq,hadamard}}-B "
-                f"(B in 4..8), got {self.recipe!r}"
-            )
+            raise ValueError(f"recipe must be one of {recipe_families()}; got {self.recipe!r}")
         for name in ("grad_input_bits", "grad_weight_bits"):
             bits = getattr(self, name)
             if bits is None:

@@ -22,6 +22,7 @@ from .train import (
     add_training_arguments,
     check_out_dir,
     make_config,
+    parse_recipes,
     parse_seed,
     set_threads,
     training_fields,
@@ -62,7 +63,7 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
             raise ValueError(f"--models: {unknown[0]!r} is not a model of {', '.join(tasks)}; "
                              f"allowed: {', '.join(sorted(known))}")  # fmt: skip
     seeds = [parse_seed("--seeds", s) for s in _split("--seeds", args.seeds)]
-    recipes = _split("--recipes", args.recipes)
+    recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)
     configs = []
     for seed in seeds:  # seeds outermost: a sweep cut short still covers every recipe once

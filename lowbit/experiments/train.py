@@ -97,6 +97,18 @@ def parse_seed(option: str, text: str) -> int:
     return value
 
 
+def parse_recipes(option: str, text: str) -> list[str]:
+    """A comma list of recipe names (duplicates dropped, order kept); ``ValueError`` naming
+    ``option`` for an empty list or an unknown name (with every family allowed)."""
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not names:
+        raise ValueError(f"{option} must be a non-empty comma-separated list, got {text!r}")
+    for name in names:
+        if name not in RECIPES:
+            raise ValueError(f"{option}: unknown recipe {name!r}; allowed: {recipe_families()}")
+    return names
+
+
 def parse_float(option: str, text: str | None) -> float | None:
     if text is None:
         return None

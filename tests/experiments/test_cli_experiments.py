@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lowbit import cli
+from lowbit.config import recipe_families
 from lowbit.experiments import report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +124,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         (["demo", "--seed", str(2**63)], f"--seed must be an integer in [0, 2**63), got '{2**63}'"),
         (["comm-variance", "--task", "digits", "--seed", str(2**64)],
          f"--seed must be an integer in [0, 2**63), got '{2**64}'"),
-        (["sweep", "--recipes", "fp,qat-9"], "--recipe must be one of"),
+        (["sweep", "--recipes", "fp,qat-9"], "--recipes: unknown recipe 'qat-9'; allowed: fp, qat-B, "),
+        (["demo", "--recipes", "fp,fqt-bhq-3"],
+         f"--recipes: unknown recipe 'fqt-bhq-3'; allowed: {recipe_families()}"),
         (["report", "--runs", "/nonexistent"], "--runs must be a folder"),
         (["demo", "--epochs", "-1"], "--epochs must be a positive integer"),
         (["demo", "--model", "resnet"], "must be one of mlp, cnn"),
