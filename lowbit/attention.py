@@ -48,7 +48,7 @@ from torch.profiler import record_function
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
-from .kernels import compiled, int8_applicable, scaled_mm
+from .kernels import Kernels, int8_applicable, kernels_for, register_fused, scaled_mm
 from .noise import Path, generator_for
 from .ops import BlockState, flatten_operand, unflatten_operand, warn_if_not_adaptive
 from .quantizers import QuantizedOperand
@@ -63,6 +63,9 @@ Generators = dict[Path, torch.Generator]
 # -- batched GEMM operands -------------------------------------------------------------------
 def _dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return codes.to(step.dtype) * step
+
+
+register_fused("attention_dequantize", _dequantize)  # a dispatcher row like every kernel
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,14 @@ class Operand:
             return Operand(values=self.values * c, lowbit=self.lowbit)
         return Operand(self.codes, self.step * c)
 
-    def dequantize(self, dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
-        """The values (the steps' dtype for codes); ``fast``: fused by ``torch.compile``
-        for large operands (the same arithmetic: an exact cast, one multiply)."""
+    def dequantize(self, dtype: torch.dtype, kernels: Kernels | None = None) -> torch.Tensor:
+        """The values (the steps' dtype for codes), through ``kernels``' dispatcher row
+        ``attention_dequantize`` (compiled for large operands on a fused backend: the same
+        arithmetic, an exact cast and one multiply), or plain torch without ``kernels``."""
         if self.codes is None:
             return self.values.to(dtype)
-        if fast and compiled.use_for(self.codes):
-            return compiled.run("attention_dequantize", _dequantize, self.codes, self.step)
+        if kernels is not None:
+            return kernels.run("attention_dequantize", self.codes, self.step)
         return _dequantize(self.codes, self.step)
 
     def head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +131,8 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
             "a scale on the summed dimension, or codes or shapes the kernel refuses"
         raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
                          f"per head: it has {why}; use backend='auto' (simulated there)")
-    fast = backend is not Backend.REFERENCE
-    a_values, b_values = a.dequantize(dtype, fast), b.dequantize(dtype, fast)
+    kernels = kernels_for(backend, (a.codes if a.codes is not None else a.values).device)
+    a_values, b_values = a.dequantize(dtype, kernels), b.dequantize(dtype, kernels)
     with record_function("lowbit::gemm"):
         return torch.matmul(a_values, b_values)
 

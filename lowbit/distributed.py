@@ -63,13 +63,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .formats import IntFormat, counter_uniform
-from .noise import check_seed
+from .noise import check_seed, comm_noise_seed
 
 WIRES = ("auto", "allreduce", "allgather")
 GRAD_COMM_NAMES = ("fp32",) + tuple(f"int{b}" for b in range(2, 9))
 DEFAULT_BLOCK = 256
 _INT8_MAX = 127
-_M64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -110,22 +109,6 @@ class GradComm:
         if self.wire == "allgather" or (self.wire == "auto" and not fits8 and world < 8):
             return "allgather", torch.int8
         return "allreduce", torch.int8 if fits8 else torch.int32
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def comm_noise_seed(seed: int, rank: int, call: int, index: int) -> int:
-    """32-bit seed of rank ``rank``'s noise for parameter ``index`` at its ``call``-th
-    communication: SplitMix64 chained over ``(seed, rank, call, index)``."""
-    h = _splitmix64(seed)
-    for v in (rank, call, index):
-        h = _splitmix64(h ^ v)
-    return h & 0xFFFFFFFF
 
 
 def _blocks(g: torch.Tensor, block: int | None) -> torch.Tensor:

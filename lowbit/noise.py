@@ -81,6 +81,13 @@ def mix(*words: int) -> int:
     return h
 
 
+def comm_noise_seed(seed: int, rank: int, call: int, index: int) -> int:
+    """32-bit seed of rank ``rank``'s quantized-communication noise for parameter
+    ``index`` at its ``call``-th communication (:mod:`lowbit.distributed`): the low 32
+    bits of ``mix(seed, rank, call, index)`` — SplitMix64 chained over the four words."""
+    return mix(seed, rank, call, index) & 0xFFFFFFFF
+
+
 def fnv1a64(text: str) -> int:
     """64-bit FNV-1a hash of ``text``'s UTF-8 bytes (offset basis 0xcbf29ce484222325,
     prime 0x100000001b3)."""
@@ -257,5 +264,5 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device)
 
 
-__all__ = ["SEED_LIMIT", "NoiseStream", "Path", "check_generator", "check_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
+__all__ = ["SEED_LIMIT", "NoiseStream", "Path", "check_generator", "check_seed", "comm_noise_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
            "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]

@@ -75,3 +75,30 @@ def assert_unbiased(samples: torch.Tensor, target: torch.Tensor, z_max: float = 
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def int_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor,
+              fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and steps of ``x`` on the symmetric grid ``{−qmax..qmax}`` through the
+    format API: the reference kernel, or (``fused``) its ``torch.compile``d copy."""
+    from lowbit.formats import IntFormat, Rounding
+    from lowbit.kernels import compiled, reference
+    from lowbit.quantizers import Granularity
+
+    args = (x, IntFormat((qmax + 1).bit_length()), Granularity.ROW if per_row else Granularity.TENSOR,
+            Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+    codes, step, *_ = compiled.run("quantize", reference.quantize, *args) if fused else reference.quantize(*args)
+    return codes, step
+
+
+def int_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
+                    seed: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
+    """:func:`int_codes` on a grid fixed by ``amax``: ``(codes, step, observed, clipped
+    count, clipped Σ², Σ x²)`` (reference kernel or its compiled copy)."""
+    from lowbit.formats import IntFormat, Rounding
+    from lowbit.kernels import compiled, reference
+
+    args = (x, amax, IntFormat((qmax + 1).bit_length()),
+            Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+    return compiled.run("quantize_fixed", reference.quantize_fixed, *args) if fused \
+        else reference.quantize_fixed(*args)

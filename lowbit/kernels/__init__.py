@@ -227,32 +227,6 @@ def kernels_for(backend: Backend | Kernels | str, device: torch.device | str) ->
     return Kernels(backend, dev, backend is not Backend.REFERENCE and compiled.enabled())
 
 
-# -- the integer-operand entry points kept for callers written before formats ---------------
-def _int_format(qmax: int) -> Format:
-    from ..formats import IntFormat
-    return IntFormat((qmax + 1).bit_length())
-
-
-def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool, seed: torch.Tensor,
-                   backend: Backend | Kernels = Backend.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes and steps of ``x`` on the symmetric grid ``{−qmax..qmax}``
-    (:meth:`Kernels.quantize` with an :class:`~lowbit.formats.IntFormat`)."""
-    enc = kernels_for(backend, x.device).quantize(
-        x, _int_format(qmax), Granularity.ROW if per_row else Granularity.TENSOR,
-        Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
-    return enc.codes, enc.scale
-
-
-def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
-                         seed: torch.Tensor, backend: Backend | Kernels = Backend.AUTO
-                         ) -> tuple[torch.Tensor, ...]:
-    """:meth:`Kernels.quantize_fixed` on the symmetric grid ``{−qmax..qmax}``, flattened to
-    ``(codes, step, observed, clipped count, clipped Σ², Σ x²)``."""
-    enc, *acct = kernels_for(backend, x.device).quantize_fixed(
-        x, amax, _int_format(qmax), Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
-    return (enc.codes, enc.scale, *acct)
-
-
 def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
     """Whether ``int8`` computes ``(a_codes··) @ (b_codes·b_step)`` (``b``'s scale not on
     the summed dimension, shapes ``_int_mm`` accepts); ``a``'s scale is per row."""
@@ -270,5 +244,5 @@ def scaled_mm(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor
 
 
 __all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable",
-           "kernels_for", "quantize_codes", "refusal_cause", "quantize_codes_fixed", "register", "register_fused",
+           "kernels_for", "refusal_cause", "register", "register_fused",
            "scaled_mm", "worth_fusing"]

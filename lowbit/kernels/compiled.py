@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-from . import reference
-
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
 _enabled = os.environ.get("LOWBIT_COMPILE", "1") != "0" and hasattr(torch, "compile")
 # kernel name -> variant key -> compiled copy of the kernel
@@ -134,18 +132,3 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 def variant_count() -> int:
     """How many compiled kernel variants exist (each compiled once, on first use)."""
     return sum(len(v) for v in _compiled.values())
-
-
-def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
-                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return run("quantize_codes", reference.quantize_codes, x, qmax, per_row, stochastic, seed)
-
-
-def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
-                         seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return run("quantize_codes_fixed", reference.quantize_codes_fixed, x, amax, qmax, stochastic, seed)
-
-
-def dequantize_acc(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
-                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return run("dequantize_acc", reference.dequantize_acc, acc, a_step, b_step, bias, out_dtype)

@@ -183,27 +183,3 @@ def finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype)
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
     """``max_j |x_ij|`` per row (R,) in the compute dtype; NaN propagates."""
     return x.abs().amax(dim=1).to(compute_dtype(x.dtype))
-
-
-# -- transitional: the integer-only entry points of the pre-format API --------------------
-def _int_format(qmax: int) -> Format:
-    from ..formats import IntFormat
-    return IntFormat(max((qmax + 1).bit_length(), 2))
-
-
-def quantize_codes(x: torch.Tensor, qmax: int, per_row: bool, stochastic: bool,
-                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, step, _, _ = quantize(x, _int_format(qmax), Granularity.ROW if per_row else Granularity.TENSOR,
-                                 Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
-    return codes, step
-
-
-def quantize_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: bool,
-                         seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return quantize_fixed(x, amax, _int_format(qmax),
-                          Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
-
-
-def dequantize_acc(acc: torch.Tensor, a_step: torch.Tensor, b_step: torch.Tensor,
-                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return int8_epilogue(acc, a_step, b_step, None, None, None, None, 0, bias, out_dtype)

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
+from conftest import int_codes, int_codes_fixed
 
 import lowbit
 from lowbit import FQTConfig, OperandSpec
-from lowbit.kernels import compiled
+from lowbit.kernels import compiled, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_compile = pytest.mark.skipif(not compiled.enabled(), reason="torch.compile disabled "
@@ -175,16 +176,17 @@ def test_every_kernel_leaves_dynamo_config_unchanged(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every kernel through torch.compile
     x = torch.randn(16, 40)
     seed = torch.tensor(7, dtype=torch.int64)
-    compiled.quantize_codes(x, 7, True, True, seed)
-    compiled.quantize_codes_fixed(x, x.abs().amax().reshape(1, 1), 7, True, seed)
-    compiled.dequantize_acc(torch.randint(-99, 99, (16, 8), dtype=torch.int32), torch.rand(16, 1),
-                            torch.rand(1, 8))
+    int_codes(x, 7, True, True, seed, fused=True)
+    int_codes_fixed(x, x.abs().amax().reshape(1, 1), 7, True, seed, fused=True)
+    compiled.run("int8_epilogue", reference.int8_epilogue,
+                 torch.randint(-99, 99, (16, 8), dtype=torch.int32), torch.rand(16, 1),
+                 torch.rand(1, 8), None, None, None, None, 0, None, torch.float32)
     for recipe in ("fqt-bhq-4", "fqt-hadamard-4", "fqt-psq-4-predicted"):  # row_absmax, BHQ's
         model = lowbit.convert(mlp(), FQTConfig.from_recipe(recipe, seed=0))  # fused kernels,
         for _ in range(2):  # the fixed-grid quantizer once ranges are predicted
             train_step(model, model, torch.randn(64, 12))
-    assert {k for k in compiled._compiled} >= {"quantize_codes", "quantize_codes_fixed",
-                                               "dequantize_acc", "row_absmax",
+    assert {k for k in compiled._compiled} >= {"quantize", "quantize_fixed",
+                                               "int8_epilogue", "row_absmax",
                                                "bhq_forward_quantize", "bhq_inverse"}
     assert compiled.enabled()
     assert _config_snapshot() == before

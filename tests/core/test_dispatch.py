@@ -249,6 +249,17 @@ def test_reference_backend_never_compiles_any_format(monkeypatch: pytest.MonkeyP
             m(x).square().sum().backward()
             assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
 
+    def attention_step(backend: str) -> torch.Tensor:  # its six GEMMs and their dequantizations
+        torch.manual_seed(0)
+        mha = lowbit.convert(nn.MultiheadAttention(16, 2, batch_first=True),
+                             FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=0))
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        mha(x, x, x)[0].square().sum().backward()
+        return x.grad
+
+    assert torch.isfinite(attention_step("reference")).all()
+    with pytest.raises(AssertionError, match="torch.compile called"):  # the check can fail:
+        attention_step("auto")  # a fused backend does compile the same attention
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", ["fqt-psq-fp8", "fqt-hadamard-mxfp4", "fqt-psq-nvfp4", "fqt-bhq-4a",

@@ -9,9 +9,10 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import available_devices
+from conftest import available_devices, int_codes, int_codes_fixed
 
-from lowbit.formats import counter_uniform, grid_step, stochastic_round
+from lowbit.formats import IntFormat, Rounding, counter_uniform, grid_step, stochastic_round
+from lowbit.quantizers import Granularity
 from lowbit.formats.scales import _div_rn_wide
 from lowbit.kernels import compiled, reference
 
@@ -32,17 +33,21 @@ def test_compiled_quantizer_equals_reference(force_compiled, per_row: bool, layo
     if layout == "transposed":
         x = x.t()  # the ∇W path quantizes ∇Yᵀ without copying it
     seed = torch.tensor(987654321, dtype=torch.int64)
-    for stochastic in (True, False):
-        c1, s1 = compiled.quantize_codes(x, 7, per_row, stochastic, seed)
-        c2, s2 = reference.quantize_codes(x, 7, per_row, stochastic, seed)
+    gran = Granularity.ROW if per_row else Granularity.TENSOR
+    for rounding in (Rounding.STOCHASTIC, Rounding.NEAREST):
+        args = (x, IntFormat(4), gran, rounding, seed)
+        c1, s1, *_ = compiled.run("quantize", reference.quantize, *args)
+        c2, s2, *_ = reference.quantize(*args)
         assert torch.equal(c1, c2) and torch.equal(s1, s2)
-    assert compiled._compiled.get("quantize_codes") is not None
+    assert compiled._compiled.get("quantize") is not None
 
 
 def test_compiled_epilogue_equals_reference(force_compiled) -> None:
     acc = torch.randint(-(2**20), 2**20, (64, 48), dtype=torch.int32)
     a, b = torch.rand(64, 1), torch.rand(1, 48)
-    torch.testing.assert_close(compiled.dequantize_acc(acc, a, b), reference.dequantize_acc(acc, a, b))
+    args = (acc, a, b, None, None, None, None, 0, None, torch.float32)
+    torch.testing.assert_close(compiled.run("int8_epilogue", reference.int8_epilogue, *args),
+                               reference.int8_epilogue(*args))
 
 
 def test_counter_noise_is_uniform_and_seed_dependent() -> None:
@@ -151,7 +156,7 @@ def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool, devi
     for dt in (torch.float32, torch.float64):
         xd = x.to(dt).to(device)
         seed = torch.tensor(77, device=device)
-        codes, step = reference.quantize_codes(xd, 7, per_row, True, seed)
+        codes, step = int_codes(xd, 7, per_row, True, seed)
         a = xd.abs()
         amax = a.amax(1, keepdim=True) if per_row else a.amax().reshape(1, 1)
         want_step = grid_step(amax, 7)
@@ -160,7 +165,7 @@ def test_reference_kernel_is_grid_step_then_stochastic_round(per_row: bool, devi
         want = stochastic_round(xd / safe, counter_uniform(xd.shape, seed))
         assert torch.equal(codes, want.to(torch.int8))
         if device != "cpu":  # the counter noise does not depend on the device
-            cpu = reference.quantize_codes(xd.cpu(), 7, per_row, True, seed.cpu())
+            cpu = int_codes(xd.cpu(), 7, per_row, True, seed.cpu())
             assert torch.equal(codes.cpu(), cpu[0]) and torch.equal(step.cpu(), cpu[1])
 
 
@@ -222,7 +227,7 @@ def test_constant_subnormal_gradients_are_exact(device: str) -> None:
     for v in (1e-42, 1e-44, 1.4e-45):
         x = torch.full((3, 5), v, dtype=torch.float32, device=device)
         for per_row in (True, False):
-            codes, step = reference.quantize_codes(x, 127, per_row, True, torch.tensor(1, device=device))
+            codes, step = int_codes(x, 127, per_row, True, torch.tensor(1, device=device))
             assert torch.equal(codes.float() * step, x), v
 
 
@@ -237,7 +242,7 @@ def test_fixed_grid_kernel_unbiased_at_extremes(dtype: torch.dtype, device: str)
         x = (x * s).to(dtype).to(device)
         amax = (x.abs().amax(1, keepdim=True) * 1.5).to(dtype)
         draws = torch.stack([
-            (lambda c, st: c.double() * st.double())(*reference.quantize_codes_fixed(
+            (lambda c, st: c.double() * st.double())(*int_codes_fixed(
                 x, amax, 7, True, torch.tensor(i, device=device))[:2]) for i in range(2000)])
         ratio = (draws / x.double()).cpu()  # relative to each value: no absolute slack
         m, se = ratio.mean(0), ratio.std(0) / 2000**0.5
@@ -259,8 +264,8 @@ def test_compiled_quantizer_equals_reference_at_extremes(force_compiled, dtype: 
     seed = torch.tensor(2024, device=device)
     for per_row in (True, False):
         for stochastic in (True, False):
-            c1, s1 = compiled.quantize_codes(x, 7, per_row, stochastic, seed)
-            c2, s2 = reference.quantize_codes(x, 7, per_row, stochastic, seed)
+            c1, s1 = int_codes(x, 7, per_row, stochastic, seed, fused=True)
+            c2, s2 = int_codes(x, 7, per_row, stochastic, seed)
             assert torch.equal(c1, c2) and torch.equal(s1, s2), (per_row, stochastic)
 
 

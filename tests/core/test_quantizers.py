@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unbiased, available_devices
+from conftest import assert_unbiased, available_devices, int_codes
 
 from torch import nn
 
@@ -15,7 +15,7 @@ import lowbit
 from lowbit import FQTConfig, OperandSpec
 from lowbit.formats import IntFormat, Rounding, compute_dtype
 from lowbit.functional import quantize_forward
-from lowbit.kernels import Backend, compiled, quantize_codes
+from lowbit.kernels import Backend, compiled
 from lowbit.quantizers import QUANTIZERS, Granularity, absmax
 from lowbit.quantizers.bhq import _householder_absmax, bhq_transform
 from lowbit.quantizers.hadamard import hadamard_matrix
@@ -290,7 +290,7 @@ def test_zero_rows_add_nothing_to_variance_bound_or_expected_variance() -> None:
 
 
 def test_zero_group_step_is_zero() -> None:
-    codes, step = quantize_codes(torch.zeros(3, 4), 7, True, True, torch.tensor(0))
+    codes, step = int_codes(torch.zeros(3, 4), 7, True, True, torch.tensor(0))
     assert torch.equal(step, torch.zeros(3, 1)) and torch.equal(codes, torch.zeros(3, 4, dtype=torch.int8))
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import lowbit
 from lowbit import FQTConfig, GradSpec
-from lowbit.formats import IntFormat
-from lowbit.kernels import Backend, compiled, quantize_codes_fixed, reference
+from lowbit.formats import IntFormat, Rounding
+from lowbit.kernels import Backend, compiled, kernels_for, reference
 from lowbit.quantizers import get_quantizer
 from lowbit.ranges import Overflow, RangeMode, RangeStats, RangeTracker
 
@@ -23,11 +23,17 @@ def _seed(s: int) -> torch.Tensor:
     return torch.tensor(s, dtype=torch.int64)
 
 
+def _fixed(x: torch.Tensor, amax: torch.Tensor, bits: int, stochastic: bool, seed: torch.Tensor,
+           kernel=reference.quantize_fixed) -> tuple:  # noqa: ANN001
+    """``(codes, step, observed, clipped count, clipped Σ², Σ x²)`` on ``int{bits}``."""
+    return kernel(x, amax, IntFormat(bits), Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
+
+
 # -- the fixed-grid kernel ----------------------------------------------------------------
 def test_fixed_grid_counts_and_clips_exactly() -> None:
     x = torch.tensor([[0.5, -3.0, 1.0], [2.5, 0.0, -0.25]])
     amax = torch.tensor([[1.0], [2.0]])
-    codes, step, obs, n_over, clip_sq, tot_sq = reference.quantize_codes_fixed(x, amax, 7, False, _seed(0))
+    codes, step, obs, n_over, clip_sq, tot_sq = _fixed(x, amax, 4, False, _seed(0))
     assert torch.equal(step, amax / 7)
     assert torch.equal(obs, torch.tensor([[3.0], [2.5]]))
     assert int(n_over) == 2  # -3 beyond 1, 2.5 beyond 2
@@ -42,8 +48,9 @@ def test_fixed_grid_compiled_equals_reference() -> None:
         pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0)")
     x = torch.randn(256, 160) * torch.logspace(-3, 3, 256)[:, None]
     amax = x.abs().amax(1, keepdim=True) * torch.rand(256, 1).add(0.6)  # some rows overflow
-    ref = reference.quantize_codes_fixed(x, amax, 127, True, _seed(3))
-    fast = compiled.quantize_codes_fixed(x, amax, 127, True, _seed(3))
+    ref = _fixed(x, amax, 8, True, _seed(3))
+    fast = _fixed(x, amax, 8, True, _seed(3),
+                  lambda *a: compiled.run("quantize_fixed", reference.quantize_fixed, *a))
     assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1]) and int(ref[3]) == int(fast[3])
     torch.testing.assert_close(ref[4], fast[4], rtol=1e-4, atol=0)
 
@@ -53,18 +60,19 @@ def test_fixed_grid_in_range_is_unbiased() -> None:
     amax = torch.full((1, 1), 4.0 * float(x.abs().max()))  # a generous range: nothing clipped
     draws = []
     for s in range(1500):
-        codes, step, *_ = reference.quantize_codes_fixed(x, amax, 7, True, _seed(s))
+        codes, step, *_ = _fixed(x, amax, 4, True, _seed(s))
         draws.append(codes.float() * step)
     assert_unbiased(torch.stack(draws), x)  # 5σ z-test over 1500 draws (conftest)
 
 
 def test_fixed_grid_propagates_nan_and_empty() -> None:
     x = torch.tensor([[1.0, float("nan")], [0.5, 0.25]])
-    _, step, *_ = quantize_codes_fixed(x, torch.ones(2, 1), 7, True, _seed(0))
-    assert torch.isnan(step[0, 0]) and torch.isfinite(step[1, 0])
-    codes, step, obs, n_over, *_ = quantize_codes_fixed(torch.zeros(0, 3), torch.ones(1, 1), 7, True,
-                                                        _seed(0))
-    assert codes.shape == (0, 3) and int(n_over) == 0
+    k = kernels_for(Backend.AUTO, "cpu")  # the dispatcher's path, empty tensors included
+    enc, *_ = k.quantize_fixed(x, torch.ones(2, 1), IntFormat(4), Rounding.STOCHASTIC, _seed(0))
+    assert torch.isnan(enc.scale[0, 0]) and torch.isfinite(enc.scale[1, 0])
+    enc, _, n_over, *_ = k.quantize_fixed(torch.zeros(0, 3), torch.ones(1, 1), IntFormat(4),
+                                          Rounding.STOCHASTIC, _seed(0))
+    assert enc.codes.shape == (0, 3) and int(n_over) == 0
 
 
 # -- the tracker ------------------------------------------------------------------------
