@@ -50,6 +50,7 @@ from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
 from .kernels import Kernels, int8_applicable, kernels_for, register_fused, scaled_mm
 from .noise import Path, generator_for
+from .attention_args import additive_mask, check_arguments
 from .ops import BlockState, flatten_operand, unflatten_operand, warn_if_not_adaptive
 from .quantizers import QuantizedOperand
 
@@ -292,61 +293,6 @@ class _Attention(torch.autograd.Function):
 
 
 # -- the public function ---------------------------------------------------------------------
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-           dropout_p: float, is_causal: bool, enable_gqa: bool) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
-                            f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
-                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
-    if not torch.is_autocast_enabled(query.device.type) and not (query.dtype == key.dtype == value.dtype):
-        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
-                           f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}")
-    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
-        raise RuntimeError(f"scaled_dot_product_attention: query {tuple(query.shape)}, key "
-                           f"{tuple(key.shape)} and value {tuple(value.shape)} do not fit: query and "
-                           "key need the same feature size, key and value the same length")
-    if enable_gqa and (query.dim() < 3 or key.shape[-3] != value.shape[-3]
-                       or key.shape[-3] == 0 or query.shape[-3] % key.shape[-3]):
-        raise RuntimeError(f"enable_gqa: the query's heads ({query.shape[-3] if query.dim() > 2 else None}) "
-                           f"must be a multiple of the key's and value's (equal) heads "
-                           f"({key.shape[-3] if key.dim() > 2 else None}, {value.shape[-3] if value.dim() > 2 else None})")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
-        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    if is_causal and attn_mask is not None:
-        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set "
-                           "when is_causal=True")
-    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or not (
-            attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
-        raise TypeError("attn_mask must be a bool or floating tensor, got "
-                        f"{attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__}")
-
-
-def _mask3(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int, s: int,
-           like: torch.Tensor) -> torch.Tensor | None:
-    """The additive mask as (1, L, S) when it is the same for every batch entry and head,
-    else (B, L, S); bool masks keep ``True`` positions (``False`` → ``-inf``)."""
-    if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
-        keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
-        return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
-    if attn_mask is None:
-        return None
-    m = attn_mask
-    if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
-    full = (*lead, lq, s)
-    try:
-        ok = torch.broadcast_shapes(m.shape, full) == torch.Size(full)
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be broadcast to the "
-                           f"attention scores' shape {full}")
-    if all(d == 1 for d in m.shape[:-2]):
-        return torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, s)).reshape(1, lq, s)
-    return m.expand(full).reshape(-1, lq, s)
-
-
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False, *,
@@ -356,7 +302,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention weights after dropout that the ``P·V`` GEMM used (before its quantization),
     when ``need_weights`` (else ``None``). Gradients flow through it too. Needs a
     non-``fp`` recipe when ``need_weights``."""
-    _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     state = block_state(state)
     if state.config.is_fp:
         if need_weights:
@@ -378,7 +324,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out_dtype = output_dtype(query)
     n = math.prod(lead)
     q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
-    mask = _mask3(attn_mask, is_causal, lead, lq, s, q3)
+    mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)
     c = 1.0 / math.sqrt(e) if scale is None else float(scale)
     out, weights = _Attention.apply(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
                                     need_weights, bool(is_causal))
@@ -411,7 +357,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     shapes or dtypes, a mask with ``is_causal``, a bad ``dropout_p`` or GQA head counts,
     and (``backend="int8"``) a GEMM that cannot run on integer kernels."""
     if state is None:
-        _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         kw = {"enable_gqa": True} if enable_gqa else {}
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                               scale=scale, **kw)

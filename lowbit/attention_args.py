@@ -1,0 +1,73 @@
+"""Scaled-dot-product attention's argument contract, shared by every low-bit attention
+entry point (:mod:`lowbit.attention`): the checks torch's
+``scaled_dot_product_attention`` makes (same error types, messages naming the argument),
+and the boolean, additive or causal mask turned into one additive (1 or B, L, S) mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
+                    enable_gqa: bool) -> None:
+    """Raise as ``torch.nn.functional.scaled_dot_product_attention`` does for arguments it
+    refuses: non-floating or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
+    outside autocast, feature or length sizes that do not fit, GQA heads that do not
+    divide, ``dropout_p`` outside [0, 1] (``ValueError``), a mask with ``is_causal``, a mask
+    neither bool nor floating (``TypeError``)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
+                            f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
+    if not torch.is_autocast_enabled(query.device.type) and not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
+                           f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}")
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(f"scaled_dot_product_attention: query {tuple(query.shape)}, key "
+                           f"{tuple(key.shape)} and value {tuple(value.shape)} do not fit: query and "
+                           "key need the same feature size, key and value the same length")
+    if enable_gqa and (query.dim() < 3 or key.shape[-3] != value.shape[-3]
+                       or key.shape[-3] == 0 or query.shape[-3] % key.shape[-3]):
+        raise RuntimeError(f"enable_gqa: the query's heads ({query.shape[-3] if query.dim() > 2 else None}) "
+                           f"must be a multiple of the key's and value's (equal) heads "
+                           f"({key.shape[-3] if key.dim() > 2 else None}, {value.shape[-3] if value.dim() > 2 else None})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set "
+                           "when is_causal=True")
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or not (
+            attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
+        raise TypeError("attn_mask must be a bool or floating tensor, got "
+                        f"{attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__}")
+
+
+def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int,
+                  s: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask as (1, L, S) when it is the same for every batch entry and head,
+    else (B, L, S); bool masks keep ``True`` positions (``False`` → ``-inf``)."""
+    if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
+        keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
+        return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
+    full = (*lead, lq, s)
+    try:
+        ok = torch.broadcast_shapes(m.shape, full) == torch.Size(full)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be broadcast to the "
+                           f"attention scores' shape {full}")
+    if all(d == 1 for d in m.shape[:-2]):
+        return torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, s)).reshape(1, lq, s)
+    return m.expand(full).reshape(-1, lq, s)
+
+
+__all__ = ["additive_mask", "check_arguments"]
