@@ -183,6 +183,7 @@ class GemmTracer(TorchDispatchMode):
     def __init__(self, model: nn.Module, inputs: Any, lowbit_layers: dict[int, str]) -> None:
         super().__init__()
         self.names = {id(m): n for n, m in model.named_modules()}
+        self.by_name = dict(model.named_modules())
         self.lowbit_layers = lowbit_layers
         self.owner: dict[str, nn.Module] = {}  # parameter name -> module holding it
         self.taints = WeakTensorKeyDictionary()
@@ -302,6 +303,20 @@ class GemmTracer(TorchDispatchMode):
     def _name(self, module: nn.Module | None) -> str:
         return OUTSIDE if module is None else self.names.get(id(module), OUTSIDE)
 
+    def _weight_holders(self, module: nn.Module | None) -> list[nn.Module]:
+        """``module``, or — for a block without parameters of its own that is handed its
+        weight (an attention in-projection gets its parent's ``in_proj_weight``) — its
+        nearest ancestor that holds parameters."""
+        if module is None or next(module.parameters(recurse=False), None) is not None:
+            return [] if module is None else [module]
+        name = self._name(module)
+        while name not in ("", OUTSIDE):
+            name = name.rpartition(".")[0]
+            parent = self.by_name.get(name)
+            if parent is not None and next(parent.parameters(recurse=False), None) is not None:
+                return [module, parent]
+        return [module]
+
     def _record(self, func: Any, part: flops.Part, out: Any, in_quantizer: bool) -> None:
         if in_quantizer:
             self.quantizer_flops += part.flops
@@ -320,7 +335,8 @@ class GemmTracer(TorchDispatchMode):
         elif weight is not None:
             phase = "grad_input"
         else:
-            grad_of = _weight_shaped_like(out, module)
+            grad_of = next((p for m in self._weight_holders(module)
+                            if (p := _weight_shaped_like(out, m)) is not None), None)
             phase = "backward" if grad_of is None else "grad_weight"
             weight = None if grad_of is None else self.taint(grad_of).param
         formats = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))

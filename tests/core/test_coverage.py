@@ -205,6 +205,21 @@ def test_multihead_attention_out_proj_and_attention_are_float(recipe: str) -> No
     assert rep.lowbit_share == 0.0
 
 
+def test_converted_attention_in_projection_gradient_is_labelled_grad_weight() -> None:
+    """The in-projection block of a converted MultiheadAttention has no parameters of its
+    own (it is handed ``in_proj_weight``): its ∇W GEMM is still labelled ``grad_weight``
+    with that weight (it read ``backward``, unattributed, before), its ∇X GEMM
+    ``grad_input``; all three of its GEMMs on int8."""
+    torch.manual_seed(0)
+    model = converted(SelfAttention(), "fqt-psq-8")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    rep = coverage(model, x)
+    rows = {(r.phase, r.weight, r.kind, r.flops) for r in rep.rows if r.module == "attn.projections.qkv"}
+    bt, e = 10, 16
+    assert rows == {(p, "attn.in_proj_weight", "int8", 2 * bt * e * 3 * e)
+                    for p in ("forward", "grad_input", "grad_weight")}
+
+
 def test_grouped_query_attention_counts_query_heads() -> None:
     class GQA(nn.Module):
         def __init__(self) -> None:
