@@ -48,16 +48,18 @@ from torch.profiler import record_function
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
-from .kernels import Kernels, int8_applicable, kernels_for, register_fused, scaled_mm
+from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
 from .ops import BlockState, flatten_operand, unflatten_operand, warn_if_not_adaptive
 from .quantizers import QuantizedOperand
 
-# Per-head multiply-adds from which heads run one integer GEMM each (a Python loop of
-# dispatcher calls); below, one batched float GEMM is faster on the CPU (measured: at
-# 128×64×128 per head, 64 heads, the loop took 2–5× the time of the batched GEMM).
-LOOP_MIN_MACS = 1 << 24
+# Per-head multiply-adds from which heads run one integer GEMM each (a loop of
+# torch._int_mm into one accumulator, one batched epilogue); below, one batched float
+# GEMM of the dequantized codes is faster on the CPU. Measured over 64 heads, 1 thread
+# (benchmarks/probes/attention_heads_crossover.py): integer/batched time 2.0 at 32³,
+# 0.96 at 64³, 0.60 at 128×64×128, 0.53 at 256×64×256.
+LOOP_MIN_MACS = 1 << 18
 Generators = dict[Path, torch.Generator]
 
 
@@ -117,16 +119,29 @@ class Operand:
         return self.codes[i], self.step[i if self.step.shape[0] > 1 else 0]
 
 
+def _integer_heads(a: Operand, b: Operand, kernels: Kernels, dtype: torch.dtype) -> torch.Tensor:
+    """Each head's exact int32 product on ``torch._int_mm``, written into one (B, M, N)
+    accumulator, then one batched ``int8_epilogue`` (``acc · a_step · b_step``: the steps
+    broadcast per row of ``a`` and per column of ``b``) — no per-head dispatch, scaling or
+    stacking (measured: docs/coverage.md, "Why not 100% real integer")."""
+    n_batch, m, k = a.codes.shape
+    acc = torch.empty(n_batch, m, b.codes.shape[2], dtype=torch.int32, device=a.codes.device)
+    with record_function("lowbit::gemm"):
+        for i in range(n_batch):
+            int8.int_mm(a.codes[i], b.codes[i], out=acc[i])
+    with record_function("lowbit::epilogue"):
+        return kernels.run("int8_epilogue", acc, a.step, b.step, None, None, None, None, k, None, dtype)
+
+
 def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:
     """``a @ b`` per batch entry: (B, M, K) × (B, K, N) → (B, M, N) in ``dtype``."""
     n_batch, m, k = (a.codes if a.codes is not None else a.values).shape
     n = (b.codes if b.codes is not None else b.values).shape[2]
     both = a.codes is not None and b.codes is not None
     integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
-        and int8_applicable(a.codes[0], *b.head(0))
+        and a.step.shape[-1] == 1 and int8_applicable(a.codes[0], *b.head(0))
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
-        return torch.stack([scaled_mm(*a.head(i), *b.head(i), backend, out_dtype=dtype)
-                            for i in range(n_batch)])
+        return _integer_heads(a, b, kernels_for(backend, a.codes.device), dtype)
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
         why = "a row transform, offset or block scale" if not both else \
             "a scale on the summed dimension, or codes or shapes the kernel refuses"

@@ -72,10 +72,14 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((rows, cols), dtype=t.dtype, device=t.device).copy_(t)
 
 
-def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
-    """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum:
-    operands whose strides ``_int_mm`` would misread are copied first (:func:`dense`)."""
-    return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
+def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
+    into ``out`` ((M, N) int32, contiguous) if given: operands whose strides ``_int_mm``
+    would misread are copied first (:func:`dense`)."""
+    if out is None:
+        return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
+    return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
 
 
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,

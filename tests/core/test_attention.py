@@ -195,10 +195,26 @@ def test_per_head_integer_gemm_is_the_exact_integer_product() -> None:
     assert torch.equal(got, acc * sa * sb.mT)
 
 
+def test_left_scale_on_the_summed_dimension_is_never_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A left operand whose steps run along the summed dimension ((B, 1, K): a transposed
+    per-row operand) cannot be factored out of an integer sum: ``auto`` runs that GEMM
+    simulated (the dequantized product), ``int8`` refuses it."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (3, 5, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (3, 64, 7), dtype=torch.int8, generator=g)
+    sa, sb = torch.rand(3, 1, 64, generator=g), torch.rand(3, 1, 7, generator=g)
+    monkeypatch.setattr(A, "LOOP_MIN_MACS", 1)
+    got = batched_mm(Operand(a, sa), Operand(b, sb), Backend.AUTO, torch.float32, "test")
+    want = (a.double() * sa.double()) @ (b.double() * sb.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="cannot compute attention's test GEMM per head"):
+        batched_mm(Operand(a, sa), Operand(b, sb), Backend.INT8, torch.float32, "test")
+
+
 def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = int8_kernel.int_mm
-    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = {}
     for backend in ("int8", "reference"):
         q, k, v = qkv()
@@ -215,7 +231,7 @@ def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = int8_kernel.int_mm
-    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(int8_kernel, "int_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = qkv(grad=False)
     scaled_dot_product_attention(q, k, v, state=FQT)
     assert calls == []  # 6×5×8 per head: one batched (simulated) GEMM
