@@ -19,6 +19,23 @@ For a task's model trained with ``fqt-psq-8`` and snapshotted at ``--points`` st
   then its own ∇W-path noise alone, which is what ``quant_w`` is (with the ∇X path on, the
   toolkit's figure also holds the noise of the layers downstream).
 
+* **∇X path** (``--path grad_input``), for each layer of ``--layers``, one at a time:
+  that layer's ∇X path quantized (``--quantizers`` × ``--bits``), its ∇W path and every
+  other layer's gradients exact. The monitor reports ``quant_x = E‖∇X_FQT − ∇X_QAT‖²``
+  (the noise of the layer's own input gradient, before any propagation) and
+  ``quant_x_shift``, the same for the column sums of ∇X (the gradient of a shift added
+  to the layer's input). The toolkit measures parameter gradients only, so two zero
+  probe parameters are added to the layer's input for the check (a forward pre-hook,
+  ``x + P + β``; the forward is bitwise unchanged): ``P`` of the input's full shape
+  (``∇P = ∇X``) and ``β`` per feature/channel (``∇β`` = column sum of ∇X);
+  :func:`~lowbit.analysis.quantization_variance` of ``∇P`` and ``∇β`` is compared with
+  ``quant_x`` and ``quant_x_shift`` on the same minibatches (paired z as above). On the
+  text model the LayerNorm whose output is the layer's input (``ln1`` → ``attn.qkv``,
+  ``ln2`` → ``mlp.0``, ``ln_f`` → ``head``) has a bias gradient that *is* the column sum
+  of ∇X (no probe needed), compared too. The toolkit's figure for the upstream layers'
+  weight gradients is recorded (``upstream``) but has no monitor counterpart: the
+  monitor does not propagate ∇X noise through the upstream Jacobians.
+
     python benchmarks/monitor_check.py --task text --points 0,100,300 --out runs/monitor-text.json
 """
 
@@ -34,12 +51,17 @@ import time
 
 import torch
 
+import contextlib
+import dataclasses
+import re
+
 import lowbit
 from lowbit import FQTConfig, GradSpec
 from lowbit.analysis import gradient_variance, quantization_variance
-from lowbit.analysis._model import frozen_buffers, parameter_groups, with_config
+from lowbit.analysis._model import frozen_buffers, parameter_groups, qat_of, with_config
 from lowbit.experiments.tasks import make_task
 from lowbit.monitor import VarianceMonitor
+from lowbit.nn import fqt_blocks, fqt_layers
 
 
 def gemm_layers_only(module: torch.nn.Module, name: str) -> bool:
@@ -70,9 +92,11 @@ def snapshots(task, points: list[int], seed: int, batch_size: int, lr: float) ->
     return out
 
 
-def monitor_records(model, task, batches, cfg: FQTConfig) -> list[dict]:
-    """The monitor's figures (``LayerVariance`` per layer) on one FQT pass of each batch."""
-    with with_config(model, lambda _: cfg), frozen_buffers(model):
+def monitor_records(model, task, batches, cfg: FQTConfig | None) -> list[dict]:
+    """The monitor's figures (``LayerVariance`` per layer) on one FQT pass of each batch
+    (``cfg=None``: the layers' own configs)."""
+    swap = contextlib.nullcontext() if cfg is None else with_config(model, lambda _: cfg)
+    with swap, frozen_buffers(model):
         mon = VarianceMonitor(model, every=1)
         for batch in batches:
             with mon.step():
@@ -130,19 +154,122 @@ def check_point(model, task, point: int, a: argparse.Namespace, gen: torch.Gener
                 tks = [quantization_variance(model, task.loss, b, repeats=a.repeats) for b in batches]
             params = dict(parameter_groups(model))
             for layer in recs[0]:
-                tk_b = [sum(t[p] for p in params[layer]) for t in tks]
-                mon_b = [r[layer].quant_w for r in recs]
-                d, ds = _mean_se([x - y for x, y in zip(tk_b, mon_b)])
-                t, ts = _mean_se(tk_b)
-                rows.append({"point": point, "kind": "quant", "quantizer": q, "bits": bits,
-                             "layer": layer, "batches": len(batches), "repeats": a.repeats,
-                             "toolkit": t, "toolkit_se": ts, "monitor": statistics.fmean(mon_b),
-                             "ratio": statistics.fmean(mon_b) / t if t else math.nan,
-                             "diff_se": ds, "z": _z(-d, ds)})
+                rows.append(_paired(point, q, bits, layer, "quant",
+                                    [sum(t[p] for p in params[layer]) for t in tks],
+                                    [r[layer].quant_w for r in recs], {"repeats": a.repeats}))
             zs = [abs(r["z"]) for r in rows if r.get("quantizer") == q and r.get("bits") == bits]
             print(f"step {point} {q}{bits}: max |z| {max(zs):.2f} ({time.time() - t1:.0f} s)",
                   file=sys.stderr, flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def only_layer_input(model, name: str, cfg: FQTConfig):
+    """Every converted layer and block exact (QAT) except ``name``, whose ∇X path runs
+    ``cfg``'s and whose ∇W path is exact."""
+    blocks = fqt_blocks(model)
+    saved = {n: m.config for n, m in blocks.items()}
+    try:
+        for n, m in blocks.items():
+            m.config = dataclasses.replace(cfg, grad_weight=None) if n == name else qat_of(cfg)
+        yield
+    finally:
+        for n, m in blocks.items():
+            m.config = saved[n]
+
+
+class InputProbe(torch.nn.Module):
+    """Zero parameters added to a layer's input: ``full`` (the input's shape, so its
+    gradient is ∇X) and ``shift`` (per feature — last dim — or per channel of a 4-D conv
+    input, so its gradient is ∇X's column sum)."""
+
+    def __init__(self, shape: torch.Size, conv: bool) -> None:
+        super().__init__()
+        self.shape = shape
+        self.full = torch.nn.Parameter(torch.zeros(shape))
+        self.shift = torch.nn.Parameter(torch.zeros(shape[1] if conv else shape[-1]))
+        self.view = (-1, 1, 1) if conv else (-1,)
+
+    def hook(self, module, args):
+        x = args[0]
+        if x.shape != self.shape:
+            raise ValueError(f"probe built for input {tuple(self.shape)}, got {tuple(x.shape)}")
+        return (x + self.full + self.shift.view(self.view), *args[1:])
+
+
+@contextlib.contextmanager
+def probed(model, name: str, batch, task):
+    """``model`` with an :class:`InputProbe` on layer ``name`` (registered as the
+    submodule ``_probe`` so the toolkit sees its parameters) for the duration."""
+    layer = fqt_layers(model)[name]
+    shapes = []
+    h = layer.register_forward_hook(lambda m, a, o: shapes.append(a[0].shape))
+    with torch.no_grad(), frozen_buffers(model):
+        task.loss(model, batch)
+    h.remove()
+    probe = InputProbe(shapes[0], isinstance(layer, torch.nn.Conv2d))
+    model.add_module("_probe", probe)
+    h = layer.register_forward_pre_hook(probe.hook)
+    try:
+        yield probe
+    finally:
+        h.remove()
+        del model._probe
+        model.zero_grad(set_to_none=True)
+
+
+def natural_shift(name: str) -> str | None:
+    """The parameter whose gradient is exactly the column sum of layer ``name``'s ∇X
+    (TinyGPT: the bias of the LayerNorm feeding it), or None."""
+    m = re.fullmatch(r"(blocks\.\d+\.)(attn\.qkv|mlp\.0)", name)
+    if m:
+        return m.group(1) + ("ln1" if m.group(2) == "attn.qkv" else "ln2") + ".bias"
+    return "ln_f.bias" if name == "head" else None
+
+
+def _paired(point, q, bits, layer, kind, tk_b, mon_b, extra) -> dict:
+    d, ds = _mean_se([x - y for x, y in zip(tk_b, mon_b)])
+    t, ts = _mean_se(tk_b)
+    m = statistics.fmean(mon_b)
+    return {"point": point, "kind": kind, "quantizer": q, "bits": bits, "layer": layer,
+            "batches": len(tk_b), "toolkit": t, "toolkit_se": ts, "monitor": m,
+            "ratio": m / t if t else math.nan, "diff_se": ds, "z": _z(-d, ds), **extra}
+
+
+def check_input_path(model, task, point: int, a: argparse.Namespace, gen: torch.Generator,
+                     rows: list[dict], save) -> None:
+    """The ∇X path of each of ``--layers``, alone (module doc): appends to ``rows``,
+    calls ``save()`` after each (layer, quantizer, bits)."""
+    batches = _take(task, a.batch or task.default_batch_size, a.quant_batches, gen)
+    for name in a.layers.split(","):
+        nat = natural_shift(name)
+        nat = nat if nat in dict(model.named_parameters()) else None
+        with probed(model, name, batches[0], task):
+            own = set(parameter_groups(model).get(name, []))
+            for q in a.quantizers.split(","):
+                for bits in (int(b) for b in a.bits.split(",")):
+                    t1 = time.time()
+                    cfg = FQTConfig(grad_input=GradSpec(bits, q), grad_weight=None, seed=a.seed)
+                    with only_layer_input(model, name, cfg):
+                        recs = monitor_records(model, task, batches, None)
+                        tks = [quantization_variance(model, task.loss, b, repeats=a.repeats)
+                               for b in batches]
+                    up = [sum(v for p, v in t.items() if p != "total" and not p.startswith("_probe")
+                              and p not in own) for t in tks]
+                    extra = {"repeats": a.repeats, "upstream": statistics.fmean(up)}
+                    mon = [r[name] for r in recs]
+                    new = [_paired(point, q, bits, name, "quant_x", [t["_probe.full"] for t in tks],
+                                   [v.quant_x for v in mon], extra),
+                           _paired(point, q, bits, name, "quant_x_shift",
+                                   [t["_probe.shift"] for t in tks], [v.quant_x_shift for v in mon], extra)]
+                    if nat is not None:
+                        new.append(_paired(point, q, bits, name, "quant_x_shift:" + nat,
+                                           [t[nat] for t in tks], [v.quant_x_shift for v in mon], extra))
+                    rows += new
+                    save()
+                    print(f"step {point} {name} {q}{bits}: " + ", ".join(
+                        f"{r['kind']} ratio {r['ratio']:.3f} z {r['z']:.2f}" for r in new)
+                        + f" ({time.time() - t1:.0f} s)", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sgd-batches", type=int, default=48)
     p.add_argument("--quant-batches", type=int, default=12)
     p.add_argument("--repeats", type=int, default=6, help="FQT draws per quantization batch")
-    p.add_argument("--quantizers", default="ptq,psq,bhq", help="∇W-path quantizers to check, or none")
+    p.add_argument("--quantizers", default="ptq,psq,bhq", help="quantizers to check, or none (∇W path)")
+    p.add_argument("--path", choices=("grad_weight", "grad_input"), default="grad_weight",
+                   help="grad_weight: minibatch and ∇W-path figures; grad_input: the ∇X path of --layers")
+    p.add_argument("--layers", help="--path grad_input: comma-separated layer names (not the first layer)")
     p.add_argument("--bits", default="4,8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.path == "grad_input" and not a.layers:
+        p.error("--path grad_input needs --layers")
     torch.set_num_threads(a.threads)
     task = make_task(a.task, subset=a.subset)
     points = [int(s) for s in a.points.split(",")]
@@ -173,14 +305,21 @@ def main(argv: list[str] | None = None) -> int:
                            gemm_layers_only)
     gen = torch.Generator().manual_seed(a.seed + 1)
     results = []
+
+    def save() -> None:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "rows": results, "seconds": time.time() - t0}, f, indent=1)
+
     for point in points:
         model.load_state_dict(snaps[point])
         model.train()
+        if a.path == "grad_input":
+            check_input_path(model, task, point, a, gen, results, save)
+            continue
         results += check_point(model, task, point, a, gen)
         sgd = [abs(r["z"]) for r in results if r["point"] == point and r["kind"] == "sgd"]
         print(f"step {point} sgd: max |z| {max(sgd):.2f}", file=sys.stderr, flush=True)
-    with open(a.out, "w") as f:
-        json.dump({"args": vars(a), "rows": results, "seconds": time.time() - t0}, f, indent=1)
+    save()
     return 0
 
 
