@@ -23,9 +23,10 @@ head (as a Linear's activation scale spans the batch); per row, one per (batch, 
 token). Gradient ranges are always dynamic here (a predicted-range spec is read as
 dynamic: attention keeps no range history).
 
-Execution: a per-head GEMM runs through :func:`lowbit.kernels.scaled_mm` (``int8`` where
-the scales allow) when both operands are integer codes, the backend is not
-``reference``, and each head's GEMM is big enough to amortise one call per head
+Execution: each head's GEMM runs on ``torch._int_mm`` into one int32 accumulator, with
+one batched epilogue (:func:`_integer_heads`), when both operands are int8 codes with
+their steps off the summed dimension, the backend is not ``reference``, and each head's
+GEMM is big enough to amortise one call per head
 (:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
 otherwise all heads run as one batched float GEMM of the dequantized codes (simulated,
 the same estimator; ``lowbit.coverage`` reports it so). Row-mixing gradient quantizers
@@ -139,7 +140,7 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
     n = (b.codes if b.codes is not None else b.values).shape[2]
     both = a.codes is not None and b.codes is not None
     integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
-        and a.step.shape[-1] == 1 and int8_applicable(a.codes[0], *b.head(0))
+        and int8_applicable(*a.head(0), *b.head(0))
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
         return _integer_heads(a, b, kernels_for(backend, a.codes.device), dtype)
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation

@@ -22,6 +22,7 @@ from .train import (
     add_training_arguments,
     check_out_dir,
     make_config,
+    parse_list,
     parse_recipes,
     parse_seed,
     set_threads,
@@ -42,27 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
 
 
-def _split(option: str, text: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise ValueError(f"{option} must be a non-empty comma-separated list, got {text!r}")
-    return list(dict.fromkeys(items))
-
-
 def grid(args: argparse.Namespace) -> list[TrainConfig]:
     """The runs of the sweep, each a validated TrainConfig (out = its run folder)."""
-    tasks = _split("--tasks", args.tasks)
+    tasks = parse_list("--tasks", args.tasks)
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"--tasks: unknown task {t!r}; allowed: {', '.join(TASKS)}")
-    models = _split("--models", args.models) if args.models else None
+    models = parse_list("--models", args.models) if args.models else None
     if models:
         known = {m for t in tasks for m in MODELS[t]}
         unknown = [m for m in models if m not in known]
         if unknown:
             raise ValueError(f"--models: {unknown[0]!r} is not a model of {', '.join(tasks)}; "
                              f"allowed: {', '.join(sorted(known))}")  # fmt: skip
-    seeds = [parse_seed("--seeds", s) for s in _split("--seeds", args.seeds)]
+    seeds = [parse_seed("--seeds", s) for s in parse_list("--seeds", args.seeds)]
     recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)
     configs = []

@@ -97,12 +97,19 @@ def parse_seed(option: str, text: str) -> int:
     return value
 
 
-def parse_recipes(option: str, text: str) -> list[str]:
-    """A comma list of recipe names (duplicates dropped, order kept); ``ValueError`` naming
-    ``option`` for an empty list or an unknown name (with every family allowed)."""
-    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    if not names:
+def parse_list(option: str, text: str) -> list[str]:
+    """A non-empty comma list (items stripped, duplicates dropped, order kept);
+    ``ValueError`` naming ``option`` otherwise."""
+    items = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not items:
         raise ValueError(f"{option} must be a non-empty comma-separated list, got {text!r}")
+    return items
+
+
+def parse_recipes(option: str, text: str) -> list[str]:
+    """:func:`parse_list` of recipe names; ``ValueError`` naming ``option`` for an unknown
+    name (with every family allowed)."""
+    names = parse_list(option, text)
     for name in names:
         if name not in RECIPES:
             raise ValueError(f"{option}: unknown recipe {name!r}; allowed: {recipe_families()}")

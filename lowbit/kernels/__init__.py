@@ -227,22 +227,13 @@ def kernels_for(backend: Backend | Kernels | str, device: torch.device | str) ->
     return Kernels(backend, dev, backend is not Backend.REFERENCE and compiled.enabled())
 
 
-def int8_applicable(a_codes: torch.Tensor, b_codes: torch.Tensor, b_step: torch.Tensor) -> bool:
-    """Whether ``int8`` computes ``(a_codes··) @ (b_codes·b_step)`` (``b``'s scale not on
-    the summed dimension, shapes ``_int_mm`` accepts); ``a``'s scale is per row."""
-    ones = torch.ones(1, 1, device=a_codes.device)
-    return int8.supports(Encoded(a_codes, ones), Encoded(b_codes, b_step))
-
-
-def scaled_mm(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor,
-              b_step: torch.Tensor, backend: Backend | Kernels = Backend.AUTO,
-              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(a_codes·a_step) @ (b_codes·b_step) + bias``: :meth:`Kernels.gemm` of two plain
-    operands (int8 or fp8 codes)."""
-    k = kernels_for(backend, a_codes.device)
-    return k.gemm(Encoded(a_codes, a_step), Encoded(b_codes, b_step), bias, out_dtype)
+def int8_applicable(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.Tensor,
+                    b_step: torch.Tensor) -> bool:
+    """Whether ``int8`` computes ``(a_codes·a_step) @ (b_codes·b_step)`` exactly: int8
+    codes, each step off the summed dimension (``a``'s per row or tensor, ``b``'s per
+    column or tensor), shapes ``_int_mm`` accepts (:func:`int8.supports`)."""
+    return int8.supports(Encoded(a_codes, a_step), Encoded(b_codes, b_step))
 
 
 __all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable",
-           "kernels_for", "refusal_cause", "register", "register_fused",
-           "scaled_mm", "worth_fusing"]
+           "kernels_for", "refusal_cause", "register", "register_fused", "worth_fusing"]
