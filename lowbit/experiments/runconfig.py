@@ -27,6 +27,8 @@ from .tasks import TASK_CLASSES, TASKS
 
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_FORMATS = ("fp32", "bf16-master", "bf16", "int8")
+# Per-epoch metric columns measured in wall time: they differ between otherwise identical runs.
+TIMING_FIELDS = ("step_time_ms", "samples_per_s", "tokens_per_s", "epoch_time_s")
 # Fields a resumed run may change without invalidating the checkpoint.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out", "monitor_every"})
 # Fields older checkpoints lack, with the value they ran with.
@@ -232,5 +234,5 @@ class TrainConfig:
 
 
 
-__all__ = ["LEGACY_DEFAULTS", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "WEIGHT_FORMATS",
-           "launched_world_size"]
+__all__ = ["LEGACY_DEFAULTS", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
+           "WEIGHT_FORMATS", "launched_world_size"]

@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         losses, step_times, units, bad_steps = [], [], 0, 0
         ranges_before = lowbit.range_stats(model)["total"]
         comm_before = 0.0 if comm is None else comm.bytes_sent
-        epoch_first_step = step
+        epoch_first_step, epoch_t0 = step, time.perf_counter()
         for full_batch in task.train_batches(cfg.batch_size, data_gen):
             t0 = time.perf_counter()
             batch = ranks.shard(full_batch)  # this rank's rows of the global batch
@@ -324,6 +324,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                 **memory_row(optimizer, model if master is not None else None),
                 **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),
                 **monitoring.epoch_row(monitor, epoch_first_step),
+                "epoch_time_s": time.perf_counter() - epoch_t0,  # training + evaluation
             }
             if ranks.world > 1:  # bytes one rank sent per step, against an fp32 all-reduce
                 sent = (ranks.allreduce_bytes(model) if comm is None

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from _kill_rank import CONFIG
 from _ranks import run_ranks
 
+from lowbit.experiments.runconfig import TIMING_FIELDS
 from lowbit.experiments.trainer import TrainConfig, train
 
 HERE = Path(__file__).parent
@@ -47,7 +48,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _strip(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("step_time_ms", "samples_per_s")}
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS}
             for r in history]
 
 

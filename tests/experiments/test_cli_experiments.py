@@ -22,6 +22,7 @@ import torch
 from lowbit import cli
 from lowbit.config import recipe_families
 from lowbit.experiments import report
+from lowbit.experiments.runconfig import TIMING_FIELDS
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -79,7 +80,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["rng"]["sr"].keys() == b["rng"]["sr"].keys()
-    timing = ("step_time_ms", "samples_per_s")
+    timing = TIMING_FIELDS
     rows_a, rows_b = (
         [{k: v for k, v in r.items() if k not in timing} for r in json.loads(p.read_text())]
         for p in (killed_dir / "metrics.json", ref_dir / "metrics.json")

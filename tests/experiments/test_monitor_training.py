@@ -12,11 +12,12 @@ from test_trainer import DIGITS, _Interrupt, _InterruptAt, one_thread  # noqa: F
 
 from lowbit.experiments import report
 from lowbit.experiments import tasks as T
+from lowbit.experiments.runconfig import TIMING_FIELDS
 from lowbit.experiments.trainer import TrainConfig, train
 
 
 def _strip(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("step_time_ms", "samples_per_s")} for r in history]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in history]
 
 
 def test_monitor_columns_and_log(tmp_path) -> None:

@@ -15,6 +15,7 @@ import torch
 from lowbit.experiments import checkpoint as ckpt
 from lowbit.experiments import data as D
 from lowbit.experiments import tasks as T
+from lowbit.experiments.runconfig import TIMING_FIELDS
 from lowbit.experiments.trainer import TrainConfig, TrainingDiverged, train
 
 DIGITS = {"task": "digits", "subset": 256, "eval_subset": 64, "batch_size": 32}
@@ -86,8 +87,10 @@ def test_digits_trains_and_writes_run_files(tmp_path, model, recipe):
     assert config["fqt"] == cfg.fqt_config().to_dict() and config["fqt"]["seed"] == 0
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert rows == result.history
-    keys = {"epoch", "step", "train_loss", "accuracy", "step_time_ms", "samples_per_s"}
+    keys = {"epoch", "step", "train_loss", "accuracy", "step_time_ms", "samples_per_s", "epoch_time_s"}
     assert keys | {"bad_steps"} <= set(rows[0])
+    # wall seconds of the epoch (training + evaluation): at least its steps' median time
+    assert all(r["epoch_time_s"] * 1e3 >= r["step_time_ms"] > 0 for r in rows)
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("epoch,step,")
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
@@ -161,7 +164,7 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path, model, recipe, weights)
               progress=False)  # fmt: skip
     resumed = train(TrainConfig(**cfg, out=str(tmp_path / "b")), resume=True, progress=False)
     assert _equal_state(ref.model, resumed.model)
-    strip = ("step_time_ms", "samples_per_s")
+    strip = TIMING_FIELDS
     assert [{k: v for k, v in r.items() if k not in strip} for r in ref.history] == [
         {k: v for k, v in r.items() if k not in strip} for r in resumed.history
     ]
