@@ -8,12 +8,21 @@ markers ``<!-- BEGIN lowbit report -->`` and ``<!-- END lowbit report -->`` of
 rows are recipes; columns the final metric as mean ± std over seeds, the number of
 seeds, the time per step and its ratio to qat-8. Plots go to ``OUT/figures/``: learning
 curves per task, and the final metric against the gradient bits, one line per quantizer.
+
+``--section NAME`` writes between ``<!-- BEGIN lowbit report: NAME -->`` and ``<!-- END
+lowbit report: NAME -->`` instead (figures named ``NAME-…``), so reports of several run
+folders (a short-schedule grid, a study at convergence) share one ``results.md``.
+Columns beyond the metric: the wall time per run (sum of the epochs' ``epoch_time_s``,
+training + evaluation; mean over seeds) and, for runs with the variance monitor
+(:mod:`.monitoring`), the largest per-layer quantization/SGD variance ratio on the ∇X and
+∇W paths in the first, middle and last epoch (mean over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,6 +62,8 @@ docs/`; everything outside the markers is written by hand and kept.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
     parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
+    parser.add_argument("--section", help="name of the report section (markers BEGIN/END lowbit "
+                        "report: NAME) and prefix of its figures; default: the unnamed section")
 
 
 @dataclass
@@ -114,6 +125,20 @@ class Run:
         """Median over epochs of each epoch's median step time."""
         return statistics.median(r["step_time_ms"] for r in self.rows)
 
+    def wall_s(self) -> float | None:
+        """Wall seconds of the whole run (its epochs' ``epoch_time_s``); None for runs
+        recorded before that column existed."""
+        times = [r.get("epoch_time_s") for r in self.rows]
+        return None if not times or None in times else float(sum(times))
+
+    def ratio_trace(self, tag: str) -> tuple[float, float, float] | None:
+        """``ratio_{tag}_max`` (the monitor's largest per-layer quantization/SGD variance
+        ratio, ``tag`` "x" or "w") in the first, middle and last epoch; None if any of
+        them has no monitored step."""
+        n = len(self.rows)
+        picked = [self.rows[i].get(f"ratio_{tag}_max") for i in (0, (n - 1) // 2, n - 1)] if n else [None]
+        return None if None in picked else tuple(picked)  # type: ignore[return-value]
+
 
 def load_runs(root: Path) -> list[Run]:
     runs = []
@@ -147,6 +172,27 @@ def _settings(run: Run) -> tuple[tuple[str, str], ...]:
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def markers(name: str | None) -> tuple[str, str]:
+    """The BEGIN/END markers of the section ``name`` (None: the unnamed section)."""
+    if name is None:
+        return BEGIN, END
+    if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", name):
+        raise ValueError(f"--section: letters, digits, '_', '.' and single inner '-' only "
+                         f"(it goes into an HTML comment and figure names), got {name!r}")
+    return f"<!-- BEGIN lowbit report: {name} -->", f"<!-- END lowbit report: {name} -->"
+
+
+def _ratios(done: list[Run]) -> str:
+    """``∇X a → b → c; ∇W …``: the mean over seeds of :meth:`Run.ratio_trace`, or –."""
+    parts = []
+    for tag, what in (("x", "∇X"), ("w", "∇W")):
+        traces = [t for r in done if (t := r.ratio_trace(tag)) is not None]
+        if traces:
+            means = [statistics.fmean(t[i] for t in traces) for i in range(3)]
+            parts.append(f"{what} " + " → ".join(f"{m:.2g}" for m in means))
+    return "; ".join(parts) or "–"
 
 
 def _fmt(value: float, std: float | None, scale: float, digits: int) -> str:
@@ -191,8 +237,9 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         f"Settings: {settings}. Final {metric} after {first['epochs']} epochs "
         + f"({better} is better), mean ± std over seeds.",
         "",
-        f"| recipe | GEMM operands | {metric}{unit} | seeds | step (ms) | vs qat-8 | notes |",
-        "|---|---|---|---|---|---|---|",
+        f"| recipe | GEMM operands | {metric}{unit} | seeds | step (ms) | vs qat-8 | wall/run (min) "
+        "| variance ratio, epoch 1 → mid → last | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for lab, group in by_label.items():
         done = [r for r in group if r.complete]
@@ -207,8 +254,11 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
         ratio = f"{ms / qat8:.2f}×" if ms is not None and qat8 else "–"
         fqt_desc = monitoring.describe_adaptive(group[0].train) or describe(FQTConfig.from_dict(group[0].fqt))
+        walls = [w for r in done if (w := r.wall_s()) is not None]
+        wall = f"{statistics.fmean(walls) / 60:.1f}" if walls else "–"
         lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
-                     f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {'; '.join(notes)} |")  # fmt: skip
+                     f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {wall} | {_ratios(done)} | "
+                     f"{'; '.join(notes)} |")  # fmt: skip
     lines.append("")
     lines += [f"![{name}](figures/{name})" for name in figure_names]
     return lines + [""]
@@ -280,15 +330,16 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def render(runs: list[Run], figures_dir: Path, command: str) -> str:
-    """The generated section (without markers); writes the figures."""
+def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "") -> str:
+    """The generated section (without markers); writes the figures (names start with
+    ``prefix``)."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.train["task"], run.train["model"], _settings(run))].append(run)
     lines = [f"Generated by `{command}` from {len(runs)} runs.", ""]
     seen: dict[str, int] = defaultdict(int)
     for (task, model, _), group in sorted(groups.items(), key=lambda kv: kv[0][:2]):
-        stem = f"{task}-{model}"
+        stem = f"{prefix}{task}-{model}"
         seen[stem] += 1
         if seen[stem] > 1:
             stem += f"-{seen[stem]}"
@@ -300,18 +351,23 @@ def render(runs: list[Run], figures_dir: Path, command: str) -> str:
             names.append(f"{stem}-variance.png")
         lines += table(group, names)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
-                 "in the same sweep (a shared 2-core CPU unless stated otherwise).")  # fmt: skip
+                 "in the same sweep (a shared 2-core CPU unless stated otherwise). Wall/run: "
+                 "training + evaluation, mean over seeds (– for runs recorded before epochs "
+                 "logged it). Variance ratio: the monitor's largest per-layer quantization/SGD "
+                 "variance ratio (lowbit.monitor), mean over seeds.")  # fmt: skip
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers of ``path`` (create the file if needed)."""
-    text = path.read_text() if path.exists() else HEADER + f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{body.rstrip()}\n{END}{tail}")
+def write_section(path: Path, body: str, name: str | None = None) -> None:
+    """Replace the text between the markers of section ``name`` of ``path`` (appended
+    if absent; the file created if needed)."""
+    begin, end = markers(name)
+    text = path.read_text() if path.exists() else HEADER + f"{begin}\n{end}\n"
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,11 +377,14 @@ def run(args: argparse.Namespace) -> int:
     from .train import check_out_dir
 
     check_out_dir("--out", args.out)  # a folder, or creatable as one
+    markers(args.section)  # a bad name fails before any work
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    body = render(runs, out / "figures", f"lowbit report --runs {args.runs} --out {args.out}")
-    write_section(out / "results.md", body)
+    command = f"lowbit report --runs {args.runs} --out {args.out}" + (
+        f" --section {args.section}" if args.section else "")
+    body = render(runs, out / "figures", command, f"{args.section}-" if args.section else "")
+    write_section(out / "results.md", body, args.section)
     print(f"report: {len(runs)} runs -> {out / 'results.md'}, {out / 'figures'}")
     return 0

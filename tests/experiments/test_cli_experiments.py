@@ -346,15 +346,19 @@ def test_demo_smoke(tmp_path):
     assert "Wall time" in proc.stdout
 
 
-def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str) -> None:
+def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str,
+              epochs: int = 2, **columns: list[float]) -> None:
+    """A run folder with ``finals`` as its per-epoch accuracy and ``columns`` (name → one
+    value per epoch) added to the rows."""
     from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
 
-    cfg = TrainConfig(task="digits", recipe=recipe, seed=seed, epochs=2)
+    cfg = TrainConfig(task="digits", recipe=recipe, seed=seed, epochs=epochs)
     run_dir = root / cfg.run_name()
     run_dir.mkdir(parents=True)
     config = {"train": cfg.to_dict(), "fqt": cfg.fqt_config().to_dict()}
     (run_dir / "config.json").write_text(json.dumps(config))
-    rows = [{"epoch": i + 1, "accuracy": a, "step_time_ms": 10.0} for i, a in enumerate(finals)]
+    rows = [{"epoch": i + 1, "accuracy": a, "step_time_ms": 10.0}
+            | {k: v[i] for k, v in columns.items()} for i, a in enumerate(finals)]
     write_metrics(run_dir, rows)
     write_status(run_dir, status)
 
@@ -372,6 +376,47 @@ def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
     }
     assert "| 80.00 ± 14.14 | 2 |" in rows["qat-8"]
     assert "| 30.00 | 1 |" in rows["fqt-ptq-4"] and "1 diverged; 1 unfinished" in rows["fqt-ptq-4"]
+
+
+def test_report_wall_time_and_variance_ratio_columns(tmp_path):
+    """Wall/run = the sum of the epochs' epoch_time_s (mean over seeds, minutes); the
+    variance column = ratio_x_max / ratio_w_max in epochs 1, ⌊(n−1)/2⌋+1 and n, mean over
+    seeds; runs without the columns show –."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")  # recorded before epoch_time_s: –
+    _fake_run(runs, "fqt-psq-4", 0, [0.2, 0.3, 0.4], "done", epochs=3,
+              epoch_time_s=[60.0, 120.0, 180.0], ratio_x_max=[0.01, 0.02, 0.04],
+              ratio_w_max=[0.1, 0.2, 0.3])
+    _fake_run(runs, "fqt-psq-4", 1, [0.2, 0.3, 0.5], "done", epochs=3,
+              epoch_time_s=[120.0, 120.0, 120.0], ratio_x_max=[0.03, 0.04, 0.06],
+              ratio_w_max=[0.3, 0.4, 0.5])
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+            for line in section.splitlines() if line.startswith("| ")}
+    header = rows["recipe"]
+    wall, var = header.index("wall/run (min)"), header.index("variance ratio, epoch 1 → mid → last")
+    assert rows["fqt-psq-4"][wall] == "6.0"  # (360 s + 360 s) / 2
+    assert rows["fqt-psq-4"][var] == "∇X 0.02 → 0.03 → 0.05; ∇W 0.2 → 0.3 → 0.4"
+    assert rows["qat-8"][wall] == "–" and rows["qat-8"][var] == "–"
+
+
+def test_report_sections_are_independent(tmp_path):
+    """Named sections keep their own markers and figure names; the unnamed one is kept."""
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
+    docs.mkdir()
+    (docs / "results.md").write_text(f"# Results\n\n{report.BEGIN}\nshort grid\n{report.END}\n")
+    args = ["report", "--runs", str(runs), "--out", str(docs), "--section", "convergence"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # replaced, not appended twice
+    text = (docs / "results.md").read_text()
+    begin, end = report.markers("convergence")
+    assert text.count(begin) == 1 and text.count(end) == 1 and "short grid" in text
+    assert "--section convergence" in text.split(begin)[1]
+    assert (docs / "figures" / "convergence-digits-mlp-curves.png").exists()
+    for bad in ("a--b", "x>", "", " c", "-a"):
+        with pytest.raises(ValueError, match="--section: letters, digits"):
+            report.markers(bad)
 
 
 def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
