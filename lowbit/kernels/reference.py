@@ -103,7 +103,8 @@ def _codes(q: torch.Tensor, fmt: Format) -> torch.Tensor:
         return q.to(fmt.code_dtype)
     low = -fmt.zero_code if fmt.asymmetric else -fmt.emax
     high = low + fmt.emax if fmt.asymmetric else fmt.emax
-    return (q - fmt.zero_code).nan_to_num(0.0).clamp(low, high).to(torch.int8)
+    d = q - fmt.zero_code
+    return torch.where(d == d, d, 0.0).clamp(low, high).to(torch.int8)  # NaN → 0
 
 
 def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
