@@ -43,7 +43,7 @@ def main() -> None:
         for name, rule in (("nan_to_num", _codes_nan_to_num), ("where", new)):
             reference._codes = rule
             compiled._compiled.clear()  # recompile with this rule
-            f = lambda: k.quantize(x, fmt, gran, rounding, seed)  # noqa: E731
+            f = lambda g=gran, r=rounding: k.quantize(x, fmt, g, r, seed)  # noqa: E731
             codes[name] = f().codes
             f()
             ts = []
