@@ -247,8 +247,10 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         notes = []
         if n_div := sum(r.status == "diverged" for r in group):
             notes.append(f"{n_div} diverged")
-        if n_part := sum(not r.complete and r.status != "diverged" for r in group):
-            notes.append(f"{n_part} unfinished")
+        partial = [r for r in group if not r.complete and r.status != "diverged"]
+        if partial:  # how far each got (a study that spans sessions reports as it goes)
+            at = ", ".join(f"{len(r.rows)}/{r.train['epochs']}" for r in partial)
+            notes.append(f"{len(partial)} unfinished (epochs done: {at})")
         notes += _memory_and_range_notes(done) + monitoring.bits_note(done)
         score = _fmt(*_mean_std(finals), scale, digits) if finals else "–"
         ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
@@ -282,7 +284,8 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     ax.set_ylabel(metric)
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no legend (and no warning) before any epoch ends
+        ax.legend(fontsize=8)
     save_figure(fig, path)
 
 

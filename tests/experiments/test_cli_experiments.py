@@ -375,7 +375,8 @@ def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
         line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")
     }
     assert "| 80.00 ± 14.14 | 2 |" in rows["qat-8"]
-    assert "| 30.00 | 1 |" in rows["fqt-ptq-4"] and "1 diverged; 1 unfinished" in rows["fqt-ptq-4"]
+    assert "| 30.00 | 1 |" in rows["fqt-ptq-4"]
+    assert "1 diverged; 1 unfinished (epochs done: 1/2)" in rows["fqt-ptq-4"]
 
 
 def test_report_wall_time_and_variance_ratio_columns(tmp_path):
@@ -417,6 +418,19 @@ def test_report_sections_are_independent(tmp_path):
     for bad in ("a--b", "x>", "", " c", "-a"):
         with pytest.raises(ValueError, match="--section: letters, digits"):
             report.markers(bad)
+
+
+def test_report_of_a_study_with_no_finished_epoch_yet(tmp_path):
+    """A sweep just started: its runs have config.json and an empty metrics.json. The
+    report says so (no warning from an empty figure)."""
+    import warnings
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fp", 0, [], "running")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    assert "| fp | fp | – | 0 |" in section and "1 unfinished (epochs done: 0/2)" in section
 
 
 def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
