@@ -128,8 +128,7 @@ def _integer_heads(a: Operand, b: Operand, kernels: Kernels, dtype: torch.dtype)
     n_batch, m, k = a.codes.shape
     acc = torch.empty(n_batch, m, b.codes.shape[2], dtype=torch.int32, device=a.codes.device)
     with record_function("lowbit::gemm"):
-        for i in range(n_batch):
-            int8.int_mm(a.codes[i], b.codes[i], out=acc[i])
+        int8.int_mm_batched(a.codes, b.codes, acc)
     with record_function("lowbit::epilogue"):
         return kernels.run("int8_epilogue", acc, a.step, b.step, None, None, None, None, k, None, dtype)
 

@@ -57,19 +57,29 @@ def supports(a: Encoded, b: Encoded) -> bool:
             and available(a.codes.device) and shape_ok(m, k, n, a.codes.device))
 
 
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (R, C) if a GEMM reads its strides as they are meant, else a row-major copy
-    (same values). Read as meant: row-major with a leading dimension ``stride(0) ≥ C``
-    when ``stride(1) == 1``, otherwise column-major with ``stride(1) ≥ R``. Views that
-    break this — overlapping rows (an im2col view of one sample's one output row: row
-    stride ``C_in`` < ``K``) and the degenerate strides torch gives a one-row matrix
-    (``w.t()`` of a (N, 1) weight is (1, N) with strides (1, 1)) — are misread by
-    ``torch._int_mm`` on the CPU (wrong sums, no error; README fault kind 24)."""
+def reads_as_meant(t: torch.Tensor) -> bool:
+    """Whether a GEMM reads the (R, C) ``t``'s strides as they are meant: row-major with a
+    leading dimension ``stride(0) ≥ C`` when ``stride(1) == 1``, otherwise column-major
+    with ``stride(1) ≥ R``. Views that break this — overlapping rows (an im2col view of
+    one sample's one output row: row stride ``C_in`` < ``K``) and the degenerate strides
+    torch gives a one-row matrix (``w.t()`` of a (N, 1) weight is (1, N) with strides
+    (1, 1)) — are misread by ``torch._int_mm`` on the CPU (wrong sums, no error; README
+    fault kind 24)."""
     rows, cols = t.shape
     s0, s1 = t.stride()
-    if (s1 == 1 and s0 >= cols) or (s1 != 1 and s0 == 1 and s1 >= rows):
-        return t
-    return torch.empty((rows, cols), dtype=t.dtype, device=t.device).copy_(t)
+    return (s1 == 1 and s0 >= cols) or (s1 != 1 and s0 == 1 and s1 >= rows)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with freshly computed row-major strides. Not ``t.contiguous()``:
+    that returns a (…, 1, N) tensor with strides (…, 1, 1) as it is (contiguous, since a
+    size-1 dimension's stride does not count), the layout ``_int_mm`` misreads."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (R, C) if :func:`reads_as_meant`, else a row-major copy (same values)."""
+    return t if reads_as_meant(t) else _row_major(t)
 
 
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None
@@ -80,6 +90,23 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
+
+
+def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = a_codes[i] @ b_codes[i]`` for every batch entry: (B, M, K) × (B, K, N)
+    int8, any strides, into ``out`` (B, M, N) int32 contiguous, each an exact int32 sum
+    on ``torch._int_mm``. Every entry of a batch has the same strides, so one
+    :func:`reads_as_meant` check (of entry 0) decides for all whether the operand is
+    first copied whole (row-major entries): the per-entry stride checks and selects of
+    :func:`int_mm` in a loop cost about as much as the products at attention's head sizes."""
+    if a_codes.shape[0] == 0:
+        return
+    if not reads_as_meant(a_codes[0]):
+        a_codes = _row_major(a_codes)
+    if not reads_as_meant(b_codes[0]):
+        b_codes = _row_major(b_codes)
+    for a, b, o in zip(a_codes.unbind(0), b_codes.unbind(0), out.unbind(0)):
+        torch._int_mm(a, b, out=o)
 
 
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,

@@ -284,6 +284,35 @@ def _views(rows: int, cols: int, gen: torch.Generator) -> dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize("m,k,n", [(9, 1, 5), (1, 7, 5), (5, 7, 1), (1, 1, 1), (4, 9, 3), (1, 3, 9)])
+def test_int_mm_batched_exact_on_any_strides(m: int, k: int, n: int) -> None:
+    """``int8.int_mm_batched`` (one stride check per batch) equals the int32 product of
+    every entry, on batches of every layout of :func:`_views` (entries 3 rows/columns of
+    storage apart, so entry ``i`` is the same view shifted), a transposed batch (``mT``,
+    as attention hands its K and V codes) and an expanded one (stride 0: GQA)."""
+    from lowbit.kernels import int8
+
+    gen = torch.Generator().manual_seed(1)
+
+    def batches(rows: int, cols: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, v in _views(rows, cols, gen).items():
+            base = torch.randint(-127, 128, (v.storage_offset() + 3 * 64 + 4 * rows * cols + 64,),
+                                 dtype=torch.int8, generator=gen)
+            out[name] = base.as_strided((3, rows, cols), (rows * cols + 5, *v.stride()))
+        out["mT"] = torch.randint(-127, 128, (3, cols, rows), dtype=torch.int8, generator=gen).mT
+        out["expanded"] = torch.randint(-127, 128, (1, rows, cols), dtype=torch.int8,
+                                        generator=gen).expand(3, rows, cols)
+        return out
+
+    for (na, a), (nb, b) in ((x, y) for x in batches(m, k).items() for y in batches(k, n).items()):
+        got = torch.empty(3, m, n, dtype=torch.int32)
+        int8.int_mm_batched(a, b, got)
+        assert torch.equal(got, a.int() @ b.int()), (na, a.stride(), nb, b.stride())
+    int8.int_mm_batched(torch.empty(0, m, k, dtype=torch.int8), torch.empty(0, k, n, dtype=torch.int8),
+                        torch.empty(0, m, n, dtype=torch.int32))  # no entries: nothing to do
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 1, 5), (1, 7, 5), (5, 7, 1), (1, 1, 1), (4, 9, 3), (1, 3, 9)])
 def test_int_mm_exact_on_any_strides(m: int, k: int, n: int) -> None:
     """``int8.int_mm`` equals the int32 product on every layout of both operands:
     layouts ``torch._int_mm`` misreads on the CPU are copied first (fault kind 24)."""
