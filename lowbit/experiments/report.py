@@ -9,13 +9,14 @@ rows are recipes; columns the final metric as mean ± std over seeds, the number
 seeds, the time per step and its ratio to qat-8. Plots go to ``OUT/figures/``: learning
 curves per task, and the final metric against the gradient bits, one line per quantizer.
 
-``--section NAME`` writes between ``<!-- BEGIN lowbit report: NAME -->`` and ``<!-- END
-lowbit report: NAME -->`` instead (figures named ``NAME-…``), so reports of several run
-folders (a short-schedule grid, a study at convergence) share one ``results.md``.
-Columns beyond the metric: the wall time per run (sum of the epochs' ``epoch_time_s``,
-training + evaluation; mean over seeds) and, for runs with the variance monitor
-(:mod:`.monitoring`), the largest per-layer quantization/SGD variance ratio on the ∇X and
-∇W paths in the first, middle and last epoch (mean over seeds).
+``--section NAME`` writes between markers of its own (:func:`markers`: ``BEGIN lowbit
+report: NAME`` in an HTML comment) instead, figures named ``NAME-…``, so reports of
+several run folders (a short-schedule grid, a study at convergence) share one
+``results.md``; a file whose markers of that section are not exactly one BEGIN before one
+END is refused, not overwritten. Columns beyond the metric: the wall time per run (sum of
+the epochs' ``epoch_time_s``, training + evaluation; mean over seeds) and, for runs with
+the variance monitor (:mod:`.monitoring`), the largest per-layer quantization/SGD variance
+ratio on the ∇X and ∇W paths in epochs 1, ⌊(n+1)/2⌋ and n (mean over seeds).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
 
 BEGIN, END = "<!-- BEGIN lowbit report -->", "<!-- END lowbit report -->"
+SECTION_NAME = r"[A-Za-z0-9][A-Za-z0-9_.]*(-[A-Za-z0-9_.]+)*"
+SECTION_RULE = ("a letter or digit, then letters, digits, '_', '.' and single '-' between "
+                "them")
 # Settings that tell runs of one table apart from each other (not from other tables).
 PER_RUN_FIELDS = frozenset(
     {"recipe", "seed", "out", "grad_input_bits", "grad_weight_bits", "backend", "max_bad_steps",
@@ -54,7 +58,8 @@ HEADER = """# Results
 
 Measured numbers of `lowbit` experiments. The section between the report markers is
 generated: run the sweep that fills `results/`, then `lowbit report --runs results/ --out
-docs/`; everything outside the markers is written by hand and kept.
+docs/` (`--section NAME` for a section of its own); everything outside the markers is
+written by hand and kept.
 
 """
 
@@ -62,8 +67,9 @@ docs/`; everything outside the markers is written by hand and kept.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
     parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
-    parser.add_argument("--section", help="name of the report section (markers BEGIN/END lowbit "
-                        "report: NAME) and prefix of its figures; default: the unnamed section")
+    parser.add_argument("--section", help="name of the report section (its own BEGIN/END markers "
+                        f"in results.md) and prefix of its figures: {SECTION_RULE}; default: "
+                        "the unnamed section")
 
 
 @dataclass
@@ -178,10 +184,18 @@ def markers(name: str | None) -> tuple[str, str]:
     """The BEGIN/END markers of the section ``name`` (None: the unnamed section)."""
     if name is None:
         return BEGIN, END
-    if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", name):
-        raise ValueError(f"--section: letters, digits, '_', '.' and single inner '-' only "
-                         f"(it goes into an HTML comment and figure names), got {name!r}")
+    if not re.fullmatch(SECTION_NAME, name):
+        raise ValueError(f"--section: {SECTION_RULE} (it goes into an HTML comment and figure "
+                         f"names), got {name!r}")
     return f"<!-- BEGIN lowbit report: {name} -->", f"<!-- END lowbit report: {name} -->"
+
+
+def _minutes(seconds: list[float]) -> str:
+    """The mean of ``seconds`` in minutes (3 decimals below a minute), or – if empty."""
+    if not seconds:
+        return "–"
+    m = statistics.fmean(seconds) / 60
+    return f"{m:.1f}" if m >= 1 else f"{m:.3f}"
 
 
 def _ratios(done: list[Run]) -> str:
@@ -256,8 +270,7 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         ms = statistics.fmean(done_ms[lab]) if done_ms[lab] else None
         ratio = f"{ms / qat8:.2f}×" if ms is not None and qat8 else "–"
         fqt_desc = monitoring.describe_adaptive(group[0].train) or describe(FQTConfig.from_dict(group[0].fqt))
-        walls = [w for r in done if (w := r.wall_s()) is not None]
-        wall = f"{statistics.fmean(walls) / 60:.1f}" if walls else "–"
+        wall = _minutes([w for r in done if (w := r.wall_s()) is not None])
         lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
                      f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {wall} | {_ratios(done)} | "
                      f"{'; '.join(notes)} |")  # fmt: skip
@@ -355,19 +368,29 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "") -
         lines += table(group, names)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep (a shared 2-core CPU unless stated otherwise). Wall/run: "
-                 "training + evaluation, mean over seeds (– for runs recorded before epochs "
-                 "logged it). Variance ratio: the monitor's largest per-layer quantization/SGD "
-                 "variance ratio (lowbit.monitor), mean over seeds.")  # fmt: skip
+                 "the epochs' training + evaluation time (not start-up or checkpoint writes), "
+                 "mean over the finished seeds that logged it (– for runs recorded before "
+                 "epochs did). Variance ratio: the monitor's largest per-layer "
+                 "quantization/SGD variance ratio (lowbit.monitor) in epochs 1, ⌊(n+1)/2⌋ and "
+                 "n, mean over the finished seeds with a monitored step in all three (– if "
+                 "none: no monitor, or epochs shorter than its interval).")  # fmt: skip
     return "\n".join(lines)
 
 
 def write_section(path: Path, body: str, name: str | None = None) -> None:
     """Replace the text between the markers of section ``name`` of ``path`` (appended
-    if absent; the file created if needed)."""
+    if absent; the file created if needed). ``ValueError`` if the file holds a marker of
+    the section more than once, only one of the two, or END before BEGIN (nothing written)."""
     begin, end = markers(name)
     text = path.read_text() if path.exists() else HEADER + f"{begin}\n{end}\n"
-    if begin not in text or end not in text or text.index(begin) > text.index(end):
+    counts = (text.count(begin), text.count(end))
+    if counts == (0, 0):  # a new section, at the end
         text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    elif counts != (1, 1) or text.index(begin) > text.index(end):
+        # anything else would replace text outside the section (a marker quoted in prose,
+        # a lost END): refuse rather than overwrite the hand-written part
+        raise ValueError(f"{path} holds {counts[0]} {begin!r} and {counts[1]} {end!r}; "
+                         "expected one of each, BEGIN first (or neither): fix the file by hand")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")

@@ -397,6 +397,7 @@ def test_report_wall_time_and_variance_ratio_columns(tmp_path):
     header = rows["recipe"]
     wall, var = header.index("wall/run (min)"), header.index("variance ratio, epoch 1 → mid → last")
     assert rows["fqt-psq-4"][wall] == "6.0"  # (360 s + 360 s) / 2
+    assert report._minutes([3.0]) == "0.050" and report._minutes([]) == "–"
     assert rows["fqt-psq-4"][var] == "∇X 0.02 → 0.03 → 0.05; ∇W 0.2 → 0.3 → 0.4"
     assert rows["qat-8"][wall] == "–" and rows["qat-8"][var] == "–"
 
@@ -415,9 +416,26 @@ def test_report_sections_are_independent(tmp_path):
     assert text.count(begin) == 1 and text.count(end) == 1 and "short grid" in text
     assert "--section convergence" in text.split(begin)[1]
     assert (docs / "figures" / "convergence-digits-mlp-curves.png").exists()
-    for bad in ("a--b", "x>", "", " c", "-a"):
-        with pytest.raises(ValueError, match="--section: letters, digits"):
+    for bad in ("a--b", "x>", "", " c", "-a", ".", "..", "_x"):
+        with pytest.raises(ValueError, match="--section: a letter or digit"):
             report.markers(bad)
+
+
+def test_report_refuses_a_file_whose_section_markers_are_ambiguous(tmp_path):
+    """A marker quoted in the hand-written text, a lost END or END before BEGIN: writing
+    would replace text outside the section, so nothing is written and the error says why."""
+    begin, end = report.markers("study")
+    path = tmp_path / "results.md"
+    for text in (f"# R\n\nprose quoting `{begin}`\n\nmore prose\n",  # BEGIN only
+                 f"# R\n\n`{begin}` in prose\n\n{begin}\nold\n{end}\n",  # BEGIN twice
+                 f"# R\n\n{end}\nhand\n{begin}\n"):  # END first
+        path.write_text(text)
+        with pytest.raises(ValueError, match="expected one of each, BEGIN first"):
+            report.write_section(path, "new table", "study")
+        assert path.read_text() == text
+    path.write_text(f"# R\n\nhand\n\n{begin}\nold\n{end}\n\ntail\n")
+    report.write_section(path, "new table", "study")
+    assert path.read_text() == f"# R\n\nhand\n\n{begin}\nnew table\n{end}\n\ntail\n"
 
 
 def test_report_of_a_study_with_no_finished_epoch_yet(tmp_path):
