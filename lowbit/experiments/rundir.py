@@ -1,5 +1,6 @@
 """The run folder: ``config.json``, ``metrics.json`` / ``metrics.csv``, ``status.json``,
-and the checks made before a checkpoint in it is resumed.
+the checks made before a checkpoint in it is resumed, and its lock: one process trains
+a run folder at a time (:func:`run_lock`).
 
 Every file is written whole and atomically where a reader may see it half-written
 (metrics: temporary file + rename); checkpoints are :mod:`.checkpoint`'s. In a
@@ -8,12 +9,15 @@ data-parallel run only rank 0 calls these writers.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,62 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
+LOCK = ".lock"
+
+
+class RunBusy(ValueError):
+    """The run folder is being trained by another live process (:func:`run_lock`)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (``"pid host"``, created exclusively) while training, so
+    that two processes — two sweeps whose grids overlap, a sweep and a ``lowbit train
+    --resume`` — never train one run folder at once (both would write its checkpoints
+    and metrics). A lock left by a process that is gone (killed, crashed) on this host is
+    taken over; raises :class:`RunBusy` (a ``ValueError``) if a live process, or one on
+    another host sharing the folder, holds it. Released on exit, also on an exception."""
+    path, me = run_dir / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(3):  # a stale lock is removed, then created again
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, _, host = path.read_text().strip().partition(" ")
+            except FileNotFoundError:  # released between our two calls: try again
+                continue
+            pid = int(pid_text) if pid_text.isdigit() else -1
+            if host == socket.gethostname() and pid > 0 and not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                log(f"{run_dir}: removed the lock of process {pid}, which is gone")
+                continue
+            raise RunBusy(f"{run_dir} is being trained by process {pid_text or '?'} on "
+                          f"{host or '?'} (lock file {path}); wait for it to finish, or remove "
+                          "the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    else:
+        raise RunBusy(f"{run_dir}: could not take the lock file {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_text().strip() == me:
+                path.unlink()
+
+
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
     config = {
         "run": cfg.run_name(),
@@ -99,4 +159,5 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     _write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 
-__all__ = ["load_resumable", "log", "write_config", "write_metrics", "write_status"]
+__all__ = ["LOCK", "RunBusy", "load_resumable", "log", "run_lock", "write_config", "write_metrics",
+           "write_status"]

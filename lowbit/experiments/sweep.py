@@ -5,7 +5,9 @@
 
 Each run goes to ``OUT/{task}-{model}-{recipe}[-giB-gwB]-s{seed}``. A run whose
 ``metrics.json`` already holds all its epochs is skipped; a run with a checkpoint is
-resumed; a run that diverges is recorded (``status.json``) and the sweep goes on.
+resumed; a run that diverges is recorded (``status.json``) and the sweep goes on; a run
+another process is training (its folder's ``.lock``) is skipped, so several sweeps over
+one grid share its runs (two 1-thread sweeps on 2 cores, say).
 Checkpoints (``*.pt``) are git-ignored; the metric files are small enough to commit.
 """
 
@@ -28,6 +30,7 @@ from .train import (
     set_threads,
     training_fields,
 )
+from .rundir import RunBusy
 from .trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {state:8s} {cfg.out}")
         return 0
     diverged = []
-    for i, (cfg, state) in enumerate(zip(configs, states), 1):
+    for i, cfg in enumerate(configs, 1):
+        state = run_state(cfg)  # now, not at the start: another sweep may have run it since
         if state in ("done", "diverged"):
             print(f"[{i}/{len(configs)}] {cfg.run_name()}: {state}, skipped")
             if state == "diverged":
@@ -109,11 +113,16 @@ def run(args: argparse.Namespace) -> int:
               flush=True)  # fmt: skip
         t0 = time.perf_counter()
         try:
-            result = train(cfg, resume=state == "partial", progress=not args.no_progress,
+            # resume=True also when it was new: without a checkpoint it starts fresh, and a
+            # run another sweep finished meanwhile is returned as it is, not retrained
+            result = train(cfg, resume=True, progress=not args.no_progress,
                            monitor_requested=args.monitor_every is not None)
         except TrainingDiverged as exc:
             print(f"[{i}/{len(configs)}] {cfg.run_name()}: {exc}", flush=True)
             diverged.append(cfg.run_name())
+            continue
+        except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
+            print(f"[{i}/{len(configs)}] {cfg.run_name()}: skipped, {exc}", flush=True)
             continue
         last = result.history[-1]
         shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)

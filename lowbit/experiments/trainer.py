@@ -44,6 +44,7 @@ do not depend on the order).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -63,7 +64,7 @@ from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import load_resumable, write_config, write_metrics, write_status
+from .rundir import RunBusy, load_resumable, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig
 from .tasks import Task, make_task
 
@@ -172,7 +173,8 @@ def train(
     unreadable); without a checkpoint it starts fresh. Raises :class:`TrainingDiverged`
     after ``cfg.max_bad_steps`` consecutive non-finite steps; ``ValueError`` if the run
     folder holds a checkpoint and ``resume`` is False, or the launch's number of ranks is
-    not ``cfg.world_size``. ``monitor_requested``: the user asked for ``monitor_every``
+    not ``cfg.world_size``; :class:`~.rundir.RunBusy` (a ``ValueError``) if another live
+    process is training the same run folder (its ``.lock``). ``monitor_requested``: the user asked for ``monitor_every``
     (a warning, not an info line, when no layer can be monitored); ``None``: whenever
     ``cfg.monitor_every`` is not the default.
     """
@@ -187,9 +189,26 @@ def train(
 
 def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
            ranks: Ranks, monitor_requested: bool) -> TrainResult:
+    """:func:`_train_locked` while rank 0 holds the run folder's lock (:func:`run_lock`);
+    every rank raises :class:`RunBusy` if another process holds it."""
     run_dir, main = Path(cfg.out), ranks.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except RunBusy as exc:
+                busy = str(exc)
+        busy = ranks.broadcast(busy)
+        if busy is not None:
+            raise RunBusy(busy)
+        return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
+
+
+def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
+                  ranks: Ranks, monitor_requested: bool) -> TrainResult:
+    run_dir, main = Path(cfg.out), ranks.is_main
     task = task or make_task(
         cfg.task,
         cfg.model,

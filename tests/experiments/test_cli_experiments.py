@@ -314,6 +314,36 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     assert len(points["psq"][8]) == 2
 
 
+def test_sweep_skips_a_run_another_process_is_training(tmp_path, capsys):
+    """Two sweeps over one grid share it: a run whose folder another live process holds
+    (its .lock) is skipped, the others are trained; once it is free a later sweep trains it."""
+    import socket
+
+    from lowbit.experiments.rundir import LOCK
+
+    results = tmp_path / "results"
+    sweep = ["sweep", "--tasks", "digits", "--recipes", "fp,qat-8", "--epochs", "1", "--subset",
+             "128", "--eval-subset", "64", "--batch-size", "32", "--out", str(results), *TINY]
+    held = results / "digits-mlp-qat-8-s0"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (held / LOCK).write_text(f"{holder.pid} {socket.gethostname()}\n")
+        assert cli.main(sweep) == 0
+        out = capsys.readouterr().out
+        assert f"digits-mlp-qat-8-s0: skipped, {held} is being trained by process {holder.pid}" in out
+        assert (results / "digits-mlp-fp-s0" / "metrics.json").exists()
+        assert not (held / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(sweep) == 0  # the holder is gone: its stale lock is taken over
+    out = capsys.readouterr().out
+    assert "digits-mlp-fp-s0: done, skipped" in out and "digits-mlp-qat-8-s0: start" in out
+    assert json.loads((held / "status.json").read_text())["status"] == "done"
+    assert not (held / LOCK).exists()
+
+
 def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
     args = ["sweep", "--recipes", "fp,fqt-bhq-8", "--grad-input-bits", "5", "--epochs", "1",
             "--out", str(tmp_path), "--dry-run"]  # fmt: skip

@@ -236,6 +236,38 @@ def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
               progress=False)  # fmt: skip
 
 
+def test_one_process_trains_a_run_folder_at_a_time(tmp_path, capsys):
+    """The run folder's .lock: a live holder (another process, here a sleeping child)
+    makes train raise RunBusy and changes nothing; a holder that is gone (a finished
+    child's pid) is taken over; the lock is released after training and after a crash."""
+    import socket
+    import subprocess
+    import sys
+
+    from lowbit.experiments.rundir import LOCK, RunBusy
+
+    host = socket.gethostname()
+    cfg = TrainConfig(**DIGITS, epochs=1, out=str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(f"{holder.pid} {host}\n")
+        with pytest.raises(RunBusy, match=f"being trained by process {holder.pid} on {host}"):
+            train(cfg, resume=True, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale, taken over, and released at the end
+    result = train(cfg, resume=True, progress=False)
+    assert result.history[-1]["step"] == 8 and not (tmp_path / LOCK).exists()
+    assert f"removed the lock of process {holder.pid}" in capsys.readouterr().err
+    with pytest.raises(TrainingDiverged):  # a run that raises releases the lock too
+        train(TrainConfig(**DIGITS, epochs=1, max_bad_steps=1, out=str(tmp_path / "nan")),
+              task=_NaNLoss(T.make_task("digits", "mlp", subset=256, eval_subset=64), {0}),
+              progress=False)  # fmt: skip
+    assert not (tmp_path / "nan" / LOCK).exists()
+
+
 # --------------------------------------------------------------------------- bad steps
 
 
