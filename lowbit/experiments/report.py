@@ -42,6 +42,7 @@ from lowbit.config import describe
 from lowbit.quantizers import QUANTIZERS
 
 from . import monitoring
+from .rundir import write_atomic
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
 
@@ -393,7 +394,8 @@ def write_section(path: Path, body: str, name: str | None = None) -> None:
                          "expected one of each, BEGIN first (or neither): fix the file by hand")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")
+    write_atomic(path, f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")  # the hand-written part
+    # is never lost to a crash mid-write: the old file or the new one, whole
 
 
 def run(args: argparse.Namespace) -> int:

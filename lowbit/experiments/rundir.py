@@ -37,7 +37,7 @@ def _json_number(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
     a reader sees the old or the new file, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -49,17 +49,17 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.json`` and ``metrics.csv`` from the full history (atomically)."""
     rows = [{k: _json_number(v) for k, v in row.items()} for row in history]
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    _write_atomic(run_dir / "metrics.json", json.dumps(rows, indent=1, allow_nan=False) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps(rows, indent=1, allow_nan=False) + "\n")
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(run_dir / "metrics.csv", text.getvalue())
+    write_atomic(run_dir / "metrics.csv", text.getvalue())
 
 
 def write_status(run_dir: Path, status: str, message: str = "") -> None:
     """``status.json``: ``running``, ``done`` or ``diverged`` (with the message)."""
-    _write_atomic(run_dir / "status.json", json.dumps({"status": status, "message": message}) + "\n")
+    write_atomic(run_dir / "status.json", json.dumps({"status": status, "message": message}) + "\n")
 
 
 def log(msg: str) -> None:
@@ -156,8 +156,8 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
         "lowbit": lowbit.__version__,
         "torch": torch.__version__,
     }
-    _write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
+    write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 
-__all__ = ["LOCK", "RunBusy", "load_resumable", "log", "run_lock", "write_config", "write_metrics",
-           "write_status"]
+__all__ = ["LOCK", "RunBusy", "load_resumable", "log", "run_lock", "write_atomic", "write_config",
+           "write_metrics", "write_status"]

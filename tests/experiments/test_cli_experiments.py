@@ -481,6 +481,26 @@ def test_report_of_a_study_with_no_finished_epoch_yet(tmp_path):
     assert "| fp | fp | – | 0 |" in section and "1 unfinished (epochs done: 0/2)" in section
 
 
+def test_report_never_leaves_results_md_half_written(tmp_path, monkeypatch):
+    """The section is written to a temporary file and renamed over results.md: a failure
+    while writing (disk full, a crash) leaves the old file whole, hand-written text included."""
+    path = tmp_path / "results.md"
+    old = f"# R\n\nhand-written\n\n{report.BEGIN}\nold\n{report.END}\n"
+    path.write_text(old)
+    real = Path.write_text
+
+    def fail_on_temporary(self, text, *a, **kw):  # noqa: ANN001
+        if self.name.endswith(".tmp"):
+            real(self, text[: len(text) // 2])  # half of it, then the failure
+            raise OSError("No space left on device")
+        return real(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", fail_on_temporary)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_section(path, "new table " * 100)
+    assert path.read_text() == old
+
+
 def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
     """world_size entered config.json later; a run without it trained on one process, so
     it shares the table of runs recording world_size 1 (two tables before)."""
