@@ -23,8 +23,10 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
   dimension: that GEMM runs simulated;
 * ∇W: rows output channels (``Q_w``'s rows: scale and transform) × columns (kernel
   position, input channel), summed over (sample, output position) — ``N·H'·W'`` may
-  exceed ``int8.MAX_K``, so the sum is split (:func:`~lowbit.kernels.im2col.exact_gemm`).
-  A per-sample activation scale is on the summed dimension, and with groups a row
+  exceed ``int8.MAX_K``, so the sum is split (:func:`~lowbit.kernels.im2col.exact_gemm`);
+  at stride 1 with one group and a per-tensor activation scale, one GEMM per kernel row
+  on patches of the kernel's columns only (:func:`~lowbit.kernels.im2col.grad_weight_rows`,
+  bitwise the same). A per-sample activation scale is on the summed dimension, and with groups a row
   transform (BHQ/Hadamard) mixes the groups' output channels: both run simulated.
 
 The integer result differs from the reference only by float32 rounding: the integer
@@ -56,7 +58,8 @@ from .conv_dispatch import integer_path, refuse_simulated
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, kernels_for, qconv
-from .kernels.im2col import channels_last, col2im, exact_gemm, gemm_nchw, im2col, nhwc, patches, place
+from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
+                             nhwc, patches, place)
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedOperand
@@ -293,15 +296,20 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     _, _, h, w = x_shape
     co, cg, kh, kw = w_shape
     x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
-    p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
-    b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
     k = kernels_for(backend, g.device)
-    cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
-    with record_function("lowbit::grad_weight"):
-        outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
-                           Encoded(im2col(p, gi, groups), b_scale))
-                for gi in range(groups)]
-    gw = outs[0] if groups == 1 else torch.cat(outs, 0)  # (C_out, kH·kW·C/g)
+    gw = None
+    if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
+        with record_function("lowbit::grad_weight"):
+            gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), x, qx.scale, (kh, kw), dilation)
+    if gw is None:
+        p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
+        b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
+        cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
+        with record_function("lowbit::grad_weight"):
+            outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
+                               Encoded(im2col(p, gi, groups), b_scale))
+                    for gi in range(groups)]
+        gw = outs[0] if groups == 1 else torch.cat(outs, 0)  # (C_out, kH·kW·C/g)
     gw = qa.inverse(gw, torch.float32)  # T⁻¹ on the output-channel rows
     return gw.reshape(co, kh, kw, cg).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
 

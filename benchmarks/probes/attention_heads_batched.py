@@ -10,13 +10,15 @@ outcomes" 12.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 from lowbit.kernels import int8
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved_ms, start  # noqa: E402
 
 
 def per_head(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -24,21 +26,8 @@ def per_head(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         int8.int_mm(a[i], b[i], out=out[i])
 
 
-def _median_ms(f, n: int = 11) -> float:  # noqa: ANN001
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    start(__doc__)
     g = torch.Generator().manual_seed(0)
 
     def codes(*shape: int) -> torch.Tensor:
@@ -59,11 +48,7 @@ def main() -> None:
             per_head(x, y, o)
         run(int8.int_mm_batched)
         assert all(torch.equal(o, r) for o, r in zip(outs, ref))
-        before, after = [], []
-        for _ in range(3):
-            before.append(_median_ms(lambda: run(per_head)))
-            after.append(_median_ms(lambda: run(int8.int_mm_batched)))
-        b, n = statistics.median(before), statistics.median(after)
+        b, n = interleaved_ms(lambda: run(per_head), lambda: run(int8.int_mm_batched), n=11)  # noqa: B023
         print(f"{name} ({bh} heads, {seq}×{e}): per head {b:.2f} ms, batched {n:.2f} ms "
               f"({b / n:.2f}×) for the six products")
 

@@ -146,6 +146,48 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
                        out_dtype)
 
 
+def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: torch.Tensor,
+                     kernel: Sequence[int], dilation: Sequence[int],
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """∇W of a stride-1 convolution without the full im2col: ``a`` the gradient codes
+    (R, N·H'·W') with rows = output channels and their scale (per row or tensor), ``x``
+    the zero-padded channels-last activation codes (N, Hp, Wp, C), contiguous, with the
+    per-tensor ``x_scale`` (1, 1) → (R, kH·kW·C) in ``out_dtype``, column order (i, j, c):
+    bitwise :func:`exact_gemm` of ``a`` and ``im2col(patches(x))`` (the same integer sums,
+    the same epilogue).
+
+    The patches are built over the kernel's columns only — ``X3[(n, h, w), (j, c)] =
+    x[n, h, w + j·d, c]`` for every padded row ``h`` — a third of im2col's bytes for a
+    3×3 kernel; kernel row ``i`` then reads ``X3`` shifted by ``i·d·W'`` rows, against
+    ``a`` placed on the same (n, h, w) grid with zero rows where ``h ≥ H'`` (a shift past
+    a sample's last output row multiplies zeros). One exact int32 GEMM per kernel row
+    (summed length ``N·Hp·W'``), the accumulators side by side, one epilogue. Returns
+    ``None`` (the caller uses :func:`im2col`) where that length exceeds ``int8.MAX_K``, or
+    off the CPU (``_int_mm``'s CUDA shape rules are the im2col path's to check).
+    Measured: docs/benchmarks.md "Predictions and outcomes" 13."""
+    n, hp, wp, c = x.shape
+    kh, kw = kernel
+    ho, wo = hp - dilation[0] * (kh - 1), wp - dilation[1] * (kw - 1)
+    length = n * hp * wo
+    if x.device.type != "cpu" or not 0 < length <= int8.MAX_K or min(ho, wo) < 1 \
+            or a.codes.shape[1] != n * ho * wo:
+        return None
+    step = dilation[0] * wo  # rows between kernel rows i and i + 1
+    x3 = x.new_zeros(length + (kh - 1) * step, kw * c)
+    sn, sh, sw, sc = x.stride()
+    x3[:length].view(n, hp, wo, kw, c).copy_(
+        x.as_strided((n, hp, wo, kw, c), (sn, sh, sw, sw * dilation[1], sc)))
+    r = a.codes.shape[0]
+    ap = a.codes.new_zeros(r, n, hp, wo)
+    ap[:, :, :ho] = a.codes.view(r, n, ho, wo)
+    ap = ap.view(r, length)
+    with record_function("lowbit::gemm"):
+        acc = torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
+    with record_function("lowbit::epilogue"):
+        return kernels.run("int8_epilogue", acc, a.scale, x_scale, None, None, None, None,
+                           a.codes.shape[1], None, out_dtype)
+
+
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`reference.int8_epilogue` of ``acc`` (N, *spatial, C) int32 (no offsets),
@@ -190,4 +232,4 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
 
 
 __all__ = ["channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
-           "gemm_nchw", "im2col", "nhwc", "patches", "place"]
+           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place"]

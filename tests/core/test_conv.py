@@ -229,6 +229,47 @@ def test_onednn_path_bitwise_the_im2col_path(name: str, quantizer: str,
         assert torch.equal(y1, y2) and torch.equal(g1, g2) and y1.is_contiguous()
 
 
+@pytest.mark.parametrize("quantizer", ["psq", "bhq"])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_grad_weight_kernel_rows_bitwise_the_im2col_path(name: str, quantizer: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """∇W through the kernel-row GEMMs (``im2col.grad_weight_rows``: stride 1, one group)
+    is bitwise ∇W through the full im2col, per-tensor and per-sample activation scales
+    (the latter on the summed dimension: simulated on both), PSQ and BHQ rows; where the
+    kernel-row path does not apply both runs take the im2col path."""
+    import lowbit.conv as C
+
+    x, wt, _, params = _case(name, bias=False)
+    gy = torch.randn(F.conv2d(x, wt, None, params[0:2], params[2:4], params[4:6], params[6]).shape,
+                     generator=torch.Generator().manual_seed(2))
+    runs, used = [], []
+    real = C.grad_weight_rows
+    for rows in (True, False):
+        monkeypatch.setattr(C, "grad_weight_rows", (lambda *a: used.append(real(*a)) or used[-1])
+                            if rows else (lambda *a: None))
+        for gran in ("tensor", "row"):
+            qx = quantize_forward(_rows(x), OperandSpec(bits=8, granularity=gran))
+            runs.append(conv_grad_weight(gy, qx, GradSpec(quantizer=quantizer),
+                                         torch.Generator().manual_seed(7), Backend.AUTO, x.shape,
+                                         wt.shape, params))
+    for a, b in zip(runs[:2], runs[2:]):
+        assert torch.equal(a, b) and a.is_contiguous()
+    applies = params[0:2] == [1, 1] and params[6] == 1
+    assert any(r is not None for r in used) == applies  # taken where it applies
+
+
+def test_grad_weight_kernel_rows_leave_long_sums_to_im2col() -> None:
+    """Past int8.MAX_K terms per sum the kernel-row path declines (None): the im2col path
+    splits such sums into exact chunks (:func:`exact_gemm`)."""
+    from lowbit.kernels import im2col as I, int8, kernels_for
+
+    side = 400  # N·Hp·W' = 1 · 402 · 400 > MAX_K = 131,071
+    assert side * (side + 2) > int8.MAX_K
+    x = torch.zeros(1, side + 2, side + 2, 1, dtype=torch.int8)
+    a = Encoded(torch.zeros(2, side * side, dtype=torch.int8), torch.ones(1, 1))
+    assert I.grad_weight_rows(kernels_for("auto", "cpu"), a, x, torch.ones(1, 1), (3, 3), (1, 1)) is None
+
+
 def test_saved_activation_is_int8() -> None:
     x, wt, b, params = _case("plain")
     cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
