@@ -16,7 +16,9 @@ import json
 import math
 import os
 import socket
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,27 @@ def _json_number(x: Any) -> Any:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
-    a reader sees the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    a reader sees the old or the new file, never half of one. A symlink is followed (its
+    target is replaced, the link kept), the old file's permission bits are kept, the
+    temporary name is unique to the writer and removed if writing fails."""
+    path = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -90,59 +109,77 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 LOCK = ".lock"
+_held: set[str] = set()  # run folders whose lock this process holds (run_lock is re-entrant)
 
 
 class RunBusy(ValueError):
-    """The run folder is being trained by another live process (:func:`run_lock`)."""
+    """The run folder is being trained by another process (:func:`run_lock`)."""
 
 
-def _alive(pid: int) -> bool:
+def _holder(path: Path) -> str:
+    """Who holds the lock, from the lock file's ``"pid host"`` line, for messages."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    pid, _, host = text.partition(" ")
+    if pid.isdigit() and host and " " not in host:
+        return f"process {pid} on {host}"
+    return "another process (its lock file holds no readable pid)"
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir/.lock`` (``"pid host"``, created exclusively) while training, so
-    that two processes — two sweeps whose grids overlap, a sweep and a ``lowbit train
-    --resume`` — never train one run folder at once (both would write its checkpoints
-    and metrics). A lock left by a process that is gone (killed, crashed) on this host is
-    taken over; raises :class:`RunBusy` (a ``ValueError``) if a live process, or one on
-    another host sharing the folder, holds it. Released on exit, also on an exception."""
-    path, me = run_dir / LOCK, f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(3):  # a stale lock is removed, then created again
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid_text, _, host = path.read_text().strip().partition(" ")
-            except FileNotFoundError:  # released between our two calls: try again
-                continue
-            pid = int(pid_text) if pid_text.isdigit() else -1
-            if host == socket.gethostname() and pid > 0 and not _alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                log(f"{run_dir}: removed the lock of process {pid}, which is gone")
-                continue
-            raise RunBusy(f"{run_dir} is being trained by process {pid_text or '?'} on "
-                          f"{host or '?'} (lock file {path}); wait for it to finish, or remove "
-                          "the lock file if that process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        break
-    else:
-        raise RunBusy(f"{run_dir}: could not take the lock file {path}")
-    try:
+    """Hold an exclusive ``flock`` on ``run_dir/.lock`` while training, so that two
+    processes — two sweeps whose grids overlap, a sweep and a ``lowbit train --resume`` —
+    never train one run folder at once (both would write its checkpoints and metrics).
+    The kernel releases the lock when its process ends, however it ends (killed,
+    crashed), so a lock never outlives its holder and nothing has to be taken over; the
+    file itself stays (it names the holder: ``"pid host"``, for the message). Re-entrant
+    within a process (a sweep holds it around its state check and the training).
+    Raises :class:`RunBusy` (a ``ValueError``) if another process holds it, ``ValueError``
+    if the folder does not accept the file. Without ``fcntl`` (not POSIX) it locks nothing."""
+    key = str(Path(run_dir).resolve())
+    if key in _held:
         yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+        yield
+        return
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ValueError(f"{run_dir}: cannot create its lock file ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{run_dir} is being trained by {_holder(path)} (lock file {path}); "
+                          "wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+            os.ftruncate(fd, 0)  # released: no holder to name
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if path.read_text().strip() == me:
-                path.unlink()
+        os.close(fd)  # closing releases the flock
+
+
+def is_busy(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s lock now (for ``--dry-run``)."""
+    if not (Path(run_dir) / LOCK).exists() or str(Path(run_dir).resolve()) in _held:
+        return False
+    try:
+        with run_lock(run_dir):
+            return False
+    except RunBusy:
+        return True
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
@@ -159,5 +196,5 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 
-__all__ = ["LOCK", "RunBusy", "load_resumable", "log", "run_lock", "write_atomic", "write_config",
-           "write_metrics", "write_status"]
+__all__ = ["LOCK", "RunBusy", "is_busy", "load_resumable", "log", "run_lock", "write_atomic",
+           "write_config", "write_metrics", "write_status"]

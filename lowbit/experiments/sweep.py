@@ -6,14 +6,16 @@
 Each run goes to ``OUT/{task}-{model}-{recipe}[-giB-gwB]-s{seed}``. A run whose
 ``metrics.json`` already holds all its epochs is skipped; a run with a checkpoint is
 resumed; a run that diverges is recorded (``status.json``) and the sweep goes on; a run
-another process is training (its folder's ``.lock``) is skipped, so several sweeps over
-one grid share its runs (two 1-thread sweeps on 2 cores, say).
+another process is training (its folder's lock, :func:`~.rundir.run_lock`) is skipped and
+tried once more at the end, so several sweeps over one grid share its runs (two 1-thread
+sweeps on 2 cores, say); the last lines name the runs that diverged or stayed held.
 Checkpoints (``*.pt``) are git-ignored; the metric files are small enough to commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,7 +32,8 @@ from .train import (
     set_threads,
     training_fields,
 )
-from .rundir import RunBusy
+from .rundir import RunBusy, is_busy, run_lock
+from .runconfig import launched_world_size
 from .trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -77,7 +80,8 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
 
 
 def run_state(cfg: TrainConfig) -> str:
-    """``done`` (all epochs in metrics.json), ``diverged``, ``partial`` or ``new``."""
+    """``done`` (all epochs in metrics.json), ``diverged``, ``busy`` (another process holds
+    its folder's lock now), ``partial`` or ``new``."""
     run_dir = Path(cfg.out)
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     if status_file.exists() and json.loads(status_file.read_text())["status"] == "diverged":
@@ -86,7 +90,41 @@ def run_state(cfg: TrainConfig) -> str:
         rows = json.loads(metrics_file.read_text())
         if rows and rows[-1]["epoch"] >= cfg.epochs:
             return "done"
+    if is_busy(run_dir):
+        return "busy"
     return "partial" if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists() else "new"
+
+
+def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
+    """Train one run of the grid unless it is done, diverged or held by another process:
+    the state is checked while this process holds the run folder's lock (a single-process
+    launch; data-parallel ranks rely on the trainer's own lock), so a run another sweep
+    finished or recorded as diverged meanwhile is never retrained. Returns the outcome:
+    ``done``, ``diverged`` or ``busy``."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(run_dir) if launched_world_size() == 1 else contextlib.nullcontext()
+    try:
+        with lock:
+            state = run_state(cfg)
+            if state in ("done", "diverged"):
+                print(f"{tag} {cfg.run_name()}: {state}, skipped")
+                return state
+            print(f"{tag} {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
+                  flush=True)  # fmt: skip
+            t0 = time.perf_counter()
+            result = train(cfg, resume=state == "partial", progress=not args.no_progress,
+                           monitor_requested=args.monitor_every is not None)
+    except TrainingDiverged as exc:
+        print(f"{tag} {cfg.run_name()}: {exc}", flush=True)
+        return "diverged"
+    except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
+        print(f"{tag} {cfg.run_name()}: skipped for now, {exc}", flush=True)
+        return "busy"
+    last = result.history[-1]
+    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
+    print(f"{tag} {cfg.run_name()}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return "done"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,39 +133,22 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     states = [run_state(cfg) for cfg in configs]
     print(f"sweep: {len(configs)} runs -> {args.out} ("
-          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "diverged", "new")
+          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "busy", "diverged", "new")
                       if s in states) + ")")  # fmt: skip
     if args.dry_run:
         for cfg, state in zip(configs, states):
             print(f"  {state:8s} {cfg.out}")
         return 0
-    diverged = []
-    for i, cfg in enumerate(configs, 1):
-        state = run_state(cfg)  # now, not at the start: another sweep may have run it since
-        if state in ("done", "diverged"):
-            print(f"[{i}/{len(configs)}] {cfg.run_name()}: {state}, skipped")
-            if state == "diverged":
-                diverged.append(cfg.run_name())
-            continue
-        print(f"[{i}/{len(configs)}] {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
-              flush=True)  # fmt: skip
-        t0 = time.perf_counter()
-        try:
-            # resume=True also when it was new: without a checkpoint it starts fresh, and a
-            # run another sweep finished meanwhile is returned as it is, not retrained
-            result = train(cfg, resume=True, progress=not args.no_progress,
-                           monitor_requested=args.monitor_every is not None)
-        except TrainingDiverged as exc:
-            print(f"[{i}/{len(configs)}] {cfg.run_name()}: {exc}", flush=True)
-            diverged.append(cfg.run_name())
-            continue
-        except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
-            print(f"[{i}/{len(configs)}] {cfg.run_name()}: skipped, {exc}", flush=True)
-            continue
-        last = result.history[-1]
-        shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
-        print(f"[{i}/{len(configs)}] {cfg.run_name()}: {shown} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    if diverged:
-        print(f"sweep: {len(diverged)} run(s) diverged: {', '.join(diverged)}")
+    outcomes = {cfg.run_name(): _run_one(cfg, f"[{i}/{len(configs)}]", args)
+                for i, cfg in enumerate(configs, 1)}
+    # runs another process held: once more at the end (it may have finished or died since)
+    for cfg in [c for c in configs if outcomes[c.run_name()] == "busy"]:
+        outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
+    for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
+                                                   "finished by this sweep")):
+        names = [n for n, o in outcomes.items() if o == what]
+        if names:
+            print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
     return 0
+
+

@@ -315,33 +315,35 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
 
 
 def test_sweep_skips_a_run_another_process_is_training(tmp_path, capsys):
-    """Two sweeps over one grid share it: a run whose folder another live process holds
-    (its .lock) is skipped, the others are trained; once it is free a later sweep trains it."""
-    import socket
-
-    from lowbit.experiments.rundir import LOCK
+    """Two sweeps over one grid share it: a run whose folder another process holds is
+    skipped, tried once more at the end, and named in the last line if still held; the
+    others are trained; once it is free a later sweep trains it."""
+    from test_trainer import hold_lock
 
     results = tmp_path / "results"
     sweep = ["sweep", "--tasks", "digits", "--recipes", "fp,qat-8", "--epochs", "1", "--subset",
              "128", "--eval-subset", "64", "--batch-size", "32", "--out", str(results), *TINY]
     held = results / "digits-mlp-qat-8-s0"
-    held.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(held)
     try:
-        (held / LOCK).write_text(f"{holder.pid} {socket.gethostname()}\n")
+        assert cli.main([*sweep, "--dry-run"]) == 0
+        assert f"busy     {held}" in capsys.readouterr().out
         assert cli.main(sweep) == 0
         out = capsys.readouterr().out
-        assert f"digits-mlp-qat-8-s0: skipped, {held} is being trained by process {holder.pid}" in out
+        assert f"[2/2] digits-mlp-qat-8-s0: skipped for now, {held} is being trained by process " \
+               f"{holder.pid}" in out
+        assert "[again] digits-mlp-qat-8-s0: skipped for now" in out
+        assert out.rstrip().endswith("sweep: 1 run(s) still held by another process, not finished "
+                                     "by this sweep: digits-mlp-qat-8-s0")
         assert (results / "digits-mlp-fp-s0" / "metrics.json").exists()
         assert not (held / "metrics.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert cli.main(sweep) == 0  # the holder is gone: its stale lock is taken over
+    assert cli.main(sweep) == 0  # the holder is gone, and so is its lock
     out = capsys.readouterr().out
     assert "digits-mlp-fp-s0: done, skipped" in out and "digits-mlp-qat-8-s0: start" in out
     assert json.loads((held / "status.json").read_text())["status"] == "done"
-    assert not (held / LOCK).exists()
 
 
 def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
@@ -483,22 +485,34 @@ def test_report_of_a_study_with_no_finished_epoch_yet(tmp_path):
 
 def test_report_never_leaves_results_md_half_written(tmp_path, monkeypatch):
     """The section is written to a temporary file and renamed over results.md: a failure
-    while writing (disk full, a crash) leaves the old file whole, hand-written text included."""
+    before the rename (disk full, a crash) leaves the old file whole, hand-written text
+    included, and no temporary file behind."""
+    import lowbit.experiments.rundir as R
+
     path = tmp_path / "results.md"
     old = f"# R\n\nhand-written\n\n{report.BEGIN}\nold\n{report.END}\n"
     path.write_text(old)
-    real = Path.write_text
 
-    def fail_on_temporary(self, text, *a, **kw):  # noqa: ANN001
-        if self.name.endswith(".tmp"):
-            real(self, text[: len(text) // 2])  # half of it, then the failure
-            raise OSError("No space left on device")
-        return real(self, text, *a, **kw)
+    def no_space(*a, **kw):  # noqa: ANN002, ANN003
+        raise OSError("No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", fail_on_temporary)
+    monkeypatch.setattr(R.os, "replace", no_space)
     with pytest.raises(OSError, match="No space left"):
         report.write_section(path, "new table " * 100)
-    assert path.read_text() == old
+    assert path.read_text() == old and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_write_atomic_follows_a_symlink_and_keeps_the_mode(tmp_path):
+    from lowbit.experiments.rundir import write_atomic
+
+    real = tmp_path / "real.md"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.md"
+    link.symlink_to(real)
+    write_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new" and (real.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.md", "real.md"]
 
 
 def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
