@@ -150,5 +150,3 @@ def run(args: argparse.Namespace) -> int:
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
     return 0
-
-
