@@ -46,6 +46,7 @@ GEOMETRIES = {
     "pointwise": (3, 5, 6, 6, 7, 1, 1, 0, 1, 1),
     "pad_beyond_kernel": (2, 3, 5, 6, 4, 1, 2, 2, 1, 1),  # padding > d(k−1): crop in ∇X
     "rect_kernel": (2, 3, 8, 9, 4, (2, 3), (1, 2), (0, 1), 1, 1),
+    "rect_dilated": (2, 3, 9, 7, 4, (2, 3), 1, (1, 2), (2, 1), 1),  # stride 1: kernel-row ∇W
     # one sample, one output row: the patch view's rows overlap (row stride C < K), a
     # layout torch._int_mm on the CPU misreads unless copied (fault kind 24)
     "batch1_row": (1, 3, 1, 7, 4, (1, 3), 1, 0, 1, 1),
