@@ -173,7 +173,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def is_busy(run_dir: Path) -> bool:
     """Whether another process holds ``run_dir``'s lock now (for ``--dry-run``)."""
-    if not (Path(run_dir) / LOCK).exists() or str(Path(run_dir).resolve()) in _held:
+    if not (Path(run_dir) / LOCK).exists():
         return False
     try:
         with run_lock(run_dir):

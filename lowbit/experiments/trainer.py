@@ -173,9 +173,10 @@ def train(
     unreadable); without a checkpoint it starts fresh. Raises :class:`TrainingDiverged`
     after ``cfg.max_bad_steps`` consecutive non-finite steps; ``ValueError`` if the run
     folder holds a checkpoint and ``resume`` is False, or the launch's number of ranks is
-    not ``cfg.world_size``; :class:`~.rundir.RunBusy` (a ``ValueError``) if another live
-    process is training the same run folder (its ``.lock``). ``monitor_requested``: the user asked for ``monitor_every``
-    (a warning, not an info line, when no layer can be monitored); ``None``: whenever
+    not ``cfg.world_size``; :class:`~.rundir.RunBusy` (a ``ValueError``) if another
+    process holds the run folder's lock (:func:`~.rundir.run_lock`). ``monitor_requested``:
+    the user asked for ``monitor_every`` (a warning, not an info line, when no layer can be
+    monitored); ``None``: whenever
     ``cfg.monitor_every`` is not the default.
     """
     if monitor_requested is None:

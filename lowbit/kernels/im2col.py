@@ -173,13 +173,15 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
             or a.codes.shape[1] != n * ho * wo:
         return None
     step = dilation[0] * wo  # rows between kernel rows i and i + 1
-    x3 = x.new_zeros(length + (kh - 1) * step, kw * c)
+    x3 = x.new_empty(length + (kh - 1) * step, kw * c)
     sn, sh, sw, sc = x.stride()
     x3[:length].view(n, hp, wo, kw, c).copy_(
         x.as_strided((n, hp, wo, kw, c), (sn, sh, sw, sw * dilation[1], sc)))
+    x3[length:].zero_()  # the rows past the end that the last kernel rows' shifts read
     r = a.codes.shape[0]
-    ap = a.codes.new_zeros(r, n, hp, wo)
+    ap = a.codes.new_empty(r, n, hp, wo)
     ap[:, :, :ho] = a.codes.view(r, n, ho, wo)
+    ap[:, :, ho:].zero_()  # padded rows: zero gradient
     ap = ap.view(r, length)
     with record_function("lowbit::gemm"):
         acc = torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
