@@ -7,16 +7,19 @@
 The reference (``backend="reference"``, and wherever an operand is not plain int8 codes
 on a symmetric grid) dequantizes and runs float32 convolutions: it defines the estimator.
 Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-last
-(:mod:`lowbit.kernels.im2col`), one GEMM per group, with the same quantized operands
+(:mod:`lowbit.kernels.im2col`), or oneDNN's exact int8 convolution
+(:mod:`lowbit.kernels.qconv`), one GEMM per group, with the same quantized operands
 (same noise stream) and an exact int32/int64 sum, scaled once:
 
 * output: rows (sample, output position) × columns output channels, summed over
   (kernel position, input channel of the group); scales: the activation's per tensor or
   per sample (rows), the weight's per tensor or per output channel (columns);
-* ∇X, the transposed convolution: at stride 1 a convolution of ``∇Y``'s codes (padded
-  by ``d(k − 1) − p``) with the flipped kernel, rows (sample, input position), summed
-  over (kernel position, output channel); at stride > 1 the GEMM ``∇Y`` (rows (sample,
-  output position)) × ``W``, summed over output channels, then col2im (float32 adds).
+* ∇X, the transposed convolution: a convolution of ``∇Y``'s codes (padded by
+  ``d(k − 1) − p``; at stride > 1 placed ``s`` apart among zeros) with the flipped
+  kernel, rows (sample, input position), summed over (kernel position, output channel),
+  on oneDNN where it is exact; without oneDNN, at stride 1 the same as im2col GEMMs, at
+  stride > 1 the GEMM ``∇Y`` (rows (sample, output position)) × ``W``, summed over
+  output channels, then col2im (float32 adds).
   ``Q_a`` has rows = samples, so its scale and its row transform (BHQ/Hadamard mix
   samples) sit on the output's sample rows: ``T⁻¹`` applies after the GEMM (and the
   scatter), as for Linear. A per-output-channel weight scale is on the summed
@@ -30,8 +33,9 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
   transform (BHQ/Hadamard) mixes the groups' output channels: both run simulated.
 
 The integer result differs from the reference only by float32 rounding: the integer
-sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1) adds
-kH·kW float32 terms per element, where the reference rounds every term of its float32 sums.
+sums are exact, the epilogue rounds ``acc·s_a·s_b``, and ∇X's col2im (stride > 1 without
+oneDNN) adds kH·kW float32 terms per element, where the reference rounds every term of
+its float32 sums.
 ``backend="int8"``/``"fp8"`` raise ``ValueError`` (:func:`lowbit.conv_dispatch.refuse_simulated`) wherever a
 GEMM would run simulated: FP8 convolutions always (no ``_scaled_mm`` convolution kernel),
 int8 on non-int8 codes, asymmetric grids, block scales, a scale on the summed dimension,
@@ -187,34 +191,60 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     # a row transform may pad the sample rows (BHQ blocks): the GEMMs run on all R of them
     r = qa.codes.shape[0]
     g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
-    if stride == [1, 1]:
+    gx = _grad_input_onednn(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation, groups,
+                            backend)
+    if gx is None and stride == [1, 1]:
         gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend)
-    else:
+    elif gx is None:
         gx = _grad_input_scatter(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation,
                                  groups, backend)
     return qa.inverse(gx, out_dtype).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
-def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
+def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, backend: Backend) -> torch.Tensor:
-    """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
-    where negative), with the flipped kernel — one GEMM per group with every sum in the
-    integer accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
+                       stride: Sequence[int], dilation: Sequence[int], groups: int,
+                       backend: Backend) -> torch.Tensor | None:
+    """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
+    exact (:func:`_onednn`) and ``d(k − 1) ≥ p``; else ``None``. At stride 1 oneDNN pads
+    ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first placed ``s`` apart in a
+    zero (N, H + d(kH − 1), W + d(kW − 1), C_out) tensor (:func:`place`: the transposed
+    convolution's zero insertion), so the convolution multiplies ``s²``× the products of
+    the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
+    summing over C_out alone and a float col2im. Every sum is exact in the integer
+    accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
     pad = [ext[0] - padding[0], ext[1] - padding[1]]
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    if min(pad) >= 0 and qw.scale.shape[0] == 1 and _onednn(k, qa.codes, (c, cog, kh, kw), groups):
-        # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
-        wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
-        with record_function("lowbit::grad_input"):
-            with record_function("lowbit::gemm"):
-                acc = qconv.conv_acc(qa.codes.view(g_shape), wt, (1, 1), pad, dilation, groups)
-            gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32)
-        return gx.reshape(n, c * h * w)
+    if min(pad) < 0 or qw.scale.shape[0] != 1 or not _onednn(k, qa.codes, (c, cog, kh, kw), groups):
+        return None
+    # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
+    wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
+    with record_function("lowbit::grad_input"):
+        src = qa.codes.view(g_shape)
+        if list(stride) != [1, 1]:
+            src = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]), pad, stride).permute(0, 3, 1, 2)
+            pad = [0, 0]
+        with record_function("lowbit::gemm"):
+            acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
+        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32)
+    return gx.reshape(n, c * h * w)
+
+
+def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
+                       x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int], groups: int, backend: Backend) -> torch.Tensor:
+    """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
+    where negative), with the flipped kernel — im2col GEMMs, one per group, with every
+    sum in the integer accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
+    n, c, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+    k = kernels_for(backend, qa.codes.device)
+    cog = co // groups
     gz = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
