@@ -17,6 +17,8 @@ END is refused, not overwritten. Columns beyond the metric: the wall time per ru
 the epochs' ``epoch_time_s``, training + evaluation; mean over seeds) and, for runs with
 the variance monitor (:mod:`.monitoring`), the largest per-layer quantization/SGD variance
 ratio on the ∇X and ∇W paths in epochs 1, ⌊(n+1)/2⌋ and n (mean over seeds).
+``--claims`` adds, after each table, the paper's claims stated from its finished runs
+(:mod:`.claims`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from lowbit.config import FQTConfig
 from lowbit.config import describe
 from lowbit.quantizers import QUANTIZERS
 
-from . import monitoring
+from . import claims, monitoring
 from .rundir import write_atomic
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
@@ -68,6 +70,10 @@ written by hand and kept.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
     parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
+    parser.add_argument("--claims", action="store_true",
+                        help="after each table, state the paper's claims from its finished runs "
+                        "(lowbit.experiments.claims: 8-bit FQT = FP, 5-bit BHQ vs QAT, BHQ ≥ PSQ ≥ "
+                        "PTQ at 4 bits, unbiased vs round-to-nearest FP8)")
     parser.add_argument("--section", help="name of the report section (its own BEGIN/END markers "
                         f"in results.md) and prefix of its figures: {SECTION_RULE}; default: "
                         "the unnamed section")
@@ -347,9 +353,10 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "") -> str:
+def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
+           with_claims: bool = False) -> str:
     """The generated section (without markers); writes the figures (names start with
-    ``prefix``)."""
+    ``prefix``); ``with_claims``: each table followed by :func:`claims.lines`."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.train["task"], run.train["model"], _settings(run))].append(run)
@@ -367,6 +374,8 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "") -
         if monitoring.plot_ratios(group, figures_dir / f"{stem}-variance.png"):
             names.append(f"{stem}-variance.png")
         lines += table(group, names)
+        if with_claims:
+            lines += ["Claims (`lowbit.experiments.claims`; finished runs only):", ""] + claims.lines(group)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep (a shared 2-core CPU unless stated otherwise). Wall/run: "
                  "the epochs' training + evaluation time (not start-up or checkpoint writes), "
@@ -411,8 +420,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     command = f"lowbit report --runs {args.runs} --out {args.out}" + (
-        f" --section {args.section}" if args.section else "")
-    body = render(runs, out / "figures", command, f"{args.section}-" if args.section else "")
+        f" --section {args.section}" if args.section else "") + (" --claims" if args.claims else "")
+    body = render(runs, out / "figures", command, f"{args.section}-" if args.section else "",
+                  args.claims)
     write_section(out / "results.md", body, args.section)
     print(f"report: {len(runs)} runs -> {out / 'results.md'}, {out / 'figures'}")
     return 0

@@ -552,3 +552,72 @@ def test_help_lists_every_recipe_family_and_backend(capsys) -> None:
     assert ("lowbit, fully quantized training: lowbit demo | train | sweep | report | variance | "
             "coverage | comm-variance [options] (lowbit COMMAND --help for each)") in top
     assert "``" not in top
+
+
+def _claim_rows(section: str) -> dict[str, str]:
+    """The claims table of a rendered section: claim text → verdict."""
+    from lowbit.experiments.claims import CLAIMS
+
+    texts = {c.text for c in CLAIMS}
+    return {cells[1].strip(): cells[3].strip() for line in section.splitlines()
+            if line.startswith("| ") and (cells := line.split("|"))[1].strip() in texts}
+
+
+def test_report_claims_state_each_claim_from_finished_runs(tmp_path):
+    """--claims: "within" holds up to its tolerance (worse by ≤ 0.3 pt), the 4-bit order
+    holds only beyond 2 seed standard deviations, a gap inside them is unresolved, a
+    recipe with fewer than 2 finished seeds is not yet measured, one without runs is
+    named; the numbers are the seeds' mean ± std."""
+    runs = tmp_path / "runs"
+    for seed, (fp, fqt8, bhq5, qat8) in enumerate([(0.950, 0.948, 0.930, 0.940), (0.952, 0.950, 0.934, 0.942)]):
+        _fake_run(runs, "fp", seed, [0.5, fp], "done")
+        _fake_run(runs, "fqt-psq-8", seed, [0.5, fqt8], "done")
+        _fake_run(runs, "fqt-bhq-5", seed, [0.5, bhq5], "done")
+        _fake_run(runs, "qat-8", seed, [0.5, qat8], "done")
+    for seed, (bhq, psq, ptq) in enumerate([(0.92, 0.90, 0.80), (0.921, 0.905, 0.81)]):
+        _fake_run(runs, "fqt-bhq-4", seed, [0.5, bhq], "done")
+        _fake_run(runs, "fqt-psq-4", seed, [0.5, psq], "done")
+        _fake_run(runs, "fqt-ptq-4", seed, [0.5, ptq], "done")
+    _fake_run(runs, "fqt-psq-fp8", 0, [0.5, 0.9], "done")  # one seed only
+    _fake_run(runs, "fqt-psq-fp8", 1, [0.5], "running")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True)
+    got = _claim_rows(section)
+    assert got["8-bit FQT matches FP (within 0.3 pt / 1% bpb)"] == \
+        "holds: fqt-psq-8 is worse by 0.20 pt (allowed: worse by ≤ 0.30 pt)"
+    # 5-bit BHQ: 93.20 against 94.10, 0.90 pt worse
+    assert got["5-bit BHQ within 0.5 pt of QAT (1% bpb)"].startswith("does not hold: fqt-bhq-5 is worse by 0.90 pt")
+    order = got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"]
+    # BHQ − PSQ = 92.05 − 90.25 = 1.80 pt, 2σ = 2·0.354 = 0.71 pt: beyond; PSQ − PTQ =
+    # 9.75 pt, 2σ = 2·0.707 = 1.41 pt: beyond
+    assert order == ("holds: fqt-bhq-4 better than fqt-psq-4 by 1.80 pt, beyond the seed spread "
+                     "(2σ = 0.71 pt); fqt-psq-4 better than fqt-ptq-4 by 9.75 pt, beyond the seed "
+                     "spread (2σ = 1.41 pt)")
+    assert got["unbiased FP8 (stochastic rounding) against round-to-nearest FP8"].startswith(
+        "not measured: no run of fp8-rowwise")
+    assert "fqt-bhq-4 92.05 ± 0.07 (2 seeds)" in section
+
+    _fake_run(runs, "fp8-rowwise", 0, [0.5, 0.9], "done")
+    _fake_run(runs, "fp8-rowwise", 1, [0.5, 0.9], "done")
+    _fake_run(runs, "fqt-psq-4", 2, [0.5, 0.935], "done")  # PSQ 91.33 ± 1.89: 2σ > the 0.72 pt gap
+    got = _claim_rows(report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True))
+    assert got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"].startswith("unresolved")
+    assert got["unbiased FP8 (stochastic rounding) against round-to-nearest FP8"] == \
+        "not yet measured (finished seeds fqt-psq-fp8: 1, fp8-rowwise: 2; 2 needed)"
+
+
+def test_report_claims_on_a_lower_is_better_metric() -> None:
+    """Text (bpb, lower is better): the tolerance is 1% of the baseline's bpb, and a
+    reversed order beyond the spread does not hold."""
+    from lowbit.experiments.claims import CLAIMS, judge
+    from lowbit.experiments.report import Run
+
+    def run(recipe: str, bpb: float) -> Run:
+        return Run(Path("."), {"task": "text", "recipe": recipe, "epochs": 1}, {}, [{"epoch": 1, "bpb": bpb}], "done")
+
+    runs = [run("fp", 1.500), run("fp", 1.502), run("fqt-psq-8", 1.514), run("fqt-psq-8", 1.516),
+            run("fqt-bhq-4", 1.60), run("fqt-bhq-4", 1.601), run("fqt-psq-4", 1.55), run("fqt-psq-4", 1.551),
+            run("fqt-ptq-4", 1.70), run("fqt-ptq-4", 1.701)]
+    within, _, order, _ = CLAIMS
+    assert judge(within, runs)[1] == \
+        "holds: fqt-psq-8 is worse by 0.0140 bpb (allowed: worse by ≤ 0.0150 bpb (1%))"
+    assert judge(order, runs)[1].startswith("does not hold: fqt-bhq-4 worse than fqt-psq-4 by 0.0500 bpb, beyond")
