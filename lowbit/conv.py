@@ -17,9 +17,9 @@ Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-
 * ∇X, the transposed convolution: a convolution of ``∇Y``'s codes (padded by
   ``d(k − 1) − p``; at stride > 1 placed ``s`` apart among zeros) with the flipped
   kernel, rows (sample, input position), summed over (kernel position, output channel),
-  on oneDNN where it is exact; without oneDNN, at stride 1 the same as im2col GEMMs, at
-  stride > 1 the GEMM ``∇Y`` (rows (sample, output position)) × ``W``, summed over
-  output channels, then col2im (float32 adds).
+  on oneDNN where it is exact (at stride > 1: where :func:`zero_insert_pays`); otherwise,
+  at stride 1 the same as im2col GEMMs, at stride > 1 the GEMM ``∇Y`` (rows (sample,
+  output position)) × ``W``, summed over output channels, then col2im (float32 adds).
   ``Q_a`` has rows = samples, so its scale and its row transform (BHQ/Hadamard mix
   samples) sit on the output's sample rows: ``T⁻¹`` applies after the GEMM (and the
   scatter), as for Linear. A per-output-channel weight scale is on the summed
@@ -201,12 +201,22 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     return qa.inverse(gx, out_dtype).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
+def zero_insert_pays(w_shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether ∇X at ``stride`` runs oneDNN's convolution of the zero-inserted ∇Y: always
+    at stride 1; at stride > 1 only where the kernel covers more positions than a stride
+    cell (``kH·kW > sH·sW``): a 3×3 stride-2 ∇X is 1.1–2.1× faster there, while a 1×1 or
+    2×2 stride-2 one (a ResNet shortcut, a patch embedding) multiplies ``s²``× the products
+    for sums the scatter path's GEMM does at full length (docs/benchmarks.md "Predictions
+    and outcomes" 15)."""
+    return list(stride) == [1, 1] or w_shape[2] * w_shape[3] > stride[0] * stride[1]
+
+
 def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                        stride: Sequence[int], dilation: Sequence[int], groups: int,
                        backend: Backend) -> torch.Tensor | None:
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
-    exact (:func:`_onednn`) and ``d(k − 1) ≥ p``; else ``None``. At stride 1 oneDNN pads
+    exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``. At stride 1 oneDNN pads
     ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first placed ``s`` apart in a
     zero (N, H + d(kH − 1), W + d(kW − 1), C_out) tensor (:func:`place`: the transposed
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
@@ -219,7 +229,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     pad = [ext[0] - padding[0], ext[1] - padding[1]]
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    if min(pad) < 0 or qw.scale.shape[0] != 1 or not _onednn(k, qa.codes, (c, cog, kh, kw), groups):
+    if min(pad) < 0 or qw.scale.shape[0] != 1 or not _onednn(k, qa.codes, (c, cog, kh, kw), groups) \
+            or not zero_insert_pays(w_shape, stride):
         return None
     # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)

@@ -375,7 +375,7 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
             names.append(f"{stem}-variance.png")
         lines += table(group, names)
         if with_claims:
-            lines += ["Claims (`lowbit.experiments.claims`; finished runs only):", ""] + claims.lines(group)
+            lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed):", ""] + claims.lines(group)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep (a shared 2-core CPU unless stated otherwise). Wall/run: "
                  "the epochs' training + evaluation time (not start-up or checkpoint writes), "

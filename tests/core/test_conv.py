@@ -27,6 +27,7 @@ from torch import nn
 import lowbit
 from lowbit import FQTConfig, FQTConv1d, FQTConv2d
 from lowbit.config import Backend, GradSpec, OperandSpec
+import lowbit.conv as C
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
 from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
@@ -52,6 +53,9 @@ GEOMETRIES = {
     "batch1_row": (1, 3, 1, 7, 4, (1, 3), 1, 0, 1, 1),
     "batch1_row_pad": (1, 2, 1, 9, 3, (1, 4), 1, (0, 2), 1, 1),
     "batch1_1x1_image": (1, 5, 1, 1, 2, 1, 1, 0, 1, 1),
+    "batch1_stride2": (1, 3, 7, 8, 4, 3, 2, 1, 1, 1),  # ∇X of one sample, zero-inserted
+    "smaller_than_kernel": (2, 3, 2, 3, 4, (3, 5), 2, (1, 2), 1, 1),  # H, W < the kernel, padded
+    "pointwise_stride2": (2, 6, 7, 7, 5, 1, 2, 0, 1, 1),  # 1×1 stride 2: ∇X scatters (kH·kW ≤ s²)
 }
 
 
@@ -83,6 +87,15 @@ def _check(int_out: torch.Tensor, ref_out: torch.Tensor, exact: torch.Tensor,
     assert int_out.dtype == ref_out.dtype and int_out.shape == ref_out.shape == exact.shape
     assert ((int_out.double() - exact).abs() <= (4 + scatter) * U * absolute).all()
     assert ((int_out.double() - ref_out.double()).abs() <= (k + 8) * U * absolute).all()
+
+
+def _grad_input_on_onednn(w_shape, params) -> bool:  # noqa: ANN001
+    """Whether ∇X runs as oneDNN's (exact-sum) convolution, not the scatter + col2im."""
+    s, p, d, g = params[0:2], params[2:4], params[4:6], params[6]
+    ext = [d[i] * (w_shape[2 + i] - 1) for i in range(2)]
+    k = w_shape[0] // g * w_shape[2] * w_shape[3]
+    return (qconv.available(torch.zeros(1, dtype=torch.int8), (1, k, 1, 1), 1) and min(ext[0] - p[0], ext[1] - p[1]) >= 0
+            and C.zero_insert_pays(w_shape, s))
 
 
 def _forward_operands(x, wt, spec=None):  # noqa: ANN001, ANN202
@@ -124,7 +137,7 @@ def test_conv_grads_integer_equal_reference(name: str, quantizer: str) -> None:
     exact = torch.nn.grad.conv2d_input(x.shape, wd, ad, s, p, d, g)
     absolute = torch.nn.grad.conv2d_input(x.shape, wd.abs(), ad.abs(), s, p, d, g)
     _check(gx_int, gx_ref, exact, absolute, math.prod(wt.shape[2:]) * wt.shape[0] // g,
-           scatter=0 if s == [1, 1] else math.prod(wt.shape[2:]))
+           scatter=0 if s == [1, 1] or _grad_input_on_onednn(wt.shape, params) else math.prod(wt.shape[2:]))
 
     gw_int = run(conv_grad_weight, Backend.INT8, qx, x.shape, wt.shape, params)
     gw_ref = run(conv_grad_weight, Backend.REFERENCE, qx, x.shape, wt.shape, params)
@@ -252,7 +265,6 @@ def test_grad_weight_kernel_rows_bitwise_the_im2col_path(name: str, quantizer: s
     is bitwise ∇W through the full im2col, per-tensor and per-sample activation scales
     (the latter on the summed dimension: simulated on both), PSQ and BHQ rows; where the
     kernel-row path does not apply both runs take the im2col path."""
-    import lowbit.conv as C
 
     x, wt, _, params = _case(name, bias=False)
     gy = torch.randn(F.conv2d(x, wt, None, params[0:2], params[2:4], params[4:6], params[6]).shape,
