@@ -650,3 +650,17 @@ def test_report_claims_on_a_lower_is_better_metric() -> None:
     assert judge(within, runs)[1] == \
         "holds: fqt-psq-8 is worse by 0.0050 bpb (allowed: worse by ≤ 0.0150 bpb (1%))"
     assert judge(order, runs)[1].startswith("does not hold: fqt-bhq-4 worse than fqt-psq-4 by 0.0500 bpb, beyond")
+
+
+def test_report_counts_each_seed_once(tmp_path):
+    """The same recipe and seed in two folders (a copied run) is one seed in the table,
+    and the report names the folder it ignored."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs / "a", "qat-8", 1, [0.5, 0.7], "done")
+    _fake_run(runs / "b", "qat-8", 0, [0.5, 0.1], "done")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    row = next(line for line in section.splitlines() if line.startswith("| qat-8 "))
+    assert "| 80.00 ± 14.14 | 2 |" in row
+    assert "Ignored 1 run folder(s) repeating a recipe and seed already counted: " in section
+    assert str(runs / "b") in section
