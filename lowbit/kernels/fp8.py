@@ -1,8 +1,11 @@
 """FP8 GEMM with ``torch._scaled_mm``: float8 codes, float32 scales per tensor or per
 row of ``a`` / per column of ``b`` (never on the summed dimension).
 
-On the CPU (PyTorch ≥ 2.6) ``_scaled_mm`` dequantizes and multiplies in float32, which is
-bit for bit the simulated reference GEMM (tested). On CUDA (ATen's ``_scaled_mm_out_cuda``
+On the CPU (PyTorch ≥ 2.6) ``_scaled_mm`` with row-wise scales dequantizes and multiplies
+in float32, which is bit for bit the simulated reference GEMM (tested); lowbit passes
+tensor-wise scales there row-wise too, because its tensor-wise path applies the scales in
+another order on some CPUs (on an Intel Xeon with AMX: float32 rounding differences of the
+sum, found 2026-12-01; bit for bit on the AMD EPYC machine). On CUDA (ATen's ``_scaled_mm_out_cuda``
 and its meta function) it needs compute capability ≥ 8.9 (Ada, Hopper, Blackwell), ``a``
 row-major (``stride = (s, 1)``, ``s > 1``) and ``b`` column-major (``stride = (1, s)``,
 ``s > 1``), both 16-byte aligned (cuBLASLt), ``K`` and ``N`` multiples of 16 (``M`` free),
@@ -42,9 +45,10 @@ def available(device: torch.device | str) -> bool:
 
 def _scales(a: Encoded, b: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales as ``_scaled_mm`` takes them: both 0-d (tensor-wise) or (M, 1) and (1, N)
-    (row-wise; a tensor-wise side is expanded, which changes no value)."""
+    (row-wise; a tensor-wise side is expanded, which changes no value). On the CPU always
+    row-wise: the path that is bit for bit the reference there (module docstring)."""
     m, n = a.codes.shape[0], b.codes.shape[1]
-    if a.scale.numel() == 1 and b.scale.numel() == 1:
+    if a.scale.numel() == 1 and b.scale.numel() == 1 and a.codes.device.type != "cpu":
         return a.scale.reshape(()), b.scale.reshape(())
     return a.scale.expand(m, 1).contiguous(), b.scale.expand(1, n).contiguous()
 

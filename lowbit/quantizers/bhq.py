@@ -15,8 +15,8 @@ With row ranges ``λ`` (``max |row|``), sorted descending:
 * ``s1 = (λ_large/√g)^(−1/3)``, ``s2 = (λ_small·max|H_g| / (g−1))^(−1/3)`` with
   ``λ_small`` the largest small range of the group.
 
-``T = H·S`` is applied as a rank-1 update per group (``x − 2v(vᵀx)`` with a scatter-add),
-never as a dense N×N matrix; ``T⁻¹ = S⁻¹·H``.
+``T = H·S`` is applied as a rank-1 update per group (``x − 2v(vᵀx)``, the group sums ``vᵀx``
+as one sparse product), never as a dense N×N matrix; ``T⁻¹ = S⁻¹·H``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import Format, Granularity, Rounding, compute_dtype
-from ..kernels import Backend, Encoded, Impl, Kernels, kernels_for, reference, register, register_fused, worth_fusing
+from ..kernels import Backend, Encoded, Impl, Kernels, kernels_for, reference, register, register_fused
 from .base import GradQuantizer, RowTransform, row_absmax
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -54,16 +54,16 @@ def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D): a weighting pass and a scatter-add."""
-    wx = _weighted(x, w)  # (N, D)
-    return wx.new_zeros(n_groups, x.shape[1]).index_add_(0, group, wx)
-
-
-def _group_sums_sparse(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor,
-                       n_groups: int) -> torch.Tensor:
-    """:func:`_group_sums` as one sparse (G × N, N non-zeros) × dense product, which reads
-    ``x`` once and writes only (G, D) (a fresh (N, D) buffer costs more than the
-    arithmetic on this kind of machine). float32 only."""
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D). float32: one sparse (G × N, N non-zeros) ×
+    dense product, which reads ``x`` once and writes only (G, D) (a weighting pass and a
+    scatter-add write a fresh (N, D) buffer, several times slower at large sizes);
+    other dtypes: the weighting pass and the scatter-add. Every kernel set calls this one
+    function, so the reference and the fused paths sum in the same order, bit for bit on
+    every machine (the sparse kernel's order and its fused multiply-adds are its own: on an
+    Intel Xeon they round differently from the scatter-add, on the AMD EPYC not)."""
+    if x.dtype != torch.float32 or w.dtype != torch.float32:
+        wx = _weighted(x, w)  # (N, D)
+        return wx.new_zeros(n_groups, x.shape[1]).index_add_(0, group, wx)
     n = x.shape[0]
     idx = torch.stack([group, torch.arange(n, device=x.device)])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -96,17 +96,16 @@ def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, 
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
-register("bhq_group_sums", Impl.REFERENCE, _group_sums)
-register("bhq_group_sums", Impl.COMPILED, _group_sums_sparse, ("cpu", "cuda"),
-         lambda x, *rest: x.dtype == torch.float32 and worth_fusing(x))
+register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
 
 
 class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids.
 
-    ``T = H·S``, ``T⁻¹ = S⁻¹·H``; each group's ``vᵀx`` is a scatter-add of the weighted
-    rows, then one pass applies the rank-1 update: O(N·D). The call's kernels fuse those
-    passes (and the quantizer) where allowed; the arithmetic is the same.
+    ``T = H·S``, ``T⁻¹ = S⁻¹·H``; each group's ``vᵀx`` is summed over its weighted rows
+    (:func:`_group_sums`, the same on every kernel set), then one pass applies the rank-1
+    update: O(N·D). The call's kernels fuse that pass (and the quantizer) where allowed;
+    the arithmetic is the same, bit for bit.
     """
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,

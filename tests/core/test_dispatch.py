@@ -49,8 +49,10 @@ def _count(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[i
 def test_fp8_scaled_mm_equals_the_reference_gemm(device: str, fa: str, fb: str, ga: Granularity,
                                                  gb: Granularity) -> None:
     # a (M, K) with scales per row, b = Wᵀ with scales per column (W's rows): the scaled
-    # GEMM on the very codes of the reference. On the CPU torch._scaled_mm dequantizes and
-    # multiplies in float32, bit for bit the reference; on CUDA the tensor cores sum in
+    # GEMM on the very codes of the reference. On the CPU torch._scaled_mm (given row-wise
+    # scales, as lowbit passes them there: its tensor-wise path sums in another order on an
+    # Intel Xeon with AMX) dequantizes and multiplies in float32, bit for bit the
+    # reference; on CUDA the tensor cores sum in
     # another order: float32 rounding of the sum (rtol 1e-5 of the sum of |products|).
     if device == "cuda" and not fp8.available(device):
         pytest.skip("FP8 GEMMs need compute capability ≥ 8.9")
