@@ -51,7 +51,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -379,9 +378,9 @@ def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> flo
 # -- report -----------------------------------------------------------------------------------
 def machine() -> str:
     """CPU model, cores, torch version, date and the 1-minute load average."""
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    from lowbit.experiments.rundir import cpu_name
+
+    cpu = cpu_name()
     gpu = (f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
            if torch.cuda.is_available() else "")
     return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "

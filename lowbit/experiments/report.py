@@ -16,7 +16,8 @@ several run folders (a short-schedule grid, a study at convergence) share one
 END is refused, not overwritten. Columns beyond the metric: the wall time per run (sum of
 the epochs' ``epoch_time_s``, training + evaluation; mean over seeds) and, for runs with
 the variance monitor (:mod:`.monitoring`), the largest per-layer quantization/SGD variance
-ratio on the ∇X and ∇W paths in epochs 1, ⌊(n+1)/2⌋ and n (mean over seeds).
+ratio on the ∇X and ∇W paths in epochs 1, ⌊(n+1)/2⌋ and n (mean over seeds). Under each
+table, the CPUs that trained its epochs (each epoch row's ``cpu``).
 ``--claims`` adds, after each table, the paper's claims stated from its finished runs
 (:mod:`.claims`).
 """
@@ -281,9 +282,27 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
                      f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {wall} | {_ratios(done)} | "
                      f"{'; '.join(notes)} |")  # fmt: skip
-    lines.append("")
+    lines += ["", machines_line(runs), ""]
     lines += [f"![{name}](figures/{name})" for name in figure_names]
     return lines + [""]
+
+
+def machines_line(runs: list[Run]) -> str:
+    """Which CPUs trained the table's epochs (each epoch row's ``cpu``): step and wall
+    times compare only within one machine, and a study that spans sessions can span
+    machines."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # cpu → [epochs, runs]
+    for run in runs:
+        seen = set()
+        for row in run.rows:
+            cpu = row.get("cpu") or "not recorded"
+            counts[cpu][0] += 1
+            if cpu not in seen:
+                seen.add(cpu)
+                counts[cpu][1] += 1
+    parts = [f"{cpu} ({e} epochs of {n} runs)" for cpu, (e, n) in sorted(counts.items())]
+    note = " (\"not recorded\": epochs trained before lowbit recorded the CPU)" if "not recorded" in counts else ""
+    return f"Machines: {'; '.join(parts) or 'none yet'}{note}."
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:

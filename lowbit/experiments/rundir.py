@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import platform
 import socket
 import stat
 import sys
@@ -37,6 +38,15 @@ from .runconfig import LEGACY_DEFAULTS, RESUMABLE_CHANGES, TrainConfig
 def _json_number(x: Any) -> Any:
     """Non-finite floats become null in JSON (never a made-up number)."""
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere ``platform.processor()`` or the
+    architecture), recorded with each epoch: a study that spans sessions can span machines."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    return name
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -64,7 +64,7 @@ from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import RunBusy, load_resumable, run_lock, write_config, write_metrics, write_status
+from .rundir import RunBusy, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig
 from .tasks import Task, make_task
 
@@ -345,6 +345,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                 **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),
                 **monitoring.epoch_row(monitor, epoch_first_step),
                 "epoch_time_s": time.perf_counter() - epoch_t0,  # training + evaluation
+                "cpu": cpu_name(),  # a resumed run may continue on another machine
             }
             if ranks.world > 1:  # bytes one rank sent per step, against an fp32 all-reduce
                 sent = (ranks.allreduce_bytes(model) if comm is None

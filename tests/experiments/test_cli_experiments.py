@@ -379,7 +379,7 @@ def test_demo_smoke(tmp_path):
 
 
 def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str,
-              epochs: int = 2, **columns: list[float]) -> None:
+              epochs: int = 2, **columns: list[float] | list[str]) -> None:
     """A run folder with ``finals`` as its per-epoch accuracy and ``columns`` (name → one
     value per epoch) added to the rows."""
     from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
@@ -432,6 +432,20 @@ def test_report_wall_time_and_variance_ratio_columns(tmp_path):
     assert report._minutes([3.0]) == "0.050" and report._minutes([]) == "–"
     assert rows["fqt-psq-4"][var] == "∇X 0.02 → 0.03 → 0.05; ∇W 0.2 → 0.3 → 0.4"
     assert rows["qat-8"][wall] == "–" and rows["qat-8"][var] == "–"
+
+
+def test_report_names_the_machines_that_trained_each_table(tmp_path):
+    """One line per table: each CPU with its epochs and runs; epochs without the column
+    are "not recorded" (trained before lowbit recorded the CPU), never assigned a guess."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9, 0.9], "done", epochs=3)  # before the column
+    _fake_run(runs, "fqt-psq-4", 0, [0.2, 0.3, 0.4], "done", epochs=3, cpu=["AMD", "AMD", "Intel"])
+    _fake_run(runs, "fqt-psq-4", 1, [0.2], "running", epochs=3, cpu=["Intel"])
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    line = next(ln for ln in section.splitlines() if ln.startswith("Machines: "))
+    assert line == ('Machines: AMD (2 epochs of 1 runs); Intel (2 epochs of 2 runs); not recorded '
+                    '(3 epochs of 1 runs) ("not recorded": epochs trained before lowbit recorded '
+                    'the CPU).')
 
 
 def test_report_sections_are_independent(tmp_path):

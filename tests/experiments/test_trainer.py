@@ -17,6 +17,7 @@ import torch
 from lowbit.experiments import checkpoint as ckpt
 from lowbit.experiments import data as D
 from lowbit.experiments import tasks as T
+from lowbit.experiments.rundir import cpu_name
 from lowbit.experiments.runconfig import TIMING_FIELDS
 from lowbit.experiments.trainer import TrainConfig, TrainingDiverged, train
 
@@ -93,6 +94,8 @@ def test_digits_trains_and_writes_run_files(tmp_path, model, recipe):
     assert keys | {"bad_steps"} <= set(rows[0])
     # wall seconds of the epoch (training + evaluation): at least its steps' median time
     assert all(r["epoch_time_s"] * 1e3 >= r["step_time_ms"] > 0 for r in rows)
+    # the CPU that trained each epoch (a resumed run may continue on another machine)
+    assert all(r["cpu"] == cpu_name() and r["cpu"] for r in rows)
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("epoch,step,")
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
