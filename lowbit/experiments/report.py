@@ -300,7 +300,8 @@ def machines_line(runs: list[Run]) -> str:
             if cpu not in seen:
                 seen.add(cpu)
                 counts[cpu][1] += 1
-    parts = [f"{cpu} ({e} epochs of {n} runs)" for cpu, (e, n) in sorted(counts.items())]
+    parts = [f"{cpu} ({e} epoch{'s' * (e != 1)} of {n} run{'s' * (n != 1)})"
+             for cpu, (e, n) in sorted(counts.items())]
     note = " (\"not recorded\": epochs trained before lowbit recorded the CPU)" if "not recorded" in counts else ""
     return f"Machines: {'; '.join(parts) or 'none yet'}{note}."
 

@@ -1,11 +1,14 @@
 """FP8 GEMM with ``torch._scaled_mm``: float8 codes, float32 scales per tensor or per
 row of ``a`` / per column of ``b`` (never on the summed dimension).
 
-On the CPU (PyTorch ≥ 2.6) ``_scaled_mm`` with row-wise scales dequantizes and multiplies
-in float32, which is bit for bit the simulated reference GEMM (tested); lowbit passes
-tensor-wise scales there row-wise too, because its tensor-wise path applies the scales in
-another order on some CPUs (on an Intel Xeon with AMX: float32 rounding differences of the
-sum, found 2026-12-01; bit for bit on the AMD EPYC machine). On CUDA (ATen's ``_scaled_mm_out_cuda``
+On the CPU (PyTorch ≥ 2.6) ``_scaled_mm`` emulates: it makes both operands row-major,
+converts them to float32, multiplies by the scales and calls ``matmul`` — bit for bit the
+simulated reference GEMM, which multiplies row-major operands too (tested, M from 1 to
+64). Except where both scales are single numbers: then, on a CPU with AMX-INT8 (AMX-FP16
+for mixed E4M3/E5M2), ATen sends the product to oneDNN's FP8 matmul, which sums in another
+order (found on an Intel Xeon with AMX, 2026-12-01). So on the CPU lowbit passes
+tensor-wise scales row-wise, as (M, 1) and (1, N) tensors, and leaves a 1 × 1 product,
+whose scales are single numbers whatever their shape, to the reference GEMM. On CUDA (ATen's ``_scaled_mm_out_cuda``
 and its meta function) it needs compute capability ≥ 8.9 (Ada, Hopper, Blackwell), ``a``
 row-major (``stride = (s, 1)``, ``s > 1``) and ``b`` column-major (``stride = (1, s)``,
 ``s > 1``), both 16-byte aligned (cuBLASLt), ``K`` and ``N`` multiples of 16 (``M`` free),
@@ -46,7 +49,7 @@ def available(device: torch.device | str) -> bool:
 def _scales(a: Encoded, b: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales as ``_scaled_mm`` takes them: both 0-d (tensor-wise) or (M, 1) and (1, N)
     (row-wise; a tensor-wise side is expanded, which changes no value). On the CPU always
-    row-wise: the path that is bit for bit the reference there (module docstring)."""
+    row-wise: the emulation, bit for bit the reference there (module docstring)."""
     m, n = a.codes.shape[0], b.codes.shape[1]
     if a.scale.numel() == 1 and b.scale.numel() == 1 and a.codes.device.type != "cpu":
         return a.scale.reshape(()), b.scale.reshape(())
@@ -81,9 +84,12 @@ _col_major = col_major  # the name before the CUDA audit
 
 def shape_ok(m: int, k: int, n: int, device: torch.device | str) -> bool:
     """Whether ``torch._scaled_mm`` takes an (m, k) × (k, n) product on ``device``:
-    non-empty, and on CUDA ``k`` and ``n`` multiples of 16 (module docstring)."""
+    non-empty, on CUDA ``k`` and ``n`` multiples of 16, on the CPU not 1 × 1 (module
+    docstring)."""
     if m <= 0 or k <= 0 or n <= 0:
         return False
+    if torch.device(device).type == "cpu":  # a 1 × 1 product may go to oneDNN (docstring)
+        return m * n > 1
     return torch.device(device).type != "cuda" or (k % 16 == 0 and n % 16 == 0)
 
 

@@ -149,9 +149,12 @@ def quantize_fixed(x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: R
 def gemm(a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The simulated GEMM ``â @ b̂ + bias``: both operands dequantized in their scales'
-    dtype (float32, or float64 where a scale is), one float GEMM, cast to ``out_dtype``."""
+    dtype (float32, or float64 where a scale is) into row-major tensors, one float GEMM,
+    cast to ``out_dtype``. Row-major because the float GEMM's summation order can depend
+    on the operands' layout (MKL's kernels for fewer than 16 rows do), and row-major is
+    what ``torch._scaled_mm``'s CPU emulation multiplies (:mod:`.fp8`): the same bits."""
     dt = torch.promote_types(a.scale.dtype, b.scale.dtype)
-    return finish(a.dequantize(dt) @ b.dequantize(dt), bias, out_dtype)
+    return finish(a.dequantize(dt).contiguous() @ b.dequantize(dt).contiguous(), bias, out_dtype)
 
 
 def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

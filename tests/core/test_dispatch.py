@@ -46,8 +46,9 @@ def _count(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[i
 @pytest.mark.parametrize("ga, gb", [(Granularity.ROW, Granularity.TENSOR),
                                     (Granularity.TENSOR, Granularity.TENSOR),
                                     (Granularity.ROW, Granularity.ROW)])
+@pytest.mark.parametrize("m", [64, 15, 2, 1])  # MKL's float GEMM for < 16 rows is layout-dependent
 def test_fp8_scaled_mm_equals_the_reference_gemm(device: str, fa: str, fb: str, ga: Granularity,
-                                                 gb: Granularity) -> None:
+                                                 gb: Granularity, m: int) -> None:
     # a (M, K) with scales per row, b = Wᵀ with scales per column (W's rows): the scaled
     # GEMM on the very codes of the reference. On the CPU torch._scaled_mm (given row-wise
     # scales, as lowbit passes them there: its tensor-wise path sums in another order on an
@@ -57,7 +58,7 @@ def test_fp8_scaled_mm_equals_the_reference_gemm(device: str, fa: str, fb: str, 
     if device == "cuda" and not fp8.available(device):
         pytest.skip("FP8 GEMMs need compute capability ≥ 8.9")
     g = torch.Generator().manual_seed(1)
-    a = (torch.randn(64, 96, generator=g) * torch.logspace(-2, 1, 64)[:, None]).to(device)
+    a = (torch.randn(m, 96, generator=g) * torch.logspace(-2, 1, m)[:, None]).to(device)
     w = torch.randn(48, 96, generator=g).to(device)
     qa, qw = _operand(a, fa, ga, 1), _operand(w, fb, gb, 2, Rounding.NEAREST)
     assert fp8.supports(qa, qw.t())
@@ -73,8 +74,9 @@ def test_fp8_scaled_mm_equals_the_reference_gemm(device: str, fa: str, fb: str, 
 
 @pytest.mark.parametrize("recipe", ["fqt-psq-fp8", "fqt-bhq-fp8", "fqt-ptq-fp8", "fqt-hadamard-fp8",
                                     "fp8-tensorwise"])
+@pytest.mark.parametrize("batch", [64, 2])
 def test_fp8_layer_runs_its_three_gemms_on_scaled_mm_bitwise_as_reference(
-        monkeypatch: pytest.MonkeyPatch, recipe: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, recipe: str, batch: int) -> None:
     """Same seed, same noise stream: backend auto (fused quantizers, torch._scaled_mm for
     all three GEMMs) gives the reference backend's output and gradients bit for bit."""
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
@@ -83,7 +85,7 @@ def test_fp8_layer_runs_its_three_gemms_on_scaled_mm_bitwise_as_reference(
     for backend in ("auto", "reference"):
         torch.manual_seed(0)
         layer = lowbit.convert(nn.Linear(48, 32), FQTConfig.from_recipe(recipe, backend=backend, seed=3))
-        x = torch.randn(64, 48, requires_grad=True)
+        x = torch.randn(batch, 48, requires_grad=True)
         y = layer(x)
         y.square().sum().backward()
         results.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
@@ -92,6 +94,17 @@ def test_fp8_layer_runs_its_three_gemms_on_scaled_mm_bitwise_as_reference(
     assert len(calls) == 3  # the reference backend never calls it
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_fp8_one_by_one_product_runs_the_reference_on_the_cpu() -> None:
+    # scales of a 1 × 1 product are single numbers whatever their shape, and ATen sends
+    # such a product to oneDNN's FP8 matmul on an AMX CPU (another summation order)
+    assert not fp8.shape_ok(1, 96, 1, "cpu")
+    assert fp8.shape_ok(1, 96, 2, "cpu") and fp8.shape_ok(2, 96, 1, "cpu")
+    g = torch.Generator().manual_seed(3)
+    qa = _operand(torch.randn(1, 96, generator=g), "fp8_e4m3", Granularity.ROW, 1)
+    qw = _operand(torch.randn(1, 96, generator=g), "fp8_e4m3", Granularity.ROW, 2, Rounding.NEAREST)
+    assert not fp8.supports(qa, qw.t())
 
 
 def test_fp8_rowwise_forward_is_real_and_backward_simulated(monkeypatch: pytest.MonkeyPatch) -> None:

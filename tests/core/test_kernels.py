@@ -107,20 +107,27 @@ def test_bhq_fast_transform_equals_reference(force_compiled) -> None:
     assert torch.equal(fast.codes, ref.codes) and torch.equal(fast.scale, ref.scale)
 
 
-def test_bhq_group_sums_are_the_weighted_row_sums() -> None:
-    # the sparse product against the definition Σ_{r∈g} w_r x_r in float64 (float32
-    # rounding of at most 8 terms per group: rtol 1e-6 of the sum of |terms|)
-    from lowbit.quantizers.bhq import _group_sums, bhq_transform
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bhq_group_sums_are_the_weighted_row_sums(monkeypatch, sparse: bool) -> None:
+    # both methods against the definition Σ_{r∈g} w_r x_r in float64: float32 rounding of
+    # a group's few terms (≤ 15 in 300 seeds; γ₁₆ = 16·2⁻²⁴ ≈ 9.5e-7 of the sum of |terms|
+    # bounds it, so rtol 1e-6 of that sum); and one method for every kernel set
+    import lowbit.quantizers.bhq as bhq
+    from lowbit.kernels import Backend, Impl, kernels_for
 
-    x = torch.randn(256, 72) * torch.logspace(-4, 0, 256)[torch.randperm(256)][:, None]
-    t = bhq_transform(x)
+    monkeypatch.setattr(bhq, "SPARSE_MIN_NUMEL", 0 if sparse else 1 << 62)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 72, generator=g) * torch.logspace(-4, 0, 256)[torch.randperm(256, generator=g)][:, None]
+    t = bhq.bhq_transform(x)
     w = t.v * t.scale
-    got = _group_sums(x, w, t.group, t.n_groups)
+    got = bhq._group_sums(x, w, t.group, t.n_groups)
     terms = x.double() * w.double()[:, None]
     want = terms.new_zeros(t.n_groups, 72).index_add_(0, t.group, terms)
     size = terms.abs().new_zeros(t.n_groups, 72).index_add_(0, t.group, terms.abs())
     assert bool(((got.double() - want).abs() <= 1e-6 * size + 1e-30).all())
-    assert torch.equal(_group_sums(x.double(), w.double(), t.group, t.n_groups), want)
+    assert torch.equal(bhq._group_sums(x.double(), w.double(), t.group, t.n_groups), want)
+    for backend in Backend:  # no kernel set sums its own way
+        assert kernels_for(backend, "cpu").lookup("bhq_group_sums", Impl.COMPILED) is None
 
 
 # -- exact arithmetic of the rounding (issue 11, items 9 and 10) -------------------------

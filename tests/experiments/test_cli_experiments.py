@@ -443,8 +443,8 @@ def test_report_names_the_machines_that_trained_each_table(tmp_path):
     _fake_run(runs, "fqt-psq-4", 1, [0.2], "running", epochs=3, cpu=["Intel"])
     section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
     line = next(ln for ln in section.splitlines() if ln.startswith("Machines: "))
-    assert line == ('Machines: AMD (2 epochs of 1 runs); Intel (2 epochs of 2 runs); not recorded '
-                    '(3 epochs of 1 runs) ("not recorded": epochs trained before lowbit recorded '
+    assert line == ('Machines: AMD (2 epochs of 1 run); Intel (2 epochs of 2 runs); not recorded '
+                    '(3 epochs of 1 run) ("not recorded": epochs trained before lowbit recorded '
                     'the CPU).')
 
 
