@@ -130,7 +130,7 @@ def _integer_heads(a: Operand, b: Operand, kernels: Kernels, dtype: torch.dtype)
     with record_function("lowbit::gemm"):
         int8.int_mm_batched(a.codes, b.codes, acc)
     with record_function("lowbit::epilogue"):
-        return kernels.run("int8_epilogue", acc, a.step, b.step, None, None, None, None, k, None, dtype)
+        return int8.epilogue(kernels, acc, a.step, b.step, None, None, None, None, k, None, dtype)
 
 
 def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -154,14 +154,43 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
 
 
 # -- the math, without autograd ------------------------------------------------------------
-def masked_softmax(scores: torch.Tensor, masked: bool) -> torch.Tensor:
+def masked_softmax(scores: torch.Tensor, masked: bool, inplace: bool = False) -> torch.Tensor:
     """``softmax`` over the last dimension; with ``masked`` (an attention mask was added),
     rows whose scores are all ``-inf`` are set to 0, as torch's
-    ``scaled_dot_product_attention`` gives (a NaN score keeps its row NaN)."""
-    probs = torch.softmax(scores, dim=-1)
-    if masked:
-        probs = probs.masked_fill_((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    ``scaled_dot_product_attention`` gives (a NaN score keeps its row NaN). ``inplace``:
+    written over ``scores`` on the CPU (:func:`_inplace_ok`), the same values without a
+    second score-sized buffer."""
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True) if masked else None
+    if inplace and _inplace_ok(scores):
+        probs = torch._softmax(scores, -1, False, out=scores)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill_(dead, 0.0)
     return probs
+
+
+def _inplace_ok(t: torch.Tensor) -> bool:
+    """Whether ATen's softmax and softmax-backward kernels may write over their input:
+    on the CPU, where each row is reduced before it is written (the same bits as
+    out of place: ``tests/core/test_attention.py::test_inplace_softmax_kernels_are_bitwise``)."""
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
+def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tensor | None,
+                    scale: float, shapes: tuple[int, ...], dtype: torch.dtype, backend: Backend,
+                    masked: bool) -> torch.Tensor:
+    """``P = softmax(c · Q_f(Q) · Q_f(K)ᵀ + M)`` (B, L, S) in ``dtype`` from the forward
+    codes ``qq``, ``qk`` (``shapes`` = (B, L, S, E, Ev)); ``masked``: zero the rows the
+    mask blocks entirely (:func:`masked_softmax`). Deterministic in its arguments, so the
+    backward recomputes ``P`` from the saved codes instead of keeping it (a float32
+    (B, L, S) tensor: 48 MB for one GPT-2-small block of 4 × 512 tokens)."""
+    b, lq, s, e, _ = shapes
+    scores = batched_mm(Operand.of(qq, (b, lq, e), dtype).scaled(scale),  # c in Q's steps
+                        Operand.of(qk, (b, s, e), dtype).mT, backend, dtype, "Q·Kᵀ")  # (B, L, S)
+    if mask is not None:
+        scores = scores.add_(mask)  # a new tensor from batched_mm: no one else sees it
+    return masked_softmax(scores, masked, inplace=True)
 
 
 def _dropout_scale(p: float) -> float:
@@ -183,11 +212,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     dt, spec, gen, be = q.dtype, config.activation, gens.get(Path.ACTIVATION), config.backend
     qq = quantize_forward(q.reshape(b * lq, e), spec, gen, be)
     qk = quantize_forward(k.reshape(b * s, e), spec, gen, be)
-    scores = batched_mm(Operand.of(qq, (b, lq, e), dt).scaled(scale),  # c in Q's steps
-                        Operand.of(qk, (b, s, e), dt).mT, be, dt, "Q·Kᵀ")  # (B, L, S)
-    if mask is not None:
-        scores = scores + mask
-    probs = masked_softmax(scores, mask is not None and not causal)  # (B, L, S); causal: none dead
+    probs = attention_probs(qq, qk, mask, scale, (b, lq, s, e, ev), dt, be,
+                            mask is not None and not causal)  # (B, L, S); causal: none dead
     keep = None
     dropped = probs
     if dropout_p > 0:
@@ -226,7 +252,9 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     """``(∇Q, ∇K, ∇V, ∇S)`` (None where ``needs`` says not wanted; ``∇S`` is the mask's
     gradient) from ``g_out`` (B, L, Ev) and the gradient ``g_dropped`` of the returned
     ``P̃`` (or None), given what :func:`attention_forward` returned; ``shapes`` = (B, L, S,
-    E, Ev)."""
+    E, Ev). Score-sized buffers are reused where only this function holds them: ``∇S``
+    is written over ``∇P`` and ``probs`` is released once ``∇S`` exists (pass it without
+    keeping a reference for the memory to go)."""
     b, lq, s, e, ev = shapes
     dt, be, gi, gw = g_out.dtype, config.backend, config.grad_input, config.grad_weight
     rows_gen = _split(gens.get(Path.GRAD_INPUT), 2)  # ∇O, ∇S with a scale per query token
@@ -237,16 +265,24 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     if needs[2]:
         gv = batched_mm(grad_operand(g_out.mT, gw, cols_gen[0], be), qp, be, dt, "∇V").mT
     if needs[0] or needs[1] or needs[3]:
-        gp = batched_mm(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, be, dt, "∇P")
+        gp = batched_mm(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, be, dt, "∇P")  # new
         if g_dropped is not None:
-            gp = gp + g_dropped
+            gp = gp.add_(g_dropped)
         if keep is not None:
-            gp = gp * keep * _dropout_scale(dropout_p)
-        gs = torch._softmax_backward_data(gp, probs, -1, dt)  # P ⊙ (∇P − rowsum(∇P ⊙ P))
+            gp = gp.mul_(keep).mul_(_dropout_scale(dropout_p))
+        if _inplace_ok(gp) and _inplace_ok(probs):  # P ⊙ (∇P − rowsum(∇P ⊙ P)), over ∇P
+            gs = torch._softmax_backward_data(gp, probs, -1, dt, grad_input=gp)
+        else:
+            gs = torch._softmax_backward_data(gp, probs, -1, dt)
+        del gp, probs
         if needs[0]:
             gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
         if needs[1]:
-            gk = batched_mm(grad_operand(gs.mT, gw, cols_gen[1], be), qq, be, dt, "∇K") * scale
+            gs_t = grad_operand(gs.mT, gw, cols_gen[1], be)
+            if not needs[3]:
+                del gs
+                gs = None
+            gk = batched_mm(gs_t, qq, be, dt, "∇K") * scale
     return gq, gk, gv, gs if needs[3] else None
 
 
@@ -273,7 +309,9 @@ class _Attention(torch.autograd.Function):
             m = None if mask is None else mask.to(dt)
             out, probs, dropped, keep, quant = attention_forward(
                 q.to(dt), k.to(dt), v.to(dt), m, scale, dropout_p, cfg, gens, causal)
-        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)), probs, keep)
+        # P is recomputed from Q_f(Q), Q_f(K) in the backward (attention_probs), not saved
+        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)), m, keep)
+        ctx.masked, ctx.compute_dtype = mask is not None and not causal, dt
         ctx.blocks = [x.block for x in quant]
         ctx.state, ctx.scale, ctx.dropout_p = state, scale, dropout_p
         ctx.shapes = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
@@ -287,20 +325,23 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor | None, g_weights: torch.Tensor | None) -> tuple:
-        *codes, probs, keep = ctx.saved_tensors
+        *codes, mask, keep = ctx.saved_tensors
         b, lq, s, e, ev = ctx.shapes
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:4])
-        if g_out is None:
-            g_out = probs.new_zeros(b, lq, ev)
         state: BlockState = ctx.state
         warn_if_not_adaptive(state)
-        cfg, dt = state.config, probs.dtype
+        cfg, dt = state.config, ctx.compute_dtype
         quant = tuple(unflatten_operand(codes[4 * i:4 * i + 4], blk) for i, blk in enumerate(ctx.blocks))
+        if g_out is None:
+            g_out = quant[0].codes.new_zeros(b, lq, ev, dtype=dt)
         with torch.autocast(g_out.device.type, enabled=False):
             gens = state.noise.backward_generators(g_out.device, _backward_paths(cfg))
             gd = None if g_weights is None or g_weights.numel() == 0 else g_weights.to(dt)
-            grads = attention_backward(g_out.to(dt), gd, quant, probs, keep, ctx.shapes,
-                                       ctx.scale, ctx.dropout_p, cfg, gens, needs)
+            grads = attention_backward(  # P recomputed, held by attention_backward alone
+                g_out.to(dt), gd, quant,
+                attention_probs(quant[0], quant[1], mask, ctx.scale, ctx.shapes, dt, cfg.backend,
+                                ctx.masked),
+                keep, ctx.shapes, ctx.scale, ctx.dropout_p, cfg, gens, needs)
         gq, gk, gv, gs = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
         if gs is not None and ctx.mask_batch == 1 and gs.shape[0] != 1:
             gs = gs.sum(0, keepdim=True)
@@ -381,4 +422,5 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 __all__ = ["LOOP_MIN_MACS", "Operand", "attention", "attention_backward", "attention_forward",
+           "attention_probs",
            "batched_mm", "grad_operand", "masked_softmax", "scaled_dot_product_attention"]

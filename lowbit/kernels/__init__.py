@@ -94,6 +94,7 @@ def register_fused(op: str, fn: Callable[..., Any]) -> None:
 register_fused("quantize", reference.quantize)
 register_fused("quantize_fixed", reference.quantize_fixed)
 register_fused("int8_epilogue", reference.int8_epilogue)
+register_fused("int8_epilogue_into", reference.int8_epilogue_into)
 register_fused("row_absmax", reference.row_absmax)
 register_fused("dequantize", dequantize)
 register("gemm", Impl.REFERENCE, lambda k, a, b, bias, out_dtype: reference.gemm(a, b, bias, out_dtype))

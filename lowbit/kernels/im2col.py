@@ -186,8 +186,8 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     with record_function("lowbit::gemm"):
         acc = torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
     with record_function("lowbit::epilogue"):
-        return kernels.run("int8_epilogue", acc, a.scale, x_scale, None, None, None, None,
-                           a.codes.shape[1], None, out_dtype)
+        return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,
+                             a.codes.shape[1], None, out_dtype)
 
 
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -119,5 +119,22 @@ def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
     rowsum = a.codes.sum(dim=1, keepdim=True, dtype=torch.int32) if b.offset is not None else None
     colsum = b.codes.sum(dim=0, keepdim=True, dtype=torch.int32) if a.offset is not None else None
     with record_function("lowbit::epilogue"):
-        return kernels.run("int8_epilogue", acc, a.scale, b.scale, a.offset, b.offset, rowsum,
-                           colsum, a.codes.shape[1], bias, out_dtype)
+        return epilogue(kernels, acc, a.scale, b.scale, a.offset, b.offset, rowsum, colsum,
+                        a.codes.shape[1], bias, out_dtype)
+
+
+def epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+             a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+             rowsum: torch.Tensor | None, colsum: torch.Tensor | None, k: int,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``int8_epilogue`` of the int32 ``acc`` (which the caller hands over: it is
+    overwritten): a float32 product is written over ``acc``'s bytes
+    (``int8_epilogue_into``: no second accumulator-sized buffer, the same values),
+    any other output dtype (bf16 under autocast, float64 scales) into a new tensor."""
+    if out_dtype == torch.float32 and acc.dtype == torch.int32 \
+            and torch.promote_types(a_scale.dtype, b_scale.dtype) == torch.float32:
+        kernels.run("int8_epilogue_into", acc, a_scale, b_scale, a_offset, b_offset, rowsum,
+                    colsum, k, bias)
+        return acc.view(torch.float32)  # a new dtype over int32 bytes: not an autograd view
+    return kernels.run("int8_epilogue", acc, a_scale, b_scale, a_offset, b_offset, rowsum,
+                       colsum, k, bias, out_dtype)

@@ -177,6 +177,21 @@ def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
     return finish(out, bias, out_dtype)
 
 
+def int8_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                       a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+                       a_rowsum: torch.Tensor | None, b_colsum: torch.Tensor | None, k: int,
+                       bias: torch.Tensor | None = None) -> None:
+    """:func:`int8_epilogue` to float32, written over the int32 ``acc``'s own bytes
+    (``acc.view(torch.float32)`` holds the product afterwards; float32 scales only).
+    Each element is read before it is written, in one elementwise pass: compiled
+    (:mod:`.compiled`) it needs no second buffer of the accumulator's size — the
+    product's float32 result is as large as its int32 sum, and the step's peak memory
+    and the first touch of a fresh buffer's pages are what this saves. Returns
+    ``None``: a compiled function that returned the view would allocate its output."""
+    acc.view(torch.float32).copy_(int8_epilogue(acc, a_scale, b_scale, a_offset, b_offset,
+                                                a_rowsum, b_colsum, k, bias, torch.float32))
+
+
 def finish(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``out + bias`` in ``out``'s dtype, cast to ``out_dtype``."""
     if bias is not None:

@@ -221,7 +221,8 @@ def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
                                          state=dataclasses.replace(FQT, backend=backend))
         o.backward(torch.linspace(-1, 1, EV).expand_as(o))
         out[backend] = (o, q.grad, k.grad, v.grad)
-    assert len(calls) == 6 * B * H, "QKᵀ, P·V, ∇P, ∇V, ∇Q, ∇K: every head on _int_mm"
+    # QKᵀ twice (the backward recomputes P from the saved codes), P·V, ∇P, ∇V, ∇Q, ∇K
+    assert len(calls) == 7 * B * H, "every head's seven products on _int_mm"
     for a, b in zip(out["int8"], out["reference"]):
         # same random stream; exact integer sums vs float32 sums: float rounding only
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
@@ -472,10 +473,83 @@ def test_coverage_of_multihead_attention_is_all_low_bit() -> None:
     gemm = 2 * (2 * h) * 5 * 5 * hd  # one attention GEMM: 2·(b·h)·L·S·hd
     in_proj, out_proj = 2 * bt * e * 3 * e, 2 * bt * e * e  # each of their three GEMMs
     assert rep.flops(phase="forward") == in_proj + 2 * gemm + out_proj
-    assert rep.total_flops == 3 * in_proj + 6 * gemm + 3 * out_proj
+    # six attention GEMMs, plus QKᵀ again in the backward (P is recomputed, not saved)
+    assert rep.total_flops == 3 * in_proj + 7 * gemm + 3 * out_proj
     assert rep.lowbit_share == 1.0 and rep.float_share == 0.0
     assert rep.flops("int8") == 3 * in_proj + 3 * out_proj  # projections: integer GEMMs
-    assert rep.flops("simulated") == 6 * gemm  # small heads: one batched simulated GEMM each
+    assert rep.flops("simulated") == 7 * gemm  # small heads: one batched simulated GEMM each
+
+
+def test_inplace_softmax_kernels_are_bitwise() -> None:
+    """The attention writes softmax over its scores and softmax's backward over ∇P on the
+    CPU (``attention._inplace_ok``): ATen reduces each row before writing it, so the
+    results are the out-of-place ones bit for bit — pinned here for the torch in use."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((48, 64, 512), (3, 7, 33), (2, 5, 1000)):
+        x = torch.randn(shape, generator=g) * 5
+        x[0, 0, :3] = float("-inf")
+        want = torch.softmax(x, -1)
+        assert torch.equal(torch._softmax(x.clone(), -1, False, out=x), want)
+        gp = torch.randn(shape, generator=g)
+        want_g = torch._softmax_backward_data(gp, want, -1, torch.float32)
+        assert torch.equal(torch._softmax_backward_data(gp, want, -1, torch.float32, grad_input=gp),
+                           want_g)
+
+
+def _qkv_heads(b: int = 2, h: int = 3, length: int = 40, hd: int = 8) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, length, hd, generator=g, requires_grad=True) for _ in range(3))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_saves_no_float_scores(dropout: float) -> None:
+    """Between forward and backward the attention keeps Q, K, V and P̃ as int8 codes (and
+    dropout's keep mask as bool), never a float (B, L, S) tensor: the backward recomputes
+    P from the codes (``attention_probs``)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    q, k, v = _qkv_heads()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                           state=dataclasses.replace(FQT))
+    big = [t for t in saved if t.numel() >= q.shape[0] * q.shape[1] * q.shape[2] ** 2]
+    assert big and all(t.dtype in (torch.int8, torch.bool) for t in big), \
+        [(t.dtype, tuple(t.shape)) for t in big]
+    assert sum(t.dtype == torch.bool for t in big) == (1 if dropout else 0)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_recomputed_probs_give_the_gradients_of_the_forward_probs() -> None:
+    """The step with P recomputed in the backward equals, bit for bit, the backward given
+    the forward's own P (the design that saved it), on the same noise stream."""
+    from lowbit.noise import NoiseStream
+    from lowbit.ops import BlockState
+
+    q, k, v = _qkv_heads()
+    b, h, length, hd = q.shape
+    state = BlockState(FQT, NoiseStream(seed=3))
+    out = scaled_dot_product_attention(q, k, v, is_causal=True, state=state)
+    out.square().sum().backward()
+
+    replay = NoiseStream(seed=3)
+    flat = tuple(t.detach().reshape(b * h, length, hd) for t in (q, k, v))
+    causal = torch.zeros(1, length, length).masked_fill_(
+        torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    o, probs, _, keep, quant = A.attention_forward(
+        *flat, causal, hd ** -0.5, 0.0, FQT, replay.forward_generators(q.device, A._forward_paths(FQT)),
+        causal=True)
+    assert torch.equal(o, out.detach().reshape(b * h, length, hd))
+    grads = A.attention_backward(2 * o, None, quant, probs, keep, (b * h, length, length, hd, hd),
+                                 hd ** -0.5, 0.0, FQT,
+                                 replay.backward_generators(q.device, A._backward_paths(FQT)),
+                                 (True, True, True, False))
+    for got, want in zip((q.grad, k.grad, v.grad), grads):
+        assert torch.equal(got.reshape(b * h, length, hd), want)
 
 
 def test_tinygpt_attention_converts_and_trains() -> None:
@@ -491,7 +565,8 @@ def test_tinygpt_attention_converts_and_trains() -> None:
     rep = lowbit.coverage(model, x, torch.roll(x, -1, 1))
     assert rep.lowbit_share == 1.0
     gemm = 2 * (2 * 2) * 16 * 16 * 16  # one attention GEMM: 2·(b·h)·T·T·hd
-    assert rep.flops("simulated") == 2 * 6 * gemm  # 2 layers, forward 2 + backward 4 GEMMs
+    # 2 layers, forward 2 + backward 5 GEMMs (QKᵀ again: P is recomputed, not saved)
+    assert rep.flops("simulated") == 2 * 7 * gemm
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     for _ in range(3):

@@ -50,6 +50,37 @@ def test_compiled_epilogue_equals_reference(force_compiled) -> None:
                                reference.int8_epilogue(*args))
 
 
+@pytest.mark.parametrize("compiled_kernels", [True, False], ids=["compiled", "reference"])
+@pytest.mark.parametrize("extras", ["plain", "bias", "offsets"])
+def test_epilogue_writes_over_the_accumulator_bitwise(monkeypatch: pytest.MonkeyPatch,
+                                                      compiled_kernels: bool, extras: str) -> None:
+    """``int8.epilogue`` to float32 reuses the int32 accumulator's bytes (the product is
+    as large as the sum) and gives exactly ``reference.int8_epilogue``'s values, on both
+    kernel sets; any other output dtype gets a new tensor."""
+    from lowbit.kernels import Backend, int8, kernels_for
+
+    if compiled_kernels and not compiled.enabled():
+        pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0 or unavailable)")
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 0 if compiled_kernels else 1 << 62)
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 67, 45, 300
+    acc = torch.randint(-(2**30), 2**30, (m, n), dtype=torch.int32, generator=g)
+    a, b = torch.rand(m, 1, generator=g) * 1e-3, torch.rand(1, n, generator=g) * 1e-3
+    off = (torch.randn(m, 1, generator=g), torch.randn(1, n, generator=g),
+           torch.randint(-9999, 9999, (m, 1), dtype=torch.int32, generator=g),
+           torch.randint(-9999, 9999, (1, n), dtype=torch.int32, generator=g)) \
+        if extras == "offsets" else (None,) * 4
+    bias = torch.randn(n, generator=g) if extras == "bias" else None
+    kern = kernels_for(Backend.AUTO, "cpu")
+    want = reference.int8_epilogue(acc, a, b, *off, k, bias, torch.float32)
+    work = acc.clone()
+    got = int8.epilogue(kern, work, a, b, *off, k, bias, torch.float32)
+    assert got.dtype == torch.float32 and got.data_ptr() == work.data_ptr()
+    assert torch.equal(got, want)
+    half = int8.epilogue(kern, acc.clone(), a, b, *off, k, bias, torch.bfloat16)
+    assert torch.equal(half, reference.int8_epilogue(acc, a, b, *off, k, bias, torch.bfloat16))
+
+
 def test_counter_noise_is_uniform_and_seed_dependent() -> None:
     n = 200_000
     u = counter_uniform((n,), torch.tensor(1)).double()
