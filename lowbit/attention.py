@@ -61,6 +61,9 @@ from .quantizers import QuantizedOperand
 # (benchmarks/probes/attention_heads_crossover.py): integer/batched time 2.0 at 32³,
 # 0.96 at 64³, 0.60 at 128×64×128, 0.53 at 256×64×256.
 LOOP_MIN_MACS = 1 << 18
+# Score elements per piece of the backward's ∇P (4 MB of float32): ∇S is written over P
+# piece by piece instead of beside it (measured: docs/benchmarks.md, "Peak memory").
+CHUNK_SCORES = 1 << 20
 Generators = dict[Path, torch.Generator]
 
 
@@ -99,6 +102,12 @@ class Operand:
         if self.codes is None:
             return Operand(values=self.values.mT, lowbit=self.lowbit)
         return Operand(self.codes.mT, self.step.mT)
+
+    def entries(self, i: int, j: int) -> Operand:
+        """Batch entries ``i:j`` of this operand (views)."""
+        if self.codes is None:
+            return Operand(values=self.values[i:j], lowbit=self.lowbit)
+        return Operand(self.codes[i:j], self.step if self.step.shape[0] == 1 else self.step[i:j])
 
     def scaled(self, c: float) -> Operand:
         """``c`` times this operand: folded into the steps (or the values)."""
@@ -265,25 +274,58 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     if needs[2]:
         gv = batched_mm(grad_operand(g_out.mT, gw, cols_gen[0], be), qp, be, dt, "∇V").mT
     if needs[0] or needs[1] or needs[3]:
-        gp = batched_mm(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, be, dt, "∇P")  # new
-        if g_dropped is not None:
-            gp = gp.add_(g_dropped)
-        if keep is not None:
-            gp = gp.mul_(keep).mul_(_dropout_scale(dropout_p))
-        if _inplace_ok(gp) and _inplace_ok(probs):  # P ⊙ (∇P − rowsum(∇P ⊙ P)), over ∇P
-            gs = torch._softmax_backward_data(gp, probs, -1, dt, grad_input=gp)
-        else:
-            gs = torch._softmax_backward_data(gp, probs, -1, dt)
-        del gp, probs
+        gs = _grad_scores(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, probs, g_dropped,
+                          keep, dropout_p, be, dt)
+        del probs
         if needs[0]:
             gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
         if needs[1]:
-            gs_t = grad_operand(gs.mT, gw, cols_gen[1], be)
+            gs_t = grad_operand(_transposed(gs, reuse=not needs[3]), gw, cols_gen[1], be)
             if not needs[3]:
                 del gs
                 gs = None
             gk = batched_mm(gs_t, qq, be, dt, "∇K") * scale
     return gq, gk, gv, gs if needs[3] else None
+
+
+def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: torch.Tensor | None,
+                 keep: torch.Tensor | None, dropout_p: float, backend: Backend, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """``∇S = P ⊙ (∇P − rowsum(∇P ⊙ P))`` (B, L, S), ``∇P = Q_a(∇O)·Q_f(V)ᵀ`` (plus
+    ``g_dropped``, through dropout's mask), from ``g_out`` (B, L, Ev) and ``v_t`` (B, Ev,
+    S). On the CPU (:func:`_inplace_ok`) ``∇P`` is computed :data:`CHUNK_SCORES` elements
+    of entries at a time and ``∇S`` written over ``probs``, so that no second score-sized
+    buffer exists; each entry's values are those of the one-piece computation (its GEMM,
+    epilogue and softmax backward are per entry and per row)."""
+    n, lq, s = probs.shape
+    inplace = _inplace_ok(probs)
+    per = max(1, CHUNK_SCORES // max(1, lq * s)) if inplace else max(1, n)
+    pieces = []
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        gp = batched_mm(g_out.entries(i, j), v_t.entries(i, j), backend, dtype, "∇P")  # new
+        if g_dropped is not None:
+            gp = gp.add_(g_dropped[i:j])
+        if keep is not None:
+            gp = gp.mul_(keep[i:j]).mul_(_dropout_scale(dropout_p))
+        if inplace:
+            torch._softmax_backward_data(gp, probs[i:j], -1, dtype, grad_input=probs[i:j])
+        else:
+            pieces.append(torch._softmax_backward_data(gp, probs[i:j], -1, dtype))
+    return probs if inplace or not pieces else pieces[0]
+
+
+def _transposed(t: torch.Tensor, reuse: bool) -> torch.Tensor:
+    """``t.mT`` of a (B, N, N) ``t``: with ``reuse`` (no one reads ``t`` afterwards) and a
+    square contiguous ``t``, each entry is transposed in its own place (one (N, N) copy
+    at a time), so that the row quantizer, which needs rows contiguous, reads it without
+    a second score-sized buffer; the same values in the same layout as the copy
+    ``t.mT.reshape(-1, N)`` makes otherwise."""
+    if not reuse or t.shape[1] != t.shape[2] or not t.is_contiguous():
+        return t.mT
+    for entry in t.unbind(0):
+        entry.copy_(entry.mT.clone())
+    return t
 
 
 # -- autograd ------------------------------------------------------------------------------
@@ -421,6 +463,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                      state=state)[0]
 
 
-__all__ = ["LOOP_MIN_MACS", "Operand", "attention", "attention_backward", "attention_forward",
+__all__ = ["CHUNK_SCORES", "LOOP_MIN_MACS", "Operand", "attention", "attention_backward", "attention_forward",
            "attention_probs",
            "batched_mm", "grad_operand", "masked_softmax", "scaled_dot_product_attention"]

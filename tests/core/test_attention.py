@@ -524,18 +524,25 @@ def test_attention_saves_no_float_scores(dropout: float) -> None:
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_recomputed_probs_give_the_gradients_of_the_forward_probs() -> None:
-    """The step with P recomputed in the backward equals, bit for bit, the backward given
-    the forward's own P (the design that saved it), on the same noise stream."""
+@pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])
+def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
+        monkeypatch: pytest.MonkeyPatch, heads: tuple[int, int]) -> None:
+    """The step with P recomputed in the backward and ∇S computed in pieces of two
+    entries over P equals, bit for bit, the backward given the forward's own P in one
+    piece (the design that saved P), on the same noise stream: small heads (one batched
+    simulated GEMM) and 64×64 heads (per-head integer GEMMs)."""
     from lowbit.noise import NoiseStream
     from lowbit.ops import BlockState
 
-    q, k, v = _qkv_heads()
-    b, h, length, hd = q.shape
+    length, hd = heads
+    q, k, v = _qkv_heads(length=length, hd=hd)
+    b, h = q.shape[:2]
+    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * length * length)  # 3 pieces of 2 entries
     state = BlockState(FQT, NoiseStream(seed=3))
     out = scaled_dot_product_attention(q, k, v, is_causal=True, state=state)
     out.square().sum().backward()
 
+    monkeypatch.setattr(A, "CHUNK_SCORES", 1 << 62)  # one piece
     replay = NoiseStream(seed=3)
     flat = tuple(t.detach().reshape(b * h, length, hd) for t in (q, k, v))
     causal = torch.zeros(1, length, length).masked_fill_(
