@@ -182,8 +182,20 @@ def masked_softmax(scores: torch.Tensor, masked: bool, inplace: bool = False) ->
 def _inplace_ok(t: torch.Tensor) -> bool:
     """Whether ATen's softmax and softmax-backward kernels may write over their input:
     on the CPU, where each row is reduced before it is written (the same bits as
-    out of place: ``tests/core/test_attention.py::test_inplace_softmax_kernels_are_bitwise``)."""
-    return t.device.type == "cpu" and t.is_contiguous()
+    out of place: ``tests/core/test_attention.py::test_inplace_softmax_kernels_are_bitwise``),
+    and not while autograd records (a double backward, ``create_graph=True``: ``out=``
+    kernels and in-place writes to views are not differentiable)."""
+    return t.device.type == "cpu" and t.is_contiguous() and not torch.is_grad_enabled()
+
+
+def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores + mask`` for the (B, L, S) ``scores`` of a new GEMM result: ``mask`` is
+    (1, L, S) or an expanded (*lead, L, S) view with ``prod(lead) = B``
+    (:func:`~lowbit.attention_args.additive_mask`); in place where allowed."""
+    if mask.dim() == 3:
+        return scores.add_(mask) if _inplace_ok(scores) else scores + mask
+    full = scores.view(mask.shape)
+    return (full.add_(mask) if _inplace_ok(scores) else full + mask).view(scores.shape)
 
 
 def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tensor | None,
@@ -198,7 +210,7 @@ def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tens
     scores = batched_mm(Operand.of(qq, (b, lq, e), dtype).scaled(scale),  # c in Q's steps
                         Operand.of(qk, (b, s, e), dtype).mT, backend, dtype, "Q·Kᵀ")  # (B, L, S)
     if mask is not None:
-        scores = scores.add_(mask)  # a new tensor from batched_mm: no one else sees it
+        scores = _add_mask(scores, mask)  # a new tensor from batched_mm: no one else sees it
     return masked_softmax(scores, masked, inplace=True)
 
 
@@ -211,8 +223,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       causal: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
                                  tuple[QuantizedOperand, ...]]:
-    """``q`` (B, L, E), ``k`` (B, S, E), ``v`` (B, S, Ev), ``mask`` additive (1 or B, L, S)
-    or None (``causal``: it is the causal mask, which blocks no row entirely), all in one
+    """``q`` (B, L, E), ``k`` (B, S, E), ``v`` (B, S, Ev), ``mask`` additive (1, L, S) or
+    (*lead, L, S) with ``prod(lead) = B`` (an expanded view is fine), or None (``causal``: it is the causal mask, which blocks no row entirely), all in one
     float dtype → ``(O (B, L, Ev), P, P̃ (B, L, S), keep (bool or
     None), (Q_f(q), Q_f(k), Q_f(v), Q_f(P̃)))``. Dropout draws ``keep`` from torch's
     global RNG (as ``F.dropout``: recomputation under checkpointing sees the same)."""
@@ -257,13 +269,15 @@ def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | 
 def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedOperand, ...],
                        probs: torch.Tensor, keep: torch.Tensor | None, shapes: tuple[int, ...],
                        scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
-                       needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+                       needs: tuple[bool, bool, bool, bool], reuse_probs: bool = False
+                       ) -> tuple[torch.Tensor | None, ...]:
     """``(∇Q, ∇K, ∇V, ∇S)`` (None where ``needs`` says not wanted; ``∇S`` is the mask's
     gradient) from ``g_out`` (B, L, Ev) and the gradient ``g_dropped`` of the returned
     ``P̃`` (or None), given what :func:`attention_forward` returned; ``shapes`` = (B, L, S,
-    E, Ev). Score-sized buffers are reused where only this function holds them: ``∇S``
-    is written over ``∇P`` and ``probs`` is released once ``∇S`` exists (pass it without
-    keeping a reference for the memory to go)."""
+    E, Ev). ``reuse_probs``: the caller hands ``probs`` over (its values are lost): on the
+    CPU ``∇S`` is then written over it in pieces and transposed in place for ``∇K``, so
+    one score-sized float buffer is live at a time (pass it without keeping a reference
+    for its memory to go); otherwise ``probs`` is only read."""
     b, lq, s, e, ev = shapes
     dt, be, gi, gw = g_out.dtype, config.backend, config.grad_input, config.grad_weight
     rows_gen = _split(gens.get(Path.GRAD_INPUT), 2)  # ∇O, ∇S with a scale per query token
@@ -275,7 +289,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
         gv = batched_mm(grad_operand(g_out.mT, gw, cols_gen[0], be), qp, be, dt, "∇V").mT
     if needs[0] or needs[1] or needs[3]:
         gs = _grad_scores(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, probs, g_dropped,
-                          keep, dropout_p, be, dt)
+                          keep, dropout_p, be, dt, reuse_probs)
         del probs
         if needs[0]:
             gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
@@ -288,17 +302,27 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     return gq, gk, gv, gs if needs[3] else None
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the distinct elements of ``t`` (an expanded view: its stride-0 dimensions
+    of size > 1 kept at size 1), which ``.expand(t.shape)`` turns back into ``t``'s values:
+    the mask as it was at the forward, at the size of the user's mask, not of the scores."""
+    for d in range(t.dim()):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t.clone()
+
+
 def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: torch.Tensor | None,
-                 keep: torch.Tensor | None, dropout_p: float, backend: Backend, dtype: torch.dtype
-                 ) -> torch.Tensor:
+                 keep: torch.Tensor | None, dropout_p: float, backend: Backend, dtype: torch.dtype,
+                 reuse_probs: bool) -> torch.Tensor:
     """``∇S = P ⊙ (∇P − rowsum(∇P ⊙ P))`` (B, L, S), ``∇P = Q_a(∇O)·Q_f(V)ᵀ`` (plus
     ``g_dropped``, through dropout's mask), from ``g_out`` (B, L, Ev) and ``v_t`` (B, Ev,
-    S). On the CPU (:func:`_inplace_ok`) ``∇P`` is computed :data:`CHUNK_SCORES` elements
-    of entries at a time and ``∇S`` written over ``probs``, so that no second score-sized
+    S). With ``reuse_probs``, on the CPU (:func:`_inplace_ok`), ``∇P`` is computed
+    :data:`CHUNK_SCORES` elements of entries at a time and ``∇S`` written over ``probs``, so that no second score-sized
     buffer exists; each entry's values are those of the one-piece computation (its GEMM,
     epilogue and softmax backward are per entry and per row)."""
     n, lq, s = probs.shape
-    inplace = _inplace_ok(probs)
+    inplace = reuse_probs and _inplace_ok(probs)
     per = max(1, CHUNK_SCORES // max(1, lq * s)) if inplace else max(1, n)
     pieces = []
     for i in range(0, n, per):
@@ -321,7 +345,7 @@ def _transposed(t: torch.Tensor, reuse: bool) -> torch.Tensor:
     at a time), so that the row quantizer, which needs rows contiguous, reads it without
     a second score-sized buffer; the same values in the same layout as the copy
     ``t.mT.reshape(-1, N)`` makes otherwise."""
-    if not reuse or t.shape[1] != t.shape[2] or not t.is_contiguous():
+    if not reuse or t.shape[1] != t.shape[2] or not _inplace_ok(t):
         return t.mT
     for entry in t.unbind(0):
         entry.copy_(entry.mT.clone())
@@ -352,13 +376,14 @@ class _Attention(torch.autograd.Function):
             out, probs, dropped, keep, quant = attention_forward(
                 q.to(dt), k.to(dt), v.to(dt), m, scale, dropout_p, cfg, gens, causal)
         # P is recomputed from Q_f(Q), Q_f(K) in the backward (attention_probs), not saved
-        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)), m, keep)
-        ctx.masked, ctx.compute_dtype = mask is not None and not causal, dt
+        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)),
+                              None if m is None else _compact(m), keep)
+        ctx.masked, ctx.compute_dtype, ctx.backend = mask is not None and not causal, dt, cfg.backend
         ctx.blocks = [x.block for x in quant]
         ctx.state, ctx.scale, ctx.dropout_p = state, scale, dropout_p
         ctx.shapes = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype)
-        ctx.mask_batch = None if mask is None else mask.shape[0]
+        ctx.mask_shape = None if mask is None else mask.shape
         ctx.set_materialize_grads(False)
         weights = dropped.to(out_dtype) if need_weights else out.new_empty(0, dtype=out_dtype)
         if not need_weights:
@@ -368,6 +393,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor | None, g_weights: torch.Tensor | None) -> tuple:
         *codes, mask, keep = ctx.saved_tensors
+        mask = None if mask is None else mask.expand(ctx.mask_shape)
         b, lq, s, e, ev = ctx.shapes
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:4])
         state: BlockState = ctx.state
@@ -381,12 +407,14 @@ class _Attention(torch.autograd.Function):
             gd = None if g_weights is None or g_weights.numel() == 0 else g_weights.to(dt)
             grads = attention_backward(  # P recomputed, held by attention_backward alone
                 g_out.to(dt), gd, quant,
-                attention_probs(quant[0], quant[1], mask, ctx.scale, ctx.shapes, dt, cfg.backend,
-                                ctx.masked),
-                keep, ctx.shapes, ctx.scale, ctx.dropout_p, cfg, gens, needs)
+                attention_probs(quant[0], quant[1], mask, ctx.scale, ctx.shapes, dt, ctx.backend,
+                                ctx.masked),  # the forward's backend: the forward's P
+                keep, ctx.shapes, ctx.scale, ctx.dropout_p, cfg, gens, needs, reuse_probs=True)
         gq, gk, gv, gs = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
-        if gs is not None and ctx.mask_batch == 1 and gs.shape[0] != 1:
-            gs = gs.sum(0, keepdim=True)
+        if gs is not None and len(ctx.mask_shape) == 3 and ctx.mask_shape[0] == 1 and gs.shape[0] != 1:
+            gs = gs.sum(0, keepdim=True)  # one mask for every entry
+        elif gs is not None and len(ctx.mask_shape) > 3:
+            gs = gs.view(ctx.mask_shape)  # the expanded (*lead, L, S) view's gradient
         return gq, gk, gv, gs, None, None, None, None, None, None
 
 

@@ -48,7 +48,9 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int,
                   s: int, like: torch.Tensor) -> torch.Tensor | None:
     """The additive mask as (1, L, S) when it is the same for every batch entry and head,
-    else (B, L, S); bool masks keep ``True`` positions (``False`` → ``-inf``)."""
+    else as (*lead, L, S) — an expanded view of the mask, so that a per-batch mask shared
+    by the heads is not copied per head (whoever saves it keeps only its own storage);
+    bool masks keep ``True`` positions (``False`` → ``-inf``)."""
     if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
         keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
         return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
@@ -67,7 +69,7 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
                            f"attention scores' shape {full}")
     if all(d == 1 for d in m.shape[:-2]):
         return torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, s)).reshape(1, lq, s)
-    return m.expand(full).reshape(-1, lq, s)
+    return m.expand(full)
 
 
 __all__ = ["additive_mask", "check_arguments"]

@@ -501,11 +501,12 @@ def _qkv_heads(b: int = 2, h: int = 3, length: int = 40, hd: int = 8) -> tuple[t
     return tuple(torch.randn(b, h, length, hd, generator=g, requires_grad=True) for _ in range(3))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_attention_saves_no_float_scores(dropout: float) -> None:
+@pytest.mark.parametrize("mask", ["causal", "dropout", "padding-bool", "padding-float"])
+def test_attention_saves_no_float_scores(mask: str) -> None:
     """Between forward and backward the attention keeps Q, K, V and P̃ as int8 codes (and
     dropout's keep mask as bool), never a float (B, L, S) tensor: the backward recomputes
-    P from the codes (``attention_probs``)."""
+    P from the codes (``attention_probs``); a per-batch mask shared by the heads
+    (B, 1, L, S) is kept at its own size, not per head."""
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -513,24 +514,32 @@ def test_attention_saves_no_float_scores(dropout: float) -> None:
         return t
 
     q, k, v = _qkv_heads()
+    b, h, length = q.shape[:3]
+    pad = torch.ones(b, 1, length, length, dtype=torch.bool).tril()
+    kw = {"causal": {"is_causal": True}, "dropout": {"is_causal": True, "dropout_p": 0.3},
+          "padding-bool": {"attn_mask": pad},
+          "padding-float": {"attn_mask": torch.zeros(b, 1, length, length).masked_fill(~pad, -1e4)}}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                           state=dataclasses.replace(FQT))
-    big = [t for t in saved if t.numel() >= q.shape[0] * q.shape[1] * q.shape[2] ** 2]
-    assert big and all(t.dtype in (torch.int8, torch.bool) for t in big), \
-        [(t.dtype, tuple(t.shape)) for t in big]
-    assert sum(t.dtype == torch.bool for t in big) == (1 if dropout else 0)
+        out = scaled_dot_product_attention(q, k, v, state=dataclasses.replace(FQT), **kw[mask])
+    scores = b * h * length ** 2  # elements of one (B·H, L, S) tensor
+    floats = [(tuple(t.shape), t.untyped_storage().nbytes()) for t in saved
+              if t.is_floating_point() and t.untyped_storage().nbytes() >= 4 * scores // 2]
+    assert floats == []  # nothing float of half a score tensor's bytes or more
+    assert sum(t.dtype == torch.int8 and t.numel() == scores for t in saved) == 1  # P̃'s codes
+    assert sum(t.dtype == torch.bool for t in saved) == (1 if mask == "dropout" else 0)
     out.square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 @pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])
+@pytest.mark.parametrize("switch", [False, True], ids=["same-config", "reference-in-backward"])
 def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
-        monkeypatch: pytest.MonkeyPatch, heads: tuple[int, int]) -> None:
+        monkeypatch: pytest.MonkeyPatch, heads: tuple[int, int], switch: bool) -> None:
     """The step with P recomputed in the backward and ∇S computed in pieces of two
     entries over P equals, bit for bit, the backward given the forward's own P in one
     piece (the design that saved P), on the same noise stream: small heads (one batched
-    simulated GEMM) and 64×64 heads (per-head integer GEMMs)."""
+    simulated GEMM) and 64×64 heads (per-head integer GEMMs). P is the forward's even
+    when the state's config moves to the reference backend between forward and backward."""
     from lowbit.noise import NoiseStream
     from lowbit.ops import BlockState
 
@@ -540,6 +549,8 @@ def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
     monkeypatch.setattr(A, "CHUNK_SCORES", 2 * length * length)  # 3 pieces of 2 entries
     state = BlockState(FQT, NoiseStream(seed=3))
     out = scaled_dot_product_attention(q, k, v, is_causal=True, state=state)
+    bwd = dataclasses.replace(FQT, backend="reference") if switch else FQT
+    state.config = bwd
     out.square().sum().backward()
 
     monkeypatch.setattr(A, "CHUNK_SCORES", 1 << 62)  # one piece
@@ -552,11 +563,41 @@ def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
         causal=True)
     assert torch.equal(o, out.detach().reshape(b * h, length, hd))
     grads = A.attention_backward(2 * o, None, quant, probs, keep, (b * h, length, length, hd, hd),
-                                 hd ** -0.5, 0.0, FQT,
-                                 replay.backward_generators(q.device, A._backward_paths(FQT)),
+                                 hd ** -0.5, 0.0, bwd,
+                                 replay.backward_generators(q.device, A._backward_paths(bwd)),
                                  (True, True, True, False))
     for got, want in zip((q.grad, k.grad, v.grad), grads):
         assert torch.equal(got.reshape(b * h, length, hd), want)
+
+
+def test_double_backward_through_attention() -> None:
+    """``create_graph=True`` (a double backward: ``lowbit.analysis.jacobian_spectrum``)
+    runs every score-sized kernel out of place, with the same first-order gradients."""
+    grads = []
+    for create_graph in (False, True):
+        q, k, v = _qkv_heads()
+        mask = torch.zeros(2, 1, 40, 40, requires_grad=True)
+        for recipe in ("qat-8", "fqt-psq-8"):
+            cfg = FQTConfig.from_recipe(recipe, seed=0)
+            out = scaled_dot_product_attention(q, k, v, mask, state=cfg)
+            g = torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=create_graph)
+            if create_graph:
+                sum(x.square().sum() for x in g).backward()  # through the first backward
+                assert q.grad is not None and torch.isfinite(q.grad).all()
+            grads.append([x.detach() for x in g])
+    for a, b in zip(grads[:2], grads[2:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_public_attention_backward_reads_probs_only() -> None:
+    """``attention_backward`` leaves the caller's ``probs`` (which is also the forward's
+    returned P̃ without dropout) as it was, unless handed over with ``reuse_probs``."""
+    q, k, v = (t.detach().reshape(6, 40, 8) for t in _qkv_heads())
+    o, probs, dropped, keep, quant = A.attention_forward(q, k, v, None, 8 ** -0.5, 0.0, FQT, {})
+    before = probs.clone()
+    A.attention_backward(2 * o, None, quant, probs, keep, (6, 40, 40, 8, 8), 8 ** -0.5, 0.0, FQT,
+                         {}, (True, True, True, False))
+    assert dropped is probs and torch.equal(probs, before)
 
 
 def test_tinygpt_attention_converts_and_trains() -> None:
