@@ -321,22 +321,22 @@ def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: t
     :data:`CHUNK_SCORES` elements of entries at a time and ``∇S`` written over ``probs``, so that no second score-sized
     buffer exists; each entry's values are those of the one-piece computation (its GEMM,
     epilogue and softmax backward are per entry and per row)."""
-    n, lq, s = probs.shape
-    inplace = reuse_probs and _inplace_ok(probs)
-    per = max(1, CHUNK_SCORES // max(1, lq * s)) if inplace else max(1, n)
-    pieces = []
-    for i in range(0, n, per):
-        j = min(n, i + per)
-        gp = batched_mm(g_out.entries(i, j), v_t.entries(i, j), backend, dtype, "∇P")  # new
+    def grad_probs(i: int, j: int) -> torch.Tensor:  # ∇P of entries i:j, a new tensor
+        gp = batched_mm(g_out.entries(i, j), v_t.entries(i, j), backend, dtype, "∇P")
         if g_dropped is not None:
             gp = gp.add_(g_dropped[i:j])
         if keep is not None:
             gp = gp.mul_(keep[i:j]).mul_(_dropout_scale(dropout_p))
-        if inplace:
-            torch._softmax_backward_data(gp, probs[i:j], -1, dtype, grad_input=probs[i:j])
-        else:
-            pieces.append(torch._softmax_backward_data(gp, probs[i:j], -1, dtype))
-    return probs if inplace or not pieces else pieces[0]
+        return gp
+
+    n, lq, s = probs.shape
+    if not (reuse_probs and _inplace_ok(probs)):
+        return torch._softmax_backward_data(grad_probs(0, n), probs, -1, dtype)
+    per = max(1, CHUNK_SCORES // max(1, lq * s))
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        torch._softmax_backward_data(grad_probs(i, j), probs[i:j], -1, dtype, grad_input=probs[i:j])
+    return probs
 
 
 def _transposed(t: torch.Tensor, reuse: bool) -> torch.Tensor:
