@@ -11,6 +11,9 @@ Toggles (each is "on" as lowbit ships it):
                autograd fills them (the behaviour before issue 14)
   hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
                batched GEMM); off: a sign pass and the block GEMM (bitwise the same)
+  amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds on lowbit's AMX
+               kernel (``lowbit.kernels.amx``); off: all on ``torch._int_mm`` (the same
+               sums). Needs a CPU with AMX.
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -80,8 +83,20 @@ def _hadamard_fold() -> Callable[[bool], None]:
     return switch
 
 
+def _amx() -> Callable[[bool], None]:
+    from lowbit.kernels import amx
+
+    if not amx.available():
+        raise SystemExit("no AMX kernel on this machine (lowbit.kernels.amx.available() is False)")
+    threshold = amx.MIN_MACS
+
+    def switch(on: bool) -> None:
+        amx.MIN_MACS = threshold if on else 1 << 62
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
-    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold}
+    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx}
 
 
 def main(argv: list[str] | None = None) -> int:

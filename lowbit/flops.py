@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .kernels import amx as _amx  # noqa: F401  (defines lowbit::amx_int_mm)
+
 aten = torch.ops.aten
 
 
@@ -140,6 +142,14 @@ def _qconv(args: Sequence[Any], out: Any) -> list[Part]:
     x, w = args[0], args[3]
     return [Part(None, conv_flops(x.shape, w.shape, out.shape, False), (x, w))]
 
+
+def _mm_into(args: Sequence[Any], out: Any) -> list[Part]:
+    """``lowbit::amx_int_mm(a, b, out)``: ``a @ b`` written into ``out``, ``2·m·k·n``."""
+    a, b = args[0], args[1]
+    return [Part(None, 2 * a.shape[0] * a.shape[1] * b.shape[1], (a, b))]
+
+
+FORMULAS[torch.ops.lowbit.amx_int_mm] = _mm_into
 
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv

@@ -229,7 +229,9 @@ class GemmTracer(TorchDispatchMode):
             if out is not NotImplemented:
                 return out
         key = _python_kernel_key(func, args)
-        if key is not None:  # a custom op: run its kernel with this mode on, to see inside
+        if key is not None and func.overloadpacket not in flops.FORMULAS:
+            # a custom op: run its kernel with this mode on, to see inside (one with a
+            # FLOP formula, lowbit::amx_int_mm, is a GEMM itself: observed below)
             with self:
                 return func._op_dk(key, *args, **kwargs)
         out = func(*args, **kwargs)

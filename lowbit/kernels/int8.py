@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import amx
 from .encoded import Encoded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,8 +86,12 @@ def dense(t: torch.Tensor) -> torch.Tensor:
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
-    into ``out`` ((M, N) int32, contiguous) if given: operands whose strides ``_int_mm``
-    would misread are copied first (:func:`dense`)."""
+    into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
+    :func:`amx.worth_it` picks run on :mod:`.amx`'s kernel (it reads any strides);
+    elsewhere on ``torch._int_mm``, operands whose strides it would misread
+    copied first (:func:`dense`). Both give the same int32 sums."""
+    if a_codes.device.type == "cpu" and amx.worth_it(a_codes, b_codes) and amx.available():
+        return amx.int_mm(a_codes, b_codes, out)
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)

@@ -1,0 +1,215 @@
+"""int8 × int8 → int32 GEMM on Intel AMX, for CPUs where ``torch._int_mm`` does not use it.
+
+PyTorch 2.13's ``torch._int_mm`` on the CPU runs oneDNN's ``gemm_api`` s8·s8 kernel,
+which does not use AMX; oneDNN's AMX int8 matmul (``onednn::qlinear_pointwise``) needs
+its weight prepacked by a reorder that costs more than the GEMM it saves (docs/
+benchmarks.md, "GEMM paths"). This module compiles ``amx_int8.c`` — TDPBSSD (signed ×
+signed bytes, int32 sums) on 2 × 2 accumulator tiles, with its own cheap packing of the
+right operand into the VNNI layout — with the system C compiler on first use, caches the
+shared library (``$LOWBIT_CACHE_DIR``, default ``~/.cache/lowbit``), loads it with
+:mod:`ctypes` and exposes it as the ``torch.library`` op ``lowbit::amx_int_mm`` so that
+``lowbit.coverage`` and ``FlopCounterMode`` see it like ``torch._int_mm``.
+
+The result is the exact int32 sum, the same as ``torch._int_mm``'s (for ``K ≤``
+:data:`lowbit.kernels.int8.MAX_K`, checked by the caller): a self-test compares the two
+on random and extreme codes before the kernel is used, and the library is not used when
+it fails (a warning says so). It is used only where :func:`available` — x86-64 Linux,
+a CPU with ``amx_tile`` and ``amx_int8``, the kernel's permission for AMX state granted
+(Linux ≥ 5.16), a C compiler, ``LOWBIT_AMX`` not ``0`` — and for the products where it is
+faster (:func:`worth_it`: large, with many rows, the left operand row-major).
+Elsewhere :func:`lowbit.kernels.int8.int_mm` runs ``torch._int_mm`` as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("amx_int8.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
+MIN_ROWS = 256  # below, packing b costs more than the GEMM saves (a convolution's ∇W: 16–64 rows)
+MIN_MACS = 1 << 25  # m·k·n: 2048·128·128; attention heads (512·64·512 = 2²⁴) stay on _int_mm (benchmarks/probes/amx_int_mm.py)
+
+_I64 = ctypes.c_int64
+_ARGTYPES = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,
+             ctypes.c_void_p, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports the ``amx_tile`` and ``amx_int8`` flags (Linux
+    ``/proc/cpuinfo``; ``False`` elsewhere)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"amx_tile", "amx_int8"} <= flags
+    except OSError:
+        return False
+    return False
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept: ``$LOWBIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
+    root = os.environ.get("LOWBIT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
+
+
+def _compile(cc: str) -> Path:
+    """The shared library built from :data:`SOURCE` with ``cc``; cached under a name that
+    hashes the source, the flags and the compiler's version, written atomically (a
+    temporary file renamed) so that concurrent processes never load a partial file."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"amx_int8-{key[:16]}.so"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                           check=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """The kernel's sums equal ``torch._int_mm``'s on random codes, on the extreme codes
+    (−128 · −128 summed over a long ``K``), for every operand layout the kernel reads
+    and for shapes with tails in every dimension."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for m, k, n in ((37, 130, 45), (64, 256, 64)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+        cases += [(a, b), (a.t().contiguous().t(), b.t().contiguous().t())]
+    cases.append((torch.full((32, 4096), -128, dtype=torch.int8),
+                  torch.full((4096, 32), -128, dtype=torch.int8)))
+    for a, b in cases:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+        _call(lib, a, b, out, 1)
+        if not torch.equal(out, torch._int_mm(a.contiguous(), b.contiguous())):
+            return False
+    return True
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LOWBIT_AMX", "1") == "0" or not cpu_has_amx():
+        return None
+    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if cc is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compile(cc)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"lowbit: the AMX int8 GEMM could not be built ({detail.strip()[:300]}); "
+                      "torch._int_mm is used instead", RuntimeWarning, stacklevel=3)
+        return None
+    lib.lowbit_amx_request.restype = ctypes.c_int
+    if not lib.lowbit_amx_request():  # the kernel refuses AMX state (Linux < 5.16)
+        return None
+    lib.lowbit_amx_int_mm.restype = None
+    lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
+    if not _self_test(lib):
+        warnings.warn("lowbit: the AMX int8 GEMM's self-test differs from torch._int_mm; "
+                      "torch._int_mm is used instead", RuntimeWarning, stacklevel=3)
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the AMX kernel can run here (module docstring). Builds and self-tests it
+    on the first call (≈ 1 s with an empty cache)."""
+    return _library() is not None
+
+
+def worth_it(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the (m, k) × (k, n) product ``a @ b`` is one where the AMX kernel beats
+    ``torch._int_mm`` (benchmarks/probes/amx_int_mm.py): at least :data:`MIN_MACS`
+    multiply-adds, at least :data:`MIN_ROWS` rows to share the packing of ``b``, and
+    ``a`` read in place (row-major: a transposed ``a``, as in a Linear's ∇W, costs a
+    transpose that ``_int_mm`` does not pay)."""
+    m, k = a.shape
+    return a.stride(1) == 1 and m >= MIN_ROWS and m * k * b.shape[1] >= MIN_MACS
+
+
+def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+          threads: int) -> None:
+    m, k = a.shape
+    n = b.shape[1]
+    kp, np_, mp = -(-k // 64) * 64, -(-n // 16) * 16, -(-m // 16) * 16
+    packed_b = torch.empty(np_ * kp, dtype=torch.int8)
+    direct_a = a.stride(1) == 1 and k == kp and m == mp
+    packed_a = torch.empty(0 if direct_a else mp * kp, dtype=torch.int8)
+    lib.lowbit_amx_int_mm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
+                          b.stride(1), m, k, n, out.data_ptr(), out.stride(0), packed_b.data_ptr(),
+                          packed_a.data_ptr(), threads)
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or out.dtype != torch.int32:
+        raise TypeError(f"lowbit::amx_int_mm takes int8 operands and an int32 out, got "
+                        f"{a.dtype}, {b.dtype}, {out.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] \
+            or tuple(out.shape) != (a.shape[0], b.shape[1]):
+        raise ValueError(f"lowbit::amx_int_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} "
+                         f"into {tuple(out.shape)} do not match")
+    if out.stride(1) != 1 or out.stride(0) < out.shape[1]:
+        raise ValueError("lowbit::amx_int_mm writes a row-major out (stride (≥ N, 1))")
+
+
+_LIB = torch.library.Library("lowbit", "FRAGMENT")
+_LIB.define("amx_int_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()")
+
+
+def _amx_int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    _check(a, b, out)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lowbit::amx_int_mm: the AMX kernel is not available on this machine "
+                           "(lowbit.kernels.amx.available() is False)")
+    _call(lib, a, b, out, torch.get_num_threads())
+
+
+_LIB.impl("amx_int_mm", _amx_int_mm_cpu, "CPU")
+
+
+@torch.library.register_fake("lowbit::amx_int_mm", lib=_LIB)
+def _(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    _check(a, b, out)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides) as the exact int32 sum,
+    into ``out`` ((M, N) int32, row-major) if given, on the AMX kernel. Raises
+    ``RuntimeError`` where :func:`available` is false, ``TypeError``/``ValueError`` for
+    wrong dtypes or shapes."""
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    torch.ops.lowbit.amx_int_mm(a, b, out)
+    return out
+
+
+__all__ = ["MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "worth_it"]
