@@ -7,7 +7,8 @@ with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementa
   it defines the semantics;
 * ``compiled`` (cpu, cuda): the same function fused by ``torch.compile``
   (:mod:`.compiled`), for tensors large enough to pay for a compiled call;
-* ``int8`` (``torch._int_mm``, :mod:`.int8`) and ``fp8`` (``torch._scaled_mm``, :mod:`.fp8`):
+* ``int8`` (``torch._int_mm``, or lowbit's AMX kernel :mod:`.amx` on CPUs with AMX;
+  :mod:`.int8`) and ``fp8`` (``torch._scaled_mm``, :mod:`.fp8`):
   real low-bit GEMMs, exact where the scales sit on non-summed dimensions.
 
 The backend is decided once per call: :func:`kernels_for` resolves a :class:`Backend`

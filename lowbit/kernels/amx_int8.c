@@ -162,17 +162,21 @@ static void pack_a(const int8_t *A, int64_t M, int64_t K, int64_t sm, int64_t sk
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
-        if (m0 + 16 > M) memset(Ap + m0 * Kp, 0, 16 * Kp);
-        for (int64_t k0 = 0; k0 < Kp; k0 += 16) {
-            if (sm == 1 && m0 + 16 <= M && k0 + 16 <= K) {
-                transpose16(A + k0 * sk + m0, sk, Ap + m0 * Kp + k0, Kp);
-                continue;
-            }
-            for (int64_t m = m0; m < m0 + 16 && m < M; m++)
-                for (int64_t k = k0; k < k0 + 16; k++)
-                    Ap[m * Kp + k] = k < K ? A[m * sm + k * sk] : 0;
-        }
+    for (int64_t m0 = 0; m0 < Mp; m0 += 64) { /* 64 x 64 blocks: whole cache lines read */
+        const int64_t m1 = m0 + 64 < Mp ? m0 + 64 : Mp;
+        for (int64_t m = m0; m < m1; m++)
+            if (m >= M) memset(Ap + m * Kp, 0, Kp);
+        for (int64_t k0 = 0; k0 < Kp; k0 += 64)
+            for (int64_t kk = k0; kk < k0 + 64; kk += 16)
+                for (int64_t mm = m0; mm < m1 && mm < M; mm += 16) {
+                    if (sm == 1 && mm + 16 <= M && kk + 16 <= K) {
+                        transpose16(A + kk * sk + mm, sk, Ap + mm * Kp + kk, Kp);
+                        continue;
+                    }
+                    for (int64_t m = mm; m < mm + 16 && m < M; m++)
+                        for (int64_t k = kk; k < kk + 16; k++)
+                            Ap[m * Kp + k] = k < K ? A[m * sm + k * sk] : 0;
+                }
     }
 }
 
