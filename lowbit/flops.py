@@ -143,13 +143,7 @@ def _qconv(args: Sequence[Any], out: Any) -> list[Part]:
     return [Part(None, conv_flops(x.shape, w.shape, out.shape, False), (x, w))]
 
 
-def _mm_into(args: Sequence[Any], out: Any) -> list[Part]:
-    """``lowbit::amx_int_mm(a, b, out)``: ``a @ b`` written into ``out``, ``2·m·k·n``."""
-    a, b = args[0], args[1]
-    return [Part(None, 2 * a.shape[0] * a.shape[1] * b.shape[1], (a, b))]
-
-
-FORMULAS[torch.ops.lowbit.amx_int_mm] = _mm_into
+FORMULAS[torch.ops.lowbit.amx_int_mm] = _mm(0, 1)  # lowbit.kernels.amx's int8 GEMM
 
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv

@@ -8,15 +8,17 @@ signed bytes, int32 sums) on 2 × 2 accumulator tiles, with its own cheap packin
 right operand into the VNNI layout — with the system C compiler on first use, caches the
 shared library (``$LOWBIT_CACHE_DIR``, default ``~/.cache/lowbit``), loads it with
 :mod:`ctypes` and exposes it as the ``torch.library`` op ``lowbit::amx_int_mm`` so that
-``lowbit.coverage`` and ``FlopCounterMode`` see it like ``torch._int_mm``.
+``lowbit.coverage`` counts it as an int8 GEMM, as it counts ``torch._int_mm``.
 
 The result is the exact int32 sum, the same as ``torch._int_mm``'s (for ``K ≤``
 :data:`lowbit.kernels.int8.MAX_K`, checked by the caller): a self-test compares the two
-on random and extreme codes before the kernel is used, and the library is not used when
-it fails (a warning says so). It is used only where :func:`available` — x86-64 Linux,
+on random and extreme codes, with one thread and with two, before the kernel is used,
+and the library is not used when it fails (a warning says so). The build and the
+self-test run outside ``torch.compile`` and outside any dispatch mode (a coverage trace,
+``FlopCounterMode``), so they are never traced or counted. It is used only where :func:`available` — x86-64 Linux,
 a CPU with ``amx_tile`` and ``amx_int8``, the kernel's permission for AMX state granted
-(Linux ≥ 5.16), a C compiler, ``LOWBIT_AMX`` not ``0`` — and for the products where it is
-faster (:func:`worth_it`: large, with many rows, the left operand row-major).
+(Linux ≥ 5.16), a C compiler (``$CC``, else ``gcc``, else ``cc``), ``LOWBIT_AMX`` not
+``0`` — and for the products where it is faster (:func:`worth_it`, on shapes alone).
 Elsewhere :func:`lowbit.kernels.int8.int_mm` runs ``torch._int_mm`` as before.
 """
 
@@ -27,6 +29,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -34,11 +37,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
 MIN_ROWS = 256  # below, packing b costs more than the GEMM saves (a convolution's ∇W: 16–64 rows)
-MIN_MACS = 1 << 25  # m·k·n: 2048·128·128; attention heads (512·64·512 = 2²⁴) stay on _int_mm (benchmarks/probes/amx_int_mm.py)
+MIN_MACS = 1 << 25  # m·k·n: below, the op's fixed cost (≈ 15 µs) outweighs the gain
+MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes (= int8.MAX_K)
 
 _I64 = ctypes.c_int64
 _ARGTYPES = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,
@@ -71,20 +76,21 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
 
 
-def _compile(cc: str) -> Path:
-    """The shared library built from :data:`SOURCE` with ``cc``; cached under a name that
-    hashes the source, the flags and the compiler's version, written atomically (a
-    temporary file renamed) so that concurrent processes never load a partial file."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+def _compile(cc: list[str]) -> Path:
+    """The shared library built from :data:`SOURCE` with the compiler command ``cc``;
+    cached under a name that hashes the source, the flags and the compiler's version,
+    written atomically (a temporary file renamed) so that concurrent processes never load
+    a partial file."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"amx_int8-{key[:16]}.so"
     if not path.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        fd, tmp = tempfile.mkstemp(prefix="amx_int8-building-", suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                            check=True)
             os.replace(tmp, path)
         finally:
@@ -94,48 +100,70 @@ def _compile(cc: str) -> Path:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """The kernel's sums equal ``torch._int_mm``'s on random codes, on the extreme codes
-    (−128 · −128 summed over a long ``K``), for every operand layout the kernel reads
-    and for shapes with tails in every dimension."""
+    """The kernel's sums equal ``torch._int_mm``'s: random codes in both operand layouts
+    with tails in every dimension, more than one panel of columns, a long ``K`` over few
+    blocks (split between threads), and the extreme codes (−128 · −128 summed over a
+    long ``K``); with one thread and with two."""
     g = torch.Generator().manual_seed(0)
     cases = []
-    for m, k, n in ((37, 130, 45), (64, 256, 64)):
+    for m, k, n in ((37, 130, 45), (64, 256, 300), (16, 1000, 48)):
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
         cases += [(a, b), (a.t().contiguous().t(), b.t().contiguous().t())]
     cases.append((torch.full((32, 4096), -128, dtype=torch.int8),
                   torch.full((4096, 32), -128, dtype=torch.int8)))
     for a, b in cases:
-        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
-        _call(lib, a, b, out, 1)
-        if not torch.equal(out, torch._int_mm(a.contiguous(), b.contiguous())):
-            return False
+        want = torch._int_mm(a.contiguous(), b.contiguous())
+        for threads in (1, 2):
+            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+            _call(lib, a, b, out, threads)
+            if not torch.equal(out, want):
+                return False
     return True
 
 
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
+    else ``gcc``, else ``cc``; ``None`` when none is found."""
+    env = shlex.split(os.environ.get("CC", ""))
+    if env and shutil.which(env[0]):
+        return env
+    found = shutil.which("gcc") or shutil.which("cc")
+    return [found] if found else None
+
+
+def _warn(why: str) -> None:
+    warnings.warn(f"lowbit: the AMX int8 GEMM is not used: {why}; torch._int_mm runs instead",
+                  RuntimeWarning, stacklevel=4)
+
+
 @functools.cache
+@torch.compiler.disable
 def _library() -> ctypes.CDLL | None:
+    """The loaded, self-tested library, or ``None`` (module docstring). Runs eagerly
+    and with every dispatch mode suspended: its own GEMMs are not the caller's."""
     if os.environ.get("LOWBIT_AMX", "1") == "0" or not cpu_has_amx():
         return None
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    cc = _compiler()
     if cc is None:
+        _warn("no C compiler found (set CC)")
         return None
-    try:
-        lib = ctypes.CDLL(str(_compile(cc)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"lowbit: the AMX int8 GEMM could not be built ({detail.strip()[:300]}); "
-                      "torch._int_mm is used instead", RuntimeWarning, stacklevel=3)
-        return None
-    lib.lowbit_amx_request.restype = ctypes.c_int
-    if not lib.lowbit_amx_request():  # the kernel refuses AMX state (Linux < 5.16)
-        return None
-    lib.lowbit_amx_int_mm.restype = None
-    lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
-    if not _self_test(lib):
-        warnings.warn("lowbit: the AMX int8 GEMM's self-test differs from torch._int_mm; "
-                      "torch._int_mm is used instead", RuntimeWarning, stacklevel=3)
-        return None
+    with _disable_current_modes():
+        try:
+            lib = ctypes.CDLL(str(_compile(cc)))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            _warn(f"it could not be built ({detail.strip()[:300]})")
+            return None
+        lib.lowbit_amx_request.restype = ctypes.c_int
+        if not lib.lowbit_amx_request():
+            _warn("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; needs Linux ≥ 5.16)")
+            return None
+        lib.lowbit_amx_int_mm.restype = None
+        lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
+        if not _self_test(lib):
+            _warn("its self-test differs from torch._int_mm")
+            return None
     return lib
 
 
@@ -145,18 +173,20 @@ def available() -> bool:
     return _library() is not None
 
 
-def worth_it(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the (m, k) × (k, n) product ``a @ b`` is one where the AMX kernel beats
-    ``torch._int_mm`` (benchmarks/probes/amx_int_mm.py): at least :data:`MIN_MACS`
-    multiply-adds, at least :data:`MIN_ROWS` rows to share the packing of ``b``, and
-    ``a`` read in place (row-major: a transposed ``a``, as in a Linear's ∇W, costs a
-    transpose that ``_int_mm`` does not pay)."""
-    m, k = a.shape
-    return a.stride(1) == 1 and m >= MIN_ROWS and m * k * b.shape[1] >= MIN_MACS
+def worth_it(m: int, k: int, n: int) -> bool:
+    """Whether an (m, k) × (k, n) product is one where the AMX kernel is worth running
+    (benchmarks/probes/amx_int_mm.py): at least :data:`MIN_MACS` multiply-adds and at
+    least :data:`MIN_ROWS` rows to share the packing of the right operand. On shapes
+    alone, so that ``lowbit.coverage`` (whose trace may see other operand layouts than a
+    compiled step) reports the kernel that training runs."""
+    return m >= MIN_ROWS and m * k * n >= MIN_MACS
 
 
+@torch.compiler.disable
 def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
           threads: int) -> None:
+    """The C kernel on ``a``, ``b`` into ``out``; its two packing buffers are allocated
+    here and referenced until the call returns."""
     m, k = a.shape
     n = b.shape[1]
     kp, np_, mp = -(-k // 64) * 64, -(-n // 16) * 16, -(-m // 16) * 16
@@ -166,50 +196,49 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     lib.lowbit_amx_int_mm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
                           b.stride(1), m, k, n, out.data_ptr(), out.stride(0), packed_b.data_ptr(),
                           packed_a.data_ptr(), threads)
+    del packed_a, packed_b  # alive until here
 
 
-def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or out.dtype != torch.int32:
-        raise TypeError(f"lowbit::amx_int_mm takes int8 operands and an int32 out, got "
-                        f"{a.dtype}, {b.dtype}, {out.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] \
-            or tuple(out.shape) != (a.shape[0], b.shape[1]):
-        raise ValueError(f"lowbit::amx_int_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} "
-                         f"into {tuple(out.shape)} do not match")
-    if out.stride(1) != 1 or out.stride(0) < out.shape[1]:
-        raise ValueError("lowbit::amx_int_mm writes a row-major out (stride (≥ N, 1))")
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"lowbit::amx_int_mm takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"lowbit::amx_int_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    if a.shape[1] > MAX_K:
+        raise ValueError(f"lowbit::amx_int_mm: K = {a.shape[1]} > {MAX_K}, past which an int32 "
+                         "sum of int8 codes can overflow (split the sum)")
 
 
 _LIB = torch.library.Library("lowbit", "FRAGMENT")
-_LIB.define("amx_int_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()")
+_LIB.define("amx_int_mm(Tensor a, Tensor b) -> Tensor")
 
 
-def _amx_int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    _check(a, b, out)
+def _amx_int_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b)
     lib = _library()
     if lib is None:
         raise RuntimeError("lowbit::amx_int_mm: the AMX kernel is not available on this machine "
                            "(lowbit.kernels.amx.available() is False)")
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
     _call(lib, a, b, out, torch.get_num_threads())
+    return out
 
 
 _LIB.impl("amx_int_mm", _amx_int_mm_cpu, "CPU")
 
 
 @torch.library.register_fake("lowbit::amx_int_mm", lib=_LIB)
-def _(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    _check(a, b, out)
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
-def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides) as the exact int32 sum,
-    into ``out`` ((M, N) int32, row-major) if given, on the AMX kernel. Raises
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K`)
+    as the exact int32 sum, a new (M, N) row-major tensor, on the AMX kernel. Raises
     ``RuntimeError`` where :func:`available` is false, ``TypeError``/``ValueError`` for
     wrong dtypes or shapes."""
-    if out is None:
-        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
-    torch.ops.lowbit.amx_int_mm(a, b, out)
-    return out
+    return torch.ops.lowbit.amx_int_mm(a, b)
 
 
-__all__ = ["MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "worth_it"]
+__all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "worth_it"]

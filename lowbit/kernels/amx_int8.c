@@ -8,13 +8,14 @@
  * Method (Intel SDM vol. 1 ch. 18 "Intel AMX"; TDPBSSD: signed x signed bytes, int32
  * accumulate): B is first packed into the VNNI layout TDPBSSD reads -- for each block of
  * 16 columns, rows of 64 bytes holding 4 consecutive k of each of the 16 columns -- with
- * K padded by zeros to a multiple of 64 and N to a multiple of 32. A is read in place
- * when it is row-major with K a multiple of 64 (tiles of 16 rows x 64 bytes, row stride
- * lda); otherwise it is first copied row-major, zero-padded. Each 32 x 32 block of C is
- * four accumulator tiles (2 x 2), summed over K in steps of 64 with two A tiles and two
- * B tiles. Blocks that reach past M or N are stored to a local buffer and copied.
- * Threads (OpenMP) split the (256-column panel, 32-row block) pairs; each thread
- * configures its own tiles (tile state is per thread) and releases them.
+ * K padded by zeros to a multiple of 64 and N to a multiple of 16. A is read in place
+ * when it is row-major with K a multiple of 64 and M a multiple of 16 (tiles of 16 rows
+ * x 64 bytes, row stride lda); otherwise it is first copied row-major, zero-padded. Each
+ * 32 x 32 block of C is four accumulator tiles (2 x 2), summed over K in steps of 64
+ * with two A tiles and two B tiles (fewer at a 16-row or 16-column edge). Blocks that
+ * reach past M or N are stored to a local buffer and copied. Threads (OpenMP) split the
+ * (256-column panel, 32-row block) pairs, or K when there are fewer pairs than threads;
+ * each thread configures its own tiles (tile state is per thread) and releases them.
  *
  * Zero padding adds exact zeros, so the sums are those of the unpadded operands.
  */
@@ -265,6 +266,23 @@ static void run_blocks(const int8_t *a, int64_t lda, const int8_t *Bp, int64_t K
     }
 }
 
+/* Every block of C over the whole K, threads splitting the (panel, 32-row block) pairs. */
+static void run_all(const int8_t *a, int64_t lda, const int8_t *Bp, int64_t Kp, int64_t Mp,
+                    int64_t Np, int32_t *C, int64_t ldc, int64_t M, int64_t N, int threads) {
+    const int64_t KK = Kp / 4, MB = (Mp + 31) / 32, NB = (Np + 31) / 32;
+    const int64_t panels = (NB + PANEL_BLOCKS - 1) / PANEL_BLOCKS;
+#pragma omp parallel num_threads(threads)
+    {
+        configure();
+        int32_t buf[16 * 16];
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t p = 0; p < panels; p++)
+            for (int64_t mb = 0; mb < MB; mb++)
+                run_blocks(a, lda, Bp, KK, Mp, Np, p, mb, 0, Kp, C, ldc, M, N, buf);
+        _tile_release();
+    }
+}
+
 /* C = A @ B. Bp: workspace of Np*Kp bytes, Ap: of Mp*Kp bytes (Kp = K rounded up to 64,
  * Mp and Np = M and N rounded up to 16); Ap is used unless A is row-major with
  * K % 64 == 0 and M % 16 == 0. Threads split the (panel, 32-row block) pairs; where
@@ -290,19 +308,14 @@ void lowbit_amx_int_mm(const int8_t *A, int64_t sam, int64_t sak, const int8_t *
     const int64_t panels = (NB + PANEL_BLOCKS - 1) / PANEL_BLOCKS;
     const int64_t split = panels * MB < threads && KC > 1 ? (threads < KC ? threads : KC) : 1;
     if (split == 1) {
-#pragma omp parallel num_threads(threads)
-        {
-            configure();
-            int32_t buf[16 * 16];
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t p = 0; p < panels; p++)
-                for (int64_t mb = 0; mb < MB; mb++)
-                    run_blocks(a, lda, Bp, KK, Mp, Np, p, mb, 0, Kp, C, ldc, M, N, buf);
-            _tile_release();
-        }
+        run_all(a, lda, Bp, Kp, Mp, Np, C, ldc, M, N, threads);
         return;
     }
     int32_t *parts = (int32_t *)malloc((size_t)(split * M * N) * sizeof(int32_t));
+    if (parts == NULL) { /* no memory for the split: the same sums, one block per thread */
+        run_all(a, lda, Bp, Kp, Mp, Np, C, ldc, M, N, threads);
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t s = 0; s < split; s++) {
         int32_t buf[16 * 16];

@@ -87,11 +87,12 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
            ) -> torch.Tensor:
     """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
     into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
-    :func:`amx.worth_it` picks run on :mod:`.amx`'s kernel (it reads any strides);
-    elsewhere on ``torch._int_mm``, operands whose strides it would misread
+    :func:`amx.worth_it` picks (and no ``out``) run on :mod:`.amx`'s kernel (it reads
+    any strides); elsewhere on ``torch._int_mm``, operands whose strides it would misread
     copied first (:func:`dense`). Both give the same int32 sums."""
-    if a_codes.device.type == "cpu" and amx.worth_it(a_codes, b_codes) and amx.available():
-        return amx.int_mm(a_codes, b_codes, out)
+    if out is None and a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, b_codes.shape[1]) \
+            and amx.available():
+        return amx.int_mm(a_codes, b_codes)
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)

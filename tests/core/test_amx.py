@@ -1,15 +1,17 @@
 """lowbit.kernels.amx: the AMX int8 GEMM gives the exact int32 sums of ``torch._int_mm``
 on every layout, tail and thread count; lowbit's training step is bitwise the same with
-it and without it; coverage counts it as an int8 GEMM; and where it cannot be built or
-is switched off, lowbit falls back to ``torch._int_mm`` with a warning, never silently
-wrong. The kernel tests need a CPU with AMX (skipped elsewhere: CI's fallback tests run
-everywhere)."""
+it and without it; coverage counts it as an int8 GEMM in the right phase; its first use
+inside a coverage trace or ``torch.compile`` is neither counted nor traced; and where it
+cannot be built or is switched off, lowbit falls back to ``torch._int_mm`` with a
+warning, never silently wrong. The kernel tests need a CPU with AMX (skipped elsewhere;
+the fallback tests run everywhere)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -18,7 +20,15 @@ from torch import nn
 import lowbit
 from lowbit.kernels import amx, int8
 
-needs_amx = pytest.mark.skipif(not amx.available(), reason="needs a CPU with AMX (amx_tile, amx_int8)")
+# Skipped only where the kernel is not meant to run, never because its self-test failed
+# (test_kernel_builds_and_passes_its_self_test fails then).
+WANTED = amx.cpu_has_amx() and os.environ.get("LOWBIT_AMX", "1") != "0" and amx._compiler() is not None
+needs_amx = pytest.mark.skipif(not WANTED, reason="needs a CPU with AMX (amx_tile, amx_int8) and a C compiler")
+
+
+@needs_amx
+def test_kernel_builds_and_passes_its_self_test() -> None:
+    assert amx.available()
 
 
 def _codes(shape: tuple[int, int], transposed: bool, g: torch.Generator) -> torch.Tensor:
@@ -33,8 +43,21 @@ def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
 
 
+class _threads:
+    """``torch.set_num_threads(n)`` for a ``with`` block."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
 SHAPES = [(1, 1, 1), (16, 64, 16), (17, 33, 1), (37, 130, 45), (48, 200, 31), (64, 640, 192),
-          (100, 63, 70), (16, 5000, 48), (300, 257, 129)]
+          (100, 63, 70), (16, 5000, 48), (300, 257, 129), (40, 128, 600)]
 
 
 @needs_amx
@@ -44,67 +67,69 @@ SHAPES = [(1, 1, 1), (16, 64, 16), (17, 33, 1), (37, 130, 45), (48, 200, 31), (6
 def test_amx_sums_are_exact(m: int, k: int, n: int, a_t: bool, b_t: bool, threads: int) -> None:
     """Every dimension with and without a tail (M, N not multiples of 16 or 32, K not of
     64), both operand layouts, one thread, two, and more threads than blocks (the K
-    split: (16, 5000, 48) has one block)."""
+    split: (16, 5000, 48) has one block); more than one 256-column panel (N = 600)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     a, b = _codes((m, k), a_t, g), _codes((k, n), b_t, g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         got = amx.int_mm(a, b)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(got, _exact(a, b))
 
 
 @needs_amx
 def test_amx_longest_exact_sum_of_extreme_codes() -> None:
     """``K = MAX_K`` products of −128 · −128 (the largest int32 sum lowbit allows:
-    2,147,467,264) and of −128 · 127, as ``_int_mm`` gives them."""
+    2,147,467,264) and of −128 · 127, as ``_int_mm`` gives them; split over 2 threads."""
     k = int8.MAX_K
     a = torch.full((16, k), -128, dtype=torch.int8)
     b = torch.full((k, 16), -128, dtype=torch.int8)
     b[:, 8:] = 127
-    got = amx.int_mm(a, b)
+    with _threads(2):
+        got = amx.int_mm(a, b)
     assert torch.equal(got[:, :8], torch.full((16, 8), 128 * 128 * k, dtype=torch.int32))
     assert torch.equal(got[:, 8:], torch.full((16, 8), -128 * 127 * k, dtype=torch.int32))
 
 
 @needs_amx
-def test_amx_writes_into_a_strided_out_and_leaves_the_rest() -> None:
-    g = torch.Generator().manual_seed(3)
-    a, b = _codes((40, 96), False, g), _codes((96, 20), True, g)
-    big = torch.full((40, 32), 7, dtype=torch.int32)
-    out = big[:, 4:24]  # row stride 32 > N
-    amx.int_mm(a, b, out)
-    assert torch.equal(out, _exact(a, b))
-    assert (big[:, :4] == 7).all() and (big[:, 24:] == 7).all()
-
-
-@needs_amx
-def test_amx_reads_overlapping_rows_as_meant() -> None:
-    """An im2col-style view whose rows overlap (row stride < K), the layout
-    ``torch._int_mm`` misreads (fault kind 24)."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_amx_reads_any_view(threads: int) -> None:
+    """Views as ``int8.int_mm`` may be handed them: overlapping rows (an im2col view, row
+    stride < K — read in place when K % 64 == 0 and M % 16 == 0, copied otherwise; the
+    layout ``torch._int_mm`` misreads, fault kind 24), a stride-0 (expanded) operand, a
+    storage offset, every-other-row and every-third-column slices, general strides."""
     g = torch.Generator().manual_seed(4)
-    base = torch.randint(-128, 128, (4096,), dtype=torch.int8, generator=g)
-    a = base.as_strided((300, 128), (8, 1))
-    b = _codes((128, 40), False, g)
-    assert torch.equal(amx.int_mm(a, b), _exact(a, b))
+    base = torch.randint(-128, 128, (1 << 16,), dtype=torch.int8, generator=g)
+    big = torch.randint(-128, 128, (700, 900), dtype=torch.int8, generator=g)
+    row = torch.randint(-128, 128, (1, 128), dtype=torch.int8, generator=g)
+    pairs = [
+        (base.as_strided((304, 128), (8, 1)), big[:128, :40]),  # in place, overlapping rows
+        (base.as_strided((300, 128), (8, 1)), big[:128, :40]),  # copied (M % 16 != 0)
+        (row.expand(64, 128), big[5:133, 7:57]),  # stride 0; an offset, row stride 900
+        (big[1:601:2, 3:387:3], big[::5, :33][:128]),  # ::2 rows and ::3 columns; ::5 rows
+        (base[17:].as_strided((50, 70), (3, 5)), base.as_strided((70, 45), (1, 71))),
+    ]
+    with _threads(threads):
+        for a, b in pairs:
+            assert torch.equal(amx.int_mm(a, b), _exact(a, b)), (a.stride(), b.stride())
 
 
 @needs_amx
 def test_int8_int_mm_routes_large_products_to_amx() -> None:
-    """:func:`int8.int_mm` takes the AMX kernel where :func:`amx.worth_it` says so,
-    ``_int_mm`` elsewhere, with equal sums."""
+    """:func:`int8.int_mm` takes the AMX kernel where :func:`amx.worth_it` says so (on
+    shapes alone: a transposed left operand too), ``_int_mm`` elsewhere, equal sums."""
     g = torch.Generator().manual_seed(5)
     a, b = _codes((512, 256), False, g), _codes((256, 256), True, g)
-    assert amx.worth_it(a, b)
-    assert not amx.worth_it(a.t().contiguous().t(), b)  # a transposed left operand
-    assert not amx.worth_it(a[:64], b)  # too few rows
+    assert amx.worth_it(512, 256, 256)
+    assert not amx.worth_it(64, 256, 256)  # too few rows
+    assert not amx.worth_it(256, 64, 256)  # too small
+    for left in (a, a.t().contiguous().t()):
+        with torch.profiler.profile() as prof:
+            got = int8.int_mm(left, b)
+        names = {e.name for e in prof.events()}
+        assert "lowbit::amx_int_mm" in names and "aten::_int_mm" not in names
+        assert torch.equal(got, torch._int_mm(a, b.contiguous()))
     with torch.profiler.profile() as prof:
-        got = int8.int_mm(a, b)
-    names = {e.name for e in prof.events()}
-    assert "lowbit::amx_int_mm" in names and "aten::_int_mm" not in names
-    assert torch.equal(got, torch._int_mm(a, b.contiguous()))
+        int8.int_mm(a[:64], b)
+    assert "aten::_int_mm" in {e.name for e in prof.events()}
 
 
 def _ffn_grads(seed: int) -> list[torch.Tensor]:
@@ -125,26 +150,79 @@ def test_training_step_bitwise_the_same_with_and_without_amx(monkeypatch: pytest
 
 
 @needs_amx
-def test_coverage_counts_the_amx_gemm_as_int8() -> None:
+def test_coverage_counts_the_amx_gemms_as_int8_in_their_phases() -> None:
+    """All three GEMMs of a Linear large enough for AMX: each counted once, as int8, in
+    its own phase (the op returns its product, which names the weight's gradient)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512))
     lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
     rep = lowbit.coverage(model, torch.randn(512, 256, requires_grad=True))
-    fwd = [r for r in rep.rows if r.phase == "forward"]
-    assert [(r.op, r.flops, r.kind, r.formats) for r in fwd] == \
-        [("lowbit.amx_int_mm", 2 * 512 * 256 * 512, "int8", ("int8", "int8"))]
+    flops = 2 * 512 * 256 * 512
+    assert sorted((r.phase, r.op, r.flops, r.kind, r.formats) for r in rep.rows) == sorted(
+        (p, "lowbit.amx_int_mm", flops, "int8", ("int8", "int8"))
+        for p in ("forward", "grad_input", "grad_weight"))
     assert rep.real_share == 1.0
 
 
+_FIRST_USE = textwrap.dedent("""
+    import torch, lowbit
+    from torch import nn
+    from lowbit.kernels import int8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512))
+    lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = lowbit.coverage(model, torch.randn(512, 256, requires_grad=True))  # first AMX use
+    print(sorted((r.op, r.phase, r.calls) for r in rep.rows))
+    a = torch.randint(-128, 128, (512, 256), dtype=torch.int8)
+    b = torch.randint(-128, 128, (256, 512), dtype=torch.int8)
+    f = torch.compile(lambda a, b: int8.int_mm(a, b) + 1)
+    print(torch.equal(f(a, b), torch._int_mm(a, b) + 1))
+""")
+_FIRST_COMPILE = textwrap.dedent("""
+    import torch
+    from lowbit.kernels import int8
+    a = torch.randint(-128, 128, (512, 256), dtype=torch.int8)
+    b = torch.randint(-128, 128, (256, 512), dtype=torch.int8)
+    f = torch.compile(lambda a, b: int8.int_mm(a, b) + 1)  # the first AMX use, traced
+    print(all(torch.equal(f(a, b), torch._int_mm(a, b) + 1) for _ in range(3)))
+""")
+
+
+def _fresh_process(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()
+
+
 @needs_amx
-def test_op_rejects_wrong_dtypes_and_shapes() -> None:
+def test_first_use_inside_coverage_is_not_counted() -> None:
+    """A fresh process whose first AMX GEMM runs inside ``lowbit.coverage``: the
+    self-test's own GEMMs are not counted as the model's (the build runs with every
+    dispatch mode suspended)."""
+    rows, compiled = _fresh_process(_FIRST_USE)
+    assert rows == str(sorted(("lowbit.amx_int_mm", p, 1) for p in ("forward", "grad_input", "grad_weight")))
+    assert compiled == "True"
+
+
+@needs_amx
+def test_first_use_under_torch_compile_is_not_traced() -> None:
+    """A fresh process whose first AMX GEMM is inside a ``torch.compile``d function: the
+    build and self-test run eagerly (traced, dynamo freed their packing buffers before
+    the kernel wrote into them: a corrupted heap)."""
+    assert _fresh_process(_FIRST_COMPILE) == ["True"]
+
+
+@needs_amx
+def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
     a = torch.zeros(32, 64, dtype=torch.int8)
-    with pytest.raises(TypeError, match="int8 operands and an int32 out"):
-        torch.ops.lowbit.amx_int_mm(a.float(), a.t(), torch.empty(32, 32, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int8 operands"):
+        torch.ops.lowbit.amx_int_mm(a.float(), a.t())
     with pytest.raises(ValueError, match="do not match"):
-        torch.ops.lowbit.amx_int_mm(a, a, torch.empty(32, 64, dtype=torch.int32))
-    with pytest.raises(ValueError, match="row-major out"):
-        torch.ops.lowbit.amx_int_mm(a, a.t(), torch.empty(32, 32, dtype=torch.int32).t())
+        torch.ops.lowbit.amx_int_mm(a, a)
+    long = torch.zeros(1, amx.MAX_K + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="can overflow"):
+        torch.ops.lowbit.amx_int_mm(long, long.t())
+    assert amx.MAX_K == int8.MAX_K
 
 
 def test_switched_off_by_environment() -> None:
@@ -159,7 +237,7 @@ def test_switched_off_by_environment() -> None:
 
 
 def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """A compiler that rejects the source: a warning naming the cause, the kernel not
+    """A compiler that rejects the flags: a warning naming the cause, the kernel not
     used, ``int8.int_mm`` still exact on ``_int_mm``."""
     if not amx.cpu_has_amx():
         pytest.skip("the build is only attempted on a CPU with AMX")
@@ -167,7 +245,7 @@ def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(amx, "FLAGS", (*amx.FLAGS, "-no-such-flag"))
     amx._library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="could not be built"):
+        with pytest.warns(RuntimeWarning, match="could not be built.*no-such-flag"):
             assert not amx.available()
         a = torch.ones(512, 256, dtype=torch.int8)
         assert int(int8.int_mm(a, a.t())[0, 0]) == 256
