@@ -6,8 +6,8 @@ batch 128). One step = forward + backward, gradients for the input too, no optim
 
 All modes of a workload are timed in one process, interleaved: ``--rounds`` rounds, each
 timing ``--steps`` steps of every mode (order rotated per round) and, in the same
-rotation, the machine's GEMM ceilings (``torch._int_mm`` int8, bf16 and fp32 at
-2048³), so that the drift of a shared machine hits all of them alike. Per mode the table
+rotation, the machine's GEMM ceilings (lowbit's int8 GEMM ``int8.int_mm`` — lowbit's
+AMX kernel on CPUs with AMX, else ``torch._int_mm`` — bf16 and fp32 at 2048³), so that the drift of a shared machine hits all of them alike. Per mode the table
 gives the median step time, speedups against fp32 and bf16 of the same run, and:
 
 * GEMM GFLOP of the step, counted by ``lowbit.coverage`` from the aten ops that ran
@@ -229,8 +229,10 @@ def count_flops(bench: Bench) -> tuple[int, float]:
 
 
 class Ceilings:
-    """The machine's GEMM rates at ``n``³: int8 ``torch._int_mm`` (int32 out), bf16 and
-    fp32 ``torch.mm``; timed once per round inside the modes' rotation."""
+    """The machine's GEMM rates at ``n``³: int8 as lowbit runs it
+    (``lowbit.kernels.int8.int_mm``, int32 out: the AMX kernel on CPUs with AMX, else
+    ``torch._int_mm``), bf16 and fp32 ``torch.mm``; timed once per round inside the
+    modes' rotation."""
 
     KINDS = ("int8", "bf16", "fp32")
 
@@ -242,7 +244,9 @@ class Ceilings:
         a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g).to(device)
         b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g).to(device)
         ab, bb = a.bfloat16(), b.bfloat16()
-        self.fns = {"int8": lambda: torch._int_mm(a8, b8), "bf16": lambda: ab @ bb,
+        from lowbit.kernels import int8
+
+        self.fns = {"int8": lambda: int8.int_mm(a8, b8), "bf16": lambda: ab @ bb,
                     "fp32": lambda: a @ b}
         self.times: dict[str, list[float]] = {k: [] for k in self.KINDS}
         for f in self.fns.values():
