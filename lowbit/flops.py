@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .kernels import amx as _amx  # noqa: F401  (defines lowbit::amx_int_mm)
+from .kernels import amx as _amx  # noqa: F401  (defines lowbit::int8_mm)
 
 aten = torch.ops.aten
 
@@ -143,7 +143,7 @@ def _qconv(args: Sequence[Any], out: Any) -> list[Part]:
     return [Part(None, conv_flops(x.shape, w.shape, out.shape, False), (x, w))]
 
 
-FORMULAS[torch.ops.lowbit.amx_int_mm] = _mm(0, 1)  # lowbit.kernels.amx's int8 GEMM
+FORMULAS[torch.ops.lowbit.int8_mm] = _mm(0, 1)  # lowbit.kernels.amx's int8 GEMM
 
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv

@@ -231,7 +231,7 @@ class GemmTracer(TorchDispatchMode):
         key = _python_kernel_key(func, args)
         if key is not None and func.overloadpacket not in flops.FORMULAS:
             # a custom op: run its kernel with this mode on, to see inside (one with a
-            # FLOP formula, lowbit::amx_int_mm, is a GEMM itself: observed below)
+            # FLOP formula, lowbit::int8_mm, is a GEMM itself: observed below)
             with self:
                 return func._op_dk(key, *args, **kwargs)
         out = func(*args, **kwargs)

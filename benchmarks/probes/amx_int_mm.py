@@ -1,11 +1,13 @@
-"""Probe (docs/benchmarks.md, "lowbit's AMX int8 GEMM"): ``torch._int_mm`` against
-``lowbit.kernels.amx`` (``lowbit::amx_int_mm``) and bf16 ``mm`` on the GEMM shapes of
-lowbit's workloads — the FFN's and gpt2-block's three Linear GEMMs (forward, ∇X, ∇W with
-their operand layouts: ``x @ Wᵀ`` reads a transposed weight, ``∇Y @ W`` a row-major one,
-``∇Yᵀ @ X`` a transposed left operand), attention's per-head products and small squares
-that place :data:`lowbit.kernels.amx.MIN_MACS`. Both kernels get the operands in the
-layout lowbit has (``_int_mm`` reads a transposed operand itself). Interleaved medians (``_timing``), every
-AMX result checked equal to ``_int_mm``'s. Needs a CPU with AMX.
+"""Probe (docs/benchmarks.md, "lowbit's AMX int8 GEMM"): ``torch._int_mm`` against the
+AMX kernel of ``lowbit.kernels.amx`` (``amx.kernel``: on every layout, also those the op
+``lowbit::int8_mm`` hands to ``_int_mm``) and bf16 ``mm``, on the GEMM shapes of
+lowbit's workloads — the FFN's, gpt2-block's and the text GPT's Linear GEMMs (forward,
+∇X, ∇W with their operand layouts: ``x @ Wᵀ`` reads a transposed weight, ``∇Y @ W`` a
+row-major one, ``∇Yᵀ @ X`` a transposed left operand), a convolution's ∇W, attention's
+per-head products and small squares that place :data:`lowbit.kernels.amx.MIN_MACS`.
+Both kernels get the operands in the layout lowbit has (``_int_mm`` reads a transposed
+operand itself). Interleaved medians (``_timing``), every AMX result checked equal to
+``_int_mm``'s. Needs a CPU with AMX.
 
     python benchmarks/probes/amx_int_mm.py --threads 1
 """
@@ -28,6 +30,10 @@ def cases() -> list[tuple[str, int, int, int, str]]:
     # PreAct-ResNet-20's weight-gradient GEMMs (im2col by kernel row: C_out × N·P × C_in·k_w)
     out += [("conv dW s1", 16, 107520, 48, "nn"), ("conv dW s2", 32, 28672, 96, "nn"),
             ("conv dW s3", 64, 8064, 192, "nn")]
+    # the text GPT's Linear GEMMs (2048 tokens, width 256, MLP 1024)
+    out += [("text qkv fwd", 2048, 256, 768, "nt"), ("text qkv dX", 2048, 768, 256, "nn"),
+            ("text qkv dW", 768, 2048, 256, "tn"), ("text fc dW", 1024, 2048, 256, "tn"),
+            ("text fc2 dW", 256, 2048, 1024, "tn")]
     out += [("attn QK^T", 512, 64, 512, "nt"), ("attn PV", 512, 512, 64, "nn"),
             ("text GEMM", 2048, 256, 256, "nt")]
     out += [(f"square {s}", s, s, s, "nt") for s in (64, 96, 128, 192, 256)]
@@ -48,10 +54,9 @@ def time_case(m: int, k: int, n: int, layout: str, g: torch.Generator
     """(``_int_mm``, AMX, bf16) median ms of one case; the AMX sums checked first."""
     a, b = operands(m, k, n, layout, g)
     ac, bc = int8.dense(a), int8.dense(b)  # the operands as lowbit hands them to _int_mm
-    out = torch.empty(m, n, dtype=torch.int32)
-    assert torch.equal(amx.int_mm(a, b), torch._int_mm(ac, bc))
+    assert torch.equal(amx.kernel(a, b), torch._int_mm(ac, bc))
     af, bf = a.bfloat16(), b.bfloat16()
-    t_int, t_amx = interleaved_ms(lambda: torch._int_mm(ac, bc, out=out), lambda: amx.int_mm(a, b, out))
+    t_int, t_amx = interleaved_ms(lambda: torch._int_mm(ac, bc), lambda: amx.kernel(a, b))
     t_bf = interleaved_ms(lambda: af @ bf, lambda: None)[0]
     return t_int, t_amx, t_bf
 

@@ -7,8 +7,9 @@ benchmarks.md, "GEMM paths"). This module compiles ``amx_int8.c`` — TDPBSSD (s
 signed bytes, int32 sums) on 2 × 2 accumulator tiles, with its own cheap packing of the
 right operand into the VNNI layout — with the system C compiler on first use, caches the
 shared library (``$LOWBIT_CACHE_DIR``, default ``~/.cache/lowbit``), loads it with
-:mod:`ctypes` and exposes it as the ``torch.library`` op ``lowbit::amx_int_mm`` so that
-``lowbit.coverage`` counts it as an int8 GEMM, as it counts ``torch._int_mm``.
+:mod:`ctypes` and exposes it as the ``torch.library`` op ``lowbit::int8_mm`` so that
+``lowbit.coverage`` counts it as an int8 GEMM, as it counts ``torch._int_mm``. (The op
+hands a transposed left operand to ``torch._int_mm``, which is faster there.)
 
 The result is the exact int32 sum, the same as ``torch._int_mm``'s (for ``K ≤``
 :data:`lowbit.kernels.int8.MAX_K`, checked by the caller): a self-test compares the two
@@ -201,33 +202,34 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"lowbit::amx_int_mm takes int8 operands, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"lowbit::int8_mm takes int8 operands, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"lowbit::amx_int_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+        raise ValueError(f"lowbit::int8_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
     if a.shape[1] > MAX_K:
-        raise ValueError(f"lowbit::amx_int_mm: K = {a.shape[1]} > {MAX_K}, past which an int32 "
+        raise ValueError(f"lowbit::int8_mm: K = {a.shape[1]} > {MAX_K}, past which an int32 "
                          "sum of int8 codes can overflow (split the sum)")
 
 
 _LIB = torch.library.Library("lowbit", "FRAGMENT")
-_LIB.define("amx_int_mm(Tensor a, Tensor b) -> Tensor")
+_LIB.define("int8_mm(Tensor a, Tensor b) -> Tensor")
 
 
-def _amx_int_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b)
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lowbit::amx_int_mm: the AMX kernel is not available on this machine "
-                           "(lowbit.kernels.amx.available() is False)")
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
-    _call(lib, a, b, out, torch.get_num_threads())
-    return out
+    if a.stride(1) != 1 and a.shape[1] > 1:
+        # a transposed left operand (a Linear's ∇W = Q(∇Y)ᵀ·Q(X)): torch._int_mm reads it
+        # as it is, faster than the transpose the tiles need (0.36–0.93× on AMX at the text
+        # GPT's and GPT-2's ∇W shapes; docs/benchmarks.md). The same sums.
+        from .int8 import dense
+
+        return torch._int_mm(dense(a), dense(b))
+    return kernel(a, b)
 
 
-_LIB.impl("amx_int_mm", _amx_int_mm_cpu, "CPU")
+_LIB.impl("int8_mm", _int8_mm_cpu, "CPU")
 
 
-@torch.library.register_fake("lowbit::amx_int_mm", lib=_LIB)
+@torch.library.register_fake("lowbit::int8_mm", lib=_LIB)
 def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b)
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
@@ -235,10 +237,27 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K`)
-    as the exact int32 sum, a new (M, N) row-major tensor, on the AMX kernel. Raises
-    ``RuntimeError`` where :func:`available` is false, ``TypeError``/``ValueError`` for
-    wrong dtypes or shapes."""
-    return torch.ops.lowbit.amx_int_mm(a, b)
+    as the exact int32 sum, a new (M, N) row-major tensor: the op ``lowbit::int8_mm``,
+    which runs the AMX kernel, except for a transposed (column-major) ``a``, which it
+    hands to ``torch._int_mm`` (faster there). Raises ``RuntimeError`` where
+    :func:`available` is false, ``TypeError``/``ValueError`` for wrong dtypes or
+    shapes. :func:`kernel` runs the AMX kernel on any layout."""
+    return torch.ops.lowbit.int8_mm(a, b)
 
 
-__all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "worth_it"]
+def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` on the AMX kernel whatever the layouts (:func:`int_mm` without its
+    ``torch._int_mm`` branch; outside the op, so not seen by ``lowbit.coverage``): for
+    tests and benchmarks of the kernel itself. ``RuntimeError`` where :func:`available`
+    is false."""
+    _check(a, b)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available on this machine "
+                           "(lowbit.kernels.amx.available() is False)")
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+    _call(lib, a, b, out, torch.get_num_threads())
+    return out
+
+
+__all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "kernel", "worth_it"]

@@ -71,7 +71,7 @@ def test_amx_sums_are_exact(m: int, k: int, n: int, a_t: bool, b_t: bool, thread
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     a, b = _codes((m, k), a_t, g), _codes((k, n), b_t, g)
     with _threads(threads):
-        got = amx.int_mm(a, b)
+        got = amx.kernel(a, b)
     assert torch.equal(got, _exact(a, b))
 
 
@@ -84,7 +84,7 @@ def test_amx_longest_exact_sum_of_extreme_codes() -> None:
     b = torch.full((k, 16), -128, dtype=torch.int8)
     b[:, 8:] = 127
     with _threads(2):
-        got = amx.int_mm(a, b)
+        got = amx.kernel(a, b)
     assert torch.equal(got[:, :8], torch.full((16, 8), 128 * 128 * k, dtype=torch.int32))
     assert torch.equal(got[:, 8:], torch.full((16, 8), -128 * 127 * k, dtype=torch.int32))
 
@@ -109,27 +109,31 @@ def test_amx_reads_any_view(threads: int) -> None:
     ]
     with _threads(threads):
         for a, b in pairs:
-            assert torch.equal(amx.int_mm(a, b), _exact(a, b)), (a.stride(), b.stride())
+            assert torch.equal(amx.kernel(a, b), _exact(a, b)), (a.stride(), b.stride())
+            assert torch.equal(amx.int_mm(a, b), _exact(a, b))
 
 
 @needs_amx
 def test_int8_int_mm_routes_large_products_to_amx() -> None:
-    """:func:`int8.int_mm` takes the AMX kernel where :func:`amx.worth_it` says so (on
-    shapes alone: a transposed left operand too), ``_int_mm`` elsewhere, equal sums."""
+    """:func:`int8.int_mm` takes lowbit's op where :func:`amx.worth_it` says so (on
+    shapes alone), ``_int_mm`` elsewhere; the op runs the AMX kernel on a row-major left
+    operand and ``_int_mm`` on a transposed one; equal sums everywhere."""
     g = torch.Generator().manual_seed(5)
     a, b = _codes((512, 256), False, g), _codes((256, 256), True, g)
+    want = torch._int_mm(a, b.contiguous())
     assert amx.worth_it(512, 256, 256)
     assert not amx.worth_it(64, 256, 256)  # too few rows
     assert not amx.worth_it(256, 64, 256)  # too small
-    for left in (a, a.t().contiguous().t()):
+    for left, inner in ((a, False), (a.t().contiguous().t(), True)):
         with torch.profiler.profile() as prof:
             got = int8.int_mm(left, b)
         names = {e.name for e in prof.events()}
-        assert "lowbit::amx_int_mm" in names and "aten::_int_mm" not in names
-        assert torch.equal(got, torch._int_mm(a, b.contiguous()))
+        assert "lowbit::int8_mm" in names and ("aten::_int_mm" in names) == inner
+        assert torch.equal(got, want)
     with torch.profiler.profile() as prof:
         int8.int_mm(a[:64], b)
-    assert "aten::_int_mm" in {e.name for e in prof.events()}
+    names = {e.name for e in prof.events()}
+    assert "aten::_int_mm" in names and "lowbit::int8_mm" not in names
 
 
 def _ffn_grads(seed: int) -> list[torch.Tensor]:
@@ -159,7 +163,7 @@ def test_coverage_counts_the_amx_gemms_as_int8_in_their_phases() -> None:
     rep = lowbit.coverage(model, torch.randn(512, 256, requires_grad=True))
     flops = 2 * 512 * 256 * 512
     assert sorted((r.phase, r.op, r.flops, r.kind, r.formats) for r in rep.rows) == sorted(
-        (p, "lowbit.amx_int_mm", flops, "int8", ("int8", "int8"))
+        (p, "lowbit.int8_mm", flops, "int8", ("int8", "int8"))
         for p in ("forward", "grad_input", "grad_weight"))
     assert rep.real_share == 1.0
 
@@ -200,7 +204,7 @@ def test_first_use_inside_coverage_is_not_counted() -> None:
     self-test's own GEMMs are not counted as the model's (the build runs with every
     dispatch mode suspended)."""
     rows, compiled = _fresh_process(_FIRST_USE)
-    assert rows == str(sorted(("lowbit.amx_int_mm", p, 1) for p in ("forward", "grad_input", "grad_weight")))
+    assert rows == str(sorted(("lowbit.int8_mm", p, 1) for p in ("forward", "grad_input", "grad_weight")))
     assert compiled == "True"
 
 
@@ -216,12 +220,14 @@ def test_first_use_under_torch_compile_is_not_traced() -> None:
 def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
     a = torch.zeros(32, 64, dtype=torch.int8)
     with pytest.raises(TypeError, match="int8 operands"):
-        torch.ops.lowbit.amx_int_mm(a.float(), a.t())
+        torch.ops.lowbit.int8_mm(a.float(), a.t())
+    with pytest.raises(TypeError, match="int8 operands"):
+        amx.kernel(a.float(), a.t())
     with pytest.raises(ValueError, match="do not match"):
-        torch.ops.lowbit.amx_int_mm(a, a)
+        torch.ops.lowbit.int8_mm(a, a)
     long = torch.zeros(1, amx.MAX_K + 1, dtype=torch.int8)
     with pytest.raises(ValueError, match="can overflow"):
-        torch.ops.lowbit.amx_int_mm(long, long.t())
+        torch.ops.lowbit.int8_mm(long, long.t())
     assert amx.MAX_K == int8.MAX_K
 
 
