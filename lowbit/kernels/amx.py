@@ -6,7 +6,9 @@ its weight prepacked by a reorder that costs more than the GEMM it saves (docs/
 benchmarks.md, "GEMM paths"). This module compiles ``amx_int8.c`` — TDPBSSD (signed ×
 signed bytes, int32 sums) on 2 × 2 accumulator tiles, with its own cheap packing of the
 right operand into the VNNI layout — with the system C compiler on first use, caches the
-shared library (``$LOWBIT_CACHE_DIR``, default ``~/.cache/lowbit``), loads it with
+shared library (:func:`cache_dir`: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit``
+or ``~/.cache/lowbit``; a temporary directory, with a warning, when that is not
+writable), loads it with
 :mod:`ctypes` and exposes it as the ``torch.library`` op ``lowbit::int8_mm`` so that
 ``lowbit.coverage`` counts it as an int8 GEMM, as it counts ``torch._int_mm``. (The op
 hands a transposed left operand to ``torch._int_mm``, which is faster there.)
@@ -77,17 +79,15 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
 
 
-def _compile(cc: list[str]) -> Path:
-    """The shared library built from :data:`SOURCE` with the compiler command ``cc``;
-    cached under a name that hashes the source, the flags and the compiler's version,
-    written atomically (a temporary file renamed) so that concurrent processes never load
-    a partial file."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+def _compile(cc: list[str], version: str, out_dir: Path) -> Path:
+    """The shared library built from :data:`SOURCE` with the compiler command ``cc``
+    (whose ``--version`` output is ``version``) in ``out_dir``; cached under a name that
+    hashes the source, the flags and the compiler's version, written atomically (a
+    temporary file renamed) so that concurrent processes never load a partial file."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
-    out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"amx_int8-{key[:16]}.so"
     if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="amx_int8-building-", suffix=".so", dir=out_dir)
         os.close(fd)
         try:
@@ -125,17 +125,33 @@ def _self_test(lib: ctypes.CDLL) -> bool:
 
 def _compiler() -> list[str] | None:
     """The C compiler command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
-    else ``gcc``, else ``cc``; ``None`` when none is found."""
+    else ``gcc``, else ``cc``; ``None`` when none is found. A ``$CC`` that is set but not
+    found is named in a warning before the fallback."""
     env = shlex.split(os.environ.get("CC", ""))
     if env and shutil.which(env[0]):
         return env
     found = shutil.which("gcc") or shutil.which("cc")
+    if env:
+        _warn(f"CC={os.environ['CC']!r} is not found", None if found is None else f"using {found}")
     return [found] if found else None
 
 
-def _warn(why: str) -> None:
-    warnings.warn(f"lowbit: the AMX int8 GEMM is not used: {why}; torch._int_mm runs instead",
-                  RuntimeWarning, stacklevel=4)
+def _warn(why: str, then: str | None = "torch._int_mm runs instead") -> None:
+    """A ``RuntimeWarning`` from lowbit's first int8 GEMM that needs the kernel."""
+    warnings.warn(f"lowbit: {why}" + (f"; {then}" if then else "") + " (AMX int8 GEMM, "
+                  "lowbit.kernels.amx)", RuntimeWarning, stacklevel=5)
+
+
+def _build(cc: list[str]) -> Path:
+    """The library from :func:`cache_dir`, built there if missing; when that directory
+    cannot be made or written (a warning names it), built in a fresh temporary one."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+    try:
+        return _compile(cc, version, cache_dir())
+    except OSError as e:
+        _warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); set "
+              "LOWBIT_CACHE_DIR", "building the AMX kernel in a temporary directory")
+    return _compile(cc, version, Path(tempfile.mkdtemp(prefix="lowbit-amx-")))
 
 
 @functools.cache
@@ -147,14 +163,14 @@ def _library() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     if cc is None:
-        _warn("no C compiler found (set CC)")
+        _warn("the AMX kernel needs a C compiler and none was found ($CC, gcc, cc)")
         return None
     with _disable_current_modes():
         try:
-            lib = ctypes.CDLL(str(_compile(cc)))
+            lib = ctypes.CDLL(str(_build(cc)))
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
-            _warn(f"it could not be built ({detail.strip()[:300]})")
+            _warn(f"the AMX kernel could not be built ({detail.strip()[:300]})")
             return None
         lib.lowbit_amx_request.restype = ctypes.c_int
         if not lib.lowbit_amx_request():
@@ -163,7 +179,7 @@ def _library() -> ctypes.CDLL | None:
         lib.lowbit_amx_int_mm.restype = None
         lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
         if not _self_test(lib):
-            _warn("its self-test differs from torch._int_mm")
+            _warn("the AMX kernel's self-test differs from torch._int_mm")
             return None
     return lib
 

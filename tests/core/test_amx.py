@@ -257,3 +257,25 @@ def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp
         assert int(int8.int_mm(a, a.t())[0, 0]) == 256
     finally:
         amx._library.cache_clear()
+
+
+@needs_amx
+def test_unusable_cache_directory_warns_and_builds_in_a_temporary_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(not_a_dir))
+    amx._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="cache directory .*a-file.* is not usable.*LOWBIT_CACHE_DIR"):
+            assert amx.available()
+    finally:
+        amx._library.cache_clear()
+
+
+@needs_amx
+def test_cc_that_is_not_found_is_named_before_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler --flag")
+    with pytest.warns(RuntimeWarning, match="CC='no-such-compiler --flag' is not found; using "):
+        cc = amx._compiler()
+    assert cc is not None and os.path.basename(cc[0]) in ("gcc", "cc")
