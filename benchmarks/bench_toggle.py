@@ -14,6 +14,8 @@ Toggles (each is "on" as lowbit ships it):
   amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds on lowbit's AMX
                kernel (``lowbit.kernels.amx``); off: all on ``torch._int_mm`` (the same
                sums). Needs a CPU with AMX.
+  avx512       integer quantizers on lowbit's AVX-512 kernel (``lowbit.kernels.avx512``);
+               off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -95,8 +97,17 @@ def _amx() -> Callable[[bool], None]:
     return switch
 
 
+def _avx512() -> Callable[[bool], None]:
+    from lowbit.kernels import avx512
+
+    if not avx512.available():
+        raise SystemExit("no AVX-512 quantizer on this machine (lowbit.kernels.avx512.available() is False)")
+    return avx512.set_enabled
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
-    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx}
+    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
+    "avx512": _avx512}
 
 
 def main(argv: list[str] | None = None) -> int:

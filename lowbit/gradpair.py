@@ -24,7 +24,7 @@ from torch.profiler import record_function
 
 from .config import GradSpec
 from .formats import Format, Granularity, Rounding
-from .kernels import Encoded, Kernels, reference, register_fused
+from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 
@@ -40,6 +40,7 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
 
 
 register_fused("quantize_pair", quantize_pair)
+register("quantize_pair", Impl.NATIVE, avx512.quantize_pair, ("cpu",), avx512.supports_pair)
 
 
 def _plain(spec: GradSpec | None) -> bool:

@@ -33,12 +33,16 @@ def _z(samples: torch.Tensor, target: torch.Tensor, slack: torch.Tensor) -> torc
     n = samples.shape[0]
     mean = samples.mean(0)
     spread = samples.amax(0) - samples.amin(0)
+    keep = spread > 0
+    # Everything in units of each element's spread: a spread of 1e-269 (a row of tiny
+    # values beside huge ones, on the unit scale) squared underflows float64 to 0, and
+    # gap/se became 0/0 = NaN (or x/0 = inf). (samples − mean)/spread lies in [−1, 1].
+    unit = torch.where(keep, spread, torch.ones_like(spread))
     # Agresti–Coull-style guard: rounding that jumps to the next level only a handful of
     # times in S draws makes the sample variance unreliable (and |z| too large); two
     # pseudo-jumps of the observed spread keep the test honest for such rare events.
-    se = ((samples.var(0) + 2 * spread**2 / n) / n) ** 0.5
-    keep = spread > 0
-    gap = ((mean - target).abs() - slack).clamp_min(0)
+    se = ((((samples - mean) / unit).var(0) + 2 / n) / n) ** 0.5
+    gap = ((mean - target).abs() - slack).clamp_min(0) / unit
     return (gap / se)[keep]
 
 
@@ -102,3 +106,16 @@ def int_codes_fixed(x: torch.Tensor, amax: torch.Tensor, qmax: int, stochastic: 
             Rounding.STOCHASTIC if stochastic else Rounding.NEAREST, seed)
     return compiled.run("quantize_fixed", reference.quantize_fixed, *args) if fused \
         else reference.quantize_fixed(*args)
+
+
+class num_threads:
+    """``torch.set_num_threads(n)`` for a ``with`` block (restored after it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)

@@ -5,6 +5,8 @@ with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementa
 
 * ``reference`` (any device): plain eager torch, float32 (float64 for float64 inputs) —
   it defines the semantics;
+* ``native`` (cpu): lowbit's own C kernels where they compute the same thing faster —
+  today the integer quantizer on AVX-512 (:mod:`.avx512`), bit for bit the reference's;
 * ``compiled`` (cpu, cuda): the same function fused by ``torch.compile``
   (:mod:`.compiled`), for tensors large enough to pay for a compiled call;
 * ``int8`` (``torch._int_mm``, or lowbit's AMX kernel :mod:`.amx` on CPUs with AMX;
@@ -31,7 +33,7 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
-from . import compiled, fp8, int8, reference
+from . import avx512, compiled, fp8, int8, reference
 from .encoded import Encoded, dequantize
 
 
@@ -51,6 +53,7 @@ class Impl(enum.Enum):
     """A family of kernels (a column of the table)."""
 
     REFERENCE = "reference"
+    NATIVE = "native"
     COMPILED = "compiled"
     INT8 = "int8"
     FP8 = "fp8"
@@ -93,6 +96,7 @@ def register_fused(op: str, fn: Callable[..., Any]) -> None:
 
 
 register_fused("quantize", reference.quantize)
+register("quantize", Impl.NATIVE, avx512.quantize, ("cpu",), avx512.supports)
 register_fused("quantize_fixed", reference.quantize_fixed)
 register_fused("int8_epilogue", reference.int8_epilogue)
 register_fused("int8_epilogue_into", reference.int8_epilogue_into)
@@ -119,12 +123,13 @@ class Kernels:
         return _TABLE.get((op, impl, self.device)) or _TABLE.get((op, impl, ANY_DEVICE))
 
     def run(self, op: str, *args: Any) -> Any:
-        """``op`` on ``args``: the compiled kernel where allowed and supported, else the
-        reference one."""
+        """``op`` on ``args``: where allowed (``fused``), the first of the native and the
+        compiled kernel that supports them, else the reference one."""
         if self.fused:
-            k = self.lookup(op, Impl.COMPILED)
-            if k is not None and (k.supports is None or k.supports(*args)):
-                return k.fn(*args)
+            for impl in (Impl.NATIVE, Impl.COMPILED):
+                k = self.lookup(op, impl)
+                if k is not None and (k.supports is None or k.supports(*args)):
+                    return k.fn(*args)
         k = self.lookup(op, Impl.REFERENCE)
         if k is None:
             raise KeyError(f"no kernel registered for operation {op!r}")

@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
+
+from . import cbuild
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
@@ -56,48 +52,10 @@ _ARGTYPES = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, _I64, _I64, _I64, _I6
 def cpu_has_amx() -> bool:
     """Whether this CPU reports the ``amx_tile`` and ``amx_int8`` flags (Linux
     ``/proc/cpuinfo``; ``False`` elsewhere)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"amx_tile", "amx_int8"} <= flags
-    except OSError:
-        return False
-    return False
+    return {"amx_tile", "amx_int8"} <= cbuild.cpu_flags()
 
 
-def cache_dir() -> Path:
-    """Where the compiled library is kept: ``$LOWBIT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
-    root = os.environ.get("LOWBIT_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
-
-
-def _compile(cc: list[str], version: str, out_dir: Path) -> Path:
-    """The shared library built from :data:`SOURCE` with the compiler command ``cc``
-    (whose ``--version`` output is ``version``) in ``out_dir``; cached under a name that
-    hashes the source, the flags and the compiler's version, written atomically (a
-    temporary file renamed) so that concurrent processes never load a partial file."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
-    path = out_dir / f"amx_int8-{key[:16]}.so"
-    if not path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="amx_int8-building-", suffix=".so", dir=out_dir)
-        os.close(fd)
-        try:
-            subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                           check=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return path
+cache_dir = cbuild.cache_dir
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
@@ -124,34 +82,14 @@ def _self_test(lib: ctypes.CDLL) -> bool:
 
 
 def _compiler() -> list[str] | None:
-    """The C compiler command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
-    else ``gcc``, else ``cc``; ``None`` when none is found. A ``$CC`` that is set but not
-    found is named in a warning before the fallback."""
-    env = shlex.split(os.environ.get("CC", ""))
-    if env and shutil.which(env[0]):
-        return env
-    found = shutil.which("gcc") or shutil.which("cc")
-    if env:
-        _warn(f"CC={os.environ['CC']!r} is not found", None if found is None else f"using {found}")
-    return [found] if found else None
+    """The C compiler command (:func:`lowbit.kernels.cbuild.compiler`)."""
+    return cbuild.compiler(_warn)
 
 
 def _warn(why: str, then: str | None = "torch._int_mm runs instead") -> None:
     """A ``RuntimeWarning`` from lowbit's first int8 GEMM that needs the kernel."""
     warnings.warn(f"lowbit: {why}" + (f"; {then}" if then else "") + " (AMX int8 GEMM, "
-                  "lowbit.kernels.amx)", RuntimeWarning, stacklevel=5)
-
-
-def _build(cc: list[str]) -> Path:
-    """The library from :func:`cache_dir`, built there if missing; when that directory
-    cannot be made or written (a warning names it), built in a fresh temporary one."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
-    try:
-        return _compile(cc, version, cache_dir())
-    except OSError as e:
-        _warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); set "
-              "LOWBIT_CACHE_DIR", "building the AMX kernel in a temporary directory")
-    return _compile(cc, version, Path(tempfile.mkdtemp(prefix="lowbit-amx-")))
+                  "lowbit.kernels.amx)", RuntimeWarning, stacklevel=6)
 
 
 @functools.cache
@@ -161,16 +99,10 @@ def _library() -> ctypes.CDLL | None:
     and with every dispatch mode suspended: its own GEMMs are not the caller's."""
     if os.environ.get("LOWBIT_AMX", "1") == "0" or not cpu_has_amx():
         return None
-    cc = _compiler()
-    if cc is None:
-        _warn("the AMX kernel needs a C compiler and none was found ($CC, gcc, cc)")
-        return None
     with _disable_current_modes():
-        try:
-            lib = ctypes.CDLL(str(_build(cc)))
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            _warn(f"the AMX kernel could not be built ({detail.strip()[:300]})")
+        lib = cbuild.load(SOURCE, FLAGS, lambda why, then: _warn(why, then or "torch._int_mm runs instead"),
+                          "AMX kernel")
+        if lib is None:
             return None
         lib.lowbit_amx_request.restype = ctypes.c_int
         if not lib.lowbit_amx_request():

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import num_threads
 from torch import nn
 
 import lowbit
@@ -43,19 +44,6 @@ def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
 
 
-class _threads:
-    """``torch.set_num_threads(n)`` for a ``with`` block."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.before = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
-
-
 SHAPES = [(1, 1, 1), (16, 64, 16), (17, 33, 1), (37, 130, 45), (48, 200, 31), (64, 640, 192),
           (100, 63, 70), (16, 5000, 48), (300, 257, 129), (40, 128, 600)]
 
@@ -70,7 +58,7 @@ def test_amx_sums_are_exact(m: int, k: int, n: int, a_t: bool, b_t: bool, thread
     split: (16, 5000, 48) has one block); more than one 256-column panel (N = 600)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     a, b = _codes((m, k), a_t, g), _codes((k, n), b_t, g)
-    with _threads(threads):
+    with num_threads(threads):
         got = amx.kernel(a, b)
     assert torch.equal(got, _exact(a, b))
 
@@ -83,7 +71,7 @@ def test_amx_longest_exact_sum_of_extreme_codes() -> None:
     a = torch.full((16, k), -128, dtype=torch.int8)
     b = torch.full((k, 16), -128, dtype=torch.int8)
     b[:, 8:] = 127
-    with _threads(2):
+    with num_threads(2):
         got = amx.kernel(a, b)
     assert torch.equal(got[:, :8], torch.full((16, 8), 128 * 128 * k, dtype=torch.int32))
     assert torch.equal(got[:, 8:], torch.full((16, 8), -128 * 127 * k, dtype=torch.int32))
@@ -107,7 +95,7 @@ def test_amx_reads_any_view(threads: int) -> None:
         (big[1:601:2, 3:387:3], big[::5, :33][:128]),  # ::2 rows and ::3 columns; ::5 rows
         (base[17:].as_strided((50, 70), (3, 5)), base.as_strided((70, 45), (1, 71))),
     ]
-    with _threads(threads):
+    with num_threads(threads):
         for a, b in pairs:
             assert torch.equal(amx.kernel(a, b), _exact(a, b)), (a.stride(), b.stride())
             assert torch.equal(amx.int_mm(a, b), _exact(a, b))

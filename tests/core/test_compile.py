@@ -20,7 +20,7 @@ from conftest import int_codes, int_codes_fixed
 
 import lowbit
 from lowbit import FQTConfig, OperandSpec
-from lowbit.kernels import compiled, reference
+from lowbit.kernels import avx512, compiled, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_compile = pytest.mark.skipif(not compiled.enabled(), reason="torch.compile disabled "
@@ -174,6 +174,7 @@ def _config_snapshot() -> dict:
 def test_every_kernel_leaves_dynamo_config_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     before = copy.deepcopy(_config_snapshot())
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every kernel through torch.compile
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     x = torch.randn(16, 40)
     seed = torch.tensor(7, dtype=torch.int64)
     int_codes(x, 7, True, True, seed, fused=True)
@@ -195,6 +196,7 @@ def test_every_kernel_leaves_dynamo_config_unchanged(monkeypatch: pytest.MonkeyP
 @needs_compile
 def test_kernels_compile_each_variant_once_on_many_layer_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     # fresh variants: one compiled by an earlier test at much larger sizes may be
     # recompiled here for Inductor's size-dependent choices (split reductions), which is
     # not what this test is about
@@ -235,6 +237,7 @@ def test_equal_sizes_are_a_variant_not_a_recompile(monkeypatch: pytest.MonkeyPat
     from lowbit.functional import quantize_forward
 
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     monkeypatch.setattr(compiled, "_compiled", {})
     graphs = counters["stats"]["unique_graphs"]
     for shape in [(16, 16), (16, 32), (24, 24), (40, 24)]:

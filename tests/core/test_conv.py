@@ -31,7 +31,7 @@ import lowbit.conv as C
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
 from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
-from lowbit.kernels import compiled, qconv
+from lowbit.kernels import avx512, compiled, qconv
 from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place
 
 U = 2.0**-24
@@ -366,6 +366,7 @@ def test_gemm_nchw_bitwise_the_gemm_then_permute(fused: bool, monkeypatch: pytes
     per-tensor and per-channel column scales, bias, float32 and bfloat16 outputs; a scale
     on the summed dimension takes the simulated GEMM, also bitwise."""
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0 if fused else 1 << 62)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     gen = torch.Generator().manual_seed(5)
     n, p, k, c = 3, 20, 27, 8
     codes = torch.randint(-127, 128, (n * p, k), dtype=torch.int8, generator=gen)

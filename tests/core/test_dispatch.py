@@ -13,7 +13,7 @@ import lowbit
 from lowbit import FQTConfig
 from lowbit.config import FLOAT_FAMILIES, RECIPES
 from lowbit.formats import FORMAT_NAMES, Granularity, Rounding, parse_format
-from lowbit.kernels import Backend, Encoded, Impl, compiled, fp8, int8, kernels_for, reference, register
+from lowbit.kernels import Backend, Encoded, Impl, avx512, compiled, fp8, int8, kernels_for, reference, register
 from lowbit.quantizers import QUANTIZERS
 
 DEVICES = available_devices()
@@ -80,6 +80,7 @@ def test_fp8_layer_runs_its_three_gemms_on_scaled_mm_bitwise_as_reference(
     """Same seed, same noise stream: backend auto (fused quantizers, torch._scaled_mm for
     all three GEMMs) gives the reference backend's output and gradients bit for bit."""
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     calls = _count(monkeypatch, torch, "_scaled_mm")
     results = []
     for backend in ("auto", "reference"):
@@ -249,6 +250,7 @@ def test_reference_backend_never_compiles_any_format(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch, "compile", refuse)
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     monkeypatch.setattr(compiled, "_enabled", True)
     g = torch.randn(24, 40)
     for name in FORMAT_NAMES:

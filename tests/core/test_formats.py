@@ -24,7 +24,7 @@ from lowbit.formats import (
     parse_format,
     round_elements,
 )
-from lowbit.kernels import Backend, kernels_for, reference
+from lowbit.kernels import Backend, avx512, kernels_for, reference
 from lowbit.quantizers import QUANTIZERS
 
 DEVICES = available_devices()
@@ -242,6 +242,7 @@ def force_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
     if not compiled.enabled():
         pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0 or unavailable)")
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every size through the compiled kernels
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
 
 
 @pytest.mark.parametrize("name", ["int8", "int4a", "fp8_e5m2", "mxfp4", "nvfp4"])

@@ -14,7 +14,7 @@ from conftest import available_devices, int_codes, int_codes_fixed
 from lowbit.formats import IntFormat, Rounding, counter_uniform, grid_step, stochastic_round
 from lowbit.quantizers import Granularity
 from lowbit.formats.scales import _div_rn_wide
-from lowbit.kernels import compiled, reference
+from lowbit.kernels import avx512, compiled, reference
 
 
 @pytest.fixture
@@ -22,6 +22,7 @@ def force_compiled(monkeypatch: pytest.MonkeyPatch):
     if not compiled.enabled():
         pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0 or unavailable)")
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     yield
 
 
@@ -62,6 +63,7 @@ def test_epilogue_writes_over_the_accumulator_bitwise(monkeypatch: pytest.Monkey
     if compiled_kernels and not compiled.enabled():
         pytest.skip("torch.compile disabled (LOWBIT_COMPILE=0 or unavailable)")
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0 if compiled_kernels else 1 << 62)
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     g = torch.Generator().manual_seed(0)
     m, n, k = 67, 45, 300
     acc = torch.randint(-(2**30), 2**30, (m, n), dtype=torch.int32, generator=g)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import lowbit
 from lowbit import FQTConfig
 from lowbit.formats import IntFormat
-from lowbit.kernels import Backend, compiled
+from lowbit.kernels import Backend, avx512, compiled
 from lowbit.quantizers import QUANTIZERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -57,13 +57,17 @@ def gradients(draw: st.DrawFn) -> tuple[torch.Tensor, str]:
     return x.to(DTYPES[dtype]), dtype
 
 
-@pytest.fixture(scope="module", params=["reference", "auto"])
+@pytest.fixture(scope="module", params=["reference", "auto", "auto-compiled"])
 def backend(request: pytest.FixtureRequest):
-    if request.param == "auto":  # route even tiny tensors through the compiled kernels
+    """``auto``: even tiny tensors through the fused kernels (lowbit's C quantizer where it
+    applies, the compiled ones elsewhere); ``auto-compiled``: the compiled kernels only."""
+    if request.param.startswith("auto"):
         old = compiled.MIN_NUMEL
         compiled.MIN_NUMEL = 0
+        avx512.set_enabled(request.param == "auto")
         yield Backend.AUTO
         compiled.MIN_NUMEL = old
+        avx512.set_enabled(True)
     else:
         yield Backend.REFERENCE
 
@@ -98,3 +102,19 @@ def test_layer_degenerate_batches(recipe: str, batch: int) -> None:
     y.sum().backward()
     assert y.shape == (batch, 2) and x.grad.shape == (batch, 3)
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_z_test_survives_spreads_that_underflow_when_squared() -> None:
+    """The harness's z-test (``conftest.assert_unbiased``) on exact two-level draws whose
+    spread, on the unit scale, is 1e-269 (a row of 1e-236 values beside 1e33): its
+    square underflows float64, which made the statistic 0/0 = NaN and failed an unbiased
+    quantizer (hypothesis found it for PSQ on float64). Unbiased draws pass with a small,
+    finite statistic; a biased large element beside them is still caught."""
+    lo, hi = 2.0e-236, 6.0e-236
+    draws = torch.tensor([[2.9e33, lo], [3.1e33, hi]], dtype=torch.float64).repeat(200, 1)
+    target = torch.tensor([3.0e33, (lo + hi) / 2], dtype=torch.float64)
+    z = assert_unbiased(draws, target, denormal_spacing=0.0)
+    assert math.isfinite(z) and z < 1.0
+    with pytest.raises(AssertionError, match="bias detected"):
+        assert_unbiased(draws, torch.tensor([2.0e33, (lo + hi) / 2], dtype=torch.float64),
+                        denormal_spacing=0.0)

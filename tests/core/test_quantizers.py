@@ -15,7 +15,7 @@ import lowbit
 from lowbit import FQTConfig, OperandSpec
 from lowbit.formats import IntFormat, Rounding, compute_dtype
 from lowbit.functional import quantize_forward
-from lowbit.kernels import Backend, compiled
+from lowbit.kernels import Backend, avx512, compiled
 from lowbit.quantizers import QUANTIZERS, Granularity, absmax
 from lowbit.quantizers.bhq import _householder_absmax, bhq_transform
 from lowbit.quantizers.hadamard import hadamard_matrix
@@ -332,6 +332,7 @@ def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch, devic
     monkeypatch.setattr(torch, "compile", refuse)
     monkeypatch.setattr(compiled, "_compiled", {})  # no wrapper compiled earlier is reused
     monkeypatch.setattr(compiled, "MIN_NUMEL", 0)  # every size would take the fused path
+    monkeypatch.setattr(avx512, "_enabled", False)  # the compiled kernels, not the C quantizer
     monkeypatch.setattr(compiled, "_enabled", True)
     g = unequal_rows(n=40, d=24).to(device)
     for name in NAMES:

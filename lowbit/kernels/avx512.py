@@ -1,0 +1,252 @@
+"""lowbit's CPU quantizer on AVX-512: ``quantize`` and ``quantize_pair`` for symmetric
+integer grids.
+
+The compiled (Inductor) quantizer spends about 2 ns per element on the CPU, several
+times a pass over memory (docs/benchmarks.md, "lowbit's AVX-512 quantizer"). This
+module compiles ``quant_avx512.c`` (:mod:`.cbuild`: the system C compiler on first use,
+cached) and runs it where it computes the same thing:
+
+* the operand is a float32 CPU tensor (R, D) whose rows are contiguous (``stride(1) ==
+  1``), not a tensor subclass (a fake tensor while tracing), not under
+  ``torch.compile`` tracing, and not recorded by autograd (a double backward,
+  ``create_graph=True``, differentiates the reference quantizer's steps);
+* the format is a symmetric integer grid (``int2`` … ``int8``), one scale per row or
+  per tensor, rounding stochastic or to nearest.
+
+Everything else (FP8, MX/NVFP4 blocks, asymmetric grids, predicted ranges, other dtypes)
+runs on the compiled or reference kernel as before. The steps are those of
+:func:`lowbit.formats.grid_step` on the absmax the C code computes, the codes those of
+:func:`lowbit.kernels.reference.quantize` bit for bit: the same IEEE division,
+floor, comparison with the same counter-based noise, nearest-even rounding and clamp (the
+C file's header gives the arithmetic). A self-test compares the two on random,
+all-zero, non-finite and tail-shaped operands, with one thread and with two, before the
+kernel is used; a failed test, a missing compiler or a failed build is a
+``RuntimeWarning`` and the compiled kernel runs instead. ``LOWBIT_AVX512=0`` turns it
+off; so does ``LOWBIT_COMPILE=0`` (it runs where the dispatcher may use fused kernels).
+It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL.
+
+:func:`quantize_pair` quantizes an output gradient ``∇Y`` (N, out) both ways from one
+read (:mod:`lowbit.gradpair`): the row codes (N, out) and the codes of ``∇Yᵀ`` written
+row-major (out, N), the layout lowbit's AMX GEMM reads directly for ``∇W``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..formats import Format, Granularity, IntFormat, Rounding, grid_step
+from . import cbuild
+
+SOURCE = Path(__file__).with_name("quant_avx512.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw",
+         "-mavx512dq", "-mavx512vl")
+CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})
+_enabled = True  # the process-wide switch of set_enabled
+
+_P, _I64, _I, _U32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+_SIGNATURES = {
+    "lowbit_row_absmax": [_P, _I64, _I64, _I64, _P, _I],
+    "lowbit_pair_absmax": [_P, _I64, _I64, _I64, _P, _P, _P, _I],
+    "lowbit_quantize_rows": [_P, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_quantize_pair": [_P, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
+                             _P, _I64, _U32, _I, _F, _P, _I],
+}
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU reports AVX-512 F, BW, DQ and VL (Linux ``/proc/cpuinfo``)."""
+    return CPU_FLAGS <= cbuild.cpu_flags()
+
+
+def _warn(why: str, then: str | None = None) -> None:
+    warnings.warn(f"lowbit: {why}; {then or 'the compiled quantizer runs instead'} (AVX-512 "
+                  "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=6)
+
+
+@functools.cache
+@torch.compiler.disable
+def _library() -> ctypes.CDLL | None:
+    """The loaded, self-tested library, or ``None`` (module docstring)."""
+    if os.environ.get("LOWBIT_AVX512", "1") == "0" or not cpu_has_avx512():
+        return None
+    with _disable_current_modes():
+        lib = cbuild.load(SOURCE, FLAGS, _warn, "AVX-512 quantizer")
+        if lib is None:
+            return None
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = None, args
+        if not _self_test(lib):
+            _warn("the AVX-512 quantizer's self-test differs from the reference quantizer")
+            return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel can run here (module docstring); builds and self-tests it on
+    the first call (≈ 1 s with an empty cache)."""
+    return _library() is not None
+
+
+def set_enabled(flag: bool) -> None:
+    """Use the kernel where it applies (``True``, the default) or never (``False``: the
+    compiled quantizer runs instead; for tests and A/B benchmarks). Process-wide."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def _int_grid(fmt: Format) -> bool:
+    return isinstance(fmt, IntFormat) and not fmt.asymmetric and not fmt.block \
+        and fmt.code_dtype == torch.int8
+
+
+def _operand_ok(x: torch.Tensor) -> bool:
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 2 and x.stride(1) == 1 and not torch.compiler.is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+             seed: torch.Tensor) -> bool:
+    """Whether :func:`quantize` takes this call (module docstring) and the kernel is
+    available."""
+    return _operand_ok(x) and _int_grid(fmt) and granularity in (Granularity.ROW, Granularity.TENSOR) \
+        and rounding in (Rounding.STOCHASTIC, Rounding.NEAREST) and _enabled and available()
+
+
+def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                  seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                  seed_w: torch.Tensor) -> bool:
+    """Whether :func:`quantize_pair` takes this call: both paths as :func:`supports`."""
+    return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _int_grid(fmt_w) \
+        and gran_w in (Granularity.ROW, Granularity.TENSOR) \
+        and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST)
+
+
+def _steps(amax: torch.Tensor, fmt: Format, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, divisor) of each group from the per-row (or per-column) absmax (R, 1):
+    ``grid_step`` of the group's absmax, and the divisor (1 for an all-zero group)."""
+    if granularity is Granularity.TENSOR:
+        amax = amax.amax().reshape(1, 1)  # NaN propagates, as in the reference
+    step = grid_step(amax, fmt.emax)
+    return step, torch.where(amax == 0, torch.ones_like(step), step)
+
+
+def _seed(seed: torch.Tensor, rounding: Rounding) -> int:
+    return int(seed) & 0xFFFFFFFF if rounding is Rounding.STOCHASTIC else 0
+
+
+@torch.compiler.disable
+def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granularity,
+              rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+    r, d = x.shape
+    amax = torch.empty(r, 1, dtype=torch.float32)
+    lib.lowbit_row_absmax(x.data_ptr(), r, d, x.stride(0), amax.data_ptr(), threads)
+    step, div = _steps(amax, fmt, granularity)
+    codes = torch.empty(r, d, dtype=torch.int8)
+    lib.lowbit_quantize_rows(x.data_ptr(), r, d, x.stride(0), div.data_ptr(),
+                             1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
+                             int(rounding is Rounding.STOCHASTIC), float(fmt.emax), codes.data_ptr(),
+                             threads)
+    return codes, step
+
+
+def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """:func:`lowbit.kernels.reference.quantize` of a float32 (R, D) ``x`` with
+    contiguous rows on a symmetric integer grid (:func:`supports`): ``(codes (R, D) int8
+    row-major, step (R, 1) or (1, 1) float32, None, None)``, bitwise the reference's.
+    ``seed``: 0-d int64 tensor in [0, 2³²) (read for stochastic rounding only). Uses
+    ``torch.get_num_threads()`` threads. ``RuntimeError`` where :func:`supports` is
+    false."""
+    lib = _library()
+    if lib is None or not supports(x, fmt, granularity, rounding, seed):
+        raise RuntimeError(f"lowbit.kernels.avx512.quantize does not take this call ({fmt.name}, "
+                           f"{granularity.value}, {rounding.value}, {x.dtype} {tuple(x.stride())} "
+                           f"strides on {x.device}, kernel available: {lib is not None})")
+    codes, step = _quantize(lib, x, fmt, granularity, rounding, seed, torch.get_num_threads())
+    return codes, step, None, None
+
+
+@torch.compiler.disable
+def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
+                   rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                   rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+    n, c = g.shape
+    ramax = torch.empty(n, 1, dtype=torch.float32)
+    camax = torch.empty(c, 1, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32)
+    lib.lowbit_pair_absmax(g.data_ptr(), n, c, g.stride(0), ramax.data_ptr(), camax.data_ptr(),
+                           scratch.data_ptr(), threads)
+    step_a, div_a = _steps(ramax, fmt_a, gran_a)
+    step_w, div_w = _steps(camax, fmt_w, gran_w)
+    codes_a = torch.empty(n, c, dtype=torch.int8)
+    codes_w = torch.empty(c, n, dtype=torch.int8)
+    lib.lowbit_quantize_pair(
+        g.data_ptr(), n, c, g.stride(0),
+        div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
+        int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
+        div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
+        int(rnd_w is Rounding.STOCHASTIC), float(fmt_w.emax), codes_w.data_ptr(), threads)
+    return codes_a, step_a, codes_w, step_w
+
+
+def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                  seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                  seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`lowbit.gradpair.quantize_pair` (both quantizations of ``g`` (N, out)) on
+    the kernel (:func:`supports_pair`): ``(codes (N, out), step, None, None, codesᵀ
+    (out, N) row-major, stepᵀ, None, None)``, bitwise the reference's values.
+    ``RuntimeError`` where :func:`supports_pair` is false."""
+    lib = _library()
+    if lib is None or not supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w):
+        raise RuntimeError(f"lowbit.kernels.avx512.quantize_pair does not take this call ({fmt_a.name}/"
+                           f"{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}, "
+                           f"kernel available: {lib is not None})")
+    codes_a, step_a, codes_w, step_w = _quantize_pair(lib, g, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
+                                                      gran_w, rnd_w, seed_w, torch.get_num_threads())
+    return codes_a, step_a, None, None, codes_w, step_w, None, None
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """The kernel's codes and steps equal the reference's: random rows with tails, an
+    all-zero row, NaN and ±Inf rows, int8 and int4, per row and per tensor, stochastic
+    and nearest, both functions, with one thread and with two."""
+    from ..formats import parse_format
+    from .reference import quantize as ref
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 53, generator=g) * torch.logspace(-3, 3, 53)
+    x[3] = 0.0
+    x[5, 7], x[6, 0], x[6, 9] = float("nan"), float("inf"), -float("inf")
+    seed = torch.tensor(0xDEADBEEF)
+    cases = [(x, Granularity.ROW), (x[:, 2:40], Granularity.ROW), (x[7:], Granularity.TENSOR)]
+    for fmt in (parse_format("int8"), parse_format("int4")):
+        for a, gran in cases:
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                want = ref(a, fmt, gran, rnd, seed)
+                want_t = ref(a.t(), fmt, gran, rnd, seed)
+                for threads in (1, 2):
+                    codes, step = _quantize(lib, a, fmt, gran, rnd, seed, threads)
+                    pair = _quantize_pair(lib, a, fmt, gran, rnd, seed, fmt, gran, rnd, seed, threads)
+                    if not (torch.equal(codes, want[0]) and _same(step, want[1])
+                            and torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
+                            and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
+                        return False
+    return True
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values with NaN equal to NaN (the steps of a NaN group)."""
+    return a.shape == b.shape and bool(torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)))
+
+
+__all__ = ["CPU_FLAGS", "available", "cpu_has_avx512", "quantize", "quantize_pair", "set_enabled",
+           "supports", "supports_pair"]

@@ -1,0 +1,111 @@
+"""Build lowbit's C kernels on first use, cache them, load them with :mod:`ctypes`.
+
+lowbit ships two C kernels for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
+:mod:`.avx512`: the integer quantizer on AVX-512). Each is compiled with the system C
+compiler (``$CC``, split like a shell would, else ``gcc``, else ``cc``) the first time it
+is needed and cached in :func:`cache_dir` — ``$LOWBIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit`` — under a name that hashes the source,
+the flags and the compiler's version; a cache directory that cannot be used is named in
+a warning and the library is built in a fresh temporary directory instead. Every
+problem (no compiler, a failed build) is reported as a ``RuntimeWarning`` by the kernel's
+module, which then falls back to its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Warn = Callable[[str, "str | None"], None]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of Linux ``/proc/cpuinfo`` on x86-64; empty elsewhere."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return frozenset()
+    return frozenset()
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept: ``$LOWBIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
+    root = os.environ.get("LOWBIT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
+
+
+def compiler(warn: Warn) -> list[str] | None:
+    """The C compiler command: ``$CC`` (split like a shell would: ``ccache gcc`` works),
+    else ``gcc``, else ``cc``; ``None`` when none is found. A ``$CC`` that is set but not
+    found is named in a warning (``warn(why, then)``) before the fallback."""
+    env = shlex.split(os.environ.get("CC", ""))
+    if env and shutil.which(env[0]):
+        return env
+    found = shutil.which("gcc") or shutil.which("cc")
+    if env:
+        warn(f"CC={os.environ['CC']!r} is not found", None if found is None else f"using {found}")
+    return [found] if found else None
+
+
+def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], out_dir: Path) -> Path:
+    """The shared library built from ``source`` with ``cc`` (whose ``--version`` output is
+    ``version``) and ``flags`` in ``out_dir``; cached under a name that hashes the source,
+    the flags and the compiler's version, written atomically (a temporary file renamed)
+    so that concurrent processes never load a partial file."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()
+    path = out_dir / f"{source.stem}-{key[:16]}.so"
+    if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{source.stem}-building-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
+                           check=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CDLL | None:
+    """``source`` compiled with ``flags`` (cached: module docstring) and loaded; ``None``
+    after a warning (``warn(why, None)``) when there is no compiler or the build fails.
+    ``what`` names the kernel in those warnings."""
+    cc = compiler(warn)
+    if cc is None:
+        warn(f"the {what} needs a C compiler and none was found ($CC, gcc, cc)", None)
+        return None
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+        try:
+            path = _compile(cc, version, source, flags, cache_dir())
+        except OSError as e:
+            warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); set "
+                 "LOWBIT_CACHE_DIR", f"building the {what} in a temporary directory")
+            path = _compile(cc, version, source, flags, Path(tempfile.mkdtemp(prefix="lowbit-")))
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warn(f"the {what} could not be built ({detail.strip()[:300]})", None)
+        return None
+
+
+__all__ = ["cache_dir", "compiler", "cpu_flags", "load"]

@@ -1,0 +1,224 @@
+/* lowbit's CPU quantizer for symmetric integer grids (int2..int8), AVX-512.
+ *
+ * It computes what lowbit.kernels.reference.quantize computes for a float32 operand on
+ * a symmetric integer format, bit for bit (the Python side, lowbit/kernels/avx512.py,
+ * computes the steps with lowbit.formats.grid_step and self-tests against the reference):
+ *
+ *   y = x / d                        IEEE division, correctly rounded (vdivps)
+ *   stochastic: q = floor(y) + [u < y - floor(y)],  u = counter noise of the element index
+ *   nearest:    q = round-half-even(y)
+ *   code = NaN ? 0 : clamp(q, -emax, emax)  as int8
+ *
+ * d is the row's (or the tensor's) step, 1 where the group is all zero. The noise is
+ * lowbit.noise.counter_uniform: element i (row-major index in the quantized (R, D) shape)
+ * gets h((i·K1 mod 2^32) XOR seed), h the two-round 32-bit mixer, 24 bits kept. The
+ * uint32 arithmetic here is the reference's int64 arithmetic masked to 32 bits.
+ *
+ * Built without -ffast-math and with -ffp-contract=off: every operation is the IEEE one.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define K1 0x27D4EB2Du
+#define K2 0x045D9F3Bu
+
+static inline __m512 noise16(__m512i idx, __m512i seed) {
+    __m512i h = _mm512_xor_si512(_mm512_mullo_epi32(idx, _mm512_set1_epi32((int)K1)), seed);
+    h = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(h, 16), h), _mm512_set1_epi32((int)K2));
+    h = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(h, 16), h), _mm512_set1_epi32((int)K2));
+    h = _mm512_xor_si512(_mm512_srli_epi32(h, 16), h);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
+}
+
+/* 16 codes of x / d (lanes' element indices idx) as 16 bytes. */
+static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int sr, __m512 emax) {
+    __m512 y = _mm512_div_ps(x, d), q;
+    if (sr) {
+        __m512 low = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __mmask16 up = _mm512_cmp_ps_mask(noise16(idx, seed), _mm512_sub_ps(y, low), _CMP_LT_OQ);
+        q = _mm512_mask_add_ps(low, up, low, _mm512_set1_ps(1.0f));
+    } else {
+        q = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), q);            /* NaN -> 0 */
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), emax)), emax);
+    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));                            /* exact */
+}
+
+static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+static const int32_t LANES[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* amax[r] = max |x[r, :]| (NaN where the row holds a NaN), x (rows, cols) with row stride ld. */
+void lowbit_row_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, float *amax, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * ld;
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(cols - c), p + c));
+            m = _mm512_max_ps(m, v);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        amax[r] = nan ? NAN : _mm512_reduce_max_ps(m);
+    }
+}
+
+/* Row and column absmax of x (rows, cols) in one read: ramax (rows), camax (cols).
+ * scratch: threads * cols floats (one column maximum per thread, merged at the end). */
+void lowbit_pair_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, float *ramax,
+                        float *camax, float *scratch, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *cm = scratch + (int64_t)t * cols;
+        memset(cm, 0, (size_t)cols * sizeof(float));
+        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
+        for (int64_t r = lo; r < hi; r++) {
+            const float *p = x + r * ld;
+            __m512 m = _mm512_setzero_ps();
+            __mmask16 nan = 0;
+            for (int64_t c = 0; c < cols; c += 16) {
+                __mmask16 k = tail_mask(cols - c);
+                __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, p + c));
+                __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_max_ps(m, v);
+                nan |= vn;
+                /* max keeping NaN: a NaN lane stays NaN */
+                __m512 old = _mm512_maskz_loadu_ps(k, cm + c);
+                __m512 nw = _mm512_max_ps(v, old);                 /* old NaN -> old (2nd operand) */
+                nw = _mm512_mask_mov_ps(nw, vn, v);               /* new NaN -> NaN */
+                _mm512_mask_storeu_ps(cm + c, k, nw);
+            }
+            ramax[r] = nan ? NAN : _mm512_reduce_max_ps(m);
+        }
+#pragma omp barrier
+        int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
+        for (int64_t c = clo; c < chi; c++) {
+            float m = 0.0f;
+            int nan = 0;
+            for (int u = 0; u < nt; u++) {
+                float v = scratch[(int64_t)u * cols + c];
+                nan |= v != v;
+                m = v > m ? v : m;
+            }
+            camax[c] = nan ? NAN : m;
+        }
+    }
+}
+
+/* codes (rows, cols) row-major of x (rows, cols, row stride ld); d[r * dstride] the
+ * divisor of row r (dstride 0: one for the tensor). */
+void lowbit_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *d,
+                          int64_t dstride, uint32_t seed, int sr, float emax, int8_t *codes,
+                          int threads) {
+    const __m512i lane = _mm512_loadu_si512(LANES), vseed = _mm512_set1_epi32((int)seed);
+    const __m512 vemax = _mm512_set1_ps(emax);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * ld;
+        const __m512 vd = _mm512_set1_ps(d[r * dstride]);
+        const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
+        int8_t *o = codes + r * cols;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 k = tail_mask(cols - c);
+            __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)c)), lane);
+            __m128i b = codes16(_mm512_maskz_loadu_ps(k, p + c), vd, idx, vseed, sr, vemax);
+            _mm_mask_storeu_epi8(o + c, k, b);
+        }
+    }
+}
+
+/* Transpose 16 x 16 bytes: out[j] byte i = in[i] byte j. */
+static inline void transpose16(const __m128i in[16], __m128i out[16]) {
+    __m128i a[16], b[16];
+    for (int i = 0; i < 8; i++) {
+        a[i] = _mm_unpacklo_epi8(in[2 * i], in[2 * i + 1]);
+        a[i + 8] = _mm_unpackhi_epi8(in[2 * i], in[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        b[i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        b[i + 4] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+        b[i + 8] = _mm_unpacklo_epi16(a[8 + 2 * i], a[8 + 2 * i + 1]);
+        b[i + 12] = _mm_unpackhi_epi16(a[8 + 2 * i], a[8 + 2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {
+        __m128i *s = b + 4 * g;
+        a[4 * g + 0] = _mm_unpacklo_epi32(s[0], s[1]);
+        a[4 * g + 1] = _mm_unpackhi_epi32(s[0], s[1]);
+        a[4 * g + 2] = _mm_unpacklo_epi32(s[2], s[3]);
+        a[4 * g + 3] = _mm_unpackhi_epi32(s[2], s[3]);
+    }
+    for (int g = 0; g < 4; g++) {
+        __m128i *s = a + 4 * g;
+        b[4 * g + 0] = _mm_unpacklo_epi64(s[0], s[2]);
+        b[4 * g + 1] = _mm_unpackhi_epi64(s[0], s[2]);
+        b[4 * g + 2] = _mm_unpacklo_epi64(s[1], s[3]);
+        b[4 * g + 3] = _mm_unpackhi_epi64(s[1], s[3]);
+    }
+    for (int j = 0; j < 16; j++) out[j] = b[j];
+}
+
+/* Both quantizations of x (rows, cols; row stride ld) from one read of each 16-row block:
+ *   codes_a (rows, cols) row-major: x's rows, divisors da[r * da_stride], seed_a, sr_a;
+ *   codes_w (cols, rows) row-major: xᵀ's rows (x's columns), divisors dw[c * dw_stride],
+ *   element (c, r) of xᵀ having index c * rows + r, seed_w, sr_w. */
+void lowbit_quantize_pair(const float *x, int64_t rows, int64_t cols, int64_t ld,
+                          const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+                          int8_t *codes_a,
+                          const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
+                          int8_t *codes_w, int threads) {
+    const __m512i lane = _mm512_loadu_si512(LANES);
+    const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
+    const __m512 vemax_a = _mm512_set1_ps(emax_a), vemax_w = _mm512_set1_ps(emax_w);
+    /* Tiles of TR rows x TC columns: within a tile, each row of codes_w gets TR contiguous
+     * bytes, and the pages a tile touches (TR rows of x, codes_a; TC rows of codes_w) stay
+     * within the TLB's reach (scanning whole rows of a large x wrote each 64-byte line of
+     * codes_w on another page: 5x slower at 2048 x 4096). */
+    enum { TR = 256, TC = 256 };
+    const int64_t blocks = (rows + TR - 1) / TR;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t rb = 0; rb < blocks; rb++) {
+        __m128i wc[16], wt[16];
+        const int64_t rend = rows < rb * TR + TR ? rows : rb * TR + TR;
+        for (int64_t ct = 0; ct < cols; ct += TC) {
+            const int64_t cend = cols < ct + TC ? cols : ct + TC;
+            for (int64_t r0 = rb * TR; r0 < rend; r0 += 16) {
+                const int64_t nr = rend - r0 < 16 ? rend - r0 : 16;
+                const __mmask16 kr = tail_mask(nr);
+                for (int64_t c = ct; c < cend; c += 16) {
+                    const __mmask16 k = tail_mask(cols - c);
+                    const int64_t nc = cols - c < 16 ? cols - c : 16;
+                    const __m512 vdw = dw_stride ? _mm512_maskz_loadu_ps(k, dw + c) : _mm512_set1_ps(dw[0]);
+                    /* xᵀ element (c + lane, r) has index (c + lane) * rows + r */
+                    const __m512i colbase = _mm512_mullo_epi32(
+                        _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)c), lane),
+                        _mm512_set1_epi32((int)(uint32_t)rows));
+                    for (int64_t i = 0; i < 16; i++) {
+                        if (i >= nr) { wc[i] = _mm_setzero_si128(); continue; }
+                        const int64_t r = r0 + i;
+                        const __m512 v = _mm512_maskz_loadu_ps(k, x + r * ld + c);
+                        const __m512i ia = _mm512_add_epi32(
+                            _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c)), lane);
+                        _mm_mask_storeu_epi8(codes_a + r * cols + c, k,
+                                             codes16(v, _mm512_set1_ps(da[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
+                        const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
+                        /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
+                        wc[i] = codes16(v, vdw, iw, vseed_w, sr_w, vemax_w);
+                    }
+                    transpose16(wc, wt);
+                    for (int64_t j = 0; j < nc; j++)
+                        _mm_mask_storeu_epi8(codes_w + (c + j) * rows + r0, kr, wt[j]);
+                }
+            }
+        }
+    }
+}

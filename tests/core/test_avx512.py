@@ -1,0 +1,230 @@
+"""lowbit.kernels.avx512: the AVX-512 integer quantizer gives bitwise the reference
+quantizer's codes and steps (every symmetric integer width, per row and per tensor,
+stochastic and nearest, tails, row-strided views, all-zero and non-finite groups, any
+thread count), for one operand and for both quantizations of an output gradient; the
+dispatcher sends it exactly the calls it supports; a training step is bitwise the same
+with and without it; where it cannot be built or is switched off, lowbit falls back to
+the compiled quantizer with a warning. The kernel tests need a CPU with AVX-512 and a C
+compiler (skipped elsewhere; the fallback tests run everywhere)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import num_threads
+from torch import nn
+
+import lowbit
+from lowbit.formats import Granularity, Rounding, parse_format
+from lowbit.gradpair import quantize_pair as reference_pair
+from lowbit.kernels import Backend, avx512, cbuild, kernels_for, reference
+
+# Skipped only where the kernel is not meant to run, never because its self-test failed
+# (test_kernel_builds_and_passes_its_self_test fails then).
+WANTED = avx512.cpu_has_avx512() and os.environ.get("LOWBIT_AVX512", "1") != "0" \
+    and cbuild.compiler(lambda why, then: None) is not None
+needs_avx512 = pytest.mark.skipif(not WANTED, reason="needs a CPU with AVX-512 F/BW/DQ/VL and a C compiler")
+
+FORMATS = [parse_format(f"int{b}") for b in (2, 3, 4, 5, 8)]
+SHAPES = [(1, 1), (1, 17), (17, 1), (16, 16), (33, 70), (300, 513), (257, 31)]
+
+
+def _same(got: tuple, want: tuple) -> bool:
+    """Codes equal; steps equal with NaN == NaN; offsets and block scales both None."""
+    for g, w in zip(got, want, strict=True):
+        if g is None or w is None:
+            if not (g is None and w is None):
+                return False
+        elif g.dtype != w.dtype or g.shape != w.shape or not torch.equal(
+                torch.nan_to_num(g.float(), 0.5), torch.nan_to_num(w.float(), 0.5)):
+            return False
+    return True
+
+
+def _operand(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """Values over many binades per column, so rows and columns get different steps."""
+    return torch.randn(shape, generator=g) * torch.logspace(-4, 4, shape[1]) \
+        * torch.logspace(2, -2, shape[0]).unsqueeze(1)
+
+
+@needs_avx512
+def test_kernel_builds_and_passes_its_self_test() -> None:
+    assert avx512.available()
+
+
+@needs_avx512
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    x = _operand(shape, g)
+    for gran in (Granularity.ROW, Granularity.TENSOR):
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            seed = torch.randint(0, 2**32, (), generator=g)
+            assert avx512.supports(x, fmt, gran, rnd, seed)
+            want = reference.quantize(x, fmt, gran, rnd, seed)
+            for threads in (1, 2, 3):
+                with num_threads(threads):
+                    assert _same(avx512.quantize(x, fmt, gran, rnd, seed), want), (gran, rnd, threads)
+
+
+@needs_avx512
+@pytest.mark.parametrize("fmt", [FORMATS[2], FORMATS[4]], ids=lambda f: f.name)
+@pytest.mark.parametrize("shape", SHAPES + [(600, 1100)])
+def test_pair_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  # noqa: ANN001
+    """Both quantizations of ∇Y (N, out): the row codes and the codes of ∇Yᵀ (written
+    row-major), with the paths' settings mixed (row/tensor, stochastic/nearest, another
+    width on the ∇W path); more than one 256 × 256 tile and tails in both dimensions."""
+    g = torch.Generator().manual_seed(7 + shape[0])
+    x = _operand(shape, g)
+    combos = [(Granularity.ROW, Rounding.STOCHASTIC, Granularity.ROW, Rounding.STOCHASTIC, fmt),
+              (Granularity.TENSOR, Rounding.STOCHASTIC, Granularity.ROW, Rounding.NEAREST, FORMATS[0]),
+              (Granularity.ROW, Rounding.NEAREST, Granularity.TENSOR, Rounding.STOCHASTIC, fmt)]
+    for gran_a, rnd_a, gran_w, rnd_w, fmt_w in combos:
+        seed_a, seed_w = torch.randint(0, 2**32, (2,), generator=g).unbind()
+        args = (x, fmt, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+        assert avx512.supports_pair(*args)
+        want = reference_pair(*args)
+        for threads in (1, 2, 3):
+            with num_threads(threads):
+                got = avx512.quantize_pair(*args)
+            assert _same(got, want), (gran_a, rnd_a, gran_w, rnd_w, threads)
+            assert got[4].is_contiguous()  # ∇Yᵀ's codes row-major: the AMX GEMM reads them as they are
+
+
+@needs_avx512
+def test_zero_nonfinite_and_extreme_groups() -> None:
+    """All-zero rows (step 0, codes 0), NaN (step NaN, codes 0) and ±Inf rows (non-finite
+    step), subnormals, the largest float32 and -0.0: the same as the reference, and NaN
+    never made finite."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.randn(9, 40)
+    x[0] = 0.0
+    x[1, 3] = float("nan")
+    x[2, 0], x[3, 5] = float("inf"), -float("inf")
+    x[4] = tiny * torch.linspace(-1, 1, 40) * 1e-3  # subnormals
+    x[5] = torch.finfo(torch.float32).max * torch.linspace(-1, 1, 40)
+    x[6] = -0.0
+    x[7, :] = float("nan")
+    seed = torch.tensor(123456789)
+    for fmt in (FORMATS[2], FORMATS[4]):
+        for gran in (Granularity.ROW, Granularity.TENSOR):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                got = avx512.quantize(x, fmt, gran, rnd, seed)
+                assert _same(got, reference.quantize(x, fmt, gran, rnd, seed))
+                assert _same(avx512.quantize_pair(x, fmt, gran, rnd, seed, fmt, gran, rnd, seed),
+                             reference_pair(x, fmt, gran, rnd, seed, fmt, gran, rnd, seed))
+                if gran is Granularity.ROW:
+                    assert torch.isnan(got[1][1]) and torch.isnan(got[1][7]) and not torch.isfinite(got[1][2])
+                    assert float(got[1][0]) == 0.0 and not got[0][0].any()
+
+
+@needs_avx512
+def test_row_strided_views() -> None:
+    """A view whose rows are contiguous but not adjacent (row stride > columns), and a
+    slice starting mid-row."""
+    base = torch.randn(70, 130)
+    seed = torch.tensor(99)
+    fmt = FORMATS[4]
+    for x in (base[:, 3:100], base[5:60, 64:], base[::2, :50]):
+        assert x.stride(1) == 1 and x.stride(0) > x.shape[1]
+        assert _same(avx512.quantize(x, fmt, Granularity.ROW, Rounding.STOCHASTIC, seed),
+                     reference.quantize(x, fmt, Granularity.ROW, Rounding.STOCHASTIC, seed))
+        args = (x, fmt, Granularity.ROW, Rounding.STOCHASTIC, seed, fmt, Granularity.ROW,
+                Rounding.STOCHASTIC, seed)
+        assert _same(avx512.quantize_pair(*args), reference_pair(*args))
+
+
+def test_supports_only_what_it_computes() -> None:
+    """float32 CPU rows of a symmetric integer grid, per row or tensor, stochastic or
+    nearest, not recorded by autograd: anything else (FP8, blocks, asymmetric grids,
+    other dtypes, column-major operands, an operand of a double backward) is refused,
+    and the dispatcher runs the compiled or reference kernel."""
+    x = torch.randn(64, 64)
+    seed = torch.tensor(1)
+    ok = (Granularity.ROW, Rounding.STOCHASTIC, seed)
+    refused = [(x, parse_format("fp8_e4m3"), *ok), (x, parse_format("mxfp8_e4m3"), *ok),
+               (x, parse_format("int4a"), *ok), (x.double(), FORMATS[4], *ok),
+               (x.bfloat16(), FORMATS[4], *ok), (x.t(), FORMATS[4], *ok),
+               (x[:, ::2], FORMATS[4], *ok),
+               (x.clone().requires_grad_(), FORMATS[4], *ok)]  # recorded: a double backward
+    for args in refused:
+        assert not avx512.supports(*args), args[1].name
+        with pytest.raises(RuntimeError, match="does not take this call"):
+            avx512.quantize(*args)
+    assert avx512.supports(x, FORMATS[4], *ok) == avx512.available()
+    with torch.no_grad():
+        assert avx512.supports(x.clone().requires_grad_(), FORMATS[4], *ok) == avx512.available()
+
+
+@needs_avx512
+def test_dispatcher_runs_it_and_the_result_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = avx512._quantize
+    monkeypatch.setattr(avx512, "_quantize", lambda *a: calls.append(1) or real(*a))
+    k = kernels_for(Backend.AUTO, "cpu")
+    x, seed = torch.randn(100, 70), torch.tensor(5)
+    got = k.quantize(x, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+    want = reference.quantize(x, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+    assert calls and torch.equal(got.codes, want[0]) and torch.equal(got.scale, want[1])
+    calls.clear()
+    kernels_for(Backend.REFERENCE, "cpu").quantize(x, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+    assert not calls  # the reference backend never leaves plain torch
+
+
+@needs_avx512
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4"])
+def test_training_step_bitwise_the_same_with_and_without_it(recipe: str) -> None:
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+        lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
+        x = torch.randn(512, 256, requires_grad=True)
+        for _ in range(2):
+            model(x).square().mean().backward()
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    on = grads()
+    avx512.set_enabled(False)
+    try:
+        off = grads()
+    finally:
+        avx512.set_enabled(True)
+    assert all(torch.equal(p, q) for p, q in zip(on, off, strict=True))
+
+
+def test_switched_off_by_environment() -> None:
+    """``LOWBIT_AVX512=0``: not available, and quantization still works (compiled or
+    reference kernel)."""
+    code = ("import torch; from lowbit.kernels import avx512, kernels_for; "
+            "from lowbit.formats import parse_format, Granularity, Rounding; "
+            "print(avx512.available()); "
+            "e = kernels_for('auto', 'cpu').quantize(torch.ones(4, 4), parse_format('int8'), "
+            "Granularity.ROW, Rounding.NEAREST, torch.tensor(0)); print(int(e.codes[0, 0]))")
+    env = {**os.environ, "LOWBIT_AVX512": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["False", "127"]
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """A compiler that rejects the flags: a warning naming the cause, the kernel not
+    used, quantization still the reference's."""
+    if not avx512.cpu_has_avx512():
+        pytest.skip("the build is only attempted on a CPU with AVX-512")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(avx512, "FLAGS", (*avx512.FLAGS, "-no-such-flag"))
+    avx512._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*no-such-flag.*compiled quantizer runs instead"):
+            assert not avx512.available()
+        x, seed = torch.randn(40, 40), torch.tensor(3)
+        got = kernels_for(Backend.AUTO, "cpu").quantize(x, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+        assert torch.equal(got.codes, reference.quantize(x, FORMATS[4], Granularity.ROW,
+                                                         Rounding.STOCHASTIC, seed)[0])
+    finally:
+        avx512._library.cache_clear()
