@@ -6,14 +6,16 @@ times a pass over memory (docs/benchmarks.md, "lowbit's AVX-512 quantizer"). Thi
 module compiles ``quant_avx512.c`` (:mod:`.cbuild`: the system C compiler on first use,
 cached) and runs it where it computes the same thing:
 
-* the operand is a float32 CPU tensor (R, D) whose rows are contiguous (``stride(1) ==
-  1``), not a tensor subclass (a fake tensor while tracing), not under
+* the operand is a float32, bfloat16 or float16 CPU tensor (R, D) (converted to float32
+  exactly, as the reference does) whose rows or columns are contiguous (a transposed
+  view, such as ``∇Yᵀ`` for ``∇W``, is read column by column; its codes are written
+  row-major either way), not a tensor subclass (a fake tensor while tracing), not under
   ``torch.compile`` tracing, and not recorded by autograd (a double backward,
   ``create_graph=True``, differentiates the reference quantizer's steps);
 * the format is a symmetric integer grid (``int2`` … ``int8``), one scale per row or
   per tensor, rounding stochastic or to nearest.
 
-Everything else (FP8, MX/NVFP4 blocks, asymmetric grids, predicted ranges, other dtypes)
+Everything else (FP8, MX/NVFP4 blocks, asymmetric grids, predicted ranges, float64)
 runs on the compiled or reference kernel as before. The steps are those of
 :func:`lowbit.formats.grid_step` on the absmax the C code computes, the codes those of
 :func:`lowbit.kernels.reference.quantize` bit for bit: the same IEEE division,
@@ -52,12 +54,18 @@ _enabled = True  # the process-wide switch of set_enabled
 
 _P, _I64, _I, _U32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
 _SIGNATURES = {
-    "lowbit_row_absmax": [_P, _I64, _I64, _I64, _P, _I],
-    "lowbit_pair_absmax": [_P, _I64, _I64, _I64, _P, _P, _P, _I],
-    "lowbit_quantize_rows": [_P, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
-    "lowbit_quantize_pair": [_P, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
+    "lowbit_row_absmax": [_P, _I, _I64, _I64, _I64, _P, _I],
+    "lowbit_pair_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _I],
+    "lowbit_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_quantize_pair": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                              _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
+    "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
+                                 _P, _I],
 }
+# the operand dtypes the C code reads (each converted to float32 exactly, as the
+# reference's x.to(float32)), by the code it takes
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def cpu_has_avx512() -> bool:
@@ -107,10 +115,24 @@ def _int_grid(fmt: Format) -> bool:
         and fmt.code_dtype == torch.int8
 
 
+def _rows_contiguous(x: torch.Tensor) -> bool:
+    return x.shape[1] <= 1 or x.stride(1) == 1
+
+
 def _operand_ok(x: torch.Tensor) -> bool:
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 2 and x.stride(1) == 1 and not torch.compiler.is_compiling()
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in DTYPES
+            and x.dim() == 2 and (_rows_contiguous(x) or x.shape[0] <= 1 or x.stride(0) == 1)
+            and not torch.compiler.is_compiling()
             and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _lib_for(what: str, ok: bool, detail: str) -> ctypes.CDLL:
+    """The library, or ``RuntimeError`` naming the call when it does not take it."""
+    lib = _library()
+    if lib is None or not ok:
+        raise RuntimeError(f"lowbit.kernels.avx512.{what} does not take this call ({detail}, "
+                           f"kernel available: {lib is not None})")
+    return lib
 
 
 def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -124,8 +146,9 @@ def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
 def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                   seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                   seed_w: torch.Tensor) -> bool:
-    """Whether :func:`quantize_pair` takes this call: both paths as :func:`supports`."""
-    return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _int_grid(fmt_w) \
+    """Whether :func:`quantize_pair` takes this call: both paths as :func:`supports`,
+    and ``g``'s rows contiguous."""
+    return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _rows_contiguous(g) and _int_grid(fmt_w) \
         and gran_w in (Granularity.ROW, Granularity.TENSOR) \
         and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST)
 
@@ -148,29 +171,40 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
               rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     r, d = x.shape
     amax = torch.empty(r, 1, dtype=torch.float32)
-    lib.lowbit_row_absmax(x.data_ptr(), r, d, x.stride(0), amax.data_ptr(), threads)
-    step, div = _steps(amax, fmt, granularity)
     codes = torch.empty(r, d, dtype=torch.int8)
-    lib.lowbit_quantize_rows(x.data_ptr(), r, d, x.stride(0), div.data_ptr(),
-                             1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
-                             int(rounding is Rounding.STOCHASTIC), float(fmt.emax), codes.data_ptr(),
-                             threads)
+    sr, seed32, dt = int(rounding is Rounding.STOCHASTIC), _seed(seed, rounding), DTYPES[x.dtype]
+    if _rows_contiguous(x):
+        lib.lowbit_row_absmax(x.data_ptr(), dt, r, d, x.stride(0), amax.data_ptr(), threads)
+        step, div = _steps(amax, fmt, granularity)
+        lib.lowbit_quantize_rows(x.data_ptr(), dt, r, d, x.stride(0), div.data_ptr(),
+                                 1 if div.shape[0] > 1 else 0, seed32, sr, float(fmt.emax),
+                                 codes.data_ptr(), threads)
+        return codes, step
+    # column-major x (a transposed view, e.g. ∇Yᵀ for ∇W): its rows are the columns of
+    # m = xᵀ (d, r), which has contiguous rows; the pair kernel's column path, codes
+    # written row-major (r, d)
+    m = x.t()
+    scratch = torch.empty(max(threads, 1) * r, dtype=torch.float32)
+    lib.lowbit_pair_absmax(m.data_ptr(), dt, d, r, m.stride(0), None, amax.data_ptr(),
+                           scratch.data_ptr(), threads)
+    step, div = _steps(amax, fmt, granularity)
+    lib.lowbit_quantize_pair(m.data_ptr(), dt, d, r, m.stride(0), None, 0, 0, 0, 0.0, None,
+                             div.data_ptr(), 1 if div.shape[0] > 1 else 0, seed32, sr,
+                             float(fmt.emax), codes.data_ptr(), threads)
     return codes, step
 
 
 def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-    """:func:`lowbit.kernels.reference.quantize` of a float32 (R, D) ``x`` with
+    """:func:`lowbit.kernels.reference.quantize` of a float32/bfloat16/float16 (R, D) ``x`` with
     contiguous rows on a symmetric integer grid (:func:`supports`): ``(codes (R, D) int8
     row-major, step (R, 1) or (1, 1) float32, None, None)``, bitwise the reference's.
     ``seed``: 0-d int64 tensor in [0, 2³²) (read for stochastic rounding only). Uses
     ``torch.get_num_threads()`` threads. ``RuntimeError`` where :func:`supports` is
     false."""
-    lib = _library()
-    if lib is None or not supports(x, fmt, granularity, rounding, seed):
-        raise RuntimeError(f"lowbit.kernels.avx512.quantize does not take this call ({fmt.name}, "
-                           f"{granularity.value}, {rounding.value}, {x.dtype} {tuple(x.stride())} "
-                           f"strides on {x.device}, kernel available: {lib is not None})")
+    lib = _lib_for("quantize", supports(x, fmt, granularity, rounding, seed),
+                   f"{fmt.name}, {granularity.value}, {rounding.value}, {x.dtype} "
+                   f"{tuple(x.stride())} strides on {x.device}")
     codes, step = _quantize(lib, x, fmt, granularity, rounding, seed, torch.get_num_threads())
     return codes, step, None, None
 
@@ -183,14 +217,14 @@ def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Gra
     ramax = torch.empty(n, 1, dtype=torch.float32)
     camax = torch.empty(c, 1, dtype=torch.float32)
     scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32)
-    lib.lowbit_pair_absmax(g.data_ptr(), n, c, g.stride(0), ramax.data_ptr(), camax.data_ptr(),
+    lib.lowbit_pair_absmax(g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0), ramax.data_ptr(), camax.data_ptr(),
                            scratch.data_ptr(), threads)
     step_a, div_a = _steps(ramax, fmt_a, gran_a)
     step_w, div_w = _steps(camax, fmt_w, gran_w)
     codes_a = torch.empty(n, c, dtype=torch.int8)
     codes_w = torch.empty(c, n, dtype=torch.int8)
     lib.lowbit_quantize_pair(
-        g.data_ptr(), n, c, g.stride(0),
+        g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0),
         div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
         int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
@@ -205,20 +239,65 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
     the kernel (:func:`supports_pair`): ``(codes (N, out), step, None, None, codesᵀ
     (out, N) row-major, stepᵀ, None, None)``, bitwise the reference's values.
     ``RuntimeError`` where :func:`supports_pair` is false."""
-    lib = _library()
-    if lib is None or not supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w):
-        raise RuntimeError(f"lowbit.kernels.avx512.quantize_pair does not take this call ({fmt_a.name}/"
-                           f"{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}, "
-                           f"kernel available: {lib is not None})")
+    lib = _lib_for("quantize_pair", supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
+                                                  rnd_w, seed_w),
+                   f"{fmt_a.name}/{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}")
     codes_a, step_a, codes_w, step_w = _quantize_pair(lib, g, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
                                                       gran_w, rnd_w, seed_w, torch.get_num_threads())
     return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
+def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                 group: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                 seed: torch.Tensor) -> bool:
+    """Whether :func:`bhq_forward_quantize` takes this call: ``x`` as :func:`supports`
+    with contiguous rows, and the transform in float32 (``scale``, ``v``, ``dots``)."""
+    return (supports(x, fmt, granularity, rounding, seed) and _rows_contiguous(x)
+            and scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
+            and dots.shape[1:] == x.shape[1:])
+
+
+@torch.compiler.disable
+def _bhq_quantize(lib: ctypes.CDLL, x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor,
+                  v: torch.Tensor, group: torch.Tensor, fmt: Format, granularity: Granularity,
+                  rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+    r, d = x.shape
+    dots, scale, group = dots.contiguous(), scale.contiguous(), group.contiguous()
+    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
+    tr = (scale.data_ptr(), v2.data_ptr(), group.data_ptr(), dots.data_ptr())
+    amax = torch.empty(r, 1, dtype=torch.float32)
+    dt = DTYPES[x.dtype]
+    lib.lowbit_bhq_absmax(x.data_ptr(), dt, r, d, x.stride(0), *tr, amax.data_ptr(), threads)
+    step, div = _steps(amax, fmt, granularity)
+    codes = torch.empty(r, d, dtype=torch.int8)
+    lib.lowbit_bhq_quantize_rows(x.data_ptr(), dt, r, d, x.stride(0), *tr, div.data_ptr(),
+                                 1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
+                                 int(rounding is Rounding.STOCHASTIC), float(fmt.emax),
+                                 codes.data_ptr(), threads)
+    return codes, step
+
+
+def bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                         group: torch.Tensor, fmt: Format, granularity: Granularity,
+                         rounding: Rounding, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """BHQ's transform and quantizer in one pass pair (``lowbit.quantizers.bhq``'s
+    ``_forward_quantize``: ``T x = x·s − 2v·dots[group]`` per element, never written,
+    then :func:`quantize`'s arithmetic): ``x`` (N, D); ``dots`` (G, D), ``scale`` and
+    ``v`` (N,) float32; ``group`` (N,) int64. Bitwise the reference's codes and steps.
+    ``RuntimeError`` where :func:`supports_bhq` is false."""
+    lib = _lib_for("bhq_forward_quantize",
+                   supports_bhq(x, dots, scale, v, group, fmt, granularity, rounding, seed),
+                   f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, transform in {scale.dtype}")
+    codes, step = _bhq_quantize(lib, x, dots, scale, v, group, fmt, granularity, rounding, seed,
+                                torch.get_num_threads())
+    return codes, step, None, None
+
+
 def _self_test(lib: ctypes.CDLL) -> bool:
     """The kernel's codes and steps equal the reference's: random rows with tails, an
-    all-zero row, NaN and ±Inf rows, int8 and int4, per row and per tensor, stochastic
-    and nearest, both functions, with one thread and with two."""
+    all-zero row, NaN and ±Inf rows, float32, bfloat16 and float16, row-major and
+    transposed operands, int8 and int4, per row and per tensor, stochastic and nearest,
+    both functions, with one thread and with two."""
     from ..formats import parse_format
     from .reference import quantize as ref
 
@@ -227,7 +306,9 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     x[3] = 0.0
     x[5, 7], x[6, 0], x[6, 9] = float("nan"), float("inf"), -float("inf")
     seed = torch.tensor(0xDEADBEEF)
-    cases = [(x, Granularity.ROW), (x[:, 2:40], Granularity.ROW), (x[7:], Granularity.TENSOR)]
+    cases = [(x, Granularity.ROW), (x[:, 2:40], Granularity.ROW), (x[7:], Granularity.TENSOR),
+             (x.bfloat16(), Granularity.ROW), (x[:, 2:40].half(), Granularity.TENSOR),
+             (x.t(), Granularity.ROW), (x[:30, 1:].bfloat16().t(), Granularity.TENSOR)]
     for fmt in (parse_format("int8"), parse_format("int4")):
         for a, gran in cases:
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
@@ -235,11 +316,37 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                 want_t = ref(a.t(), fmt, gran, rnd, seed)
                 for threads in (1, 2):
                     codes, step = _quantize(lib, a, fmt, gran, rnd, seed, threads)
+                    if not (torch.equal(codes, want[0]) and _same(step, want[1])):
+                        return False
+                    if not _rows_contiguous(a):
+                        continue
                     pair = _quantize_pair(lib, a, fmt, gran, rnd, seed, fmt, gran, rnd, seed, threads)
-                    if not (torch.equal(codes, want[0]) and _same(step, want[1])
-                            and torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
+                    if not (torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
+    return _bhq_self_test(lib, x)
+
+
+def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """BHQ's fused transform-and-quantize against ``bhq._forward_quantize`` on a random
+    transform of ``x``'s rows (groups of 1–4 rows)."""
+    from ..formats import parse_format
+    from ..quantizers.bhq import _forward_quantize
+
+    g = torch.Generator().manual_seed(1)
+    n, d = x.shape
+    group = torch.randint(0, 9, (n,), generator=g)
+    scale = torch.rand(n, generator=g) + 0.5
+    v = torch.randn(n, generator=g) * 0.3
+    dots = torch.randn(9, d, generator=g)
+    seed = torch.tensor(12345)
+    for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+        want = _forward_quantize(x, dots, scale, v, group, parse_format("int8"), Granularity.ROW, rnd, seed)
+        for threads in (1, 2):
+            codes, step = _bhq_quantize(lib, x, dots, scale, v, group, parse_format("int8"),
+                                        Granularity.ROW, rnd, seed, threads)
+            if not (torch.equal(codes, want[0]) and _same(step, want[1])):
+                return False
     return True
 
 
@@ -248,5 +355,5 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)))
 
 
-__all__ = ["CPU_FLAGS", "available", "cpu_has_avx512", "quantize", "quantize_pair", "set_enabled",
-           "supports", "supports_pair"]
+__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "quantize",
+           "quantize_pair", "set_enabled", "supports", "supports_bhq", "supports_pair"]

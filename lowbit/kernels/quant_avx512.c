@@ -21,6 +21,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define K1 0x27D4EB2Du
 #define K2 0x045D9F3Bu
@@ -50,17 +53,49 @@ static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int
 
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
+/* Element types of x: float32, bfloat16, float16 (each converted to float32 exactly, as
+ * the reference's x.to(float32)). */
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* 16 elements of x from element offset off (masked lanes 0) as float32. */
+static inline __m512 load16(const void *x, int64_t off, __mmask16 k, int dtype) {
+    if (dtype == BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + off);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if (dtype == F16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)x + off));
+    return _mm512_maskz_loadu_ps(k, (const float *)x + off);
+}
+
+/* BHQ's row transform T x = S x - 2 v (sum over the row's group), element by element
+ * (lowbit.quantizers.bhq._apply_forward, the same float32 operations in the same order):
+ * y = x * s[r] - v2[r] * dots[group[r], c], with v2 = 2 v. t == NULL: the identity. */
+typedef struct {
+    const float *s, *v2, *dots;
+    const int64_t *group;
+} RowTransform;
+
+static inline __m512 transform16(__m512 v, const RowTransform *t, int64_t r, int64_t cols, int64_t c,
+                                 __mmask16 k) {
+    if (!t) return v;
+    const __m512 d = _mm512_maskz_loadu_ps(k, t->dots + t->group[r] * cols + c);
+    return _mm512_sub_ps(_mm512_mul_ps(v, _mm512_set1_ps(t->s[r])), _mm512_mul_ps(_mm512_set1_ps(t->v2[r]), d));
+}
+
 static const int32_t LANES[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-/* amax[r] = max |x[r, :]| (NaN where the row holds a NaN), x (rows, cols) with row stride ld. */
-void lowbit_row_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, float *amax, int threads) {
+/* amax[r] = max |x[r, :]| (NaN where the row holds a NaN), x (rows, cols) of type dtype with
+ * row stride ld (elements). */
+static void row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
+                       const RowTransform *t, float *amax, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *p = x + r * ld;
         __m512 m = _mm512_setzero_ps();
         __mmask16 nan = 0;
         for (int64_t c = 0; c < cols; c += 16) {
-            __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(cols - c), p + c));
+            const __mmask16 k = tail_mask(cols - c);
+            __m512 v = _mm512_abs_ps(transform16(load16(x, r * ld + c, k, dtype), t, r, cols, c, k));
             m = _mm512_max_ps(m, v);
             nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         }
@@ -68,9 +103,15 @@ void lowbit_row_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, f
     }
 }
 
-/* Row and column absmax of x (rows, cols) in one read: ramax (rows), camax (cols).
+void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *amax,
+                       int threads) {
+    row_absmax(x, dtype, rows, cols, ld, NULL, amax, threads);
+}
+
+
+/* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted), camax (cols).
  * scratch: threads * cols floats (one column maximum per thread, merged at the end). */
-void lowbit_pair_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, float *ramax,
+void lowbit_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
                         float *camax, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
@@ -83,12 +124,11 @@ void lowbit_pair_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, 
         memset(cm, 0, (size_t)cols * sizeof(float));
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
         for (int64_t r = lo; r < hi; r++) {
-            const float *p = x + r * ld;
             __m512 m = _mm512_setzero_ps();
             __mmask16 nan = 0;
             for (int64_t c = 0; c < cols; c += 16) {
                 __mmask16 k = tail_mask(cols - c);
-                __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, p + c));
+                __m512 v = _mm512_abs_ps(load16(x, r * ld + c, k, dtype));
                 __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
                 m = _mm512_max_ps(m, v);
                 nan |= vn;
@@ -98,7 +138,7 @@ void lowbit_pair_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, 
                 nw = _mm512_mask_mov_ps(nw, vn, v);               /* new NaN -> NaN */
                 _mm512_mask_storeu_ps(cm + c, k, nw);
             }
-            ramax[r] = nan ? NAN : _mm512_reduce_max_ps(m);
+            if (ramax) ramax[r] = nan ? NAN : _mm512_reduce_max_ps(m);
         }
 #pragma omp barrier
         int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
@@ -117,25 +157,48 @@ void lowbit_pair_absmax(const float *x, int64_t rows, int64_t cols, int64_t ld, 
 
 /* codes (rows, cols) row-major of x (rows, cols, row stride ld); d[r * dstride] the
  * divisor of row r (dstride 0: one for the tensor). */
-void lowbit_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *d,
-                          int64_t dstride, uint32_t seed, int sr, float emax, int8_t *codes,
-                          int threads) {
+static void quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
+                          const RowTransform *t, const float *d, int64_t dstride, uint32_t seed, int sr,
+                          float emax, int8_t *codes, int threads) {
     const __m512i lane = _mm512_loadu_si512(LANES), vseed = _mm512_set1_epi32((int)seed);
     const __m512 vemax = _mm512_set1_ps(emax);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *p = x + r * ld;
         const __m512 vd = _mm512_set1_ps(d[r * dstride]);
         const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
         int8_t *o = codes + r * cols;
         for (int64_t c = 0; c < cols; c += 16) {
             __mmask16 k = tail_mask(cols - c);
             __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)c)), lane);
-            __m128i b = codes16(_mm512_maskz_loadu_ps(k, p + c), vd, idx, vseed, sr, vemax);
+            __m128i b = codes16(transform16(load16(x, r * ld + c, k, dtype), t, r, cols, c, k), vd, idx,
+                                vseed, sr, vemax);
             _mm_mask_storeu_epi8(o + c, k, b);
         }
     }
 }
+
+void lowbit_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *d,
+                          int64_t dstride, uint32_t seed, int sr, float emax, int8_t *codes, int threads) {
+    quantize_rows(x, dtype, rows, cols, ld, NULL, d, dstride, seed, sr, emax, codes, threads);
+}
+
+/* BHQ's forward transform and the row quantizer in one function (T x is never written):
+ * absmax of T x's rows into amax, then nothing else; lowbit_bhq_quantize_rows the codes.
+ * s, v2 (= 2 v), group (rows), dots (G, cols) row-major float32. */
+void lowbit_bhq_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
+                       const float *v2, const int64_t *group, const float *dots, float *amax, int threads) {
+    const RowTransform t = {s, v2, dots, group};
+    row_absmax(x, dtype, rows, cols, ld, &t, amax, threads);
+}
+
+void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
+                              const float *s, const float *v2, const int64_t *group, const float *dots,
+                              const float *d, int64_t dstride, uint32_t seed, int sr, float emax,
+                              int8_t *codes, int threads) {
+    const RowTransform t = {s, v2, dots, group};
+    quantize_rows(x, dtype, rows, cols, ld, &t, d, dstride, seed, sr, emax, codes, threads);
+}
+
 
 /* Transpose 16 x 16 bytes: out[j] byte i = in[i] byte j. */
 static inline void transpose16(const __m128i in[16], __m128i out[16]) {
@@ -167,11 +230,12 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
     for (int j = 0; j < 16; j++) out[j] = b[j];
 }
 
-/* Both quantizations of x (rows, cols; row stride ld) from one read of each 16-row block:
- *   codes_a (rows, cols) row-major: x's rows, divisors da[r * da_stride], seed_a, sr_a;
+/* Both quantizations of x (rows, cols; row stride ld) from one read of each tile:
+ *   codes_a (rows, cols) row-major: x's rows, divisors da[r * da_stride], seed_a, sr_a
+ *   (codes_a NULL: skipped, and da, seed_a, sr_a, emax_a unused);
  *   codes_w (cols, rows) row-major: xᵀ's rows (x's columns), divisors dw[c * dw_stride],
  *   element (c, r) of xᵀ having index c * rows + r, seed_w, sr_w. */
-void lowbit_quantize_pair(const float *x, int64_t rows, int64_t cols, int64_t ld,
+void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
                           const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
                           int8_t *codes_a,
                           const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
@@ -205,11 +269,13 @@ void lowbit_quantize_pair(const float *x, int64_t rows, int64_t cols, int64_t ld
                     for (int64_t i = 0; i < 16; i++) {
                         if (i >= nr) { wc[i] = _mm_setzero_si128(); continue; }
                         const int64_t r = r0 + i;
-                        const __m512 v = _mm512_maskz_loadu_ps(k, x + r * ld + c);
-                        const __m512i ia = _mm512_add_epi32(
-                            _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c)), lane);
-                        _mm_mask_storeu_epi8(codes_a + r * cols + c, k,
-                                             codes16(v, _mm512_set1_ps(da[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
+                        const __m512 v = load16(x, r * ld + c, k, dtype);
+                        if (codes_a) {
+                            const __m512i ia = _mm512_add_epi32(
+                                _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c)), lane);
+                            _mm_mask_storeu_epi8(codes_a + r * cols + c, k,
+                                                 codes16(v, _mm512_set1_ps(da[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
+                        }
                         const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
                         /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
                         wc[i] = codes16(v, vdw, iw, vseed_w, sr_w, vemax_w);

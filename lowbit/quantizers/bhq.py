@@ -28,7 +28,7 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import Format, Granularity, Rounding, compute_dtype
-from ..kernels import Backend, Encoded, Impl, Kernels, kernels_for, reference, register, register_fused
+from ..kernels import Backend, Encoded, Impl, Kernels, avx512, kernels_for, reference, register, register_fused
 from .base import GradQuantizer, RowTransform, row_absmax
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -100,6 +100,7 @@ def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, 
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
+register("bhq_forward_quantize", Impl.NATIVE, avx512.bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
 
 

@@ -56,12 +56,24 @@ def test_kernel_builds_and_passes_its_self_test() -> None:
     assert avx512.available()
 
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
 @needs_avx512
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_quantize_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  # noqa: ANN001
+def test_quantize_bitwise_the_reference(fmt, shape: tuple[int, int], dtype: torch.dtype,  # noqa: ANN001
+                                        transposed: bool) -> None:
+    """Every width, shape, granularity, rounding and thread count; bfloat16 and float16
+    operands too (read as float32, exactly, as the reference does); row-major operands
+    and transposed views (column-major: ∇Yᵀ of the ∇W path), codes row-major for both."""
     g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
-    x = _operand(shape, g)
+    x = _operand(shape, g).clamp(-6e4, 6e4).to(dtype)
+    if transposed:
+        x = x.t().contiguous().t()
+        assert x.shape == shape and (x.stride(0) == 1 or shape[0] == 1)
     for gran in (Granularity.ROW, Granularity.TENSOR):
         for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
             seed = torch.randint(0, 2**32, (), generator=g)
@@ -69,18 +81,22 @@ def test_quantize_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  #
             want = reference.quantize(x, fmt, gran, rnd, seed)
             for threads in (1, 2, 3):
                 with num_threads(threads):
-                    assert _same(avx512.quantize(x, fmt, gran, rnd, seed), want), (gran, rnd, threads)
+                    got = avx512.quantize(x, fmt, gran, rnd, seed)
+                assert _same(got, want), (gran, rnd, threads)
+                assert got[0].is_contiguous()
 
 
 @needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", [FORMATS[2], FORMATS[4]], ids=lambda f: f.name)
 @pytest.mark.parametrize("shape", SHAPES + [(600, 1100)])
-def test_pair_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  # noqa: ANN001
+def test_pair_bitwise_the_reference(fmt, shape: tuple[int, int], dtype: torch.dtype) -> None:  # noqa: ANN001
     """Both quantizations of ∇Y (N, out): the row codes and the codes of ∇Yᵀ (written
     row-major), with the paths' settings mixed (row/tensor, stochastic/nearest, another
-    width on the ∇W path); more than one 256 × 256 tile and tails in both dimensions."""
+    width on the ∇W path); more than one 256 × 256 tile and tails in both dimensions;
+    float32, bfloat16 and float16 gradients."""
     g = torch.Generator().manual_seed(7 + shape[0])
-    x = _operand(shape, g)
+    x = _operand(shape, g).clamp(-6e4, 6e4).to(dtype)
     combos = [(Granularity.ROW, Rounding.STOCHASTIC, Granularity.ROW, Rounding.STOCHASTIC, fmt),
               (Granularity.TENSOR, Rounding.STOCHASTIC, Granularity.ROW, Rounding.NEAREST, FORMATS[0]),
               (Granularity.ROW, Rounding.NEAREST, Granularity.TENSOR, Rounding.STOCHASTIC, fmt)]
@@ -97,19 +113,49 @@ def test_pair_bitwise_the_reference(fmt, shape: tuple[int, int]) -> None:  # noq
 
 
 @needs_avx512
-def test_zero_nonfinite_and_extreme_groups() -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513)])
+def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """BHQ's fused transform and quantizer (``T x = x·s − 2v·dots[group]``, never
+    written) against ``bhq._forward_quantize``: random groups, scales and Householder
+    entries; per row and per tensor, both roundings, int4 and int8, 1–3 threads."""
+    from lowbit.quantizers.bhq import _forward_quantize
+
+    g = torch.Generator().manual_seed(shape[0])
+    n, d = shape
+    x = _operand(shape, g).clamp(-6e4, 6e4).to(dtype)
+    groups = max(1, n // 3)
+    group = torch.randint(0, groups, (n,), generator=g)
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    dots = torch.randn(groups, d, generator=g) * 10
+    for fmt in (FORMATS[2], FORMATS[4]):
+        for gran in (Granularity.ROW, Granularity.TENSOR):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                seed = torch.randint(0, 2**32, (), generator=g)
+                args = (x, dots, scale, v, group, fmt, gran, rnd, seed)
+                assert avx512.supports_bhq(*args)
+                want = _forward_quantize(*args)
+                for threads in (1, 3):
+                    with num_threads(threads):
+                        assert _same(avx512.bhq_forward_quantize(*args), want), (fmt.name, gran, rnd)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_nonfinite_and_extreme_groups(dtype: torch.dtype) -> None:
     """All-zero rows (step 0, codes 0), NaN (step NaN, codes 0) and ±Inf rows (non-finite
-    step), subnormals, the largest float32 and -0.0: the same as the reference, and NaN
-    never made finite."""
-    tiny = torch.finfo(torch.float32).tiny
+    step), subnormals, the dtype's largest values and -0.0: the same as the reference,
+    and NaN never made finite."""
+    info = torch.finfo(dtype)
     x = torch.randn(9, 40)
     x[0] = 0.0
     x[1, 3] = float("nan")
     x[2, 0], x[3, 5] = float("inf"), -float("inf")
-    x[4] = tiny * torch.linspace(-1, 1, 40) * 1e-3  # subnormals
-    x[5] = torch.finfo(torch.float32).max * torch.linspace(-1, 1, 40)
+    x[4] = info.tiny * torch.linspace(-1, 1, 40) * 1e-2  # subnormals of the dtype
+    x[5] = info.max * torch.linspace(-1, 1, 40)
     x[6] = -0.0
     x[7, :] = float("nan")
+    x = x.to(dtype)
     seed = torch.tensor(123456789)
     for fmt in (FORMATS[2], FORMATS[4]):
         for gran in (Granularity.ROW, Granularity.TENSOR):
@@ -121,6 +167,7 @@ def test_zero_nonfinite_and_extreme_groups() -> None:
                 if gran is Granularity.ROW:
                     assert torch.isnan(got[1][1]) and torch.isnan(got[1][7]) and not torch.isfinite(got[1][2])
                     assert float(got[1][0]) == 0.0 and not got[0][0].any()
+                    assert got[0][4].any()  # subnormals quantize on their own row's scale
 
 
 @needs_avx512
@@ -140,16 +187,16 @@ def test_row_strided_views() -> None:
 
 
 def test_supports_only_what_it_computes() -> None:
-    """float32 CPU rows of a symmetric integer grid, per row or tensor, stochastic or
+    """float32/bfloat16/float16 CPU rows of a symmetric integer grid, per row or tensor, stochastic or
     nearest, not recorded by autograd: anything else (FP8, blocks, asymmetric grids,
-    other dtypes, column-major operands, an operand of a double backward) is refused,
+    float64, operands with neither rows nor columns contiguous, an operand of a double
+    backward) is refused,
     and the dispatcher runs the compiled or reference kernel."""
     x = torch.randn(64, 64)
     seed = torch.tensor(1)
     ok = (Granularity.ROW, Rounding.STOCHASTIC, seed)
     refused = [(x, parse_format("fp8_e4m3"), *ok), (x, parse_format("mxfp8_e4m3"), *ok),
                (x, parse_format("int4a"), *ok), (x.double(), FORMATS[4], *ok),
-               (x.bfloat16(), FORMATS[4], *ok), (x.t(), FORMATS[4], *ok),
                (x[:, ::2], FORMATS[4], *ok),
                (x.clone().requires_grad_(), FORMATS[4], *ok)]  # recorded: a double backward
     for args in refused:
@@ -177,15 +224,20 @@ def test_dispatcher_runs_it_and_the_result_equals_the_reference(monkeypatch: pyt
 
 
 @needs_avx512
-@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4"])
-def test_training_step_bitwise_the_same_with_and_without_it(recipe: str) -> None:
+@pytest.mark.parametrize("recipe,amp", [("fqt-psq-8", False), ("fqt-ptq-4", False), ("fqt-psq-8", True),
+                                        ("fqt-bhq-8", False), ("fqt-hadamard-8", False)])
+def test_training_step_bitwise_the_same_with_and_without_it(recipe: str, amp: bool) -> None:
+    """Two FFN steps, gradients equal bit for bit; under bf16 autocast the kernel reads
+    the bf16 activations and gradients."""
     def grads() -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
         lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
         x = torch.randn(512, 256, requires_grad=True)
         for _ in range(2):
-            model(x).square().mean().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = model(x).float().square().mean()
+            loss.backward()
         return [x.grad, *(p.grad for p in model.parameters())]
 
     on = grads()
