@@ -1,7 +1,7 @@
 """Probe (docs/benchmarks.md, "lowbit's AVX-512 quantizer"): the compiled (Inductor)
 quantizer against lowbit's AVX-512 kernel (``lowbit.kernels.avx512``), on the operand
-shapes of lowbit's workloads: one operand (per-row stochastic and per-tensor nearest,
-int8) and a Linear's two ∇Y quantizations (``quantize_pair``: rows for ∇X, columns for
+shapes of lowbit's workloads: one operand (per-row stochastic — float32, a transposed
+view, bfloat16 — and per-tensor nearest, int8) and a Linear's two ∇Y quantizations (``quantize_pair``: rows for ∇X, columns for
 ∇W). Both through the dispatcher (``Kernels.run``), switched with
 ``avx512.set_enabled``; interleaved medians (``_timing``); every result checked bitwise
 equal first. Needs a CPU with AVX-512.
@@ -34,7 +34,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, shape in SHAPES:
         x = torch.randn(shape)
+        xt, xb = x.t().contiguous().t(), x.bfloat16()
         calls = {"row SR": lambda x=x: k.run("quantize", x, fmt, Granularity.ROW, sr, seed),
+                 "row SR, transposed view": lambda x=xt: k.run("quantize", x, fmt, Granularity.ROW, sr, seed),
+                 "row SR, bf16": lambda x=xb: k.run("quantize", x, fmt, Granularity.ROW, sr, seed),
                  "tensor RN": lambda x=x: k.run("quantize", x, fmt, Granularity.TENSOR, rn, seed),
                  "pair SR": lambda x=x: k.run("quantize_pair", x, fmt, Granularity.ROW, sr, seed,
                                               fmt, Granularity.ROW, sr, seed)}
