@@ -66,15 +66,15 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     g = torch.Generator().manual_seed(0)
     cases = []
     for m, k, n in ((37, 130, 45), (64, 256, 300), (16, 1000, 48)):
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g, device="cpu")
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g, device="cpu")
         cases += [(a, b), (a.t().contiguous().t(), b.t().contiguous().t())]
-    cases.append((torch.full((32, 4096), -128, dtype=torch.int8),
-                  torch.full((4096, 32), -128, dtype=torch.int8)))
+    cases.append((torch.full((32, 4096), -128, dtype=torch.int8, device="cpu"),
+                  torch.full((4096, 32), -128, dtype=torch.int8, device="cpu")))
     for a, b in cases:
         want = torch._int_mm(a.contiguous(), b.contiguous())
         for threads in (1, 2):
-            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device="cpu")
             _call(lib, a, b, out, threads)
             if not torch.equal(out, want):
                 return False
@@ -110,8 +110,8 @@ def _library() -> ctypes.CDLL | None:
             return None
         lib.lowbit_amx_int_mm.restype = None
         lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
-        if not _self_test(lib):
-            _warn("the AMX kernel's self-test differs from torch._int_mm")
+        if not cbuild.self_tested(lambda: _self_test(lib), lambda why, then: _warn(why), "AMX kernel",
+                                  "torch._int_mm"):
             return None
     return lib
 
@@ -139,9 +139,9 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     m, k = a.shape
     n = b.shape[1]
     kp, np_, mp = -(-k // 64) * 64, -(-n // 16) * 16, -(-m // 16) * 16
-    packed_b = torch.empty(np_ * kp, dtype=torch.int8)
+    packed_b = torch.empty(np_ * kp, dtype=torch.int8, device="cpu")
     direct_a = a.stride(1) == 1 and k == kp and m == mp
-    packed_a = torch.empty(0 if direct_a else mp * kp, dtype=torch.int8)
+    packed_a = torch.empty(0 if direct_a else mp * kp, dtype=torch.int8, device="cpu")
     lib.lowbit_amx_int_mm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
                           b.stride(1), m, k, n, out.data_ptr(), out.stride(0), packed_b.data_ptr(),
                           packed_a.data_ptr(), threads)
@@ -203,7 +203,7 @@ def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if lib is None:
         raise RuntimeError("the AMX kernel is not available on this machine "
                            "(lowbit.kernels.amx.available() is False)")
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device="cpu")
     _call(lib, a, b, out, torch.get_num_threads())
     return out
 

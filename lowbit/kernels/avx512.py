@@ -7,11 +7,14 @@ module compiles ``quant_avx512.c`` (:mod:`.cbuild`: the system C compiler on fir
 cached) and runs it where it computes the same thing:
 
 * the operand is a float32, bfloat16 or float16 CPU tensor (R, D) (converted to float32
-  exactly, as the reference does) whose rows or columns are contiguous (a transposed
-  view, such as ``∇Yᵀ`` for ``∇W``, is read column by column; its codes are written
-  row-major either way), not a tensor subclass (a fake tensor while tracing), not under
-  ``torch.compile`` tracing, and not recorded by autograd (a double backward,
+  exactly, as the reference does), plain or an ``nn.Parameter``, non-empty, whose rows
+  or columns are contiguous (a transposed view, such as ``∇Yᵀ`` for ``∇W``, is read
+  column by column; its codes are written row-major either way); and nothing traces
+  the call: no ``torch.compile``, ``make_fx`` or other dispatch mode (fake tensors
+  included), ``jit.trace`` or ``vmap``/``grad`` wrapper (the C call would be invisible
+  to them), and autograd does not record the operand (a double backward,
   ``create_graph=True``, differentiates the reference quantizer's steps);
+* a stochastic rounding's seed is in [0, 2³²) (what ``draw_seed`` draws);
 * the format is a symmetric integer grid (``int2`` … ``int8``), one scale per row or
   per tensor, rounding stochastic or to nearest.
 
@@ -91,8 +94,8 @@ def _library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = None, args
-        if not _self_test(lib):
-            _warn("the AVX-512 quantizer's self-test differs from the reference quantizer")
+        if not cbuild.self_tested(lambda: _self_test(lib), _warn, "AVX-512 quantizer",
+                                  "the reference quantizer"):
             return None
     return lib
 
@@ -120,10 +123,27 @@ def _rows_contiguous(x: torch.Tensor) -> bool:
 
 
 def _operand_ok(x: torch.Tensor) -> bool:
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in DTYPES
-            and x.dim() == 2 and (_rows_contiguous(x) or x.shape[0] <= 1 or x.stride(0) == 1)
-            and not torch.compiler.is_compiling()
+    """A plain (or ``Parameter``) strided CPU tensor the C code can read as it is, outside
+    any tracing: no ``torch.compile``, ``make_fx``/fake-tensor or other dispatch mode
+    (the C call would be invisible to it), no ``jit.trace``, no ``vmap``/``grad``
+    wrapper, and not recorded by autograd (a double backward differentiates the
+    reference quantizer's steps)."""
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
+            and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.numel() > 0
+            and (_rows_contiguous(x) or x.shape[0] <= 1 or x.stride(0) == 1)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _seed_ok(seed: torch.Tensor, rounding: Rounding) -> bool:
+    """A stochastic rounding's seed is a one-element integer tensor in [0, 2³²) (what
+    :func:`lowbit.noise.draw_seed` draws; the reference XORs all 64 bits)."""
+    if rounding is not Rounding.STOCHASTIC:
+        return True
+    return (isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point()
+            and 0 <= int(seed) < 2**32)
 
 
 def _lib_for(what: str, ok: bool, detail: str) -> ctypes.CDLL:
@@ -140,7 +160,8 @@ def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     """Whether :func:`quantize` takes this call (module docstring) and the kernel is
     available."""
     return _operand_ok(x) and _int_grid(fmt) and granularity in (Granularity.ROW, Granularity.TENSOR) \
-        and rounding in (Rounding.STOCHASTIC, Rounding.NEAREST) and _enabled and available()
+        and rounding in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed, rounding) \
+        and _enabled and available()
 
 
 def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -150,7 +171,7 @@ def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
     and ``g``'s rows contiguous."""
     return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _rows_contiguous(g) and _int_grid(fmt_w) \
         and gran_w in (Granularity.ROW, Granularity.TENSOR) \
-        and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST)
+        and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w)
 
 
 def _steps(amax: torch.Tensor, fmt: Format, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +191,8 @@ def _seed(seed: torch.Tensor, rounding: Rounding) -> int:
 def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granularity,
               rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     r, d = x.shape
-    amax = torch.empty(r, 1, dtype=torch.float32)
-    codes = torch.empty(r, d, dtype=torch.int8)
+    amax = torch.empty(r, 1, dtype=torch.float32, device="cpu")
+    codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     sr, seed32, dt = int(rounding is Rounding.STOCHASTIC), _seed(seed, rounding), DTYPES[x.dtype]
     if _rows_contiguous(x):
         lib.lowbit_row_absmax(x.data_ptr(), dt, r, d, x.stride(0), amax.data_ptr(), threads)
@@ -184,7 +205,7 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
     # m = xᵀ (d, r), which has contiguous rows; the pair kernel's column path, codes
     # written row-major (r, d)
     m = x.t()
-    scratch = torch.empty(max(threads, 1) * r, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 1) * r, dtype=torch.float32, device="cpu")
     lib.lowbit_pair_absmax(m.data_ptr(), dt, d, r, m.stride(0), None, amax.data_ptr(),
                            scratch.data_ptr(), threads)
     step, div = _steps(amax, fmt, granularity)
@@ -214,15 +235,15 @@ def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Gra
                    rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                    rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     n, c = g.shape
-    ramax = torch.empty(n, 1, dtype=torch.float32)
-    camax = torch.empty(c, 1, dtype=torch.float32)
-    scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32)
+    ramax = torch.empty(n, 1, dtype=torch.float32, device="cpu")
+    camax = torch.empty(c, 1, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32, device="cpu")
     lib.lowbit_pair_absmax(g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0), ramax.data_ptr(), camax.data_ptr(),
                            scratch.data_ptr(), threads)
     step_a, div_a = _steps(ramax, fmt_a, gran_a)
     step_w, div_w = _steps(camax, fmt_w, gran_w)
-    codes_a = torch.empty(n, c, dtype=torch.int8)
-    codes_w = torch.empty(c, n, dtype=torch.int8)
+    codes_a = torch.empty(n, c, dtype=torch.int8, device="cpu")
+    codes_w = torch.empty(c, n, dtype=torch.int8, device="cpu")
     lib.lowbit_quantize_pair(
         g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0),
         div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
@@ -250,11 +271,20 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
 def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                  group: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
                  seed: torch.Tensor) -> bool:
-    """Whether :func:`bhq_forward_quantize` takes this call: ``x`` as :func:`supports`
-    with contiguous rows, and the transform in float32 (``scale``, ``v``, ``dots``)."""
-    return (supports(x, fmt, granularity, rounding, seed) and _rows_contiguous(x)
+    """Whether :func:`bhq_forward_quantize` takes this call: ``x`` (N, D) as
+    :func:`supports` with contiguous rows; ``scale``, ``v`` (N,) float32 and ``group``
+    (N,) int64 with ids in [0, G), ``dots`` (G, D) float32, all plain strided CPU tensors
+    (the C code reads ``dots[group[r]]`` and ``scale[r]``, ``v[r]`` for every row)."""
+    n, d = x.shape
+    parts = (dots, scale, v, group)
+    if not (supports(x, fmt, granularity, rounding, seed) and _rows_contiguous(x)
+            and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+                    for t in parts)
             and scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
-            and dots.shape[1:] == x.shape[1:])
+            and scale.shape == v.shape == group.shape == (n,) and dots.dim() == 2
+            and dots.shape[1] == d and dots.shape[0] > 0):
+        return False
+    return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
 
 
 @torch.compiler.disable
@@ -265,11 +295,11 @@ def _bhq_quantize(lib: ctypes.CDLL, x: torch.Tensor, dots: torch.Tensor, scale: 
     dots, scale, group = dots.contiguous(), scale.contiguous(), group.contiguous()
     v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
     tr = (scale.data_ptr(), v2.data_ptr(), group.data_ptr(), dots.data_ptr())
-    amax = torch.empty(r, 1, dtype=torch.float32)
+    amax = torch.empty(r, 1, dtype=torch.float32, device="cpu")
     dt = DTYPES[x.dtype]
     lib.lowbit_bhq_absmax(x.data_ptr(), dt, r, d, x.stride(0), *tr, amax.data_ptr(), threads)
     step, div = _steps(amax, fmt, granularity)
-    codes = torch.empty(r, d, dtype=torch.int8)
+    codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     lib.lowbit_bhq_quantize_rows(x.data_ptr(), dt, r, d, x.stride(0), *tr, div.data_ptr(),
                                  1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
                                  int(rounding is Rounding.STOCHASTIC), float(fmt.emax),
@@ -301,11 +331,12 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     from ..formats import parse_format
     from .reference import quantize as ref
 
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(37, 53, generator=g) * torch.logspace(-3, 3, 53)
+    x = torch.randn(37, 53, generator=g, **cpu) * torch.logspace(-3, 3, 53, **cpu)
     x[3] = 0.0
     x[5, 7], x[6, 0], x[6, 9] = float("nan"), float("inf"), -float("inf")
-    seed = torch.tensor(0xDEADBEEF)
+    seed = torch.tensor(0xDEADBEEF, device="cpu")
     cases = [(x, Granularity.ROW), (x[:, 2:40], Granularity.ROW), (x[7:], Granularity.TENSOR),
              (x.bfloat16(), Granularity.ROW), (x[:, 2:40].half(), Granularity.TENSOR),
              (x.t(), Granularity.ROW), (x[:30, 1:].bfloat16().t(), Granularity.TENSOR)]
@@ -333,13 +364,14 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     from ..formats import parse_format
     from ..quantizers.bhq import _forward_quantize
 
+    cpu = {"dtype": torch.float32, "device": "cpu"}
     g = torch.Generator().manual_seed(1)
     n, d = x.shape
-    group = torch.randint(0, 9, (n,), generator=g)
-    scale = torch.rand(n, generator=g) + 0.5
-    v = torch.randn(n, generator=g) * 0.3
-    dots = torch.randn(9, d, generator=g)
-    seed = torch.tensor(12345)
+    group = torch.randint(0, 9, (n,), generator=g, device="cpu")
+    scale = torch.rand(n, generator=g, **cpu) + 0.5
+    v = torch.randn(n, generator=g, **cpu) * 0.3
+    dots = torch.randn(9, d, generator=g, **cpu)
+    seed = torch.tensor(12345, device="cpu")
     for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
         want = _forward_quantize(x, dots, scale, v, group, parse_format("int8"), Granularity.ROW, rnd, seed)
         for threads in (1, 2):
@@ -351,8 +383,12 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values with NaN equal to NaN (the steps of a NaN group)."""
-    return a.shape == b.shape and bool(torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5)))
+    """Equal shapes, dtypes and values, NaN where the other has NaN (the steps of a NaN
+    group); ±Inf only equal to itself."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = torch.isnan(a)
+    return bool(torch.equal(nan, torch.isnan(b))) and bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "quantize",

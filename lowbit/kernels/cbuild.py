@@ -5,8 +5,9 @@ lowbit ships two C kernels for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
 compiler (``$CC``, split like a shell would, else ``gcc``, else ``cc``) the first time it
 is needed and cached in :func:`cache_dir` — ``$LOWBIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit`` — under a name that hashes the source,
-the flags and the compiler's version; a cache directory that cannot be used is named in
-a warning and the library is built in a fresh temporary directory instead. Every
+the compiler command, the flags and the compiler's version; a cache directory that
+cannot be used is named in a warning and the library is built in a fresh temporary
+directory instead. Every
 problem (no compiler, a failed build) is reported as a ``RuntimeWarning`` by the kernel's
 module, which then falls back to its torch path.
 """
@@ -25,6 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Warn = Callable[[str, "str | None"], None]
+
+
+class BuildError(RuntimeError):
+    """The C compiler failed on a kernel or could not run (the message: its output)."""
 
 
 def cpu_flags() -> frozenset[str]:
@@ -67,17 +72,24 @@ def compiler(warn: Warn) -> list[str] | None:
 def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], out_dir: Path) -> Path:
     """The shared library built from ``source`` with ``cc`` (whose ``--version`` output is
     ``version``) and ``flags`` in ``out_dir``; cached under a name that hashes the source,
-    the flags and the compiler's version, written atomically (a temporary file renamed)
-    so that concurrent processes never load a partial file."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()
+    the compiler command and flags and the compiler's version, written atomically (a
+    temporary file renamed) so that concurrent processes never load a partial file.
+    :class:`BuildError` when the compiler fails or cannot run; ``OSError`` when
+    ``out_dir`` cannot be made or written."""
+    key = hashlib.sha256(source.read_bytes() + " ".join([*cc, *flags]).encode() + version.encode()).hexdigest()
     path = out_dir / f"{source.stem}-{key[:16]}.so"
     if not path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{source.stem}-building-", suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
-                           check=True)
+            try:
+                subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True,
+                               text=True, check=True)
+            except subprocess.CalledProcessError as e:
+                raise BuildError(e.stderr or str(e)) from e
+            except OSError as e:  # the compiler itself could not run
+                raise BuildError(str(e)) from e
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -102,10 +114,23 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
                  "LOWBIT_CACHE_DIR", f"building the {what} in a temporary directory")
             path = _compile(cc, version, source, flags, Path(tempfile.mkdtemp(prefix="lowbit-")))
         return ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (BuildError, OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warn(f"the {what} could not be built ({detail.strip()[:300]})", None)
         return None
 
 
-__all__ = ["cache_dir", "compiler", "cpu_flags", "load"]
+def self_tested(test: Callable[[], bool], warn: Warn, what: str, against: str) -> bool:
+    """``test()`` (a kernel's self-test) passed; a ``False`` or any exception is a warning
+    (``warn(why, None)``) naming ``what`` and what it is compared ``against``."""
+    try:
+        passed = test()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+        warn(f"the {what}'s self-test failed ({type(e).__name__}: {e})", None)
+        return False
+    if not passed:
+        warn(f"the {what}'s self-test differs from {against}", None)
+    return passed
+
+
+__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "self_tested"]

@@ -1,8 +1,9 @@
 /* lowbit's CPU quantizer for symmetric integer grids (int2..int8), AVX-512.
  *
- * It computes what lowbit.kernels.reference.quantize computes for a float32 operand on
- * a symmetric integer format, bit for bit (the Python side, lowbit/kernels/avx512.py,
- * computes the steps with lowbit.formats.grid_step and self-tests against the reference):
+ * It computes what lowbit.kernels.reference.quantize computes for a float32, bfloat16 or
+ * float16 operand (read as float32, exactly) on a symmetric integer format, bit for bit
+ * (the Python side, lowbit/kernels/avx512.py, computes the steps with
+ * lowbit.formats.grid_step and self-tests against the reference):
  *
  *   y = x / d                        IEEE division, correctly rounded (vdivps)
  *   stochastic: q = floor(y) + [u < y - floor(y)],  u = counter noise of the element index
@@ -95,7 +96,9 @@ static void row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
         __mmask16 nan = 0;
         for (int64_t c = 0; c < cols; c += 16) {
             const __mmask16 k = tail_mask(cols - c);
-            __m512 v = _mm512_abs_ps(transform16(load16(x, r * ld + c, k, dtype), t, r, cols, c, k));
+            /* lanes past the row are 0 (a transform of them, 0 * inf, could be NaN) */
+            __m512 v = _mm512_maskz_mov_ps(k, _mm512_abs_ps(transform16(load16(x, r * ld + c, k, dtype), t, r,
+                                                                        cols, c, k)));
             m = _mm512_max_ps(m, v);
             nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         }

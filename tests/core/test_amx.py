@@ -267,3 +267,26 @@ def test_cc_that_is_not_found_is_named_before_the_fallback(monkeypatch: pytest.M
     with pytest.warns(RuntimeWarning, match="CC='no-such-compiler --flag' is not found; using "):
         cc = amx._compiler()
     assert cc is not None and os.path.basename(cc[0]) in ("gcc", "cc")
+
+
+@needs_amx
+@pytest.mark.parametrize("what", ["default-dtype", "self-test-raises"])
+def test_self_test_is_robust_and_a_failure_falls_back(monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """The self-test's operands are int8 CPU tensors whatever torch's defaults; any
+    exception in it is a warning and ``torch._int_mm`` runs, never an error in training."""
+    amx._library.cache_clear()
+    old = torch.get_default_dtype()
+    try:
+        if what == "default-dtype":
+            torch.set_default_dtype(torch.float64)
+            assert amx.available()
+        else:
+            monkeypatch.setattr(amx, "_self_test", lambda lib: 1 / 0)
+            with pytest.warns(RuntimeWarning, match="self-test failed.*ZeroDivisionError"):
+                assert not amx.available()
+        a = torch.ones(512, 256, dtype=torch.int8)
+        assert int(int8.int_mm(a, a.t())[0, 0]) == 256
+    finally:
+        torch.set_default_dtype(old)
+        monkeypatch.undo()
+        amx._library.cache_clear()

@@ -34,13 +34,13 @@ SHAPES = [(1, 1), (1, 17), (17, 1), (16, 16), (33, 70), (300, 513), (257, 31)]
 
 
 def _same(got: tuple, want: tuple) -> bool:
-    """Codes equal; steps equal with NaN == NaN; offsets and block scales both None."""
+    """Codes equal; steps equal, NaN only where the other has NaN and ±Inf only equal to
+    itself (the kernel's own check, ``avx512._same``); offsets and block scales both None."""
     for g, w in zip(got, want, strict=True):
         if g is None or w is None:
             if not (g is None and w is None):
                 return False
-        elif g.dtype != w.dtype or g.shape != w.shape or not torch.equal(
-                torch.nan_to_num(g.float(), 0.5), torch.nan_to_num(w.float(), 0.5)):
+        elif not avx512._same(g, w):
             return False
     return True
 
@@ -279,4 +279,142 @@ def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp
         assert torch.equal(got.codes, reference.quantize(x, FORMATS[4], Granularity.ROW,
                                                          Rounding.STOCHASTIC, seed)[0])
     finally:
+        avx512._library.cache_clear()
+
+
+def test_same_tells_nan_and_inf_from_finite_values() -> None:
+    """The comparison the tests and the self-test use: a NaN or ±Inf step that became
+    finite (or the reverse) is a difference."""
+    a = torch.tensor([1.0, float("nan"), float("inf")])
+    assert avx512._same(a, a.clone())
+    assert not avx512._same(a, torch.tensor([1.0, 0.5, float("inf")]))
+    assert not avx512._same(a, torch.tensor([1.0, float("nan"), torch.finfo(torch.float32).max]))
+    assert not avx512._same(a, a.double())
+
+
+def test_seeds_outside_32_bits_are_refused() -> None:
+    """The reference XORs all 64 bits of the seed into the hash; the kernel reads 32:
+    a stochastic call with a seed outside [0, 2³²) is not the kernel's (draw_seed never
+    makes one). Nearest rounding reads no seed."""
+    x, fmt = torch.randn(8, 8), FORMATS[4]
+    for seed in (2**32, -1, 2**40):
+        assert not avx512.supports(x, fmt, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(seed))
+    assert avx512.supports(x, fmt, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(2**32 - 1)) \
+        == avx512.available()
+    assert avx512.supports(x, fmt, Granularity.ROW, Rounding.NEAREST, torch.tensor(2**40)) == avx512.available()
+
+
+@needs_avx512
+def test_bhq_arguments_it_cannot_read_are_refused() -> None:
+    """The C code reads ``scale[r]``, ``v[r]`` and ``dots[group[r]]`` for every row: a
+    broadcast (1,) scale, a short ``v``, group ids outside [0, G) (negative ones the
+    reference wraps), ``dots`` of another width are refused, and the dispatcher's
+    result is still the reference's."""
+    from lowbit.kernels import kernels_for
+    from lowbit.quantizers.bhq import _forward_quantize
+
+    n, d, groups = 12, 20, 3
+    x = torch.randn(n, d)
+    ok = {"dots": torch.randn(groups, d), "scale": torch.rand(n) + 0.5, "v": torch.randn(n) * 0.3,
+          "group": torch.randint(0, groups, (n,))}
+    rest = (FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(7))
+
+    def call(**kw: torch.Tensor) -> tuple:
+        a = {**ok, **kw}
+        return (x, a["dots"], a["scale"], a["v"], a["group"], *rest)
+
+    assert avx512.supports_bhq(*call())
+    bad = [{"scale": torch.tensor([1.5])}, {"v": torch.randn(n - 1)},
+           {"group": torch.full((n,), groups)}, {"group": torch.full((n,), -1)},
+           {"group": torch.full((n,), 1 << 40)}, {"dots": torch.randn(groups, d + 1)},
+           {"dots": torch.randn(0, d)}, {"scale": ok["scale"].double()}]
+    k = kernels_for("auto", "cpu")
+    for kw in bad:
+        args = call(**kw)
+        assert not avx512.supports_bhq(*args), kw
+    args = call(group=torch.full((n,), -1))  # the reference wraps a negative id
+    assert _same(k.run("bhq_forward_quantize", *args), _forward_quantize(*args))
+
+
+@needs_avx512
+def test_bhq_infinite_transform_keeps_its_infinite_step() -> None:
+    """An infinite scale makes a row's absmax Inf: its step stays non-finite (lanes past
+    the row's end are not part of the maximum), as in the reference."""
+    from lowbit.quantizers.bhq import _forward_quantize
+
+    n, d = 4, 21  # 21 columns: a tail of 5 lanes
+    x, dots = torch.randn(n, d), torch.randn(2, d)
+    scale, v, group = torch.tensor([1.0, float("inf"), 2.0, 1.0]), torch.zeros(n), torch.tensor([0, 1, 0, 1])
+    args = (x, dots, scale, v, group, FORMATS[4], Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+    got = avx512.bhq_forward_quantize(*args)
+    assert _same(got, _forward_quantize(*args)) and torch.isinf(got[1][1])
+
+
+@needs_avx512
+def test_not_used_under_tracing_vmap_or_dispatch_modes() -> None:
+    """Under ``make_fx`` (a dispatch mode: the C call would be invisible, the traced graph
+    would return uninitialised memory), ``vmap`` (wrapped tensors without storage) and
+    ``jit.trace`` the kernel is not chosen; the results are the reference's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lowbit.kernels import kernels_for
+
+    k, fmt, seed = kernels_for("auto", "cpu"), FORMATS[4], torch.tensor(3)
+    x = torch.randn(40, 30)
+
+    def q(t: torch.Tensor) -> torch.Tensor:
+        return k.run("quantize", t, fmt, Granularity.ROW, Rounding.STOCHASTIC, seed)[0]
+
+    want = reference.quantize(x, fmt, Granularity.ROW, Rounding.STOCHASTIC, seed)[0]
+    assert torch.equal(make_fx(q)(x)(x), want)
+    xs = torch.randn(3, 40, 30)
+    got = torch.func.vmap(q)(xs)
+    assert torch.equal(got, torch.stack([q(t) for t in xs]))
+    seen = []
+    real = avx512._quantize
+    try:
+        avx512._quantize = lambda *a: seen.append(1) or real(*a)
+        make_fx(q)(x)
+        torch.func.vmap(q)(xs)
+    finally:
+        avx512._quantize = real
+    assert not seen
+
+
+@needs_avx512
+def test_weights_as_parameters_use_it() -> None:
+    """A layer's weight reaches the quantizer as an ``nn.Parameter`` (inside the layer's
+    autograd function, grad mode off): the kernel takes it."""
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    args = (FORMATS[4], Granularity.TENSOR, Rounding.NEAREST, torch.tensor(0))
+    with torch.no_grad():
+        assert avx512.supports(w, *args)
+        assert _same(avx512.quantize(w, *args), reference.quantize(w.detach(), *args))
+    assert not avx512.supports(w, *args)  # recorded by autograd
+
+
+@needs_avx512
+@pytest.mark.parametrize("what", ["default-dtype", "self-test-raises"])
+def test_self_test_is_robust_and_a_failure_falls_back(monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """The self-test builds its own float32 CPU data whatever torch's defaults
+    (``set_default_dtype(float64)`` crashed every quantization before); any exception in
+    it is a warning and the compiled quantizer runs, never an error in training."""
+    avx512._library.cache_clear()
+    old = torch.get_default_dtype()
+    try:
+        if what == "default-dtype":
+            torch.set_default_dtype(torch.float64)
+            assert avx512.available()
+        else:
+            monkeypatch.setattr(avx512, "_self_test", lambda lib: 1 / 0)
+            with pytest.warns(RuntimeWarning, match="self-test failed.*ZeroDivisionError"):
+                assert not avx512.available()
+        x, seed = torch.randn(30, 20, dtype=torch.float32), torch.tensor(9)
+        from lowbit.kernels import kernels_for
+        got = kernels_for("auto", "cpu").quantize(x, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+        assert torch.equal(got.codes, reference.quantize(x, FORMATS[4], Granularity.ROW,
+                                                         Rounding.STOCHASTIC, seed)[0])
+    finally:
+        torch.set_default_dtype(old)
+        monkeypatch.undo()
         avx512._library.cache_clear()
