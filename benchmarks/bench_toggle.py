@@ -100,8 +100,9 @@ def _amx() -> Callable[[bool], None]:
 def _avx512() -> Callable[[bool], None]:
     from lowbit.kernels import avx512
 
-    if not avx512.available():
-        raise SystemExit("no AVX-512 quantizer on this machine (lowbit.kernels.avx512.available() is False)")
+    why = avx512.in_use()
+    if why:
+        raise SystemExit(f"lowbit's AVX-512 quantizer is not in use: {why}")
     return avx512.set_enabled
 
 

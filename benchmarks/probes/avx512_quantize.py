@@ -23,8 +23,9 @@ SHAPES = [("ffn ∇Y / gpt2 X", (2048, 1024)), ("ffn hidden", (2048, 4096)),
 
 def main() -> None:
     start(__doc__)
-    if not avx512.available():
-        raise SystemExit("no AVX-512 quantizer here (lowbit.kernels.avx512.available() is False)")
+    why = avx512.in_use()
+    if why:
+        raise SystemExit(f"lowbit's AVX-512 quantizer is not in use: {why}")
     k = kernels_for(Backend.AUTO, "cpu")
     fmt = parse_format("int8")
     sr, rn = Rounding.STOCHASTIC, Rounding.NEAREST

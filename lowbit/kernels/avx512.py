@@ -44,6 +44,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..formats import Format, Granularity, IntFormat, Rounding, grid_step
@@ -101,9 +102,30 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the kernel can run here (module docstring); builds and self-tests it on
-    the first call (≈ 1 s with an empty cache)."""
+    """Whether the kernel can run on this machine (module docstring); builds and
+    self-tests it on the first call (≈ 1 s with an empty cache). Whether lowbit's
+    quantizers use it is :func:`in_use`."""
     return _library() is not None
+
+
+def in_use() -> str | None:
+    """``None`` when lowbit's quantizers run on this kernel where it applies, else why
+    not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
+    (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (no
+    AVX-512, no compiler, a failed build or self-test: a warning said which)."""
+    from . import compiled
+
+    if os.environ.get("LOWBIT_AVX512", "1") == "0":
+        return "switched off by LOWBIT_AVX512=0"
+    if not _enabled:
+        return "switched off by lowbit.kernels.avx512.set_enabled(False)"
+    if not compiled.enabled():
+        return "fused kernels are off (LOWBIT_COMPILE=0 or compiled.set_enabled(False)): the reference quantizers run"
+    if not cpu_has_avx512():
+        return "this CPU lacks AVX-512 F/BW/DQ/VL"
+    if not available():
+        return "the kernel could not be built or failed its self-test (see the warning)"
+    return None
 
 
 def set_enabled(flag: bool) -> None:
@@ -226,7 +248,8 @@ def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     lib = _lib_for("quantize", supports(x, fmt, granularity, rounding, seed),
                    f"{fmt.name}, {granularity.value}, {rounding.value}, {x.dtype} "
                    f"{tuple(x.stride())} strides on {x.device}")
-    codes, step = _quantize(lib, x, fmt, granularity, rounding, seed, torch.get_num_threads())
+    with record_function("lowbit::avx512_quantize"):  # the C time, visible to the profiler
+        codes, step = _quantize(lib, x, fmt, granularity, rounding, seed, torch.get_num_threads())
     return codes, step, None, None
 
 
@@ -263,8 +286,9 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
     lib = _lib_for("quantize_pair", supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
                                                   rnd_w, seed_w),
                    f"{fmt_a.name}/{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}")
-    codes_a, step_a, codes_w, step_w = _quantize_pair(lib, g, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
-                                                      gran_w, rnd_w, seed_w, torch.get_num_threads())
+    with record_function("lowbit::avx512_quantize_pair"):
+        codes_a, step_a, codes_w, step_w = _quantize_pair(lib, g, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
+                                                          gran_w, rnd_w, seed_w, torch.get_num_threads())
     return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
@@ -318,8 +342,9 @@ def bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tenso
     lib = _lib_for("bhq_forward_quantize",
                    supports_bhq(x, dots, scale, v, group, fmt, granularity, rounding, seed),
                    f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, transform in {scale.dtype}")
-    codes, step = _bhq_quantize(lib, x, dots, scale, v, group, fmt, granularity, rounding, seed,
-                                torch.get_num_threads())
+    with record_function("lowbit::avx512_bhq_quantize"):
+        codes, step = _bhq_quantize(lib, x, dots, scale, v, group, fmt, granularity, rounding, seed,
+                                    torch.get_num_threads())
     return codes, step, None, None
 
 
@@ -391,5 +416,5 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(nan, torch.isnan(b))) and bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
-__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "quantize",
+__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "in_use", "quantize",
            "quantize_pair", "set_enabled", "supports", "supports_bhq", "supports_pair"]

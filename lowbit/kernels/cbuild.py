@@ -110,13 +110,20 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         try:
             path = _compile(cc, version, source, flags, cache_dir())
         except OSError as e:
-            warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); set "
-                 "LOWBIT_CACHE_DIR", f"building the {what} in a temporary directory")
+            warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); point "
+                 "LOWBIT_CACHE_DIR at a writable directory", f"building the {what} in a temporary "
+                 "directory (again in every process until then)")
             path = _compile(cc, version, source, flags, Path(tempfile.mkdtemp(prefix="lowbit-")))
-        return ctypes.CDLL(str(path))
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as e:  # a damaged cached file (a full disk, a killed copy): build it again
+            warn(f"the cached {what} {str(path)!r} could not be loaded ({e})", "building it again")
+            path.unlink(missing_ok=True)
+            return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
     except (BuildError, OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warn(f"the {what} could not be built ({detail.strip()[:300]})", None)
+        detail = (getattr(e, "stderr", "") or str(e)).strip()
+        warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else
+             f"the {what} could not be built ({detail})", None)
         return None
 
 

@@ -418,3 +418,44 @@ def test_self_test_is_robust_and_a_failure_falls_back(monkeypatch: pytest.Monkey
         torch.set_default_dtype(old)
         monkeypatch.undo()
         avx512._library.cache_clear()
+
+
+def test_in_use_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``in_use()``: ``None`` where lowbit's quantizers run on the kernel, else the
+    reason, for each switch (``available()`` only says whether it could run)."""
+    from lowbit.kernels import compiled
+
+    assert (avx512.in_use() is None) == (WANTED and compiled.enabled())
+    monkeypatch.setattr(compiled, "_enabled", False)
+    assert "LOWBIT_COMPILE=0" in avx512.in_use()
+    monkeypatch.setattr(compiled, "_enabled", True)
+    avx512.set_enabled(False)
+    try:
+        assert "set_enabled(False)" in avx512.in_use()
+    finally:
+        avx512.set_enabled(True)
+    monkeypatch.setenv("LOWBIT_AVX512", "0")
+    assert "LOWBIT_AVX512=0" in avx512.in_use()
+
+
+@needs_avx512
+def test_damaged_cached_library_is_rebuilt(tmp_path) -> None:  # noqa: ANN001
+    """A cached ``.so`` that cannot be loaded (a truncated copy) is named in a warning,
+    rebuilt, and used. (In fresh processes: overwriting a library a process has loaded
+    would crash that process.)"""
+    env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path)}
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "from lowbit.kernels import avx512; print(avx512.available())")
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True, timeout=120)
+
+    assert run().stdout.split() == ["True"]
+    (so,) = tmp_path.glob("quant_avx512-*.so")
+    so.unlink()
+    so.write_bytes(b"not an ELF file")
+    second = run()
+    assert second.stdout.split() == ["True"]
+    assert "could not be loaded" in second.stderr and "building it again" in second.stderr
+    assert so.read_bytes()[:4] == b"\x7fELF"
