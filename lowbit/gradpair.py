@@ -40,7 +40,7 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
 
 
 register_fused("quantize_pair", quantize_pair)
-register("quantize_pair", Impl.NATIVE, avx512.quantize_pair, ("cpu",), avx512.supports_pair)
+register("quantize_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",), avx512.supports_pair)
 
 
 def _plain(spec: GradSpec | None) -> bool:

@@ -168,13 +168,11 @@ def _seed_ok(seed: torch.Tensor, rounding: Rounding) -> bool:
             and 0 <= int(seed) < 2**32)
 
 
-def _lib_for(what: str, ok: bool, detail: str) -> ctypes.CDLL:
-    """The library, or ``RuntimeError`` naming the call when it does not take it."""
-    lib = _library()
-    if lib is None or not ok:
+def _check(what: str, ok: bool, detail: str) -> None:
+    """``RuntimeError`` naming the call when the kernel does not take it."""
+    if not ok:
         raise RuntimeError(f"lowbit.kernels.avx512.{what} does not take this call ({detail}, "
-                           f"kernel available: {lib is not None})")
-    return lib
+                           f"kernel available: {_library() is not None})")
 
 
 def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -245,11 +243,18 @@ def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     ``seed``: 0-d int64 tensor in [0, 2³²) (read for stochastic rounding only). Uses
     ``torch.get_num_threads()`` threads. ``RuntimeError`` where :func:`supports` is
     false."""
-    lib = _lib_for("quantize", supports(x, fmt, granularity, rounding, seed),
-                   f"{fmt.name}, {granularity.value}, {rounding.value}, {x.dtype} "
-                   f"{tuple(x.stride())} strides on {x.device}")
+    _check("quantize", supports(x, fmt, granularity, rounding, seed),
+             f"{fmt.name}, {granularity.value}, {rounding.value}, {x.dtype} "
+             f"{tuple(x.stride())} strides on {x.device}")
+    return run_quantize(x, fmt, granularity, rounding, seed)
+
+
+def run_quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                 seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """:func:`quantize` without its checks: the dispatcher's kernel, called only after
+    :func:`supports` said yes (the checks are not paid twice per call)."""
     with record_function("lowbit::avx512_quantize"):  # the C time, visible to the profiler
-        codes, step = _quantize(lib, x, fmt, granularity, rounding, seed, torch.get_num_threads())
+        codes, step = _quantize(_library(), x, fmt, granularity, rounding, seed, torch.get_num_threads())
     return codes, step, None, None
 
 
@@ -283,12 +288,20 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
     the kernel (:func:`supports_pair`): ``(codes (N, out), step, None, None, codesᵀ
     (out, N) row-major, stepᵀ, None, None)``, bitwise the reference's values.
     ``RuntimeError`` where :func:`supports_pair` is false."""
-    lib = _lib_for("quantize_pair", supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
-                                                  rnd_w, seed_w),
-                   f"{fmt_a.name}/{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}")
+    _check("quantize_pair", supports_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w),
+             f"{fmt_a.name}/{fmt_w.name}, {g.dtype} {tuple(g.stride())} strides on {g.device}")
+    return run_quantize_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+
+
+def run_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                      seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                      seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`quantize_pair` without its checks (the dispatcher's kernel, after
+    :func:`supports_pair`)."""
     with record_function("lowbit::avx512_quantize_pair"):
-        codes_a, step_a, codes_w, step_w = _quantize_pair(lib, g, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
-                                                          gran_w, rnd_w, seed_w, torch.get_num_threads())
+        codes_a, step_a, codes_w, step_w = _quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a,
+                                                          fmt_w, gran_w, rnd_w, seed_w,
+                                                          torch.get_num_threads())
     return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
@@ -339,12 +352,19 @@ def bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tenso
     then :func:`quantize`'s arithmetic): ``x`` (N, D); ``dots`` (G, D), ``scale`` and
     ``v`` (N,) float32; ``group`` (N,) int64. Bitwise the reference's codes and steps.
     ``RuntimeError`` where :func:`supports_bhq` is false."""
-    lib = _lib_for("bhq_forward_quantize",
-                   supports_bhq(x, dots, scale, v, group, fmt, granularity, rounding, seed),
-                   f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, transform in {scale.dtype}")
+    _check("bhq_forward_quantize", supports_bhq(x, dots, scale, v, group, fmt, granularity, rounding, seed),
+             f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, transform in {scale.dtype}")
+    return run_bhq_forward_quantize(x, dots, scale, v, group, fmt, granularity, rounding, seed)
+
+
+def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                             group: torch.Tensor, fmt: Format, granularity: Granularity,
+                             rounding: Rounding, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """:func:`bhq_forward_quantize` without its checks (the dispatcher's kernel, after
+    :func:`supports_bhq`: its group-id range check is not paid twice)."""
     with record_function("lowbit::avx512_bhq_quantize"):
-        codes, step = _bhq_quantize(lib, x, dots, scale, v, group, fmt, granularity, rounding, seed,
-                                    torch.get_num_threads())
+        codes, step = _bhq_quantize(_library(), x, dots, scale, v, group, fmt, granularity, rounding,
+                                    seed, torch.get_num_threads())
     return codes, step, None, None
 
 
@@ -417,4 +437,5 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "in_use", "quantize",
-           "quantize_pair", "set_enabled", "supports", "supports_bhq", "supports_pair"]
+           "quantize_pair", "run_bhq_forward_quantize", "run_quantize", "run_quantize_pair", "set_enabled",
+           "supports", "supports_bhq", "supports_pair"]

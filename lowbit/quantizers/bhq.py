@@ -100,7 +100,7 @@ def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, 
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
-register("bhq_forward_quantize", Impl.NATIVE, avx512.bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
+register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
 
 
