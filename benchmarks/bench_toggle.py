@@ -5,8 +5,8 @@ Both variants are the same converted model; a toggle switches the optimisation b
 timed blocks by patching lowbit at run time, so the machine's drift hits both alike.
 Toggles (each is "on" as lowbit ships it):
 
-  pair         both quantizations of ∇Y from one kernel (``lowbit.gradpair``); off: the
-               two quantizer calls apart
+  pair         both quantizations of ∇Y from one kernel (``lowbit.gradpair``), in Linear
+               and convolution layers; off: the two quantizer calls apart
   materialize  no zero gradients filled for the block op's saved codes and steps; off:
                autograd fills them (the behaviour before issue 14)
   hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
@@ -36,12 +36,14 @@ from step_workloads import WORKLOADS  # noqa: E402
 
 
 def _pair() -> Callable[[bool], None]:
+    import lowbit.conv as conv
     import lowbit.functional as functional
 
     real = functional.quantize_grad_pair
 
     def switch(on: bool) -> None:
-        functional.quantize_grad_pair = real if on else (lambda *a, **k: None)
+        for m in (functional, conv):  # Linear's and the convolutions' backward
+            m.quantize_grad_pair = real if on else (lambda *a, **k: None)
     return switch
 
 

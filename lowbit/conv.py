@@ -59,6 +59,7 @@ from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated
+from .gradpair import quantize_grad_pair
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, kernels_for, qconv
@@ -169,10 +170,12 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
                     generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
                     w_shape: Sequence[int], params: Sequence[int],
                     out_dtype: torch.dtype = torch.float32,
-                    tracker: RangeTracker | None = None) -> torch.Tensor:
+                    tracker: RangeTracker | None = None,
+                    qa: QuantizedOperand | None = None) -> torch.Tensor:
     """``∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)``: ``gy`` (N, C_out, H', W'), quantized with rows =
     samples (``spec=None``: QAT, float ``gy``), ``qw`` rows = output channels of W
-    ``w_shape`` → ∇X ``x_shape`` (N, C, H, W)."""
+    ``w_shape`` → ∇X ``x_shape`` (N, C, H, W). ``qa``: ``Q_a(∇Y)`` already quantized
+    (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
     g = gy.float()
     if g.numel() == 0 or qw.codes.numel() == 0:
@@ -180,7 +183,8 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     if spec is None:
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g, stride, padding,
                                           dilation, groups).to(out_dtype)
-    qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
+    if qa is None:
+        qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
     if not integer_path(backend, qa, qw) or Backend(backend) is Backend.FP8:
         refuse_simulated(backend, "∇X", (qa, qw))
         return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
@@ -311,9 +315,12 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
                      generator: torch.Generator | None, backend: Backend, x_shape: Sequence[int],
                      w_shape: Sequence[int], params: Sequence[int],
                      out_dtype: torch.dtype = torch.float32,
-                     tracker: RangeTracker | None = None) -> torch.Tensor:
+                     tracker: RangeTracker | None = None,
+                     qa: QuantizedOperand | None = None) -> torch.Tensor:
     """``∇W = Q_w(∇Y) ⋆ Q_f(X)``: ``gy`` (N, C_out, H', W') quantized with rows = output
-    channels (columns (sample, position)) → ∇W ``w_shape`` (C_out, C/groups, kH, kW)."""
+    channels (columns (sample, position)) → ∇W ``w_shape`` (C_out, C/groups, kH, kW).
+    ``qa``: ``Q_w(∇Y)`` (C_out, N·H'·W') already quantized
+    (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
     g = gy.float()
     if g.numel() == 0 or qx.codes.numel() == 0:
@@ -321,7 +328,8 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     if spec is None:
         return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, g, stride, padding,
                                            dilation, groups).to(out_dtype)
-    qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
+    if qa is None:
+        qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
     # a transform mixing output channels across groups: a group's GEMM would need all rows
     mixed = groups > 1 and not isinstance(qa.transform, Identity)
     if mixed or not integer_path(backend, qa, qx) or Backend(backend) is Backend.FP8:
@@ -376,12 +384,22 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
     gx = gw = gb = None
     be, p = cfg.backend, meta.params
     with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
+        qa_x = qa_w = None
+        if needs[0] and needs[1] and qx.codes.numel() and qw.codes.numel():
+            # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
+            pair = quantize_grad_pair(gy.reshape(gy.shape[0], gy.shape[1], -1), cfg.grad_input,
+                                      gens.get(Path.GRAD_INPUT), cfg.grad_weight,
+                                      gens.get(Path.GRAD_WEIGHT), kernels_for(be, gy.device))
+            if pair is not None:
+                qa_x, qa_w = pair
+                del pair  # each code tensor is freed as soon as its GEMM is done
         if needs[0]:
             gx = conv_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), be,
-                                 meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0])
+                                 meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0], qa_x)
+            qa_x = None
         if needs[1]:
             gw = conv_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), be,
-                                  meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1])
+                                  meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1], qa_w)
         if meta.b_dtype is not None and needs[2]:  # (C_out,)
             empty = gy.numel() == 0 or qx.codes.numel() == 0
             g = gy.float()

@@ -15,6 +15,12 @@ and scales are bitwise those of :func:`lowbit.functional.quantize_gradient` on e
 dynamic range, with quantizers that do not mix rows (``ptq``, ``psq``: an identity
 transform); otherwise :func:`quantize_grad_pair` returns ``None`` and the caller
 quantizes each path apart.
+
+A convolution's ``∇Y`` (N, C_out, H', W') is the same pair with columns (sample,
+position) on the ``∇W`` side: (N, C_out·H'·W') rows for ``∇X``, (C_out, N·H'·W') for
+``∇W`` (:func:`quantize_conv_pair`, ``quantize_conv_pair`` in the kernel table), used by
+:mod:`lowbit.conv`; done apart, the ``∇W`` quantizer first copies ``∇Y`` into
+channel-major order.
 """
 
 from __future__ import annotations
@@ -39,8 +45,23 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
             *reference.quantize(g.t(), fmt_w, gran_w, rnd_w, seed_w))
 
 
+def quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                       seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """A convolution's :func:`quantize_pair`: ``g`` (N, C_out, L) — ``∇Y`` with its
+    output positions flattened — quantized as (N, C_out·L) (``Q_a``: rows = samples) and
+    as its channels (C_out, N·L) (``Q_w``: rows = output channels, columns (sample,
+    position)): the eight tensors of ``reference.quantize`` on each, codes row-major."""
+    n, c, length = g.shape
+    return (*reference.quantize(g.reshape(n, c * length), fmt_a, gran_a, rnd_a, seed_a),
+            *reference.quantize(g.transpose(0, 1).reshape(c, n * length), fmt_w, gran_w, rnd_w, seed_w))
+
+
 register_fused("quantize_pair", quantize_pair)
 register("quantize_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",), avx512.supports_pair)
+register_fused("quantize_conv_pair", quantize_conv_pair)
+register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu",),
+         avx512.supports_conv_pair)
 
 
 def _plain(spec: GradSpec | None) -> bool:
@@ -54,11 +75,21 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
     gen_w, k)`` give; ``None`` (nothing drawn) where that does not apply: a spec that is
     ``None`` (QAT), predicted or row-mixing (``bhq``, ``hadamard``), fused kernels off
-    (``Backend.REFERENCE``) or an empty ``gy``."""
+    (``Backend.REFERENCE``) or an empty ``gy``.
+
+    A convolution's ``gy`` (N, C_out, L) (output positions flattened) gives the codes of
+    (N, C_out·L) and of (C_out, N·L) (:func:`quantize_conv_pair`): bitwise what
+    ``quantize_gradient`` gives on ``gy.reshape(N, -1)`` and on
+    ``gy.transpose(0, 1).reshape(C_out, -1)``, without that copy."""
     if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
         return None
+    if gy.dim() not in (2, 3):
+        raise ValueError(f"quantize_grad_pair: gy must be (N, out) or (N, C_out, L), got shape {tuple(gy.shape)}")
+    # the transforms of non-mixing quantizers are identities of the rows: they see (N, ·), (out, ·)
+    rows = gy if gy.dim() == 2 else gy.select(2, 0)
+    op = "quantize_pair" if gy.dim() == 2 else "quantize_conv_pair"
     ops = []
-    for spec, gen, a in ((spec_a, gen_a, gy), (spec_w, gen_w, gy.t())):
+    for spec, gen, a in ((spec_a, gen_a, rows), (spec_w, gen_w, rows.t())):
         q = get_quantizer(spec.quantizer)  # type: ignore[union-attr]
         with record_function("lowbit::transform"):
             t = q.transform(a, gen, k)  # draws what the quantizer's transform draws (nothing)
@@ -68,11 +99,11 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
         ops.append((q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t))  # type: ignore[union-attr]
     (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops
     with record_function("lowbit::quantize"):
-        out = k.run("quantize_pair", gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
+        out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
                     spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
     enc_a = Encoded(*out[:4], spec_a.format.block, kernels=k)  # type: ignore[union-attr]
     enc_w = Encoded(*out[4:], spec_w.format.block, kernels=k)  # type: ignore[union-attr]
     return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
 
 
-__all__ = ["quantize_grad_pair", "quantize_pair"]
+__all__ = ["quantize_conv_pair", "quantize_grad_pair", "quantize_pair"]

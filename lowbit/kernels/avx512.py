@@ -33,6 +33,10 @@ It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL.
 :func:`quantize_pair` quantizes an output gradient ``∇Y`` (N, out) both ways from one
 read (:mod:`lowbit.gradpair`): the row codes (N, out) and the codes of ``∇Yᵀ`` written
 row-major (out, N), the layout lowbit's AMX GEMM reads directly for ``∇W``.
+:func:`quantize_conv_pair` does the same for a convolution's ``∇Y`` (N, C_out, L): the
+codes of (N, C_out·L) for ``∇X`` and of its channels (C_out, N·L) for ``∇W``, each
+(sample, channel) segment read once for both ranges and once for both codes, where the
+separate ``∇W`` quantizer first copied ``∇Y`` into channel-major order.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ _SIGNATURES = {
     "lowbit_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_quantize_pair": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                              _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_seg_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
+    "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
+                                 _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
@@ -150,9 +157,15 @@ def _operand_ok(x: torch.Tensor) -> bool:
     (the C call would be invisible to it), no ``jit.trace``, no ``vmap``/``grad``
     wrapper, and not recorded by autograd (a double backward differentiates the
     reference quantizer's steps)."""
+    return x.dim() == 2 and (_rows_contiguous(x) or x.shape[0] <= 1 or x.stride(0) == 1) \
+        and _readable(x)
+
+
+def _readable(x: torch.Tensor) -> bool:
+    """:func:`_operand_ok` but for the shape: a non-empty plain strided CPU tensor of a
+    dtype the C code reads, outside any tracing."""
     return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
-            and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.numel() > 0
-            and (_rows_contiguous(x) or x.shape[0] <= 1 or x.stride(0) == 1)
+            and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
@@ -305,6 +318,67 @@ def run_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a
     return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
+def supports_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                       seed_w: torch.Tensor) -> bool:
+    """Whether :func:`quantize_conv_pair` takes this call: ``g`` (N, C_out, L) readable as
+    :func:`supports` says, its last dimension contiguous, and both formats, granularities,
+    roundings and seeds as :func:`supports` takes them."""
+    return g.dim() == 3 and (g.shape[2] <= 1 or g.stride(2) == 1) and _readable(g) \
+        and all(_int_grid(f) and gr in (Granularity.ROW, Granularity.TENSOR)
+                and r in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(sd, r)
+                for f, gr, r, sd in ((fmt_a, gran_a, rnd_a, seed_a), (fmt_w, gran_w, rnd_w, seed_w))) \
+        and _enabled and available()
+
+
+@torch.compiler.disable
+def _quantize_conv_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
+                        rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                        rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+    n, c, length = g.shape
+    seg = torch.empty(n, c, dtype=torch.float32, device="cpu")  # absmax of each (sample, channel)
+    args = (g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(1))
+    lib.lowbit_seg_absmax(*args, seg.data_ptr(), threads)
+    step_a, div_a = _steps(seg.amax(1, keepdim=True), fmt_a, gran_a)  # NaN propagates
+    step_w, div_w = _steps(seg.amax(0).reshape(c, 1), fmt_w, gran_w)
+    codes_a = torch.empty(n, c * length, dtype=torch.int8, device="cpu")
+    codes_w = torch.empty(c, n * length, dtype=torch.int8, device="cpu")
+    lib.lowbit_seg_quantize_pair(
+        *args, div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
+        int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
+        div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
+        int(rnd_w is Rounding.STOCHASTIC), float(fmt_w.emax), codes_w.data_ptr(), threads)
+    return codes_a, step_a, codes_w, step_w
+
+
+def quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                       seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`lowbit.gradpair.quantize_conv_pair` (both quantizations of a convolution's
+    ``∇Y``, ``g`` (N, C_out, L)) on the kernel (:func:`supports_conv_pair`): ``(codes
+    (N, C_out·L), step, None, None, codes (C_out, N·L), step, None, None)``, codes
+    row-major, bitwise the reference's values; each ``(sample, channel)`` segment of ``g``
+    is read once for the ranges and once for both codes. ``RuntimeError`` where
+    :func:`supports_conv_pair` is false."""
+    _check("quantize_conv_pair",
+           supports_conv_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w),
+           f"{fmt_a.name}/{fmt_w.name}, {g.dtype} shape {tuple(g.shape)} strides {tuple(g.stride())} "
+           f"on {g.device}")
+    return run_quantize_conv_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+
+
+def run_quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                           seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`quantize_conv_pair` without its checks (the dispatcher's kernel, after
+    :func:`supports_conv_pair`)."""
+    with record_function("lowbit::avx512_quantize_pair"):
+        codes_a, step_a, codes_w, step_w = _quantize_conv_pair(
+            _library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w,
+            torch.get_num_threads())
+    return codes_a, step_a, None, None, codes_w, step_w, None, None
+
+
 def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                  group: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
                  seed: torch.Tensor) -> bool:
@@ -400,7 +474,30 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                     if not (torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
-    return _bhq_self_test(lib, x)
+    return _conv_pair_self_test(lib, x) and _bhq_self_test(lib, x)
+
+
+def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """The convolution pair against the reference on ``x``'s values as (N, C, L) with
+    segment tails, a strided view and bfloat16, per row and per tensor."""
+    from ..formats import parse_format
+    from .reference import quantize as ref
+
+    g3 = x[:36, :52].reshape(4, 9, 52)
+    seed_a, seed_w = torch.tensor(77, device="cpu"), torch.tensor(0xFFFFFFFF, device="cpu")
+    for a, gran in ((g3, Granularity.ROW), (g3[:, 1:, 3:50], Granularity.ROW),
+                    (g3.bfloat16(), Granularity.TENSOR)):
+        n, c, length = a.shape
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            fmt = parse_format("int8" if rnd is Rounding.STOCHASTIC else "int4")
+            want_a = ref(a.reshape(n, -1), fmt, gran, rnd, seed_a)
+            want_w = ref(a.transpose(0, 1).reshape(c, -1), fmt, gran, rnd, seed_w)
+            for threads in (1, 2):
+                got = _quantize_conv_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads)
+                if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
+                        and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
+                    return False
+    return True
 
 
 def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
@@ -437,5 +534,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "in_use", "quantize",
-           "quantize_pair", "run_bhq_forward_quantize", "run_quantize", "run_quantize_pair", "set_enabled",
-           "supports", "supports_bhq", "supports_pair"]
+           "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_quantize",
+           "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_bhq",
+           "supports_conv_pair", "supports_pair"]

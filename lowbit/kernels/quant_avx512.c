@@ -291,3 +291,54 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, 
         }
     }
 }
+
+/* A convolution's output gradient x (n, c, l) (strides ldn, ldc, 1: l contiguous), the
+ * operand of both its quantizations: the rows of ∇X's, x as (n, c·l), and the rows of
+ * ∇W's, x's channels as (c, n·l), each row n segments of l elements.
+ * lowbit_seg_absmax: m[i * c + j] = max |x[i, j, :]| (NaN where it holds a NaN). */
+void lowbit_seg_absmax(const void *x, int dtype, int64_t n, int64_t c, int64_t l, int64_t ldn,
+                       int64_t ldc, float *m, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t s = 0; s < n * c; s++) {
+        const int64_t i = s / c, j = s % c, base = i * ldn + j * ldc;
+        __m512 v = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t e = 0; e < l; e += 16) {
+            const __mmask16 k = tail_mask(l - e);
+            const __m512 a = _mm512_abs_ps(load16(x, base + e, k, dtype));
+            v = _mm512_max_ps(v, a);
+            nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        }
+        m[s] = nan ? NAN : _mm512_reduce_max_ps(v);
+    }
+}
+
+/* Both quantizations of x (n, c, l) from one read of each segment:
+ *   codes_a (n, c·l) row-major: element (i, j·l + e), index i·c·l + j·l + e, divisor
+ *   da[i * da_stride], seed_a, sr_a;
+ *   codes_w (c, n·l) row-major: element (j, i·l + e), index j·n·l + i·l + e, divisor
+ *   dw[j * dw_stride], seed_w, sr_w.
+ * Indices are taken mod 2³², as the reference's int64 indices masked to 32 bits. */
+void lowbit_seg_quantize_pair(const void *x, int dtype, int64_t n, int64_t c, int64_t l, int64_t ldn,
+                              int64_t ldc, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a,
+                              float emax_a, int8_t *codes_a,
+                              const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
+                              int8_t *codes_w, int threads) {
+    const __m512i lane = _mm512_loadu_si512(LANES);
+    const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
+    const __m512 vemax_a = _mm512_set1_ps(emax_a), vemax_w = _mm512_set1_ps(emax_w);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t s = 0; s < n * c; s++) {
+        const int64_t i = s / c, j = s % c, base = i * ldn + j * ldc;
+        const int64_t oa = i * c * l + j * l, ow = j * n * l + i * l;  /* row-major offsets */
+        const __m512 vda = _mm512_set1_ps(da[i * da_stride]), vdw = _mm512_set1_ps(dw[j * dw_stride]);
+        for (int64_t e = 0; e < l; e += 16) {
+            const __mmask16 k = tail_mask(l - e);
+            const __m512 v = load16(x, base + e, k, dtype);
+            const __m512i ia = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)(oa + e))), lane);
+            const __m512i iw = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)(ow + e))), lane);
+            _mm_mask_storeu_epi8(codes_a + oa + e, k, codes16(v, vda, ia, vseed_a, sr_a, vemax_a));
+            _mm_mask_storeu_epi8(codes_w + ow + e, k, codes16(v, vdw, iw, vseed_w, sr_w, vemax_w));
+        }
+    }
+}

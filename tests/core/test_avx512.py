@@ -20,6 +20,7 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import Granularity, Rounding, parse_format
+from lowbit.gradpair import quantize_conv_pair as reference_conv_pair
 from lowbit.gradpair import quantize_pair as reference_pair
 from lowbit.kernels import Backend, avx512, cbuild, kernels_for, reference
 
@@ -143,6 +144,75 @@ def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtyp
                 for threads in (1, 3):
                     with num_threads(threads):
                         assert _same(avx512.bhq_forward_quantize(*args), want), (fmt.name, gran, rnd)
+
+
+CONV_SHAPES = [(1, 1, 1), (2, 3, 1), (3, 5, 17), (8, 16, 49), (16, 4, 784), (5, 70, 196)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """Both quantizations of a convolution's ∇Y (N, C_out, L): (N, C_out·L) and
+    (C_out, N·L), with the paths' settings mixed, segments with and without a 16-lane
+    tail (L = 17, 49, 196), float32, bfloat16 and float16, one to three threads."""
+    g = torch.Generator().manual_seed(11 + shape[2])
+    n, c, length = shape
+    x = (_operand((n * c, length), g).reshape(n, c, length)
+         * torch.logspace(-3, 3, c).reshape(1, c, 1)).clamp(-6e4, 6e4).to(dtype)
+    combos = [(Granularity.ROW, Rounding.STOCHASTIC, Granularity.ROW, Rounding.STOCHASTIC, FORMATS[4]),
+              (Granularity.TENSOR, Rounding.STOCHASTIC, Granularity.ROW, Rounding.NEAREST, FORMATS[0]),
+              (Granularity.ROW, Rounding.NEAREST, Granularity.TENSOR, Rounding.STOCHASTIC, FORMATS[2])]
+    for gran_a, rnd_a, gran_w, rnd_w, fmt_w in combos:
+        seed_a, seed_w = torch.randint(0, 2**32, (2,), generator=g).unbind()
+        args = (x, FORMATS[4], gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+        assert avx512.supports_conv_pair(*args)
+        want = reference_conv_pair(*args)
+        for threads in (1, 2, 3):
+            with num_threads(threads):
+                got = avx512.quantize_conv_pair(*args)
+            assert _same(got, want), (gran_a, rnd_a, gran_w, rnd_w, threads)
+            assert got[0].shape == (n, c * length) and got[4].shape == (c, n * length)
+
+
+@needs_avx512
+def test_conv_pair_strided_and_nonfinite_operands() -> None:
+    """Sample and channel strides other than the contiguous ones (a slice of a larger
+    gradient, every other channel), all-zero and NaN/±Inf segments: the reference's
+    codes and steps, NaN never made finite."""
+    base = torch.randn(6, 20, 60)
+    base[1, 2] = 0.0
+    base[2, 3, 7], base[3, 4, 0], base[4, 5, 59] = float("nan"), float("inf"), -float("inf")
+    seed = torch.tensor(2024)
+    for x in (base, base[1:5, 2:18, 5:55], base[:, ::2, :33]):
+        for gran in (Granularity.ROW, Granularity.TENSOR):
+            args = (x, FORMATS[4], gran, Rounding.STOCHASTIC, seed, FORMATS[2], gran,
+                    Rounding.STOCHASTIC, seed)
+            assert avx512.supports_conv_pair(*args)
+            got = avx512.quantize_conv_pair(*args)
+            assert _same(got, reference_conv_pair(*args))
+    got = avx512.quantize_conv_pair(base, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed,
+                                    FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+    assert torch.isnan(got[1][2]) and torch.isnan(got[5][3])  # the sample's and the channel's step
+    assert not torch.isfinite(got[1][3]) and not torch.isfinite(got[5][5])
+
+
+def test_conv_pair_refuses_what_it_cannot_read() -> None:
+    """A last dimension that is not contiguous (channels-last ∇Y), a 2-D operand, FP8 or
+    asymmetric formats, float64 and seeds outside 32 bits are refused (the compiled
+    kernel runs them)."""
+    g = torch.randn(4, 8, 25)
+    seed = torch.tensor(3)
+    ok = (FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
+    refused = [(g.transpose(1, 2).contiguous().transpose(1, 2), *ok, *ok), (g[:, :, 0], *ok, *ok),
+               (g.double(), *ok, *ok), (g, parse_format("fp8_e4m3"), *ok[1:], *ok),
+               (g, *ok, parse_format("int4a"), *ok[1:]),
+               (g, *ok, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(2**32))]
+    for args in refused:
+        assert not avx512.supports_conv_pair(*args)
+        with pytest.raises(RuntimeError, match="does not take this call"):
+            avx512.quantize_conv_pair(*args)
+    assert avx512.supports_conv_pair(g, *ok, *ok) == avx512.available()
 
 
 @needs_avx512

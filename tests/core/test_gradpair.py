@@ -19,19 +19,22 @@ from lowbit.kernels import kernels_for
 RECIPES = ["fqt-psq-8", "fqt-ptq-8", "fqt-psq-8a", "fqt-psq-fp8", "fqt-psq-nvfp4"]
 
 
+def _counted(calls: list[bool]):  # noqa: ANN202
+    """quantize_grad_pair, noting in ``calls`` whether each call applied."""
+    def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = quantize_grad_pair(*args, **kw)
+        calls.append(out is not None)
+        return out
+    return counted
+
+
 def _grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.MonkeyPatch,
            calls: list[int]) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 384), nn.GELU(), nn.Linear(384, 96)).to(dtype)
     lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
     x = torch.randn(256, 96, dtype=dtype, requires_grad=True)  # ∇Y of 256×384: a compiled call
-
-    def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
-        out = quantize_grad_pair(*args, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(functional, "quantize_grad_pair", counted if pair else (lambda *a, **k: None))
+    monkeypatch.setattr(functional, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
     model(x).float().square().mean().backward()
     monkeypatch.undo()
     return [x.grad, *(p.grad for p in model.parameters())]
@@ -86,3 +89,64 @@ def test_pair_does_not_apply_to_an_empty_gradient() -> None:
     g = torch.zeros(0, 32)
     assert quantize_grad_pair(g, GradSpec(), None, GradSpec(), None,
                               kernels_for(Backend.AUTO, g.device)) is None
+
+
+def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool]
+                ) -> list[torch.Tensor]:
+    import lowbit.conv as conv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.Flatten(1), nn.Unflatten(1, (8, 64)),
+                          nn.Conv1d(8, 4, 3, padding=2))
+    lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
+    x = torch.randn(32, 3, 16, 16, requires_grad=True)  # ∇Y of the first conv: 32·16·256 elements
+    monkeypatch.setattr(conv, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
+    model(x).float().square().mean().backward()
+    monkeypatch.undo()
+    return [x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-psq-8a", "fqt-psq-fp8"])
+def test_conv_pair_gives_bitwise_the_separate_gradients(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conv2d (stride 1, stride 2 with groups, 1×1) and Conv1d: the convolution's pair of
+    ∇Y quantizations (N, C_out·L) and (C_out, N·L) from one kernel, bitwise the
+    gradients of the two separate quantizer calls."""
+    calls: list[bool] = []
+    fused = _conv_grads(recipe, True, monkeypatch, calls)
+    apart = _conv_grads(recipe, False, monkeypatch, [])
+    assert calls == [True] * 4  # every conv's backward took the one-kernel path
+    for a, b in zip(fused, apart):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+@pytest.mark.parametrize("fmt", ["int8", "int4a", "fp8_e5m2"])
+def test_conv_pair_operands_equal_quantize_gradient_on_each_path(fmt: str, layout: str) -> None:
+    """A convolution's ∇Y (N, C_out, H'·W'): the pair's operands are those of
+    ``quantize_gradient`` on (N, C_out·H'·W') and on (C_out, N·H'·W'), whichever kernel
+    runs it (the AVX-512 one takes contiguous int8 grids; the compiled one the rest)."""
+    g4 = torch.randn(16, 24, 14, 14) * torch.rand(1, 24, 1, 1).pow(3)
+    if layout == "channels-last":
+        g4 = g4.contiguous(memory_format=torch.channels_last)
+    g = g4.reshape(16, 24, 196)
+    spec_a, spec_w = GradSpec(quantizer="psq", format=fmt), GradSpec(quantizer="psq", format="int8")
+    k = kernels_for(Backend.AUTO, g.device)
+    pair = quantize_grad_pair(g, spec_a, torch.Generator().manual_seed(1), spec_w,
+                              torch.Generator().manual_seed(2), k)
+    assert pair is not None
+    want_a = quantize_gradient(g.reshape(16, -1), spec_a, torch.Generator().manual_seed(1), k)
+    want_w = quantize_gradient(g.transpose(0, 1).reshape(24, -1), spec_w, torch.Generator().manual_seed(2), k)
+    for got, want in zip(pair, (want_a, want_w)):
+        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
+        for name in ("offset", "block_scale"):
+            u, v = getattr(got, name), getattr(want, name)
+            assert (u is None and v is None) or torch.equal(u, v)
+
+
+def test_pair_refuses_other_shapes() -> None:
+    g = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"\(N, out\) or \(N, C_out, L\)"):
+        quantize_grad_pair(g, GradSpec(), None, GradSpec(), None, kernels_for(Backend.AUTO, g.device))
