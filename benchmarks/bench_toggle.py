@@ -16,6 +16,8 @@ Toggles (each is "on" as lowbit ships it):
                sums). Needs a CPU with AMX.
   avx512       integer quantizers on lowbit's AVX-512 kernel (``lowbit.kernels.avx512``);
                off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
+  avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
+               lowbit's AVX-512 kernel; off: the compiled epilogue (the same values)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -108,9 +110,22 @@ def _avx512() -> Callable[[bool], None]:
     return avx512.set_enabled
 
 
+def _avx512_epilogue() -> Callable[[bool], None]:
+    from lowbit.kernels import Impl, avx512, register
+
+    _avx512()  # refuses where the kernel is not in use
+    flag = {"on": True}
+    register("int8_epilogue_nchw", Impl.NATIVE, avx512.run_epilogue_nchw, ("cpu",),
+             lambda *a: flag["on"] and avx512.supports_epilogue_nchw(*a))
+
+    def switch(on: bool) -> None:
+        flag["on"] = on
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
-    "avx512": _avx512}
+    "avx512": _avx512, "avx512-epilogue": _avx512_epilogue}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """lowbit's CPU quantizer on AVX-512: ``quantize`` and ``quantize_pair`` for symmetric
-integer grids.
+integer grids (and a convolution's epilogue).
 
 The compiled (Inductor) quantizer spends about 2 ns per element on the CPU, several
 times a pass over memory (docs/benchmarks.md, "lowbit's AVX-512 quantizer"). This
@@ -37,6 +37,11 @@ row-major (out, N), the layout lowbit's AMX GEMM reads directly for ``∇W``.
 codes of (N, C_out·L) for ``∇X`` and of its channels (C_out, N·L) for ``∇W``, each
 (sample, channel) segment read once for both ranges and once for both codes, where the
 separate ``∇W`` quantizer first copied ``∇Y`` into channel-major order.
+
+:func:`epilogue_nchw` is a convolution's epilogue: oneDNN's channels-last accumulator
+(N, H', W', C) (or an ``_int_mm`` one) scaled to the layer's NCHW output, ``(float(acc)·s_a)·s_b
+(+ bias)`` per element as the reference computes it, written transposed in 16 × 16
+tiles (float32 output; the compiled epilogue runs the rest).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ _SIGNATURES = {
     "lowbit_seg_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
     "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                                  _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
@@ -161,11 +167,11 @@ def _operand_ok(x: torch.Tensor) -> bool:
         and _readable(x)
 
 
-def _readable(x: torch.Tensor) -> bool:
+def _readable(x: torch.Tensor, dtypes: object = DTYPES) -> bool:
     """:func:`_operand_ok` but for the shape: a non-empty plain strided CPU tensor of a
-    dtype the C code reads, outside any tracing."""
+    dtype the C code reads (one of ``dtypes``), outside any tracing."""
     return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
-            and x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0
+            and x.device.type == "cpu" and x.dtype in dtypes and x.numel() > 0  # type: ignore[operator]
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
@@ -379,6 +385,59 @@ def run_quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, 
     return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
+def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                           bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """Whether :func:`epilogue_nchw` takes this call: ``acc`` (N, *spatial, C) int32 or
+    float32, contiguous; ``a_scale`` float32 with N or one element, ``b_scale`` float32
+    with C or one, ``bias`` ``None`` or (C,) floating, all plain CPU tensors;
+    ``out_dtype`` float32."""
+    if not (acc.dim() >= 2 and acc.is_contiguous() and out_dtype == torch.float32
+            and _readable(acc, (torch.int32, torch.float32))):
+        return False
+    n, c = acc.shape[0], acc.shape[-1]
+    parts = (a_scale, b_scale) if bias is None else (a_scale, b_scale, bias)
+    return all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+               for t in parts) \
+        and a_scale.dtype == b_scale.dtype == torch.float32 and a_scale.numel() in (1, n) \
+        and b_scale.numel() in (1, c) and (bias is None or (bias.is_floating_point() and bias.shape == (c,))) \
+        and _enabled and available()
+
+
+@torch.compiler.disable
+def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    n, c = acc.shape[0], acc.shape[-1]
+    spatial = acc.shape[1:-1]
+    p = acc.numel() // (n * c)
+    sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
+    out = torch.empty(n, c, *spatial, dtype=torch.float32, device="cpu")
+    lib.lowbit_epilogue_nchw(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
+                             int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
+                             None if b is None else b.data_ptr(), out.data_ptr(), threads)
+    return out
+
+
+def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`lowbit.kernels.im2col.epilogue_nchw` on the kernel: ``acc`` (N, *spatial,
+    C) → a new contiguous (N, C, *spatial) float32, ``(float(acc)·s_a)·s_b (+ bias)``
+    per element, bitwise the reference's; the transposing write in 16 × 16 tiles.
+    ``RuntimeError`` where :func:`supports_epilogue_nchw` is false."""
+    _check("epilogue_nchw", supports_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype),
+           f"{acc.dtype} {tuple(acc.shape)} strides {tuple(acc.stride())}, scales {a_scale.dtype}/"
+           f"{b_scale.dtype}, out {out_dtype}")
+    return run_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype)
+
+
+def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`epilogue_nchw` without its checks (the dispatcher's kernel, after
+    :func:`supports_epilogue_nchw`)."""
+    with record_function("lowbit::avx512_epilogue"):
+        return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
+
+
 def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                  group: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
                  seed: torch.Tensor) -> bool:
@@ -474,7 +533,28 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                     if not (torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
-    return _conv_pair_self_test(lib, x) and _bhq_self_test(lib, x)
+    return _conv_pair_self_test(lib, x) and _epilogue_self_test(lib) and _bhq_self_test(lib, x)
+
+
+def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
+    """The NCHW epilogue against the reference: int32 and float32 accumulators, channel
+    and position tails, per-sample/per-channel and per-tensor scales, with and without a
+    bias, a NaN and an infinite scale."""
+    from .im2col import epilogue_nchw as ref
+
+    g = torch.Generator().manual_seed(2)
+    acc = torch.randint(-2**20, 2**20, (3, 5, 7, 19), generator=g, dtype=torch.int32, device="cpu")
+    sa = torch.rand(3, 1, 1, 1, generator=g, device="cpu")
+    sb = torch.rand(1, 1, 1, 19, generator=g, device="cpu")
+    sb[0, 0, 0, 4], sa[2] = float("nan"), float("inf")
+    bias = torch.randn(19, generator=g, device="cpu")
+    for a in (acc, acc.float(), acc[:, :3, :6, :16].contiguous()):
+        c = a.shape[-1]
+        for s_a, s_b, b in ((sa, sb[..., :c], bias[:c]), (sa[:1], sb[..., :1], None)):
+            for threads in (1, 2):
+                if not _same(_epilogue_nchw(lib, a, s_a, s_b, b, threads), ref(a, s_a, s_b, b, torch.float32)):
+                    return False
+    return True
 
 
 def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
@@ -533,7 +613,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(nan, torch.isnan(b))) and bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
-__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "in_use", "quantize",
-           "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_quantize",
+__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "quantize",
+           "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_quantize",
            "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_bhq",
-           "supports_conv_pair", "supports_pair"]
+           "supports_conv_pair", "supports_epilogue_nchw", "supports_pair"]

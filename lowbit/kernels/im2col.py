@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch.profiler import record_function
 
-from . import Backend, Kernels, int8, reference, register_fused
+from . import Backend, Impl, Kernels, avx512, int8, reference, register, register_fused
 from .encoded import Encoded
 
 
@@ -202,6 +202,7 @@ def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
 
 
 register_fused("int8_epilogue_nchw", epilogue_nchw)
+register("int8_epilogue_nchw", Impl.NATIVE, avx512.run_epilogue_nchw, ("cpu",), avx512.supports_epilogue_nchw)
 
 
 def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b: Encoded,

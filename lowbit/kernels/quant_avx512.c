@@ -342,3 +342,64 @@ void lowbit_seg_quantize_pair(const void *x, int dtype, int64_t n, int64_t c, in
         }
     }
 }
+
+/* ---- the convolution epilogue: channels-last accumulator -> NCHW product ----------------
+ * out[n, c, p] = (float(acc[n, p, c]) * sa[n * sa_stride]) * sb[c * sb_stride] (+ bias[c]),
+ * the reference's int8_epilogue (acc.to(float32) * a_scale * b_scale + bias, float32,
+ * left to right), written transposed: acc (n, p, c) row-major (int32, or float32 holding
+ * exact integers: oneDNN's convolution), out (n, c, p) row-major float32. */
+
+/* r[i] (16 rows of 16 floats) -> r[j] = column j. */
+static inline void transpose16f(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {  /* r[4i + j], 128-bit lane k: column 4k + j of rows 4i..4i+3 */
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    }
+    for (int j = 0; j < 4; j++) t[j] = r[j], t[4 + j] = r[4 + j], t[8 + j] = r[8 + j], t[12 + j] = r[12 + j];
+    for (int j = 0; j < 4; j++) {
+        const __m512 ab_lo = _mm512_shuffle_f32x4(t[j], t[4 + j], 0x44), ab_hi = _mm512_shuffle_f32x4(t[j], t[4 + j], 0xEE);
+        const __m512 cd_lo = _mm512_shuffle_f32x4(t[8 + j], t[12 + j], 0x44), cd_hi = _mm512_shuffle_f32x4(t[8 + j], t[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+        r[4 + j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+        r[8 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+    }
+}
+
+void lowbit_epilogue_nchw(const void *acc, int acc_int, int64_t n, int64_t p, int64_t c, const float *sa,
+                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, float *out,
+                          int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t p0 = 0; p0 < p; p0 += 16) {
+            const __m512 va = _mm512_set1_ps(sa[i * sa_stride]);
+            const int64_t np = p - p0 < 16 ? p - p0 : 16;
+            const __mmask16 kp = tail_mask(np);
+            __m512 r[16];
+            for (int64_t c0 = 0; c0 < c; c0 += 16) {
+                const __mmask16 kc = tail_mask(c - c0);
+                const int64_t nc = c - c0 < 16 ? c - c0 : 16;
+                const __m512 vb = sb_stride ? _mm512_maskz_loadu_ps(kc, sb + c0) : _mm512_set1_ps(sb[0]);
+                const __m512 vbias = bias ? _mm512_maskz_loadu_ps(kc, bias + c0) : _mm512_setzero_ps();
+                for (int64_t j = 0; j < 16; j++) {
+                    if (j >= np) { r[j] = _mm512_setzero_ps(); continue; }
+                    const int64_t off = (i * p + p0 + j) * c + c0;
+                    __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(kc, (const int32_t *)acc + off))
+                                       : _mm512_maskz_loadu_ps(kc, (const float *)acc + off);
+                    v = _mm512_mul_ps(_mm512_mul_ps(v, va), vb);
+                    r[j] = bias ? _mm512_add_ps(v, vbias) : v;
+                }
+                transpose16f(r);
+                for (int64_t j = 0; j < nc; j++)
+                    _mm512_mask_storeu_ps(out + (i * c + c0 + j) * p + p0, kp, r[j]);
+            }
+        }
+    }
+}

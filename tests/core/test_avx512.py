@@ -22,7 +22,7 @@ import lowbit
 from lowbit.formats import Granularity, Rounding, parse_format
 from lowbit.gradpair import quantize_conv_pair as reference_conv_pair
 from lowbit.gradpair import quantize_pair as reference_pair
-from lowbit.kernels import Backend, avx512, cbuild, kernels_for, reference
+from lowbit.kernels import Backend, avx512, cbuild, im2col, kernels_for, reference
 
 # Skipped only where the kernel is not meant to run, never because its self-test failed
 # (test_kernel_builds_and_passes_its_self_test fails then).
@@ -176,6 +176,49 @@ def test_conv_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: tor
 
 
 @needs_avx512
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (4, 28, 28, 16), (3, 7, 7, 70), (2, 33)])
+def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: torch.dtype) -> None:
+    """A convolution's epilogue, channels-last accumulator (N, *spatial, C) → a new
+    contiguous (N, C, *spatial): ``(float(acc)·s_a)·s_b (+ bias)`` bitwise the reference's,
+    with position and channel tails (16 × 16 tiles), per-sample/per-tensor and
+    per-channel/per-tensor scales, with and without a bias (float32 and bfloat16),
+    accumulators beyond float32's 2²⁴ (rounded as ``.to(float32)`` rounds them), 1–3
+    threads."""
+    g = torch.Generator().manual_seed(shape[-1])
+    n, c = shape[0], shape[-1]
+    acc = torch.randint(-2**30, 2**30, shape, generator=g, dtype=torch.int32)
+    if acc_dtype == torch.float32:  # oneDNN's exact float(acc) of sums below 2²⁴
+        acc = (acc // 128).float()
+    ones = (1,) * (len(shape) - 2)
+    sa, sb = torch.rand(n, *ones, 1, generator=g), torch.rand(*ones, 1, c, generator=g).reshape(1, *ones, c)
+    sa[0] = 0.0
+    bias = torch.randn(c, generator=g)
+    for s_a, s_b, b in ((sa, sb, None), (sa[:1], sb, bias), (sa, sb[..., :1], bias.bfloat16())):
+        want = im2col.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+        assert avx512.supports_epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+        for threads in (1, 2, 3):
+            with num_threads(threads):
+                got = avx512.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+            assert got.is_contiguous() and avx512._same(got, want), threads
+
+
+def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
+    """A non-contiguous accumulator, an int64 one, a bfloat16 output, float64 scales or a
+    scale of another length are refused (the compiled epilogue runs them)."""
+    acc = torch.randint(-99, 99, (2, 4, 4, 8), dtype=torch.int32)
+    sa, sb = torch.rand(2, 1, 1, 1), torch.rand(1, 1, 1, 8)
+    refused = [(acc.transpose(1, 2), sa, sb, None, torch.float32), (acc.long(), sa, sb, None, torch.float32),
+               (acc, sa, sb, None, torch.bfloat16), (acc, sa.double(), sb, None, torch.float32),
+               (acc, sa, sb[..., :3], None, torch.float32), (acc, sa, sb, torch.ones(3), torch.float32)]
+    for args in refused:
+        assert not avx512.supports_epilogue_nchw(*args)
+        with pytest.raises(RuntimeError, match="does not take this call"):
+            avx512.epilogue_nchw(*args)
+    assert avx512.supports_epilogue_nchw(acc, sa, sb, None, torch.float32) == avx512.available()
+
+
+@needs_avx512
 def test_conv_pair_strided_and_nonfinite_operands() -> None:
     """Sample and channel strides other than the contiguous ones (a slice of a larger
     gradient, every other channel), all-zero and NaN/±Inf segments: the reference's
@@ -298,6 +341,17 @@ def test_dispatcher_runs_it_and_the_result_equals_the_reference(monkeypatch: pyt
     assert not calls  # the reference backend never leaves plain torch
 
 
+def _bitwise_with_and_without(grads) -> None:  # noqa: ANN001
+    """``grads()`` with the kernels and without (the compiled ones): equal bit for bit."""
+    on = grads()
+    avx512.set_enabled(False)
+    try:
+        off = grads()
+    finally:
+        avx512.set_enabled(True)
+    assert all(torch.equal(p, q) for p, q in zip(on, off, strict=True))
+
+
 @needs_avx512
 @pytest.mark.parametrize("recipe,amp", [("fqt-psq-8", False), ("fqt-ptq-4", False), ("fqt-psq-8", True),
                                         ("fqt-bhq-8", False), ("fqt-hadamard-8", False)])
@@ -315,13 +369,27 @@ def test_training_step_bitwise_the_same_with_and_without_it(recipe: str, amp: bo
             loss.backward()
         return [x.grad, *(p.grad for p in model.parameters())]
 
-    on = grads()
-    avx512.set_enabled(False)
-    try:
-        off = grads()
-    finally:
-        avx512.set_enabled(True)
-    assert all(torch.equal(p, q) for p, q in zip(on, off, strict=True))
+    _bitwise_with_and_without(grads)
+
+
+@needs_avx512
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-bhq-8"])
+def test_cnn_training_step_bitwise_the_same_with_and_without_it(recipe: str) -> None:
+    """Two steps of a small CNN (3×3 and strided, grouped and 1×1 convolutions, a Linear
+    head): gradients equal bit for bit with the kernels (quantizers, the convolutions'
+    ∇Y pair and epilogue) and without (the compiled ones)."""
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
+                              nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                              nn.Conv2d(32, 24, 1), nn.Flatten(), nn.Linear(24 * 64, 10))
+        lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
+        x = torch.randn(64, 3, 16, 16, requires_grad=True)
+        for _ in range(2):
+            model(x).square().mean().backward()
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    _bitwise_with_and_without(grads)
 
 
 def test_switched_off_by_environment() -> None:
