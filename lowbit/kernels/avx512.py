@@ -542,12 +542,13 @@ def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
     bias, a NaN and an infinite scale."""
     from .im2col import epilogue_nchw as ref
 
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
     g = torch.Generator().manual_seed(2)
     acc = torch.randint(-2**20, 2**20, (3, 5, 7, 19), generator=g, dtype=torch.int32, device="cpu")
-    sa = torch.rand(3, 1, 1, 1, generator=g, device="cpu")
-    sb = torch.rand(1, 1, 1, 19, generator=g, device="cpu")
+    sa = torch.rand(3, 1, 1, 1, generator=g, **cpu)
+    sb = torch.rand(1, 1, 1, 19, generator=g, **cpu)
     sb[0, 0, 0, 4], sa[2] = float("nan"), float("inf")
-    bias = torch.randn(19, generator=g, device="cpu")
+    bias = torch.randn(19, generator=g, **cpu)
     for a in (acc, acc.float(), acc[:, :3, :6, :16].contiguous()):
         c = a.shape[-1]
         for s_a, s_b, b in ((sa, sb[..., :c], bias[:c]), (sa[:1], sb[..., :1], None)):
