@@ -6,7 +6,7 @@ timed blocks by patching lowbit at run time, so the machine's drift hits both al
 Toggles (each is "on" as lowbit ships it):
 
   pair         both quantizations of ∇Y from one kernel (``lowbit.gradpair``), in Linear
-               and convolution layers; off: the two quantizer calls apart
+               and convolution layers and attention (∇O, ∇S); off: the two quantizer calls apart
   materialize  no zero gradients filled for the block op's saved codes and steps; off:
                autograd fills them (the behaviour before issue 14)
   hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
@@ -38,13 +38,14 @@ from step_workloads import WORKLOADS  # noqa: E402
 
 
 def _pair() -> Callable[[bool], None]:
+    import lowbit.attention as attention
     import lowbit.conv as conv
     import lowbit.functional as functional
 
     real = functional.quantize_grad_pair
 
     def switch(on: bool) -> None:
-        for m in (functional, conv):  # Linear's and the convolutions' backward
+        for m in (functional, conv, attention):  # Linear's, the convolutions' and attention's backward
             m.quantize_grad_pair = real if on else (lambda *a, **k: None)
     return switch
 

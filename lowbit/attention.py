@@ -33,7 +33,11 @@ the same estimator; ``lowbit.coverage`` reports it so). Row-mixing gradient quan
 (``bhq``, ``hadamard``) transform the rows of all heads together, so their inverse is
 applied to the operand before the GEMM (rows of different heads meet different right
 operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
-each of the four gradient operands gets its own generator split from its path's.
+each of the four gradient operands gets its own generator split from its path's. Where
+both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused backend),
+they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
+``batched=True``): ``∇S`` is then never transposed in memory for ``∇K``; the codes are
+bitwise those of the two calls.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch.profiler import record_function
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
+from .gradpair import quantize_grad_pair
 from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
@@ -285,12 +290,26 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     qq, qk, qv, qp = (Operand.of(q, sh, dt) for q, sh in
                       zip(quant, ((b, lq, e), (b, s, e), (b, s, ev), (b, lq, s))))
     gq = gk = gv = gs = None
+    scores = needs[0] or needs[1] or needs[3]
+    # ∇O for ∇P (rows: query tokens) and for ∇V (rows: value features) from one read
+    go, go_t = _pair(g_out, gi, rows_gen[0], gw, cols_gen[0], be, needs[2] and scores, (b, lq, ev))
     if needs[2]:
-        gv = batched_mm(grad_operand(g_out.mT, gw, cols_gen[0], be), qp, be, dt, "∇V").mT
-    if needs[0] or needs[1] or needs[3]:
-        gs = _grad_scores(grad_operand(g_out, gi, rows_gen[0], be), qv.mT, probs, g_dropped,
-                          keep, dropout_p, be, dt, reuse_probs)
-        del probs
+        if go_t is None:
+            go_t = grad_operand(g_out.mT, gw, cols_gen[0], be)
+        gv = batched_mm(go_t, qp, be, dt, "∇V").mT
+        del go_t
+    if scores:
+        if go is None:
+            go = grad_operand(g_out, gi, rows_gen[0], be)
+        gs = _grad_scores(go, qv.mT, probs, g_dropped, keep, dropout_p, be, dt, reuse_probs)
+        del probs, go
+        # ∇S for ∇Q (rows: query tokens) and ∇Sᵀ for ∇K (rows: key tokens) from one read
+        gs_q, gs_k = _pair(gs, gi, rows_gen[1], gw, cols_gen[1], be, needs[0] and needs[1], (b, lq, s))
+        if gs_q is not None:
+            gq = batched_mm(gs_q, qk, be, dt, "∇Q") * scale
+            del gs_q
+            gk = batched_mm(gs_k, qq, be, dt, "∇K") * scale
+            return gq, gk, gv, gs if needs[3] else None
         if needs[0]:
             gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
         if needs[1]:
@@ -300,6 +319,22 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
                 gs = None
             gk = batched_mm(gs_t, qq, be, dt, "∇K") * scale
     return gq, gk, gv, gs if needs[3] else None
+
+
+def _pair(g: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
+          spec_w: GradSpec | None, gen_w: torch.Generator | None, backend: Backend, wanted: bool,
+          shape: tuple[int, int, int]) -> tuple[Operand | None, Operand | None]:
+    """Both gradient operands of ``g`` (B, N, C) — its rows (B, N, C) and each entry's
+    transpose (B, C, N) — quantized from one read (:func:`lowbit.gradpair.quantize_grad_pair`,
+    bitwise the two :func:`grad_operand` calls), where ``wanted`` and the specs allow it;
+    else ``(None, None)`` and nothing drawn."""
+    if not wanted:
+        return None, None
+    pair = quantize_grad_pair(g, spec_a, gen_a, spec_w, gen_w, kernels_for(backend, g.device), batched=True)
+    if pair is None:
+        return None, None
+    bn, n, c = shape
+    return Operand.of(pair[0], (bn, n, c), g.dtype), Operand.of(pair[1], (bn, c, n), g.dtype)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

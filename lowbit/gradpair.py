@@ -20,7 +20,9 @@ A convolution's ``∇Y`` (N, C_out, H', W') is the same pair with columns (sampl
 position) on the ``∇W`` side: (N, C_out·H'·W') rows for ``∇X``, (C_out, N·H'·W') for
 ``∇W`` (:func:`quantize_conv_pair`, ``quantize_conv_pair`` in the kernel table), used by
 :mod:`lowbit.conv`; done apart, the ``∇W`` quantizer first copies ``∇Y`` into
-channel-major order.
+channel-major order. A batch of gradients (B, N, out) — attention's ``∇O`` and ``∇S``,
+one entry per (batch, head) — pairs its rows (B·N, out) with each entry's transpose
+(B·out, N) (:func:`quantize_batched_pair`), used by :mod:`lowbit.attention`.
 """
 
 from __future__ import annotations
@@ -57,8 +59,22 @@ def quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_
             *reference.quantize(g.transpose(0, 1).reshape(c, n * length), fmt_w, gran_w, rnd_w, seed_w))
 
 
+def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                          seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                          seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`quantize_pair` of a batch of gradients ``g`` (B, N, out) — attention's
+    ``∇O`` or ``∇S``, one entry per (batch, head) —: ``reference.quantize`` of the rows
+    (B·N, out) and of each entry's transpose, (B·out, N)."""
+    b, n, c = g.shape
+    return (*reference.quantize(g.reshape(b * n, c), fmt_a, gran_a, rnd_a, seed_a),
+            *reference.quantize(g.mT.reshape(b * c, n), fmt_w, gran_w, rnd_w, seed_w))
+
+
 register_fused("quantize_pair", quantize_pair)
 register("quantize_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",), avx512.supports_pair)
+register_fused("quantize_batched_pair", quantize_batched_pair)
+register("quantize_batched_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",),
+         avx512.supports_batched_pair)
 register_fused("quantize_conv_pair", quantize_conv_pair)
 register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu",),
          avx512.supports_conv_pair)
@@ -69,8 +85,8 @@ def _plain(spec: GradSpec | None) -> bool:
 
 
 def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
-                       spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels
-                       ) -> tuple[QuantizedOperand, QuantizedOperand] | None:
+                       spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels,
+                       batched: bool = False) -> tuple[QuantizedOperand, QuantizedOperand] | None:
     """``(Q_a(∇Y), Q_w(∇Yᵀ))`` of ``gy`` (N, out) from one kernel, bitwise what
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
     gen_w, k)`` give; ``None`` (nothing drawn) where that does not apply: a spec that is
@@ -80,16 +96,24 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     A convolution's ``gy`` (N, C_out, L) (output positions flattened) gives the codes of
     (N, C_out·L) and of (C_out, N·L) (:func:`quantize_conv_pair`): bitwise what
     ``quantize_gradient`` gives on ``gy.reshape(N, -1)`` and on
-    ``gy.transpose(0, 1).reshape(C_out, -1)``, without that copy."""
+    ``gy.transpose(0, 1).reshape(C_out, -1)``, without that copy. With ``batched``, ``gy``
+    (B, N, out) is a batch of gradients (attention's, one entry per batch and head): the
+    codes of (B·N, out) and of each entry's transpose (B·out, N), bitwise what
+    ``quantize_gradient`` gives on ``gy.reshape(-1, out)`` and ``gy.mT.reshape(-1, N)``."""
     if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
         return None
-    if gy.dim() not in (2, 3):
-        raise ValueError(f"quantize_grad_pair: gy must be (N, out) or (N, C_out, L), got shape {tuple(gy.shape)}")
-    # the transforms of non-mixing quantizers are identities of the rows: they see (N, ·), (out, ·)
-    rows = gy if gy.dim() == 2 else gy.select(2, 0)
-    op = "quantize_pair" if gy.dim() == 2 else "quantize_conv_pair"
+    if gy.dim() != (3 if batched else gy.dim()) or gy.dim() not in (2, 3):
+        raise ValueError("quantize_grad_pair: gy must be (N, out) or (N, C_out, L), or (B, N, out) with "
+                         f"batched=True; got shape {tuple(gy.shape)}, batched={batched}")
+    if gy.dim() == 2:
+        op, rows_a, rows_w = "quantize_pair", gy.shape[0], gy.shape[1]
+    elif batched:
+        op, rows_a, rows_w = "quantize_batched_pair", gy.shape[0] * gy.shape[1], gy.shape[0] * gy.shape[2]
+    else:
+        op, rows_a, rows_w = "quantize_conv_pair", gy.shape[0], gy.shape[1]
+    # the transforms of non-mixing quantizers are identities: they see the row counts only
     ops = []
-    for spec, gen, a in ((spec_a, gen_a, rows), (spec_w, gen_w, rows.t())):
+    for spec, gen, a in ((spec_a, gen_a, gy.new_empty(rows_a, 0)), (spec_w, gen_w, gy.new_empty(rows_w, 0))):
         q = get_quantizer(spec.quantizer)  # type: ignore[union-attr]
         with record_function("lowbit::transform"):
             t = q.transform(a, gen, k)  # draws what the quantizer's transform draws (nothing)
@@ -106,4 +130,4 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
 
 
-__all__ = ["quantize_conv_pair", "quantize_grad_pair", "quantize_pair"]
+__all__ = ["quantize_batched_pair", "quantize_conv_pair", "quantize_grad_pair", "quantize_pair"]

@@ -33,7 +33,9 @@ It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL.
 :func:`quantize_pair` quantizes an output gradient ``∇Y`` (N, out) both ways from one
 read (:mod:`lowbit.gradpair`): the row codes (N, out) and the codes of ``∇Yᵀ`` written
 row-major (out, N), the layout lowbit's AMX GEMM reads directly for ``∇W``.
-:func:`quantize_conv_pair` does the same for a convolution's ``∇Y`` (N, C_out, L): the
+:func:`quantize_batched_pair` does it for each entry of a batch (B, N, out) (attention's
+``∇O`` and ``∇S``; the noise indices run on across entries), in one C call that spreads
+whole entries over the threads. :func:`quantize_conv_pair` does the same for a convolution's ``∇Y`` (N, C_out, L): the
 codes of (N, C_out·L) for ``∇X`` and of its channels (C_out, N·L) for ``∇W``, each
 (sample, channel) segment read once for both ranges and once for both codes, where the
 separate ``∇W`` quantizer first copied ``∇Y`` into channel-major order.
@@ -68,9 +70,9 @@ _enabled = True  # the process-wide switch of set_enabled
 _P, _I64, _I, _U32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
 _SIGNATURES = {
     "lowbit_row_absmax": [_P, _I, _I64, _I64, _I64, _P, _I],
-    "lowbit_pair_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _I],
+    "lowbit_pair_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I],
     "lowbit_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
-    "lowbit_quantize_pair": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
+    "lowbit_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                              _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_seg_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
     "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
@@ -245,10 +247,10 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
     # written row-major (r, d)
     m = x.t()
     scratch = torch.empty(max(threads, 1) * r, dtype=torch.float32, device="cpu")
-    lib.lowbit_pair_absmax(m.data_ptr(), dt, d, r, m.stride(0), None, amax.data_ptr(),
+    lib.lowbit_pair_absmax(m.data_ptr(), dt, 1, 0, d, r, m.stride(0), None, amax.data_ptr(),
                            scratch.data_ptr(), threads)
     step, div = _steps(amax, fmt, granularity)
-    lib.lowbit_quantize_pair(m.data_ptr(), dt, d, r, m.stride(0), None, 0, 0, 0, 0.0, None,
+    lib.lowbit_quantize_pair(m.data_ptr(), dt, 1, 0, d, r, m.stride(0), None, 0, 0, 0, 0.0, None,
                              div.data_ptr(), 1 if div.shape[0] > 1 else 0, seed32, sr,
                              float(fmt.emax), codes.data_ptr(), threads)
     return codes, step
@@ -281,23 +283,50 @@ def run_quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, roundin
 def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
                    rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                    rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
-    n, c = g.shape
-    ramax = torch.empty(n, 1, dtype=torch.float32, device="cpu")
-    camax = torch.empty(c, 1, dtype=torch.float32, device="cpu")
+    """(N, out) ``g``, or a batch (B, N, out) of them: codes (B·N, out) and (B·out, N)."""
+    g3 = g if g.dim() == 3 else g.unsqueeze(0)
+    b, n, c = g3.shape
+    ramax = torch.empty(b * n, 1, dtype=torch.float32, device="cpu")
+    camax = torch.empty(b * c, 1, dtype=torch.float32, device="cpu")
     scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32, device="cpu")
-    lib.lowbit_pair_absmax(g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0), ramax.data_ptr(), camax.data_ptr(),
+    dt, ld, bstride = DTYPES[g.dtype], g3.stride(1), g3.stride(0)
+    lib.lowbit_pair_absmax(g3.data_ptr(), dt, b, bstride, n, c, ld, ramax.data_ptr(), camax.data_ptr(),
                            scratch.data_ptr(), threads)
     step_a, div_a = _steps(ramax, fmt_a, gran_a)
     step_w, div_w = _steps(camax, fmt_w, gran_w)
-    codes_a = torch.empty(n, c, dtype=torch.int8, device="cpu")
-    codes_w = torch.empty(c, n, dtype=torch.int8, device="cpu")
+    codes_a = torch.empty(b * n, c, dtype=torch.int8, device="cpu")
+    codes_w = torch.empty(b * c, n, dtype=torch.int8, device="cpu")
     lib.lowbit_quantize_pair(
-        g.data_ptr(), DTYPES[g.dtype], n, c, g.stride(0),
+        g3.data_ptr(), dt, b, bstride, n, c, ld,
         div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
         int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
         int(rnd_w is Rounding.STOCHASTIC), float(fmt_w.emax), codes_w.data_ptr(), threads)
     return codes_a, step_a, codes_w, step_w
+
+
+def supports_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                          seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                          seed_w: torch.Tensor) -> bool:
+    """Whether :func:`quantize_batched_pair` takes this call: ``g`` (B, N, out) whose
+    entries are as :func:`supports_pair` takes them (rows contiguous)."""
+    return g.dim() == 3 and g.shape[0] > 0 and supports_pair(g[0], fmt_a, gran_a, rnd_a, seed_a, fmt_w,
+                                                             gran_w, rnd_w, seed_w) and _readable(g)
+
+
+def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                          seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                          seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`lowbit.gradpair.quantize_batched_pair` (both quantizations of a batch of
+    gradients ``g`` (B, N, out), such as attention's ``∇S``) on the kernel
+    (:func:`supports_batched_pair`): ``(codes (B·N, out), step, None, None, codes
+    (B·out, N) row-major, step, None, None)``, bitwise the reference's values.
+    ``RuntimeError`` where :func:`supports_batched_pair` is false."""
+    _check("quantize_batched_pair",
+           supports_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w),
+           f"{fmt_a.name}/{fmt_w.name}, {g.dtype} shape {tuple(g.shape)} strides {tuple(g.stride())} "
+           f"on {g.device}")
+    return run_quantize_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -315,8 +344,9 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
 def run_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                       seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """:func:`quantize_pair` without its checks (the dispatcher's kernel, after
-    :func:`supports_pair`)."""
+    """:func:`quantize_pair` (and :func:`quantize_batched_pair`, ``g`` 3-D) without its
+    checks (the dispatcher's kernel, after :func:`supports_pair` /
+    :func:`supports_batched_pair`)."""
     with record_function("lowbit::avx512_quantize_pair"):
         codes_a, step_a, codes_w, step_w = _quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a,
                                                           fmt_w, gran_w, rnd_w, seed_w,
@@ -533,7 +563,31 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                     if not (torch.equal(pair[0], want[0]) and _same(pair[1], want[1])
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
-    return _conv_pair_self_test(lib, x) and _epilogue_self_test(lib) and _bhq_self_test(lib, x)
+    return _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) and _epilogue_self_test(lib) \
+        and _bhq_self_test(lib, x)
+
+
+def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """The pair of a batch (B, N, out) against the reference on the batch's rows and on
+    each entry's transpose: contiguous, strided entries and bfloat16; fewer entries than
+    threads and more."""
+    from ..formats import parse_format
+    from .reference import quantize as ref
+
+    g3 = x[:36].reshape(4, 9, 53)
+    seed_a, seed_w = torch.tensor(5, device="cpu"), torch.tensor(0xABCDEF01, device="cpu")
+    for a, gran in ((g3, Granularity.ROW), (g3[:, :, 3:50], Granularity.ROW), (g3[:1].bfloat16(), Granularity.TENSOR)):
+        b, n, c = a.shape
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            fmt = parse_format("int8" if rnd is Rounding.STOCHASTIC else "int4")
+            want_a = ref(a.reshape(b * n, c), fmt, gran, rnd, seed_a)
+            want_w = ref(a.mT.reshape(b * c, n), fmt, gran, rnd, seed_w)
+            for threads in (1, 2):
+                got = _quantize_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads)
+                if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
+                        and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
+                    return False
+    return True
 
 
 def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
@@ -615,6 +669,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "quantize",
-           "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_quantize",
-           "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_bhq",
-           "supports_conv_pair", "supports_epilogue_nchw", "supports_pair"]
+           "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_quantize",
+           "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
+           "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair"]

@@ -112,9 +112,26 @@ void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
 }
 
 
+/* max |x[r, :]| (NaN where the row holds a NaN), and cm[c] = max(cm[c], |x[r, c]|) keeping NaN. */
+static inline float row_and_column_absmax(const void *x, int dtype, int64_t r, int64_t cols, int64_t ld,
+                                          float *cm) {
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 k = tail_mask(cols - c);
+        const __m512 v = _mm512_abs_ps(load16(x, r * ld + c, k, dtype));
+        const __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+        nan |= vn;
+        const __m512 nw = _mm512_max_ps(v, _mm512_maskz_loadu_ps(k, cm + c));  /* old NaN -> old (2nd operand) */
+        _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, vn, v));       /* new NaN -> NaN */
+    }
+    return nan ? NAN : _mm512_reduce_max_ps(m);
+}
+
 /* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted), camax (cols).
  * scratch: threads * cols floats (one column maximum per thread, merged at the end). */
-void lowbit_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
+static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
                         float *camax, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
@@ -127,21 +144,8 @@ void lowbit_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, in
         memset(cm, 0, (size_t)cols * sizeof(float));
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
         for (int64_t r = lo; r < hi; r++) {
-            __m512 m = _mm512_setzero_ps();
-            __mmask16 nan = 0;
-            for (int64_t c = 0; c < cols; c += 16) {
-                __mmask16 k = tail_mask(cols - c);
-                __m512 v = _mm512_abs_ps(load16(x, r * ld + c, k, dtype));
-                __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m = _mm512_max_ps(m, v);
-                nan |= vn;
-                /* max keeping NaN: a NaN lane stays NaN */
-                __m512 old = _mm512_maskz_loadu_ps(k, cm + c);
-                __m512 nw = _mm512_max_ps(v, old);                 /* old NaN -> old (2nd operand) */
-                nw = _mm512_mask_mov_ps(nw, vn, v);               /* new NaN -> NaN */
-                _mm512_mask_storeu_ps(cm + c, k, nw);
-            }
-            if (ramax) ramax[r] = nan ? NAN : _mm512_reduce_max_ps(m);
+            const float m = row_and_column_absmax(x, dtype, r, cols, ld, cm);
+            if (ramax) ramax[r] = m;
         }
 #pragma omp barrier
         int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
@@ -156,6 +160,35 @@ void lowbit_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, in
             camax[c] = nan ? NAN : m;
         }
     }
+}
+
+/* pair_absmax of one entry on the calling thread: camax (cols) written directly. */
+static void pair_absmax_serial(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
+                               float *camax) {
+    memset(camax, 0, (size_t)cols * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        const float m = row_and_column_absmax(x, dtype, r, cols, ld, camax);
+        if (ramax) ramax[r] = m;
+    }
+}
+
+/* pair_absmax of a batch of entries x + e * bstride (e < batch, each (rows, cols), row
+ * stride ld): ramax + e * rows (NULL: not wanted), camax + e * cols. With fewer entries
+ * than threads, each entry's rows are split among the threads; otherwise whole entries
+ * are. scratch: threads * cols floats. */
+void lowbit_pair_absmax(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                        int64_t ld, float *ramax, float *camax, float *scratch, int threads) {
+    const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
+    if (batch < threads) {
+        for (int64_t e = 0; e < batch; e++)
+            pair_absmax((const char *)x + e * bstride * es, dtype, rows, cols, ld, ramax ? ramax + e * rows : NULL,
+                        camax + e * cols, scratch, threads);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t e = 0; e < batch; e++)
+        pair_absmax_serial((const char *)x + e * bstride * es, dtype, rows, cols, ld,
+                           ramax ? ramax + e * rows : NULL, camax + e * cols);
 }
 
 /* codes (rows, cols) row-major of x (rows, cols, row stride ld); d[r * dstride] the
@@ -237,12 +270,17 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
  *   codes_a (rows, cols) row-major: x's rows, divisors da[r * da_stride], seed_a, sr_a
  *   (codes_a NULL: skipped, and da, seed_a, sr_a, emax_a unused);
  *   codes_w (cols, rows) row-major: xᵀ's rows (x's columns), divisors dw[c * dw_stride],
- *   element (c, r) of xᵀ having index c * rows + r, seed_w, sr_w. */
-void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
-                          const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+ *   element (c, r) of xᵀ having index c * rows + r, seed_w, sr_w.
+ * A batch of such x: entry e at x + e * bstride, its divisors da + e * rows * da_stride and
+ * dw + e * cols * dw_stride, its codes at element e·rows·cols of codes_a and of codes_w,
+ * its element indices offset by e·rows·cols (mod 2³²): the codes of the batch's rows
+ * (batch·rows, cols) and of each entry's transpose (batch·cols, rows). */
+void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
                           int8_t *codes_a,
                           const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
                           int8_t *codes_w, int threads) {
+    const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
     const __m512i lane = _mm512_loadu_si512(LANES);
     const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
     const __m512 vemax_a = _mm512_set1_ps(emax_a), vemax_w = _mm512_set1_ps(emax_w);
@@ -253,7 +291,13 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, 
     enum { TR = 256, TC = 256 };
     const int64_t blocks = (rows + TR - 1) / TR;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t rb = 0; rb < blocks; rb++) {
+    for (int64_t eb = 0; eb < batch * blocks; eb++) {
+        /* entry e's elements are indices e·rows·cols … of the batch's codes (mod 2³²) */
+        const int64_t e = eb / blocks, rb = eb % blocks;
+        const uint32_t base = (uint32_t)((uint64_t)e * (uint64_t)rows * (uint64_t)cols);
+        const void *xe = (const char *)x + e * bstride * es;
+        const float *dae = codes_a ? da + e * rows * da_stride : da, *dwe = dw + e * cols * dw_stride;
+        int8_t *cae = codes_a ? codes_a + e * rows * cols : NULL, *cwe = codes_w + e * rows * cols;
         __m128i wc[16], wt[16];
         const int64_t rend = rows < rb * TR + TR ? rows : rb * TR + TR;
         for (int64_t ct = 0; ct < cols; ct += TC) {
@@ -264,20 +308,20 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, 
                 for (int64_t c = ct; c < cend; c += 16) {
                     const __mmask16 k = tail_mask(cols - c);
                     const int64_t nc = cols - c < 16 ? cols - c : 16;
-                    const __m512 vdw = dw_stride ? _mm512_maskz_loadu_ps(k, dw + c) : _mm512_set1_ps(dw[0]);
+                    const __m512 vdw = dw_stride ? _mm512_maskz_loadu_ps(k, dwe + c) : _mm512_set1_ps(dwe[0]);
                     /* xᵀ element (c + lane, r) has index (c + lane) * rows + r */
-                    const __m512i colbase = _mm512_mullo_epi32(
+                    const __m512i colbase = _mm512_add_epi32(_mm512_mullo_epi32(
                         _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)c), lane),
-                        _mm512_set1_epi32((int)(uint32_t)rows));
+                        _mm512_set1_epi32((int)(uint32_t)rows)), _mm512_set1_epi32((int)base));
                     for (int64_t i = 0; i < 16; i++) {
                         if (i >= nr) { wc[i] = _mm_setzero_si128(); continue; }
                         const int64_t r = r0 + i;
-                        const __m512 v = load16(x, r * ld + c, k, dtype);
-                        if (codes_a) {
+                        const __m512 v = load16(xe, r * ld + c, k, dtype);
+                        if (cae) {
                             const __m512i ia = _mm512_add_epi32(
-                                _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c)), lane);
-                            _mm_mask_storeu_epi8(codes_a + r * cols + c, k,
-                                                 codes16(v, _mm512_set1_ps(da[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
+                                _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c + base)), lane);
+                            _mm_mask_storeu_epi8(cae + r * cols + c, k,
+                                                 codes16(v, _mm512_set1_ps(dae[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
                         }
                         const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
                         /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
@@ -285,7 +329,7 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, 
                     }
                     transpose16(wc, wt);
                     for (int64_t j = 0; j < nc; j++)
-                        _mm_mask_storeu_epi8(codes_w + (c + j) * rows + r0, kr, wt[j]);
+                        _mm_mask_storeu_epi8(cwe + (c + j) * rows + r0, kr, wt[j]);
                 }
             }
         }

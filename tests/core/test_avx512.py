@@ -20,6 +20,7 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import Granularity, Rounding, parse_format
+from lowbit.gradpair import quantize_batched_pair as reference_batched_pair
 from lowbit.gradpair import quantize_conv_pair as reference_conv_pair
 from lowbit.gradpair import quantize_pair as reference_pair
 from lowbit.kernels import Backend, avx512, cbuild, im2col, kernels_for, reference
@@ -144,6 +145,36 @@ def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtyp
                 for threads in (1, 3):
                     with num_threads(threads):
                         assert _same(avx512.bhq_forward_quantize(*args), want), (fmt.name, gran, rnd)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 33), (48, 128, 64), (2, 300, 513)])
+def test_batched_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """A batch of gradients (B, N, out) (attention's ∇O and ∇S): codes of (B·N, out) and
+    of each entry's transpose (B·out, N), the noise indices running on across entries;
+    per row and per tensor, stochastic and nearest, 1–3 threads; entries with a row
+    stride beyond their width."""
+    g = torch.Generator().manual_seed(shape[1])
+    b, n, c = shape
+    x = (_operand((b * n, c), g).reshape(b, n, c) * torch.logspace(-2, 2, b).reshape(b, 1, 1))
+    x = x.clamp(-6e4, 6e4).to(dtype)
+    combos = [(Granularity.ROW, Rounding.STOCHASTIC, Granularity.ROW, Rounding.STOCHASTIC),
+              (Granularity.TENSOR, Rounding.NEAREST, Granularity.ROW, Rounding.STOCHASTIC),
+              (Granularity.ROW, Rounding.STOCHASTIC, Granularity.TENSOR, Rounding.NEAREST)]
+    for a in (x, torch.cat([x, x], 2)[:, :, 1:c + 1]):
+        for gran_a, rnd_a, gran_w, rnd_w in combos:
+            seed_a, seed_w = torch.randint(0, 2**32, (2,), generator=g).unbind()
+            args = (a, FORMATS[4], gran_a, rnd_a, seed_a, FORMATS[2], gran_w, rnd_w, seed_w)
+            assert avx512.supports_batched_pair(*args)
+            want = reference_batched_pair(*args)
+            for threads in (1, 2, 3):
+                with num_threads(threads):
+                    got = avx512.quantize_batched_pair(*args)
+                assert _same(got, want), (gran_a, rnd_a, gran_w, rnd_w, threads)
+    refused = (x.mT, FORMATS[4], *combos[0][:2], torch.tensor(1), FORMATS[4], *combos[0][2:], torch.tensor(1))
+    assert not avx512.supports_batched_pair(*refused) or c == 1 or n == 1  # columns contiguous only
+    assert not avx512.supports_batched_pair(x[0], *refused[1:])  # 2-D: quantize_pair's
 
 
 CONV_SHAPES = [(1, 1, 1), (2, 3, 1), (3, 5, 17), (8, 16, 49), (16, 4, 784), (5, 70, 196)]

@@ -150,3 +150,65 @@ def test_pair_refuses_other_shapes() -> None:
     g = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match=r"\(N, out\) or \(N, C_out, L\)"):
         quantize_grad_pair(g, GradSpec(), None, GradSpec(), None, kernels_for(Backend.AUTO, g.device))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided-entries"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4a", "fp8_e5m2"])
+def test_batched_pair_operands_equal_quantize_gradient_on_each_path(fmt: str, layout: str) -> None:
+    """A batch of gradients (B, N, out) — attention's ∇O or ∇S, one entry per (batch,
+    head) —: the pair's operands are those of ``quantize_gradient`` on (B·N, out) and on
+    each entry's transpose (B·out, N), whichever kernel runs it."""
+    g = torch.randn(6, 70, 96) * torch.rand(6, 1, 96).pow(3)
+    if layout == "strided-entries":  # entries with a row stride beyond their width
+        g = torch.randn(6, 70, 128)[:, :, 16:112]
+    spec_a, spec_w = GradSpec(quantizer="psq", format=fmt), GradSpec(quantizer="ptq", format="int8")
+    k = kernels_for(Backend.AUTO, g.device)
+    pair = quantize_grad_pair(g, spec_a, torch.Generator().manual_seed(1), spec_w,
+                              torch.Generator().manual_seed(2), k, batched=True)
+    assert pair is not None
+    want_a = quantize_gradient(g.reshape(-1, 96), spec_a, torch.Generator().manual_seed(1), k)
+    want_w = quantize_gradient(g.mT.reshape(-1, 70), spec_w, torch.Generator().manual_seed(2), k)
+    for got, want in zip(pair, (want_a, want_w)):
+        assert got.codes.shape == want.codes.shape
+        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
+        for name in ("offset", "block_scale"):
+            u, v = getattr(got, name), getattr(want, name)
+            assert (u is None and v is None) or torch.equal(u, v)
+    with pytest.raises(ValueError, match="batched=True"):
+        quantize_grad_pair(g[0], spec_a, None, spec_w, None, k, batched=True)
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-psq-8a", "fqt-psq-fp8"])
+@pytest.mark.parametrize("variant", ["causal-gqa", "mask-grad-dropout"])
+def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, variant: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """lowbit's attention: ∇O (for ∇P and ∇V) and ∇S (for ∇Q and ∇K) each quantized both
+    ways from one read, bitwise the gradients of the separate quantizer calls — with a
+    causal mask and grouped key/value heads, and with a float mask that wants its own
+    gradient and dropout."""
+    import lowbit.attention as A
+
+    def grads(pair: bool, calls: list[bool]) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(*shape, generator=g).requires_grad_()
+                   for shape in ((2, 4, 96, 32), (2, 2, 96, 32), (2, 2, 96, 32)))
+        mask = torch.randn(96, 96, generator=g).requires_grad_()
+        cfg = FQTConfig.from_recipe(recipe, seed=4)
+        monkeypatch.setattr(A, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
+        torch.manual_seed(5)  # dropout's mask
+        if variant == "causal-gqa":
+            out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=cfg)
+        else:
+            out = A.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                 attn_mask=mask, dropout_p=0.2, state=cfg)
+        out.square().sum().backward()
+        monkeypatch.undo()
+        return [t.grad for t in (q, k, v, mask) if t.grad is not None]
+
+    calls: list[bool] = []
+    fused, apart = grads(True, calls), grads(False, [])
+    assert calls == [True, True]  # ∇O's pair and ∇S's pair
+    assert len(fused) == len(apart) == (3 if variant == "causal-gqa" else 4)
+    for a, b in zip(fused, apart):
+        assert a.dtype == b.dtype and torch.equal(a, b)
