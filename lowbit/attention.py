@@ -292,7 +292,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     gq = gk = gv = gs = None
     scores = needs[0] or needs[1] or needs[3]
     # ∇O for ∇P (rows: query tokens) and for ∇V (rows: value features) from one read
-    go, go_t = _pair(g_out, gi, rows_gen[0], gw, cols_gen[0], be, needs[2] and scores, (b, lq, ev))
+    go, go_t = _pair(g_out, gi, rows_gen[0], gw, cols_gen[0], be, needs[2] and scores, w_first=True)
     if needs[2]:
         if go_t is None:
             go_t = grad_operand(g_out.mT, gw, cols_gen[0], be)
@@ -304,8 +304,10 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
         gs = _grad_scores(go, qv.mT, probs, g_dropped, keep, dropout_p, be, dt, reuse_probs)
         del probs, go
         # ∇S for ∇Q (rows: query tokens) and ∇Sᵀ for ∇K (rows: key tokens) from one read
-        gs_q, gs_k = _pair(gs, gi, rows_gen[1], gw, cols_gen[1], be, needs[0] and needs[1], (b, lq, s))
+        gs_q, gs_k = _pair(gs, gi, rows_gen[1], gw, cols_gen[1], be, needs[0] and needs[1])
         if gs_q is not None:
+            if not needs[3]:
+                gs = None  # the float ∇S goes: its two operands are int8 codes
             gq = batched_mm(gs_q, qk, be, dt, "∇Q") * scale
             del gs_q
             gk = batched_mm(gs_k, qq, be, dt, "∇K") * scale
@@ -323,17 +325,19 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
 
 def _pair(g: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
           spec_w: GradSpec | None, gen_w: torch.Generator | None, backend: Backend, wanted: bool,
-          shape: tuple[int, int, int]) -> tuple[Operand | None, Operand | None]:
+          w_first: bool = False) -> tuple[Operand | None, Operand | None]:
     """Both gradient operands of ``g`` (B, N, C) — its rows (B, N, C) and each entry's
     transpose (B, C, N) — quantized from one read (:func:`lowbit.gradpair.quantize_grad_pair`,
-    bitwise the two :func:`grad_operand` calls), where ``wanted`` and the specs allow it;
-    else ``(None, None)`` and nothing drawn."""
+    bitwise the two :func:`grad_operand` calls, drawing in the same order: ``w_first``
+    where the transpose's was drawn first), where ``wanted`` and the specs allow it; else
+    ``(None, None)`` and nothing drawn."""
     if not wanted:
         return None, None
-    pair = quantize_grad_pair(g, spec_a, gen_a, spec_w, gen_w, kernels_for(backend, g.device), batched=True)
+    pair = quantize_grad_pair(g, spec_a, gen_a, spec_w, gen_w, kernels_for(backend, g.device), batched=True,
+                              w_first=w_first)
     if pair is None:
         return None, None
-    bn, n, c = shape
+    bn, n, c = g.shape
     return Operand.of(pair[0], (bn, n, c), g.dtype), Operand.of(pair[1], (bn, c, n), g.dtype)
 
 

@@ -177,7 +177,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     ``w_shape`` → ∇X ``x_shape`` (N, C, H, W). ``qa``: ``Q_a(∇Y)`` already quantized
     (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
-    g = gy.float()
+    g = gy.float() if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qw.codes.numel() == 0:
         return g.new_zeros(x_shape, dtype=out_dtype)
     if spec is None:
@@ -322,7 +322,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     ``qa``: ``Q_w(∇Y)`` (C_out, N·H'·W') already quantized
     (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
-    g = gy.float()
+    g = gy.float() if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qx.codes.numel() == 0:
         return g.new_zeros(w_shape, dtype=out_dtype)
     if spec is None:
@@ -387,7 +387,10 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
         qa_x = qa_w = None
         if needs[0] and needs[1] and qx.codes.numel() and qw.codes.numel():
             # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
-            pair = quantize_grad_pair(gy.reshape(gy.shape[0], gy.shape[1], -1), cfg.grad_input,
+            # the separate calls quantize gy.float(): the same values for float32/bf16/fp16 gy
+            # (the quantizer reads them as float32), not for float64
+            g = gy.float() if gy.dtype == torch.float64 else gy
+            pair = quantize_grad_pair(g.reshape(g.shape[0], g.shape[1], -1), cfg.grad_input,
                                       gens.get(Path.GRAD_INPUT), cfg.grad_weight,
                                       gens.get(Path.GRAD_WEIGHT), kernels_for(be, gy.device))
             if pair is not None:

@@ -73,7 +73,7 @@ def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, r
 register_fused("quantize_pair", quantize_pair)
 register("quantize_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",), avx512.supports_pair)
 register_fused("quantize_batched_pair", quantize_batched_pair)
-register("quantize_batched_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",),
+register("quantize_batched_pair", Impl.NATIVE, avx512.run_quantize_batched_pair, ("cpu",),
          avx512.supports_batched_pair)
 register_fused("quantize_conv_pair", quantize_conv_pair)
 register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu",),
@@ -86,7 +86,8 @@ def _plain(spec: GradSpec | None) -> bool:
 
 def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
                        spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels,
-                       batched: bool = False) -> tuple[QuantizedOperand, QuantizedOperand] | None:
+                       batched: bool = False, w_first: bool = False
+                       ) -> tuple[QuantizedOperand, QuantizedOperand] | None:
     """``(Q_a(∇Y), Q_w(∇Yᵀ))`` of ``gy`` (N, out) from one kernel, bitwise what
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
     gen_w, k)`` give; ``None`` (nothing drawn) where that does not apply: a spec that is
@@ -99,12 +100,15 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     ``gy.transpose(0, 1).reshape(C_out, -1)``, without that copy. With ``batched``, ``gy``
     (B, N, out) is a batch of gradients (attention's, one entry per batch and head): the
     codes of (B·N, out) and of each entry's transpose (B·out, N), bitwise what
-    ``quantize_gradient`` gives on ``gy.reshape(-1, out)`` and ``gy.mT.reshape(-1, N)``."""
-    if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
-        return None
+    ``quantize_gradient`` gives on ``gy.reshape(-1, out)`` and ``gy.mT.reshape(-1, N)``.
+    The seeds are drawn as the two calls draw them: ``Q_a``'s first, or with ``w_first``
+    ``Q_w``'s (where the caller quantized that path first: it matters when both draw
+    from torch's global generator, ``gen_a = gen_w = None``)."""
     if gy.dim() != (3 if batched else gy.dim()) or gy.dim() not in (2, 3):
         raise ValueError("quantize_grad_pair: gy must be (N, out) or (N, C_out, L), or (B, N, out) with "
                          f"batched=True; got shape {tuple(gy.shape)}, batched={batched}")
+    if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
+        return None
     if gy.dim() == 2:
         op, rows_a, rows_w = "quantize_pair", gy.shape[0], gy.shape[1]
     elif batched:
@@ -112,16 +116,18 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     else:
         op, rows_a, rows_w = "quantize_conv_pair", gy.shape[0], gy.shape[1]
     # the transforms of non-mixing quantizers are identities: they see the row counts only
-    ops = []
-    for spec, gen, a in ((spec_a, gen_a, gy.new_empty(rows_a, 0)), (spec_w, gen_w, gy.new_empty(rows_w, 0))):
+    ops = {}
+    paths = (("a", spec_a, gen_a, rows_a), ("w", spec_w, gen_w, rows_w))
+    for key, spec, gen, rows in (paths[::-1] if w_first else paths):
+        a = gy.new_empty(rows, 0)
         q = get_quantizer(spec.quantizer)  # type: ignore[union-attr]
         with record_function("lowbit::transform"):
             t = q.transform(a, gen, k)  # draws what the quantizer's transform draws (nothing)
             t.kernels = k
         if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
             raise TypeError(f"quantizer {q.name!r} does not mix rows but has a {type(t).__name__} transform")
-        ops.append((q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t))  # type: ignore[union-attr]
-    (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops
+        ops[key] = (q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t)  # type: ignore[union-attr]
+    (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops["a"], ops["w"]
     with record_function("lowbit::quantize"):
         out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
                     spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]

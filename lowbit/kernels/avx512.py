@@ -34,8 +34,10 @@ It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL.
 read (:mod:`lowbit.gradpair`): the row codes (N, out) and the codes of ``∇Yᵀ`` written
 row-major (out, N), the layout lowbit's AMX GEMM reads directly for ``∇W``.
 :func:`quantize_batched_pair` does it for each entry of a batch (B, N, out) (attention's
-``∇O`` and ``∇S``; the noise indices run on across entries), in one C call that spreads
-whole entries over the threads. :func:`quantize_conv_pair` does the same for a convolution's ``∇Y`` (N, C_out, L): the
+``∇O`` and ``∇S``; the noise indices run on across entries), in the same two C calls with
+a batch dimension (the ranges: whole entries per thread where there are at least as
+many entries as threads, else each entry's rows split; the codes: (entry, 256-row
+block) tiles spread over the threads). :func:`quantize_conv_pair` does the same for a convolution's ``∇Y`` (N, C_out, L): the
 codes of (N, C_out·L) for ``∇X`` and of its channels (C_out, N·L) for ``∇W``, each
 (sample, channel) segment read once for both ranges and once for both codes, where the
 separate ``∇W`` quantizer first copied ``∇Y`` into channel-major order.
@@ -326,7 +328,24 @@ def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, r
            supports_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w),
            f"{fmt_a.name}/{fmt_w.name}, {g.dtype} shape {tuple(g.shape)} strides {tuple(g.stride())} "
            f"on {g.device}")
-    return run_quantize_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+    return run_quantize_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+
+
+def run_quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                              seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                              seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`quantize_batched_pair` without its checks (the dispatcher's kernel, after
+    :func:`supports_batched_pair`)."""
+    with record_function("lowbit::avx512_quantize_batched_pair"):
+        return _pair_result(_quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
+                                           rnd_w, seed_w, torch.get_num_threads()))
+
+
+def _pair_result(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(codes, step, codes, step) as the kernel table's eight tensors (no offsets or
+    block scales)."""
+    codes_a, step_a, codes_w, step_w = out
+    return codes_a, step_a, None, None, codes_w, step_w, None, None
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -344,14 +363,11 @@ def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
 def run_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                       seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """:func:`quantize_pair` (and :func:`quantize_batched_pair`, ``g`` 3-D) without its
-    checks (the dispatcher's kernel, after :func:`supports_pair` /
-    :func:`supports_batched_pair`)."""
+    """:func:`quantize_pair` without its checks (the dispatcher's kernel, after
+    :func:`supports_pair`)."""
     with record_function("lowbit::avx512_quantize_pair"):
-        codes_a, step_a, codes_w, step_w = _quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a,
-                                                          fmt_w, gran_w, rnd_w, seed_w,
-                                                          torch.get_num_threads())
-    return codes_a, step_a, None, None, codes_w, step_w, None, None
+        return _pair_result(_quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
+                                           rnd_w, seed_w, torch.get_num_threads()))
 
 
 def supports_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -408,29 +424,30 @@ def run_quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, 
                            seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_conv_pair` without its checks (the dispatcher's kernel, after
     :func:`supports_conv_pair`)."""
-    with record_function("lowbit::avx512_quantize_pair"):
-        codes_a, step_a, codes_w, step_w = _quantize_conv_pair(
-            _library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w,
-            torch.get_num_threads())
-    return codes_a, step_a, None, None, codes_w, step_w, None, None
+    with record_function("lowbit::avx512_quantize_conv_pair"):
+        return _pair_result(_quantize_conv_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
+                                                rnd_w, seed_w, torch.get_num_threads()))
 
 
 def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
     """Whether :func:`epilogue_nchw` takes this call: ``acc`` (N, *spatial, C) int32 or
-    float32, contiguous; ``a_scale`` float32 with N or one element, ``b_scale`` float32
-    with C or one, ``bias`` ``None`` or (C,) floating, all plain CPU tensors;
-    ``out_dtype`` float32."""
+    float32, contiguous; ``a_scale`` float32 (N or 1, 1, …, 1), ``b_scale`` float32
+    (1, …, 1, C or 1), ``bias`` ``None`` or (C,) floating (an ``nn.Parameter`` too), all
+    strided CPU tensors autograd does not record; ``out_dtype`` float32."""
     if not (acc.dim() >= 2 and acc.is_contiguous() and out_dtype == torch.float32
             and _readable(acc, (torch.int32, torch.float32))):
         return False
     n, c = acc.shape[0], acc.shape[-1]
+    ones = (1,) * (acc.dim() - 2)  # the reference broadcasts the scales by shape
     parts = (a_scale, b_scale) if bias is None else (a_scale, b_scale, bias)
-    return all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+               and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
                for t in parts) \
-        and a_scale.dtype == b_scale.dtype == torch.float32 and a_scale.numel() in (1, n) \
-        and b_scale.numel() in (1, c) and (bias is None or (bias.is_floating_point() and bias.shape == (c,))) \
-        and _enabled and available()
+        and a_scale.dtype == b_scale.dtype == torch.float32 \
+        and tuple(a_scale.shape) in ((n, *ones, 1), (1, *ones, 1)) \
+        and tuple(b_scale.shape) in ((1, *ones, c), (1, *ones, 1)) \
+        and (bias is None or (bias.is_floating_point() and bias.shape == (c,))) and _enabled and available()
 
 
 @torch.compiler.disable
@@ -670,5 +687,5 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "quantize",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_quantize",
-           "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
+           "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
            "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair"]

@@ -234,19 +234,41 @@ def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: 
             assert got.is_contiguous() and avx512._same(got, want), threads
 
 
+@needs_avx512
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_layers_use_the_epilogue_with_and_without_bias(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    """A converted ``nn.Conv2d``'s forward runs its epilogue on the kernel, its bias (an
+    ``nn.Parameter``) included."""
+    assert avx512.available()  # built and self-tested before the count
+    calls = []
+    real = avx512._epilogue_nchw
+    monkeypatch.setattr(avx512, "_epilogue_nchw", lambda *a: calls.append(a[4] is not None) or real(*a))
+    model = lowbit.convert(nn.Conv2d(8, 16, 3, padding=1, bias=bias), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+    model(torch.randn(4, 8, 12, 12))
+    assert calls == [bias]
+
+
 def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
-    """A non-contiguous accumulator, an int64 one, a bfloat16 output, float64 scales or a
-    scale of another length are refused (the compiled epilogue runs them)."""
+    """A non-contiguous accumulator, an int64 one, a bfloat16 output, float64 scales,
+    scales of another length or of another shape with the same length (the reference
+    broadcasts by shape: a (N,) scale would scale channels), or a bias autograd records
+    are refused (the compiled epilogue runs them)."""
     acc = torch.randint(-99, 99, (2, 4, 4, 8), dtype=torch.int32)
     sa, sb = torch.rand(2, 1, 1, 1), torch.rand(1, 1, 1, 8)
     refused = [(acc.transpose(1, 2), sa, sb, None, torch.float32), (acc.long(), sa, sb, None, torch.float32),
                (acc, sa, sb, None, torch.bfloat16), (acc, sa.double(), sb, None, torch.float32),
-               (acc, sa, sb[..., :3], None, torch.float32), (acc, sa, sb, torch.ones(3), torch.float32)]
+               (acc, sa, sb[..., :3], None, torch.float32), (acc, sa, sb, torch.ones(3), torch.float32),
+               (acc, sa.reshape(2), sb, None, torch.float32), (acc, sa.reshape(1, 1, 1, 2), sb, None, torch.float32),
+               (acc, sa, sb.reshape(8, 1, 1, 1), None, torch.float32),
+               (acc, sa, sb, torch.ones(8, requires_grad=True), torch.float32)]
     for args in refused:
         assert not avx512.supports_epilogue_nchw(*args)
         with pytest.raises(RuntimeError, match="does not take this call"):
             avx512.epilogue_nchw(*args)
     assert avx512.supports_epilogue_nchw(acc, sa, sb, None, torch.float32) == avx512.available()
+    with torch.no_grad():  # a layer's bias (an nn.Parameter) inside the block op: taken
+        bias = nn.Parameter(torch.ones(8))
+        assert avx512.supports_epilogue_nchw(acc, sa, sb, bias, torch.float32) == avx512.available()
 
 
 @needs_avx512

@@ -91,8 +91,8 @@ def test_pair_does_not_apply_to_an_empty_gradient() -> None:
                               kernels_for(Backend.AUTO, g.device)) is None
 
 
-def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool]
-                ) -> list[torch.Tensor]:
+def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool],
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     import lowbit.conv as conv
 
     torch.manual_seed(0)
@@ -100,22 +100,25 @@ def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls:
                           nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4), nn.ReLU(),
                           nn.Conv2d(16, 8, 1), nn.Flatten(1), nn.Unflatten(1, (8, 64)),
                           nn.Conv1d(8, 4, 3, padding=2))
-    lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
-    x = torch.randn(32, 3, 16, 16, requires_grad=True)  # ∇Y of the first conv: 32·16·256 elements
+    lowbit.convert(model.to(dtype), FQTConfig.from_recipe(recipe, seed=3))
+    x = torch.randn(32, 3, 16, 16, dtype=dtype, requires_grad=True)  # ∇Y of the first conv: 32·16·256 elements
     monkeypatch.setattr(conv, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
     model(x).float().square().mean().backward()
     monkeypatch.undo()
     return [x.grad, *(p.grad for p in model.parameters())]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-psq-8a", "fqt-psq-fp8"])
-def test_conv_pair_gives_bitwise_the_separate_gradients(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conv_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Conv2d (stride 1, stride 2 with groups, 1×1) and Conv1d: the convolution's pair of
     ∇Y quantizations (N, C_out·L) and (C_out, N·L) from one kernel, bitwise the
-    gradients of the two separate quantizer calls."""
+    gradients of the two separate quantizer calls — float32, bfloat16 and float64 models
+    (the separate calls quantize ``∇Y`` as float32)."""
     calls: list[bool] = []
-    fused = _conv_grads(recipe, True, monkeypatch, calls)
-    apart = _conv_grads(recipe, False, monkeypatch, [])
+    fused = _conv_grads(recipe, True, monkeypatch, calls, dtype)
+    apart = _conv_grads(recipe, False, monkeypatch, [], dtype)
     assert calls == [True] * 4  # every conv's backward took the one-kernel path
     for a, b in zip(fused, apart):
         assert a.dtype == b.dtype and torch.equal(a, b)
@@ -212,3 +215,29 @@ def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, varian
     assert len(fused) == len(apart) == (3 if variant == "causal-gqa" else 4)
     for a, b in zip(fused, apart):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_attention_pair_draws_in_the_separate_calls_order_from_the_global_generator() -> None:
+    """Without generators (``attention_backward`` with ``gens={}``: every path draws from
+    torch's global RNG) the pairs draw their seeds in the order the separate calls did
+    (∇Oᵀ before ∇O, ∇S before ∇Sᵀ), so the gradients are bitwise the same."""
+    import lowbit.attention as A
+    from lowbit.config import FQTConfig as Cfg
+
+    cfg = Cfg.from_recipe("fqt-psq-8", seed=0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 64, 16, generator=g) for _ in range(3))
+    runs = []
+    for pair in (True, False):
+        real = A.quantize_grad_pair
+        if not pair:
+            A.quantize_grad_pair = lambda *a, **kw: None
+        try:
+            torch.manual_seed(7)
+            o, probs, _, keep, quant = A.attention_forward(q, k, v, None, 0.25, 0.0, cfg, {})
+            runs.append(A.attention_backward(2 * o, None, quant, probs, keep, (6, 64, 64, 16, 16), 0.25,
+                                             0.0, cfg, {}, (True, True, True, False)))
+        finally:
+            A.quantize_grad_pair = real
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
