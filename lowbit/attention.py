@@ -57,7 +57,8 @@ from .gradpair import quantize_grad_pair
 from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
-from .ops import BlockState, flatten_operand, unflatten_operand, warn_if_not_adaptive
+from .ops import (BlockState, flatten_operand, refuse_quantized_double_backward, unflatten_operand,
+                  warn_if_not_adaptive)
 from .quantizers import QuantizedOperand
 
 # Per-head multiply-adds from which heads run one integer GEMM each (a loop of
@@ -438,6 +439,8 @@ class _Attention(torch.autograd.Function):
         state: BlockState = ctx.state
         warn_if_not_adaptive(state)
         cfg, dt = state.config, ctx.compute_dtype
+        if torch.is_grad_enabled():  # create_graph=True
+            refuse_quantized_double_backward(cfg)
         quant = tuple(unflatten_operand(codes[4 * i:4 * i + 4], blk) for i, blk in enumerate(ctx.blocks))
         if g_out is None:
             g_out = quant[0].codes.new_zeros(b, lq, ev, dtype=dt)

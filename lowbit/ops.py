@@ -290,12 +290,30 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
+def refuse_quantized_double_backward(cfg: FQTConfig) -> None:
+    """``RuntimeError`` for a double backward (``create_graph=True``) through a layer
+    (or attention) whose gradients ``cfg`` quantizes: its ∇X and ∇W are products of stochastically rounded
+    codes, which have no derivative, so a second-order term (a gradient penalty, a
+    Hessian-vector product) would silently get none, or one through the scales only.
+    QAT configs (float gradients) differentiate as usual; ``lowbit.analysis`` runs its
+    double backwards under them."""
+    if cfg.grad_input is not None or cfg.grad_weight is not None:
+        raise RuntimeError(
+            "lowbit: a double backward (create_graph=True) through an FQT layer is not defined: its "
+            "backward GEMMs multiply stochastically rounded gradient codes, which have no derivative, "
+            "so second-order terms (gradient penalties, Hessian-vector products) would be silently "
+            "missing. Run that computation under a QAT config (float gradients: "
+            "lowbit.FQTConfig.from_recipe('qat-8'), or lowbit.analysis's with_config(model, qat_of)) "
+            "or on a float copy of the model.")
+
+
 def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     m: BlockMeta = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
     if gy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 7
     if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
+        refuse_quantized_double_backward(_state(ctx.handle).config)
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
         gx, gw, gb = block_backward(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
@@ -315,4 +333,5 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 __all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
-           "block_forward", "flatten_operand", "register_kind", "unflatten_operand"]
+           "block_forward", "flatten_operand", "refuse_quantized_double_backward", "register_kind",
+           "unflatten_operand"]

@@ -582,12 +582,18 @@ def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
 
 def test_double_backward_through_attention() -> None:
     """``create_graph=True`` (a double backward: ``lowbit.analysis.jacobian_spectrum``)
-    runs every score-sized kernel out of place, with the same first-order gradients."""
+    under QAT runs every score-sized kernel out of place, with the same first-order
+    gradients; with quantized gradients it is refused with a clear error (their codes
+    have no derivative: a second-order term would silently be missing)."""
     grads = []
     for create_graph in (False, True):
         q, k, v = _qkv_heads()
         mask = torch.zeros(2, 1, 40, 40, requires_grad=True)
-        for recipe in ("qat-8", "fqt-psq-8"):
+        out = scaled_dot_product_attention(q, k, v, mask, state=FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        if create_graph:
+            with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\).*not defined"):
+                torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=True)
+        for recipe in ("qat-8", "qat-4"):
             cfg = FQTConfig.from_recipe(recipe, seed=0)
             out = scaled_dot_product_attention(q, k, v, mask, state=cfg)
             g = torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=create_graph)

@@ -263,3 +263,23 @@ def test_linear_shape_mismatch_raises_even_on_empty_input() -> None:
             m(x)
         assert str(err.value) == (f"fqt_linear: input of shape {tuple(x.shape)} does not fit a "
                                   "weight of shape (6, 8): its last dimension must be 8")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_double_backward_is_refused_with_quantized_gradients(kind: str, backend: str) -> None:
+    """``create_graph=True`` (a gradient penalty): with quantized gradients the first
+    backward's GEMMs multiply stochastically rounded codes, which have no derivative, so
+    the penalty's gradient would silently be missing (the int8 path) or flow through the
+    scales only (the reference path): a clear error on every backend instead. Under QAT
+    (float gradients) the second order flows, as for the float module."""
+    for recipe in ("fqt-psq-8", "qat-8"):
+        layer, x = make(kind, backend, recipe)
+        y = layer(x).square().sum()
+        if recipe.startswith("fqt"):
+            with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\).*not defined"):
+                torch.autograd.grad(y, x, create_graph=True)
+            continue
+        (g,) = torch.autograd.grad(y, x, create_graph=True)
+        g.square().sum().backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
