@@ -28,6 +28,18 @@ def _counted(calls: list[bool]):  # noqa: ANN202
     return counted
 
 
+def _assert_same_operands(got_pair, want_pair) -> None:  # noqa: ANN001
+    """Each pair operand bitwise its separate call's: codes (shape and bytes), scale,
+    offset and block scale."""
+    for got, want in zip(got_pair, want_pair, strict=True):
+        assert got.codes.shape == want.codes.shape
+        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
+        for name in ("offset", "block_scale"):
+            u, v = getattr(got, name), getattr(want, name)
+            assert (u is None and v is None) or torch.equal(u, v)
+
+
 def _grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.MonkeyPatch,
            calls: list[int]) -> list[torch.Tensor]:
     torch.manual_seed(0)
@@ -62,12 +74,7 @@ def test_pair_operands_equal_quantize_gradient_on_each_path(fmt: str) -> None:
     assert pair is not None
     want_a = quantize_gradient(g, spec_a, torch.Generator().manual_seed(1), k)
     want_w = quantize_gradient(g.t(), spec_w, torch.Generator().manual_seed(2), k)
-    for got, want in zip(pair, (want_a, want_w)):
-        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
-        assert torch.equal(got.scale, want.scale)
-        for name in ("offset", "block_scale"):
-            u, v = getattr(got, name), getattr(want, name)
-            assert (u is None and v is None) or torch.equal(u, v)
+    _assert_same_operands(pair, (want_a, want_w))
 
 
 @pytest.mark.parametrize("why, spec_a, spec_w, backend", [
@@ -141,12 +148,7 @@ def test_conv_pair_operands_equal_quantize_gradient_on_each_path(fmt: str, layou
     assert pair is not None
     want_a = quantize_gradient(g.reshape(16, -1), spec_a, torch.Generator().manual_seed(1), k)
     want_w = quantize_gradient(g.transpose(0, 1).reshape(24, -1), spec_w, torch.Generator().manual_seed(2), k)
-    for got, want in zip(pair, (want_a, want_w)):
-        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
-        assert torch.equal(got.scale, want.scale)
-        for name in ("offset", "block_scale"):
-            u, v = getattr(got, name), getattr(want, name)
-            assert (u is None and v is None) or torch.equal(u, v)
+    _assert_same_operands(pair, (want_a, want_w))
 
 
 def test_pair_refuses_other_shapes() -> None:
@@ -171,13 +173,7 @@ def test_batched_pair_operands_equal_quantize_gradient_on_each_path(fmt: str, la
     assert pair is not None
     want_a = quantize_gradient(g.reshape(-1, 96), spec_a, torch.Generator().manual_seed(1), k)
     want_w = quantize_gradient(g.mT.reshape(-1, 70), spec_w, torch.Generator().manual_seed(2), k)
-    for got, want in zip(pair, (want_a, want_w)):
-        assert got.codes.shape == want.codes.shape
-        assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
-        assert torch.equal(got.scale, want.scale)
-        for name in ("offset", "block_scale"):
-            u, v = getattr(got, name), getattr(want, name)
-            assert (u is None and v is None) or torch.equal(u, v)
+    _assert_same_operands(pair, (want_a, want_w))
     with pytest.raises(ValueError, match="batched=True"):
         quantize_grad_pair(g[0], spec_a, None, spec_w, None, k, batched=True)
 
