@@ -18,6 +18,9 @@ Toggles (each is "on" as lowbit ships it):
                off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
   avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
                lowbit's AVX-512 kernel; off: the compiled epilogue (the same values)
+  avx512-place  a convolution's int8 codes placed channels-last (u8 + 128 for oneDNN, padded
+               for ∇W, zero-inserted for ∇X) on lowbit's AVX-512 kernel; off: torch's
+               strided copies, and oneDNN's own reorder of NCHW codes (the same values)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -111,22 +114,27 @@ def _avx512() -> Callable[[bool], None]:
     return avx512.set_enabled
 
 
-def _avx512_epilogue() -> Callable[[bool], None]:
-    from lowbit.kernels import Impl, avx512, register
+def _avx512_op(op: str, run: str, supports: str) -> Callable[[], Callable[[bool], None]]:
+    """A toggle of one AVX-512 kernel-table row: off, the dispatcher skips it."""
+    def make() -> Callable[[bool], None]:
+        from lowbit.kernels import Impl, avx512, register
 
-    _avx512()  # refuses where the kernel is not in use
-    flag = {"on": True}
-    register("int8_epilogue_nchw", Impl.NATIVE, avx512.run_epilogue_nchw, ("cpu",),
-             lambda *a: flag["on"] and avx512.supports_epilogue_nchw(*a))
+        _avx512()  # refuses where the kernel is not in use
+        flag = {"on": True}
+        check = getattr(avx512, supports)
+        register(op, Impl.NATIVE, getattr(avx512, run), ("cpu",), lambda *a: flag["on"] and check(*a))
 
-    def switch(on: bool) -> None:
-        flag["on"] = on
-    return switch
+        def switch(on: bool) -> None:
+            flag["on"] = on
+        return switch
+    return make
 
 
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
-    "avx512": _avx512, "avx512-epilogue": _avx512_epilogue}
+    "avx512": _avx512,
+    "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
+    "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc")}
 
 
 def main(argv: list[str] | None = None) -> int:

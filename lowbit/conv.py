@@ -64,7 +64,7 @@ from .functional import (Generators, block_state, check_dtypes, output_dtype, qu
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
-                             nhwc, patches, place)
+                             patches)
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedOperand
@@ -116,6 +116,14 @@ def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int
     return k.backend in (Backend.AUTO, Backend.INT8) and qconv.available(codes, w_shape, groups)
 
 
+def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Row-major int8 codes of a (N, C, H, W) tensor as the uint8 ``code + 128``
+    channels-last (N, C, H, W) tensor oneDNN's convolution reads without a copy
+    (the ``int8_place_nhwc`` kernel: one transposing pass)."""
+    n, c, h, w = shape
+    return k.run("int8_place_nhwc", codes, shape, (h, w), (0, 0), (1, 1), True).permute(0, 3, 1, 2)
+
+
 def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator (any memory
@@ -146,10 +154,10 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     k = kernels_for(backend, qx.codes.device)
     if _onednn(k, qx.codes, w_shape, groups):  # oneDNN's int8 convolution, exact sums
         with record_function("lowbit::gemm"):
-            acc = qconv.conv_acc(qx.codes.view(x_shape), qw.codes.view(w_shape), stride, padding,
-                                 dilation, groups)
+            acc = qconv.conv_acc(_unsigned_nhwc(k, qx.codes, x_shape), qw.codes.view(w_shape), stride,
+                                 padding, dilation, groups)
         return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype)
-    x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
     wl = _weight_rows(qw, w_shape)
@@ -222,7 +230,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
     exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``. At stride 1 oneDNN pads
     ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first placed ``s`` apart in a
-    zero (N, H + d(kH − 1), W + d(kW − 1), C_out) tensor (:func:`place`: the transposed
+    zero (N, H + d(kH − 1), W + d(kW − 1), C_out) tensor (:func:`~lowbit.kernels.im2col.place`: the transposed
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer
@@ -239,10 +247,12 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
     with record_function("lowbit::grad_input"):
-        src = qa.codes.view(g_shape)
-        if list(stride) != [1, 1]:
-            src = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]), pad, stride).permute(0, 3, 1, 2)
+        if list(stride) != [1, 1]:  # zero codes (u8 128) inserted, oneDNN pads nothing
+            src = k.run("int8_place_nhwc", qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
+                        True).permute(0, 3, 1, 2)
             pad = [0, 0]
+        else:
+            src = _unsigned_nhwc(k, qa.codes, g_shape)
         with record_function("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
         gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32)
@@ -260,7 +270,7 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    gz = place(nhwc(qa.codes, g_shape), (h + ext[0], w + ext[1]),
+    gz = k.run("int8_place_nhwc", qa.codes, g_shape, (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
@@ -344,8 +354,8 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
                          "(activation.granularity='row') lies on the summed dimension of ∇W")
     _, _, h, w = x_shape
     co, cg, kh, kw = w_shape
-    x = place(nhwc(qx.codes, x_shape), (h + 2 * padding[0], w + 2 * padding[1]), padding)
     k = kernels_for(backend, g.device)
+    x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
     gw = None
     if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
         with record_function("lowbit::grad_weight"):

@@ -46,14 +46,21 @@ separate ``∇W`` quantizer first copied ``∇Y`` into channel-major order.
 (N, H', W', C) (or an ``_int_mm`` one) scaled to the layer's NCHW output, ``(float(acc)·s_a)·s_b
 (+ bias)`` per element as the reference computes it, written transposed in 16 × 16
 tiles (float32 output; the compiled epilogue runs the rest).
+
+:func:`place_nhwc` places a convolution's row-major int8 codes (N, C·H·W) channels-last
+(padded, zero-inserted, or as the uint8 ``code + 128`` oneDNN's convolution reads),
+16 channels × 16 positions transposed in registers, where torch's strided copy moves one
+byte at a time: the bytes of :func:`lowbit.kernels.im2col.place_codes`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -80,6 +87,7 @@ _SIGNATURES = {
     "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                                  _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
+    "lowbit_place_nhwc": [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I, _I],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
@@ -485,6 +493,56 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
         return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
+def supports_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int],
+                        offset: Sequence[int], stride: Sequence[int] = (1, 1),
+                        unsigned: bool = False) -> bool:
+    """Whether :func:`place_nhwc` takes this call: ``codes`` a contiguous int8 (N, C·H·W)
+    CPU tensor outside any tracing, ``shape`` (N, C, H, W) of it, and every code landing
+    inside ``size`` (``offset ≥ 0``, ``offset + (H − 1)·stride < size``; cropping runs
+    the reference)."""
+    if not (len(shape) == 4 and codes.dim() == 2 and codes.is_contiguous()
+            and _readable(codes, (torch.int8,)) and tuple(codes.shape) == (shape[0], math.prod(shape[1:]))):
+        return False
+    return all(offset[i] >= 0 and stride[i] >= 1 and offset[i] + (shape[2 + i] - 1) * stride[i] < size[i]
+               for i in range(2)) and _enabled and available()
+
+
+@torch.compiler.disable
+def _place_nhwc(lib: ctypes.CDLL, codes: torch.Tensor, shape: Sequence[int], size: Sequence[int],
+                offset: Sequence[int], stride: Sequence[int], unsigned: bool, threads: int) -> torch.Tensor:
+    n, c, h, w = shape
+    covered = (h, w) == tuple(size) and tuple(stride) == (1, 1)  # no entry left to fill
+    dtype = torch.uint8 if unsigned else torch.int8
+    out = torch.empty(n, size[0], size[1], c, dtype=dtype, device="cpu") if covered else \
+        torch.full((n, size[0], size[1], c), 128 if unsigned else 0, dtype=dtype, device="cpu")
+    start = out.data_ptr() + (offset[0] * size[1] + offset[1]) * c
+    lib.lowbit_place_nhwc(codes.data_ptr(), n, c, h, w, start, size[0] * size[1] * c,
+                          stride[0] * size[1] * c, stride[1] * c, 0x80 if unsigned else 0, threads)
+    return out
+
+
+def place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int], offset: Sequence[int],
+               stride: Sequence[int] = (1, 1), unsigned: bool = False) -> torch.Tensor:
+    """:func:`lowbit.kernels.im2col.place_codes` on the kernel: int8 codes (N, C·H·W) →
+    a new contiguous (N, size[0], size[1], C) int8 (``unsigned``: uint8 ``code + 128``)
+    tensor, the same bytes, transposed in 16 × 16 tiles in registers where torch's strided
+    copy moves one byte at a time. ``RuntimeError`` where :func:`supports_place_nhwc` is
+    false."""
+    _check("place_nhwc", supports_place_nhwc(codes, shape, size, offset, stride, unsigned),
+           f"{codes.dtype} {tuple(codes.shape)} of {tuple(shape)} into {tuple(size)} at "
+           f"{tuple(offset)}, stride {tuple(stride)}")
+    return run_place_nhwc(codes, shape, size, offset, stride, unsigned)
+
+
+def run_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int], offset: Sequence[int],
+                   stride: Sequence[int] = (1, 1), unsigned: bool = False) -> torch.Tensor:
+    """:func:`place_nhwc` without its checks (the dispatcher's kernel, after
+    :func:`supports_place_nhwc`)."""
+    with record_function("lowbit::avx512_place_nhwc"):
+        return _place_nhwc(_library(), codes, shape, size, offset, stride, unsigned,
+                           torch.get_num_threads())
+
+
 def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                  group: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
                  seed: torch.Tensor) -> bool:
@@ -581,7 +639,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
     return _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) and _epilogue_self_test(lib) \
-        and _bhq_self_test(lib, x)
+        and _bhq_self_test(lib, x) and _place_self_test(lib)
 
 
 def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
@@ -676,6 +734,28 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     return True
 
 
+def _place_self_test(lib: ctypes.CDLL) -> bool:
+    """The channels-last placement against the reference: channel counts below, at and
+    past a 16-lane tile, position tails, padding, zero insertion (stride 2), int8 and
+    uint8 + 128, with one thread and with two."""
+    from .im2col import place_codes as ref
+
+    g = torch.Generator().manual_seed(3)
+    for shape, size, offset, stride in (((2, 1, 5, 7), (5, 7), (0, 0), (1, 1)),
+                                        ((3, 16, 4, 4), (6, 6), (1, 1), (1, 1)),
+                                        ((2, 19, 3, 11), (5, 13), (1, 1), (1, 1)),
+                                        ((2, 40, 7, 5), (15, 11), (2, 1), (2, 2))):
+        codes = torch.randint(-128, 128, (shape[0], math.prod(shape[1:])), generator=g,
+                              dtype=torch.int8, device="cpu")
+        for unsigned in (False, True):
+            want = ref(codes, shape, size, offset, stride, unsigned)
+            for threads in (1, 2):
+                got = _place_nhwc(lib, codes, shape, size, offset, stride, unsigned, threads)
+                if not (got.dtype == want.dtype and torch.equal(got, want)):
+                    return False
+    return True
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes, dtypes and values, NaN where the other has NaN (the steps of a NaN
     group); ±Inf only equal to itself."""
@@ -685,7 +765,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(nan, torch.isnan(b))) and bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
-__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "quantize",
-           "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_quantize",
+__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+           "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
-           "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair"]
+           "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair", "supports_place_nhwc"]

@@ -68,6 +68,27 @@ def place(x: torch.Tensor, size: Sequence[int], offset: Sequence[int],
     return out
 
 
+def place_codes(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int],
+                offset: Sequence[int], stride: Sequence[int] = (1, 1),
+                unsigned: bool = False) -> torch.Tensor:
+    """:func:`place` of row-major int8 codes (N, C·H·W) of a (N, C, H, W) tensor: a new
+    channels-last (N, size[0], size[1], C) int8 tensor (zero where the codes do not land),
+    contiguous; ``unsigned``: every entry as uint8 ``code + 128`` (the zeros become 128), the
+    operand of oneDNN's u8 convolution (:mod:`.qconv`) — where nothing is padded or
+    inserted, in the codes' own NCHW memory order (oneDNN then copies it channels-last).
+    The reference of the ``int8_place_nhwc`` kernel
+    (:func:`lowbit.kernels.avx512.place_nhwc`: the same values, always contiguous)."""
+    x = nhwc(codes, shape)
+    if unsigned and tuple(size) == tuple(shape[2:]) and tuple(offset) == (0, 0) and tuple(stride) == (1, 1):
+        return x.view(torch.uint8) ^ 128  # one elementwise pass, no transposing copy
+    out = place(x, size, offset, stride)
+    return out.view(torch.uint8) ^ 128 if unsigned else out
+
+
+register("int8_place_nhwc", Impl.REFERENCE, place_codes)
+register("int8_place_nhwc", Impl.NATIVE, avx512.run_place_nhwc, ("cpu",), avx512.supports_place_nhwc)
+
+
 def patches(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
             dilation: Sequence[int]) -> torch.Tensor:
     """The (N, H', W', kH, kW, C) view of the (already padded) contiguous channels-last
@@ -235,4 +256,4 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
 
 
 __all__ = ["channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
-           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place"]
+           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place", "place_codes"]

@@ -447,3 +447,63 @@ void lowbit_epilogue_nchw(const void *acc, int acc_int, int64_t n, int64_t p, in
         }
     }
 }
+
+/* ---- int8 codes NCHW -> channels-last, placed --------------------------------------------
+ * dst[n, h, w, c] (bytes at dst + n*dn + h*dh + w*dw + c) = src[n, c, h, w] XOR flip, src
+ * the contiguous (N, C, H, W) int8 codes: lowbit.kernels.im2col.place_codes without the
+ * zeroing (the caller fills what the source does not cover). 16 positions x 16 channels
+ * per tile: 16 loads of 16 bytes, a register transpose (4 rounds of unpacks), 16 stores.
+ * flip = 0x80 writes code + 128 as uint8 (what oneDNN's u8 convolution reads). */
+static inline void transpose16x16_u8(__m128i r[16]) {
+    __m128i b[16], c[16], d[16];
+    for (int k = 0; k < 8; k++) {
+        b[2 * k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
+        b[2 * k + 1] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) {
+        c[k] = _mm_unpacklo_epi16(b[k], b[k + 2]);
+        c[k + 1] = _mm_unpackhi_epi16(b[k], b[k + 2]);
+        c[k + 2] = _mm_unpacklo_epi16(b[k + 1], b[k + 3]);
+        c[k + 3] = _mm_unpackhi_epi16(b[k + 1], b[k + 3]);
+    }
+    for (int k = 0; k < 16; k += 8) {
+        for (int m = 0; m < 4; m++) {
+            d[k + 2 * m] = _mm_unpacklo_epi32(c[k + m], c[k + m + 4]);
+            d[k + 2 * m + 1] = _mm_unpackhi_epi32(c[k + m], c[k + m + 4]);
+        }
+    }
+    for (int m = 0; m < 8; m++) {
+        r[2 * m] = _mm_unpacklo_epi64(d[m], d[m + 8]);
+        r[2 * m + 1] = _mm_unpackhi_epi64(d[m], d[m + 8]);
+    }
+}
+
+void lowbit_place_nhwc(const uint8_t *src, int64_t n, int64_t c, int64_t h, int64_t w, uint8_t *dst,
+                       int64_t dn, int64_t dh, int64_t dw, int flip, int threads) {
+    const int64_t p = h * w;
+    const __m128i vx = _mm_set1_epi8((char)flip);
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t p0 = 0; p0 < p; p0 += 16) {
+            const int64_t np = p - p0 < 16 ? p - p0 : 16;
+            const __mmask16 kp = tail_mask(np);
+            uint8_t *rows[16];
+            int64_t hh = p0 / w, ww = p0 % w;  /* one division per tile, then steps */
+            for (int64_t j = 0; j < np; j++) {
+                rows[j] = dst + i * dn + hh * dh + ww * dw;
+                if (++ww == w) { ww = 0; hh++; }
+            }
+            for (int64_t c0 = 0; c0 < c; c0 += 16) {
+                const int64_t nc = c - c0 < 16 ? c - c0 : 16;
+                const __mmask16 kc = tail_mask(nc);
+                __m128i r[16];
+                for (int64_t k = 0; k < 16; k++)
+                    r[k] = k < nc ? _mm_xor_si128(_mm_maskz_loadu_epi8(kp, src + (i * c + c0 + k) * p + p0), vx)
+                                  : _mm_setzero_si128();
+                transpose16x16_u8(r);
+                for (int64_t j = 0; j < np; j++)
+                    _mm_mask_storeu_epi8(rows[j] + c0, kc, r[j]);
+            }
+        }
+    }
+}

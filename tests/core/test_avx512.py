@@ -271,6 +271,66 @@ def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
         assert avx512.supports_epilogue_nchw(acc, sa, sb, bias, torch.float32) == avx512.available()
 
 
+PLACEMENTS = [  # (N, C, H, W), size, offset, stride: no padding, padding, zero insertion
+    ((1, 1, 1, 1), (1, 1), (0, 0), (1, 1)), ((2, 3, 5, 7), (7, 9), (1, 1), (1, 1)),
+    ((4, 16, 28, 28), (28, 28), (0, 0), (1, 1)), ((4, 16, 28, 28), (30, 30), (1, 1), (1, 1)),
+    ((3, 70, 7, 7), (9, 11), (0, 2), (1, 1)), ((2, 17, 1, 33), (3, 35), (1, 1), (1, 1)),
+    ((2, 32, 7, 7), (15, 15), (1, 1), (2, 2)), ((2, 5, 4, 6), (12, 9), (2, 0), (3, 1))]
+
+
+@needs_avx512
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("case", PLACEMENTS, ids=str)
+def test_place_nhwc_bitwise_the_reference(case: tuple, unsigned: bool) -> None:
+    """Row-major int8 codes (N, C·H·W) placed channels-last into a (N, H₂, W₂, C) tensor
+    at an offset and a stride: the same bytes as :func:`im2col.place_codes` (int8, or
+    uint8 ``code + 128`` with the uncovered entries 128), every code value −128…127,
+    channel and position tails of the 16 × 16 tiles, 1–3 threads."""
+    shape, size, offset, stride = case
+    g = torch.Generator().manual_seed(shape[1])
+    codes = torch.randint(-128, 128, (shape[0], shape[1] * shape[2] * shape[3]), generator=g,
+                          dtype=torch.int8)
+    want = im2col.place_codes(codes, shape, size, offset, stride, unsigned)
+    assert want.shape == (shape[0], *size, shape[1]) and want.dtype == (torch.uint8 if unsigned else torch.int8)
+    assert avx512.supports_place_nhwc(codes, shape, size, offset, stride, unsigned)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            got = avx512.place_nhwc(codes, shape, size, offset, stride, unsigned)
+        assert got.dtype == want.dtype and got.is_contiguous() and torch.equal(got, want), threads
+
+
+def test_place_nhwc_refuses_what_it_cannot_write() -> None:
+    """Cropping (a negative offset, or codes past the end), non-contiguous or non-int8
+    codes and a shape that is not the codes' are refused (the reference places them)."""
+    codes = torch.randint(-128, 128, (2, 3 * 4 * 5), dtype=torch.int8)
+    shape = (2, 3, 4, 5)
+    refused = [(codes, shape, (4, 5), (-1, 0)), (codes, shape, (4, 5), (0, 1)),
+               (codes, shape, (6, 5), (0, 0), (2, 1)), (codes[:, ::2], (2, 3, 2, 5), (2, 5), (0, 0)),
+               (codes.short(), shape, (4, 5), (0, 0)), (codes, (2, 3, 5, 4, 1), (4, 5), (0, 0)),
+               (codes, (1, 3, 4, 5), (4, 5), (0, 0))]
+    for args in refused:
+        assert not avx512.supports_place_nhwc(*args)
+        with pytest.raises(RuntimeError, match="does not take this call"):
+            avx512.place_nhwc(*args)
+    assert avx512.supports_place_nhwc(codes, shape, (6, 7), (1, 1)) == avx512.available()
+
+
+@needs_avx512
+def test_conv_layers_place_their_codes_on_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted ``nn.Conv2d`` step places its codes channels-last on the kernel: X's
+    codes as u8 for oneDNN's forward convolution and padded for ∇W, ∇Y's as u8 for ∇X
+    (zero-inserted at stride 2)."""
+    assert avx512.available()
+    calls = []
+    real = avx512._place_nhwc
+    monkeypatch.setattr(avx512, "_place_nhwc", lambda *a: calls.append((a[6], tuple(a[5]))) or real(*a))
+    for stride in (1, 2):
+        calls.clear()
+        model = lowbit.convert(nn.Conv2d(8, 16, 3, stride=stride, padding=1), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+        model(torch.randn(4, 8, 12, 12, requires_grad=True)).sum().backward()
+        assert sorted(calls) == [(False, (1, 1)), (True, (1, 1)), (True, (stride, stride))], (stride, calls)
+
+
 @needs_avx512
 def test_conv_pair_strided_and_nonfinite_operands() -> None:
     """Sample and channel strides other than the contiguous ones (a slice of a larger
