@@ -104,6 +104,20 @@ def patches(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
 
 
+def as_words(*ts: torch.Tensor) -> list[torch.Tensor] | None:
+    """One-byte tensors of the same shape, each with a contiguous last dimension, viewed in
+    the widest word (8, 4 or 2 bytes) that divides that dimension and every tensor's
+    other strides and storage offset: the same bytes in up to 8× fewer elements (torch
+    copies a strided int8 tensor one byte at a time). ``None`` where no word does."""
+    if any(t.element_size() != 1 or t.stride(-1) != 1 for t in ts):
+        return None
+    for size, word in _WORDS:
+        if ts[0].shape[-1] % size == 0 and all(
+                t.storage_offset() % size == 0 and all(s % size == 0 for s in t.stride()[:-1]) for t in ts):
+            return [t.view(word) for t in ts]
+    return None
+
+
 def im2col(p: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     """Group ``group`` of the patches ``p`` (N, H', W', kH, kW, C) as the contiguous
     (N·H'·W', kH·kW·C/groups) operand, column order (i, j, c). One-byte codes are copied
@@ -114,12 +128,9 @@ def im2col(p: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     n, ho, wo, kh, kw, c = p.shape
     cg = c // groups
     sel = p[..., group * cg:(group + 1) * cg]
-    if sel.element_size() == 1 and sel.stride(-1) == 1:
-        for size, word in _WORDS:
-            if cg % size == 0 and sel.storage_offset() % size == 0 \
-                    and all(s % size == 0 for s in sel.stride()[:-1]):
-                cols = sel.view(word).contiguous().view(n * ho * wo, kh * kw * cg // size)
-                return cols.view(sel.dtype)
+    words = as_words(sel)
+    if words is not None:
+        return words[0].contiguous().view(n * ho * wo, -1).view(sel.dtype)
     # contiguous() then view, never reshape: reshape returns a view where it can, and for
     # one sample's one output row that view's rows overlap (fault kind 24)
     return sel.contiguous().view(n * ho * wo, kh * kw * cg)
@@ -196,8 +207,10 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     step = dilation[0] * wo  # rows between kernel rows i and i + 1
     x3 = x.new_empty(length + (kh - 1) * step, kw * c)
     sn, sh, sw, sc = x.stride()
-    x3[:length].view(n, hp, wo, kw, c).copy_(
-        x.as_strided((n, hp, wo, kw, c), (sn, sh, sw, sw * dilation[1], sc)))
+    dst, src = x3[:length].view(n, hp, wo, kw, c), x.as_strided((n, hp, wo, kw, c), (sn, sh, sw, sw * dilation[1], sc))
+    words = as_words(dst, src)  # C-byte runs copied as words (im2col's rule)
+    (dst, src) = words if words is not None else (dst, src)
+    dst.copy_(src)
     x3[length:].zero_()  # the rows past the end that the last kernel rows' shifts read
     r = a.codes.shape[0]
     ap = a.codes.new_empty(r, n, hp, wo)
@@ -255,5 +268,5 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
     return y.reshape(n, *spatial, c).movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
-__all__ = ["channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
+__all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
            "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place", "place_codes"]
