@@ -118,8 +118,9 @@ def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int
 
 def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Row-major int8 codes of a (N, C, H, W) tensor as the uint8 ``code + 128``
-    channels-last (N, C, H, W) tensor oneDNN's convolution reads without a copy
-    (the ``int8_place_nhwc`` kernel: one transposing pass)."""
+    (N, C, H, W) operand of oneDNN's convolution: channels-last memory, which oneDNN reads
+    without a copy, where the AVX-512 ``int8_place_nhwc`` kernel writes it (one transposing
+    pass); from the reference kernel, NCHW memory, which oneDNN copies."""
     n, c, h, w = shape
     return k.run("int8_place_nhwc", codes, shape, (h, w), (0, 0), (1, 1), True).permute(0, 3, 1, 2)
 
@@ -228,9 +229,10 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
                        stride: Sequence[int], dilation: Sequence[int], groups: int,
                        backend: Backend) -> torch.Tensor | None:
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
-    exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``. At stride 1 oneDNN pads
-    ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first placed ``s`` apart in a
-    zero (N, H + d(kH − 1), W + d(kW − 1), C_out) tensor (:func:`~lowbit.kernels.im2col.place`: the transposed
+    exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``.
+    At stride 1 oneDNN pads ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first
+    placed ``s`` apart in a zero-code (N, H + d(kH − 1), W + d(kW − 1), C_out) uint8
+    tensor (the ``int8_place_nhwc`` kernel, a zero code as 128: the transposed
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer

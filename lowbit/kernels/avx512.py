@@ -497,10 +497,10 @@ def supports_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequenc
                         offset: Sequence[int], stride: Sequence[int] = (1, 1),
                         unsigned: bool = False) -> bool:
     """Whether :func:`place_nhwc` takes this call: ``codes`` a contiguous int8 (N, C·H·W)
-    CPU tensor outside any tracing, ``shape`` (N, C, H, W) of it, and every code landing
+    CPU tensor outside any tracing, ``shape`` (N, C, H, W) of it (every entry ≥ 1), and every code landing
     inside ``size`` (``offset ≥ 0``, ``offset + (H − 1)·stride < size``; cropping runs
     the reference)."""
-    if not (len(shape) == 4 and codes.dim() == 2 and codes.is_contiguous()
+    if not (len(shape) == 4 and min(shape) >= 1 and codes.dim() == 2 and codes.is_contiguous()
             and _readable(codes, (torch.int8,)) and tuple(codes.shape) == (shape[0], math.prod(shape[1:]))):
         return False
     return all(offset[i] >= 0 and stride[i] >= 1 and offset[i] + (shape[2 + i] - 1) * stride[i] < size[i]

@@ -130,7 +130,7 @@ def im2col(p: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     sel = p[..., group * cg:(group + 1) * cg]
     words = as_words(sel)
     if words is not None:
-        return words[0].contiguous().view(n * ho * wo, -1).view(sel.dtype)
+        return words[0].contiguous().view(n * ho * wo, kh * kw * words[0].shape[-1]).view(sel.dtype)
     # contiguous() then view, never reshape: reshape returns a view where it can, and for
     # one sample's one output row that view's rows overlap (fault kind 24)
     return sel.contiguous().view(n * ho * wo, kh * kw * cg)

@@ -35,9 +35,9 @@ def _op_exists() -> bool:
 def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int],
              padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
     """``conv2d(x̂, ŵ)`` of int8 codes as float32 ``float(acc)``, exact: ``x_codes``
-    (N, C, H, W) int8, or uint8 already holding ``code + 128`` (channels-last memory is
-    what oneDNN reads without a copy: :func:`lowbit.kernels.im2col.place_codes` writes it;
-    other layouts are copied), ``w_codes`` (C_out, C/groups, kH, kW) int8, codes in
+    (N, C, H, W) int8, or uint8 taken to hold ``code + 128`` (channels-last memory is
+    what oneDNN reads without a copy — the ``int8_place_nhwc`` kernel writes it, see
+    ``lowbit.conv``; other layouts are copied), ``w_codes`` (C_out, C/groups, kH, kW) int8, codes in
     [−127, 127] (or −128) → (N, C_out, H', W') float32, channels-last memory."""
     co = w_codes.shape[0]
     ones, zero = torch.ones(co), torch.zeros(co, dtype=torch.int64)

@@ -301,13 +301,16 @@ def test_place_nhwc_bitwise_the_reference(case: tuple, unsigned: bool) -> None:
 
 def test_place_nhwc_refuses_what_it_cannot_write() -> None:
     """Cropping (a negative offset, or codes past the end), non-contiguous or non-int8
-    codes and a shape that is not the codes' are refused (the reference places them)."""
+    codes and a shape that is not the codes' (negative extents whose product matches
+    included: the C loop would run past its buffer) are refused (the reference places or
+    rejects them)."""
     codes = torch.randint(-128, 128, (2, 3 * 4 * 5), dtype=torch.int8)
     shape = (2, 3, 4, 5)
     refused = [(codes, shape, (4, 5), (-1, 0)), (codes, shape, (4, 5), (0, 1)),
                (codes, shape, (6, 5), (0, 0), (2, 1)), (codes[:, ::2], (2, 3, 2, 5), (2, 5), (0, 0)),
                (codes.short(), shape, (4, 5), (0, 0)), (codes, (2, 3, 5, 4, 1), (4, 5), (0, 0)),
-               (codes, (1, 3, 4, 5), (4, 5), (0, 0))]
+               (codes, (1, 3, 4, 5), (4, 5), (0, 0)),
+               (codes, (2, 3, -4, -5), (1, 1), (0, 0))]  # negative extents: (−4)·(−5) = 20
     for args in refused:
         assert not avx512.supports_place_nhwc(*args)
         with pytest.raises(RuntimeError, match="does not take this call"):

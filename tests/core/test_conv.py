@@ -359,6 +359,13 @@ def test_im2col_by_definition(c: int, groups: int, n: int, h: int, kh: int) -> N
             assert got.dtype == torch.int8 and got.stride() == (kh * kw * cg, 1) and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("c", [8, 3])  # copied in words, and byte by byte
+def test_im2col_of_no_rows_has_its_columns(c: int) -> None:
+    """Patches of zero samples give a (0, kH·kW·C) operand, in the word copy as well."""
+    p = torch.zeros(0, 3, 3, 2, 2, c, dtype=torch.int8)
+    assert im2col(p, 0, 1).shape == (0, 4 * c)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_gemm_nchw_bitwise_the_gemm_then_permute(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """gemm_nchw (the epilogue writes (N, C, P)) is bitwise exact_gemm of the (N·P, C)
