@@ -18,6 +18,9 @@ Toggles (each is "on" as lowbit ships it):
                off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
   avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
                lowbit's AVX-512 kernel; off: the compiled epilogue (the same values)
+  amx-batched  attention's per-head int8 products as one batched AMX call
+               (``lowbit::int8_bmm``); off: one ``torch._int_mm`` per head (the same sums).
+               Needs a CPU with AMX.
   avx512-place  a convolution's int8 codes placed channels-last (u8 + 128 for oneDNN, padded
                for ∇W, zero-inserted for ∇X) on lowbit's AVX-512 kernel; off: torch's
                strided copies, and oneDNN's own reorder of NCHW codes (the same values)
@@ -130,8 +133,26 @@ def _avx512_op(op: str, run: str, supports: str) -> Callable[[], Callable[[bool]
     return make
 
 
+def _amx_batched() -> Callable[[bool], None]:
+    from lowbit.kernels import amx, int8
+
+    if not amx.available():
+        raise SystemExit("lowbit's AMX kernel is not available on this machine")
+    real = int8.int_mm_batched
+
+    def per_head(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
+        return real(a, b, out)
+
+    def switch(on: bool) -> None:
+        int8.int_mm_batched = real if on else per_head
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
+    "amx-batched": _amx_batched,
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc")}

@@ -136,14 +136,14 @@ class Operand:
 
 
 def _integer_heads(a: Operand, b: Operand, kernels: Kernels, dtype: torch.dtype) -> torch.Tensor:
-    """Each head's exact int32 product on ``torch._int_mm``, written into one (B, M, N)
+    """Each head's exact int32 product (:func:`lowbit.kernels.int8.int_mm_batched`: one
+    AMX call for the batch, else ``torch._int_mm`` per head), in one (B, M, N)
     accumulator, then one batched ``int8_epilogue`` (``acc · a_step · b_step``: the steps
     broadcast per row of ``a`` and per column of ``b``) — no per-head dispatch, scaling or
     stacking (measured: docs/coverage.md, "Why not 100% real integer")."""
-    n_batch, m, k = a.codes.shape
-    acc = torch.empty(n_batch, m, b.codes.shape[2], dtype=torch.int32, device=a.codes.device)
+    k = a.codes.shape[2]
     with record_function("lowbit::gemm"):
-        int8.int_mm_batched(a.codes, b.codes, acc)
+        acc = int8.int_mm_batched(a.codes, b.codes)
     with record_function("lowbit::epilogue"):
         return int8.epilogue(kernels, acc, a.step, b.step, None, None, None, None, k, None, dtype)
 

@@ -144,6 +144,7 @@ def _qconv(args: Sequence[Any], out: Any) -> list[Part]:
 
 
 FORMULAS[torch.ops.lowbit.int8_mm] = _mm(0, 1)  # lowbit.kernels.amx's int8 GEMM
+FORMULAS[torch.ops.lowbit.int8_bmm] = _bmm(0, 1)  # and its batch of them (attention's heads)
 
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv

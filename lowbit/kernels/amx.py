@@ -23,6 +23,10 @@ a CPU with ``amx_tile`` and ``amx_int8``, the kernel's permission for AMX state 
 (Linux ≥ 5.16), a C compiler (``$CC``, else ``gcc``, else ``cc``), ``LOWBIT_AMX`` not
 ``0`` — and for the products where it is faster (:func:`worth_it`, on shapes alone).
 Elsewhere :func:`lowbit.kernels.int8.int_mm` runs ``torch._int_mm`` as before.
+
+:func:`int_bmm` (op ``lowbit::int8_bmm``) runs a batch of products — attention's heads,
+below :func:`worth_it`'s size one by one — in one call, the entries spread over the
+threads, each packed and multiplied as a single product is (same sums).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes 
 _I64 = ctypes.c_int64
 _ARGTYPES = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,
              ctypes.c_void_p, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_P = ctypes.c_void_p
+_BMM_ARGTYPES = [_I64, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64,
+                 _P, _P, ctypes.c_int]
 
 
 def cpu_has_amx() -> bool:
@@ -78,6 +85,17 @@ def _self_test(lib: ctypes.CDLL) -> bool:
             _call(lib, a, b, out, threads)
             if not torch.equal(out, want):
                 return False
+    # batches: more entries than threads and fewer, row-major and transposed entries, tails
+    for bsz, m, k, n in ((5, 37, 70, 45), (1, 64, 64, 64), (3, 16, 200, 17)):
+        a = torch.randint(-128, 128, (bsz, m, k), dtype=torch.int8, generator=g, device="cpu")
+        b = torch.randint(-128, 128, (bsz, k, n), dtype=torch.int8, generator=g, device="cpu")
+        for aa, bb in ((a, b), (a.mT.contiguous().mT, b.mT.contiguous().mT)):
+            want = torch.stack([torch._int_mm(x.contiguous(), y.contiguous()) for x, y in zip(aa, bb)])
+            for threads in (1, 2, 3):
+                out = torch.empty(bsz, m, n, dtype=torch.int32, device="cpu")
+                _call_batched(lib, aa, bb, out, threads)
+                if not torch.equal(out, want):
+                    return False
     return True
 
 
@@ -110,6 +128,8 @@ def _library() -> ctypes.CDLL | None:
             return None
         lib.lowbit_amx_int_mm.restype = None
         lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
+        lib.lowbit_amx_int_bmm.restype = None
+        lib.lowbit_amx_int_bmm.argtypes = _BMM_ARGTYPES
         if not cbuild.self_tested(lambda: _self_test(lib), lambda why, then: _warn(why), "AMX kernel",
                                   "torch._int_mm"):
             return None
@@ -148,6 +168,22 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     del packed_a, packed_b  # alive until here
 
 
+@torch.compiler.disable
+def _call_batched(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                  threads: int) -> None:
+    """The batched C kernel on ``a`` (B, M, K), ``b`` (B, K, N) into ``out`` (B, M, N)
+    int32 (rows of each entry contiguous); one packing slice per thread."""
+    bsz, m, k = a.shape
+    n = b.shape[2]
+    kp, np_, mp = -(-k // 64) * 64, -(-n // 16) * 16, -(-m // 16) * 16
+    packed_b = torch.empty(threads * np_ * kp, dtype=torch.int8, device="cpu")
+    packed_a = torch.empty(threads * mp * kp, dtype=torch.int8, device="cpu")
+    lib.lowbit_amx_int_bmm(bsz, a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), b.data_ptr(),
+                           b.stride(0), b.stride(1), b.stride(2), m, k, n, out.data_ptr(), out.stride(0),
+                           out.stride(1), packed_b.data_ptr(), packed_a.data_ptr(), threads)
+    del packed_a, packed_b  # alive until here
+
+
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"lowbit::int8_mm takes int8 operands, got {a.dtype} and {b.dtype}")
@@ -183,6 +219,51 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
+def _check_batched(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"lowbit::int8_bmm takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"lowbit::int8_bmm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    if a.shape[2] > MAX_K:
+        raise ValueError(f"lowbit::int8_bmm: K = {a.shape[2]} > {MAX_K}, past which an int32 "
+                         "sum of int8 codes can overflow (split the sum)")
+
+
+_LIB.define("int8_bmm(Tensor a, Tensor b) -> Tensor")
+
+
+def _int8_bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check_batched(a, b)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available on this machine "
+                           "(lowbit.kernels.amx.available() is False)")
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device="cpu")
+    if out.numel():
+        _call_batched(lib, a, b, out, torch.get_num_threads()) if a.shape[2] else out.zero_()
+    return out
+
+
+_LIB.impl("int8_bmm", _int8_bmm_cpu, "CPU")
+
+
+@torch.library.register_fake("lowbit::int8_bmm", lib=_LIB)
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check_batched(a, b)
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+
+
+def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[i] @ b[i]`` for each entry of a batch: (B, M, K) × (B, K, N) int8 CPU tensors,
+    any strides, ``K ≤`` :data:`MAX_K` → a new (B, M, N) int32 tensor of exact sums, the
+    entries spread over the threads in one call (the op ``lowbit::int8_bmm``, which
+    ``lowbit.coverage`` counts as int8 GEMMs): attention's per-head products, where one
+    ``torch._int_mm`` call per head costs more in dispatch than the product. Raises
+    ``RuntimeError`` where :func:`available` is false, ``TypeError``/``ValueError`` for
+    wrong dtypes or shapes."""
+    return torch.ops.lowbit.int8_bmm(a, b)
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K`)
     as the exact int32 sum, a new (M, N) row-major tensor: the op ``lowbit::int8_mm``,
@@ -208,4 +289,5 @@ def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_mm", "kernel", "worth_it"]
+__all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_bmm", "int_mm", "kernel",
+           "worth_it"]

@@ -20,6 +20,7 @@
  * Zero padding adds exact zeros, so the sums are those of the unpadded operands.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -333,4 +334,44 @@ void lowbit_amx_int_mm(const int8_t *A, int64_t sam, int64_t sak, const int8_t *
             C[i * ldc + j] = sum;
         }
     free(parts);
+}
+
+/* C[i] = A[i] @ B[i] for i < batch (a batch of small products: attention's heads), each
+ * as lowbit_amx_int_mm computes it. Threads split the entries; each packs its entry's
+ * operands into its own slice of Bp (Np*Kp bytes per thread) and Ap (Mp*Kp bytes per
+ * thread) and runs its blocks alone. Strides in elements; sab, sbb, scb between entries. */
+void lowbit_amx_int_bmm(int64_t batch, const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
+                        const int8_t *B, int64_t sbb, int64_t sbk, int64_t sbn, int64_t M,
+                        int64_t K, int64_t N, int32_t *C, int64_t scb, int64_t ldc, int8_t *Bp,
+                        int8_t *Ap, int threads) {
+    const int64_t Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16, Mp = (M + 15) / 16 * 16;
+    const int64_t KK = Kp / 4, MB = (Mp + 31) / 32, NB = (Np + 31) / 32;
+    const int64_t panels = (NB + PANEL_BLOCKS - 1) / PANEL_BLOCKS;
+    const int direct = sak == 1 && K == Kp && M == Mp;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num();
+        int8_t *bp = Bp + (int64_t)t * Np * Kp, *ap = Ap + (int64_t)t * Mp * Kp;
+        int32_t buf[16 * 16];
+        configure();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batch; i++) {
+            const int8_t *b = B + i * sbb;
+            if (sbn == 1 && sbk != 1)
+                pack_b_rows(b, K, N, sbk, bp, Kp, Np, 1);
+            else
+                pack_b(b, K, N, sbk, sbn, bp, Kp, Np, 1);
+            const int8_t *a = A + i * sab;
+            int64_t lda = sam;
+            if (!direct) {
+                pack_a(a, M, K, sam, sak, ap, Mp, Kp, 1);
+                a = ap;
+                lda = Kp;
+            }
+            for (int64_t p = 0; p < panels; p++)
+                for (int64_t mb = 0; mb < MB; mb++)
+                    run_blocks(a, lda, bp, KK, Mp, Np, p, mb, 0, Kp, C + i * scb, ldc, M, N, buf);
+        }
+        _tile_release();
+    }
 }

@@ -98,21 +98,33 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
 
 
-def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[i] = a_codes[i] @ b_codes[i]`` for every batch entry: (B, M, K) × (B, K, N)
-    int8, any strides, into ``out`` (B, M, N) int32 contiguous, each an exact int32 sum
-    on ``torch._int_mm``. Every entry of a batch has the same strides, so one
-    :func:`reads_as_meant` check (of entry 0) decides for all whether the operand is
-    first copied whole (row-major entries): the per-entry stride checks and selects of
-    :func:`int_mm` in a loop cost about as much as the products at attention's head sizes."""
+def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a_codes[i] @ b_codes[i]`` for every batch entry: (B, M, K) × (B, K, N) int8, any
+    strides, ``K ≤`` :data:`MAX_K` → (B, M, N) int32 exact sums, written into ``out``
+    (contiguous) if given, else a new tensor. Without ``out``, on a CPU with AMX, the
+    whole batch is one call of :mod:`.amx`'s batched kernel (``lowbit::int8_bmm``: the
+    entries spread over the threads; 1.1–5× the loop at attention's head shapes,
+    docs/benchmarks.md). Otherwise one ``torch._int_mm`` per entry: every entry has the
+    same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
+    whether the operand is first copied whole (row-major entries) — the per-entry stride
+    checks and selects of :func:`int_mm` in a loop cost about as much as the products at
+    attention's head sizes."""
+    if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
+            and a_codes.shape[2] <= amx.MAX_K and amx.available():
+        return amx.int_bmm(a_codes, b_codes)
+    if out is None:
+        out = torch.empty(a_codes.shape[0], a_codes.shape[1], b_codes.shape[2], dtype=torch.int32,
+                          device=a_codes.device)
     if a_codes.shape[0] == 0:
-        return
+        return out
     if not reads_as_meant(a_codes[0]):
         a_codes = _row_major(a_codes)
     if not reads_as_meant(b_codes[0]):
         b_codes = _row_major(b_codes)
     for a, b, o in zip(a_codes.unbind(0), b_codes.unbind(0), out.unbind(0)):
         torch._int_mm(a, b, out=o)
+    return out
 
 
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,

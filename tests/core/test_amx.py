@@ -205,6 +205,83 @@ def test_first_use_under_torch_compile_is_not_traced() -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize("bsz, m, k, n", [(1, 1, 1, 1), (5, 37, 70, 45), (64, 128, 64, 128), (3, 16, 200, 17),
+                                          (2, 130, 300, 66)])
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_batched_sums_are_exact(bsz: int, m: int, k: int, n: int, a_t: bool, b_t: bool, threads: int) -> None:
+    """``amx.int_bmm`` (one call for a batch, entries spread over the threads) equals each
+    entry's ``torch._int_mm``: row-major and transposed entries (attention's ``Kᵀ``,
+    ``∇Oᵀ``), a batch taken every other entry of a larger one, tails in every dimension,
+    fewer entries than threads and more."""
+    g = torch.Generator().manual_seed(bsz * 1000 + m)
+    a = torch.randint(-128, 128, (2 * bsz, m, k), dtype=torch.int8, generator=g)[::2]
+    b = torch.randint(-128, 128, (bsz, k, n), dtype=torch.int8, generator=g)
+    a = a.mT.contiguous().mT if a_t else a
+    b = b.mT.contiguous().mT if b_t else b
+    want = torch.stack([torch._int_mm(x.contiguous(), y.contiguous()) for x, y in zip(a, b)])
+    with num_threads(threads):
+        got = amx.int_bmm(a, b)
+    assert got.dtype == torch.int32 and got.is_contiguous() and torch.equal(got, want)
+
+
+@needs_amx
+def test_amx_batched_extreme_codes_and_empty_batches() -> None:
+    """−128 · −128 summed over a long K in every entry (exact in int32), and batches with
+    no entries, no rows or no summed terms."""
+    a = torch.full((3, 32, 4096), -128, dtype=torch.int8)
+    got = amx.int_bmm(a, a.mT)
+    assert bool((got == 4096 * 128 * 128).all())
+    assert amx.int_bmm(torch.zeros(0, 4, 8, dtype=torch.int8), torch.zeros(0, 8, 5, dtype=torch.int8)).shape == (0, 4, 5)
+    assert amx.int_bmm(torch.zeros(2, 0, 8, dtype=torch.int8), torch.zeros(2, 8, 5, dtype=torch.int8)).shape == (2, 0, 5)
+    zero_k = amx.int_bmm(torch.zeros(2, 4, 0, dtype=torch.int8), torch.zeros(2, 0, 5, dtype=torch.int8))
+    assert zero_k.shape == (2, 4, 5) and not zero_k.any()
+
+
+@needs_amx
+def test_attention_step_bitwise_the_same_with_and_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention's per-head products as one AMX batch or as ``torch._int_mm`` per head:
+    the same outputs and gradients, bit for bit (causal, grouped-query)."""
+    def run() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 4, 128, 64, generator=g, requires_grad=True)  # heads past LOOP_MIN_MACS
+        k, v = (torch.randn(2, 2, 128, 64, generator=g, requires_grad=True) for _ in range(2))
+        state = lowbit.functional.block_state(lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        o = lowbit.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=state)
+        o.square().sum().backward()
+        return [o, q.grad, k.grad, v.grad]
+
+    calls = []
+    real = amx.int_bmm
+    monkeypatch.setattr(amx, "int_bmm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    on = run()
+    assert calls, "the AMX batch ran"
+    monkeypatch.setattr(amx, "available", lambda: False)
+    off = run()
+    assert all(torch.equal(x, y) for x, y in zip(on, off, strict=True))
+
+
+@needs_amx
+def test_coverage_counts_attention_heads_on_amx_as_int8() -> None:
+    """Attention's head products through ``lowbit::int8_bmm`` are counted as int8 GEMMs
+    with the batch's FLOPs."""
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(256, 4, batch_first=True)  # heads of 128 × 64
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = lowbit.convert(SelfAttention(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = lowbit.coverage(model, torch.randn(2, 128, 256, requires_grad=True))
+    bmm = [r for r in rep.rows if r.op == "lowbit.int8_bmm"]
+    assert bmm and all(r.kind == "int8" and r.formats == ("int8", "int8") for r in bmm)
+    assert sum(r.flops for r in bmm) == 7 * 2 * (2 * 4) * 128 * 128 * 64  # 7 products per head
+    assert rep.real_share == 1.0
+
+
+@needs_amx
 def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
     a = torch.zeros(32, 64, dtype=torch.int8)
     with pytest.raises(TypeError, match="int8 operands"):
@@ -216,6 +293,15 @@ def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
     long = torch.zeros(1, amx.MAX_K + 1, dtype=torch.int8)
     with pytest.raises(ValueError, match="can overflow"):
         torch.ops.lowbit.int8_mm(long, long.t())
+    batch = torch.zeros(2, 8, 16, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8 operands"):
+        torch.ops.lowbit.int8_bmm(batch.float(), batch.mT)
+    with pytest.raises(ValueError, match="do not match"):
+        torch.ops.lowbit.int8_bmm(batch, batch)
+    with pytest.raises(ValueError, match="do not match"):
+        torch.ops.lowbit.int8_bmm(batch, batch[:1].mT)
+    with pytest.raises(ValueError, match="can overflow"):
+        torch.ops.lowbit.int8_bmm(long.unsqueeze(0), long.t().unsqueeze(0))
     assert amx.MAX_K == int8.MAX_K
 
 

@@ -211,9 +211,13 @@ def test_left_scale_on_the_summed_dimension_is_never_integer(monkeypatch: pytest
 
 
 def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.kernels import amx
+
     calls = []
     real = torch._int_mm  # every head's product, whichever lowbit function issues it
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real_bmm = amx.int_bmm  # on AMX, a batch of heads per call
+    monkeypatch.setattr(amx, "int_bmm", lambda a, b: calls.extend([1] * a.shape[0]) or real_bmm(a, b))
     out = {}
     for backend in ("int8", "reference"):
         q, k, v = qkv()
@@ -222,7 +226,7 @@ def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
         o.backward(torch.linspace(-1, 1, EV).expand_as(o))
         out[backend] = (o, q.grad, k.grad, v.grad)
     # QKᵀ twice (the backward recomputes P from the saved codes), P·V, ∇P, ∇V, ∇Q, ∇K
-    assert len(calls) == 7 * B * H, "every head's seven products on _int_mm"
+    assert len(calls) == 7 * B * H, "every head's seven products on _int_mm or the AMX batch"
     for a, b in zip(out["int8"], out["reference"]):
         # same random stream; exact integer sums vs float32 sums: float rounding only
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
@@ -271,9 +275,13 @@ def test_integer_and_reference_differ_only_by_flipped_codes(monkeypatch: pytest.
 
 
 def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.kernels import amx
+
     calls = []
     real = torch._int_mm  # every head's product, whichever lowbit function issues it
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real_bmm = amx.int_bmm  # on AMX, a batch of heads per call
+    monkeypatch.setattr(amx, "int_bmm", lambda a, b: calls.extend([1] * a.shape[0]) or real_bmm(a, b))
     q, k, v = qkv(grad=False)
     scaled_dot_product_attention(q, k, v, state=FQT)
     assert calls == []  # 6×5×8 per head: one batched (simulated) GEMM
