@@ -11,9 +11,9 @@ Toggles (each is "on" as lowbit ships it):
                autograd fills them (the behaviour before issue 14)
   hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
                batched GEMM); off: a sign pass and the block GEMM (bitwise the same)
-  amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds on lowbit's AMX
-               kernel (``lowbit.kernels.amx``); off: all on ``torch._int_mm`` (the same
-               sums). Needs a CPU with AMX.
+  amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds, and attention's
+               batches of head products, on lowbit's AMX kernel (``lowbit.kernels.amx``);
+               off: all on ``torch._int_mm`` (the same sums). Needs a CPU with AMX.
   avx512       integer quantizers on lowbit's AVX-512 kernel (``lowbit.kernels.avx512``);
                off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
   avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
@@ -102,9 +102,11 @@ def _amx() -> Callable[[bool], None]:
     if not amx.available():
         raise SystemExit("no AMX kernel on this machine (lowbit.kernels.amx.available() is False)")
     threshold = amx.MIN_MACS
+    batched = _amx_batched()
 
     def switch(on: bool) -> None:
         amx.MIN_MACS = threshold if on else 1 << 62
+        batched(on)
     return switch
 
 

@@ -23,8 +23,10 @@ head (as a Linear's activation scale spans the batch); per row, one per (batch, 
 token). Gradient ranges are always dynamic here (a predicted-range spec is read as
 dynamic: attention keeps no range history).
 
-Execution: each head's GEMM runs on ``torch._int_mm`` into one int32 accumulator, with
-one batched epilogue (:func:`_integer_heads`), when both operands are int8 codes with
+Execution: each head's GEMM runs as an exact int32 product into one accumulator
+(:func:`lowbit.kernels.int8.int_mm_batched`: the whole batch in one call of the AMX
+kernel where the CPU has AMX, else ``torch._int_mm`` per head), with one batched epilogue
+(:func:`_integer_heads`), when both operands are int8 codes with
 their steps off the summed dimension, the backend is not ``reference``, and each head's
 GEMM is big enough to amortise one call per head
 (:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
@@ -61,11 +63,13 @@ from .ops import (BlockState, flatten_operand, refuse_quantized_double_backward,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand
 
-# Per-head multiply-adds from which heads run one integer GEMM each (a loop of
-# torch._int_mm into one accumulator, one batched epilogue); below, one batched float
-# GEMM of the dequantized codes is faster on the CPU. Measured over 64 heads, 1 thread
-# (benchmarks/probes/attention_heads_crossover.py): integer/batched time 2.0 at 32³,
-# 0.96 at 64³, 0.60 at 128×64×128, 0.53 at 256×64×256.
+# Per-head multiply-adds from which heads run one integer GEMM each (into one
+# accumulator, one batched epilogue); below, one batched float GEMM of the dequantized
+# codes is faster on the CPU. Measured over 64 heads, 1 thread, with a loop of
+# torch._int_mm (benchmarks/probes/attention_heads_crossover.py): integer/batched time
+# 2.0 at 32³, 0.96 at 64³, 0.60 at 128×64×128, 0.53 at 256×64×256. The batched AMX call
+# (2026-12-02, a /tmp script, with its epilogue, 64 heads, 1 thread) crosses over at the
+# same place: 0.25 vs 0.05 ms at 16³, 0.32 vs 0.13 ms at 32³, 0.54 vs 0.84 ms at 64³.
 LOOP_MIN_MACS = 1 << 18
 # Score elements per piece of the backward's ∇P (4 MB of float32): ∇S is written over P
 # piece by piece instead of beside it (measured: docs/benchmarks.md, "Peak memory").
