@@ -239,8 +239,10 @@ def _int8_bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("the AMX kernel is not available on this machine "
                            "(lowbit.kernels.amx.available() is False)")
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device="cpu")
-    if out.numel():
-        _call_batched(lib, a, b, out, torch.get_num_threads()) if a.shape[2] else out.zero_()
+    if out.numel() and a.shape[2]:
+        _call_batched(lib, a, b, out, torch.get_num_threads())
+    elif out.numel():  # no summed terms: every sum is 0
+        out.zero_()
     return out
 
 
