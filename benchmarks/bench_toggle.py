@@ -24,6 +24,10 @@ Toggles (each is "on" as lowbit ships it):
   avx512-place  a convolution's int8 codes placed channels-last (u8 + 128 for oneDNN, padded
                for ∇W, zero-inserted for ∇X) on lowbit's AVX-512 kernel; off: torch's
                strided copies, and oneDNN's own reorder of NCHW codes (the same values)
+  softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
+               softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
+               off: the compiled epilogue, the mask addition and ATen's softmax (equal to
+               float rounding)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -152,12 +156,21 @@ def _amx_batched() -> Callable[[bool], None]:
     return switch
 
 
+def _softmax() -> Callable[[bool], None]:
+    from lowbit.kernels import softmax
+
+    if not softmax.available():
+        raise SystemExit("lowbit's AVX-512 softmax kernel is not available on this machine")
+    return softmax.set_enabled
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
-    "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc")}
+    "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
+    "softmax": _softmax}
 
 
 def main(argv: list[str] | None = None) -> int:

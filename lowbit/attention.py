@@ -26,7 +26,7 @@ dynamic: attention keeps no range history).
 Execution: each head's GEMM runs as an exact int32 product into one accumulator
 (:func:`lowbit.kernels.int8.int_mm_batched`: the whole batch in one call of the AMX
 kernel where the CPU has AMX, else ``torch._int_mm`` per head), with one batched epilogue
-(:func:`_integer_heads`), when both operands are int8 codes with
+(:func:`batched_mm`), when both operands are int8 codes with
 their steps off the summed dimension, the backend is not ``reference``, and each head's
 GEMM is big enough to amortise one call per head
 (:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
@@ -57,6 +57,8 @@ from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
+from .kernels.softmax import inplace_ok as _inplace_ok
+from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
 from .ops import (BlockState, flatten_operand, refuse_quantized_double_backward, unflatten_operand,
@@ -139,89 +141,63 @@ class Operand:
         return self.codes[i], self.step[i if self.step.shape[0] > 1 else 0]
 
 
-def _integer_heads(a: Operand, b: Operand, kernels: Kernels, dtype: torch.dtype) -> torch.Tensor:
-    """Each head's exact int32 product (:func:`lowbit.kernels.int8.int_mm_batched`: one
-    AMX call for the batch, else ``torch._int_mm`` per head), in one (B, M, N)
-    accumulator, then one batched ``int8_epilogue`` (``acc · a_step · b_step``: the steps
-    broadcast per row of ``a`` and per column of ``b``) — no per-head dispatch, scaling or
-    stacking (measured: docs/coverage.md, "Why not 100% real integer")."""
-    k = a.codes.shape[2]
-    with record_function("lowbit::gemm"):
-        acc = int8.int_mm_batched(a.codes, b.codes)
-    with record_function("lowbit::epilogue"):
-        return int8.epilogue(kernels, acc, a.step, b.step, None, None, None, None, k, None, dtype)
-
-
-def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``a @ b`` per batch entry: (B, M, K) × (B, K, N) → (B, M, N) in ``dtype``."""
+def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Kernels]:
+    """``a @ b`` per batch entry ((B, M, K) × (B, K, N)) before its epilogue: ``(acc,
+    a_step, b_step, kernels)`` with the exact int32 (B, M, N) accumulator of the heads'
+    integer GEMMs (:func:`lowbit.kernels.int8.int_mm_batched`: one AMX call for the batch,
+    else ``torch._int_mm`` per head), whose value is ``(acc·a_step)·b_step`` (steps per row
+    of ``a``, per column of ``b``), or ``(product in dtype, None, None, kernels)`` where
+    the GEMM runs simulated (module docstring); ``kernels``: the call's kernels."""
     n_batch, m, k = (a.codes if a.codes is not None else a.values).shape
     n = (b.codes if b.codes is not None else b.values).shape[2]
+    kernels = kernels_for(backend, (a.codes if a.codes is not None else a.values).device)
     both = a.codes is not None and b.codes is not None
     integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
         and int8_applicable(*a.head(0), *b.head(0))
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
-        return _integer_heads(a, b, kernels_for(backend, a.codes.device), dtype)
+        with record_function("lowbit::gemm"):
+            return int8.int_mm_batched(a.codes, b.codes), a.step, b.step, kernels
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
         why = "a row transform, offset or block scale" if not both else \
             "a scale on the summed dimension, or codes or shapes the kernel refuses"
         raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
                          f"per head: it has {why}; use backend='auto' (simulated there)")
-    kernels = kernels_for(backend, (a.codes if a.codes is not None else a.values).device)
     a_values, b_values = a.dequantize(dtype, kernels), b.dequantize(dtype, kernels)
     with record_function("lowbit::gemm"):
-        return torch.matmul(a_values, b_values)
+        return torch.matmul(a_values, b_values), None, None, kernels
+
+
+def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``a @ b`` per batch entry: (B, M, K) × (B, K, N) → (B, M, N) in ``dtype``: the
+    :func:`batched_product` and, for integer heads, one batched ``int8_epilogue``
+    (``acc · a_step · b_step``, the steps broadcast per row of ``a`` and per column of
+    ``b``) — no per-head dispatch, scaling or stacking (measured: docs/coverage.md,
+    "Why not 100% real integer")."""
+    acc, a_step, b_step, kernels = batched_product(a, b, backend, dtype, what)
+    if a_step is None:
+        return acc
+    with record_function("lowbit::epilogue"):
+        return int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, dtype)
 
 
 # -- the math, without autograd ------------------------------------------------------------
-def masked_softmax(scores: torch.Tensor, masked: bool, inplace: bool = False) -> torch.Tensor:
-    """``softmax`` over the last dimension; with ``masked`` (an attention mask was added),
-    rows whose scores are all ``-inf`` are set to 0, as torch's
-    ``scaled_dot_product_attention`` gives (a NaN score keeps its row NaN). ``inplace``:
-    written over ``scores`` on the CPU (:func:`_inplace_ok`), the same values without a
-    second score-sized buffer."""
-    dead = (scores == float("-inf")).all(dim=-1, keepdim=True) if masked else None
-    if inplace and _inplace_ok(scores):
-        probs = torch._softmax(scores, -1, False, out=scores)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    if dead is not None:
-        probs = probs.masked_fill_(dead, 0.0)
-    return probs
-
-
-def _inplace_ok(t: torch.Tensor) -> bool:
-    """Whether ATen's softmax and softmax-backward kernels may write over their input:
-    on the CPU, where each row is reduced before it is written (the same bits as
-    out of place: ``tests/core/test_attention.py::test_inplace_softmax_kernels_are_bitwise``),
-    and not while autograd records (a double backward, ``create_graph=True``: ``out=``
-    kernels and in-place writes to views are not differentiable)."""
-    return t.device.type == "cpu" and t.is_contiguous() and not torch.is_grad_enabled()
-
-
-def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``scores + mask`` for the (B, L, S) ``scores`` of a new GEMM result: ``mask`` is
-    (1, L, S) or an expanded (*lead, L, S) view with ``prod(lead) = B``
-    (:func:`~lowbit.attention_args.additive_mask`); in place where allowed."""
-    if mask.dim() == 3:
-        return scores.add_(mask) if _inplace_ok(scores) else scores + mask
-    full = scores.view(mask.shape)
-    return (full.add_(mask) if _inplace_ok(scores) else full + mask).view(scores.shape)
-
-
 def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tensor | None,
                     scale: float, shapes: tuple[int, ...], dtype: torch.dtype, backend: Backend,
                     masked: bool) -> torch.Tensor:
     """``P = softmax(c · Q_f(Q) · Q_f(K)ᵀ + M)`` (B, L, S) in ``dtype`` from the forward
     codes ``qq``, ``qk`` (``shapes`` = (B, L, S, E, Ev)); ``masked``: zero the rows the
-    mask blocks entirely (:func:`masked_softmax`). Deterministic in its arguments, so the
+    mask blocks entirely (:func:`masked_softmax`); the epilogue, the mask and the softmax
+    are the kernel-table op ``attention_softmax`` (:mod:`lowbit.kernels.softmax`: fused on
+    AVX-512 CPUs, to float rounding). Deterministic in its arguments, so the
     backward recomputes ``P`` from the saved codes instead of keeping it (a float32
     (B, L, S) tensor: 48 MB for one GPT-2-small block of 4 × 512 tokens)."""
     b, lq, s, e, _ = shapes
-    scores = batched_mm(Operand.of(qq, (b, lq, e), dtype).scaled(scale),  # c in Q's steps
-                        Operand.of(qk, (b, s, e), dtype).mT, backend, dtype, "Q·Kᵀ")  # (B, L, S)
-    if mask is not None:
-        scores = _add_mask(scores, mask)  # a new tensor from batched_mm: no one else sees it
-    return masked_softmax(scores, masked, inplace=True)
+    acc, a_step, b_step, kernels = batched_product(
+        Operand.of(qq, (b, lq, e), dtype).scaled(scale),  # c in Q's steps
+        Operand.of(qk, (b, s, e), dtype).mT, backend, dtype, "Q·Kᵀ")  # (B, L, S)
+    # a new tensor from the GEMM, which no one else sees: P is written over it
+    return kernels.run("attention_softmax", kernels, acc, a_step, b_step, mask, masked, dtype)
 
 
 def _dropout_scale(p: float) -> float:
@@ -294,6 +270,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     cols_gen = _split(gens.get(Path.GRAD_WEIGHT), 2)  # ∇Oᵀ, ∇Sᵀ: per value feature, key token
     qq, qk, qv, qp = (Operand.of(q, sh, dt) for q, sh in
                       zip(quant, ((b, lq, e), (b, s, e), (b, s, ev), (b, lq, s))))
+    qq_c, qk_c = qq.scaled(scale), qk.scaled(scale)  # c of ∇Q = c·∇S·K, ∇K = c·∇Sᵀ·Q in the steps
     gq = gk = gv = gs = None
     scores = needs[0] or needs[1] or needs[3]
     # ∇O for ∇P (rows: query tokens) and for ∇V (rows: value features) from one read
@@ -313,18 +290,18 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
         if gs_q is not None:
             if not needs[3]:
                 gs = None  # the float ∇S goes: its two operands are int8 codes
-            gq = batched_mm(gs_q, qk, be, dt, "∇Q") * scale
+            gq = batched_mm(gs_q, qk_c, be, dt, "∇Q")
             del gs_q
-            gk = batched_mm(gs_k, qq, be, dt, "∇K") * scale
+            gk = batched_mm(gs_k, qq_c, be, dt, "∇K")
             return gq, gk, gv, gs if needs[3] else None
         if needs[0]:
-            gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk, be, dt, "∇Q") * scale
+            gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk_c, be, dt, "∇Q")
         if needs[1]:
             gs_t = grad_operand(_transposed(gs, reuse=not needs[3]), gw, cols_gen[1], be)
             if not needs[3]:
                 del gs
                 gs = None
-            gk = batched_mm(gs_t, qq, be, dt, "∇K") * scale
+            gk = batched_mm(gs_t, qq_c, be, dt, "∇K")
     return gq, gk, gv, gs if needs[3] else None
 
 
@@ -364,7 +341,8 @@ def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: t
     S). With ``reuse_probs``, on the CPU (:func:`_inplace_ok`), ``∇P`` is computed
     :data:`CHUNK_SCORES` elements of entries at a time and ``∇S`` written over ``probs``, so that no second score-sized
     buffer exists; each entry's values are those of the one-piece computation (its GEMM,
-    epilogue and softmax backward are per entry and per row)."""
+    epilogue and softmax backward are per entry and per row). Without dropout the epilogue
+    and the softmax backward are one op (:func:`grad_scores_op`), in pieces or not."""
     def grad_probs(i: int, j: int) -> torch.Tensor:  # ∇P of entries i:j, a new tensor
         gp = batched_mm(g_out.entries(i, j), v_t.entries(i, j), backend, dtype, "∇P")
         if g_dropped is not None:
@@ -374,13 +352,39 @@ def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: t
         return gp
 
     n, lq, s = probs.shape
+    fused = g_dropped is None and keep is None  # ∇P's epilogue and the softmax backward as one op
     if not (reuse_probs and _inplace_ok(probs)):
+        if fused and probs.device.type == "cpu" and not _recorded(probs, g_out, v_t):
+            # the op writes over its P: a copy, the caller's kept
+            return grad_scores_op(g_out, v_t, probs.clone(), backend, dtype)
         return torch._softmax_backward_data(grad_probs(0, n), probs, -1, dtype)
     per = max(1, CHUNK_SCORES // max(1, lq * s))
     for i in range(0, n, per):
         j = min(n, i + per)
-        torch._softmax_backward_data(grad_probs(i, j), probs[i:j], -1, dtype, grad_input=probs[i:j])
+        if fused:
+            grad_scores_op(g_out.entries(i, j), v_t.entries(i, j), probs[i:j], backend, dtype)
+        else:
+            torch._softmax_backward_data(grad_probs(i, j), probs[i:j], -1, dtype, grad_input=probs[i:j])
     return probs
+
+
+def _recorded(probs: torch.Tensor, *operands: Operand) -> bool:
+    """Whether autograd records an op on ``probs`` or the operands (``create_graph=True``):
+    then ∇S must come from differentiable, out-of-place ops."""
+    if not torch.is_grad_enabled():
+        return False
+    parts = [probs, *(t for o in operands for t in (o.codes, o.step, o.values) if t is not None)]
+    return any(t.requires_grad for t in parts)
+
+
+def grad_scores_op(g_out: Operand, v_t: Operand, probs: torch.Tensor, backend: Backend,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``∇S`` of ``∇P = Q_a(∇O)·Q_f(V)ᵀ`` (no dropout) written over ``probs`` (contiguous, on
+    the CPU): the GEMM (:func:`batched_product`), then the kernel-table op
+    ``attention_softmax_grad`` (its epilogue and the softmax backward; fused on AVX-512
+    CPUs, :mod:`lowbit.kernels.softmax`)."""
+    acc, a_step, b_step, kernels = batched_product(g_out, v_t, backend, dtype, "∇P")
+    return kernels.run("attention_softmax_grad", kernels, acc, a_step, b_step, probs, dtype)
 
 
 def _transposed(t: torch.Tensor, reuse: bool) -> torch.Tensor:

@@ -6,7 +6,9 @@ with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementa
 * ``reference`` (any device): plain eager torch, float32 (float64 for float64 inputs) —
   it defines the semantics;
 * ``native`` (cpu): lowbit's own C kernels where they compute the same thing faster —
-  today the integer quantizer on AVX-512 (:mod:`.avx512`), bit for bit the reference's;
+  the integer quantizer on AVX-512 (:mod:`.avx512`), bit for bit the reference's, and
+  attention's softmax fused with its scores' epilogue (:mod:`.softmax`), equal to the
+  reference to float rounding (its ``exp`` and summation order are its own);
 * ``compiled`` (cpu, cuda): the same function fused by ``torch.compile``
   (:mod:`.compiled`), for tensors large enough to pay for a compiled call;
 * ``int8`` (``torch._int_mm``, or lowbit's AMX kernel :mod:`.amx` on CPUs with AMX;
@@ -33,7 +35,7 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
-from . import avx512, compiled, fp8, int8, reference
+from . import avx512, compiled, fp8, int8, reference, softmax
 from .encoded import Encoded, dequantize
 
 
@@ -102,6 +104,10 @@ register_fused("int8_epilogue", reference.int8_epilogue)
 register_fused("int8_epilogue_into", reference.int8_epilogue_into)
 register_fused("row_absmax", reference.row_absmax)
 register_fused("dequantize", dequantize)
+register("attention_softmax", Impl.REFERENCE, softmax.reference)
+register("attention_softmax", Impl.NATIVE, softmax.run, ("cpu",), softmax.supports)
+register("attention_softmax_grad", Impl.REFERENCE, softmax.reference_grad)
+register("attention_softmax_grad", Impl.NATIVE, softmax.run_grad, ("cpu",), softmax.supports_grad)
 register("gemm", Impl.REFERENCE, lambda k, a, b, bias, out_dtype: reference.gemm(a, b, bias, out_dtype))
 register("gemm", Impl.INT8, int8.gemm, ("cpu", "cuda"), int8.supports)
 register("gemm", Impl.FP8, fp8.gemm, ("cpu", "cuda"), fp8.supports)

@@ -114,16 +114,8 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("LOWBIT_AVX512", "1") == "0" or not cpu_has_avx512():
         return None
     with _disable_current_modes():
-        lib = cbuild.load(SOURCE, FLAGS, _warn, "AVX-512 quantizer")
-        if lib is None:
-            return None
-        for name, args in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = None, args
-        if not cbuild.self_tested(lambda: _self_test(lib), _warn, "AVX-512 quantizer",
-                                  "the reference quantizer"):
-            return None
-    return lib
+        return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "AVX-512 quantizer", _self_test,
+                                  "the reference quantizer")
 
 
 def available() -> bool:

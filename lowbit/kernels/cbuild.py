@@ -1,7 +1,8 @@
 """Build lowbit's C kernels on first use, cache them, load them with :mod:`ctypes`.
 
-lowbit ships two C kernels for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
-:mod:`.avx512`: the integer quantizer on AVX-512). Each is compiled with the system C
+lowbit ships three C kernels for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
+:mod:`.avx512`: the integer quantizer on AVX-512; :mod:`.softmax`: attention's softmax with
+its scores' epilogue on AVX-512). Each is compiled with the system C
 compiler (``$CC``, split like a shell would, else ``gcc``, else ``cc``) the first time it
 is needed and cached in :func:`cache_dir` — ``$LOWBIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit`` — under a name that hashes the source,
@@ -140,4 +141,18 @@ def self_tested(test: Callable[[], bool], warn: Warn, what: str, against: str) -
     return passed
 
 
-__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "self_tested"]
+def load_tested(source: Path, flags: Sequence[str], signatures: dict[str, list], warn: Warn, what: str,
+                test: Callable[[ctypes.CDLL], bool], against: str) -> ctypes.CDLL | None:
+    """:func:`load`, then each function of ``signatures`` (name → ctypes argument types;
+    they return nothing) declared, then :func:`self_tested` with ``test(lib)``: the
+    library, or ``None`` after a warning."""
+    lib = load(source, flags, warn, what)
+    if lib is None:
+        return None
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, args
+    return lib if self_tested(lambda: test(lib), warn, what, against) else None
+
+
+__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "self_tested"]

@@ -241,11 +241,11 @@ def test_integer_and_reference_differ_only_by_flipped_codes(monkeypatch: pytest.
     of 128×64 over 2 key/value heads of 128×64 (GQA): each ∇O operand has 32,768 codes
     and each ∇S operand 65,536; with these seeds flips occur (0, 1, 3, 3 per operand)."""
     seen: dict[str, list[Operand]] = {}
-    real = A.batched_mm
+    real = A.batched_product  # every GEMM of the attention, before its epilogue
     order = ("∇V", "∇P", "∇Q", "∇K")
 
     def gradient_operand(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str,
-                         got: dict[str, Operand]) -> torch.Tensor:
+                         got: dict[str, Operand]) -> tuple:
         if what in order:  # the quantized gradient is the left operand of these four
             assert what not in got  # one GEMM each (∇P in one piece at this size)
             got[what] = a
@@ -253,7 +253,7 @@ def test_integer_and_reference_differ_only_by_flipped_codes(monkeypatch: pytest.
 
     for backend in ("int8", "reference"):
         got: dict[str, Operand] = {}
-        monkeypatch.setattr(A, "batched_mm", lambda *a, got=got: gradient_operand(*a, got=got))
+        monkeypatch.setattr(A, "batched_product", lambda *a, got=got: gradient_operand(*a, got=got))
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(*shape, generator=g).requires_grad_()
                    for shape in ((1, 4, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64)))
@@ -588,11 +588,21 @@ def test_recomputed_probs_give_the_gradients_of_the_forward_probs(
         assert torch.equal(got.reshape(b * h, length, hd), want)
 
 
-def test_double_backward_through_attention() -> None:
+@pytest.mark.parametrize("native", [False, True], ids=["reference-softmax", "native-softmax"])
+def test_double_backward_through_attention(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``create_graph=True`` (a double backward: ``lowbit.analysis.jacobian_spectrum``)
     under QAT runs every score-sized kernel out of place, with the same first-order
-    gradients; with quantized gradients it is refused with a clear error (their codes
-    have no derivative: a second-order term would silently be missing)."""
+    gradients — bit for bit where the softmax's reference kernels run both times
+    (``native`` off); with the AVX-512 softmax (:mod:`lowbit.kernels.softmax`, which
+    refuses recorded inputs: the backward's softmax runs the reference under
+    ``create_graph``) to its float rounding. With quantized gradients it is refused
+    with a clear error (their codes have no derivative: a second-order term would
+    silently be missing)."""
+    from lowbit.kernels import softmax
+
+    if native and not softmax.available():
+        pytest.skip("the AVX-512 softmax kernel is not available on this machine")
+    monkeypatch.setattr(softmax, "_enabled", native)
     grads = []
     for create_graph in (False, True):
         q, k, v = _qkv_heads()
@@ -610,7 +620,11 @@ def test_double_backward_through_attention() -> None:
                 assert q.grad is not None and torch.isfinite(q.grad).all()
             grads.append([x.detach() for x in g])
     for a, b in zip(grads[:2], grads[2:]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        if native:  # float rounding of exp and of the row sums (softmax._close's bound)
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
+        else:
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_public_attention_backward_reads_probs_only() -> None:
