@@ -24,6 +24,8 @@ Toggles (each is "on" as lowbit ships it):
   avx512-place  a convolution's int8 codes placed channels-last (u8 + 128 for oneDNN, padded
                for ∇W, zero-inserted for ∇X) on lowbit's AVX-512 kernel; off: torch's
                strided copies, and oneDNN's own reorder of NCHW codes (the same values)
+  grid-steps   the quantizers' steps from their absmax in one C call (``lowbit_grid_steps``);
+               off: :func:`lowbit.formats.grid_step`'s torch ops (the same bits)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -156,6 +158,24 @@ def _amx_batched() -> Callable[[bool], None]:
     return switch
 
 
+def _grid_steps() -> Callable[[bool], None]:
+    from lowbit.formats import Granularity, grid_step
+    from lowbit.kernels import avx512
+
+    _avx512()  # refuses where the kernel is not in use
+    real = avx512._steps
+
+    def torch_ops(lib, amax, fmt, granularity):  # noqa: ANN001, ANN202 (the code before)
+        if granularity is Granularity.TENSOR:
+            amax = amax.amax().reshape(1, 1)
+        step = grid_step(amax, fmt.emax)
+        return step, torch.where(amax == 0, torch.ones_like(step), step)
+
+    def switch(on: bool) -> None:
+        avx512._steps = real if on else torch_ops
+    return switch
+
+
 def _softmax() -> Callable[[bool], None]:
     from lowbit.kernels import softmax
 
@@ -170,7 +190,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
-    "softmax": _softmax}
+    "softmax": _softmax, "grid-steps": _grid_steps}
 
 
 def main(argv: list[str] | None = None) -> int:

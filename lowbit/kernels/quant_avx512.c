@@ -507,3 +507,45 @@ void lowbit_place_nhwc(const uint8_t *src, int64_t n, int64_t c, int64_t h, int6
         }
     }
 }
+
+/* ---- grid steps ---------------------------------------------------------------------------
+ * step[i] = lowbit.formats.grid_step(amax[i], qmax) for float32 (its _grid_step_f32, bit for
+ * bit: the float64 product a * (1/q_hi) rounded to float32, then the smallest of that float's
+ * neighbours k = -1, 0 (else +1) whose float64 product with q_hi reaches a; NaN passed on),
+ * and div[i] = step[i], or 1 where amax[i] == 0 (the quantizer's divisor). q_hi = qmax +
+ * ulp(qmax)/2, inv = 1 / q_hi (both computed by the caller in float64). tensor: one step for
+ * the maximum of all n (NaN if any is NaN, as torch.amax). */
+static inline float grid_step1(float a32, double q_hi, double inv) {
+    if (a32 != a32) return a32;
+    const double a = (double)a32;
+    const float r = (float)(a * inv);
+    uint32_t bits;
+    memcpy(&bits, &r, 4);
+    float best, c;
+    uint32_t u = bits + 1u;
+    memcpy(&best, &u, 4);
+    for (int k = 0; k >= -1; k--) {
+        u = bits + (uint32_t)k;
+        memcpy(&c, &u, 4);
+        if ((double)c * q_hi >= a) best = c;
+    }
+    return best;
+}
+
+void lowbit_grid_steps(const float *amax, int64_t n, int tensor, double q_hi, double inv, float *step,
+                       float *div) {
+    if (tensor) {
+        float m = -INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            if (amax[i] != amax[i]) { m = amax[i]; break; }
+            if (amax[i] > m) m = amax[i];
+        }
+        step[0] = grid_step1(m, q_hi, inv);
+        div[0] = m == 0.0f ? 1.0f : step[0];
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        step[i] = grid_step1(amax[i], q_hi, inv);
+        div[i] = amax[i] == 0.0f ? 1.0f : step[i];
+    }
+}

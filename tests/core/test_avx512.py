@@ -405,6 +405,27 @@ def test_zero_nonfinite_and_extreme_groups(dtype: torch.dtype) -> None:
 
 
 @needs_avx512
+@needs_avx512
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_grid_steps_bitwise_grid_step_over_float32(bits: int) -> None:
+    """The C steps (``lowbit_grid_steps``) equal :func:`lowbit.formats.grid_step` on 2²⁰
+    random float32 bit patterns (every exponent, subnormals included), per row and per
+    tensor, and their divisors are 1 exactly where the absmax is 0."""
+    from lowbit.formats import grid_step
+
+    g = torch.Generator().manual_seed(bits)
+    pattern = torch.randint(0, 0x7F800000, (1 << 20,), generator=g, dtype=torch.int32)
+    amax = torch.cat([pattern.view(torch.float32), torch.tensor([0.0, float("inf")])]).reshape(-1, 1)
+    fmt = parse_format(f"int{bits}")
+    lib = avx512._library()
+    for gran in (Granularity.ROW, Granularity.TENSOR):
+        ref = amax.amax().reshape(1, 1) if gran is Granularity.TENSOR else amax
+        want = grid_step(ref, fmt.emax)
+        step, div = avx512._steps(lib, amax, fmt, gran)
+        assert torch.equal(step.view(torch.int32), want.view(torch.int32))
+        assert torch.equal(div, torch.where(ref == 0, torch.ones_like(want), want))
+
+
 def test_row_strided_views() -> None:
     """A view whose rows are contiguous but not adjacent (row stride > columns), and a
     slice starting mid-row."""
