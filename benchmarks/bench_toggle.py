@@ -24,6 +24,9 @@ Toggles (each is "on" as lowbit ships it):
   avx512-place  a convolution's int8 codes placed channels-last (u8 + 128 for oneDNN, padded
                for ∇W, zero-inserted for ∇X) on lowbit's AVX-512 kernel; off: torch's
                strided copies, and oneDNN's own reorder of NCHW codes (the same values)
+  avx512-epilogue-rows  a Linear's and attention's in-place epilogue (int32 accumulator →
+               float32 product over it) on lowbit's AVX-512 kernel; off: the compiled
+               epilogue (the same values)
   grid-steps   the quantizers' steps from their absmax in one C call (``lowbit_grid_steps``);
                off: :func:`lowbit.formats.grid_step`'s torch ops (the same bits)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
@@ -190,6 +193,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
+    "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps}
 
 

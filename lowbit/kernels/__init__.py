@@ -102,6 +102,7 @@ register("quantize", Impl.NATIVE, avx512.run_quantize, ("cpu",), avx512.supports
 register_fused("quantize_fixed", reference.quantize_fixed)
 register_fused("int8_epilogue", reference.int8_epilogue)
 register_fused("int8_epilogue_into", reference.int8_epilogue_into)
+register("int8_epilogue_into", Impl.NATIVE, avx512.run_epilogue_into, ("cpu",), avx512.supports_epilogue_into)
 register_fused("row_absmax", reference.row_absmax)
 register_fused("dequantize", dequantize)
 register("attention_softmax", Impl.REFERENCE, softmax.reference)

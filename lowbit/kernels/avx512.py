@@ -88,6 +88,7 @@ _SIGNATURES = {
                                  _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
     "lowbit_place_nhwc": [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I, _I],
+    "lowbit_epilogue_rows": [_P, _I64, _I64, _I64, _P, _I, _P, _I, _I64, _P, _I],
     "lowbit_grid_steps": [_P, _I64, _I, ctypes.c_double, ctypes.c_double, _P, _P],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
@@ -495,6 +496,72 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
         return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
+def _epilogue_rows_layout(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor
+                          ) -> tuple[bool, bool, int] | None:
+    """(per-row ``a_scale``, per-column ``b_scale``, ``b_scale``'s entry stride) where
+    :func:`run_epilogue_into` reads the scales as they broadcast against ``acc`` (…, M,
+    N); ``None`` where it cannot."""
+    lead, m, n = acc.shape[:-2], acc.shape[-2], acc.shape[-1]
+    rows = lead.numel() * m
+    if a_scale.numel() == 1:
+        sa_rows = False
+    elif a_scale.dim() == acc.dim() and a_scale.shape[-1] == 1 and a_scale.numel() == rows:
+        sa_rows = True
+    else:
+        return None
+    if b_scale.numel() == 1:
+        return sa_rows, False, 0
+    if b_scale.dim() == acc.dim() and b_scale.shape[-1] == n and b_scale.shape[-2] == 1:
+        if b_scale.numel() == n:
+            return sa_rows, True, 0
+        if b_scale.shape[:-2] == lead:
+            return sa_rows, True, n
+    return None
+
+
+def supports_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                           a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+                           rowsum: torch.Tensor | None, colsum: torch.Tensor | None, k: int,
+                           bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`run_epilogue_into` takes this call: ``acc`` (…, M, N) int32,
+    contiguous, outside any tracing; float32 scales broadcasting as per row (or one) and
+    per column of each entry (or one); no offsets; ``bias`` ``None`` or (N,) floating;
+    all plain strided CPU tensors autograd does not record."""
+    if not (acc.dim() >= 2 and acc.is_contiguous() and _readable(acc, (torch.int32,))
+            and a_offset is None and b_offset is None):
+        return False
+    parts = (a_scale, b_scale) if bias is None else (a_scale, b_scale, bias)
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+               and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
+               for t in parts) \
+        and a_scale.dtype == b_scale.dtype == torch.float32 \
+        and (bias is None or (bias.is_floating_point() and tuple(bias.shape) == (acc.shape[-1],))) \
+        and _epilogue_rows_layout(acc, a_scale, b_scale) is not None and _enabled and available()
+
+
+@torch.compiler.disable
+def _epilogue_into(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, threads: int) -> None:
+    sa_rows, sb_cols, sb_bstride = _epilogue_rows_layout(acc, a_scale, b_scale)  # type: ignore[misc]
+    m, n = acc.shape[-2], acc.shape[-1]
+    sa, sb = a_scale.contiguous(), b_scale.contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()  # the reference's bias.to(float32)
+    lib.lowbit_epilogue_rows(acc.data_ptr(), acc.numel() // n, m, n, sa.data_ptr(), int(sa_rows), sb.data_ptr(),
+                             int(sb_cols), sb_bstride, None if b is None else b.data_ptr(), threads)
+
+
+def run_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                      a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+                      rowsum: torch.Tensor | None, colsum: torch.Tensor | None, k: int,
+                      bias: torch.Tensor | None = None) -> None:
+    """:func:`lowbit.kernels.reference.int8_epilogue_into` on the kernel (after
+    :func:`supports_epilogue_into`): ``(float(acc)·a_scale)·b_scale (+ bias)`` written as
+    float32 over ``acc``'s bytes, bit for bit the reference's, in one pass (no compiled
+    call and its guards)."""
+    with record_function("lowbit::avx512_epilogue_rows"):
+        _epilogue_into(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
+
+
 def supports_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int],
                         offset: Sequence[int], stride: Sequence[int] = (1, 1),
                         unsigned: bool = False) -> bool:
@@ -641,7 +708,33 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                             and torch.equal(pair[2], want_t[0]) and _same(pair[3], want_t[1])):
                         return False
     return _steps_self_test(lib) and _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) \
-        and _epilogue_self_test(lib) and _bhq_self_test(lib, x) and _place_self_test(lib)
+        and _epilogue_self_test(lib) and _epilogue_rows_self_test(lib) and _bhq_self_test(lib, x) \
+        and _place_self_test(lib)
+
+
+def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
+    """The in-place row-major epilogue against the reference: 2-D and batched
+    accumulators, column tails, per-row/per-tensor and per-column (shared or per entry)
+    scales, with and without a bias, a NaN and an infinite scale, one and two threads."""
+    from .reference import int8_epilogue as ref
+
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+    g = torch.Generator().manual_seed(5)
+    acc = torch.randint(-2**30, 2**30, (3, 7, 37), generator=g, dtype=torch.int32, device="cpu")
+    sa = torch.rand(3, 7, 1, generator=g, **cpu)
+    sb = torch.rand(3, 1, 37, generator=g, **cpu)
+    sa[1, 2, 0], sb[2, 0, 5] = float("nan"), float("inf")
+    bias = torch.randn(37, generator=g, **cpu)
+    cases = [(acc, sa, sb, None), (acc, sa[:1, :1], sb[:1], bias), (acc, sa, sb[:1, :, :1], None),
+             (acc[0], sa[0], sb[0], bias), (acc[0, :, :16].contiguous(), sa[0, :, :1][:1], sb[0, :, :16], None)]
+    for a, s_a, s_b, b in cases:
+        want = ref(a, s_a, s_b, None, None, None, None, 0, b, torch.float32)
+        for threads in (1, 2):
+            got = a.clone()
+            _epilogue_into(lib, got, s_a, s_b, b, threads)
+            if not _same(got.view(torch.float32), want):
+                return False
+    return True
 
 
 def _steps_self_test(lib: ctypes.CDLL) -> bool:
@@ -791,6 +884,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+           "run_epilogue_into", "supports_epilogue_into",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
            "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair", "supports_place_nhwc"]

@@ -549,3 +549,26 @@ void lowbit_grid_steps(const float *amax, int64_t n, int tensor, double q_hi, do
         div[i] = amax[i] == 0.0f ? 1.0f : step[i];
     }
 }
+
+/* ---- row-major epilogue, in place ----------------------------------------------------------
+ * acc (rows, n) int32 -> float32 over the same bytes: (float(acc) * sa) * sb (+ bias), each an
+ * IEEE float32 operation in the reference's order (lowbit.kernels.reference.int8_epilogue
+ * without offsets, then finish). sa: per row (sa_rows) or one value; sb: per column, of entry
+ * r / m at sb + (r / m) * sb_bstride (sb_cols), or one value; bias: NULL or (n,) float32. */
+void lowbit_epilogue_rows(int32_t *acc, int64_t rows, int64_t m, int64_t n, const float *sa, int sa_rows,
+                          const float *sb, int sb_cols, int64_t sb_bstride, const float *bias, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const __m512 va = _mm512_set1_ps(sa[sa_rows ? r : 0]);
+        const float *sbr = sb_cols ? sb + (r / m) * sb_bstride : NULL;
+        const __m512 vb = _mm512_set1_ps(sb[0]);
+        int32_t *row = acc + r * n;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 k = tail_mask(n - j);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, row + j));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, va), sbr ? _mm512_maskz_loadu_ps(k, sbr + j) : vb);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + j));
+            _mm512_mask_storeu_ps((float *)row + j, k, v);
+        }
+    }
+}

@@ -106,6 +106,7 @@ def test_int8_int_mm_routes_large_products_to_amx() -> None:
     """:func:`int8.int_mm` takes lowbit's op where :func:`amx.worth_it` says so (on
     shapes alone), ``_int_mm`` elsewhere; the op runs the AMX kernel on a row-major left
     operand and ``_int_mm`` on a transposed one; equal sums everywhere."""
+    assert amx.available()  # built and self-tested here, not inside the profiled calls below
     g = torch.Generator().manual_seed(5)
     a, b = _codes((512, 256), False, g), _codes((256, 256), True, g)
     want = torch._int_mm(a, b.contiguous())

@@ -426,6 +426,36 @@ def test_grid_steps_bitwise_grid_step_over_float32(bits: int) -> None:
         assert torch.equal(div, torch.where(ref == 0, torch.ones_like(want), want))
 
 
+@needs_avx512
+@pytest.mark.parametrize("case", ["2d-row-col-bias", "2d-tensor", "3d-per-entry", "3d-shared-cols", "tail"])
+def test_epilogue_into_bitwise_the_reference(case: str) -> None:
+    """The in-place row-major epilogue (a Linear's and attention's ``int8_epilogue_into``)
+    writes the reference's float32 bits over the accumulator, and refuses offsets, a
+    strided accumulator and scales it would misread."""
+    g = torch.Generator().manual_seed(len(case))
+    shape = {"2d-row-col-bias": (33, 70), "2d-tensor": (5, 16), "3d-per-entry": (4, 9, 35),
+             "3d-shared-cols": (2, 16, 48), "tail": (3, 1)}[case]
+    acc = torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int32)
+    lead, m, n = shape[:-2], shape[-2], shape[-1]
+    sa = torch.rand(*lead, m, 1, generator=g)
+    sb = torch.rand(*lead, 1, n, generator=g)
+    bias = torch.randn(n, generator=g) if case in ("2d-row-col-bias", "tail") else None
+    if case == "2d-tensor":
+        sa, sb = sa[:1], sb[:, :1]
+    if case == "3d-shared-cols":
+        sb = sb[:1]
+    args = (sa, sb, None, None, None, None, 0, bias)
+    assert avx512.supports_epilogue_into(acc, *args)
+    want = reference.int8_epilogue(acc, sa, sb, None, None, None, None, 0, bias, torch.float32)
+    got = acc.clone()
+    avx512.run_epilogue_into(got, *args)
+    assert torch.equal(got.view(torch.float32).view(torch.int32), want.view(torch.int32))
+    assert not avx512.supports_epilogue_into(acc, sa, sb, sa, None, None, None, 0, bias)  # an offset
+    if acc.dim() == 2 and n > 1:
+        assert not avx512.supports_epilogue_into(acc.t(), sb.t(), sa.t(), None, None, None, None, 0)
+        assert not avx512.supports_epilogue_into(acc, torch.rand(1, 2), sb, None, None, None, None, 0)
+
+
 def test_row_strided_views() -> None:
     """A view whose rows are contiguous but not adjacent (row stride > columns), and a
     slice starting mid-row."""
