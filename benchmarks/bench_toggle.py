@@ -27,6 +27,8 @@ Toggles (each is "on" as lowbit ships it):
   avx512-epilogue-rows  a Linear's and attention's in-place epilogue (int32 accumulator →
                float32 product over it) on lowbit's AVX-512 kernel; off: the compiled
                epilogue (the same values)
+  avx512-fp8   FP8 (E4M3/E5M2) quantizers on lowbit's AVX-512 kernel; off: the compiled
+               quantizer (the same codes)
   grid-steps   the quantizers' steps from their absmax in one C call (``lowbit_grid_steps``);
                off: :func:`lowbit.formats.grid_step`'s torch ops (the same bits)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
@@ -179,6 +181,19 @@ def _grid_steps() -> Callable[[bool], None]:
     return switch
 
 
+def _avx512_fp8() -> Callable[[bool], None]:
+    from lowbit.kernels import avx512
+
+    _avx512()  # refuses where the kernel is not in use
+    if not avx512._fp8_tested():
+        raise SystemExit("lowbit's AVX-512 FP8 rounding failed its self-test on this machine")
+    real = avx512._grid
+
+    def switch(on: bool) -> None:
+        avx512._grid = real if on else (lambda fmt: 0 if avx512._kind(fmt) == 0 else None)
+    return switch
+
+
 def _softmax() -> Callable[[bool], None]:
     from lowbit.kernels import softmax
 
@@ -194,7 +209,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
-    "softmax": _softmax, "grid-steps": _grid_steps}
+    "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,12 @@ cached) and runs it where it computes the same thing:
   to them), and autograd does not record the operand (a double backward,
   ``create_graph=True``, differentiates the reference quantizer's steps);
 * a stochastic rounding's seed is in [0, 2³²) (what ``draw_seed`` draws);
-* the format is a symmetric integer grid (``int2`` … ``int8``), one scale per row or
-  per tensor, rounding stochastic or to nearest.
+* the format is a symmetric integer grid (``int2`` … ``int8``) or FP8 (``fp8_e4m3``,
+  ``fp8_e5m2``: each element rounded on its binade's spacing, the code the float8 byte;
+  a separate self-test at first FP8 use, whose failure leaves FP8 on the compiled
+  kernel), one scale per row or per tensor, rounding stochastic or to nearest.
 
-Everything else (FP8, MX/NVFP4 blocks, asymmetric grids, predicted ranges, float64)
+Everything else (MX/NVFP4 blocks, asymmetric grids, predicted ranges, float64)
 runs on the compiled or reference kernel as before. The steps are those of
 :func:`lowbit.formats.grid_step` on the absmax the C code computes, the codes those of
 :func:`lowbit.kernels.reference.quantize` bit for bit: the same IEEE division,
@@ -67,7 +69,7 @@ import torch
 from torch.profiler import record_function
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..formats import Format, Granularity, IntFormat, Rounding, grid_step
+from ..formats import FloatFormat, Format, Granularity, IntFormat, Rounding, grid_step
 from . import cbuild
 
 SOURCE = Path(__file__).with_name("quant_avx512.c")
@@ -159,6 +161,46 @@ def _int_grid(fmt: Format) -> bool:
         and fmt.code_dtype == torch.int8
 
 
+_FP8_KINDS = {"e4m3": 1, "e5m2": 2}  # the C code's grid kinds (codes16's mode bits 1-2)
+
+
+def _kind(fmt: Format) -> int | None:
+    """The C code's grid kind of ``fmt``: 0 a symmetric integer grid, 1 E4M3, 2 E5M2 (FP8
+    with one float scale per row or tensor); None for what it does not compute (block,
+    asymmetric formats)."""
+    if _int_grid(fmt):
+        return 0
+    if isinstance(fmt, FloatFormat) and not fmt.block:
+        return _FP8_KINDS.get(fmt.element.name)
+    return None
+
+
+def _grid(fmt: Format) -> int | None:
+    """:func:`_kind` where the kernel takes it: FP8 grids once their self-test passed."""
+    kind = _kind(fmt)
+    return kind if kind == 0 or (kind is not None and _fp8_tested()) else None
+
+
+@functools.cache
+@torch.compiler.disable
+def _fp8_tested() -> bool:
+    """The FP8 grids passed their own self-test (:func:`_fp8_self_test`; a failure is a
+    warning, and FP8 formats then take the compiled quantizer; integer grids are not
+    affected)."""
+    lib = _library()
+    if lib is None:
+        return False
+    with _disable_current_modes():
+        return cbuild.self_tested(lambda: _fp8_self_test(lib), lambda why, then: _warn(why, "FP8 formats "
+                                  "take the compiled quantizer"), "AVX-512 quantizer's FP8 rounding",
+                                  "the reference quantizer")
+
+
+def _mode(fmt: Format, rounding: Rounding) -> int:
+    """codes16's mode: bit 0 stochastic rounding, bits 1-2 the grid kind (:func:`_grid`)."""
+    return int(rounding is Rounding.STOCHASTIC) | (_kind(fmt) << 1)  # type: ignore[operator]
+
+
 def _rows_contiguous(x: torch.Tensor) -> bool:
     return x.shape[1] <= 1 or x.stride(1) == 1
 
@@ -204,7 +246,7 @@ def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
              seed: torch.Tensor) -> bool:
     """Whether :func:`quantize` takes this call (module docstring) and the kernel is
     available."""
-    return _operand_ok(x) and _int_grid(fmt) and granularity in (Granularity.ROW, Granularity.TENSOR) \
+    return _operand_ok(x) and _grid(fmt) is not None and granularity in (Granularity.ROW, Granularity.TENSOR) \
         and rounding in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed, rounding) \
         and _enabled and available()
 
@@ -214,7 +256,7 @@ def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
                   seed_w: torch.Tensor) -> bool:
     """Whether :func:`quantize_pair` takes this call: both paths as :func:`supports`,
     and ``g``'s rows contiguous."""
-    return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _rows_contiguous(g) and _int_grid(fmt_w) \
+    return supports(g, fmt_a, gran_a, rnd_a, seed_a) and _rows_contiguous(g) and _grid(fmt_w) is not None \
         and gran_w in (Granularity.ROW, Granularity.TENSOR) \
         and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w)
 
@@ -247,14 +289,14 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
     r, d = x.shape
     amax = torch.empty(r, 1, dtype=torch.float32, device="cpu")
     codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
-    sr, seed32, dt = int(rounding is Rounding.STOCHASTIC), _seed(seed, rounding), DTYPES[x.dtype]
+    sr, seed32, dt = _mode(fmt, rounding), _seed(seed, rounding), DTYPES[x.dtype]
     if _rows_contiguous(x):
         lib.lowbit_row_absmax(x.data_ptr(), dt, r, d, x.stride(0), amax.data_ptr(), threads)
         step, div = _steps(lib, amax, fmt, granularity)
         lib.lowbit_quantize_rows(x.data_ptr(), dt, r, d, x.stride(0), div.data_ptr(),
                                  1 if div.shape[0] > 1 else 0, seed32, sr, float(fmt.emax),
                                  codes.data_ptr(), threads)
-        return codes, step
+        return codes.view(fmt.code_dtype), step
     # column-major x (a transposed view, e.g. ∇Yᵀ for ∇W): its rows are the columns of
     # m = xᵀ (d, r), which has contiguous rows; the pair kernel's column path, codes
     # written row-major (r, d)
@@ -266,7 +308,7 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
     lib.lowbit_quantize_pair(m.data_ptr(), dt, 1, 0, d, r, m.stride(0), None, 0, 0, 0, 0.0, None,
                              div.data_ptr(), 1 if div.shape[0] > 1 else 0, seed32, sr,
                              float(fmt.emax), codes.data_ptr(), threads)
-    return codes, step
+    return codes.view(fmt.code_dtype), step
 
 
 def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -312,10 +354,10 @@ def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Gra
     lib.lowbit_quantize_pair(
         g3.data_ptr(), dt, b, bstride, n, c, ld,
         div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
-        int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
+        _mode(fmt_a, rnd_a), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
-        int(rnd_w is Rounding.STOCHASTIC), float(fmt_w.emax), codes_w.data_ptr(), threads)
-    return codes_a, step_a, codes_w, step_w
+        _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), threads)
+    return codes_a.view(fmt_a.code_dtype), step_a, codes_w.view(fmt_w.code_dtype), step_w
 
 
 def supports_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -388,7 +430,7 @@ def supports_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_
     :func:`supports` says, its last dimension contiguous, and both formats, granularities,
     roundings and seeds as :func:`supports` takes them."""
     return g.dim() == 3 and (g.shape[2] <= 1 or g.stride(2) == 1) and _readable(g) \
-        and all(_int_grid(f) and gr in (Granularity.ROW, Granularity.TENSOR)
+        and all(_grid(f) is not None and gr in (Granularity.ROW, Granularity.TENSOR)
                 and r in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(sd, r)
                 for f, gr, r, sd in ((fmt_a, gran_a, rnd_a, seed_a), (fmt_w, gran_w, rnd_w, seed_w))) \
         and _enabled and available()
@@ -408,10 +450,10 @@ def _quantize_conv_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a
     codes_w = torch.empty(c, n * length, dtype=torch.int8, device="cpu")
     lib.lowbit_seg_quantize_pair(
         *args, div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
-        int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
+        _mode(fmt_a, rnd_a), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
-        int(rnd_w is Rounding.STOCHASTIC), float(fmt_w.emax), codes_w.data_ptr(), threads)
-    return codes_a, step_a, codes_w, step_w
+        _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), threads)
+    return codes_a.view(fmt_a.code_dtype), step_a, codes_w.view(fmt_w.code_dtype), step_w
 
 
 def quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -621,7 +663,7 @@ def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: to
     (the C code reads ``dots[group[r]]`` and ``scale[r]``, ``v[r]`` for every row)."""
     n, d = x.shape
     parts = (dots, scale, v, group)
-    if not (supports(x, fmt, granularity, rounding, seed) and _rows_contiguous(x)
+    if not (supports(x, fmt, granularity, rounding, seed) and _int_grid(fmt) and _rows_contiguous(x)
             and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
                     for t in parts)
             and scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
@@ -734,6 +776,58 @@ def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
             _epilogue_into(lib, got, s_a, s_b, b, threads)
             if not _same(got.view(torch.float32), want):
                 return False
+    return True
+
+
+def _fp8_self_test(lib: ctypes.CDLL) -> bool:
+    """E4M3 and E5M2 codes (compared as bytes) and steps against the reference: random
+    rows over many binades (so that elements land in the subnormal range), an all-zero
+    row, NaN and ±Inf rows, −0.0, float32 and bfloat16, row-major and transposed, per row
+    and per tensor, stochastic and nearest, the pair, the batched pair and the
+    convolution pair, one and two threads."""
+    from ..formats import parse_format
+    from .reference import quantize as ref
+
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 53, generator=g, **cpu) * torch.logspace(-6, 3, 53, **cpu)
+    x[3] = 0.0
+    x[4, :5] = -0.0
+    x[5, 7], x[6, 0], x[6, 9] = float("nan"), float("inf"), -float("inf")
+    seed_a, seed_w = torch.tensor(0x1234567, device="cpu"), torch.tensor(0xFEDCBA98, device="cpu")
+
+    def same(got: tuple, want: tuple) -> bool:
+        return all(_same_fp8(gc, wc) and _same(gs, ws)
+                   for gc, gs, wc, ws in zip(got[::2], got[1::2], want[::2], want[1::2]))
+
+    for name in ("fp8_e4m3", "fp8_e5m2"):
+        fmt = parse_format(name)
+        for a, gran in ((x, Granularity.ROW), (x[:, 2:40], Granularity.TENSOR), (x.bfloat16(), Granularity.ROW),
+                        (x.t(), Granularity.ROW), (x[7:].t(), Granularity.TENSOR)):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                want = ref(a, fmt, gran, rnd, seed_a)[:2]
+                want_t = ref(a.t(), fmt, gran, rnd, seed_w)[:2]
+                for threads in (1, 2):
+                    if not same(_quantize(lib, a, fmt, gran, rnd, seed_a, threads), want):
+                        return False
+                    if _rows_contiguous(a) and not same(
+                            _quantize_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads),
+                            (*want, *want_t)):
+                        return False
+        g3 = x[:36].reshape(4, 9, 53)
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            want = (*ref(g3.reshape(36, 53), fmt, Granularity.ROW, rnd, seed_a)[:2],
+                    *ref(g3.mT.reshape(4 * 53, 9), fmt, Granularity.ROW, rnd, seed_w)[:2])
+            c3 = x[:36, :52].reshape(4, 9, 52)
+            want_c = (*ref(c3.reshape(4, -1), fmt, Granularity.ROW, rnd, seed_a)[:2],
+                      *ref(c3.transpose(0, 1).reshape(9, -1), fmt, Granularity.ROW, rnd, seed_w)[:2])
+            for threads in (1, 2):
+                got = _quantize_pair(lib, g3, fmt, Granularity.ROW, rnd, seed_a, fmt, Granularity.ROW, rnd,
+                                     seed_w, threads)
+                got_c = _quantize_conv_pair(lib, c3, fmt, Granularity.ROW, rnd, seed_a, fmt, Granularity.ROW,
+                                            rnd, seed_w, threads)
+                if not (same(got, want) and same(got_c, want_c)):
+                    return False
     return True
 
 
@@ -872,6 +966,17 @@ def _place_self_test(lib: ctypes.CDLL) -> bool:
                 if not (got.dtype == want.dtype and torch.equal(got, want)):
                     return False
     return True
+
+
+def _same_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """FP8 codes: the same bytes, except that a NaN equals any NaN (the reference's NaN
+    sign bit depends on its operand's memory layout: 0x7F from a contiguous operand, 0xFF
+    from a transposed one; both are NaN in E4M3FN and E5M2)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = torch.isnan(a.float())
+    return bool(torch.equal(nan, torch.isnan(b.float()))) and \
+        bool(torch.equal(a.view(torch.uint8)[~nan], b.view(torch.uint8)[~nan]))
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

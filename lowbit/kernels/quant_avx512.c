@@ -37,9 +37,56 @@ static inline __m512 noise16(__m512i idx, __m512i seed) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
 }
 
-/* 16 codes of x / d (lanes' element indices idx) as 16 bytes. */
-static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int sr, __m512 emax) {
+static inline __m512i set1i(int v) { return _mm512_set1_epi32(v); }
+
+/* FP8 elements (lowbit.formats.round_elements on an Element) of y = x / d as their code
+ * bytes. k = max(exponent(|y|), emin) - man is the grid spacing's exponent there (read from
+ * y's float32 exponent bits, as Element.spacing_exp), t = y * 2^-k (exact), q = t rounded
+ * (stochastic: floor(t) + [u < t - floor(t)], the addition done even when it adds 0, so
+ * that -0 + 0 = +0 as in the reference; nearest: half to even), v = q * 2^k (exact, on the
+ * grid, |v| <= max). The byte is c10's float -> float8 conversion of v, exact for a grid
+ * value: sign << 7 | exponent + bias << man | mantissa (normal), v / 2^(emin - man)
+ * (subnormal), 0x7F for NaN (with the sign bit). kind 1: E4M3FN (man 3, emin -6, bias 7);
+ * 2: E5M2 (man 2, emin -14, bias 15). */
+static inline __m128i fp8_codes16(__m512 y, __m512i idx, __m512i seed, int sr, int kind) {
+    const int man = kind == 1 ? 3 : 2, emin = kind == 1 ? -6 : -14, bias = kind == 1 ? 7 : 15;
+    const __m512i ybits = _mm512_castps_si512(y);
+    __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(ybits, 23), set1i(0xFF)), set1i(127));
+    const __m512i k = _mm512_sub_epi32(_mm512_max_epi32(e, set1i(emin)), set1i(man));
+    const __m512 inv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(set1i(127), k), 23));
+    const __m512 sp = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(set1i(127), k), 23));
+    const __m512 t = _mm512_mul_ps(y, inv);
+    __m512 q;
+    if (sr) {
+        const __m512 low = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        const __mmask16 up = _mm512_cmp_ps_mask(noise16(idx, seed), _mm512_sub_ps(t, low), _CMP_LT_OQ);
+        q = _mm512_add_ps(low, _mm512_maskz_mov_ps(up, _mm512_set1_ps(1.0f)));
+    } else {
+        q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i v = _mm512_castps_si512(_mm512_mul_ps(q, sp));
+    const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(v, 31), 7);
+    const __m512i a = _mm512_and_si512(v, set1i(0x7FFFFFFF));
+    const __m512i biased = _mm512_srli_epi32(a, 23);
+    const __mmask16 normal = _mm512_cmp_epi32_mask(biased, set1i(emin + 127), _MM_CMPINT_NLT);
+    const __mmask16 nan = _mm512_cmp_epi32_mask(a, set1i(0x7F800000), _MM_CMPINT_NLE);
+    const __m512i norm = _mm512_or_si512(
+        _mm512_slli_epi32(_mm512_add_epi32(biased, set1i(bias - 127)), man),
+        _mm512_and_si512(_mm512_srli_epi32(a, 23 - man), set1i((1 << man) - 1)));
+    const __m512 scale_sub = _mm512_castsi512_ps(set1i((127 - (emin - man)) << 23));  /* 2^-(emin - man) */
+    const __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), scale_sub));
+    __m512i code = _mm512_mask_mov_epi32(sub, normal, norm);
+    code = _mm512_mask_mov_epi32(code, nan, set1i(0x7F));
+    return _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign));
+}
+
+/* 16 codes of x / d (lanes' element indices idx) as 16 bytes. mode: bit 0 stochastic
+ * rounding, bits 1-2 the grid: 0 the integer grid (clamped to +-emax), 1 E4M3, 2 E5M2
+ * (fp8_codes16). */
+static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int mode, __m512 emax) {
     __m512 y = _mm512_div_ps(x, d), q;
+    const int sr = mode & 1;
+    if (mode >> 1) return fp8_codes16(y, idx, seed, sr, mode >> 1);
     if (sr) {
         __m512 low = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         __mmask16 up = _mm512_cmp_ps_mask(noise16(idx, seed), _mm512_sub_ps(y, low), _CMP_LT_OQ);

@@ -255,17 +255,17 @@ def run_grad(kernels, grads: torch.Tensor, a_step: torch.Tensor | None,  # noqa:
 
 
 # -- self-test ------------------------------------------------------------------------------
-def _close(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) -> bool:
-    """Equal NaN positions; elsewhere within 4e-6 relative plus ``1e-6 · scale`` absolute
-    (``scale``: the row quantities' magnitude where a result cancels, as ``∇S`` does).
-    ``exp`` within 2 ulp, a 128-term sum re-ordered (a few ulp) and the reciprocal's
-    rounding stay below 4e-6 ≈ 33 ulp of float32 with a wide margin; a wrong mask, step or
-    row would be off by orders of magnitude."""
+def _close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-12) -> bool:
+    """Equal NaN positions; elsewhere within 4e-6 relative plus ``atol`` absolute (for
+    ``∇S``, which cancels: 1e-6 of the row quantities' magnitude). ``exp`` within 2 ulp,
+    a 128-term sum re-ordered (a few ulp) and the reciprocal's rounding stay below 4e-6 ≈
+    33 ulp of float32 with a wide margin; a wrong mask, step or row, or probabilities
+    flushed to zero (above 1e-12), would be off by orders of magnitude."""
     nan = torch.isnan(want)
     if not torch.equal(nan, torch.isnan(got)):
         return False
     g, w = got.masked_fill(nan, 0).double(), want.masked_fill(nan, 0).double()
-    return bool(((g - w).abs() <= 4e-6 * w.abs() + 1e-6 * scale).all())
+    return bool(((g - w).abs() <= 4e-6 * w.abs() + atol).all())
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
@@ -301,7 +301,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                         return False
                     got_g = _softmax_grad(lib, gp, sa, sb, want.clone(), threads)
                     scale = float(_epilogue(ref_k, gp.clone(), sa, sb, torch.float32).abs().nan_to_num(0, 0, 0).max())
-                    if not _close(got_g, want_g, scale):
+                    if not _close(got_g, want_g, 1e-6 * scale):
                         return False
     return True
 

@@ -593,9 +593,10 @@ def test_double_backward_through_attention(native: bool, monkeypatch: pytest.Mon
     """``create_graph=True`` (a double backward: ``lowbit.analysis.jacobian_spectrum``)
     under QAT runs every score-sized kernel out of place, with the same first-order
     gradients — bit for bit where the softmax's reference kernels run both times
-    (``native`` off); with the AVX-512 softmax (:mod:`lowbit.kernels.softmax`, which
-    refuses recorded inputs: the backward's softmax runs the reference under
-    ``create_graph``) to its float rounding. With quantized gradients it is refused
+    (``native`` off); with the AVX-512 softmax (:mod:`lowbit.kernels.softmax`) to its
+    float rounding: it refuses inputs autograd records, so under ``create_graph`` the
+    softmax backward of the recorded ``∇O`` runs the reference (the recomputed ``P``,
+    from saved codes without a derivative, still runs the kernel). With quantized gradients it is refused
     with a clear error (their codes have no derivative: a second-order term would
     silently be missing)."""
     from lowbit.kernels import softmax

@@ -357,14 +357,14 @@ def test_conv_pair_strided_and_nonfinite_operands() -> None:
 
 
 def test_conv_pair_refuses_what_it_cannot_read() -> None:
-    """A last dimension that is not contiguous (channels-last ∇Y), a 2-D operand, FP8 or
-    asymmetric formats, float64 and seeds outside 32 bits are refused (the compiled
-    kernel runs them)."""
+    """A last dimension that is not contiguous (channels-last ∇Y), a 2-D operand, block
+    (MXFP8) or asymmetric formats, float64 and seeds outside 32 bits are refused (the
+    compiled kernel runs them)."""
     g = torch.randn(4, 8, 25)
     seed = torch.tensor(3)
     ok = (FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
     refused = [(g.transpose(1, 2).contiguous().transpose(1, 2), *ok, *ok), (g[:, :, 0], *ok, *ok),
-               (g.double(), *ok, *ok), (g, parse_format("fp8_e4m3"), *ok[1:], *ok),
+               (g.double(), *ok, *ok), (g, parse_format("mxfp8_e4m3"), *ok[1:], *ok),
                (g, *ok, parse_format("int4a"), *ok[1:]),
                (g, *ok, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(2**32))]
     for args in refused:
@@ -404,7 +404,6 @@ def test_zero_nonfinite_and_extreme_groups(dtype: torch.dtype) -> None:
                     assert got[0][4].any()  # subnormals quantize on their own row's scale
 
 
-@needs_avx512
 @needs_avx512
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_grid_steps_bitwise_grid_step_over_float32(bits: int) -> None:
@@ -456,6 +455,50 @@ def test_epilogue_into_bitwise_the_reference(case: str) -> None:
         assert not avx512.supports_epilogue_into(acc, torch.rand(1, 2), sb, None, None, None, None, 0)
 
 
+@needs_avx512
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 1), (33, 70), (300, 513)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_codes_bitwise_the_reference(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """E4M3 and E5M2 codes (per row and per tensor, stochastic and nearest) of row-major
+    and transposed operands, and both codes of the pair, are the reference's bytes, the
+    steps its bits; values span 2⁻²⁰…2⁴ of the row maximum, so elements land on every
+    binade, the subnormals included, and −0.0 keeps its sign."""
+    fmt = parse_format(name)
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 4, shape, generator=g).float())).to(dtype)
+    x[0, 0] = -0.0
+    seed_a, seed_w = torch.tensor(77), torch.tensor(0xABCDEF)
+    kern = avx512._library()
+    for gran in (Granularity.ROW, Granularity.TENSOR):
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            for a in (x, x.t()):
+                assert avx512.supports(a, fmt, gran, rnd, seed_a)
+                got = avx512.quantize(a, fmt, gran, rnd, seed_a)
+                want = reference.quantize(a, fmt, gran, rnd, seed_a)
+                assert got[0].dtype == fmt.code_dtype and avx512._same_fp8(got[0], want[0])
+                assert torch.equal(got[1], want[1])
+            pair = avx512._quantize_pair(kern, x, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, 1)
+            want_t = reference.quantize(x.t(), fmt, gran, rnd, seed_w)
+            assert avx512._same_fp8(pair[2], want_t[0]) and torch.equal(pair[3], want_t[1])
+
+
+@needs_avx512
+def test_fp8_nonfinite_groups_and_block_formats() -> None:
+    """A NaN or infinite value makes its group's codes NaN and its step non-finite, as the
+    reference; block formats (MXFP8, NVFP4) and asymmetric grids are not taken."""
+    fmt = parse_format("fp8_e4m3")
+    x = torch.randn(4, 40)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    got = avx512.quantize(x, fmt, Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+    want = reference.quantize(x, fmt, Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+    assert avx512._same_fp8(got[0], want[0]) and avx512._same(got[1], want[1])
+    assert bool(torch.isnan(got[0][1].float()).all()) and not bool(torch.isfinite(got[1][1:3]).any())
+    for other in ("mxfp8_e4m3", "nvfp4", "int8a"):
+        assert not avx512.supports(x, parse_format(other), Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+
+
+@needs_avx512
 def test_row_strided_views() -> None:
     """A view whose rows are contiguous but not adjacent (row stride > columns), and a
     slice starting mid-row."""
@@ -472,15 +515,16 @@ def test_row_strided_views() -> None:
 
 
 def test_supports_only_what_it_computes() -> None:
-    """float32/bfloat16/float16 CPU rows of a symmetric integer grid, per row or tensor, stochastic or
-    nearest, not recorded by autograd: anything else (FP8, blocks, asymmetric grids,
+    """float32/bfloat16/float16 CPU rows of a symmetric integer or FP8 (E4M3, E5M2) grid, per
+    row or tensor, stochastic or nearest, not recorded by autograd: anything else (blocks,
+    asymmetric grids,
     float64, operands with neither rows nor columns contiguous, an operand of a double
     backward) is refused,
     and the dispatcher runs the compiled or reference kernel."""
     x = torch.randn(64, 64)
     seed = torch.tensor(1)
     ok = (Granularity.ROW, Rounding.STOCHASTIC, seed)
-    refused = [(x, parse_format("fp8_e4m3"), *ok), (x, parse_format("mxfp8_e4m3"), *ok),
+    refused = [(x, parse_format("mxfp8_e4m3"), *ok), (x, parse_format("nvfp4"), *ok),
                (x, parse_format("int4a"), *ok), (x.double(), FORMATS[4], *ok),
                (x[:, ::2], FORMATS[4], *ok),
                (x.clone().requires_grad_(), FORMATS[4], *ok)]  # recorded: a double backward
@@ -509,8 +553,11 @@ def test_dispatcher_runs_it_and_the_result_equals_the_reference(monkeypatch: pyt
 
 
 def _bitwise_with_and_without(grads) -> None:  # noqa: ANN001
-    """``grads()`` with the kernels and without (the compiled ones): equal bit for bit."""
-    on = grads()
+    """``grads()`` with the kernels and without (the compiled ones): equal bit for bit;
+    the first run did call the kernel's quantizers (not a comparison of two compiled runs)."""
+    with torch.profiler.profile() as prof:
+        on = grads()
+    assert any(e.name.startswith("lowbit::avx512_quantize") for e in prof.events())
     avx512.set_enabled(False)
     try:
         off = grads()
@@ -521,7 +568,8 @@ def _bitwise_with_and_without(grads) -> None:  # noqa: ANN001
 
 @needs_avx512
 @pytest.mark.parametrize("recipe,amp", [("fqt-psq-8", False), ("fqt-ptq-4", False), ("fqt-psq-8", True),
-                                        ("fqt-bhq-8", False), ("fqt-hadamard-8", False)])
+                                        ("fqt-bhq-8", False), ("fqt-hadamard-8", False),
+                                        ("fqt-psq-fp8", False), ("fp8-rowwise", False)])
 def test_training_step_bitwise_the_same_with_and_without_it(recipe: str, amp: bool) -> None:
     """Two FFN steps, gradients equal bit for bit; under bf16 autocast the kernel reads
     the bf16 activations and gradients."""
@@ -540,7 +588,7 @@ def test_training_step_bitwise_the_same_with_and_without_it(recipe: str, amp: bo
 
 
 @needs_avx512
-@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-bhq-8"])
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-bhq-8", "fp8-rowwise"])
 def test_cnn_training_step_bitwise_the_same_with_and_without_it(recipe: str) -> None:
     """Two steps of a small CNN (3×3 and strided, grouped and 1×1 convolutions, a Linear
     head): gradients equal bit for bit with the kernels (quantizers, the convolutions'
