@@ -270,7 +270,9 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     cols_gen = _split(gens.get(Path.GRAD_WEIGHT), 2)  # ∇Oᵀ, ∇Sᵀ: per value feature, key token
     qq, qk, qv, qp = (Operand.of(q, sh, dt) for q, sh in
                       zip(quant, ((b, lq, e), (b, s, e), (b, s, ev), (b, lq, s))))
-    qq_c, qk_c = qq.scaled(scale), qk.scaled(scale)  # c of ∇Q = c·∇S·K, ∇K = c·∇Sᵀ·Q in the steps
+    # c of ∇Q = c·∇S·K and ∇K = c·∇Sᵀ·Q, in K's and Q's steps (values where not plain codes)
+    qk_c = qk.scaled(scale) if needs[0] else None
+    qq_c = qq.scaled(scale) if needs[1] else None
     gq = gk = gv = gs = None
     scores = needs[0] or needs[1] or needs[3]
     # ∇O for ∇P (rows: query tokens) and for ∇V (rows: value features) from one read
