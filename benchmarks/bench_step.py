@@ -20,7 +20,8 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
   that profiled step spent outside GEMM ops;
 * for lowbit modes, CPU ms inside lowbit's labelled regions (quantize, transform,
   epilogue; ``lowbit::gemm`` is inside GEMM ms);
-* peak MB: heap memory a step adds on top of the idle process (malloc's bytes in use,
+* peak MB: heap memory a step adds on top of the idle process, plus the buffers lowbit
+  keeps between steps (``lowbit.kernels.workspace``) (malloc's bytes in use,
   glibc ``mallinfo2``, sampled every 0.2 ms; each mode in its own subprocess). Unlike the
   resident size it does not depend on what the allocator keeps cached.
 
@@ -363,10 +364,14 @@ def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int,
             sync(device)
             peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
         return round(max(peaks), 1)
+    from lowbit.kernels import workspace
+
     for _ in range(steps):
         with PeakMemory() as mem:
             b.step()
-        peaks.append(mem.peak - mem.base)
+        # buffers lowbit keeps between steps (lowbit.kernels.workspace) are in the idle
+        # heap the step starts from; they are the step's memory, so they count here
+        peaks.append(mem.peak - mem.base + workspace.held_bytes() / 2**20)
     return round(max(peaks), 1)
 
 

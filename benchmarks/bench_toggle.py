@@ -29,6 +29,9 @@ Toggles (each is "on" as lowbit ships it):
                epilogue (the same values)
   avx512-fp8   FP8 (E4M3/E5M2) quantizers on lowbit's AVX-512 kernel; off: the compiled
                quantizer (the same codes)
+  workspace    large CPU temporaries (attention's ≥ 32 MB score accumulators) reused across
+               calls (``lowbit.kernels.workspace``); off: a fresh mmap each time (the same
+               values)
   grid-steps   the quantizers' steps from their absmax in one C call (``lowbit_grid_steps``);
                off: :func:`lowbit.formats.grid_step`'s torch ops (the same bits)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
@@ -209,7 +212,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
-    "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8}
+    "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
+    "workspace": lambda: __import__("lowbit.kernels.workspace", fromlist=["set_enabled"]).set_enabled}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cbuild
+from . import cbuild, workspace
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
@@ -238,7 +238,7 @@ def _int8_bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if lib is None:
         raise RuntimeError("the AMX kernel is not available on this machine "
                            "(lowbit.kernels.amx.available() is False)")
-    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device="cpu")
+    out = workspace.empty((a.shape[0], a.shape[1], b.shape[2]), torch.int32)  # reused when large
     if out.numel() and a.shape[2]:
         _call_batched(lib, a, b, out, torch.get_num_threads())
     elif out.numel():  # no summed terms: every sum is 0
@@ -257,7 +257,8 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a[i] @ b[i]`` for each entry of a batch: (B, M, K) × (B, K, N) int8 CPU tensors,
-    any strides, ``K ≤`` :data:`MAX_K` → a new (B, M, N) int32 tensor of exact sums, the
+    any strides, ``K ≤`` :data:`MAX_K` → a new (B, M, N) int32 tensor of exact sums (from
+    32 MB on, a reused unreferenced buffer: :mod:`lowbit.kernels.workspace`), the
     entries spread over the threads in one call (the op ``lowbit::int8_bmm``, which
     ``lowbit.coverage`` counts as int8 GEMMs): attention's per-head products, where one
     ``torch._int_mm`` call per head costs more in dispatch than the product. Raises

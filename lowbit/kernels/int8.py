@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import amx
+from . import amx, workspace
 from .encoded import Encoded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,7 +102,8 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``a_codes[i] @ b_codes[i]`` for every batch entry: (B, M, K) × (B, K, N) int8, any
     strides, ``K ≤`` :data:`MAX_K` → (B, M, N) int32 exact sums, written into ``out``
-    (contiguous) if given, else a new tensor. Without ``out``, on a CPU with AMX, the
+    (contiguous) if given, else a new tensor (on the CPU, from 32 MB on, a buffer of an
+    earlier call that nothing references any more: :mod:`.workspace`). Without ``out``, on a CPU with AMX, the
     whole batch is one call of :mod:`.amx`'s batched kernel (``lowbit::int8_bmm``: the
     entries spread over the threads; 1.1–5× the loop at attention's head shapes,
     docs/benchmarks.md). Otherwise one ``torch._int_mm`` per entry: every entry has the
@@ -113,7 +114,9 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
             and a_codes.shape[2] <= amx.MAX_K and amx.available():
         return amx.int_bmm(a_codes, b_codes)
-    if out is None:
+    if out is None and a_codes.device.type == "cpu":  # large results reuse a buffer
+        out = workspace.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), torch.int32)
+    elif out is None:
         out = torch.empty(a_codes.shape[0], a_codes.shape[1], b_codes.shape[2], dtype=torch.int32,
                           device=a_codes.device)
     if a_codes.shape[0] == 0:

@@ -1,0 +1,93 @@
+"""Reused CPU buffers for lowbit's largest temporaries (attention's score-sized int32
+accumulators).
+
+glibc serves every allocation of 32 MB or more (its largest mmap threshold) with a fresh
+``mmap`` and unmaps it when it is freed, so each such tensor pays its page faults again on
+first touch: a (48, 512, 512) int32 accumulator — one GPT-2-small block's scores, 4 × 12
+heads × 512² — took 15 ms to fill fresh against 1.3 ms reused (2 threads), twice per
+step (the forward's ``Q·Kᵀ`` and the backward's recomputation). :func:`empty` hands out,
+per thread, a buffer of the requested shape and dtype that an earlier call made and that
+nothing references any more — neither the tensor object nor any view of its storage
+(``sys.getrefcount`` and the storage's use count) — else a new one, which it keeps
+(at most :data:`MAX_ENTRIES` per thread, the oldest dropped). Requests below
+:data:`MIN_BYTES` are plain ``torch.empty``: the heap reuses those itself. A buffer whose
+result escapes (attention's ``need_weights`` weights, a mask gradient) stays the caller's
+for as long as it is referenced. :func:`held_bytes` is what the pools hold between steps
+(``benchmarks/bench_step.py`` adds it to a step's peak memory). ``LOWBIT_WORKSPACE=0`` or
+:func:`set_enabled` turns it off.
+
+The trade: a pooled buffer stays allocated between its uses, so it adds to the peak of
+whatever else the step holds at its own peak. Measured on gpt2-block (docs/benchmarks.md,
+"Large score buffers reused"): the step −11.7% (2 threads), its peak memory 99 → 135 MB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+
+import torch
+
+MIN_BYTES = 32 << 20
+MAX_ENTRIES = 2
+_enabled = os.environ.get("LOWBIT_WORKSPACE", "1") != "0"
+_local = threading.local()
+_pools: list[dict] = []  # every thread's pool, for held_bytes
+_lock = threading.Lock()
+
+
+def _pool() -> dict:
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        pool = _local.pool = {}
+        with _lock:
+            _pools.append(pool)
+    return pool
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU tensor of ``shape`` and ``dtype`` with unspecified contents, as
+    ``torch.empty``: for at least :data:`MIN_BYTES`, an unreferenced buffer this thread
+    made before, if there is one (module docstring)."""
+    shape = tuple(int(s) for s in shape)
+    if not _enabled or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    pool, key = _pool(), (shape, dtype)
+    t = pool.get(key)
+    # references: the pool's, the name t, getrefcount's argument; the storage: t's and the
+    # temporary storage object; anything more is a caller's tensor or view
+    if t is not None and sys.getrefcount(t) == 3 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2:
+        return t
+    t = torch.empty(shape, dtype=dtype, device="cpu")
+    pool.pop(key, None)
+    pool[key] = t
+    while len(pool) > MAX_ENTRIES:
+        pool.pop(next(iter(pool)))
+    return t
+
+
+def held_bytes() -> int:
+    """Bytes the pools of all threads hold."""
+    with _lock:
+        return sum(t.numel() * t.element_size() for pool in _pools for t in list(pool.values()))
+
+
+def clear() -> None:
+    """Drop every pooled buffer (of all threads)."""
+    with _lock:
+        for pool in _pools:
+            pool.clear()
+
+
+def set_enabled(flag: bool) -> None:
+    """Reuse buffers (``True``, the default unless ``LOWBIT_WORKSPACE=0``) or never
+    (``False``; for tests and A/B benchmarks; drops the pools). Process-wide."""
+    global _enabled
+    _enabled = bool(flag)
+    if not _enabled:
+        clear()
+
+
+__all__ = ["MAX_ENTRIES", "MIN_BYTES", "clear", "empty", "held_bytes", "set_enabled"]

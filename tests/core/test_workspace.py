@@ -1,0 +1,106 @@
+"""``lowbit.kernels.workspace``: large CPU buffers reused only when nothing references
+them, per thread; attention's results unchanged by the reuse."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lowbit.kernels import workspace
+
+SHAPE = (8, 1024, 1024)  # 32 MB of int32: the smallest pooled size
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pools():
+    workspace.clear()
+    yield
+    workspace.clear()
+
+
+def test_a_dropped_buffer_is_reused_a_referenced_one_never() -> None:
+    a = workspace.empty(SHAPE, torch.int32)
+    ptr = a.data_ptr()
+    assert a.shape == SHAPE and a.dtype == torch.int32 and a.is_contiguous()
+    b = workspace.empty(SHAPE, torch.int32)  # a is alive: a new buffer
+    assert b.data_ptr() != ptr
+    del a, b
+    c = workspace.empty(SHAPE, torch.int32)  # the pool keeps the newest
+    assert workspace.held_bytes() == c.numel() * 4
+    view = c.view(torch.float32)[3]  # a view keeps the storage in use
+    cptr = c.data_ptr()
+    del c
+    d = workspace.empty(SHAPE, torch.int32)
+    assert d.data_ptr() != cptr
+    del view, d
+    e = workspace.empty(SHAPE, torch.int32)
+    assert workspace.empty(SHAPE, torch.int32).data_ptr() != e.data_ptr()  # e is referenced
+    del e
+
+
+def test_small_requests_and_other_dtypes_are_plain_allocations() -> None:
+    small = workspace.empty((4, 128, 128), torch.int32)
+    assert small.shape == (4, 128, 128) and workspace.held_bytes() == 0
+    f = workspace.empty(SHAPE, torch.float32)
+    i = workspace.empty(SHAPE, torch.int32)
+    assert f.dtype == torch.float32 and i.dtype == torch.int32
+    assert workspace.held_bytes() == 2 * f.numel() * 4
+    workspace.empty((9, 1024, 1024), torch.int32)  # a third shape drops the oldest entry
+    assert workspace.held_bytes() == (8 + 9) * 1024 * 1024 * 4
+
+
+def test_threads_never_share_a_buffer() -> None:
+    ptrs = []
+
+    def grab() -> None:
+        t = workspace.empty(SHAPE, torch.int32)
+        ptrs.append(t.data_ptr())
+        barrier.wait()  # both threads hold theirs at once
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=grab) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ptrs)) == 2
+
+
+def test_switched_off_allocates_fresh() -> None:
+    workspace.set_enabled(False)
+    try:
+        a = workspace.empty(SHAPE, torch.int32)
+        del a
+        assert workspace.held_bytes() == 0
+    finally:
+        workspace.set_enabled(True)
+
+
+def test_attention_with_pooled_scores_equals_fresh_buffers() -> None:
+    """Two steps of a low-bit attention whose scores are 32 MB (pooled, the forward's and
+    the backward's recomputation reusing one buffer), the returned weights kept alive
+    across the second call: the same outputs, weights and gradients as with the pool off."""
+    import lowbit
+    from lowbit.attention import attention
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 1024, 16, requires_grad=True) for _ in range(3))
+        state = lowbit.functional.block_state(lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        out = []
+        for _ in range(2):
+            o, w = attention(q, k, v, is_causal=True, state=state, need_weights=True)
+            (o.square().sum() + w.sum()).backward()
+            out += [o.detach(), w.detach()]  # w outlives the next call's scores
+        return out + [q.grad, k.grad, v.grad]
+
+    pooled = run()
+    assert workspace.held_bytes() >= 8 * 1024 * 1024 * 4  # the scores went through the pool
+    workspace.set_enabled(False)
+    try:
+        fresh = run()
+    finally:
+        workspace.set_enabled(True)
+    assert all(torch.equal(a, b) for a, b in zip(pooled, fresh, strict=True))
