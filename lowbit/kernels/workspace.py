@@ -8,7 +8,9 @@ heads × 512² — took 15 ms to fill fresh against 1.3 ms reused (2 threads), t
 step (the forward's ``Q·Kᵀ`` and the backward's recomputation). :func:`empty` hands out,
 per thread, a buffer of the requested shape and dtype that an earlier call made and that
 nothing references any more — neither the tensor object nor any view of its storage
-(``sys.getrefcount`` and the storage's use count) — else a new one, which it keeps
+(``sys.getrefcount`` and the storage's use count; a C++ holder such as autograd's saved
+tensors adds a reference to the object in torch 2.13, which is checked once per process:
+where it does not, nothing is reused) — else a new one, which it keeps
 (at most :data:`MAX_ENTRIES` per thread, the oldest dropped). Requests below
 :data:`MIN_BYTES` are plain ``torch.empty``: the heap reuses those itself. A buffer whose
 result escapes (attention's ``need_weights`` weights, a mask gradient) stays the caller's
@@ -23,6 +25,7 @@ whatever else the step holds at its own peak. Measured on gpt2-block (docs/bench
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -47,12 +50,27 @@ def _pool() -> dict:
     return pool
 
 
+@functools.cache
+def _references_seen() -> bool:
+    """Whether this torch counts a C++ holder of a tensor (autograd saving it for the
+    backward) as a reference to its Python object — what :func:`empty`'s check relies on
+    (torch 2.13 does); where it does not, buffers are never reused."""
+    t = torch.empty(4)
+    before = sys.getrefcount(t)
+    with torch.enable_grad():
+        y = t * torch.ones((), requires_grad=True)  # saves t, the same TensorImpl
+        held = sys.getrefcount(t)
+        del y
+    return held > before and sys.getrefcount(t) == before
+
+
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A contiguous CPU tensor of ``shape`` and ``dtype`` with unspecified contents, as
     ``torch.empty``: for at least :data:`MIN_BYTES`, an unreferenced buffer this thread
     made before, if there is one (module docstring)."""
     shape = tuple(int(s) for s in shape)
-    if not _enabled or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < MIN_BYTES:
+    if not _enabled or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < MIN_BYTES \
+            or not _references_seen():
         return torch.empty(shape, dtype=dtype, device="cpu")
     pool, key = _pool(), (shape, dtype)
     t = pool.get(key)

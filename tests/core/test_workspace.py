@@ -40,6 +40,24 @@ def test_a_dropped_buffer_is_reused_a_referenced_one_never() -> None:
     del e
 
 
+def test_a_buffer_autograd_saved_is_not_reused() -> None:
+    """A tensor autograd keeps for the backward (a C++ holder of the same TensorImpl, no
+    new view) counts as referenced: the next request gets a new buffer and the backward
+    reads the saved values."""
+    assert workspace._references_seen()
+    w = torch.ones((), requires_grad=True)
+    a = workspace.empty(SHAPE, torch.int32)
+    a.fill_(3)
+    y = (a * w).sum()  # autograd saves a
+    ptr = a.data_ptr()
+    del a
+    b = workspace.empty(SHAPE, torch.int32)
+    assert b.data_ptr() != ptr
+    b.fill_(-1)
+    y.backward()
+    assert float(w.grad) == 3.0 * b.numel()
+
+
 def test_small_requests_and_other_dtypes_are_plain_allocations() -> None:
     small = workspace.empty((4, 128, 128), torch.int32)
     assert small.shape == (4, 128, 128) and workspace.held_bytes() == 0
