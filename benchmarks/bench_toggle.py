@@ -197,6 +197,12 @@ def _avx512_fp8() -> Callable[[bool], None]:
     return switch
 
 
+def _workspace() -> Callable[[bool], None]:
+    from lowbit.kernels import workspace
+
+    return workspace.set_enabled
+
+
 def _softmax() -> Callable[[bool], None]:
     from lowbit.kernels import softmax
 
@@ -213,7 +219,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
-    "workspace": lambda: __import__("lowbit.kernels.workspace", fromlist=["set_enabled"]).set_enabled}
+    "workspace": _workspace}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     ``torch.empty``: for at least :data:`MIN_BYTES`, an unreferenced buffer this thread
     made before, if there is one (module docstring)."""
     shape = tuple(int(s) for s in shape)
-    if not _enabled or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < MIN_BYTES \
+    if not _enabled or math.prod(shape) * dtype.itemsize < MIN_BYTES \
             or not _references_seen():
         return torch.empty(shape, dtype=dtype, device="cpu")
     pool, key = _pool(), (shape, dtype)
