@@ -34,6 +34,9 @@ Toggles (each is "on" as lowbit ships it):
                values)
   grid-steps   the quantizers' steps from their absmax in one C call (``lowbit_grid_steps``);
                off: :func:`lowbit.formats.grid_step`'s torch ops (the same bits)
+  bhq-groups   BHQ's groups built from the row ranges in one C call (``lowbit.kernels.bhq_groups``:
+               the sort, prefix sums, memberships and the CSR index of the group sums); off:
+               the torch reference and the CSR index by a stable sort (the same bits)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -211,6 +214,14 @@ def _softmax() -> Callable[[bool], None]:
     return softmax.set_enabled
 
 
+def _bhq_groups() -> Callable[[bool], None]:
+    from lowbit.kernels import bhq_groups
+
+    if not bhq_groups.available():
+        raise SystemExit("lowbit's BHQ group kernel is not available on this machine (no C compiler?)")
+    return bhq_groups.set_enabled
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -219,7 +230,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
-    "workspace": _workspace}
+    "workspace": _workspace, "bhq-groups": _bhq_groups}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,27 +28,9 @@ import torch
 from torch.profiler import record_function
 
 from ..formats import Format, Granularity, Rounding, compute_dtype
-from ..kernels import Backend, Encoded, Impl, Kernels, avx512, kernels_for, reference, register, register_fused
+from ..kernels import Backend, Encoded, Impl, Kernels, avx512, bhq_groups, kernels_for, reference, register, register_fused
+from ..kernels.bhq_groups import csr_index
 from .base import GradQuantizer, RowTransform, row_absmax
-
-# Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
-# finite when a group's small rows are all zero (their scale is then immaterial).
-_MIN_SMALL_RATIO = 1e-12
-
-
-def _householder_absmax(g: torch.Tensor) -> torch.Tensor:
-    """``max |H_g|`` for ``H_g = I − 2vvᵀ``, ``v ∝ e1 − 𝟙/√g`` (g ≥ 2).
-
-    ``H e1 = 𝟙/√g`` and ``H`` is symmetric, so its first row and column hold ``1/√g``;
-    the rest is ``H_jj = 1 − c`` on the diagonal and ``H_jk = −c`` off it (j ≠ k, both
-    ≥ 2), with ``c = 1 / (√g (√g − 1))``. The off-diagonal ``−c`` exists only for
-    ``g ≥ 3``: ``H_2 = [[1, 1], [1, −1]]/√2``, whose largest entry is ``1/√2``, not ``c``.
-    """
-    r = g.sqrt()
-    c = 1.0 / (r * (r - 1.0))
-    diag = torch.maximum(1.0 / r, (1.0 - c).abs())
-    return torch.where(g >= 3, torch.maximum(diag, c), diag)
-
 
 def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.to(w.dtype) * w[:, None]
@@ -57,22 +39,23 @@ def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 SPARSE_MIN_NUMEL = 1 << 19  # below it the scatter-add is faster (1 thread: 0.40 vs 0.44 ms at 2¹⁹)
 
 
-def _group_sums(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D). float32 with at least ``SPARSE_MIN_NUMEL``
-    elements: one sparse (G × N, N non-zeros) × dense product, which reads ``x`` once and
-    writes only (G, D) (the scatter-add writes a fresh (N, D) buffer first: slower from
-    about 10⁶ elements on, several times at 10⁷); otherwise a weighting pass and a
-    scatter-add. The choice depends on the shape and dtypes alone, and every kernel set
-    calls this one function, so the reference and the fused paths sum in the same order,
-    bit for bit on every machine (the two methods round differently on an Intel Xeon)."""
+def _group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.Tensor:
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D) over the groups of ``t``. float32 with at least
+    ``SPARSE_MIN_NUMEL`` elements: one sparse (G × N, N non-zeros) × dense product on the
+    groups' CSR index (:meth:`BlockHouseholder.csr`), which reads ``x`` once and writes
+    only (G, D) (the scatter-add writes a fresh (N, D) buffer first: slower from about 10⁶
+    elements on, several times at 10⁷); otherwise a weighting pass and a scatter-add. The
+    choice depends on the shape and dtypes alone, and every kernel set calls this one
+    function, so the reference and the fused paths sum in the same order, bit for bit on
+    every machine (the two methods round differently on an Intel Xeon)."""
     if x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() < SPARSE_MIN_NUMEL:
         wx = _weighted(x, w)  # (N, D)
-        return wx.new_zeros(n_groups, x.shape[1]).index_add_(0, group, wx)
-    n = x.shape[0]
-    idx = torch.stack([group, torch.arange(n, device=x.device)])
+        return wx.new_zeros(t.n_groups, x.shape[1]).index_add_(0, t.group, wx)
+    crow, members = t.csr()
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        mat = torch.sparse_coo_tensor(idx, w, (n_groups, n)).coalesce().to_sparse_csr()
+        mat = torch.sparse_csr_tensor(crow, members, w[members], (t.n_groups, x.shape[0]),
+                                      check_invariants=False)
         return torch.sparse.mm(mat, x)  # (G, D)
 
 
@@ -102,6 +85,8 @@ register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
 register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
+register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
+register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
 
 
 class BlockHouseholder(RowTransform):
@@ -114,20 +99,28 @@ class BlockHouseholder(RowTransform):
     """
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, csr: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.n_rows = scale.shape[0]
         self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
         self.v = v  # (N,) same dtype, 0 for groups of one
         self.group = group  # (N,) int64
         self.n_groups = n_groups
         self.kernels = kernels
+        self._csr = csr
+
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(crow, members)``: group ``j``'s rows are ``members[crow[j]:crow[j + 1]]``,
+        ascending (:func:`lowbit.kernels.bhq_groups.csr_index`; computed once)."""
+        if self._csr is None:
+            self._csr = csr_index(self.group, self.n_groups)
+        return self._csr
 
     def _k(self, x: torch.Tensor) -> Kernels:
         return self.kernels or kernels_for(Backend.REFERENCE, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._k(x)
-        dots = k.run("bhq_group_sums", x, self.v * self.scale, self.group, self.n_groups)
+        dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
         return k.run("bhq_forward", x, dots, self.scale, self.v, self.group)
 
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
@@ -136,7 +129,7 @@ class BlockHouseholder(RowTransform):
         if x.numel() == 0:
             return super().forward_quantize(x, fmt, granularity, rounding, seed)
         with record_function("lowbit::transform"):
-            dots = k.run("bhq_group_sums", x, self.v * self.scale, self.group, self.n_groups)
+            dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
         with record_function("lowbit::quantize"):
             codes, scale, offset, bs = k.run("bhq_forward_quantize", x, dots, self.scale, self.v,
                                              self.group, fmt, granularity, rounding, seed)
@@ -148,7 +141,7 @@ class BlockHouseholder(RowTransform):
         dt = torch.promote_types(torch.promote_types(y.dtype, self.scale.dtype), torch.float32)
         y, v, scale = y.to(dt), self.v.to(dt), self.scale.to(dt)
         k = self._k(y)
-        dots = k.run("bhq_group_sums", y, v, self.group, self.n_groups)
+        dots = k.run("bhq_group_sums", y, v, self)
         return k.run("bhq_inverse", y, dots, scale, v, self.group, out_dtype)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
@@ -161,73 +154,25 @@ class BlockHouseholder(RowTransform):
 
 
 def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None) -> BlockHouseholder:
-    """Build the BHQ transform for ``a`` (N, D). O(N log N) bookkeeping on row ranges,
-    computed in float64 so that every float32 range, subnormals included, stays exact;
-    the transform itself runs in the compute dtype (float64 for float64 ``a``).
-    ``kernels``: the call's kernels (default: reference)."""
+    """Build the BHQ transform for ``a`` (N, D): the groups and scales of the module
+    docstring from the row ranges, by the kernel-table op ``bhq_groups``
+    (:mod:`lowbit.kernels.bhq_groups`: O(N log N) bookkeeping in float64, so that every
+    float32 range, subnormals included, stays exact); the transform itself runs in the
+    compute dtype (float64 for float64 ``a``). ``kernels``: the call's kernels (default:
+    reference)."""
     n = a.shape[0]
     dev = a.device
     dt = compute_dtype(a.dtype)
     lam = row_absmax(a, kernels).double()  # (N,)
-    ones = torch.ones(n, dtype=dt, device=dev)
     if n <= 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
+        ones = torch.ones(n, dtype=dt, device=dev)
         return BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n, kernels)
-
-    order = torch.argsort(lam, descending=True, stable=True)
-    ls = lam[order]  # sorted ranges, descending
-    prefix = torch.cumsum(ls, 0)
-    z_cand = torch.arange(1, n, device=dev)  # candidate numbers of small rows
-    k_cand = n - z_cand  # number of large rows left
-    cond = z_cand.double() * ls[k_cand - 1] > prefix[k_cand - 1]
-    z = int(z_cand[cond.int().argmax()]) if bool(cond.any()) else n - 1
-    k = n - z
-
-    # Share of small rows for each large row, proportional to its range.
-    total = prefix[k - 1]
-    cum = torch.round(torch.cumsum(z * ls[:k] / total, 0)).long()
-    cum[-1] = z
-    cum = torch.cummax(cum.clamp(0, z), 0).values
-    start = torch.cat([cum.new_zeros(1), cum[:-1]])  # first small index of each group
-    size = (cum - start + 1).double()  # group sizes g ≥ 1
-
-    # Group id and position (0 = the large row) of every row, in sorted order.
-    t = torch.arange(z, device=dev)
-    small_group = torch.searchsorted(cum, t, right=True)
-    group_sorted = torch.cat([torch.arange(k, device=dev), small_group])
-    is_large = torch.cat([torch.ones(k, dtype=torch.bool, device=dev),
-                          torch.zeros(z, dtype=torch.bool, device=dev)])
-    g = size[group_sorted]
-
-    # Householder vector entries: v ∝ e1 − 𝟙/√g, ‖e1 − 𝟙/√g‖² = 2 − 2/√g.
-    r = g.sqrt()
-    norm = torch.sqrt(torch.clamp(2 - 2 / r, min=0))
-    v = torch.where(is_large, 1 - 1 / r, -1 / r)
-    v = torch.where(g > 1, v / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(v))
-
-    # Variance-minimising scales (overall scale is immaterial: rows are quantized per row).
-    lam_large = ls[:k][group_sorted]
-    lam_small_first = torch.zeros(k, dtype=torch.float64, device=dev)
-    has_small = cum > start
-    lam_small_first[has_small] = ls[k + start[has_small]]
-    lam_small = lam_small_first[group_sorted]
-    w1 = lam_large / r
-    gm1 = torch.clamp(g - 1, min=1)
-    # (a floor at the smallest normal float64 keeps s2 finite for subnormal float64 rows)
-    w2 = torch.maximum(lam_small * _householder_absmax(torch.clamp(g, min=2)),
-                       (_MIN_SMALL_RATIO * lam_large).clamp_min(torch.finfo(torch.float64).tiny))
-    s = torch.where(is_large, w1.pow(-1 / 3), (w2 / gm1).pow(-1 / 3))
-    s = torch.where(g > 1, s, torch.ones_like(s))
-
-    # Back to the original row order.
-    scale = torch.empty(n, dtype=dt, device=dev)
-    v_out = torch.empty(n, dtype=dt, device=dev)
-    grp = torch.empty(n, dtype=torch.long, device=dev)
-    scale[order] = s.to(dt)
-    v_out[order] = v.to(dt)
-    grp[order] = group_sorted
-    return BlockHouseholder(scale, v_out, grp, k, kernels)
+    k = kernels or kernels_for(Backend.REFERENCE, dev)
+    groups = k.run("bhq_groups", lam, dt)
+    csr = None if groups.crow is None else (groups.crow, groups.members)
+    return BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr)
 
 
 class BHQ(GradQuantizer):

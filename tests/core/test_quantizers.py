@@ -17,7 +17,8 @@ from lowbit.formats import IntFormat, Rounding, compute_dtype
 from lowbit.functional import quantize_forward
 from lowbit.kernels import Backend, avx512, compiled
 from lowbit.quantizers import QUANTIZERS, Granularity, absmax
-from lowbit.quantizers.bhq import _householder_absmax, bhq_transform
+from lowbit.kernels.bhq_groups import householder_absmax
+from lowbit.quantizers.bhq import bhq_transform
 from lowbit.quantizers.hadamard import hadamard_matrix
 from lowbit.ranges import RangeTracker
 
@@ -308,7 +309,7 @@ def test_householder_absmax_matches_dense_matrix() -> None:
         h = _dense_householder(g)
         torch.testing.assert_close(h @ torch.eye(g, dtype=torch.float64)[:, 0],
                                    torch.full((g,), g**-0.5, dtype=torch.float64))  # H e1 = 𝟙/√g
-        got = float(_householder_absmax(torch.tensor(float(g), dtype=torch.float64)))
+        got = float(householder_absmax(torch.tensor(float(g), dtype=torch.float64)))
         assert got == pytest.approx(float(h.abs().max()), rel=1e-12), g
 
 

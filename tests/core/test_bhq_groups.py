@@ -1,0 +1,120 @@
+"""BHQ's group construction (lowbit.kernels.bhq_groups): the C bookkeeping is the torch
+reference bit for bit, its CSR index is the reference's, and every kernel set builds the
+same transform."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.kernels import Backend, Impl, bhq_groups, kernels_for
+from lowbit.quantizers import bhq
+
+needs_kernel = pytest.mark.skipif(not bhq_groups.available(), reason="no C compiler for the BHQ group kernel")
+AUTO, REF = kernels_for(Backend.AUTO, "cpu"), kernels_for(Backend.REFERENCE, "cpu")
+
+
+def _ranges(seed: int) -> torch.Tensor:
+    """Row ranges as BHQ sees them: float32 absmax values widened to float64, with ties,
+    zeros, spikes and a spread of magnitudes that varies with the seed."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 4000, (1,), generator=g))
+    spread = float(torch.rand(1, generator=g)) * 12
+    lam = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * spread).float().double()
+    if seed % 3 == 0:
+        lam = lam.round()  # many ties and zeros
+    if seed % 4 == 1:
+        lam[int(torch.randint(0, n, (1,), generator=g))] = 1e30  # one huge row
+    if seed % 5 == 2:
+        lam[torch.rand(n, generator=g) < 0.5] = 0.0
+    if not bool((lam > 0).any()):
+        lam[0] = 1.0
+    return lam
+
+
+def _same(got: bhq_groups.Groups, want: bhq_groups.Groups) -> None:
+    assert got.n_groups == want.n_groups
+    for name in ("scale", "v", "group"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(40))
+def test_kernel_is_the_reference_bit_for_bit(seed: int) -> None:
+    lam = _ranges(seed)
+    for dtype in (torch.float32, torch.float64):
+        want = bhq_groups.reference(lam, dtype)
+        got = bhq_groups.run(lam, dtype)
+        _same(got, want)
+        crow, members = bhq_groups.csr_index(want.group, want.n_groups)
+        assert torch.equal(got.crow, crow) and torch.equal(got.members, members)
+
+
+@needs_kernel
+def test_self_test_cases_pass() -> None:
+    assert bhq_groups._self_test(bhq_groups._library())
+
+
+def test_csr_index_lists_each_group_in_ascending_rows() -> None:
+    group = torch.tensor([2, 0, 2, 1, 0, 2])
+    crow, members = bhq_groups.csr_index(group, 4)
+    assert crow.tolist() == [0, 2, 3, 6, 6]
+    assert members.tolist() == [1, 4, 3, 0, 2, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_kernel_set_builds_the_same_transform(dtype: torch.dtype) -> None:
+    """The dispatcher's construction (native where available) and the reference one give
+    the same transform, and the same group sums on the sparse path (float32, ≥ 2¹⁹
+    elements) and the scatter-add path."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 160, generator=g, dtype=dtype) * torch.exp(torch.randn(4096, 1, generator=g, dtype=dtype) * 3)
+    fast, ref = bhq.bhq_transform(x, AUTO), bhq.bhq_transform(x, REF)
+    assert ref._csr is None and (fast._csr is not None) == (bhq_groups.available() and AUTO.fused)
+    _same(bhq_groups.Groups(fast.scale, fast.v, fast.group, fast.n_groups, None, None),
+          bhq_groups.Groups(ref.scale, ref.v, ref.group, ref.n_groups, None, None))
+    w = fast.v * fast.scale
+    assert torch.equal(bhq._group_sums(x, w, fast), bhq._group_sums(x, w, ref))
+    small = x[:512, :64]
+    ts, tr = bhq.bhq_transform(small, AUTO), bhq.bhq_transform(small, REF)
+    assert torch.equal(bhq._group_sums(small, ts.v * ts.scale, ts), bhq._group_sums(small, tr.v * tr.scale, tr))
+
+
+def test_degenerate_operands_are_groups_of_one() -> None:
+    """One row, all zeros, a NaN or an infinity: no op runs; groups of one, unit scale."""
+    for x in (torch.randn(1, 8), torch.zeros(5, 8), torch.tensor([[1.0, float("nan")], [2.0, 3.0]]),
+              torch.tensor([[1.0, float("inf")], [2.0, 3.0]])):
+        for k in (AUTO, REF):
+            t = bhq.bhq_transform(x, k)
+            assert t.n_groups == x.shape[0] and torch.equal(t.scale, torch.ones(x.shape[0]))
+            assert torch.equal(t.v, torch.zeros(x.shape[0]))
+
+
+@needs_kernel
+def test_unsupported_calls_and_switch_run_the_reference() -> None:
+    lam = _ranges(1)
+    assert bhq_groups.supports(lam, torch.float32)
+    assert not bhq_groups.supports(lam.float(), torch.float32)  # ranges are float64
+    assert not bhq_groups.supports(lam, torch.bfloat16)
+    assert not bhq_groups.supports(torch.stack([lam, lam], 1)[:, 0], torch.float32)  # strided
+    assert REF.lookup("bhq_groups", Impl.NATIVE) is not None
+    assert REF.run("bhq_groups", lam, torch.float32).crow is None  # the reference backend: torch
+    bhq_groups.set_enabled(False)
+    try:
+        assert not bhq_groups.supports(lam, torch.float32)
+        assert AUTO.run("bhq_groups", lam, torch.float32).crow is None
+    finally:
+        bhq_groups.set_enabled(True)
+    assert (AUTO.run("bhq_groups", lam, torch.float32).crow is not None) == AUTO.fused
+
+
+def test_switched_off_by_the_environment() -> None:
+    code = "from lowbit.kernels import bhq_groups; print(bhq_groups.available())"
+    env = {**os.environ, "LOWBIT_BHQ_GROUPS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
