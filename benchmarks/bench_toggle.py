@@ -37,6 +37,9 @@ Toggles (each is "on" as lowbit ships it):
   bhq-groups   BHQ's groups built from the row ranges in one C call (``lowbit.kernels.bhq_groups``:
                the sort, prefix sums, memberships and the CSR index of the group sums); off:
                the torch reference and the CSR index by a stable sort (the same bits)
+  hadamard-heads  attention's Hadamard-quantized gradients whose blocks stay within each
+               head run on the integer kernels, ``T⁻¹`` on the product's rows; off: ``T⁻¹``
+               on the operand and one simulated (float) GEMM, as before (values differ by rounding)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -222,6 +225,16 @@ def _bhq_groups() -> Callable[[bool], None]:
     return bhq_groups.set_enabled
 
 
+def _hadamard_heads() -> Callable[[bool], None]:
+    from lowbit.quantizers import hadamard as had
+
+    within = had.BlockHadamard.within_entries
+
+    def switch(on: bool) -> None:
+        had.BlockHadamard.within_entries = within if on else (lambda self, rows: False)
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -230,7 +243,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
-    "workspace": _workspace, "bhq-groups": _bhq_groups}
+    "workspace": _workspace, "bhq-groups": _bhq_groups,
+    "hadamard-heads": _hadamard_heads}
 
 
 def main(argv: list[str] | None = None) -> int:

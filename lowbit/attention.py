@@ -32,9 +32,13 @@ GEMM is big enough to amortise one call per head
 (:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
 otherwise all heads run as one batched float GEMM of the dequantized codes (simulated,
 the same estimator; ``lowbit.coverage`` reports it so). Row-mixing gradient quantizers
-(``bhq``, ``hadamard``) transform the rows of all heads together, so their inverse is
-applied to the operand before the GEMM (rows of different heads meet different right
-operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
+(``bhq``, ``hadamard``) transform the rows of all heads together. Where the transform
+stays within each head's rows — Hadamard blocks that divide the head's row count, as 64
+divides 128 query tokens or 64 value features — the heads' GEMMs run on the transformed
+codes like any others and ``T⁻¹`` is applied to the product's rows (per head, since no
+block spans two); otherwise (BHQ's groups, which span heads; Hadamard blocks that do
+not divide) the inverse is applied to the operand before the GEMM, which then runs
+simulated (rows of different heads meet different right operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
 each of the four gradient operands gets its own generator split from its path's. Where
 both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused backend),
 they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
@@ -44,7 +48,9 @@ bitwise those of the two calls.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +70,7 @@ from .attention_args import additive_mask, check_arguments
 from .ops import (BlockState, flatten_operand, refuse_quantized_double_backward, unflatten_operand,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand
+from .quantizers.base import RowTransform
 
 # Per-head multiply-adds from which heads run one integer GEMM each (into one
 # accumulator, one batched epilogue); below, one batched float GEMM of the dequantized
@@ -84,6 +91,11 @@ def _dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return codes.to(step.dtype) * step
 
 
+def _once(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``make``, called at most once (its result kept)."""
+    return functools.cache(make)
+
+
 register_fused("attention_dequantize", _dequantize)  # a dispatcher row like every kernel
 
 
@@ -91,48 +103,72 @@ register_fused("attention_dequantize", _dequantize)  # a dispatcher row like eve
 class Operand:
     """One side of a batched GEMM, (B, R, C): int8 ``codes`` times ``step`` ((1, 1, 1),
     (B, R, 1) per row or, transposed, (B, 1, C) per column), or — ``codes`` None — float
-    ``values``: dequantized low-bit values (``lowbit``) or a float (QAT) operand."""
+    ``values``: dequantized low-bit values (``lowbit``) or a float (QAT) operand.
+
+    Codes of a row-mixing quantizer whose transform stays within entries (Hadamard blocks
+    that divide R) carry it as ``transform``: the product's rows then take ``T⁻¹``
+    (:func:`batched_mm`), and ``simulated`` gives the values where the GEMM runs simulated
+    (``T⁻¹`` of the dequantized codes, as for any other row transform)."""
 
     codes: torch.Tensor | None = None
     step: torch.Tensor | None = None
     values: torch.Tensor | None = None
     lowbit: bool = True
+    transform: RowTransform | None = None
+    simulated: Callable[[], torch.Tensor] | None = None
 
     @classmethod
     def of(cls, q: QuantizedOperand, shape: tuple[int, int, int], dtype: torch.dtype) -> Operand:
         """``q`` (rows flattened to B·R) as a (B, R, C) operand; a row transform other than
-        the identity, an offset or block scales (asymmetric and block formats) are applied
-        here, on the operand."""
-        if not q.plain:
+        the identity (unless it stays within entries), an offset or block scales
+        (asymmetric and block formats) are applied here, on the operand."""
+        aligned = q.offset is None and q.block_scale is None and q.transform.within_entries(shape[1])
+        if not (q.plain or aligned):
             return cls(values=q.dequantize(dtype).reshape(shape))
         per_row = q.step.shape[0] > 1
         step = q.step.reshape(shape[0], shape[1], 1) if per_row else q.step.reshape(1, 1, 1)
-        return cls(q.codes.reshape(shape), step)
+        if q.plain:
+            return cls(q.codes.reshape(shape), step)
+        return cls(q.codes.reshape(shape), step, transform=q.transform,
+                   simulated=_once(lambda: q.dequantize(dtype).reshape(shape)))
 
     @property
     def mT(self) -> Operand:  # noqa: N802 (as torch.Tensor.mT)
-        if self.codes is None:
-            return Operand(values=self.values.mT, lowbit=self.lowbit)
+        if self.codes is None or self.transform is not None:
+            values = self.values if self.codes is None else self.simulated()
+            return Operand(values=values.mT, lowbit=self.lowbit)
         return Operand(self.codes.mT, self.step.mT)
 
     def entries(self, i: int, j: int) -> Operand:
         """Batch entries ``i:j`` of this operand (views)."""
         if self.codes is None:
             return Operand(values=self.values[i:j], lowbit=self.lowbit)
-        return Operand(self.codes[i:j], self.step if self.step.shape[0] == 1 else self.step[i:j])
+        step = self.step if self.step.shape[0] == 1 else self.step[i:j]
+        if self.transform is None:
+            return Operand(self.codes[i:j], step)
+        rows, whole = self.codes.shape[1], self.simulated
+        return Operand(self.codes[i:j], step, transform=self.transform.entries(i * rows, j * rows),
+                       simulated=lambda: whole()[i:j])
 
     def scaled(self, c: float) -> Operand:
         """``c`` times this operand: folded into the steps (or the values)."""
         if self.codes is None:
             return Operand(values=self.values * c, lowbit=self.lowbit)
-        return Operand(self.codes, self.step * c)
+        if self.transform is None:
+            return Operand(self.codes, self.step * c)
+        whole = self.simulated
+        return Operand(self.codes, self.step * c, transform=self.transform,
+                       simulated=_once(lambda: whole() * c))
 
     def dequantize(self, dtype: torch.dtype, kernels: Kernels | None = None) -> torch.Tensor:
         """The values (the steps' dtype for codes), through ``kernels``' dispatcher row
         ``attention_dequantize`` (compiled for large operands on a fused backend: the same
-        arithmetic, an exact cast and one multiply), or plain torch without ``kernels``."""
+        arithmetic, an exact cast and one multiply), or plain torch without ``kernels``;
+        with a ``transform``, its :attr:`simulated` values."""
         if self.codes is None:
             return self.values.to(dtype)
+        if self.transform is not None:
+            return self.simulated().to(dtype)
         if kernels is not None:
             return kernels.run("attention_dequantize", self.codes, self.step)
         return _dequantize(self.codes, self.step)
@@ -152,7 +188,7 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
     n_batch, m, k = (a.codes if a.codes is not None else a.values).shape
     n = (b.codes if b.codes is not None else b.values).shape[2]
     kernels = kernels_for(backend, (a.codes if a.codes is not None else a.values).device)
-    both = a.codes is not None and b.codes is not None
+    both = a.codes is not None and b.codes is not None and b.transform is None
     integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
         and int8_applicable(*a.head(0), *b.head(0))
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
@@ -178,7 +214,12 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
     if a_step is None:
         return acc
     with record_function("lowbit::epilogue"):
-        return int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, dtype)
+        out = int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, dtype)
+    if a.transform is None:
+        return out
+    n_batch, m, n = out.shape  # T⁻¹ on the product's rows, which stay within their entries
+    with record_function("lowbit::transform"):
+        return a.transform.inverse(out.reshape(n_batch * m, n), dtype).reshape(n_batch, m, n)
 
 
 # -- the math, without autograd ------------------------------------------------------------
@@ -354,7 +395,9 @@ def _grad_scores(g_out: Operand, v_t: Operand, probs: torch.Tensor, g_dropped: t
         return gp
 
     n, lq, s = probs.shape
-    fused = g_dropped is None and keep is None  # ∇P's epilogue and the softmax backward as one op
+    # ∇P's epilogue and the softmax backward as one op (not with a row transform: its T⁻¹
+    # comes between them)
+    fused = g_dropped is None and keep is None and g_out.transform is None
     if not (reuse_probs and _inplace_ok(probs)):
         if fused and probs.device.type == "cpu" and not _recorded(probs, g_out, v_t):
             # the op writes over its P: a copy, the caller's kept

@@ -96,6 +96,18 @@ class RowTransform(abc.ABC):
             y = self.forward(x)
         return (self.kernels or _reference(x)).quantize(y, fmt, granularity, rounding, seed)
 
+    def within_entries(self, rows: int) -> bool:
+        """Whether the transform maps rows only within consecutive entries of ``rows`` rows
+        (block-diagonal by entry, no padding rows): then a batched GEMM of the transformed
+        codes may run entry by entry and :meth:`inverse` apply to its output rows
+        (attention's heads; :meth:`entries` gives an entry range's own transform). False
+        unless a transform says otherwise."""
+        return False
+
+    def entries(self, lo: int, hi: int) -> RowTransform:
+        """The transform of rows ``lo:hi``, entry boundaries where :meth:`within_entries`."""
+        raise NotImplementedError(f"{type(self).__name__} does not split by entries")
+
     @abc.abstractmethod
     def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
         """For independent per-row noise of total variance ``v`` (shape (R,)), the

@@ -80,6 +80,16 @@ class BlockHadamard(RowTransform):
         y = y.to(compute_dtype(y.dtype))
         return self._apply(y, inverse=True)[: self.n_rows].to(out_dtype)
 
+    def within_entries(self, rows: int) -> bool:
+        """Blocks of ``block`` rows never cross an entry of ``rows`` rows when ``block``
+        divides ``rows`` and no rows were padded."""
+        return rows > 0 and rows % self.block == 0 and self.signs.shape[0] == self.n_rows
+
+    def entries(self, lo: int, hi: int) -> BlockHadamard:
+        if lo % self.block or hi % self.block or not 0 <= lo <= hi <= self.n_rows:
+            raise ValueError(f"rows {lo}:{hi} do not start and end on blocks of {self.block} rows")
+        return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels)
+
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.
         means = var.reshape(-1, self.block).mean(dim=1, keepdim=True)

@@ -306,6 +306,76 @@ def test_int8_backend_refuses_what_it_cannot_run(what: str, cfg: FQTConfig, mess
     assert str(err.value) == message
 
 
+def _hadamard_operand(rows: int, cols: int, seed: int = 0) -> Operand:
+    from lowbit.config import GradSpec
+    from lowbit.functional import quantize_gradient
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, rows, cols, generator=g) * torch.exp(torch.randn(3, rows, 1, generator=g))
+    q = quantize_gradient(a.reshape(-1, cols), GradSpec(8, "hadamard"), g, Backend.AUTO)
+    return Operand.of(q, (3, rows, cols), torch.float32)
+
+
+def test_hadamard_blocks_within_heads_run_integer_then_the_inverse() -> None:
+    """A Hadamard-quantized gradient whose 64-row blocks divide each head's rows keeps its
+    codes and transform: the heads' integer GEMMs, then ``T⁻¹`` on the product's rows,
+    equal the simulated product (``T⁻¹`` of the dequantized codes, times the right operand)
+    to float rounding; a batch range of it gives the same rows bit for bit. Blocks that
+    do not divide the rows (40 here) make the operand values (simulated)."""
+    a = _hadamard_operand(128, 40)
+    assert a.codes is not None and a.transform is not None
+    g = torch.Generator().manual_seed(1)
+    b = Operand(torch.randint(-127, 128, (3, 40, 64), dtype=torch.int8, generator=g),
+                torch.rand(3, 1, 64, generator=g) * 0.01)
+    got = batched_mm(a, b, Backend.INT8, torch.float32, "test")
+    want = a.simulated().double() @ (b.codes.double() * b.step.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert torch.equal(batched_mm(a.entries(1, 3), b.entries(1, 3), Backend.INT8, torch.float32, "test"), got[1:3])
+    scaled = batched_mm(a.scaled(0.5), b, Backend.AUTO, torch.float32, "test")
+    torch.testing.assert_close(scaled, got * 0.5, rtol=1e-6, atol=0)
+    assert torch.equal(batched_mm(a, b, Backend.REFERENCE, torch.float32, "test"), torch.matmul(
+        a.simulated(), b.dequantize(torch.float32)))  # the reference backend: simulated
+    unaligned = _hadamard_operand(40, 40)
+    assert unaligned.codes is None and unaligned.values is not None
+
+
+def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fqt-hadamard-8 on heads of 128 × 64: all seven products integer (no simulated
+    GEMM), ``backend="int8"`` accepts it, the result equals the reference backend's to
+    the rounding of the sums (∇K's tolerance: ∇S cancels, and one flipped code is
+    spread by the transform over its block of 64 rows; see the flipped-codes test), and
+    computing ∇P in pieces (``CHUNK_SCORES``) gives the same bits."""
+    from lowbit.kernels import int8
+
+    calls = []
+    real = int8.int_mm_batched
+    monkeypatch.setattr(int8, "int_mm_batched", lambda a, b: calls.append(1) or real(a, b))
+
+    def run(backend: str) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 2, 128, 64, generator=g).requires_grad_() for _ in range(3))
+        o = scaled_dot_product_attention(q, k, v, is_causal=True,
+                                         state=FQTConfig.from_recipe("fqt-hadamard-8", backend=backend, seed=1))
+        o.backward(torch.linspace(-1, 1, 64).expand_as(o))
+        return o.detach(), q.grad, k.grad, v.grad
+
+    fast = run("int8")
+    assert len(calls) == 7
+    ref = run("reference")
+    for a, b, rtol in zip(fast, ref, (1e-5, 1e-5, 3e-3, 1e-5)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(run("auto"), fast))
+    monkeypatch.setattr(A, "CHUNK_SCORES", 128 * 128)  # ∇P one entry at a time
+    assert all(torch.equal(a, b) for a, b in zip(run("auto"), fast))
+    # lowbit.coverage counts the seven products as real int8 and the inverse transform's
+    # own GEMM as the quantizer's (not as a float GEMM of the model)
+    att = lowbit.ScaledDotProductAttention()
+    model = lowbit.convert(nn.Sequential(att), FQTConfig.from_recipe("fqt-hadamard-8", seed=1))
+    x = torch.randn(1, 2, 128, 64, requires_grad=True)
+    rep = lowbit.coverage(model[0], x, x, x, loss_fn=lambda out: out.square().mean())
+    assert rep.float_share == 0.0 and rep.flops("simulated") == 0 and rep.flops("int8") == rep.total_flops > 0
+
+
 # -- torch's semantics -------------------------------------------------------------------------------
 def test_fp_recipe_and_no_state_are_torchs_attention() -> None:
     q, k, v = qkv(2, grad=False)
