@@ -40,6 +40,9 @@ Toggles (each is "on" as lowbit ships it):
   hadamard-heads  attention's Hadamard-quantized gradients whose blocks stay within each
                head run on the integer kernels, ``T⁻¹`` on the product's rows; off: ``T⁻¹``
                on the operand and one simulated (float) GEMM, as before (values differ by rounding)
+  conv-grad-w  a convolution's ∇W-side gradient codes read from ∇Y in place when the ∇X
+               side cannot share the pair (BHQ, Hadamard); off: ∇Y copied channel-major first
+               (the same codes)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -235,6 +238,16 @@ def _hadamard_heads() -> Callable[[bool], None]:
     return switch
 
 
+def _conv_grad_w() -> Callable[[bool], None]:
+    import lowbit.conv as conv
+
+    real = conv.quantize_conv_grad_w
+
+    def switch(on: bool) -> None:
+        conv.quantize_conv_grad_w = real if on else (lambda *a: None)
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -244,7 +257,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
     "workspace": _workspace, "bhq-groups": _bhq_groups,
-    "hadamard-heads": _hadamard_heads}
+    "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w}
 
 
 def main(argv: list[str] | None = None) -> int:

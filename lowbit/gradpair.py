@@ -72,9 +72,19 @@ def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, r
 
 register_fused("quantize_pair", quantize_pair)
 register("quantize_pair", Impl.NATIVE, avx512.run_quantize_pair, ("cpu",), avx512.supports_pair)
+def quantize_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding,
+                    seed: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The ``∇W`` half of :func:`quantize_conv_pair`: ``g`` (N, C_out, L) quantized as its
+    channels (C_out, N·L) — ``reference.quantize`` of that (copied) matrix."""
+    n, c, length = g.shape
+    return reference.quantize(g.transpose(0, 1).reshape(c, n * length), fmt, gran, rnd, seed)
+
+
 register_fused("quantize_batched_pair", quantize_batched_pair)
 register("quantize_batched_pair", Impl.NATIVE, avx512.run_quantize_batched_pair, ("cpu",),
          avx512.supports_batched_pair)
+register_fused("quantize_conv_w", quantize_conv_w)
+register("quantize_conv_w", Impl.NATIVE, avx512.run_quantize_conv_w, ("cpu",), avx512.supports_conv_w)
 register_fused("quantize_conv_pair", quantize_conv_pair)
 register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu",),
          avx512.supports_conv_pair)
@@ -82,6 +92,36 @@ register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu
 
 def _plain(spec: GradSpec | None) -> bool:
     return spec is not None and not spec.predicted and not get_quantizer(spec.quantizer).mixes_rows
+
+
+def _draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
+          ) -> tuple[Granularity, Rounding, torch.Tensor, Identity]:
+    """What :func:`lowbit.functional.quantize_gradient` draws before it rounds, for a plain
+    ``spec`` on ``rows`` rows: its transform (an identity, which draws nothing and sees
+    the row count only), then its rounding seed; with the quantizer's granularity."""
+    q = get_quantizer(spec.quantizer)
+    with record_function("lowbit::transform"):
+        t = q.transform(gy.new_empty(rows, 0), gen, k)
+        t.kernels = k
+    if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
+        raise TypeError(f"quantizer {q.name!r} does not mix rows but has a {type(t).__name__} transform")
+    return q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t
+
+
+def quantize_conv_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None,
+                         k: Kernels) -> QuantizedOperand | None:
+    """``Q_w`` of a convolution's ``gy`` (N, C_out, L) as its channels (C_out, N·L) — the
+    ``∇W`` side of :func:`quantize_grad_pair` alone, for when the ``∇X`` side cannot join
+    it (a row-mixing ``Q_a``: BHQ, Hadamard) — read in place instead of copied
+    channel-major first: bitwise ``quantize_gradient(gy.transpose(0, 1).reshape(C_out,
+    -1), spec, gen, k)``. ``None`` (nothing drawn) where that does not apply (as
+    :func:`quantize_grad_pair` says for its ``∇W`` side)."""
+    if gy.dim() != 3 or not (k.fused and gy.numel() and _plain(spec)):
+        return None
+    gran, rnd, seed, t = _draw(gy, spec, gen, gy.shape[1], k)  # type: ignore[arg-type]
+    with record_function("lowbit::quantize"):
+        out = k.run("quantize_conv_w", gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
+    return QuantizedOperand.of(Encoded(*out, spec.format.block, kernels=k), t)  # type: ignore[union-attr]
 
 
 def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
@@ -115,18 +155,10 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
         op, rows_a, rows_w = "quantize_batched_pair", gy.shape[0] * gy.shape[1], gy.shape[0] * gy.shape[2]
     else:
         op, rows_a, rows_w = "quantize_conv_pair", gy.shape[0], gy.shape[1]
-    # the transforms of non-mixing quantizers are identities: they see the row counts only
     ops = {}
     paths = (("a", spec_a, gen_a, rows_a), ("w", spec_w, gen_w, rows_w))
     for key, spec, gen, rows in (paths[::-1] if w_first else paths):
-        a = gy.new_empty(rows, 0)
-        q = get_quantizer(spec.quantizer)  # type: ignore[union-attr]
-        with record_function("lowbit::transform"):
-            t = q.transform(a, gen, k)  # draws what the quantizer's transform draws (nothing)
-            t.kernels = k
-        if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
-            raise TypeError(f"quantizer {q.name!r} does not mix rows but has a {type(t).__name__} transform")
-        ops[key] = (q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t)  # type: ignore[union-attr]
+        ops[key] = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops["a"], ops["w"]
     with record_function("lowbit::quantize"):
         out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
@@ -136,4 +168,5 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
 
 
-__all__ = ["quantize_batched_pair", "quantize_conv_pair", "quantize_grad_pair", "quantize_pair"]
+__all__ = ["quantize_batched_pair", "quantize_conv_grad_w", "quantize_conv_pair", "quantize_conv_w",
+           "quantize_grad_pair", "quantize_pair"]

@@ -482,6 +482,37 @@ def run_quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, 
                                                 rnd_w, seed_w, torch.get_num_threads()))
 
 
+def supports_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding, seed: torch.Tensor) -> bool:
+    """Whether :func:`run_quantize_conv_w` takes this call: as :func:`supports_conv_pair`
+    for the ``∇W`` side alone."""
+    return supports_conv_pair(g, fmt, gran, rnd, seed, fmt, gran, rnd, seed)
+
+
+@torch.compiler.disable
+def _quantize_conv_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding,
+                     seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+    n, c, length = g.shape
+    seg = torch.empty(n, c, dtype=torch.float32, device="cpu")  # absmax of each (sample, channel)
+    args = (g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(1))
+    lib.lowbit_seg_absmax(*args, seg.data_ptr(), threads)
+    step, div = _steps(lib, seg.amax(0).reshape(c, 1), fmt, gran)  # NaN propagates
+    codes = torch.empty(c, n * length, dtype=torch.int8, device="cpu")
+    mode, emax, stride = _mode(fmt, rnd), float(fmt.emax), 1 if div.shape[0] > 1 else 0
+    lib.lowbit_seg_quantize_pair(*args, div.data_ptr(), 0, 0, mode, emax, None,  # no ∇X codes
+                                 div.data_ptr(), stride, _seed(seed, rnd), mode, emax, codes.data_ptr(), threads)
+    return codes.view(fmt.code_dtype), step
+
+
+def run_quantize_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding,
+                        seed: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:func:`lowbit.gradpair.quantize_conv_w` (a convolution's ``∇Y`` (N, C_out, L)
+    quantized as its channels (C_out, N·L), without the channel-major copy) on the kernel,
+    after :func:`supports_conv_w`: ``(codes, step, None, None)``, bitwise the reference's."""
+    with record_function("lowbit::avx512_quantize_conv_w"):
+        codes, step = _quantize_conv_w(_library(), g, fmt, gran, rnd, seed, torch.get_num_threads())
+        return codes, step, None, None
+
+
 def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
     """Whether :func:`epilogue_nchw` takes this call: ``acc`` (N, *spatial, C) int32 or
@@ -900,8 +931,9 @@ def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
 
 
 def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
-    """The convolution pair against the reference on ``x``'s values as (N, C, L) with
-    segment tails, a strided view and bfloat16, per row and per tensor."""
+    """The convolution pair, and its ``∇W`` side alone, against the reference on ``x``'s
+    values as (N, C, L) with segment tails, a strided view and bfloat16, per row and per
+    tensor."""
     from ..formats import parse_format
     from .reference import quantize as ref
 
@@ -918,6 +950,9 @@ def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
                 got = _quantize_conv_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads)
                 if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
                         and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
+                    return False
+                codes_w, step_w = _quantize_conv_w(lib, a, fmt, gran, rnd, seed_w, threads)  # ∇W side alone
+                if not (torch.equal(codes_w, want_w[0]) and _same(step_w, want_w[1])):
                     return False
     return True
 

@@ -409,7 +409,8 @@ void lowbit_seg_absmax(const void *x, int dtype, int64_t n, int64_t c, int64_t l
  *   da[i * da_stride], seed_a, sr_a;
  *   codes_w (c, n·l) row-major: element (j, i·l + e), index j·n·l + i·l + e, divisor
  *   dw[j * dw_stride], seed_w, sr_w.
- * Indices are taken mod 2³², as the reference's int64 indices masked to 32 bits. */
+ * Indices are taken mod 2³², as the reference's int64 indices masked to 32 bits.
+ * codes_a NULL: the codes_w alone (da is then read but not used). */
 void lowbit_seg_quantize_pair(const void *x, int dtype, int64_t n, int64_t c, int64_t l, int64_t ldn,
                               int64_t ldc, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a,
                               float emax_a, int8_t *codes_a,
@@ -428,7 +429,8 @@ void lowbit_seg_quantize_pair(const void *x, int dtype, int64_t n, int64_t c, in
             const __m512 v = load16(x, base + e, k, dtype);
             const __m512i ia = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)(oa + e))), lane);
             const __m512i iw = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)(ow + e))), lane);
-            _mm_mask_storeu_epi8(codes_a + oa + e, k, codes16(v, vda, ia, vseed_a, sr_a, vemax_a));
+            if (codes_a != NULL)
+                _mm_mask_storeu_epi8(codes_a + oa + e, k, codes16(v, vda, ia, vseed_a, sr_a, vemax_a));
             _mm_mask_storeu_epi8(codes_w + ow + e, k, codes16(v, vdw, iw, vseed_w, sr_w, vemax_w));
         }
     }

@@ -151,6 +151,66 @@ def test_conv_pair_operands_equal_quantize_gradient_on_each_path(fmt: str, layou
     _assert_same_operands(pair, (want_a, want_w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4a", "fp8_e4m3"])
+@pytest.mark.parametrize("quantizer", ["ptq", "psq"])
+def test_conv_grad_w_alone_equals_quantize_gradient(quantizer: str, fmt: str, dtype: torch.dtype) -> None:
+    """The ∇W side of a convolution's ∇Y (N, C_out, L) alone (when a row-mixing ∇X
+    quantizer keeps the pair apart), read in place: the operand of ``quantize_gradient``
+    on the channel-major copy (C_out, N·L), codes and scales, with segment tails and a
+    NaN (its channel's step NaN, every code of it a NaN code; an FP8 NaN code's sign bit
+    is allowed to differ: the reference's own sign depends on memory layout)."""
+    from lowbit.gradpair import quantize_conv_grad_w
+    from lowbit.kernels import avx512
+
+    g = (torch.randn(6, 20, 37) * torch.rand(1, 20, 1).pow(3)).to(dtype)
+    g[2, 5, 11] = float("nan")
+    k = kernels_for(Backend.AUTO, g.device)
+    for rounding in ("stochastic", "nearest"):
+        spec = GradSpec(quantizer=quantizer, format=fmt, rounding=rounding)
+        got = quantize_conv_grad_w(g, spec, torch.Generator().manual_seed(4), k)
+        want = quantize_gradient(g.transpose(0, 1).reshape(20, -1), spec, torch.Generator().manual_seed(4), k)
+        assert got.codes.shape == want.codes.shape and (got.offset is None) == (want.offset is None)
+        assert got.offset is None or avx512._same(got.offset, want.offset)
+        if fmt.startswith("fp8"):
+            assert avx512._same_fp8(got.codes, want.codes)
+        else:
+            assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+        assert avx512._same(got.scale, want.scale)  # NaN where the other is NaN
+    # not for a row-mixing quantizer, a predicted range or the reference backend: nothing drawn
+    gen = torch.Generator().manual_seed(4)
+    state = gen.get_state()
+    assert quantize_conv_grad_w(g, GradSpec(quantizer="bhq"), gen, k) is None
+    assert quantize_conv_grad_w(g, GradSpec(), gen, kernels_for(Backend.REFERENCE, g.device)) is None
+    assert torch.equal(gen.get_state(), state)
+
+
+@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-hadamard-4"])
+def test_conv_grad_w_alone_gives_bitwise_the_copied_path(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-mixing ∇X quantizers: the convolutions' gradients with the ∇W side read in
+    place equal those with the channel-major copy, bit for bit, and the in-place path ran."""
+    import lowbit.conv as conv
+
+    def grads(in_place: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2, padding=1))
+        lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
+        x = torch.randn(8, 3, 16, 16, requires_grad=True)
+        if not in_place:
+            monkeypatch.setattr(conv, "quantize_conv_grad_w", lambda *a: None)
+        model(x).square().mean().backward()
+        monkeypatch.undo()
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    calls: list[bool] = []
+    real = conv.quantize_conv_grad_w
+    monkeypatch.setattr(conv, "quantize_conv_grad_w", lambda *a: calls.append(True) or real(*a))
+    fast = grads(True)
+    assert len(calls) == 2
+    for a, b in zip(fast, grads(False), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_pair_refuses_other_shapes() -> None:
     g = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match=r"\(N, out\) or \(N, C_out, L\)"):
