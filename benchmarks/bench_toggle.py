@@ -43,6 +43,8 @@ Toggles (each is "on" as lowbit ships it):
   conv-grad-w  a convolution's ∇W-side gradient codes read from ∇Y in place when the ∇X
                side cannot share the pair (BHQ, Hadamard); off: ∇Y copied channel-major first
                (the same codes)
+  bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
+               fresh output; off: the compiled inverse into a new tensor (the same values)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -248,6 +250,18 @@ def _conv_grad_w() -> Callable[[bool], None]:
     return switch
 
 
+def _bhq_inverse() -> Callable[[bool], None]:
+    from lowbit.kernels import Impl, avx512, register
+
+    if not avx512.available():
+        raise SystemExit("lowbit's AVX-512 kernel is not available on this machine")
+
+    def switch(on: bool) -> None:
+        register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",),
+                 avx512.supports_bhq_inverse if on else (lambda *a: False))
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -257,7 +271,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
     "workspace": _workspace, "bhq-groups": _bhq_groups,
-    "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w}
+    "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
+    "bhq-inverse": _bhq_inverse}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,7 +219,7 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
         return out
     n_batch, m, n = out.shape  # T⁻¹ on the product's rows, which stay within their entries
     with record_function("lowbit::transform"):
-        return a.transform.inverse(out.reshape(n_batch * m, n), dtype).reshape(n_batch, m, n)
+        return a.transform.inverse(out.reshape(n_batch * m, n), dtype, overwrite=True).reshape(n_batch, m, n)
 
 
 # -- the math, without autograd ------------------------------------------------------------

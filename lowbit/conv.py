@@ -211,7 +211,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     elif gx is None:
         gx = _grad_input_scatter(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation,
                                  groups, backend)
-    return qa.inverse(gx, out_dtype).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
+    return qa.inverse(gx, out_dtype, overwrite=True).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
 def zero_insert_pays(w_shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -374,7 +374,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
                                Encoded(im2col(p, gi, groups), b_scale))
                     for gi in range(groups)]
         gw = outs[0] if groups == 1 else torch.cat(outs, 0)  # (C_out, kH·kW·C/g)
-    gw = qa.inverse(gw, torch.float32)  # T⁻¹ on the output-channel rows
+    gw = qa.inverse(gw, torch.float32, overwrite=True)  # T⁻¹ on the output-channel rows
     return gw.reshape(co, kh, kw, cg).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
 
 

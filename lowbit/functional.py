@@ -81,7 +81,7 @@ def _rows_times(q: QuantizedOperand, b: QuantizedOperand, backend: Backend | Ker
     k = kernels_for(backend, q.codes.device)
     if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
         return k.gemm(q.enc, b.enc, None, out_dtype)
-    return q.inverse(k.gemm(q.enc, b.enc), out_dtype)
+    return q.inverse(k.gemm(q.enc, b.enc), out_dtype, overwrite=True)
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------

@@ -93,6 +93,7 @@ _SIGNATURES = {
     "lowbit_epilogue_rows": [_P, _I64, _I64, _I64, _P, _I, _P, _I, _I64, _P, _I],
     "lowbit_grid_steps": [_P, _I64, _I, ctypes.c_double, ctypes.c_double, _P, _P],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
+    "lowbit_bhq_inverse_rows": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
 }
@@ -748,6 +749,46 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
     return codes, step, None, None
 
 
+def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                         group: torch.Tensor, out_dtype: torch.dtype, overwrite: bool = False) -> bool:
+    """Whether :func:`run_bhq_inverse` takes this call: float32 ``y`` (N, D) with
+    contiguous rows, ``dots`` (G, D), ``scale``, ``v`` (N,) float32 and ``group`` (N,)
+    int64 with ids in [0, G), a float32 result, plain CPU tensors outside autograd
+    recording."""
+    parts = (y, dots, scale, v, group)
+    if not (out_dtype == torch.float32 and y.dim() == 2 and _rows_contiguous(y) and y.shape[1] > 0
+            and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+                    and not (t.requires_grad and torch.is_grad_enabled()) for t in parts)
+            and y.dtype == scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
+            and scale.shape == v.shape == group.shape == (y.shape[0],) and dots.dim() == 2
+            and dots.shape[1] == y.shape[1] and dots.shape[0] > 0 and _enabled and available()):
+        return False
+    return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
+
+
+@torch.compiler.disable
+def _bhq_inverse(lib: ctypes.CDLL, y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                 group: torch.Tensor, overwrite: bool, threads: int) -> torch.Tensor:
+    r, d = y.shape
+    dots, scale, group = dots.contiguous(), scale.contiguous(), group.contiguous()
+    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
+    out = y if overwrite else torch.empty(r, d, dtype=torch.float32, device="cpu")
+    lib.lowbit_bhq_inverse_rows(y.data_ptr(), r, d, y.stride(0) if r > 1 else d, scale.data_ptr(), v2.data_ptr(),
+                                group.data_ptr(), dots.data_ptr(), out.data_ptr(), out.stride(0) if r > 1 else d,
+                                threads)
+    return out
+
+
+def run_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                    group: torch.Tensor, out_dtype: torch.dtype, overwrite: bool = False) -> torch.Tensor:
+    """BHQ's inverse ``S⁻¹(y − 2v·dots[group])`` (``lowbit.quantizers.bhq``'s
+    ``bhq_inverse``) of float32 rows on the kernel, after :func:`supports_bhq_inverse`:
+    bitwise the reference's values; written over ``y`` with ``overwrite`` (the caller's
+    fresh tensor), else to a new one."""
+    with record_function("lowbit::avx512_bhq_inverse"):
+        return _bhq_inverse(_library(), y, dots, scale, v, group, overwrite, torch.get_num_threads())
+
+
 def _self_test(lib: ctypes.CDLL) -> bool:
     """The kernel's codes and steps equal the reference's: random rows with tails, an
     all-zero row, NaN and ±Inf rows, float32, bfloat16 and float16, row-major and
@@ -958,10 +999,11 @@ def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 
 def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
-    """BHQ's fused transform-and-quantize against ``bhq._forward_quantize`` on a random
-    transform of ``x``'s rows (groups of 1–4 rows)."""
+    """BHQ's fused transform-and-quantize against ``bhq._forward_quantize``, and its
+    inverse against ``bhq._apply_inverse`` (out of place, in place, strided rows), on a
+    random transform of ``x``'s rows (groups of 1–4 rows)."""
     from ..formats import parse_format
-    from ..quantizers.bhq import _forward_quantize
+    from ..quantizers.bhq import _apply_inverse, _forward_quantize
 
     cpu = {"dtype": torch.float32, "device": "cpu"}
     g = torch.Generator().manual_seed(1)
@@ -977,6 +1019,13 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             codes, step = _bhq_quantize(lib, x, dots, scale, v, group, parse_format("int8"),
                                         Granularity.ROW, rnd, seed, threads)
             if not (torch.equal(codes, want[0]) and _same(step, want[1])):
+                return False
+    want_inv = _apply_inverse(x, dots, scale, v, group, torch.float32)  # and the inverse
+    for threads in (1, 2):
+        for y, overwrite in ((x, False), (x.clone(), True), (x[:, 1:], False)):
+            ref = want_inv if y.shape == x.shape else _apply_inverse(y, dots[:, 1:], scale, v, group, torch.float32)
+            got = _bhq_inverse(lib, y, dots if y.shape == x.shape else dots[:, 1:], scale, v, group, overwrite, threads)
+            if not _same(got, ref) or (overwrite and got.data_ptr() != y.data_ptr()):
                 return False
     return True
 

@@ -274,6 +274,25 @@ void lowbit_bhq_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
     row_absmax(x, dtype, rows, cols, ld, &t, amax, threads);
 }
 
+/* BHQ's inverse T^-1 y = S^-1 (y - 2 v dots[group]) of float32 rows, the reference's
+ * ((y - (2 v) * dots[group]) / s), written to out (out == y: in place). y and out row-major
+ * with row strides ldy, ldo; dots (G, cols) row-major. */
+void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t ldy, const float *s,
+                             const float *v2, const int64_t *group, const float *dots, float *out,
+                             int64_t ldo, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *yr = y + r * ldy, *dr = dots + group[r] * cols;
+        float *o = out + r * ldo;
+        const __m512 vv = _mm512_set1_ps(v2[r]), vs = _mm512_set1_ps(s[r]);
+        for (int64_t c = 0; c < cols; c += 16) {
+            const __mmask16 k = tail_mask(cols - c);
+            const __m512 a = _mm512_maskz_loadu_ps(k, yr + c), d = _mm512_maskz_loadu_ps(k, dr + c);
+            _mm512_mask_storeu_ps(o + c, k, _mm512_div_ps(_mm512_sub_ps(a, _mm512_mul_ps(vv, d)), vs));
+        }
+    }
+}
+
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
                               const float *s, const float *v2, const int64_t *group, const float *dots,
                               const float *d, int64_t dstride, uint32_t seed, int sr, float emax,

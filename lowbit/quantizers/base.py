@@ -86,8 +86,11 @@ class RowTransform(abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``T⁻¹ y`` cropped to the original ``n_rows`` rows, as ``out_dtype``."""
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> torch.Tensor:
+        """``T⁻¹ y`` cropped to the original ``n_rows`` rows, as ``out_dtype``.
+        ``overwrite``: the caller no longer needs ``y`` (a fresh GEMM output), so the
+        result may be written over it."""
 
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
                          rounding: Rounding, seed: torch.Tensor) -> Encoded:
@@ -121,7 +124,8 @@ class Identity(RowTransform):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> torch.Tensor:
         return y.to(out_dtype)
 
     def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
@@ -172,15 +176,17 @@ class QuantizedOperand:
         """``T⁻¹ · x̂`` as ``out_dtype``, computed in the scale's dtype (float64 if
         ``out_dtype`` is: then exactly, up to the inverse transform's rounding)."""
         dt = torch.promote_types(self.scale.dtype, out_dtype)
-        return self.inverse(self.enc.dequantize(dt), out_dtype)
+        return self.inverse(self.enc.dequantize(dt), out_dtype, overwrite=True)
 
-    def inverse(self, out: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def inverse(self, out: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> torch.Tensor:
         """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand),
-        returned as ``out_dtype``."""
+        returned as ``out_dtype``; ``overwrite``: ``out`` is the caller's fresh tensor,
+        which the result may be written over (:meth:`RowTransform.inverse`)."""
         if isinstance(self.transform, Identity):
             return out.to(out_dtype)
         with record_function("lowbit::transform"):
-            return self.transform.inverse(out, out_dtype)
+            return self.transform.inverse(out, out_dtype, overwrite)
 
 
 

@@ -66,9 +66,10 @@ def _apply_forward(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: 
 
 
 def _apply_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                   group: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                   group: torch.Tensor, out_dtype: torch.dtype, overwrite: bool = False) -> torch.Tensor:
     """``T⁻¹ y = S⁻¹ H y = S⁻¹ (y − 2 v · dots[group])`` with ``dots = Σ_group v y``
-    (all of one dtype)."""
+    (all of one dtype). ``overwrite``: the caller no longer needs ``y``, so a kernel may
+    write the result over it (the native one does; this one returns a new tensor)."""
     return ((y - 2 * v[:, None] * dots[group]) / scale[:, None]).to(out_dtype)
 
 
@@ -84,6 +85,7 @@ register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
 register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
+register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.supports_bhq_inverse)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
 register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
@@ -135,14 +137,15 @@ class BlockHouseholder(RowTransform):
                                              self.group, fmt, granularity, rounding, seed)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
-    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> torch.Tensor:
         # In the transform's dtype, or float64 where y is (a float64 GEMM output or a
         # dequantization asked for in float64): the inverse adds no rounding of its own.
         dt = torch.promote_types(torch.promote_types(y.dtype, self.scale.dtype), torch.float32)
         y, v, scale = y.to(dt), self.v.to(dt), self.scale.to(dt)
         k = self._k(y)
         dots = k.run("bhq_group_sums", y, v, self)
-        return k.run("bhq_inverse", y, dots, scale, v, self.group, out_dtype)
+        return k.run("bhq_inverse", y, dots, scale, v, self.group, out_dtype, overwrite)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².

@@ -76,7 +76,8 @@ class BlockHadamard(RowTransform):
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         return self._apply(x, inverse=False)
 
-    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> torch.Tensor:
         y = y.to(compute_dtype(y.dtype))
         return self._apply(y, inverse=True)[: self.n_rows].to(out_dtype)
 

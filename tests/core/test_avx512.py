@@ -666,6 +666,67 @@ def test_seeds_outside_32_bits_are_refused() -> None:
 
 
 @needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513)])
+def test_bhq_inverse_bitwise_the_reference(shape: tuple[int, int]) -> None:
+    """BHQ's inverse ``S⁻¹(y − 2v·dots[group])`` on the kernel against
+    ``bhq._apply_inverse``: a new tensor, or written over ``y`` with ``overwrite``; NaN
+    and ±Inf values and a zero scale as the reference; 1–3 threads; and a Linear's and a
+    convolution's backward under ``fqt-bhq-8`` bitwise with and without it."""
+    from lowbit.quantizers.bhq import _apply_inverse
+
+    g = torch.Generator().manual_seed(shape[0])
+    n, d = shape
+    y = _operand(shape, g).clamp(-6e4, 6e4)
+    y[0, 0] = float("nan")
+    y[-1, -1] = float("inf")
+    groups = max(1, n // 3)
+    group = torch.randint(0, groups, (n,), generator=g)
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    scale[n // 2] = 0.0
+    dots = torch.randn(groups, d, generator=g) * 10
+    want = _apply_inverse(y, dots, scale, v, group, torch.float32)
+    for threads in (1, 3):
+        with num_threads(threads):
+            assert avx512.supports_bhq_inverse(y, dots, scale, v, group, torch.float32)
+            assert _same(avx512.run_bhq_inverse(y, dots, scale, v, group, torch.float32), want)
+            y2 = y.clone()
+            got = avx512.run_bhq_inverse(y2, dots, scale, v, group, torch.float32, True)
+            assert got.data_ptr() == y2.data_ptr() and _same(got, want)
+    assert not avx512.supports_bhq_inverse(y, dots, scale, v, group, torch.bfloat16)
+    assert not avx512.supports_bhq_inverse(y.double(), dots.double(), scale.double(), v.double(), group,
+                                           torch.float64)
+
+
+@needs_avx512
+def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
+    import lowbit
+    from lowbit.kernels import Impl, register
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 64, 300), torch.nn.GELU(), torch.nn.Linear(300, 7))
+        lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-bhq-8", seed=2))
+        x = torch.randn(64, 3, 8, 8, requires_grad=True)
+        model(x).square().mean().backward()
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    calls = []
+    real = avx512.run_bhq_inverse
+    try:
+        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(1) or real(*a), ("cpu",),
+                 avx512.supports_bhq_inverse)
+        fast = grads()
+        assert len(calls) == 3  # each layer's ∇X
+        register("bhq_inverse", Impl.NATIVE, real, ("cpu",), lambda *a: False)
+        slow = grads()
+    finally:
+        register("bhq_inverse", Impl.NATIVE, real, ("cpu",), avx512.supports_bhq_inverse)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_avx512
 def test_bhq_arguments_it_cannot_read_are_refused() -> None:
     """The C code reads ``scale[r]``, ``v[r]`` and ``dots[group[r]]`` for every row: a
     broadcast (1,) scale, a short ``v``, group ids outside [0, G) (negative ones the
