@@ -213,8 +213,12 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
     acc, a_step, b_step, kernels = batched_product(a, b, backend, dtype, what)
     if a_step is None:
         return acc
+    # with a row transform, the product T·(a @ b) in the steps' dtype (float64 where the
+    # transform ran in float64: T·(a @ b) may be up to √block times a @ b, past float32)
+    mid = dtype if a.transform is None else torch.promote_types(torch.promote_types(a_step.dtype, b_step.dtype),
+                                                                 dtype)
     with record_function("lowbit::epilogue"):
-        out = int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, dtype)
+        out = int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, mid)
     if a.transform is None:
         return out
     n_batch, m, n = out.shape  # T⁻¹ on the product's rows, which stay within their entries

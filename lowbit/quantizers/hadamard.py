@@ -45,12 +45,13 @@ def block_size_for(n_rows: int, block: int) -> int:
 
 
 class BlockHadamard(RowTransform):
-    def __init__(self, signs: torch.Tensor, n_rows: int, block: int, kernels: Kernels | None = None):
+    def __init__(self, signs: torch.Tensor, n_rows: int, block: int, kernels: Kernels | None = None,
+                 h: torch.Tensor | None = None):
         self.signs = signs  # (N_padded,) ±1 float32
         self.n_rows = n_rows
         self.block = block
         self.kernels = kernels
-        self.h = hadamard_matrix(block, signs.device)
+        self.h = hadamard_matrix(block, signs.device) if h is None else h
 
     def _apply(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         """``H·D x`` (``inverse``: ``D·H x``) block by block, ``D`` the signs, in ``x``'s
@@ -89,7 +90,7 @@ class BlockHadamard(RowTransform):
     def entries(self, lo: int, hi: int) -> BlockHadamard:
         if lo % self.block or hi % self.block or not 0 <= lo <= hi <= self.n_rows:
             raise ValueError(f"rows {lo}:{hi} do not start and end on blocks of {self.block} rows")
-        return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels)
+        return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels, self.h)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.

@@ -339,6 +339,32 @@ def test_hadamard_blocks_within_heads_run_integer_then_the_inverse() -> None:
     assert unaligned.codes is None and unaligned.values is not None
 
 
+def test_hadamard_product_near_float32_max_stays_finite() -> None:
+    """Rows the transform concentrates (every row of a 64-row block equal after the signs:
+    ``H·D·x`` puts √64 = 8 times a row into one row) at a scale where the transform runs
+    in float64: the product ``T·(a @ b)`` exceeds float32 before ``T⁻¹`` brings it back,
+    so it is formed in the steps' float64 — finite, as the simulated path is (review
+    finding: it was formed in float32 and overflowed)."""
+    from lowbit.config import GradSpec
+    from lowbit.functional import quantize_gradient
+
+    def quant(x: torch.Tensor):  # noqa: ANN202
+        return quantize_gradient(x, GradSpec(8, "hadamard"), torch.Generator().manual_seed(5), Backend.AUTO)
+
+    row = torch.randn(1, 40, generator=torch.Generator().manual_seed(1))
+    signs = quant(torch.randn(256, 40)).transform.signs  # the same draw for any 256-row operand
+    b = Operand(torch.randint(-127, 128, (2, 40, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(2)),
+                torch.full((2, 1, 64), 0.01))
+    for s in (1e36, 2e37):
+        q = quant(((signs[:, None] * row).double() * s).float())
+        a = Operand.of(q, (2, 128, 40), torch.float32)
+        assert a.transform is not None and q.scale.dtype == torch.float64
+        exact = q.dequantize(torch.float64).reshape(2, 128, 40) @ (b.codes.double() * b.step.double())
+        got = batched_mm(a, b, Backend.AUTO, torch.float32, "test")
+        assert got.dtype == torch.float32 and bool(got.isfinite().all())
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+
+
 def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """fqt-hadamard-8 on heads of 128 × 64: all seven products integer (no simulated
     GEMM), ``backend="int8"`` accepts it, the result equals the reference backend's to
