@@ -62,7 +62,7 @@ from .conv_dispatch import integer_path, refuse_simulated
 from .gradpair import quantize_conv_grad_w, quantize_grad_pair
 from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
-from .kernels import Encoded, Kernels, kernels_for, qconv
+from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
                              patches)
 from .noise import Path
@@ -126,10 +126,13 @@ def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> tor
 
 
 def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+              bias: torch.Tensor | None, out_dtype: torch.dtype, length: int) -> torch.Tensor:
     """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator (any memory
-    format), ``a_scale`` per sample or tensor, ``b_scale`` per channel or tensor → new
-    contiguous (N, C, H, W): the epilogue of the integer GEMM, the same arithmetic."""
+    format) of sums of ``length`` code products, ``a_scale`` per sample or tensor,
+    ``b_scale`` per channel or tensor → new contiguous (N, C, H, W): the epilogue of the
+    integer GEMM, the same arithmetic (in float64 where float32 could overflow:
+    :func:`lowbit.kernels.int8.safe_scales`)."""
+    a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
     with record_function("lowbit::epilogue"):
         return k.run("int8_epilogue_nchw", acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1),
                      b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
@@ -157,7 +160,7 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
         with record_function("lowbit::gemm"):
             acc = qconv.conv_acc(_unsigned_nhwc(k, qx.codes, x_shape), qw.codes.view(w_shape), stride,
                                  padding, dilation, groups)
-        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype)
+        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw)
     x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
@@ -257,7 +260,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             src = _unsigned_nhwc(k, qa.codes, g_shape)
         with record_function("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
-        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32)
+        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32, cog * kh * kw)
     return gx.reshape(n, c * h * w)
 
 

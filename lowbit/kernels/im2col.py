@@ -174,8 +174,8 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
     acc = torch.zeros(a.codes.shape[0], b.codes.shape[1], dtype=torch.int64, device=a.codes.device)
     for s in range(0, k, c):
         acc += int8.int_mm(a.codes[:, s:s + c].contiguous(), b.codes[s:s + c].contiguous())
-    return kernels.run("int8_epilogue", acc, a.scale, b.scale, None, None, None, None, k, bias,
-                       out_dtype)
+    return kernels.run("int8_epilogue", acc, *int8.safe_scales(a.scale, b.scale, k), None, None, None, None, k,
+                       bias, out_dtype)
 
 
 def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: torch.Tensor,
@@ -259,10 +259,11 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
             and b.offset is None and int8.supports(Encoded(a_codes, a_scale[:1]), b):
         with record_function("lowbit::gemm"):
             acc = int8.int_mm(a_codes, b.codes)
+        sa, sb = int8.safe_scales(a_scale, b.scale, a_codes.shape[1])
         with record_function("lowbit::epilogue"):
             return kernels.run("int8_epilogue_nchw", acc.view(n, *spatial, c),
-                               a_scale.reshape(a_scale.shape[0], *ones, 1),
-                               b.scale.reshape(*ones, 1, b.scale.shape[1]), bias, out_dtype)
+                               sa.reshape(sa.shape[0], *ones, 1), sb.reshape(*ones, 1, sb.shape[1]), bias,
+                               out_dtype)
     rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
     y = exact_gemm(kernels, Encoded(a_codes, rows), b, bias, out_dtype)
     return y.reshape(n, *spatial, c).movedim(-1, 1).clone(memory_format=torch.contiguous_format)

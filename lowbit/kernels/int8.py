@@ -130,6 +130,25 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     return out
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epilogue's scales, as float64 where its float32 intermediate ``float(acc) ·
+    a_scale`` could pass float32's maximum although the product need not (``|acc| ≤ k·2¹⁴``
+    for int8 codes: a step past ``3.4e38 / (k·2¹⁴)``, an operand of magnitude ≈ 1e34 and
+    more): the epilogue then runs in float64 and rounds once to its output dtype, as the
+    simulated GEMM of the dequantized operands stays finite. Float32 scales otherwise
+    (every ordinary gradient: the same bits as before). Checked on the CPU only (on other
+    devices the check would be a host sync per GEMM). ``k`` 0: the summed length is not
+    known (:data:`MAX_K` is assumed)."""
+    if a_scale.dtype != torch.float32 or a_scale.device.type != "cpu" or a_scale.numel() == 0:
+        return a_scale, b_scale
+    if float(a_scale.detach().abs().amax()) * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
+        return a_scale, b_scale
+    return a_scale.double(), b_scale.double()
+
+
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
          out_dtype: torch.dtype) -> torch.Tensor:
     """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue."""
@@ -151,7 +170,9 @@ def epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale
     """``int8_epilogue`` of the int32 ``acc`` (which the caller hands over: it is
     overwritten): a float32 product is written over ``acc``'s bytes
     (``int8_epilogue_into``: no second accumulator-sized buffer, the same values),
-    any other output dtype (bf16 under autocast, float64 scales) into a new tensor."""
+    any other output dtype (bf16 under autocast, float64 scales) into a new tensor. Scales
+    that could overflow the float32 intermediate run in float64 (:func:`safe_scales`)."""
+    a_scale, b_scale = safe_scales(a_scale, b_scale, k)
     if out_dtype == torch.float32 and acc.dtype == torch.int32 \
             and torch.promote_types(a_scale.dtype, b_scale.dtype) == torch.float32:
         kernels.run("int8_epilogue_into", acc, a_scale, b_scale, a_offset, b_offset, rowsum,

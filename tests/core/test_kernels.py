@@ -385,3 +385,37 @@ def test_int_mm_exact_on_any_strides(m: int, k: int, n: int) -> None:
             assert torch.equal(r, t) and torch.equal(c, t)
             assert r.stride(1) == 1 and r.stride(0) >= r.shape[1]
             assert c.stride(0) == 1 and c.stride(1) >= c.shape[0]
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "attention"])
+def test_huge_gradients_stay_finite_on_the_integer_path(layer: str) -> None:
+    """Gradients near 1e36: an integer GEMM's float32 epilogue ``(float(acc)·s_a)·s_b``
+    would pass float32's maximum in its intermediate although the product does not (review
+    finding: ∇V inf under ``auto`` where ``reference`` was finite). The epilogue then runs in
+    float64 (``lowbit.kernels.int8.safe_scales``): the integer path is finite wherever the
+    simulated reference is, and equal to it to float rounding (the two paths quantize the
+    same operands; the sums' rounding differs, and a stochastic-rounding code derived
+    from a rounded value may flip — hence rtol 1e-3)."""
+    import lowbit
+    from lowbit.attention import scaled_dot_product_attention
+
+    def grads(backend: str, scale: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=1)
+        if layer == "attention":
+            q, k, v = (torch.randn(1, 2, 128, 64).requires_grad_() for _ in range(3))
+            out, params = scaled_dot_product_attention(q, k, v, state=cfg), [q, k, v]
+        else:
+            model = torch.nn.Linear(64, 48) if layer == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1)
+            lowbit.convert(model, cfg)
+            x = torch.randn(32, 64, requires_grad=True) if layer == "linear" else torch.randn(4, 8, 8, 8, requires_grad=True)
+            out, params = model(x), [x, *model.parameters()]
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)) * scale)
+        return [p.grad for p in params]
+
+    for scale in (1.0, 1e36):
+        fast, ref = grads("auto", scale), grads("reference", scale)
+        for a, b in zip(fast, ref, strict=True):
+            assert bool(b.isfinite().all()), "the reference itself overflows: the case is mis-sized"
+            assert bool(a.isfinite().all())
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
