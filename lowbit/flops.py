@@ -75,6 +75,15 @@ def _mv(i: int, j: int) -> Formula:
     return f
 
 
+def _sparse_mm(i: int, j: int) -> Formula:
+    """``args[i] @ args[j]`` with a sparse (m, k) ``args[i]`` (COO or CSR) and a dense
+    (k, n) ``args[j]``: ``2·nnz·n`` (BHQ's group sums: lowbit.quantizers.bhq)."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        a, b = args[i], args[j]
+        return [Part(None, 2 * int(a._nnz()) * b.shape[-1], (a, b))]
+    return f
+
+
 def conv_flops(x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence[int],
                transposed: bool) -> int:
     """Multiply-adds of a convolution, ×2: ``2·N·prod(w.shape)·prod(spatial)``, where
@@ -125,7 +134,7 @@ def _sdpa_backward(args: Sequence[Any], out: Any) -> list[Part]:
 _BY_NAME: dict[str, Formula] = {
     "mm": _mm(0, 1), "addmm": _mm(1, 2), "_addmm_activation": _mm(1, 2), "_int_mm": _mm(0, 1),
     "_scaled_mm": _mm(0, 1), "bmm": _bmm(0, 1), "baddbmm": _bmm(1, 2), "addbmm": _bmm(1, 2),
-    "mv": _mv(0, 1), "addmv": _mv(1, 2),
+    "mv": _mv(0, 1), "addmv": _mv(1, 2), "_sparse_addmm": _sparse_mm(1, 2), "_sparse_mm": _sparse_mm(0, 1),
     "convolution": _conv, "_convolution": _conv, "convolution_backward": _conv_backward,
 }
 for _kind in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention",

@@ -1,8 +1,9 @@
 """Randomized block Hadamard quantizer (beyond the paper).
 
 Random signs ``±1`` on the rows, then an orthonormal Walsh–Hadamard transform on blocks
-of ``b`` consecutive rows (``b`` a power of two, 16–256 by default capped at the row
-count; rows are zero-padded to a multiple of ``b``), then per-row stochastic rounding.
+of ``b`` consecutive rows (``b`` a power of two: :data:`DEFAULT_BLOCK` = 64 unless the
+quantizer is built with another, capped at the next power of two ≥ the row count; rows
+are zero-padded to a multiple of ``b``), then per-row stochastic rounding.
 The transform is orthogonal and symmetric per block, so ``T⁻¹ = D·H`` inverts it exactly
 and the rounding variance is carried back unchanged in total.
 
@@ -88,7 +89,9 @@ class BlockHadamard(RowTransform):
         return rows > 0 and rows % self.block == 0 and self.signs.shape[0] == self.n_rows
 
     def entries(self, lo: int, hi: int) -> BlockHadamard:
-        if lo % self.block or hi % self.block or not 0 <= lo <= hi <= self.n_rows:
+        if not 0 <= lo <= hi <= self.n_rows:
+            raise ValueError(f"rows {lo}:{hi} are not a range within the transform's {self.n_rows} rows")
+        if lo % self.block or hi % self.block:
             raise ValueError(f"rows {lo}:{hi} do not start and end on blocks of {self.block} rows")
         return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels, self.h)
 

@@ -475,3 +475,17 @@ def test_coverage_fp8_backend_refuses_a_cnn() -> None:
                       "fqt-psq-fp8", backend="fp8")
     with pytest.raises(ValueError, match="FP8 convolution has no _scaled_mm kernel"):
         coverage(model, torch.randn(3, 2, 5, 5))
+
+
+def test_bhq_group_sums_are_counted_as_quantizer_transforms() -> None:
+    """BHQ's group sums on a gradient of ≥ 2¹⁹ elements are one sparse × dense product
+    (``aten._sparse_addmm``): counted with the quantizers' own GEMMs (2·nnz·n FLOPs), not
+    listed as a matrix op without a formula (a new user's finding)."""
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Linear(256, 2048), lowbit.FQTConfig.from_recipe("fqt-bhq-8", seed=0))
+    x = torch.randn(256, 256, requires_grad=True)  # ∇Y: 256 × 2048 = 2¹⁹ elements
+    rep = lowbit.coverage(model, x, loss_fn=lambda out: out.square().mean())
+    assert rep.unaccounted == ()
+    # the group sums of ∇Y (nnz = 256 rows, 2048 columns); ∇X's (256 × 256) take the
+    # scatter-add path, below 2¹⁹ elements
+    assert rep.quantizer_flops == 2 * 256 * 2048 and rep.quantizer_calls == 1
