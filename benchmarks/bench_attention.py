@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit  # noqa: E402
 from lowbit.attention_modules import ScaledDotProductAttention  # noqa: E402
+from bench_step import add_malloc_arg, apply_malloc  # noqa: E402
 from step_workloads import build  # noqa: E402
 
 MODES = ("attention float", "attention low-bit")
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_malloc_arg(p)
     args = p.parse_args(argv)
+    malloc = apply_malloc(args.malloc)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--rounds and --steps must be ≥ 1, --warmup ≥ 0")
     torch.set_num_threads(args.threads)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[m].append(time.perf_counter() - t0)
     what = f"{args.workload} training step" if args.part == "step" else "attention forward + backward"
     print(f"{what}, {args.recipe}, size {args.size}, torch {torch.__version__}, {args.threads} "
-          f"threads; {args.rounds} interleaved rounds × {args.steps} steps after {args.warmup} "
+          f"threads, {malloc}; {args.rounds} interleaved rounds × {args.steps} steps after {args.warmup} "
           "warm-up\n")
     print("| mode | median ms | min ms | median × attention float |")
     print("|---|---|---|---|")

@@ -30,6 +30,13 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
     python benchmarks/bench_step.py --modes fqt-psq-8,fqt-psq-8@1,fqt-psq-8@1000000
     python benchmarks/bench_step.py --device cuda --workload ffn --inprocess   # on a GPU
 
+``--malloc``: the C allocator's policy for the whole process (children included).
+``keep-freed`` (the default) calls ``lowbit.allocator.keep_freed_memory()`` before any
+tensor exists: glibc then recycles freed blocks instead of mapping fresh pages for every
+block over 32 MiB (module docstring of ``lowbit.allocator``: a float32 GELU over
+2048 × 4096 took 12.8 ms with glibc's defaults, 2.6 ms so). ``default`` leaves glibc's
+settings; the header names the policy of the run.
+
 ``--device cuda``: model, inputs and ceilings on the GPU, each timed step and GEMM
 between ``torch.cuda.synchronize()`` calls; GEMM ms and the lowbit labels are the
 profiler's device (kernel) times; peak MB is ``torch.cuda.max_memory_allocated`` above
@@ -378,7 +385,7 @@ def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int,
 def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> float | None:
     cmd = [sys.executable, __file__, "--child", "--workload", workload, "--modes", mode,
            "--size", args.size, "--warmup", str(args.warmup), "--steps", "3",
-           "--threads", str(args.threads), "--device", args.device]
+           "--threads", str(args.threads), "--device", args.device, "--malloc", args.malloc]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
@@ -425,6 +432,22 @@ def table(results: list[Result], ceil: dict[str, float]) -> str:
     return "\n".join(out)
 
 
+def add_malloc_arg(p: argparse.ArgumentParser) -> None:
+    """The ``--malloc`` option shared by the step benchmarks."""
+    p.add_argument("--malloc", choices=("keep-freed", "default"), default="keep-freed",
+                   help="C allocator policy: keep-freed (lowbit.allocator.keep_freed_memory, "
+                        "the default) or glibc's defaults")
+
+
+def apply_malloc(choice: str) -> str:
+    """Set the allocator policy ``choice`` and return its label for the header."""
+    from lowbit import allocator
+
+    if choice == "keep-freed" and not allocator.keep_freed_memory():
+        print("warning: not glibc; --malloc keep-freed changes nothing", file=sys.stderr)
+    return f"malloc {allocator.policy()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
@@ -442,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_malloc_arg(p)
     args = p.parse_args(argv)
+    malloc = apply_malloc(args.malloc)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.ceiling_n < 1:
         p.error("--steps, --rounds and --ceiling-n must be ≥ 1, --warmup ≥ 0")
     workloads = [w for w in args.workload.split(",") if w]
@@ -477,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         results += rows
     ceil = ceilings.gflops()
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
-          f"size={args.size}, device {args.device}; median of {args.rounds} interleaved rounds × {args.steps} steps "
+          f"size={args.size}, device {args.device}, {malloc}; median of {args.rounds} interleaved rounds × {args.steps} steps "
           f"after {args.warmup} warm-up")
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
           "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
@@ -486,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, ceil))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "device": args.device, "ceilings_gflops": ceil,
+            json.dump({"machine": header, "device": args.device, "malloc": malloc, "ceilings_gflops": ceil,
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return 0
 

@@ -45,6 +45,10 @@ Toggles (each is "on" as lowbit ships it):
                (the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
+  malloc       glibc recycles freed blocks (``lowbit.allocator.keep_freed_memory``); off:
+               glibc's steady-state defaults (blocks ≥ 32 MiB mapped fresh, freed memory
+               trimmed: ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 64 MiB, then
+               ``malloc_trim(0)``). Affects every mode, baselines included: run it on each
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -64,7 +68,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import Bench, machine  # noqa: E402
+from bench_step import Bench, add_malloc_arg, apply_malloc, machine  # noqa: E402
 from step_workloads import WORKLOADS  # noqa: E402
 
 
@@ -262,6 +266,23 @@ def _bhq_inverse() -> Callable[[bool], None]:
     return switch
 
 
+def _malloc() -> Callable[[bool], None]:
+    from lowbit import allocator
+
+    libc = allocator._libc()
+    if libc is None:
+        raise SystemExit("the malloc toggle needs glibc")
+    # glibc's <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3, M_MMAP_MAX -4
+    def switch(on: bool) -> None:
+        if on:
+            allocator.keep_freed_memory()
+            return
+        for param, value in ((-4, 65536), (-3, 32 * 2**20), (-1, 64 * 2**20)):
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -272,7 +293,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
     "workspace": _workspace, "bhq-groups": _bhq_groups,
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
-    "bhq-inverse": _bhq_inverse}
+    "bhq-inverse": _bhq_inverse, "malloc": _malloc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_malloc_arg(p)
     a = p.parse_args(argv)
+    malloc = apply_malloc(a.malloc)
     torch.set_num_threads(a.threads)
     header = machine()
     switch = TOGGLES[a.toggle]()
@@ -303,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             times[on] += b.times
     switch(True)
     t_on, t_off = (statistics.median(times[v]) * 1e3 for v in (True, False))
-    print(f"{header}; {a.threads} threads; {a.workload} {a.mode}, {a.toggle}: on {t_on:.1f} ms, "
+    print(f"{header}; {a.threads} threads, {malloc}; {a.workload} {a.mode}, {a.toggle}: on {t_on:.1f} ms, "
           f"off {t_off:.1f} ms ({(t_on - t_off) / t_off:+.1%}); medians of {a.rounds} rounds × "
           f"{a.steps} steps each")
     return 0

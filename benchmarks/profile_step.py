@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import Bench, machine  # noqa: E402
+from bench_step import Bench, add_malloc_arg, apply_malloc, machine  # noqa: E402
 from step_workloads import WORKLOADS  # noqa: E402
 
 SCOPES = ("lowbit::quantize", "lowbit::gemm", "lowbit::epilogue", "lowbit::transform")
@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=6, help="ops listed per scope")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_malloc_arg(p)
     a = p.parse_args(argv)
+    malloc = apply_malloc(a.malloc)
     torch.set_num_threads(a.threads)
-    print(f"{machine()}; {a.threads} threads, size={a.size}")
+    print(f"{machine()}; {a.threads} threads, size={a.size}, {malloc}")
     for w in a.workload.split(","):
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; allowed: {', '.join(WORKLOADS)}")

@@ -1,0 +1,65 @@
+"""lowbit.allocator: glibc's large-block policy, checked through glibc's own counters.
+
+Each case runs in a fresh interpreter: the policy is process-wide and not undone."""
+from __future__ import annotations
+
+import ctypes.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = r"""
+import ctypes, json, sys
+import torch
+from lowbit import allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+ok = allocator.keep_freed_memory() if sys.argv[1] == "keep" else None
+before = libc.mallinfo2()
+x = torch.empty(2048, 4096)          # 32 MiB + a little: over glibc's largest mmap threshold
+x.fill_(1.0)
+alive = libc.mallinfo2()
+del x
+freed = libc.mallinfo2()
+print(json.dumps({"ok": ok, "policy": allocator.policy(), "mapped_alive": alive.hblks - before.hblks,
+                  "in_use_alive": alive.uordblks + alive.hblkhd,
+                  "heap_free_after": freed.fordblks}))
+"""
+
+
+def _probe(arg: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True,
+                         check=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None or not sys.platform.startswith("linux"),
+                           reason="glibc's mallopt/mallinfo2 are Linux-only")
+
+
+@glibc
+def test_default_maps_a_32mib_tensor_and_keep_freed_serves_it_from_the_heap():
+    default, keep = _probe("default"), _probe("keep")
+    assert default["policy"] == "default" and default["ok"] is None
+    assert default["mapped_alive"] == 1            # glibc gave the tensor its own mmap
+    assert keep["ok"] is True and keep["policy"] == "keep-freed"
+    assert keep["mapped_alive"] == 0               # ... and now takes it from the heap
+    mib32 = 2048 * 4096 * 4
+    assert keep["in_use_alive"] >= mib32           # counted in use while alive
+    assert keep["heap_free_after"] >= mib32        # kept for reuse once freed, not trimmed
+
+
+def test_policy_reads_the_environment_form(monkeypatch):
+    from lowbit import allocator
+
+    monkeypatch.setitem(allocator._state, "policy", "default")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert allocator.policy() == "keep-freed (environment)"
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    assert allocator.policy() == "default"
