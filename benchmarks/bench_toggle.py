@@ -45,6 +45,9 @@ Toggles (each is "on" as lowbit ships it):
                (the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
+  vnni-batched  attention's per-head int8 products as one batched call of lowbit's AVX-512
+               VNNI kernel (``lowbit.kernels.vnni``, op ``lowbit::int8_bmm``) on a CPU without
+               AMX; off: one ``torch._int_mm`` per head (the same sums)
   malloc       glibc recycles freed blocks (``lowbit.allocator.keep_freed_memory``); off:
                glibc's steady-state defaults (blocks ≥ 32 MiB mapped fresh, freed memory
                trimmed: ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 64 MiB, then
@@ -266,6 +269,18 @@ def _bhq_inverse() -> Callable[[bool], None]:
     return switch
 
 
+def _vnni_batched() -> Callable[[bool], None]:
+    from lowbit.kernels import amx, int8, vnni
+
+    if amx.available() or not vnni.available():
+        raise SystemExit("the VNNI toggle needs a CPU with AVX-512 VNNI and without AMX")
+    real = int8.batched_kernel
+
+    def switch(on: bool) -> None:
+        int8.batched_kernel = real if on else (lambda k: False)
+    return switch
+
+
 def _malloc() -> Callable[[bool], None]:
     from lowbit import allocator
 
@@ -293,7 +308,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
     "workspace": _workspace, "bhq-groups": _bhq_groups,
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
-    "bhq-inverse": _bhq_inverse, "malloc": _malloc}
+    "bhq-inverse": _bhq_inverse, "malloc": _malloc,
+    "vnni-batched": _vnni_batched}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ Elsewhere :func:`lowbit.kernels.int8.int_mm` runs ``torch._int_mm`` as before.
 
 :func:`int_bmm` (op ``lowbit::int8_bmm``) runs a batch of products — attention's heads,
 below :func:`worth_it`'s size one by one — in one call, the entries spread over the
-threads, each packed and multiplied as a single product is (same sums).
+threads, each packed and multiplied as a single product is (same sums); on a CPU without
+AMX the op runs :mod:`.vnni`'s AVX-512 VNNI kernel instead (same sums).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cbuild, workspace
+from . import cbuild, vnni, workspace
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
@@ -235,12 +236,16 @@ _LIB.define("int8_bmm(Tensor a, Tensor b) -> Tensor")
 def _int8_bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_batched(a, b)
     lib = _library()
-    if lib is None:
-        raise RuntimeError("the AMX kernel is not available on this machine "
-                           "(lowbit.kernels.amx.available() is False)")
+    if lib is None and not vnni.available():
+        raise RuntimeError("neither the AMX nor the VNNI kernel is available on this machine "
+                           "(lowbit.kernels.amx.available() and lowbit.kernels.vnni.available() "
+                           "are False)")
     out = workspace.empty((a.shape[0], a.shape[1], b.shape[2]), torch.int32)  # reused when large
     if out.numel() and a.shape[2]:
-        _call_batched(lib, a, b, out, torch.get_num_threads())
+        if lib is not None:
+            _call_batched(lib, a, b, out, torch.get_num_threads())
+        else:  # a CPU without AMX: AVX-512 VNNI (lowbit.kernels.vnni)
+            vnni.bmm_into(a, b, out)
     elif out.numel():  # no summed terms: every sum is 0
         out.zero_()
     return out
@@ -261,9 +266,10 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     32 MB on, a reused unreferenced buffer: :mod:`lowbit.kernels.workspace`), the
     entries spread over the threads in one call (the op ``lowbit::int8_bmm``, which
     ``lowbit.coverage`` counts as int8 GEMMs): attention's per-head products, where one
-    ``torch._int_mm`` call per head costs more in dispatch than the product. Raises
-    ``RuntimeError`` where :func:`available` is false, ``TypeError``/``ValueError`` for
-    wrong dtypes or shapes."""
+    ``torch._int_mm`` call per head costs more in dispatch than the product. Runs the AMX
+    kernel where :func:`available`, else :mod:`.vnni`'s (``K ≤ vnni.MAX_K``). Raises
+    ``RuntimeError`` where neither is available, ``TypeError``/``ValueError`` for wrong
+    dtypes or shapes."""
     return torch.ops.lowbit.int8_bmm(a, b)
 
 

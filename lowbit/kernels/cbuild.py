@@ -1,8 +1,9 @@
 """Build lowbit's C kernels on first use, cache them, load them with :mod:`ctypes`.
 
-lowbit ships four C kernels: three for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
-:mod:`.avx512`: the integer quantizer on AVX-512; :mod:`.softmax`: attention's softmax with
-its scores' epilogue on AVX-512) and one in plain C (:mod:`.bhq_groups`: BHQ's group
+lowbit ships five C kernels: four for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
+:mod:`.vnni`: a batched int8 GEMM on AVX-512 VNNI; :mod:`.avx512`: the integer quantizer on
+AVX-512; :mod:`.softmax`: attention's softmax with its scores' epilogue on AVX-512) and one
+in plain C (:mod:`.bhq_groups`: BHQ's group
 bookkeeping). Each is compiled with the system C
 compiler (``$CC``, split like a shell would, else ``gcc``, else ``cc``) the first time it
 is needed and cached in :func:`cache_dir` — ``$LOWBIT_CACHE_DIR``, else

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import amx, workspace
+from . import amx, vnni, workspace
 from .encoded import Encoded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,6 +98,15 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
 
 
+def batched_kernel(k: int) -> bool:
+    """Whether a CPU batch of products summing over ``k`` runs as one call of the op
+    ``lowbit::int8_bmm``: on the AMX kernel (:mod:`.amx`, ``k ≤ amx.MAX_K``) or, on a CPU
+    without AMX, the AVX-512 VNNI kernel (:mod:`.vnni`, ``k ≤ vnni.MAX_K``)."""
+    if amx.available():
+        return k <= amx.MAX_K
+    return k <= vnni.MAX_K and vnni.available()
+
+
 def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``a_codes[i] @ b_codes[i]`` for every batch entry: (B, M, K) × (B, K, N) int8, any
@@ -106,13 +115,14 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     earlier call that nothing references any more: :mod:`.workspace`). Without ``out``, on a CPU with AMX, the
     whole batch is one call of :mod:`.amx`'s batched kernel (``lowbit::int8_bmm``: the
     entries spread over the threads; 1.1–5× the loop at attention's head shapes,
-    docs/benchmarks.md). Otherwise one ``torch._int_mm`` per entry: every entry has the
+    docs/benchmarks.md), on one with AVX-512 VNNI but no AMX one call of :mod:`.vnni`'s
+    (the same op; :func:`batched_kernel`). Otherwise one ``torch._int_mm`` per entry: every entry has the
     same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
     whether the operand is first copied whole (row-major entries) — the per-entry stride
     checks and selects of :func:`int_mm` in a loop cost about as much as the products at
     attention's head sizes."""
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
-            and a_codes.shape[2] <= amx.MAX_K and amx.available():
+            and batched_kernel(a_codes.shape[2]):
         return amx.int_bmm(a_codes, b_codes)
     if out is None and a_codes.device.type == "cpu":  # large results reuse a buffer
         out = workspace.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), torch.int32)
