@@ -2,7 +2,8 @@
 lowbit's AVX-512 VNNI kernel (``lowbit.kernels.vnni``), at the head products and layouts a gpt2-block step hands it (batch 4 ×
 12 heads, 512 tokens, head width 64). Medians of 20 after one warm-up call; freed memory
 recycled (``lowbit.allocator``), the result buffers allocated once. The loop copies an
-operand that ``torch._int_mm`` cannot read as it is, as lowbit's per-head path does.
+operand only where ``torch._int_mm`` cannot read it as it is (``int8.dense``), as lowbit's
+per-head path does.
 
     python benchmarks/probes/vnni_bmm.py --threads 2
 """
@@ -14,7 +15,7 @@ import torch
 from _timing import median_ms
 
 from lowbit import allocator
-from lowbit.kernels import vnni
+from lowbit.kernels import int8, vnni
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         assert torch.equal(vnni.bmm_into(x, y, out), torch.bmm(x.long(), y.long()).int())
         def per_head(x=x, y=y, out=out) -> None:
             for i in range(a.heads):
-                torch._int_mm(x[i].contiguous(), y[i].contiguous(), out=out[i])
+                torch._int_mm(int8.dense(x[i]), int8.dense(y[i]), out=out[i])
 
         loop = median_ms(per_head, 20)
         batch = median_ms(lambda x=x, y=y, out=out: vnni.bmm_into(x, y, out), 20)

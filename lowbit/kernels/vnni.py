@@ -9,15 +9,18 @@ batched int8 GEMM on AVX-512 VNNI"). This module compiles ``vnni_int8.c``
 blocks, the left codes stored as ``a + 128`` (unsigned) and the sum corrected by
 ``128 · colsum(b)``, the right operand packed four ``k`` at a time, the batch spread over
 the threads, full blocks of large results written with streaming stores. The sums are
-exact — the same int32 values as ``torch._int_mm`` — for ``K ≤`` :data:`MAX_K`
-(``K·255·128 < 2³¹``); a self-test compares them with exact int64 products before first
+exact — the same int32 values as ``torch._int_mm`` — for ``K ≤`` :data:`MAX_K` (the same
+bound as every int8 GEMM of lowbit, ``K·128² < 2³¹``): VPDPBUSD, the column sums' shift
+and the correction all wrap modulo 2³², so the offset sum ``Σ(a + 128)·b`` may pass
+int32's range on the way; the corrected sum is the true one whenever that fits. A self-test compares them with exact int64 products before first
 use (random and extreme codes, tails in every dimension, both operand layouts, one to
 three threads, streaming on and off) and the kernel is not used when it fails.
 
 It runs the op ``lowbit::int8_bmm`` (:func:`lowbit.kernels.amx.int_bmm`) where the AMX
 kernel is not available: a CPU reporting ``avx512f``, ``avx512bw`` and ``avx512_vnni``,
 a C compiler, ``LOWBIT_VNNI`` not ``0``. A left operand whose rows are not contiguous,
-or a right operand neither row- nor column-contiguous, is copied row-major first.
+or a right operand neither row-contiguous nor column-contiguous with ``K % 4 == 0``, is
+copied row-major first.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from . import cbuild
 SOURCE = Path(__file__).with_name("vnni_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni")
 CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
-MAX_K = (2**31 - 1) // (255 * 128)  # the longest sum of (a + 128)·b exact in int32: 65793
+MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes (= amx.MAX_K)
 STREAM_BYTES = 8 << 20  # results from this size on are written with streaming stores
 NR, MR = 32, 8  # the kernel's register block: columns per panel, rows per block
 
@@ -86,8 +89,8 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 
 def _self_test(lib: ctypes.CDLL) -> bool:
     """Sums equal exact int64 products: tails in M, K, N; more entries than threads and
-    fewer; row-major, transposed and strided operands; extreme codes over a long K;
-    streaming stores on and off."""
+    fewer; row-major, transposed and strided operands; extreme codes over a long K (up to
+    :data:`MAX_K`, where the offset sum wraps); streaming stores on and off."""
     g = torch.Generator().manual_seed(0)
     for bsz, m, k, n in ((5, 37, 70, 45), (1, 64, 64, 64), (3, 16, 200, 17), (2, 9, 3, 33), (3, 8, 64, 96)):
         a = torch.randint(-128, 128, (bsz, m, k), dtype=torch.int8, generator=g)
@@ -103,12 +106,13 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                     _call(lib, x, y, out, threads, stream)
                     if not torch.equal(out, want):
                         return False
-    for va, vb in ((-128, -128), (-128, 127), (127, 127)):
-        a = torch.full((2, 16, 4096), va, dtype=torch.int8)
-        b = torch.full((2, 4096, 32), vb, dtype=torch.int8)
-        out = torch.empty(2, 16, 32, dtype=torch.int32)
+    for va, vb, k in ((-128, -128, 4096), (-128, 127, 4096), (127, 127, 4096), (127, -128, MAX_K)):
+        # the last: the offset sum 255·(-128)·K wraps past int32; the corrected one does not
+        a = torch.full((1, 8, k), va, dtype=torch.int8)
+        b = torch.full((1, k, 32), vb, dtype=torch.int8)
+        out = torch.empty(1, 8, 32, dtype=torch.int32)
         _call(lib, a, b, out, 2, True)
-        if not torch.equal(out, torch.bmm(a.long(), b.long()).int()):
+        if not bool((out.long() == va * vb * k).all()):
             return False
     return True
 
@@ -130,21 +134,40 @@ def available() -> bool:
     return _library() is not None
 
 
+def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    what = "lowbit VNNI int8 GEMM"
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"{what} takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"{what}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    if a.shape[2] > MAX_K:
+        raise ValueError(f"{what}: K = {a.shape[2]} > {MAX_K}, past which an int32 sum of int8 "
+                         "codes can overflow (split the sum)")
+    want = (a.shape[0], a.shape[1], b.shape[2])
+    if out.dtype != torch.int32 or tuple(out.shape) != want:
+        raise ValueError(f"{what}: out must be int32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
+    if any(t.device.type != "cpu" for t in (a, b, out)):
+        raise ValueError(f"{what}: CPU tensors only")
+    if out.shape[2] > 1 and out.stride(2) != 1:
+        raise ValueError(f"{what}: out's rows must be contiguous")
+
+
 def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[i] = a[i] @ b[i]``: (B, M, K) × (B, K, N) int8 CPU tensors, any strides, ``K ≤``
-    :data:`MAX_K`, into ``out`` (B, M, N) int32 with contiguous rows; exact sums. Raises
-    ``RuntimeError`` where :func:`available` is false, ``ValueError`` for ``K`` past
-    :data:`MAX_K`. Used by the op ``lowbit::int8_bmm``; call :func:`lowbit.kernels.amx.int_bmm`
-    to be counted by ``lowbit.coverage``."""
+    :data:`MAX_K`, into ``out`` (B, M, N) int32 with contiguous rows; exact sums; returns
+    ``out``. Raises ``RuntimeError`` where :func:`available` is false, ``TypeError`` for
+    non-int8 operands, ``ValueError`` for shapes that do not match, ``K`` past
+    :data:`MAX_K` or a wrong ``out``. Used by the op ``lowbit::int8_bmm``; call
+    :func:`lowbit.kernels.amx.int_bmm` to be counted by ``lowbit.coverage``."""
+    _check(a, b, out)
     lib = _library()
     if lib is None:
         raise RuntimeError("the VNNI kernel is not available on this machine "
                            "(lowbit.kernels.vnni.available() is False)")
-    if a.shape[2] > MAX_K:
-        raise ValueError(f"lowbit VNNI int8 GEMM: K = {a.shape[2]} > {MAX_K}, past which its "
-                         "int32 sums of (a + 128)·b can overflow")
-    if out.stride(2) != 1 and out.shape[2] > 1:
-        raise ValueError("lowbit VNNI int8 GEMM: out's rows must be contiguous")
+    if out.numel() == 0:
+        return out
+    if a.shape[2] == 0:  # no summed terms
+        return out.zero_()
     a, b = _layouts(a, b)
     _call(lib, a, b, out, torch.get_num_threads(), out.numel() * 4 >= STREAM_BYTES)
     return out

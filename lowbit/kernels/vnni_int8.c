@@ -3,7 +3,9 @@
    VPDPBUSD multiplies unsigned by signed bytes, four at a time, into int32 lanes. The left
    operand's codes a are stored as a + 128 (u8, one XOR), so each lane sums (a + 128)·b; the
    product is that minus 128·colsum(b), colsum taken from the packed panel by VPDPBUSD with
-   ones. Exact in int32 while K·255·128 < 2^31 (K <= 65793: checked by the caller).
+   ones. VPDPBUSD, the shift and the subtraction all wrap modulo 2^32, so the result is the
+   exact sum whenever that fits in int32 (K·128² < 2^31: checked by the caller), even where
+   the offset sum itself passes int32's range.
    Right operand: panels of NR = 32 columns, four k's interleaved per int32 lane, zero past
    K and N. Register block: MR = 8 rows x 32 columns (16 accumulators). Batch entries are
    spread over the threads (one packing slice each). Full 64-byte-aligned blocks of a large
@@ -91,6 +93,12 @@ static void pack_a(const int8_t *a, int64_t M, int64_t K, int64_t sam, int64_t s
     }
 }
 
+static inline int32_t load4(const uint8_t *p) {  /* four bytes as one int32, no aliasing */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 static inline void block(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t Kq,
                          const int32_t *cs, int32_t *c, int64_t ldc, int rows, int cols, int stream) {
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
@@ -100,7 +108,7 @@ static inline void block(const uint8_t *a, int64_t lda, const int8_t *bp, int64_
         const __m512i b0 = _mm512_loadu_si512(bp + q * 128), b1 = _mm512_loadu_si512(bp + q * 128 + 64);
         const uint8_t *ak = a + q * 4;
         __m512i x;
-#define ROW(r, e0, e1) x = _mm512_set1_epi32(*(const int32_t *)(ak + (r) * lda)); \
+#define ROW(r, e0, e1) x = _mm512_set1_epi32(load4(ak + (r) * lda)); \
         e0 = _mm512_dpbusd_epi32(e0, x, b0); e1 = _mm512_dpbusd_epi32(e1, x, b1);
         ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31)
         ROW(4, c40, c41) ROW(5, c50, c51) ROW(6, c60, c61) ROW(7, c70, c71)

@@ -26,7 +26,8 @@ def load():
 @pytest.mark.parametrize("part", ["step", "attention"])
 def test_bench_attention_tiny(part: str, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load()
-    argv = ["--size", "tiny", "--rounds", "1", "--steps", "1", "--warmup", "0", "--part", part]
+    argv = ["--size", "tiny", "--rounds", "1", "--steps", "1", "--warmup", "0", "--part", part,
+            "--malloc", "default"]  # the allocator policy is process-wide: not in pytest
     assert bench.main(argv) == 0
     rows = [ln.split(" | ")[0].lstrip("| ") for ln in capsys.readouterr().out.splitlines()
             if ln.startswith("| attention")]

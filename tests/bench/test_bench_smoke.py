@@ -34,7 +34,8 @@ def test_bench_step_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     out = tmp_path / "r.json"
     modes = "fp32,bf16,torchao-int8,fqt-psq-8,fqt-bhq-8+bf16,fqt-hadamard-8,fqt-psq-8:reference"
     rc = bench.main(["--size", "tiny", "--inprocess", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                     "--ceiling-n", "64", "--workload", "ffn,gpt", "--modes", modes, "--json", str(out)])
+                     "--ceiling-n", "64", "--workload", "ffn,gpt", "--modes", modes, "--json", str(out),
+                     "--malloc", "default"])  # the allocator policy is process-wide: not in pytest
     assert rc == 0
     text = capsys.readouterr().out
     for mode in modes.split(","):

@@ -68,9 +68,9 @@ def test_bench_step_device_cpu_reports_as_before(capsys: pytest.CaptureFixture[s
     out = tmp_path / "r.json"
     rc = bench.main(["--size", "tiny", "--inprocess", "--steps", "1", "--warmup", "0", "--rounds", "1",
                      "--ceiling-n", "64", "--workload", "ffn", "--modes", "fp32,fqt-psq-8",
-                     "--device", "cpu", "--json", str(out)])
+                     "--device", "cpu", "--json", str(out), "--malloc", "default"])
     assert rc == 0
-    assert "size=tiny, device cpu;" in capsys.readouterr().out
+    assert "size=tiny, device cpu, malloc default;" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["device"] == "cpu"
     rows = {r["mode"]: r for r in data["results"]}

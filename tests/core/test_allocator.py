@@ -39,8 +39,15 @@ def _probe(arg: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None or not sys.platform.startswith("linux"),
-                           reason="glibc's mallopt/mallinfo2 are Linux-only")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None or not sys.platform.startswith("linux")
+                           or not _has_mallinfo2(), reason="needs glibc ≥ 2.33 (mallopt, mallinfo2)")
 
 
 @glibc

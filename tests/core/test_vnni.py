@@ -59,17 +59,42 @@ def test_vnni_sums_are_exact(monkeypatch: pytest.MonkeyPatch, bsz: int, m: int, 
 @needs_vnni
 @pytest.mark.parametrize("va, vb", [(127, -128), (127, 127), (-128, -128), (-128, 127)])
 def test_vnni_longest_exact_sum_of_extreme_codes(va: int, vb: int) -> None:
-    """At ``K = MAX_K`` the offset sum ``Σ(a + 128)·b`` reaches ±255·128·K, just inside
-    int32; the corrected products are exact for every pair of extreme codes."""
+    """At ``K = MAX_K`` (lowbit's bound for every int8 GEMM, ``K·128² < 2³¹``) the offset
+    sum ``Σ(a + 128)·b`` reaches ±255·128·K, past int32's range; it wraps, and the corrected
+    products are exact for every pair of extreme codes."""
     k = vnni.MAX_K
     a = torch.full((1, 8, k), va, dtype=torch.int8)
     b = torch.full((1, k, 32), vb, dtype=torch.int8)
     out = torch.empty(1, 8, 32, dtype=torch.int32)
     vnni.bmm_into(a, b, out)
     assert bool((out.long() == va * vb * k).all())
+    assert vnni.MAX_K == amx.MAX_K == int8.MAX_K
     with pytest.raises(ValueError, match="can overflow"):
         vnni.bmm_into(torch.zeros(1, 1, k + 1, dtype=torch.int8), torch.zeros(1, k + 1, 1, dtype=torch.int8),
                       torch.empty(1, 1, 1, dtype=torch.int32))
+
+
+@needs_vnni
+def test_bmm_into_rejects_wrong_dtypes_shapes_and_outputs() -> None:
+    """Nothing reaches the raw pointers unchecked: a wrong dtype, mismatched shapes or
+    batches, or an ``out`` of the wrong dtype or shape is an error naming it."""
+    a, b = torch.ones(2, 4, 8, dtype=torch.int8), torch.ones(2, 8, 4, dtype=torch.int8)
+    out = torch.empty(2, 4, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="int8 operands"):
+        vnni.bmm_into(a.float(), b, out)
+    with pytest.raises(ValueError, match="do not match"):
+        vnni.bmm_into(a, b[:1], out)
+    with pytest.raises(ValueError, match="do not match"):
+        vnni.bmm_into(a, a, out)
+    with pytest.raises(ValueError, match="out must be int32"):
+        vnni.bmm_into(a, b, out.long())
+    with pytest.raises(ValueError, match="out must be int32"):
+        vnni.bmm_into(a, b, out[:, :3])
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        vnni.bmm_into(a, b, out.mT.contiguous().mT)
+    assert int(vnni.bmm_into(a, b, out)[1, 3, 3]) == 8
+    zero_k = torch.full((2, 4, 4), 5, dtype=torch.int32)
+    assert not vnni.bmm_into(torch.ones(2, 4, 0, dtype=torch.int8), torch.ones(2, 0, 4, dtype=torch.int8), zero_k).any()
 
 
 @routes_to_vnni
