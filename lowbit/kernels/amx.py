@@ -221,13 +221,7 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _check_batched(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"lowbit::int8_bmm takes int8 operands, got {a.dtype} and {b.dtype}")
-    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
-        raise ValueError(f"lowbit::int8_bmm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
-    if a.shape[2] > MAX_K:
-        raise ValueError(f"lowbit::int8_bmm: K = {a.shape[2]} > {MAX_K}, past which an int32 "
-                         "sum of int8 codes can overflow (split the sum)")
+    vnni.check_operands(a, b, "lowbit::int8_bmm")  # the same rules (vnni.MAX_K == MAX_K)
 
 
 _LIB.define("int8_bmm(Tensor a, Tensor b) -> Tensor")

@@ -134,8 +134,9 @@ def available() -> bool:
     return _library() is not None
 
 
-def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    what = "lowbit VNNI int8 GEMM"
+def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """``TypeError`` unless ``a`` and ``b`` are int8, ``ValueError`` unless they are
+    (B, M, K) and (B, K, N) with ``K ≤`` :data:`MAX_K`; ``what`` names the caller."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"{what} takes int8 operands, got {a.dtype} and {b.dtype}")
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
@@ -143,6 +144,11 @@ def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     if a.shape[2] > MAX_K:
         raise ValueError(f"{what}: K = {a.shape[2]} > {MAX_K}, past which an int32 sum of int8 "
                          "codes can overflow (split the sum)")
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    what = "lowbit VNNI int8 GEMM"
+    check_operands(a, b, what)
     want = (a.shape[0], a.shape[1], b.shape[2])
     if out.dtype != torch.int32 or tuple(out.shape) != want:
         raise ValueError(f"{what}: out must be int32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
@@ -173,4 +179,4 @@ def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     return out
 
 
-__all__ = ["CPU_FLAGS", "MAX_K", "available", "bmm_into", "cpu_has_vnni"]
+__all__ = ["CPU_FLAGS", "MAX_K", "available", "bmm_into", "check_operands", "cpu_has_vnni"]
