@@ -29,6 +29,7 @@ from .train import (
     parse_list,
     parse_recipes,
     parse_seed,
+    set_malloc,
     set_threads,
     training_fields,
 )
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir("--out", args.out)
     configs = grid(args)
     set_threads(args.threads)
+    set_malloc(args.malloc)
     states = [run_state(cfg) for cfg in configs]
     print(f"sweep: {len(configs)} runs -> {args.out} ("
           + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "busy", "diverged", "new")

@@ -56,6 +56,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "all-reduce) or int2..int8 (unbiased stochastic rounding, lowbit.distributed)")
     add("--model-arg", action="append", default=[], metavar="KEY=VALUE", help=MODEL_ARG_HELP)
     add("--threads", help="CPU threads for torch (default: torch's choice)")
+    add("--malloc", choices=("keep-freed", "default"), default="keep-freed",
+        help="C allocator policy of this process: keep-freed (default; glibc recycles freed "
+        "blocks instead of mapping fresh pages for each one over 32 MiB: "
+        "lowbit.allocator.keep_freed_memory) or glibc's defaults")
     add("--no-progress", action="store_true", help="no progress bar (epoch lines only)")
 
 
@@ -195,6 +199,15 @@ def set_threads(text: str | None) -> None:
         torch.set_num_threads(threads)
 
 
+def set_malloc(choice: str) -> None:
+    """Apply ``--malloc`` (:mod:`lowbit.allocator`; process-wide, so only in lowbit's own
+    command-line processes, once their options are checked)."""
+    if choice == "keep-freed":
+        from lowbit import allocator
+
+        allocator.keep_freed_memory()  # False off glibc: nothing to change there
+
+
 def make_config(fields: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig with checked model arguments, turning a ValueError into a
     one-line usage error that names the option."""
@@ -231,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         fields["world_size"] = nproc
     cfg = make_config(fields)
     set_threads(args.threads)
+    set_malloc(args.malloc)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
     if launch:  # every value checked: now the same command on nproc ranks
         return _torchrun(args, cfg.world_size, cfg.out)

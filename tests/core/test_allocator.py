@@ -70,3 +70,23 @@ def test_policy_reads_the_environment_form(monkeypatch):
     assert allocator.policy() == "keep-freed (environment)"
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     assert allocator.policy() == "default"
+
+
+@glibc
+def test_train_and_sweep_apply_malloc_and_reject_unknown_policies():
+    """``lowbit train``/``sweep`` set the policy (``--malloc``, default keep-freed) in their
+    own process; an unknown policy is a usage error."""
+    from lowbit.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["train", "--task", "digits", "--recipe", "fp"], ["sweep", "--tasks", "digits", "--out", "x"]):
+        assert parser.parse_args(cmd).malloc == "keep-freed"
+        assert parser.parse_args([*cmd, "--malloc", "default"]).malloc == "default"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*cmd, "--malloc", "tcmalloc"])
+    code = ("from lowbit.experiments.train import set_malloc; from lowbit import allocator; "
+            "set_malloc('default'); print(allocator.policy()); "
+            "set_malloc('keep-freed'); print(allocator.policy())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["default", "keep-freed"]
