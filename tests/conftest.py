@@ -119,3 +119,27 @@ class num_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.before)
+
+
+def assert_attention_heads_counted_as_int8() -> None:
+    """``nn.MultiheadAttention`` (4 heads of 128 × 64, batch 2) converted under
+    ``fqt-psq-8``: its head products go through ``lowbit::int8_bmm``, counted by
+    ``lowbit.coverage`` as int8 GEMMs with the batch's FLOPs, and the step is all low-bit.
+    Shared by the AMX and the VNNI kernels' tests (the op runs whichever the CPU has)."""
+    import lowbit
+    from torch import nn
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(256, 4, batch_first=True)  # heads of 128 × 64
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = lowbit.convert(SelfAttention(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = lowbit.coverage(model, torch.randn(2, 128, 256, requires_grad=True))
+    bmm = [r for r in rep.rows if r.op == "lowbit.int8_bmm"]
+    assert bmm and all(r.kind == "int8" and r.formats == ("int8", "int8") for r in bmm)
+    assert sum(r.flops for r in bmm) == 7 * 2 * (2 * 4) * 128 * 128 * 64  # 7 products per head
+    assert rep.real_share == 1.0

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import num_threads
-from torch import nn
+from conftest import assert_attention_heads_counted_as_int8, num_threads
 
 import lowbit
 from lowbit.kernels import amx, int8, vnni
@@ -136,20 +135,7 @@ def test_attention_step_bitwise_the_same_with_and_without_vnni(monkeypatch: pyte
 
 @routes_to_vnni
 def test_coverage_counts_attention_heads_on_vnni_as_int8() -> None:
-    class SelfAttention(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(256, 4, batch_first=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.attn(x, x, x, need_weights=False)[0]
-
-    model = lowbit.convert(SelfAttention(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
-    rep = lowbit.coverage(model, torch.randn(2, 128, 256, requires_grad=True))
-    bmm = [r for r in rep.rows if r.op == "lowbit.int8_bmm"]
-    assert bmm and all(r.kind == "int8" and r.formats == ("int8", "int8") for r in bmm)
-    assert sum(r.flops for r in bmm) == 7 * 2 * (2 * 4) * 128 * 128 * 64  # 7 products per head
-    assert rep.real_share == 1.0
+    assert_attention_heads_counted_as_int8()
 
 
 def test_switched_off_by_environment() -> None:
