@@ -27,7 +27,7 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["keep_freed_memory", "policy"]
+__all__ = ["keep_freed_memory", "policy", "recycles_freed_memory"]
 
 # glibc's <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
@@ -78,3 +78,10 @@ def policy() -> str:
     if _state["policy"] == "default" and os.environ.get("MALLOC_MMAP_MAX_") == "0":
         return "keep-freed (environment)"
     return _state["policy"]
+
+
+def recycles_freed_memory() -> bool:
+    """Whether large blocks come back from glibc's heap (:func:`policy` is not
+    ``"default"``): a freed 48 MB tensor is then handed out again without page faults, so
+    a pool of reused buffers (:mod:`lowbit.kernels.workspace`) has nothing to save."""
+    return policy() != "default"

@@ -21,6 +21,12 @@ for as long as it is referenced. :func:`held_bytes` is what the pools hold betwe
 The trade: a pooled buffer stays allocated between its uses, so it adds to the peak of
 whatever else the step holds at its own peak. Measured on gpt2-block (docs/benchmarks.md,
 "Large score buffers reused"): the step −11.7% (2 threads), its peak memory 99 → 135 MB.
+So the pool works only under glibc's default policy: where freed memory is recycled from
+the heap (:func:`lowbit.allocator.recycles_freed_memory`, the policy of ``lowbit train``
+and of the benchmarks) a fresh tensor costs no page faults, and :func:`empty` is plain
+``torch.empty`` — measured on gpt2-block with freed memory recycled: the pool made the
+step 3.1% slower (noise) and its peak 36 MB higher (docs/benchmarks.md, "The score buffer
+pool under the recycling allocator").
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import sys
 import threading
 
 import torch
+
+from ..allocator import recycles_freed_memory
 
 MIN_BYTES = 32 << 20
 MAX_ENTRIES = 2
@@ -66,11 +74,16 @@ def _references_seen() -> bool:
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A contiguous CPU tensor of ``shape`` and ``dtype`` with unspecified contents, as
-    ``torch.empty``: for at least :data:`MIN_BYTES`, an unreferenced buffer this thread
-    made before, if there is one (module docstring)."""
+    ``torch.empty``: for at least :data:`MIN_BYTES`, under glibc's default allocator
+    policy, an unreferenced buffer this thread made before, if there is one (module
+    docstring)."""
     shape = tuple(int(s) for s in shape)
     if not _enabled or math.prod(shape) * dtype.itemsize < MIN_BYTES \
             or not _references_seen():
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    if recycles_freed_memory():  # the heap reuses freed blocks itself (module docstring)
+        if _pools and held_bytes():
+            clear()  # buffers pooled before the policy changed
         return torch.empty(shape, dtype=dtype, device="cpu")
     pool, key = _pool(), (shape, dtype)
     t = pool.get(key)

@@ -122,3 +122,18 @@ def test_attention_with_pooled_scores_equals_fresh_buffers() -> None:
     finally:
         workspace.set_enabled(True)
     assert all(torch.equal(a, b) for a, b in zip(pooled, fresh, strict=True))
+
+
+def test_nothing_is_pooled_where_the_heap_recycles_freed_memory(monkeypatch) -> None:
+    """Under ``lowbit.allocator``'s keep-freed policy (here its environment form) a fresh
+    large tensor costs no page faults: the pool would only add to the peak, so ``empty``
+    is ``torch.empty`` and drops what was pooled before the policy changed."""
+    a = workspace.empty(SHAPE, torch.int32)
+    assert workspace.held_bytes() == a.numel() * 4  # default policy: pooled
+    del a
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    b = workspace.empty(SHAPE, torch.int32)
+    assert b.shape == SHAPE and b.dtype == torch.int32 and b.is_contiguous()
+    assert workspace.held_bytes() == 0
+    c = workspace.empty(SHAPE, torch.int32)  # b alive: any buffer but b's
+    assert c.data_ptr() != b.data_ptr() and workspace.held_bytes() == 0
