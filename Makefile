@@ -1,9 +1,14 @@
 # The README's two commands: `make demo` and `make test`. Both set themselves up.
 VENV    ?= .venv
 PYTHON  ?= python3
-# A CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
+# torch pinned in its own pip call, before lowbit (whose unpinned `torch` requirement would
+# otherwise pull whatever build the index serves). The pin alone is a CPU build only where
+# pip's configured index serves one (the project's machines: `pip config list`); on plain
+# PyPI for Linux the same pin is the multi-GB CUDA build — for a CPU build there:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu test
 # On a GPU machine: make TORCH_SPEC='torch' ...
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 
@@ -12,7 +17,7 @@ STAMP := $(VENV)/.lowbit-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -104,6 +104,10 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
     """``source`` compiled with ``flags`` (cached: module docstring) and loaded; ``None``
     after a warning (``warn(why, None)``) when there is no compiler or the build fails.
     ``what`` names the kernel in those warnings."""
+    if not source.is_file():  # an install that did not ship the C source (package data)
+        warn(f"the {what}'s C source {str(source)!r} is missing from this installation of "
+             "lowbit (reinstall it; the package must ship lowbit/kernels/*.c)", None)
+        return None
     cc = compiler(warn)
     if cc is None:
         warn(f"the {what} needs a C compiler and none was found ($CC, gcc, cc)", None)
