@@ -61,8 +61,6 @@ class FQTScaledDotProductAttention(ScaledDotProductAttention, _StochasticLayer):
                    name: str = "") -> FQTScaledDotProductAttention:
         return cls(config=config, seed=seed, name=name).train(mod.training)
 
-    ran: bool = False  # set by every forward
-
     def trackers(self) -> tuple[None, None]:
         """Attention's gradient ranges are dynamic (lowbit.attention): no trackers."""
         return None, None
@@ -90,13 +88,18 @@ class FQTScaledDotProductAttention(ScaledDotProductAttention, _StochasticLayer):
 class InProjection(nn.Module, _StochasticLayer):
     """The noise stream and recipe of one in-projection GEMM of
     :class:`FQTMultiheadAttention`; the weight stays where the attention module keeps it
-    (``forward(x, weight, bias)`` is ``fqt_linear`` under this block's state)."""
+    (``forward(x, weight, bias)`` is ``fqt_linear`` under this block's state). One of
+    several alternatives per attention module (``alternative``: listed by
+    :func:`lowbit.fqt_blocks`, not by :func:`lowbit.fqt_layers`)."""
+
+    alternative = True
 
     def __init__(self, *, config: FQTConfig, seed: int | None = None, name: str = "") -> None:
         super().__init__()
         self._init_quant(config, seed, name)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        self.ran = True
         return fqt_linear(x, weight, bias, self._block)
 
     def extra_repr(self) -> str:

@@ -71,8 +71,6 @@ class FQTConv1D(Conv1D, _StochasticLayer):
         new.weight, new.bias = mod.weight, mod.bias
         return new.train(mod.training)
 
-    ran: bool = False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True
         return fqt_linear(x, self.weight.t(), self.bias, self._block)  # (*, nx) → (*, nf)

@@ -75,7 +75,7 @@ from .adaptive import AdaptivePolicy, Decision
 from .config import GradSpec, with_bits
 from .formats import IntFormat, Rounding
 from .layergrads import layer_grads, layer_totals
-from .nn import FQTConv2d, FQTLinear, fqt_layers
+from .nn import FQTConv2d, FQTLinear, fqt_blocks
 from .noise import Path, generator_for
 from .quantizers import get_quantizer
 from .varrecord import LayerVariance, StepRecord, ratio
@@ -160,7 +160,7 @@ class VarianceMonitor:
         self.every, self.policy = every, policy
         self.skipped: dict[str, str] = {}
         self.layers: dict[str, FQTLinear | FQTConv2d] = {}
-        for name, layer in fqt_layers(model).items():
+        for name, layer in fqt_blocks(model).items():
             reason = skip_reason(layer)
             if reason is None:
                 self.layers[name] = layer
@@ -182,6 +182,10 @@ class VarianceMonitor:
         self._handles = [lay.register_forward_hook(self._forward_hook(n)) for n, lay in self.layers.items()]
         for layer in self.layers.values() if policy is not None else ():
             layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
+        blocks = fqt_blocks(model) if policy is not None else {}
+        self._undriven = [blocks[n] for n in self.skipped if n in blocks]
+        for n, layer in zip([n for n in self.skipped if n in blocks], self._undriven):
+            layer._block.undriven = self.skipped[n]  # their AdaptiveRecipeWarning says why
 
     # -- the training loop's side -------------------------------------------------------
     def due(self) -> bool:
@@ -219,6 +223,8 @@ class VarianceMonitor:
         self._handles = []
         for layer in self.layers.values():
             layer._block.policy_driven = False
+        for layer in self._undriven:
+            layer._block.undriven = None
 
     # -- hooks ----------------------------------------------------------------------------
     def _forward_hook(self, name: str) -> Any:

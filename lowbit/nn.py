@@ -39,6 +39,7 @@ class _StochasticLayer:
     asks for them). The layer's custom ops read it when they run."""
 
     _block: BlockState
+    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
 
     def _init_quant(self, config: FQTConfig, seed: int | None, name: str) -> None:
         """Base seed: ``seed`` if given, else ``config.seed``, else one draw from torch's
@@ -110,8 +111,6 @@ class FQTLinear(nn.Linear, _StochasticLayer):
         new.train(mod.training)
         return new
 
-    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True  # a constant store: no torch.compile guard or graph break
         return fqt_linear(x, self.weight, self.bias, self._block)
@@ -152,8 +151,6 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
             return nn.functional.pad(x, same_padding(self.kernel_size, self.dilation)), (0, 0)
         return x, _pair(self.padding)
 
-    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True  # a constant store: no torch.compile guard or graph break
         x, padding = self._explicit_padding(x)
@@ -176,8 +173,6 @@ class FQTConv1d(nn.Conv1d, _StochasticLayer):
 
     # wrap ``mod``'s parameters (shared, not copied), as FQTConv2d.from_float does
     from_float = classmethod(FQTConv2d.from_float.__func__)  # type: ignore[assignment]
-
-    ran: bool = False  # set by every forward; see fqt_layers(model, ran=...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ran = True  # a constant store: no torch.compile guard or graph break
@@ -307,18 +302,23 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
 
 
-def fqt_layers(model: nn.Module, *, ran: bool | None = None
-               ) -> dict[str, FQTLinear | FQTConv2d | FQTConv1d]:
-    """The converted layers of ``model`` by fully qualified name; with ``ran=True`` only
-    those whose forward has run since conversion or :func:`reset_ran`, with ``ran=False``
-    only those that have not (converted, yet bypassed or unused)."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, _FQT_LAYERS) and (ran is None or m.ran == ran)}
+def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, _StochasticLayer]:
+    """Every module of ``model`` that ``convert`` made run GEMMs under a recipe, by fully
+    qualified name: the converted layers (``FQTLinear``, ``FQTConv2d``, ``FQTConv1d``, Hugging
+    Face ``FQTConv1D``) and the attention products of converted attention. With
+    ``ran=True`` only those whose forward has run since conversion or :func:`reset_ran`,
+    with ``ran=False`` only those that have not (converted, yet bypassed or unused). The
+    in-projection blocks of a converted ``nn.MultiheadAttention`` are left to
+    :func:`fqt_blocks`: they are alternatives of one projection (packed ``qkv``, ``q`` +
+    ``kv``, or ``q``, ``k``, ``v``, chosen per call by which inputs are the same tensor),
+    so most of them never run in a given model without being bypassed."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _StochasticLayer)
+            and not getattr(m, "alternative", False) and (ran is None or m.ran == ran)}
 
 
 def reset_ran(model: nn.Module) -> None:
-    """Clear the :attr:`ran` flag of every converted layer (before a step whose coverage
-    is to be checked with :func:`fqt_layers` ``(model, ran=...)``)."""
+    """Clear the :attr:`ran` flag of every module :func:`fqt_layers` lists (before a step
+    whose coverage is to be checked with :func:`fqt_layers` ``(model, ran=...)``)."""
     for m in fqt_layers(model).values():
         m.ran = False
 

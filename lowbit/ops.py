@@ -75,6 +75,7 @@ class BlockState:
         self.noise = noise
         self.range_trackers: dict[str, RangeTracker] = {}
         self.policy_driven = False
+        self.undriven: str | None = None  # why a policy's monitor cannot drive it
         self._adaptive_checked = False
         self._register()
 
@@ -84,11 +85,11 @@ class BlockState:
 
     def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("handle", "policy_driven", "_adaptive_checked")}
+                if k not in ("handle", "policy_driven", "undriven", "_adaptive_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.policy_driven, self._adaptive_checked = False, False
+        self.policy_driven, self.undriven, self._adaptive_checked = False, None, False
         self._register()
 
     def trackers(self) -> Trackers:
@@ -116,14 +117,16 @@ def warn_if_not_adaptive(state: BlockState) -> None:
         return
     state._adaptive_checked = True
     name = state.config.adaptive
-    if name is not None and not state.policy_driven:
-        warnings.warn(
-            f"lowbit: recipe {name!r} chooses gradient bit widths only for the layers that "
-            f"lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy"
-            f".from_recipe({name!r})) "
-            f"drives (`lowbit train` attaches one; its .skipped names the layers it cannot "
-            f"drive); a layer trained without one, at the recipe's fixed 8-bit start",
-            AdaptiveRecipeWarning, stacklevel=2)
+    if name is None or state.policy_driven:
+        return
+    layer = f"layer {state.noise.name!r}" if state.noise.name else "a layer"
+    why = (f"the VarianceMonitor attached to the model cannot drive it ({state.undriven})"
+           if state.undriven is not None else
+           f"the recipe chooses gradient bit widths only for the layers that "
+           f"lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy"
+           f".from_recipe({name!r})) drives (`lowbit train` attaches one), and none drives this one")
+    warnings.warn(f"lowbit: {layer} of recipe {name!r} trains at the recipe's fixed 8-bit start: "
+                  f"{why}", AdaptiveRecipeWarning, stacklevel=2)
 
 
 def _state(handle: str) -> BlockState:

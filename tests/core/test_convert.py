@@ -375,19 +375,21 @@ def test_encoder_layer_runs_quantized_in_eval_no_grad() -> None:
     assert report.skipped == {}
     assert report.fastpath_disabled == ("",)
     x = torch.randn(2, 5, 16)
-    linears = {"self_attn.out_proj", "linear1", "linear2"}
+    linears = {"self_attn.out_proj", "linear1", "linear2", "self_attn.attention"}
     with torch.no_grad():
-        lowbit.reset_ran(model)
-        model.self_attn.attention.ran = False
+        lowbit.reset_ran(model)  # the attention product's flag too
+        assert not model.self_attn.attention.ran
         y = model(x)
         assert set(lowbit.fqt_layers(model, ran=True)) == linears and model.self_attn.attention.ran
+        # the in-projection that ran says so; its alternatives are fqt_blocks' only
+        assert model.self_attn.projections.qkv.ran
+        assert not any(n.startswith("self_attn.projections") for n in lowbit.fqt_layers(model))
         assert torch.equal(y, _unfused(model, x))  # the unfused path, quantized GEMMs
         assert not torch.equal(y, ref(x))  # not the float fused path
         # without the change, the fused path bypasses the converted layers, and the ran
         # flags tell: that is what lowbit.coverage reads
         model.activation_relu_or_gelu = 1
         lowbit.reset_ran(model)
-        model.self_attn.attention.ran = False
         assert torch.equal(model(x), ref(x))
         assert set(lowbit.fqt_layers(model, ran=False)) == linears
         assert not model.self_attn.attention.ran
@@ -401,7 +403,8 @@ def test_encoder_layer_train_mode() -> None:
     assert torch.equal(exact(x), ref(x))  # fp recipe: the same float computation
     model, _, _ = convert_quietly(layer)
     y = model(x)
-    assert set(lowbit.fqt_layers(model, ran=True)) == {"self_attn.out_proj", "linear1", "linear2"}
+    assert set(lowbit.fqt_layers(model, ran=True)) == {"self_attn.out_proj", "linear1", "linear2",
+                                                       "self_attn.attention"}
     assert not torch.equal(y, ref(x))
     (y * torch.linspace(-1, 1, 16)).sum().backward()  # y.sum() after LayerNorm has zero gradient
     assert model.linear1.weight.grad.abs().sum() > 0

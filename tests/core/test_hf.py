@@ -216,3 +216,25 @@ def test_lowbit_imports_and_converts_without_transformers() -> None:
             "print(type(m.blocks[0].attn.sdpa).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "FQTScaledDotProductAttention"
+
+
+def test_every_converted_block_reports_whether_it_ran_and_the_monitor_names_what_it_skips() -> None:
+    """GPT-2's Conv1D layers and its attention are converted blocks like any Linear: they
+    are listed by ``fqt_layers``, set and clear their ``ran`` flags, and a variance
+    monitor that cannot drive them names each in ``skipped`` (it used to see only the LM
+    head and report nothing skipped)."""
+    model, _ = convert(gpt2())
+    layers = lowbit.fqt_layers(model)
+    conv1d = {n for n, m in layers.items() if isinstance(m, hf.FQTConv1D)}
+    assert len(conv1d) == 8 and set(attention_blocks(model)) <= set(layers)
+    assert set(layers) == set(lowbit.fqt_blocks(model))  # no in-projection alternatives in GPT-2
+    model(**batch("gpt2"))
+    assert lowbit.fqt_layers(model, ran=False) == {}
+    lowbit.reset_ran(model)
+    assert set(lowbit.fqt_layers(model, ran=False)) == set(layers)
+    from lowbit.monitor import VarianceMonitor
+
+    mon = VarianceMonitor(model, every=1)
+    assert set(mon.layers) == {"lm_head"}
+    assert set(mon.skipped) == set(layers) - {"lm_head"}
+    assert all("the monitor knows Linear and Conv2d GEMMs only" in why for why in mon.skipped.values())

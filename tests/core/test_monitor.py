@@ -490,15 +490,29 @@ def test_adaptive_recipe_without_its_policy_warns_once_per_layer_and_says_so() -
     plain = lowbit.convert(_net(False), cfg)
     got = steps(None, plain)
     assert len(got) == len(lowbit.fqt_layers(plain))  # once per layer, not per step
-    assert "recipe 'fqt-auto' chooses gradient bit widths only for the layers that " \
+    assert "of recipe 'fqt-auto' trains at the recipe's fixed 8-bit start: the recipe chooses " \
+           "gradient bit widths only for the layers that " \
            "lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy" \
-           ".from_recipe('fqt-auto')) " \
-           "drives" in str(got[0].message)
+           ".from_recipe('fqt-auto')) drives" in str(got[0].message)
+    assert {str(w.message).split("'")[1] for w in got} == set(lowbit.fqt_layers(plain))  # names the layer
     driven = lowbit.convert(_net(False), cfg)
     mon = VarianceMonitor(driven, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
     assert not mon.skipped and steps(mon, driven) == []
     mon.close()
     assert all(not lay._block.policy_driven for lay in lowbit.fqt_layers(driven).values())
+    # a layer the monitor cannot drive says why it stays at 8 bits (a Conv1d here)
+    mixed = lowbit.convert(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(9, 4)), cfg)
+    mon = VarianceMonitor(mixed, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
+    assert set(mon.skipped) == {"0"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mon.step():
+            mixed(torch.randn(8, 2, 5)).square().mean().backward()
+    got = [str(w.message) for w in caught if issubclass(w.category, AdaptiveRecipeWarning)]
+    assert got == [f"lowbit: layer '0' of recipe 'fqt-auto' trains at the recipe's fixed 8-bit start: "
+                   f"the VarianceMonitor attached to the model cannot drive it ({mon.skipped['0']})"]
+    mon.close()
+    assert mixed[0]._block.undriven is None
     with pytest.raises(ValueError, match="gradient bits conflict with the adaptive recipe 'fqt-auto'"):
         cfg.with_grad_bits(4)
     with pytest.raises(ValueError, match="adaptive must be one of fqt-auto, fqt-auto-psq, fqt-auto-bhq"):
