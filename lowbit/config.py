@@ -381,7 +381,12 @@ def describe(config: FQTConfig) -> str:
     """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8`` (symmetric
     integer grids by their bits); other formats by name, e.g.
     ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; ``~rtn`` marks a gradient path
-    rounded to nearest (biased), ``~pred`` predicted ranges."""
+    rounded to nearest (biased), ``~pred`` predicted ranges. ``TypeError`` for anything
+    but an :class:`FQTConfig` (a model's layers carry theirs: ``lowbit.fqt_layers``)."""
+    if not isinstance(config, FQTConfig):
+        raise TypeError(f"describe takes an FQTConfig, got {type(config).__name__} (a converted "
+                        "model's configs: {name: layer.config for name, layer in "
+                        "lowbit.fqt_layers(model).items()})")
     if config.is_fp:
         return "fp"
     w = config.weight.format

@@ -24,7 +24,8 @@ from lowbit.config import FQTConfig, backend_names, recipe_families
 from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
-from lowbit.experiments.train import MODEL_ARG_HELP, parse_int, parse_model_args, parse_seed, set_threads
+from lowbit.experiments.train import (MODEL_ARG_HELP, check_out_file, parse_int, parse_model_args, parse_seed,
+                                      set_threads)
 from lowbit.nn import convert
 
 IMAGE_SIZE = {"digits": 8, "fashion-mnist": 28}
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(MODELS[args.task])}, got {name!r}")
     if args.by not in ("module", "type"):
         raise ValueError(f"--by must be module or type, got {args.by!r}")
+    if args.json:
+        check_out_file("--json", args.json)  # before the step, not after it
     seed = parse_seed("--seed", args.seed)
     batch = parse_int("--batch-size", args.batch_size)
     if batch is None:

@@ -170,6 +170,20 @@ def check_out_dir(option: str, path: str) -> str:
     return path
 
 
+def check_out_file(option: str, path: str) -> str:
+    """``path`` as a file a command will write at its end, checked before any work: not a
+    folder, in a folder that exists and is writable (``ValueError`` naming ``option``)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} must be a file, but {path} is a folder")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"{option}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option}: {path} is not writable")
+    return path
+
+
 def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from the shared options (values converted, not yet validated)."""
     # A value that fails here or in TrainConfig raises with the option's name.

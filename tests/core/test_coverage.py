@@ -410,6 +410,9 @@ def test_cli_prints_the_table_and_writes_json(capsys: pytest.CaptureFixture[str]
     (["--model", "gpt"], "--model for task digits must be one of mlp, cnn, got 'gpt'"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--by", "layer"], "--by must be module or type, got 'layer'"),
+    # checked before the training step runs, not when the report is written after it
+    (["--json", "/nonexistent-lowbit-dir/x.json"], "--json: the folder /nonexistent-lowbit-dir does not exist"),
+    (["--json", "/"], "--json must be a file, but / is a folder"),
 ])
 def test_cli_bad_values_exit_2_with_one_line(argv: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:

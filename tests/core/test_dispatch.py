@@ -309,3 +309,8 @@ def test_describe_names_the_format_and_a_biased_rounding(recipe: str, text: str)
     """The report's "GEMM operands" column: a format other than a symmetric integer grid
     is named, and nearest-rounded gradients are marked (they are biased)."""
     assert lowbit.describe(lowbit.FQTConfig.from_recipe(recipe)) == text
+
+
+def test_describe_refuses_what_is_not_a_config() -> None:
+    with pytest.raises(TypeError, match="describe takes an FQTConfig, got Sequential .*lowbit.fqt_layers"):
+        lowbit.describe(torch.nn.Sequential())
