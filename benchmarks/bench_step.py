@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if not args.inprocess and r.ms is not None:
                 r.peak_mb = memory_subprocess(args, wl, r.mode)
-            print(f"{wl:10s} {r.mode:24s} {r.ms if r.ms else '-':>9} ms  {r.peak_mb} MB {r.note}",
+            print(f"{wl:10s} {r.mode:24s} {r.ms if r.ms else '-':>9} ms  {'-' if r.peak_mb is None else r.peak_mb} MB {r.note}",
                   file=sys.stderr, flush=True)
         results += rows
     ceil = ceilings.gflops()
