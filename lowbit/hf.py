@@ -75,6 +75,19 @@ class FQTConv1D(Conv1D, _StochasticLayer):
         self.ran = True
         return fqt_linear(x, self.weight.t(), self.bias, self._block)  # (*, nx) → (*, nf)
 
+    # the FQTLinear view the variance monitor reads (lowbit.layergrads): weight Wᵀ (nf, nx)
+    def linear_weight(self) -> torch.Tensor:
+        """``weightᵀ``: the (nf, nx) = (out, in) weight of the ``FQTLinear`` it computes as."""
+        return self.weight.t()
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
     def __repr__(self) -> str:
         return f"FQTConv1D(nf={self.nf}, nx={self.nx}, {self._extra()})"
 

@@ -80,7 +80,7 @@ def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_pat
         out.grad_weight = PathOperand(a.t(), u.square().sum(1))
         out.w_sq, out.w_total = weight_grad_sq_norms(a.reshape(b, t, n_out), u.reshape(b, t, n_in), bias)
     if input_path:
-        wq = _dequant(layer.weight.detach(), cfg.weight)  # (out, in)
+        wq = _dequant(layer.linear_weight().detach(), cfg.weight)  # (out, in)
         wn = wq.square().sum(1)  # (out,)
         out.grad_input = PathOperand(a, wn, shift_weight=wn)
         out.x_sq, out.x_total = product_row_norms(a.reshape(b, t, n_out).sum(1), wq)  # rows (B, in)
@@ -144,7 +144,7 @@ def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor
     gradient): what the paired minibatch-variance estimate of :mod:`lowbit.monitor`
     compares between two steps."""
     cfg, gy = layer.config, gy.float()
-    w = layer.weight.detach()
+    w = (layer.weight if isinstance(layer, FQTConv2d) else layer.linear_weight()).detach()  # (out, in, …)
     want_w = cfg.grad_weight is not None and layer.weight.requires_grad
     want_x = cfg.grad_input is not None and x_requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad

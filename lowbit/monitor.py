@@ -96,8 +96,8 @@ def path_generator(layer: FQTLinear | FQTConv2d, path: str, device: torch.device
 
 def skip_reason(layer: FQTLinear | FQTConv2d) -> str | None:
     """Why ``layer`` cannot be monitored under its current config, or ``None``."""
-    if not isinstance(layer, (FQTLinear, FQTConv2d)):
-        return f"{type(layer).__name__}: the monitor knows Linear and Conv2d GEMMs only"
+    if not isinstance(layer, FQTConv2d) and not hasattr(layer, "linear_weight"):  # FQTLinear, HF FQTConv1D
+        return f"{type(layer).__name__}: the monitor knows Linear (Hugging Face Conv1D) and Conv2d GEMMs only"
     cfg = layer.config
     if not cfg.is_fqt:
         return "gradients not quantized (fp or QAT recipe)"

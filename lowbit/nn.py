@@ -115,6 +115,11 @@ class FQTLinear(nn.Linear, _StochasticLayer):
         self.ran = True  # a constant store: no torch.compile guard or graph break
         return fqt_linear(x, self.weight, self.bias, self._block)
 
+    def linear_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) weight its GEMMs use: ``weight`` itself (the
+        monitor reads Linear-like layers through this: Hugging Face ``FQTConv1D`` too)."""
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._extra()}"
 

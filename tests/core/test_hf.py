@@ -7,6 +7,8 @@ unconverted classes. Skipped without transformers (an optional dependency)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import subprocess
 import sys
 import warnings
@@ -220,9 +222,9 @@ def test_lowbit_imports_and_converts_without_transformers() -> None:
 
 def test_every_converted_block_reports_whether_it_ran_and_the_monitor_names_what_it_skips() -> None:
     """GPT-2's Conv1D layers and its attention are converted blocks like any Linear: they
-    are listed by ``fqt_layers``, set and clear their ``ran`` flags, and a variance
-    monitor that cannot drive them names each in ``skipped`` (it used to see only the LM
-    head and report nothing skipped)."""
+    are listed by ``fqt_layers`` and set and clear their ``ran`` flags; the variance
+    monitor drives the Conv1D layers and names the attention products, which it cannot
+    drive, in ``skipped`` (it used to see only the LM head and report nothing skipped)."""
     model, _ = convert(gpt2())
     layers = lowbit.fqt_layers(model)
     conv1d = {n for n, m in layers.items() if isinstance(m, hf.FQTConv1D)}
@@ -235,6 +237,38 @@ def test_every_converted_block_reports_whether_it_ran_and_the_monitor_names_what
     from lowbit.monitor import VarianceMonitor
 
     mon = VarianceMonitor(model, every=1)
-    assert set(mon.layers) == {"lm_head"}
-    assert set(mon.skipped) == set(layers) - {"lm_head"}
-    assert all("the monitor knows Linear and Conv2d GEMMs only" in why for why in mon.skipped.values())
+    assert set(mon.layers) == conv1d | {"lm_head"}
+    assert set(mon.skipped) == set(attention_blocks(model))
+    assert all("the monitor knows Linear (Hugging Face Conv1D) and Conv2d GEMMs only" in why
+               for why in mon.skipped.values())
+
+
+def test_the_monitor_measures_a_conv1d_as_the_linear_it_computes() -> None:
+    """A Conv1D (weight (in, out)) under the variance monitor gives the figures of an
+    ``FQTLinear`` with weight ``Wᵀ``, the same input, gradient and noise stream: the
+    quantization and minibatch variances of both paths, to float rounding."""
+    from lowbit.monitor import VarianceMonitor
+
+    torch.manual_seed(0)
+    conv = T.pytorch_utils.Conv1D(6, 5)  # nf = 6 outputs, nx = 5 inputs
+    lin = nn.Linear(5, 6)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    records = []
+    for m in (conv, lin):
+        model, _ = convert(nn.Sequential(m), FQTConfig.from_recipe("fqt-psq-8", seed=3))
+        mon = VarianceMonitor(model, every=1)
+        assert set(mon.layers) == {"0"} and not mon.skipped
+        x = torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()  # ∇X path too
+        with mon.step():
+            model(x).square().sum().backward()
+        records.append(mon.history[-1].layers["0"])
+    a, b = (dataclasses.asdict(r) for r in records)
+    assert a.keys() == b.keys()
+    assert all(math.isfinite(a[k]) and a[k] > 0 for k in ("quant_w", "quant_x", "sgd_w", "sgd_x"))
+    for key in a:
+        if isinstance(a[key], float) and not math.isnan(a[key]):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        else:
+            assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
