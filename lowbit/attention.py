@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
+from .scopes import scope
 
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
@@ -193,7 +193,7 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
     integer = both and backend is not Backend.REFERENCE and n_batch > 0 \
         and int8_applicable(*a.head(0), *b.head(0))
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
-        with record_function("lowbit::gemm"):
+        with scope("lowbit::gemm"):
             return int8.int_mm_batched(a.codes, b.codes), a.step, b.step, kernels
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
         why = "a row transform, offset or block scale" if not both else \
@@ -201,7 +201,7 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
         raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
                          f"per head: it has {why}; use backend='auto' (simulated there)")
     a_values, b_values = a.dequantize(dtype, kernels), b.dequantize(dtype, kernels)
-    with record_function("lowbit::gemm"):
+    with scope("lowbit::gemm"):
         return torch.matmul(a_values, b_values), None, None, kernels
 
 
@@ -218,12 +218,12 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
     # transform ran in float64: T·(a @ b) may be up to √block times a @ b, past float32)
     mid = dtype if a.transform is None else torch.promote_types(torch.promote_types(a_step.dtype, b_step.dtype),
                                                                  dtype)
-    with record_function("lowbit::epilogue"):
+    with scope("lowbit::epilogue"):
         out = int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, mid)
     if a.transform is None:
         return out
     n_batch, m, n = out.shape  # T⁻¹ on the product's rows, which stay within their entries
-    with record_function("lowbit::transform"):
+    with scope("lowbit::transform"):
         return a.transform.inverse(out.reshape(n_batch * m, n), dtype, overwrite=True).reshape(n_batch, m, n)
 
 

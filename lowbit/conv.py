@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
+from .scopes import scope
 from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
@@ -133,7 +133,7 @@ def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
     integer GEMM, the same arithmetic (in float64 where float32 could overflow:
     :func:`lowbit.kernels.int8.safe_scales`)."""
     a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
-    with record_function("lowbit::epilogue"):
+    with scope("lowbit::epilogue"):
         return k.run("int8_epilogue_nchw", acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1),
                      b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
 
@@ -157,7 +157,7 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, qx.codes.device)
     if _onednn(k, qx.codes, w_shape, groups):  # oneDNN's int8 convolution, exact sums
-        with record_function("lowbit::gemm"):
+        with scope("lowbit::gemm"):
             acc = qconv.conv_acc(_unsigned_nhwc(k, qx.codes, x_shape), qw.codes.view(w_shape), stride,
                                  padding, dilation, groups)
         return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw)
@@ -251,14 +251,14 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
         return None
     # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
-    with record_function("lowbit::grad_input"):
+    with scope("lowbit::grad_input"):
         if list(stride) != [1, 1]:  # zero codes (u8 128) inserted, oneDNN pads nothing
             src = k.run("int8_place_nhwc", qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
                         True).permute(0, 3, 1, 2)
             pad = [0, 0]
         else:
             src = _unsigned_nhwc(k, qa.codes, g_shape)
-        with record_function("lowbit::gemm"):
+        with scope("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
         gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32, cog * kh * kw)
     return gx.reshape(n, c * h * w)
@@ -280,13 +280,13 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
     if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W)
-        with record_function("lowbit::grad_input"):
+        with scope("lowbit::grad_input"):
             gx = gemm_nchw(k, im2col(p, 0, 1), qa.scale, Encoded(wf.reshape(kh * kw * co, cg), qw.scale),
                            (h, w))
         return gx.reshape(n, c * h * w)
     a_scale = _per_row(qa.scale, h * w)
     outs = []
-    with record_function("lowbit::grad_input"):
+    with scope("lowbit::grad_input"):
         for gi in range(groups):
             b_codes = wf[:, :, gi * cog:(gi + 1) * cog].reshape(kh * kw * cog, cg)
             b_scale = _group(qw.scale, gi, cog)
@@ -314,7 +314,7 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
     out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)  # padded, channels-last
-    with record_function("lowbit::grad_input"):
+    with scope("lowbit::grad_input"):
         for gi in range(groups):
             rows = slice(gi * cog, (gi + 1) * cog)
             a = Encoded(a_codes[:, rows].contiguous(), a_scale)
@@ -366,13 +366,13 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
     gw = None
     if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
-        with record_function("lowbit::grad_weight"):
+        with scope("lowbit::grad_weight"):
             gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), x, qx.scale, (kh, kw), dilation)
     if gw is None:
         p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
         b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
         cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
-        with record_function("lowbit::grad_weight"):
+        with scope("lowbit::grad_weight"):
             outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
                                Encoded(im2col(p, gi, groups), b_scale))
                     for gi in range(groups)]

@@ -46,6 +46,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import flops
 from .config import FQTConfig
+from .scopes import recorded
 
 aten = torch.ops.aten
 SIMULATED = "float (simulated low-bit)"
@@ -215,7 +216,7 @@ class GemmTracer(TorchDispatchMode):
         """The block to trace: module hooks installed, this mode on."""
         self.spans.install()
         try:
-            with self:
+            with self, recorded():  # lowbit's profiler scopes, which place GEMMs in passes
                 yield self
         finally:
             self.spans.remove()

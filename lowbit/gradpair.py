@@ -28,7 +28,7 @@ one entry per (batch, head) — pairs its rows (B·N, out) with each entry's tra
 from __future__ import annotations
 
 import torch
-from torch.profiler import record_function
+from .scopes import scope
 
 from .config import GradSpec
 from .formats import Format, Granularity, Rounding
@@ -100,7 +100,7 @@ def _draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: i
     ``spec`` on ``rows`` rows: its transform (an identity, which draws nothing and sees
     the row count only), then its rounding seed; with the quantizer's granularity."""
     q = get_quantizer(spec.quantizer)
-    with record_function("lowbit::transform"):
+    with scope("lowbit::transform"):
         t = q.transform(gy.new_empty(rows, 0), gen, k)
         t.kernels = k
     if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
@@ -119,7 +119,7 @@ def quantize_conv_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Gen
     if gy.dim() != 3 or not (k.fused and gy.numel() and _plain(spec)):
         return None
     gran, rnd, seed, t = _draw(gy, spec, gen, gy.shape[1], k)  # type: ignore[arg-type]
-    with record_function("lowbit::quantize"):
+    with scope("lowbit::quantize"):
         out = k.run("quantize_conv_w", gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
     return QuantizedOperand.of(Encoded(*out, spec.format.block, kernels=k), t)  # type: ignore[union-attr]
 
@@ -160,7 +160,7 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     for key, spec, gen, rows in (paths[::-1] if w_first else paths):
         ops[key] = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops["a"], ops["w"]
-    with record_function("lowbit::quantize"):
+    with scope("lowbit::quantize"):
         out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
                     spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
     enc_a = Encoded(*out[:4], spec_a.format.block, kernels=k)  # type: ignore[union-attr]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 
 from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
 from . import avx512, compiled, fp8, int8, reference, softmax
@@ -149,7 +149,7 @@ class Kernels:
         codes with zero scales, and draw nothing."""
         if x.numel() == 0:
             return _empty(x, fmt, granularity)
-        with record_function("lowbit::quantize"):
+        with scope("lowbit::quantize"):
             codes, scale, offset, bs = self.run("quantize", x, fmt, granularity, rounding, seed)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=self)
 
@@ -167,7 +167,7 @@ class Kernels:
             enc = Encoded(torch.zeros(x.shape, dtype=fmt.code_dtype, device=x.device),
                           grid_step(amax.to(dt), fmt.emax))
             return enc, torch.zeros_like(amax, dtype=dt), zero.long(), zero, zero
-        with record_function("lowbit::quantize"):
+        with scope("lowbit::quantize"):
             codes, step, *acct = self.run("quantize_fixed", x, amax, fmt, rounding, seed)
         return (Encoded(codes, step, kernels=self), *acct)  # type: ignore[return-value]
 
@@ -189,7 +189,7 @@ class Kernels:
                 f"{refusal_cause(self.backend, a, b)}; got a {tuple(a.codes.shape)} "
                 f"{a.codes.dtype}, b {tuple(b.codes.shape)} {b.codes.dtype}, b scale "
                 f"{tuple(b.scale.shape)} on {self.device}")
-        with record_function("lowbit::gemm"):
+        with scope("lowbit::gemm"):
             return self.lookup("gemm", Impl.REFERENCE).fn(self, a, b, bias, out_dtype)  # type: ignore[union-attr]
 
 

@@ -66,7 +66,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..formats import FloatFormat, Format, Granularity, IntFormat, Rounding, grid_step
@@ -330,7 +330,7 @@ def run_quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, roundin
                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
     """:func:`quantize` without its checks: the dispatcher's kernel, called only after
     :func:`supports` said yes (the checks are not paid twice per call)."""
-    with record_function("lowbit::avx512_quantize"):  # the C time, visible to the profiler
+    with scope("lowbit::avx512_quantize"):  # the C time, visible to the profiler
         codes, step = _quantize(_library(), x, fmt, granularity, rounding, seed, torch.get_num_threads())
     return codes, step, None, None
 
@@ -390,7 +390,7 @@ def run_quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularit
                               seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_batched_pair` without its checks (the dispatcher's kernel, after
     :func:`supports_batched_pair`)."""
-    with record_function("lowbit::avx512_quantize_batched_pair"):
+    with scope("lowbit::avx512_quantize_batched_pair"):
         return _pair_result(_quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
                                            rnd_w, seed_w, torch.get_num_threads()))
 
@@ -419,7 +419,7 @@ def run_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a
                       seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_pair` without its checks (the dispatcher's kernel, after
     :func:`supports_pair`)."""
-    with record_function("lowbit::avx512_quantize_pair"):
+    with scope("lowbit::avx512_quantize_pair"):
         return _pair_result(_quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
                                            rnd_w, seed_w, torch.get_num_threads()))
 
@@ -478,7 +478,7 @@ def run_quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, 
                            seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_conv_pair` without its checks (the dispatcher's kernel, after
     :func:`supports_conv_pair`)."""
-    with record_function("lowbit::avx512_quantize_conv_pair"):
+    with scope("lowbit::avx512_quantize_conv_pair"):
         return _pair_result(_quantize_conv_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
                                                 rnd_w, seed_w, torch.get_num_threads()))
 
@@ -509,7 +509,7 @@ def run_quantize_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Ro
     """:func:`lowbit.gradpair.quantize_conv_w` (a convolution's ``∇Y`` (N, C_out, L)
     quantized as its channels (C_out, N·L), without the channel-major copy) on the kernel,
     after :func:`supports_conv_w`: ``(codes, step, None, None)``, bitwise the reference's."""
-    with record_function("lowbit::avx512_quantize_conv_w"):
+    with scope("lowbit::avx512_quantize_conv_w"):
         codes, step = _quantize_conv_w(_library(), g, fmt, gran, rnd, seed, torch.get_num_threads())
         return codes, step, None, None
 
@@ -566,7 +566,7 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`epilogue_nchw` without its checks (the dispatcher's kernel, after
     :func:`supports_epilogue_nchw`)."""
-    with record_function("lowbit::avx512_epilogue"):
+    with scope("lowbit::avx512_epilogue"):
         return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
@@ -632,7 +632,7 @@ def run_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
     :func:`supports_epilogue_into`): ``(float(acc)·a_scale)·b_scale (+ bias)`` written as
     float32 over ``acc``'s bytes, bit for bit the reference's, in one pass (no compiled
     call and its guards)."""
-    with record_function("lowbit::avx512_epilogue_rows"):
+    with scope("lowbit::avx512_epilogue_rows"):
         _epilogue_into(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
@@ -681,7 +681,7 @@ def run_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequence[int
                    stride: Sequence[int] = (1, 1), unsigned: bool = False) -> torch.Tensor:
     """:func:`place_nhwc` without its checks (the dispatcher's kernel, after
     :func:`supports_place_nhwc`)."""
-    with record_function("lowbit::avx512_place_nhwc"):
+    with scope("lowbit::avx512_place_nhwc"):
         return _place_nhwc(_library(), codes, shape, size, offset, stride, unsigned,
                            torch.get_num_threads())
 
@@ -743,7 +743,7 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
                              rounding: Rounding, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
     """:func:`bhq_forward_quantize` without its checks (the dispatcher's kernel, after
     :func:`supports_bhq`: its group-id range check is not paid twice)."""
-    with record_function("lowbit::avx512_bhq_quantize"):
+    with scope("lowbit::avx512_bhq_quantize"):
         codes, step = _bhq_quantize(_library(), x, dots, scale, v, group, fmt, granularity, rounding,
                                     seed, torch.get_num_threads())
     return codes, step, None, None
@@ -785,7 +785,7 @@ def run_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v:
     ``bhq_inverse``) of float32 rows on the kernel, after :func:`supports_bhq_inverse`:
     bitwise the reference's values; written over ``y`` with ``overwrite`` (the caller's
     fresh tensor), else to a new one."""
-    with record_function("lowbit::avx512_bhq_inverse"):
+    with scope("lowbit::avx512_bhq_inverse"):
         return _bhq_inverse(_library(), y, dots, scale, v, group, overwrite, torch.get_num_threads())
 
 

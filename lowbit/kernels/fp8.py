@@ -134,10 +134,10 @@ def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
          out_dtype: torch.dtype) -> torch.Tensor:
     """``â @ b̂ + bias`` on ``torch._scaled_mm`` (float32 output, then the bias and the
     cast, as the reference does)."""
-    from torch.profiler import record_function
+    from ..scopes import scope
 
     sa, sb = _scales(a, b)
-    with record_function("lowbit::gemm"):
+    with scope("lowbit::gemm"):
         out = torch._scaled_mm(row_major(a.codes), col_major(b.codes), sa, sb,
                                out_dtype=torch.float32)
     return finish(out, bias, out_dtype)

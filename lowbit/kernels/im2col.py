@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 
 from . import Backend, Impl, Kernels, avx512, int8, reference, register, register_fused
 from .encoded import Encoded
@@ -217,9 +217,9 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     ap[:, :, :ho] = a.codes.view(r, n, ho, wo)
     ap[:, :, ho:].zero_()  # padded rows: zero gradient
     ap = ap.view(r, length)
-    with record_function("lowbit::gemm"):
+    with scope("lowbit::gemm"):
         acc = torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
-    with record_function("lowbit::epilogue"):
+    with scope("lowbit::epilogue"):
         return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,
                              a.codes.shape[1], None, out_dtype)
 
@@ -257,10 +257,10 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
     ones = (1,) * len(spatial)
     if a_codes.shape[1] <= int8.MAX_K and kernels.backend in (Backend.AUTO, Backend.INT8) \
             and b.offset is None and int8.supports(Encoded(a_codes, a_scale[:1]), b):
-        with record_function("lowbit::gemm"):
+        with scope("lowbit::gemm"):
             acc = int8.int_mm(a_codes, b.codes)
         sa, sb = int8.safe_scales(a_scale, b.scale, a_codes.shape[1])
-        with record_function("lowbit::epilogue"):
+        with scope("lowbit::epilogue"):
             return kernels.run("int8_epilogue_nchw", acc.view(n, *spatial, c),
                                sa.reshape(sa.shape[0], *ones, 1), sb.reshape(*ones, 1, sb.shape[1]), bias,
                                out_dtype)

@@ -154,7 +154,9 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     known (:data:`MAX_K` is assumed)."""
     if a_scale.dtype != torch.float32 or a_scale.device.type != "cpu" or a_scale.numel() == 0:
         return a_scale, b_scale
-    if float(a_scale.detach().abs().amax()) * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
+    # one number: read it (one op instead of three; NaN compares false either way)
+    amax = abs(float(a_scale.detach())) if a_scale.numel() == 1 else float(a_scale.detach().abs().amax())
+    if amax * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
         return a_scale, b_scale
     return a_scale.double(), b_scale.double()
 
@@ -162,13 +164,13 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
          out_dtype: torch.dtype) -> torch.Tensor:
     """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue."""
-    from torch.profiler import record_function
+    from ..scopes import scope
 
-    with record_function("lowbit::gemm"):
+    with scope("lowbit::gemm"):
         acc = int_mm(a.codes, b.codes)
     rowsum = a.codes.sum(dim=1, keepdim=True, dtype=torch.int32) if b.offset is not None else None
     colsum = b.codes.sum(dim=0, keepdim=True, dtype=torch.int32) if a.offset is not None else None
-    with record_function("lowbit::epilogue"):
+    with scope("lowbit::epilogue"):
         return epilogue(kernels, acc, a.scale, b.scale, a.offset, b.offset, rowsum, colsum,
                         a.codes.shape[1], bias, out_dtype)
 

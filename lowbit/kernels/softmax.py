@@ -44,7 +44,7 @@ import os
 import warnings
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import avx512, cbuild, int8
@@ -98,7 +98,7 @@ def _epilogue(kernels, scores: torch.Tensor, a_step: torch.Tensor | None,  # noq
               b_step: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if a_step is None:
         return scores
-    with record_function("lowbit::epilogue"):
+    with scope("lowbit::epilogue"):
         return int8.epilogue(kernels, scores, a_step, b_step, None, None, None, None, 0, None, dtype)
 
 
@@ -243,7 +243,7 @@ def run(kernels, scores: torch.Tensor, a_step: torch.Tensor | None, b_step: torc
         mask: torch.Tensor | None, masked: bool, dtype: torch.dtype) -> torch.Tensor:
     """``attention_softmax`` on the kernel (the dispatcher's, after :func:`supports`):
     ``P`` (B, L, S) float32, written over ``scores``' bytes."""
-    with record_function("lowbit::avx512_softmax"):
+    with scope("lowbit::avx512_softmax"):
         return _softmax(_library(), scores, a_step, b_step, mask, masked, torch.get_num_threads())
 
 
@@ -251,7 +251,7 @@ def run_grad(kernels, grads: torch.Tensor, a_step: torch.Tensor | None,  # noqa:
              b_step: torch.Tensor | None, probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``attention_softmax_grad`` on the kernel (after :func:`supports_grad`): ``∇S``
     written over ``probs``, returned."""
-    with record_function("lowbit::avx512_softmax_grad"):
+    with scope("lowbit::avx512_softmax_grad"):
         return _softmax_grad(_library(), grads, a_step, b_step, probs, torch.get_num_threads())
 
 

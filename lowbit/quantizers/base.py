@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 
 from ..formats import (
     AnyFormat,
@@ -95,7 +95,7 @@ class RowTransform(abc.ABC):
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
                          rounding: Rounding, seed: torch.Tensor) -> Encoded:
         """``T x`` on ``fmt``. Transforms with a fused kernel override this."""
-        with record_function("lowbit::transform"):
+        with scope("lowbit::transform"):
             y = self.forward(x)
         return (self.kernels or _reference(x)).quantize(y, fmt, granularity, rounding, seed)
 
@@ -185,7 +185,7 @@ class QuantizedOperand:
         which the result may be written over (:meth:`RowTransform.inverse`)."""
         if isinstance(self.transform, Identity):
             return out.to(out_dtype)
-        with record_function("lowbit::transform"):
+        with scope("lowbit::transform"):
             return self.transform.inverse(out, out_dtype, overwrite)
 
 
@@ -216,14 +216,14 @@ class GradQuantizer(abc.ABC):
         The range is ``T·a``'s own (dynamic), or ``tracker``'s prediction."""
         fmt = parse_format(fmt)
         k = kernels_for(backend, a.device)
-        with record_function("lowbit::transform"):
+        with scope("lowbit::transform"):
             t = self.transform(a, generator, k)
             t.kernels = k
         seed = sr_seed(generator, rounding, a.device)
         if tracker is None:
             enc = t.forward_quantize(a, fmt, self.granularity, rounding, seed)
         else:
-            with record_function("lowbit::transform"):
+            with scope("lowbit::transform"):
                 y = t.forward(a)
             enc = tracker.quantize(y, fmt, self.granularity, rounding, seed, k)
         return QuantizedOperand.of(enc, t)

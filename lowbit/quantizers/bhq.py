@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.profiler import record_function
+from ..scopes import scope
 
 from ..formats import Format, Granularity, Rounding, compute_dtype
 from ..kernels import Backend, Encoded, Impl, Kernels, avx512, bhq_groups, kernels_for, reference, register, register_fused
@@ -130,9 +130,9 @@ class BlockHouseholder(RowTransform):
         k = self._k(x)
         if x.numel() == 0:
             return super().forward_quantize(x, fmt, granularity, rounding, seed)
-        with record_function("lowbit::transform"):
+        with scope("lowbit::transform"):
             dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
-        with record_function("lowbit::quantize"):
+        with scope("lowbit::quantize"):
             codes, scale, offset, bs = k.run("bhq_forward_quantize", x, dots, self.scale, self.v,
                                              self.group, fmt, granularity, rounding, seed)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
