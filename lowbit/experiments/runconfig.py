@@ -29,8 +29,10 @@ OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_FORMATS = ("fp32", "bf16-master", "bf16", "int8")
 # Per-epoch metric columns measured in wall time: they differ between otherwise identical runs.
 TIMING_FIELDS = ("step_time_ms", "samples_per_s", "tokens_per_s", "epoch_time_s")
-# Fields a resumed run may change without invalidating the checkpoint.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_bad_steps", "out", "monitor_every"})
+# Fields a resumed run may change without invalidating the checkpoint. Not ``epochs``: the
+# learning-rate schedule (warm-up, then cosine to 0) spans all of them, so a run extended
+# on resume would follow neither its old schedule nor a fresh run's.
+RESUMABLE_CHANGES = frozenset({"max_bad_steps", "out", "monitor_every"})
 # Fields older checkpoints lack, with the value they ran with.
 LEGACY_DEFAULTS = {"world_size": 1, "grad_comm": "fp32"}
 DEFAULT_MONITOR_EVERY = 50  # steps between variance-monitor measurements

@@ -107,9 +107,11 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     saved = LEGACY_DEFAULTS | state["train_config"]
     diff = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if diff:
+        why = ("; the learning-rate schedule spans all epochs, so a run cannot be extended or "
+               "cut: train a new run into another --out") if "epochs" in diff else ""
         raise ValueError(
             f"cannot resume {path}: it was made with a different "
-            + ", ".join(f"{k} ({saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff)
+            + ", ".join(f"{k} ({saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff) + why
         )
     if state["epoch"] > cfg.epochs:
         raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "

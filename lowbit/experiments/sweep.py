@@ -5,7 +5,8 @@
 
 Each run goes to ``OUT/{task}-{model}-{recipe}[-giB-gwB]-s{seed}``. A run whose
 ``metrics.json`` already holds all its epochs is skipped; a run with a checkpoint is
-resumed; a run that diverges is recorded (``status.json``) and the sweep goes on; a run
+resumed; a folder holding a run of another ``--epochs`` is skipped with the reason (the
+learning-rate schedule spans all epochs: a run is never extended); a run that diverges is recorded (``status.json``) and the sweep goes on; a run
 another process is training (its folder's lock, :func:`~.rundir.run_lock`) is skipped and
 tried once more at the end, so several sweeps over one grid share its runs (two 1-thread
 sweeps on 2 cores, say); the last lines name the runs that diverged or stayed held.
@@ -80,10 +81,23 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     return configs
 
 
+def _saved_epochs(run_dir: Path) -> int | None:
+    """The ``epochs`` of the run its folder's config.json describes (None: no readable one)."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["train"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_state(cfg: TrainConfig) -> str:
-    """``done`` (all epochs in metrics.json), ``diverged``, ``busy`` (another process holds
-    its folder's lock now), ``partial`` or ``new``."""
+    """``done`` (all epochs in metrics.json), ``diverged``, ``other`` (the folder holds a
+    run of another length: its schedule spans its own epochs, so it is neither done nor
+    resumable), ``busy`` (another process holds its folder's lock now), ``partial`` or
+    ``new``."""
     run_dir = Path(cfg.out)
+    saved = _saved_epochs(run_dir)
+    if saved is not None and saved != cfg.epochs:
+        return "other"
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     if status_file.exists() and json.loads(status_file.read_text())["status"] == "diverged":
         return "diverged"
@@ -111,6 +125,11 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
             if state in ("done", "diverged"):
                 print(f"{tag} {cfg.run_name()}: {state}, skipped")
                 return state
+            if state == "other":
+                print(f"{tag} {cfg.run_name()}: skipped, its folder holds a "
+                      f"{_saved_epochs(run_dir)}-epoch run, not {cfg.epochs} (the schedule spans "
+                      "all epochs: a run is not extended; use another --out)", flush=True)
+                return state
             print(f"{tag} {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
                   flush=True)  # fmt: skip
             t0 = time.perf_counter()
@@ -135,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     set_malloc(args.malloc)
     states = [run_state(cfg) for cfg in configs]
     print(f"sweep: {len(configs)} runs -> {args.out} ("
-          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "busy", "diverged", "new")
+          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "busy", "diverged",
+                                                          "other", "new")
                       if s in states) + ")")  # fmt: skip
     if args.dry_run:
         for cfg, state in zip(configs, states):
@@ -147,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     for cfg in [c for c in configs if outcomes[c.run_name()] == "busy"]:
         outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
     for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
-                                                   "finished by this sweep")):
+                                                   "finished by this sweep"),
+                        ("other", f"skipped: their folders hold runs of another length than "
+                                  f"--epochs {args.epochs}")):
         names = [n for n, o in outcomes.items() if o == what]
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")

@@ -282,6 +282,12 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(sweep) == 0  # everything done: nothing retrained
     assert capsys.readouterr().out.count("done, skipped") == 8
+    # another length is another run: not extended (its schedule spans its own epochs)
+    longer = [a if a != "2" or sweep[i - 1] != "--epochs" else "3" for i, a in enumerate(sweep)]
+    assert cli.main(longer) == 0
+    out = capsys.readouterr().out
+    assert "(8 other)" in out and out.count("its folder holds a 2-epoch run, not 3") == 8
+    assert all(json.loads((results / n / "metrics.json").read_text())[-1]["epoch"] == 2 for n in names)
 
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\nhand-written intro\n\n"

@@ -147,11 +147,23 @@ def test_text_tiny_gpt_trains_and_reports_bits_per_byte(tmp_path):
 
 
 def test_resume_continues_the_step_count(tmp_path):
-    train(TrainConfig(**DIGITS, recipe="qat-8", epochs=1, out=str(tmp_path)), progress=False)
-    result = train(TrainConfig(**DIGITS, recipe="qat-8", epochs=2, out=str(tmp_path)), resume=True,
-                   progress=False)  # fmt: skip
+    cfg = dict(DIGITS, recipe="qat-8", epochs=2)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):  # dies in epoch 2, after the epoch-1 checkpoint
+        train(TrainConfig(**cfg, out=str(tmp_path)), task=_InterruptAt(task, 12), progress=False)
+    result = train(TrainConfig(**cfg, out=str(tmp_path)), resume=True, progress=False)
     assert [row["step"] for row in result.history] == [8, 16]
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
+
+
+def test_resume_refuses_another_epoch_count(tmp_path):
+    """The schedule (warm-up, then cosine to 0) spans all epochs: extending a run on
+    resume used to rebuild it part-way (lr 0 at the old end, then up again)."""
+    train(TrainConfig(**DIGITS, recipe="qat-8", epochs=1, out=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match=r"different epochs \(1, now 2\); the learning-rate "
+                                         r"schedule spans all epochs"):
+        train(TrainConfig(**DIGITS, recipe="qat-8", epochs=2, out=str(tmp_path)), resume=True,
+              progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("model, recipe, weights", [
