@@ -150,13 +150,15 @@ class VarianceReport:
         than ``sigmas`` standard errors of the measurement (where the bound is an equality
         — a group reached by its own ∇W-path noise only — the measurement straddles it, so
         a bare ``measured > bound`` would fire half the time)."""
-        out = []
-        for n, g in self.groups.items():
-            pred = getattr(g, f"pred_{which}")
-            se = g.quant_bound_batches_se if math.isfinite(g.quant_bound_batches_se) else 0.0
-            if g.quant_bound_batches > pred + sigmas * se:
-                out.append(n)
-        return out
+        return [n for n, g in self.groups.items() if math.isfinite(g.quant_bound_batches_se)
+                and g.quant_bound_batches > getattr(g, f"pred_{which}") + sigmas * g.quant_bound_batches_se]
+
+    def bound_undecided(self, which: str = "data") -> list[str]:
+        """Groups whose measurement exceeds the bound but has no standard error (fewer
+        than 3 draws per bound batch): whether the bound holds there is not decided — a
+        bare ``measured > bound`` would fire about half the time where it is an equality."""
+        return [n for n, g in self.groups.items() if not math.isfinite(g.quant_bound_batches_se)
+                and g.quant_bound_batches > getattr(g, f"pred_{which}")]
 
     def to_dict(self) -> dict:
         return {

@@ -100,6 +100,24 @@ def _e(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
+def _holds(rep: VarianceReport, ranges: str) -> str:
+    """The summary's "bound holds" cell: yes, NO (with the groups beyond 3 s.e.), or "–"
+    where it is not decided: the bounds assume dynamic ranges (a predicted range's grid
+    is not the operand's own), and without a standard error (``--repeats`` < 3) an
+    excess cannot be told from the measurement's noise."""
+    if ranges != "dynamic":
+        return "– (dynamic-range bounds)"
+    cells = []
+    for k in ("data", "analytic"):
+        if v := rep.bound_violations(k):
+            cells.append("NO " + ",".join(v))
+        elif rep.bound_undecided(k):
+            cells.append("– (needs --repeats ≥ 3)")
+        else:
+            cells.append("yes")
+    return " / ".join(cells)
+
+
 def _tight(g: GroupVariance) -> str:
     t = g.tightness_data
     if t > 1 and g.quant_bound_batches > 0 and math.isfinite(g.quant_bound_batches_se):
@@ -154,9 +172,7 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
         g = rep.groups["total"]
         ratio = _e(ptq[run["format"]] / g.quant) if run["format"] in ptq and g.quant > 0 else "–"
         zb = f" (batches: {run['z_batches']:.2f})" if "z_batches" in run else ""
-        holds = "–" if not rep.bound_batches else " / ".join(
-            "NO " + ",".join(v) if (v := rep.bound_violations(k)) else "yes"
-            for k in ("data", "analytic"))
+        holds = "–" if not rep.bound_batches else _holds(rep, run["range"])
         lines.append(f"| {q} | {b} | {_e(g.sgd)} | {_e(g.quant)} | {ratio} | {_e(g.total)} | "
                      f"{g.rel_gap:+.3f} ± {g.gap_se / g.total if g.total else 0:.3f} | "
                      f"{rep.max_abs_z:.2f}{zb} | {holds} | {_e(g.tightness_data)} / "
@@ -165,9 +181,10 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
         lines += ["", "## Tightness per parameter group (measured / data-dependent bound)", "",
                   "| group | " + " | ".join(label for label, _ in reports) + " |",
                   "|---|" + "---|" * len(reports)]
-        for gname in reports[0][1].groups:
-            lines.append(f"| {gname} | " + " | ".join(_tight(r.groups[gname])
-                                                     for _, r in reports) + " |")
+        for gname in reports[0][1].groups:  # the bounds assume dynamic ranges: "–" for others
+            lines.append(f"| {gname} | " + " | ".join(
+                _tight(r.groups[gname]) if run["range"] == "dynamic" else "–"
+                for run, (_, r) in zip(res["runs"], reports)) + " |")
         lines += ["", ("Where a group's only noise is its own ∇W-path noise (the last layer), the "
                   "prediction is exact, not a bound: the ratio straddles 1 and is shown ± its "
                   "standard error when above 1. A violation counts only beyond 3 s.e.")]

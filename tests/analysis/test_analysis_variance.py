@@ -136,6 +136,23 @@ def mlp_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_two_draws_leave_an_equality_bound_undecided_not_violated(seed: int) -> None:
+    """With 2 draws per bound batch the measurement has no standard error; where the bound
+    is an equality (one layer's own ∇W noise) the measurement exceeds it about half the
+    time, so an excess is "undecided", never a violation (it used to be one: the s.e.
+    was taken as 0)."""
+    layer = linear_layer("psq")
+    layer.config = FQTConfig(grad_input=GradSpec(4, "psq"), grad_weight=GradSpec(4, "psq"), seed=seed)
+    batches = linear_batches(3)
+    rep = gradient_variance(layer, sq_loss, batches, repeats=2, bound_batches=len(batches))
+    g = rep.groups[""]
+    assert math.isnan(g.quant_bound_batches_se)
+    assert rep.bound_violations("data") == [] and rep.bound_violations("analytic") == []
+    over = [n for n, grp in rep.groups.items() if grp.quant_bound_batches > grp.pred_data]
+    assert rep.bound_undecided("data") == over
+
+
 def test_decomposition_bias_and_bound_on_mlp() -> None:
     """Total ≈ SGD + quant (10%, and within 5 s.e.), no bias (max |z| < 5: N(0,1) under H0,
     P(|z| > 5) < 1e-6 per statistic), and the Theorem 2 bound holds for every group."""
@@ -208,3 +225,25 @@ def test_profile_attributes_noise_to_upstream_groups() -> None:
     assert (m.diagonal() > 0).all()  # its own ∇W path
     assert torch.allclose(m[:, -1], m[:, :-1].sum(1), rtol=1e-9)
     assert all(math.isfinite(x) for row in prof.measured_se for x in row)
+
+
+def test_summary_says_what_the_bound_check_decided() -> None:
+    """``lowbit variance``'s "bound holds" cell: NO only for an excess beyond 3 s.e.,
+    "–" where it is undecided (no s.e.) or where the bounds do not apply (predicted ranges:
+    the bounds are computed for the operand's own dynamic grid)."""
+    from lowbit.commands.variance_summary import _holds
+
+    class Rep:
+        def __init__(self, violated: list[str], undecided: list[str]) -> None:
+            self.v, self.u = violated, undecided
+
+        def bound_violations(self, which: str) -> list[str]:
+            return self.v
+
+        def bound_undecided(self, which: str) -> list[str]:
+            return self.u
+
+    assert _holds(Rep([], []), "dynamic") == "yes / yes"
+    assert _holds(Rep(["net.5"], []), "dynamic") == "NO net.5 / NO net.5"
+    assert _holds(Rep([], ["net.5"]), "dynamic") == "– (needs --repeats ≥ 3) / – (needs --repeats ≥ 3)"
+    assert _holds(Rep(["net.5"], []), "predicted") == "– (dynamic-range bounds)"
