@@ -23,11 +23,13 @@ from .formats import (
     MAX_BITS,
     MIN_BITS,
     AnyFormat,
+    BlockFormat,
     FloatFormat,
     Grid,
     Format,
     IntFormat,
     Rounding,
+    ScaleRule,
     check_bits,
     parse_format,
 )
@@ -60,7 +62,10 @@ def _resolve_format(spec: object) -> None:
     if fmt is None:
         fmt = IntFormat(check_bits(8 if bits is None else bits, "bits"))
     else:
-        fmt = parse_format(fmt)
+        try:
+            fmt = parse_format(fmt)
+        except (ValueError, TypeError) as exc:  # the field the user gave, named
+            raise type(exc)(f"format={fmt!r}: {exc}") from None
         if bits is not None and bits != fmt.element_bits:
             raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "
                              f"({fmt.element_bits}-bit elements); give one of them")
@@ -349,12 +354,14 @@ class FQTConfig:
                                    grad_weight=upd(self.grad_weight))
 
     def to_dict(self) -> dict:
-        """JSON-friendly form (enums as their values)."""
+        """JSON-friendly form (enums as their values; a format by its name, or a block
+        format that no name describes — another block size, say — by its fields)."""
         def conv(x: object) -> object:
             if isinstance(x, enum.Enum):
                 return x.value
             if isinstance(x, Format):
-                return x.name
+                return x.name if _named(x) else {
+                    f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}  # type: ignore[arg-type]
             if isinstance(x, (OperandSpec, GradSpec)):
                 return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
             return x
@@ -365,6 +372,10 @@ class FQTConfig:
         """Inverse of :meth:`to_dict`; dicts saved before formats existed (``bits`` only)
         load as integer formats."""
         def spec(kind: type, v: dict | None) -> object:
+            if v is not None and isinstance(v.get("format"), dict):  # a block format's fields
+                f = v["format"]
+                v = {**v, "format": BlockFormat(f["format_name"], f["element_name"], f["block"],
+                                                f["scale"], ScaleRule(f["rule"]))}
             return None if v is None else kind(**v)
         return cls(weight=spec(OperandSpec, d.get("weight")),
                    activation=spec(OperandSpec, d.get("activation")),
@@ -375,6 +386,15 @@ class FQTConfig:
 
 __all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]
+
+
+def _named(fmt: Format) -> bool:
+    """Whether ``parse_format(fmt.name)`` gives ``fmt`` back (every integer and FP8
+    format, and the block formats of :data:`lowbit.formats.BLOCK_FORMATS`)."""
+    try:
+        return parse_format(fmt.name) == fmt
+    except ValueError:
+        return False
 
 
 def describe(config: FQTConfig) -> str:

@@ -35,6 +35,23 @@ def test_overrides_and_bits() -> None:
     assert FQTConfig.from_dict(c2.to_dict()) == c2
 
 
+def test_to_dict_from_dict_round_trips_every_format() -> None:
+    """Every recipe, and block formats no name describes (another block size, another
+    name, the spec rule): ``from_dict(to_dict(c)) == c`` through JSON. A custom block format
+    used to come back as the named one (block 32) or fail to load."""
+    import json
+
+    from lowbit.formats import BlockFormat, ScaleRule
+
+    configs = [FQTConfig.from_recipe(r, seed=0) for r in RECIPES]
+    configs += [FQTConfig(grad_input=GradSpec(format=f), grad_weight=GradSpec(format=f), seed=1)
+                for f in (BlockFormat("mxfp4", "e2m1", 16, "e8m0"), BlockFormat("mine", "e2m1", 32, "e8m0"),
+                          BlockFormat("nvfp4", "e2m1", 8, "e4m3", ScaleRule.SPEC))]
+    for c in configs:
+        assert FQTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c, c
+    assert FQTConfig.from_recipe("fqt-psq-nvfp4").to_dict()["grad_input"]["format"] == "nvfp4"  # names stay
+
+
 def test_custom_config_strings_coerced() -> None:
     c = FQTConfig(weight=OperandSpec(6, "row"), activation=OperandSpec(8, "tensor"),
                   grad_input=GradSpec(4, "hadamard", "stochastic"), grad_weight=None, backend="int8")
@@ -45,6 +62,9 @@ def test_custom_config_strings_coerced() -> None:
     (dict(grad_input=lambda: GradSpec(4, "foo")), "quantizer must be one of ptq, psq, bhq, hadamard, got 'foo'"),
     (dict(weight=lambda: OperandSpec(9)), r"bits must be in 2..8, got 9"),
     (dict(grad_weight=lambda: GradSpec(1)), r"bits must be in 2..8, got 1"),
+    # the field the user gave is named: format=, not bits=
+    (dict(weight=lambda: OperandSpec(format=1)), r"^format=1: bits must be in 2..8, got 1"),
+    (dict(grad_input=lambda: GradSpec(format="fp4")), r"^format='fp4': unknown format 'fp4'; allowed"),
     (dict(backend="gpu"), "backend must be one of 'auto', 'reference', 'int8', 'fp8', got 'gpu'"),
     (dict(weight=lambda: OperandSpec(8, "column")), "granularity must be one of 'tensor', 'row', got 'column'"),
     (dict(weight=None), "weight and activation must both be quantized or both be None"),
