@@ -91,6 +91,9 @@ class OperandSpec:
         _coerce_enum(self, "rounding", Rounding)
 
 
+_RANGE_DEFAULTS = {"margin": 1.25, "history": 16, "overflow": Overflow.REQUANTIZE}  # GradSpec's
+
+
 @dataclass(frozen=True)
 class GradSpec:
     """Gradient quantizer of one backward GEMM: ``quantizer`` in ``ptq``, ``psq``,
@@ -127,6 +130,12 @@ class GradSpec:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, int) or h < 1:
             raise ValueError(f"history must be a positive integer, got {h!r}")
+        if self.range is RangeMode.DYNAMIC:  # the predicted-range settings would be ignored
+            given = [f"{k}={getattr(v, 'value', v)!r}" for k, default in _RANGE_DEFAULTS.items()
+                     if (v := getattr(self, k)) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: predicted-range settings, but this spec's "
+                                 "range is dynamic (give range='predicted')")
         fmt = self.format
         if self.range is RangeMode.PREDICTED and (fmt.block or fmt.asymmetric):  # type: ignore[union-attr]
             raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "

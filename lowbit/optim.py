@@ -92,14 +92,21 @@ class _SROptimizer(torch.optim.Optimizer):
                  generator: torch.Generator | None, weights: str, state: str) -> None:
         _check_format("weights", weights)
         _check_format("state", state)
-        if not defaults["lr"] > 0:
-            raise ValueError(f"lr must be > 0, got {defaults['lr']}")
-        if not defaults["weight_decay"] >= 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {defaults['weight_decay']}")
+        self._check_hyper(defaults, "")
         self.generator = generator
         self.weight_format = weights
         self.state_format = state
         super().__init__(params, defaults)
+
+    @classmethod
+    def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
+        """``ValueError`` naming the setting (and ``where``: a param group) for a value
+        ``torch.optim``'s own optimizer would refuse: ``lr`` and ``weight_decay`` finite and
+        ≥ 0 (0 is what a schedule ending at 0 sets), the subclass's own below."""
+        for key in ("lr", "weight_decay"):
+            v = group[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"{where}{key} must be a finite number ≥ 0, got {v!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Checks that the parameters are bfloat16; with ``weights="int8"``, encodes each
@@ -107,6 +114,11 @@ class _SROptimizer(torch.optim.Optimizer):
         conversion; unbiasedness matters for the updates that accumulate, which all use
         stochastic rounding) and writes its exact bfloat16 image into the parameter."""
         super().add_param_group(param_group)
+        try:  # its own settings, or the defaults it took
+            self._check_hyper(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
+        except ValueError:
+            self.param_groups.pop()
+            raise
         params = self.param_groups[-1]["params"]
         bad = [p.dtype for p in params if p.dtype != torch.bfloat16]
         if bad:
@@ -204,6 +216,8 @@ class _SROptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()
+        for gi, group in enumerate(self.param_groups):  # settings changed since (a scheduler, by hand)
+            self._check_hyper(group, f"param group {gi}: ")
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -242,10 +256,15 @@ class SRSGD(_SROptimizer):
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None,
                  weights: str = "bf16", state: str = "bf16") -> None:
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          generator, weights, state)
+
+    @classmethod
+    def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
+        super()._check_hyper(group, where)
+        mu = group["momentum"]
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
+            raise ValueError(f"{where}momentum must be in [0, 1), got {mu!r}")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
@@ -280,12 +299,19 @@ class SRAdamW(_SROptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None,
                  weights: str = "bf16", state: str = "bf16") -> None:
-        if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+                    "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, generator, weights, state)
+
+    @classmethod
+    def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
+        super()._check_hyper(group, where)
+        betas, eps = group["betas"], group["eps"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise ValueError(f"{where}eps must be a finite number > 0, got {eps!r}")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:

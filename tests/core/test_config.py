@@ -65,6 +65,10 @@ def test_custom_config_strings_coerced() -> None:
     # the field the user gave is named: format=, not bits=
     (dict(weight=lambda: OperandSpec(format=1)), r"^format=1: bits must be in 2..8, got 1"),
     (dict(grad_input=lambda: GradSpec(format="fp4")), r"^format='fp4': unknown format 'fp4'; allowed"),
+    # predicted-range settings on a dynamic range would be ignored: refused
+    (dict(grad_input=lambda: GradSpec(8, margin=3.0)),
+     r"^margin=3.0: predicted-range settings, but this spec's range is dynamic \(give range='predicted'\)"),
+    (dict(grad_weight=lambda: GradSpec(8, overflow="clip", history=4)), r"^history=4, overflow='clip': "),
     (dict(backend="gpu"), "backend must be one of 'auto', 'reference', 'int8', 'fp8', got 'gpu'"),
     (dict(weight=lambda: OperandSpec(8, "column")), "granularity must be one of 'tensor', 'row', got 'column'"),
     (dict(weight=None), "weight and activation must both be quantized or both be None"),

@@ -78,8 +78,33 @@ def test_srsgd_trains_bf16_weights_without_fp32_copy() -> None:
 def test_srsgd_validation() -> None:
     with pytest.raises(TypeError, match="keeps weights in bfloat16"):
         SRSGD(nn.Linear(2, 2).parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        SRSGD(nn.Linear(2, 2).bfloat16().parameters(), lr=0)
+    with pytest.raises(ValueError, match="lr must be a finite number ≥ 0, got -0.1"):
+        SRSGD(nn.Linear(2, 2).bfloat16().parameters(), lr=-0.1)
+    SRSGD(nn.Linear(2, 2).bfloat16().parameters(), lr=0)  # as torch.optim.SGD (a schedule's end)
+
+
+def test_param_group_settings_are_checked_as_the_defaults_are() -> None:
+    """A param group's own lr, momentum, weight decay, betas or eps, given at construction,
+    added later or changed before a step, is checked like the defaults: a group with
+    lr = -1 used to be accepted and step the weights uphill."""
+    a, b = nn.Linear(2, 2).bfloat16(), nn.Linear(2, 2).bfloat16()
+    for bad, match in [({"lr": -1.0}, "param group 1: lr must be a finite number ≥ 0, got -1.0"),
+                       ({"momentum": 1.5}, "param group 1: momentum must be in \\[0, 1\\), got 1.5"),
+                       ({"weight_decay": -1.0}, "param group 1: weight_decay must be a finite")]:
+        with pytest.raises(ValueError, match=match):
+            SRSGD([{"params": a.parameters()}, {"params": b.parameters(), **bad}], lr=0.1)
+    with pytest.raises(ValueError, match="param group 1: betas must be two numbers in"):
+        SRAdamW([{"params": a.parameters()}, {"params": b.parameters(), "betas": (1.5, 2)}], lr=0.1)
+    opt = SRSGD(a.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="param group 1: lr must be"):
+        opt.add_param_group({"params": b.parameters(), "lr": float("nan")})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+    opt.param_groups[0]["lr"] = -1.0  # by hand, after construction
+    a(torch.randn(3, 2, dtype=torch.bfloat16)).sum().backward()
+    before = [p.clone() for p in a.parameters()]
+    with pytest.raises(ValueError, match="param group 0: lr must be a finite number ≥ 0, got -1.0"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))  # nothing updated
 
 
 # ------------------------------------------------------------------ int8 storage formats
@@ -293,12 +318,12 @@ def test_validation_names_the_problem() -> None:
         SRSGD(params, lr=0.1, weights="fp8")
     with pytest.raises(ValueError, match="state must be one of 'bf16', 'int8', got 'int4'"):
         SRAdamW(params, lr=0.1, state="int4")
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number ≥ 0"):
         SRAdamW(params, lr=-1e-3)
     for betas in [(0.9, 1.0), (-0.1, 0.999), (0.9,)]:
         with pytest.raises(ValueError, match="betas must be two numbers in"):
             SRAdamW(params, lr=0.1, betas=betas)
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         SRAdamW(params, lr=0.1, eps=0.0)
     with pytest.raises(TypeError, match="SRAdamW keeps weights in bfloat16"):
         SRAdamW(nn.Linear(2, 2).parameters(), lr=0.1)
