@@ -36,6 +36,8 @@ from lowbit.experiments.tasks import TASKS, Task, make_task
 from lowbit.experiments.train import check_out_dir, parse_int, parse_seed, set_threads
 from lowbit.nn import convert
 
+from .variance_data import describe_warmup, loss_trend
+
 DEFAULT_BATCH_SIZE = {"digits": 64, "fashion-mnist": 64, "text": 16}
 
 
@@ -81,10 +83,7 @@ def _warmup(model: torch.nn.Module, task: Task, steps: int, batch_size: int,
                 opt.step()
                 losses.append(float(loss.detach()))
     model.zero_grad(set_to_none=True)
-    k = min(10, len(losses))
-    return {"steps": len(losses),
-            "loss_first": sum(losses[:k]) / k if k else math.nan,
-            "loss_last": sum(losses[-k:]) / k if k else math.nan}
+    return {"steps": len(losses), **loss_trend(losses)}
 
 
 def _row(name: str, rep: VarianceReport, sent: float, fp32: float) -> str:
@@ -147,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
                      "seconds": time.perf_counter() - t, "report": rep.to_dict()})
         rows.append(_row(name, rep, sent, fp32))
     header = (f"{args.task} ({model_name}), {args.recipe}, {world} ranks, {n_batches} global "
-              f"batches of {batch_size}, {repeats} draws each, after {warm['steps']} QAT steps "
-              f"(loss {warm['loss_first']:.3f} → {warm['loss_last']:.3f}); variances of the "
+              f"batches of {batch_size}, {repeats} draws each, after {describe_warmup(warm)}; "
+              "variances of the "
               "whole gradient (trace), bytes one rank sends per step\n\n"
               "| grad comm | sgd | GEMM quant | comm (measured) | comm (exact) | total | "
               "gap = total − sum | max abs z | bytes/step (vs fp32) |\n"

@@ -102,9 +102,26 @@ def warmup(model: nn.Module, data: Data, opts: Options, gen: torch.Generator) ->
         bar.update(1)
     bar.close()
     opt.zero_grad(set_to_none=True)
-    k = min(10, len(losses))
-    return {"steps": len(losses), "lr": opts.lr, "loss_first": sum(losses[:k]) / k,
-            "loss_last": sum(losses[-k:]) / k}
+    return {"steps": len(losses), "lr": opts.lr, **loss_trend(losses)}
+
+
+def loss_trend(losses: list[float]) -> dict:
+    """``loss_first``/``loss_last``: the mean loss of the first and of the last ``window``
+    steps, ``window = min(10, ⌊steps/2⌋)`` (at least 1) so that the two never share a step
+    (10 steps averaged twice used to print "2.287 → 2.287"); NaN without steps."""
+    k = max(1, min(10, len(losses) // 2))
+    if not losses:
+        return {"loss_first": float("nan"), "loss_last": float("nan"), "window": 0}
+    return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "window": k}
+
+
+def describe_warmup(w: dict) -> str:
+    """The warm-up as a line of the summaries: steps, lr, loss trend."""
+    if not w.get("steps"):
+        return "none (the model as initialised)"
+    lr = f" at lr {w['lr']:g}" if "lr" in w else ""
+    return (f"{w['steps']} QAT steps{lr}, loss {w['loss_first']:.3f} → {w['loss_last']:.3f} "
+            f"(means of the first and last {w.get('window', 10)} steps)")
 
 
 

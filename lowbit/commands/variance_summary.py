@@ -5,7 +5,8 @@ Outputs in ``--out``:
 * ``variance.json`` — everything, keys:
 
   - ``command``, ``machine`` (platform, CPU count, torch version and threads), ``args``;
-  - ``warmup``: ``steps``, ``loss_first``, ``loss_last`` (mean of the first/last 10 steps);
+  - ``warmup``: ``steps``, ``lr``, ``loss_first``, ``loss_last``, ``window`` (means of the
+    first/last ``window = min(10, ⌊steps/2⌋)`` steps);
   - ``groups``: parameter groups (converted layers by name, ``other``) and ``layers``;
   - ``spectra``: per bound batch, ``mode``, ``lam[layer][group]``, ``lam_total[layer]``,
     ``rel_change``, ``iters``, ``gram[layer]`` (see :class:`JacobianSpectrum`);
@@ -48,6 +49,8 @@ from typing import Any
 import torch
 
 from lowbit.analysis.variance import GroupVariance, VarianceProfile, VarianceReport
+
+from .variance_data import describe_warmup
 
 
 def command_line(opts: Any) -> str:
@@ -157,7 +160,7 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
              f"Command: `{res['command']}`  ",
              (f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
               f"({m['torch_threads']} threads); total {res['seconds']['total']:.0f} s  "),
-             f"Data: {res['data']}; warm-up: {res['warmup']}", ""]
+             f"Data: {res['data']}; warm-up: {describe_warmup(res['warmup'])}", ""]
     ptq = {run["format"]: rep.groups["total"].quant for run, (_, rep) in zip(res["runs"], reports)
            if run["quantizer"] == "ptq" and run["range"] == "dynamic" and run["rounding"] == "stochastic"}
     lines += ["## Decomposition, all parameters (Theorem 2)", "",

@@ -101,3 +101,19 @@ def test_formats_and_nearest_rounding_on_digits(tmp_path) -> None:
         assert r["report"]["groups"]["total"]["quant"] == r["report"]["groups"]["total"]["quant"]
     text = (out / "summary.md").read_text()
     assert "| psq | fp8_e5m2 (8) |" in text and "| psq, nearest | mxfp4 (4) |" in text
+
+
+def test_warmup_trend_windows_never_overlap() -> None:
+    """The warm-up line compares the mean loss of the first and last steps; with 10 steps
+    or fewer both means used to cover the same steps ("2.287 → 2.287")."""
+    import math
+
+    from lowbit.commands.variance_data import describe_warmup, loss_trend
+
+    assert loss_trend([4.0, 3.0, 2.0, 1.0]) == {"loss_first": 3.5, "loss_last": 1.5, "window": 2}
+    assert loss_trend([float(i) for i in range(30, 0, -1)])["window"] == 10
+    assert loss_trend([5.0]) == {"loss_first": 5.0, "loss_last": 5.0, "window": 1}
+    assert math.isnan(loss_trend([])["loss_first"])
+    line = describe_warmup({"steps": 4, "lr": 0.1, **loss_trend([4.0, 3.0, 2.0, 1.0])})
+    assert line == "4 QAT steps at lr 0.1, loss 3.500 → 1.500 (means of the first and last 2 steps)"
+    assert describe_warmup({"steps": 0}) == "none (the model as initialised)"
