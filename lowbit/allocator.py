@@ -81,7 +81,12 @@ def policy() -> str:
 
 
 def recycles_freed_memory() -> bool:
-    """Whether large blocks come back from glibc's heap (:func:`policy` is not
-    ``"default"``): a freed 48 MB tensor is then handed out again without page faults, so
-    a pool of reused buffers (:mod:`lowbit.kernels.workspace`) has nothing to save."""
-    return policy() != "default"
+    """Whether large blocks come back from glibc's heap without new page faults: after
+    :func:`keep_freed_memory`, or with both of its environment settings (``MALLOC_MMAP_MAX_=0``
+    alone still lets glibc trim freed memory back to the system). Then a pool of reused
+    buffers (:mod:`lowbit.kernels.workspace`) has nothing to save."""
+    import os
+
+    if _state["policy"] == "keep-freed":
+        return True
+    return os.environ.get("MALLOC_MMAP_MAX_") == "0" and "MALLOC_TRIM_THRESHOLD_" in os.environ

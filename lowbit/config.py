@@ -381,6 +381,10 @@ class FQTConfig:
         """Inverse of :meth:`to_dict`; dicts saved before formats existed (``bits`` only)
         load as integer formats."""
         def spec(kind: type, v: dict | None) -> object:
+            if v is not None and kind is GradSpec and v.get("range", "dynamic") == "dynamic":
+                # saved before dynamic specs refused them (and when the default margin was
+                # 2.0): predicted-range settings a dynamic range never read
+                v = {**v, **{k: getattr(d, "value", d) for k, d in _RANGE_DEFAULTS.items()}}
             if v is not None and isinstance(v.get("format"), dict):  # a block format's fields
                 f = v["format"]
                 v = {**v, "format": BlockFormat(f["format_name"], f["element_name"], f["block"],

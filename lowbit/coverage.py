@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .kernels import compiled
-from .nn import fqt_layers, load_rng_state, rng_state
+from .nn import fqt_blocks, fqt_layers, load_rng_state, rng_state
 
 _UNSET = object()
 
@@ -248,7 +248,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
     buffers = [(m, n, b, b.clone()) for m in model.modules()
                for n, b in m.named_buffers(recurse=False)]
     flags = [(m, m.training) for m in model.modules()]
-    layers = list(fqt_layers(model).values())
+    layers = list(fqt_blocks(model).values())  # in-projections too: their ranges and ran flags
     noise = rng_state(model)
     ranges = [(m, dict(m.range_trackers), {p: t.state_dict() for p, t in m.range_trackers.items()})
               for m in layers]

@@ -370,8 +370,12 @@ class VarianceMonitor:
         monitor's); the layers take the saved gradient specs.
         Raises ``ValueError`` if the layers or the policy differ from this monitor's."""
         if sorted(state["specs"]) != sorted(self.layers):
+            extra = sorted(set(self.layers) - set(state["specs"]))
             raise ValueError(f"monitor state is for layers {sorted(state['specs'])[:5]}..., "
-                             f"this monitor has {sorted(self.layers)[:5]}...")
+                             f"this monitor has {sorted(self.layers)[:5]}..."
+                             + (f" (it monitors {extra[:3]}... too, which the lowbit that saved "
+                                "the state did not: Hugging Face Conv1D layers since 2026-12-02; "
+                                "resume with that lowbit or start afresh)" if extra else ""))
         mine = _policy_state(self.policy)
         if state["policy"] != mine:
             raise ValueError(f"monitor state has policy {state['policy']}, this monitor {mine}")

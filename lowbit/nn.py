@@ -321,6 +321,14 @@ def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, _Stoch
             and not getattr(m, "alternative", False) and (ran is None or m.ran == ran)}
 
 
+def fqt_weight_layers(model: nn.Module) -> dict[str, FQTLinear | FQTConv2d | FQTConv1d]:
+    """The converted ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` layers of ``model`` by
+    name: the layers with a weight GEMM of their own that :mod:`lowbit.analysis` models
+    (its formulas read a Linear's (out, in) weight or a convolution's kernel; attention
+    products, in-projections and Hugging Face ``Conv1D`` are not among them)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _FQT_LAYERS)}
+
+
 def reset_ran(model: nn.Module) -> None:
     """Clear the :attr:`ran` flag of every module :func:`fqt_layers` lists (before a step
     whose coverage is to be checked with :func:`fqt_layers` ``(model, ran=...)``)."""
@@ -404,6 +412,7 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
             t.frozen = f
 
 
-__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "frozen_ranges",
+__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers",
+           "fqt_weight_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
            "rng_state"]

@@ -68,6 +68,20 @@ _W_CODES, _W_SCALE = "weight_codes", "weight_scale"
 # ------------------------------------------------------------------------------ optimizers
 
 
+def _number(v: object) -> float | None:
+    """``v`` as a float when it is a real number (an int or float, a NumPy scalar, a
+    one-element tensor: what ``torch.optim`` takes for a setting), else ``None`` (a bool,
+    a string, …)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 and not v.is_complex() else None
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_format(what: str, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
@@ -104,9 +118,9 @@ class _SROptimizer(torch.optim.Optimizer):
         ``torch.optim``'s own optimizer would refuse: ``lr`` and ``weight_decay`` finite and
         ≥ 0 (0 is what a schedule ending at 0 sets), the subclass's own below."""
         for key in ("lr", "weight_decay"):
-            v = group[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise ValueError(f"{where}{key} must be a finite number ≥ 0, got {v!r}")
+            v = _number(group[key])
+            if v is None or not 0 <= v < float("inf"):
+                raise ValueError(f"{where}{key} must be a finite number ≥ 0, got {group[key]!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Checks that the parameters are bfloat16; with ``weights="int8"``, encodes each
@@ -262,9 +276,9 @@ class SRSGD(_SROptimizer):
     @classmethod
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
         super()._check_hyper(group, where)
-        mu = group["momentum"]
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
-            raise ValueError(f"{where}momentum must be in [0, 1), got {mu!r}")
+        mu = _number(group["momentum"])
+        if mu is None or not 0 <= mu < 1:
+            raise ValueError(f"{where}momentum must be in [0, 1), got {group['momentum']!r}")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
@@ -306,12 +320,12 @@ class SRAdamW(_SROptimizer):
     @classmethod
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
         super()._check_hyper(group, where)
-        betas, eps = group["betas"], group["eps"]
+        betas, eps = group["betas"], _number(group["eps"])
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+                (b := _number(x)) is not None and 0 <= b < 1 for x in betas)):
             raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-            raise ValueError(f"{where}eps must be a finite number > 0, got {eps!r}")
+        if eps is None or not 0 < eps < float("inf"):
+            raise ValueError(f"{where}eps must be a finite number > 0, got {group['eps']!r}")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..functional import quantize_forward
-from ..nn import FQTConv2d, FQTLinear, convert, fqt_blocks, fqt_layers
+from ..nn import FQTConv2d, FQTLinear, convert, fqt_blocks, fqt_weight_layers
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 FQTLayer = FQTLinear | FQTConv2d
@@ -72,7 +72,7 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
     if config is not None and not isinstance(config, FQTConfig):
         raise TypeError(f"config must be an FQTConfig or None, got {type(config).__name__}")
     if config is None:
-        layers = fqt_layers(model)
+        layers = fqt_weight_layers(model)
         if not layers:
             raise ValueError("model has no converted layers: pass config= or "
                              "lowbit.convert it first")
@@ -80,7 +80,7 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
             raise ValueError("no converted layer quantizes gradients (QAT or fp recipe): "
                              "pass an fqt-* config")
         yield model
-    elif fqt_layers(model):
+    elif fqt_weight_layers(model):
         with with_config(model, lambda _: config):
             yield model
     else:
@@ -92,7 +92,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     module order), then ``"other"`` for every remaining trainable parameter (if any)."""
     groups: dict[str, list[str]] = {}
     taken: set[str] = set()
-    for name, layer in fqt_layers(model).items():
+    for name, layer in fqt_weight_layers(model).items():
         names = [f"{name}.{p}" if name else p for p, t in layer.named_parameters(recurse=False)
                  if t.requires_grad]
         if names:
@@ -153,7 +153,7 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
     exactly the ``grad_out`` the layer's backward quantizes. Each layer must run once per
     forward (weight sharing would mix several ``∇Y``): a second call raises.
     """
-    records = {n: LayerRecord() for n in fqt_layers(model)}
+    records = {n: LayerRecord() for n in fqt_weight_layers(model)}
     handles = []
 
     def make_hook(name: str) -> Callable:
@@ -177,7 +177,7 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
 
         return hook
 
-    for name, layer in fqt_layers(model).items():
+    for name, layer in fqt_weight_layers(model).items():
         handles.append(layer.register_forward_hook(make_hook(name)))
     try:
         yield records

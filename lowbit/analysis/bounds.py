@@ -51,7 +51,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import IntFormat
-from ..nn import fqt_layers
+from ..nn import fqt_weight_layers
 from ..quantizers import GradQuantizer, get_quantizer
 from ._model import (
     FQTLayer,
@@ -204,7 +204,7 @@ def jacobian_spectrum(
             capture(m, inputs=True, outputs=True, grads=False) as rec:
         groups = parameter_groups(m)
         params = dict(m.named_parameters())
-        layers = fqt_layers(m)
+        layers = fqt_weight_layers(m)
         m.zero_grad(set_to_none=True)
         loss_fn(m, batch)  # forward only: the graph up to every Y_l is kept via rec[l].y
         layers = {n: layer for n, layer in layers.items() if rec[n].calls}

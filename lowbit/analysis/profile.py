@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..nn import fqt_layers
+from ..nn import fqt_weight_layers
 from ._model import (
     TOTAL,
     FlatGrads,
@@ -31,7 +31,7 @@ from .estimators import within
 @contextlib.contextmanager
 def _only_layer(model: nn.Module, name: str) -> Iterator[None]:
     """Gradient quantization on layer ``name`` only; every other layer runs QAT."""
-    layers = fqt_layers(model)
+    layers = fqt_weight_layers(model)
     saved = {n: lay.config for n, lay in layers.items()}
     try:
         for n, lay in layers.items():
@@ -97,7 +97,7 @@ def variance_profile(
                          f"got {len(spectra)}")
     gen = torch.Generator().manual_seed(seed)
     with configured(model, config) as m, frozen_buffers(m):
-        layers = fqt_layers(m)
+        layers = fqt_weight_layers(m)
         groups = parameter_groups(m)
         flat = FlatGrads(m, groups)
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..distributed import GradComm
-from ..nn import fqt_layers
+from ..nn import fqt_weight_layers
 from ._model import (
     TOTAL,
     FlatGrads,
@@ -269,7 +269,7 @@ def gradient_variance(
     gen = torch.Generator().manual_seed(seed)
 
     with configured(model, config) as m, frozen_buffers(m):
-        layers = fqt_layers(m)
+        layers = fqt_weight_layers(m)
         cfgs = {n: lay.config for n, lay in layers.items()}
         groups = parameter_groups(m)
         flat = FlatGrads(m, groups)

@@ -54,7 +54,7 @@ from lowbit.analysis.variance import VarianceProfile, VarianceReport, gradient_v
 from lowbit.config import FQTConfig, GradSpec
 from lowbit.experiments.models import DEFAULT_MODEL, build_model
 from lowbit.formats import IntFormat, Rounding, parse_format
-from lowbit.nn import convert, fqt_layers, frozen_ranges, range_stats
+from lowbit.nn import convert, fqt_weight_layers, frozen_ranges, range_stats
 from lowbit.ranges import Overflow, RangeMode
 
 from .variance_args import Options, add_arguments, validate
@@ -66,7 +66,7 @@ from .variance_summary import command_line, jsonable, machine, summary, write_cs
 def _bin_study(model: nn.Module, data: Data, batch: object,
                opts: Options) -> tuple[dict, list[Path]]:
     """Capture the clean (QAT) ∇Y of one layer and map it on every quantizer's grid."""
-    layers = fqt_layers(model)
+    layers = fqt_weight_layers(model)
     with frozen_buffers(model), with_config(model, qat_of), capture(model) as rec:
         model.zero_grad(set_to_none=True)
         data.loss(model, batch).backward()
@@ -94,9 +94,10 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
 def _config(q: str, fmt: str, seed: int, ranges: str = "dynamic", margin: float = 1.25,
             history: int = 16, rounding: str = "stochastic") -> FQTConfig:
     """∇X path: ``q`` on ``fmt`` with ``rounding``; ∇W path: PSQ int8 (stochastic)."""
-    mode = RangeMode.DYNAMIC if ranges == "dynamic" else RangeMode.PREDICTED
-    kw = {"range": mode, "margin": margin, "history": history,
-          "overflow": Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE}
+    kw: dict = {"range": RangeMode.DYNAMIC}  # the predicted-range settings for predicted ranges only
+    if ranges != "dynamic":
+        kw = {"range": RangeMode.PREDICTED, "margin": margin, "history": history,
+              "overflow": Overflow.CLIP if ranges == "predicted-clip" else Overflow.REQUANTIZE}
     return FQTConfig(grad_input=GradSpec(quantizer=q, format=fmt, rounding=Rounding(rounding), **kw),
                      grad_weight=GradSpec(8, "psq", **kw), seed=seed)
 
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v
                                          for k, v in asdict(opts).items()},
         "task": opts.task, "model": model_name, "data": data.source, "warmup": warm,
-        "groups": groups, "layers": list(fqt_layers(model)),
+        "groups": groups, "layers": list(fqt_weight_layers(model)),
         "spectra": [s.to_dict() for s in spectra], "bins": bins, "runs": runs,
         "seconds": seconds,
     }

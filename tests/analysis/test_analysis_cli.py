@@ -69,6 +69,7 @@ def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:
     rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq",
                "--bits", "4", "--out", str(out), "--batches", "3", "--repeats", "3",
                "--ranges", "dynamic,predicted,predicted-clip", "--range-calibration", "4",
+               "--range-margin", "1.5", "--range-history", "8",  # predicted rows only: dynamic accepts
                "--bound-batches", "0", "--profile", "none", "--quiet"])
     assert rc == 0
     res = json.loads((out / "variance.json").read_text())

@@ -247,3 +247,29 @@ def test_summary_says_what_the_bound_check_decided() -> None:
     assert _holds(Rep(["net.5"], []), "dynamic") == "NO net.5 / NO net.5"
     assert _holds(Rep([], ["net.5"]), "dynamic") == "– (needs --repeats ≥ 3) / – (needs --repeats ≥ 3)"
     assert _holds(Rep(["net.5"], []), "predicted") == "– (dynamic-range bounds)"
+
+
+def test_attention_products_are_not_modelled_as_weight_layers() -> None:
+    """The toolkit's formulas read a layer's own weight: a converted attention product
+    (listed by ``fqt_layers`` since it reports ``ran``) is no weight layer, so
+    ``gradient_variance`` has per-layer figures and groups for the two Linears only."""
+    from lowbit.attention_modules import ScaledDotProductAttention
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.sdpa, self.o = nn.Linear(8, 24), ScaledDotProductAttention(), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return self.o(self.sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 5, 8)).mean(1)
+
+    torch.manual_seed(0)
+    m = lowbit.convert(M(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    assert "sdpa" in lowbit.fqt_layers(m)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 5, 8, generator=gen), torch.tensor([0, 2])) for _ in range(3)]
+    rep = gradient_variance(m, lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1]), batches,
+                            repeats=3, bound_batches=1)
+    assert set(rep.layers) == {"qkv", "o"}
+    assert set(rep.groups) - {"total", "other"} == {"qkv", "o"}

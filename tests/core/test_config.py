@@ -52,6 +52,18 @@ def test_to_dict_from_dict_round_trips_every_format() -> None:
     assert FQTConfig.from_recipe("fqt-psq-nvfp4").to_dict()["grad_input"]["format"] == "nvfp4"  # names stay
 
 
+def test_dicts_saved_by_older_versions_load() -> None:
+    """A dynamic-range spec saved with predicted-range settings it never read (the default
+    margin was 2.0 before 735fbfe; results/ holds such config.json files) loads, with the
+    settings reset to the defaults: the refusal is for what a user passes in."""
+    d = FQTConfig.from_recipe("fqt-psq-8", seed=0).to_dict()
+    d["grad_input"]["margin"] = d["grad_weight"]["margin"] = 2.0
+    d["grad_weight"].update(history=4, overflow="clip")
+    assert FQTConfig.from_dict(d) == FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    p = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0).with_ranges(margin=2.0)
+    assert FQTConfig.from_dict(p.to_dict()).grad_input.margin == 2.0  # predicted: kept
+
+
 def test_custom_config_strings_coerced() -> None:
     c = FQTConfig(weight=OperandSpec(6, "row"), activation=OperandSpec(8, "tensor"),
                   grad_input=GradSpec(4, "hadamard", "stochastic"), grad_weight=None, backend="int8")

@@ -350,6 +350,27 @@ def test_coverage_restores_everything_a_step_changes() -> None:
     assert same(range_state(model), range_state(twin))
 
 
+def test_coverage_restores_attention_in_projections_too() -> None:
+    """The in-projection blocks of a converted nn.MultiheadAttention (listed by
+    ``fqt_blocks``, not ``fqt_layers``) get their ``ran`` flags and predicted-range
+    histories back as well."""
+    from lowbit.nn import fqt_blocks, reset_ran
+
+    torch.manual_seed(0)
+    model = converted(SelfAttention(), "fqt-psq-8-predicted")
+    x = torch.randn(2, 5, 16)
+    model(x).square().mean().backward()  # range histories exist
+    reset_ran(model)
+    blocks = fqt_blocks(model)
+    for m in blocks.values():
+        m.ran = False
+    assert any("projections" in n and m.range_trackers for n, m in blocks.items())
+    ranges = range_state(model)
+    coverage(model, x)
+    assert not any(m.ran for m in blocks.values())
+    assert same(range_state(model), ranges)
+
+
 def same(a: object, b: object) -> bool:
     """Nested dicts/lists of tensors and plain values, compared exactly."""
     if isinstance(a, torch.Tensor):

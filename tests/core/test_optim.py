@@ -105,6 +105,12 @@ def test_param_group_settings_are_checked_as_the_defaults_are() -> None:
     with pytest.raises(ValueError, match="param group 0: lr must be a finite number ≥ 0, got -1.0"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))  # nothing updated
+    # numbers torch.optim takes: a tensor or NumPy lr
+    import numpy as np
+
+    SRSGD(b.parameters(), lr=torch.tensor(0.1), momentum=np.float32(0.9))
+    with pytest.raises(ValueError, match="lr must be a finite number ≥ 0, got 'fast'"):
+        SRSGD(b.parameters(), lr="fast")
 
 
 # ------------------------------------------------------------------ int8 storage formats

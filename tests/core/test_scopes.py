@@ -39,3 +39,17 @@ def test_a_recorded_block_and_a_profiler_see_the_label() -> None:
         with scope("lowbit::test"):
             torch.ones(2).add_(1)
     assert "lowbit::test" in {e.name for e in prof.events()}
+
+
+def test_no_graph_break_under_torch_compile() -> None:
+    """Dynamo traces through ``scope`` as through ``record_function``: one graph, no break
+    (the profiler check is a call dynamo cannot trace: ``is_compiling()`` comes first)."""
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with scope("lowbit::a"):
+            y = x * 2
+        with scope("lowbit::b"):
+            return y + 1
+
+    torch._dynamo.reset()
+    got = torch._dynamo.explain(f)(torch.ones(3))
+    assert (got.graph_count, got.graph_break_count) == (1, 0), got.break_reasons

@@ -14,7 +14,13 @@ SHAPE = (8, 1024, 1024)  # 32 MB of int32: the smallest pooled size
 
 
 @pytest.fixture(autouse=True)
-def _fresh_pools():
+def _fresh_pools(monkeypatch):
+    """Empty pools under glibc's default policy, whatever an earlier test in this process
+    set (``lowbit train``/``sweep`` called in-process switch to keep-freed for good)."""
+    from lowbit import allocator
+
+    monkeypatch.setitem(allocator._state, "policy", "default")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     workspace.clear()
     yield
     workspace.clear()
@@ -132,6 +138,7 @@ def test_nothing_is_pooled_where_the_heap_recycles_freed_memory(monkeypatch) -> 
     assert workspace.held_bytes() == a.numel() * 4  # default policy: pooled
     del a
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")
     b = workspace.empty(SHAPE, torch.int32)
     assert b.shape == SHAPE and b.dtype == torch.int32 and b.is_contiguous()
     assert workspace.held_bytes() == 0
