@@ -350,6 +350,28 @@ def test_coverage_restores_everything_a_step_changes() -> None:
     assert same(range_state(model), range_state(twin))
 
 
+def test_a_converted_multihead_attention_is_not_reported_as_never_called() -> None:
+    """FQTMultiheadAttention reaches its attention product through ``attend(...)``, not
+    its ``__call__``: the report read only module calls and listed it as never run while
+    counting its GEMMs; the ``ran`` flag says it ran. A bypassed layer is still listed."""
+    torch.manual_seed(0)
+    model = converted(SelfAttention(), "fqt-psq-8")
+    rep = coverage(model, torch.randn(2, 5, 16))
+    assert rep.never_called == ()
+    assert {r.phase for r in rep.rows if r.op == "aten.bmm"} == {"forward", "backward"}  # it ran
+    assert not any(m.ran for m in lowbit.fqt_layers(model).values())  # flags restored
+
+    class Bypass(nn.Module):  # calls head's weight directly: head never runs
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.head.weight)
+
+    assert coverage(converted(Bypass(), "fqt-psq-8"), torch.randn(3, 4)).never_called == ("head",)
+
+
 def test_coverage_restores_attention_in_projections_too() -> None:
     """The in-projection blocks of a converted nn.MultiheadAttention (listed by
     ``fqt_blocks``, not ``fqt_layers``) get their ``ran`` flags and predicted-range
