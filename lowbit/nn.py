@@ -352,7 +352,8 @@ def rng_state(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def load_rng_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
-    """Restore what :func:`rng_state` returned; layer names must match."""
+    """Restore what :func:`rng_state` returned; layer names must match (``KeyError``
+    naming the state's layers this model does not have)."""
     layers = fqt_blocks(model)
     missing = sorted(set(state) - set(layers))
     if missing:
