@@ -183,9 +183,11 @@ class VarianceMonitor:
         for layer in self.layers.values() if policy is not None else ():
             layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
         blocks = fqt_blocks(model) if policy is not None else {}
-        self._undriven = [blocks[n] for n in self.skipped if n in blocks]
-        for n, layer in zip([n for n in self.skipped if n in blocks], self._undriven):
-            layer._block.undriven = self.skipped[n]  # their AdaptiveRecipeWarning says why
+        self._undriven = []
+        for n, why in self.skipped.items():  # their AdaptiveRecipeWarning says why
+            if n in blocks:
+                blocks[n]._block.undriven = why
+                self._undriven.append(blocks[n])
 
     # -- the training loop's side -------------------------------------------------------
     def due(self) -> bool:
