@@ -200,7 +200,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             *, report: bool = False) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Swap every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` in ``model`` (any depth) for its FQT
     version under ``config``, in place, and return ``model`` (``(model, report)`` with
-    ``report=True``: a :class:`ConversionReport`).
+    ``report=True``: a :class:`ConversionReport`). A ``model`` that is itself such a layer
+    cannot change class in place: the converted layer is returned (use the return value).
 
     Attention too (:mod:`lowbit.attention_modules`): ``nn.MultiheadAttention`` becomes an
     ``FQTMultiheadAttention`` (in- and out-projections and both attention products
@@ -223,7 +224,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     ``module_filter(module, fully_qualified_name)`` returning False leaves a module
     alone. Parameters are shared, names unchanged. A module reachable under several
     names becomes one converted layer. Converting again is idempotent: already-converted
-    layers only take the new config (and restart their :attr:`ran` flag).
+    layers only take the new config (and restart their :attr:`ran` flag); where the new
+    config's ``seed`` differs from the old one's, their noise streams restart from it (as a
+    fresh conversion with that seed would give them), else the streams go on.
     Raises ``TypeError`` if ``model`` is not an ``nn.Module`` or ``config`` not an
     :class:`FQTConfig`.
     """

@@ -71,13 +71,30 @@ class BlockState:
             raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
         if not isinstance(noise, NoiseStream):
             raise TypeError(f"noise must be a lowbit.noise.NoiseStream, got {type(noise).__name__}")
-        self.config = config
+        self._config = config
         self.noise = noise
         self.range_trackers: dict[str, RangeTracker] = {}
         self.policy_driven = False
         self.undriven: str | None = None  # why a policy's monitor cannot drive it
         self._adaptive_checked = False
         self._register()
+
+    @property
+    def config(self) -> FQTConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: FQTConfig) -> None:
+        """A new config; where it asks for another seed than the current config's
+        (``value.seed`` not ``None``), the noise stream restarts from that seed under the
+        block's name — the stream a fresh ``convert`` with ``value`` gives — so that
+        config and noise never disagree. The same seed (an adaptive width change, a
+        temporary QAT twin) keeps the stream and its counter."""
+        if not isinstance(value, FQTConfig):
+            raise TypeError(f"config must be an FQTConfig, got {type(value).__name__}")
+        if value.seed is not None and value.seed != self._config.seed:
+            self.noise = NoiseStream(value.seed, self.noise.name)
+        self._config = value
 
     def _register(self) -> None:
         self.handle = f"block{next(_next_handle)}"
@@ -88,6 +105,8 @@ class BlockState:
                 if k not in ("handle", "policy_driven", "undriven", "_adaptive_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "config" in state:  # pickled before config became a property
+            state = {("_config" if k == "config" else k): v for k, v in state.items()}
         self.__dict__.update(state)
         self.policy_driven, self.undriven, self._adaptive_checked = False, None, False
         self._register()

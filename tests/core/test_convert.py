@@ -503,3 +503,51 @@ def test_ran_flag_under_torch_compile() -> None:
         assert set(lowbit.fqt_layers(model, ran=True)) == {"0", "2"}
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[1] == frames[2] == frames[0]
+
+
+def _grads_after_one_step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    out = model(x)
+    (out[0] if isinstance(out, tuple) else out).pow(2).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "mha"])
+def test_converting_again_with_another_seed_reseeds_the_noise(kind: str) -> None:
+    """Found by a new-user trial: a second convert with a new seed changed the config but
+    kept the first seed's noise (config and noise disagreed). It must give bitwise the
+    fresh conversion's gradients with that seed; the same seed keeps the stream."""
+    torch.manual_seed(0)
+    base, x = {
+        "linear": (nn.Sequential(nn.Linear(16, 8)), torch.randn(32, 16)),
+        "conv": (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(4, 3, 6, 6)),
+        "mha": (nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)), torch.randn(2, 5, 8)),
+    }[kind]
+    if kind == "mha":
+        base = nn.Sequential(_SelfAttention(base[0]))
+
+    def cfg(seed: int) -> FQTConfig:
+        return FQTConfig.from_recipe("fqt-psq-4", seed=seed)
+
+    fresh5 = _grads_after_one_step(lowbit.convert(copy.deepcopy(base), cfg(5)), x)
+    fresh0 = _grads_after_one_step(lowbit.convert(copy.deepcopy(base), cfg(0)), x)
+    again = lowbit.convert(lowbit.convert(copy.deepcopy(base), cfg(0)), cfg(5))
+    assert all(s["seed"] == 5 and s["counter"] == 0 for s in lowbit.rng_state(again).values())
+    got = _grads_after_one_step(again, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, fresh5))
+    assert not all(torch.equal(a, b) for a, b in zip(got, fresh0))
+    # the same seed again (or none) keeps each stream where it is
+    before = lowbit.rng_state(again)
+    assert any(s["counter"] == 1 for s in before.values())  # (an MHA's unused projections stay at 0)
+    lowbit.convert(again, cfg(5))
+    lowbit.convert(again, FQTConfig.from_recipe("fqt-psq-8"))
+    assert lowbit.rng_state(again) == before
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
