@@ -126,7 +126,7 @@ class Operand:
         aligned = q.offset is None and q.block_scale is None and q.transform.within_entries(shape[1])
         if not (q.plain or aligned):
             return cls(values=q.dequantize(dtype).reshape(shape))
-        per_row = q.step.shape[0] > 1
+        per_row = q.step.shape[0] != 1  # (0 rows: an empty operand's steps are per row too)
         step = q.step.reshape(shape[0], shape[1], 1) if per_row else q.step.reshape(1, 1, 1)
         if q.plain:
             return cls(q.codes.reshape(shape), step)
@@ -551,7 +551,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     n = math.prod(lead)
     q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
     mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)
-    c = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    # torch's default 1/√E; with E = 0 every score is an empty sum, 0 at any scale
+    c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else float(scale)
     out, weights = _Attention.apply(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
                                     need_weights, bool(is_causal))
     out = out.reshape(*lead, lq, ev)

@@ -265,13 +265,14 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
             attn_mask = kpm if attn_mask is None else attn_mask + kpm
         if attn_mask is not None:  # (1, L, S) stays broadcast; (N·H, 1|L, S) → (N, H, 1|L, S)
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else \
-                attn_mask.view(bsz, h, -1, src_len)
+                attn_mask.view(bsz, h, attn_mask.shape[1], src_len)  # (no -1: bsz may be 0)
         q4, k4, v4 = (t.view(bsz, h, t.shape[1], hd) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         out, weights = self.attention.attend(q4, k4, v4, attn_mask, dropout_p, is_causal,
                                              need_weights=need_weights)  # (N, H, L, hd)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-        out = self.out_proj(out).view(tgt_len, bsz, -1)
+        out = self.out_proj(out)
+        out = out.view(tgt_len, bsz, out.shape[-1])  # (no -1: tgt_len or bsz may be 0)
         if weights is not None and average:
             weights = weights.mean(dim=1)
         if not batched:

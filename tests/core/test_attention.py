@@ -479,12 +479,55 @@ def test_shape_and_head_errors() -> None:
         scaled_dot_product_attention(q, k[..., :3], v, state=FQT)
 
 
-def test_empty_inputs_give_torchs_result() -> None:
+@pytest.mark.parametrize("activation", ["tensor", "row"])
+def test_empty_inputs_give_torchs_result(activation: str) -> None:
+    """No query, key or batch: torch's empty or zero output and gradients, forward and
+    backward — also with per-row activation steps (a new-user trial found the per-row
+    step of an empty operand reshaped to (1, 1, 1))."""
+    cfg = dataclasses.replace(FQT, activation=OperandSpec(8, activation))
     q, k, v = qkv(grad=False)
     for args in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q[:0], k[:0], v[:0])):
-        want = F.scaled_dot_product_attention(*args)
-        got = scaled_dot_product_attention(*args, state=FQT)
+        ours = [t.detach().clone().requires_grad_() for t in args]
+        theirs = [t.detach().clone().requires_grad_() for t in args]
+        want = F.scaled_dot_product_attention(*theirs)
+        got = scaled_dot_product_attention(*ours, state=cfg)
         assert got.shape == want.shape and torch.equal(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        for a, b in zip(ours, theirs):
+            assert a.grad.shape == b.grad.shape and torch.equal(a.grad, b.grad)
+
+
+def test_zero_feature_queries_attend_uniformly_as_in_torch() -> None:
+    """E = 0: every score is an empty sum (0), so the weights are uniform whatever the
+    scale; torch's default scale 1/√E must not divide by zero (new-user trial)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 0), torch.randn(1, 2, 4, 0), torch.randn(1, 2, 4, 5)
+    want = F.scaled_dot_product_attention(q, k, v)
+    got = scaled_dot_product_attention(q, k, v, state=FQT)
+    # uniform weights 1/4 are exact codes; each of v's 8-bit codes (round-to-nearest, one
+    # step max|v|/127) is within half a step of v, so their mean too (+ float32 slack)
+    half_step = v.abs().max().item() / 254
+    torch.testing.assert_close(got, want, atol=half_step * (1 + 1e-5), rtol=0)
+    assert torch.equal(got, scaled_dot_product_attention(q, k, v, scale=7.0, state=FQT))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 3, 8)])
+def test_multihead_attention_empty_sequence_or_batch(shape: tuple[int, ...]) -> None:
+    """A (batch-first) zero-length sequence or empty batch gives torch's empty output
+    (the out-projection's ``view(L, N, -1)`` failed on 0 elements), with masks too."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True)
+    mha = AM.FQTMultiheadAttention.from_float(ref, FQT, seed=0)
+    x = torch.randn(*shape, requires_grad=True)
+    kpm = torch.zeros(shape[0], shape[1], dtype=torch.bool)
+    mask = torch.zeros(shape[0] * 2, shape[1], shape[1])
+    for kw in ({}, {"key_padding_mask": kpm}, {"attn_mask": mask}):
+        out, weights = mha(x, x, x, **kw)
+        want, want_w = ref(x, x, x, **kw)
+        assert out.shape == want.shape and weights.shape == want_w.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 # -- modules and convert -----------------------------------------------------------------------------
