@@ -379,7 +379,19 @@ class FQTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> FQTConfig:
         """Inverse of :meth:`to_dict`; dicts saved before formats existed (``bits`` only)
-        load as integer formats."""
+        load as integer formats, and before ``adaptive`` existed without it. ``TypeError``
+        for a key that is not a field (a misspelt ``grad_inputs`` would otherwise leave
+        that path in float) or a missing operand/gradient spec (``None`` where float:
+        :meth:`to_dict` always writes all four)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"FQTConfig.from_dict takes a dict, got {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        missing = [k for k in ("weight", "activation", "grad_input", "grad_weight") if k not in d]
+        if unknown or missing:
+            raise TypeError("FQTConfig.from_dict: " + "; ".join(
+                ([f"unknown keys {unknown} (fields: {sorted(fields)})"] if unknown else [])
+                + ([f"missing keys {missing} (a float path is saved as null)"] if missing else [])))
         def spec(kind: type, v: dict | None) -> object:
             if v is not None and kind is GradSpec and v.get("range", "dynamic") == "dynamic":
                 # saved before dynamic specs refused them (and when the default margin was

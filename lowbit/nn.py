@@ -355,12 +355,18 @@ def rng_state(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def load_rng_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
-    """Restore what :func:`rng_state` returned; layer names must match (``KeyError``
-    naming the state's layers this model does not have)."""
+    """Restore what :func:`rng_state` returned; layer names must match both ways
+    (``KeyError`` naming the state's layers this model does not have, or this model's
+    layers the state lacks — they would silently keep their current noise)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"rng state must be a dict (from lowbit.rng_state), got {type(state).__name__}")
     layers = fqt_blocks(model)
-    missing = sorted(set(state) - set(layers))
-    if missing:
-        raise KeyError(f"rng state names layers this model does not have: {missing[:5]}")
+    extra, lacking = sorted(set(state) - set(layers)), sorted(set(layers) - set(state))
+    if extra:
+        raise KeyError(f"rng state names layers this model does not have: {extra[:5]}")
+    if lacking:
+        raise KeyError(f"rng state lacks {len(lacking)} of this model's layers: {lacking[:5]} (a state "
+                       "saved for another model, or by a lowbit that did not yet convert them)")
     for name, s in state.items():
         layers[name].set_rng_state(s)
 

@@ -102,3 +102,21 @@ def test_frozen() -> None:
     c = FQTConfig.from_recipe("fqt-psq-8")
     with pytest.raises(AttributeError):
         c.seed = 1  # type: ignore[misc]
+
+
+def test_from_dict_refuses_unknown_and_missing_keys() -> None:
+    """A misspelt key (``grad_inputs``) silently left that path in float, and ``{}`` gave
+    an all-float config (new-user trial): both raise, naming the keys."""
+    d = FQTConfig.from_recipe("fqt-bhq-4", seed=3).to_dict()
+    typo = dict(d)
+    typo["grad_inputs"] = typo.pop("grad_input")
+    with pytest.raises(TypeError, match=r"unknown keys \['grad_inputs'\].*missing keys \['grad_input'\]"):
+        FQTConfig.from_dict(typo)
+    with pytest.raises(TypeError, match=r"unknown keys \['seeed'\]"):
+        FQTConfig.from_dict({**d, "seeed": 5})
+    with pytest.raises(TypeError, match=r"missing keys \['weight', 'activation', 'grad_input', 'grad_weight'\]"):
+        FQTConfig.from_dict({})
+    with pytest.raises(TypeError, match="takes a dict, got list"):
+        FQTConfig.from_dict([])  # type: ignore[arg-type]
+    old = {k: v for k, v in d.items() if k != "adaptive"}  # saved before `adaptive` existed
+    assert FQTConfig.from_dict(old) == FQTConfig.from_recipe("fqt-bhq-4", seed=3)

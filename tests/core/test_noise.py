@@ -153,7 +153,15 @@ def test_rng_state_is_plain_data_and_round_trips() -> None:
     assert state == {"0": {"seed": 9, "name": "0", "counter": 1},
                      "2": {"seed": 9, "name": "2", "counter": 1}}
     with pytest.raises(KeyError, match="noise state lacks"):
-        lowbit.load_rng_state(m, {"0": {"seed": 9}})
+        lowbit.load_rng_state(m, {"0": {"seed": 9}, "2": state["2"]})
+    # a state without some of the model's layers would leave them on their current noise
+    for partial in ({"0": state["0"]}, {}):
+        with pytest.raises(KeyError, match=r"rng state lacks \d of this model's layers: \['"):
+            lowbit.load_rng_state(m, partial)
+    with pytest.raises(KeyError, match="names layers this model does not have"):
+        lowbit.load_rng_state(m, {**state, "9": state["0"]})
+    lowbit.load_rng_state(m, state)
+    assert lowbit.rng_state(m) == state
 
 
 def test_deepcopy_has_its_own_state_and_the_same_noise() -> None:
