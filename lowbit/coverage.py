@@ -311,7 +311,10 @@ def coverage(model: nn.Module, *example_inputs: Any,
     step (same codes; they never choose a GEMM).
 
     Counts what executed, at the aten level (see :mod:`lowbit.gemm_trace`): a converted
-    layer that is never called counts nothing. Raises ``TypeError`` for a ``model`` that
+    layer that is never called counts nothing. A converted convolution's passes count
+    the convolution's FLOPs (:func:`lowbit.flops.conv_flops`), not the zero products
+    its kernels may also multiply (padded rows, zero-inserted codes), so the share does
+    not depend on the kernel chosen. Raises ``TypeError`` for a ``model`` that
     is not an ``nn.Module`` or a ``loss_fn`` that is not callable, ``ValueError`` when
     the loss is not a floating 0-d tensor that requires grad.
     """

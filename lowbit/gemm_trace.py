@@ -33,6 +33,7 @@ are quantizer work, not model GEMMs: they are summed apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ class _ModuleSpans:
         self.stack: list[tuple[nn.Module, int]] = []
         self.spans: list[tuple[int, int, nn.Module]] = []  # [start, end) sequence numbers
         self.called: set[int] = set()
+        self.conv_flops: dict[int, int] = {}  # convolution module id -> its forwards' FLOPs
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -151,6 +153,11 @@ class _ModuleSpans:
         self.stack.append((module, torch._C._autograd._get_sequence_nr()))
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and args and isinstance(args[0], torch.Tensor) \
+                and isinstance(output, torch.Tensor):
+            lead = (1,) if args[0].dim() < module.weight.dim() else ()  # unbatched input
+            self.conv_flops[id(module)] = self.conv_flops.get(id(module), 0) + flops.conv_flops(
+                (*lead, *args[0].shape), module.weight.shape, (*lead, *output.shape), False)
         while self.stack:  # an exception may have skipped inner post-hooks
             m, start = self.stack.pop()
             self.spans.append((start, torch._C._autograd._get_sequence_nr(), m))
@@ -220,6 +227,30 @@ class GemmTracer(TorchDispatchMode):
                 yield self
         finally:
             self.spans.remove()
+        self._count_convolutions_as_convolutions()
+
+    def _count_convolutions_as_convolutions(self) -> None:
+        """A converted convolution's passes count the convolution's multiply-adds (each
+        pass multiplies the forward's pairs: :func:`lowbit.flops.conv_flops`), not its
+        kernels' GEMM sizes: ∇W per kernel row sums over the padded rows, ∇X at stride > 1
+        multiplies zero-inserted codes, so the executed ``_int_mm``/oneDNN sizes exceed the
+        model's work (by 25% for a 3×3 ∇W on 8×8 images) and the low-bit share would
+        depend on the kernel chosen. A pass's calls keep their ops and formats; their
+        FLOPs are scaled in proportion to sum to the convolution's."""
+        for mid, logical in self.spans.conv_flops.items():
+            if mid not in self.lowbit_layers:
+                continue  # a float convolution's ops already count it (torch's formulas)
+            name = self.names.get(mid, "")
+            for phase in ("forward", "grad_input", "grad_weight"):
+                idx = [i for i, c in enumerate(self.calls) if c.module == name and c.phase == phase]
+                executed = sum(self.calls[i].flops for i in idx)
+                if not executed or executed == logical:
+                    continue
+                done = 0
+                for j, i in enumerate(idx):
+                    share = logical - done if j == len(idx) - 1 else self.calls[i].flops * logical // executed
+                    self.calls[i] = dataclasses.replace(self.calls[i], flops=share)
+                    done += share
 
     # -- dispatch ---------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -21,7 +21,6 @@ from torch import nn
 import lowbit
 from lowbit.cli import main
 from lowbit.coverage import SIMULATED, CoverageReport, coverage, default_loss
-from lowbit.kernels import qconv
 from lowbit.nn import range_state, rng_state
 
 SIM = (SIMULATED, SIMULATED)
@@ -168,19 +167,41 @@ def test_cnn_psq8_auto_is_all_low_bit() -> None:
     rep = cnn_step(converted(SmallCNN(), "fqt-psq-8"))
     got = by_gemm(rep)
     want = {k: v[0] for k, v in cnn_expected(dict.fromkeys(CONV, ""), dict.fromkeys(CONV, ())).items()}
-    # conv1's ∇W (stride 1) runs as one GEMM per kernel row over the padded rows
-    # (lowbit.kernels.im2col.grad_weight_rows): 3 × (4 × 2·8·6) @ (2·8·6 × 3·1) — the
-    # padded rows' zeros are multiplied too, and coverage counts what ran
-    want[("conv1", "grad_weight")] = 3 * 2 * 4 * (2 * 8 * 6) * 3
-    # dw's ∇X (stride 2) runs on oneDNN where it is exact: a stride-1 convolution of the
-    # zero-inserted ∇Y, s² = 4× the products of the transposed convolution (zeros too)
-    if qconv.available(torch.zeros(1, dtype=torch.int8), (4, 1, 3, 3), 4):
-        want[("dw", "grad_input")] *= 4
+    # every pass counts the convolution's multiply-adds, as for fp and the reference:
+    # conv1's ∇W (stride 1) runs one GEMM per kernel row over the padded rows
+    # (lowbit.kernels.im2col.grad_weight_rows) and dw's ∇X (stride 2) may run on oneDNN
+    # as a convolution of the zero-inserted ∇Y — their zero products are not the model's
     assert {k: v[0] for k, v in got.items()} == want
-    # Conv2d runs simulated kernels today (integer convolutions are issue 13, item 2)
+    assert rep.total_flops == cnn_step(SmallCNN()).total_flops
     assert all(kind in ("int8", "simulated") for _, kind, _ in got.values())
     assert got[("head", "forward")] == (CONV["head"], "int8", INT8)
+    ops = {(r.module, r.phase): (r.op, r.calls) for r in rep.rows}
+    assert ops[("conv1", "grad_weight")] == ("aten._int_mm", 3)  # one per kernel row, still listed
     assert rep.lowbit_share == 1.0
+
+
+def test_converted_convolution_flops_do_not_depend_on_the_kernel() -> None:
+    """A new-user trial: a 3×3 padded conv's ∇W on 8×8 images counted 25% more FLOPs on
+    the integer path (the padded rows its per-kernel-row GEMMs multiply) than on the
+    reference path, which inflated the low-bit share. Every backend now counts the
+    convolution's multiply-adds, per layer and pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10))
+    x = torch.randn(16, 8, 8, 8)
+
+    def flops_by_gemm(backend: str) -> tuple[dict, float]:
+        m = lowbit.convert(copy.deepcopy(model), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0, backend=backend),
+                           module_filter=lambda mod, n: isinstance(mod, nn.Conv2d))
+        rep = coverage(m, x)
+        return {(r.module, r.phase): r.flops for r in rep.rows}, rep.lowbit_share
+
+    auto, share = flops_by_gemm("auto")
+    ref, ref_share = flops_by_gemm("reference")
+    fp = {(r.module, r.phase): r.flops for r in coverage(copy.deepcopy(model), x).rows}
+    assert auto == ref == fp
+    assert share == ref_share
+    assert auto[("0", "grad_weight")] == auto[("0", "forward")] == 2 * 16 * (16 * 8 * 9) * 64
 
 
 # -- attention --------------------------------------------------------------------------------
