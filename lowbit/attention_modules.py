@@ -270,9 +270,24 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         dropout_p = self.dropout if self.training else 0.0
         out, weights = self.attention.attend(q4, k4, v4, attn_mask, dropout_p, is_causal,
                                              need_weights=need_weights)  # (N, H, L, hd)
+        # a query whose every key is masked: torch's explicit softmax (this path of
+        # F.multi_head_attention_forward) gives NaN weights and, through the out-projection,
+        # a NaN output row, while lowbit's attention gives 0 there, as torch's
+        # need_weights=False (SDPA) path does. The rows are set after the out-projection:
+        # before it, a NaN would reach every row through its per-tensor input scale.
+        dead = None
+        if need_weights and attn_mask is not None:
+            dead = torch.isneginf(attn_mask).all(-1).expand(out.shape[:-1])  # (N, H, L)
+            if bool(dead.any()):
+                weights = weights.masked_fill(dead.unsqueeze(-1), float("nan"))
+                dead = dead.any(1).t().unsqueeze(-1)  # (L, N, 1): a head's NaN reaches the row
+            else:
+                dead = None
         out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
         out = self.out_proj(out)
         out = out.view(tgt_len, bsz, out.shape[-1])  # (no -1: tgt_len or bsz may be 0)
+        if dead is not None:
+            out = out.masked_fill(dead, float("nan"))
         if weights is not None and average:
             weights = weights.mean(dim=1)
         if not batched:

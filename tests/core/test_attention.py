@@ -841,3 +841,31 @@ def test_torch_compile_gives_the_eager_steps() -> None:
         for a, b in zip(g0, g1):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
     assert eager.sdpa.noise.counter == model.sdpa.noise.counter == 2
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masking", ["key_padding", "attn_mask"])
+def test_multihead_attention_fully_masked_queries_as_torch(need_weights: bool, masking: str) -> None:
+    """A query whose every key is masked: torch's need_weights=True path gives NaN weights
+    and output, its need_weights=False (SDPA) path 0. The quantized module gave 0 on both
+    (new-user trial); it now gives torch's NaN pattern, and finite values elsewhere."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True)
+    mha = AM.FQTMultiheadAttention.from_float(ref, FQT, seed=0)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    kw: dict = {"need_weights": need_weights}
+    if masking == "key_padding":
+        kpm = torch.zeros(2, 4, dtype=torch.bool)
+        kpm[1] = True  # batch entry 1: every key padded
+        kw["key_padding_mask"] = kpm
+    else:
+        allowed = torch.ones(3, 4, dtype=torch.bool)
+        allowed[0] = False  # query 0 sees no key
+        kw["attn_mask"] = ~allowed  # MHA's bool attn_mask: True = not allowed
+    want, want_w = ref(q, k, k, **kw)
+    got, got_w = mha(q, k, k, **kw)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert bool(want.isnan().any()) == need_weights
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=0.05, rtol=0.05)
+    if need_weights:
+        assert torch.equal(got_w.isnan(), want_w.isnan())
