@@ -121,6 +121,29 @@ class _Acc:
         self.shift: dict[tuple[str, int], float] = {}
 
 
+class _InertHook:
+    """What a monitor's hook becomes in a copy of the model: nothing."""
+
+    def __call__(self, *_: Any) -> None:
+        return None
+
+
+class _LayerHook:
+    """A :class:`VarianceMonitor`'s forward hook on one layer. A copy of the model
+    (``pickle``, ``copy.deepcopy``) gets an inert hook: a copy is driven by no monitor
+    (as its layers' :class:`~lowbit.ops.BlockState` says), and a local function made
+    pickling a monitored model fail while a deepcopy's hooks fed the original monitor."""
+
+    def __init__(self, monitor: VarianceMonitor, name: str) -> None:
+        self.monitor, self.name = monitor, name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.monitor._on_forward(self.name, module, args, output)
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
+
+
 class VarianceMonitor:
     """Per-layer quantization and minibatch variance every ``every`` steps (module doc).
 
@@ -229,26 +252,26 @@ class VarianceMonitor:
             layer._block.undriven = None
 
     # -- hooks ----------------------------------------------------------------------------
-    def _forward_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            x = args[0].detach()
-            x_grad = bool(args[0].requires_grad)
+    def _forward_hook(self, name: str) -> _LayerHook:
+        return _LayerHook(self, name)
 
-            def on_grad(gy: torch.Tensor) -> None:
-                with torch.no_grad():
-                    if self.sgd == "paired":  # this call's QAT gradients, for the pair
-                        tot = self._totals.setdefault(name, [None, None])
-                        for i, t in enumerate(layer_totals(module, x, gy.detach(), x_grad)):
-                            if t is not None:
-                                tot[i] = t if tot[i] is None else tot[i] + t
-                    if self._mode == "full":
-                        self._measure(name, module, x, x_grad, gy.detach())
+    def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = args[0].detach()
+        x_grad = bool(args[0].requires_grad)
 
-            output.register_hook(on_grad)
+        def on_grad(gy: torch.Tensor) -> None:
+            with torch.no_grad():
+                if self.sgd == "paired":  # this call's QAT gradients, for the pair
+                    tot = self._totals.setdefault(name, [None, None])
+                    for i, t in enumerate(layer_totals(module, x, gy.detach(), x_grad)):
+                        if t is not None:
+                            tot[i] = t if tot[i] is None else tot[i] + t
+                if self._mode == "full":
+                    self._measure(name, module, x, x_grad, gy.detach())
 
-        return hook
+        output.register_hook(on_grad)
 
     def _measure(self, name: str, layer: nn.Module, x: torch.Tensor, x_grad: bool,
                  gy: torch.Tensor) -> None:

@@ -531,3 +531,27 @@ def test_monitor_errors_and_skips() -> None:
     mon = VarianceMonitor(model, every=1)
     assert set(mon.skipped) == {"5"} and "predicted" in mon.skipped["5"]
     assert set(mon.layers) == {"0", "3"}
+
+
+def test_a_copy_of_a_monitored_model_is_not_monitored() -> None:
+    """Pickling a monitored model failed (the hook was a local function) and a deepcopy's
+    hooks fed the original monitor. A copy now trains unmonitored (its layers say so too,
+    BlockState's rule), and the original monitor sees only the original's steps."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = lowbit.convert(_net(), _cfg("psq", 8))
+    mon = VarianceMonitor(model, every=1)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 4, (16,))
+    with mon.step():
+        F.cross_entropy(model(x), y).backward()
+    measured = mon.history[-1].layers
+    assert set(measured) == set(mon.layers)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        n = len(mon.history)
+        with mon.step():  # a monitored step of the copy alone: nothing reaches mon
+            F.cross_entropy(clone(x), y).backward()
+        assert len(mon.history) == n or not mon.history[-1].layers
+        with mon.step():
+            F.cross_entropy(model(x), y).backward()
+        assert set(mon.history[-1].layers) == set(mon.layers)  # the original is still measured
