@@ -202,7 +202,7 @@ class VarianceMonitor:
         self._acc: dict[str, _Acc] = {}
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
-        self._handles = [lay.register_forward_hook(self._forward_hook(n)) for n, lay in self.layers.items()]
+        self._handles = [lay.register_forward_hook(_LayerHook(self, n)) for n, lay in self.layers.items()]
         for layer in self.layers.values() if policy is not None else ():
             layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
         blocks = fqt_blocks(model) if policy is not None else {}
@@ -252,9 +252,6 @@ class VarianceMonitor:
             layer._block.undriven = None
 
     # -- hooks ----------------------------------------------------------------------------
-    def _forward_hook(self, name: str) -> _LayerHook:
-        return _LayerHook(self, name)
-
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return

@@ -56,9 +56,7 @@ class _StochasticLayer:
 
     @config.setter
     def config(self, value: FQTConfig) -> None:
-        if not isinstance(value, FQTConfig):
-            raise TypeError(f"config must be an FQTConfig, got {type(value).__name__}")
-        self._block.config = value
+        self._block.config = value  # checked there (TypeError), reseeded on a new seed
 
     @property
     def noise(self) -> NoiseStream:
