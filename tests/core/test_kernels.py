@@ -257,6 +257,39 @@ def test_grid_step_is_smallest_step_covering_absmax(dtype: torch.dtype, qmax: in
     assert float(z[0]) == 0 and torch.isnan(z[1]) and torch.isinf(z[2])
 
 
+def _grid_step_chained(absmax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """float64 grid_step as it was until 2026-12-03: one nextafter after another."""
+    step = absmax / qmax
+    zero, inf = torch.zeros_like(step), torch.full_like(step, torch.inf)
+    for _ in range(3):
+        step = torch.nextafter(step, zero)
+    for _ in range(6):
+        step = torch.where(absmax / step > qmax, torch.nextafter(step, inf), step)
+    return step
+
+
+@pytest.mark.parametrize("qmax", [1, 3, 6, 7, 15, 127, 448, 57344])
+def test_float64_grid_step_is_the_chained_loop_bitwise(qmax: int) -> None:
+    # The float64 step from independent candidates (no chain: 80 s of Inductor code
+    # generation compiled) against the chained loop it replaces, eager and compiled, on
+    # every binade, their neighbours and random mantissas: every bit equal.
+    gen = torch.Generator().manual_seed(3)
+    amax = _all_binades(torch.float64)
+    near = torch.cat([torch.nextafter(amax, torch.zeros_like(amax)),
+                      torch.nextafter(amax, torch.full_like(amax, torch.inf))])
+    rand = torch.exp2(torch.randint(-1074, 1024, (20000,), generator=gen).double()) \
+        * (1 + torch.rand(20000, generator=gen, dtype=torch.float64))
+    amax = torch.cat([amax, near, rand, torch.tensor([0.0, torch.inf, 5e-324, 1e-323],
+                                                     dtype=torch.float64)])
+    amax = amax[torch.isfinite(amax) | torch.isinf(amax)].abs()
+    want = _grid_step_chained(amax, float(qmax))
+    assert torch.equal(grid_step(amax, qmax).view(torch.int64), want.view(torch.int64))
+    if compiled.enabled():
+        got = torch.compile(grid_step, dynamic=True, fullgraph=True)(amax[:4096], qmax)
+        assert torch.equal(got.view(torch.int64), want[:4096].view(torch.int64))
+    assert torch.isnan(grid_step(torch.tensor([float("nan")], dtype=torch.float64), qmax)).all()
+
+
 def test_float64_route_of_div_rn_is_correctly_rounded() -> None:
     # What div_rn runs under torch.compile on CUDA, where Triton's float32 `/` is not
     # correctly rounded (div.full.f32: 29% of random quotients differed on an H200):
