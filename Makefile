@@ -35,8 +35,10 @@ data:
 demo: $(STAMP)
 	$(VENV)/bin/lowbit demo
 
+# one pytest worker per core (pytest-xdist; at most 8): the suite is single-threaded
+# tests (conftest sets one torch thread), so on 2 cores it takes half the time
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 8
 
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps torchao || echo "torchao unavailable: its row will be skipped"
