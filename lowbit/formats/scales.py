@@ -48,7 +48,8 @@ def grid_step(absmax: torch.Tensor, qmax: float) -> torch.Tensor:
         return torch.where(torch.isnan(absmax), absmax, _grid_step_f32(absmax, float(qmax)))
     if absmax.dtype == torch.float64:
         return torch.where(torch.isnan(absmax), absmax, _grid_step_f64(absmax, float(qmax)))
-    step = absmax / qmax  # float64: correct from 3 ulps below (some backends use 1/qmax)
+    # other dtypes (lowbit's quantizers pass float32 or float64 only): the chained loop
+    step = absmax / qmax  # correct from 3 ulps below (some backends use 1/qmax)
     zero, inf = torch.zeros_like(step), torch.full_like(step, torch.inf)
     for _ in range(3):
         step = torch.nextafter(step, zero)
