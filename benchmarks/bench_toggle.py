@@ -52,6 +52,11 @@ Toggles (each is "on" as lowbit ships it):
                glibc's steady-state defaults (blocks ≥ 32 MiB mapped fresh, freed memory
                trimmed: ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 64 MiB, then
                ``malloc_trim(0)``). Affects every mode, baselines included: run it on each
+  narrow-output  a bf16/float16 GEMM output (under autocast) by row panels of its int32
+               accumulator (``lowbit.kernels.int8.PANEL``), and a bf16/float16 ∇Y's bias
+               gradient upcast in pieces (``lowbit.functional.BIAS_CHUNK``); off: one whole
+               accumulator, one float32 copy of ∇Y (the same values; the memory is
+               ``bench_step.py``'s peak MB)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -298,6 +303,18 @@ def _malloc() -> Callable[[bool], None]:
     return switch
 
 
+def _narrow_output() -> Callable[[bool], None]:
+    import lowbit.functional as functional
+    from lowbit.kernels import int8
+
+    panel, chunk = int8.PANEL, functional.BIAS_CHUNK
+
+    def switch(on: bool) -> None:
+        int8.PANEL = panel if on else 1 << 62  # one panel: never two, so one GEMM
+        functional.BIAS_CHUNK = chunk if on else 1 << 62
+    return switch
+
+
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
     "amx-batched": _amx_batched,
@@ -309,7 +326,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "workspace": _workspace, "bhq-groups": _bhq_groups,
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
-    "vnni-batched": _vnni_batched}
+    "vnni-batched": _vnni_batched, "narrow-output": _narrow_output}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ from torch.nn.modules.utils import _single
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated
 from .gradpair import quantize_conv_grad_w, quantize_grad_pair
-from .functional import (Generators, block_state, check_dtypes, output_dtype, quantize_forward,
+from .functional import (Generators, bias_grad, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
@@ -423,8 +423,7 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
                                   meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1], qa_w)
         if meta.b_dtype is not None and needs[2]:  # (C_out,)
             empty = gy.numel() == 0 or qx.codes.numel() == 0
-            g = gy.float()
-            gb = (g.new_zeros(meta.w_shape[0]) if empty else g.sum(dim=(0, 2, 3))).to(meta.b_dtype)
+            gb = (gy.new_zeros(meta.w_shape[0]) if empty else bias_grad(gy)).to(meta.b_dtype)
     return gx, gw, gb
 
 

@@ -27,6 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_K = (2**31 - 1) // (128 * 128)  # 131071
 CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 == 0
+# Output elements per row panel of a CPU GEMM whose output is narrower than its int32
+# accumulator (bf16 or float16: a model under autocast, or a half-precision model): the
+# accumulator exists a panel (4 MB) at a time, not beside the whole output
+# (:func:`gemm`; measured: docs/benchmarks.md, "Peak memory under autocast").
+PANEL = 1 << 20
 
 
 def available(device: torch.device | str) -> bool:
@@ -161,11 +166,54 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     return a_scale.double(), b_scale.double()
 
 
-def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
-         out_dtype: torch.dtype) -> torch.Tensor:
-    """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue."""
+def panel_rows(kernels: Kernels, a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
+    """Rows per panel of :func:`gemm`'s output, or None for one GEMM: a bf16 or float16
+    output on the CPU of at least two panels of :data:`PANEL` elements, with float32 scales
+    and no offsets (what ``int8_epilogue_into`` writes over a panel's accumulator). A
+    panel has at least ``amx.MIN_ROWS`` rows (AMX's choice is per call)."""
+    m, n = a.codes.shape[0], b.codes.shape[1]
+    if out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
+            or a.offset is not None or b.offset is not None \
+            or not a.scale.dtype == b.scale.dtype == torch.float32:
+        return None
+    rows = max(amx.MIN_ROWS, PANEL // max(1, n) // 16 * 16)
+    return rows if m >= 2 * rows else None
+
+
+def _gemm_panels(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """:func:`gemm` by row panels: each panel's int32 sums, its float32 epilogue written
+    over them (``int8_epilogue_into``) and cast into the output — the same bits as one
+    GEMM's epilogue straight to ``out_dtype`` (``(float(acc)·s_a)·s_b (+ bias)`` in
+    float32, rounded once; ``tests/core/test_kernels.py``)."""
     from ..scopes import scope
 
+    m, k, n = a.codes.shape[0], a.codes.shape[1], b.codes.shape[1]
+    a_scale, b_scale = safe_scales(a.scale, b.scale, k)
+    if a_scale.dtype != torch.float32:  # scales that could overflow float32: one GEMM
+        return gemm(kernels, a, b, bias, out_dtype, panels=False)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.codes.device)
+    per_row = a_scale.shape[0] != 1
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        with scope("lowbit::gemm"):
+            acc = int_mm(a.codes[i:j], b.codes)
+        with scope("lowbit::epilogue"):
+            kernels.run("int8_epilogue_into", acc, a_scale[i:j] if per_row else a_scale, b_scale,
+                        None, None, None, None, k, bias)
+            out[i:j].copy_(acc.view(torch.float32))
+    return out
+
+
+def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
+         out_dtype: torch.dtype, panels: bool = True) -> torch.Tensor:
+    """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue; a bf16/float16
+    output by row panels where :func:`panel_rows` says so (``panels=False``: never)."""
+    from ..scopes import scope
+
+    rows = panel_rows(kernels, a, b, out_dtype) if panels else None
+    if rows is not None:
+        return _gemm_panels(kernels, a, b, bias, out_dtype, rows)
     with scope("lowbit::gemm"):
         acc = int_mm(a.codes, b.codes)
     rowsum = a.codes.sum(dim=1, keepdim=True, dtype=torch.int32) if b.offset is not None else None

@@ -83,6 +83,36 @@ def test_epilogue_writes_over_the_accumulator_bitwise(monkeypatch: pytest.Monkey
     assert torch.equal(half, reference.int8_epilogue(acc, a, b, *off, k, bias, torch.bfloat16))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "compiled-or-reference"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_row,bias", [(True, True), (False, False)], ids=["row-bias", "tensor"])
+def test_narrow_output_by_row_panels_is_the_one_gemm_bitwise(
+        monkeypatch: pytest.MonkeyPatch, native: bool, out_dtype: torch.dtype, per_row: bool,
+        bias: bool) -> None:
+    """A bf16/float16 GEMM output computed in row panels (its int32 accumulator a panel at
+    a time) has the bits of one GEMM and one epilogue: ``reference.int8_epilogue``'s."""
+    from lowbit.kernels import Backend, Encoded, amx, int8, kernels_for
+
+    monkeypatch.setattr(avx512, "_enabled", native and avx512._enabled)
+    monkeypatch.setattr(amx, "MIN_ROWS", 16)  # panels of 32 rows: 4 of them and a partial one
+    monkeypatch.setattr(int8, "PANEL", 32 * 40)
+    g = torch.Generator().manual_seed(3)
+    m, k, n = 150, 96, 40
+    a = Encoded(torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g),
+                torch.rand(m if per_row else 1, 1, generator=g) * 1e-2)
+    b = Encoded(torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g),
+                torch.rand(1, n, generator=g) * 1e-2)
+    bb = torch.randn(n, generator=g) if bias else None
+    kern = kernels_for(Backend.AUTO, "cpu")
+    assert int8.panel_rows(kern, a, b, out_dtype) == 32
+    got = int8.gemm(kern, a, b, bb, out_dtype)
+    want = reference.int8_epilogue(torch._int_mm(a.codes, b.codes), a.scale, b.scale, None, None,
+                                   None, None, k, bb, out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, want)
+    assert torch.equal(int8.gemm(kern, a, b, bb, out_dtype, panels=False), want)
+    assert int8.panel_rows(kern, a, b, torch.float32) is None  # written over the accumulator
+
+
 def test_counter_noise_is_uniform_and_seed_dependent() -> None:
     n = 200_000
     u = counter_uniform((n,), torch.tensor(1)).double()
