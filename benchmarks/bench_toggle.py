@@ -55,8 +55,9 @@ Toggles (each is "on" as lowbit ships it):
   narrow-output  a bf16/float16 GEMM output (under autocast) by row panels of its int32
                accumulator (``lowbit.kernels.int8.PANEL``), and a bf16/float16 ∇Y's bias
                gradient upcast in pieces (``lowbit.functional.BIAS_CHUNK``); off: one whole
-               accumulator, one float32 copy of ∇Y (the same values; the memory is
-               ``bench_step.py``'s peak MB)
+               accumulator, one float32 copy of ∇Y (the same GEMM values; the bias sum in
+               another order, equal to float32 rounding; the memory is ``bench_step.py``'s
+               peak MB)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to

@@ -32,6 +32,7 @@ from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, regist
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
+from .scopes import scope
 
 Generators = dict[Path, torch.Generator]  # one per operand path that draws noise
 
@@ -72,9 +73,10 @@ def bias_grad(gy: torch.Tensor) -> torch.Tensor:
     """The bias gradient of a linear or convolution block: ``gy`` (N, C, *spatial) summed
     over every dimension but 1, as (C,), in float32 — float64 for a float64 ``gy`` (the sum
     a float model's autograd forms, not a float32 one of float64 values). A bf16 or
-    float16 ``gy`` is upcast :data:`BIAS_CHUNK` elements of whole batch entries at a time
-    and the pieces' float32 sums added, so that no float32 copy of the whole gradient
-    exists: ``gy.sum(0, dtype=torch.float32)`` makes one (32 MB for a 2048 × 4096 bf16
+    float16 ``gy`` is upcast whole batch entries at a time, as many as fit in
+    :data:`BIAS_CHUNK` elements (at least one), and the pieces' float32 sums added — the
+    same sum to float32 rounding, in another order — so that no float32 copy of the whole
+    gradient exists: ``gy.sum(0, dtype=torch.float32)`` makes one (32 MB for a 2048 × 4096 bf16
     ∇Y, measured: docs/benchmarks.md, "Peak memory under autocast")."""
     dims = (0, *range(2, gy.dim()))
     dt = torch.promote_types(gy.dtype, torch.float32)
@@ -170,20 +172,26 @@ def _linear_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
             # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
             pair = quantize_grad_pair(gy, cfg.grad_input, gens.get(Path.GRAD_INPUT),
                                       cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), k)
+        # the GEMMs' phase for lowbit.coverage (a GEMM in row panels has no weight-shaped
+        # output to recognise ∇W by: lowbit.kernels.int8.gemm)
         if pair is not None:
             qa, qg = pair
             del pair  # each code tensor is freed as soon as its GEMM is done
-            gx = _rows_times(qa, qw, k, meta.x_dtype)  # (N, out) × (out, in)
+            with scope("lowbit::grad_input"):
+                gx = _rows_times(qa, qw, k, meta.x_dtype)  # (N, out) × (out, in)
             del qa
-            gw = _rows_times(qg, qx, k, meta.w_dtype)  # (out, N) × (N, in)
+            with scope("lowbit::grad_weight"):
+                gw = _rows_times(qg, qx, k, meta.w_dtype)  # (out, N) × (N, in)
             del qg
         else:
             if needs[0]:
-                gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), k,
-                                       meta.x_dtype, trackers[0])
+                with scope("lowbit::grad_input"):
+                    gx = linear_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), k,
+                                           meta.x_dtype, trackers[0])
             if needs[1]:
-                gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
-                                        k, meta.w_dtype, trackers[1])
+                with scope("lowbit::grad_weight"):
+                    gw = linear_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT),
+                                            k, meta.w_dtype, trackers[1])
         if meta.b_dtype is not None and needs[2]:
             gb = bias_grad(gy).to(meta.b_dtype)
     return gx, gw, gb

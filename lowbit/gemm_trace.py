@@ -351,6 +351,13 @@ class GemmTracer(TorchDispatchMode):
                 return [module, parent]
         return [module]
 
+    def _gradient_of(self, module: nn.Module | None, out: Any) -> str | None:
+        """The name of the parameter of ``module`` (or its parent) whose shape ``out``
+        has — a ∇W GEMM's output — else None (a GEMM in row panels has a part of it)."""
+        grad_of = next((p for m in self._weight_holders(module)
+                        if (p := _weight_shaped_like(out, m)) is not None), None)
+        return None if grad_of is None else self.taint(grad_of).param
+
     def _record(self, func: Any, part: flops.Part, out: Any, in_quantizer: bool) -> None:
         if in_quantizer:
             self.quantizer_flops += part.flops
@@ -366,13 +373,13 @@ class GemmTracer(TorchDispatchMode):
             phase = part.role
         elif any(s in _PHASE_SCOPES for s in self.scopes):
             phase = next(_PHASE_SCOPES[s] for s in reversed(self.scopes) if s in _PHASE_SCOPES)
+            if phase == "grad_weight" and weight is None:  # ∇W's operands hold no parameter
+                weight = self._gradient_of(module, out)
         elif weight is not None:
             phase = "grad_input"
         else:
-            grad_of = next((p for m in self._weight_holders(module)
-                            if (p := _weight_shaped_like(out, m)) is not None), None)
-            phase = "backward" if grad_of is None else "grad_weight"
-            weight = None if grad_of is None else self.taint(grad_of).param
+            weight = self._gradient_of(module, out)
+            phase = "backward" if weight is None else "grad_weight"
         formats = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
         kind = gemm_kind(formats)
         op = str(func.overloadpacket)

@@ -169,8 +169,9 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
 def panel_rows(kernels: Kernels, a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
     """Rows per panel of :func:`gemm`'s output, or None for one GEMM: a bf16 or float16
     output on the CPU of at least two panels of :data:`PANEL` elements, with float32 scales
-    and no offsets (what ``int8_epilogue_into`` writes over a panel's accumulator). A
-    panel has at least ``amx.MIN_ROWS`` rows (AMX's choice is per call)."""
+    and no offsets (what ``int8_epilogue_into`` writes over a panel's accumulator). The
+    panels split ``M`` evenly (:func:`_gemm_panels`), so each has at least the returned
+    number of rows, at least ``amx.MIN_ROWS`` (AMX's choice is per call)."""
     m, n = a.codes.shape[0], b.codes.shape[1]
     if out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
             or a.offset is not None or b.offset is not None \
@@ -194,8 +195,9 @@ def _gemm_panels(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | 
         return gemm(kernels, a, b, bias, out_dtype, panels=False)
     out = torch.empty(m, n, dtype=out_dtype, device=a.codes.device)
     per_row = a_scale.shape[0] != 1
-    for i in range(0, m, rows):
-        j = min(m, i + rows)
+    count = m // rows  # panels of ⌊m/count⌋ or ⌈m/count⌉ ≥ rows rows: no short last one
+    for t in range(count):
+        i, j = m * t // count, m * (t + 1) // count
         with scope("lowbit::gemm"):
             acc = int_mm(a.codes[i:j], b.codes)
         with scope("lowbit::epilogue"):

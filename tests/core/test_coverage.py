@@ -90,6 +90,24 @@ def test_mlp_psq8_auto_runs_every_gemm_on_int8() -> None:
     assert rep.real_share == 1.0 and rep.simulated_share == 0.0 and rep.float_reasons() == []
 
 
+def test_bf16_model_gemms_in_row_panels_keep_their_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 model's GEMMs run in row panels (``lowbit.kernels.int8.gemm``: several
+    ``_int_mm`` calls, none with ∇W's weight-shaped output): still one int8 group per
+    pass, each with the whole GEMM's FLOPs — ∇W labelled ``grad_weight`` by its scope."""
+    from lowbit.kernels import amx, int8
+
+    monkeypatch.setattr(amx, "MIN_ROWS", 16)
+    monkeypatch.setattr(int8, "PANEL", 32 * 40)  # panels of ≥ 32 rows for 40 columns
+    torch.manual_seed(0)
+    model = converted(nn.Sequential(nn.Linear(40, 96)).bfloat16(), "fqt-psq-8")
+    x = torch.randn(150, 40, dtype=torch.bfloat16, requires_grad=True)
+    rep = coverage(model, x, loss_fn=lambda out: out.float().square().mean())
+    gemm = 2 * 150 * 40 * 96
+    assert by_gemm(rep) == {("0", p): (gemm, "int8", INT8) for p in ("forward", "grad_input", "grad_weight")}
+    # panels of ⌊m / max(16, ⌊⌊PANEL/n⌋/16⌋·16)⌋: Y (150 × 96) 9, ∇X (150 × 40) 4, ∇W (96 × 40) 3
+    assert {r.phase: r.calls for r in rep.rows} == {"forward": 9, "grad_input": 4, "grad_weight": 3}
+
+
 def test_first_layer_without_input_grad_has_two_gemms() -> None:
     rep = mlp_step(converted(mlp(), "fqt-psq-8"), input_grad=False)
     expected = mlp_expected("int8", INT8)
