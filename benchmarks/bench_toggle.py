@@ -52,12 +52,13 @@ Toggles (each is "on" as lowbit ships it):
                glibc's steady-state defaults (blocks ≥ 32 MiB mapped fresh, freed memory
                trimmed: ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 64 MiB, then
                ``malloc_trim(0)``). Affects every mode, baselines included: run it on each
-  narrow-output  a bf16/float16 GEMM output (under autocast) by row panels of its int32
-               accumulator (``lowbit.kernels.int8.PANEL``), and a bf16/float16 ∇Y's bias
-               gradient upcast in pieces (``lowbit.functional.BIAS_CHUNK``); off: one whole
-               accumulator, one float32 copy of ∇Y (the same GEMM values; the bias sum in
-               another order, equal to float32 rounding; the memory is ``bench_step.py``'s
-               peak MB)
+  bias-pieces  a bf16/float16 ∇Y's bias gradient upcast in pieces
+               (``lowbit.functional.BIAS_CHUNK``); off: one float32 copy of ∇Y (the bias
+               sum in another order, equal to float32 rounding; the memory is
+               ``bench_step.py``'s peak MB)
+  gemm-panels  a bf16/float16 GEMM output by row panels of 2²⁰ elements of its int32
+               accumulator; off: one whole accumulator, as lowbit ships it
+               (``lowbit.kernels.int8.PANEL`` = 0; the same values)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
@@ -304,15 +305,21 @@ def _malloc() -> Callable[[bool], None]:
     return switch
 
 
-def _narrow_output() -> Callable[[bool], None]:
+def _bias_pieces() -> Callable[[bool], None]:
     import lowbit.functional as functional
-    from lowbit.kernels import int8
 
-    panel, chunk = int8.PANEL, functional.BIAS_CHUNK
+    chunk = functional.BIAS_CHUNK
 
     def switch(on: bool) -> None:
-        int8.PANEL = panel if on else 1 << 62  # one panel: never two, so one GEMM
-        functional.BIAS_CHUNK = chunk if on else 1 << 62
+        functional.BIAS_CHUNK = chunk if on else 1 << 62  # one piece: the whole ∇Y
+    return switch
+
+
+def _gemm_panels() -> Callable[[bool], None]:
+    from lowbit.kernels import int8
+
+    def switch(on: bool) -> None:
+        int8.PANEL = 1 << 20 if on else 0
     return switch
 
 
@@ -327,7 +334,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "workspace": _workspace, "bhq-groups": _bhq_groups,
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
-    "vnni-batched": _vnni_batched, "narrow-output": _narrow_output}
+    "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces,
+    "gemm-panels": _gemm_panels}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
 MAX_K = (2**31 - 1) // (128 * 128)  # 131071
 CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 == 0
 # Output elements per row panel of a CPU GEMM whose output is narrower than its int32
-# accumulator (bf16 or float16: a model under autocast, or a half-precision model): the
-# accumulator exists a panel (4 MB) at a time, not beside the whole output
-# (:func:`gemm`; measured: docs/benchmarks.md, "Peak memory under autocast").
-PANEL = 1 << 20
+# accumulator (bf16 or float16: a model under autocast, or a half-precision model), so
+# that the accumulator exists a panel at a time, not beside the whole output (:func:`gemm`).
+# Off (0) by default: 2**20 (4 MB panels) took the FFN's fqt-psq-8+bf16 peak from 50 to
+# 40 MB but its step 12% longer (docs/benchmarks.md, "Peak memory under autocast").
+PANEL = 0
 
 
 def available(device: torch.device | str) -> bool:
@@ -167,13 +168,14 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
 
 
 def panel_rows(kernels: Kernels, a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
-    """Rows per panel of :func:`gemm`'s output, or None for one GEMM: a bf16 or float16
-    output on the CPU of at least two panels of :data:`PANEL` elements, with float32 scales
+    """Rows per panel of :func:`gemm`'s output, or None for one GEMM: where :data:`PANEL`
+    is set (> 0; off by default), a bf16 or float16 output on the CPU of at least two
+    panels of :data:`PANEL` elements, with float32 scales
     and no offsets (what ``int8_epilogue_into`` writes over a panel's accumulator). The
     panels split ``M`` evenly (:func:`_gemm_panels`), so each has at least the returned
     number of rows, at least ``amx.MIN_ROWS`` (AMX's choice is per call)."""
     m, n = a.codes.shape[0], b.codes.shape[1]
-    if out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
+    if PANEL <= 0 or out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
             or a.offset is not None or b.offset is not None \
             or not a.scale.dtype == b.scale.dtype == torch.float32:
         return None
