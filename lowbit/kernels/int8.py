@@ -167,7 +167,7 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     return a_scale.double(), b_scale.double()
 
 
-def panel_rows(kernels: Kernels, a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
+def panel_rows(a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
     """Rows per panel of :func:`gemm`'s output, or None for one GEMM: where :data:`PANEL`
     is set (> 0; off by default), a bf16 or float16 output on the CPU of at least two
     panels of :data:`PANEL` elements, with float32 scales
@@ -215,7 +215,7 @@ def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
     output by row panels where :func:`panel_rows` says so (``panels=False``: never)."""
     from ..scopes import scope
 
-    rows = panel_rows(kernels, a, b, out_dtype) if panels else None
+    rows = panel_rows(a, b, out_dtype) if panels else None
     if rows is not None:
         return _gemm_panels(kernels, a, b, bias, out_dtype, rows)
     with scope("lowbit::gemm"):
