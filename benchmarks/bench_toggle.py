@@ -9,8 +9,10 @@ Toggles (each is "on" as lowbit ships it):
                and convolution layers and attention (∇O, ∇S); off: the two quantizer calls apart
   materialize  no zero gradients filled for the block op's saved codes and steps; off:
                autograd fills them (the behaviour before issue 14)
-  hadamard-fold  the Hadamard transform's signs folded into each block's matrix (one
-               batched GEMM); off: a sign pass and the block GEMM (bitwise the same)
+  hadamard-fwht  the Hadamard transform as butterflies (``lowbit.quantizers.hadamard.fwht``),
+               fused with the quantizer on lowbit's AVX-512 kernels; off: the transform before
+               it, one batched GEMM with each block's ``H·diag(s)``, written out, then the
+               quantizer (values differ by float rounding)
   amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds, and attention's
                batches of head products, on lowbit's AMX kernel (``lowbit.kernels.amx``);
                off: all on ``torch._int_mm`` (the same sums). Needs a CPU with AMX.
@@ -111,27 +113,40 @@ def _materialize() -> Callable[[bool], None]:
     return switch
 
 
-def _hadamard_fold() -> Callable[[bool], None]:
+def _hadamard_fwht() -> Callable[[bool], None]:
+    from lowbit.formats import compute_dtype
     from lowbit.quantizers import hadamard as had
+    from lowbit.quantizers.base import RowTransform, row_absmax
 
-    folded = had.BlockHadamard._apply
+    cls = had.BlockHadamard
+    fwht = (cls.forward, cls.forward_quantize, cls.inverse)
 
-    def apart(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:  # noqa: ANN001
-        """Before issue 14: a sign pass and ``H`` broadcast over the blocks."""
-        s = self.signs[:, None].to(x.dtype)
+    def gemm(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:  # noqa: ANN001
+        """Before 2026-12-03: ``H·diag(s_k)`` per block as one batched GEMM."""
         n, d = x.shape
-        if not inverse:
-            x = x * s
         blocks = x.reshape(n // self.block, self.block, d)
         if n and d and x.dtype == torch.float32:
-            amax = had.row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)
+            amax = row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)
             if bool((((amax > 0) & (amax < had._TINY)) | (amax > had._HUGE)).any()):
                 blocks = blocks.double()
-        y = torch.matmul(self.h.to(blocks.dtype), blocks).reshape(n, d)
-        return y * s.to(y.dtype) if inverse else y
+        dt = blocks.dtype
+        m = had.hadamard_matrix(self.block, x.device).to(dt) * self.signs.reshape(-1, 1, self.block).to(dt)
+        return torch.matmul(m.transpose(1, 2) if inverse else m, blocks).reshape(n, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x = x.to(compute_dtype(x.dtype))
+        pad = self.signs.shape[0] - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        return gemm(self, x, inverse=False)
+
+    def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,  # noqa: ANN001
+                overwrite: bool = False) -> torch.Tensor:
+        return gemm(self, y.to(compute_dtype(y.dtype)), inverse=True)[: self.n_rows].to(out_dtype)
 
     def switch(on: bool) -> None:
-        had.BlockHadamard._apply = folded if on else apart
+        cls.forward, cls.forward_quantize, cls.inverse = fwht if on else (
+            forward, RowTransform.forward_quantize, inverse)
     return switch
 
 
@@ -324,7 +339,7 @@ def _gemm_panels() -> Callable[[bool], None]:
 
 
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
-    "pair": _pair, "materialize": _materialize, "hadamard-fold": _hadamard_fold, "amx": _amx,
+    "pair": _pair, "materialize": _materialize, "hadamard-fwht": _hadamard_fwht, "amx": _amx,
     "amx-batched": _amx_batched,
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),

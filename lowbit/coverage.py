@@ -60,8 +60,8 @@ class GemmRow:
 @dataclass(frozen=True)
 class CoverageReport:
     """What one training step ran. FLOP counts are of GEMMs only (``2·m·k·n`` each);
-    ``quantizer_flops`` are the float GEMMs of lowbit's own quantizers (e.g. Hadamard
-    transforms), kept out of the shares; ``unaccounted`` lists matrix ops with no FLOP
+    ``quantizer_flops`` are the float GEMMs of lowbit's own quantizers (e.g. BHQ's group
+    sums), kept out of the shares; ``unaccounted`` lists matrix ops with no FLOP
     formula; ``never_called`` the converted layers whose forward never ran."""
 
     rows: tuple[GemmRow, ...]

@@ -26,7 +26,7 @@ nothing, and ``torch._int_mm``/``torch._scaled_mm`` are counted like any GEMM
 
 Where values come from is tracked per tensor: *param* (made from parameters only, named
 by the first), *data* (depends on the inputs) or *const*. GEMMs inside lowbit's
-``lowbit::transform``/``lowbit::quantize`` profiler scopes (e.g. the Hadamard transform)
+``lowbit::transform``/``lowbit::quantize`` profiler scopes (e.g. BHQ's group sums)
 are quantizer work, not model GEMMs: they are summed apart.
 """
 

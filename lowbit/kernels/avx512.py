@@ -53,6 +53,12 @@ tiles (float32 output; the compiled epilogue runs the rest).
 (padded, zero-inserted, or as the uint8 ``code + 128`` oneDNN's convolution reads),
 16 channels × 16 positions transposed in registers, where torch's strided copy moves one
 byte at a time: the bytes of :func:`lowbit.kernels.im2col.place_codes`.
+
+:func:`hadamard_forward_quantize` and :func:`hadamard_inverse` run the randomized block
+Hadamard quantizer's transform (:mod:`lowbit.quantizers.hadamard`: signs, then the fast
+Walsh–Hadamard butterflies) fused with the row quantizer, and its inverse on a GEMM's
+output: each block of rows read once into a per-thread tile buffer, the reference's
+floats bit for bit.
 """
 
 from __future__ import annotations
@@ -96,7 +102,11 @@ _SIGNATURES = {
     "lowbit_bhq_inverse_rows": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
+    "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
+                            _U32, _I, _F, _P, _P, _I],
+    "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
 }
+_RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int}
 # the operand dtypes the C code reads (each converted to float32 exactly, as the
 # reference's x.to(float32)), by the code it takes
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -120,7 +130,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "AVX-512 quantizer", _self_test,
-                                  "the reference quantizer")
+                                  "the reference quantizer", _RESTYPES)
 
 
 def available() -> bool:
@@ -789,6 +799,109 @@ def run_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v:
         return _bhq_inverse(_library(), y, dots, scale, v, group, overwrite, torch.get_num_threads())
 
 
+HADAMARD_MAX_BLOCK = 256  # the C kernel's HAD_MAX_B: a tile of b rows × 16 columns in registers/L1
+
+
+def _hadamard_block_ok(block: int, rows: int, n: int) -> bool:
+    return 0 < block <= HADAMARD_MAX_BLOCK and block & (block - 1) == 0 and rows % block == 0 and rows >= n
+
+
+def _plain_f32(t: torch.Tensor, n: int) -> bool:
+    return (type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+            and t.dtype == torch.float32 and tuple(t.shape) == (n,))
+
+
+def supports_hadamard(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float], fmt: Format,
+                      granularity: Granularity, rounding: Rounding, seed: torch.Tensor) -> bool:
+    """Whether :func:`hadamard_forward_quantize` takes this call: ``x`` (N, D) as
+    :func:`supports` with contiguous rows on a symmetric int8 grid, one scale per row,
+    ``m`` (rows,) float32 on the CPU, ``block`` a power of two ≤
+    :data:`HADAMARD_MAX_BLOCK` dividing ``rows ≥ N``."""
+    return (supports(x, fmt, granularity, rounding, seed) and _int_grid(fmt) and _rows_contiguous(x)
+            and granularity is Granularity.ROW
+            and _hadamard_block_ok(block, rows, x.shape[0]) and _plain_f32(m, rows))
+
+
+def _had_status(status: int) -> bool:
+    """Whether a Hadamard kernel's result stands: 0 yes, 1 a wide block (the reference
+    runs instead), -1 ``MemoryError`` (its tile buffer)."""
+    if status < 0:
+        raise MemoryError("lowbit's AVX-512 Hadamard kernel could not allocate its tile buffer")
+    return status == 0
+
+
+@torch.compiler.disable
+def _hadamard_quantize(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
+                       wide: tuple[float, float], fmt: Format, granularity: Granularity, rounding: Rounding,
+                       seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    n, d = x.shape
+    qmax = float(fmt.emax)
+    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
+    step = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
+    codes = torch.empty(rows, d, dtype=torch.int8, device="cpu")
+    status = lib.lowbit_had_quantize(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,
+                                     m.contiguous().data_ptr(), *wide, q_hi, 1.0 / q_hi, _seed(seed, rounding),
+                                     int(rounding is Rounding.STOCHASTIC), qmax, step.data_ptr(), codes.data_ptr(),
+                                     threads)
+    return (codes, step) if _had_status(status) else None
+
+
+def hadamard_forward_quantize(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float],
+                              fmt: Format,
+                              granularity: Granularity, rounding: Rounding, seed: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, None, None] | None:
+    """The randomized block Hadamard transform and the quantizer in one pass pair
+    (``lowbit.quantizers.hadamard``'s ``_forward_quantize``; ``T x`` is never written to
+    memory):
+    ``x`` (N, D) zero-padded to ``rows`` rows, each row times ``m[r]`` (its sign times
+    ``1/√block``), the Walsh–Hadamard butterflies on each ``block`` rows, then
+    :func:`quantize`'s arithmetic → ``(codes (rows, D) int8, step, None, None)``,
+    bitwise the reference's; ``None`` where a block of ``b`` rows of ``x`` has its largest
+    magnitude above ``wide[0]`` or in ``(0, wide[1])`` (the reference then transforms in
+    float64). Each block of rows is read once into a per-thread buffer of 16-column tiles
+    (``block`` × D floats, in L2 at GEMM widths), transformed and quantized there.
+    ``MemoryError`` if that buffer cannot be allocated; ``RuntimeError`` where :func:`supports_hadamard` is false."""
+    _check("hadamard_forward_quantize", supports_hadamard(x, m, rows, block, wide, fmt, granularity, rounding, seed),
+           f"{fmt.name}, {x.dtype} {tuple(x.shape)} {tuple(x.stride())} strides, block {block}, {rows} rows")
+    with scope("lowbit::avx512_hadamard_quantize"):
+        out = _hadamard_quantize(_library(), x, m, rows, block, wide, fmt, granularity, rounding, seed,
+                                 torch.get_num_threads())
+    return None if out is None else (out[0], out[1], None, None)
+
+
+def supports_hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int) -> bool:
+    """Whether :func:`hadamard_inverse` takes this call: float32 ``y`` (rows, D) with
+    contiguous rows, ``D > 0``, ``signs`` (rows,) float32, ``block`` as
+    :func:`supports_hadamard`'s, ``n_out ≤ rows``, plain CPU tensors outside autograd
+    recording and tracing."""
+    return (y.dim() == 2 and y.dtype == torch.float32 and y.shape[1] > 0 and _rows_contiguous(y)
+            and _readable(y, (torch.float32,)) and _plain_f32(signs, y.shape[0])
+            and _hadamard_block_ok(block, y.shape[0], n_out) and _enabled and available())
+
+
+@torch.compiler.disable
+def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, block: int, c: float,
+                      wide: tuple[float, float], n_out: int, threads: int) -> torch.Tensor | None:
+    rows, d = y.shape
+    out = torch.empty(n_out, d, dtype=torch.float32, device="cpu")
+    status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, y.stride(0) if rows > 1 else d, block, c,
+                                    signs.contiguous().data_ptr(), *wide, out.data_ptr(), n_out, d, threads)
+    return out if _had_status(status) else None
+
+
+def hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, c: float, wide: tuple[float, float],
+                     n_out: int) -> torch.Tensor | None:
+    """``T⁻¹ y = D·H y`` of a float32 (rows, D) ``y``, its first ``n_out`` rows as a new
+    float32 tensor: each row times ``c`` (the float32 ``1/√block``), the butterflies,
+    then times its sign — bitwise ``lowbit.quantizers.hadamard``'s ``_inverse``; ``None``
+    where a block of ``y`` is wide (as :func:`hadamard_forward_quantize`'s: the reference
+    then runs in float64). ``RuntimeError`` where :func:`supports_hadamard_inverse` is false."""
+    _check("hadamard_inverse", supports_hadamard_inverse(y, signs, block, n_out),
+           f"{y.dtype} {tuple(y.shape)} {tuple(y.stride())} strides, block {block}, {n_out} rows out")
+    with scope("lowbit::avx512_hadamard_inverse"):
+        return _hadamard_inverse(_library(), y, signs, block, c, wide, n_out, torch.get_num_threads())
+
+
 def _self_test(lib: ctypes.CDLL) -> bool:
     """The kernel's codes and steps equal the reference's: random rows with tails, an
     all-zero row, NaN and ±Inf rows, float32, bfloat16 and float16, row-major and
@@ -823,7 +936,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                         return False
     return _steps_self_test(lib) and _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) \
         and _epilogue_self_test(lib) and _epilogue_rows_self_test(lib) and _bhq_self_test(lib, x) \
-        and _place_self_test(lib)
+        and _place_self_test(lib) and _hadamard_self_test(lib, x)
 
 
 def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
@@ -1027,6 +1140,49 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             got = _bhq_inverse(lib, y, dots if y.shape == x.shape else dots[:, 1:], scale, v, group, overwrite, threads)
             if not _same(got, ref) or (overwrite and got.data_ptr() != y.data_ptr()):
                 return False
+    return True
+
+
+def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """The Hadamard transform-and-quantize and its inverse against
+    ``hadamard._forward_quantize`` and ``hadamard._inverse``: blocks of 1 to 128 rows,
+    padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic and nearest,
+    one thread and two; and the fallback signal for a huge element and a tiny block."""
+    from ..formats import parse_format
+    from ..quantizers.hadamard import WIDE, _c, _forward_quantize, _inverse
+
+    g = torch.Generator().manual_seed(7)
+    finite = x.nan_to_num(posinf=1e3, neginf=-1e3)  # (37, 53) with a NaN and tails
+    seed = torch.tensor(0x9E3779B9, device="cpu")
+    for a, block in ((finite, 64), (finite[:33, 1:], 8), (finite[:3], 4), (finite[:1], 1),
+                     (finite.bfloat16(), 128), (finite[:30], 2)):
+        rows = -(-a.shape[0] // block) * block
+        signs = (torch.randint(0, 2, (rows,), generator=g, device="cpu") * 2 - 1).float()
+        m = signs * _c(block, torch.float32, signs.device)
+        for fmt in (parse_format("int8"), parse_format("int4")):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                want = _forward_quantize(a, signs, block, fmt, Granularity.ROW, rnd, seed)
+                for threads in (1, 2):
+                    got = _hadamard_quantize(lib, a, m, rows, block, WIDE, fmt, Granularity.ROW, rnd, seed,
+                                             threads)
+                    if got is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1])):
+                        return False
+        y = torch.randn(rows, 21, generator=g, dtype=torch.float32, device="cpu")
+        c = float(_c(block, torch.float32, signs.device))
+        for n_out in (a.shape[0], rows):
+            want_inv = _inverse(y, signs, block, n_out, torch.float32)
+            for threads in (1, 2):
+                got_inv = _hadamard_inverse(lib, y, signs, block, c, WIDE, n_out, threads)
+                if got_inv is None or not _same(got_inv, want_inv):
+                    return False
+    signs = torch.ones(64, dtype=torch.float32, device="cpu")
+    for bad in (float("inf"), 2.0**101, 1e-20):  # a huge element, and a tiny block
+        big = finite.clone() if bad > 1 else torch.full_like(finite, 1e-21)
+        big[4, 4] = bad
+        if _hadamard_quantize(lib, big, signs, 64, 64, WIDE, parse_format("int8"), Granularity.ROW,
+                              Rounding.NEAREST, seed, 1) is not None \
+                or _hadamard_inverse(lib, torch.cat([big, big[:27]]), signs, 64, 0.125, WIDE, 64, 2) is not None:
+            return False
     return True
 
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 Warn = Callable[[str, "str | None"], None]
@@ -148,16 +149,17 @@ def self_tested(test: Callable[[], bool], warn: Warn, what: str, against: str) -
 
 
 def load_tested(source: Path, flags: Sequence[str], signatures: dict[str, list], warn: Warn, what: str,
-                test: Callable[[ctypes.CDLL], bool], against: str) -> ctypes.CDLL | None:
+                test: Callable[[ctypes.CDLL], bool], against: str,
+                restypes: dict[str, Any] | None = None) -> ctypes.CDLL | None:
     """:func:`load`, then each function of ``signatures`` (name → ctypes argument types;
-    they return nothing) declared, then :func:`self_tested` with ``test(lib)``: the
-    library, or ``None`` after a warning."""
+    they return nothing unless ``restypes`` names their ctypes result type) declared, then
+    :func:`self_tested` with ``test(lib)``: the library, or ``None`` after a warning."""
     lib = load(source, flags, warn, what)
     if lib is None:
         return None
     for name, args in signatures.items():
         fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, args
+        fn.restype, fn.argtypes = (restypes or {}).get(name), args
     return lib if self_tested(lambda: test(lib), warn, what, against) else None
 
 

@@ -640,3 +640,159 @@ void lowbit_epilogue_rows(int32_t *acc, int64_t rows, int64_t m, int64_t n, cons
         }
     }
 }
+
+/* ---- the randomized block Hadamard transform (lowbit.quantizers.hadamard) --------------------
+ * T x = H D x on blocks of b consecutive rows (b a power of two <= HAD_MAX_B; rows >= n are
+ * zero): each row times m[r] = s_r * c (s_r = +-1, c = float32(1/sqrt(b)): an exact sign flip
+ * of one IEEE product), then the butterflies for h = 1, 2, ..., b/2: rows j, j + h of each
+ * 2h-row group -> (u_j + u_{j+h}, u_j - u_{j+h}), IEEE float32 additions in the order of the
+ * reference (lowbit.quantizers.hadamard.fwht): bit for bit its values. The inverse
+ * T^-1 y = D H y: y times c, the butterflies, then the sign. The reference transforms in
+ * float64 when a block's largest magnitude (NaN if it holds a NaN) is above huge or in
+ * (0, tiny); the functions return 1 then (their output is not the reference's), and the
+ * caller runs the reference.
+ *
+ * Memory: a block's b rows sit at one power-of-two stride apart, so the 16-column tiles of
+ * all b rows map to one L1 set and evict each other. Each block is therefore first read
+ * row by row (one sequential stream) into a per-thread buffer of 16-column tiles (tile t,
+ * row i at buf[t * (b + 1) + i]: the padding spreads a row's tiles over the sets), the
+ * butterflies run on each tile there, and the result leaves row by row again (the codes,
+ * or the inverse's rows). The buffer (b x cols floats: 1 MB at 64 x 4096) stays in L2. */
+#define HAD_MAX_B 256
+
+static inline void fwht16(__m512 *u, int64_t b) {
+    for (int64_t h = 1; h < b; h <<= 1)
+        for (int64_t i = 0; i < b; i += 2 * h)
+            for (int64_t j = i; j < i + h; j++) {
+                const __m512 a = u[j], c = u[j + h];
+                u[j] = _mm512_add_ps(a, c);
+                u[j + h] = _mm512_sub_ps(a, c);
+            }
+}
+
+/* Block b rows from row r0 of x (n rows of type dtype, row stride ld; rows >= n zero) into
+ * buf, each element times mul[r] (mul NULL: times c), then the butterflies on every tile.
+ * Returns whether the block is wide (module comment). */
+static int had_block(const void *x, int dtype, int64_t n, int64_t ld, int64_t cols, int64_t r0, int64_t b,
+                     const float *mul, float c, float huge, float tiny, __m512 *buf) {
+    const int64_t tiles = (cols + 15) / 16, ts = b + 1;
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < b; i++) {
+        const int64_t r = r0 + i;
+        const __m512 f = _mm512_set1_ps(mul ? mul[r] : c);
+        for (int64_t t = 0; t < tiles; t++) {
+            const __mmask16 k = tail_mask(cols - 16 * t);
+            const __m512 v = r < n ? load16(x, r * ld + 16 * t, k, dtype) : _mm512_setzero_ps();
+            const __m512 a = _mm512_abs_ps(v);
+            nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+            mx = _mm512_max_ps(mx, a);
+            buf[t * ts + i] = _mm512_mul_ps(v, f);
+        }
+    }
+    for (int64_t t = 0; t < tiles; t++) fwht16(buf + t * ts, b);
+    if (nan) return 0;  /* the block's amax is NaN: no comparison holds */
+    const float m = _mm512_reduce_max_ps(mx);
+    return m > huge || (m > 0.0f && m < tiny);
+}
+
+/* What a caller does with a transformed block (rows r0 .. r0 + b - 1, tiles in buf). */
+typedef void (*HadEmit)(const void *ctx, int64_t r0, int64_t b, int64_t cols, const __m512 *buf);
+
+/* Every block of b rows of x (rows, a multiple of b) through had_block and emit, the blocks
+ * spread over the threads, each thread with its own tile buffer. Returns had_block's wide
+ * flag over all blocks, or -1 if a buffer could not be allocated. */
+static int had_blocks(const void *x, int dtype, int64_t n, int64_t rows, int64_t cols, int64_t ld, int64_t b,
+                      const float *mul, float c, float huge, float tiny, HadEmit emit, const void *ctx,
+                      int threads) {
+    int wide = 0, oom = 0;
+#pragma omp parallel num_threads(threads) reduction(| : wide, oom)
+    {
+        __m512 *buf = (__m512 *)aligned_alloc(64, (size_t)((cols + 15) / 16) * (size_t)(b + 1) * sizeof(__m512));
+        if (!buf) oom = 1;
+#pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < rows; r0 += b) {
+            if (!buf) continue;
+            wide |= had_block(x, dtype, n, ld, cols, r0, b, mul, c, huge, tiny, buf);
+            emit(ctx, r0, b, cols, buf);
+        }
+        free(buf);
+    }
+    return oom ? -1 : wide;
+}
+
+typedef struct {
+    double q_hi, inv;
+    uint32_t seed;
+    int sr;
+    float emax;
+    float *step;
+    int8_t *codes;
+} HadCodes;
+
+/* each row's step (grid_steps' arithmetic) and codes from the block's tiles */
+static void had_emit_codes(const void *ctx, int64_t r0, int64_t b, int64_t cols, const __m512 *buf) {
+    const HadCodes *q = (const HadCodes *)ctx;
+    const __m512i lane = _mm512_loadu_si512(LANES), vseed = _mm512_set1_epi32((int)q->seed);
+    const __m512 vemax = _mm512_set1_ps(q->emax);
+    const int64_t tiles = (cols + 15) / 16, ts = b + 1;
+    for (int64_t i = 0; i < b; i++) {
+        const int64_t r = r0 + i;
+        __m512 mx = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t t = 0; t < tiles; t++) {
+            const __m512 a = _mm512_maskz_mov_ps(tail_mask(cols - 16 * t), _mm512_abs_ps(buf[t * ts + i]));
+            mx = _mm512_max_ps(mx, a);
+            nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        }
+        const float amax = nan ? NAN : _mm512_reduce_max_ps(mx);
+        q->step[r] = grid_step1(amax, q->q_hi, q->inv);
+        const __m512 vd = _mm512_set1_ps(amax == 0.0f ? 1.0f : q->step[r]);
+        const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
+        for (int64_t t = 0; t < tiles; t++) {
+            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)(16 * t))), lane);
+            _mm_mask_storeu_epi8(q->codes + r * cols + 16 * t, tail_mask(cols - 16 * t),
+                                 codes16(buf[t * ts + i], vd, idx, vseed, q->sr, vemax));
+        }
+    }
+}
+
+/* codes (rows, cols) row-major of T x, x (n, cols) with row stride ld, rows a multiple of b,
+ * and each row's step (grid_steps' arithmetic, q_hi and inv as there) into step (rows);
+ * stochastic rounding (sr) with the element indices of the (rows, cols) shape. Returns 1
+ * where a block is wide (the outputs are then not the reference's), -1 if out of memory. */
+int lowbit_had_quantize(const void *x, int dtype, int64_t n, int64_t rows, int64_t cols, int64_t ld, int64_t b,
+                        const float *m, float huge, float tiny, double q_hi, double inv, uint32_t seed, int sr,
+                        float emax, float *step, int8_t *codes, int threads) {
+    const HadCodes q = {q_hi, inv, seed, sr, emax, step, codes};
+    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_codes, &q, threads);
+}
+
+typedef struct {
+    const float *s;
+    float *out;
+    int64_t n_out, ldo;
+} HadRowsOut;
+
+/* the block's rows below n_out, each times its sign */
+static void had_emit_rows(const void *ctx, int64_t r0, int64_t b, int64_t cols, const __m512 *buf) {
+    const HadRowsOut *o = (const HadRowsOut *)ctx;
+    const int64_t tiles = (cols + 15) / 16, ts = b + 1;
+    for (int64_t i = 0; i < b && r0 + i < o->n_out; i++) {
+        const __m512 vs = _mm512_set1_ps(o->s[r0 + i]);
+        float *row = o->out + (r0 + i) * o->ldo;
+        for (int64_t t = 0; t < tiles; t++)
+            _mm512_mask_storeu_ps(row + 16 * t, tail_mask(cols - 16 * t), _mm512_mul_ps(buf[t * ts + i], vs));
+    }
+}
+
+/* out[r, :] = (T^-1 y)[r, :] for r < n_out: y (rows, cols) float32 (rows a multiple of b, row
+ * stride ldy), each row times c, the butterflies, then times s[r] (+-1); out (n_out, cols),
+ * row stride ldo, not y. Returns 1 where a block of y is wide (out is then not the
+ * reference's), -1 if out of memory. */
+int lowbit_had_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, int64_t b, float c,
+                       const float *s, float huge, float tiny, float *out, int64_t n_out, int64_t ldo,
+                       int threads) {
+    const HadRowsOut o = {s, out, n_out, ldo};
+    return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, threads);
+}

@@ -10,6 +10,19 @@ and the rounding variance is carried back unchanged in total.
 It spreads an outlier row over its block. Since rows are the non-summed dimension
 (samples on the ∇X path, output features on the ∇W path), the inverse is applied to the
 GEMM's output rows and the integer GEMM stays exact.
+
+The arithmetic (the reference, :func:`_forward` and :func:`_inverse`; the AVX-512 kernels
+of :mod:`lowbit.kernels.avx512` compute the same floats): ``T x`` multiplies each row by
+``s_r·c`` (``c`` = ``1/√b`` rounded to the compute dtype: exact for ``b`` a power of four,
+as 64), then runs the ``log₂ b`` butterfly stages of the fast Walsh–Hadamard transform
+(:func:`fwht`: rows ``j`` and ``j + h`` of each ``2h`` rows become their sum and difference,
+``h = 1, 2, …, b/2``): ``b·log₂ b`` additions per column of a block instead of the ``b²``
+multiply-adds of a matrix product (the product is the Sylvester matrix
+:func:`hadamard_matrix`, up to float rounding). ``T⁻¹ y`` multiplies by ``c``, runs the
+butterflies, then multiplies by the signs. A float32 operand with a block whose largest
+magnitude is above :data:`_HUGE` (Inf included: a sum of ``b`` values could overflow) or
+in ``(0, _TINY)`` (``c·x`` would round subnormal values, and the quantizer's unbiasedness
+would be lost to it) is transformed in float64 and stays float64.
 """
 
 from __future__ import annotations
@@ -18,16 +31,19 @@ import math
 
 import torch
 
-from ..formats import AnyFormat, compute_dtype, parse_format
-from ..kernels import Kernels
-from .base import GradQuantizer, Granularity, RowTransform, row_absmax
+from ..formats import AnyFormat, Format, Granularity, Rounding, compute_dtype, parse_format
+from ..kernels import Impl, Kernels, avx512, kernels_for, reference, register
+from ..kernels.encoded import Encoded
+from ..scopes import scope
+from .base import GradQuantizer, RowTransform
 
 DEFAULT_BLOCK = 64
-# float32 blocks whose largest value is below _TINY (float32 BLAS kernels may flush
-# subnormal products to zero) or above _HUGE (a sum of b values of up to max/√b each can
-# overflow) are transformed in float64, and the transformed operand stays float64.
+# a float32 operand with a block of largest magnitude above _HUGE (a sum of b values of up
+# to max/√b each can overflow float32) or in (0, _TINY) (subnormal products round) is
+# transformed in float64
 _TINY = 2.0**-60
 _HUGE = 2.0**100
+WIDE = (_HUGE, _TINY)  # the AVX-512 kernels' check of the same rule
 
 
 def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
@@ -45,43 +61,125 @@ def block_size_for(n_rows: int, block: int) -> int:
     return min(block, 1 << max(n_rows - 1, 0).bit_length())
 
 
+def fwht(u: torch.Tensor) -> torch.Tensor:
+    """The unnormalised Walsh–Hadamard transform along dim 1 of ``u`` (nb, b, D), ``b`` a
+    power of two: ``log₂ b`` butterfly stages, ``h = 1, 2, …, b/2``, each mapping rows
+    ``(j, j + h)`` of every ``2h`` rows to ``(u_j + u_{j+h}, u_j − u_{j+h})`` — the
+    product with the unnormalised Sylvester matrix ``√b·H_b``, in this order of additions
+    (the order the AVX-512 kernel follows). A new (nb, b, D) tensor."""
+    nb, b, d = u.shape
+    h = 1
+    while h < b:
+        v = u.reshape(nb, b // (2 * h), 2, h, d)
+        a, c = v[:, :, 0], v[:, :, 1]
+        u = torch.stack((a + c, a - c), dim=2).reshape(nb, b, d)
+        h *= 2
+    return u
+
+
+def _c(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``1/√b`` rounded to ``dtype``."""
+    return torch.tensor(1.0 / math.sqrt(b), dtype=dtype, device=device)
+
+
+def _wide(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` (rows, D) in float64 where it is float32 with a block of ``block`` rows whose
+    largest magnitude (NaN if it holds a NaN) is above :data:`_HUGE` or in (0, :data:`_TINY`)."""
+    if x.dtype == torch.float32 and x.numel():
+        amax = x.abs().reshape(-1, block * x.shape[1]).amax(dim=1)
+        if bool((((amax > 0) & (amax < _TINY)) | (amax > _HUGE)).any()):
+            return x.double()
+    return x
+
+
+def _forward(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """``T x`` (rows, D) of ``x`` (N, D), ``rows = len(signs)``: the module docstring's
+    arithmetic, in ``x``'s compute dtype (float64 for a wide block: :func:`_wide`)."""
+    x = x.to(compute_dtype(x.dtype))
+    rows, (n, d) = signs.shape[0], x.shape
+    if rows > n:
+        x = torch.cat([x, x.new_zeros(rows - n, d)])
+    x = _wide(x, block)
+    m = signs.to(x.dtype) * _c(block, x.dtype, x.device)  # s_r·c: an exact sign flip
+    return fwht((x * m[:, None]).reshape(rows // block, block, d)).reshape(rows, d)
+
+
+def _forward_quantize(x: torch.Tensor, signs: torch.Tensor, block: int, fmt: Format,
+                      granularity: Granularity, rounding: Rounding, seed: torch.Tensor) -> tuple:
+    """``T x`` (:func:`_forward`) quantized (:func:`lowbit.kernels.reference.quantize`)."""
+    return reference.quantize(_forward(x, signs, block), fmt, granularity, rounding, seed)
+
+
+def _native_forward_quantize(x: torch.Tensor, signs: torch.Tensor, block: int, fmt: Format,
+                             granularity: Granularity, rounding: Rounding, seed: torch.Tensor) -> tuple:
+    """:func:`_forward_quantize` on the AVX-512 kernel (``T x`` never written), the
+    reference where a block is transformed in float64 (module docstring)."""
+    m = signs * _c(block, torch.float32, signs.device)
+    out = avx512.hadamard_forward_quantize(x, m, signs.shape[0], block, WIDE, fmt, granularity, rounding, seed)
+    return _forward_quantize(x, signs, block, fmt, granularity, rounding, seed) if out is None else out
+
+
+def _native_forward_quantize_ok(x: torch.Tensor, signs: torch.Tensor, block: int, fmt: Format,
+                                granularity: Granularity, rounding: Rounding, seed: torch.Tensor) -> bool:
+    return signs.dtype == torch.float32 and avx512.supports_hadamard(
+        x, signs, signs.shape[0], block, WIDE, fmt, granularity, rounding, seed)
+
+
+def _inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``T⁻¹ y`` of ``y`` (rows, D), its first ``n_out`` rows as ``out_dtype``: the module
+    docstring's arithmetic in ``y``'s compute dtype (float64 for a wide block: :func:`_wide`)."""
+    y = _wide(y.to(compute_dtype(y.dtype)), block)
+    rows, d = y.shape
+    u = fwht((y * _c(block, y.dtype, y.device)).reshape(rows // block, block, d)).reshape(rows, d)
+    return (u * signs.to(y.dtype)[:, None])[:n_out].to(out_dtype)
+
+
+def _native_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_inverse` on the AVX-512 kernel, the reference where a block is
+    transformed in float64 (module docstring)."""
+    out = avx512.hadamard_inverse(y, signs, block, _c(block, torch.float32, y.device).item(), WIDE, n_out)
+    return _inverse(y, signs, block, n_out, out_dtype) if out is None else out.to(out_dtype)
+
+
+def _native_inverse_ok(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int,
+                       out_dtype: torch.dtype) -> bool:
+    return avx512.supports_hadamard_inverse(y, signs, block, n_out)
+
+
+register("hadamard_forward", Impl.REFERENCE, _forward)
+register("hadamard_forward_quantize", Impl.REFERENCE, _forward_quantize)
+register("hadamard_forward_quantize", Impl.NATIVE, _native_forward_quantize, ("cpu",), _native_forward_quantize_ok)
+register("hadamard_inverse", Impl.REFERENCE, _inverse)
+register("hadamard_inverse", Impl.NATIVE, _native_inverse, ("cpu",), _native_inverse_ok)
+
+
 class BlockHadamard(RowTransform):
-    def __init__(self, signs: torch.Tensor, n_rows: int, block: int, kernels: Kernels | None = None,
-                 h: torch.Tensor | None = None):
+    def __init__(self, signs: torch.Tensor, n_rows: int, block: int, kernels: Kernels | None = None):
         self.signs = signs  # (N_padded,) ±1 float32
         self.n_rows = n_rows
         self.block = block
         self.kernels = kernels
-        self.h = hadamard_matrix(block, signs.device) if h is None else h
 
-    def _apply(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-        """``H·D x`` (``inverse``: ``D·H x``) block by block, ``D`` the signs, in ``x``'s
-        dtype, or in float64 (and returned as float64) for a float32 ``x`` with blocks
-        outside [_TINY, _HUGE]. The signs are folded into each block's matrix
-        (``H·diag(s_k)``, or its transpose ``diag(s_k)·H``: exact sign flips), so one
-        batched GEMM does the block's work; the sums are bitwise those of multiplying by
-        the signs apart (negating terms negates a rounded sum exactly)."""
-        n, d = x.shape
-        blocks = x.reshape(n // self.block, self.block, d)  # (nb, b, D)
-        if n and d and x.dtype == torch.float32:
-            amax = row_absmax(x, self.kernels).reshape(-1, self.block).amax(dim=1)  # (nb,)
-            if bool((((amax > 0) & (amax < _TINY)) | (amax > _HUGE)).any()):
-                blocks = blocks.double()
-        dt = blocks.dtype
-        m = self.h.to(dt) * self.signs.reshape(-1, 1, self.block).to(dt)  # (nb, b, b): H·diag(s_k)
-        return torch.matmul(m.transpose(1, 2) if inverse else m, blocks).reshape(n, d)
+    def _k(self, x: torch.Tensor) -> Kernels:
+        return self.kernels or kernels_for("reference", x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(compute_dtype(x.dtype))
-        pad = self.signs.shape[0] - x.shape[0]
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return self._apply(x, inverse=False)
+        return self._k(x).run("hadamard_forward", x, self.signs, self.block)
+
+    def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
+                         rounding: Rounding, seed: torch.Tensor) -> Encoded:
+        if x.numel() == 0:
+            return super().forward_quantize(x, fmt, granularity, rounding, seed)
+        k = self._k(x)
+        with scope("lowbit::quantize"):
+            codes, scale, offset, bs = k.run("hadamard_forward_quantize", x, self.signs, self.block, fmt,
+                                             granularity, rounding, seed)
+        return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> torch.Tensor:
-        y = y.to(compute_dtype(y.dtype))
-        return self._apply(y, inverse=True)[: self.n_rows].to(out_dtype)
+        return self._k(y).run("hadamard_inverse", y, self.signs, self.block, self.n_rows, out_dtype)
 
     def within_entries(self, rows: int) -> bool:
         """Blocks of ``block`` rows never cross an entry of ``rows`` rows when ``block``
@@ -93,7 +191,7 @@ class BlockHadamard(RowTransform):
             raise ValueError(f"rows {lo}:{hi} are not a range within the transform's {self.n_rows} rows")
         if lo % self.block or hi % self.block:
             raise ValueError(f"rows {lo}:{hi} do not start and end on blocks of {self.block} rows")
-        return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels, self.h)
+        return BlockHadamard(self.signs[lo:hi], hi - lo, self.block, self.kernels)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Every entry of H is ±1/√b: each output row gets the block's mean variance.

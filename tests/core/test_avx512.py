@@ -148,6 +148,68 @@ def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtyp
 
 
 @needs_avx512
+@needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5), (3, 17), (64, 16), (100, 33), (300, 513), (256, 1024)])
+def test_hadamard_kernels_bitwise_the_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """The Hadamard quantizer on the AVX-512 kernels (the butterflies fused with the
+    quantizer, and the inverse) against the same calls on the reference kernels: codes,
+    steps and inverse bitwise equal — padded rows (100, 3 rows), blocks of 1 to 64 rows,
+    row-strided views, int8 and int4, stochastic and nearest, NaN rows — and both
+    kernels run (the dispatcher does not fall back)."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    full = _operand((shape[0], shape[1] + 3), g)
+    full[min(2, shape[0] - 1), 1] = float("nan")
+    x = full[:, 2:2 + shape[1]].to(dtype)  # a row-strided view
+    ran = {"quantize": 0, "inverse": 0}
+    real_q, real_i = avx512.hadamard_forward_quantize, avx512.hadamard_inverse
+
+    def count(name, fn):  # noqa: ANN001, ANN202
+        def wrapped(*a):  # noqa: ANN002, ANN202
+            ran[name] += 1
+            return fn(*a)
+        return wrapped
+    avx512.hadamard_forward_quantize = count("quantize", real_q)
+    avx512.hadamard_inverse = count("inverse", real_i)
+    try:
+        for fmt in (FORMATS[2], FORMATS[4]):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                q = had.Hadamard()
+                want = q.quantize(x, fmt, torch.Generator().manual_seed(3), rnd, Backend.REFERENCE)
+                got = q.quantize(x, fmt, torch.Generator().manual_seed(3), rnd, Backend.AUTO)
+                assert torch.equal(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+                y = torch.randn(got.codes.shape[0], 40, generator=g)
+                assert avx512._same(got.inverse(y), want.inverse(y))
+    finally:
+        avx512.hadamard_forward_quantize, avx512.hadamard_inverse = real_q, real_i
+    assert ran == {"quantize": 4, "inverse": 4}
+
+
+@needs_avx512
+@pytest.mark.parametrize("bad", [float("inf"), 2.0**101, 1e-30], ids=["inf", "huge", "tiny"])
+def test_hadamard_kernels_hand_wide_blocks_to_the_float64_reference(bad: float) -> None:
+    """A block the reference transforms in float64 (largest magnitude above 2¹⁰⁰ or in
+    (0, 2⁻⁶⁰)) is detected by the kernels themselves and computed by the reference: the
+    same float64 steps and inverse as ``backend="reference"``."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(130, 70, generator=g)
+    if bad < 1:
+        x[64:128] = 1e-31  # one whole block tiny
+    x[70, 3] = bad
+    q = had.Hadamard()
+    want = q.quantize(x, "int8", torch.Generator().manual_seed(2), backend=Backend.REFERENCE)
+    got = q.quantize(x, "int8", torch.Generator().manual_seed(2), backend=Backend.AUTO)
+    assert got.scale.dtype == want.scale.dtype == torch.float64
+    assert torch.equal(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+    y = torch.randn(got.codes.shape[0], 9, generator=g)
+    y[70, 0] = bad
+    assert avx512._same(got.inverse(y), want.inverse(y))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 33), (48, 128, 64), (2, 300, 513)])
 def test_batched_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
