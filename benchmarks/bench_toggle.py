@@ -45,6 +45,9 @@ Toggles (each is "on" as lowbit ships it):
   conv-grad-w  a convolution's ∇W-side gradient codes read from ∇Y in place when the ∇X
                side cannot share the pair (BHQ, Hadamard); off: ∇Y copied channel-major first
                (the same codes)
+  attention-grad-w  the same for attention's ∇O and ∇S (each head's transpose quantized as
+               it lies); off: the transposed copies (∇S's made in its own memory, entry by
+               entry; the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
   vnni-batched  attention's per-head int8 products as one batched call of lowbit's AVX-512
@@ -269,14 +272,19 @@ def _hadamard_heads() -> Callable[[bool], None]:
     return switch
 
 
-def _conv_grad_w() -> Callable[[bool], None]:
-    import lowbit.conv as conv
+def _grad_w(module: str) -> Callable[[], Callable[[bool], None]]:
+    """A toggle of ``module``'s ∇W-side gradient codes read in place
+    (``lowbit.gradpair.quantize_grad_w``); off: that call returns None, the copy runs."""
+    def make() -> Callable[[bool], None]:
+        import importlib
 
-    real = conv.quantize_conv_grad_w
+        mod = importlib.import_module(module)
+        real = mod.quantize_grad_w
 
-    def switch(on: bool) -> None:
-        conv.quantize_conv_grad_w = real if on else (lambda *a: None)
-    return switch
+        def switch(on: bool) -> None:
+            mod.quantize_grad_w = real if on else (lambda *a, **kw: None)
+        return switch
+    return make
 
 
 def _bhq_inverse() -> Callable[[bool], None]:
@@ -347,7 +355,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
     "workspace": _workspace, "bhq-groups": _bhq_groups,
-    "hadamard-heads": _hadamard_heads, "conv-grad-w": _conv_grad_w,
+    "hadamard-heads": _hadamard_heads, "conv-grad-w": _grad_w("lowbit.conv"),
+    "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces,
     "gemm-panels": _gemm_panels}

@@ -62,7 +62,7 @@ from .scopes import scope
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
 from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
-from .gradpair import quantize_grad_pair
+from .gradpair import quantize_grad_pair, quantize_grad_w
 from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
@@ -298,6 +298,20 @@ def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | 
     return Operand.of(q, tuple(a.shape), a.dtype)  # type: ignore[arg-type]
 
 
+def grad_operand_t(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None,
+                   backend: Backend, reuse: bool = False) -> Operand:
+    """:func:`grad_operand` of each entry's transpose of ``a`` (B, N, C), i.e. of
+    ``a.mT`` (B, C, N): quantized from ``a`` as it lies where the spec is plain
+    (:func:`lowbit.gradpair.quantize_grad_w`: the same operand, bit for bit, without a
+    transposed copy), else from the transpose (:func:`_transposed`: with ``reuse``, made
+    in ``a``'s own memory)."""
+    q = quantize_grad_w(a, spec, gen, kernels_for(backend, a.device), batched=True)
+    if q is None:
+        return grad_operand(_transposed(a, reuse), spec, gen, backend)
+    b, n, c = a.shape
+    return Operand.of(q, (b, c, n), a.dtype)
+
+
 def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedOperand, ...],
                        probs: torch.Tensor, keep: torch.Tensor | None, shapes: tuple[int, ...],
                        scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
@@ -325,7 +339,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     go, go_t = _pair(g_out, gi, rows_gen[0], gw, cols_gen[0], be, needs[2] and scores, w_first=True)
     if needs[2]:
         if go_t is None:
-            go_t = grad_operand(g_out.mT, gw, cols_gen[0], be)
+            go_t = grad_operand_t(g_out, gw, cols_gen[0], be)
         gv = batched_mm(go_t, qp, be, dt, "∇V").mT
         del go_t
     if scores:
@@ -345,7 +359,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
         if needs[0]:
             gq = batched_mm(grad_operand(gs, gi, rows_gen[1], be), qk_c, be, dt, "∇Q")
         if needs[1]:
-            gs_t = grad_operand(_transposed(gs, reuse=not needs[3]), gw, cols_gen[1], be)
+            gs_t = grad_operand_t(gs, gw, cols_gen[1], be, reuse=not needs[3])
             if not needs[3]:
                 del gs
                 gs = None

@@ -59,7 +59,7 @@ from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated
-from .gradpair import quantize_conv_grad_w, quantize_grad_pair
+from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, block_state, check_dtypes, output_dtype, quantize_forward,
                          quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
@@ -344,7 +344,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
         return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, g, stride, padding,
                                            dilation, groups).to(out_dtype)
     if qa is None and tracker is None:  # the channels read in place, not copied first
-        qa = quantize_conv_grad_w(g.reshape(g.shape[0], g.shape[1], -1), spec, generator,
+        qa = quantize_grad_w(g.reshape(g.shape[0], g.shape[1], -1), spec, generator,
                                   kernels_for(backend, g.device))
     if qa is None:
         qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)

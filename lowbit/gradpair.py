@@ -23,6 +23,10 @@ position) on the ``∇W`` side: (N, C_out·H'·W') rows for ``∇X``, (C_out, N�
 channel-major order. A batch of gradients (B, N, out) — attention's ``∇O`` and ``∇S``,
 one entry per (batch, head) — pairs its rows (B·N, out) with each entry's transpose
 (B·out, N) (:func:`quantize_batched_pair`), used by :mod:`lowbit.attention`.
+
+Where only the ``∇W`` side is plain (a row-mixing ``∇X`` quantizer: BHQ, Hadamard),
+:func:`quantize_grad_w` quantizes that side alone, reading a convolution's or attention's
+gradient as it lies instead of copying it channel-major or transposed first.
 """
 
 from __future__ import annotations
@@ -80,9 +84,19 @@ def quantize_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Roundi
     return reference.quantize(g.transpose(0, 1).reshape(c, n * length), fmt, gran, rnd, seed)
 
 
+def quantize_batched_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding,
+                       seed: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The ``∇W`` half of :func:`quantize_batched_pair`: each entry of ``g`` (B, N, out)
+    transposed, (B·out, N), quantized — ``reference.quantize`` of that (copied) matrix."""
+    b, n, c = g.shape
+    return reference.quantize(g.mT.reshape(b * c, n), fmt, gran, rnd, seed)
+
+
 register_fused("quantize_batched_pair", quantize_batched_pair)
 register("quantize_batched_pair", Impl.NATIVE, avx512.run_quantize_batched_pair, ("cpu",),
          avx512.supports_batched_pair)
+register_fused("quantize_batched_w", quantize_batched_w)
+register("quantize_batched_w", Impl.NATIVE, avx512.run_quantize_batched_w, ("cpu",), avx512.supports_batched_w)
 register_fused("quantize_conv_w", quantize_conv_w)
 register("quantize_conv_w", Impl.NATIVE, avx512.run_quantize_conv_w, ("cpu",), avx512.supports_conv_w)
 register_fused("quantize_conv_pair", quantize_conv_pair)
@@ -108,19 +122,22 @@ def _draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: i
     return q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t
 
 
-def quantize_conv_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None,
-                         k: Kernels) -> QuantizedOperand | None:
-    """``Q_w`` of a convolution's ``gy`` (N, C_out, L) as its channels (C_out, N·L) — the
-    ``∇W`` side of :func:`quantize_grad_pair` alone, for when the ``∇X`` side cannot join
-    it (a row-mixing ``Q_a``: BHQ, Hadamard) — read in place instead of copied
-    channel-major first: bitwise ``quantize_gradient(gy.transpose(0, 1).reshape(C_out,
-    -1), spec, gen, k)``. ``None`` (nothing drawn) where that does not apply (as
-    :func:`quantize_grad_pair` says for its ``∇W`` side)."""
+def quantize_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None, k: Kernels,
+                    batched: bool = False) -> QuantizedOperand | None:
+    """The ``∇W`` side of :func:`quantize_grad_pair` alone, for when the ``∇X`` side cannot
+    join it (a row-mixing ``Q_a``: BHQ, Hadamard), read in place instead of copied first:
+    a convolution's ``gy`` (N, C_out, L) as its channels (C_out, N·L), bitwise
+    ``quantize_gradient(gy.transpose(0, 1).reshape(C_out, -1), spec, gen, k)``; with
+    ``batched``, attention's ``gy`` (B, N, out) as each entry's transpose (B·out, N),
+    bitwise ``quantize_gradient(gy.mT.reshape(-1, N), spec, gen, k)``. ``None`` (nothing
+    drawn) where that does not apply (as :func:`quantize_grad_pair` says for its ``∇W``
+    side)."""
     if gy.dim() != 3 or not (k.fused and gy.numel() and _plain(spec)):
         return None
-    gran, rnd, seed, t = _draw(gy, spec, gen, gy.shape[1], k)  # type: ignore[arg-type]
+    op, rows = ("quantize_batched_w", gy.shape[0] * gy.shape[2]) if batched else ("quantize_conv_w", gy.shape[1])
+    gran, rnd, seed, t = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     with scope("lowbit::quantize"):
-        out = k.run("quantize_conv_w", gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
+        out = k.run(op, gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
     return QuantizedOperand.of(Encoded(*out, spec.format.block, kernels=k), t)  # type: ignore[union-attr]
 
 
@@ -168,5 +185,5 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
 
 
-__all__ = ["quantize_batched_pair", "quantize_conv_grad_w", "quantize_conv_pair", "quantize_conv_w",
-           "quantize_grad_pair", "quantize_pair"]
+__all__ = ["quantize_batched_pair", "quantize_batched_w", "quantize_conv_pair", "quantize_conv_w",
+           "quantize_grad_pair", "quantize_grad_w", "quantize_pair"]

@@ -405,6 +405,43 @@ def run_quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularit
                                            rnd_w, seed_w, torch.get_num_threads()))
 
 
+def supports_batched_w(g: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                       seed: torch.Tensor) -> bool:
+    """Whether :func:`run_quantize_batched_w` takes this call: ``g`` (B, N, out) as
+    :func:`supports_batched_pair` takes it, the ``∇W`` side's format, granularity and
+    rounding as there."""
+    return g.dim() == 3 and g.shape[0] > 0 and supports_pair(g[0], fmt, granularity, rounding, seed, fmt,
+                                                             granularity, rounding, seed) and _readable(g)
+
+
+@torch.compiler.disable
+def _quantize_batched_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, granularity: Granularity,
+                        rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, c = g.shape
+    camax = torch.empty(b * c, 1, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(max(threads, 1) * c, dtype=torch.float32, device="cpu")
+    dt, ld, bstride = DTYPES[g.dtype], g.stride(1), g.stride(0)
+    lib.lowbit_pair_absmax(g.data_ptr(), dt, b, bstride, n, c, ld, None, camax.data_ptr(), scratch.data_ptr(),
+                           threads)
+    step, div = _steps(lib, camax, fmt, granularity)
+    codes = torch.empty(b * c, n, dtype=torch.int8, device="cpu")
+    lib.lowbit_quantize_pair(g.data_ptr(), dt, b, bstride, n, c, ld, None, 0, 0, 0, 0.0, None,
+                             div.data_ptr(), 1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
+                             _mode(fmt, rounding), float(fmt.emax), codes.data_ptr(), threads)
+    return codes.view(fmt.code_dtype), step
+
+
+def run_quantize_batched_w(g: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                           seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """The ``∇W`` half of :func:`quantize_batched_pair` alone (``lowbit.gradpair.quantize_batched_w``):
+    ``g`` (B, N, out) → (codes (B·out, N) of each entry's transpose, row-major, step,
+    None, None), read in place — no transposed copy — bitwise the reference's; after
+    :func:`supports_batched_w` (the dispatcher's kernel)."""
+    with scope("lowbit::avx512_quantize"):
+        codes, step = _quantize_batched_w(_library(), g, fmt, granularity, rounding, seed, torch.get_num_threads())
+    return codes, step, None, None
+
+
 def _pair_result(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
     """(codes, step, codes, step) as the kernel table's eight tensors (no offsets or
     block scales)."""

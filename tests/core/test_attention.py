@@ -166,15 +166,23 @@ def test_fqt_gradients_are_unbiased_for_the_qat_gradients(quantizer: str) -> Non
 def test_gradient_operands_are_quantized_independently(monkeypatch: pytest.MonkeyPatch) -> None:
     """∇O and ∇S are each quantized twice, by distinct generators, with the rows of each
     on its GEMM's non-summed dimension: ∇O (B·L, Ev) and ∇Oᵀ (B·Ev, L), ∇S (B·L, S) and
-    ∇Sᵀ (B·S, L)."""
+    ∇Sᵀ (B·S, L) — the transposes' PSQ from the batch as it lies
+    (``gradpair.quantize_grad_w``), where the BHQ side keeps the pair apart."""
     seen = []
-    real = A.quantize_gradient
+    real, real_w = A.quantize_gradient, A.quantize_grad_w
 
     def spy(a, spec, gen, backend, tracker=None):
         seen.append((tuple(a.shape), spec.quantizer, gen.initial_seed()))
         return real(a, spec, gen, backend, tracker)
 
+    def spy_w(a, spec, gen, k, batched=False):
+        out = real_w(a, spec, gen, k, batched)
+        if out is not None:  # each entry's transpose: (B·C, N) of a (B, N, C)
+            seen.append(((a.shape[0] * a.shape[2], a.shape[1]), spec.quantizer, gen.initial_seed()))
+        return out
+
     monkeypatch.setattr(A, "quantize_gradient", spy)
+    monkeypatch.setattr(A, "quantize_grad_w", spy_w)
     q, k, v = qkv()
     scaled_dot_product_attention(q, k, v, state=FQTConfig.from_recipe("fqt-bhq-5", seed=0)).sum().backward()
     bh = B * H

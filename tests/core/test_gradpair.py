@@ -160,7 +160,7 @@ def test_conv_grad_w_alone_equals_quantize_gradient(quantizer: str, fmt: str, dt
     on the channel-major copy (C_out, N·L), codes and scales, with segment tails and a
     NaN (its channel's step NaN, every code of it a NaN code; an FP8 NaN code's sign bit
     is allowed to differ: the reference's own sign depends on memory layout)."""
-    from lowbit.gradpair import quantize_conv_grad_w
+    from lowbit.gradpair import quantize_grad_w
     from lowbit.kernels import avx512
 
     g = (torch.randn(6, 20, 37) * torch.rand(1, 20, 1).pow(3)).to(dtype)
@@ -168,7 +168,7 @@ def test_conv_grad_w_alone_equals_quantize_gradient(quantizer: str, fmt: str, dt
     k = kernels_for(Backend.AUTO, g.device)
     for rounding in ("stochastic", "nearest"):
         spec = GradSpec(quantizer=quantizer, format=fmt, rounding=rounding)
-        got = quantize_conv_grad_w(g, spec, torch.Generator().manual_seed(4), k)
+        got = quantize_grad_w(g, spec, torch.Generator().manual_seed(4), k)
         want = quantize_gradient(g.transpose(0, 1).reshape(20, -1), spec, torch.Generator().manual_seed(4), k)
         assert got.codes.shape == want.codes.shape and (got.offset is None) == (want.offset is None)
         assert got.offset is None or avx512._same(got.offset, want.offset)
@@ -180,8 +180,8 @@ def test_conv_grad_w_alone_equals_quantize_gradient(quantizer: str, fmt: str, dt
     # not for a row-mixing quantizer, a predicted range or the reference backend: nothing drawn
     gen = torch.Generator().manual_seed(4)
     state = gen.get_state()
-    assert quantize_conv_grad_w(g, GradSpec(quantizer="bhq"), gen, k) is None
-    assert quantize_conv_grad_w(g, GradSpec(), gen, kernels_for(Backend.REFERENCE, g.device)) is None
+    assert quantize_grad_w(g, GradSpec(quantizer="bhq"), gen, k) is None
+    assert quantize_grad_w(g, GradSpec(), gen, kernels_for(Backend.REFERENCE, g.device)) is None
     assert torch.equal(gen.get_state(), state)
 
 
@@ -197,17 +197,75 @@ def test_conv_grad_w_alone_gives_bitwise_the_copied_path(recipe: str, monkeypatc
         lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
         x = torch.randn(8, 3, 16, 16, requires_grad=True)
         if not in_place:
-            monkeypatch.setattr(conv, "quantize_conv_grad_w", lambda *a: None)
+            monkeypatch.setattr(conv, "quantize_grad_w", lambda *a: None)
         model(x).square().mean().backward()
         monkeypatch.undo()
         return [x.grad, *(p.grad for p in model.parameters())]
 
     calls: list[bool] = []
-    real = conv.quantize_conv_grad_w
-    monkeypatch.setattr(conv, "quantize_conv_grad_w", lambda *a: calls.append(True) or real(*a))
+    real = conv.quantize_grad_w
+    monkeypatch.setattr(conv, "quantize_grad_w", lambda *a: calls.append(True) or real(*a))
     fast = grads(True)
     assert len(calls) == 2
     for a, b in zip(fast, grads(False), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quantizer", ["ptq", "psq"])
+def test_batched_grad_w_alone_equals_quantize_gradient(quantizer: str, dtype: torch.dtype) -> None:
+    """The ∇W side of attention's batched gradient (B, N, out) alone (when a row-mixing
+    ∇X quantizer keeps the pair apart), read as it lies: the operand of
+    ``quantize_gradient`` on the transposed copy (B·out, N), codes and scales, with a NaN
+    (its row's step NaN) and tails of the 16-lane tiles; nothing drawn where it does not
+    apply."""
+    from lowbit.gradpair import quantize_grad_w
+    from lowbit.kernels import avx512
+
+    g = (torch.randn(5, 37, 20) * torch.rand(1, 1, 20).pow(3)).to(dtype)
+    g[2, 11, 5] = float("nan")
+    k = kernels_for(Backend.AUTO, g.device)
+    for rounding in ("stochastic", "nearest"):
+        spec = GradSpec(quantizer=quantizer, format="int8", rounding=rounding)
+        got = quantize_grad_w(g, spec, torch.Generator().manual_seed(4), k, batched=True)
+        want = quantize_gradient(g.mT.reshape(-1, 37), spec, torch.Generator().manual_seed(4), k)
+        assert got.codes.shape == want.codes.shape == (100, 37)
+        assert torch.equal(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+    gen = torch.Generator().manual_seed(4)
+    state = gen.get_state()
+    assert quantize_grad_w(g, GradSpec(quantizer="hadamard"), gen, k, batched=True) is None
+    assert quantize_grad_w(g, GradSpec(), gen, kernels_for(Backend.REFERENCE, g.device), batched=True) is None
+    assert torch.equal(gen.get_state(), state)
+
+
+@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-hadamard-8"])
+def test_attention_grad_w_alone_gives_bitwise_the_transposed_path(recipe: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-mixing ∇X quantizers in attention: ∇Q, ∇K, ∇V with the ∇W sides of ∇O and ∇S
+    read as they lie equal those with the transposed copies, bit for bit, and the
+    in-place path ran for both."""
+    import lowbit.attention as att
+
+    state = lowbit.functional.block_state(FQTConfig.from_recipe(recipe, seed=3))
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 3, 64, 16, requires_grad=True) for _ in range(3))
+        att.attention(q, k, v, is_causal=True, state=state)[0].square().sum().backward()
+        return [q.grad, k.grad, v.grad]
+
+    calls: list[bool] = []
+    real = att.quantize_grad_w
+    def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(att, "quantize_grad_w", counted)
+    fast = grads()
+    assert calls == [True, True]  # ∇Oᵀ and ∇Sᵀ, both read in place
+    monkeypatch.setattr(att, "quantize_grad_w", lambda *a, **kw: None)
+    state.noise.load_state_dict({**state.noise.state_dict(), "counter": 0})  # the same noise again
+    for a, b in zip(fast, grads(), strict=True):
         assert torch.equal(a, b)
 
 
