@@ -53,7 +53,8 @@ def main() -> None:
             switch(on)
             op = q.quantize(g, "int8", gen, backend=k)
             y = torch.randn(op.codes.shape[0], e)
-            ms[on] = (median_ms(lambda: q.quantize(g, "int8", gen, backend=k)), median_ms(lambda: op.inverse(y)))
+            ms[on] = (median_ms(lambda g=g, gen=gen: q.quantize(g, "int8", gen, backend=k)),
+                      median_ms(lambda op=op, y=y: op.inverse(y)))
         print(f"| {n} × {d} | {n} × {e} | {ms[True][0]:.1f} ms | {ms[False][0]:.1f} ms | {ms[True][1]:.1f} ms "
               f"| {ms[False][1]:.1f} ms |")
     switch(True)
