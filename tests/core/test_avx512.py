@@ -188,6 +188,28 @@ def test_hadamard_kernels_bitwise_the_reference(shape: tuple[int, int], dtype: t
 
 
 @needs_avx512
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hadamard_forward_alone_bitwise_the_reference(dtype: torch.dtype) -> None:
+    """Where the fused quantizer does not take the format (FP8), the Hadamard transform
+    runs alone on the AVX-512 kernel and the format's own quantizer after it: ``T x`` and
+    the FP8 codes and steps bitwise the reference's (padded rows, a NaN, a strided view)."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(5)
+    x = _operand((100, 70), g)[:, 3:].to(dtype)
+    x[7, 2] = float("nan")
+    q = had.Hadamard()
+    for fmt in ("fp8_e4m3", "fp8_e5m2"):
+        want = q.quantize(x, fmt, torch.Generator().manual_seed(3), backend=Backend.REFERENCE)
+        got = q.quantize(x, fmt, torch.Generator().manual_seed(3), backend=Backend.AUTO)
+        assert avx512._same_fp8(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+    t_ref = q.transform(x, torch.Generator().manual_seed(1))
+    t_auto = q.transform(x, torch.Generator().manual_seed(1), kernels_for(Backend.AUTO, x.device))
+    assert avx512.supports_hadamard_forward(x, t_auto.signs, t_auto.signs.shape[0], t_auto.block)
+    assert avx512._same(t_auto.forward(x), t_ref.forward(x))
+
+
+@needs_avx512
 @pytest.mark.parametrize("bad", [float("inf"), 2.0**101, 1e-30], ids=["inf", "huge", "tiny"])
 def test_hadamard_kernels_hand_wide_blocks_to_the_float64_reference(bad: float) -> None:
     """A block the reference transforms in float64 (largest magnitude above 2¹⁰⁰ or in
