@@ -2,38 +2,26 @@
 they lie"): the Hadamard quantizer's quantize and inverse alone, the butterflies fused
 with the quantizer (today) against the batched-GEMM transform before it (the
 ``hadamard-fwht`` toggle of ``bench_toggle.py`` off), on gradient shapes of the FFN,
-the text GPT and GPT-2; medians of 15 calls, interleaved per shape.
+the text GPT and GPT-2; medians of 15 calls (``_timing.median_ms``), interleaved per shape.
 
     python benchmarks/probes/hadamard_fwht.py --threads 1
 """
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_toggle  # noqa: E402
+from _timing import median_ms  # noqa: E402
 
 from lowbit import allocator  # noqa: E402
 from lowbit.kernels import kernels_for  # noqa: E402
 from lowbit.quantizers.hadamard import Hadamard  # noqa: E402
 
 SHAPES = ((2048, 4096, 1024), (2048, 1024, 4096), (2048, 256, 256), (512, 768, 768))  # ∇Y (N, out), inverse width
-
-
-def median_ms(f, n: int = 15) -> float:  # noqa: ANN001
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -53,8 +41,8 @@ def main() -> None:
             switch(on)
             op = q.quantize(g, "int8", gen, backend=k)
             y = torch.randn(op.codes.shape[0], e)
-            ms[on] = (median_ms(lambda g=g, gen=gen: q.quantize(g, "int8", gen, backend=k)),
-                      median_ms(lambda op=op, y=y: op.inverse(y)))
+            ms[on] = (median_ms(lambda g=g, gen=gen: q.quantize(g, "int8", gen, backend=k), 15),
+                      median_ms(lambda op=op, y=y: op.inverse(y), 15))
         print(f"| {n} × {d} | {n} × {e} | {ms[True][0]:.1f} ms | {ms[False][0]:.1f} ms | {ms[True][1]:.1f} ms "
               f"| {ms[False][1]:.1f} ms |")
     switch(True)
