@@ -39,6 +39,11 @@ Toggles (each is "on" as lowbit ships it):
   bhq-groups   BHQ's groups built from the row ranges in one C call (``lowbit.kernels.bhq_groups``:
                the sort, prefix sums, memberships and the CSR index of the group sums); off:
                the torch reference and the CSR index by a stable sort (the same bits)
+  bhq-sums     BHQ's group sums on the CPU as sequential row sums on lowbit's AVX-512 kernel
+               (``lowbit.kernels.avx512.run_bhq_group_sums``); off: the sparse × dense product
+               (scatter-add below 2¹⁹ elements) they were before (values differ by rounding)
+  avx512-row-absmax  the row ranges BHQ's groups start from on lowbit's AVX-512 kernel; off: the
+               compiled (Inductor) ``row_absmax`` (the same values)
   hadamard-heads  attention's Hadamard-quantized gradients whose blocks stay within each
                head run on the integer kernels, ``T⁻¹`` on the product's rows; off: ``T⁻¹``
                on the operand and one simulated (float) GEMM, as before (values differ by rounding)
@@ -262,6 +267,16 @@ def _bhq_groups() -> Callable[[bool], None]:
     return bhq_groups.set_enabled
 
 
+def _bhq_sums() -> Callable[[bool], None]:
+    import lowbit.quantizers.bhq as bhq
+
+    _avx512()  # refuses where the kernel is not in use
+
+    def switch(on: bool) -> None:
+        bhq.SEQUENTIAL_DEVICES = frozenset({"cpu"}) if on else frozenset()  # off: the product; the kernel refuses
+    return switch
+
+
 def _hadamard_heads() -> Callable[[bool], None]:
     from lowbit.quantizers import hadamard as had
 
@@ -354,7 +369,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-place": _avx512_op("int8_place_nhwc", "run_place_nhwc", "supports_place_nhwc"),
     "avx512-epilogue-rows": _avx512_op("int8_epilogue_into", "run_epilogue_into", "supports_epilogue_into"),
     "softmax": _softmax, "grid-steps": _grid_steps, "avx512-fp8": _avx512_fp8,
-    "workspace": _workspace, "bhq-groups": _bhq_groups,
+    "workspace": _workspace, "bhq-groups": _bhq_groups, "bhq-sums": _bhq_sums,
+    "avx512-row-absmax": _avx512_op("row_absmax", "run_row_absmax", "supports_row_absmax"),
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _grad_w("lowbit.conv"),
     "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,

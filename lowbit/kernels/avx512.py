@@ -100,6 +100,7 @@ _SIGNATURES = {
     "lowbit_grid_steps": [_P, _I64, _I, ctypes.c_double, ctypes.c_double, _P, _P],
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_inverse_rows": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I],
+    "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
@@ -838,6 +839,78 @@ def run_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v:
         return _bhq_inverse(_library(), y, dots, scale, v, group, overwrite, torch.get_num_threads())
 
 
+def supports_row_absmax(x: torch.Tensor) -> bool:
+    """Whether :func:`run_row_absmax` takes this call: ``x`` (R, D), D ≥ 1, float32,
+    bfloat16 or float16 with contiguous rows (as :func:`_readable`)."""
+    return x.dim() == 2 and x.shape[1] > 0 and _rows_contiguous(x) and _readable(x) and _enabled \
+        and available()
+
+
+def run_row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max_j |x_ij|`` per row (R,) float32, NaN where the row holds one
+    (:func:`lowbit.kernels.reference.row_absmax`, exact: no rounding), after
+    :func:`supports_row_absmax`."""
+    with scope("lowbit::avx512_row_absmax"):
+        return _row_absmax(_library(), x, torch.get_num_threads())
+
+
+@torch.compiler.disable
+def _row_absmax(lib: ctypes.CDLL, x: torch.Tensor, threads: int) -> torch.Tensor:
+    r, d = x.shape
+    amax = torch.empty(r, dtype=torch.float32, device="cpu")
+    lib.lowbit_row_absmax(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0) if r > 1 else d, amax.data_ptr(),
+                          threads)
+    return amax
+
+
+def _row_absmax_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """The row absmax against :func:`lowbit.kernels.reference.row_absmax`: NaN and ±Inf
+    rows, −0.0, strided rows, one row, bfloat16 and float16, one and two threads."""
+    from .reference import row_absmax as ref
+
+    z = torch.zeros(3, 20, dtype=torch.float32, device="cpu")
+    z[1] = -0.0
+    z[2, 19] = float("-inf")
+    for a in (x, x[:, 1:], x[:1], z, x.bfloat16(), x.nan_to_num(0.0).half()):
+        for threads in (1, 2):
+            if not _same(_row_absmax(lib, a, threads), ref(a)):
+                return False
+    return True
+
+
+def supports_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> bool:
+    """Whether :func:`run_bhq_group_sums` takes this call: ``x`` (N, D) float32, bfloat16 or
+    float16 with contiguous rows (as :func:`_readable`), ``w`` (N,) float32 on the CPU,
+    outside autograd recording; ``t`` a ``BlockHouseholder`` (its CSR index is read)."""
+    return x.dim() == 2 and _rows_contiguous(x) and _readable(x) and type(w) is torch.Tensor \
+        and w.layout == torch.strided and w.device.type == "cpu" and w.dtype == torch.float32 \
+        and w.shape == (x.shape[0],) and not (w.requires_grad and torch.is_grad_enabled()) \
+        and _enabled and available()
+
+
+@torch.compiler.disable
+def _bhq_group_sums(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, crow: torch.Tensor,
+                    members: torch.Tensor, n_groups: int, threads: int) -> torch.Tensor:
+    d = x.shape[1]
+    w, crow, members = w.contiguous(), crow.contiguous(), members.contiguous()
+    dots = torch.empty(n_groups, d, dtype=torch.float32, device="cpu")
+    lib.lowbit_bhq_group_sums(x.data_ptr(), DTYPES[x.dtype], d, x.stride(0) if x.shape[0] > 1 else d,
+                              w.data_ptr(), crow.data_ptr(), members.data_ptr(), n_groups, dots.data_ptr(),
+                              threads)
+    return dots
+
+
+def run_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> torch.Tensor:
+    """BHQ's group sums ``dots[j] = Σ_{r∈j} w_r x_r`` (G, D) float32 (``lowbit.quantizers.bhq``'s
+    ``bhq_group_sums``: each group's rows added one by one in ascending order, each
+    product rounded first), after :func:`supports_bhq_group_sums`: bitwise the
+    reference's on the CPU. ``t``: the ``BlockHouseholder`` whose groups are summed."""
+    crow, members = t.csr()  # type: ignore[attr-defined]
+    with scope("lowbit::avx512_bhq_group_sums"):
+        return _bhq_group_sums(_library(), x, w, crow, members, t.n_groups,  # type: ignore[attr-defined]
+                               torch.get_num_threads())
+
+
 HADAMARD_MAX_BLOCK = 256  # the C kernel's HAD_MAX_B: a tile of b rows × 16 columns in registers/L1
 
 
@@ -1007,7 +1080,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                         return False
     return _steps_self_test(lib) and _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) \
         and _epilogue_self_test(lib) and _epilogue_rows_self_test(lib) and _bhq_self_test(lib, x) \
-        and _place_self_test(lib) and _hadamard_self_test(lib, x)
+        and _place_self_test(lib) and _hadamard_self_test(lib, x) and _row_absmax_self_test(lib, x)
 
 
 def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
@@ -1211,6 +1284,30 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             got = _bhq_inverse(lib, y, dots if y.shape == x.shape else dots[:, 1:], scale, v, group, overwrite, threads)
             if not _same(got, ref) or (overwrite and got.data_ptr() != y.data_ptr()):
                 return False
+    return _bhq_group_sums_self_test(lib, x)
+
+
+def _bhq_group_sums_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """BHQ's group sums against ``bhq._group_sums`` (the reference's sequential sums): one
+    group, many, empty ones, a band edge (300 columns), strided rows, bfloat16, NaN and
+    ±Inf, one and two threads."""
+    from ..quantizers.bhq import BlockHouseholder, _group_sums
+
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(41, 300, generator=g, **cpu) * torch.logspace(-20, 20, 300, **cpu)
+    wide[5, 7], wide[9, 299] = float("nan"), float("-inf")
+    for a in (x, x[:, 1:], wide, wide[:, 3:290], wide.bfloat16()):
+        n = a.shape[0]
+        w = torch.randn(n, generator=g, **cpu)
+        for n_groups in (1, 3, n + 2):
+            group = torch.randint(0, n_groups, (n,), generator=g, device="cpu")
+            t = BlockHouseholder(w, w, group, n_groups)
+            want = _group_sums(a, w, t)
+            crow, members = t.csr()
+            for threads in (1, 2):
+                if not _same(_bhq_group_sums(lib, a, w, crow, members, n_groups, threads), want):
+                    return False
     return True
 
 

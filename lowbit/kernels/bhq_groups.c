@@ -1,12 +1,17 @@
 /* BHQ's groups from its row ranges: lowbit.kernels.bhq_groups (the Python module's docstring
  * says what and why; lowbit.kernels.bhq_groups.reference is the definition, in torch).
  *
- * The bookkeeping only: the sort, the prefix sums, the groups and the gathers, whose
- * float64 arithmetic (additions, one multiply and divide, round-half-even) is the
- * reference's in the reference's order (ATen's CPU cumsum adds sequentially), so the
- * outputs are the reference's bit for bit. The scales' and vectors' elementwise math
- * (square roots, powers) stays in torch for both (ATen's sqrt and pow are not always
- * the C library's). Plain C: no intrinsics, no -ffast-math.
+ * The bookkeeping (the sort, the prefix sums, the groups and the gathers), whose float64
+ * arithmetic (additions, one multiply and divide, round-half-even) is the reference's in
+ * the reference's order (ATen's CPU cumsum adds sequentially), and the elementwise math of
+ * the scales and Householder vectors (IEEE +, -, *, /, max: correctly rounded, so torch's
+ * and C's agree), so the outputs are the reference's bit for bit. ATen's square root and
+ * power are not the C library's (its float64 sqrt is not correctly rounded), so they stay
+ * in torch: the square roots depend only on the group size g, and come as tables indexed
+ * by g - 1 computed by torch with the reference's operations; the one power,
+ * base^(-1/3), is torch's on the bases this call leaves in sorted order, and
+ * lowbit_bhq_scatter puts the scales and vectors back in row order. Plain C: no
+ * intrinsics, no -ffast-math.
  */
 #include <float.h>
 #include <math.h>
@@ -15,22 +20,39 @@
 #include <string.h>
 
 /* idx: 0..n-1 sorted by key descending, ties in ascending index (torch.argsort(key,
- * descending=True, stable=True) for keys without NaN). Bottom-up merge sort. */
-static void sort_desc(const double *key, int64_t *idx, int64_t *tmp, int64_t n) {
-    for (int64_t i = 0; i < n; i++) idx[i] = i;
-    int64_t *src = idx, *dst = tmp;
-    for (int64_t width = 1; width < n; width *= 2) {
-        for (int64_t lo = 0; lo < n; lo += 2 * width) {
-            int64_t mid = lo + width < n ? lo + width : n;
-            int64_t hi = lo + 2 * width < n ? lo + 2 * width : n;
-            int64_t a = lo, b = mid, o = lo;
-            while (a < mid && b < hi) dst[o++] = key[src[b]] > key[src[a]] ? src[b++] : src[a++];
-            while (a < mid) dst[o++] = src[a++];
-            while (b < hi) dst[o++] = src[b++];
-        }
-        int64_t *t = src; src = dst; dst = t;
+ * descending=True, stable=True) for keys without NaN; -0.0 equals +0.0). A stable LSD
+ * radix sort on the keys' bits mapped to unsigned integers that order as the doubles do,
+ * complemented (ascending complement = descending key), 8 bits a pass; a pass whose digit
+ * is the same for every key is skipped (float32 ranges leave the low 29 bits zero).
+ * ka, kb: n uint64 each; tmp: n int64. */
+static void sort_desc(const double *key, int64_t *idx, uint64_t *ka, uint64_t *kb, int64_t *tmp, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u;
+        double k = key[i] == 0.0 ? 0.0 : key[i];  /* -0.0 -> +0.0 */
+        memcpy(&u, &k, sizeof u);
+        u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);  /* ascending as the doubles */
+        ka[i] = ~u;
+        idx[i] = i;
     }
-    if (src != idx) memcpy(idx, src, (size_t)n * sizeof(int64_t));
+    int64_t *src_i = idx, *dst_i = tmp;
+    uint64_t *src_k = ka, *dst_k = kb;
+    for (int shift = 0; shift < 64; shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t i = 0; i < n; i++) count[((src_k[i] >> shift) & 0xFF) + 1]++;
+        int skip = 0;
+        for (int b = 1; b <= 256; b++)
+            if (count[b] == n) skip = 1;
+        if (skip) continue;
+        for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t o = count[(src_k[i] >> shift) & 0xFF]++;
+            dst_k[o] = src_k[i];
+            dst_i[o] = src_i[i];
+        }
+        int64_t *ti = src_i; src_i = dst_i; dst_i = ti;
+        uint64_t *tk = src_k; src_k = dst_k; dst_k = tk;
+    }
+    if (src_i != idx) memcpy(idx, src_i, (size_t)n * sizeof(int64_t));
 }
 
 /* lam: (n,) float64 row ranges, n >= 2, all finite, at least one > 0 (the caller checks).
@@ -45,13 +67,18 @@ static void sort_desc(const double *key, int64_t *idx, int64_t *tmp, int64_t n) 
  *              members[crow[j] : crow[j + 1]]
  *   members    row ids grouped by group, ascending within each group
  *   k_out      (1,): the number of groups k
- * work: 3 n int64 of scratch. */
+ *   v          (sorted) the Householder vector entry (lowbit.kernels.bhq_groups._scales)
+ *   base       (sorted) the scale's base: s = base^(-1/3) where g > 1
+ * work: 3 n int64 of scratch. Tables (index g - 1, at least n entries; bhq_groups._tables):
+ * r = sqrt(g), vl and vs the vector entries of a group's large and small rows, hm =
+ * max|H_max(g, 2)|. */
 void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *grp_sorted, double *g,
                        double *lam_large, double *lam_small, int64_t *group, int64_t *crow, int64_t *members,
-                       int64_t *k_out, int64_t *work) {
+                       int64_t *k_out, int64_t *work, const double *tab_r, const double *tab_vl,
+                       const double *tab_vs, const double *tab_hm, double *v, double *base) {
     int64_t *cum = work, *tmp = work + n;
     double *prefix = (double *)(work + 2 * n), *ls = lam_large; /* ls: overwritten last */
-    sort_desc(lam, order, tmp, n);
+    sort_desc(lam, order, (uint64_t *)work, (uint64_t *)(work + n), (int64_t *)(work + 2 * n), n);
     double acc = 0.0;
     for (int64_t i = 0; i < n; i++) {
         ls[i] = lam[order[i]];
@@ -113,4 +140,32 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
     for (int64_t q = 0; q < k; q++) fill[q] = crow[q];
     for (int64_t r = 0; r < n; r++) members[fill[group[r]]++] = r;
     *k_out = k;
+    /* the vectors and the scales' bases (lowbit.kernels.bhq_groups._scales):
+     * s1 = (λ_large/√g)^(-1/3),
+     * s2 = (max(λ_small·max|H_g|, max(1e-12·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3) */
+    for (int64_t i = 0; i < n; i++) {
+        const double gi = g[i];
+        const int64_t t = (int64_t)gi - 1;
+        v[i] = i < k ? tab_vl[t] : tab_vs[t];
+        const double gm1 = gi - 1.0 > 1.0 ? gi - 1.0 : 1.0;
+        const double floor_ = 1e-12 * lam_large[i] > DBL_MIN ? 1e-12 * lam_large[i] : DBL_MIN;
+        const double w2a = lam_small[i] * tab_hm[t];
+        base[i] = i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
+    }
+}
+
+/* Back to row order: scale[order[i]] = g[i] > 1 ? s[i] : 1 and v_out[order[i]] = v[i], as
+ * float32 (f64 == 0, round to nearest even) or float64. */
+void lowbit_bhq_scatter(int64_t n, const int64_t *order, const double *g, const double *s, const double *v,
+                        int f64, void *scale, void *v_out) {
+    for (int64_t i = 0; i < n; i++) {
+        const double si = g[i] > 1.0 ? s[i] : 1.0;
+        if (f64) {
+            ((double *)scale)[order[i]] = si;
+            ((double *)v_out)[order[i]] = v[i];
+        } else {
+            ((float *)scale)[order[i]] = (float)si;
+            ((float *)v_out)[order[i]] = (float)v[i];
+        }
+    }
 }

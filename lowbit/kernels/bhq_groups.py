@@ -12,16 +12,19 @@ prefix sums, a search), so every float32 range, subnormals included, stays exact
 Two implementations. :func:`reference`, in torch, defines it: about a hundred small ops
 (≈ 1.5–2 ms per call at one thread, paid for every BHQ-quantized gradient). The native one
 (:func:`run`; plain C, ``bhq_groups.c``, built by :mod:`.cbuild` on first use) does the
-bookkeeping (the sort, prefix sums, group sizes and memberships, the gathers and the
-scatter back to row order) in one call, with the reference's float64 operations in the
-reference's order, and shares the reference's elementwise torch code for the scales and
-vectors (≈ 25 ops on N-vectors; ATen's ``sqrt`` and ``pow`` are not the C library's): its
-results are the reference's bit for bit (a self-test checks ties, one huge row, equal rows, zeros,
-subnormal and huge ranges, two to thousands of rows, before first use; a failure, a
-missing compiler or a failed build is a ``RuntimeWarning`` and the reference runs). It
-also returns the CSR index, which the reference leaves to :func:`csr_index` (a stable
-sort): the same index either way. ``LOWBIT_BHQ_GROUPS=0`` (or :func:`set_enabled`) turns
-it off; ``LOWBIT_COMPILE=0`` too (it runs only where the dispatcher may use fast kernels).
+bookkeeping (a radix sort, prefix sums, group sizes and memberships, the gathers and the
+scatter back to row order) and the scales' and vectors' elementwise float64 arithmetic in
+two calls, with the reference's operations in the reference's order. ATen's ``sqrt`` and
+``pow`` are not the C library's (its float64 ``sqrt`` is not correctly rounded), so both
+stay torch's: the square roots depend on the group size alone and come from tables over
+sizes 1..2ᵏ (:func:`_tables`, computed once with the reference's ops), and the one power
+runs in torch on the (N,) bases between the two calls. Its results are the reference's
+bit for bit (a self-test checks ties, one huge row, equal rows, zeros, subnormal and huge
+ranges, two to thousands of rows, before first use; a failure, a missing compiler or a
+failed build is a ``RuntimeWarning`` and the reference runs). It also returns the CSR
+index, which the reference leaves to :func:`csr_index` (a stable sort): the same index
+either way. ``LOWBIT_BHQ_GROUPS=0`` (or :func:`set_enabled`) turns it off;
+``LOWBIT_COMPILE=0`` too (it runs only where the dispatcher may use fast kernels).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ SOURCE = Path(__file__).with_name("bhq_groups.c")
 FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {"lowbit_bhq_groups": [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]}
+_SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 16,
+               "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P]}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
 # finite when a group's small rows are all zero (their scale is then immaterial).
@@ -121,25 +125,35 @@ def _bookkeeping(lam: torch.Tensor) -> _Sorted:
     return _Sorted(order, k, group_sorted, size[group_sorted], ls[:k][group_sorted], lam_small_first[group_sorted])
 
 
-def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, v)`` (N,) in ``dtype`` and row order from the bookkeeping ``b``: the same
-    torch ops for both implementations (ATen's sqrt and pow are not the C library's)."""
-    g = b.g
-    is_large = torch.arange(g.shape[0], device=g.device) < b.k
+def _by_size(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of the scales and vectors that depend on the group size ``g`` alone (the
+    square roots), elementwise over ``g``: ``(√g, v of a large row, v of a small row,
+    max|H_max(g, 2)|)``."""
     # Householder vector entries: v ∝ e1 − 𝟙/√g, ‖e1 − 𝟙/√g‖² = 2 − 2/√g.
     r = g.sqrt()
     norm = torch.sqrt(torch.clamp(2 - 2 / r, min=0))
-    v = torch.where(is_large, 1 - 1 / r, -1 / r)
-    v = torch.where(g > 1, v / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(v))
+    den = torch.where(norm > 0, norm, torch.ones_like(norm))
+    zero = torch.zeros_like(r)
+    v_large = torch.where(g > 1, (1 - 1 / r) / den, zero)
+    v_small = torch.where(g > 1, (-1 / r) / den, zero)
+    return r, v_large, v_small, householder_absmax(torch.clamp(g, min=2))
+
+
+def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, v)`` (N,) in ``dtype`` and row order from the bookkeeping ``b``."""
+    g = b.g
+    is_large = torch.arange(g.shape[0], device=g.device) < b.k
+    r, v_large, v_small, hmax = _by_size(g)
+    v = torch.where(is_large, v_large, v_small)
 
     # Variance-minimising scales (overall scale is immaterial: rows are quantized per row):
     # s1 = (λ_large/√g)^(−1/3), s2 = (λ_small·max|H_g| / (g−1))^(−1/3).
     w1 = b.lam_large / r
     gm1 = torch.clamp(g - 1, min=1)
     # (a floor at the smallest normal float64 keeps s2 finite for subnormal float64 rows)
-    w2 = torch.maximum(b.lam_small * householder_absmax(torch.clamp(g, min=2)),
+    w2 = torch.maximum(b.lam_small * hmax,
                        (MIN_SMALL_RATIO * b.lam_large).clamp_min(torch.finfo(torch.float64).tiny))
-    s = torch.where(is_large, w1.pow(-1 / 3), (w2 / gm1).pow(-1 / 3))
+    s = torch.where(is_large, w1, w2 / gm1).pow(-1 / 3)
     s = torch.where(g > 1, s, torch.ones_like(s))
     # Back to the original row order.
     scale = torch.empty(g.shape[0], dtype=dtype, device=g.device)
@@ -147,6 +161,15 @@ def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]
     scale[b.order] = s.to(dtype)
     v_out[b.order] = v.to(dtype)
     return scale, v_out
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(size: int) -> tuple[torch.Tensor, ...]:
+    """:func:`_by_size` of the group sizes 1..``size`` (float64, CPU; a power of two, so a
+    few tables serve every call). ATen's float64 ``sqrt`` is elementwise (the same value
+    wherever an element sits), so entry ``g − 1`` is the reference's value for a row of a
+    group of ``g``; the self-test checks it."""
+    return tuple(t.contiguous() for t in _by_size(torch.arange(1, size + 1, dtype=torch.float64, device="cpu")))
 
 
 def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
@@ -201,14 +224,19 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     n = lam.shape[0]
     i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
     order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
-    g, lam_large, lam_small = (torch.empty(n, **f64) for _ in range(3))
+    g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
     crow, k, work = torch.empty(n + 1, **i64), torch.empty(1, **i64), torch.empty(3 * n, **i64)
+    tabs = _tables(1 << (n - 1).bit_length())  # group sizes ≤ n
     lib.lowbit_bhq_groups(lam.data_ptr(), n, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
                           lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
-                          members.data_ptr(), k.data_ptr(), work.data_ptr())
-    b = _Sorted(order, int(k), grp_sorted, g, lam_large, lam_small)
-    scale, v = _scales(b, dtype)
-    return Groups(scale, v, group, b.k, crow[: b.k + 1], members)
+                          members.data_ptr(), k.data_ptr(), work.data_ptr(), *(t.data_ptr() for t in tabs),
+                          v.data_ptr(), base.data_ptr())
+    s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, on the same (N,) sorted bases
+    scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
+    lib.lowbit_bhq_scatter(n, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
+                           int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr())
+    n_groups = int(k)
+    return Groups(scale, v_out, group, n_groups, crow[: n_groups + 1], members)
 
 
 def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups:

@@ -293,6 +293,38 @@ void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t
     }
 }
 
+/* BHQ's group sums dots[j, :] = sum over the rows r of group j of w[r] * x[r, :], the rows in
+ * ascending order, each product rounded to float32 and then added to a float32 sum that
+ * starts at +0 (lowbit.quantizers.bhq._group_sums on the CPU: torch's index_add_ of the
+ * weighted rows, which adds the rows one by one in index order). Group j's rows are
+ * members[crow[j] : crow[j + 1]], ascending. x (rows, cols) of type dtype with row stride
+ * ld; w (rows,) float32; dots (n_groups, cols) row-major. Each task is one group and a
+ * band of at most 256 columns, summed in registers: every element's additions keep the
+ * reference's order whatever the threads. */
+#define GS_BAND 256
+void lowbit_bhq_group_sums(const void *x, int dtype, int64_t cols, int64_t ld, const float *w,
+                           const int64_t *crow, const int64_t *members, int64_t n_groups, float *dots,
+                           int threads) {
+    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t task = 0; task < n_groups * bands; task++) {
+        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
+        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
+        __m512 acc[GS_BAND / 16];
+        for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+            const int64_t r = members[m];
+            const __m512 wr = _mm512_set1_ps(w[r]);
+            for (int64_t i = 0; i < nv; i++) {
+                const __mmask16 k = tail_mask(width - 16 * i);
+                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), wr));
+            }
+        }
+        for (int64_t i = 0; i < nv; i++)
+            _mm512_mask_storeu_ps(dots + j * cols + c0 + 16 * i, tail_mask(width - 16 * i), acc[i]);
+    }
+}
+
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
                               const float *s, const float *v2, const int64_t *group, const float *dots,
                               const float *d, int64_t dstride, uint32_t seed, int sr, float emax,

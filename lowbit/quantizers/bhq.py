@@ -16,12 +16,13 @@ With row ranges ``λ`` (``max |row|``), sorted descending:
   ``λ_small`` the largest small range of the group.
 
 ``T = H·S`` is applied as a rank-1 update per group (``x − 2v(vᵀx)``, the group sums ``vᵀx``
-as one sparse product for large float32 operands, a scatter-add otherwise), never as a
-dense N×N matrix; ``T⁻¹ = S⁻¹·H``.
+added row by row in ascending order on the CPU), never as a dense N×N matrix;
+``T⁻¹ = S⁻¹·H``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -36,19 +37,24 @@ def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.to(w.dtype) * w[:, None]
 
 
-SPARSE_MIN_NUMEL = 1 << 19  # below it the scatter-add is faster (1 thread: 0.40 vs 0.44 ms at 2¹⁹)
+SPARSE_MIN_NUMEL = 1 << 19  # off the CPU, from it on a sparse product is faster than the scatter-add
+SEQUENTIAL_DEVICES = frozenset({"cpu"})  # where the group sums are added row by row (no sparse product)
 
 
 def _group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.Tensor:
-    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D) over the groups of ``t``. float32 with at least
-    ``SPARSE_MIN_NUMEL`` elements: one sparse (G × N, N non-zeros) × dense product on the
-    groups' CSR index (:meth:`BlockHouseholder.csr`), which reads ``x`` once and writes
-    only (G, D) (the scatter-add writes a fresh (N, D) buffer first: slower from about 10⁶
-    elements on, several times at 10⁷); otherwise a weighting pass and a scatter-add. The
-    choice depends on the shape and dtypes alone, and every kernel set calls this one
-    function, so the reference and the fused paths sum in the same order, bit for bit on
-    every machine (the two methods round differently on an Intel Xeon)."""
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() < SPARSE_MIN_NUMEL:
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D) over the groups of ``t``, in ``w``'s dtype.
+
+    On the CPU (``SEQUENTIAL_DEVICES``), each group's rows are added one by one in
+    ascending row order, each product ``w_r x_r`` rounded first, to a sum that starts at
+    +0: a weighting pass and ``index_add_`` (which adds in index order). The native kernel
+    (:func:`lowbit.kernels.avx512.run_bhq_group_sums`) sums in that order too, so every
+    kernel set gives the same bits. On other devices, float32 operands of at least
+    ``SPARSE_MIN_NUMEL`` elements take one sparse (G × N, N non-zeros) × dense product on
+    the groups' CSR index (:meth:`BlockHouseholder.csr`; it reads ``x`` once and writes
+    only (G, D), where the scatter-add first writes a fresh (N, D) buffer), summed in the
+    device library's order."""
+    if x.device.type in SEQUENTIAL_DEVICES or x.dtype != torch.float32 or w.dtype != torch.float32 \
+            or x.numel() < SPARSE_MIN_NUMEL:
         wx = _weighted(x, w)  # (N, D)
         return wx.new_zeros(t.n_groups, x.shape[1]).index_add_(0, t.group, wx)
     crow, members = t.csr()
@@ -57,6 +63,11 @@ def _group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.
         mat = torch.sparse_csr_tensor(crow, members, w[members], (t.n_groups, x.shape[0]),
                                       check_invariants=False)
         return torch.sparse.mm(mat, x)  # (G, D)
+
+
+def _native_group_sums_ok(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> bool:
+    """The native kernel sums in the sequential order: only where the reference does."""
+    return x.device.type in SEQUENTIAL_DEVICES and avx512.supports_bhq_group_sums(x, w, t)
 
 
 def _apply_forward(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
@@ -86,7 +97,8 @@ register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
 register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.supports_bhq_inverse)
-register("bhq_group_sums", Impl.REFERENCE, _group_sums)  # every kernel set: one summation order
+register("bhq_group_sums", Impl.REFERENCE, _group_sums)
+register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
 register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
 
@@ -95,7 +107,7 @@ class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids.
 
     ``T = H·S``, ``T⁻¹ = S⁻¹·H``; each group's ``vᵀx`` is summed over its weighted rows
-    (:func:`_group_sums`, the same on every kernel set), then one pass applies the rank-1
+    (:func:`_group_sums`: one summation order on every kernel set), then one pass applies the rank-1
     update: O(N·D). The call's kernels fuse that pass (and the quantizer) where allowed;
     the arithmetic is the same, bit for bit.
     """
@@ -167,7 +179,8 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None) -> BlockHouse
     dev = a.device
     dt = compute_dtype(a.dtype)
     lam = row_absmax(a, kernels).double()  # (N,)
-    if n <= 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
+    top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
+    if n <= 1 or not math.isfinite(top) or top <= 0:
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
         ones = torch.ones(n, dtype=dt, device=dev)

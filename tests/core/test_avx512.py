@@ -782,6 +782,27 @@ def test_bhq_inverse_bitwise_the_reference(shape: tuple[int, int]) -> None:
 
 
 @needs_avx512
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """The row absmax BHQ's ranges come from, on the kernel, against
+    ``reference.row_absmax``: NaN rows stay NaN, ±Inf stay Inf, strided rows, 1–3
+    threads; the dispatcher sends it plain rows and keeps the reference elsewhere."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = _operand(shape, g).clamp(-6e4, 6e4).to(dtype)
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("-inf")
+    for a in (x, x[:, 1:] if shape[1] > 1 else x):
+        for threads in (1, 3):
+            with num_threads(threads):
+                assert avx512.supports_row_absmax(a)
+                assert avx512._same(avx512.run_row_absmax(a), reference.row_absmax(a))
+                assert avx512._same(kernels_for(Backend.AUTO, "cpu").run("row_absmax", a), reference.row_absmax(a))
+    assert not avx512.supports_row_absmax(x.t()) or min(shape) == 1  # columns (unless one row or column)
+    assert not avx512.supports_row_absmax(x.double())
+
+
+@needs_avx512
 def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
     import lowbit
     from lowbit.kernels import Impl, register

@@ -562,10 +562,14 @@ def test_coverage_fp8_backend_refuses_a_cnn() -> None:
         coverage(model, torch.randn(3, 2, 5, 5))
 
 
-def test_bhq_group_sums_are_counted_as_quantizer_transforms() -> None:
-    """BHQ's group sums on a gradient of ≥ 2¹⁹ elements are one sparse × dense product
-    (``aten._sparse_addmm``): counted with the quantizers' own GEMMs (2·nnz·n FLOPs), not
-    listed as a matrix op without a formula (a new user's finding)."""
+def test_bhq_group_sums_are_counted_as_quantizer_transforms(monkeypatch) -> None:
+    """BHQ's group sums on a float32 gradient of ≥ 2¹⁹ elements off the CPU are one sparse
+    × dense product (``aten._sparse_addmm``): counted with the quantizers' own GEMMs
+    (2·nnz·n FLOPs), not listed as a matrix op without a formula (a new user's finding).
+    On the CPU they are sequential sums, no GEMM; the sparse path is forced here."""
+    import lowbit.quantizers.bhq as bhq
+
+    monkeypatch.setattr(bhq, "SEQUENTIAL_DEVICES", frozenset())
     torch.manual_seed(0)
     model = lowbit.convert(nn.Linear(256, 2048), lowbit.FQTConfig.from_recipe("fqt-bhq-8", seed=0))
     x = torch.randn(256, 256, requires_grad=True)  # ∇Y: 256 × 2048 = 2¹⁹ elements
@@ -574,3 +578,6 @@ def test_bhq_group_sums_are_counted_as_quantizer_transforms() -> None:
     # the group sums of ∇Y (nnz = 256 rows, 2048 columns); ∇X's (256 × 256) take the
     # scatter-add path, below 2¹⁹ elements
     assert rep.quantizer_flops == 2 * 256 * 2048 and rep.quantizer_calls == 1
+    monkeypatch.setattr(bhq, "SEQUENTIAL_DEVICES", frozenset({"cpu"}))  # the CPU's own: no GEMM to count
+    rep = lowbit.coverage(model, x, loss_fn=lambda out: out.square().mean())
+    assert rep.unaccounted == () and rep.quantizer_flops == 0 and rep.quantizer_calls == 0

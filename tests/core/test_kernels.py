@@ -189,7 +189,9 @@ def test_bhq_group_sums_are_the_weighted_row_sums(monkeypatch, sparse: bool) -> 
     import lowbit.quantizers.bhq as bhq
     from lowbit.kernels import Backend, Impl, kernels_for
 
-    monkeypatch.setattr(bhq, "SPARSE_MIN_NUMEL", 0 if sparse else 1 << 62)
+    if sparse:  # the product off the CPU, forced here
+        monkeypatch.setattr(bhq, "SEQUENTIAL_DEVICES", frozenset())
+        monkeypatch.setattr(bhq, "SPARSE_MIN_NUMEL", 0)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(256, 72, generator=g) * torch.logspace(-4, 0, 256)[torch.randperm(256, generator=g)][:, None]
     t = bhq.bhq_transform(x)
@@ -202,6 +204,36 @@ def test_bhq_group_sums_are_the_weighted_row_sums(monkeypatch, sparse: bool) -> 
     assert torch.equal(bhq._group_sums(x.double(), w.double(), t), want)
     for backend in Backend:  # no kernel set sums its own way
         assert kernels_for(backend, "cpu").lookup("bhq_group_sums", Impl.COMPILED) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bhq_group_sums_on_the_cpu_add_rows_in_ascending_order(dtype: torch.dtype, threads: int) -> None:
+    # the CPU's definition, written out: each group's sum starts at +0 and adds its rows'
+    # rounded products w_r·x_r one by one in ascending row order; the reference and the
+    # native kernel (every kernel set) give exactly those bits, for rows over 256 columns
+    # (the kernel's bands), strided rows, and NaN/±Inf (which stay non-finite)
+    import lowbit.quantizers.bhq as bhq
+    from lowbit.kernels import Backend, kernels_for
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 301, generator=g) * torch.logspace(-20, 20, 301)
+    base[3, 5], base[7, 300] = float("nan"), float("inf")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in (base.to(dtype), base[:, 2:290].to(dtype)):
+            t = bhq.bhq_transform(x.float().nan_to_num(0.0, 0.0, 0.0))
+            w = t.v * t.scale
+            want = torch.zeros(t.n_groups, x.shape[1])
+            for r in range(x.shape[0]):  # the definition, one row at a time
+                want[t.group[r]] += x[r].float() * w[r]
+            for backend in Backend:
+                got = kernels_for(backend, "cpu").run("bhq_group_sums", x, w, t)
+                assert torch.equal(got.nan_to_num(1.5), want.nan_to_num(1.5)), backend
+                assert torch.equal(got.isnan(), want.isnan())
+    finally:
+        torch.set_num_threads(old)
 
 
 # -- exact arithmetic of the rounding (issue 11, items 9 and 10) -------------------------
