@@ -61,7 +61,7 @@ class GemmRow:
 class CoverageReport:
     """What one training step ran. FLOP counts are of GEMMs only (``2·m·k·n`` each);
     ``quantizer_flops`` are the float GEMMs of lowbit's own quantizers (e.g. BHQ's group
-    sums), kept out of the shares; ``unaccounted`` lists matrix ops with no FLOP
+    sums off the CPU, a sparse product), kept out of the shares; ``unaccounted`` lists matrix ops with no FLOP
     formula; ``never_called`` the converted layers whose forward never ran."""
 
     rows: tuple[GemmRow, ...]
