@@ -43,7 +43,8 @@ Toggles (each is "on" as lowbit ships it):
                (``lowbit.kernels.avx512.run_bhq_group_sums``); off: the sparse × dense product
                (scatter-add below 2¹⁹ elements) they were before (values differ by rounding)
   avx512-row-absmax  the row ranges BHQ's groups start from on lowbit's AVX-512 kernel; off: the
-               compiled (Inductor) ``row_absmax`` (the same values)
+               compiled (Inductor) ``row_absmax`` from ``compiled.MIN_NUMEL`` elements on, the
+               reference below (the same values)
   hadamard-heads  attention's Hadamard-quantized gradients whose blocks stay within each
                head run on the integer kernels, ``T⁻¹`` on the product's rows; off: ``T⁻¹``
                on the operand and one simulated (float) GEMM, as before (values differ by rounding)

@@ -1288,10 +1288,11 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 
 def _bhq_group_sums_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
-    """BHQ's group sums against ``bhq._group_sums`` (the reference's sequential sums): one
-    group, many, empty ones, a band edge (300 columns), strided rows, bfloat16, NaN and
-    ±Inf, one and two threads."""
-    from ..quantizers.bhq import BlockHouseholder, _group_sums
+    """BHQ's group sums against ``bhq.sequential_group_sums`` (the CPU's definition,
+    whatever ``bhq``'s settings): one group, many, empty ones, a band edge (300 columns),
+    strided rows, bfloat16, NaN and ±Inf, one and two threads."""
+    from ..quantizers.bhq import BlockHouseholder
+    from ..quantizers.bhq import sequential_group_sums as _group_sums
 
     cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
     g = torch.Generator().manual_seed(3)

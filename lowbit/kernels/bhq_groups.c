@@ -8,9 +8,10 @@
  * and C's agree), so the outputs are the reference's bit for bit. ATen's square root and
  * power are not the C library's (its float64 sqrt is not correctly rounded), so they stay
  * in torch: the square roots depend only on the group size g, and come as tables indexed
- * by g - 1 computed by torch with the reference's operations; the one power,
- * base^(-1/3), is torch's on the bases this call leaves in sorted order, and
- * lowbit_bhq_scatter puts the scales and vectors back in row order. Plain C: no
+ * by g - 1 computed by torch with the reference's operations (lowbit_bhq_groups reports
+ * the largest g, lowbit_bhq_bases reads the tables); the one power, base^(-1/3), is
+ * torch's on the bases lowbit_bhq_bases leaves in sorted order, and lowbit_bhq_scatter
+ * puts the scales and vectors back in row order. Plain C: no
  * intrinsics, no -ffast-math.
  */
 #include <float.h>
@@ -66,16 +67,11 @@ static void sort_desc(const double *key, int64_t *idx, uint64_t *ka, uint64_t *k
  *   crow       (n + 1,) of which k + 1 are used: group j's members are
  *              members[crow[j] : crow[j + 1]]
  *   members    row ids grouped by group, ascending within each group
- *   k_out      (1,): the number of groups k
- *   v          (sorted) the Householder vector entry (lowbit.kernels.bhq_groups._scales)
- *   base       (sorted) the scale's base: s = base^(-1/3) where g > 1
- * work: 3 n int64 of scratch. Tables (index g - 1, at least n entries; bhq_groups._tables):
- * r = sqrt(g), vl and vs the vector entries of a group's large and small rows, hm =
- * max|H_max(g, 2)|. */
+ *   k_out      (2,): the number of groups k, and the largest group's size
+ * work: 3 n int64 of scratch. */
 void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *grp_sorted, double *g,
                        double *lam_large, double *lam_small, int64_t *group, int64_t *crow, int64_t *members,
-                       int64_t *k_out, int64_t *work, const double *tab_r, const double *tab_vl,
-                       const double *tab_vs, const double *tab_hm, double *v, double *base) {
+                       int64_t *k_out, int64_t *work) {
     int64_t *cum = work, *tmp = work + n;
     double *prefix = (double *)(work + 2 * n), *ls = lam_large; /* ls: overwritten last */
     sort_desc(lam, order, (uint64_t *)work, (uint64_t *)(work + n), (int64_t *)(work + 2 * n), n);
@@ -139,10 +135,23 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
     int64_t *fill = work; /* cum is no longer needed */
     for (int64_t q = 0; q < k; q++) fill[q] = crow[q];
     for (int64_t r = 0; r < n; r++) members[fill[group[r]]++] = r;
-    *k_out = k;
-    /* the vectors and the scales' bases (lowbit.kernels.bhq_groups._scales):
-     * s1 = (λ_large/√g)^(-1/3),
-     * s2 = (max(λ_small·max|H_g|, max(1e-12·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3) */
+    k_out[0] = k;
+    int64_t gmax = 1;
+    for (int64_t q = 0; q < k; q++)
+        if (crow[q + 1] - crow[q] > gmax) gmax = crow[q + 1] - crow[q];
+    k_out[1] = gmax;
+}
+
+/* The vectors and the scales' bases (lowbit.kernels.bhq_groups._scales), rows in sorted order
+ * (the first k large) from lowbit_bhq_groups's g, lam_large, lam_small:
+ *   v[i]    the Householder vector entry
+ *   base[i] s = base^(-1/3) where g > 1:  s1 = (λ_large/√g)^(-1/3),
+ *           s2 = (max(λ_small·max|H_g|, max(1e-12·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3)
+ * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
+ * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
+void lowbit_bhq_bases(int64_t n, int64_t k, const double *g, const double *lam_large, const double *lam_small,
+                      const double *tab_r, const double *tab_vl, const double *tab_vs, const double *tab_hm,
+                      double *v, double *base) {
     for (int64_t i = 0; i < n; i++) {
         const double gi = g[i];
         const int64_t t = (int64_t)gi - 1;

@@ -14,11 +14,12 @@ Two implementations. :func:`reference`, in torch, defines it: about a hundred sm
 (:func:`run`; plain C, ``bhq_groups.c``, built by :mod:`.cbuild` on first use) does the
 bookkeeping (a radix sort, prefix sums, group sizes and memberships, the gathers and the
 scatter back to row order) and the scales' and vectors' elementwise float64 arithmetic in
-two calls, with the reference's operations in the reference's order. ATen's ``sqrt`` and
-``pow`` are not the C library's (its float64 ``sqrt`` is not correctly rounded), so both
-stay torch's: the square roots depend on the group size alone and come from tables over
-sizes 1..2ᵏ (:func:`_tables`, computed once with the reference's ops), and the one power
-runs in torch on the (N,) bases between the two calls. Its results are the reference's
+three calls, with the reference's operations in the reference's order. ATen's ``sqrt``
+and ``pow`` are not the C library's (its float64 ``sqrt`` is not correctly rounded), so
+both stay torch's: the square roots depend on the group size alone and come from tables
+over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`, computed with the
+reference's ops and kept), and the one power runs in torch on the (N,) bases before the
+last call. Its results are the reference's
 bit for bit (a self-test checks ties, one huge row, equal rows, zeros, subnormal and huge
 ranges, two to thousands of rows, before first use; a failure, a missing compiler or a
 failed build is a ``RuntimeWarning`` and the reference runs). It also returns the CSR
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import warnings
 from pathlib import Path
@@ -42,10 +44,11 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import cbuild
 
 SOURCE = Path(__file__).with_name("bhq_groups.c")
-FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing")
 _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 16,
+_SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
+               "lowbit_bhq_bases": [_I64, _I64] + [_P] * 9,
                "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P]}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -163,13 +166,19 @@ def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]
     return scale, v_out
 
 
-@functools.lru_cache(maxsize=8)
-def _tables(size: int) -> tuple[torch.Tensor, ...]:
-    """:func:`_by_size` of the group sizes 1..``size`` (float64, CPU; a power of two, so a
-    few tables serve every call). ATen's float64 ``sqrt`` is elementwise (the same value
+_TABLES: list[torch.Tensor] = []  # the largest tables made so far; smaller sizes are prefixes
+
+
+def _tables(size: int) -> list[torch.Tensor]:
+    """:func:`_by_size` of the group sizes 1..``size`` or more (float64, CPU), kept and
+    grown by powers of two. ATen's float64 ``sqrt`` is elementwise (the same value
     wherever an element sits), so entry ``g − 1`` is the reference's value for a row of a
     group of ``g``; the self-test checks it."""
-    return tuple(t.contiguous() for t in _by_size(torch.arange(1, size + 1, dtype=torch.float64, device="cpu")))
+    if not _TABLES or _TABLES[0].shape[0] < size:
+        grown = 1 << (size - 1).bit_length()
+        _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
+                                                                    device="cpu"))]
+    return list(_TABLES)
 
 
 def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
@@ -212,11 +221,15 @@ def set_enabled(flag: bool) -> None:
 
 
 def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether :func:`run` takes this call: ``lam`` a plain contiguous float64 CPU vector,
-    ``dtype`` float32 or float64, the kernel available."""
-    return type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu" \
-        and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous() \
-        and dtype in (torch.float32, torch.float64) and _enabled and available()
+    """Whether :func:`run` takes this call: ``lam`` a plain contiguous float64 CPU vector
+    meeting the op's conditions (at least two entries, all finite, one positive: the C
+    code reads nothing else), ``dtype`` float32 or float64, the kernel available."""
+    if not (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
+            and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous() and lam.shape[0] >= 2
+            and dtype in (torch.float32, torch.float64) and _enabled and available()):
+        return False
+    top = float(lam.max())  # NaN if any entry is NaN
+    return math.isfinite(top) and top > 0
 
 
 @torch.compiler.disable
@@ -225,17 +238,18 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
     order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
     g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
-    crow, k, work = torch.empty(n + 1, **i64), torch.empty(1, **i64), torch.empty(3 * n, **i64)
-    tabs = _tables(1 << (n - 1).bit_length())  # group sizes ≤ n
+    crow, k, work = torch.empty(n + 1, **i64), torch.empty(2, **i64), torch.empty(3 * n, **i64)
     lib.lowbit_bhq_groups(lam.data_ptr(), n, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
                           lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
-                          members.data_ptr(), k.data_ptr(), work.data_ptr(), *(t.data_ptr() for t in tabs),
-                          v.data_ptr(), base.data_ptr())
+                          members.data_ptr(), k.data_ptr(), work.data_ptr())
+    n_groups, largest = k.tolist()
+    tabs = _tables(largest)  # the tables' references are held until the call returns
+    lib.lowbit_bhq_bases(n, n_groups, g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
+                         *(t.data_ptr() for t in tabs), v.data_ptr(), base.data_ptr())
     s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, on the same (N,) sorted bases
     scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
     lib.lowbit_bhq_scatter(n, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
                            int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr())
-    n_groups = int(k)
     return Groups(scale, v_out, group, n_groups, crow[: n_groups + 1], members)
 
 

@@ -37,8 +37,16 @@ def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.to(w.dtype) * w[:, None]
 
 
-SPARSE_MIN_NUMEL = 1 << 19  # off the CPU, from it on a sparse product is faster than the scatter-add
+SPARSE_MIN_NUMEL = 1 << 19  # off the CPU, the sparse product from this size on (measured on a CPU, where it was used until 2026-12-03)
 SEQUENTIAL_DEVICES = frozenset({"cpu"})  # where the group sums are added row by row (no sparse product)
+
+
+def sequential_group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.Tensor:
+    """``dots[g] = Σ_{r∈g} w_r x_r`` (G, D) in ``w``'s dtype, each group's rows added one by
+    one in ascending row order (``index_add_``'s order), each product rounded first, from
+    +0: the CPU's definition (:func:`_group_sums`), whatever its settings."""
+    wx = _weighted(x, w)  # (N, D)
+    return wx.new_zeros(t.n_groups, x.shape[1]).index_add_(0, t.group, wx)
 
 
 def _group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.Tensor:
@@ -55,8 +63,7 @@ def _group_sums(x: torch.Tensor, w: torch.Tensor, t: BlockHouseholder) -> torch.
     device library's order."""
     if x.device.type in SEQUENTIAL_DEVICES or x.dtype != torch.float32 or w.dtype != torch.float32 \
             or x.numel() < SPARSE_MIN_NUMEL:
-        wx = _weighted(x, w)  # (N, D)
-        return wx.new_zeros(t.n_groups, x.shape[1]).index_add_(0, t.group, wx)
+        return sequential_group_sums(x, w, t)
     crow, members = t.csr()
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)

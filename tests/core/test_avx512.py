@@ -947,6 +947,22 @@ def test_self_test_is_robust_and_a_failure_falls_back(monkeypatch: pytest.Monkey
         avx512._library.cache_clear()
 
 
+@needs_avx512
+def test_self_test_ignores_the_group_sums_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group sums' self-test compares with the CPU's definition itself, so building the
+    library while ``bhq``'s sparse path is forced (a benchmark toggle, a test) does not
+    fail it and switch the whole kernel off (a reviewer's finding)."""
+    import lowbit.quantizers.bhq as bhq
+
+    monkeypatch.setattr(bhq, "SEQUENTIAL_DEVICES", frozenset())
+    monkeypatch.setattr(bhq, "SPARSE_MIN_NUMEL", 0)
+    avx512._library.cache_clear()
+    try:
+        assert avx512.available()
+    finally:
+        avx512._library.cache_clear()
+
+
 def test_in_use_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     """``in_use()``: ``None`` where lowbit's quantizers run on the kernel, else the
     reason, for each switch (``available()`` only says whether it could run)."""

@@ -112,6 +112,24 @@ def test_unsupported_calls_and_switch_run_the_reference() -> None:
     finally:
         bhq_groups.set_enabled(True)
     assert (AUTO.run("bhq_groups", lam, torch.float32).crow is not None) == AUTO.fused
+    # outside the op's conditions the C code is never called (it would read past an empty
+    # vector or round a NaN): fewer than two rows, a NaN or an infinite range, all zeros
+    f64 = {"dtype": torch.float64}
+    for bad in (torch.zeros(0, **f64), torch.ones(1, **f64), torch.tensor([1.0, float("nan")], **f64),
+                torch.tensor([float("inf"), 1.0], **f64), torch.zeros(4, **f64)):
+        assert not bhq_groups.supports(bad, torch.float32)
+
+
+@needs_kernel
+def test_square_root_tables_cover_the_largest_group() -> None:
+    """One huge row and N − 1 tiny ones make one group of N rows: the tables grow to it
+    (index g − 1) and the native construction is the reference's, bit for bit."""
+    lam = torch.full((5000,), 1e-30, dtype=torch.float64)
+    lam[17] = 1e30
+    got, want = bhq_groups.run(lam, torch.float64), bhq_groups.reference(lam, torch.float64)
+    assert got.n_groups == want.n_groups == 1
+    assert bhq_groups._TABLES[0].shape[0] >= 5000
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.v, want.v)
 
 
 def test_switched_off_by_the_environment() -> None:
