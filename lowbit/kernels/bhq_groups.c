@@ -146,18 +146,19 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
  * (the first k large) from lowbit_bhq_groups's g, lam_large, lam_small:
  *   v[i]    the Householder vector entry
  *   base[i] s = base^(-1/3) where g > 1:  s1 = (λ_large/√g)^(-1/3),
- *           s2 = (max(λ_small·max|H_g|, max(1e-12·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3)
+ *           s2 = (max(λ_small·max|H_g|, max(ratio·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3)
+ *           (ratio: bhq_groups.MIN_SMALL_RATIO)
  * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
  * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
 void lowbit_bhq_bases(int64_t n, int64_t k, const double *g, const double *lam_large, const double *lam_small,
                       const double *tab_r, const double *tab_vl, const double *tab_vs, const double *tab_hm,
-                      double *v, double *base) {
+                      double ratio, double *v, double *base) {
     for (int64_t i = 0; i < n; i++) {
         const double gi = g[i];
         const int64_t t = (int64_t)gi - 1;
         v[i] = i < k ? tab_vl[t] : tab_vs[t];
         const double gm1 = gi - 1.0 > 1.0 ? gi - 1.0 : 1.0;
-        const double floor_ = 1e-12 * lam_large[i] > DBL_MIN ? 1e-12 * lam_large[i] : DBL_MIN;
+        const double floor_ = ratio * lam_large[i] > DBL_MIN ? ratio * lam_large[i] : DBL_MIN;
         const double w2a = lam_small[i] * tab_hm[t];
         base[i] = i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
     }

@@ -48,7 +48,7 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno
 _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
-               "lowbit_bhq_bases": [_I64, _I64] + [_P] * 9,
+               "lowbit_bhq_bases": [_I64, _I64] + [_P] * 7 + [ctypes.c_double, _P, _P],
                "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P]}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -245,7 +245,7 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     n_groups, largest = k.tolist()
     tabs = _tables(largest)  # the tables' references are held until the call returns
     lib.lowbit_bhq_bases(n, n_groups, g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
-                         *(t.data_ptr() for t in tabs), v.data_ptr(), base.data_ptr())
+                         *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr())
     s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, on the same (N,) sorted bases
     scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
     lib.lowbit_bhq_scatter(n, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
