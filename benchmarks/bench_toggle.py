@@ -75,6 +75,10 @@ Toggles (each is "on" as lowbit ships it):
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
                float rounding)
 
+  prepack-no-shape  oneDNN's int8 convolution weights prepacked without the input's shape
+               (``lowbit.kernels.qconv.PREPACK_INPUT_SHAPE`` False); off: told the shape, as
+               before (the same sums)
+
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
 
@@ -354,6 +358,14 @@ def _bias_pieces() -> Callable[[bool], None]:
     return switch
 
 
+def _prepack_no_shape() -> Callable[[bool], None]:
+    from lowbit.kernels import qconv
+
+    def switch(on: bool) -> None:
+        qconv.PREPACK_INPUT_SHAPE = not on
+    return switch
+
+
 def _gemm_panels() -> Callable[[bool], None]:
     from lowbit.kernels import int8
 
@@ -375,7 +387,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _grad_w("lowbit.conv"),
     "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
-    "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces,
+    "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels}
 
 

@@ -25,6 +25,12 @@ from collections.abc import Sequence
 import torch
 
 MAX_K = (2**24 - 1) // (128 * 128)  # 1023: float32 holds every int32 sum of ≤ this many terms
+# Whether the weight prepack is told the input's shape. Off: oneDNN packs for its default
+# blocked format, 2.7× cheaper for a 64-channel 3×3 weight (86 against 236 µs, Intel Xeon,
+# 2 threads): prepack + convolution −12.6% at ResNet-20's 64-channel layers, within ±4% at
+# the others (docs/benchmarks.md "The per-layer fixed cost"); the same exact sums either
+# way. A switch for benchmarks/bench_toggle.py.
+PREPACK_INPUT_SHAPE = False
 
 
 def _op_exists() -> bool:
@@ -47,7 +53,7 @@ def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int]
     xu = x_codes if x_codes.dtype == torch.uint8 else x_codes.view(torch.uint8) ^ 128
     geometry = (list(stride), list(padding), list(dilation), groups)
     packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), ones, 1.0, 128, *geometry,
-                                            list(x_codes.shape))
+                                            list(x_codes.shape) if PREPACK_INPUT_SHAPE else None)
     return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zero, None, *geometry,
                                               1.0, 0, torch.float32, "none", [], "")
 
