@@ -239,6 +239,42 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                            f"{bias.dtype} and {weight.dtype}")
 
 
+def check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    groups: int, dims: int) -> None:
+    """Raise ``RuntimeError`` in torch's words where ``F.conv{dims}d`` would refuse these
+    operands, naming the shapes the caller passed (not lowbit's internal 4-D views): a
+    ``(dims + 2)``-D weight, ``groups ≥ 1`` dividing its output channels, an input with
+    ``weight.shape[1]·groups`` channels, a bias of one element per output channel."""
+    if weight.dim() != dims + 2:
+        raise RuntimeError(f"{op}: expected a {dims + 2}-D weight (C_out, C_in/groups, "
+                           f"{', '.join('k' for _ in range(dims))}), got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise RuntimeError(f"{op}: groups must be a positive integer dividing the weight's "
+                           f"{weight.shape[0]} output channels, got {groups!r}")
+    if x.dim() != dims + 2 or x.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight.shape)}, "
+                           f"expected input{list(x.shape)} to be {dims + 2}-D with "
+                           f"{weight.shape[1] * groups} channels")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias to be "
+                           f"1-dimensional with {weight.shape[0]} elements, but got bias of size "
+                           f"{list(bias.shape)} instead")
+
+
+def conv_padding(op: str, padding: Any, stride: Sequence[int]) -> Any:
+    """``padding`` checked as ``F.conv2d``/``F.conv1d`` check it: an int, a sequence, or
+    the strings ``"valid"`` and ``"same"`` — ``"same"`` only at stride 1 (torch does not
+    define it for strided convolutions). ``RuntimeError`` otherwise."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise RuntimeError(f"{op}: invalid padding string {padding!r} (expected an int, a "
+                               f"tuple, 'valid' or 'same')")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions "
+                               f"(stride {tuple(stride)})")
+    return padding
+
+
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig) -> torch.Tensor:
     """Linear layer under ``config`` (``fp``: plain ``F.linear``): ``x`` (*, in),
@@ -253,6 +289,14 @@ def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if state.config.is_fp:
         return F.linear(x, weight, bias)
     check_dtypes("fqt_linear", x, weight, bias)
+    if weight.dim() != 2:
+        raise RuntimeError(f"fqt_linear: expected a 2-D weight (out, in), got shape {tuple(weight.shape)} "
+                           "(for F.linear's 1-D form use weight.unsqueeze(0) and squeeze the output)")
+    if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
+        bias = bias.reshape(1).expand(weight.shape[0])  # broadcast, as F.linear does
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"fqt_linear: bias of shape {tuple(bias.shape)} does not fit a weight of "
+                           f"shape {tuple(weight.shape)}: it must be ({weight.shape[0]},) or one element")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise RuntimeError(f"fqt_linear: input of shape {tuple(x.shape)} does not fit a weight "
                            f"of shape {tuple(weight.shape)}: its last dimension must be {weight.shape[1]}")
@@ -288,7 +332,9 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check_dtypes("fqt_conv2d", x, weight, bias)
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return fqt_conv2d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
+    check_conv_args("fqt_conv2d", x, weight, bias, groups, 2)
     stride, dilation = _pair(stride), _pair(dilation)
+    padding = conv_padding("fqt_conv2d", padding, stride)
     if padding == "same":
         x, padding = F.pad(x, same_padding(weight.shape[2:], dilation)), 0
     elif padding == "valid":

@@ -265,6 +265,54 @@ def test_linear_shape_mismatch_raises_even_on_empty_input() -> None:
                                   "weight of shape (6, 8): its last dimension must be 8")
 
 
+# Bad arguments to the functional API: where torch's F.conv1d/F.conv2d/F.linear refuse them,
+# lowbit refuses them too, on every recipe (the fp recipe is torch itself), naming the
+# argument and the shapes the caller passed (not lowbit's internal 4-D views of a Conv1d).
+X2, W2 = (2, 4, 8, 8), (8, 4, 3, 3)
+BAD = {  # name: (function, x shape, weight shape, bias shape or None, kwargs, words of the error)
+    "same-strided-2d": ("fqt_conv2d", X2, W2, None, {"stride": 2, "padding": "same"},
+                        "padding='same' is not supported for strided convolutions"),
+    "same-strided-1d": ("fqt_conv1d", (2, 4, 10), (8, 4, 3), None, {"stride": 2, "padding": "same"},
+                        "padding='same' is not supported for strided convolutions"),
+    "padding-string": ("fqt_conv2d", X2, W2, None, {"padding": "full"}, "invalid padding string 'full'"),
+    "conv-bias-size": ("fqt_conv2d", X2, W2, (5,), {}, "expected bias to be 1-dimensional with 8 elements"),
+    "conv1d-channels": ("fqt_conv1d", (2, 5, 10), (8, 4, 3), None, {},
+                        "weight of size [8, 4, 3], expected input[2, 5, 10] to be 3-D with 4 channels"),
+    "conv2d-groups": ("fqt_conv2d", X2, (8, 3, 3, 3), None, {"groups": 2},
+                      "expected input[2, 4, 8, 8] to be 4-D with 6 channels"),
+    "conv-weight-dims": ("fqt_conv2d", X2, (8, 4, 3), None, {}, "expected a 4-D weight"),
+    "linear-1d-weight": ("fqt_linear", (2, 4), (4,), None, {}, "expected a 2-D weight (out, in)"),
+    "linear-bias-size": ("fqt_linear", (2, 4), (3, 4), (5,), {}, "bias of shape (5,) does not fit"),
+}
+TORCH_OPS = {"fqt_conv2d": F.conv2d, "fqt_conv1d": F.conv1d, "fqt_linear": F.linear}
+
+
+@pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_functional_arguments_raise_what_torch_raises_for(case, recipe) -> None:
+    fn, xs, ws, bs, kw, words = BAD[case]
+    x, w, b = torch.randn(xs), torch.randn(ws), None if bs is None else torch.randn(bs)
+    if fn != "fqt_linear" or case != "linear-1d-weight":  # F.linear takes a 1-D weight
+        with pytest.raises(RuntimeError):
+            TORCH_OPS[fn](x, w, b, **kw)
+    call = getattr(lowbit.functional, fn, None) or getattr(lowbit, fn)
+    if case == "linear-1d-weight" and recipe == "fp":  # the fp recipe is F.linear: it takes it
+        assert torch.equal(call(x, w, b, FQTConfig.from_recipe(recipe)), F.linear(x, w, b))
+        return
+    with pytest.raises(RuntimeError) as err:
+        call(x, w, b, FQTConfig.from_recipe(recipe, seed=0), **kw)
+    if recipe != "fp":  # fp is F.conv*/F.linear itself: torch's words
+        assert words in str(err.value) and str(err.value).startswith(fn)
+
+
+def test_linear_takes_a_one_element_bias_as_torch_broadcasts_it() -> None:
+    x, w, b = torch.randn(2, 4), torch.randn(3, 4), torch.randn(1)
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    got = lowbit.functional.fqt_linear(x, w, b, cfg)
+    want = lowbit.functional.fqt_linear(x, w, b.expand(3).clone(), cfg)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_double_backward_is_refused_with_quantized_gradients(kind: str, backend: str) -> None:
