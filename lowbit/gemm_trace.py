@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -210,6 +211,7 @@ class GemmTracer(TorchDispatchMode):
         self.spans = _ModuleSpans(model)
         self.scopes: list[str] = []
         self.calls: list[GemmCall] = []
+        self.forward_weights: set[str] = set()  # parameters a forward GEMM used (∇W names)
         self.quantizer_flops = 0
         self.quantizer_calls = 0
         self.unaccounted: list[tuple[str, str]] = []
@@ -353,10 +355,24 @@ class GemmTracer(TorchDispatchMode):
 
     def _gradient_of(self, module: nn.Module | None, out: Any) -> str | None:
         """The name of the parameter of ``module`` (or its parent) whose shape ``out``
-        has — a ∇W GEMM's output — else None (a GEMM in row panels has a part of it)."""
-        grad_of = next((p for m in self._weight_holders(module)
-                        if (p := _weight_shaped_like(out, m)) is not None), None)
-        return None if grad_of is None else self.taint(grad_of).param
+        has — a ∇W GEMM's output — else None (a GEMM in row panels has a part of it).
+        Where several parameters have that shape: those the running backward node feeds
+        (:func:`_autograd_leaves`), then the one a forward GEMM of this trace used;
+        ``None`` where that does not single one out (a wrong name would be worse). (One
+        parameter of that shape is taken as it: a weight computed from parameters —
+        weight norm — reaches its GEMM through an op's node, as an activation does.)"""
+        leaves = _autograd_leaves()
+        for m in self._weight_holders(module):
+            names = [n for p in _weights_shaped_like(out, m) if (n := self.taint(p).param) is not None]
+            if leaves is not None and len(set(names)) > 1:  # the running node's parameters decide
+                named = {n for p in leaves if (n := self.taint(p).param) is not None}
+                names = [n for n in names if n in named] or names
+            used = [n for n in names if n in self.forward_weights]
+            if len(set(used)) == 1:
+                return used[0]
+            if names:
+                return names[0] if len(set(names)) == 1 else None
+        return None
 
     def _record(self, func: Any, part: flops.Part, out: Any, in_quantizer: bool) -> None:
         if in_quantizer:
@@ -380,6 +396,8 @@ class GemmTracer(TorchDispatchMode):
         else:
             weight = self._gradient_of(module, out)
             phase = "backward" if weight is None else "grad_weight"
+        if phase == "forward" and weight is not None:
+            self.forward_weights.add(weight)
         formats = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
         kind = gemm_kind(formats)
         op = str(func.overloadpacket)
@@ -436,17 +454,46 @@ def _why_layer_float(module: nn.Module, phase: str) -> str:
     return "a converted layer ran a float GEMM"
 
 
-def _weight_shaped_like(out: Any, module: nn.Module | None) -> torch.Tensor | None:
-    """The matrix of ``module`` whose gradient a 2-D GEMM output ``out`` can be: the same
-    shape or its transpose, else the same columns with more rows (rows padded by a row
-    transform); ``None`` if none is."""
-    if module is None or not isinstance(out, torch.Tensor) or out.dim() != 2:
+# autograd nodes that only move or cast a tensor: a parameter behind them is the GEMM's own
+_PASS_THROUGH = re.compile(r"(T|Transpose|Permute|View|UnsafeView|Reshape|ReshapeAlias|Unsqueeze|Squeeze"
+                           r"|Expand|Alias|ToCopy|Clone|AsStrided|Select|Slice)Backward\d*")
+
+
+def _autograd_leaves(depth: int = 4) -> list[torch.Tensor] | None:
+    """The leaf tensors (parameters) whose gradients the autograd node now running feeds,
+    directly or through up to ``depth`` nodes that only move or cast them (a transpose, a
+    view, a dtype cast between the GEMM and the parameter; never through another op's
+    node, so a product of activations does not reach the parameters behind them);
+    ``None`` outside a backward node."""
+    node = torch._C._current_autograd_node()
+    if node is None:
         return None
+    leaves, frontier = [], [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for f, _ in n.next_functions:
+                if f is None:
+                    continue
+                var = getattr(f, "variable", None)
+                if var is not None:
+                    leaves.append(var)
+                elif _PASS_THROUGH.fullmatch(type(f).__name__):
+                    nxt.append(f)
+        frontier = nxt
+    return leaves
+
+
+def _weights_shaped_like(out: Any, module: nn.Module | None) -> list[torch.Tensor]:
+    """The matrices of ``module`` whose gradient a 2-D GEMM output ``out`` can be: those of
+    the same shape or its transpose, else those with the same columns and fewer rows (rows
+    padded by a row transform); empty if none is."""
+    if module is None or not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return []
     mats = [p for p in module.parameters() if p.dim() == 2]
     r, c = out.shape
     exact = [p for p in mats if tuple(p.shape) in ((r, c), (c, r))]
-    padded = [p for p in mats if p.shape[1] == c and p.shape[0] < r]
-    return (exact or padded or [None])[0]
+    return exact or [p for p in mats if p.shape[1] == c and p.shape[0] < r]
 
 
 __all__ = ["CODE_DTYPES", "KINDS", "OUTSIDE", "PHASES", "REAL_KINDS", "SIMULATED", "GemmCall",

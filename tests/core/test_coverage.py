@@ -313,6 +313,29 @@ def test_swapped_module_that_is_never_called_counts_as_float() -> None:
                        "forward is bypassed"}
 
 
+class TwoOfAShape(nn.Module):
+    """Two converted layers with weights of one shape; the forward uses ``b``'s weight
+    directly and, when ``both``, calls ``a`` too."""
+
+    def __init__(self, both: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.both = nn.Linear(5, 5), nn.Linear(5, 5), both
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.b.weight)
+        return self.a(y) if self.both else y
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["b-alone", "a-called-too"])
+def test_weight_gradient_names_the_parameter_used_not_the_first_of_its_shape(both: bool) -> None:
+    torch.manual_seed(0)
+    rep = coverage(converted(TwoOfAShape(both), "fqt-psq-8"), torch.randn(3, 5, requires_grad=True))
+    rows = {(r.module, r.phase): r.weight for r in rep.rows}
+    assert rows[("", "forward")] == rows[("", "grad_weight")] == "b.weight"
+    if both:
+        assert rows[("a", "grad_weight")] == "a.weight"
+
+
 def test_int_mm_and_scaled_mm_called_directly_are_counted() -> None:
     class Direct(nn.Module):
         def __init__(self) -> None:
