@@ -53,8 +53,15 @@ def prepare(x: torch.Tensor, fmt: Format, granularity: Granularity
         return _prepare_blocks(x, fmt, granularity)
     if fmt.asymmetric:
         lo, hi = _group(x, granularity, "amin"), _group(x, granularity, "amax")
-        step = grid_step(hi - lo, fmt.emax)
-        return div_rn(x - lo, _nonzero(step)), step, lo + fmt.zero_code * step, None
+        rng = hi - lo
+        # a group of finite values whose range alone passes the dtype's largest value (within
+        # a factor 2 of it): the same grid from halved values (halving is exact there), so
+        # step and offset stay finite instead of an Inf step making every element NaN
+        big = torch.isinf(rng) & torch.isfinite(hi) & torch.isfinite(lo)
+        step = grid_step(torch.where(big, hi / 2 - lo / 2, rng), fmt.emax)
+        step = torch.where(big, 2 * step, step)
+        y = torch.where(big, div_rn(x / 2 - lo / 2, _nonzero(step / 2)), div_rn(x - lo, _nonzero(step)))
+        return y, step, lo + fmt.zero_code * step, None
     amax = _group(x.abs(), granularity, "amax")
     step = grid_step(amax, fmt.emax)
     return div_rn(x, torch.where(amax == 0, torch.ones_like(step), step)), step, None, None

@@ -49,7 +49,11 @@ def quantize_grad(
 
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
     of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
-    :mod:`lowbit.formats`); NaN/Inf propagate. Raises ``ValueError`` for an unknown
+    :mod:`lowbit.formats`); NaN/Inf propagate. That final rounding includes overflow: a
+    value the grid places past the dtype's largest finite value ``M`` — a block format's
+    top grid value or a transform's sums can pass it for ``|g|`` within a factor 4 of ``M``
+    — becomes ±Inf there; every ``g`` with ``|g| ≤ M/4`` gives a finite result (tested for
+    every quantizer and format in float32, bfloat16 and float64). Raises ``ValueError`` for an unknown
     quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``,
     ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``.
     """

@@ -352,3 +352,39 @@ def test_reference_backend_never_compiles(monkeypatch: pytest.MonkeyPatch, devic
             x = x.to(device).requires_grad_(True)
             m(x).square().sum().backward()
             assert x.grad is not None and m.weight.grad is not None
+
+
+# Finite inputs near the dtype's largest value (a new user's review, 2026-12-03): an
+# asymmetric grid's range max − min overflowed to Inf for |g| within a factor 2 of it and
+# made its whole group NaN. The documented contract (quantize_grad's docstring): every
+# |g| ≤ max/4 gives a finite result on every quantizer and format; past that only values
+# the grid itself places beyond the max may become ±Inf.
+NEAR_MAX_FORMATS = ("int4", "int4a", "int8", "int8a", "fp8_e4m3", "fp8_e5m2", "mxfp4",
+                    "mxfp8_e4m3", "nvfp4", "mxfp4_spec", "nvfp4_spec")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", NEAR_MAX_FORMATS)
+@pytest.mark.parametrize("name", NAMES)
+def test_inputs_up_to_a_quarter_of_the_max_give_finite_results(name: str, fmt: str, dtype) -> None:
+    top = torch.finfo(dtype).max / 4
+    g = torch.full((4, 64), top, dtype=torch.float64)
+    g[1] *= -1  # a row at -max/4, a row of mixed signs, a row of small values beside them
+    g[2, ::2] *= -1
+    g[3] = torch.linspace(-1.0, 1.0, 64, dtype=torch.float64)
+    g = g.to(dtype)
+    for seed in range(8):
+        out = lowbit.quantize_grad(g, name, fmt, torch.Generator().manual_seed(seed))
+        assert torch.isfinite(out).all(), (name, fmt, dtype, seed)
+
+
+@pytest.mark.parametrize("name", ["ptq", "psq", "bhq"])
+def test_asymmetric_range_past_the_max_stays_finite_and_unbiased(name: str) -> None:
+    # max − min = 1.8 × float32's max: the grid comes from the halved values (exact), so the
+    # step is finite; unbiasedness by conftest's z-test at 5σ over 2,000 draws
+    top = torch.finfo(torch.float32).max
+    g = torch.tensor([[0.9 * top, -0.9 * top, 0.3 * top, 0.0, 1e30], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    s = torch.stack([lowbit.quantize_grad(g, name, "int4a", torch.Generator().manual_seed(i)).double()
+                     for i in range(2000)])
+    assert torch.isfinite(s).all()
+    assert_unbiased(s, g.double())
