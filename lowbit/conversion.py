@@ -277,8 +277,10 @@ def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bo
     ``linear2`` or ``self_attn``: converted layers
     there would silently not run. The unfused path is PyTorch's reference definition of
     the same layer (the fused one must match it), so turning the fused one off changes
-    only which kernels compute the float parts, and makes the converted layers run in
-    every mode. ``torch.backends.mha.set_fastpath_enabled(False)`` would do it for every
+    which kernels compute the float parts, and makes the converted layers run in every
+    mode. One output changes visibly: with a ``src_key_padding_mask`` in ``eval()`` the
+    nested-tensor path returns 0 at padded positions, the regular path (PyTorch's own in
+    ``train()``) values computed from the padded tokens; unpadded positions agree. ``torch.backends.mha.set_fastpath_enabled(False)`` would do it for every
     model in the process, so instead the per-module flags that these modules compute at
     construction to decide whether the fused path applies are set to "does not apply":
     ``activation_relu_or_gelu = 0`` on the encoder layer (the unfused path calls
