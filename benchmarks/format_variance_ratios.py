@@ -2,7 +2,7 @@
 ``expected_variance(x, "int4a") / expected_variance(x, "int4")`` per quantizer.
 
 The exact stochastic-rounding variance ``E‖Q(x) − x‖²`` over the rounding noise
-(``GradQuantizer.expected_variance``, METHOD.md §6; no sampling) of three 64 × 256
+(``GradQuantizer.expected_variance``, docs/METHOD.md §6; no sampling) of three 64 × 256
 float32 tensors drawn from one seeded generator:
 
 * ``gaussian``: i.i.d. N(0, 1) — dense, two-signed rows;

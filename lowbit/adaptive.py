@@ -1,6 +1,6 @@
 """Adaptive precision: each layer's gradient bit width chosen from measured variance.
 
-Theorem 2 (METHOD.md §1, §9): FQT trains like QAT while the variance its quantizers add
+Theorem 2 (docs/METHOD.md §1, §9): FQT trains like QAT while the variance its quantizers add
 is small against the minibatch (SGD) variance. A quantization/SGD variance ratio ``r``
 makes the gradient as noisy as an SGD gradient of batch ``B/(1 + r)``, so the default
 target ``r ≤ 0.1`` costs at most what a 9% smaller batch would — well inside the range

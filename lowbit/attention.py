@@ -1,4 +1,4 @@
-"""Fully quantized scaled-dot-product attention: its six GEMMs by name (METHOD.md §7).
+"""Fully quantized scaled-dot-product attention: its six GEMMs by name (docs/METHOD.md §7).
 
 For each batch entry and head, with queries ``Q`` (L, E), keys ``K`` (S, E), values
 ``V`` (S, Ev), scale ``c`` (default ``1/√E``) and an additive mask ``M``::
@@ -13,7 +13,7 @@ For each batch entry and head, with queries ``Q`` (L, E), keys ``K`` (S, E), val
     grad_key    ∇K = c · Q_w(∇Sᵀ) · Q_f(Q)              grad_weight spec, a scale per key token
 
 Every gradient operand is oriented so that its rows are the dimension its GEMM does not
-sum over (the rule of METHOD.md §2), and ``∇O`` and ``∇S`` are each quantized twice, by
+sum over (the rule of docs/METHOD.md §2), and ``∇O`` and ``∇S`` are each quantized twice, by
 independent draws. The backward is straight-through for the forward quantizers, so with
 unbiased gradient quantizers the result is an unbiased estimate of the QAT gradient (the
 gradient of the forward-quantized attention, which ``grad_input = grad_weight = None``
@@ -579,7 +579,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  enable_gqa: bool = False, *,
                                  state: BlockState | FQTConfig | None = None) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with its GEMMs quantized under
-    ``state`` (module docstring; the math is METHOD.md §7).
+    ``state`` (module docstring; the math is docs/METHOD.md §7).
 
     ``query`` (..., Hq, L, E), ``key`` (..., H, S, E), ``value`` (..., H, S, Ev) → (..., Hq,
     L, Ev); batch dimensions broadcast; ``enable_gqa``: ``Hq`` a multiple of ``H``, key and

@@ -1,6 +1,6 @@
 """Recipes: which operand of which GEMM is quantized, how, and on which number format.
 
-One spec per operand of a layer's three GEMMs (METHOD.md §1)::
+One spec per operand of a layer's three GEMMs (docs/METHOD.md §1)::
 
     output       Y  = Q_f(X) · Q_f(W)ᵀ        weight, activation  (round-to-nearest)
     grad_input   ∇X = Q_a(∇Y) · Q_f(W)        grad_input          (unbiased, SR)
@@ -110,7 +110,7 @@ class GradSpec:
     quantizer: str = "psq"
     rounding: Rounding = Rounding.STOCHASTIC
     range: RangeMode = RangeMode.DYNAMIC
-    margin: float = 1.25  # measured: docs/results.md, "Predicted gradient ranges"
+    margin: float = 1.25  # measured: docs/results.md, "Gradient ranges known before the GEMM"
     history: int = 16
     overflow: Overflow = Overflow.REQUANTIZE
     format: AnyFormat | str | int | None = None

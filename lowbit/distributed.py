@@ -1,7 +1,7 @@
 """Unbiased quantized gradient communication for ``DistributedDataParallel``.
 
 ``N`` ranks hold gradients ``g_r``; DDP averages them. :func:`quantized_allreduce_hook`
-sends each gradient quantized with stochastic rounding (METHOD.md §8)::
+sends each gradient quantized with stochastic rounding (docs/METHOD.md §8)::
 
     state = QuantizedCommState(ddp_model, GradComm(bits=8))
     ddp_model.register_comm_hook(state, quantized_allreduce_hook)

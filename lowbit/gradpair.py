@@ -1,7 +1,7 @@
 """Both quantizations of an output gradient from one read: ``Q_a(∇Y)`` and ``Q_w(∇Yᵀ)``.
 
 A layer's backward quantizes its output gradient ``∇Y`` (N, out) twice, independently
-(METHOD.md §1): rows for ``∇X = Q_a(∇Y)·Q_f(W)``, and ``∇Yᵀ``'s rows — ``∇Y``'s columns —
+(docs/METHOD.md §1): rows for ``∇X = Q_a(∇Y)·Q_f(W)``, and ``∇Yᵀ``'s rows — ``∇Y``'s columns —
 for ``∇W = Q_w(∇Yᵀ)·Q_f(X)``. Done apart, each quantizer reads ``∇Y`` (twice: its range,
 then its rounding) and the second reads it transposed. :func:`quantize_pair` is the two
 quantizer calls as one function; its compiled kernel (``quantize_pair`` in the kernel

@@ -1,4 +1,4 @@
-"""Live variance monitor: quantization against minibatch variance, per layer (METHOD.md §9).
+"""Live variance monitor: quantization against minibatch variance, per layer (docs/METHOD.md §9).
 
 FQT trains as well as QAT when the variance its gradient quantizers add is small against
 the minibatch (SGD) variance (Theorem 2). :class:`VarianceMonitor` watches that ratio
@@ -148,7 +148,8 @@ class VarianceMonitor:
     """Per-layer quantization and minibatch variance every ``every`` steps (module doc).
 
     ``model``: holds converted layers (``lowbit.convert`` first); hooks are added to the
-    layers :func:`lowbit.fqt_layers` lists now (monitorable ones; others in
+    blocks :func:`lowbit.fqt_blocks` lists now (the converted layers and attention's GEMM
+    blocks, in-projection alternatives included; monitorable ones, others in
     :attr:`skipped`). ``every``: a positive int, the monitored steps are those whose
     index (count of :meth:`step` blocks so far, from 0) is a multiple of it. ``policy``:
     an :class:`~lowbit.adaptive.AdaptivePolicy` that revises each layer's gradient bit

@@ -124,7 +124,9 @@ class FQTLinear(nn.Linear, _StochasticLayer):
 
 class FQTConv2d(nn.Conv2d, _StochasticLayer):
     """``nn.Conv2d`` (stride, padding incl. ``'same'``/padding modes, dilation, groups,
-    bias) whose three GEMMs run under an :class:`FQTConfig` (simulated kernels)."""
+    bias) whose three GEMMs run under an :class:`FQTConfig`: on integer kernels (oneDNN's
+    int8 convolution or im2col + ``torch._int_mm``) where the operands allow, else
+    simulated (:mod:`lowbit.conv`; ``lowbit.coverage`` shows which ran)."""
 
     def __init__(self, *args, config: FQTConfig, seed: int | None = None, name: str = "",
                  **kwargs):
@@ -268,6 +270,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             return module
         if isinstance(module, rule.fqt):
             module.config = config
+            for block in fqt_blocks(module).values():  # its products and projections too
+                block.ran = False
             converted.append(name)
             return module
         new = rule.swap(module, config, base, name)

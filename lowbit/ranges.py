@@ -1,4 +1,4 @@
-"""Gradient ranges known before the GEMM that produces the gradient (METHOD.md §4.5).
+"""Gradient ranges known before the GEMM that produces the gradient (docs/METHOD.md §4.5).
 
 A dynamic quantizer reads ``max |x|`` of the operand it rounds, which hardware only
 knows once the whole accumulator output exists. A *predicted* range is fixed before:

@@ -1,4 +1,4 @@
-"""Per-layer gradient variances from the operands a layer already holds (METHOD.md §9).
+"""Per-layer gradient variances from the operands a layer already holds (docs/METHOD.md §9).
 
 Two estimators, both pure functions of one step's ``∇Y`` and ``Q_f(X)``, used by the live
 monitor (:mod:`lowbit.monitor`) and checked against brute force in the tests.

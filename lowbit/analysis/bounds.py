@@ -30,7 +30,7 @@ and ``E‖η U‖² ≤ λ_max(UᵀU)·E‖η‖²``. What this module computes:
 * ``E‖ε_l‖²`` two ways, on the ``∇Y_l`` actually captured during FQT backward passes (so
   upstream layers see the noisy operand they really quantize): the quantizer's exact
   ``expected_variance`` given the data ("data") and its ``variance_bound`` ("analytic",
-  METHOD.md §2 — the paper's Theorem 2 bound).
+  docs/METHOD.md §2 — the paper's Theorem 2 bound).
 * the ∇W-path term exactly: for per-row SR in a row-transformed basis ``T``,
   ``E‖η U‖² = Σ_j Σ_i (T⁻¹)²_ji Σ_n Var(ξ_in)·‖U_n‖²`` ("data"), and the analytic bound
   ``λ_max(UᵀU)·variance_bound(∇Yᵀ)``.

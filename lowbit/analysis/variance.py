@@ -1,9 +1,9 @@
 """Gradient variance of a converted model, measured by repeated backward passes.
 
-Theorem 2 (METHOD.md §1) splits the variance of the FQT gradient into the minibatch
+Theorem 2 (docs/METHOD.md §1) splits the variance of the FQT gradient into the minibatch
 (SGD) variance of the QAT gradient and the quantization variance that the gradient
 quantizers add; data parallelism with quantized gradient communication adds a third
-term, the communication-quantization variance (METHOD.md §8).
+term, the communication-quantization variance (docs/METHOD.md §8).
 :func:`gradient_variance` measures them on real minibatches, checks that they add up,
 tests the FQT gradient (and the communicated one) for bias (Theorem 1), and compares the
 measured quantization variance with the propagated bound of :mod:`lowbit.analysis.bounds`;

@@ -1,4 +1,4 @@
-"""Number formats as values: a grid of *elements* plus a rule for the scales (METHOD.md §6).
+"""Number formats as values: a grid of *elements* plus a rule for the scales (docs/METHOD.md §6).
 
 A format maps a 2-D operand ``x`` (rows × columns; the columns are the dimension the
 consuming GEMM sums over) to codes ``c`` and back:

@@ -1,4 +1,4 @@
-"""BHQ's groups from its row ranges: the kernel-table op ``bhq_groups`` (METHOD.md §2; the
+"""BHQ's groups from its row ranges: the kernel-table op ``bhq_groups`` (docs/METHOD.md §2; the
 quantizer is :mod:`lowbit.quantizers.bhq`, whose docstring gives the rules).
 
 ``bhq_groups(lam, dtype)``: for the row ranges ``lam`` (N,) float64 (N ≥ 2, all finite, at

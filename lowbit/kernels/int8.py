@@ -3,7 +3,7 @@
 Exact for codes of ≤ 8 bits as long as the int32 accumulator cannot overflow:
 ``K · 128² < 2³¹`` ⇔ ``K ≤ MAX_K`` (8-bit asymmetric codes reach −128). Scales and
 offsets may only sit on the non-summed dimensions (rows of ``a``, columns of ``b``);
-an offset adds a rank-1 term built from the other operand's code sums (METHOD.md §6),
+an offset adds a rank-1 term built from the other operand's code sums (docs/METHOD.md §6),
 so asymmetric grids stay exact. ``torch._int_mm``'s rules on CUDA (cuBLASLt, checked in
 ATen's ``_int_mm_out_cuda``): int8 operands, int32 result, ``M > 16``, ``K`` and ``N``
 positive multiples of 8 (any strides: ATen copies an operand cuBLASLt cannot read).

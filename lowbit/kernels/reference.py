@@ -169,7 +169,7 @@ def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
                   a_rowsum: torch.Tensor | None, b_colsum: torch.Tensor | None, k: int,
                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32
                   ) -> torch.Tensor:
-    """The product from the exact integer accumulator ``acc = Σ_k c_ik r_kj`` (METHOD.md
+    """The product from the exact integer accumulator ``acc = Σ_k c_ik r_kj`` (docs/METHOD.md
     §6): ``Σ_k (s_i c_ik + m_i)(t_j r_kj + n_j) = s_i t_j acc_ij + m_i t_j Σ_k r_kj +
     s_i n_j Σ_k c_ik + K m_i n_j`` — the rank-1 terms only where an offset exists. In the
     scales' dtype, cast to ``out_dtype``."""

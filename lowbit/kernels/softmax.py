@@ -1,5 +1,5 @@
 """Attention's softmax over its scores, with the scores' epilogue: the kernel-table ops
-``attention_softmax`` and ``attention_softmax_grad`` (METHOD.md §7; used by
+``attention_softmax`` and ``attention_softmax_grad`` (docs/METHOD.md §7; used by
 :mod:`lowbit.attention`).
 
 ``attention_softmax(kernels, scores, a_step, b_step, mask, masked, dtype)``: the

@@ -262,7 +262,7 @@ class GradQuantizer(abc.ABC):
         return t.inverse_sq(var.sum(dim=1)).sum()
 
     def variance_bound(self, a: torch.Tensor, fmt: AnyFormat | int | str) -> torch.Tensor:
-        """Upper bound on ``E‖Q(a) − a‖²`` (METHOD.md §2), 0-d float64: ``(δ·s)²/4`` per
+        """Upper bound on ``E‖Q(a) − a‖²`` (docs/METHOD.md §2), 0-d float64: ``(δ·s)²/4`` per
         element of ``T·a``, ``δ`` its element grid spacing and ``s`` its absolute scale
         (``step²/4`` on an integer grid); an all-zero group has no variance and adds 0."""
         t, y, s, fmt = self._elements(a, fmt, None)

@@ -1,4 +1,4 @@
-"""BHQ: block Householder quantizer (METHOD.md §2), applied in O(N·D).
+"""BHQ: block Householder quantizer (docs/METHOD.md §2), applied in O(N·D).
 
 When a few rows are huge and the rest tiny, PSQ's variance is dominated by the huge
 rows. BHQ groups each large row with a share of the small rows, scales the large row by

@@ -1,4 +1,4 @@
-"""Low-bit attention (issue 13, item 3; METHOD.md §7): the forward equals its simulated
+"""Low-bit attention (issue 13, item 3; docs/METHOD.md §7): the forward equals its simulated
 reference exactly, the QAT backward is the gradient of the forward-quantized attention,
 the FQT gradients are unbiased estimates of it, the integer path equals the reference,
 masks / causal / GQA / dropout / checkpointing behave as torch's, and convert swaps

@@ -487,6 +487,25 @@ def test_ran_flag_and_reset() -> None:
     assert lowbit.fqt_layers(model, ran=True) == {}
 
 
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_converting_again_restarts_every_ran_flag_attention_included() -> None:
+    torch.manual_seed(0)
+    model = lowbit.convert(_WithAttention(), FQT)
+    model(torch.randn(2, 3, 8))
+    assert lowbit.fqt_layers(model, ran=True)  # its projections and products ran
+    lowbit.convert(model, FP)
+    assert lowbit.fqt_layers(model, ran=True) == {}
+    assert not any(b.ran for b in lowbit.fqt_blocks(model).values())
+
+
 def test_ran_flag_under_torch_compile() -> None:
     """The flag is a constant attribute store: set on every compiled call, and it causes
     no recompilation (a counter would be guarded and recompile on every call)."""
