@@ -143,3 +143,14 @@ def assert_attention_heads_counted_as_int8() -> None:
     assert bmm and all(r.kind == "int8" and r.formats == ("int8", "int8") for r in bmm)
     assert sum(r.flops for r in bmm) == 7 * 2 * (2 * 4) * 128 * 128 * 64  # 7 products per head
     assert rep.real_share == 1.0
+
+
+class SelfAttention(torch.nn.Module):
+    """An ``nn.MultiheadAttention`` of ``width`` features and 2 heads, as self-attention."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]

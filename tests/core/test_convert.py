@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from conftest import SelfAttention
 
 import lowbit
 from lowbit import ConversionWarning, FQTConfig, FQTConv2d, FQTLinear
@@ -487,18 +488,9 @@ def test_ran_flag_and_reset() -> None:
     assert lowbit.fqt_layers(model, ran=True) == {}
 
 
-class _WithAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, x, x, need_weights=False)[0]
-
-
 def test_converting_again_restarts_every_ran_flag_attention_included() -> None:
     torch.manual_seed(0)
-    model = lowbit.convert(_WithAttention(), FQT)
+    model = lowbit.convert(SelfAttention(8), FQT)
     model(torch.randn(2, 3, 8))
     assert lowbit.fqt_layers(model, ran=True)  # its projections and products ran
     lowbit.convert(model, FP)

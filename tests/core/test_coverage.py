@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from conftest import SelfAttention
 
 import lowbit
 from lowbit.cli import main
@@ -223,14 +224,6 @@ def test_converted_convolution_flops_do_not_depend_on_the_kernel() -> None:
 
 
 # -- attention --------------------------------------------------------------------------------
-class SelfAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, x, x, need_weights=False)[0]
-
 
 @pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
 def test_multihead_attention_out_proj_and_attention_are_float(recipe: str) -> None:
