@@ -60,7 +60,7 @@ from torch.nn.modules.utils import _single
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated
 from .gradpair import quantize_grad_w, quantize_grad_pair
-from .functional import (Generators, bias_grad, block_state, check_conv_args, check_dtypes, conv_padding,
+from .functional import (Generators, bias_grad, block_state, check_conv_args, check_conv_padding, check_dtypes,
                          output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
@@ -482,7 +482,7 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            f"{tuple(x.shape)} and {tuple(weight.shape)}")
     check_conv_args("fqt_conv1d", x, weight, bias, groups, 1)
     (s,), (d,) = _single(stride), _single(dilation)
-    padding = conv_padding("fqt_conv1d", padding, (s,))
+    check_conv_padding("fqt_conv1d", padding, (s,))
     if padding == "same":
         x, padding = F.pad(x, same_padding(weight.shape[2:], (d,))), 0
     elif padding == "valid":

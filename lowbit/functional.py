@@ -261,10 +261,10 @@ def check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
                            f"{list(bias.shape)} instead")
 
 
-def conv_padding(op: str, padding: Any, stride: Sequence[int]) -> Any:
-    """``padding`` checked as ``F.conv2d``/``F.conv1d`` check it: an int, a sequence, or
-    the strings ``"valid"`` and ``"same"`` — ``"same"`` only at stride 1 (torch does not
-    define it for strided convolutions). ``RuntimeError`` otherwise."""
+def check_conv_padding(op: str, padding: Any, stride: Sequence[int]) -> None:
+    """Raise ``RuntimeError`` where ``F.conv2d``/``F.conv1d`` refuse ``padding``: a string
+    other than ``"valid"`` and ``"same"``, or ``"same"`` at a stride above 1 (torch does
+    not define it for strided convolutions)."""
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise RuntimeError(f"{op}: invalid padding string {padding!r} (expected an int, a "
@@ -272,7 +272,6 @@ def conv_padding(op: str, padding: Any, stride: Sequence[int]) -> Any:
         if padding == "same" and any(s != 1 for s in stride):
             raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions "
                                f"(stride {tuple(stride)})")
-    return padding
 
 
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -334,7 +333,7 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return fqt_conv2d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
     check_conv_args("fqt_conv2d", x, weight, bias, groups, 2)
     stride, dilation = _pair(stride), _pair(dilation)
-    padding = conv_padding("fqt_conv2d", padding, stride)
+    check_conv_padding("fqt_conv2d", padding, stride)
     if padding == "same":
         x, padding = F.pad(x, same_padding(weight.shape[2:], dilation)), 0
     elif padding == "valid":

@@ -361,10 +361,10 @@ class GemmTracer(TorchDispatchMode):
         ``None`` where that does not single one out (a wrong name would be worse). (One
         parameter of that shape is taken as it: a weight computed from parameters —
         weight norm — reaches its GEMM through an op's node, as an activation does.)"""
-        leaves = _autograd_leaves()
         for m in self._weight_holders(module):
             names = [n for p in _weights_shaped_like(out, m) if (n := self.taint(p).param) is not None]
-            if leaves is not None and len(set(names)) > 1:  # the running node's parameters decide
+            leaves = _autograd_leaves() if len(set(names)) > 1 else None
+            if leaves is not None:  # the running node's parameters decide
                 named = {n for p in leaves if (n := self.taint(p).param) is not None}
                 names = [n for n in names if n in named] or names
             used = [n for n in names if n in self.forward_weights]
