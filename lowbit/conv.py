@@ -43,7 +43,18 @@ or a grouped ∇W under a mixing transform.
 The backward GEMMs run inside ``lowbit::grad_input`` / ``lowbit::grad_weight`` profiler
 scopes, which name their pass to :mod:`lowbit.coverage`.
 Conv1d is the conv2d block on a height-1 image. ``params`` of a block: (stride_h,
-stride_w, padding_h, padding_w, dilation_h, dilation_w, groups).
+stride_w, padding_h, padding_w, dilation_h, dilation_w, groups[, layout]).
+
+**Memory layout** (``layout``, conv2d only; :func:`memory_layout` decides it from the
+call's tensors): PyTorch's rule — the output (and ∇X) is channels-last where the input or
+the weight is — kept, so that a channels-last model's BatchNorm and ReLU stay on their
+channels-last kernels. ``CL_OUT``: oneDNN's (N, H', W', C) accumulator becomes Y without
+a transposing pass, ∇X likewise, and a channels-last ∇Y is quantized where it lies (the
+pair kernel reads it in 16 × 16 tiles). ``CL_CODES`` adds X's codes in NHWC order, read
+from the input's own memory, where the activation quantizer is order-free (round to
+nearest, no block scales: each code depends on its value and its sample's or the
+tensor's scale only), so oneDNN and ∇W's placement read them without a transpose. The
+codes, the noise indices and every value are those of the NCHW path (tested bitwise).
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from .scopes import scope
+from torch._prims_common import suggest_memory_format
 from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
@@ -65,6 +77,7 @@ from .functional import (Generators, bias_grad, block_state, check_conv_args, ch
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
                              patches)
+from .formats import Rounding
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
 from .quantizers import QuantizedOperand
@@ -74,6 +87,66 @@ from .ranges import RangeTracker
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+NCHW, CL_OUT, CL_CODES = 0, 1, 2  # a conv2d block's layout (params[7]; absent: NCHW)
+
+
+def memory_layout(x: torch.Tensor, weight: torch.Tensor, activation: Any) -> int:
+    """The layout of a conv2d block on ``x`` (N, C, H, W) and ``weight``: ``NCHW``
+    unless PyTorch's convolutions would return channels-last here (the input's or the
+    weight's suggested memory format is channels-last); then ``CL_CODES`` where ``x`` is
+    channels-last contiguous and ``activation`` (an ``OperandSpec``) is order-free, else
+    ``CL_OUT`` (module docstring)."""
+    cl = torch.channels_last
+    if x.dim() != 4 or weight.dim() != 4 or not (
+            suggest_memory_format(x) == cl or suggest_memory_format(weight) == cl):
+        return NCHW
+    order_free = activation is not None and activation.rounding is Rounding.NEAREST \
+        and not activation.format.block
+    return CL_CODES if order_free and x.is_contiguous(memory_format=cl) else CL_OUT
+
+
+def _layout(params: Sequence[int]) -> int:
+    return int(params[7]) if len(params) > 7 else NCHW
+
+
+def out_format(params: Sequence[int]) -> torch.memory_format:
+    """The memory format of a conv2d block's Y and ∇X."""
+    return torch.channels_last if _layout(params) != NCHW else torch.contiguous_format
+
+
+def _x_rows(x: torch.Tensor, layout: int) -> torch.Tensor:
+    """The activation operand: (N, C·H·W), or under ``CL_CODES`` the (N, H·W·C) view of
+    x's channels-last memory."""
+    if layout == CL_CODES:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return _rows(x)
+
+
+def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int) -> torch.Tensor:
+    """X's dequantized (N, C, H, W) values from codes in either order, contiguous: a
+    simulated float convolution then sums in the NCHW path's order."""
+    if layout == CL_CODES:
+        n, c, h, w = x_shape
+        return qx.dequantize().reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    return _dq(qx, x_shape)
+
+
+def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding: Sequence[int],
+              layout: int) -> torch.Tensor:
+    """X's codes zero-padded by ``padding``, (N, H + 2p, W + 2p, C) int8: placed by the
+    transposing kernel from NCHW codes, a padded copy from NHWC ones."""
+    n, c, h, w = x_shape
+    size = (h + 2 * padding[0], w + 2 * padding[1])
+    if layout != CL_CODES:
+        return k.run("int8_place_nhwc", qx.codes, x_shape, size, padding)
+    codes = qx.codes.view(n, h, w, c)
+    if list(padding) == [0, 0]:
+        return codes
+    out = codes.new_zeros(n, *size, c)
+    out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = codes
+    return out
 
 
 def _geometry(params: Sequence[int]) -> tuple[list[int], list[int], list[int], int]:
@@ -126,16 +199,18 @@ def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> tor
 
 
 def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype, length: int) -> torch.Tensor:
-    """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator (any memory
-    format) of sums of ``length`` code products, ``a_scale`` per sample or tensor,
-    ``b_scale`` per channel or tensor → new contiguous (N, C, H, W): the epilogue of the
-    integer GEMM, the same arithmetic (in float64 where float32 could overflow:
-    :func:`lowbit.kernels.int8.safe_scales`)."""
+              bias: torch.Tensor | None, out_dtype: torch.dtype, length: int,
+              channels_last: bool = False) -> torch.Tensor:
+    """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator in
+    channels-last memory (oneDNN's) of sums of ``length`` code products, ``a_scale`` per
+    sample or tensor, ``b_scale`` per channel or tensor → (N, C, H, W), contiguous, or
+    with ``channels_last`` in the accumulator's channels-last memory (possibly written
+    over it): the epilogue of the integer GEMM, the same arithmetic (in float64 where
+    float32 could overflow: :func:`lowbit.kernels.int8.safe_scales`)."""
     a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
     with scope("lowbit::epilogue"):
-        return k.run("int8_epilogue_nchw", acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1),
-                     b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
+        return k.run("int8_epilogue_nhwc" if channels_last else "int8_epilogue_nchw", acc.permute(0, 2, 3, 1),
+                     a_scale.reshape(-1, 1, 1, 1), b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
 
 
 # -- the three GEMMs ---------------------------------------------------------------------
@@ -144,24 +219,27 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Y = Q_f(X) ⊛ Q_f(W) + b``: ``qx`` rows = samples of X (N, C, H, W), ``qw`` rows
     = output channels of W (C_out, C/groups, kH, kW) → Y (N, C_out, H', W') as
-    ``out_dtype`` (contiguous)."""
+    ``out_dtype`` (contiguous, or channels-last under a channels-last ``params`` layout
+    where oneDNN runs it). ``qx``'s codes in NHWC order under ``CL_CODES``."""
     stride, padding, dilation, groups = _geometry(params)
+    layout = _layout(params)
     if not _valid(x_shape, w_shape, params) or not integer_path(backend, qx, qw) \
             or Backend(backend) is Backend.FP8:
         if _valid(x_shape, w_shape, params):  # else torch's own error, below
             refuse_simulated(backend, "output", (qx, qw))
         b = None if bias is None else bias.float()
-        y = F.conv2d(_dq(qx, x_shape), _dq(qw, w_shape), b, stride, padding, dilation, groups)
+        y = F.conv2d(_dq_x(qx, x_shape, layout), _dq(qw, w_shape), b, stride, padding, dilation, groups)
         return y.to(out_dtype)
-    n, _, h, w = x_shape
+    n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, qx.codes.device)
     if _onednn(k, qx.codes, w_shape, groups):  # oneDNN's int8 convolution, exact sums
+        xu = qx.codes.view(n, h, w, c).permute(0, 3, 1, 2) if layout == CL_CODES else \
+            _unsigned_nhwc(k, qx.codes, x_shape)
         with scope("lowbit::gemm"):
-            acc = qconv.conv_acc(_unsigned_nhwc(k, qx.codes, x_shape), qw.codes.view(w_shape), stride,
-                                 padding, dilation, groups)
-        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw)
-    x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
+            acc = qconv.conv_acc(xu, qw.codes.view(w_shape), stride, padding, dilation, groups)
+        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw, layout != NCHW)
+    x = _placed_x(k, qx, x_shape, padding, layout)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
     wl = _weight_rows(qw, w_shape)
@@ -186,14 +264,15 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
                     qa: QuantizedOperand | None = None) -> torch.Tensor:
     """``∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)``: ``gy`` (N, C_out, H', W'), quantized with rows =
     samples (``spec=None``: QAT, float ``gy``), ``qw`` rows = output channels of W
-    ``w_shape`` → ∇X ``x_shape`` (N, C, H, W). ``qa``: ``Q_a(∇Y)`` already quantized
+    ``w_shape`` → ∇X ``x_shape`` (N, C, H, W) (channels-last under a channels-last
+    ``params`` layout where oneDNN runs it). ``qa``: ``Q_a(∇Y)`` already quantized
     (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
     g = gy.float() if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qw.codes.numel() == 0:
         return g.new_zeros(x_shape, dtype=out_dtype)
-    if spec is None:
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g, stride, padding,
+    if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g.contiguous(), stride, padding,
                                           dilation, groups).to(out_dtype)
     if qa is None:
         qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
@@ -207,8 +286,12 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     # a row transform may pad the sample rows (BHQ blocks): the GEMMs run on all R of them
     r = qa.codes.shape[0]
     g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
+    nhwc = _layout(params) != NCHW
     gx = _grad_input_onednn(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation, groups,
-                            backend)
+                            backend, nhwc)
+    if gx is not None and nhwc:  # rows (sample, position, channel): T⁻¹ acts on rows alike
+        n, c, h, w = x_shape
+        return qa.inverse(gx, out_dtype, overwrite=True).reshape(n, h, w, c).permute(0, 3, 1, 2)
     if gx is None and stride == [1, 1]:
         gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend)
     elif gx is None:
@@ -230,7 +313,7 @@ def zero_insert_pays(w_shape: Sequence[int], stride: Sequence[int]) -> bool:
 def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                        stride: Sequence[int], dilation: Sequence[int], groups: int,
-                       backend: Backend) -> torch.Tensor | None:
+                       backend: Backend, channels_last: bool = False) -> torch.Tensor | None:
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
     exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``.
     At stride 1 oneDNN pads ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first
@@ -239,7 +322,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer
-    accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
+    accumulator. (N, C·H·W) float32 before ``T⁻¹``; with ``channels_last`` (N, H·W·C)."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -260,8 +343,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             src = _unsigned_nhwc(k, qa.codes, g_shape)
         with scope("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
-        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32, cog * kh * kw)
-    return gx.reshape(n, c * h * w)
+        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32, cog * kh * kw, channels_last)
+    return gx.permute(0, 2, 3, 1).reshape(n, h * w * c) if channels_last else gx.reshape(n, c * h * w)
 
 
 def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
@@ -340,9 +423,9 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     g = gy.float() if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qx.codes.numel() == 0:
         return g.new_zeros(w_shape, dtype=out_dtype)
-    if spec is None:
-        return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, g, stride, padding,
-                                           dilation, groups).to(out_dtype)
+    if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
+        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, g.contiguous(),
+                                           stride, padding, dilation, groups).to(out_dtype)
     if qa is None and tracker is None:  # the channels read in place, not copied first
         qa = quantize_grad_w(g.reshape(g.shape[0], g.shape[1], -1), spec, generator,
                                   kernels_for(backend, g.device))
@@ -355,15 +438,14 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
                          f"({type(qa.transform).__name__}) mixes the groups' output channels"
                          if mixed and integer_path(backend, qa, qx) else None)
         ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:])).transpose(0, 1)
-        return torch.nn.grad.conv2d_weight(_dq(qx, x_shape), w_shape, ga, stride, padding,
-                                           dilation, groups).to(out_dtype)
+        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, ga, stride,
+                                           padding, dilation, groups).to(out_dtype)
     if qx.scale.shape[0] != 1:
         refuse_simulated(backend, "∇W", (qa, qx), "the per-sample activation scale "
                          "(activation.granularity='row') lies on the summed dimension of ∇W")
-    _, _, h, w = x_shape
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, g.device)
-    x = k.run("int8_place_nhwc", qx.codes, x_shape, (h + 2 * padding[0], w + 2 * padding[1]), padding)
+    x = _placed_x(k, qx, x_shape, padding, _layout(params))
     gw = None
     if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
         with scope("lowbit::grad_weight"):
@@ -389,7 +471,7 @@ def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     (rows: samples), Q_f(W) (rows: output channels))``."""
     be = config.backend
     with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
-        qx = quantize_forward(_rows(x), config.activation, gens.get(Path.ACTIVATION), be)
+        qx = quantize_forward(_x_rows(x, _layout(params)), config.activation, gens.get(Path.ACTIVATION), be)
         qw = quantize_forward(_rows(weight), config.weight, gens.get(Path.WEIGHT), be)
         y = conv_output(qx, qw, x.shape, weight.shape, params, be, bias, out_dtype)
     return y, qx, qw
@@ -459,7 +541,7 @@ def _conv1d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
     return [n, co, lo]
 
 
-register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape))
+register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape, out_format))
 register_kind("conv1d", BlockKind(_conv1d_forward, _conv1d_backward, _conv1d_out_shape))
 
 

@@ -324,7 +324,9 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``"valid"`` or ``"same"`` (zeros). The same contract as :func:`fqt_linear`: output
     dtype :func:`output_dtype` of ``x``, the recipe's arithmetic under autocast (the three
     GEMMs of :mod:`lowbit.conv`: integer im2col GEMMs, or simulated), gradients in the dtypes
-    of ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes."""
+    of ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes. The
+    output and ∇x are channels-last where ``x`` or ``weight`` is, as PyTorch's
+    convolutions (:func:`lowbit.conv.memory_layout`)."""
     state = block_state(state)
     if state.config.is_fp:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -338,7 +340,8 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x, padding = F.pad(x, same_padding(weight.shape[2:], dilation)), 0
     elif padding == "valid":
         padding = 0
-    params = [*stride, *_pair(padding), *dilation, groups]
+    params = [*stride, *_pair(padding), *dilation, groups,
+              _conv.memory_layout(x, weight, state.config.activation)]
     return apply_block("conv2d", x, weight, bias, state, params, output_dtype(x))
 
 

@@ -192,12 +192,17 @@ def unflatten_operand(saved: Sequence[torch.Tensor], block: int,
 
 # forward(x, weight, bias, config, generators, params, out_dtype) -> (y, Q_f(x), Q_f(w));
 # backward(gy, qx, qw, config, generators, trackers, meta, needs) -> (gx, gw, gb);
-# out_shape(x_shape, w_shape, params) -> the output's shape.
+# out_shape(x_shape, w_shape, params) -> the output's shape;
+# memory_format(params) -> the memory format of y and ∇x (None: contiguous).
 @dataclass(frozen=True)
 class BlockKind:
     forward: Callable[..., tuple[torch.Tensor, QuantizedOperand, QuantizedOperand]]
     backward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
     out_shape: Callable[[Sequence[int], Sequence[int], Sequence[int]], list[int]]
+    memory_format: Callable[[Sequence[int]], torch.memory_format] | None = None
+
+    def format_of(self, params: Sequence[int]) -> torch.memory_format:
+        return torch.contiguous_format if self.memory_format is None else self.memory_format(params)
 
 
 _KINDS: dict[str, BlockKind] = {}
@@ -240,8 +245,9 @@ def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     state = _state(handle)
     cfg = state.config
     gens = state.noise.forward_generators(x.device, _forward_paths(cfg))
-    y, qx, qw = _kind(kind).forward(x, weight, bias, cfg, gens, params, out_dtype)
-    return (y.contiguous(), *flatten_operand(qx, y), *flatten_operand(qw, y))
+    k = _kind(kind)
+    y, qx, qw = k.forward(x, weight, bias, cfg, gens, params, out_dtype)
+    return (y.contiguous(memory_format=k.format_of(params)), *flatten_operand(qx, y), *flatten_operand(qw, y))
 
 
 def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, ...]:
@@ -262,7 +268,9 @@ def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor,
 @block_forward.register_fake
 def _(kind, x, weight, bias, handle, params, out_dtype):  # noqa: ANN001, ANN202
     cfg = _state(handle).config
-    y = x.new_empty(_kind(kind).out_shape(x.shape, weight.shape, params), dtype=out_dtype)
+    k = _kind(kind)
+    y = torch.empty(k.out_shape(x.shape, weight.shape, params), dtype=out_dtype, device=x.device,
+                    memory_format=k.format_of(params))
     return (y, *_fake_rows(x, cfg.activation), *_fake_rows(weight, cfg.weight))
 
 
@@ -276,7 +284,9 @@ def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handl
     wanted. Advances the block's noise counter by one and updates its range trackers."""
     meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype, blocks)
     grads = _run_backward(kind, gy, saved, handle, meta, needs)
-    return tuple(gy.new_empty(0) if g is None else g.contiguous() for g in grads)  # type: ignore[return-value]
+    formats = (_kind(kind).format_of(params), torch.contiguous_format, torch.contiguous_format)
+    return tuple(gy.new_empty(0) if g is None else g.contiguous(memory_format=f)  # type: ignore[return-value]
+                 for g, f in zip(grads, formats))
 
 
 def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], handle: str,
@@ -293,9 +303,10 @@ def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], ha
 @block_backward.register_fake
 def _(kind, gy, saved, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
       w_shape, w_dtype, b_dtype, blocks, needs):
-    shapes = ((x_shape, x_dtype), (w_shape, w_dtype), ([w_shape[0]], b_dtype))
-    return tuple(gy.new_empty(s, dtype=d) if n else gy.new_empty(0)
-                 for (s, d), n in zip(shapes, needs))
+    shapes = ((x_shape, x_dtype, _kind(kind).format_of(params)), (w_shape, w_dtype, torch.contiguous_format),
+              ([w_shape[0]], b_dtype, torch.contiguous_format))
+    return tuple(torch.empty(s, dtype=d, device=gy.device, memory_format=f) if n else gy.new_empty(0)
+                 for (s, d, f), n in zip(shapes, needs))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

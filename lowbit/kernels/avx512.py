@@ -69,6 +69,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -94,7 +95,11 @@ _SIGNATURES = {
     "lowbit_seg_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
     "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                                  _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_seg_absmax_cl": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
+    "lowbit_seg_quantize_pair_cl": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
+                                    _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
+    "lowbit_epilogue_nhwc": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
     "lowbit_place_nhwc": [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I, _I],
     "lowbit_epilogue_rows": [_P, _I64, _I64, _I64, _P, _I, _P, _I, _I64, _P, _I],
     "lowbit_grid_steps": [_P, _I64, _I, ctypes.c_double, ctypes.c_double, _P, _P],
@@ -478,13 +483,35 @@ def supports_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_
                        seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                        seed_w: torch.Tensor) -> bool:
     """Whether :func:`quantize_conv_pair` takes this call: ``g`` (N, C_out, L) readable as
-    :func:`supports` says, its last dimension contiguous, and both formats, granularities,
-    roundings and seeds as :func:`supports` takes them."""
-    return g.dim() == 3 and (g.shape[2] <= 1 or g.stride(2) == 1) and _readable(g) \
+    :func:`supports` says, its last dimension contiguous or (channels-last) its channels,
+    and both formats, granularities, roundings and seeds as :func:`supports` takes them."""
+    return g.dim() == 3 and (_seg_layout(g) or _channels_last(g)) and _readable(g) \
         and all(_grid(f) is not None and gr in (Granularity.ROW, Granularity.TENSOR)
                 and r in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(sd, r)
                 for f, gr, r, sd in ((fmt_a, gran_a, rnd_a, seed_a), (fmt_w, gran_w, rnd_w, seed_w))) \
         and _enabled and available()
+
+
+def _seg_layout(g: torch.Tensor) -> bool:
+    """``g`` (N, C, L) with each (sample, channel) segment contiguous."""
+    return g.shape[2] <= 1 or g.stride(2) == 1
+
+
+def _channels_last(g: torch.Tensor) -> bool:
+    """``g`` (N, C, L) with each position's channels contiguous (a channels-last ∇Y)."""
+    return g.shape[1] <= 1 or g.stride(1) == 1
+
+
+def _seg_kernels(lib: ctypes.CDLL, g: torch.Tensor) -> tuple[Any, Any, tuple]:
+    """(absmax, quantize-pair) C functions for ``g``'s layout and their leading arguments:
+    the segment kernels where segments are contiguous, else their channels-last twins
+    (the same values and codes, read as 16 × 16 tiles)."""
+    n, c, length = g.shape
+    if _seg_layout(g):
+        return lib.lowbit_seg_absmax, lib.lowbit_seg_quantize_pair, (
+            g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(1))
+    return lib.lowbit_seg_absmax_cl, lib.lowbit_seg_quantize_pair_cl, (
+        g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(2))
 
 
 @torch.compiler.disable
@@ -493,13 +520,13 @@ def _quantize_conv_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a
                         rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     n, c, length = g.shape
     seg = torch.empty(n, c, dtype=torch.float32, device="cpu")  # absmax of each (sample, channel)
-    args = (g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(1))
-    lib.lowbit_seg_absmax(*args, seg.data_ptr(), threads)
+    absmax, quantize_pair, args = _seg_kernels(lib, g)
+    absmax(*args, seg.data_ptr(), threads)
     step_a, div_a = _steps(lib, seg.amax(1, keepdim=True), fmt_a, gran_a)  # NaN propagates
     step_w, div_w = _steps(lib, seg.amax(0).reshape(c, 1), fmt_w, gran_w)
     codes_a = torch.empty(n, c * length, dtype=torch.int8, device="cpu")
     codes_w = torch.empty(c, n * length, dtype=torch.int8, device="cpu")
-    lib.lowbit_seg_quantize_pair(
+    quantize_pair(
         *args, div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
         _mode(fmt_a, rnd_a), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
@@ -544,12 +571,12 @@ def _quantize_conv_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, gran: Granu
                      seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     n, c, length = g.shape
     seg = torch.empty(n, c, dtype=torch.float32, device="cpu")  # absmax of each (sample, channel)
-    args = (g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(1))
-    lib.lowbit_seg_absmax(*args, seg.data_ptr(), threads)
+    absmax, quantize_pair, args = _seg_kernels(lib, g)
+    absmax(*args, seg.data_ptr(), threads)
     step, div = _steps(lib, seg.amax(0).reshape(c, 1), fmt, gran)  # NaN propagates
     codes = torch.empty(c, n * length, dtype=torch.int8, device="cpu")
     mode, emax, stride = _mode(fmt, rnd), float(fmt.emax), 1 if div.shape[0] > 1 else 0
-    lib.lowbit_seg_quantize_pair(*args, div.data_ptr(), 0, 0, mode, emax, None,  # no ∇X codes
+    quantize_pair(*args, div.data_ptr(), 0, 0, mode, emax, None,  # no ∇X codes
                                  div.data_ptr(), stride, _seed(seed, rnd), mode, emax, codes.data_ptr(), threads)
     return codes.view(fmt.code_dtype), step
 
@@ -618,6 +645,31 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
     :func:`supports_epilogue_nchw`)."""
     with scope("lowbit::avx512_epilogue"):
         return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
+
+
+@torch.compiler.disable
+def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    n, c = acc.shape[0], acc.shape[-1]
+    p = acc.numel() // (n * c)
+    sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
+    out = acc if acc.dtype == torch.float32 else torch.empty(acc.shape, dtype=torch.float32, device="cpu")
+    lib.lowbit_epilogue_nhwc(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
+                             int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
+                             None if b is None else b.data_ptr(), out.data_ptr(), threads)
+    return out.movedim(-1, 1)
+
+
+def run_epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`lowbit.kernels.im2col.epilogue_nhwc` on the kernel (after
+    :func:`supports_epilogue_nchw`, whose conditions it shares): ``acc`` (N, *spatial, C)
+    → (N, C, *spatial) float32 in ``acc``'s channels-last memory, ``(float(acc)·s_a)·s_b
+    (+ bias)`` per element, bitwise the reference's; a float32 ``acc`` is overwritten
+    (each element read before it is written), an int32 one gets a new buffer."""
+    with scope("lowbit::avx512_epilogue"):
+        return _epilogue_nhwc(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
 def _epilogue_rows_layout(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor
@@ -1207,10 +1259,11 @@ def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 
 def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
-    """The NCHW epilogue against the reference: int32 and float32 accumulators, channel
+    """The NCHW and NHWC epilogues against the reference: int32 and float32 accumulators, channel
     and position tails, per-sample/per-channel and per-tensor scales, with and without a
     bias, a NaN and an infinite scale."""
     from .im2col import epilogue_nchw as ref
+    from .im2col import epilogue_nhwc as ref_nhwc
 
     cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
     g = torch.Generator().manual_seed(2)
@@ -1225,6 +1278,9 @@ def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
             for threads in (1, 2):
                 if not _same(_epilogue_nchw(lib, a, s_a, s_b, b, threads), ref(a, s_a, s_b, b, torch.float32)):
                     return False
+                if not _same(_epilogue_nhwc(lib, a.clone(), s_a, s_b, b, threads),
+                             ref_nhwc(a, s_a, s_b, b, torch.float32)):
+                    return False
     return True
 
 
@@ -1236,9 +1292,16 @@ def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     from .reference import quantize as ref
 
     g3 = x[:36, :52].reshape(4, 9, 52)
+    g20 = x[:36, :50].reshape(2, 18, 50)[:, :, :45]  # 18 channels: a channel tail in a 16 × 16 tile
+
+    def cl(t: torch.Tensor) -> torch.Tensor:  # the same values, channels-last
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
     seed_a, seed_w = torch.tensor(77, device="cpu"), torch.tensor(0xFFFFFFFF, device="cpu")
     for a, gran in ((g3, Granularity.ROW), (g3[:, 1:, 3:50], Granularity.ROW),
-                    (g3.bfloat16(), Granularity.TENSOR)):
+                    (g3.bfloat16(), Granularity.TENSOR), (cl(g3), Granularity.ROW),
+                    (cl(g20), Granularity.ROW), (cl(g20).half(), Granularity.TENSOR),
+                    (cl(g3.bfloat16())[:, 2:, 1:], Granularity.ROW)):
         n, c, length = a.shape
         for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
             fmt = parse_format("int8" if rnd is Rounding.STOCHASTIC else "int4")

@@ -239,6 +239,20 @@ register_fused("int8_epilogue_nchw", epilogue_nchw)
 register("int8_epilogue_nchw", Impl.NATIVE, avx512.run_epilogue_nchw, ("cpu",), avx512.supports_epilogue_nchw)
 
 
+def epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`epilogue_nchw`'s values in the accumulator's own layout: ``acc`` (N,
+    *spatial, C) → (N, C, *spatial) whose memory is channels-last (a channels-last
+    model's output, with no transposing pass). The native kernel may write over a float32
+    ``acc``; callers pass one they do not read again."""
+    out = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
+    return out.contiguous().movedim(-1, 1)
+
+
+register_fused("int8_epilogue_nhwc", epilogue_nhwc)
+register("int8_epilogue_nhwc", Impl.NATIVE, avx512.run_epilogue_nhwc, ("cpu",), avx512.supports_epilogue_nchw)
+
+
 def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b: Encoded,
               spatial: Sequence[int], bias: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -269,5 +283,5 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
     return y.reshape(n, *spatial, c).movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
-__all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "exact_gemm",
+__all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "epilogue_nhwc", "exact_gemm",
            "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place", "place_codes"]

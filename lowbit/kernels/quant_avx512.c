@@ -487,6 +487,68 @@ void lowbit_seg_quantize_pair(const void *x, int dtype, int64_t n, int64_t c, in
     }
 }
 
+/* The same two functions for a channels-last x (n, c, l): strides (ldn, 1, ldl), each
+ * position's c channels contiguous. lowbit_seg_absmax_cl: the same m (max is exact, so
+ * the order of reading does not matter). lowbit_seg_quantize_pair_cl: the same codes at
+ * the same places, with the same element indices: 16 positions x 16 channels are loaded
+ * (16 loads of 16 channels), turned by transpose16f into 16 channel rows of 16 positions,
+ * and each row is then what lowbit_seg_quantize_pair computes for those 16 elements. */
+static inline void transpose16f(__m512 r[16]);
+
+void lowbit_seg_absmax_cl(const void *x, int dtype, int64_t n, int64_t c, int64_t l, int64_t ldn,
+                          int64_t ldl, float *m, int threads) {
+    const int64_t ct = (c + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t s = 0; s < n * ct; s++) {
+        const int64_t i = s / ct, c0 = (s % ct) * 16;
+        const __mmask16 kc = tail_mask(c - c0);
+        __m512 v = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t e = 0; e < l; e++) {
+            const __m512 a = _mm512_abs_ps(load16(x, i * ldn + e * ldl + c0, kc, dtype));
+            v = _mm512_max_ps(v, a);
+            nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        }
+        _mm512_mask_storeu_ps(m + i * c + c0, kc, _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(NAN)));
+    }
+}
+
+void lowbit_seg_quantize_pair_cl(const void *x, int dtype, int64_t n, int64_t c, int64_t l, int64_t ldn,
+                                 int64_t ldl, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a,
+                                 float emax_a, int8_t *codes_a,
+                                 const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
+                                 int8_t *codes_w, int threads) {
+    const __m512i lane = _mm512_loadu_si512(LANES);
+    const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
+    const __m512 vemax_a = _mm512_set1_ps(emax_a), vemax_w = _mm512_set1_ps(emax_w);
+    const int64_t pt = (l + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t s = 0; s < n * pt; s++) {
+        const int64_t i = s / pt, e = (s % pt) * 16;
+        const int64_t np = l - e < 16 ? l - e : 16;
+        const __mmask16 kp = tail_mask(np);
+        const __m512 vda = _mm512_set1_ps(da[i * da_stride]);
+        __m512 r[16];
+        for (int64_t c0 = 0; c0 < c; c0 += 16) {
+            const __mmask16 kc = tail_mask(c - c0);
+            const int64_t nc = c - c0 < 16 ? c - c0 : 16;
+            for (int64_t t = 0; t < 16; t++)
+                r[t] = t < np ? load16(x, i * ldn + (e + t) * ldl + c0, kc, dtype) : _mm512_setzero_ps();
+            transpose16f(r);  /* r[j]: channel c0 + j at positions e .. e + 15 */
+            for (int64_t j = 0; j < nc; j++) {
+                const int64_t ch = c0 + j;
+                const int64_t oa = i * c * l + ch * l + e, ow = ch * n * l + i * l + e;
+                const __m512i ia = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)oa)), lane);
+                const __m512i iw = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)((uint64_t)ow)), lane);
+                if (codes_a != NULL)
+                    _mm_mask_storeu_epi8(codes_a + oa, kp, codes16(r[j], vda, ia, vseed_a, sr_a, vemax_a));
+                _mm_mask_storeu_epi8(codes_w + ow, kp,
+                                     codes16(r[j], _mm512_set1_ps(dw[ch * dw_stride]), iw, vseed_w, sr_w, vemax_w));
+            }
+        }
+    }
+}
+
 /* ---- the convolution epilogue: channels-last accumulator -> NCHW product ----------------
  * out[n, c, p] = (float(acc[n, p, c]) * sa[n * sa_stride]) * sb[c * sb_stride] (+ bias[c]),
  * the reference's int8_epilogue (acc.to(float32) * a_scale * b_scale + bias, float32,
@@ -543,6 +605,30 @@ void lowbit_epilogue_nchw(const void *acc, int acc_int, int64_t n, int64_t p, in
                 transpose16f(r);
                 for (int64_t j = 0; j < nc; j++)
                     _mm512_mask_storeu_ps(out + (i * c + c0 + j) * p + p0, kp, r[j]);
+            }
+        }
+    }
+}
+
+/* The same product written channels-last: out[n, p, c] (row-major, the accumulator's
+ * own layout; out may be acc itself when acc is float32: each element is read before it
+ * is written). */
+void lowbit_epilogue_nhwc(const void *acc, int acc_int, int64_t n, int64_t p, int64_t c, const float *sa,
+                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, float *out,
+                          int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t q = 0; q < p; q++) {
+            const __m512 va = _mm512_set1_ps(sa[i * sa_stride]);
+            const int64_t row = (i * p + q) * c;
+            for (int64_t c0 = 0; c0 < c; c0 += 16) {
+                const __mmask16 kc = tail_mask(c - c0);
+                const __m512 vb = sb_stride ? _mm512_maskz_loadu_ps(kc, sb + c0) : _mm512_set1_ps(sb[0]);
+                __m512 v = acc_int ? _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(kc, (const int32_t *)acc + row + c0))
+                                   : _mm512_maskz_loadu_ps(kc, (const float *)acc + row + c0);
+                v = _mm512_mul_ps(_mm512_mul_ps(v, va), vb);
+                if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(kc, bias + c0));
+                _mm512_mask_storeu_ps(out + row + c0, kc, v);
             }
         }
     }

@@ -295,7 +295,8 @@ def test_conv_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: tor
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (4, 28, 28, 16), (3, 7, 7, 70), (2, 33)])
 def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: torch.dtype) -> None:
     """A convolution's epilogue, channels-last accumulator (N, *spatial, C) → a new
-    contiguous (N, C, *spatial): ``(float(acc)·s_a)·s_b (+ bias)`` bitwise the reference's,
+    contiguous (N, C, *spatial), and its channels-last twin (the same values in the
+    accumulator's memory): ``(float(acc)·s_a)·s_b (+ bias)`` bitwise the reference's,
     with position and channel tails (16 × 16 tiles), per-sample/per-tensor and
     per-channel/per-tensor scales, with and without a bias (float32 and bfloat16),
     accumulators beyond float32's 2²⁴ (rounded as ``.to(float32)`` rounds them), 1–3
@@ -311,11 +312,15 @@ def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: 
     bias = torch.randn(c, generator=g)
     for s_a, s_b, b in ((sa, sb, None), (sa[:1], sb, bias), (sa, sb[..., :1], bias.bfloat16())):
         want = im2col.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+        want_cl = im2col.epilogue_nhwc(acc, s_a, s_b, b, torch.float32)  # the channels-last twin
+        assert avx512._same(want_cl, want)
         assert avx512.supports_epilogue_nchw(acc, s_a, s_b, b, torch.float32)
         for threads in (1, 2, 3):
             with num_threads(threads):
                 got = avx512.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+                got_cl = avx512.run_epilogue_nhwc(acc.clone(), s_a, s_b, b, torch.float32)
             assert got.is_contiguous() and avx512._same(got, want), threads
+            assert got_cl.movedim(1, -1).is_contiguous() and avx512._same(got_cl, want), threads
 
 
 @needs_avx512
@@ -421,13 +426,16 @@ def test_conv_layers_place_their_codes_on_the_kernel(monkeypatch: pytest.MonkeyP
 @needs_avx512
 def test_conv_pair_strided_and_nonfinite_operands() -> None:
     """Sample and channel strides other than the contiguous ones (a slice of a larger
-    gradient, every other channel), all-zero and NaN/±Inf segments: the reference's
-    codes and steps, NaN never made finite."""
+    gradient, every other channel), channels-last ∇Y (each position's channels
+    contiguous: a channels-last model's; with channel and position tails, bfloat16),
+    all-zero and NaN/±Inf segments: the reference's codes and steps, NaN never made
+    finite."""
     base = torch.randn(6, 20, 60)
     base[1, 2] = 0.0
     base[2, 3, 7], base[3, 4, 0], base[4, 5, 59] = float("nan"), float("inf"), -float("inf")
     seed = torch.tensor(2024)
-    for x in (base, base[1:5, 2:18, 5:55], base[:, ::2, :33]):
+    cl = base.transpose(1, 2).contiguous().transpose(1, 2)  # channels-last: 16 × 16 tiles
+    for x in (base, base[1:5, 2:18, 5:55], base[:, ::2, :33], cl, cl[1:5, 2:19, 5:55], cl.bfloat16()[:, 3:]):
         for gran in (Granularity.ROW, Granularity.TENSOR):
             args = (x, FORMATS[4], gran, Rounding.STOCHASTIC, seed, FORMATS[2], gran,
                     Rounding.STOCHASTIC, seed)
@@ -441,13 +449,13 @@ def test_conv_pair_strided_and_nonfinite_operands() -> None:
 
 
 def test_conv_pair_refuses_what_it_cannot_read() -> None:
-    """A last dimension that is not contiguous (channels-last ∇Y), a 2-D operand, block
+    """Neither the positions nor the channels contiguous, a 2-D operand, block
     (MXFP8) or asymmetric formats, float64 and seeds outside 32 bits are refused (the
     compiled kernel runs them)."""
     g = torch.randn(4, 8, 25)
     seed = torch.tensor(3)
     ok = (FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, seed)
-    refused = [(g.transpose(1, 2).contiguous().transpose(1, 2), *ok, *ok), (g[:, :, 0], *ok, *ok),
+    refused = [(torch.randn(4, 16, 50)[:, ::2, ::2], *ok, *ok), (g[:, :, 0], *ok, *ok),
                (g.double(), *ok, *ok), (g, parse_format("mxfp8_e4m3"), *ok[1:], *ok),
                (g, *ok, parse_format("int4a"), *ok[1:]),
                (g, *ok, FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(2**32))]

@@ -108,10 +108,12 @@ def test_converted_model_traces_into_the_same_single_graph(name: str) -> None:
 
 
 @needs_compile
-@pytest.mark.parametrize("recipe", ["fqt-psq-8", "sr-forward:fqt-hadamard-4"])
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "sr-forward:fqt-hadamard-4", "channels-last:fqt-psq-8"])
 def test_compiled_training_is_bitwise_eager_without_recompiles(recipe: str) -> None:
     cfg = sr_forward(recipe.split(":")[1]) if recipe.startswith("sr-forward") else \
-        FQTConfig.from_recipe(recipe, seed=0)
+        FQTConfig.from_recipe(recipe.split(":")[-1], seed=0)
+    # channels-last: the ops' fake outputs carry the real ones' strides (Y and ∇X channels-last)
+    layout = torch.channels_last if recipe.startswith("channels-last") else torch.contiguous_format
 
     # Linear and Conv2d layers in one model. Its float ops are ReLU and reshapes, which
     # Inductor computes exactly; a GELU would differ from eager by float rounding (as it
@@ -122,9 +124,9 @@ def test_compiled_training_is_bitwise_eager_without_recompiles(recipe: str) -> N
                              nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.Flatten(),
                              nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 5))
 
-    x = torch.randn(4, 3, 8, 8)
-    eager = lowbit.convert(both(), cfg)
-    model = lowbit.convert(both(), cfg)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=layout)
+    eager = lowbit.convert(both().to(memory_format=layout), cfg)
+    model = lowbit.convert(both().to(memory_format=layout), cfg)
     run = torch.compile(model)
     torch._dynamo.reset()
     counters.clear()

@@ -604,3 +604,79 @@ def test_int8_backend_refuses_grouped_mixing_transform_and_block_formats() -> No
     assert qxb.codes.dtype != torch.int8
     with pytest.raises(ValueError, match=_refusal("int8", "output", _INT8_KERNEL, cause)):
         conv_output(qxb, qwb, x.shape, wt.shape, params, Backend.INT8)
+
+
+# -- channels-last models: PyTorch's memory-format rule, the NCHW path's values ------------------
+def _cl_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(16, 20, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(20, 20, 3, padding=1, groups=4, bias=False),
+                         nn.Conv2d(20, 18, 1, stride=2, bias=False),
+                         nn.Conv2d(18, 24, 3, padding=2, dilation=2))
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8", "fqt-ptq-4", "fqt-bhq-4a",
+                                    "fqt-psq-fp8", "qat-8", "sr-forward"])
+def test_channels_last_model_equals_nchw_model_and_stays_channels_last(recipe: str) -> None:
+    """A channels-last model (``model.to(memory_format=torch.channels_last)`` and a
+    channels-last input) gives the NCHW model's output, input gradient and weight
+    gradients bit for bit over two steps (integer, simulated and float paths; the
+    activation codes read in NHWC order where round-to-nearest allows, in NCHW order under
+    a stochastic-rounding forward), and its convolutions return channels-last Y and ∇X,
+    as PyTorch's do. The last layer's bias gradient is compared too: its ∇Y is given NCHW
+    (a bias gradient of a channels-last ∇Y is a float sum in that memory order, as
+    PyTorch's own)."""
+    import dataclasses
+    cfg = FQTConfig.from_recipe("fqt-psq-8" if recipe == "sr-forward" else recipe, seed=3)
+    if recipe == "sr-forward":
+        cfg = dataclasses.replace(cfg, activation=OperandSpec(8, rounding="stochastic"))
+    x, gy = torch.randn(5, 3, 12, 12), torch.randn(5, 24, 3, 3)
+    runs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = lowbit.convert(_cl_net().to(memory_format=layout), cfg)
+        formats: list[bool] = []
+
+        def hook(mod: nn.Module, i: tuple, o: torch.Tensor, seen: list[bool] = formats) -> None:
+            seen.append(o.is_contiguous(memory_format=torch.channels_last))
+
+        for m in model:
+            if isinstance(m, FQTConv2d):
+                m.register_forward_hook(hook)
+        xi = x.clone(memory_format=layout).requires_grad_()
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            xi.grad = None
+            y = model(xi)
+            y.backward(gy)
+        runs.append((y.detach(), xi.grad, [p.grad for p in model.parameters()], formats))
+    (y0, gx0, gp0, _), (y1, gx1, gp1, f1) = runs
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(torch.equal(a, b) for a, b in zip(gp0, gp1, strict=True))
+    assert all(f1) and len(f1) == 10  # 5 layers × 2 steps
+    assert gx1.is_contiguous(memory_format=torch.channels_last) and not gx1.is_contiguous()
+    assert y0.is_contiguous()  # the NCHW model stays NCHW
+
+
+def test_channels_last_layout_follows_pytorchs_rule() -> None:
+    """``memory_layout``: channels-last output where the input or the weight is
+    channels-last (PyTorch's convolutions; a one-channel input counts by its strides);
+    the activation codes in NHWC order only for a channels-last contiguous input under
+    an order-free activation quantizer (round to nearest, no block scales)."""
+    cl = torch.channels_last
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    nearest, sr = OperandSpec(8), OperandSpec(8, rounding="stochastic")
+    mx = OperandSpec(format="mxfp8_e4m3")
+    assert C.memory_layout(x, w, nearest) == C.NCHW
+    assert C.memory_layout(x.contiguous(memory_format=cl), w, nearest) == C.CL_CODES
+    assert C.memory_layout(x, w.contiguous(memory_format=cl), nearest) == C.CL_OUT
+    assert C.memory_layout(x.contiguous(memory_format=cl), w, sr) == C.CL_OUT
+    assert C.memory_layout(x.contiguous(memory_format=cl), w, mx) == C.CL_OUT
+    one, w1 = torch.randn(2, 1, 5, 5), torch.randn(6, 1, 3, 3)
+    assert C.memory_layout(one.to(memory_format=cl), w1.to(memory_format=cl), nearest) == C.CL_CODES
+    for xs, ws in ((x, w), (one, w1)):  # every combination as PyTorch's convolution decides it
+        for xv in (xs, xs.to(memory_format=cl)):
+            for wv in (ws, ws.to(memory_format=cl)):
+                y = F.conv2d(xv, wv)
+                torch_cl = y.is_contiguous(memory_format=cl) and not y.is_contiguous()
+                assert (C.memory_layout(xv, wv, nearest) != C.NCHW) == torch_cl
