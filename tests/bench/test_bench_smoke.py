@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def test_bench_step_rejects_unknown_workload(capsys: pytest.CaptureFixture[str])
     assert "unknown workload 'resnet'; allowed: ffn, gpt, gpt2-block, cnn" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("workload", ["gpt2-block", "cnn"])
+@pytest.mark.parametrize("workload", ["gpt2-block", "cnn", "cnn-cl"])
 def test_new_workloads_build_and_step(workload: str) -> None:
     workloads = load("step_workloads")
     w = workloads.build(workload, "tiny")
@@ -77,6 +78,9 @@ def test_new_workloads_build_and_step(workload: str) -> None:
     assert loss.dim() == 0 and loss.requires_grad
     loss.backward()
     assert all(p.grad is not None for p in w.model.parameters())
+    if workload == "cnn-cl":  # the model and its input in channels-last memory
+        assert w.inputs[0].is_contiguous(memory_format=torch.channels_last)
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in w.model.parameters() if p.dim() == 4)
 
 
 def test_profile_step_charges_int_mm_to_the_gemm_scope() -> None:
