@@ -79,7 +79,7 @@ from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_
                              patches)
 from .formats import Rounding
 from .noise import Path
-from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
+from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, in_format, register_kind
 from .quantizers import QuantizedOperand
 from .quantizers.base import Identity
 from .ranges import RangeTracker
@@ -120,7 +120,7 @@ def _x_rows(x: torch.Tensor, layout: int) -> torch.Tensor:
     """The activation operand: (N, C·H·W), or under ``CL_CODES`` the (N, H·W·C) view of
     x's channels-last memory."""
     if layout == CL_CODES:
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        return _rows(x.permute(0, 2, 3, 1))
     return _rows(x)
 
 
@@ -129,8 +129,8 @@ def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int) -> torch.Te
     simulated float convolution then sums in the NCHW path's order."""
     if layout == CL_CODES:
         n, c, h, w = x_shape
-        return qx.dequantize().reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
-    return _dq(qx, x_shape)
+        return in_format(qx.dequantize().reshape(n, h, w, c).permute(0, 3, 1, 2))
+    return in_format(_dq(qx, x_shape))
 
 
 def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding: Sequence[int],
@@ -272,7 +272,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     if g.numel() == 0 or qw.codes.numel() == 0:
         return g.new_zeros(x_shape, dtype=out_dtype)
     if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), g.contiguous(), stride, padding,
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), in_format(g), stride, padding,
                                           dilation, groups).to(out_dtype)
     if qa is None:
         qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
@@ -424,7 +424,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     if g.numel() == 0 or qx.codes.numel() == 0:
         return g.new_zeros(w_shape, dtype=out_dtype)
     if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
-        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, g.contiguous(),
+        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, in_format(g),
                                            stride, padding, dilation, groups).to(out_dtype)
     if qa is None and tracker is None:  # the channels read in place, not copied first
         qa = quantize_grad_w(g.reshape(g.shape[0], g.shape[1], -1), spec, generator,

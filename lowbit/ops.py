@@ -20,6 +20,7 @@ row of a table (:func:`register_kind`): ``linear`` and ``conv2d`` are registered
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -170,6 +171,23 @@ class BlockMeta:
     blocks: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, memory_format=fmt, device="meta").stride()
+
+
+def in_format(t: torch.Tensor, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``t`` with exactly the strides ``torch.empty(t.shape, memory_format=fmt)`` has
+    (what the ops' fake implementations return), copied only where they differ:
+    ``t.contiguous(memory_format=fmt)`` keeps a tensor that is contiguous in both formats
+    (a size-1 channel or spatial extent) as it is, whose strides then say another format
+    to the ops that read them (a float convolution chooses its algorithm, and its sums'
+    order, by them)."""
+    if t.stride() == _canonical_strides(tuple(t.shape), fmt):
+        return t
+    return t.clone(memory_format=fmt)
+
+
 # A quantized operand crosses the ops as four tensors: codes, scale, offset, block scale;
 # an absent offset or block scale is a 1-D empty tensor (a present one is 2-D).
 def flatten_operand(q: QuantizedOperand, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -247,7 +265,7 @@ def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     gens = state.noise.forward_generators(x.device, _forward_paths(cfg))
     k = _kind(kind)
     y, qx, qw = k.forward(x, weight, bias, cfg, gens, params, out_dtype)
-    return (y.contiguous(memory_format=k.format_of(params)), *flatten_operand(qx, y), *flatten_operand(qw, y))
+    return (in_format(y, k.format_of(params)), *flatten_operand(qx, y), *flatten_operand(qw, y))
 
 
 def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, ...]:
@@ -285,7 +303,7 @@ def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handl
     meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype, blocks)
     grads = _run_backward(kind, gy, saved, handle, meta, needs)
     formats = (_kind(kind).format_of(params), torch.contiguous_format, torch.contiguous_format)
-    return tuple(gy.new_empty(0) if g is None else g.contiguous(memory_format=f)  # type: ignore[return-value]
+    return tuple(gy.new_empty(0) if g is None else in_format(g, f)  # type: ignore[return-value]
                  for g, f in zip(grads, formats))
 
 
@@ -366,5 +384,5 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 __all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
-           "block_forward", "flatten_operand", "refuse_quantized_double_backward", "register_kind",
+           "block_forward", "flatten_operand", "in_format", "refuse_quantized_double_backward", "register_kind",
            "unflatten_operand"]

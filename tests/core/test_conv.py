@@ -609,29 +609,31 @@ def test_int8_backend_refuses_grouped_mixing_transform_and_block_formats() -> No
 # -- channels-last models: PyTorch's memory-format rule, the NCHW path's values ------------------
 def _cl_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
+    # one input channel (a grayscale image: contiguous in both formats) and one output channel
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.ReLU(),
                          nn.Conv2d(16, 20, 3, stride=2, padding=1, bias=False), nn.ReLU(),
                          nn.Conv2d(20, 20, 3, padding=1, groups=4, bias=False),
                          nn.Conv2d(20, 18, 1, stride=2, bias=False),
-                         nn.Conv2d(18, 24, 3, padding=2, dilation=2))
+                         nn.Conv2d(18, 24, 3, padding=2, dilation=2, bias=False), nn.Conv2d(24, 1, 1))
 
 
 @pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8", "fqt-ptq-4", "fqt-bhq-4a",
-                                    "fqt-psq-fp8", "qat-8", "sr-forward"])
+                                    "fqt-psq-fp8", "fp8-rowwise", "reference", "qat-8", "sr-forward"])
 def test_channels_last_model_equals_nchw_model_and_stays_channels_last(recipe: str) -> None:
     """A channels-last model (``model.to(memory_format=torch.channels_last)`` and a
     channels-last input) gives the NCHW model's output, input gradient and weight
     gradients bit for bit over two steps (integer, simulated and float paths; the
     activation codes read in NHWC order where round-to-nearest allows, in NCHW order under
     a stochastic-rounding forward), and its convolutions return channels-last Y and ∇X,
-    as PyTorch's do. The last layer's bias gradient is compared too: its ∇Y is given NCHW
-    (a bias gradient of a channels-last ∇Y is a float sum in that memory order, as
-    PyTorch's own)."""
+    as PyTorch's do. The last layer's bias gradient is compared too: its ∇Y (one channel)
+    is the same memory in both (a bias gradient of a channels-last ∇Y is a float sum in
+    that memory order, as PyTorch's own)."""
     import dataclasses
-    cfg = FQTConfig.from_recipe("fqt-psq-8" if recipe == "sr-forward" else recipe, seed=3)
+    cfg = FQTConfig.from_recipe("fqt-psq-8" if recipe in ("sr-forward", "reference") else recipe, seed=3,
+                                backend="reference" if recipe == "reference" else "auto")
     if recipe == "sr-forward":
         cfg = dataclasses.replace(cfg, activation=OperandSpec(8, rounding="stochastic"))
-    x, gy = torch.randn(5, 3, 12, 12), torch.randn(5, 24, 3, 3)
+    x, gy = torch.randn(5, 1, 12, 12), torch.randn(5, 1, 3, 3)
     runs = []
     for layout in (torch.contiguous_format, torch.channels_last):
         model = lowbit.convert(_cl_net().to(memory_format=layout), cfg)
@@ -653,9 +655,9 @@ def test_channels_last_model_equals_nchw_model_and_stays_channels_last(recipe: s
     (y0, gx0, gp0, _), (y1, gx1, gp1, f1) = runs
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
     assert all(torch.equal(a, b) for a, b in zip(gp0, gp1, strict=True))
-    assert all(f1) and len(f1) == 10  # 5 layers × 2 steps
-    assert gx1.is_contiguous(memory_format=torch.channels_last) and not gx1.is_contiguous()
-    assert y0.is_contiguous()  # the NCHW model stays NCHW
+    assert all(f1) and len(f1) == 12  # 6 layers × 2 steps
+    assert gx1.stride() == torch.empty(x.shape, memory_format=torch.channels_last).stride()
+    assert y0.is_contiguous() and gx0.stride() == x.stride()  # the NCHW model stays NCHW
 
 
 def test_channels_last_layout_follows_pytorchs_rule() -> None:
@@ -680,3 +682,36 @@ def test_channels_last_layout_follows_pytorchs_rule() -> None:
                 y = F.conv2d(xv, wv)
                 torch_cl = y.is_contiguous(memory_format=cl) and not y.is_contiguous()
                 assert (C.memory_layout(xv, wv, nearest) != C.NCHW) == torch_cl
+
+
+def test_channels_last_empty_batch_and_fake_strides() -> None:
+    """An empty channels-last batch gives an empty channels-last output and gradients
+    (as an NCHW one does); Y's and ∇X's strides are exactly those the ops' fake
+    implementations promise, also where a size-1 extent makes a tensor contiguous in both
+    formats (one output channel, a 1×1 output) — on the integer and the simulated path."""
+    from lowbit.ops import block_backward, block_forward
+
+    cl = torch.channels_last
+    layer = lowbit.convert(nn.Conv2d(3, 8, 3).to(memory_format=cl), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    x = torch.randn(0, 3, 8, 8).contiguous(memory_format=cl).requires_grad_()
+    y = layer(x)
+    assert y.shape == (0, 8, 6, 6) and y.is_contiguous(memory_format=cl)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for recipe in ("fqt-psq-8", "fqt-psq-fp8"):
+        for c_out, side in ((1, 5), (4, 3), (1, 3)):
+            conv = lowbit.convert(nn.Conv2d(3, c_out, 3).to(memory_format=cl), FQTConfig.from_recipe(recipe, seed=0))
+            x = torch.randn(2, 3, side, side).contiguous(memory_format=cl)
+            params = [1, 1, 0, 0, 1, 1, 1, C.memory_layout(x, conv.weight, conv.config.activation)]
+            args = ("conv2d", x, conv.weight, conv.bias, conv._block.handle, params, torch.float32)
+            real = block_forward(*args)
+            with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+                fake = block_forward(*args)
+            assert real[0].stride() == fake[0].stride(), (recipe, c_out, side)
+            meta = ([x.shape[0], *x.shape[1:]], x.dtype, list(conv.weight.shape), conv.weight.dtype, conv.bias.dtype)
+            bargs = ("conv2d", torch.randn_like(real[0]), list(real[1:]), conv._block.handle, params, meta[0], meta[1],
+                     meta[2], meta[3], meta[4], [0, 0], [True, True, True])
+            got = block_backward(*bargs)
+            with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+                want = block_backward(*bargs)
+            assert [g.stride() for g in got] == [g.stride() for g in want], (recipe, c_out, side)
