@@ -119,9 +119,7 @@ def out_format(params: Sequence[int]) -> torch.memory_format:
 def _x_rows(x: torch.Tensor, layout: int) -> torch.Tensor:
     """The activation operand: (N, C·H·W), or under ``CL_CODES`` the (N, H·W·C) view of
     x's channels-last memory."""
-    if layout == CL_CODES:
-        return _rows(x.permute(0, 2, 3, 1))
-    return _rows(x)
+    return _rows(x.permute(0, 2, 3, 1) if layout == CL_CODES else x)
 
 
 def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int) -> torch.Tensor:
