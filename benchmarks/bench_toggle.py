@@ -75,6 +75,9 @@ Toggles (each is "on" as lowbit ships it):
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
                float rounding)
 
+  eager-block  a converted layer's block in plain eager mode called through an
+               ``autograd.Function`` (``lowbit.ops._EagerBlock``); off: through the
+               ``lowbit::block_forward`` custom op and the dispatcher (the same values)
   prepack-no-shape  oneDNN's int8 convolution weights prepacked without the input's shape
                (``lowbit.kernels.qconv.PREPACK_INPUT_SHAPE`` False); off: told the shape, as
                before (the same sums)
@@ -366,6 +369,15 @@ def _prepack_no_shape() -> Callable[[bool], None]:
     return switch
 
 
+def _eager_block() -> Callable[[bool], None]:
+    from lowbit import ops
+    plain = ops._plain_eager
+
+    def switch(on: bool) -> None:
+        ops._plain_eager = plain if on else (lambda *_: False)
+    return switch
+
+
 def _gemm_panels() -> Callable[[bool], None]:
     from lowbit.kernels import int8
 
@@ -388,7 +400,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
-    "gemm-panels": _gemm_panels}
+    "gemm-panels": _gemm_panels, "eager-block": _eager_block}
 
 
 def main(argv: list[str] | None = None) -> int:

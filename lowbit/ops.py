@@ -7,8 +7,11 @@ trackers — runs inside two custom ops, ``lowbit::block_forward`` and
 are tensors, ints, strings and dtypes only, and each has a fake (meta) implementation,
 so ``torch.compile`` traces a converted model into the same graphs as the unconverted
 one, with one call per layer and no ``torch.Generator``, data-dependent branch or Python
-state in traced code. Eager mode runs the very same ops, so compiled and eager results
-are bitwise equal.
+state in traced code. Plain eager calls run the ops' own functions through an
+``autograd.Function`` instead of the dispatcher (:func:`apply_block`; the custom op's
+Python dispatch cost ≈ 0.15 ms per layer and step, docs/benchmarks.md "The custom op's
+dispatch in eager mode"): the very same functions, so compiled and eager results are
+bitwise equal.
 
 The Python state a block reads when it runs (recipe, :class:`~lowbit.noise.NoiseStream`,
 range trackers) is a :class:`BlockState`, found from the op through its ``handle`` (a
@@ -250,8 +253,7 @@ def _backward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
 
 
 # -- the two ops -----------------------------------------------------------------------
-@torch.library.custom_op("lowbit::block_forward", mutates_args=())
-def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   handle: str, params: list[int], out_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,6 +268,9 @@ def block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     k = _kind(kind)
     y, qx, qw = k.forward(x, weight, bias, cfg, gens, params, out_dtype)
     return (in_format(y, k.format_of(params)), *flatten_operand(qx, y), *flatten_operand(qw, y))
+
+
+block_forward = torch.library.custom_op("lowbit::block_forward", mutates_args=())(_block_forward)
 
 
 def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor, ...]:
@@ -292,8 +297,7 @@ def _(kind, x, weight, bias, handle, params, out_dtype):  # noqa: ANN001, ANN202
     return (y, *_fake_rows(x, cfg.activation), *_fake_rows(weight, cfg.weight))
 
 
-@torch.library.custom_op("lowbit::block_backward", mutates_args=())
-def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handle: str,
+def _block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handle: str,
                    params: list[int], x_shape: list[int], x_dtype: torch.dtype, w_shape: list[int],
                    w_dtype: torch.dtype, b_dtype: torch.dtype | None, blocks: list[int],
                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,6 +309,9 @@ def block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handl
     formats = (_kind(kind).format_of(params), torch.contiguous_format, torch.contiguous_format)
     return tuple(gy.new_empty(0) if g is None else in_format(g, f)  # type: ignore[return-value]
                  for g, f in zip(grads, formats))
+
+
+block_backward = torch.library.custom_op("lowbit::block_backward", mutates_args=())(_block_backward)
 
 
 def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], handle: str,
@@ -367,9 +374,9 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
         refuse_quantized_double_backward(_state(ctx.handle).config)
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
-        gx, gw, gb = block_backward(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
-                                    m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype,
-                                    m.blocks, needs)
+        op = _block_backward if getattr(ctx, "eager", False) else block_backward
+        gx, gw, gb = op(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
+                        m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, m.blocks, needs)
     return (None, gx if needs[0] else None, gw if needs[1] else None,
             gb if needs[2] else None, None, None, None)
 
@@ -377,9 +384,47 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
 block_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerBlock(torch.autograd.Function):
+    """:data:`block_forward` with its registered autograd (``_setup_context``,
+    ``_backward``), its functions called directly: the dispatcher's Python layers
+    (autograd kernel, redispatch, the dynamo-disabled backend kernel) skipped."""
+
+    @staticmethod
+    def forward(ctx: Any, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                handle: str, params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        out = _block_forward(kind, x, weight, bias, handle, params, out_dtype)
+        _setup_context(ctx, (kind, x, weight, bias, handle, params, out_dtype), out)
+        ctx.eager = True
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
+        return _backward(ctx, gy)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may skip the dispatcher (:class:`_EagerBlock`): plain strided tensors
+    (no subclass such as ``DTensor``, no functorch wrapper), outside ``torch.compile``,
+    ``jit.trace`` and any dispatch or ``__torch_function__`` mode (fake tensors,
+    ``lowbit.coverage``'s trace), where the custom op is what those machineries see."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()) \
+        and all(t is None or (type(t) in _PLAIN and t.layout == torch.strided
+                              and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
+
+
 def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 state: BlockState, params: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
-    """The output of block ``kind`` under ``state`` (differentiable in x, weight, bias)."""
+    """The output of block ``kind`` under ``state`` (differentiable in x, weight, bias):
+    :data:`block_forward`, called through the dispatcher, or, where nothing would see the
+    op (:func:`_plain_eager`), its functions through :class:`_EagerBlock` — the same
+    values either way."""
+    if _plain_eager(x, weight, bias):
+        return _EagerBlock.apply(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
     return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
 
 

@@ -10,6 +10,8 @@ backend; mismatched dtypes raise at once, as ``nn.Linear``/``nn.Conv2d`` do.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,35 @@ def test_inplace_ops_on_outputs_give_the_out_of_place_gradients(kind, op, twice)
     b = _grads(kind, "auto", OPS[op], False, twice)
     for ga, gb in zip(a, b):
         assert torch.equal(ga, gb)
+
+
+class _Watching(torch.overrides.TorchFunctionMode):
+    """A ``__torch_function__`` mode that changes nothing: under it a converted layer
+    must go through the ``lowbit::block_forward`` custom op (what a mode sees)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_plain_eager_call_skips_the_dispatcher_with_the_same_values(kind, backend) -> None:
+    """Plain eager calls run the block's functions through ``lowbit.ops._EagerBlock``
+    (no dispatcher); under a mode the custom op runs. Same seed, same noise: the output
+    and all three gradients bitwise equal."""
+    got = {}
+    for via_op in (False, True):
+        m, x = make(kind, backend)
+        with _Watching() if via_op else contextlib.nullcontext():
+            y = m(x)
+        node = y.grad_fn  # the block's node, under linear3d's reshape of the output
+        while type(node).__name__.startswith(("View", "Reshape", "UnsafeView")):
+            node = node.next_functions[0][0]
+        assert ("_EagerBlock" in type(node).__name__) is not via_op, type(node).__name__
+        y.backward(torch.linspace(-1, 2, y.numel()).reshape(y.shape))
+        got[via_op] = [y.detach(), x.grad, m.weight.grad, m.bias.grad]
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
