@@ -181,10 +181,13 @@ def _dq(q: QuantizedOperand, shape: Sequence[int]) -> torch.Tensor:
     return q.dequantize().reshape(shape)
 
 
-def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int) -> bool:
-    """Whether a convolution of ``codes`` by a ``w_shape`` kernel runs on oneDNN's exact
-    int8 convolution (:mod:`lowbit.kernels.qconv`): integer kernels allowed, and exact."""
-    return k.backend in (Backend.AUTO, Backend.INT8) and qconv.available(codes, w_shape, groups)
+def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: Sequence[int],
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether a convolution of ``codes`` (an input of spatial ``size``) by a ``w_shape``
+    kernel under this geometry runs on oneDNN's exact int8 convolution
+    (:mod:`lowbit.kernels.qconv`): integer kernels allowed, and exact there."""
+    return k.backend in (Backend.AUTO, Backend.INT8) and \
+        qconv.available(codes, w_shape, groups, size, stride, padding, dilation)
 
 
 def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -231,7 +234,7 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, qx.codes.device)
-    if _onednn(k, qx.codes, w_shape, groups):  # oneDNN's int8 convolution, exact sums
+    if _onednn(k, qx.codes, w_shape, groups, (h, w), stride, padding, dilation):  # exact sums
         xu = qx.codes.view(n, h, w, c).permute(0, 3, 1, 2) if layout == CL_CODES else \
             _unsigned_nhwc(k, qx.codes, x_shape)
         with scope("lowbit::gemm"):
@@ -327,8 +330,10 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     pad = [ext[0] - padding[0], ext[1] - padding[1]]
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    if min(pad) < 0 or qw.scale.shape[0] != 1 or not _onednn(k, qa.codes, (c, cog, kh, kw), groups) \
-            or not zero_insert_pays(w_shape, stride):
+    size = tuple(g_shape[2:]) if list(stride) == [1, 1] else (h + ext[0], w + ext[1])
+    conv_pad = pad if list(stride) == [1, 1] else [0, 0]  # the zero-inserted input is padded already
+    if min(pad) < 0 or qw.scale.shape[0] != 1 or not zero_insert_pays(w_shape, stride) \
+            or not _onednn(k, qa.codes, (c, cog, kh, kw), groups, size, (1, 1), conv_pad, dilation):
         return None
     # the flipped kernel, per group (C_out/g, C/g) → (C/g, C_out/g): (C, C_out/g, kH, kW)
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)

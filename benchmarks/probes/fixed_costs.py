@@ -59,7 +59,7 @@ def main() -> None:
         ms = {m: step_ms(w, m) for m in MODES}
         print(f"tiny {w:4s}: " + ", ".join(f"{m} {v:.2f} ms" for m, v in ms.items())
               + f"; fixed cost of fqt-psq-8 {ms['fqt-psq-8'] - ms['fp32']:.2f} ms a step")
-    if qconv.available(torch.zeros(1, 1, 1, 1, dtype=torch.int8), (1, 1, 1, 1), 1):
+    if qconv.available(torch.zeros(1, 1, 1, 1, dtype=torch.int8), (1, 1, 1, 1), 1, (8, 8), (1, 1), (0, 0), (1, 1)):
         for co, c in WEIGHTS:
             print(f"onednn qconv_prepack of a ({co}, {c}, 3, 3) int8 weight: {prepack_ms(co, c) * 1e3:.0f} µs")
         print(f"conv_acc (prepack + qconv2d_pointwise) on 4 × 16 × 8 × 8: {pointwise_ms() * 1e3:.0f} µs")

@@ -87,12 +87,30 @@ def _probe() -> bool:
         return False
 
 
-def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int) -> bool:
+def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether oneDNN's int8 convolution computes every output of an input of spatial
+    ``size`` (H, W) under this geometry: no dilation, ``padding ≤ kernel − 1`` in each
+    dimension (so no output reads padding alone) and an output at least 2 wide. Outside
+    these, torch 2.13's ``qconv2d_pointwise`` gave wrong sums (outputs left unwritten,
+    different on a second call) or crashed the process: of 5,000 random small shapes with
+    dilation 1 and ``padding ≤ kernel − 1``, every wrong result had an output width of 1;
+    with larger padding or with dilation, wrong sums and segmentation faults at output
+    widths above 1 too (``tests/core/test_conv.py::test_onednn_route_only_where_exact``)."""
+    out_w = (size[1] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return (all(d == 1 for d in dilation) and all(0 <= p <= k - 1 for p, k in zip(padding, kernel))
+            and out_w >= 2)
+
+
+def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: Sequence[int],
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether :func:`conv_acc` is exact for these operands: int8 codes on the CPU,
-    ``K = C/groups·kH·kW ≤ MAX_K``, and this machine's oneDNN passes the probe."""
+    ``K = C/groups·kH·kW ≤ MAX_K``, a geometry oneDNN computes (:func:`geometry_ok`; ``size``
+    the input's spatial (H, W)), and this machine's oneDNN passes the probe."""
     k = w_shape[1] * w_shape[2] * w_shape[3]
     return (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
-            and x_codes.numel() > 0 and _exact_here())
+            and x_codes.numel() > 0 and geometry_ok(size, w_shape[2:], stride, padding, dilation)
+            and _exact_here())
 
 
-__all__ = ["MAX_K", "available", "conv_acc"]
+__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok"]

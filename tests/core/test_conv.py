@@ -89,13 +89,19 @@ def _check(int_out: torch.Tensor, ref_out: torch.Tensor, exact: torch.Tensor,
     assert ((int_out.double() - ref_out.double()).abs() <= (k + 8) * U * absolute).all()
 
 
-def _grad_input_on_onednn(w_shape, params) -> bool:  # noqa: ANN001
-    """Whether ∇X runs as oneDNN's (exact-sum) convolution, not the scatter + col2im."""
+def _grad_input_on_onednn(x_shape, w_shape, params) -> bool:  # noqa: ANN001
+    """Whether ∇X runs as oneDNN's (exact-sum) convolution, not the scatter + col2im:
+    the flipped kernel over ∇Y padded by ``d(k − 1) − p`` at stride 1, over the
+    zero-inserted ∇Y (H + d(kH − 1), W + d(kW − 1)) unpadded at stride > 1."""
     s, p, d, g = params[0:2], params[2:4], params[4:6], params[6]
     ext = [d[i] * (w_shape[2 + i] - 1) for i in range(2)]
+    pad = [ext[i] - p[i] for i in range(2)]
+    y_size = [(x_shape[2 + i] + 2 * p[i] - ext[i] - 1) // s[i] + 1 for i in range(2)]
+    size, conv_pad = (y_size, pad) if list(s) == [1, 1] else ([x_shape[2 + i] + ext[i] for i in range(2)], [0, 0])
     k = w_shape[0] // g * w_shape[2] * w_shape[3]
-    return (qconv.available(torch.zeros(1, dtype=torch.int8), (1, k, 1, 1), 1) and min(ext[0] - p[0], ext[1] - p[1]) >= 0
-            and C.zero_insert_pays(w_shape, s))
+    return (min(pad) >= 0 and C.zero_insert_pays(w_shape, s)
+            and qconv.available(torch.zeros(1, dtype=torch.int8), (1, k, *w_shape[2:]), 1, size, (1, 1),
+                                conv_pad, d))
 
 
 def _forward_operands(x, wt, spec=None):  # noqa: ANN001, ANN202
@@ -137,7 +143,8 @@ def test_conv_grads_integer_equal_reference(name: str, quantizer: str) -> None:
     exact = torch.nn.grad.conv2d_input(x.shape, wd, ad, s, p, d, g)
     absolute = torch.nn.grad.conv2d_input(x.shape, wd.abs(), ad.abs(), s, p, d, g)
     _check(gx_int, gx_ref, exact, absolute, math.prod(wt.shape[2:]) * wt.shape[0] // g,
-           scatter=0 if s == [1, 1] or _grad_input_on_onednn(wt.shape, params) else math.prod(wt.shape[2:]))
+           scatter=0 if s == [1, 1] or _grad_input_on_onednn(x.shape, wt.shape, params)
+           else math.prod(wt.shape[2:]))
 
     gw_int = run(conv_grad_weight, Backend.INT8, qx, x.shape, wt.shape, params)
     gw_ref = run(conv_grad_weight, Backend.REFERENCE, qx, x.shape, wt.shape, params)
@@ -188,13 +195,15 @@ def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     with torch.profiler.profile() as prof:
         _layer_run("auto", x, wt, b, params, gy)
     names = [e.name for e in prof.events()]
-    onednn = qconv.available(torch.zeros(1, dtype=torch.int8), wt.shape, params[6])
+    onednn = qconv.available(torch.zeros(1, dtype=torch.int8), wt.shape, params[6], x.shape[2:], params[0:2],
+                             params[2:4], params[4:6])
     assert names.count("onednn::qconv2d_pointwise") == 2 * int(onednn)
     assert names.count("aten::_int_mm") == (3 - 2 * onednn) * params[6]
     assert not any("aten::convolution" in n or "aten::_convolution" in n for n in names)
 
 
-ONEDNN = pytest.mark.skipif(not qconv.available(torch.zeros(1, dtype=torch.int8), (1, 1, 1, 1), 1),
+ONEDNN = pytest.mark.skipif(not qconv.available(torch.zeros(1, dtype=torch.int8), (1, 1, 1, 1), 1, (2, 2),
+                                                (1, 1), (0, 0), (1, 1)),
                             reason="oneDNN's int8 convolution is not exact on this CPU (no VNNI, "
                                    "or the probe failed): lowbit uses im2col + _int_mm there")
 
@@ -217,7 +226,7 @@ def test_onednn_conv_acc_is_the_exact_integer_sum(name: str) -> None:
     got = qconv.conv_acc(big, torch.full((3, qconv.MAX_K, 1, 1), 127, dtype=torch.int8), (1, 1),
                          (0, 0), (1, 1), 1)
     assert torch.equal(got, torch.full((2, 3, 1, 1), float(qconv.MAX_K * 127 * 127)))
-    assert not qconv.available(big, (3, qconv.MAX_K + 1, 1, 1), 1)  # float32 could round
+    assert not qconv.available(big, (3, qconv.MAX_K + 1, 1, 1), 1, (2, 2), (1, 1), (0, 0), (1, 1))  # float32 could round
 
 
 @ONEDNN
@@ -715,3 +724,100 @@ def test_channels_last_empty_batch_and_fake_strides() -> None:
             with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
                 want = block_backward(*bargs)
             assert [g.stride() for g in got] == [g.stride() for g in want], (recipe, c_out, side)
+
+
+# -- fault kind: oneDNN's int8 convolution outside the geometries it computes -----------------
+# Found by a new-user review (2026-12-04): under torch 2.13, qconv2d_pointwise left outputs
+# unwritten (wrong sums, different on a second call) at an output width of 1, with padding
+# beyond kernel − 1, and with dilation, and crashed the process on some dilated and strided
+# 1×1 / 2×2 shapes. lowbit now routes only lowbit.kernels.qconv.geometry_ok geometries there.
+# (conv class, in, out, kernel, stride, padding, dilation, groups, input shape)
+ONEDNN_FAULTS = [
+    (nn.Conv2d, 16, 16, 3, 2, 0, 3, 1, (4, 16, 15, 8)),   # output 1 wide, dilated: wrong Y
+    (nn.Conv2d, 8, 2, 2, 2, 1, 2, 1, (2, 8, 9, 2)),
+    (nn.Conv2d, 4, 4, 2, 2, 0, 3, 2, (2, 4, 12, 5)),
+    (nn.Conv2d, 1, 2, 2, 1, 3, 1, 1, (2, 1, 6, 7)),       # padding > kernel − 1: unwritten outputs
+    (nn.Conv2d, 1, 1, 2, 1, 1, 2, 1, (1, 1, 6, 1)),       # ∇X dilated, 1 wide
+    (nn.Conv2d, 4, 8, (1, 2), (1, 3), 0, 1, 1, (1, 4, 12, 4)),  # no padding, output 1 wide
+    (nn.Conv2d, 3, 3, 3, 2, 0, 1, 1, (1, 3, 12, 3)),
+    (nn.Conv1d, 3, 1, 1, 2, 1, 3, 1, (2, 3, 1)),          # crashed the process
+    (nn.Conv2d, 1, 1, 1, 3, 2, 2, 1, (1, 1, 6, 1)),       # crashed the process
+]
+
+
+def test_onednn_geometry_rule() -> None:
+    """The rule itself: dilation 1, padding ≤ kernel − 1, output at least 2 wide."""
+    ok = qconv.geometry_ok
+    assert ok((28, 28), (3, 3), (1, 1), (1, 1), (1, 1)) and ok((7, 7), (3, 3), (2, 2), (1, 1), (1, 1))
+    assert ok((1, 9), (1, 3), (1, 1), (0, 1), (1, 1))  # Conv1d: height-1 output is fine
+    assert not ok((28, 28), (3, 3), (1, 1), (2, 2), (2, 2))  # dilation
+    assert not ok((6, 7), (2, 2), (1, 1), (3, 3), (1, 1))  # padding > kernel − 1
+    assert not ok((12, 3), (3, 3), (2, 2), (0, 0), (1, 1))  # output 1 wide
+
+
+@pytest.mark.parametrize("case", range(len(ONEDNN_FAULTS)))
+def test_onednn_faulty_geometries_give_the_reference_layer(case: int) -> None:
+    """Each shape of the fault, as a converted layer on ``auto`` against ``reference`` on
+    the same seed (in a subprocess: the faulty route crashed the process on some): output
+    and ∇X within 1e-5 of the reference's scale (the bug's errors were O(1) and more), the
+    same on a second call, and finite."""
+    import subprocess
+    import sys
+    code = f"""
+import torch, lowbit
+from torch import nn
+from tests.core.test_conv import ONEDNN_FAULTS
+cls, ci, co, k, s, p, d, g, shape = ONEDNN_FAULTS[{case}]
+def run(backend):
+    torch.manual_seed(0)
+    m = lowbit.convert(nn.Sequential(cls(ci, co, k, s, p, d, g)), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0, backend=backend))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    ys = [m(x) for _ in range(2)]
+    gy = torch.randn(ys[0].shape, generator=torch.Generator().manual_seed(2))
+    ys[0].backward(gy)
+    return ys, x.grad
+(y1, y2), gx = run("auto")
+(r1, _), gr = run("reference")
+assert torch.equal(y1, y2), "a second call differs"
+assert torch.isfinite(y1).all() and torch.isfinite(gx).all()
+assert float((y1 - r1).abs().max()) <= 1e-5 * float(r1.abs().max() + 1), float((y1 - r1).abs().max())
+assert float((gx - gr).abs().max()) <= 1e-5 * float(gr.abs().max() + 1), float((gx - gr).abs().max())
+"""
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+@ONEDNN
+def test_onednn_route_only_where_exact() -> None:
+    """``conv_acc`` on 300 random small geometries that :func:`qconv.geometry_ok` accepts
+    (strides 1–3, kernels 1–5, padding ≤ kernel − 1, inputs 1–12 wide, groups, int8 and
+    channels-last uint8 inputs): every sum exact against the float64 convolution of the
+    codes, twice. In a subprocess: a crash fails the test instead of the run."""
+    import subprocess
+    import sys
+    code = """
+import random, torch
+from lowbit.kernels import qconv
+random.seed(5)
+checked = 0
+while checked < 300:
+    n, c, o = random.choice([1, 2, 3]), random.choice([1, 2, 3, 4, 8, 16]), random.choice([1, 2, 3, 4, 8, 16])
+    k = (random.choice([1, 2, 3, 5]), random.choice([1, 2, 3, 5]))
+    s = (random.choice([1, 2, 3]), random.choice([1, 2, 3]))
+    p = (random.randint(0, k[0] - 1), random.randint(0, k[1] - 1))
+    h, w = random.choice([1, 2, 3, 4, 5, 7, 8, 12]), random.choice([1, 2, 3, 4, 5, 7, 8, 12])
+    g = random.choice([1, c]) if o % c == 0 else 1
+    if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1] or not qconv.geometry_ok((h, w), k, s, p, (1, 1)):
+        continue
+    x = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8)
+    wt = torch.randint(-127, 128, (o, c // g, *k), dtype=torch.int8)
+    want = torch.nn.functional.conv2d(x.double(), wt.double(), None, s, p, 1, g)
+    for xi in (x, (x.view(torch.uint8) ^ 128).contiguous(memory_format=torch.channels_last)):
+        for _ in range(2):
+            got = qconv.conv_acc(xi, wt, s, p, (1, 1), g)
+            assert torch.equal(got.double(), want), (n, c, o, h, w, k, s, p, g)
+    checked += 1
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])

@@ -228,7 +228,7 @@ def test_conv_runs_integer_gemms_on_device_and_equals_reference(
     b = torch.randn(24, generator=g)
     gy = torch.randn(2, 24, 8, 8, generator=g)
     # (asked first: the once-per-process probe calls conv_acc itself)
-    on_cpu = torch.device(device).type == "cpu" and qconv.available(x.to(torch.int8), wt.shape, 1)
+    on_cpu = torch.device(device).type == "cpu" and qconv.available(x.to(torch.int8), wt.shape, 1, (8, 8), (1, 1), (1, 1), (1, 1))
     calls = _count(monkeypatch, int8, "int_mm")
     onednn = _count(monkeypatch, qconv, "conv_acc")
 
