@@ -61,7 +61,7 @@ from .scopes import scope
 
 from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
-from .functional import block_state, output_dtype, quantize_forward, quantize_gradient
+from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
 from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
@@ -543,7 +543,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     when ``need_weights`` (else ``None``). Gradients flow through it too. Needs a
     non-``fp`` recipe when ``need_weights``."""
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    state = block_state(state)
+    state = call_state(state)
     if state.config.is_fp:
         if need_weights:
             raise ValueError("need_weights needs a quantized recipe; under fp use torch's own "
@@ -590,7 +590,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ``scale`` defaults to ``1/√E``. A fully masked row gives zeros, as in torch.
 
     ``state``: a :class:`~lowbit.ops.BlockState` (recipe, noise stream; a layer passes its
-    own) or an :class:`FQTConfig` (a fresh stream per call, :func:`lowbit.functional.block_state`);
+    own) or an :class:`FQTConfig` (new noise every call, :func:`lowbit.functional.call_state`);
     ``None`` or the ``fp`` recipe: torch's own float attention. The output has the dtype of
     ``query`` (the autocast dtype under autocast); the GEMMs run in float32 (float64 for
     float64 inputs) whatever autocast says; gradients come in the inputs' dtypes.

@@ -27,7 +27,7 @@ from .attention import attention
 from .config import FQTConfig
 from .conversion import SwapRule, hooks_reason, mha_reason
 from .functional import fqt_linear
-from .nn import FQTLinear, _StochasticLayer
+from .nn import FQTLinear, _StochasticLayer, check_source
 
 
 def _child(name: str, sub: str) -> str:
@@ -59,6 +59,7 @@ class FQTScaledDotProductAttention(ScaledDotProductAttention, _StochasticLayer):
     @classmethod
     def from_float(cls, mod: ScaledDotProductAttention, config: FQTConfig, seed: int | None = None,
                    name: str = "") -> FQTScaledDotProductAttention:
+        check_source(cls, mod, ScaledDotProductAttention)
         return cls(config=config, seed=seed, name=name).train(mod.training)
 
     def trackers(self) -> tuple[None, None]:
@@ -143,7 +144,9 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         """Wrap ``mod``'s parameters (shared, not copied) and plain attributes; its
         ``out_proj`` module is kept and, with ``out_proj=True``, converted to an
         ``FQTLinear`` (``convert`` passes False and converts it like any Linear, so a
-        ``module_filter`` may keep it float). ``seed``/``name`` as for ``FQTLinear``."""
+        ``module_filter`` may keep it float). ``seed``/``name`` as for ``FQTLinear``;
+        ``TypeError`` if ``mod`` is not an ``nn.MultiheadAttention``."""
+        check_source(cls, mod, nn.MultiheadAttention)
         new = cls(mod.embed_dim, mod.num_heads, mod.dropout, add_bias_kv=mod.bias_k is not None,
                   add_zero_attn=mod.add_zero_attn, kdim=mod.kdim, vdim=mod.vdim,
                   batch_first=mod.batch_first, config=config, seed=seed, name=name, device="meta")

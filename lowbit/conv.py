@@ -72,7 +72,7 @@ from torch.nn.modules.utils import _single
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated
 from .gradpair import quantize_grad_w, quantize_grad_pair
-from .functional import (Generators, bias_grad, block_state, check_conv_args, check_conv_padding, check_dtypes,
+from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
                          output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
@@ -556,7 +556,7 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     (N, C_out, L'); ``padding`` an int, ``"valid"`` or ``"same"`` (zeros). The contract
     of :func:`lowbit.functional.fqt_conv2d` (dtypes, autocast, errors); the GEMMs are
     those of the conv2d block on a height-1 image."""
-    state = block_state(state)
+    state = call_state(state)
     if state.config.is_fp:
         return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
     check_dtypes("fqt_conv1d", x, weight, bias)

@@ -16,6 +16,7 @@ the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -204,11 +205,15 @@ def _linear_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
 register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape))
 
 
+_CALLS = itertools.count()  # functional calls handed a bare, seeded FQTConfig in this process
+
+
 def block_state(state: BlockState | FQTConfig) -> BlockState:
     """``state`` itself, or for a bare :class:`FQTConfig` a fresh :class:`BlockState`
     whose noise stream has base seed ``config.seed`` (``None``: one draw from torch's
-    global RNG) and name ``""`` — a new stream per call, so pass a ``BlockState`` (as the
-    layers do) to keep one stream, range trackers and ``torch.compile`` across calls."""
+    global RNG) and name ``""``: two states made this way from one seeded config draw
+    the same noise. Keep one (as the layers keep theirs) to keep one stream, range
+    trackers and ``torch.compile`` across calls. ``TypeError`` for anything else."""
     if isinstance(state, BlockState):
         return state
     if not isinstance(state, FQTConfig):
@@ -217,11 +222,26 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
     return BlockState(state, NoiseStream(seed))
 
 
+def call_state(state: BlockState | FQTConfig) -> BlockState:
+    """The state of one functional call (``fqt_linear``, ``fqt_conv2d``, ``fqt_conv1d``,
+    ``scaled_dot_product_attention``): a :class:`BlockState` as it is; a bare seeded
+    :class:`FQTConfig` gets a stream named ``"functional call i"`` for the process's
+    ``i``-th such call, so every call draws new noise (one fixed stream gave every call —
+    every layer, every step — the same rounding noise, so rounding errors no longer
+    averaged out) and a rerun of the same program draws the same noise again;
+    ``seed=None``: :func:`block_state` (a base seed drawn per call)."""
+    if isinstance(state, FQTConfig) and state.seed is not None:
+        return BlockState(state, NoiseStream(state.seed, f"functional call {next(_CALLS)}"))
+    return block_state(state)
+
+
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``x`` computes in, and so the layer's output dtype: under autocast a
     floating tensor other than float64 is cast to the autocast dtype (as torch's autocast
     does for ``nn.Linear`` and ``nn.Conv2d``); otherwise ``x``'s own dtype."""
     dev = x.device.type
+    if dev in ("meta", "lazy"):  # no autocast there (torch's query raises): their own dtype
+        return x.dtype
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return x.dtype
@@ -230,7 +250,11 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
-    so they must be equal outside autocast; under autocast they may mix as torch allows."""
+    so they must be equal outside autocast; under autocast they may mix as torch allows.
+    ``TypeError`` naming the argument where one is not a tensor (a list, say), as torch's."""
+    for what, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {what} must be a Tensor, not {type(t).__name__}")
     if output_dtype(x) != output_dtype(weight):
         raise RuntimeError(f"{op}: input and weight must have the same dtype, but got "
                            f"{x.dtype} and {weight.dtype}")
@@ -282,9 +306,9 @@ def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     The output dtype is :func:`output_dtype` of ``x`` (the autocast dtype under autocast);
     the GEMMs run in the recipe's arithmetic whatever autocast says; gradients have the
     dtypes of ``x``, ``weight`` and ``bias``. ``state``: the recipe, noise stream and
-    range trackers (:func:`block_state`; a layer passes its own). Raises ``RuntimeError`` as ``nn.Linear`` does for
+    range trackers (:func:`call_state`; a layer passes its own). Raises ``RuntimeError`` as ``nn.Linear`` does for
     mismatched dtypes (:func:`check_dtypes`) or shapes."""
-    state = block_state(state)
+    state = call_state(state)
     if state.config.is_fp:
         return F.linear(x, weight, bias)
     check_dtypes("fqt_linear", x, weight, bias)
@@ -318,7 +342,7 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[in
 def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig, stride: Any = 1, padding: Any = 0,
                dilation: Any = 1, groups: int = 1) -> torch.Tensor:
-    """Conv2d under ``state`` (:func:`block_state`; ``fp``: plain ``F.conv2d``): ``x``
+    """Conv2d under ``state`` (:func:`call_state`; ``fp``: plain ``F.conv2d``): ``x``
     (N, C_in, H, W) or unbatched (C_in, H, W), ``weight`` (C_out, C_in/groups, kH, kW),
     ``bias`` (C_out,) → (N, C_out, H', W'), empty batches too; ``padding`` an int, a pair,
     ``"valid"`` or ``"same"`` (zeros). The same contract as :func:`fqt_linear`: output
@@ -327,7 +351,7 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     of ``x``, ``weight`` and ``bias``, ``RuntimeError`` for mismatched dtypes. The
     output and ∇x are channels-last where ``x`` or ``weight`` is, as PyTorch's
     convolutions (:func:`lowbit.conv.memory_layout`)."""
-    state = block_state(state)
+    state = call_state(state)
     if state.config.is_fp:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     check_dtypes("fqt_conv2d", x, weight, bias)
@@ -360,6 +384,7 @@ __all__ = [
     "Trackers",
     "bias_grad",
     "block_state",
+    "call_state",
     "check_dtypes",
     "fqt_conv2d",
     "fqt_linear",

@@ -37,7 +37,7 @@ from .attention_modules import ScaledDotProductAttention
 from .config import FQTConfig
 from .conversion import SwapRule, rebuild, register_probe, skip_reason
 from .functional import fqt_linear
-from .nn import _StochasticLayer
+from .nn import _StochasticLayer, check_source
 
 try:  # transformers ≥ 4.53: masks are built per attention implementation
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -66,7 +66,9 @@ class FQTConv1D(Conv1D, _StochasticLayer):
     @classmethod
     def from_float(cls, mod: Conv1D, config: FQTConfig, seed: int | None = None,
                    name: str = "") -> FQTConv1D:
-        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv1D``."""
+        """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv1D``; ``TypeError``
+        if ``mod`` is not a ``transformers`` ``Conv1D``."""
+        check_source(cls, mod, Conv1D)
         new = cls(mod.nf, mod.nx, config=config, seed=seed, name=name, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
         return new.train(mod.training)

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptivePolicy, Decision
-from .config import GradSpec, with_bits
+from .config import GradSpec, describe, with_bits
 from .formats import IntFormat, Rounding
 from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, fqt_blocks
@@ -194,6 +194,8 @@ class VarianceMonitor:
             raise ValueError("no monitorable converted layer: "
                              + ("; ".join(f"{n}: {r}" for n, r in self.skipped.items())
                                 or "convert the model with an fqt-* recipe first"))
+        if policy is not None:
+            _check_policy_fits(policy, self.layers)
         self.steps = 0
         self.history: list[StepRecord] = []
         self.decisions: list[Decision] = []
@@ -419,6 +421,29 @@ class VarianceMonitor:
         self.history = [StepRecord.from_dict(r) for r in state["history"]]
         self._bit_sums = {n: {p: int(s) for p, s in d.items()} for n, d in state["bit_sums"].items()}
         self._grad_numel = {n: {p: int(w) for p, w in d.items()} for n, d in state["grad_numel"].items()}
+
+
+def _check_policy_fits(policy: AdaptivePolicy, layers: dict[str, Any]) -> None:
+    """``ValueError`` where ``policy`` would silently rewrite a layer it was not meant
+    for: one converted with a fixed recipe (``config.adaptive`` unset: its bit widths
+    were chosen, not left to a policy), or whose gradient quantizer is not among the
+    policy's candidates for that path (the path would keep it while the policy's
+    quantizers are meant)."""
+    for name, layer in layers.items():
+        cfg = layer.config
+        if cfg.adaptive is None:
+            raise ValueError(
+                f"VarianceMonitor: policy given, but layer {name!r} was converted with a fixed recipe "
+                f"({describe(cfg)}): the policy would rewrite its gradient bit widths. Convert with an "
+                "adaptive recipe (FQTConfig.from_recipe('fqt-auto'|'fqt-auto-psq'|'fqt-auto-bhq')) "
+                "and AdaptivePolicy.from_recipe of the same name, or monitor without a policy")
+        for path, cands in (("grad_input", policy.grad_input), ("grad_weight", policy.grad_weight)):
+            spec = getattr(cfg, path)
+            if spec is not None and spec.quantizer not in cands:
+                raise ValueError(
+                    f"VarianceMonitor: layer {name!r} quantizes {path} with {spec.quantizer!r}, not "
+                    f"among the policy's candidates {list(cands)}: use AdaptivePolicy.from_recipe("
+                    f"{cfg.adaptive!r}) for a model converted with {cfg.adaptive!r}")
 
 
 def _policy_state(policy: AdaptivePolicy | None) -> dict[str, Any] | None:

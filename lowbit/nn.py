@@ -87,6 +87,19 @@ class _StochasticLayer:
         return f"recipe={describe(self.config)}, seed={self.seed}, name={self.noise.name!r}"
 
 
+# torch modules with GEMMs that lowbit has no layer for: listed as skipped, not silently float
+_NO_FQT_LAYER = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase,
+                 nn.RNNCellBase, nn.Bilinear)
+
+
+def check_source(cls: type, mod: object, expected: type) -> None:
+    """``TypeError`` naming both types where ``cls.from_float`` is handed a module it
+    cannot wrap (it would fail later on a missing attribute)."""
+    if not isinstance(mod, expected):
+        raise TypeError(f"{cls.__name__}.from_float expects a {expected.__name__} module, got "
+                        f"{type(mod).__name__}")
+
+
 class FQTLinear(nn.Linear, _StochasticLayer):
     """``nn.Linear`` whose three GEMMs run under an :class:`FQTConfig`. Accepts inputs of
     any leading shape ``(*, in_features)``."""
@@ -102,7 +115,9 @@ class FQTLinear(nn.Linear, _StochasticLayer):
                    name: str = "") -> FQTLinear:
         """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTLinear``. Noise:
         base seed ``seed``, else ``config.seed``, else one global-RNG draw; ``name`` (the
-        fully qualified name; ``convert`` passes it) keys the stream (:mod:`lowbit.noise`)."""
+        fully qualified name; ``convert`` passes it) keys the stream (:mod:`lowbit.noise`).
+        ``TypeError`` if ``mod`` is not an ``nn.Linear``."""
+        check_source(cls, mod, nn.Linear)
         new = cls(mod.in_features, mod.out_features, mod.bias is not None,
                   config=config, seed=seed, name=name, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
@@ -137,7 +152,9 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
     def from_float(cls, mod: nn.Conv2d, config: FQTConfig, seed: int | None = None,
                    name: str = "") -> FQTConv2d:
         """Wrap ``mod``'s parameters (shared, not copied) in an ``FQTConv2d`` (seed and
-        ``name`` as for :meth:`FQTLinear.from_float`)."""
+        ``name`` as for :meth:`FQTLinear.from_float`). ``TypeError`` if ``mod`` is not an
+        ``nn.Conv2d`` (``nn.Conv1d`` for :class:`FQTConv1d`)."""
+        check_source(cls, mod, nn.Conv1d if issubclass(cls, nn.Conv1d) else nn.Conv2d)
         new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
                   padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
                   bias=mod.bias is not None, padding_mode=mod.padding_mode,
@@ -215,7 +232,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     class is a subclass, that carries hooks, owns extra parameters/buffers, is not yet
     materialized (lazy) or is read by its parent without being called
     (``out_proj`` of an ``nn.MultiheadAttention`` left float) is left alone, listed in the report's
-    ``skipped`` with the reason and in one :class:`ConversionWarning`. Parametrized
+    ``skipped`` with the reason and in one :class:`ConversionWarning`; so are torch's GEMM
+    layers lowbit has no layer for (``Conv3d``, ``ConvTranspose*``, ``RNN``/``LSTM``/``GRU``
+    and their cells, ``Bilinear``). Parametrized
     layers (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, …) are
     converted with their parametrizations; plain instance attributes are carried over.
     ``nn.TransformerEncoderLayer``s holding converted layers lose their fused inference
@@ -287,6 +306,11 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         rule = next((r for r in rules if isinstance(module, (r.fqt, r.plain))), None)
         if rule is None and isinstance(module, tuple(_PLAIN)):
             new = swap(module, prefix, parent)
+        elif rule is None and isinstance(module, _NO_FQT_LAYER) and \
+                (module_filter is None or module_filter(module, prefix)):
+            skipped[prefix] = (f"{type(module).__name__} has no lowbit layer: its GEMMs run in float "
+                               "(README 'What stays in float')")
+            new = module
         else:
             new = module if rule is None else swap_by(rule, module, prefix)
             internal = rule.internal if rule is not None and isinstance(new, rule.fqt) else ()

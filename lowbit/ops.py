@@ -374,7 +374,9 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
         refuse_quantized_double_backward(_state(ctx.handle).config)
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
-        op = _block_backward if getattr(ctx, "eager", False) else block_backward
+        # the op's own function where the forward skipped the dispatcher and nothing
+        # would see the op now either (a mode entered between forward and backward does)
+        op = _block_backward if getattr(ctx, "eager", False) and _plain_eager(gy) else block_backward
         gx, gw, gb = op(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
                         m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, m.blocks, needs)
     return (None, gx if needs[0] else None, gw if needs[1] else None,
@@ -408,12 +410,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _plain_eager(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may skip the dispatcher (:class:`_EagerBlock`): plain strided tensors
-    (no subclass such as ``DTensor``, no functorch wrapper), outside ``torch.compile``,
+    (no subclass such as ``DTensor``, no functorch wrapper, not on ``meta``: the op's fake
+    kernel computes shapes there), outside ``torch.compile``,
     ``jit.trace`` and any dispatch or ``__torch_function__`` mode (fake tensors,
     ``lowbit.coverage``'s trace), where the custom op is what those machineries see."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()) \
-        and all(t is None or (type(t) in _PLAIN and t.layout == torch.strided
+        and all(t is None or (type(t) in _PLAIN and t.layout == torch.strided and t.device.type != "meta"
                               and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 

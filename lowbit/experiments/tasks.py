@@ -96,7 +96,10 @@ class ImageTask(Task):
         super().__init__(model, model_kwargs)
         self.data = images
         self.augment_padding = augment_padding
-        n_eval = len(images.y_eval) if eval_subset is None else min(eval_subset, len(images.y_eval))
+        if eval_subset is not None and eval_subset > len(images.y_eval):
+            raise ValueError(f"eval_subset must be at most {len(images.y_eval)} (the test images), "
+                             f"got {eval_subset}")
+        n_eval = len(images.y_eval) if eval_subset is None else eval_subset
         self.x_eval, self.y_eval = images.x_eval[:n_eval], images.y_eval[:n_eval]
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -200,9 +203,11 @@ class TextTask(Task):
         self.train_data, self.val_data = D.split_text(corpus, val_fraction=0.05)
         self.block_size = int(self.model_kwargs.get("block_size", 128))
         self.n_steps = steps_per_epoch or self.default_steps_per_epoch
-        n_windows = min(
-            eval_subset or self.eval_windows, (len(self.val_data) - 1) // self.block_size
-        )
+        available = (len(self.val_data) - 1) // self.block_size
+        if eval_subset is not None and eval_subset > available:
+            raise ValueError(f"eval_subset must be at most {available} (the validation windows of "
+                             f"{self.block_size} bytes), got {eval_subset}")
+        n_windows = min(eval_subset or self.eval_windows, available)
         if n_windows < 1:
             raise ValueError(
                 f"the validation split ({len(self.val_data)} bytes) is shorter than one "

@@ -339,7 +339,9 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                 "train_loss": statistics.fmean(losses) if losses else math.nan,
                 **metrics,
                 "step_time_ms": 1e3 * statistics.median(step_times),
-                f"{unit}_per_s": units / sum(step_times),
+                # at the median step, as step_time_ms (a mean over the epoch's sum of steps
+                # counted the first step's compilation and disagreed with it by up to 100×)
+                f"{unit}_per_s": units / len(step_times) / statistics.median(step_times),
                 "bad_steps": bad_steps,
                 **memory_row(optimizer, model if master is not None else None),
                 **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),

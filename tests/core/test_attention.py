@@ -230,7 +230,7 @@ def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     for backend in ("int8", "reference"):
         q, k, v = qkv()
         o = scaled_dot_product_attention(q, k, v, is_causal=True,
-                                         state=dataclasses.replace(FQT, backend=backend))
+                                         state=block_state(dataclasses.replace(FQT, backend=backend)))
         o.backward(torch.linspace(-1, 1, EV).expand_as(o))
         out[backend] = (o, q.grad, k.grad, v.grad)
     # QKᵀ twice (the backward recomputes P from the saved codes), P·V, ∇P, ∇V, ∇Q, ∇K
@@ -266,7 +266,7 @@ def test_integer_and_reference_differ_only_by_flipped_codes(monkeypatch: pytest.
         q, k, v = (torch.randn(*shape, generator=g).requires_grad_()
                    for shape in ((1, 4, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64)))
         cfg = FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=1)
-        scaled_dot_product_attention(q, k, v, enable_gqa=True, state=cfg).square().sum().backward()
+        scaled_dot_product_attention(q, k, v, enable_gqa=True, state=block_state(cfg)).square().sum().backward()
         seen[backend] = [got[w] for w in order]
     flips = []  # per operand, in call order: ∇Oᵀ (∇V), ∇O (∇P), ∇S (∇Q), ∇Sᵀ (∇K)
     for i, (a, b) in enumerate(zip(seen["int8"], seen["reference"], strict=True)):
@@ -389,7 +389,7 @@ def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: p
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(2, 2, 128, 64, generator=g).requires_grad_() for _ in range(3))
         o = scaled_dot_product_attention(q, k, v, is_causal=True,
-                                         state=FQTConfig.from_recipe("fqt-hadamard-8", backend=backend, seed=1))
+                                         state=block_state(FQTConfig.from_recipe("fqt-hadamard-8", backend=backend, seed=1)))
         o.backward(torch.linspace(-1, 1, 64).expand_as(o))
         return o.detach(), q.grad, k.grad, v.grad
 

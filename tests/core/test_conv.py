@@ -29,7 +29,7 @@ from lowbit import FQTConfig, FQTConv1d, FQTConv2d
 from lowbit.config import Backend, GradSpec, OperandSpec
 import lowbit.conv as C
 from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv1d
-from lowbit.functional import fqt_conv2d, quantize_forward, quantize_gradient
+from lowbit.functional import block_state, fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
 from lowbit.kernels import avx512, compiled, qconv
 from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place
@@ -161,7 +161,7 @@ def _layer_run(backend: str, x, wt, b, params, gy, recipe="fqt-psq-8"):  # noqa:
     cfg = FQTConfig.from_recipe(recipe, backend=backend, seed=3)
     xs, ws = x.clone().requires_grad_(), wt.clone().requires_grad_()
     bs = None if b is None else b.clone().requires_grad_()
-    y = fqt_conv2d(xs, ws, bs, cfg, params[0:2], params[2:4], params[4:6], params[6])
+    y = fqt_conv2d(xs, ws, bs, block_state(cfg), params[0:2], params[2:4], params[4:6], params[6])
     y.backward(gy)
     return y, xs.grad, ws.grad, None if bs is None else bs.grad
 
@@ -502,7 +502,7 @@ def test_autocast_output_is_the_float32_result_cast() -> None:
     cfg = FQTConfig.from_recipe("fqt-psq-8", backend="auto", seed=3)
     xs, ws, bs = x.clone().requires_grad_(), wt.clone().requires_grad_(), b.clone().requires_grad_()
     with torch.autocast("cpu", torch.bfloat16):
-        y = fqt_conv2d(xs, ws, bs, cfg, params[0:2], params[2:4], params[4:6], params[6])
+        y = fqt_conv2d(xs, ws, bs, block_state(cfg), params[0:2], params[2:4], params[4:6], params[6])
     assert y.dtype == torch.bfloat16 and torch.equal(y, plain[0].to(torch.bfloat16))
     y.backward(gy.to(torch.bfloat16))  # ∇Y in bf16: the plain run on the same values
     plain_bf = _layer_run("auto", x, wt, b, params, gy.to(torch.bfloat16).float())

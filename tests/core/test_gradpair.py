@@ -11,7 +11,7 @@ from torch import nn
 import lowbit
 import lowbit.functional as functional
 from lowbit.config import Backend, FQTConfig, GradSpec
-from lowbit.functional import quantize_gradient
+from lowbit.functional import block_state, quantize_gradient
 from lowbit.gradpair import quantize_grad_pair
 from lowbit.kernels import kernels_for
 
@@ -315,10 +315,10 @@ def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, varian
         monkeypatch.setattr(A, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
         torch.manual_seed(5)  # dropout's mask
         if variant == "causal-gqa":
-            out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=cfg)
+            out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=block_state(cfg))
         else:
             out = A.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                 attn_mask=mask, dropout_p=0.2, state=cfg)
+                                                 attn_mask=mask, dropout_p=0.2, state=block_state(cfg))
         out.square().sum().backward()
         monkeypatch.undo()
         return [t.grad for t in (q, k, v, mask) if t.grad is not None]

@@ -14,6 +14,7 @@ from conftest import available_devices, int_codes, int_codes_fixed
 from lowbit.formats import IntFormat, Rounding, counter_uniform, grid_step, stochastic_round
 from lowbit.quantizers import Granularity
 from lowbit.formats.scales import _div_rn_wide
+from lowbit.functional import block_state
 from lowbit.kernels import avx512, compiled, reference
 
 
@@ -510,7 +511,7 @@ def test_huge_gradients_stay_finite_on_the_integer_path(layer: str) -> None:
         cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=1)
         if layer == "attention":
             q, k, v = (torch.randn(1, 2, 128, 64).requires_grad_() for _ in range(3))
-            out, params = scaled_dot_product_attention(q, k, v, state=cfg), [q, k, v]
+            out, params = scaled_dot_product_attention(q, k, v, state=block_state(cfg)), [q, k, v]
         else:
             model = torch.nn.Linear(64, 48) if layer == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1)
             lowbit.convert(model, cfg)

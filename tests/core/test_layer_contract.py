@@ -362,3 +362,70 @@ def test_double_backward_is_refused_with_quantized_gradients(kind: str, backend:
         (g,) = torch.autograd.grad(y, x, create_graph=True)
         g.square().sum().backward()
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fn", ["linear", "conv2d", "attention"])
+def test_functional_calls_with_a_seeded_config_draw_new_noise_each_call(fn: str) -> None:
+    """A bare seeded ``FQTConfig`` as ``state`` (the README's functional use): each call
+    draws new rounding noise (it once reused the same noise on every call, so rounding
+    errors never averaged out over steps), and the same sequence of calls in a fresh
+    count draws the same noise again."""
+    from lowbit import functional as lf
+    cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
+    g = torch.Generator().manual_seed(0)
+    if fn == "linear":
+        args = (torch.randn(8, 6, generator=g), torch.randn(5, 6, generator=g), None)
+        call = lf.fqt_linear
+    elif fn == "conv2d":
+        args = (torch.randn(2, 3, 6, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g), None)
+        call = lf.fqt_conv2d
+    else:
+        args = tuple(torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+        call = lf.scaled_dot_product_attention
+
+    def grad_of_first(start: int) -> torch.Tensor:
+        lf._CALLS = __import__("itertools").count(start)
+        a = [t.clone().requires_grad_() for t in args if t is not None]
+        y = call(*a, None, state=cfg) if fn != "attention" else call(*a, state=cfg)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))  # off the grid
+        return a[0].grad
+
+    first, second = grad_of_first(0), grad_of_first(1)
+    assert not torch.equal(first, second)  # a new stream per call
+    assert torch.equal(first, grad_of_first(0))  # the same call index: the same noise
+
+
+def test_wrong_argument_types_get_a_type_error_naming_them() -> None:
+    """``from_float`` on another module type, and a non-tensor input, raised
+    ``AttributeError`` from deep inside; now ``TypeError`` naming what was expected."""
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    with pytest.raises(TypeError, match="FQTLinear.from_float expects a Linear module, got Conv2d"):
+        lowbit.FQTLinear.from_float(nn.Conv2d(3, 3, 1), cfg)
+    with pytest.raises(TypeError, match="FQTConv1d.from_float expects a Conv1d module, got Conv2d"):
+        lowbit.FQTConv1d.from_float(nn.Conv2d(3, 3, 1), cfg)
+    with pytest.raises(TypeError, match="fqt_linear: input must be a Tensor, not list"):
+        lowbit.convert(nn.Linear(4, 4), cfg)([1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_meta_device_layers_give_shapes_as_the_float_module(kind: str) -> None:
+    """On ``meta`` (shape inference, deferred init) a converted layer gives the float
+    module's output shape and dtype, and its backward runs, as ``nn.Linear``/``nn.Conv2d``
+    do (it raised an autocast error)."""
+    m, x = make(kind)
+    m, x = m.to("meta"), x.detach().to("meta").requires_grad_()
+    y, want = m(x), float_forward(kind)(m, x)
+    assert y.device.type == "meta" and y.shape == want.shape and y.dtype == want.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and m.weight.grad.shape == m.weight.shape
+
+
+def test_convert_lists_gemm_layers_it_has_no_layer_for() -> None:
+    """``Conv3d``, ``ConvTranspose2d``, ``LSTM``, ``Bilinear`` stay float: the report said
+    "converted 0 layers, skipped 0" and nothing warned; now each is skipped with the reason."""
+    model = nn.Sequential(nn.Conv3d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1), nn.LSTM(4, 4), nn.Bilinear(3, 3, 2),
+                          nn.Linear(4, 4))
+    with pytest.warns(lowbit.ConversionWarning, match="left 4 layer"):
+        _, rep = lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
+    assert rep.converted == ("4",) and sorted(rep.skipped) == ["0", "1", "2", "3"]
+    assert "LSTM has no lowbit layer" in rep.skipped["2"]

@@ -555,3 +555,17 @@ def test_a_copy_of_a_monitored_model_is_not_monitored() -> None:
         with mon.step():
             F.cross_entropy(model(x), y).backward()
         assert set(mon.history[-1].layers) == set(mon.layers)  # the original is still measured
+
+
+def test_a_policy_on_a_fixed_recipe_or_other_quantizers_is_refused() -> None:
+    """A policy rewrites gradient bit widths: on a model converted with a fixed recipe
+    (``fqt-psq-4``) it once silently turned the requested psq8 ∇W into psq3/psq4 and kept
+    ∇X on psq although the policy's was bhq. Refused at construction, naming the layer;
+    a matching adaptive recipe and policy are accepted."""
+    fixed = lowbit.convert(_net(), FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    with pytest.raises(ValueError, match=r"fixed recipe .*adaptive recipe"):
+        VarianceMonitor(fixed, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto-bhq"))
+    auto_psq = lowbit.convert(_net(), FQTConfig.from_recipe("fqt-auto-psq", seed=0))
+    with pytest.raises(ValueError, match=r"quantizes grad_input with 'psq', not among"):
+        VarianceMonitor(auto_psq, every=1, policy=AdaptivePolicy(grad_input=("bhq",)))
+    VarianceMonitor(auto_psq, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto-psq"))

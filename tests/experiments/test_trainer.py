@@ -460,3 +460,13 @@ def test_run_config_seed_below_2_63() -> None:
     TrainConfig(seed=2**63 - 1)
     with pytest.raises(ValueError, match=r"seed must be below 2\*\*63, got 9223372036854775808"):
         TrainConfig(seed=2**63)
+
+
+def test_eval_subset_beyond_the_data_is_refused() -> None:
+    """``--eval-subset`` larger than the test set (digits: 359 images) or the text task's
+    validation windows was silently cut to what exists; refused like ``--subset``."""
+    with pytest.raises(ValueError, match=r"eval_subset must be at most \d+ \(the test images\), got 100000"):
+        T.make_task("digits", "mlp", eval_subset=100000)
+    assert len(T.make_task("digits", "mlp", eval_subset=64).y_eval) == 64
+    with pytest.raises(ValueError, match=r"eval_subset must be at most \d+ \(the validation windows"):
+        T.make_task("text", subset=60_000, eval_subset=100000)
