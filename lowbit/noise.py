@@ -47,6 +47,7 @@ read the same noise whatever the memory layout.
 from __future__ import annotations
 
 import enum
+import warnings
 from typing import Any
 
 import torch
@@ -194,9 +195,12 @@ class NoiseStream:
     def backward_generators(self, device: torch.device, paths: tuple[Path, ...]
                             ) -> dict[Path, torch.Generator]:
         """Generators of one backward call; advances the counter by one (also when
-        ``paths`` is empty, so a step's index does not depend on which paths ran)."""
+        ``paths`` is empty, so a step's index does not depend on which paths ran).
+        Warns (:class:`SharedNoiseWarning`) where another stream object with the same
+        (seed, name, rank) drew in the same autograd backward pass."""
         k = self.counter
         self.counter += 1
+        _note_use(self)
         return {p: generator_for(self.key(p, k), device) for p in paths}
 
     def state_dict(self) -> dict[str, Any]:
@@ -264,5 +268,37 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device)
 
 
-__all__ = ["SEED_LIMIT", "NoiseStream", "Path", "check_generator", "check_seed", "comm_noise_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
+class SharedNoiseWarning(UserWarning):
+    """Two converted blocks drew the same rounding noise in one backward pass: their
+    streams have the same (seed, name, rank) — typically blocks converted by separate
+    ``lowbit.convert`` calls with one explicit seed (names are relative to each call's
+    root). Their quantization errors are then identical, not independent."""
+
+
+# stream seed -> (autograd graph task, id of the NoiseStream) of its last backward draw
+_LAST_USE: dict[int, tuple[int, int]] = {}
+_WARNED: set[int] = set()
+
+
+def _note_use(stream: NoiseStream) -> None:
+    """:class:`SharedNoiseWarning`, once per stream, where a different stream object with
+    the same stream seed drew in the current backward pass (``torch``'s graph task id; a
+    model and its copy backwarded in separate passes — an A/B comparison — do not warn)."""
+    task = torch._C._current_graph_task_id()
+    if task < 0:  # not inside an autograd backward (a direct call)
+        return
+    key = stream.stream_seed()
+    prev = _LAST_USE.get(key)
+    _LAST_USE[key] = (task, id(stream))
+    if prev is not None and prev[0] == task and prev[1] != id(stream) and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"two converted layers drew the same rounding noise in one backward pass: both have the "
+            f"noise stream (seed {stream.seed}, name {stream.name!r}). Layers converted by separate "
+            "lowbit.convert calls with one seed get names relative to each call's root; convert the "
+            "parent model once, or give each call its own seed (FQTConfig(seed=...))",
+            SharedNoiseWarning, stacklevel=2)
+
+
+__all__ = ["SEED_LIMIT", "NoiseStream", "SharedNoiseWarning", "Path", "check_generator", "check_seed", "comm_noise_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
            "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]

@@ -286,3 +286,28 @@ def test_comm_noise_seed_is_the_chained_splitmix64_of_its_words() -> None:
             h = N.splitmix64(h ^ v)
         assert comm_noise_seed(seed, rank, call, index) == N.comm_noise_seed(seed, rank, call, index) \
             == h & 0xFFFFFFFF
+
+
+def test_blocks_converted_apart_with_one_seed_warn_of_shared_noise() -> None:
+    """Blocks converted by separate ``convert`` calls with one explicit seed get the same
+    stream names ('0' in each), so identical rounding noise: a ``SharedNoiseWarning`` at
+    the first backward pass they share. A model and its copy backwarded in separate
+    passes (an A/B comparison on one stream) do not warn."""
+    import copy
+    import warnings
+
+    from lowbit.noise import SharedNoiseWarning
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=11)
+    blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)])
+    for b in blocks:
+        lowbit.convert(b, cfg)
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.warns(SharedNoiseWarning, match=r"noise stream \(seed 11, name '0'\)"):
+        blocks[1](blocks[0](x)).sum().backward()
+    model = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+                           lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=12))
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SharedNoiseWarning)
+        for m in (model, twin, model):
+            m(x).sum().backward()

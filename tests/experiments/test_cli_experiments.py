@@ -684,3 +684,16 @@ def test_report_counts_each_seed_once(tmp_path):
     assert "| 80.00 ± 14.14 | 2 |" in row
     assert "Ignored 1 run folder(s) repeating a recipe and seed already counted: " in section
     assert str(runs / "b") in section
+
+
+def test_report_prints_the_runs_it_counted(tmp_path, capsys):
+    """The command's line names the runs the section counts ("from 2 runs"), not the
+    folders it read (it printed 3 there)."""
+    import argparse
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs / "a", "qat-8", 1, [0.5, 0.7], "done")
+    _fake_run(runs / "b", "qat-8", 0, [0.5, 0.1], "done")
+    report.run(argparse.Namespace(runs=str(runs), out=str(tmp_path / "docs"), section=None, claims=False))
+    assert "report: 2 runs (1 folder(s) ignored as repeats) -> " in capsys.readouterr().out
+    assert "from 2 runs." in (tmp_path / "docs" / "results.md").read_text()
