@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .config import FQTConfig, describe
+from .config import Backend, FQTConfig, describe
 from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import BlockState
+from .quantizers import Granularity
 from .ranges import RangeStats, RangeTracker
 
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -90,6 +91,34 @@ class _StochasticLayer:
 # torch modules with GEMMs that lowbit has no layer for: listed as skipped, not silently float
 _NO_FQT_LAYER = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase,
                  nn.RNNCellBase, nn.Bilinear)
+
+
+def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
+    """A :class:`ConversionWarning` at ``convert`` for what ``backend="int8"`` will refuse
+    at the first backward that needs it, decided from the config: a scale on a GEMM's
+    summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
+    activation scales in ∇W = ∇Yᵀ·X) and BHQ's row transform in attention's ∇P. A warning,
+    not an error: a layer whose input needs no gradient (the first) or whose weight is
+    frozen never runs that GEMM."""
+    from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
+    if Backend(config.backend) is not Backend.INT8 or not converted:
+        return
+    found = []
+    if config.grad_input is not None and config.weight is not None and config.weight.granularity is Granularity.ROW:
+        found.append("∇X = ∇Y·W of every Linear/convolution whose input needs a gradient (the weight's "
+                     "per-output-channel scale, weight.granularity='row', lies on its summed dimension)")
+    if config.grad_weight is not None and config.activation is not None \
+            and config.activation.granularity is Granularity.ROW:
+        found.append("∇W = ∇Yᵀ·X of every layer whose weight needs a gradient (the per-sample activation "
+                     "scale, activation.granularity='row', lies on its summed dimension)")
+    attention = any(isinstance(m, (FQTMultiheadAttention, FQTScaledDotProductAttention)) for m in model.modules())
+    if attention and config.grad_input is not None and config.grad_input.quantizer == "bhq":
+        found.append("attention's ∇P per head (BHQ's row transform mixes the query rows of a head's product)")
+    if found:
+        warnings.warn("lowbit.convert: backend='int8' cannot run these GEMMs on integer kernels and will raise "
+                      "at the first backward that needs them: " + "; ".join(found)
+                      + ". Use backend='auto' (they run simulated, with the same estimator) or change the spec",
+                      ConversionWarning, stacklevel=3)
 
 
 def check_source(cls: type, mod: object, expected: type) -> None:
@@ -324,6 +353,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
+    _warn_int8_conflicts(config, model, converted)
     skipped.update(finish(model))
     fastpath = disable_fused_fastpath(
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))

@@ -218,3 +218,23 @@ def test_bad_arguments() -> None:
         lowbit.convert(nn.Linear(2, 2), "fqt-psq-8")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         lowbit.convert("model", FQTConfig())  # type: ignore[arg-type]
+
+
+def test_int8_backend_conflicts_are_named_at_convert() -> None:
+    """What ``backend='int8'`` refuses at the first backward that needs it, decidable from
+    the config, is named already by ``convert`` (a warning: the first layer's ∇X or a
+    frozen weight's ∇W never run): per-row weight scales (∇X), per-sample activation
+    scales (∇W), BHQ in attention's ∇P. None for what int8 runs."""
+    int8 = FQTConfig.from_recipe("fqt-psq-8", backend="int8")
+    with pytest.warns(lowbit.ConversionWarning, match=r"∇X = ∇Y·W of every Linear"):
+        lowbit.convert(nn.Linear(4, 4), dataclasses.replace(int8, weight=lowbit.OperandSpec(8, "row")))
+    with pytest.warns(lowbit.ConversionWarning, match=r"∇W = ∇Yᵀ·X of every layer"):
+        lowbit.convert(nn.Linear(4, 4), dataclasses.replace(int8, activation=lowbit.OperandSpec(8, "row")))
+    with pytest.warns(lowbit.ConversionWarning, match=r"attention's ∇P per head"):
+        lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                       FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lowbit.ConversionWarning)
+        lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), int8)
+        lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
