@@ -117,12 +117,14 @@ def _materialize() -> Callable[[bool], None]:
     import lowbit.ops as ops
 
     flag = {"skip": True}
+    real = ops._setup_context
 
     def setup(ctx, inputs, output) -> None:  # noqa: ANN001
-        ops._setup_context(ctx, inputs, output)
+        real(ctx, inputs, output)
         ctx.set_materialize_grads(not flag["skip"])
 
     ops.block_forward.register_autograd(ops._backward, setup_context=setup)
+    ops._setup_context = setup  # the eager path (lowbit.ops._EagerBlock) calls it too
 
     def switch(on: bool) -> None:
         flag["skip"] = on

@@ -16,7 +16,6 @@ the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -205,9 +204,6 @@ def _linear_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
 register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape))
 
 
-_CALLS = itertools.count()  # functional calls handed a bare, seeded FQTConfig in this process
-
-
 def block_state(state: BlockState | FQTConfig) -> BlockState:
     """``state`` itself, or for a bare :class:`FQTConfig` a fresh :class:`BlockState`
     whose noise stream has base seed ``config.seed`` (``None``: one draw from torch's
@@ -225,13 +221,15 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
 def call_state(state: BlockState | FQTConfig) -> BlockState:
     """The state of one functional call (``fqt_linear``, ``fqt_conv2d``, ``fqt_conv1d``,
     ``scaled_dot_product_attention``): a :class:`BlockState` as it is; a bare seeded
-    :class:`FQTConfig` gets a stream named ``"functional call i"`` for the process's
-    ``i``-th such call, so every call draws new noise (one fixed stream gave every call —
-    every layer, every step — the same rounding noise, so rounding errors no longer
-    averaged out) and a rerun of the same program draws the same noise again;
-    ``seed=None``: :func:`block_state` (a base seed drawn per call)."""
+    :class:`FQTConfig` gets a stream named ``"functional call d"`` with ``d`` one draw
+    from torch's global RNG (:func:`lowbit.noise.draw_base_seed`), so every call draws new
+    noise (one fixed stream gave every call — every layer, every step — the same rounding
+    noise, so rounding errors no longer averaged out), the same program under
+    ``torch.manual_seed`` draws the same noise again, and activation checkpointing's
+    recompute (which restores the RNG) gets the forward's stream back; ``seed=None``:
+    :func:`block_state` (a base seed drawn per call, likewise)."""
     if isinstance(state, FQTConfig) and state.seed is not None:
-        return BlockState(state, NoiseStream(state.seed, f"functional call {next(_CALLS)}"))
+        return BlockState(state, NoiseStream(state.seed, f"functional call {draw_base_seed()}"))
     return block_state(state)
 
 

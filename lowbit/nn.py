@@ -335,12 +335,11 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         rule = next((r for r in rules if isinstance(module, (r.fqt, r.plain))), None)
         if rule is None and isinstance(module, tuple(_PLAIN)):
             new = swap(module, prefix, parent)
-        elif rule is None and isinstance(module, _NO_FQT_LAYER) and \
-                (module_filter is None or module_filter(module, prefix)):
-            skipped[prefix] = (f"{type(module).__name__} has no lowbit layer: its GEMMs run in float "
-                               "(README 'What stays in float')")
-            new = module
         else:
+            if rule is None and isinstance(module, _NO_FQT_LAYER) and \
+                    (module_filter is None or module_filter(module, prefix)):
+                skipped[prefix] = (f"{type(module).__name__} has no lowbit layer: its own GEMMs run in float "
+                                   "(README 'What stays in float')")  # its children are still converted
             new = module if rule is None else swap_by(rule, module, prefix)
             internal = rule.internal if rule is not None and isinstance(new, rule.fqt) else ()
             for name, child in list(new._modules.items()):  # aliases too (named_children dedups)

@@ -275,22 +275,29 @@ class SharedNoiseWarning(UserWarning):
     root). Their quantization errors are then identical, not independent."""
 
 
-# stream seed -> (autograd graph task, id of the NoiseStream) of its last backward draw
-_LAST_USE: dict[int, tuple[int, int]] = {}
+# stream seed -> id of the NoiseStream that drew with it in the current backward pass
+# (_TASK[0], torch's graph task id); cleared when another pass draws, so it holds one
+# pass's streams at most
+_LAST_USE: dict[int, int] = {}
+_TASK = [-1]
 _WARNED: set[int] = set()
 
 
 def _note_use(stream: NoiseStream) -> None:
     """:class:`SharedNoiseWarning`, once per stream, where a different stream object with
     the same stream seed drew in the current backward pass (``torch``'s graph task id; a
-    model and its copy backwarded in separate passes — an A/B comparison — do not warn)."""
+    model and its copy backwarded in separate passes — an A/B comparison — do not warn;
+    nor do streams whose draws fall in different passes, as under reentrant checkpoints)."""
     task = torch._C._current_graph_task_id()
     if task < 0:  # not inside an autograd backward (a direct call)
         return
+    if task != _TASK[0]:
+        _LAST_USE.clear()
+        _TASK[0] = task
     key = stream.stream_seed()
     prev = _LAST_USE.get(key)
-    _LAST_USE[key] = (task, id(stream))
-    if prev is not None and prev[0] == task and prev[1] != id(stream) and key not in _WARNED:
+    _LAST_USE[key] = id(stream)
+    if prev is not None and prev != id(stream) and key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(
             f"two converted layers drew the same rounding noise in one backward pass: both have the "

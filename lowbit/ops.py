@@ -374,8 +374,8 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
         refuse_quantized_double_backward(_state(ctx.handle).config)
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
-        # the op's own function where the forward skipped the dispatcher and nothing
-        # would see the op now either (a mode entered between forward and backward does)
+        # the op's own function where the forward skipped the dispatcher and no mode
+        # would see the op now either (one entered between forward and backward does)
         op = _block_backward if getattr(ctx, "eager", False) and _plain_eager(gy) else block_backward
         gx, gw, gb = op(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
                         m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, m.blocks, needs)
@@ -413,7 +413,11 @@ def _plain_eager(*tensors: torch.Tensor | None) -> bool:
     (no subclass such as ``DTensor``, no functorch wrapper, not on ``meta``: the op's fake
     kernel computes shapes there), outside ``torch.compile``,
     ``jit.trace`` and any dispatch or ``__torch_function__`` mode (fake tensors,
-    ``lowbit.coverage``'s trace), where the custom op is what those machineries see."""
+    ``lowbit.coverage``'s trace; also ``torch.set_default_device``, whose mode only costs
+    the speed-up), where the custom op is what those machineries see. (A batched backward,
+    ``is_grads_batched``, reaches the functions on this path: QAT layers then give the
+    per-vector gradients, FQT layers refuse with vmap's error on random operations; through
+    the op both refuse, as it has no batching rule.)"""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()) \
         and all(t is None or (type(t) in _PLAIN and t.layout == torch.strided and t.device.type != "meta"

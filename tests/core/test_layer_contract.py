@@ -368,8 +368,8 @@ def test_double_backward_is_refused_with_quantized_gradients(kind: str, backend:
 def test_functional_calls_with_a_seeded_config_draw_new_noise_each_call(fn: str) -> None:
     """A bare seeded ``FQTConfig`` as ``state`` (the README's functional use): each call
     draws new rounding noise (it once reused the same noise on every call, so rounding
-    errors never averaged out over steps), and the same sequence of calls in a fresh
-    count draws the same noise again."""
+    errors never averaged out over steps), and the same calls under the same
+    ``torch.manual_seed`` draw the same noise again."""
     from lowbit import functional as lf
     cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
     g = torch.Generator().manual_seed(0)
@@ -384,7 +384,7 @@ def test_functional_calls_with_a_seeded_config_draw_new_noise_each_call(fn: str)
         call = lf.scaled_dot_product_attention
 
     def grad_of_first(start: int) -> torch.Tensor:
-        lf._CALLS = __import__("itertools").count(start)
+        torch.manual_seed(start)  # the stream's name is drawn from torch's global RNG
         a = [t.clone().requires_grad_() for t in args if t is not None]
         y = call(*a, None, state=cfg) if fn != "attention" else call(*a, state=cfg)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))  # off the grid
@@ -392,7 +392,15 @@ def test_functional_calls_with_a_seeded_config_draw_new_noise_each_call(fn: str)
 
     first, second = grad_of_first(0), grad_of_first(1)
     assert not torch.equal(first, second)  # a new stream per call
-    assert torch.equal(first, grad_of_first(0))  # the same call index: the same noise
+    assert torch.equal(first, grad_of_first(0))  # the same RNG state: the same noise
+    torch.manual_seed(0)
+    a = [t.clone().requires_grad_() for t in args if t is not None]
+    y1 = call(*a, None, state=cfg) if fn != "attention" else call(*a, state=cfg)
+    y2 = call(*a, None, state=cfg) if fn != "attention" else call(*a, state=cfg)
+    gy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(3))  # off the grid
+    g1, = torch.autograd.grad(y1, a[0], gy)
+    g2, = torch.autograd.grad(y2, a[0], gy)
+    assert not torch.equal(g1, g2)  # two calls in one program: two streams
 
 
 def test_wrong_argument_types_get_a_type_error_naming_them() -> None:
@@ -429,3 +437,41 @@ def test_convert_lists_gemm_layers_it_has_no_layer_for() -> None:
         _, rep = lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
     assert rep.converted == ("4",) and sorted(rep.skipped) == ["0", "1", "2", "3"]
     assert "LSTM has no lowbit layer" in rep.skipped["2"]
+
+
+def test_convert_still_converts_the_children_of_a_layer_it_has_no_layer_for() -> None:
+    """A subclass of ``nn.LSTM`` holding an ``nn.Linear``: the LSTM is listed as skipped,
+    its Linear child is converted as anywhere else."""
+    class ProjectedLSTM(nn.LSTM):
+        def __init__(self) -> None:
+            super().__init__(8, 8)
+            self.head = nn.Linear(8, 4)
+
+    with pytest.warns(lowbit.ConversionWarning, match="ProjectedLSTM has no lowbit layer"):
+        model, rep = lowbit.convert(nn.Sequential(ProjectedLSTM()), FQTConfig.from_recipe("fqt-psq-8", seed=0),
+                                    report=True)
+    assert isinstance(model[0].head, lowbit.FQTLinear) and rep.converted == ("0.head",)
+
+
+def test_functional_call_under_checkpointing_recomputes_its_forward_noise() -> None:
+    """A bare seeded config with a stochastically rounded forward, under activation
+    checkpointing: the recompute must quantize X with the forward's noise (a stream named
+    by a call counter gave it a new one, so ∇W paired codes that did not make Y)."""
+    import dataclasses
+
+    from torch.utils.checkpoint import checkpoint
+
+    from lowbit.formats import Rounding
+    from lowbit.functional import fqt_linear
+    base = FQTConfig.from_recipe("fqt-psq-4", seed=0)
+    cfg = dataclasses.replace(base, activation=dataclasses.replace(base.activation, rounding=Rounding.STOCHASTIC))
+    w0 = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ck in (False, True):
+        torch.manual_seed(0)
+        x, w = torch.randn(4, 6).requires_grad_(), w0.clone().requires_grad_()
+        y = checkpoint(lambda x, w=w: fqt_linear(x, w, None, cfg), x, use_reentrant=False) if ck else \
+            fqt_linear(x, w, None, cfg)
+        y.backward(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
+        grads.append((x.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

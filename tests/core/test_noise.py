@@ -311,3 +311,15 @@ def test_blocks_converted_apart_with_one_seed_warn_of_shared_noise() -> None:
         warnings.simplefilter("error", SharedNoiseWarning)
         for m in (model, twin, model):
             m(x).sum().backward()
+
+
+def test_the_shared_noise_registry_holds_one_backward_pass() -> None:
+    """The registry behind ``SharedNoiseWarning`` keeps the streams of the current
+    backward pass only: 200 functional calls (a new stream each) leave it small."""
+    from lowbit import noise
+    from lowbit.functional import fqt_linear
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    w = torch.randn(3, 4)
+    for _ in range(200):
+        fqt_linear(torch.randn(2, 4, requires_grad=True), w, None, cfg).sum().backward()
+    assert len(noise._LAST_USE) <= 1
