@@ -16,6 +16,7 @@ the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
+from .formats import Rounding
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
@@ -204,6 +206,9 @@ def _linear_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
 register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape))
 
 
+_CALLS = itertools.count()  # functional calls handed a bare seeded FQTConfig (RTN forward)
+
+
 def block_state(state: BlockState | FQTConfig) -> BlockState:
     """``state`` itself, or for a bare :class:`FQTConfig` a fresh :class:`BlockState`
     whose noise stream has base seed ``config.seed`` (``None``: one draw from torch's
@@ -221,15 +226,19 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
 def call_state(state: BlockState | FQTConfig) -> BlockState:
     """The state of one functional call (``fqt_linear``, ``fqt_conv2d``, ``fqt_conv1d``,
     ``scaled_dot_product_attention``): a :class:`BlockState` as it is; a bare seeded
-    :class:`FQTConfig` gets a stream named ``"functional call d"`` with ``d`` one draw
-    from torch's global RNG (:func:`lowbit.noise.draw_base_seed`), so every call draws new
-    noise (one fixed stream gave every call — every layer, every step — the same rounding
-    noise, so rounding errors no longer averaged out), the same program under
-    ``torch.manual_seed`` draws the same noise again, and activation checkpointing's
-    recompute (which restores the RNG) gets the forward's stream back; ``seed=None``:
-    :func:`block_state` (a base seed drawn per call, likewise)."""
+    :class:`FQTConfig` gets a new stream per call, so every call draws new noise (one
+    fixed stream gave every call — every layer, every step — the same rounding noise, so
+    rounding errors no longer averaged out). Its name is ``"functional call i"`` for the
+    process's ``i``-th such call (torch's RNG untouched: dropout masks stay torch's; a
+    rerun of the same program draws the same noise), or, where the forward rounds
+    stochastically (and so draws from torch's global RNG already), ``"functional draw d"``
+    with ``d`` one more such draw, so that activation checkpointing's recompute, which
+    restores that RNG, quantizes X with the forward's noise. ``seed=None``:
+    :func:`block_state` (a base seed drawn from torch's RNG per call)."""
     if isinstance(state, FQTConfig) and state.seed is not None:
-        return BlockState(state, NoiseStream(state.seed, f"functional call {draw_base_seed()}"))
+        stochastic = any(s is not None and s.rounding is Rounding.STOCHASTIC for s in (state.activation, state.weight))
+        name = f"functional draw {draw_base_seed()}" if stochastic else f"functional call {next(_CALLS)}"
+        return BlockState(state, NoiseStream(state.seed, name))
     return block_state(state)
 
 
