@@ -230,7 +230,9 @@ def call_state(state: BlockState | FQTConfig) -> BlockState:
     fixed stream gave every call — every layer, every step — the same rounding noise, so
     rounding errors no longer averaged out). Its name is ``"functional call i"`` for the
     process's ``i``-th such call (torch's RNG untouched: dropout masks stay torch's; a
-    rerun of the same program draws the same noise), or, where the forward rounds
+    rerun of the same program draws the same noise — calls count whatever makes them, so
+    activation checkpointing's recompute, an extra evaluation or a resumed process shifts
+    the count, and with it the noise, not its distribution), or, where the forward rounds
     stochastically (and so draws from torch's global RNG already), ``"functional draw d"``
     with ``d`` one more such draw, so that activation checkpointing's recompute, which
     restores that RNG, quantizes X with the forward's noise. ``seed=None``:

@@ -97,7 +97,9 @@ def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[st
     """A :class:`ConversionWarning` at ``convert`` for what ``backend="int8"`` will refuse
     at the first backward that needs it, decided from the config: a scale on a GEMM's
     summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
-    activation scales in ∇W = ∇Yᵀ·X) and BHQ's row transform in attention's ∇P. A warning,
+    activation scales in ∇W = ∇Yᵀ·X), BHQ's (and, by sequence length, Hadamard's) row
+    transform in attention's ∇P, asymmetric gradient grids in attention, a row-mixing ∇W
+    quantizer on grouped convolutions. A warning,
     not an error: a layer whose input needs no gradient (the first) or whose weight is
     frozen never runs that GEMM."""
     from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
@@ -112,8 +114,17 @@ def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[st
         found.append("∇W = ∇Yᵀ·X of every layer whose weight needs a gradient (the per-sample activation "
                      "scale, activation.granularity='row', lies on its summed dimension)")
     attention = any(isinstance(m, (FQTMultiheadAttention, FQTScaledDotProductAttention)) for m in model.modules())
+    grads = [g for g in (config.grad_input, config.grad_weight) if g is not None]
     if attention and config.grad_input is not None and config.grad_input.quantizer == "bhq":
         found.append("attention's ∇P per head (BHQ's row transform mixes the query rows of a head's product)")
+    if attention and config.grad_input is not None and config.grad_input.quantizer == "hadamard":
+        found.append("possibly attention's ∇P per head (where the Hadamard block does not divide a head's "
+                     "query rows, decided by the sequence length)")
+    if attention and any(getattr(g.format, "asymmetric", False) for g in grads):
+        found.append("attention's gradient products per head (an asymmetric gradient grid's offset)")
+    grouped = any(isinstance(m, (FQTConv2d, FQTConv1d)) and m.groups > 1 for m in model.modules())
+    if grouped and config.grad_weight is not None and config.grad_weight.quantizer in ("bhq", "hadamard"):
+        found.append("∇W of grouped convolutions (the gradient's row transform mixes the groups' output channels)")
     if found:
         warnings.warn("lowbit.convert: backend='int8' cannot run these GEMMs on integer kernels and will raise "
                       "at the first backward that needs them: " + "; ".join(found)

@@ -275,11 +275,11 @@ class SharedNoiseWarning(UserWarning):
     root). Their quantization errors are then identical, not independent."""
 
 
-# stream seed -> id of the NoiseStream that drew with it in the current backward pass
-# (_TASK[0], torch's graph task id); cleared when another pass draws, so it holds one
-# pass's streams at most
-_LAST_USE: dict[int, int] = {}
-_TASK = [-1]
+# stream seed -> (torch's graph task id, id of the NoiseStream) of its last backward draw;
+# pruned to the current task's entries when it passes _LAST_USE_MAX (a nested task — a
+# reentrant checkpoint, autograd.grad in a hook — keeps the outer pass's entries)
+_LAST_USE: dict[int, tuple[int, int]] = {}
+_LAST_USE_MAX = 4096
 _WARNED: set[int] = set()
 
 
@@ -287,17 +287,18 @@ def _note_use(stream: NoiseStream) -> None:
     """:class:`SharedNoiseWarning`, once per stream, where a different stream object with
     the same stream seed drew in the current backward pass (``torch``'s graph task id; a
     model and its copy backwarded in separate passes — an A/B comparison — do not warn;
-    nor do streams whose draws fall in different passes, as under reentrant checkpoints)."""
+    nor do two streams whose draws fall in different passes, as one inside a reentrant
+    checkpoint and one outside)."""
     task = torch._C._current_graph_task_id()
     if task < 0:  # not inside an autograd backward (a direct call)
         return
-    if task != _TASK[0]:
-        _LAST_USE.clear()
-        _TASK[0] = task
+    if len(_LAST_USE) >= _LAST_USE_MAX:  # bounded: one functional call makes one stream
+        for k in [k for k, (t, _) in _LAST_USE.items() if t != task]:
+            del _LAST_USE[k]
     key = stream.stream_seed()
     prev = _LAST_USE.get(key)
-    _LAST_USE[key] = id(stream)
-    if prev is not None and prev != id(stream) and key not in _WARNED:
+    _LAST_USE[key] = (task, id(stream))
+    if prev is not None and prev[0] == task and prev[1] != id(stream) and key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(
             f"two converted layers drew the same rounding noise in one backward pass: both have the "

@@ -233,8 +233,15 @@ def test_int8_backend_conflicts_are_named_at_convert() -> None:
     with pytest.warns(lowbit.ConversionWarning, match=r"attention's ∇P per head"):
         lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
                        FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
+    with pytest.warns(lowbit.ConversionWarning, match=r"asymmetric gradient grid"):
+        lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                       FQTConfig.from_recipe("fqt-psq-8a", backend="int8"))
+    with pytest.warns(lowbit.ConversionWarning, match=r"∇W of grouped convolutions"):
+        lowbit.convert(nn.Conv2d(4, 4, 3, groups=2), dataclasses.replace(int8, grad_weight=lowbit.GradSpec(quantizer="bhq")))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error", lowbit.ConversionWarning)
         lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), int8)
         lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
+        lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-psq-8a", backend="int8"))
+        lowbit.convert(nn.Conv2d(4, 4, 3), dataclasses.replace(int8, grad_weight=lowbit.GradSpec(quantizer="bhq")))

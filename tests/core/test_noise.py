@@ -314,12 +314,31 @@ def test_blocks_converted_apart_with_one_seed_warn_of_shared_noise() -> None:
 
 
 def test_the_shared_noise_registry_holds_one_backward_pass() -> None:
-    """The registry behind ``SharedNoiseWarning`` keeps the streams of the current
-    backward pass only: 200 functional calls (a new stream each) leave it small."""
+    """The registry behind ``SharedNoiseWarning`` stays bounded: functional calls (a new
+    stream each) past its limit leave the current pass's entries only."""
     from lowbit import noise
     from lowbit.functional import fqt_linear
     cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0)
     w = torch.randn(3, 4)
-    for _ in range(200):
-        fqt_linear(torch.randn(2, 4, requires_grad=True), w, None, cfg).sum().backward()
-    assert len(noise._LAST_USE) <= 1
+    old, noise._LAST_USE_MAX = noise._LAST_USE_MAX, 50
+    try:
+        for _ in range(200):
+            fqt_linear(torch.randn(2, 4, requires_grad=True), w, None, cfg).sum().backward()
+        assert len(noise._LAST_USE) <= 50
+    finally:
+        noise._LAST_USE_MAX = old
+
+
+def test_shared_noise_is_seen_across_a_reentrant_checkpoint() -> None:
+    """Two same-stream layers outside a reentrant checkpoint (a nested graph task between
+    their draws) still warn."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    from lowbit.noise import SharedNoiseWarning
+    a = lowbit.convert(torch.nn.Linear(8, 8), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=21))
+    b, c = copy.deepcopy(a), lowbit.convert(torch.nn.Linear(8, 8), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=22))
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.warns(SharedNoiseWarning, match="seed 21"):
+        b(checkpoint(c, a(x), use_reentrant=True)).sum().backward()
