@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
-from .formats import Rounding
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
-from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind
+from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind, stochastic_forward_paths
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
@@ -238,8 +237,8 @@ def call_state(state: BlockState | FQTConfig) -> BlockState:
     restores that RNG, quantizes X with the forward's noise. ``seed=None``:
     :func:`block_state` (a base seed drawn from torch's RNG per call)."""
     if isinstance(state, FQTConfig) and state.seed is not None:
-        stochastic = any(s is not None and s.rounding is Rounding.STOCHASTIC for s in (state.activation, state.weight))
-        name = f"functional draw {draw_base_seed()}" if stochastic else f"functional call {next(_CALLS)}"
+        name = f"functional draw {draw_base_seed()}" if stochastic_forward_paths(state) \
+            else f"functional call {next(_CALLS)}"
         return BlockState(state, NoiseStream(state.seed, name))
     return block_state(state)
 

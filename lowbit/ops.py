@@ -241,7 +241,10 @@ def _kind(name: str) -> BlockKind:
         raise ValueError(f"unknown block kind {name!r}; registered: {', '.join(_KINDS)}") from None
 
 
-def _forward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
+def stochastic_forward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
+    """The forward operands of a Linear/convolution block that round stochastically (and
+    so draw noise in the forward): of ``(ACTIVATION, WEIGHT)``, those whose spec is set
+    with ``Rounding.STOCHASTIC``."""
     specs: tuple[tuple[Path, OperandSpec | None], ...] = (
         (Path.ACTIVATION, cfg.activation), (Path.WEIGHT, cfg.weight))
     return tuple(p for p, s in specs if s is not None and s.rounding is Rounding.STOCHASTIC)
@@ -264,7 +267,7 @@ def _block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch
     torch's CPU RNG only for a stochastic-rounding forward spec."""
     state = _state(handle)
     cfg = state.config
-    gens = state.noise.forward_generators(x.device, _forward_paths(cfg))
+    gens = state.noise.forward_generators(x.device, stochastic_forward_paths(cfg))
     k = _kind(kind)
     y, qx, qw = k.forward(x, weight, bias, cfg, gens, params, out_dtype)
     return (in_format(y, k.format_of(params)), *flatten_operand(qx, y), *flatten_operand(qw, y))
