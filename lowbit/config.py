@@ -422,11 +422,25 @@ def _named(fmt: Format) -> bool:
         return False
 
 
+def _forward_text(spec: OperandSpec | None) -> str:
+    """A forward operand's part of :func:`describe`: the bits of a symmetric integer grid,
+    else the format's name; ``~sr`` for stochastic rounding, ``~row`` for per-row scales;
+    ``fp`` where the operand stays float."""
+    if spec is None:
+        return "fp"
+    f = spec.format
+    text = str(spec.bits) if isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC else f.name
+    text += "~sr" if spec.rounding is Rounding.STOCHASTIC else ""
+    return text + ("~row" if spec.granularity is Granularity.ROW else "")
+
+
 def describe(config: FQTConfig) -> str:
     """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8`` (symmetric
     integer grids by their bits); other formats by name, e.g.
-    ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; ``~rtn`` marks a gradient path
-    rounded to nearest (biased), ``~pred`` predicted ranges. ``TypeError`` for anything
+    ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; forward operands with different
+    specs each by their own, ``fwd:w8·a4`` (``~sr`` stochastic rounding, ``~row`` per-row
+    scales, ``fp`` a float operand); ``~rtn`` marks a gradient path rounded to nearest
+    (biased), ``~pred`` predicted ranges. ``TypeError`` for anything
     but an :class:`FQTConfig` (a model's layers carry theirs: ``lowbit.fqt_layers``)."""
     if not isinstance(config, FQTConfig):
         raise TypeError(f"describe takes an FQTConfig, got {type(config).__name__} (a converted "
@@ -434,9 +448,11 @@ def describe(config: FQTConfig) -> str:
                         "lowbit.fqt_layers(model).items()})")
     if config.is_fp:
         return "fp"
-    w = config.weight.format
-    plain_w = isinstance(w, IntFormat) and w.grid is Grid.SYMMETRIC
-    parts = [f"fwd{config.weight.bits}" if plain_w else f"fwd:{w.name}"]
+    w, a = _forward_text(config.weight), _forward_text(config.activation)
+    if w == a:  # one spec for both operands: fwd8, fwd:fp8_e4m3
+        parts = [f"fwd{w}" if w.isdigit() else f"fwd:{w}"]
+    else:  # they differ (a review found fwd8 printed for 4-bit or FP8 activations)
+        parts = [f"fwd:w{w}·a{a}"]
     for name, spec in (("gi", config.grad_input), ("gw", config.grad_weight)):
         if spec is None:
             parts.append(f"{name}:fp")

@@ -73,7 +73,7 @@ from torch import nn
 
 from .adaptive import AdaptivePolicy, Decision
 from .config import GradSpec, describe, with_bits
-from .formats import IntFormat, Rounding
+from .formats import IntFormat, Rounding, parse_format
 from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, fqt_blocks
 from .noise import Path, generator_for
@@ -107,6 +107,8 @@ def skip_reason(layer: FQTLinear | FQTConv2d) -> str | None:
         return "predicted gradient ranges: the grid is not the operand's own"
     if any(s is not None and s.rounding is not Rounding.STOCHASTIC for s in (cfg.grad_input, cfg.grad_weight)):
         return "round-to-nearest gradients: biased, no rounding variance to compare"
+    if any(s is not None and parse_format(s.format).clips for s in (cfg.grad_input, cfg.grad_weight)):
+        return "a *_spec gradient format: its scale rule clips (biased), no rounding variance to compare"
     if isinstance(layer, FQTConv2d) and layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r}: ∇X of the padded input is folded back"
     return None

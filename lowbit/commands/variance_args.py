@@ -178,6 +178,11 @@ def validate(args: argparse.Namespace) -> Options:
                          f"got {args.rounding!r}")
     bits = _int_list(args.bits, "bits")
     formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
+    clipping = [f for f in formats if parse_format(f).clips]
+    if bound and clipping:
+        raise ValueError(f"--bound-batches {bound}: the variance bound holds for unbiased formats only, and "
+                         f"{', '.join(clipping)} {'clips' if len(clipping) == 1 else 'clip'} (the specification's scale "
+                         f"rule); pass --bound-batches 0")
     lr = DEFAULT_LR[args.task] if args.lr is None else args.lr
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")

@@ -36,6 +36,12 @@ class Format:
         """Bits per element (the codes' width; block and group scales come on top)."""
         return self.bits if self.element is None else self.element.bits  # type: ignore[attr-defined]
 
+    @property
+    def clips(self) -> bool:
+        """Whether a group's own largest values can fall outside its grid (and be clipped,
+        a bias no rounding removes): only a block format under :attr:`ScaleRule.SPEC`."""
+        return False
+
     def spacing(self, a: torch.Tensor) -> torch.Tensor | None:
         """Element grid spacing at magnitudes ``a`` (None: 1 everywhere, integers)."""
         return None if self.element is None else self.element.spacing(a)
@@ -175,6 +181,10 @@ class BlockFormat(Format):
     @property
     def emax(self) -> float:
         return self.element.max
+
+    @property
+    def clips(self) -> bool:  # type: ignore[override]
+        return self.rule is ScaleRule.SPEC
 
     @property
     def spacing_factor(self) -> float:

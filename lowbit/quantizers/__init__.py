@@ -52,10 +52,17 @@ def quantize_grad(
     :mod:`lowbit.formats`); NaN/Inf propagate. That final rounding includes overflow: a
     value the grid places past the dtype's largest finite value ``M`` — a block format's
     top grid value or a transform's sums can pass it for ``|g|`` within a factor 4 of ``M``
-    — becomes ±Inf there; every ``g`` with ``|g| ≤ M/4`` gives a finite result (tested for
-    every quantizer and format in float32, bfloat16 and float64). Raises ``ValueError`` for an unknown
+    — becomes ±Inf there. Every ``g`` with ``|g| ≤ M/4`` gives a finite result under PTQ
+    and PSQ; Hadamard (block ``b``, :data:`~lowbit.quantizers.hadamard.DEFAULT_BLOCK` = 64
+    or the next power of two ≥ the rows) and BHQ (groups of up to all ``N`` rows) add the
+    rounding noise of ``b`` (``N``) rows in their inverse, so a draw can reach about
+    ``b·max|g|`` (twice that on a block format), and their bound is ``|g| ≤ M/(4b)``
+    (BHQ: ``M/(4N)``) — tested for every quantizer and format, 2 to 8 bits, in float32,
+    bfloat16, float16 and float64. Raises ``ValueError`` for an unknown
     quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``,
-    ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``.
+    ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``,
+    ``ValueError`` for a format that clips (``*_spec``: biased by the specification's
+    scale rule; :meth:`GradQuantizer.quantize` takes it).
     """
     check_generator(generator, "quantize_grad")
     check_float_tensor(g, "gradient")
@@ -63,6 +70,11 @@ def quantize_grad(
         raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")
     q = get_quantizer(quantizer)
     fmt = parse_format(fmt)
+    if fmt.clips:
+        raise ValueError(f"quantize_grad is unbiased, and {fmt.name} is not: the specification's "
+                         f"scale rule clips a block's largest values (use "
+                         f"{fmt.name.removesuffix('_spec')}, or get_quantizer({q.name!r}).quantize "
+                         f"to study the clipping)")
     if g.numel() == 0:
         return g.clone()
     return q.quantize(g, fmt, generator, Rounding.STOCHASTIC).dequantize(g.dtype)

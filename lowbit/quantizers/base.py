@@ -190,8 +190,20 @@ class QuantizedOperand:
 
 
 
+def refuse_clipping(fmt: AnyFormat, what: str) -> None:
+    """``ValueError`` naming ``what`` where ``fmt`` clips (:attr:`Format.clips`): the
+    variance formulas are those of an unbiased quantizer."""
+    if fmt.clips:
+        raise ValueError(f"{what}: {fmt.name} takes its block scales by the specification's rule, "
+                         f"which clips a block's largest values — a bias, not rounding variance; "
+                         f"the variance formulas hold for unbiased formats only (use "
+                         f"{fmt.name.removesuffix('_spec')}, or measure draws of quantize)")
+
+
 class GradQuantizer(abc.ABC):
-    """Unbiased gradient quantizer: a row transform plus per-row or per-tensor rounding."""
+    """Gradient quantizer: a row transform plus per-row or per-tensor rounding; unbiased
+    with stochastic rounding on every format whose groups cannot clip (all but the
+    ``*_spec`` block formats: :attr:`lowbit.formats.Format.clips`)."""
 
     name: str
     granularity: Granularity
@@ -249,7 +261,11 @@ class GradQuantizer(abc.ABC):
     ) -> tuple[RowTransform, torch.Tensor]:
         """The transform of ``a`` and the stochastic-rounding variance ``(y − lo)(hi − y)·s²``
         of each element of ``T·a`` (float64, shape of ``T·a``; exactly as the kernels
-        compute ``y`` and ``s``). All-zero groups and clipped elements add 0."""
+        compute ``y`` and ``s``). All-zero groups add 0. Raises ``ValueError`` for a format
+        that clips (``*_spec``): its error is not this variance alone but a clipping bias
+        too, which these formulas (and :meth:`expected_variance`, :meth:`variance_bound`)
+        do not have — measure such a format's error from draws of :meth:`quantize`."""
+        refuse_clipping(parse_format(fmt), f"{self.name}.rounding_variance")
         t, y, s, fmt = self._elements(a, fmt, generator)
         return t, element_variance(y, fmt) * s * s
 
@@ -257,14 +273,18 @@ class GradQuantizer(abc.ABC):
         self, a: torch.Tensor, fmt: AnyFormat | int | str, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``E‖Q(a) − a‖²`` over the rounding noise (0-d float64): the per-element SR
-        variances, pushed through ``T⁻¹``. (For random transforms: given that draw.)"""
+        variances, pushed through ``T⁻¹``. (For random transforms: given that draw.)
+        ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
+        refuse_clipping(parse_format(fmt), f"{self.name}.expected_variance")
         t, var = self.rounding_variance(a, fmt, generator)
         return t.inverse_sq(var.sum(dim=1)).sum()
 
     def variance_bound(self, a: torch.Tensor, fmt: AnyFormat | int | str) -> torch.Tensor:
         """Upper bound on ``E‖Q(a) − a‖²`` (docs/METHOD.md §2), 0-d float64: ``(δ·s)²/4`` per
         element of ``T·a``, ``δ`` its element grid spacing and ``s`` its absolute scale
-        (``step²/4`` on an integer grid); an all-zero group has no variance and adds 0."""
+        (``step²/4`` on an integer grid); an all-zero group has no variance and adds 0.
+        ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
+        refuse_clipping(parse_format(fmt), f"{self.name}.variance_bound")
         t, y, s, fmt = self._elements(a, fmt, None)
         per_elem = element_spacing_sq(y, fmt) * s * s / 4
         return t.inverse_sq(per_elem.sum(dim=1)).sum()

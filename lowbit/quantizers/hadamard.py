@@ -35,7 +35,7 @@ from ..formats import AnyFormat, Format, Granularity, Rounding, compute_dtype, p
 from ..kernels import Impl, Kernels, avx512, kernels_for, reference, register
 from ..kernels.encoded import Encoded
 from ..scopes import scope
-from .base import GradQuantizer, RowTransform
+from .base import GradQuantizer, RowTransform, refuse_clipping
 
 DEFAULT_BLOCK = 64
 # a float32 operand with a block of largest magnitude above _HUGE (a sum of b values of up
@@ -257,8 +257,9 @@ class Hadamard(GradQuantizer):
         integer grid): ``Var ≤ Σ_k n_k · D · (f·c_k)² / 4`` with ``n_k`` real rows in block
         ``k`` (up to the scale's one-ulp round-up). 0-d float64; the norms are taken on ``a``
         scaled by a power of two (exact), so squares of extreme values neither underflow
-        nor overflow."""
+        nor overflow. ``ValueError`` for a format that clips (``*_spec``)."""
         fmt = parse_format(fmt)
+        refuse_clipping(fmt, f"{self.name}.variance_bound")
         a = a.double()
         n, d = a.shape
         if n == 0 or d == 0:

@@ -302,13 +302,26 @@ def test_new_recipes_train_linear_and_conv_layers(device: str, recipe: str) -> N
     ("fqt-psq-8", "fwd8/gi:psq8/gw:psq8"),
     ("fqt-bhq-4a", "fwd8/gi:bhq·int4a/gw:psq·int8a"),
     ("fqt-psq-fp8", "fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2"),
-    ("fp8-rowwise", "fwd:fp8_e4m3/gi:psq·fp8_e4m3~rtn/gw:psq·fp8_e4m3~rtn"),
+    ("fp8-rowwise", "fwd:fp8_e4m3~row/gi:psq·fp8_e4m3~rtn/gw:psq·fp8_e4m3~rtn"),
     ("fqt-psq-nvfp4", "fwd:nvfp4/gi:psq·nvfp4/gw:psq·nvfp4"),
 ])
 def test_describe_names_the_format_and_a_biased_rounding(recipe: str, text: str) -> None:
     """The report's "GEMM operands" column: a format other than a symmetric integer grid
-    is named, and nearest-rounded gradients are marked (they are biased)."""
+    is named, nearest-rounded gradients are marked (they are biased), and so are per-row
+    forward scales (fp8-rowwise)."""
     assert lowbit.describe(lowbit.FQTConfig.from_recipe(recipe)) == text
+
+
+@pytest.mark.parametrize("activation, text", [
+    (lowbit.OperandSpec(4), "fwd:w8·a4/gi:psq8/gw:psq8"),
+    (lowbit.OperandSpec(format="fp8_e4m3"), "fwd:w8·afp8_e4m3/gi:psq8/gw:psq8"),
+    (lowbit.OperandSpec(8, rounding="stochastic"), "fwd:w8·a8~sr/gi:psq8/gw:psq8"),
+    (lowbit.OperandSpec(8), "fwd8/gi:psq8/gw:psq8"),
+])
+def test_describe_names_an_activation_spec_that_differs_from_the_weights(activation, text: str) -> None:
+    # a review (2026-12-04): describe read the weight's spec only, so a 4-bit or FP8
+    # activation was labelled fwd8 in layer reprs, run configs and the report
+    assert lowbit.describe(lowbit.FQTConfig(activation=activation)) == text
 
 
 def test_describe_refuses_what_is_not_a_config() -> None:

@@ -531,6 +531,10 @@ def test_monitor_errors_and_skips() -> None:
     mon = VarianceMonitor(model, every=1)
     assert set(mon.skipped) == {"5"} and "predicted" in mon.skipped["5"]
     assert set(mon.layers) == {"0", "3"}
+    # a clipping (*_spec) gradient format is biased: no rounding variance to report
+    model[5].config = FQTConfig(grad_input=GradSpec(quantizer="psq", format="mxfp4_spec"))
+    mon = VarianceMonitor(model, every=1)
+    assert set(mon.skipped) == {"5"} and "_spec" in mon.skipped["5"]
 
 
 def test_a_copy_of_a_monitored_model_is_not_monitored() -> None:
