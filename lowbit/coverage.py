@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .kernels import compiled
-from .nn import fqt_blocks, fqt_layers, load_rng_state, rng_state
+from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges
 
 _UNSET = object()
 
@@ -250,8 +250,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     layers = list(fqt_blocks(model).values())  # in-projections too: their ranges and ran flags
     noise = rng_state(model)
-    ranges = [(m, dict(m.range_trackers), {p: t.state_dict() for p, t in m.range_trackers.items()})
-              for m in layers]
+    ranges = snapshot_ranges(model)
     ran = [(m, vars(m).get("ran", _UNSET)) for m in layers]
     devices = sorted({t.device.index or 0 for t in leaves + tensors if t.device.type == "cuda"})
     for t in leaves:
@@ -270,11 +269,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
         for m, flag in flags:
             m.training = flag
         load_rng_state(model, noise)
-        for m, trackers, states in ranges:
-            m.range_trackers.clear()
-            m.range_trackers.update(trackers)
-            for p, t in trackers.items():
-                t.load_state_dict(states[p])
+        restore_ranges(ranges)
         for m, value in ran:
             if value is _UNSET:
                 vars(m).pop("ran", None)

@@ -458,6 +458,27 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
             layer.range_trackers[path] = t
 
 
+RangeSnapshot = list  # [(layer, its trackers, their states)]: what restore_ranges takes
+
+
+def snapshot_ranges(model: nn.Module) -> RangeSnapshot:
+    """Every converted layer's predicted-range trackers as they are now (the tracker
+    objects and copies of their states), so that :func:`restore_ranges` can undo a step:
+    a skipped training step, a :func:`lowbit.coverage` trace. Empty-handed layers are
+    kept too, so trackers a step creates are removed again."""
+    return [(m, dict(m.range_trackers), {p: t.state_dict() for p, t in m.range_trackers.items()})
+            for m in fqt_blocks(model).values()]
+
+
+def restore_ranges(snapshot: RangeSnapshot) -> None:
+    """Put back what :func:`snapshot_ranges` saw: the same trackers, in their states."""
+    for m, trackers, states in snapshot:
+        m.range_trackers.clear()
+        m.range_trackers.update(trackers)
+        for p, t in trackers.items():
+            t.load_state_dict(states[p])
+
+
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:
     """Overflow counters of every predicted-range tracker, keyed ``layer/path``, plus
     ``"total"`` (their sum; all zero when no layer predicts its ranges)."""
@@ -491,4 +512,4 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 __all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers",
            "fqt_weight_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
-           "rng_state"]
+           "restore_ranges", "rng_state", "snapshot_ranges"]

@@ -154,3 +154,14 @@ class SelfAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x, x, x, need_weights=False)[0]
+
+
+def same_nested(a: object, b: object) -> bool:
+    """Nested dicts/lists of tensors and plain values (state dicts), compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_nested, a, b))
+    return a == b

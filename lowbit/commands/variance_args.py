@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lowbit.analysis.bounds import SPECTRUM_MODES
 from lowbit.experiments.models import MODELS
-from lowbit.experiments.train import check_out_dir, parse_seed
+from lowbit.experiments.train import check_out_dir, check_threads, parse_seed
 from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, parse_format
 from lowbit.quantizers import QUANTIZERS
 
@@ -199,7 +199,7 @@ def validate(args: argparse.Namespace) -> Options:
         profile_batches=pbatches,
         profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
         bin_layer=args.bin_layer,
-        threads=None if args.threads is None else _at_least("threads", args.threads, 1),
+        threads=None if args.threads is None else check_threads(args.threads),
         progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
         range_calibration=_at_least("range-calibration", args.range_calibration, 1),
         range_margin=margin, range_history=_at_least("range-history", args.range_history, 1),

@@ -89,7 +89,9 @@ def load_digits_tensors(val_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # scikit-learn is the optional "data" extra
+    except ModuleNotFoundError as exc:  # scikit-learn is the optional "data" extra
+        if exc.name is None or exc.name.split(".")[0] != "sklearn":
+            raise  # scikit-learn is there, something it imports is not: its own error
         raise ImportError(
             "the digits dataset needs scikit-learn: pip install scikit-learn"
         ) from exc

@@ -5,8 +5,10 @@
 
 Each run goes to ``OUT/{task}-{model}-{recipe}[-giB-gwB]-s{seed}``. A run whose
 ``metrics.json`` already holds all its epochs is skipped; a run with a checkpoint is
-resumed; a folder holding a run of another ``--epochs`` is skipped with the reason (the
-learning-rate schedule spans all epochs: a run is never extended); a run that diverges is recorded (``status.json``) and the sweep goes on; a run
+resumed; a folder holding a run of other settings (another ``--epochs``, learning rate,
+batch size, model, backend, …: :func:`settings_diff`) is skipped with the differences
+named, and the sweep goes on (the learning-rate schedule spans all epochs: a run is never
+extended); a run that diverges is recorded (``status.json``) and the sweep goes on; a run
 another process is training (its folder's lock, :func:`~.rundir.run_lock`) is skipped and
 tried once more at the end, so several sweeps over one grid share its runs (two 1-thread
 sweeps on 2 cores, say); the last lines name the runs that diverged or stayed held.
@@ -35,7 +37,7 @@ from .train import (
     training_fields,
 )
 from .rundir import RunBusy, is_busy, run_lock
-from .runconfig import launched_world_size
+from .runconfig import LEGACY_DEFAULTS, RESUMABLE_CHANGES, launched_world_size
 from .trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -81,22 +83,36 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     return configs
 
 
-def _saved_epochs(run_dir: Path) -> int | None:
-    """The ``epochs`` of the run its folder's config.json describes (None: no readable one)."""
+def _saved_train(run_dir: Path) -> dict | None:
+    """The training settings its folder's config.json records (None: no readable one),
+    with the values older configs lack (:data:`~.runconfig.LEGACY_DEFAULTS`)."""
     try:
-        return int(json.loads((run_dir / "config.json").read_text())["train"]["epochs"])
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return LEGACY_DEFAULTS | saved if isinstance(saved, dict) else None
+
+
+def settings_diff(cfg: TrainConfig) -> list[str]:
+    """``"field (saved, now requested)"`` for every setting in which the run its folder
+    holds differs from ``cfg`` — all of :class:`TrainConfig` but the fields a resumed run
+    may change (:data:`~.runconfig.RESUMABLE_CHANGES`); empty where they agree or the
+    folder has no readable config. (A review found a sweep that compared ``epochs`` only
+    and reported runs of another learning rate, batch size, model or backend as done.)"""
+    saved = _saved_train(Path(cfg.out))
+    if saved is None:
+        return []
+    return [f"{k} ({saved.get(k)!r}, now {v!r})" for k, v in cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
 
 
 def run_state(cfg: TrainConfig) -> str:
     """``done`` (all epochs in metrics.json), ``diverged``, ``other`` (the folder holds a
-    run of another length: its schedule spans its own epochs, so it is neither done nor
-    resumable), ``busy`` (another process holds its folder's lock now), ``partial`` or
-    ``new``."""
+    run of other settings, :func:`settings_diff` — another length among them: its schedule
+    spans its own epochs — so it is neither done nor resumable), ``busy`` (another process
+    holds its folder's lock now), ``partial`` or ``new``."""
     run_dir = Path(cfg.out)
-    saved = _saved_epochs(run_dir)
-    if saved is not None and saved != cfg.epochs:
+    if settings_diff(cfg):
         return "other"
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     if status_file.exists() and json.loads(status_file.read_text())["status"] == "diverged":
@@ -126,9 +142,11 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
                 print(f"{tag} {cfg.run_name()}: {state}, skipped")
                 return state
             if state == "other":
-                print(f"{tag} {cfg.run_name()}: skipped, its folder holds a "
-                      f"{_saved_epochs(run_dir)}-epoch run, not {cfg.epochs} (the schedule spans "
-                      "all epochs: a run is not extended; use another --out)", flush=True)
+                diff = settings_diff(cfg)
+                why = " (the schedule spans all epochs: a run is not extended)" \
+                    if any(d.startswith("epochs ") for d in diff) else ""
+                print(f"{tag} {cfg.run_name()}: skipped, its folder holds a run of other settings: "
+                      f"{', '.join(diff)}{why}; use another --out", flush=True)
                 return state
             print(f"{tag} {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
                   flush=True)  # fmt: skip
@@ -168,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
     for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
                                                    "finished by this sweep"),
-                        ("other", f"skipped: their folders hold runs of another length than "
-                                  f"--epochs {args.epochs}")):
+                        ("other", "skipped: their folders hold runs of other settings (named above)")):
         names = [n for n, o in outcomes.items() if o == what]
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")

@@ -199,9 +199,15 @@ class TextTask(Task):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, model_kwargs)
+        self.block_size = int(self.model_kwargs.get("block_size", 128))
+        # the last 5% is validation, which must hold one window of block_size + 1 bytes (a
+        # review's --subset 10 was refused in terms of split_text's val_fraction argument)
+        least = 20 * (self.block_size + 2)
+        if subset is not None and subset < least:
+            raise ValueError(f"--subset must be at least {least} bytes for the text task (its 5% "
+                             f"validation split holds one {self.block_size}-byte window), got {subset}")
         corpus, self.source = D.load_text_corpus(max_bytes=subset)
         self.train_data, self.val_data = D.split_text(corpus, val_fraction=0.05)
-        self.block_size = int(self.model_kwargs.get("block_size", 128))
         self.n_steps = steps_per_epoch or self.default_steps_per_epoch
         available = (len(self.val_data) - 1) // self.block_size
         if eval_subset is not None and eval_subset > available:

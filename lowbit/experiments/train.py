@@ -204,13 +204,22 @@ def training_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def check_threads(threads: int) -> int:
+    """``--threads`` checked: a positive integer, at most this machine's logical CPUs (a
+    review's ``--threads 100000`` ran the process out of memory while importing SciPy and
+    surfaced as a misleading ImportError)."""
+    cpus = os.cpu_count() or 1
+    if threads < 1 or threads > cpus:
+        raise ValueError(f"--threads must be an integer from 1 to this machine's {cpus} logical CPUs, "
+                         f"got {threads}")
+    return threads
+
+
 def set_threads(text: str | None) -> None:
-    """Apply ``--threads`` (torch's intra-op CPU threads)."""
+    """Apply ``--threads`` (torch's intra-op CPU threads; :func:`check_threads`)."""
     threads = parse_int("--threads", text)
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
 
 
 def set_malloc(choice: str) -> None:

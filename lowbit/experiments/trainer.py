@@ -162,6 +162,17 @@ def _ranges_row(ranges: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loop
 
 
+
+def _bad_step_reason(loss: torch.Tensor, grad_norm: torch.Tensor, params: list[torch.Tensor]) -> str:
+    """Why a step is skipped, in words that are true: a non-finite loss, a non-finite
+    gradient, or finite gradients whose norm overflows float32 (a review found the last
+    reported as a "non-finite gradient norm")."""
+    if not bool(torch.isfinite(loss)):
+        return f"non-finite loss ({loss.item()})"
+    if all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        return f"gradient norm {grad_norm.item()}: the gradients are finite, their norm overflows float32"
+    return f"non-finite gradient (norm {grad_norm.item()})"
+
 def train(
     cfg: TrainConfig, resume: bool = False, task: Task | None = None, progress: bool = True,
     monitor_requested: bool | None = None,
@@ -204,7 +215,13 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         busy = ranks.broadcast(busy)
         if busy is not None:
             raise RunBusy(busy)
-        return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
+        try:
+            return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
+        except KeyboardInterrupt:  # status.json said "running" after the process had stopped
+            if main and (run_dir / "status.json").exists():
+                write_status(run_dir, "interrupted", "stopped by an interrupt (Ctrl-C); the same "
+                             "command resumes from the last epoch checkpoint")
+            raise
 
 
 def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
@@ -274,12 +291,17 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         model.train()
         losses, step_times, units, bad_steps = [], [], 0, 0
         ranges_before = lowbit.range_stats(model)["total"]
+        has_ranges = any(s is not None and s.predicted for m in lowbit.fqt_blocks(model).values()
+                         for s in (m.config.grad_input, m.config.grad_weight))
         comm_before = 0.0 if comm is None else comm.bytes_sent
         epoch_first_step, epoch_t0 = step, time.perf_counter()
         for full_batch in task.train_batches(cfg.batch_size, data_gen):
             t0 = time.perf_counter()
             batch = ranks.shard(full_batch)  # this rank's rows of the global batch
             buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
+            # predicted-range histories, to undo a bad step too (a review found one overflowing
+            # step's absmax kept in them, zeroing the next steps' gradients on a coarse grid)
+            ranges = lowbit.nn.snapshot_ranges(model) if has_ranges else None
             with monitoring.watch(monitor):  # measures every monitor_every steps
                 loss = task.loss(net, batch)  # scalar
                 model.zero_grad(set_to_none=True)
@@ -299,16 +321,17 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                     master.weights_out()
                 losses.append(loss.item())
                 bad_in_a_row = 0
-            else:  # skip the update, keep the weights and BN statistics as they were
+            else:  # skip the update, keep weights, BN statistics and range histories as they were
                 with torch.no_grad():
                     for b, saved_b in zip(model.buffers(), buffers):
                         b.copy_(saved_b)
+                if ranges is not None:
+                    lowbit.nn.restore_ranges(ranges)
                 bad_steps += 1
                 bad_in_a_row += 1
                 if main:
-                    bar.write(f"step {step}: non-finite loss ({loss.item()}) or gradient norm "
-                              f"({grad_norm.item()}); optimizer step skipped "
-                              f"({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
+                    bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
+                              f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
                 if bad_in_a_row >= cfg.max_bad_steps:
                     bar.close()
                     last = run_dir / ckpt.LAST

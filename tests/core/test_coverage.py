@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from conftest import SelfAttention
+from conftest import SelfAttention, same_nested
 
 import lowbit
 from lowbit.cli import main
@@ -391,7 +391,7 @@ def test_coverage_restores_everything_a_step_changes() -> None:
     assert all(p.grad is grads[n] for n, p in model.named_parameters())
     assert not any(m.training for m in model.modules())
     assert torch.equal(torch.get_rng_state(), cpu_rng)
-    assert same(rng_state(model), rng_state(twin))
+    assert same_nested(rng_state(model), rng_state(twin))
     for m in (model, twin):  # the next step is bitwise the same as if coverage never ran
         m.zero_grad(set_to_none=True)  # (deepcopy does not copy .grad)
         m.train()
@@ -401,8 +401,8 @@ def test_coverage_restores_everything_a_step_changes() -> None:
         assert torch.equal(a, b), n
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad)
-    assert same(rng_state(model), rng_state(twin))
-    assert same(range_state(model), range_state(twin))
+    assert same_nested(rng_state(model), rng_state(twin))
+    assert same_nested(range_state(model), range_state(twin))
 
 
 def test_a_converted_multihead_attention_is_not_reported_as_never_called() -> None:
@@ -445,18 +445,7 @@ def test_coverage_restores_attention_in_projections_too() -> None:
     ranges = range_state(model)
     coverage(model, x)
     assert not any(m.ran for m in blocks.values())
-    assert same(range_state(model), ranges)
-
-
-def same(a: object, b: object) -> bool:
-    """Nested dicts/lists of tensors and plain values, compared exactly."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
+    assert same_nested(range_state(model), ranges)
 
 
 # -- loss and argument errors ----------------------------------------------------------------

@@ -116,7 +116,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
          "--range-margin must be a finite number ≥ 1"),
         (["train", "--steps-per-epoch", "5"], "text task only"),
         (["train", "--model-arg", "width"], "--model-arg must look like KEY=VALUE"),
-        (["train", "--threads", "0"], "--threads must be a positive integer"),
+        (["train", "--threads", "0"], "--threads must be an integer from 1 to this machine"),
+        (["train", "--threads", "100000"], "--threads must be an integer from 1 to this machine"),
+        (["train", "--task", "text", "--subset", "10"], "--subset must be at least 2600 bytes for the text task"),
         (["sweep", "--tasks", "digits,cifar"], "--tasks: unknown task 'cifar'"),
         (["sweep", "--seeds", "0,x"], "--seeds must be an integer"),
         # seeds outside [0, 2**63) would alias (fault kind 25): every command refuses them
@@ -286,8 +288,13 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     longer = [a if a != "2" or sweep[i - 1] != "--epochs" else "3" for i, a in enumerate(sweep)]
     assert cli.main(longer) == 0
     out = capsys.readouterr().out
-    assert "(8 other)" in out and out.count("its folder holds a 2-epoch run, not 3") == 8
+    assert "(8 other)" in out and out.count("its folder holds a run of other settings: epochs (2, now 3)") == 8
     assert all(json.loads((results / n / "metrics.json").read_text())[-1]["epoch"] == 2 for n in names)
+    # so is any other setting (a review found runs of another lr reported "done, skipped")
+    other_lr = [*sweep, "--lr", "0.001"]
+    assert cli.main(other_lr) == 0
+    out = capsys.readouterr().out
+    assert "(8 other)" in out and "done, skipped" not in out and out.count("lr (") == 8
 
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\nhand-written intro\n\n"
@@ -682,8 +689,26 @@ def test_report_counts_each_seed_once(tmp_path):
     section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
     row = next(line for line in section.splitlines() if line.startswith("| qat-8 "))
     assert "| 80.00 ± 14.14 | 2 |" in row
-    assert "Ignored 1 run folder(s) repeating a recipe and seed already counted: " in section
+    assert "Ignored 1 run folder(s) repeating a recipe and seed already counted (a finished " in section
     assert str(runs / "b") in section
+
+
+def test_report_keeps_the_finished_copy_of_a_seed_whatever_the_paths(tmp_path):
+    """A stale folder (empty, or stopped early) that sorts first must not hide the finished
+    run of the same recipe and seed (a review found it did: "seeds 0, 1 unfinished")."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a-early", "qat-8", 0, [], "running")
+    _fake_run(runs / "b-half", "qat-8", 0, [0.5], "running")
+    _fake_run(runs / "c-full", "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs / "d-diverged", "qat-8", 1, [0.5], "diverged")
+    _fake_run(runs / "e-full", "qat-8", 1, [0.5, 0.7], "done")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    row = next(line for line in section.splitlines() if line.startswith("| qat-8 "))
+    assert "| 80.00 ± 14.14 | 2 |" in row and "unfinished" not in row
+    assert "Ignored 3 run folder(s)" in section
+    groups, ignored = report.one_per_seed(report.load_runs(runs))
+    kept = [str(r.path.parent.name) for g in groups.values() for r in g]
+    assert kept == ["c-full", "e-full"] and len(ignored) == 3
 
 
 def test_report_prints_the_runs_it_counted(tmp_path, capsys):

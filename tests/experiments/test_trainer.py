@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import same_nested
 
 from lowbit.experiments import checkpoint as ckpt
 from lowbit.experiments import data as D
@@ -327,6 +328,59 @@ def test_skipped_steps_leave_weights_and_batchnorm_statistics_alone(tmp_path):
     (row,) = result.history
     assert row["bad_steps"] == 2 and math.isnan(row["train_loss"])
     assert json.loads((tmp_path / "metrics.json").read_text())[0]["train_loss"] is None
+
+
+class _HugeLoss(_NaNLoss):
+    """The loss of step ``bad`` times 1e30 (finite; its gradients' float32 norm overflows),
+    and the predicted-range state seen as each step begins."""
+
+    def __init__(self, task: T.Task, bad: int) -> None:
+        super().__init__(task, {bad})
+        self.seen: list[dict] = []
+
+    def loss(self, model, batch):
+        import copy
+
+        import lowbit
+
+        self.seen.append(copy.deepcopy(lowbit.range_state(model)))
+        loss = self.task.loss(model, batch)
+        self.calls += 1
+        return loss * 1e30 if self.calls - 1 in self.bad else loss
+
+
+def test_a_skipped_step_leaves_the_predicted_ranges_alone(tmp_path, capsys):
+    """A review found a skipped step's huge absmax kept in the predicted-range histories,
+    so the next steps quantized on a grid 1e25× too coarse (their gradients all zero): the
+    skipped step now leaves the histories as they were, and its message says why."""
+    task = _HugeLoss(T.make_task("digits", "mlp", subset=256, eval_subset=64), bad=4)
+    cfg = TrainConfig(**DIGITS, recipe="fqt-psq-8-predicted", epochs=1, max_bad_steps=3, out=str(tmp_path))
+    result = train(cfg, task=task, progress=False)
+    assert result.history[0]["bad_steps"] == 1
+    assert task.seen[4] and same_nested(task.seen[5], task.seen[4])  # as before the skipped step
+    assert not same_nested(task.seen[4], task.seen[3])  # (the histories do move on good steps)
+    assert "the gradients are finite, their norm overflows float32" in capsys.readouterr().err
+
+
+def test_an_interrupt_leaves_status_interrupted_not_running(tmp_path):
+    """A review found Ctrl-C left status.json saying "running" after the process exited."""
+    from lowbit.experiments.rundir import is_busy
+
+    class Interrupt(_NaNLoss):
+        def loss(self, model, batch):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.task.loss(model, batch)
+
+    cfg = TrainConfig(**DIGITS, epochs=1, out=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, task=Interrupt(T.make_task("digits", "mlp", subset=256, eval_subset=64), set()),
+              progress=False)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and "resumes" in status["message"]
+    assert not is_busy(tmp_path)
+    assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1  # and it resumes
 
 
 def test_consecutive_bad_steps_stop_with_a_clear_error(tmp_path):
