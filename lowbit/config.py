@@ -335,9 +335,10 @@ class FQTConfig:
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
         """Same recipe with other gradient bit widths (``None`` keeps a path as is); the
         grid (symmetric or asymmetric) is kept. Integer gradient formats only."""
-        if not self.is_fqt and (grad_input or grad_weight):
+        asked = grad_input is not None or grad_weight is not None  # 0 too: it is a request (refused)
+        if not self.is_fqt and asked:
             raise ValueError("gradient bits can only be set on an fqt-* recipe")
-        if self.adaptive is not None and (grad_input or grad_weight):
+        if self.adaptive is not None and asked:
             raise ValueError(f"gradient bits conflict with the adaptive recipe {self.adaptive!r}: "
                              "its widths are chosen per layer by the variance monitor")
         gi, gw = self.grad_input, self.grad_weight

@@ -93,9 +93,10 @@ _NO_FQT_LAYER = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTrans
                  nn.RNNCellBase, nn.Bilinear)
 
 
-def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
-    """A :class:`ConversionWarning` at ``convert`` for what ``backend="int8"`` will refuse
-    at the first backward that needs it, decided from the config: a scale on a GEMM's
+def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
+    """A :class:`ConversionWarning` at ``convert`` for what ``backend="int8"`` (or
+    ``"fp8"``) will refuse at the first forward or backward that needs it, decided from
+    the config: under ``"fp8"`` every convolution (no FP8 convolution kernel); a scale on a GEMM's
     summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
     activation scales in ∇W = ∇Yᵀ·X), BHQ's (and, by sequence length, Hadamard's) row
     transform in attention's ∇P, asymmetric gradient grids in attention, a row-mixing ∇W
@@ -103,9 +104,13 @@ def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[st
     not an error: a layer whose input needs no gradient (the first) or whose weight is
     frozen never runs that GEMM."""
     from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
-    if Backend(config.backend) is not Backend.INT8 or not converted:
+    backend = Backend(config.backend)
+    if backend not in (Backend.INT8, Backend.FP8) or not converted:
         return
     found = []
+    if backend is Backend.FP8 and any(isinstance(m, (FQTConv2d, FQTConv1d)) for m in model.modules()):
+        found.append("all three GEMMs of every convolution (there is no FP8 convolution kernel; the output "
+                     "GEMM raises at the first forward)")
     if config.grad_input is not None and config.weight is not None and config.weight.granularity is Granularity.ROW:
         found.append("∇X = ∇Y·W of every Linear/convolution whose input needs a gradient (the weight's "
                      "per-output-channel scale, weight.granularity='row', lies on its summed dimension)")
@@ -126,8 +131,9 @@ def _warn_int8_conflicts(config: FQTConfig, model: nn.Module, converted: list[st
     if grouped and config.grad_weight is not None and config.grad_weight.quantizer in ("bhq", "hadamard"):
         found.append("∇W of grouped convolutions (the gradient's row transform mixes the groups' output channels)")
     if found:
-        warnings.warn("lowbit.convert: backend='int8' cannot run these GEMMs on integer kernels and will raise "
-                      "at the first backward that needs them: " + "; ".join(found)
+        kernels = "integer kernels" if backend is Backend.INT8 else "torch._scaled_mm"
+        warnings.warn(f"lowbit.convert: backend={backend.value!r} cannot run these GEMMs on {kernels} and will "
+                      "raise at the first pass that needs them: " + "; ".join(found)
                       + ". Use backend='auto' (they run simulated, with the same estimator) or change the spec",
                       ConversionWarning, stacklevel=3)
 
@@ -293,6 +299,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, FQTConfig):
         raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+    if module_filter is not None and not callable(module_filter):
+        raise TypeError(f"module_filter must be a callable (module, name) -> bool, got "
+                        f"{type(module_filter).__name__}")
     base = draw_base_seed() if config.seed is None else config.seed  # noise: lowbit.noise
     converted: list[str] = []
     skipped: dict[str, str] = {}
@@ -363,7 +372,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
-    _warn_int8_conflicts(config, model, converted)
+    _warn_backend_conflicts(config, model, converted)
     skipped.update(finish(model))
     fastpath = disable_fused_fastpath(
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))

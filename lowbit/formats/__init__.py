@@ -40,6 +40,13 @@ quantizer given ``x`` (:func:`element_variance`). Every scale rule keeps ``|y| �
   NVFP4: ``s = gamax/2688``, ``b`` = the nearest E4M3 value of ``bamax/(6s)``), which can
   push the largest elements past ``emax``: they are clipped to ``±emax`` (biased).
   lowbit's NVFP4 group scale is a power of two, so ``s·b`` is exact.
+  Range limits of the emulation (found by a review, 2026-12-04): an MX block scale is a
+  power of two over the compute dtype's whole exponent range, not clamped to E8M0's
+  ``[2⁻¹²⁷, 2¹²⁷]`` — a block of float32 subnormals gets a scale down to ≈ 2⁻¹⁴⁹ and a
+  float64 block above ≈ ``emax·2¹²⁷`` one above 2¹²⁷, which MX hardware cannot encode
+  (lowbit stays unbiased there; hardware would flush or saturate). In float32 an NVFP4
+  block whose ``s·b`` underflows (group maxima below ≈ 10⁻³⁵, subnormal blocks beside
+  them) quantizes to 0: biased at that extreme, where a float64 operand is not.
 
 Non-finite values are never made finite: a NaN or ±Inf in a group makes its scale (or
 offset) non-finite, so every value of the group dequantizes non-finite. An all-zero group

@@ -33,7 +33,7 @@ def parse_format(spec: int | str | Format) -> AnyFormat:
         return IntFormat(spec)
     if not isinstance(spec, str):
         raise TypeError(f"a format must be an int (bits), a name or a format object, got {spec!r}")
-    m = re.fullmatch(r"int(\d+)(a?)", spec)
+    m = re.fullmatch(r"int([1-9]\d*)(a?)", spec)  # no leading zeros: "int08" is not a name
     if m and MIN_BITS <= int(m.group(1)) <= MAX_BITS:
         return IntFormat(int(m.group(1)), Grid.ASYMMETRIC if m.group(2) else Grid.SYMMETRIC)
     if spec in ("fp8_e4m3", "fp8_e5m2"):

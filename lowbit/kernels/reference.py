@@ -121,7 +121,9 @@ def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     :class:`~lowbit.kernels.encoded.Encoded`): :func:`prepare`, then
     :func:`~lowbit.formats.round_elements` with ``u`` from :func:`counter_uniform` (stochastic)
     or to nearest. Arithmetic and scales in :func:`~lowbit.formats.compute_dtype`, so
-    ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included.
+    ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included —
+    except float32 NVFP4 blocks whose block × group scale underflows (:mod:`lowbit.formats`,
+    "Range limits")
     All-zero groups and blocks get scale 0; NaN/Inf make their group's scale non-finite."""
     x = x.to(compute_dtype(x.dtype))
     y, scale, offset, bs = prepare(x, fmt, granularity)

@@ -48,7 +48,8 @@ def quantize_grad(
     (simulated) result, same shape and dtype as ``g``.
 
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
-    of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
+    of ``g``'s dtype (subnormals included; float32 NVFP4's underflowing block scales
+    excepted: :mod:`lowbit.formats`), up to ``g``'s dtype's own final rounding (see
     :mod:`lowbit.formats`); NaN/Inf propagate. That final rounding includes overflow: a
     value the grid places past the dtype's largest finite value ``M`` — a block format's
     top grid value or a transform's sums can pass it for ``|g|`` within a factor 4 of ``M``
@@ -61,6 +62,7 @@ def quantize_grad(
     bfloat16, float16 and float64. Raises ``ValueError`` for an unknown
     quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``,
     ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``,
+    ``ValueError`` for a ``g`` that requires grad (the quantizer is not differentiable),
     ``ValueError`` for a format that clips (``*_spec``: biased by the specification's
     scale rule; :meth:`GradQuantizer.quantize` takes it).
     """
@@ -68,6 +70,9 @@ def quantize_grad(
     check_float_tensor(g, "gradient")
     if g.dim() != 2:
         raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")
+    if g.requires_grad and torch.is_grad_enabled():  # its graph ran through the scale only
+        raise ValueError("quantize_grad is not differentiable: pass g.detach() (or call it under "
+                         "torch.no_grad())")
     q = get_quantizer(quantizer)
     fmt = parse_format(fmt)
     if fmt.clips:

@@ -236,6 +236,8 @@ class Hadamard(GradQuantizer):
     mixes_rows = True
 
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
+        if isinstance(block, bool) or not isinstance(block, int):  # True was taken as block 1
+            raise TypeError(f"Hadamard block size must be an int, got {block!r}")
         hadamard_matrix(block)  # validates the block size
         self.block = block
 

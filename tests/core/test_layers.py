@@ -245,3 +245,22 @@ def test_int8_backend_conflicts_are_named_at_convert() -> None:
         lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
         lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-psq-8a", backend="int8"))
         lowbit.convert(nn.Conv2d(4, 4, 3), dataclasses.replace(int8, grad_weight=lowbit.GradSpec(quantizer="bhq")))
+
+
+def test_fp8_backend_conflicts_are_named_at_convert() -> None:
+    """The same for ``backend='fp8'`` (a review found none named): fp8-rowwise's per-row
+    scales on the summed dimensions, and convolutions (no FP8 convolution kernel: the
+    first forward raises). None for per-tensor FP8 Linear layers, which run on it."""
+    rowwise = FQTConfig.from_recipe("fp8-rowwise", backend="fp8")
+    with pytest.warns(lowbit.ConversionWarning, match=r"backend='fp8' cannot run these GEMMs on torch._scaled_mm.*"
+                                                      r"∇X = ∇Y·W of every Linear.*∇W = ∇Yᵀ·X of every layer"):
+        lowbit.convert(nn.Linear(32, 32), rowwise)
+    fp8 = FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8")
+    with pytest.warns(lowbit.ConversionWarning, match=r"all three GEMMs of every convolution"):
+        model = lowbit.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), fp8)
+    with pytest.raises(ValueError, match="FP8 convolution has no _scaled_mm kernel"):
+        model(torch.randn(1, 3, 8, 8))  # what the warning announced
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lowbit.ConversionWarning)
+        lowbit.convert(nn.Linear(32, 32), fp8)
