@@ -45,8 +45,15 @@ its buckets after the first iteration, so a resumed run would otherwise differ).
 call counters are in :meth:`QuantizedCommState.state_dict` for checkpoints.
 
 **Non-finite gradients.** If any rank has a NaN/Inf in a bucket, the bucket is sent as
-the plain fp32 all-reduce instead (the MAX message carries the flag): NaN/Inf reach the
-averaged gradient as they would without the hook, never a finite number.
+the plain all-reduce of its own dtype instead (the MAX message carries the flag): NaN/Inf
+reach the averaged gradient as they would without the hook, never a finite number.
+
+**Dtypes.** The arithmetic runs in :func:`lowbit.formats.compute_dtype` of the bucket's
+dtype (float64 for a float64 model, float32 otherwise). The decoded average of a bfloat16
+bucket is written into it with stochastic rounding (:func:`lowbit.storage.stochastic_round_bf16`,
+the same noise on every rank, seeded by ``comm_noise_seed(seed, SHARED_RANK, t, i)``), so
+it stays unbiased; a float16 bucket is rounded to nearest (biased by at most half a
+float16 ulp: a ``UserWarning`` says so once). Sparse buckets are refused.
 
 Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float format
 (FP8) has a non-uniform grid, so its codes cannot be summed; it would plug in through
@@ -56,18 +63,21 @@ Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float f
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
 import math
 import os
+import warnings
 from dataclasses import InitVar, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .formats import IntFormat, counter_uniform
+from .formats import IntFormat, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
+from .storage import stochastic_round_bf16
 
 WIRES = ("auto", "allreduce", "allgather")
 GRAD_COMM_NAMES = ("fp32",) + tuple(f"int{b}" for b in range(2, 9))
 DEFAULT_BLOCK = 256
+SHARED_RANK = 2**32 - 1  # the noise key of what every rank must round alike (no real rank's)
 _INT8_MAX = 127
 
 
@@ -120,9 +130,10 @@ def _blocks(g: torch.Tensor, block: int | None) -> torch.Tensor:
 
 
 def block_absmax(g: torch.Tensor, block: int | None) -> torch.Tensor:
-    """Absmax of each block of the flat gradient ``g``: float32 ``(n_blocks,)``; NaN/Inf
-    stay non-finite (``amax`` propagates NaN)."""
-    return _blocks(g.float(), block).abs().amax(dim=1)
+    """Absmax of each block of the flat gradient ``g``: ``(n_blocks,)`` in
+    :func:`~lowbit.formats.compute_dtype` of ``g`` (float64 for float64, else float32);
+    NaN/Inf stay non-finite (``amax`` propagates NaN)."""
+    return _blocks(g.to(compute_dtype(g.dtype)), block).abs().amax(dim=1)
 
 
 def _scaled(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None
@@ -130,7 +141,7 @@ def _scaled(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | 
     """``y = g/step`` per block (``|y| ≤ Q``: :meth:`IntFormat.scale_from_absmax` rounds
     the step up where needed) and the step, ``(n_blocks, 1)`` (``1/Q`` for a zero block)."""
     step = fmt.scale_from_absmax(absmax)[:, None]
-    return _blocks(g.float(), block) / step, step
+    return _blocks(g.to(absmax.dtype), block) / step, step
 
 
 def encode(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None,
@@ -148,10 +159,23 @@ def encode(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | N
 
 def decode(code_sum: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: int | None,
            world: int) -> torch.Tensor:
-    """The average ``step·Σ_r c_r / N`` from the summed codes (``(n,)``, any integer
-    dtype): float32 ``(n,)``."""
-    out = _blocks(code_sum.float(), block) * fmt.scale_from_absmax(absmax)[:, None] / world
+    """The average ``(step/N)·Σ_r c_r`` from the summed codes (``(n,)``, any integer
+    dtype): ``(n,)`` in ``absmax``'s dtype. The step is divided first (exact for a
+    power-of-two ``N``), so ``|ĝ| ≤ step·Q``: finite wherever the gradients are (a review
+    found ``step·Σc`` overflowing float32 before the division for |g| above ≈ 1.7e38)."""
+    out = _blocks(code_sum.to(absmax.dtype), block) * (fmt.scale_from_absmax(absmax)[:, None] / world)
     return out.flatten()[: code_sum.numel()]
+
+
+def into_dtype(avg: torch.Tensor, dtype: torch.dtype, seed: int, call: int, index: int) -> torch.Tensor:
+    """The decoded average ``avg`` of parameter ``index`` (``call``-th communication) in
+    the bucket's ``dtype``: bfloat16 by stochastic rounding with noise every rank draws
+    alike (``comm_noise_seed(seed, SHARED_RANK, call, index)``), so ``E[ĝ] = ḡ`` still and
+    the replicas stay equal; other dtypes by a plain cast."""
+    if dtype != torch.bfloat16:
+        return avg.to(dtype)
+    gen = torch.Generator().manual_seed(comm_noise_seed(seed, SHARED_RANK, call, index))
+    return stochastic_round_bf16(avg, gen)
 
 
 def expected_variance(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat,
@@ -170,20 +194,23 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     """Reference of the hook for one parameter, without communication.
 
     ``grads``: ``(N, n)`` float, row ``r`` = rank ``r``'s flat gradient of parameter
-    ``index`` at its ``call``-th communication. Returns the averaged gradient (float32
-    ``(n,)``, bitwise what :func:`quantized_allreduce_hook` produces) and the expected
+    ``index`` at its ``call``-th communication. Returns the averaged gradient (``(n,)``:
+    float64 for float64 ``grads``, bfloat16 — stochastically rounded, :func:`into_dtype` —
+    for bfloat16 ones, else float32; bitwise what :func:`quantized_allreduce_hook` writes
+    into a bucket of that dtype) and the expected
     variance ``(1/N²)·Σ_r Var Q(g_r)``. Non-finite input: the plain mean, variance NaN.
     """
     world = grads.shape[0]
     fmt = comm.format
     absmax = torch.stack([block_absmax(g, comm.block) for g in grads]).amax(0)
     if not bool(torch.isfinite(absmax).all()):
-        return (grads.float() / world).sum(0), math.nan
+        return (grads.to(compute_dtype(grads.dtype)) / world).sum(0), math.nan
     codes = [encode(g, absmax, fmt, comm.block, comm_noise_seed(comm.seed, r, call, index))
              for r, g in enumerate(grads)]
     total = torch.stack(codes).to(torch.int32).sum(0)
     var = sum(expected_variance(g, absmax, fmt, comm.block) for g in grads) / world**2
-    return decode(total, absmax, fmt, comm.block, world), var
+    avg = decode(total, absmax, fmt, comm.block, world)
+    return into_dtype(avg, grads.dtype, comm.seed, call, index) if grads.dtype == torch.bfloat16 else avg, var
 
 
 def ring_bytes(numel: int, element_size: int, world: int, collective: str) -> float:
@@ -225,8 +252,9 @@ class QuantizedCommState:
     calls: dict[int, int] = field(init=False)
     bytes_sent: float = 0.0
     bytes_fp32: float = 0.0
-    fallbacks: int = 0  # buckets sent in fp32 because a rank had a NaN/Inf
+    fallbacks: int = 0  # buckets sent as a plain all-reduce because a rank had a NaN/Inf
     steps: int = 0
+    warned_fp16: bool = False  # the float16-bucket warning was given
 
     def __post_init__(self, model: nn.Module) -> None:
         # Not kept: DDP's C++ reducer holds this state, so a reference back to the DDP model
@@ -259,6 +287,10 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     world, rank = group.size(), dist.get_rank(group)
     comm, fmt = state.comm, state.comm.format
     buf = bucket.buffer()
+    if buf.layout != torch.strided:  # (the size check below passes for a sparse bucket)
+        raise RuntimeError(f"bucket {bucket.index()}: a {buf.layout} gradient bucket (sparse gradients, e.g. "
+                           "nn.Embedding(sparse=True)) cannot be quantized: use dense gradients or DDP's own "
+                           "all-reduce")
     params = bucket.parameters()
     sizes = [p.numel() for p in params]
     if sum(sizes) != buf.numel():
@@ -274,15 +306,20 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         state.calls[i] = state.calls.get(i, 0) + 1
     if bucket.index() == 0:
         state.steps += 1
-    grads = list(buf.float().split(sizes))
+    if buf.dtype == torch.float16 and not state.warned_fp16:
+        state.warned_fp16 = True
+        warnings.warn("quantized_allreduce_hook: a float16 gradient bucket gets the decoded average rounded "
+                      "to nearest (biased by up to half a float16 ulp); float32 and bfloat16 buckets stay "
+                      "unbiased", UserWarning, stacklevel=2)
+    grads = list(buf.to(compute_dtype(buf.dtype)).split(sizes))
     absmax = [block_absmax(g, comm.block) for g in grads]
     local = torch.cat(absmax)
     bad = not bool(torch.isfinite(local).all())
     # MAX loses a NaN on the other rank (max(1, NaN) = 1): send the flag explicitly
     msg = torch.cat([torch.where(torch.isfinite(local), local, 0.0),
-                     torch.tensor([1.0 if bad else 0.0], device=local.device)])
+                     torch.tensor([1.0 if bad else 0.0], dtype=local.dtype, device=local.device)])
     state.bytes_fp32 += ring_bytes(buf.numel(), 4, world, "allreduce")
-    state.bytes_sent += ring_bytes(msg.numel(), 4, world, "allreduce")
+    state.bytes_sent += ring_bytes(msg.numel(), msg.element_size(), world, "allreduce")
     # Every collective is issued here, on the thread DDP calls the hook from, bucket after
     # bucket: ranks then issue them in the same order (collectives are matched by order; a
     # second collective issued from a callback of the first races the next bucket's).
@@ -306,8 +343,8 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
 
     def decode_into_bucket(_: torch.futures.Future) -> torch.Tensor:
         total = torch.stack(parts).to(torch.int32).sum(0)  # exact: |Σ codes| ≤ N·Q
-        buf.copy_(torch.cat([decode(t, a, fmt, comm.block, world)
-                             for t, a in zip(total.split(sizes), shared)]))
+        buf.copy_(torch.cat([into_dtype(decode(t, a, fmt, comm.block, world), buf.dtype, comm.seed, c, i)
+                             for t, a, c, i in zip(total.split(sizes), shared, calls, idx)]))
         return buf
 
     return work.get_future().then(decode_into_bucket)

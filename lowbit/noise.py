@@ -12,7 +12,10 @@ its noise from that generator alone. Keys follow one rule::
               conversion order); ``from_float``/the constructor use ``name=""`` unless
               given one, so two identical conversions draw identical noise
     rank    = ``torch.distributed.get_rank()`` if the default process group is initialised
-              when the stream is FIRST USED (its first quantization call), else 0
+              when the stream is FIRST USED (its first quantization call), else 0 — and a
+              stream first used before any process group existed (a warm-up step, a
+              coverage trace) reads it again once one exists, so that ranks do not all
+              keep rank 0's noise
     stream  = stream_seed(base, layer, rank) = mix(base, fnv1a64(layer), rank)
 
     backward call k of the layer (k = 0, 1, ...: the layer's counter, advanced once per
@@ -124,11 +127,16 @@ def stream_seed(base_seed: int, layer_name: str, rank: int = 0) -> int:
     return mix(base_seed, fnv1a64(layer_name), rank)
 
 
+def _group_ready() -> bool:
+    """Whether the default process group is initialised."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
 def current_rank() -> int:
     """``torch.distributed.get_rank()`` when the default process group is initialised,
     else 0."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if _group_ready() else 0
 
 
 def draw_base_seed() -> int:
@@ -164,18 +172,32 @@ class NoiseStream:
         self.seed, self.name, self.counter = seed, name, 0
         self._rank: int | None = None
         self._stream: int | None = None
+        self._in_group = False  # the rank was read inside an initialised process group
+
+    def _rebind(self) -> bool:
+        """Whether the rank must be read (again): never read, or read before a process
+        group existed and one exists now (a review found a step run before
+        ``init_process_group`` leaving every rank on rank 0's noise)."""
+        return self._rank is None or (not self._in_group and _group_ready())
 
     @property
     def rank(self) -> int:
-        """The rank this stream is bound to (read once, at first use)."""
-        if self._rank is None:
-            self._rank = current_rank()
-        return self._rank
+        """The rank this stream is bound to (read at first use; again once a process
+        group exists if it was first used before one did)."""
+        if self._rebind():
+            self._in_group = _group_ready()
+            rank = current_rank()
+            if rank != self._rank:
+                self._stream = None
+            self._rank = rank
+        return self._rank  # type: ignore[return-value]
 
     def stream_seed(self) -> int:
-        """:func:`stream_seed` of (seed, name, rank), computed once."""
-        if self._stream is None:
-            self._stream = stream_seed(self.seed, self.name, self.rank)
+        """:func:`stream_seed` of (seed, name, rank), computed once per rank binding."""
+        if self._stream is None or self._rebind():
+            rank = self.rank
+            if self._stream is None:
+                self._stream = stream_seed(self.seed, self.name, rank)
         return self._stream
 
     def key(self, path: Path, index: int) -> int:
@@ -213,6 +235,7 @@ class NoiseStream:
             raise KeyError(f"noise state lacks {sorted(missing)}")
         self.seed, self.name, self.counter = int(state["seed"]), str(state["name"]), int(state["counter"])
         self._rank = self._stream = None  # re-read at next use: a resumed job may run elsewhere
+        self._in_group = False
 
     def __repr__(self) -> str:
         return f"NoiseStream(seed={self.seed}, name={self.name!r}, counter={self.counter})"

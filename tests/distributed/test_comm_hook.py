@@ -28,6 +28,7 @@ from lowbit.distributed import (
 )
 
 DRAWS = 300
+BF16_DRAWS = 300
 COMM = GradComm(bits=4, block=32)  # coarse, so the noise is large against float rounding
 
 
@@ -71,6 +72,31 @@ def _hook_worker(rank: int, world: int) -> dict:
         bad[0, 0] = math.nan
     net(bad).square().mean().backward()
     out["nan_grad"], out["nan_fallbacks"] = _flat(net.module), state.fallbacks
+    # a bfloat16 model: the decoded average goes into its bf16 bucket by stochastic
+    # rounding, alike on every rank (a review found round-to-nearest biasing it)
+    net = DDP(_mlp().bfloat16())
+    state = QuantizedCommState(net, COMM)
+    net.register_comm_hook(state, quantized_allreduce_hook)
+    local16 = None
+    draws = []
+    for _ in range(BF16_DRAWS):
+        net.zero_grad()
+        net(x.bfloat16()).square().mean().backward()
+        draws.append(_flat(net.module))
+    plain = _mlp().bfloat16()
+    plain(x.bfloat16()).square().mean().backward()
+    local16 = _flat(plain)
+    out["bf16_local"] = [torch.empty_like(local16) for _ in range(world)]
+    dist.all_gather(out["bf16_local"], local16)
+    out["bf16"] = torch.stack(draws)
+    # sparse gradients: lowbit's own message, not an ATen error from deep inside
+    emb = DDP(torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True)))
+    emb.register_comm_hook(QuantizedCommState(emb, COMM), quantized_allreduce_hook)
+    try:
+        emb(torch.tensor([1, 2])).sum().backward()
+        out["sparse"] = ""
+    except RuntimeError as exc:
+        out["sparse"] = str(exc)
     # the layers' own stochastic rounding: same input and seed, rank-keyed streams
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
@@ -141,6 +167,48 @@ def test_each_rank_draws_its_own_layer_noise(hook_runs):
     g0, g1 = hook_runs[0]["fqt_grad"], hook_runs[1]["fqt_grad"]
     assert not torch.equal(g0, g1)
     torch.testing.assert_close(g0, g1, rtol=0, atol=0.05)  # ... by quantization noise only
+
+
+def test_bf16_buckets_stay_unbiased_and_equal_their_reference(hook_runs):
+    r0, r1 = hook_runs
+    assert torch.equal(r0["bf16"], r1["bf16"])  # the rounding into bf16 is the same on every rank
+    grads = torch.stack(r0["bf16_local"])  # (2, n) bfloat16
+    sizes = [p.numel() for p in _mlp().parameters()]
+    ref = torch.cat([quantized_mean(g, COMM, i, 1)[0] for i, g in enumerate(grads.split(sizes, dim=1))])
+    assert ref.dtype == torch.bfloat16 and torch.equal(r0["bf16"][1], ref)
+    # unbiased against the exact mean of the bf16 gradients (5σ, conftest; 300 draws)
+    assert_unbiased(r0["bf16"].double(), grads.double().mean(0))
+
+
+def test_sparse_buckets_are_refused_with_the_reason(hook_runs):
+    for r in hook_runs:
+        assert "sparse gradients" in r["sparse"] and "cannot be quantized" in r["sparse"]
+
+
+def test_decoding_stays_finite_and_float64_stays_float64():
+    # a review: step·Σc overflowed float32 before the division by N for |g| ≳ 1.7e38, and
+    # float64 gradients of 1e-50 came back as float32 zeros
+    big = quantized_mean(torch.full((2, 4), 3e38), GradComm(bits=8), 0, 0)[0]
+    assert torch.isfinite(big).all() and torch.allclose(big.double(), torch.full((4,), 3e38, dtype=torch.float64),
+                                                        rtol=1e-2)
+    tiny = quantized_mean(torch.full((2, 4), 1e-50, dtype=torch.float64), GradComm(), 0, 0)[0]
+    assert tiny.dtype == torch.float64 and torch.allclose(tiny, torch.full((4,), 1e-50, dtype=torch.float64))
+
+
+def test_a_stream_used_before_the_process_group_reads_its_rank_again(monkeypatch):
+    """A step run before init_process_group bound every rank's layer streams to rank 0,
+    so all ranks then drew the same noise; the rank is read again once a group exists."""
+    import lowbit.noise as N
+
+    stream = N.NoiseStream(0, "layer")
+    monkeypatch.setattr(N, "_group_ready", lambda: False)
+    before = stream.stream_seed()
+    assert stream.rank == 0
+    monkeypatch.setattr(N, "_group_ready", lambda: True)
+    monkeypatch.setattr(N, "current_rank", lambda: 1)
+    assert stream.rank == 1 and stream.stream_seed() == N.stream_seed(0, "layer", 1) != before
+    monkeypatch.setattr(N, "current_rank", lambda: 2)  # bound inside a group: kept
+    assert stream.rank == 1
 
 
 def test_grad_comm_validation():
