@@ -187,9 +187,14 @@ def _outcomes(runs: Sequence[Run], recipe: str) -> int:
 
 
 def lines(runs: Sequence[Run]) -> list[str]:
-    """Markdown: a table of every claim for the runs of one task and setting."""
+    """Markdown: a table of the claims that name a recipe run in this task and setting
+    (the others would only say "not measured"), or one line saying none does."""
+    present = {r.label for r in runs}
+    relevant = [c for c in CLAIMS if present & set(c.recipes)]
+    if not relevant:
+        return ["None of the study's claims names a recipe run here.", ""]
     out = ["| claim | recipes: mean ± std | verdict |", "|---|---|---|"]
-    for claim in CLAIMS:
+    for claim in relevant:
         numbers, verdict = judge(claim, runs)
         out.append(f"| {claim.text} | {numbers} | {verdict} |")
     return out + [""]

@@ -640,6 +640,19 @@ def test_report_claims_state_each_claim_from_finished_runs(tmp_path):
         "unresolved (not beyond the seed spread with 3 seeds): fqt-psq-8 is worse by 0.09 pt")
 
 
+def test_report_claims_list_only_claims_that_name_a_recipe_run(tmp_path):
+    """A table of recipes no claim names (a second model's 4-bit runs, say) gets one line,
+    not a table of "not measured" rows; a claim naming one of them is listed."""
+    from lowbit.experiments import claims
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fqt-psq-5", 0, [0.5, 0.9], "done")
+    assert claims.lines(report.load_runs(runs)) == ["None of the study's claims names a recipe run here.", ""]
+    _fake_run(runs, "fqt-ptq-4", 0, [0.5, 0.8], "done")
+    table = claims.lines(report.load_runs(runs))
+    assert len(table) == 4 and "BHQ ≥ PSQ ≥ PTQ" in table[2] and "not measured" in table[2]
+
+
 def test_report_claims_count_failed_seeds_as_worst(tmp_path):
     """A diverged seed ranks below every finished one: it fails "within" for the recipe
     that must not be worse, and wins its step of the order for the other recipe; with 3
