@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from . import functional
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .kernels import compiled
 from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges
@@ -251,6 +252,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
     layers = list(fqt_blocks(model).values())  # in-projections too: their ranges and ran flags
     noise = rng_state(model)
     ranges = snapshot_ranges(model)
+    calls = functional.call_count()  # seeded functional calls name their noise by this count
     ran = [(m, vars(m).get("ran", _UNSET)) for m in layers]
     devices = sorted({t.device.index or 0 for t in leaves + tensors if t.device.type == "cuda"})
     for t in leaves:
@@ -270,6 +272,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
             m.training = flag
         load_rng_state(model, noise)
         restore_ranges(ranges)
+        functional.set_call_count(calls)
         for m, value in ran:
             if value is _UNSET:
                 vars(m).pop("ran", None)

@@ -208,6 +208,22 @@ register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out
 _CALLS = itertools.count()  # functional calls handed a bare seeded FQTConfig (RTN forward)
 
 
+def call_count() -> int:
+    """How many functional calls :func:`call_state` has named so far (the next one's
+    index): with :func:`set_call_count`, what :func:`lowbit.coverage` saves and puts
+    back, so that a traced step leaves the next call's noise as it was."""
+    global _CALLS
+    n = next(_CALLS)
+    _CALLS = itertools.count(n)
+    return n
+
+
+def set_call_count(n: int) -> None:
+    """Make the next functional call the ``n``-th (see :func:`call_count`)."""
+    global _CALLS
+    _CALLS = itertools.count(n)
+
+
 def block_state(state: BlockState | FQTConfig) -> BlockState:
     """``state`` itself, or for a bare :class:`FQTConfig` a fresh :class:`BlockState`
     whose noise stream has base seed ``config.seed`` (``None``: one draw from torch's

@@ -94,6 +94,19 @@ class Taint(NamedTuple):
 _CONST = Taint("const")
 
 
+def _storage_key(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (its views share it), or None where it has none to
+    read (meta, sparse, wrapper tensors). A freed storage's address can come back: the
+    new tensor's own op writes its entry again, later, so a stale one is never read."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return ptr or None  # empty storages all sit at address 0
+
+
 @dataclass
 class GemmCall:
     """One executed GEMM part (see :class:`lowbit.flops.Part`)."""
@@ -196,6 +209,13 @@ class GemmTracer(TorchDispatchMode):
         self.lowbit_layers = lowbit_layers
         self.owner: dict[str, nn.Module] = {}  # parameter name -> module holding it
         self.taints = WeakTensorKeyDictionary()
+        # When each tensor's taint was set, and the latest taint written into each
+        # storage: a write through one view (``add(..., out=buf[0])``, Hadamard's
+        # butterflies) must reach the other views of the buffer made before it (a review
+        # found Hadamard's inverted operands counted as float GEMM inputs)
+        self._when = WeakTensorKeyDictionary()
+        self._storage: dict[int, tuple[Taint, int]] = {}
+        self._clock = 0
         self._param_storage: dict[int, str] = {}
         for mname, m in model.named_modules():
             for pname, p in m.named_parameters(recurse=False):
@@ -280,6 +300,10 @@ class GemmTracer(TorchDispatchMode):
 
     def taint(self, t: torch.Tensor) -> Taint:
         got = self.taints.get(t)
+        key = _storage_key(t)
+        written = self._storage.get(key) if key is not None else None
+        if written is not None and (got is None or written[1] > self._when.get(t, -1)):
+            return written[0]  # its storage was written since this tensor's taint was set
         if got is not None:
             return got
         if self._param_storage and t.layout == torch.strided and t.device.type != "meta":
@@ -302,8 +326,13 @@ class GemmTracer(TorchDispatchMode):
             self.unaccounted.append((str(func.overloadpacket), self._name(module)))
         if outs:
             taint = self._propagate(func, ins, outs, parts is not None and not in_quantizer, in_quantizer)
+            self._clock += 1
             for o in outs:
                 self.taints[o] = taint
+                self._when[o] = self._clock
+                key = _storage_key(o)
+                if key is not None:
+                    self._storage[key] = (taint, self._clock)
 
     def _propagate(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor],
                    gemm: bool, in_quantizer: bool) -> Taint:

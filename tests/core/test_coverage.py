@@ -181,6 +181,44 @@ def test_cnn_reference_backend_is_simulated() -> None:
     assert by_gemm(rep) == cnn_expected(dict.fromkeys(CONV, "simulated"), dict.fromkeys(CONV, SIM))
 
 
+@pytest.mark.parametrize("recipe, backend", [("fqt-hadamard-4", "reference"), ("fqt-hadamard-4a", "auto")])
+def test_hadamard_operands_inverted_before_the_gemm_count_as_low_bit(recipe: str, backend: str) -> None:
+    """A review found Hadamard's operands counted as float32 where the inverse runs before
+    the GEMM: its butterflies write through views of one buffer (``add(..., out=buf[0])``)
+    and the trace kept the taint per tensor object; it now follows writes per storage."""
+    torch.manual_seed(0)
+    rep = cnn_step(converted(SmallCNN(), recipe, backend=backend))
+    assert rep.float_share == 0 and rep.lowbit_share == 1, rep.float_reasons()
+
+
+def test_hadamard_attention_with_partial_blocks_counts_as_low_bit() -> None:
+    torch.manual_seed(0)
+    model = converted(nn.Sequential(SelfAttention(64)), "fqt-hadamard-4")
+    rep = coverage(model, torch.randn(1, 100, 64, requires_grad=True))  # 100 rows: no 64-row multiple
+    assert rep.float_share == 0 and rep.lowbit_share == 1, rep.float_reasons()
+
+
+def test_coverage_leaves_seeded_functional_calls_their_noise() -> None:
+    """A review: a traced step advanced the count that names a seeded functional call's
+    noise stream (lowbit.functional.call_state), so the next step's noise changed."""
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return lowbit.functional.fqt_linear(x, self.fc.weight, self.fc.bias, cfg)
+
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    net = Net()
+    before = lowbit.functional.call_count()
+    coverage(net, x)
+    assert lowbit.functional.call_count() == before
+
+
 def test_cnn_psq8_auto_is_all_low_bit() -> None:
     torch.manual_seed(0)
     rep = cnn_step(converted(SmallCNN(), "fqt-psq-8"))
