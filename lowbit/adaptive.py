@@ -12,7 +12,7 @@ share of the target.
 **The budget is per parameter group, not per quantizer.** Theorem 2 sums, for a layer's
 weight gradient, its own ∇W-path noise and the ∇X-path noise of *every* layer downstream
 of it. Giving each path the whole target lets these add up: a first version that did
-(every path ≤ 0.1) chose 2–3-bit ∇X paths and lost 4.6 points on Fashion-MNIST (while
+(every path ≤ 0.1) chose 2–3-bit ∇X paths and lost 5.7 points on Fashion-MNIST (while
 matching on text; docs/results.md, "Adaptive precision"). So the ∇W path gets
 ``(1 − input_share)·target`` and each of the ``L`` measured ∇X paths
 ``input_share·target / L`` (default ``input_share`` 0.5): a group's total then stays
@@ -141,7 +141,9 @@ class AdaptivePolicy:
         order = [c for c in self.candidates(path) if c in ratios]
         if r_cur > target:
             for c in order:
-                if ratios[c] <= target:
+                # fewer bits than now (another quantizer) is a move down: it must meet the
+                # hysteresis threshold too (a review found psq6 → bhq5 at 0.9 × target)
+                if ratios[c] <= (self.down * target if c[1] < current[1] else target):
                     return c
             top = [c for c in order if c[1] == self.max_bits] or [current]
             return min(top, key=lambda c: ratios[c])

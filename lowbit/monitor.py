@@ -42,7 +42,9 @@ measured with QAT gradients, does not).
 in :mod:`lowbit.analysis.variance`, whose measured figures the monitor's agree with
 (docs/results.md, "Variance monitor"). Samples are the first dimension of a layer's input
 (rows for a 2-D input; sequences for ``(B, T, C)``); a layer called more than once in a
-step gets ``sgd_*`` NaN (per-sample gradients then span calls), its ``quant_*`` are summed.
+step gets the per-sample ``sgd_*`` NaN (per-sample gradients then span calls) — the paired
+estimate (BatchNorm models) stays finite, it needs no per-sample split — and its
+``quant_*`` are summed.
 Random transforms (``hadamard``) use the very signs the layer drew: the generator is
 rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
 
@@ -377,7 +379,8 @@ class VarianceMonitor:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bitwise (plain Python values): the
+        """Everything a resumed run needs to continue bitwise (plain Python values, and the
+        paired estimator's saved gradients as tensors under ``"pair"``): the
         step count, each layer's current gradient specs (the policy changes them), the
         decision log, the history and the bit sums."""
         specs = {n: {p: None if getattr(lay.config, p) is None else

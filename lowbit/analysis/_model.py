@@ -89,12 +89,19 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     """Parameter names by group: one group per converted layer (its weight and bias, in
-    module order), then ``"other"`` for every remaining trainable parameter (if any)."""
+    module order), then ``"other"`` for every remaining trainable parameter (if any).
+    Names are ``model.named_parameters()``'s: a parameter tied into several modules
+    appears once, under its first name, in the first converted layer holding it."""
     groups: dict[str, list[str]] = {}
+    # a tied parameter (an embedding shared with the output head, Hugging Face GPT-2's
+    # layout) under the one name model.named_parameters() gives it, in the group of the
+    # first converted layer that holds it (a review found the head's own name raising
+    # KeyError in every consumer of these names)
+    canonical = {id(p): n for n, p in model.named_parameters()}
     taken: set[str] = set()
     for name, layer in fqt_weight_layers(model).items():
-        names = [f"{name}.{p}" if name else p for p, t in layer.named_parameters(recurse=False)
-                 if t.requires_grad]
+        names = [canonical[id(t)] for t in layer.parameters(recurse=False)
+                 if t.requires_grad and id(t) in canonical and canonical[id(t)] not in taken]
         if names:
             groups[name] = names
             taken.update(names)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..varrecord import ratio  # NaN-aware: NaN if either is NaN, 0 for 0/0, inf for a/0
+
 
 def var_from_gram(gram: torch.Tensor) -> float:
     """Unbiased sample variance ``1/(n−1)·Σ‖x_i − x̄‖²`` from the Gram matrix ``⟨x_i, x_j⟩``."""
@@ -45,13 +47,12 @@ def within(draws: torch.Tensor) -> tuple[float, float]:
 
 
 def z_score(s: torch.Tensor, s2: torch.Tensor) -> float:
-    return float(s / s2.sqrt()) if s2 > 0 else 0.0
-
-
-def ratio(a: float, b: float) -> float:
-    if b > 0:
-        return a / b
-    return 0.0 if a == 0 else math.inf
+    """``Σs / √Σs²``; 0 where there is no noise at all (``Σs² = 0``); NaN where a draw was
+    not finite (a review found NaN gradients reported as z = 0, "no bias")."""
+    s, s2 = float(s), float(s2)
+    if math.isnan(s) or math.isnan(s2) or math.isinf(s2):
+        return math.nan
+    return s / math.sqrt(s2) if s2 > 0 else 0.0
 
 
 

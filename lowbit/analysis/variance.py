@@ -116,7 +116,9 @@ class GroupVariance:
 
     @property
     def max_abs_z(self) -> float:
-        zs = (self.z_grad, self.z_rand, self.z_comm_grad, self.z_comm_rand)
+        if math.isnan(self.z_grad) or math.isnan(self.z_rand):  # non-finite draws: nothing tested
+            return math.nan
+        zs = (self.z_grad, self.z_rand, self.z_comm_grad, self.z_comm_rand)  # comm: NaN if not measured
         return max(abs(z) for z in zs if not math.isnan(z))
 
 
@@ -142,8 +144,10 @@ class VarianceReport:
 
     @property
     def max_abs_z(self) -> float:
-        """Largest |z| of the bias tests over groups (``total`` included)."""
-        return max(g.max_abs_z for g in self.groups.values())
+        """Largest |z| of the bias tests over groups (``total`` included); NaN if any
+        group's test saw non-finite draws."""
+        zs = [g.max_abs_z for g in self.groups.values()]
+        return math.nan if any(math.isnan(z) for z in zs) else max(zs)
 
     def bound_violations(self, which: str = "data", sigmas: float = 3.0) -> list[str]:
         """Groups whose measured quantization variance exceeds the predicted bound by more
@@ -155,10 +159,14 @@ class VarianceReport:
 
     def bound_undecided(self, which: str = "data") -> list[str]:
         """Groups whose measurement exceeds the bound but has no standard error (fewer
-        than 3 draws per bound batch): whether the bound holds there is not decided — a
-        bare ``measured > bound`` would fire about half the time where it is an equality."""
-        return [n for n, g in self.groups.items() if not math.isfinite(g.quant_bound_batches_se)
-                and g.quant_bound_batches > getattr(g, f"pred_{which}")]
+        than 3 draws per bound batch), or where the measurement or the bound is not a
+        finite number (non-finite gradients; a bound not computed, e.g. a grouped
+        convolution's): whether the bound holds there is not decided — a bare ``measured
+        > bound`` would fire about half the time where it is an equality."""
+        return [n for n, g in self.groups.items()
+                if not (math.isfinite(g.quant_bound_batches) and math.isfinite(getattr(g, f"pred_{which}")))
+                or (not math.isfinite(g.quant_bound_batches_se)
+                    and g.quant_bound_batches > getattr(g, f"pred_{which}"))]
 
     def to_dict(self) -> dict:
         return {

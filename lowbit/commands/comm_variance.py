@@ -34,6 +34,8 @@ from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
 from lowbit.experiments.tasks import TASKS, Task, make_task
 from lowbit.experiments.train import check_out_dir, parse_int, parse_seed, set_threads
+
+from .variance_summary import strict
 from lowbit.nn import convert
 
 from .variance_data import describe_warmup, loss_trend
@@ -154,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comm_variance.json").write_text(json.dumps({
+    (out / "comm_variance.json").write_text(json.dumps(strict({
         "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "warmup": warm, "runs": runs, "seconds": time.perf_counter() - t0,
-        "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=1, default=str) + "\n")
+        "torch": torch.__version__, "threads": torch.get_num_threads()}), indent=1, default=str, allow_nan=False) + "\n")
     (out / "summary.md").write_text(table)
     print(table)
     return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import time
 from dataclasses import asdict
@@ -59,7 +60,7 @@ from lowbit.ranges import Overflow, RangeMode
 
 from .variance_args import Options, add_arguments, validate
 from .variance_data import Data, warmup
-from .variance_summary import command_line, jsonable, machine, summary, write_csv
+from .variance_summary import command_line, jsonable, machine, strict, summary, write_csv
 
 
 # -- the study ----------------------------------------------------------------------------
@@ -158,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     combos = [(f, q, r, rd) for f in opts.formats for q in opts.quantizers for r in opts.ranges
               for rd in opts.roundings]
+    skipped = sorted({f"{fmt} with {rmode} ranges" for fmt, _, rmode, _ in combos
+                      if rmode != "dynamic" and (parse_format(fmt).block or parse_format(fmt).asymmetric)})
+    if skipped:  # (variance_args refuses a command where every combination is skipped)
+        print(f"lowbit variance: not measured (predicted ranges serve symmetric integer and FP8 formats "
+              f"only): {'; '.join(skipped)}", file=sys.stderr)
     for fmt, q, rmode, rnd in combos:
         if rmode != "dynamic" and (parse_format(fmt).block or parse_format(fmt).asymmetric):
             continue  # predicted ranges serve symmetric per-row/tensor formats only
@@ -208,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         "spectra": [s.to_dict() for s in spectra], "bins": bins, "runs": runs,
         "seconds": seconds,
     }
-    (opts.out / "variance.json").write_text(json.dumps(result, indent=1, default=jsonable))
+    (opts.out / "variance.json").write_text(json.dumps(strict(result), indent=1, default=jsonable,
+                                                       allow_nan=False))
     write_csv(opts.out / "variance.csv", runs)
     (opts.out / "summary.md").write_text(summary(result, reports, profiles))
     print(f"lowbit variance: wrote {opts.out}/variance.json, variance.csv, summary.md and plots "

@@ -178,6 +178,13 @@ def validate(args: argparse.Namespace) -> Options:
                          f"got {args.rounding!r}")
     bits = _int_list(args.bits, "bits")
     formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
+    # predicted ranges serve symmetric per-row/tensor formats only (commands.variance skips
+    # the other combinations): refuse a command that would measure nothing at all
+    unserved = [f for f in formats if parse_format(f).block or parse_format(f).asymmetric]
+    if "dynamic" not in ranges and len(unserved) == len(formats):
+        raise ValueError(f"--ranges {','.join(ranges)} serves symmetric integer and FP8 formats only, and "
+                         f"{', '.join(unserved)} {'is a block or asymmetric format' if len(unserved) == 1 else 'are block or asymmetric formats'}"
+                         f": nothing would be measured (add dynamic to --ranges, or another format)")
     clipping = [f for f in formats if parse_format(f).clips]
     if bound and clipping:
         raise ValueError(f"--bound-batches {bound}: the variance bound holds for unbiased formats only, and "

@@ -72,11 +72,26 @@ def command_line(opts: Any) -> str:
 
 
 def jsonable(x: object) -> object:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
+    """``json.dumps``'s ``default``: tensors as lists, other objects as their text."""
     if isinstance(x, torch.Tensor):
         return x.tolist()
     return str(x)
+
+
+def strict(x: object) -> object:
+    """``x`` with every non-finite float made valid JSON (which has no NaN or Infinity: a
+    review found bare ``NaN`` tokens in variance.json, which ``json.dumps`` writes for
+    floats without asking ``default``): NaN as null, ±inf as ``"inf"``/``"-inf"``.
+    Dump the result with ``allow_nan=False``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    if isinstance(x, torch.Tensor):
+        return strict(x.tolist())
+    if isinstance(x, dict):
+        return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict(v) for v in x]
+    return x
 
 
 def machine() -> dict:
@@ -114,8 +129,10 @@ def _holds(rep: VarianceReport, ranges: str) -> str:
     for k in ("data", "analytic"):
         if v := rep.bound_violations(k):
             cells.append("NO " + ",".join(v))
-        elif rep.bound_undecided(k):
-            cells.append("– (needs --repeats ≥ 3)")
+        elif u := rep.bound_undecided(k):
+            nonfinite = [n for n in u if not (math.isfinite(rep.groups[n].quant_bound_batches)
+                                              and math.isfinite(getattr(rep.groups[n], f"pred_{k}")))]
+            cells.append(f"– (not computed: {','.join(nonfinite)})" if nonfinite else "– (needs --repeats ≥ 3)")
         else:
             cells.append("yes")
     return " / ".join(cells)

@@ -233,9 +233,12 @@ def test_summary_says_what_the_bound_check_decided() -> None:
     the bounds are computed for the operand's own dynamic grid)."""
     from lowbit.commands.variance_summary import _holds
 
+    from types import SimpleNamespace
+
     class Rep:
-        def __init__(self, violated: list[str], undecided: list[str]) -> None:
+        def __init__(self, violated: list[str], undecided: list[str], pred: float = 0.5) -> None:
             self.v, self.u = violated, undecided
+            self.groups = {"net.5": SimpleNamespace(quant_bound_batches=1.0, pred_data=pred, pred_analytic=pred)}
 
         def bound_violations(self, which: str) -> list[str]:
             return self.v
@@ -247,6 +250,8 @@ def test_summary_says_what_the_bound_check_decided() -> None:
     assert _holds(Rep(["net.5"], []), "dynamic") == "NO net.5 / NO net.5"
     assert _holds(Rep([], ["net.5"]), "dynamic") == "– (needs --repeats ≥ 3) / – (needs --repeats ≥ 3)"
     assert _holds(Rep(["net.5"], []), "predicted") == "– (dynamic-range bounds)"
+    # a bound not computed (NaN; a review found it reported as holding)
+    assert _holds(Rep([], ["net.5"], math.nan), "dynamic") == "– (not computed: net.5) / – (not computed: net.5)"
 
 
 def test_attention_products_are_not_modelled_as_weight_layers() -> None:
@@ -273,3 +278,50 @@ def test_attention_products_are_not_modelled_as_weight_layers() -> None:
                             repeats=3, bound_batches=1)
     assert set(rep.layers) == {"qkv", "o"}
     assert set(rep.groups) - {"total", "other"} == {"qkv", "o"}
+
+
+# -- faults a review found (2026-12-04) ---------------------------------------------------------
+class _Tied(nn.Module):
+    """An embedding tied to the output head (Hugging Face GPT-2's layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.emb(t))))
+
+
+def test_tied_weights_are_grouped_under_their_one_name() -> None:
+    """The head's own name (head.weight) is not in model.named_parameters() (it keeps the
+    first, emb.weight): the toolkit raised KeyError."""
+    from lowbit.analysis._model import parameter_groups
+
+    torch.manual_seed(0)
+    model = lowbit.convert(_Tied(), FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    assert parameter_groups(model) == {"mid": ["mid.weight", "mid.bias"], "head": ["emb.weight"]}
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 11, (8, 5), generator=g) for _ in range(3)]
+    rep = gradient_variance(model, lambda m, b: nn.functional.cross_entropy(m(b).reshape(-1, 11), b.reshape(-1)),
+                            batches, repeats=3)
+    assert set(rep.groups) == {"mid", "head", "total"} and math.isfinite(rep.groups["total"].quant)
+
+
+def test_non_finite_gradients_give_nan_statistics_not_no_bias() -> None:
+    """A NaN in a batch gave z = 0 ("no bias") and no bound violation: NaN must stay NaN,
+    and the bound check says undecided."""
+    layer = linear_layer("psq")
+    batches = linear_batches(3)
+    batches[1][0][0, 0] = math.nan
+    rep = gradient_variance(layer, sq_loss, batches, repeats=3)
+    g = rep.groups[""]
+    assert math.isnan(g.z_grad) and math.isnan(g.z_rand) and math.isnan(g.max_abs_z) and math.isnan(rep.max_abs_z)
+    assert rep.bound_undecided("data") == list(rep.groups)
+
+
+def test_variance_ratio_of_a_missing_bound_is_nan_not_inf() -> None:
+    from lowbit.analysis.estimators import ratio, z_score
+
+    assert math.isnan(ratio(1.0, math.nan)) and math.isnan(ratio(math.nan, 1.0)) and ratio(0.0, 0.0) == 0.0
+    assert math.isnan(z_score(torch.tensor(math.nan), torch.tensor(1.0))) and z_score(torch.tensor(0.0), torch.tensor(0.0)) == 0.0

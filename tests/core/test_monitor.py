@@ -432,6 +432,11 @@ def test_policy_fewest_bits_with_hysteresis() -> None:
     assert pol.choose("grad_weight", ("psq", 8), {("psq", b): 1.0 for b in range(4, 9)}, t) == ("psq", 8)
     nan = {k: math.nan for k in r}
     assert pol.choose("grad_input", ("psq", 6), nan, t) == ("psq", 6)
+    # moving up, a candidate with fewer bits than now is a move down and needs down·target
+    # (a review: psq6 at 1.2·target went to bhq5 at 0.9·target, past the hysteresis)
+    r3 = {c: 1.0 for c in pol.candidates("grad_input")} | {("psq", 6): 0.12, ("bhq", 5): 0.09, ("psq", 7): 0.03}
+    assert pol.choose("grad_input", ("psq", 6), r3, t) == ("psq", 7)
+    assert pol.choose("grad_input", ("psq", 6), r3 | {("bhq", 5): 0.04}, t) == ("bhq", 5)
     assert pol.candidates("grad_input")[:3] == [("psq", 4), ("bhq", 4), ("psq", 5)]
     # the budget: half to the ∇W path, the other half split over the ∇X paths
     assert pol.path_target("grad_weight", 10) == pytest.approx(0.05)
