@@ -363,10 +363,11 @@ class VarianceMonitor:
 
     # -- summaries and checkpoints --------------------------------------------------------
     def mean_bits(self) -> dict[str, dict[str, float]]:
-        """Mean bit width of each layer's paths over the steps so far (0 for a path in
-        float), plus ``"all"``: per path and ``"both"``, the mean over the layers' paths
-        that ran at a monitored step, weighted by their ``∇Y`` size (each path quantizes
-        ∇Y once; a first layer's ∇X path never runs)."""
+        """Mean configured bit width of each layer's paths over the steps so far (0 for a
+        path in float; a path that never runs — a first layer's ∇X — still shows its
+        configured width here), plus ``"all"``: per path and ``"both"``, the mean over
+        the layers' paths that ran at a monitored step, weighted by their ``∇Y`` size
+        (each path quantizes ∇Y once), so a path that never ran does not count there."""
         n = max(self.steps, 1)
         out = {name: {p: s / n for p, s in paths.items()} for name, paths in self._bit_sums.items()}
         pairs = [(k, p, w) for k, d in self._grad_numel.items() for p, w in d.items() if w]
