@@ -161,7 +161,8 @@ def decode(code_sum: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: 
            world: int) -> torch.Tensor:
     """The average ``(step/N)·Σ_r c_r`` from the summed codes (``(n,)``, any integer
     dtype): ``(n,)`` in ``absmax``'s dtype. The step is divided first (exact for a
-    power-of-two ``N``), so ``|ĝ| ≤ step·Q``: finite wherever the gradients are (a review
+    power-of-two ``N`` unless ``step/N`` is subnormal, blocks of absmax below ≈ 1e-36 in
+    float32, where it rounds once more), so ``|ĝ| ≤ step·Q``: finite wherever the gradients are (a review
     found ``step·Σc`` overflowing float32 before the division for |g| above ≈ 1.7e38)."""
     out = _blocks(code_sum.to(absmax.dtype), block) * (fmt.scale_from_absmax(absmax)[:, None] / world)
     return out.flatten()[: code_sum.numel()]
@@ -174,8 +175,8 @@ def into_dtype(avg: torch.Tensor, dtype: torch.dtype, seed: int, call: int, inde
     the replicas stay equal; other dtypes by a plain cast."""
     if dtype != torch.bfloat16:
         return avg.to(dtype)
-    gen = torch.Generator().manual_seed(comm_noise_seed(seed, SHARED_RANK, call, index))
-    return stochastic_round_bf16(avg, gen)
+    gen = torch.Generator(device=avg.device).manual_seed(comm_noise_seed(seed, SHARED_RANK, call, index))
+    return stochastic_round_bf16(avg, gen)  # noise drawn where the bucket lives
 
 
 def expected_variance(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat,
@@ -197,7 +198,8 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     ``index`` at its ``call``-th communication. Returns the averaged gradient (``(n,)``:
     float64 for float64 ``grads``, bfloat16 — stochastically rounded, :func:`into_dtype` —
     for bfloat16 ones, else float32; bitwise what :func:`quantized_allreduce_hook` writes
-    into a bucket of that dtype) and the expected
+    into a bucket of that dtype — a float16 bucket gets this float32 result rounded to
+    nearest) and the expected
     variance ``(1/N²)·Σ_r Var Q(g_r)``. Non-finite input: the plain mean, variance NaN.
     """
     world = grads.shape[0]
@@ -324,7 +326,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     # bucket: ranks then issue them in the same order (collectives are matched by order; a
     # second collective issued from a callback of the first races the next bucket's).
     dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)  # tiny; blocks until shared
-    if msg[-1] > 0:  # some rank has NaN/Inf: plain fp32 average, non-finite kept
+    if msg[-1] > 0:  # some rank has NaN/Inf: the plain all-reduce in the bucket's dtype, non-finite kept
         state.fallbacks += 1
         state.bytes_sent += ring_bytes(buf.numel(), buf.element_size(), world, "allreduce")
         buf.div_(world)

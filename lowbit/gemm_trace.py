@@ -97,7 +97,10 @@ _CONST = Taint("const")
 def _storage_key(t: torch.Tensor) -> int | None:
     """The address of ``t``'s storage (its views share it), or None where it has none to
     read (meta, sparse, wrapper tensors). A freed storage's address can come back: the
-    new tensor's own op writes its entry again, later, so a stale one is never read."""
+    new tensor's own op writes its entry again, later, so a stale one is never read. The
+    granularity is the storage: a write through one view re-taints views of other parts
+    of it made before (``q, k, v = qkv.chunk(3)``, then ``q.mul_``): harmless where the
+    parts share their origin, as lowbit's buffers do."""
     if t.layout != torch.strided or t.device.type == "meta":
         return None
     try:

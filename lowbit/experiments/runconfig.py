@@ -34,7 +34,7 @@ TIMING_FIELDS = ("step_time_ms", "samples_per_s", "tokens_per_s", "epoch_time_s"
 # on resume would follow neither its old schedule nor a fresh run's.
 RESUMABLE_CHANGES = frozenset({"max_bad_steps", "out", "monitor_every"})
 # Fields older checkpoints lack, with the value they ran with.
-LEGACY_DEFAULTS = {"world_size": 1, "grad_comm": "fp32"}
+LEGACY_DEFAULTS = {"world_size": 1, "grad_comm": "fp32", "weights": "fp32", "opt_state": "fp32"}
 DEFAULT_MONITOR_EVERY = 50  # steps between variance-monitor measurements
 
 

@@ -102,7 +102,8 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     saved = _saved_train(Path(cfg.out))
     if saved is None:
         return []
-    return [f"{k} ({saved.get(k)!r}, now {v!r})" for k, v in cfg.to_dict().items()
+    now = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it: tuples become lists
+    return [f"{k} ({saved.get(k)!r}, now {v!r})" for k, v in now.items()
             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
 
 

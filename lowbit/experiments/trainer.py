@@ -45,6 +45,7 @@ do not depend on the order).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
 import sys
@@ -163,6 +164,14 @@ def _ranges_row(ranges: Any) -> dict[str, Any]:
 
 
 
+
+def _status(run_dir: Path) -> str | None:
+    """The ``status`` status.json records, or None (no readable file)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
 def _bad_step_reason(loss: torch.Tensor, grad_norm: torch.Tensor, params: list[torch.Tensor]) -> str:
     """Why a step is skipped, in words that are true: a non-finite loss, a non-finite
     gradient, or finite gradients whose norm overflows float32 (a review found the last
@@ -218,7 +227,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         try:
             return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
         except KeyboardInterrupt:  # status.json said "running" after the process had stopped
-            if main and (run_dir / "status.json").exists():
+            if main and _status(run_dir) == "running":  # (a done or diverged record stays)
                 write_status(run_dir, "interrupted", "stopped by an interrupt (Ctrl-C); the same "
                              "command resumes from the last epoch checkpoint")
             raise

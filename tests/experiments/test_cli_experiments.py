@@ -735,3 +735,20 @@ def test_report_prints_the_runs_it_counted(tmp_path, capsys):
     report.run(argparse.Namespace(runs=str(runs), out=str(tmp_path / "docs"), section=None, claims=False))
     assert "report: 2 runs (1 folder(s) ignored as repeats) -> " in capsys.readouterr().out
     assert "from 2 runs." in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_sweep_recognises_its_own_runs_through_json(tmp_path):
+    """config.json turns tuples into lists, and configs written before weights/opt_state
+    existed lack them: neither is "other settings" (a review of settings_diff)."""
+    from lowbit.experiments.sweep import run_state, settings_diff
+    from lowbit.experiments.trainer import TrainConfig
+
+    cfg = TrainConfig(task="fashion-mnist", model="preact-resnet20", model_kwargs={"widths": (8, 16, 32)},
+                      out=str(tmp_path))
+    train = cfg.to_dict()
+    del train["weights"], train["opt_state"]  # an old config
+    (tmp_path / "config.json").write_text(json.dumps({"train": train}))
+    assert settings_diff(cfg) == [] and run_state(cfg) == "new"
+    other = TrainConfig(task="fashion-mnist", model="preact-resnet20", model_kwargs={"widths": (8, 16, 64)},
+                        out=str(tmp_path))
+    assert settings_diff(other) == ["model_kwargs ({'widths': [8, 16, 32]}, now {'widths': [8, 16, 64]})"]
