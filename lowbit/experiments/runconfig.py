@@ -10,6 +10,8 @@ quantized hook of :mod:`lowbit.distributed`).
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import math
 import os
@@ -236,5 +238,17 @@ class TrainConfig:
 
 
 
-__all__ = ["LEGACY_DEFAULTS", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
+
+def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"field (saved, now requested)"`` for every setting in which a run recorded as
+    ``saved`` (a checkpoint's ``train_config`` or config.json's ``train``) differs from
+    ``cfg``: all fields but :data:`RESUMABLE_CHANGES`, with :data:`LEGACY_DEFAULTS` for
+    what older records lack, both sides compared as JSON holds them (tuples as lists)."""
+    old = json.loads(json.dumps(LEGACY_DEFAULTS | saved))
+    now = json.loads(json.dumps(cfg.to_dict()))
+    return [f"{k} ({old.get(k)!r}, now {v!r})" for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and old.get(k) != v]
+
+
+__all__ = ["LEGACY_DEFAULTS", "changed_settings", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
            "WEIGHT_FORMATS", "launched_world_size"]

@@ -32,7 +32,7 @@ import lowbit
 from lowbit.config import FQTConfig
 
 from . import checkpoint as ckpt
-from .runconfig import LEGACY_DEFAULTS, RESUMABLE_CHANGES, TrainConfig
+from .runconfig import TrainConfig, changed_settings
 
 
 def _json_number(x: Any) -> Any:
@@ -105,15 +105,11 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
         log(f"no checkpoint in {run_dir}; starting fresh")
         return None
     state, path = loaded
-    saved = LEGACY_DEFAULTS | state["train_config"]
-    diff = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    diff = changed_settings(state["train_config"], cfg)
     if diff:
         why = ("; the learning-rate schedule spans all epochs, so a run cannot be extended or "
-               "cut: train a new run into another --out") if "epochs" in diff else ""
-        raise ValueError(
-            f"cannot resume {path}: it was made with a different "
-            + ", ".join(f"{k} ({saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff) + why
-        )
+               "cut: train a new run into another --out") if any(d.startswith("epochs ") for d in diff) else ""
+        raise ValueError(f"cannot resume {path}: it was made with a different " + ", ".join(diff) + why)
     if state["epoch"] > cfg.epochs:
         raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "
                          f"epochs={cfg.epochs}")  # fmt: skip

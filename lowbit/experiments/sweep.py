@@ -37,7 +37,7 @@ from .train import (
     training_fields,
 )
 from .rundir import RunBusy, is_busy, run_lock
-from .runconfig import LEGACY_DEFAULTS, RESUMABLE_CHANGES, launched_world_size
+from .runconfig import changed_settings, launched_world_size
 from .trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -84,13 +84,12 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
 
 
 def _saved_train(run_dir: Path) -> dict | None:
-    """The training settings its folder's config.json records (None: no readable one),
-    with the values older configs lack (:data:`~.runconfig.LEGACY_DEFAULTS`)."""
+    """The training settings its folder's config.json records (None: no readable one)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return LEGACY_DEFAULTS | saved if isinstance(saved, dict) else None
+    return saved if isinstance(saved, dict) else None
 
 
 def settings_diff(cfg: TrainConfig) -> list[str]:
@@ -100,11 +99,7 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     folder has no readable config. (A review found a sweep that compared ``epochs`` only
     and reported runs of another learning rate, batch size, model or backend as done.)"""
     saved = _saved_train(Path(cfg.out))
-    if saved is None:
-        return []
-    now = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it: tuples become lists
-    return [f"{k} ({saved.get(k)!r}, now {v!r})" for k, v in now.items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    return [] if saved is None else changed_settings(saved, cfg)
 
 
 def run_state(cfg: TrainConfig) -> str:

@@ -163,14 +163,13 @@ def _ranges_row(ranges: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loop
 
 
-
-
 def _status(run_dir: Path) -> str | None:
     """The ``status`` status.json records, or None (no readable file)."""
     try:
         return json.loads((run_dir / "status.json").read_text())["status"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
 
 def _bad_step_reason(loss: torch.Tensor, grad_norm: torch.Tensor, params: list[torch.Tensor]) -> str:
     """Why a step is skipped, in words that are true: a non-finite loss, a non-finite
@@ -181,6 +180,7 @@ def _bad_step_reason(loss: torch.Tensor, grad_norm: torch.Tensor, params: list[t
     if all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
         return f"gradient norm {grad_norm.item()}: the gradients are finite, their norm overflows float32"
     return f"non-finite gradient (norm {grad_norm.item()})"
+
 
 def train(
     cfg: TrainConfig, resume: bool = False, task: Task | None = None, progress: bool = True,
