@@ -68,7 +68,7 @@ from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
-from .ops import (BlockState, flatten_operand, refuse_quantized_double_backward, unflatten_operand,
+from .ops import (BlockState, flatten_operand, refuse_double_backward, unflatten_operand,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand
 from .quantizers.base import RowTransform
@@ -512,7 +512,7 @@ class _Attention(torch.autograd.Function):
         warn_if_not_adaptive(state)
         cfg, dt = state.config, ctx.compute_dtype
         if torch.is_grad_enabled():  # create_graph=True
-            refuse_quantized_double_backward(cfg)
+            refuse_double_backward(cfg)
         quant = tuple(unflatten_operand(codes[4 * i:4 * i + 4], blk) for i, blk in enumerate(ctx.blocks))
         if g_out is None:
             g_out = quant[0].codes.new_zeros(b, lq, ev, dtype=dt)

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from .formats import SUPPORTED_DTYPES
+
 
 def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
                     enable_gqa: bool) -> None:
     """Raise as ``torch.nn.functional.scaled_dot_product_attention`` does for arguments it
-    refuses: non-floating or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
+    refuses: non-floating (or complex, float8: outside
+    :data:`~lowbit.formats.SUPPORTED_DTYPES`) or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
     outside autocast, feature or length sizes that do not fit, GQA heads that do not
     divide, ``dropout_p`` outside [0, 1] (``ValueError``), a mask with ``is_causal``, a mask
     neither bool nor floating (``TypeError``)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")

@@ -5,7 +5,8 @@
     conv_grad_weight  ∇W = Q_w(∇Y) ⋆ Q_f(X)    (correlation over samples and positions)
 
 The reference (``backend="reference"``, and wherever an operand is not plain int8 codes
-on a symmetric grid) dequantizes and runs float32 convolutions: it defines the estimator.
+on a symmetric grid) dequantizes and runs float32 convolutions (float64 for float64
+operands): it defines the estimator.
 Otherwise each is an integer GEMM on im2col patches of the int8 codes, channels-last
 (:mod:`lowbit.kernels.im2col`), or oneDNN's exact int8 convolution
 (:mod:`lowbit.kernels.qconv`), one GEMM per group, with the same quantized operands
@@ -77,7 +78,7 @@ from .functional import (Generators, bias_grad, call_state, check_conv_args, che
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
                              patches)
-from .formats import Rounding
+from .formats import Rounding, compute_dtype
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, in_format, register_kind
 from .quantizers import QuantizedOperand
@@ -122,13 +123,14 @@ def _x_rows(x: torch.Tensor, layout: int) -> torch.Tensor:
     return _rows(x.permute(0, 2, 3, 1) if layout == CL_CODES else x)
 
 
-def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int) -> torch.Tensor:
-    """X's dequantized (N, C, H, W) values from codes in either order, contiguous: a
-    simulated float convolution then sums in the NCHW path's order."""
+def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """X's dequantized (N, C, H, W) values as ``dtype`` from codes in either order,
+    contiguous: a simulated float convolution then sums in the NCHW path's order."""
     if layout == CL_CODES:
         n, c, h, w = x_shape
-        return in_format(qx.dequantize().reshape(n, h, w, c).permute(0, 3, 1, 2))
-    return in_format(_dq(qx, x_shape))
+        return in_format(qx.dequantize(dtype).reshape(n, h, w, c).permute(0, 3, 1, 2))
+    return in_format(_dq(qx, x_shape, dtype))
 
 
 def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding: Sequence[int],
@@ -177,8 +179,10 @@ def _weight_rows(qw: QuantizedOperand, w_shape: Sequence[int]) -> torch.Tensor:
     return qw.codes.reshape(co, cg, kh, kw).permute(0, 2, 3, 1).reshape(co, kh * kw * cg)
 
 
-def _dq(q: QuantizedOperand, shape: Sequence[int]) -> torch.Tensor:
-    return q.dequantize().reshape(shape)
+def _dq(q: QuantizedOperand, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q``'s dequantized values as ``dtype`` (the compute dtype of the simulated
+    convolution: float64 for float64 operands), reshaped to ``shape``."""
+    return q.dequantize(dtype).reshape(shape)
 
 
 def _onednn(k: Kernels, codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: Sequence[int],
@@ -228,8 +232,10 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
             or Backend(backend) is Backend.FP8:
         if _valid(x_shape, w_shape, params):  # else torch's own error, below
             refuse_simulated(backend, "output", (qx, qw))
-        b = None if bias is None else bias.float()
-        y = F.conv2d(_dq_x(qx, x_shape, layout), _dq(qw, w_shape), b, stride, padding, dilation, groups)
+        dt = compute_dtype(out_dtype)  # float64 operands compute in float64
+        b = None if bias is None else bias.to(dt)
+        y = F.conv2d(_dq_x(qx, x_shape, layout, dt), _dq(qw, w_shape, dt), b, stride, padding, dilation,
+                     groups)
         return y.to(out_dtype)
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
@@ -251,7 +257,7 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     cog = co // groups
     outs = [exact_gemm(k, Encoded(im2col(p, g, groups), a_scale),
                        Encoded(wl[g * cog:(g + 1) * cog], _group(qw.scale, g, cog)).t(),
-                       None if bias is None else bias[g * cog:(g + 1) * cog])
+                       None if bias is None else bias[g * cog:(g + 1) * cog], compute_dtype(out_dtype))
             for g in range(groups)]
     y = outs[0] if groups == 1 else torch.cat(outs, 1)  # (N·H'·W', C_out)
     return y.reshape(n, ho, wo, co).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
@@ -269,17 +275,18 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     ``params`` layout where oneDNN runs it). ``qa``: ``Q_a(∇Y)`` already quantized
     (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
-    g = gy.float() if qa is None else gy  # with qa, only its shape is read
+    dt = compute_dtype(out_dtype)  # float32; float64 for float64 operands
+    g = gy.to(dt) if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qw.codes.numel() == 0:
         return g.new_zeros(x_shape, dtype=out_dtype)
     if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), in_format(g), stride, padding,
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), in_format(g), stride, padding,
                                           dilation, groups).to(out_dtype)
     if qa is None:
         qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
     if not integer_path(backend, qa, qw) or Backend(backend) is Backend.FP8:
         refuse_simulated(backend, "∇X", (qa, qw))
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape), _dq(qa, g.shape), stride,
+        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), _dq(qa, g.shape, dt), stride,
                                           padding, dilation, groups).to(out_dtype)
     if qw.scale.shape[0] != 1:
         refuse_simulated(backend, "∇X", (qa, qw), "the per-output-channel weight scale "
@@ -289,15 +296,15 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
     nhwc = _layout(params) != NCHW
     gx = _grad_input_onednn(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation, groups,
-                            backend, nhwc)
+                            backend, nhwc, dt)
     if gx is not None and nhwc:  # rows (sample, position, channel): T⁻¹ acts on rows alike
         n, c, h, w = x_shape
         return qa.inverse(gx, out_dtype, overwrite=True).reshape(n, h, w, c).permute(0, 3, 1, 2)
     if gx is None and stride == [1, 1]:
-        gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend)
+        gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend, dt)
     elif gx is None:
         gx = _grad_input_scatter(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation,
-                                 groups, backend)
+                                 groups, backend, dt)
     return qa.inverse(gx, out_dtype, overwrite=True).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
@@ -314,7 +321,8 @@ def zero_insert_pays(w_shape: Sequence[int], stride: Sequence[int]) -> bool:
 def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                        stride: Sequence[int], dilation: Sequence[int], groups: int,
-                       backend: Backend, channels_last: bool = False) -> torch.Tensor | None:
+                       backend: Backend, channels_last: bool = False,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
     exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``.
     At stride 1 oneDNN pads ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first
@@ -323,7 +331,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer
-    accumulator. (N, C·H·W) float32 before ``T⁻¹``; with ``channels_last`` (N, H·W·C)."""
+    accumulator. (N, C·H·W) ``dtype`` (float32; float64 for float64 operands) before ``T⁻¹``;
+    with ``channels_last`` (N, H·W·C)."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -346,16 +355,17 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             src = _unsigned_nhwc(k, qa.codes, g_shape)
         with scope("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
-        gx = _epilogue(k, acc, qa.scale, qw.scale, None, torch.float32, cog * kh * kw, channels_last)
+        gx = _epilogue(k, acc, qa.scale, qw.scale, None, dtype, cog * kh * kw, channels_last)
     return gx.permute(0, 2, 3, 1).reshape(n, h * w * c) if channels_last else gx.reshape(n, c * h * w)
 
 
 def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, backend: Backend) -> torch.Tensor:
+                       dilation: Sequence[int], groups: int, backend: Backend,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
     where negative), with the flipped kernel — im2col GEMMs, one per group, with every
-    sum in the integer accumulator. (N, C·H·W) float32 before ``T⁻¹``."""
+    sum in the integer accumulator. (N, C·H·W) ``dtype`` before ``T⁻¹``."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -368,7 +378,7 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W)
         with scope("lowbit::grad_input"):
             gx = gemm_nchw(k, im2col(p, 0, 1), qa.scale, Encoded(wf.reshape(kh * kw * co, cg), qw.scale),
-                           (h, w))
+                           (h, w), None, dtype)
         return gx.reshape(n, c * h * w)
     a_scale = _per_row(qa.scale, h * w)
     outs = []
@@ -379,7 +389,7 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             if b_scale.shape[0] != 1:  # per output channel: on the summed dimension
                 b_scale = b_scale.reshape(1, cog, 1).expand(kh * kw, cog, 1).reshape(-1, 1)
             outs.append(exact_gemm(k, Encoded(im2col(p, gi, groups), a_scale),
-                                   Encoded(b_codes, b_scale)))
+                                   Encoded(b_codes, b_scale), None, dtype))
     gx = outs[0] if groups == 1 else torch.cat(outs, 1)  # (N·H·W, C)
     return gx.reshape(n, h, w, c).permute(0, 3, 1, 2).reshape(n, c * h * w)
 
@@ -387,10 +397,11 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
 def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequence[int],
                         x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                         stride: Sequence[int], dilation: Sequence[int], groups: int,
-                        backend: Backend) -> torch.Tensor:
+                        backend: Backend, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stride > 1: the GEMM ``∇Y`` (rows (sample, output position)) × ``W`` (output
-    channel × (kernel position, input channel)), then col2im, adding kH·kW float32 terms
-    per element (a gather would multiply s² inserted zeros). (N, C·H·W) before ``T⁻¹``."""
+    channel × (kernel position, input channel)), then col2im, adding kH·kW ``dtype`` terms
+    per element (a gather would multiply s² inserted zeros). (N, C·H·W) ``dtype`` before
+    ``T⁻¹``."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     _, _, ho, wo = g_shape
@@ -399,13 +410,13 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
     wl = _weight_rows(qw, w_shape)
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)  # padded, channels-last
+    out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c, dtype=dtype)  # padded, channels-last
     with scope("lowbit::grad_input"):
         for gi in range(groups):
             rows = slice(gi * cog, (gi + 1) * cog)
             a = Encoded(a_codes[:, rows].contiguous(), a_scale)
             b_scale = _group(qw.scale, gi, cog)  # per output channel: on the summed dimension
-            cols = exact_gemm(k, a, Encoded(wl[rows], b_scale))  # (N·H'·W', kH·kW·C/g)
+            cols = exact_gemm(k, a, Encoded(wl[rows], b_scale), None, dtype)  # (N·H'·W', kH·kW·C/g)
             col2im(cols.reshape(n, ho, wo, kh, kw, cg), out, stride, dilation,
                    slice(gi * cg, (gi + 1) * cg))
     gx = out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
@@ -423,11 +434,12 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     ``qa``: ``Q_w(∇Y)`` (C_out, N·H'·W') already quantized
     (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
     stride, padding, dilation, groups = _geometry(params)
-    g = gy.float() if qa is None else gy  # with qa, only its shape is read
+    dt = compute_dtype(out_dtype)  # float32; float64 for float64 operands
+    g = gy.to(dt) if qa is None else gy  # with qa, only its shape is read
     if g.numel() == 0 or qx.codes.numel() == 0:
         return g.new_zeros(w_shape, dtype=out_dtype)
     if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
-        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, in_format(g),
+        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params), dt), w_shape, in_format(g),
                                            stride, padding, dilation, groups).to(out_dtype)
     if qa is None and tracker is None:  # the channels read in place, not copied first
         qa = quantize_grad_w(g.reshape(g.shape[0], g.shape[1], -1), spec, generator,
@@ -440,8 +452,8 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
         refuse_simulated(backend, "∇W", (qa, qx), "with groups, the gradient's row transform "
                          f"({type(qa.transform).__name__}) mixes the groups' output channels"
                          if mixed and integer_path(backend, qa, qx) else None)
-        ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:])).transpose(0, 1)
-        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params)), w_shape, ga, stride,
+        ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:]), dt).transpose(0, 1)
+        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params), dt), w_shape, ga, stride,
                                            padding, dilation, groups).to(out_dtype)
     if qx.scale.shape[0] != 1:
         refuse_simulated(backend, "∇W", (qa, qx), "the per-sample activation scale "
@@ -452,17 +464,17 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     gw = None
     if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
         with scope("lowbit::grad_weight"):
-            gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), x, qx.scale, (kh, kw), dilation)
+            gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), x, qx.scale, (kh, kw), dilation, dt)
     if gw is None:
         p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
         b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
         cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
         with scope("lowbit::grad_weight"):
             outs = [exact_gemm(k, Encoded(qa.codes[gi * cog:(gi + 1) * cog], _group(qa.scale, gi, cog)),
-                               Encoded(im2col(p, gi, groups), b_scale))
+                               Encoded(im2col(p, gi, groups), b_scale), None, dt)
                     for gi in range(groups)]
         gw = outs[0] if groups == 1 else torch.cat(outs, 0)  # (C_out, kH·kW·C/g)
-    gw = qa.inverse(gw, torch.float32, overwrite=True)  # T⁻¹ on the output-channel rows
+    gw = qa.inverse(gw, dt, overwrite=True)  # T⁻¹ on the output-channel rows
     return gw.reshape(co, kh, kw, cg).permute(0, 3, 1, 2).to(out_dtype, memory_format=torch.contiguous_format)
 
 
@@ -489,11 +501,9 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
     with torch.autocast(gy.device.type, enabled=False):  # the recipe's arithmetic
         qa_x = qa_w = None
         if needs[0] and needs[1] and qx.codes.numel() and qw.codes.numel():
-            # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
-            # the separate calls quantize gy.float(): the same values for float32/bf16/fp16 gy
-            # (the quantizer reads them as float32), not for float64
-            g = gy.float() if gy.dtype == torch.float64 else gy
-            pair = quantize_grad_pair(g.reshape(g.shape[0], g.shape[1], -1), cfg.grad_input,
+            # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair);
+            # the separate calls read gy as the quantizers do (float64 kept: compute_dtype)
+            pair = quantize_grad_pair(gy.reshape(gy.shape[0], gy.shape[1], -1), cfg.grad_input,
                                       gens.get(Path.GRAD_INPUT), cfg.grad_weight,
                                       gens.get(Path.GRAD_WEIGHT), kernels_for(be, gy.device))
             if pair is not None:

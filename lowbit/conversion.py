@@ -24,6 +24,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
+from .formats import SUPPORTED_DTYPES
+
 if TYPE_CHECKING:
     from .config import FQTConfig
 
@@ -173,7 +175,8 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
 
     Faithful means: its class is exactly ``base`` (or ``base`` with
     ``torch.nn.utils.parametrize`` parametrizations, which :func:`rebuild` carries over),
-    its parameters are initialized plain ``nn.Parameter``s named ``weight``/``bias``, it
+    its parameters are initialized plain ``nn.Parameter``s named ``weight``/``bias`` of a
+    dtype lowbit quantizes (:data:`~lowbit.formats.SUPPORTED_DTYPES`; not complex), it
     owns no other parameters, buffers or submodules, carries no module hooks (except
     load_state_dict pre-hooks that never see the module, which are carried), has no
     instance attribute that ``replacement`` defines itself (e.g. an instance ``forward``),
@@ -202,6 +205,9 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
         p = module._parameters.get(name)
         if p is not None and type(p) is not nn.Parameter:
             return f"{name} is a {type(p).__name__}, not a plain nn.Parameter"
+        if p is not None and p.dtype not in SUPPORTED_DTYPES:
+            return (f"{name} has dtype {p.dtype}: lowbit quantizes real floating tensors only "
+                    f"(a complex operand would lose its imaginary part)")
     if module._buffers:
         return f"owns buffers {sorted(module._buffers)}"
     children = sorted(set(module._modules) - ({"parametrizations"} if params else set()))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
+from .formats import SUPPORTED_DTYPES, compute_dtype
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
@@ -95,8 +96,9 @@ def _empty_product(m: int, n: int, like: torch.Tensor, bias: torch.Tensor | None
     """The (m, n) result of a GEMM with an empty operand: nothing to quantize or to sum,
     so zeros (+ bias) on every backend, as ``F.linear`` gives. It draws no noise and
     records no range (an empty batch must not shrink a predicted range)."""
-    out = torch.zeros(m, n, device=like.device)
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+    dt = compute_dtype(out_dtype)  # a float64 bias keeps its values
+    out = torch.zeros(m, n, device=like.device, dtype=dt)
+    return (out if bias is None else out + bias.to(dt)).to(out_dtype)
 
 
 def _rows_times(q: QuantizedOperand, b: QuantizedOperand, backend: Backend | Kernels,
@@ -126,8 +128,9 @@ def linear_grad_input(
     """``∇X = Q_a(∇Y) Q_f(W)``: (N, out) × (out, in) → (N, in). ``spec=None``: QAT."""
     if gy.numel() == 0 or qw.codes.numel() == 0:
         return _empty_product(gy.shape[0], qw.codes.shape[1], gy, None, out_dtype)
-    if spec is None:
-        return (gy.float() @ qw.dequantize()).to(out_dtype)
+    if spec is None:  # QAT: float ∇Y, in float32 (float64 for float64 operands)
+        dt = compute_dtype(out_dtype)
+        return (gy.to(dt) @ qw.dequantize(dt)).to(out_dtype)
     qa = quantize_gradient(gy, spec, generator, backend, tracker)
     return _rows_times(qa, qw, backend, out_dtype)
 
@@ -140,8 +143,9 @@ def linear_grad_weight(
     """``∇W = Q_w(∇Y)ᵀ Q_f(X)``: rows of ``∇Yᵀ`` are output features. (out, N) × (N, in)."""
     if gy.numel() == 0 or qx.codes.numel() == 0:
         return _empty_product(gy.shape[1], qx.codes.shape[1], gy, None, out_dtype)
-    if spec is None:
-        return (gy.float().t() @ qx.dequantize()).to(out_dtype)
+    if spec is None:  # QAT: float ∇Y, in float32 (float64 for float64 operands)
+        dt = compute_dtype(out_dtype)
+        return (gy.to(dt).t() @ qx.dequantize(dt)).to(out_dtype)
     qa = quantize_gradient(gy.t(), spec, generator, backend, tracker)
     return _rows_times(qa, qx, backend, out_dtype)
 
@@ -275,10 +279,16 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
     so they must be equal outside autocast; under autocast they may mix as torch allows.
-    ``TypeError`` naming the argument where one is not a tensor (a list, say), as torch's."""
+    ``TypeError`` naming the argument where one is not a tensor (a list, say), as torch's,
+    or has a dtype lowbit does not quantize (:data:`lowbit.formats.SUPPORTED_DTYPES`: a
+    complex tensor would lose its imaginary part, an integer one its meaning)."""
     for what, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {what} must be a Tensor, not {type(t).__name__}")
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "
+                            f"tensors only ({allowed})")
     if output_dtype(x) != output_dtype(weight):
         raise RuntimeError(f"{op}: input and weight must have the same dtype, but got "
                            f"{x.dtype} and {weight.dtype}")

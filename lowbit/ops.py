@@ -22,13 +22,15 @@ row of a table (:func:`register_kind`): ``linear`` and ``conv2d`` are registered
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,21 +353,55 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
-def refuse_quantized_double_backward(cfg: FQTConfig) -> None:
+_GRADIENT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("lowbit_gradient_only", default=False)
+
+
+@contextlib.contextmanager
+def gradient_only_double_backward() -> Iterator[None]:
+    """Allow a double backward (``create_graph=True``) through lowbit's layers and
+    attention under QAT configs (float gradients), for computations that differentiate
+    the first backward with respect to its *incoming gradient* only — a
+    Jacobian-transpose product ``Jᵀu`` as the derivative of ``⟨J·v, u⟩`` in ``v``
+    (:func:`lowbit.analysis.jacobian_spectrum`). Those derivatives are exact: the
+    backward is linear in ∇Y. Terms through the layer's operands (``∂∇X/∂W``,
+    ``∂∇W/∂X``, attention's ``∂/∂P``) are *absent* inside, since the backward reads the
+    forward's saved quantized codes, which carry no autograd history — a gradient
+    penalty or a Hessian-vector product is wrong inside this context (outside it, it
+    raises :func:`refuse_double_backward`'s error). Quantized-gradient configs are
+    refused inside too. Thread- and task-local (a :class:`contextvars.ContextVar`)."""
+    token = _GRADIENT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _GRADIENT_ONLY.reset(token)
+
+
+def refuse_double_backward(cfg: FQTConfig) -> None:
     """``RuntimeError`` for a double backward (``create_graph=True``) through a layer
-    (or attention) whose gradients ``cfg`` quantizes: its ∇X and ∇W are products of stochastically rounded
-    codes, which have no derivative, so a second-order term (a gradient penalty, a
-    Hessian-vector product) would silently get none, or one through the scales only.
-    QAT configs (float gradients) differentiate as usual; ``lowbit.analysis`` runs its
-    double backwards under them."""
+    (or attention) of config ``cfg``. With quantized gradients always: its ∇X and ∇W are
+    products of stochastically rounded codes, which have no derivative, so a
+    second-order term (a gradient penalty, a Hessian-vector product) would silently get
+    none, or one through the scales only. Under QAT (float gradients) too, outside
+    :func:`gradient_only_double_backward`: the backward multiplies the forward's saved
+    quantized codes, without autograd history, so the terms through X and W (attention's
+    P) would be silently missing (a gradient penalty's ∂/∂W was 47–49% off)."""
     if cfg.grad_input is not None or cfg.grad_weight is not None:
         raise RuntimeError(
             "lowbit: a double backward (create_graph=True) through an FQT layer is not defined: its "
             "backward GEMMs multiply stochastically rounded gradient codes, which have no derivative, "
             "so second-order terms (gradient penalties, Hessian-vector products) would be silently "
-            "missing. Run that computation under a QAT config (float gradients: "
-            "lowbit.FQTConfig.from_recipe('qat-8'), or lowbit.analysis's with_config(model, qat_of)) "
-            "or on a float copy of the model.")
+            "missing. Run that computation on a float copy of the model (or, for a product with "
+            "the Jacobian's transpose only, under a QAT config inside "
+            "lowbit.ops.gradient_only_double_backward()).")
+    if not _GRADIENT_ONLY.get():
+        raise RuntimeError(
+            "lowbit: a double backward (create_graph=True) through an FQT layer under QAT is not "
+            "defined: the backward multiplies the forward's saved quantized operands (int8 codes), "
+            "which carry no autograd history, so second-order terms through X and W (a gradient "
+            "penalty's, a Hessian-vector product's) would be silently missing. Run it on a float "
+            "copy of the model; a product with the Jacobian's transpose alone (derivatives with "
+            "respect to the incoming gradient, exact) may run inside "
+            "lowbit.ops.gradient_only_double_backward().")
 
 
 def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
@@ -374,7 +410,7 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     if gy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 7
     if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
-        refuse_quantized_double_backward(_state(ctx.handle).config)
+        refuse_double_backward(_state(ctx.handle).config)
         gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
     else:
         # the op's own function where the forward skipped the dispatcher and no mode
@@ -439,5 +475,5 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 __all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
-           "block_forward", "flatten_operand", "in_format", "refuse_quantized_double_backward", "register_kind",
-           "unflatten_operand"]
+           "block_forward", "flatten_operand", "gradient_only_double_backward", "in_format", "refuse_double_backward",
+           "register_kind", "unflatten_operand"]

@@ -52,6 +52,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..formats import IntFormat
 from ..nn import fqt_weight_layers
+from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
 from ._model import (
     FQTLayer,
@@ -200,7 +201,7 @@ def jacobian_spectrum(
     gen = torch.Generator().manual_seed(seed)
     out = JacobianSpectrum(mode=mode)
     with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \
-            _double_differentiable_attention(), \
+            _double_differentiable_attention(), gradient_only_double_backward(), \
             capture(m, inputs=True, outputs=True, grads=False) as rec:
         groups = parameter_groups(m)
         params = dict(m.named_parameters())

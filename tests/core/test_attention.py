@@ -24,6 +24,7 @@ from lowbit import FQTConfig, OperandSpec
 from lowbit.attention import Operand, batched_mm, scaled_dot_product_attention
 from lowbit.config import Backend
 from lowbit.functional import block_state, quantize_forward
+from lowbit.ops import gradient_only_double_backward
 
 FQT = FQTConfig.from_recipe("fqt-psq-8", seed=0)
 B, H, L, S, E, EV = 2, 4, 6, 5, 8, 3
@@ -762,10 +763,14 @@ def test_double_backward_through_attention(native: bool, monkeypatch: pytest.Mon
         for recipe in ("qat-8", "qat-4"):
             cfg = FQTConfig.from_recipe(recipe, seed=0)
             out = scaled_dot_product_attention(q, k, v, mask, state=cfg)
-            g = torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=create_graph)
-            if create_graph:
-                sum(x.square().sum() for x in g).backward()  # through the first backward
-                assert q.grad is not None and torch.isfinite(q.grad).all()
+            if create_graph:  # outside the context: the terms through P, Q, K, V would be missing
+                with pytest.raises(RuntimeError, match=r"under QAT is not defined"):
+                    torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=True,
+                                        retain_graph=True)
+            with gradient_only_double_backward():
+                g = torch.autograd.grad(out.square().sum(), (q, k, v, mask), create_graph=create_graph)
+            if create_graph:  # recorded: differentiable in ∇O (the Jᵀu of jacobian_spectrum)
+                assert all(x.requires_grad for x in g)
             grads.append([x.detach() for x in g])
     for a, b in zip(grads[:2], grads[2:]):
         if native:  # float rounding of exp and of the row sums (softmax._close's bound)
@@ -773,6 +778,22 @@ def test_double_backward_through_attention(native: bool, monkeypatch: pytest.Mon
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
         else:
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_gradient_only_double_backward_of_attention_is_the_jacobian_transpose() -> None:
+    """Under QAT inside ``gradient_only_double_backward``: ``⟨∂⟨J·v, u⟩/∂v, w⟩ = ⟨J·w, u⟩``
+    for the attention's Jacobian to (Q, K, V) — the backward is linear in ∇O (float
+    rounding: the sides sum in other orders)."""
+    q, k, v = _qkv_heads()
+    out = scaled_dot_product_attention(q, k, v, state=FQTConfig.from_recipe("qat-8", seed=0))
+    g = torch.Generator().manual_seed(1)
+    dv, w = (torch.randn(out.shape, generator=g).requires_grad_(i == 0) for i in range(2))
+    us = [torch.randn(t.shape, generator=g) for t in (q, k, v)]
+    with gradient_only_double_backward():
+        jv = torch.autograd.grad(out, (q, k, v), dv, create_graph=True, retain_graph=True)
+        (h,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(jv, us)), dv)
+    jw = torch.autograd.grad(out, (q, k, v), w)
+    torch.testing.assert_close((h * w).sum(), sum((a * b).sum() for a, b in zip(jw, us)), rtol=1e-5, atol=0)
 
 
 def test_public_attention_backward_reads_probs_only() -> None:

@@ -196,6 +196,34 @@ def test_float64_and_bf16_layers_keep_their_dtype() -> None:
             assert y.dtype == x.grad.dtype == m.weight.grad.dtype == m.bias.grad.dtype == dt
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "qat-8"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
+def test_float64_layers_compute_in_float64(kind: str, recipe: str, backend: str) -> None:
+    """float64 Conv2d/Conv1d (reference: all three GEMMs; auto: both backward ones) and
+    QAT Linear's backward computed in float32: inputs scaled by 2⁻²⁰⁰ gave ∇W = 0, by 2²⁰⁰
+    NaN. Every quantizer and GEMM here is equivariant under a power-of-two scale, so the
+    scaled run must give exactly ``s·Y``, ``s·∇X`` and ``s²·∇W`` (same noise: one seed);
+    and the float64 output is not rounded to float32's grid."""
+    def run(s: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = {"linear": nn.Linear(24, 6, bias=False), "conv": nn.Conv2d(3, 4, 3, padding=1, bias=False),
+             "conv1d": nn.Conv1d(3, 4, 3, padding=1, bias=False)}[kind].double()
+        x = {"linear": torch.randn(5, 24), "conv": torch.randn(2, 3, 6, 6),
+             "conv1d": torch.randn(2, 3, 7)}[kind].double()
+        m = lowbit.convert(m, FQTConfig.from_recipe(recipe, backend=backend, seed=7))
+        x = (x * s).requires_grad_()
+        y = m(x)
+        y.backward(torch.randn(y.shape, dtype=torch.float64) * s)
+        return [y.detach(), x.grad, m.weight.grad]
+    y, gx, gw = run(1.0)
+    assert y.dtype == gx.dtype == gw.dtype == torch.float64
+    assert not torch.equal(y, y.float().double())  # float64 sums, not float32 ones
+    for s in (2.0 ** -200, 2.0 ** 200):
+        ys, gxs, gws = run(s)
+        assert torch.equal(ys, y * s) and torch.equal(gxs, gx * s) and torch.equal(gws, gw * (s * s))
+
+
 # -- item 7: empty inputs ------------------------------------------------------------------------
 EMPTY = {
     "linear_N0": (lambda: nn.Linear(8, 4), (0, 8)),
@@ -346,22 +374,43 @@ def test_linear_takes_a_one_element_bias_as_torch_broadcasts_it() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_double_backward_is_refused_with_quantized_gradients(kind: str, backend: str) -> None:
+def test_double_backward_is_refused_where_terms_would_be_missing(kind: str, backend: str) -> None:
     """``create_graph=True`` (a gradient penalty): with quantized gradients the first
     backward's GEMMs multiply stochastically rounded codes, which have no derivative, so
     the penalty's gradient would silently be missing (the int8 path) or flow through the
     scales only (the reference path): a clear error on every backend instead. Under QAT
-    (float gradients) the second order flows, as for the float module."""
+    the backward multiplies the forward's saved codes (no autograd history): the
+    penalty's ∂/∂W came out 47–49% off the float module's, so it is refused too."""
     for recipe in ("fqt-psq-8", "qat-8"):
         layer, x = make(kind, backend, recipe)
         y = layer(x).square().sum()
-        if recipe.startswith("fqt"):
-            with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\).*not defined"):
-                torch.autograd.grad(y, x, create_graph=True)
-            continue
-        (g,) = torch.autograd.grad(y, x, create_graph=True)
-        g.square().sum().backward()
-        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        want = r"double backward \(create_graph=True\).*" + ("under QAT " if recipe == "qat-8" else "")
+        with pytest.raises(RuntimeError, match=want + "is not defined"):
+            torch.autograd.grad(y, x, create_graph=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradient_only_double_backward_gives_the_jacobian_transpose(kind: str) -> None:
+    """Inside ``gradient_only_double_backward`` a QAT layer's first backward is
+    differentiated with respect to its incoming gradient (``lowbit.analysis``'s ``Jᵀu``):
+    exact, since the backward is linear in it — ``⟨∂⟨J·v, u⟩/∂v, w⟩ = ⟨J·w, u⟩`` for any
+    ``w`` (float rounding: the two sides sum in other orders). Fault-free with quantized
+    gradients: still refused there."""
+    from lowbit.ops import gradient_only_double_backward
+    layer, x = make(kind, "auto", "qat-8")
+    y = layer(x)
+    g = torch.Generator().manual_seed(1)
+    v, w = (torch.randn(y.shape, generator=g).requires_grad_(i == 0) for i in range(2))
+    u = torch.randn(x.shape, generator=g)
+    with gradient_only_double_backward():
+        (jv,) = torch.autograd.grad(y, x, v, create_graph=True, retain_graph=True)
+        (h,) = torch.autograd.grad((jv * u).sum(), v)
+    (jw,) = torch.autograd.grad(y, x, w)
+    torch.testing.assert_close((h * w).sum(), (jw * u).sum(), rtol=1e-5, atol=0)
+    layer, x = make(kind, "auto", "fqt-psq-8")
+    y = layer(x)
+    with gradient_only_double_backward(), pytest.raises(RuntimeError, match="stochastically rounded"):
+        torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
 
 
 @pytest.mark.parametrize("fn", ["linear", "conv2d", "attention"])
@@ -412,6 +461,36 @@ def test_wrong_argument_types_get_a_type_error_naming_them() -> None:
         lowbit.FQTConv1d.from_float(nn.Conv2d(3, 3, 1), cfg)
     with pytest.raises(TypeError, match="fqt_linear: input must be a Tensor, not list"):
         lowbit.convert(nn.Linear(4, 4), cfg)([1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32])
+def test_complex_and_integer_operands_are_refused_not_truncated(dtype: torch.dtype) -> None:
+    """A complex input to ``fqt_linear``/``fqt_conv2d``/``fqt_conv1d`` (and a converted
+    complex ``nn.Linear``) ran, keeping only the real part; now every entry point raises
+    ``TypeError`` naming the argument and dtype, attention as torch's does, and
+    ``convert`` leaves a complex layer float with the reason."""
+    from lowbit import fqt_conv1d
+    from lowbit.functional import fqt_conv2d, fqt_linear
+    from lowbit.functional import scaled_dot_product_attention as sdpa
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    x, w = torch.ones(4, 8).to(dtype), torch.ones(3, 8).to(dtype)
+    with pytest.raises(TypeError, match=rf"fqt_linear: input has dtype {dtype}"):
+        fqt_linear(x, w, None, cfg)
+    with pytest.raises(TypeError, match=rf"fqt_linear: weight has dtype {dtype}"):
+        fqt_linear(torch.ones(4, 8), w, None, cfg)
+    with pytest.raises(TypeError, match=rf"fqt_linear: bias has dtype {dtype}"):
+        fqt_linear(torch.ones(4, 8), torch.ones(3, 8), torch.ones(3).to(dtype), cfg)
+    with pytest.raises(TypeError, match=rf"fqt_conv2d: input has dtype {dtype}"):
+        fqt_conv2d(torch.ones(1, 2, 5, 5).to(dtype), torch.ones(3, 2, 3, 3).to(dtype), None, cfg)
+    with pytest.raises(TypeError, match=rf"fqt_conv1d: input has dtype {dtype}"):
+        fqt_conv1d(torch.ones(1, 2, 5).to(dtype), torch.ones(3, 2, 3).to(dtype), None, cfg)
+    with pytest.raises(TypeError, match=rf"query must be a floating tensor .*got {dtype}"):
+        sdpa(*(torch.ones(1, 2, 4, 8).to(dtype) for _ in range(3)), state=cfg)
+    if dtype.is_complex:  # nn.Linear has no integer parameters
+        with pytest.warns(lowbit.ConversionWarning):
+            m, rep = lowbit.convert(nn.Linear(8, 3).to(dtype), cfg, report=True)
+        assert type(m) is nn.Linear and rep.converted == ()
+        assert f"has dtype {dtype}" in rep.skipped[""]
 
 
 @pytest.mark.parametrize("kind", LAYERS)
