@@ -70,7 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .formats import IntFormat, compute_dtype, counter_uniform
+from .formats import SUPPORTED_DTYPES, IntFormat, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
 from .storage import stochastic_round_bf16
 
@@ -265,6 +265,11 @@ class QuantizedCommState:
         if not isinstance(self.comm, GradComm):
             raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
         module = getattr(model, "module", model)  # DDP wraps the model
+        for name, p in module.named_parameters():
+            if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # its bucket would be cast to real
+                raise TypeError(f"QuantizedCommState: parameter {name!r} has dtype {p.dtype}; the quantized "
+                                f"all-reduce carries real floating gradients only (a complex one would "
+                                f"lose its imaginary part): use DDP's own all-reduce for this model")
         self.index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
         self.calls = {}
 
@@ -293,6 +298,9 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         raise RuntimeError(f"bucket {bucket.index()}: a {buf.layout} gradient bucket (sparse gradients, e.g. "
                            "nn.Embedding(sparse=True)) cannot be quantized: use dense gradients or DDP's own "
                            "all-reduce")
+    if buf.dtype not in SUPPORTED_DTYPES:  # a parameter's dtype changed after the state was built
+        raise RuntimeError(f"bucket {bucket.index()}: a {buf.dtype} gradient bucket cannot be quantized "
+                           "(real floating gradients only): use DDP's own all-reduce")
     params = bucket.parameters()
     sizes = [p.numel() for p in params]
     if sum(sizes) != buf.numel():

@@ -211,6 +211,18 @@ def test_a_stream_used_before_the_process_group_reads_its_rank_again(monkeypatch
     assert stream.rank == 1
 
 
+def test_complex_parameters_are_refused_not_made_real():
+    """A complex parameter's bucket would be cast to real (its imaginary part dropped):
+    ``QuantizedCommState`` refuses such a model, naming the parameter (no process group
+    needed: it is decided from the model)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    net[1].weight = torch.nn.Parameter(torch.randn(2, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"parameter '1.weight' has dtype torch.complex64"):
+        QuantizedCommState(net, COMM)
+    net[1].weight.requires_grad_(False)  # frozen: no gradient to communicate
+    QuantizedCommState(net, COMM)
+
+
 def test_grad_comm_validation():
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         GradComm(bits=9)
