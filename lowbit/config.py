@@ -435,13 +435,33 @@ def _forward_text(spec: OperandSpec | None) -> str:
     return text + ("~row" if spec.granularity is Granularity.ROW else "")
 
 
+def _range_text(spec: GradSpec) -> str:
+    """A gradient path's predicted-range part of :func:`describe`: ``~pred``, then each
+    setting that differs from :class:`GradSpec`'s default: ``-clip`` (overflow clipped:
+    biased), ``-m{margin}``, ``-h{history}``; ``""`` for a dynamic range."""
+    if not spec.predicted:
+        return ""
+    text = "~pred"
+    if spec.overflow is not _RANGE_DEFAULTS["overflow"]:
+        text += f"-{spec.overflow.value}"
+    if spec.margin != _RANGE_DEFAULTS["margin"]:
+        m = f"{spec.margin:g}"
+        text += f"-m{m if float(m) == spec.margin else repr(float(spec.margin))}"
+    if spec.history != _RANGE_DEFAULTS["history"]:
+        text += f"-h{spec.history}"
+    return text
+
+
 def describe(config: FQTConfig) -> str:
     """Short human-readable form of a config, e.g. ``fwd8/gi:bhq4/gw:psq8`` (symmetric
     integer grids by their bits); other formats by name, e.g.
     ``fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2``; forward operands with different
     specs each by their own, ``fwd:w8·a4`` (``~sr`` stochastic rounding, ``~row`` per-row
     scales, ``fp`` a float operand); ``~rtn`` marks a gradient path rounded to nearest
-    (biased), ``~pred`` predicted ranges. ``TypeError`` for anything
+    (biased), ``~pred`` predicted ranges, followed by every range setting that differs
+    from the default (which changes the results): ``-clip`` for ``overflow="clip"``
+    (biased), ``-m2`` for ``margin=2``, ``-h4`` for ``history=4``, e.g.
+    ``gi:psq8~pred-clip-m2``. ``TypeError`` for anything
     but an :class:`FQTConfig` (a model's layers carry theirs: ``lowbit.fqt_layers``)."""
     if not isinstance(config, FQTConfig):
         raise TypeError(f"describe takes an FQTConfig, got {type(config).__name__} (a converted "
@@ -461,7 +481,7 @@ def describe(config: FQTConfig) -> str:
         f = spec.format
         plain = isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC
         text = f"{spec.quantizer}{spec.bits}" if plain else f"{spec.quantizer}·{f.name}"
-        text += "~pred" if spec.predicted else ""
+        text += _range_text(spec)
         text += "~rtn" if spec.rounding is Rounding.NEAREST else ""
         parts.append(f"{name}:{text}")
     return "/".join(parts)

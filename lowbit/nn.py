@@ -27,7 +27,7 @@ from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_
 from .conv import fqt_conv1d
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
-from .ops import BlockState
+from .ops import GRAD_PATHS, BlockState
 from .quantizers import Granularity
 from .ranges import RangeStats, RangeTracker
 
@@ -454,17 +454,35 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Restore what :func:`range_state` returned (trackers are created as the saved ones)."""
+    """Restore what :func:`range_state` returned: afterwards every layer's trackers are
+    exactly the saved ones (created as they were saved). A layer or gradient path the
+    state lacks had no tracker when it was saved (:func:`range_state` lists only those
+    with one, e.g. ``{}`` before the first backward): its tracker is removed, so it starts
+    with no history, as in a fresh model. Rolling a model back to a checkpoint therefore
+    equals loading that checkpoint into a fresh model (as with :func:`load_rng_state`,
+    nothing of the current state survives the load).
+
+    ``TypeError`` for a state that is not a dict; ``KeyError`` naming layers this model
+    does not have, or paths that are not gradient paths; nothing is changed when it
+    raises."""
+    if not isinstance(state, dict):
+        raise TypeError(f"range state must be a dict (from lowbit.range_state), got {type(state).__name__}")
     layers = fqt_blocks(model)
     missing = sorted(set(state) - set(layers))
     if missing:
         raise KeyError(f"range state names layers this model does not have: {missing[:5]}")
-    for name, paths in state.items():
-        layer = layers[name]
+    bad = sorted(f"{n}/{p}" for n, paths in state.items() for p in paths if p not in GRAD_PATHS)
+    if bad:
+        raise KeyError(f"range state names paths that are not gradient paths {GRAD_PATHS}: {bad[:5]}")
+    loaded: dict[str, dict[str, RangeTracker]] = {}
+    for name, paths in state.items():  # all built before any layer changes
         for path, s in paths.items():
             t = RangeTracker(*s["key"])
             t.load_state_dict(s)
-            layer.range_trackers[path] = t
+            loaded.setdefault(name, {})[path] = t
+    for name, layer in layers.items():
+        layer.range_trackers.clear()
+        layer.range_trackers.update(loaded.get(name, {}))
 
 
 RangeSnapshot = list  # [(layer, its trackers, their states)]: what restore_ranges takes

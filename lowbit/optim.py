@@ -87,6 +87,20 @@ def _check_format(what: str, fmt: str) -> None:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
 
 
+def _flag_off(v: object) -> bool:
+    """Whether a torch flag setting is off: ``False``, ``None`` or a number equal to 0."""
+    return v is None or v is False or (_number(v) == 0 and not isinstance(v, str))
+
+
+# torch.optim settings that SRSGD / SRAdamW do not implement, each with the test for the
+# value at which it leaves the update as they compute it (a torch state dict carries them
+# all at those values). ``foreach`` and ``fused`` only choose how torch runs its loop:
+# ignored, whatever their value.
+_UNSUPPORTED = {"maximize": _flag_off, "nesterov": _flag_off, "dampening": lambda v: _number(v) == 0,
+                "amsgrad": _flag_off, "differentiable": _flag_off, "capturable": _flag_off}
+_NEUTRAL_TEXT = "maximize, nesterov, amsgrad, differentiable, capturable False; dampening 0"
+
+
 def _drop(state: dict[str, Any], name: str) -> None:
     """Forget every stored form (bf16, or int8 codes + scale) of the entry ``name``."""
     for key in (name, f"{name}_codes", f"{name}_scale"):
@@ -102,6 +116,11 @@ class _SROptimizer(torch.optim.Optimizer):
     ⇒ bf16 state, ``name_codes`` ⇒ int8 state); the configured formats say how to write.
     """
 
+    _HYPER: tuple[str, ...] = ("lr", "weight_decay")  # the settings the update reads
+    _STATE: tuple[str, ...] = ()  # state entries, each stored as ``name`` or ``name_codes/_scale``
+    _STATE_PLAIN: tuple[str, ...] = ()  # state entries stored as they are (a step count)
+    _DECOUPLED = False  # whether weight decay is decoupled (torch's decoupled_weight_decay)
+
     def __init__(self, params: Iterable[torch.Tensor], defaults: dict[str, Any],
                  generator: torch.Generator | None, weights: str, state: str) -> None:
         _check_format("weights", weights)
@@ -116,7 +135,27 @@ class _SROptimizer(torch.optim.Optimizer):
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
         """``ValueError`` naming the setting (and ``where``: a param group) for a value
         ``torch.optim``'s own optimizer would refuse: ``lr`` and ``weight_decay`` finite and
-        ≥ 0 (0 is what a schedule ending at 0 sets), the subclass's own below."""
+        ≥ 0 (0 is what a schedule ending at 0 sets), the subclass's own below; for a setting
+        the update reads that the group lacks (a state dict saved by another optimizer); and
+        for a ``torch.optim`` setting this optimizer does not implement, at a value that
+        would change the update (:data:`_UNSUPPORTED`; at its neutral value, e.g. a
+        ``torch.optim.SGD`` state dict's ``maximize=False``, it is accepted)."""
+        missing = [k for k in cls._HYPER if k not in group]
+        if missing:
+            raise ValueError(f"{where}lacks {', '.join(missing)}, which {cls.__name__} reads (a "
+                             "state dict saved by another optimizer?)")
+        changing = [f"{k}={group[k]!r}" for k, neutral in _UNSUPPORTED.items()
+                    if k in group and not neutral(group[k])]
+        if changing:
+            raise ValueError(f"{where}{cls.__name__} does not implement {', '.join(changing)}, "
+                             f"which would change the update (accepted: {_NEUTRAL_TEXT})")
+        dwd = group.get("decoupled_weight_decay", cls._DECOUPLED)
+        if (dwd is None or bool(dwd) != cls._DECOUPLED) and _number(group["weight_decay"]) != 0:
+            raise ValueError(
+                f"{where}{cls.__name__} does not implement decoupled_weight_decay={dwd!r} with "
+                f"weight_decay={group['weight_decay']!r}: its weight decay is "
+                + ("decoupled (as torch.optim.AdamW's)" if cls._DECOUPLED else
+                   "added to the gradient (as torch.optim.SGD's)"))
         for key in ("lr", "weight_decay"):
             v = _number(group[key])
             if v is None or not 0 <= v < float("inf"):
@@ -167,15 +206,28 @@ class _SROptimizer(torch.optim.Optimizer):
         self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
         return decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
 
+    def _sparse_refusal(self, group: dict[str, Any], layout: torch.layout) -> str | None:
+        """Why a gradient of ``layout`` (not strided: sparse) cannot be stepped with
+        ``group``'s settings, or ``None`` where it can."""
+        return "does not support sparse gradients"
+
     def _check_params(self) -> None:
         """Refuses, before any update, a parameter to step whose dtype changed since the
         optimizer was built or whose stored state no longer has its device or shape
-        (``model.to()``, ``.float()``, ``p.data = …`` after the optimizer was built)."""
+        (``model.to()``, ``.float()``, ``p.data = …`` after the optimizer was built)
+        (``TypeError``, ``RuntimeError``), and a sparse gradient (``nn.Embedding(sparse=True)``)
+        that the update cannot take (``RuntimeError``: see :meth:`_sparse_refusal`)."""
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 what = f"parameter {pi} of param group {gi}"
+                if p.grad.layout != torch.strided and (
+                        why := self._sparse_refusal(group, p.grad.layout)) is not None:
+                    raise RuntimeError(
+                        f"{type(self).__name__} {why}: {what} has a {p.grad.layout} gradient "
+                        "(e.g. from nn.Embedding(sparse=True)); nothing was updated. Use dense "
+                        "gradients (nn.Embedding(sparse=False))")
                 if p.dtype != torch.bfloat16:
                     raise TypeError(
                         f"{type(self).__name__} keeps weights in bfloat16, but {what} is now "
@@ -229,15 +281,20 @@ class _SROptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_params()
         for gi, group in enumerate(self.param_groups):  # settings changed since (a scheduler, by hand)
             self._check_hyper(group, f"param group {gi}: ")
+        self._check_params()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     w = self._update(p, self._load_weight(p), p.grad.float(), group)
                     self._store_weight(p, w)
         return loss
+
+    def _state_keys(self) -> set[str]:
+        """Every key this optimizer writes into a parameter's state."""
+        entries = {f"{n}{s}" for n in self._STATE for s in ("", "_codes", "_scale")}
+        return entries | {_W_CODES, _W_SCALE} | set(self._STATE_PLAIN)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but state tensors keep their
@@ -246,13 +303,35 @@ class _SROptimizer(torch.optim.Optimizer):
         written: load the model's state_dict from the same checkpoint (then the codes
         equal the parameters and the continuation is bitwise identical); where they
         differ, the parameter wins at the next step (see the module docstring). The
-        rounding generator is the caller's: restore its state too."""
+        rounding generator is the caller's: restore its state too.
+
+        A state dict this optimizer could not continue from is refused with a
+        ``ValueError`` before anything is loaded: per-parameter state under keys it does not
+        write (another optimizer's: ``torch.optim.SGD``'s ``momentum_buffer`` would be
+        ignored and the momentum restart from zero), named; a saved param group that lacks
+        a setting the update reads, or holds a ``torch.optim`` setting at a value it does
+        not implement (``nesterov=True``, ``maximize=True``, …, as :meth:`_check_hyper`).
+        ``torch.optim.AdamW``'s state (``step``, ``exp_avg``, ``exp_avg_sq``) loads into
+        :class:`SRAdamW` (its tensor ``step`` becomes an int)."""
+        name = type(self).__name__
+        for gi, group in enumerate(state_dict["param_groups"]):
+            self._check_hyper(group, f"{name}.load_state_dict: saved param group {gi}: ")
+        allowed = self._state_keys()
+        foreign = sorted({str(k) for st in state_dict["state"].values() for k in st} - allowed)
+        if foreign:
+            raise ValueError(
+                f"{name} cannot load this state dict: its per-parameter state has "
+                f"{', '.join(map(repr, foreign))}, which {name} does not write (it writes "
+                f"{', '.join(map(repr, sorted(allowed)))}): state saved by another optimizer "
+                "would be ignored and start afresh")
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor):
+                if key in self._STATE_PLAIN and isinstance(value, torch.Tensor):
+                    self.state[p][key] = int(value.item())  # torch's float32 step tensor
+                elif isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device)
 
 
@@ -265,7 +344,16 @@ class SRSGD(_SROptimizer):
     only); ``state``: format of the momentum, ``"bf16"`` or ``"int8"`` (blockwise).
     ``generator`` seeds the rounding noise (reproducible runs). Bytes per parameter: see
     the module docstring.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is taken as plain SGD only (momentum
+    and weight decay 0, COO layout): otherwise ``step`` raises ``RuntimeError`` before any
+    update. ``torch.optim.SGD`` settings it does not implement (``nesterov``, ``dampening``,
+    ``maximize``) are refused (``ValueError``) in a param group or a loaded state dict
+    unless at their neutral value (``False``, 0).
     """
+
+    _HYPER = ("lr", "weight_decay", "momentum")
+    _STATE = ("momentum",)
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None,
@@ -279,6 +367,17 @@ class SRSGD(_SROptimizer):
         mu = _number(group["momentum"])
         if mu is None or not 0 <= mu < 1:
             raise ValueError(f"{where}momentum must be in [0, 1), got {group['momentum']!r}")
+
+    def _sparse_refusal(self, group: dict[str, Any], layout: torch.layout) -> str | None:
+        """Plain SGD (no momentum, no weight decay) takes a sparse COO gradient: the update
+        ``w − lr·g`` is then the dense one. Momentum and weight decay would make it dense
+        in every row, and are refused (as ``torch.optim.SGD`` refuses weight decay)."""
+        if layout == torch.sparse_coo and _number(group["momentum"]) == 0 \
+                and _number(group["weight_decay"]) == 0:
+            return None
+        return ("supports sparse gradients only as plain SGD: in COO layout, with momentum 0 "
+                f"and weight_decay 0 (this param group has momentum={group['momentum']!r}, "
+                f"weight_decay={group['weight_decay']!r})")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
@@ -307,7 +406,18 @@ class SRAdamW(_SROptimizer):
     so it holds ``v`` with 0.4% relative precision at every magnitude. (8-bit Adam
     implementations store ``v`` with a non-linear, dynamic quantization map instead.)
     ``weights`` as for :class:`SRSGD`. ``generator`` seeds the rounding noise.
+
+    Sparse gradients are refused (``RuntimeError`` at ``step``, before any update), as by
+    ``torch.optim.AdamW``. ``torch.optim.AdamW`` settings it does not implement
+    (``amsgrad``, ``maximize``, ``capturable``, ``differentiable``) are refused
+    (``ValueError``) unless ``False``; a ``torch.optim.AdamW`` state dict with them at
+    ``False`` loads (the same update rule and state).
     """
+
+    _HYPER = ("lr", "weight_decay", "betas", "eps")
+    _STATE = ("exp_avg", "exp_avg_sq")
+    _STATE_PLAIN = ("step",)
+    _DECOUPLED = True
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -120,3 +120,27 @@ def test_from_dict_refuses_unknown_and_missing_keys() -> None:
         FQTConfig.from_dict([])  # type: ignore[arg-type]
     old = {k: v for k, v in d.items() if k != "adaptive"}  # saved before `adaptive` existed
     assert FQTConfig.from_dict(old) == FQTConfig.from_recipe("fqt-bhq-4", seed=3)
+
+
+@pytest.mark.parametrize("ranges, text", [
+    ({}, "fwd8/gi:psq8~pred/gw:psq8~pred"),
+    ({"overflow": "requantize", "margin": 1.25, "history": 16}, "fwd8/gi:psq8~pred/gw:psq8~pred"),
+    ({"overflow": "clip"}, "fwd8/gi:psq8~pred-clip/gw:psq8~pred-clip"),
+    ({"margin": 2.0}, "fwd8/gi:psq8~pred-m2/gw:psq8~pred-m2"),
+    ({"margin": 1.3000001}, "fwd8/gi:psq8~pred-m1.3000001/gw:psq8~pred-m1.3000001"),
+    ({"history": 4}, "fwd8/gi:psq8~pred-h4/gw:psq8~pred-h4"),
+    ({"overflow": "clip", "margin": 4, "history": 2}, "fwd8/gi:psq8~pred-clip-m4-h2/gw:psq8~pred-clip-m4-h2"),
+])
+def test_describe_shows_every_predicted_range_setting_that_changes_results(ranges: dict, text: str) -> None:
+    # A review: overflow="clip" (biased) was labelled "~pred" like the default requantize
+    # (unbiased), and margin and history not at all, in layer reprs, run configs and the report.
+    import torch
+
+    import lowbit
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=1)
+    cfg = cfg.with_ranges(**ranges) if ranges else cfg
+    assert lowbit.describe(cfg) == text
+    assert f"recipe={text}," in repr(lowbit.convert(torch.nn.Linear(2, 2), cfg))
+    mixed = FQTConfig(grad_input=GradSpec(4, "bhq", range="predicted", overflow="clip"))
+    assert lowbit.describe(mixed) == "fwd8/gi:bhq4~pred-clip/gw:psq8"

@@ -605,3 +605,182 @@ def test_trainer_master_copy_sees_outside_writes() -> None:
     m.weight.grad = torch.ones_like(m.weight)  # untouched masters keep their float32 bits
     master.grads_in()
     assert torch.equal(master.pairs[0][1], pre["weight"].float())
+
+
+# ------------------------------------------------------------------ sparse gradients
+
+
+def _embedding_model(fmt: str) -> tuple[nn.Module, nn.Embedding]:
+    """A dense layer first, then a sparse-gradient embedding whose weights (small integers)
+    and updates (lr 0.25, integer gradients) are exact in bfloat16 and on an int8 grid."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randint(-8, 9, (10, 4)).float())
+    return nn.ModuleDict({"lin": nn.Linear(4, 4), "emb": emb}).to(torch.bfloat16), emb
+
+
+def _sparse_backward(model: nn.Module) -> None:
+    idx = torch.tensor([1, 2, 2])  # row 2 twice: an uncoalesced gradient of 2 there
+    model["emb"](idx).float().sum().backward()
+    model["lin"](torch.ones(1, 4, dtype=model["lin"].weight.dtype)).float().sum().backward()
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SRSGD, {"momentum": 0.9}), (SRSGD, {"weight_decay": 0.1}),
+                                         (SRAdamW, {})])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_sparse_gradient_is_refused_before_any_update(cls: type, kwargs: dict, fmt: str) -> None:
+    # A review (nn.Embedding(sparse=True)): the step updated the dense layer, then failed on
+    # the embedding with "Cannot access storage of SparseTensorImpl" — a half-applied step.
+    model, emb = _embedding_model(fmt)
+    opt = cls(model.parameters(), lr=0.25, weights=fmt, state=fmt, **kwargs)
+    _sparse_backward(model)
+    assert emb.weight.grad.layout == torch.sparse_coo
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [copy.deepcopy(opt.state.get(p, {})) for p in model.parameters()]
+    why = ("supports sparse gradients only as plain SGD: in COO layout, with momentum 0 and "
+           "weight_decay 0" if cls is SRSGD else "does not support sparse gradients")
+    with pytest.raises(RuntimeError, match=rf"^{cls.__name__} {why}.*: parameter 2 of param group 0 "
+                       r"has a torch.sparse_coo gradient \(e.g. from nn.Embedding\(sparse=True\)\); "
+                       r"nothing was updated"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    for p, s in zip(model.parameters(), state):  # no state written (int8: the codes from the start)
+        st = opt.state.get(p, {})
+        assert st.keys() == s.keys() and all(torch.equal(st[k], v) for k, v in s.items())
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_srsgd_without_momentum_steps_a_sparse_gradient_as_torch_sgd(fmt: str) -> None:
+    model, emb = _embedding_model(fmt)
+    ref_model, _ = _embedding_model(fmt)
+    ref_model.float()
+    opt = SRSGD(model.parameters(), lr=0.25, weights=fmt, generator=torch.Generator().manual_seed(0))
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.25)
+    w0 = emb.weight.detach().float().clone()
+    for _ in range(2):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            _sparse_backward(m)
+            o.step()
+    assert torch.equal(emb.weight.float(), ref_model["emb"].weight)  # exact: on both grids
+    expected = w0.clone()
+    expected[1] -= 2 * 0.25
+    expected[2] -= 2 * 2 * 0.25
+    assert torch.equal(emb.weight.float(), expected)  # untouched rows kept bit for bit
+    if fmt == "int8":
+        _assert_int8_weights_exact(opt)
+
+
+# ------------------------------------------- settings and state dicts of other optimizers
+
+
+@pytest.mark.parametrize("cls, setting", [
+    (SRSGD, {"maximize": True}), (SRSGD, {"nesterov": True}), (SRSGD, {"dampening": 0.1}),
+    (SRAdamW, {"amsgrad": True}), (SRAdamW, {"maximize": True}), (SRAdamW, {"capturable": True}),
+    (SRAdamW, {"differentiable": True}),
+])
+def test_torch_settings_not_implemented_are_refused(cls: type, setting: dict) -> None:
+    # A review: SRSGD([{"params": ..., "maximize": True}]) stepped downhill, silently.
+    (key, value), = setting.items()
+    a, b = nn.Linear(2, 2).bfloat16(), nn.Linear(2, 2).bfloat16()
+    match = rf"param group 1: {cls.__name__} does not implement {key}={value!r}, which would change"
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": a.parameters()}, {"params": b.parameters(), **setting}], lr=0.1)
+    opt = cls(a.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match.replace("group 1", "group 1")):
+        opt.add_param_group({"params": b.parameters(), **setting})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0].update(setting)  # by hand, before a step: nothing updated
+    a(torch.ones(1, 2, dtype=torch.bfloat16)).sum().backward()
+    before = [p.detach().clone() for p in a.parameters()]
+    with pytest.raises(ValueError, match=match.replace("group 1", "group 0")):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+
+
+def test_torch_settings_at_neutral_values_are_accepted() -> None:
+    a = nn.Linear(2, 2).bfloat16()
+    neutral = {"maximize": False, "foreach": True, "fused": None, "differentiable": False,
+               "capturable": False}
+    SRSGD([{"params": a.parameters(), "nesterov": False, "dampening": 0, **neutral}], lr=0.1)
+    SRAdamW([{"params": a.parameters(), "amsgrad": False, "decoupled_weight_decay": True, **neutral}],
+            lr=0.1, weight_decay=0.1)
+    SRAdamW([{"params": a.parameters(), "decoupled_weight_decay": False}], lr=0.1)  # no decay
+    with pytest.raises(ValueError, match=r"SRAdamW does not implement decoupled_weight_decay=False "
+                       r"with weight_decay=0.1: its weight decay is decoupled"):
+        SRAdamW([{"params": a.parameters(), "decoupled_weight_decay": False}], lr=0.1, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"SRSGD does not implement decoupled_weight_decay=True "
+                       r"with weight_decay=0.1: its weight decay is added to the gradient"):
+        SRSGD([{"params": a.parameters(), "decoupled_weight_decay": True}], lr=0.1, weight_decay=0.1)
+
+
+def _grad_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 5) -> None:
+    """``steps`` steps on random gradients (bfloat16 values, in the parameters' dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).bfloat16().to(p.dtype)
+        opt.step()
+
+
+def _torch_sgd_state(**kwargs: Any) -> dict[str, Any]:
+    model = _mlp().float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, **kwargs)
+    _grad_steps(model, opt, 2)
+    return opt.state_dict()
+
+
+def test_load_state_dict_refuses_another_optimizers_state() -> None:
+    # A review: torch.optim.SGD's state loaded into SRSGD silently; its 'momentum_buffer'
+    # was never read (the momentum restarted from zero), nesterov and maximize ignored.
+    model, opt, gen = _make(SRSGD, "bf16")
+    _train(model, opt, 1)
+    mine = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"^SRSGD cannot load this state dict: its per-parameter "
+                       r"state has 'momentum_buffer', which SRSGD does not write \(it writes "
+                       r"'momentum', 'momentum_codes', 'momentum_scale', 'weight_codes', "
+                       r"'weight_scale'\)"):
+        opt.load_state_dict(_torch_sgd_state(momentum=0.9, weight_decay=1e-3))
+    with pytest.raises(ValueError, match=r"^SRSGD.load_state_dict: saved param group 0: SRSGD does "
+                       r"not implement maximize=True, nesterov=True, which would change the update"):
+        opt.load_state_dict(_torch_sgd_state(momentum=0.9, nesterov=True, maximize=True))
+    adamw_model, adamw, _ = _make(SRAdamW, "bf16")
+    _train(adamw_model, adamw, 1)
+    with pytest.raises(ValueError, match=r"saved param group 0: lacks momentum, which SRSGD reads"):
+        opt.load_state_dict(adamw.state_dict())
+    with pytest.raises(ValueError, match=r"'momentum', which SRAdamW does not write"):
+        adamw.load_state_dict({**mine, "param_groups": [
+            {**g, "betas": (0.9, 0.999), "eps": 1e-8} for g in mine["param_groups"]]})
+    # refused before anything was loaded: the optimizer continues as one never offered them
+    assert _state_equal(opt.state_dict(), mine)
+    opt.load_state_dict(_torch_sgd_state())  # plain SGD: no state, neutral settings
+    assert not opt.state and opt.param_groups[0]["nesterov"] is False
+
+
+def _state_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(s.keys() == b["state"][k].keys() and all(
+        torch.equal(v, b["state"][k][n]) if isinstance(v, torch.Tensor) else v == b["state"][k][n]
+        for n, v in s.items()) for k, s in a["state"].items())
+
+
+def test_torch_adamw_state_dict_loads_into_sradamw() -> None:
+    # The same update rule and state keys: a float32 AdamW run continues in SRAdamW, its
+    # next weights within one bfloat16 step of torch's continuing in float32.
+    ref_model = _mlp().float()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01, weight_decay=0.01)
+    _grad_steps(ref_model, ref, 3)
+    model = _mlp()
+    model.load_state_dict(ref_model.state_dict())  # rounded to bfloat16
+    ref_model.load_state_dict(model.state_dict())  # the same weights on both sides
+    opt = SRAdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # as from a checkpoint
+    assert all(s["step"] == 3 and isinstance(s["step"], int) for s in opt.state.values())
+    _grad_steps(ref_model, ref, 1, seed=6)
+    _grad_steps(model, opt, 1, seed=6)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        ulp = q.detach().abs() * 2.0**-7 + 1e-30  # a bfloat16 step (or less) at q
+        assert torch.all((p.float() - q).abs() <= ulp * 1.001)

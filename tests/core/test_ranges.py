@@ -233,6 +233,72 @@ def test_range_state_round_trip_and_errors() -> None:
         lowbit.load_range_state(fresh, {"nope": {}})
 
 
+def _same_ranges(a: dict, b: dict) -> bool:
+    """Two :func:`lowbit.range_state` results hold the same trackers in the same states."""
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(
+            (s["key"], s["count"], s["stats"]) == (b[n][p]["key"], b[n][p]["count"], b[n][p]["stats"])
+            and (s["hist"] is None) == (b[n][p]["hist"] is None)
+            and (s["hist"] is None or torch.equal(s["hist"], b[n][p]["hist"]))
+            for p, s in a[n].items()) for n in a)
+
+
+@pytest.mark.parametrize("saved_after", [0, 1, "1, a path dropped"])
+def test_rolling_back_to_a_range_state_equals_a_fresh_resume(saved_after: int | str) -> None:
+    # A review: load_range_state({}) (a checkpoint from before the first backward) left the
+    # histories recorded since in place, so a model rolled back to the checkpoint trained
+    # differently from the same checkpoint loaded into a fresh model.
+    cfg = FQTConfig.from_recipe("fqt-psq-4-predicted", seed=7)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 12, generator=g) * (1 + 10 * i), torch.randint(0, 5, (8,), generator=g))
+            for i in range(3)]
+
+    def train(m: nn.Module, batches: list) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for x, y in batches:
+            _grads(m, x, y)
+            opt.step()
+
+    model = lowbit.convert(_mlp(), cfg)
+    steps = 0 if saved_after == 0 else 1
+    train(model, data[:steps])
+    ckpt = {"m": {k: v.clone() for k, v in model.state_dict().items()},
+            "rng": lowbit.rng_state(model), "ranges": lowbit.range_state(model)}
+    if saved_after == "1, a path dropped":  # e.g. saved while that path was dynamic
+        del ckpt["ranges"]["2"]["grad_input"]
+    train(model, data)  # an attempt that is rolled back
+
+    def load(m: nn.Module) -> nn.Module:
+        m.load_state_dict(ckpt["m"])
+        lowbit.load_rng_state(m, ckpt["rng"])
+        lowbit.load_range_state(m, ckpt["ranges"])
+        assert _same_ranges(lowbit.range_state(m), ckpt["ranges"])  # nothing else survives
+        return m
+
+    fresh = load(lowbit.convert(_mlp(), cfg))
+    load(model)
+    train(model, data[steps:])
+    train(fresh, data[steps:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    assert _same_ranges(lowbit.range_state(model), lowbit.range_state(fresh))
+
+
+def test_load_range_state_refuses_a_bad_state_before_changing_anything() -> None:
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-4-predicted", seed=0))
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    earlier = lowbit.range_state(model)
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    state = lowbit.range_state(model)
+    with pytest.raises(TypeError, match="range state must be a dict .*got list"):
+        lowbit.load_range_state(model, [])
+    with pytest.raises(KeyError, match=r"paths that are not gradient paths .*\['2/grad_output'\]"):
+        lowbit.load_range_state(model, {"0": earlier["0"], "2": {"grad_output": earlier["2"]["grad_weight"]}})
+    broken = {**earlier["2"]["grad_weight"], "key": [16, 1.25, True, "ignore", "psq"]}
+    with pytest.raises(ValueError, match="not a valid Overflow"):  # after layer "0"'s trackers were built
+        lowbit.load_range_state(model, {"0": earlier["0"], "2": {"grad_weight": broken}})
+    assert _same_ranges(lowbit.range_state(model), state)  # layer "0" not loaded either
+
+
 # -- config -------------------------------------------------------------------------------
 def test_recipes_and_spec_validation() -> None:
     cfg = FQTConfig.from_recipe("fqt-bhq-4-predicted")
