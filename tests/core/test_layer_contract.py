@@ -197,12 +197,13 @@ def test_float64_and_bf16_layers_keep_their_dtype() -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("recipe", ["fqt-psq-8", "qat-8"])
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "qat-8", "fqt-hadamard-8"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 def test_float64_layers_compute_in_float64(kind: str, recipe: str, backend: str) -> None:
     """float64 Conv2d/Conv1d (reference: all three GEMMs; auto: both backward ones) and
     QAT Linear's backward computed in float32: inputs scaled by 2⁻²⁰⁰ gave ∇W = 0, by 2²⁰⁰
-    NaN. Every quantizer and GEMM here is equivariant under a power-of-two scale, so the
+    NaN; Linear's ∇X under a row transform (Hadamard, BHQ) ran its GEMM into float32
+    before ``T⁻¹``. Every quantizer and GEMM here is equivariant under a power-of-two scale, so the
     scaled run must give exactly ``s·Y``, ``s·∇X`` and ``s²·∇W`` (same noise: one seed);
     and the float64 output is not rounded to float32's grid."""
     def run(s: float) -> list[torch.Tensor]:
