@@ -12,19 +12,28 @@ dependency: ``pip install lowbit[hf]``); ``import lowbit`` never imports it.
   ``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``. This module registers
   :func:`lowbit_attention_forward` there (and transformers' SDPA mask builder in
   ``AttentionMaskInterface``) under the name ``"lowbit"``. :func:`prepare` gives every
-  attention module of a ``PreTrainedModel`` a child ``lowbit_attention`` (a
-  :class:`~lowbit.attention_modules.ScaledDotProductAttention`, which ``convert`` then
-  swaps for the quantized one, or leaves float where ``module_filter`` says so), and after
-  the swap the model is set to ``attn_implementation="lowbit"``
-  (``PreTrainedModel.set_attn_implementation``). The attention-implementation choice is not
-  saved by ``save_pretrained``: the saved model loads into the unconverted class as usual.
+  attention module of a ``PreTrainedModel`` whose attention lowbit can compute (torch SDPA's
+  semantics: no attention sinks, logit softcapping, …; :func:`unsupported_features`) a child
+  ``lowbit_attention`` (a :class:`~lowbit.attention_modules.ScaledDotProductAttention`, which
+  ``convert`` then swaps for the quantized one, or leaves float where ``module_filter``
+  says so); after the swap, the configs whose attention was converted are set to
+  ``attn_implementation="lowbit"`` (``PreTrainedModel.set_attn_implementation``), the others
+  lose their children and keep their implementation. What stays float (attention lowbit
+  cannot compute or route: sinks, softcapping, ``_supports_sdpa = False``, attention computed
+  by the model's own matmuls) is listed in the report's ``skipped``. The
+  attention-implementation choice is not saved by ``save_pretrained``: the saved model loads
+  into the unconverted class as usual.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import inspect
+import math
+import re
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +42,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .attention_modules import ScaledDotProductAttention
+from .attention_modules import FQTScaledDotProductAttention, ScaledDotProductAttention
 from .config import FQTConfig
 from .conversion import SwapRule, rebuild, register_probe, skip_reason
 from .functional import fqt_linear
@@ -111,6 +120,49 @@ SWAP_RULES = (SwapRule(Conv1D, FQTConv1D, _swap_conv1d),)
 
 
 # -- attention ------------------------------------------------------------------------------
+# Keyword arguments of transformers' attention-function interface that change what attention
+# computes and that lowbit's attention (torch SDPA's semantics, like transformers' "sdpa")
+# cannot compute, with what they are. A call passing one (not None) raises; convert keeps
+# attention that passes one float (``prepare``).
+UNSUPPORTED_KWARGS: dict[str, str] = {
+    "softcap": "attention logit softcapping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "indices": "sparse attention over selected key indices",
+    "topk_indices": "sparse attention over selected key indices",
+    "block_indices": "block-sparse attention",
+    "head_mask": "a head mask on the attention weights",
+}
+
+# Keyword arguments transformers passes to every attention function (or that flow to it from
+# the model's ``**kwargs``) that lowbit's attention handles or that do not change it, as for
+# transformers' own sdpa_attention_forward: the mask builder (transformers' sdpa one, registered
+# for "lowbit") already encodes sliding windows and packed sequences (``position_ids``,
+# ``cu_seq_lens_*``), and the cache has been applied to key/value. ``output_attentions`` is
+# honoured: the attention weights are returned. Any other keyword (not None) raises: add its
+# name here if it does not change attention.
+IGNORED_KWARGS: set[str] = {
+    "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+    "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+    "sliding_window", "use_cache", "cache", "cache_position", "past_key_values", "past_key_value",
+    "layer_idx", "encoder_hidden_states", "encoder_attention_mask", "position_embeddings",
+    "num_items_in_batch", "deterministic",
+}
+try:  # the kwargs transformers declares as flowing through every model down to attention
+    from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
+    from transformers.utils.generic import TransformersKwargs
+
+    IGNORED_KWARGS |= set(FlashAttentionKwargs.__annotations__) | set(TransformersKwargs.__annotations__)
+except ImportError:  # pragma: no cover - older transformers: the list above
+    pass
+IGNORED_KWARGS -= set(UNSUPPORTED_KWARGS)
+
+try:  # transformers ≥ 5: output_attentions recorded by hooks on the attention modules
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers pass output_attentions down
+    _active_collector = None
+
+
 @functools.cache
 def calls_attention_interface(cls: type) -> bool:
     """Does a transformers module class look its attention function up in
@@ -118,45 +170,189 @@ def calls_attention_interface(cls: type) -> bool:
     (``PreTrainedModel``, whose machinery refers to it too) do not."""
     if issubclass(cls, PreTrainedModel):
         return False
+    return any("ALL_ATTENTION_FUNCTIONS" in code.co_names for code in _codes(cls))
+
+
+def _codes(cls: type) -> list[Any]:
+    """The code objects of the methods ``cls`` has from transformers' own classes."""
+    codes = []
     for klass in cls.__mro__:
         if not klass.__module__.startswith("transformers."):
             continue
         for fn in vars(klass).values():
             code = getattr(inspect.unwrap(fn) if callable(fn) else None, "__code__", None)
-            if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
-                return True
-    return False
+            if code is not None:
+                codes.append(code)
+    return codes
+
+
+def _constant_names(code: Any) -> set[str]:
+    """The strings among the constants of ``code`` and of the code nested in it (the keyword
+    names of its calls are among them)."""
+    names: set[str] = set()
+    for const in code.co_consts:
+        if isinstance(const, str):
+            names.add(const)
+        elif isinstance(const, tuple):
+            names.update(c for c in const if isinstance(c, str))
+        elif hasattr(const, "co_consts"):
+            names |= _constant_names(const)
+    return names
+
+
+@functools.cache
+def _feature_kwargs(cls: type) -> tuple[tuple[str, str | None], ...]:
+    """The :data:`UNSUPPORTED_KWARGS` that ``cls``'s methods pass by keyword (to its attention
+    function), each with the ``self`` attribute it passes (``softcap=self.x`` → ``"x"``) or
+    ``None`` for any other expression; a literal ``None`` is left out. Read from the source
+    (empty where there is none)."""
+    found: list[tuple[str, str | None]] = []
+    for code in _codes(cls):
+        if not set(UNSUPPORTED_KWARGS) & _constant_names(code):
+            continue  # cheap pre-check: the keyword names of its calls are constants
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
+        except (OSError, TypeError, SyntaxError):
+            found += [(k, None) for k in UNSUPPORTED_KWARGS if k in str(code.co_consts)]
+            continue
+        for node in ast.walk(tree):
+            for kw in node.keywords if isinstance(node, ast.Call) else ():
+                if kw.arg not in UNSUPPORTED_KWARGS:
+                    continue
+                v = kw.value
+                if isinstance(v, ast.Constant) and v.value is None:
+                    continue
+                attr = v.attr if (isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name)
+                                  and v.value.id == "self") else None
+                found.append((kw.arg, attr))
+    return tuple(dict.fromkeys(found))
+
+
+_MISSING = object()
+
+
+def unsupported_features(module: nn.Module) -> list[str]:
+    """What attention ``module`` (a transformers module calling ``ALL_ATTENTION_FUNCTIONS``)
+    asks of its attention function that lowbit's attention cannot compute, as
+    ``"attention sinks (s_aux)"``-style strings: the :data:`UNSUPPORTED_KWARGS` its code
+    passes (unless it passes a ``self`` attribute that is ``None`` on ``module``), and
+    ``attn_logit_softcapping`` set in its config."""
+    out: list[str] = []
+    for kw, attr in _feature_kwargs(type(module)):
+        if attr is not None and getattr(module, attr, _MISSING) is None:
+            continue
+        out.append(f"{UNSUPPORTED_KWARGS[kw]} ({kw})")
+    cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    if cap is not None and not any(f.startswith(UNSUPPORTED_KWARGS["softcap"]) for f in out):
+        out.append(f"{UNSUPPORTED_KWARGS['softcap']} (config.attn_logit_softcapping={cap})")
+    return list(dict.fromkeys(out))
+
+
+_ATTENTION_NAME = re.compile(r"Attention|Attn")
+
+
+def _own_attention(cls: type) -> bool:
+    """A transformers module class named like attention (``…Attention…``/``…Attn…``) that
+    does not call the attention registry: it computes attention with its own code."""
+    return (cls.__module__.startswith("transformers.") and not issubclass(cls, PreTrainedModel)
+            and _ATTENTION_NAME.search(cls.__name__) is not None and not calls_attention_interface(cls))
+
+
+def _check_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    bad = [k for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS]
+    if not bad:
+        return
+    what = ", ".join(f"{k} ({UNSUPPORTED_KWARGS.get(k, 'not known to lowbit')})" for k in bad)
+    raise ValueError(
+        f"lowbit attention cannot honour what {type(module).__name__} passes to its attention "
+        f"function: {what}; it computes torch's scaled_dot_product_attention (as transformers' "
+        "'sdpa', which does not support these either). Keep this attention float: "
+        f"lowbit.convert(..., module_filter=lambda m, name: not name.endswith({CHILD!r})), or, "
+        "if an argument does not change attention, add its name to lowbit.hf.IGNORED_KWARGS")
+
+
+def _weights_requested(kwargs: dict[str, Any]) -> bool:
+    """Does the caller want the attention weights: ``output_attentions=True`` passed down, or
+    transformers recording the attention modules' outputs (``output_attentions`` of a model
+    whose attention weights are captured by hooks)?"""
+    if kwargs.get("output_attentions"):
+        return True
+    collector = None if _active_collector is None else _active_collector.get()
+    return bool(collector) and any("attention" in key for key in collector)
+
+
+def _float_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None, dropout: float, causal: bool, scale: float | None,
+                     groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float attention that also returns its weights (transformers' eager computation, with
+    torch SDPA's conventions: bool mask True takes part, float mask added, upper-left causal,
+    a fully masked row gives zeros): query (B, H, L, E), key/value (B, H_kv, S, E) →
+    output (B, H, L, Ev), weights after dropout (B, H, L, S)."""
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).masked_fill(dead, 0.0)
+    if dropout > 0:  # transformers passes 0 outside training
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
+    return torch.matmul(weights, value), weights
 
 
 def lowbit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None,
                              dropout: float = 0.0, scaling: float | None = None,
                              is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function interface, computed by ``module.lowbit_attention``:
     the same arguments and conventions as transformers' ``sdpa_attention_forward``
     (query (B, H, L, E), key/value (B, H_kv, S, E); bool or additive mask; causal when
-    there is no mask; grouped-query heads) → ``(output (B, L, H, E), None)``."""
+    there is no mask; grouped-query heads) → ``(output (B, L, H, E), weights)``. ``weights``
+    is ``None`` unless the caller asks for the attention weights (``output_attentions``):
+    then (B, H, L, S), after dropout, as transformers' eager attention returns them
+    (from the quantized product under a low-bit recipe, computed in float otherwise).
+
+    Raises ``RuntimeError`` if ``module`` has no ``lowbit_attention`` child (the model was
+    switched to ``attn_implementation="lowbit"`` without ``lowbit.convert``) and
+    ``ValueError`` for a keyword argument (not None) it cannot honour (attention sinks,
+    softcapping, …: :data:`UNSUPPORTED_KWARGS`) or does not know (not in
+    :data:`IGNORED_KWARGS`)."""
     block = module._modules.get(CHILD)
     if block is None:
         raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} reached a "
                            f"{type(module).__name__} without a {CHILD!r} child: run lowbit.convert "
-                           "on the PreTrainedModel (it adds one to every attention module it finds)")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("lowbit attention does not support softcap (nor does transformers' sdpa)")
+                           "on the PreTrainedModel (it adds one to every attention module it converts)")
+    _check_kwargs(module, kwargs)
+    need_weights = _weights_requested(kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len = query.shape[2]
     causal = bool(q_len > 1 and attention_mask is None and causal)
-    if causal and key.shape[2] > q_len:  # prefill of a longer static cache, as sdpa does
+    if causal and key.shape[2] > q_len and not need_weights:  # prefill of a longer static cache, as sdpa does
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         position_bias = None if position_bias is None else position_bias[..., :q_len]
     if position_bias is not None:
         attention_mask = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
         causal = False
-    out = block(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
-                scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if not need_weights:
+        out = block(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
+                    scale=scaling, enable_gqa=groups > 1)
+    elif isinstance(block, FQTScaledDotProductAttention) and not block.config.is_fp:
+        out, weights = block.attend(query, key, value, attention_mask, dropout, causal, scaling,
+                                    groups > 1, need_weights=True)
+    else:  # float attention (left float by the filter, or the fp recipe): eager's computation
+        if isinstance(block, FQTScaledDotProductAttention):
+            block.ran = True
+        out, weights = _float_attention(query, key, value, attention_mask, dropout, causal, scaling, groups)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 AttentionInterface.register(IMPLEMENTATION, lowbit_attention_forward)
@@ -164,41 +360,135 @@ if AttentionMaskInterface is not None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+def _implementation(config: Any) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
 def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
-    """Give each attention module under a ``PreTrainedModel`` in ``model`` a float
-    ``lowbit_attention`` child (for ``convert`` to swap), and return the step ``convert``
-    runs afterwards: switch those models to ``attn_implementation="lowbit"``. Attention
-    modules with no ``PreTrainedModel`` above them in ``model`` (``convert`` on a part of a
-    model) cannot be switched: they are returned as skipped, name → reason."""
+    """Give each attention module under a ``PreTrainedModel`` in ``model`` that lowbit's
+    attention can compute a float ``lowbit_attention`` child (for ``convert`` to swap), and
+    return the step ``convert`` runs afterwards (``finish``), which returns what stays float,
+    name → reason.
+
+    Attention is routed per configuration (transformers picks the attention function by
+    ``config._attn_implementation``; the attention modules sharing a config form a group).
+    A group stays as it is, float, without children, and is listed, when one of its modules
+    asks for what lowbit's attention (torch SDPA's semantics) cannot compute
+    (:func:`unsupported_features`: attention sinks, logit softcapping, …) or its model says
+    it cannot run SDPA (``_supports_sdpa = False``). Attention modules with no
+    ``PreTrainedModel`` above them (``convert`` on a part of a model) cannot be switched,
+    and transformers modules named like attention that compute it with their own code
+    (DeBERTa-v2, XLNet, …: never calling ``ALL_ATTENTION_FUNCTIONS``) cannot be routed:
+    both are listed too.
+
+    ``finish`` switches to ``attn_implementation="lowbit"`` the groups in which ``convert``
+    made at least one child an ``FQTScaledDotProductAttention`` (the others of the group keep
+    a float child: torch's SDPA); in groups where none was converted (``module_filter``) it
+    removes the children and leaves the implementation as it was."""
     owners: dict[str, PreTrainedModel] = {}
     skipped: dict[str, str] = {}
+    groups: dict[int, dict[str, nn.Module]] = {}  # id(config) → attention modules by name
+    configs: dict[int, Any] = {}
+    reasons: dict[int, str] = {}  # id(config) → the first module that must stay float
+    own: dict[str, str] = {}  # module name → why it must stay float
+    registry_names: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, PreTrainedModel):
             owners.setdefault(name, m)
         if not calls_attention_interface(type(m)):
             continue
-        owner = next((o for o in owners if o == "" or name.startswith(o + ".")), None)
-        if owner is None:
+        registry_names.append(name)
+        above = [o for o in owners if o == "" or name.startswith(o + ".")]
+        if not above:
             skipped[name] = ("transformers picks this module's attention by the config of its "
                              "PreTrainedModel, which is not in the converted module: convert "
                              "the PreTrainedModel")
-        elif CHILD not in m._modules:
-            m.add_module(CHILD, ScaledDotProductAttention())
+            continue
+        owner = owners[above[-1]]  # the innermost
+        config = getattr(m, "config", None)
+        config = config if _implementation(config) is not None else owner.config
+        key = id(config)
+        groups.setdefault(key, {})[name] = m
+        configs[key] = config
+        features = unsupported_features(m)
+        impl = _implementation(config)
+        if features:
+            own[name] = (f"{type(m).__name__} asks its attention function for {', '.join(features)}, "
+                         "which lowbit's attention (torch SDPA's semantics) cannot compute: it "
+                         f"stays float ({impl!r} attention)")
+            reasons.setdefault(key, name)
+        elif not getattr(type(owner), "_supports_sdpa", True):
+            own[name] = (f"{type(owner).__name__} does not support torch's scaled_dot_product_"
+                         "attention (_supports_sdpa = False), whose semantics lowbit's attention "
+                         f"has: it stays float ({impl!r} attention)")
+            reasons.setdefault(key, name)
+    for key, mods in groups.items():
+        if key in reasons:
+            for name, m in mods.items():
+                skipped[name] = own.get(name) or (
+                    f"shares its config with {reasons[key]}, which stays float "
+                    f"({own[reasons[key]]}); transformers picks one attention function per config")
+                if isinstance(m._modules.get(CHILD), ScaledDotProductAttention):
+                    del m._modules[CHILD]  # added by an earlier convert
+        else:
+            for m in mods.values():
+                if CHILD not in m._modules:
+                    m.add_module(CHILD, ScaledDotProductAttention())
+    # attention-named transformers modules that compute attention themselves: innermost ones,
+    # not part of (or around) a module using the registry or a torch/lowbit attention module
+    routed = [n for n, m in model.named_modules()
+              if n in registry_names or isinstance(m, (nn.MultiheadAttention, ScaledDotProductAttention))]
+    selfmade = [n for n, m in model.named_modules() if _own_attention(type(m))]
+
+    def related(a: str, b: str) -> bool:  # one contains the other
+        return a == b or a == "" or b == "" or a.startswith(b + ".") or b.startswith(a + ".")
+
+    for name in selfmade:
+        if any(related(name, r) for r in routed):
+            continue
+        if any(o != name and o.startswith(name + "." if name else "") for o in selfmade):
+            continue  # an attention-named module inside it is listed instead
+        cls = type(model.get_submodule(name)).__name__
+        skipped[name] = (f"{cls} computes attention with its own code, not through transformers' "
+                         "attention interface (ALL_ATTENTION_FUNCTIONS): lowbit cannot route it, "
+                         "its attention products stay float (its Linear layers are converted)")
 
     def finish(model: nn.Module) -> dict[str, str]:
-        for name, m in model.named_modules():  # outermost first: it sets its submodels too
-            if not isinstance(m, PreTrainedModel) or not any(
-                    CHILD in sub._modules for sub in m.modules()):
+        switch: set[int] = set()
+        for key, mods in groups.items():
+            if key in reasons:
                 continue
-            if m.config._attn_implementation != IMPLEMENTATION:
+            if any(isinstance(m._modules.get(CHILD), FQTScaledDotProductAttention) for m in mods.values()):
+                switch.add(key)
+            else:  # nothing converted here (module_filter): leave attention as it was
+                for m in mods.values():
+                    if CHILD in m._modules:
+                        del m._modules[CHILD]
+        before = {key: _implementation(config) for key, config in configs.items()}
+        done: set[int] = set()
+        for name, m in owners.items():  # outermost first: it sets its submodels too
+            under = {k for k, mods in groups.items()
+                     if any(name == "" or n.startswith(name + ".") for n in mods)} - done
+            if not under or not under <= switch:
+                continue
+            if any(_implementation(configs[k]) != IMPLEMENTATION for k in under):
                 m.set_attn_implementation(IMPLEMENTATION)
-            if m.config._attn_implementation != IMPLEMENTATION:
-                skipped[name] = (f"{type(m).__name__} does not let transformers switch its "
-                                 "attention implementation: its attention stays float")
+            done |= under
+        for key in switch - done:  # beside attention that stays: only this config
+            owner = next((o for o in reversed(owners.values()) if o.config is configs[key]), None)
+            if owner is not None:
+                owner.set_attn_implementation({"": IMPLEMENTATION})
+        for key, config in configs.items():
+            if key not in switch and _implementation(config) != before[key]:
+                config._attn_implementation_internal = before[key]  # switched along: restore
+            elif key in switch and _implementation(config) != IMPLEMENTATION:
+                for name in groups[key]:
+                    skipped[name] = (f"{type(model).__name__} does not let transformers switch "
+                                     "this attention's implementation: it stays float")
         return skipped
 
     return finish
 
 
-__all__ = ["CHILD", "FQTConv1D", "IMPLEMENTATION", "SWAP_RULES", "calls_attention_interface",
-           "lowbit_attention_forward", "prepare"]
+__all__ = ["CHILD", "FQTConv1D", "IGNORED_KWARGS", "IMPLEMENTATION", "SWAP_RULES", "UNSUPPORTED_KWARGS",
+           "calls_attention_interface", "lowbit_attention_forward", "prepare", "unsupported_features"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -183,12 +184,52 @@ def test_trainer_trains_the_converted_model(tmp_path) -> None:
 
 # -- what stays float, and why ---------------------------------------------------------------------
 def test_filter_keeps_attention_float() -> None:
-    model, report = convert(gpt2(), module_filter=lambda m, n: not n.endswith(hf.CHILD))
-    assert set(report.excluded) == set(attention_blocks(model))
+    """Attention the filter turns down is not switched: its children go, the model keeps its
+    own attention implementation (torch's SDPA here), and its products run float."""
+    float_model = gpt2()
+    impl = float_model.config._attn_implementation
+    model, report = convert(copy.deepcopy(float_model), module_filter=lambda m, n: not n.endswith(hf.CHILD))
+    assert set(report.excluded) == {f"transformer.h.{i}.attn.{hf.CHILD}" for i in range(2)}
+    assert attention_blocks(model) == {} and model.config._attn_implementation == impl != hf.IMPLEMENTATION
     rep = lowbit.coverage(model, model_kwargs=batch("gpt2"))
     reasons = rep.float_reasons()
-    assert {g["module_type"] for g in reasons} == {"ScaledDotProductAttention"}
+    assert {g["module_type"] for g in reasons} == {"GPT2Attention"}
     assert rep.flops("simulated") == 0 and 0 < rep.float_share < 0.2
+
+
+def test_converting_nothing_leaves_the_model_as_it_was() -> None:
+    """A filter that converts nothing changes nothing: an eager GPT-2 keeps
+    ``attn_implementation="eager"``, its logits and its ``output_attentions``."""
+    torch.manual_seed(0)
+    float_model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB,
+                                                 n_positions=32, attn_implementation="eager")).eval()
+    model, report = convert(copy.deepcopy(float_model), module_filter=lambda m, n: False)
+    assert report.converted == () and report.skipped == {}
+    assert model.config._attn_implementation == "eager" and attention_blocks(model) == {}
+    b = batch("gpt2")
+    with torch.no_grad():
+        ref = float_model(b["input_ids"], attention_mask=b["attention_mask"], output_attentions=True)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"], output_attentions=True)
+    assert torch.equal(out.logits, ref.logits)
+    assert len(out.attentions) == 2 and all(torch.equal(a, r) for a, r in zip(out.attentions, ref.attentions))
+
+
+def test_only_the_config_whose_attention_converts_is_switched() -> None:
+    """T5's encoder and decoder stacks have configs of their own: with the decoder's attention
+    turned down by the filter, only the encoder runs lowbit attention; the decoder keeps its
+    implementation and no children."""
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                                                    num_heads=2, vocab_size=VOCAB, decoder_start_token_id=0))
+    impl = model.decoder.config._attn_implementation
+    model, report = convert(model, module_filter=lambda m, n: not (n.startswith("decoder.") and n.endswith(hf.CHILD)))
+    assert model.encoder.config._attn_implementation == hf.IMPLEMENTATION
+    assert model.decoder.config._attn_implementation == impl != hf.IMPLEMENTATION
+    assert set(attention_blocks(model)) == {f"encoder.block.0.layer.0.SelfAttention.{hf.CHILD}"}
+    ids = batch("t5")["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(m.ran for m in attention_blocks(model).values())
 
 
 def test_attention_registry_without_convert_raises() -> None:
@@ -272,3 +313,196 @@ def test_the_monitor_measures_a_conv1d_as_the_linear_it_computes() -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
         else:
             assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
+
+
+# -- attention lowbit cannot compute stays float, and says so ----------------------------------
+def gpt_oss() -> nn.Module:  # attention sinks; transformers: _supports_sdpa = False
+    torch.manual_seed(0)
+    model = T.GptOssForCausalLM(T.GptOssConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, num_local_experts=2,
+        num_experts_per_tok=1, max_position_embeddings=32, sliding_window=4,
+        attn_implementation="eager", pad_token_id=0))
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "sinks"):
+                m.sinks.normal_(0, 3.0)  # trained sinks are far from zero
+    return model.eval()
+
+
+def gemma2(softcap: float | None = 50.0) -> nn.Module:  # attention logit softcapping
+    torch.manual_seed(0)
+    return T.Gemma2ForCausalLM(T.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=32,
+        sliding_window=4, attn_logit_softcapping=softcap, attn_implementation="eager",
+        pad_token_id=0)).eval()
+
+
+def convert_warned(model: nn.Module, config: FQTConfig = FQT):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = lowbit.convert(model, config, report=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, lowbit.ConversionWarning)]
+    assert len(messages) == 1
+    return model, report, messages[0]
+
+
+def self_attention(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if hf.calls_attention_interface(type(m))]
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (gpt_oss, "asks its attention function for attention sinks (s_aux)"),
+    (gemma2, "asks its attention function for attention logit softcapping (softcap)"),
+    (lambda: gemma2(None), "Gemma2Model does not support torch's scaled_dot_product_attention "
+                           "(_supports_sdpa = False)")], ids=["gpt-oss-sinks", "gemma2-softcap", "gemma2-no-sdpa"])
+def test_attention_lowbit_cannot_compute_stays_float_and_is_reported(make, why: str) -> None:
+    """GPT-OSS passes attention sinks, Gemma2 softcapping to the attention function, and
+    transformers marks both models as not running SDPA: convert leaves their attention on
+    the implementation it had (eager), without children, lists every attention module in
+    ``skipped`` and the warning, and the model computes what the float one does (the fp
+    recipe: bit for bit) with gradients reaching the sinks."""
+    float_model = make()
+    names = self_attention(float_model)
+    model, report, message = convert_warned(copy.deepcopy(float_model), FQTConfig.from_recipe("fp"))
+    assert len(names) == 2 and set(report.skipped) == set(names)
+    assert all(why in report.skipped[n] and "stays float ('eager' attention)" in report.skipped[n]
+               for n in names)
+    assert all(f"{n}: {report.skipped[n]}" in message for n in names)
+    assert model.config._attn_implementation == "eager" and attention_blocks(model) == {}
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, float_model(ids).logits)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    sinks = [m.sinks for m in model.modules() if hasattr(m, "sinks")]
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in sinks)
+
+
+def test_sinks_under_a_low_bit_recipe_still_stay_float() -> None:
+    model, report, _ = convert_warned(gpt_oss())
+    assert set(report.skipped) == set(self_attention(model))
+    assert model.config._attn_implementation == "eager"
+    assert any(isinstance(m, FQTLinear) for m in model.modules())  # the projections are converted
+
+
+def test_unsupported_features_read_the_module_and_its_config() -> None:
+    assert hf.unsupported_features(gpt_oss().model.layers[0].self_attn) == ["attention sinks (s_aux)"]
+    assert hf.unsupported_features(gemma2().model.layers[0].self_attn) == ["attention logit softcapping (softcap)"]
+    assert hf.unsupported_features(gemma2(None).model.layers[0].self_attn) == []  # softcap=None passed
+    assert hf.unsupported_features(llama().model.layers[0].self_attn) == []
+
+
+def attention_call(**kwargs):
+    """One attention call of a converted Llama layer (4 query, 2 key/value heads) through
+    lowbit's attention function, and torch's SDPA on the same inputs."""
+    model, _ = convert(llama())
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))
+    out, weights = hf.lowbit_attention_forward(attn, q, k, v, None, scaling=0.5, **kwargs)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
+    return out, weights, ref.transpose(1, 2)
+
+
+def test_attention_call_honours_or_ignores_what_every_model_passes() -> None:
+    out, weights, ref = attention_call(
+        position_ids=torch.arange(5)[None], sliding_window=None, use_cache=True, output_attentions=False,
+        cu_seq_lens_q=None, cache_position=torch.arange(5), is_causal=True, softcap=None, s_aux=None)
+    assert weights is None and out.shape == ref.shape == (2, 5, 4, 8)
+    assert (out - ref).norm() / ref.norm() < 0.05  # 8-bit products
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"s_aux": torch.zeros(4)}, "s_aux (attention sinks)"),
+    ({"sinks": torch.zeros(4)}, "sinks (attention sinks)"),
+    ({"softcap": 50.0}, "softcap (attention logit softcapping)"),
+    ({"future_feature": 1}, "future_feature (not known to lowbit)")])
+def test_attention_call_with_an_argument_it_cannot_honour_raises(kwargs, named: str) -> None:
+    with pytest.raises(ValueError, match=rf"^lowbit attention cannot honour what LlamaAttention passes "
+                                         rf"to its attention function: {re.escape(named)};"):
+        attention_call(**kwargs)
+
+
+# -- output_attentions --------------------------------------------------------------------------
+def eager_attentions(model: nn.Module, **kw) -> tuple[torch.Tensor, ...]:
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        return ref(**kw, output_attentions=True).attentions
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_output_attentions_returns_the_attention_weights(name: str) -> None:
+    """``output_attentions=True`` on a converted model gives the weights (B, H, L, S) of
+    lowbit's attention: under fp8-class 8-bit codes close to eager float attention's, zero
+    where the mask (causal, padding) excludes a key, rows summing to 1; under the fp recipe,
+    eager's to float rounding. (GPT-2 records them by hooks, Llama passes the flag down.)"""
+    b = batch(name)
+    kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    float_model = MODELS[name]().eval()
+    ref = eager_attentions(float_model, **kw)
+    heads = 4 if name == "llama" else 2
+    valid = b["attention_mask"].bool() if name != "bert" else torch.ones(2, LEN, dtype=torch.bool)
+    for config, tol in ((FQT, 0.05), (FQTConfig.from_recipe("fp"), 1e-5)):
+        model, _ = convert(copy.deepcopy(float_model), config)
+        with torch.no_grad():
+            out = model(**kw, output_attentions=True)
+        assert len(out.attentions) == 2
+        for got, want in zip(out.attentions, ref):
+            assert got.shape == want.shape == (2, heads, LEN, LEN)
+            # rows of padding queries: eager spreads a fully masked row evenly, SDPA gives 0
+            got, want = got.transpose(1, 2)[valid], want.transpose(1, 2)[valid]  # (rows, H, S)
+            assert torch.equal(got == 0, want == 0)  # the same keys excluded
+            assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-5)
+            assert (got - want).abs().max() < tol
+
+
+def test_output_attentions_of_float_children_beside_converted_ones() -> None:
+    """In a switched model, attention the filter keeps float (a float child: torch SDPA) gives
+    its weights too, computed in float as eager does."""
+    float_model = gpt2().eval()
+    b = batch("gpt2")
+    kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    ref = eager_attentions(float_model, **kw)
+    model, _ = convert(copy.deepcopy(float_model), module_filter=lambda m, n: not n.startswith("transformer.h.0."))
+    assert model.config._attn_implementation == hf.IMPLEMENTATION
+    assert type(model.transformer.h[0].attn.lowbit_attention) is lowbit.attention_modules.ScaledDotProductAttention
+    with torch.no_grad():
+        out = model(**kw, output_attentions=True)
+    valid = b["attention_mask"].bool()  # queries that are not padding (fully masked rows)
+    got, want = (torch.stack(a).transpose(2, 3)[:, valid] for a in (out.attentions, ref))
+    assert (got[0] - want[0]).abs().max() < 1e-5  # float (its inputs too: layer 0 all float)
+    assert 0 < (got[1] - want[1]).abs().max() < 0.05  # low-bit
+
+
+# -- attention computed by the model's own code --------------------------------------------------
+def deberta_v2() -> nn.Module:
+    torch.manual_seed(0)
+    return T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, num_labels=2))
+
+
+def xlnet() -> nn.Module:
+    torch.manual_seed(0)
+    return T.XLNetLMHeadModel(T.XLNetConfig(d_model=32, d_inner=64, n_layer=2, n_head=2, vocab_size=VOCAB))
+
+
+@pytest.mark.parametrize(("make", "names", "cls"), [
+    (deberta_v2, [f"deberta.encoder.layer.{i}.attention.self" for i in range(2)], "DisentangledSelfAttention"),
+    (xlnet, [f"transformer.layer.{i}.rel_attn" for i in range(2)], "XLNetRelativeAttention")],
+    ids=["deberta-v2", "xlnet"])
+def test_attention_outside_the_registry_is_reported(make, names: list[str], cls: str) -> None:
+    """DeBERTa-v2 and XLNet compute attention with their own matmuls, never through
+    transformers' attention registry: convert lists each such module (the innermost one named
+    like attention) in ``skipped`` and the warning, converts their Linear layers, and leaves
+    the implementation alone."""
+    model, report, message = convert_warned(make())
+    assert list(report.skipped) == names
+    why = (f"{cls} computes attention with its own code, not through transformers' attention "
+           "interface (ALL_ATTENTION_FUNCTIONS)")
+    assert all(report.skipped[n].startswith(why) and n in message for n in names)
+    assert attention_blocks(model) == {} and model.config._attn_implementation != hf.IMPLEMENTATION
+    assert any(isinstance(m, FQTLinear) for m in model.modules())
