@@ -373,7 +373,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
 
     model = visit(model, "", None)
     _warn_backend_conflicts(config, model, converted)
-    skipped.update(finish(model))
+    for name, why in finish(model).items():  # attention lowbit cannot route or compute
+        if module_filter is None or _filter_wants(module_filter, model, name):
+            skipped[name] = why
     fastpath = disable_fused_fastpath(
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))
     if skipped:
@@ -451,6 +453,18 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
+
+
+def _filter_wants(module_filter: ModuleFilter, model: nn.Module, name: str) -> bool:
+    """Whether ``module_filter`` would have converted the attention at ``name`` (which stays
+    float for a reason of its own): it accepts the module and the ``lowbit_attention`` child
+    it would have been given (a float placeholder; how filters that keep attention float
+    name it)."""
+    from .attention_modules import ScaledDotProductAttention
+    from .hf import CHILD  # entries come from lowbit.hf only (transformers loaded)
+    module = model.get_submodule(name)
+    child = f"{name}.{CHILD}" if name else CHILD
+    return bool(module_filter(module, name)) and bool(module_filter(ScaledDotProductAttention(), child))
 
 
 def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]]]) -> None:

@@ -197,6 +197,20 @@ def test_filter_keeps_attention_float() -> None:
     assert rep.flops("simulated") == 0 and 0 < rep.float_share < 0.2
 
 
+def test_attention_the_filter_turns_down_is_not_listed_as_skipped() -> None:
+    """Attention that must stay float (GPT-OSS's sinks) was listed in ``skipped`` (and
+    the warning) even when the user's ``module_filter`` had turned it down: a filter that
+    keeps attention float, by the module or by its ``lowbit_attention`` child, hears
+    nothing about it; without the filter it is listed."""
+    for keep_float in (lambda m, n: isinstance(m, nn.Linear), lambda m, n: not n.endswith(hf.CHILD)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lowbit.ConversionWarning)
+            _, report = lowbit.convert(gpt_oss(), FQT, module_filter=keep_float, report=True)
+        assert not any("sinks" in why for why in report.skipped.values())
+    _, report, _ = convert_warned(gpt_oss())
+    assert sum("sinks" in why for why in report.skipped.values()) == len(self_attention(gpt_oss()))
+
+
 def test_converting_nothing_leaves_the_model_as_it_was() -> None:
     """A filter that converts nothing changes nothing: an eager GPT-2 keeps
     ``attn_implementation="eager"``, its logits and its ``output_attentions``."""
