@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .formats import compute_dtype
 from .functional import quantize_forward
 from .nn import FQTConv2d, FQTLinear
 from .varstats import product_row_norms, weight_grad_sq_norms
@@ -64,12 +65,19 @@ class LayerGrads:
 
 
 def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
-    return quantize_forward(x2d, spec).dequantize()  # type: ignore[arg-type]
+    """``Q_f(x2d)`` dequantized in :func:`~lowbit.formats.compute_dtype` (float64 for float64)."""
+    return quantize_forward(x2d, spec).dequantize(compute_dtype(x2d.dtype))  # type: ignore[arg-type]
+
+
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`~lowbit.formats.compute_dtype`: float32, float64 for a float64 model
+    (whose gradients may lie outside float32's range)."""
+    return t.to(compute_dtype(t.dtype))
 
 
 def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
                  input_path: bool, bias: bool) -> LayerGrads:
-    """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) float32."""
+    """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) in compute dtype."""
     cfg, n_in, n_out = layer.config, layer.in_features, layer.out_features
     b = x.shape[0] if x.dim() > 1 else 1
     a = gy.reshape(-1, n_out)  # (N, out): the rows the layer quantizes
@@ -90,7 +98,7 @@ def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_pat
 def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
                  input_path: bool, bias: bool) -> LayerGrads:
     """Operands of an ``FQTConv2d`` call: ``x`` (B, C_in, H, W) or unbatched, ``gy``
-    (B, C_out, H', W') float32. Zero padding only (other modes fold ∇X back)."""
+    (B, C_out, H', W') in compute dtype. Zero padding only (other modes fold ∇X back)."""
     if x.dim() == 3:  # unbatched
         x, gy = x.unsqueeze(0), gy.unsqueeze(0)
     cfg = layer.config
@@ -129,7 +137,7 @@ def _conv_taps(layer: FQTConv2d, x: torch.Tensor, wq: torch.Tensor, geom: dict) 
     """``reach`` (1, C_out, H', W'): ``Σ_{c,k inside} W²`` per output element, and ``taps``
     (G, O_g, C_g, P): ``Σ_{k inside} W_{o,c,k}`` per output position — kernel taps that land
     on the real input, not on padding (module doc)."""
-    ones = torch.ones(1, 1, *x.shape[2:], device=x.device)  # float32, as wq
+    ones = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=wq.dtype)  # as wq
     inside, _ = layer._explicit_padding(ones)  # 1 on the input, 0 on padding
     reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)
     taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
@@ -138,12 +146,12 @@ def _conv_taps(layer: FQTConv2d, x: torch.Tensor, wq: torch.Tensor, geom: dict) 
 
 def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
                  x_requires_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One call's QAT weight (+ bias) gradient ``Σ_n G_n`` (flattened, float32; ``None``
+    """One call's QAT weight (+ bias) gradient ``Σ_n G_n`` (flattened, in compute dtype; ``None``
     unless the ∇W path is quantized and the weight trains) and its input-shift probe
     gradient ``Σ_n ∇β_n`` (``None`` unless the ∇X path is quantized and the input needs a
     gradient): what the paired minibatch-variance estimate of :mod:`lowbit.monitor`
     compares between two steps."""
-    cfg, gy = layer.config, gy.float()
+    cfg, gy = layer.config, _work(gy)
     w = (layer.weight if isinstance(layer, FQTConv2d) else layer.linear_weight()).detach()  # (out, in, …)
     want_w = cfg.grad_weight is not None and layer.weight.requires_grad
     want_x = cfg.grad_input is not None and x_requires_grad
@@ -182,7 +190,7 @@ def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
     input_path = cfg.grad_input is not None and x_requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad
     fn = conv2d_grads if isinstance(layer, FQTConv2d) else linear_grads
-    return fn(layer, x, gy.float(), weight_path, input_path, bias)  # type: ignore[arg-type]
+    return fn(layer, x, _work(gy), weight_path, input_path, bias)  # type: ignore[arg-type]
 
 
 __all__ = ["LayerGrads", "PathOperand", "conv2d_grads", "layer_grads", "layer_totals", "linear_grads"]

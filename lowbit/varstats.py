@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .formats import IntFormat
+from .formats import IntFormat, compute_dtype
 from .quantizers import GradQuantizer, Granularity
 
 _CHUNK_ELEMS = 1 << 24  # largest intermediate (per-sample Grams or gradients) per chunk
@@ -54,8 +54,22 @@ _COHERENT = 0.9  # ... redone in float32 above this coherence ‖Σ G_n‖² / (
 
 def _sq(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """Squared 2-norms over ``dim`` (all of ``x`` for None) as float64, from one float32
-    pass (``vector_norm`` accumulates in float32 with torch's cascade summation)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).double().square()
+    pass (``vector_norm`` accumulates in float32 with torch's cascade summation; float64
+    for float64 ``x``, whose values may lie outside float32's range)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=compute_dtype(x.dtype)).double().square()
+
+
+def _work(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`~lowbit.formats.compute_dtype` (float32; float64 where ``t`` or one
+    of ``others``, the operands it is multiplied with, is float64)."""
+    wide = any(o.dtype == torch.float64 for o in (t, *others))
+    return t.to(torch.float64 if wide else torch.float32)
+
+
+def _low(*ts: torch.Tensor) -> bool:
+    """Whether the bfloat16 shortcut may take these operands: not float64 ones (bfloat16
+    has float32's range, not float64's)."""
+    return all(t.dtype != torch.float64 for t in ts)
 
 
 def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,7 +77,7 @@ def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
     for free (the per-sample-product branch), else ``None``."""
     b, t, o = a.shape
     k = u.shape[2]
-    a, u = a.float(), u.float()
+    a, u = _work(a, u), _work(u, a)
     if t == 1:
         return _sq(a, (1, 2)) * _sq(u, (1, 2)), None
     ghost = t * (o + k) < o * k
@@ -86,7 +100,8 @@ def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def per_sample_sq_norms(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``‖a_nᵀ u_n‖²_F`` for every sample ``n``: ``a`` (B, T, O), ``u`` (B, T, K) →
     (B,) float64. Ghost norm (Gram matrices, ``T²(O+K)`` per sample) or the per-sample
-    product (``T·O·K``), whichever costs less, in float32 products summed in float64,
+    product (``T·O·K``), whichever costs less, in float32 products (float64 for float64
+    operands) summed in float64,
     in chunks of samples whose intermediate holds at most 2²⁴ elements."""
     if a.dim() != 3 or u.dim() != 3 or a.shape[:2] != u.shape[:2]:
         raise ValueError(f"per_sample_sq_norms needs a (B, T, O) and u (B, T, K) with the same "
@@ -104,14 +119,15 @@ def total_sq_norm(a: torch.Tensor, u: torch.Tensor, sq: torch.Tensor) -> float:
     operands 1024×256×256), so formula (1) by that times ``c/(1 − c)``, ``c`` the
     coherence ``‖aᵀu‖² / (B·Σ‖G_n‖²)``: at most 5e-4 for ``c ≤ 0.9``, far below (1)'s own
     sampling error (≥ √(2/B)). Above ``c = 0.9`` (the samples' gradients nearly coincide
-    and (1) subtracts two close numbers) the product is redone in float32."""
+    and (1) subtracts two close numbers) the product is redone in float32. Float64
+    operands skip bfloat16 (float32's range) and multiply in float64."""
     n, o = a.shape
     k = u.shape[1]
-    if n * o * k >= _BF16_MACS:
+    if n * o * k >= _BF16_MACS and _low(a, u):
         total = float(_sq(a.bfloat16().t() @ u.bfloat16()))
         if total <= _COHERENT * sq.shape[0] * float(sq.sum()):
             return total
-    return float(_sq(a.float().t() @ u.float()))
+    return float(_sq(_work(a, u).t() @ _work(u, a)))
 
 
 def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -120,14 +136,14 @@ def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, f
     2²⁶ multiply-adds, redone in float32 above coherence 0.9 — the rule and bound of
     :func:`total_sq_norm`."""
     def norms(p: torch.Tensor) -> tuple[torch.Tensor, float]:
-        return _sq(p, 1), float(_sq(p.float().sum(0)))
+        return _sq(p, 1), float(_sq(_work(p).sum(0)))
 
     b, o = a.shape
-    if b * o * w.shape[1] >= _BF16_MACS:
+    if b * o * w.shape[1] >= _BF16_MACS and _low(a, w):
         sq, total = norms(a.bfloat16() @ w.bfloat16())
         if total <= _COHERENT * b * float(sq.sum()):
             return sq, total
-    return norms(a.float() @ w.float())
+    return norms(_work(a, w) @ _work(w, a))
 
 
 def sgd_variance(sq_norms: torch.Tensor, total_sq: float) -> float:
@@ -164,7 +180,7 @@ def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,
         else:
             total += float(_sq(full))
     if bias:
-        per = a.float().sum(1)  # (B, O): each sample's bias gradient
+        per = _work(a).sum(1)  # (B, O): each sample's bias gradient
         sq = sq + _sq(per, 1)
         total += float(_sq(per.sum(0)))
     return sq, total

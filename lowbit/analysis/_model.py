@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FQTConfig
+from ..formats import compute_dtype
 from ..functional import quantize_forward
 from ..nn import FQTConv2d, FQTLinear, convert, fqt_blocks, fqt_weight_layers
 
@@ -112,7 +113,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 class FlatGrads:
-    """Gradients of a model as one float32 vector, with each group's slice."""
+    """Gradients of a model as one float32 vector (float64 where a parameter is float64),
+    with each group's slice."""
 
     def __init__(self, model: nn.Module, groups: dict[str, list[str]]) -> None:
         params = dict(model.named_parameters())
@@ -125,16 +127,17 @@ class FlatGrads:
             self.slices[g] = slice(start, start + size)
             start += size
         self.numel = start
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
 
     def grads(self, model: nn.Module, loss_fn: LossFn, batch: object) -> torch.Tensor:
-        """One backward pass; the gradient as a flat float32 vector (unused params: 0)."""
+        """One backward pass; the gradient as a flat vector of :attr:`dtype` (unused params: 0)."""
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn(model, batch) must return a scalar tensor")
         loss.backward()
-        out = torch.cat([p.grad.detach().reshape(-1).float() if p.grad is not None
-                         else torch.zeros(p.numel(), device=p.device) for p in self.params])
+        out = torch.cat([p.grad.detach().reshape(-1).to(self.dtype) if p.grad is not None
+                         else torch.zeros(p.numel(), device=p.device, dtype=self.dtype) for p in self.params])
         model.zero_grad(set_to_none=True)
         return out
 
@@ -197,34 +200,36 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
 def grad_input_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
     """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``) or
     tokens (linear: ``(N, out)``)."""
+    dt = compute_dtype(gy.dtype)  # float32; float64 for float64 (its range kept)
     if isinstance(layer, FQTConv2d):
-        return gy.reshape(gy.shape[0], -1).float()
-    return gy.reshape(-1, gy.shape[-1]).float()
+        return gy.reshape(gy.shape[0], -1).to(dt)
+    return gy.reshape(-1, gy.shape[-1]).to(dt)
 
 
 def grad_weight_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
     """``∇Yᵀ`` as the ∇W GEMM quantizes it: rows = output features/channels, columns =
     tokens (linear) or (sample, position) pairs in row-major order (conv)."""
+    dt = compute_dtype(gy.dtype)
     if isinstance(layer, FQTConv2d):
-        return gy.transpose(0, 1).reshape(gy.shape[1], -1).float()
-    return gy.reshape(-1, gy.shape[-1]).t().float()
+        return gy.transpose(0, 1).reshape(gy.shape[1], -1).to(dt)
+    return gy.reshape(-1, gy.shape[-1]).t().to(dt)
 
 
 def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
     """``U``, the dequantized ``Q_f(X)`` operand of the ∇W GEMM, so that ``∇W = A·U`` with
     ``A`` from :func:`grad_weight_operand`: (N, in) for a linear layer, the im2col matrix
     (B·L, C_in·k·k) for a conv. ``None`` for grouped convolutions (not a single GEMM)."""
-    spec = layer.config.activation
+    spec, dt = layer.config.activation, compute_dtype(x.dtype)
     if isinstance(layer, FQTConv2d):
         if layer.groups != 1:
             return None
         xp, padding = layer._explicit_padding(x)  # what fqt_conv2d receives
-        xd = xp.float() if spec is None else (
-            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize().reshape(xp.shape))
+        xd = xp.to(dt) if spec is None else (
+            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize(dt).reshape(xp.shape))
         cols = F.unfold(xd, layer.kernel_size, layer.dilation, padding, layer.stride)  # (B, Ck², L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·L, Ck²)
     x2d = x.reshape(-1, x.shape[-1])
-    return x2d.float() if spec is None else quantize_forward(x2d, spec).dequantize()
+    return x2d.to(dt) if spec is None else quantize_forward(x2d, spec).dequantize(dt)
 
 
 # -- progress -----------------------------------------------------------------------------

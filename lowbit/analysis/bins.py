@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats import IntFormat
+from ..formats import IntFormat, compute_dtype
 from ..quantizers import QUANTIZERS, absmax, get_quantizer
 from .plots import save_figure
 
@@ -51,7 +51,7 @@ def mapped_values(a: torch.Tensor, quantizer: str, bits: int,
     if a.dim() != 2:
         raise ValueError(f"expected a 2-D operand (rows, features), got shape {tuple(a.shape)}")
     q, fmt = get_quantizer(quantizer), IntFormat(bits)
-    a = a.float()
+    a = a.to(compute_dtype(a.dtype))  # float64 keeps its range
     y = q.transform(a, generator).forward(a)
     step = fmt.scale_from_absmax(absmax(y, q.granularity))
     return y / step

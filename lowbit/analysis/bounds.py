@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..formats import IntFormat
+from ..formats import IntFormat, compute_dtype
 from ..nn import fqt_weight_layers
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
@@ -123,7 +123,7 @@ def weight_gemm_stats(layer: FQTLayer, x: torch.Tensor) -> tuple[torch.Tensor, f
     if u is None:
         return None
     ud = u.double()
-    return ud.pow(2).sum(1).float(), float(torch.linalg.eigvalsh(ud.t() @ ud)[-1])
+    return ud.pow(2).sum(1).to(compute_dtype(u.dtype)), float(torch.linalg.eigvalsh(ud.t() @ ud)[-1])
 
 
 @contextlib.contextmanager
@@ -146,7 +146,9 @@ def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, to
                      generator: torch.Generator) -> tuple[float, float, int, list[bool]]:
     """``λ_max(JᵀJ)`` for ``J·v = ∂⟨v, y⟩/∂params``: returns λ, the last relative change,
     the iterations used and which ``params`` ``y`` depends on."""
-    v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
+    # the draw in float32 (as ever); held in y's compute dtype: JᵀJv of a float64 model
+    # may lie outside float32's range
+    v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, compute_dtype(y.dtype))
     v = v / v.norm()
     lam, change, used = 0.0, math.inf, [False] * len(params)
     for k in range(1, iters + 1):
@@ -165,7 +167,7 @@ def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, to
         lam = new
         if new == 0 or change < tol:
             break
-        v = (h / h.norm()).float()
+        v = (h / h.norm()).to(v.dtype)
     return lam, change, k, used
 
 

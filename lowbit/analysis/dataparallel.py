@@ -31,7 +31,7 @@ def shard(batch: object, rank: int, world: int) -> object:
 
 def rank_grads(model: nn.Module, loss_fn: LossFn, batch: object, flat: FlatGrads,
                world: int) -> torch.Tensor:
-    """Each rank's flat gradient on its shard: float32 ``(world, flat.numel)``."""
+    """Each rank's flat gradient on its shard: ``(world, flat.numel)`` of ``flat.dtype``."""
     return torch.stack([flat.grads(model, loss_fn, shard(batch, r, world)) for r in range(world)])
 
 
@@ -48,7 +48,7 @@ def comm_average(grads: torch.Tensor, flat: FlatGrads, index: list[int], comm: G
     communication ``call``, and the exact variance it adds, per parameter: a float64
     vector with parameter ``p``'s ``(1/N²)·Σ_r Var Q(g_r)`` at its first element and
     zeros elsewhere (so summing a group's slice gives the group's)."""
-    out = torch.empty(grads.shape[1])
+    out = torch.empty(grads.shape[1], dtype=grads.dtype)
     var = torch.zeros(grads.shape[1], dtype=torch.float64)
     start = 0
     for p, i in zip(flat.params, index):

@@ -294,8 +294,8 @@ def gradient_variance(
             per = rank_grads(m, loss_fn, batch, flat, world)
             return per.sum(0) / world, per
 
-        qs = torch.empty(n_b, flat.numel)  # QAT gradients
-        ts = torch.empty(n_b, flat.numel)  # one FQT (communicated) draw per batch
+        qs = torch.empty(n_b, flat.numel, dtype=flat.dtype)  # QAT gradients
+        ts = torch.empty(n_b, flat.numel, dtype=flat.dtype)  # one FQT (communicated) draw per batch
         quant_b = torch.empty(n_b, len(names), dtype=torch.float64)
         quant_b_se = torch.empty(n_b, len(names), dtype=torch.float64)
         comm_b = torch.zeros(n_b, len(names), dtype=torch.float64)

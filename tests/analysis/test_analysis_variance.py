@@ -325,3 +325,28 @@ def test_variance_ratio_of_a_missing_bound_is_nan_not_inf() -> None:
 
     assert math.isnan(ratio(1.0, math.nan)) and math.isnan(ratio(math.nan, 1.0)) and ratio(0.0, 0.0) == 0.0
     assert math.isnan(z_score(torch.tensor(math.nan), torch.tensor(1.0))) and z_score(torch.tensor(0.0), torch.tensor(0.0)) == 0.0
+
+
+def test_gradient_variance_of_a_float64_model_keeps_float64_range() -> None:
+    """``gradient_variance`` held the gradients in float32 (and ``jacobian_spectrum`` its
+    power-iteration vector): a float64 model at inputs scaled by 2⁻²⁰⁰ gave SGD variance
+    0, at 2²⁰⁰ NaN, and a bound of 0. Every estimate is equivariant under a power-of-two
+    scale (the same noise: one seed), so variances scale by s⁴ (gradients by s²) and the
+    bound's tightness stays, to float64 rounding."""
+    def run(s: float):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)).double()
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 8, generator=g, dtype=torch.float64) * s,
+                    torch.randn(16, 4, generator=g, dtype=torch.float64)) for _ in range(3)]
+        return gradient_variance(model, lambda m, b: (m(b[0]) * b[1]).sum() * s, batches,
+                                 FQTConfig.from_recipe("fqt-psq-4", seed=0), repeats=3, bound_batches=1)
+    base = run(1.0)
+    for s in (2.0 ** -200, 2.0 ** 200):
+        rep = run(s)
+        for name, b in base.groups.items():
+            g = rep.groups[name]
+            assert b.sgd > 0 and b.quant > 0 and b.pred_data > 0
+            for f in ("sgd", "quant", "total", "pred_data", "pred_analytic"):
+                assert getattr(g, f) / s ** 4 == pytest.approx(getattr(b, f), rel=1e-9), (name, f)
+            assert g.tightness_data == pytest.approx(b.tightness_data, rel=1e-9)

@@ -165,6 +165,38 @@ def test_monitor_sgd_equals_brute_force_per_sample_gradients(kind: str) -> None:
                                rtol=1e-5, atol=1e-5 * float(qat.abs().max()))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_monitor_of_a_float64_model_keeps_float64_range(kind: str) -> None:
+    """The monitor cast ∇Y and the operands to float32 (and large products to bfloat16):
+    a float64 model at inputs scaled by 2⁻²⁰⁰ measured 0 variance, at 2²⁰⁰ NaN. Every
+    statistic is equivariant under a power-of-two scale (same noise: one seed), so the
+    scaled run must give the unscaled one's times s⁴ (∇W paths) or s² (∇X paths), to
+    float64 rounding."""
+    def run(s: float) -> list[float]:
+        torch.manual_seed(0)
+        if kind == "linear":
+            model, x = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)), \
+                torch.randn(16, 8)
+        else:
+            model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
+                                     nn.Conv2d(4, 2, 3, padding=1, bias=False)), torch.randn(4, 3, 6, 6)
+        model, x = model.double(), (x.double() * s).requires_grad_()
+        lowbit.convert(model, _cfg("bhq", 4))
+        mon = VarianceMonitor(model, every=1)
+        with mon.step():
+            y = model(x)
+            (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * s
+             ).sum().backward()
+        v = mon.history[-1].layers["2"]
+        return [v.sgd_w, v.sgd_x, v.quant_w, v.quant_x]
+    base = run(1.0)
+    assert all(math.isfinite(b) and b > 0 for b in base)
+    for s in (2.0 ** -200, 2.0 ** 200):
+        got = run(s)
+        for g, b, p in zip(got, base, (s ** 4, s ** 2, s ** 4, s ** 2)):
+            assert g / p == pytest.approx(b, rel=1e-12)
+
+
 # -- quantization variance ------------------------------------------------------------------
 @pytest.mark.parametrize("quantizer", QUANT)
 def test_quant_variance_is_the_quantizers_expected_variance(quantizer: str) -> None:
