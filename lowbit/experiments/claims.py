@@ -27,9 +27,12 @@ measured*; no run at all: *not measured*, naming the recipes); a seed that diver
 finished without a finite metric counts as *failed*, ranked below every finished seed
 (a recipe that fails is worse). Means and sample standard deviations are over the
 finished seeds, one run per seed. A "within" claim whose margin to its tolerance is
-inside 2 seed standard deviations is *unresolved* while some recipe has fewer than 3
-seeds, as is a step of the order whose gap is; with 3 or more, a gap still within the
-spread makes the order claim *not hold* (it says "beyond the seed spread").
+inside 2 seed standard deviations is *unresolved*, whatever the number of seeds (below 3
+the verdict asks for a third; from 3 on it says the margin is not beyond the spread with
+that many: the point estimate alone does not decide an equivalence that close). A step
+of the order whose gap is inside the spread is *unresolved* while some recipe has fewer
+than 3 seeds; with 3 or more it makes the order claim *not hold* (it says "beyond the
+seed spread").
 """
 
 from __future__ import annotations
