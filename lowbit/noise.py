@@ -237,6 +237,12 @@ class NoiseStream:
         self._rank = self._stream = None  # re-read at next use: a resumed job may run elsewhere
         self._in_group = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled (``torch.save`` of a whole model, ``broadcast_object_list``) or copied
+        stream is bound again at its next use: unpickled on another rank it must draw that
+        rank's noise (it drew the saving rank's: every rank the same noise)."""
+        return self.__dict__ | {"_rank": None, "_stream": None, "_in_group": False}
+
     def __repr__(self) -> str:
         return f"NoiseStream(seed={self.seed}, name={self.name!r}, counter={self.counter})"
 

@@ -128,6 +128,26 @@ def test_ranks_draw_independent_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(errors[1], errors[2])  # same rank, same seed and name: same noise
 
 
+def test_a_pickled_layer_draws_the_loading_ranks_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model saved whole (``torch.save``) by rank 0 inside a process group and loaded on
+    rank 1 kept rank 0's binding (``_in_group`` set, never read again): every rank drew
+    the same noise. An unpickled or copied stream is bound again at its next use."""
+    import pickle
+    torch.manual_seed(0)
+    lin, x = nn.Linear(16, 8), torch.randn(32, 16)
+    cfg = FQTConfig.from_recipe("fqt-ptq-4", seed=0)
+    monkeypatch.setattr(N, "_group_ready", lambda: True)  # as inside init_process_group
+    monkeypatch.setattr(N, "current_rank", lambda: 0)
+    saved = FQTLinear.from_float(copy.deepcopy(lin), cfg)
+    layer_grads(saved, x)  # binds to rank 0
+    blob = pickle.dumps(saved)
+    monkeypatch.setattr(N, "current_rank", lambda: 1)  # the loading process
+    loaded, fresh = pickle.loads(blob), FQTLinear.from_float(copy.deepcopy(lin), cfg)
+    layer_grads(fresh, x)  # the same counter as the loaded layer's
+    assert loaded.noise.rank == 1
+    assert equal(layer_grads(loaded, x), layer_grads(fresh, x))  # rank 1's noise, not rank 0's
+
+
 # -- the counter: one step per backward, never advanced by a forward ------------------------
 def test_same_step_same_noise_and_forward_does_not_advance_the_counter() -> None:
     torch.manual_seed(0)
