@@ -205,11 +205,32 @@ def test_checkpoints_from_before_data_parallel_training_resume(tmp_path):
     assert _equal_state(ref.model, resumed.model)
 
 
-def test_corrupt_last_checkpoint_falls_back_to_prev(tmp_path, capsys):
+def _flip_a_bit_in_the_largest_record(path):
+    """One bit flipped in the middle of the largest record's data (a weight tensor): the
+    zip structure intact, only the record's CRC-32 tells."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flip"])
+def test_corrupt_last_checkpoint_falls_back_to_prev(tmp_path, capsys, damage):
+    """A truncated ``last.pt`` (a full disk) and one with a flipped bit inside a weight
+    (which ``torch.load`` read without complaint: a wrong weight, resumed silently) are
+    both reported, and ``prev.pt`` is used."""
     cfg = TrainConfig(**DIGITS, recipe="fqt-psq-4", epochs=2, out=str(tmp_path))
     ref = train(cfg, progress=False)
     last = tmp_path / "last.pt"
-    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        _flip_a_bit_in_the_largest_record(last)
     capsys.readouterr()
     state, path = ckpt.load_checkpoint(tmp_path)
     assert path.name == "prev.pt" and state["epoch"] == 1
