@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -39,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .attention_modules import FQTScaledDotProductAttention, ScaledDotProductAttention
@@ -364,6 +365,22 @@ def _implementation(config: Any) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+def _own_configs(model: nn.Module) -> dict[int, PretrainedConfig]:
+    """Give ``model``'s modules their own copies of the transformers configs they hold
+    (``module.config``), so that switching the attention implementation changes no other
+    model: transformers shares one config object between models built from it
+    (``GPT2LMHeadModel(conf)`` twice, ``from_config(model.config)``). One deep copy with a
+    shared memo: modules that shared a config (or a composite config's sub-config) still
+    share its copy. Returns ``id(old config) → copy``."""
+    memo: dict[int, Any] = {}
+    held = [m for m in model.modules() if isinstance(m.__dict__.get("config"), PretrainedConfig)]
+    for m in held:
+        copy.deepcopy(m.__dict__["config"], memo)
+    for m in held:
+        m.__dict__["config"] = memo[id(m.__dict__["config"])]
+    return {k: v for k, v in memo.items() if isinstance(v, PretrainedConfig)}
+
+
 def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
     """Give each attention module under a ``PreTrainedModel`` in ``model`` that lowbit's
     attention can compute a float ``lowbit_attention`` child (for ``convert`` to swap), and
@@ -464,6 +481,9 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
                 for m in mods.values():
                     if CHILD in m._modules:
                         del m._modules[CHILD]
+        if switch:  # a config object may be shared (a twin model, a teacher): switch copies
+            copies = _own_configs(model)
+            configs.update({key: copies.get(id(c), c) for key, c in configs.items()})
         before = {key: _implementation(config) for key, config in configs.items()}
         done: set[int] = set()
         for name, m in owners.items():  # outermost first: it sets its submodels too

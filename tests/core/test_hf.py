@@ -211,6 +211,28 @@ def test_attention_the_filter_turns_down_is_not_listed_as_skipped() -> None:
     assert sum("sinks" in why for why in report.skipped.values()) == len(self_attention(gpt_oss()))
 
 
+def test_convert_leaves_a_model_sharing_the_config_as_it_was() -> None:
+    """transformers shares one config object between models built from it; ``convert``
+    switched that object's attention implementation, so the other (never converted) model
+    then raised at its next forward. The converted model now switches its own copy (its
+    modules still share one), and the other keeps its implementation and logits."""
+    conf = T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    a, b = T.GPT2LMHeadModel(conf), T.GPT2LMHeadModel(conf).eval()
+    assert a.config is b.config
+    impl, ids = b.config._attn_implementation, batch("gpt2")["input_ids"]
+    with torch.no_grad():
+        before = b(ids).logits
+    a, _ = convert(a)
+    assert a.config is not b.config and a.config._attn_implementation == hf.IMPLEMENTATION
+    assert all(m.config is a.config for m in a.modules() if "config" in m.__dict__)
+    assert b.config._attn_implementation == impl != hf.IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(b(ids).logits, before)
+    assert attention_blocks(a) and a(ids).logits.shape == before.shape
+
+
 def test_converting_nothing_leaves_the_model_as_it_was() -> None:
     """A filter that converts nothing changes nothing: an eager GPT-2 keeps
     ``attn_implementation="eager"``, its logits and its ``output_attentions``."""
