@@ -77,6 +77,14 @@ class _StochasticLayer:
         """(grad_input, grad_weight) trackers for the current config (``None``: dynamic)."""
         return self._block.trackers()
 
+    def tracker_key(self, path: str) -> tuple | None:
+        """:meth:`lowbit.ops.BlockState.tracker_key`."""
+        return self._block.tracker_key(path)
+
+    def drop_unfit_trackers(self) -> None:
+        """:meth:`lowbit.ops.BlockState.drop_unfit_trackers`."""
+        self._block.drop_unfit_trackers()
+
     def rng_state(self) -> dict[str, Any]:
         """This layer's noise state ``{"seed", "name", "counter"}`` (for checkpoints)."""
         return self._block.noise.state_dict()
@@ -318,6 +326,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             return module
         if isinstance(module, _FQT_LAYERS):
             module.config, module.ran = config, False
+            module.drop_unfit_trackers()  # another range setting: its history starts afresh
             converted.append(name)
             return module
         plain = next(p for p in _PLAIN if isinstance(module, p))
@@ -340,6 +349,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             module.config = config
             for block in fqt_blocks(module).values():  # its products and projections too
                 block.ran = False
+                block.drop_unfit_trackers()
             converted.append(name)
             return module
         new = rule.swap(module, config, base, name)
@@ -477,8 +487,10 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     nothing of the current state survives the load).
 
     ``TypeError`` for a state that is not a dict; ``KeyError`` naming layers this model
-    does not have, or paths that are not gradient paths; nothing is changed when it
-    raises."""
+    does not have, or paths that are not gradient paths; ``ValueError`` naming trackers
+    saved under other predicted-range settings than the layer's config asks for (its
+    next backward would replace them: the history silently lost); nothing is changed
+    when it raises."""
     if not isinstance(state, dict):
         raise TypeError(f"range state must be a dict (from lowbit.range_state), got {type(state).__name__}")
     layers = fqt_blocks(model)
@@ -488,6 +500,12 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     bad = sorted(f"{n}/{p}" for n, paths in state.items() for p in paths if p not in GRAD_PATHS)
     if bad:
         raise KeyError(f"range state names paths that are not gradient paths {GRAD_PATHS}: {bad[:5]}")
+    unfit = [f"{n}/{p} (saved {tuple(s['key'])}, the layer's config needs {layers[n].tracker_key(p)})"
+             for n, paths in state.items() for p, s in paths.items()
+             if tuple(s["key"]) != layers[n].tracker_key(p)]
+    if unfit:  # its next backward would replace (or ignore) it: refuse instead
+        raise ValueError("range state was saved under other predicted-range settings (history, margin, "
+                         f"per row, overflow, quantizer) than the layers' configs: {unfit[:3]}")
     loaded: dict[str, dict[str, RangeTracker]] = {}
     for name, paths in state.items():  # all built before any layer changes
         for path, s in paths.items():

@@ -52,15 +52,22 @@ _STATES: weakref.WeakValueDictionary[str, BlockState] = weakref.WeakValueDiction
 _next_handle = itertools.count()
 
 
-def _tracker_for(spec: GradSpec | None, rows_persist: bool,
-                 existing: RangeTracker | None) -> RangeTracker | None:
-    """The tracker a predicted spec needs (``existing`` if it fits), else ``None``.
-    Per row only where rows persist and the quantizer neither mixes nor pools them."""
+def tracker_key(spec: GradSpec | None, rows_persist: bool) -> tuple | None:
+    """The :meth:`RangeTracker.key` a predicted spec's tracker has, ``None`` for a dynamic
+    range. Per row only where rows persist and the quantizer neither mixes nor pools them."""
     if spec is None or not spec.predicted:
         return None
     q = get_quantizer(spec.quantizer)
     per_row = rows_persist and q.granularity is Granularity.ROW and not q.mixes_rows
-    key = (spec.history, spec.margin, per_row, spec.overflow.value, spec.quantizer)
+    return (spec.history, spec.margin, per_row, spec.overflow.value, spec.quantizer)
+
+
+def _tracker_for(spec: GradSpec | None, rows_persist: bool,
+                 existing: RangeTracker | None) -> RangeTracker | None:
+    """The tracker a predicted spec needs (``existing`` if it fits), else ``None``."""
+    key = tracker_key(spec, rows_persist)
+    if key is None:
+        return None
     return existing if existing is not None and existing.key() == key else RangeTracker(*key)
 
 
@@ -116,6 +123,19 @@ class BlockState:
         self.__dict__.update(state)
         self.policy_driven, self.undriven, self._adaptive_checked = False, None, False
         self._register()
+
+    def tracker_key(self, path: str) -> tuple | None:
+        """The key of the tracker gradient path ``path`` needs under the current config
+        (``None``: a dynamic range, no tracker)."""
+        return tracker_key(getattr(self.config, path), path == "grad_weight")
+
+    def drop_unfit_trackers(self) -> None:
+        """Forget the trackers the current config does not use (a path now dynamic, or
+        predicted with other settings): ``convert`` with a new recipe starts them afresh,
+        as a fresh conversion would. (A temporary config — an adaptive width, a QAT twin —
+        does not call this: its trackers persist.)"""
+        for path in [p for p, t in self.range_trackers.items() if t.key() != self.tracker_key(p)]:
+            del self.range_trackers[path]
 
     def trackers(self) -> Trackers:
         """(grad_input, grad_weight) trackers for the current config (``None``: dynamic).
@@ -476,4 +496,4 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 __all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
            "block_forward", "flatten_operand", "gradient_only_double_backward", "in_format", "refuse_double_backward",
-           "register_kind", "unflatten_operand"]
+           "register_kind", "tracker_key", "unflatten_operand"]

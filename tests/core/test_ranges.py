@@ -294,9 +294,49 @@ def test_load_range_state_refuses_a_bad_state_before_changing_anything() -> None
     with pytest.raises(KeyError, match=r"paths that are not gradient paths .*\['2/grad_output'\]"):
         lowbit.load_range_state(model, {"0": earlier["0"], "2": {"grad_output": earlier["2"]["grad_weight"]}})
     broken = {**earlier["2"]["grad_weight"], "key": [16, 1.25, True, "ignore", "psq"]}
-    with pytest.raises(ValueError, match="not a valid Overflow"):  # after layer "0"'s trackers were built
+    with pytest.raises(ValueError, match="other predicted-range settings.*'ignore'"):
         lowbit.load_range_state(model, {"0": earlier["0"], "2": {"grad_weight": broken}})
     assert _same_ranges(lowbit.range_state(model), state)  # layer "0" not loaded either
+
+
+def test_range_state_of_other_settings_is_refused_not_silently_replaced() -> None:
+    """A range state saved under margin 1.25 loaded into layers converted with margin 2.0
+    without a word, then their next backward replaced every tracker (history 3 → 1):
+    refused now, naming the layer, path and both settings."""
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    for _ in range(3):
+        _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    state = lowbit.range_state(model)
+    other = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0).with_ranges(margin=2.0))
+    with pytest.raises(ValueError, match=r"other predicted-range settings.*0/grad_input \(saved \(16, 1.25"):
+        lowbit.load_range_state(other, state)
+    assert lowbit.range_state(other) == {}
+    lowbit.load_range_state(lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0)), state)
+
+
+def test_converting_again_drops_the_trackers_the_new_recipe_does_not_use() -> None:
+    """``convert(model, fqt-psq-8)`` after predicted-range training kept every old tracker
+    (``range_state`` listed them, ``range_stats`` kept counting them); a conversion to a
+    recipe with the same range settings keeps them, as it keeps the noise stream."""
+    predicted = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0)
+    model = lowbit.convert(_mlp(), predicted)
+    for _ in range(2):
+        _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    state = lowbit.range_state(model)
+    lowbit.convert(model, predicted)  # the same settings: the history stays
+    assert _same_ranges(lowbit.range_state(model), state)
+    lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    assert lowbit.range_state(model) == {}
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    assert lowbit.range_state(model) == {}
+    lowbit.convert(model, predicted)  # back: a fresh history, as a fresh conversion's
+    fresh = lowbit.convert(_mlp(), predicted)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    _grads(model, x, y)
+    _grads(fresh, x, y)
+    def counts(m: nn.Module) -> dict:
+        return {n: {p: t["count"] for p, t in paths.items()} for n, paths in lowbit.range_state(m).items()}
+    assert counts(model) == counts(fresh) != {}
 
 
 # -- config -------------------------------------------------------------------------------
