@@ -107,7 +107,12 @@ class BlockState:
             raise TypeError(f"config must be an FQTConfig, got {type(value).__name__}")
         if value.seed is not None and value.seed != self._config.seed:
             self.noise = NoiseStream(value.seed, self.noise.name)
-        self._config = value
+        old, self._config = self._config, value
+        if (old.activation, old.weight, old.backend) != (value.activation, value.weight, value.backend):
+            # what a traced graph fixed (the operands' formats and block sizes, the fake
+            # kernel's shapes): a new handle makes torch.compile's guard on it fail, so the
+            # graph is traced again (a compiled model kept the old formats: wrong ∇W)
+            self._register()
 
     def _register(self) -> None:
         self.handle = f"block{next(_next_handle)}"

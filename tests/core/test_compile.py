@@ -140,6 +140,30 @@ def test_compiled_training_is_bitwise_eager_without_recompiles(recipe: str) -> N
     assert eager[0].noise.counter == model[0].noise.counter == 2
 
 
+@needs_compile
+def test_a_compiled_model_follows_a_new_forward_format_after_convert() -> None:
+    """A compiled model kept the forward formats it was traced with (block sizes, the fake
+    kernel's shapes): converted again from MXFP4 to NVFP4 it gave wrong ∇W silently under
+    ``aot_eager`` (Inductor crashed). A config change in the forward specs or backend now
+    gives the block a new handle, so the compiled graph is traced again; gradient-only
+    changes (QAT twins, adaptive widths) keep it."""
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(8, 64)
+    model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-mxfp4", seed=0))
+    run = torch.compile(model, backend="aot_eager")
+    train_step(model, run, x)
+    handle = model[0]._block.handle
+    lowbit.convert(model, dataclasses.replace(FQTConfig.from_recipe("fqt-psq-mxfp4", seed=0), grad_weight=None))
+    assert model[0]._block.handle == handle  # gradient specs only: the trace stays valid
+    lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-nvfp4", seed=0))
+    eager = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-nvfp4", seed=0))
+    lowbit.load_rng_state(eager, lowbit.rng_state(model))  # the same noise step
+    got, want = train_step(model, run, x), train_step(eager, eager, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_compiled_model_with_checkpointing_matches_eager() -> None:
     """torch.compile's recompute of a checkpointed region sees the original noise too."""
     from torch.utils.checkpoint import checkpoint
