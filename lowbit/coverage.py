@@ -237,12 +237,33 @@ def default_loss(output: Any) -> torch.Tensor:
     return sum(t.float().sum() for t in leaves)  # type: ignore[return-value]
 
 
+def _comm_states(model: nn.Module) -> list[Any]:
+    """The :class:`lowbit.distributed.QuantizedCommState` of each DDP module in ``model``
+    with lowbit's communication hook registered (DDP keeps hooks in ``_comm_hooks``)."""
+    from .distributed import QuantizedCommState
+    return [st for m in model.modules() for _, st in getattr(m, "_comm_hooks", None) or ()
+            if isinstance(st, QuantizedCommState)]
+
+
+def _refuse_stateful_grad_hooks(model: nn.Module) -> None:
+    """``ValueError`` for parameters with post-accumulate-grad hooks (torch's "optimizer
+    step in backward" pattern): coverage's backward would run them — an optimizer step,
+    which cannot be undone afterwards."""
+    hooked = [n for n, p in model.named_parameters() if getattr(p, "_post_accumulate_grad_hooks", None)]
+    if hooked:
+        raise ValueError(f"coverage runs a backward pass, which would run the post-accumulate-grad "
+                         f"hooks of {hooked[:3]} (an optimizer step in the backward, say) and change "
+                         "the model irreversibly: measure a copy without those hooks")
+
+
 @contextlib.contextmanager
 def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
     """Run a block, then put back what a training step changes: ``.grad`` of the
     parameters and of leaf inputs (the step's gradients are dropped), buffers
-    (BatchNorm statistics), train/eval flags, the global CPU/CUDA RNG states, and the
-    converted layers' noise streams, predicted-range trackers and ``ran`` flags."""
+    (BatchNorm statistics), train/eval flags, the global CPU/CUDA RNG states, the
+    converted layers' noise streams, predicted-range trackers and ``ran`` flags, and the
+    state of lowbit's DDP communication hook (its call counters key the communication
+    noise)."""
     tensors = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     leaves = list(model.parameters()) + [t for t in tensors if t.requires_grad and t.is_leaf]
     grads = [(t, t.grad) for t in leaves]
@@ -254,6 +275,7 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
     ranges = snapshot_ranges(model)
     calls = functional.call_count()  # seeded functional calls name their noise by this count
     ran = [(m, vars(m).get("ran", _UNSET)) for m in layers]
+    comm = [(st, st.state_dict()) for st in _comm_states(model)]
     devices = sorted({t.device.index or 0 for t in leaves + tensors if t.device.type == "cuda"})
     for t in leaves:
         t.grad = None
@@ -273,6 +295,8 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
         load_rng_state(model, noise)
         restore_ranges(ranges)
         functional.set_call_count(calls)
+        for st, saved_comm in comm:
+            st.load_state_dict(saved_comm)
         for m, value in ran:
             if value is _UNSET:
                 vars(m).pop("ran", None)
@@ -314,12 +338,16 @@ def coverage(model: nn.Module, *example_inputs: Any,
     its kernels may also multiply (padded rows, zero-inserted codes), so the share does
     not depend on the kernel chosen. Raises ``TypeError`` for a ``model`` that
     is not an ``nn.Module`` or a ``loss_fn`` that is not callable, ``ValueError`` when
-    the loss is not a floating 0-d tensor that requires grad.
+    the loss is not a floating 0-d tensor that requires grad, or when a parameter has a
+    post-accumulate-grad hook (an optimizer step in the backward: the step could not be
+    undone). Under DDP or FSDP2 call it on every rank (its backward runs collectives);
+    lowbit's communication hook's state is put back, other hooks' state is not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _refuse_stateful_grad_hooks(model)
     kwargs = dict(model_kwargs or {})
     layers = {id(m): n for n, m in fqt_layers(model).items()}
     tracer = GemmTracer(model, (example_inputs, kwargs), layers)

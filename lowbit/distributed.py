@@ -64,7 +64,7 @@ Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float f
 import math
 import os
 import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -274,10 +274,28 @@ class QuantizedCommState:
         self.calls = {}
 
     def state_dict(self) -> dict:
+        """The counters (``calls`` per parameter index: the keys of the communication
+        noise), with the ``comm`` settings and the number of ``parameters`` they belong to."""
         return {"calls": dict(self.calls), "bytes_sent": self.bytes_sent,
-                "bytes_fp32": self.bytes_fp32, "fallbacks": self.fallbacks, "steps": self.steps}
+                "bytes_fp32": self.bytes_fp32, "fallbacks": self.fallbacks, "steps": self.steps,
+                "comm": asdict(self.comm), "parameters": len(self.index)}
 
     def load_state_dict(self, d: dict) -> None:
+        """Restore :meth:`state_dict`. ``ValueError``, before anything changes, for a state
+        of other ``comm`` settings, of another number of parameters, or counting calls of
+        parameter indices this model does not have (a state from another model: its noise
+        keys would be another model's). States saved before the settings were recorded
+        are checked by their indices only."""
+        if "comm" in d and d["comm"] != asdict(self.comm):
+            raise ValueError(f"QuantizedCommState.load_state_dict: saved with comm {d['comm']}, this "
+                             f"state has {asdict(self.comm)}")
+        if "parameters" in d and int(d["parameters"]) != len(self.index):
+            raise ValueError(f"QuantizedCommState.load_state_dict: saved for {d['parameters']} parameters, "
+                             f"this model has {len(self.index)}")
+        bad = sorted(int(k) for k in d["calls"] if not 0 <= int(k) < len(self.index))
+        if bad:
+            raise ValueError(f"QuantizedCommState.load_state_dict: calls of parameter indices {bad[:5]}, "
+                             f"which this model (of {len(self.index)} parameters) does not have")
         self.calls = {int(k): int(v) for k, v in d["calls"].items()}
         self.bytes_sent, self.bytes_fp32 = float(d["bytes_sent"]), float(d["bytes_fp32"])
         self.fallbacks, self.steps = int(d["fallbacks"]), int(d["steps"])

@@ -226,8 +226,9 @@ class GemmTracer(TorchDispatchMode):
                 if p not in self.taints:
                     self.taints[p] = Taint("param", full)
                     self.owner[full] = m
-                    if p.device.type != "meta" and p.numel():
-                        self._param_storage.setdefault(p.untyped_storage().data_ptr(), full)
+                    key = _storage_key(p) if p.numel() else None  # None: meta, a DTensor shard (FSDP2)
+                    if key is not None:
+                        self._param_storage.setdefault(key, full)
         for t in tree_leaves(inputs):
             if isinstance(t, torch.Tensor):
                 self.taints[t] = Taint("data")
@@ -309,9 +310,9 @@ class GemmTracer(TorchDispatchMode):
             return written[0]  # its storage was written since this tensor's taint was set
         if got is not None:
             return got
-        if self._param_storage and t.layout == torch.strided and t.device.type != "meta":
-            # a view of a parameter made before tracing
-            name = self._param_storage.get(t.untyped_storage().data_ptr())
+        key = _storage_key(t) if self._param_storage else None
+        if key is not None:  # a view of a parameter made before tracing
+            name = self._param_storage.get(key)
             if name is not None:
                 return Taint("param", name)
         return _CONST

@@ -624,3 +624,18 @@ def test_bhq_group_sums_are_counted_as_quantizer_transforms(monkeypatch) -> None
     monkeypatch.setattr(bhq, "SEQUENTIAL_DEVICES", frozenset({"cpu"}))  # the CPU's own: no GEMM to count
     rep = lowbit.coverage(model, x, loss_fn=lambda out: out.square().mean())
     assert rep.unaccounted == () and rep.quantizer_flops == 0 and rep.quantizer_calls == 0
+
+
+def test_coverage_refuses_a_model_whose_backward_steps_an_optimizer() -> None:
+    """torch's "optimizer step in backward" (post-accumulate-grad hooks): coverage's
+    backward ran the hooks and changed the parameters, which it cannot put back; it now
+    refuses such a model before running anything, naming the parameters."""
+    model = lowbit.convert(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)),
+                           lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    opts = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda q: (opts[q].step(), opts[q].zero_grad()))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"post-accumulate-grad hooks of \['0.weight', '0.bias', '2.weight'\]"):
+        lowbit.coverage(model, torch.randn(3, 6))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

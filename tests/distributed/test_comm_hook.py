@@ -223,6 +223,28 @@ def test_complex_parameters_are_refused_not_made_real():
     QuantizedCommState(net, COMM)
 
 
+def test_comm_state_of_another_model_or_setting_is_refused():
+    """``QuantizedCommState.load_state_dict`` took a state of a 6-parameter model with other
+    ``GradComm`` settings without a word (counters of parameters the model lacks); now it
+    refuses it before anything changes, and its own state round-trips."""
+    small, big = _mlp(), torch.nn.Sequential(_mlp(), torch.nn.Linear(6, 6))
+    state = QuantizedCommState(small, COMM)
+    state.calls = {0: 3, 3: 3}
+    saved = state.state_dict()
+    fresh = QuantizedCommState(small, COMM)
+    fresh.load_state_dict(saved)
+    assert fresh.calls == {0: 3, 3: 3}
+    with pytest.raises(ValueError, match="saved with comm .*'bits': 4"):
+        QuantizedCommState(small, GradComm(bits=8)).load_state_dict(saved)
+    with pytest.raises(ValueError, match="saved for 4 parameters, this model has 6"):
+        QuantizedCommState(big, COMM).load_state_dict(saved)
+    legacy = {k: v for k, v in saved.items() if k not in ("comm", "parameters")} | {"calls": {5: 1}}
+    target = QuantizedCommState(small, COMM)
+    with pytest.raises(ValueError, match=r"parameter indices \[5\]"):
+        target.load_state_dict(legacy)
+    assert target.calls == {}
+
+
 def test_grad_comm_validation():
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         GradComm(bits=9)
@@ -246,15 +268,20 @@ def _fsdp_vs_ddp(rank: int, world: int) -> dict:
     x = _data(rank)
     y = torch.randint(0, 6, (16,), generator=torch.Generator().manual_seed(rank))
     out = {}
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "fsdp+coverage", "hook", "hook+coverage"):
         model = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
-        if kind == "ddp":
-            net = DDP(model)
-        else:
+        if kind.startswith("fsdp"):
             for layer in model:
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer)
             net = fully_shard(model)
+        else:
+            net = DDP(model)
+        if kind.startswith("hook"):
+            net.register_comm_hook(QuantizedCommState(net, COMM), quantized_allreduce_hook)
+        if kind.endswith("+coverage"):  # a measured step that must leave training as it was
+            rep = lowbit.coverage(net, x, loss_fn=lambda o: torch.nn.functional.cross_entropy(o, y))
+            out[kind + "_share"] = rep.lowbit_share
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         losses = []
         for _ in range(4):
@@ -276,3 +303,14 @@ def test_fsdp2_trains_a_converted_model_with_the_losses_of_ddp(hook_runs):
     r0, r1 = hook_runs
     assert r0["fsdp"] == r0["ddp"] == r1["fsdp"]
     assert r0["ddp"][-1] < r0["ddp"][0]
+
+
+def test_coverage_of_a_sharded_or_hooked_model_leaves_its_training_as_it_was(hook_runs):
+    """``lowbit.coverage`` on an FSDP2 model crashed reading a DTensor shard's storage; on
+    a DDP model with the quantized comm hook its backward advanced the hook's call
+    counters (the keys of the communication noise) and byte counts, so every later step
+    drew other noise. Now both are measured (every GEMM low-bit) and the next 4 steps'
+    losses are bitwise those of the same training without the call."""
+    for r in hook_runs:
+        assert r["fsdp+coverage"] == r["fsdp"] and r["hook+coverage"] == r["hook"]
+        assert r["fsdp+coverage_share"] == r["hook+coverage_share"] == 1.0
