@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -52,9 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of the moment (a test's capture, a
+    redirected stream), not the one at its creation."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def _show_lowbit_info() -> None:
+    """lowbit's own INFO lines (a run's reason for no monitor, adaptive width changes) on
+    stderr: Python's default drops INFO, and the README promises them in the run's output.
+    Only the ``lowbit`` loggers: other libraries' logging stays as configured."""
+    logger = logging.getLogger("lowbit")
+    if not logger.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_lowbit_info()
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -42,6 +42,7 @@ from matplotlib.ticker import MaxNLocator
 from lowbit.plots import save_figure
 from lowbit.config import FQTConfig
 from lowbit.config import describe
+from lowbit.formats import Grid, IntFormat, Rounding
 from lowbit.quantizers import QUANTIZERS
 
 from . import claims, monitoring
@@ -331,7 +332,10 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 
 def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
     """Final values by ∇X quantizer and bits, and the fp / qat-8 references. Only runs
-    that differ in the gradient quantizer count: dynamic ranges, float32 weights."""
+    that differ in the gradient quantizer and its width count: dynamic ranges, float32
+    weights, a symmetric integer grid rounded stochastically (an FP8, MX, asymmetric-grid
+    or round-to-nearest run at the same "bits" is another format: averaged in, it made
+    one point of seeds of different recipes)."""
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     refs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
@@ -341,8 +345,11 @@ def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
             continue
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:
-            if not fqt.grad_input.predicted:
-                points[fqt.grad_input.quantizer][fqt.grad_input.bits].append(value)
+            gi = fqt.grad_input
+            plain = isinstance(gi.format, IntFormat) and gi.format.grid is Grid.SYMMETRIC \
+                and gi.rounding is Rounding.STOCHASTIC
+            if plain and not gi.predicted:
+                points[gi.quantizer][gi.bits].append(value)
         elif run.train["recipe"] in ("fp", "qat-8"):
             refs[run.train["recipe"]].append(value)
     return points, refs

@@ -186,4 +186,6 @@ def run(args: argparse.Namespace) -> int:
         names = [n for n, o in outcomes.items() if o == what]
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
-    return 0
+    # exit 1 where a run asked for has no result of these settings (`sweep && report` must
+    # not report stale folders); a diverged run is a result (the report counts it failed)
+    return 1 if any(o in ("busy", "other") for o in outcomes.values()) else 0

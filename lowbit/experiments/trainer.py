@@ -66,12 +66,38 @@ from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
 from .rundir import RunBusy, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
-from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig
+from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, changed_settings
 from .tasks import Task, make_task
 
 
+def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    """``ValueError`` where training into ``run_dir`` would overwrite another run's results
+    without a checkpoint to continue from (a committed run folder keeps its metrics, not its
+    ``*.pt``): epochs in its ``metrics.json`` and no ``resume``; or, with ``resume``, a
+    ``config.json`` recording other settings (:func:`~.runconfig.changed_settings`). With
+    ``resume`` and the same settings the run is redone from scratch, as ``lowbit sweep``
+    does for such a folder."""
+    try:
+        epochs = len(json.loads((run_dir / "metrics.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        epochs = 0
+    if epochs and not resume:
+        raise ValueError(f"{run_dir} already holds a run's results ({epochs} epoch(s) in metrics.json, "
+                         "no checkpoint): choose another --out, or pass --resume to redo that run")
+    if not resume or (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
+        return  # a checkpoint's own settings are checked when it is loaded (load_resumable)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    diff = changed_settings(saved, cfg)
+    if diff:
+        raise ValueError(f"{run_dir} holds a run of other settings ({', '.join(diff)}): choose another --out")
+
+
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient, or a non-finite
+    evaluation loss (the model's outputs NaN/Inf: its accuracy would be an argmax over NaN)."""
 
 
 @dataclass
@@ -229,7 +255,8 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         except KeyboardInterrupt:  # status.json said "running" after the process had stopped
             if main and _status(run_dir) == "running":  # (a done or diverged record stays)
                 write_status(run_dir, "interrupted", "stopped by an interrupt (Ctrl-C); the same "
-                             "command resumes from the last epoch checkpoint")
+                             "command with --resume (lowbit sweep: the same command) continues "
+                             "from the last epoch checkpoint")
             raise
 
 
@@ -262,11 +289,12 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     scheduler = cosine_schedule(optimizer, total_steps, warmup)
     data_gen = torch.Generator()
 
-    if not resume and (run_dir / ckpt.LAST).exists():
+    if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --out"
         )
+    _refuse_to_overwrite(run_dir, cfg, resume)
     start_epoch, step, bad_in_a_row, history, comm_saved = 0, 0, 0, [], None
     if resume:
         state = load_resumable(run_dir, cfg)
@@ -416,6 +444,14 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         row = ranks.broadcast(row)  # every rank returns the same history
         if not main:
             history.append(row)
+        if not math.isfinite(row["val_loss"]):  # NaN/Inf outputs: accuracy of an argmax over NaN
+            bar.close()
+            msg = (f"training diverged: the evaluation loss after epoch {epoch + 1} is "
+                   f"{row['val_loss']} (the model's outputs are not finite); its metrics are "
+                   "not results")
+            if main:
+                write_status(run_dir, "diverged", msg)
+            raise TrainingDiverged(msg)
     bar.close()
     if main:
         write_status(run_dir, "done")

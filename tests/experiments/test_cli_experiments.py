@@ -286,13 +286,13 @@ def test_sweep_skips_finished_runs_and_report_writes_tables(tmp_path, capsys):
     assert capsys.readouterr().out.count("done, skipped") == 8
     # another length is another run: not extended (its schedule spans its own epochs)
     longer = [a if a != "2" or sweep[i - 1] != "--epochs" else "3" for i, a in enumerate(sweep)]
-    assert cli.main(longer) == 0
+    assert cli.main(longer) == 1  # nothing of the asked settings trained: not a success
     out = capsys.readouterr().out
     assert "(8 other)" in out and out.count("its folder holds a run of other settings: epochs (2, now 3)") == 8
     assert all(json.loads((results / n / "metrics.json").read_text())[-1]["epoch"] == 2 for n in names)
     # so is any other setting (a review found runs of another lr reported "done, skipped")
     other_lr = [*sweep, "--lr", "0.001"]
-    assert cli.main(other_lr) == 0
+    assert cli.main(other_lr) == 1
     out = capsys.readouterr().out
     assert "(8 other)" in out and "done, skipped" not in out and out.count("lr (") == 8
 
@@ -341,7 +341,7 @@ def test_sweep_skips_a_run_another_process_is_training(tmp_path, capsys):
     try:
         assert cli.main([*sweep, "--dry-run"]) == 0
         assert f"busy     {held}" in capsys.readouterr().out
-        assert cli.main(sweep) == 0
+        assert cli.main(sweep) == 1  # one run asked for was not trained: exit 1
         out = capsys.readouterr().out
         assert f"[2/2] digits-mlp-qat-8-s0: skipped for now, {held} is being trained by process " \
                f"{holder.pid}" in out
@@ -406,6 +406,26 @@ def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: s
             | {k: v[i] for k, v in columns.items()} for i, a in enumerate(finals)]
     write_metrics(run_dir, rows)
     write_status(run_dir, status)
+
+
+def test_bits_figure_keeps_other_formats_out_of_an_integer_point(tmp_path):
+    """The "gradient bits" figure averaged FP8, MX, asymmetric-grid and round-to-nearest
+    runs into the integer point of the same bits (Fashion's "PSQ 8 bits" was 7 runs of
+    three recipes); only symmetric integer grids rounded stochastically count now."""
+    runs = tmp_path / "runs"
+    for recipe, final in (("fqt-psq-8", 0.9), ("fqt-psq-fp8", 0.5), ("fp8-rowwise", 0.4),
+                          ("fqt-bhq-4", 0.8), ("fqt-bhq-4a", 0.3), ("fqt-bhq-mxfp4", 0.2)):
+        _fake_run(runs, recipe, 0, [0.1, final], "done")
+    points, _ = report.bits_points(report.load_runs(runs), "accuracy")
+    assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}, "bhq": {4: [0.8]}}
+
+
+def test_cli_prints_lowbit_info_lines(tmp_path, capsys):
+    """The README's "the run says why in one line" (a recipe with nothing to monitor) and
+    adaptive decisions were ``logging.info`` calls nobody configured: Python dropped them."""
+    assert cli.main(["train", "--task", "digits", "--recipe", "qat-8", "--epochs", "1", "--subset", "64",
+                     "--eval-subset", "32", "--batch-size", "32", "--out", str(tmp_path / "r"), *TINY]) == 0
+    assert "no layer can be monitored: gradients not quantized" in capsys.readouterr().err
 
 
 def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):

@@ -414,6 +414,38 @@ def test_consecutive_bad_steps_stop_with_a_clear_error(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())[-1]["epoch"] == 1
 
 
+def test_a_non_finite_evaluation_loss_is_a_divergence_not_a_result(tmp_path):
+    """Weights blown up by a huge learning rate in fewer bad steps than max_bad_steps: the
+    model's outputs were NaN, its "accuracy" an argmax over NaN (10.58%), yet the run was
+    "done" and the report counted it as a seed. Now the run stops as diverged."""
+    cfg = TrainConfig(**DIGITS, model="mlp", recipe="fqt-psq-8", lr=1e8, epochs=2, max_bad_steps=1000,
+                      out=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match="evaluation loss after epoch 1 is nan"):
+        train(cfg, progress=False)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "diverged" and "not finite" in status["message"]
+    assert json.loads((tmp_path / "metrics.json").read_text())[-1]["val_loss"] is None
+
+
+def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path):
+    """A committed run folder keeps its metrics but not its ``*.pt``: training into it
+    replaced the finished run's results without a word (with ``--resume`` too, under other
+    settings). Now it refuses; ``--resume`` with the same settings redoes the run, as
+    ``lowbit sweep`` does."""
+    cfg = TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(tmp_path))
+    train(cfg, progress=False)
+    for pt in tmp_path.glob("*.pt"):
+        pt.unlink()
+    before = (tmp_path / "metrics.json").read_text()
+    other = TrainConfig(**DIGITS, recipe="qat-8", epochs=1, out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"already holds a run's results \(1 epoch\(s\)"):
+        train(other, progress=False)
+    with pytest.raises(ValueError, match=r"holds a run of other settings \(recipe \('fp', now 'qat-8'\)"):
+        train(other, resume=True, progress=False)
+    assert (tmp_path / "metrics.json").read_text() == before
+    assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1
+
+
 def test_nan_metrics_are_written_as_null_not_numbers(tmp_path):
     from lowbit.experiments.trainer import write_metrics
 
