@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,18 +157,26 @@ class Run:
 
 
 def load_runs(root: Path) -> list[Run]:
+    """Every run folder below ``root`` (a ``config.json`` beside a ``metrics.json``). A
+    folder whose files are unreadable or not a lowbit run's (an empty file, a saved
+    Hugging Face model's ``config.json``) is skipped with a line on stderr naming it,
+    not an error that stops the whole report."""
     runs = []
     for config_file in sorted(root.rglob("config.json")):
         run_dir = config_file.parent
         metrics_file, status_file = run_dir / "metrics.json", run_dir / "status.json"
         if not metrics_file.exists():
             continue
-        config = json.loads(config_file.read_text())
-        status = (
-            json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
-        )
-        rows = json.loads(metrics_file.read_text())
-        runs.append(Run(run_dir, config["train"], config["fqt"], rows, status))
+        try:
+            config = json.loads(config_file.read_text())
+            status = (
+                json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
+            )
+            rows = json.loads(metrics_file.read_text())
+            runs.append(Run(run_dir, config["train"], config["fqt"], rows, status))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"lowbit report: skipped {run_dir}: not a readable lowbit run "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
     return runs
 
 

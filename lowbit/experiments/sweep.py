@@ -111,12 +111,17 @@ def run_state(cfg: TrainConfig) -> str:
     if settings_diff(cfg):
         return "other"
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
-    if status_file.exists() and json.loads(status_file.read_text())["status"] == "diverged":
+    try:
+        status = json.loads(status_file.read_text())["status"] if status_file.exists() else None
+        rows = json.loads(metrics_file.read_text()) if metrics_file.exists() else []
+        finished = bool(rows) and rows[-1]["epoch"] >= cfg.epochs
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"{run_dir}: its status.json or metrics.json is not readable "
+                         f"({type(exc).__name__}: {exc}); repair or remove the folder") from None
+    if status == "diverged":
         return "diverged"
-    if metrics_file.exists():
-        rows = json.loads(metrics_file.read_text())
-        if rows and rows[-1]["epoch"] >= cfg.epochs:
-            return "done"
+    if finished:
+        return "done"
     if is_busy(run_dir):
         return "busy"
     return "partial" if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists() else "new"

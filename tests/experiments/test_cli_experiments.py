@@ -428,6 +428,29 @@ def test_cli_prints_lowbit_info_lines(tmp_path, capsys):
     assert "no layer can be monitored: gradients not quantized" in capsys.readouterr().err
 
 
+def test_an_unreadable_folder_is_named_not_fatal(tmp_path, capsys):
+    """One empty ``config.json`` (or a Hugging Face model's, without ``train``) below
+    ``--runs`` stopped the whole report with "error: Expecting value" / "error: train",
+    naming no file; it is now skipped with its folder named. ``lowbit sweep`` names a
+    folder whose status or metrics it cannot read."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fp", 0, [0.5, 0.9], "done")
+    for name, text in (("empty", ""), ("hf-model", '{"model_type": "gpt2"}')):
+        (runs / name).mkdir()
+        (runs / name / "config.json").write_text(text)
+        (runs / name / "metrics.json").write_text("[]")
+    assert len(report.load_runs(runs)) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {runs / 'empty'}: not a readable lowbit run" in err and "hf-model" in err
+    out = runs / "digits-mlp-qat-8-s0"
+    out.mkdir()
+    (out / "status.json").write_text("")
+    from lowbit.experiments.sweep import run_state
+    from lowbit.experiments.trainer import TrainConfig
+    with pytest.raises(ValueError, match=f"{out}: its status.json or metrics.json is not readable"):
+        run_state(TrainConfig(task="digits", recipe="qat-8", epochs=2, out=str(out)))
+
+
 def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
     runs = tmp_path / "runs"
     _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
