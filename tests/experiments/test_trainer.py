@@ -399,7 +399,7 @@ def test_an_interrupt_leaves_status_interrupted_not_running(tmp_path):
         train(cfg, task=Interrupt(T.make_task("digits", "mlp", subset=256, eval_subset=64), set()),
               progress=False)
     status = json.loads((tmp_path / "status.json").read_text())
-    assert status["status"] == "interrupted" and "resumes" in status["message"]
+    assert status["status"] == "interrupted" and "with --resume" in status["message"]
     assert not is_busy(tmp_path)
     assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1  # and it resumes
 
