@@ -24,8 +24,9 @@ from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError
 from .models import MODELS, check_model_args
+from .rundir import is_busy
 from .tasks import TASKS
-from .trainer import TrainConfig, TrainingDiverged, train
+from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
 MODEL_ARG_HELP = "KEY=VALUE model constructor argument, repeatable (e.g. n_layer=2)"
 
@@ -269,7 +270,10 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     set_malloc(args.malloc)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
-    if launch:  # every value checked: now the same command on nproc ranks
+    if launch:  # every value checked, the run folder too: now the same command on nproc ranks
+        check_run_dir(Path(cfg.out), cfg, args.resume)
+        if is_busy(Path(cfg.out)):
+            raise ValueError(f"{cfg.out} is being trained by another process (its .lock): choose another --out")
         return _torchrun(args, cfg.world_size, cfg.out)
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress,

@@ -70,6 +70,19 @@ from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, chang
 from .tasks import Task, make_task
 
 
+def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    """``ValueError`` where training ``cfg`` into ``run_dir`` would lose another run: a
+    checkpoint there and no ``resume``, or :func:`_refuse_to_overwrite`'s cases. Run by
+    :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (whose
+    error would otherwise end in torchrun's traceback)."""
+    if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
+        raise ValueError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
+            "another --out"
+        )
+    _refuse_to_overwrite(run_dir, cfg, resume)
+
+
 def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training into ``run_dir`` would overwrite another run's results
     without a checkpoint to continue from (a committed run folder keeps its metrics, not its
@@ -289,12 +302,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     scheduler = cosine_schedule(optimizer, total_steps, warmup)
     data_gen = torch.Generator()
 
-    if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
-        raise ValueError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
-            "another --out"
-        )
-    _refuse_to_overwrite(run_dir, cfg, resume)
+    check_run_dir(run_dir, cfg, resume)
     start_epoch, step, bad_in_a_row, history, comm_saved = 0, 0, 0, [], None
     if resume:
         state = load_resumable(run_dir, cfg)
@@ -464,6 +472,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "check_run_dir",
     "build_optimizer",
     "cosine_schedule",
     "epoch_seed",

@@ -451,6 +451,21 @@ def test_an_unreadable_folder_is_named_not_fatal(tmp_path, capsys):
         run_state(TrainConfig(task="digits", recipe="qat-8", epochs=2, out=str(out)))
 
 
+def test_nproc_refuses_a_folder_before_launching_the_ranks(tmp_path, capsys, monkeypatch):
+    """``train --nproc 2`` into a folder holding a checkpoint printed the refusal twice and
+    ended in torchrun's traceback (exit 1): the folder is now checked before the launch,
+    one line and exit 2, as every invalid command."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["train", "--task", "digits", "--recipe", "qat-8", "--epochs", "1", "--subset", "64",
+            "--eval-subset", "32", "--batch-size", "32", "--out", str(tmp_path / "r"), *TINY]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint; pass --resume to "
+                   "continue it or choose another --out"]
+
+
 def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
     runs = tmp_path / "runs"
     _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
