@@ -66,6 +66,10 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
         if unknown:
             raise ValueError(f"--models: {unknown[0]!r} is not a model of {', '.join(tasks)}; "
                              f"allowed: {', '.join(sorted(known))}")  # fmt: skip
+        bare = [t for t in tasks if not any(m in MODELS[t] for m in models)]
+        if bare:  # it had no run at all, silently
+            raise ValueError(f"--models: none of {', '.join(models)} is a model of task {bare[0]!r} "
+                             f"(its models: {', '.join(MODELS[bare[0]])}); drop the task or add one")
     seeds = [parse_seed("--seeds", s) for s in parse_list("--seeds", args.seeds)]
     recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)

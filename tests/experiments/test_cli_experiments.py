@@ -466,6 +466,15 @@ def test_nproc_refuses_a_folder_before_launching_the_ranks(tmp_path, capsys, mon
                    "continue it or choose another --out"]
 
 
+def test_sweep_refuses_a_task_left_without_a_model(tmp_path, capsys):
+    """``--tasks digits,text --models mlp`` dropped the text task without a word (its dry
+    run listed one run): refused, naming the task and its models."""
+    rc = cli.main(["sweep", "--tasks", "digits,text", "--models", "mlp", "--recipes", "fp",
+                   "--out", str(tmp_path), "--dry-run"])
+    assert rc == 2
+    assert "--models: none of mlp is a model of task 'text'" in capsys.readouterr().err
+
+
 def test_report_leaves_diverged_and_unfinished_runs_out_of_the_mean(tmp_path):
     runs = tmp_path / "runs"
     _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
