@@ -69,11 +69,6 @@ def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
     return quantize_forward(x2d, spec).dequantize(compute_dtype(x2d.dtype))  # type: ignore[arg-type]
 
 
-def _work(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in :func:`~lowbit.formats.compute_dtype`: float32, float64 for a float64 model
-    (whose gradients may lie outside float32's range)."""
-    return t.to(compute_dtype(t.dtype))
-
 
 def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
                  input_path: bool, bias: bool) -> LayerGrads:
@@ -151,7 +146,7 @@ def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor
     gradient ``Σ_n ∇β_n`` (``None`` unless the ∇X path is quantized and the input needs a
     gradient): what the paired minibatch-variance estimate of :mod:`lowbit.monitor`
     compares between two steps."""
-    cfg, gy = layer.config, _work(gy)
+    cfg, gy = layer.config, gy.to(compute_dtype(gy.dtype))  # float64 keeps its range
     w = (layer.weight if isinstance(layer, FQTConv2d) else layer.linear_weight()).detach()  # (out, in, …)
     want_w = cfg.grad_weight is not None and layer.weight.requires_grad
     want_x = cfg.grad_input is not None and x_requires_grad
@@ -190,7 +185,7 @@ def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
     input_path = cfg.grad_input is not None and x_requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad
     fn = conv2d_grads if isinstance(layer, FQTConv2d) else linear_grads
-    return fn(layer, x, _work(gy), weight_path, input_path, bias)  # type: ignore[arg-type]
+    return fn(layer, x, gy.to(compute_dtype(gy.dtype)), weight_path, input_path, bias)  # type: ignore[arg-type]
 
 
 __all__ = ["LayerGrads", "PathOperand", "conv2d_grads", "layer_grads", "layer_totals", "linear_grads"]
