@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import os
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ import time
 
 import torch
 from torch import nn
+from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.train import check_out_file
 
 WORKLOADS = ("cnn", "mlp", "dilated")
 MODES = ("fp32", "fp32+compile", "fqt-psq-8", "fqt-psq-8+compile")
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (smoke tests)")
     a = p.parse_args(argv)
+    if a.json:  # checked before the measurement, not after it
+        check_out_file("--json", a.json)
     if not a.inprocess:  # a smoke run inside a test session leaves its thread count alone
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if a.one:
@@ -140,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {a.backend}\n")
     print(table(rows))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_atomic(Path(a.json), json.dumps(rows, indent=1))
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import os
 import statistics
 import subprocess
@@ -31,6 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import Bench, machine  # noqa: E402
 from step_workloads import WORKLOADS  # noqa: E402
+from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.train import check_out_file
 
 MODES = ("bf16", "fqt-psq-8", "fqt-psq-8+bf16", "fqt-bhq-8", "fqt-hadamard-8")
 
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.json:  # checked before the measurement, not after it
+        check_out_file("--json", a.json)
     if a.steps < 1:
         p.error("--steps must be ≥ 1")
     torch.set_num_threads(a.threads)
@@ -124,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"size={a.size}; each row: two fresh processes on one new Inductor cache directory\n")
     print(table(rows))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"machine": header, "rows": rows}, fh, indent=1)
+        write_atomic(Path(a.json), json.dumps({"machine": header, "rows": rows}, indent=1))
     return 0
 
 

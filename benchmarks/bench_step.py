@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+from pathlib import Path
 import os
 import statistics
 import subprocess
@@ -72,6 +73,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_workloads import WORKLOADS, Workload, attention_note, build  # noqa: E402
+from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.train import check_out_file
 
 BASELINES = ("fp32", "bf16", "torchao-int8", "torchao-float8")
 LOWBIT = ("fqt-psq-8", "fqt-bhq-8", "fqt-hadamard-8")
@@ -467,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     add_malloc_arg(p)
     args = p.parse_args(argv)
+    if args.json:  # checked before the measurement, not after it
+        check_out_file("--json", args.json)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.ceiling_n < 1:
         p.error("--steps, --rounds and --ceiling-n must be ≥ 1, --warmup ≥ 0")
     workloads = [w for w in args.workload.split(",") if w]
@@ -510,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
              if len(ceil) == 3 else ""))
     print(table(results, ceil))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": header, "device": args.device, "malloc": malloc, "ceilings_gflops": ceil,
-                       "results": [asdict(r) for r in results]}, f, indent=1)
+        write_atomic(Path(args.json), json.dumps({
+            "machine": header, "device": args.device, "malloc": malloc, "ceilings_gflops": ceil,
+            "results": [asdict(r) for r in results]}, indent=1))
     return 0
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from pathlib import Path
 import math
 import statistics
 import sys
@@ -62,6 +63,8 @@ from lowbit.analysis._model import frozen_buffers, parameter_groups, qat_of, wit
 from lowbit.experiments.tasks import make_task
 from lowbit.monitor import VarianceMonitor
 from lowbit.nn import fqt_blocks, fqt_layers
+from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.train import check_out_file
 
 
 def gemm_layers_only(module: torch.nn.Module, name: str) -> bool:
@@ -291,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.out:  # checked before the measurement, not after it
+        check_out_file("--out", a.out)
     if a.path == "grad_input" and not a.layers:
         p.error("--path grad_input needs --layers")
     torch.set_num_threads(a.threads)
@@ -307,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     def save() -> None:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "rows": results, "seconds": time.time() - t0}, f, indent=1)
+        write_atomic(Path(a.out), json.dumps({"args": vars(a), "rows": results,
+                                              "seconds": time.time() - t0}, indent=1))
 
     for point in points:
         model.load_state_dict(snaps[point])

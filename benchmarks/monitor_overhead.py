@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import statistics
 import sys
 import time
@@ -28,6 +29,8 @@ from torch import nn
 
 import lowbit
 from lowbit.monitor import VarianceMonitor
+from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.train import check_out_file
 
 
 def build(workload: str, device: str) -> tuple[nn.Module, callable]:
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.json:  # checked before the measurement, not after it
+        check_out_file("--json", a.json)
     torch.set_num_threads(a.threads)
     out = []
     for w in a.workload.split(","):
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               f"K=50 {100 * r['overhead_at_50']:.1f}%, K=100 {100 * r['overhead_at_100']:.1f}%",
               flush=True)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "torch": torch.__version__, "results": out}, f, indent=1)
+        write_atomic(Path(a.json), json.dumps({"args": vars(a), "torch": torch.__version__,
+                                               "results": out}, indent=1))
     return 0
 
 

@@ -33,6 +33,7 @@ from lowbit.config import RECIPES, FQTConfig
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
 from lowbit.experiments.tasks import TASKS, Task, make_task
+from lowbit.experiments.rundir import write_atomic
 from lowbit.experiments.train import check_out_dir, parse_int, parse_seed, set_threads
 
 from .variance_summary import strict
@@ -41,6 +42,7 @@ from lowbit.nn import convert
 from .variance_data import describe_warmup, loss_trend
 
 DEFAULT_BATCH_SIZE = {"digits": 64, "fashion-mnist": 64, "text": 16}
+RESULTS = ("comm_variance.json", "summary.md")  # what a run writes into --out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--subset", help="training images / text bytes to load (default: the task's)")
     add("--seed", default="0", help="seed of the weights, the batches and all noise")
     add("--threads", help="CPU threads for torch")
-    add("--out", required=True, help="output folder")
+    add("--out", required=True, help="output folder (one holding an earlier comm_variance.json "
+        "is refused unless --overwrite)")
+    add("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
 
 
 def _at_least(option: str, text: str | None, low: int) -> int:
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if batch_size % world:
         raise ValueError(f"--batch-size ({batch_size}) must be a multiple of --world-size ({world})")
     subset = None if args.subset is None else _at_least("--subset", args.subset, 1)
-    out = Path(check_out_dir("--out", args.out))
+    out = Path(check_out_dir("--out", args.out, RESULTS, args.overwrite))
     set_threads(args.threads)
     cfg = FQTConfig.from_recipe(args.recipe, seed=seed)
     if not cfg.is_fqt:
@@ -156,10 +160,10 @@ def run(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comm_variance.json").write_text(json.dumps(strict({
+    write_atomic(out / "comm_variance.json", json.dumps(strict({
         "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "warmup": warm, "runs": runs, "seconds": time.perf_counter() - t0,
         "torch": torch.__version__, "threads": torch.get_num_threads()}), indent=1, default=str, allow_nan=False) + "\n")
-    (out / "summary.md").write_text(table)
+    write_atomic(out / "summary.md", table)
     print(table)
     return 0

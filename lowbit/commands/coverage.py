@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.config import FQTConfig, backend_names, recipe_families
 from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
+from lowbit.experiments.rundir import write_atomic
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
 from lowbit.experiments.train import (MODEL_ARG_HELP, check_out_file, parse_int, parse_model_args, parse_seed,
                                       set_threads)
@@ -92,5 +93,5 @@ def run(args: argparse.Namespace) -> int:
           f"(backend {args.backend}), batch {batch}, synthetic data")
     print(report.table(by=args.by))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        write_atomic(Path(args.json), json.dumps(report.to_dict(), indent=1) + "\n")
     return 0

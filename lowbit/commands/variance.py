@@ -54,6 +54,7 @@ from lowbit.analysis.plots import plot_bounds, plot_profile
 from lowbit.analysis.variance import VarianceProfile, VarianceReport, gradient_variance, variance_profile
 from lowbit.config import FQTConfig, GradSpec
 from lowbit.experiments.models import DEFAULT_MODEL, build_model
+from lowbit.experiments.rundir import write_atomic
 from lowbit.formats import IntFormat, Rounding, parse_format
 from lowbit.nn import convert, fqt_weight_layers, frozen_ranges, range_stats
 from lowbit.ranges import Overflow, RangeMode
@@ -217,10 +218,10 @@ def run(args: argparse.Namespace) -> int:
         "spectra": [s.to_dict() for s in spectra], "bins": bins, "runs": runs,
         "seconds": seconds,
     }
-    (opts.out / "variance.json").write_text(json.dumps(strict(result), indent=1, default=jsonable,
+    write_atomic(opts.out / "variance.json", json.dumps(strict(result), indent=1, default=jsonable,
                                                        allow_nan=False))
     write_csv(opts.out / "variance.csv", runs)
-    (opts.out / "summary.md").write_text(summary(result, reports, profiles))
+    write_atomic(opts.out / "summary.md", summary(result, reports, profiles))
     print(f"lowbit variance: wrote {opts.out}/variance.json, variance.csv, summary.md and plots "
           f"in {seconds['total']:.0f} s")
     return 0

@@ -20,6 +20,7 @@ DEFAULT_BATCH_SIZE = {"digits": 32, "fashion-mnist": 32, "text": 16}
 DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
 DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
 RANGES = ("dynamic", "predicted", "predicted-clip")
+RESULTS = ("variance.json", "variance.csv", "summary.md")  # what a run writes into --out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "also as NAME_spec: the OCP/NVFP4 scale rule that may clip)")
     a("--rounding", default="stochastic",
       help="comma-separated gradient rounding modes: stochastic, nearest (default stochastic)")
-    a("--out", required=True, help="output folder (created)")
+    a("--out", required=True, help="output folder (created; one holding an earlier "
+      "variance.json is refused unless --overwrite)")
+    a("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     a("--batches", type=int, default=12, help="minibatches for the decomposition (≥ 3)")
     a("--batch-size", type=int, default=None,
       help="minibatch size (default: 32 images, 16 windows)")
@@ -196,7 +199,7 @@ def validate(args: argparse.Namespace) -> Options:
     return Options(
         task=args.task, model=args.model, quantizers=quantizers,
         bits=sorted({parse_format(f).element_bits for f in formats}), formats=formats,
-        roundings=list(dict.fromkeys(roundings)), out=Path(check_out_dir("--out", args.out)), batches=batches,
+        roundings=list(dict.fromkeys(roundings)), out=Path(check_out_dir("--out", args.out, RESULTS, args.overwrite)), batches=batches,
         batch_size=_at_least("batch-size", args.batch_size or DEFAULT_BATCH_SIZE[args.task], 2),
         repeats=_at_least("repeats", args.repeats, 2), seed=parse_seed("--seed", args.seed),
         subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],

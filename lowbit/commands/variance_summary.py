@@ -39,6 +39,7 @@ Outputs in ``--out``:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import platform
@@ -49,6 +50,7 @@ from typing import Any
 import torch
 
 from lowbit.analysis.variance import GroupVariance, VarianceProfile, VarianceReport
+from lowbit.experiments.rundir import write_atomic
 
 from .variance_data import describe_warmup
 
@@ -105,13 +107,15 @@ CSV_FIELDS = [f for f in GroupVariance.__dataclass_fields__]
 
 
 def write_csv(path: Path, runs: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["quantizer", "format", "bits", "rounding", "range", "group", *CSV_FIELDS])
-        for r in runs:
-            for g, st in r["report"]["groups"].items():
-                w.writerow([r["quantizer"], r["format"], r["bits"], r["rounding"], r["range"], g,
-                            *[st[f] for f in CSV_FIELDS]])
+    """One row per run and gradient group, written atomically (:func:`write_atomic`)."""
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["quantizer", "format", "bits", "rounding", "range", "group", *CSV_FIELDS])
+    for r in runs:
+        for g, st in r["report"]["groups"].items():
+            w.writerow([r["quantizer"], r["format"], r["bits"], r["rounding"], r["range"], g,
+                        *[st[f] for f in CSV_FIELDS]])
+    write_atomic(path, fh.getvalue())
 
 
 def _e(x: float) -> str:

@@ -48,6 +48,28 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+RECIPE_OVERRIDES = ("grad_input_bits", "grad_weight_bits", "range_margin")
+
+
+def override_refused(name: str, recipe: str) -> str | None:
+    """Why the recipe-specific setting ``name`` (one of ``RECIPE_OVERRIDES``) does not
+    apply to ``recipe``, or None where it does: gradient bits need an ``fqt-*`` recipe of
+    fixed widths (an adaptive one picks its own), the range margin an ``fqt-*-predicted``
+    one. :class:`TrainConfig` raises with the reason; ``lowbit sweep`` leaves the setting
+    out of the runs it does not apply to and says so."""
+    if name == "range_margin":
+        return None if recipe.endswith("-predicted") else (
+            f"range_margin needs an fqt-*-predicted recipe, got {recipe!r}")
+    if name not in ("grad_input_bits", "grad_weight_bits"):
+        raise ValueError(f"{name!r} is not one of {', '.join(RECIPE_OVERRIDES)}")
+    if not recipe.startswith("fqt-"):
+        return f"{name} needs an fqt-* recipe, got {recipe!r}"
+    if recipe in ADAPTIVE_RECIPES:
+        return (f"{name} conflicts with the adaptive recipe {recipe!r}: its widths are chosen "
+                "per layer by the variance monitor")
+    return None
+
+
 def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -118,15 +140,14 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}"
                 )
-            if not self.recipe.startswith("fqt-"):
-                raise ValueError(f"{name} needs an fqt-* recipe, got {self.recipe!r}")
-            if self.recipe in ADAPTIVE_RECIPES:
-                raise ValueError(f"{name} conflicts with the adaptive recipe {self.recipe!r}: "
-                                 "its widths are chosen per layer by the variance monitor")
+            why = override_refused(name, self.recipe)
+            if why:
+                raise ValueError(why)
         if self.range_margin is not None:
             _finite("range_margin", self.range_margin, 1.0, True)
-            if not self.recipe.endswith("-predicted"):
-                raise ValueError(f"range_margin needs an fqt-*-predicted recipe, got {self.recipe!r}")
+            why = override_refused("range_margin", self.recipe)
+            if why:
+                raise ValueError(why)
         allowed_backends = [b.value for b in Backend]
         if self.backend not in allowed_backends:
             raise ValueError(
@@ -251,4 +272,4 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 __all__ = ["LEGACY_DEFAULTS", "changed_settings", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
-           "WEIGHT_FORMATS", "launched_world_size"]
+           "WEIGHT_FORMATS", "RECIPE_OVERRIDES", "launched_world_size", "override_refused"]

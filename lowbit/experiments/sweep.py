@@ -37,7 +37,7 @@ from .train import (
     training_fields,
 )
 from .rundir import RunBusy, is_busy, run_lock
-from .runconfig import changed_settings, launched_world_size
+from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
 from .trainer import TrainConfig, TrainingDiverged, train
 
 
@@ -73,18 +73,38 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     seeds = [parse_seed("--seeds", s) for s in parse_list("--seeds", args.seeds)]
     recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)
+    _recipe_overrides(common, recipes)
     configs = []
     for seed in seeds:  # seeds outermost: a sweep cut short still covers every recipe once
         for task in tasks:
             for model in [m for m in models if m in MODELS[task]] if models else [None]:
                 for recipe in recipes:
                     fields = dict(common, task=task, model=model, recipe=recipe, seed=seed)
-                    if not recipe.startswith("fqt-"):  # gradient bits apply to fqt-* only
-                        fields.update(grad_input_bits=None, grad_weight_bits=None)
+                    for name in RECIPE_OVERRIDES:  # each run gets the settings that fit it
+                        if override_refused(name, recipe):
+                            fields[name] = None
                     cfg = make_config(fields)
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
     return configs
+
+
+def _recipe_overrides(common: dict, recipes: list[str]) -> None:
+    """Recipe-specific settings (``--grad-input-bits``, ``--grad-weight-bits``,
+    ``--range-margin``) go to the recipes they fit and are left out of the others, with a
+    line naming those (a mixed grid is the point of a sweep); ``ValueError`` where one fits
+    none of ``recipes`` (it would be dropped from every run)."""
+    for name in RECIPE_OVERRIDES:
+        if common.get(name) is None:
+            continue
+        refused = {r: override_refused(name, r) for r in recipes}
+        option = "--" + name.replace("_", "-")
+        if all(refused.values()):
+            raise ValueError(f"{option} applies to none of --recipes: {refused[recipes[0]]}")
+        skipped = [r for r, why in refused.items() if why]
+        if skipped:
+            print(f"sweep: {option} {common[name]} is not used by {', '.join(skipped)} "
+                  f"({refused[skipped[0]]})", flush=True)
 
 
 def _saved_train(run_dir: Path) -> dict | None:

@@ -48,8 +48,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--weights", default="fp32",
         help="weight storage: fp32, bf16-master (bf16 model + fp32 master copy), bf16 or "
         "int8 (SR updates, no fp32 copy)")
-    add("--opt-state", help="optimizer state format with bf16/int8 weights: bf16 or int8 "
-        "(default: as --weights)")
+    add("--opt-state", help="optimizer state format: bf16 or int8 with --weights bf16 or int8 "
+        "(default: as --weights); fp32 (the only value) with fp32 or bf16-master weights")
     add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
     add("--monitor-every", help="variance monitor every N steps (lowbit.monitor; "
         "default 50, 0 off; fqt-auto* recipes need it)")
@@ -159,10 +159,19 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def check_out_dir(option: str, path: str) -> str:
+def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
+                  overwrite: bool = False) -> str:
+    """``path`` as a folder a command will create or write into, checked before any work
+    (``ValueError`` naming ``option``): not a file, nor under one; and, unless
+    ``overwrite``, holding none of ``results`` (the files an earlier run of the command
+    wrote there: its measurement would be replaced without a word)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{option} must be a folder, but {path} is a file")
+    held = [name for name in results if (p / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"{option}: {path} already holds {', '.join(held)} from an earlier run; "
+                         "choose another folder, or pass --overwrite to replace them")
     for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():

@@ -65,7 +65,7 @@ from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import RunBusy, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
+from .rundir import LOCK, RunBusy, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, changed_settings
 from .tasks import Task, make_task
 
@@ -252,6 +252,7 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
     """:func:`_train_locked` while rank 0 holds the run folder's lock (:func:`run_lock`);
     every rank raises :class:`RunBusy` if another process holds it."""
     run_dir, main = Path(cfg.out), ranks.is_main
+    created = main and not run_dir.exists()
     with contextlib.ExitStack() as stack:
         busy = None
         if main:
@@ -271,6 +272,20 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
+        finally:
+            if created:  # still holding the lock: no other process is using the folder
+                _remove_if_unused(run_dir)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove the run folder this process created when the run failed before writing a
+    file into it (a bad model argument, a task that cannot load): an empty folder holding
+    only the lock file looked like a run (``lowbit sweep`` listed it). Anything else in it
+    is kept."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,

@@ -67,6 +67,13 @@ def test_end_to_end_on_digits(tmp_path) -> None:
     for name in ("bins_4bit.png", "profile_bhq_int4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
     assert "| bhq | int4 (4) |" in (out / "summary.md").read_text()
+    # a second run into the folder replaced these results without a word: refused before
+    # any work, naming --overwrite; with it, the options validate
+    before = (out / "variance.json").read_bytes()
+    assert main(["variance", "--task", "digits", "--out", str(out)]) == 2
+    assert (out / "variance.json").read_bytes() == before
+    from lowbit.commands.variance import validate
+    assert validate(parse("--task", "digits", "--out", str(out), "--overwrite")).out == out
 
 
 def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:

@@ -86,6 +86,10 @@ def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
     g = int4["report"]["groups"]["total"]
     assert g["comm"] > 0 and g["comm_expected"] > 0 and out["warmup"]["steps"] == 2
     assert "| int4 |" in (tmp_path / "summary.md").read_text() and "| int4 |" in capsys.readouterr().out
+    before = (tmp_path / "comm_variance.json").read_bytes()  # an earlier result is not replaced
+    assert main(["comm-variance", "--task", "digits", "--out", str(tmp_path)]) == 2
+    assert "already holds comm_variance.json, summary.md from an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "comm_variance.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("argv, match", [

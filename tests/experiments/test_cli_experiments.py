@@ -367,6 +367,23 @@ def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
     assert "digits-mlp-fp-s0" in out and "digits-mlp-fqt-bhq-8-gi5-gw8-s0" in out
 
 
+def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
+    """``--range-margin`` over a mixed grid refused the whole sweep while
+    ``--grad-input-bits`` was dropped from fp without a word: both now go to the recipes
+    they fit, a line names the others, and a setting that fits no recipe is refused."""
+    args = ["sweep", "--recipes", "fp,fqt-psq-8-predicted,fqt-auto-psq", "--grad-input-bits", "5",
+            "--range-margin", "1.5", "--epochs", "1", "--out", str(tmp_path), "--dry-run"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "digits-mlp-fp-s0" in out and "digits-mlp-fqt-psq-8-predicted-gi5-gw8-m1.5-s0" in out
+    assert "--grad-input-bits 5 is not used by fp, fqt-auto-psq" in out
+    assert "--range-margin 1.5 is not used by fp, fqt-auto-psq" in out
+    rc = cli.main(["sweep", "--recipes", "fp,qat-8", "--range-margin", "1.5", "--out",
+                   str(tmp_path), "--dry-run"])
+    assert rc == 2
+    assert "--range-margin applies to none of --recipes" in capsys.readouterr().err
+
+
 def test_report_creates_results_md_with_markers(tmp_path):
     body = "table"
     path = tmp_path / "results.md"

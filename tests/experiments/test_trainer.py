@@ -446,6 +446,31 @@ def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path
     assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    """A run that failed before its first file (here the model cannot be built) left its
+    new folder behind holding only ``.lock``; a folder that existed before, or one with
+    files in it, stays."""
+    class Broken(_NaNLoss):
+        def build_model(self):
+            raise RuntimeError("cannot build")
+
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    new = tmp_path / "runs" / "new"
+    with pytest.raises(RuntimeError, match="cannot build"):
+        train(TrainConfig(**DIGITS, epochs=1, out=str(new)), task=Broken(task, set()), progress=False)
+    assert not new.exists() and (tmp_path / "runs").is_dir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match="cannot build"):
+        train(TrainConfig(**DIGITS, epochs=1, out=str(kept)), task=Broken(task, set()), progress=False)
+    assert kept.is_dir()
+    done = tmp_path / "done"  # failed after writing its files: every file stays
+    cfg = TrainConfig(**DIGITS, epochs=1, max_bad_steps=1, out=str(done))
+    with pytest.raises(TrainingDiverged):
+        train(cfg, task=_NaNLoss(task, set(range(100))), progress=False)
+    assert (done / "status.json").exists() and (done / "config.json").exists()
+
+
 def test_nan_metrics_are_written_as_null_not_numbers(tmp_path):
     from lowbit.experiments.trainer import write_metrics
 
