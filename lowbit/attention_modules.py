@@ -34,6 +34,11 @@ def _child(name: str, sub: str) -> str:
     return f"{name}.{sub}" if name else sub
 
 
+def _nan_where(dead: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """NaN where ``dead``, 1 elsewhere, in ``like``'s dtype: a factor whose product writes
+    NaN into those rows and keeps their gradient path (``masked_fill`` would cut it)."""
+    return torch.where(dead, float("nan"), 1.0).to(like.dtype)
+
 class ScaledDotProductAttention(nn.Module):
     """``F.scaled_dot_product_attention`` as a module (no parameters): call attention
     through one, and ``lowbit.convert`` makes it low-bit. Same arguments as the function."""
@@ -277,12 +282,16 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         # F.multi_head_attention_forward) gives NaN weights and, through the out-projection,
         # a NaN output row, while lowbit's attention gives 0 there, as torch's
         # need_weights=False (SDPA) path does. The rows are set after the out-projection:
-        # before it, a NaN would reach every row through its per-tensor input scale.
+        # before it, a NaN would reach every row through its per-tensor input scale. They
+        # are multiplied by NaN, not filled: masked_fill's backward gives 0 there, so a NaN
+        # loss had finite gradients that silently left those rows out (a step guard that
+        # checks the gradients applied it); the product's backward carries the NaN, as
+        # torch's softmax does.
         dead = None
         if need_weights and attn_mask is not None:
             dead = torch.isneginf(attn_mask).all(-1).expand(out.shape[:-1])  # (N, H, L)
             if bool(dead.any()):
-                weights = weights.masked_fill(dead.unsqueeze(-1), float("nan"))
+                weights = weights * _nan_where(dead.unsqueeze(-1), weights)
                 dead = dead.any(1).t().unsqueeze(-1)  # (L, N, 1): a head's NaN reaches the row
             else:
                 dead = None
@@ -290,7 +299,7 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         out = self.out_proj(out)
         out = out.view(tgt_len, bsz, out.shape[-1])  # (no -1: tgt_len or bsz may be 0)
         if dead is not None:
-            out = out.masked_fill(dead, float("nan"))
+            out = out * _nan_where(dead, out)
         if weights is not None and average:
             weights = weights.mean(dim=1)
         if not batched:

@@ -898,3 +898,34 @@ def test_multihead_attention_fully_masked_queries_as_torch(need_weights: bool, m
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=0.05, rtol=0.05)
     if need_weights:
         assert torch.equal(got_w.isnan(), want_w.isnan())
+        torch.testing.assert_close(got_w.nan_to_num(), want_w.nan_to_num(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("through", ["output", "weights"])
+def test_multihead_attention_nan_rows_reach_the_gradients(through: str) -> None:
+    """The NaN rows of a fully masked query were written with masked_fill, whose backward
+    gives 0 there: the loss was NaN while every gradient was finite and left that batch
+    entry out (out_proj.bias.grad 10 instead of 15), so a step guard that checks the
+    gradients applied the step. Now the gradients torch makes NaN are NaN here too."""
+    torch.manual_seed(1)
+    ref = nn.MultiheadAttention(8, 2)
+    mha = AM.FQTMultiheadAttention.from_float(ref, FQT, seed=0)
+    q, kv = torch.randn(5, 3, 8), torch.randn(6, 3, 8)
+    kpm = torch.zeros(3, 6, dtype=torch.bool)
+    kpm[1] = True  # batch entry 1: every key padded
+    grads = []
+    for module in (ref, mha):
+        x = q.clone().requires_grad_()
+        out, weights = module(x, kv, kv, key_padding_mask=kpm)
+        loss = (out if through == "output" else weights).sum()
+        assert loss.isnan()
+        loss.backward()
+        grads.append({"q": x.grad, "in_proj_weight": module.in_proj_weight.grad,
+                      "out_proj.weight": module.out_proj.weight.grad})
+    for name, want in grads[0].items():
+        got = grads[1][name]
+        if want is None:  # the weights do not depend on the out-projection
+            assert got is None and through == "weights", name
+            continue
+        assert bool(want.isnan().any()) and bool(got.isnan().any()), name
+        assert torch.equal(got.isnan(), want.isnan()), name
