@@ -34,6 +34,7 @@ from .nn import (
     rng_state,
 )
 from .quantizers import QUANTIZERS, Granularity, get_quantizer, quantize_grad
+from . import amp as amp  # the submodule lowbit.amp (GradScaler), imported after .nn
 
 __version__ = "0.1.0"
 

@@ -538,6 +538,14 @@ def restore_ranges(snapshot: RangeSnapshot) -> None:
             t.load_state_dict(states[p])
 
 
+def rescale_ranges(model: nn.Module, factor: float) -> None:
+    """Multiply every predicted-range history of ``model`` by ``factor`` (the gradients'
+    unit changed by that factor: a new loss scale, :class:`lowbit.amp.GradScaler`)."""
+    for m in fqt_blocks(model).values():
+        for t in m.range_trackers.values():
+            t.rescale(factor)
+
+
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:
     """Overflow counters of every predicted-range tracker, keyed ``layer/path``, plus
     ``"total"`` (their sum; all zero when no layer predicts its ranges)."""
@@ -568,7 +576,7 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
             t.frozen = f
 
 
-__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers",
+__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
            "restore_ranges", "rng_state", "snapshot_ranges"]

@@ -182,6 +182,15 @@ class RangeTracker:
         self._hist[self._count % self.history] = obs.to(self._hist.device)
         self._count += 1
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the recorded ranges by ``factor`` > 0 (finite): the gradients' unit
+        changed, e.g. a loss scale went from ``s`` to ``factor·s`` (:mod:`lowbit.amp`).
+        Exact for powers of two. ``ValueError`` for another ``factor``."""
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"rescale factor must be a finite number > 0, got {factor!r}")
+        if self._hist is not None:
+            self._hist.mul_(factor)
+
     def state_dict(self) -> dict[str, Any]:
         return {"hist": None if self._hist is None else self._hist.clone(), "count": self._count,
                 "stats": asdict(self.stats), "key": list(self.key())}

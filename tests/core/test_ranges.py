@@ -384,3 +384,50 @@ def test_dynamic_spec_ignores_tracker() -> None:
     got = quantize_gradient(a, spec, torch.Generator().manual_seed(0), Backend.AUTO, t)
     want = quantize_gradient(a, spec, torch.Generator().manual_seed(0), Backend.AUTO)
     assert t.stats.calls == 0 and torch.equal(got.codes, want.codes) and torch.equal(got.step, want.step)
+
+
+def test_grad_scaler_undoes_skipped_steps_and_follows_the_loss_scale() -> None:
+    """With torch.amp.GradScaler, the steps it skipped (overflow) still wrote their
+    loss-scaled ranges into the histories, and a change of the scale left them off by its
+    factor: at 2^16 on float16 the grid stayed about 10× too coarse for 16 calls.
+    lowbit.amp.GradScaler restores the histories of a skipped step and rescales them with
+    the scale (powers of two: exactly)."""
+    from lowbit.amp import GradScaler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():  # gradients that overflow float16 at the first scales
+        model[2].weight *= 40
+        model[4].weight *= 40
+    lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # only the scaler and the trackers move
+    scaler = GradScaler(model, "cpu", init_scale=2.0**16, growth_interval=2)
+    g = torch.Generator().manual_seed(1)
+    hist = lambda: {p: (t._hist.clone(), t._count) for p, t in model[2].range_trackers.items()}  # noqa: E731
+    kinds = set()
+    for _ in range(10):
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+        before, scale = hist(), scaler.get_scale()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        factor, after = scaler.get_scale() / scale, hist()
+        if factor < 1:  # skipped: the histories as before the step, in the new unit
+            kinds.add("skipped")
+            assert after.keys() == before.keys()
+            for p, (h, n) in after.items():
+                assert n == before[p][1] and torch.equal(h, before[p][0] * factor)
+        else:  # one more call recorded; the older ones in the new unit
+            kinds.add("grown" if factor > 1 else "kept")
+            for p, (h, n) in after.items():
+                if p in before:
+                    old, m = before[p]
+                    assert n == m + 1
+                    keep = [i for i in range(h.shape[0]) if i != m % h.shape[0]]
+                    assert torch.equal(h[keep], old[keep] * factor)
+    assert kinds == {"skipped", "grown", "kept"}
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        GradScaler(torch.zeros(1), "cpu")
