@@ -42,9 +42,12 @@ measured with QAT gradients, does not).
 in :mod:`lowbit.analysis.variance`, whose measured figures the monitor's agree with
 (docs/results.md, "Variance monitor"). Samples are the first dimension of a layer's input
 (rows for a 2-D input; sequences for ``(B, T, C)``); a layer called more than once in a
-step gets the per-sample ``sgd_*`` NaN (per-sample gradients then span calls) — the paired
+step gets the per-sample ``sgd_*`` NaN (per-sample gradients then span calls; a warning
+names it once: gradient accumulation is measured with ``sgd="paired"``) — the paired
 estimate (BatchNorm models) stays finite, it needs no per-sample split — and its
-``quant_*`` are summed.
+``quant_*`` are summed. A layer whose ``∇Y`` sums to 0 over the samples (its output is
+normalized over the batch) gives the probe no gradient (``‖Σ_n ∇β_n‖² ≤ FLAT_PROBE ·
+Σ_n ‖∇β_n‖²``): its ``ratio_x`` is NaN, with a warning, and a policy leaves that path.
 Random transforms (``hadamard``) use the very signs the layer drew: the generator is
 rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
 
@@ -85,6 +88,9 @@ from .varstats import paired_variance, path_noise, sgd_variance
 
 log = logging.getLogger("lowbit.monitor")
 PATHS = ("grad_input", "grad_weight")
+# ‖Σ_n ∇β_n‖² ≤ FLAT_PROBE·Σ_n ‖∇β_n‖²: the probe's samples sum to 0 up to float rounding
+# (≈ 1e-14 relative; independent samples give ≈ 1): a batch-normalized output.
+FLAT_PROBE = 1e-8
 _NOISE_PATH = {"grad_input": Path.GRAD_INPUT, "grad_weight": Path.GRAD_WEIGHT}
 
 
@@ -123,6 +129,7 @@ class _Acc:
         self.v = LayerVariance()
         self.quant: dict[str, dict[tuple[str, int], float]] = {"grad_input": {}, "grad_weight": {}}
         self.shift: dict[tuple[str, int], float] = {}
+        self.flat_probe = False  # ∇β summed to 0 over the samples (a batch-normalized output)
 
 
 class _InertHook:
@@ -208,6 +215,7 @@ class VarianceMonitor:
         self._mode: str | None = None  # this step: "full", "totals" (paired: the step before) or None
         self._acc: dict[str, _Acc] = {}
         self._totals: dict[str, list[torch.Tensor | None]] = {}
+        self._warned: set[tuple[str, str]] = set()  # (layer, cause) already warned about
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
         self._handles = [lay.register_forward_hook(_LayerHook(self, n)) for n, lay in self.layers.items()]
         for layer in self.layers.values() if policy is not None else ():
@@ -306,6 +314,9 @@ class VarianceMonitor:
             v.sgd_w_samples = sgd_variance(g.w_sq, g.w_total) if one else math.nan
         if g.grad_input is not None:
             v.sgd_x_samples = sgd_variance(g.x_sq, g.x_total) if one else math.nan
+            spread = float(g.x_sq.sum()) if g.x_sq is not None else 0.0
+            if spread > 0 and g.x_total <= FLAT_PROBE * spread:
+                acc.flat_probe = True
 
     # -- end of a monitored step ----------------------------------------------------------
     def _finish(self) -> None:
@@ -330,16 +341,36 @@ class VarianceMonitor:
                     r = {k: ratio(q, v.sgd_w) for k, q in acc.quant[path].items()}
                 else:
                     v.quant_x, v.quant_x_shift = acc.quant[path][cur], acc.shift[cur]
-                    r = {k: ratio(q, v.sgd_x) for k, q in acc.shift.items()}
+                    r = {k: math.nan if acc.flat_probe else ratio(q, v.sgd_x) for k, q in acc.shift.items()}
                 setattr(v, f"ratio_{tag}", r[cur])
                 if self.policy is not None:
                     setattr(v, f"candidates_{tag}", {f"{q}{b}": x for (q, b), x in r.items()})
                 ratios.setdefault(name, {})[path] = r
                 self._grad_numel[name][path] = v.grad_rows
             rec.layers[name] = v
+            self._say_once(name, acc, v)
         self.history.append(rec)
         if self.policy is not None:
             self._decide(rec.step, ratios)
+
+    def _say_once(self, name: str, acc: _Acc, v: LayerVariance) -> None:
+        """A warning, once per layer and cause, where a ratio is NaN for a reason the user
+        can act on (it was silent: ``fqt-auto`` then ran at fixed widths)."""
+        causes = []
+        if acc.flat_probe:
+            causes.append(("flat", f"{name}: ratio_x not measured: the layer's ∇Y sums to 0 over the "
+                           "samples (its output is normalized over the batch, e.g. by BatchNorm), so "
+                           "the input-shift probe has no gradient to compare with; a policy leaves "
+                           "this ∇X path's width as it is"))
+        if v.calls > 1 and self.sgd == "per-sample":
+            causes.append(("calls", f"{name}: ran {v.calls} times in one monitored step (gradient "
+                           "accumulation or a shared layer): per-sample minibatch variance cannot "
+                           "span calls, so its ratios are NaN and a policy leaves it as it is; "
+                           "VarianceMonitor(sgd='paired') sums the calls' gradients"))
+        for cause, text in causes:
+            if (name, cause) not in self._warned:
+                self._warned.add((name, cause))
+                log.warning(text)
 
     def _decide(self, step: int, ratios: dict[str, dict[str, dict[tuple[str, int], float]]]) -> None:
         """Apply the policy to every measured path; log and record each change."""

@@ -610,3 +610,57 @@ def test_a_policy_on_a_fixed_recipe_or_other_quantizers_is_refused() -> None:
     with pytest.raises(ValueError, match=r"quantizes grad_input with 'psq', not among"):
         VarianceMonitor(auto_psq, every=1, policy=AdaptivePolicy(grad_input=("bhq",)))
     VarianceMonitor(auto_psq, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto-psq"))
+
+
+def _mlp(bn: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64)] + ([nn.BatchNorm1d(64)] if bn else [])
+    return lowbit.convert(nn.Sequential(*layers, nn.ReLU(), nn.Linear(64, 4)),
+                          FQTConfig.from_recipe("fqt-psq-8", seed=0))
+
+
+def test_gradient_accumulation_is_named_and_paired_measures_it(caplog) -> None:
+    """Micro-batches accumulated inside one monitored step made every per-sample ratio
+    NaN without a word, and fqt-auto then ran at fixed widths. Now a warning (once per
+    layer) names the cause and the remedy; sgd='paired' sums the calls and measures."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)) for _ in range(3)]
+    for sgd in ("per-sample", "paired"):
+        model = _mlp(bn=False)
+        mon = VarianceMonitor(model, every=1, sgd=sgd)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lowbit.monitor"):
+            for x, y in batches:
+                with mon.step():
+                    for xs, ys in zip(x.chunk(4), y.chunk(4)):  # 4 micro-batches
+                        (F.cross_entropy(model(xs), ys) / 4).backward()
+        v = mon.history[-1].layers["2"]
+        warned = [r.message for r in caplog.records if "ran 4 times in one monitored step" in r.message]
+        if sgd == "per-sample":
+            assert math.isnan(v.ratio_w) and math.isnan(v.ratio_x)
+            assert len(warned) == 3  # once per layer, not once per step
+        else:
+            assert math.isfinite(v.ratio_w) and math.isfinite(v.ratio_x) and not warned
+
+
+@pytest.mark.parametrize("sgd", ["per-sample", "paired"])
+def test_a_batch_normalized_output_leaves_the_input_probe_unmeasured(sgd: str, caplog) -> None:
+    """A layer whose output feeds BatchNorm has ∇Y summing to 0 over the samples, so its
+    ∇X probe (an input shift) has no gradient: the paired estimate was ≈ 1e-16 and
+    ratio_x ≈ 6e8 (fqt-auto pinned the path at 8 bits), the per-sample one 1e-4. Now
+    ratio_x is NaN there with a warning; the layer without BatchNorm is measured."""
+    g = torch.Generator().manual_seed(1)
+    for bn in (False, True):
+        model = _mlp(bn)
+        mon = VarianceMonitor(model, every=2, sgd=sgd)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lowbit.monitor"):
+            for _ in range(3):
+                x, y = torch.randn(256, 32, generator=g), torch.randint(0, 4, (256,), generator=g)
+                with mon.step():
+                    F.cross_entropy(model(x), y).backward()
+        v = mon.history[-1].layers["2"]
+        flat = [r.message for r in caplog.records if "sums to 0 over the samples" in r.message]
+        assert math.isfinite(v.ratio_w)
+        assert math.isnan(v.ratio_x) == bn and bool(flat) == bn
+        assert math.isfinite(mon.history[-1].layers["5" if bn else "4"].ratio_x)  # not normalized
