@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="fqt-psq-8")
     p.add_argument("--backend", default="auto")
     p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--tables", action="store_true",
+                   help="also print each model's report.table(by='type') (docs/coverage.md, 'Per model')")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append((name, rep, note))
     print(f"recipe {args.recipe}, backend {args.backend}, torch {torch.__version__}\n")
     print(markdown(results))
+    if args.tables:
+        for name, rep, note in results:
+            print(f"\n### {name}\n\n{note}\n\n```\n{rep.table(by='type')}\n```")
     return 0
 
 

@@ -43,11 +43,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """``--help`` names every option's default: ``(default X)`` is appended where the
+    help text does not state one already (not for flags, nor for options without one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS
+                or isinstance(default, list) and not default
+                or "default" in text.lower() or not action.option_strings):
+            return text
+        return f"{text} (default {str(default).replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_ShowDefaults)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     return parser

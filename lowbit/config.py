@@ -330,6 +330,12 @@ class FQTConfig:
             cfg = cls(**_recipe(name))  # type: ignore[arg-type]
         else:
             raise ValueError(f"unknown recipe {name!r}; allowed: {recipe_families()}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in overrides if k not in fields]
+        if unknown:
+            raise TypeError(f"from_recipe: {unknown[0]!r} is not an FQTConfig field; fields: "
+                            f"{', '.join(fields)} (gradient widths: config.with_grad_bits(...) "
+                            "or a recipe name such as 'fqt-psq-4')")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:

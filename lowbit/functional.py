@@ -1,4 +1,6 @@
-"""Fully quantized linear and conv2d: three GEMMs by name.
+"""Fully quantized GEMMs as functions: ``fqt_linear``, ``fqt_conv2d``, ``fqt_conv1d`` and
+``scaled_dot_product_attention`` (the last two from :mod:`lowbit.conv` and
+:mod:`lowbit.attention`, re-exported here). A linear layer's three GEMMs by name:
 
     output       Y  = Q_f(X) · Q_f(W)ᵀ  (+ b)
     grad_input   ∇X = Q_a(∇Y) · Q_f(W)
@@ -335,7 +337,7 @@ def check_conv_padding(op: str, padding: Any, stride: Sequence[int]) -> None:
 
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig) -> torch.Tensor:
-    """Linear layer under ``config`` (``fp``: plain ``F.linear``): ``x`` (*, in),
+    """Linear layer under ``state``'s recipe (``fp``: plain ``F.linear``): ``x`` (*, in),
     ``weight`` (out, in), ``bias`` (out,) → (*, out), any leading shape, empty ones too.
 
     The output dtype is :func:`output_dtype` of ``x`` (the autocast dtype under autocast);
@@ -413,6 +415,9 @@ def __getattr__(name: str) -> Any:
     if name == "scaled_dot_product_attention":
         from .attention import scaled_dot_product_attention
         return scaled_dot_product_attention
+    if name == "fqt_conv1d":
+        from .conv import fqt_conv1d
+        return fqt_conv1d
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -421,6 +426,7 @@ __all__ = [
     "block_state",
     "call_state",
     "check_dtypes",
+    "fqt_conv1d",  # noqa: F822 (module __getattr__, lazily)
     "fqt_conv2d",
     "fqt_linear",
     "linear_grad_input",

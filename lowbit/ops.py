@@ -81,7 +81,9 @@ class BlockState:
 
     def __init__(self, config: FQTConfig, noise: NoiseStream) -> None:
         if not isinstance(config, FQTConfig):
-            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}"
+                            + (f" (a recipe name: lowbit.FQTConfig.from_recipe({config!r}))"
+                               if isinstance(config, str) else ""))
         if not isinstance(noise, NoiseStream):
             raise TypeError(f"noise must be a lowbit.noise.NoiseStream, got {type(noise).__name__}")
         self._config = config

@@ -221,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(opts.out / "variance.json", json.dumps(strict(result), indent=1, default=jsonable,
                                                        allow_nan=False))
     write_csv(opts.out / "variance.csv", runs)
-    write_atomic(opts.out / "summary.md", summary(result, reports, profiles))
+    text = summary(result, reports, profiles)
+    write_atomic(opts.out / "summary.md", text)
+    print(text)
     print(f"lowbit variance: wrote {opts.out}/variance.json, variance.csv, summary.md and plots "
           f"in {seconds['total']:.0f} s")
     return 0

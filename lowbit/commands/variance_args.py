@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ DEFAULT_BATCH_SIZE = {"digits": 32, "fashion-mnist": 32, "text": 16}
 DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
 DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
 RANGES = ("dynamic", "predicted", "predicted-clip")
+DEFAULT_BITS = "4,8"  # --bits without --formats
 RESULTS = ("variance.json", "variance.csv", "summary.md")  # what a run writes into --out
 
 
@@ -29,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default=None, help="model name for the task (default: the task's default)")
     a("--quantizers", default=",".join(QUANTIZERS),
       help=f"comma-separated ∇X-path quantizers from {', '.join(QUANTIZERS)}")
-    a("--bits", default="4,8", help=f"comma-separated ∇X-path bit widths in {MIN_BITS}..{MAX_BITS} "
-      "(symmetric integer grids; ignored with --formats)")
+    a("--bits", default=None, help=f"comma-separated ∇X-path bit widths in {MIN_BITS}..{MAX_BITS} "
+      "(symmetric integer grids; not with --formats; default 4,8)")
     a("--formats", default=None,
       help=f"comma-separated ∇X-path formats from {', '.join(FORMAT_NAMES)} (block formats "
       "also as NAME_spec: the OCP/NVFP4 scale rule that may clip)")
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=None,
       help="minibatch size (default: 32 images, 16 windows)")
     a("--repeats", type=int, default=4, help="FQT draws per minibatch (≥ 2)")
-    a("--seed", default="0")
+    a("--seed", default="0", help="seed of the weights, the batches and the rounding noise")
     a("--subset", type=int, default=None,
       help="training images to load (fashion-mnist, default 10000; digits: all) or text bytes")
     a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
@@ -67,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bin-layer", default=None, help="layer whose ∇Y goes in the bin figure (default: middle)")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
-    a("--quiet", action="store_true", help="no progress bars")
+    a("--quiet", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
 
 
 # -- argument checks ----------------------------------------------------------------------
@@ -179,7 +181,10 @@ def validate(args: argparse.Namespace) -> Options:
     if not roundings or any(r not in ("stochastic", "nearest") for r in roundings):
         raise ValueError(f"--rounding must be a comma-separated list from stochastic, nearest, "
                          f"got {args.rounding!r}")
-    bits = _int_list(args.bits, "bits")
+    if args.formats is not None and args.bits is not None:
+        raise ValueError("--bits and --formats both given: --formats names the widths "
+                         "(int4, fp8_e4m3, ...); pass one of them")
+    bits = _int_list(args.bits or DEFAULT_BITS, "bits")
     formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
     # predicted ranges serve symmetric per-row/tensor formats only (commands.variance skips
     # the other combinations): refuse a command that would measure nothing at all
@@ -210,7 +215,7 @@ def validate(args: argparse.Namespace) -> Options:
         profile_repeats=_at_least("profile-repeats", args.profile_repeats, 2),
         bin_layer=args.bin_layer,
         threads=None if args.threads is None else check_threads(args.threads),
-        progress=not args.quiet, ranges=list(dict.fromkeys(ranges)),
+        progress=not args.quiet and sys.stderr.isatty(), ranges=list(dict.fromkeys(ranges)),
         range_calibration=_at_least("range-calibration", args.range_calibration, 1),
         range_margin=margin, range_history=_at_least("range-history", args.range_history, 1),
     )

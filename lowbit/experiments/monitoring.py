@@ -31,6 +31,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from lowbit.adaptive import AdaptivePolicy
@@ -63,7 +64,10 @@ def make_monitor(model: nn.Module, cfg: TrainConfig, requested: bool = False) ->
                + ("; ".join(sorted({r for r in reasons if r})) or "the model has no quantized layer"))
     msg = (f"monitor_every={cfg.monitor_every} with recipe {cfg.recipe}: {why} "
            f"(no monitor.json, no ratio_* columns)")
-    (log.warning if requested else log.info)(msg)
+    if not requested and not cfg.fqt_config().is_fqt:
+        return None  # fp / QAT on the default interval: nothing to monitor, nothing to say
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        (log.warning if requested else log.info)(msg)  # one line, not one per rank
     return None
 
 

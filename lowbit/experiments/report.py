@@ -266,7 +266,7 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
     lines = [
         f"### {first['task']} — {first['model']}",
         "",
-        f"Settings: {settings}. Final {metric} after {first['epochs']} epochs "
+        f"Settings: {settings}. Final {metric} after {first['epochs']} epoch{'s' * (first['epochs'] != 1)} "
         + f"({better} is better), mean ± std over seeds.",
         "",
         f"| recipe | GEMM operands | {metric}{unit} | seeds | step (ms) | vs qat-8 | wall/run (min) "
@@ -442,7 +442,8 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
         if with_claims:
             lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed):", ""] + claims.lines(group)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
-                 "in the same sweep (a shared 2-core CPU unless stated otherwise). Wall/run: "
+                 "in the same sweep, on the machines each table's \"Machines\" line names (runs "
+                 "sharing a machine's cores slow each other: compare within a sweep). Wall/run: "
                  "the epochs' training + evaluation time (not start-up or checkpoint writes), "
                  "mean over the finished seeds that logged it (– for runs recorded before "
                  "epochs did). Variance ratio: the monitor's largest per-layer "

@@ -207,10 +207,13 @@ class TrainConfig:
         m = self.monitor_every
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"monitor_every must be a non-negative integer, got {m!r}")
-        if self.recipe in ADAPTIVE_RECIPES and (m < 1 or self.world_size > 1):
-            raise ValueError(f"monitor_every must be ≥ 1 on a single rank for {self.recipe}: its "
-                             f"bit widths come from the variance monitor (got {m}, world_size "
-                             f"{self.world_size})")
+        if self.recipe in ADAPTIVE_RECIPES and self.world_size > 1:
+            raise ValueError(f"{self.recipe} trains on a single rank only (world_size {self.world_size}): "
+                             "its bit widths come from the variance monitor, which runs on one rank; "
+                             "train it without --nproc / torchrun, or pick a fixed-width recipe")
+        if self.recipe in ADAPTIVE_RECIPES and m < 1:
+            raise ValueError(f"monitor_every must be ≥ 1 for {self.recipe}: its bit widths come "
+                             f"from the variance monitor (got {m})")
         if not str(self.out):
             raise ValueError("out must be a folder path, got an empty string")
         self.out = str(self.out)

@@ -43,10 +43,10 @@ from .trainer import TrainConfig, TrainingDiverged, train
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--tasks", default="digits", help=f"comma list of tasks: {', '.join(TASKS)}")
+    add("--tasks", default="digits", help=f"comma list of tasks: {', '.join(TASKS)} (default digits)")
     add("--models", help="comma list of models (default: each task's default); a model is "
         "used for the tasks that have it")  # fmt: skip
-    add("--recipes", default="fp,qat-8,fqt-psq-8", help="comma list of recipes")
+    add("--recipes", default="fp,qat-8,fqt-psq-8", help="comma list of recipes (default fp,qat-8,fqt-psq-8)")
     add("--seeds", default="0", help="comma list of seeds (default 0)")
     add("--out", default="results", help="folder holding one folder per run (default results)")
     add("--dry-run", action="store_true", help="list the runs and their state, train nothing")

@@ -31,8 +31,16 @@ from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 MODEL_ARG_HELP = "KEY=VALUE model constructor argument, repeatable (e.g. n_layer=2)"
 
 
+SCHEDULE_NOTE = ("Optimizer and schedule: images train with SGD (momentum 0.9), text with AdamW "
+                 "(betas 0.9, 0.95; 5% linear warm-up; gradient norm clipped at 1.0); both follow a "
+                 "cosine schedule from --lr to 0 over all steps, weight decay on matrices and "
+                 "kernels only. The optimizer, momentum and clipping are TrainConfig fields "
+                 "(Python), not options.")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``sweep`` (everything but what names a run)."""
+    parser.epilog = SCHEDULE_NOTE
     add = parser.add_argument
     add("--epochs", default="10", help="number of epochs (default 10)")
     add("--batch-size", help="batch size (default: digits 64, fashion-mnist 128, text 32)")

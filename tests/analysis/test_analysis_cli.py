@@ -27,6 +27,8 @@ def parse(*argv: str):
     (["--task", "digits", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
     (["--task", "digits", "--range-margin", "0.5"], "--range-margin must be a finite number ≥ 1"),
     (["--task", "digits", "--formats", "int4,fp6"], "--formats: unknown format 'fp6'; allowed: int2"),
+    # a new user: --bits was ignored without a word next to --formats
+    (["--task", "digits", "--formats", "fp8_e5m2", "--bits", "4"], "--bits and --formats both given"),
     (["--task", "digits", "--rounding", "stochastic,up"], "--rounding must be a comma-separated list"),
     # a review: every (format, range) combination skipped, exit 0 with empty outputs
     (["--task", "digits", "--ranges", "predicted", "--formats", "mxfp4"], "nothing would be measured"),
@@ -43,7 +45,7 @@ def test_cli_error_is_one_line_and_status_2(tmp_path, capsys) -> None:
     assert err.count("\n") == 0 and "--bits" in err
 
 
-def test_end_to_end_on_digits(tmp_path) -> None:
+def test_end_to_end_on_digits(tmp_path, capsys) -> None:
     out = tmp_path / "v"
     rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "ptq,bhq",
                "--bits", "4", "--out", str(out), "--batches", "3", "--repeats", "3",
@@ -67,6 +69,7 @@ def test_end_to_end_on_digits(tmp_path) -> None:
     for name in ("bins_4bit.png", "profile_bhq_int4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
     assert "| bhq | int4 (4) |" in (out / "summary.md").read_text()
+    assert "| bhq | int4 (4) |" in capsys.readouterr().out  # the results, not only a file name
     # a second run into the folder replaced these results without a word: refused before
     # any work, naming --overwrite; with it, the options validate
     before = (out / "variance.json").read_bytes()

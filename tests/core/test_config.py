@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+import lowbit
 
 from lowbit import RECIPES, Backend, FQTConfig, GradSpec, OperandSpec
 from lowbit.config import Granularity
@@ -144,3 +147,12 @@ def test_describe_shows_every_predicted_range_setting_that_changes_results(range
     assert f"recipe={text}," in repr(lowbit.convert(torch.nn.Linear(2, 2), cfg))
     mixed = FQTConfig(grad_input=GradSpec(4, "bhq", range="predicted", overflow="clip"))
     assert lowbit.describe(mixed) == "fwd8/gi:bhq4~pred-clip/gw:psq8"
+
+
+def test_a_wrong_field_or_a_recipe_string_says_what_to_do() -> None:
+    """A new user's tries: ``from_recipe(..., bits=4)`` ended in dataclasses' bare
+    TypeError, ``convert(model, "fqt-psq-8")`` in "config must be an FQTConfig"."""
+    with pytest.raises(TypeError, match=r"'bits' is not an FQTConfig field; fields: weight, .*with_grad_bits"):
+        FQTConfig.from_recipe("fqt-psq-8", bits=4)
+    with pytest.raises(TypeError, match=r"got str \(a recipe name: lowbit.FQTConfig.from_recipe\('fqt-psq-8'\)\)"):
+        lowbit.convert(torch.nn.Linear(2, 2), "fqt-psq-8")

@@ -440,9 +440,10 @@ def test_bits_figure_keeps_other_formats_out_of_an_integer_point(tmp_path):
 def test_cli_prints_lowbit_info_lines(tmp_path, capsys):
     """The README's "the run says why in one line" (a recipe with nothing to monitor) and
     adaptive decisions were ``logging.info`` calls nobody configured: Python dropped them."""
-    assert cli.main(["train", "--task", "digits", "--recipe", "qat-8", "--epochs", "1", "--subset", "64",
+    assert cli.main(["train", "--task", "digits", "--recipe", "fp8-rowwise", "--epochs", "1", "--subset", "64",
                      "--eval-subset", "32", "--batch-size", "32", "--out", str(tmp_path / "r"), *TINY]) == 0
-    assert "no layer can be monitored: gradients not quantized" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no layer can be monitored: round-to-nearest gradients" in err
 
 
 def test_an_unreadable_folder_is_named_not_fatal(tmp_path, capsys):
