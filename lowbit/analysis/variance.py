@@ -168,6 +168,34 @@ class VarianceReport:
                 or (not math.isfinite(g.quant_bound_batches_se)
                     and g.quant_bound_batches > getattr(g, f"pred_{which}"))]
 
+    def table(self) -> str:
+        """One row per parameter group (``total`` last): its size, the minibatch (SGD) and
+        quantization variances with their standard errors, their ratio, the total and the
+        relative gap ``(total − sgd − quant)/total``, the largest bias |z|, and the
+        measured/predicted ratio of the Theorem 2 bound (– where not computed). Variances
+        are traces (sums over the group's entries), in squared gradient units."""
+        def num(x: float, se: float | None = None) -> str:
+            if not math.isfinite(x):
+                return "–"
+            return f"{x:.3g}" if se is None or not math.isfinite(se) else f"{x:.3g} ± {se:.2g}"
+
+        head = (f"gradient variance: {self.batches} minibatches × {self.repeats} draws"
+                + (f", {self.world_size} ranks" if self.world_size > 1 else ""))
+        rows = [("group", "numel", "sgd", "quant", "quant/sgd", "total", "gap/total", "max |z|",
+                 "bound (data)")]
+        names = [n for n in self.groups if n != "total"] + (["total"] if "total" in self.groups else [])
+        for n in names:
+            g = self.groups[n]
+            rows.append((n, str(g.numel), num(g.sgd, g.sgd_se), num(g.quant, g.quant_se),
+                         num(g.quant / g.sgd if g.sgd > 0 else math.nan), num(g.total, g.total_se),
+                         num(g.rel_gap), num(g.max_abs_z), num(g.tightness_data)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join([head, "", *lines])
+
+    def __str__(self) -> str:
+        return self.table()
+
     def to_dict(self) -> dict:
         return {
             "config": self.config, "batches": self.batches, "repeats": self.repeats,

@@ -187,6 +187,12 @@ def test_nearest_rounding_is_flagged_as_biased() -> None:
     rep = gradient_variance(mlp(), ce_loss, mlp_batches(12), cfg, repeats=6)
     assert rep.max_abs_z > 5
     assert rep.groups["total"].quant == pytest.approx(0, abs=1e-12)
+    # printed as a table (a new user's print() showed a dataclass dump): one row per group
+    lines = str(rep).splitlines()
+    assert lines[0] == "gradient variance: 12 minibatches × 6 draws" and lines[2].split()[:3] == ["group", "numel", "sgd"]
+    assert [ln.split()[0] for ln in lines[3:]] == [*[n for n in rep.groups if n != "total"], "total"]
+    total = lines[-1].split()
+    assert total[1] == str(rep.groups["total"].numel) and f"{rep.groups['total'].max_abs_z:.3g}" in total
 
 
 def test_config_swap_restores_and_validates() -> None:
