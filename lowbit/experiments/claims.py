@@ -5,34 +5,44 @@ it held, with the numbers; a claim that did not hold is reported as not holding"
 module makes those statements from the same runs as the report's tables, so that they are
 regenerated, not rewritten, as runs finish:
 
-* **8-bit FQT = FP**: ``fqt-psq-8`` against ``fp``, holds when FQT's mean is worse by at
-  most 0.3 accuracy points (image tasks) or 1% of bits per byte (text) — one-sided: FQT
-  better than FP by more than that also holds;
+* **8-bit FQT = FP**: ``fqt-psq-8`` against ``fp``, holds when FQT is worse by at most
+  0.3 accuracy points (image tasks) or 1% of bits per byte (text) — one-sided: FQT better
+  than FP by more than that also holds;
 * **5-bit BHQ within 0.5 pt of QAT**: ``fqt-bhq-5`` against ``qat-8`` (the paper's
   8-bit-forward QAT baseline), worse by at most 0.5 points (1% bpb);
 * **BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread**: each step of the order holds
-  when the better recipe's mean exceeds the other's by more than twice the larger of the
-  two seed standard deviations; a gap in the right direction but inside that is
-  *unresolved* (the issue's rule: a third seed where a gap is within 2 seed standard
-  deviations);
+  when the better recipe is better beyond the seed-to-seed noise;
 * **Unbiased FP8 against round-to-nearest FP8**: ``fqt-psq-fp8`` (stochastic rounding,
   E5M2 gradients, per-tensor forward scales) against ``fp8-rowwise`` (torchao's
   round-to-nearest recipe: E4M3 gradients, per-row scales), reported as which is better
-  and whether beyond the seed spread (a comparison, not a hypothesis with a threshold;
-  the recipes differ in more than the rounding, which the statement says).
+  and whether beyond the seed noise (a comparison, not a hypothesis with a threshold; the
+  recipes differ in more than the rounding, which the statement says).
 
-"Worse" and "better" follow the task's direction (accuracy higher, bpb lower). A claim
-needs at least 2 seeds with an outcome for each recipe it names (fewer: *not yet
-measured*; no run at all: *not measured*, naming the recipes); a seed that diverged or
-finished without a finite metric counts as *failed*, ranked below every finished seed
-(a recipe that fails is worse). Means and sample standard deviations are over the
-finished seeds, one run per seed. A "within" claim whose margin to its tolerance is
-inside 2 seed standard deviations is *unresolved*, whatever the number of seeds (below 3
-the verdict asks for a third; from 3 on it says the margin is not beyond the spread with
-that many: the point estimate alone does not decide an equivalence that close). A step
-of the order whose gap is inside the spread is *unresolved* while some recipe has fewer
-than 3 seeds; with 3 or more it makes the order claim *not hold* (it says "beyond the
-seed spread").
+**Statistics: paired by seed.** A seed gives every recipe the same initial weights and
+data order, so two recipes are compared on the seeds both have an outcome for, through
+the per-seed differences ``d_s`` (how much worse the first recipe is on seed ``s``, in
+the task's direction: accuracy higher, bits per byte lower). With ``n ≥ 2`` finished
+pairs, mean ``d̄`` and standard error ``s_d/√n``, the one-sided 95% Student-t bounds are
+``d̄ ± t₀.₉₅(n−1)·s_d/√n`` (``scipy.stats.t``):
+
+* a "within" claim (worse by at most ``tol``; ``tol`` for bpb is 1% of the reference
+  recipe's mean over the pairs) *holds* when the upper bound is ≤ ``tol`` (a one-sided
+  equivalence test at 5%), *does not hold* when the lower bound is > ``tol``, and is
+  *unresolved* otherwise — more seeds narrow the interval;
+* a step of the order *holds* when the lower bound of the first recipe's gain is > 0,
+  is *reversed* when the upper bound is < 0 (the claim does not hold), and is
+  *unresolved* otherwise (the data do not separate them with that many seeds; the issue's
+  rule: run a third seed);
+* the comparison gives the two-sided 95% interval of the gain and whether it excludes 0.
+
+A claim needs at least 2 paired seeds with an outcome (fewer: *not yet measured*; no run
+at all: *not measured*, naming the recipes). A seed that diverged or finished without a
+finite metric *failed*; the first recipe of a claim failing on a paired seed where the
+other finished makes the claim (or step) not hold; the other recipe's failures are
+named beside a verdict taken on the finished pairs (where it failed on every shared seed
+and the first recipe finished them all, the first recipe is not worse). A run counts as finished when its
+status is ``done`` and it has all its epochs; several runs of one seed: a finished one
+is kept over a failed one, and the failed attempts are counted in the numbers.
 """
 
 from __future__ import annotations
@@ -48,15 +58,15 @@ from .tasks import TASK_CLASSES
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Run
 
-MIN_SEEDS = 2
-SPREAD_SIGMAS = 2.0  # "beyond the seed spread": more than 2 seed standard deviations apart
+MIN_SEEDS = 2  # paired seeds a claim needs before it is judged
+LEVEL = 0.95  # one-sided bounds for "within" and "order"; two-sided for "compare"
 
 
 @dataclass(frozen=True)
 class Claim:
     """One claim: ``kind`` "within" (``recipes[0]`` not worse than ``recipes[1]`` by more
     than the tolerance: ``points`` accuracy points, ``relative`` of a lower-is-better
-    metric), "order" (``recipes`` best first, each beyond the seed spread) or "compare"."""
+    metric), "order" (``recipes`` best first, each beyond the seed noise) or "compare"."""
 
     text: str
     kind: str
@@ -77,116 +87,158 @@ CLAIMS = (
 
 
 @dataclass(frozen=True)
-class Stats:
-    """A recipe's seeds: mean and sample std of the finished ones' final metric, how many
-    finished, and how many failed (diverged, or finished without a finite metric)."""
+class Outcomes:
+    """A recipe's seeds: ``values[seed]`` the final metric of a finished run, ``None``
+    for a failed seed (diverged, or finished without a finite metric); ``retried``: failed
+    attempts of seeds that also have a finished run (kept over them)."""
 
-    mean: float
-    std: float
-    seeds: int
-    failed: int
+    values: dict
+    retried: int
+
+    def finished(self) -> list[float]:
+        return [v for v in self.values.values() if v is not None]
+
+    def failed(self, seeds: Sequence | None = None) -> list:
+        return sorted((s for s, v in self.values.items() if v is None and (seeds is None or s in seeds)),
+                      key=str)
 
 
-def _stats(runs: Sequence[Run], recipe: str, metric: str) -> Stats | None:
-    """One run per seed (the first folder of a seed counted twice is kept); None until
-    ``MIN_SEEDS`` seeds have an outcome (finished or failed)."""
-    values: list[float] = []
-    failed, seen = 0, set()
+def outcomes(runs: Sequence[Run], recipe: str, metric: str) -> Outcomes:
+    """``recipe``'s outcome per seed (class docstring); a run counts once it is finished
+    (status ``done`` with all epochs) or diverged."""
+    values: dict = {}
+    retried = 0
     for r in sorted(runs, key=lambda r: str(r.path)):
-        if r.label != recipe or r.train.get("seed") in seen or not (r.complete or r.status == "diverged"):
+        if r.label != recipe or not (r.complete or r.status == "diverged"):
             continue
-        seen.add(r.train.get("seed"))
+        seed = r.train.get("seed")
         v = r.final(metric) if r.complete else None
-        if v is None or not math.isfinite(v):
-            failed += 1
-        else:
-            values.append(v)
-    if len(values) + failed < MIN_SEEDS:
-        return None
-    mean = statistics.fmean(values) if values else math.nan
-    return Stats(mean, statistics.stdev(values) if len(values) > 1 else 0.0, len(values), failed)
+        v = v if v is not None and math.isfinite(v) else None
+        if seed in values:
+            if values[seed] is None and v is not None:  # a finished rerun of a failed seed
+                values[seed], retried = v, retried + 1
+            elif v is None:
+                retried += 1
+            continue
+        values[seed] = v
+    return Outcomes(values, retried)
 
 
-def _show(s: Stats, scale: float, digits: int) -> str:
-    text = f"{s.mean * scale:.{digits}f} ± {s.std * scale:.{digits}f} ({s.seeds} seeds)" if s.seeds else "–"
-    return text + (f", {s.failed} failed (diverged or no metric)" if s.failed else "")
+def _show(o: Outcomes, scale: float, digits: int) -> str:
+    done = o.finished()
+    text = "–"
+    if done:
+        std = statistics.stdev(done) if len(done) > 1 else 0.0
+        text = f"{statistics.fmean(done) * scale:.{digits}f} ± {std * scale:.{digits}f} ({len(done)} seeds)"
+    failed = len(o.failed())
+    text += f", {failed} failed (diverged or no metric)" if failed else ""
+    return text + (f", {o.retried} failed attempt(s) rerun" if o.retried else "")
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed gains of recipe a over recipe b on the seeds both finished (metric units,
+    positive = a better), with the one-sided ``LEVEL`` bounds of their mean."""
+
+    seeds: list
+    gains: list[float]
+    mean: float
+    low: float  # one-sided lower bound of the mean gain
+    high: float  # one-sided upper bound
+    low2: float  # two-sided bounds
+    high2: float
+
+
+def paired(a: Outcomes, b: Outcomes, up: bool) -> Paired:
+    """The seeds both finished and the Student-t bounds of the mean paired gain
+    (``scipy.stats.t``; ``n ≥ 2`` pairs, else NaN bounds)."""
+    from scipy.stats import t as student_t
+
+    seeds = sorted((s for s in a.values if s in b.values and a.values[s] is not None
+                    and b.values[s] is not None), key=str)
+    gains = [(a.values[s] - b.values[s]) * (1 if up else -1) for s in seeds]
+    n = len(gains)
+    if n < 2:
+        nan = math.nan
+        return Paired(seeds, gains, statistics.fmean(gains) if gains else nan, nan, nan, nan, nan)
+    mean, se = statistics.fmean(gains), statistics.stdev(gains) / math.sqrt(n)
+    q1, q2 = student_t.ppf(LEVEL, n - 1), student_t.ppf(1 - (1 - LEVEL) / 2, n - 1)
+    return Paired(seeds, gains, mean, mean - q1 * se, mean + q1 * se, mean - q2 * se, mean + q2 * se)
 
 
 def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
-    """``(numbers, verdict)`` of ``claim`` on the runs of one task and setting. A failed
-    seed (diverged, or finished without a finite metric) ranks below every finished one:
-    it fails a claim that its recipe is not worse, and wins a step of the order for the
-    other recipe."""
+    """``(numbers, verdict)`` of ``claim`` on the runs of one task and setting (module
+    docstring: paired by seed, one-sided 95% Student-t bounds)."""
     task = TASK_CLASSES[runs[0].train["task"]]
     metric, up = task.primary_metric, task.higher_is_better
     scale, digits, unit = (100.0, 2, " pt") if metric == "accuracy" else (1.0, 4, f" {metric}")
     labels = {r.label for r in runs}
     if missing := [c for c in claim.recipes if c not in labels]:
         return "–", f"not measured: no run of {', '.join(missing)}"
-    stats = [_stats(runs, c, metric) for c in claim.recipes]
-    if any(s is None for s in stats):
-        done = ", ".join(f"{c}: {st.seeds + st.failed if st else _outcomes(runs, c)}"
-                         for c, st in zip(claim.recipes, stats))
-        return "–", f"not yet measured (seeds with an outcome {done}; {MIN_SEEDS} needed)"
-    st: list[Stats] = stats  # type: ignore[assignment]
-    numbers = "; ".join(f"{c} {_show(x, scale, digits)}" for c, x in zip(claim.recipes, st))
-    few = min(x.seeds + x.failed for x in st) < 3  # the issue's rule: a third seed where a gap is within 2σ
-    more = "run a third seed" if few else f"not beyond the seed spread with {min(x.seeds + x.failed for x in st)} seeds"
-
-    def gain(a: Stats, b: Stats) -> float:  # how much better a is than b (metric units)
-        return a.mean - b.mean if up else b.mean - a.mean
-
-    def spread(a: Stats, b: Stats) -> float:
-        return SPREAD_SIGMAS * max(a.std, b.std)
+    outs = [outcomes(runs, c, metric) for c in claim.recipes]
+    numbers = "; ".join(f"{c} {_show(o, scale, digits)}" for c, o in zip(claim.recipes, outs))
 
     def fmt(x: float) -> str:
         return f"{x * scale:.{digits}f}{unit}"
 
-    if claim.kind == "within":
-        a, b = st
-        if a.failed:
-            return numbers, f"does not hold: {claim.recipes[0]} failed on {a.failed} seed(s)"
-        if b.failed:
-            return numbers, f"holds: {claim.recipes[1]} failed on {b.failed} seed(s), {claim.recipes[0]} on none"
-        tol = claim.points / 100 if metric == "accuracy" else claim.relative * b.mean
-        deficit = -gain(a, b)
-        tol_text = fmt(tol) + (f" ({claim.relative:.0%})" if metric != "accuracy" else "")
-        holds = deficit <= tol + 1e-9 * max(abs(tol), abs(b.mean))  # a tie at the tolerance holds
-        detail = (f"{claim.recipes[0]} is {'worse' if deficit > 0 else 'better' if deficit < 0 else 'equal'}"
-                  + (f" by {fmt(abs(deficit))}" if deficit else "") + f" (allowed: worse by ≤ {tol_text})")
-        if abs(deficit - tol) <= spread(a, b):
-            return numbers, (f"unresolved ({more}): {detail}; the margin to the tolerance is within the "
-                             f"seed spread (2σ = {fmt(spread(a, b))})")
-        return numbers, f"{'holds' if holds else 'does not hold'}: {detail}"
-    steps, wrong, within = [], False, False
-    for (ca, a), (cb, b) in zip(zip(claim.recipes, st), zip(claim.recipes[1:], st[1:])):
-        if a.failed or b.failed:  # a failed seed ranks below every finished one
-            g_sign = (b.failed > 0) - (a.failed > 0) if a.failed != b.failed else 0
-            wrong |= g_sign < 0
-            within |= g_sign == 0
-            steps.append(f"{ca} failed on {a.failed} seed(s), {cb} on {b.failed}")
+    def fmt_seeds(seeds: list) -> str:
+        return ",".join(str(s) for s in seeds)
+
+    steps, verdicts = [], []
+    for (ca, a), (cb, b) in zip(zip(claim.recipes, outs), zip(claim.recipes[1:], outs[1:])):
+        common = sorted((s for s in a.values if s in b.values), key=str)
+        if len(common) < MIN_SEEDS:
+            return numbers, (f"not yet measured ({ca} and {cb} share {len(common)} seed(s) with an "
+                             f"outcome; {MIN_SEEDS} needed)")
+        lost = [s for s in a.failed(common) if b.values[s] is not None]
+        other = b.failed(common)
+        p = paired(a, b, up)
+        head = f"on seeds {fmt_seeds(p.seeds)}" if p.seeds else "no seed finished by both"
+        notes = (f"; {cb} failed on seed(s) {fmt_seeds(other)}" if other else "")
+        if lost:
+            verdicts.append("no")
+            steps.append(f"{ca} failed on seed(s) {fmt_seeds(lost)}, where {cb} finished")
             continue
-        g, sp = gain(a, b), spread(a, b)
-        beyond = abs(g) > sp
-        wrong |= beyond and g < 0
-        within |= not beyond
-        how = "better than" if g > 0 else "worse than" if g < 0 else "equal to"
-        steps.append(f"{ca} {how} {cb}" + (f" by {fmt(abs(g))}" if g else "")
-                     + f", {'beyond' if beyond else 'within'} the seed spread (2σ = {fmt(sp)})")
+        if not p.seeds and other and not a.failed(common):  # b failed on every shared seed
+            verdicts.append("yes")
+            steps.append(f"{ca} finished where {cb} failed, on every shared seed ({fmt_seeds(other)})")
+            continue
+        if len(p.seeds) < 2:
+            verdicts.append("open")
+            steps.append(f"{ca} against {cb}: {head}, too few finished pairs to judge{notes}")
+            continue
+        if claim.kind == "within":
+            deficit, lo, hi = -p.mean, -p.high, -p.low  # bounds of how much worse a is
+            ref = [b.values[s] for s in p.seeds]
+            tol = claim.points / 100 if metric == "accuracy" else claim.relative * statistics.fmean(ref)
+            tol_text = fmt(tol) + (f" ({claim.relative:.0%} of {cb})" if metric != "accuracy" else "")
+            how = "worse" if deficit > 0 else "better" if deficit < 0 else "equal"
+            detail = (f"{ca} is {how}" + (f" by {fmt(abs(deficit))}" if deficit else "")
+                      + f" {head} (paired; {LEVEL:.0%} one-sided bounds of how much worse: "
+                      f"{fmt(lo)} to {fmt(hi)}; allowed: ≤ {tol_text}){notes}")
+            slack = 1e-9 * max(abs(tol), 1.0)
+            verdicts.append("yes" if hi <= tol + slack else "no" if lo > tol + slack else "open")
+            steps.append(detail)
+            continue
+        how = "better than" if p.mean > 0 else "worse than" if p.mean < 0 else "equal to"
+        if claim.kind == "compare":
+            beyond = p.low2 > 0 or p.high2 < 0
+            bounds = f"two-sided {LEVEL:.0%} interval {fmt(p.low2)} to {fmt(p.high2)}"
+        else:
+            beyond = p.low > 0 or p.high < 0
+            bounds = f"one-sided {LEVEL:.0%} bounds {fmt(p.low)} to {fmt(p.high)}"
+        verdicts.append("yes" if p.low > 0 and beyond else "no" if beyond else "open")
+        steps.append(f"{ca} {how} {cb}" + (f" by {fmt(abs(p.mean))}" if p.mean else "")
+                     + f" {head} (paired gain, {bounds}: "
+                     + f"{'beyond' if beyond else 'within'} the seed noise){notes}")
     detail = "; ".join(steps)
     if claim.kind == "compare":
         return numbers, detail
-    if wrong:  # one step of the order reversed beyond the spread
+    if "no" in verdicts:
         return numbers, f"does not hold: {detail}"
-    if within:
-        return numbers, (f"unresolved (a gap within 2 seed standard deviations: {more}): {detail}" if few
-                         else f"does not hold ({more}): {detail}")
+    if "open" in verdicts:
+        return numbers, f"unresolved (more seeds narrow the bounds): {detail}"
     return numbers, f"holds: {detail}"
-
-
-def _outcomes(runs: Sequence[Run], recipe: str) -> int:
-    return len({r.train.get("seed") for r in runs
-                if r.label == recipe and (r.complete or r.status == "diverged")})
 
 
 def lines(runs: Sequence[Run]) -> list[str]:
@@ -203,4 +255,4 @@ def lines(runs: Sequence[Run]) -> list[str]:
     return out + [""]
 
 
-__all__ = ["CLAIMS", "Claim", "judge", "lines"]
+__all__ = ["CLAIMS", "Claim", "Outcomes", "Paired", "judge", "lines", "outcomes", "paired"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -92,8 +93,10 @@ class Run:
 
     @property
     def complete(self) -> bool:
+        """Finished: status ``done`` and every epoch in the metrics (a run still
+        ``running`` or ``interrupted`` with all its rows is not counted as a seed)."""
         return (
-            self.status != "diverged"
+            self.status == "done"
             and bool(self.rows)
             and (self.rows[-1]["epoch"] >= self.train["epochs"])
         )
@@ -135,7 +138,10 @@ class Run:
         return 2, list(QUANTIZERS).index(gi.quantizer), -gi.bits, -gw.bits, gi.predicted, margin, weights
 
     def final(self, metric: str) -> float | None:
-        return self.rows[-1].get(metric) if self.rows else None
+        """The last epoch's ``metric``; None where missing or not finite (a hand-written
+        or legacy NaN is no result: the tables and claims leave it out)."""
+        v = self.rows[-1].get(metric) if self.rows else None
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
     def step_ms(self) -> float:
         """Median over epochs of each epoch's median step time."""
@@ -440,7 +446,9 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
             names.append(f"{stem}-variance.png")
         lines += table(group, names)
         if with_claims:
-            lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed):", ""] + claims.lines(group)
+            lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed; "
+                      "recipes compared paired by seed, with one-sided 95% Student-t bounds of the "
+                      "per-seed differences):", ""] + claims.lines(group)
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep, on the machines each table's \"Machines\" line names (runs "
                  "sharing a machine's cores slow each other: compare within a sweep). Wall/run: "

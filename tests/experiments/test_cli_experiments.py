@@ -675,12 +675,26 @@ def _claim_rows(section: str) -> dict[str, str]:
             if line.startswith("| ") and (cells := line.split("|"))[1].strip() in texts}
 
 
+def _t_bounds(diffs: list[float], two_sided: bool = False) -> tuple[float, float]:
+    """Student-t bounds of the mean of ``diffs`` at 95% (one-sided unless ``two_sided``),
+    computed here independently of lowbit.experiments.claims."""
+    from scipy.stats import t
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    q = t.ppf(0.975 if two_sided else 0.95, n - 1) * sd / n ** 0.5
+    return mean - q, mean + q
+
+
 def test_report_claims_state_each_claim_from_finished_runs(tmp_path):
-    """--claims: "within" holds up to its tolerance, and is unresolved while its margin to
-    the tolerance is inside 2 seed standard deviations with < 3 seeds; the 4-bit order
-    holds only beyond 2σ per step (inside: unresolved below 3 seeds); a recipe with fewer
-    than 2 seeds with an outcome is not yet measured, one without runs is named; the
-    numbers are the seeds' mean ± std."""
+    """--claims, paired by seed: a "within" claim holds when the one-sided 95% upper
+    bound of the per-seed deficit is within the tolerance, does not hold when the lower
+    bound is beyond it, else is unresolved; a step of the order holds when the lower bound
+    of the per-seed gain is above 0; recipes sharing fewer than 2 seeds with an outcome
+    are not yet measured, one without runs is named; the numbers are the seeds' mean ± std.
+    A review found the old rule (2 × the larger seed std of unpaired means) declared a
+    2-seed order "beyond the spread" that a paired test does not support."""
     runs = tmp_path / "runs"
     for seed, (fp, fqt8, bhq5, qat8) in enumerate([(0.950, 0.951, 0.930, 0.940), (0.952, 0.953, 0.931, 0.942)]):
         _fake_run(runs, "fp", seed, [0.5, fp], "done")
@@ -692,37 +706,42 @@ def test_report_claims_state_each_claim_from_finished_runs(tmp_path):
         _fake_run(runs, "fqt-psq-4", seed, [0.5, psq], "done")
         _fake_run(runs, "fqt-ptq-4", seed, [0.5, ptq], "done")
     _fake_run(runs, "fqt-psq-fp8", 0, [0.5, 0.9], "done")  # one seed only
-    _fake_run(runs, "fqt-psq-fp8", 1, [0.5], "running")
+    _fake_run(runs, "fqt-psq-fp8", 1, [0.5, 0.9], "running")  # all epochs, but not done: no seed
     section = report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True)
     got = _claim_rows(section)
     fp8 = next(t for t in got if t.startswith("unbiased FP8"))
-    # FQT 95.20 against FP 95.10: better by 0.10 pt, margin 0.40 pt > 2σ = 0.28 pt
-    assert got["8-bit FQT = FP: not worse by more than 0.3 pt / 1% bpb"] == \
-        "holds: fqt-psq-8 is better by 0.10 pt (allowed: worse by ≤ 0.30 pt)"
-    # BHQ-5 93.05 against QAT 94.10: worse by 1.05 pt, margin 0.55 pt > 2σ = 0.28 pt
-    assert got["5-bit BHQ within 0.5 pt of QAT (1% bpb)"] == \
-        "does not hold: fqt-bhq-5 is worse by 1.05 pt (allowed: worse by ≤ 0.50 pt)"
+    within8 = "8-bit FQT = FP: not worse by more than 0.3 pt / 1% bpb"
+    # FQT better by 0.10 pt on both seeds: the deficit's bounds are −0.10 to −0.10 pt
+    assert got[within8] == ("holds: fqt-psq-8 is better by 0.10 pt on seeds 0,1 (paired; 95% one-sided "
+                            "bounds of how much worse: -0.10 pt to -0.10 pt; allowed: ≤ 0.30 pt)")
+    # BHQ-5 worse by 1.0 and 1.1 pt: lower bound 1.05 − t₀.₉₅(1)·0.05 = 0.73 pt > 0.5
+    lo, hi = _t_bounds([1.0, 1.1])
+    assert got["5-bit BHQ within 0.5 pt of QAT (1% bpb)"] == (
+        f"does not hold: fqt-bhq-5 is worse by 1.05 pt on seeds 0,1 (paired; 95% one-sided bounds of "
+        f"how much worse: {lo:.2f} pt to {hi:.2f} pt; allowed: ≤ 0.50 pt)")
     order = got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"]
-    # BHQ − PSQ = 92.05 − 90.25 = 1.80 pt, 2σ = 2·0.354 = 0.71 pt: beyond; PSQ − PTQ =
-    # 9.75 pt, 2σ = 2·0.707 = 1.41 pt: beyond
-    assert order == ("holds: fqt-bhq-4 better than fqt-psq-4 by 1.80 pt, beyond the seed spread "
-                     "(2σ = 0.71 pt); fqt-psq-4 better than fqt-ptq-4 by 9.75 pt, beyond the seed "
-                     "spread (2σ = 1.41 pt)")
+    (lo1, hi1), (lo2, hi2) = _t_bounds([2.0, 1.6]), _t_bounds([10.0, 9.5])
+    assert lo1 > 0 and lo2 > 0
+    assert order == (f"holds: fqt-bhq-4 better than fqt-psq-4 by 1.80 pt on seeds 0,1 (paired gain, "
+                     f"one-sided 95% bounds {lo1:.2f} pt to {hi1:.2f} pt: beyond the seed noise); "
+                     f"fqt-psq-4 better than fqt-ptq-4 by 9.75 pt on seeds 0,1 (paired gain, one-sided "
+                     f"95% bounds {lo2:.2f} pt to {hi2:.2f} pt: beyond the seed noise)")
     assert got[fp8] == "not measured: no run of fp8-rowwise"
     assert "fqt-bhq-4 92.05 ± 0.07 (2 seeds)" in section
 
     _fake_run(runs, "fp8-rowwise", 0, [0.5, 0.9], "done")
     _fake_run(runs, "fp8-rowwise", 1, [0.5, 0.9], "done")
-    _fake_run(runs, "fqt-psq-4", 2, [0.5, 0.935], "done")  # PSQ 91.33 ± 1.89: 2σ > the 0.72 pt gap
+    _fake_run(runs, "fqt-psq-4", 2, [0.5, 0.935], "done")  # no BHQ seed 2: the pairs stay 0, 1
     _fake_run(runs, "fp", 2, [0.5, 0.951], "done")
-    _fake_run(runs, "fqt-psq-8", 2, [0.5, 0.9462], "done")  # FQT 95.01 ± 0.36: 0.09 pt worse...
+    _fake_run(runs, "fqt-psq-8", 2, [0.5, 0.9462], "done")  # seed 2: 0.48 pt worse
     got = _claim_rows(report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True))
-    assert got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"].startswith(
-        "unresolved (a gap within 2 seed standard deviations: run a third seed): fqt-bhq-4 better")
-    assert got[fp8] == "not yet measured (seeds with an outcome fqt-psq-fp8: 1, fp8-rowwise: 2; 2 needed)"
-    # ... a margin of 0.21 pt to the tolerance, inside 2σ = 0.72 pt: unresolved
-    assert got["8-bit FQT = FP: not worse by more than 0.3 pt / 1% bpb"].startswith(
-        "unresolved (not beyond the seed spread with 3 seeds): fqt-psq-8 is worse by 0.09 pt")
+    assert got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"] == order
+    assert got[fp8] == "not yet measured (fqt-psq-fp8 and fp8-rowwise share 1 seed(s) with an outcome; 2 needed)"
+    lo, hi = _t_bounds([-0.1, -0.1, 0.48])  # straddles the 0.3 pt tolerance
+    assert lo < 0.3 < hi
+    assert got[within8] == (f"unresolved (more seeds narrow the bounds): fqt-psq-8 is worse by 0.09 pt on "
+                            f"seeds 0,1,2 (paired; 95% one-sided bounds of how much worse: {lo:.2f} pt to "
+                            f"{hi:.2f} pt; allowed: ≤ 0.30 pt)")
 
 
 def test_report_claims_list_only_claims_that_name_a_recipe_run(tmp_path):
@@ -739,10 +758,11 @@ def test_report_claims_list_only_claims_that_name_a_recipe_run(tmp_path):
 
 
 def test_report_claims_count_failed_seeds_as_worst(tmp_path):
-    """A diverged seed ranks below every finished one: it fails "within" for the recipe
-    that must not be worse, and wins its step of the order for the other recipe; with 3
-    seeds a gap still inside 2σ makes the order not hold. A seed counted twice (two
-    folders) is one seed."""
+    """A diverged seed of the recipe that must not be worse fails "within"; a step of the
+    order whose other recipe failed on every shared seed holds; a step whose paired gains
+    straddle 0 is unresolved (not "does not hold": more seeds may separate them). A failed
+    seed of the reference recipe no longer makes a claim hold by itself: the verdict comes
+    from the finished pairs, the failure is named."""
     runs = tmp_path / "runs"
     for seed in (0, 1, 2):
         _fake_run(runs, "fqt-bhq-5", seed, [0.5], "diverged", epochs=2)
@@ -750,17 +770,25 @@ def test_report_claims_count_failed_seeds_as_worst(tmp_path):
         _fake_run(runs, "fqt-bhq-4", seed, [0.5, (0.900, 0.901, 0.902)[seed]], "done")
         _fake_run(runs, "fqt-psq-4", seed, [0.5, (0.902, 0.901, 0.900)[seed]], "done")  # the same values
         _fake_run(runs, "fqt-ptq-4", seed, [0.3], "diverged", epochs=2)
-    _fake_run(runs / "copy", "qat-8", 0, [0.5, 0.10], "done")  # the same seed again: ignored
+        _fake_run(runs, "fqt-psq-8", seed, [0.5, 0.50], "done")  # far worse than fp ...
+        _fake_run(runs, "fp", seed, [0.5, 0.94] if seed else [0.5], "done" if seed else "diverged")
     got = _claim_rows(report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True))
-    assert got["5-bit BHQ within 0.5 pt of QAT (1% bpb)"] == "does not hold: fqt-bhq-5 failed on 3 seed(s)"
+    assert got["5-bit BHQ within 0.5 pt of QAT (1% bpb)"] == \
+        "does not hold: fqt-bhq-5 failed on seed(s) 0,1,2, where qat-8 finished"
+    lo, hi = _t_bounds([-0.2, 0.0, 0.2])
     assert got["BHQ ≥ PSQ ≥ PTQ at 4 bits, beyond the seed spread"] == (
-        "does not hold (not beyond the seed spread with 3 seeds): fqt-bhq-4 equal to fqt-psq-4, "
-        "within the seed spread (2σ = 0.20 pt); fqt-psq-4 failed on 0 seed(s), fqt-ptq-4 on 3")
+        f"unresolved (more seeds narrow the bounds): fqt-bhq-4 equal to fqt-psq-4 on seeds 0,1,2 (paired "
+        f"gain, one-sided 95% bounds {lo:.2f} pt to {hi:.2f} pt: within the seed noise); fqt-psq-4 "
+        f"finished where fqt-ptq-4 failed, on every shared seed (0,1,2)")
+    # ... whose one failed seed made "8-bit FQT = FP" hold: now the finished pairs decide
+    assert got["8-bit FQT = FP: not worse by more than 0.3 pt / 1% bpb"].startswith(
+        "does not hold: fqt-psq-8 is worse by 44.00 pt on seeds 1,2")
+    assert got["8-bit FQT = FP: not worse by more than 0.3 pt / 1% bpb"].endswith("; fp failed on seed(s) 0")
 
 
 def test_report_claims_on_a_lower_is_better_metric() -> None:
     """Text (bpb, lower is better): the tolerance is 1% of the baseline's bpb, and a
-    reversed order beyond the spread does not hold."""
+    reversed order beyond the seed noise does not hold."""
     from lowbit.experiments.claims import CLAIMS, judge
     from lowbit.experiments.report import Run
 
@@ -768,13 +796,26 @@ def test_report_claims_on_a_lower_is_better_metric() -> None:
         return Run(Path(f"{recipe}-{seed}"), {"task": "text", "recipe": recipe, "epochs": 1, "seed": seed}, {},
                    [{"epoch": 1, "bpb": bpb}], "done")
 
-    runs = [run("fp", 0, 1.500), run("fp", 1, 1.5002), run("fqt-psq-8", 0, 1.5050), run("fqt-psq-8", 1, 1.5052),
+    runs = [run("fp", 0, 1.500), run("fp", 1, 1.5002), run("fqt-psq-8", 0, 1.5050), run("fqt-psq-8", 1, 1.5054),
             run("fqt-bhq-4", 0, 1.60), run("fqt-bhq-4", 1, 1.601), run("fqt-psq-4", 0, 1.55),
             run("fqt-psq-4", 1, 1.551), run("fqt-ptq-4", 0, 1.70), run("fqt-ptq-4", 1, 1.701)]
     within, _, order, _ = CLAIMS
-    assert judge(within, runs)[1] == \
-        "holds: fqt-psq-8 is worse by 0.0050 bpb (allowed: worse by ≤ 0.0150 bpb (1%))"
-    assert judge(order, runs)[1].startswith("does not hold: fqt-bhq-4 worse than fqt-psq-4 by 0.0500 bpb, beyond")
+    lo, hi = _t_bounds([0.0050, 0.0052])
+    assert judge(within, runs)[1] == (
+        f"holds: fqt-psq-8 is worse by 0.0051 bpb on seeds 0,1 (paired; 95% one-sided bounds of how much "
+        f"worse: {lo:.4f} bpb to {hi:.4f} bpb; allowed: ≤ 0.0150 bpb (1% of fp))")
+    assert judge(order, runs)[1].startswith("does not hold: fqt-bhq-4 worse than fqt-psq-4 by 0.0500 bpb")
+    assert "beyond the seed noise" in judge(order, runs)[1]
+
+
+def test_a_non_finite_final_metric_is_no_result() -> None:
+    """A NaN in a (hand-written or legacy) metrics file crashed the table's stdev; it is
+    no result now, as a diverged seed's."""
+    from lowbit.experiments.report import Run
+
+    run = Run(Path("r"), {"task": "digits", "recipe": "fp", "epochs": 1, "seed": 0}, {},
+              [{"epoch": 1, "accuracy": float("nan")}], "done")
+    assert run.complete and run.final("accuracy") is None
 
 
 def test_report_counts_each_seed_once(tmp_path):
