@@ -166,18 +166,21 @@ def _fashion_files(directory: Path) -> dict[str, Path] | None:
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> dict[str, Path]:
     """Locate the Fashion-MNIST IDX files and return them keyed by ``FASHION_MNIST_FILES``.
 
-    With an explicit ``root`` only that root is searched (a wrong path never silently falls
-    back to another copy). Otherwise the bases are ``$LOWBIT_DATA``, the Debian path
+    With an explicit ``root``, or ``$LOWBIT_DATA`` set, only that root is searched (a wrong
+    path never silently falls back to another copy: a run would train on data the user did
+    not point at). Otherwise the bases are the Debian path
     ``/usr/share/datasets/fashion-mnist`` and ``./data``. For every base the directory itself,
     ``BASE/FashionMNIST/raw`` (torchvision's layout) and ``BASE/fashion-mnist`` are tried, with
     either uncompressed ``*-ubyte`` or ``*-ubyte.gz`` files. Raises :class:`DataNotFoundError`
     listing every directory tried and the install command.
     """
+    env = os.environ.get("LOWBIT_DATA")
     if root is not None:
         bases = [Path(root)]
+    elif env:
+        bases = [Path(env)]
     else:
-        bases = [Path(p) for p in [os.environ.get("LOWBIT_DATA")] if p]
-        bases += [FASHION_MNIST_DEBIAN_DIR, Path("data")]
+        bases = [FASHION_MNIST_DEBIAN_DIR, Path("data")]
     tried: list[Path] = []
     for base in bases:
         for directory in (base, base / "FashionMNIST" / "raw", base / "fashion-mnist"):
@@ -192,7 +195,8 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> dict[str, 
         f"Fashion-MNIST not found: looked for {names} in "
         + ", ".join(str(d) for d in tried)
         + f". Install it with `{FASHION_MNIST_INSTALL}` (files go to {FASHION_MNIST_DEBIAN_DIR}),"
-        " or point root= / $LOWBIT_DATA at a folder holding the IDX files."
+        " or point root= / $LOWBIT_DATA at a folder holding the IDX files"
+        + (f" ($LOWBIT_DATA={env!r} is set, so no other place was searched)." if env and root is None else ".")
     )
 
 

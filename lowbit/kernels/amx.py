@@ -81,7 +81,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                   torch.full((4096, 32), -128, dtype=torch.int8, device="cpu")))
     for a, b in cases:
         want = torch._int_mm(a.contiguous(), b.contiguous())
-        for threads in (1, 2):
+        for threads in cbuild.test_threads(1, 2):
             out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device="cpu")
             _call(lib, a, b, out, threads)
             if not torch.equal(out, want):
@@ -92,7 +92,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         b = torch.randint(-128, 128, (bsz, k, n), dtype=torch.int8, generator=g, device="cpu")
         for aa, bb in ((a, b), (a.mT.contiguous().mT, b.mT.contiguous().mT)):
             want = torch.bmm(aa.long(), bb.long()).int()  # exact int64 sums, no layout rules
-            for threads in (1, 2, 3):
+            for threads in cbuild.test_threads(1, 2, 3):
                 out = torch.empty(bsz, m, n, dtype=torch.int32, device="cpu")
                 _call_batched(lib, aa, bb, out, threads)
                 if not torch.equal(out, want):

@@ -924,7 +924,7 @@ def _row_absmax_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     z[1] = -0.0
     z[2, 19] = float("-inf")
     for a in (x, x[:, 1:], x[:1], z, x.bfloat16(), x.nan_to_num(0.0).half()):
-        for threads in (1, 2):
+        for threads in cbuild.test_threads(1, 2):
             if not _same(_row_absmax(lib, a, threads), ref(a)):
                 return False
     return True
@@ -1120,7 +1120,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
                 want = ref(a, fmt, gran, rnd, seed)
                 want_t = ref(a.t(), fmt, gran, rnd, seed)
-                for threads in (1, 2):
+                for threads in cbuild.test_threads(1, 2):
                     codes, step = _quantize(lib, a, fmt, gran, rnd, seed, threads)
                     if not (torch.equal(codes, want[0]) and _same(step, want[1])):
                         return False
@@ -1152,7 +1152,7 @@ def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
              (acc[0], sa[0], sb[0], bias), (acc[0, :, :16].contiguous(), sa[0, :, :1][:1], sb[0, :, :16], None)]
     for a, s_a, s_b, b in cases:
         want = ref(a, s_a, s_b, None, None, None, None, 0, b, torch.float32)
-        for threads in (1, 2):
+        for threads in cbuild.test_threads(1, 2):
             got = a.clone()
             _epilogue_into(lib, got, s_a, s_b, b, threads)
             if not _same(got.view(torch.float32), want):
@@ -1188,7 +1188,7 @@ def _fp8_self_test(lib: ctypes.CDLL) -> bool:
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
                 want = ref(a, fmt, gran, rnd, seed_a)[:2]
                 want_t = ref(a.t(), fmt, gran, rnd, seed_w)[:2]
-                for threads in (1, 2):
+                for threads in cbuild.test_threads(1, 2):
                     if not same(_quantize(lib, a, fmt, gran, rnd, seed_a, threads), want):
                         return False
                     if _rows_contiguous(a) and not same(
@@ -1202,7 +1202,7 @@ def _fp8_self_test(lib: ctypes.CDLL) -> bool:
             c3 = x[:36, :52].reshape(4, 9, 52)
             want_c = (*ref(c3.reshape(4, -1), fmt, Granularity.ROW, rnd, seed_a)[:2],
                       *ref(c3.transpose(0, 1).reshape(9, -1), fmt, Granularity.ROW, rnd, seed_w)[:2])
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 got = _quantize_pair(lib, g3, fmt, Granularity.ROW, rnd, seed_a, fmt, Granularity.ROW, rnd,
                                      seed_w, threads)
                 got_c = _quantize_conv_pair(lib, c3, fmt, Granularity.ROW, rnd, seed_a, fmt, Granularity.ROW,
@@ -1250,7 +1250,7 @@ def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             fmt = parse_format("int8" if rnd is Rounding.STOCHASTIC else "int4")
             want_a = ref(a.reshape(b * n, c), fmt, gran, rnd, seed_a)
             want_w = ref(a.mT.reshape(b * c, n), fmt, gran, rnd, seed_w)
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 got = _quantize_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads)
                 if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
                         and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
@@ -1275,7 +1275,7 @@ def _epilogue_self_test(lib: ctypes.CDLL) -> bool:
     for a in (acc, acc.float(), acc[:, :3, :6, :16].contiguous()):
         c = a.shape[-1]
         for s_a, s_b, b in ((sa, sb[..., :c], bias[:c]), (sa[:1], sb[..., :1], None)):
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 if not _same(_epilogue_nchw(lib, a, s_a, s_b, b, threads), ref(a, s_a, s_b, b, torch.float32)):
                     return False
                 if not _same(_epilogue_nhwc(lib, a.clone(), s_a, s_b, b, threads),
@@ -1307,7 +1307,7 @@ def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             fmt = parse_format("int8" if rnd is Rounding.STOCHASTIC else "int4")
             want_a = ref(a.reshape(n, -1), fmt, gran, rnd, seed_a)
             want_w = ref(a.transpose(0, 1).reshape(c, -1), fmt, gran, rnd, seed_w)
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 got = _quantize_conv_pair(lib, a, fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads)
                 if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
                         and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
@@ -1335,13 +1335,13 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     seed = torch.tensor(12345, device="cpu")
     for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
         want = _forward_quantize(x, dots, scale, v, group, parse_format("int8"), Granularity.ROW, rnd, seed)
-        for threads in (1, 2):
+        for threads in cbuild.test_threads(1, 2):
             codes, step = _bhq_quantize(lib, x, dots, scale, v, group, parse_format("int8"),
                                         Granularity.ROW, rnd, seed, threads)
             if not (torch.equal(codes, want[0]) and _same(step, want[1])):
                 return False
     want_inv = _apply_inverse(x, dots, scale, v, group, torch.float32)  # and the inverse
-    for threads in (1, 2):
+    for threads in cbuild.test_threads(1, 2):
         for y, overwrite in ((x, False), (x.clone(), True), (x[:, 1:], False)):
             ref = want_inv if y.shape == x.shape else _apply_inverse(y, dots[:, 1:], scale, v, group, torch.float32)
             got = _bhq_inverse(lib, y, dots if y.shape == x.shape else dots[:, 1:], scale, v, group, overwrite, threads)
@@ -1369,7 +1369,7 @@ def _bhq_group_sums_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             t = BlockHouseholder(w, w, group, n_groups)
             want = _group_sums(a, w, t)
             crow, members = t.csr()
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 if not _same(_bhq_group_sums(lib, a, w, crow, members, n_groups, threads), want):
                     return False
     return True
@@ -1394,12 +1394,12 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
         for fmt in (parse_format("int8"), parse_format("int4")):
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
                 want = _forward_quantize(a, signs, block, fmt, Granularity.ROW, rnd, seed)
-                for threads in (1, 2):
+                for threads in cbuild.test_threads(1, 2):
                     got = _hadamard_quantize(lib, a, m, rows, block, WIDE, fmt, Granularity.ROW, rnd, seed,
                                              threads)
                     if got is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1])):
                         return False
-        for threads in (1, 2):
+        for threads in cbuild.test_threads(1, 2):
             got_fwd = _hadamard_forward(lib, a, m, rows, block, WIDE, threads)
             if got_fwd is None or not _same(got_fwd, _forward(a, signs, block)):
                 return False
@@ -1407,7 +1407,7 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
         c = float(_c(block, torch.float32, signs.device))
         for n_out in (a.shape[0], rows):
             want_inv = _inverse(y, signs, block, n_out, torch.float32)
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 got_inv = _hadamard_inverse(lib, y, signs, block, c, WIDE, n_out, threads)
                 if got_inv is None or not _same(got_inv, want_inv):
                     return False
@@ -1417,7 +1417,8 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
         big[4, 4] = bad
         if _hadamard_quantize(lib, big, signs, 64, 64, WIDE, parse_format("int8"), Granularity.ROW,
                               Rounding.NEAREST, seed, 1) is not None \
-                or _hadamard_inverse(lib, torch.cat([big, big[:27]]), signs, 64, 0.125, WIDE, 64, 2) is not None:
+                or _hadamard_inverse(lib, torch.cat([big, big[:27]]), signs, 64, 0.125, WIDE, 64,
+                                     cbuild.test_threads(2)[0]) is not None:
             return False
     return True
 
@@ -1437,7 +1438,7 @@ def _place_self_test(lib: ctypes.CDLL) -> bool:
                               dtype=torch.int8, device="cpu")
         for unsigned in (False, True):
             want = ref(codes, shape, size, offset, stride, unsigned)
-            for threads in (1, 2):
+            for threads in cbuild.test_threads(1, 2):
                 got = _place_nhwc(lib, codes, shape, size, offset, stride, unsigned, threads)
                 if not (got.dtype == want.dtype and torch.equal(got, want)):
                     return False

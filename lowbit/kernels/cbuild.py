@@ -17,6 +17,7 @@ module, which then falls back to its torch path.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -57,7 +58,35 @@ def cache_dir() -> Path:
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lowbit"
+    if xdg:
+        return Path(xdg) / "lowbit"
+    try:
+        return Path.home() / ".cache" / "lowbit"
+    except RuntimeError as e:  # no HOME and no passwd entry: an OSError, which load handles
+        raise OSError(f"no home directory to cache kernels in ({e})") from None
+
+
+def _digest_file(path: Path) -> Path:
+    """The file beside a built library holding its SHA-256: a cached file cut short or
+    damaged (a full disk, a killed copy, a bad sector) is not loaded — ``dlopen`` of such
+    a file can kill the process with SIGBUS or SIGILL, not raise."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path) -> bool:
+    """``path`` exists and matches the SHA-256 recorded when it was built."""
+    try:
+        return _digest_file(path).read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
+def _temporary_dir() -> Path:
+    """A fresh folder for this process's builds, removed when the process exits (the
+    libraries stay loaded)."""
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp
 
 
 def compiler(warn: Warn) -> list[str] | None:
@@ -73,7 +102,8 @@ def compiler(warn: Warn) -> list[str] | None:
     return [found] if found else None
 
 
-def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], out_dir: Path) -> Path:
+def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], out_dir: Path,
+             damaged: Callable[[Path], None] | None = None) -> Path:
     """The shared library built from ``source`` with ``cc`` (whose ``--version`` output is
     ``version``) and ``flags`` in ``out_dir``; cached under a name that hashes the source,
     the compiler command and flags and the compiler's version, written atomically (a
@@ -82,9 +112,13 @@ def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], ou
     ``out_dir`` cannot be made or written."""
     key = hashlib.sha256(source.read_bytes() + " ".join([*cc, *flags]).encode() + version.encode()).hexdigest()
     path = out_dir / f"{source.stem}-{key[:16]}.so"
-    if not path.exists():
+    if not _intact(path):  # not built yet, or damaged (or built before the digests)
+        if damaged is not None and path.exists():
+            damaged(path)
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{source.stem}-building-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        fd, tmp_digest = tempfile.mkstemp(prefix=f"{source.stem}-building-", suffix=".sha256", dir=out_dir)
         os.close(fd)
         try:
             try:
@@ -94,10 +128,13 @@ def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], ou
                 raise BuildError(e.stderr or str(e)) from e
             except OSError as e:  # the compiler itself could not run
                 raise BuildError(str(e)) from e
+            Path(tmp_digest).write_text(hashlib.sha256(Path(tmp).read_bytes()).hexdigest() + "\n")
+            os.replace(tmp_digest, _digest_file(path))
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for t in (tmp, tmp_digest):
+                if os.path.exists(t):
+                    os.unlink(t)
     return path
 
 
@@ -115,24 +152,43 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         return None
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+        root = "the kernel cache directory"
         try:
-            path = _compile(cc, version, source, flags, cache_dir())
-        except OSError as e:
-            warn(f"the kernel cache directory {str(cache_dir())!r} is not usable ({e}); point "
+            root = repr(str(cache_dir()))
+            path = _compile(cc, version, source, flags, cache_dir(), lambda p: warn(
+                f"the cached {what} {str(p)!r} is damaged or of an older lowbit (its SHA-256 "
+                "differs from the one recorded when it was built)", "building it again"))
+        except OSError as e:  # unwritable, not a folder, no home directory, a damaged file in a read-only cache
+            warn(f"the kernel cache directory {root} is not usable ({e}); point "
                  "LOWBIT_CACHE_DIR at a writable directory", f"building the {what} in a temporary "
                  "directory (again in every process until then)")
-            path = _compile(cc, version, source, flags, Path(tempfile.mkdtemp(prefix="lowbit-")))
+            path = _compile(cc, version, source, flags, _temporary_dir())
         try:
             return ctypes.CDLL(str(path))
-        except OSError as e:  # a damaged cached file (a full disk, a killed copy): build it again
+        except OSError as e:  # intact but not loadable here: build it again
             warn(f"the cached {what} {str(path)!r} could not be loaded ({e})", "building it again")
-            path.unlink(missing_ok=True)
-            return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
+            try:
+                path.unlink(missing_ok=True)
+                _digest_file(path).unlink(missing_ok=True)
+                return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
+            except OSError:  # a read-only cache: build where this process can
+                return ctypes.CDLL(str(_compile(cc, version, source, flags, _temporary_dir())))
     except (BuildError, OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else
              f"the {what} could not be built ({detail})", None)
         return None
+
+
+def test_threads(*counts: int) -> tuple[int, ...]:
+    """The thread counts a self-test runs a kernel with: ``counts`` capped at
+    ``torch.get_num_threads()``. A self-test at 2 threads in a process the user set to 1
+    started an OpenMP pool of 2 that a later ``fork`` breaks: a forked child training with
+    2 threads hung (torch alone does not, its pool was never started)."""
+    import torch
+
+    cap = max(1, torch.get_num_threads())
+    return tuple(dict.fromkeys(min(c, cap) for c in counts))
 
 
 def self_tested(test: Callable[[], bool], warn: Warn, what: str, against: str) -> bool:
@@ -158,9 +214,13 @@ def load_tested(source: Path, flags: Sequence[str], signatures: dict[str, list],
     if lib is None:
         return None
     for name, args in signatures.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError as e:  # a library of another version under this kernel's name
+            warn(f"the {what}'s library lacks {name} ({e})", None)
+            return None
         fn.restype, fn.argtypes = (restypes or {}).get(name), args
     return lib if self_tested(lambda: test(lib), warn, what, against) else None
 
 
-__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "self_tested"]
+__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "self_tested", "test_threads"]

@@ -99,7 +99,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         for aa, bb in ((a, b), (a, b.mT.contiguous().mT), (a.mT.contiguous().mT, b),
                        (a[:, :, :kk], b[:, :kk])):
             want = torch.bmm(aa.long(), bb.long()).int()
-            for threads in (1, 2, 3):
+            for threads in cbuild.test_threads(1, 2, 3):
                 for stream in (False, True):
                     out = torch.empty(want.shape, dtype=torch.int32)
                     x, y = _layouts(aa, bb)

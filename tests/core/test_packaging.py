@@ -1,10 +1,14 @@
 """What an installed lowbit needs beside its Python modules ships with it: every file the
 package reads at run time (the C kernels it compiles at first use) matches a pattern of
-``[tool.setuptools.package-data]``; and a source missing from an installation is named
-as missing, not blamed on the kernel cache."""
+``[tool.setuptools.package-data]``; a source missing from an installation is named as
+missing, not blamed on the kernel cache; and the kernels' build and self-tests survive
+the environments users run in (no home directory, a fork after a single-threaded parent)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -47,3 +51,63 @@ def test_a_missing_source_is_named_as_missing(tmp_path: Path) -> None:
     (why, then), = said
     assert "C source" in why and "gone.c" in why and "missing" in why and "cache" not in why
     assert then is None
+
+
+@pytest.mark.skipif(cbuild.compiler(lambda why, then: None) is None, reason="no C compiler")
+def test_no_home_directory_builds_in_a_temporary_folder(tmp_path: Path, monkeypatch) -> None:
+    """No HOME, no XDG_CACHE_HOME, no LOWBIT_CACHE_DIR and no passwd entry: pathlib's
+    "Could not determine home directory" stopped training at the first layer call. Now
+    a warning names LOWBIT_CACHE_DIR and the kernel is built in a temporary folder."""
+    src = tmp_path / "tiny.c"
+    src.write_text("int lowbit_tiny(void) { return 7; }\n")
+    for var in ("LOWBIT_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    said: list[tuple[str, str | None]] = []
+    lib = cbuild.load(src, ["-O2", "-shared", "-fPIC"], lambda why, then: said.append((why, then)), "test kernel")
+    assert lib is not None and lib.lowbit_tiny() == 7
+    (why, then), = said
+    assert "no home directory" in why and "LOWBIT_CACHE_DIR" in why and "temporary" in then
+
+
+FORK_CHILD = """
+import multiprocessing as mp
+import torch
+import lowbit
+
+def step(threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = lowbit.convert(torch.nn.Linear(256, 128), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=1))
+    m(torch.randn(128, 256)).square().sum().backward()
+    return float(m.weight.grad.double().sum())
+
+def child(q):
+    q.put(step(2))
+
+if __name__ == "__main__":
+    want = step(1)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    got = q.get(timeout=90)
+    p.join(10)
+    print(got == want)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_with_more_threads_than_its_parent_finishes(tmp_path: Path) -> None:
+    """A single-threaded parent ran lowbit's kernel self-tests at 2 threads, starting an
+    OpenMP pool that fork breaks: a forked child training with 2 threads hung for good
+    (torch alone does not). The self-tests now use at most torch's thread count."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True"]  # the child's gradient equals the parent's

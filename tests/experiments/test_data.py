@@ -87,11 +87,32 @@ def test_fashion_mnist_not_found_message(tmp_path):
 def test_fashion_mnist_search_order(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "nodebian")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "env"))
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
     with pytest.raises(D.DataNotFoundError) as info:
         D.find_fashion_mnist()
     msg = str(info.value)
-    assert msg.index(str(tmp_path / "env")) < msg.index("nodebian") < msg.index("data")
+    assert msg.index("nodebian") < msg.index("data")
+
+
+def test_a_set_lowbit_data_is_the_only_place_searched(tmp_path, monkeypatch):
+    """$LOWBIT_DATA pointing at a missing or incomplete folder was skipped without a word:
+    training went on with the Debian copy (or ./data) and exited 0. Now it is searched
+    alone, like root=, and the error names it."""
+    debian = tmp_path / "debian"
+    rng = np.random.default_rng(0)
+    debian.mkdir()
+    for split, n in (("train", 4), ("t10k", 2)):
+        _write_idx(debian / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        _write_idx(debian / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
+    monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN_DIR", debian)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
+    assert D.find_fashion_mnist()["train_images"].parent == debian
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "typo"))
+    with pytest.raises(D.DataNotFoundError, match=r"\$LOWBIT_DATA='.*typo' is set, so no other place was searched"):
+        D.find_fashion_mnist()
+    monkeypatch.setenv("LOWBIT_DATA", str(debian))
+    assert D.find_fashion_mnist()["train_images"].parent == debian
 
 
 def test_fashion_mnist_torchvision_layout(tmp_path):
