@@ -191,9 +191,14 @@ def is_busy(run_dir: Path) -> bool:
         return True
 
 
-def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int) -> None:
+def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int,
+                 data: str | None = None) -> None:
+    """``config.json``: the run's settings, the resolved FQT config, and ``data``, which
+    copy of the data it read (the text task's corpus falls back to the standard library's
+    sources where the Python docs are missing: two machines can train on different text)."""
     config = {
         "run": cfg.run_name(),
+        "data": data,
         "train": cfg.to_dict(),
         "fqt": fqt.to_dict(),
         "recipe": lowbit.describe(fqt),

@@ -174,6 +174,7 @@ class FashionMNISTTask(ImageTask):
     ) -> None:
         images = D.load_fashion_mnist(subset=subset, seed=0)
         super().__init__(model, images, 2, eval_subset, model_kwargs)
+        self.source = f"fashion-mnist:{D.find_fashion_mnist()['train_images'].parent}"  # which copy
 
 
 class TextTask(Task):

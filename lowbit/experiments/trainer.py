@@ -331,7 +331,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         comm.load_state_dict(comm_saved)
 
     if main:
-        write_config(run_dir, cfg, fqt, steps_per_epoch)
+        write_config(run_dir, cfg, fqt, steps_per_epoch, getattr(task, "source", None))
         write_metrics(run_dir, history)
         write_status(run_dir, "running")
     params = [p for p in model.parameters() if p.requires_grad]

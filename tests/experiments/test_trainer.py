@@ -142,6 +142,10 @@ def test_text_tiny_gpt_trains_and_reports_bits_per_byte(tmp_path):
     assert last["val_loss"] < math.log(256)  # better than uniform over bytes after 6 steps
     assert "tokens_per_s" in last and cfg.optimizer == "adamw" and cfg.grad_clip == 1.0
     assert result.task.y_eval.shape == (4, 32)
+    # which corpus it read (the docs, or the standard library's sources where they are
+    # missing): a review found two machines' bpb averaged across different corpora
+    data = json.loads((tmp_path / "config.json").read_text())["data"]
+    assert data == result.task.source and data.startswith(("python3.11-doc:", "python-stdlib:"))
 
 
 # --------------------------------------------------------------------------- resume
