@@ -332,9 +332,30 @@ def extensions(model: nn.Module) -> tuple[tuple[SwapRule, ...], Callable[[nn.Mod
     ``transformers`` is loaded) this prepares ``model`` first (:func:`lowbit.hf.prepare`)."""
     if sys.modules.get("transformers") is None:  # not imported (or blocked): no HF modules
         return SWAP_RULES, lambda m: {}
-    from . import hf
+    try:
+        from . import hf
+    except ImportError as e:  # a transformers older than lowbit's Hugging Face support
+        hf_modules = [type(m).__name__ for m in model.modules()
+                      if type(m).__module__.startswith("transformers.")]
+        if hf_modules:  # the model needs it: say which version
+            raise ImportError(f"lowbit's Hugging Face support needs transformers ≥ {HF_MIN_VERSION} "
+                              f"(AttentionInterface); this one is {_version('transformers')} and the "
+                              f"model holds {hf_modules[0]} ({e})") from None
+        return SWAP_RULES, lambda m: {}  # a model without HF modules converts without it
 
     return SWAP_RULES + hf.SWAP_RULES, hf.prepare(model)
+
+
+HF_MIN_VERSION = "4.51"  # AttentionInterface (transformers PR 36889), the registry lowbit.hf uses
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 __all__ = ["FQTMultiheadAttention", "FQTScaledDotProductAttention", "InProjection",

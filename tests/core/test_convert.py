@@ -562,3 +562,22 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_an_old_transformers_breaks_only_models_that_need_it(monkeypatch) -> None:
+    """transformers imported (for a tokenizer, say) but older than lowbit's Hugging Face
+    support: convert on a plain model failed with a bare ImportError of AttentionInterface.
+    Now a model without HF modules converts; one with them gets the version it needs."""
+    import sys
+
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "lowbit.hf", None)  # `from . import hf` raises ImportError
+    model = lowbit.convert(nn.Sequential(nn.Linear(4, 4)), FQTConfig.from_recipe("fqt-psq-8"))
+    assert isinstance(model[0], lowbit.FQTLinear)
+
+    class Fake(nn.Linear):
+        pass
+
+    Fake.__module__ = "transformers.models.fake.modeling_fake"
+    with pytest.raises(ImportError, match=r"needs transformers ≥ 4\.51 .* the model holds Fake"):
+        lowbit.convert(nn.Sequential(Fake(4, 4)), FQTConfig.from_recipe("fqt-psq-8"))
