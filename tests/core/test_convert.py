@@ -572,6 +572,7 @@ def test_an_old_transformers_breaks_only_models_that_need_it(monkeypatch) -> Non
 
     pytest.importorskip("transformers")
     monkeypatch.setitem(sys.modules, "lowbit.hf", None)  # `from . import hf` raises ImportError
+    monkeypatch.delattr(lowbit, "hf", raising=False)  # (once imported, it is the package's attribute)
     model = lowbit.convert(nn.Sequential(nn.Linear(4, 4)), FQTConfig.from_recipe("fqt-psq-8"))
     assert isinstance(model[0], lowbit.FQTLinear)
 
