@@ -416,6 +416,14 @@ class FQTConfig:
                    backend=d.get("backend", "auto"), seed=d.get("seed"), adaptive=d.get("adaptive"))
 
 
+
+
+def not_a_config(value: object) -> TypeError:
+    """The ``TypeError`` for a ``config`` that is not an :class:`FQTConfig`; a recipe name
+    gets the call that makes one."""
+    hint = f" (a recipe name: lowbit.FQTConfig.from_recipe({value!r}))" if isinstance(value, str) else ""
+    return TypeError(f"config must be an FQTConfig, got {type(value).__name__}{hint}")
+
 __all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .config import Backend, FQTConfig, describe
+from .config import Backend, FQTConfig, describe, not_a_config
 from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
@@ -46,9 +46,7 @@ class _StochasticLayer:
         """Base seed: ``seed`` if given, else ``config.seed``, else one draw from torch's
         global RNG (:mod:`lowbit.noise`); ``name``: the layer's fully qualified name."""
         if not isinstance(config, FQTConfig):
-            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}"
-                            + (f" (a recipe name: lowbit.FQTConfig.from_recipe({config!r}))"
-                               if isinstance(config, str) else ""))
+            raise not_a_config(config)
         if seed is None:
             seed = draw_base_seed() if config.seed is None else config.seed
         self._block = BlockState(config, NoiseStream(seed, name))
@@ -308,9 +306,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, FQTConfig):
-        raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}"
-                            + (f" (a recipe name: lowbit.FQTConfig.from_recipe({config!r}))"
-                               if isinstance(config, str) else ""))
+        raise not_a_config(config)
     if module_filter is not None and not callable(module_filter):
         raise TypeError(f"module_filter must be a callable (module, name) -> bool, got "
                         f"{type(module_filter).__name__}")

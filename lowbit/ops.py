@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import FQTConfig, GradSpec, OperandSpec
+from .config import FQTConfig, GradSpec, OperandSpec, not_a_config
 from .formats import Rounding, compute_dtype
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path
@@ -81,9 +81,7 @@ class BlockState:
 
     def __init__(self, config: FQTConfig, noise: NoiseStream) -> None:
         if not isinstance(config, FQTConfig):
-            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}"
-                            + (f" (a recipe name: lowbit.FQTConfig.from_recipe({config!r}))"
-                               if isinstance(config, str) else ""))
+            raise not_a_config(config)
         if not isinstance(noise, NoiseStream):
             raise TypeError(f"noise must be a lowbit.noise.NoiseStream, got {type(noise).__name__}")
         self._config = config
