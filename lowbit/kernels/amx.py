@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cbuild, vnni, workspace
+from . import cbuild, compiled, vnni, workspace
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
@@ -112,7 +112,7 @@ def _warn(why: str, then: str | None = "torch._int_mm runs instead") -> None:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring). Runs eagerly
     and with every dispatch mode suspended: its own GEMMs are not the caller's."""
@@ -152,7 +152,7 @@ def worth_it(m: int, k: int, n: int) -> bool:
     return m >= MIN_ROWS and m * k * n >= MIN_MACS
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
           threads: int) -> None:
     """The C kernel on ``a``, ``b`` into ``out``; its two packing buffers are allocated
@@ -169,7 +169,7 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     del packed_a, packed_b  # alive until here
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _call_batched(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                   threads: int) -> None:
     """The batched C kernel on ``a`` (B, M, K), ``b`` (B, K, N) into ``out`` (B, M, N)

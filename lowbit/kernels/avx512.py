@@ -77,7 +77,7 @@ from ..scopes import scope
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..formats import FloatFormat, Format, Granularity, IntFormat, Rounding, grid_step
-from . import cbuild
+from . import cbuild, compiled
 
 SOURCE = Path(__file__).with_name("quant_avx512.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw",
@@ -131,7 +131,7 @@ def _warn(why: str, then: str | None = None) -> None:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     if os.environ.get("LOWBIT_AVX512", "1") == "0" or not cpu_has_avx512():
@@ -153,8 +153,6 @@ def in_use() -> str | None:
     not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
     (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (no
     AVX-512, no compiler, a failed build or self-test: a warning said which)."""
-    from . import compiled
-
     if os.environ.get("LOWBIT_AVX512", "1") == "0":
         return "switched off by LOWBIT_AVX512=0"
     if not _enabled:
@@ -201,7 +199,7 @@ def _grid(fmt: Format) -> int | None:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _fp8_tested() -> bool:
     """The FP8 grids passed their own self-test (:func:`_fp8_self_test`; a failure is a
     warning, and FP8 formats then take the compiled quantizer; integer grids are not
@@ -302,7 +300,7 @@ def _seed(seed: torch.Tensor, rounding: Rounding) -> int:
     return int(seed) & 0xFFFFFFFF if rounding is Rounding.STOCHASTIC else 0
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granularity,
               rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     r, d = x.shape
@@ -353,7 +351,7 @@ def run_quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, roundin
     return codes, step, None, None
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
                    rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                    rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
@@ -422,7 +420,7 @@ def supports_batched_w(g: torch.Tensor, fmt: Format, granularity: Granularity, r
                                                              granularity, rounding, seed) and _readable(g)
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _quantize_batched_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, granularity: Granularity,
                         rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, c = g.shape
@@ -514,7 +512,7 @@ def _seg_kernels(lib: ctypes.CDLL, g: torch.Tensor) -> tuple[Any, Any, tuple]:
         g.data_ptr(), DTYPES[g.dtype], n, c, length, g.stride(0), g.stride(2))
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _quantize_conv_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
                         rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                         rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
@@ -566,7 +564,7 @@ def supports_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Roundi
     return supports_conv_pair(g, fmt, gran, rnd, seed, fmt, gran, rnd, seed)
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _quantize_conv_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Rounding,
                      seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
     n, c, length = g.shape
@@ -612,7 +610,7 @@ def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
         and (bias is None or (bias.is_floating_point() and bias.shape == (c,))) and _enabled and available()
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: torch.Tensor | None, threads: int) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
@@ -647,7 +645,7 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
         return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: torch.Tensor | None, threads: int) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
@@ -715,7 +713,7 @@ def supports_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
         and _epilogue_rows_layout(acc, a_scale, b_scale) is not None and _enabled and available()
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _epilogue_into(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: torch.Tensor | None, threads: int) -> None:
     sa_rows, sb_cols, sb_bstride = _epilogue_rows_layout(acc, a_scale, b_scale)  # type: ignore[misc]
@@ -752,7 +750,7 @@ def supports_place_nhwc(codes: torch.Tensor, shape: Sequence[int], size: Sequenc
                for i in range(2)) and _enabled and available()
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _place_nhwc(lib: ctypes.CDLL, codes: torch.Tensor, shape: Sequence[int], size: Sequence[int],
                 offset: Sequence[int], stride: Sequence[int], unsigned: bool, threads: int) -> torch.Tensor:
     n, c, h, w = shape
@@ -807,7 +805,7 @@ def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: to
     return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _bhq_quantize(lib: ctypes.CDLL, x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor,
                   v: torch.Tensor, group: torch.Tensor, fmt: Format, granularity: Granularity,
                   rounding: Rounding, seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
@@ -868,7 +866,7 @@ def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tenso
     return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _bhq_inverse(lib: ctypes.CDLL, y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                  group: torch.Tensor, overwrite: bool, threads: int) -> torch.Tensor:
     r, d = y.shape
@@ -906,7 +904,7 @@ def run_row_absmax(x: torch.Tensor) -> torch.Tensor:
         return _row_absmax(_library(), x, torch.get_num_threads())
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _row_absmax(lib: ctypes.CDLL, x: torch.Tensor, threads: int) -> torch.Tensor:
     r, d = x.shape
     amax = torch.empty(r, dtype=torch.float32, device="cpu")
@@ -940,7 +938,7 @@ def supports_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> bool
         and _enabled and available()
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _bhq_group_sums(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, crow: torch.Tensor,
                     members: torch.Tensor, n_groups: int, threads: int) -> torch.Tensor:
     d = x.shape[1]
@@ -994,7 +992,7 @@ def _had_status(status: int) -> bool:
     return status == 0
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _hadamard_quantize(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
                        wide: tuple[float, float], fmt: Format, granularity: Granularity, rounding: Rounding,
                        seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -1041,7 +1039,7 @@ def supports_hadamard_forward(x: torch.Tensor, m: torch.Tensor, rows: int, block
             and _hadamard_block_ok(block, rows, x.shape[0]) and _plain_f32(m, rows) and _enabled and available())
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _hadamard_forward(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
                       wide: tuple[float, float], threads: int) -> torch.Tensor | None:
     n, d = x.shape
@@ -1075,7 +1073,7 @@ def supports_hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, 
             and _hadamard_block_ok(block, y.shape[0], n_out) and _enabled and available())
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, block: int, c: float,
                       wide: tuple[float, float], n_out: int, threads: int) -> torch.Tensor | None:
     rows, d = y.shape

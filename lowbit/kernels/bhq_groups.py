@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cbuild
+from . import cbuild, compiled
 
 SOURCE = Path(__file__).with_name("bhq_groups.c")
 FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing")
@@ -197,7 +197,7 @@ def _warn(why: str, then: str | None = None) -> None:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     if os.environ.get("LOWBIT_BHQ_GROUPS", "1") == "0":
@@ -232,7 +232,7 @@ def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
     return math.isfinite(top) and top > 0
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     n = lam.shape[0]
     i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}

@@ -5,8 +5,11 @@ a dozen); compiled, the quantizer becomes one reduction plus one fused pass, the
 epilogue one pass. Same code, same arithmetic: the codes equal the reference's (tested).
 
 Compilation needs a C++ compiler (CPU) or Triton (GPU). If it is unavailable the first
-failure is reported once as a warning and the reference kernels are used from then on.
-Set ``LOWBIT_COMPILE=0`` to never compile. Small tensors are not worth a compiled call.
+failure is reported once as a warning and these kernels run eagerly (the same functions,
+uncompiled) from then on: :func:`failure` says why. That failure concerns Inductor only —
+lowbit's own C kernels (AVX-512 quantizer, int8 GEMM panels) keep running. Set
+``LOWBIT_COMPILE=0`` to never compile (and to run the reference kernels everywhere:
+:func:`enabled`). Small tensors are not worth a compiled call.
 
 **No global settings are touched.** Dynamo keeps its compiled variants per code object
 and falls back to eager after ``torch._dynamo.config.recompile_limit`` (8) of them. A
@@ -31,6 +34,8 @@ import torch
 
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
 _enabled = os.environ.get("LOWBIT_COMPILE", "1") != "0" and hasattr(torch, "compile")
+_failure: str | None = None  # the first compiler failure of this process (run)
+_dynamo_broken = False  # importing torch._dynamo failed (disable_tracing)
 # kernel name -> variant key -> compiled copy of the kernel
 _compiled: dict[str, dict[Hashable, Callable[..., Any]]] = {}
 
@@ -41,18 +46,21 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
         from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
 
         errs += [BackendCompilerFailed, TorchDynamoException]
-    except ImportError:  # pragma: no cover - very old torch
+    except Exception:  # noqa: BLE001 - very old torch, or one whose dynamo cannot import
         pass
     try:
         from torch._inductor.exc import InductorError  # type: ignore[attr-defined]
 
         errs.append(InductorError)
-    except ImportError:  # pragma: no cover - torch without InductorError
+    except Exception:  # noqa: BLE001 - torch without InductorError
         pass
     return tuple(errs)
 
 
 def enabled() -> bool:
+    """The user's switch (``LOWBIT_COMPILE``, :func:`set_enabled`): whether lowbit's fast
+    kernels — compiled and native C — may run at all. A compiler failure does not turn it
+    off (:func:`failure`)."""
     return _enabled
 
 
@@ -62,8 +70,45 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``: dynamo runs ``fn`` eagerly inside a compiled model
+    (lowbit's C kernels and their ctypes calls cannot be traced). Where torch's compiler
+    cannot even be imported — an unusable ``TORCHINDUCTOR_CACHE_DIR`` makes importing
+    ``torch._dynamo`` raise ``OSError`` — ``fn`` itself: nothing can be compiled in that
+    process, so there is nothing to keep it out of. The first such failure is warned about
+    once and recorded as the compiler failure (:func:`failure`), so lowbit's compiled
+    kernels run eagerly and ``import lowbit`` still works."""
+    global _failure, _dynamo_broken
+    if not _dynamo_broken:
+        try:
+            return torch.compiler.disable(fn)
+        except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
+            _dynamo_broken = True
+            _failure = (f"torch's compiler cannot be imported ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})")
+            hint = " (is TORCHINDUCTOR_CACHE_DIR a writable directory?)" \
+                if isinstance(exc, OSError) else ""
+            warnings.warn(f"lowbit: {_failure}{hint}; torch.compile cannot run in this process, "
+                          "lowbit's compiled kernels run eagerly (same results, slower; its C "
+                          "kernels are unaffected)", RuntimeWarning, stacklevel=2)
+    return fn
+
+
+def failure() -> str | None:
+    """``None`` while ``torch.compile`` works in this process, else the first failure
+    (kernel name, exception type and first line), after which the compiled kernels run
+    eagerly."""
+    return _failure
+
+
+def working() -> bool:
+    """Whether kernels registered as compiled really run through ``torch.compile``: switched
+    on (:func:`enabled`) and no compiler failure yet (:func:`failure`)."""
+    return _enabled and _failure is None
+
+
 def use_for(x: torch.Tensor) -> bool:
-    return _enabled and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
+    return working() and x.numel() >= MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
 def _dispatch_context() -> Hashable:
@@ -109,23 +154,27 @@ def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` through ``torch.compile`` (one compiled copy per kernel variant); on
-    a compiler failure, warn once and run ``fn`` eagerly from then on. Tensor arguments
-    are detached (plain tensors, no view or autograd history: the kernels compute codes,
-    scales and epilogues, which nothing differentiates)."""
-    global _enabled
+    a compiler failure, warn once and run every compiled kernel's ``fn`` eagerly from then
+    on (:func:`failure`). Tensor arguments are detached (plain tensors, no view or
+    autograd history: the kernels compute codes, scales and epilogues, which nothing
+    differentiates)."""
+    global _failure
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    if _failure is not None:
+        return fn(*args)
     variants = _compiled.setdefault(name, {})
     key = _variant_key(args)
-    f = variants.get(key)
-    if f is None:
-        f = variants[key] = torch.compile(_own_copy(fn), dynamic=True, fullgraph=True)
     try:
+        f = variants.get(key)
+        if f is None:
+            f = variants[key] = torch.compile(_own_copy(fn), dynamic=True, fullgraph=True)
         return f(*args)
-    except _compile_errors() as exc:
-        _enabled = False
-        warnings.warn(f"lowbit: torch.compile failed for kernel {name!r} ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); using the reference "
-                      "kernels from now on (same results, slower)", stacklevel=3)
+    except (*_compile_errors(), OSError) as exc:  # the kernels do no I/O: an OSError is
+        # the compiler's (its cache or build directory)
+        _failure = (f"torch.compile failed for kernel {name!r} ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        warnings.warn(f"lowbit: {_failure}; lowbit's compiled kernels run eagerly from now on "
+                      "(same results, slower; its C kernels are unaffected)", stacklevel=3)
         return fn(*args)
 
 

@@ -47,7 +47,7 @@ import torch
 from ..scopes import scope
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import avx512, cbuild, int8
+from . import avx512, cbuild, compiled, int8
 
 SOURCE = avx512.SOURCE.with_name("softmax_avx512.c")
 _enabled = True
@@ -128,7 +128,7 @@ def _warn(why: str, then: str | None = None) -> None:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     if os.environ.get("LOWBIT_SOFTMAX", "1") == "0" or not avx512.cpu_has_avx512():
@@ -214,7 +214,7 @@ def _mask_offsets(mask: torch.Tensor) -> torch.Tensor | None:
     return off.reshape(-1).contiguous()
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _softmax(lib: ctypes.CDLL, scores: torch.Tensor, a_step: torch.Tensor | None, b_step: torch.Tensor | None,
              mask: torch.Tensor | None, masked: bool, threads: int) -> torch.Tensor:
     b, lq, s = scores.shape
@@ -228,7 +228,7 @@ def _softmax(lib: ctypes.CDLL, scores: torch.Tensor, a_step: torch.Tensor | None
     return scores.view(torch.float32)
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _softmax_grad(lib: ctypes.CDLL, grads: torch.Tensor, a_step: torch.Tensor | None,
                   b_step: torch.Tensor | None, probs: torch.Tensor, threads: int) -> torch.Tensor:
     b, lq, s = grads.shape

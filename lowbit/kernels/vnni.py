@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cbuild
+from . import cbuild, compiled
 
 SOURCE = Path(__file__).with_name("vnni_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni")
@@ -69,7 +69,7 @@ def _layouts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return a, b
 
 
-@torch.compiler.disable
+@compiled.disable_tracing
 def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, threads: int,
           stream: bool) -> None:
     """The C kernel on ``a`` (B, M, K), ``b`` (B, K, N) into ``out`` (B, M, N) int32 with
@@ -118,7 +118,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
 
 
 @functools.cache
-@torch.compiler.disable
+@compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     if os.environ.get("LOWBIT_VNNI", "1") == "0" or not cpu_has_vnni():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +24,8 @@ from lowbit import FQTConfig, OperandSpec
 from lowbit.kernels import avx512, compiled, reference
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_compile = pytest.mark.skipif(not compiled.enabled(), reason="torch.compile disabled "
-                                   "(LOWBIT_COMPILE=0 or unavailable)")
+needs_compile = pytest.mark.skipif(not compiled.working(), reason="torch.compile disabled "
+                                   "(LOWBIT_COMPILE=0) or failed in this process")
 
 
 def dilated(n: int = 70, c: int = 3) -> nn.Module:
@@ -215,7 +216,7 @@ def test_every_kernel_leaves_dynamo_config_unchanged(monkeypatch: pytest.MonkeyP
     assert {k for k in compiled._compiled} >= {"quantize", "quantize_fixed",
                                                "int8_epilogue", "row_absmax",
                                                "bhq_forward_quantize", "bhq_inverse"}
-    assert compiled.enabled()
+    assert compiled.failure() is None
     assert _config_snapshot() == before
 
 
@@ -237,7 +238,7 @@ def test_kernels_compile_each_variant_once_on_many_layer_shapes(monkeypatch: pyt
             train_step(model, model, torch.randn(batch, 3, 8, 8))
         # the same kernels called from inside a compiled model (another dispatch context)
         train_step(model, torch.compile(model, backend="aot_eager"), torch.randn(2, 3, 8, 8))
-    assert compiled.enabled()
+    assert compiled.failure() is None
     new_graphs = counters["stats"]["unique_graphs"] - graphs
     # every compiled graph is the model's (one) or the first of a new kernel variant: no
     # variant recompiled (so none can reach dynamo's recompile limit and run eagerly)
@@ -270,3 +271,78 @@ def test_equal_sizes_are_a_variant_not_a_recompile(monkeypatch: pytest.MonkeyPat
         quantize_forward(torch.randn(*shape), OperandSpec())
     assert compiled.variant_count() == 2  # (a, a) and (a, b) size patterns
     assert counters["stats"]["unique_graphs"] - graphs == 2  # each compiled once
+
+
+def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``torch.compile`` failure makes lowbit's compiled kernels run eagerly (same
+    results) and is reported once; it does not switch off the native C kernels, and
+    ``avx512.in_use()`` does not blame ``LOWBIT_COMPILE`` for it."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from lowbit.formats import IntFormat, Rounding
+    from lowbit.kernels import _TABLE, Impl, Kernel, kernels_for
+    from lowbit.quantizers import Granularity
+
+    def broken(fn, **kwargs):  # what a machine without a working C++ compiler gives
+        def call(*args):
+            raise TorchDynamoException("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.randn(64, 1024)  # above MIN_NUMEL
+    args = (torch.randint(-99, 99, (64, 8), dtype=torch.int32), torch.rand(64, 1),
+            torch.rand(1, 8), None, None, None, None, 0, None, torch.float32)
+    with pytest.warns(UserWarning, match=r"no C\+\+ compiler.*C kernels are unaffected"):
+        out = compiled.run("int8_epilogue", reference.int8_epilogue, *args)
+    torch.testing.assert_close(out, reference.int8_epilogue(*args), rtol=0, atol=0)
+    assert "int8_epilogue" in compiled.failure() and "no C++ compiler" in compiled.failure()
+    assert compiled.enabled() and not compiled.working() and not compiled.use_for(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once
+        compiled.run("int8_epilogue", reference.int8_epilogue, *args)
+    k = kernels_for("auto", "cpu")
+    assert k.fused  # the native kernels stay allowed
+    if avx512.available():
+        assert avx512.in_use() is None
+        calls = []
+        native = _TABLE[("quantize", Impl.NATIVE, "cpu")]
+        spy = Kernel(lambda *a: calls.append(1) or native.fn(*a), native.supports)
+        monkeypatch.setitem(_TABLE, ("quantize", Impl.NATIVE, "cpu"), spy)
+        k.quantize(x, IntFormat(8), Granularity.ROW, Rounding.STOCHASTIC,
+                   torch.tensor(3, dtype=torch.int64))
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("compile_flag", ["0", "1"])
+def test_lowbit_imports_and_trains_where_torchs_compiler_cannot_import(
+        tmp_path: Path, compile_flag: str) -> None:
+    """An unusable ``TORCHINDUCTOR_CACHE_DIR`` (here: below a file) makes importing
+    ``torch._dynamo`` raise; lowbit still imports and trains (with or without
+    ``LOWBIT_COMPILE``), warns once naming the cause, records it as the compiler failure,
+    and keeps its C kernels where compiling was allowed."""
+    import subprocess
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = (
+        "import warnings, torch, lowbit\n"
+        "from lowbit.kernels import avx512, compiled\n"
+        "m = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),\n"
+        "    torch.nn.Linear(256, 4)), lowbit.FQTConfig.from_recipe('fqt-psq-8', seed=0))\n"
+        "m(torch.randn(512, 256)).square().mean().backward()\n"
+        "assert all(p.grad.isfinite().all() for p in m.parameters())\n"
+        "print('FAILURE', compiled.failure())\n"
+        "print('NATIVE', avx512.in_use() is None, avx512.available())\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(blocker / "cache"),
+           "LOWBIT_COMPILE": compile_flag}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("torch's compiler cannot be imported") == 1, out.stderr[-3000:]
+    assert "TORCHINDUCTOR_CACHE_DIR" in out.stderr
+    assert "FAILURE torch's compiler cannot be imported (NotADirectoryError" in out.stdout
+    native, available = out.stdout.split("NATIVE ")[1].split()
+    if compile_flag == "1" and os.environ.get("LOWBIT_AVX512", "1") != "0":
+        assert native == available  # the C quantizer runs wherever it can
