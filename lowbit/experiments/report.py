@@ -48,7 +48,7 @@ from lowbit.formats import Grid, IntFormat, Rounding
 from lowbit.quantizers import QUANTIZERS
 
 from . import claims, monitoring
-from .rundir import write_atomic
+from .rundir import data_kind, write_atomic
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
 
@@ -90,6 +90,7 @@ class Run:
     fqt: dict[str, Any]
     rows: list[dict[str, Any]]
     status: str  # done, diverged, running
+    data: str | None = None  # config.json's record of the data read (rundir.write_config)
 
     @property
     def complete(self) -> bool:
@@ -179,7 +180,7 @@ def load_runs(root: Path) -> list[Run]:
                 json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
             )
             rows = json.loads(metrics_file.read_text())
-            runs.append(Run(run_dir, config["train"], config["fqt"], rows, status))
+            runs.append(Run(run_dir, config["train"], config["fqt"], rows, status, config.get("data")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"lowbit report: skipped {run_dir}: not a readable lowbit run "
                   f"({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -254,8 +255,10 @@ def _memory_and_range_notes(done: list[Run]) -> list[str]:
     return notes
 
 
-def table(runs: list[Run], figure_names: list[str]) -> list[str]:
-    """Markdown lines for one task/setting: a row per recipe (label)."""
+def table(runs: list[Run], figure_names: list[str],
+          diverged_attempts: dict[str, list[int]] | None = None) -> list[str]:
+    """Markdown lines for one task/setting: a row per recipe (label); ``diverged_attempts``
+    (label → seeds): diverged attempts of seeds the row counts as rerun runs."""
     first = runs[0].train
     task_cls = TASK_CLASSES[first["task"]]
     metric = task_cls.primary_metric
@@ -285,6 +288,9 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         notes = []
         if n_div := sum(r.status == "diverged" for r in group):
             notes.append(f"{n_div} diverged")
+        if again := (diverged_attempts or {}).get(lab):
+            notes.append(f"an earlier attempt diverged (seed{'s' * (len(again) > 1)} "
+                         f"{', '.join(map(str, sorted(again)))}; rerun)")
         partial = [r for r in group if not r.complete and r.status != "diverged"]
         if partial:  # how far each got (a study that spans sessions reports as it goes)
             at = ", ".join(f"{len(r.rows)}/{r.train['epochs']}" for r in partial)
@@ -298,9 +304,21 @@ def table(runs: list[Run], figure_names: list[str]) -> list[str]:
         lines.append(f"| {lab} | {fqt_desc} | {score} | {len(finals)} | "
                      f"{f'{ms:.1f}' if ms is not None else '–'} | {ratio} | {wall} | {_ratios(done)} | "
                      f"{'; '.join(notes)} |")  # fmt: skip
-    lines += ["", machines_line(runs), ""]
+    lines += ["", data_line(runs), machines_line(runs), ""]
     lines += [f"![{name}](figures/{name})" for name in figure_names]
     return lines + [""]
+
+
+def data_line(runs: list[Run]) -> str:
+    """Which dataset the table's runs read (``config.json``'s ``data``; one per table,
+    :func:`one_per_seed`), and how many runs predate the record."""
+    sources = sorted({r.data for r in runs if r.data})
+    missing = sum(not r.data for r in runs)
+    if not sources:
+        return "Data: not recorded (runs from before lowbit wrote it to config.json)."
+    note = (f"; not recorded by {missing} of {len(runs)} runs, which predate the record and are "
+            "counted with them" if missing else "")
+    return f"Data: {'; '.join(sources)}{note}."
 
 
 def machines_line(runs: list[Run]) -> str:
@@ -404,22 +422,54 @@ def _preference(run: Run) -> tuple:
     return rank, -len(run.rows), str(run.path)
 
 
-def one_per_seed(runs: list[Run]) -> tuple[dict[tuple, list[Run]], list[str]]:
-    """The runs grouped by (task, model, settings), one per recipe and seed (the one
-    :func:`_preference` puts first), and the folders left out as repeats."""
+def _data_groups(runs: list[Run]) -> dict[int, str | None]:
+    """Each run's dataset for grouping (by ``id``): the one it recorded
+    (:func:`~.rundir.data_kind`); for a run recorded before lowbit wrote the field, the
+    one dataset its (task, model, settings) runs recorded, or ``None`` where they recorded
+    none or several (then it is a table of its own: never averaged with a guess)."""
+    recorded: dict[tuple, set[str]] = defaultdict(set)
+    for run in runs:
+        if kind := data_kind(run.data):
+            recorded[(run.train["task"], run.train["model"], _settings(run))].add(kind)
+    out = {}
+    for run in runs:
+        kinds = recorded[(run.train["task"], run.train["model"], _settings(run))]
+        out[id(run)] = data_kind(run.data) or (next(iter(kinds)) if len(kinds) == 1 else None)
+    return out
+
+
+def one_per_seed(runs: list[Run]) -> tuple[dict[tuple, list[Run]], list[Run]]:
+    """The runs grouped by (task, model, settings, dataset — :func:`_data_groups`: runs
+    of two datasets never share a table), one per recipe and seed (the one
+    :func:`_preference` puts first), and the runs left out as repeats (path order)."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     seen_seeds: set[tuple] = set()
     duplicates = []
+    data = _data_groups(runs)
     for run in sorted(runs, key=_preference):
-        key = (run.train["task"], run.train["model"], _settings(run))
+        key = (run.train["task"], run.train["model"], _settings(run), data[id(run)])
         if (key, run.label, run.train.get("seed")) in seen_seeds:
-            duplicates.append(str(run.path))
+            duplicates.append(run)
             continue
         seen_seeds.add((key, run.label, run.train.get("seed")))
         groups[key].append(run)
     for group in groups.values():  # the tables list runs in path order, as before
         group.sort(key=lambda r: str(r.path))
-    return groups, sorted(duplicates)
+    return groups, sorted(duplicates, key=lambda r: str(r.path))
+
+
+def _diverged_attempts(group: list[Run], repeats: list[Run]) -> dict[str, list[int]]:
+    """Per recipe label of ``group``, the seeds with a diverged attempt among ``repeats``
+    (a seed rerun to a finish after it diverged: the table counts the finished run, and
+    says that an attempt diverged)."""
+    ids = {(r.train["task"], r.train["model"], _settings(r)) for r in group}
+    labels = {r.label for r in group}
+    out: dict[str, list[int]] = defaultdict(list)
+    for r in repeats:
+        if r.status == "diverged" and r.label in labels and \
+                (r.train["task"], r.train["model"], _settings(r)) in ids:
+            out[r.label].append(r.train.get("seed"))
+    return out
 
 
 def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
@@ -431,9 +481,10 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
     if duplicates:
         lines += [f"Ignored {len(duplicates)} run folder(s) repeating a recipe and seed already "
                   f"counted (a finished run is kept before a diverged or unfinished one, then the one "
-                  f"with more epochs): {', '.join(duplicates)}.", ""]
+                  f"with more epochs; a diverged one is named in its table's notes): "
+                  f"{', '.join(str(r.path) for r in duplicates)}.", ""]
     seen: dict[str, int] = defaultdict(int)
-    for (task, model, _), group in sorted(groups.items(), key=lambda kv: kv[0][:2]):
+    for (task, model, *_), group in sorted(groups.items(), key=lambda kv: (kv[0][:2], str(kv[0][3]))):
         stem = f"{prefix}{task}-{model}"
         seen[stem] += 1
         if seen[stem] > 1:
@@ -444,7 +495,7 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
             names.append(f"{stem}-bits.png")
         if monitoring.plot_ratios(group, figures_dir / f"{stem}-variance.png"):
             names.append(f"{stem}-variance.png")
-        lines += table(group, names)
+        lines += table(group, names, _diverged_attempts(group, duplicates))
         if with_claims:
             lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed; "
                       "recipes compared paired by seed, with one-sided 95% Student-t bounds of the "

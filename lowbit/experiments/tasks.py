@@ -157,6 +157,7 @@ class DigitsTask(ImageTask):
                 x_train=images.x_train[:subset], y_train=images.y_train[:subset]
             )
         super().__init__(model, images, None, eval_subset, model_kwargs)
+        self.source = "digits:sklearn.datasets.load_digits"  # embedded in scikit-learn
 
 
 class FashionMNISTTask(ImageTask):

@@ -65,7 +65,7 @@ from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import LOCK, RunBusy, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
+from .rundir import LOCK, RunBusy, check_same_data, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, changed_settings
 from .tasks import Task, make_task
 
@@ -322,6 +322,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     if resume:
         state = load_resumable(run_dir, cfg)
         if state is not None:
+            check_same_data(run_dir, getattr(task, "source", None))
             _restore(state, ranks, model, data_gen, optimizer, scheduler, master, sr_gen)
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row, comm_saved = state["bad_in_a_row"], state.get("comm")

@@ -409,15 +409,17 @@ def test_demo_smoke(tmp_path):
 
 
 def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str,
-              epochs: int = 2, **columns: list[float] | list[str]) -> None:
+              epochs: int = 2, data: str | None = None, **columns: list[float] | list[str]) -> None:
     """A run folder with ``finals`` as its per-epoch accuracy and ``columns`` (name → one
-    value per epoch) added to the rows."""
+    value per epoch) added to the rows; ``data``: its ``config.json`` record of the data."""
     from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
 
     cfg = TrainConfig(task="digits", recipe=recipe, seed=seed, epochs=epochs)
     run_dir = root / cfg.run_name()
     run_dir.mkdir(parents=True)
     config = {"train": cfg.to_dict(), "fqt": cfg.fqt_config().to_dict()}
+    if data is not None:
+        config["data"] = data
     (run_dir / "config.json").write_text(json.dumps(config))
     rows = [{"epoch": i + 1, "accuracy": a, "step_time_ms": 10.0}
             | {k: v[i] for k, v in columns.items()} for i, a in enumerate(finals)]
@@ -848,6 +850,48 @@ def test_report_keeps_the_finished_copy_of_a_seed_whatever_the_paths(tmp_path):
     groups, ignored = report.one_per_seed(report.load_runs(runs))
     kept = [str(r.path.parent.name) for g in groups.values() for r in g]
     assert kept == ["c-full", "e-full"] and len(ignored) == 3
+
+
+def test_report_never_averages_runs_of_two_datasets(tmp_path):
+    """Seeds that read different data (config.json's ``data``: the text task falls back to
+    the stdlib's sources without the Python docs) are separate tables, each naming its
+    data; a run from before the record joins the one dataset its setting recorded, and
+    is a table of its own where the setting recorded several."""
+    one = tmp_path / "one"
+    _fake_run(one / "a", "qat-8", 0, [0.5, 0.9], "done", data="digits:/here")
+    _fake_run(one / "b", "qat-8", 1, [0.5, 0.7], "done", data="digits:/there")  # another copy
+    _fake_run(one / "c", "qat-8", 2, [0.5, 0.8], "done")  # before the record
+    section = report.render(report.load_runs(one), tmp_path, "lowbit report")
+    assert section.count("| qat-8 ") == 1 and "| 80.00 ± 10.00 | 3 |" in section
+    assert ("Data: digits:/here; digits:/there; not recorded by 1 of 3 runs, which predate the "
+            "record and are counted with them.") in section
+    two = tmp_path / "two"
+    _fake_run(two / "a", "qat-8", 0, [0.5, 0.9], "done", data="python3.11-doc:/docs")
+    _fake_run(two / "b", "qat-8", 1, [0.5, 0.7], "done", data="python-stdlib:/lib")
+    _fake_run(two / "c", "qat-8", 2, [0.5, 0.8], "done")
+    section = report.render(report.load_runs(two), tmp_path, "lowbit report")
+    rows = [line for line in section.splitlines() if line.startswith("| qat-8 ")]
+    assert sorted(r.split("|")[3:5] for r in rows) == [[" 70.00 ", " 1 "], [" 80.00 ", " 1 "],
+                                                        [" 90.00 ", " 1 "]]
+    for line in ("Data: python3.11-doc:/docs.", "Data: python-stdlib:/lib.",
+                 "Data: not recorded (runs from before lowbit wrote it to config.json)."):
+        assert line in section
+    groups, _ = report.one_per_seed(report.load_runs(two))
+    assert len(groups) == 3
+
+
+def test_report_names_a_diverged_attempt_of_a_seed_rerun_to_a_finish(tmp_path):
+    """A seed that diverged and was rerun to a finish: the table counts the finished run
+    and its row says an attempt diverged (it was only a path in the "Ignored" line)."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "first", "qat-8", 1, [0.5], "diverged")
+    _fake_run(runs / "first", "qat-8", 0, [0.5, 0.9], "done")
+    _fake_run(runs / "rerun", "qat-8", 1, [0.5, 0.7], "done")
+    _fake_run(runs / "first", "fp", 0, [0.5, 0.9], "done")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    row = next(line for line in section.splitlines() if line.startswith("| qat-8 "))
+    assert "| 80.00 ± 14.14 | 2 |" in row and "an earlier attempt diverged (seed 1; rerun)" in row
+    assert "diverged" not in next(line for line in section.splitlines() if line.startswith("| fp "))
 
 
 def test_report_prints_the_runs_it_counted(tmp_path, capsys):

@@ -171,6 +171,26 @@ def test_resume_refuses_another_epoch_count(tmp_path):
               progress=False)  # fmt: skip
 
 
+def test_resume_refuses_epochs_of_another_dataset(tmp_path):
+    """A run whose first epochs read one corpus (config.json's ``data``) is not continued
+    on another (the text task reads the Python docs, or the stdlib's sources where they are
+    missing); the same dataset at another path resumes."""
+    cfg = dict(DIGITS, recipe="qat-8", epochs=2)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):
+        train(TrainConfig(**cfg, out=str(tmp_path)), task=_InterruptAt(task, 12), progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["data"] == "digits:sklearn.datasets.load_digits"
+    other = dict(config, data="python-stdlib:/usr/lib/python3.11")
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"its epochs so far trained on python-stdlib:/usr/lib/"
+                                         r"python3.11, this process reads digits:"):
+        train(TrainConfig(**cfg, out=str(tmp_path)), resume=True, progress=False)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, data="digits:/elsewhere")))
+    result = train(TrainConfig(**cfg, out=str(tmp_path)), resume=True, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
 @pytest.mark.parametrize("model, recipe, weights", [
     ("mlp", "fqt-bhq-4", "fp32"), ("cnn", "fqt-bhq-4", "fp32"),
     ("mlp", "fqt-psq-4-predicted", "fp32"),  # range histories come back from the checkpoint
