@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "comm_variance.json", json.dumps(strict({
         "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "data": getattr(task, "source", None),  # which copy of the data (config.json's "data")
         "warmup": warm, "runs": runs, "seconds": time.perf_counter() - t0,
         "torch": torch.__version__, "threads": torch.get_num_threads()}), indent=1, default=str, allow_nan=False) + "\n")
     write_atomic(out / "summary.md", table)

@@ -11,6 +11,7 @@ Nothing here downloads anything. The data come from places installed ahead of ti
 
 import gzip
 import os
+import platform
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -330,7 +331,8 @@ def load_text_corpus(max_bytes: int | None = None) -> tuple[torch.Tensor, str]:
         files, source = docs, f"python3.11-doc:{PYTHON_DOC_SOURCES}"
     else:
         stdlib, files = _stdlib_sources()
-        source = f"python-stdlib:{stdlib}"
+        source = f"python{platform.python_version()}-stdlib:{stdlib}"  # the version: another
+        # Python's standard library is another corpus
     if not files:
         raise DataNotFoundError(
             f"no text corpus: {PYTHON_DOC_SOURCES} and the stdlib sources are both empty; "

@@ -146,7 +146,9 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
             logs[run.label] = json.loads(file.read_text())
     if not logs:
         return False
-    import matplotlib.pyplot as plt  # report time only (the report selects the Agg backend)
+    from lowbit.plots import pyplot
+
+    plt = pyplot()  # report time only
 
     from lowbit.plots import save_figure
 

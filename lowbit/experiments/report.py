@@ -35,13 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
-
-from lowbit.plots import save_figure
+from lowbit.plots import pyplot, save_figure
 from lowbit.config import FQTConfig
 from lowbit.config import describe
 from lowbit.formats import Grid, IntFormat, Rounding
@@ -180,6 +174,7 @@ def load_runs(root: Path) -> list[Run]:
                 json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
             )
             rows = json.loads(metrics_file.read_text())
+            data_kind(config.get("data"))  # a record that is not a string: not readable
             runs.append(Run(run_dir, config["train"], config["fqt"], rows, status, config.get("data")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"lowbit report: skipped {run_dir}: not a readable lowbit run "
@@ -256,9 +251,9 @@ def _memory_and_range_notes(done: list[Run]) -> list[str]:
 
 
 def table(runs: list[Run], figure_names: list[str],
-          diverged_attempts: dict[str, list[int]] | None = None) -> list[str]:
-    """Markdown lines for one task/setting: a row per recipe (label); ``diverged_attempts``
-    (label → seeds): diverged attempts of seeds the row counts as rerun runs."""
+          repeat_notes: dict[str, list[str]] | None = None) -> list[str]:
+    """Markdown lines for one task/setting: a row per recipe (label); ``repeat_notes``
+    (label → notes, :func:`_repeat_notes`): what folders left out as repeats add."""
     first = runs[0].train
     task_cls = TASK_CLASSES[first["task"]]
     metric = task_cls.primary_metric
@@ -288,9 +283,7 @@ def table(runs: list[Run], figure_names: list[str],
         notes = []
         if n_div := sum(r.status == "diverged" for r in group):
             notes.append(f"{n_div} diverged")
-        if again := (diverged_attempts or {}).get(lab):
-            notes.append(f"an earlier attempt diverged (seed{'s' * (len(again) > 1)} "
-                         f"{', '.join(map(str, sorted(again)))}; rerun)")
+        notes += (repeat_notes or {}).get(lab, [])
         partial = [r for r in group if not r.complete and r.status != "diverged"]
         if partial:  # how far each got (a study that spans sessions reports as it goes)
             at = ", ".join(f"{len(r.rows)}/{r.train['epochs']}" for r in partial)
@@ -347,13 +340,14 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     for run in sorted(runs, key=Run.sort_key):
         if run.rows:
             by_label[run.label].append(run)
+    plt = pyplot()  # matplotlib when a figure is made (importing the CLI leaves it alone)
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, group in by_label.items():
         n = min(len(r.rows) for r in group)
         values = [[r.rows[i].get(metric) for r in group] for i in range(n)]
         mean = [statistics.fmean(v) if None not in v else float("nan") for v in values]
         ax.plot([group[0].rows[i]["epoch"] for i in range(n)], mean, marker=".", label=lab)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
@@ -394,6 +388,7 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     points, refs = bits_points(runs, metric)
     if not points:
         return False
+    plt = pyplot()  # matplotlib when a figure is made (importing the CLI leaves it alone)
     fig, ax = plt.subplots(figsize=(6, 4))
     for quantizer, by_bits in sorted(points.items()):
         bits = sorted(by_bits)
@@ -403,7 +398,7 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     for name, style in (("fp", "--"), ("qat-8", ":")):
         if refs[name]:
             ax.axhline(statistics.fmean(refs[name]), color="gray", linestyle=style, label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("gradient bits (∇X path)")
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} vs gradient bits")
@@ -458,18 +453,33 @@ def one_per_seed(runs: list[Run]) -> tuple[dict[tuple, list[Run]], list[Run]]:
     return groups, sorted(duplicates, key=lambda r: str(r.path))
 
 
-def _diverged_attempts(group: list[Run], repeats: list[Run]) -> dict[str, list[int]]:
-    """Per recipe label of ``group``, the seeds with a diverged attempt among ``repeats``
-    (a seed rerun to a finish after it diverged: the table counts the finished run, and
-    says that an attempt diverged)."""
-    ids = {(r.train["task"], r.train["model"], _settings(r)) for r in group}
-    labels = {r.label for r in group}
-    out: dict[str, list[int]] = defaultdict(list)
+def _repeat_notes(group: list[Run], repeats: list[Run]) -> dict[str, list[str]]:
+    """Per recipe label of ``group`` (one table's runs, one per seed), what its
+    ``repeats`` (the same table's other folders of those seeds) add: a diverged attempt of
+    a seed whose counted run finished ("an earlier attempt diverged (seed 1; rerun)"), and
+    an unfinished rerun of a seed whose counted run diverged ("seed 1 being rerun, epochs
+    done: 3/20") — a table row must not hide either."""
+    kept = {(r.label, r.train.get("seed")): r for r in group}
+    rerun: dict[str, list] = defaultdict(list)
+    running: dict[str, list[str]] = defaultdict(list)
     for r in repeats:
-        if r.status == "diverged" and r.label in labels and \
-                (r.train["task"], r.train["model"], _settings(r)) in ids:
-            out[r.label].append(r.train.get("seed"))
-    return out
+        seed = r.train.get("seed")
+        counted = kept.get((r.label, seed))
+        if counted is None:
+            continue
+        if r.status == "diverged" and counted.complete and counted.status != "diverged":
+            rerun[r.label].append(seed)
+        elif counted.status == "diverged" and not r.complete and r.status != "diverged":
+            running[r.label].append(f"seed {seed} being rerun, epochs done: "
+                                    f"{len(r.rows)}/{r.train['epochs']}")
+    notes: dict[str, list[str]] = defaultdict(list)
+    for label, seeds in rerun.items():
+        seeds = sorted(set(seeds), key=str)
+        notes[label].append(f"an earlier attempt diverged (seed{'s' * (len(seeds) > 1)} "
+                            f"{', '.join(map(str, seeds))}; rerun)")
+    for label, text in running.items():
+        notes[label] += text
+    return notes
 
 
 def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
@@ -477,6 +487,10 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
     """The generated section (without markers); writes the figures (names start with
     ``prefix``); ``with_claims``: each table followed by :func:`claims.lines`."""
     groups, duplicates = one_per_seed(runs)
+    data = _data_groups(runs)
+    repeats: dict[tuple, list[Run]] = defaultdict(list)  # each table's left-out folders
+    for r in duplicates:
+        repeats[(r.train["task"], r.train["model"], _settings(r), data[id(r)])].append(r)
     lines = [f"Generated by `{command}` from {len(runs) - len(duplicates)} runs.", ""]
     if duplicates:
         lines += [f"Ignored {len(duplicates)} run folder(s) repeating a recipe and seed already "
@@ -484,7 +498,8 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
                   f"with more epochs; a diverged one is named in its table's notes): "
                   f"{', '.join(str(r.path) for r in duplicates)}.", ""]
     seen: dict[str, int] = defaultdict(int)
-    for (task, model, *_), group in sorted(groups.items(), key=lambda kv: (kv[0][:2], str(kv[0][3]))):
+    for key, group in sorted(groups.items(), key=lambda kv: (kv[0][:2], str(kv[0][3]))):
+        task, model = key[:2]
         stem = f"{prefix}{task}-{model}"
         seen[stem] += 1
         if seen[stem] > 1:
@@ -495,11 +510,11 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
             names.append(f"{stem}-bits.png")
         if monitoring.plot_ratios(group, figures_dir / f"{stem}-variance.png"):
             names.append(f"{stem}-variance.png")
-        lines += table(group, names, _diverged_attempts(group, duplicates))
+        lines += table(group, names, _repeat_notes(group, repeats[key]))
         if with_claims:
             lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed; "
                       "recipes compared paired by seed, with one-sided 95% Student-t bounds of the "
-                      "per-seed differences):", ""] + claims.lines(group)
+                      "per-seed differences):", ""] + claims.lines(group + repeats[key])
     lines.append("Step times: median per epoch, median over epochs, mean over seeds, measured "
                  "in the same sweep, on the machines each table's \"Machines\" line names (runs "
                  "sharing a machine's cores slow each other: compare within a sweep). Wall/run: "

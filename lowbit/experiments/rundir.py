@@ -191,27 +191,39 @@ def is_busy(run_dir: Path) -> bool:
         return True
 
 
-def data_kind(source: str | None) -> str | None:
+class DataMismatch(ValueError):
+    """A run's epochs so far trained on another dataset than this process reads
+    (:func:`check_same_data`)."""
+
+
+def data_kind(source: object) -> str | None:
     """Which dataset a ``config.json`` ``data`` record names — its part before the first
-    ``:`` (``fashion-mnist``, ``python3.11-doc``, ``python-stdlib``; the path after it is
-    only where that copy lay) — or ``None`` for a run recorded before the field."""
-    return source.split(":", 1)[0] if source else None
+    ``:`` (``fashion-mnist``, ``python3.11-doc``, ``python3.11-stdlib``; the path after it
+    is only where that copy lay) — or ``None`` for a run recorded before the field.
+    ``ValueError`` for a record that is not a string (a hand-edited file)."""
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise ValueError(f"config.json's data record must be a string such as "
+                         f"'fashion-mnist:/path', got {source!r}")
+    return source.split(":", 1)[0] or None
 
 
 def check_same_data(run_dir: Path, source: str | None) -> None:
-    """``ValueError`` if ``run_dir``'s ``config.json`` records epochs trained on another
-    dataset than ``source`` (:func:`data_kind`): a resumed run would mix two corpora, e.g.
-    the Python docs on one machine and the standard library's sources on another."""
+    """:class:`DataMismatch` if ``run_dir``'s ``config.json`` records epochs trained on
+    another dataset than ``source`` (:func:`data_kind`): a resumed run would mix two
+    corpora, e.g. the Python docs on one machine and the standard library's sources on
+    another."""
     try:
         recorded = json.loads((run_dir / "config.json").read_text()).get("data")
     except (OSError, ValueError, AttributeError):
         return
     before, now = data_kind(recorded), data_kind(source)
     if before and now and before != now:
-        raise ValueError(f"cannot resume {run_dir}: its epochs so far trained on {recorded}, this "
-                         f"process reads {source}; one run trains on one dataset — resume it where "
-                         "that data is ($LOWBIT_DATA, `make data`), or train a new run into "
-                         "another --out")
+        raise DataMismatch(f"cannot resume {run_dir}: its epochs so far trained on {recorded}, "
+                           f"this process reads {source}; one run trains on one dataset — resume "
+                           "it where that data is ($LOWBIT_DATA, `make data`), or train a new run "
+                           "into another --out")
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int,
@@ -233,5 +245,5 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 
-__all__ = ["LOCK", "RunBusy", "check_same_data", "data_kind", "is_busy", "load_resumable", "log", "run_lock", "write_atomic",
+__all__ = ["LOCK", "DataMismatch", "RunBusy", "check_same_data", "data_kind", "is_busy", "load_resumable", "log", "run_lock", "write_atomic",
            "write_config", "write_metrics", "write_status"]

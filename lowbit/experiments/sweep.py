@@ -36,7 +36,7 @@ from .train import (
     set_threads,
     training_fields,
 )
-from .rundir import RunBusy, is_busy, run_lock
+from .rundir import DataMismatch, RunBusy, is_busy, run_lock
 from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
 from .trainer import TrainConfig, TrainingDiverged, train
 
@@ -184,6 +184,9 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
         print(f"{tag} {cfg.run_name()}: skipped for now, {exc}", flush=True)
         return "busy"
+    except DataMismatch as exc:  # its folder holds epochs of another dataset: as other settings
+        print(f"{tag} {cfg.run_name()}: skipped, {exc}", flush=True)
+        return "other"
     last = result.history[-1]
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
     print(f"{tag} {cfg.run_name()}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
     for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
                                                    "finished by this sweep"),
-                        ("other", "skipped: their folders hold runs of other settings (named above)")):
+                        ("other", "skipped: their folders hold runs of other settings or data (named above)")):
         names = [n for n, o in outcomes.items() if o == what]
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")

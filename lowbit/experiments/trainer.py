@@ -320,9 +320,10 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     check_run_dir(run_dir, cfg, resume)
     start_epoch, step, bad_in_a_row, history, comm_saved = 0, 0, 0, [], None
     if resume:
+        if (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
+            check_same_data(run_dir, getattr(task, "source", None))  # before "resumed ..."
         state = load_resumable(run_dir, cfg)
         if state is not None:
-            check_same_data(run_dir, getattr(task, "source", None))
             _restore(state, ranks, model, data_gen, optimizer, scheduler, master, sr_gen)
             start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
             bad_in_a_row, comm_saved = state["bad_in_a_row"], state.get("comm")

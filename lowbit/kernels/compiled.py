@@ -28,6 +28,7 @@ import os
 import types
 import warnings
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,9 +59,11 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 
 
 def enabled() -> bool:
-    """The user's switch (``LOWBIT_COMPILE``, :func:`set_enabled`): whether lowbit's fast
-    kernels — compiled and native C — may run at all. A compiler failure does not turn it
-    off (:func:`failure`)."""
+    """The user's switch (``LOWBIT_COMPILE``, :func:`set_enabled`): whether lowbit's
+    compiled kernels and the C kernels that stand in for them (``Kernels.fused``: the
+    AVX-512 quantizer, epilogue and BHQ kernels) may run; the int8 GEMM kernels (AMX,
+    VNNI) have their own switches. A compiler failure does not turn it off
+    (:func:`failure`)."""
     return _enabled
 
 
@@ -70,27 +73,48 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def _unusable_cache_dir() -> str | None:
+    """Why ``$TORCHINDUCTOR_CACHE_DIR`` cannot be created (the first existing folder on
+    its path is a file, or not writable), else ``None``: importing ``torch._dynamo``
+    creates it and raises ``OSError`` if it cannot. Checked without creating anything."""
+    raw = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not raw:
+        return None
+    path = Path(raw).absolute()
+    first = next(p for p in (path, *path.parents) if p.exists())
+    if not first.is_dir():
+        return f"{first} is not a directory"
+    if first != path and not os.access(first, os.W_OK | os.X_OK):
+        return f"{first} is not writable"
+    return None
+
+
 def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.compiler.disable(fn)``: dynamo runs ``fn`` eagerly inside a compiled model
     (lowbit's C kernels and their ctypes calls cannot be traced). Where torch's compiler
-    cannot even be imported — an unusable ``TORCHINDUCTOR_CACHE_DIR`` makes importing
-    ``torch._dynamo`` raise ``OSError`` — ``fn`` itself: nothing can be compiled in that
-    process, so there is nothing to keep it out of. The first such failure is warned about
-    once and recorded as the compiler failure (:func:`failure`), so lowbit's compiled
-    kernels run eagerly and ``import lowbit`` still works."""
+    cannot be imported — an unusable ``TORCHINDUCTOR_CACHE_DIR`` (checked first, without
+    importing it: :func:`_unusable_cache_dir`) or any other import failure — ``fn``
+    itself: nothing can be compiled in that process, so there is nothing to keep it out
+    of, and ``import lowbit`` works. Warned about once and recorded as the compiler failure
+    (:func:`failure`), so lowbit's compiled kernels run eagerly. (torch's own code that
+    imports its compiler — ``torch.optim``'s optimizers do — still raises torch's error,
+    which names the directory: lowbit does not trigger that import first and hide it.)"""
     global _failure, _dynamo_broken
     if not _dynamo_broken:
-        try:
-            return torch.compiler.disable(fn)
-        except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
-            _dynamo_broken = True
-            _failure = (f"torch's compiler cannot be imported ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})")
-            hint = " (is TORCHINDUCTOR_CACHE_DIR a writable directory?)" \
-                if isinstance(exc, OSError) else ""
-            warnings.warn(f"lowbit: {_failure}{hint}; torch.compile cannot run in this process, "
-                          "lowbit's compiled kernels run eagerly (same results, slower; its C "
-                          "kernels are unaffected)", RuntimeWarning, stacklevel=2)
+        why = _unusable_cache_dir()
+        if why is None:
+            try:
+                return torch.compiler.disable(fn)
+            except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            why = f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']}: {why}"
+        _dynamo_broken = True
+        _failure = f"torch's compiler cannot be imported ({why})"
+        warnings.warn(f"lowbit: {_failure}; torch.compile cannot run in this process, lowbit's "
+                      "compiled kernels run eagerly (same results, slower; its C kernels are "
+                      "unaffected); set TORCHINDUCTOR_CACHE_DIR to a writable directory",
+                      RuntimeWarning, stacklevel=2)
     return fn
 
 

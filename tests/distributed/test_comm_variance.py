@@ -77,6 +77,7 @@ def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
                "--batches", "3", "--repeats", "2", "--train-steps", "2", "--out", str(tmp_path)])
     assert rc == 0
     out = json.loads((tmp_path / "comm_variance.json").read_text())
+    assert out["data"] == "digits:sklearn.datasets.load_digits"  # which data it measured on
     fp32, int4 = out["runs"]
     assert (fp32["grad_comm"], int4["grad_comm"]) == ("fp32", "int4")
     assert fp32["bytes_per_step"] == fp32["bytes_fp32_per_step"]

@@ -882,16 +882,73 @@ def test_report_never_averages_runs_of_two_datasets(tmp_path):
 
 def test_report_names_a_diverged_attempt_of_a_seed_rerun_to_a_finish(tmp_path):
     """A seed that diverged and was rerun to a finish: the table counts the finished run
-    and its row says an attempt diverged (it was only a path in the "Ignored" line)."""
+    and its row says an attempt diverged (it was only a path in the "Ignored" line), as
+    do the claims' numbers; a seed that diverged twice was not rerun to a finish; a rerun
+    still going is named; another dataset's table is not told about it."""
     runs = tmp_path / "runs"
     _fake_run(runs / "first", "qat-8", 1, [0.5], "diverged")
     _fake_run(runs / "first", "qat-8", 0, [0.5, 0.9], "done")
     _fake_run(runs / "rerun", "qat-8", 1, [0.5, 0.7], "done")
     _fake_run(runs / "first", "fp", 0, [0.5, 0.9], "done")
-    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
-    row = next(line for line in section.splitlines() if line.startswith("| qat-8 "))
-    assert "| 80.00 ± 14.14 | 2 |" in row and "an earlier attempt diverged (seed 1; rerun)" in row
-    assert "diverged" not in next(line for line in section.splitlines() if line.startswith("| fp "))
+    _fake_run(runs / "first", "fqt-psq-8", 0, [0.5], "diverged")
+    _fake_run(runs / "rerun", "fqt-psq-8", 0, [0.5], "diverged")
+    _fake_run(runs / "first", "fqt-psq-8", 1, [0.5], "diverged")
+    _fake_run(runs / "rerun", "fqt-psq-8", 1, [0.5], "running")
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report", with_claims=True)
+    row = {line.split("|")[1].strip(): line for line in section.splitlines()
+           if line.startswith("| ") and line.split("|")[1].strip() in ("qat-8", "fp", "fqt-psq-8")}
+    assert "| 80.00 ± 14.14 | 2 |" in row["qat-8"]
+    assert "an earlier attempt diverged (seed 1; rerun)" in row["qat-8"]
+    assert "diverged" not in row["fp"]
+    assert "2 diverged; seed 1 being rerun, epochs done: 1/2 |" in row["fqt-psq-8"]
+    assert "rerun)" not in row["fqt-psq-8"]  # seed 0 diverged twice: no finished rerun
+    assert "1 failed attempt(s) rerun" in section  # the claims' numbers count it too
+    other = tmp_path / "other"  # the same seed on another dataset: its own table, no note
+    _fake_run(other / "a", "qat-8", 1, [0.5], "diverged", data="python3.11-stdlib:/lib")
+    _fake_run(other / "b", "qat-8", 1, [0.5, 0.7], "done", data="python3.11-stdlib:/lib")
+    _fake_run(other / "c", "qat-8", 1, [0.5, 0.8], "done", data="python3.11-doc:/docs")
+    section = report.render(report.load_runs(other), tmp_path, "lowbit report")
+    rows = sorted(line for line in section.splitlines() if line.startswith("| qat-8 "))
+    assert len(rows) == 2 and sum("an earlier attempt diverged" in r for r in rows) == 1
+    assert "an earlier attempt diverged" in next(r for r in rows if "| 70.00 |" in r)
+
+
+def test_report_skips_a_run_whose_data_record_is_not_text(tmp_path, capsys):
+    """A hand-edited ``"data": {...}`` crashed the report with an AttributeError; the
+    folder is skipped with a line naming it, as any unreadable run."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "qat-8", 0, [0.5, 0.9], "done", data="digits:/x")
+    _fake_run(runs / "b", "qat-8", 1, [0.5, 0.7], "done", data={"kind": "digits"})
+    assert len(report.load_runs(runs)) == 1
+    assert "data record must be a string" in capsys.readouterr().err
+
+
+def test_sweep_skips_a_run_whose_epochs_read_another_dataset(tmp_path, capsys):
+    """One run of a sweep that cannot resume because its folder's epochs read other data
+    is skipped with the reason (as a run of other settings), the rest of the grid trains,
+    and the sweep exits 1; no "resumed" line precedes the refusal."""
+    from lowbit.experiments.rundir import write_status
+
+    main = cli.main
+    out = tmp_path / "sw"
+    args = ["sweep", "--tasks", "digits", "--models", "mlp", "--recipes", "fp,qat-8",
+            "--epochs", "2", "--subset", "256", "--eval-subset", "64", "--out", str(out),
+            "--no-progress"]
+    assert main(args[:6] + ["fp"] + args[7:]) == 0
+    run_dir = out / "digits-mlp-fp-s0"
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(config, data="other-digits:/x")))
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps(rows[:1]))
+    write_status(run_dir, "interrupted")
+    assert (run_dir / "last.pt").exists()  # a finished run keeps its checkpoint
+    capsys.readouterr()
+    assert main(args) == 1
+    printed = capsys.readouterr()
+    assert "digits-mlp-fp-s0: skipped, cannot resume" in printed.out
+    assert "its epochs so far trained on other-digits:/x" in printed.out
+    assert "resumed" not in printed.err
+    assert json.loads((out / "digits-mlp-qat-8-s0" / "status.json").read_text())["status"] == "done"
 
 
 def test_report_prints_the_runs_it_counted(tmp_path, capsys):
@@ -922,3 +979,13 @@ def test_sweep_recognises_its_own_runs_through_json(tmp_path):
     other = TrainConfig(task="fashion-mnist", model="preact-resnet20", model_kwargs={"widths": (8, 16, 64)},
                         out=str(tmp_path))
     assert settings_diff(other) == ["model_kwargs ({'widths': [8, 16, 32]}, now {'widths': [8, 16, 64]})"]
+
+
+def test_importing_the_cli_leaves_matplotlib_alone():
+    """``lowbit.cli`` imports every command; the report's module selected matplotlib's Agg
+    backend at import time, switching a notebook user's interactive backend. matplotlib
+    is imported (with Agg) only when a figure is made."""
+    code = ("import sys, lowbit.cli, lowbit.experiments.report, lowbit.experiments.monitoring\n"
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

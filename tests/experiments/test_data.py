@@ -1,6 +1,7 @@
 """Tests for lowbit.experiments.data (offline datasets, IDX parsing, batching, augmentation)."""
 
 import gzip
+import platform
 import struct
 
 import numpy as np
@@ -228,4 +229,4 @@ def test_text_corpus_and_batches():
 def test_text_corpus_stdlib_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "PYTHON_DOC_SOURCES", tmp_path / "missing")
     data, source = D.load_text_corpus(max_bytes=5000)
-    assert source.startswith("python-stdlib:") and data.shape == (5000,)
+    assert source.startswith(f"python{platform.python_version()}-stdlib:") and data.shape == (5000,)
