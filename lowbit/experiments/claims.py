@@ -33,6 +33,10 @@ pairs, mean ``d̄`` and standard error ``s_d/√n``, the one-sided 95% Student-t
   is *reversed* when the upper bound is < 0 (the claim does not hold), and is
   *unresolved* otherwise (the data do not separate them with that many seeds; the issue's
   rule: run a third seed);
+* a claim still unresolved with ``SEED_BUDGET`` (3) or more paired seeds is *not shown*:
+  the study's rule adds a third seed where a gap is within the noise and stops there, so
+  an order "beyond the seed spread" that stays within it does not hold as stated, and a
+  "within" claim is not established;
 * the comparison gives the two-sided 95% interval of the gain and whether it excludes 0.
 
 A claim needs at least 2 paired seeds with an outcome (fewer: *not yet measured*; no run
@@ -59,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .report import Run
 
 MIN_SEEDS = 2  # paired seeds a claim needs before it is judged
+SEED_BUDGET = 3  # issue 17: "at least 2 seeds each (3 where a gap is within 2 seed std)"
 LEVEL = 0.95  # one-sided bounds for "within" and "order"; two-sided for "compare"
 
 
@@ -184,7 +189,7 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
     def fmt_seeds(seeds: list) -> str:
         return ",".join(str(s) for s in seeds)
 
-    steps, verdicts = [], []
+    steps, verdicts, open_pairs = [], [], []
     for (ca, a), (cb, b) in zip(zip(claim.recipes, outs), zip(claim.recipes[1:], outs[1:])):
         common = sorted((s for s in a.values if s in b.values), key=str)
         if len(common) < MIN_SEEDS:
@@ -218,6 +223,7 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
                       f"{fmt(lo)} to {fmt(hi)}; allowed: ≤ {tol_text}){notes}")
             slack = 1e-9 * max(abs(tol), 1.0)
             verdicts.append("yes" if hi <= tol + slack else "no" if lo > tol + slack else "open")
+            open_pairs += [len(p.seeds)] if verdicts[-1] == "open" else []
             steps.append(detail)
             continue
         how = "better than" if p.mean > 0 else "worse than" if p.mean < 0 else "equal to"
@@ -228,6 +234,7 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
             beyond = p.low > 0 or p.high < 0
             bounds = f"one-sided {LEVEL:.0%} bounds {fmt(p.low)} to {fmt(p.high)}"
         verdicts.append("yes" if p.low > 0 and beyond else "no" if beyond else "open")
+        open_pairs += [len(p.seeds)] if verdicts[-1] == "open" else []
         steps.append(f"{ca} {how} {cb}" + (f" by {fmt(abs(p.mean))}" if p.mean else "")
                      + f" {head} (paired gain, {bounds}: "
                      + f"{'beyond' if beyond else 'within'} the seed noise){notes}")
@@ -236,6 +243,9 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
         return numbers, detail
     if "no" in verdicts:
         return numbers, f"does not hold: {detail}"
+    if "open" in verdicts and min(open_pairs, default=0) >= SEED_BUDGET:
+        return numbers, (f"not shown with {min(open_pairs)} seeds, the study's budget (a gap within the "
+                         f"seed noise gets a third seed, then stands): {detail}")
     if "open" in verdicts:
         return numbers, f"unresolved (more seeds narrow the bounds): {detail}"
     return numbers, f"holds: {detail}"
@@ -255,4 +265,4 @@ def lines(runs: Sequence[Run]) -> list[str]:
     return out + [""]
 
 
-__all__ = ["CLAIMS", "Claim", "Outcomes", "Paired", "judge", "lines", "outcomes", "paired"]
+__all__ = ["CLAIMS", "SEED_BUDGET", "Claim", "Outcomes", "Paired", "judge", "lines", "outcomes", "paired"]
