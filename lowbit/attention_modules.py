@@ -67,6 +67,13 @@ class FQTScaledDotProductAttention(ScaledDotProductAttention, _StochasticLayer):
         check_source(cls, mod, ScaledDotProductAttention)
         return cls(config=config, seed=seed, name=name).train(mod.training)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("hf_attention"):  # a Hugging Face model's (lowbit.hf marks it): a model
+            # unpickled in a new process calls attn_implementation "lowbit", which importing
+            # lowbit.hf registers with transformers
+            import lowbit.hf  # noqa: F401
+
     def trackers(self) -> tuple[None, None]:
         """Attention's gradient ranges are dynamic (lowbit.attention): no trackers."""
         return None, None

@@ -10,8 +10,9 @@ dependency: ``pip install lowbit[hf]``); ``import lowbit`` never imports it.
   weight's per-row scales per output feature.
 * **Attention**: transformers' attention modules look their attention function up in
   ``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``. This module registers
-  :func:`lowbit_attention_forward` there (and transformers' SDPA mask builder in
-  ``AttentionMaskInterface``) under the name ``"lowbit"``. :func:`prepare` gives every
+  :func:`lowbit_attention_forward` there (and transformers' SDPA mask builder, made to
+  always build the mask: :func:`lowbit_mask`, in ``AttentionMaskInterface``) under the name
+  ``"lowbit"``. :func:`prepare` gives every
   attention module of a ``PreTrainedModel`` whose attention lowbit can compute (torch SDPA's
   semantics: no attention sinks, logit softcapping, …; :func:`unsupported_features`) a child
   ``lowbit_attention`` (a :class:`~lowbit.attention_modules.ScaledDotProductAttention`, which
@@ -140,8 +141,13 @@ UNSUPPORTED_KWARGS: dict[str, str] = {
 # transformers' own sdpa_attention_forward: the mask builder (transformers' sdpa one, registered
 # for "lowbit") already encodes sliding windows and packed sequences (``position_ids``,
 # ``cu_seq_lens_*``), and the cache has been applied to key/value. ``output_attentions`` is
-# honoured: the attention weights are returned. Any other keyword (not None) raises: add its
-# name here if it does not change attention.
+# honoured: the attention weights are returned. Any other keyword is ignored as
+# ``sdpa_attention_forward`` ignores what it does not name (``token_type_ids`` flowing down
+# from a tokenizer's output, say): lowbit computes what "sdpa" computes, and convert keeps
+# float the attention of models that do not support "sdpa" (``_supports_sdpa = False``) or
+# that pass one of :data:`UNSUPPORTED_KWARGS`. A keyword ``sdpa_attention_forward`` names
+# and lowbit's attention does not take (:data:`SDPA_ONLY_KWARGS`, a newer transformers)
+# raises: sdpa would honour it.
 IGNORED_KWARGS: set[str] = {
     "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
     "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
@@ -157,6 +163,22 @@ try:  # the kwargs transformers declares as flowing through every model down to 
 except ImportError:  # pragma: no cover - older transformers: the list above
     pass
 IGNORED_KWARGS -= set(UNSUPPORTED_KWARGS)
+
+
+def _sdpa_only_kwargs() -> set[str]:
+    """The keywords transformers' ``sdpa_attention_forward`` names that
+    :func:`lowbit_attention_forward` does not (empty with this transformers)."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:  # pragma: no cover - older transformers
+        return set()
+    named = {n for n, p in inspect.signature(sdpa_attention_forward).parameters.items()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return named - {"module", "query", "key", "value", "attention_mask", "dropout", "scaling",
+                    "is_causal", "position_bias"}
+
+
+SDPA_ONLY_KWARGS: set[str] = _sdpa_only_kwargs()
 
 try:  # transformers ≥ 5: output_attentions recorded by hooks on the attention modules
     from transformers.utils.output_capturing import _active_collector
@@ -260,14 +282,16 @@ def _own_attention(cls: type) -> bool:
 
 
 def _check_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> None:
-    bad = [k for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS]
+    bad = [k for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS
+           and (k in UNSUPPORTED_KWARGS or k in SDPA_ONLY_KWARGS)]
     if not bad:
         return
-    what = ", ".join(f"{k} ({UNSUPPORTED_KWARGS.get(k, 'not known to lowbit')})" for k in bad)
+    what = ", ".join(f"{k} ({UNSUPPORTED_KWARGS.get(k, 'transformers sdpa honours it, lowbit does not yet')})"
+                     for k in bad)
     raise ValueError(
         f"lowbit attention cannot honour what {type(module).__name__} passes to its attention "
-        f"function: {what}; it computes torch's scaled_dot_product_attention (as transformers' "
-        "'sdpa', which does not support these either). Keep this attention float: "
+        f"function: {what}; it computes torch's scaled_dot_product_attention as transformers' "
+        "'sdpa' does. Keep this attention float: "
         f"lowbit.convert(..., module_filter=lambda m, name: not name.endswith({CHILD!r})), or, "
         "if an argument does not change attention, add its name to lowbit.hf.IGNORED_KWARGS")
 
@@ -323,8 +347,8 @@ def lowbit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     Raises ``RuntimeError`` if ``module`` has no ``lowbit_attention`` child (the model was
     switched to ``attn_implementation="lowbit"`` without ``lowbit.convert``) and
     ``ValueError`` for a keyword argument (not None) it cannot honour (attention sinks,
-    softcapping, …: :data:`UNSUPPORTED_KWARGS`) or does not know (not in
-    :data:`IGNORED_KWARGS`)."""
+    softcapping, …: :data:`UNSUPPORTED_KWARGS`; one transformers' sdpa names and lowbit does
+    not take: :data:`SDPA_ONLY_KWARGS`); other keywords are ignored, as sdpa ignores them."""
     block = module._modules.get(CHILD)
     if block is None:
         raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} reached a "
@@ -356,9 +380,19 @@ def lowbit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), weights
 
 
+def lowbit_mask(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA mask builder, always building the mask: sdpa's may return ``None``
+    and leave causality to ``is_causal``, which only holds while queries and keys end
+    together — transformers guards the cases that break it (queries dropped before
+    KV-shared layers, ``logits_to_keep > 1``, a static cache's prefill) only for the name
+    ``"sdpa"`` (Gemma 4), so under ``"lowbit"`` they gave wrong logits."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(IMPLEMENTATION, lowbit_attention_forward)
 if AttentionMaskInterface is not None:
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, lowbit_mask)
 
 
 def _implementation(config: Any) -> str | None:
@@ -481,6 +515,10 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
                 for m in mods.values():
                     if CHILD in m._modules:
                         del m._modules[CHILD]
+        for key in switch:  # unpickled alone (torch.load of the whole model), they import
+            for m in groups[key].values():  # lowbit.hf, which registers "lowbit" again
+                if isinstance(m._modules.get(CHILD), FQTScaledDotProductAttention):
+                    m._modules[CHILD].hf_attention = True
         if switch:  # a config object may be shared (a twin model, a teacher): switch copies
             copies = _own_configs(model)
             configs.update({key: copies.get(id(c), c) for key, c in configs.items()})
@@ -510,5 +548,5 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
     return finish
 
 
-__all__ = ["CHILD", "FQTConv1D", "IGNORED_KWARGS", "IMPLEMENTATION", "SWAP_RULES", "UNSUPPORTED_KWARGS",
+__all__ = ["CHILD", "FQTConv1D", "IGNORED_KWARGS", "IMPLEMENTATION", "SDPA_ONLY_KWARGS", "SWAP_RULES", "UNSUPPORTED_KWARGS",
            "calls_attention_interface", "lowbit_attention_forward", "prepare", "unsupported_features"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -136,6 +137,14 @@ class RangeTracker:
             raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
                              f"scale per row or tensor); {fmt.name} has "
                              f"{'block scales' if fmt.block else 'an asymmetric grid'}")
+        if self.per_row and self._hist is not None and self._hist.shape[1] != y.shape[0]:
+            # the layer changed shape (a vocabulary resized, a weight replaced): its history
+            # describes other rows; start afresh, as a freshly converted layer would
+            warnings.warn(f"predicted range: the operand now has {y.shape[0]} rows, the recorded "
+                          f"history {self._hist.shape[1]} (the layer's output features changed); "
+                          "its range history restarts (dynamic ranges until it refills)",
+                          RuntimeWarning, stacklevel=3)
+            self._hist, self._count = None, 0
         st = self.stats
         st.calls += 1
         amax = self.predict()

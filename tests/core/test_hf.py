@@ -454,11 +454,28 @@ def test_attention_call_honours_or_ignores_what_every_model_passes() -> None:
     ({"s_aux": torch.zeros(4)}, "s_aux (attention sinks)"),
     ({"sinks": torch.zeros(4)}, "sinks (attention sinks)"),
     ({"softcap": 50.0}, "softcap (attention logit softcapping)"),
-    ({"future_feature": 1}, "future_feature (not known to lowbit)")])
-def test_attention_call_with_an_argument_it_cannot_honour_raises(kwargs, named: str) -> None:
+    ({"future_feature": 1}, "future_feature (transformers sdpa honours it, lowbit does not yet)")])
+def test_attention_call_with_an_argument_it_cannot_honour_raises(kwargs, named: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf, "SDPA_ONLY_KWARGS", {"future_feature"})  # as if sdpa named it
     with pytest.raises(ValueError, match=rf"^lowbit attention cannot honour what LlamaAttention passes "
                                          rf"to its attention function: {re.escape(named)};"):
         attention_call(**kwargs)
+
+
+def test_attention_ignores_what_sdpa_ignores() -> None:
+    """A keyword transformers' sdpa does not name reaches the attention function from the
+    model's ``**kwargs`` (``token_type_ids`` from a tokenizer's output, on Llama): sdpa
+    ignores it, and so does lowbit (it raised "not known to lowbit")."""
+    out, _, ref = attention_call(future_feature=1)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    ids = batch("llama")["input_ids"]
+    model, _ = convert(MODELS["llama"]().eval(), FQTConfig.from_recipe("fp"))
+    float_model = MODELS["llama"]().eval()
+    with torch.no_grad():
+        got = model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+        want = float_model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+    torch.testing.assert_close(got, want)
 
 
 # -- output_attentions --------------------------------------------------------------------------
@@ -542,3 +559,65 @@ def test_attention_outside_the_registry_is_reported(make, names: list[str], cls:
     assert all(report.skipped[n].startswith(why) and n in message for n in names)
     assert attention_blocks(model) == {} and model.config._attn_implementation != hf.IMPLEMENTATION
     assert any(isinstance(m, FQTLinear) for m in model.modules())
+
+
+def test_a_whole_converted_model_unpickles_in_a_new_process(tmp_path) -> None:
+    """``torch.save`` of a whole converted Llama (no Conv1D, whose class imports lowbit.hf),
+    ``torch.load`` in a fresh process: its attention implementation "lowbit" is registered
+    again (it raised KeyError "'lowbit' is not a valid attention implementation")."""
+    import subprocess
+    import sys
+
+    model, _ = convert(MODELS["llama"]().eval(), FQTConfig.from_recipe("fp"))
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    torch.save({"model": model, "ids": ids, "want": want}, tmp_path / "whole.pt")
+    code = ("import torch\n"
+            f"d = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
+            "with torch.no_grad():\n"
+            "    got = d['model'](input_ids=d['ids']).logits\n"
+            "torch.testing.assert_close(got, d['want'])\n"
+            "print('ok', d['model'].config._attn_implementation)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["ok", "lowbit"]
+
+
+def test_dropped_queries_keep_causality_under_lowbit() -> None:
+    """Gemma 4 drops query tokens before its KV-shared layers (``logits_to_keep``) where
+    the mask builder returned ``None`` for causal attention — a case transformers guards only
+    for the name "sdpa": under "lowbit" the kept rows attended upper-left (0.31 off). The
+    mask is always built now: the fp recipe gives the float model's logits."""
+    if not hasattr(T, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    torch.manual_seed(0)
+    cfg = T.Gemma4TextConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+        vocab_size_per_layer_input=100, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+        sliding_window=64, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    base = T.Gemma4ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (1, 10), generator=torch.Generator().manual_seed(0))
+    model, _ = convert(copy.deepcopy(base), FQTConfig.from_recipe("fp"))
+    assert model.config._attn_implementation == hf.IMPLEMENTATION
+    with torch.no_grad():
+        want = base(input_ids=ids).logits[:, -2:]
+        got = model(input_ids=ids, logits_to_keep=2).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resized_vocabulary_restarts_the_heads_predicted_ranges() -> None:
+    """``resize_token_embeddings`` on a tied GPT-2 under a predicted-range recipe: the LM
+    head's per-row range history describes the old vocabulary; it restarts with a warning
+    (a shape error from the kernel before)."""
+    model, _ = convert(gpt2(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    ids = batch("gpt2")["input_ids"]
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)  # the old gradients have the old shape (as in float)
+    model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    with pytest.warns(RuntimeWarning, match="its range history restarts"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
