@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (trainer.Terminated)
+        term = type(exc).__name__ == "Terminated"
+        print(f"lowbit {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if term else 130
 
 
 if __name__ == "__main__":

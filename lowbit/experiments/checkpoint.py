@@ -8,18 +8,27 @@ A checkpoint is a plain dict (loaded with ``weights_only=True``)::
     history, bad_in_a_row           per-epoch metric rows so far; current run of bad steps
     rng                             torch_global, data (generator) and sr (lowbit.rng_state)
 
+    digest                          SHA-256 of all of the above (:func:`digest`)
+
 Saving writes a temporary file in the run folder, fsyncs it, renames the old ``last.pt``
 to ``prev.pt`` and the temporary file to ``last.pt`` (each ``os.replace`` is atomic), then
-fsyncs the folder. A kill at any moment leaves at least one complete checkpoint.
+fsyncs the folder. A kill at any moment leaves at least one complete checkpoint (an
+interrupt between the two renames completes the second). Loading checks the zip records'
+CRC-32s and then the digest of the loaded values: damage the CRCs do not cover (the zip's
+central directory, which can make torch read a record as empty) loaded wrong weights
+silently before. A damaged ``last.pt`` is renamed ``last.pt.damaged`` when ``prev.pt`` is
+used, so the next save does not rotate it over the good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,7 @@ from torch import nn
 
 import lowbit
 
-LAST, PREV = "last.pt", "prev.pt"
+LAST, PREV, DAMAGED = "last.pt", "prev.pt", "last.pt.damaged"
 REQUIRED_KEYS = frozenset({
     "model", "optimizer", "scheduler", "epoch", "step", "train_config", "fqt_config", "history",
     "bad_in_a_row", "rng",
@@ -65,24 +74,58 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _feed(h: Any, obj: Any) -> None:
+    """Add ``obj`` (what ``weights_only`` loads: tensors, dicts, lists, tuples, numbers,
+    strings, None) to the hash ``h``, its structure and types included."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)};".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def digest(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's values, without its ``digest`` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
+
+
 def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``run_dir/last.pt`` atomically, keeping the old one as ``prev.pt``."""
+    """Write ``state`` (with its :func:`digest`) to ``run_dir/last.pt`` atomically, keeping
+    the old one as ``prev.pt``."""
     missing = REQUIRED_KEYS - set(state)
     if missing:
         raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+    state = {**state, "digest": digest(state)}
     run_dir = Path(run_dir)
     last = run_dir / LAST
     fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt.tmp", dir=run_dir)
+    written = False
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        written = True
         if last.exists():
             os.replace(last, run_dir / PREV)
         os.replace(tmp, last)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if written and not last.exists() and Path(tmp).exists():
+            os.replace(tmp, last)  # interrupted between the renames: the new one is whole
+        else:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(run_dir)
     return last
@@ -91,7 +134,9 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any]) -> P
 def _read(path: Path) -> dict[str, Any]:
     """The checkpoint at ``path``, its records first checked against the zip archive's
     CRC-32s (``torch.load`` does not: a flipped bit inside a tensor record loaded as a
-    wrong weight, silently). ``zipfile.BadZipFile`` names a damaged record."""
+    wrong weight, silently), then its values against their :func:`digest` (checkpoints
+    written before the digest have none). ``zipfile.BadZipFile`` names a damaged record,
+    ``ValueError`` a digest mismatch."""
     with zipfile.ZipFile(path) as archive:
         bad = archive.testzip()  # reads every record once (a few MB: milliseconds)
     if bad is not None:
@@ -99,6 +144,8 @@ def _read(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
         raise ValueError("not a lowbit training checkpoint (keys missing)")
+    if "digest" in state and state["digest"] != digest(state):
+        raise ValueError("its values do not match their SHA-256 digest (the file is damaged)")
     return state
 
 
@@ -123,6 +170,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
             ValueError,
             pickle.UnpicklingError,
             zipfile.BadZipFile,
+            zlib.error,
         ) as exc:
             errors.append(
                 f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -134,9 +182,13 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
             )
             continue
         if name == PREV:
+            damaged = run_dir / LAST
+            if damaged.exists():  # kept aside: the next save must not rotate it over prev.pt
+                os.replace(damaged, run_dir / DAMAGED)
             print(
                 f"warning: resuming from the previous checkpoint {path} "
-                f"(epoch {state['epoch']}); last.pt was missing or unreadable",
+                f"(epoch {state['epoch']}); last.pt was missing or unreadable"
+                + (f" (kept as {DAMAGED})" if (run_dir / DAMAGED).exists() else ""),
                 file=sys.stderr,
             )
         return state, path
@@ -146,10 +198,12 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
 
 
 __all__ = [
+    "DAMAGED",
     "LAST",
     "PREV",
     "CheckpointError",
     "capture_rng",
+    "digest",
     "load_checkpoint",
     "restore_rng",
     "save_checkpoint",

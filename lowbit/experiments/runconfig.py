@@ -266,12 +266,17 @@ class TrainConfig:
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """``"field (saved, now requested)"`` for every setting in which a run recorded as
     ``saved`` (a checkpoint's ``train_config`` or config.json's ``train``) differs from
-    ``cfg``: all fields but :data:`RESUMABLE_CHANGES`, with :data:`LEGACY_DEFAULTS` for
-    what older records lack, both sides compared as JSON holds them (tuples as lists)."""
+    ``cfg``: all fields but :data:`RESUMABLE_CHANGES` (``monitor_every`` counts for an
+    adaptive recipe, whose bit widths are decided at the monitor's steps), with
+    :data:`LEGACY_DEFAULTS` for what older records lack, both sides compared as JSON holds
+    them (tuples as lists)."""
     old = json.loads(json.dumps(LEGACY_DEFAULTS | saved))
     now = json.loads(json.dumps(cfg.to_dict()))
+    free = RESUMABLE_CHANGES
+    if cfg.fqt_config().adaptive is not None:  # fqt-auto: the monitor's interval is when the
+        free = free - {"monitor_every"}  # policy decides bit widths, so it shapes the run
     return [f"{k} ({old.get(k)!r}, now {v!r})" for k, v in now.items()
-            if k not in RESUMABLE_CHANGES and old.get(k) != v]
+            if k not in free and old.get(k) != v]
 
 
 __all__ = ["LEGACY_DEFAULTS", "changed_settings", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",

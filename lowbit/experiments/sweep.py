@@ -36,6 +36,7 @@ from .train import (
     set_threads,
     training_fields,
 )
+from .checkpoint import CheckpointError
 from .rundir import DataMismatch, RunBusy, is_busy, run_lock
 from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
 from .trainer import TrainConfig, TrainingDiverged, train
@@ -127,10 +128,12 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
 
 
 def run_state(cfg: TrainConfig) -> str:
-    """``done`` (all epochs in metrics.json), ``diverged``, ``other`` (the folder holds a
-    run of other settings, :func:`settings_diff` — another length among them: its schedule
-    spans its own epochs — so it is neither done nor resumable), ``busy`` (another process
-    holds its folder's lock now), ``partial`` or ``new``."""
+    """``done`` (all epochs in metrics.json and status ``done``), ``diverged``, ``other``
+    (the folder holds a run of other settings, :func:`settings_diff` — another length among
+    them: its schedule spans its own epochs — so it is neither done nor resumable), ``busy``
+    (another process holds its folder's lock now), ``partial`` (a checkpoint to resume),
+    ``restart`` (epochs recorded but no checkpoint — a committed run folder keeps its
+    metrics, not its ``*.pt`` —: the run is redone from its start) or ``new``."""
     run_dir = Path(cfg.out)
     if settings_diff(cfg):
         return "other"
@@ -144,11 +147,13 @@ def run_state(cfg: TrainConfig) -> str:
                          f"({type(exc).__name__}: {exc}); repair or remove the folder") from None
     if status == "diverged":
         return "diverged"
-    if finished:
-        return "done"
+    if finished and status == "done":  # all epochs but another status: killed before its last
+        return "done"  # write (lowbit report does not count it either): resumed below
     if is_busy(run_dir):
         return "busy"
-    return "partial" if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists() else "new"
+    if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists():
+        return "partial"
+    return "restart" if rows else "new"  # epochs recorded, no checkpoint (not committed): redo
 
 
 def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
@@ -173,10 +178,11 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
                 print(f"{tag} {cfg.run_name()}: skipped, its folder holds a run of other settings: "
                       f"{', '.join(diff)}{why}; use another --out", flush=True)
                 return state
-            print(f"{tag} {cfg.run_name()}: {'resuming' if state == 'partial' else 'start'}",
-                  flush=True)  # fmt: skip
+            what = {"partial": "resuming", "restart": "restarting (epochs recorded, no checkpoint: "
+                    "redone from the start)"}.get(state, "start")
+            print(f"{tag} {cfg.run_name()}: {what}", flush=True)
             t0 = time.perf_counter()
-            result = train(cfg, resume=state == "partial", progress=not args.no_progress,
+            result = train(cfg, resume=state in ("partial", "restart"), progress=not args.no_progress,
                            monitor_requested=args.monitor_every is not None)
     except TrainingDiverged as exc:
         print(f"{tag} {cfg.run_name()}: {exc}", flush=True)
@@ -184,7 +190,8 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
         print(f"{tag} {cfg.run_name()}: skipped for now, {exc}", flush=True)
         return "busy"
-    except DataMismatch as exc:  # its folder holds epochs of another dataset: as other settings
+    except (DataMismatch, CheckpointError) as exc:  # its folder holds epochs of another
+        # dataset, or checkpoints none of which loads: skipped as a run of other settings
         print(f"{tag} {cfg.run_name()}: skipped, {exc}", flush=True)
         return "other"
     last = result.history[-1]
@@ -200,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     set_malloc(args.malloc)
     states = [run_state(cfg) for cfg in configs]
     print(f"sweep: {len(configs)} runs -> {args.out} ("
-          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "busy", "diverged",
-                                                          "other", "new")
+          + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "restart", "busy",
+                                                          "diverged", "other", "new")
                       if s in states) + ")")  # fmt: skip
     if args.dry_run:
         for cfg, state in zip(configs, states):
@@ -214,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
     for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
                                                    "finished by this sweep"),
-                        ("other", "skipped: their folders hold runs of other settings or data (named above)")):
+                        ("other", "skipped: their folders hold runs of other settings or data, or no "
+                                   "loadable checkpoint (named above)")):
         names = [n for n, o in outcomes.items() if o == what]
         if names:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")

@@ -36,7 +36,7 @@ Reproducibility: the model is initialised under ``torch.manual_seed(seed)`` (so 
 recipe starts from the same weights), the stochastic-rounding noise is seeded from
 ``seed`` (and the rank), and the data order of epoch ``e`` comes from a generator
 seeded with ``(seed, e)``. The same seed and world size give a bitwise identical run;
-a resumed run is bitwise identical to an uninterrupted one (for fp32 all-reduce with
+a resumed run with the same thread count is bitwise identical to an uninterrupted one (for fp32 all-reduce with
 ``N ≥ 3`` ranks only up to float rounding: DDP re-buckets the gradients after the first
 step it runs, which reorders fp32 sums of three or more terms; integer and two-term sums
 do not depend on the order).
@@ -45,11 +45,15 @@ do not depend on the order).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import signal
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,16 +269,57 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         if busy is not None:
             raise RunBusy(busy)
         try:
-            return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
-        except KeyboardInterrupt:  # status.json said "running" after the process had stopped
+            with _sigterm_as_interrupt():
+                return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
+        except KeyboardInterrupt as exc:  # status.json said "running" after the process had stopped
             if main and _status(run_dir) == "running":  # (a done or diverged record stays)
-                write_status(run_dir, "interrupted", "stopped by an interrupt (Ctrl-C); the same "
+                how = "SIGTERM" if isinstance(exc, Terminated) else "an interrupt (Ctrl-C)"
+                write_status(run_dir, "interrupted", f"stopped by {how}; the same "
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
         finally:
             if created:  # still holding the lock: no other process is using the folder
                 _remove_if_unused(run_dir)
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM while training (``kill``, a scheduler's time limit,
+    torchrun stopping the ranks after one failed): handled as Ctrl-C is — the run is
+    recorded ``interrupted`` — instead of ending with its status still ``running``."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread for the block (the previous
+    handler restored after it); elsewhere (a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warn_other_threads(run_dir: Path) -> None:
+    """A line on stderr where the run's epochs so far ran with another torch thread count
+    (config.json's ``threads``): float reductions split over other threads round
+    differently, so the resumed run is not bitwise the uninterrupted one."""
+    try:
+        before = json.loads((run_dir / "config.json").read_text()).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return
+    now = torch.get_num_threads()
+    if isinstance(before, int) and before != now:
+        print(f"warning: {run_dir} ran with {before} thread(s), it resumes with {now}: float "
+              "reductions round differently with another thread count, so the run is not "
+              "bitwise an uninterrupted one (--threads sets it)", file=sys.stderr)
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -317,11 +362,17 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     scheduler = cosine_schedule(optimizer, total_steps, warmup)
     data_gen = torch.Generator()
 
+    if ranks.rank:  # after building the model (the same on every rank): torch's global
+        # stream — dropout, augmentation — of each rank its own (the same masks on every
+        # rank's rows are not the single-process run's independent draws)
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{cfg.seed}/rank{ranks.rank}".encode())
+                                         .digest()[:8], "little") >> 1)
     check_run_dir(run_dir, cfg, resume)
     start_epoch, step, bad_in_a_row, history, comm_saved = 0, 0, 0, [], None
     if resume:
         if (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
             check_same_data(run_dir, getattr(task, "source", None))  # before "resumed ..."
+            _warn_other_threads(run_dir)
         state = load_resumable(run_dir, cfg)
         if state is not None:
             _restore(state, ranks, model, data_gen, optimizer, scheduler, master, sr_gen)

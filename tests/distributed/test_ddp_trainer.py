@@ -31,6 +31,7 @@ def _train_twice(rank: int, world: int, root: str) -> dict:
         result = train(TrainConfig(**CONFIG, out=f"{root}/{name}"), progress=False)
         out[name] = result.model.state_dict()
         out[name + "_history"] = result.history
+        out[name + "_rng"] = torch.get_rng_state()  # torch's global stream after training
     del result
     gc.collect()
     out["ddp_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
@@ -57,6 +58,15 @@ def test_replicas_stay_bitwise_in_sync_and_runs_repeat(reference):
     assert _same(r0["a"], r1["a"])  # the two replicas after 24 steps
     assert _same(r0["a"], r0["b"])  # same seed, same world size: the same bits
     assert r0["a_history"] == r1["a_history"]  # every rank returns rank 0's rows
+
+
+def test_each_rank_draws_its_own_global_stream(reference):
+    """Dropout and augmentation draw from torch's global generator, which every rank had
+    seeded alike: the same masks on every rank's rows (correlated, unlike a single
+    process's draws). Each rank has its own stream now, the same from run to run."""
+    _, (r0, r1) = reference
+    assert not torch.equal(r0["a_rng"], r1["a_rng"])
+    assert torch.equal(r0["a_rng"], r0["b_rng"]) and torch.equal(r1["a_rng"], r1["b_rng"])
 
 
 def test_train_releases_the_ddp_wrapper(reference):

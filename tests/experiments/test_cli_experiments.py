@@ -1007,6 +1007,42 @@ def test_sweep_recognises_its_own_runs_through_json(tmp_path):
     assert settings_diff(other) == ["model_kwargs ({'widths': [8, 16, 32]}, now {'widths': [8, 16, 64]})"]
 
 
+def test_sweep_finishes_restarts_or_skips_what_its_folders_hold(tmp_path, capsys):
+    """Three folders a sweep found and mishandled: all epochs but status "running" (killed
+    before the last write) was "done" for the sweep and unfinished for the report — it is
+    resumed to "done" now; epochs recorded without a checkpoint (a committed folder) made
+    the trainer refuse and the whole sweep stop — the run is redone from its start; a
+    checkpoint that does not load stopped the sweep with a traceback — that run is skipped
+    with the reason, the rest trains, and the sweep exits 1."""
+    from lowbit.experiments.rundir import write_status
+    from lowbit.experiments.sweep import run_state
+    from lowbit.experiments.trainer import TrainConfig
+
+    out = tmp_path / "sw"
+    base = ["sweep", "--tasks", "digits", "--models", "mlp", "--epochs", "2", "--subset", "256",
+            "--eval-subset", "64", "--out", str(out), "--no-progress"]
+    assert cli.main(base + ["--recipes", "fp,qat-8,fqt-psq-8"]) == 0
+    fp, qat, psq = (out / f"digits-mlp-{r}-s0" for r in ("fp", "qat-8", "fqt-psq-8"))
+    write_status(fp, "running")  # killed between the last metrics and the status write
+    for f in ("last.pt", "prev.pt"):  # a committed folder: metrics, no checkpoint
+        (qat / f).unlink()
+    write_status(qat, "running")
+    (psq / "last.pt").write_bytes(b"not a zip")
+    (psq / "prev.pt").unlink()
+    write_status(psq, "interrupted")
+    states = {d.name: run_state(TrainConfig(task="digits", model="mlp", recipe=r, epochs=2, subset=256,
+                                            eval_subset=64, out=str(d)))
+              for r, d in (("fp", fp), ("qat-8", qat), ("fqt-psq-8", psq))}
+    assert list(states.values()) == ["partial", "restart", "partial"]
+    capsys.readouterr()
+    assert cli.main(base + ["--recipes", "fp,qat-8,fqt-psq-8"]) == 1
+    printed = capsys.readouterr().out
+    assert "digits-mlp-qat-8-s0: restarting (epochs recorded, no checkpoint" in printed
+    assert "digits-mlp-fqt-psq-8-s0: skipped, no usable checkpoint" in printed
+    for d, want in ((fp, "done"), (qat, "done"), (psq, "interrupted")):
+        assert json.loads((d / "status.json").read_text())["status"] == want
+
+
 def test_importing_the_cli_leaves_matplotlib_alone():
     """``lowbit.cli`` imports every command; the report's module selected matplotlib's Agg
     backend at import time, switching a notebook user's interactive backend. matplotlib

@@ -191,6 +191,38 @@ def test_resume_refuses_epochs_of_another_dataset(tmp_path):
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
+def test_resume_refuses_another_monitor_interval_for_fqt_auto(tmp_path):
+    """fqt-auto's policy picks bit widths at the monitor's steps: resuming with another
+    interval trained a different run without a word. Refused now; a fixed-width recipe
+    may still change it (the monitor only measures there)."""
+    cfg = dict(DIGITS, recipe="fqt-auto", epochs=2, monitor_every=3)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):
+        train(TrainConfig(**cfg, out=str(tmp_path)), task=_InterruptAt(task, 12), progress=False)
+    with pytest.raises(ValueError, match=r"monitor_every \(3, now 50\)"):
+        train(TrainConfig(**dict(cfg, monitor_every=50), out=str(tmp_path)), resume=True, progress=False)
+    fixed = dict(DIGITS, recipe="fqt-psq-8", epochs=2, monitor_every=3)
+    with pytest.raises(_Interrupt):
+        train(TrainConfig(**fixed, out=str(tmp_path / "f")), task=_InterruptAt(task, 12), progress=False)
+    train(TrainConfig(**dict(fixed, monitor_every=4), out=str(tmp_path / "f")), resume=True, progress=False)
+
+
+def test_resume_with_another_thread_count_says_so(tmp_path, capsys):
+    """Float reductions split over another thread count round differently: a resumed run
+    is bitwise the uninterrupted one only with the same count, so resuming with another
+    says so."""
+    cfg = dict(DIGITS, recipe="qat-8", epochs=2)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    with pytest.raises(_Interrupt):
+        train(TrainConfig(**cfg, out=str(tmp_path)), task=_InterruptAt(task, 12), progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, threads=config["threads"] + 1)))
+    capsys.readouterr()
+    train(TrainConfig(**cfg, out=str(tmp_path)), resume=True, progress=False)
+    assert f"ran with {config['threads'] + 1} thread(s), it resumes with {torch.get_num_threads()}" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model, recipe, weights", [
     ("mlp", "fqt-bhq-4", "fp32"), ("cnn", "fqt-bhq-4", "fp32"),
     ("mlp", "fqt-psq-4-predicted", "fp32"),  # range histories come back from the checkpoint
@@ -243,25 +275,78 @@ def _flip_a_bit_in_the_largest_record(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bit-flip"])
+def _flip_a_bit_in_the_central_directory(path, field: str) -> None:
+    """One bit flipped in the zip's central-directory entry of the largest record, which
+    no CRC-32 covers: ``attr`` its MS-DOS directory bit (torch then reads the record as
+    empty: a garbage tensor), ``method`` its compression method (stored → deflated)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        name = max(z.infolist(), key=lambda i: i.file_size).filename.encode()
+    data = bytearray(path.read_bytes())
+    i = 0
+    while True:
+        cd = data.find(b"PK\x01\x02", i)
+        n = int.from_bytes(data[cd + 28:cd + 30], "little")
+        if data[cd + 46:cd + 46 + n] == name:
+            break
+        i = cd + 4
+    if field == "method":
+        data[cd + 10] ^= 0x08
+    else:
+        data[cd + 38] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flip", "directory-attr", "directory-method"])
 def test_corrupt_last_checkpoint_falls_back_to_prev(tmp_path, capsys, damage):
-    """A truncated ``last.pt`` (a full disk) and one with a flipped bit inside a weight
-    (which ``torch.load`` read without complaint: a wrong weight, resumed silently) are
-    both reported, and ``prev.pt`` is used."""
+    """A truncated ``last.pt`` (a full disk), one with a flipped bit inside a weight
+    (which ``torch.load`` read without complaint: a wrong weight, resumed silently) and
+    ones with a flipped bit in the zip's central directory (no CRC covers it: a record read
+    as empty loaded garbage weights silently; a compression flag raised zlib.error, a
+    traceback) are all reported, and ``prev.pt`` is used; the damaged file is kept aside,
+    so the next save does not rotate it over ``prev.pt``."""
     cfg = TrainConfig(**DIGITS, recipe="fqt-psq-4", epochs=2, out=str(tmp_path))
     ref = train(cfg, progress=False)
     last = tmp_path / "last.pt"
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[:1000])
-    else:
+    elif damage == "bit-flip":
         _flip_a_bit_in_the_largest_record(last)
+    else:
+        _flip_a_bit_in_the_central_directory(last, damage.split("-")[1])
     capsys.readouterr()
     state, path = ckpt.load_checkpoint(tmp_path)
     assert path.name == "prev.pt" and state["epoch"] == 1
     err = capsys.readouterr().err
     assert "warning: cannot load checkpoint" in err and "last.pt" in err and "prev.pt" in err
+    assert (tmp_path / ckpt.DAMAGED).exists() and not last.exists()
     resumed = train(cfg, resume=True, progress=False)  # redoes epoch 2 from prev.pt
     assert _equal_state(ref.model, resumed.model)
+    assert torch.load(tmp_path / "prev.pt", weights_only=True)["epoch"] == 1  # not the damaged one
+
+
+def test_an_interrupt_between_the_checkpoint_renames_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after ``last.pt`` became ``prev.pt`` and before the new file became
+    ``last.pt`` deleted the new, complete file: an epoch lost. The rename is completed."""
+    state = {k: 0 for k in ckpt.REQUIRED_KEYS}
+    ckpt.save_checkpoint(tmp_path, dict(state, epoch=1))
+    real = ckpt.os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        real(src, dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, dict(state, epoch=2))
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    got, path = ckpt.load_checkpoint(tmp_path)
+    assert path.name == "last.pt" and got["epoch"] == 2
+    assert torch.load(tmp_path / "prev.pt", weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob(".last-*"))
 
 
 def test_checkpoint_rotation_and_contents(tmp_path):
@@ -426,6 +511,32 @@ def test_an_interrupt_leaves_status_interrupted_not_running(tmp_path):
     assert status["status"] == "interrupted" and "with --resume" in status["message"]
     assert not is_busy(tmp_path)
     assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1  # and it resumes
+
+
+def test_sigterm_leaves_status_interrupted_not_running(tmp_path):
+    """``kill`` (SIGTERM: a scheduler's limit, torchrun stopping the other ranks) ended the
+    process with status.json still "running"; it is handled as Ctrl-C now, and the
+    previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    from lowbit.experiments.trainer import Terminated
+
+    class Term(_NaNLoss):
+        def loss(self, model, batch):
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.task.loss(model, batch)
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = TrainConfig(**DIGITS, epochs=1, out=str(tmp_path))
+    with pytest.raises(Terminated):
+        train(cfg, task=Term(T.make_task("digits", "mlp", subset=256, eval_subset=64), set()),
+              progress=False)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["message"].startswith("stopped by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_consecutive_bad_steps_stop_with_a_clear_error(tmp_path):
