@@ -302,7 +302,9 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
                 dead = dead.any(1).t().unsqueeze(-1)  # (L, N, 1): a head's NaN reaches the row
             else:
                 dead = None
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # sequence-first rows
+        if isinstance(self.out_proj, FQTLinear):
+            self.out_proj.sample_dim = 1  # the variance monitor's samples: dimension 1
         out = self.out_proj(out)
         out = out.view(tgt_len, bsz, out.shape[-1])  # (no -1: tgt_len or bsz may be 0)
         if dead is not None:

@@ -72,21 +72,28 @@ def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
 
 def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_path: bool,
                  input_path: bool, bias: bool) -> LayerGrads:
-    """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) in compute dtype."""
+    """Operands of an ``FQTLinear`` call: ``x`` (*, in), ``gy`` (*, out) in compute dtype.
+    The samples are ``x``'s dimension ``layer.sample_dim`` (0, or 1 for a sequence-first
+    layer): every other leading dimension is tokens of a sample."""
     cfg, n_in, n_out = layer.config, layer.in_features, layer.out_features
-    b = x.shape[0] if x.dim() > 1 else 1
-    a = gy.reshape(-1, n_out)  # (N, out): the rows the layer quantizes
-    t = a.shape[0] // max(b, 1)  # rows (tokens) per sample
+    d = getattr(layer, "sample_dim", 0) if x.dim() > 2 else 0
+    b = x.shape[d] if x.dim() > 1 else 1
+    a = gy.reshape(-1, n_out)  # (N, out): the rows the layer quantizes, in its order
+
+    def by_sample(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(N, k) rows in ``like``'s layout → (B, T, k), samples first."""
+        return rows.reshape(*like.shape[:-1], -1).movedim(d, 0).reshape(b, -1, rows.shape[-1])
+
     out = LayerGrads(b)
     if weight_path:
         u = _dequant(x.reshape(-1, n_in), cfg.activation)  # (N, in)
         out.grad_weight = PathOperand(a.t(), u.square().sum(1))
-        out.w_sq, out.w_total = weight_grad_sq_norms(a.reshape(b, t, n_out), u.reshape(b, t, n_in), bias)
+        out.w_sq, out.w_total = weight_grad_sq_norms(by_sample(a, gy), by_sample(u, x), bias)
     if input_path:
         wq = _dequant(layer.linear_weight().detach(), cfg.weight)  # (out, in)
         wn = wq.square().sum(1)  # (out,)
         out.grad_input = PathOperand(a, wn, shift_weight=wn)
-        out.x_sq, out.x_total = product_row_norms(a.reshape(b, t, n_out).sum(1), wq)  # rows (B, in)
+        out.x_sq, out.x_total = product_row_norms(by_sample(a, gy).sum(1), wq)  # rows (B, in)
     return out
 
 

@@ -130,6 +130,7 @@ class _Acc:
         self.quant: dict[str, dict[tuple[str, int], float]] = {"grad_input": {}, "grad_weight": {}}
         self.shift: dict[tuple[str, int], float] = {}
         self.flat_probe = False  # ∇β summed to 0 over the samples (a batch-normalized output)
+        self.nonfinite = False  # a non-finite ∇Y or per-sample norm: no ratio is a measurement
 
 
 class _InertHook:
@@ -303,7 +304,8 @@ class VarianceMonitor:
                 cands = list(dict.fromkeys([*cands, *self.policy.candidates(path)]))
             for q, b in cands:
                 gen = path_generator(layer, path, op.a.device)  # type: ignore[arg-type]
-                fmt = spec.format if (q, b) == (spec.quantizer, spec.bits) else IntFormat(b)
+                fmt = spec.format if (q, b) == (spec.quantizer, spec.bits) else \
+                    with_bits(spec, b).format  # the grid a decision would apply (asymmetric kept)
                 quant, shift = path_noise(get_quantizer(q), op.a, fmt, gen, op.col_weight,
                                           op.row_groups, op.shift_weight)
                 acc.quant[path][(q, b)] = acc.quant[path].get((q, b), 0.0) + quant
@@ -312,10 +314,14 @@ class VarianceMonitor:
         one = v.calls == 1  # per-sample gradients of several calls would span calls
         if g.grad_weight is not None:
             v.sgd_w_samples = sgd_variance(g.w_sq, g.w_total) if one else math.nan
+            if not (math.isfinite(g.w_total) and (g.w_sq is None or bool(g.w_sq.isfinite().all()))):
+                acc.nonfinite = True
         if g.grad_input is not None:
             v.sgd_x_samples = sgd_variance(g.x_sq, g.x_total) if one else math.nan
             spread = float(g.x_sq.sum()) if g.x_sq is not None else 0.0
-            if spread > 0 and g.x_total <= FLAT_PROBE * spread:
+            if not (math.isfinite(spread) and math.isfinite(g.x_total)):
+                acc.nonfinite = True  # not a flat probe: an overflowing or non-finite ∇Y
+            elif spread > 0 and g.x_total <= FLAT_PROBE * spread:
                 acc.flat_probe = True
 
     # -- end of a monitored step ----------------------------------------------------------
@@ -338,10 +344,12 @@ class VarianceMonitor:
                 setattr(v, f"quantizer_{tag}", spec.quantizer)
                 if tag == "w":
                     v.quant_w = acc.quant[path][cur]
-                    r = {k: ratio(q, v.sgd_w) for k, q in acc.quant[path].items()}
+                    r = {k: math.nan if acc.nonfinite else ratio(q, v.sgd_w)
+                         for k, q in acc.quant[path].items()}
                 else:
                     v.quant_x, v.quant_x_shift = acc.quant[path][cur], acc.shift[cur]
-                    r = {k: math.nan if acc.flat_probe else ratio(q, v.sgd_x) for k, q in acc.shift.items()}
+                    r = {k: math.nan if acc.flat_probe or acc.nonfinite else ratio(q, v.sgd_x)
+                         for k, q in acc.shift.items()}
                 setattr(v, f"ratio_{tag}", r[cur])
                 if self.policy is not None:
                     setattr(v, f"candidates_{tag}", {f"{q}{b}": x for (q, b), x in r.items()})
@@ -362,6 +370,14 @@ class VarianceMonitor:
                            "samples (its output is normalized over the batch, e.g. by BatchNorm), so "
                            "the input-shift probe has no gradient to compare with; a policy leaves "
                            "this ∇X path's width as it is"))
+        if acc.nonfinite:
+            causes.append(("nonfinite", f"{name}: its ∇Y or the per-sample gradient norms are not "
+                           "finite (an overflow or NaN upstream): this step's ratios are not "
+                           "measurements; a policy leaves the layer as it is"))
+        if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
+            causes.append(("samples", f"{name}: one sample in the minibatch: the per-sample "
+                           "minibatch variance needs at least 2, so its ratios are NaN and a policy "
+                           "leaves it as it is; VarianceMonitor(sgd='paired') compares two steps"))
         if v.calls > 1 and self.sgd == "per-sample":
             causes.append(("calls", f"{name}: ran {v.calls} times in one monitored step (gradient "
                            "accumulation or a shared layer): per-sample minibatch variance cannot "
@@ -372,10 +388,16 @@ class VarianceMonitor:
                 self._warned.add((name, cause))
                 log.warning(text)
 
+    def _current(self, name: str) -> tuple[str, int]:
+        """``(quantizer, bits)`` of layer ``name``'s ∇X path now."""
+        spec = self.layers[name].config.grad_input
+        return spec.quantizer, spec.bits
+
     def _decide(self, step: int, ratios: dict[str, dict[str, dict[tuple[str, int], float]]]) -> None:
         """Apply the policy to every measured path; log and record each change."""
         assert self.policy is not None
-        n_input = sum("grad_input" in paths for paths in ratios.values())  # ∇X paths measured
+        n_input = sum(math.isfinite(paths["grad_input"].get(self._current(name), math.nan))
+                      for name, paths in ratios.items() if "grad_input" in paths)  # ∇X paths measured
         for name, paths in ratios.items():
             layer = self.layers[name]
             cfg = layer.config
@@ -476,6 +498,10 @@ def _check_policy_fits(policy: AdaptivePolicy, layers: dict[str, Any]) -> None:
                 "and AdaptivePolicy.from_recipe of the same name, or monitor without a policy")
         for path, cands in (("grad_input", policy.grad_input), ("grad_weight", policy.grad_weight)):
             spec = getattr(cfg, path)
+            if spec is not None and not isinstance(spec.format, IntFormat):
+                raise ValueError(
+                    f"VarianceMonitor: layer {name!r} quantizes {path} on {spec.format.name}, which "
+                    "has no other bit width: a policy chooses integer widths (intB, intBa)")
             if spec is not None and spec.quantizer not in cands:
                 raise ValueError(
                     f"VarianceMonitor: layer {name!r} quantizes {path} with {spec.quantizer!r}, not "

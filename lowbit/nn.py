@@ -158,6 +158,12 @@ class FQTLinear(nn.Linear, _StochasticLayer):
     """``nn.Linear`` whose three GEMMs run under an :class:`FQTConfig`. Accepts inputs of
     any leading shape ``(*, in_features)``."""
 
+    # which dimension of the input indexes the minibatch's samples, for the variance
+    # monitor's per-sample gradients (lowbit.layergrads): 0, or 1 for a sequence-first
+    # layer — convert marks those it knows (nn.MultiheadAttention's out-projection, the
+    # Linear layers of batch_first=False Transformer layers); set it on your own
+    sample_dim = 0
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  config: FQTConfig, seed: int | None = None, name: str = "",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -382,6 +388,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
+    _mark_sequence_first(model)
     _warn_backend_conflicts(config, model, converted)
     for name, why in finish(model).items():  # attention lowbit cannot route or compute
         if module_filter is None or _filter_wants(module_filter, model, name):
@@ -395,6 +402,18 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     if not report:
         return model
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
+
+
+def _mark_sequence_first(model: nn.Module) -> None:
+    """``sample_dim = 1`` on the FQTLinear layers of ``batch_first=False`` Transformer
+    layers (their inputs are (L, N, E)): the variance monitor takes their samples from
+    dimension 1, not tokens of one position as samples."""
+    for m in model.modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
+                not getattr(m.self_attn, "batch_first", False):
+            for lin in (m.linear1, m.linear2):
+                if isinstance(lin, FQTLinear):
+                    lin.sample_dim = 1
 
 
 def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, _StochasticLayer]:

@@ -402,7 +402,7 @@ def gradient_variance(
             quant=quant, quant_se=jackknife_se(loo_q),
             total=tot, total_se=jackknife_se(loo_t),
             gap=gap, gap_se=jackknife_se(loo_t - loo_s - loo_q - loo_c),
-            rel_gap=gap / tot if tot > 0 else 0.0,
+            rel_gap=gap / tot if tot > 0 else (math.nan if not math.isfinite(tot) else 0.0),
             z_grad=bias.z("grad", i), z_rand=bias.z("rand", i),
         )
         if comm is not None:

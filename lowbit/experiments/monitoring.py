@@ -88,8 +88,10 @@ def restore(monitor: VarianceMonitor | None, state: dict[str, Any], step: int) -
 
 
 def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.fmean(finite) if finite else math.nan
+    """The mean over the measured values: NaN (not measured) left out; an infinite ratio
+    (a minibatch variance of 0) kept — it is a measurement, and the mean is then inf."""
+    measured = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(measured) if measured else math.nan
 
 
 def epoch_row(monitor: VarianceMonitor | None, first_step: int) -> dict[str, Any]:
