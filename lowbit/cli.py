@@ -52,7 +52,8 @@ class _ShowDefaults(argparse.HelpFormatter):
         default = action.default
         if (default is None or default is False or default == argparse.SUPPRESS
                 or isinstance(default, list) and not default
-                or "default" in text.lower() or not action.option_strings):
+                or "default" in text.lower() or not action.option_strings
+                or f"({default})" in text):  # "epochs per recipe (8)" names it already
             return text
         return f"{text} (default {str(default).replace('%', '%%')})"
 

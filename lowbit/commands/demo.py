@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         root = Path(check_out_dir("--out", args.out) if args.out else tmp)
-        print(f"lowbit demo: digits {args.model}, {epochs} epochs, seed {seed}; runs in {root}")
+        where = (f"runs in {root}" if args.out else "runs in a temporary folder, removed at the "
+                 "end (--out keeps them)")
+        print(f"lowbit demo: digits {args.model}, {epochs} epoch{'s' * (epochs != 1)}, seed {seed}; {where}")
         t_start = time.perf_counter()
         rows = []
         for cfg in configs:

@@ -40,7 +40,10 @@ pairs, mean ``d̄`` and standard error ``s_d/√n``, the one-sided 95% Student-t
 * the comparison gives the two-sided 95% interval of the gain and whether it excludes 0.
 
 A claim needs at least 2 paired seeds with an outcome (fewer: *not yet measured*; no run
-at all: *not measured*, naming the recipes). A seed that diverged or finished without a
+at all: *not measured*, naming the recipes), and recipes that trained: one whose mean
+final metric is near chance (accuracy below twice chance, bpb above 90% of a uniform
+guess's 8 bits) makes the claim *not judged* — equal untrained models "agree" within any
+tolerance. A seed that diverged or finished without a
 finite metric *failed*; the first recipe of a claim failing on a paired seed where the
 other finished makes the claim (or step) not hold; the other recipe's failures are
 named beside a verdict taken on the finished pairs (where it failed on every shared seed
@@ -171,6 +174,12 @@ def paired(a: Outcomes, b: Outcomes, up: bool) -> Paired:
     return Paired(seeds, gains, mean, mean - q1 * se, mean + q1 * se, mean - q2 * se, mean + q2 * se)
 
 
+def _untrained(value: float, chance: float, up: bool) -> bool:
+    """Whether a recipe's mean final metric is near what a model that learned nothing
+    scores: accuracy below twice chance, or bits per byte above 90% of a uniform guess's."""
+    return value < 2 * chance if up else value > 0.9 * chance
+
+
 def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
     """``(numbers, verdict)`` of ``claim`` on the runs of one task and setting (module
     docstring: paired by seed, one-sided 95% Student-t bounds)."""
@@ -182,6 +191,11 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
         return "–", f"not measured: no run of {', '.join(missing)}"
     outs = [outcomes(runs, c, metric) for c in claim.recipes]
     numbers = "; ".join(f"{c} {_show(o, scale, digits)}" for c, o in zip(claim.recipes, outs))
+    for c, o in zip(claim.recipes, outs):  # a model that learned nothing tells nothing
+        done = o.finished()
+        if done and _untrained(statistics.fmean(done), task.chance, up):
+            return numbers, (f"not judged: {c} did not train (mean {statistics.fmean(done) * scale:.{digits}f}"
+                             f"{unit}, chance {task.chance * scale:.{digits}f}{unit}): train longer")
 
     def fmt(x: float) -> str:
         return f"{x * scale:.{digits}f}{unit}"

@@ -93,8 +93,8 @@ def load_digits_tensors(val_fraction: float = 0.2, seed: int = 0) -> ImageData:
     except ModuleNotFoundError as exc:  # scikit-learn is the optional "data" extra
         if exc.name is None or exc.name.split(".")[0] != "sklearn":
             raise  # scikit-learn is there, something it imports is not: its own error
-        raise ImportError(
-            "the digits dataset needs scikit-learn: pip install scikit-learn"
+        raise DataNotFoundError(  # a missing dataset: one line from the CLI, not a traceback
+            "the digits dataset needs scikit-learn: pip install scikit-learn (or lowbit[data])"
         ) from exc
 
     _check_fraction("val_fraction", val_fraction)

@@ -69,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
     parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
     parser.add_argument("--claims", action="store_true",
-                        help="after each table, state the paper's claims from its finished runs "
-                        "(lowbit.experiments.claims: 8-bit FQT = FP, 5-bit BHQ vs QAT, BHQ ≥ PSQ ≥ "
-                        "PTQ at 4 bits, unbiased vs round-to-nearest FP8)")
+                        help="after each table, state the paper's claims that name a recipe in it, "
+                        "from its finished runs (lowbit.experiments.claims: 8-bit FQT = FP, 5-bit BHQ "
+                        "vs QAT, BHQ ≥ PSQ ≥ PTQ at 4 bits, unbiased vs round-to-nearest FP8)")
     parser.add_argument("--section", help="name of the report section (its own BEGIN/END markers "
                         f"in results.md) and prefix of its figures: {SECTION_RULE}; default: "
                         "the unnamed section")

@@ -210,10 +210,11 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "restart", "busy",
                                                           "diverged", "other", "new")
                       if s in states) + ")")  # fmt: skip
-    if args.dry_run:
+    if args.dry_run:  # what the sweep would do, with the reasons it gives, and its exit status
         for cfg, state in zip(configs, states):
-            print(f"  {state:8s} {cfg.out}")
-        return 0
+            why = f" (other settings: {', '.join(settings_diff(cfg))})" if state == "other" else ""
+            print(f"  {state:8s} {cfg.out}{why}")
+        return 1 if "other" in states else 0
     outcomes = {cfg.run_name(): _run_one(cfg, f"[{i}/{len(configs)}]", args)
                 for i, cfg in enumerate(configs, 1)}
     # runs another process held: once more at the end (it may have finished or died since)

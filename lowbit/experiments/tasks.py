@@ -40,6 +40,7 @@ class Task:
     name: str
     primary_metric: str  # the number a report leads with
     higher_is_better: bool
+    chance: float  # the primary metric of a model that learned nothing (claims: untrained)
     throughput_unit: str  # "samples" or "tokens"
     optimizer: str  # "sgd" or "adamw"
     default_batch_size: int
@@ -82,6 +83,7 @@ class ImageTask(Task):
 
     primary_metric = "accuracy"
     higher_is_better = True
+    chance = 0.1  # ten classes (digits, Fashion-MNIST)
     throughput_unit = "samples"
     optimizer = "sgd"
 
@@ -184,6 +186,7 @@ class TextTask(Task):
     name = "text"
     primary_metric = "bpb"
     higher_is_better = False
+    chance = 8.0  # a uniform guess over 256 byte values
     throughput_unit = "tokens"
     optimizer = "adamw"
     default_batch_size = 32

@@ -112,11 +112,14 @@ def parse_seed(option: str, text: str) -> int:
 
 def parse_list(option: str, text: str) -> list[str]:
     """A non-empty comma list (items stripped, duplicates dropped, order kept);
-    ``ValueError`` naming ``option`` otherwise."""
-    items = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    if not items:
+    ``ValueError`` naming ``option`` otherwise, and for an empty item (``fp,,qat-8``: a
+    name lost between the commas is not dropped without a word)."""
+    parts = [s.strip() for s in text.split(",")]
+    if not any(parts):
         raise ValueError(f"{option} must be a non-empty comma-separated list, got {text!r}")
-    return items
+    if not all(parts):
+        raise ValueError(f"{option} has an empty item (two commas, or one at an end): {text!r}")
+    return list(dict.fromkeys(parts))
 
 
 def parse_recipes(option: str, text: str) -> list[str]:

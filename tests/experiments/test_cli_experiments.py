@@ -814,6 +814,23 @@ def test_an_open_claim_is_unresolved_below_the_seed_budget_and_not_shown_at_it()
                                             "than fqt-psq-4 by 0.11 pt on seeds 0,1,2")
 
 
+def test_claims_are_not_judged_on_models_that_did_not_train() -> None:
+    """One epoch on 256 digits left every recipe at chance (11.7%): "8-bit FQT = FP holds"
+    (equal untrained models agree within any tolerance). Not judged now, naming why."""
+    from lowbit.experiments.claims import CLAIMS, judge
+    from lowbit.experiments.report import Run
+
+    def run(recipe: str, seed: int, acc: float) -> Run:
+        return Run(Path(f"{recipe}-{seed}"), {"task": "digits", "recipe": recipe, "epochs": 1,
+                                               "seed": seed}, {}, [{"epoch": 1, "accuracy": acc}], "done")
+
+    runs = [run(r, s, 0.117) for r in ("fp", "fqt-psq-8") for s in (0, 1)]
+    assert judge(CLAIMS[0], runs)[1] == ("not judged: fqt-psq-8 did not train (mean 11.70 pt, chance "
+                                         "10.00 pt): train longer")
+    trained = [run(r, s, 0.9) for r in ("fp", "fqt-psq-8") for s in (0, 1)]
+    assert judge(CLAIMS[0], trained)[1].startswith("holds")
+
+
 def test_report_claims_on_a_lower_is_better_metric() -> None:
     """Text (bpb, lower is better): the tolerance is 1% of the baseline's bpb, and a
     reversed order beyond the seed noise does not hold."""
@@ -1051,3 +1068,21 @@ def test_importing_the_cli_leaves_matplotlib_alone():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_small_cli_edges_a_new_user_met(tmp_path, capsys):
+    """A new user's walkthrough: the dry run listed runs of other settings without the
+    reason and exited 0 (the real sweep then skipped them, exit 1); ``fp,,qat-8`` was
+    accepted (a name lost between the commas); ``--help`` printed "(8) (default 8)"."""
+    out = tmp_path / "sw"
+    base = ["sweep", "--tasks", "digits", "--models", "mlp", "--recipes", "fp", "--subset", "128",
+            "--eval-subset", "64", "--out", str(out), "--no-progress"]
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--epochs", "2", "--dry-run"]) == 1
+    assert "other settings: epochs (1, now 2)" in capsys.readouterr().out
+    assert cli.main(["sweep", "--recipes", "fp,,qat-8", "--out", str(tmp_path / "x"), "--dry-run"]) == 2
+    assert "--recipes has an empty item" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "(default 8)" not in capsys.readouterr().out

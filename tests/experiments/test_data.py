@@ -230,3 +230,18 @@ def test_text_corpus_stdlib_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "PYTHON_DOC_SOURCES", tmp_path / "missing")
     data, source = D.load_text_corpus(max_bytes=5000)
     assert source.startswith(f"python{platform.python_version()}-stdlib:") and data.shape == (5000,)
+
+
+def test_digits_without_scikit_learn_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    """Without scikit-learn (a plain ``pip install lowbit``) the default digits task ended
+    the CLI in a traceback: the loader raised ImportError, which the CLI does not report
+    as a one-line error. It is a missing dataset now (``DataNotFoundError``)."""
+    import sys
+
+    from lowbit import cli
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(D.DataNotFoundError, match=r"pip install scikit-learn \(or lowbit\[data\]\)"):
+        D.load_digits_tensors()
+    assert cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "lowbit train: error: the digits dataset needs scikit-learn" in capsys.readouterr().err
