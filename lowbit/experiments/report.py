@@ -334,8 +334,12 @@ def machines_line(runs: list[Run]) -> str:
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
-    """Primary metric against epoch, mean over seeds, one line per recipe."""
+    """Primary metric against epoch (accuracy in %, as the tables), mean over seeds, one
+    line per recipe: over its finished seeds where it has any (a seed still running would
+    cut every seed's curve at its epoch), else over the unfinished ones up to the epoch
+    they all reached."""
     metric = TASK_CLASSES[runs[0].train["task"]].primary_metric
+    scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
     by_label: dict[str, list[Run]] = defaultdict(list)
     for run in sorted(runs, key=Run.sort_key):
         if run.rows:
@@ -343,13 +347,14 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt = pyplot()  # matplotlib when a figure is made (importing the CLI leaves it alone)
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, group in by_label.items():
+        group = [r for r in group if r.complete] or group
         n = min(len(r.rows) for r in group)
         values = [[r.rows[i].get(metric) for r in group] for i in range(n)]
-        mean = [statistics.fmean(v) if None not in v else float("nan") for v in values]
+        mean = [statistics.fmean(v) * scale if None not in v else float("nan") for v in values]
         ax.plot([group[0].rows[i]["epoch"] for i in range(n)], mean, marker=".", label=lab)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric + unit)
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} per epoch")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no legend (and no warning) before any epoch ends

@@ -109,7 +109,8 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     if diff:
         why = ("; the learning-rate schedule spans all epochs, so a run cannot be extended or "
                "cut: train a new run into another --out") if any(d.startswith("epochs ") for d in diff) else ""
-        raise ValueError(f"cannot resume {path}: it was made with a different " + ", ".join(diff) + why)
+        raise ValueError(f"cannot resume {path}: it was made with a different " + ", ".join(diff) + why
+                         + f" (its settings are in {run_dir / 'config.json'}: resume with the same options)")
     if state["epoch"] > cfg.epochs:
         raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "
                          f"epochs={cfg.epochs}")  # fmt: skip

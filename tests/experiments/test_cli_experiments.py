@@ -1086,3 +1086,18 @@ def test_small_cli_edges_a_new_user_met(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
     assert "(default 8)" not in capsys.readouterr().out
+
+
+def test_a_running_seed_does_not_cut_the_finished_seeds_curve(tmp_path, monkeypatch):
+    """The curves figure averaged a recipe's seeds up to the epoch all had reached: a seed
+    still at epoch 1 cut the finished seeds' 3-epoch curve to one point. The finished seeds
+    are drawn; accuracy in % as the tables."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "qat-8", 0, [0.5, 0.7, 0.9], "done", epochs=3)
+    _fake_run(runs / "b", "qat-8", 1, [0.4], "running", epochs=3)
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig))
+    report.plot_curves(report.load_runs(runs), tmp_path / "c.png")
+    ax = figs[0].axes[0]
+    assert ax.lines[0].get_xydata().tolist() == [[1, 50.0], [2, 70.0], [3, 90.0]]
+    assert ax.get_ylabel() == "accuracy (%)"
