@@ -250,10 +250,27 @@ def _memory_and_range_notes(done: list[Run]) -> list[str]:
     return notes
 
 
+def _distinction(key: tuple, siblings: list[tuple]) -> str:
+    """What tells table ``key`` apart from the other tables of its task and model
+    (``siblings``, keys of :func:`one_per_seed`): the settings in which they differ, and
+    the dataset; empty where it is the only one."""
+    if len(siblings) < 2:
+        return ""
+    mine = dict(key[2])
+    differ = sorted({k for other in siblings for k, v in other[2] if mine.get(k) != v}
+                    | {k for other in siblings for k in mine if k not in dict(other[2])})
+    parts = [f"{k} {mine.get(k, '–')}" for k in differ]
+    if len({other[3] for other in siblings}) > 1:
+        parts.append(f"data {key[3] or 'not recorded'}")
+    return ", ".join(parts)
+
+
 def table(runs: list[Run], figure_names: list[str],
-          repeat_notes: dict[str, list[str]] | None = None) -> list[str]:
+          repeat_notes: dict[str, list[str]] | None = None, distinction: str = "") -> list[str]:
     """Markdown lines for one task/setting: a row per recipe (label); ``repeat_notes``
-    (label → notes, :func:`_repeat_notes`): what folders left out as repeats add."""
+    (label → notes, :func:`_repeat_notes`): what folders left out as repeats add;
+    ``distinction``: what sets this table apart from others of its task and model, in its
+    heading (:func:`_distinction`)."""
     first = runs[0].train
     task_cls = TASK_CLASSES[first["task"]]
     metric = task_cls.primary_metric
@@ -268,7 +285,7 @@ def table(runs: list[Run], figure_names: list[str],
                          and v not in ("null", "{}"))  # fmt: skip
     better = "higher" if task_cls.higher_is_better else "lower"
     lines = [
-        f"### {first['task']} — {first['model']}",
+        f"### {first['task']} — {first['model']}" + (f" ({distinction})" if distinction else ""),
         "",
         f"Settings: {settings}. Final {metric} after {first['epochs']} epoch{'s' * (first['epochs'] != 1)} "
         + f"({better} is better), mean ± std over seeds.",
@@ -505,6 +522,7 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
     seen: dict[str, int] = defaultdict(int)
     for key, group in sorted(groups.items(), key=lambda kv: (kv[0][:2], str(kv[0][3]))):
         task, model = key[:2]
+        siblings = [k for k in groups if k[:2] == (task, model)]
         stem = f"{prefix}{task}-{model}"
         seen[stem] += 1
         if seen[stem] > 1:
@@ -515,7 +533,7 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
             names.append(f"{stem}-bits.png")
         if monitoring.plot_ratios(group, figures_dir / f"{stem}-variance.png"):
             names.append(f"{stem}-variance.png")
-        lines += table(group, names, _repeat_notes(group, repeats[key]))
+        lines += table(group, names, _repeat_notes(group, repeats[key]), _distinction(key, siblings))
         if with_claims:
             lines += ["Claims (`lowbit.experiments.claims`: finished and diverged runs, one per seed; "
                       "recipes compared paired by seed, with one-sided 95% Student-t bounds of the "

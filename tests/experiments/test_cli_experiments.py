@@ -1101,3 +1101,19 @@ def test_a_running_seed_does_not_cut_the_finished_seeds_curve(tmp_path, monkeypa
     ax = figs[0].axes[0]
     assert ax.lines[0].get_xydata().tolist() == [[1, 50.0], [2, 70.0], [3, 90.0]]
     assert ax.get_ylabel() == "accuracy (%)"
+
+
+def test_tables_of_one_task_and_model_have_headings_that_tell_them_apart(tmp_path):
+    """Three "### digits — mlp" headings, told apart only by their Settings lines: each
+    heading names the settings in which its table differs from the others."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", "qat-8", 0, [0.5, 0.9], "done", epochs=2)
+    _fake_run(runs / "b", "qat-8", 0, [0.5, 0.6, 0.9], "done", epochs=3)
+    _fake_run(runs / "c", "qat-8", 0, [0.5, 0.6, 0.7, 0.9], "done", epochs=4)
+    headings = [line for line in report.render(report.load_runs(runs), tmp_path, "lowbit report").splitlines()
+                if line.startswith("### ")]
+    assert len(headings) == len(set(headings)) == 3
+    assert "### digits — mlp (epochs 3" in " ".join(headings)
+    single = tmp_path / "single"
+    _fake_run(single, "qat-8", 0, [0.5, 0.9], "done")
+    assert "### digits — mlp\n" in report.render(report.load_runs(single), tmp_path, "lowbit report") + "\n"
