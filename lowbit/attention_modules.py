@@ -149,6 +149,7 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         self.attention = FQTScaledDotProductAttention(config=config, seed=seed,
                                                       name=_child(name, "attention"))
         self.out_proj = FQTLinear.from_float(self.out_proj, config, seed, _child(name, "out_proj"))
+        self.out_proj.sample_dim = 1  # forward calls it on (L, N, E) rows
 
     @classmethod
     def from_float(cls, mod: nn.MultiheadAttention, config: FQTConfig, seed: int | None = None,
@@ -167,6 +168,8 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         new.bias_k, new.bias_v = mod.bias_k, mod.bias_v
         new.out_proj = (FQTLinear.from_float(mod.out_proj, config, seed, _child(name, "out_proj"))
                         if out_proj else mod.out_proj)
+        if out_proj:
+            new.out_proj.sample_dim = 1  # forward calls it on (L, N, E) rows
         plain = set(vars(nn.MultiheadAttention(1, 1, device="meta")))
         new.__dict__.update({k: v for k, v in vars(mod).items() if k not in plain})
         return new.train(mod.training)
@@ -302,10 +305,8 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
                 dead = dead.any(1).t().unsqueeze(-1)  # (L, N, 1): a head's NaN reaches the row
             else:
                 dead = None
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # sequence-first rows
-        if isinstance(self.out_proj, FQTLinear):
-            self.out_proj.sample_dim = 1  # the variance monitor's samples: dimension 1
-        out = self.out_proj(out)
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # sequence-first rows:
+        out = self.out_proj(out)  # its samples are dimension 1 (sample_dim, set by convert)
         out = out.view(tgt_len, bsz, out.shape[-1])  # (no -1: tgt_len or bsz may be 0)
         if dead is not None:
             out = out * _nan_where(dead, out)

@@ -388,7 +388,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
-    _mark_sequence_first(model)
+    _mark_sequence_first(model, FQTMultiheadAttention)
     _warn_backend_conflicts(config, model, converted)
     for name, why in finish(model).items():  # attention lowbit cannot route or compute
         if module_filter is None or _filter_wants(module_filter, model, name):
@@ -404,16 +404,22 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
 
 
-def _mark_sequence_first(model: nn.Module) -> None:
-    """``sample_dim = 1`` on the FQTLinear layers of ``batch_first=False`` Transformer
-    layers (their inputs are (L, N, E)): the variance monitor takes their samples from
-    dimension 1, not tokens of one position as samples."""
+def _mark_sequence_first(model: nn.Module, mha: type[nn.Module]) -> None:
+    """``sample_dim = 1`` on the FQTLinear layers that see (L, N, E) inputs: those of
+    ``batch_first=False`` Transformer layers, and the out-projection of ``mha``
+    (:class:`~lowbit.attention_modules.FQTMultiheadAttention`, which calls it on
+    sequence-first rows whatever its ``batch_first``; convert swaps it separately). The
+    variance monitor then takes their samples from dimension 1, not token positions."""
     for m in model.modules():
+        lins = []
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
                 not getattr(m.self_attn, "batch_first", False):
-            for lin in (m.linear1, m.linear2):
-                if isinstance(lin, FQTLinear):
-                    lin.sample_dim = 1
+            lins = [m.linear1, m.linear2]
+        elif isinstance(m, mha):
+            lins = [m.out_proj]
+        for lin in lins:
+            if isinstance(lin, FQTLinear):
+                lin.sample_dim = 1
 
 
 def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, _StochasticLayer]:

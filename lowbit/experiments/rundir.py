@@ -192,6 +192,16 @@ def is_busy(run_dir: Path) -> bool:
         return True
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run folder's ``config.json`` as a dict; empty where there is none or it is not
+    readable (a run started before the file, a damaged or foreign file)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 class DataMismatch(ValueError):
     """A run's epochs so far trained on another dataset than this process reads
     (:func:`check_same_data`)."""
@@ -215,10 +225,7 @@ def check_same_data(run_dir: Path, source: str | None) -> None:
     another dataset than ``source`` (:func:`data_kind`): a resumed run would mix two
     corpora, e.g. the Python docs on one machine and the standard library's sources on
     another."""
-    try:
-        recorded = json.loads((run_dir / "config.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        return
+    recorded = read_config(run_dir).get("data")
     before, now = data_kind(recorded), data_kind(source)
     if before and now and before != now:
         raise DataMismatch(f"cannot resume {run_dir}: its epochs so far trained on {recorded}, "
@@ -246,5 +253,5 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 
-__all__ = ["LOCK", "DataMismatch", "RunBusy", "check_same_data", "data_kind", "is_busy", "load_resumable", "log", "run_lock", "write_atomic",
+__all__ = ["LOCK", "DataMismatch", "RunBusy", "check_same_data", "data_kind", "is_busy", "load_resumable", "log", "read_config", "run_lock", "write_atomic",
            "write_config", "write_metrics", "write_status"]

@@ -37,7 +37,7 @@ from .train import (
     training_fields,
 )
 from .checkpoint import CheckpointError
-from .rundir import DataMismatch, RunBusy, is_busy, run_lock
+from .rundir import DataMismatch, RunBusy, is_busy, read_config, run_lock
 from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
 from .trainer import TrainConfig, TrainingDiverged, train
 
@@ -110,10 +110,7 @@ def _recipe_overrides(common: dict, recipes: list[str]) -> None:
 
 def _saved_train(run_dir: Path) -> dict | None:
     """The training settings its folder's config.json records (None: no readable one)."""
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    saved = read_config(run_dir).get("train")
     return saved if isinstance(saved, dict) else None
 
 

@@ -69,7 +69,7 @@ from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import LOCK, RunBusy, check_same_data, cpu_name, load_resumable, run_lock, write_config, write_metrics, write_status
+from .rundir import LOCK, RunBusy, check_same_data, cpu_name, load_resumable, read_config, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, changed_settings
 from .tasks import Task, make_task
 
@@ -103,9 +103,8 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
                          "no checkpoint): choose another --out, or pass --resume to redo that run")
     if not resume or (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
         return  # a checkpoint's own settings are checked when it is loaded (load_resumable)
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-    except (OSError, ValueError, TypeError, KeyError):
+    saved = read_config(run_dir).get("train")
+    if not isinstance(saved, dict):
         return
     diff = changed_settings(saved, cfg)
     if diff:
@@ -311,11 +310,7 @@ def _warn_other_threads(run_dir: Path) -> None:
     """A line on stderr where the run's epochs so far ran with another torch thread count
     (config.json's ``threads``): float reductions split over other threads round
     differently, so the resumed run is not bitwise the uninterrupted one."""
-    try:
-        before = json.loads((run_dir / "config.json").read_text()).get("threads")
-    except (OSError, ValueError, AttributeError):
-        return
-    now = torch.get_num_threads()
+    before, now = read_config(run_dir).get("threads"), torch.get_num_threads()
     if isinstance(before, int) and before != now:
         print(f"warning: {run_dir} ran with {before} thread(s), it resumes with {now}: float "
               "reductions round differently with another thread count, so the run is not "

@@ -73,6 +73,11 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (compiler errors run to pages)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _unusable_cache_dir() -> str | None:
     """Why ``$TORCHINDUCTOR_CACHE_DIR`` cannot be created (the first existing folder on
     its path is a file, or not writable), else ``None``: importing ``torch._dynamo``
@@ -106,7 +111,7 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return torch.compiler.disable(fn)
             except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
-                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                why = _describe(exc)
         else:
             why = f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']}: {why}"
         _dynamo_broken = True
@@ -195,8 +200,7 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return f(*args)
     except (*_compile_errors(), OSError) as exc:  # the kernels do no I/O: an OSError is
         # the compiler's (its cache or build directory)
-        _failure = (f"torch.compile failed for kernel {name!r} ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        _failure = f"torch.compile failed for kernel {name!r} ({_describe(exc)})"
         warnings.warn(f"lowbit: {_failure}; lowbit's compiled kernels run eagerly from now on "
                       "(same results, slower; its C kernels are unaffected)", stacklevel=3)
         return fn(*args)
