@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from . import grid_notes
 from .scopes import scope
 from torch._prims_common import suggest_memory_format
 from torch.nn.modules.utils import _single
@@ -133,6 +134,14 @@ def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int,
     return in_format(_dq(qx, x_shape, dtype))
 
 
+def _place(k: Kernels, codes: torch.Tensor, *args: Any) -> torch.Tensor:
+    """The kernel-table op ``int8_place_nhwc`` on ``codes``; the placed codes hold the same
+    grid (told to a running coverage trace: :func:`lowbit.grid_notes.derived`)."""
+    out = k.run("int8_place_nhwc", codes, *args)
+    grid_notes.derived(out, codes)
+    return out
+
+
 def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding: Sequence[int],
               layout: int) -> torch.Tensor:
     """X's codes zero-padded by ``padding``, (N, H + 2p, W + 2p, C) int8: placed by the
@@ -140,7 +149,7 @@ def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding:
     n, c, h, w = x_shape
     size = (h + 2 * padding[0], w + 2 * padding[1])
     if layout != CL_CODES:
-        return k.run("int8_place_nhwc", qx.codes, x_shape, size, padding)
+        return _place(k, qx.codes, x_shape, size, padding)
     codes = qx.codes.view(n, h, w, c)
     if list(padding) == [0, 0]:
         return codes
@@ -200,7 +209,7 @@ def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> tor
     without a copy, where the AVX-512 ``int8_place_nhwc`` kernel writes it (one transposing
     pass); from the reference kernel, NCHW memory, which oneDNN copies."""
     n, c, h, w = shape
-    return k.run("int8_place_nhwc", codes, shape, (h, w), (0, 0), (1, 1), True).permute(0, 3, 1, 2)
+    return _place(k, codes, shape, (h, w), (0, 0), (1, 1), True).permute(0, 3, 1, 2)
 
 
 def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
@@ -348,7 +357,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
     with scope("lowbit::grad_input"):
         if list(stride) != [1, 1]:  # zero codes (u8 128) inserted, oneDNN pads nothing
-            src = k.run("int8_place_nhwc", qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
+            src = _place(k, qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
                         True).permute(0, 3, 1, 2)
             pad = [0, 0]
         else:
@@ -371,7 +380,7 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
-    gz = k.run("int8_place_nhwc", qa.codes, g_shape, (h + ext[0], w + ext[1]),
+    gz = _place(k, qa.codes, g_shape, (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
     p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)

@@ -36,6 +36,7 @@ from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, regist
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
+from . import grid_notes
 from .scopes import scope
 
 Generators = dict[Path, torch.Generator]  # one per operand path that draws noise
@@ -52,8 +53,9 @@ def quantize_forward(
     (block scales along ``in``, the summed dimension of the output GEMM): one kernel call."""
     k = kernels_for(backend, x2d.device)
     seed = sr_seed(generator, spec.rounding, x2d.device)
-    return QuantizedOperand.of(k.quantize(x2d, spec.format, spec.granularity, spec.rounding, seed),
-                               Identity(x2d.shape[0]))
+    enc = k.quantize(x2d, spec.format, spec.granularity, spec.rounding, seed)
+    grid_notes.note(enc.codes, spec.format)
+    return QuantizedOperand.of(enc, Identity(x2d.shape[0]))
 
 
 def quantize_gradient(

@@ -17,7 +17,11 @@ nothing, and ``torch._int_mm``/``torch._scaled_mm`` are counted like any GEMM
   a parameter's shape (``∇W = ∇Yᵀ·X``), as the op says for ``convolution_backward``,
   else ``backward`` (attention, activation × activation products).
 * **the operand formats**: the dtype (``int8``, ``fp8 e4m3``, ``bf16``, ``fp32``...), or
-  :data:`SIMULATED` for float operands that hold dequantized low-bit codes. Data flow
+  :data:`SIMULATED` for float operands that hold dequantized low-bit codes; for codes,
+  the grid they hold where it is not the dtype's own, as lowbit's quantizers told
+  (:mod:`lowbit.grid_notes`) and carried through the aten ops that copy, reshape or
+  shift codes: ``int4`` (int4 codes in int8 storage), ``int5a``, ``int4 (u8 + 128)``,
+  ``fp8 e4m3 (mxfp8)``. The GEMM's kind comes from the dtypes alone. Data flow
   decides: a float tensor made from int8/fp8 codes is *dequantized*, and stays so
   through scaling (``mul``/``div``), adding the grid's offset (a tensor the quantizer
   made: asymmetric grids), dtype casts, views and lowbit's row transforms;
@@ -46,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import flops
+from . import flops, grid_notes
 from .config import FQTConfig
 from .scopes import recorded
 
@@ -130,6 +134,17 @@ def operand_format(t: torch.Tensor, taint: Taint) -> str:
     if taint.deq and t.dtype not in CODE_DTYPES:
         return SIMULATED
     return _FORMATS.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def with_grid(label: str, grid: str | None) -> str:
+    """An operand's :func:`operand_format` label with the grid its codes hold, where that
+    is not the dtype's own: ``int8`` holding int4 codes is ``int4`` (``int4 (u8 + 128)``
+    shifted for oneDNN), ``fp8 e4m3`` holding MXFP8 elements ``fp8 e4m3 (mxfp8)``."""
+    if grid is None or label == SIMULATED:
+        return label
+    if grid.startswith("int") and label.startswith("int8"):
+        return grid + label.removeprefix("int8")
+    return label if grid.replace("_", " ") == label else f"{label} ({grid})"
 
 
 def gemm_kind(formats: tuple[str, ...]) -> str:
@@ -219,6 +234,7 @@ class GemmTracer(TorchDispatchMode):
         self._when = WeakTensorKeyDictionary()
         self._storage: dict[int, tuple[Taint, int]] = {}
         self._clock = 0
+        self._grids = WeakTensorKeyDictionary()  # codes -> the grid they hold (grid_notes)
         self._param_storage: dict[int, str] = {}
         for mname, m in model.named_modules():
             for pname, p in m.named_parameters(recurse=False):
@@ -248,11 +264,13 @@ class GemmTracer(TorchDispatchMode):
     def tracing(self) -> Iterator[GemmTracer]:
         """The block to trace: module hooks installed, this mode on."""
         self.spans.install()
+        grid_notes.LISTENERS.append(self)
         try:
             with self, recorded():  # lowbit's profiler scopes, which place GEMMs in passes
                 yield self
         finally:
             self.spans.remove()
+            grid_notes.LISTENERS.remove(self)
         self._count_convolutions_as_convolutions()
 
     def _count_convolutions_as_convolutions(self) -> None:
@@ -302,6 +320,29 @@ class GemmTracer(TorchDispatchMode):
             self._observe(func, args, kwargs, out)
         return out
 
+    def note_grid(self, codes: torch.Tensor, name: str) -> None:
+        """``codes`` hold codes on the grid ``name`` (:func:`lowbit.grid_notes.note`)."""
+        self._grids[codes] = name
+
+    def grid_of(self, t: torch.Tensor) -> str | None:
+        """The grid ``t``'s codes hold, where a quantizer told it; else None."""
+        return self._grids.get(t) if t.dtype in CODE_DTYPES else None
+
+    def _carry_grid(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """Codes an op makes from codes (a view, copy, concatenation, im2col — also through
+        a wider integer view that moves eight codes at a time —, the shift to unsigned)
+        hold their grid, where all its code inputs hold one grid. Not called for GEMMs."""
+        codes = [t for t in ins if t.dtype in CODE_DTYPES or t in self._grids]
+        if not codes:
+            return
+        names = {self._grids.get(t) for t in codes}
+        if len(names) != 1 or None in names:
+            return
+        name = names.pop()
+        for o in outs:
+            if o.dtype in CODE_DTYPES or not (o.is_floating_point() or o.is_complex() or o.dtype == torch.bool):
+                self._grids[o] = name
+
     def taint(self, t: torch.Tensor) -> Taint:
         got = self.taints.get(t)
         key = _storage_key(t)
@@ -337,6 +378,8 @@ class GemmTracer(TorchDispatchMode):
                 key = _storage_key(o)
                 if key is not None:
                     self._storage[key] = (taint, self._clock)
+            if parts is None:
+                self._carry_grid(ins, outs)
 
     def _propagate(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor],
                    gemm: bool, in_quantizer: bool) -> Taint:
@@ -431,8 +474,9 @@ class GemmTracer(TorchDispatchMode):
             phase = "backward" if weight is None else "grad_weight"
         if phase == "forward" and weight is not None:
             self.forward_weights.add(weight)
-        formats = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
-        kind = gemm_kind(formats)
+        dtypes = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
+        kind = gemm_kind(dtypes)
+        formats = tuple(with_grid(f, self.grid_of(t)) for f, t in zip(dtypes, part.operands))
         op = str(func.overloadpacket)
         reason = None if kind != "float" else self._why_float(module, phase, op, weight)
         self.calls.append(GemmCall(self._name(module), "-" if module is None else type(module).__name__,

@@ -32,6 +32,7 @@ gradient as it lies instead of copying it channel-major or transposed first.
 from __future__ import annotations
 
 import torch
+from . import grid_notes
 from .scopes import scope
 
 from .config import GradSpec
@@ -138,6 +139,7 @@ def quantize_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generato
     gran, rnd, seed, t = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     with scope("lowbit::quantize"):
         out = k.run(op, gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
+    grid_notes.note(out[0], spec.format)  # type: ignore[union-attr]
     return QuantizedOperand.of(Encoded(*out, spec.format.block, kernels=k), t)  # type: ignore[union-attr]
 
 
@@ -182,6 +184,8 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
                     spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
     enc_a = Encoded(*out[:4], spec_a.format.block, kernels=k)  # type: ignore[union-attr]
     enc_w = Encoded(*out[4:], spec_w.format.block, kernels=k)  # type: ignore[union-attr]
+    grid_notes.note(enc_a.codes, spec_a.format)  # type: ignore[union-attr]
+    grid_notes.note(enc_w.codes, spec_w.format)  # type: ignore[union-attr]
     return QuantizedOperand.of(enc_a, t_a), QuantizedOperand.of(enc_w, t_w)
 
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import grid_notes
+
 MAX_K = (2**24 - 1) // (128 * 128)  # 1023: float32 holds every int32 sum of ≤ this many terms
 # Whether the weight prepack is told the input's shape. Off: oneDNN packs for its default
 # blocked format, 2.7× cheaper for a 64-channel 3×3 weight (86 against 236 µs, Intel Xeon,
@@ -54,6 +56,7 @@ def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int]
     geometry = (list(stride), list(padding), list(dilation), groups)
     packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), ones, 1.0, 128, *geometry,
                                             list(x_codes.shape) if PREPACK_INPUT_SHAPE else None)
+    grid_notes.derived(packed, w_codes)  # the prepack is not seen by a coverage trace
     return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zero, None, *geometry,
                                               1.0, 0, torch.float32, "none", [], "")
 

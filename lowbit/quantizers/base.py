@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from .. import grid_notes
 from ..scopes import scope
 
 from ..formats import (
@@ -238,6 +239,7 @@ class GradQuantizer(abc.ABC):
             with scope("lowbit::transform"):
                 y = t.forward(a)
             enc = tracker.quantize(y, fmt, self.granularity, rounding, seed, k)
+        grid_notes.note(enc.codes, fmt)
         return QuantizedOperand.of(enc, t)
 
     # -- analytic variance ------------------------------------------------------------

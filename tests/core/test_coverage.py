@@ -237,6 +237,35 @@ def test_cnn_psq8_auto_is_all_low_bit() -> None:
     assert rep.lowbit_share == 1.0
 
 
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_operands_name_the_grid_their_codes_hold_not_only_the_storage_dtype(model: str) -> None:
+    # int4/int5/int6 codes travel in int8 storage; the report names each operand's grid
+    # as the quantizer that made it says (through im2col, the channels-last placement,
+    # oneDNN's unsigned shift and its weight prepack), and the kind stays the kernel's
+    from lowbit.config import GradSpec, OperandSpec
+    from lowbit import grid_notes
+    torch.manual_seed(0)
+    net = SmallCNN() if model == "cnn" else mlp()
+    rep = (cnn_step if model == "cnn" else mlp_step)(converted(
+        net, "fqt-psq-4", weight=OperandSpec(5), activation=OperandSpec(6),
+        grad_weight=GradSpec(quantizer="psq", format="int7")))
+    got = {(r.module, r.phase): r.formats for r in rep.rows}
+    assert all(r.kind == "int8" for r in rep.rows)
+    layers = ("conv1", "dw", "pw", "head") if model == "cnn" else ("0", "2")
+    for m in layers:
+        fwd = got[(m, "forward")]
+        assert (fwd[0].split(" ")[0], fwd[1].split(" ")[0]) == ("int6", "int5"), (m, fwd)
+        assert got[(m, "grad_weight")] == ("int7", "int6"), m
+        if (m, "grad_input") in got:
+            gi = got[(m, "grad_input")]
+            assert (gi[0].split(" ")[0], gi[1]) == ("int4", "int5"), (m, gi)
+    assert not grid_notes.LISTENERS  # the tracer stopped listening
+    # 8-bit codes keep their one label
+    plain = (cnn_step if model == "cnn" else mlp_step)(converted(
+        SmallCNN() if model == "cnn" else mlp(), "fqt-psq-8"))
+    assert {f.split(" ")[0] for r in plain.rows for f in r.formats} == {"int8"}
+
+
 def test_converted_convolution_flops_do_not_depend_on_the_kernel() -> None:
     """A new-user trial: a 3×3 padded conv's ∇W on 8×8 images counted 25% more FLOPs on
     the integer path (the padded rows its per-kernel-row GEMMs multiply) than on the
@@ -557,7 +586,11 @@ def test_mlp_asymmetric_gradient_grid_reference_is_simulated() -> None:
 
 def test_mlp_asymmetric_gradient_grid_auto_is_int8() -> None:
     rep = mlp_step(converted(mlp(), "fqt-psq-4a"))
-    assert by_gemm(rep) == mlp_expected("int8", INT8)
+    want = mlp_expected("int8", INT8)  # the int8 kernel; the gradients' grids named
+    for m in ("0", "2"):
+        want[(m, "grad_input")] = (want[(m, "grad_input")][0], "int8", ("int4a", "int8"))
+        want[(m, "grad_weight")] = (want[(m, "grad_weight")][0], "int8", ("int8a", "int8"))
+    assert by_gemm(rep) == want
     assert rep.real_share == 1.0 and rep.float_reasons() == []
 
 
@@ -572,8 +605,8 @@ def test_cnn_asymmetric_gradient_grid_is_all_low_bit() -> None:
     assert by_gemm(rep) == {
         ("0", "forward"): (conv, "int8", ("int8 (u8 + 128)", "int8")),
         ("0", "grad_input"): (conv, "simulated", SIM), ("0", "grad_weight"): (conv, "simulated", SIM),
-        ("3", "forward"): (lin, "int8", INT8), ("3", "grad_input"): (lin, "int8", INT8),
-        ("3", "grad_weight"): (lin, "int8", INT8)}
+        ("3", "forward"): (lin, "int8", INT8), ("3", "grad_input"): (lin, "int8", ("int4a", "int8")),
+        ("3", "grad_weight"): (lin, "int8", ("int8a", "int8"))}
     assert rep.lowbit_share == 1.0 and rep.float_reasons() == []
 
 

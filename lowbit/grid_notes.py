@@ -1,0 +1,40 @@
+"""Which grid a tensor of codes holds, told to the GEMM tracers running now.
+
+A GEMM's int8 operand may hold the codes of any integer grid from int2 to int8 (``int4``,
+an asymmetric ``int5a``…), and an FP8 one the elements of an MX or NVFP4 format: the
+storage dtype does not say which. Where lowbit makes codes, it calls :func:`note` with the
+format; a :class:`lowbit.gemm_trace.GemmTracer` that is tracing (``lowbit.coverage``)
+records it, carries it through the aten ops that copy or reshape codes, and reports the
+grid of each GEMM operand. With no tracer running, :func:`note` is one list check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Listener(Protocol):
+    def note_grid(self, codes: torch.Tensor, name: str) -> None: ...
+
+
+LISTENERS: list[Listener] = []  # tracers tracing now (GemmTracer.tracing adds and removes itself)
+
+
+def note(codes: torch.Tensor, fmt: Any) -> None:
+    """``codes`` hold codes on ``fmt``'s grid (a :class:`lowbit.formats.Format`, named by
+    its ``name``: ``int4``, ``int8a``, ``fp8_e4m3``, ``mxfp8``…)."""
+    if LISTENERS:
+        for listener in LISTENERS:
+            listener.note_grid(codes, fmt.name)
+
+
+def derived(out: torch.Tensor, src: torch.Tensor) -> None:
+    """``out`` holds ``src``'s codes, moved by a kernel the tracer does not see (a C
+    kernel placing codes channels-last): the same grid."""
+    if LISTENERS:
+        for listener in LISTENERS:
+            name = listener.grid_of(src)  # type: ignore[attr-defined]
+            if name is not None:
+                listener.note_grid(out, name)
