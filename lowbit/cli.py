@@ -97,6 +97,7 @@ def _show_lowbit_info() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (lowbit train --resume)
     _show_lowbit_info()
     module = importlib.import_module(args._module)
     try:

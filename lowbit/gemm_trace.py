@@ -392,11 +392,13 @@ class GemmTracer(TorchDispatchMode):
         return Taint(kind, param, not gemm and self._dequantized(func, ins, taints, outs, in_quantizer),
                      grid)
 
-    @staticmethod
-    def _dequantized(func: Any, ins: list[torch.Tensor], taints: list[Taint],
+    def _dequantized(self, func: Any, ins: list[torch.Tensor], taints: list[Taint],
                      outs: list[torch.Tensor], in_quantizer: bool) -> bool:
-        """Do the outputs hold dequantized low-bit codes (see the module docstring)?"""
-        low = [tn.deq or t.dtype in CODE_DTYPES for t, tn in zip(ins, taints)]
+        """Do the outputs hold dequantized low-bit codes (see the module docstring)? Codes
+        are what lowbit's quantizers made (their grid is known: :meth:`note_grid`), not
+        any int8/uint8 tensor: a model's own uint8 padding mask times its activations is
+        float (a review found its float attention reported as simulated low-bit)."""
+        low = [tn.deq or (t.dtype in CODE_DTYPES and t in self._grids) for t, tn in zip(ins, taints)]
         if not any(low) or not any(o.is_floating_point() for o in outs):
             return False
         if in_quantizer or func.overloadpacket in _SCALING:

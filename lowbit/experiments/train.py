@@ -24,7 +24,7 @@ from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError
 from .models import MODELS, check_model_args
-from .rundir import is_busy
+from .rundir import is_busy, read_config
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the measured variance; default fp)")
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
     add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
-    add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt)")
+    add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt); the settings "
+        "this command line does not give are those OUT/config.json records (give --out)")
     add("--nproc", help="data-parallel ranks: launches torchrun with N processes (default 1; "
         "under torchrun, its WORLD_SIZE)")
     add_training_arguments(parser)
@@ -272,6 +273,53 @@ def _as_option(message: str) -> str:
     return message
 
 
+def given_options(args: argparse.Namespace) -> set[str] | None:
+    """The ``lowbit train`` options (argparse destinations) its command line sets,
+    abbreviations included: the line after the command, parsed again with every default
+    suppressed. ``None`` where the line is unknown (``run`` called without
+    :func:`lowbit.cli.main`): then every option counts as given."""
+    argv = getattr(args, "_argv", None)
+    if argv is None or args.command not in argv:
+        return None
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv[argv.index(args.command) + 1:])
+    return set(vars(given))
+
+
+# TrainConfig fields a resumed run does not take from its config.json: where it is (--out)
+# and how many ranks run it (--nproc launches them; a mismatch is the trainer's error)
+NOT_RESUMED = frozenset({"out", "world_size"})
+OPTION_OF_FIELD = {"model_kwargs": "model_arg"}  # field -> argparse destination, where they differ
+
+
+def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) -> list[str]:
+    """With ``--resume``: every setting of ``out``'s ``config.json`` (its ``train`` record)
+    the command line does not give replaces the default in ``fields`` (in place); returns
+    ``"field value"`` for each that changed a value. Nothing where the folder has no
+    readable record (a fresh ``--resume`` of a run that never wrote one) or ``given`` is
+    ``None``. Settings the line gives stay; one the run cannot change is the trainer's
+    error, naming it."""
+    if given is None:
+        return []
+    saved = read_config(out).get("train")
+    if not isinstance(saved, dict):
+        return []
+    taken = []
+    for name in TrainConfig.__dataclass_fields__:
+        if name in NOT_RESUMED or name not in saved or OPTION_OF_FIELD.get(name, name) in given:
+            continue
+        value = saved[name]
+        if name == "model_kwargs" and isinstance(value, dict):  # JSON lists back to tuples
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        if fields.get(name, TrainConfig.__dataclass_fields__[name].default) != value:
+            taken.append(f"{name} {value!r}")
+        fields[name] = value
+    return taken
+
+
 def run(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
@@ -280,6 +328,10 @@ def run(args: argparse.Namespace) -> int:
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_seed("--seed", args.seed))  # fmt: skip
+    if args.resume and args.out:
+        taken = resumed_settings(Path(args.out), fields, given_options(args))
+        if taken and int(os.environ.get("RANK", "0")) == 0:
+            print(f"lowbit train: resuming {args.out} with its recorded {', '.join(taken)}", file=sys.stderr)
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")

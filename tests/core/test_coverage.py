@@ -266,6 +266,29 @@ def test_operands_name_the_grid_their_codes_hold_not_only_the_storage_dtype(mode
     assert {f.split(" ")[0] for r in plain.rows for f in r.formats} == {"int8"}
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_float_operands_scaled_by_a_models_own_integer_tensor_stay_float(dtype: torch.dtype) -> None:
+    # a padding mask as uint8/int8 times the activations is no dequantization: only codes
+    # lowbit's quantizers made are (a review found such an attention reported simulated)
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            m = mask[..., None]
+            return (self.q(x) * m) @ (self.k(x) * m).mT
+
+    torch.manual_seed(0)
+    mask = torch.ones(2, 5, dtype=dtype)
+    mask[1, 3:] = 0
+    rep = coverage(converted(Masked(), "fqt-psq-8"), torch.randn(2, 5, 8),
+                   loss_fn=lambda o: o.square().mean(), model_kwargs={"mask": mask})
+    kinds = {(r.op, r.phase): r.kind for r in rep.rows if r.module_type == "Masked"}
+    assert kinds and set(kinds.values()) == {"float"}, kinds
+    assert rep.simulated_share == 0.0
+
+
 def test_converted_convolution_flops_do_not_depend_on_the_kernel() -> None:
     """A new-user trial: a 3×3 padded conv's ∇W on 8×8 images counted 25% more FLOPs on
     the integer path (the padded rows its per-kernel-row GEMMs multiply) than on the

@@ -47,6 +47,25 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)  # fmt: skip
 
 
+
+def test_resume_takes_the_settings_the_command_line_does_not_give(tmp_path, capsys):
+    """``lowbit train --resume --out DIR`` continues DIR's run with the settings its
+    config.json records (task, model, recipe, seed, epochs…), not the options' defaults,
+    which named another run and were refused; options given on the line still count."""
+    out = str(tmp_path / "run")
+    first = ["train", "--task", "digits", "--model", "mlp", "--recipe", "fqt-psq-8", "--epochs", "1",
+             "--subset", "128", "--eval-subset", "64", "--seed", "3", "--out", out, *TINY]
+    assert cli.main(first) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", out, *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "with its recorded" in err and "recipe 'fqt-psq-8'" in err and "seed 3" in err, err
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1]
+    # a setting given on the line is not replaced: another recipe is another run
+    assert cli.main(["train", "--resume", "--out", out, "--rec", "qat-8", *TINY]) == 2
+    assert "recipe ('fqt-psq-8', now 'qat-8')" in capsys.readouterr().err
+
 # --------------------------------------------------------------------------- SIGKILL + resume
 
 
