@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from . import grid_notes
 from .scopes import scope
 
 from .config import Backend, FQTConfig, GradSpec
@@ -201,8 +202,22 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
         raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
                          f"per head: it has {why}; use backend='auto' (simulated there)")
     a_values, b_values = a.dequantize(dtype, kernels), b.dequantize(dtype, kernels)
-    with scope("lowbit::gemm"):
+    with scope("lowbit::gemm"), grid_notes.simulating(lambda: _why_simulated(a, b, backend, integer, m * k * n)):
         return torch.matmul(a_values, b_values), None, None, kernels
+
+
+def _why_simulated(a: Operand, b: Operand, backend: Backend, integer: bool, macs: int) -> str:
+    """Why :func:`batched_product` runs a batch simulated (for a coverage trace)."""
+    if backend is Backend.REFERENCE:
+        return "backend='reference': lowbit's reference path (dequantized codes, float GEMM)"
+    if integer:
+        return (f"heads too small for the per-head integer GEMM to pay ({macs:,} multiply-adds a head, "
+                f"under LOOP_MIN_MACS = {LOOP_MIN_MACS:,}): one batched float GEMM of the codes")
+    if a.transform is not None or b.transform is not None or (a.codes is None and a.lowbit) \
+            or (b.codes is None and b.lowbit):
+        return ("an operand's row transform mixes rows of different heads (BHQ), or it has an "
+                "offset or block scales: dequantized before the GEMM")
+    return "a scale on the summed dimension, or codes or shapes the integer kernel refuses"
 
 
 def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -72,7 +72,7 @@ from torch._prims_common import suggest_memory_format
 from torch.nn.modules.utils import _single
 
 from .config import Backend, FQTConfig, GradSpec
-from .conv_dispatch import integer_path, refuse_simulated
+from .conv_dispatch import integer_path, refuse_simulated, run_simulated, simulated_cause
 from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
                          output_dtype, quantize_forward, quantize_gradient, same_padding)
@@ -243,8 +243,9 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
             refuse_simulated(backend, "output", (qx, qw))
         dt = compute_dtype(out_dtype)  # float64 operands compute in float64
         b = None if bias is None else bias.to(dt)
-        y = F.conv2d(_dq_x(qx, x_shape, layout, dt), _dq(qw, w_shape, dt), b, stride, padding, dilation,
-                     groups)
+        with grid_notes.simulating(lambda: simulated_cause(backend, (qx, qw))):
+            y = F.conv2d(_dq_x(qx, x_shape, layout, dt), _dq(qw, w_shape, dt), b, stride, padding, dilation,
+                         groups)
         return y.to(out_dtype)
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
@@ -294,9 +295,9 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     if qa is None:
         qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
     if not integer_path(backend, qa, qw) or Backend(backend) is Backend.FP8:
-        refuse_simulated(backend, "∇X", (qa, qw))
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), _dq(qa, g.shape, dt), stride,
-                                          padding, dilation, groups).to(out_dtype)
+        with run_simulated(backend, "∇X", (qa, qw)):
+            return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), _dq(qa, g.shape, dt), stride,
+                                              padding, dilation, groups).to(out_dtype)
     if qw.scale.shape[0] != 1:
         refuse_simulated(backend, "∇X", (qa, qw), "the per-output-channel weight scale "
                          "(weight.granularity='row') lies on the summed dimension of ∇X")
@@ -458,12 +459,12 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     # a transform mixing output channels across groups: a group's GEMM would need all rows
     mixed = groups > 1 and not isinstance(qa.transform, Identity)
     if mixed or not integer_path(backend, qa, qx) or Backend(backend) is Backend.FP8:
-        refuse_simulated(backend, "∇W", (qa, qx), "with groups, the gradient's row transform "
-                         f"({type(qa.transform).__name__}) mixes the groups' output channels"
-                         if mixed and integer_path(backend, qa, qx) else None)
-        ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:]), dt).transpose(0, 1)
-        return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params), dt), w_shape, ga, stride,
-                                           padding, dilation, groups).to(out_dtype)
+        with run_simulated(backend, "∇W", (qa, qx), "with groups, the gradient's row transform "
+                           f"({type(qa.transform).__name__}) mixes the groups' output channels"
+                           if mixed and integer_path(backend, qa, qx) else None):
+            ga = _dq(qa, (g.shape[1], g.shape[0], *g.shape[2:]), dt).transpose(0, 1)
+            return torch.nn.grad.conv2d_weight(_dq_x(qx, x_shape, _layout(params), dt), w_shape, ga, stride,
+                                               padding, dilation, groups).to(out_dtype)
     if qx.scale.shape[0] != 1:
         refuse_simulated(backend, "∇W", (qa, qx), "the per-sample activation scale "
                          "(activation.granularity='row') lies on the summed dimension of ∇W")

@@ -8,10 +8,12 @@ and ``backend="int8"``/``"fp8"`` refuse with the cause (:func:`refuse_simulated`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from . import grid_notes
 from .config import Backend
 from .quantizers import QuantizedOperand
 
@@ -25,31 +27,50 @@ def integer_path(backend: Backend, *ops: QuantizedOperand) -> bool:
         and q.codes.device.type in ("cpu", "cuda") and q.codes.numel() > 0 for q in ops)
 
 
+def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: str | None = None) -> str:
+    """Why a convolution's GEMM on ``ops`` runs simulated: ``cause`` where the caller knows
+    it; the reference backend's choice; FP8 codes or backend (no convolution kernel takes
+    them); else the first operand that keeps the integer kernels off."""
+    be = Backend(backend)
+    if cause is not None:
+        return cause
+    if be is Backend.REFERENCE:
+        return "backend='reference': lowbit's reference path (dequantized codes, float convolution)"
+    if be is Backend.FP8 or (be is not Backend.INT8 and any(q.codes.is_floating_point() for q in ops)):
+        return "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)"
+    for q in ops:
+        if q.codes.dtype != torch.int8:
+            return f"an operand's codes are {q.codes.dtype} (format not int8)"
+        if q.offset is not None:
+            return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
+        if q.block_scale is not None:
+            return "an operand has block scales (a block format)"
+        if q.codes.device.type not in ("cpu", "cuda"):
+            return f"the operands are on {q.codes.device.type}"
+    return "no integer kernel takes these operands"
+
+
 def refuse_simulated(backend: Backend, gemm: str, ops: Sequence[QuantizedOperand],
                      cause: str | None = None) -> None:
     """``backend="int8"``/``"fp8"``: raise ``ValueError`` naming the convolution's ``gemm``
     (``"output"``, ``"∇X"``, ``"∇W"``) and why it cannot run on the backend's kernel, where
     it would otherwise run simulated (``cause`` given by the caller, else read from the
-    operands ``ops``); other backends, and empty operands, pass. FP8 convolutions have no
-    ``torch._scaled_mm`` kernel in :mod:`lowbit.kernels`'s table."""
+    operands ``ops``: :func:`simulated_cause`); other backends, and empty operands, pass.
+    FP8 convolutions have no ``torch._scaled_mm`` kernel in :mod:`lowbit.kernels`'s table."""
     be = Backend(backend)
     if be not in (Backend.INT8, Backend.FP8) or any(q.codes.numel() == 0 for q in ops):
         return
-    if be is Backend.FP8:
-        cause, kernel = "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)", \
-            "torch._scaled_mm"
-    else:
-        kernel = "integer kernels (oneDNN int8 convolution or torch._int_mm)"
-        for q in ops:
-            if cause is not None:
-                break
-            if q.codes.dtype != torch.int8:
-                cause = f"an operand's codes are {q.codes.dtype} (format not int8)"
-            elif q.offset is not None:
-                cause = "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
-            elif q.block_scale is not None:
-                cause = "an operand has block scales (a block format)"
-            elif q.codes.device.type not in ("cpu", "cuda"):
-                cause = f"the operands are on {q.codes.device.type}"
+    kernel = "torch._scaled_mm" if be is Backend.FP8 else \
+        "integer kernels (oneDNN int8 convolution or torch._int_mm)"
     raise ValueError(f"backend={be.value!r} cannot compute this GEMM (the convolution's {gemm}) on "
-                     f"{kernel}: {cause}; use backend='auto' (simulated there)")
+                     f"{kernel}: {simulated_cause(be, ops, cause)}; use backend='auto' (simulated there)")
+
+
+@contextlib.contextmanager
+def run_simulated(backend: Backend, gemm: str, ops: Sequence[QuantizedOperand],
+                  cause: str | None = None) -> Iterator[None]:
+    """Around a convolution's simulated GEMM: :func:`refuse_simulated` first, then the
+    GEMM inside, its reason told to a running coverage trace (:mod:`lowbit.grid_notes`)."""
+    refuse_simulated(backend, gemm, ops, cause)
+    with grid_notes.simulating(lambda: simulated_cause(backend, ops, cause)):
+        yield

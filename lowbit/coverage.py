@@ -6,7 +6,7 @@ attention product that executed — its FLOPs (:mod:`lowbit.flops`), the module 
 issued it, the pass (forward / grad_input / grad_weight / backward) and its operand
 formats — and the share of the step's GEMM FLOPs that ran low-bit, on real integer/FP8
 kernels and simulated (lowbit's reference path: a float GEMM of dequantized codes),
-plus what ran in float and why::
+plus what ran in float and why, and why what ran simulated did::
 
     report = lowbit.coverage(model, x, loss_fn=lambda out: F.cross_entropy(out, y))
     print(report)                  # the table; report.to_dict() for the numbers
@@ -44,7 +44,8 @@ class GemmRow:
     grad_weight, backward; ``formats`` one per operand (``int8``, ``fp8 e4m3``, ``bf16``,
     ``fp32``, ..., :data:`SIMULATED`); ``kind`` is ``int8``/``fp8``/``fp4`` (real
     low-bit), ``simulated`` or ``float``; ``weight`` the parameter an operand (or, for
-    grad_weight, the result) belongs to; ``reason`` says why a float one is not low-bit."""
+    grad_weight, the result) belongs to; ``reason`` says why a float one is not low-bit,
+    and why a simulated one runs simulated."""
 
     module: str
     module_type: str
@@ -117,9 +118,20 @@ class CoverageReport:
 
     def float_reasons(self) -> list[dict[str, Any]]:
         """Float GEMMs grouped by (module type, op, pass, reason), largest first."""
+        return self.reasons("float")
+
+    def simulated_reasons(self) -> list[dict[str, Any]]:
+        """Simulated GEMMs (dequantized codes in a float GEMM) grouped as
+        :meth:`float_reasons`, with why lowbit ran them so (the reference backend, a
+        format or geometry no real low-bit kernel takes here)."""
+        return self.reasons("simulated")
+
+    def reasons(self, kind: str) -> list[dict[str, Any]]:
+        """The GEMMs of ``kind`` (``"float"`` or ``"simulated"``) grouped by (module type,
+        op, pass, reason), largest first."""
         groups: dict[tuple, dict[str, Any]] = {}
         for r in self.rows:
-            if r.kind != "float":
+            if r.kind != kind:
                 continue
             g = groups.setdefault((r.module_type, r.op, r.phase, r.reason), {
                 "module_type": r.module_type, "op": r.op, "phase": r.phase, "reason": r.reason,
@@ -140,7 +152,7 @@ class CoverageReport:
             "simulated_share": self.simulated_share, "float_share": self.float_share,
             "forward_lowbit_share": self.share("low-bit", "forward"),
             "gemms": [{**asdict(r), "formats": list(r.formats)} for r in self.rows],
-            "float": self.float_reasons(),
+            "float": self.float_reasons(), "simulated": self.simulated_reasons(),
             "quantizer_flops": self.quantizer_flops, "quantizer_calls": self.quantizer_calls,
             "unaccounted": [{"op": o, "module": m, "calls": n} for o, m, n in self.unaccounted],
             "never_called": list(self.never_called),
@@ -196,9 +208,10 @@ def _render(rep: CoverageReport, by: str) -> str:
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
     for row in [head, *body]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    reasons = rep.float_reasons()
-    if reasons:
-        lines += ["", "float, and why:"]
+    for kind in ("float", "simulated"):
+        reasons = rep.reasons(kind)
+        if reasons:
+            lines += ["", f"{kind}, and why:"]
         for g in reasons:
             more = f", +{len(g['modules']) - 1} more" if len(g["modules"]) > 1 else ""
             lines.append(f"  {g['module_type']} {g['op']} {g['phase']}: {_si(g['flops'])} "

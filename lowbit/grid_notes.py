@@ -5,11 +5,15 @@ an asymmetric ``int5a``…), and an FP8 one the elements of an MX or NVFP4 forma
 storage dtype does not say which. Where lowbit makes codes, it calls :func:`note` with the
 format; a :class:`lowbit.gemm_trace.GemmTracer` that is tracing (``lowbit.coverage``)
 records it, carries it through the aten ops that copy or reshape codes, and reports the
-grid of each GEMM operand. With no tracer running, :func:`note` is one list check.
+grid of each GEMM operand. Where lowbit runs a GEMM simulated (dequantized codes in a float
+GEMM), it says why inside :func:`simulating`, and the trace gives that reason on the row.
+With no tracer running, each of these is one list check.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +24,7 @@ class Listener(Protocol):
 
 
 LISTENERS: list[Listener] = []  # tracers tracing now (GemmTracer.tracing adds and removes itself)
+REASONS: list[str] = []  # why the GEMMs running now are simulated, innermost last (while tracing)
 
 
 def note(codes: torch.Tensor, fmt: Any) -> None:
@@ -38,3 +43,18 @@ def derived(out: torch.Tensor, src: torch.Tensor) -> None:
             name = listener.grid_of(src)  # type: ignore[attr-defined]
             if name is not None:
                 listener.note_grid(out, name)
+
+
+@contextlib.contextmanager
+def simulating(why: Callable[[], str]) -> Iterator[None]:
+    """The GEMMs inside run simulated for the reason ``why()`` returns (called only while a
+    trace listens): a user can act on it (``backend='reference'``, an asymmetric grid, a
+    block format, a kernel the device lacks)."""
+    if not LISTENERS:
+        yield
+        return
+    REASONS.append(why())
+    try:
+        yield
+    finally:
+        REASONS.pop()

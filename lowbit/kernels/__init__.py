@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from .. import grid_notes
 from ..scopes import scope
 
 from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
@@ -191,8 +192,18 @@ class Kernels:
                 f"{refusal_cause(self.backend, a, b)}; got a {tuple(a.codes.shape)} "
                 f"{a.codes.dtype}, b {tuple(b.codes.shape)} {b.codes.dtype}, b scale "
                 f"{tuple(b.scale.shape)} on {self.device}")
-        with scope("lowbit::gemm"):
+        with scope("lowbit::gemm"), grid_notes.simulating(lambda: simulated_cause(self.backend, a, b)):
             return self.lookup("gemm", Impl.REFERENCE).fn(self, a, b, bias, out_dtype)  # type: ignore[union-attr]
+
+
+def simulated_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
+    """Why a GEMM of ``a`` and ``b`` runs simulated under ``backend``: the reference
+    backend's choice, or what keeps the int8 or FP8 kernel (by the codes' dtype) from it
+    (:func:`refusal_cause`)."""
+    if backend is Backend.REFERENCE:
+        return "backend='reference': lowbit's reference path (dequantized codes, float GEMM)"
+    kind = Backend.FP8 if a.codes.dtype in fp8.FP8_DTYPES or b.codes.dtype in fp8.FP8_DTYPES else Backend.INT8
+    return f"no {kind.value} kernel takes it: {refusal_cause(kind, a, b)}"
 
 
 def refusal_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
@@ -252,5 +263,5 @@ def int8_applicable(a_codes: torch.Tensor, a_step: torch.Tensor, b_codes: torch.
     return int8.supports(Encoded(a_codes, a_step), Encoded(b_codes, b_step))
 
 
-__all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable",
+__all__ = ["ANY_DEVICE", "Backend", "Encoded", "Impl", "Kernel", "Kernels", "int8_applicable", "simulated_cause",
            "kernels_for", "refusal_cause", "register", "register_fused", "worth_fusing"]

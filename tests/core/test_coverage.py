@@ -266,6 +266,26 @@ def test_operands_name_the_grid_their_codes_hold_not_only_the_storage_dtype(mode
     assert {f.split(" ")[0] for r in plain.rows for f in r.formats} == {"int8"}
 
 
+@pytest.mark.parametrize("recipe, backend, why", [
+    ("fqt-psq-8", "reference", "backend='reference'"),
+    ("fqt-psq-fp8", "auto", "FP8 convolution has no _scaled_mm kernel"),
+    ("fqt-psq-4a", "auto", "asymmetric grid"),
+    ("fqt-psq-mxfp8", "auto", "block scales"),
+])
+def test_simulated_gemms_say_why(recipe: str, backend: str, why: str) -> None:
+    # a simulated row names its cause (the reference backend, a format or geometry no real
+    # low-bit kernel takes), as a float row does; printed under "simulated, and why"
+    from lowbit import grid_notes
+    torch.manual_seed(0)
+    rep = cnn_step(converted(SmallCNN(), recipe, backend=backend))
+    sim = [r for r in rep.rows if r.kind == "simulated"]
+    assert sim and all(r.reason for r in sim)
+    assert any(why in r.reason for r in sim), {r.reason for r in sim}
+    assert "simulated, and why:" in str(rep) and why in str(rep)
+    assert all(r.reason is None for r in rep.rows if r.kind not in ("float", "simulated"))
+    assert rep.to_dict()["simulated"] and not grid_notes.REASONS
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
 def test_float_operands_scaled_by_a_models_own_integer_tensor_stay_float(dtype: torch.dtype) -> None:
     # a padding mask as uint8/int8 times the activations is no dequantization: only codes
