@@ -118,6 +118,7 @@ class Operand:
     lowbit: bool = True
     transform: RowTransform | None = None
     simulated: Callable[[], torch.Tensor] | None = None
+    why: str | None = None  # values made from codes here: why (for a coverage trace)
 
     @classmethod
     def of(cls, q: QuantizedOperand, shape: tuple[int, int, int], dtype: torch.dtype) -> Operand:
@@ -126,7 +127,10 @@ class Operand:
         (asymmetric and block formats) are applied here, on the operand."""
         aligned = q.offset is None and q.block_scale is None and q.transform.within_entries(shape[1])
         if not (q.plain or aligned):
-            return cls(values=q.dequantize(dtype).reshape(shape))
+            why = ("block scales (a block format)" if q.block_scale is not None else
+                   "an offset (an asymmetric grid)" if q.offset is not None else
+                   f"a row transform ({type(q.transform).__name__}) that mixes rows of different heads")
+            return cls(values=q.dequantize(dtype).reshape(shape), why=f"an operand has {why}")
         per_row = q.step.shape[0] != 1  # (0 rows: an empty operand's steps are per row too)
         step = q.step.reshape(shape[0], shape[1], 1) if per_row else q.step.reshape(1, 1, 1)
         if q.plain:
@@ -138,13 +142,13 @@ class Operand:
     def mT(self) -> Operand:  # noqa: N802 (as torch.Tensor.mT)
         if self.codes is None or self.transform is not None:
             values = self.values if self.codes is None else self.simulated()
-            return Operand(values=values.mT, lowbit=self.lowbit)
+            return Operand(values=values.mT, lowbit=self.lowbit, why=self.why or _transform_why(self))
         return Operand(self.codes.mT, self.step.mT)
 
     def entries(self, i: int, j: int) -> Operand:
         """Batch entries ``i:j`` of this operand (views)."""
         if self.codes is None:
-            return Operand(values=self.values[i:j], lowbit=self.lowbit)
+            return Operand(values=self.values[i:j], lowbit=self.lowbit, why=self.why)
         step = self.step if self.step.shape[0] == 1 else self.step[i:j]
         if self.transform is None:
             return Operand(self.codes[i:j], step)
@@ -155,7 +159,7 @@ class Operand:
     def scaled(self, c: float) -> Operand:
         """``c`` times this operand: folded into the steps (or the values)."""
         if self.codes is None:
-            return Operand(values=self.values * c, lowbit=self.lowbit)
+            return Operand(values=self.values * c, lowbit=self.lowbit, why=self.why)
         if self.transform is None:
             return Operand(self.codes, self.step * c)
         whole = self.simulated
@@ -206,18 +210,27 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
         return torch.matmul(a_values, b_values), None, None, kernels
 
 
+def _transform_why(o: Operand) -> str | None:
+    return None if o.transform is None else \
+        f"the right operand has a row transform ({type(o.transform).__name__}) on its summed dimension"
+
+
 def _why_simulated(a: Operand, b: Operand, backend: Backend, integer: bool, macs: int) -> str:
-    """Why :func:`batched_product` runs a batch simulated (for a coverage trace)."""
+    """Why :func:`batched_product` runs a batch simulated (for a coverage trace): the
+    reference backend, heads too small to pay, what made an operand values (a block
+    format, an offset, a row transform across heads), FP8 codes (no batched FP8 kernel
+    here), else the integer kernel's refusal."""
     if backend is Backend.REFERENCE:
         return "backend='reference': lowbit's reference path (dequantized codes, float GEMM)"
     if integer:
-        return (f"heads too small for the per-head integer GEMM to pay ({macs:,} multiply-adds a head, "
-                f"under LOOP_MIN_MACS = {LOOP_MIN_MACS:,}): one batched float GEMM of the codes")
-    if a.transform is not None or b.transform is not None or (a.codes is None and a.lowbit) \
-            or (b.codes is None and b.lowbit):
-        return ("an operand's row transform mixes rows of different heads (BHQ), or it has an "
-                "offset or block scales: dequantized before the GEMM")
-    return "a scale on the summed dimension, or codes or shapes the integer kernel refuses"
+        return (f"heads too small for the per-head integer GEMM to pay (under LOOP_MIN_MACS = "
+                f"{LOOP_MIN_MACS:,} multiply-adds a head): one batched float GEMM of the codes")
+    why = a.why or b.why or _transform_why(b)
+    if why is not None:
+        return why
+    if any(o.codes is not None and o.codes.dtype != torch.int8 for o in (a, b)):
+        return "FP8 codes: lowbit's attention has no FP8 kernel (one batched float GEMM of the codes)"
+    return "a scale on the summed dimension, or shapes the integer kernel refuses"
 
 
 def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from . import grid_notes
 from .config import Backend
+from .kernels.fp8 import FP8_DTYPES
 from .quantizers import QuantizedOperand
 
 
@@ -36,15 +37,18 @@ def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: st
         return cause
     if be is Backend.REFERENCE:
         return "backend='reference': lowbit's reference path (dequantized codes, float convolution)"
-    if be is Backend.FP8 or (be is not Backend.INT8 and any(q.codes.is_floating_point() for q in ops)):
+    wrong = next((q.codes.dtype for q in ops if q.codes.dtype != torch.int8), None)
+    if be is Backend.INT8 and wrong is not None:  # the format is the first thing to change there
+        return f"an operand's codes are {wrong} (format not int8)"
+    if any(q.block_scale is not None for q in ops):
+        return "an operand has block scales (a block format)"
+    if any(q.offset is not None for q in ops):
+        return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
+    if be is Backend.FP8 or (be is not Backend.INT8 and any(q.codes.dtype in FP8_DTYPES for q in ops)):
         return "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)"
     for q in ops:
         if q.codes.dtype != torch.int8:
             return f"an operand's codes are {q.codes.dtype} (format not int8)"
-        if q.offset is not None:
-            return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
-        if q.block_scale is not None:
-            return "an operand has block scales (a block format)"
         if q.codes.device.type not in ("cpu", "cuda"):
             return f"the operands are on {q.codes.device.type}"
     return "no integer kernel takes these operands"

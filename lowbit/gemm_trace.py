@@ -20,9 +20,11 @@ nothing, and ``torch._int_mm``/``torch._scaled_mm`` are counted like any GEMM
   :data:`SIMULATED` for float operands that hold dequantized low-bit codes; for codes,
   the grid they hold where it is not the dtype's own, as lowbit's quantizers told
   (:mod:`lowbit.grid_notes`) and carried through the aten ops that copy, reshape or
-  shift codes: ``int4`` (int4 codes in int8 storage), ``int5a``, ``int4 (u8 + 128)``,
-  ``fp8 e4m3 (mxfp8)``. The GEMM's kind comes from the dtypes alone. Data flow
-  decides: a float tensor made from int8/fp8 codes is *dequantized*, and stays so
+  shift codes: ``int4`` (int4 codes in int8 storage), ``int5a``, ``int4 (u8 + 128)``; an
+  FP8 operand holding another format's elements adds that format's name. The GEMM's kind
+  comes from the dtypes alone. Data flow
+  decides: a float tensor made from codes lowbit's quantizers made (not any int8 tensor) is
+  *dequantized*, and stays so
   through scaling (``mul``/``div``), adding the grid's offset (a tensor the quantizer
   made: asymmetric grids), dtype casts, views and lowbit's row transforms;
   a GEMM's output never is. A float GEMM whose operands are all dequantized is
@@ -139,7 +141,8 @@ def operand_format(t: torch.Tensor, taint: Taint) -> str:
 def with_grid(label: str, grid: str | None) -> str:
     """An operand's :func:`operand_format` label with the grid its codes hold, where that
     is not the dtype's own: ``int8`` holding int4 codes is ``int4`` (``int4 (u8 + 128)``
-    shifted for oneDNN), ``fp8 e4m3`` holding MXFP8 elements ``fp8 e4m3 (mxfp8)``."""
+    shifted for oneDNN); an FP8 operand holding another format's elements ``fp8 e4m3
+    (NAME)`` (the format's :attr:`~lowbit.formats.Format.name`)."""
     if grid is None or label == SIMULATED:
         return label
     if grid.startswith("int") and label.startswith("int8"):

@@ -29,7 +29,7 @@ REASONS: list[str] = []  # why the GEMMs running now are simulated, innermost la
 
 def note(codes: torch.Tensor, fmt: Any) -> None:
     """``codes`` hold codes on ``fmt``'s grid (a :class:`lowbit.formats.Format`, named by
-    its ``name``: ``int4``, ``int8a``, ``fp8_e4m3``, ``mxfp8``…)."""
+    its ``name``: ``int4``, ``int8a``, ``fp8_e4m3``, ``mxfp8_e4m3``…)."""
     if LISTENERS:
         for listener in LISTENERS:
             listener.note_grid(codes, fmt.name)

@@ -22,7 +22,7 @@ import torch
 
 from lowbit.config import RECIPES, backend_names, recipe_families
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_checkpoint
 from .models import MODELS, check_model_args
 from .rundir import is_busy, read_config
 from .tasks import TASKS
@@ -289,35 +289,61 @@ def given_options(args: argparse.Namespace) -> set[str] | None:
     return set(vars(given))
 
 
-# TrainConfig fields a resumed run does not take from its config.json: where it is (--out)
-# and how many ranks run it (--nproc launches them; a mismatch is the trainer's error)
+# TrainConfig fields a resumed run does not take from its record: where it is (--out) and
+# how many ranks run it (--nproc launches them; a run of several ranks asks for it)
 NOT_RESUMED = frozenset({"out", "world_size"})
 OPTION_OF_FIELD = {"model_kwargs": "model_arg"}  # field -> argparse destination, where they differ
+NAMING = ("task", "model", "recipe", "seed", "epochs")  # always named in the "resuming" line
+LAUNCHED = "LOWBIT_TRAIN_LAUNCHED"  # set in the ranks `lowbit train --nproc N` starts
 
 
-def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) -> list[str]:
-    """With ``--resume``: every setting of ``out``'s ``config.json`` (its ``train`` record)
-    the command line does not give replaces the default in ``fields`` (in place); returns
-    ``"field value"`` for each that changed a value. Nothing where the folder has no
-    readable record (a fresh ``--resume`` of a run that never wrote one) or ``given`` is
-    ``None``. Settings the line gives stay; one the run cannot change is the trainer's
-    error, naming it."""
-    if given is None:
-        return []
+def recorded_settings(out: Path) -> tuple[dict[str, Any] | None, str]:
+    """The TrainConfig fields ``out``'s run recorded and where they were read:
+    ``config.json``'s ``train`` record, else (a missing or damaged file) the newest
+    readable checkpoint's ``train_config``; ``(None, "")`` where neither is there."""
     saved = read_config(out).get("train")
-    if not isinstance(saved, dict):
-        return []
-    taken = []
+    if isinstance(saved, dict):
+        return saved, str(out / "config.json")
+    try:
+        loaded = load_checkpoint(out)
+    except CheckpointError:
+        return None, ""
+    if loaded is None or not isinstance(loaded[0].get("train_config"), dict):
+        return None, ""
+    return loaded[0]["train_config"], str(loaded[1])
+
+
+def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) -> tuple[str, list[str]]:
+    """With ``--resume``: every setting ``out``'s run recorded (:func:`recorded_settings`)
+    that the command line does not give replaces the default in ``fields`` (in place).
+    Returns where the settings were read (``""``: nowhere, ``fields`` unchanged) and
+    ``"field value"`` for the run-naming settings and those that differ from the defaults of
+    its task, model and recipe. ``given`` ``None`` (the line unknown): nothing taken.
+    ``ValueError`` for a run of several ranks resumed without ``--nproc`` (or torchrun).
+    Settings the line gives stay; one the run cannot change is the trainer's error."""
+    if given is None:
+        return "", []
+    saved, source = recorded_settings(out)
+    if saved is None:
+        return "", []
+    ranks = saved.get("world_size") or 1
+    if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"{out} is a run of {ranks} data-parallel ranks: resume it with --nproc {ranks}")
+    taken = {}
     for name in TrainConfig.__dataclass_fields__:
         if name in NOT_RESUMED or name not in saved or OPTION_OF_FIELD.get(name, name) in given:
             continue
         value = saved[name]
         if name == "model_kwargs" and isinstance(value, dict):  # JSON lists back to tuples
             value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        if fields.get(name, TrainConfig.__dataclass_fields__[name].default) != value:
-            taken.append(f"{name} {value!r}")
-        fields[name] = value
-    return taken
+        fields[name] = taken[name] = value
+    try:
+        base = TrainConfig(task=fields["task"], model=fields["model"], recipe=fields["recipe"])
+    except (ValueError, TypeError, KeyError):
+        base = None
+    shown = [f"{k} {v!r}" for k, v in taken.items()
+             if k in NAMING or base is None or getattr(base, k, None) != v]
+    return source, shown
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,17 +354,25 @@ def run(args: argparse.Namespace) -> int:
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_seed("--seed", args.seed))  # fmt: skip
+    source = ""
     if args.resume and args.out:
-        taken = resumed_settings(Path(args.out), fields, given_options(args))
-        if taken and int(os.environ.get("RANK", "0")) == 0:
-            print(f"lowbit train: resuming {args.out} with its recorded {', '.join(taken)}", file=sys.stderr)
+        source, taken = resumed_settings(Path(args.out), fields, given_options(args))
+        if taken and not os.environ.get(LAUNCHED) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"lowbit train: resuming {args.out} with the settings {source} records: "
+                  f"{', '.join(taken)}", file=sys.stderr)
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
     launch = nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ
     if nproc is not None:
         fields["world_size"] = nproc
-    cfg = make_config(fields)
+    try:
+        cfg = make_config(fields)
+    except ValueError as exc:
+        if not source:
+            raise
+        raise ValueError(f"{exc} (the settings this command line does not give were read from {source}, "
+                         "as --resume does)") from None
     set_threads(args.threads)
     set_malloc(args.malloc)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
@@ -367,10 +401,13 @@ def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
     (``python -m torch.distributed.run --standalone``); returns its exit status."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", "-m", "lowbit", "train"]
-    for key, value in (vars(args) | {"out": out}).items():
+    given = given_options(args)  # the ranks get the options the line gave (with --resume, they
+    for key, value in (vars(args) | {"out": out}).items():  # read the rest as this process did)
         if key.startswith("_") or key in ("command", "nproc") or value in (None, False, []):
+            continue
+        if given is not None and key not in given and key != "out":
             continue
         option = "--" + key.replace("_", "-")
         for v in value if isinstance(value, list) else [value]:
             argv += [option] if v is True else [option, str(v)]
-    return subprocess.call(argv)
+    return subprocess.call(argv, env=dict(os.environ, **{LAUNCHED: "1"}))

@@ -286,6 +286,15 @@ def test_simulated_gemms_say_why(recipe: str, backend: str, why: str) -> None:
     assert rep.to_dict()["simulated"] and not grid_notes.REASONS
 
 
+def test_fp8_attention_says_it_has_no_fp8_kernel() -> None:
+    torch.manual_seed(0)
+    mha = converted(nn.MultiheadAttention(64, 2, batch_first=True), "fqt-psq-fp8")
+    x = torch.randn(2, 128, 64)
+    rep = coverage(mha, x, x, x, loss_fn=lambda o: o[0].square().mean(), model_kwargs={"need_weights": False})
+    sim = {r.reason for r in rep.rows if r.kind == "simulated"}
+    assert sim and all("FP8 codes: lowbit's attention has no FP8 kernel" in w for w in sim), sim
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
 def test_float_operands_scaled_by_a_models_own_integer_tensor_stay_float(dtype: torch.dtype) -> None:
     # a padding mask as uint8/int8 times the activations is no dequantization: only codes

@@ -59,12 +59,35 @@ def test_resume_takes_the_settings_the_command_line_does_not_give(tmp_path, caps
     capsys.readouterr()
     assert cli.main(["train", "--resume", "--out", out, *TINY]) == 0
     err = capsys.readouterr().err
-    assert "with its recorded" in err and "recipe 'fqt-psq-8'" in err and "seed 3" in err, err
+    assert "with the settings" in err and "recipe 'fqt-psq-8'" in err and "seed 3" in err, err
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1]
     # a setting given on the line is not replaced: another recipe is another run
     assert cli.main(["train", "--resume", "--out", out, "--rec", "qat-8", *TINY]) == 2
     assert "recipe ('fqt-psq-8', now 'qat-8')" in capsys.readouterr().err
+
+
+def test_resume_reads_the_checkpoint_where_config_json_is_damaged_and_names_its_source(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "digits", "--model", "mlp", "--recipe", "qat-8", "--epochs", "1",
+                     "--subset", "128", "--eval-subset", "64", "--seed", "5", "--out", str(out), *TINY]) == 0
+    good = (out / "config.json").read_text()
+    (out / "config.json").write_text('{"train": {"task": "digits",')  # damaged
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out), *TINY]) == 0
+    assert "last.pt records: " in capsys.readouterr().err  # the checkpoint's train_config
+    # a recorded value the code no longer takes: the error says where it was read
+    config = json.loads(good)
+    config["train"]["model_kwargs"] = {"depth": 3}
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "--resume", "--out", str(out), *TINY]) == 2
+    assert "read from " + str(out / "config.json") in capsys.readouterr().err
+    # a run of several ranks is resumed with --nproc, which the error names
+    config["train"]["model_kwargs"] = {}
+    config["train"]["world_size"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "--resume", "--out", str(out), *TINY]) == 2
+    assert "resume it with --nproc 2" in capsys.readouterr().err
 
 # --------------------------------------------------------------------------- SIGKILL + resume
 
