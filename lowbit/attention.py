@@ -64,7 +64,7 @@ from .config import Backend, FQTConfig, GradSpec
 from .formats import Rounding, compute_dtype
 from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
-from .kernels import Kernels, int8, int8_applicable, kernels_for, register_fused
+from .kernels import Impl, Kernels, avx512, int8, int8_applicable, kernels_for, register, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
@@ -99,6 +99,8 @@ def _once(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 
 register_fused("attention_dequantize", _dequantize)  # a dispatcher row like every kernel
+register("attention_dequantize", Impl.NATIVE, avx512.run_attention_dequantize, ("cpu",),
+         avx512.supports_attention_dequantize)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ register("int8_epilogue_into", Impl.NATIVE, avx512.run_epilogue_into, ("cpu",), 
 register_fused("row_absmax", reference.row_absmax)
 register("row_absmax", Impl.NATIVE, avx512.run_row_absmax, ("cpu",), avx512.supports_row_absmax)
 register_fused("dequantize", dequantize)
+register("dequantize", Impl.NATIVE, avx512.run_dequantize, ("cpu",), avx512.supports_dequantize)
 register("attention_softmax", Impl.REFERENCE, softmax.reference)
 register("attention_softmax", Impl.NATIVE, softmax.run, ("cpu",), softmax.supports)
 register("attention_softmax_grad", Impl.REFERENCE, softmax.reference_grad)

@@ -112,6 +112,7 @@ _SIGNATURES = {
                             _U32, _I, _F, _P, _P, _I],
     "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
     "lowbit_had_forward": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _I64, _I],
+    "lowbit_dequantize_rows": [_P, _I64, _I64, _P, _I, _P, _I],
 }
 _RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int,
              "lowbit_had_forward": ctypes.c_int}
@@ -1463,7 +1464,67 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(nan, torch.isnan(b))) and bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
-__all__ = ["CPU_FLAGS", "available", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+# -- dequantization ------------------------------------------------------------------------
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense, positive strides: its elements fill ``numel`` consecutive
+    slots from ``data_ptr`` (contiguous, or a transposed contiguous tensor)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def supports_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                        block_scale: torch.Tensor | None, block: int, block_dim: int,
+                        out_dtype: torch.dtype) -> bool:
+    """Whether :func:`run_dequantize` takes this call (``Encoded.dequantize``'s arguments):
+    int8 ``codes`` (R, C) with contiguous rows, a float32 ``scale`` (R, 1) or (1, 1), no
+    offset or block scales, float32 out, outside tracing."""
+    return (offset is None and block_scale is None and out_dtype == torch.float32
+            and codes.dim() == 2 and codes.is_contiguous() and _readable(codes, (torch.int8,))
+            and _readable(scale, (torch.float32,)) and scale.dim() == 2 and scale.shape[1] == 1
+            and scale.shape[0] in (1, codes.shape[0]) and scale.is_contiguous() and _enabled and available())
+
+
+def run_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                   block_scale: torch.Tensor | None, block: int, block_dim: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``codes · scale`` (R, C) float32 (:func:`lowbit.kernels.encoded.dequantize`, bitwise:
+    an exact conversion, one multiply), after :func:`supports_dequantize`."""
+    with scope("lowbit::avx512_dequantize"):
+        return _dequantize(_library(), codes, scale, scale.shape[0] != 1)
+
+
+def supports_attention_dequantize(codes: torch.Tensor, step: torch.Tensor) -> bool:
+    """Whether :func:`run_attention_dequantize` takes this call: int8 ``codes`` (B, R, C),
+    dense (contiguous or a transposed contiguous view), a float32 ``step`` of one element
+    (any shape), outside tracing."""
+    return (codes.dim() == 3 and _readable(codes, (torch.int8,)) and _dense(codes)
+            and _readable(step, (torch.float32,)) and step.numel() == 1 and _enabled and available())
+
+
+def run_attention_dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``codes · step`` (``lowbit.attention``'s ``_dequantize``, bitwise), float32, in
+    ``codes``' memory layout (as torch's elementwise product keeps it), after
+    :func:`supports_attention_dequantize`."""
+    with scope("lowbit::avx512_dequantize"):
+        return _dequantize(_library(), codes, step.reshape(1), False)
+
+
+@compiled.disable_tracing
+def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_row: bool) -> torch.Tensor:
+    out = torch.empty_strided(codes.shape, codes.stride(), dtype=torch.float32, device="cpu")
+    rows, cols = (codes.shape[0], codes.numel() // codes.shape[0]) if per_row else (1, codes.numel())
+    lib.lowbit_dequantize_rows(codes.data_ptr(), rows, cols, scale.contiguous().data_ptr(), int(per_row),
+                               out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+
+
+__all__ = ["CPU_FLAGS", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
            "run_epilogue_into", "supports_epilogue_into",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",

@@ -924,3 +924,20 @@ int lowbit_had_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, 
     const HadRowsOut o = {s, out, n_out, ldo};
     return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, threads);
 }
+
+/* ---- dequantization: out = (float)code * scale (lowbit.kernels.encoded.dequantize's
+ * arithmetic for int8 codes and float32 scales, no offset or block scales: the int8 -> float32
+ * conversion is exact, then one IEEE multiply) ---------------------------------------------
+ * codes and out dense, rows x cols in memory order; scale per row (per_row) or one. */
+void lowbit_dequantize_rows(const int8_t *codes, int64_t rows, int64_t cols, const float *scale, int per_row,
+                            float *out, int threads) {
+    const int64_t per = rows > 0 ? (cols + 15) / 16 : 0, tasks = rows * per;
+#pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1024)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t r = t / per, c = (t % per) * 16;
+        const __mmask16 k = tail_mask(cols - c);
+        const __m512 s = _mm512_set1_ps(scale[per_row ? r : 0]);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, codes + r * cols + c)));
+        _mm512_mask_storeu_ps(out + r * cols + c, k, _mm512_mul_ps(v, s));
+    }
+}

@@ -148,6 +148,31 @@ def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtyp
 
 
 @needs_avx512
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (513, 1000)])
+def test_dequantize_kernels_bitwise_the_reference(shape: tuple[int, int]) -> None:
+    # Encoded.dequantize's and attention's dequantization on the C kernel (the last compiled
+    # kernels of BHQ's attention): the reference's values, bit for bit, NaN scales included,
+    # and attention's in the codes' own memory layout (a transposed view stays transposed)
+    from lowbit.attention import _dequantize as attention_reference
+    from lowbit.kernels.encoded import dequantize as reference_dequantize
+    g = torch.Generator().manual_seed(sum(shape))
+    codes = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+    for scale in (torch.rand(shape[0], 1, generator=g) * 1e-3, torch.rand(1, 1, generator=g)):
+        scale[-1, 0] = float("nan")
+        args = (codes, scale, None, None, 0, 1, torch.float32)
+        assert avx512.supports_dequantize(*args)
+        got, want = avx512.run_dequantize(*args), reference_dequantize(*args)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    batch = codes.reshape(1, *shape).expand(2, *shape).contiguous()
+    step = torch.rand(1, 1, 1, generator=g)
+    for c in (batch, batch.mT):
+        assert avx512.supports_attention_dequantize(c, step)
+        got, want = avx512.run_attention_dequantize(c, step), attention_reference(c, step)
+        assert got.stride() == want.stride() and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert not avx512.supports_attention_dequantize(batch[:, :1], step) or shape[0] == 1  # not dense
+    assert not avx512.supports_dequantize(codes, scale.double(), None, None, 0, 1, torch.float32)
+
+
 @needs_avx512
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 5), (3, 17), (64, 16), (100, 33), (300, 513), (256, 1024)])
