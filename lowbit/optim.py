@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from lowbit.noise import check_generator
 from lowbit.storage import (
     BLOCK_SIZE,
     FORMATS,
@@ -126,6 +127,7 @@ class _SROptimizer(torch.optim.Optimizer):
         _check_format("weights", weights)
         _check_format("state", state)
         self._check_hyper(defaults, "")
+        check_generator(generator, type(self).__name__)  # not at the first step, half-way
         self.generator = generator
         self.weight_format = weights
         self.state_format = state

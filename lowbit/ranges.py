@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .formats import Format, Granularity, Rounding
+from .formats import Format, Granularity, Rounding, compute_dtype
 from .kernels import Encoded, Kernels
 
 
@@ -159,10 +159,20 @@ class RangeTracker:
         enc, observed, n_over, clipped_sq, total_sq = kernels.quantize_fixed(
             y, amax.to(y.device), fmt, rounding, seed)
         self.record(observed)
-        if not bool(torch.isfinite(observed).all()):  # NaN/Inf: propagate, count nothing else
-            return enc
+        finite = torch.isfinite(observed).reshape(-1)
+        if not bool(finite.all()):
+            # NaN/Inf groups propagate (their scale is the non-finite absmax); the finite
+            # rows still get the overflow handling — clipped or requantized and counted —
+            # as in a call without them (a review found them clipped silently)
+            if not (self.per_row and bool(finite.any())):
+                return enc
+            rows = y[finite].to(compute_dtype(y.dtype)).abs()
+            excess = (rows - amax.to(y.device)[finite].to(rows.dtype)).clamp_min(0)
+            n_over, clipped_sq, total_sq = (excess > 0).sum(), (excess * excess).sum(), (rows * rows).sum()
+            st.elements += rows.numel()
+        else:
+            st.elements += y.numel()
         n_over = int(n_over)
-        st.elements += y.numel()
         st.overflow_elements += n_over
         st.total_sq += float(total_sq)
         if n_over:

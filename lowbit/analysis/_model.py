@@ -59,6 +59,17 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved[n])
 
 
+def require_fqt(model: nn.Module, convert_hint: str = "lowbit.convert it first",
+                fqt_hint: str = "convert it with an fqt-* recipe") -> None:
+    """``ValueError`` unless ``model`` holds converted layers of which one quantizes
+    gradients (an ``fqt-*`` recipe): there is no quantization variance to measure."""
+    layers = fqt_weight_layers(model)
+    if not layers:
+        raise ValueError(f"model has no converted layers: {convert_hint}")
+    if not any(m.config.is_fqt for m in layers.values()):
+        raise ValueError(f"no converted layer quantizes gradients (QAT or fp recipe): {fqt_hint}")
+
+
 @contextlib.contextmanager
 def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module]:
     """The model to measure under ``config``.
@@ -73,13 +84,7 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
     if config is not None and not isinstance(config, FQTConfig):
         raise TypeError(f"config must be an FQTConfig or None, got {type(config).__name__}")
     if config is None:
-        layers = fqt_weight_layers(model)
-        if not layers:
-            raise ValueError("model has no converted layers: pass config= or "
-                             "lowbit.convert it first")
-        if not any(m.config.is_fqt for m in layers.values()):
-            raise ValueError("no converted layer quantizes gradients (QAT or fp recipe): "
-                             "pass an fqt-* config")
+        require_fqt(model, "pass config= or lowbit.convert it first", "pass an fqt-* config")
         yield model
     elif fqt_weight_layers(model):
         with with_config(model, lambda _: config):

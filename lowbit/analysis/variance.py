@@ -37,6 +37,7 @@ from ._model import (
     parameter_groups,
     progress_bar,
     qat_of,
+    require_fqt,
     with_config,
 )
 from .bounds import (
@@ -66,10 +67,12 @@ def quantization_variance(
     ``g_QAT`` is computed exactly (the layers' configs with the gradient quantizers
     removed); the expectation over quantization noise is the mean of ``repeats``
     independent FQT backward passes — an unbiased estimate. ``loss_fn(model, batch)``
-    returns the scalar loss.
+    returns the scalar loss. ``ValueError`` for a model without converted layers that
+    quantize gradients (nothing to measure), or ``repeats`` < 1.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be ≥ 1, got {repeats}")
+    require_fqt(model)  # an unconverted model measured 0, as if it were exact
     with frozen_buffers(model):
         with with_config(model, qat_of):
             exact = _grads(model, loss_fn, batch)
@@ -270,7 +273,9 @@ def gradient_variance(
     * bias (Theorem 1): projections ``s = ⟨f_b,r − q_b, u⟩`` of all ``B·R`` draws on a
       direction ``u`` chosen without the noise — the group's QAT gradient direction
       ``q_b/‖q_b‖`` (``z_grad``) and a fixed random unit vector (``z_rand``) — give
-      ``z = Σ s / √(Σ s²)``: N(0, 1) under "no bias" for independent zero-mean draws;
+      ``z = Σ s / √(Σ s²)``: N(0, 1) under "no bias" for independent zero-mean draws,
+      and never above ``√(B·R)`` whatever the bias (Cauchy–Schwarz: fewer than 25 draws
+      cannot show a bias at 5σ);
       ``z_comm_*`` the same for ``c_b,r − f_b,r`` (the communication's own bias).
 
     On the first ``bound_batches`` batches the quantizers' variances are also computed on

@@ -6,9 +6,10 @@
 ``--formats int4,int4a,fp8_e5m2,mxfp4,nvfp4`` measures the ∇X path on those number
 formats (:mod:`lowbit.formats`; instead of ``--bits``, which is shorthand for ``intB``),
 ``--rounding stochastic,nearest`` adds round-to-nearest runs (biased: their bias z-scores
-are the bias that nearest-rounding FP8 recipes accept; with nearest rounding the FQT
-draws of one minibatch are identical, so the z over ``--batches × --repeats`` draws is
-``√repeats`` times the z over the batches, reported as ``z_batches``).
+are the bias that nearest-rounding FP8 recipes accept; with nearest rounding on the ∇X
+path the FQT draws of one minibatch differ only by the ∇W path's stochastic noise, so the
+z over ``--batches × --repeats`` draws is about ``√repeats`` times the z over the batches,
+reported as ``z_batches`` — approximate where that ∇W noise is not small).
 
 Steps: build the task's model, convert it with the QAT-8 forward (8-bit per-tensor
 weights and activations, round-to-nearest) and, with ``--train-steps K``, train it for
@@ -89,7 +90,7 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
         out["by_bits"][str(bits)] = {q: h.to_dict() for q, h in hists.items()}
         paths.append(plot_bin_utilization(
             hists, opts.out / f"bins_{bits}bit.png",
-            f"{opts.task}: ∇Y of {name} {tuple(a.shape)} (rows = samples) on the {bits}-bit grid"))
+            f"{opts.task}: ∇Y of {name} {tuple(a.shape)} (rows = {'tokens' if opts.task == 'text' else 'samples'}) on the {bits}-bit grid"))
     return out, paths
 
 

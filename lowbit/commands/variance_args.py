@@ -113,7 +113,7 @@ def _int_list(text: str, what: str) -> list[int]:
     bad = [v for v in vals if not MIN_BITS <= v <= MAX_BITS]
     if not vals or bad:
         raise ValueError(f"--{what} must be integers in {MIN_BITS}..{MAX_BITS}, got {text!r}")
-    return vals
+    return list(dict.fromkeys(vals))  # a width given twice is measured once (one column each)
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -122,7 +122,7 @@ def _names(text: str, what: str) -> list[str]:
     if not vals or bad:
         raise ValueError(f"--{what}: unknown quantizer(s) {', '.join(bad) or repr(text)}; "
                          f"allowed: {', '.join(QUANTIZERS)}")
-    return vals
+    return list(dict.fromkeys(vals))  # a quantizer given twice is measured once
 
 
 def _formats(text: str) -> list[str]:
@@ -170,7 +170,7 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
     if args.subset is not None:
         _at_least("subset", args.subset, 1)
-    ranges = [x.strip() for x in args.ranges.split(",") if x.strip()]
+    ranges = list(dict.fromkeys(x.strip() for x in args.ranges.split(",") if x.strip()))
     if not ranges or any(r not in RANGES for r in ranges):
         raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
                          f"got {args.ranges!r}")
@@ -205,7 +205,8 @@ def validate(args: argparse.Namespace) -> Options:
         task=args.task, model=args.model, quantizers=quantizers,
         bits=sorted({parse_format(f).element_bits for f in formats}), formats=formats,
         roundings=list(dict.fromkeys(roundings)), out=Path(check_out_dir("--out", args.out, RESULTS, args.overwrite)), batches=batches,
-        batch_size=_at_least("batch-size", args.batch_size or DEFAULT_BATCH_SIZE[args.task], 2),
+        batch_size=_at_least("batch-size", DEFAULT_BATCH_SIZE[args.task] if args.batch_size is None
+                             else args.batch_size, 2),  # 0 is refused, not taken for "default"
         repeats=_at_least("repeats", args.repeats, 2), seed=parse_seed("--seed", args.seed),
         subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],
         train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,

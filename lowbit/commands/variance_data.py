@@ -54,7 +54,13 @@ class Data:
         return D.text_batches(self.tokens, TEXT_BLOCK, self.opts.batch_size, gen)
 
     def train(self, steps: int, gen: torch.Generator):
+        """``steps`` training minibatches (an epoch's random order, then the next; text:
+        random windows). ``ValueError`` where not one minibatch fits the examples loaded
+        (it looped for ever)."""
         bs = self.opts.batch_size
+        if steps > 0 and self.opts.task != "text" and bs > len(self.y):
+            raise ValueError(f"--batch-size {bs} exceeds the {len(self.y)} training examples loaded: "
+                             "no training minibatch fits (raise --subset or lower --batch-size)")
         done = 0
         while done < steps:
             if self.opts.task == "text":

@@ -199,8 +199,14 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
         holds = "–" if not rep.bound_batches else _holds(rep, run["range"])
         lines.append(f"| {q} | {b} | {_e(g.sgd)} | {_e(g.quant)} | {ratio} | {_e(g.total)} | "
                      f"{g.rel_gap:+.3f} ± {g.gap_se / g.total if g.total else 0:.3f} | "
-                     f"{rep.max_abs_z:.2f}{zb} | {holds} | {_e(g.tightness_data)} / "
-                     f"{_e(g.tightness_analytic)} |")
+                     f"{rep.max_abs_z:.2f}{zb} | {holds} | " + ("–" if not rep.bound_batches else
+                     f"{_e(g.tightness_data)} / {_e(g.tightness_analytic)}") + " |")
+    draws = res["args"].get("batches", 0) * res["args"].get("repeats", 0) if isinstance(res.get("args"), dict) else 0
+    if reports and draws:
+        lines += ["", (f"max abs z (bias) is at most √(batches × repeats) = {math.sqrt(draws):.2f} whatever the "
+                       "bias (a z over n draws cannot exceed √n)" + (
+                           ": fewer than 25 draws cannot show a bias at 5σ — raise --batches or --repeats"
+                           if draws < 25 else "") + ".")]
     if reports and reports[0][1].bound_batches:
         lines += ["", "## Tightness per parameter group (measured / data-dependent bound)", "",
                   "| group | " + " | ".join(label for label, _ in reports) + " |",
@@ -235,7 +241,7 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
     lines += _range_section(res, reports)
     bins = res["bins"]
     lines += ["", (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
-              "rows = samples"), "",
+              f"rows = {'tokens' if res.get('task') == 'text' else 'samples'}"), "",
               "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
     for b, hs in bins["by_bits"].items():
         for q, h in hs.items():

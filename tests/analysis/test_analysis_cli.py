@@ -32,11 +32,30 @@ def parse(*argv: str):
     (["--task", "digits", "--rounding", "stochastic,up"], "--rounding must be a comma-separated list"),
     # a review: every (format, range) combination skipped, exit 0 with empty outputs
     (["--task", "digits", "--ranges", "predicted", "--formats", "mxfp4"], "nothing would be measured"),
+    # a review: 0 was taken for "the default" (32) while 1 was refused
+    (["--task", "digits", "--batch-size", "0"], "--batch-size must be ≥ 2, got 0"),
 ])
 def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
     from lowbit.commands.variance import validate
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(parse(*argv, "--out", str(tmp_path)))
+
+
+def test_a_name_given_twice_is_measured_once(tmp_path) -> None:
+    from lowbit.commands.variance import validate
+    opts = validate(parse("--task", "digits", "--quantizers", "psq,bhq,psq", "--bits", "4,4,8",
+                          "--ranges", "dynamic,dynamic", "--out", str(tmp_path)))
+    assert opts.quantizers == ["psq", "bhq"] and opts.formats == ["int4", "int8"]
+    assert opts.ranges == ["dynamic"]
+
+
+def test_training_batches_larger_than_the_data_are_refused_not_looped_on(tmp_path, capsys) -> None:
+    # --batch-size above the examples loaded with --train-steps > 0: no training minibatch
+    # fits, and the warm-up looped for ever (a review's run was killed after 60 s)
+    assert main(["variance", "--task", "digits", "--subset", "20", "--train-steps", "2", "--quantizers",
+                 "psq", "--bits", "4", "--batches", "3", "--repeats", "2", "--profile", "none",
+                 "--bound-batches", "0", "--out", str(tmp_path / "v"), "--quiet"]) == 2
+    assert "--batch-size 32 exceeds the 20 training examples loaded" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_and_status_2(tmp_path, capsys) -> None:
@@ -69,6 +88,9 @@ def test_end_to_end_on_digits(tmp_path, capsys) -> None:
     for name in ("bins_4bit.png", "profile_bhq_int4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
     assert "| bhq | int4 (4) |" in (out / "summary.md").read_text()
+    # 3 × 3 draws: the bias z cannot pass √9 = 3, which the summary says (a review)
+    assert "√(batches × repeats) = 3.00" in (out / "summary.md").read_text()
+    assert "cannot show a bias at 5σ" in (out / "summary.md").read_text()
     assert "| bhq | int4 (4) |" in capsys.readouterr().out  # the results, not only a file name
     # a second run into the folder replaced these results without a word: refused before
     # any work, naming --overwrite; with it, the options validate

@@ -356,3 +356,14 @@ def test_gradient_variance_of_a_float64_model_keeps_float64_range() -> None:
             for f in ("sgd", "quant", "total", "pred_data", "pred_analytic"):
                 assert getattr(g, f) / s ** 4 == pytest.approx(getattr(b, f), rel=1e-9), (name, f)
             assert g.tightness_data == pytest.approx(b.tightness_data, rel=1e-9)
+
+
+def test_quantization_variance_refuses_a_model_with_nothing_to_measure() -> None:
+    # an unconverted model measured 0 ("exact") where gradient_variance refused it (a review)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    batch = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="model has no converted layers"):
+        quantization_variance(model, lambda m, b: m(b).square().sum(), batch)
+    qat = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(4, 2)), FQTConfig.from_recipe("qat-8"))
+    with pytest.raises(ValueError, match="no converted layer quantizes gradients"):
+        quantization_variance(qat, lambda m, b: m(b).square().sum(), batch)

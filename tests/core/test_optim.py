@@ -784,3 +784,12 @@ def test_torch_adamw_state_dict_loads_into_sradamw() -> None:
     for p, q in zip(model.parameters(), ref_model.parameters()):
         ulp = q.detach().abs() * 2.0**-7 + 1e-30  # a bfloat16 step (or less) at q
         assert torch.all((p.float() - q).abs() <= ulp * 1.001)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_a_generator_that_is_not_one_is_refused_at_construction(cls: type) -> None:
+    # a seed integer was accepted and failed at the first step, after SRAdamW's step count
+    # had already moved (a review)
+    p = nn.Parameter(torch.randn(4, 4).bfloat16())
+    with pytest.raises(TypeError, match=f"{cls.__name__}: generator must be a torch.Generator or None"):
+        cls([p], lr=1e-3, generator=123)

@@ -431,3 +431,35 @@ def test_grad_scaler_undoes_skipped_steps_and_follows_the_loss_scale() -> None:
     assert kinds == {"skipped", "grown", "kept"}
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         GradScaler(torch.zeros(1), "cpu")
+
+
+@pytest.mark.parametrize("overflow", [Overflow.REQUANTIZE, Overflow.CLIP])
+def test_finite_rows_of_a_call_holding_nan_get_the_overflow_handling(overflow: Overflow) -> None:
+    # one output feature NaN, another 50× over its history (the per-row ∇W path): the NaN
+    # row propagates, the overflowing row is requantized (or clipped) and counted, as in a
+    # call without the NaN row — it was clipped silently whatever `overflow` said
+    torch.manual_seed(0)
+    spec = GradSpec(quantizer="psq", format="int8", range=RangeMode.PREDICTED, overflow=overflow)
+    layer = lowbit.convert(nn.Sequential(nn.Linear(8, 3)),
+                           FQTConfig.from_recipe("fqt-psq-8-predicted", grad_weight=spec))
+    x = torch.randn(32, 8)
+
+    def weight_grad(c: torch.Tensor) -> torch.Tensor:
+        layer.zero_grad()
+        (layer(x) * c).sum().backward()
+        return layer[0].weight.grad.clone()
+
+    for _ in range(4):  # history at scale 1
+        weight_grad(torch.ones(3))
+    before = lowbit.range_stats(layer)["total"]
+    g = weight_grad(torch.tensor([float("nan"), 50.0, 1.0]))
+    d = lowbit.range_stats(layer)["total"] - before
+    assert torch.isnan(g[0]).all() and torch.isfinite(g[1:]).all()
+    assert d.nonfinite_calls == 1 and d.overflow_calls == 1 and d.overflow_elements > 0
+    exact = 50.0 * x.sum(0)  # ∇W of row 1 is 50·Σ_n x_n
+    if overflow is Overflow.REQUANTIZE:
+        assert d.requantized_calls == 1 and d.clipped_norm == 0
+        assert torch.allclose(g[1], exact, rtol=0.05, atol=2.0)
+    else:
+        assert d.requantized_calls == 0 and d.clipped_norm > 0.5  # most of row 1 was clipped
+        assert g[1].abs().max() < exact.abs().max() / 5
