@@ -69,7 +69,7 @@ from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
-from .ops import (BlockState, flatten_operand, refuse_double_backward, unflatten_operand,
+from .ops import (BlockState, flatten_operand, refuse_double_backward, refuse_forward_transforms, unflatten_operand,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand
 from .quantizers.base import RowTransform
@@ -597,6 +597,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)
     # torch's default 1/√E; with E = 0 every score is an empty sum, 0 at any scale
     c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else float(scale)
+    refuse_forward_transforms("lowbit attention")
     out, weights = _Attention.apply(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
                                     need_weights, bool(is_causal))
     out = out.reshape(*lead, lq, ev)

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import secrets
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,10 @@ GRAD_PATHS = ("grad_input", "grad_weight")
 
 _STATES: weakref.WeakValueDictionary[str, BlockState] = weakref.WeakValueDictionary()
 _next_handle = itertools.count()
+# this process's mark on every handle: a graph traced or exported here (jit.trace,
+# torch.export) names its layers' states by handle, and in another process the same
+# counter value belongs to another layer (a review found a saved trace using it silently)
+_PROCESS = secrets.token_hex(4)
 
 
 def tracker_key(spec: GradSpec | None, rows_persist: bool) -> tuple | None:
@@ -115,7 +120,7 @@ class BlockState:
             self._register()
 
     def _register(self) -> None:
-        self.handle = f"block{next(_next_handle)}"
+        self.handle = f"block{next(_next_handle)}@{_PROCESS}"
         _STATES[self.handle] = self
 
     def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet
@@ -182,6 +187,11 @@ def warn_if_not_adaptive(state: BlockState) -> None:
 def _state(handle: str) -> BlockState:
     state = _STATES.get(handle)
     if state is None:
+        if not handle.endswith(f"@{_PROCESS}"):
+            raise RuntimeError(f"lowbit: block state {handle!r} belongs to another process: a "
+                               "torch.jit.trace or torch.export of a converted model names its layers' "
+                               "states, which live in the process that traced it; convert and trace "
+                               "(or export) the model again in this process")
         raise RuntimeError(f"lowbit: block state {handle!r} no longer exists (the layer or "
                            "BlockState that ran the forward was freed before its backward)")
     return state
@@ -488,17 +498,39 @@ def _plain_eager(*tensors: torch.Tensor | None) -> bool:
                               and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 
+def refuse_forward_transforms(what: str) -> None:
+    """``RuntimeError`` inside ``torch.func.jvp``/``jacfwd`` (forward-mode AD) or
+    ``torch.func.vmap``: lowbit's blocks have no forward-mode derivative (the custom op
+    gave silent zero tangents) and are not batched per sample (vmap ran a per-sample
+    fallback: other scales than the batched call, and a stochastic forward ignored
+    ``randomness="error"``). ``torch.func.grad``/``vjp`` get torch's own error; plain
+    autograd, ``torch.compile`` and ``torch.export`` (functionalization) are untouched."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the check (a graph break)
+        return
+    top = torch._C._functorch.peek_interpreter_stack()
+    if top is None:
+        return
+    key = top.key()
+    if key in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Vmap):
+        transform = "jvp/jacfwd (forward-mode AD)" if key == torch._C._functorch.TransformType.Jvp else "vmap"
+        raise RuntimeError(f"{what}: torch.func.{transform} through a lowbit quantized layer is not "
+                           "supported (no forward-mode derivative, no per-sample batching rule); use "
+                           "ordinary autograd (loss.backward, torch.autograd.grad)")
+
+
 def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 state: BlockState, params: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
     """The output of block ``kind`` under ``state`` (differentiable in x, weight, bias):
     :data:`block_forward`, called through the dispatcher, or, where nothing would see the
     op (:func:`_plain_eager`), its functions through :class:`_EagerBlock` — the same
-    values either way."""
+    values either way. ``RuntimeError`` under ``torch.func.jvp``/``jacfwd``/``vmap``
+    (:func:`refuse_forward_transforms`)."""
+    refuse_forward_transforms(f"lowbit {kind} block")
     if _plain_eager(x, weight, bias):
         return _EagerBlock.apply(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
     return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
 
 
-__all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward",
+__all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward", "refuse_forward_transforms",
            "block_forward", "flatten_operand", "gradient_only_double_backward", "in_format", "refuse_double_backward",
            "register_kind", "tracker_key", "unflatten_operand"]

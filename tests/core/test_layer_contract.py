@@ -554,3 +554,40 @@ def test_functional_call_under_checkpointing_recomputes_its_forward_noise() -> N
         y.backward(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
         grads.append((x.grad, w.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "qat-8"])
+def test_forward_mode_ad_and_vmap_are_refused_not_silently_wrong(recipe: str) -> None:
+    # torch.func.jvp/jacfwd through a converted layer returned zero tangents without a word,
+    # and vmap ran a per-sample fallback (other scales than the batched call): a review
+    from lowbit.functional import scaled_dot_product_attention
+    torch.manual_seed(0)
+    cfg = lowbit.FQTConfig.from_recipe(recipe)
+    lin = lowbit.convert(nn.Sequential(nn.Linear(4, 3)), cfg)
+    conv = lowbit.convert(nn.Sequential(nn.Conv2d(2, 3, 3)), cfg)
+    x, img = torch.randn(5, 4), torch.randn(2, 2, 6, 6)
+    for f, a in ((lin, x), (conv, img)):
+        with pytest.raises(RuntimeError, match=r"jvp/jacfwd \(forward-mode AD\) through a lowbit"):
+            torch.func.jvp(f, (a,), (torch.ones_like(a),))
+        with pytest.raises(RuntimeError, match=r"jvp/jacfwd"):
+            torch.func.jacfwd(f)(a)
+        with pytest.raises(RuntimeError, match=r"torch.func.vmap through a lowbit"):
+            torch.func.vmap(f)(a.unsqueeze(1))
+    q = torch.randn(1, 2, 8, 4)
+    if recipe.startswith("fqt"):
+        with pytest.raises(RuntimeError, match=r"lowbit attention: torch.func.jvp"):
+            torch.func.jvp(lambda t: scaled_dot_product_attention(t, t, t, state=cfg), (q,), (q,))
+    assert lin(x).shape == (5, 3)  # ordinary calls unaffected
+
+
+def test_a_traced_graph_from_another_process_names_its_problem() -> None:
+    # a jit.trace / torch.export saved in one process named its layers' states "block1",
+    # which in a loading process is another layer's: it ran with that layer's recipe and
+    # noise (a review: max error 0.23); handles now carry the process's mark
+    from lowbit import ops
+    lin = lowbit.convert(nn.Sequential(nn.Linear(4, 3)), FQTConfig.from_recipe("fqt-psq-8"))
+    handle = lin[0]._block.handle
+    assert handle.endswith(f"@{ops._PROCESS}") and ops._state(handle) is lin[0]._block
+    other = handle.rsplit("@", 1)[0] + "@" + ("0" * 8 if ops._PROCESS != "0" * 8 else "1" * 8)
+    with pytest.raises(RuntimeError, match="belongs to another process"):
+        ops._state(other)
