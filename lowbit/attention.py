@@ -223,7 +223,7 @@ def _why_simulated(a: Operand, b: Operand, backend: Backend, integer: bool, macs
     format, an offset, a row transform across heads), FP8 codes (no batched FP8 kernel
     here), else the integer kernel's refusal."""
     if backend is Backend.REFERENCE:
-        return "backend='reference': lowbit's reference path (dequantized codes, float GEMM)"
+        return grid_notes.REFERENCE
     if integer:
         return (f"heads too small for the per-head integer GEMM to pay (under LOOP_MIN_MACS = "
                 f"{LOOP_MIN_MACS:,} multiply-adds a head): one batched float GEMM of the codes")

@@ -36,7 +36,7 @@ def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: st
     if cause is not None:
         return cause
     if be is Backend.REFERENCE:
-        return "backend='reference': lowbit's reference path (dequantized codes, float convolution)"
+        return grid_notes.REFERENCE
     wrong = next((q.codes.dtype for q in ops if q.codes.dtype != torch.int8), None)
     if be is Backend.INT8 and wrong is not None:  # the format is the first thing to change there
         return f"an operand's codes are {wrong} (format not int8)"
@@ -44,14 +44,12 @@ def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: st
         return "an operand has block scales (a block format)"
     if any(q.offset is not None for q in ops):
         return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
-    if be is Backend.FP8 or (be is not Backend.INT8 and any(q.codes.dtype in FP8_DTYPES for q in ops)):
+    if be is Backend.FP8 or wrong in FP8_DTYPES:
         return "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)"
-    for q in ops:
-        if q.codes.dtype != torch.int8:
-            return f"an operand's codes are {q.codes.dtype} (format not int8)"
-        if q.codes.device.type not in ("cpu", "cuda"):
-            return f"the operands are on {q.codes.device.type}"
-    return "no integer kernel takes these operands"
+    if wrong is not None:
+        return f"an operand's codes are {wrong} (format not int8)"
+    device = next((q.codes.device.type for q in ops if q.codes.device.type not in ("cpu", "cuda")), None)
+    return f"the operands are on {device}" if device else "no integer kernel takes these operands"
 
 
 def refuse_simulated(backend: Backend, gemm: str, ops: Sequence[QuantizedOperand],

@@ -483,9 +483,11 @@ class GemmTracer(TorchDispatchMode):
         kind = gemm_kind(dtypes)
         formats = tuple(with_grid(f, self.grid_of(t)) for f, t in zip(dtypes, part.operands))
         op = str(func.overloadpacket)
-        reason = self._why_float(module, phase, op, weight) if kind == "float" else \
-            (grid_notes.REASONS[-1] if grid_notes.REASONS else "dequantized low-bit codes in a float GEMM") \
-            if kind == "simulated" else None
+        reason = None
+        if kind == "float":
+            reason = self._why_float(module, phase, op, weight)
+        elif kind == "simulated":  # the reason the code running it gave (grid_notes.simulating)
+            reason = grid_notes.REASONS[-1] if grid_notes.REASONS else "dequantized low-bit codes in a float GEMM"
         self.calls.append(GemmCall(self._name(module), "-" if module is None else type(module).__name__,
                                    op, phase, formats, kind, part.flops, weight, reason))
 

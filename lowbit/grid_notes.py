@@ -22,9 +22,12 @@ import torch
 class Listener(Protocol):
     def note_grid(self, codes: torch.Tensor, name: str) -> None: ...
 
+    def grid_of(self, t: torch.Tensor) -> str | None: ...
+
 
 LISTENERS: list[Listener] = []  # tracers tracing now (GemmTracer.tracing adds and removes itself)
 REASONS: list[str] = []  # why the GEMMs running now are simulated, innermost last (while tracing)
+REFERENCE = "backend='reference': lowbit's reference path (dequantized codes in a float GEMM)"
 
 
 def note(codes: torch.Tensor, fmt: Any) -> None:
@@ -40,7 +43,7 @@ def derived(out: torch.Tensor, src: torch.Tensor) -> None:
     kernel placing codes channels-last): the same grid."""
     if LISTENERS:
         for listener in LISTENERS:
-            name = listener.grid_of(src)  # type: ignore[attr-defined]
+            name = listener.grid_of(src)
             if name is not None:
                 listener.note_grid(out, name)
 

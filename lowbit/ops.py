@@ -525,9 +525,9 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     op (:func:`_plain_eager`), its functions through :class:`_EagerBlock` — the same
     values either way. ``RuntimeError`` under ``torch.func.jvp``/``jacfwd``/``vmap``
     (:func:`refuse_forward_transforms`)."""
-    refuse_forward_transforms(f"lowbit {kind} block")
-    if _plain_eager(x, weight, bias):
+    if _plain_eager(x, weight, bias):  # no functorch wrapper: no transform to refuse
         return _EagerBlock.apply(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
+    refuse_forward_transforms(f"lowbit {kind} block")
     return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
 
 

@@ -202,7 +202,7 @@ def simulated_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
     backend's choice, or what keeps the int8 or FP8 kernel (by the codes' dtype) from it
     (:func:`refusal_cause`)."""
     if backend is Backend.REFERENCE:
-        return "backend='reference': lowbit's reference path (dequantized codes, float GEMM)"
+        return grid_notes.REFERENCE
     kind = Backend.FP8 if a.codes.dtype in fp8.FP8_DTYPES or b.codes.dtype in fp8.FP8_DTYPES else Backend.INT8
     return f"no {kind.value} kernel takes it: {refusal_cause(kind, a, b)}"
 

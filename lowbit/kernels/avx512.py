@@ -1522,8 +1522,6 @@ def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_
     return out
 
 
-
-
 __all__ = ["CPU_FLAGS", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
            "run_epilogue_into", "supports_epilogue_into",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
