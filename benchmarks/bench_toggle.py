@@ -75,6 +75,12 @@ Toggles (each is "on" as lowbit ships it):
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to
                float rounding)
 
+  attention-pieces  attention's forward (round-to-nearest P̃, no dropout) and backward
+               (per-row gradient scales: PSQ) in pieces of ``lowbit.attention.CHUNK_SCORES``
+               score elements: P formed, quantized and multiplied piece by piece (the
+               forward per tensor after a first pass for P's absmax), ∇S likewise; off:
+               the whole (B·H, L, S) P and ∇S first (the same bits)
+
   eager-block  a converted layer's block in plain eager mode called through an
                ``autograd.Function`` (``lowbit.ops._EagerBlock``); off: through the
                ``lowbit::block_forward`` custom op and the dispatcher (the same values)
@@ -380,6 +386,17 @@ def _eager_block() -> Callable[[bool], None]:
     return switch
 
 
+def _attention_pieces() -> Callable[[bool], None]:
+    import lowbit.attention as attention
+
+    ok, forward_ok = attention._in_pieces_ok, attention._forward_in_pieces_ok
+
+    def switch(on: bool) -> None:
+        attention._in_pieces_ok = ok if on else (lambda *_: False)
+        attention._forward_in_pieces_ok = forward_ok if on else (lambda *_: False)
+    return switch
+
+
 def _gemm_panels() -> Callable[[bool], None]:
     from lowbit.kernels import int8
 
@@ -402,7 +419,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
-    "gemm-panels": _gemm_panels, "eager-block": _eager_block}
+    "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,17 @@ both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused ba
 they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
 ``batched=True``): ``∇S`` is then never transposed in memory for ``∇K``; the codes are
 bitwise those of the two calls.
+
+Memory: the forward keeps ``Q``, ``K``, ``V`` and ``P̃`` as codes, never a float (B, L, S)
+tensor, and the backward recomputes ``P`` from the codes. On the CPU with lowbit's
+AVX-512 kernels neither pass forms the whole ``P`` or ``∇S`` where it need not: the
+forward (round-to-nearest ``P̃``, no dropout, ``P̃`` not returned) forms ``P``, its codes
+and ``P̃·V`` :data:`CHUNK_SCORES` score elements of entries at a time — per tensor after a
+first pass that finds ``P``'s absmax (one more ``QKᵀ`` and softmax) — and the backward
+with per-row gradient scales (PSQ) recomputes ``P``, forms ``∇S``, quantizes it with
+the whole ``∇S``'s noise and multiplies piece by piece: bitwise the whole computation
+(each step is per entry or per row, and the noise is indexed by the element's place in
+the whole tensor). Otherwise ``P`` is formed whole and ``∇S`` written over it in pieces.
 """
 
 from __future__ import annotations
@@ -60,19 +71,20 @@ import torch.nn.functional as F
 from . import grid_notes
 from .scopes import scope
 
-from .config import Backend, FQTConfig, GradSpec
-from .formats import Rounding, compute_dtype
+from . import gradpair
+from .config import Backend, FQTConfig, GradSpec, OperandSpec
+from .formats import Granularity, Rounding, compute_dtype
 from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
-from .kernels import Impl, Kernels, avx512, int8, int8_applicable, kernels_for, register, register_fused
+from .kernels import Encoded, Impl, Kernels, avx512, int8, int8_applicable, kernels_for, register, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
 from .ops import (BlockState, flatten_operand, refuse_double_backward, refuse_forward_transforms, unflatten_operand,
                   warn_if_not_adaptive)
-from .quantizers import QuantizedOperand
-from .quantizers.base import RowTransform
+from .quantizers import QuantizedOperand, get_quantizer
+from .quantizers.base import Identity, RowTransform
 
 # Per-head multiply-adds from which heads run one integer GEMM each (into one
 # accumulator, one batched epilogue); below, one batched float GEMM of the dequantized
@@ -260,20 +272,39 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
 # -- the math, without autograd ------------------------------------------------------------
 def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tensor | None,
                     scale: float, shapes: tuple[int, ...], dtype: torch.dtype, backend: Backend,
-                    masked: bool) -> torch.Tensor:
+                    masked: bool, entries: tuple[int, int] | None = None) -> torch.Tensor:
     """``P = softmax(c · Q_f(Q) · Q_f(K)ᵀ + M)`` (B, L, S) in ``dtype`` from the forward
     codes ``qq``, ``qk`` (``shapes`` = (B, L, S, E, Ev)); ``masked``: zero the rows the
     mask blocks entirely (:func:`masked_softmax`); the epilogue, the mask and the softmax
     are the kernel-table op ``attention_softmax`` (:mod:`lowbit.kernels.softmax`: fused on
     AVX-512 CPUs, to float rounding). Deterministic in its arguments, so the
     backward recomputes ``P`` from the saved codes instead of keeping it (a float32
-    (B, L, S) tensor: 48 MB for one GPT-2-small block of 4 × 512 tokens)."""
+    (B, L, S) tensor: 48 MB for one GPT-2-small block of 4 × 512 tokens), a few entries
+    at a time where it can (:func:`attention_backward`). ``entries`` = (i, j): entries
+    ``i:j`` of ``P`` alone ((j − i, L, S), the same values as those entries of the whole)."""
     b, lq, s, e, _ = shapes
-    acc, a_step, b_step, kernels = batched_product(
-        Operand.of(qq, (b, lq, e), dtype).scaled(scale),  # c in Q's steps
-        Operand.of(qk, (b, s, e), dtype).mT, backend, dtype, "Q·Kᵀ")  # (B, L, S)
+    a = Operand.of(qq, (b, lq, e), dtype).scaled(scale)  # c in Q's steps
+    k = Operand.of(qk, (b, s, e), dtype).mT
+    if entries is not None:
+        a, k = a.entries(*entries), k.entries(*entries)
+        mask = None if mask is None else _mask_entries(mask, *entries)
+    acc, a_step, b_step, kernels = batched_product(a, k, backend, dtype, "Q·Kᵀ")  # (B, L, S)
     # a new tensor from the GEMM, which no one else sees: P is written over it
     return kernels.run("attention_softmax", kernels, acc, a_step, b_step, mask, masked, dtype)
+
+
+def _mask_entries(mask: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """Entries ``i:j`` of an additive mask (1, L, S) or (*lead, L, S) with ``prod(lead)``
+    entries (an expanded view is fine): the mask itself where one serves every entry, a
+    view where the entries are one slice of it, else a copy of those entries alone."""
+    lead = mask.shape[:-2]
+    if lead.numel() == 1:
+        return mask
+    try:
+        return mask.view(-1, *mask.shape[-2:])[i:j]
+    except RuntimeError:  # an expanded (*lead) view: gather the piece's entries
+        index = torch.unravel_index(torch.arange(i, j), tuple(lead))
+        return mask[index]
 
 
 def _dropout_scale(p: float) -> float:
@@ -282,19 +313,31 @@ def _dropout_scale(p: float) -> float:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
-                      causal: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                      causal: bool = False, keep_probs: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
                                  tuple[QuantizedOperand, ...]]:
     """``q`` (B, L, E), ``k`` (B, S, E), ``v`` (B, S, Ev), ``mask`` additive (1, L, S) or
     (*lead, L, S) with ``prod(lead) = B`` (an expanded view is fine), or None (``causal``: it is the causal mask, which blocks no row entirely), all in one
     float dtype → ``(O (B, L, Ev), P, P̃ (B, L, S), keep (bool or
     None), (Q_f(q), Q_f(k), Q_f(v), Q_f(P̃)))``. Dropout draws ``keep`` from torch's
-    global RNG (as ``F.dropout``: recomputation under checkpointing sees the same)."""
+    global RNG (as ``F.dropout``: recomputation under checkpointing sees the same).
+
+    Without ``keep_probs`` (the caller wants neither ``P`` nor ``P̃``: returned as None) and
+    without dropout, where the forward spec rounds to nearest with a scale per tensor or
+    per row and lowbit's AVX-512 quantizer takes ``P̃``, the scores are formed
+    :data:`CHUNK_SCORES` elements of entries at a time (:func:`_forward_in_pieces`), so no
+    score-sized float buffer exists: bitwise the same outputs and codes."""
     b, lq, e = q.shape
     s, ev = k.shape[1], v.shape[2]
     dt, spec, gen, be = q.dtype, config.activation, gens.get(Path.ACTIVATION), config.backend
     qq = quantize_forward(q.reshape(b * lq, e), spec, gen, be)
     qk = quantize_forward(k.reshape(b * s, e), spec, gen, be)
+    if not keep_probs and dropout_p == 0 and _forward_in_pieces_ok(spec, be, (b, lq, s), dt):
+        qv = quantize_forward(v.reshape(b * s, ev), spec, gen, be)
+        done = _forward_in_pieces(qq, qk, qv, mask, scale, (b, lq, s, e, ev), dt, spec, be, causal)
+        if done is not None:
+            return done[0], None, None, None, (qq, qk, qv, done[1])
+        # a NaN, an infinity or all zeros in P̃: the whole computation below, as always
     probs = attention_probs(qq, qk, mask, scale, (b, lq, s, e, ev), dt, be,
                             mask is not None and not causal)  # (B, L, S); causal: none dead
     keep = None
@@ -306,6 +349,71 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     qv = quantize_forward(v.reshape(b * s, ev), spec, gen, be)
     out = batched_mm(Operand.of(qp, (b, lq, s), dt), Operand.of(qv, (b, s, ev), dt), be, dt, "P·V")
     return out, probs, dropped, keep, (qq, qk, qv, qp)
+
+
+def _forward_in_pieces_ok(spec: OperandSpec, backend: Backend, shape: tuple[int, int, int],
+                          dtype: torch.dtype) -> bool:
+    """Whether :func:`_forward_in_pieces` takes scores of ``shape`` (B, L, S): the forward
+    spec rounds to nearest (no noise to place) with a scale per tensor or per row, a fused
+    backend, and lowbit's AVX-512 quantizer takes such a ``P̃`` (the one kernel that
+    quantizes a part with the whole operand's step); per tensor, only scores of more than
+    one piece (its first pass costs one more ``QKᵀ`` and softmax: +5% of a GPT-2-small
+    block's step at one thread, docs/benchmarks.md "Attention in pieces")."""
+    if spec.rounding is not Rounding.NEAREST or spec.granularity not in (Granularity.TENSOR, Granularity.ROW) \
+            or shape[0] == 0 or not kernels_for(backend, torch.device("cpu")).fused:
+        return False
+    if spec.granularity is Granularity.TENSOR and shape[0] * shape[1] * shape[2] <= CHUNK_SCORES:
+        return False  # one piece: the first pass would cost time and save no memory
+    probe = torch.empty(1, shape[2], dtype=dtype)
+    return avx512.supports(probe, spec.format, spec.granularity, spec.rounding, torch.zeros((), dtype=torch.int64))
+
+
+def _forward_in_pieces(qq: QuantizedOperand, qk: QuantizedOperand, qv: QuantizedOperand, mask: torch.Tensor | None,
+                       scale: float, shapes: tuple[int, ...], dtype: torch.dtype, spec: OperandSpec, backend: Backend,
+                       causal: bool) -> tuple[torch.Tensor, QuantizedOperand] | None:
+    """``(O (B, L, Ev), Q_f(P))`` with ``P`` formed :data:`CHUNK_SCORES` elements of entries
+    at a time (after :func:`_forward_in_pieces_ok`; no dropout): per piece ``P``
+    (:func:`attention_probs` of its entries), its codes, and its ``O = Q_f(P)·Q_f(V)``.
+    Per tensor, ``P``'s absmax over all pieces comes first (a first pass that forms each
+    piece and keeps only its maximum: one more ``QKᵀ`` and softmax per entry), and every
+    piece is quantized with the whole tensor's step
+    (:func:`lowbit.kernels.avx512.quantize_part_into`); per row, each piece's rows are
+    quantized as they come. ``None`` (nothing kept) where ``P``'s absmax is not a finite
+    positive number — a NaN or an infinity, or every row masked — which the whole
+    computation handles as it always has."""
+    b, lq, s, e, ev = shapes
+    masked = mask is not None and not causal
+    per = max(1, CHUNK_SCORES // max(1, lq * s))
+    pieces = [(i, min(b, i + per)) for i in range(0, b, per)]
+    k = kernels_for(backend, torch.device("cpu"))
+    amax = None
+    if spec.granularity is Granularity.TENSOR:
+        amax = torch.zeros((), dtype=torch.float32)
+        for i, j in pieces:
+            amax = torch.maximum(amax, attention_probs(qq, qk, mask, scale, shapes, dtype, backend, masked,
+                                                       (i, j)).abs().amax().float())
+        if not (torch.isfinite(amax) and amax > 0):
+            return None
+    codes = torch.empty(b * lq, s, dtype=spec.format.code_dtype)
+    steps = torch.empty(b * lq, 1, dtype=torch.float32) if amax is None else None
+    out = torch.empty(b, lq, ev, dtype=dtype)
+    vo = Operand.of(qv, (b, s, ev), dtype)
+    step = None
+    for i, j in pieces:
+        probs = attention_probs(qq, qk, mask, scale, shapes, dtype, backend, masked, (i, j)).reshape(-1, s)
+        rows = slice(i * lq, j * lq)
+        if amax is None:  # per row: the piece's rows are whole rows
+            enc = k.quantize(probs, spec.format, spec.granularity, spec.rounding, torch.zeros((), dtype=torch.int64))
+            codes[rows], steps[rows], part_step = enc.codes, enc.scale, enc.scale  # type: ignore[index]
+        else:
+            step = part_step = avx512.quantize_part_into(probs, spec.format, amax, codes[rows])
+        del probs
+        part = QuantizedOperand.of(Encoded(codes[rows], part_step, kernels=k), Identity((j - i) * lq))
+        grid_notes.note(part.codes, spec.format)
+        out[i:j] = batched_mm(Operand.of(part, ((j - i), lq, s), dtype), vo.entries(i, j), backend, dtype, "P·V")
+    whole = Encoded(codes, steps if amax is None else step, kernels=k)
+    grid_notes.note(codes, spec.format)
+    return out, QuantizedOperand.of(whole, Identity(b * lq))
 
 
 def _split(gen: torch.Generator | None, n: int) -> list[torch.Generator | None]:
@@ -343,9 +451,9 @@ def grad_operand_t(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator 
 
 
 def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quant: tuple[QuantizedOperand, ...],
-                       probs: torch.Tensor, keep: torch.Tensor | None, shapes: tuple[int, ...],
-                       scale: float, dropout_p: float, config: FQTConfig, gens: Generators,
-                       needs: tuple[bool, bool, bool, bool], reuse_probs: bool = False
+                       probs: torch.Tensor | Callable[[int, int], torch.Tensor], keep: torch.Tensor | None,
+                       shapes: tuple[int, ...], scale: float, dropout_p: float, config: FQTConfig,
+                       gens: Generators, needs: tuple[bool, bool, bool, bool], reuse_probs: bool = False
                        ) -> tuple[torch.Tensor | None, ...]:
     """``(∇Q, ∇K, ∇V, ∇S)`` (None where ``needs`` says not wanted; ``∇S`` is the mask's
     gradient) from ``g_out`` (B, L, Ev) and the gradient ``g_dropped`` of the returned
@@ -353,7 +461,16 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     E, Ev). ``reuse_probs``: the caller hands ``probs`` over (its values are lost): on the
     CPU ``∇S`` is then written over it in pieces and transposed in place for ``∇K``, so
     one score-sized float buffer is live at a time (pass it without keeping a reference
-    for its memory to go); otherwise ``probs`` is only read."""
+    for its memory to go); otherwise ``probs`` is only read.
+
+    ``probs`` may instead be a function ``(i, j) ↦ P`` of entries ``i:j`` (a new tensor,
+    handed over): where both gradient specs are plain with a scale per row (PSQ), ``∇Q``
+    and ``∇K`` are wanted without ``∇S``, and lowbit's AVX-512 pair kernel takes ``∇S``,
+    ``P`` is then recomputed, turned into ``∇S``, quantized and multiplied
+    :data:`CHUNK_SCORES` elements of entries at a time (:func:`_grad_qk_in_pieces`), so no
+    score-sized buffer exists at all — bitwise the values of the whole-batch computation
+    (each step is per entry, and the noise is indexed by the element's place in the whole
+    ``∇S``); otherwise it is called once for all entries."""
     b, lq, s, e, ev = shapes
     dt, be, gi, gw = g_out.dtype, config.backend, config.grad_input, config.grad_weight
     rows_gen = _split(gens.get(Path.GRAD_INPUT), 2)  # ∇O, ∇S with a scale per query token
@@ -375,6 +492,12 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     if scores:
         if go is None:
             go = grad_operand(g_out, gi, rows_gen[0], be)
+        if callable(probs):
+            if needs[0] and needs[1] and not needs[3] and _in_pieces_ok(gi, gw, be, (b, lq, s), dt):
+                gq, gk = _grad_qk_in_pieces(go, qv.mT, qq_c, qk_c, probs, g_dropped, keep, dropout_p, gi,
+                                            rows_gen[1], gw, cols_gen[1], be, dt, shapes)
+                return gq, gk, gv, None
+            probs, reuse_probs = probs(0, b), True
         gs = _grad_scores(go, qv.mT, probs, g_dropped, keep, dropout_p, be, dt, reuse_probs)
         del probs, go
         # ∇S for ∇Q (rows: query tokens) and ∇Sᵀ for ∇K (rows: key tokens) from one read
@@ -395,6 +518,64 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
                 gs = None
             gk = batched_mm(gs_t, qq_c, be, dt, "∇K")
     return gq, gk, gv, gs if needs[3] else None
+
+
+def _in_pieces_ok(spec_a: GradSpec | None, spec_w: GradSpec | None, backend: Backend,
+                  shape: tuple[int, int, int], dtype: torch.dtype) -> bool:
+    """Whether :func:`_grad_qk_in_pieces` takes a ``∇S`` of ``shape`` (B, L, S): both specs
+    plain (:func:`lowbit.gradpair.quantize_grad_pair` takes them) with a scale per row —
+    per query token for ``∇Q``, per key token for ``∇K``, so each piece's scales are its
+    own — a fused backend, no autograd recording (``create_graph``), and lowbit's AVX-512
+    pair kernel taking such a ``∇S`` (the only kernel that quantizes a part of a batch
+    with the whole batch's noise)."""
+    if not (gradpair.plain(spec_a) and gradpair.plain(spec_w)) or torch.is_grad_enabled():
+        return False
+    if not all(get_quantizer(sp.quantizer).granularity is Granularity.ROW for sp in (spec_a, spec_w)):
+        return False
+    k = kernels_for(backend, torch.device("cpu"))
+    probe = torch.empty(1, shape[1], shape[2], dtype=dtype)
+    seed = torch.zeros((), dtype=torch.int64)
+    return k.fused and shape[0] > 0 and avx512.supports_batched_pair(
+        probe, spec_a.format, Granularity.ROW, spec_a.rounding, seed,  # type: ignore[union-attr]
+        spec_w.format, Granularity.ROW, spec_w.rounding, seed)  # type: ignore[union-attr]
+
+
+def _grad_qk_in_pieces(g_out: Operand, v_t: Operand, q_c: Operand, k_c: Operand,
+                       probs_of: Callable[[int, int], torch.Tensor], g_dropped: torch.Tensor | None,
+                       keep: torch.Tensor | None, dropout_p: float, spec_a: GradSpec, gen_a: torch.Generator | None,
+                       spec_w: GradSpec, gen_w: torch.Generator | None, backend: Backend, dtype: torch.dtype,
+                       shapes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∇Q, ∇K)`` (B, L, E), (B, S, E) in ``dtype`` (``shapes`` = (B, L, S, E, Ev)),
+    :data:`CHUNK_SCORES` elements of entries at a time (after :func:`_in_pieces_ok`): per
+    piece ``P`` (``probs_of``), ``∇S`` written over it (:func:`_grad_scores`), its two
+    operands from one read with the whole ``∇S``'s noise (``quantize_batched_pair`` told
+    the piece's first entry), and the piece's ``∇Q = c·Q_a(∇S)·Q_f(K)`` and ``∇K =
+    c·Q_w(∇Sᵀ)·Q_f(Q)``; ``q_c``, ``k_c``: Q's and K's operands with ``c`` in their steps.
+    The seeds are drawn once, as :func:`lowbit.gradpair.quantize_grad_pair` draws them for
+    the whole ``∇S``."""
+    n, lq, s, e, _ = shapes
+    k = kernels_for(backend, torch.device("cpu"))
+    like = torch.empty(0, dtype=dtype)
+    gran_a, rnd_a, seed_a, t_a = gradpair.draw(like, spec_a, gen_a, n * lq, k)
+    gran_w, rnd_w, seed_w, t_w = gradpair.draw(like, spec_w, gen_w, n * s, k)
+    gq, gk = torch.empty(n, lq, e, dtype=dtype), torch.empty(n, s, e, dtype=dtype)
+    per = max(1, CHUNK_SCORES // max(1, lq * s))
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        gs = _grad_scores(g_out.entries(i, j), v_t.entries(i, j), probs_of(i, j),
+                          None if g_dropped is None else g_dropped[i:j], None if keep is None else keep[i:j],
+                          dropout_p, backend, dtype, reuse_probs=True)
+        with scope("lowbit::quantize"):
+            out = k.run("quantize_batched_pair", gs, spec_a.format, gran_a, rnd_a, seed_a,
+                        spec_w.format, gran_w, rnd_w, seed_w, i)
+        del gs  # its codes hold it now
+        qa = QuantizedOperand.of(Encoded(*out[:4], spec_a.format.block, kernels=k), t_a)
+        qw = QuantizedOperand.of(Encoded(*out[4:], spec_w.format.block, kernels=k), t_w)
+        grid_notes.note(qa.codes, spec_a.format)
+        grid_notes.note(qw.codes, spec_w.format)
+        gq[i:j] = batched_mm(Operand.of(qa, (j - i, lq, s), dtype), k_c.entries(i, j), backend, dtype, "∇Q")
+        gk[i:j] = batched_mm(Operand.of(qw, (j - i, s, lq), dtype), q_c.entries(i, j), backend, dtype, "∇K")
+    return gq, gk
 
 
 def _pair(g: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
@@ -516,9 +697,9 @@ class _Attention(torch.autograd.Function):
             gens = state.noise.forward_generators(q.device, _forward_paths(cfg))
             m = None if mask is None else mask.to(dt)
             out, probs, dropped, keep, quant = attention_forward(
-                q.to(dt), k.to(dt), v.to(dt), m, scale, dropout_p, cfg, gens, causal)
+                q.to(dt), k.to(dt), v.to(dt), m, scale, dropout_p, cfg, gens, causal, keep_probs=need_weights)
         # P is recomputed from Q_f(Q), Q_f(K) in the backward (attention_probs), not saved
-        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, probs)),
+        ctx.save_for_backward(*(t for x in quant for t in flatten_operand(x, out)),
                               None if m is None else _compact(m), keep)
         ctx.masked, ctx.compute_dtype, ctx.backend = mask is not None and not causal, dt, cfg.backend
         ctx.blocks = [x.block for x in quant]
@@ -549,11 +730,12 @@ class _Attention(torch.autograd.Function):
         with torch.autocast(g_out.device.type, enabled=False):
             gens = state.noise.backward_generators(g_out.device, _backward_paths(cfg))
             gd = None if g_weights is None or g_weights.numel() == 0 else g_weights.to(dt)
-            grads = attention_backward(  # P recomputed, held by attention_backward alone
-                g_out.to(dt), gd, quant,
-                attention_probs(quant[0], quant[1], mask, ctx.scale, ctx.shapes, dt, ctx.backend,
-                                ctx.masked),  # the forward's backend: the forward's P
-                keep, ctx.shapes, ctx.scale, ctx.dropout_p, cfg, gens, needs, reuse_probs=True)
+            def probs(i: int, j: int) -> torch.Tensor:  # P recomputed, held by attention_backward alone
+                return attention_probs(quant[0], quant[1], mask, ctx.scale, ctx.shapes, dt, ctx.backend,
+                                       ctx.masked, (i, j))  # the forward's backend: the forward's P
+
+            grads = attention_backward(g_out.to(dt), gd, quant, probs, keep, ctx.shapes, ctx.scale,
+                                       ctx.dropout_p, cfg, gens, needs)
         gq, gk, gv, gs = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
         if gs is not None and len(ctx.mask_shape) == 3 and ctx.mask_shape[0] == 1 and gs.shape[0] != 1:
             gs = gs.sum(0, keepdim=True)  # one mask for every entry

@@ -66,13 +66,15 @@ def quantize_conv_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_
 
 def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                          seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                          seed_w: torch.Tensor, first: int = 0) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_pair` of a batch of gradients ``g`` (B, N, out) — attention's
     ``∇O`` or ``∇S``, one entry per (batch, head) —: ``reference.quantize`` of the rows
-    (B·N, out) and of each entry's transpose, (B·out, N)."""
+    (B·N, out) and of each entry's transpose, (B·out, N). ``first``: ``g`` is entries
+    ``first, first + 1, …`` of a larger batch, whose noise they get (per-row scales: each
+    row lies within one entry, so the part's codes are those rows of the whole batch's)."""
     b, n, c = g.shape
-    return (*reference.quantize(g.reshape(b * n, c), fmt_a, gran_a, rnd_a, seed_a),
-            *reference.quantize(g.mT.reshape(b * c, n), fmt_w, gran_w, rnd_w, seed_w))
+    return (*reference.quantize(g.reshape(b * n, c), fmt_a, gran_a, rnd_a, seed_a, first * n * c),
+            *reference.quantize(g.mT.reshape(b * c, n), fmt_w, gran_w, rnd_w, seed_w, first * n * c))
 
 
 register_fused("quantize_pair", quantize_pair)
@@ -105,11 +107,13 @@ register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu
          avx512.supports_conv_pair)
 
 
-def _plain(spec: GradSpec | None) -> bool:
+def plain(spec: GradSpec | None) -> bool:
+    """Whether ``spec`` quantizes rows on their own: low-bit (not None), a dynamic range
+    (not predicted) and a quantizer that does not mix rows (PTQ, PSQ; not BHQ, Hadamard)."""
     return spec is not None and not spec.predicted and not get_quantizer(spec.quantizer).mixes_rows
 
 
-def _draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
+def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
           ) -> tuple[Granularity, Rounding, torch.Tensor, Identity]:
     """What :func:`lowbit.functional.quantize_gradient` draws before it rounds, for a plain
     ``spec`` on ``rows`` rows: its transform (an identity, which draws nothing and sees
@@ -133,10 +137,10 @@ def quantize_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generato
     bitwise ``quantize_gradient(gy.mT.reshape(-1, N), spec, gen, k)``. ``None`` (nothing
     drawn) where that does not apply (as :func:`quantize_grad_pair` says for its ``∇W``
     side)."""
-    if gy.dim() != 3 or not (k.fused and gy.numel() and _plain(spec)):
+    if gy.dim() != 3 or not (k.fused and gy.numel() and plain(spec)):
         return None
     op, rows = ("quantize_batched_w", gy.shape[0] * gy.shape[2]) if batched else ("quantize_conv_w", gy.shape[1])
-    gran, rnd, seed, t = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
+    gran, rnd, seed, t = draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     with scope("lowbit::quantize"):
         out = k.run(op, gy, spec.format, gran, rnd, seed)  # type: ignore[union-attr]
     grid_notes.note(out[0], spec.format)  # type: ignore[union-attr]
@@ -166,7 +170,7 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     if gy.dim() != (3 if batched else gy.dim()) or gy.dim() not in (2, 3):
         raise ValueError("quantize_grad_pair: gy must be (N, out) or (N, C_out, L), or (B, N, out) with "
                          f"batched=True; got shape {tuple(gy.shape)}, batched={batched}")
-    if not (k.fused and gy.numel() and _plain(spec_a) and _plain(spec_w)):
+    if not (k.fused and gy.numel() and plain(spec_a) and plain(spec_w)):
         return None
     if gy.dim() == 2:
         op, rows_a, rows_w = "quantize_pair", gy.shape[0], gy.shape[1]
@@ -177,7 +181,7 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     ops = {}
     paths = (("a", spec_a, gen_a, rows_a), ("w", spec_w, gen_w, rows_w))
     for key, spec, gen, rows in (paths[::-1] if w_first else paths):
-        ops[key] = _draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
+        ops[key] = draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops["a"], ops["w"]
     with scope("lowbit::quantize"):
         out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]

@@ -251,10 +251,12 @@ class NoiseStream:
 _MASK32 = 0xFFFFFFFF
 
 
-def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> torch.Tensor:
+def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, first: int = 0) -> torch.Tensor:
     """``U[0,1)`` float32 noise as a pure function of (element index, ``seed``).
 
-    A counter-based generator: element ``i`` (row-major index in ``shape``) gets
+    A counter-based generator: element ``i`` (``first`` + its row-major index in ``shape``:
+    ``first`` > 0 gives a part of a larger tensor's noise, the part starting at element
+    ``first``) gets
     ``h((i·K mod 2³²) XOR seed)`` with ``h`` a two-round 32-bit integer mixer, keeping 24
     bits (the resolution of ``torch.rand`` in float32: the values ``k·2⁻²⁴``, so
     :func:`stochastic_round` is biased by less than 2⁻²⁴ of a grid step). Being
@@ -271,7 +273,7 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> 
     n = 1
     for d in shape:
         n *= d
-    x = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
+    x = torch.arange(first, first + n, device=seed.device, dtype=torch.int64).view(shape)
     x = ((x * 0x27D4EB2D) & _MASK32) ^ seed
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32

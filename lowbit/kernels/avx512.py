@@ -91,7 +91,7 @@ _SIGNATURES = {
     "lowbit_pair_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I],
     "lowbit_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
-                             _P, _I64, _U32, _I, _F, _P, _I],
+                             _P, _I64, _U32, _I, _F, _P, _I64, _I],
     "lowbit_seg_absmax": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
     "lowbit_seg_quantize_pair": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                                  _P, _I64, _U32, _I, _F, _P, _I],
@@ -325,8 +325,30 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, granularity: Granu
     step, div = _steps(lib, amax, fmt, granularity)
     lib.lowbit_quantize_pair(m.data_ptr(), dt, 1, 0, d, r, m.stride(0), None, 0, 0, 0, 0.0, None,
                              div.data_ptr(), 1 if div.shape[0] > 1 else 0, seed32, sr,
-                             float(fmt.emax), codes.data_ptr(), threads)
+                             float(fmt.emax), codes.data_ptr(), 0, threads)
     return codes.view(fmt.code_dtype), step
+
+
+def quantize_part_into(x: torch.Tensor, fmt: Format, amax: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest codes of ``x`` (R, D) float32 with contiguous rows, a part of a
+    larger operand quantized per tensor whose absmax over all its parts is ``amax`` (a
+    one-element float32 tensor), written into ``out`` (R, D) contiguous, of the format's
+    code dtype (int8, or the FP8 dtype): bitwise the
+    codes :func:`quantize` gives those rows when it quantizes the whole operand per
+    tensor (the same step, :func:`_steps` of ``amax``, and the same rounding). Returns the
+    step (1, 1). ``RuntimeError`` where :func:`supports` refuses ``x`` per tensor
+    round-to-nearest or ``out`` is not such a buffer."""
+    _check("quantize_part_into", supports(x, fmt, Granularity.TENSOR, Rounding.NEAREST, amax)
+           and _rows_contiguous(x) and out.dtype == fmt.code_dtype and out.is_contiguous()
+           and out.shape == x.shape and amax.numel() == 1 and amax.dtype == torch.float32,
+           f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, out {out.dtype} {tuple(out.shape)}")
+    lib, (r, d) = _library(), x.shape
+    with scope("lowbit::avx512_quantize"):
+        step, div = _steps(lib, amax.reshape(1, 1).to("cpu"), fmt, Granularity.TENSOR)
+        lib.lowbit_quantize_rows(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0), div.data_ptr(), 0, 0,
+                                 _mode(fmt, Rounding.NEAREST), float(fmt.emax), out.data_ptr(),
+                                 torch.get_num_threads())
+    return step
 
 
 def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -355,8 +377,9 @@ def run_quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, roundin
 @compiled.disable_tracing
 def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Granularity,
                    rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
-                   rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
-    """(N, out) ``g``, or a batch (B, N, out) of them: codes (B·N, out) and (B·out, N)."""
+                   rnd_w: Rounding, seed_w: torch.Tensor, threads: int, first: int = 0) -> tuple[torch.Tensor, ...]:
+    """(N, out) ``g``, or a batch (B, N, out) of them: codes (B·N, out) and (B·out, N);
+    ``first``: the batch is entries ``first, first + 1, …`` of a larger one (their noise)."""
     g3 = g if g.dim() == 3 else g.unsqueeze(0)
     b, n, c = g3.shape
     ramax = torch.empty(b * n, 1, dtype=torch.float32, device="cpu")
@@ -374,42 +397,42 @@ def _quantize_pair(lib: ctypes.CDLL, g: torch.Tensor, fmt_a: Format, gran_a: Gra
         div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
         _mode(fmt_a, rnd_a), float(fmt_a.emax), codes_a.data_ptr(),
         div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
-        _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), threads)
+        _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), first, threads)
     return codes_a.view(fmt_a.code_dtype), step_a, codes_w.view(fmt_w.code_dtype), step_w
 
 
 def supports_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                          seed_w: torch.Tensor) -> bool:
+                          seed_w: torch.Tensor, first: int = 0) -> bool:
     """Whether :func:`quantize_batched_pair` takes this call: ``g`` (B, N, out) whose
-    entries are as :func:`supports_pair` takes them (rows contiguous)."""
+    entries are as :func:`supports_pair` takes them (rows contiguous); any ``first``."""
     return g.dim() == 3 and g.shape[0] > 0 and supports_pair(g[0], fmt_a, gran_a, rnd_a, seed_a, fmt_w,
                                                              gran_w, rnd_w, seed_w) and _readable(g)
 
 
 def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                          seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                          seed_w: torch.Tensor, first: int = 0) -> tuple[torch.Tensor | None, ...]:
     """:func:`lowbit.gradpair.quantize_batched_pair` (both quantizations of a batch of
-    gradients ``g`` (B, N, out), such as attention's ``∇S``) on the kernel
-    (:func:`supports_batched_pair`): ``(codes (B·N, out), step, None, None, codes
-    (B·out, N) row-major, step, None, None)``, bitwise the reference's values.
-    ``RuntimeError`` where :func:`supports_batched_pair` is false."""
+    gradients ``g`` (B, N, out), such as attention's ``∇S``, entries ``first, first + 1,
+    …`` of a larger batch) on the kernel (:func:`supports_batched_pair`): ``(codes (B·N,
+    out), step, None, None, codes (B·out, N) row-major, step, None, None)``, bitwise the
+    reference's values. ``RuntimeError`` where :func:`supports_batched_pair` is false."""
     _check("quantize_batched_pair",
            supports_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w),
            f"{fmt_a.name}/{fmt_w.name}, {g.dtype} shape {tuple(g.shape)} strides {tuple(g.stride())} "
            f"on {g.device}")
-    return run_quantize_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+    return run_quantize_batched_pair(g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, first)
 
 
 def run_quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                               seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                              seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                              seed_w: torch.Tensor, first: int = 0) -> tuple[torch.Tensor | None, ...]:
     """:func:`quantize_batched_pair` without its checks (the dispatcher's kernel, after
     :func:`supports_batched_pair`)."""
     with scope("lowbit::avx512_quantize_batched_pair"):
         return _pair_result(_quantize_pair(_library(), g, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w,
-                                           rnd_w, seed_w, torch.get_num_threads()))
+                                           rnd_w, seed_w, torch.get_num_threads(), first))
 
 
 def supports_batched_w(g: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -434,7 +457,7 @@ def _quantize_batched_w(lib: ctypes.CDLL, g: torch.Tensor, fmt: Format, granular
     codes = torch.empty(b * c, n, dtype=torch.int8, device="cpu")
     lib.lowbit_quantize_pair(g.data_ptr(), dt, b, bstride, n, c, ld, None, 0, 0, 0, 0.0, None,
                              div.data_ptr(), 1 if div.shape[0] > 1 else 0, _seed(seed, rounding),
-                             _mode(fmt, rounding), float(fmt.emax), codes.data_ptr(), threads)
+                             _mode(fmt, rounding), float(fmt.emax), codes.data_ptr(), 0, threads)
     return codes.view(fmt.code_dtype), step
 
 
@@ -1237,7 +1260,7 @@ def _steps_self_test(lib: ctypes.CDLL) -> bool:
 def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     """The pair of a batch (B, N, out) against the reference on the batch's rows and on
     each entry's transpose: contiguous, strided entries and bfloat16; fewer entries than
-    threads and more."""
+    threads and more; a part of the batch (``first``) against the whole batch's codes."""
     from ..formats import parse_format
     from .reference import quantize as ref
 
@@ -1254,6 +1277,10 @@ def _batched_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
                 if not (torch.equal(got[0], want_a[0]) and _same(got[1], want_a[1])
                         and torch.equal(got[2], want_w[0]) and _same(got[3], want_w[1])):
                     return False
+                if gran is Granularity.ROW and b > 2:  # entries 1, 2 alone: the whole batch's rows
+                    part = _quantize_pair(lib, a[1:3], fmt, gran, rnd, seed_a, fmt, gran, rnd, seed_w, threads, 1)
+                    if not (torch.equal(part[0], want_a[0][n:3 * n]) and torch.equal(part[2], want_w[0][c:3 * c])):
+                        return False
     return True
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import math
+
 import torch
 
 from . import amx, vnni, workspace
@@ -89,13 +91,23 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t if reads_as_meant(t) else _row_major(t)
 
 
+def _check_k(k: int, what: str) -> None:
+    if k > MAX_K:
+        raise ValueError(f"lowbit.kernels.int8.{what}: a sum over K = {k} int8 products can pass int32's "
+                         f"range (K·128² ≥ 2³¹ from K = {MAX_K + 1}); split the sum into pieces of at most "
+                         f"MAX_K = {MAX_K}")
+
+
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
     into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
     :func:`amx.worth_it` picks (and no ``out``) run on :mod:`.amx`'s kernel (it reads
     any strides); elsewhere on ``torch._int_mm``, operands whose strides it would misread
-    copied first (:func:`dense`). Both give the same int32 sums."""
+    copied first (:func:`dense`). Both give the same int32 sums. ``ValueError`` for
+    ``K >`` :data:`MAX_K` (an int32 sum of that length could wrap: split it, as
+    :func:`gemm` does)."""
+    _check_k(a_codes.shape[-1], "int_mm")
     if out is None and a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, b_codes.shape[1]) \
             and amx.available():
         return amx.int_mm(a_codes, b_codes)
@@ -126,7 +138,8 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
     whether the operand is first copied whole (row-major entries) — the per-entry stride
     checks and selects of :func:`int_mm` in a loop cost about as much as the products at
-    attention's head sizes."""
+    attention's head sizes. ``ValueError`` for ``K >`` :data:`MAX_K`, as :func:`int_mm`."""
+    _check_k(a_codes.shape[-1], "int_mm_batched")
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
             and batched_kernel(a_codes.shape[2]):
         return amx.int_bmm(a_codes, b_codes)
@@ -154,15 +167,20 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     a_scale`` could pass float32's maximum although the product need not (``|acc| ≤ k·2¹⁴``
     for int8 codes: a step past ``3.4e38 / (k·2¹⁴)``, an operand of magnitude ≈ 1e34 and
     more): the epilogue then runs in float64 and rounds once to its output dtype, as the
-    simulated GEMM of the dequantized operands stays finite. Float32 scales otherwise
+    simulated GEMM of the dequantized operands stays finite. Only finite steps count: a
+    NaN or infinite row is non-finite either way, and the other rows keep their float32
+    bits. Float32 scales otherwise
     (every ordinary gradient: the same bits as before). Checked on the CPU only (on other
     devices the check would be a host sync per GEMM). ``k`` 0: the summed length is not
     known (:data:`MAX_K` is assumed)."""
     if a_scale.dtype != torch.float32 or a_scale.device.type != "cpu" or a_scale.numel() == 0:
         return a_scale, b_scale
-    # one number: read it (one op instead of three; NaN compares false either way)
-    amax = abs(float(a_scale.detach())) if a_scale.numel() == 1 else float(a_scale.detach().abs().amax())
-    if amax * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
+    # the largest finite step decides: a NaN or infinite one makes its own products
+    # non-finite in either dtype, and must not move the other rows to float64 (their bits
+    # would change with a NaN elsewhere in the batch); one number: read it (one op)
+    a = a_scale.detach()
+    amax = abs(float(a)) if a.numel() == 1 else float(torch.where(torch.isfinite(a), a.abs(), 0.0).amax())
+    if not math.isfinite(amax) or amax * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
         return a_scale, b_scale
     return a_scale.double(), b_scale.double()
 

@@ -371,13 +371,14 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
  *   element (c, r) of xᵀ having index c * rows + r, seed_w, sr_w.
  * A batch of such x: entry e at x + e * bstride, its divisors da + e * rows * da_stride and
  * dw + e * cols * dw_stride, its codes at element e·rows·cols of codes_a and of codes_w,
- * its element indices offset by e·rows·cols (mod 2³²): the codes of the batch's rows
- * (batch·rows, cols) and of each entry's transpose (batch·cols, rows). */
+ * its element indices offset by (first + e)·rows·cols (mod 2³²): the codes of the batch's rows
+ * (batch·rows, cols) and of each entry's transpose (batch·cols, rows), where the batch is
+ * entries first, first + 1, … of a larger one (first = 0: the whole batch). */
 void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
                           int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
                           int8_t *codes_a,
                           const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
-                          int8_t *codes_w, int threads) {
+                          int8_t *codes_w, int64_t first, int threads) {
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
     const __m512i lane = _mm512_loadu_si512(LANES);
     const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
@@ -390,9 +391,9 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstri
     const int64_t blocks = (rows + TR - 1) / TR;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t eb = 0; eb < batch * blocks; eb++) {
-        /* entry e's elements are indices e·rows·cols … of the batch's codes (mod 2³²) */
+        /* entry e's elements are indices (first + e)·rows·cols … of the batch's codes (mod 2³²) */
         const int64_t e = eb / blocks, rb = eb % blocks;
-        const uint32_t base = (uint32_t)((uint64_t)e * (uint64_t)rows * (uint64_t)cols);
+        const uint32_t base = (uint32_t)((uint64_t)(first + e) * (uint64_t)rows * (uint64_t)cols);
         const void *xe = (const char *)x + e * bstride * es;
         const float *dae = codes_a ? da + e * rows * da_stride : da, *dwe = dw + e * cols * dw_stride;
         int8_t *cae = codes_a ? codes_a + e * rows * cols : NULL, *cwe = codes_w + e * rows * cols;

@@ -115,8 +115,8 @@ def _codes(q: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
-             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                          torch.Tensor | None]:
+             seed: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor | None]:
     """``(codes, scale, offset, block_scale)`` of a 2-D ``x`` on ``fmt`` (see
     :class:`~lowbit.kernels.encoded.Encoded`): :func:`prepare`, then
     :func:`~lowbit.formats.round_elements` with ``u`` from :func:`counter_uniform` (stochastic)
@@ -124,10 +124,12 @@ def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included —
     except float32 NVFP4 blocks whose block × group scale underflows (:mod:`lowbit.formats`,
     "Range limits")
-    All-zero groups and blocks get scale 0; NaN/Inf make their group's scale non-finite."""
+    All-zero groups and blocks get scale 0; NaN/Inf make their group's scale non-finite.
+    ``first``: the noise of elements ``first, first + 1, …`` (``x`` is a part of a larger
+    operand, starting at its element ``first``: a part of whole rows, per-row scales)."""
     x = x.to(compute_dtype(x.dtype))
     y, scale, offset, bs = prepare(x, fmt, granularity)
-    u = counter_uniform(y.shape, seed) if rounding is Rounding.STOCHASTIC else None
+    u = counter_uniform(y.shape, seed, first) if rounding is Rounding.STOCHASTIC else None
     return _codes(round_elements(y, fmt, u), fmt), scale, offset, bs
 
 

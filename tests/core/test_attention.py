@@ -697,6 +697,123 @@ def test_attention_saves_no_float_scores(mask: str) -> None:
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def _attention_grads(monkeypatch: pytest.MonkeyPatch, pieces: bool, cfg: FQTConfig, length: int, hd: int,
+                     kw: dict, weights: bool = False, nan: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
+    """O, ∇Q, ∇K, ∇V (and the float mask's gradient) of one step of 2 × 3 heads, with the
+    forward and the backward in pieces of two entries allowed (``pieces``) or not; which
+    way each backward went (``A._in_pieces_ok``'s answers)."""
+    asked: list[bool] = []
+    ok = A._in_pieces_ok
+
+    def spy(*args: object) -> bool:
+        asked.append(ok(*args) if pieces else False)  # type: ignore[arg-type]
+        return asked[-1]
+
+    monkeypatch.setattr(A, "_in_pieces_ok", spy)
+    if not pieces:
+        monkeypatch.setattr(A, "_forward_in_pieces_ok", lambda *args: False)
+    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * length * length)
+    q, k, v = _qkv_heads(length=length, hd=hd)
+    if nan:
+        with torch.no_grad():
+            q[1, 2, 3, 4] = float("nan")
+    mask = kw.get("attn_mask")
+    mask = mask.detach().clone().requires_grad_(mask.requires_grad) if mask is not None else None
+    torch.manual_seed(5)  # dropout's keep mask
+    out, w = A.attention(q, k, v, mask, kw.get("dropout_p", 0.0), kw.get("is_causal", False),
+                         state=block_state(cfg), need_weights=weights)
+    loss = out.square().sum() + (0 if w is None else (w * torch.arange(w.shape[-1])).sum())
+    loss.backward()
+    grads = [out.detach(), *(t.grad for t in (q, k, v))] + ([mask.grad] if mask is not None and mask.requires_grad
+                                                             else [])
+    return grads, asked
+
+
+def _masks(length: int) -> dict[str, dict]:
+    pad = torch.ones(2, 1, length, length, dtype=torch.bool).tril()
+    additive = torch.zeros(2, 1, length, length).masked_fill(~pad, -1e4)
+    return {"none": {}, "causal": {"is_causal": True}, "dropout": {"is_causal": True, "dropout_p": 0.3},
+            "bool-per-batch": {"attn_mask": pad}, "float-expanded": {"attn_mask": additive.expand(2, 3, -1, -1)},
+            "float-one": {"attn_mask": additive[0, 0]},
+            "float-learned": {"attn_mask": additive.clone().requires_grad_()}}
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-8"])
+@pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])
+@pytest.mark.parametrize("mask", ["none", "causal", "dropout", "bool-per-batch", "float-expanded",
+                                  "float-one", "float-learned", "need-weights"])
+def test_backward_in_pieces_is_bitwise_the_whole_backward(monkeypatch: pytest.MonkeyPatch, recipe: str,
+                                                          heads: tuple[int, int], mask: str) -> None:
+    """With per-row gradient scales (PSQ) the backward recomputes P, forms ∇S, quantizes it
+    and multiplies two entries at a time (``_grad_qk_in_pieces``): the same bits as the
+    backward that forms the whole ∇S first, on the same noise stream, for every kind of
+    mask, dropout and P̃'s own gradient (``need_weights``). Per-tensor scales (PTQ) and a
+    mask that wants its gradient keep the whole ∇S (its scale and its gradient span every
+    entry)."""
+    length, hd = heads
+    kw = _masks(length).get(mask, {"is_causal": True})
+    cfg = FQTConfig.from_recipe(recipe, seed=0)
+    got, asked = _attention_grads(monkeypatch, True, cfg, length, hd, kw, weights=mask == "need-weights")
+    want, _ = _attention_grads(monkeypatch, False, cfg, length, hd, kw, weights=mask == "need-weights")
+    assert asked == ([] if mask == "float-learned" else [recipe == "fqt-psq-8"])  # a mask's gradient: never asked
+    assert len(got) == len(want) == (5 if mask == "float-learned" else 4)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("activation", ["tensor", "row", "e4m3"])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool-per-batch", "float-expanded", "nan", "all-masked"])
+def test_forward_in_pieces_is_bitwise_the_whole_forward(monkeypatch: pytest.MonkeyPatch, activation: str,
+                                                        mask: str) -> None:
+    """The forward forms P, its codes and P̃·V two entries at a time (``_forward_in_pieces``;
+    per tensor after a first pass for P's absmax): the output, the saved codes and so the
+    gradients are bitwise those of the whole forward, per tensor, per row and on E4M3. Per
+    tensor, a NaN in the queries or every key masked hands the call to the whole forward
+    (the same NaN output and zero rows as always); per row the pieces keep it, NaN rows
+    staying NaN and the other rows' bits unchanged."""
+    cfg = FQTConfig.from_recipe("fqt-psq-fp8", seed=0) if activation == "e4m3" else FQT
+    if activation == "row":
+        cfg = dataclasses.replace(cfg, activation=dataclasses.replace(cfg.activation,
+                                                                      granularity=cfg.activation.granularity.ROW))
+    kw = _masks(64).get(mask, {})
+    if mask == "all-masked":
+        kw = {"attn_mask": torch.zeros(64, 64, dtype=torch.bool)}
+    called: list[object] = []
+    real = A._forward_in_pieces
+    monkeypatch.setattr(A, "_forward_in_pieces", lambda *a: called.append(real(*a)) or called[-1])
+    got, _ = _attention_grads(monkeypatch, True, cfg, 64, 16, kw, nan=mask == "nan")
+    want, _ = _attention_grads(monkeypatch, False, cfg, 64, 16, kw, nan=mask == "nan")
+    # per tensor the step needs a finite positive absmax; per row each row is its own
+    assert len(called) == 1 and (called[0] is None) == (mask in ("nan", "all-masked") and activation != "row")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan()))
+    if mask == "nan":
+        assert got[0].isnan().any()
+
+
+@pytest.mark.parametrize("pieces", [True, False])
+def test_attention_in_pieces_allocates_no_score_sized_buffer(monkeypatch: pytest.MonkeyPatch, pieces: bool) -> None:
+    """The point of the pieces: the largest buffer a training step's forward and backward
+    allocate is one piece of the scores (two entries here), not the (B·H, L, S) float32
+    tensor the whole P and ∇S need (torch's profiler, ``self_cpu_memory_usage`` of each
+    op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not pieces:
+        monkeypatch.setattr(A, "_in_pieces_ok", lambda *args: False)
+        monkeypatch.setattr(A, "_forward_in_pieces_ok", lambda *args: False)
+    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * 128 * 128)
+    q, k, v = _qkv_heads(length=128, hd=16)  # 6 entries of 128 × 128 scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Memory block of unknown size was allocated before the profiling"
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = scaled_dot_product_attention(q, k, v, is_causal=True, state=FQT).square().sum()
+            loss.backward()
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    scores = 6 * 128 * 128 * 4
+    assert largest == (2 * 128 * 128 * 4 if pieces else scores)
+
+
 @pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])
 @pytest.mark.parametrize("switch", [False, True], ids=["same-config", "reference-in-backward"])
 def test_recomputed_probs_give_the_gradients_of_the_forward_probs(

@@ -283,6 +283,14 @@ def test_batched_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: 
                 assert _same(got, want), (gran_a, rnd_a, gran_w, rnd_w, threads)
     refused = (x.mT, FORMATS[4], *combos[0][:2], torch.tensor(1), FORMATS[4], *combos[0][2:], torch.tensor(1))
     assert not avx512.supports_batched_pair(*refused) or c == 1 or n == 1  # columns contiguous only
+    # a part of the batch, entries i:j told their place (``first = i``): the whole batch's
+    # rows of both codes, per-row scales — on the kernel and on the reference
+    i, j = b // 3, max(b // 3 + 1, 2 * b // 3)
+    args = (x, FORMATS[4], *combos[0][:2], seed_a, FORMATS[2], *combos[0][2:], seed_w)
+    whole = reference_batched_pair(*args)
+    for part in (avx512.quantize_batched_pair(x[i:j], *args[1:], i), reference_batched_pair(x[i:j], *args[1:], i)):
+        assert torch.equal(part[0], whole[0][i * n:j * n]) and torch.equal(part[1], whole[1][i * n:j * n])
+        assert torch.equal(part[4], whole[4][i * c:j * c]) and torch.equal(part[5], whole[5][i * c:j * c])
     assert not avx512.supports_batched_pair(x[0], *refused[1:])  # 2-D: quantize_pair's
 
 

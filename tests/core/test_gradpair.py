@@ -313,6 +313,9 @@ def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, varian
         mask = torch.randn(96, 96, generator=g).requires_grad_()
         cfg = FQTConfig.from_recipe(recipe, seed=4)
         monkeypatch.setattr(A, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
+        # the whole ∇S (its pieces, which quantize each piece with the pair kernel, are
+        # bitwise this path: test_attention.py::test_backward_in_pieces_is_bitwise_the_whole_backward)
+        monkeypatch.setattr(A, "_in_pieces_ok", lambda *a: False)
         torch.manual_seed(5)  # dropout's mask
         if variant == "causal-gqa":
             out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=block_state(cfg))
