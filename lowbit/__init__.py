@@ -84,3 +84,17 @@ __all__ = [  # grouped by role, not sorted
     "range_state",
     "load_range_state",
 ]
+
+# Submodules the README names as ``lowbit.optim.SRSGD``, ``lowbit.analysis.gradient_variance``
+# and so on, imported on first use (PEP 562) so that ``import lowbit`` stays light: a plain
+# ``import lowbit`` then reaches them as attributes, as ``import torch`` reaches ``torch.optim``.
+_LAZY_SUBMODULES = frozenset({"adaptive", "analysis", "distributed", "experiments", "monitor", "optim",
+                              "plots", "ranges", "hf"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -61,11 +61,28 @@ class _ShowDefaults(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}  # type: ignore[attr-defined]
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_ShowDefaults)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
+        parser.commands[name] = p  # type: ignore[attr-defined]
     return parser
+
+
+def _unknown(command: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's "unrecognized arguments" for a subcommand, with the nearest option of
+    that subcommand for each misspelt one (``--recipie`` → ``--recipe``)."""
+    import difflib
+
+    options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in extra:
+        near = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.75) if word.startswith("--") else []
+        if near:
+            hints.append(f"{word.split('=')[0]} → {near[0]}")
+    hint = f" (did you mean: {', '.join(hints)}?)" if hints else f" (see {command.prog} --help)"
+    return f"unrecognized arguments: {' '.join(extra)}{hint}"
 
 
 class _Stderr(logging.StreamHandler):
@@ -96,7 +113,10 @@ def _show_lowbit_info() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand, with the option it probably meant
+        command = parser.commands[args.command]  # type: ignore[attr-defined]
+        command.error(_unknown(command, extra))
     args._argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (lowbit train --resume)
     _show_lowbit_info()
     module = importlib.import_module(args._module)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -98,7 +99,9 @@ _RANGE_DEFAULTS = {"margin": 1.25, "history": 16, "overflow": Overflow.REQUANTIZ
 class GradSpec:
     """Gradient quantizer of one backward GEMM: ``quantizer`` in ``ptq``, ``psq``,
     ``bhq``, ``hadamard`` onto ``format`` (default ``int8``; ``bits=B`` for ``intB``);
-    stochastic rounding (unbiased) by default.
+    stochastic rounding (unbiased) by default — except on a ``*_spec`` block format, whose
+    scale rule clips (biased: accepted to study the specification's numerics, with a
+    ``UserWarning``).
 
     ``range``: ``dynamic`` (the operand's own absmax) or ``predicted`` (known before the
     GEMM that produces the gradient: ``margin`` × the largest absmax of the layer's last
@@ -124,6 +127,12 @@ class GradSpec:
         _coerce_enum(self, "rounding", Rounding)
         _coerce_enum(self, "range", RangeMode)
         _coerce_enum(self, "overflow", Overflow)
+        if getattr(self.format, "clips", False):
+            warnings.warn(f"GradSpec: {self.format.name} clips a block's largest values (the "  # type: ignore[union-attr]
+                          f"specification's scale rule), so its gradients are biased; "
+                          f"{self.format.name.removesuffix('_spec')} rounds the block scale up "  # type: ignore[union-attr]
+                          f"instead and is unbiased (the variance monitor skips such a layer)",
+                          UserWarning, stacklevel=3)
         m = self.margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m < float("inf"):
             raise ValueError(f"margin must be a finite number ≥ 1, got {m!r}")

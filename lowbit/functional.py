@@ -242,7 +242,8 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
     if isinstance(state, BlockState):
         return state
     if not isinstance(state, FQTConfig):
-        raise TypeError(f"state must be a BlockState or an FQTConfig, got {type(state).__name__}")
+        hint = f" (a recipe name: lowbit.FQTConfig.from_recipe({state!r}))" if isinstance(state, str) else ""
+        raise TypeError(f"state must be a BlockState or an FQTConfig, got {type(state).__name__}{hint}")
     seed = draw_base_seed() if state.seed is None else state.seed
     return BlockState(state, NoiseStream(seed))
 

@@ -79,9 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--recipe", default="fp", help=f"{recipe_families()} (fqt-auto*: bit widths chosen "
         "from the measured variance; default fp)")
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
-    add("--out", help="run folder (default runs/<task>-<model>-<recipe>-s<seed>)")
+    add("--out", help="run folder (default runs/<task>-<model>-<recipe>[-giB-gwB][-mMARGIN][-wFMT[-sFMT]]"
+        "[-nN[-cCOMM]]-s<seed>; --epochs, --lr, --batch-size and --subset are not in the name, so a run "
+        "that changes them needs its own --out)")
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt); the settings "
-        "this command line does not give are those OUT/config.json records (give --out)")
+        "this command line does not give are those OUT/config.json records (give --out); OUT must "
+        "exist (a folder without a checkpoint starts afresh)")
     add("--nproc", help="data-parallel ranks: launches torchrun with N processes (default 1; "
         "under torchrun, its WORLD_SIZE)")
     add_training_arguments(parser)
@@ -376,6 +379,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     set_malloc(args.malloc)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
+    if args.resume and not Path(cfg.out).exists():  # a misspelt folder would train anew, silently
+        raise ValueError(f"--resume: {cfg.out} does not exist, so there is no run to continue (check the "
+                         "folder's name, or drop --resume to start a new run there)")
     if launch:  # every value checked, the run folder too: now the same command on nproc ranks
         check_run_dir(Path(cfg.out), cfg, args.resume)
         if is_busy(Path(cfg.out)):

@@ -20,6 +20,19 @@ class Rounding(enum.Enum):
     STOCHASTIC = "stochastic"
 
 
+def as_rounding(value: object) -> Rounding:
+    """``value`` as a :class:`Rounding` (the member itself, or its name ``"nearest"`` /
+    ``"stochastic"``); ``ValueError`` naming the allowed values otherwise — a misspelt
+    name must not quietly round to nearest where stochastic rounding was meant."""
+    if isinstance(value, Rounding):
+        return value
+    try:
+        return Rounding(value)
+    except ValueError:
+        allowed = ", ".join(repr(r.value) for r in Rounding)
+        raise ValueError(f"rounding must be a lowbit.Rounding or one of {allowed}, got {value!r}") from None
+
+
 class Granularity(enum.Enum):
     """Which elements share one scale (and offset): the whole tensor, or each row."""
 

@@ -48,9 +48,13 @@ class Format:
 
     @property
     def spacing_factor(self) -> float:
-        """Largest absolute grid spacing of a group (or block) over its absmax, for
-        scales from the group's own range: a data-free variance bound per element is
-        ``(factor · absmax)² / 4`` (up to the scale's one-ulp round-up)."""
+        """Largest absolute grid spacing within a group (the tensor or row one scale is
+        computed from) over the group's absmax, for scales from the group's own range: a
+        data-free variance bound per element is ``(factor · absmax)² / 4`` (up to the
+        scale's one-ulp round-up). For block formats it bounds a block's spacing against
+        its group's absmax, not its own block's: an NVFP4 block whose E4M3 scale falls in
+        E4M3's subnormal range has a far coarser spacing than ``factor`` times its own
+        absmax (47.7× it for a block of 1e-8 beside a block of 1)."""
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -188,6 +192,8 @@ class BlockFormat(Format):
 
     @property
     def spacing_factor(self) -> float:
-        # Round-up at most doubles a block scale (a power of two; an E4M3 value, also in
-        # its subnormal range, within the group's power-of-two scale).
+        # Against the group's absmax (the docstring above): round-up at most doubles a
+        # block scale that is a normal value (a power of two; an E4M3 value within the
+        # group's power-of-two scale); a subnormal E4M3 block scale is at most E4M3's
+        # smallest spacing times the group's scale, far below the group's largest spacing.
         return 2 * self.element.max_spacing / self.element.max

@@ -4,9 +4,13 @@ Eager torch makes one pass over memory per op (and the counter-based noise alone
 a dozen); compiled, the quantizer becomes one reduction plus one fused pass, the
 epilogue one pass. Same code, same arithmetic: the codes equal the reference's (tested).
 
-Compilation needs a C++ compiler (CPU) or Triton (GPU). If it is unavailable the first
-failure is reported once as a warning and these kernels run eagerly (the same functions,
-uncompiled) from then on: :func:`failure` says why. That failure concerns Inductor only —
+Compilation needs a C++ compiler (CPU) or Triton (GPU). A variant that fails to compile
+runs eagerly (the same function, uncompiled) from then on, with a warning, and the
+others stay compiled (one variant can fail alone: Inductor's C++ code for float64 block
+formats does not build with torch 2.13 on the project's CPU); from the
+:data:`FAILURES_TO_STOP`-th failure on the compiler is taken to be unusable — a
+missing C++ compiler fails every variant — and all these kernels run eagerly from then
+on: :func:`failure` says why. That failure concerns Inductor only —
 lowbit's own C kernels (AVX-512 quantizer, int8 GEMM panels) keep running. Set
 ``LOWBIT_COMPILE=0`` to never compile (and to run the reference kernels everywhere:
 :func:`enabled`). Small tensors are not worth a compiled call.
@@ -35,7 +39,11 @@ import torch
 
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
 _enabled = os.environ.get("LOWBIT_COMPILE", "1") != "0" and hasattr(torch, "compile")
-_failure: str | None = None  # the first compiler failure of this process (run)
+_failure: str | None = None  # the failure that stopped all compiling in this process (run)
+# compiler failures of single kernel variants so far; at FAILURES_TO_STOP of them the
+# compiler itself is taken to be unusable (a missing C++ compiler fails every variant)
+_variant_failures: list[str] = []
+FAILURES_TO_STOP = 2
 _dynamo_broken = False  # importing torch._dynamo failed (disable_tracing)
 # kernel name -> variant key -> compiled copy of the kernel
 _compiled: dict[str, dict[Hashable, Callable[..., Any]]] = {}
@@ -124,10 +132,15 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def failure() -> str | None:
-    """``None`` while ``torch.compile`` works in this process, else the first failure
-    (kernel name, exception type and first line), after which the compiled kernels run
-    eagerly."""
+    """``None`` while ``torch.compile`` works in this process, else the failure after which
+    every compiled kernel runs eagerly (kernel name, exception type and first line): the
+    :data:`FAILURES_TO_STOP`-th variant to fail, or the compiler's import failing."""
     return _failure
+
+
+def variant_failures() -> list[str]:
+    """Every kernel variant that failed to compile so far (each then runs eagerly)."""
+    return list(_variant_failures)
 
 
 def working() -> bool:
@@ -200,9 +213,16 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return f(*args)
     except (*_compile_errors(), OSError) as exc:  # the kernels do no I/O: an OSError is
         # the compiler's (its cache or build directory)
-        _failure = f"torch.compile failed for kernel {name!r} ({_describe(exc)})"
-        warnings.warn(f"lowbit: {_failure}; lowbit's compiled kernels run eagerly from now on "
-                      "(same results, slower; its C kernels are unaffected)", stacklevel=3)
+        what = f"torch.compile failed for kernel {name!r} ({_describe(exc)})"
+        variants[key] = fn  # this variant runs eagerly from now on, uncompiled
+        _variant_failures.append(what)
+        if len(_variant_failures) < FAILURES_TO_STOP:
+            warnings.warn(f"lowbit: {what}; that kernel variant runs eagerly from now on, the "
+                          "others stay compiled (same results, slower)", stacklevel=3)
+        else:
+            _failure = what
+            warnings.warn(f"lowbit: {_failure}; lowbit's compiled kernels run eagerly from now on "
+                          "(same results, slower; its C kernels are unaffected)", stacklevel=3)
         return fn(*args)
 
 

@@ -33,6 +33,7 @@ from ..formats import (
     Format,
     Granularity,
     Rounding,
+    as_rounding,
     compute_dtype,
     draw_seed,
     element_spacing_sq,
@@ -221,13 +222,16 @@ class GradQuantizer(abc.ABC):
         a: torch.Tensor,
         fmt: AnyFormat | int | str,
         generator: torch.Generator | None = None,
-        rounding: Rounding = Rounding.STOCHASTIC,
+        rounding: Rounding | str = Rounding.STOCHASTIC,
         backend: Backend | Kernels = Backend.AUTO,
         tracker: RangeTracker | None = None,
     ) -> QuantizedOperand:
         """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``).
-        The range is ``T·a``'s own (dynamic), or ``tracker``'s prediction."""
+        The range is ``T·a``'s own (dynamic), or ``tracker``'s prediction. ``rounding``: a
+        :class:`Rounding` or its name (``"stochastic"``, ``"nearest"``); ``ValueError`` for
+        anything else."""
         fmt = parse_format(fmt)
+        rounding = as_rounding(rounding)
         k = kernels_for(backend, a.device)
         with scope("lowbit::transform"):
             t = self.transform(a, generator, k)

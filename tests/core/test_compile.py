@@ -274,9 +274,10 @@ def test_equal_sizes_are_a_variant_not_a_recompile(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One ``torch.compile`` failure makes lowbit's compiled kernels run eagerly (same
-    results) and is reported once; it does not switch off the native C kernels, and
-    ``avx512.in_use()`` does not blame ``LOWBIT_COMPILE`` for it."""
+    """A kernel variant that fails to compile runs eagerly (same results) and the others
+    stay compiled; a second failure (a missing compiler fails every variant) makes all
+    compiled kernels run eagerly, reported once; neither switches off the native C
+    kernels, and ``avx512.in_use()`` does not blame ``LOWBIT_COMPILE`` for it."""
     from torch._dynamo.exc import TorchDynamoException
 
     from lowbit.formats import IntFormat, Rounding
@@ -289,14 +290,18 @@ def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch)
         return call
 
     monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(compiled, "_variant_failures", [])
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(64, 1024)  # above MIN_NUMEL
     args = (torch.randint(-99, 99, (64, 8), dtype=torch.int32), torch.rand(64, 1),
             torch.rand(1, 8), None, None, None, None, 0, None, torch.float32)
-    with pytest.warns(UserWarning, match=r"no C\+\+ compiler.*C kernels are unaffected"):
+    with pytest.warns(UserWarning, match=r"no C\+\+ compiler.*that kernel variant runs eagerly"):
         out = compiled.run("int8_epilogue", reference.int8_epilogue, *args)
-    torch.testing.assert_close(out, reference.int8_epilogue(*args), rtol=0, atol=0)
+    assert compiled.failure() is None and compiled.working()  # one variant: the others stay compiled
+    with pytest.warns(UserWarning, match=r"no C\+\+ compiler.*C kernels are unaffected"):
+        out = compiled.run("int8_epilogue", reference.int8_epilogue, *args[:-1], torch.float64)  # another variant
+    torch.testing.assert_close(out, reference.int8_epilogue(*args[:-1], torch.float64), rtol=0, atol=0)
     assert "int8_epilogue" in compiled.failure() and "no C++ compiler" in compiled.failure()
     assert compiled.enabled() and not compiled.working() and not compiled.use_for(x)
     with warnings.catch_warnings():

@@ -526,3 +526,48 @@ def test_huge_gradients_stay_finite_on_the_integer_path(layer: str) -> None:
             assert bool(b.isfinite().all()), "the reference itself overflows: the case is mis-sized"
             assert bool(a.isfinite().all())
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_row_leaves_the_other_rows_bits(bad: float) -> None:
+    """A review (2026-12-05): the int8 epilogue's float32/float64 decision read the call's
+    largest step, which one NaN or infinite row made non-finite, so every other row of the
+    call ran in float64 (1-ulp differences). The other rows now have the bits of the call
+    without that row, on the dispatcher's epilogue and on a converted Linear; the bad
+    row stays non-finite."""
+    import lowbit
+    from lowbit.kernels import int8, kernels_for
+
+    k = kernels_for("auto", "cpu")
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-2**24, 2**24, (4, 64), dtype=torch.int32, generator=g)
+    sa, sb = torch.rand(4, 1, generator=g), torch.rand(1, 64, generator=g)
+    bad_sa = sa.clone()
+    bad_sa[0] = bad
+    got = int8.epilogue(k, acc.clone(), bad_sa, sb, None, None, None, None, 64, None, torch.float32)
+    want = int8.epilogue(k, acc[1:].clone(), sa[1:], sb, None, None, None, None, 64, None, torch.float32)
+    assert torch.equal(got[1:], want) and not got[0].isfinite().any()
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    cfg = lowbit.FQTConfig(activation=lowbit.OperandSpec(granularity="row"), grad_input=cfg.grad_input,
+                           grad_weight=cfg.grad_weight, seed=0)
+    layer = lowbit.convert(torch.nn.Linear(64, 32), cfg)
+    x = torch.randn(8, 64, generator=g) * 1e3
+    x_bad = x.clone()
+    x_bad[0, 5] = bad
+    with torch.no_grad():
+        y, y_bad = layer(x), layer(x_bad)
+    assert torch.equal(y[1:], y_bad[1:]) and not y_bad[0].isfinite().all()
+
+
+def test_int_mm_refuses_sums_that_could_wrap() -> None:
+    """``K > MAX_K`` int8 products can pass int32's range (−2³¹ came back for +2³¹ on
+    ``torch._int_mm``): refused, naming K, as lowbit's own GEMMs split such sums."""
+    from lowbit.kernels import int8
+
+    k = int8.MAX_K + 1
+    a = torch.full((1, 1, k), -128, dtype=torch.int8)
+    b = torch.full((1, k, 1), -128, dtype=torch.int8)
+    for call in (lambda: int8.int_mm_batched(a, b), lambda: int8.int_mm(a[0], b[0])):
+        with pytest.raises(ValueError, match=f"K = {k} int8 products can pass int32's range"):
+            call()
+    assert int(int8.int_mm(a[0, :, :-1], b[0, :-1])) == int8.MAX_K * 128 * 128  # at MAX_K: exact

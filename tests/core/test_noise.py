@@ -256,7 +256,8 @@ def test_functional_api_takes_a_state_or_a_config() -> None:
     y2.sum().backward()
     assert torch.equal(x.grad, g1)  # a fresh stream per call with a bare config: step 0 both
     assert state.noise.counter == 1
-    with pytest.raises(TypeError, match="state must be a BlockState or an FQTConfig"):
+    with pytest.raises(TypeError, match=r"state must be a BlockState or an FQTConfig, got str \(a recipe "
+                                        r"name: lowbit.FQTConfig.from_recipe\('fqt-psq-8'\)\)"):
         lowbit.fqt_linear(x, w, b, "fqt-psq-8")  # type: ignore[arg-type]
 
 

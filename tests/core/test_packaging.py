@@ -111,3 +111,23 @@ def test_a_forked_child_with_more_threads_than_its_parent_finishes(tmp_path: Pat
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True"]  # the child's gradient equals the parent's
+
+
+def test_submodules_named_in_the_readme_are_attributes_after_import_lowbit() -> None:
+    """A new user's review: the README writes ``lowbit.optim.SRSGD(...)``,
+    ``lowbit.analysis.gradient_variance(...)``, ``lowbit.distributed.quantized_allreduce_hook``,
+    which raised AttributeError after a plain ``import lowbit``. They are imported on first
+    use; an unknown name still raises AttributeError."""
+    code = ("import lowbit, sys\n"
+            "assert 'lowbit.optim' not in sys.modules\n"  # not imported up front
+            "print(lowbit.optim.SRSGD.__name__, lowbit.analysis.gradient_variance.__name__,\n"
+            "      lowbit.distributed.quantized_allreduce_hook.__name__, lowbit.monitor.VarianceMonitor.__name__,\n"
+            "      lowbit.adaptive.__name__)\n"
+            "try:\n"
+            "    lowbit.optimm\n"
+            "except AttributeError as exc:\n"
+            "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split("\n")
+    assert out[0] == "SRSGD gradient_variance quantized_allreduce_hook VarianceMonitor lowbit.adaptive"
+    assert out[1] == "module 'lowbit' has no attribute 'optimm'"

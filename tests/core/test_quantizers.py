@@ -5,6 +5,8 @@ cases, NaN/Inf propagation, and backend="reference" running no compiled code."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_unbiased, available_devices, int_codes
@@ -12,7 +14,7 @@ from conftest import assert_unbiased, available_devices, int_codes
 from torch import nn
 
 import lowbit
-from lowbit import FQTConfig, OperandSpec
+from lowbit import FQTConfig, GradSpec, OperandSpec
 from lowbit.formats import IntFormat, Rounding, compute_dtype
 from lowbit.functional import quantize_forward
 from lowbit.kernels import Backend, avx512, compiled
@@ -406,6 +408,28 @@ def test_clipping_formats_are_refused_where_unbiasedness_is_promised(fmt: str) -
     up = fmt.removesuffix("_spec")  # the round-up rule stays unbiased and accepted
     assert torch.isfinite(lowbit.quantize_grad(g, "psq", up)).all()
     assert float(QUANTIZERS["psq"].variance_bound(g, up)) >= float(QUANTIZERS["psq"].expected_variance(g, up))
+    # a gradient spec takes the format (to study the specification's numerics), saying it is biased
+    with pytest.warns(UserWarning, match=f"{fmt} clips a block's largest values.*biased"):
+        GradSpec(format=fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradSpec(format=up)
+
+
+def test_a_rounding_name_is_read_or_refused_never_taken_for_nearest() -> None:
+    """A review (2026-12-05): ``GradQuantizer.quantize(…, rounding="stochastic")`` compared
+    the string with ``Rounding.STOCHASTIC`` and rounded to nearest — biased, silently; any
+    misspelling did the same. Names are read as the enum, anything else refused."""
+    g = torch.full((1, 8), 0.5)
+    g[0, 0] = 1.0
+    draws = {tuple(QUANTIZERS["psq"].quantize(g, "int2", torch.Generator().manual_seed(s), "stochastic")
+                   .dequantize()[0].tolist()) for s in range(20)}
+    assert len(draws) > 1  # stochastic: 0.5 rounds to 0 or to 1 by draw
+    nearest = QUANTIZERS["psq"].quantize(g, "int2", None, "nearest").dequantize()
+    assert torch.equal(nearest, QUANTIZERS["psq"].quantize(g, "int2", None, Rounding.NEAREST).dequantize())
+    with pytest.raises(ValueError, match="rounding must be a lowbit.Rounding or one of 'nearest', 'stochastic', "
+                                         "got 'stochastc'"):
+        QUANTIZERS["psq"].quantize(g, "int2", None, "stochastc")
 
 
 @pytest.mark.parametrize("name", ["ptq", "psq", "bhq"])

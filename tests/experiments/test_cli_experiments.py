@@ -269,7 +269,12 @@ def test_argparse_and_path_errors_are_one_line(tmp_path, capsys):
     a_file.write_text("x")
     cases = [
         (["train", "--epochs"], "lowbit train: error: argument --epochs: expected one argument"),
-        (["train", "--bogus"], "lowbit: error: unrecognized arguments: --bogus"),
+        (["train", "--bogus"], "lowbit train: error: unrecognized arguments: --bogus (see lowbit train --help)"),
+        (["train", "--recipie", "fqt-bhq-4"],  # a new user's typo: named with the option meant
+         "lowbit train: error: unrecognized arguments: --recipie fqt-bhq-4 (did you mean: --recipie → --recipe?)"),
+        (["train", "--resume", "--out", str(tmp_path / "no-such-run")],
+         f"lowbit train: error: --resume: {tmp_path / 'no-such-run'} does not exist, so there is no run to "
+         "continue (check the folder's name, or drop --resume to start a new run there)"),
         (["variance"], "lowbit variance: error: the following arguments are required: --task, --out"),
         (["variance", "--task", "digits", "--out", str(tmp_path / "v"), "--batches", "x"],
          "lowbit variance: error: argument --batches: invalid int value: 'x'"),
