@@ -55,7 +55,16 @@ first pass that finds ``P``'s absmax (one more ``QKᵀ`` and softmax) — and th
 with per-row gradient scales (PSQ) recomputes ``P``, forms ``∇S``, quantizes it with
 the whole ``∇S``'s noise and multiplies piece by piece: bitwise the whole computation
 (each step is per entry or per row, and the noise is indexed by the element's place in
-the whole tensor). Otherwise ``P`` is formed whole and ``∇S`` written over it in pieces.
+the whole tensor) — with one exception: where a step is so large that an epilogue's
+float32 intermediate could overflow (|∇S| or |Q|·|K| beyond about 1e34 / the summed
+length), :func:`lowbit.kernels.int8.safe_scales` runs that call's epilogue in float64,
+and a piece is a call: the other pieces keep float32 where the whole batch would have
+gone float64 (1 ulp apart, both rounded once from exact sums). Pieces need the heads'
+GEMMs on the integer kernels (:func:`_integer_heads`; a simulated batch of one entry
+takes another path in torch). Otherwise ``P`` is formed whole and ``∇S`` written over it
+in pieces. ``lowbit.coverage`` traces attention whole (the pieces need lowbit's AVX-512
+kernels, which do not run under a trace): the same GEMMs, but not the forward's first
+pass (one more ``QKᵀ`` per head where ``P̃`` is per tensor).
 """
 
 from __future__ import annotations
@@ -73,7 +82,7 @@ from .scopes import scope
 
 from . import gradpair
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
-from .formats import Granularity, Rounding, compute_dtype
+from .formats import Format, Granularity, IntFormat, Rounding, compute_dtype
 from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
 from .kernels import Encoded, Impl, Kernels, avx512, int8, int8_applicable, kernels_for, register, register_fused
@@ -94,8 +103,10 @@ from .quantizers.base import Identity, RowTransform
 # (2026-12-02, a /tmp script, with its epilogue, 64 heads, 1 thread) crosses over at the
 # same place: 0.25 vs 0.05 ms at 16³, 0.32 vs 0.13 ms at 32³, 0.54 vs 0.84 ms at 64³.
 LOOP_MIN_MACS = 1 << 18
-# Score elements per piece of the backward's ∇P (4 MB of float32): ∇S is written over P
-# piece by piece instead of beside it (measured: docs/benchmarks.md, "Peak memory").
+# Score elements per piece (4 MB of float32, whole entries): the forward's P and P̃·V and
+# the backward's P, ∇S and their products in pieces where the recipe allows (module
+# docstring, "Memory"), else the backward's ∇S written over P piece by piece
+# (docs/benchmarks.md, "Attention in pieces", "Peak memory").
 CHUNK_SCORES = 1 << 20
 Generators = dict[Path, torch.Generator]
 
@@ -285,7 +296,7 @@ def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tens
     b, lq, s, e, _ = shapes
     a = Operand.of(qq, (b, lq, e), dtype).scaled(scale)  # c in Q's steps
     k = Operand.of(qk, (b, s, e), dtype).mT
-    if entries is not None:
+    if entries is not None and entries != (0, b):  # the whole batch: the mask as it is
         a, k = a.entries(*entries), k.entries(*entries)
         mask = None if mask is None else _mask_entries(mask, *entries)
     acc, a_step, b_step, kernels = batched_product(a, k, backend, dtype, "Q·Kᵀ")  # (B, L, S)
@@ -323,16 +334,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     global RNG (as ``F.dropout``: recomputation under checkpointing sees the same).
 
     Without ``keep_probs`` (the caller wants neither ``P`` nor ``P̃``: returned as None) and
-    without dropout, where the forward spec rounds to nearest with a scale per tensor or
-    per row and lowbit's AVX-512 quantizer takes ``P̃``, the scores are formed
-    :data:`CHUNK_SCORES` elements of entries at a time (:func:`_forward_in_pieces`), so no
-    score-sized float buffer exists: bitwise the same outputs and codes."""
+    without dropout, where :func:`_forward_in_pieces_ok` says so (round to nearest, a scale
+    per tensor — then over more than one piece — or per row, integer heads, lowbit's
+    AVX-512 quantizer), the scores are formed :data:`CHUNK_SCORES` elements of entries at a
+    time (:func:`_forward_in_pieces`), so no score-sized float buffer exists: the same
+    outputs and codes, bitwise (but for :func:`lowbit.kernels.int8.safe_scales`'s float64
+    epilogue, decided per call, so per piece: module docstring)."""
     b, lq, e = q.shape
     s, ev = k.shape[1], v.shape[2]
     dt, spec, gen, be = q.dtype, config.activation, gens.get(Path.ACTIVATION), config.backend
     qq = quantize_forward(q.reshape(b * lq, e), spec, gen, be)
     qk = quantize_forward(k.reshape(b * s, e), spec, gen, be)
-    if not keep_probs and dropout_p == 0 and _forward_in_pieces_ok(spec, be, (b, lq, s), dt):
+    if not keep_probs and dropout_p == 0 and _forward_in_pieces_ok(spec, be, (b, lq, s, e, ev), dt):
         qv = quantize_forward(v.reshape(b * s, ev), spec, gen, be)
         done = _forward_in_pieces(qq, qk, qv, mask, scale, (b, lq, s, e, ev), dt, spec, be, causal)
         if done is not None:
@@ -351,20 +364,43 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out, probs, dropped, keep, (qq, qk, qv, qp)
 
 
-def _forward_in_pieces_ok(spec: OperandSpec, backend: Backend, shape: tuple[int, int, int],
+def _pieces(n: int, lq: int, s: int) -> list[tuple[int, int]]:
+    """Entries ``i:j`` of each piece: :data:`CHUNK_SCORES` score elements of whole entries
+    (at least one entry)."""
+    per = max(1, CHUNK_SCORES // max(1, lq * s))
+    return [(i, min(n, i + per)) for i in range(0, n, per)]
+
+
+def _integer_heads(shapes: tuple[int, ...], backend: Backend, *formats: Format) -> bool:
+    """Whether every per-head GEMM of attention's pieces runs on the integer kernels:
+    symmetric integer codes (no offset, block scale or FP8: those run simulated) and heads
+    of at least :data:`LOOP_MIN_MACS` multiply-adds (``backend="int8"`` loops at any size).
+    Then a piece's products are each entry's exact integer sums and per-row epilogues,
+    the values the whole batch gets; a simulated batch of one entry is not (torch's
+    batch-one matmul takes another path)."""
+    _, lq, s, e, ev = shapes
+    if not all(isinstance(f, IntFormat) and not f.asymmetric and not f.block for f in formats):
+        return False
+    return backend is Backend.INT8 or lq * s * min(e, ev) >= LOOP_MIN_MACS
+
+
+def _forward_in_pieces_ok(spec: OperandSpec, backend: Backend, shapes: tuple[int, ...],
                           dtype: torch.dtype) -> bool:
     """Whether :func:`_forward_in_pieces` takes scores of ``shape`` (B, L, S): the forward
     spec rounds to nearest (no noise to place) with a scale per tensor or per row, a fused
     backend, and lowbit's AVX-512 quantizer takes such a ``P̃`` (the one kernel that
-    quantizes a part with the whole operand's step); per tensor, only scores of more than
-    one piece (its first pass costs one more ``QKᵀ`` and softmax: +5% of a GPT-2-small
-    block's step at one thread, docs/benchmarks.md "Attention in pieces")."""
+    quantizes a part with the whole operand's step), the heads' GEMMs integer
+    (:func:`_integer_heads`); per tensor, only scores of more than one piece (its first
+    pass costs one more ``QKᵀ`` and softmax: +5% of a GPT-2-small block's step at one
+    thread, docs/benchmarks.md "Attention in pieces")."""
+    b, lq, s = shapes[:3]
     if spec.rounding is not Rounding.NEAREST or spec.granularity not in (Granularity.TENSOR, Granularity.ROW) \
-            or shape[0] == 0 or not kernels_for(backend, torch.device("cpu")).fused:
+            or b == 0 or not kernels_for(backend, torch.device("cpu")).fused \
+            or not _integer_heads(shapes, backend, spec.format):
         return False
-    if spec.granularity is Granularity.TENSOR and shape[0] * shape[1] * shape[2] <= CHUNK_SCORES:
+    if spec.granularity is Granularity.TENSOR and len(_pieces(b, lq, s)) == 1:
         return False  # one piece: the first pass would cost time and save no memory
-    probe = torch.empty(1, shape[2], dtype=dtype)
+    probe = torch.empty(1, s, dtype=dtype)
     return avx512.supports(probe, spec.format, spec.granularity, spec.rounding, torch.zeros((), dtype=torch.int64))
 
 
@@ -380,11 +416,11 @@ def _forward_in_pieces(qq: QuantizedOperand, qk: QuantizedOperand, qv: Quantized
     (:func:`lowbit.kernels.avx512.quantize_part_into`); per row, each piece's rows are
     quantized as they come. ``None`` (nothing kept) where ``P``'s absmax is not a finite
     positive number — a NaN or an infinity, or every row masked — which the whole
-    computation handles as it always has."""
+    computation handles as it always has (per tensor only: per row a non-finite row is its
+    own)."""
     b, lq, s, e, ev = shapes
     masked = mask is not None and not causal
-    per = max(1, CHUNK_SCORES // max(1, lq * s))
-    pieces = [(i, min(b, i + per)) for i in range(0, b, per)]
+    pieces = _pieces(b, lq, s)
     k = kernels_for(backend, torch.device("cpu"))
     amax = None
     if spec.granularity is Granularity.TENSOR:
@@ -493,7 +529,7 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
         if go is None:
             go = grad_operand(g_out, gi, rows_gen[0], be)
         if callable(probs):
-            if needs[0] and needs[1] and not needs[3] and _in_pieces_ok(gi, gw, be, (b, lq, s), dt):
+            if needs[0] and needs[1] and not needs[3] and _in_pieces_ok(gi, gw, be, shapes, dt, config.activation):
                 gq, gk = _grad_qk_in_pieces(go, qv.mT, qq_c, qk_c, probs, g_dropped, keep, dropout_p, gi,
                                             rows_gen[1], gw, cols_gen[1], be, dt, shapes)
                 return gq, gk, gv, None
@@ -521,21 +557,24 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
 
 
 def _in_pieces_ok(spec_a: GradSpec | None, spec_w: GradSpec | None, backend: Backend,
-                  shape: tuple[int, int, int], dtype: torch.dtype) -> bool:
+                  shapes: tuple[int, ...], dtype: torch.dtype, forward: OperandSpec) -> bool:
     """Whether :func:`_grad_qk_in_pieces` takes a ``∇S`` of ``shape`` (B, L, S): both specs
     plain (:func:`lowbit.gradpair.quantize_grad_pair` takes them) with a scale per row —
     per query token for ``∇Q``, per key token for ``∇K``, so each piece's scales are its
     own — a fused backend, no autograd recording (``create_graph``), and lowbit's AVX-512
     pair kernel taking such a ``∇S`` (the only kernel that quantizes a part of a batch
-    with the whole batch's noise)."""
+    with the whole batch's noise), and the heads' GEMMs integer (:func:`_integer_heads`,
+    with the forward spec ``forward`` of Q, K and V)."""
     if not (gradpair.plain(spec_a) and gradpair.plain(spec_w)) or torch.is_grad_enabled():
         return False
     if not all(get_quantizer(sp.quantizer).granularity is Granularity.ROW for sp in (spec_a, spec_w)):
         return False
+    if not _integer_heads(shapes, backend, forward.format, spec_a.format, spec_w.format):  # type: ignore[union-attr]
+        return False
     k = kernels_for(backend, torch.device("cpu"))
-    probe = torch.empty(1, shape[1], shape[2], dtype=dtype)
+    probe = torch.empty(1, shapes[1], shapes[2], dtype=dtype)
     seed = torch.zeros((), dtype=torch.int64)
-    return k.fused and shape[0] > 0 and avx512.supports_batched_pair(
+    return k.fused and shapes[0] > 0 and avx512.supports_batched_pair(
         probe, spec_a.format, Granularity.ROW, spec_a.rounding, seed,  # type: ignore[union-attr]
         spec_w.format, Granularity.ROW, spec_w.rounding, seed)  # type: ignore[union-attr]
 
@@ -559,9 +598,7 @@ def _grad_qk_in_pieces(g_out: Operand, v_t: Operand, q_c: Operand, k_c: Operand,
     gran_a, rnd_a, seed_a, t_a = gradpair.draw(like, spec_a, gen_a, n * lq, k)
     gran_w, rnd_w, seed_w, t_w = gradpair.draw(like, spec_w, gen_w, n * s, k)
     gq, gk = torch.empty(n, lq, e, dtype=dtype), torch.empty(n, s, e, dtype=dtype)
-    per = max(1, CHUNK_SCORES // max(1, lq * s))
-    for i in range(0, n, per):
-        j = min(n, i + per)
+    for i, j in _pieces(n, lq, s):
         gs = _grad_scores(g_out.entries(i, j), v_t.entries(i, j), probs_of(i, j),
                           None if g_dropped is None else g_dropped[i:j], None if keep is None else keep[i:j],
                           dropout_p, backend, dtype, reuse_probs=True)

@@ -191,6 +191,9 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
     cls = type(module)
     params = _parametrized_names(module)
     if not (cls is base or cls in _SAME_AS.get(base, ()) or (params and cls.__bases__ == (base,))):
+        if cls.__name__.startswith("FSDP"):  # torch's fully_shard made it: too late to convert
+            return (f"{cls.__qualname__} is a module fully_shard (FSDP2) has already sharded: convert "
+                    f"the model with lowbit.convert before fully_shard")
         return (f"{cls.__qualname__} is a subclass of nn.{base.__name__}: its own forward, "
                 f"parameters or state would be lost")
     hooks = hooks_reason(module)

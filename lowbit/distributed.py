@@ -122,9 +122,10 @@ class GradComm:
 
 
 def _blocks(g: torch.Tensor, block: int | None) -> torch.Tensor:
-    """``g`` (flat) as ``(n_blocks, block)``, zero-padded at the end."""
+    """``g`` (flat) as ``(n_blocks, block)``, zero-padded at the end; a block longer than
+    ``g`` is ``g`` itself (one block of ``n``: the same codes, no padding to ``block``)."""
     n = g.numel()
-    b = block or max(n, 1)
+    b = max(min(block, n) if block else n, 1)
     nb = max(1, -(-n // b))
     return torch.nn.functional.pad(g, (0, nb * b - n)).view(nb, b)
 
@@ -199,7 +200,10 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     float64 for float64 ``grads``, bfloat16 — stochastically rounded, :func:`into_dtype` —
     for bfloat16 ones, else float32; bitwise what :func:`quantized_allreduce_hook` writes
     into a bucket of that dtype — a float16 bucket gets this float32 result rounded to
-    nearest) and the expected
+    nearest — for a parameter whose memory is row-major: DDP's bucket keeps a
+    channels-last weight's strides, and the hook cuts its blocks in memory order where
+    ``grads`` are flattened in logical order, so such a parameter's blocks group other
+    elements: as unbiased, another variance) and the expected
     variance ``(1/N²)·Σ_r Var Q(g_r)``. Non-finite input: the plain mean, variance NaN.
     """
     world = grads.shape[0]

@@ -6,7 +6,8 @@ normalises each shard with its own statistics, as DDP does without SyncBatchNorm
 quantized communication the average is :func:`lowbit.distributed.quantized_mean` of
 the per-rank gradients, parameter by parameter — bitwise what
 :func:`lowbit.distributed.quantized_allreduce_hook` computes on ``N`` real ranks (tested),
-so measuring here measures the hook.
+so measuring here measures the hook (for parameters in row-major memory: a channels-last
+weight's blocks differ, :func:`lowbit.distributed.quantized_mean`).
 """
 
 from __future__ import annotations

@@ -98,11 +98,14 @@ def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to resume from (None: start fresh), checked against ``cfg``."""
+def load_resumable(run_dir: Path, cfg: TrainConfig, quiet: bool = False) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: start fresh), checked against ``cfg``
+    (``ValueError`` naming what differs); ``quiet``: no log lines (``lowbit train --nproc``
+    checks before it launches the ranks, which then load it themselves)."""
     loaded = ckpt.load_checkpoint(run_dir)
     if loaded is None:
-        log(f"no checkpoint in {run_dir}; starting fresh")
+        if not quiet:
+            log(f"no checkpoint in {run_dir}; starting fresh")
         return None
     state, path = loaded
     diff = changed_settings(state["train_config"], cfg)
@@ -114,7 +117,8 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     if state["epoch"] > cfg.epochs:
         raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "
                          f"epochs={cfg.epochs}")  # fmt: skip
-    log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
+    if not quiet:
+        log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
     return state
 
 

@@ -338,7 +338,7 @@ def quantize_part_into(x: torch.Tensor, fmt: Format, amax: torch.Tensor, out: to
     tensor (the same step, :func:`_steps` of ``amax``, and the same rounding). Returns the
     step (1, 1). ``RuntimeError`` where :func:`supports` refuses ``x`` per tensor
     round-to-nearest or ``out`` is not such a buffer."""
-    _check("quantize_part_into", supports(x, fmt, Granularity.TENSOR, Rounding.NEAREST, amax)
+    _check("quantize_part_into", supports(x, fmt, Granularity.TENSOR, Rounding.NEAREST, torch.zeros((), dtype=torch.int64))
            and _rows_contiguous(x) and out.dtype == fmt.code_dtype and out.is_contiguous()
            and out.shape == x.shape and amax.numel() == 1 and amax.dtype == torch.float32,
            f"{fmt.name}, {x.dtype} {tuple(x.stride())} strides, out {out.dtype} {tuple(out.shape)}")

@@ -314,3 +314,38 @@ def test_coverage_of_a_sharded_or_hooked_model_leaves_its_training_as_it_was(hoo
     for r in hook_runs:
         assert r["fsdp+coverage"] == r["fsdp"] and r["hook+coverage"] == r["hook"]
         assert r["fsdp+coverage_share"] == r["hook+coverage_share"] == 1.0
+
+
+def test_a_block_longer_than_the_gradient_is_the_gradient():
+    """A review: ``GradComm(block=2**24)`` on a 10-element parameter padded it to 2²⁴
+    elements (13 s a backward, memory growing with ``block``); such a block is the whole
+    gradient, the codes those of ``block=None``, nothing padded."""
+    g = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    whole = quantized_mean(g, GradComm(bits=4), 0, 0)
+    long = quantized_mean(g, GradComm(bits=4, block=1 << 24), 0, 0)
+    assert torch.equal(whole[0], long[0])
+    assert block_absmax(g[0], 1 << 24).shape == (1,)
+    from lowbit.distributed import _blocks
+
+    assert _blocks(g[0], 1 << 24).shape == (1, 10)  # not padded to 2²⁴ elements
+
+
+def test_convert_after_fully_shard_says_to_convert_first(tmp_path):
+    """A review: ``lowbit.convert`` after ``fully_shard`` left the layers float with a
+    warning blaming "FSDPLinear is a subclass of nn.Linear"; it now says what to do."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        fully_shard(model[0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+    finally:
+        dist.destroy_process_group()
+    text = " ".join(str(w.message) for w in caught)
+    assert "0: FSDPLinear is a module fully_shard (FSDP2) has already sharded: convert the model with " \
+           "lowbit.convert before fully_shard" in text

@@ -95,7 +95,7 @@ def test_rank_zero_writes_the_run_folder(reference):
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
 
-def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_path):
+def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_path, capsys):
     root, _ = reference
     env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = subprocess.run(
@@ -105,6 +105,14 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_p
     assert killed.returncode != 0, killed.stderr[-2000:]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
     args = [f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items()]
+    # a resume the checkpoint refuses (another epoch count) is one line before any rank
+    # starts, not each rank's refusal and torchrun's traceback (a review)
+    from lowbit.cli import main
+
+    other = [a for a in args if not a.startswith("--epochs=")] + ["--epochs=5"]
+    assert main(["train", "--nproc=2", *other, f"--out={tmp_path}", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and "epochs" in err, err
     resumed = subprocess.run(  # lowbit train --nproc 2 launches torchrun -m lowbit train
         [sys.executable, "-m", "lowbit", "train", "--nproc=2", *args, f"--out={tmp_path}",
          "--resume", "--no-progress"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
