@@ -31,10 +31,23 @@ MAX_K = (2**31 - 1) // (128 * 128)  # 131071
 CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 == 0
 # Output elements per row panel of a CPU GEMM whose output is narrower than its int32
 # accumulator (bf16 or float16: a model under autocast, or a half-precision model), so
-# that the accumulator exists a panel at a time, not beside the whole output (:func:`gemm`).
-# Off (0) by default: 2**20 (4 MB panels) took the FFN's fqt-psq-8+bf16 peak from 50 to
-# 40 MB but its step 12% longer (docs/benchmarks.md, "Peak memory under autocast").
-PANEL = 0
+# that the accumulator exists a panel at a time, not beside the whole output (:func:`gemm`);
+# 0: off, None: decided at first use (:func:`panel_size`).
+PANEL: int | None = None
+# The automatic choice: panels of 2**20 elements (4 MB of int32) where lowbit's AMX kernel
+# does not run the GEMMs — there a panel costs 1-3% of a step (gpt2-block's bf16 peak
+# 67.8 -> 55.1 MB, below bf16 autocast's 58.6; docs/benchmarks.md "GEMM panels on a CPU
+# without AMX") — and none with AMX, whose right operand is repacked for every panel
+# (+12% of the FFN step for 10 MB: "Peak memory under autocast").
+AUTO_PANEL = 1 << 20
+
+
+def panel_size() -> int:
+    """:data:`PANEL` where set, else :data:`AUTO_PANEL` on a CPU without lowbit's AMX
+    kernel and 0 (no panels) with it."""
+    if PANEL is not None:
+        return PANEL
+    return 0 if amx.available() else AUTO_PANEL
 
 
 def available(device: torch.device | str) -> bool:
@@ -186,18 +199,21 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
 
 
 def panel_rows(a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
-    """Rows per panel of :func:`gemm`'s output, or None for one GEMM: where :data:`PANEL`
-    is set (> 0; off by default), a bf16 or float16 output on the CPU of at least two
-    panels of :data:`PANEL` elements, with float32 scales
+    """Rows per panel of :func:`gemm`'s output, or None for one GEMM: where panels are on
+    (:func:`panel_size` > 0), a bf16 or float16 output on the CPU of at least two
+    panels of that many elements, with float32 scales
     and no offsets (what ``int8_epilogue_into`` writes over a panel's accumulator). The
     panels split ``M`` evenly (:func:`_gemm_panels`), so each has at least the returned
     number of rows, at least ``amx.MIN_ROWS`` (AMX's choice is per call)."""
     m, n = a.codes.shape[0], b.codes.shape[1]
-    if PANEL <= 0 or out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
+    if out_dtype not in (torch.bfloat16, torch.float16) or a.codes.device.type != "cpu" \
             or a.offset is not None or b.offset is not None \
             or not a.scale.dtype == b.scale.dtype == torch.float32:
         return None
-    rows = max(amx.MIN_ROWS, PANEL // max(1, n) // 16 * 16)
+    panel = panel_size()
+    if panel <= 0:
+        return None
+    rows = max(amx.MIN_ROWS, panel // max(1, n) // 16 * 16)
     return rows if m >= 2 * rows else None
 
 
