@@ -96,5 +96,8 @@ def __getattr__(name: str) -> object:
     if name in _LAZY_SUBMODULES:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:  # lowbit.hf without transformers: hasattr says False
+            raise AttributeError(f"lowbit.{name} needs {exc.name!r}, which is not installed") from exc
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .formats import Format, Granularity, Rounding, compute_dtype
+from .formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype
 from .kernels import Encoded, Kernels
 
 
@@ -133,6 +133,7 @@ class RangeTracker:
         with its own range (``overflow``). Counts the call in :attr:`stats` and records
         the observed range. Raises ``ValueError`` for formats a predicted range cannot
         serve (module docstring)."""
+        granularity, rounding = as_granularity(granularity), as_rounding(rounding)
         if fmt.block or fmt.asymmetric:
             raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
                              f"scale per row or tensor); {fmt.name} has "

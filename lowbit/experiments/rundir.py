@@ -98,28 +98,34 @@ def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def load_resumable(run_dir: Path, cfg: TrainConfig, quiet: bool = False) -> dict[str, Any] | None:
+def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     """The checkpoint to resume from (None: start fresh), checked against ``cfg``
-    (``ValueError`` naming what differs); ``quiet``: no log lines (``lowbit train --nproc``
-    checks before it launches the ranks, which then load it themselves)."""
+    (:func:`resume_refusal`)."""
     loaded = ckpt.load_checkpoint(run_dir)
     if loaded is None:
-        if not quiet:
-            log(f"no checkpoint in {run_dir}; starting fresh")
+        log(f"no checkpoint in {run_dir}; starting fresh")
         return None
     state, path = loaded
-    diff = changed_settings(state["train_config"], cfg)
-    if diff:
-        why = ("; the learning-rate schedule spans all epochs, so a run cannot be extended or "
-               "cut: train a new run into another --out") if any(d.startswith("epochs ") for d in diff) else ""
-        raise ValueError(f"cannot resume {path}: it was made with a different " + ", ".join(diff) + why
-                         + f" (its settings are in {run_dir / 'config.json'}: resume with the same options)")
+    refusal = resume_refusal(path, state["train_config"], run_dir, cfg)
+    if refusal:
+        raise ValueError(refusal)
     if state["epoch"] > cfg.epochs:
         raise ValueError(f"cannot resume {path}: {state['epoch']} epochs are done, more than "
                          f"epochs={cfg.epochs}")  # fmt: skip
-    if not quiet:
-        log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
+    log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
     return state
+
+
+def resume_refusal(what: Path, saved: dict[str, Any], run_dir: Path, cfg: TrainConfig) -> str | None:
+    """Why the run ``saved`` records (a checkpoint's or ``config.json``'s settings, read from
+    ``what``) cannot be resumed with ``cfg``, or None (:func:`changed_settings`)."""
+    diff = changed_settings(saved, cfg)
+    if not diff:
+        return None
+    why = ("; the learning-rate schedule spans all epochs, so a run cannot be extended or "
+           "cut: train a new run into another --out") if any(d.startswith("epochs ") for d in diff) else ""
+    return (f"cannot resume {what}: it was made with a different " + ", ".join(diff) + why
+            + f" (its settings are in {run_dir / 'config.json'}: resume with the same options)")
 
 
 LOCK = ".lock"

@@ -24,7 +24,7 @@ from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .models import MODELS, check_model_args
-from .rundir import is_busy, load_resumable, read_config
+from .rundir import is_busy, read_config, resume_refusal
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -384,8 +384,12 @@ def run(args: argparse.Namespace) -> int:
                          "folder's name, or drop --resume to start a new run there)")
     if launch:  # every value checked, the run folder too: now the same command on nproc ranks
         check_run_dir(Path(cfg.out), cfg, args.resume)
-        if args.resume:  # the checkpoint's settings too: a refusal inside the ranks ends in torchrun's traceback
-            load_resumable(Path(cfg.out), cfg, quiet=True)
+        saved = read_config(Path(cfg.out)).get("train") if args.resume else None
+        if isinstance(saved, dict):  # the recorded settings: a refusal inside the ranks ends in
+            # torchrun's traceback (the ranks check the checkpoint itself, and load it)
+            refusal = resume_refusal(Path(cfg.out) / "config.json", saved, Path(cfg.out), cfg)
+            if refusal:
+                raise ValueError(refusal)
         if is_busy(Path(cfg.out)):
             raise ValueError(f"{cfg.out} is being trained by another process (its .lock): choose another --out")
         return _torchrun(args, cfg.world_size, cfg.out)

@@ -20,24 +20,35 @@ class Rounding(enum.Enum):
     STOCHASTIC = "stochastic"
 
 
-def as_rounding(value: object) -> Rounding:
-    """``value`` as a :class:`Rounding` (the member itself, or its name ``"nearest"`` /
-    ``"stochastic"``); ``ValueError`` naming the allowed values otherwise — a misspelt
-    name must not quietly round to nearest where stochastic rounding was meant."""
-    if isinstance(value, Rounding):
-        return value
-    try:
-        return Rounding(value)
-    except ValueError:
-        allowed = ", ".join(repr(r.value) for r in Rounding)
-        raise ValueError(f"rounding must be a lowbit.Rounding or one of {allowed}, got {value!r}") from None
-
-
 class Granularity(enum.Enum):
     """Which elements share one scale (and offset): the whole tensor, or each row."""
 
     TENSOR = "tensor"
     ROW = "row"
+
+
+def _as(enum_type: type[enum.Enum], value: object, what: str) -> enum.Enum:
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(repr(e.value) for e in enum_type)
+        raise ValueError(f"{what} must be a lowbit.{enum_type.__name__} or one of {allowed}, "
+                         f"got {value!r}") from None
+
+
+def as_rounding(value: object) -> Rounding:
+    """``value`` as a :class:`Rounding` (the member itself, or its name ``"nearest"`` /
+    ``"stochastic"``); ``ValueError`` naming the allowed values otherwise — a misspelt
+    name must not quietly round to nearest where stochastic rounding was meant."""
+    return _as(Rounding, value, "rounding")  # type: ignore[return-value]
+
+
+def as_granularity(value: object) -> Granularity:
+    """``value`` as a :class:`Granularity` (the member, or ``"tensor"`` / ``"row"``);
+    ``ValueError`` naming the allowed values otherwise."""
+    return _as(Granularity, value, "granularity")  # type: ignore[return-value]
 
 
 class Grid(enum.Enum):

@@ -37,7 +37,7 @@ import torch
 from .. import grid_notes
 from ..scopes import scope
 
-from ..formats import Format, Granularity, Rounding, compute_dtype, grid_step
+from ..formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype, grid_step
 from . import avx512, compiled, fp8, int8, reference, softmax
 from .encoded import Encoded, dequantize
 
@@ -150,7 +150,9 @@ class Kernels:
     def quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
                  rounding: Rounding, seed: torch.Tensor) -> Encoded:
         """``x`` (R, D) on ``fmt`` (:func:`reference.quantize`); empty tensors give empty
-        codes with zero scales, and draw nothing."""
+        codes with zero scales, and draw nothing. ``granularity``/``rounding``: the enums
+        or their names (``ValueError`` otherwise)."""
+        granularity, rounding = as_granularity(granularity), as_rounding(rounding)
         if x.numel() == 0:
             return _empty(x, fmt, granularity)
         with scope("lowbit::quantize"):
@@ -162,6 +164,7 @@ class Kernels:
                                                     torch.Tensor, torch.Tensor]:
         """``x`` on a grid fixed by ``amax`` (:func:`reference.quantize_fixed`): the
         operand and (observed absmax, clipped count, clipped Σ², Σ x²)."""
+        rounding = as_rounding(rounding)
         if fmt.block or fmt.asymmetric:
             raise ValueError(f"a predicted range needs a format with one scale per row or "
                              f"tensor and a symmetric grid (intB, fp8_*), got {fmt.name}")
@@ -248,10 +251,16 @@ def _empty(x: torch.Tensor, fmt: Format, granularity: Granularity) -> Encoded:
 
 def kernels_for(backend: Backend | Kernels | str, device: torch.device | str) -> Kernels:
     """Decide the kernels of one call, once: ``backend`` (a :class:`Backend`, its value,
-    or an already resolved :class:`Kernels`, returned as is) on ``device``."""
+    or an already resolved :class:`Kernels`, returned as is) on ``device``; ``ValueError``
+    naming the backends for anything else."""
     if isinstance(backend, Kernels):
         return backend
-    backend = Backend(backend)
+    if not isinstance(backend, Backend):
+        try:
+            backend = Backend(backend)
+        except ValueError:
+            allowed = ", ".join(repr(b.value) for b in Backend)
+            raise ValueError(f"backend must be a lowbit.Backend or one of {allowed}, got {backend!r}") from None
     dev = torch.device(device).type
     return Kernels(backend, dev, backend is not Backend.REFERENCE and compiled.enabled())
 

@@ -7,10 +7,10 @@ epilogue one pass. Same code, same arithmetic: the codes equal the reference's (
 Compilation needs a C++ compiler (CPU) or Triton (GPU). A variant that fails to compile
 runs eagerly (the same function, uncompiled) from then on, with a warning, and the
 others stay compiled (one variant can fail alone: Inductor's C++ code for float64 block
-formats does not build with torch 2.13 on the project's CPU); from the
-:data:`FAILURES_TO_STOP`-th failure on the compiler is taken to be unusable — a
-missing C++ compiler fails every variant — and all these kernels run eagerly from then
-on: :func:`failure` says why. That failure concerns Inductor only —
+formats does not build with torch 2.13 on the project's CPU). Only where no variant has
+compiled yet in the process does the :data:`FAILURES_TO_STOP`-th failure mark the
+compiler as unusable — a missing C++ compiler fails every variant — after which all
+these kernels run eagerly: :func:`failure` says why. That failure concerns Inductor only —
 lowbit's own C kernels (AVX-512 quantizer, int8 GEMM panels) keep running. Set
 ``LOWBIT_COMPILE=0`` to never compile (and to run the reference kernels everywhere:
 :func:`enabled`). Small tensors are not worth a compiled call.
@@ -43,7 +43,8 @@ _failure: str | None = None  # the failure that stopped all compiling in this pr
 # compiler failures of single kernel variants so far; at FAILURES_TO_STOP of them the
 # compiler itself is taken to be unusable (a missing C++ compiler fails every variant)
 _variant_failures: list[str] = []
-FAILURES_TO_STOP = 2
+FAILURES_TO_STOP = 2  # failures before any variant compiled that stop all compiling
+_compiled_once = False  # some variant compiled and ran in this process
 _dynamo_broken = False  # importing torch._dynamo failed (disable_tracing)
 # kernel name -> variant key -> compiled copy of the kernel
 _compiled: dict[str, dict[Hashable, Callable[..., Any]]] = {}
@@ -134,7 +135,8 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
 def failure() -> str | None:
     """``None`` while ``torch.compile`` works in this process, else the failure after which
     every compiled kernel runs eagerly (kernel name, exception type and first line): the
-    :data:`FAILURES_TO_STOP`-th variant to fail, or the compiler's import failing."""
+    :data:`FAILURES_TO_STOP`-th variant to fail before any compiled, or the compiler's
+    import failing."""
     return _failure
 
 
@@ -206,17 +208,21 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     variants = _compiled.setdefault(name, {})
     key = _variant_key(args)
+    global _compiled_once
     try:
         f = variants.get(key)
         if f is None:
             f = variants[key] = torch.compile(_own_copy(fn), dynamic=True, fullgraph=True)
+            out = f(*args)
+            _compiled_once = True  # the compiler works here: later failures are their variant's
+            return out
         return f(*args)
     except (*_compile_errors(), OSError) as exc:  # the kernels do no I/O: an OSError is
         # the compiler's (its cache or build directory)
         what = f"torch.compile failed for kernel {name!r} ({_describe(exc)})"
         variants[key] = fn  # this variant runs eagerly from now on, uncompiled
         _variant_failures.append(what)
-        if len(_variant_failures) < FAILURES_TO_STOP:
+        if _compiled_once or len(_variant_failures) < FAILURES_TO_STOP:
             warnings.warn(f"lowbit: {what}; that kernel variant runs eagerly from now on, the "
                           "others stay compiled (same results, slower)", stacklevel=3)
         else:

@@ -33,6 +33,7 @@ from ..formats import (
     Format,
     Granularity,
     Rounding,
+    as_granularity,
     as_rounding,
     compute_dtype,
     draw_seed,
@@ -48,9 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """``max |x|`` per tensor (shape (1, 1)) or per row (shape (R, 1)); NaN propagates."""
+    """``max |x|`` per tensor (shape (1, 1)) or per row (shape (R, 1)); NaN propagates.
+    ``granularity``: a :class:`Granularity` or its name; ``ValueError`` otherwise."""
     a = x.abs()
-    if granularity is Granularity.TENSOR:
+    if as_granularity(granularity) is Granularity.TENSOR:
         return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
     return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(a.shape[0], 1)
 

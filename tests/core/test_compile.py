@@ -275,9 +275,11 @@ def test_equal_sizes_are_a_variant_not_a_recompile(monkeypatch: pytest.MonkeyPat
 
 def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel variant that fails to compile runs eagerly (same results) and the others
-    stay compiled; a second failure (a missing compiler fails every variant) makes all
-    compiled kernels run eagerly, reported once; neither switches off the native C
-    kernels, and ``avx512.in_use()`` does not blame ``LOWBIT_COMPILE`` for it."""
+    stay compiled; a second failure before anything compiled (a missing compiler fails
+    every variant) makes all compiled kernels run eagerly, reported once; neither switches
+    off the native C kernels, and ``avx512.in_use()`` does not blame ``LOWBIT_COMPILE``
+    for it. Once a variant has compiled, failures stay their variant's, however many
+    (a review: float64 block formats fail in several size patterns)."""
     from torch._dynamo.exc import TorchDynamoException
 
     from lowbit.formats import IntFormat, Rounding
@@ -291,6 +293,7 @@ def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(compiled, "_failure", None)
     monkeypatch.setattr(compiled, "_variant_failures", [])
+    monkeypatch.setattr(compiled, "_compiled_once", False)
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(64, 1024)  # above MIN_NUMEL
@@ -318,6 +321,15 @@ def test_a_compiler_failure_keeps_the_c_kernels(monkeypatch: pytest.MonkeyPatch)
         k.quantize(x, IntFormat(8), Granularity.ROW, Rounding.STOCHASTIC,
                    torch.tensor(3, dtype=torch.int64))
         assert calls == [1]
+    # once a variant has compiled, failures stay their variant's, however many
+    monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(compiled, "_variant_failures", [])
+    monkeypatch.setattr(compiled, "_compiled_once", True)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        with pytest.warns(UserWarning, match="that kernel variant runs eagerly"):
+            compiled.run("int8_epilogue", reference.int8_epilogue, *args[:-1], dtype)
+    assert compiled.failure() is None and compiled.working() and len(compiled.variant_failures()) == 3
 
 
 @pytest.mark.parametrize("compile_flag", ["0", "1"])

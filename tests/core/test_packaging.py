@@ -126,8 +126,11 @@ def test_submodules_named_in_the_readme_are_attributes_after_import_lowbit() -> 
             "try:\n"
             "    lowbit.optimm\n"
             "except AttributeError as exc:\n"
-            "    print(exc)\n")
+            "    print(exc)\n"
+            "sys.modules['transformers'] = None  # as if not installed: hasattr says False\n"
+            "print(hasattr(lowbit, 'hf'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split("\n")
     assert out[0] == "SRSGD gradient_variance quantized_allreduce_hook VarianceMonitor lowbit.adaptive"
     assert out[1] == "module 'lowbit' has no attribute 'optimm'"
+    assert out[2] == "False"

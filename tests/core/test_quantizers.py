@@ -430,6 +430,22 @@ def test_a_rounding_name_is_read_or_refused_never_taken_for_nearest() -> None:
     with pytest.raises(ValueError, match="rounding must be a lowbit.Rounding or one of 'nearest', 'stochastic', "
                                          "got 'stochastc'"):
         QUANTIZERS["psq"].quantize(g, "int2", None, "stochastc")
+    # the same kind elsewhere (a second review): absmax took "tensor" for per row; the
+    # kernels' quantize and a range tracker rounded a name to nearest; kernels_for's error
+    from lowbit.kernels import kernels_for
+    from lowbit.quantizers import absmax
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    assert torch.equal(absmax(x, "tensor"), torch.tensor([[3.0]]))
+    with pytest.raises(ValueError, match="granularity must be a lowbit.Granularity or one of 'tensor', 'row'"):
+        absmax(x, "tensr")
+    k, seed = kernels_for("auto", "cpu"), torch.tensor(7)
+    by_name = k.quantize(g, IntFormat(2), "row", "stochastic", seed)
+    assert torch.equal(by_name.codes, k.quantize(g, IntFormat(2), Granularity.ROW, Rounding.STOCHASTIC, seed).codes)
+    with pytest.raises(ValueError, match="rounding must be"):
+        k.quantize(g, IntFormat(2), "row", "stoch", seed)
+    with pytest.raises(ValueError, match="backend must be a lowbit.Backend or one of 'auto', 'reference'"):
+        kernels_for("Reference", "cpu")
 
 
 @pytest.mark.parametrize("name", ["ptq", "psq", "bhq"])
