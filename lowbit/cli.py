@@ -113,6 +113,15 @@ def _show_lowbit_info() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in parser.commands:  # type: ignore[attr-defined]
+        # an unknown option is named before argparse's "required" check could hide it
+        command = parser.commands[given[0]]  # type: ignore[attr-defined]
+        options = [o for a in command._actions for o in a.option_strings]
+        unknown = [w for w in given[1:] if w.startswith("--") and len(w) > 2
+                   and not any(o.startswith(w.split("=")[0]) for o in options)]
+        if unknown:
+            command.error(_unknown(command, unknown))
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the subcommand, with the option it probably meant
         command = parser.commands[args.command]  # type: ignore[attr-defined]

@@ -271,7 +271,9 @@ def test_argparse_and_path_errors_are_one_line(tmp_path, capsys):
         (["train", "--epochs"], "lowbit train: error: argument --epochs: expected one argument"),
         (["train", "--bogus"], "lowbit train: error: unrecognized arguments: --bogus (see lowbit train --help)"),
         (["train", "--recipie", "fqt-bhq-4"],  # a new user's typo: named with the option meant
-         "lowbit train: error: unrecognized arguments: --recipie fqt-bhq-4 (did you mean: --recipie → --recipe?)"),
+         "lowbit train: error: unrecognized arguments: --recipie (did you mean: --recipie → --recipe?)"),
+        (["variance", "--batch-sise", "3"],  # named before argparse's "required" check (a review)
+         "lowbit variance: error: unrecognized arguments: --batch-sise (did you mean: --batch-sise → --batch-size?)"),
         (["train", "--resume", "--out", str(tmp_path / "no-such-run")],
          f"lowbit train: error: --resume: {tmp_path / 'no-such-run'} does not exist, so there is no run to "
          "continue (check the folder's name, or drop --resume to start a new run there)"),
