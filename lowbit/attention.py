@@ -426,8 +426,9 @@ def _forward_in_pieces(qq: QuantizedOperand, qk: QuantizedOperand, qv: Quantized
     if spec.granularity is Granularity.TENSOR:
         amax = torch.zeros((), dtype=torch.float32)
         for i, j in pieces:
+            # P ≥ 0 (softmax): its absmax is its max, NaN propagating
             amax = torch.maximum(amax, attention_probs(qq, qk, mask, scale, shapes, dtype, backend, masked,
-                                                       (i, j)).abs().amax().float())
+                                                       (i, j)).amax().float())
         if not (torch.isfinite(amax) and amax > 0):
             return None
     codes = torch.empty(b * lq, s, dtype=spec.format.code_dtype)
@@ -595,21 +596,15 @@ def _grad_qk_in_pieces(g_out: Operand, v_t: Operand, q_c: Operand, k_c: Operand,
     n, lq, s, e, _ = shapes
     k = kernels_for(backend, torch.device("cpu"))
     like = torch.empty(0, dtype=dtype)
-    gran_a, rnd_a, seed_a, t_a = gradpair.draw(like, spec_a, gen_a, n * lq, k)
-    gran_w, rnd_w, seed_w, t_w = gradpair.draw(like, spec_w, gen_w, n * s, k)
+    drawn_a = gradpair.draw(like, spec_a, gen_a, n * lq, k)
+    drawn_w = gradpair.draw(like, spec_w, gen_w, n * s, k)
     gq, gk = torch.empty(n, lq, e, dtype=dtype), torch.empty(n, s, e, dtype=dtype)
     for i, j in _pieces(n, lq, s):
         gs = _grad_scores(g_out.entries(i, j), v_t.entries(i, j), probs_of(i, j),
                           None if g_dropped is None else g_dropped[i:j], None if keep is None else keep[i:j],
                           dropout_p, backend, dtype, reuse_probs=True)
-        with scope("lowbit::quantize"):
-            out = k.run("quantize_batched_pair", gs, spec_a.format, gran_a, rnd_a, seed_a,
-                        spec_w.format, gran_w, rnd_w, seed_w, i)
+        qa, qw = gradpair.run_pair("quantize_batched_pair", gs, spec_a, drawn_a, spec_w, drawn_w, k, i)
         del gs  # its codes hold it now
-        qa = QuantizedOperand.of(Encoded(*out[:4], spec_a.format.block, kernels=k), t_a)
-        qw = QuantizedOperand.of(Encoded(*out[4:], spec_w.format.block, kernels=k), t_w)
-        grid_notes.note(qa.codes, spec_a.format)
-        grid_notes.note(qw.codes, spec_w.format)
         gq[i:j] = batched_mm(Operand.of(qa, (j - i, lq, s), dtype), k_c.entries(i, j), backend, dtype, "∇Q")
         gk[i:j] = batched_mm(Operand.of(qw, (j - i, s, lq), dtype), q_c.entries(i, j), backend, dtype, "∇K")
     return gq, gk

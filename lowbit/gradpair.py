@@ -182,10 +182,17 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     paths = (("a", spec_a, gen_a, rows_a), ("w", spec_w, gen_w, rows_w))
     for key, spec, gen, rows in (paths[::-1] if w_first else paths):
         ops[key] = draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
-    (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = ops["a"], ops["w"]
+    return run_pair(op, gy, spec_a, ops["a"], spec_w, ops["w"], k)  # type: ignore[arg-type]
+
+
+def run_pair(op: str, gy: torch.Tensor, spec_a: GradSpec, drawn_a: tuple, spec_w: GradSpec, drawn_w: tuple,
+             k: Kernels, *extra: object) -> tuple[QuantizedOperand, QuantizedOperand]:
+    """The kernel-table pair op ``op`` on ``gy`` with what :func:`draw` drew for each side
+    (``extra``: the op's further arguments, e.g. ``quantize_batched_pair``'s first entry):
+    the two operands, their grids noted for a coverage trace."""
+    (gran_a, rnd_a, seed_a, t_a), (gran_w, rnd_w, seed_w, t_w) = drawn_a, drawn_w
     with scope("lowbit::quantize"):
-        out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a,  # type: ignore[union-attr]
-                    spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
+        out = k.run(op, gy, spec_a.format, gran_a, rnd_a, seed_a, spec_w.format, gran_w, rnd_w, seed_w, *extra)
     enc_a = Encoded(*out[:4], spec_a.format.block, kernels=k)  # type: ignore[union-attr]
     enc_w = Encoded(*out[4:], spec_w.format.block, kernels=k)  # type: ignore[union-attr]
     grid_notes.note(enc_a.codes, spec_a.format)  # type: ignore[union-attr]
