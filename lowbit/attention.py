@@ -843,7 +843,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     shapes or dtypes, a mask with ``is_causal``, a bad ``dropout_p`` or GQA head counts,
     and (``backend="int8"``) a GEMM that cannot run on integer kernels."""
     if state is None:
-        check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if not any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+            check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         kw = {"enable_gqa": True} if enable_gqa else {}
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                               scale=scale, **kw)

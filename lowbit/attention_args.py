@@ -19,8 +19,14 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     :data:`~lowbit.formats.SUPPORTED_DTYPES`) or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
     outside autocast, feature or length sizes that do not fit, GQA heads that do not
     divide, ``dropout_p`` outside [0, 1] (``ValueError``), a mask with ``is_causal``, a mask
-    neither bool nor floating (``TypeError``)."""
+    neither bool nor floating (``TypeError``); a nested or sparse tensor (``RuntimeError``:
+    lowbit's GEMMs take dense tensors)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+            kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+            raise RuntimeError(f"scaled_dot_product_attention: {name} is {kind}; lowbit's low-bit "
+                               "attention takes dense (strided) tensors (pad it, e.g. "
+                               "nested.to_padded_tensor(0), with a mask for the padding)")
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"

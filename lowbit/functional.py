@@ -285,12 +285,17 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
     so they must be equal outside autocast; under autocast they may mix as torch allows.
-    ``TypeError`` naming the argument where one is not a tensor (a list, say), as torch's,
+    ``RuntimeError`` where one is nested or not strided (sparse). ``TypeError`` naming
+    the argument where one is not a tensor (a list, say), as torch's,
     or has a dtype lowbit does not quantize (:data:`lowbit.formats.SUPPORTED_DTYPES`: a
     complex tensor would lose its imaginary part, an integer one its meaning)."""
     for what, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {what} must be a Tensor, not {type(t).__name__}")
+        if t is not None and (t.is_nested or t.layout != torch.strided):
+            kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+            raise RuntimeError(f"{op}: {what} is {kind}; lowbit's low-bit GEMMs take dense (strided) "
+                               "tensors (pad it, e.g. nested.to_padded_tensor(0), or densify it)")
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
             raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "

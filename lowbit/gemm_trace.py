@@ -54,6 +54,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import flops, grid_notes
 from .config import FQTConfig
+from .nn import call_input
 from .scopes import recorded
 
 aten = torch.ops.aten
@@ -176,7 +177,7 @@ class _ModuleSpans:
     def install(self) -> None:
         for m in self.modules:
             self._handles.append(m.register_forward_pre_hook(self._pre))
-            self._handles.append(m.register_forward_hook(self._post, always_call=True))
+            self._handles.append(m.register_forward_hook(self._post, always_call=True, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -187,12 +188,13 @@ class _ModuleSpans:
         self.called.add(id(module))
         self.stack.append((module, torch._C._autograd._get_sequence_nr()))
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and args and isinstance(args[0], torch.Tensor) \
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        inp = call_input(args, kwargs)  # conv(input=x) too
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(inp, torch.Tensor) \
                 and isinstance(output, torch.Tensor):
-            lead = (1,) if args[0].dim() < module.weight.dim() else ()  # unbatched input
+            lead = (1,) if inp.dim() < module.weight.dim() else ()  # unbatched input
             self.conv_flops[id(module)] = self.conv_flops.get(id(module), 0) + flops.conv_flops(
-                (*lead, *args[0].shape), module.weight.shape, (*lead, *output.shape), False)
+                (*lead, *inp.shape), module.weight.shape, (*lead, *output.shape), False)
         while self.stack:  # an exception may have skipped inner post-hooks
             m, start = self.stack.pop()
             self.spans.append((start, torch._C._autograd._get_sequence_nr(), m))

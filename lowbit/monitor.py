@@ -80,7 +80,7 @@ from .adaptive import AdaptivePolicy, Decision
 from .config import GradSpec, describe, with_bits
 from .formats import IntFormat, Rounding, parse_format
 from .layergrads import layer_grads, layer_totals
-from .nn import FQTConv2d, FQTLinear, fqt_blocks
+from .nn import FQTConv2d, FQTLinear, call_input, fqt_blocks
 from .noise import Path, generator_for
 from .quantizers import get_quantizer
 from .varrecord import LayerVariance, StepRecord, ratio
@@ -149,8 +149,8 @@ class _LayerHook:
     def __init__(self, monitor: VarianceMonitor, name: str) -> None:
         self.monitor, self.name = monitor, name
 
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.monitor._on_forward(self.name, module, args, output)
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.monitor._on_forward(self.name, module, call_input(args, kwargs), output)
 
     def __reduce__(self) -> tuple:
         return (_InertHook, ())
@@ -218,7 +218,8 @@ class VarianceMonitor:
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, cause) already warned about
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
-        self._handles = [lay.register_forward_hook(_LayerHook(self, n)) for n, lay in self.layers.items()]
+        self._handles = [lay.register_forward_hook(_LayerHook(self, n), with_kwargs=True)
+                         for n, lay in self.layers.items()]
         for layer in self.layers.values() if policy is not None else ():
             layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
         blocks = fqt_blocks(model) if policy is not None else {}
@@ -268,11 +269,12 @@ class VarianceMonitor:
             layer._block.undriven = None
 
     # -- hooks ----------------------------------------------------------------------------
-    def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+    def _on_forward(self, name: str, module: nn.Module, inp: Any, output: Any) -> None:
+        if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad \
+                or not isinstance(inp, torch.Tensor):
             return
-        x = args[0].detach()
-        x_grad = bool(args[0].requires_grad)
+        x = inp.detach()
+        x_grad = bool(inp.requires_grad)
 
         def on_grad(gy: torch.Tensor) -> None:
             with torch.no_grad():

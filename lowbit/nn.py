@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -184,9 +185,9 @@ class FQTLinear(nn.Linear, _StochasticLayer):
         new.train(mod.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name: layer(input=x))
         self.ran = True  # a constant store: no torch.compile guard or graph break
-        return fqt_linear(x, self.weight, self.bias, self._block)
+        return fqt_linear(input, self.weight, self.bias, self._block)
 
     def linear_weight(self) -> torch.Tensor:
         """The (out_features, in_features) weight its GEMMs use: ``weight`` itself (the
@@ -233,9 +234,9 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
             return nn.functional.pad(x, same_padding(self.kernel_size, self.dilation)), (0, 0)
         return x, _pair(self.padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name: layer(input=x))
         self.ran = True  # a constant store: no torch.compile guard or graph break
-        x, padding = self._explicit_padding(x)
+        x, padding = self._explicit_padding(input)
         return fqt_conv2d(x, self.weight, self.bias, self._block, self.stride, padding,
                           self.dilation, self.groups)
 
@@ -256,8 +257,9 @@ class FQTConv1d(nn.Conv1d, _StochasticLayer):
     # wrap ``mod``'s parameters (shared, not copied), as FQTConv2d.from_float does
     from_float = classmethod(FQTConv2d.from_float.__func__)  # type: ignore[assignment]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name: layer(input=x))
         self.ran = True  # a constant store: no torch.compile guard or graph break
+        x = input
         if self.padding_mode != "zeros":
             x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return fqt_conv1d(x, self.weight, self.bias, self._block, self.stride, 0,
@@ -304,8 +306,11 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     alone. Parameters are shared, names unchanged. A module reachable under several
     names becomes one converted layer. Converting again is idempotent: already-converted
     layers only take the new config (and restart their :attr:`ran` flag); where the new
-    config's ``seed`` differs from the old one's, their noise streams restart from it (as a
-    fresh conversion with that seed would give them), else the streams go on.
+    config's ``seed`` differs from the old one's, their noise streams restart from it under
+    their names in ``model`` (as a fresh conversion with that seed would give them), else
+    the streams go on — but for copies of a converted block (``nn.TransformerEncoder``'s
+    clones, ``copy.deepcopy``), which share the original's stream until converted again:
+    each gets its own, under its name in ``model``.
     Raises ``TypeError`` if ``model`` is not an ``nn.Module`` or ``config`` not an
     :class:`FQTConfig`.
     """
@@ -322,6 +327,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     excluded: list[str] = []
     probes: dict[type[nn.Module], nn.Module] = {}
     memo: dict[int, nn.Module] = {}
+    kept: dict[int, int] = {}  # already-converted blocks met: id -> their seed before this call
     from .attention_modules import FQTMultiheadAttention, extensions  # they import this module
 
     rules, finish = extensions(model)  # attention, Hugging Face
@@ -331,6 +337,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             excluded.append(name)
             return module
         if isinstance(module, _FQT_LAYERS):
+            kept[id(module)] = module.noise.seed
             module.config, module.ran = config, False
             module.drop_unfit_trackers()  # another range setting: its history starts afresh
             converted.append(name)
@@ -352,6 +359,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             excluded.append(name)
             return module
         if isinstance(module, rule.fqt):
+            kept.update((id(b), b.noise.seed) for b in fqt_blocks(module).values())
             module.config = config
             for block in fqt_blocks(module).values():  # its products and projections too
                 block.ran = False
@@ -388,6 +396,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
+    _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
     _warn_backend_conflicts(config, model, converted)
     for name, why in finish(model).items():  # attention lowbit cannot route or compute
@@ -402,6 +411,23 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     if not report:
         return model
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
+
+
+def _rekey_kept(model: nn.Module, kept: dict[int, int]) -> None:
+    """Give the already-converted blocks ``convert`` met (``kept``: id -> seed before the
+    call) the stream a fresh conversion would, keyed by their names in ``model``: those
+    whose seed this call changed (the config setter restarted them under their old
+    names), and those sharing one ``(seed, name)`` with another block of ``model`` —
+    copies of a converted block (``nn.TransformerEncoder``'s clones, ``copy.deepcopy``)
+    kept the original's name, so every copy drew the same noise (a review). A block
+    whose name already is its name in ``model``, or that is alone on its stream, goes on."""
+    blocks = fqt_blocks(model)
+    keys = Counter((b.noise.seed, b.noise.name) for b in blocks.values())
+    for fqn, b in blocks.items():
+        if id(b) not in kept or b.noise.name == fqn:
+            continue
+        if b.noise.seed != kept[id(b)] or keys[(b.noise.seed, b.noise.name)] > 1:
+            b._block.noise = NoiseStream(b.noise.seed, fqn)
 
 
 def _mark_sequence_first(model: nn.Module, mha: type[nn.Module]) -> None:
@@ -449,6 +475,16 @@ def reset_ran(model: nn.Module) -> None:
     whose coverage is to be checked with :func:`fqt_layers` ``(model, ran=...)``)."""
     for m in fqt_layers(model).values():
         m.ran = False
+
+
+def call_input(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The input of a layer's call as a forward hook registered ``with_kwargs=True`` sees
+    it: the first positional argument, else the keyword torch's layers name it
+    (``input``; ``x`` for Hugging Face's ``Conv1D``); ``None`` where there is neither.
+    A model may call ``layer(input=x)``: a hook reading ``args[0]`` failed there."""
+    if args:
+        return args[0]
+    return next((kwargs[k] for k in ("input", "x") if k in kwargs), None)
 
 
 def fqt_blocks(model: nn.Module) -> dict[str, _StochasticLayer]:

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..formats import compute_dtype
 from ..functional import quantize_forward
-from ..nn import FQTConv2d, FQTLinear, convert, fqt_blocks, fqt_weight_layers
+from ..nn import FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 FQTLayer = FQTLinear | FQTConv2d
@@ -174,12 +174,12 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
     def make_hook(name: str) -> Callable:
         rec = records[name]
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             rec.calls += 1
             if rec.calls > 1:
                 raise ValueError(f"layer {name!r} ran {rec.calls} times in one forward; the "
                                  "analysis needs each converted layer called once")
-            x = args[0]
+            x = call_input(args, kwargs)
             rec.x_needs_grad = bool(x.requires_grad)
             if inputs:
                 rec.x = x.detach()
@@ -193,7 +193,7 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
         return hook
 
     for name, layer in fqt_weight_layers(model).items():
-        handles.append(layer.register_forward_hook(make_hook(name)))
+        handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
     try:
         yield records
     finally:

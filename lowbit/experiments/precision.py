@@ -88,11 +88,13 @@ def to_bfloat16(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             _float32_batchnorm(m)
 
-    def cast(_: nn.Module, args: tuple) -> tuple:
-        return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
-                     for a in args)
+    def bf16(a: object) -> object:
+        return a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
 
-    model.register_forward_pre_hook(cast)
+    def cast(_: nn.Module, args: tuple, kwargs: dict) -> tuple:  # keyword inputs too
+        return tuple(bf16(a) for a in args), {k: bf16(v) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(cast, with_kwargs=True)
     return model
 
 

@@ -582,3 +582,38 @@ def test_an_old_transformers_breaks_only_models_that_need_it(monkeypatch) -> Non
     Fake.__module__ = "transformers.models.fake.modeling_fake"
     with pytest.raises(ImportError, match=r"needs transformers ≥ 4\.51 .* the model holds Fake"):
         lowbit.convert(nn.Sequential(Fake(4, 4)), FQTConfig.from_recipe("fqt-psq-8"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_copies_of_a_converted_block_get_their_own_noise_when_the_parent_is_converted(seed: int) -> None:
+    """A review: ``nn.TransformerEncoder`` deep-copies a converted layer, and converting
+    the parent (with the same seed or another) kept every copy's noise name — all copies
+    drew the same noise (a SharedNoiseWarning every step, the warning's own advice did
+    not help). Each block must take the stream a fresh conversion gives it: bitwise the
+    gradients of the unconverted stack converted once."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    plain = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    converted_layer = lowbit.convert(copy.deepcopy(layer), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    stacked = nn.TransformerEncoder(converted_layer, num_layers=3, enable_nested_tensor=False)
+    stacked.load_state_dict(plain.state_dict())
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lowbit.noise.SharedNoiseWarning)
+        again = lowbit.convert(stacked, cfg)
+        assert {n: b.noise.name for n, b in lowbit.fqt_blocks(again).items()} == \
+            {n: n for n in lowbit.fqt_blocks(again)}
+        x = torch.randn(5, 2, 16)
+        got = _grads_after_one_step(again, x)
+    fresh = _grads_after_one_step(lowbit.convert(copy.deepcopy(plain), cfg), x)
+    assert all(torch.equal(a, b) for a, b in zip(got, fresh))
+
+
+def test_a_converted_submodule_converted_again_with_its_seed_keeps_its_stream() -> None:
+    """The rekeying above touches only copies sharing a stream and reseeded blocks: a
+    block converted again alone (same seed) keeps its name and counter."""
+    model = lowbit.convert(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), FQTConfig.from_recipe("fqt-psq-8", seed=3))
+    model(torch.randn(3, 4)).sum().backward()
+    before = lowbit.rng_state(model)
+    lowbit.convert(model[1], FQTConfig.from_recipe("fqt-psq-4", seed=3))
+    assert lowbit.rng_state(model) == before and model[1].noise.name == "1"

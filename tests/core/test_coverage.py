@@ -724,3 +724,24 @@ def test_coverage_refuses_a_model_whose_backward_steps_an_optimizer() -> None:
     with pytest.raises(ValueError, match=r"post-accumulate-grad hooks of \['0.weight', '0.bias', '2.weight'\]"):
         lowbit.coverage(model, torch.randn(3, 6))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fp"])
+def test_a_convolution_called_by_keyword_counts_as_a_positional_call(recipe: str) -> None:
+    """A review: the tracer's post-hook read ``args[0]``; a convolution called
+    ``conv(input=x)`` counted no FLOPs, so the report's shares left it out."""
+    class Net(nn.Module):
+        def __init__(self, keyword: bool) -> None:
+            super().__init__()
+            self.conv, self.keyword = nn.Conv2d(3, 8, 3), keyword
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(input=x) if self.keyword else self.conv(x)
+
+    reports = []
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = lowbit.convert(Net(keyword), lowbit.FQTConfig.from_recipe(recipe, seed=0))
+        reports.append(coverage(model, torch.randn(2, 3, 8, 8, requires_grad=True)).to_dict())
+    assert reports[0]["total_flops"] > 0 and reports[0]["total_flops"] == reports[1]["total_flops"]
+    assert reports[0]["flops_by_kind"] == reports[1]["flops_by_kind"]

@@ -591,3 +591,33 @@ def test_a_traced_graph_from_another_process_names_its_problem() -> None:
     other = handle.rsplit("@", 1)[0] + "@" + ("0" * 8 if ops._PROCESS != "0" * 8 else "1" * 8)
     with pytest.raises(RuntimeError, match="belongs to another process"):
         ops._state(other)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
+def test_layers_take_their_input_by_torchs_keyword_name(kind: str) -> None:
+    """A review: ``nn.Linear``/``nn.Conv*d`` are called ``layer(input=x)`` in some models;
+    the converted layers named the argument ``x`` and raised TypeError after convert."""
+    torch.manual_seed(0)
+    plain, x = {"linear": (nn.Linear(8, 6), torch.randn(4, 8)),
+                "conv": (nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)),
+                "conv1d": (nn.Conv1d(3, 4, 3, padding="same", padding_mode="reflect"), torch.randn(2, 3, 9))}[kind]
+    assert torch.equal(plain(input=x), plain(x))
+    m = lowbit.convert(plain, FQTConfig.from_recipe("fqt-psq-8", seed=1))
+    assert torch.equal(m(input=x), m(x))
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "qat-8"])
+def test_nested_and_sparse_inputs_are_refused_by_name(recipe: str) -> None:
+    """A review: a nested tensor reached a reshape inside ``fqt_linear`` ("view(): cannot
+    view shape (2, j1, 4)", or torch's "Internal error ... please file an issue"). Layers
+    and the attention function name the problem instead."""
+    lin = lowbit.convert(nn.Linear(4, 3), FQTConfig.from_recipe(recipe, seed=0))
+    parts = [torch.randn(2, 4), torch.randn(3, 4)]
+    for nested in (torch.nested.nested_tensor(parts, layout=torch.jagged), torch.nested.nested_tensor(parts)):
+        with pytest.raises(RuntimeError, match="input is a nested tensor"):
+            lin(nested)
+    with pytest.raises(RuntimeError, match="input is a torch.sparse_coo tensor"):
+        lin(torch.randn(3, 4).to_sparse())
+    q = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 3, 8)], layout=torch.jagged)
+    with pytest.raises(RuntimeError, match="query is a nested tensor"):
+        lowbit.functional.scaled_dot_product_attention(q, q, q, state=FQTConfig.from_recipe(recipe, seed=0))

@@ -139,3 +139,28 @@ def test_an_infinite_ratio_stays_in_the_epoch_mean() -> None:
 
     assert _mean([1.0, math.inf]) == math.inf
     assert _mean([1.0, math.nan, 3.0]) == 2.0 and math.isnan(_mean([math.nan]))
+
+
+def test_layers_called_with_a_keyword_input_are_measured() -> None:
+    """A review: the monitor's forward hook read ``args[0]``, so a model calling
+    ``self.fc(input=x)`` raised IndexError on every monitored step. Measured as the
+    positional call is: the same record."""
+    class Net(nn.Module):
+        def __init__(self, keyword: bool) -> None:
+            super().__init__()
+            self.fc, self.keyword = nn.Linear(4, 3), keyword
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x) if self.keyword else self.fc(x)
+
+    records = []
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        m = lowbit.convert(Net(keyword), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        mon = VarianceMonitor(m, every=1)
+        x = torch.randn(16, 4)
+        with mon.step():
+            m(x).sum().backward()
+        records.append(mon.history[-1].layers["fc"])
+    assert math.isfinite(records[1].quant_w) and records[1].samples == 16
+    assert (records[0].quant_w, records[0].sgd_w) == (records[1].quant_w, records[1].sgd_w)
