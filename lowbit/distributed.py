@@ -163,8 +163,10 @@ def decode(code_sum: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat, block: 
     """The average ``(step/N)·Σ_r c_r`` from the summed codes (``(n,)``, any integer
     dtype): ``(n,)`` in ``absmax``'s dtype. The step is divided first (exact for a
     power-of-two ``N`` unless ``step/N`` is subnormal, blocks of absmax below ≈ 1e-36 in
-    float32, where it rounds once more), so ``|ĝ| ≤ step·Q``: finite wherever the gradients are (a review
-    found ``step·Σc`` overflowing float32 before the division for |g| above ≈ 1.7e38)."""
+    float32, where it rounds once more), so ``|ĝ| ≤ step·Q``: finite wherever the gradients
+    are, but for ±(largest value) itself, where ``step·Q`` (``step`` rounded up) may be one
+    ulp past it (a review found ``step·Σc`` overflowing float32 before the division for
+    |g| above ≈ 1.7e38)."""
     out = _blocks(code_sum.to(absmax.dtype), block) * (fmt.scale_from_absmax(absmax)[:, None] / world)
     return out.flatten()[: code_sum.numel()]
 

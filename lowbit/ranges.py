@@ -113,10 +113,13 @@ class RangeTracker:
         return (self.history, self.margin, self.per_row, self.overflow.value, self.quantizer)
 
     def predict(self) -> torch.Tensor | None:
-        """This call's range, (R, 1) or (1, 1) float32 > 0; ``None`` without history.
+        """This call's range, (R, 1) or (1, 1) > 0 and finite, in the history's dtype
+        (float32; float64 once a float64 gradient was recorded); ``None`` without history.
 
         A row that was all zero in every recorded call gets the largest row's range
-        (it has no range of its own to go by)."""
+        (it has no range of its own to go by). ``absmax · margin`` past the dtype's largest
+        value is that value (an infinite range made every code 0 and dequantized to
+        ``0 · inf = NaN``: a review)."""
         if self._hist is None or self._count == 0:
             return None
         seen = self._hist[: min(self._count, self.history)].amax(dim=0)  # (R,)
@@ -124,7 +127,7 @@ class RangeTracker:
         if not bool(top > 0):
             return None
         seen = torch.where(seen > 0, seen, top)
-        return (seen * self.margin).reshape(-1, 1)
+        return (seen * self.margin).clamp(max=torch.finfo(seen.dtype).max).reshape(-1, 1)
 
     def quantize(self, y: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
                  seed: torch.Tensor, kernels: Kernels) -> Encoded:
@@ -157,6 +160,8 @@ class RangeTracker:
             else:
                 self.record(a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1))
             return kernels.quantize(y, fmt, granularity, rounding, seed)
+        # a float64 history's range on a float32 operand: at most float32's largest value
+        amax = amax.clamp(max=torch.finfo(compute_dtype(y.dtype)).max)
         enc, observed, n_over, clipped_sq, total_sq = kernels.quantize_fixed(
             y, amax.to(y.device), fmt, rounding, seed)
         self.record(observed)
@@ -186,8 +191,11 @@ class RangeTracker:
 
     def record(self, observed: torch.Tensor) -> None:
         """Add one call's absmax ((R, 1) or (1, 1)) to the history (not when frozen or
-        non-finite)."""
-        obs = observed.detach().reshape(-1).float()
+        non-finite), kept in the gradient's compute dtype: float32, float64 for float64
+        (a float32 history turned finite float64 ranges past 3.4e38 into Inf, counted as
+        non-finite, and those below 1e-45 into 0)."""
+        obs = observed.detach().reshape(-1)
+        obs = obs.to(compute_dtype(obs.dtype))
         if not bool(torch.isfinite(obs).all()):
             self.stats.nonfinite_calls += 1
             return
@@ -195,11 +203,13 @@ class RangeTracker:
             return
         if self._hist is None:
             self._hist = obs.new_zeros(self.history, obs.numel())
+        elif obs.dtype == torch.float64 and self._hist.dtype != torch.float64:
+            self._hist = self._hist.double()  # float32 ranges are exact in float64
         elif self._hist.shape[1] != obs.numel():
             raise ValueError(
                 f"predicted range: this tracker holds {self._hist.shape[1]} rows, the gradient "
                 f"has {obs.numel()}; per-row ranges need the same rows every call")
-        self._hist[self._count % self.history] = obs.to(self._hist.device)
+        self._hist[self._count % self.history] = obs.to(self._hist.device, self._hist.dtype)
         self._count += 1
 
     def rescale(self, factor: float) -> None:

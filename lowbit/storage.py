@@ -42,14 +42,18 @@ def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """float32 → bfloat16 with stochastic rounding: ``E[result] = x`` for finite ``x``
-    whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are."""
+    whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are; a
+    finite ``|x|`` past the largest bfloat16 (3.3895e38, whose upper neighbour would be
+    ``2¹²⁸``, not a number) saturates to it: finite, and biased there only."""
     x = x.float()
     bits = x.view(torch.int32)
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
                           device=_draw_device(generator, x)).to(x.device)
     rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
-    # Non-finite inputs (and overflow past the largest bfloat16) keep their own value.
-    out = torch.where(torch.isfinite(x) & torch.isfinite(rounded), rounded, x)
+    toward_zero = (bits & ~_LOW16).view(torch.float32)  # the lower neighbour in magnitude
+    # Non-finite inputs keep their own value; a finite one that rounded past the largest
+    # bfloat16 takes it (round-to-nearest of x turned those above 3.3961e38 into Inf)
+    out = torch.where(torch.isfinite(rounded), rounded, torch.where(torch.isfinite(x), toward_zero, x))
     return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
@@ -63,18 +67,24 @@ def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Genera
 
     Stochastic: with ``q = x/s`` and ``u ~ U[0, 1)``, ``c = ⌊q⌋ + [u < q − ⌊q⌋]``, so
     ``P(c = ⌊q⌋ + 1) = q − ⌊q⌋`` and ``E[c] = q``, i.e. ``E[c·s] = x`` (up to ``2^-24·s``
-    from the float32 grid of ``u``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the final
-    clamp never acts and cannot bias. Otherwise round-to-nearest. Rows whose scale is not
+    from the float32 grid of ``u``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the
+    clamp to 127 never acts and cannot bias. Codes also stop at ``⌊FLT_MAX/s⌋`` where that
+    is less than 127 (a row whose absmax is within a factor 2 of float32's largest value:
+    ``c·s`` would decode to Inf), saturating there: biased only for those values, finite
+    as they are. Otherwise round-to-nearest. Rows whose scale is not
     finite (they held NaN or ±Inf) get codes 0: their NaN scale carries the non-finiteness.
     """
-    q = torch.where(torch.isfinite(scale)[:, None], rows / scale[:, None], 0.0)
+    finite = torch.isfinite(scale)
+    q = torch.where(finite[:, None], rows / scale[:, None], 0.0)
     if stochastic:
         low = q.floor()
         u = torch.rand(q.shape, generator=generator, device=_draw_device(generator, q)).to(q.device)
         q = low + (u < q - low).float()
     else:
         q = q.round()
-    return q.clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    top = (torch.finfo(torch.float32).max / scale.double()).floor().clamp(max=_INT8_MAX)
+    top = torch.where(finite, top, float(_INT8_MAX)).float()[:, None]  # (R, 1)
+    return torch.minimum(torch.maximum(q, -top), top).to(torch.int8)
 
 
 def _nan_unless_finite(scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -88,7 +98,9 @@ def _pow2_scale(absmax: torch.Tensor) -> torch.Tensor:
 
     Why a power of two: a code has at most 7 significant bits (``|c| ≤ 127``) and
     bfloat16 has 8, so ``c·2^k`` is exactly a bfloat16 number for ``-133 ≤ k ≤ 121``,
-    i.e. for rows with ``absmax ≤ 127·2^121 ≈ 3.4e38``. The bfloat16 image of the weight that autograd sees is then the int8 weight itself,
+    i.e. for rows with ``absmax ≤ 127·2^121 ≈ 3.3766e38``; a row above (up to float32's
+    3.4028e38) gets ``k = 122`` and codes up to 63 (:func:`_int8_codes`: ``64·2^122`` is
+    ``2^128``, Inf), exact in bfloat16 too. The bfloat16 image of the weight that autograd sees is then the int8 weight itself,
     not a rounding of it."""
     a = torch.where(absmax > 0, absmax, float(_INT8_MAX)).double()
     k = torch.log2(a / _INT8_MAX).ceil().clamp_min(_MIN_POW2_EXP)

@@ -34,7 +34,7 @@ from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
 from lowbit.experiments.tasks import TASKS, Task, make_task
 from lowbit.experiments.rundir import write_atomic
-from lowbit.experiments.train import check_out_dir, parse_int, parse_seed, set_threads
+from lowbit.experiments.train import check_out_dir, parse_int, parse_list, parse_seed, set_threads
 
 from .variance_summary import strict
 from lowbit.nn import convert
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model must be one of {', '.join(MODELS[args.task])}, got {model_name!r}")
     if args.recipe not in RECIPES:
         raise ValueError(f"--recipe must be a named recipe (fqt-psq-8, ...), got {args.recipe!r}")
-    comms = [c.strip() for c in args.grad_comm.split(",") if c.strip()]
+    comms = parse_list("--grad-comm", args.grad_comm)  # empty items refused, repeats measured once
     for c in comms:
         if c not in GRAD_COMM_NAMES:
             raise ValueError(f"--grad-comm values must be in {', '.join(GRAD_COMM_NAMES)}, got {c!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowbit.analysis.bounds import SPECTRUM_MODES
 from lowbit.experiments.models import MODELS
-from lowbit.experiments.train import check_out_dir, check_threads, parse_seed
+from lowbit.experiments.train import check_out_dir, check_threads, parse_list, parse_seed
 from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, parse_format
 from lowbit.quantizers import QUANTIZERS
 
@@ -106,7 +106,7 @@ class Options:
 
 def _int_list(text: str, what: str) -> list[int]:
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in parse_list(f"--{what}", text)]
     except ValueError:
         raise ValueError(f"--{what} must be comma-separated integers in {MIN_BITS}..{MAX_BITS}, "
                          f"got {text!r}") from None
@@ -117,7 +117,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def _names(text: str, what: str) -> list[str]:
-    vals = [x.strip() for x in text.split(",") if x.strip()]
+    vals = parse_list(f"--{what}", text)  # an empty item is refused, not dropped
     bad = [v for v in vals if v not in QUANTIZERS]
     if not vals or bad:
         raise ValueError(f"--{what}: unknown quantizer(s) {', '.join(bad) or repr(text)}; "
@@ -126,9 +126,7 @@ def _names(text: str, what: str) -> list[str]:
 
 
 def _formats(text: str) -> list[str]:
-    vals = [x.strip() for x in text.split(",") if x.strip()]
-    if not vals:
-        raise ValueError("--formats must name at least one format")
+    vals = parse_list("--formats", text)
     for v in vals:
         try:
             parse_format(v)
@@ -170,15 +168,15 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
     if args.subset is not None:
         _at_least("subset", args.subset, 1)
-    ranges = list(dict.fromkeys(x.strip() for x in args.ranges.split(",") if x.strip()))
-    if not ranges or any(r not in RANGES for r in ranges):
+    ranges = parse_list("--ranges", args.ranges)
+    if any(r not in RANGES for r in ranges):
         raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
                          f"got {args.ranges!r}")
     margin = args.range_margin
     if not (math.isfinite(margin) and margin >= 1):
         raise ValueError(f"--range-margin must be a finite number ≥ 1, got {margin}")
-    roundings = [x.strip() for x in args.rounding.split(",") if x.strip()]
-    if not roundings or any(r not in ("stochastic", "nearest") for r in roundings):
+    roundings = parse_list("--rounding", args.rounding)
+    if any(r not in ("stochastic", "nearest") for r in roundings):
         raise ValueError(f"--rounding must be a comma-separated list from stochastic, nearest, "
                          f"got {args.rounding!r}")
     if args.formats is not None and args.bits is not None:

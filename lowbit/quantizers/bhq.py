@@ -172,6 +172,10 @@ class BlockHouseholder(RowTransform):
         var = var.double()
         grp = var.new_zeros(self.n_groups).index_add_(0, self.group, v2 * var)
         out = var * (1 - 4 * v2) + 4 * v2 * grp[self.group]
+        # a sum of non-negative terms: an infinite one makes it +inf, where the formula's
+        # (1 − 4v²) < 0 gave −inf + inf = NaN (a review; the other quantizers said inf)
+        nan = var.new_zeros(self.n_groups).index_add_(0, self.group, var.isnan().double())[self.group] > 0
+        out = torch.where(out.isnan() & ~nan, math.inf, out)
         return out / self.scale.double() ** 2
 
 

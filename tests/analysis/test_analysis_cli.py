@@ -155,3 +155,16 @@ def test_warmup_trend_windows_never_overlap() -> None:
     line = describe_warmup({"steps": 4, "lr": 0.1, **loss_trend([4.0, 3.0, 2.0, 1.0])})
     assert line == "4 QAT steps at lr 0.1, loss 3.500 → 1.500 (means of the first and last 2 steps)"
     assert describe_warmup({"steps": 0}) == "none (the model as initialised)"
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("--quantizers", "psq,,bhq", "--quantizers has an empty item"),
+    ("--ranges", "dynamic,", "--ranges has an empty item"),
+    ("--rounding", ",", "--rounding must be a non-empty comma-separated list"),
+    ("--formats", "int4,,int8", "--formats has an empty item"),
+])
+def test_list_options_refuse_empty_items(tmp_path, capsys, option, value, match) -> None:
+    """A review (as ``fp,,qat-8`` for the sweep): an empty item between commas was
+    dropped without a word; it is refused, naming the option."""
+    assert main(["variance", "--task", "digits", option, value, "--out", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err

@@ -163,6 +163,25 @@ def test_int8_non_finite_never_decodes_finite(bad: float) -> None:
     assert torch.isnan(s[256:384]).all() and torch.isfinite(torch.cat([s[:256], s[384:]])).all()
 
 
+@pytest.mark.parametrize("top", [3.3767e38, 3.39e38, torch.finfo(torch.float32).max])
+def test_finite_values_near_float32s_max_stay_finite_in_storage(top: float) -> None:
+    """A review: a row whose absmax lies in (127·2¹²¹, FLT_MAX] took k = 122 and a code
+    of 64 decoded to 2¹²⁸ = Inf (p ≈ 0.76 at 3.39e38); bf16 stochastic rounding past the
+    largest bfloat16 fell back to round-to-nearest, Inf above 3.3961e38. Every draw must
+    stay finite (saturating at the largest finite grid value), the other rows unbiased."""
+    x = torch.tensor([[top, 1.0, -2.0], [-top, 0.5, 3.0], [1.0, 2.0, 3.0]])
+    for seed in range(64):
+        g = torch.Generator().manual_seed(seed)
+        w = decode_int8_per_channel(*encode_int8_per_channel(x, g))
+        assert torch.isfinite(w).all() and w[0, 0] > 3.3e38 and w[1, 0] < -3.3e38
+        b = decode_int8_blockwise(*encode_int8_blockwise(x, g))
+        assert torch.isfinite(b).all()
+        r = stochastic_round_bf16(x, g)
+        assert torch.isfinite(r).all() and r[0, 0] > 3.3e38 and r[1, 0] < -3.3e38
+    assert torch.equal(stochastic_round_bf16(torch.tensor([float("inf"), -float("inf")])),
+                       torch.tensor([float("inf"), -float("inf")], dtype=torch.bfloat16))
+
+
 # ------------------------------------------------------------------------- optimizers
 
 

@@ -5,6 +5,7 @@ cases, NaN/Inf propagation, and backend="reference" running no compiled code."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from lowbit import FQTConfig, GradSpec, OperandSpec
 from lowbit.formats import IntFormat, Rounding, compute_dtype
 from lowbit.functional import quantize_forward
 from lowbit.kernels import Backend, avx512, compiled
-from lowbit.quantizers import QUANTIZERS, Granularity, absmax
+from lowbit.quantizers import QUANTIZERS, Granularity, absmax, get_quantizer
 from lowbit.kernels.bhq_groups import householder_absmax
 from lowbit.quantizers.bhq import bhq_transform
 from lowbit.quantizers import hadamard
@@ -458,3 +459,15 @@ def test_asymmetric_range_past_the_max_stays_finite_and_unbiased(name: str) -> N
                      for i in range(2000)])
     assert torch.isfinite(s).all()
     assert_unbiased(s, g.double())
+
+
+def test_variance_formulas_say_inf_not_nan_past_the_dtypes_range() -> None:
+    """A review: BHQ's ``inverse_sq`` gave ``−inf + inf = NaN`` where the variance overflows
+    float64 (groups of ≥ 5 rows), the other quantizers ``inf``; a NaN input stays NaN."""
+    g = torch.randn(8, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e300
+    for q in ("ptq", "psq", "bhq", "hadamard"):
+        quantizer = get_quantizer(q)
+        assert quantizer.expected_variance(g, "int4").item() == math.inf
+        assert quantizer.variance_bound(g, "int4").item() == math.inf
+    g[0, 0] = math.nan
+    assert math.isnan(get_quantizer("bhq").expected_variance(g, "int4").item())

@@ -463,3 +463,35 @@ def test_finite_rows_of_a_call_holding_nan_get_the_overflow_handling(overflow: O
     else:
         assert d.requantized_calls == 0 and d.clipped_norm > 0.5  # most of row 1 was clipped
         assert g[1].abs().max() < exact.abs().max() / 5
+
+
+def test_a_predicted_range_past_the_dtypes_max_is_the_max_not_inf() -> None:
+    """A review: ``absmax · margin`` past float32's largest value made the predicted range
+    Inf: every code 0, dequantized to ``0 · inf = NaN`` — a finite gradient (5e37 <
+    max/4) came back all NaN on the second step, counted nowhere."""
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0).with_ranges(margin=8.0)
+    layer = lowbit.convert(nn.Linear(16, 4), cfg)
+    x = torch.randn(32, 16) * 1e-3
+    gy = torch.randn(32, 4)
+    gy = gy / gy.abs().max() * 5e37
+    for _ in range(3):
+        xx = x.clone().requires_grad_()
+        layer.zero_grad()
+        layer(xx).backward(gy)
+        assert torch.isfinite(xx.grad).all() and torch.isfinite(layer.weight.grad).all()
+    stats = lowbit.range_stats(layer)["total"]
+    assert stats.dynamic_calls == 2 and stats.nonfinite_calls == 0  # steps 2-3 predicted
+
+
+def test_float64_ranges_are_recorded_in_float64() -> None:
+    """A review: the history was float32, so finite float64 ranges above 3.4e38 were
+    counted as non-finite (and those below 1e-45 as zero), never predicted."""
+    from lowbit.quantizers import get_quantizer
+    from lowbit.ranges import RangeTracker
+    for magnitude in (1e300, 1e-300):
+        t = RangeTracker(history=4, margin=1.25, per_row=True, overflow="requantize", quantizer="psq")
+        g = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * magnitude
+        for i in range(3):
+            out = get_quantizer("psq").quantize(g, "int8", torch.Generator().manual_seed(i), tracker=t)
+            assert torch.isfinite(out.dequantize(torch.float64)).all()
+        assert (t.stats.calls, t.stats.dynamic_calls, t.stats.nonfinite_calls) == (3, 1, 0)

@@ -96,6 +96,9 @@ def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--grad-comm", "fp8"], "--grad-comm values must be in fp32, int2"),
     (["--world-size", "1"], "--world-size must be an integer ≥ 2"),
+    # a review: "," measured nothing (an empty table, exit 0); "int8,,int4" dropped a name
+    (["--grad-comm", ","], "--grad-comm must be a non-empty comma-separated list"),
+    (["--grad-comm", "int8,,int4"], "--grad-comm has an empty item"),
     (["--batch-size", "63"], "--batch-size \\(63\\) must be a multiple of --world-size"),
 ])
 def test_comm_variance_command_rejects_bad_values(tmp_path, capsys, argv, match):
