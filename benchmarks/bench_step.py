@@ -172,7 +172,9 @@ class Bench:
         self.params = list(self.w.model.parameters())
         self.times: list[float] = []
 
-    def step(self) -> None:
+    def step(self, after_forward: Callable[[], None] | None = None) -> None:
+        """One training step; ``after_forward`` (a probe's) runs between the forward
+        and the backward."""
         for p in self.params:
             p.grad = None
         for x in self.w.inputs:
@@ -181,6 +183,8 @@ class Bench:
         with contextlib.nullcontext() if self.monitor is None else self.monitor.step():
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.amp):
                 loss = self.w.step_loss()
+            if after_forward is not None:
+                after_forward()
             loss.backward()
 
     def timed(self, steps: int) -> None:
