@@ -225,6 +225,9 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
     if integer and (backend.value == "int8" or m * k * n >= LOOP_MIN_MACS):
         with scope("lowbit::gemm"):
             return int8.int_mm_batched(a.codes, b.codes), a.step, b.step, kernels
+    if 0 in (n_batch, m, k, n):  # nothing to multiply: every backend's zero (empty) product
+        like = a.codes if a.codes is not None else a.values  # (a strict backend refused it: a review)
+        return like.new_zeros((n_batch, m, n), dtype=dtype), None, None, kernels
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
         why = "a row transform, offset or block scale" if not both else \
             "a scale on the summed dimension, or codes or shapes the kernel refuses"

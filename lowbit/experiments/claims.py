@@ -136,8 +136,9 @@ def _show(o: Outcomes, scale: float, digits: int) -> str:
     done = o.finished()
     text = "–"
     if done:
-        std = statistics.stdev(done) if len(done) > 1 else 0.0
-        text = f"{statistics.fmean(done) * scale:.{digits}f} ± {std * scale:.{digits}f} ({len(done)} seeds)"
+        text = f"{statistics.fmean(done) * scale:.{digits}f}"
+        # one seed has no spread to show (± 0.00 read as none: a review)
+        text += f" ± {statistics.stdev(done) * scale:.{digits}f} ({len(done)} seeds)" if len(done) > 1 else " (1 seed)"
     failed = len(o.failed())
     text += f", {failed} failed (diverged or no metric)" if failed else ""
     return text + (f", {o.retried} failed attempt(s) rerun" if o.retried else "")
@@ -191,11 +192,15 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
         return "–", f"not measured: no run of {', '.join(missing)}"
     outs = [outcomes(runs, c, metric) for c in claim.recipes]
     numbers = "; ".join(f"{c} {_show(o, scale, digits)}" for c, o in zip(claim.recipes, outs))
-    for c, o in zip(claim.recipes, outs):  # a model that learned nothing tells nothing
-        done = o.finished()
-        if done and _untrained(statistics.fmean(done), task.chance, up):
-            return numbers, (f"not judged: {c} did not train (mean {statistics.fmean(done) * scale:.{digits}f}"
-                             f"{unit}, chance {task.chance * scale:.{digits}f}{unit}): train longer")
+    # models that learned nothing tell nothing: not judged where every recipe with a finished
+    # seed is near chance (a schedule too short for any); one recipe near chance where the
+    # others learned is a result (a review: "8-bit FQT = FP" was "not judged" when only the
+    # FQT run failed to learn, the order claim when only PTQ did)
+    means = {c: statistics.fmean(o.finished()) for c, o in zip(claim.recipes, outs) if o.finished()}
+    if means and all(_untrained(m, task.chance, up) for m in means.values()):
+        shown = ", ".join(f"{c} {m * scale:.{digits}f}{unit}" for c, m in means.items())
+        return numbers, (f"not judged: no recipe trained (means {shown}; chance "
+                         f"{task.chance * scale:.{digits}f}{unit}): train longer")
 
     def fmt(x: float) -> str:
         return f"{x * scale:.{digits}f}{unit}"
@@ -206,9 +211,10 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
     steps, verdicts, open_pairs = [], [], []
     for (ca, a), (cb, b) in zip(zip(claim.recipes, outs), zip(claim.recipes[1:], outs[1:])):
         common = sorted((s for s in a.values if s in b.values), key=str)
-        if len(common) < MIN_SEEDS:
-            return numbers, (f"not yet measured ({ca} and {cb} share {len(common)} seed(s) with an "
-                             f"outcome; {MIN_SEEDS} needed)")
+        if len(common) < MIN_SEEDS:  # this step waits; another may already decide (a review)
+            verdicts.append("unmeasured")
+            steps.append(f"{ca} and {cb} share {len(common)} seed(s) with an outcome; {MIN_SEEDS} needed")
+            continue
         lost = [s for s in a.failed(common) if b.values[s] is not None]
         other = b.failed(common)
         p = paired(a, b, up)
@@ -254,9 +260,11 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
                      + f"{'beyond' if beyond else 'within'} the seed noise){notes}")
     detail = "; ".join(steps)
     if claim.kind == "compare":
-        return numbers, detail
+        return numbers, (f"not yet measured ({detail})" if "unmeasured" in verdicts else detail)
     if "no" in verdicts:
         return numbers, f"does not hold: {detail}"
+    if "unmeasured" in verdicts:
+        return numbers, f"not yet measured ({detail})"
     if "open" in verdicts and min(open_pairs, default=0) >= SEED_BUDGET:
         return numbers, (f"not shown with {min(open_pairs)} seeds, the study's budget (a gap within the "
                          f"seed noise gets a third seed, then stands): {detail}")

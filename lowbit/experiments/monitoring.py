@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,11 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
     for run in sorted(runs, key=lambda r: (r.sort_key(), r.train.get("seed", 0))):
         file = Path(run.path) / LOG
         if run.label not in logs and file.exists():
-            logs[run.label] = json.loads(file.read_text())
+            try:  # a log cut by a crash: this run's column is left out, not the report
+                logs[run.label] = json.loads(file.read_text())
+            except (OSError, ValueError) as e:
+                print(f"report: {file} is not a readable monitor log ({e}); its variance "
+                      "figure column is left out", file=sys.stderr)
     if not logs:
         return False
     from lowbit.plots import pyplot

@@ -157,6 +157,18 @@ class Run:
         return None if None in picked else tuple(picked)  # type: ignore[return-value]
 
 
+def _check_rows(rows: Any) -> None:
+    """``ValueError`` unless ``rows`` is what the trainer writes: a list of per-epoch dicts,
+    each with an integer ``epoch`` and a number ``step_time_ms`` (a hand-edited or cut
+    file crashed the report later with ``error: epoch``, naming no folder: a review)."""
+    if not isinstance(rows, list):
+        raise ValueError(f"metrics.json holds a {type(rows).__name__}, not a list of epochs")
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                and isinstance(r.get("step_time_ms"), (int, float))):
+            raise ValueError(f"metrics.json row {i} lacks an integer 'epoch' or a number 'step_time_ms'")
+
+
 def load_runs(root: Path) -> list[Run]:
     """Every run folder below ``root`` (a ``config.json`` beside a ``metrics.json``). A
     folder whose files are unreadable or not a lowbit run's (an empty file, a saved
@@ -174,6 +186,7 @@ def load_runs(root: Path) -> list[Run]:
                 json.loads(status_file.read_text())["status"] if status_file.exists() else "running"
             )
             rows = json.loads(metrics_file.read_text())
+            _check_rows(rows)
             data_kind(config.get("data"))  # a record that is not a string: not readable
             runs.append(Run(run_dir, config["train"], config["fqt"], rows, status, config.get("data")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -384,13 +397,17 @@ def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
     that differ in the gradient quantizer and its width count: dynamic ranges, float32
     weights, a symmetric integer grid rounded stochastically (an FP8, MX, asymmetric-grid
     or round-to-nearest run at the same "bits" is another format: averaged in, it made
-    one point of seeds of different recipes)."""
+    one point of seeds of different recipes), and each recipe as named: a run whose
+    ``--grad-input-bits``/``--grad-weight-bits`` override it is another recipe (a review
+    found ``fqt-psq-8`` with a 2-bit ∇W averaged into the PSQ-8 point, each seed twice)."""
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     refs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         value = run.final(metric)
         if (not run.complete or value is None or run.train.get("weights", "fp32") != "fp32"
-                or monitoring.describe_adaptive(run.train)):  # adaptive: no fixed width
+                or monitoring.describe_adaptive(run.train)  # adaptive: no fixed width
+                or run.train.get("grad_input_bits") is not None
+                or run.train.get("grad_weight_bits") is not None):
             continue
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:
@@ -410,19 +427,20 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     points, refs = bits_points(runs, metric)
     if not points:
         return False
+    scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")  # as the tables
     plt = pyplot()  # matplotlib when a figure is made (importing the CLI leaves it alone)
     fig, ax = plt.subplots(figsize=(6, 4))
     for quantizer, by_bits in sorted(points.items()):
         bits = sorted(by_bits)
-        means = [statistics.fmean(by_bits[b]) for b in bits]
-        stds = [statistics.stdev(by_bits[b]) if len(by_bits[b]) > 1 else 0.0 for b in bits]
+        means = [scale * statistics.fmean(by_bits[b]) for b in bits]
+        stds = [scale * statistics.stdev(by_bits[b]) if len(by_bits[b]) > 1 else 0.0 for b in bits]
         ax.errorbar(bits, means, yerr=stds, marker="o", capsize=3, label=quantizer.upper())
     for name, style in (("fp", "--"), ("qat-8", ":")):
         if refs[name]:
-            ax.axhline(statistics.fmean(refs[name]), color="gray", linestyle=style, label=name)
+            ax.axhline(scale * statistics.fmean(refs[name]), color="gray", linestyle=style, label=name)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("gradient bits (∇X path)")
-    ax.set_ylabel(f"final {metric}")
+    ax.set_ylabel(f"final {metric}{unit}")
     ax.set_title(f"{runs[0].train['task']} — {runs[0].train['model']}: {metric} vs gradient bits")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

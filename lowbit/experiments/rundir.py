@@ -106,7 +106,7 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
         log(f"no checkpoint in {run_dir}; starting fresh")
         return None
     state, path = loaded
-    refusal = resume_refusal(path, state["train_config"], run_dir, cfg)
+    refusal = resume_refusal(path, state["train_config"], run_dir, cfg) or _recipe_refusal(path, state, cfg)
     if refusal:
         raise ValueError(refusal)
     if state["epoch"] > cfg.epochs:
@@ -114,6 +114,29 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
                          f"epochs={cfg.epochs}")  # fmt: skip
     log(f"resumed {path} at epoch {state['epoch']}, step {state['step']}")
     return state
+
+
+def _recipe_refusal(path: Path, state: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """Why the checkpoint's resolved quantization config (``fqt_config``) is not the one
+    ``cfg`` gives today — a recipe's default changed between versions (a predicted
+    range's margin went from 2 to 1.25): resumed, the later epochs trained on the new
+    setting under a label naming it alone (a review). None where they agree (fields
+    added since with their defaults compare equal)."""
+    saved = state.get("fqt_config")
+    if saved is None:
+        return None
+    try:
+        old = FQTConfig.from_dict(saved)
+    except (TypeError, ValueError, KeyError) as e:
+        return f"cannot resume {path}: its quantization config does not load ({e})"
+    new = cfg.fqt_config()
+    if old == new:
+        return None
+    diff = sorted(k for k, v in new.to_dict().items() if old.to_dict().get(k) != v)
+    return (f"cannot resume {path}: it trained with another quantization config for recipe "
+            f"{cfg.recipe!r} than this version gives (differs in: {', '.join(diff)}); the later "
+            "epochs would train on other settings under the same label — start a new run "
+            "(another --out), or resume with the lowbit version that wrote it")
 
 
 def resume_refusal(what: Path, saved: dict[str, Any], run_dir: Path, cfg: TrainConfig) -> str | None:

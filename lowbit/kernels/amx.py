@@ -271,9 +271,9 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K`)
     as the exact int32 sum, a new (M, N) row-major tensor: the op ``lowbit::int8_mm``,
     which runs the AMX kernel, except for a transposed (column-major) ``a``, which it
-    hands to ``torch._int_mm`` (faster there). Raises ``RuntimeError`` where
-    :func:`available` is false, ``TypeError``/``ValueError`` for wrong dtypes or
-    shapes. :func:`kernel` runs the AMX kernel on any layout."""
+    hands to ``torch._int_mm`` (faster there; that route runs whether or not AMX is
+    available). Raises ``RuntimeError`` where :func:`available` is false and the AMX
+    kernel would run, ``TypeError``/``ValueError`` for wrong dtypes or shapes. :func:`kernel` runs the AMX kernel on any layout."""
     return torch.ops.lowbit.int8_mm(a, b)
 
 

@@ -488,6 +488,40 @@ def test_bits_figure_keeps_other_formats_out_of_an_integer_point(tmp_path):
     assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}, "bhq": {4: [0.8]}}
 
 
+def test_bits_figure_leaves_recipes_with_overridden_bits_out(tmp_path):
+    """A review: ``fqt-psq-8`` with ``--grad-weight-bits 2`` (another recipe: its own table
+    row) was averaged into the PSQ-8 point, each seed twice."""
+    from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fqt-psq-8", 0, [0.1, 0.9], "done")
+    cfg = TrainConfig(task="digits", recipe="fqt-psq-8", seed=0, epochs=2, grad_weight_bits=2)
+    run_dir = runs / cfg.run_name()
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "fqt": cfg.fqt_config().to_dict()}))
+    write_metrics(run_dir, [{"epoch": 1, "accuracy": 0.1, "step_time_ms": 10.0},
+                            {"epoch": 2, "accuracy": 0.5, "step_time_ms": 10.0}])
+    write_status(run_dir, "done")
+    loaded = report.load_runs(runs)
+    assert len(loaded) == 2
+    points, _ = report.bits_points(loaded, "accuracy")
+    assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}}
+
+
+def test_a_cut_monitor_log_leaves_its_column_out_not_the_report(tmp_path, capsys):
+    """A review: one truncated ``monitor.json`` (a crash mid-write) stopped the whole
+    report with a JSON error naming no file; the other runs' figure is drawn."""
+    from lowbit.experiments import monitoring
+
+    runs = tmp_path / "runs"
+    for recipe in ("fqt-psq-8", "fqt-bhq-4"):
+        _fake_run(runs, recipe, 0, [0.1, 0.9], "done")
+    loaded = report.load_runs(runs)
+    (Path(loaded[0].path) / monitoring.LOG).write_text('{"history": [')
+    assert monitoring.plot_ratios(loaded, tmp_path / "v.png") is False  # the only log is cut
+    assert f"{Path(loaded[0].path) / monitoring.LOG} is not a readable monitor log" in capsys.readouterr().err
+
+
 def test_cli_prints_lowbit_info_lines(tmp_path, capsys):
     """The README's "the run says why in one line" (a recipe with nothing to monitor) and
     adaptive decisions were ``logging.info`` calls nobody configured: Python dropped them."""
@@ -874,10 +908,35 @@ def test_claims_are_not_judged_on_models_that_did_not_train() -> None:
                                                "seed": seed}, {}, [{"epoch": 1, "accuracy": acc}], "done")
 
     runs = [run(r, s, 0.117) for r in ("fp", "fqt-psq-8") for s in (0, 1)]
-    assert judge(CLAIMS[0], runs)[1] == ("not judged: fqt-psq-8 did not train (mean 11.70 pt, chance "
-                                         "10.00 pt): train longer")
+    assert judge(CLAIMS[0], runs)[1] == ("not judged: no recipe trained (means fqt-psq-8 11.70 pt, fp "
+                                         "11.70 pt; chance 10.00 pt): train longer")
     trained = [run(r, s, 0.9) for r in ("fp", "fqt-psq-8") for s in (0, 1)]
     assert judge(CLAIMS[0], trained)[1].startswith("holds")
+    # a review: only the recipe under test at chance is a result, not a reason to stop
+    lost = [run("fp", s, a) for s, a in ((0, 0.60), (1, 0.61), (2, 0.62))] + \
+        [run("fqt-psq-8", s, a) for s, a in ((0, 0.11), (1, 0.12), (2, 0.10))]
+    assert judge(CLAIMS[0], lost)[1].startswith("does not hold")
+    order = [run("fqt-bhq-4", s, 0.61 + s / 100) for s in range(3)] + \
+        [run("fqt-psq-4", s, 0.51 + s / 200) for s in range(3)] + [run("fqt-ptq-4", s, 0.12) for s in range(3)]
+    assert judge(CLAIMS[2], order)[1].startswith("holds")
+
+
+def test_an_order_claim_failing_at_its_first_step_is_not_left_unmeasured() -> None:
+    """A review: BHQ 21 pt below PSQ on three seeds, PTQ with one seed: the claim said
+    "not yet measured" (the short second step returned first); it does not hold."""
+    from lowbit.experiments.claims import CLAIMS, judge
+    from lowbit.experiments.report import Run
+
+    def run(recipe: str, seed: int, acc: float) -> Run:
+        return Run(Path(f"{recipe}-{seed}"), {"task": "digits", "recipe": recipe, "epochs": 1,
+                                               "seed": seed}, {}, [{"epoch": 1, "accuracy": acc}], "done")
+
+    runs = [run("fqt-bhq-4", s, a) for s, a in ((0, 0.30), (1, 0.31), (2, 0.29))] + \
+        [run("fqt-psq-4", s, a) for s, a in ((0, 0.50), (1, 0.52), (2, 0.51))] + [run("fqt-ptq-4", 0, 0.5)]
+    verdict = judge(CLAIMS[2], runs)[1]
+    assert verdict.startswith("does not hold") and "share 1 seed(s)" in verdict
+    better = [run("fqt-bhq-4", s, 0.6 + s / 100) for s in range(3)] + runs[3:]
+    assert judge(CLAIMS[2], better)[1].startswith("not yet measured")
 
 
 def test_report_claims_on_a_lower_is_better_metric() -> None:

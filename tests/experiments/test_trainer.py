@@ -737,3 +737,23 @@ def test_eval_subset_beyond_the_data_is_refused() -> None:
     assert len(T.make_task("digits", "mlp", eval_subset=64).y_eval) == 64
     with pytest.raises(ValueError, match=r"eval_subset must be at most \d+ \(the validation windows"):
         T.make_task("text", subset=60_000, eval_subset=100000)
+
+
+def test_resume_refuses_a_checkpoint_of_another_quantization_config(tmp_path) -> None:
+    """A review: resume compared only the TrainConfig; a checkpoint whose resolved recipe
+    differs from what this version gives (an older default margin of a predicted range)
+    resumed silently on the new one, and config.json was rewritten to match."""
+    from pathlib import Path
+
+    from lowbit import FQTConfig
+    from lowbit.experiments.rundir import _recipe_refusal
+    from lowbit.experiments.trainer import TrainConfig
+
+    cfg = TrainConfig(task="digits", recipe="fqt-psq-8-predicted", epochs=2)
+    same = {"fqt_config": cfg.fqt_config().to_dict()}
+    assert _recipe_refusal(Path("last.pt"), same, cfg) is None
+    assert _recipe_refusal(Path("last.pt"), {}, cfg) is None  # checkpoints before the record
+    old = cfg.fqt_config().with_ranges(margin=2.0).to_dict()
+    assert FQTConfig.from_dict(old) != cfg.fqt_config()
+    why = _recipe_refusal(Path("last.pt"), {"fqt_config": old}, cfg)
+    assert why is not None and "another quantization config" in why and "grad_input" in why
