@@ -114,21 +114,16 @@ class Outcomes:
 def outcomes(runs: Sequence[Run], recipe: str, metric: str) -> Outcomes:
     """``recipe``'s outcome per seed (class docstring); a run counts once it is finished
     (status ``done`` with all epochs) or diverged."""
-    values: dict = {}
-    retried = 0
+    attempts: dict = {}
     for r in sorted(runs, key=lambda r: str(r.path)):
         if r.label != recipe or not (r.complete or r.status == "diverged"):
             continue
-        seed = r.train.get("seed")
         v = r.final(metric) if r.complete else None
-        v = v if v is not None and math.isfinite(v) else None
-        if seed in values:
-            if values[seed] is None and v is not None:  # a finished rerun of a failed seed
-                values[seed], retried = v, retried + 1
-            elif v is None:
-                retried += 1
-            continue
-        values[seed] = v
+        attempts.setdefault(r.train.get("seed"), []).append(v if v is not None and math.isfinite(v) else None)
+    # a seed's value: its first finished attempt, else None (failed); only failed attempts of
+    # a seed that finished count as "rerun" (a seed that failed twice was said to be rerun)
+    values = {s: next((v for v in vs if v is not None), None) for s, vs in attempts.items()}
+    retried = sum(vs.count(None) for s, vs in attempts.items() if values[s] is not None)
     return Outcomes(values, retried)
 
 

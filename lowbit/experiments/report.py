@@ -313,6 +313,8 @@ def table(runs: list[Run], figure_names: list[str],
         notes = []
         if n_div := sum(r.status == "diverged" for r in group):
             notes.append(f"{n_div} diverged")
+        if n_nan := len(done) - len(finals):  # counted by the claims as failed; said here too
+            notes.append(f"{n_nan} finished without a finite {metric}")
         notes += (repeat_notes or {}).get(lab, [])
         partial = [r for r in group if not r.complete and r.status != "diverged"]
         if partial:  # how far each got (a study that spans sessions reports as it goes)

@@ -118,9 +118,15 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     """``"field (saved, now requested)"`` for every setting in which the run its folder
     holds differs from ``cfg`` — all of :class:`TrainConfig` but the fields a resumed run
     may change (:data:`~.runconfig.RESUMABLE_CHANGES`); empty where they agree or the
-    folder has no readable config. (A review found a sweep that compared ``epochs`` only
-    and reported runs of another learning rate, batch size, model or backend as done.)"""
+    folder has neither a readable config nor recorded epochs. (A review found a sweep that compared ``epochs`` only
+    and reported runs of another learning rate, batch size, model or backend as done.)
+    A folder with recorded epochs but no readable ``config.json`` differs by that."""
     saved = _saved_train(Path(cfg.out))
+    if saved is None and (Path(cfg.out) / "metrics.json").exists():
+        # epochs recorded with no readable settings: they cannot be checked, so the folder
+        # is neither done nor resumable (a review: a 5-epoch run without its config.json
+        # was "done" for a 3-epoch sweep)
+        return ["config.json (missing or unreadable beside recorded epochs: the settings cannot be checked)"]
     return [] if saved is None else changed_settings(saved, cfg)
 
 
