@@ -42,6 +42,7 @@ from lowbit.formats import Grid, IntFormat, Rounding
 from lowbit.quantizers import QUANTIZERS
 
 from . import claims, monitoring
+from .runconfig import DEFAULT_MONITOR_EVERY
 from .rundir import data_kind, write_atomic
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
@@ -98,8 +99,9 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Recipe name, plus the gradient bits when overridden, a backend other than auto
-        and low-precision weights / optimizer state."""
+        """Recipe name, plus the gradient bits when overridden, a backend other than auto,
+        low-precision weights / optimizer state, quantized communication and an adaptive
+        recipe's monitor interval other than the default."""
         label = self.train["recipe"]
         if self.train.get("grad_input_bits") or self.train.get("grad_weight_bits"):
             fqt = FQTConfig.from_dict(self.fqt)
@@ -116,6 +118,10 @@ class Run:
             label += f", {weights} weights + {state} state"
         if self.train.get("grad_comm", "fp32") != "fp32":  # quantized data-parallel averaging
             label += f", {self.train['grad_comm']} grad comm"
+        every = self.train.get("monitor_every", DEFAULT_MONITOR_EVERY)
+        if monitoring.describe_adaptive(self.train) and every != DEFAULT_MONITOR_EVERY:
+            # an adaptive run's widths follow its monitor's interval: another recipe in effect
+            label += f", monitor every {every}"  # (a review found them averaged as seeds)
         backend = self.train.get("backend", "auto")
         return label if backend == "auto" else f"{label} [{backend}]"
 

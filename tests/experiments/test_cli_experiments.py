@@ -1260,3 +1260,18 @@ def test_tables_of_one_task_and_model_have_headings_that_tell_them_apart(tmp_pat
     single = tmp_path / "single"
     _fake_run(single, "qat-8", 0, [0.5, 0.9], "done")
     assert "### digits — mlp\n" in report.render(report.load_runs(single), tmp_path, "lowbit report") + "\n"
+
+
+def test_adaptive_runs_of_other_monitor_intervals_are_other_rows() -> None:
+    """A review: ``fqt-auto`` runs with ``--monitor-every 1`` and ``4`` (their widths follow
+    the interval) shared one label, so seeds of both were averaged into one row."""
+    from lowbit.experiments.report import Run
+
+    def label(recipe: str, every: int | None) -> str:
+        train = {"task": "digits", "recipe": recipe, "epochs": 1, "seed": 0}
+        train |= {} if every is None else {"monitor_every": every}
+        return Run(Path("r"), train, {}, [{"epoch": 1, "accuracy": 0.5}], "done").label
+
+    assert label("fqt-auto", 1) == "fqt-auto, monitor every 1" and label("fqt-auto", 4) == "fqt-auto, monitor every 4"
+    assert label("fqt-auto", 50) == label("fqt-auto", None) == "fqt-auto"  # the default: as recorded before
+    assert label("fqt-psq-8", 4) == "fqt-psq-8"  # a fixed recipe's values do not depend on it
