@@ -281,6 +281,24 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def layout_name(t: torch.Tensor) -> str:
+    """``"a nested tensor"`` or ``"a torch.sparse_coo tensor"`` (for messages)."""
+    return "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+
+
+def densify_hint(t: torch.Tensor) -> str:
+    """How to make ``t`` (nested or sparse) dense, for an error message."""
+    return "pad it: nested.to_padded_tensor(0), masking the padding" if t.is_nested else "t.to_dense()"
+
+
+def check_dense(op: str, what: str, t: object) -> None:
+    """``RuntimeError`` naming ``op``, ``what`` and the layout where ``t`` is a nested or
+    sparse tensor (before any padding or reshape would fail inside torch)."""
+    if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+        raise RuntimeError(f"{op}: {what} is {layout_name(t)}; lowbit's low-bit GEMMs take dense "
+                           f"(strided) tensors ({densify_hint(t)})")
+
+
 def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
@@ -292,10 +310,7 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     for what, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {what} must be a Tensor, not {type(t).__name__}")
-        if t is not None and (t.is_nested or t.layout != torch.strided):
-            kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
-            raise RuntimeError(f"{op}: {what} is {kind}; lowbit's low-bit GEMMs take dense (strided) "
-                               "tensors (pad it, e.g. nested.to_padded_tensor(0), or densify it)")
+        check_dense(op, what, t)
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
             raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "

@@ -26,7 +26,7 @@ from .config import Backend, FQTConfig, describe, not_a_config
 from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
-from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
+from .functional import Trackers, check_dense, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
 from .quantizers import Granularity
@@ -236,6 +236,7 @@ class FQTConv2d(nn.Conv2d, _StochasticLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name: layer(input=x))
         self.ran = True  # a constant store: no torch.compile guard or graph break
+        check_dense("fqt_conv2d", "input", input)  # before padding fails inside torch
         x, padding = self._explicit_padding(input)
         return fqt_conv2d(x, self.weight, self.bias, self._block, self.stride, padding,
                           self.dilation, self.groups)
@@ -259,6 +260,7 @@ class FQTConv1d(nn.Conv1d, _StochasticLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name: layer(input=x))
         self.ran = True  # a constant store: no torch.compile guard or graph break
+        check_dense("fqt_conv1d", "input", input)  # before padding fails inside torch
         x = input
         if self.padding_mode != "zeros":
             x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -306,11 +308,11 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     alone. Parameters are shared, names unchanged. A module reachable under several
     names becomes one converted layer. Converting again is idempotent: already-converted
     layers only take the new config (and restart their :attr:`ran` flag); where the new
-    config's ``seed`` differs from the old one's, their noise streams restart from it under
-    their names in ``model`` (as a fresh conversion with that seed would give them), else
-    the streams go on — but for copies of a converted block (``nn.TransformerEncoder``'s
-    clones, ``copy.deepcopy``), which share the original's stream until converted again:
-    each gets its own, under its name in ``model``.
+    config's ``seed`` differs from the old one's, their noise streams restart from it (as a
+    fresh conversion with that seed would give them), else the streams go on — but for
+    copies of a converted block (``nn.TransformerEncoder``'s clones, ``copy.deepcopy``),
+    which share the original's stream until converted again: each gets its own, under its
+    name in ``model``.
     Raises ``TypeError`` if ``model`` is not an ``nn.Module`` or ``config`` not an
     :class:`FQTConfig`.
     """
@@ -327,7 +329,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     excluded: list[str] = []
     probes: dict[type[nn.Module], nn.Module] = {}
     memo: dict[int, nn.Module] = {}
-    kept: dict[int, int] = {}  # already-converted blocks met: id -> their seed before this call
+    kept: set[int] = set()  # ids of the already-converted blocks met
     from .attention_modules import FQTMultiheadAttention, extensions  # they import this module
 
     rules, finish = extensions(model)  # attention, Hugging Face
@@ -337,7 +339,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             excluded.append(name)
             return module
         if isinstance(module, _FQT_LAYERS):
-            kept[id(module)] = module.noise.seed
+            kept.add(id(module))
             module.config, module.ran = config, False
             module.drop_unfit_trackers()  # another range setting: its history starts afresh
             converted.append(name)
@@ -359,7 +361,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
             excluded.append(name)
             return module
         if isinstance(module, rule.fqt):
-            kept.update((id(b), b.noise.seed) for b in fqt_blocks(module).values())
+            kept.update(id(b) for b in fqt_blocks(module).values())
             module.config = config
             for block in fqt_blocks(module).values():  # its products and projections too
                 block.ran = False
@@ -413,20 +415,18 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     return model, ConversionReport(tuple(converted), skipped, tuple(excluded), fastpath)
 
 
-def _rekey_kept(model: nn.Module, kept: dict[int, int]) -> None:
-    """Give the already-converted blocks ``convert`` met (``kept``: id -> seed before the
-    call) the stream a fresh conversion would, keyed by their names in ``model``: those
-    whose seed this call changed (the config setter restarted them under their old
-    names), and those sharing one ``(seed, name)`` with another block of ``model`` —
-    copies of a converted block (``nn.TransformerEncoder``'s clones, ``copy.deepcopy``)
-    kept the original's name, so every copy drew the same noise (a review). A block
-    whose name already is its name in ``model``, or that is alone on its stream, goes on."""
+def _rekey_kept(model: nn.Module, kept: set[int]) -> None:
+    """Give the already-converted blocks ``convert`` met (``kept``: their ids) that share
+    one ``(seed, name)`` with another block of ``model`` the stream a fresh conversion
+    would, keyed by their names in ``model``: copies of a converted block
+    (``nn.TransformerEncoder``'s clones, ``copy.deepcopy``) kept the original's name, so
+    every copy drew the same noise (a review). A block alone on its stream keeps its
+    name (reseeded or not: siblings converted again one call each would get one name
+    relative to each call's root, a second review found)."""
     blocks = fqt_blocks(model)
     keys = Counter((b.noise.seed, b.noise.name) for b in blocks.values())
     for fqn, b in blocks.items():
-        if id(b) not in kept or b.noise.name == fqn:
-            continue
-        if b.noise.seed != kept[id(b)] or keys[(b.noise.seed, b.noise.name)] > 1:
+        if id(b) in kept and b.noise.name != fqn and keys[(b.noise.seed, b.noise.name)] > 1:
             b._block.noise = NoiseStream(b.noise.seed, fqn)
 
 

@@ -203,12 +203,12 @@ class RangeTracker:
             return
         if self._hist is None:
             self._hist = obs.new_zeros(self.history, obs.numel())
-        elif obs.dtype == torch.float64 and self._hist.dtype != torch.float64:
-            self._hist = self._hist.double()  # float32 ranges are exact in float64
         elif self._hist.shape[1] != obs.numel():
             raise ValueError(
                 f"predicted range: this tracker holds {self._hist.shape[1]} rows, the gradient "
                 f"has {obs.numel()}; per-row ranges need the same rows every call")
+        if obs.dtype == torch.float64 and self._hist.dtype != torch.float64:
+            self._hist = self._hist.double()  # float32 ranges are exact in float64
         self._hist[self._count % self.history] = obs.to(self._hist.device, self._hist.dtype)
         self._count += 1
 

@@ -50,10 +50,12 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
                           device=_draw_device(generator, x)).to(x.device)
     rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
-    toward_zero = (bits & ~_LOW16).view(torch.float32)  # the lower neighbour in magnitude
-    # Non-finite inputs keep their own value; a finite one that rounded past the largest
-    # bfloat16 takes it (round-to-nearest of x turned those above 3.3961e38 into Inf)
-    out = torch.where(torch.isfinite(rounded), rounded, torch.where(torch.isfinite(x), toward_zero, x))
+    ok = torch.isfinite(rounded)  # a finite result comes from a finite x only
+    out = torch.where(ok, rounded, x)  # non-finite inputs keep their own value
+    if not bool(ok.all()):  # rare: a non-finite x, or a finite one rounded past the largest
+        # bfloat16, which takes it (the lower neighbour in magnitude: round-to-nearest of x
+        # turned those above 3.3961e38 into Inf)
+        out = torch.where(ok | ~torch.isfinite(x), out, (bits & ~_LOW16).view(torch.float32))
     return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
@@ -84,7 +86,7 @@ def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Genera
         q = q.round()
     top = (torch.finfo(torch.float32).max / scale.double()).floor().clamp(max=_INT8_MAX)
     top = torch.where(finite, top, float(_INT8_MAX)).float()[:, None]  # (R, 1)
-    return torch.minimum(torch.maximum(q, -top), top).to(torch.int8)
+    return q.clamp(-top, top).to(torch.int8)  # one pass, per-row bounds
 
 
 def _nan_unless_finite(scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:

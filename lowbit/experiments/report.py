@@ -415,7 +415,8 @@ def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
         if (not run.complete or value is None or run.train.get("weights", "fp32") != "fp32"
                 or monitoring.describe_adaptive(run.train)  # adaptive: no fixed width
                 or run.train.get("grad_input_bits") is not None
-                or run.train.get("grad_weight_bits") is not None):
+                or run.train.get("grad_weight_bits") is not None
+                or run.train.get("grad_comm", "fp32") != "fp32"):  # quantized averaging: another row
             continue
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:

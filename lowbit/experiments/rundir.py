@@ -106,7 +106,7 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
         log(f"no checkpoint in {run_dir}; starting fresh")
         return None
     state, path = loaded
-    refusal = resume_refusal(path, state["train_config"], run_dir, cfg) or _recipe_refusal(path, state, cfg)
+    refusal = resume_refusal(path, state["train_config"], run_dir, cfg) or recipe_refusal(path, state.get("fqt_config"), cfg)
     if refusal:
         raise ValueError(refusal)
     if state["epoch"] > cfg.epochs:
@@ -116,23 +116,30 @@ def load_resumable(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def _recipe_refusal(path: Path, state: dict[str, Any], cfg: TrainConfig) -> str | None:
-    """Why the checkpoint's resolved quantization config (``fqt_config``) is not the one
-    ``cfg`` gives today — a recipe's default changed between versions (a predicted
-    range's margin went from 2 to 1.25): resumed, the later epochs trained on the new
-    setting under a label naming it alone (a review). None where they agree (fields
-    added since with their defaults compare equal)."""
-    saved = state.get("fqt_config")
+def recipe_refusal(path: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> str | None:
+    """Why the resolved quantization config a run recorded (a checkpoint's
+    ``fqt_config``, ``config.json``'s ``fqt``) is not the one ``cfg`` gives today — a
+    recipe's default changed between versions (a predicted range's margin went from 2 to
+    1.25): resumed, the later epochs trained on the new setting under a label naming it
+    alone (a review). None where every field the record holds agrees (fields recorded
+    only by later versions — ``adaptive`` — are not compared: older runs lack them) or
+    nothing was recorded."""
     if saved is None:
         return None
     try:
-        old = FQTConfig.from_dict(saved)
+        old = FQTConfig.from_dict(saved).to_dict()
     except (TypeError, ValueError, KeyError) as e:
         return f"cannot resume {path}: its quantization config does not load ({e})"
-    new = cfg.fqt_config()
-    if old == new:
+    new = cfg.fqt_config().to_dict()
+
+    def differs(raw: Any, a: Any, b: Any) -> bool:  # only what ``raw`` (the record) holds
+        if isinstance(raw, dict) and isinstance(a, dict) and isinstance(b, dict):
+            return any(differs(raw[k], a.get(k), b.get(k)) for k in raw)
+        return a != b
+
+    diff = sorted(k for k in saved if k in new and differs(saved[k], old.get(k), new[k]))
+    if not diff:
         return None
-    diff = sorted(k for k, v in new.to_dict().items() if old.to_dict().get(k) != v)
     return (f"cannot resume {path}: it trained with another quantization config for recipe "
             f"{cfg.recipe!r} than this version gives (differs in: {', '.join(diff)}); the later "
             "epochs would train on other settings under the same label — start a new run "

@@ -37,7 +37,7 @@ from .train import (
     training_fields,
 )
 from .checkpoint import CheckpointError
-from .rundir import DataMismatch, RunBusy, is_busy, read_config, run_lock
+from .rundir import DataMismatch, RunBusy, is_busy, read_config, recipe_refusal, run_lock
 from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
 from .trainer import TrainConfig, TrainingDiverged, train
 
@@ -120,14 +120,19 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     may change (:data:`~.runconfig.RESUMABLE_CHANGES`); empty where they agree or the
     folder has neither a readable config nor recorded epochs. (A review found a sweep that compared ``epochs`` only
     and reported runs of another learning rate, batch size, model or backend as done.)
-    A folder with recorded epochs but no readable ``config.json`` differs by that."""
+    A folder with a ``metrics.json`` but no readable ``config.json`` differs by that."""
     saved = _saved_train(Path(cfg.out))
     if saved is None and (Path(cfg.out) / "metrics.json").exists():
-        # epochs recorded with no readable settings: they cannot be checked, so the folder
+        # a metrics file with no readable settings: they cannot be checked, so the folder
         # is neither done nor resumable (a review: a 5-epoch run without its config.json
         # was "done" for a 3-epoch sweep)
-        return ["config.json (missing or unreadable beside recorded epochs: the settings cannot be checked)"]
-    return [] if saved is None else changed_settings(saved, cfg)
+        return ["config.json (missing or unreadable beside metrics.json: the settings cannot be checked)"]
+    if saved is None:
+        return []
+    diff = changed_settings(saved, cfg)
+    if recipe_refusal(Path(cfg.out), read_config(Path(cfg.out)).get("fqt"), cfg):
+        diff.append(f"the quantization config {cfg.recipe} resolves to (recorded by another version)")
+    return diff
 
 
 def run_state(cfg: TrainConfig) -> str:

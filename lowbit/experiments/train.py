@@ -24,7 +24,7 @@ from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .models import MODELS, check_model_args
-from .rundir import is_busy, read_config, resume_refusal
+from .rundir import is_busy, read_config, recipe_refusal, resume_refusal
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -387,7 +387,9 @@ def run(args: argparse.Namespace) -> int:
         saved = read_config(Path(cfg.out)).get("train") if args.resume else None
         if isinstance(saved, dict):  # the recorded settings: a refusal inside the ranks ends in
             # torchrun's traceback (the ranks check the checkpoint itself, and load it)
-            refusal = resume_refusal(Path(cfg.out) / "config.json", saved, Path(cfg.out), cfg)
+            where = Path(cfg.out) / "config.json"
+            refusal = resume_refusal(where, saved, Path(cfg.out), cfg) or \
+                recipe_refusal(where, read_config(Path(cfg.out)).get("fqt"), cfg)
             if refusal:
                 raise ValueError(refusal)
         if is_busy(Path(cfg.out)):

@@ -617,3 +617,8 @@ def test_a_converted_submodule_converted_again_with_its_seed_keeps_its_stream() 
     before = lowbit.rng_state(model)
     lowbit.convert(model[1], FQTConfig.from_recipe("fqt-psq-4", seed=3))
     assert lowbit.rng_state(model) == before and model[1].noise.name == "1"
+    # reseeded one call each (a second review: both were renamed "" relative to their own
+    # call and shared one stream): each keeps its name, restarted from the new seed
+    for layer in (model[0], model[1]):
+        lowbit.convert(layer, FQTConfig.from_recipe("fqt-psq-8", seed=5))
+    assert [(m.noise.seed, m.noise.name, m.noise.counter) for m in model] == [(5, "0", 0), (5, "1", 0)]

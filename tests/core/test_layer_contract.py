@@ -618,6 +618,11 @@ def test_nested_and_sparse_inputs_are_refused_by_name(recipe: str) -> None:
             lin(nested)
     with pytest.raises(RuntimeError, match="input is a torch.sparse_coo tensor"):
         lin(torch.randn(3, 4).to_sparse())
+    for conv, x in ((nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.randn(1, 3, 5, 5)),
+                    (nn.Conv1d(3, 4, 3, padding="same", padding_mode="circular"), torch.randn(1, 3, 7))):
+        conv = lowbit.convert(conv, FQTConfig.from_recipe(recipe, seed=0))  # pads before its GEMMs
+        with pytest.raises(RuntimeError, match="input is a torch.sparse_coo tensor.*to_dense"):
+            conv(x.to_sparse())
     q = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 3, 8)], layout=torch.jagged)
     with pytest.raises(RuntimeError, match="query is a nested tensor"):
         lowbit.functional.scaled_dot_product_attention(q, q, q, state=FQTConfig.from_recipe(recipe, seed=0))

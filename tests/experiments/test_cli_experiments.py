@@ -506,6 +506,12 @@ def test_bits_figure_leaves_recipes_with_overridden_bits_out(tmp_path):
     assert len(loaded) == 2
     points, _ = report.bits_points(loaded, "accuracy")
     assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}}
+    # quantized gradient averaging is another row too (a second review)
+    comm = json.loads((run_dir / "config.json").read_text())
+    comm["train"] |= {"grad_weight_bits": None, "grad_comm": "int4", "world_size": 2}
+    (run_dir / "config.json").write_text(json.dumps(comm))
+    points, _ = report.bits_points(report.load_runs(runs), "accuracy")
+    assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}}
 
 
 def test_a_cut_monitor_log_leaves_its_column_out_not_the_report(tmp_path, capsys):
@@ -1200,7 +1206,25 @@ def test_sweep_does_not_call_a_folder_without_its_settings_done(tmp_path, capsys
     (out / "digits-mlp-fp-s0" / "config.json").unlink()
     capsys.readouterr()
     assert cli.main(base + ["--epochs", "1"]) == 1
-    assert "config.json (missing or unreadable beside recorded epochs" in capsys.readouterr().out
+    assert "config.json (missing or unreadable beside metrics.json" in capsys.readouterr().out
+
+
+def test_sweep_does_not_call_a_run_of_another_resolved_recipe_done(tmp_path, capsys):
+    """A second review: the resume refused a checkpoint whose recipe resolved otherwise
+    (an older default margin), but the sweep compared the training settings only and
+    called such a folder done."""
+    out = tmp_path / "sw"
+    base = ["sweep", "--tasks", "digits", "--models", "mlp", "--recipes", "fqt-psq-8-predicted",
+            "--subset", "128", "--eval-subset", "64", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert cli.main(base) == 0
+    config = out / "digits-mlp-fqt-psq-8-predicted-s0" / "config.json"
+    record = json.loads(config.read_text())
+    for path in ("grad_input", "grad_weight"):
+        record["fqt"][path]["margin"] = 2.0  # what an older version resolved the recipe to
+    config.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(base) == 1
+    assert "the quantization config fqt-psq-8-predicted resolves to" in capsys.readouterr().out
 
 
 def test_importing_the_cli_leaves_matplotlib_alone():

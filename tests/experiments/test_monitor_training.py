@@ -77,5 +77,5 @@ def test_report_plots_ratios_and_labels_adaptive_runs(tmp_path) -> None:
     runs = report.load_runs(tmp_path / "runs")
     body = report.render(runs, tmp_path, "lowbit report")
     assert "digits-mlp-variance.png" in body and (tmp_path / "digits-mlp-variance.png").exists()
-    line = next(x for x in body.splitlines() if x.startswith("| fqt-auto "))
+    line = next(x for x in body.splitlines() if x.startswith("| fqt-auto, monitor every 2 "))  # not the default 50
     assert "gi:psq,bhq2–8/gw:psq2–8 adaptive" in line  # no "|": it would split the table cell and "mean gradient bits ∇X" in line

@@ -746,14 +746,14 @@ def test_resume_refuses_a_checkpoint_of_another_quantization_config(tmp_path) ->
     from pathlib import Path
 
     from lowbit import FQTConfig
-    from lowbit.experiments.rundir import _recipe_refusal
+    from lowbit.experiments.rundir import recipe_refusal
     from lowbit.experiments.trainer import TrainConfig
 
     cfg = TrainConfig(task="digits", recipe="fqt-psq-8-predicted", epochs=2)
     same = {"fqt_config": cfg.fqt_config().to_dict()}
-    assert _recipe_refusal(Path("last.pt"), same, cfg) is None
-    assert _recipe_refusal(Path("last.pt"), {}, cfg) is None  # checkpoints before the record
+    assert recipe_refusal(Path("last.pt"), same["fqt_config"], cfg) is None
+    assert recipe_refusal(Path("last.pt"), None, cfg) is None  # checkpoints before the record
     old = cfg.fqt_config().with_ranges(margin=2.0).to_dict()
     assert FQTConfig.from_dict(old) != cfg.fqt_config()
-    why = _recipe_refusal(Path("last.pt"), {"fqt_config": old}, cfg)
+    why = recipe_refusal(Path("last.pt"), old, cfg)
     assert why is not None and "another quantization config" in why and "grad_input" in why
