@@ -8,7 +8,8 @@ that quantizes gradients with dynamic ranges; ``fqt-auto*`` recipes attach their
 * ``monitor_steps``: monitored steps in the epoch; ``ratio_w:<layer>`` / ``ratio_x:<layer>``:
   the mean over them of each layer's quantization/SGD variance ratio on the ∇W path and on
   the ∇X path's input-shift probe (:mod:`lowbit.monitor`); ``ratio_w_max`` /
-  ``ratio_x_max`` over layers (columns absent in an epoch without a monitored step);
+  ``ratio_x_max`` over layers (columns absent in an epoch without a monitored step;
+  ``ratio_{w,x}_max_inf`` true where the largest is infinite, which JSON writes as null);
 * ``grad_bits_gi`` / ``grad_bits_gw`` / ``grad_bits_mean``: mean gradient bit widths since
   the start of training, over the layers' paths that run, weighted by their ∇Y size;
 * adaptive recipes: ``bits_x:<layer>`` / ``bits_w:<layer>`` at the epoch's end (no
@@ -109,7 +110,9 @@ def epoch_row(monitor: VarianceMonitor | None, first_step: int) -> dict[str, Any
                 means[name] = _mean(vals)
         row |= {f"ratio_{tag}:{n}": v for n, v in means.items()}
         if means:
-            row[f"ratio_{tag}_max"] = max(means.values())
+            row[f"ratio_{tag}_max"] = top = max(means.values())
+            if top == math.inf:  # JSON keeps no Inf (written null = "not measured"): say it
+                row[f"ratio_{tag}_max_inf"] = True
     bits = monitor.mean_bits().get("all", {})
     for key, path in (("gi", "grad_input"), ("gw", "grad_weight"), ("mean", "both")):
         if math.isfinite(bits.get(path, math.nan)):

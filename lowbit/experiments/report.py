@@ -159,8 +159,10 @@ class Run:
         ratio, ``tag`` "x" or "w") in the first, middle and last epoch; None if any of
         them has no monitored step."""
         n = len(self.rows)
-        picked = [self.rows[i].get(f"ratio_{tag}_max") for i in (0, (n - 1) // 2, n - 1)] if n else [None]
-        return None if None in picked else tuple(picked)  # type: ignore[return-value]
+        rows = [self.rows[i] for i in (0, (n - 1) // 2, n - 1)] if n else []
+        # an infinite ratio is kept (JSON wrote it null, beside a flag): not "not measured"
+        picked = [math.inf if r.get(f"ratio_{tag}_max_inf") else r.get(f"ratio_{tag}_max") for r in rows]
+        return None if not picked or None in picked else tuple(picked)  # type: ignore[return-value]
 
 
 def _check_rows(rows: Any) -> None:

@@ -9,6 +9,7 @@ per-process kernel compilation): the subject here is the loop, not the kernels.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -1299,3 +1300,18 @@ def test_adaptive_runs_of_other_monitor_intervals_are_other_rows() -> None:
     assert label("fqt-auto", 1) == "fqt-auto, monitor every 1" and label("fqt-auto", 4) == "fqt-auto, monitor every 4"
     assert label("fqt-auto", 50) == label("fqt-auto", None) == "fqt-auto"  # the default: as recorded before
     assert label("fqt-psq-8", 4) == "fqt-psq-8"  # a fixed recipe's values do not depend on it
+
+
+def test_an_infinite_variance_ratio_is_reported_not_dropped(tmp_path):
+    """A review: an infinite largest ratio was written to metrics.json as null, so the
+    report's ratio column took the epoch for one without a monitored step ("–", or the
+    seed left out of the mean). A flag beside it keeps it: the column says inf."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fqt-psq-8", 0, [0.5, 0.9], "done", ratio_x_max=[2.0, float("inf")],
+              ratio_x_max_inf=[False, True])
+    run = report.load_runs(runs)[0]
+    assert run.rows[1]["ratio_x_max"] is None  # JSON keeps no Inf
+    assert run.ratio_trace("x") == (2.0, 2.0, math.inf)
+    section = report.render([run], tmp_path, "lowbit report")
+    row = next(line for line in section.splitlines() if line.startswith("| fqt-psq-8 "))
+    assert "∇X 2 → 2 → inf" in row
