@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import SUPPORTED_DTYPES
+from .formats import SUPPORTED_DTYPES, check_dense
 
 
 def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -22,11 +22,7 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     neither bool nor floating (``TypeError``); a nested or sparse tensor (``RuntimeError``:
     lowbit's GEMMs take dense tensors)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
-            kind, hint = ("a nested tensor", "pad it: nested.to_padded_tensor(0), with a mask for the "
-                          "padding") if t.is_nested else (f"a {t.layout} tensor", "t.to_dense()")
-            raise RuntimeError(f"scaled_dot_product_attention: {name} is {kind}; lowbit's low-bit "
-                               f"attention takes dense (strided) tensors ({hint})")
+        check_dense("scaled_dot_product_attention", name, t)
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
-from .formats import SUPPORTED_DTYPES, compute_dtype
+from .formats import SUPPORTED_DTYPES, check_dense, compute_dtype
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
@@ -279,24 +279,6 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return x.dtype
-
-
-def layout_name(t: torch.Tensor) -> str:
-    """``"a nested tensor"`` or ``"a torch.sparse_coo tensor"`` (for messages)."""
-    return "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
-
-
-def densify_hint(t: torch.Tensor) -> str:
-    """How to make ``t`` (nested or sparse) dense, for an error message."""
-    return "pad it: nested.to_padded_tensor(0), masking the padding" if t.is_nested else "t.to_dense()"
-
-
-def check_dense(op: str, what: str, t: object) -> None:
-    """``RuntimeError`` naming ``op``, ``what`` and the layout where ``t`` is a nested or
-    sparse tensor (before any padding or reshape would fail inside torch)."""
-    if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
-        raise RuntimeError(f"{op}: {what} is {layout_name(t)}; lowbit's low-bit GEMMs take dense "
-                           f"(strided) tensors ({densify_hint(t)})")
 
 
 def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -26,7 +26,8 @@ from .config import Backend, FQTConfig, describe, not_a_config
 from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
-from .functional import Trackers, check_dense, fqt_conv2d, fqt_linear, same_padding
+from .formats import check_dense
+from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
 from .quantizers import Granularity

@@ -152,7 +152,7 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
             try:  # a log cut by a crash: this run's column is left out, not the report
                 logs[run.label] = json.loads(file.read_text())
             except (OSError, ValueError) as e:
-                print(f"report: {file} is not a readable monitor log ({e}); its variance "
+                print(f"lowbit report: {file} is not a readable monitor log ({e}); its variance "
                       "figure column is left out", file=sys.stderr)
     if not logs:
         return False

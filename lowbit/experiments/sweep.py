@@ -108,20 +108,17 @@ def _recipe_overrides(common: dict, recipes: list[str]) -> None:
                   f"({refused[skipped[0]]})", flush=True)
 
 
-def _saved_train(run_dir: Path) -> dict | None:
-    """The training settings its folder's config.json records (None: no readable one)."""
-    saved = read_config(run_dir).get("train")
-    return saved if isinstance(saved, dict) else None
-
-
 def settings_diff(cfg: TrainConfig) -> list[str]:
     """``"field (saved, now requested)"`` for every setting in which the run its folder
     holds differs from ``cfg`` — all of :class:`TrainConfig` but the fields a resumed run
     may change (:data:`~.runconfig.RESUMABLE_CHANGES`); empty where they agree or the
-    folder has neither a readable config nor recorded epochs. (A review found a sweep that compared ``epochs`` only
-    and reported runs of another learning rate, batch size, model or backend as done.)
-    A folder with a ``metrics.json`` but no readable ``config.json`` differs by that."""
-    saved = _saved_train(Path(cfg.out))
+    folder has neither a readable config nor a ``metrics.json``. (A review found a sweep
+    that compared ``epochs`` only and reported runs of another learning rate, batch size,
+    model or backend as done.) A folder with a ``metrics.json`` but no readable
+    ``config.json`` differs by that; a resolved quantization config other than today's
+    (:func:`~.rundir.recipe_refusal`) is a difference too."""
+    record = read_config(Path(cfg.out))
+    saved = record.get("train") if isinstance(record.get("train"), dict) else None
     if saved is None and (Path(cfg.out) / "metrics.json").exists():
         # a metrics file with no readable settings: they cannot be checked, so the folder
         # is neither done nor resumable (a review: a 5-epoch run without its config.json
@@ -130,7 +127,7 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     if saved is None:
         return []
     diff = changed_settings(saved, cfg)
-    if recipe_refusal(Path(cfg.out), read_config(Path(cfg.out)).get("fqt"), cfg):
+    if recipe_refusal(Path(cfg.out), record.get("fqt"), cfg):
         diff.append(f"the quantization config {cfg.recipe} resolves to (recorded by another version)")
     return diff
 

@@ -384,12 +384,13 @@ def run(args: argparse.Namespace) -> int:
                          "folder's name, or drop --resume to start a new run there)")
     if launch:  # every value checked, the run folder too: now the same command on nproc ranks
         check_run_dir(Path(cfg.out), cfg, args.resume)
-        saved = read_config(Path(cfg.out)).get("train") if args.resume else None
+        record = read_config(Path(cfg.out)) if args.resume else {}
+        saved = record.get("train")
         if isinstance(saved, dict):  # the recorded settings: a refusal inside the ranks ends in
             # torchrun's traceback (the ranks check the checkpoint itself, and load it)
             where = Path(cfg.out) / "config.json"
             refusal = resume_refusal(where, saved, Path(cfg.out), cfg) or \
-                recipe_refusal(where, read_config(Path(cfg.out)).get("fqt"), cfg)
+                recipe_refusal(where, record.get("fqt"), cfg)
             if refusal:
                 raise ValueError(refusal)
         if is_busy(Path(cfg.out)):

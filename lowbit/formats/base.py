@@ -83,6 +83,17 @@ def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; supported dtypes: {allowed}")
 
 
+def check_dense(op: str, what: str, t: object) -> None:
+    """``RuntimeError`` naming ``op``, ``what`` and the layout where ``t`` is a nested or
+    sparse tensor: lowbit's low-bit GEMMs take dense (strided) tensors (checked before a
+    padding or reshape would fail inside torch, with torch's "Internal error")."""
+    if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+        kind, hint = ("a nested tensor", "pad it: nested.to_padded_tensor(0), masking the padding") \
+            if t.is_nested else (f"a {t.layout} tensor", "t.to_dense()")
+        raise RuntimeError(f"{op}: {what} is {kind}; lowbit's low-bit GEMMs take dense (strided) "
+                           f"tensors ({hint})")
+
+
 def _coerce(value: object, enum_type: type[enum.Enum], field: str) -> enum.Enum:
     try:
         return enum_type(value)
