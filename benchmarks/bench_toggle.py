@@ -387,6 +387,16 @@ def _eager_block() -> Callable[[bool], None]:
     return switch
 
 
+def _shared_input() -> Callable[[bool], None]:
+    """Off: a block saves its input's codes even where autograd keeps the input anyway
+    (``lowbit.ops.SHARE_SAVED_INPUT``)."""
+    from lowbit import ops
+
+    def switch(on: bool) -> None:
+        ops.SHARE_SAVED_INPUT = on
+    return switch
+
+
 def _attention_pieces() -> Callable[[bool], None]:
     import lowbit.attention as attention
 
@@ -420,7 +430,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "attention-grad-w": _grad_w("lowbit.attention"),
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
-    "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces}
+    "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
+    "shared-input": _shared_input}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -502,6 +502,12 @@ def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, qx, qw
 
 
+def _conv2d_quantize_x(x: torch.Tensor, config: FQTConfig, params: Sequence[int]) -> QuantizedOperand:
+    """``Q_f(x)`` of a conv2d block's input as :func:`_conv2d_forward` makes it (round to
+    nearest: no generator)."""
+    return quantize_forward(_x_rows(x, _layout(params)), config.activation, None, config.backend)
+
+
 def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperand, cfg: FQTConfig,
                      gens: Generators, trackers: Trackers, meta: BlockMeta, needs: Sequence[bool]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -564,8 +570,11 @@ def _conv1d_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
     return [n, co, lo]
 
 
-register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape, out_format))
-register_kind("conv1d", BlockKind(_conv1d_forward, _conv1d_backward, _conv1d_out_shape))
+register_kind("conv2d", BlockKind(_conv2d_forward, _conv2d_backward, _conv2d_out_shape, out_format,
+                                  _conv2d_quantize_x))
+register_kind("conv1d", BlockKind(_conv1d_forward, _conv1d_backward, _conv1d_out_shape,
+                                  quantize_x=lambda x, config, params: _conv2d_quantize_x(
+                                      x.unsqueeze(2), config, params)))
 
 
 def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -12,7 +12,8 @@ layer's forward and backward (``_linear_forward``/``_linear_backward``, ``_conv2
 are rows of the block table of :mod:`lowbit.ops`, whose custom ops wire them into
 autograd and keep them opaque to ``torch.compile``. Weights are quantized once per step
 and reused by the output and grad_input GEMMs; the activation is saved for the backward
-as int8 codes plus scales. Each operand draws its noise from its own generator, keyed by
+as int8 codes plus scales (or, where autograd keeps the input anyway, as that input,
+quantized again in the backward: :mod:`lowbit.ops`). Each operand draws its noise from its own generator, keyed by
 the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 """
 
@@ -211,7 +212,9 @@ def _linear_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], params: Se
     return [x_shape[0], w_shape[0]]
 
 
-register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape))
+register_kind("linear", BlockKind(_linear_forward, _linear_backward, _linear_out_shape,
+                                  quantize_x=lambda x, config, params: quantize_forward(
+                                      x, config.activation, None, config.backend)))
 
 
 _CALLS = itertools.count()  # functional calls handed a bare seeded FQTConfig (RTN forward)

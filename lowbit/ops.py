@@ -13,6 +13,12 @@ Python dispatch cost ≈ 0.15 ms per layer and step, docs/benchmarks.md "The cus
 dispatch in eager mode"): the very same functions, so compiled and eager results are
 bitwise equal.
 
+On that eager path a block whose input the autograd node that made it keeps anyway (a
+ReLU keeps its output, which the next convolution reads) saves that input instead of its
+int8 codes and quantizes it again in the backward, where the forward's activation
+quantizer is deterministic (round-to-nearest): the same codes, without a second copy of
+the activation held through the step (:func:`kept_by_autograd`, :data:`SHARE_SAVED_INPUT`).
+
 The Python state a block reads when it runs (recipe, :class:`~lowbit.noise.NoiseStream`,
 range trackers) is a :class:`BlockState`, found from the op through its ``handle`` (a
 string, registered weakly: the layer owns the state). Which GEMMs a block computes is a
@@ -249,6 +255,8 @@ def unflatten_operand(saved: Sequence[torch.Tensor], block: int,
 
 
 # forward(x, weight, bias, config, generators, params, out_dtype) -> (y, Q_f(x), Q_f(w));
+# quantize_x(x, config, params) -> Q_f(x) as the forward made it (None: the kind always
+#   saves the codes), for a round-to-nearest activation spec;
 # backward(gy, qx, qw, config, generators, trackers, meta, needs) -> (gx, gw, gb);
 # out_shape(x_shape, w_shape, params) -> the output's shape;
 # memory_format(params) -> the memory format of y and ∇x (None: contiguous).
@@ -258,6 +266,7 @@ class BlockKind:
     backward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
     out_shape: Callable[[Sequence[int], Sequence[int], Sequence[int]], list[int]]
     memory_format: Callable[[Sequence[int]], torch.memory_format] | None = None
+    quantize_x: Callable[[torch.Tensor, FQTConfig, Sequence[int]], QuantizedOperand] | None = None
 
     def format_of(self, params: Sequence[int]) -> torch.memory_format:
         return torch.contiguous_format if self.memory_format is None else self.memory_format(params)
@@ -374,11 +383,61 @@ def _(kind, gy, saved, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
                  for (s, d, f), n in zip(shapes, needs))
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+# Whether an eager block saves its input instead of its codes where autograd keeps that
+# input anyway (:func:`kept_by_autograd`); False: always the codes (a benchmark toggle).
+SHARE_SAVED_INPUT = True
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_by(node: Any) -> Iterator[Any]:
+    """What autograd ``node`` saved for its backward: a C++ node's ``_saved_*`` fields, a
+    Python node's (``autograd.Function``, custom op) ``saved_tensors``."""
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = tuple(
+            n for n in dir(node) if n.startswith("_saved_") and n != "_saved_tensors")
+    for n in names:
+        yield getattr(node, n, None)
+    if hasattr(node, "saved_tensors"):
+        try:
+            yield from node.saved_tensors
+        except RuntimeError:  # freed, or saved under hooks
+            return
+
+
+def kept_by_autograd(x: torch.Tensor) -> bool:
+    """Whether the autograd node that produced ``x`` saved ``x`` itself for its backward
+    (``relu``, ``sigmoid``, ``tanh`` keep their output), so that a block saving ``x`` too
+    holds no new memory. False under ``torch.autograd.graph.saved_tensors_hooks`` (a
+    checkpoint or an offload decides what lives then) and for leaves."""
+    node = x.grad_fn
+    if node is None or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return False
+    for t in _saved_by(node):
+        if isinstance(t, torch.Tensor) and t.data_ptr() == x.data_ptr() and t.dtype == x.dtype \
+                and t.shape == x.shape and t.stride() == x.stride():
+            return True
+    return False
+
+
+def _shares_input(kind: str, x: torch.Tensor, cfg: FQTConfig) -> bool:
+    """Whether an eager block saves ``x`` (quantized again in its backward) instead of its
+    codes: the kind can re-make them, the activation rounds to nearest (a deterministic
+    function of x) and autograd keeps x anyway."""
+    spec = cfg.activation
+    return SHARE_SAVED_INPUT and spec is not None and spec.rounding is not Rounding.STOCHASTIC \
+        and _kind(kind).quantize_x is not None and x.numel() > 0 and kept_by_autograd(x)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple, share_input: bool = False) -> None:
     kind, x, weight, bias, handle, params, _ = inputs
-    ctx.save_for_backward(*output[1:])
-    ctx.kind, ctx.handle = kind, handle
     cfg = _STATES[handle].config
+    if share_input:  # x's codes are made again from x in the backward (_saved_operands)
+        ctx.save_for_backward(x, *output[5:])
+        ctx.x_config = cfg
+    else:
+        ctx.save_for_backward(*output[1:])
+    ctx.kind, ctx.handle = kind, handle
     blocks = [0 if s is None else s.format.block for s in (cfg.activation, cfg.weight)]
     ctx.meta = BlockMeta(list(params), list(x.shape), x.dtype, list(weight.shape), weight.dtype,
                          None if bias is None else bias.dtype, blocks)
@@ -439,6 +498,23 @@ def refuse_double_backward(cfg: FQTConfig) -> None:
             "lowbit.ops.gradient_only_double_backward().")
 
 
+def _saved_operands(ctx: Any) -> list[torch.Tensor]:
+    """The eight operand tensors of :func:`block_forward`'s output that the backward
+    reads: saved, or, where the forward saved x (:func:`_shares_input`), x's codes made
+    again by the kind's ``quantize_x`` under the forward's config (bitwise the forward's:
+    round-to-nearest)."""
+    saved = list(ctx.saved_tensors)
+    config = getattr(ctx, "x_config", None)
+    if config is None:
+        return saved
+    x = saved[0]
+    quantize_x = _kind(ctx.kind).quantize_x
+    assert quantize_x is not None  # _shares_input checked it
+    with torch.autocast(x.device.type, enabled=False):
+        qx = quantize_x(x, config, ctx.meta.params)
+    return [*flatten_operand(qx, x), *saved[1:]]
+
+
 def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     m: BlockMeta = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
@@ -446,12 +522,12 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
         return (None,) * 7
     if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
         refuse_double_backward(_state(ctx.handle).config)
-        gx, gw, gb = _run_backward(ctx.kind, gy, ctx.saved_tensors, ctx.handle, m, needs)
+        gx, gw, gb = _run_backward(ctx.kind, gy, _saved_operands(ctx), ctx.handle, m, needs)
     else:
         # the op's own function where the forward skipped the dispatcher and no mode
         # would see the op now either (one entered between forward and backward does)
         op = _block_backward if getattr(ctx, "eager", False) and _plain_eager(gy) else block_backward
-        gx, gw, gb = op(ctx.kind, gy, list(ctx.saved_tensors), ctx.handle, m.params,
+        gx, gw, gb = op(ctx.kind, gy, _saved_operands(ctx), ctx.handle, m.params,
                         m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, m.blocks, needs)
     return (None, gx if needs[0] else None, gw if needs[1] else None,
             gb if needs[2] else None, None, None, None)
@@ -469,7 +545,8 @@ class _EagerBlock(torch.autograd.Function):
     def forward(ctx: Any, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 handle: str, params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         out = _block_forward(kind, x, weight, bias, handle, params, out_dtype)
-        _setup_context(ctx, (kind, x, weight, bias, handle, params, out_dtype), out)
+        _setup_context(ctx, (kind, x, weight, bias, handle, params, out_dtype), out,
+                       _shares_input(kind, x, _STATES[handle].config))
         ctx.eager = True
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -531,6 +608,7 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
 
 
-__all__ = ["AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block", "block_backward", "refuse_forward_transforms",
+__all__ = ["SHARE_SAVED_INPUT", "AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block",
+           "kept_by_autograd", "block_backward", "refuse_forward_transforms",
            "block_forward", "flatten_operand", "gradient_only_double_backward", "in_format", "refuse_double_backward",
            "register_kind", "tracker_key", "unflatten_operand"]
