@@ -305,8 +305,11 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     r = qa.codes.shape[0]
     g_shape, xr_shape = (r, *g.shape[1:]), (r, *x_shape[1:])
     nhwc = _layout(params) != NCHW
+    # without a row transform the epilogue writes ∇X's own dtype (one bf16 buffer, not a
+    # float32 one and its cast: the same values); T⁻¹ needs the float32 product
+    edt = out_dtype if type(qa.transform) is Identity and r == x_shape[0] else dt
     gx = _grad_input_onednn(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation, groups,
-                            backend, nhwc, dt)
+                            backend, nhwc, edt)
     if gx is not None and nhwc:  # rows (sample, position, channel): T⁻¹ acts on rows alike
         n, c, h, w = x_shape
         return qa.inverse(gx, out_dtype, overwrite=True).reshape(n, h, w, c).permute(0, 3, 1, 2)
@@ -341,8 +344,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     convolution's zero insertion), so the convolution multiplies ``s²``× the products of
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer
-    accumulator. (N, C·H·W) ``dtype`` (float32; float64 for float64 operands) before ``T⁻¹``;
-    with ``channels_last`` (N, H·W·C)."""
+    accumulator. (N, C·H·W) ``dtype`` (float32, float64 for float64 operands, or ∇X's own
+    dtype where no ``T⁻¹`` follows); with ``channels_last`` (N, H·W·C)."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -525,13 +528,16 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
             if pair is not None:
                 qa_x, qa_w = pair
                 del pair  # each code tensor is freed as soon as its GEMM is done
+        # ∇W first: its codes and buffers are freed before ∇X's accumulator and result
+        # exist (each path draws from its own generator: the order changes no value)
+        if needs[1]:
+            gw = conv_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), be,
+                                  meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1], qa_w)
+            qa_w = None
         if needs[0]:
             gx = conv_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), be,
                                  meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0], qa_x)
             qa_x = None
-        if needs[1]:
-            gw = conv_grad_weight(gy, qx, cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), be,
-                                  meta.x_shape, meta.w_shape, p, meta.w_dtype, trackers[1], qa_w)
         if meta.b_dtype is not None and needs[2]:  # (C_out,)
             empty = gy.numel() == 0 or qx.codes.numel() == 0
             gb = (gy.new_zeros(meta.w_shape[0]) if empty else bias_grad(gy)).to(meta.b_dtype)

@@ -98,8 +98,8 @@ _SIGNATURES = {
     "lowbit_seg_absmax_cl": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I],
     "lowbit_seg_quantize_pair_cl": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _I64, _U32, _I, _F, _P,
                                     _P, _I64, _U32, _I, _F, _P, _I],
-    "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
-    "lowbit_epilogue_nhwc": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I],
+    "lowbit_epilogue_nchw": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I, _I],
+    "lowbit_epilogue_nhwc": [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I, _I],
     "lowbit_place_nhwc": [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I, _I],
     "lowbit_epilogue_rows": [_P, _I64, _I64, _I64, _P, _I, _P, _I, _I64, _P, _I],
     "lowbit_grid_steps": [_P, _I64, _I, ctypes.c_double, ctypes.c_double, _P, _P],
@@ -618,8 +618,9 @@ def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
     """Whether :func:`epilogue_nchw` takes this call: ``acc`` (N, *spatial, C) int32 or
     float32, contiguous; ``a_scale`` float32 (N or 1, 1, …, 1), ``b_scale`` float32
     (1, …, 1, C or 1), ``bias`` ``None`` or (C,) floating (an ``nn.Parameter`` too), all
-    strided CPU tensors autograd does not record; ``out_dtype`` float32."""
-    if not (acc.dim() >= 2 and acc.is_contiguous() and out_dtype == torch.float32
+    strided CPU tensors autograd does not record; ``out_dtype`` float32 or bfloat16 (the
+    float32 value rounded to nearest even, as torch's cast)."""
+    if not (acc.dim() >= 2 and acc.is_contiguous() and out_dtype in (torch.float32, torch.bfloat16)
             and _readable(acc, (torch.int32, torch.float32))):
         return False
     n, c = acc.shape[0], acc.shape[-1]
@@ -636,24 +637,25 @@ def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
 
 @compiled.disable_tracing
 def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                   bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
     spatial = acc.shape[1:-1]
     p = acc.numel() // (n * c)
     sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
-    out = torch.empty(n, c, *spatial, dtype=torch.float32, device="cpu")
+    out = torch.empty(n, c, *spatial, dtype=out_dtype, device="cpu")
     lib.lowbit_epilogue_nchw(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
-                             None if b is None else b.data_ptr(), out.data_ptr(), threads)
+                             None if b is None else b.data_ptr(), out.data_ptr(),
+                             int(out_dtype == torch.bfloat16), threads)
     return out
 
 
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`lowbit.kernels.im2col.epilogue_nchw` on the kernel: ``acc`` (N, *spatial,
-    C) → a new contiguous (N, C, *spatial) float32, ``(float(acc)·s_a)·s_b (+ bias)``
-    per element, bitwise the reference's; the transposing write in 16 × 16 tiles.
+    C) → a new contiguous (N, C, *spatial) ``out_dtype`` (float32 or bfloat16),
+    ``(float(acc)·s_a)·s_b (+ bias)`` per element, bitwise the reference's; the transposing write in 16 × 16 tiles.
     ``RuntimeError`` where :func:`supports_epilogue_nchw` is false."""
     _check("epilogue_nchw", supports_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype),
            f"{acc.dtype} {tuple(acc.shape)} strides {tuple(acc.stride())}, scales {a_scale.dtype}/"
@@ -666,20 +668,21 @@ def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
     """:func:`epilogue_nchw` without its checks (the dispatcher's kernel, after
     :func:`supports_epilogue_nchw`)."""
     with scope("lowbit::avx512_epilogue"):
-        return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
+        return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype)
 
 
 @compiled.disable_tracing
 def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                   bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
     p = acc.numel() // (n * c)
     sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
-    out = acc if acc.dtype == torch.float32 else torch.empty(acc.shape, dtype=torch.float32, device="cpu")
+    out = acc if acc.dtype == out_dtype == torch.float32 else torch.empty(acc.shape, dtype=out_dtype, device="cpu")
     lib.lowbit_epilogue_nhwc(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
-                             None if b is None else b.data_ptr(), out.data_ptr(), threads)
+                             None if b is None else b.data_ptr(), out.data_ptr(),
+                             int(out_dtype == torch.bfloat16), threads)
     return out.movedim(-1, 1)
 
 
@@ -687,11 +690,12 @@ def run_epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.T
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`lowbit.kernels.im2col.epilogue_nhwc` on the kernel (after
     :func:`supports_epilogue_nchw`, whose conditions it shares): ``acc`` (N, *spatial, C)
-    → (N, C, *spatial) float32 in ``acc``'s channels-last memory, ``(float(acc)·s_a)·s_b
-    (+ bias)`` per element, bitwise the reference's; a float32 ``acc`` is overwritten
-    (each element read before it is written), an int32 one gets a new buffer."""
+    → (N, C, *spatial) ``out_dtype`` (float32 or bfloat16) in ``acc``'s channels-last
+    memory, ``(float(acc)·s_a)·s_b (+ bias)`` per element, bitwise the reference's; a
+    float32 ``acc`` is overwritten by a float32 result (each element read before it is
+    written), otherwise the result is a new buffer."""
     with scope("lowbit::avx512_epilogue"):
-        return _epilogue_nhwc(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads())
+        return _epilogue_nhwc(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype)
 
 
 def _epilogue_rows_layout(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor

@@ -554,7 +554,24 @@ void lowbit_seg_quantize_pair_cl(const void *x, int dtype, int64_t n, int64_t c,
  * out[n, c, p] = (float(acc[n, p, c]) * sa[n * sa_stride]) * sb[c * sb_stride] (+ bias[c]),
  * the reference's int8_epilogue (acc.to(float32) * a_scale * b_scale + bias, float32,
  * left to right), written transposed: acc (n, p, c) row-major (int32, or float32 holding
- * exact integers: oneDNN's convolution), out (n, c, p) row-major float32. */
+ * exact integers: oneDNN's convolution), out (n, c, p) row-major float32, or with
+ * out_bf16 bfloat16: each float32 value rounded to nearest even as torch's cast
+ * (c10::round_to_nearest_even; a NaN becomes 0x7FC0). */
+
+/* 16 floats -> 16 bfloat16 bit patterns, round to nearest even (AVX-512F only). */
+static inline __m256i bf16_rne(__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline void store_out(void *out, int out_bf16, int64_t at, __mmask16 k, __m512 v) {
+    if (out_bf16) _mm256_mask_storeu_epi16((uint16_t *)out + at, k, bf16_rne(v));
+    else _mm512_mask_storeu_ps((float *)out + at, k, v);
+}
+
 
 /* r[i] (16 rows of 16 floats) -> r[j] = column j. */
 static inline void transpose16f(__m512 r[16]) {
@@ -581,8 +598,8 @@ static inline void transpose16f(__m512 r[16]) {
 }
 
 void lowbit_epilogue_nchw(const void *acc, int acc_int, int64_t n, int64_t p, int64_t c, const float *sa,
-                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, float *out,
-                          int threads) {
+                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, void *out,
+                          int out_bf16, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t i = 0; i < n; i++) {
         for (int64_t p0 = 0; p0 < p; p0 += 16) {
@@ -605,18 +622,18 @@ void lowbit_epilogue_nchw(const void *acc, int acc_int, int64_t n, int64_t p, in
                 }
                 transpose16f(r);
                 for (int64_t j = 0; j < nc; j++)
-                    _mm512_mask_storeu_ps(out + (i * c + c0 + j) * p + p0, kp, r[j]);
+                    store_out(out, out_bf16, (i * c + c0 + j) * p + p0, kp, r[j]);
             }
         }
     }
 }
 
 /* The same product written channels-last: out[n, p, c] (row-major, the accumulator's
- * own layout; out may be acc itself when acc is float32: each element is read before it
- * is written). */
+ * own layout; a float32 out may be acc itself when acc is float32: each element is read
+ * before it is written). */
 void lowbit_epilogue_nhwc(const void *acc, int acc_int, int64_t n, int64_t p, int64_t c, const float *sa,
-                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, float *out,
-                          int threads) {
+                          int64_t sa_stride, const float *sb, int64_t sb_stride, const float *bias, void *out,
+                          int out_bf16, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t i = 0; i < n; i++) {
         for (int64_t q = 0; q < p; q++) {
@@ -629,7 +646,7 @@ void lowbit_epilogue_nhwc(const void *acc, int acc_int, int64_t n, int64_t p, in
                                    : _mm512_maskz_loadu_ps(kc, (const float *)acc + row + c0);
                 v = _mm512_mul_ps(_mm512_mul_ps(v, va), vb);
                 if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(kc, bias + c0));
-                _mm512_mask_storeu_ps(out + row + c0, kc, v);
+                store_out(out, out_bf16, row + c0, kc, v);
             }
         }
     }

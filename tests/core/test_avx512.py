@@ -324,16 +324,20 @@ def test_conv_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: tor
 
 
 @needs_avx512
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 3), (4, 28, 28, 16), (3, 7, 7, 70), (2, 33)])
-def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: torch.dtype) -> None:
+def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: torch.dtype,
+                                             out_dtype: torch.dtype) -> None:
     """A convolution's epilogue, channels-last accumulator (N, *spatial, C) → a new
     contiguous (N, C, *spatial), and its channels-last twin (the same values in the
     accumulator's memory): ``(float(acc)·s_a)·s_b (+ bias)`` bitwise the reference's,
     with position and channel tails (16 × 16 tiles), per-sample/per-tensor and
     per-channel/per-tensor scales, with and without a bias (float32 and bfloat16),
     accumulators beyond float32's 2²⁴ (rounded as ``.to(float32)`` rounds them), 1–3
-    threads."""
+    threads; written as float32 or as bfloat16 (the float32 value rounded to nearest
+    even as torch's cast rounds it: ties, values past bfloat16's largest, Inf and NaN from
+    an infinite scale included)."""
     g = torch.Generator().manual_seed(shape[-1])
     n, c = shape[0], shape[-1]
     acc = torch.randint(-2**30, 2**30, shape, generator=g, dtype=torch.int32)
@@ -343,15 +347,27 @@ def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: 
     sa, sb = torch.rand(n, *ones, 1, generator=g), torch.rand(*ones, 1, c, generator=g).reshape(1, *ones, c)
     sa[0] = 0.0
     bias = torch.randn(c, generator=g)
-    for s_a, s_b, b in ((sa, sb, None), (sa[:1], sb, bias), (sa, sb[..., :1], bias.bfloat16())):
-        want = im2col.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
-        want_cl = im2col.epilogue_nhwc(acc, s_a, s_b, b, torch.float32)  # the channels-last twin
-        assert avx512._same(want_cl, want)
-        assert avx512.supports_epilogue_nchw(acc, s_a, s_b, b, torch.float32)
+    cases = [(acc, sa, sb, None), (acc, sa[:1], sb, bias), (acc, sa, sb[..., :1], bias.bfloat16())]
+    if out_dtype == torch.bfloat16:
+        # acc 1 times scales halfway between bf16 neighbours (to even: down, then up) and
+        # past bf16's largest finite (to Inf); an infinite sample scale (Inf, NaN at acc 0)
+        small = acc.clone()
+        small.reshape(-1)[:] = 1
+        small.reshape(-1)[1::7] = 0
+        tied = sb.clone()
+        tied.reshape(-1)[:3] = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.3961e38])[:c]
+        inf = sa.clone()
+        inf.reshape(-1)[-1] = float("inf")
+        cases += [(small, torch.ones_like(sa), tied, None), (small, inf, sb, None)]
+    for a, s_a, s_b, b in cases:
+        want = im2col.epilogue_nchw(a, s_a, s_b, b, out_dtype)
+        want_cl = im2col.epilogue_nhwc(a, s_a, s_b, b, out_dtype)  # the channels-last twin
+        assert want.dtype == out_dtype and avx512._same(want_cl, want)
+        assert avx512.supports_epilogue_nchw(a, s_a, s_b, b, out_dtype)
         for threads in (1, 2, 3):
             with num_threads(threads):
-                got = avx512.epilogue_nchw(acc, s_a, s_b, b, torch.float32)
-                got_cl = avx512.run_epilogue_nhwc(acc.clone(), s_a, s_b, b, torch.float32)
+                got = avx512.epilogue_nchw(a, s_a, s_b, b, out_dtype)
+                got_cl = avx512.run_epilogue_nhwc(a.clone(), s_a, s_b, b, out_dtype)
             assert got.is_contiguous() and avx512._same(got, want), threads
             assert got_cl.movedim(1, -1).is_contiguous() and avx512._same(got_cl, want), threads
 
@@ -371,14 +387,14 @@ def test_conv_layers_use_the_epilogue_with_and_without_bias(monkeypatch: pytest.
 
 
 def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
-    """A non-contiguous accumulator, an int64 one, a bfloat16 output, float64 scales,
+    """A non-contiguous accumulator, an int64 one, a float16 output, float64 scales,
     scales of another length or of another shape with the same length (the reference
     broadcasts by shape: a (N,) scale would scale channels), or a bias autograd records
     are refused (the compiled epilogue runs them)."""
     acc = torch.randint(-99, 99, (2, 4, 4, 8), dtype=torch.int32)
     sa, sb = torch.rand(2, 1, 1, 1), torch.rand(1, 1, 1, 8)
     refused = [(acc.transpose(1, 2), sa, sb, None, torch.float32), (acc.long(), sa, sb, None, torch.float32),
-               (acc, sa, sb, None, torch.bfloat16), (acc, sa.double(), sb, None, torch.float32),
+               (acc, sa, sb, None, torch.float16), (acc, sa.double(), sb, None, torch.float32),
                (acc, sa, sb[..., :3], None, torch.float32), (acc, sa, sb, torch.ones(3), torch.float32),
                (acc, sa.reshape(2), sb, None, torch.float32), (acc, sa.reshape(1, 1, 1, 2), sb, None, torch.float32),
                (acc, sa, sb.reshape(8, 1, 1, 1), None, torch.float32),

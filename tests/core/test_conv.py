@@ -567,7 +567,8 @@ def test_int8_backend_refuses_asymmetric_gradient_grid(module: nn.Module, x_shap
     m = lowbit.convert(module, FQTConfig.from_recipe("fqt-psq-4a", seed=0, backend="int8"))
     y = m(torch.randn(*x_shape, requires_grad=True))  # the forward is symmetric int8: runs
     cause = "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
-    with pytest.raises(ValueError, match=_refusal("int8", "∇X", _INT8_KERNEL, cause)):
+    # both backward GEMMs are refused; ∇W runs first (its buffers freed before ∇X's)
+    with pytest.raises(ValueError, match=_refusal("int8", "∇W", _INT8_KERNEL, cause)):
         y.sum().backward()
 
 
@@ -821,3 +822,31 @@ while checked < 300:
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grad_input_written_in_its_dtype_equals_the_float32_product_cast(monkeypatch: pytest.MonkeyPatch,
+                                                                         layout: str) -> None:
+    """Under bf16 autocast the ∇X epilogue writes bfloat16 itself where no row transform
+    follows (PSQ): bitwise the float32 product cast, as before (the same seed and noise)."""
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+        x = torch.randn(4, 3, 9, 9)
+        if layout == "channels_last":
+            m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        m = lowbit.convert(m, FQTConfig.from_recipe("fqt-psq-8", seed=1))
+        x.requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        return [x.grad, *(p.grad for p in m.parameters())]
+
+    seen: list[torch.dtype] = []
+    real = lowbit.conv._grad_input_onednn
+    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: seen.append(a[-1]) or real(*a))
+    own = grads()
+    assert torch.bfloat16 in seen  # the epilogue wrote ∇X's own dtype
+    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: real(*a[:-1], torch.float32))
+    for a, b in zip(own, grads()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
