@@ -193,7 +193,10 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     3×3 kernel; kernel row ``i`` then reads ``X3`` shifted by ``i·d·W'`` rows, against
     ``a`` placed on the same (n, h, w) grid with zero rows where ``h ≥ H'`` (a shift past
     a sample's last output row multiplies zeros). One exact int32 GEMM per kernel row
-    (summed length ``N·Hp·W'``), the accumulators side by side, one epilogue. Returns
+    (summed length ``N·Hp·W'``), the accumulators side by side, one epilogue. The samples
+    go in pieces whose patches hold at most ``x``'s bytes (about ``kW`` pieces; the int32
+    sums of the pieces added: the same exact sums), so the patches never take ≈ ``kW``×
+    the input's memory at once. Returns
     ``None`` (the caller uses :func:`im2col`) where that length exceeds ``int8.MAX_K``, or
     off the CPU (``_int_mm``'s CUDA shape rules are the im2col path's to check).
     Measured: docs/benchmarks.md "Predictions and outcomes" 13."""
@@ -204,6 +207,27 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     if x.device.type != "cpu" or not 0 < length <= int8.MAX_K or min(ho, wo) < 1 \
             or a.codes.shape[1] != n * ho * wo:
         return None
+    # samples in pieces whose column patches are at most the placed input's size (about
+    # kW pieces): the patches of the whole batch were ≈ kW× it, the largest buffer of a
+    # CNN's backward; the integer sums are exact, so the pieces' sum is the whole's
+    per = min(n, max(1, n * x.numel() // (length * kw * c)))
+    r = a.codes.shape[0]
+    codes = a.codes.view(r, n, ho * wo)
+    acc = None
+    for n0 in range(0, n, per):
+        part = _rows_acc(codes[:, n0:n0 + per], x[n0:n0 + per], kh, kw, dilation, wo)
+        acc = part if acc is None else acc.add_(part)
+    with scope("lowbit::epilogue"):
+        return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,
+                             a.codes.shape[1], None, out_dtype)
+
+
+def _rows_acc(codes: torch.Tensor, x: torch.Tensor, kh: int, kw: int, dilation: Sequence[int],
+              wo: int) -> torch.Tensor:
+    """The int32 sums of :func:`grad_weight_rows` over the samples of ``x`` (n, Hp, Wp, C)
+    and their gradient codes ``codes`` (R, n, H'·W'): (R, kH·kW·C)."""
+    n, hp, _, c = x.shape
+    ho, length = hp - dilation[0] * (kh - 1), n * hp * wo
     step = dilation[0] * wo  # rows between kernel rows i and i + 1
     x3 = x.new_empty(length + (kh - 1) * step, kw * c)
     sn, sh, sw, sc = x.stride()
@@ -212,16 +236,13 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     (dst, src) = words if words is not None else (dst, src)
     dst.copy_(src)
     x3[length:].zero_()  # the rows past the end that the last kernel rows' shifts read
-    r = a.codes.shape[0]
-    ap = a.codes.new_empty(r, n, hp, wo)
-    ap[:, :, :ho] = a.codes.view(r, n, ho, wo)
+    r = codes.shape[0]
+    ap = codes.new_empty(r, n, hp, wo)
+    ap[:, :, :ho] = codes.view(r, n, ho, wo)
     ap[:, :, ho:].zero_()  # padded rows: zero gradient
     ap = ap.view(r, length)
     with scope("lowbit::gemm"):
-        acc = torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
-    with scope("lowbit::epilogue"):
-        return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,
-                             a.codes.shape[1], None, out_dtype)
+        return torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
 
 
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -850,3 +850,25 @@ def test_grad_input_written_in_its_dtype_equals_the_float32_product_cast(monkeyp
     monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: real(*a[:-1], torch.float32))
     for a, b in zip(own, grads()):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel-row ∇W runs its samples in pieces (patches at most the placed input's
+    size): the summed int32 products of the pieces are the whole batch's, so ∇W is
+    bitwise the one-piece result."""
+    from lowbit.kernels import im2col as I, kernels_for
+
+    g = torch.Generator().manual_seed(3)
+    n, c, side, r = 12, 8, 7, 5
+    x = torch.randint(-127, 128, (n, side + 2, side + 2, c), generator=g, dtype=torch.int8)
+    a = Encoded(torch.randint(-127, 128, (r, n * side * side), generator=g, dtype=torch.int8),
+                torch.rand(r, 1, generator=g))
+    k, calls = kernels_for("auto", "cpu"), []
+    real = I._rows_acc
+    monkeypatch.setattr(I, "_rows_acc", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    pieces = I.grad_weight_rows(k, a, x, torch.full((1, 1), 0.5), (3, 3), (1, 1))
+    assert len(calls) > 1 and sum(calls) == n  # pieces of samples, every sample once
+    whole = real(a.codes.view(r, n, side * side), x, 3, 3, (1, 1), side)
+    want = int8_kernel.epilogue(k, whole, a.scale, torch.full((1, 1), 0.5), None, None, None, None,
+                         a.codes.shape[1], None, torch.float32)
+    assert torch.equal(pieces, want)
