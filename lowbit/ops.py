@@ -390,34 +390,40 @@ _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _saved_by(node: Any) -> Iterator[Any]:
-    """What autograd ``node`` saved for its backward: a C++ node's ``_saved_*`` fields, a
-    Python node's (``autograd.Function``, custom op) ``saved_tensors``."""
+    """What autograd ``node`` saved for its backward, as ``SavedTensor`` records (a C++
+    node's ``_raw_saved_*`` fields, a Python node's ``_raw_saved_tensors``): read without
+    unpacking, so no unpack hook runs (a checkpoint's would recompute its segment)."""
     names = _SAVED_NAMES.get(type(node))
     if names is None:
-        names = _SAVED_NAMES[type(node)] = tuple(
-            n for n in dir(node) if n.startswith("_saved_") and n != "_saved_tensors")
+        names = _SAVED_NAMES[type(node)] = tuple(n for n in dir(node) if n.startswith("_raw_saved_"))
     for n in names:
-        yield getattr(node, n, None)
-    if hasattr(node, "saved_tensors"):
         try:
-            yield from node.saved_tensors
-        except RuntimeError:  # freed, or saved under hooks
-            return
+            saved = getattr(node, n)
+        except RuntimeError:  # freed by a backward
+            continue
+        yield from saved if isinstance(saved, (tuple, list)) else (saved,)
 
 
 def kept_by_autograd(x: torch.Tensor) -> bool:
     """Whether the autograd node that produced ``x`` saved ``x`` itself for its backward
     (``relu``, ``sigmoid``, ``tanh`` keep their output), so that a block saving ``x`` too
-    holds no new memory. False under ``torch.autograd.graph.saved_tensors_hooks`` (a
-    checkpoint or an offload decides what lives then) and for leaves."""
+    holds no new memory. False for leaves, under ``torch.autograd.graph.saved_tensors_hooks``
+    now, and where the producer saved under such hooks (a checkpoint or an offload decides
+    what lives then); its saved tensors are never unpacked here."""
     node = x.grad_fn
     if node is None or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return False
-    for t in _saved_by(node):
+    kept = False
+    for rec in _saved_by(node):
+        if not isinstance(rec, torch._C._autograd.SavedTensor):
+            continue
+        if rec.unpack_hook is not None:
+            return False
+        t = rec.data  # None once freed
         if isinstance(t, torch.Tensor) and t.data_ptr() == x.data_ptr() and t.dtype == x.dtype \
                 and t.shape == x.shape and t.stride() == x.stride():
-            return True
-    return False
+            kept = True
+    return kept
 
 
 def _shares_input(kind: str, x: torch.Tensor, cfg: FQTConfig) -> bool:
@@ -510,7 +516,7 @@ def _saved_operands(ctx: Any) -> list[torch.Tensor]:
     x = saved[0]
     quantize_x = _kind(ctx.kind).quantize_x
     assert quantize_x is not None  # _shares_input checked it
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():  # codes carry no history
         qx = quantize_x(x, config, ctx.meta.params)
     return [*flatten_operand(qx, x), *saved[1:]]
 

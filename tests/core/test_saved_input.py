@@ -113,3 +113,57 @@ def test_kept_by_autograd_names_the_outputs_nodes_keep() -> None:
     assert not ops.kept_by_autograd(F.gelu(x))  # GELU keeps its input
     assert not ops.kept_by_autograd(x)  # a leaf
     assert not ops.kept_by_autograd(torch.relu(x).view(5, 1))  # a view: another tensor
+
+
+@pytest.mark.parametrize("end", ["relu", "batchnorm"])
+def test_a_checkpointed_producer_is_not_recomputed_by_the_check(end: str) -> None:
+    """A checkpointed segment feeding a converted layer: the check reads what the
+    segment's last node saved without unpacking it (unpacking recomputes the segment:
+    BatchNorm's running statistics updated again, the recomputed activations held), and
+    the block saves its codes there (the checkpoint decides what lives)."""
+    import torch.utils.checkpoint as cp
+
+    counts = {}
+    for share in (False, True):
+        old, ops.SHARE_SAVED_INPUT = ops.SHARE_SAVED_INPUT, share
+        try:
+            torch.manual_seed(0)
+            seg = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                *([nn.ReLU()] if end == "relu" else []))
+            head = lowbit.convert(nn.Conv2d(8, 4, 3, padding=1), FQTConfig.from_recipe("fqt-psq-8", seed=3))
+            h = cp.checkpoint(seg, torch.randn(2, 3, 6, 6), use_reentrant=False)
+            assert not ops.kept_by_autograd(h)
+            head(h).square().sum().backward()
+            counts[share] = (int(seg[1].num_batches_tracked), head.weight.grad.clone())
+        finally:
+            ops.SHARE_SAVED_INPUT = old
+    assert counts[True][0] == counts[False][0] == 2  # the forward and the checkpoint's one recomputation
+    assert torch.equal(counts[True][1], counts[False][1])
+
+
+def test_a_producer_whose_saved_tensors_were_freed_is_not_an_error() -> None:
+    """The producer's backward already ran (its saved output freed): the layer's forward
+    runs as before, saving its codes."""
+    torch.manual_seed(0)
+    c1 = nn.Conv2d(3, 8, 3, padding=1)
+    c2 = lowbit.convert(nn.Conv2d(8, 6, 3, padding=1), FQTConfig.from_recipe("fqt-psq-8", seed=3))
+    h = F.relu(c1(torch.randn(2, 3, 7, 7, requires_grad=True)))
+    h.sum().backward()  # frees ReLU's saved output
+    assert not ops.kept_by_autograd(h)
+    (g,) = torch.autograd.grad(c2(h).square().sum(), c2.weight)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_codes_made_again_carry_no_autograd_history() -> None:
+    """Under a recorded (create_graph) backward the codes made again from x are made
+    without history: the weight gradient of a QAT layer has none, as with saved codes."""
+    torch.manual_seed(0)
+    m = lowbit.convert(nn.Linear(8, 5), FQTConfig.from_recipe("qat-8"))
+    x = torch.randn(7, 8, requires_grad=True)
+    h = F.relu(x)
+    y = m(h)
+    assert type(y.grad_fn).__name__.startswith("_EagerBlock") and y.grad_fn.saved_tensors[0].data_ptr() == h.data_ptr()
+    with ops.gradient_only_double_backward():
+        # a loss linear in y: ∇Y is a constant, so ∇W = ∇Yᵀ·Q(x) has no history either
+        (gw,) = torch.autograd.grad((y * torch.linspace(-1, 1, 5)).sum(), m.weight, create_graph=True)
+    assert not gw.requires_grad
