@@ -102,7 +102,13 @@ class AdaptivePolicy:
             raise ValueError(f"min_bits ({self.min_bits}) exceeds max_bits ({self.max_bits})")
         for name in ("grad_input", "grad_weight"):
             qs = getattr(self, name)
-            if isinstance(qs, str) or not qs or any(q not in QUANTIZERS for q in qs):
+            if not isinstance(qs, str):
+                try:  # a generator is read once: the check below must not use it up
+                    qs = tuple(qs)
+                except TypeError:
+                    pass
+            if isinstance(qs, str) or not isinstance(qs, tuple) or not qs \
+                    or any(q not in QUANTIZERS for q in qs):
                 raise ValueError(f"{name} must be a non-empty tuple of quantizers from "
                                  f"{', '.join(QUANTIZERS)}, got {qs!r}")
             object.__setattr__(self, name, tuple(qs))

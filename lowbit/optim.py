@@ -46,6 +46,8 @@ refused with an error at the next step, before anything is updated.
 
 from __future__ import annotations
 
+import fractions
+import numbers
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -70,17 +72,20 @@ _W_CODES, _W_SCALE = "weight_codes", "weight_scale"
 
 
 def _number(v: object) -> float | None:
-    """``v`` as a float when it is a real number (an int or float, a NumPy scalar, a
-    one-element tensor: what ``torch.optim`` takes for a setting), else ``None`` (a bool,
-    a string, …)."""
+    """``v`` as a float when it is a real number the update can compute with (an int or
+    float, a NumPy real scalar, a 0-d or one-element 1-d real tensor: what ``torch.optim``
+    takes for a setting), else ``None`` (a bool, a string, a ``Fraction``/``Decimal``, a
+    tensor of another shape: accepted by ``float()`` but failing inside a step, after
+    earlier groups were updated)."""
     if isinstance(v, bool):
         return None
     if isinstance(v, torch.Tensor):
-        return float(v) if v.numel() == 1 and not v.is_complex() else None
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+        ok = v.numel() == 1 and v.dim() <= 1 and not v.is_complex() and v.dtype != torch.bool
+        return float(v) if ok else None
+    if isinstance(v, numbers.Real) and not isinstance(v, fractions.Fraction) \
+            and type(v).__name__ != "bool_":  # int, float, NumPy's real scalars
+        return float(v)
+    return None
 
 
 def _check_format(what: str, fmt: str) -> None:
@@ -217,7 +222,8 @@ class _SROptimizer(torch.optim.Optimizer):
         """Refuses, before any update, a parameter to step whose dtype changed since the
         optimizer was built or whose stored state no longer has its device or shape
         (``model.to()``, ``.float()``, ``p.data = …`` after the optimizer was built)
-        (``TypeError``, ``RuntimeError``), and a sparse gradient (``nn.Embedding(sparse=True)``)
+        (``TypeError``, ``RuntimeError``), a parameter on the meta device (``RuntimeError``),
+        and a sparse gradient (``nn.Embedding(sparse=True)``)
         that the update cannot take (``RuntimeError``: see :meth:`_sparse_refusal`)."""
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -244,6 +250,11 @@ class _SROptimizer(torch.optim.Optimizer):
                             "parameter was moved or replaced after the optimizer was built; "
                             "build the optimizer after model.to(), or load this optimizer's "
                             "state_dict into one built on the moved model")
+                if p.device.type == "meta":
+                    raise RuntimeError(
+                        f"{type(self).__name__} cannot step {what}: it is on the meta device "
+                        "(shapes only, no values to round); materialize the model first "
+                        "(model.to_empty(device=...) and load or initialize its weights)")
 
     def _store_weight(self, p: torch.Tensor, w: torch.Tensor) -> None:
         """Writes ``w`` with stochastic rounding (``E[stored] = w``): int8 per channel
@@ -326,6 +337,16 @@ class _SROptimizer(torch.optim.Optimizer):
                 f"{', '.join(map(repr, foreign))}, which {name} does not write (it writes "
                 f"{', '.join(map(repr, sorted(allowed)))}): state saved by another optimizer "
                 "would be ignored and start afresh")
+        saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        mine = chain.from_iterable(g["params"] for g in self.param_groups)
+        for i, (pid, p) in enumerate(zip(saved, mine)):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, torch.Tensor) and key not in self._STATE_PLAIN \
+                        and not key.endswith("_scale") and tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{name} cannot load this state dict: its state {key!r} of parameter {i} "
+                        f"(in param-group order) is {tuple(value.shape)}, but that parameter is "
+                        f"{tuple(p.shape)}: the state belongs to another model's parameters")
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -482,10 +482,18 @@ def test_policy_fewest_bits_with_hysteresis() -> None:
     ({"min_bits": 6, "max_bits": 5}, r"min_bits \(6\) exceeds max_bits \(5\)"),
     ({"grad_input": ("psq", "nope")}, "grad_input must be a non-empty tuple of quantizers"),
     ({"grad_weight": "psq"}, "grad_weight must be a non-empty tuple"),
+    ({"grad_input": 3}, "grad_input must be a non-empty tuple"),
 ])
 def test_policy_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptivePolicy(**kwargs)
+
+
+def test_policy_takes_any_iterable_of_quantizers_whole() -> None:
+    """A generator was used up by the check and stored as () (the ∇X paths then stayed at
+    the start width); any iterable is read once into the tuple."""
+    assert AdaptivePolicy(grad_input=(q for q in ["psq", "bhq"])).grad_input == ("psq", "bhq")
+    assert AdaptivePolicy(grad_weight=["psq"]).grad_weight == ("psq",)
 
 
 def test_adaptive_recipes() -> None:

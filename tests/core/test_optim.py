@@ -44,6 +44,67 @@ def test_non_finite_values_are_kept() -> None:
     assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf") and y[3] == 1.0
 
 
+@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8001, 0xFFFF8001, 0x7FFF8000, 0x7FC00000],
+                         ids=hex)
+def test_nan_of_any_payload_stays_nan(bits: int) -> None:
+    """A NaN whose bits lie near int32's top (CUDA's canonical 0x7FFFFFFF) wrapped past it
+    in the rounding sum to ±0: a NaN gradient zeroed the weight and the optimizer state.
+    Every draw of every NaN pattern stays NaN, in the optimizers too."""
+    v = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    assert torch.isnan(v).all()
+    x = v.expand(1000).clone()
+    assert torch.isnan(stochastic_round_bf16(x, torch.Generator().manual_seed(0))).all()
+    for opt in (lambda ps: SRSGD(ps, lr=0.1, momentum=0.9), lambda ps: SRAdamW(ps, lr=0.1)):
+        p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        o = opt([p])
+        p.grad_dtype = None  # a float32 gradient holding that NaN
+        g = torch.zeros(4)
+        g[0] = v[0]
+        p.grad = g
+        o.step()
+        assert torch.isnan(p[0]) and torch.isfinite(p[1:]).all()
+        assert all(torch.isnan(t.float().flatten()[0]) for t in o.state[p].values() if isinstance(t, torch.Tensor))
+
+
+def test_settings_the_update_cannot_compute_with_are_refused_at_once() -> None:
+    """Strings, Fraction/Decimal and tensors of other shapes were taken by float() when the
+    optimizer was built and failed inside a step, after earlier groups were updated."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    a = nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    for kw in ({"lr": "0.1"}, {"lr": Fraction(1, 10)}, {"lr": Decimal("0.1")}, {"lr": torch.tensor([[0.1]])},
+               {"lr": 0.1, "momentum": "0.9"}, {"lr": 0.1, "weight_decay": "0.01"}):
+        with pytest.raises(ValueError, match="must be"):
+            SRSGD([a], **kw)
+    for kw in ({"lr": 0.1, "betas": ("0.9", "0.999")}, {"lr": 0.1, "eps": "1e-8"}):
+        with pytest.raises(ValueError, match="must be"):
+            SRAdamW([a], **kw)
+    import numpy as np
+    SRSGD([a], lr=np.float32(0.1), momentum=torch.tensor(0.9))  # NumPy scalars and 0-d tensors: taken
+
+
+def test_state_of_another_shape_is_refused_when_loaded() -> None:
+    a, b = (nn.Parameter(torch.randn(4, 4).bfloat16()) for _ in range(2))
+    o = SRSGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, weights="int8", state="int8")
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    o.step()
+    c = nn.Parameter(torch.randn(8, 2).bfloat16())
+    o2 = SRSGD([{"params": [a]}, {"params": [c]}], lr=0.1, momentum=0.9, weights="int8", state="int8")
+    with pytest.raises(ValueError, match=r"parameter 1 .* is \(4, 4\), but that parameter is \(8, 2\)"):
+        o2.load_state_dict(o.state_dict())
+    assert all(t.shape == c.shape for k, t in o2.state.get(c, {}).items()  # nothing loaded
+               if isinstance(t, torch.Tensor) and not k.endswith("_scale"))
+
+
+def test_meta_parameters_are_refused_by_name() -> None:
+    p = nn.Parameter(torch.empty(4, 4, dtype=torch.bfloat16, device="meta"))
+    o = SRSGD([p], lr=0.1)
+    p.grad = torch.empty_like(p)
+    with pytest.raises(RuntimeError, match="meta device"):
+        o.step()
+
+
 def test_small_updates_survive_in_expectation() -> None:
     # 1 + 1e-4 is 1 in bfloat16 (ulp 2^-7): round-to-nearest loses every such update.
     w = torch.ones(4096)
