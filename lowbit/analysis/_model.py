@@ -16,11 +16,12 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import compute_dtype
-from ..functional import quantize_forward
-from ..nn import FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
+from ..functional import quantize_forward, same_padding
+from ..nn import FQTConv1d, FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-FQTLayer = FQTLinear | FQTConv2d
+FQTLayer = FQTLinear | FQTConv2d | FQTConv1d
+_CONV = (FQTConv2d, FQTConv1d)  # rows = samples; columns (channel, position)
 
 OTHER = "other"  # parameters outside converted layers (norms, embeddings, ...)
 TOTAL = "total"  # all parameters together
@@ -30,16 +31,19 @@ TOTAL = "total"  # all parameters together
 def with_config(model: nn.Module,
                 config_fn: Callable[[FQTConfig], FQTConfig]) -> Iterator[nn.Module]:
     """Temporarily give every converted layer and attention block (:func:`~lowbit.nn.fqt_blocks`)
-    ``config_fn(layer.config)``."""
+    ``config_fn(layer.config)``; afterwards each gets its config and its noise stream
+    (seed, name, counter) back — a config of another seed restarts the stream, so
+    restoring the config alone would replay the noise of the steps already trained."""
     layers = fqt_blocks(model)
-    saved = {n: m.config for n, m in layers.items()}
+    saved = {n: (m.config, m.rng_state()) for n, m in layers.items()}
     try:
         for m in layers.values():
             m.config = config_fn(m.config)
         yield model
     finally:
         for n, m in layers.items():
-            m.config = saved[n]
+            m.config = saved[n][0]
+            m.set_rng_state(saved[n][1])
 
 
 def qat_of(config: FQTConfig) -> FQTConfig:
@@ -63,11 +67,38 @@ def require_fqt(model: nn.Module, convert_hint: str = "lowbit.convert it first",
                 fqt_hint: str = "convert it with an fqt-* recipe") -> None:
     """``ValueError`` unless ``model`` holds converted layers of which one quantizes
     gradients (an ``fqt-*`` recipe): there is no quantization variance to measure."""
-    layers = fqt_weight_layers(model)
+    layers = fqt_blocks(model)  # attention blocks quantize gradients too
     if not layers:
         raise ValueError(f"model has no converted layers: {convert_hint}")
     if not any(m.config.is_fqt for m in layers.values()):
         raise ValueError(f"no converted layer quantizes gradients (QAT or fp recipe): {fqt_hint}")
+
+
+def _leading_rows(batch: object) -> int | None:
+    """The batch size of ``batch``: the first dimension of its first tensor (a tensor, or
+    one inside a tuple, list or dict), ``None`` where it holds none."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        rows = _leading_rows(item)
+        if rows is not None:
+            return rows
+    return None
+
+
+def check_batches(batches: list[object], world_size: int = 1) -> None:
+    """``ValueError`` naming a batch with no rows (its loss is NaN or a mean of nothing, and
+    its gradient zero: every statistic of it would read as exact), or, with
+    ``world_size > 1``, one with fewer rows than ranks (a rank's shard empty, averaged in
+    as a zero gradient)."""
+    for i, batch in enumerate(batches):
+        rows = _leading_rows(batch)
+        if rows == 0:
+            raise ValueError(f"batch {i} is empty (0 rows): nothing to measure on it")
+        if rows is not None and world_size > 1 and rows < world_size:
+            raise ValueError(f"batch {i} has {rows} rows, fewer than world_size={world_size}: "
+                             f"rank {rows}'s shard would be empty")
 
 
 @contextlib.contextmanager
@@ -115,6 +146,20 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     if rest:
         groups[OTHER] = rest
     return groups
+
+
+def weight_groups(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, str]:
+    """The group of :func:`parameter_groups` that holds each converted layer's weight, by
+    layer name: its own, or, for a weight tied into an earlier layer, that layer's (a
+    frozen weight is in no group, and the layer is absent)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    where = {pn: g for g, names in groups.items() for pn in names}
+    out = {}
+    for name, layer in fqt_weight_layers(model).items():
+        group = where.get(canonical.get(id(layer.weight), ""))
+        if group is not None:
+            out[name] = group
+    return out
 
 
 class FlatGrads:
@@ -206,7 +251,7 @@ def grad_input_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
     """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``) or
     tokens (linear: ``(N, out)``)."""
     dt = compute_dtype(gy.dtype)  # float32; float64 for float64 (its range kept)
-    if isinstance(layer, FQTConv2d):
+    if isinstance(layer, _CONV):
         return gy.reshape(gy.shape[0], -1).to(dt)
     return gy.reshape(-1, gy.shape[-1]).to(dt)
 
@@ -215,7 +260,7 @@ def grad_weight_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
     """``∇Yᵀ`` as the ∇W GEMM quantizes it: rows = output features/channels, columns =
     tokens (linear) or (sample, position) pairs in row-major order (conv)."""
     dt = compute_dtype(gy.dtype)
-    if isinstance(layer, FQTConv2d):
+    if isinstance(layer, _CONV):
         return gy.transpose(0, 1).reshape(gy.shape[1], -1).to(dt)
     return gy.reshape(-1, gy.shape[-1]).t().to(dt)
 
@@ -223,8 +268,23 @@ def grad_weight_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
 def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
     """``U``, the dequantized ``Q_f(X)`` operand of the ∇W GEMM, so that ``∇W = A·U`` with
     ``A`` from :func:`grad_weight_operand`: (N, in) for a linear layer, the im2col matrix
-    (B·L, C_in·k·k) for a conv. ``None`` for grouped convolutions (not a single GEMM)."""
+    (B·L, C_in·k·k) for a conv (a Conv1d: the conv2d block on a height-1 image, as it
+    runs). ``None`` for grouped convolutions (not a single GEMM)."""
     spec, dt = layer.config.activation, compute_dtype(x.dtype)
+    if isinstance(layer, FQTConv1d):
+        if layer.groups != 1:
+            return None
+        (k,), (d,), (st,) = layer.kernel_size, layer.dilation, layer.stride
+        if layer.padding_mode != "zeros":  # what fqt_conv1d receives
+            xp, p = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
+        elif layer.padding == "same":
+            xp, p = F.pad(x, same_padding((k,), (d,))), 0
+        else:
+            xp, p = x, 0 if layer.padding == "valid" else layer.padding[0]
+        xd = xp.to(dt) if spec is None else (
+            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize(dt).reshape(xp.shape))
+        cols = F.unfold(xd.unsqueeze(2), (1, k), (1, d), (0, p), (1, st))  # (B, C·k, L')
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if isinstance(layer, FQTConv2d):
         if layer.groups != 1:
             return None

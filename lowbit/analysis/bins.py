@@ -59,15 +59,22 @@ def mapped_values(a: torch.Tensor, quantizer: str, bits: int,
 
 def bin_histogram(a: torch.Tensor, quantizer: str, bits: int,
                   generator: torch.Generator | None = None) -> BinHistogram:
-    """Histogram of ``a`` (2-D, rows = non-summed dimension) on ``quantizer``'s grid."""
+    """Histogram of ``a`` (2-D, rows = non-summed dimension) on ``quantizer``'s grid.
+    Counts hold the finite mapped values; where ``a`` holds NaN or ±Inf (its group's scale
+    is not a number, so no value of that group lands on a level) the utilization figures
+    are NaN, not those of the values left over."""
     qmax = IntFormat(bits).qmax
     v = mapped_values(a, quantizer, bits, generator)
-    v = v[torch.isfinite(v)]
+    finite = torch.isfinite(v)
+    non_finite = not bool(finite.all()) or not bool(torch.isfinite(a).all())
+    v = v[finite]
     idx = torch.round(v).clamp(-qmax, qmax).long() + qmax
     counts = torch.bincount(idx, minlength=2 * qmax + 1)
     n = int(counts.sum())
     levels = 2 * qmax + 1
-    if n == 0:
+    if non_finite:
+        eff = occ = math.nan
+    elif n == 0:
         eff = occ = 0.0
     else:
         p = counts[counts > 0].double() / n

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..formats import IntFormat, compute_dtype
+from ..formats import IntFormat, Rounding, compute_dtype
 from ..nn import fqt_weight_layers
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
@@ -123,7 +123,10 @@ def weight_gemm_stats(layer: FQTLayer, x: torch.Tensor) -> tuple[torch.Tensor, f
     if u is None:
         return None
     ud = u.double()
-    return ud.pow(2).sum(1).to(compute_dtype(u.dtype)), float(torch.linalg.eigvalsh(ud.t() @ ud)[-1])
+    gram = ud.t() @ ud
+    # a NaN/Inf input: the eigensolver does not converge (LinAlgError); λ is not a number
+    lam = float(torch.linalg.eigvalsh(gram)[-1]) if bool(torch.isfinite(gram).all()) else math.nan
+    return ud.pow(2).sum(1).to(compute_dtype(u.dtype)), lam
 
 
 @contextlib.contextmanager
@@ -294,41 +297,54 @@ def layer_noise(layer: FQTLayer, record: LayerRecord,
     cfg, gy, out = layer.config, record.gy, LayerNoise(draws=1)
     if gy is None:
         return out
+    # a round-to-nearest path adds a bias, not the stochastic-rounding variance the
+    # bound is about: its terms are not computed (NaN), as the monitor skips it
     if cfg.grad_input is not None and record.x_needs_grad:
         q, fmt = get_quantizer(cfg.grad_input.quantizer), cfg.grad_input.format
         a = grad_input_operand(layer, gy)
-        out.gi_expected = float(q.expected_variance(a, fmt, generator))
-        out.gi_bound = float(q.variance_bound(a, fmt))
-    if cfg.grad_weight is not None:
+        if cfg.grad_input.rounding is Rounding.NEAREST:
+            out.gi_expected = out.gi_bound = math.nan
+        else:
+            out.gi_expected = float(q.expected_variance(a, fmt, generator))
+            out.gi_bound = float(q.variance_bound(a, fmt))
+    if cfg.grad_weight is not None and layer.weight.requires_grad:  # a frozen weight: no ∇W GEMM
         q, fmt = get_quantizer(cfg.grad_weight.quantizer), cfg.grad_weight.format
         a = grad_weight_operand(layer, gy)
-        out.gw_expected = float(q.expected_variance(a, fmt, generator))
-        out.gw_bound = float(q.variance_bound(a, fmt))
-        if wstats is not None:
-            out.gw_exact = float(weighted_expected_variance(q, a, fmt, wstats[0], generator))
-            out.gw_propagated = wstats[1] * out.gw_bound
+        if cfg.grad_weight.rounding is Rounding.NEAREST:
+            out.gw_expected = out.gw_bound = out.gw_exact = out.gw_propagated = math.nan
+        else:
+            out.gw_expected = float(q.expected_variance(a, fmt, generator))
+            out.gw_bound = float(q.variance_bound(a, fmt))
+            if wstats is not None:
+                out.gw_exact = float(weighted_expected_variance(q, a, fmt, wstats[0], generator))
+                out.gw_propagated = wstats[1] * out.gw_bound
     else:
         out.gw_exact = out.gw_propagated = 0.0
     return out
 
 
 def propagate(spectrum: JacobianSpectrum, noise: dict[str, LayerNoise],
-              groups: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+              groups: list[str], weight_groups: dict[str, str] | None = None,
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Per (layer, group) predicted contributions of (∗): ``(data, analytic)``, each
-    ``pred[l][p] = λ_{l→p}·E‖ε_l‖² + [p = l]·(∇W term)`` with the data-dependent or the
-    analytic quantizer variance; ``pred[l]["total"]`` bounds layer ``l``'s contribution to
-    all parameters (the sum over groups, or with ``spectrum.lam_total`` where known)."""
+    ``pred[l][p] = λ_{l→p}·E‖ε_l‖² + [p = g(l)]·(∇W term)`` with the data-dependent or the
+    analytic quantizer variance, ``g(l)`` the group holding layer ``l``'s weight
+    (``weight_groups``, :func:`lowbit.analysis._model.weight_groups`: a tied weight's
+    first layer; default: the layer's own group); ``pred[l]["total"]`` bounds layer
+    ``l``'s contribution to all parameters (the sum over groups, or with
+    ``spectrum.lam_total`` where known)."""
     data: dict[str, dict[str, float]] = {}
     analytic: dict[str, dict[str, float]] = {}
     for name, nz in noise.items():
         lam = spectrum.lam.get(name, {})
+        home = weight_groups.get(name) if weight_groups is not None else (name if name in groups else None)
         for out, var, w in ((data, nz.gi_expected, nz.gw_exact),
                             (analytic, nz.gi_bound, nz.gw_propagated)):
             row = {p: lam.get(p, 0.0) * var for p in groups}
-            if name in groups:
-                row[name] += w
+            if home in row:
+                row[home] += w
             if name in spectrum.lam_total:
-                row["total"] = spectrum.lam_total[name] * var + (w if name in groups else 0.0)
+                row["total"] = spectrum.lam_total[name] * var + (w if home in row else 0.0)
             else:
                 row["total"] = sum(row.values())
             out[name] = row

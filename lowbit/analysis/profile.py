@@ -11,17 +11,19 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..nn import fqt_weight_layers
+from ..nn import fqt_blocks, fqt_weight_layers
 from ._model import (
     TOTAL,
     FlatGrads,
     LossFn,
     capture,
+    check_batches,
     configured,
     frozen_buffers,
     parameter_groups,
     progress_bar,
     qat_of,
+    weight_groups,
     with_config,
 )
 from .bounds import JacobianSpectrum, layer_noise, propagate
@@ -30,8 +32,10 @@ from .estimators import within
 
 @contextlib.contextmanager
 def _only_layer(model: nn.Module, name: str) -> Iterator[None]:
-    """Gradient quantization on layer ``name`` only; every other layer runs QAT."""
-    layers = fqt_weight_layers(model)
+    """Gradient quantization on layer ``name`` only; every other layer and every attention
+    block (:func:`~lowbit.nn.fqt_blocks`: their products' quantizers would add their noise
+    to every row) runs QAT."""
+    layers = fqt_blocks(model)
     saved = {n: lay.config for n, lay in layers.items()}
     try:
         for n, lay in layers.items():
@@ -90,6 +94,7 @@ def variance_profile(
     batches = list(batches)
     if not batches:
         raise ValueError("variance_profile needs at least one batch")
+    check_batches(batches)
     if repeats < 2:
         raise ValueError(f"repeats must be ≥ 2, got {repeats}")
     if spectra is not None and len(spectra) < len(batches):
@@ -99,6 +104,7 @@ def variance_profile(
     with configured(model, config) as m, frozen_buffers(m):
         layers = fqt_weight_layers(m)
         groups = parameter_groups(m)
+        homes = weight_groups(m, groups)
         flat = FlatGrads(m, groups)
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
         names = list(layers)
@@ -116,7 +122,7 @@ def variance_profile(
                     sp = spectra[b]
                     ws = (sp.col_norms[name], sp.gram[name]) if name in sp.col_norms else None
                     nz = layer_noise(layers[name], rec[name], ws, gen)  # the layer's own config
-                    dd, da = propagate(sp, {name: nz}, list(groups))
+                    dd, da = propagate(sp, {name: nz}, list(groups), homes)
                     for j, p in enumerate(slices):  # the groups, then "total"
                         pd[i, j] += dd[name][p] / len(batches)
                         pa[i, j] += da[name][p] / len(batches)

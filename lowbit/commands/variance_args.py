@@ -159,6 +159,10 @@ def validate(args: argparse.Namespace) -> Options:
         profile = []
     else:
         profile = _names(args.profile, "profile")
+        outside = [q for q in profile if q not in quantizers]
+        if outside:  # a profile runs on a quantizer's own measurement: it was silently skipped
+            raise ValueError(f"--profile names {', '.join(outside)}, not among --quantizers "
+                             f"({', '.join(quantizers)}): add it there, or leave it out of --profile")
     batches = _at_least("batches", args.batches, 3)
     bound = _at_least("bound-batches", args.bound_batches, 0)
     if bound > batches:

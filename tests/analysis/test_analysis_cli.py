@@ -34,6 +34,8 @@ def parse(*argv: str):
     (["--task", "digits", "--ranges", "predicted", "--formats", "mxfp4"], "nothing would be measured"),
     # a review: 0 was taken for "the default" (32) while 1 was refused
     (["--task", "digits", "--batch-size", "0"], "--batch-size must be ≥ 2, got 0"),
+    # a review: a profile quantizer outside --quantizers was skipped without a word
+    (["--task", "digits", "--quantizers", "ptq", "--profile", "psq"], "--profile names psq, not among --quantizers (ptq)"),
 ])
 def test_bad_arguments_name_the_allowed_values(argv, message, tmp_path) -> None:
     from lowbit.commands.variance import validate
