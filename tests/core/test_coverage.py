@@ -233,7 +233,9 @@ def test_cnn_psq8_auto_is_all_low_bit() -> None:
     assert all(kind in ("int8", "simulated") for _, kind, _ in got.values())
     assert got[("head", "forward")] == (CONV["head"], "int8", INT8)
     ops = {(r.module, r.phase): (r.op, r.calls) for r in rep.rows}
-    assert ops[("conv1", "grad_weight")] == ("aten._int_mm", 3)  # one per kernel row, still listed
+    # one per kernel row and piece of samples (grad_weight_rows: patches at most the
+    # placed input's bytes, here 2 pieces), still listed as one row
+    assert ops[("conv1", "grad_weight")] == ("aten._int_mm", 6)
     assert rep.lowbit_share == 1.0
 
 
