@@ -88,6 +88,12 @@ Toggles (each is "on" as lowbit ships it):
   prepack-no-shape  oneDNN's int8 convolution weights prepacked without the input's shape
                (``lowbit.kernels.qconv.PREPACK_INPUT_SHAPE`` False); off: told the shape, as
                before (the same sums)
+  shared-input  an eager block saves its input instead of its int8 codes where the autograd
+               node that made it keeps it anyway (``lowbit.ops.SHARE_SAVED_INPUT``), its
+               backward making the same codes again; off: the codes saved (the same values)
+  conv-grad-w-pieces  a convolution's kernel-row ∇W over pieces of samples
+               (``lowbit.kernels.im2col.ROWS_IN_PIECES``); off: the whole batch at once
+               (the same sums)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -397,6 +403,16 @@ def _shared_input() -> Callable[[bool], None]:
     return switch
 
 
+def _conv_grad_w_pieces() -> Callable[[bool], None]:
+    """Off: a convolution's kernel-row ∇W on the whole batch at once
+    (``lowbit.kernels.im2col.ROWS_IN_PIECES``)."""
+    from lowbit.kernels import im2col
+
+    def switch(on: bool) -> None:
+        im2col.ROWS_IN_PIECES = on
+    return switch
+
+
 def _attention_pieces() -> Callable[[bool], None]:
     import lowbit.attention as attention
 
@@ -431,7 +447,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "bhq-inverse": _bhq_inverse, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
-    "shared-input": _shared_input}
+    "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,8 +50,9 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
                           device=_draw_device(generator, x)).to(x.device)
     rounded = ((bits + noise) & ~_LOW16).view(torch.float32)
-    # a NaN whose bits are near the int32 top (0x7FFF8001–0x7FFFFFFF, CUDA's canonical
-    # 0x7FFFFFFF among them) wraps past it to ±0 in the sum: finite results of non-finite x
+    # a NaN whose bits are within the noise's reach of the int32 top (0x7FFF0001–0x7FFFFFFF,
+    # CUDA's canonical 0x7FFFFFFF among them) may wrap past it to ±0 in the sum: finite
+    # results of non-finite x
     ok = torch.isfinite(rounded) & torch.isfinite(x)
     out = torch.where(ok, rounded, x)  # non-finite inputs keep their own value
     if not bool(ok.all()):  # rare: a non-finite x, or a finite one rounded past the largest

@@ -178,6 +178,11 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
                        bias, out_dtype)
 
 
+# Whether grad_weight_rows runs its samples in pieces (False: the whole batch at once; a
+# benchmark toggle, benchmarks/bench_toggle.py conv-grad-w-pieces)
+ROWS_IN_PIECES = True
+
+
 def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: torch.Tensor,
                      kernel: Sequence[int], dilation: Sequence[int],
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -210,7 +215,7 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     # samples in pieces whose column patches are at most the placed input's size (about
     # kW pieces): the patches of the whole batch were ≈ kW× it, the largest buffer of a
     # CNN's backward; the integer sums are exact, so the pieces' sum is the whole's
-    per = min(n, max(1, n * x.numel() // (length * kw * c)))
+    per = min(n, max(1, n * x.numel() // (length * kw * c))) if ROWS_IN_PIECES else n
     r = a.codes.shape[0]
     codes = a.codes.view(r, n, ho * wo)
     acc = None

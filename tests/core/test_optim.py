@@ -44,7 +44,8 @@ def test_non_finite_values_are_kept() -> None:
     assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf") and y[3] == 1.0
 
 
-@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8001, 0xFFFF8001, 0x7FFF8000, 0x7FC00000],
+@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8001, 0xFFFF8001, 0x7FFF8000, 0x7FFF4000,
+                                  0x7FFF0001, 0x7FC00000],
                          ids=hex)
 def test_nan_of_any_payload_stays_nan(bits: int) -> None:
     """A NaN whose bits lie near int32's top (CUDA's canonical 0x7FFFFFFF) wrapped past it
