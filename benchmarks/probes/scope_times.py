@@ -49,16 +49,17 @@ def _timed(name: str) -> Iterator[None]:
             _stack[-1][2] += spent
 
 
-def _install() -> int:
-    n, original = 0, scopes.scope
+def _install() -> list:
+    """Every loaded lowbit module whose ``scope`` is ``lowbit.scopes.scope``, now timed."""
+    original, patched = scopes.scope, []
     for name, mod in list(sys.modules.items()):
         if name.startswith("lowbit") and getattr(mod, "scope", None) is original:
             mod.scope = _timed  # type: ignore[attr-defined]
-            n += 1
-    return n
+            patched.append(mod)
+    return patched
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="gpt")
     p.add_argument("--modes", default="fqt-psq-8,fqt-bhq-8,fqt-hadamard-8")
@@ -66,29 +67,35 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    a = p.parse_args()
+    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     allocator.keep_freed_memory()
     modes = a.modes.split(",")
-    benches = {m: bench_step.Bench(a.workload, m, "full", "cpu") for m in modes}
+    benches = {m: bench_step.Bench(a.workload, m, a.size, "cpu") for m in modes}
     for b in benches.values():
         for _ in range(a.warmup):
             b.step()
+    original = scopes.scope
     patched = _install()
     steps: dict[str, list[float]] = defaultdict(list)
     parts: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in modes}
-    for r in range(a.rounds):
-        for m in (modes if r % 2 == 0 else modes[::-1]):
-            for _ in range(a.steps):
-                _totals.clear()
-                t = time.perf_counter()
-                benches[m].step()
-                dt = time.perf_counter() - t
-                steps[m].append(dt)
-                for k, v in _totals.items():
-                    parts[m][k].append(v)
-                parts[m]["other"].append(dt - sum(_totals.values()))
-    print(f"{bench_step.machine()}; {a.threads} threads; {a.workload}; {patched} modules' scopes timed; "
+    try:
+        for r in range(a.rounds):
+            for m in (modes if r % 2 == 0 else modes[::-1]):
+                for _ in range(a.steps):
+                    _totals.clear()
+                    t = time.perf_counter()
+                    benches[m].step()
+                    dt = time.perf_counter() - t
+                    steps[m].append(dt)
+                    for k, v in _totals.items():
+                        parts[m][k].append(v)
+                    parts[m]["other"].append(dt - sum(_totals.values()))
+    finally:
+        for mod in patched:
+            mod.scope = original
+    print(f"{bench_step.machine()}; {a.threads} threads; {a.workload}; {len(patched)} modules' scopes timed; "
           f"medians of {a.rounds} rounds x {a.steps} steps")
     names = sorted({k for m in modes for k in parts[m]}, key=lambda k: (k == "other", k))
     print("| mode | step ms | " + " | ".join(n.replace("lowbit::", "") for n in names) + " |")
@@ -98,6 +105,7 @@ def main() -> None:
         cells = [f"{statistics.median(parts[m][n] + [0.0] * (n_steps - len(parts[m][n]))) * 1e3:.1f}"
                  for n in names]
         print(f"| {m} | {statistics.median(steps[m]) * 1e3:.1f} | " + " | ".join(cells) + " |")
+    return parts
 
 
 if __name__ == "__main__":

@@ -103,3 +103,32 @@ def test_first_step_measure_and_table() -> None:
     assert row["first_ms"] > 0 and row["steady_ms"] > 0
     text = first.table([{"workload": "ffn", "mode": "fqt-psq-8", "cold": row, "warm": row}])
     assert text.splitlines()[2].startswith("| ffn | fqt-psq-8 |")
+
+
+def test_scope_times_probe_times_the_scopes_and_restores_them(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+    spec = importlib.util.spec_from_file_location("scope_times", ROOT / "benchmarks" / "probes" / "scope_times.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import lowbit.kernels
+    from lowbit import scopes
+
+    parts = mod.main(["--workload", "ffn", "--modes", "fqt-psq-8,fqt-bhq-8", "--size", "tiny", "--steps", "1",
+                      "--rounds", "1", "--warmup", "1", "--threads", str(torch.get_num_threads())])
+    for m in ("fqt-psq-8", "fqt-bhq-8"):
+        assert sum(parts[m]["lowbit::gemm"]) > 0 and len(parts[m]["other"]) == 1
+    assert sum(parts["fqt-bhq-8"].get("lowbit::transform", [0.0])) > 0  # BHQ's transform scope seen
+    assert lowbit.kernels.scope is scopes.scope  # every patched module restored
+    assert "| fqt-bhq-8 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("toggle", ["shared-input", "conv-grad-w-pieces"])
+def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bt = load("bench_toggle")
+    from lowbit import ops
+    from lowbit.kernels import im2col
+
+    assert bt.main([toggle, "--workload", "cnn", "--mode", "fqt-psq-8", "--size", "tiny", "--rounds", "1",
+                    "--steps", "1", "--warmup", "1", "--threads", str(torch.get_num_threads())]) == 0
+    assert ops.SHARE_SAVED_INPUT and im2col.ROWS_IN_PIECES  # on, as lowbit ships
+    assert f"{toggle}: on" in capsys.readouterr().out
