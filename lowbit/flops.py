@@ -1,8 +1,9 @@
 """FLOPs of the aten ops that multiply matrices: GEMMs, convolutions, attention.
 
 One formula per op (as ``torch.utils.flop_counter`` has), plus the ops it lacks or
-miscounts: ``_int_mm``, the CPU flash attention, grouped-query attention, and the
-weight gradient of grouped (depthwise) convolutions. A GEMM of an ``(m, k)`` by a
+miscounts: ``_int_mm``, ``_grouped_mm`` (Mixture-of-Experts layers), the CPU flash
+attention, grouped-query attention, and the weight gradient of grouped (depthwise)
+convolutions. A GEMM of an ``(m, k)`` by a
 ``(k, n)`` matrix counts ``2·m·k·n`` FLOPs (one multiply and one add per term); bias
 adds, softmax and other elementwise work are not counted.
 
@@ -65,6 +66,36 @@ def _bmm(i: int, j: int) -> Formula:
         a, b = args[i], args[j]
         return [Part(None, 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], (a, b))]
     return f
+
+
+def _offs_total(offs: Any, full: int) -> int:
+    """The groups' total extent along the ragged dimension: ``offs[-1]`` (the rows past it
+    are not computed), or ``full`` without offsets (or where the value cannot be read)."""
+    if not isinstance(offs, torch.Tensor) or offs.numel() == 0:
+        return full
+    try:
+        return int(offs[-1])
+    except (RuntimeError, TypeError, ValueError):  # a fake or meta tensor: no value
+        return full
+
+
+def _grouped_mm(args: Sequence[Any], out: Any) -> list[Part]:
+    """``_grouped_mm(a, b, offs)`` (Mixture-of-Experts layers: each group of rows by its own
+    matrix): 2-D × 3-D (groups of ``a``'s rows, ``b`` (G, K, N)) ``2·rows·K·N``; 3-D × 2-D
+    (groups of ``b``'s columns) ``2·M·K·cols``; 2-D × 2-D (groups along the summed
+    dimension) ``2·M·K·N``; 3-D × 3-D ``2·G·M·K·N`` — rows, columns or K counted to
+    ``offs[-1]``."""
+    a, b = args[0], args[1]
+    offs = args[2] if len(args) > 2 else None
+    if a.dim() == 2 and b.dim() == 3:
+        flops = 2 * _offs_total(offs, a.shape[0]) * a.shape[1] * b.shape[2]
+    elif a.dim() == 3 and b.dim() == 2:
+        flops = 2 * a.shape[1] * a.shape[2] * _offs_total(offs, b.shape[1])
+    elif a.dim() == 2 and b.dim() == 2:
+        flops = 2 * a.shape[0] * _offs_total(offs, a.shape[1]) * b.shape[1]
+    else:
+        flops = 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    return [Part(None, flops, (a, b))]
 
 
 def _mv(i: int, j: int) -> Formula:
@@ -136,6 +167,7 @@ _BY_NAME: dict[str, Formula] = {
     "_scaled_mm": _mm(0, 1), "bmm": _bmm(0, 1), "baddbmm": _bmm(1, 2), "addbmm": _bmm(1, 2),
     "mv": _mv(0, 1), "addmv": _mv(1, 2), "_sparse_addmm": _sparse_mm(1, 2), "_sparse_mm": _sparse_mm(0, 1),
     "convolution": _conv, "_convolution": _conv, "convolution_backward": _conv_backward,
+    "_grouped_mm": _grouped_mm,
 }
 for _kind in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention",
               "fused_attention_overrideable"):

@@ -747,3 +747,44 @@ def test_a_convolution_called_by_keyword_counts_as_a_positional_call(recipe: str
         reports.append(coverage(model, torch.randn(2, 3, 8, 8, requires_grad=True)).to_dict())
     assert reports[0]["total_flops"] > 0 and reports[0]["total_flops"] == reports[1]["total_flops"]
     assert reports[0]["flops_by_kind"] == reports[1]["flops_by_kind"]
+
+
+def test_grouped_mm_experts_are_counted_as_float() -> None:
+    """Mixture-of-Experts experts run as ``torch._grouped_mm`` (transformers 5) had no FLOP
+    formula: left out of the totals, the headline read ~99% low-bit for a step mostly in
+    float. Counted now, for each layout, to ``offs[-1]`` (rows past it are not computed)."""
+    from lowbit.flops import parts
+
+    def flops(*args):
+        out = torch._grouped_mm(*args)
+        return parts(torch.ops.aten._grouped_mm.default, args, out)[0].flops
+
+    bf = torch.bfloat16
+    offs = torch.tensor([3, 7, 9], dtype=torch.int32)
+    assert flops(torch.randn(10, 8, dtype=bf), torch.randn(3, 8, 16, dtype=bf), offs) == 2 * 9 * 8 * 16
+    offs = torch.tensor([8, 16, 24], dtype=torch.int32)
+    assert flops(torch.randn(3, 4, 8, dtype=bf), torch.randn(8, 24, dtype=bf), offs) == 2 * 4 * 8 * 24
+    assert flops(torch.randn(4, 24, dtype=bf), torch.randn(24, 8, dtype=bf), offs) == 2 * 4 * 24 * 8
+    assert flops(torch.randn(3, 4, 8, dtype=bf), torch.randn(3, 8, 8, dtype=bf)) == 2 * 3 * 4 * 8 * 8
+
+    class Experts(nn.Module):  # transformers' layout: 3-D expert weights, grouped rows
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = nn.Linear(16, 4)
+            self.w = nn.Parameter(torch.randn(4, 16, 16) * 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.router(x)
+            order = h.argmax(-1).sort().indices
+            counts = torch.bincount(h.argmax(-1), minlength=4)
+            offs = counts.cumsum(0).to(torch.int32)
+            y = torch._grouped_mm(x[order].to(torch.bfloat16), self.w.to(torch.bfloat16), offs)
+            return y.float().sum() + h.sum()
+
+    torch.manual_seed(0)
+    m = lowbit.convert(Experts(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = coverage(m, torch.randn(32, 16), loss_fn=lambda out: out)
+    assert rep.unaccounted == ()
+    expert = sum(r.flops for r in rep.rows if r.op == "aten._grouped_mm")
+    assert expert >= 2 * 32 * 16 * 16  # the forward's grouped GEMM at least (backward too)
+    assert rep.lowbit_share < 0.5  # the router alone is low-bit: most of the step is float
