@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench_step  # noqa: E402
 
 import lowbit  # noqa: E402, F401  (loads the modules whose scope is replaced)
-from lowbit import allocator, scopes  # noqa: E402
+from lowbit import scopes  # noqa: E402
 
 _stack: list[list] = []  # open scopes: [name, start, time of nested scopes]
 _totals: dict[str, float] = defaultdict(float)
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--size", choices=("full", "tiny"), default="full")
+    bench_step.add_malloc_arg(p)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    allocator.keep_freed_memory()
+    malloc = bench_step.apply_malloc(a.malloc)
     modes = a.modes.split(",")
     benches = {m: bench_step.Bench(a.workload, m, a.size, "cpu") for m in modes}
     for b in benches.values():
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     finally:
         for mod in patched:
             mod.scope = original
-    print(f"{bench_step.machine()}; {a.threads} threads; {a.workload}; {len(patched)} modules' scopes timed; "
+    print(f"{bench_step.machine()}; {a.threads} threads, {malloc}; {a.workload}; {len(patched)} modules' scopes timed; "
           f"medians of {a.rounds} rounds x {a.steps} steps")
     names = sorted({k for m in modes for k in parts[m]}, key=lambda k: (k == "other", k))
     print("| mode | step ms | " + " | ".join(n.replace("lowbit::", "") for n in names) + " |")

@@ -114,7 +114,8 @@ def test_scope_times_probe_times_the_scopes_and_restores_them(capsys: pytest.Cap
     from lowbit import scopes
 
     parts = mod.main(["--workload", "ffn", "--modes", "fqt-psq-8,fqt-bhq-8", "--size", "tiny", "--steps", "1",
-                      "--rounds", "1", "--warmup", "1", "--threads", str(torch.get_num_threads())])
+                      "--rounds", "1", "--warmup", "1", "--threads", str(torch.get_num_threads()),
+                      "--malloc", "default"])  # the allocator policy is process-wide: not in pytest
     for m in ("fqt-psq-8", "fqt-bhq-8"):
         assert sum(parts[m]["lowbit::gemm"]) > 0 and len(parts[m]["other"]) == 1
     assert sum(parts["fqt-bhq-8"].get("lowbit::transform", [0.0])) > 0  # BHQ's transform scope seen
@@ -129,6 +130,7 @@ def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureF
     from lowbit.kernels import im2col
 
     assert bt.main([toggle, "--workload", "cnn", "--mode", "fqt-psq-8", "--size", "tiny", "--rounds", "1",
-                    "--steps", "1", "--warmup", "1", "--threads", str(torch.get_num_threads())]) == 0
+                    "--steps", "1", "--warmup", "1", "--threads", str(torch.get_num_threads()),
+                    "--malloc", "default"]) == 0  # the allocator policy is process-wide: not in pytest
     assert ops.SHARE_SAVED_INPUT and im2col.ROWS_IN_PIECES  # on, as lowbit ships
     assert f"{toggle}: on" in capsys.readouterr().out
