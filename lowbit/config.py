@@ -279,7 +279,9 @@ class FQTConfig:
                            ("grad_input", GradSpec), ("grad_weight", GradSpec)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}")
+                hint = (f"; for the named recipe use FQTConfig.from_recipe({value!r})"
+                        if name == "weight" and isinstance(value, str) else "")
+                raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}{hint}")
         if (self.weight is None) != (self.activation is None):
             raise ValueError("weight and activation must both be quantized or both be None")
         if self.weight is None and (self.grad_input or self.grad_weight):

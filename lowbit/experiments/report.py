@@ -84,7 +84,7 @@ class Run:
     train: dict[str, Any]
     fqt: dict[str, Any]
     rows: list[dict[str, Any]]
-    status: str  # done, diverged, running
+    status: str  # done, diverged, running, interrupted, failed
     data: str | None = None  # config.json's record of the data read (rundir.write_config)
 
     @property
@@ -321,10 +321,12 @@ def table(runs: list[Run], figure_names: list[str],
         notes = []
         if n_div := sum(r.status == "diverged" for r in group):
             notes.append(f"{n_div} diverged")
+        if n_fail := sum(r.status == "failed" and not r.complete for r in group):
+            notes.append(f"{n_fail} stopped by an error (its status.json says which)")
         if n_nan := len(done) - len(finals):  # counted by the claims as failed; said here too
             notes.append(f"{n_nan} finished without a finite {metric}")
         notes += (repeat_notes or {}).get(lab, [])
-        partial = [r for r in group if not r.complete and r.status != "diverged"]
+        partial = [r for r in group if not r.complete and r.status not in ("diverged", "failed")]
         if partial:  # how far each got (a study that spans sessions reports as it goes)
             at = ", ".join(f"{len(r.rows)}/{r.train['epochs']}" for r in partial)
             notes.append(f"{len(partial)} unfinished (epochs done: {at})")

@@ -263,6 +263,15 @@ class TrainConfig:
 
 
 
+def _effective(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with a default spelled out where ``None`` stands for it (a new user's
+    trial: a text run of ``steps_per_epoch`` None was "other settings" beside the same run
+    with the documented default 200 written out)."""
+    if settings.get("task") == "text" and settings.get("steps_per_epoch") is None:
+        return settings | {"steps_per_epoch": TASK_CLASSES["text"].default_steps_per_epoch}
+    return settings
+
+
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """``"field (saved, now requested)"`` for every setting in which a run recorded as
     ``saved`` (a checkpoint's ``train_config`` or config.json's ``train``) differs from
@@ -270,8 +279,8 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     adaptive recipe, whose bit widths are decided at the monitor's steps), with
     :data:`LEGACY_DEFAULTS` for what older records lack, both sides compared as JSON holds
     them (tuples as lists)."""
-    old = json.loads(json.dumps(LEGACY_DEFAULTS | saved))
-    now = json.loads(json.dumps(cfg.to_dict()))
+    old = _effective(json.loads(json.dumps(LEGACY_DEFAULTS | saved)))
+    now = _effective(json.loads(json.dumps(cfg.to_dict())))
     free = RESUMABLE_CHANGES
     if cfg.fqt_config().adaptive is not None:  # fqt-auto: the monitor's interval is when the
         free = free - {"monitor_every"}  # policy decides bit widths, so it shapes the run

@@ -87,8 +87,8 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def write_status(run_dir: Path, status: str, message: str = "") -> None:
-    """``status.json``: ``running``, ``done``, ``diverged`` or ``interrupted`` (with the
-    message)."""
+    """``status.json``: ``running``, ``done``, ``diverged``, ``interrupted`` or ``failed``
+    (an error stopped it; with the message)."""
     write_atomic(run_dir / "status.json", json.dumps({"status": status, "message": message}) + "\n")
 
 

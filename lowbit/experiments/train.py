@@ -380,8 +380,10 @@ def run(args: argparse.Namespace) -> int:
     set_malloc(args.malloc)
     cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
     if args.resume and not Path(cfg.out).exists():  # a misspelt folder would train anew, silently
-        raise ValueError(f"--resume: {cfg.out} does not exist, so there is no run to continue (check the "
-                         "folder's name, or drop --resume to start a new run there)")
+        where = "" if args.out else (" (the default folder of these settings: give the run's "
+                                     "folder with --out)")
+        raise ValueError(f"--resume: {cfg.out} does not exist{where}, so there is no run to continue "
+                         "(check the folder's name, or drop --resume to start a new run there)")
     if launch:  # every value checked, the run folder too: now the same command on nproc ranks
         check_run_dir(Path(cfg.out), cfg, args.resume)
         record = read_config(Path(cfg.out)) if args.resume else {}

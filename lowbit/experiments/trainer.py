@@ -277,6 +277,12 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
+        except Exception as exc:  # an error (a refusal at the first step, an OOM…): not "running"
+            if main and _status(run_dir) == "running":
+                write_status(run_dir, "failed", f"stopped by an error: {type(exc).__name__}: "
+                             f"{str(exc)[:400]}; after fixing it, the same command with --resume "
+                             "continues from the last epoch checkpoint (none: start again)")
+            raise
         finally:
             if created:  # still holding the lock: no other process is using the folder
                 _remove_if_unused(run_dir)

@@ -162,3 +162,6 @@ def test_a_wrong_field_or_a_recipe_string_says_what_to_do() -> None:
         FQTConfig.from_recipe("fqt-psq-8", bits=4)
     with pytest.raises(TypeError, match=r"got str \(a recipe name: lowbit.FQTConfig.from_recipe\('fqt-psq-8'\)\)"):
         lowbit.convert(torch.nn.Linear(2, 2), "fqt-psq-8")
+    # and FQTConfig("fqt-bhq-4") (the recipe as the first field, weight) named no way out
+    with pytest.raises(TypeError, match=r"use FQTConfig.from_recipe\('fqt-bhq-4'\)"):
+        FQTConfig("fqt-bhq-4")

@@ -1315,3 +1315,23 @@ def test_an_infinite_variance_ratio_is_reported_not_dropped(tmp_path):
     section = report.render([run], tmp_path, "lowbit report")
     row = next(line for line in section.splitlines() if line.startswith("| fqt-psq-8 "))
     assert "∇X 2 → 2 → inf" in row
+
+
+def test_resume_without_out_names_the_default_folder(tmp_path, capsys, monkeypatch):
+    """A new user's trial: ``--resume`` without ``--out`` named a folder the user never
+    chose; the error now says it is the default one and to give --out."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", "--task", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "(the default folder of these settings: give the run's folder with --out)" in err
+
+
+def test_a_default_spelled_out_is_the_same_setting():
+    """A new user's trial: a text run recorded with steps_per_epoch None (the default, 200)
+    was "other settings" beside the same command with --steps-per-epoch 200."""
+    from lowbit.experiments.runconfig import TrainConfig, changed_settings
+
+    saved = TrainConfig(task="text", recipe="fp").to_dict()
+    assert changed_settings(saved, TrainConfig(task="text", recipe="fp", steps_per_epoch=200)) == []
+    assert changed_settings(saved, TrainConfig(task="text", recipe="fp", steps_per_epoch=100)) == \
+        ["steps_per_epoch (200, now 100)"]

@@ -513,6 +513,31 @@ def test_an_interrupt_leaves_status_interrupted_not_running(tmp_path):
     assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1  # and it resumes
 
 
+def test_an_error_leaves_status_failed_not_running(tmp_path):
+    """A new user's trial: a run stopped by an error (a backend refusing a GEMM at the first
+    step) kept status.json "running" for ever, and the report listed it as unfinished.
+    It is "failed" with the error; the report says so."""
+    from lowbit.experiments.report import load_runs, table
+
+    class Fails(_NaNLoss):
+        def loss(self, model, batch):
+            self.calls += 1
+            if self.calls == 3:
+                raise ValueError("a GEMM this backend cannot run")
+            return self.task.loss(model, batch)
+
+    cfg = TrainConfig(**DIGITS, epochs=1, out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="cannot run"):
+        train(cfg, task=Fails(T.make_task("digits", "mlp", subset=256, eval_subset=64), set()),
+              progress=False)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "ValueError: a GEMM this backend cannot run" in status["message"]
+    runs = load_runs(tmp_path)
+    if runs:  # a report lists it by what happened (a run with a metrics file)
+        text = "\n".join(table(runs, []))
+        assert "stopped by an error" in text and "unfinished" not in text
+
+
 def test_sigterm_leaves_status_interrupted_not_running(tmp_path):
     """``kill`` (SIGTERM: a scheduler's limit, torchrun stopping the other ranks) ended the
     process with status.json still "running"; it is handled as Ctrl-C now, and the
