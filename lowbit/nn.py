@@ -109,8 +109,8 @@ def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list
     the config: under ``"fp8"`` every convolution (no FP8 convolution kernel); a scale on a GEMM's
     summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
     activation scales in ∇W = ∇Yᵀ·X), BHQ's (and, by sequence length, Hadamard's) row
-    transform in attention's ∇P, asymmetric gradient grids in attention, a row-mixing ∇W
-    quantizer on grouped convolutions. A warning,
+    transform in attention's ∇P, asymmetric gradient grids in attention and (``"int8"``)
+    convolutions, a row-mixing ∇W quantizer on grouped convolutions. A warning,
     not an error: a layer whose input needs no gradient (the first) or whose weight is
     frozen never runs that GEMM."""
     from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
@@ -137,6 +137,10 @@ def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list
                      "query rows, decided by the sequence length)")
     if attention and any(getattr(g.format, "asymmetric", False) for g in grads):
         found.append("attention's gradient products per head (an asymmetric gradient grid's offset)")
+    convs = any(isinstance(m, (FQTConv2d, FQTConv1d)) for m in model.modules())
+    if backend is Backend.INT8 and convs and any(getattr(g.format, "asymmetric", False) for g in grads):
+        found.append("∇X and ∇W of every convolution (an asymmetric gradient grid's offset: code 0 is "
+                     "not the value 0, which oneDNN's and the im2col GEMMs' zero padding assume)")
     grouped = any(isinstance(m, (FQTConv2d, FQTConv1d)) and m.groups > 1 for m in model.modules())
     if grouped and config.grad_weight is not None and config.grad_weight.quantizer in ("bhq", "hadamard"):
         found.append("∇W of grouped convolutions (the gradient's row transform mixes the groups' output channels)")

@@ -53,6 +53,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,25 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                 _remove_if_unused(run_dir)
 
 
+def _convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
+    """``lowbit.convert``, with its warning that a strict backend will raise at the first
+    pass needing a GEMM it cannot run turned into that error now, before any step (a new
+    user's trial: the refusal came at the first step, after a multi-line warning)."""
+    from lowbit.conversion import ConversionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.convert(model, fqt)
+    for w in caught:
+        text = str(w.message)
+        # ("possibly": decided by the data, e.g. Hadamard blocks against a sequence length)
+        if issubclass(w.category, ConversionWarning) and "will raise at the first pass" in text \
+                and "possibly" not in text:
+            raise ValueError(text.removeprefix("lowbit.convert: ").replace(
+                "Use backend='auto'", "Use --backend auto").replace("or change the spec", "or another recipe"))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 class Terminated(KeyboardInterrupt):
     """The process received SIGTERM while training (``kill``, a scheduler's time limit,
     torchrun stopping the ranks after one failed): handled as Ctrl-C is — the run is
@@ -350,7 +370,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     torch.manual_seed(cfg.seed)
     model = task.build_model()  # same initial weights for every recipe of a seed
     if not fqt.is_fp:
-        lowbit.convert(model, fqt)
+        _convert_or_refuse(model, fqt)
     if cfg.weights != "fp32":
         to_bfloat16(model)
     master = MasterWeights(list(model.parameters())) if cfg.weights == "bf16-master" else None

@@ -1335,3 +1335,15 @@ def test_a_default_spelled_out_is_the_same_setting():
     assert changed_settings(saved, TrainConfig(task="text", recipe="fp", steps_per_epoch=200)) == []
     assert changed_settings(saved, TrainConfig(task="text", recipe="fp", steps_per_epoch=100)) == \
         ["steps_per_epoch (200, now 100)"]
+
+
+@pytest.mark.parametrize(("recipe", "backend"), [("fqt-psq-fp8", "fp8"), ("fqt-bhq-4a", "int8")])
+def test_a_backend_that_cannot_run_the_model_is_refused_before_any_step(tmp_path, capsys, recipe, backend):
+    """A new user's trial: the refusal came at the first step, after a multi-line
+    ConversionWarning, leaving a run folder behind; now one line (exit 2), no folder."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "digits", "--model", "cnn", "--recipe", recipe, "--backend", backend,
+                     "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"lowbit train: error: backend='{backend}' cannot run these GEMMs" in err and "--backend auto" in err
+    assert not out.exists()
