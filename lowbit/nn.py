@@ -103,21 +103,23 @@ _NO_FQT_LAYER = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTrans
                  nn.RNNCellBase, nn.Bilinear)
 
 
-def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
-    """A :class:`ConversionWarning` at ``convert`` for what ``backend="int8"`` (or
-    ``"fp8"``) will refuse at the first forward or backward that needs it, decided from
-    the config: under ``"fp8"`` every convolution (no FP8 convolution kernel); a scale on a GEMM's
+def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(certain, possible)``: the GEMMs of the converted ``model`` that ``backend="int8"``
+    (or ``"fp8"``) of ``config`` will refuse at the first forward or backward that needs
+    them, and those it may refuse depending on the data (Hadamard blocks against a
+    sequence length), decided from the config: under ``"fp8"`` every convolution (no FP8 convolution kernel); a scale on a GEMM's
     summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
     activation scales in ∇W = ∇Yᵀ·X), BHQ's (and, by sequence length, Hadamard's) row
     transform in attention's ∇P, asymmetric gradient grids in attention and (``"int8"``)
-    convolutions, a row-mixing ∇W quantizer on grouped convolutions. A warning,
-    not an error: a layer whose input needs no gradient (the first) or whose weight is
-    frozen never runs that GEMM."""
+    convolutions, a row-mixing ∇W quantizer on grouped convolutions. Empty for other
+    backends. (A layer whose input needs no gradient, or whose weight is frozen, never runs
+    the ∇X, or ∇W, GEMM named.)"""
     from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
     backend = Backend(config.backend)
-    if backend not in (Backend.INT8, Backend.FP8) or not converted:
-        return
-    found = []
+    found: list[str] = []
+    possible: list[str] = []
+    if backend not in (Backend.INT8, Backend.FP8):
+        return found, possible
     if backend is Backend.FP8 and any(isinstance(m, (FQTConv2d, FQTConv1d)) for m in model.modules()):
         found.append("all three GEMMs of every convolution (there is no FP8 convolution kernel; the output "
                      "GEMM raises at the first forward)")
@@ -133,7 +135,7 @@ def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list
     if attention and config.grad_input is not None and config.grad_input.quantizer == "bhq":
         found.append("attention's ∇P per head (BHQ's row transform mixes the query rows of a head's product)")
     if attention and config.grad_input is not None and config.grad_input.quantizer == "hadamard":
-        found.append("possibly attention's ∇P per head (where the Hadamard block does not divide a head's "
+        possible.append("attention's ∇P per head (where the Hadamard block does not divide a head's "
                      "query rows, decided by the sequence length)")
     if attention and any(getattr(g.format, "asymmetric", False) for g in grads):
         found.append("attention's gradient products per head (an asymmetric gradient grid's offset)")
@@ -144,6 +146,17 @@ def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list
     grouped = any(isinstance(m, (FQTConv2d, FQTConv1d)) and m.groups > 1 for m in model.modules())
     if grouped and config.grad_weight is not None and config.grad_weight.quantizer in ("bhq", "hadamard"):
         found.append("∇W of grouped convolutions (the gradient's row transform mixes the groups' output channels)")
+    return found, possible
+
+
+def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
+    """A :class:`ConversionWarning` at ``convert`` for :func:`backend_conflicts`: a
+    warning, not an error, as a layer whose input needs no gradient (the first) or whose
+    weight is frozen never runs that GEMM (``lowbit train``, whose layers all train,
+    refuses the certain ones)."""
+    found, possible = backend_conflicts(config, model) if converted else ([], [])
+    found = found + [f"possibly {p}" for p in possible]
+    backend = Backend(config.backend)
     if found:
         kernels = "integer kernels" if backend is Backend.INT8 else "torch._scaled_mm"
         warnings.warn(f"lowbit.convert: backend={backend.value!r} cannot run these GEMMs on {kernels} and will "

@@ -53,7 +53,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,22 +289,20 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
 
 
 def _convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
-    """``lowbit.convert``, with its warning that a strict backend will raise at the first
-    pass needing a GEMM it cannot run turned into that error now, before any step (a new
-    user's trial: the refusal came at the first step, after a multi-line warning)."""
-    from lowbit.conversion import ConversionWarning
+    """``lowbit.convert``, then refusing, before any step, a backend that will raise at the
+    first pass needing a GEMM it cannot run (:func:`lowbit.nn.backend_conflicts`: a new
+    user's trial found that refusal at the first step, after a multi-line warning); the
+    conflicts decided by the data stay convert's warning."""
+    from lowbit.nn import backend_conflicts
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lowbit.convert(model, fqt)
-    for w in caught:
-        text = str(w.message)
-        # ("possibly": decided by the data, e.g. Hadamard blocks against a sequence length)
-        if issubclass(w.category, ConversionWarning) and "will raise at the first pass" in text \
-                and "possibly" not in text:
-            raise ValueError(text.removeprefix("lowbit.convert: ").replace(
-                "Use backend='auto'", "Use --backend auto").replace("or change the spec", "or another recipe"))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    lowbit.convert(model, fqt)  # the conflicts are read off the converted layers
+    certain, _ = backend_conflicts(fqt, model)
+    if certain:
+        backend = lowbit.config.Backend(fqt.backend)
+        kernels = "integer kernels" if backend is lowbit.config.Backend.INT8 else "torch._scaled_mm"
+        raise ValueError(f"backend={backend.value!r} cannot run these GEMMs on {kernels}: "
+                         + "; ".join(certain) + ". Use --backend auto (they run simulated, with the "
+                         "same estimator) or another recipe")
 
 
 class Terminated(KeyboardInterrupt):
