@@ -38,6 +38,7 @@ the starting config (8 bits, first candidate quantizer) and
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from .config import ADAPTIVE_RECIPES
@@ -87,14 +88,19 @@ class AdaptivePolicy:
     grad_weight: tuple[str, ...] = ("psq",)
 
     def __post_init__(self) -> None:
+        for name in ("target", "down", "input_share"):  # real numbers (NumPy's too), kept as float
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a real number, got {v!r}")
+            object.__setattr__(self, name, float(v))
         for name in ("target", "down"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            if not 0 < v < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         if self.down > 1:
             raise ValueError(f"down must be at most 1 (a hysteresis factor), got {self.down!r}")
         v = self.input_share
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        if not 0 < v < 1:
             raise ValueError(f"input_share must be a number in (0, 1), got {v!r}")
         check_bits(self.min_bits, "min_bits")
         check_bits(self.max_bits, "max_bits")
@@ -108,8 +114,8 @@ class AdaptivePolicy:
                 except TypeError:
                     pass
             if isinstance(qs, str) or not isinstance(qs, tuple) or not qs \
-                    or any(q not in QUANTIZERS for q in qs):
-                raise ValueError(f"{name} must be a non-empty tuple of quantizers from "
+                    or any(q not in QUANTIZERS for q in qs) or len(set(qs)) != len(qs):
+                raise ValueError(f"{name} must be a non-empty tuple of distinct quantizers from "
                                  f"{', '.join(QUANTIZERS)}, got {qs!r}")
             object.__setattr__(self, name, tuple(qs))
 
@@ -140,19 +146,24 @@ class AdaptivePolicy:
         """The spec ``path`` should run from the next step, given the ratios measured on
         this step at the current spec and at each candidate (``ratios`` must hold them)
         and the path's ``target`` (:meth:`path_target`). Unchanged when the current ratio
-        is NaN (no SGD estimate)."""
+        is NaN (no SGD estimate). A current spec that is not a candidate (a width outside
+        ``min_bits..max_bits``, as the recipes' 8-bit start under ``max_bits < 8``, or an
+        unlisted quantizer) is left for the fewest-bit candidate meeting the target
+        without hysteresis, else the lowest-ratio one at ``max_bits``. Candidates whose
+        ratio is NaN are never chosen."""
         r_cur = ratios[current]
         if math.isnan(r_cur):
             return current
         order = [c for c in self.candidates(path) if c in ratios]
-        if r_cur > target:
+        allowed = current in self.candidates(path)
+        if r_cur > target or not allowed:
             for c in order:
                 # fewer bits than now (another quantizer) is a move down: it must meet the
                 # hysteresis threshold too (a review found psq6 → bhq5 at 0.9 × target)
-                if ratios[c] <= (self.down * target if c[1] < current[1] else target):
+                if ratios[c] <= (self.down * target if allowed and c[1] < current[1] else target):
                     return c
-            top = [c for c in order if c[1] == self.max_bits] or [current]
-            return min(top, key=lambda c: ratios[c])
+            top = [c for c in order if c[1] == self.max_bits and not math.isnan(ratios[c])]
+            return min(top, key=lambda c: ratios[c]) if top else current
         for c in order:
             if c[1] < current[1] and ratios[c] <= self.down * target:
                 return c

@@ -69,24 +69,68 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def policy() -> str:
-    """``"keep-freed"`` after a successful :func:`keep_freed_memory` in this process (or
-    with ``MALLOC_MMAP_MAX_=0`` in the environment), else ``"default"``: the label
-    benchmarks print beside their numbers."""
-    import os
+@functools.cache
+def _startup_environment() -> dict[str, str]:
+    """The environment this process started with — what glibc read its ``MALLOC_*``
+    settings from (``/proc/self/environ``; a variable set later in ``os.environ`` changes
+    nothing: a review found it reported as the policy). ``os.environ`` where ``/proc`` is
+    missing."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        import os
 
-    if _state["policy"] == "default" and os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return dict(os.environ)
+    out = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out[key.decode(errors="replace")] = value.decode(errors="replace")
+    return out
+
+
+def _startup_setting(env: dict[str, str], variable: str, tunable: str) -> int | None:
+    """A malloc setting glibc took from the start-up environment: ``GLIBC_TUNABLES``'
+    ``glibc.malloc.<tunable>`` (which glibc reads after the ``MALLOC_*`` variables), else
+    ``variable``; ``None`` where neither gives an integer."""
+    value = env.get(variable)
+    for item in env.get("GLIBC_TUNABLES", "").split(":"):
+        key, sep, v = item.partition("=")
+        if sep and key == f"glibc.malloc.{tunable}":
+            value = v
+    try:
+        return int(value, 0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _environment_keeps_freed() -> bool:
+    """Whether the start-up environment set both of :func:`keep_freed_memory`'s settings:
+    no ``mmap`` for any block, and a trim threshold at least its ``2**31 − 1`` (a smaller
+    one, ``0`` say, still gives freed memory back)."""
+    env = _startup_environment()
+    mmap_max = _startup_setting(env, "MALLOC_MMAP_MAX_", "mmap_max")
+    trim = _startup_setting(env, "MALLOC_TRIM_THRESHOLD_", "trim_threshold")
+    return _libc() is not None and mmap_max == 0 and trim is not None and trim >= _TRIM
+
+
+def policy() -> str:
+    """``"keep-freed"`` after a successful :func:`keep_freed_memory` in this process,
+    ``"keep-freed (environment)"`` where the environment the process started with set
+    both of its settings (:func:`recycles_freed_memory`), else ``"default"``: the label
+    benchmarks print beside their numbers."""
+    if _state["policy"] == "default" and _environment_keeps_freed():
         return "keep-freed (environment)"
     return _state["policy"]
 
 
 def recycles_freed_memory() -> bool:
     """Whether large blocks come back from glibc's heap without new page faults: after
-    :func:`keep_freed_memory`, or with both of its environment settings (``MALLOC_MMAP_MAX_=0``
-    alone still lets glibc trim freed memory back to the system). Then a pool of reused
-    buffers (:mod:`lowbit.kernels.workspace`) has nothing to save."""
-    import os
-
-    if _state["policy"] == "keep-freed":
-        return True
-    return os.environ.get("MALLOC_MMAP_MAX_") == "0" and "MALLOC_TRIM_THRESHOLD_" in os.environ
+    :func:`keep_freed_memory`, or where the environment the process started with (glibc
+    reads it then, not later) set ``mmap_max`` to 0 and the trim threshold to at least
+    ``2**31 − 1`` — as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` or the
+    same ``GLIBC_TUNABLES`` (``mmap_max`` 0 alone still lets glibc trim freed memory back
+    to the system). Then a pool of reused buffers (:mod:`lowbit.kernels.workspace`) has
+    nothing to save."""
+    return _state["policy"] == "keep-freed" or _environment_keeps_freed()

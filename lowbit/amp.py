@@ -76,7 +76,7 @@ class GradScaler(torch.amp.GradScaler):
         new = self.get_scale()
         snapshot, self._ranges = self._ranges, None
         if new_scale is None and new < old and snapshot is not None:  # torch's backoff: skipped
-            restore_ranges(snapshot)
+            restore_ranges(snapshot, counters=False)  # its non-finite calls stay counted
         if new != old and old > 0 and new > 0:
             rescale_ranges(self.model, new / old)
 

@@ -37,7 +37,7 @@ from .formats import (
 from .kernels import Backend
 from .noise import check_seed
 from .quantizers import QUANTIZERS, Granularity
-from .ranges import Overflow, RangeMode
+from .ranges import Overflow, RangeMode, check_range_settings
 
 
 def _coerce_enum(obj: object, field: str, enum_type: type[enum.Enum]) -> None:
@@ -133,12 +133,7 @@ class GradSpec:
                           f"{self.format.name.removesuffix('_spec')} rounds the block scale up "  # type: ignore[union-attr]
                           f"instead and is unbiased (the variance monitor skips such a layer)",
                           UserWarning, stacklevel=3)
-        m = self.margin
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m < float("inf"):
-            raise ValueError(f"margin must be a finite number ≥ 1, got {m!r}")
-        h = self.history
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ValueError(f"history must be a positive integer, got {h!r}")
+        check_range_settings(self.margin, self.history)
         if self.range is RangeMode.DYNAMIC:  # the predicted-range settings would be ignored
             given = [f"{k}={getattr(v, 'value', v)!r}" for k, default in _RANGE_DEFAULTS.items()
                      if (v := getattr(self, k)) != default]

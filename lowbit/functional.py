@@ -65,7 +65,17 @@ def quantize_gradient(
 ) -> QuantizedOperand:
     """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension,
     onto ``spec.format`` with ``spec.quantizer`` (range from ``tracker`` when the spec's
-    range is predicted)."""
+    range is predicted). ``ValueError`` for a ``tracker`` whose settings (history,
+    margin, overflow, quantizer) are not the spec's: it would run with its own, silently
+    (``lowbit.ops.tracker_key`` gives the key a layer's tracker has)."""
+    if spec.predicted and tracker is not None:
+        want = (spec.history, spec.margin, spec.overflow.value, spec.quantizer)
+        have = (tracker.history, tracker.margin, tracker.overflow.value, tracker.quantizer)
+        if have != want:
+            names = ("history", "margin", "overflow", "quantizer")
+            diff = ", ".join(f"{n} {h!r} (spec: {w!r})" for n, h, w in zip(names, have, want) if h != w)
+            raise ValueError(f"the range tracker's settings are not the GradSpec's: {diff}; build it "
+                             "as RangeTracker(*lowbit.ops.tracker_key(spec, rows_persist))")
     q = get_quantizer(spec.quantizer)
     return q.quantize(a, spec.format, generator, spec.rounding, backend,
                       tracker if spec.predicted else None)

@@ -13,6 +13,7 @@ on the CPU, and recomputation (activation checkpointing) sees the same noise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -608,13 +609,20 @@ def snapshot_ranges(model: nn.Module) -> RangeSnapshot:
             for m in fqt_blocks(model).values()]
 
 
-def restore_ranges(snapshot: RangeSnapshot) -> None:
-    """Put back what :func:`snapshot_ranges` saw: the same trackers, in their states."""
+def restore_ranges(snapshot: RangeSnapshot, counters: bool = True) -> None:
+    """Put back what :func:`snapshot_ranges` saw: the same trackers, in their states.
+    ``counters=False`` puts back the range histories only and keeps the trackers' counters
+    (:class:`lowbit.ranges.RangeStats`) as they are now: a skipped training step's calls
+    ran, and its non-finite operands (why it was skipped) stay counted (undone with the
+    history, ``nonfinite_calls`` read 0 under every skip: a review)."""
     for m, trackers, states in snapshot:
         m.range_trackers.clear()
         m.range_trackers.update(trackers)
         for p, t in trackers.items():
+            kept = t.stats
             t.load_state_dict(states[p])
+            if not counters:
+                t.stats = kept
 
 
 def rescale_ranges(model: nn.Module, factor: float) -> None:
@@ -628,8 +636,8 @@ def rescale_ranges(model: nn.Module, factor: float) -> None:
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:
     """Overflow counters of every predicted-range tracker, keyed ``layer/path``, plus
     ``"total"`` (their sum; all zero when no layer predicts its ranges)."""
-    out = {f"{n}/{p}": t.stats for n, m in fqt_blocks(model).items()
-           for p, t in m.range_trackers.items()}
+    out = {f"{n}/{p}": dataclasses.replace(t.stats) for n, m in fqt_blocks(model).items()
+           for p, t in m.range_trackers.items()}  # copies: read now, not updated later
     total = RangeStats()
     for s in out.values():
         total = total + s

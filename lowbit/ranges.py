@@ -88,16 +88,30 @@ class RangeStats:
                 "clipped_norm": self.clipped_norm}
 
 
+def check_range_settings(margin: Any, history: Any) -> None:
+    """``ValueError`` unless ``margin`` is a finite real number ≥ 1 and ``history`` a
+    positive integer (bools refused): the predicted-range settings of a ``GradSpec`` and
+    of a :class:`RangeTracker` (a NaN margin made every code NaN, an infinite one every
+    code 0, uncounted: a review)."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 1 <= margin < float("inf"):
+        raise ValueError(f"margin must be a finite number ≥ 1, got {margin!r}")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"history must be a positive integer, got {history!r}")
+
+
 class RangeTracker:
     """Predicted range of one gradient path of one layer.
 
     ``history`` past absmax observations (a ring buffer of shape (history, R): R rows when
     ``per_row``, else 1); the prediction is ``margin × max`` over them. ``frozen``
     trackers predict and count but do not record (for repeated draws of one minibatch).
+    ``ValueError`` for a ``margin`` that is not a finite number ≥ 1, a ``history`` that is
+    not a positive integer, or an unknown ``overflow``.
     """
 
     def __init__(self, history: int, margin: float, per_row: bool, overflow: Overflow | str,
                  quantizer: str = "") -> None:
+        check_range_settings(margin, history)
         self.history = history
         self.margin = margin
         self.per_row = per_row
@@ -142,6 +156,10 @@ class RangeTracker:
                              f"scale per row or tensor); {fmt.name} has "
                              f"{'block scales' if fmt.block else 'an asymmetric grid'}")
         if self.per_row and self._hist is not None and self._hist.shape[1] != y.shape[0]:
+            if self.frozen:  # a frozen history is kept: this call alone runs dynamic
+                self.stats.calls += 1
+                self.stats.dynamic_calls += 1
+                return kernels.quantize(y, fmt, granularity, rounding, seed)
             # the layer changed shape (a vocabulary resized, a weight replaced): its history
             # describes other rows; start afresh, as a freshly converted layer would
             warnings.warn(f"predicted range: the operand now has {y.shape[0]} rows, the recorded "
@@ -235,4 +253,4 @@ class RangeTracker:
         self.stats = RangeStats(**state["stats"])
 
 
-__all__ = ["Overflow", "RangeMode", "RangeStats", "RangeTracker"]
+__all__ = ["Overflow", "RangeMode", "RangeStats", "RangeTracker", "check_range_settings"]

@@ -457,7 +457,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                     for b, saved_b in zip(model.buffers(), buffers):
                         b.copy_(saved_b)
                 if ranges is not None:
-                    lowbit.nn.restore_ranges(ranges)
+                    lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
                 bad_steps += 1
                 bad_in_a_row += 1
                 if main:

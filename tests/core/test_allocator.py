@@ -27,15 +27,19 @@ x.fill_(1.0)
 alive = libc.mallinfo2()
 del x
 freed = libc.mallinfo2()
-print(json.dumps({"ok": ok, "policy": allocator.policy(), "mapped_alive": alive.hblks - before.hblks,
+if sys.argv[1] == "late":  # set after start-up: glibc never reads them
+    import os
+    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
+print(json.dumps({"ok": ok, "policy": allocator.policy(), "recycles": allocator.recycles_freed_memory(),
+                  "mapped_alive": alive.hblks - before.hblks,
                   "in_use_alive": alive.uordblks + alive.hblkhd,
                   "heap_free_after": freed.fordblks}))
 """
 
 
-def _probe(arg: str) -> dict:
+def _probe(arg: str, **env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True,
-                         check=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+                         check=True, timeout=120, env={"PATH": "/usr/bin:/bin", **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,14 +66,22 @@ def test_default_maps_a_32mib_tensor_and_keep_freed_serves_it_from_the_heap():
     assert keep["heap_free_after"] >= mib32        # kept for reuse once freed, not trimmed
 
 
-def test_policy_reads_the_environment_form(monkeypatch):
-    from lowbit import allocator
-
-    monkeypatch.setitem(allocator._state, "policy", "default")
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
-    assert allocator.policy() == "keep-freed (environment)"
-    monkeypatch.delenv("MALLOC_MMAP_MAX_")
-    assert allocator.policy() == "default"
+@glibc
+def test_policy_is_what_glibc_read_at_start_up():
+    """The environment form counts only as the process started with it (glibc reads it
+    then: a review found variables set later in ``os.environ`` reported as the policy,
+    and ``MALLOC_TRIM_THRESHOLD_=0`` — freed memory trimmed — reported as recycling);
+    each label checked against glibc's own counters."""
+    mib32 = 2048 * 4096 * 4
+    env = _probe("env", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
+    assert env["policy"] == "keep-freed (environment)" and env["recycles"] is True
+    assert env["mapped_alive"] == 0 and env["heap_free_after"] >= mib32
+    late = _probe("late")
+    assert late["policy"] == "default" and late["recycles"] is False
+    assert late["mapped_alive"] == 1
+    trim0 = _probe("trim0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="0")
+    assert trim0["policy"] == "default" and trim0["recycles"] is False
+    assert trim0["heap_free_after"] < mib32  # glibc gave the freed block back
 
 
 @glibc

@@ -16,6 +16,8 @@ import io
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -480,13 +482,34 @@ def test_policy_fewest_bits_with_hysteresis() -> None:
     ({"down": 2}, "down must be at most 1"),
     ({"input_share": 1}, r"input_share must be a number in \(0, 1\), got 1"),
     ({"min_bits": 6, "max_bits": 5}, r"min_bits \(6\) exceeds max_bits \(5\)"),
-    ({"grad_input": ("psq", "nope")}, "grad_input must be a non-empty tuple of quantizers"),
+    ({"grad_input": ("psq", "nope")}, "grad_input must be a non-empty tuple of distinct quantizers"),
+    ({"grad_input": ("psq", "psq")}, "grad_input must be a non-empty tuple of distinct quantizers"),
+    ({"target": "0.1"}, "target must be a real number"),
     ({"grad_weight": "psq"}, "grad_weight must be a non-empty tuple"),
     ({"grad_input": 3}, "grad_input must be a non-empty tuple"),
 ])
 def test_policy_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptivePolicy(**kwargs)
+
+
+def test_policy_moves_a_width_outside_its_range_into_it_and_never_to_a_nan_ratio() -> None:
+    """The fqt-auto recipes start at 8 bits; under ``max_bits=6`` a path whose 8-bit ratio
+    met the target but no ≤ 6-bit one the hysteresis threshold stayed at 8 bits for ever
+    (a review): a current spec outside the candidates goes to the fewest-bit candidate
+    meeting the target, else the lowest-ratio one at ``max_bits``. A NaN-ratio candidate
+    listed first was chosen by ``min`` when moving up."""
+    pol = AdaptivePolicy.from_recipe("fqt-auto-psq", max_bits=6)
+    r = {("psq", b): 0.04 * 4.0 ** (6 - b) for b in range(2, 9)}  # 6 bits: 0.04, within 0.05
+    t = pol.path_target("grad_weight", 1)  # 0.05
+    assert pol.choose("grad_weight", ("psq", 8), r, t) == ("psq", 6)
+    assert pol.choose("grad_weight", ("psq", 8), {k: 4 * v for k, v in r.items()}, t) == ("psq", 6)  # none meets it
+    assert pol.choose("grad_input", ("bhq", 6), r | {("bhq", 6): 0.01}, t) == ("psq", 6)  # an unlisted quantizer
+    two = AdaptivePolicy(grad_input=("bhq", "psq"))
+    ratios = {("bhq", 8): math.nan, ("psq", 8): 1.0, ("bhq", 7): math.nan, ("psq", 7): 2.0}
+    assert two.choose("grad_input", ("psq", 8), ratios, 0.05) == ("psq", 8)
+    # NumPy's scalars are numbers too (kept as float)
+    assert AdaptivePolicy(target=np.float32(0.25), input_share=np.float64(0.5)).target == 0.25
 
 
 def test_policy_takes_any_iterable_of_quantizers_whole() -> None:

@@ -495,3 +495,77 @@ def test_float64_ranges_are_recorded_in_float64() -> None:
             out = get_quantizer("psq").quantize(g, "int8", torch.Generator().manual_seed(i), tracker=t)
             assert torch.isfinite(out.dequantize(torch.float64)).all()
         assert (t.stats.calls, t.stats.dynamic_calls, t.stats.nonfinite_calls) == (3, 1, 0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"margin": float("nan")}, "margin must be a finite number ≥ 1"),
+    ({"margin": float("inf")}, "margin must be a finite number ≥ 1"),
+    ({"margin": 0.5}, "margin must be a finite number ≥ 1"),
+    ({"history": 0}, "history must be a positive integer"),
+    ({"history": 2.5}, "history must be a positive integer"),
+    ({"overflow": "wrap"}, "wrap"),
+])
+def test_tracker_refuses_settings_a_grad_spec_refuses(kwargs: dict, message: str) -> None:
+    """A hand-built tracker checked nothing: margin NaN turned finite gradients into NaN
+    and margin inf every code into 0, uncounted; history 0 divided by zero at a call (a
+    review). The same checks as GradSpec's, at construction."""
+    args = {"history": 4, "margin": 1.25, "per_row": False, "overflow": "clip"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        RangeTracker(**args)
+
+
+def test_a_tracker_of_other_settings_than_the_spec_is_refused() -> None:
+    """quantize_gradient ran with the tracker's margin/history/overflow/quantizer and
+    ignored the spec's without a word (a review: margin 4 and clip given, margin 1 and
+    requantize run)."""
+    from lowbit.functional import quantize_gradient
+    from lowbit.ops import tracker_key
+
+    spec = GradSpec(4, "ptq", range="predicted", margin=4.0, history=2, overflow="clip")
+    for bad in (RangeTracker(16, 1.0, False, "requantize"), RangeTracker(2, 4.0, False, "clip", "psq")):
+        with pytest.raises(ValueError, match="the range tracker's settings are not the GradSpec's"):
+            quantize_gradient(torch.randn(8, 16), spec, torch.Generator().manual_seed(0), tracker=bad)
+    t = RangeTracker(*tracker_key(spec, False))
+    quantize_gradient(torch.randn(8, 16), spec, torch.Generator().manual_seed(0), tracker=t)
+    assert t.stats.calls == 1
+
+
+def test_a_frozen_tracker_keeps_its_history_when_the_rows_change() -> None:
+    """A frozen tracker (predict and count, record nothing) wiped its history at one call
+    with another row count, and the calls after ran dynamic (a review)."""
+    t = RangeTracker(4, 1.0, per_row=True, overflow="clip", quantizer="psq")
+    q, k = get_quantizer("psq"), kernels_for(Backend.AUTO, "cpu")
+    for s in range(3):
+        q.quantize(torch.randn(6, 8), IntFormat(8), torch.Generator().manual_seed(s), tracker=t, backend=k)
+    hist, count = t._hist.clone(), t._count
+    t.frozen = True
+    q.quantize(torch.randn(5, 8), IntFormat(8), torch.Generator().manual_seed(9), tracker=t, backend=k)
+    assert t._count == count and torch.equal(t._hist, hist) and t.stats.dynamic_calls == 2  # first call + this
+    t.frozen = False
+    with pytest.warns(RuntimeWarning, match="range history restarts"):  # unfrozen: restarts, as before
+        q.quantize(torch.randn(5, 8), IntFormat(8), torch.Generator().manual_seed(9), tracker=t, backend=k)
+    assert t._count == 1
+
+
+def test_range_stats_are_copies_and_a_skipped_step_keeps_its_counters() -> None:
+    """range_stats returned the trackers' own (live) stats per layer beside a copied
+    total, so a before/after delta of a layer read 0; restore_ranges after a skipped step
+    put the counters back too, so ``nonfinite_calls`` read 0 under every skip (a review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    model(torch.randn(4, 8)).sum().backward()
+    before = lowbit.range_stats(model)
+    model(torch.randn(4, 8)).sum().backward()
+    after = lowbit.range_stats(model)
+    key = "2/grad_weight"
+    assert after[key].calls == before[key].calls + 1 and after[key] is not before[key]
+    snap = lowbit.nn.snapshot_ranges(model)
+    hist = model[2].range_trackers["grad_weight"]._hist.clone()
+    (model(torch.randn(4, 8)).sum() * float("nan")).backward()  # a step the trainer skips
+    assert lowbit.range_stats(model)[key].nonfinite_calls == 1
+    lowbit.nn.restore_ranges(snap, counters=False)
+    assert lowbit.range_stats(model)[key].nonfinite_calls == 1  # still counted
+    assert torch.equal(model[2].range_trackers["grad_weight"]._hist, hist)  # history undone
+    lowbit.nn.restore_ranges(snap)  # the default: everything as it was (a coverage trace)
+    assert lowbit.range_stats(model)[key].nonfinite_calls == 0

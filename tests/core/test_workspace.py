@@ -131,14 +131,17 @@ def test_attention_with_pooled_scores_equals_fresh_buffers() -> None:
 
 
 def test_nothing_is_pooled_where_the_heap_recycles_freed_memory(monkeypatch) -> None:
-    """Under ``lowbit.allocator``'s keep-freed policy (here its environment form) a fresh
+    """Under ``lowbit.allocator``'s keep-freed policy (here its state as
+    ``keep_freed_memory`` leaves it, without changing this process's malloc) a fresh
     large tensor costs no page faults: the pool would only add to the peak, so ``empty``
     is ``torch.empty`` and drops what was pooled before the policy changed."""
+    from lowbit import allocator
+
+    monkeypatch.setattr(allocator, "_environment_keeps_freed", lambda: False)
     a = workspace.empty(SHAPE, torch.int32)
     assert workspace.held_bytes() == a.numel() * 4  # default policy: pooled
     del a
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")
+    monkeypatch.setitem(allocator._state, "policy", "keep-freed")
     b = workspace.empty(SHAPE, torch.int32)
     assert b.shape == SHAPE and b.dtype == torch.int32 and b.is_contiguous()
     assert workspace.held_bytes() == 0
