@@ -125,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
     opts = validate(args)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    opts.out.mkdir(parents=True, exist_ok=True)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     model_name = opts.model or DEFAULT_MODEL[opts.task]
-    data = Data(opts)
+    data = Data(opts)  # raises for missing data before --out exists (it was left empty)
+    opts.out.mkdir(parents=True, exist_ok=True)
     model = build_model(opts.task, model_name)
     model.train()
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))

@@ -170,3 +170,19 @@ def test_list_options_refuse_empty_items(tmp_path, capsys, option, value, match)
     dropped without a word; it is refused, naming the option."""
     assert main(["variance", "--task", "digits", option, value, "--out", str(tmp_path)]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_missing_data_leaves_no_empty_out_folder(tmp_path, monkeypatch) -> None:
+    """``lowbit variance`` made ``--out`` before loading the data, so a missing dataset
+    left an empty folder behind (a new user's trial): the folder is made once the data
+    loaded."""
+    import lowbit.commands.variance as V
+
+    def missing(opts):  # noqa: ANN001, ANN202
+        raise FileNotFoundError("Fashion-MNIST not found (a test)")
+
+    monkeypatch.setattr(V, "Data", missing)
+    out = tmp_path / "v"
+    with pytest.raises(FileNotFoundError, match="a test"):
+        V.run(parse("--task", "digits", "--out", str(out)))
+    assert not out.exists()
