@@ -227,6 +227,7 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
     if profiles:
         lines += ["", ("## Variance profile: each layer quantized alone, contribution to all "
                        "parameters (measured, and measured / data-dependent bound)"), "",
+                  "± one standard error over the draws (jackknife; none below 3 repeats)", "",
                   "| layer | "
                   + " | ".join(f"{label} var | {label} tight." for label, _ in profiles)
                   + " |", "|---|" + "---|---|" * len(profiles)]
@@ -235,8 +236,10 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
             cells = []
             for _, p in profiles:
                 meas = p.measured[i][-1]
+                se = p.measured_se[i][-1] if p.measured_se else math.nan
                 pred = p.pred_data[i][-1] if p.pred_data else math.nan
-                cells += [_e(meas), _e(meas / pred) if pred > 0 else "–"]
+                pm = (lambda v: f" ± {_e(v)}") if math.isfinite(se) else (lambda v: "")  # noqa: E731
+                cells += [_e(meas) + pm(se), _e(meas / pred) + pm(se / pred) if pred > 0 else "–"]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += _range_section(res, reports)
     bins = res["bins"]

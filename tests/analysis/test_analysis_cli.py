@@ -70,7 +70,7 @@ def test_end_to_end_on_digits(tmp_path, capsys) -> None:
     out = tmp_path / "v"
     rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "ptq,bhq",
                "--bits", "4", "--out", str(out), "--batches", "3", "--repeats", "3",
-               "--train-steps", "5", "--profile", "bhq", "--profile-repeats", "2",
+               "--train-steps", "5", "--profile", "bhq", "--profile-repeats", "3",
                "--spectrum", "pairs", "--power-iters", "3", "--quiet"])
     assert rc == 0
     def no_bare_nan(token: str) -> None:  # a review found NaN tokens: not JSON
@@ -90,6 +90,10 @@ def test_end_to_end_on_digits(tmp_path, capsys) -> None:
     for name in ("bins_4bit.png", "profile_bhq_int4.png", "bounds.png", "summary.md"):
         assert (out / name).stat().st_size > 500, name
     assert "| bhq | int4 (4) |" in (out / "summary.md").read_text()
+    # the layer profile's ratios with their standard errors (a 3 at 2 repeats was noise)
+    profile = (out / "summary.md").read_text().split("## Variance profile")[1].split("##")[0]
+    rows = [r for r in profile.splitlines() if r.startswith("| ") and "layer" not in r]
+    assert rows and all(r.count(" ± ") == 2 for r in rows)
     # 3 × 3 draws: the bias z cannot pass √9 = 3, which the summary says (a review)
     assert "√(batches × repeats) = 3.00" in (out / "summary.md").read_text()
     assert "cannot show a bias at 5σ" in (out / "summary.md").read_text()
