@@ -45,6 +45,14 @@ Inside one quantization call the noise is counter-based: :func:`draw_seed` takes
 32-bit seed from the call's generator and :func:`counter_uniform` turns (element index,
 seed) into ``U[0, 1)`` values, so the reference path, a compiled kernel and another device
 read the same noise whatever the memory layout.
+
+**32 bits, not 64, reach the noise.** torch's CPU generator (mt19937) reads only the low
+32 bits of a key (keys are ``splitmix64`` outputs, so those bits are well mixed), and
+each call's seed is a 32-bit draw: two calls of a run draw the same noise with
+probability about ``1/2³²`` per pair — over ``M`` backward calls of one layer path about
+``M²/2³³`` such pairs (≈ 1 in a 100,000-step run), each a repeat of one call's errors
+at one step, not a lasting correlation. "Streams differ when any of (seed, layer, rank,
+step) differ" holds in that sense: different keys, equal noise only by a 32-bit chance.
 """
 
 from __future__ import annotations
@@ -116,6 +124,15 @@ def check_seed(seed: object, what: str = "seed", limit: int = SEED_LIMIT) -> int
     return seed
 
 
+def torch_seed(seed: int) -> int:
+    """``seed`` (an int ≥ 0) as the seed of a torch CPU generator: itself below ``2³²``,
+    else ``mix(seed)`` folded to 32 bits. torch's CPU generator (mt19937) reads only a
+    seed's low 32 bits, so seeds ``s`` and ``s + 2³²`` seeded the same stream — the same
+    initial weights and data order for two runs reported as independent (a review);
+    below ``2³²`` every seed gives what it gave before."""
+    return seed if seed < 1 << 32 else mix(seed) & 0xFFFFFFFF
+
+
 def stream_seed(base_seed: int, layer_name: str, rank: int = 0) -> int:
     """The seed of one layer's noise stream on one rank: ``mix(base_seed,
     fnv1a64(layer_name), rank)`` (module docstring). Same arguments → same stream; any
@@ -152,7 +169,8 @@ def forward_draw() -> int:
 
 
 def generator_for(key: int, device: torch.device | str) -> torch.Generator:
-    """A fresh ``torch.Generator`` on ``device`` seeded with the 64-bit ``key``."""
+    """A fresh ``torch.Generator`` on ``device`` seeded with the 64-bit ``key`` (the CPU
+    generator reads its low 32 bits: module docstring)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(key & _M64)
     return gen
@@ -233,7 +251,13 @@ class NoiseStream:
         missing = {"seed", "name", "counter"} - set(state)
         if missing:
             raise KeyError(f"noise state lacks {sorted(missing)}")
-        self.seed, self.name, self.counter = int(state["seed"]), str(state["name"]), int(state["counter"])
+        seed, name, counter = state["seed"], state["name"], state["counter"]
+        check_seed(seed, "noise state seed")  # as NoiseStream(seed): no alias of another seed
+        if not isinstance(name, str):
+            raise TypeError(f"noise state name must be a str, got {type(name).__name__}")
+        if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+            raise ValueError(f"noise state counter must be a non-negative int, got {counter!r}")
+        self.seed, self.name, self.counter = seed, name, counter
         self._rank = self._stream = None  # re-read at next use: a resumed job may run elsewhere
         self._in_group = False
 
@@ -269,16 +293,29 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, fir
     elements) drew the same noise shifted by ``j`` elements; with XOR the second call's
     index map ``i ↦ ((i·K) ⊕ d)·K⁻¹`` scatters over all ``2³²`` counters, so two calls
     share about ``n²/2³²`` noise values at unrelated positions, as any 32-bit generator.
+
+    The counter is 32 bits: from element ``2³²`` on (an operand of more elements, or a
+    part of one, ``first`` included: attention's ``∇S`` at 4096² per head passes it
+    after 256 heads × batch entries), the seed is XORed with ``h(i >> 32)`` too, so that
+    elements ``i`` and ``i + 2³²`` do not get the same noise (they did: a review).
+    ``h(0) = 0``: every element below ``2³²`` — every operand the AVX-512 kernels take
+    (:func:`lowbit.kernels.avx512.supports` refuses larger ones) — keeps its value.
     """
     n = 1
     for d in shape:
         n *= d
-    x = torch.arange(first, first + n, device=seed.device, dtype=torch.int64).view(shape)
-    x = ((x * 0x27D4EB2D) & _MASK32) ^ seed
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (x >> 16) ^ x
+    idx = torch.arange(first, first + n, device=seed.device, dtype=torch.int64).view(shape)
+    x = _mix32(((idx * 0x27D4EB2D) & _MASK32) ^ seed
+               ^ (_mix32(idx >> 32) if first + n > 1 << 32 else 0))
     return (x >> 8).to(torch.float32) * (2.0**-24)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The two-round 32-bit integer mixer of :func:`counter_uniform` on int64 values in
+    ``[0, 2³²)`` (0 maps to 0)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
 
 
 def check_generator(generator: object, where: str) -> None:
@@ -340,4 +377,4 @@ def _note_use(stream: NoiseStream) -> None:
 
 
 __all__ = ["SEED_LIMIT", "NoiseStream", "SharedNoiseWarning", "Path", "check_generator", "check_seed", "comm_noise_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",
-           "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed"]
+           "fnv1a64", "forward_draw", "generator_for", "mix", "splitmix64", "stream_seed", "torch_seed"]

@@ -52,6 +52,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..formats import IntFormat, Rounding, compute_dtype
 from ..nn import fqt_weight_layers
+from ..noise import torch_seed
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
 from ._model import (
@@ -203,7 +204,7 @@ def jacobian_spectrum(
         raise ValueError(f"iters must be ≥ 1, got {iters}")
     if mode not in SPECTRUM_MODES:
         raise ValueError(f"mode must be one of {', '.join(SPECTRUM_MODES)}, got {mode!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(torch_seed(seed))
     out = JacobianSpectrum(mode=mode)
     with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \
             _double_differentiable_attention(), gradient_only_double_backward(), \

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..nn import fqt_blocks, fqt_weight_layers
+from ..noise import torch_seed
 from ._model import (
     TOTAL,
     FlatGrads,
@@ -100,7 +101,7 @@ def variance_profile(
     if spectra is not None and len(spectra) < len(batches):
         raise ValueError(f"spectra must give one spectrum per batch ({len(batches)}), "
                          f"got {len(spectra)}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(torch_seed(seed))
     with configured(model, config) as m, frozen_buffers(m):
         layers = fqt_weight_layers(m)
         groups = parameter_groups(m)

@@ -27,6 +27,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..distributed import GradComm
 from ..nn import fqt_blocks, fqt_weight_layers
+from ..noise import torch_seed
 from ._model import (
     TOTAL,
     FlatGrads,
@@ -314,7 +315,7 @@ def gradient_variance(
         raise ValueError(f"bound_batches ({n_bound}) exceeds the number of batches ({n_b})")
     if n_bound and world > 1:
         raise ValueError("bound_batches/spectra need world_size 1 (the bound is per rank)")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(torch_seed(seed))
 
     with configured(model, config) as m, frozen_buffers(m):
         layers = fqt_weight_layers(m)

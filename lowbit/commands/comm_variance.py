@@ -32,14 +32,14 @@ from lowbit.analysis.variance import VarianceReport, qat_of
 from lowbit.config import RECIPES, FQTConfig
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
-from lowbit.experiments.tasks import TASKS, Task, make_task
 from lowbit.experiments.rundir import write_atomic
+from lowbit.experiments.tasks import TASKS, Task, make_task
 from lowbit.experiments.train import check_out_dir, parse_int, parse_list, parse_seed, set_threads
-
-from .variance_summary import strict
 from lowbit.nn import convert
 
+from ..noise import torch_seed
 from .variance_data import describe_warmup, loss_trend
+from .variance_summary import strict
 
 DEFAULT_BATCH_SIZE = {"digits": 64, "fashion-mnist": 64, "text": 16}
 RESULTS = ("comm_variance.json", "summary.md")  # what a run writes into --out
@@ -131,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     task = make_task(args.task, model_name, subset=subset)
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed(seed))
     model = convert(task.build_model(), cfg)
     model.train()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(torch_seed(seed))
     warm = _warmup(model, task, steps, batch_size, gen)
     batches: list = []
     while len(batches) < n_batches:  # a fresh pass over the data when one runs out

@@ -25,9 +25,17 @@ from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.rundir import write_atomic
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
-from lowbit.experiments.train import (MODEL_ARG_HELP, check_out_file, parse_int, parse_model_args, parse_seed,
-                                      set_threads)
+from lowbit.experiments.train import (
+    MODEL_ARG_HELP,
+    check_out_file,
+    parse_int,
+    parse_model_args,
+    parse_seed,
+    set_threads,
+)
 from lowbit.nn import convert
+
+from ..noise import torch_seed
 
 IMAGE_SIZE = {"digits": 8, "fashion-mnist": 28}
 
@@ -81,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
     config = FQTConfig.from_recipe(args.recipe, backend=args.backend, seed=seed)
     model_kwargs = parse_model_args(args.model_arg)
     set_threads(args.threads)
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed(seed))
     try:
         model = build_model(args.task, name, **model_kwargs)
     except TypeError as exc:  # an unknown keyword in --model-arg
         raise ValueError(f"--model-arg: {exc}") from None
     convert(model, config)
-    inputs, loss_fn = synthetic_batch(args.task, model, batch, torch.Generator().manual_seed(seed))
+    inputs, loss_fn = synthetic_batch(args.task, model, batch, torch.Generator().manual_seed(torch_seed(seed)))
     report = coverage(model, *inputs, loss_fn=loss_fn)
     print(f"lowbit coverage: task {args.task}, model {name}, recipe {args.recipe} "
           f"(backend {args.backend}), batch {batch}, synthetic data")

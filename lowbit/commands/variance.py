@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,7 +52,12 @@ from lowbit.analysis._model import (
 from lowbit.analysis.bins import bin_utilization, plot_bin_utilization
 from lowbit.analysis.bounds import JacobianSpectrum, jacobian_spectrum
 from lowbit.analysis.plots import plot_bounds, plot_profile
-from lowbit.analysis.variance import VarianceProfile, VarianceReport, gradient_variance, variance_profile
+from lowbit.analysis.variance import (
+    VarianceProfile,
+    VarianceReport,
+    gradient_variance,
+    variance_profile,
+)
 from lowbit.config import FQTConfig, GradSpec
 from lowbit.experiments.models import DEFAULT_MODEL, build_model
 from lowbit.experiments.rundir import write_atomic
@@ -60,6 +65,7 @@ from lowbit.formats import IntFormat, Rounding, parse_format
 from lowbit.nn import convert, fqt_weight_layers, frozen_ranges, range_stats
 from lowbit.ranges import Overflow, RangeMode
 
+from ..noise import torch_seed
 from .variance_args import Options, add_arguments, validate
 from .variance_data import Data, warmup
 from .variance_summary import command_line, jsonable, machine, strict, summary, write_csv
@@ -86,7 +92,7 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
     out: dict = {"layer": name, "shape": list(a.shape), "by_bits": {}}
     paths = []
     for bits in sorted({f.bits for f in map(parse_format, opts.formats) if isinstance(f, IntFormat)}):
-        hists = bin_utilization(a, bits, opts.quantizers, torch.Generator().manual_seed(opts.seed))
+        hists = bin_utilization(a, bits, opts.quantizers, torch.Generator().manual_seed(torch_seed(opts.seed)))
         out["by_bits"][str(bits)] = {q: h.to_dict() for q, h in hists.items()}
         paths.append(plot_bin_utilization(
             hists, opts.out / f"bins_{bits}bit.png",
@@ -108,7 +114,7 @@ def _config(q: str, fmt: str, seed: int, ranges: str = "dynamic", margin: float 
 def _calibrate(model: nn.Module, data: Data, cfg: FQTConfig, opts: Options) -> None:
     """Fill the predicted-range histories of ``cfg`` with FQT backward passes on fresh
     training batches (weights and BatchNorm statistics untouched)."""
-    gen = torch.Generator().manual_seed(opts.seed + 7_777)
+    gen = torch.Generator().manual_seed(torch_seed(opts.seed + 7_777))
     with with_config(model, lambda _: cfg), frozen_buffers(model):
         for batch in data.train(opts.range_calibration, gen):
             model.zero_grad(set_to_none=True)
@@ -127,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
-    gen = torch.Generator().manual_seed(opts.seed)
+    torch.manual_seed(torch_seed(opts.seed))
+    gen = torch.Generator().manual_seed(torch_seed(opts.seed))
     model_name = opts.model or DEFAULT_MODEL[opts.task]
     data = Data(opts)  # raises for missing data before --out exists (it was left empty)
     opts.out.mkdir(parents=True, exist_ok=True)

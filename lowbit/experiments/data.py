@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..noise import torch_seed
+
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -103,7 +105,7 @@ def load_digits_tensors(val_fraction: float = 0.2, seed: int = 0) -> ImageData:
     y = torch.from_numpy(bunch.target.astype(np.int64))  # (N,)
     n = len(y)
     n_val = max(1, round(n * val_fraction))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     x_train, x_val = x[train_idx], x[val_idx]
     mean, std = x_train.mean(), x_train.std()
@@ -225,7 +227,7 @@ def load_fashion_mnist(
     if subset is not None:
         if subset > len(y_train):
             raise ValueError(f"subset must be at most {len(y_train)}, got {subset}")
-        idx = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))[:subset]
+        idx = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(torch_seed(seed)))[:subset]
         x_train, y_train = x_train[idx.numpy()], y_train[idx.numpy()]
 
     def to_x(a: np.ndarray) -> torch.Tensor:

@@ -32,10 +32,11 @@ DDP's fp32 all-reduce or, with ``grad_comm``, quantized without bias
 checkpoint holds every rank's random state. The loss logged and tested for finiteness
 is the mean over ranks, so all ranks skip the same steps.
 
-Reproducibility: the model is initialised under ``torch.manual_seed(seed)`` (so every
-recipe starts from the same weights), the stochastic-rounding noise is seeded from
-``seed`` (and the rank), and the data order of epoch ``e`` comes from a generator
-seeded with ``(seed, e)``. The same seed and world size give a bitwise identical run;
+Reproducibility: the model is initialised under ``torch.manual_seed(torch_seed(seed))``
+(so every recipe starts from the same weights; ``lowbit.noise.torch_seed``: seeds from
+``2³²`` on folded to the 32 bits torch's CPU generator reads, else ``s`` and ``s + 2³²``
+started alike), the stochastic-rounding noise is seeded from ``seed`` (and the rank),
+and the data order of epoch ``e`` comes from a generator seeded with ``(seed, e)``. The same seed and world size give a bitwise identical run;
 a resumed run with the same thread count is bitwise identical to an uninterrupted one (for fp32 all-reduce with
 ``N ≥ 3`` ranks only up to float rounding: DDP re-buckets the gradients after the first
 step it runs, which reorders fp32 sums of three or more terms; integer and two-term sums
@@ -65,12 +66,24 @@ from tqdm import tqdm
 import lowbit
 import lowbit.optim
 
+from ..noise import torch_seed
 from . import checkpoint as ckpt
 from . import monitoring
 from .parallel import Ranks
 from .precision import MasterWeights, memory_row, to_bfloat16
-from .rundir import LOCK, RunBusy, check_same_data, cpu_name, load_resumable, read_config, run_lock, write_config, write_metrics, write_status
 from .runconfig import DEFAULT_MONITOR_EVERY, WEIGHT_FORMATS, TrainConfig, changed_settings
+from .rundir import (
+    LOCK,
+    RunBusy,
+    check_same_data,
+    cpu_name,
+    load_resumable,
+    read_config,
+    run_lock,
+    write_config,
+    write_metrics,
+    write_status,
+)
 from .tasks import Task, make_task
 
 
@@ -167,7 +180,7 @@ def cosine_schedule(
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of epoch ``epoch``'s data generator: a fixed function of (seed, epoch)."""
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
+    return (torch_seed(seed) * 1_000_003 + epoch * 7_919 + 17) % (2**63)
 
 
 
@@ -364,7 +377,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     )
     fqt = cfg.fqt_config()
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(torch_seed(cfg.seed))
     model = task.build_model()  # same initial weights for every recipe of a seed
     if not fqt.is_fp:
         _convert_or_refuse(model, fqt)

@@ -223,6 +223,12 @@ def _rows_contiguous(x: torch.Tensor) -> bool:
     return x.shape[1] <= 1 or x.stride(1) == 1
 
 
+# The C kernels count elements in 32 bits; lowbit.noise.counter_uniform salts the noise of
+# elements from 2³² on, which only the reference computes: larger operands (or parts of
+# one, ``first`` included) run there.
+NOISE_PERIOD = 1 << 32
+
+
 def _operand_ok(x: torch.Tensor) -> bool:
     """A plain (or ``Parameter``) strided CPU tensor the C code can read as it is, outside
     any tracing: no ``torch.compile``, ``make_fx``/fake-tensor or other dispatch mode
@@ -234,10 +240,11 @@ def _operand_ok(x: torch.Tensor) -> bool:
 
 
 def _readable(x: torch.Tensor, dtypes: object = DTYPES) -> bool:
-    """:func:`_operand_ok` but for the shape: a non-empty plain strided CPU tensor of a
-    dtype the C code reads (one of ``dtypes``), outside any tracing."""
+    """:func:`_operand_ok` but for the shape: a non-empty plain strided CPU tensor of at
+    most :data:`NOISE_PERIOD` elements, of a dtype the C code reads (one of ``dtypes``),
+    outside any tracing."""
     return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
-            and x.device.type == "cpu" and x.dtype in dtypes and x.numel() > 0  # type: ignore[operator]
+            and x.device.type == "cpu" and x.dtype in dtypes and 0 < x.numel() <= NOISE_PERIOD  # type: ignore[operator]
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
@@ -405,9 +412,12 @@ def supports_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, r
                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                           seed_w: torch.Tensor, first: int = 0) -> bool:
     """Whether :func:`quantize_batched_pair` takes this call: ``g`` (B, N, out) whose
-    entries are as :func:`supports_pair` takes them (rows contiguous); any ``first``."""
+    entries are as :func:`supports_pair` takes them (rows contiguous); ``first`` such that
+    the last element's noise index, ``(first + B)·N·out``, stays within
+    :data:`NOISE_PERIOD`."""
     return g.dim() == 3 and g.shape[0] > 0 and supports_pair(g[0], fmt_a, gran_a, rnd_a, seed_a, fmt_w,
-                                                             gran_w, rnd_w, seed_w) and _readable(g)
+                                                             gran_w, rnd_w, seed_w) and _readable(g) \
+        and (first + g.shape[0]) * g.shape[1] * g.shape[2] <= NOISE_PERIOD
 
 
 def quantize_batched_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,

@@ -277,10 +277,70 @@ def test_every_seed_entry_point_refuses_a_seed_outside_its_range(seed: object, e
                     lambda: N.NoiseStream(seed, "layer"),
                     lambda: GradComm(bits=8, seed=seed),
                     lambda: lowbit.functional.fqt_linear(torch.randn(2, 3), torch.randn(4, 3), None,
-                                                         FQTConfig.from_recipe("fqt-psq-4", seed=seed))]
+                                                         FQTConfig.from_recipe("fqt-psq-4", seed=seed)),
+                    # a loaded state too (a review: 2**64 + 5 and 5.9 drew seed 5's noise)
+                    lambda: N.NoiseStream(0, "layer").load_state_dict({"seed": seed, "name": "layer",
+                                                                       "counter": 0})]
     for make in entry_points:
         with pytest.raises(error, match="seed"):
             make()
+
+
+def test_a_loaded_noise_state_refuses_a_bad_counter_or_name() -> None:
+    stream = N.NoiseStream(1, "layer")
+    for bad, error in (({"counter": -3}, ValueError), ({"counter": 2.5}, ValueError),
+                       ({"counter": True}, ValueError), ({"name": 7}, TypeError)):
+        with pytest.raises(error, match="noise state"):
+            stream.load_state_dict({"seed": 1, "name": "layer", "counter": 0} | bad)
+    assert stream.state_dict() == {"seed": 1, "name": "layer", "counter": 0}  # left as it was
+
+
+def _old_counter_uniform(n: int, seed: int, first: int) -> torch.Tensor:
+    """The 32-bit counter formula as it stood before element 2³² got its own salt."""
+    x = torch.arange(first, first + n, dtype=torch.int64)
+    x = ((x * 0x27D4EB2D) & 0xFFFFFFFF) ^ seed
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (((x >> 16) ^ x) >> 8).to(torch.float32) * 2.0**-24
+
+
+def test_counter_noise_does_not_repeat_after_2_to_the_32_elements() -> None:
+    """Elements ``i`` and ``i + 2³²`` of one operand got the same noise (a review: at
+    attention's 4096² ∇S entries ``e`` and ``e + 256`` of a batch × heads); elements
+    below ``2³²`` keep their values (every operand the AVX-512 kernels take)."""
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    below = N.counter_uniform((8,), seed, 0)
+    assert torch.equal(below, _old_counter_uniform(8, 123456789, 0))
+    across = N.counter_uniform((8,), seed, 2**32 - 4)  # straddles the period
+    assert torch.equal(across[:4], _old_counter_uniform(4, 123456789, 2**32 - 4))
+    assert not torch.equal(across[4:], below[:4])
+    assert not torch.equal(N.counter_uniform((8,), seed, 2**32), below)
+    # the batched pair (attention's ∇S in pieces) at entry `wrap` against entry 0
+    from lowbit.formats import Granularity, Rounding, parse_format
+    from lowbit.gradpair import quantize_batched_pair
+    from lowbit.kernels import avx512
+
+    fmt, g = parse_format("int4"), torch.randn(1, 256, 256, generator=torch.Generator().manual_seed(0))
+    args = (fmt, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1111), fmt, Granularity.ROW,
+            Rounding.STOCHASTIC, torch.tensor(2222))
+    wrap = 2**32 // (256 * 256)
+    assert not avx512.supports_batched_pair(g, *args, first=wrap)  # the C kernel counts in 32 bits
+    r0, r1 = quantize_batched_pair(g, *args, first=0), quantize_batched_pair(g, *args, first=wrap)
+    assert not torch.equal(r0[0], r1[0]) and not torch.equal(r0[4], r1[4])  # ∇X and ∇W codes
+
+
+def test_torch_seeds_keep_the_bits_torchs_generator_drops() -> None:
+    """torch's CPU generator reads a seed's low 32 bits: trainer seeds 3 and 3 + 2³² gave
+    the same initial weights and data order (a review). ``torch_seed`` folds seeds from
+    2³² on and leaves smaller ones as they were."""
+    from lowbit.experiments.trainer import epoch_seed
+
+    assert [N.torch_seed(s) for s in (0, 3, 2**32 - 1)] == [0, 3, 2**32 - 1]
+    assert N.torch_seed(3 + 2**32) != 3 and 0 <= N.torch_seed(2**63 + 3) < 2**32
+    draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    assert not torch.equal(draw(N.torch_seed(3)), draw(N.torch_seed(3 + 2**32)))
+    assert not torch.equal(draw(epoch_seed(3, 0)), draw(epoch_seed(3 + 2**32, 0)))
+    assert epoch_seed(3, 1) == (3 * 1_000_003 + 7_919 + 17)  # small seeds: as before
 
 
 def test_seed_range_ends_are_accepted_and_distinct() -> None:
