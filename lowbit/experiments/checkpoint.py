@@ -13,7 +13,12 @@ A checkpoint is a plain dict (loaded with ``weights_only=True``)::
 Saving writes a temporary file in the run folder, fsyncs it, renames the old ``last.pt``
 to ``prev.pt`` and the temporary file to ``last.pt`` (each ``os.replace`` is atomic), then
 fsyncs the folder. A kill at any moment leaves at least one complete checkpoint (an
-interrupt between the two renames completes the second). Loading checks the zip records'
+interrupt between the two renames completes the second; a kill there leaves the new one
+as the temporary file, which loading takes as ``last.pt`` when it reads whole and is
+newer than ``prev.pt``; a save removes the temporary files earlier kills left). A save
+that fails (a full disk) raises :class:`CheckpointError` naming the file and the space
+left: a save needs room for about three checkpoints at once (``last.pt``, ``prev.pt``
+and the new file). Loading checks the zip records'
 CRC-32s and then the digest of the loaded values: damage the CRCs do not cover (the zip's
 central directory, which can make torch read a record as empty) loaded wrong weights
 silently before. A damaged ``last.pt`` is renamed ``last.pt.damaged`` when ``prev.pt`` is
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -38,6 +44,7 @@ from torch import nn
 import lowbit
 
 LAST, PREV, DAMAGED = "last.pt", "prev.pt", "last.pt.damaged"
+TMP_GLOB = ".last-*.pt.tmp"  # save_checkpoint's temporary files
 REQUIRED_KEYS = frozenset({
     "model", "optimizer", "scheduler", "epoch", "step", "train_config", "fqt_config", "history",
     "bad_in_a_row", "rng",
@@ -110,9 +117,10 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any]) -> P
     state = {**state, "digest": digest(state)}
     run_dir = Path(run_dir)
     last = run_dir / LAST
-    fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt.tmp", dir=run_dir)
-    written = False
+    stale = list(run_dir.glob(TMP_GLOB))  # left by kills of earlier saves (module docstring)
+    written, tmp = False, None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt.tmp", dir=run_dir)
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
@@ -121,14 +129,44 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any]) -> P
         if last.exists():
             os.replace(last, run_dir / PREV)
         os.replace(tmp, last)
-    except BaseException:
-        if written and not last.exists() and Path(tmp).exists():
+    except BaseException as exc:
+        if tmp is not None and written and not last.exists() and Path(tmp).exists():
             os.replace(tmp, last)  # interrupted between the renames: the new one is whole
-        else:
+        elif tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception):  # torch's "unexpected pos" on a full disk named neither
+            free = shutil.disk_usage(run_dir).free / 2**20
+            raise CheckpointError(f"cannot write checkpoint {last}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''} ({free:.1f} MiB free "
+                                  f"in {run_dir}; a save needs room for about three checkpoints: "
+                                  "last.pt, prev.pt and the new file)") from exc
         raise
+    for path in stale:
+        path.unlink(missing_ok=True)
     _fsync_dir(run_dir)
     return last
+
+
+def _recover_interrupted(run_dir: Path) -> None:
+    """Where ``last.pt`` is missing, the newest temporary file a save killed between its
+    renames left (whole: it reads and matches its digest) becomes ``last.pt`` if it is
+    newer than ``prev.pt`` — its epoch was otherwise trained again."""
+    prev_epoch = -1
+    if (run_dir / PREV).exists():
+        try:
+            prev_epoch = int(_read(run_dir / PREV)["epoch"])
+        except Exception:  # noqa: BLE001 - an unreadable prev.pt: any whole newer file wins
+            prev_epoch = -1
+    for tmp in sorted(run_dir.glob(TMP_GLOB), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            epoch = int(_read(tmp)["epoch"])
+        except Exception:  # noqa: BLE001 - partly written: not a checkpoint
+            continue
+        if epoch > prev_epoch:
+            os.replace(tmp, run_dir / LAST)
+            print(f"warning: {tmp.name} was a complete checkpoint (epoch {epoch}) left by a save "
+                  "killed between its renames; using it as last.pt", file=sys.stderr)
+        return
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -156,6 +194,8 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Pa
     instead; if both exist and neither loads, raises :class:`CheckpointError`.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / LAST).exists():
+        _recover_interrupted(run_dir)
     errors = []
     for name in (LAST, PREV):
         path = run_dir / name

@@ -40,10 +40,12 @@ pairs, mean ``d̄`` and standard error ``s_d/√n``, the one-sided 95% Student-t
 * the comparison gives the two-sided 95% interval of the gain and whether it excludes 0.
 
 A claim needs at least 2 paired seeds with an outcome (fewer: *not yet measured*; no run
-at all: *not measured*, naming the recipes), and recipes that trained: one whose mean
-final metric is near chance (accuracy below twice chance, bpb above 90% of a uniform
-guess's 8 bits) makes the claim *not judged* — equal untrained models "agree" within any
-tolerance. A seed that diverged or finished without a
+at all: *not measured*, naming the recipes), and recipes that trained: where every
+recipe's mean final metric is near chance (accuracy below twice chance, bpb above 90% of
+a uniform guess's 8 bits) the claim is *not judged* — equal untrained models "agree"
+within any tolerance; one recipe near chance where the others learned is a result and
+is judged. An accuracy moves in steps of one evaluated image, so the standard deviation
+of its paired gains is taken as at least that step over √6 (:func:`paired`). A seed that diverged or finished without a
 finite metric *failed*; the first recipe of a claim failing on a paired seed where the
 other finished makes the claim (or step) not hold; the other recipe's failures are
 named beside a verdict taken on the finished pairs (where it failed on every shared seed
@@ -153,9 +155,14 @@ class Paired:
     high2: float
 
 
-def paired(a: Outcomes, b: Outcomes, up: bool) -> Paired:
+def paired(a: Outcomes, b: Outcomes, up: bool, resolution: float = 0.0) -> Paired:
     """The seeds both finished and the Student-t bounds of the mean paired gain
-    (``scipy.stats.t``; ``n ≥ 2`` pairs, else NaN bounds)."""
+    (``scipy.stats.t``; ``n ≥ 2`` pairs, else NaN bounds). ``resolution``: the metric's
+    step (one evaluation image of an accuracy); the gains' standard deviation is taken
+    as at least ``resolution/√6``, the spread of a difference of two values each rounded
+    to that grid (uniform errors of variance ``r²/12``): gains equal on every seed — two
+    seeds often agree to the image — made the bounds collapse onto the mean and a
+    one-image gap read "beyond the seed noise" (a review)."""
     from scipy.stats import t as student_t
 
     seeds = sorted((s for s in a.values if s in b.values and a.values[s] is not None
@@ -165,7 +172,7 @@ def paired(a: Outcomes, b: Outcomes, up: bool) -> Paired:
     if n < 2:
         nan = math.nan
         return Paired(seeds, gains, statistics.fmean(gains) if gains else nan, nan, nan, nan, nan)
-    mean, se = statistics.fmean(gains), statistics.stdev(gains) / math.sqrt(n)
+    mean, se = statistics.fmean(gains), max(statistics.stdev(gains), resolution / math.sqrt(6)) / math.sqrt(n)
     q1, q2 = student_t.ppf(LEVEL, n - 1), student_t.ppf(1 - (1 - LEVEL) / 2, n - 1)
     return Paired(seeds, gains, mean, mean - q1 * se, mean + q1 * se, mean - q2 * se, mean + q2 * se)
 
@@ -200,6 +207,10 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
     def fmt(x: float) -> str:
         return f"{x * scale:.{digits}f}{unit}"
 
+    # an accuracy moves in steps of one evaluated image (paired()); the runs' own count
+    evaluated = {r.train.get("eval_subset") or getattr(task, "eval_examples", 0) for r in runs}
+    resolution = 1.0 / min(evaluated) if metric == "accuracy" and min(evaluated, default=0) > 0 else 0.0
+
     def fmt_seeds(seeds: list) -> str:
         return ",".join(str(s) for s in seeds)
 
@@ -212,7 +223,7 @@ def judge(claim: Claim, runs: Sequence[Run]) -> tuple[str, str]:
             continue
         lost = [s for s in a.failed(common) if b.values[s] is not None]
         other = b.failed(common)
-        p = paired(a, b, up)
+        p = paired(a, b, up, resolution)
         head = f"on seeds {fmt_seeds(p.seeds)}" if p.seeds else "no seed finished by both"
         notes = (f"; {cb} failed on seed(s) {fmt_seeds(other)}" if other else "")
         if lost:

@@ -27,6 +27,7 @@ from ..noise import torch_seed
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
+FASHION_MNIST_CLASSES = 10
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -223,6 +224,15 @@ def load_fashion_mnist(
             raise IdxFormatError(
                 f"{files[f'{split}_images']}: unexpected shapes {images.shape} / {labels.shape}"
             )
+        # what the files must hold, checked before any step (a label of 200 failed the
+        # step whose batch held it, naming no file: a review)
+        for key, arr in ((f"{split}_images", images), (f"{split}_labels", labels)):
+            if arr.dtype != np.uint8:
+                raise IdxFormatError(f"{files[key]}: holds {arr.dtype.name}, Fashion-MNIST's IDX files hold uint8")
+        if labels.size and int(labels.max()) >= FASHION_MNIST_CLASSES:
+            bad = int(np.argmax(labels >= FASHION_MNIST_CLASSES))
+            raise IdxFormatError(f"{files[f'{split}_labels']}: label {int(labels[bad])} at index {bad}; "
+                                 f"Fashion-MNIST's labels are 0..{FASHION_MNIST_CLASSES - 1}")
     x_train, y_train = arrays["train_images"], arrays["train_labels"]
     if subset is not None:
         if subset > len(y_train):
@@ -321,7 +331,9 @@ def load_text_corpus(max_bytes: int | None = None) -> tuple[torch.Tensor, str]:
     (``/usr/share/doc/python3.11/html/_sources``), sorted by relative path and concatenated.
     If that package is absent it falls back to the standard library's ``.py`` files
     (``sysconfig.get_paths()["stdlib"]``, without site-packages), also sorted. ``max_bytes``
-    truncates the corpus (reading stops as soon as enough bytes are in).
+    truncates the corpus (reading stops as soon as enough bytes are in); ``ValueError``
+    where the corpus is shorter (a larger ``--subset`` was run on the whole corpus and
+    recorded as given: a review; the image tasks refuse theirs too).
     """
     if max_bytes is not None:
         _check_positive_int("max_bytes", max_bytes)
@@ -347,6 +359,9 @@ def load_text_corpus(max_bytes: int | None = None) -> tuple[torch.Tensor, str]:
         if max_bytes is not None and total >= max_bytes:
             break
     data = b"".join(chunks)[:max_bytes]
+    if max_bytes is not None and len(data) < max_bytes:
+        raise ValueError(f"subset must be at most {len(data)} (the text corpus {source} has "
+                         f"{len(data)} bytes), got {max_bytes}")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), source
 
 

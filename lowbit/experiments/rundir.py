@@ -275,10 +275,20 @@ def check_same_data(run_dir: Path, source: str | None) -> None:
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int,
-                 data: str | None = None) -> None:
+                 data: str | None = None, start_epoch: int = 0) -> None:
     """``config.json``: the run's settings, the resolved FQT config, and ``data``, which
     copy of the data it read (the text task's corpus falls back to the standard library's
-    sources where the Python docs are missing: two machines can train on different text)."""
+    sources where the Python docs are missing: two machines can train on different text).
+    A resume (``start_epoch`` > 0: from a checkpoint) keeps the first session's thread count and
+    versions and appends this session's to ``"resumed"`` (with the epoch it starts at)
+    where they differ: rewritten, the record of a run that mixed 2 and 1 threads said 1,
+    and a later resume at 1 thread warned of nothing (a review)."""
+    now = {"threads": torch.get_num_threads(), "lowbit": lowbit.__version__, "torch": torch.__version__}
+    old = read_config(run_dir) if start_epoch > 0 else {}  # a resume from a checkpoint
+    first = {k: old.get(k, v) for k, v in now.items()}
+    resumed = list(old.get("resumed", []))
+    if old and now != first and (not resumed or {k: resumed[-1].get(k) for k in now} != now):
+        resumed.append({"epoch": start_epoch, **now})
     config = {
         "run": cfg.run_name(),
         "data": data,
@@ -286,10 +296,10 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
         "fqt": fqt.to_dict(),
         "recipe": lowbit.describe(fqt),
         "steps_per_epoch": steps_per_epoch,
-        "threads": torch.get_num_threads(),
-        "lowbit": lowbit.__version__,
-        "torch": torch.__version__,
+        **first,
     }
+    if resumed:
+        config["resumed"] = resumed
     write_atomic(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
 
 

@@ -84,6 +84,7 @@ class ImageTask(Task):
     primary_metric = "accuracy"
     higher_is_better = True
     chance = 0.1  # ten classes (digits, Fashion-MNIST)
+    eval_examples = 0  # images evaluated without --eval-subset (each task's; 0: unknown)
     throughput_unit = "samples"
     optimizer = "sgd"
 
@@ -140,6 +141,7 @@ class ImageTask(Task):
 
 class DigitsTask(ImageTask):
     name = "digits"
+    eval_examples = 359  # round(1797 × 0.2): the validation split evaluated
     default_batch_size = 64
     default_lr = 0.05
     default_weight_decay = 5e-4
@@ -164,6 +166,7 @@ class DigitsTask(ImageTask):
 
 class FashionMNISTTask(ImageTask):
     name = "fashion-mnist"
+    eval_examples = 10_000  # the test images
     default_batch_size = 128
     default_lr = 0.1
     default_weight_decay = 5e-4
@@ -219,10 +222,12 @@ class TextTask(Task):
             raise ValueError(f"eval_subset must be at most {available} (the validation windows of "
                              f"{self.block_size} bytes), got {eval_subset}")
         n_windows = min(eval_subset or self.eval_windows, available)
-        if n_windows < 1:
+        if n_windows < 1:  # the whole corpus read: only a shorter block helps (a review)
+            fix = ("use a larger --subset" if subset is not None and len(corpus) >= subset
+                   else f"use a block_size of at most {len(self.val_data) - 1} (--model-arg block_size=N)")
             raise ValueError(
                 f"the validation split ({len(self.val_data)} bytes) is shorter than one "
-                f"block of {self.block_size}; use a larger --subset"
+                f"block of {self.block_size} bytes and its next-byte targets; {fix}"
             )
         t = n_windows * self.block_size
         self.x_eval = self.val_data[:t].long().view(n_windows, self.block_size)  # (W, T)

@@ -43,7 +43,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = SCHEDULE_NOTE
     add = parser.add_argument
     add("--epochs", default="10", help="number of epochs (default 10)")
-    add("--batch-size", help="batch size (default: digits 64, fashion-mnist 128, text 32)")
+    add("--batch-size", help="batch size (default: digits 64, fashion-mnist 128, text 32); images: "
+        "an epoch is ⌊N/batch⌋ full batches of a fresh shuffle, the last N mod batch images of each "
+        "shuffle left out (BatchNorm sees full batches)")
     add("--lr", help="peak learning rate (default: digits 0.05, fashion-mnist 0.1, text 1e-3)")
     add("--weight-decay", help="weight decay on matrices and kernels (default 5e-4; text 0.1)")
     add("--subset", help="images: keep N training images; text: keep the first N corpus bytes")

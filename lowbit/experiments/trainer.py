@@ -272,7 +272,10 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
     with contextlib.ExitStack() as stack:
         busy = None
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only file system, /proc: one line naming it (a review)
+                raise ValueError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}") from exc
             try:
                 stack.enter_context(run_lock(run_dir))
             except RunBusy as exc:
@@ -415,7 +418,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         comm.load_state_dict(comm_saved)
 
     if main:
-        write_config(run_dir, cfg, fqt, steps_per_epoch, getattr(task, "source", None))
+        write_config(run_dir, cfg, fqt, steps_per_epoch, getattr(task, "source", None), start_epoch)
         write_metrics(run_dir, history)
         write_status(run_dir, "running")
     params = [p for p in model.parameters() if p.requires_grad]

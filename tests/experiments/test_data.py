@@ -140,6 +140,33 @@ def test_fashion_mnist_torchvision_layout(tmp_path):
         D.load_fashion_mnist(tmp_path, subset=21)
 
 
+def test_fashion_mnist_labels_and_dtypes_are_checked_before_any_step(tmp_path):
+    """A label of 200 loaded and failed the step whose batch held it, naming no file (a
+    review): labels outside 0..9 and non-uint8 arrays are IdxFormatError naming the file."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 6)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
+    assert D.load_fashion_mnist(tmp_path).y_train.max() < 10
+    labels = rng.integers(0, 10, 20).astype(np.uint8)
+    labels[5] = 200
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(D.IdxFormatError, match=r"train-labels-idx1-ubyte.gz: label 200 at index 5"):
+        D.load_fashion_mnist(tmp_path)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels.astype(np.int32), type_byte=0x0C)
+    with pytest.raises(D.IdxFormatError, match=r"train-labels-idx1-ubyte.gz: holds int32"):
+        D.load_fashion_mnist(tmp_path)
+
+
+def test_a_text_subset_beyond_the_corpus_is_refused():
+    """``--subset`` past the corpus trained on the whole corpus and recorded the number
+    given (a review); the image tasks refused theirs."""
+    whole, _ = D.load_text_corpus()
+    with pytest.raises(ValueError, match=rf"subset must be at most {len(whole)}"):
+        D.load_text_corpus(max_bytes=len(whole) + 1)
+    assert D.load_text_corpus(max_bytes=len(whole))[0].shape == whole.shape
+
+
 @pytest.mark.skipif(
     D._fashion_files(D.FASHION_MNIST_DEBIAN_DIR) is None,
     reason="dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
