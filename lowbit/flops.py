@@ -1,7 +1,9 @@
 """FLOPs of the aten ops that multiply matrices: GEMMs, convolutions, attention.
 
 One formula per op (as ``torch.utils.flop_counter`` has), plus the ops it lacks or
-miscounts: ``_int_mm``, ``_grouped_mm`` (Mixture-of-Experts layers), the CPU flash
+miscounts: ``_int_mm``, ``_grouped_mm`` (Mixture-of-Experts layers), the fused recurrent
+layers (``nn.LSTM``/``GRU``/``RNN`` as ``mkldnn_rnn_layer``, ``_cudnn_rnn``, ``miopen_rnn``),
+``dot``/``vdot``/``cdist``, the CPU flash
 attention, grouped-query attention, and the weight gradient of grouped (depthwise)
 convolutions. A GEMM of an ``(m, k)`` by a
 ``(k, n)`` matrix counts ``2·m·k·n`` FLOPs (one multiply and one add per term); bias
@@ -162,12 +164,53 @@ def _sdpa_backward(args: Sequence[Any], out: Any) -> list[Part]:
     return [Part("backward", attention_flops(q.shape, k.shape, v.shape, 4), (grad_out, q, k, v))]
 
 
+def _steps(x: torch.Tensor) -> int:
+    """Time steps × batch of a recurrent layer's input ((T, B, I), (B, T, I) or a packed
+    (ΣT, I)): every row of ``x``."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _rnn(i: int, weights: Callable[[Sequence[Any]], Sequence[Any]], role: str | None,
+         times: int) -> Formula:
+    """A fused recurrent layer (``mkldnn_rnn_layer`` on the CPU, ``_cudnn_rnn``,
+    ``miopen_rnn``; their backward ops): every 2-D weight (input-hidden, hidden-hidden,
+    projection) multiplies one row per time step and batch entry — ``2·steps·Σ numel`` —
+    ``times`` over (the backward: the input/hidden gradients and the weight gradients,
+    2×). A review found LSTMs' GEMMs missing from coverage's totals, not even listed."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        x = args[i]
+        mats = [w for w in weights(args) if isinstance(w, torch.Tensor) and w.dim() == 2]
+        return [Part(role, times * 2 * _steps(x) * sum(w.numel() for w in mats), (x, *mats))]
+    return f
+
+
+def _dot(args: Sequence[Any], out: Any) -> list[Part]:
+    """``dot``/``vdot`` of two length-``n`` vectors: ``2·n``."""
+    return [Part(None, 2 * args[0].numel(), (args[0], args[1]))]
+
+
+def _cdist(i: int, j: int, role: str | None) -> Formula:
+    """``cdist`` of (…, P, M) and (…, R, M) point sets (and its backward): ``2·B·P·R·M``,
+    a GEMM's count (``torch.cdist`` computes p = 2 through one)."""
+    def f(args: Sequence[Any], out: Any) -> list[Part]:
+        a, b = args[i], args[j]
+        batch = math.prod(a.shape[:-2])
+        return [Part(role, 2 * batch * a.shape[-2] * b.shape[-2] * a.shape[-1], (a, b))]
+    return f
+
+
 _BY_NAME: dict[str, Formula] = {
     "mm": _mm(0, 1), "addmm": _mm(1, 2), "_addmm_activation": _mm(1, 2), "_int_mm": _mm(0, 1),
     "_scaled_mm": _mm(0, 1), "bmm": _bmm(0, 1), "baddbmm": _bmm(1, 2), "addbmm": _bmm(1, 2),
     "mv": _mv(0, 1), "addmv": _mv(1, 2), "_sparse_addmm": _sparse_mm(1, 2), "_sparse_mm": _sparse_mm(0, 1),
     "convolution": _conv, "_convolution": _conv, "convolution_backward": _conv_backward,
     "_grouped_mm": _grouped_mm,
+    "mkldnn_rnn_layer": _rnn(0, lambda a: a[1:3], None, 1),
+    "mkldnn_rnn_layer_backward": _rnn(0, lambda a: a[1:3], "backward", 2),
+    "_cudnn_rnn": _rnn(0, lambda a: a[1], None, 1), "_cudnn_rnn_backward": _rnn(0, lambda a: a[1], "backward", 2),
+    "miopen_rnn": _rnn(0, lambda a: a[1], None, 1), "miopen_rnn_backward": _rnn(0, lambda a: a[1], "backward", 2),
+    "dot": _dot, "vdot": _dot, "_cdist_forward": _cdist(0, 1, None), "_cdist_backward": _cdist(1, 2, "backward"),
+    "_euclidean_dist": _cdist(0, 1, None),  # cdist's p = 2 through a GEMM (its backward: mm)
 }
 for _kind in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention",
               "fused_attention_overrideable"):
@@ -194,8 +237,9 @@ ATTENTION_OPS = frozenset(p for p, f in FORMULAS.items() if f in (_sdpa, _sdpa_b
 
 # Names of aten ops that multiply matrices; one of these without a formula is reported
 # as seen but not counted, never silently dropped.
-_MATMUL_NAME = re.compile(r"(^|_)([a-z0-9]*mm|(add)?mv|matmul|einsum|[a-z]*linear|transformer)($|_)"
-                          r"|(^|_)conv(\dd|olution|_)|attention")
+_MATMUL_NAME = re.compile(r"(^|_)([a-z0-9]*mm|(add)?mv|matmul|einsum|[a-z]*linear|transformer|v?dot|cdist|euclidean_dist)($|_)"
+                          r"|(^|_)conv(\dd|olution|_)|attention"
+                          r"|_rnn($|_)|(^|_)(lstm|gru|rnn_tanh|rnn_relu)$")  # not the elementwise *_cell ops
 
 
 def parts(func: torch._ops.OpOverload, args: Sequence[Any], out: Any) -> list[Part] | None:

@@ -171,7 +171,11 @@ class _ModuleSpans:
         self.stack: list[tuple[nn.Module, int]] = []
         self.spans: list[tuple[int, int, nn.Module]] = []  # [start, end) sequence numbers
         self.called: set[int] = set()
-        self.conv_flops: dict[int, int] = {}  # convolution module id -> its forwards' FLOPs
+        # each Linear/convolution forward call: (module id, its [start, end) sequence
+        # numbers, the call's multiply-adds as the model's work); a backward node of the
+        # call has its sequence number in that span
+        self.layer_calls: list[tuple[int, int, int, int]] = []
+        self.convolutions: set[int] = set()  # ids of the convolutions among them
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -190,16 +194,36 @@ class _ModuleSpans:
 
     def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         inp = call_input(args, kwargs)  # conv(input=x) too
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(inp, torch.Tensor) \
-                and isinstance(output, torch.Tensor):
-            lead = (1,) if inp.dim() < module.weight.dim() else ()  # unbatched input
-            self.conv_flops[id(module)] = self.conv_flops.get(id(module), 0) + flops.conv_flops(
-                (*lead, *inp.shape), module.weight.shape, (*lead, *output.shape), False)
+        logical = None
+        if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                self.convolutions.add(id(module))
+                lead = (1,) if inp.dim() < module.weight.dim() else ()  # unbatched input
+                logical = flops.conv_flops((*lead, *inp.shape), module.weight.shape, (*lead, *output.shape), False)
+            elif isinstance(weight, torch.Tensor) and weight.dim() == 2 and inp.dim() >= 1 and inp.shape[-1] \
+                    and (isinstance(module, nn.Linear) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)):
+                logical = 2 * (inp.numel() // inp.shape[-1]) * weight.numel()  # nn.Linear, HF Conv1D
         while self.stack:  # an exception may have skipped inner post-hooks
             m, start = self.stack.pop()
-            self.spans.append((start, torch._C._autograd._get_sequence_nr(), m))
+            end = torch._C._autograd._get_sequence_nr()
+            self.spans.append((start, end, m))
             if m is module:
+                if logical is not None:
+                    self.layer_calls.append((id(module), start, end, logical))
                 break
+
+    def forward_call(self, module: nn.Module | None) -> int | None:
+        """The index in :attr:`layer_calls` of ``module``'s forward call whose backward
+        node is running (the innermost span holding the node's sequence number)."""
+        node = torch._C._current_autograd_node()
+        if node is None or module is None:
+            return None
+        seq, best, best_len = node._sequence_nr(), None, None
+        for k, (mid, start, end, _) in enumerate(self.layer_calls):
+            if mid == id(module) and start <= seq < end and (best_len is None or end - start < best_len):
+                best, best_len = k, end - start
+        return best
 
     def current(self, backward: bool) -> nn.Module | None:
         if not backward:
@@ -260,6 +284,8 @@ class GemmTracer(TorchDispatchMode):
         self.quantizer_flops = 0
         self.quantizer_calls = 0
         self.unaccounted: list[tuple[str, str]] = []
+        # (module id, pass) -> the forward calls (spans.layer_calls) whose backward ran it
+        self._differentiated: dict[tuple[int, str], set[int]] = {}
 
     @property
     def called(self) -> set[int]:
@@ -276,24 +302,39 @@ class GemmTracer(TorchDispatchMode):
         finally:
             self.spans.remove()
             grid_notes.LISTENERS.remove(self)
-        self._count_convolutions_as_convolutions()
+        self._count_layers_as_layers()
 
-    def _count_convolutions_as_convolutions(self) -> None:
-        """A converted convolution's passes count the convolution's multiply-adds (each
-        pass multiplies the forward's pairs: :func:`lowbit.flops.conv_flops`), not its
-        kernels' GEMM sizes: ∇W per kernel row sums over the padded rows, ∇X at stride > 1
-        multiplies zero-inserted codes, so the executed ``_int_mm``/oneDNN sizes exceed the
-        model's work (by 25% for a 3×3 ∇W on 8×8 images) and the low-bit share would
-        depend on the kernel chosen. A pass's calls keep their ops and formats; their
-        FLOPs are scaled in proportion to sum to the convolution's."""
-        for mid, logical in self.spans.conv_flops.items():
+    def _count_layers_as_layers(self) -> None:
+        """A converted Linear's or convolution's passes count the layer's multiply-adds
+        (each pass multiplies the forward's pairs: ``2·rows·in·out``,
+        :func:`lowbit.flops.conv_flops`), not its kernels' GEMM sizes: ∇W per kernel row
+        sums over the padded rows, ∇X at stride > 1 multiplies zero-inserted codes, a
+        Hadamard gradient runs on rows padded to its block, so the executed sizes exceed
+        the model's work (by 25% for a 3×3 ∇W on 8×8 images; 2× for a 65-row Hadamard ∇X)
+        and the low-bit share would depend on the kernel chosen. A convolution's forward
+        counts every forward call (an activation checkpoint's recompute too: it ran; a
+        Linear's forward GEMMs are its work as they ran); ∇X and ∇W count
+        the forward calls their backward nodes belong to (a recompute's or a ``no_grad``
+        call's nodes never run backward: counting them doubled both passes, a review). A
+        pass's calls keep their ops and formats; their FLOPs are scaled in proportion to
+        sum to the layer's."""
+        by_module: dict[int, list[int]] = {}
+        for k, (mid, _, _, _) in enumerate(self.spans.layer_calls):
+            by_module.setdefault(mid, []).append(k)
+        for mid, ks in by_module.items():
             if mid not in self.lowbit_layers:
-                continue  # a float convolution's ops already count it (torch's formulas)
+                continue  # a float layer's ops already count it (torch's formulas)
             name = self.names.get(mid, "")
-            for phase in ("forward", "grad_input", "grad_weight"):
+            # a Linear's forward GEMM is the layer's work as it ran (a checkpoint's recompute
+            # may stop inside a layer, before the hook that counts it)
+            phases = ("forward", "grad_input", "grad_weight") if mid in self.spans.convolutions \
+                else ("grad_input", "grad_weight")
+            for phase in phases:
+                which = ks if phase == "forward" else sorted(self._differentiated.get((mid, phase), ()))
+                logical = sum(self.spans.layer_calls[k][3] for k in which)
                 idx = [i for i, c in enumerate(self.calls) if c.module == name and c.phase == phase]
                 executed = sum(self.calls[i].flops for i in idx)
-                if not executed or executed == logical:
+                if not executed or not logical or executed == logical:  # (no call found: as executed)
                     continue
                 done = 0
                 for j, i in enumerate(idx):
@@ -466,19 +507,30 @@ class GemmTracer(TorchDispatchMode):
         module = self.spans.current(backward)
         taints = [self.taint(t) for t in part.operands]
         weight = next((t.param for t in taints if t.kind == "param"), None)
+        holders = self._weight_holders(module)
+        # the layer's own weight first: a Linear fed a parameter (learned latents or
+        # queries) had that parameter named as its weight and its ∇W called ∇X (a review)
+        owned = next((t.param for t in taints if t.kind == "param" and self.owner.get(t.param) in holders), None)
+        if owned is not None:
+            weight = owned
         if not backward:
             phase = "forward"
         elif part.role is not None:
             phase = part.role
         elif any(s in _PHASE_SCOPES for s in self.scopes):
             phase = next(_PHASE_SCOPES[s] for s in reversed(self.scopes) if s in _PHASE_SCOPES)
-            if phase == "grad_weight" and weight is None:  # ∇W's operands hold no parameter
+            if phase == "grad_weight" and owned is None:  # ∇W's operands hold no weight of the layer
                 weight = self._gradient_of(module, out)
-        elif weight is not None:
+        elif owned is not None:
             phase = "grad_input"
+        elif (grad := self._gradient_of(module, out)) is not None:
+            weight, phase = grad, "grad_weight"
         else:
-            weight = self._gradient_of(module, out)
-            phase = "backward" if weight is None else "grad_weight"
+            phase = "backward" if weight is None else "grad_input"
+        if backward and phase in ("grad_input", "grad_weight"):
+            k = self.spans.forward_call(module)
+            if k is not None:
+                self._differentiated.setdefault((id(module), phase), set()).add(k)
         if phase == "forward" and weight is not None:
             self.forward_weights.add(weight)
         dtypes = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))

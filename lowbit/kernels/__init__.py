@@ -235,6 +235,9 @@ def refusal_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
                 f"activation.granularity='row' in ∇W = ∇Yᵀ·X)")
     if backend is Backend.FP8 and not a.scale.dtype == b.scale.dtype == torch.float32:
         return f"its scales are {a.scale.dtype} and {b.scale.dtype}, not float32"
+    if backend is Backend.INT8 and a.codes.shape[1] > int8.MAX_K:  # (a review: named as a shape rule)
+        return (f"its sum has K = {a.codes.shape[1]} terms, past int8.MAX_K = {int8.MAX_K} (an int32 "
+                "sum of that many 8-bit products could wrap)")
     return "the kernel does not take these shapes on this device"
 
 

@@ -8,9 +8,11 @@ so asymmetric grids stay exact. ``torch._int_mm``'s rules on CUDA (cuBLASLt, che
 ATen's ``_int_mm_out_cuda``): int8 operands, int32 result, ``M > 16``, ``K`` and ``N``
 positive multiples of 8 (any strides: ATen copies an operand cuBLASLt cannot read).
 :func:`shape_ok` applies them; where they fail the dispatcher runs the reference
-(simulated) GEMM, or ``backend="int8"`` raises. Sums longer than :data:`MAX_K` are split
-into chunks of :data:`CHUNK_K` (a multiple of 8, so every chunk of a ``K`` that meets
-the CUDA rule meets it too).
+(simulated) GEMM, or ``backend="int8"`` raises. Sums longer than :data:`MAX_K` are not
+taken (the dispatcher's reason names it); a convolution's ∇W splits them into chunks of
+:data:`CHUNK_K` (a multiple of 8, so every chunk of a ``K`` that meets the CUDA rule meets
+it too: :func:`lowbit.kernels.im2col.exact_gemm`); a Linear's ∇W over more than
+``MAX_K`` rows runs simulated.
 """
 
 from __future__ import annotations

@@ -788,3 +788,111 @@ def test_grouped_mm_experts_are_counted_as_float() -> None:
     expert = sum(r.flops for r in rep.rows if r.op == "aten._grouped_mm")
     assert expert >= 2 * 32 * 16 * 16  # the forward's grouped GEMM at least (backward too)
     assert rep.lowbit_share < 0.5  # the router alone is low-bit: most of the step is float
+
+
+def _module_flops(r: CoverageReport, module: str, phase: str) -> int:
+    return sum(g.flops for g in r.rows if g.module == module and g.phase == phase)
+
+
+def test_fused_recurrent_layers_dot_and_cdist_are_counted_as_float() -> None:
+    """``nn.LSTM`` runs as ``mkldnn_rnn_layer`` (+ backward) on the CPU, which had no FLOP
+    formula and no GEMM-like name: a model of an LSTM and a converted head read "low-bit
+    100%" with the LSTM's 6.3M FLOPs gone, not even "not counted" (a review); ``dot``,
+    ``vdot`` and ``cdist`` the same."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(32, 64, batch_first=True), nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    m = lowbit.convert(Net(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    r = coverage(m, torch.randn(8, 16, 32), loss_fn=lambda o: o.sum())
+    b, t, i, h = 8, 16, 32, 64
+    lstm = t * 2 * b * 4 * h * (i + h)  # w_ih (4H, I) and w_hh (4H, H), every step and sample
+    assert _module_flops(r, "rnn", "forward") == lstm
+    assert _module_flops(r, "rnn", "backward") == 2 * lstm
+    assert r.total_flops == 3 * lstm + 3 * 2 * b * 64 * 10 and r.lowbit_share < 0.01 and not r.unaccounted
+
+    class Dist(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(20, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cdist(x, self.w).sum() + torch.dot(x[0], self.w[0])
+
+    r = coverage(Dist(), torch.randn(30, 64, requires_grad=True))
+    assert r.flops(phase="forward") == 2 * 30 * 20 * 64 + 2 * 64 and not r.unaccounted
+
+
+def test_a_layer_pass_counts_the_forwards_it_differentiates_and_unpadded_rows() -> None:
+    """A converted convolution's ∇X and ∇W doubled under activation checkpointing (the
+    recompute's forward was added to the FLOPs each backward pass was scaled to) and
+    with an extra ``no_grad`` forward; a Hadamard Linear's ∇X counted the rows padded to
+    its block (65 rows as 128). Each pass now counts the layer's work, as the float model's
+    ops do (a review)."""
+    import torch.utils.checkpoint as cp
+
+    class Net(nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode, self.c1 = mode, nn.Conv2d(4, 8, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.c1(x)
+            if self.mode == "checkpoint":
+                return cp.checkpoint(self.body, h, use_reentrant=False)
+            if self.mode == "no_grad":
+                with torch.no_grad():
+                    t = self.body[0](h)
+                return self.body(h) - t.sum()
+            return self.body(h)
+
+    x, per = torch.randn(2, 4, 6, 6), 2 * 2 * 8 * 8 * 9 * 36  # one pass of body.0
+    for mode, forwards in (("plain", 1), ("checkpoint", 2), ("no_grad", 2)):
+        torch.manual_seed(0)
+        m = lowbit.convert(Net(mode), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        r = coverage(m, x, loss_fn=lambda o: o.sum())
+        got = {p: _module_flops(r, "body.0", p) for p in ("forward", "grad_input", "grad_weight")}
+        assert got == {"forward": forwards * per, "grad_input": per, "grad_weight": per}, (mode, got)
+    for rows in (33, 65):
+        lin = lowbit.convert(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)),
+                             lowbit.FQTConfig.from_recipe("fqt-hadamard-8", seed=0))
+        r = coverage(lin, torch.randn(rows, 64), loss_fn=lambda o: o.sum())
+        for phase in ("forward", "grad_input", "grad_weight"):
+            assert _module_flops(r, "2", phase) == 2 * rows * 64 * 64, (rows, phase)
+
+
+def test_a_linear_fed_a_parameter_names_its_own_weight_and_its_weight_gradient() -> None:
+    """``proj(self.latents)`` (learned queries or latents): the float layer's ∇W was
+    called ∇X and every row named ``latents`` as the weight (a review)."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.latents, self.proj = nn.Parameter(torch.randn(16, 32)), nn.Linear(32, 24)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.latents) + x
+
+    per = 2 * 16 * 32 * 24
+    for model in (Net(), lowbit.convert(Net(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))):
+        r = coverage(model, torch.randn(16, 24), loss_fn=lambda o: o.sum())
+        assert {p: r.flops(phase=p) for p in ("forward", "grad_input", "grad_weight")} == \
+            {"forward": per, "grad_input": per, "grad_weight": per}
+        assert {g.weight for g in r.rows} == {"proj.weight"}
+
+
+def test_a_sum_past_max_k_is_named_as_such() -> None:
+    """A Linear's ∇W over more than int8.MAX_K rows runs simulated (an int32 sum of that
+    length could wrap); the reason said "the kernel does not take these shapes"."""
+    from lowbit.kernels import Backend, Encoded, int8, refusal_cause
+
+    k = int8.MAX_K + 1
+    a = Encoded(torch.zeros(8, k, dtype=torch.int8), torch.ones(8, 1))
+    b = Encoded(torch.zeros(k, 8, dtype=torch.int8), torch.ones(1, 8))
+    assert f"K = {k} terms, past int8.MAX_K = {int8.MAX_K}" in refusal_cause(Backend.INT8, a, b)
