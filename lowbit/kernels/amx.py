@@ -33,8 +33,6 @@ AMX the op runs :mod:`.vnni`'s AVX-512 VNNI kernel instead (same sums).
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -111,26 +109,29 @@ def _warn(why: str, then: str | None = "torch._int_mm runs instead") -> None:
                   "lowbit.kernels.amx)", RuntimeWarning, stacklevel=6)
 
 
-@functools.cache
+@cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring). Runs eagerly
     and with every dispatch mode suspended: its own GEMMs are not the caller's."""
-    if os.environ.get("LOWBIT_AMX", "1") == "0" or not cpu_has_amx():
+    if cbuild.switched_off("LOWBIT_AMX") or not cpu_has_amx():
         return None
     with _disable_current_modes():
         lib = cbuild.load(SOURCE, FLAGS, lambda why, then: _warn(why, then or "torch._int_mm runs instead"),
                           "AMX kernel")
         if lib is None:
             return None
-        lib.lowbit_amx_request.restype = ctypes.c_int
-        if not lib.lowbit_amx_request():
+        try:  # a library without them (built as C++ by a $CC of g++): a warning, not a crash
+            request, mm, bmm = lib.lowbit_amx_request, lib.lowbit_amx_int_mm, lib.lowbit_amx_int_bmm
+        except AttributeError as e:
+            _warn(f"the AMX kernel's library lacks a function ({e})")
+            return None
+        request.restype = ctypes.c_int
+        if not request():
             _warn("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; needs Linux ≥ 5.16)")
             return None
-        lib.lowbit_amx_int_mm.restype = None
-        lib.lowbit_amx_int_mm.argtypes = _ARGTYPES
-        lib.lowbit_amx_int_bmm.restype = None
-        lib.lowbit_amx_int_bmm.argtypes = _BMM_ARGTYPES
+        mm.restype, mm.argtypes = None, _ARGTYPES
+        bmm.restype, bmm.argtypes = None, _BMM_ARGTYPES
         if not cbuild.self_tested(lambda: _self_test(lib), lambda why, then: _warn(why), "AMX kernel",
                                   "torch._int_mm"):
             return None

@@ -66,7 +66,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -131,11 +130,11 @@ def _warn(why: str, then: str | None = None) -> None:
                   "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=6)
 
 
-@functools.cache
+@cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
-    if os.environ.get("LOWBIT_AVX512", "1") == "0" or not cpu_has_avx512():
+    if cbuild.switched_off("LOWBIT_AVX512") or not cpu_has_avx512():
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "AVX-512 quantizer", _self_test,
@@ -154,7 +153,7 @@ def in_use() -> str | None:
     not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
     (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (no
     AVX-512, no compiler, a failed build or self-test: a warning said which)."""
-    if os.environ.get("LOWBIT_AVX512", "1") == "0":
+    if cbuild.switched_off("LOWBIT_AVX512"):
         return "switched off by LOWBIT_AVX512=0"
     if not _enabled:
         return "switched off by lowbit.kernels.avx512.set_enabled(False)"

@@ -31,9 +31,7 @@ either way. ``LOWBIT_BHQ_GROUPS=0`` (or :func:`set_enabled`) turns it off;
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -196,11 +194,11 @@ def _warn(why: str, then: str | None = None) -> None:
                   "lowbit.kernels.bhq_groups)", RuntimeWarning, stacklevel=6)
 
 
-@functools.cache
+@cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
-    if os.environ.get("LOWBIT_BHQ_GROUPS", "1") == "0":
+    if cbuild.switched_off("LOWBIT_BHQ_GROUPS"):
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "BHQ group construction", _self_test,

@@ -18,7 +18,10 @@ module, which then falls back to its torch path.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import errno
+import functools
 import hashlib
 import os
 import platform
@@ -26,6 +29,8 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from pathlib import Path
@@ -52,11 +57,16 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries are kept: ``$LOWBIT_CACHE_DIR``, else
+    """Where compiled libraries are kept: ``$LOWBIT_CACHE_DIR`` (``~`` expanded; a
+    relative path is an ``OSError``, which :func:`load` reports: it named another cache in
+    every working directory, and ``'~/x'`` from a Docker ``ENV`` a folder named ``~``), else
     ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
     root = os.environ.get("LOWBIT_CACHE_DIR")
     if root:
-        return Path(root)
+        path = Path(root).expanduser()
+        if not path.is_absolute():
+            raise OSError(f"LOWBIT_CACHE_DIR must be an absolute path, got {root!r}")
+        return path
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg:
         return Path(xdg) / "lowbit"
@@ -74,11 +84,26 @@ def _digest_file(path: Path) -> Path:
 
 
 def _intact(path: Path) -> bool:
-    """``path`` exists and matches the SHA-256 recorded when it was built."""
+    """``path`` exists and matches the SHA-256 recorded when it was built. ``OSError``
+    where it exists but cannot be read (another user's private files: not "damaged")."""
     try:
         return _digest_file(path).read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    except PermissionError as e:
+        raise OSError(f"cannot read the cached {path.name} ({e.strerror})") from e
     except OSError:
         return False
+
+
+def _shareable(path: str, mode: int) -> None:
+    """Give a finished cache file the permissions the umask allows (``mkstemp`` made it
+    0600: a cache built by one user — a Docker image's root, a team folder — was
+    unreadable, "damaged", to the next, who rebuilt it over theirs: a review)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+_STALE_SECONDS = 3600  # a building file older than this was left by a killed build
 
 
 def _temporary_dir() -> Path:
@@ -110,6 +135,7 @@ def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], ou
     temporary file renamed) so that concurrent processes never load a partial file.
     :class:`BuildError` when the compiler fails or cannot run; ``OSError`` when
     ``out_dir`` cannot be made or written."""
+    flags = ["-x", "c", *flags]  # C whatever $CC is (g++ mangled every symbol: a review)
     key = hashlib.sha256(source.read_bytes() + " ".join([*cc, *flags]).encode() + version.encode()).hexdigest()
     path = out_dir / f"{source.stem}-{key[:16]}.so"
     if not _intact(path):  # not built yet, or damaged (or built before the digests)
@@ -125,17 +151,32 @@ def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], ou
                 subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True,
                                text=True, check=True)
             except subprocess.CalledProcessError as e:
+                if "No space left on device" in (e.stderr or ""):  # the cache's disk, not the code
+                    raise OSError(errno.ENOSPC, f"no space left on device in {out_dir}") from e
                 raise BuildError(e.stderr or str(e)) from e
             except OSError as e:  # the compiler itself could not run
                 raise BuildError(str(e)) from e
             Path(tmp_digest).write_text(hashlib.sha256(Path(tmp).read_bytes()).hexdigest() + "\n")
+            _shareable(tmp_digest, 0o666)
+            _shareable(tmp, 0o777)
             os.replace(tmp_digest, _digest_file(path))
             os.replace(tmp, path)
         finally:
             for t in (tmp, tmp_digest):
                 if os.path.exists(t):
                     os.unlink(t)
+        _remove_stale(out_dir, source.stem)
     return path
+
+
+def _remove_stale(out_dir: Path, stem: str) -> None:
+    """Remove ``stem``'s building files older than an hour: a killed build leaves them,
+    and nothing else would (a concurrent build's are fresh)."""
+    now = time.time()
+    for p in out_dir.glob(f"{stem}-building-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > _STALE_SECONDS:
+                p.unlink()
 
 
 def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CDLL | None:
@@ -178,6 +219,46 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else
              f"the {what} could not be built ({detail})", None)
         return None
+
+
+_OFF, _ON = frozenset({"0", "false", "off", "no"}), frozenset({"", "1", "true", "on", "yes"})
+
+
+def switched_off(name: str) -> bool:
+    """Whether the environment switch ``name`` (``LOWBIT_AVX512``, ``LOWBIT_COMPILE``, …)
+    turns its feature off: ``0``, ``false``, ``off`` or ``no`` (any case). Only ``0``
+    counted before, so ``LOWBIT_COMPILE=false`` left compiling on without a word (a
+    review); a value that is neither off nor ``1``/``true``/``on``/``yes`` is named in a
+    ``RuntimeWarning`` and leaves the feature on."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _OFF:
+        return True
+    if value not in _ON:
+        import warnings
+
+        warnings.warn(f"lowbit: {name}={raw!r} is not a switch value (0/false/off/no turn it off, "
+                      "1/true/on/yes leave it on); left on", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def once(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``functools.cache`` of a kernel module's ``_library()`` that runs it once even where
+    two threads ask first at the same moment (functools' cache takes no lock: a review
+    found each kernel built and self-tested twice); ``cache_clear()`` as functools'."""
+    lock, done = threading.RLock(), []
+
+    @functools.wraps(fn)
+    def wrapper() -> Any:
+        if done:
+            return done[0]
+        with lock:
+            if not done:
+                done.append(fn())
+        return done[0]
+
+    wrapper.cache_clear = done.clear  # type: ignore[attr-defined]
+    return wrapper
 
 
 def test_threads(*counts: int) -> tuple[int, ...]:
@@ -223,4 +304,5 @@ def load_tested(source: Path, flags: Sequence[str], signatures: dict[str, list],
     return lib if self_tested(lambda: test(lib), warn, what, against) else None
 
 
-__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "self_tested", "test_threads"]
+__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "once", "self_tested", "switched_off",
+           "test_threads"]

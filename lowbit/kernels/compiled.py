@@ -37,8 +37,10 @@ from typing import Any
 
 import torch
 
+from .cbuild import switched_off
+
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
-_enabled = os.environ.get("LOWBIT_COMPILE", "1") != "0" and hasattr(torch, "compile")
+_enabled = not switched_off("LOWBIT_COMPILE") and hasattr(torch, "compile")
 _failure: str | None = None  # the failure that stopped all compiling in this process (run)
 # compiler failures of single kernel variants so far; at FAILURES_TO_STOP of them the
 # compiler itself is taken to be unusable (a missing C++ compiler fails every variant)
@@ -83,8 +85,14 @@ def set_enabled(flag: bool) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    """``Type: first line of the message`` (compiler errors run to pages)."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    """``Type: first line of the message`` (compiler errors run to pages), with the next
+    line where the first only introduces it (``BackendCompilerFailed``'s "backend='inductor'
+    raised:" dropped its cause, "No working C++ compiler found": a review)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(exc).__name__}: {text[:400]}"
 
 
 def _unusable_cache_dir() -> str | None:

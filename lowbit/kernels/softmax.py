@@ -39,8 +39,6 @@ place, and differentiates it).
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 import warnings
 
 import torch
@@ -127,11 +125,11 @@ def _warn(why: str, then: str | None = None) -> None:
                   "softmax, lowbit.kernels.softmax)", RuntimeWarning, stacklevel=6)
 
 
-@functools.cache
+@cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
-    if os.environ.get("LOWBIT_SOFTMAX", "1") == "0" or not avx512.cpu_has_avx512():
+    if cbuild.switched_off("LOWBIT_SOFTMAX") or not avx512.cpu_has_avx512():
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, avx512.FLAGS, _SIGNATURES, _warn, "attention softmax kernel",

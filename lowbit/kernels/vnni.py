@@ -26,8 +26,6 @@ copied row-major first.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -117,11 +115,11 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     return True
 
 
-@functools.cache
+@cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
-    if os.environ.get("LOWBIT_VNNI", "1") == "0" or not cpu_has_vnni():
+    if cbuild.switched_off("LOWBIT_VNNI") or not cpu_has_vnni():
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "VNNI int8 GEMM", _self_test,
