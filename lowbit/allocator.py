@@ -82,11 +82,16 @@ def _startup_environment() -> dict[str, str]:
         import os
 
         return dict(os.environ)
-    out = {}
+    out: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
-        if sep:
-            out[key.decode(errors="replace")] = value.decode(errors="replace")
+        name = key.decode(errors="replace")
+        if sep and name.startswith("glibc.") and "GLIBC_TUNABLES" in out:
+            # glibc writes a NUL over each ':' of GLIBC_TUNABLES in the block it read:
+            # the later settings follow as items of their own (a review)
+            out["GLIBC_TUNABLES"] += ":" + item.decode(errors="replace")
+        elif sep:
+            out[name] = value.decode(errors="replace")
     return out
 
 

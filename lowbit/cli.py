@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (UsageError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
-        if os.environ.get("LOWBIT_DEBUG"):
+        from .kernels.cbuild import switched_off
+
+        if os.environ.get("LOWBIT_DEBUG") and not switched_off("LOWBIT_DEBUG"):  # (=0 is off)
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)

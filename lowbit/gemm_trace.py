@@ -175,7 +175,6 @@ class _ModuleSpans:
         # numbers, the call's multiply-adds as the model's work); a backward node of the
         # call has its sequence number in that span
         self.layer_calls: list[tuple[int, int, int, int]] = []
-        self.convolutions: set[int] = set()  # ids of the convolutions among them
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -198,7 +197,6 @@ class _ModuleSpans:
         if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
             weight = getattr(module, "weight", None)
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                self.convolutions.add(id(module))
                 lead = (1,) if inp.dim() < module.weight.dim() else ()  # unbatched input
                 logical = flops.conv_flops((*lead, *inp.shape), module.weight.shape, (*lead, *output.shape), False)
             elif isinstance(weight, torch.Tensor) and weight.dim() == 2 and inp.dim() >= 1 and inp.shape[-1] \
@@ -285,7 +283,7 @@ class GemmTracer(TorchDispatchMode):
         self.quantizer_calls = 0
         self.unaccounted: list[tuple[str, str]] = []
         # (module id, pass) -> the forward calls (spans.layer_calls) whose backward ran it
-        self._differentiated: dict[tuple[int, str], set[int]] = {}
+        self._differentiated: dict[tuple[int, str], set[tuple[int, int]]] = {}  # (call, graph task)
 
     @property
     def called(self) -> set[int]:
@@ -311,27 +309,22 @@ class GemmTracer(TorchDispatchMode):
         sums over the padded rows, ∇X at stride > 1 multiplies zero-inserted codes, a
         Hadamard gradient runs on rows padded to its block, so the executed sizes exceed
         the model's work (by 25% for a 3×3 ∇W on 8×8 images; 2× for a 65-row Hadamard ∇X)
-        and the low-bit share would depend on the kernel chosen. A convolution's forward
-        counts every forward call (an activation checkpoint's recompute too: it ran; a
-        Linear's forward GEMMs are its work as they ran); ∇X and ∇W count
-        the forward calls their backward nodes belong to (a recompute's or a ``no_grad``
-        call's nodes never run backward: counting them doubled both passes, a review). A
-        pass's calls keep their ops and formats; their FLOPs are scaled in proportion to
-        sum to the layer's."""
-        by_module: dict[int, list[int]] = {}
-        for k, (mid, _, _, _) in enumerate(self.spans.layer_calls):
-            by_module.setdefault(mid, []).append(k)
-        for mid, ks in by_module.items():
+        and the low-bit share would depend on the kernel chosen. ∇X and ∇W count the
+        forward calls their backward nodes belong to, once per backward pass that
+        differentiates them (a recompute's or a ``no_grad`` call's nodes never run backward:
+        counting them doubled both passes, a review; a call differentiated twice —
+        ``autograd.grad`` and then ``backward`` — counts twice). The forward's GEMMs are
+        the layer's work as it ran (an activation checkpoint's recompute too, also one
+        stopped inside the layer). A pass's calls keep their ops and formats; their FLOPs
+        are scaled in proportion to sum to the layer's."""
+        for mid in dict.fromkeys(mid for mid, _, _, _ in self.spans.layer_calls):
             if mid not in self.lowbit_layers:
                 continue  # a float layer's ops already count it (torch's formulas)
             name = self.names.get(mid, "")
-            # a Linear's forward GEMM is the layer's work as it ran (a checkpoint's recompute
-            # may stop inside a layer, before the hook that counts it)
-            phases = ("forward", "grad_input", "grad_weight") if mid in self.spans.convolutions \
-                else ("grad_input", "grad_weight")
-            for phase in phases:
-                which = ks if phase == "forward" else sorted(self._differentiated.get((mid, phase), ()))
-                logical = sum(self.spans.layer_calls[k][3] for k in which)
+            # the forward's GEMMs are the layer's work as it ran (a checkpoint's recompute may
+            # stop inside a layer, before the hook that would count the call)
+            for phase in ("grad_input", "grad_weight"):
+                logical = sum(self.spans.layer_calls[k][3] for k, _ in self._differentiated.get((mid, phase), ()))
                 idx = [i for i, c in enumerate(self.calls) if c.module == name and c.phase == phase]
                 executed = sum(self.calls[i].flops for i in idx)
                 if not executed or not logical or executed == logical:  # (no call found: as executed)
@@ -507,10 +500,13 @@ class GemmTracer(TorchDispatchMode):
         module = self.spans.current(backward)
         taints = [self.taint(t) for t in part.operands]
         weight = next((t.param for t in taints if t.kind == "param"), None)
+        # the layer's own weight first — by name (its codes carry it) or storage (a weight
+        # tied to another layer's is its own too): a Linear fed a parameter (learned latents
+        # or queries) had that parameter named as its weight and its ∇W called ∇X (a review)
         holders = self._weight_holders(module)
-        # the layer's own weight first: a Linear fed a parameter (learned latents or
-        # queries) had that parameter named as its weight and its ∇W called ∇X (a review)
-        owned = next((t.param for t in taints if t.kind == "param" and self.owner.get(t.param) in holders), None)
+        own = {_storage_key(p) for m in holders for p in m.parameters(recurse=False)}
+        owned = next((tn.param for t, tn in zip(part.operands, taints) if tn.kind == "param"
+                      and (self.owner.get(tn.param) in holders or _storage_key(t) in own)), None)
         if owned is not None:
             weight = owned
         if not backward:
@@ -521,16 +517,17 @@ class GemmTracer(TorchDispatchMode):
             phase = next(_PHASE_SCOPES[s] for s in reversed(self.scopes) if s in _PHASE_SCOPES)
             if phase == "grad_weight" and owned is None:  # ∇W's operands hold no weight of the layer
                 weight = self._gradient_of(module, out)
-        elif owned is not None:
+        elif owned is not None:  # the layer's weight multiplies ∇Y
             phase = "grad_input"
-        elif (grad := self._gradient_of(module, out)) is not None:
+        elif (grad := self._gradient_of(module, out)) is not None:  # another parameter times ∇Y: ∇W
             weight, phase = grad, "grad_weight"
         else:
             phase = "backward" if weight is None else "grad_input"
         if backward and phase in ("grad_input", "grad_weight"):
             k = self.spans.forward_call(module)
             if k is not None:
-                self._differentiated.setdefault((id(module), phase), set()).add(k)
+                task = torch._C._current_graph_task_id()  # a call differentiated twice counts twice
+                self._differentiated.setdefault((id(module), phase), set()).add((k, task))
         if phase == "forward" and weight is not None:
             self.forward_weights.add(weight)
         dtypes = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))

@@ -616,6 +616,7 @@ def restore_ranges(snapshot: RangeSnapshot, counters: bool = True) -> None:
     ran, and its non-finite operands (why it was skipped) stay counted (undone with the
     history, ``nonfinite_calls`` read 0 under every skip: a review)."""
     for m, trackers, states in snapshot:
+        made = {p: t for p, t in m.range_trackers.items() if p not in trackers}  # by the step
         m.range_trackers.clear()
         m.range_trackers.update(trackers)
         for p, t in trackers.items():
@@ -623,6 +624,10 @@ def restore_ranges(snapshot: RangeSnapshot, counters: bool = True) -> None:
             t.load_state_dict(states[p])
             if not counters:
                 t.stats = kept
+        if not counters:  # a first step's trackers: no history, their counts kept (a review)
+            for p, t in made.items():
+                t.clear_history()
+                m.range_trackers[p] = t
 
 
 def rescale_ranges(model: nn.Module, factor: float) -> None:

@@ -230,6 +230,10 @@ class RangeTracker:
         self._hist[self._count % self.history] = obs.to(self._hist.device, self._hist.dtype)
         self._count += 1
 
+    def clear_history(self) -> None:
+        """Forget every recorded range (the counters stay): the next call is dynamic."""
+        self._hist, self._count = None, 0
+
     def rescale(self, factor: float) -> None:
         """Multiply the recorded ranges by ``factor`` > 0 (finite): the gradients' unit
         changed, e.g. a loss scale went from ``s`` to ``factor·s`` (:mod:`lowbit.amp`).

@@ -287,7 +287,8 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     old = read_config(run_dir) if start_epoch > 0 else {}  # a resume from a checkpoint
     first = {k: old.get(k, v) for k, v in now.items()}
     resumed = list(old.get("resumed", []))
-    if old and now != first and (not resumed or {k: resumed[-1].get(k) for k in now} != now):
+    last = {k: resumed[-1].get(k) for k in now} if resumed else first  # the latest session's
+    if old and now != last:
         resumed.append({"epoch": start_epoch, **now})
     config = {
         "run": cfg.run_name(),

@@ -98,9 +98,21 @@ def _shareable(path: str, mode: int) -> None:
     """Give a finished cache file the permissions the umask allows (``mkstemp`` made it
     0600: a cache built by one user — a Docker image's root, a team folder — was
     unreadable, "damaged", to the next, who rebuilt it over theirs: a review)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    os.chmod(path, mode & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` sets it: for that moment
+    another thread's new files were world-writable, a review): ``/proc/self/status``'s
+    ``Umask``, else 0o022."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 _STALE_SECONDS = 3600  # a building file older than this was left by a killed build

@@ -79,6 +79,12 @@ def test_policy_is_what_glibc_read_at_start_up():
     late = _probe("late")
     assert late["policy"] == "default" and late["recycles"] is False
     assert late["mapped_alive"] == 1
+    for tunables in ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647",
+                     "glibc.malloc.trim_threshold=2147483647:glibc.malloc.mmap_max=0"):
+        # glibc writes a NUL over each ':' of the block it read (a review: read as "default")
+        tun = _probe("tunables", GLIBC_TUNABLES=tunables)
+        assert tun["policy"] == "keep-freed (environment)" and tun["recycles"] is True, tunables
+        assert tun["mapped_alive"] == 0 and tun["heap_free_after"] >= mib32
     trim0 = _probe("trim0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="0")
     assert trim0["policy"] == "default" and trim0["recycles"] is False
     assert trim0["heap_free_after"] < mib32  # glibc gave the freed block back

@@ -152,3 +152,14 @@ def test_a_finished_threads_pool_is_dropped(monkeypatch) -> None:
         t.join()
     gc.collect()
     assert workspace.held_bytes() == before
+
+
+def test_the_umask_is_read_without_being_set() -> None:
+    """``os.umask(0)`` to read it left the process's umask 0 for a moment: another
+    thread's files were world-writable (a review)."""
+    old = os.umask(0o027)
+    try:
+        assert cbuild._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # unchanged by the read
+    finally:
+        os.umask(old)

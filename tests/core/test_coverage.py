@@ -896,3 +896,36 @@ def test_a_sum_past_max_k_is_named_as_such() -> None:
     a = Encoded(torch.zeros(8, k, dtype=torch.int8), torch.ones(8, 1))
     b = Encoded(torch.zeros(k, 8, dtype=torch.int8), torch.ones(1, 8))
     assert f"K = {k} terms, past int8.MAX_K = {int8.MAX_K}" in refusal_cause(Backend.INT8, a, b)
+
+
+def test_a_call_differentiated_twice_counts_twice_and_a_tied_weight_is_the_layers_own() -> None:
+    """A review of the fixes above: ∇X of a layer call differentiated by
+    ``autograd.grad`` and then by the backward counted once (the passes were matched to
+    forward calls as a set); a layer sharing a square weight owned by another had its ∇X
+    called ∇W where the rows equal the weight's."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    x = torch.randn(8, 32, requires_grad=True)
+
+    def twice(o: torch.Tensor) -> torch.Tensor:
+        torch.autograd.grad(o.square().sum(), x, retain_graph=True)
+        return o.sum()
+
+    r = coverage(lowbit.convert(copy.deepcopy(mlp), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0)),
+                 x, loss_fn=twice)
+    assert _module_flops(r, "0", "grad_input") == 2 * 2 * 8 * 32 * 64
+    assert _module_flops(r, "2", "grad_input") == 2 * 2 * 8 * 64 * 16
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    r = coverage(Tied(), torch.randn(16, 16, requires_grad=True), loss_fn=lambda o: o.square().sum())
+    for m in ("a", "b"):
+        assert {p: _module_flops(r, m, p) for p in ("forward", "grad_input", "grad_weight")} == \
+            {"forward": 8192, "grad_input": 8192, "grad_weight": 8192}, m

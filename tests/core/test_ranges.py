@@ -403,7 +403,8 @@ def test_grad_scaler_undoes_skipped_steps_and_follows_the_loss_scale() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # only the scaler and the trackers move
     scaler = GradScaler(model, "cpu", init_scale=2.0**16, growth_interval=2)
     g = torch.Generator().manual_seed(1)
-    hist = lambda: {p: (t._hist.clone(), t._count) for p, t in model[2].range_trackers.items()}  # noqa: E731
+    hist = lambda: {p: (None if t._hist is None else t._hist.clone(), t._count)  # noqa: E731
+                    for p, t in model[2].range_trackers.items()}
     kinds = set()
     for _ in range(10):
         x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
@@ -417,13 +418,18 @@ def test_grad_scaler_undoes_skipped_steps_and_follows_the_loss_scale() -> None:
         factor, after = scaler.get_scale() / scale, hist()
         if factor < 1:  # skipped: the histories as before the step, in the new unit
             kinds.add("skipped")
-            assert after.keys() == before.keys()
+            assert after.keys() >= before.keys()
             for p, (h, n) in after.items():
-                assert n == before[p][1] and torch.equal(h, before[p][0] * factor)
+                if p not in before:  # made by the skipped step: kept for its counters, no history
+                    assert h is None and n == 0
+                elif before[p][0] is None:
+                    assert h is None and n == before[p][1]
+                else:
+                    assert n == before[p][1] and torch.equal(h, before[p][0] * factor)
         else:  # one more call recorded; the older ones in the new unit
             kinds.add("grown" if factor > 1 else "kept")
             for p, (h, n) in after.items():
-                if p in before:
+                if p in before and before[p][0] is not None:
                     old, m = before[p]
                     assert n == m + 1
                     keep = [i for i in range(h.shape[0]) if i != m % h.shape[0]]
@@ -569,3 +575,16 @@ def test_range_stats_are_copies_and_a_skipped_step_keeps_its_counters() -> None:
     assert torch.equal(model[2].range_trackers["grad_weight"]._hist, hist)  # history undone
     lowbit.nn.restore_ranges(snap)  # the default: everything as it was (a coverage trace)
     assert lowbit.range_stats(model)[key].nonfinite_calls == 0
+
+
+def test_a_skipped_first_step_keeps_its_counters() -> None:
+    """The trackers a first step creates were dropped with its history, counters and all:
+    a skipped first step (fp16's usual first overflow) read 0 non-finite calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    snap = lowbit.nn.snapshot_ranges(model)  # before any tracker exists
+    (model(torch.randn(4, 8)).sum() * float("nan")).backward()
+    lowbit.nn.restore_ranges(snap, counters=False)
+    t = model[2].range_trackers["grad_weight"]
+    assert t.stats.nonfinite_calls == 1 and t.predict() is None and t._count == 0

@@ -190,6 +190,13 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert err.startswith(f"lowbit {args[0]}: error: ") and message in err, err
 
 
+def test_lowbit_debug_0_is_off(tmp_path, capsys, monkeypatch):
+    """``LOWBIT_DEBUG=0`` turned the traceback on (any non-empty value did)."""
+    monkeypatch.setenv("LOWBIT_DEBUG", "0")
+    assert cli.main(["train", "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_bad_value_in_a_subprocess_has_no_traceback(tmp_path):
     """``python -m lowbit.cli`` (cli as ``__main__``) reports errors the same way."""
     proc = _run("train", "--epochs", "0", "--out", str(tmp_path / "x"))

@@ -417,6 +417,11 @@ def test_a_resume_keeps_the_first_sessions_threads_and_records_its_own(tmp_path,
     rundir.write_config(tmp_path, cfg, fqt, 10, start_epoch=2)  # the same again: one entry
     got = rundir.read_config(tmp_path)
     assert got["threads"] == 2 and [(r["epoch"], r["threads"]) for r in got["resumed"]] == [(1, 1)]
+    monkeypatch.setattr(rundir.torch, "get_num_threads", lambda: 2)  # back to the first's: recorded too
+    rundir.write_config(tmp_path, cfg, fqt, 10, start_epoch=3)
+    got = rundir.read_config(tmp_path)
+    assert [(r["epoch"], r["threads"]) for r in got["resumed"]] == [(1, 1), (3, 2)]
+    monkeypatch.setattr(rundir.torch, "get_num_threads", lambda: 1)
     rundir.write_config(tmp_path, cfg, fqt, 10)  # a fresh start: a fresh record
     assert rundir.read_config(tmp_path)["threads"] == 1 and "resumed" not in rundir.read_config(tmp_path)
 
