@@ -295,6 +295,9 @@ class FQTConfig:
         if self.adaptive is not None and self.adaptive not in ADAPTIVE_RECIPES:
             raise ValueError(f"adaptive must be one of {', '.join(ADAPTIVE_RECIPES)} or None, "
                              f"got {self.adaptive!r}")
+        if self.adaptive is not None and (self.grad_input is None or self.grad_weight is None):
+            raise ValueError(f"adaptive={self.adaptive!r} chooses the widths of quantized gradients; "
+                             "this config's gradient paths are float (a review: fp/qat recipes took it)")
 
     @property
     def is_fp(self) -> bool:
@@ -342,6 +345,10 @@ class FQTConfig:
             raise TypeError(f"from_recipe: {unknown[0]!r} is not an FQTConfig field; fields: "
                             f"{', '.join(fields)} (gradient widths: config.with_grad_bits(...) "
                             "or a recipe name such as 'fqt-psq-4')")
+        if cfg.adaptive is not None and ({"grad_input", "grad_weight"} & set(overrides)):
+            raise ValueError(f"the adaptive recipe {name!r} chooses its gradient specs per layer "
+                             "(the variance monitor); they cannot be given (a review: a 4-bit start "
+                             "passed where with_grad_bits refused it)")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
@@ -354,7 +361,9 @@ class FQTConfig:
             raise ValueError(f"gradient bits conflict with the adaptive recipe {self.adaptive!r}: "
                              "its widths are chosen per layer by the variance monitor")
         gi, gw = self.grad_input, self.grad_weight
-        for spec, bits in ((gi, grad_input), (gw, grad_weight)):
+        for path, spec, bits in (("grad_input", gi, grad_input), ("grad_weight", gw, grad_weight)):
+            if bits is not None and spec is None:  # dropped without a word before (a review)
+                raise ValueError(f"{path} is float in this config: it has no bits to set")
             if bits is not None and spec is not None and not isinstance(spec.format, IntFormat):
                 raise ValueError(f"gradient bits apply to integer formats; this recipe's gradient "
                                  f"format is {spec.format.name!r}")
@@ -366,7 +375,12 @@ class FQTConfig:
 
     def with_ranges(self, **fields: object) -> FQTConfig:
         """Same recipe with other predicted-range settings (``margin``, ``history``,
-        ``overflow``) on every gradient spec whose range is predicted."""
+        ``overflow``) on every gradient spec whose range is predicted. ``TypeError`` for
+        another field (``quantizer=`` or ``range=`` changed the recipe itself without a
+        word: a review)."""
+        other = sorted(set(fields) - set(_RANGE_DEFAULTS))
+        if other:
+            raise TypeError(f"with_ranges sets {', '.join(sorted(_RANGE_DEFAULTS))}, not {', '.join(other)}")
         if not any(g is not None and g.predicted for g in (self.grad_input, self.grad_weight)):
             raise ValueError("range settings apply to predicted ranges: use an "
                              "fqt-*-predicted recipe or GradSpec(range='predicted')")
@@ -405,7 +419,14 @@ class FQTConfig:
             raise TypeError("FQTConfig.from_dict: " + "; ".join(
                 ([f"unknown keys {unknown} (fields: {sorted(fields)})"] if unknown else [])
                 + ([f"missing keys {missing} (a float path is saved as null)"] if missing else [])))
-        def spec(kind: type, v: dict | None) -> object:
+        def spec(key: str, kind: type, v: dict | None) -> object:
+            if v is not None and not isinstance(v, dict):  # ("int8" gave AttributeError: a review)
+                raise TypeError(f"FQTConfig.from_dict: {key} must be a dict of {kind.__name__} fields "
+                                f"or None, got {type(v).__name__} {v!r}")
+            allowed = {f.name for f in dataclasses.fields(kind)}
+            if v is not None and (extra := sorted(set(v) - allowed)):
+                raise TypeError(f"FQTConfig.from_dict: {key} has unknown keys {extra} ({kind.__name__} "
+                                f"fields: {sorted(allowed)})")
             if v is not None and kind is GradSpec and v.get("range", "dynamic") == "dynamic":
                 # saved before dynamic specs refused them (and when the default margin was
                 # 2.0): predicted-range settings a dynamic range never read
@@ -415,10 +436,10 @@ class FQTConfig:
                 v = {**v, "format": BlockFormat(f["format_name"], f["element_name"], f["block"],
                                                 f["scale"], ScaleRule(f["rule"]))}
             return None if v is None else kind(**v)
-        return cls(weight=spec(OperandSpec, d.get("weight")),
-                   activation=spec(OperandSpec, d.get("activation")),
-                   grad_input=spec(GradSpec, d.get("grad_input")),
-                   grad_weight=spec(GradSpec, d.get("grad_weight")),
+        return cls(weight=spec("weight", OperandSpec, d.get("weight")),
+                   activation=spec("activation", OperandSpec, d.get("activation")),
+                   grad_input=spec("grad_input", GradSpec, d.get("grad_input")),
+                   grad_weight=spec("grad_weight", GradSpec, d.get("grad_weight")),
                    backend=d.get("backend", "auto"), seed=d.get("seed"), adaptive=d.get("adaptive"))
 
 
@@ -443,6 +464,15 @@ def _named(fmt: Format) -> bool:
         return False
 
 
+def _format_text(fmt: Format) -> str:
+    """A format's name in :func:`describe`; a block format that is not the one its name
+    gives (another block size, scale or element) adds them — ``mxfp4[e2m1/16/e8m0]``:
+    two configs differing there printed alike (a review)."""
+    if isinstance(fmt, BlockFormat) and not _named(fmt):
+        return f"{fmt.name}[{fmt.element_name}/{fmt.block}/{fmt.scale}]"
+    return fmt.name
+
+
 def _forward_text(spec: OperandSpec | None) -> str:
     """A forward operand's part of :func:`describe`: the bits of a symmetric integer grid,
     else the format's name; ``~sr`` for stochastic rounding, ``~row`` for per-row scales;
@@ -450,7 +480,7 @@ def _forward_text(spec: OperandSpec | None) -> str:
     if spec is None:
         return "fp"
     f = spec.format
-    text = str(spec.bits) if isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC else f.name
+    text = str(spec.bits) if isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC else _format_text(f)
     text += "~sr" if spec.rounding is Rounding.STOCHASTIC else ""
     return text + ("~row" if spec.granularity is Granularity.ROW else "")
 
@@ -500,7 +530,7 @@ def describe(config: FQTConfig) -> str:
             continue
         f = spec.format
         plain = isinstance(f, IntFormat) and f.grid is Grid.SYMMETRIC
-        text = f"{spec.quantizer}{spec.bits}" if plain else f"{spec.quantizer}·{f.name}"
+        text = f"{spec.quantizer}{spec.bits}" if plain else f"{spec.quantizer}·{_format_text(f)}"
         text += _range_text(spec)
         text += "~rtn" if spec.rounding is Rounding.NEAREST else ""
         parts.append(f"{name}:{text}")

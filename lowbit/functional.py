@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import SUPPORTED_DTYPES, check_dense, compute_dtype
@@ -51,7 +50,13 @@ def quantize_forward(
     backend: Backend | Kernels = Backend.AUTO,
 ) -> QuantizedOperand:
     """``Q_f`` of a weight (out, in) or activation (N, in) operand onto ``spec.format``
-    (block scales along ``in``, the summed dimension of the output GEMM): one kernel call."""
+    (block scales along ``in``, the summed dimension of the output GEMM): one kernel call.
+    ``TypeError`` for a dtype lowbit does not quantize (an int32 tensor was quantized
+    without a word: a review; fault kind 67's check at this entry point too)."""
+    if x2d.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"quantize_forward: the operand has dtype {x2d.dtype}; lowbit quantizes real "
+                        f"floating tensors only ({allowed})")
     k = kernels_for(backend, x2d.device)
     seed = sr_seed(generator, spec.rounding, x2d.device)
     enc = k.quantize(x2d, spec.format, spec.granularity, spec.rounding, seed)
@@ -65,7 +70,8 @@ def quantize_gradient(
 ) -> QuantizedOperand:
     """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension,
     onto ``spec.format`` with ``spec.quantizer`` (range from ``tracker`` when the spec's
-    range is predicted). ``ValueError`` for a ``tracker`` whose settings (history,
+    range is predicted; without one, the operand's own range, as attention's products
+    always use). ``ValueError`` for a ``tracker`` whose settings (history,
     margin, overflow, quantizer) are not the spec's: it would run with its own, silently
     (``lowbit.ops.tracker_key`` gives the key a layer's tracker has)."""
     if spec.predicted and tracker is not None:
@@ -340,6 +346,21 @@ def check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
                            f"{list(bias.shape)} instead")
 
 
+def conv_geometry(op: str, name: str, value: Any, dims: int, least: int) -> tuple[int, ...]:
+    """``value`` (a convolution's ``stride``, ``padding`` or ``dilation``) as ``dims`` ints, as
+    ``F.conv{dims}d`` reads it: an int, or a sequence of 1 or ``dims`` ints, each at least
+    ``least``; ``RuntimeError`` otherwise. (``_pair`` returned a 4-tuple unchanged, whose
+    extra entries slid into the next fields: ``padding=(0, 0, 2, 2)`` ran as dilation 2, a
+    convolution other than the module's, where torch raises: a review.)"""
+    vals = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = isinstance(vals, (tuple, list)) and len(vals) in (1, dims) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= least for v in vals)
+    if not ok:
+        raise RuntimeError(f"{op}: expected {name} to be an integer ≥ {least} or a sequence of 1 or {dims} "
+                           f"such integers, got {value!r}")
+    return tuple(vals) * dims if len(vals) == 1 else tuple(vals)
+
+
 def check_conv_padding(op: str, padding: Any, stride: Sequence[int]) -> None:
     """Raise ``RuntimeError`` where ``F.conv2d``/``F.conv1d`` refuse ``padding``: a string
     other than ``"valid"`` and ``"same"``, or ``"same"`` at a stride above 1 (torch does
@@ -413,13 +434,14 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return fqt_conv2d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
     check_conv_args("fqt_conv2d", x, weight, bias, groups, 2)
-    stride, dilation = _pair(stride), _pair(dilation)
+    stride = conv_geometry("fqt_conv2d", "stride", stride, 2, 1)
+    dilation = conv_geometry("fqt_conv2d", "dilation", dilation, 2, 1)
     check_conv_padding("fqt_conv2d", padding, stride)
     if padding == "same":
         x, padding = F.pad(x, same_padding(weight.shape[2:], dilation)), 0
     elif padding == "valid":
         padding = 0
-    params = [*stride, *_pair(padding), *dilation, groups,
+    params = [*stride, *conv_geometry("fqt_conv2d", "padding", padding, 2, 0), *dilation, groups,
               _conv.memory_layout(x, weight, state.config.activation)]
     return apply_block("conv2d", x, weight, bias, state, params, output_dtype(x))
 

@@ -165,3 +165,41 @@ def test_a_wrong_field_or_a_recipe_string_says_what_to_do() -> None:
     # and FQTConfig("fqt-bhq-4") (the recipe as the first field, weight) named no way out
     with pytest.raises(TypeError, match=r"use FQTConfig.from_recipe\('fqt-bhq-4'\)"):
         FQTConfig("fqt-bhq-4")
+
+
+def test_config_helpers_refuse_what_they_would_ignore_and_labels_name_block_settings() -> None:
+    """A review of the config API: ``with_grad_bits`` dropped a width for a float path,
+    ``with_ranges`` took any GradSpec field (``quantizer=`` changed the recipe),
+    ``from_recipe("fqt-auto", grad_input=...)`` passed the width ``with_grad_bits``
+    refuses, ``adaptive=`` was taken by fp/qat recipes, ``from_dict`` failed with
+    ``AttributeError`` on a spec that is not a dict, and ``describe`` printed a block-16
+    MXFP4 like the recipe's block 32."""
+    from lowbit.formats import BlockFormat
+
+    with pytest.raises(ValueError, match="grad_input is float in this config"):
+        FQTConfig(grad_input=None).with_grad_bits(grad_input=4)
+    pred = FQTConfig.from_recipe("fqt-psq-8-predicted")
+    with pytest.raises(TypeError, match="with_ranges sets history, margin, overflow, not quantizer"):
+        pred.with_ranges(quantizer="bhq")
+    assert pred.with_ranges(margin=2.0).grad_input.margin == 2.0
+    with pytest.raises(ValueError, match="chooses its gradient specs per layer"):
+        FQTConfig.from_recipe("fqt-auto", grad_input=GradSpec(4))
+    for name in ("fp", "qat-8"):
+        with pytest.raises(ValueError, match="this config's gradient paths are float"):
+            FQTConfig.from_recipe(name, adaptive="fqt-auto")
+    d = FQTConfig.from_recipe("fqt-psq-8").to_dict()
+    with pytest.raises(TypeError, match="weight must be a dict of OperandSpec fields or None, got str"):
+        FQTConfig.from_dict({**d, "weight": "int8"})
+    with pytest.raises(TypeError, match=r"grad_input has unknown keys \['per_row'\]"):
+        FQTConfig.from_dict({**d, "grad_input": {**d["grad_input"], "per_row": True}})
+    mx16 = BlockFormat("mxfp4", "e2m1", 16, "e8m0")
+    custom = FQTConfig(weight=OperandSpec(format=mx16), activation=OperandSpec(format=mx16))
+    assert lowbit.describe(custom).startswith("fwd:mxfp4[e2m1/16/e8m0]")
+    assert lowbit.describe(FQTConfig.from_recipe("fqt-psq-mxfp4")).startswith("fwd:mxfp4/")
+
+
+def test_quantize_forward_refuses_an_integer_operand() -> None:
+    from lowbit.functional import quantize_forward
+
+    with pytest.raises(TypeError, match="quantize_forward: the operand has dtype torch.int32"):
+        quantize_forward(torch.arange(16, dtype=torch.int32).reshape(4, 4), OperandSpec())

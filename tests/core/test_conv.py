@@ -872,3 +872,26 @@ def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: p
     want = int8_kernel.epilogue(k, whole, a.scale, torch.full((1, 1), 0.5), None, None, None, None,
                          a.codes.shape[1], None, torch.float32)
     assert torch.equal(pieces, want)
+
+
+def test_conv_geometry_of_another_length_is_refused_not_run_as_another_convolution() -> None:
+    """``padding=(0, 0, 2, 2)`` (F.pad's layout) slid into the dilation field and ran a
+    dilated convolution where torch raises, through ``convert`` too (a review);
+    ``stride=(2,)`` failed as "non-positive groups", ``stride=2.0`` inside oneDNN."""
+    from lowbit.functional import fqt_conv2d
+
+    cfg = FQTConfig.from_recipe("qat-8")
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    for kw in ({"padding": (0, 0, 2, 2)}, {"stride": 2.0}, {"dilation": (1, 1, 1)}, {"padding": -1}):
+        with pytest.raises(RuntimeError, match="fqt_conv2d: expected"):
+            fqt_conv2d(x, w, None, cfg, **kw)
+    one = fqt_conv2d(x, w, None, cfg, stride=(2,), padding=(1,))  # one value for both, as torch
+    assert torch.equal(one, fqt_conv2d(x, w, None, cfg, stride=2, padding=1))
+    conv = nn.Conv2d(3, 4, 3, padding=(0, 0, 2, 2))
+    with pytest.raises(RuntimeError):
+        conv(x)  # torch refuses it at the forward
+    lowbit.convert(conv, FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    with pytest.raises(RuntimeError, match="expected padding"):
+        conv(x)
+    with pytest.raises(RuntimeError, match="fqt_conv1d: expected stride"):
+        lowbit.functional.fqt_conv1d(torch.randn(2, 3, 8), torch.randn(4, 3, 3), None, cfg, stride=(1, 1))
