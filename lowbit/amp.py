@@ -22,7 +22,8 @@ two by default). Models without predicted ranges are unaffected (nothing to keep
 A step counts as skipped when :meth:`update` lowered the scale (torch's backoff, which
 happens exactly when an inf/NaN was found). With an explicit ``update(new_scale)`` that
 signal is gone: the histories are rescaled but a skipped step is not undone — call
-:func:`lowbit.nn.snapshot_ranges` / :func:`lowbit.nn.restore_ranges` yourself then.
+:func:`lowbit.nn.snapshot_ranges` / ``lowbit.nn.restore_ranges(snapshot, counters=False)``
+yourself then.
 ``get_scale()`` reads the scale to the host once per :meth:`update` (a device sync on a
 GPU).
 """

@@ -164,7 +164,7 @@ class RangeTracker:
             # describes other rows; start afresh, as a freshly converted layer would
             warnings.warn(f"predicted range: the operand now has {y.shape[0]} rows, the recorded "
                           f"history {self._hist.shape[1]} (the layer's output features changed); "
-                          "its range history restarts (dynamic ranges until it refills)",
+                          "its range history restarts (its next call dynamic, later ones predicted from the calls since)",
                           RuntimeWarning, stacklevel=3)
             self._hist, self._count = None, 0
         st = self.stats
