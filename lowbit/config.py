@@ -345,10 +345,6 @@ class FQTConfig:
             raise TypeError(f"from_recipe: {unknown[0]!r} is not an FQTConfig field; fields: "
                             f"{', '.join(fields)} (gradient widths: config.with_grad_bits(...) "
                             "or a recipe name such as 'fqt-psq-4')")
-        if cfg.adaptive is not None and ({"grad_input", "grad_weight"} & set(overrides)):
-            raise ValueError(f"the adaptive recipe {name!r} chooses its gradient specs per layer "
-                             "(the variance monitor); they cannot be given (a review: a 4-bit start "
-                             "passed where with_grad_bits refused it)")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def with_grad_bits(self, grad_input: int | None = None, grad_weight: int | None = None) -> FQTConfig:
