@@ -74,8 +74,7 @@ from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated, run_simulated, simulated_cause
 from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
-                         conv_geometry,
-                         output_dtype, quantize_forward, quantize_gradient, same_padding)
+                         conv_geometry, output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
                              patches)
@@ -601,8 +600,8 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise RuntimeError(f"fqt_conv1d: expected a 3-D input (N, C, L) and a 3-D weight, got "
                            f"{tuple(x.shape)} and {tuple(weight.shape)}")
     check_conv_args("fqt_conv1d", x, weight, bias, groups, 1)
-    (s,), (d,) = conv_geometry("fqt_conv1d", "stride", stride, 1, 1), conv_geometry("fqt_conv1d", "dilation",
-                                                                                      dilation, 1, 1)
+    (s,) = conv_geometry("fqt_conv1d", "stride", stride, 1, 1)
+    (d,) = conv_geometry("fqt_conv1d", "dilation", dilation, 1, 1)
     check_conv_padding("fqt_conv1d", padding, (s,))
     if padding == "same":
         x, padding = F.pad(x, same_padding(weight.shape[2:], (d,))), 0

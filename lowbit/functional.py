@@ -53,10 +53,7 @@ def quantize_forward(
     (block scales along ``in``, the summed dimension of the output GEMM): one kernel call.
     ``TypeError`` for a dtype lowbit does not quantize (an int32 tensor was quantized
     without a word: a review; fault kind 67's check at this entry point too)."""
-    if x2d.dtype not in SUPPORTED_DTYPES:
-        allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise TypeError(f"quantize_forward: the operand has dtype {x2d.dtype}; lowbit quantizes real "
-                        f"floating tensors only ({allowed})")
+    check_quantizable("quantize_forward", "the operand", x2d)
     k = kernels_for(backend, x2d.device)
     seed = sr_seed(generator, spec.rounding, x2d.device)
     enc = k.quantize(x2d, spec.format, spec.granularity, spec.rounding, seed)
@@ -300,6 +297,16 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def check_quantizable(op: str, what: str, t: torch.Tensor) -> None:
+    """``TypeError`` where ``t`` has a dtype lowbit does not quantize
+    (:data:`lowbit.formats.SUPPORTED_DTYPES`: a complex tensor would lose its imaginary
+    part, an integer one its meaning)."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "
+                        f"tensors only ({allowed})")
+
+
 def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
@@ -312,10 +319,8 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {what} must be a Tensor, not {type(t).__name__}")
         check_dense(op, what, t)
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "
-                            f"tensors only ({allowed})")
+        if t is not None:
+            check_quantizable(op, what, t)
     if output_dtype(x) != output_dtype(weight):
         raise RuntimeError(f"{op}: input and weight must have the same dtype, but got "
                            f"{x.dtype} and {weight.dtype}")
