@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fractions
 import numbers
+from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -107,6 +108,10 @@ _UNSUPPORTED = {"maximize": _flag_off, "nesterov": _flag_off, "dampening": lambd
 _NEUTRAL_TEXT = "maximize, nesterov, amsgrad, differentiable, capturable False; dampening 0"
 
 
+# the constructor's own settings, one per optimizer: refused in a param group (ignored there)
+_PER_OPTIMIZER = ("weights", "state", "generator", "weight_format", "state_format")
+
+
 def _drop(state: dict[str, Any], name: str) -> None:
     """Forget every stored form (bf16, or int8 codes + scale) of the entry ``name``."""
     for key in (name, f"{name}_codes", f"{name}_scale"):
@@ -147,6 +152,12 @@ class _SROptimizer(torch.optim.Optimizer):
         for a ``torch.optim`` setting this optimizer does not implement, at a value that
         would change the update (:data:`_UNSUPPORTED`; at its neutral value, e.g. a
         ``torch.optim.SGD`` state dict's ``maximize=False``, it is accepted)."""
+        own = [k for k in _PER_OPTIMIZER if k in group]
+        if own:
+            raise ValueError(f"{where}{', '.join(map(repr, own))} set in a param group, where "
+                             f"{cls.__name__} would ignore it: the storage formats and the "
+                             f"generator are per optimizer ({cls.__name__}(params, ..., "
+                             "weights=, state=, generator=))")
         missing = [k for k in cls._HYPER if k not in group]
         if missing:
             raise ValueError(f"{where}lacks {', '.join(missing)}, which {cls.__name__} reads (a "
@@ -168,11 +179,20 @@ class _SROptimizer(torch.optim.Optimizer):
             if v is None or not 0 <= v < float("inf"):
                 raise ValueError(f"{where}{key} must be a finite number ≥ 0, got {group[key]!r}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, param groups) and this optimizer's own settings
+        (``copy.deepcopy``, pickling, ``torch.save(optimizer)``: torch's keeps only the
+        former, and a copy then failed at its first step)."""
+        return {**super().__getstate__(), "generator": self.generator,
+                "weight_format": self.weight_format, "state_format": self.state_format}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Checks that the parameters are bfloat16; with ``weights="int8"``, encodes each
-        weight (``ndim ≥ 2``) once with round-to-nearest (the smallest error for a one-off
-        conversion; unbiasedness matters for the updates that accumulate, which all use
-        stochastic rounding) and writes its exact bfloat16 image into the parameter."""
+        trainable weight (``ndim ≥ 2``, ``requires_grad``) once with round-to-nearest (the
+        smallest error for a one-off conversion; unbiasedness matters for the updates that
+        accumulate, which all use stochastic rounding) and writes its exact bfloat16 image
+        into the parameter. A frozen weight is left as it is (it would lose precision for
+        no update); it is encoded at its first step, if it ever takes one."""
         super().add_param_group(param_group)
         try:  # its own settings, or the defaults it took
             self._check_hyper(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
@@ -187,7 +207,7 @@ class _SROptimizer(torch.optim.Optimizer):
                             "parameter (convert the model with model.to(torch.bfloat16))")
         with torch.no_grad():
             for p in params:
-                if self._int8_weight(p):
+                if self._int8_weight(p) and p.requires_grad:
                     self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
 
     def _int8_weight(self, p: torch.Tensor) -> bool:
@@ -288,7 +308,8 @@ class _SROptimizer(torch.optim.Optimizer):
         """New float32 weight from weight ``w`` and gradient ``g`` (stores the state)."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    @torch.compiler.disable  # eager inside torch.compile (its generator-driven rounding
+    @torch.no_grad()  # does not trace with dynamic shapes), as torch's zero_grad is
     def step(self, closure=None):  # noqa: ANN001, ANN201
         loss = None
         if closure is not None:
@@ -325,7 +346,16 @@ class _SROptimizer(torch.optim.Optimizer):
         a setting the update reads, or holds a ``torch.optim`` setting at a value it does
         not implement (``nesterov=True``, ``maximize=True``, …, as :meth:`_check_hyper`).
         ``torch.optim.AdamW``'s state (``step``, ``exp_avg``, ``exp_avg_sq``) loads into
-        :class:`SRAdamW` (its tensor ``step`` becomes an int)."""
+        :class:`SRAdamW` (its tensor ``step`` becomes an int).
+
+        Hooks as torch's: ``register_load_state_dict_pre_hook`` hooks run first (on a
+        shallow copy; a returned dict replaces it) and the checks and the load read their
+        result; post-hooks run last, after the saved dtypes are restored."""
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         name = type(self).__name__
         for gi, group in enumerate(state_dict["param_groups"]):
             self._check_hyper(group, f"{name}.load_state_dict: saved param group {gi}: ")
@@ -347,7 +377,14 @@ class _SROptimizer(torch.optim.Optimizer):
                         f"{name} cannot load this state dict: its state {key!r} of parameter {i} "
                         f"(in param-group order) is {tuple(value.shape)}, but that parameter is "
                         f"{tuple(p.shape)}: the state belongs to another model's parameters")
-        super().load_state_dict(state_dict)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # ran above
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # run below, on the saved dtypes
+        try:
+            super().load_state_dict(state_dict)
+        finally:  # the same dicts: the hooks' handles stay valid
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
@@ -356,6 +393,8 @@ class _SROptimizer(torch.optim.Optimizer):
                     self.state[p][key] = int(value.item())  # torch's float32 step tensor
                 elif isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device)
+        for post_hook in post.values():
+            post_hook(self)
 
 
 class SRSGD(_SROptimizer):
@@ -404,7 +443,8 @@ class SRSGD(_SROptimizer):
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        # plain floats: a one-element 1-d tensor setting would broadcast a 0-d parameter to (1,)
+        lr, mu, wd = (_number(group[k]) for k in ("lr", "momentum", "weight_decay"))
         d = g + wd * w if wd else g
         if mu:
             v = self._load_state(p, "momentum")
@@ -462,7 +502,8 @@ class SRAdamW(_SROptimizer):
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        lr, eps, wd = (_number(group[k]) for k in ("lr", "eps", "weight_decay"))  # plain floats (SRSGD's)
+        b1, b2 = (_number(b) for b in group["betas"])
         t = self.state[p]["step"] = self.state[p].get("step", 0) + 1
         if wd:
             w = w - lr * wd * w

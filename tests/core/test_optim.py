@@ -874,3 +874,133 @@ def test_a_generator_that_is_not_one_is_refused_at_construction(cls: type) -> No
     p = nn.Parameter(torch.randn(4, 4).bfloat16())
     with pytest.raises(TypeError, match=f"{cls.__name__}: generator must be a torch.Generator or None"):
         cls([p], lr=1e-3, generator=123)
+
+
+# -- torch.optim machinery: compile, copies, hooks (a review, fault kind 169) --------------
+def _trained_step(cls: type, model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+    opt = cls(model.parameters(), lr=0.1, generator=torch.Generator().manual_seed(1), **kw)
+    model(torch.randn(5, 8, generator=torch.Generator().manual_seed(2)).bfloat16()).sum().backward()
+    return opt
+
+
+@pytest.mark.parametrize("cls, kw", [(SRSGD, {"momentum": 0.9}), (SRAdamW, {})])
+def test_step_under_torch_compile_runs_eagerly_with_the_same_bits(cls: type, kw: dict) -> None:
+    """``torch.compile`` of a function calling ``step()`` (two parameter shapes: dynamo
+    recompiled with dynamic shapes, where ``torch.randint(generator=…)`` failed to trace)
+    runs the step eagerly: the same weights as an eager step."""
+    got, want = (nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).bfloat16() for _ in range(2))
+    want.load_state_dict(got.state_dict())
+    o_got = _trained_step(cls, got, weights="int8", state="int8", **kw)
+    o_want = _trained_step(cls, want, weights="int8", state="int8", **kw)
+    torch.compile(o_got.step)()
+    o_want.step()
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_copies_keep_formats_and_generator(cls: type) -> None:
+    """``copy.deepcopy`` and pickling (``torch.save(optimizer)``) keep the storage formats
+    and the generator (torch's ``__getstate__`` keeps only defaults, state and groups: a
+    copy raised ``AttributeError`` at its first step); the copy steps as the original."""
+    import io
+
+    model = nn.Linear(8, 4).bfloat16()
+    opt = _trained_step(cls, model, weights="int8", state="int8")
+    opt.step()  # state to copy
+    dup = copy.deepcopy({"m": model, "o": opt})
+    buf = io.BytesIO()
+    torch.save({"m": model, "o": opt}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4)).bfloat16()
+    for c in ({"m": model, "o": opt}, dup, loaded):  # copies hold no gradients: the same one
+        c["o"].zero_grad()
+        c["m"](x).sum().backward()
+        c["o"].step()
+        assert (c["o"].weight_format, c["o"].state_format) == ("int8", "int8")
+        assert torch.equal(c["m"].weight, model.weight) and torch.equal(c["m"].bias, model.bias)
+
+
+@pytest.mark.parametrize("cls, key", [(SRSGD, "momentum"), (SRAdamW, "betas")])
+def test_one_element_tensor_settings_step_a_0d_parameter(cls: type, key: str) -> None:
+    """Settings given as one-element 1-d tensors (accepted, as torch accepts them) step a
+    0-d parameter (CLIP's ``logit_scale``) as the plain numbers do — they broadcast it to
+    shape (1,) and failed half-way through the step, earlier parameters updated."""
+    results = []
+    for tensors in (False, True):
+        lin, scale = nn.Linear(4, 3).bfloat16(), nn.Parameter(torch.tensor(2.0, dtype=torch.bfloat16))
+        torch.manual_seed(0)
+        lin.reset_parameters()
+        t = (lambda v: torch.tensor([v])) if tensors else (lambda v: v)
+        setting = {"momentum": t(0.9)} if key == "momentum" else {"betas": (t(0.9), t(0.99))}
+        opt = cls([{"params": lin.parameters()}, {"params": [scale]}], lr=t(0.01), weight_decay=t(0.1),
+                  generator=torch.Generator().manual_seed(3), **setting)
+        for _ in range(2):
+            opt.zero_grad()
+            (lin(torch.ones(2, 4, dtype=torch.bfloat16)).sum() * scale).backward()
+            opt.step()
+        assert scale.shape == () and all(v.shape == () for v in opt.state[scale].values()
+                                         if isinstance(v, torch.Tensor))
+        results.append([p.detach().clone() for p in (*lin.parameters(), scale)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_load_state_dict_runs_torchs_hooks_on_the_saved_dtypes() -> None:
+    """Load hooks as torch documents them: a pre-hook's returned dict is what loads (it
+    was overwritten by the original's), and is what the checks read (a hook renaming
+    ``torch.optim.SGD``'s ``momentum_buffer`` was refused before it ran); post-hooks see
+    the restored int8 codes and float32 scales (they saw torch's bfloat16 casts)."""
+    model = nn.Linear(8, 4).bfloat16()
+    src = _trained_step(SRSGD, model, momentum=0.9, weights="int8", state="int8")
+    src.step()
+    dst = SRSGD(model.parameters(), lr=0.1, momentum=0.9, weights="int8", state="int8")
+
+    def zero(_: Any, sd: dict) -> dict:
+        sd = copy.deepcopy(sd)
+        for st in sd["state"].values():
+            st["momentum_codes"].zero_()
+        return sd
+    seen = []
+    dst.register_load_state_dict_pre_hook(zero)
+    dst.register_load_state_dict_post_hook(lambda o: seen.append(
+        {k: v.dtype for k, v in o.state[model.weight].items()}))
+    dst.load_state_dict(src.state_dict())
+    assert not dst.state[model.weight]["momentum_codes"].any()
+    assert seen == [{"momentum_codes": torch.int8, "momentum_scale": torch.float32,
+                     "weight_codes": torch.int8, "weight_scale": torch.float32}]
+    assert src.state[model.weight]["momentum_codes"].any()  # the caller's dict untouched
+
+    ref = nn.Linear(8, 4)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref(torch.randn(2, 8)).sum().backward()
+    sgd.step()
+    mine = SRSGD(nn.Linear(8, 4).bfloat16().parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        mine.load_state_dict(sgd.state_dict())
+    mine.register_load_state_dict_pre_hook(lambda _, sd: {**sd, "state": {
+        k: {"momentum": v["momentum_buffer"]} for k, v in sd["state"].items()}})
+    mine.load_state_dict(sgd.state_dict())
+    assert torch.equal(mine.state[mine.param_groups[0]["params"][0]]["momentum"],
+                       sgd.state[ref.weight]["momentum_buffer"])  # its saved dtype kept
+
+
+@pytest.mark.parametrize("key", ["weights", "state", "generator"])
+def test_per_optimizer_settings_in_a_param_group_are_refused(key: str) -> None:
+    """``weights``/``state``/``generator`` in a param group were silently ignored (the
+    group stayed bf16): refused, naming the key and where it belongs."""
+    enc, head = nn.Linear(4, 4).bfloat16(), nn.Linear(4, 2).bfloat16()
+    value = torch.Generator() if key == "generator" else "int8"
+    with pytest.raises(ValueError, match=f"'{key}' set in a param group.*per optimizer"):
+        SRSGD([{"params": enc.parameters(), key: value}, {"params": head.parameters()}], lr=0.1)
+
+
+def test_frozen_weights_are_not_rewritten_by_the_constructor() -> None:
+    """``weights="int8"`` encodes the weights it will step; a frozen one (``requires_grad``
+    False) kept its bfloat16 values (it was rounded onto the int8 grid for no update)."""
+    enc, head = nn.Linear(16, 16).bfloat16(), nn.Linear(16, 2).bfloat16()
+    enc.requires_grad_(False)
+    before, head_before = enc.weight.clone(), head.weight.clone()
+    opt = SRSGD([*enc.parameters(), *head.parameters()], lr=0.1, weights="int8")
+    assert torch.equal(enc.weight, before) and "weight_codes" not in opt.state.get(enc.weight, {})
+    assert not torch.equal(head.weight, head_before) and "weight_codes" in opt.state[head.weight]
