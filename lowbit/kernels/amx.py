@@ -49,8 +49,9 @@ MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes 
 
 _I64 = ctypes.c_int64
 _ARGTYPES = [ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,
-             ctypes.c_void_p, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+             ctypes.c_void_p, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 _P = ctypes.c_void_p
+_PACK_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P, ctypes.c_int]
 _BMM_ARGTYPES = [_I64, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64,
                  _P, _P, ctypes.c_int]
 
@@ -84,6 +85,13 @@ def _self_test(lib: ctypes.CDLL) -> bool:
             _call(lib, a, b, out, threads)
             if not torch.equal(out, want):
                 return False
+            # row panels sharing one packing of b (a panel ending inside a 16-row tile)
+            packed, rows = _pack(lib, b, threads), a.shape[0] // 2 + 3
+            for i, j in ((0, rows), (rows, a.shape[0])):
+                out = torch.empty(j - i, b.shape[1], dtype=torch.int32, device="cpu")
+                _call(lib, a[i:j], b, out, threads, packed)
+                if not torch.equal(out, want[i:j]):
+                    return False
     # batches: more entries than threads and fewer, row-major and transposed entries, tails
     for bsz, m, k, n in ((5, 37, 70, 45), (1, 64, 64, 64), (3, 16, 200, 17)):
         a = torch.randint(-128, 128, (bsz, m, k), dtype=torch.int8, generator=g, device="cpu")
@@ -123,6 +131,7 @@ def _library() -> ctypes.CDLL | None:
             return None
         try:  # a library without them (built as C++ by a $CC of g++): a warning, not a crash
             request, mm, bmm = lib.lowbit_amx_request, lib.lowbit_amx_int_mm, lib.lowbit_amx_int_bmm
+            pack = lib.lowbit_amx_pack_b
         except AttributeError as e:
             _warn(f"the AMX kernel's library lacks a function ({e})")
             return None
@@ -132,6 +141,7 @@ def _library() -> ctypes.CDLL | None:
             return None
         mm.restype, mm.argtypes = None, _ARGTYPES
         bmm.restype, bmm.argtypes = None, _BMM_ARGTYPES
+        pack.restype, pack.argtypes = None, _PACK_ARGTYPES
         if not cbuild.self_tested(lambda: _self_test(lib), lambda why, then: _warn(why), "AMX kernel",
                                   "torch._int_mm"):
             return None
@@ -153,20 +163,39 @@ def worth_it(m: int, k: int, n: int) -> bool:
     return m >= MIN_ROWS and m * k * n >= MIN_MACS
 
 
+def _packed_numel(k: int, n: int) -> int:
+    """Bytes of the right operand (k, n) packed into the VNNI layout (K rounded up to 64,
+    N to 16)."""
+    return -(-k // 64) * 64 * (-(-n // 16) * 16)
+
+
+@compiled.disable_tracing
+def _pack(lib: ctypes.CDLL, b: torch.Tensor, threads: int) -> torch.Tensor:
+    """``b`` (K, N) int8 packed into the kernel's VNNI layout: a new int8 tensor of
+    :func:`_packed_numel` bytes."""
+    k, n = b.shape
+    packed = torch.empty(_packed_numel(k, n), dtype=torch.int8, device="cpu")
+    lib.lowbit_amx_pack_b(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr(), threads)
+    return packed
+
+
 @compiled.disable_tracing
 def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-          threads: int) -> None:
-    """The C kernel on ``a``, ``b`` into ``out``; its two packing buffers are allocated
-    here and referenced until the call returns."""
+          threads: int, packed_b: torch.Tensor | None = None) -> None:
+    """The C kernel on ``a``, ``b`` into ``out``; its packing buffers are allocated here
+    and referenced until the call returns. ``packed_b``: ``b`` already packed
+    (:func:`pack_right`), which the kernel then does not read."""
     m, k = a.shape
     n = b.shape[1]
-    kp, np_, mp = -(-k // 64) * 64, -(-n // 16) * 16, -(-m // 16) * 16
-    packed_b = torch.empty(np_ * kp, dtype=torch.int8, device="cpu")
+    kp, mp = -(-k // 64) * 64, -(-m // 16) * 16
+    given = packed_b is not None
+    if not given:
+        packed_b = torch.empty(_packed_numel(k, n), dtype=torch.int8, device="cpu")
     direct_a = a.stride(1) == 1 and k == kp and m == mp
     packed_a = torch.empty(0 if direct_a else mp * kp, dtype=torch.int8, device="cpu")
     lib.lowbit_amx_int_mm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
                           b.stride(1), m, k, n, out.data_ptr(), out.stride(0), packed_b.data_ptr(),
-                          packed_a.data_ptr(), threads)
+                          packed_a.data_ptr(), threads, int(given))
     del packed_a, packed_b  # alive until here
 
 
@@ -196,27 +225,42 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
                          "sum of int8 codes can overflow (split the sum)")
 
 
+def _check_packed(b: torch.Tensor, packed_b: torch.Tensor | None) -> None:
+    if packed_b is not None and (packed_b.dtype != torch.int8 or packed_b.dim() != 1
+                                 or packed_b.numel() != _packed_numel(*b.shape)
+                                 or packed_b.device.type != "cpu" or not packed_b.is_contiguous()):
+        raise ValueError(f"lowbit::int8_mm: packed_b ({packed_b.dtype}, {tuple(packed_b.shape)}) is "
+                         f"not a packing of a {tuple(b.shape)} operand (lowbit.kernels.amx.pack_right)")
+
+
+def reads_left(a: torch.Tensor) -> bool:
+    """Whether the op ``lowbit::int8_mm`` runs the AMX kernel on the left operand ``a``
+    (M, K): all but a transposed (column-major) one, which goes to ``torch._int_mm``."""
+    return a.stride(1) == 1 or a.shape[1] <= 1
+
+
 _LIB = torch.library.Library("lowbit", "FRAGMENT")
-_LIB.define("int8_mm(Tensor a, Tensor b) -> Tensor")
+_LIB.define("int8_mm(Tensor a, Tensor b, Tensor? packed_b=None) -> Tensor")
 
 
-def _int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _int8_mm_cpu(a: torch.Tensor, b: torch.Tensor, packed_b: torch.Tensor | None = None) -> torch.Tensor:
     _check(a, b)
-    if a.stride(1) != 1 and a.shape[1] > 1:
+    _check_packed(b, packed_b)
+    if not reads_left(a):
         # a transposed left operand (a Linear's ∇W = Q(∇Y)ᵀ·Q(X)): torch._int_mm reads it
         # as it is, faster than the transpose the tiles need (0.36–0.93× on AMX at the text
         # GPT's and GPT-2's ∇W shapes; docs/benchmarks.md). The same sums.
         from .int8 import dense
 
         return torch._int_mm(dense(a), dense(b))
-    return kernel(a, b)
+    return kernel(a, b, packed_b)
 
 
 _LIB.impl("int8_mm", _int8_mm_cpu, "CPU")
 
 
 @torch.library.register_fake("lowbit::int8_mm", lib=_LIB)
-def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _(a: torch.Tensor, b: torch.Tensor, packed_b: torch.Tensor | None = None) -> torch.Tensor:
     _check(a, b)
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
@@ -268,30 +312,53 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm(a, b)
 
 
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def int_mm(a: torch.Tensor, b: torch.Tensor, packed_b: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` ((M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K`)
     as the exact int32 sum, a new (M, N) row-major tensor: the op ``lowbit::int8_mm``,
-    which runs the AMX kernel, except for a transposed (column-major) ``a``, which it
-    hands to ``torch._int_mm`` (faster there; that route runs whether or not AMX is
-    available). Raises ``RuntimeError`` where :func:`available` is false and the AMX
-    kernel would run, ``TypeError``/``ValueError`` for wrong dtypes or shapes. :func:`kernel` runs the AMX kernel on any layout."""
-    return torch.ops.lowbit.int8_mm(a, b)
+    which runs the AMX kernel, except for a transposed (column-major) ``a``
+    (:func:`reads_left` false), which it hands to ``torch._int_mm`` (faster there; that
+    route runs whether or not AMX is available). ``packed_b``: :func:`pack_right` of this
+    ``b``, made once for several products with it (the row panels of
+    :func:`lowbit.kernels.int8.gemm`); the kernel then reads it instead of packing ``b``
+    again — the caller keeps ``b`` unchanged since. Raises ``RuntimeError`` where
+    :func:`available` is false and the AMX kernel would run, ``TypeError``/``ValueError``
+    for wrong dtypes or shapes (a ``packed_b`` of another size). :func:`kernel` runs the
+    AMX kernel on any layout."""
+    return torch.ops.lowbit.int8_mm(a, b, packed_b)
 
 
-def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available on this machine "
+                           "(lowbit.kernels.amx.available() is False)")
+    return lib
+
+
+def pack_right(b: torch.Tensor) -> torch.Tensor:
+    """The right operand ``b`` ((K, N) int8 CPU tensor, any strides) packed once into the
+    kernel's VNNI layout, for :func:`int_mm`'s ``packed_b``: a new 1-D int8 tensor of
+    ``⌈K/64⌉·64 · ⌈N/16⌉·16`` bytes (``amx_int8.c``). ``RuntimeError`` where
+    :func:`available` is false, ``TypeError``/``ValueError`` for another dtype or a
+    ``K`` past :data:`MAX_K`."""
+    if b.dim() != 2:
+        raise ValueError(f"lowbit.kernels.amx.pack_right: a (K, N) operand, got shape {tuple(b.shape)}")
+    _check(b.new_empty((0, b.shape[0])), b)  # its dtype and K
+    return _pack(_lib_or_raise(), b, torch.get_num_threads())
+
+
+def kernel(a: torch.Tensor, b: torch.Tensor, packed_b: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` on the AMX kernel whatever the layouts (:func:`int_mm` without its
     ``torch._int_mm`` branch; outside the op, so not seen by ``lowbit.coverage``): for
     tests and benchmarks of the kernel itself. ``RuntimeError`` where :func:`available`
     is false."""
     _check(a, b)
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the AMX kernel is not available on this machine "
-                           "(lowbit.kernels.amx.available() is False)")
+    _check_packed(b, packed_b)
+    lib = _lib_or_raise()
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device="cpu")
-    _call(lib, a, b, out, torch.get_num_threads())
+    _call(lib, a, b, out, torch.get_num_threads(), packed_b)
     return out
 
 
 __all__ = ["MAX_K", "MIN_MACS", "MIN_ROWS", "available", "cache_dir", "cpu_has_amx", "int_bmm", "int_mm", "kernel",
-           "worth_it"]
+           "pack_right", "reads_left", "worth_it"]

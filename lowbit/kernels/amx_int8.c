@@ -284,20 +284,31 @@ static void run_all(const int8_t *a, int64_t lda, const int8_t *Bp, int64_t Kp, 
     }
 }
 
+/* Bp (Np*Kp bytes: K rounded up to 64, N to 16) = B packed into the VNNI layout (pack_b, or
+ * pack_b_rows for a row-major B). */
+void lowbit_amx_pack_b(const int8_t *B, int64_t sbk, int64_t sbn, int64_t K, int64_t N,
+                       int8_t *Bp, int threads) {
+    const int64_t Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
+    if (sbn == 1 && sbk != 1)
+        pack_b_rows(B, K, N, sbk, Bp, Kp, Np, threads);
+    else
+        pack_b(B, K, N, sbk, sbn, Bp, Kp, Np, threads);
+}
+
 /* C = A @ B. Bp: workspace of Np*Kp bytes, Ap: of Mp*Kp bytes (Kp = K rounded up to 64,
  * Mp and Np = M and N rounded up to 16); Ap is used unless A is row-major with
  * K % 64 == 0 and M % 16 == 0. Threads split the (panel, 32-row block) pairs; where
  * there are fewer pairs than threads (a few rows and columns, a long K: a convolution's
  * weight gradient), they split K instead, each summing into its own int32 copy of C,
- * and the copies are added. */
+ * and the copies are added.
+ * b_packed != 0: Bp already holds lowbit_amx_pack_b's packing of this B (K x N), which
+ * is then not read (the row panels of one product share one packing). */
 void lowbit_amx_int_mm(const int8_t *A, int64_t sam, int64_t sak, const int8_t *B,
                        int64_t sbk, int64_t sbn, int64_t M, int64_t K, int64_t N, int32_t *C,
-                       int64_t ldc, int8_t *Bp, int8_t *Ap, int threads) {
+                       int64_t ldc, int8_t *Bp, int8_t *Ap, int threads, int b_packed) {
     const int64_t Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16, Mp = (M + 15) / 16 * 16;
-    if (sbn == 1 && sbk != 1)
-        pack_b_rows(B, K, N, sbk, Bp, Kp, Np, threads);
-    else
-        pack_b(B, K, N, sbk, sbn, Bp, Kp, Np, threads);
+    if (!b_packed)
+        lowbit_amx_pack_b(B, sbk, sbn, K, N, Bp, threads);
     const int8_t *a = A;
     int64_t lda = sam;
     if (!(sak == 1 && K == Kp && M == Mp)) {

@@ -113,19 +113,26 @@ def _check_k(k: int, what: str) -> None:
                          f"MAX_K = {MAX_K}")
 
 
-def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def runs_amx(a_codes: torch.Tensor, n: int) -> bool:
+    """Whether :func:`int_mm` (without ``out``) runs :mod:`.amx`'s kernel for ``a_codes``
+    (M, K) times a (K, N = ``n``) operand: on a CPU with AMX, for the products
+    :func:`amx.worth_it` picks."""
+    return a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, n) and amx.available()
+
+
+def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None,
+           packed_b: torch.Tensor | None = None) -> torch.Tensor:
     """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
     into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
     :func:`amx.worth_it` picks (and no ``out``) run on :mod:`.amx`'s kernel (it reads
-    any strides); elsewhere on ``torch._int_mm``, operands whose strides it would misread
-    copied first (:func:`dense`). Both give the same int32 sums. ``ValueError`` for
-    ``K >`` :data:`MAX_K` (an int32 sum of that length could wrap: split it, as
-    :func:`gemm` does)."""
+    any strides; ``packed_b``: :func:`amx.pack_right` of ``b_codes``, made once for
+    several such products, else ignored); elsewhere on ``torch._int_mm``, operands whose
+    strides it would misread copied first (:func:`dense`). Both give the same int32
+    sums. ``ValueError`` for ``K >`` :data:`MAX_K` (an int32 sum of that length could
+    wrap: split it, as :func:`gemm` does)."""
     _check_k(a_codes.shape[-1], "int_mm")
-    if out is None and a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, b_codes.shape[1]) \
-            and amx.available():
-        return amx.int_mm(a_codes, b_codes)
+    if out is None and runs_amx(a_codes, b_codes.shape[1]):
+        return amx.int_mm(a_codes, b_codes, packed_b)
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
@@ -234,14 +241,19 @@ def _gemm_panels(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | 
     out = torch.empty(m, n, dtype=out_dtype, device=a.codes.device)
     per_row = a_scale.shape[0] != 1
     count = m // rows  # panels of ⌊m/count⌋ or ⌈m/count⌉ ≥ rows rows: no short last one
+    packed = None  # the right operand packed once for AMX, not once a panel
+    if runs_amx(a.codes[: m // count], n) and amx.reads_left(a.codes):
+        with scope("lowbit::gemm"):
+            packed = amx.pack_right(b.codes)
     for t in range(count):
         i, j = m * t // count, m * (t + 1) // count
         with scope("lowbit::gemm"):
-            acc = int_mm(a.codes[i:j], b.codes)
+            acc = int_mm(a.codes[i:j], b.codes, packed_b=packed)
         with scope("lowbit::epilogue"):
             kernels.run("int8_epilogue_into", acc, a_scale[i:j] if per_row else a_scale, b_scale,
                         None, None, None, None, k, bias)
             out[i:j].copy_(acc.view(torch.float32))
+        del acc  # not beside the next panel's
     return out
 
 

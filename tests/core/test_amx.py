@@ -270,6 +270,39 @@ def test_coverage_counts_attention_heads_on_amx_as_int8() -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize("b_t", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_panels_share_one_packing_of_the_right_operand(
+        monkeypatch: pytest.MonkeyPatch, b_t: bool, threads: int) -> None:
+    """A bf16 GEMM output by row panels on AMX packs its right operand once
+    (``amx.pack_right``), not once a panel (+12% of the FFN step when it did), and has
+    the bits of one GEMM; the op reads a given packing instead of ``b``."""
+    from lowbit.kernels import Backend, Encoded, kernels_for, reference
+
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 1100, 192, 200  # 4 panels of 275 rows (row tiles of 16 end inside them)
+    a = Encoded(_codes((m, k), False, g), torch.rand(m, 1, generator=g) * 1e-2)
+    b = Encoded(_codes((k, n), b_t, g), torch.rand(1, n, generator=g) * 1e-2)
+    monkeypatch.setattr(amx, "MIN_MACS", 1)
+    monkeypatch.setattr(int8, "PANEL", 256 * n)
+    packs = []
+    pack = amx.pack_right
+    monkeypatch.setattr(amx, "pack_right", lambda x: packs.append(x.shape) or pack(x))
+    kern = kernels_for(Backend.AUTO, "cpu")
+    assert int8.panel_rows(a, b, torch.bfloat16) == 256
+    with num_threads(threads):
+        got = int8.gemm(kern, a, b, None, torch.bfloat16)
+    assert packs == [(k, n)]
+    want = reference.int8_epilogue(_exact(a.codes, b.codes), a.scale, b.scale, None, None, None, None,
+                                   k, None, torch.bfloat16)
+    assert torch.equal(got, want)
+    packed = pack(b.codes)  # the op with a packing: the same sums, b itself not read
+    assert torch.equal(amx.int_mm(a.codes[:300], b.codes, packed), _exact(a.codes[:300], b.codes))
+    assert torch.equal(amx.int_mm(a.codes[:300], torch.zeros_like(b.codes), packed),
+                       _exact(a.codes[:300], b.codes))
+
+
+@needs_amx
 def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
     a = torch.zeros(32, 64, dtype=torch.int8)
     with pytest.raises(TypeError, match="int8 operands"):
@@ -290,6 +323,13 @@ def test_op_rejects_wrong_dtypes_shapes_and_too_long_sums() -> None:
         torch.ops.lowbit.int8_bmm(batch, batch[:1].mT)
     with pytest.raises(ValueError, match="can overflow"):
         torch.ops.lowbit.int8_bmm(long.unsqueeze(0), long.t().unsqueeze(0))
+    with pytest.raises(ValueError, match="not a packing of a"):
+        torch.ops.lowbit.int8_mm(a, a.t(), torch.zeros(64 * 16, dtype=torch.int8))  # (64, 32) needs 64·32
+    with pytest.raises(ValueError, match=r"a \(K, N\) operand"):
+        amx.pack_right(batch)
+    with pytest.raises(TypeError, match="int8 operands"):
+        amx.pack_right(a.float())
+    assert amx.pack_right(a.t()).numel() == 64 * 32
     assert amx.MAX_K == int8.MAX_K
 
 
