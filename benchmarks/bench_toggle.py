@@ -68,9 +68,9 @@ Toggles (each is "on" as lowbit ships it):
                sum in another order, equal to float32 rounding; the memory is
                ``bench_step.py``'s peak MB)
   gemm-panels  a bf16/float16 GEMM output by row panels of 2²⁰ elements of its int32
-               accumulator, as lowbit ships it on a CPU without AMX; off: one whole
-               accumulator, as it ships with AMX (``lowbit.kernels.int8.PANEL`` = 0; the
-               same values)
+               accumulator, as lowbit ships it (with AMX, one packing of the right
+               operand for all panels); off: one whole accumulator
+               (``lowbit.kernels.int8.PANEL`` = 0; the same values)
   softmax      attention's scores epilogue, mask and softmax (and ∇P's epilogue with the
                softmax backward) as one AVX-512 pass each (``lowbit.kernels.softmax``);
                off: the compiled epilogue, the mask addition and ATen's softmax (equal to

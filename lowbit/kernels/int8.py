@@ -34,22 +34,18 @@ CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 ==
 # Output elements per row panel of a CPU GEMM whose output is narrower than its int32
 # accumulator (bf16 or float16: a model under autocast, or a half-precision model), so
 # that the accumulator exists a panel at a time, not beside the whole output (:func:`gemm`);
-# 0: off, None: decided at first use (:func:`panel_size`).
+# 0: off, None: the automatic choice (:func:`panel_size`).
 PANEL: int | None = None
-# The automatic choice: panels of 2**20 elements (4 MB of int32) where lowbit's AMX kernel
-# does not run the GEMMs — there a panel costs 1-3% of a step (gpt2-block's bf16 peak
-# 67.8 -> 55.1 MB, below bf16 autocast's 58.6; docs/benchmarks.md "GEMM panels on a CPU
-# without AMX") — and none with AMX, whose right operand is repacked for every panel
-# (+12% of the FFN step for 10 MB: "Peak memory under autocast").
+# The automatic choice: panels of 2**20 elements (4 MB of int32) on every CPU. gpt2-block's
+# bf16 peak 67.8 -> 57.3 MB on the Intel Xeon (AMX), 55.1 on the AMD EPYC, below bf16
+# autocast's 58.6, for no measurable time (docs/benchmarks.md "GEMM panels with AMX": the
+# AMX kernel packs the right operand once for all panels, amx.pack_right).
 AUTO_PANEL = 1 << 20
 
 
 def panel_size() -> int:
-    """:data:`PANEL` where set, else :data:`AUTO_PANEL` on a CPU without lowbit's AMX
-    kernel and 0 (no panels) with it."""
-    if PANEL is not None:
-        return PANEL
-    return 0 if amx.available() else AUTO_PANEL
+    """:data:`PANEL` where set, else :data:`AUTO_PANEL`."""
+    return AUTO_PANEL if PANEL is None else PANEL
 
 
 def available(device: torch.device | str) -> bool:

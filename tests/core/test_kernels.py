@@ -573,16 +573,17 @@ def test_int_mm_refuses_sums_that_could_wrap() -> None:
     assert int(int8.int_mm(a[0, :, :-1], b[0, :-1])) == int8.MAX_K * 128 * 128  # at MAX_K: exact
 
 
-def test_gemm_panels_are_on_by_default_where_amx_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``int8.PANEL`` None: panels of ``AUTO_PANEL`` elements where lowbit's AMX kernel does
-    not run the GEMMs (1–3% of a step there, gpt2-block's bf16 peak 67.8 → 55.1 MB), none
-    where it does (its right operand repacked per panel: +12%); a set ``PANEL`` wins."""
+def test_gemm_panels_are_on_by_default_with_and_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``int8.PANEL`` None: panels of ``AUTO_PANEL`` elements on every CPU (gpt2-block's
+    bf16 peak 67.8 → 57.3 MB with AMX, whose right operand is packed once for all
+    panels; 55.1 without); a set ``PANEL`` wins."""
     from lowbit.kernels import amx, int8
 
     monkeypatch.setattr(int8, "PANEL", None)
-    monkeypatch.setattr(amx, "available", lambda: False)
-    assert int8.panel_size() == int8.AUTO_PANEL == 1 << 20
-    monkeypatch.setattr(amx, "available", lambda: True)
-    assert int8.panel_size() == 0
+    for has_amx in (False, True):
+        monkeypatch.setattr(amx, "available", lambda has_amx=has_amx: has_amx)
+        assert int8.panel_size() == int8.AUTO_PANEL == 1 << 20
     monkeypatch.setattr(int8, "PANEL", 4096)
     assert int8.panel_size() == 4096
+    monkeypatch.setattr(int8, "PANEL", 0)
+    assert int8.panel_size() == 0
