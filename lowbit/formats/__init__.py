@@ -28,7 +28,11 @@ quantizer given ``x`` (:func:`element_variance`). Every scale rule keeps ``|y| �
   over ``[min, max]`` of the group, ``s = (max − min)/(2^b − 1)``; codes are stored
   centred, ``c = q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]`` (8-bit codes ``0..255`` as
   ``q − 128`` in int8), with ``m = min + 2^(b−1)·s``. A constant group has ``s = 0`` and
-  ``m = min``: exact. Domain: ``max − min`` must be finite in the compute dtype.
+  ``m = min``: exact. Domain: a group whose ``(max − min)·2^(b−1)/(2^b − 1)`` passes the
+  compute dtype's largest value (values beyond ±0.75·max at 2 bits, ±0.996·max at 8)
+  overflows its offset ``m`` or its lowest level ``−2^(b−1)·s``, and dequantizes
+  non-finite (a range ``max − min`` up to that bound, even past the dtype's max, is
+  handled: the step comes from halved values).
 * :class:`FloatFormat` ``e4m3`` / ``e5m2`` (OCP FP8: max 448 / 57344, 3 / 2 mantissa bits,
   subnormals down to 2⁻⁹ / 2⁻¹⁶): ``s = absmax/emax`` per tensor or row.
 * :class:`BlockFormat`: ``mxfp8_e4m3``, ``mxfp8_e5m2`` (block 32, a power-of-two block
@@ -44,12 +48,15 @@ quantizer given ``x`` (:func:`element_variance`). Every scale rule keeps ``|y| �
   power of two over the compute dtype's whole exponent range, not clamped to E8M0's
   ``[2⁻¹²⁷, 2¹²⁷]`` — a block of float32 subnormals gets a scale down to ≈ 2⁻¹⁴⁹ and a
   float64 block above ≈ ``emax·2¹²⁷`` one above 2¹²⁷, which MX hardware cannot encode
-  (lowbit stays unbiased there; hardware would flush or saturate). In float32 an NVFP4
-  block whose ``s·b`` underflows (group maxima below ≈ 10⁻³⁵, subnormal blocks beside
-  them) quantizes to 0: biased at that extreme, where a float64 operand is not.
+  (lowbit stays unbiased there; hardware would flush or saturate). An NVFP4 group scale
+  is at least 2⁹ times the dtype's smallest subnormal (E4M3 block scales are multiples of
+  2⁻⁹), so ``s·b`` stays exact for groups of subnormals too (a smaller one made ``s·b``
+  round or underflow: elements past 6 or a block quantized to 0, biased; a review,
+  2026-12-05).
 
 Non-finite values are never made finite: a NaN or ±Inf in a group makes its scale (or
-offset) non-finite, so every value of the group dequantizes non-finite. An all-zero group
+offset) non-finite, so every value of the group dequantizes non-finite (for MX formats,
+whose group scale is 1, every value of the block: its block scale). An all-zero group
 (or block) has scale 0: codes 0, no variance. Arithmetic runs in :func:`compute_dtype`.
 
 The package, one concept per module: :mod:`~lowbit.formats.base` (enums, bit widths,

@@ -25,7 +25,9 @@ runs on the compiled or reference kernel as before. The steps are those of
 :func:`lowbit.formats.grid_step` on the absmax the C code computes, the codes those of
 :func:`lowbit.kernels.reference.quantize` bit for bit: the same IEEE division,
 floor, comparison with the same counter-based noise, nearest-even rounding and clamp (the
-C file's header gives the arithmetic). A self-test compares the two on random,
+C file's header gives the arithmetic). One exception: the FP8 codes of a group holding a
+NaN (whose step is NaN, so every value dequantizes NaN either way) may be another NaN
+bit pattern than the reference's (0xFF against 0x7F on the conv pair's ∇W side). A self-test compares the two on random,
 all-zero, non-finite and tail-shaped operands, with one thread and with two, before the
 kernel is used; a failed test, a missing compiler or a failed build is a
 ``RuntimeWarning`` and the compiled kernel runs instead. ``LOWBIT_AVX512=0`` turns it

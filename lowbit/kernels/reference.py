@@ -86,7 +86,12 @@ def _prepare_blocks(x: torch.Tensor, fmt: Format, granularity: Granularity
         gamax = _group(x.abs(), granularity, "amax")
         top = _E4M3.max * el.max  # 2688: the largest element of the largest block
         if up:
-            scale = pow2_step(gamax, top)  # a power of two: bs·scale is exact
+            # a power of two, at least 2⁹ times the smallest subnormal: E4M3 block scales are
+            # multiples of 2⁻⁹, so bs·scale is exact (a subnormal group scale made it round:
+            # elements past 6, biased, in float64 too; or underflow to 0 in float32)
+            scale = pow2_step(gamax, top)
+            fi = torch.finfo(scale.dtype)
+            scale = torch.where(scale > 0, scale.clamp_min(fi.smallest_normal * fi.eps * 2.0**9), scale)
             bs = round_up_on(bamax / _nonzero(scale) / el.max, _E4M3)
             bs = torch.where(bamax > el.max * bs * scale, bs + _E4M3.spacing(bs), bs)
         else:

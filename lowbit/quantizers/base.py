@@ -269,11 +269,14 @@ class GradQuantizer(abc.ABC):
     ) -> tuple[RowTransform, torch.Tensor]:
         """The transform of ``a`` and the stochastic-rounding variance ``(y − lo)(hi − y)·s²``
         of each element of ``T·a`` (float64, shape of ``T·a``; exactly as the kernels
-        compute ``y`` and ``s``). All-zero groups add 0. Raises ``ValueError`` for a format
+        compute ``y`` and ``s``). All-zero groups add 0; an empty ``a`` gives an empty
+        variance (identity transform). Raises ``ValueError`` for a format
         that clips (``*_spec``): its error is not this variance alone but a clipping bias
         too, which these formulas (and :meth:`expected_variance`, :meth:`variance_bound`)
         do not have — measure such a format's error from draws of :meth:`quantize`."""
         refuse_clipping(parse_format(fmt), f"{self.name}.rounding_variance")
+        if a.numel() == 0:  # nothing to round (quantize takes empty operands too)
+            return Identity(a.shape[0]), torch.zeros(a.shape, dtype=torch.float64, device=a.device)
         t, y, s, fmt = self._elements(a, fmt, generator)
         return t, element_variance(y, fmt) * s * s
 
@@ -284,6 +287,8 @@ class GradQuantizer(abc.ABC):
         variances, pushed through ``T⁻¹``. (For random transforms: given that draw.)
         ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
         refuse_clipping(parse_format(fmt), f"{self.name}.expected_variance")
+        if a.numel() == 0:
+            return torch.zeros((), dtype=torch.float64, device=a.device)
         t, var = self.rounding_variance(a, fmt, generator)
         return t.inverse_sq(var.sum(dim=1)).sum()
 
@@ -293,6 +298,8 @@ class GradQuantizer(abc.ABC):
         (``step²/4`` on an integer grid); an all-zero group has no variance and adds 0.
         ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
         refuse_clipping(parse_format(fmt), f"{self.name}.variance_bound")
+        if a.numel() == 0:
+            return torch.zeros((), dtype=torch.float64, device=a.device)
         t, y, s, fmt = self._elements(a, fmt, None)
         per_elem = element_spacing_sq(y, fmt) * s * s / 4
         return t.inverse_sq(per_elem.sum(dim=1)).sum()

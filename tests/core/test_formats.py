@@ -134,6 +134,30 @@ def test_block_scales_round_up_so_nothing_clips(name: str) -> None:
     assert bool((bamax[live] > fmt.emax * smaller[live] * scale.expand_as(bs)[live]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nvfp4_group_scale_of_subnormals_keeps_block_scales_exact_and_unbiased(dtype: torch.dtype) -> None:
+    """A group whose largest value is a few subnormal spacings ``u`` (37u): its power-of-two
+    scale (1u) times an E4M3 block scale (6.5) is not representable, so ``bs·scale``
+    rounded (to 6u): elements of 6.17 > 6, code 8 (no E2M1 value), the mean 40.08u (z =
+    384) — in float64 too. The group scale is now at least 2⁹u (E4M3 block scales are
+    multiples of 2⁻⁹): exact products, E2M1 codes, unbiased (z-test at 5σ over N =
+    100,000 independently rounded copies of the value)."""
+    fmt = parse_format("nvfp4")
+    fi = torch.finfo(dtype)
+    u = fi.smallest_normal * fi.eps
+    for value in (37, 3, 1000):
+        x = torch.full((100_000, 1), value * u, dtype=dtype)
+        y, scale, _, bs = reference.prepare(x[:1], fmt, Granularity.ROW)
+        assert float(y.abs().max()) <= fmt.emax and float(bs * scale) > 0
+        assert float(bs.double() * scale.double()) == float(bs * scale)  # the product is exact
+        codes, scale, _, bs = reference.quantize(x, fmt, Granularity.ROW, Rounding.STOCHASTIC,
+                                                 torch.tensor(12345))
+        assert set(codes.float().abs().unique().tolist()) <= set(_grid("e2m1").tolist())
+        draws = codes.to(torch.float64) * (bs.double() * scale.double()) / u  # units of u, exact
+        mean, se = float(draws.mean()), float(draws.std()) / math.sqrt(draws.numel())
+        assert abs(mean - value) <= 5 * max(se, 1e-12), (value, mean, se)
+
+
 def test_spec_rule_clips_and_is_biased_where_round_up_is_not() -> None:
     # One block whose largest element is 1.9·2^k: the OCP MX exponent ⌊log2 1.9·2^k⌋ − 2
     # maps it to 7.6 > 6, so the spec's rule clips it to 6·2^(k−2); lowbit's rule does not.

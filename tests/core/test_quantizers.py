@@ -461,6 +461,35 @@ def test_asymmetric_range_past_the_max_stays_finite_and_unbiased(name: str) -> N
     assert_unbiased(s, g.double())
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_asymmetric_grid_is_finite_up_to_its_documented_bound(bits: int) -> None:
+    """README's limit, stated after a review found the "handled" range overstated: a group
+    of ±v is finite while ``2v·2^(b−1)/(2^b − 1) ≤ max`` (just inside: ×0.999) and
+    dequantizes non-finite just past it (×1.001), where its offset overflows."""
+    top = torch.finfo(torch.float32).max
+    bound = top * (2**bits - 1) / 2**bits  # the largest v with 2v·2^(b−1)/(2^b − 1) ≤ max
+    for factor, finite in ((0.999, True), (1.001, False)):
+        v = min(bound * factor, top)
+        g = torch.tensor([[v, -v, 1.0, 0.0]])
+        out = lowbit.quantize_grad(g, "psq", f"int{bits}a", torch.Generator().manual_seed(0))
+        assert bool(torch.isfinite(out).all()) is finite, (bits, factor)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
+@pytest.mark.parametrize("q", QUANTIZERS)
+def test_variance_formulas_of_an_empty_operand_are_zero(q: str, shape: tuple[int, int]) -> None:
+    """``quantize`` takes an empty operand; its variance formulas raised (``amax()`` of an
+    empty reduction, ``IndexError``): now no element, no variance."""
+    from lowbit.analysis.bounds import weighted_expected_variance
+
+    a, quantizer = torch.zeros(shape), get_quantizer(q)
+    _, var = quantizer.rounding_variance(a, "int4")
+    assert var.shape == shape and var.dtype == torch.float64
+    assert quantizer.expected_variance(a, "int4").item() == 0.0
+    assert quantizer.variance_bound(a, "int4").item() == 0.0
+    assert weighted_expected_variance(q, a, IntFormat(4), torch.ones(shape[1])).item() == 0.0
+
+
 def test_variance_formulas_say_inf_not_nan_past_the_dtypes_range() -> None:
     """A review: BHQ's ``inverse_sq`` gave ``−inf + inf = NaN`` where the variance overflows
     float64 (groups of ≥ 5 rows), the other quantizers ``inf``; a NaN input stays NaN."""
