@@ -229,10 +229,10 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
         like = a.codes if a.codes is not None else a.values  # (a strict backend refused it: a review)
         return like.new_zeros((n_batch, m, n), dtype=dtype), None, None, kernels
     if backend.value in ("int8", "fp8") and a.lowbit and b.lowbit:  # no silent simulation
-        why = "a row transform, offset or block scale" if not both else \
-            "a scale on the summed dimension, or codes or shapes the kernel refuses"
+        why = "lowbit's attention has no FP8 kernel" if backend is Backend.FP8 else \
+            _why_simulated(a, b, backend, integer, m * k * n)  # the reason coverage gives
         raise ValueError(f"backend={backend.value!r} cannot compute attention's {what} GEMM "
-                         f"per head: it has {why}; use backend='auto' (simulated there)")
+                         f"per head ({why}); use backend='auto' (simulated there)")
     a_values, b_values = a.dequantize(dtype, kernels), b.dequantize(dtype, kernels)
     with scope("lowbit::gemm"), grid_notes.simulating(lambda: _why_simulated(a, b, backend, integer, m * k * n)):
         return torch.matmul(a_values, b_values), None, None, kernels

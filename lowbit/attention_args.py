@@ -55,13 +55,18 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
     """The additive mask as (1, L, S) when it is the same for every batch entry and head,
     else as (*lead, L, S) — an expanded view of the mask, so that a per-batch mask shared
     by the heads is not copied per head (whoever saves it keeps only its own storage);
-    bool masks keep ``True`` positions (``False`` → ``-inf``)."""
+    bool masks keep ``True`` positions (``False`` → ``-inf``), converted at the size of
+    their distinct elements (a stride-0 dimension, e.g. transformers' causal mask expanded
+    over the batch, stays size 1 until the final expanded view)."""
     if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
         keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
         return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
     if attn_mask is None:
         return None
     m = attn_mask
+    for d in range(m.dim()):  # broadcast dimensions (stride 0, as transformers' masks come) at
+        if m.stride(d) == 0 and m.shape[d] > 1:  # size 1: a bool mask is not written out
+            m = m.narrow(d, 0, 1)                  # per batch entry below (a review: 4·B·L·S bytes)
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
     full = (*lead, lq, s)

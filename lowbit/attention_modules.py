@@ -319,8 +319,24 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
 
 
 # -- how convert swaps them in -----------------------------------------------------------------
+def sdpa_reason(mod: nn.Module) -> str | None:
+    """Why a :class:`ScaledDotProductAttention` cannot become an
+    :class:`FQTScaledDotProductAttention` that computes the same thing, or ``None``: it
+    must be exactly that class (a subclass's own forward, e.g. a learned logit scale,
+    would be lost), own no parameters, buffers or children (the converted module has
+    none), have no instance ``forward``, and carry no hooks."""
+    cls = type(mod)
+    if cls is not ScaledDotProductAttention:
+        return (f"{cls.__qualname__} is a subclass of ScaledDotProductAttention: its own forward, "
+                "parameters or state would be lost")
+    owned = sorted({*mod._parameters, *mod._buffers, *mod._modules} | ({"forward"} & set(vars(mod))))
+    if owned:
+        return f"owns more than ScaledDotProductAttention defines (none): {owned}"
+    return hooks_reason(mod)
+
+
 def _swap_sdpa(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Module | str:
-    return hooks_reason(mod) or FQTScaledDotProductAttention.from_float(mod, config, seed, name)
+    return sdpa_reason(mod) or FQTScaledDotProductAttention.from_float(mod, config, seed, name)
 
 
 def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Module | str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -133,6 +134,9 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
                      "scale, activation.granularity='row', lies on its summed dimension)")
     attention = any(isinstance(m, (FQTMultiheadAttention, FQTScaledDotProductAttention)) for m in model.modules())
     grads = [g for g in (config.grad_input, config.grad_weight) if g is not None]
+    if backend is Backend.FP8 and attention and config.activation is not None:
+        found.append("every attention product (lowbit's attention has no FP8 kernel; Q·Kᵀ raises at "
+                     "the first forward)")
     if attention and config.grad_input is not None and config.grad_input.quantizer == "bhq":
         found.append("attention's ∇P per head (BHQ's row transform mixes the query rows of a head's product)")
     if attention and config.grad_input is not None and config.grad_input.quantizer == "hadamard":
@@ -375,9 +379,12 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         converted.append(name)
         return rebuild(module, plain, lambda m: cls.from_float(m, config, seed=base, name=name))
 
-    def swap_by(rule: SwapRule, module: nn.Module, name: str) -> nn.Module:
+    def swap_by(rule: SwapRule, module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
         if module_filter is not None and not module_filter(module, name):
             excluded.append(name)
+            return module
+        if module_filter is not None and _attention_turned_down(module_filter, parent, name):
+            excluded.append(name.rpartition(".")[0])  # the attention module the filter turned down
             return module
         if isinstance(module, rule.fqt):
             kept.update(id(b) for b in fqt_blocks(module).values())
@@ -405,7 +412,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
                     (module_filter is None or module_filter(module, prefix)):
                 skipped[prefix] = (f"{type(module).__name__} has no lowbit layer: its own GEMMs run in float "
                                    "(README 'What stays in float')")  # its children are still converted
-            new = module if rule is None else swap_by(rule, module, prefix)
+            new = module if rule is None else swap_by(rule, module, prefix, parent)
             internal = rule.internal if rule is not None and isinstance(new, rule.fqt) else ()
             for name, child in list(new._modules.items()):  # aliases too (named_children dedups)
                 if child is None or name in internal:
@@ -543,6 +550,17 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
+
+
+def _attention_turned_down(module_filter: ModuleFilter, parent: nn.Module | None, name: str) -> bool:
+    """Whether ``name`` is the ``lowbit_attention`` child :mod:`lowbit.hf` gave a Hugging
+    Face attention module (``parent``) that ``module_filter`` rejects: its products stay
+    float as the filter says (the child alone was asked, a review found), as
+    :func:`_filter_wants` reads the same filter."""
+    hf = sys.modules.get("lowbit.hf")  # loaded where such children exist
+    if hf is None or parent is None or name.rpartition(".")[2] != hf.CHILD:
+        return False
+    return not module_filter(parent, name.rpartition(".")[0])
 
 
 def _filter_wants(module_filter: ModuleFilter, model: nn.Module, name: str) -> bool:

@@ -301,14 +301,18 @@ def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("what, cfg, message", [
     ("bhq", FQTConfig.from_recipe("fqt-bhq-8", backend="int8"),
-     "backend='int8' cannot compute attention's ∇P GEMM per head: it has a row transform, "
-     "offset or block scale; use backend='auto' (simulated there)"),
-    ("per-row V", dataclasses.replace(FQT, activation=OperandSpec(8, "row"), backend="int8"),
-     "backend='int8' cannot compute attention's P·V GEMM per head: it has a scale on the "
-     "summed dimension, or codes or shapes the kernel refuses; use backend='auto' "
+     "backend='int8' cannot compute attention's ∇P GEMM per head (an operand has a row "
+     "transform (BlockHouseholder) that mixes rows of different heads); use backend='auto' "
      "(simulated there)"),
+    ("per-row V", dataclasses.replace(FQT, activation=OperandSpec(8, "row"), backend="int8"),
+     "backend='int8' cannot compute attention's P·V GEMM per head (a scale on the summed "
+     "dimension, or shapes the integer kernel refuses); use backend='auto' (simulated there)"),
+    ("fp8", FQTConfig.from_recipe("fp8-tensorwise", backend="fp8"),  # a review: it blamed scales
+     "backend='fp8' cannot compute attention's Q·Kᵀ GEMM per head (lowbit's attention has no "
+     "FP8 kernel); use backend='auto' (simulated there)"),
 ])
 def test_int8_backend_refuses_what_it_cannot_run(what: str, cfg: FQTConfig, message: str) -> None:
+    """The refusal names the cause coverage gives for the same product (``_why_simulated``)."""
     q, k, v = qkv()
     with pytest.raises(ValueError) as err:
         scaled_dot_product_attention(q, k, v, state=cfg).sum().backward()
@@ -1079,3 +1083,60 @@ def test_multihead_attention_nan_rows_reach_the_gradients(through: str) -> None:
             continue
         assert bool(want.isnan().any()) and bool(got.isnan().any()), name
         assert torch.equal(got.isnan(), want.isnan()), name
+
+
+def test_a_broadcast_bool_mask_is_not_written_out_per_batch_entry() -> None:
+    """transformers hands its causal mask as a bool (B, 1, L, S) view of stride 0 over
+    the batch; the additive form was built at (B, 1, L, S) and saved whole for the
+    backward (4·B·L·S bytes a layer, a review): now at its distinct elements (1, L, S),
+    with outputs and gradients bitwise those of the materialized mask."""
+    from lowbit.attention_args import additive_mask
+
+    keep = torch.ones(L, S, dtype=torch.bool).tril()
+    view = keep.expand(B, 1, L, S)  # stride 0 over the batch
+    add = additive_mask(view, False, (B, H), L, S, torch.empty(0))
+    assert add.shape == (1, L, S) and add.untyped_storage().nbytes() == L * S * 4
+    pad = torch.tensor([True] * (S - 1) + [False]).expand(B, 1, L, S)  # stride 0 over B and L
+    assert additive_mask(pad, False, (B, H), L, S, torch.empty(0)).untyped_storage().nbytes() == S * 4
+    outs = []
+    for mask in (view, view.contiguous(), pad, pad.contiguous()):
+        q, k, v = qkv(seed=3)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, state=block_state(FQT))  # fresh noise stream
+        out.sum().backward()
+        outs.append([out.detach(), q.grad, k.grad, v.grad])
+    for a, b in ((outs[0], outs[1]), (outs[2], outs[3])):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_convert_leaves_attention_modules_it_cannot_swap_faithfully() -> None:
+    """``convert`` swapped any ``ScaledDotProductAttention`` instance: a subclass with a
+    learned logit scale and its own forward lost both (its output 23 off under the fp
+    recipe, the parameter gone from the state dict), an instance with a buffer lost it.
+    Now such modules stay float, listed in ``skipped`` with the reason."""
+    class Temp(AM.ScaledDotProductAttention):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, q, k, v, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN201
+            return 10 * super().forward(q, k, v, scale=float(self.logit_scale))
+
+    buffered = AM.ScaledDotProductAttention()
+    buffered.register_buffer("bias", torch.zeros(1))
+    patched = AM.ScaledDotProductAttention()
+    patched.forward = lambda q, k, v, *a, **kw: 2 * F.scaled_dot_product_attention(q, k, v)
+    q = torch.randn(1, 2, 5, 8)
+    for mod, why in ((Temp(), "is a subclass of ScaledDotProductAttention"),
+                     (buffered, r"owns more than ScaledDotProductAttention defines \(none\): \['bias'\]"),
+                     (patched, r"owns more .*\['forward'\]")):
+        model = torch.nn.Sequential(mod)
+        with torch.no_grad():
+            want = model[0](q, q, q)
+        keys = list(model.state_dict())
+        with pytest.warns(lowbit.ConversionWarning, match=why):
+            model, report = lowbit.convert(model, FQTConfig.from_recipe("fp"), report=True)
+        assert model[0] is mod and list(report.skipped) == ["0"] and list(model.state_dict()) == keys
+        with torch.no_grad():
+            assert torch.equal(model[0](q, q, q), want)
+    converted = lowbit.convert(torch.nn.Sequential(AM.ScaledDotProductAttention()), FQT)
+    assert type(converted[0]) is AM.FQTScaledDotProductAttention  # the plain module still converts

@@ -197,6 +197,19 @@ def test_filter_keeps_attention_float() -> None:
     assert rep.flops("simulated") == 0 and 0 < rep.float_share < 0.2
 
 
+def test_filter_turning_down_the_attention_module_keeps_its_products_float() -> None:
+    """A filter rejecting the attention module itself (not its ``lowbit_attention``
+    child) converted the products anyway, though convert read that filter as keeping them
+    float when it decided what to list (a review): the attention stays float, its
+    projections convert, ``excluded`` names the attention modules."""
+    float_model = gpt2()
+    attn = type(float_model.transformer.h[0].attn)
+    model, report = convert(copy.deepcopy(float_model), module_filter=lambda m, n: not isinstance(m, attn))
+    assert set(report.excluded) == {f"transformer.h.{i}.attn" for i in range(2)}
+    assert attention_blocks(model) == {} and model.config._attn_implementation != hf.IMPLEMENTATION
+    assert "transformer.h.0.attn.c_attn" in report.converted
+
+
 def test_attention_the_filter_turns_down_is_not_listed_as_skipped() -> None:
     """Attention that must stay float (GPT-OSS's sinks) was listed in ``skipped`` (and
     the warning) even when the user's ``module_filter`` had turned it down: a filter that

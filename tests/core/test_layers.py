@@ -260,6 +260,12 @@ def test_fp8_backend_conflicts_are_named_at_convert() -> None:
         model = lowbit.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), fp8)
     with pytest.raises(ValueError, match="FP8 convolution has no _scaled_mm kernel"):
         model(torch.randn(1, 3, 8, 8))  # what the warning announced
+    # attention products (a review: named by nothing, then "a scale on the summed dimension")
+    with pytest.warns(lowbit.ConversionWarning, match=r"every attention product \(lowbit's attention has no FP8"):
+        attn = lowbit.convert(nn.MultiheadAttention(16, 2, batch_first=True), fp8)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="attention's Q·Kᵀ GEMM per head \\(lowbit's attention has no FP8 kernel"):
+        attn(x, x, x)  # what the warning announced
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error", lowbit.ConversionWarning)
