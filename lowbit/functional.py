@@ -361,8 +361,9 @@ def conv_geometry(op: str, name: str, value: Any, dims: int, least: int) -> tupl
     ok = isinstance(vals, (tuple, list)) and len(vals) in (1, dims) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= least for v in vals)
     if not ok:
-        raise RuntimeError(f"{op}: expected {name} to be an integer ≥ {least} or a sequence of 1 or {dims} "
-                           f"such integers, got {value!r}")
+        count = "1 such integer" if dims == 1 else f"1 or {dims} such integers"
+        raise RuntimeError(f"{op}: expected {name} to be an integer ≥ {least} or a sequence of {count}, "
+                           f"got {value!r}")
     return tuple(vals) * dims if len(vals) == 1 else tuple(vals)
 
 

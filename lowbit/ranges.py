@@ -178,8 +178,10 @@ class RangeTracker:
             else:
                 self.record(a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1))
             return kernels.quantize(y, fmt, granularity, rounding, seed)
-        # a float64 history's range on a float32 operand: at most float32's largest value
-        amax = amax.clamp(max=torch.finfo(compute_dtype(y.dtype)).max)
+        # a float64 history's range on a float32 operand: at most float32's largest value; a
+        # float32 history on a float64 operand (a Hadamard block moved to float64 for its
+        # magnitudes) at most its own (clamping it to float64's raised: a review)
+        amax = amax.clamp(max=min(torch.finfo(amax.dtype).max, torch.finfo(compute_dtype(y.dtype)).max))
         enc, observed, n_over, clipped_sq, total_sq = kernels.quantize_fixed(
             y, amax.to(y.device), fmt, rounding, seed)
         self.record(observed)

@@ -105,15 +105,50 @@ def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int
             and out_w >= 2)
 
 
+PROBE_SIZE = 12  # the spatial size (at most) of a grouped geometry's probe
+
+
+@functools.lru_cache(maxsize=4096)
+def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
+                  padding: tuple[int, ...]) -> bool:
+    """Whether oneDNN's int8 convolution gives the exact sums for this grouped geometry
+    (``w_shape`` (C_out, C/groups, kH, kW)), probed once per process: random codes on
+    one sample of at most :data:`PROBE_SIZE`² positions (within :func:`geometry_ok`)
+    against the float64 convolution. torch 2.13's ``qconv2d_pointwise`` got grouped
+    convolutions wrong — the same wrong sums on every call — for groups of 31 or more
+    output channels with 1, 2, 3, 5–7, 9, 10, 13, 17, 24, 28 or 31 input channels (a
+    review: ``Conv2d(48, 96, 3, groups=2)``'s output 3.3× off, ``Conv2d(192, 96, 3,
+    stride=2, groups=4)``'s ∇X by 5e5), which the one probe of ungrouped codes did not
+    see. Hidden from dispatch modes, as :func:`_exact_here`."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    co, cg = w_shape[0], w_shape[1]
+    shape = [min(n, max(PROBE_SIZE, k)) for n, k in zip(size, w_shape[2:])]
+    if not geometry_ok(shape, w_shape[2:], stride, padding, (1, 1)):
+        shape = list(size)  # the probe at the layer's own size
+    g = torch.Generator().manual_seed(co * 7919 + cg)
+    with _disable_current_modes(), torch.no_grad():
+        try:
+            x = torch.randint(-127, 128, (1, cg * groups, *shape), dtype=torch.int8, generator=g)
+            w = torch.randint(-127, 128, tuple(w_shape), dtype=torch.int8, generator=g)
+            got = conv_acc(x, w, stride, padding, (1, 1), groups)
+        except RuntimeError:  # a geometry this build's op refuses
+            return False
+        want = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, 1, groups)
+        return bool(torch.equal(got.double(), want))
+
+
 def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: Sequence[int],
               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether :func:`conv_acc` is exact for these operands: int8 codes on the CPU,
     ``K = C/groups·kH·kW ≤ MAX_K``, a geometry oneDNN computes (:func:`geometry_ok`; ``size``
-    the input's spatial (H, W)), and this machine's oneDNN passes the probe."""
+    the input's spatial (H, W)), this machine's oneDNN passes the probe, and, with
+    ``groups > 1``, the geometry's own probe (:func:`grouped_exact`)."""
     k = w_shape[1] * w_shape[2] * w_shape[3]
     return (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
             and x_codes.numel() > 0 and geometry_ok(size, w_shape[2:], stride, padding, dilation)
-            and _exact_here())
+            and _exact_here()
+            and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding))))
 
 
-__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok"]
+__all__ = ["MAX_K", "PROBE_SIZE", "available", "conv_acc", "geometry_ok", "grouped_exact"]

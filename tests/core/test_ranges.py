@@ -588,3 +588,26 @@ def test_a_skipped_first_step_keeps_its_counters() -> None:
     lowbit.nn.restore_ranges(snap, counters=False)
     t = model[2].range_trackers["grad_weight"]
     assert t.stats.nonfinite_calls == 1 and t.predict() is None and t._count == 0
+
+
+@pytest.mark.parametrize("edit", ["inf", "huge", "tiny"])
+def test_predicted_hadamard_with_a_block_moved_to_float64_does_not_raise(edit: str) -> None:
+    """Hadamard moves a block to float64 past 2¹⁰⁰ or below 2⁻⁶⁰; the predicted range from
+    the float32 history was clamped to float64's largest value, which raised ("value
+    cannot be converted to type float without overflow") in the backward (a review). An
+    Inf ∇Y now gives non-finite gradients, a huge or tiny one finite gradients."""
+    torch.manual_seed(0)
+    layer = lowbit.convert(nn.Linear(8, 8), lowbit.FQTConfig.from_recipe("fqt-hadamard-8-predicted"))
+    for step in range(2):
+        x = torch.randn(16, 8, requires_grad=True)
+        y = layer(x)
+        gy = torch.randn(y.shape)
+        if step == 1:
+            if edit == "inf":
+                gy[0, 5] = float("inf")
+            else:
+                gy[0, 5] = 1e34 if edit == "huge" else gy[0, 5]
+                gy = gy * (1e-20 if edit == "tiny" else 1.0)
+        y.backward(gy)
+    finite = bool(torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all())
+    assert finite is (edit != "inf")
