@@ -38,7 +38,7 @@ else the all-gather while ``N < 8`` (8-bit codes, 2 ranks: 1 byte against fp32's
 else the int32 all-reduce (no gain; a second-stage re-quantization would be needed, not
 implemented). Both give the same integer sum, so the same bits.
 
-**Noise.** Rank ``r`` rounds parameter ``i`` (index in ``model.named_parameters()``) at
+**Noise.** Rank ``r`` (its rank in the state's process group, the DDP model's) rounds parameter ``i`` (index in ``model.named_parameters()``) at
 its ``t``-th communication with counter-based noise (:func:`lowbit.formats.counter_uniform`)
 seeded by :func:`comm_noise_seed` ``(seed, r, t, i)``: independent across ranks,
 deterministic, and independent of how DDP lays parameters out in buckets (DDP rebuilds
@@ -72,6 +72,7 @@ from dataclasses import InitVar, asdict, dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .formats import SUPPORTED_DTYPES, IntFormat, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
@@ -300,9 +301,15 @@ def step_bytes(comm: GradComm | None, numels: list[int], world: int) -> float:
 @dataclass
 class QuantizedCommState:
     """State of :func:`quantized_allreduce_hook`: the :class:`GradComm`, the process group
-    (``None``: the default group), each parameter's index and communication count, and
+    the gradients are averaged over, each parameter's index and communication count, and
     byte counters (``bytes_sent`` by this rank; ``bytes_fp32``: what DDP's fp32 all-reduce
-    of the same buckets sends; ``steps``: backward passes seen)."""
+    of the same buckets sends; ``steps``: backward passes seen).
+
+    ``process_group``: ``None`` takes the DDP model's ``process_group`` (the group its
+    buckets are reduced over), or the default group for a model that is not a
+    ``DistributedDataParallel``; given with a DDP model, it must be that model's group:
+    ``ValueError`` naming both otherwise (a review found a DDP over a subgroup averaged
+    over every rank of the job and divided by the job's size)."""
 
     model: InitVar[nn.Module]  # read once for the parameter order, not kept (see below)
     comm: GradComm
@@ -321,6 +328,15 @@ class QuantizedCommState:
         # gradient buckets and the process group until the interpreter's teardown.
         if not isinstance(self.comm, GradComm):
             raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
+        if isinstance(model, DistributedDataParallel):
+            own = model.process_group
+            if self.process_group is None:
+                self.process_group = own
+            elif not _same_group(self.process_group, own):
+                raise ValueError(f"QuantizedCommState: process_group {_group_name(self.process_group)} is "
+                                 f"not the DDP model's process_group {_group_name(own)}: the hook would "
+                                 "average over other ranks than DDP reduces its buckets over; leave "
+                                 "process_group out (it defaults to the model's)")
         module = getattr(model, "module", model)  # DDP wraps the model
         for name, p in module.named_parameters():
             if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # its bucket would be cast to real
@@ -358,6 +374,24 @@ class QuantizedCommState:
         self.fallbacks, self.steps = int(d["fallbacks"]), int(d["steps"])
 
 
+def _same_group(a: object, b: object) -> bool:
+    """Whether two process-group handles are one group."""
+    if a is b:
+        return True
+    name_a, name_b = getattr(a, "group_name", None), getattr(b, "group_name", None)
+    return name_a is not None and name_a == name_b
+
+
+def _group_name(group: object) -> str:
+    """A process group in words, for messages: its global ranks (and name)."""
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        ranks = None
+    name = getattr(group, "group_name", None)
+    return f"(ranks {ranks}{f', name {name!r}' if name else ''})" if ranks is not None else repr(group)
+
+
 def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
                              ) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's average, quantized with stochastic rounding
@@ -365,8 +399,8 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     Register with ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``.
     Shaped like torch's ``default_hooks.allreduce_hook``: returns a future of the bucket
     buffer holding the averaged gradient (in the buffer's dtype)."""
-    group = state.process_group or dist.group.WORLD
-    world, rank = group.size(), dist.get_rank(group)
+    group = state.process_group or dist.group.WORLD  # the DDP model's (QuantizedCommState)
+    world, rank = group.size(), dist.get_rank(group)  # in that group, not the job
     comm, fmt = state.comm, state.comm.format
     buf = bucket.buffer()
     if buf.layout != torch.strided:  # (the size check below passes for a sparse bucket)

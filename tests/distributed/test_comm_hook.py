@@ -97,6 +97,20 @@ def _hook_worker(rank: int, world: int) -> dict:
         out["sparse"] = ""
     except RuntimeError as exc:
         out["sparse"] = str(exc)
+    # a DDP over a subgroup (here each rank alone): the hook averages over the model's
+    # group, not every rank of the job (a review: it used WORLD, averaging rank 0's 1s
+    # with rank 1's 2s and dividing by 2); a gradient on the grid passes exactly
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    sub = DDP(torch.nn.Linear(4, 1, bias=False), process_group=groups[rank])
+    sub.register_comm_hook(QuantizedCommState(sub, COMM), quantized_allreduce_hook)
+    sub(torch.full((1, 4), float(rank + 1))).sum().backward()
+    out["subgroup_grad"] = sub.module.weight.grad.clone()
+    try:  # another group than the model's: refused, both named
+        QuantizedCommState(sub, COMM, process_group=dist.group.WORLD)
+        out["other_group"] = ""
+    except ValueError as exc:
+        out["other_group"] = str(exc)
+    out["same_group"] = QuantizedCommState(sub, COMM, process_group=groups[rank]).process_group is groups[rank]
     # the layers' own stochastic rounding: same input and seed, rank-keyed streams
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
@@ -216,6 +230,14 @@ def test_bf16_rounding_variance_is_that_of_stochastic_rounding():
     assert v[3] == 0 and v[5] > 0  # subnormals have neighbours too
     draws = stochastic_round_bf16(a[1].expand(20000).clone(), torch.Generator().manual_seed(0))
     assert abs(float(draws.double().var()) / float(v[1]) - 1) < 0.05  # 20,000 draws: s.e. ~1%
+
+
+def test_a_ddp_over_a_subgroup_is_averaged_over_that_group(hook_runs):
+    for rank, r in enumerate(hook_runs):  # each rank its own group: its own gradient
+        assert torch.equal(r["subgroup_grad"], torch.full((1, 4), float(rank + 1)))
+        assert "is not the DDP model's process_group" in r["other_group"]
+        assert "(ranks [0, 1]" in r["other_group"] and f"(ranks [{rank}]" in r["other_group"]
+        assert r["same_group"]
 
 
 def test_sparse_buckets_are_refused_with_the_reason(hook_runs):
