@@ -207,7 +207,8 @@ def _restore(state: dict[str, Any], ranks: Ranks, model: nn.Module, data_gen: to
 
 
 def _ranges_row(ranges: Any) -> dict[str, Any]:
-    """Predicted gradient ranges: how often they were exceeded this epoch (none: {})."""
+    """Predicted gradient ranges: how often they were exceeded this epoch, over all ranks
+    (none: {})."""
     if not ranges.calls:
         return {}
     return {"range_overflow_calls": ranges.overflow_calls,
@@ -498,6 +499,9 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
             if losses:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
 
+        ranks.sync_buffers(model)  # rank 0's BatchNorm statistics: what it evaluates and saves
+        # the epoch's predicted-range counts of every rank (rank 0's alone were its share)
+        ranges_epoch = ranks.total(lowbit.range_stats(model)["total"] - ranges_before)
         metrics = task.evaluate(model) if main else {}
         per_rank = ranks.gather(_rank_state(model, data_gen))  # after evaluation, as resumed
         row = None
@@ -514,7 +518,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                 f"{unit}_per_s": units / len(step_times) / statistics.median(step_times),
                 "bad_steps": bad_steps,
                 **memory_row(optimizer, model if master is not None else None),
-                **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),
+                **_ranges_row(ranges_epoch),
                 **monitoring.epoch_row(monitor, epoch_first_step),
                 "epoch_time_s": time.perf_counter() - epoch_t0,  # training + evaluation
                 "cpu": cpu_name(),  # a resumed run may continue on another machine
