@@ -269,13 +269,31 @@ def make_config(fields: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+OPTION_NAMES = {"world_size": "--nproc", "model_kwargs": "--model-arg"}  # fields named otherwise
+
+
 def _as_option(message: str) -> str:
     """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option of a
-    TrainConfig field; other messages are left as they are)."""
+    TrainConfig field; other messages are left as they are). ``world_size``, which the
+    command line sets with ``--nproc``, is ``--nproc`` anywhere in the message (a review
+    found "--world-size is 2 ...": no such option)."""
     name, sep, rest = message.partition(" ")
     if sep and name in TrainConfig.__dataclass_fields__:
-        return f"--{name.replace('_', '-')} {rest}"
-    return message
+        message = f"{OPTION_NAMES.get(name, '--' + name.replace('_', '-'))} {rest}"
+    return message.replace("world_size", "--nproc")
+
+
+def launched_ranks() -> bool:
+    """Whether this process is one of several ranks of a launch: torchrun's
+    ``WORLD_SIZE`` above 1 (``WORLD_SIZE=1`` left in the environment is a single process,
+    which ``--nproc N`` launches ranks from: a review found it refused). ``ValueError``
+    for a ``WORLD_SIZE`` that is not an integer."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text) > 1
+    except ValueError:
+        raise ValueError(f"the environment's WORLD_SIZE must be an integer (torchrun sets it), "
+                         f"got {text!r}") from None
 
 
 def given_options(args: argparse.Namespace) -> set[str] | None:
@@ -332,7 +350,7 @@ def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) 
     if saved is None:
         return "", []
     ranks = saved.get("world_size") or 1
-    if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and "WORLD_SIZE" not in os.environ:
+    if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and not launched_ranks():
         raise ValueError(f"{out} is a run of {ranks} data-parallel ranks: resume it with --nproc {ranks}")
     taken = {}
     for name in TrainConfig.__dataclass_fields__:
@@ -368,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
-    launch = nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ
+    launch = nproc is not None and nproc > 1 and not launched_ranks()
     if nproc is not None:
         fields["world_size"] = nproc
     try:

@@ -159,7 +159,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_p
 
 @pytest.mark.parametrize("argv, match", [
     (["--grad-comm", "int8"], "--grad-comm int8 needs a data-parallel run"),
-    (["--nproc", "2", "--batch-size", "33"], "--batch-size \\(33\\) must be a multiple of world_size"),
+    (["--nproc", "2", "--batch-size", "33"], "--batch-size \\(33\\) must be a multiple of --nproc"),
     (["--nproc", "2", "--grad-comm", "int9"], "--grad-comm must be one of fp32, int2"),
 ])
 def test_train_rejects_bad_distributed_options_before_launching(tmp_path, capsys, argv, match):
