@@ -28,8 +28,9 @@ is in the checkpoint, so a resumed adaptive run makes the same decisions.
 Data parallel (``world_size > 1``, under torchrun; :mod:`.parallel`): DDP over gloo,
 each rank trains on its strided share of every global batch, gradients are averaged by
 DDP's fp32 all-reduce or, with ``grad_comm``, quantized without bias
-(:mod:`lowbit.distributed`). Only rank 0 evaluates and writes the run folder; the
-checkpoint holds every rank's random state. The loss logged and tested for finiteness
+(:mod:`lowbit.distributed`). Only rank 0 evaluates and writes the run folder (but for
+``status.json``'s ``failed``/``interrupted`` record, which the first rank to stop writes,
+naming itself); the checkpoint holds every rank's random state. The loss logged and tested for finiteness
 is the mean over ranks, so all ranks skip the same steps.
 
 Reproducibility: the model is initialised under ``torch.manual_seed(torch_seed(seed))``
@@ -284,19 +285,24 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         busy = ranks.broadcast(busy)
         if busy is not None:
             raise RunBusy(busy)
+        # Every rank records why it stopped while status.json still says "running": the
+        # first to stop is the cause (a rank records before it closes its connections, so
+        # before the others see them close); a review found rank 0's "Connection closed by
+        # peer" recorded where rank 1 had raised. (A done or diverged record stays.)
+        on = f" on rank {ranks.rank}" if ranks.world > 1 else ""
         try:
             with _sigterm_as_interrupt():
                 return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
         except KeyboardInterrupt as exc:  # status.json said "running" after the process had stopped
-            if main and _status(run_dir) == "running":  # (a done or diverged record stays)
+            if _status(run_dir) == "running":
                 how = "SIGTERM" if isinstance(exc, Terminated) else "an interrupt (Ctrl-C)"
-                write_status(run_dir, "interrupted", f"stopped by {how}; the same "
+                write_status(run_dir, "interrupted", f"stopped by {how}{on}; the same "
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
         except Exception as exc:  # an error (a refusal at the first step, an OOM…): not "running"
-            if main and _status(run_dir) == "running":
-                write_status(run_dir, "failed", f"stopped by an error: {type(exc).__name__}: "
+            if _status(run_dir) == "running":
+                write_status(run_dir, "failed", f"stopped by an error{on}: {type(exc).__name__}: "
                              f"{str(exc)[:400]}; after fixing it, the same command with --resume "
                              "continues from the last epoch checkpoint (none: start again)")
             raise
