@@ -91,8 +91,8 @@ from .tasks import Task, make_task
 def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training ``cfg`` into ``run_dir`` would lose another run: a
     checkpoint there and no ``resume``, or :func:`_refuse_to_overwrite`'s cases. Run by
-    :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (whose
-    error would otherwise end in torchrun's traceback)."""
+    :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (which
+    would otherwise start, each to find it)."""
     if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
