@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .launch import FAILURES, LAUNCH_DIR, RANK_ERROR
 from .models import MODELS, check_model_args
 from .rundir import is_busy, read_config, recipe_refusal, resume_refusal, write_status
+from .runconfig import launched_world_size
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -293,13 +294,8 @@ def launched_ranks() -> bool:
     """Whether this process is one of several ranks of a launch: torchrun's
     ``WORLD_SIZE`` above 1 (``WORLD_SIZE=1`` left in the environment is a single process,
     which ``--nproc N`` launches ranks from: a review found it refused). ``ValueError``
-    for a ``WORLD_SIZE`` that is not an integer."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    try:
-        return int(text) > 1
-    except ValueError:
-        raise ValueError(f"the environment's WORLD_SIZE must be an integer (torchrun sets it), "
-                         f"got {text!r}") from None
+    for a ``WORLD_SIZE`` that is not an integer (:func:`~.runconfig.launched_world_size`)."""
+    return launched_world_size() > 1
 
 
 def given_options(args: argparse.Namespace) -> set[str] | None:
