@@ -38,7 +38,7 @@ def _train_twice(rank: int, world: int, root: str) -> dict:
         out[name + "_rng"] = torch.get_rng_state()  # torch's global stream after training
     # BatchNorm and predicted ranges: a CNN whose ranks update running statistics on their
     # own shards, and count their own range overflows
-    result = train(TrainConfig(**BN_CONFIG, out=f"{root}/bn"), progress=False)
+    result = train(TrainConfig(**BN_CONFIG, out=f"{root}-bn"), progress=False)  # beside root: not in its report
     out["bn"] = result.model.state_dict()
     out["bn_history"] = result.history
     out["bn_ranges"] = lowbit.range_stats(result.model)["total"]  # this rank's own, one epoch
