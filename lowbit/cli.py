@@ -137,12 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOWBIT_DEBUG") and not switched_off("LOWBIT_DEBUG"):  # (=0 is off)
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)
+        line = f"lowbit {args.command}: error: {msg}"
+        from .experiments.launch import report_usage_error
+
+        if not report_usage_error(line):  # a rank of lowbit train --nproc N: its launcher says it once
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (trainer.Terminated)
         term = type(exc).__name__ == "Terminated"
-        print(f"lowbit {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}",
-              file=sys.stderr)
+        from .experiments.launch import LAUNCH_DIR
+
+        # said once: by lowbit train --nproc N's launcher, or by rank 0 under a bare torchrun
+        if not os.environ.get(LAUNCH_DIR) and os.environ.get("RANK", "0") == "0":
+            print(f"lowbit {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}",
+                  file=sys.stderr)
         return 143 if term else 130
 
 

@@ -20,7 +20,8 @@ sends each gradient quantized with stochastic rounding (docs/METHOD.md §8)::
 ``E[c_r] = y`` given the gradients, so ``E[ĝ] = ḡ = (1/N)Σ_r g_r``: unbiased. The noises
 ``u_r`` are independent across ranks, so the added variance is
 ``(1/N²)·Σ_r Σ_i p_ri(1 − p_ri)·s_k²`` with ``p_ri`` the fractional part of ``y_ri``
-(:func:`expected_variance`): the third term of the variance decomposition
+(:func:`expected_variance`; a bfloat16 bucket adds the rounding of the average into it,
+see **Dtypes**): the third term of the variance decomposition
 (:func:`lowbit.analysis.gradient_variance` with ``comm=``).
 
 **The wire.** Codes can only be summed under a shared scale (hence step 1), and the sum
@@ -37,7 +38,7 @@ else the all-gather while ``N < 8`` (8-bit codes, 2 ranks: 1 byte against fp32's
 else the int32 all-reduce (no gain; a second-stage re-quantization would be needed, not
 implemented). Both give the same integer sum, so the same bits.
 
-**Noise.** Rank ``r`` rounds parameter ``i`` (index in ``model.named_parameters()``) at
+**Noise.** Rank ``r`` (its rank in the state's process group, the DDP model's) rounds parameter ``i`` (index in ``model.named_parameters()``) at
 its ``t``-th communication with counter-based noise (:func:`lowbit.formats.counter_uniform`)
 seeded by :func:`comm_noise_seed` ``(seed, r, t, i)``: independent across ranks,
 deterministic, and independent of how DDP lays parameters out in buckets (DDP rebuilds
@@ -52,8 +53,10 @@ reach the averaged gradient as they would without the hook, never a finite numbe
 dtype (float64 for a float64 model, float32 otherwise). The decoded average of a bfloat16
 bucket is written into it with stochastic rounding (:func:`lowbit.storage.stochastic_round_bf16`,
 the same noise on every rank, seeded by ``comm_noise_seed(seed, SHARED_RANK, t, i)``), so
-it stays unbiased; a float16 bucket is rounded to nearest (biased by at most half a
-float16 ulp: a ``UserWarning`` says so once). Sparse buckets are refused.
+it stays unbiased, and that second rounding adds its own variance, ``(a − lo)(hi − a)`` for
+an average ``a`` between the bfloat16 neighbours ``lo`` and ``hi`` (:func:`quantized_mean`
+returns the sum of both terms); a float16 bucket is rounded to nearest (biased by at most
+half a float16 ulp: a ``UserWarning`` says so once). Sparse buckets are refused.
 
 Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float format
 (FP8) has a non-uniform grid, so its codes cannot be summed; it would plug in through
@@ -69,6 +72,7 @@ from dataclasses import InitVar, asdict, dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .formats import SUPPORTED_DTYPES, IntFormat, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
@@ -182,6 +186,36 @@ def into_dtype(avg: torch.Tensor, dtype: torch.dtype, seed: int, call: int, inde
     return stochastic_round_bf16(avg, gen)  # noise drawn where the bucket lives
 
 
+def bf16_rounding_variance(a: torch.Tensor) -> torch.Tensor:
+    """Per element of the float32 tensor ``a``, the variance :func:`lowbit.storage.stochastic_round_bf16`
+    adds when it writes ``a`` as bfloat16: ``(a − lo)(hi − a)`` with ``lo``, ``hi`` the
+    bfloat16 neighbours of ``a`` (it rounds to ``hi`` with probability ``(a − lo)/(hi − lo)``).
+    Float64, the shape of ``a``; 0 where ``a`` is on the bfloat16 grid, where ``hi`` is
+    past the largest bfloat16 (saturated there: deterministic) and where ``a`` is not finite."""
+    a = a.float()
+    low = a.view(torch.int32) & ~0xFFFF  # the neighbour toward zero (the bits SR keeps)
+    lo = low.view(torch.float32)
+    hi = (low + 0x10000).view(torch.float32)  # the neighbour away from zero (±Inf at the top)
+    var = (a.double() - lo.double()) * (hi.double() - a.double())  # ≥ 0 on either side of zero
+    return torch.where(torch.isfinite(hi) & torch.isfinite(a), var, 0.0)
+
+
+def _code_sum_distribution(ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution of the code sum ``Σ_r c_r`` per element, ``c_r`` = ``⌊y_r⌋`` or
+    ``⌊y_r⌋ + 1`` with probability ``y_r − ⌊y_r⌋`` independently over ranks (the
+    Poisson-binomial law of :func:`encode`'s codes): ``(Σ_r ⌊y_r⌋, P)`` with ``P[..., k]``
+    the probability of ``Σ_r ⌊y_r⌋ + k``, ``k = 0..N`` (float64)."""
+    base = torch.zeros_like(ys[0])
+    probs = torch.ones(*ys[0].shape, 1, dtype=torch.float64, device=ys[0].device)
+    for y in ys:
+        low = torch.floor(y)
+        base = base + low
+        p = (y - low).double()[..., None]
+        pad = torch.nn.functional.pad
+        probs = pad(probs * (1 - p), (0, 1)) + pad(probs * p, (1, 0))
+    return base, probs
+
+
 def expected_variance(g: torch.Tensor, absmax: torch.Tensor, fmt: IntFormat,
                       block: int | None) -> float:
     """``Σ_i p_i(1 − p_i)·step_i²``: the variance one rank's stochastic rounding of ``g``
@@ -198,15 +232,23 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     """Reference of the hook for one parameter, without communication.
 
     ``grads``: ``(N, n)`` float, row ``r`` = rank ``r``'s flat gradient of parameter
-    ``index`` at its ``call``-th communication. Returns the averaged gradient (``(n,)``:
-    float64 for float64 ``grads``, bfloat16 — stochastically rounded, :func:`into_dtype` —
-    for bfloat16 ones, else float32; bitwise what :func:`quantized_allreduce_hook` writes
-    into a bucket of that dtype — a float16 bucket gets this float32 result rounded to
-    nearest — for a parameter whose memory is row-major: DDP's bucket keeps a
-    channels-last weight's strides, and the hook cuts its blocks in memory order where
-    ``grads`` are flattened in logical order, so such a parameter's blocks group other
-    elements: as unbiased, another variance) and the expected
-    variance ``(1/N²)·Σ_r Var Q(g_r)``. Non-finite input: the plain mean, variance NaN.
+    ``index`` at its ``call``-th communication. Returns the averaged gradient ``ĝ``
+    (``(n,)``: float64 for float64 ``grads``, bfloat16 — stochastically rounded,
+    :func:`into_dtype` — for bfloat16 ones, else float32; bitwise what
+    :func:`quantized_allreduce_hook` writes into a bucket of that dtype — a float16 bucket
+    gets this float32 result rounded to nearest — for a parameter whose memory is
+    row-major: DDP's bucket keeps a channels-last weight's strides, and the hook cuts its
+    blocks in memory order where ``grads`` are flattened in logical order, so such a
+    parameter's blocks group other elements: as unbiased, another variance) and its
+    expected variance ``E‖ĝ − ḡ‖²`` (a float, exact given ``grads``): ``(1/N²)·Σ_r Var Q(g_r)``
+    (:func:`expected_variance`), plus, for bfloat16 ``grads``, the variance of the
+    stochastic rounding of the decoded average ``a`` into bfloat16,
+    ``E Σ_i (a_i − lo_i)(hi_i − a_i)`` (:func:`bf16_rounding_variance`), its expectation
+    taken over the exact distribution of the code sums (a review measured the average of a
+    bfloat16 bucket 6% noisier than the first term alone). The float32 result for float16
+    ``grads`` has the first term only; the hook's rounding of it to nearest float16 adds a
+    deterministic error of up to half a float16 ulp per element (a bias, not a variance).
+    Non-finite input: the plain mean, variance NaN.
     """
     world = grads.shape[0]
     fmt = comm.format
@@ -218,7 +260,17 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     total = torch.stack(codes).to(torch.int32).sum(0)
     var = sum(expected_variance(g, absmax, fmt, comm.block) for g in grads) / world**2
     avg = decode(total, absmax, fmt, comm.block, world)
-    return into_dtype(avg, grads.dtype, comm.seed, call, index) if grads.dtype == torch.bfloat16 else avg, var
+    if grads.dtype != torch.bfloat16:
+        return avg, var
+    # the write into bfloat16 rounds again: its variance given the average a, (a − lo)(hi − a),
+    # averaged over the N + 1 code sums each element's a can come from
+    n = grads.shape[1]
+    base, probs = _code_sum_distribution([_scaled(g, absmax, fmt, comm.block)[0] for g in grads])
+    base, probs = base.flatten()[:n], probs.flatten(0, -2)[:n]
+    for k in range(world + 1):
+        a_k = decode((base + k).to(torch.int32), absmax, fmt, comm.block, world)
+        var += float((probs[:, k] * bf16_rounding_variance(a_k)).sum())
+    return into_dtype(avg, grads.dtype, comm.seed, call, index), var
 
 
 def ring_bytes(numel: int, element_size: int, world: int, collective: str) -> float:
@@ -249,9 +301,15 @@ def step_bytes(comm: GradComm | None, numels: list[int], world: int) -> float:
 @dataclass
 class QuantizedCommState:
     """State of :func:`quantized_allreduce_hook`: the :class:`GradComm`, the process group
-    (``None``: the default group), each parameter's index and communication count, and
+    the gradients are averaged over, each parameter's index and communication count, and
     byte counters (``bytes_sent`` by this rank; ``bytes_fp32``: what DDP's fp32 all-reduce
-    of the same buckets sends; ``steps``: backward passes seen)."""
+    of the same buckets sends; ``steps``: backward passes seen).
+
+    ``process_group``: ``None`` takes the DDP model's ``process_group`` (the group its
+    buckets are reduced over), or the default group for a model that is not a
+    ``DistributedDataParallel``; given with a DDP model, it must be that model's group:
+    ``ValueError`` naming both otherwise (a review found a DDP over a subgroup averaged
+    over every rank of the job and divided by the job's size)."""
 
     model: InitVar[nn.Module]  # read once for the parameter order, not kept (see below)
     comm: GradComm
@@ -270,6 +328,15 @@ class QuantizedCommState:
         # gradient buckets and the process group until the interpreter's teardown.
         if not isinstance(self.comm, GradComm):
             raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
+        if isinstance(model, DistributedDataParallel):
+            own = model.process_group
+            if self.process_group is None:
+                self.process_group = own
+            elif not _same_group(self.process_group, own):
+                raise ValueError(f"QuantizedCommState: process_group {_group_name(self.process_group)} is "
+                                 f"not the DDP model's process_group {_group_name(own)}: the hook would "
+                                 "average over other ranks than DDP reduces its buckets over; leave "
+                                 "process_group out (it defaults to the model's)")
         module = getattr(model, "module", model)  # DDP wraps the model
         for name, p in module.named_parameters():
             if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # its bucket would be cast to real
@@ -307,6 +374,24 @@ class QuantizedCommState:
         self.fallbacks, self.steps = int(d["fallbacks"]), int(d["steps"])
 
 
+def _same_group(a: object, b: object) -> bool:
+    """Whether two process-group handles are one group."""
+    if a is b:
+        return True
+    name_a, name_b = getattr(a, "group_name", None), getattr(b, "group_name", None)
+    return name_a is not None and name_a == name_b
+
+
+def _group_name(group: object) -> str:
+    """A process group in words, for messages: its global ranks (and name)."""
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        ranks = None
+    name = getattr(group, "group_name", None)
+    return f"(ranks {ranks}{f', name {name!r}' if name else ''})" if ranks is not None else repr(group)
+
+
 def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
                              ) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's average, quantized with stochastic rounding
@@ -314,8 +399,8 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     Register with ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``.
     Shaped like torch's ``default_hooks.allreduce_hook``: returns a future of the bucket
     buffer holding the averaged gradient (in the buffer's dtype)."""
-    group = state.process_group or dist.group.WORLD
-    world, rank = group.size(), dist.get_rank(group)
+    group = state.process_group or dist.group.WORLD  # the DDP model's (QuantizedCommState)
+    world, rank = group.size(), dist.get_rank(group)  # in that group, not the job
     comm, fmt = state.comm, state.comm.format
     buf = bucket.buffer()
     if buf.layout != torch.strided:  # (the size check below passes for a sparse bucket)
@@ -407,6 +492,7 @@ __all__ = [
     "GRAD_COMM_NAMES",
     "GradComm",
     "QuantizedCommState",
+    "bf16_rounding_variance",
     "block_absmax",
     "code_bytes",
     "comm_noise_seed",

@@ -164,7 +164,10 @@ def weight_groups(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, s
 
 class FlatGrads:
     """Gradients of a model as one float32 vector (float64 where a parameter is float64),
-    with each group's slice."""
+    with each group's slice. A bfloat16 or float16 gradient is held in it exactly (every
+    such value is a float32 one); what is computed from the vector is float32 arithmetic,
+    except the communicated average, taken in each parameter's own dtype
+    (:func:`.dataparallel.comm_average`)."""
 
     def __init__(self, model: nn.Module, groups: dict[str, list[str]]) -> None:
         params = dict(model.named_parameters())

@@ -7,7 +7,8 @@ quantized communication the average is :func:`lowbit.distributed.quantized_mean`
 the per-rank gradients, parameter by parameter — bitwise what
 :func:`lowbit.distributed.quantized_allreduce_hook` computes on ``N`` real ranks (tested),
 so measuring here measures the hook (for parameters in row-major memory: a channels-last
-weight's blocks differ, :func:`lowbit.distributed.quantized_mean`).
+weight's blocks differ, :func:`lowbit.distributed.quantized_mean`), each parameter's
+average in its own dtype, as its bucket holds it (:func:`comm_average`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,23 @@ def comm_average(grads: torch.Tensor, flat: FlatGrads, index: list[int], comm: G
                  call: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized average of per-rank gradients ``grads`` (``(N, flat.numel)``) at
     communication ``call``, and the exact variance it adds, per parameter: a float64
-    vector with parameter ``p``'s ``(1/N²)·Σ_r Var Q(g_r)`` at its first element and
-    zeros elsewhere (so summing a group's slice gives the group's)."""
+    vector with parameter ``p``'s variance (:func:`lowbit.distributed.quantized_mean`:
+    ``(1/N²)·Σ_r Var Q(g_r)``, plus the rounding into bfloat16) at its first element and
+    zeros elsewhere (so summing a group's slice gives the group's). Each parameter's
+    average is taken in its own dtype, the dtype of its DDP bucket (:class:`FlatGrads`
+    holds a bfloat16 or float16 gradient in float32, exactly): a bfloat16 parameter's
+    average is stochastically rounded into bfloat16 and a float16 one's rounded to nearest,
+    as the hook writes them (the float16 rounding is a deterministic error of up to half an
+    ulp per element, in the measured average and not in the exact variance)."""
     out = torch.empty(grads.shape[1], dtype=grads.dtype)
     var = torch.zeros(grads.shape[1], dtype=torch.float64)
     start = 0
     for p, i in zip(flat.params, index):
         seg = slice(start, start + p.numel())
-        out[seg], v = quantized_mean(grads[:, seg], comm, i, call)
+        low = p.dtype in (torch.bfloat16, torch.float16)
+        g = grads[:, seg].to(p.dtype) if low else grads[:, seg]  # exact: they came from p.dtype
+        avg, v = quantized_mean(g, comm, i, call)
+        out[seg] = avg.to(p.dtype) if low else avg  # float16: the hook's rounding to nearest
         if p.numel():
             var[start] = v
         start = seg.stop

@@ -269,7 +269,9 @@ def gradient_variance(
       assume unbiasedness);
     * ``comm = mean_b,r ‖c_b,r − c'_b,r‖²/2``: the communication-quantization variance
       given the per-rank gradients (centred likewise), and ``comm_expected``, its exact
-      value ``(1/N²)·Σ_r Var Q(g_r)`` (:func:`lowbit.distributed.quantized_mean`)
+      value ``(1/N²)·Σ_r Var Q(g_r)`` (:func:`lowbit.distributed.quantized_mean`; with
+      the rounding into bfloat16 for bfloat16 parameters, whose averages are taken in
+      their own dtype as the hook takes them: :func:`.dataparallel.comm_average`)
       averaged over the same draws;
     * ``total = 1/(B−1)·Σ_b ‖t_b − t̄‖²`` with ``t_b = f_b,1`` (``c_b,1`` with ``comm``):
       one draw per minibatch;

@@ -6,7 +6,11 @@ the same seed, draws the same global batch from the same data generator and keep
 rows ``rank, rank + N, rank + 2N, ...`` of it (a ``DistributedSampler``-style strided
 split of each global batch: the union over ranks is the single-process batch, whatever
 ``N``). ``DistributedDataParallel`` averages the gradients — with its fp32 all-reduce or
-:func:`lowbit.distributed.quantized_allreduce_hook` — so the replicas stay bitwise equal.
+:func:`lowbit.distributed.quantized_allreduce_hook` — so the parameters stay bitwise
+equal; the buffers (BatchNorm's running statistics, updated by each rank on its own
+shard) are rank 0's on every rank at each epoch's end (:meth:`Ranks.sync_buffers`), as
+DDP makes them at each forward. Per-epoch counts (the predicted ranges' overflows) are
+summed over ranks (:meth:`Ranks.total`).
 The process group is gloo (the trainer runs on the CPU; NCCL needs CUDA tensors).
 
 Noise: each rank's stochastic rounding draws independent streams — the layers' streams
@@ -17,7 +21,7 @@ rounding noise (low-precision weights) is the same on every rank, as the update 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ from lowbit.distributed import (
     quantized_allreduce_hook,
     ring_bytes,
 )
+from lowbit.ranges import RangeStats
 
 
 @dataclass
@@ -80,6 +85,27 @@ class Ranks:
             dist.all_reduce(x)
             x /= self.world
         return x
+
+    def total(self, stats: RangeStats) -> RangeStats:
+        """The sum over ranks of every rank's :class:`~lowbit.ranges.RangeStats` (its
+        counts and sums; the rates it derives are then those of the job), the same on every
+        rank. One float64 all-reduce: counts below 2⁵³ stay exact."""
+        if self.world == 1:
+            return stats
+        fields = asdict(stats)
+        t = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64)
+        dist.all_reduce(t)
+        return RangeStats(**{k: type(v)(x) for (k, v), x in zip(fields.items(), t.tolist())})
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank, in place. DDP
+        broadcasts them at the start of each forward, so each rank's last step of an epoch
+        left its own shard's statistics in its replica: ``train`` returned other buffers
+        on rank 1 than rank 0 evaluated and saved (a review)."""
+        if self.world == 1:
+            return
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, on rank 0 (``None`` elsewhere)."""

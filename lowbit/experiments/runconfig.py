@@ -45,7 +45,12 @@ def launched_world_size() -> int:
     else torchrun's ``WORLD_SIZE``, else 1."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"the environment's WORLD_SIZE must be an integer (torchrun sets it), "
+                         f"got {text!r}") from None
 
 
 RECIPE_OVERRIDES = ("grad_input_bits", "grad_weight_bits", "range_margin")

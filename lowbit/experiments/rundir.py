@@ -4,7 +4,8 @@ a run folder at a time (:func:`run_lock`).
 
 Every file is written whole and atomically where a reader may see it half-written
 (metrics: temporary file + rename); checkpoints are :mod:`.checkpoint`'s. In a
-data-parallel run only rank 0 calls these writers.
+data-parallel run only rank 0 calls these writers, but for ``status.json``'s record of
+why a running run stopped, which the first rank to stop writes (the trainer's ``_train``).
 """
 
 from __future__ import annotations

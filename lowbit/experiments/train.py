@@ -11,10 +11,15 @@ level and are converted here, so that the message is always that one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,10 @@ import torch
 from lowbit.config import RECIPES, backend_names, recipe_families
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .launch import FAILURES, LAUNCH_DIR, RANK_ERROR
 from .models import MODELS, check_model_args
-from .rundir import is_busy, read_config, recipe_refusal, resume_refusal
+from .rundir import is_busy, read_config, recipe_refusal, resume_refusal, write_status
+from .runconfig import launched_world_size
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -269,13 +276,26 @@ def make_config(fields: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+OPTION_NAMES = {"world_size": "--nproc", "model_kwargs": "--model-arg"}  # fields named otherwise
+
+
 def _as_option(message: str) -> str:
     """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option of a
-    TrainConfig field; other messages are left as they are)."""
+    TrainConfig field; other messages are left as they are). ``world_size``, which the
+    command line sets with ``--nproc``, is ``--nproc`` anywhere in the message (a review
+    found "--world-size is 2 ...": no such option)."""
     name, sep, rest = message.partition(" ")
     if sep and name in TrainConfig.__dataclass_fields__:
-        return f"--{name.replace('_', '-')} {rest}"
-    return message
+        message = f"{OPTION_NAMES.get(name, '--' + name.replace('_', '-'))} {rest}"
+    return message.replace("world_size", "--nproc")
+
+
+def launched_ranks() -> bool:
+    """Whether this process is one of several ranks of a launch: torchrun's
+    ``WORLD_SIZE`` above 1 (``WORLD_SIZE=1`` left in the environment is a single process,
+    which ``--nproc N`` launches ranks from: a review found it refused). ``ValueError``
+    for a ``WORLD_SIZE`` that is not an integer (:func:`~.runconfig.launched_world_size`)."""
+    return launched_world_size() > 1
 
 
 def given_options(args: argparse.Namespace) -> set[str] | None:
@@ -332,7 +352,7 @@ def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) 
     if saved is None:
         return "", []
     ranks = saved.get("world_size") or 1
-    if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and "WORLD_SIZE" not in os.environ:
+    if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and not launched_ranks():
         raise ValueError(f"{out} is a run of {ranks} data-parallel ranks: resume it with --nproc {ranks}")
     taken = {}
     for name in TrainConfig.__dataclass_fields__:
@@ -368,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
-    launch = nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ
+    launch = nproc is not None and nproc > 1 and not launched_ranks()
     if nproc is not None:
         fields["world_size"] = nproc
     try:
@@ -390,8 +410,8 @@ def run(args: argparse.Namespace) -> int:
         check_run_dir(Path(cfg.out), cfg, args.resume)
         record = read_config(Path(cfg.out)) if args.resume else {}
         saved = record.get("train")
-        if isinstance(saved, dict):  # the recorded settings: a refusal inside the ranks ends in
-            # torchrun's traceback (the ranks check the checkpoint itself, and load it)
+        if isinstance(saved, dict):  # the recorded settings, refused before N processes start
+            # (the ranks check the checkpoint itself, and load it)
             where = Path(cfg.out) / "config.json"
             refusal = resume_refusal(where, saved, Path(cfg.out), cfg) or \
                 recipe_refusal(where, record.get("fqt"), cfg)
@@ -417,8 +437,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
     """``lowbit train`` with the same options on ``nproc`` local ranks under torchrun
-    (``python -m torch.distributed.run --standalone``); returns its exit status."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    (``python -m torch.distributed.run --standalone``, through :mod:`.launch`); returns the
+    exit status: 0, 2 for a usage error the ranks found (the data's, e.g. ``--subset``
+    past the dataset: one line, once), ``128 + signal`` after passing a SIGINT or SIGTERM
+    this process received on to torchrun (:func:`wait_forwarding_signals`), else 1 with
+    the failed ranks named (:func:`explain_ending`)."""
+    argv = [sys.executable, "-m", "lowbit.experiments.launch", "--standalone",
             f"--nproc-per-node={nproc}", "-m", "lowbit", "train"]
     given = given_options(args)  # the ranks get the options the line gave (with --resume, they
     for key, value in (vars(args) | {"out": out}).items():  # read the rest as this process did)
@@ -429,4 +453,115 @@ def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
         option = "--" + key.replace("_", "-")
         for v in value if isinstance(value, list) else [value]:
             argv += [option] if v is True else [option, str(v)]
-    return subprocess.call(argv, env=dict(os.environ, **{LAUNCHED: "1"}))
+    with tempfile.TemporaryDirectory(prefix="lowbit-launch-") as folder:
+        env = dict(os.environ, **{LAUNCHED: "1", LAUNCH_DIR: folder})
+        # its own process group: a Ctrl-C at the terminal reaches torchrun once, from here
+        proc = subprocess.Popen(argv, env=env, process_group=0)
+        code, signum = wait_forwarding_signals(proc)
+        if signum is not None and code != 0:  # the ranks stopped (status.json: interrupted)
+            name = signal.Signals(signum).name
+            print(f"lowbit train: {'interrupted' if signum == signal.SIGINT else f'terminated ({name})'}",
+                  file=sys.stderr)
+            return 128 + signum
+        if code < 0:  # torchrun itself killed by a signal (its ranks got SIGTERM from it, if alive)
+            print(f"lowbit train: torchrun {_how_ended(code)}", file=sys.stderr)
+            return 128 - code
+        return explain_ending(Path(folder), Path(out), code) if code else 0
+
+
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM}
+if hasattr(signal, "SIGHUP"):  # a closed terminal: stop the ranks as SIGTERM does (recorded)
+    FORWARDED[signal.SIGHUP] = signal.SIGTERM
+
+
+def wait_forwarding_signals(proc: subprocess.Popen) -> tuple[int, int | None]:
+    """Wait for ``proc`` while every SIGINT and SIGTERM this process receives is sent on
+    to it (SIGHUP as SIGTERM), never killing it: torchrun stops its ranks on either, and
+    they record the run ``interrupted``. A review found ``subprocess.call`` leaving the
+    ranks training on after a SIGTERM (the launcher died alone) or orphaned after a
+    Ctrl-C (it SIGKILLed torchrun). Returns ``proc``'s exit status and the first signal
+    received (``None``: none); the previous handlers are restored. Outside the main
+    thread (no handlers can be set there): a plain wait."""
+    got: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        got.append(signum)
+        proc.send_signal(FORWARDED[signal.Signals(signum)])  # nothing if it has ended
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in FORWARDED:
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        code = proc.wait()  # retried after each handler (PEP 475)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, got[0] if got else None
+
+
+def _how_ended(code: int) -> str:
+    """A rank's exit status in words."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return {130: "was interrupted (SIGINT)", 143: "was terminated (SIGTERM)"}.get(code, f"exited with status {code}")
+
+
+def _root_cause(failures: dict[int, dict]) -> int:
+    """The rank whose failure stopped the job: the earliest torchrun saw (whole seconds),
+    among those a rank killed by a signal other than the SIGTERM/SIGINT torchrun stops the
+    others with, then one that exited on its own."""
+    def order(rank: int) -> tuple:
+        code = failures[rank]["exitcode"]
+        stopped = code in (-signal.SIGTERM, -signal.SIGINT, 130, 143)
+        return failures[rank]["time"], 0 if code < 0 and not stopped else 1 if not stopped else 2, rank
+    return min(failures, key=order)
+
+
+def explain_ending(folder: Path, out: Path, code: int) -> int:
+    """After torchrun ended with ``code`` ≠ 0: the ranks' usage errors (:func:`.launch.report_usage_error`)
+    printed once each, status 2; else one line naming each failed rank (``failures.json``,
+    :mod:`.launch`; their tracebacks are above it), status ``code``. A rank killed by a
+    signal (SIGKILL: the out-of-memory killer, a crashed machine) records nothing itself,
+    and rank 0 recorded what it saw next (gloo's "Connection closed by peer", or the
+    SIGTERM torchrun stopped it with): ``status.json`` is rewritten to name the rank and
+    the signal (a review)."""
+    errors = {int(p.name[4:-6]): p.read_text().strip() for p in folder.glob(RANK_ERROR.format("*"))}
+    if errors:  # a value the ranks found wrong: every rank says the same, once is enough
+        for line in dict.fromkeys(errors[r] for r in sorted(errors)):
+            print(line, file=sys.stderr)
+        return 2
+    try:
+        failures = {int(r): f for r, f in json.loads((folder / FAILURES).read_text()).items()}
+    except (OSError, ValueError):
+        return code  # torchrun failed before any rank (its own message is above)
+    if not failures:
+        return code
+    root = _root_cause(failures)
+    others = [f"rank {r} {_how_ended(failures[r]['exitcode'])}" for r in sorted(failures) if r != root]
+    what = f"rank {root} {_how_ended(failures[root]['exitcode'])}"
+    print(f"lowbit train: {what}" + (f"; then {', '.join(others)}" if others else "")
+          + f" (the job stopped: {out / 'status.json'})", file=sys.stderr)
+    if failures[root]["exitcode"] < 0:
+        _record_killed_rank(out, what)
+    return code
+
+
+def _record_killed_rank(out: Path, what: str) -> None:
+    """``status.json`` naming the rank a signal killed, where the run still reads as
+    running or as stopped by what the other ranks saw next."""
+    try:
+        record = json.loads((out / "status.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or record.get("status") not in ("running", "failed", "interrupted"):
+        return  # done or diverged: that is the run's own ending
+    seen = str(record.get("message") or "")
+    for advice in ("; after fixing it", "; the same command"):  # said once, below
+        seen = seen.partition(advice)[0]
+    then = f"; the other ranks then: {seen}" if seen else ""
+    with contextlib.suppress(OSError):
+        write_status(out, "failed", f"stopped because {what}{then}; the same command with --resume "
+                     "continues from the last epoch checkpoint (none: start again)")

@@ -28,8 +28,9 @@ is in the checkpoint, so a resumed adaptive run makes the same decisions.
 Data parallel (``world_size > 1``, under torchrun; :mod:`.parallel`): DDP over gloo,
 each rank trains on its strided share of every global batch, gradients are averaged by
 DDP's fp32 all-reduce or, with ``grad_comm``, quantized without bias
-(:mod:`lowbit.distributed`). Only rank 0 evaluates and writes the run folder; the
-checkpoint holds every rank's random state. The loss logged and tested for finiteness
+(:mod:`lowbit.distributed`). Only rank 0 evaluates and writes the run folder (but for
+``status.json``'s ``failed``/``interrupted`` record, which the first rank to stop writes,
+naming itself); the checkpoint holds every rank's random state. The loss logged and tested for finiteness
 is the mean over ranks, so all ranks skip the same steps.
 
 Reproducibility: the model is initialised under ``torch.manual_seed(torch_seed(seed))``
@@ -90,8 +91,8 @@ from .tasks import Task, make_task
 def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training ``cfg`` into ``run_dir`` would lose another run: a
     checkpoint there and no ``resume``, or :func:`_refuse_to_overwrite`'s cases. Run by
-    :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (whose
-    error would otherwise end in torchrun's traceback)."""
+    :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (which
+    would otherwise start, each to find it)."""
     if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
@@ -207,7 +208,8 @@ def _restore(state: dict[str, Any], ranks: Ranks, model: nn.Module, data_gen: to
 
 
 def _ranges_row(ranges: Any) -> dict[str, Any]:
-    """Predicted gradient ranges: how often they were exceeded this epoch (none: {})."""
+    """Predicted gradient ranges: how often they were exceeded this epoch, over all ranks
+    (none: {})."""
     if not ranges.calls:
         return {}
     return {"range_overflow_calls": ranges.overflow_calls,
@@ -283,19 +285,24 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         busy = ranks.broadcast(busy)
         if busy is not None:
             raise RunBusy(busy)
+        # Every rank records why it stopped while status.json still says "running": the
+        # first to stop is the cause (a rank records before it closes its connections, so
+        # before the others see them close); a review found rank 0's "Connection closed by
+        # peer" recorded where rank 1 had raised. (A done or diverged record stays.)
+        on = f" on rank {ranks.rank}" if ranks.world > 1 else ""
         try:
             with _sigterm_as_interrupt():
                 return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
         except KeyboardInterrupt as exc:  # status.json said "running" after the process had stopped
-            if main and _status(run_dir) == "running":  # (a done or diverged record stays)
+            if _status(run_dir) == "running":
                 how = "SIGTERM" if isinstance(exc, Terminated) else "an interrupt (Ctrl-C)"
-                write_status(run_dir, "interrupted", f"stopped by {how}; the same "
+                write_status(run_dir, "interrupted", f"stopped by {how}{on}; the same "
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
         except Exception as exc:  # an error (a refusal at the first step, an OOM…): not "running"
-            if main and _status(run_dir) == "running":
-                write_status(run_dir, "failed", f"stopped by an error: {type(exc).__name__}: "
+            if _status(run_dir) == "running":
+                write_status(run_dir, "failed", f"stopped by an error{on}: {type(exc).__name__}: "
                              f"{str(exc)[:400]}; after fixing it, the same command with --resume "
                              "continues from the last epoch checkpoint (none: start again)")
             raise
@@ -498,6 +505,9 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
             if losses:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
 
+        ranks.sync_buffers(model)  # rank 0's BatchNorm statistics: what it evaluates and saves
+        # the epoch's predicted-range counts of every rank (rank 0's alone were its share)
+        ranges_epoch = ranks.total(lowbit.range_stats(model)["total"] - ranges_before)
         metrics = task.evaluate(model) if main else {}
         per_rank = ranks.gather(_rank_state(model, data_gen))  # after evaluation, as resumed
         row = None
@@ -514,7 +524,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                 f"{unit}_per_s": units / len(step_times) / statistics.median(step_times),
                 "bad_steps": bad_steps,
                 **memory_row(optimizer, model if master is not None else None),
-                **_ranges_row(lowbit.range_stats(model)["total"] - ranges_before),
+                **_ranges_row(ranges_epoch),
                 **monitoring.epoch_row(monitor, epoch_first_step),
                 "epoch_time_s": time.perf_counter() - epoch_t0,  # training + evaluation
                 "cpu": cpu_name(),  # a resumed run may continue on another machine

@@ -54,6 +54,28 @@ def test_communication_variance_is_the_predicted_third_term():
     assert rep.max_abs_z < 5  # no bias in the GEMMs (z_grad, z_rand) nor the comm (z_comm_*)
 
 
+def test_the_communicated_average_is_taken_in_each_parameters_dtype():
+    """The measurement flattens every gradient to float32; the hook averages a bfloat16
+    parameter into its bfloat16 bucket, rounding once more (a review: that rounding was
+    left out of the measured and of the exact term). Each parameter's average is now
+    quantized_mean in its own dtype, bit for bit, with its variance."""
+    from lowbit.analysis._model import FlatGrads
+    from lowbit.analysis.dataparallel import comm_average
+    from lowbit.distributed import quantized_mean
+
+    net = torch.nn.Linear(24, 8)
+    net.weight.data = net.weight.data.bfloat16()  # a bfloat16 weight, a float32 bias
+    flat = FlatGrads(net, {"all": ["weight", "bias"]})
+    grads = torch.randn(2, flat.numel, generator=torch.Generator().manual_seed(0))
+    grads[:, :192] = grads[:, :192].bfloat16().float()  # the weight's gradients are bfloat16 values
+    comm = GradComm(bits=8, block=16)
+    out, var = comm_average(grads, flat, [0, 1], comm, call=3)
+    w_avg, w_var = quantized_mean(grads[:, :192].bfloat16(), comm, 0, 3)
+    b_avg, b_var = quantized_mean(grads[:, 192:], comm, 1, 3)
+    assert torch.equal(out, torch.cat([w_avg.float(), b_avg]))
+    assert var[0] == w_var and var[192] == b_var and float(var.sum()) == w_var + b_var
+
+
 def test_world_size_splits_each_batch_by_rank():
     x, y = torch.arange(10).view(5, 2), torch.arange(5)
     assert torch.equal(shard((x, y), 1, 2)[1], torch.tensor([1, 3]))

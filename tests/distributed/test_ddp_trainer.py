@@ -18,10 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 from _kill_rank import CONFIG
 from _ranks import run_ranks
 
+import lowbit
+
 from lowbit.experiments.runconfig import TIMING_FIELDS
 from lowbit.experiments.trainer import TrainConfig, train
 
 HERE = Path(__file__).parent
+BN_CONFIG = {"task": "digits", "model": "cnn", "recipe": "fqt-psq-4-predicted", "subset": 128,
+             "eval_subset": 32, "batch_size": 32, "epochs": 1, "lr": 0.1, "seed": 0}
 TIMEOUT = 120  # seconds for one torchrun job (about 10 s alone; the CPUs are shared)
 
 
@@ -32,6 +36,12 @@ def _train_twice(rank: int, world: int, root: str) -> dict:
         out[name] = result.model.state_dict()
         out[name + "_history"] = result.history
         out[name + "_rng"] = torch.get_rng_state()  # torch's global stream after training
+    # BatchNorm and predicted ranges: a CNN whose ranks update running statistics on their
+    # own shards, and count their own range overflows
+    result = train(TrainConfig(**BN_CONFIG, out=f"{root}-bn"), progress=False)  # beside root: not in its report
+    out["bn"] = result.model.state_dict()
+    out["bn_history"] = result.history
+    out["bn_ranges"] = lowbit.range_stats(result.model)["total"]  # this rank's own, one epoch
     del result
     gc.collect()
     out["ddp_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
@@ -58,6 +68,29 @@ def test_replicas_stay_bitwise_in_sync_and_runs_repeat(reference):
     assert _same(r0["a"], r1["a"])  # the two replicas after 24 steps
     assert _same(r0["a"], r0["b"])  # same seed, same world size: the same bits
     assert r0["a_history"] == r1["a_history"]  # every rank returns rank 0's rows
+
+
+def test_replicas_with_batchnorm_end_every_epoch_with_rank_zeros_buffers(reference):
+    """BatchNorm's running statistics are updated by each rank on its own shard; DDP
+    broadcasts rank 0's at each forward, so after an epoch's last step rank 1 held its own
+    and train() returned them (a review). Now every buffer is rank 0's at each epoch's end."""
+    _, (r0, r1) = reference
+    assert any("running_mean" in k for k in r0["bn"])  # the model has BatchNorm
+    assert _same(r0["bn"], r1["bn"])  # every parameter and buffer, bit for bit
+
+
+def test_range_columns_count_every_rank(reference):
+    """range_* columns were rank 0's share of the epoch's predicted-range calls (a review);
+    they are the sums over ranks, the rate recomputed from the summed counts."""
+    _, (r0, r1) = reference
+    a, b = r0["bn_ranges"], r1["bn_ranges"]  # each rank's own counts (one epoch, from zero)
+    assert b.overflow_calls > 0  # rank 1 has a share to lose
+    row = r0["bn_history"][-1]
+    assert row == r1["bn_history"][-1]
+    assert row["range_overflow_calls"] == a.overflow_calls + b.overflow_calls
+    assert row["range_requantized_calls"] == a.requantized_calls + b.requantized_calls
+    assert row["range_overflow_rate"] == (a + b).overflow_rate
+    assert row["range_clipped_norm"] == (a + b).clipped_norm
 
 
 def test_each_rank_draws_its_own_global_stream(reference):
@@ -126,7 +159,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bitwise(reference, tmp_p
 
 @pytest.mark.parametrize("argv, match", [
     (["--grad-comm", "int8"], "--grad-comm int8 needs a data-parallel run"),
-    (["--nproc", "2", "--batch-size", "33"], "--batch-size \\(33\\) must be a multiple of world_size"),
+    (["--nproc", "2", "--batch-size", "33"], "--batch-size \\(33\\) must be a multiple of --nproc"),
     (["--nproc", "2", "--grad-comm", "int9"], "--grad-comm must be one of fp32, int2"),
 ])
 def test_train_rejects_bad_distributed_options_before_launching(tmp_path, capsys, argv, match):
