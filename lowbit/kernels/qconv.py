@@ -108,7 +108,6 @@ def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int
 PROBE_SIZE = 12  # the spatial size (at most) of a grouped geometry's probe
 
 
-@functools.lru_cache(maxsize=4096)
 def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
                   padding: tuple[int, ...]) -> bool:
     """Whether oneDNN's int8 convolution gives the exact sums for this grouped geometry
@@ -119,13 +118,20 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
     output channels with 1, 2, 3, 5–7, 9, 10, 13, 17, 24, 28 or 31 input channels (a
     review: ``Conv2d(48, 96, 3, groups=2)``'s output 3.3× off, ``Conv2d(192, 96, 3,
     stride=2, groups=4)``'s ∇X by 5e5), which the one probe of ungrouped codes did not
-    see. Hidden from dispatch modes, as :func:`_exact_here`."""
+    see. Probed once per probe shape (the cache is keyed by it, not by the input's size);
+    hidden from dispatch modes, as :func:`_exact_here`."""
+    shape = tuple(min(n, max(PROBE_SIZE, k)) for n, k in zip(size, w_shape[2:]))
+    if not geometry_ok(shape, w_shape[2:], stride, padding, (1, 1)):
+        shape = tuple(size)  # the probe at the layer's own size
+    return _probe_grouped(groups, tuple(w_shape), shape, tuple(stride), tuple(padding))
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_grouped(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
+                   padding: tuple[int, ...]) -> bool:
     from torch.utils._python_dispatch import _disable_current_modes
 
     co, cg = w_shape[0], w_shape[1]
-    shape = [min(n, max(PROBE_SIZE, k)) for n, k in zip(size, w_shape[2:])]
-    if not geometry_ok(shape, w_shape[2:], stride, padding, (1, 1)):
-        shape = list(size)  # the probe at the layer's own size
     g = torch.Generator().manual_seed(co * 7919 + cg)
     with _disable_current_modes(), torch.no_grad():
         try:
