@@ -64,9 +64,10 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
     if attn_mask is None:
         return None
     m = attn_mask
-    for d in range(m.dim()):  # broadcast dimensions (stride 0, as transformers' masks come) at
-        if m.stride(d) == 0 and m.shape[d] > 1:  # size 1: a bool mask is not written out
-            m = m.narrow(d, 0, 1)                  # per batch entry below (a review: 4·B·L·S bytes)
+    if m.dtype == torch.bool:  # broadcast dimensions (stride 0, as transformers' masks come) at
+        for d in range(m.dim()):  # size 1: not written out per batch entry (a review: 4·B·L·S
+            if m.stride(d) == 0 and m.shape[d] > 1:  # bytes a layer); a float mask stays the
+                m = m.narrow(d, 0, 1)  # view it is (its gradient is per entry, a second review)
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
     full = (*lead, lq, s)

@@ -306,10 +306,12 @@ class QuantizedCommState:
     of the same buckets sends; ``steps``: backward passes seen).
 
     ``process_group``: ``None`` takes the DDP model's ``process_group`` (the group its
-    buckets are reduced over), or the default group for a model that is not a
-    ``DistributedDataParallel``; given with a DDP model, it must be that model's group:
+    buckets are reduced over); given with a DDP model, it must be that model's group:
     ``ValueError`` naming both otherwise (a review found a DDP over a subgroup averaged
-    over every rank of the job and divided by the job's size)."""
+    over every rank of the job and divided by the job's size). A model that is not a
+    ``DistributedDataParallel`` (its ``.module``, a plain model) needs ``process_group``
+    where a job of several ranks runs (``ValueError``): its group cannot be read from it;
+    in a single process (no process group yet) the default group is used at the hook."""
 
     model: InitVar[nn.Module]  # read once for the parameter order, not kept (see below)
     comm: GradComm
@@ -337,6 +339,14 @@ class QuantizedCommState:
                                  f"not the DDP model's process_group {_group_name(own)}: the hook would "
                                  "average over other ranks than DDP reduces its buckets over; leave "
                                  "process_group out (it defaults to the model's)")
+        elif self.process_group is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            # the model's group cannot be read from a plain module: the default group would be
+            # taken silently, wrong for a DDP over a subgroup (a review of the fix above)
+            raise ValueError(f"QuantizedCommState: {type(model).__name__} is not a DistributedDataParallel "
+                             "model, so its process group is unknown: build the state from the DDP model "
+                             "(QuantizedCommState(ddp_model, comm)) or pass process_group= (the group "
+                             "DDP reduces over, dist.group.WORLD for the whole job)")
         module = getattr(model, "module", model)  # DDP wraps the model
         for name, p in module.named_parameters():
             if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # its bucket would be cast to real

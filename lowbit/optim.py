@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from lowbit.kernels import compiled
 from lowbit.noise import check_generator
 from lowbit.storage import (
     BLOCK_SIZE,
@@ -308,8 +309,10 @@ class _SROptimizer(torch.optim.Optimizer):
         """New float32 weight from weight ``w`` and gradient ``g`` (stores the state)."""
         raise NotImplementedError
 
-    @torch.compiler.disable  # eager inside torch.compile (its generator-driven rounding
-    @torch.no_grad()  # does not trace with dynamic shapes), as torch's zero_grad is
+    # eager inside torch.compile (its generator-driven rounding does not trace with dynamic
+    # shapes), as torch's zero_grad is; where torch's compiler cannot import, plain
+    @compiled.disable_tracing
+    @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
         loss = None
         if closure is not None:

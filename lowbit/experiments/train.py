@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,12 +283,12 @@ OPTION_NAMES = {"world_size": "--nproc", "model_kwargs": "--model-arg"}  # field
 def _as_option(message: str) -> str:
     """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option of a
     TrainConfig field; other messages are left as they are). ``world_size``, which the
-    command line sets with ``--nproc``, is ``--nproc`` anywhere in the message (a review
-    found "--world-size is 2 ...": no such option)."""
+    command line sets with ``--nproc``, is named ``--nproc`` (a review found "--world-size
+    is 2 ...": no such option), also as a word inside the message, not inside a path."""
     name, sep, rest = message.partition(" ")
     if sep and name in TrainConfig.__dataclass_fields__:
         message = f"{OPTION_NAMES.get(name, '--' + name.replace('_', '-'))} {rest}"
-    return message.replace("world_size", "--nproc")
+    return re.sub(r"(?<![\w/.~-])world_size(?![\w/.-])", "--nproc", message)  # the word, not in a path
 
 
 def launched_ranks() -> bool:

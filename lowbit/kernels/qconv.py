@@ -105,30 +105,29 @@ def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int
             and out_w >= 2)
 
 
-PROBE_SIZE = 12  # the spatial size (at most) of a grouped geometry's probe
-
-
 def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
                   padding: tuple[int, ...]) -> bool:
     """Whether oneDNN's int8 convolution gives the exact sums for this grouped geometry
-    (``w_shape`` (C_out, C/groups, kH, kW)), probed once per process: random codes on
-    one sample of at most :data:`PROBE_SIZE`² positions (within :func:`geometry_ok`)
-    against the float64 convolution. torch 2.13's ``qconv2d_pointwise`` got grouped
-    convolutions wrong — the same wrong sums on every call — for groups of 31 or more
-    output channels with 1, 2, 3, 5–7, 9, 10, 13, 17, 24, 28 or 31 input channels (a
-    review: ``Conv2d(48, 96, 3, groups=2)``'s output 3.3× off, ``Conv2d(192, 96, 3,
-    stride=2, groups=4)``'s ∇X by 5e5), which the one probe of ungrouped codes did not
-    see. Probed once per probe shape (the cache is keyed by it, not by the input's size);
-    hidden from dispatch modes, as :func:`_exact_here`."""
-    shape = tuple(min(n, max(PROBE_SIZE, k)) for n, k in zip(size, w_shape[2:]))
-    if not geometry_ok(shape, w_shape[2:], stride, padding, (1, 1)):
-        shape = tuple(size)  # the probe at the layer's own size
-    return _probe_grouped(groups, tuple(w_shape), shape, tuple(stride), tuple(padding))
+    (``w_shape`` (C_out, C/groups, kH, kW)) on inputs of spatial ``size``, probed once per
+    process: random codes on one sample of that size against the float64 convolution.
+    torch 2.13's ``qconv2d_pointwise`` got grouped convolutions wrong — the same wrong
+    sums on every call — for groups of 31 or more output channels with 1, 2, 3, 5–7, 9,
+    10, 13, 17, 24, 28 or 31 input channels (a review: ``Conv2d(48, 96, 3, groups=2)``'s
+    output 3.3× off, ``Conv2d(192, 96, 3, stride=2, groups=4)``'s ∇X by 5e5), which the
+    one probe of ungrouped codes did not see; and whether a geometry is right depends on
+    the spatial size, not monotonically (a second review: ``(24, 32, groups=2)`` wrong at
+    some sizes from 12 to 30 and right between), so the probe runs at the layer's own size
+    (a few ms a geometry), and with the thread count in use (wrong at 28×28 with one thread
+    and not with two, on the Intel Xeon). One sample: a batch of one only ever refused where
+    larger batches were exact. Hidden from dispatch modes, as :func:`_exact_here`."""
+    return _probe_grouped(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
+                          torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=4096)
 def _probe_grouped(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
-                   padding: tuple[int, ...]) -> bool:
+                   padding: tuple[int, ...], threads: int) -> bool:
+    """:func:`grouped_exact`'s probe, cached per geometry, input size and thread count."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     co, cg = w_shape[0], w_shape[1]
@@ -157,4 +156,4 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
             and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding))))
 
 
-__all__ = ["MAX_K", "PROBE_SIZE", "available", "conv_acc", "geometry_ok", "grouped_exact"]
+__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok", "grouped_exact"]

@@ -126,9 +126,8 @@ def quantize(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     :class:`~lowbit.kernels.encoded.Encoded`): :func:`prepare`, then
     :func:`~lowbit.formats.round_elements` with ``u`` from :func:`counter_uniform` (stochastic)
     or to nearest. Arithmetic and scales in :func:`~lowbit.formats.compute_dtype`, so
-    ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included —
-    except float32 NVFP4 blocks whose block × group scale underflows (:mod:`lowbit.formats`,
-    "Range limits")
+    ``E[x̂] = x`` over the whole finite range of ``x``'s dtype, subnormals included (NVFP4
+    too: its group scale is kept ≥ 2⁹ subnormal spacings, :mod:`lowbit.formats`).
     All-zero groups and blocks get scale 0; NaN/Inf make their group's scale non-finite.
     ``first``: the noise of elements ``first, first + 1, …`` (``x`` is a part of a larger
     operand, starting at its element ``first``: a part of whole rows, per-row scales)."""

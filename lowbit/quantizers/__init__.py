@@ -48,8 +48,7 @@ def quantize_grad(
     (simulated) result, same shape and dtype as ``g``.
 
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
-    of ``g``'s dtype (subnormals included; float32 NVFP4's underflowing block scales
-    excepted: :mod:`lowbit.formats`), up to ``g``'s dtype's own final rounding (see
+    of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
     :mod:`lowbit.formats`); NaN/Inf propagate. That final rounding includes overflow: a
     value the grid places past the dtype's largest finite value ``M`` — a block format's
     top grid value or a transform's sums can pass it for ``|g|`` within a factor 4 of ``M``

@@ -1140,3 +1140,18 @@ def test_convert_leaves_attention_modules_it_cannot_swap_faithfully() -> None:
             assert torch.equal(model[0](q, q, q), want)
     converted = lowbit.convert(torch.nn.Sequential(AM.ScaledDotProductAttention()), FQT)
     assert type(converted[0]) is AM.FQTScaledDotProductAttention  # the plain module still converts
+
+
+def test_a_broadcast_float_mask_leaf_gets_its_gradient_per_entry() -> None:
+    """A float mask that is a stride-0 view made a leaf (``base.expand(B, H, L, S)
+    .requires_grad_()``) needs its gradient per (batch, head) entry; the compaction meant
+    for bool masks narrowed it too and gave entry [0, 0] the whole gradient (a second
+    review). Now equal to the materialized mask's gradient."""
+    base = torch.randn(1, 1, L, S, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for mask in (base.expand(B, H, L, S).requires_grad_(), base.expand(B, H, L, S).clone().requires_grad_()):
+        q, k, v = qkv(seed=5)
+        scaled_dot_product_attention(q, k, v, attn_mask=mask, state=block_state(FQT)).sum().backward()
+        grads.append(mask.grad)
+    assert grads[0].shape == (B, H, L, S) and torch.equal(grads[0], grads[1])
+    assert bool((grads[0].flatten(2).abs().sum(-1) > 0).all())  # every entry has its own gradient

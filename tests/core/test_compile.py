@@ -354,6 +354,7 @@ def test_lowbit_imports_and_trains_where_torchs_compiler_cannot_import(
         "assert all(p.grad.isfinite().all() for p in m.parameters())\n"
         "print('FAILURE', compiled.failure())\n"
         "print('NATIVE', avx512.in_use() is None, avx512.available())\n"
+        "import lowbit.optim, lowbit.experiments.report  # lowbit's optimizers: no dynamo import\n"
         "try:\n"
         "    torch.optim.SGD(m.parameters(), lr=0.1)\n"
         "except Exception as exc:\n"

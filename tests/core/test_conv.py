@@ -829,26 +829,29 @@ def test_grouped_convolutions_take_onednn_only_where_their_probe_is_exact() -> N
     """torch 2.13's oneDNN int8 convolution gave wrong sums for grouped convolutions of
     ≥ 31 output channels a group with some input counts (a review: ``Conv2d(48, 96, 3,
     groups=2)``'s output 3.3× off under every recipe, ``Conv2d(192, 96, 3, stride=2,
-    groups=4)``'s ∇X by 5e5), silently. Each grouped geometry is now probed once: where
+    groups=4)``'s ∇X by 5e5), silently — at some input sizes and not others (a second
+    review: 28×28 wrong where 8×8 was right). Each grouped geometry and size is probed once: where
     ``qconv.available`` says yes, ``conv_acc`` is exact; and a converted layer equals the
     reference backend's on the same noise, output and ∇X. In a subprocess (oneDNN may
     crash the process on geometries outside its gate)."""
     import subprocess
     import sys
     code = """
-import copy, torch, lowbit
+import copy, sys, torch, lowbit
 from lowbit.kernels import qconv
+torch.set_num_threads(int(sys.argv[1]))  # exactness depends on the thread count too
 routed = 0
-for cin, cout, g, s in [(48, 96, 2, 1), (96, 192, 4, 2), (192, 96, 4, 2), (64, 128, 2, 1), (6, 64, 2, 1),
-                        (32, 64, 2, 1), (16, 16, 16, 1), (16, 32, 16, 2)]:
-    x = torch.randint(-127, 128, (2, cin, 8, 8), dtype=torch.int8)
+for cin, cout, g, s, hw in [(48, 96, 2, 1, 8), (96, 192, 4, 2, 8), (192, 96, 4, 2, 8), (64, 128, 2, 1, 8),
+                            (6, 64, 2, 1, 8), (32, 64, 2, 1, 8), (16, 16, 16, 1, 8), (16, 32, 16, 2, 8),
+                            (4, 64, 2, 1, 28), (10, 62, 2, 2, 14), (64, 4, 2, 1, 28), (24, 32, 2, 1, 20)]:
+    x = torch.randint(-127, 128, (2, cin, hw, hw), dtype=torch.int8)
     w = torch.randint(-127, 128, (cout, cin // g, 3, 3), dtype=torch.int8)
-    if qconv.available(x, w.shape, g, (8, 8), (s, s), (1, 1), (1, 1)):
+    if qconv.available(x, w.shape, g, (hw, hw), (s, s), (1, 1), (1, 1)):
         routed += 1
         want = torch.nn.functional.conv2d(x.double(), w.double(), None, s, 1, 1, g)
         assert torch.equal(qconv.conv_acc(x, w, (s, s), (1, 1), (1, 1), g).double(), want), (cin, cout, g)
     conv = torch.nn.Conv2d(cin, cout, 3, stride=s, padding=1, groups=g)
-    xf = torch.randn(2, cin, 8, 8)
+    xf = torch.randn(2, cin, hw, hw)
     out = []
     for be in ("auto", "reference"):
         q = lowbit.convert(copy.deepcopy(conv), lowbit.FQTConfig.from_recipe("fqt-psq-8", backend=be, seed=1))
@@ -860,8 +863,10 @@ for cin, cout, g, s in [(48, 96, 2, 1), (96, 192, 4, 2), (192, 96, 4, 2), (64, 1
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (cin, cout, g, s)
 assert routed >= 2  # the depthwise and exact grouped geometries still take oneDNN
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    for threads in (1, 2):
+        r = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (threads, r.returncode, r.stderr[-2000:])
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -111,6 +111,12 @@ def _hook_worker(rank: int, world: int) -> dict:
     except ValueError as exc:
         out["other_group"] = str(exc)
     out["same_group"] = QuantizedCommState(sub, COMM, process_group=groups[rank]).process_group is groups[rank]
+    try:  # its unwrapped module: the group cannot be read from it, so it must be given
+        QuantizedCommState(sub.module, COMM)  # (it silently took WORLD: a second review)
+        out["plain_module"] = ""
+    except ValueError as exc:
+        out["plain_module"] = str(exc)
+    out["plain_given"] = QuantizedCommState(sub.module, COMM, process_group=groups[rank]).process_group is groups[rank]
     # the layers' own stochastic rounding: same input and seed, rank-keyed streams
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
@@ -238,6 +244,8 @@ def test_a_ddp_over_a_subgroup_is_averaged_over_that_group(hook_runs):
         assert "is not the DDP model's process_group" in r["other_group"]
         assert "(ranks [0, 1]" in r["other_group"] and f"(ranks [{rank}]" in r["other_group"]
         assert r["same_group"]
+        assert "is not a DistributedDataParallel model, so its process group is unknown" in r["plain_module"]
+        assert r["plain_given"]
 
 
 def test_sparse_buckets_are_refused_with_the_reason(hook_runs):

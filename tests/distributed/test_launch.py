@@ -186,6 +186,11 @@ def test_world_size_1_in_the_environment_is_not_a_launch(tmp_path, monkeypatch, 
     ("batch_size (33) must be a multiple of world_size (2): it is the global batch",
      "--batch-size (33) must be a multiple of --nproc (2)"),
     ("model_kwargs must be a dict", "--model-arg must be a dict"),
+    # a path holding the word is the user's own (a second review: /proc/--nproc_run)
+    ("cannot create the run folder /proc/world_size_run: No such file or directory",
+     "cannot create the run folder /proc/world_size_run: No such file or directory"),
+    ("cannot create the run folder runs/world_size: Permission denied",
+     "cannot create the run folder runs/world_size: Permission denied"),
 ])
 def test_messages_name_the_options_of_the_command_line(message, shown):
     assert train_cli._as_option(message).startswith(shown)
