@@ -58,8 +58,19 @@ class _ShowDefaults(argparse.HelpFormatter):
         return f"{text} (default {str(default).replace('%', '%%')})"
 
 
+def _version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else ``unknown``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = {}  # type: ignore[attr-defined]
     for name, (module, help_text) in COMMANDS.items():
@@ -114,6 +125,9 @@ def _show_lowbit_info() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
+    if not given:  # bare `lowbit`: the commands, not only "COMMAND is required"
+        parser.print_help(sys.stderr)
+        return 2
     if given and given[0] in parser.commands:  # type: ignore[attr-defined]
         # an unknown option is named before argparse's "required" check could hide it
         command = parser.commands[given[0]]  # type: ignore[attr-defined]

@@ -56,7 +56,7 @@ def make_monitor(model: nn.Module, cfg: TrainConfig, requested: bool = False) ->
     if not cfg.monitor_every:
         return None
     if cfg.world_size > 1:
-        why = f"the variance monitor runs on a single rank only (world_size {cfg.world_size})"
+        why = f"the variance monitor is off with {cfg.world_size} data-parallel ranks (it measures single-process training only)"
     else:
         reasons = [skip_reason(lay) for lay in fqt_layers(model).values()]
         if any(r is None for r in reasons):

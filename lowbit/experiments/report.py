@@ -67,8 +67,10 @@ written by hand and kept.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", default="results", help="folder of run folders (default results)")
-    parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (docs)")
+    parser.add_argument("--runs", required=True, help="folder of run folders (a sweep's --out)")
+    parser.add_argument("--out", required=True,
+                        help="folder for results.md and figures/ (its generated section is rewritten; "
+                        "this repository's study: --runs results --out docs)")
     parser.add_argument("--claims", action="store_true",
                         help="after each table, state the paper's claims that name a recipe in it, "
                         "from its finished runs (lowbit.experiments.claims: 8-bit FQT = FP, 5-bit BHQ "

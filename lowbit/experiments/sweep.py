@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "used for the tasks that have it")  # fmt: skip
     add("--recipes", default="fp,qat-8,fqt-psq-8", help="comma list of recipes (default fp,qat-8,fqt-psq-8)")
     add("--seeds", default="0", help="comma list of seeds (default 0)")
-    add("--out", default="results", help="folder holding one folder per run (default results)")
+    add("--out", required=True, help="folder holding one folder per run (this repository's study: results)")
     add("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     add_training_arguments(parser)
 

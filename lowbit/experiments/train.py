@@ -381,10 +381,14 @@ def run(args: argparse.Namespace) -> int:
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_seed("--seed", args.seed))  # fmt: skip
     source = ""
-    if args.resume and args.out:
-        source, taken = resumed_settings(Path(args.out), fields, given_options(args))
+    out = args.out
+    if args.resume and not out:  # the folder these options name, its settings read as with
+        with contextlib.suppress(ValueError):  # --out (a new user's trial: without --out the
+            out = str(Path("runs") / make_config(dict(fields)).run_name())  # defaults were compared)
+    if args.resume and out:
+        source, taken = resumed_settings(Path(out), fields, given_options(args))
         if taken and not os.environ.get(LAUNCHED) and int(os.environ.get("RANK", "0")) == 0:
-            print(f"lowbit train: resuming {args.out} with the settings {source} records: "
+            print(f"lowbit train: resuming {out} with the settings {source} records: "
                   f"{', '.join(taken)}", file=sys.stderr)
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
@@ -401,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
                          "as --resume does)") from None
     set_threads(args.threads)
     set_malloc(args.malloc)
-    cfg.out = check_out_dir("--out", args.out or str(Path("runs") / cfg.run_name()))
+    cfg.out = check_out_dir("--out", out or str(Path("runs") / cfg.run_name()))
     if args.resume and not Path(cfg.out).exists():  # a misspelt folder would train anew, silently
         where = "" if args.out else (" (the default folder of these settings: give the run's "
                                      "folder with --out)")

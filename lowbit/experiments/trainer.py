@@ -94,6 +94,12 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     :func:`train`, and by ``lowbit train --nproc N`` before it launches the ranks (which
     would otherwise start, each to find it)."""
     if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
+        saved = read_config(run_dir).get("train")
+        diff = changed_settings(saved, cfg) if isinstance(saved, dict) else []
+        if diff:  # --resume would be refused next (a new user's trial): say why now
+            raise ValueError(f"{run_dir} already holds a checkpoint of a run with a different "
+                             f"{', '.join(diff)}: choose another --out (a run resumes only with its "
+                             f"own settings: {run_dir / 'config.json'})")
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --out"

@@ -584,8 +584,10 @@ def test_nproc_refuses_a_folder_before_launching_the_ranks(tmp_path, capsys, mon
     capsys.readouterr()
     assert cli.main([*args, "--nproc", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint; pass --resume to "
-                   "continue it or choose another --out"]
+    # (a run of 1 rank: --resume would be refused too, so the difference is named first)
+    assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint of a run with a "
+                   "different world_size (1, now 2): choose another --out (a run resumes only with its "
+                   f"own settings: {tmp_path / 'r' / 'config.json'})"]
 
 
 def test_sweep_refuses_a_task_left_without_a_model(tmp_path, capsys):
@@ -1387,3 +1389,55 @@ def test_a_backend_that_cannot_run_the_model_is_refused_before_any_step(tmp_path
     err = capsys.readouterr().err
     assert f"lowbit train: error: backend='{backend}' cannot run these GEMMs" in err and "--backend auto" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["sweep", "--dry-run"], ["report", "--runs", "."]])
+def test_sweep_and_report_need_out(tmp_path, capsys, monkeypatch, command):
+    """``sweep`` wrote into ``./results`` and ``report`` rewrote ``./docs/results.md`` by
+    default — run from this repository's root, the committed study (a new user's trial);
+    now ``--out`` is required, as for ``variance``."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(command)
+    assert exc.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_another_run_says_the_settings_differ_not_pass_resume(tmp_path, capsys):
+    """Training into a folder holding a finished run of other settings said "pass --resume
+    to continue it", and --resume then refused the settings (a new user's trial): the
+    first refusal now names the difference; a run of the same settings still points to
+    --resume."""
+    base = ["train", "--task", "digits", "--model", "mlp", "--subset", "64", "--eval-subset", "32",
+            "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "a run with a different epochs (1, now 2): choose another --out" in err, err
+    assert cli.main([*base, "--epochs", "1"]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+def test_resume_without_out_reads_the_default_folders_settings(tmp_path, capsys, monkeypatch):
+    """``lowbit train --recipe R --resume`` (no ``--out``) compared the run with the
+    defaults (``different epochs (2, now 10)``) where the same folder given by ``--out``
+    resumed with its recorded settings (a new user's trial): now both read them."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--task", "digits", "--model", "mlp", "--recipe", "fp", "--no-progress"]
+    assert cli.main([*base, "--epochs", "1", "--subset", "64", "--eval-subset", "32", "--batch-size", "32"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming runs/digits-mlp-fp-s0 with the settings" in err and "epochs" in err, err
+
+
+def test_bare_lowbit_lists_the_commands_and_version_is_known(capsys):
+    """Bare ``lowbit`` printed only "the following arguments are required: COMMAND", and
+    ``lowbit --version`` did not exist (a new user's trial)."""
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: lowbit" in err and all(c in err for c in ("demo", "train", "coverage", "comm-variance"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("lowbit ")
