@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--profile", default=None,
       help="quantizers to profile layer by layer (default: all of --quantizers; 'none': off)")
     a("--profile-batches", type=int, default=1, help="minibatches of the profile")
-    a("--profile-repeats", type=int, default=2, help="draws per minibatch and layer (≥ 2)")
+    a("--profile-repeats", type=int, default=4, help="draws per minibatch and layer (≥ 2; from 3 on the "
+      "profile shows standard errors, without which a ratio of 2 draws can read as a bound violation)")
     a("--bin-layer", default=None, help="layer whose ∇Y goes in the bin figure (default: middle)")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")

@@ -190,3 +190,16 @@ def test_missing_data_leaves_no_empty_out_folder(tmp_path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match="a test"):
         V.run(parse("--task", "digits", "--out", str(out)))
     assert not out.exists()
+
+
+def test_default_profile_shows_standard_errors(tmp_path) -> None:
+    """With the default two draws per layer the profile's ratios had no standard error, so
+    a noisy 3 read as a bound violation (a new user's trial; 1.5 ± 0.6 with 6 draws): the
+    default is now 4 draws, and every profile row carries ± its standard error."""
+    out = tmp_path / "v"
+    assert main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq", "--bits", "4",
+                 "--out", str(out), "--batches", "3", "--repeats", "2", "--train-steps", "2", "--quiet"]) == 0
+    text = (out / "summary.md").read_text()
+    rows = text.split("## Variance profile")[1].split("\n## ")[0].splitlines()
+    layer_rows = [r for r in rows if r.startswith("| net.")]
+    assert layer_rows and all(r.count("±") == 2 for r in layer_rows), layer_rows
