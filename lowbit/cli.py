@@ -59,13 +59,16 @@ class _ShowDefaults(argparse.HelpFormatter):
 
 
 def _version() -> str:
-    """The installed distribution's version (``importlib.metadata``), else ``unknown``."""
+    """The installed distribution's version (``importlib.metadata``), else the source
+    tree's ``lowbit.__version__``."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("lowbit")
     except PackageNotFoundError:
-        return "unknown (not installed)"
+        from . import __version__
+
+        return f"{__version__} (source tree, not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -380,22 +380,24 @@ def run(args: argparse.Namespace) -> int:
     fields = training_fields(args)
     fields.update(task=args.task, model=args.model, recipe=args.recipe,
                   seed=parse_seed("--seed", args.seed))  # fmt: skip
-    source = ""
-    out = args.out
-    if args.resume and not out:  # the folder these options name, its settings read as with
-        with contextlib.suppress(ValueError):  # --out (a new user's trial: without --out the
-            out = str(Path("runs") / make_config(dict(fields)).run_name())  # defaults were compared)
-    if args.resume and out:
-        source, taken = resumed_settings(Path(out), fields, given_options(args))
-        if taken and not os.environ.get(LAUNCHED) and int(os.environ.get("RANK", "0")) == 0:
-            print(f"lowbit train: resuming {out} with the settings {source} records: "
-                  f"{', '.join(taken)}", file=sys.stderr)
     nproc = parse_int("--nproc", args.nproc)
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
     launch = nproc is not None and nproc > 1 and not launched_ranks()
     if nproc is not None:
         fields["world_size"] = nproc
+    source = ""
+    out = args.out
+    if args.resume and not out:  # the folder these options name (a data-parallel run's has
+        # -nN: after --nproc), its settings read as with --out (a new user's trial: without
+        # --out the defaults were compared)
+        with contextlib.suppress(ValueError):
+            out = str(Path("runs") / make_config(dict(fields)).run_name())
+    if args.resume and out:
+        source, taken = resumed_settings(Path(out), fields, given_options(args))
+        if taken and not os.environ.get(LAUNCHED) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"lowbit train: resuming {out} with the settings {source} records: "
+                  f"{', '.join(taken)}", file=sys.stderr)
     try:
         cfg = make_config(fields)
     except ValueError as exc:

@@ -96,10 +96,11 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
         saved = read_config(run_dir).get("train")
         diff = changed_settings(saved, cfg) if isinstance(saved, dict) else []
-        if diff:  # --resume would be refused next (a new user's trial): say why now
+        if diff:  # say what differs now, not only "pass --resume" (a new user's trial)
             raise ValueError(f"{run_dir} already holds a checkpoint of a run with a different "
-                             f"{', '.join(diff)}: choose another --out (a run resumes only with its "
-                             f"own settings: {run_dir / 'config.json'})")
+                             f"{', '.join(diff)}: pass --resume to continue it (the options you leave "
+                             f"out are read from {run_dir / 'config.json'}; those you give must "
+                             "match it) or choose another --out")
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --out"

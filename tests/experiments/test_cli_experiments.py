@@ -586,8 +586,9 @@ def test_nproc_refuses_a_folder_before_launching_the_ranks(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     # (a run of 1 rank: --resume would be refused too, so the difference is named first)
     assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint of a run with a "
-                   "different world_size (1, now 2): choose another --out (a run resumes only with its "
-                   f"own settings: {tmp_path / 'r' / 'config.json'})"]
+                   "different world_size (1, now 2): pass --resume to continue it (the options you leave "
+                   f"out are read from {tmp_path / 'r' / 'config.json'}; those you give must match it) "
+                   "or choose another --out"]
 
 
 def test_sweep_refuses_a_task_left_without_a_model(tmp_path, capsys):
@@ -1404,17 +1405,18 @@ def test_sweep_and_report_need_out(tmp_path, capsys, monkeypatch, command):
 
 
 def test_a_folder_of_another_run_says_the_settings_differ_not_pass_resume(tmp_path, capsys):
-    """Training into a folder holding a finished run of other settings said "pass --resume
-    to continue it", and --resume then refused the settings (a new user's trial): the
-    first refusal now names the difference; a run of the same settings still points to
-    --resume."""
+    """Training into a folder holding a finished run of other settings said only "pass
+    --resume to continue it", and --resume then refused the settings (a new user's trial):
+    the refusal now names the difference and says that --resume reads the options left
+    out from config.json; a run of the same settings still points to --resume."""
     base = ["train", "--task", "digits", "--model", "mlp", "--subset", "64", "--eval-subset", "32",
             "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]
     assert cli.main([*base, "--epochs", "1"]) == 0
     capsys.readouterr()
     assert cli.main([*base, "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "a run with a different epochs (1, now 2): choose another --out" in err, err
+    assert "a run with a different epochs (1, now 2): pass --resume to continue it" in err, err
+    assert "or choose another --out" in err
     assert cli.main([*base, "--epochs", "1"]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
 
@@ -1441,3 +1443,14 @@ def test_bare_lowbit_lists_the_commands_and_version_is_known(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("lowbit ")
+
+
+def test_resume_without_out_under_nproc_looks_for_the_data_parallel_folder(tmp_path, capsys, monkeypatch):
+    """``--resume --nproc 2`` without ``--out`` looked for the single-rank folder (the run
+    name's ``-n2`` was added after the name was worked out; a review): it names the
+    data-parallel run's folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["train", "--task", "digits", "--model", "mlp", "--recipe", "fp", "--resume",
+                     "--nproc", "2"]) == 2
+    assert "runs/digits-mlp-fp-n2-s0 does not exist" in capsys.readouterr().err
