@@ -85,9 +85,16 @@ def test_policy_is_what_glibc_read_at_start_up():
         tun = _probe("tunables", GLIBC_TUNABLES=tunables)
         assert tun["policy"] == "keep-freed (environment)" and tun["recycles"] is True, tunables
         assert tun["mapped_alive"] == 0 and tun["heap_free_after"] >= mib32
-    trim0 = _probe("trim0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="0")
-    assert trim0["policy"] == "default" and trim0["recycles"] is False
-    assert trim0["heap_free_after"] < mib32  # glibc gave the freed block back
+    # glibc gave the freed block back — which it can only do when the block is the heap's
+    # top: whether something was allocated above it varies from run to run (about one run
+    # in two here, with one thread too; a CI run failed on it), so up to 12 probes, one of
+    # which must show it (a keep-freed setting never does: the probes above)
+    for _ in range(12):
+        trim0 = _probe("trim0", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="0")
+        assert trim0["policy"] == "default" and trim0["recycles"] is False
+        if trim0["heap_free_after"] < mib32:
+            break
+    assert trim0["heap_free_after"] < mib32
 
 
 @glibc
