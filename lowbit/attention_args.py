@@ -68,7 +68,6 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
         for d in range(m.dim()):  # size 1: not written out per batch entry (a review: 4·B·L·S
             if m.stride(d) == 0 and m.shape[d] > 1:  # bytes a layer); a float mask stays the
                 m = m.narrow(d, 0, 1)  # view it is (its gradient is per entry, a second review)
-    if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=like.dtype, device=m.device).masked_fill(~m, float("-inf"))
     full = (*lead, lq, s)
     try:

@@ -109,7 +109,7 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
                   padding: tuple[int, ...]) -> bool:
     """Whether oneDNN's int8 convolution gives the exact sums for this grouped geometry
     (``w_shape`` (C_out, C/groups, kH, kW)) on inputs of spatial ``size``, probed once per
-    process: random codes on one sample of that size against the float64 convolution.
+    process: random codes on one sample of that size against the exact float32 convolution.
     torch 2.13's ``qconv2d_pointwise`` got grouped convolutions wrong — the same wrong
     sums on every call — for groups of 31 or more output channels with 1, 2, 3, 5–7, 9,
     10, 13, 17, 24, 28 or 31 input channels (a review: ``Conv2d(48, 96, 3, groups=2)``'s
@@ -121,8 +121,9 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
     the Intel Xeon): once per geometry, input size and thread count, costing about two
     single-sample convolutions of the layer (int8 and an exact float32 one; one thread,
     Intel Xeon: 9 ms for 64 channels at 56², 49 ms for 128 at 112², 0.43 s for 256 at
-    224²; a model whose input size changes every batch pays it for each new size). One sample: a batch of one only ever refused where
-    larger batches were exact. Hidden from dispatch modes, as :func:`_exact_here`."""
+    224²; a model whose input size changes every batch pays it for each new size). One
+    sample: a batch of one only ever refused where larger batches were exact. Hidden from
+    dispatch modes, as :func:`_exact_here`."""
     return _probe_grouped(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
                           torch.get_num_threads())
 
