@@ -152,7 +152,12 @@ _PROBES: dict[type[nn.Module], Callable[[], nn.Module]] = {
 
 
 def register_probe(base: type[nn.Module], make: Callable[[], nn.Module]) -> None:
-    """How to build a small plain ``base`` (for :func:`skip_reason`'s attribute check)."""
+    """How to build a small plain ``base`` (for :func:`skip_reason`'s attribute check).
+    ``make`` runs once, on first use, under ``torch.device("meta")`` and with the random
+    number generators forked: a probe whose ``__init__`` initializes its weights
+    (transformers' ``Conv1D`` draws from ``torch.normal``) leaves the caller's random
+    stream where it was (a review: the first ``convert`` of a GPT-2 in a process moved it,
+    so two seeded runs in one process differed)."""
     _PROBES[base] = make
     _plain_keys.cache_clear()
 
@@ -160,7 +165,8 @@ def register_probe(base: type[nn.Module], make: Callable[[], nn.Module]) -> None
 @functools.cache
 def _plain_keys(base: type[nn.Module]) -> frozenset[str]:
     """Instance attributes every plain ``base`` module has (hook registries, sizes, …)."""
-    return frozenset(_PROBES[base]().__dict__)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return frozenset(_PROBES[base]().__dict__)
 
 
 def _parametrized_names(module: nn.Module) -> frozenset[str]:

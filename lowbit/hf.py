@@ -105,7 +105,7 @@ class FQTConv1D(Conv1D, _StochasticLayer):
         return f"FQTConv1D(nf={self.nf}, nx={self.nx}, {self._extra()})"
 
 
-register_probe(Conv1D, lambda: Conv1D(1, 1))
+register_probe(Conv1D, lambda: Conv1D(1, 1))  # built on meta, RNG untouched (register_probe)
 
 
 def _swap_conv1d(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Module | str:

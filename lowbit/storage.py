@@ -133,7 +133,8 @@ def encode_int8_per_channel(x: torch.Tensor, generator: torch.Generator | None =
         raise ValueError(f"per-channel int8 needs a tensor with ndim ≥ 2, got shape "
                          f"{tuple(x.shape)} (1-D parameters stay bfloat16)")
     rows = x.float().flatten(1)
-    scale = _pow2_scale(rows.abs().amax(1))
+    # a channel of no elements has range 0 (amax over an empty dimension raises)
+    scale = _pow2_scale(rows.abs().amax(1) if rows.shape[1] else rows.new_zeros(rows.shape[0]))
     return _int8_codes(rows, scale, generator, stochastic).view(x.shape), scale
 
 

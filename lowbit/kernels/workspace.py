@@ -8,7 +8,8 @@ heads × 512² — took 15 ms to fill fresh against 1.3 ms reused (2 threads), t
 step (the forward's ``Q·Kᵀ`` and the backward's recomputation). :func:`empty` hands out,
 per thread, a buffer of the requested shape and dtype that an earlier call made and that
 nothing references any more — neither the tensor object nor any view of its storage
-(``sys.getrefcount`` and the storage's use count; a C++ holder such as autograd's saved
+(``sys.getrefcount`` of the tensor and of its storage object, and the storage's use
+count; a C++ holder such as autograd's saved
 tensors adds a reference to the object in torch 2.13, which is checked once per process:
 where it does not, nothing is reused) — else a new one, which it keeps
 (at most :data:`MAX_ENTRIES` per thread, the oldest dropped). Requests below
@@ -31,7 +32,6 @@ pool under the recycling allocator").
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import threading
@@ -74,18 +74,64 @@ def _pool() -> dict:
     return pool
 
 
-@functools.cache
+_seen: bool = False  # the probe below has said yes once in this process
+
+
 def _references_seen() -> bool:
     """Whether this torch counts a C++ holder of a tensor (autograd saving it for the
     backward) as a reference to its Python object — what :func:`empty`'s check relies on
-    (torch 2.13 does); where it does not, buffers are never reused."""
-    t = torch.empty(4)
-    before = sys.getrefcount(t)
-    with torch.enable_grad():
+    (torch 2.13 does); where it does not, buffers are never reused. The probe runs with
+    autograd recording whatever mode the caller is in (under ``torch.inference_mode`` it
+    records nothing, and a first probe there switched the pool off for the process: a
+    review), and only a yes is kept. Under a user's saved-tensor hooks it is not asked
+    (their pack hook would run on the probe, and may pack a copy): no reuse for that
+    request, the question asked again at the next."""
+    global _seen
+    if _seen:
+        return True
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return False
+    global _storage_refs_free
+    with torch.inference_mode(False), torch.enable_grad():
+        t = torch.empty(4)
+        before = sys.getrefcount(t)
         y = t * torch.ones((), requires_grad=True)  # saves t, the same TensorImpl
         held = sys.getrefcount(t)
         del y
-    return held > before and sys.getrefcount(t) == before
+        free = _storage_refs(t)
+        kept = t.untyped_storage()  # a holder of the storage object must show
+        shown = _storage_refs(t) > free
+        del kept
+        _storage_refs_free = free
+        _seen = held > before and sys.getrefcount(t) == before and shown and _storage_refs(t) == free
+    return _seen
+
+
+_storage_refs_free = -1  # _storage_refs of a storage no one else holds (set by the probe)
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """References to the Python object of ``t``'s storage, counted the same way for every
+    call (this torch keeps one object per storage alive while tensors share it)."""
+    s = t.untyped_storage()
+    return sys.getrefcount(s)
+
+
+def _unreferenced(t: torch.Tensor) -> bool:
+    """Whether nothing but the pool holds ``t``: no other reference to the tensor object
+    (references: the pool's, :func:`empty`'s name, this parameter, getrefcount's
+    argument), no other tensor
+    or view on its storage (the storage's use count: ``t``'s and the storage object's),
+    and no holder of the storage's Python object, which torch hands out as one object to
+    every ``untyped_storage()``/``storage()`` caller (saved-tensor hooks that offload
+    keep it; it does not raise the use count: a review found a pooled accumulator
+    overwritten under such a hook, a gradient 0 for 8388608): its reference count is
+    compared with that of a storage nobody holds, measured by the probe
+    (:func:`_references_seen`)."""
+    if sys.getrefcount(t) != 4:
+        return False
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2 \
+        and _storage_refs(t) == _storage_refs_free
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -103,11 +149,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="cpu")
     pool, key = _pool(), (shape, dtype)
     t = pool.get(key)
-    # references: the pool's, the name t, getrefcount's argument; the storage: t's and the
-    # temporary storage object; anything more is a caller's tensor or view
-    if t is not None and sys.getrefcount(t) == 3 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2:
+    if t is not None and _unreferenced(t):
         return t
-    t = torch.empty(shape, dtype=dtype, device="cpu")
+    with torch.inference_mode(False):  # a pooled buffer outlives the caller's mode: made
+        # under inference_mode it would be an inference tensor, which a later training
+        # step could not write in place
+        t = torch.empty(shape, dtype=dtype, device="cpu")
     pool.pop(key, None)
     pool[key] = t
     while len(pool) > MAX_ENTRIES:

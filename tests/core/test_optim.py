@@ -197,6 +197,18 @@ def test_int8_per_channel_encode_is_unbiased_and_exact_in_bf16() -> None:
         assert_unbiased(draws[:, row], x[row])  # 5σ z-test (see conftest)
 
 
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (5, 0, 3), (0, 0)])
+def test_int8_encodings_of_tensors_with_no_elements(shape: tuple[int, ...]) -> None:
+    """A weight with no columns (``(5, 0)``) raised ``amax()``'s IndexError (a review):
+    its channels have range 0, scale 1, and decode to the same empty shape."""
+    x = torch.zeros(shape)
+    codes, scale = encode_int8_per_channel(x)
+    assert codes.shape == shape and scale.shape == (shape[0],) and bool((scale == 1).all())
+    assert decode_int8_per_channel(codes, scale).shape == shape
+    codes, scale = encode_int8_blockwise(x)
+    assert codes.shape == shape and decode_int8_blockwise(codes, scale).shape == shape
+
+
 def test_int8_blockwise_encode_is_unbiased() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, generator=g)  # 3 blocks of 128, the last one padded

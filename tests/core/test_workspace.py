@@ -32,9 +32,10 @@ def test_a_dropped_buffer_is_reused_a_referenced_one_never() -> None:
     assert a.shape == SHAPE and a.dtype == torch.int32 and a.is_contiguous()
     b = workspace.empty(SHAPE, torch.int32)  # a is alive: a new buffer
     assert b.data_ptr() != ptr
+    bptr = b.data_ptr()
     del a, b
-    c = workspace.empty(SHAPE, torch.int32)  # the pool keeps the newest
-    assert workspace.held_bytes() == c.numel() * 4
+    c = workspace.empty(SHAPE, torch.int32)  # the pool keeps the newest, and hands it out
+    assert workspace.held_bytes() == c.numel() * 4 and c.data_ptr() == bptr
     view = c.view(torch.float32)[3]  # a view keeps the storage in use
     cptr = c.data_ptr()
     del c
@@ -62,6 +63,71 @@ def test_a_buffer_autograd_saved_is_not_reused() -> None:
     b.fill_(-1)
     y.backward()
     assert float(w.grad) == 3.0 * b.numel()
+
+
+def _offload_hooks():  # noqa: ANN202 - keeps the storage object, as offloading hooks do
+    def pack(t: torch.Tensor) -> tuple:
+        return t.untyped_storage(), t.storage_offset(), t.shape, t.stride(), t.dtype
+
+    def unpack(p: tuple) -> torch.Tensor:
+        return torch.empty(0, dtype=p[4]).set_(p[0], p[1], p[2], p[3])
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+@pytest.mark.parametrize("holder", ["saved-tensor hook", "untyped_storage", "storage"])
+def test_a_buffer_whose_storage_object_is_held_is_not_reused(holder: str) -> None:
+    """Whoever holds the storage's Python object (an offloading saved-tensor hook,
+    ``t.untyped_storage()``, ``t.storage()``) holds the buffer: torch hands out one
+    storage object per storage, so the storage's use count does not show it. The pooled
+    accumulator was handed out again and overwritten (a review: a gradient 0, not 8388608)."""
+    w = torch.ones((), requires_grad=True)
+    a = workspace.empty(SHAPE, torch.int32)
+    a.view(torch.float32).fill_(1.0)
+    ptr, kept = a.data_ptr(), None
+    if holder == "saved-tensor hook":
+        with _offload_hooks():
+            y = (a.view(torch.float32) * w).sum()
+    else:
+        kept = a.untyped_storage() if holder == "untyped_storage" else a.storage()
+    del a
+    b = workspace.empty(SHAPE, torch.int32)
+    assert b.data_ptr() != ptr
+    b.fill_(0)
+    if kept is not None:  # the held storage still reads 1.0 (0x3f800000) everywhere
+        raw = kept._untyped_storage if holder == "storage" else kept
+        assert bool((torch.empty(0, dtype=torch.int32).set_(raw) == 0x3F800000).all())
+    else:
+        y.backward()
+        assert float(w.grad) == b.numel()
+
+
+def test_the_reference_probe_is_not_fooled_by_inference_mode_or_hooks(monkeypatch) -> None:  # noqa: ANN001
+    """A first large request under ``torch.inference_mode`` (an evaluation pass before
+    training) made the once-per-process probe answer no, and the pool stayed off for
+    good (a review); under a user's saved-tensor hooks the probe is not run (their pack
+    hook would see it) and nothing is reused for that request only."""
+    monkeypatch.setattr(workspace, "_seen", False)
+    with torch.inference_mode():
+        a = workspace.empty(SHAPE, torch.int32)
+    assert workspace._seen and workspace.held_bytes() == a.numel() * 4
+    del a
+    b = workspace.empty(SHAPE, torch.int32)  # the buffer pooled in inference mode, reused
+    assert workspace.held_bytes() == b.numel() * 4 and not b.is_inference()
+    torch._int_mm(torch.ones(32, 8, dtype=torch.int8), torch.ones(8, 32, dtype=torch.int8),
+                  out=b.view(-1)[:1024].view(32, 32))  # written in place outside inference mode
+    del b
+    workspace.clear()
+    monkeypatch.setattr(workspace, "_seen", False)
+    packed: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+        workspace.empty(SHAPE, torch.int32)
+        assert workspace.held_bytes() == 0  # a plain allocation, not pooled
+    assert packed == [] and not workspace._seen
+    c = workspace.empty(SHAPE, torch.int32)
+    cptr = c.data_ptr()
+    del c
+    assert workspace.empty(SHAPE, torch.int32).data_ptr() == cptr and workspace._seen
 
 
 def test_small_requests_and_other_dtypes_are_plain_allocations() -> None:
