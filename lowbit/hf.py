@@ -196,11 +196,20 @@ def calls_attention_interface(cls: type) -> bool:
     return any("ALL_ATTENTION_FUNCTIONS" in code.co_names for code in _codes(cls))
 
 
+def _library_class(klass: type) -> bool:
+    """A class of Python's, torch's or lowbit's own (never an attention module that calls
+    transformers' registry)."""
+    return (klass.__module__ or "").split(".")[0] in ("builtins", "abc", "typing", "torch", "lowbit")
+
+
 def _codes(cls: type) -> list[Any]:
-    """The code objects of the methods ``cls`` has from transformers' own classes."""
+    """The code objects of the methods ``cls`` has from its classes other than Python's,
+    torch's and lowbit's: transformers' own, and a user's or ``trust_remote_code``
+    module's (``transformers_modules.…``) built the same way (read only from
+    transformers' classes before, such attention stayed float unreported: a review)."""
     codes = []
     for klass in cls.__mro__:
-        if not klass.__module__.startswith("transformers."):
+        if _library_class(klass):
             continue
         for fn in vars(klass).values():
             code = getattr(inspect.unwrap(fn) if callable(fn) else None, "__code__", None)
@@ -275,9 +284,10 @@ _ATTENTION_NAME = re.compile(r"Attention|Attn")
 
 
 def _own_attention(cls: type) -> bool:
-    """A transformers module class named like attention (``…Attention…``/``…Attn…``) that
-    does not call the attention registry: it computes attention with its own code."""
-    return (cls.__module__.startswith("transformers.") and not issubclass(cls, PreTrainedModel)
+    """A module class of a Hugging Face model (transformers' own, remote code, a user's;
+    not torch's or lowbit's) named like attention (``…Attention…``/``…Attn…``) that does
+    not call the attention registry: it computes attention with its own code."""
+    return (not _library_class(cls) and not issubclass(cls, PreTrainedModel)
             and _ATTENTION_NAME.search(cls.__name__) is not None and not calls_attention_interface(cls))
 
 
@@ -353,7 +363,11 @@ def lowbit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if block is None:
         raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} reached a "
                            f"{type(module).__name__} without a {CHILD!r} child: run lowbit.convert "
-                           "on the PreTrainedModel (it adds one to every attention module it converts)")
+                           "on the PreTrainedModel (it adds one to every attention module it converts); "
+                           "for a float model built from a converted model's config, build it from "
+                           "copy.deepcopy(config) and call its set_attn_implementation('sdpa') (the "
+                           "config is shared: switching it switches the converted model's attention "
+                           "to float too)")
     _check_kwargs(module, kwargs)
     need_weights = _weights_requested(kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -489,7 +503,9 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
     # not part of (or around) a module using the registry or a torch/lowbit attention module
     routed = [n for n, m in model.named_modules()
               if n in registry_names or isinstance(m, (nn.MultiheadAttention, ScaledDotProductAttention))]
-    selfmade = [n for n, m in model.named_modules() if _own_attention(type(m))]
+    # (a user's class only in a Hugging Face model: elsewhere no registry is expected)
+    selfmade = [n for n, m in model.named_modules() if _own_attention(type(m))
+                and (owners or type(m).__module__.startswith("transformers."))]
 
     def related(a: str, b: str) -> bool:  # one contains the other
         return a == b or a == "" or b == "" or a.startswith(b + ".") or b.startswith(a + ".")

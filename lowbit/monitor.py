@@ -208,7 +208,9 @@ class VarianceMonitor:
                                 or "convert the model with an fqt-* recipe first"))
         if policy is not None:
             _check_policy_fits(policy, self.layers)
+        self._configs = {n: lay.config for n, lay in self.layers.items()}  # as checked
         self.steps = 0
+        self._counted_steps = 0  # steps summed into _bit_sums (steps may be set: a resume)
         self.history: list[StepRecord] = []
         self.decisions: list[Decision] = []
         self._bit_sums = {n: {p: 0 for p in PATHS} for n in self.layers}
@@ -238,7 +240,12 @@ class VarianceMonitor:
     def step(self, force: bool = False) -> Iterator[None]:
         """Wrap one training step's forward and backward (not the optimizer step). On a
         monitored step (:meth:`due`, or ``force``) the layers are measured, a
-        :class:`StepRecord` is appended to :attr:`history` and the policy decides."""
+        :class:`StepRecord` is appended to :attr:`history` and the policy decides.
+        Raises ``ValueError`` where a layer's config was changed since it was checked (a
+        second ``convert``, ``layer.config = …``) to one the monitor cannot measure or the
+        policy may not drive."""
+        self._recheck()
+        self._counted_steps += 1
         for n, layer in self.layers.items():
             for p in PATHS:
                 spec = getattr(layer.config, p)
@@ -256,6 +263,23 @@ class VarianceMonitor:
             self._mode = None
             self._acc, self._totals = {}, {}
             self.steps += 1
+
+    def _recheck(self) -> None:
+        """The constructor's checks again for each layer whose config is no longer the one
+        checked (a review: after ``convert`` to ``fp8-tensorwise`` the monitor reported a
+        rounding variance for round-to-nearest gradients, and a policy rewrote a fixed
+        recipe's widths)."""
+        for name, layer in self.layers.items():
+            if layer.config is self._configs[name]:
+                continue
+            reason = skip_reason(layer)
+            if reason is not None:
+                raise ValueError(f"VarianceMonitor: layer {name!r} was given a new config since the "
+                                 f"monitor was built ({describe(layer.config)}), which it cannot "
+                                 f"measure: {reason}; build a new VarianceMonitor (or close this one)")
+            if self.policy is not None:
+                _check_policy_fits(self.policy, {name: layer})
+            self._configs[name] = layer.config
 
     def close(self) -> None:
         """Remove the hooks (the monitor then measures nothing, and its policy drives no
@@ -277,6 +301,8 @@ class VarianceMonitor:
         x_grad = bool(inp.requires_grad)
 
         def on_grad(gy: torch.Tensor) -> None:
+            if x.numel() == 0 or gy.numel() == 0:  # nothing quantized (an expert given no
+                return  # tokens, an empty batch): no variance, and nothing to reshape by rows
             with torch.no_grad():
                 if self.sgd == "paired":  # this call's QAT gradients, for the pair
                     tot = self._totals.setdefault(name, [None, None])
@@ -414,7 +440,7 @@ class VarianceMonitor:
                 self.decisions.append(d)
                 log.info("step %d %s %s: %s%d -> %s%d (ratio %.3g -> %.3g)", step, name, path,
                          cur[0], cur[1], new[0], new[1], r[cur], r[new])
-            layer.config = cfg
+            layer.config = self._configs[name] = cfg
 
     # -- summaries and checkpoints --------------------------------------------------------
     def mean_bits(self) -> dict[str, dict[str, float]]:
@@ -422,8 +448,11 @@ class VarianceMonitor:
         path in float; a path that never runs — a first layer's ∇X — still shows its
         configured width here), plus ``"all"``: per path and ``"both"``, the mean over
         the layers' paths that ran at a monitored step, weighted by their ``∇Y`` size
-        (each path quantizes ∇Y once), so a path that never ran does not count there."""
-        n = max(self.steps, 1)
+        (each path quantizes ∇Y once), so a path that never ran does not count there.
+        The steps are those this monitor saw (restored with its state): a resumed run whose
+        monitor started at a later step (``--monitor-every`` 0 → K) divided the widths
+        summed since then by every step (a review: 1.33 bits for a 4-bit run)."""
+        n = max(self._counted_steps, 1)
         out = {name: {p: s / n for p, s in paths.items()} for name, paths in self._bit_sums.items()}
         pairs = [(k, p, w) for k, d in self._grad_numel.items() for p, w in d.items() if w]
         if pairs:
@@ -449,7 +478,8 @@ class VarianceMonitor:
                 "bit_sums": {n: dict(p) for n, p in self._bit_sums.items()},
                 "pair": None if self._pair is None else
                 {"step": self._pair[0], "totals": {n: list(t) for n, t in self._pair[1].items()}},
-                "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()}}
+                "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()},
+                "counted_steps": self._counted_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (all but ``every``, which stays this
@@ -474,8 +504,10 @@ class VarianceMonitor:
                                      f"{'float' if qb is None else 'quantized'} in the state")
                 if qb is not None:
                     cfg = dataclasses.replace(cfg, **{p: with_bits(dataclasses.replace(spec, quantizer=qb[0]), int(qb[1]))})
-            layer.config = cfg
+            layer.config = self._configs[n] = cfg
         self.steps = int(state["steps"])  # the interval stays the constructor's
+        # states saved before the count was kept: every step was counted
+        self._counted_steps = int(state.get("counted_steps", self.steps))
         pair = state.get("pair")
         self._pair = None if pair is None else (int(pair["step"]), {n: list(t) for n, t in pair["totals"].items()})
         self.decisions = [Decision(**d) for d in state["decisions"]]

@@ -829,6 +829,33 @@ def test_fused_recurrent_layers_dot_and_cdist_are_counted_as_float() -> None:
     assert r.flops(phase="forward") == 2 * 30 * 20 * 64 + 2 * 64 and not r.unaccounted
 
 
+def test_bilinear_products_are_counted_and_other_namespaces_gemms_listed() -> None:
+    """``nn.Bilinear`` (``aten._trilinear``) was listed as not counted while the headline
+    read "low-bit 100.0%" beside a converted head; a ``torch.ao`` dynamic-quantized Linear
+    (``quantized::linear_dynamic``) was neither counted nor listed (a review)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bil, self.head = nn.Bilinear(16, 24, 32), nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.bil(x[:, :16], x))
+
+    m = lowbit.convert(Net(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    r = coverage(m, torch.randn(8, 24, requires_grad=True), loss_fn=lambda o: o.sum())
+    n, o, i1, i2 = 8, 32, 16, 24
+    assert _module_flops(r, "bil", "forward") == 2 * n * o * i1 * i2
+    # ∇x1, ∇x2 and ∇A: each one trilinear over the same index space
+    assert sum(g.flops for g in r.rows if g.module == "bil" and g.phase != "forward") == 3 * 2 * n * o * i1 * i2
+    assert not r.unaccounted and 0 < r.lowbit_share < 0.1
+
+    dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 32)), {nn.Linear}, torch.qint8)
+    r = coverage(nn.Sequential(dyn, nn.Linear(32, 4)), torch.randn(8, 64))
+    assert [(op, calls) for op, _, calls in r.unaccounted] == [("quantized.linear_dynamic", 1)]
+
+
 def test_a_layer_pass_counts_the_forwards_it_differentiates_and_unpadded_rows() -> None:
     """A converted convolution's ∇X and ∇W doubled under activation checkpointing (the
     recompute's forward was added to the FLOPs each backward pass was scaled to) and

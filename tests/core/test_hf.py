@@ -289,6 +289,24 @@ def test_attention_registry_without_convert_raises() -> None:
         model(**batch("gpt2"))
 
 
+def test_a_float_model_built_from_a_converted_config_is_told_how_to_run() -> None:
+    """``GPT2LMHeadModel(converted.config)`` shares the converted model's config (which
+    says "lowbit"): its first forward raised an error whose only remedy was convert (a
+    review); the message names the float way, and the way does not touch the converted
+    model's attention."""
+    import copy
+
+    converted = lowbit.convert(gpt2(), FQT)
+    fresh = T.GPT2LMHeadModel(converted.config)
+    with pytest.raises(RuntimeError, match=r"build it from copy\.deepcopy\(config\) and call its "
+                       r"set_attn_implementation\('sdpa'\)"):
+        fresh(**batch("gpt2"))
+    fresh = T.GPT2LMHeadModel(copy.deepcopy(converted.config))
+    fresh.set_attn_implementation("sdpa")
+    fresh(**batch("gpt2"))
+    assert converted.config._attn_implementation == hf.IMPLEMENTATION
+
+
 def test_converting_part_of_a_model_says_why_attention_stays_float() -> None:
     model = gpt2()
     with warnings.catch_warnings(record=True):
@@ -649,3 +667,39 @@ def test_convert_draws_nothing_from_the_global_random_stream_even_the_first_time
     before = torch.random.get_rng_state()
     lowbit.convert(model, FQT)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_attention_of_a_users_model_is_routed() -> None:
+    """An attention module of a user's ``PreTrainedModel`` (or of ``trust_remote_code``,
+    module ``transformers_modules.…``: the same reading) that calls
+    ``ALL_ATTENTION_FUNCTIONS`` as transformers' own do: its products stayed float, neither
+    converted nor listed in the report (only transformers' classes were read: a review).
+    Now routed, converted, and every GEMM of the step low-bit."""
+    class Attn(nn.Module):
+        def __init__(self, config) -> None:  # noqa: ANN001
+            super().__init__()
+            self.config, self.is_causal, self.qkv = config, True, nn.Linear(32, 96)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(2, 12, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            attend = T.modeling_utils.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            o, _ = attend(self, q, k, v, None, scaling=0.25)
+            return o.reshape(2, 12, 32)
+
+    class Model(T.PreTrainedModel):
+        config_class = T.PretrainedConfig
+        _supports_sdpa = True
+
+        def __init__(self, config) -> None:  # noqa: ANN001
+            super().__init__(config)
+            self.attn, self.head = Attn(config), nn.Linear(32, 4)
+            self.post_init()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x))
+
+    torch.manual_seed(0)
+    model, report = lowbit.convert(Model(T.PretrainedConfig(attn_implementation="sdpa")), FQT, report=True)
+    assert report.skipped == {} and model.config._attn_implementation == hf.IMPLEMENTATION
+    assert isinstance(model.attn.get_submodule(hf.CHILD), lowbit.FQTScaledDotProductAttention)
+    assert lowbit.coverage(model, torch.randn(2, 12, 32)).lowbit_share == 1.0

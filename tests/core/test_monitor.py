@@ -696,3 +696,90 @@ def test_a_batch_normalized_output_leaves_the_input_probe_unmeasured(sgd: str, c
         assert math.isfinite(v.ratio_w)
         assert math.isnan(v.ratio_x) == bn and bool(flat) == bn
         assert math.isfinite(mon.history[-1].layers["5" if bn else "4"].ratio_x)  # not normalized
+
+
+def _small_mlp(recipe: str) -> nn.Module:
+    torch.manual_seed(0)
+    return lowbit.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)),
+                          FQTConfig.from_recipe(recipe, seed=0))
+
+
+@pytest.mark.parametrize("sgd", ["per-sample", "paired"])
+def test_a_call_with_no_rows_is_skipped_not_a_crash(sgd: str) -> None:
+    """An expert given no tokens (or an empty batch) made the monitored step raise inside
+    ``backward()`` (``reshape(0, -1)``: a review); the same step runs without the monitor.
+    The empty call adds nothing; the other calls are measured."""
+    class MoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            route, out = (x[:, 0] > 100).long(), torch.zeros_like(x)  # expert 1 gets nothing
+            for i, e in enumerate(self.experts):
+                idx = (route == i).nonzero().squeeze(1)
+                out = out.index_add(0, idx, e(x[idx]))
+            return self.head(out.relu())
+
+    torch.manual_seed(0)
+    m = lowbit.convert(MoE(), FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    mon = VarianceMonitor(m, every=1, sgd=sgd)
+    for _ in range(2):
+        with mon.step():
+            m(torch.randn(8, 6, requires_grad=True)).square().sum().backward()
+    rec = mon.history[-1].layers
+    assert "experts.1" not in rec and math.isfinite(rec["experts.0"].quant_w) and rec["head"].quant_w > 0
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ("fp8-tensorwise", "round-to-nearest gradients"), ("fqt-psq-4-predicted", "predicted gradient ranges")])
+def test_a_config_changed_after_construction_is_checked_again(recipe: str, match: str) -> None:
+    """A second ``convert`` after the monitor was built: it went on reporting a rounding
+    variance for round-to-nearest gradients (and ``quant_w = 0``, ``ratio_x = inf`` for
+    predicted ranges: a review). Now the step says why it cannot measure."""
+    m = _small_mlp("fqt-psq-4")
+    mon = VarianceMonitor(m, every=1)
+    lowbit.convert(m, FQTConfig.from_recipe(recipe, seed=0))
+    with pytest.raises(ValueError, match=f"layer '0' was given a new config.*{match}"):
+        with mon.step():
+            m(torch.randn(5, 6, requires_grad=True)).sum().backward()
+    assert mon.steps == 0 and mon.history == []
+
+
+def test_a_policy_does_not_drive_a_layer_reconverted_to_a_fixed_recipe() -> None:
+    """``fqt-auto`` with a policy, then the model converted again with ``fqt-psq-4``: the
+    policy rewrote the fixed recipe's widths (``psq2``) — what kind 40 refuses at
+    construction (a review)."""
+    m = _small_mlp("fqt-auto")
+    mon = VarianceMonitor(m, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
+    with mon.step():
+        m(torch.randn(5, 6, requires_grad=True)).sum().backward()
+    lowbit.convert(m, FQTConfig.from_recipe("fqt-psq-4", seed=0))
+    with pytest.raises(ValueError, match="converted with a fixed recipe"):
+        with mon.step():
+            m(torch.randn(5, 6, requires_grad=True)).sum().backward()
+    assert m[0].config.grad_input.bits == 4
+
+
+def test_mean_bits_count_the_steps_the_monitor_saw() -> None:
+    """A run resumed without monitor state (``--monitor-every`` 0 → K) set ``steps`` to
+    the checkpoint's step and divided the widths summed since by all of them (1.33 bits
+    for a 4-bit ∇X: a review); the state keeps the count, and states saved before it
+    was kept read as every step counted."""
+    from lowbit.experiments import monitoring
+
+    m = _small_mlp("fqt-bhq-4")
+    mon = VarianceMonitor(m, every=2)
+    monitoring.restore(mon, {"monitor": None}, step=100)
+    for _ in range(4):
+        with mon.step():
+            m(torch.randn(16, 6)).sum().backward()
+    assert mon.mean_bits()["2"] == {"grad_input": 4.0, "grad_weight": 8.0}
+    state = mon.state_dict()
+    again = VarianceMonitor(_small_mlp("fqt-bhq-4"), every=2)
+    again.load_state_dict(state)
+    assert again.mean_bits() == mon.mean_bits()
+    del state["counted_steps"]  # an older state: steps and sums from step 0
+    again.load_state_dict(state)
+    assert again.mean_bits()["2"]["grad_input"] == pytest.approx(4.0 * 4 / 104)
