@@ -35,10 +35,14 @@ data:
 demo: $(STAMP)
 	$(VENV)/bin/lowbit demo
 
-# one pytest worker per core (pytest-xdist; at most 8): the suite is single-threaded
-# tests (conftest sets one torch thread), so on 2 cores it takes half the time
+# pytest-xdist workers: one more than the cores (at most 8), tests handed out as workers
+# free up (worksteal). The tests are single-threaded (conftest sets one torch thread), but
+# a worker also waits — on the C++ compiler, on torchrun's ranks starting: with one worker
+# per core, 2 cores were 1.6 busy (12 min 55 s); with three, 2.0 (10 min 16 s)
+# (docs/benchmarks.md, "The test suite's time")
+WORKERS ?= $(shell python3 -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1; print(min(n + 1, 8))")
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses 8
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps torchao || echo "torchao unavailable: its row will be skipped"
