@@ -200,7 +200,8 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
         if cls.__name__.startswith("FSDP"):  # torch's fully_shard made it: too late to convert
             return (f"{cls.__qualname__} is a module fully_shard (FSDP2) has already sharded: convert "
                     f"the model with lowbit.convert before fully_shard")
-        return (f"{cls.__qualname__} is a subclass of nn.{base.__name__}: its own forward, "
+        where = "nn." if base.__module__.startswith("torch.") else f"{base.__module__}."
+        return (f"{cls.__qualname__} is a subclass of {where}{base.__name__}: its own forward, "
                 f"parameters or state would be lost")
     hooks = hooks_reason(module)
     if hooks:

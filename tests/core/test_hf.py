@@ -703,3 +703,17 @@ def test_attention_of_a_users_model_is_routed() -> None:
     assert report.skipped == {} and model.config._attn_implementation == hf.IMPLEMENTATION
     assert isinstance(model.attn.get_submodule(hf.CHILD), lowbit.FQTScaledDotProductAttention)
     assert lowbit.coverage(model, torch.randn(2, 12, 32)).lowbit_share == 1.0
+
+
+def test_a_conv1d_subclass_is_named_by_its_own_module() -> None:
+    """transformers' ``Conv1D`` is not torch's: a subclass was reported as a "subclass of
+    nn.Conv1D" (a review)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class MyConv1D(Conv1D):
+        pass
+
+    with pytest.warns(lowbit.ConversionWarning):
+        _, report = lowbit.convert(nn.Sequential(MyConv1D(4, 3)), FQT, report=True)
+    assert report.skipped["0"].endswith("MyConv1D is a subclass of transformers.pytorch_utils.Conv1D: its own "
+                                        "forward, parameters or state would be lost")
