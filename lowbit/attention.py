@@ -85,7 +85,7 @@ from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import Format, Granularity, IntFormat, Rounding, compute_dtype
 from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
-from .kernels import Encoded, Impl, Kernels, avx512, int8, int8_applicable, kernels_for, register, register_fused
+from .kernels import Encoded, Impl, Kernels, avx512, compiled, int8, int8_applicable, kernels_for, register, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
@@ -780,6 +780,16 @@ class _Attention(torch.autograd.Function):
 
 
 # -- the public function ---------------------------------------------------------------------
+@compiled.disable_tracing
+def _run_attention(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_Attention.apply`` kept out of dynamo's tracing: under ``torch.compile`` it runs
+    eagerly between compiled graphs, as the README says. Dynamo traced into it before,
+    breaking its graph at each host read of a scale and resuming in lowbit's kernels,
+    where it failed on long sequences (an ``InternalTorchDynamoError`` from
+    ``compiled.run`` at length 1024: a review)."""
+    return _Attention.apply(*args)
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False, *,
@@ -815,8 +825,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     # torch's default 1/√E; with E = 0 every score is an empty sum, 0 at any scale
     c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else float(scale)
     refuse_forward_transforms("lowbit attention")
-    out, weights = _Attention.apply(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
-                                    need_weights, bool(is_causal))
+    out, weights = _run_attention(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
+                                  need_weights, bool(is_causal))
     out = out.reshape(*lead, lq, ev)
     return out, weights.reshape(*lead, lq, s) if need_weights else None
 

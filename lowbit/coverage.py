@@ -332,7 +332,7 @@ def _eager_kernels() -> Iterator[None]:
 
 def coverage(model: nn.Module, *example_inputs: Any,
              loss_fn: Callable[[Any], torch.Tensor] | None = None,
-             model_kwargs: Mapping[str, Any] | None = None) -> CoverageReport:
+             model_kwargs: Mapping[str, Any] | None = None, **unexpected: Any) -> CoverageReport:
     """Run one training step of ``model`` on ``example_inputs`` and report which of
     its GEMMs ran low-bit.
 
@@ -350,7 +350,8 @@ def coverage(model: nn.Module, *example_inputs: Any,
     the convolution's FLOPs (:func:`lowbit.flops.conv_flops`), not the zero products
     its kernels may also multiply (padded rows, zero-inserted codes), so the share does
     not depend on the kernel chosen. Raises ``TypeError`` for a ``model`` that
-    is not an ``nn.Module`` or a ``loss_fn`` that is not callable, ``ValueError`` when
+    is not an ``nn.Module``, a ``loss_fn`` that is not callable or keyword arguments
+    other than ``loss_fn``/``model_kwargs`` (the model's go in ``model_kwargs``), ``ValueError`` when
     the loss is not a floating 0-d tensor that requires grad, or when a parameter has a
     post-accumulate-grad hook (an optimizer step in the backward: the step could not be
     undone). Under DDP or FSDP2 call it on every rank (its backward runs collectives);
@@ -358,6 +359,9 @@ def coverage(model: nn.Module, *example_inputs: Any,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if unexpected:  # coverage(gpt2, input_ids=ids): the usual way to call an HF model
+        raise TypeError(f"coverage() got keyword arguments {sorted(unexpected)}: pass the model's "
+                        f"keyword inputs as model_kwargs=dict({', '.join(f'{k}=…' for k in sorted(unexpected))})")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _refuse_stateful_grad_hooks(model)

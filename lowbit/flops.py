@@ -257,6 +257,11 @@ _MATMUL_NAME = re.compile(r"(^|_)([a-z0-9]*mm|(add)?mv|matmul|einsum|[a-z]*linea
                           r"|_rnn($|_)|(^|_)(lstm|gru|rnn_tanh|rnn_relu)$")  # not the elementwise *_cell ops
 
 
+# weight packing and packed-parameter getters of other namespaces (quantized::linear_prepack,
+# conv2d_stride, mkldnn::_reorder_conv2d_weight): named like GEMMs, multiplying nothing (a review)
+_NOT_PRODUCTS = re.compile(r"prepack|unpack|reorder|_(stride|padding|dilation|groups|output_padding|transpose)$")
+
+
 def parts(func: torch._ops.OpOverload, args: Sequence[Any], out: Any) -> list[Part] | None:
     """The GEMM parts of one executed aten op, or ``None`` when it multiplies no
     matrices (or has no formula: see :func:`looks_like_gemm`)."""
@@ -269,8 +274,8 @@ def looks_like_gemm(func: torch._ops.OpOverload) -> bool:
     (aten's, and others': ``quantized::linear_dynamic`` of torch's dynamic quantization
     was neither counted nor listed: a review)."""
     name = func.overloadpacket.__name__
-    return (func.overloadpacket not in FORMULAS
-            and not name.startswith(("upsample", "_upsample")) and bool(_MATMUL_NAME.search(name)))
+    return (func.overloadpacket not in FORMULAS and not name.startswith(("upsample", "_upsample"))
+            and not _NOT_PRODUCTS.search(name) and bool(_MATMUL_NAME.search(name)))
 
 
 __all__ = ["ATTENTION_OPS", "FORMULAS", "Part", "attention_flops", "conv_flops",

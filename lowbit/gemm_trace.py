@@ -479,7 +479,8 @@ class GemmTracer(TorchDispatchMode):
         parameter of that shape is taken as it: a weight computed from parameters —
         weight norm — reaches its GEMM through an op's node, as an activation does.)"""
         for m in self._weight_holders(module):
-            names = [n for p in _weights_shaped_like(out, m) if (n := self.taint(p).param) is not None]
+            padded = id(m) in self.lowbit_layers  # only lowbit's layers pad rows
+            names = [n for p in _weights_shaped_like(out, m, padded) if (n := self.taint(p).param) is not None]
             leaves = _autograd_leaves() if len(set(names)) > 1 else None
             if leaves is not None:  # the running node's parameters decide
                 named = {n for p in leaves if (n := self.taint(p).param) is not None}
@@ -621,16 +622,21 @@ def _autograd_leaves(depth: int = 4) -> list[torch.Tensor] | None:
     return leaves
 
 
-def _weights_shaped_like(out: Any, module: nn.Module | None) -> list[torch.Tensor]:
+def _weights_shaped_like(out: Any, module: nn.Module | None, padded: bool = True) -> list[torch.Tensor]:
     """The matrices of ``module`` whose gradient a 2-D GEMM output ``out`` can be: those of
-    the same shape or its transpose, else those with the same columns and fewer rows (rows
-    padded by a row transform); empty if none is."""
-    if module is None or not isinstance(out, torch.Tensor) or out.dim() != 2:
+    the same shape or its transpose, else — ``padded``: a lowbit layer, whose row transform
+    pads rows — those with the same columns and fewer rows; empty if none is. (Any module
+    took the padded reading: a model multiplying ∇Y by an embedding's weight at its root,
+    a (28, 16) ∇X, was named the ∇W of a converted (16, 16) layer below it: a new user's
+    trial.)"""
+    if module is None or not isinstance(out, torch.Tensor):
         return []
+    if out.dim() != 2:  # a Bilinear's ∇W (O, I1, I2) from aten._trilinear (a review)
+        return [p for p in module.parameters() if p.dim() > 2 and p.shape == out.shape]
     mats = [p for p in module.parameters() if p.dim() == 2]
     r, c = out.shape
     exact = [p for p in mats if tuple(p.shape) in ((r, c), (c, r))]
-    return exact or [p for p in mats if p.shape[1] == c and p.shape[0] < r]
+    return exact or ([p for p in mats if p.shape[1] == c and p.shape[0] < r] if padded else [])
 
 
 __all__ = ["CODE_DTYPES", "KINDS", "OUTSIDE", "PHASES", "REAL_KINDS", "SIMULATED", "GemmCall",

@@ -283,12 +283,22 @@ def unsupported_features(module: nn.Module) -> list[str]:
 _ATTENTION_NAME = re.compile(r"Attention|Attn")
 
 
+# names a method computing activation × activation products refers to
+_PRODUCT_NAMES = frozenset({"softmax", "matmul", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"})
+
+
 def _own_attention(cls: type) -> bool:
     """A module class of a Hugging Face model (transformers' own, remote code, a user's;
     not torch's or lowbit's) named like attention (``…Attention…``/``…Attn…``) that does
-    not call the attention registry: it computes attention with its own code."""
-    return (not _library_class(cls) and not issubclass(cls, PreTrainedModel)
-            and _ATTENTION_NAME.search(cls.__name__) is not None and not calls_attention_interface(cls))
+    not call the attention registry: it computes attention with its own code. A class
+    not of transformers must also refer to a product or a softmax (:data:`_PRODUCT_NAMES`):
+    a squeeze-and-excitation ``ChannelAttention`` or a ``PreAttnNorm`` multiplies no
+    activations and was listed as float attention (a review)."""
+    if _library_class(cls) or issubclass(cls, PreTrainedModel) or _ATTENTION_NAME.search(cls.__name__) is None \
+            or calls_attention_interface(cls):
+        return False
+    return cls.__module__.startswith("transformers.") or any(
+        _PRODUCT_NAMES & set(code.co_names) for code in _codes(cls))
 
 
 def _check_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> None:

@@ -321,7 +321,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     (``out_proj`` of an ``nn.MultiheadAttention`` left float) is left alone, listed in the report's
     ``skipped`` with the reason and in one :class:`ConversionWarning`; so are torch's GEMM
     layers lowbit has no layer for (``Conv3d``, ``ConvTranspose*``, ``RNN``/``LSTM``/``GRU``
-    and their cells, ``Bilinear``). Parametrized
+    and their cells, ``Bilinear``). A model in which nothing was converted, skipped or
+    excluded by ``module_filter`` (its GEMMs are functional calls, or it has none) gets a
+    :class:`ConversionWarning` saying so. Parametrized
     layers (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, …) are
     converted with their parametrizations; plain instance attributes are carried over.
     ``nn.TransformerEncoderLayer``s holding converted layers lose their fused inference
@@ -435,6 +437,12 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     if skipped:
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
+                      ConversionWarning, stacklevel=2)
+    elif not converted and not excluded:  # a model of functional GEMMs came back as it was
+        warnings.warn(f"lowbit.convert converted nothing: {type(model).__name__} holds no module lowbit "
+                      "has a layer for (nn.Linear, nn.Conv1d, nn.Conv2d, attention modules, transformers' "
+                      "Conv1D), so it trains in float; GEMMs called as functions (F.linear, torch.matmul, "
+                      "@) are not converted — lowbit.coverage(model, x) lists what runs in float",
                       ConversionWarning, stacklevel=2)
     if not report:
         return model

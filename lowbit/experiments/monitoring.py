@@ -11,7 +11,8 @@ that quantizes gradients with dynamic ranges; ``fqt-auto*`` recipes attach their
   ``ratio_x_max`` over layers (columns absent in an epoch without a monitored step;
   ``ratio_{w,x}_max_inf`` true where the largest is infinite, which JSON writes as null);
 * ``grad_bits_gi`` / ``grad_bits_gw`` / ``grad_bits_mean``: mean gradient bit widths since
-  the start of training, over the layers' paths that run, weighted by their ∇Y size;
+  the start of training (since the resume, for a run resumed with the monitor turned on),
+  over the layers' paths that run, weighted by their ∇Y size;
 * adaptive recipes: ``bits_x:<layer>`` / ``bits_w:<layer>`` at the epoch's end (no
   ``bits_x`` for a layer whose ∇X path never runs, as a first layer's) and
   ``bit_changes``, the policy's decisions in the epoch.

@@ -1026,6 +1026,24 @@ def test_torch_compile_gives_the_eager_steps() -> None:
     assert eager.sdpa.noise.counter == model.sdpa.noise.counter == 2
 
 
+def test_long_sequences_under_torch_compile_run_eagerly_as_eager() -> None:
+    """Dynamo traced into the attention's autograd.Function, broke its graph at each host
+    read of a scale and resumed inside lowbit's kernels, where at length 1024 it raised
+    ``InternalTorchDynamoError`` from ``compiled.run`` (a review; 256 ran): the attention
+    is now kept out of tracing, and its output and gradients are the eager ones."""
+    torch.manual_seed(0)
+    eager = AM.FQTMultiheadAttention.from_float(nn.MultiheadAttention(32, 2, batch_first=True), FQT, seed=0)
+    model = copy.deepcopy(eager)
+    run = torch.compile(lambda x: model(x, x, x, need_weights=False)[0], backend="eager")
+    x = torch.randn(2, 1024, 32)
+    y0, y1 = eager(x, x, x, need_weights=False)[0], run(x)
+    assert torch.equal(y0, y1)
+    g = torch.randn_like(y0)
+    y0.backward(g)
+    y1.backward(g)
+    assert torch.equal(eager.in_proj_weight.grad, model.in_proj_weight.grad)
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("masking", ["key_padding", "attn_mask"])
 def test_multihead_attention_fully_masked_queries_as_torch(need_weights: bool, masking: str) -> None:

@@ -622,3 +622,28 @@ def test_a_converted_submodule_converted_again_with_its_seed_keeps_its_stream() 
     for layer in (model[0], model[1]):
         lowbit.convert(layer, FQTConfig.from_recipe("fqt-psq-8", seed=5))
     assert [(m.noise.seed, m.noise.name, m.noise.counter) for m in model] == [(5, "0", 0), (5, "1", 0)]
+
+
+def test_a_model_with_nothing_to_convert_is_warned_about() -> None:
+    """A model whose GEMMs are functional (``F.linear`` on its own parameters) came back
+    unchanged without a word and trained in float (a new user's trial); a model with
+    nothing converted because the filter excluded it all is not warned about."""
+    import torch.nn.functional as F
+
+    class Dense(nn.Module):
+        def __init__(self, i: int, o: int) -> None:
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(o, i)), nn.Parameter(torch.zeros(o))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.w, self.b)
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    for model in (nn.Sequential(Dense(8, 16), nn.ReLU(), Dense(16, 2)), nn.Sequential(nn.ReLU(), nn.LayerNorm(4))):
+        with pytest.warns(lowbit.ConversionWarning, match=r"converted nothing: Sequential holds no module "
+                          r"lowbit has a layer for .* GEMMs called as functions \(F\.linear"):
+            lowbit.convert(model, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.convert(nn.Sequential(nn.Linear(4, 4)), cfg, module_filter=lambda m, n: False)
+        lowbit.convert(nn.Sequential(nn.Linear(4, 4)), cfg)

@@ -847,13 +847,25 @@ def test_bilinear_products_are_counted_and_other_namespaces_gemms_listed() -> No
     r = coverage(m, torch.randn(8, 24, requires_grad=True), loss_fn=lambda o: o.sum())
     n, o, i1, i2 = 8, 32, 16, 24
     assert _module_flops(r, "bil", "forward") == 2 * n * o * i1 * i2
-    # ∇x1, ∇x2 and ∇A: each one trilinear over the same index space
-    assert sum(g.flops for g in r.rows if g.module == "bil" and g.phase != "forward") == 3 * 2 * n * o * i1 * i2
+    # ∇x1, ∇x2 and ∇A: each one trilinear over the same index space, ∇A the weight's gradient
+    assert _module_flops(r, "bil", "grad_input") == 2 * 2 * n * o * i1 * i2
+    assert _module_flops(r, "bil", "grad_weight") == 2 * n * o * i1 * i2
+    assert {(g.weight, g.reason) for g in r.rows if g.module == "bil"} == {("bil.weight", "Bilinear is not converted")}
     assert not r.unaccounted and 0 < r.lowbit_share < 0.1
 
+    class Packs(nn.Module):  # packs its weight in the step: the packing multiplies nothing
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = torch.quantize_per_tensor(self.w.detach(), 0.05, 0, torch.qint8)
+            return torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(q, None))
+
     dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 32)), {nn.Linear}, torch.qint8)
-    r = coverage(nn.Sequential(dyn, nn.Linear(32, 4)), torch.randn(8, 64))
-    assert [(op, calls) for op, _, calls in r.unaccounted] == [("quantized.linear_dynamic", 1)]
+    for model in (dyn, Packs()):
+        r = coverage(nn.Sequential(model, nn.Linear(32, 4)), torch.randn(8, 64))
+        assert [(op, calls) for op, _, calls in r.unaccounted] == [("quantized.linear_dynamic", 1)]
 
 
 def test_a_layer_pass_counts_the_forwards_it_differentiates_and_unpadded_rows() -> None:
@@ -956,3 +968,34 @@ def test_a_call_differentiated_twice_counts_twice_and_a_tied_weight_is_the_layer
     for m in ("a", "b"):
         assert {p: _module_flops(r, m, p) for p in ("forward", "grad_input", "grad_weight")} == \
             {"forward": 8192, "grad_input": 8192, "grad_weight": 8192}, m
+
+
+def test_keyword_inputs_outside_model_kwargs_are_named() -> None:
+    """``coverage(gpt2, input_ids=ids)`` — how HF models are called — raised Python's bare
+    "unexpected keyword argument" (a new user's trial): the error names ``model_kwargs``."""
+    with pytest.raises(TypeError, match=r"got keyword arguments \['input_ids', 'labels'\]: pass the model's "
+                       r"keyword inputs as model_kwargs=dict\(input_ids=…, labels=…\)"):
+        coverage(nn.Linear(2, 2), input_ids=torch.zeros(1), labels=torch.zeros(1))
+
+
+def test_a_root_product_with_a_childs_weight_is_its_grad_input_not_a_layers_grad_weight() -> None:
+    """A tied head at the model's root (``h @ emb.weight.T`` after a converted Linear and a
+    ReLU): its ∇h, (28, 16), was read as a padded ∇W of the converted (16, 16) ``fc``
+    ("uses the weight of converted fc directly; that layer's forward is bypassed": a new
+    user's trial) — only lowbit's layers pad rows."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc(self.emb(x))) @ self.emb.weight.T
+
+    torch.manual_seed(0)
+    m = lowbit.convert(Net(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    r = coverage(m, torch.randint(0, 50, (4, 7)))
+    root = sorted((g.phase, g.weight, g.reason) for g in r.rows if g.module == "")
+    assert root == [(p, "emb.weight", "Net is not converted (emb.weight)")
+                    for p in ("forward", "grad_input", "grad_weight")]
+    assert sorted(g.phase for g in r.rows if g.module == "fc" and g.kind == "int8") == \
+        ["forward", "grad_input", "grad_weight"]

@@ -717,3 +717,37 @@ def test_a_conv1d_subclass_is_named_by_its_own_module() -> None:
         _, report = lowbit.convert(nn.Sequential(MyConv1D(4, 3)), FQT, report=True)
     assert report.skipped["0"].endswith("MyConv1D is a subclass of transformers.pytorch_utils.Conv1D: its own "
                                         "forward, parameters or state would be lost")
+
+
+def test_a_users_module_named_attention_that_multiplies_no_activations_is_not_listed() -> None:
+    """A squeeze-and-excitation ``ChannelAttention`` (pooling, an MLP, a sigmoid) or a
+    ``PreAttnNorm`` in a user's ``PreTrainedModel`` was listed as attention computed with
+    its own code, float (a review); a user's class that does compute scores
+    (``torch.matmul``, ``softmax``) still is."""
+    class ChannelAttention(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(c, c // 4), nn.Linear(c // 4, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(1)))))[:, None]
+
+    class SelfMadeAttention(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(torch.softmax(torch.matmul(x, x.transpose(1, 2)), -1), x)
+
+    class Net(T.PreTrainedModel):
+        config_class = T.PretrainedConfig
+
+        def __init__(self, config) -> None:  # noqa: ANN001
+            super().__init__(config)
+            self.inp, self.ca, self.sa = nn.Linear(8, 16), ChannelAttention(16), SelfMadeAttention()
+            self.head = nn.Linear(16, 2)
+            self.post_init()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.sa(self.ca(self.inp(x))))
+
+    with pytest.warns(lowbit.ConversionWarning):
+        _, report = lowbit.convert(Net(T.PretrainedConfig()), FQT, report=True)
+    assert list(report.skipped) == ["sa"]
