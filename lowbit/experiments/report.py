@@ -422,8 +422,9 @@ def bits_points(runs: list[Run], metric: str) -> tuple[dict, dict]:
                 or monitoring.describe_adaptive(run.train)  # adaptive: no fixed width
                 or run.train.get("grad_input_bits") is not None
                 or run.train.get("grad_weight_bits") is not None
-                or run.train.get("grad_comm", "fp32") != "fp32"):  # quantized averaging: another row
-            continue
+                or run.train.get("grad_comm", "fp32") != "fp32"  # quantized averaging: another row
+                or run.train.get("backend", "auto") != "auto"):  # another backend: another row
+            continue  # (its seeds were averaged into the recipe's point, each seed twice: a review)
         fqt = FQTConfig.from_dict(run.fqt)
         if fqt.grad_input is not None:
             gi = fqt.grad_input
@@ -463,12 +464,17 @@ def plot_bits(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def _preference(run: Run) -> tuple:
+def _preference(run: Run, metric: str) -> tuple:
     """Which of several folders of one (setting, recipe, seed) the report counts: a
-    finished run before a diverged one before an unfinished one, then the one with more
-    epochs, then the first by path (a review found an empty, stale folder that sorted
-    first hiding a finished run)."""
-    rank = 0 if run.complete and run.status != "diverged" else 1 if run.status == "diverged" else 2
+    finished run with a finite ``metric`` before a failed one (diverged, or finished
+    without a finite metric: the claims' :func:`~lowbit.experiments.claims.outcomes`
+    reading — the table kept a NaN copy where the claims took the finite one, a review)
+    before an unfinished one, then the one with more epochs, then the first by path (a
+    review found an empty, stale folder that sorted first hiding a finished run)."""
+    value = run.final(metric) if run.complete else None
+    finite = value is not None and math.isfinite(value)
+    rank = 0 if run.complete and run.status != "diverged" and finite \
+        else 1 if run.status == "diverged" or run.complete else 2
     return rank, -len(run.rows), str(run.path)
 
 
@@ -503,7 +509,7 @@ def one_per_seed(runs: list[Run], data: dict[int, str | None] | None = None
     seen_seeds: set[tuple] = set()
     duplicates = []
     data = _data_groups(runs) if data is None else data
-    for run in sorted(runs, key=_preference):
+    for run in sorted(runs, key=lambda r: _preference(r, TASK_CLASSES[r.train["task"]].primary_metric)):
         key = (*_setting(run), data[id(run)])
         if (key, run.label, run.train.get("seed")) in seen_seeds:
             duplicates.append(run)

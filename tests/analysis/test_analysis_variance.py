@@ -153,6 +153,29 @@ def test_two_draws_leave_an_equality_bound_undecided_not_violated(seed: int) -> 
     assert rep.bound_undecided("data") == over
 
 
+def test_the_violation_threshold_is_students_t_at_the_measurements_degrees_of_freedom() -> None:
+    """An excess over a bound that holds with equality, measured from R = 4 draws on one
+    batch, is (mean − bound)/s.e. ~ t with 3 degrees of freedom: read as normal at 3 σ it
+    raised a false "NO" 2.9% of the time (a review: 14 of 400 runs). Simulated null
+    (means of 4 normal draws, jackknife s.e. = the sample s.e.): 20,000 trials, the
+    expected false alarms at the 3σ level are 27 (binomial s.d. 5.2); the test allows 60
+    (6 s.d.), the old threshold gave ≈ 580. The report's group carries the degrees of
+    freedom (Satterthwaite over its bound batches: 3 for one batch of 4 draws)."""
+    from lowbit.analysis.variance import critical_t, satterthwaite_df
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    z = x.mean(1) / (x.std(1) / 2)
+    df = satterthwaite_df(torch.tensor([1.0]), 3)
+    assert df == 3 and abs(satterthwaite_df(torch.ones(5), 3) - 15) < 1e-12
+    assert int((z > critical_t(3.0, df)).sum()) <= 60
+    assert int((z > 3.0).sum()) > 300  # the old reading: the check can fail
+    layer = linear_layer("psq")
+    layer.config = FQTConfig(grad_input=GradSpec(4, "psq"), grad_weight=GradSpec(4, "psq"), seed=1)
+    rep = gradient_variance(layer, sq_loss, linear_batches(3), repeats=4, bound_batches=1)
+    assert rep.groups[""].quant_bound_batches_df == pytest.approx(3.0)
+
+
 def test_decomposition_bias_and_bound_on_mlp() -> None:
     """Total ≈ SGD + quant (10%, and within 5 s.e.), no bias (max |z| < 5: N(0,1) under H0,
     P(|z| > 5) < 1e-6 per statistic), and the Theorem 2 bound holds for every group."""

@@ -1454,3 +1454,42 @@ def test_resume_without_out_under_nproc_looks_for_the_data_parallel_folder(tmp_p
     assert cli.main(["train", "--task", "digits", "--model", "mlp", "--recipe", "fp", "--resume",
                      "--nproc", "2"]) == 2
     assert "runs/digits-mlp-fp-n2-s0 does not exist" in capsys.readouterr().err
+
+
+def _run_folder(root: Path, name: str, finals: list[float], status: str = "done", **train: object) -> None:
+    """A run folder named ``name`` (two folders of one recipe and seed), per-epoch accuracy
+    ``finals``; ``train``: TrainConfig fields."""
+    from lowbit.experiments.trainer import TrainConfig, write_metrics, write_status
+
+    cfg = TrainConfig(task="digits", epochs=len(finals), **train)
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "fqt": cfg.fqt_config().to_dict()}))
+    write_metrics(run_dir, [{"epoch": i + 1, "accuracy": a, "step_time_ms": 10.0} for i, a in enumerate(finals)])
+    write_status(run_dir, status)
+
+
+def test_bits_figure_leaves_other_backends_out(tmp_path):
+    """Sweeps of ``--backend auto`` and ``--backend reference`` side by side: the table
+    gives them two rows, the "gradient bits" figure averaged both into the PSQ-8 point,
+    each seed twice (a review)."""
+    runs = tmp_path / "runs"
+    _run_folder(runs, "auto-s0", [0.1, 0.9], recipe="fqt-psq-8", seed=0)
+    _run_folder(runs, "ref-s0", [0.1, 0.7], recipe="fqt-psq-8", seed=0, backend="reference")
+    _run_folder(runs, "fp-ref", [0.1, 0.5], recipe="fp", seed=0, backend="reference")
+    points, refs = report.bits_points(report.load_runs(runs), "accuracy")
+    assert {q: dict(b) for q, b in points.items()} == {"psq": {8: [0.9]}} and not refs["fp"]
+
+
+def test_table_and_claims_count_the_same_folder_of_a_seed(tmp_path):
+    """Two finished folders of one seed, one without a finite accuracy: the table kept the
+    NaN one (the first by path) and said the seed failed, the claims took the finite one
+    (81.00 over 1 seed against 80.50 ± 0.71 over 2 in one report: a review)."""
+    runs = tmp_path / "runs"
+    _run_folder(runs, "psq-s0a", [0.5, math.nan], recipe="fqt-psq-8", seed=0)
+    _run_folder(runs, "psq-s0b", [0.5, 0.80], recipe="fqt-psq-8", seed=0)
+    _run_folder(runs, "psq-s1", [0.5, 0.81], recipe="fqt-psq-8", seed=1)
+    groups, repeats = report.one_per_seed(report.load_runs(runs))
+    (group,) = groups.values()
+    assert sorted(r.path.name for r in group) == ["psq-s0b", "psq-s1"]
+    assert [r.path.name for r in repeats] == ["psq-s0a"]
