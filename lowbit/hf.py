@@ -85,6 +85,10 @@ class FQTConv1D(Conv1D, _StochasticLayer):
         return new.train(mod.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.weight.shape[0]:  # named by Conv1D's own weight
+            raise RuntimeError(f"FQTConv1D: input of shape {tuple(x.shape)} does not fit a Conv1D "
+                               f"weight of shape {tuple(self.weight.shape)} (nx, nf): its last "
+                               f"dimension must be {self.weight.shape[0]}")  # fqt_linear named Wᵀ's
         self.ran = True
         return fqt_linear(x, self.weight.t(), self.bias, self._block)  # (*, nx) → (*, nf)
 

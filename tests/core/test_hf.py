@@ -751,3 +751,14 @@ def test_a_users_module_named_attention_that_multiplies_no_activations_is_not_li
     with pytest.warns(lowbit.ConversionWarning):
         _, report = lowbit.convert(Net(T.PretrainedConfig()), FQT, report=True)
     assert list(report.skipped) == ["sa"]
+
+
+def test_a_conv1d_shape_error_names_its_own_weight() -> None:
+    """An input that does not fit an ``FQTConv1D`` was refused naming ``Wᵀ``'s shape, (6, 5)
+    for a Conv1D whose weight is (5, 6) (a review)."""
+    from transformers.pytorch_utils import Conv1D
+
+    layer = hf.FQTConv1D.from_float(Conv1D(6, 5), FQT)
+    with pytest.raises(RuntimeError, match=r"input of shape \(2, 4\) does not fit a Conv1D weight of "
+                       r"shape \(5, 6\) \(nx, nf\): its last dimension must be 5"):
+        layer(torch.randn(2, 4))
