@@ -259,7 +259,12 @@ _MATMUL_NAME = re.compile(r"(^|_)([a-z0-9]*mm|(add)?mv|matmul|einsum|[a-z]*linea
 
 # weight packing and packed-parameter getters of other namespaces (quantized::linear_prepack,
 # conv2d_stride, mkldnn::_reorder_conv2d_weight): named like GEMMs, multiplying nothing (a review)
-_NOT_PRODUCTS = re.compile(r"prepack|unpack|reorder|_(stride|padding|dilation|groups|output_padding|transpose)$")
+# (anchored: quantized::linear_dynamic_fp16_unpacked_weight and _wrapped_quantized_linear_prepacked
+# are GEMMs; quantized::conv2d_transpose is a getter, aten's conv_transpose2d and
+# cudnn_convolution_transpose are not: a second review)
+_NOT_PRODUCTS = re.compile(r"(^|_)(prepack|unpack)(_fp16|_legacy|_sizes)?$|^_?reorder"
+                           r"|_(stride|padding|dilation|groups|output_padding)$")
+_QUANTIZED_GETTER = re.compile(r"^conv\d?d?_transpose$")  # quantized::conv2d_transpose: is it transposed
 
 
 def parts(func: torch._ops.OpOverload, args: Sequence[Any], out: Any) -> list[Part] | None:
@@ -274,8 +279,9 @@ def looks_like_gemm(func: torch._ops.OpOverload) -> bool:
     (aten's, and others': ``quantized::linear_dynamic`` of torch's dynamic quantization
     was neither counted nor listed: a review)."""
     name = func.overloadpacket.__name__
+    getter = func.namespace == "quantized" and _QUANTIZED_GETTER.match(name) is not None
     return (func.overloadpacket not in FORMULAS and not name.startswith(("upsample", "_upsample"))
-            and not _NOT_PRODUCTS.search(name) and bool(_MATMUL_NAME.search(name)))
+            and not _NOT_PRODUCTS.search(name) and not getter and bool(_MATMUL_NAME.search(name)))
 
 
 __all__ = ["ATTENTION_OPS", "FORMULAS", "Part", "attention_flops", "conv_flops",

@@ -279,6 +279,7 @@ class GemmTracer(TorchDispatchMode):
         self.scopes: list[str] = []
         self.calls: list[GemmCall] = []
         self.forward_weights: set[str] = set()  # parameters a forward GEMM used (∇W names)
+        self.forward_uses: set[tuple[int, str]] = set()  # (id(module), parameter) of those GEMMs
         self.quantizer_flops = 0
         self.quantizer_calls = 0
         self.unaccounted: list[tuple[str, str]] = []
@@ -470,6 +471,14 @@ class GemmTracer(TorchDispatchMode):
                 return [module, parent]
         return [module]
 
+    def _owned_elsewhere(self, param: str, module: nn.Module | None) -> bool:
+        """Whether parameter ``param`` belongs to a converted layer other than ``module``
+        that ``module``'s own forward GEMMs never used (a forward reading a converted
+        layer's weight directly — a bypass — has its ∇W named so)."""
+        owner = self.owner.get(param)
+        return (owner is not None and owner is not module and id(owner) in self.lowbit_layers
+                and (id(module), param) not in self.forward_uses)
+
     def _gradient_of(self, module: nn.Module | None, out: Any) -> str | None:
         """The name of the parameter of ``module`` (or its parent) whose shape ``out``
         has — a ∇W GEMM's output — else None (a GEMM in row panels has a part of it).
@@ -480,7 +489,10 @@ class GemmTracer(TorchDispatchMode):
         weight norm — reaches its GEMM through an op's node, as an activation does.)"""
         for m in self._weight_holders(module):
             padded = id(m) in self.lowbit_layers  # only lowbit's layers pad rows
-            names = [n for p in _weights_shaped_like(out, m, padded) if (n := self.taint(p).param) is not None]
+            # not a weight another converted layer owns (a child's of the same shape: a root
+            # tied head's ∇X was named the ∇W of a (16, 16) layer below it: a second review)
+            names = [n for p in _weights_shaped_like(out, m, padded) if (n := self.taint(p).param) is not None
+                     and not self._owned_elsewhere(n, module)]
             leaves = _autograd_leaves() if len(set(names)) > 1 else None
             if leaves is not None:  # the running node's parameters decide
                 named = {n for p in leaves if (n := self.taint(p).param) is not None}
@@ -531,6 +543,7 @@ class GemmTracer(TorchDispatchMode):
                 self._differentiated.setdefault((id(module), phase), set()).add((k, task))
         if phase == "forward" and weight is not None:
             self.forward_weights.add(weight)
+            self.forward_uses.add((id(module), weight))
         dtypes = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
         kind = gemm_kind(dtypes)
         formats = tuple(with_grid(f, self.grid_of(t)) for f, t in zip(dtypes, part.operands))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import dis
 import functools
 import inspect
 import math
@@ -291,18 +292,46 @@ _ATTENTION_NAME = re.compile(r"Attention|Attn")
 _PRODUCT_NAMES = frozenset({"softmax", "matmul", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"})
 
 
+def _reaches_product(cls: type, depth: int = 2) -> bool:
+    """Whether the code of ``cls``'s methods — their nested functions, and the functions
+    of their module they name (``depth`` levels: MPT's remote code keeps a module-level
+    ``scaled_multihead_dot_product_attention``) — multiplies activations or normalizes
+    scores: an ``@`` (``BINARY_OP`` matmul) or a name in :data:`_PRODUCT_NAMES`."""
+    seen: set[int] = set()
+    todo = [(fn, depth) for klass in cls.__mro__ if not _library_class(klass)
+            for fn in vars(klass).values() if callable(fn) and hasattr(inspect.unwrap(fn), "__code__")]
+    while todo:
+        fn, left = todo.pop()
+        fn = inspect.unwrap(fn)
+        codes = [fn.__code__]
+        while codes:
+            code = codes.pop()
+            if id(code) in seen:
+                continue
+            seen.add(id(code))
+            if _PRODUCT_NAMES & set(code.co_names) or any(
+                    ins.opname == "BINARY_OP" and ins.argrepr in ("@", "@=") for ins in dis.get_instructions(code)):
+                return True
+            codes += [c for c in code.co_consts if hasattr(c, "co_code")]
+            if left > 0:
+                glob = getattr(fn, "__globals__", {})
+                todo += [(g, left - 1) for n in code.co_names if inspect.isfunction(g := glob.get(n))
+                         and (g.__module__ or "").split(".")[0] not in ("torch", "lowbit")]
+    return False
+
+
 def _own_attention(cls: type) -> bool:
     """A module class of a Hugging Face model (transformers' own, remote code, a user's;
     not torch's or lowbit's) named like attention (``…Attention…``/``…Attn…``) that does
     not call the attention registry: it computes attention with its own code. A class
-    not of transformers must also refer to a product or a softmax (:data:`_PRODUCT_NAMES`):
-    a squeeze-and-excitation ``ChannelAttention`` or a ``PreAttnNorm`` multiplies no
-    activations and was listed as float attention (a review)."""
+    not of transformers is left out where none of the code it reaches multiplies
+    activations (:func:`_reaches_product`): a squeeze-and-excitation ``ChannelAttention``
+    or a ``PreAttnNorm`` was listed as float attention (a review); a name test alone
+    missed ``@`` and helper functions (a second review)."""
     if _library_class(cls) or issubclass(cls, PreTrainedModel) or _ATTENTION_NAME.search(cls.__name__) is None \
             or calls_attention_interface(cls):
         return False
-    return cls.__module__.startswith("transformers.") or any(
-        _PRODUCT_NAMES & set(code.co_names) for code in _codes(cls))
+    return cls.__module__.startswith("transformers.") or _reaches_product(cls)
 
 
 def _check_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> None:

@@ -441,8 +441,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     elif not converted and not excluded:  # a model of functional GEMMs came back as it was
         warnings.warn(f"lowbit.convert converted nothing: {type(model).__name__} holds no module lowbit "
                       "has a layer for (nn.Linear, nn.Conv1d, nn.Conv2d, attention modules, transformers' "
-                      "Conv1D), so it trains in float; GEMMs called as functions (F.linear, torch.matmul, "
-                      "@) are not converted — lowbit.coverage(model, x) lists what runs in float",
+                      "Conv1D); GEMMs called as functions (F.linear, torch.matmul, @) are not converted, "
+                      "so it trains in float unless it calls lowbit's functional API itself (fqt_linear, "
+                      "fqt_conv2d, …) — lowbit.coverage(model, x) lists what runs in float",
                       ConversionWarning, stacklevel=2)
     if not report:
         return model

@@ -862,10 +862,18 @@ def test_bilinear_products_are_counted_and_other_namespaces_gemms_listed() -> No
             q = torch.quantize_per_tensor(self.w.detach(), 0.05, 0, torch.qint8)
             return torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(q, None))
 
+    class Fp16(nn.Module):  # a GEMM whose name holds "unpacked" (a second review)
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(32, 64)), nn.Parameter(torch.zeros(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic_fp16_unpacked_weight(x, self.w.detach(), self.b.detach())
+
     dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 32)), {nn.Linear}, torch.qint8)
-    for model in (dyn, Packs()):
+    for model, op in ((dyn, "linear_dynamic"), (Packs(), "linear_dynamic"), (Fp16(), "linear_dynamic_fp16_unpacked_weight")):
         r = coverage(nn.Sequential(model, nn.Linear(32, 4)), torch.randn(8, 64))
-        assert [(op, calls) for op, _, calls in r.unaccounted] == [("quantized.linear_dynamic", 1)]
+        assert [(o, calls) for o, _, calls in r.unaccounted] == [(f"quantized.{op}", 1)]
 
 
 def test_a_layer_pass_counts_the_forwards_it_differentiates_and_unpadded_rows() -> None:
@@ -993,9 +1001,10 @@ def test_a_root_product_with_a_childs_weight_is_its_grad_input_not_a_layers_grad
 
     torch.manual_seed(0)
     m = lowbit.convert(Net(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
-    r = coverage(m, torch.randint(0, 50, (4, 7)))
-    root = sorted((g.phase, g.weight, g.reason) for g in r.rows if g.module == "")
-    assert root == [(p, "emb.weight", "Net is not converted (emb.weight)")
-                    for p in ("forward", "grad_input", "grad_weight")]
-    assert sorted(g.phase for g in r.rows if g.module == "fc" and g.kind == "int8") == \
-        ["forward", "grad_input", "grad_weight"]
+    for tokens in (7, 4):  # 4·4 rows: ∇h is (16, 16), fc.weight's very shape (a second review)
+        r = coverage(m, torch.randint(0, 50, (4, tokens)))
+        root = sorted((g.phase, g.weight, g.reason) for g in r.rows if g.module == "")
+        assert root == [(p, "emb.weight", "Net is not converted (emb.weight)")
+                        for p in ("forward", "grad_input", "grad_weight")]
+        assert sorted(g.phase for g in r.rows if g.module == "fc" and g.kind == "int8") == \
+            ["forward", "grad_input", "grad_weight"]

@@ -719,11 +719,16 @@ def test_a_conv1d_subclass_is_named_by_its_own_module() -> None:
                                         "forward, parameters or state would be lost")
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
 def test_a_users_module_named_attention_that_multiplies_no_activations_is_not_listed() -> None:
     """A squeeze-and-excitation ``ChannelAttention`` (pooling, an MLP, a sigmoid) or a
     ``PreAttnNorm`` in a user's ``PreTrainedModel`` was listed as attention computed with
     its own code, float (a review); a user's class that does compute scores
-    (``torch.matmul``, ``softmax``) still is."""
+    (``torch.matmul``, ``softmax``, ``@``, in a helper function of its module) still is:
+    a name test alone missed ``@`` and helpers (a second review)."""
     class ChannelAttention(nn.Module):
         def __init__(self, c: int) -> None:
             super().__init__()
@@ -736,21 +741,29 @@ def test_a_users_module_named_attention_that_multiplies_no_activations_is_not_li
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.matmul(torch.softmax(torch.matmul(x, x.transpose(1, 2)), -1), x)
 
+    class HelperAttention(nn.Module):  # a module-level helper (MPT's remote code)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _attend(x, x, x)
+
+    class OperatorAttention(nn.Module):  # "@" and a sigmoid: no product name at all
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(x @ x.transpose(1, 2)) @ x
+
     class Net(T.PreTrainedModel):
         config_class = T.PretrainedConfig
 
         def __init__(self, config) -> None:  # noqa: ANN001
             super().__init__(config)
             self.inp, self.ca, self.sa = nn.Linear(8, 16), ChannelAttention(16), SelfMadeAttention()
-            self.head = nn.Linear(16, 2)
+            self.ha, self.oa, self.head = HelperAttention(), OperatorAttention(), nn.Linear(16, 2)
             self.post_init()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.sa(self.ca(self.inp(x))))
+            return self.head(self.oa(self.ha(self.sa(self.ca(self.inp(x))))))
 
     with pytest.warns(lowbit.ConversionWarning):
         _, report = lowbit.convert(Net(T.PretrainedConfig()), FQT, report=True)
-    assert list(report.skipped) == ["sa"]
+    assert sorted(report.skipped) == ["ha", "oa", "sa"]
 
 
 def test_a_conv1d_shape_error_names_its_own_weight() -> None:
