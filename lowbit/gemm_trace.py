@@ -278,8 +278,7 @@ class GemmTracer(TorchDispatchMode):
         self.spans = _ModuleSpans(model)
         self.scopes: list[str] = []
         self.calls: list[GemmCall] = []
-        self.forward_weights: set[str] = set()  # parameters a forward GEMM used (∇W names)
-        self.forward_uses: set[tuple[int, str]] = set()  # (id(module), parameter) of those GEMMs
+        self.forward_uses: set[tuple[int, str]] = set()  # (id(module), parameter) of forward GEMMs (∇W names)
         self.quantizer_flops = 0
         self.quantizer_calls = 0
         self.unaccounted: list[tuple[str, str]] = []
@@ -497,7 +496,7 @@ class GemmTracer(TorchDispatchMode):
             if leaves is not None:  # the running node's parameters decide
                 named = {n for p in leaves if (n := self.taint(p).param) is not None}
                 names = [n for n in names if n in named] or names
-            used = [n for n in names if n in self.forward_weights]
+            used = [n for n in names if any(w == n for _, w in self.forward_uses)]
             if len(set(used)) == 1:
                 return used[0]
             if names:
@@ -542,7 +541,6 @@ class GemmTracer(TorchDispatchMode):
                 task = torch._C._current_graph_task_id()  # a call differentiated twice counts twice
                 self._differentiated.setdefault((id(module), phase), set()).add((k, task))
         if phase == "forward" and weight is not None:
-            self.forward_weights.add(weight)
             self.forward_uses.add((id(module), weight))
         dtypes = tuple(operand_format(t, tn) for t, tn in zip(part.operands, taints))
         kind = gemm_kind(dtypes)

@@ -201,26 +201,25 @@ def calls_attention_interface(cls: type) -> bool:
     return any("ALL_ATTENTION_FUNCTIONS" in code.co_names for code in _codes(cls))
 
 
-def _library_class(klass: type) -> bool:
-    """A class of Python's, torch's or lowbit's own (never an attention module that calls
-    transformers' registry)."""
-    return (klass.__module__ or "").split(".")[0] in ("builtins", "abc", "typing", "torch", "lowbit")
+def _library(obj: type | Callable[..., Any]) -> bool:
+    """A class or function of Python's, torch's or lowbit's own (never an attention module
+    that calls transformers' registry)."""
+    return (obj.__module__ or "").split(".")[0] in ("builtins", "abc", "typing", "torch", "lowbit")
 
 
-def _codes(cls: type) -> list[Any]:
-    """The code objects of the methods ``cls`` has from its classes other than Python's,
+def _methods(cls: type) -> list[Any]:
+    """The (unwrapped) Python functions ``cls`` has from its classes other than Python's,
     torch's and lowbit's: transformers' own, and a user's or ``trust_remote_code``
     module's (``transformers_modules.…``) built the same way (read only from
     transformers' classes before, such attention stayed float unreported: a review)."""
-    codes = []
-    for klass in cls.__mro__:
-        if _library_class(klass):
-            continue
-        for fn in vars(klass).values():
-            code = getattr(inspect.unwrap(fn) if callable(fn) else None, "__code__", None)
-            if code is not None:
-                codes.append(code)
-    return codes
+    fns = (inspect.unwrap(fn) for klass in cls.__mro__ if not _library(klass)
+           for fn in vars(klass).values() if callable(fn))
+    return [fn for fn in fns if hasattr(fn, "__code__")]
+
+
+def _codes(cls: type) -> list[Any]:
+    """The code objects of :func:`_methods`."""
+    return [fn.__code__ for fn in _methods(cls)]
 
 
 def _constant_names(code: Any) -> set[str]:
@@ -298,11 +297,9 @@ def _reaches_product(cls: type, depth: int = 2) -> bool:
     ``scaled_multihead_dot_product_attention``) — multiplies activations or normalizes
     scores: an ``@`` (``BINARY_OP`` matmul) or a name in :data:`_PRODUCT_NAMES`."""
     seen: set[int] = set()
-    todo = [(fn, depth) for klass in cls.__mro__ if not _library_class(klass)
-            for fn in vars(klass).values() if callable(fn) and hasattr(inspect.unwrap(fn), "__code__")]
+    todo = [(fn, depth) for fn in _methods(cls)]
     while todo:
         fn, left = todo.pop()
-        fn = inspect.unwrap(fn)
         codes = [fn.__code__]
         while codes:
             code = codes.pop()
@@ -315,8 +312,8 @@ def _reaches_product(cls: type, depth: int = 2) -> bool:
             codes += [c for c in code.co_consts if hasattr(c, "co_code")]
             if left > 0:
                 glob = getattr(fn, "__globals__", {})
-                todo += [(g, left - 1) for n in code.co_names if inspect.isfunction(g := glob.get(n))
-                         and (g.__module__ or "").split(".")[0] not in ("torch", "lowbit")]
+                todo += [(inspect.unwrap(g), left - 1) for n in code.co_names
+                         if inspect.isfunction(g := glob.get(n)) and not _library(g)]
     return False
 
 
@@ -328,7 +325,7 @@ def _own_attention(cls: type) -> bool:
     activations (:func:`_reaches_product`): a squeeze-and-excitation ``ChannelAttention``
     or a ``PreAttnNorm`` was listed as float attention (a review); a name test alone
     missed ``@`` and helper functions (a second review)."""
-    if _library_class(cls) or issubclass(cls, PreTrainedModel) or _ATTENTION_NAME.search(cls.__name__) is None \
+    if _library(cls) or issubclass(cls, PreTrainedModel) or _ATTENTION_NAME.search(cls.__name__) is None \
             or calls_attention_interface(cls):
         return False
     return cls.__module__.startswith("transformers.") or _reaches_product(cls)

@@ -86,12 +86,11 @@ def _references_seen() -> bool:
     review), and only a yes is kept. Under a user's saved-tensor hooks it is not asked
     (their pack hook would run on the probe, and may pack a copy): no reuse for that
     request, the question asked again at the next."""
-    global _seen
+    global _seen, _storage_refs_free
     if _seen:
         return True
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return False
-    global _storage_refs_free
     with torch.inference_mode(False), torch.enable_grad():
         t = torch.empty(4)
         before = sys.getrefcount(t)
