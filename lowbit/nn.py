@@ -677,6 +677,44 @@ def range_stats(model: nn.Module) -> dict[str, RangeStats]:
     return out
 
 
+class RangeWindow:
+    """The predicted-range counters of the calls made between its creation and
+    :meth:`close`, over every tracker of ``model``, counted apart: each tracker's counters
+    restart at zero, and :meth:`close` returns the window's total and puts each tracker's
+    earlier counters back, added. Exact where a difference of running totals is not:
+    ``range_stats(model)["total"] − before`` lost an epoch's sums of squares (its clipped
+    mass) after one call with huge values, a float64 cancellation (a review). Also a
+    context manager (``with RangeWindow(model) as w:``; ``w.stats`` after the block)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.stats: RangeStats | None = None
+        self._kept = {id(t): (t, t.stats) for m in fqt_blocks(model).values() for t in m.range_trackers.values()}
+        for t, _ in self._kept.values():
+            t.stats = RangeStats()
+
+    def close(self) -> RangeStats:
+        """The window's counters (summed over the trackers); each tracker's earlier
+        counters added back (trackers made in the window keep their own). Idempotent."""
+        if self.stats is not None:
+            return self.stats
+        now = {id(t): t for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()}
+        now.update({i: t for i, (t, _) in self._kept.items()})  # trackers dropped in the window counted too
+        total = RangeStats()
+        for t in now.values():
+            total = total + t.stats
+        for t, kept in self._kept.values():
+            t.stats = kept + t.stats
+        self.stats = total
+        return total
+
+    def __enter__(self) -> RangeWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def frozen_ranges(model: nn.Module) -> Iterator[None]:
     """Predicted ranges predict and count but record no history inside the block (for
@@ -697,5 +735,5 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 
 __all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
-           "load_range_state", "load_rng_state", "range_state", "range_stats", "reset_ran",
+           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "range_stats", "reset_ran",
            "restore_ranges", "rng_state", "snapshot_ranges"]

@@ -64,8 +64,8 @@ class RangeStats:
     nonfinite_calls: int = 0  # calls whose operand held NaN/Inf (not recorded)
     elements: int = 0  # elements quantized with a predicted range
     overflow_elements: int = 0  # of which beyond the range
-    clipped_sq: float = 0.0  # Σ (|x| − range)₊² over clipped calls (overflow="clip")
-    total_sq: float = 0.0  # Σ x² over calls with a predicted range
+    clipped_sq: float = 0.0  # Σ (|x| − range)₊² over clipped calls (overflow="clip"), summed in float64
+    total_sq: float = 0.0  # Σ x² over calls with a predicted range, summed in float64
 
     def __add__(self, other: RangeStats) -> RangeStats:
         return RangeStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
@@ -80,7 +80,11 @@ class RangeStats:
 
     @property
     def clipped_norm(self) -> float:
-        """``‖x − clip(x)‖ / ‖x‖`` over all predicted-range calls (0 without clipping)."""
+        """``‖x − clip(x)‖ / ‖x‖`` over all predicted-range calls (0 without clipping); NaN
+        where a sum is not finite (values past float64's square root, ~1.3e154, or a
+        difference of such stats): never a 0 that reads as "nothing clipped"."""
+        if not (math.isfinite(self.clipped_sq) and math.isfinite(self.total_sq)):
+            return math.nan
         return math.sqrt(self.clipped_sq / self.total_sq) if self.total_sq > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +138,7 @@ class RangeTracker:
         (it has no range of its own to go by). ``absmax · margin`` past the dtype's largest
         value is that value (an infinite range made every code 0 and dequantized to
         ``0 · inf = NaN``: a review)."""
-        if self._hist is None or self._count == 0:
+        if self._hist is None or self._count == 0 or self._hist.shape[1] == 0:
             return None
         seen = self._hist[: min(self._count, self.history)].amax(dim=0)  # (R,)
         top = seen.amax()
@@ -148,13 +152,19 @@ class RangeTracker:
         """``y`` (the transformed operand, (R, D)) on ``fmt`` with this call's predicted
         range: dynamic while there is no history; on overflow clipped or quantized again
         with its own range (``overflow``). Counts the call in :attr:`stats` and records
-        the observed range. Raises ``ValueError`` for formats a predicted range cannot
+        the observed range; an empty ``y`` gives empty codes and is neither counted nor
+        recorded. Raises ``ValueError`` for formats a predicted range cannot
         serve (module docstring)."""
         granularity, rounding = as_granularity(granularity), as_rounding(rounding)
         if fmt.block or fmt.asymmetric:
             raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
                              f"scale per row or tensor); {fmt.name} has "
                              f"{'block scales' if fmt.block else 'an asymmetric grid'}")
+        if y.numel() == 0:
+            # nothing to quantize, no range to record or count: an empty batch must not
+            # shrink a predicted range (a 0-column operand recorded zeros), nor a 0-row one
+            # leave a history of no rows (the next prediction crashed: a review)
+            return kernels.quantize(y, fmt, granularity, rounding, seed)
         if self.per_row and self._hist is not None and self._hist.shape[1] != y.shape[0]:
             if self.frozen:  # a frozen history is kept: this call alone runs dynamic
                 self.stats.calls += 1
@@ -194,7 +204,8 @@ class RangeTracker:
                 return enc
             rows = y[finite].to(compute_dtype(y.dtype)).abs()
             excess = (rows - amax.to(y.device)[finite].to(rows.dtype)).clamp_min(0)
-            n_over, clipped_sq, total_sq = (excess > 0).sum(), (excess * excess).sum(), (rows * rows).sum()
+            n_over, clipped_sq, total_sq = (excess > 0).sum(), excess.double().square().sum(), \
+                rows.double().square().sum()  # float64, as quantize_fixed's sums
             st.elements += rows.numel()
         else:
             st.elements += y.numel()
@@ -216,6 +227,8 @@ class RangeTracker:
         non-finite, and those below 1e-45 into 0)."""
         obs = observed.detach().reshape(-1)
         obs = obs.to(compute_dtype(obs.dtype))
+        if obs.numel() == 0:  # an empty operand has no range to record
+            return
         if not bool(torch.isfinite(obs).all()):
             self.stats.nonfinite_calls += 1
             return

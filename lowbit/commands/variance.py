@@ -62,7 +62,7 @@ from lowbit.config import FQTConfig, GradSpec
 from lowbit.experiments.models import DEFAULT_MODEL, build_model
 from lowbit.experiments.rundir import write_atomic
 from lowbit.formats import IntFormat, Rounding, parse_format
-from lowbit.nn import convert, fqt_weight_layers, frozen_ranges, range_stats
+from lowbit.nn import RangeWindow, convert, fqt_weight_layers, frozen_ranges
 from lowbit.ranges import Overflow, RangeMode
 
 from ..noise import torch_seed
@@ -184,12 +184,11 @@ def run(args: argparse.Namespace) -> int:
                                     spectra=spectra, seed=opts.seed, progress=opts.progress)
         else:
             _calibrate(model, data, cfg, opts)
-            before = range_stats(model)["total"]
-            with frozen_ranges(model):
+            with frozen_ranges(model), RangeWindow(model) as window:
                 rep = gradient_variance(model, data.loss, batches, cfg, opts.repeats,
                                         spectra=spectra, seed=opts.seed,
                                         progress=opts.progress)
-            extra["range_stats"] = (range_stats(model)["total"] - before).to_dict()
+            extra["range_stats"] = window.stats.to_dict()  # type: ignore[union-attr]
         if rnd == "nearest":  # identical draws per batch: the z over the batches alone
             extra["z_batches"] = rep.max_abs_z / math.sqrt(opts.repeats)
         prof = None

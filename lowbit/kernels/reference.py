@@ -145,9 +145,10 @@ def quantize_fixed(x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: R
 
     Values beyond ``±amax`` are clipped to ``±emax`` elements. Also returns what the caller
     needs to account for that, in the granularity of ``amax``: the observed absmax (for the
-    next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and ``Σ x²``. A
-    group whose observed absmax is non-finite gets that as its scale, so NaN/Inf propagate
-    as on the dynamic path."""
+    next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and ``Σ x²`` (both
+    float64: a float32 square of a finite value past 1.8e19 was Inf, which poisoned a
+    tracker's running sums for good, a review). A group whose observed absmax is
+    non-finite gets that as its scale, so NaN/Inf propagate as on the dynamic path."""
     x = x.to(compute_dtype(x.dtype))
     amax = amax.to(x.dtype)
     a = x.abs()
@@ -158,7 +159,7 @@ def quantize_fixed(x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: R
     excess = (a - amax).clamp_min(0)
     step = torch.where(torch.isfinite(obs), step, obs)
     return (_codes(round_elements(y, fmt, u), fmt), step, obs, (a > amax).sum(),
-            (excess * excess).sum(), (x * x).sum())
+            excess.double().square().sum(), x.double().square().sum())
 
 
 def gemm(a: Encoded, b: Encoded, bias: torch.Tensor | None = None,

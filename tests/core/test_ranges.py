@@ -5,6 +5,7 @@ layers, config and the checkpointed state."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -611,3 +612,61 @@ def test_predicted_hadamard_with_a_block_moved_to_float64_does_not_raise(edit: s
         y.backward(gy)
     finite = bool(torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all())
     assert finite is (edit != "inf")
+
+
+@pytest.mark.parametrize("nan_row", [False, True], ids=["finite", "with-a-nan-row"])
+def test_clipped_mass_of_values_past_float32s_square_root_stays_finite(nan_row: bool) -> None:
+    """A review: one finite call with |x| ≈ 2e19 squared to Inf in float32, so the
+    tracker's Σx² stayed Inf for good and every later epoch's difference of stats read
+    ``Inf − Inf = NaN`` → ``clipped_norm`` 0.0 ("nothing clipped") while it clipped. The
+    sums are float64 now (on the fixed-grid kernel and on a call's finite rows beside a
+    NaN row), and a non-finite sum reads NaN, never 0."""
+    tr = RangeTracker(history=1, margin=1.0, per_row=True, overflow="clip")
+    k = kernels_for(Backend.REFERENCE, "cpu")
+    fmt, rnd = IntFormat(8), Rounding.NEAREST
+
+    def call(x: torch.Tensor, nan: bool = False) -> None:  # a third row: zeros, or NaN
+        third = torch.full((1, x.shape[1]), float("nan") if nan else 0.0)
+        tr.quantize(torch.cat([x, third]), fmt, "row", rnd, _seed(0), k)
+
+    call(torch.ones(2, 4))  # history: range 1 for each row
+    call(torch.full((2, 4), 2e19), nan=nan_row)  # clipped: its squares are past float32's range
+    assert math.isfinite(tr.stats.total_sq) and math.isfinite(tr.stats.clipped_sq)
+    call(torch.tensor([[4.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]))  # the history: ranges 4 and 0.5
+    # an epoch's counters, as the trainer takes them: a window, not a difference of the
+    # running totals (whose float64 sums lose the epoch's 16 beside 3.2e39)
+    model = lowbit.convert(nn.Sequential(nn.Linear(2, 2)), FQTConfig.from_recipe("fqt-psq-8-predicted"))
+    model[0].range_trackers["grad_weight"] = tr
+    before = dataclasses.replace(tr.stats)
+    with lowbit.nn.RangeWindow(model) as window:
+        call(torch.tensor([[8.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]))  # row 0 clipped by 4
+    assert window.stats.overflow_calls == 1
+    assert window.stats.clipped_norm == pytest.approx(math.sqrt(16 / (64 + 0.25)))
+    assert tr.stats == before + window.stats  # the running totals go on
+    assert math.isnan(RangeStats(clipped_sq=math.inf, total_sq=math.inf).clipped_norm)
+    assert math.isnan(RangeStats(clipped_sq=0.0, total_sq=math.nan).clipped_norm)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)], ids=["no-rows", "no-columns"])
+def test_an_empty_operand_neither_records_nor_shrinks_a_range(shape: tuple[int, int], per_row: bool) -> None:
+    """A review: through ``RangeTracker.quantize`` (``quantize_gradient(..., tracker=)``) a
+    0-column operand recorded a zero range, which pushed the real ones out of the history
+    (with ``history=1`` the next call ran dynamic); a 0-row one left a history of no rows,
+    and the next call crashed in ``amax()``. An empty operand now gives empty codes and
+    is neither recorded nor counted."""
+    tr = RangeTracker(history=1, margin=2.0, per_row=per_row, overflow="clip")
+    k = kernels_for(Backend.REFERENCE, "cpu")
+    fmt, rnd = IntFormat(8), Rounding.STOCHASTIC
+    rows = 3 if shape[0] == 0 else shape[0]
+    if shape[1] == 0:
+        tr.quantize(torch.randn(rows, 5), fmt, "row", rnd, _seed(1), k)
+    before, stats = tr.predict(), dataclasses.replace(tr.stats)
+    for _ in range(2):
+        enc = tr.quantize(torch.zeros(shape), fmt, "row", rnd, _seed(2), k)
+        assert enc.codes.shape == shape
+    after = tr.predict()
+    assert (before is None and after is None) or torch.equal(before, after)
+    assert tr.stats == stats
+    tr.record(torch.zeros(0, 1))  # an empty observation records nothing either
+    assert tr.predict() is None if before is None else torch.equal(tr.predict(), before)
