@@ -39,7 +39,7 @@ from .train import (
 from .checkpoint import CheckpointError
 from .rundir import DataMismatch, RunBusy, is_busy, read_config, recipe_refusal, run_lock
 from .runconfig import RECIPE_OVERRIDES, changed_settings, launched_world_size, override_refused
-from .trainer import TrainConfig, TrainingDiverged, train
+from .trainer import TrainConfig, TrainingDiverged, remove_if_unused, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,17 +161,32 @@ def run_state(cfg: TrainConfig) -> str:
     return "restart" if rows else "new"  # epochs recorded, no checkpoint (not committed): redo
 
 
+@contextlib.contextmanager
+def _removed_if_unused(run_dir: Path, created: bool):  # noqa: ANN202
+    """On leaving, the run folder this sweep made removed where nothing but its lock was
+    written into it (a run refused before its first file left a folder holding only
+    ``.lock``: a review; :func:`~.trainer.remove_if_unused`)."""
+    try:
+        yield
+    finally:
+        if created:
+            remove_if_unused(run_dir)
+
+
 def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     """Train one run of the grid unless it is done, diverged or held by another process:
     the state is checked while this process holds the run folder's lock (a single-process
     launch; data-parallel ranks rely on the trainer's own lock), so a run another sweep
     finished or recorded as diverged meanwhile is never retrained. Returns the outcome:
-    ``done``, ``diverged`` or ``busy``."""
+    ``done``, ``diverged``, ``busy``, ``other`` or ``failed`` (refused or stopped by an
+    error, printed: the sweep goes on with the other runs; a folder this call made and
+    nothing was written into is removed)."""
     run_dir = Path(cfg.out)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_lock(run_dir) if launched_world_size() == 1 else contextlib.nullcontext()
     try:
-        with lock:
+        with lock, _removed_if_unused(run_dir, created):
             state = run_state(cfg)
             if state in ("done", "diverged"):
                 print(f"{tag} {cfg.run_name()}: {state}, skipped")
@@ -199,6 +214,10 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         # dataset, or checkpoints none of which loads: skipped as a run of other settings
         print(f"{tag} {cfg.run_name()}: skipped, {exc}", flush=True)
         return "other"
+    except ValueError as exc:  # a refusal (a backend that cannot run the model's GEMMs…):
+        # the other runs go on (a review: one refused run stopped the rest of the grid)
+        print(f"{tag} {cfg.run_name()}: failed, {exc}", flush=True)
+        return "failed"
     last = result.history[-1]
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
     print(f"{tag} {cfg.run_name()}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -225,8 +244,9 @@ def run(args: argparse.Namespace) -> int:
     # runs another process held: once more at the end (it may have finished or died since)
     for cfg in [c for c in configs if outcomes[c.run_name()] == "busy"]:
         outcomes[cfg.run_name()] = _run_one(cfg, "[again]", args)
-    for what, label in (("diverged", "diverged"), ("busy", "still held by another process, not "
-                                                   "finished by this sweep"),
+    for what, label in (("diverged", "diverged"), ("failed", "failed (refused or stopped by an error, "
+                                                   "named above)"),
+                        ("busy", "still held by another process, not finished by this sweep"),
                         ("other", "skipped: their folders hold runs of other settings or data, or no "
                                    "loadable checkpoint (named above)")):
         names = [n for n, o in outcomes.items() if o == what]
@@ -234,4 +254,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
     # exit 1 where a run asked for has no result of these settings (`sweep && report` must
     # not report stale folders); a diverged run is a result (the report counts it failed)
-    return 1 if any(o in ("busy", "other") for o in outcomes.values()) else 0
+    return 1 if any(o in ("busy", "other", "failed") for o in outcomes.values()) else 0

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .models import DEFAULT_MODEL, MODELS, build_model
+from .models import DEFAULT_MODEL, MODEL_ARGS, MODELS, build_model, check_model_args
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TASKS: tuple[str, ...] = tuple(MODELS)
@@ -50,6 +50,8 @@ class Task:
     def __init__(self, model: str, model_kwargs: dict[str, Any] | None = None) -> None:
         self.model_name = model
         self.model_kwargs = dict(model_kwargs or {})
+        if model in MODEL_ARGS.get(getattr(self, "name", ""), {}):  # before a task reads them (block_size 0 divided by zero)
+            check_model_args(self.name, model, self.model_kwargs, "model argument ")
 
     def build_model(self) -> nn.Module:
         try:
@@ -84,6 +86,7 @@ class ImageTask(Task):
     primary_metric = "accuracy"
     higher_is_better = True
     chance = 0.1  # ten classes (digits, Fashion-MNIST)
+    eval_split = "test"  # what the evaluated images are (digits: a validation split)
     eval_examples = 0  # images evaluated without --eval-subset (each task's; 0: unknown)
     throughput_unit = "samples"
     optimizer = "sgd"
@@ -100,8 +103,8 @@ class ImageTask(Task):
         self.data = images
         self.augment_padding = augment_padding
         if eval_subset is not None and eval_subset > len(images.y_eval):
-            raise ValueError(f"eval_subset must be at most {len(images.y_eval)} (the test images), "
-                             f"got {eval_subset}")
+            raise ValueError(f"eval_subset must be at most {len(images.y_eval)} (the {self.eval_split} "
+                             f"images), got {eval_subset}")
         n_eval = len(images.y_eval) if eval_subset is None else eval_subset
         self.x_eval, self.y_eval = images.x_eval[:n_eval], images.y_eval[:n_eval]
 
@@ -142,6 +145,7 @@ class ImageTask(Task):
 class DigitsTask(ImageTask):
     name = "digits"
     eval_examples = 359  # round(1797 × 0.2): the validation split evaluated
+    eval_split = "validation"
     default_batch_size = 64
     default_lr = 0.05
     default_weight_decay = 5e-4

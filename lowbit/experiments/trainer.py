@@ -112,9 +112,9 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training into ``run_dir`` would overwrite another run's results
     without a checkpoint to continue from (a committed run folder keeps its metrics, not its
     ``*.pt``): epochs in its ``metrics.json`` and no ``resume``; or, with ``resume``, a
-    ``config.json`` recording other settings (:func:`~.runconfig.changed_settings`). With
-    ``resume`` and the same settings the run is redone from scratch, as ``lowbit sweep``
-    does for such a folder."""
+    ``config.json`` recording other settings (:func:`~.runconfig.changed_settings`) or none
+    that can be read beside epochs in ``metrics.json``. With ``resume`` and the same
+    settings the run is redone from scratch, as ``lowbit sweep`` does for such a folder."""
     try:
         epochs = len(json.loads((run_dir / "metrics.json").read_text()))
     except (OSError, ValueError, TypeError):
@@ -126,6 +126,10 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         return  # a checkpoint's own settings are checked when it is loaded (load_resumable)
     saved = read_config(run_dir).get("train")
     if not isinstance(saved, dict):
+        if epochs:  # results whose settings cannot be checked: not redone over (a review)
+            raise ValueError(f"{run_dir} holds a run's results ({epochs} epoch(s) in metrics.json) but no "
+                             "readable config.json beside them, so --resume cannot check they were made with "
+                             "these settings: choose another --out (or move those results away)")
         return
     diff = changed_settings(saved, cfg)
     if diff:
@@ -296,26 +300,30 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
         # first to stop is the cause (a rank records before it closes its connections, so
         # before the others see them close); a review found rank 0's "Connection closed by
         # peer" recorded where rank 1 had raised. (A done or diverged record stays.)
+        # Only a run this process started (its checks passed, "running" written): a command
+        # refused before that (other settings, a bad --resume) left a killed run's "running"
+        # record rewritten as "failed" by the refusal's reason (a review).
         on = f" on rank {ranks.rank}" if ranks.world > 1 else ""
+        started: list[bool] = []
         try:
             with _sigterm_as_interrupt():
-                return _train_locked(cfg, resume, task, progress, ranks, monitor_requested)
+                return _train_locked(cfg, resume, task, progress, ranks, monitor_requested, started)
         except KeyboardInterrupt as exc:  # status.json said "running" after the process had stopped
-            if _status(run_dir) == "running":
+            if started and _status(run_dir) == "running":
                 how = "SIGTERM" if isinstance(exc, Terminated) else "an interrupt (Ctrl-C)"
                 write_status(run_dir, "interrupted", f"stopped by {how}{on}; the same "
                              "command with --resume (lowbit sweep: the same command) continues "
                              "from the last epoch checkpoint")
             raise
         except Exception as exc:  # an error (a refusal at the first step, an OOM…): not "running"
-            if _status(run_dir) == "running":
+            if started and _status(run_dir) == "running":
                 write_status(run_dir, "failed", f"stopped by an error{on}: {type(exc).__name__}: "
                              f"{str(exc)[:400]}; after fixing it, the same command with --resume "
                              "continues from the last epoch checkpoint (none: start again)")
             raise
         finally:
             if created:  # still holding the lock: no other process is using the folder
-                _remove_if_unused(run_dir)
+                remove_if_unused(run_dir)
 
 
 def _convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
@@ -370,7 +378,7 @@ def _warn_other_threads(run_dir: Path) -> None:
               "bitwise an uninterrupted one (--threads sets it)", file=sys.stderr)
 
 
-def _remove_if_unused(run_dir: Path) -> None:
+def remove_if_unused(run_dir: Path) -> None:
     """Remove the run folder this process created when the run failed before writing a
     file into it (a bad model argument, a task that cannot load): an empty folder holding
     only the lock file looked like a run (``lowbit sweep`` listed it). Anything else in it
@@ -382,7 +390,9 @@ def _remove_if_unused(run_dir: Path) -> None:
 
 
 def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
-                  ranks: Ranks, monitor_requested: bool) -> TrainResult:
+                  ranks: Ranks, monitor_requested: bool, started: list[bool]) -> TrainResult:
+    """The run, in the locked folder; ``started`` gets an entry once its checks passed and
+    ``status.json`` says "running" (every rank)."""
     run_dir, main = Path(cfg.out), ranks.is_main
     task = task or make_task(
         cfg.task,
@@ -435,6 +445,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         write_config(run_dir, cfg, fqt, steps_per_epoch, getattr(task, "source", None), start_epoch)
         write_metrics(run_dir, history)
         write_status(run_dir, "running")
+    started.append(True)
     params = [p for p in model.parameters() if p.requires_grad]
     unit = task.throughput_unit
 
@@ -451,71 +462,80 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         data_gen.manual_seed(epoch_seed(cfg.seed, epoch))
         model.train()
         losses, step_times, units, bad_steps = [], [], 0, 0
-        ranges_before = lowbit.range_stats(model)["total"]
         has_ranges = any(s is not None and s.predicted for m in lowbit.fqt_blocks(model).values()
                          for s in (m.config.grad_input, m.config.grad_weight))
         comm_before = 0.0 if comm is None else comm.bytes_sent
         epoch_first_step, epoch_t0 = step, time.perf_counter()
-        for full_batch in task.train_batches(cfg.batch_size, data_gen):
-            t0 = time.perf_counter()
-            batch = ranks.shard(full_batch)  # this rank's rows of the global batch
-            buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
-            # predicted-range histories, to undo a bad step too (a review found one overflowing
-            # step's absmax kept in them, zeroing the next steps' gradients on a coarse grid)
-            ranges = lowbit.nn.snapshot_ranges(model) if has_ranges else None
-            with monitoring.watch(monitor):  # measures every monitor_every steps
-                loss = task.loss(net, batch)  # scalar
-                model.zero_grad(set_to_none=True)
-                loss.backward()  # DDP averages the gradients over ranks here
-            loss = ranks.mean(loss)  # the global batch's loss: the same on every rank
-            if cfg.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
-            if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
-                if master is not None:
-                    master.grads_in()
-                optimizer.step()
-                if master is not None:
-                    master.weights_out()
-                losses.append(loss.item())
-                bad_in_a_row = 0
-            else:  # skip the update, keep weights, BN statistics and range histories as they were
-                with torch.no_grad():
-                    for b, saved_b in zip(model.buffers(), buffers):
-                        b.copy_(saved_b)
-                if ranges is not None:
-                    lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
-                bad_steps += 1
-                bad_in_a_row += 1
-                if main:
-                    bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
-                              f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    bar.close()
-                    last = run_dir / ckpt.LAST
-                    msg = (
-                        f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
-                        f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
-                        f"checkpoint: {last if last.exists() else 'none'}"
+        window = lowbit.nn.RangeWindow(model)  # the epoch's range counters, counted apart
+        try:
+            for full_batch in task.train_batches(cfg.batch_size, data_gen):
+                t0 = time.perf_counter()
+                batch = ranks.shard(full_batch)  # this rank's rows of the global batch
+                buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
+                # predicted-range histories, to undo a bad step too (a review found one overflowing
+                # step's absmax kept in them, zeroing the next steps' gradients on a coarse grid)
+                ranges = lowbit.nn.snapshot_ranges(model) if has_ranges else None
+                with monitoring.watch(monitor):  # measures every monitor_every steps
+                    loss = task.loss(net, batch)  # scalar
+                    model.zero_grad(set_to_none=True)
+                    loss.backward()  # DDP averages the gradients over ranks here
+                loss = ranks.mean(loss)  # the global batch's loss: the same on every rank
+                if cfg.grad_clip:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in params if p.grad is not None]
                     )
+                if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+                    if master is not None:
+                        master.grads_in()
+                    optimizer.step()
+                    if master is not None:
+                        master.weights_out()
+                    losses.append(loss.item())
+                    bad_in_a_row = 0
+                else:  # skip the update, keep weights, BN statistics and range histories as they were
+                    with torch.no_grad():
+                        for b, saved_b in zip(model.buffers(), buffers):
+                            b.copy_(saved_b)
+                    if ranges is not None:
+                        lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
+                    bad_steps += 1
+                    bad_in_a_row += 1
                     if main:
-                        write_status(run_dir, "diverged", msg)
-                    raise TrainingDiverged(msg)
-            scheduler.step()
-            step += 1
-            step_times.append(time.perf_counter() - t0)
-            units += task.batch_units(full_batch)
-            bar.update()
-            if losses:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+                        bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
+                                  f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        bar.close()
+                        last = run_dir / ckpt.LAST
+                        msg = (
+                            f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
+                            f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
+                            f"checkpoint: {last if last.exists() else 'none'}"
+                        )
+                        if main:
+                            write_status(run_dir, "diverged", msg)
+                        raise TrainingDiverged(msg)
+                scheduler.step()
+                step += 1
+                step_times.append(time.perf_counter() - t0)
+                units += task.batch_units(full_batch)
+                bar.update()
+                if losses:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+        finally:
+            window.close()
 
         ranks.sync_buffers(model)  # rank 0's BatchNorm statistics: what it evaluates and saves
         # the epoch's predicted-range counts of every rank (rank 0's alone were its share)
-        ranges_epoch = ranks.total(lowbit.range_stats(model)["total"] - ranges_before)
+        ranges_epoch = ranks.total(window.close())
         metrics = task.evaluate(model) if main else {}
+        # NaN/Inf outputs: the other metrics (an argmax over NaN) are not results, and the
+        # model is no checkpoint to resume from (a review found both kept: last.pt rotated,
+        # the good one pushed to prev.pt, and the diverged one called "last good")
+        eval_diverged = main and not math.isfinite(metrics["val_loss"])
+        if eval_diverged:
+            metrics = {k: (v if k == "val_loss" else None) for k, v in metrics.items()}
         per_rank = ranks.gather(_rank_state(model, data_gen))  # after evaluation, as resumed
         row = None
         if main:
@@ -542,25 +562,26 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                 row |= {"comm_bytes_per_step": sent,
                         "comm_bytes_fp32_per_step": ranks.allreduce_bytes(model, 4)}
             history.append(row)
-            ckpt.save_checkpoint(run_dir, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "train_config": cfg.to_dict(),
-                "fqt_config": fqt.to_dict(),
-                **per_rank[0],  # rank 0's "rng" and "ranges" (the single-rank format)
-                "optim_rng": None if sr_gen is None else sr_gen.get_state(),
-                "master": None if master is None else master.state(),
-                "history": history,
-                "bad_in_a_row": bad_in_a_row,
-                "monitor": None if monitor is None else monitor.state_dict(),
-            } | ({"world_size": ranks.world, "ranks": per_rank,
-                  "comm": None if comm is None else comm.state_dict()} if ranks.world > 1 else {}))
+            if not eval_diverged:
+                ckpt.save_checkpoint(run_dir, {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "train_config": cfg.to_dict(),
+                    "fqt_config": fqt.to_dict(),
+                    **per_rank[0],  # rank 0's "rng" and "ranges" (the single-rank format)
+                    "optim_rng": None if sr_gen is None else sr_gen.get_state(),
+                    "master": None if master is None else master.state(),
+                    "history": history,
+                    "bad_in_a_row": bad_in_a_row,
+                    "monitor": None if monitor is None else monitor.state_dict(),
+                } | ({"world_size": ranks.world, "ranks": per_rank,
+                      "comm": None if comm is None else comm.state_dict()} if ranks.world > 1 else {}))
             write_metrics(run_dir, history)
             monitoring.write_log(run_dir, monitor)
-            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
             bar.write(
                 f"{cfg.run_name()} epoch {epoch + 1}/{cfg.epochs} step {step} "
                 f"train_loss {row['train_loss']:.4f} {shown} "
@@ -573,9 +594,11 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
             history.append(row)
         if not math.isfinite(row["val_loss"]):  # NaN/Inf outputs: accuracy of an argmax over NaN
             bar.close()
+            last = run_dir / ckpt.LAST
             msg = (f"training diverged: the evaluation loss after epoch {epoch + 1} is "
                    f"{row['val_loss']} (the model's outputs are not finite); its metrics are "
-                   "not results")
+                   f"not results and it was not checkpointed; last good checkpoint: "
+                   f"{last if last.exists() else 'none'}")
             if main:
                 write_status(run_dir, "diverged", msg)
             raise TrainingDiverged(msg)
@@ -592,6 +615,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "check_run_dir",
+    "remove_if_unused",
     "build_optimizer",
     "cosine_schedule",
     "epoch_seed",

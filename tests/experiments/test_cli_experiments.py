@@ -1392,6 +1392,23 @@ def test_a_backend_that_cannot_run_the_model_is_refused_before_any_step(tmp_path
     assert not out.exists()
 
 
+def test_a_sweep_goes_on_past_a_refused_run_and_leaves_no_lock_only_folder(tmp_path, capsys):
+    """A review: a sweep run refused before writing a file (a backend that cannot run the
+    model's GEMMs) left a folder holding only ``.lock`` and stopped the rest of the grid
+    (exit 2). Now that run's folder is removed, the other runs train, and the sweep
+    exits 1 naming the failed run."""
+    out = tmp_path / "sw"
+    rc = cli.main(["sweep", "--tasks", "digits", "--models", "cnn", "--recipes", "fqt-bhq-4a,fp",
+                   "--backend", "int8", "--epochs", "1", "--subset", "64", "--eval-subset", "32",
+                   "--batch-size", "32", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    assert "digits-cnn-fqt-bhq-4a-s0: failed, backend='int8' cannot run these GEMMs" in printed
+    assert "1 run(s) failed" in printed and "digits-cnn-fqt-bhq-4a-s0" in printed.splitlines()[-1]
+    assert not (out / "digits-cnn-fqt-bhq-4a-s0").exists()
+    assert json.loads((out / "digits-cnn-fp-s0" / "status.json").read_text())["status"] == "done"
+
+
 @pytest.mark.parametrize("command", [["sweep", "--dry-run"], ["report", "--runs", "."]])
 def test_sweep_and_report_need_out(tmp_path, capsys, monkeypatch, command):
     """``sweep`` wrote into ``./results`` and ``report`` rewrote ``./docs/results.md`` by

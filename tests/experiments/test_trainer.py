@@ -673,6 +673,63 @@ def test_a_non_finite_evaluation_loss_is_a_divergence_not_a_result(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())[-1]["val_loss"] is None
 
 
+def test_an_epoch_diverged_at_evaluation_keeps_no_metric_and_no_checkpoint(tmp_path):
+    """A review: the epoch whose evaluation loss was NaN was still kept as a result (its
+    accuracy, an argmax over NaN logits, written as 0.1058) and as ``last.pt`` (the good
+    epoch pushed to ``prev.pt``), which the divergence message then called the "last good
+    checkpoint" and ``--resume`` continued from. Its metrics are null now, and the last
+    good epoch stays ``last.pt``."""
+    torch.manual_seed(0)
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    real_evaluate = task.evaluate
+    calls = []
+
+    def evaluate(model):  # the second epoch's outputs are NaN
+        calls.append(1)
+        out = real_evaluate(model)
+        return out if len(calls) == 1 else {k: (math.nan if k == "val_loss" else v) for k, v in out.items()}
+
+    task.evaluate = evaluate
+    cfg = TrainConfig(**DIGITS, model="mlp", epochs=3, out=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"after epoch 2 .*last good checkpoint: .*last\.pt"):
+        train(cfg, task=task, progress=False)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["accuracy"] is not None and rows[1]["accuracy"] is None and rows[1]["val_loss"] is None
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "prev.pt").exists()
+
+
+def test_a_refused_command_leaves_a_killed_runs_status_as_it_was(tmp_path):
+    """A review: a run killed while "running", then a command refused before it started
+    (other settings; a --resume with other epochs) rewrote its status.json as "failed",
+    blaming the refusal. Only a run this process started records why it stopped."""
+    cfg = TrainConfig(**DIGITS, model="mlp", epochs=1, out=str(tmp_path))
+    train(cfg, progress=False)
+    killed = {"status": "running", "message": ""}
+    (tmp_path / "status.json").write_text(json.dumps(killed))
+    with pytest.raises(ValueError, match="different lr"):
+        train(TrainConfig(**DIGITS, model="mlp", epochs=1, lr=0.2, out=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train(TrainConfig(**DIGITS, model="mlp", epochs=3, out=str(tmp_path)), resume=True, progress=False)
+    assert json.loads((tmp_path / "status.json").read_text()) == killed
+
+
+def test_resume_refuses_results_whose_settings_cannot_be_read(tmp_path):
+    """A review: with the checkpoints and config.json gone, ``--resume`` under other
+    settings redid the folder's run over its results (metrics.json lost its epochs),
+    while ``lowbit sweep`` refused the same folder. Now it refuses too."""
+    cfg = TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(tmp_path))
+    train(cfg, progress=False)
+    for f in [*tmp_path.glob("*.pt"), tmp_path / "config.json"]:
+        f.unlink()
+    before = (tmp_path / "metrics.json").read_text()
+    other = TrainConfig(**DIGITS, recipe="qat-8", lr=0.3, epochs=1, out=str(tmp_path))
+    with pytest.raises(ValueError, match="no readable config.json"):
+        train(other, resume=True, progress=False)
+    assert (tmp_path / "metrics.json").read_text() == before
+
+
 def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path):
     """A committed run folder keeps its metrics but not its ``*.pt``: training into it
     replaced the finished run's results without a word (with ``--resume`` too, under other
@@ -841,9 +898,10 @@ def test_run_config_seed_below_2_63() -> None:
 
 
 def test_eval_subset_beyond_the_data_is_refused() -> None:
-    """``--eval-subset`` larger than the test set (digits: 359 images) or the text task's
-    validation windows was silently cut to what exists; refused like ``--subset``."""
-    with pytest.raises(ValueError, match=r"eval_subset must be at most \d+ \(the test images\), got 100000"):
+    """``--eval-subset`` larger than the evaluated split (digits: its 359 validation images)
+    or the text task's validation windows was silently cut to what exists; refused like
+    ``--subset``, naming the split (digits' was called "the test images": a review)."""
+    with pytest.raises(ValueError, match=r"eval_subset must be at most 359 \(the validation images\), got 100000"):
         T.make_task("digits", "mlp", eval_subset=100000)
     assert len(T.make_task("digits", "mlp", eval_subset=64).y_eval) == 64
     with pytest.raises(ValueError, match=r"eval_subset must be at most \d+ \(the validation windows"):
@@ -868,3 +926,12 @@ def test_resume_refuses_a_checkpoint_of_another_quantization_config(tmp_path) ->
     assert FQTConfig.from_dict(old) != cfg.fqt_config()
     why = recipe_refusal(Path("last.pt"), old, cfg)
     assert why is not None and "another quantization config" in why and "grad_input" in why
+
+
+@pytest.mark.parametrize("block_size", [0, -4])
+def test_a_text_task_checks_its_model_arguments_before_using_them(block_size: int) -> None:
+    """A review: ``TrainConfig(task="text", model_kwargs={"block_size": 0})`` through the
+    Python API raised ZeroDivisionError, and -4 "eval_subset must be at most -500", before
+    the model arguments were checked; the task checks them first (the CLI's line)."""
+    with pytest.raises(ValueError, match=f"model argument block_size must be an integer ≥ 1 .*got {block_size}"):
+        T.make_task("text", subset=60_000, model_kwargs={"block_size": block_size})
