@@ -7,9 +7,6 @@ Toggles (each is "on" as lowbit ships it):
 
   pair         both quantizations of ∇Y from one kernel (``lowbit.gradpair``), in Linear
                and convolution layers and attention (∇O, ∇S); off: the two quantizer calls apart
-  bhq-pair     a Linear's BHQ ∇X side and plain ∇W side from one kernel set (``lowbit.gradpair``:
-               both ranges from one read, the group sums with the transformed ranges, both
-               code tensors from one read); off: the two quantizer calls apart (the same codes)
   materialize  no zero gradients filled for the block op's saved codes and steps; off:
                autograd fills them (the behaviour before issue 14)
   hadamard-fwht  the Hadamard transform as butterflies (``lowbit.quantizers.hadamard.fwht``),
@@ -126,16 +123,6 @@ def _pair() -> Callable[[bool], None]:
     def switch(on: bool) -> None:
         for m in (functional, conv, attention):  # Linear's, the convolutions' and attention's backward
             m.quantize_grad_pair = real if on else (lambda *a, **k: None)
-    return switch
-
-
-def _bhq_pair() -> Callable[[bool], None]:
-    import lowbit.gradpair as gradpair
-
-    real = gradpair.bhq_applies
-
-    def switch(on: bool) -> None:
-        gradpair.bhq_applies = real if on else (lambda *a, **k: False)
     return switch
 
 
@@ -446,7 +433,7 @@ def _gemm_panels() -> Callable[[bool], None]:
 
 
 TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
-    "pair": _pair, "bhq-pair": _bhq_pair, "materialize": _materialize, "hadamard-fwht": _hadamard_fwht, "amx": _amx,
+    "pair": _pair, "materialize": _materialize, "hadamard-fwht": _hadamard_fwht, "amx": _amx,
     "amx-batched": _amx_batched,
     "avx512": _avx512,
     "avx512-epilogue": _avx512_op("int8_epilogue_nchw", "run_epilogue_nchw", "supports_epilogue_nchw"),

@@ -40,8 +40,6 @@ from .formats import Format, Granularity, Rounding
 from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
-from .quantizers import bhq
-from .quantizers.bhq import bhq_transform
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -172,8 +170,6 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     if gy.dim() != (3 if batched else gy.dim()) or gy.dim() not in (2, 3):
         raise ValueError("quantize_grad_pair: gy must be (N, out) or (N, C_out, L), or (B, N, out) with "
                          f"batched=True; got shape {tuple(gy.shape)}, batched={batched}")
-    if bhq_applies(gy, spec_a, spec_w, k):
-        return _bhq_pair(gy, spec_a, gen_a, spec_w, gen_w, k, w_first)  # type: ignore[arg-type]
     if not (k.fused and gy.numel() and plain(spec_a) and plain(spec_w)):
         return None
     if gy.dim() == 2:
@@ -187,37 +183,6 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     for key, spec, gen, rows in (paths[::-1] if w_first else paths):
         ops[key] = draw(gy, spec, gen, rows, k)  # type: ignore[arg-type]
     return run_pair(op, gy, spec_a, ops["a"], spec_w, ops["w"], k)  # type: ignore[arg-type]
-
-
-def bhq_applies(gy: torch.Tensor, spec_a: GradSpec | None, spec_w: GradSpec | None, k: Kernels) -> bool:
-    """Whether :func:`quantize_grad_pair` takes a BHQ ``∇X`` side with a plain ``∇W`` side
-    of a linear layer's ``gy`` (N, out) from one kernel: BHQ with a dynamic range, fused
-    kernels, group sums added row by row on ``gy``'s device (``bhq.SEQUENTIAL_DEVICES``, as
-    the native kernel adds them) and the native kernel takes ``gy`` on these formats
-    (:func:`lowbit.kernels.avx512.supports_bhq_pair_formats`). Elsewhere the two calls
-    run apart: the op's reference kernel would only repeat them."""
-    return gy.dim() == 2 and k.fused and gy.numel() > 0 and spec_a is not None and spec_a.quantizer == "bhq" \
-        and not spec_a.predicted and plain(spec_w) and gy.device.type in bhq.SEQUENTIAL_DEVICES \
-        and avx512.supports_bhq_pair_formats(gy, spec_a.format, get_quantizer("bhq").granularity, spec_a.rounding,
-                                             spec_w.format, get_quantizer(spec_w.quantizer).granularity,  # type: ignore[union-attr]
-                                             spec_w.rounding)  # type: ignore[union-attr]
-
-
-def _bhq_pair(gy: torch.Tensor, spec_a: GradSpec, gen_a: torch.Generator | None, spec_w: GradSpec,
-              gen_w: torch.Generator | None, k: Kernels, w_first: bool) -> tuple[QuantizedOperand, QuantizedOperand]:
-    """:func:`quantize_grad_pair` where :func:`bhq_applies`: ``gy``'s row and column ranges
-    from one read (``pair_absmax``), BHQ's groups from the rows', the seeds drawn as the
-    two calls draw them (BHQ's transform draws nothing), then both code tensors
-    (``bhq_quantize_pair``, :func:`lowbit.quantizers.bhq._quantize_pair`): bitwise
-    ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w, gen_w, k)``."""
-    with scope("lowbit::transform"):
-        ranges, camax = k.run("pair_absmax", gy)
-        t = bhq_transform(gy, k, ranges)
-        t.kernels = k
-    drawn_w = draw(gy, spec_w, gen_w, gy.shape[1], k) if w_first else None
-    drawn_a = (get_quantizer("bhq").granularity, spec_a.rounding, sr_seed(gen_a, spec_a.rounding, gy.device), t)
-    drawn_w = drawn_w or draw(gy, spec_w, gen_w, gy.shape[1], k)
-    return run_pair("bhq_quantize_pair", gy, spec_a, drawn_a, spec_w, drawn_w, k, camax, t)
 
 
 def run_pair(op: str, gy: torch.Tensor, spec_a: GradSpec, drawn_a: tuple, spec_w: GradSpec, drawn_w: tuple,

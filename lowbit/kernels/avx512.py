@@ -109,9 +109,6 @@ _SIGNATURES = {
     "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
-    "lowbit_bhq_sums_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I],
-    "lowbit_bhq_quantize_pair": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F, _P,
-                                 _P, _I64, _U32, _I, _F, _P, _I],
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
                             _U32, _I, _F, _P, _P, _I],
     "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
@@ -891,107 +888,6 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
     return codes, step, None, None
 
 
-def supports_pair_absmax(g: torch.Tensor) -> bool:
-    """Whether :func:`run_pair_absmax` takes this call: ``g`` (N, D) as :func:`_readable`
-    with contiguous rows."""
-    return g.dim() == 2 and _rows_contiguous(g) and _readable(g) and _enabled and available()
-
-
-def run_pair_absmax(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(max_j |g_ij|`` per row (N,), ``max_i |g_ij|`` per column (D,)), float32, NaN where
-    the row or column holds one — :func:`lowbit.kernels.reference.row_absmax` of ``g`` and
-    of ``gᵀ``, exact — from one read of ``g``, after :func:`supports_pair_absmax`."""
-    with scope("lowbit::avx512_pair_absmax"):
-        return _pair_absmax(_library(), g, torch.get_num_threads())
-
-
-@compiled.disable_tracing
-def _pair_absmax(lib: ctypes.CDLL, g: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = g.shape
-    ramax = torch.empty(n, dtype=torch.float32, device="cpu")
-    camax = torch.empty(d, dtype=torch.float32, device="cpu")
-    scratch = torch.empty(max(threads, 1) * d, dtype=torch.float32, device="cpu")
-    lib.lowbit_pair_absmax(g.data_ptr(), DTYPES[g.dtype], 1, 0, n, d, g.stride(0) if n > 1 else d, ramax.data_ptr(),
-                           camax.data_ptr(), scratch.data_ptr(), threads)
-    return ramax, camax
-
-
-def supports_bhq_pair_formats(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
-                              fmt_w: Format, gran_w: Granularity, rnd_w: Rounding) -> bool:
-    """Whether :func:`run_bhq_quantize_pair` can take a BHQ ``∇X`` side and a plain ``∇W``
-    side of ``g`` (N, out) on these formats (before anything is drawn): ``g`` as
-    :func:`supports_pair`, the ``∇X`` side on a symmetric integer grid."""
-    zero = torch.zeros((), dtype=torch.int64)
-    return g.dim() == 2 and _int_grid(fmt_a) and supports_pair(g, fmt_a, gran_a, rnd_a, zero, fmt_w, gran_w, rnd_w,
-                                                               zero)
-
-
-def supports_bhq_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor,
-                      fmt_w: Format, gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
-                      camax: torch.Tensor, t: object) -> bool:
-    """Whether :func:`run_bhq_quantize_pair` takes this call: as
-    :func:`supports_bhq_pair_formats`, with seeds :func:`supports_pair` takes, ``camax``
-    (out,) float32 and the ``BlockHouseholder`` ``t``'s ``scale``, ``v`` (N,) float32 and
-    ``group`` (N,) int64 on the CPU with ids in [0, G) (its CSR index is read: every row in
-    one group)."""
-    n = g.shape[0] if g.dim() == 2 else -1
-    parts = (camax, getattr(t, "scale", None), getattr(t, "v", None), getattr(t, "group", None))
-    return supports_bhq_pair_formats(g, fmt_a, gran_a, rnd_a, fmt_w, gran_w, rnd_w) \
-        and _seed_ok(seed_a, rnd_a) and _seed_ok(seed_w, rnd_w) \
-        and all(type(p) is torch.Tensor and p.layout == torch.strided and p.device.type == "cpu" for p in parts) \
-        and camax.dtype == t.scale.dtype == t.v.dtype == torch.float32 and t.group.dtype == torch.int64 \
-        and camax.shape == (g.shape[1],) and t.scale.shape == t.v.shape == t.group.shape == (n,) \
-        and bool(t.group.min() >= 0) and bool(t.group.max() < t.n_groups)  # type: ignore[attr-defined]
-
-
-_GS_BAND = 256  # the C code's GS_BAND: the columns of one group-sum task
-
-
-def run_bhq_quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
-                          seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                          seed_w: torch.Tensor, camax: torch.Tensor, t: object) -> tuple[torch.Tensor | None, ...]:
-    """BHQ's ``∇X`` side and a plain ``∇W`` side of one output gradient ``g`` (N, out) in
-    three reads of ``g`` (``lowbit.quantizers.bhq``'s ``bhq_quantize_pair``, bit for bit):
-    the group sums with the transformed rows' ranges (each group's band of rows read
-    again from cache), then the codes of ``T g`` (N, out) and of ``gᵀ`` (out, N) from one
-    read. ``camax``: ``g``'s column ranges (:func:`run_pair_absmax`), the ``∇W`` side's.
-    Returns codes, step, None, None for each side. After :func:`supports_bhq_pair`."""
-    crow, members = t.csr()  # type: ignore[attr-defined]
-    with scope("lowbit::avx512_bhq_quantize"):
-        return _bhq_pair(_library(), g, camax, t.scale, t.v, t.group, crow, members,  # type: ignore[attr-defined]
-                         t.n_groups, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w,  # type: ignore[attr-defined]
-                         seed_w, torch.get_num_threads())
-
-
-@compiled.disable_tracing
-def _bhq_pair(lib: ctypes.CDLL, g: torch.Tensor, camax: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-              group: torch.Tensor, crow: torch.Tensor, members: torch.Tensor, n_groups: int, fmt_a: Format,
-              gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
-              rnd_w: Rounding, seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor | None, ...]:
-    n, c = g.shape
-    dt, ld = DTYPES[g.dtype], g.stride(0) if n > 1 else c
-    scale, group, crow, members = scale.contiguous(), group.contiguous(), crow.contiguous(), members.contiguous()
-    w = (v * scale).contiguous()  # the group sums' weights, as BlockHouseholder.forward_quantize's
-    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
-    dots = torch.empty(n_groups, c, dtype=torch.float32, device="cpu")
-    scratch = torch.empty(n * (-(-c // _GS_BAND)), dtype=torch.float32, device="cpu")
-    amax = torch.empty(n, 1, dtype=torch.float32, device="cpu")
-    lib.lowbit_bhq_sums_absmax(g.data_ptr(), dt, n, c, ld, w.data_ptr(), crow.data_ptr(), members.data_ptr(),
-                               n_groups, scale.data_ptr(), v2.data_ptr(), dots.data_ptr(), scratch.data_ptr(),
-                               amax.data_ptr(), threads)
-    step_a, div_a = _steps(lib, amax, fmt_a, gran_a)
-    step_w, div_w = _steps(lib, camax.reshape(c, 1), fmt_w, gran_w)
-    codes_a = torch.empty(n, c, dtype=torch.int8, device="cpu")
-    codes_w = torch.empty(c, n, dtype=torch.int8, device="cpu")
-    lib.lowbit_bhq_quantize_pair(
-        g.data_ptr(), dt, n, c, ld, scale.data_ptr(), v2.data_ptr(), group.data_ptr(), dots.data_ptr(),
-        div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a), _mode(fmt_a, rnd_a),
-        float(fmt_a.emax), codes_a.data_ptr(),
-        div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w), _mode(fmt_w, rnd_w),
-        float(fmt_w.emax), codes_w.data_ptr(), threads)
-    return codes_a, step_a, None, None, codes_w.view(fmt_w.code_dtype), step_w, None, None
-
-
 def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                          group: torch.Tensor, out_dtype: torch.dtype, overwrite: bool = False) -> bool:
     """Whether :func:`run_bhq_inverse` takes this call: float32 ``y`` (N, D) with
@@ -1492,37 +1388,7 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             got = _bhq_inverse(lib, y, dots if y.shape == x.shape else dots[:, 1:], scale, v, group, overwrite, threads)
             if not _same(got, ref) or (overwrite and got.data_ptr() != y.data_ptr()):
                 return False
-    return _bhq_group_sums_self_test(lib, x) and _bhq_pair_self_test(lib, x)
-
-
-def _bhq_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
-    """BHQ's pair against ``bhq._quantize_pair``'s arithmetic with the CPU's group sums
-    (``bhq.sequential_group_sums``, whatever ``bhq``'s settings): the transform of ``x``'s
-    rows (NaN and ±Inf rows included), of rows scaled apart (real groups), and of a
-    300-column operand (two bands of the group sums); int8 and int4, both roundings, one
-    and two threads."""
-    from ..formats import parse_format
-    from ..quantizers.bhq import _forward_quantize, bhq_transform, sequential_group_sums
-    from .reference import quantize as ref
-
-    cpu = {"dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
-    g = torch.Generator().manual_seed(4)
-    wide = torch.randn(41, 300, generator=g, **cpu) * torch.exp(torch.randn(41, 1, generator=g, **cpu) * 3)
-    seed_a, seed_w = torch.tensor(99, device="cpu"), torch.tensor(0xFFFFFFFF, device="cpu")
-    for a in (x, x.nan_to_num(0.0, 0.0, 0.0) * torch.logspace(-6, 6, x.shape[0], **cpu).unsqueeze(1),
-              wide.bfloat16()):
-        t = bhq_transform(a)
-        ranges, camax = _pair_absmax(lib, a, 1)
-        dots = sequential_group_sums(a, t.v * t.scale, t)
-        for fmt, rnd in ((parse_format("int8"), Rounding.STOCHASTIC), (parse_format("int4"), Rounding.NEAREST)):
-            args = (a, fmt, Granularity.ROW, rnd, seed_a, fmt, Granularity.ROW, rnd, seed_w, camax, t)
-            want = (*_forward_quantize(a, dots, t.scale, t.v, t.group, fmt, Granularity.ROW, rnd, seed_a),
-                    *ref(a.t(), fmt, Granularity.ROW, rnd, seed_w))
-            for threads in cbuild.test_threads(1, 2):
-                got = _bhq_pair(lib, a, camax, t.scale, t.v, t.group, *t.csr(), t.n_groups, *args[1:9], threads)
-                if not all(w is None and v is None or _same(v, w) for v, w in zip(got, want, strict=True)):
-                    return False
-    return True
+    return _bhq_group_sums_self_test(lib, x)
 
 
 def _bhq_group_sums_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:

@@ -293,66 +293,6 @@ void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t
     }
 }
 
-#define GS_BAND 256
-/* The group sums into dots and, where s != NULL, the ranges of BHQ's transformed rows,
- * amax[r] = max |(T x)[r, :]| (NaN where the row holds a NaN; lowbit_bhq_absmax's values):
- * once a task has its group's band of sums, it reads the group's rows of that band again
- * (from cache) and transforms them, y = x * s[r] - v2[r] * dots[j, c], its maximum per
- * (row, band) written to scratch (rows * bands floats), merged per row at the end. Every
- * row lies in one group. */
-static void group_sums(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *w,
-                       const int64_t *crow, const int64_t *members, int64_t n_groups, const float *s,
-                       const float *v2, float *dots, float *scratch, float *amax, int threads) {
-    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t task = 0; task < n_groups * bands; task++) {
-            const int64_t j = task / bands, band = task % bands, c0 = band * GS_BAND;
-            const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
-            __m512 acc[GS_BAND / 16];
-            for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
-            for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
-                const int64_t r = members[m];
-                const __m512 wr = _mm512_set1_ps(w[r]);
-                for (int64_t i = 0; i < nv; i++) {
-                    const __mmask16 k = tail_mask(width - 16 * i);
-                    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), wr));
-                }
-            }
-            for (int64_t i = 0; i < nv; i++)
-                _mm512_mask_storeu_ps(dots + j * cols + c0 + 16 * i, tail_mask(width - 16 * i), acc[i]);
-            for (int64_t m = s ? crow[j] : crow[j + 1]; m < crow[j + 1]; m++) {
-                const int64_t r = members[m];
-                const __m512 vs = _mm512_set1_ps(s[r]), vv = _mm512_set1_ps(v2[r]);
-                __m512 mx = _mm512_setzero_ps();
-                __mmask16 nan = 0;
-                for (int64_t i = 0; i < nv; i++) {
-                    const __mmask16 k = tail_mask(width - 16 * i);
-                    /* transform16's arithmetic; lanes past the row are 0 */
-                    const __m512 y = _mm512_sub_ps(_mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), vs),
-                                                   _mm512_mul_ps(vv, _mm512_maskz_mov_ps(k, acc[i])));
-                    const __m512 a = _mm512_maskz_mov_ps(k, _mm512_abs_ps(y));
-                    mx = _mm512_max_ps(mx, a);
-                    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-                }
-                scratch[r * bands + band] = nan ? NAN : _mm512_reduce_max_ps(mx);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < (s ? rows : 0); r++) {
-            float m = 0.0f;
-            int nan = 0;
-            for (int64_t b = 0; b < bands; b++) {
-                const float v = scratch[r * bands + b];
-                nan |= v != v;
-                m = v > m ? v : m;
-            }
-            amax[r] = nan ? NAN : m;
-        }
-    }
-}
-
 /* BHQ's group sums dots[j, :] = sum over the rows r of group j of w[r] * x[r, :], the rows in
  * ascending order, each product rounded to float32 and then added to a float32 sum that
  * starts at +0 (lowbit.quantizers.bhq._group_sums on the CPU: torch's index_add_ of the
@@ -361,18 +301,28 @@ static void group_sums(const void *x, int dtype, int64_t rows, int64_t cols, int
  * ld; w (rows,) float32; dots (n_groups, cols) row-major. Each task is one group and a
  * band of at most 256 columns, summed in registers: every element's additions keep the
  * reference's order whatever the threads. */
+#define GS_BAND 256
 void lowbit_bhq_group_sums(const void *x, int dtype, int64_t cols, int64_t ld, const float *w,
                            const int64_t *crow, const int64_t *members, int64_t n_groups, float *dots,
                            int threads) {
-    group_sums(x, dtype, 0, cols, ld, w, crow, members, n_groups, NULL, NULL, dots, NULL, NULL, threads);
-}
-
-/* lowbit_bhq_group_sums, and with them the ranges of BHQ's transformed rows into amax (rows;
- * group_sums). scratch: rows * ceil(cols / GS_BAND) floats. */
-void lowbit_bhq_sums_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *w,
-                            const int64_t *crow, const int64_t *members, int64_t n_groups, const float *s,
-                            const float *v2, float *dots, float *scratch, float *amax, int threads) {
-    group_sums(x, dtype, rows, cols, ld, w, crow, members, n_groups, s, v2, dots, scratch, amax, threads);
+    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t task = 0; task < n_groups * bands; task++) {
+        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
+        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
+        __m512 acc[GS_BAND / 16];
+        for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+            const int64_t r = members[m];
+            const __m512 wr = _mm512_set1_ps(w[r]);
+            for (int64_t i = 0; i < nv; i++) {
+                const __mmask16 k = tail_mask(width - 16 * i);
+                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), wr));
+            }
+        }
+        for (int64_t i = 0; i < nv; i++)
+            _mm512_mask_storeu_ps(dots + j * cols + c0 + 16 * i, tail_mask(width - 16 * i), acc[i]);
+    }
 }
 
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
@@ -423,14 +373,12 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
  * dw + e * cols * dw_stride, its codes at element e·rows·cols of codes_a and of codes_w,
  * its element indices offset by (first + e)·rows·cols (mod 2³²): the codes of the batch's rows
  * (batch·rows, cols) and of each entry's transpose (batch·cols, rows), where the batch is
- * entries first, first + 1, … of a larger one (first = 0: the whole batch).
- * t (NULL: none) a row transform of the codes_a side (BHQ's; batch 1 only): codes_a are
- * those of t x's rows, codes_w those of x's columns. */
-static void quantize_pair_t(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
-                            int64_t ld, const RowTransform *t, const float *da, int64_t da_stride, uint32_t seed_a,
-                            int sr_a, float emax_a, int8_t *codes_a,
-                            const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
-                            int8_t *codes_w, int64_t first, int threads) {
+ * entries first, first + 1, … of a larger one (first = 0: the whole batch). */
+void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+                          int8_t *codes_a,
+                          const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
+                          int8_t *codes_w, int64_t first, int threads) {
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
     const __m512i lane = _mm512_loadu_si512(LANES);
     const __m512i vseed_a = _mm512_set1_epi32((int)seed_a), vseed_w = _mm512_set1_epi32((int)seed_w);
@@ -472,8 +420,7 @@ static void quantize_pair_t(const void *x, int dtype, int64_t batch, int64_t bst
                             const __m512i ia = _mm512_add_epi32(
                                 _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c + base)), lane);
                             _mm_mask_storeu_epi8(cae + r * cols + c, k,
-                                                 codes16(transform16(v, t, r, cols, c, k), _mm512_set1_ps(dae[r * da_stride]),
-                                                         ia, vseed_a, sr_a, vemax_a));
+                                                 codes16(v, _mm512_set1_ps(dae[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
                         }
                         const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
                         /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
@@ -486,29 +433,6 @@ static void quantize_pair_t(const void *x, int dtype, int64_t batch, int64_t bst
             }
         }
     }
-}
-
-void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
-                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
-                          int8_t *codes_a,
-                          const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
-                          int8_t *codes_w, int64_t first, int threads) {
-    quantize_pair_t(x, dtype, batch, bstride, rows, cols, ld, NULL, da, da_stride, seed_a, sr_a, emax_a, codes_a,
-                    dw, dw_stride, seed_w, sr_w, emax_w, codes_w, first, threads);
-}
-
-/* BHQ's side and a plain side of one output gradient x (rows, cols; row stride ld) from one
- * read: codes_a (rows, cols) of BHQ's T x (lowbit_bhq_quantize_rows' codes: s, v2, group,
- * dots as there) and codes_w (cols, rows) of xᵀ's rows (lowbit_quantize_pair's). */
-void lowbit_bhq_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
-                              const float *v2, const int64_t *group, const float *dots,
-                              const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
-                              int8_t *codes_a,
-                              const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
-                              int8_t *codes_w, int threads) {
-    const RowTransform t = {s, v2, dots, group};
-    quantize_pair_t(x, dtype, 1, 0, rows, cols, ld, &t, da, da_stride, seed_a, sr_a, emax_a, codes_a,
-                    dw, dw_stride, seed_w, sr_w, emax_w, codes_w, 0, threads);
 }
 
 /* A convolution's output gradient x (n, c, l) (strides ldn, ldc, 1: l contiguous), the

@@ -99,21 +99,6 @@ def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, 
                               rounding, seed)
 
 
-def _quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
-                   seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                   seed_w: torch.Tensor, camax: torch.Tensor, t: BlockHouseholder) -> tuple:
-    """BHQ's ``∇X`` side and a plain ``∇W`` side of one output gradient ``g`` (N, out):
-    :meth:`BlockHouseholder.forward_quantize` of ``g``'s rows on ``fmt_a`` (the reference
-    kernels' group sums, then :func:`_forward_quantize`) and ``reference.quantize`` of
-    ``gᵀ`` (out, N) on ``fmt_w``: codes, scale, offset, block scale of each.
-    ``camax`` (out,): ``g``'s column ranges, as the caller has them (the native kernel
-    takes the ``∇W`` side's range from them; here ``reference.quantize`` finds the same
-    values itself)."""
-    dots = _group_sums(g, t.v * t.scale, t)
-    return (*_forward_quantize(g, dots, t.scale, t.v, t.group, fmt_a, gran_a, rnd_a, seed_a),
-            *reference.quantize(g.t(), fmt_w, gran_w, rnd_w, seed_w))
-
-
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
@@ -121,8 +106,6 @@ register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, (
 register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.supports_bhq_inverse)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
-register("bhq_quantize_pair", Impl.REFERENCE, _quantize_pair)
-register("bhq_quantize_pair", Impl.NATIVE, avx512.run_bhq_quantize_pair, ("cpu",), avx512.supports_bhq_pair)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
 register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
 
@@ -196,19 +179,17 @@ class BlockHouseholder(RowTransform):
         return out / self.scale.double() ** 2
 
 
-def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None,
-                  ranges: torch.Tensor | None = None) -> BlockHouseholder:
+def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None) -> BlockHouseholder:
     """Build the BHQ transform for ``a`` (N, D): the groups and scales of the module
     docstring from the row ranges, by the kernel-table op ``bhq_groups``
     (:mod:`lowbit.kernels.bhq_groups`: O(N log N) bookkeeping in float64, so that every
     float32 range, subnormals included, stays exact); the transform itself runs in the
     compute dtype (float64 for float64 ``a``). ``kernels``: the call's kernels (default:
-    reference). ``ranges``: ``a``'s row ranges (N,) where the caller has them already
-    (:func:`row_absmax`'s values), else computed here."""
+    reference)."""
     n = a.shape[0]
     dev = a.device
     dt = compute_dtype(a.dtype)
-    lam = (row_absmax(a, kernels) if ranges is None else ranges).double()  # (N,)
+    lam = row_absmax(a, kernels).double()  # (N,)
     top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
     if n <= 1 or not math.isfinite(top) or top <= 0:
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale

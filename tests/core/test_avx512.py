@@ -860,69 +860,6 @@ def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.d
 
 
 @needs_avx512
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 5), (2, 17), (33, 70), (300, 513), (64, 256)])
-def test_bhq_pair_bitwise_the_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
-    """BHQ's ``∇X`` side and a plain ``∇W`` side of one gradient from one kernel set
-    (the group sums with the transformed ranges, then both code tensors from one read)
-    against ``bhq._quantize_pair``: rows scaled apart (real groups), an all-zero row, a
-    row holding NaN, one holding Inf (then groups of one: the transform's fallback),
-    band edges of the group sums (256 columns); the ``∇W`` side on int8, int4 and E5M2,
-    per row and per tensor; both roundings; 1–3 threads. The ranges come from
-    :func:`avx512.run_pair_absmax`, bitwise the reference's row ranges of ``g`` and ``gᵀ``."""
-    from lowbit.quantizers.bhq import _quantize_pair, bhq_transform
-
-    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
-    n, d = shape
-    base = torch.randn(shape, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 2.5)
-    cases = [base, base.clone()]
-    if n > 2:
-        cases[1][1] = 0.0
-        cases[1][2, d // 2] = float("nan")
-        cases.append(base.clone())
-        cases[2][0, -1] = float("-inf")
-    for x in (c.to(dtype) for c in cases):
-        ranges, camax = avx512.run_pair_absmax(x)
-        assert avx512._same(ranges, reference.row_absmax(x)) and avx512._same(camax, reference.row_absmax(x.t()))
-        t = bhq_transform(x, None, ranges)
-        for fmt_a, fmt_w, gran_w in ((FORMATS[4], FORMATS[4], Granularity.ROW),
-                                     (FORMATS[2], FORMATS[2], Granularity.TENSOR),
-                                     (FORMATS[4], parse_format("fp8_e5m2"), Granularity.ROW)):
-            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
-                seed_a, seed_w = torch.randint(0, 2**32, (2,), generator=g).unbind()
-                args = (x, fmt_a, Granularity.ROW, rnd, seed_a, fmt_w, gran_w, rnd, seed_w, camax, t)
-                assert avx512.supports_bhq_pair(*args)
-                want = _quantize_pair(*args)
-                for threads in (1, 3):
-                    with num_threads(threads):
-                        got = avx512.run_bhq_quantize_pair(*args)
-                    assert _same(got[:4], want[:4]) and _same(got[5:], want[5:]), (fmt_a.name, fmt_w.name, gran_w, rnd)
-                    assert avx512._same_fp8(got[4], want[4]) if fmt_w.code_dtype.is_floating_point \
-                        else torch.equal(got[4], want[4])
-
-
-@needs_avx512
-def test_bhq_pair_refuses_a_transform_it_cannot_read() -> None:
-    """The C code reads every row's scale, Householder entry and group (and the groups'
-    CSR index, which must hold each row once): a short ``v``, a group id outside [0, G),
-    float64 scales and column ranges of another width are refused."""
-    from lowbit.quantizers.bhq import BlockHouseholder, bhq_transform
-
-    x = torch.randn(12, 20) * torch.logspace(-3, 3, 12).unsqueeze(1)
-    t = bhq_transform(x)
-    camax = x.abs().amax(0)
-    rest = (FORMATS[4], Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(7))
-    assert avx512.supports_bhq_pair(x, *rest, *rest, camax, t)
-    bad = [(camax, BlockHouseholder(t.scale, t.v[:-1], t.group, t.n_groups)),
-           (camax, BlockHouseholder(t.scale, t.v, torch.full((12,), t.n_groups), t.n_groups)),
-           (camax, BlockHouseholder(t.scale.double(), t.v.double(), t.group, t.n_groups)),
-           (camax[:-1], t), (camax.double(), t)]
-    for c, tb in bad:
-        assert not avx512.supports_bhq_pair(x, *rest, *rest, c, tb)
-    assert not avx512.supports_bhq_pair(x, parse_format("fp8_e4m3"), *rest[1:], *rest, camax, t)  # ∇X side: integer grids
-
-
-@needs_avx512
 def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
     import lowbit
     from lowbit.kernels import Impl, register

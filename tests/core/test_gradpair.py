@@ -13,8 +13,7 @@ import lowbit.functional as functional
 from lowbit.config import Backend, FQTConfig, GradSpec
 from lowbit.functional import block_state, quantize_gradient
 from lowbit.gradpair import quantize_grad_pair
-from lowbit import gradpair
-from lowbit.kernels import avx512, kernels_for
+from lowbit.kernels import kernels_for
 
 # symmetric and asymmetric integer grids, per row and per tensor, FP8, a block format
 RECIPES = ["fqt-psq-8", "fqt-ptq-8", "fqt-psq-8a", "fqt-psq-fp8", "fqt-psq-nvfp4"]
@@ -79,12 +78,8 @@ def test_pair_operands_equal_quantize_gradient_on_each_path(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("why, spec_a, spec_w, backend", [
+    ("row-mixing ∇X quantizer", GradSpec(quantizer="bhq"), GradSpec(), Backend.AUTO),
     ("row-mixing ∇X quantizer", GradSpec(quantizer="hadamard"), GradSpec(), Backend.AUTO),
-    ("row-mixing ∇W quantizer", GradSpec(quantizer="bhq"), GradSpec(quantizer="hadamard"), Backend.AUTO),
-    ("BHQ with a predicted range", GradSpec(quantizer="bhq", range="predicted"), GradSpec(), Backend.AUTO),
-    ("BHQ on FP8 (the native pair takes integer grids)", GradSpec(quantizer="bhq", format="fp8_e4m3"), GradSpec(),
-     Backend.AUTO),
-    ("BHQ, reference backend", GradSpec(quantizer="bhq"), GradSpec(), Backend.REFERENCE),
     ("predicted range", GradSpec(range="predicted"), GradSpec(), Backend.AUTO),
     ("QAT ∇W path", GradSpec(), None, Backend.AUTO),
     ("reference backend", GradSpec(), GradSpec(), Backend.REFERENCE),
@@ -363,50 +358,3 @@ def test_attention_pair_draws_in_the_separate_calls_order_from_the_global_genera
             A.quantize_grad_pair = real
     for a, b in zip(*runs):
         assert (a is None and b is None) or torch.equal(a, b)
-
-
-needs_avx512 = pytest.mark.skipif(not avx512.available(), reason="the BHQ pair runs on lowbit's AVX-512 kernel only")
-
-
-@needs_avx512
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-bhq-4"])
-def test_bhq_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Linear's BHQ ``∇X`` side with its PSQ ``∇W`` side from one kernel set
-    (:func:`lowbit.gradpair.bhq_applies`): the gradients bitwise those of the two calls apart."""
-    calls: list[bool] = []
-    fused = _grads(recipe, dtype, True, monkeypatch, calls)
-    monkeypatch.setattr(gradpair, "bhq_applies", lambda *a, **k: False)
-    apart = _grads(recipe, dtype, True, monkeypatch, [])
-    assert calls == [True, True]  # both layers' backward took the one-kernel path
-    for a, b in zip(fused, apart):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-
-
-@needs_avx512
-@pytest.mark.parametrize("w_first", [False, True])
-@pytest.mark.parametrize("spec_w", [GradSpec(quantizer="psq"), GradSpec(quantizer="ptq", format="int4"),
-                                    GradSpec(quantizer="psq", format="fp8_e5m2", rounding="nearest")], ids=str)
-def test_bhq_pair_operands_equal_quantize_gradient_on_each_path(spec_w: GradSpec, w_first: bool) -> None:
-    """The BHQ pair's operands (codes, scales, the transform) are bitwise the two
-    ``quantize_gradient`` calls', with the seeds drawn in their order from torch's global
-    generator (``∇W``'s first with ``w_first``)."""
-    g = torch.randn(300, 200) * torch.exp(torch.randn(300, 1) * 2)
-    spec_a = GradSpec(quantizer="bhq")
-    k = kernels_for(Backend.AUTO, g.device)
-    torch.manual_seed(5)
-    pair = quantize_grad_pair(g, spec_a, None, spec_w, None, k, w_first=w_first)
-    assert pair is not None
-    torch.manual_seed(5)
-    if w_first:
-        want_w = quantize_gradient(g.t(), spec_w, None, k)
-        want_a = quantize_gradient(g, spec_a, None, k)
-    else:
-        want_a = quantize_gradient(g, spec_a, None, k)
-        want_w = quantize_gradient(g.t(), spec_w, None, k)
-    _assert_same_operands(pair, (want_a, want_w))
-    got_t, want_t = pair[0].transform, want_a.transform
-    assert got_t.n_groups == want_t.n_groups > 1
-    for name in ("scale", "v", "group"):
-        assert torch.equal(getattr(got_t, name), getattr(want_t, name))
