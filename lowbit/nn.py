@@ -33,6 +33,7 @@ from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
 from .quantizers import Granularity
+from . import ranges as ranges_module
 from .ranges import RangeStats, RangeTracker
 
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -678,35 +679,42 @@ def range_stats(model: nn.Module) -> dict[str, RangeStats]:
 
 
 class RangeWindow:
-    """The predicted-range counters of the calls made between its creation and
-    :meth:`close`, over every tracker of ``model``, counted apart: each tracker's counters
-    restart at zero, and :meth:`close` returns the window's total and puts each tracker's
-    earlier counters back, added. Exact where a difference of running totals is not:
-    ``range_stats(model)["total"] − before`` lost an epoch's sums of squares (its clipped
-    mass) after one call with huge values, a float64 cancellation (a review). Also a
-    context manager (``with RangeWindow(model) as w:``; ``w.stats`` after the block)."""
+    """The predicted-range counters of the calls ``model``'s trackers make between its
+    creation and :meth:`close`: each call's own counts are added to the window as the call
+    ends (``lowbit.ranges.OPEN_WINDOWS``), so the window is exact where a difference of
+    running totals is not (``range_stats(model)["total"] − before`` lost an epoch's sums of
+    squares — its clipped mass — after one call with huge values, a float64 cancellation:
+    a review), and whatever the block does to the trackers (created, dropped by a new
+    ``convert``, states put back by ``restore_ranges``/``load_range_state``) it counts the
+    calls made, once. The trackers' own counters are not touched. Also a context manager
+    (``with RangeWindow(model) as w:``; ``w.stats`` after the block)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.stats: RangeStats | None = None
-        self._kept = {id(t): (t, t.stats) for m in fqt_blocks(model).values() for t in m.range_trackers.values()}
-        for t, _ in self._kept.values():
-            t.stats = RangeStats()
+        self._counted = RangeStats()
+        self._ids = self._tracker_ids()
+        ranges_module.OPEN_WINDOWS.append(self)
+
+    def _tracker_ids(self) -> set[int]:
+        return {id(t) for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()}
+
+    def count(self, tracker: RangeTracker, counts: RangeStats) -> None:
+        """Add one call's ``counts`` where ``tracker`` is one of the model's (the set is
+        read again when a tracker is not in it: one created since)."""
+        if id(tracker) not in self._ids:
+            self._ids = self._tracker_ids()
+            if id(tracker) not in self._ids:
+                return
+        self._counted = self._counted + counts
 
     def close(self) -> RangeStats:
-        """The window's counters (summed over the trackers); each tracker's earlier
-        counters added back (trackers made in the window keep their own). Idempotent."""
-        if self.stats is not None:
-            return self.stats
-        now = {id(t): t for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()}
-        now.update({i: t for i, (t, _) in self._kept.items()})  # trackers dropped in the window counted too
-        total = RangeStats()
-        for t in now.values():
-            total = total + t.stats
-        for t, kept in self._kept.values():
-            t.stats = kept + t.stats
-        self.stats = total
-        return total
+        """The window's counters (summed over the model's trackers). Idempotent."""
+        if self.stats is None:
+            with contextlib.suppress(ValueError):
+                ranges_module.OPEN_WINDOWS.remove(self)
+            self.stats = self._counted
+        return self.stats
 
     def __enter__(self) -> RangeWindow:
         return self

@@ -92,6 +92,11 @@ class RangeStats:
                 "clipped_norm": self.clipped_norm}
 
 
+# Open lowbit.nn.RangeWindow objects: every tracker call's counts are handed to each
+# (``count(tracker, counts)``), which keeps those of its model's trackers.
+OPEN_WINDOWS: list = []
+
+
 def check_range_settings(margin: Any, history: Any) -> None:
     """``ValueError`` unless ``margin`` is a finite real number ≥ 1 and ``history`` a
     positive integer (bools refused): the predicted-range settings of a ``GradSpec`` and
@@ -123,6 +128,7 @@ class RangeTracker:
         self.quantizer = quantizer  # whose transformed operand the ranges describe
         self.frozen = False
         self.stats = RangeStats()
+        self._call: RangeStats | None = None  # the counts of the quantize call running
         self._hist: torch.Tensor | None = None
         self._count = 0
 
@@ -165,10 +171,28 @@ class RangeTracker:
             # shrink a predicted range (a 0-column operand recorded zeros), nor a 0-row one
             # leave a history of no rows (the next prediction crashed: a review)
             return kernels.quantize(y, fmt, granularity, rounding, seed)
+        st = RangeStats()  # this call's counts, added to stats (and to any open window) at its end
+        self._call = st  # record() counts into it during the call
+        try:
+            return self._quantize(y, fmt, granularity, rounding, seed, kernels, st)
+        finally:
+            self._call = None
+            self._add(st)
+
+    def _add(self, d: RangeStats) -> None:
+        """Add one call's counts to :attr:`stats` (in place) and to every open
+        :class:`lowbit.nn.RangeWindow` that counts this tracker."""
+        for k, v in asdict(d).items():
+            setattr(self.stats, k, getattr(self.stats, k) + v)
+        for w in list(OPEN_WINDOWS):
+            w.count(self, d)
+
+    def _quantize(self, y: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+                  seed: torch.Tensor, kernels: Kernels, st: RangeStats) -> Encoded:
         if self.per_row and self._hist is not None and self._hist.shape[1] != y.shape[0]:
             if self.frozen:  # a frozen history is kept: this call alone runs dynamic
-                self.stats.calls += 1
-                self.stats.dynamic_calls += 1
+                st.calls += 1
+                st.dynamic_calls += 1
                 return kernels.quantize(y, fmt, granularity, rounding, seed)
             # the layer changed shape (a vocabulary resized, a weight replaced): its history
             # describes other rows; start afresh, as a freshly converted layer would
@@ -177,7 +201,6 @@ class RangeTracker:
                           "its range history restarts (its next call dynamic, later ones predicted from the calls since)",
                           RuntimeWarning, stacklevel=3)
             self._hist, self._count = None, 0
-        st = self.stats
         st.calls += 1
         amax = self.predict()
         if amax is None:
@@ -230,7 +253,10 @@ class RangeTracker:
         if obs.numel() == 0:  # an empty operand has no range to record
             return
         if not bool(torch.isfinite(obs).all()):
-            self.stats.nonfinite_calls += 1
+            if self._call is not None:
+                self._call.nonfinite_calls += 1
+            else:
+                self._add(RangeStats(nonfinite_calls=1))
             return
         if self.frozen:
             return

@@ -670,3 +670,44 @@ def test_an_empty_operand_neither_records_nor_shrinks_a_range(shape: tuple[int, 
     assert tr.stats == stats
     tr.record(torch.zeros(0, 1))  # an empty observation records nothing either
     assert tr.predict() is None if before is None else torch.equal(tr.predict(), before)
+
+
+@pytest.mark.parametrize("inside", ["restore-a-snapshot", "load-a-range-state", "convert-again"])
+def test_a_range_window_counts_each_call_once_whatever_happens_to_the_trackers(inside: str) -> None:
+    """A review of ``RangeWindow``'s first form (counters reset at open, added back at
+    close): counters put back from a snapshot taken before the window were counted twice
+    (and doubled the running totals), a state loaded inside brought its saved counts in,
+    and trackers made and dropped inside were lost. The window now adds each call's own
+    counts as it ends: the calls made, once, and the trackers' totals untouched."""
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                           FQTConfig.from_recipe("fqt-psq-8-predicted"))
+    x = torch.randn(16, 8)
+
+    def step() -> None:
+        model.zero_grad()
+        model(x).square().mean().backward()
+
+    per_step = 3  # tracker calls a backward makes (the first layer's ∇X is not needed)
+    for _ in range(3):
+        step()
+    snap, state = lowbit.nn.snapshot_ranges(model), lowbit.range_state(model)
+    total_before = lowbit.range_stats(model)["total"].calls
+    with lowbit.nn.RangeWindow(model) as window:
+        step()
+        if inside == "restore-a-snapshot":
+            lowbit.nn.restore_ranges(snap)  # the counters as they were too
+        elif inside == "load-a-range-state":
+            lowbit.load_range_state(model, state)
+        else:  # other settings: new trackers, the old ones dropped; then back (the new ones dropped)
+            lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8-predicted", grad_input=GradSpec(
+                quantizer="psq", format="int8", range=RangeMode.PREDICTED, margin=2.0)))
+        step()
+        if inside == "convert-again":
+            lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-8-predicted"))
+    assert window.stats.calls == 2 * per_step
+    now = lowbit.range_stats(model)["total"].calls
+    if inside == "convert-again":
+        assert now <= total_before + 2 * per_step  # the dropped trackers' counts left with them
+    else:
+        assert now == total_before + per_step  # put back to before the window, then one step
