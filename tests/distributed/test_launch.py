@@ -194,3 +194,19 @@ def test_world_size_1_in_the_environment_is_not_a_launch(tmp_path, monkeypatch, 
 ])
 def test_messages_name_the_options_of_the_command_line(message, shown):
     assert train_cli._as_option(message).startswith(shown)
+
+
+def test_a_sweep_under_torchrun_trains_every_run_on_one_process_group(tmp_path):
+    """A review: under torchrun each run of a sweep created and destroyed the default
+    process group, and the next run's gloo rendezvous failed ("connectFullMesh failed")
+    or hung, in about half the launches of a two-run sweep. The sweep now holds one group
+    for its grid: both runs train (one launch here; the failure was intermittent)."""
+    out = tmp_path / "sw"
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lowbit",
+         "sweep", "--tasks", "digits", "--models", "mlp", "--recipes", "fp,qat-8", "--epochs", "1",
+         "--subset", "64", "--eval-subset", "32", "--batch-size", "32", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert job.returncode == 0, job.stderr[-2000:]
+    for recipe in ("fp", "qat-8"):
+        assert _status(out / f"digits-mlp-{recipe}-n2-s0")["status"] == "done"

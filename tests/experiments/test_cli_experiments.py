@@ -1398,15 +1398,39 @@ def test_a_sweep_goes_on_past_a_refused_run_and_leaves_no_lock_only_folder(tmp_p
     (exit 2). Now that run's folder is removed, the other runs train, and the sweep
     exits 1 naming the failed run."""
     out = tmp_path / "sw"
-    rc = cli.main(["sweep", "--tasks", "digits", "--models", "cnn", "--recipes", "fqt-bhq-4a,fp",
-                   "--backend", "int8", "--epochs", "1", "--subset", "64", "--eval-subset", "32",
-                   "--batch-size", "32", "--out", str(out), "--no-progress"])
+    args = ["sweep", "--tasks", "digits", "--models", "cnn", "--recipes", "fqt-bhq-4a,fp",
+            "--backend", "int8", "--epochs", "1", "--subset", "64", "--eval-subset", "32",
+            "--batch-size", "32", "--out", str(out), "--no-progress"]
+    assert cli.main([*args, "--dry-run"]) == 1  # as the sweep will exit (a second review)
+    listing = capsys.readouterr().out
+    assert "failed" in listing and "backend='int8' cannot run these GEMMs" in listing and not out.exists()
+    rc = cli.main(args)
     printed = capsys.readouterr().out
     assert rc == 1
     assert "digits-cnn-fqt-bhq-4a-s0: failed, backend='int8' cannot run these GEMMs" in printed
     assert "1 run(s) failed" in printed and "digits-cnn-fqt-bhq-4a-s0" in printed.splitlines()[-1]
     assert not (out / "digits-cnn-fqt-bhq-4a-s0").exists()
     assert json.loads((out / "digits-cnn-fp-s0" / "status.json").read_text())["status"] == "done"
+
+
+def test_a_sweep_goes_on_past_missing_data_and_an_unreadable_folder(tmp_path, capsys, monkeypatch):
+    """A second review: only a ValueError let the sweep go on; data not found (a
+    FileNotFoundError) stopped the grid with exit 2, and an unreadable status.json stopped
+    it before any run. Both are now that run's failure, the others train, exit 1."""
+    out = tmp_path / "sw"
+    bad = out / "digits-mlp-fp-s0"
+    bad.mkdir(parents=True)
+    (bad / "status.json").write_text("{")
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "nowhere"))
+    rc = cli.main(["sweep", "--tasks", "fashion-mnist,digits", "--models", "preact-resnet20,mlp", "--recipes", "fp,qat-8",
+                   "--epochs", "1", "--subset", "64", "--eval-subset", "32", "--batch-size", "32",
+                   "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    assert "fashion-mnist-preact-resnet20-fp-s0: failed, DataNotFoundError" in printed
+    assert "digits-mlp-fp-s0: failed" in printed and "not readable" in printed
+    assert json.loads((out / "digits-mlp-qat-8-s0" / "status.json").read_text())["status"] == "done"
+    assert not (out / "fashion-mnist-preact-resnet20-fp-s0").exists()
 
 
 @pytest.mark.parametrize("command", [["sweep", "--dry-run"], ["report", "--runs", "."]])
