@@ -49,6 +49,14 @@ call counters are in :meth:`QuantizedCommState.state_dict` for checkpoints.
 the plain all-reduce of its own dtype instead (the MAX message carries the flag): NaN/Inf
 reach the averaged gradient as they would without the hook, never a finite number.
 
+**Agreement.** The ranks must hold the same settings (bits, block, wire, seed) and call
+counters: the shared step and the noise keys depend on them. A bucket's first call checks
+the settings in a fixed-size message (two float64 values, not counted in ``bytes_sent``:
+sent again after a resume), and every call's MAX message starts with a fingerprint of the
+settings and the bucket's counters and its negation (MAX leaves both unchanged only where
+every rank sent the same): otherwise every rank raises ``RuntimeError`` naming the fix,
+where a mismatch averaged wrong, drifted bfloat16 replicas apart, or made gloo abort.
+
 **Dtypes.** The arithmetic runs in :func:`lowbit.formats.compute_dtype` of the bucket's
 dtype (float64 for a float64 model, float32 otherwise). The decoded average of a bfloat16
 bucket is written into it with stochastic rounding (:func:`lowbit.storage.stochastic_round_bf16`,
@@ -64,6 +72,8 @@ Formats: integer grids (:class:`lowbit.formats.IntFormat`, bits 2..8). A float f
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -290,12 +300,13 @@ def code_bytes(comm: GradComm, numel: int, world: int) -> float:
 
 def step_bytes(comm: GradComm | None, numels: list[int], world: int) -> float:
     """Bytes one rank sends per step for gradients of parameters of ``numels`` elements in
-    one bucket: the fp32 all-reduce (``comm=None``) or the hook's MAX message (one float
-    per block, plus the non-finite flag) and codes."""
+    one bucket: the fp32 all-reduce (``comm=None``) or the hook's MAX message (the ranks'
+    agreement fingerprint and its negation, one float per block, the non-finite flag) and
+    codes."""
     if comm is None:
         return ring_bytes(sum(numels), 4, world, "allreduce")
     blocks = sum(max(1, -(-n // (comm.block or max(n, 1)))) for n in numels)
-    return ring_bytes(blocks + 1, 4, world, "allreduce") + code_bytes(comm, sum(numels), world)
+    return ring_bytes(blocks + 3, 4, world, "allreduce") + code_bytes(comm, sum(numels), world)
 
 
 @dataclass
@@ -318,6 +329,7 @@ class QuantizedCommState:
     process_group: dist.ProcessGroup | None = None
     index: dict[int, int] = field(init=False)
     calls: dict[int, int] = field(init=False)
+    agreed: set[int] = field(init=False, repr=False)  # buckets whose settings and counters the ranks agreed on
     bytes_sent: float = 0.0
     bytes_fp32: float = 0.0
     fallbacks: int = 0  # buckets sent as a plain all-reduce because a rank had a NaN/Inf
@@ -330,6 +342,11 @@ class QuantizedCommState:
         # gradient buckets and the process group until the interpreter's teardown.
         if not isinstance(self.comm, GradComm):
             raise TypeError(f"comm must be a GradComm, got {type(self.comm).__name__}")
+        if _is_fsdp(model):  # its own collectives: no DDP comm hook to register (a review)
+            raise TypeError(f"QuantizedCommState: {type(model).__name__} is an FSDP model; the quantized "
+                            "all-reduce is a DistributedDataParallel comm hook (FSDP's reduce-scatter would "
+                            "need a quantized set_custom_reduce_scatter, which lowbit does not have): wrap the "
+                            "model in DDP, or train FSDP with its own communication")
         if isinstance(model, DistributedDataParallel):
             own = model.process_group
             if self.process_group is None:
@@ -355,6 +372,7 @@ class QuantizedCommState:
                                 f"lose its imaginary part): use DDP's own all-reduce for this model")
         self.index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
         self.calls = {}
+        self.agreed = set()
 
     def state_dict(self) -> dict:
         """The counters (``calls`` per parameter index: the keys of the communication
@@ -379,9 +397,66 @@ class QuantizedCommState:
         if bad:
             raise ValueError(f"QuantizedCommState.load_state_dict: calls of parameter indices {bad[:5]}, "
                              f"which this model (of {len(self.index)} parameters) does not have")
-        self.calls = {int(k): int(v) for k, v in d["calls"].items()}
-        self.bytes_sent, self.bytes_fp32 = float(d["bytes_sent"]), float(d["bytes_fp32"])
-        self.fallbacks, self.steps = int(d["fallbacks"]), int(d["steps"])
+        def count(v: object, what: str) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"QuantizedCommState.load_state_dict: {what} must be an integer ≥ 0, got {v!r}")
+            return v
+
+        try:  # every value read and checked before anything changes (a review: a missing key
+            # failed after calls had been replaced; negative or fractional counters were taken)
+            calls = {int(k): count(v, f"calls[{k}]") for k, v in d["calls"].items()}
+            sent, fp32 = float(d["bytes_sent"]), float(d["bytes_fp32"])
+            fallbacks, steps = count(d["fallbacks"], "fallbacks"), count(d["steps"], "steps")
+        except KeyError as exc:
+            raise ValueError(f"QuantizedCommState.load_state_dict: the state has no {exc.args[0]!r} "
+                             "(not a QuantizedCommState.state_dict())") from None
+        self.calls, self.bytes_sent, self.bytes_fp32 = calls, sent, fp32
+        self.fallbacks, self.steps = fallbacks, steps
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP (FSDP2's ``fully_shard`` or FSDP1's wrapper)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch without them
+        return False
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+
+
+def _fingerprint(*parts: object) -> float:
+    """A number below 2²⁴ (exact in float32 and float64) identifying ``parts`` (JSON, a
+    SHA-256 prefix); equal parts give equal numbers, unequal ones equal with chance 2⁻²⁴."""
+    return float(int.from_bytes(hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()[:3],
+                                "little"))  # < 2²⁴: exact in float32 and float64
+
+
+def _disagree(bucket: dist.GradBucket, state: QuantizedCommState, idx: list[int], calls: list[int] | None
+              ) -> RuntimeError:
+    what = "settings" if calls is None else "settings or counters"
+    counts = "" if calls is None else \
+        f", the calls of its parameters {calls[:4]}{'…' if len(calls) > 4 else ''}"
+    return RuntimeError(
+        f"quantized_allreduce_hook: bucket {bucket.index()}: the ranks' hook {what} differ (this rank: "
+        f"{asdict(state.comm)}, parameters {idx[:4]}{'…' if len(idx) > 4 else ''}{counts}): build GradComm "
+        "alike and load the same QuantizedCommState.state_dict() on every rank")
+
+
+def _agree(state: QuantizedCommState, bucket: dist.GradBucket, group: object, idx: list[int]) -> None:
+    """``RuntimeError`` on every rank unless all ranks hold the same settings (bits, block,
+    wire, seed) and parameters for this bucket, before the range message, whose size
+    ``block`` decides (a review: another ``block`` on one rank made gloo abort the
+    process). One 2-element MAX of a fingerprint ``h`` and ``−h``: both come back
+    unchanged on every rank only where every rank sent the same ``h``. At a bucket's first
+    call; the counters are checked at every call, in the range message
+    (:func:`quantized_allreduce_hook`)."""
+    h = _fingerprint(asdict(state.comm), idx)
+    msg = torch.tensor([h, -h], dtype=torch.float64, device=bucket.buffer().device)
+    # not counted in bytes_sent (16 bytes a bucket, once per process and state: a resumed
+    # run sends it again, and its bytes per step must be the uninterrupted run's)
+    dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
+    if msg[0] != h or msg[1] != -h:
+        raise _disagree(bucket, state, idx, None)
+    state.agreed.add(bucket.index())
 
 
 def _same_group(a: object, b: object) -> bool:
@@ -431,6 +506,8 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         raise RuntimeError("a bucket holds a parameter the state does not know: build "
                            "QuantizedCommState from the model DDP wraps") from None
     calls = [state.calls.get(i, 0) for i in idx]
+    if bucket.index() not in state.agreed:  # before any message whose size the settings decide
+        _agree(state, bucket, group, idx)
     for i in idx:
         state.calls[i] = state.calls.get(i, 0) + 1
     if bucket.index() == 0:
@@ -444,8 +521,14 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     absmax = [block_absmax(g, comm.block) for g in grads]
     local = torch.cat(absmax)
     bad = not bool(torch.isfinite(local).all())
-    # MAX loses a NaN on the other rank (max(1, NaN) = 1): send the flag explicitly
-    msg = torch.cat([torch.where(torch.isfinite(local), local, 0.0),
+    # MAX loses a NaN on the other rank (max(1, NaN) = 1): send the flag explicitly. In
+    # front, a fingerprint h of the settings and this bucket's call counts, and −h: both
+    # come back unchanged only where every rank sent the same (a review: a seed, or a state
+    # loaded on one rank only, drifted the bfloat16 replicas apart; another bits decoded the
+    # sum with another step)
+    h = _fingerprint(asdict(comm), idx, calls)
+    msg = torch.cat([torch.tensor([h, -h], dtype=local.dtype, device=local.device),
+                     torch.where(torch.isfinite(local), local, 0.0),
                      torch.tensor([1.0 if bad else 0.0], dtype=local.dtype, device=local.device)])
     state.bytes_fp32 += ring_bytes(buf.numel(), 4, world, "allreduce")
     state.bytes_sent += ring_bytes(msg.numel(), msg.element_size(), world, "allreduce")
@@ -453,6 +536,9 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
     # bucket: ranks then issue them in the same order (collectives are matched by order; a
     # second collective issued from a callback of the first races the next bucket's).
     dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)  # tiny; blocks until shared
+    if msg[0] != h or msg[1] != -h:
+        raise _disagree(bucket, state, idx, calls)
+    msg = msg[2:]
     if msg[-1] > 0:  # some rank has NaN/Inf: the plain all-reduce in the bucket's dtype, non-finite kept
         state.fallbacks += 1
         state.bytes_sent += ring_bytes(buf.numel(), buf.element_size(), world, "allreduce")

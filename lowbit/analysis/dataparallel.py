@@ -52,7 +52,9 @@ def comm_average(grads: torch.Tensor, flat: FlatGrads, index: list[int], comm: G
     ``(1/N²)·Σ_r Var Q(g_r)``, plus the rounding into bfloat16) at its first element and
     zeros elsewhere (so summing a group's slice gives the group's). Each parameter's
     average is taken in its own dtype, the dtype of its DDP bucket (:class:`FlatGrads`
-    holds a bfloat16 or float16 gradient in float32, exactly): a bfloat16 parameter's
+    holds a bfloat16 or float16 gradient in float32, and every gradient in float64 where a
+    parameter is float64, exactly; a review found float32 ones averaged in float64), and
+    written back exactly in ``grads``' dtype: a bfloat16 parameter's
     average is stochastically rounded into bfloat16 and a float16 one's rounded to nearest,
     as the hook writes them (the float16 rounding is a deterministic error of up to half an
     ulp per element, in the measured average and not in the exact variance)."""
@@ -61,7 +63,7 @@ def comm_average(grads: torch.Tensor, flat: FlatGrads, index: list[int], comm: G
     start = 0
     for p, i in zip(flat.params, index):
         seg = slice(start, start + p.numel())
-        low = p.dtype in (torch.bfloat16, torch.float16)
+        low = p.dtype != grads.dtype
         g = grads[:, seg].to(p.dtype) if low else grads[:, seg]  # exact: they came from p.dtype
         avg, v = quantized_mean(g, comm, i, call)
         out[seg] = avg.to(p.dtype) if low else avg  # float16: the hook's rounding to nearest

@@ -168,9 +168,11 @@ def test_hook_counts_calls_and_bytes(hook_runs):
     # ring all-reduce, 2 ranks: 2(N−1)/N = 1× the message; fp32 sends 4 bytes/element,
     # int8 codes 1, plus the MAX message (4 bytes per block of 32 and 1 flag per bucket)
     assert state["bytes_fp32"] == DRAWS * 4 * n
+    # per bucket 3 more floats: the ranks' agreement fingerprint, its negation and the flag
+    # (the one-time settings check at a bucket's first call is not counted)
     blocks = sum(-(-p.numel() // 32) for p in _mlp().parameters())
     per_step = state["bytes_sent"] / DRAWS
-    assert n + 4 * (blocks + 1) <= per_step <= n + 4 * (blocks + n_params)
+    assert n + 4 * (blocks + 3) <= per_step <= n + 4 * (blocks + 3 * n_params)
     assert hook_runs[0]["allgather_state"]["bytes_sent"] / 3 == per_step  # N = 2: same cost
 
 
@@ -311,6 +313,69 @@ def test_comm_state_of_another_model_or_setting_is_refused():
     with pytest.raises(ValueError, match=r"parameter indices \[5\]"):
         target.load_state_dict(legacy)
     assert target.calls == {}
+
+
+def _disagreeing_worker(rank: int, world: int) -> dict:
+    """Each case with rank 1 unlike rank 0: what every rank raised (or "")."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    cases = {"seed": lambda r: (GradComm(bits=8, seed=r), None),
+             "bits": lambda r: (GradComm(bits=8 if r == 0 else 4), None),
+             "block": lambda r: (GradComm(bits=8, block=4 if r == 0 else 8), None),
+             "loaded on one rank": lambda r: (GradComm(bits=8), {0: 9} if r == 0 else None),
+             "alike": lambda r: (GradComm(bits=8), None)}
+    x = _data(rank)
+    for name, make in cases.items():
+        comm, calls = make(rank)
+        net = DDP(_mlp())
+        state = QuantizedCommState(net, comm)
+        net.register_comm_hook(state, quantized_allreduce_hook)
+        try:
+            for step in range(2):
+                if step == 1 and calls is not None:  # a state loaded by one rank between steps
+                    state.load_state_dict(state.state_dict() | {"calls": calls})
+                net.zero_grad()
+                net(x).square().mean().backward()
+            out[name] = ""
+        except RuntimeError as exc:
+            out[name] = str(exc)
+    try:  # an FSDP2 model: the comm hook is DDP's, refused with the reason
+        QuantizedCommState(fully_shard(_mlp()), COMM, process_group=dist.group.WORLD)
+        out["fsdp"] = ""
+    except TypeError as exc:
+        out["fsdp"] = str(exc)
+    return out
+
+
+def test_ranks_that_disagree_on_the_hooks_settings_or_counters_are_told_not_averaged_wrong():
+    """A review: nothing checked that the ranks agree: another seed, or a state loaded on
+    one rank only, drifted bfloat16 replicas apart; another ``bits`` decoded the sum with
+    another step (the average off 8×); another ``block`` sent the range message at another
+    size, and gloo aborted the process. Every rank now raises, naming the fix."""
+    runs = run_ranks(_disagreeing_worker, timeout=90)
+    for r in runs:
+        assert r["alike"] == ""
+        for case in ("seed", "bits", "block"):
+            assert "the ranks' hook settings differ" in r[case] and "on every rank" in r[case], (case, r[case])
+        assert "settings or counters differ" in r["loaded on one rank"]
+        assert "is an FSDP model" in r["fsdp"] and "DistributedDataParallel comm hook" in r["fsdp"]
+
+
+def test_a_comm_state_that_cannot_load_whole_changes_nothing():
+    """A review: ``load_state_dict`` replaced ``calls`` before it found ``bytes_sent``
+    missing (KeyError, half loaded), and took negative or fractional counters."""
+    state = QuantizedCommState(_mlp(), COMM)
+    state.calls = {0: 3, 1: 3}
+    good = state.state_dict()
+    bad = [({"calls": {0: 9, 1: 9}}, "has no 'bytes_sent'"),
+           (good | {"calls": {0: -5, 1: 2}}, r"calls\[0\] must be an integer ≥ 0, got -5"),
+           (good | {"calls": {0: 2.9}}, r"calls\[0\] must be an integer ≥ 0, got 2.9"),
+           (good | {"steps": -1}, "steps must be an integer ≥ 0")]
+    for d, message in bad:
+        with pytest.raises(ValueError, match=message):
+            state.load_state_dict(d)
+        assert state.state_dict() == good
 
 
 def test_grad_comm_validation():

@@ -76,6 +76,27 @@ def test_the_communicated_average_is_taken_in_each_parameters_dtype():
     assert var[0] == w_var and var[192] == b_var and float(var.sum()) == w_var + b_var
 
 
+def test_a_float32_parameter_beside_a_float64_one_is_averaged_in_float32():
+    """A review: with a float64 parameter the flat gradients are float64, and a float32
+    parameter's average was taken in float64 too (2670 of 3200 elements not the hook's);
+    it is quantized_mean in float32 now, held exactly in the float64 output."""
+    from lowbit.analysis._model import FlatGrads
+    from lowbit.analysis.dataparallel import comm_average
+    from lowbit.distributed import quantized_mean
+
+    net = torch.nn.Linear(24, 8)
+    net.weight.data = net.weight.data.double()  # a float64 weight, a float32 bias
+    flat = FlatGrads(net, {"all": ["weight", "bias"]})
+    assert flat.dtype == torch.float64
+    grads = torch.randn(2, flat.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads[:, 192:] = grads[:, 192:].float().double()  # the bias's gradients are float32 values
+    comm = GradComm(bits=8, block=4)
+    out, var = comm_average(grads, flat, [0, 1], comm, call=3)
+    b_avg, b_var = quantized_mean(grads[:, 192:].float(), comm, 1, 3)
+    assert out.dtype == torch.float64 and torch.equal(out[192:], b_avg.double())
+    assert var[192] == b_var
+
+
 def test_world_size_splits_each_batch_by_rank():
     x, y = torch.arange(10).view(5, 2), torch.arange(5)
     assert torch.equal(shard((x, y), 1, 2)[1], torch.tensor([1, 3]))
