@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 from . import functional
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .kernels import compiled
-from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges
+from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges, uncounted_ranges
 
 _UNSET = object()
 
@@ -368,7 +368,7 @@ def coverage(model: nn.Module, *example_inputs: Any,
     kwargs = dict(model_kwargs or {})
     layers = {id(m): n for n, m in fqt_layers(model).items()}
     tracer = GemmTracer(model, (example_inputs, kwargs), layers)
-    with _restored(model, (example_inputs, kwargs)), _eager_kernels(), torch.enable_grad():
+    with _restored(model, (example_inputs, kwargs)), uncounted_ranges(), _eager_kernels(), torch.enable_grad():
         model.train()
         for m in fqt_layers(model).values():  # restored afterwards (_restored)
             m.ran = False

@@ -56,6 +56,10 @@ sent again after a resume), and every call's MAX message starts with a fingerpri
 settings and the bucket's counters and its negation (MAX leaves both unchanged only where
 every rank sent the same): otherwise every rank raises ``RuntimeError`` naming the fix,
 where a mismatch averaged wrong, drifted bfloat16 replicas apart, or made gloo abort.
+``bytes_sent`` counts these per-bucket floats (3 with the non-finite flag): DDP's first
+iteration after a start or a resume has its own bucket layout (one bucket until its
+rebuild), so a resumed run's byte count can differ from the uninterrupted run's by a few
+floats a bucket (a review measured 12 bytes in 3.2 MB); its gradients do not.
 
 **Dtypes.** The arithmetic runs in :func:`lowbit.formats.compute_dtype` of the bucket's
 dtype (float64 for a float64 model, float32 otherwise). The decoded average of a bfloat16
@@ -452,7 +456,8 @@ def _agree(state: QuantizedCommState, bucket: dist.GradBucket, group: object, id
     h = _fingerprint(asdict(state.comm), idx)
     msg = torch.tensor([h, -h], dtype=torch.float64, device=bucket.buffer().device)
     # not counted in bytes_sent (16 bytes a bucket, once per process and state: a resumed
-    # run sends it again, and its bytes per step must be the uninterrupted run's)
+    # run sends it again; its bytes per step still differ from the uninterrupted run's by
+    # the per-bucket floats of DDP's first-iteration layout, one bucket before the rebuild)
     dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
     if msg[0] != h or msg[1] != -h:
         raise _disagree(bucket, state, idx, None)

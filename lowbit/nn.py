@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import sys
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -686,33 +687,40 @@ class RangeWindow:
     squares — its clipped mass — after one call with huge values, a float64 cancellation:
     a review), and whatever the block does to the trackers (created, dropped by a new
     ``convert``, states put back by ``restore_ranges``/``load_range_state``) it counts the
-    calls made, once. The trackers' own counters are not touched. Also a context manager
-    (``with RangeWindow(model) as w:``; ``w.stats`` after the block)."""
+    calls made, once; a :func:`lowbit.coverage` trace inside it is not counted (coverage
+    leaves training as if it had not run). The trackers' own counters are not touched.
+    Use it as a context manager (``with RangeWindow(model) as w:``; ``w.stats`` after the
+    block) or call :meth:`close`: an open window is held weakly and costs each tracker call
+    a set lookup; one dropped unclosed stops counting."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.stats: RangeStats | None = None
         self._counted = RangeStats()
-        self._ids = self._tracker_ids()
-        ranges_module.OPEN_WINDOWS.append(self)
+        self._mine: weakref.WeakSet = weakref.WeakSet(self._trackers())
+        self._others: weakref.WeakSet = weakref.WeakSet()  # trackers found not to be the model's
+        ranges_module.OPEN_WINDOWS.add(self)
 
-    def _tracker_ids(self) -> set[int]:
-        return {id(t) for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()}
+    def _trackers(self) -> list[RangeTracker]:
+        return [t for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()]
 
     def count(self, tracker: RangeTracker, counts: RangeStats) -> None:
-        """Add one call's ``counts`` where ``tracker`` is one of the model's (the set is
-        read again when a tracker is not in it: one created since)."""
-        if id(tracker) not in self._ids:
-            self._ids = self._tracker_ids()
-            if id(tracker) not in self._ids:
+        """Add one call's ``counts`` where ``tracker`` is one of the model's (the model's
+        trackers are read again for a tracker seen neither as its nor as another's: one
+        created since)."""
+        if tracker not in self._mine:
+            if tracker in self._others:
+                return
+            self._mine = weakref.WeakSet(self._trackers())
+            if tracker not in self._mine:
+                self._others.add(tracker)
                 return
         self._counted = self._counted + counts
 
     def close(self) -> RangeStats:
         """The window's counters (summed over the model's trackers). Idempotent."""
         if self.stats is None:
-            with contextlib.suppress(ValueError):
-                ranges_module.OPEN_WINDOWS.remove(self)
+            ranges_module.OPEN_WINDOWS.discard(self)
             self.stats = self._counted
         return self.stats
 
@@ -721,6 +729,19 @@ class RangeWindow:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def uncounted_ranges() -> Iterator[None]:
+    """The block's tracker calls left out of every open :class:`RangeWindow` (each
+    window's counts put back as they were: :func:`lowbit.coverage`'s trace, which leaves
+    the trackers as they were too)."""
+    saved = [(w, w._counted) for w in list(ranges_module.OPEN_WINDOWS)]
+    try:
+        yield
+    finally:
+        for w, counted in saved:
+            w._counted = counted
 
 
 @contextlib.contextmanager
@@ -743,5 +764,5 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 
 __all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
-           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "range_stats", "reset_ran",
+           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "uncounted_ranges", "range_stats", "reset_ran",
            "restore_ranges", "rng_state", "snapshot_ranges"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -92,9 +93,10 @@ class RangeStats:
                 "clipped_norm": self.clipped_norm}
 
 
-# Open lowbit.nn.RangeWindow objects: every tracker call's counts are handed to each
-# (``count(tracker, counts)``), which keeps those of its model's trackers.
-OPEN_WINDOWS: list = []
+# Open lowbit.nn.RangeWindow objects, held weakly (a window dropped unclosed stops
+# counting): every tracker call's counts are handed to each (``count(tracker, counts)``),
+# which keeps those of its model's trackers.
+OPEN_WINDOWS: weakref.WeakSet = weakref.WeakSet()
 
 
 def check_range_settings(margin: Any, history: Any) -> None:

@@ -222,7 +222,12 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         return "other"
     except Exception as exc:  # a refusal (a backend that cannot run the model's GEMMs, data
         # not found, an unreadable folder…) or an error mid-run: printed, the other runs go on
-        # (a review: one refused run stopped the rest of the grid)
+        # (a review: one refused run stopped the rest of the grid). Under torchrun only a
+        # refusal every rank raises alike (ValueError, before training): an error on one
+        # rank left the others in the run's collectives while it went on, and the job hung
+        # (a second review); torchrun stops the job on anything else.
+        if launched_world_size() > 1 and not isinstance(exc, ValueError):
+            raise
         kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
         print(f"{tag} {cfg.run_name()}: failed, {kind}{exc}", flush=True)
         return "failed"
@@ -232,18 +237,19 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     return "done"
 
 
-def _state_or_failed(cfg: TrainConfig) -> tuple[str, str]:
+def _state_or_failed(cfg: TrainConfig, dry_run: bool) -> tuple[str, str]:
     """(``run_state``, why) for the listing: ``failed`` with the reason where the run will
-    be refused before its first step — its folder unreadable, or a backend that cannot
-    run the model's GEMMs (:func:`backend_refusal`) — as the sweep then reports it."""
+    be refused before its first step — its folder unreadable, or (``dry_run``: the sweep
+    itself finds it when the run starts) a backend that cannot run the model's GEMMs or a
+    model that cannot be built (:func:`backend_refusal`) — as the sweep then reports it."""
     try:
         state = run_state(cfg)
-    except ValueError as exc:
-        return "failed", str(exc)
-    if state in ("new", "restart", "partial"):
-        why = backend_refusal(cfg)
-        if why is not None:
-            return "failed", why
+        if dry_run and state in ("new", "restart", "partial"):
+            why = backend_refusal(cfg)
+            if why is not None:
+                return "failed", why
+    except Exception as exc:  # the run's own failure, as _run_one reports it
+        return "failed", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
     return state, ""
 
 
@@ -283,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     configs = grid(args)
     set_threads(args.threads)
     set_malloc(args.malloc)
-    listed = [_state_or_failed(cfg) for cfg in configs]
+    listed = [_state_or_failed(cfg, args.dry_run) for cfg in configs]
     states = [state for state, _ in listed]
     print(f"sweep: {len(configs)} runs -> {args.out} ("
           + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "restart", "busy",

@@ -711,3 +711,51 @@ def test_a_range_window_counts_each_call_once_whatever_happens_to_the_trackers(i
         assert now <= total_before + 2 * per_step  # the dropped trackers' counts left with them
     else:
         assert now == total_before + per_step  # put back to before the window, then one step
+
+
+def _predicted_mlp() -> nn.Module:
+    return lowbit.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                          FQTConfig.from_recipe("fqt-psq-8-predicted"))
+
+
+def _backward(model: nn.Module) -> None:
+    model.zero_grad()
+    model(torch.randn(16, 8)).square().mean().backward()
+
+
+def test_a_range_window_counts_its_models_calls_only() -> None:
+    """A second review: the window knew its model's trackers by ``id()``, so a tracker of
+    another model made where a freed one had lived was counted (5 windows in 20). It
+    holds the trackers themselves now (weakly)."""
+    torch.manual_seed(0)
+    a, b = _predicted_mlp(), _predicted_mlp()
+    _backward(a)
+    counted = []
+    for _ in range(20):
+        with lowbit.nn.RangeWindow(a) as window:
+            lowbit.load_range_state(a, {})  # a's trackers dropped and freed
+            lowbit.load_range_state(b, {})
+            _backward(b)  # b's trackers made now, perhaps where a's lived
+        counted.append(window.stats.calls)
+        _backward(a)  # a's trackers again
+    assert counted == [0] * 20
+
+
+def test_an_unclosed_range_window_is_dropped_and_a_coverage_trace_is_not_counted() -> None:
+    """A second review: a window never closed stayed in ``OPEN_WINDOWS`` for good (its
+    model kept alive, every tracker call slower), and a ``lowbit.coverage`` trace inside
+    a window was counted in it though coverage leaves training as if it had not run."""
+    import gc
+
+    from lowbit.ranges import OPEN_WINDOWS
+
+    torch.manual_seed(0)
+    model = _predicted_mlp()
+    _backward(model)
+    lowbit.nn.RangeWindow(model)  # never closed, no reference kept
+    gc.collect()
+    assert len(OPEN_WINDOWS) == 0
+    with lowbit.nn.RangeWindow(model) as window:
+        _backward(model)
+        lowbit.coverage(model, torch.randn(16, 8), loss_fn=lambda out: out.square().mean())
+    assert window.stats.calls == 3  # the step's, not the trace's

@@ -210,3 +210,15 @@ def test_a_sweep_under_torchrun_trains_every_run_on_one_process_group(tmp_path):
     assert job.returncode == 0, job.stderr[-2000:]
     for recipe in ("fp", "qat-8"):
         assert _status(out / f"digits-mlp-{recipe}-n2-s0")["status"] == "done"
+
+
+def test_an_error_on_one_rank_of_a_sweep_ends_the_job_instead_of_hanging(tmp_path):
+    """A second review: with one process group for the grid, a sweep that went on past any
+    run's error let rank 0 (its checkpoint write failed: a full disk) start the next run
+    while rank 1 was still in the first run's collectives: the job hung. Under torchrun
+    the sweep now goes on only past a refusal every rank raises alike; this ends the job."""
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(HERE / "_sweep_fault.py"), str(tmp_path / "sw")],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert job.returncode != 0
+    assert "No space left on device (simulated)" in job.stderr + job.stdout
