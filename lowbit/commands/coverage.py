@@ -25,6 +25,7 @@ from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.rundir import write_atomic
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
+from lowbit.experiments.trainer import convert_or_refuse
 from lowbit.experiments.train import (
     MODEL_ARG_HELP,
     check_out_file,
@@ -33,7 +34,6 @@ from lowbit.experiments.train import (
     parse_seed,
     set_threads,
 )
-from lowbit.nn import convert
 
 from ..noise import torch_seed
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.task, name, **model_kwargs)
     except TypeError as exc:  # an unknown keyword in --model-arg
         raise ValueError(f"--model-arg: {exc}") from None
-    convert(model, config)
+    convert_or_refuse(model, config)  # a backend that cannot run its GEMMs: one line (a new user)
     inputs, loss_fn = synthetic_batch(args.task, model, batch, torch.Generator().manual_seed(torch_seed(seed)))
     report = coverage(model, *inputs, loss_fn=loss_fn)
     print(f"lowbit coverage: task {args.task}, model {name}, recipe {args.recipe} "

@@ -246,9 +246,12 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines += _range_section(res, reports)
     bins = res["bins"]
-    lines += ["", (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
-              f"rows = {'tokens' if res.get('task') == 'text' else 'samples'}"), "",
-              "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
+    head = (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
+            f"rows = {'tokens' if res.get('task') == 'text' else 'samples'}")
+    if not bins["by_bits"]:  # measured on integer grids only (a new user's empty table)
+        lines += ["", head, "", "Measured on integer grids only; none was asked for.", ""]
+        return "\n".join(lines)
+    lines += ["", head, "", "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
     for b, hs in bins["by_bits"].items():
         for q, h in hs.items():
             lines.append(f"| {b} | {q} | {h['effective']:.3f} | {h['occupied']:.3f} |")

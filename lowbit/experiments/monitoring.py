@@ -163,8 +163,8 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
 
     from lowbit.plots import save_figure
 
-    fig, axes = plt.subplots(2, len(logs), figsize=(3.2 * len(logs), 5.2), squeeze=False,
-                             sharey="row")
+    fig, axes = plt.subplots(2, len(logs), figsize=(max(6.4, 3.2 * len(logs)), 5.2), squeeze=False,
+                             sharey="row")  # at least 6.4 in: one recipe's title and labels fit (a new user)
     cmap = plt.get_cmap("viridis")
     for col, (label, log) in enumerate(logs.items()):
         names = list(log["specs"])

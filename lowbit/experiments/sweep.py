@@ -257,13 +257,13 @@ def _state_or_failed(cfg: TrainConfig, dry_run: bool) -> tuple[str, str]:
 def _backend_refusal(task: str, model: str, model_kwargs: str, fqt: str) -> str | None:
     import lowbit
 
-    from .trainer import _convert_or_refuse
+    from .trainer import convert_or_refuse
 
     net = build_model(task, model, **json.loads(model_kwargs))
     with warnings.catch_warnings():  # the refusal below says it in one line
         warnings.simplefilter("ignore")
         try:
-            _convert_or_refuse(net, lowbit.FQTConfig.from_dict(json.loads(fqt)))
+            convert_or_refuse(net, lowbit.FQTConfig.from_dict(json.loads(fqt)))
         except ValueError as exc:
             return str(exc)
     return None
@@ -272,7 +272,7 @@ def _backend_refusal(task: str, model: str, model_kwargs: str, fqt: str) -> str 
 def backend_refusal(cfg: TrainConfig) -> str | None:
     """Why training ``cfg`` will be refused before its first step because its backend
     (``int8``, ``fp8``) cannot run the model's GEMMs, or ``None`` — the trainer's own check
-    (``trainer._convert_or_refuse``) on a freshly built model, once per model and recipe, so
+    (``trainer.convert_or_refuse``) on a freshly built model, once per model and recipe, so
     that ``--dry-run`` says what the sweep will (a review: it listed such runs as new and
     exited 0 where the sweep exited 1)."""
     if cfg.backend in ("auto", "reference"):

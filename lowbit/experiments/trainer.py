@@ -55,6 +55,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,15 +327,22 @@ def _train(cfg: TrainConfig, resume: bool, task: Task | None, progress: bool,
                 remove_if_unused(run_dir)
 
 
-def _convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
+def convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
     """``lowbit.convert``, then refusing, before any step, a backend that will raise at the
     first pass needing a GEMM it cannot run (:func:`lowbit.nn.backend_conflicts`: a new
     user's trial found that refusal at the first step, after a multi-line warning); the
-    conflicts decided by the data stay convert's warning."""
+    conflicts decided by the data stay convert's warning. Where it refuses, convert's
+    warnings are not shown: the error says it in one line (a second trial saw the
+    warning, with lowbit's own source line, printed before the same words)."""
     from lowbit.nn import backend_conflicts
 
-    lowbit.convert(model, fqt)  # the conflicts are read off the converted layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.convert(model, fqt)  # the conflicts are read off the converted layers
     certain, _ = backend_conflicts(fqt, model)
+    if not certain:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if certain:
         backend = lowbit.config.Backend(fqt.backend)
         kernels = "integer kernels" if backend is lowbit.config.Backend.INT8 else "torch._scaled_mm"
@@ -407,7 +415,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     torch.manual_seed(torch_seed(cfg.seed))
     model = task.build_model()  # same initial weights for every recipe of a seed
     if not fqt.is_fp:
-        _convert_or_refuse(model, fqt)
+        convert_or_refuse(model, fqt)
     if cfg.weights != "fp32":
         to_bfloat16(model)
     master = MasterWeights(list(model.parameters())) if cfg.weights == "bf16-master" else None
@@ -615,6 +623,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "check_run_dir",
+    "convert_or_refuse",
     "remove_if_unused",
     "build_optimizer",
     "cosine_schedule",

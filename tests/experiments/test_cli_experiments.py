@@ -1390,6 +1390,21 @@ def test_a_backend_that_cannot_run_the_model_is_refused_before_any_step(tmp_path
     err = capsys.readouterr().err
     assert f"lowbit train: error: backend='{backend}' cannot run these GEMMs" in err and "--backend auto" in err
     assert not out.exists()
+    # one line: convert's ConversionWarning (with lowbit's own source line) no longer
+    # precedes the same words (a second new user's trial), here and in `lowbit coverage`
+    import warnings
+
+    from lowbit.conversion import ConversionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["train", "--task", "digits", "--model", "cnn", "--recipe", recipe, "--backend", backend,
+                         "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+        assert cli.main(["coverage", "--task", "digits", "--model", "cnn", "--recipe", recipe,
+                         "--backend", backend]) == 2
+    assert not [w for w in caught if issubclass(w.category, ConversionWarning)]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and f"lowbit coverage: error: backend='{backend}'" in err, err
 
 
 def test_a_sweep_goes_on_past_a_refused_run_and_leaves_no_lock_only_folder(tmp_path, capsys):
