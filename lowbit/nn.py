@@ -13,6 +13,7 @@ on the CPU, and recomputation (activation checkpointing) sees the same noise.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import sys
 import warnings
@@ -156,12 +157,19 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
     return found, possible
 
 
-def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list[str]) -> None:
+# convert's backend warning held back (lowbit.experiments.trainer.convert_or_refuse says it
+# itself, or refuses): a context variable, as a warnings filter would reset every
+# once-per-place registry (a review saw warnings repeat at every call)
+BACKEND_WARNING: contextvars.ContextVar[bool] = contextvars.ContextVar("lowbit_backend_warning", default=True)
+
+
+def warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: bool = True,
+                           stacklevel: int = 3) -> None:
     """A :class:`ConversionWarning` at ``convert`` for :func:`backend_conflicts`: a
     warning, not an error, as a layer whose input needs no gradient (the first) or whose
     weight is frozen never runs that GEMM (``lowbit train``, whose layers all train,
-    refuses the certain ones)."""
-    found, possible = backend_conflicts(config, model) if converted else ([], [])
+    refuses the certain ones). ``converted``: whether ``convert`` converted anything."""
+    found, possible = backend_conflicts(config, model) if converted and BACKEND_WARNING.get() else ([], [])
     found = found + [f"possibly {p}" for p in possible]
     backend = Backend(config.backend)
     if found:
@@ -169,7 +177,7 @@ def _warn_backend_conflicts(config: FQTConfig, model: nn.Module, converted: list
         warnings.warn(f"lowbit.convert: backend={backend.value!r} cannot run these GEMMs on {kernels} and will "
                       "raise at the first pass that needs them: " + "; ".join(found)
                       + ". Use backend='auto' (they run simulated, with the same estimator) or change the spec",
-                      ConversionWarning, stacklevel=3)
+                      ConversionWarning, stacklevel=stacklevel)
 
 
 def check_source(cls: type, mod: object, expected: type) -> None:
@@ -430,7 +438,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     model = visit(model, "", None)
     _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
-    _warn_backend_conflicts(config, model, converted)
+    warn_backend_conflicts(config, model, bool(converted))
     for name, why in finish(model).items():  # attention lowbit cannot route or compute
         if module_filter is None or _filter_wants(module_filter, model, name):
             skipped[name] = why
@@ -690,15 +698,15 @@ class RangeWindow:
     calls made, once; a :func:`lowbit.coverage` trace inside it is not counted (coverage
     leaves training as if it had not run). The trackers' own counters are not touched.
     Use it as a context manager (``with RangeWindow(model) as w:``; ``w.stats`` after the
-    block) or call :meth:`close`: an open window is held weakly and costs each tracker call
-    a set lookup; one dropped unclosed stops counting."""
+    block) or call :meth:`close`: an open window is held weakly and costs each call of its
+    model's trackers a set lookup (another model's, a walk over its modules); one dropped
+    unclosed stops counting."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.stats: RangeStats | None = None
         self._counted = RangeStats()
         self._mine: weakref.WeakSet = weakref.WeakSet(self._trackers())
-        self._others: weakref.WeakSet = weakref.WeakSet()  # trackers found not to be the model's
         ranges_module.OPEN_WINDOWS.add(self)
 
     def _trackers(self) -> list[RangeTracker]:
@@ -706,14 +714,12 @@ class RangeWindow:
 
     def count(self, tracker: RangeTracker, counts: RangeStats) -> None:
         """Add one call's ``counts`` where ``tracker`` is one of the model's (the model's
-        trackers are read again for a tracker seen neither as its nor as another's: one
-        created since)."""
+        trackers are read again for a tracker not known as its: one created, or a module
+        attached, since — so a call of another model's tracker costs a walk over this
+        model's modules while the window is open)."""
         if tracker not in self._mine:
-            if tracker in self._others:
-                return
             self._mine = weakref.WeakSet(self._trackers())
             if tracker not in self._mine:
-                self._others.add(tracker)
                 return
         self._counted = self._counted + counts
 
@@ -764,5 +770,6 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 
 __all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
-           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "uncounted_ranges", "range_stats", "reset_ran",
+           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "uncounted_ranges",
+           "warn_backend_conflicts", "range_stats", "reset_ran",
            "restore_ranges", "rng_state", "snapshot_ranges"]

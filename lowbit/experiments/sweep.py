@@ -167,6 +167,30 @@ def run_state(cfg: TrainConfig) -> str:
     return "restart" if rows else "new"  # epochs recorded, no checkpoint (not committed): redo
 
 
+def _rank() -> int:
+    """This process's rank in the sweep's process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _agreed_state(cfg: TrainConfig) -> str:
+    """:func:`run_state`, decided by rank 0 and the same on every rank under torchrun (its
+    refusal too): each rank reading the folder itself raced rank 0's lock — a review found
+    rank 1 seeing "busy" and starting anew a run rank 0 resumed, and the job hung."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return run_state(cfg)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("state", run_state(cfg))]
+        except ValueError as exc:
+            box = [("refused", str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "refused":
+        raise ValueError(value)
+    return value
+
+
 @contextlib.contextmanager
 def _removed_if_unused(run_dir: Path, created: bool):  # noqa: ANN202
     """On leaving, the run folder this sweep made removed where nothing but its lock was
@@ -188,12 +212,12 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     error, printed: the sweep goes on with the other runs; a folder this call made and
     nothing was written into is removed)."""
     run_dir = Path(cfg.out)
-    created = not run_dir.exists()
+    created = _rank() == 0 and not run_dir.exists()  # under torchrun rank 0 alone tidies up
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_lock(run_dir) if launched_world_size() == 1 else contextlib.nullcontext()
     try:
         with lock, _removed_if_unused(run_dir, created):
-            state = run_state(cfg)
+            state = _agreed_state(cfg)
             if state in ("done", "diverged"):
                 print(f"{tag} {cfg.run_name()}: {state}, skipped")
                 return state

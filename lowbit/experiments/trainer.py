@@ -55,7 +55,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,17 +331,19 @@ def convert_or_refuse(model: nn.Module, fqt: lowbit.FQTConfig) -> None:
     first pass needing a GEMM it cannot run (:func:`lowbit.nn.backend_conflicts`: a new
     user's trial found that refusal at the first step, after a multi-line warning); the
     conflicts decided by the data stay convert's warning. Where it refuses, convert's
-    warnings are not shown: the error says it in one line (a second trial saw the
-    warning, with lowbit's own source line, printed before the same words)."""
-    from lowbit.nn import backend_conflicts
+    backend warning is not shown: the error says it in one line (a second trial saw the
+    warning, with lowbit's own source line, printed before the same words); convert's
+    other warnings are left as they are."""
+    from lowbit.nn import BACKEND_WARNING, backend_conflicts, warn_backend_conflicts
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    held = BACKEND_WARNING.set(False)  # convert's backend warning only: said below, or refused
+    try:
         lowbit.convert(model, fqt)  # the conflicts are read off the converted layers
+    finally:
+        BACKEND_WARNING.reset(held)
     certain, _ = backend_conflicts(fqt, model)
-    if not certain:
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not certain:  # the possible ones: convert's warning, as it would have given it
+        warn_backend_conflicts(fqt, model, stacklevel=2)
     if certain:
         backend = lowbit.config.Backend(fqt.backend)
         kernels = "integer kernels" if backend is lowbit.config.Backend.INT8 else "torch._scaled_mm"

@@ -759,3 +759,23 @@ def test_an_unclosed_range_window_is_dropped_and_a_coverage_trace_is_not_counted
         _backward(model)
         lowbit.coverage(model, torch.randn(16, 8), loss_fn=lambda out: out.square().mean())
     assert window.stats.calls == 3  # the step's, not the trace's
+
+
+def test_a_range_window_counts_a_module_attached_inside_it() -> None:
+    """A third review: a negative cache of other models' trackers missed a layer whose
+    tracker was called before it was attached to the window's model (8 calls counted of
+    12). The window reads the model's trackers again for any tracker it does not know."""
+    torch.manual_seed(0)
+    a, head = _predicted_mlp(), _predicted_mlp()
+    x = torch.randn(16, 8, requires_grad=True)  # every layer's ∇X too: 4 tracker calls a step
+    head(x).square().mean().backward()
+    with lowbit.nn.RangeWindow(a) as window:
+        head(x).square().mean().backward()  # not a's yet: not counted
+        a.append(nn.Linear(4, 8))  # a plain layer: no tracker
+        a.append(head)  # head joins a
+        before = lowbit.range_stats(a)["total"].calls
+        for _ in range(2):
+            a.zero_grad()
+            a(x).square().mean().backward()
+        made = lowbit.range_stats(a)["total"].calls - before
+    assert window.stats.calls == made

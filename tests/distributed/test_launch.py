@@ -218,7 +218,34 @@ def test_an_error_on_one_rank_of_a_sweep_ends_the_job_instead_of_hanging(tmp_pat
     while rank 1 was still in the first run's collectives: the job hung. Under torchrun
     the sweep now goes on only past a refusal every rank raises alike; this ends the job."""
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(HERE / "_sweep_fault.py"), str(tmp_path / "sw")],
+                          str(HERE / "_sweep_fault.py"), "disk", str(tmp_path / "sw"), "fp,qat-8"],
                          capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
     assert job.returncode != 0
     assert "No space left on device (simulated)" in job.stderr + job.stdout
+
+
+def test_a_torchrun_sweep_resumes_a_partial_run_on_every_rank_alike(tmp_path):
+    """A third review: under torchrun each rank read a run's state itself, racing rank 0's
+    lock: rank 1 saw "busy", started anew the run rank 0 resumed, was refused ("already
+    holds a checkpoint") and went on to the next run while rank 0 waited in this one's
+    collectives: rerunning a killed sweep hung. Rank 0 now decides each run's state and
+    sends it to every rank (rank 1 reads late here, after rank 0 took the lock)."""
+    import shutil
+
+    out = tmp_path / "sw"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    first = subprocess.run([*launch, "-m", "lowbit", "sweep", "--tasks", "digits", "--models", "mlp", "--recipes",
+                            "qat-8", "--epochs", "2", "--subset", "128", "--eval-subset", "32", "--batch-size", "32",
+                            "--out", str(out), "--no-progress"],
+                           capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = out / "digits-mlp-qat-8-n2-s0"  # made partial: killed after its first epoch
+    shutil.copy(run / "prev.pt", run / "last.pt")
+    (run / "metrics.json").write_text(json.dumps(json.loads((run / "metrics.json").read_text())[:1]))
+    (run / "status.json").write_text(json.dumps({"status": "interrupted", "message": ""}))
+    again = subprocess.run([*launch, str(HERE / "_sweep_fault.py"), "slow", str(out), "qat-8,fp"],
+                           capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout and "failed" not in again.stdout
+    for recipe in ("qat-8", "fp"):
+        assert _status(out / f"digits-mlp-{recipe}-n2-s0")["status"] == "done"

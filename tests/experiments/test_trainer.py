@@ -935,3 +935,37 @@ def test_a_text_task_checks_its_model_arguments_before_using_them(block_size: in
     the model arguments were checked; the task checks them first (the CLI's line)."""
     with pytest.raises(ValueError, match=f"model argument block_size must be an integer ≥ 1 .*got {block_size}"):
         T.make_task("text", subset=60_000, model_kwargs={"block_size": block_size})
+
+
+def test_convert_or_refuse_leaves_converts_other_warnings_to_the_users_filters():
+    """A third review: recording convert's warnings and re-emitting them by hand lost their
+    module (``filterwarnings("ignore", module="lowbit")`` stopped matching) and their
+    once-per-place registry (shown at every call). Only the backend warning is held back
+    now; convert's others are warned as convert warns them."""
+    import warnings
+
+    from torch import nn
+
+    import lowbit
+    from lowbit.experiments.trainer import convert_or_refuse
+
+    class Functional(nn.Module):  # a functional GEMM: convert converts nothing, and says so
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.w
+
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", module="lowbit")
+        for _ in range(3):
+            convert_or_refuse(Functional(), cfg)
+    assert not caught
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # once per place
+        for _ in range(3):
+            convert_or_refuse(Functional(), cfg)
+    assert len([w for w in caught if issubclass(w.category, lowbit.ConversionWarning)]) == 1
