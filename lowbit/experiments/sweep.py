@@ -212,8 +212,11 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     error, printed: the sweep goes on with the other runs; a folder this call made and
     nothing was written into is removed)."""
     run_dir = Path(cfg.out)
-    created = _rank() == 0 and not run_dir.exists()  # under torchrun rank 0 alone tidies up
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # under torchrun rank 0 alone makes the folder and tidies it up (rank 1, done with the
+    # previous run first, made it and rank 0 then left a lock-only folder: a review)
+    created = _rank() == 0 and not run_dir.exists()
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_lock(run_dir) if launched_world_size() == 1 else contextlib.nullcontext()
     try:
         with lock, _removed_if_unused(run_dir, created):

@@ -249,3 +249,19 @@ def test_a_torchrun_sweep_resumes_a_partial_run_on_every_rank_alike(tmp_path):
     assert "resuming" in again.stdout and "failed" not in again.stdout
     for recipe in ("qat-8", "fp"):
         assert _status(out / f"digits-mlp-{recipe}-n2-s0")["status"] == "done"
+
+
+def test_refused_runs_of_a_torchrun_sweep_leave_no_folder(tmp_path):
+    """A fifth review: every rank made each run's folder, rank 0 alone removed one it had
+    made; rank 1, done with the previous refused run first, made the next folder, and it
+    was left holding only ``.lock`` (2 of 4 runs). Rank 0 alone makes them now."""
+    out = tmp_path / "sw"
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lowbit",
+         "sweep", "--tasks", "digits", "--models", "cnn", "--recipes", "fqt-bhq-4a", "--seeds", "0,1,2,3",
+         "--backend", "int8", "--epochs", "1", "--subset", "64", "--eval-subset", "32", "--batch-size", "32",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert job.returncode == 1, job.stderr[-2000:]
+    assert job.stdout.count("failed, backend='int8' cannot run these GEMMs") == 8  # 4 runs × 2 ranks
+    assert not out.exists() or not any(out.iterdir()), sorted(map(str, out.rglob("*")))
