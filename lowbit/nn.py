@@ -721,7 +721,7 @@ class RangeWindow:
             self._mine = weakref.WeakSet(self._trackers())
             if tracker not in self._mine:
                 return
-        self._counted = self._counted + counts
+        self._counted.add_(counts)
 
     def close(self) -> RangeStats:
         """The window's counters (summed over the model's trackers). Idempotent."""
@@ -742,7 +742,7 @@ def uncounted_ranges() -> Iterator[None]:
     """The block's tracker calls left out of every open :class:`RangeWindow` (each
     window's counts put back as they were: :func:`lowbit.coverage`'s trace, which leaves
     the trackers as they were too)."""
-    saved = [(w, w._counted) for w in list(ranges_module.OPEN_WINDOWS)]
+    saved = [(w, dataclasses.replace(w._counted)) for w in list(ranges_module.OPEN_WINDOWS)]
     try:
         yield
     finally:
@@ -770,6 +770,5 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
 
 __all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
-           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "uncounted_ranges",
-           "warn_backend_conflicts", "range_stats", "reset_ran",
-           "restore_ranges", "rng_state", "snapshot_ranges"]
+           "load_range_state", "load_rng_state", "RangeWindow", "range_state", "range_stats", "reset_ran",
+           "restore_ranges", "rng_state", "snapshot_ranges", "uncounted_ranges", "warn_backend_conflicts"]

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import enum
 import math
-import weakref
 import warnings
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -69,10 +69,15 @@ class RangeStats:
     total_sq: float = 0.0  # Σ x² over calls with a predicted range, summed in float64
 
     def __add__(self, other: RangeStats) -> RangeStats:
-        return RangeStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+        return RangeStats(**{k: getattr(self, k) + getattr(other, k) for k in _STAT_FIELDS})
 
     def __sub__(self, other: RangeStats) -> RangeStats:
-        return RangeStats(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
+        return RangeStats(**{k: getattr(self, k) - getattr(other, k) for k in _STAT_FIELDS})
+
+    def add_(self, other: RangeStats) -> None:
+        """Add ``other``'s counts to these, in place (a tracker call's, once per call)."""
+        for k in _STAT_FIELDS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
     @property
     def overflow_rate(self) -> float:
@@ -92,6 +97,8 @@ class RangeStats:
         return {**asdict(self), "overflow_rate": self.overflow_rate,
                 "clipped_norm": self.clipped_norm}
 
+
+_STAT_FIELDS = tuple(f.name for f in fields(RangeStats))  # (asdict copies: on every tracker call)
 
 # Open lowbit.nn.RangeWindow objects, held weakly (a window dropped unclosed stops
 # counting): every tracker call's counts are handed to each (``count(tracker, counts)``),
@@ -184,8 +191,7 @@ class RangeTracker:
     def _add(self, d: RangeStats) -> None:
         """Add one call's counts to :attr:`stats` (in place) and to every open
         :class:`lowbit.nn.RangeWindow` that counts this tracker."""
-        for k, v in asdict(d).items():
-            setattr(self.stats, k, getattr(self.stats, k) + v)
+        self.stats.add_(d)
         for w in list(OPEN_WINDOWS):
             w.count(self, d)
 

@@ -23,10 +23,10 @@ import functools
 import json
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from pathlib import Path
 
 from .models import MODELS, build_model
 from .tasks import TASKS
@@ -179,7 +179,7 @@ def _agreed_state(cfg: TrainConfig) -> str:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return run_state(cfg)
     box: list = [None]
-    if dist.get_rank() == 0:
+    if _rank() == 0:
         try:
             box = [("state", run_state(cfg))]
         except ValueError as exc:
@@ -214,8 +214,9 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
     run_dir = Path(cfg.out)
     # under torchrun rank 0 alone makes the folder and tidies it up (rank 1, done with the
     # previous run first, made it and rank 0 then left a lock-only folder: a review)
-    created = _rank() == 0 and not run_dir.exists()
-    if _rank() == 0:
+    main = _rank() == 0
+    created = main and not run_dir.exists()
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_lock(run_dir) if launched_world_size() == 1 else contextlib.nullcontext()
     try:

@@ -475,65 +475,64 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                          for s in (m.config.grad_input, m.config.grad_weight))
         comm_before = 0.0 if comm is None else comm.bytes_sent
         epoch_first_step, epoch_t0 = step, time.perf_counter()
-        window = lowbit.nn.RangeWindow(model)  # the epoch's range counters, counted apart
-        try:
-            for full_batch in task.train_batches(cfg.batch_size, data_gen):
-                t0 = time.perf_counter()
-                batch = ranks.shard(full_batch)  # this rank's rows of the global batch
-                buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
-                # predicted-range histories, to undo a bad step too (a review found one overflowing
-                # step's absmax kept in them, zeroing the next steps' gradients on a coarse grid)
-                ranges = lowbit.nn.snapshot_ranges(model) if has_ranges else None
-                with monitoring.watch(monitor):  # measures every monitor_every steps
-                    loss = task.loss(net, batch)  # scalar
-                    model.zero_grad(set_to_none=True)
-                    loss.backward()  # DDP averages the gradients over ranks here
-                loss = ranks.mean(loss)  # the global batch's loss: the same on every rank
-                if cfg.grad_clip:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm(
-                        [p.grad for p in params if p.grad is not None]
+        # the epoch's range counters, counted apart (a window left open by an error only
+        # counts on until it is collected: it never touches the trackers)
+        window = lowbit.nn.RangeWindow(model)
+        for full_batch in task.train_batches(cfg.batch_size, data_gen):
+            t0 = time.perf_counter()
+            batch = ranks.shard(full_batch)  # this rank's rows of the global batch
+            buffers = [b.detach().clone() for b in model.buffers()]  # BN stats, to undo a bad step
+            # predicted-range histories, to undo a bad step too (a review found one overflowing
+            # step's absmax kept in them, zeroing the next steps' gradients on a coarse grid)
+            ranges = lowbit.nn.snapshot_ranges(model) if has_ranges else None
+            with monitoring.watch(monitor):  # measures every monitor_every steps
+                loss = task.loss(net, batch)  # scalar
+                model.zero_grad(set_to_none=True)
+                loss.backward()  # DDP averages the gradients over ranks here
+            loss = ranks.mean(loss)  # the global batch's loss: the same on every rank
+            if cfg.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+                if master is not None:
+                    master.grads_in()
+                optimizer.step()
+                if master is not None:
+                    master.weights_out()
+                losses.append(loss.item())
+                bad_in_a_row = 0
+            else:  # skip the update, keep weights, BN statistics and range histories as they were
+                with torch.no_grad():
+                    for b, saved_b in zip(model.buffers(), buffers):
+                        b.copy_(saved_b)
+                if ranges is not None:
+                    lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
+                bad_steps += 1
+                bad_in_a_row += 1
+                if main:
+                    bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
+                              f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    bar.close()
+                    last = run_dir / ckpt.LAST
+                    msg = (
+                        f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
+                        f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
+                        f"checkpoint: {last if last.exists() else 'none'}"
                     )
-                if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
-                    if master is not None:
-                        master.grads_in()
-                    optimizer.step()
-                    if master is not None:
-                        master.weights_out()
-                    losses.append(loss.item())
-                    bad_in_a_row = 0
-                else:  # skip the update, keep weights, BN statistics and range histories as they were
-                    with torch.no_grad():
-                        for b, saved_b in zip(model.buffers(), buffers):
-                            b.copy_(saved_b)
-                    if ranges is not None:
-                        lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
-                    bad_steps += 1
-                    bad_in_a_row += 1
                     if main:
-                        bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
-                                  f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        bar.close()
-                        last = run_dir / ckpt.LAST
-                        msg = (
-                            f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
-                            f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
-                            f"checkpoint: {last if last.exists() else 'none'}"
-                        )
-                        if main:
-                            write_status(run_dir, "diverged", msg)
-                        raise TrainingDiverged(msg)
-                scheduler.step()
-                step += 1
-                step_times.append(time.perf_counter() - t0)
-                units += task.batch_units(full_batch)
-                bar.update()
-                if losses:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-        finally:
-            window.close()
+                        write_status(run_dir, "diverged", msg)
+                    raise TrainingDiverged(msg)
+            scheduler.step()
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            units += task.batch_units(full_batch)
+            bar.update()
+            if losses:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
 
         ranks.sync_buffers(model)  # rank 0's BatchNorm statistics: what it evaluates and saves
         # the epoch's predicted-range counts of every rank (rank 0's alone were its share)
