@@ -58,7 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -249,6 +249,16 @@ def _bad_step_reason(loss: torch.Tensor, grad_norm: torch.Tensor, params: list[t
         return f"gradient norm {grad_norm.item()}: the gradients are finite, their norm overflows float32"
     return f"non-finite gradient (norm {grad_norm.item()})"
 
+
+
+def _diverged(run_dir: Path, main: bool, why: str) -> NoReturn:
+    """Record the run as diverged (``status.json``, rank 0) and raise
+    :class:`TrainingDiverged` naming ``why`` and the last good checkpoint."""
+    last = run_dir / ckpt.LAST
+    msg = f"training diverged: {why}; last good checkpoint: {last if last.exists() else 'none'}"
+    if main:
+        write_status(run_dir, "diverged", msg)
+    raise TrainingDiverged(msg)
 
 def train(
     cfg: TrainConfig, resume: bool = False, task: Task | None = None, progress: bool = True,
@@ -455,6 +465,11 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         write_metrics(run_dir, history)
         write_status(run_dir, "running")
     started.append(True)
+    if bad_in_a_row >= cfg.max_bad_steps:  # a resume with a lower --max-bad-steps (a review:
+        # the restored count was compared only after its next increment: "8/5 in a row")
+        _diverged(run_dir, main, f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient "
+                                 f"before step {step}, restored from the checkpoint, reach max_bad_steps "
+                                 f"{cfg.max_bad_steps}")
     params = [p for p in model.parameters() if p.requires_grad]
     unit = task.throughput_unit
 
@@ -517,15 +532,8 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                               f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
                 if bad_in_a_row >= cfg.max_bad_steps:
                     bar.close()
-                    last = run_dir / ckpt.LAST
-                    msg = (
-                        f"training diverged: {bad_in_a_row} consecutive steps with a non-finite "
-                        f"loss or gradient (epoch {epoch + 1}, step {step}); last good "
-                        f"checkpoint: {last if last.exists() else 'none'}"
-                    )
-                    if main:
-                        write_status(run_dir, "diverged", msg)
-                    raise TrainingDiverged(msg)
+                    _diverged(run_dir, main, f"{bad_in_a_row} consecutive steps with a non-finite loss or "
+                                             f"gradient (epoch {epoch + 1}, step {step})")
             scheduler.step()
             step += 1
             step_times.append(time.perf_counter() - t0)
@@ -602,14 +610,9 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
             history.append(row)
         if not math.isfinite(row["val_loss"]):  # NaN/Inf outputs: accuracy of an argmax over NaN
             bar.close()
-            last = run_dir / ckpt.LAST
-            msg = (f"training diverged: the evaluation loss after epoch {epoch + 1} is "
-                   f"{row['val_loss']} (the model's outputs are not finite); its metrics are "
-                   f"not results and it was not checkpointed; last good checkpoint: "
-                   f"{last if last.exists() else 'none'}")
-            if main:
-                write_status(run_dir, "diverged", msg)
-            raise TrainingDiverged(msg)
+            _diverged(run_dir, main, f"the evaluation loss after epoch {epoch + 1} is {row['val_loss']} (the "
+                                     "model's outputs are not finite); its metrics are not results and it was "
+                                     "not checkpointed")
     bar.close()
     if main:
         write_status(run_dir, "done")

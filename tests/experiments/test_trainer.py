@@ -969,3 +969,25 @@ def test_convert_or_refuse_leaves_converts_other_warnings_to_the_users_filters()
         for _ in range(3):
             convert_or_refuse(Functional(), cfg)
     assert len([w for w in caught if issubclass(w.category, lowbit.ConversionWarning)]) == 1
+
+
+def test_a_resume_with_a_lower_max_bad_steps_stops_on_the_restored_count(tmp_path):
+    """A review: the bad-step count restored from a checkpoint was compared with
+    ``max_bad_steps`` only after its next increment, so a resume with a lower limit took
+    another step and then said "5/3 in a row". Four bad steps end epoch 1 here; resumed
+    with a limit of 3, the run stops before its first step, as diverged."""
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    cfg = dict(DIGITS, recipe="qat-8", epochs=2)
+    with pytest.raises(_Interrupt):  # steps 4–7 (the end of epoch 1) bad; dies in epoch 2
+        train(TrainConfig(**cfg, max_bad_steps=10, out=str(tmp_path)),
+              task=_InterruptAt(_NaNLoss(task, {4, 5, 6, 7}), 10), progress=False)
+    seen = _NaNLoss(task, set())
+    with pytest.raises(TrainingDiverged, match=r"4 consecutive steps .* before step 8, restored from the "
+                                               r"checkpoint, reach max_bad_steps 3; last good checkpoint: .*last\.pt"):
+        train(TrainConfig(**cfg, max_bad_steps=3, out=str(tmp_path)), task=seen, resume=True, progress=False)
+    assert seen.calls == 0  # no step taken
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "diverged" and "reach max_bad_steps 3" in status["message"]
+    # with the limit it had, the run goes on from the same checkpoint
+    result = train(TrainConfig(**cfg, max_bad_steps=10, out=str(tmp_path)), resume=True, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
