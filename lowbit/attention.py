@@ -825,6 +825,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     # torch's default 1/√E; with E = 0 every score is an empty sum, 0 at any scale
     c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else float(scale)
     refuse_forward_transforms("lowbit attention")
+    if torch.jit.is_tracing():  # a review: it failed in torch's JIT (aten::view of a dtype)
+        raise RuntimeError("lowbit attention: torch.jit.trace would record its forward's operations "
+                           "without its backward (the gradients of quantization's rounding); use "
+                           "torch.export (run the exported program under torch.no_grad) or torch.compile")
     out, weights = _run_attention(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
                                   need_weights, bool(is_causal))
     out = out.reshape(*lead, lq, ev)

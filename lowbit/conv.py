@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from . import grid_notes
 from .scopes import scope
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import are_strides_like_channels_last_or_false, suggest_memory_format
 
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated, run_simulated, simulated_cause
@@ -93,6 +93,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 NCHW, CL_OUT, CL_CODES = 0, 1, 2  # a conv2d block's layout (params[7]; absent: NCHW)
 
 
+def _suggested(t: torch.Tensor) -> torch.memory_format:
+    """``suggest_memory_format(t)`` for a 4-D ``t``, also under ``torch.jit.trace``
+    (whose traced sizes are tensors, which it refuses: "Expected bool"): there its test
+    on ``t``'s sizes and strides read as integers, the same answer."""
+    if torch.jit.is_tracing():  # the trace is specialised to these sizes anyway
+        cl = are_strides_like_channels_last_or_false([int(n) for n in t.shape], [int(n) for n in t.stride()])
+        return torch.channels_last if cl and t.dim() == 4 and t.layout == torch.strided else torch.contiguous_format
+    return suggest_memory_format(t)
+
+
 def memory_layout(x: torch.Tensor, weight: torch.Tensor, activation: Any) -> int:
     """The layout of a conv2d block on ``x`` (N, C, H, W) and ``weight``: ``NCHW``
     unless PyTorch's convolutions would return channels-last here (the input's or the
@@ -100,8 +110,7 @@ def memory_layout(x: torch.Tensor, weight: torch.Tensor, activation: Any) -> int
     channels-last contiguous and ``activation`` (an ``OperandSpec``) is order-free, else
     ``CL_OUT`` (module docstring)."""
     cl = torch.channels_last
-    if x.dim() != 4 or weight.dim() != 4 or not (
-            suggest_memory_format(x) == cl or suggest_memory_format(weight) == cl):
+    if x.dim() != 4 or weight.dim() != 4 or not (_suggested(x) == cl or _suggested(weight) == cl):
         return NCHW
     order_free = activation is not None and activation.rounding is Rounding.NEAREST \
         and not activation.format.block

@@ -593,6 +593,61 @@ def test_a_traced_graph_from_another_process_names_its_problem() -> None:
         ops._state(other)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_a_jit_trace_of_converted_convolutions_runs_as_the_model(channels_last: bool) -> None:
+    """A review: ``torch.jit.trace`` of a model with a converted ``Conv2d`` failed
+    ("Expected bool, got Tensor": the layout check read traced sizes), while the README
+    said a trace runs. The traced model's output and gradients are the eager model's
+    (a second model, converted with the same seed: the same noise)."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        return lowbit.convert(m, FQTConfig.from_recipe("fqt-psq-8", seed=5))
+
+    x = torch.randn(2, 3, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eager, traced_from = make(), make()
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(traced_from, (x,), check_trace=False)
+    grads = []
+    for m, model in ((eager, eager), (traced, traced_from)):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.square().sum().backward()
+        grads.append([out.detach(), xi.grad, *(p.grad for p in model.parameters())])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_jit_trace_through_lowbit_attention_is_refused_with_the_way_out() -> None:
+    """A review: ``torch.jit.trace`` of a converted ``nn.MultiheadAttention`` failed inside
+    torch's JIT ("INTERNAL ASSERT FAILED ... aten::view"), and a trace would have recorded
+    the attention's forward operations without its backward. It is refused by name;
+    ``torch.export`` runs it as the model does (without gradients)."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return self.attn(q, q, q, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    m = lowbit.convert(Block(), FQTConfig.from_recipe("fqt-psq-8", seed=1)).eval()
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(RuntimeError, match=r"lowbit attention: torch.jit.trace would record .* use torch.export"):
+        torch.jit.trace(m, (x,), check_trace=False)
+    from lowbit.kernels import softmax
+    exported = torch.export.export(m, (x,)).module()  # its graph: the reference softmax
+    softmax.set_enabled(False)  # the native one is within a tolerance of it, not bitwise
+    try:
+        with torch.no_grad():
+            assert torch.equal(exported(x), m(x))
+    finally:
+        softmax.set_enabled(True)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 def test_layers_take_their_input_by_torchs_keyword_name(kind: str) -> None:
     """A review: ``nn.Linear``/``nn.Conv*d`` are called ``layer(input=x)`` in some models;
