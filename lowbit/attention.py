@@ -318,7 +318,11 @@ def _mask_entries(mask: torch.Tensor, i: int, j: int) -> torch.Tensor:
         return mask.view(-1, *mask.shape[-2:])[i:j]
     except RuntimeError:  # an expanded (*lead) view: gather the piece's entries
         index = torch.unravel_index(torch.arange(i, j), tuple(lead))
-        return mask[index]
+        # a broadcast (stride-0) L or S dimension stays broadcast, so that the piece's
+        # softmax takes the whole batch's kernel (a review: a (B, 1, L, 1) mask's gathered
+        # pieces ran the native softmax, the whole batch ATen's: not bitwise the whole)
+        rows, cols = (1 if mask.stride(-2) == 0 else mask.shape[-2]), (1 if mask.stride(-1) == 0 else mask.shape[-1])
+        return mask[..., :rows, :cols][index].expand(j - i, *mask.shape[-2:])
 
 
 def _dropout_scale(p: float) -> float:

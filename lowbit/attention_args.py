@@ -19,7 +19,8 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     :data:`~lowbit.formats.SUPPORTED_DTYPES`) or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
     outside autocast, feature or length sizes that do not fit, GQA heads that do not
     divide, ``dropout_p`` outside [0, 1] (``ValueError``), a mask with ``is_causal``, a mask
-    neither bool nor floating (``TypeError``); a nested or sparse tensor (``RuntimeError``:
+    neither bool nor floating (``TypeError``), a floating mask neither float32 nor the
+    query's dtype (after autocast's casts; ``RuntimeError``); a nested or sparse tensor (``RuntimeError``:
     lowbit's GEMMs take dense tensors)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_dense("scaled_dot_product_attention", name, t)
@@ -48,6 +49,22 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
         raise TypeError("attn_mask must be a bool or floating tensor, got "
                         f"{attn_mask.dtype if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__}")
+    # torch's rule (a review: lowbit took a float64 mask that torch, and so the `fp` recipe,
+    # refuses): a floating mask is float32 or the query's dtype, both as autocast casts them
+    if attn_mask is not None and attn_mask.is_floating_point() \
+            and _autocast(attn_mask) not in (torch.float32, _autocast(query)):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, got "
+                           f"attn_mask {attn_mask.dtype} and query {query.dtype}"
+                           + (" (under autocast)" if torch.is_autocast_enabled(query.device.type) else ""))
+
+
+def _autocast(t: torch.Tensor) -> torch.dtype:
+    """``t``'s dtype as autocast casts it for ``scaled_dot_product_attention`` (float32,
+    float16 and bfloat16 to the autocast dtype; others unchanged)."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
 
 
 def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int,

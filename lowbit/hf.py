@@ -374,8 +374,11 @@ def _float_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         scores = scores + mask
+    # rows masked whole are 0 (torch's SDPA), their scores set to 0 before the softmax too:
+    # softmax of all -inf is NaN, whose backward reached ∇Q/∇K through an additive mask (a review)
     dead = torch.isneginf(scores).all(-1, keepdim=True)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).masked_fill(dead, 0.0)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = weights.masked_fill(dead, 0.0)
     if dropout > 0:  # transformers passes 0 outside training
         weights = nn.functional.dropout(weights, p=dropout, training=True)
     return torch.matmul(weights, value), weights

@@ -75,10 +75,11 @@ def masked_softmax(scores: torch.Tensor, masked: bool, inplace: bool = False) ->
     dead = (scores == float("-inf")).all(dim=-1, keepdim=True) if masked else None
     if inplace and inplace_ok(scores):
         probs = torch._softmax(scores, -1, False, out=scores)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    if dead is not None:
-        probs = probs.masked_fill_(dead, 0.0)
+    else:  # differentiable where autograd records (a double backward): dead rows' scores 0
+        # first (a softmax of all -inf is NaN, and its backward NaN through an additive mask)
+        probs = torch.softmax(scores if dead is None else scores.masked_fill(dead, 0.0), dim=-1)
+    if dead is not None:  # out of place where autograd records (it saved the softmax's output)
+        probs = probs.masked_fill(dead, 0.0) if probs.requires_grad else probs.masked_fill_(dead, 0.0)
     return probs
 
 

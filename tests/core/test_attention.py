@@ -745,13 +745,16 @@ def _masks(length: int) -> dict[str, dict]:
     return {"none": {}, "causal": {"is_causal": True}, "dropout": {"is_causal": True, "dropout_p": 0.3},
             "bool-per-batch": {"attn_mask": pad}, "float-expanded": {"attn_mask": additive.expand(2, 3, -1, -1)},
             "float-one": {"attn_mask": additive[0, 0]},
+            # a bias per query, broadcast over the keys (stride 0): a review found its pieces
+            # on the native softmax and the whole batch on ATen's (not bitwise)
+            "float-per-query": {"attn_mask": torch.linspace(-2, 2, 2 * length).reshape(2, 1, length, 1)},
             "float-learned": {"attn_mask": additive.clone().requires_grad_()}}
 
 
 @pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-8"])
 @pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])
 @pytest.mark.parametrize("mask", ["none", "causal", "dropout", "bool-per-batch", "float-expanded",
-                                  "float-one", "float-learned", "need-weights"])
+                                  "float-one", "float-per-query", "float-learned", "need-weights"])
 def test_backward_in_pieces_is_bitwise_the_whole_backward(monkeypatch: pytest.MonkeyPatch, recipe: str,
                                                           heads: tuple[int, int], mask: str) -> None:
     """With per-row gradient scales (PSQ) the backward recomputes P, forms ∇S, quantizes it
@@ -773,7 +776,8 @@ def test_backward_in_pieces_is_bitwise_the_whole_backward(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("activation", ["tensor", "row", "e4m3"])
-@pytest.mark.parametrize("mask", ["none", "causal", "bool-per-batch", "float-expanded", "nan", "all-masked"])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool-per-batch", "float-expanded", "float-per-query", "nan",
+                                  "all-masked"])
 def test_forward_in_pieces_is_bitwise_the_whole_forward(monkeypatch: pytest.MonkeyPatch, activation: str,
                                                         mask: str) -> None:
     """The forward forms P, its codes and P̃·V two entries at a time (``_forward_in_pieces``;
@@ -1173,3 +1177,44 @@ def test_a_broadcast_float_mask_leaf_gets_its_gradient_per_entry() -> None:
         grads.append(mask.grad)
     assert grads[0].shape == (B, H, L, S) and torch.equal(grads[0], grads[1])
     assert bool((grads[0].flatten(2).abs().sum(-1) > 0).all())  # every entry has its own gradient
+
+
+def test_the_differentiable_masked_softmax_gives_zero_gradients_to_a_row_masked_whole() -> None:
+    """Where autograd records (a double backward differentiates the reference), the
+    softmax of a row whose scores are all ``-inf`` (NaN, zeroed after) gave NaN gradients
+    through an additive mask (a review found the same in the Hugging Face float attention):
+    the dead row's scores are 0 before the softmax now; its probabilities and gradients 0."""
+    from lowbit.kernels.softmax import masked_softmax
+
+    scores = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.zeros(2, 3, 4).index_fill_(1, torch.tensor([1]), -math.inf)
+    mask[0, 0, 2] = -math.inf
+    with torch.enable_grad():
+        probs = masked_softmax(scores + mask, True)
+    (grad,) = torch.autograd.grad((probs * torch.randn(2, 3, 4)).sum(), scores)
+    live = torch.softmax(scores + mask, -1)
+    assert torch.equal(probs[:, 1], torch.zeros(2, 4)) and torch.equal(probs[:, [0, 2]], live[:, [0, 2]])
+    assert torch.isfinite(grad).all() and torch.equal(grad[:, 1], torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_a_mask_dtype_torch_refuses_is_refused_alike(autocast: bool) -> None:
+    """A review: a float64, float16 or bfloat16 mask beside float32 queries ran under a
+    low-bit recipe while torch (and so lowbit's own ``fp`` recipe) refuses it: a model that
+    trained quantized failed as its float baseline. Every (query, mask) dtype pair is now
+    refused or taken as torch takes it, under autocast too."""
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+    for qd in dtypes:
+        for md in dtypes:
+            q, m = torch.randn(1, 2, 3, 16, dtype=qd), torch.zeros(3, 3, dtype=md)
+            outcome = []
+            for f in (F.scaled_dot_product_attention, lambda *a, **k: scaled_dot_product_attention(*a, **k, state=cfg)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    try:
+                        f(q, q, q, attn_mask=m)
+                        outcome.append("ran")
+                    except RuntimeError as e:
+                        assert "attn_mask dtype to be bool or float or to match query dtype" in str(e)
+                        outcome.append("refused")
+            assert outcome[0] == outcome[1], (qd, md)

@@ -775,3 +775,23 @@ def test_a_conv1d_shape_error_names_its_own_weight() -> None:
     with pytest.raises(RuntimeError, match=r"input of shape \(2, 4\) does not fit a Conv1D weight of "
                        r"shape \(5, 6\) \(nx, nf\): its last dimension must be 5"):
         layer(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_float_attention_gives_finite_gradients_through_a_row_masked_whole(kind: str) -> None:
+    """A review: the float attention behind ``output_attentions=True`` (the ``fp`` recipe,
+    attention kept float) took the softmax of a row of all ``-inf`` (NaN) and zeroed it
+    after; through an additive mask the NaN reached ∇Q, ∇K and the projections. Its
+    output and gradients are torch's SDPA's now, the dead row 0 with zero gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    keep[1, :, 0] = False  # sample 1's first query sees nothing
+    mask = keep if kind == "bool" else torch.zeros(2, 1, 5, 5).masked_fill(~keep, -math.inf)
+    out, weights = hf._float_attention(q, k, v, mask, 0.0, False, None, 1)
+    want = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got_g = torch.autograd.grad(out.sum(), (q, k, v))
+    want_g = torch.autograd.grad(want.sum(), (q, k, v))
+    assert torch.allclose(out, want, atol=1e-5) and torch.equal(weights[1, :, 0], torch.zeros(4, 5))
+    for a, b in zip(got_g, want_g):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)  # float32 rounding
