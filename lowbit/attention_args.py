@@ -17,7 +17,7 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Raise as ``torch.nn.functional.scaled_dot_product_attention`` does for arguments it
     refuses: non-floating (or complex, float8: outside
     :data:`~lowbit.formats.SUPPORTED_DTYPES`) or < 2-D ``query``/``key``/``value`` (``TypeError``), mixed dtypes
-    outside autocast, feature or length sizes that do not fit, GQA heads that do not
+    outside autocast, tensors on more than one device, feature or length sizes that do not fit, GQA heads that do not
     divide, ``dropout_p`` outside [0, 1] (``ValueError``), a mask with ``is_causal``, a mask
     neither bool nor floating (``TypeError``), a floating mask neither float32 nor the
     query's dtype (after autocast's casts; ``RuntimeError``); a nested or sparse tensor (``RuntimeError``:
@@ -28,6 +28,10 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
+    devices = [t.device for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
+    if any(d != devices[0] for d in devices):  # a review: a key on 'meta' gave uninitialised memory
+        raise RuntimeError(f"scaled_dot_product_attention: expected query, key, value (and attn_mask) on one "
+                           f"device, got {', '.join(str(d) for d in devices)}")
     if not torch.is_autocast_enabled(query.device.type) and not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
                            f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}")

@@ -26,6 +26,7 @@ from torch import nn
 from .attention import attention
 from .config import FQTConfig
 from .conversion import SwapRule, hooks_reason, mha_reason
+from .formats import check_dense
 from .functional import fqt_linear
 from .nn import FQTLinear, _StochasticLayer, check_source
 
@@ -192,8 +193,8 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         if self.config.is_fp:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise RuntimeError("FQTMultiheadAttention does not take nested tensors")
+        for what, t in (("query", query), ("key", key), ("value", value)):
+            check_dense("FQTMultiheadAttention", what, t)
         batched = query.dim() == 3
         if self.batch_first and batched:  # keep the "is" relations that pick the projections
             if key is value:

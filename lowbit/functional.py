@@ -311,7 +311,7 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Raise ``RuntimeError`` naming both dtypes where ``nn.Linear``/``nn.Conv2d`` would
     refuse them: input, weight and bias must compute in one dtype (:func:`output_dtype`),
     so they must be equal outside autocast; under autocast they may mix as torch allows.
-    ``RuntimeError`` where one is nested or not strided (sparse). ``TypeError`` naming
+    ``RuntimeError`` where they are not on one device, or one is nested or not strided (sparse). ``TypeError`` naming
     the argument where one is not a tensor (a list, say), as torch's,
     or has a dtype lowbit does not quantize (:data:`lowbit.formats.SUPPORTED_DTYPES`: a
     complex tensor would lose its imaginary part, an integer one its meaning)."""
@@ -321,6 +321,11 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         check_dense(op, what, t)
         if t is not None:
             check_quantizable(op, what, t)
+    devices = [t.device for t in (x, weight, bias) if t is not None]
+    if any(d != devices[0] for d in devices):  # a review: a weight left on meta gave uninitialised memory
+        raise RuntimeError(f"{op}: expected input, weight and bias on one device, got "
+                           f"{', '.join(str(d) for d in devices)} (a weight still on 'meta' was never "
+                           "loaded: load_state_dict(..., assign=True) or to_empty() first)")
     if output_dtype(x) != output_dtype(weight):
         raise RuntimeError(f"{op}: input and weight must have the same dtype, but got "
                            f"{x.dtype} and {weight.dtype}")

@@ -41,6 +41,18 @@ from .ranges import RangeStats, RangeTracker
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 
+def decline_fused_paths(module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook every converted layer carries; it does nothing. PyTorch's fused
+    transformer inference path (``nn.TransformerEncoderLayer`` in ``eval()`` under
+    ``no_grad``) reads ``linear1``/``linear2``'s and the attention's weights without
+    calling those modules, and declines where any of its submodules has a forward hook
+    ("forward pre-/hooks are attached to the module"): so a converted layer runs there
+    even where ``convert`` never saw the encoder layer (a layer converted on its own and
+    assigned into it; a review found it silently float). :func:`convert` also turns that
+    path off on the encoder layers it converts (:func:`lowbit.conversion.disable_fused_fastpath`)."""
+    return None
+
+
 class _StochasticLayer:
     """A layer's :class:`~lowbit.ops.BlockState`: its config (reassignable), its noise
     stream, and the predicted-range trackers of its gradient paths (created when a spec
@@ -57,6 +69,7 @@ class _StochasticLayer:
         if seed is None:
             seed = draw_base_seed() if config.seed is None else config.seed
         self._block = BlockState(config, NoiseStream(seed, name))
+        self.register_forward_pre_hook(decline_fused_paths)  # type: ignore[attr-defined]
 
     @property
     def config(self) -> FQTConfig:
@@ -768,7 +781,8 @@ def frozen_ranges(model: nn.Module) -> Iterator[None]:
             t.frozen = f
 
 
-__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "describe", "fqt_blocks", "fqt_layers", "rescale_ranges",
+__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "convert", "decline_fused_paths", "describe", "fqt_blocks",
+           "fqt_layers", "rescale_ranges",
            "fqt_weight_layers", "frozen_ranges",
            "load_range_state", "load_rng_state", "RangeWindow", "range_state", "range_stats", "reset_ran",
            "restore_ranges", "rng_state", "snapshot_ranges", "uncounted_ranges", "warn_backend_conflicts"]

@@ -111,9 +111,14 @@ def _unusable_cache_dir() -> str | None:
     return None
 
 
+_REASON = ("lowbit: {} runs eagerly between compiled graphs (C kernels and noise state that dynamo "
+           "cannot trace): compile without fullgraph=True")
+
+
 def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compiler.disable(fn)``: dynamo runs ``fn`` eagerly inside a compiled model
-    (lowbit's C kernels and their ctypes calls cannot be traced). Where torch's compiler
+    """``torch.compiler.disable(fn, reason=…)``: dynamo runs ``fn`` eagerly inside a
+    compiled model (lowbit's C kernels and their ctypes calls cannot be traced; the
+    reason, which ``fullgraph=True`` prints, says to compile without it). Where torch's compiler
     cannot be imported — an unusable ``TORCHINDUCTOR_CACHE_DIR`` (checked first, without
     importing it: :func:`_unusable_cache_dir`) or any other import failure — ``fn``
     itself: nothing can be compiled in that process, so there is nothing to keep it out
@@ -125,8 +130,9 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
     if not _dynamo_broken:
         why = _unusable_cache_dir()
         if why is None:
-            try:
-                return torch.compiler.disable(fn)
+            try:  # the reason is what fullgraph=True prints (a review: torch's hint alone said
+                # "remove the torch.compiler.disable call", in lowbit's source)
+                return torch.compiler.disable(fn, reason=_REASON.format(getattr(fn, "__qualname__", fn)))
             except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
                 why = _describe(exc)
         else:

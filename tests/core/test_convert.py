@@ -387,13 +387,65 @@ def test_encoder_layer_runs_quantized_in_eval_no_grad() -> None:
         assert not any(n.startswith("self_attn.projections") for n in lowbit.fqt_layers(model))
         assert torch.equal(y, _unfused(model, x))  # the unfused path, quantized GEMMs
         assert not torch.equal(y, ref(x))  # not the float fused path
-        # without the change, the fused path bypasses the converted layers, and the ran
-        # flags tell: that is what lowbit.coverage reads
+        # the flag back on: the converted layers' forward pre-hooks alone keep the fused
+        # path off (PyTorch declines it where a submodule has forward hooks)
         model.activation_relu_or_gelu = 1
+        lowbit.reset_ran(model)
+        assert torch.equal(model(x), y) and set(lowbit.fqt_layers(model, ran=True)) == linears
+        # without either, the fused path bypasses the converted layers, and the ran flags
+        # tell: that is what lowbit.coverage reads
+        for m in model.modules():
+            m._forward_pre_hooks.clear()
         lowbit.reset_ran(model)
         assert torch.equal(model(x), ref(x))
         assert set(lowbit.fqt_layers(model, ran=False)) == linears
         assert not model.self_attn.attention.ran
+
+
+@pytest.mark.parametrize("parts", ["linears", "attention"])
+def test_layers_converted_on_their_own_run_inside_an_encoder_layer(parts: str) -> None:
+    """A review: ``layer.linear1 = lowbit.convert(layer.linear1, cfg)`` (convert never
+    sees the encoder layer, so it cannot turn its fused path off) ran float in ``eval()``
+    under ``no_grad``: the fused kernel read the weights and never called the converted
+    layers. Every converted layer carries a no-op forward pre-hook, which makes PyTorch
+    decline that path: they run, as in the unfused layer."""
+    layer = _encoder_layer().eval()
+    ref = copy.deepcopy(layer)
+    cfg = FQTConfig.from_recipe("fqt-psq-4", seed=1)
+    names = {"linear1", "linear2"} if parts == "linears" else {"self_attn.out_proj", "self_attn.attention"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lowbit.ConversionWarning)
+        if parts == "linears":
+            layer.linear1, layer.linear2 = lowbit.convert(layer.linear1, cfg), lowbit.convert(layer.linear2, cfg)
+        else:
+            layer.self_attn = lowbit.convert(nn.Sequential(layer.self_attn), cfg)[0]
+    assert layer.activation_relu_or_gelu  # untouched: convert never saw the encoder layer
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        lowbit.reset_ran(layer)
+        y = layer(x)
+        assert set(lowbit.fqt_layers(layer, ran=True)) == names
+        assert torch.equal(y, _unfused(layer, x)) and not torch.equal(y, ref(x))
+
+
+def test_an_encoder_whose_layers_were_converted_one_by_one_names_its_nested_path() -> None:
+    """A review: converting each layer of an ``nn.TransformerEncoder`` on its own left the
+    encoder's nested-tensor path on; in ``eval()`` with a padding mask the converted
+    attention then got a nested tensor and said only that it does not take one. The
+    error names the encoder's path and the two ways out."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(_encoder_layer(), num_layers=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lowbit.ConversionWarning)
+        for layer in enc.layers:
+            lowbit.convert(layer, FQTConfig.from_recipe("fqt-psq-8", seed=1))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"query is a nested tensor.*nn.TransformerEncoder "
+                                                             r"in eval\(\) .*use_nested_tensor = False"):
+        enc(torch.randn(2, 5, 16), src_key_padding_mask=pad)
+    enc.use_nested_tensor = False
+    with torch.no_grad():
+        assert enc(torch.randn(2, 5, 16), src_key_padding_mask=pad).shape == (2, 5, 16)
 
 
 def test_encoder_layer_train_mode() -> None:

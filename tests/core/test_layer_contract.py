@@ -681,3 +681,51 @@ def test_nested_and_sparse_inputs_are_refused_by_name(recipe: str) -> None:
     q = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 3, 8)], layout=torch.jagged)
     with pytest.raises(RuntimeError, match="query is a nested tensor"):
         lowbit.functional.scaled_dot_product_attention(q, q, q, state=FQTConfig.from_recipe(recipe, seed=0))
+
+
+def test_a_weight_left_on_meta_is_refused_not_read_as_memory() -> None:
+    """A review: a converted layer whose weight was never loaded off ``meta`` (a
+    ``load_state_dict(strict=False, assign=True)`` without the head, a forgotten
+    ``to_empty``) returned uninitialised CPU memory (NaN, 1e15) where ``nn.Linear`` raises:
+    the dispatcher took the op's fake kernel for the meta operand. Layers and lowbit
+    attention now refuse operands on more than one device; an all-meta call still gives
+    the shape."""
+    from lowbit.functional import scaled_dot_product_attention
+    cfg = FQTConfig.from_recipe("fqt-psq-4", seed=1)
+    with torch.device("meta"):
+        layers = {"linear": (nn.Linear(8, 4), (2, 8)), "conv": (nn.Conv2d(3, 4, 3), (2, 3, 8, 8)),
+                  "conv1d": (nn.Conv1d(3, 4, 3), (2, 3, 9))}
+        mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    lowbit.convert(mha, cfg)
+    for name, (layer, shape) in layers.items():
+        layer = lowbit.convert(layer, cfg)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"on one device, got cpu, meta"):
+                layer(torch.randn(shape))
+        assert layer(torch.randn(shape, device="meta")).device.type == "meta", name
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(RuntimeError, match="on one device, got cpu, meta"):
+        mha[0](q, q, q)
+    q4 = torch.randn(1, 2, 3, 8)
+    for k, mask in ((q4.to("meta"), None), (q4, torch.zeros(3, 3, device="meta"))):
+        with pytest.raises(RuntimeError, match=r"expected query, key, value \(and attn_mask\) on one device"):
+            scaled_dot_product_attention(q4, k, q4, attn_mask=mask, state=cfg)
+
+
+def test_fullgraph_compilation_through_lowbit_attention_names_the_way() -> None:
+    """A review: ``torch.compile(fullgraph=True)`` of a model with lowbit attention
+    stopped at its eager island with torch's hint alone — "Remove the
+    ``torch.compiler.disable`` call", in lowbit's source. The reason now says what runs
+    eagerly and to compile without ``fullgraph``."""
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = lowbit.ScaledDotProductAttention()
+
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return self.attn(q, q, q)
+
+    m = lowbit.convert(Attend(), FQTConfig.from_recipe("fqt-psq-8", seed=1))
+    with pytest.raises(Exception, match=r"_run_attention runs eagerly between compiled graphs.*compile without "
+                                        r"fullgraph=True"):
+        torch.compile(m, backend="eager", fullgraph=True)(torch.randn(1, 2, 4, 8))
