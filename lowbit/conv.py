@@ -263,6 +263,7 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
             _unsigned_nhwc(k, qx.codes, x_shape)
         with scope("lowbit::gemm"):
             acc = qconv.conv_acc(xu, qw.codes.view(w_shape), stride, padding, dilation, groups)
+        del xu  # an unsigned copy (NCHW layouts): freed before the epilogue's output exists
         return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw, layout != NCHW)
     x = _placed_x(k, qx, x_shape, padding, layout)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
@@ -376,6 +377,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             src = _unsigned_nhwc(k, qa.codes, g_shape)
         with scope("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
+        del src  # the unsigned channels-last copy: freed before the epilogue's output exists
         gx = _epilogue(k, acc, qa.scale, qw.scale, None, dtype, cog * kh * kw, channels_last)
     return gx.permute(0, 2, 3, 1).reshape(n, h * w * c) if channels_last else gx.reshape(n, c * h * w)
 
