@@ -823,6 +823,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            f"{tuple(query.shape)}, key {tuple(key.shape)} and value "
                            f"{tuple(value.shape)} do not broadcast") from None
     out_dtype = output_dtype(query)
+    if query.device.type == "meta":  # a model on meta: no values to quantize, the shapes and dtypes alone
+        # (a review: torch's autocast query raised there)
+        out = query.new_empty(*lead, lq, ev, dtype=out_dtype)
+        return out, query.new_empty(*lead, lq, s, dtype=out_dtype) if need_weights else None
     n = math.prod(lead)
     q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
     mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)

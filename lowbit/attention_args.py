@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .formats import SUPPORTED_DTYPES, check_dense
+from .functional import output_dtype  # as autocast casts a tensor (meta keeps its dtype)
 
 
 def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -32,9 +33,11 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if any(d != devices[0] for d in devices):  # a review: a key on 'meta' gave uninitialised memory
         raise RuntimeError(f"scaled_dot_product_attention: expected query, key, value (and attn_mask) on one "
                            f"device, got {', '.join(str(d) for d in devices)}")
-    if not torch.is_autocast_enabled(query.device.type) and not (query.dtype == key.dtype == value.dtype):
+    if not output_dtype(query) == output_dtype(key) == output_dtype(value):  # as autocast casts them: it
+        # leaves float64 alone, so float64 beside another dtype is refused under autocast too (a review)
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
-                           f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}")
+                           f"query.dtype: {query.dtype}, key.dtype: {key.dtype} and value.dtype: {value.dtype}"
+                           + (" (under autocast)" if autocast_on(query) else ""))
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         raise RuntimeError(f"scaled_dot_product_attention: query {tuple(query.shape)}, key "
                            f"{tuple(key.shape)} and value {tuple(value.shape)} do not fit: query and "
@@ -56,19 +59,18 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     # torch's rule (a review: lowbit took a float64 mask that torch, and so the `fp` recipe,
     # refuses): a floating mask is float32 or the query's dtype, both as autocast casts them
     if attn_mask is not None and attn_mask.is_floating_point() \
-            and _autocast(attn_mask) not in (torch.float32, _autocast(query)):
+            and output_dtype(attn_mask) not in (torch.float32, output_dtype(query)):
         raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, got "
                            f"attn_mask {attn_mask.dtype} and query {query.dtype}"
-                           + (" (under autocast)" if torch.is_autocast_enabled(query.device.type) else ""))
+                           + (" (under autocast)" if autocast_on(query) else ""))
 
 
-def _autocast(t: torch.Tensor) -> torch.dtype:
-    """``t``'s dtype as autocast casts it for ``scaled_dot_product_attention`` (float32,
-    float16 and bfloat16 to the autocast dtype; others unchanged)."""
-    device = t.device.type
-    if torch.is_autocast_enabled(device) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(device)
-    return t.dtype
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device (never for ``meta``/``lazy``, whose query
+    raises in torch)."""
+    return t.device.type not in ("meta", "lazy") and torch.is_autocast_enabled(t.device.type)
+
+
 
 
 def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[int, ...], lq: int,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .attention_args import autocast_on
 from .config import FQTConfig
 from .conversion import SwapRule, hooks_reason, mha_reason
 from .formats import check_dense
@@ -195,6 +196,11 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
                                    average_attn_weights, is_causal)
         for what, t in (("query", query), ("key", key), ("value", value)):
             check_dense("FQTMultiheadAttention", what, t)
+        if need_weights and not autocast_on(query):  # torch's weights path (baddbmm) takes one dtype:
+            for what, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):  # a review
+                if m is not None and m.is_floating_point() and m.dtype != query.dtype:
+                    raise RuntimeError(f"nn.MultiheadAttention with need_weights=True: a float {what} must have "
+                                       f"the query's dtype {query.dtype}, got {m.dtype} (torch refuses it too)")
         batched = query.dim() == 3
         if self.batch_first and batched:  # keep the "is" relations that pick the projections
             if key is value:

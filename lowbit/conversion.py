@@ -54,6 +54,10 @@ def _module_free(module: nn.Module) -> bool:
 MHA_REASON = ("child of nn.MultiheadAttention: its forward reads this layer's weight "
               "directly (F.multi_head_attention_forward) and never calls it, so a "
               "converted layer would not run")
+OUT_PROJ_REASON = ("an nn.MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear) converted on "
+                   "its own: that attention reads its weight directly and never calls it, so a "
+                   "converted layer would not run; convert the attention module or the model "
+                   "holding it (its out_proj then converts with it)")
 LAZY_REASON = ("lazy module with uninitialized parameters: run one forward pass to "
                "materialize it, then convert")
 
@@ -188,10 +192,13 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
     instance attribute that ``replacement`` defines itself (e.g. an instance ``forward``),
     and its parent calls it (``nn.MultiheadAttention`` reads ``out_proj.weight`` instead;
     lowbit's ``FQTMultiheadAttention`` calls it). ``nn.MultiheadAttention``'s
-    ``NonDynamicallyQuantizableLinear`` counts as a plain ``nn.Linear``.
+    ``NonDynamicallyQuantizableLinear`` counts as a plain ``nn.Linear``, except converted
+    on its own (no parent): it exists only as that attention's ``out_proj``.
     """
     if isinstance(parent, nn.MultiheadAttention) and not getattr(parent, "calls_out_proj", False):
         return MHA_REASON
+    if parent is None and type(module) is NonDynamicallyQuantizableLinear:  # convert(mha.out_proj)
+        return OUT_PROJ_REASON
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return LAZY_REASON
     cls = type(module)

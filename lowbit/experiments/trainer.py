@@ -465,8 +465,9 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
         write_metrics(run_dir, history)
         write_status(run_dir, "running")
     started.append(True)
-    if bad_in_a_row >= cfg.max_bad_steps:  # a resume with a lower --max-bad-steps (a review:
-        # the restored count was compared only after its next increment: "8/5 in a row")
+    if start_epoch < cfg.epochs and bad_in_a_row >= cfg.max_bad_steps:  # a resume with a lower --max-bad-steps (a review:
+        # the restored count was compared only after its next increment: "8/5 in a row"; a
+        # finished run has no step left and stays "done")
         _diverged(run_dir, main, f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient "
                                  f"before step {step}, restored from the checkpoint, reach max_bad_steps "
                                  f"{cfg.max_bad_steps}")

@@ -131,8 +131,11 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
         why = _unusable_cache_dir()
         if why is None:
             try:  # the reason is what fullgraph=True prints (a review: torch's hint alone said
-                # "remove the torch.compiler.disable call", in lowbit's source)
-                return torch.compiler.disable(fn, reason=_REASON.format(getattr(fn, "__qualname__", fn)))
+                # "remove the torch.compiler.disable call", in lowbit's source); torch < 2.8 has none
+                try:
+                    return torch.compiler.disable(fn, reason=_REASON.format(getattr(fn, "__qualname__", fn)))
+                except TypeError:
+                    return torch.compiler.disable(fn)
             except Exception as exc:  # noqa: BLE001 - whatever importing torch._dynamo raised
                 why = _describe(exc)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import warnings
 
@@ -1218,3 +1219,51 @@ def test_a_mask_dtype_torch_refuses_is_refused_alike(autocast: bool) -> None:
                         assert "attn_mask dtype to be bool or float or to match query dtype" in str(e)
                         outcome.append("refused")
             assert outcome[0] == outcome[1], (qd, md)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_query_key_value_dtypes_torch_refuses_are_refused_alike(autocast: bool) -> None:
+    """A second review: autocast never casts float64, so torch refuses a float64 key beside a
+    bfloat16 query under autocast too; lowbit checked the three dtypes only outside it
+    (36 such combinations ran quantized and failed as the ``fp`` baseline)."""
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+    for qd in dtypes:
+        for kd in dtypes:
+            q, k = torch.randn(1, 2, 3, 16, dtype=qd), torch.randn(1, 2, 3, 16, dtype=kd)
+            outcome = []
+            for f in (F.scaled_dot_product_attention, lambda *a, **kw: scaled_dot_product_attention(*a, **kw, state=cfg)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    try:
+                        f(q, k, k)
+                        outcome.append("ran")
+                    except RuntimeError as e:
+                        assert "Expected query, key, and value to have the same dtype" in str(e)
+                        outcome.append("refused")
+            assert outcome[0] == outcome[1], (qd, kd)
+
+
+def test_multihead_attention_masks_with_weights_follow_torchs_dtype_rule() -> None:
+    """A second review: with ``need_weights=True`` (its default) torch's
+    ``nn.MultiheadAttention`` wants a float mask in the query's dtype (its weights path
+    multiplies with ``baddbmm``); the converted module took the looser SDPA rule (a float32
+    mask beside bfloat16 queries), so the ``fp`` baseline of a model failed where its
+    quantized run did not. Every (query, mask, need_weights, autocast) case now agrees."""
+    torch.manual_seed(0)
+    for qd in (torch.bfloat16, torch.float32):
+        plain = nn.MultiheadAttention(16, 2, batch_first=True).to(qd)
+        conv = lowbit.convert(nn.Sequential(copy.deepcopy(plain)), FQTConfig.from_recipe("fqt-psq-8", seed=0))[0]
+        x = torch.randn(2, 3, 16, dtype=qd)
+        for autocast, weights, which, md in itertools.product((False, True), (True, False), ("attn", "kpm"),
+                                                              (torch.float32, torch.bfloat16, torch.float64)):
+            masks = {"attn_mask": torch.zeros(3, 3, dtype=md)} if which == "attn" else \
+                {"key_padding_mask": torch.zeros(2, 3, dtype=md)}
+            outcome = []
+            for m in (plain, conv):
+                try:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        m(x, x, x, need_weights=weights, **masks)
+                    outcome.append("ran")
+                except RuntimeError:
+                    outcome.append("refused")
+            assert outcome[0] == outcome[1], (qd, autocast, weights, which, md)

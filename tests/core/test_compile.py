@@ -371,3 +371,26 @@ def test_lowbit_imports_and_trains_where_torchs_compiler_cannot_import(
     native, available = out.stdout.split("NATIVE ")[1].splitlines()[0].split()
     if compile_flag == "1" and os.environ.get("LOWBIT_AVX512", "1") != "0":
         assert native == available  # the C quantizer runs wherever it can
+
+
+def test_disable_tracing_without_a_reason_argument_still_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: ``torch.compiler.disable(reason=…)`` exists from torch 2.8; before it the
+    ``TypeError`` was read as the compiler failing to import, and every later function was
+    left undisabled with lowbit's compiled kernels running eagerly. Without the argument,
+    the function is disabled and nothing is recorded as a failure."""
+    real = torch.compiler.disable
+    seen = []
+
+    def old_disable(fn=None, recursive=True):  # noqa: ANN001, ANN202 - torch 2.4–2.7's signature
+        seen.append(fn)
+        return real(fn, recursive)
+
+    monkeypatch.setattr(torch.compiler, "disable", old_disable)
+    before = compiled.failure()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    g = compiled.disable_tracing(f)
+    assert seen == [f] and g is not f and compiled.failure() == before
+    assert torch.equal(g(torch.ones(2)), torch.full((2,), 2.0))

@@ -448,6 +448,17 @@ def test_an_encoder_whose_layers_were_converted_one_by_one_names_its_nested_path
         assert enc(torch.randn(2, 5, 16), src_key_padding_mask=pad).shape == (2, 5, 16)
 
 
+def test_an_attention_out_proj_converted_on_its_own_is_left_alone_with_the_reason() -> None:
+    """A review: ``mha.out_proj = lowbit.convert(mha.out_proj, cfg)`` converted it without a
+    word, and it never ran (``nn.MultiheadAttention`` reads its weight directly), in train
+    and eval. ``convert`` leaves it alone and says why and what to convert instead."""
+    mha = nn.MultiheadAttention(16, 2)
+    with pytest.warns(ConversionWarning, match=r"out_proj \(NonDynamicallyQuantizableLinear\) converted on its "
+                                               r"own.*convert the attention module"):
+        out, report = lowbit.convert(mha.out_proj, FQT, report=True)
+    assert out is mha.out_proj and report.converted == () and list(report.skipped) == [""]
+
+
 def test_encoder_layer_train_mode() -> None:
     layer = _encoder_layer().train()
     ref = copy.deepcopy(layer)

@@ -689,7 +689,7 @@ def test_a_weight_left_on_meta_is_refused_not_read_as_memory() -> None:
     ``to_empty``) returned uninitialised CPU memory (NaN, 1e15) where ``nn.Linear`` raises:
     the dispatcher took the op's fake kernel for the meta operand. Layers and lowbit
     attention now refuse operands on more than one device; an all-meta call still gives
-    the shape."""
+    the shapes."""
     from lowbit.functional import scaled_dot_product_attention
     cfg = FQTConfig.from_recipe("fqt-psq-4", seed=1)
     with torch.device("meta"):
@@ -710,6 +710,15 @@ def test_a_weight_left_on_meta_is_refused_not_read_as_memory() -> None:
     for k, mask in ((q4.to("meta"), None), (q4, torch.zeros(3, 3, device="meta"))):
         with pytest.raises(RuntimeError, match=r"expected query, key, value \(and attn_mask\) on one device"):
             scaled_dot_product_attention(q4, k, q4, attn_mask=mask, state=cfg)
+    # all on meta: the shapes (a second review: attention raised in torch's autocast query)
+    qm = q4.to("meta")
+    assert scaled_dot_product_attention(qm, qm, qm, state=cfg).shape == (1, 2, 3, 8)
+    with torch.device("meta"):
+        enc = lowbit.convert(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), cfg)
+    assert enc(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
+    q = torch.randn(4, 2, 8, device="meta")
+    out, weights = lowbit.convert(nn.Sequential(nn.MultiheadAttention(8, 2, device="meta")), cfg)[0](q, q, q)
+    assert out.shape == (4, 2, 8) and weights.shape == (2, 4, 4) and out.device.type == "meta"
 
 
 def test_fullgraph_compilation_through_lowbit_attention_names_the_way() -> None:

@@ -991,3 +991,15 @@ def test_a_resume_with_a_lower_max_bad_steps_stops_on_the_restored_count(tmp_pat
     # with the limit it had, the run goes on from the same checkpoint
     result = train(TrainConfig(**cfg, max_bad_steps=10, out=str(tmp_path)), resume=True, progress=False)
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_a_finished_run_resumed_with_a_lower_max_bad_steps_stays_done(tmp_path):
+    """A review of the fix above: it also stopped a finished run (no step left) resumed
+    with a lower limit and rewrote its status as "diverged", dropping it from the report."""
+    task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
+    cfg = dict(DIGITS, recipe="qat-8", epochs=1)
+    train(TrainConfig(**cfg, max_bad_steps=10, out=str(tmp_path)), task=_NaNLoss(task, {4, 5, 6, 7}),
+          progress=False)
+    result = train(TrainConfig(**cfg, max_bad_steps=3, out=str(tmp_path)), resume=True, progress=False)
+    assert [row["epoch"] for row in result.history] == [1]
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
