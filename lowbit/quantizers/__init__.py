@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import AnyFormat, Rounding, check_float_tensor, parse_format
+from ..formats import AnyFormat, Rounding, parse_format
 from ..noise import check_generator
 from .base import (
     GradQuantizer,
@@ -13,6 +13,7 @@ from .base import (
     QuantizedOperand,
     RowTransform,
     absmax,
+    check_operand,
 )
 from .bhq import BHQ
 from .hadamard import Hadamard
@@ -49,7 +50,13 @@ def quantize_grad(
 
     ``E[quantize_grad(g, ...)] = g`` over the rounding noise, over the whole finite range
     of ``g``'s dtype (subnormals included), up to ``g``'s dtype's own final rounding (see
-    :mod:`lowbit.formats`); NaN/Inf propagate. That final rounding includes overflow: a
+    :mod:`lowbit.formats`) and, for Hadamard and BHQ, up to the rounding of their row
+    mixing and its inverse, which run in ``g``'s compute dtype (float32; float64 for
+    float64 ``g``): per element about float32's unit roundoff (2⁻²⁴) times the largest
+    magnitude in its block or group — far below the rounding noise (about 10⁶× on
+    ordinary gradients; :meth:`GradQuantizer.expected_variance` leaves it out), but large
+    relative to a row 10⁶× smaller than its block's largest (a review measured 15% on such
+    rows; pass float64 ``g`` where they matter). NaN/Inf propagate. That final rounding includes overflow: a
     value the grid places past the dtype's largest finite value ``M`` — a block format's
     top grid value or a transform's sums can pass it for ``|g|`` within a factor 4 of ``M``
     — becomes ±Inf there. Every ``g`` with ``|g| ≤ M/4`` gives a finite result under PTQ
@@ -66,12 +73,7 @@ def quantize_grad(
     scale rule; :meth:`GradQuantizer.quantize` takes it).
     """
     check_generator(generator, "quantize_grad")
-    check_float_tensor(g, "gradient")
-    if g.dim() != 2:
-        raise ValueError(f"quantize_grad expects a 2-D gradient (rows, features), got shape {tuple(g.shape)}")
-    if g.requires_grad and torch.is_grad_enabled():  # its graph ran through the scale only
-        raise ValueError("quantize_grad is not differentiable: pass g.detach() (or call it under "
-                         "torch.no_grad())")
+    check_operand(g, "quantize_grad", "gradient", "g")
     q = get_quantizer(quantizer)
     fmt = parse_format(fmt)
     if fmt.clips:

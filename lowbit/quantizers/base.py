@@ -35,6 +35,7 @@ from ..formats import (
     Rounding,
     as_granularity,
     as_rounding,
+    check_float_tensor,
     compute_dtype,
     draw_seed,
     element_spacing_sq,
@@ -204,6 +205,19 @@ def refuse_clipping(fmt: AnyFormat, what: str) -> None:
                          f"{fmt.name.removesuffix('_spec')}, or measure draws of quantize)")
 
 
+def check_operand(a: torch.Tensor, op: str, what: str = "operand", var: str = "a") -> None:
+    """The checks of every quantizer entry point (a review found the quantizer methods
+    without those of :func:`lowbit.quantize_grad`: a 3-D operand took per-column scales,
+    a complex one lost its imaginary part, one requiring grad got a zero gradient):
+    ``TypeError`` for a non-tensor or a dtype lowbit does not quantize, ``ValueError`` for
+    a non-2-D operand or one that requires grad while grad mode is on (not differentiable)."""
+    check_float_tensor(a, what)
+    if a.dim() != 2:
+        raise ValueError(f"{op} expects a 2-D {what} (rows, features), got shape {tuple(a.shape)}")
+    if a.requires_grad and torch.is_grad_enabled():  # its graph would run through the scale only
+        raise ValueError(f"{op} is not differentiable: pass {var}.detach() (or call it under torch.no_grad())")
+
+
 class GradQuantizer(abc.ABC):
     """Gradient quantizer: a row transform plus per-row or per-tensor rounding; unbiased
     with stochastic rounding on every format whose groups cannot clip (all but the
@@ -232,6 +246,7 @@ class GradQuantizer(abc.ABC):
         The range is ``T·a``'s own (dynamic), or ``tracker``'s prediction. ``rounding``: a
         :class:`Rounding` or its name (``"stochastic"``, ``"nearest"``); ``ValueError`` for
         anything else."""
+        check_operand(a, f"{self.name}.quantize")
         fmt = parse_format(fmt)
         rounding = as_rounding(rounding)
         k = kernels_for(backend, a.device)
@@ -274,6 +289,7 @@ class GradQuantizer(abc.ABC):
         that clips (``*_spec``): its error is not this variance alone but a clipping bias
         too, which these formulas (and :meth:`expected_variance`, :meth:`variance_bound`)
         do not have — measure such a format's error from draws of :meth:`quantize`."""
+        check_operand(a, f"{self.name}.rounding_variance")
         refuse_clipping(parse_format(fmt), f"{self.name}.rounding_variance")
         if a.numel() == 0:  # nothing to round (quantize takes empty operands too)
             return Identity(a.shape[0]), torch.zeros(a.shape, dtype=torch.float64, device=a.device)
@@ -286,6 +302,7 @@ class GradQuantizer(abc.ABC):
         """``E‖Q(a) − a‖²`` over the rounding noise (0-d float64): the per-element SR
         variances, pushed through ``T⁻¹``. (For random transforms: given that draw.)
         ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
+        check_operand(a, f"{self.name}.expected_variance")
         refuse_clipping(parse_format(fmt), f"{self.name}.expected_variance")
         if a.numel() == 0:
             return torch.zeros((), dtype=torch.float64, device=a.device)
@@ -297,6 +314,7 @@ class GradQuantizer(abc.ABC):
         element of ``T·a``, ``δ`` its element grid spacing and ``s`` its absolute scale
         (``step²/4`` on an integer grid); an all-zero group has no variance and adds 0.
         ``ValueError`` for a format that clips, as :meth:`rounding_variance`."""
+        check_operand(a, f"{self.name}.variance_bound")
         refuse_clipping(parse_format(fmt), f"{self.name}.variance_bound")
         if a.numel() == 0:
             return torch.zeros((), dtype=torch.float64, device=a.device)

@@ -35,7 +35,7 @@ from ..formats import AnyFormat, Format, Granularity, Rounding, compute_dtype, p
 from ..kernels import Impl, Kernels, avx512, kernels_for, reference, register
 from ..kernels.encoded import Encoded
 from ..scopes import scope
-from .base import GradQuantizer, RowTransform, refuse_clipping
+from .base import GradQuantizer, RowTransform, check_operand, refuse_clipping
 
 DEFAULT_BLOCK = 64
 # a float32 operand with a block of largest magnitude above _HUGE (a sum of b values of up
@@ -238,7 +238,8 @@ class Hadamard(GradQuantizer):
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
         if isinstance(block, bool) or not isinstance(block, int):  # True was taken as block 1
             raise TypeError(f"Hadamard block size must be an int, got {block!r}")
-        hadamard_matrix(block)  # validates the block size
+        if block < 1 or block & (block - 1):  # checked, not built (a b×b matrix: a review)
+            raise ValueError(f"Hadamard block size must be a power of two, got {block}")
         self.block = block
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
@@ -260,6 +261,7 @@ class Hadamard(GradQuantizer):
         ``k`` (up to the scale's one-ulp round-up). 0-d float64; the norms are taken on ``a``
         scaled by a power of two (exact), so squares of extreme values neither underflow
         nor overflow. ``ValueError`` for a format that clips (``*_spec``)."""
+        check_operand(a, f"{self.name}.variance_bound")
         fmt = parse_format(fmt)
         refuse_clipping(fmt, f"{self.name}.variance_bound")
         a = a.double()

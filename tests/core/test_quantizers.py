@@ -500,3 +500,38 @@ def test_variance_formulas_say_inf_not_nan_past_the_dtypes_range() -> None:
         assert quantizer.variance_bound(g, "int4").item() == math.inf
     g[0, 0] = math.nan
     assert math.isnan(get_quantizer("bhq").expected_variance(g, "int4").item())
+
+
+@pytest.mark.parametrize("name", ["ptq", "psq", "bhq", "hadamard"])
+def test_every_quantizer_entry_point_refuses_what_quantize_grad_refuses(name: str) -> None:
+    """A review: the quantizer methods took what ``quantize_grad`` refuses — a 3-D operand
+    (PSQ then scaled per (batch, column), on the summed dimension), a complex one (its
+    imaginary part dropped), an integer one, one requiring grad (a silent zero gradient)."""
+    q = lowbit.QUANTIZERS[name]
+    bad = [(torch.randn(2, 3, 4), ValueError, r"expects a 2-D operand \(rows, features\), got shape \(2, 3, 4\)"),
+           (torch.randn(5), ValueError, r"expects a 2-D operand"),
+           (torch.complex(torch.randn(4, 6), torch.randn(4, 6)), TypeError, r"operand has dtype torch.complex64"),
+           (torch.arange(24, dtype=torch.int32).reshape(4, 6), TypeError, r"operand has dtype torch.int32"),
+           (torch.randn(4, 6, requires_grad=True), ValueError, r"is not differentiable: pass a.detach\(\)")]
+    calls = {"quantize": lambda a: q.quantize(a, 8), "expected_variance": lambda a: q.expected_variance(a, 8),
+             "variance_bound": lambda a: q.variance_bound(a, 8), "rounding_variance": lambda a: q.rounding_variance(a, 8)}
+    for call in calls.values():
+        for a, err, match in bad:
+            with pytest.raises(err, match=match):
+                call(a)
+        with torch.no_grad():  # grad mode off: a tensor that requires grad is only read
+            call(torch.randn(4, 6, requires_grad=True))
+    with pytest.raises(ValueError, match=r"quantize_grad expects a 2-D gradient"):
+        lowbit.quantize_grad(torch.randn(2, 3, 4), name, 8)
+
+
+def test_a_huge_hadamard_block_is_checked_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: ``Hadamard(block=b)`` built the b×b matrix to check that b is a power of
+    two (873 MB at 8192; GBs beyond). The check is arithmetic now."""
+    from lowbit.quantizers import Hadamard, hadamard
+
+    monkeypatch.setattr(hadamard, "hadamard_matrix", lambda *a, **k: pytest.fail("built the b×b matrix"))
+    assert Hadamard(1 << 40).block == 1 << 40
+    for b in (0, -4, 6, 96):
+        with pytest.raises(ValueError, match=f"power of two, got {b}"):
+            Hadamard(b)
