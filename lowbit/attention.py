@@ -823,10 +823,6 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            f"{tuple(query.shape)}, key {tuple(key.shape)} and value "
                            f"{tuple(value.shape)} do not broadcast") from None
     out_dtype = output_dtype(query)
-    if query.device.type == "meta":  # a model on meta: no values to quantize, the shapes and dtypes alone
-        # (a review: torch's autocast query raised there)
-        out = query.new_empty(*lead, lq, ev, dtype=out_dtype)
-        return out, query.new_empty(*lead, lq, s, dtype=out_dtype) if need_weights else None
     n = math.prod(lead)
     q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
     mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)
@@ -837,6 +833,13 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise RuntimeError("lowbit attention: torch.jit.trace would record its forward's operations "
                            "without its backward (the gradients of quantization's rounding); use "
                            "torch.export (run the exported program under torch.no_grad) or torch.compile")
+    if query.device.type == "meta":  # a model on meta: no values to quantize; the float product gives
+        # the shapes, dtypes and autograd history (reviews: torch's autocast query raised there, then
+        # empty outputs cut the backward)
+        scores = q3.to(out_dtype) @ k3.to(out_dtype).mT * c
+        probs = torch.softmax(scores if mask is None else scores + mask.reshape(-1, lq, s).to(out_dtype), -1)
+        out = (probs @ v3.to(out_dtype)).reshape(*lead, lq, ev)
+        return out, probs.reshape(*lead, lq, s) if need_weights else None
     out, weights = _run_attention(q3, k3, v3, mask, state, c, float(dropout_p), out_dtype,
                                   need_weights, bool(is_causal))
     out = out.reshape(*lead, lq, ev)

@@ -197,10 +197,16 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         for what, t in (("query", query), ("key", key), ("value", value)):
             check_dense("FQTMultiheadAttention", what, t)
         if need_weights and not autocast_on(query):  # torch's weights path (baddbmm) takes one dtype:
-            for what, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):  # a review
-                if m is not None and m.is_floating_point() and m.dtype != query.dtype:
-                    raise RuntimeError(f"nn.MultiheadAttention with need_weights=True: a float {what} must have "
-                                       f"the query's dtype {query.dtype}, got {m.dtype} (torch refuses it too)")
+            # its masks, bool ones made the query's dtype, added together (a review; a second one:
+            # each checked alone refused a bool causal mask beside a float32 padding mask in float64)
+            given = [query.dtype if m.dtype == torch.bool else m.dtype
+                     for m in (attn_mask, key_padding_mask) if m is not None]
+            merged = given[0] if len(given) == 1 else torch.promote_types(*given) if given else query.dtype
+            if merged != query.dtype:
+                raise RuntimeError(f"nn.MultiheadAttention with need_weights=True: the masks (attn_mask "
+                                   f"{None if attn_mask is None else attn_mask.dtype}, key_padding_mask "
+                                   f"{None if key_padding_mask is None else key_padding_mask.dtype}) add up to "
+                                   f"{merged}, not the query's dtype {query.dtype} (torch refuses it too)")
         batched = query.dim() == 3
         if self.batch_first and batched:  # keep the "is" relations that pick the projections
             if key is value:

@@ -471,7 +471,9 @@ class SRAdamW(_SROptimizer):
     (``v = 0``, update ``m̂/ε``) or is badly wrong. bfloat16 has float32's exponent range,
     so it holds ``v`` with 0.4% relative precision at every magnitude. (8-bit Adam
     implementations store ``v`` with a non-linear, dynamic quantization map instead.)
-    ``weights`` as for :class:`SRSGD`. ``generator`` seeds the rounding noise.
+    ``weights`` as for :class:`SRSGD`. ``generator`` seeds the rounding noise. The defaults
+    are ``torch.optim.AdamW``'s (``weight_decay=1e-2`` too: it was 0, and a new user's
+    drop-in swap lost its weight decay).
 
     Sparse gradients are refused (``RuntimeError`` at ``step``, before any update), as by
     ``torch.optim.AdamW``. ``torch.optim.AdamW`` settings it does not implement
@@ -487,7 +489,7 @@ class SRAdamW(_SROptimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, generator: torch.Generator | None = None,
+                 weight_decay: float = 1e-2, generator: torch.Generator | None = None,
                  weights: str = "bf16", state: str = "bf16") -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                     "eps": eps, "weight_decay": weight_decay}

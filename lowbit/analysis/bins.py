@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..formats import IntFormat, compute_dtype
-from ..quantizers import QUANTIZERS, absmax, get_quantizer
+from ..quantizers import QUANTIZERS, absmax, check_operand, get_quantizer
 from .plots import save_figure
 
 
@@ -48,8 +48,7 @@ def mapped_values(a: torch.Tensor, quantizer: str, bits: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """``T·A / step`` — the operand on the quantizer's integer grid before rounding
     (values in ``[−Q, Q]``; padded rows of a Hadamard transform included)."""
-    if a.dim() != 2:
-        raise ValueError(f"expected a 2-D operand (rows, features), got shape {tuple(a.shape)}")
+    check_operand(a, "mapped_values")  # 2-D, a float dtype lowbit quantizes (a review: complex taken)
     q, fmt = get_quantizer(quantizer), IntFormat(bits)
     a = a.to(compute_dtype(a.dtype))  # float64 keeps its range
     y = q.transform(a, generator).forward(a)

@@ -73,8 +73,12 @@ def plot_bounds(reports: Sequence[tuple[str, VarianceReport]], path: str | Path,
             ax.scatter(xt, yt, s=80, marker="*", facecolors=face, edgecolors=color)
     if lo < hi:
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = bound")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if lo <= hi:  # a log scale needs a positive point (a new user's run had none: matplotlib raised)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finite positive bound to plot", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
     ax.set_xlabel("predicted bound (Theorem 2)", fontsize=8)
     ax.set_ylabel("measured quantization variance", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 
 from lowbit.analysis import gradient_variance, with_config
 from lowbit.analysis.variance import VarianceReport, qat_of
-from lowbit.config import RECIPES, FQTConfig
+from lowbit.config import ADAPTIVE_RECIPES, RECIPES, FQTConfig
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm, step_bytes
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS
 from lowbit.experiments.rundir import write_atomic
@@ -39,7 +38,7 @@ from lowbit.nn import convert
 
 from ..noise import torch_seed
 from .variance_data import describe_warmup, loss_trend
-from .variance_summary import strict
+from lowbit.jsonfile import dumps
 
 DEFAULT_BATCH_SIZE = {"digits": 64, "fashion-mnist": 64, "text": 16}
 RESULTS = ("comm_variance.json", "summary.md")  # what a run writes into --out
@@ -109,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model must be one of {', '.join(MODELS[args.task])}, got {model_name!r}")
     if args.recipe not in RECIPES:
         raise ValueError(f"--recipe must be a named recipe (fqt-psq-8, ...), got {args.recipe!r}")
+    if args.recipe in ADAPTIVE_RECIPES:  # it failed later with a message about QAT configs (a new user)
+        raise ValueError(f"--recipe {args.recipe}: an adaptive recipe's widths come from the variance "
+                         "monitor while `lowbit train` runs; comm-variance measures a fixed recipe "
+                         "(fqt-psq-8, fqt-psq-4, ...)")
     comms = parse_list("--grad-comm", args.grad_comm)  # empty items refused, repeats measured once
     for c in comms:
         if c not in GRAD_COMM_NAMES:
@@ -160,11 +163,11 @@ def run(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "comm_variance.json", json.dumps(strict({
+    write_atomic(out / "comm_variance.json", dumps({
         "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "data": getattr(task, "source", None),  # which copy of the data (config.json's "data")
         "warmup": warm, "runs": runs, "seconds": time.perf_counter() - t0,
-        "torch": torch.__version__, "threads": torch.get_num_threads()}), indent=1, default=str, allow_nan=False) + "\n")
+        "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=1, default=str) + "\n")
     write_atomic(out / "summary.md", table)
     print(table)
     return 0

@@ -12,7 +12,7 @@ value exits with status 2 and one line naming it.
 from __future__ import annotations
 
 import argparse
-import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.config import FQTConfig, backend_names, recipe_families
+from lowbit.config import ADAPTIVE_RECIPES, FQTConfig, backend_names, recipe_families
 from lowbit.coverage import coverage
 from lowbit.experiments.models import DEFAULT_MODEL, MODELS, build_model
 from lowbit.experiments.rundir import write_atomic
 from lowbit.experiments.tasks import TASK_CLASSES, TASKS
+from lowbit.jsonfile import dumps
+from lowbit.ops import AdaptiveRecipeWarning
 from lowbit.experiments.trainer import convert_or_refuse
 from lowbit.experiments.train import (
     MODEL_ARG_HELP,
@@ -96,10 +98,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model-arg: {exc}") from None
     convert_or_refuse(model, config)  # a backend that cannot run its GEMMs: one line (a new user)
     inputs, loss_fn = synthetic_batch(args.task, model, batch, torch.Generator().manual_seed(torch_seed(seed)))
-    report = coverage(model, *inputs, loss_fn=loss_fn)
+    with warnings.catch_warnings():  # no policy to attach here: the note below says so once
+        warnings.simplefilter("ignore", AdaptiveRecipeWarning)  # (a new user: one warning per layer)
+        report = coverage(model, *inputs, loss_fn=loss_fn)
     print(f"lowbit coverage: task {args.task}, model {name}, recipe {args.recipe} "
           f"(backend {args.backend}), batch {batch}, synthetic data")
+    if args.recipe in ADAPTIVE_RECIPES:
+        print(f"{args.recipe} changes its gradient widths as it trains (`lowbit train` attaches its "
+              "policy); the table shows its starting widths")
     print(report.table(by=args.by))
     if args.json:
-        write_atomic(Path(args.json), json.dumps(report.to_dict(), indent=1) + "\n")
+        write_atomic(Path(args.json), dumps(report.to_dict(), indent=1) + "\n")
     return 0

@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="training images to load (fashion-mnist, default 10000; digits: all) or text bytes")
     a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
     a("--lr", type=float, default=None, help="warm-up learning rate (SGD images, AdamW text)")
-    a("--bound-batches", type=int, default=1, help="minibatches with a Theorem 2 bound (0: none)")
+    a("--bound-batches", type=int, default=1,
+      help="minibatches with a Theorem 2 bound (0: none; skipped with a note for models with low-bit "
+           "attention, which the bound does not cover)")
     a("--spectrum", default="layer",
       help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum)")
     a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")

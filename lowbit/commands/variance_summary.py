@@ -80,22 +80,6 @@ def jsonable(x: object) -> object:
     return str(x)
 
 
-def strict(x: object) -> object:
-    """``x`` with every non-finite float made valid JSON (which has no NaN or Infinity: a
-    review found bare ``NaN`` tokens in variance.json, which ``json.dumps`` writes for
-    floats without asking ``default``): NaN as null, ±inf as ``"inf"``/``"-inf"``.
-    Dump the result with ``allow_nan=False``."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else str(x)
-    if isinstance(x, torch.Tensor):
-        return strict(x.tolist())
-    if isinstance(x, dict):
-        return {k: strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict(v) for v in x]
-    return x
-
-
 def machine() -> dict:
     return {"platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -39,6 +39,7 @@ from torch import nn
 
 from lowbit.adaptive import AdaptivePolicy
 from lowbit.config import ADAPTIVE_RECIPES
+from lowbit.jsonfile import dumps
 from lowbit.monitor import VarianceMonitor, skip_reason
 from lowbit.nn import fqt_layers
 
@@ -136,7 +137,9 @@ def write_log(run_dir: Path, monitor: VarianceMonitor | None) -> None:
     if monitor is None:
         return
     state = {k: v for k, v in monitor.state_dict().items() if k != "pair"}  # pair: tensors
-    text = json.dumps(state | {"sgd": monitor.sgd, "mean_bits": monitor.mean_bits()}, indent=1)
+    # valid JSON: a first layer's ∇X ratio and a BatchNorm model's first step are NaN (null here;
+    # a new user's JSON reader refused the bare NaN tokens)
+    text = dumps(state | {"sgd": monitor.sgd, "mean_bits": monitor.mean_bits()}, indent=1)
     tmp = run_dir / f".{LOG}.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, run_dir / LOG)
@@ -163,27 +166,36 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
 
     from lowbit.plots import save_figure
 
-    fig, axes = plt.subplots(2, len(logs), figsize=(max(6.4, 3.2 * len(logs)), 5.2), squeeze=False,
-                             sharey="row")  # at least 6.4 in: one recipe's title and labels fit (a new user)
+    # at least 6.4 in wide: one recipe's title and labels fit; 6.4 in tall: the two rows'
+    # labels apart (new users' walkthroughs)
+    fig, axes = plt.subplots(2, len(logs), figsize=(max(6.4, 3.2 * len(logs)), 6.4), squeeze=False,
+                             sharey="row")
     cmap = plt.get_cmap("viridis")
     for col, (label, log) in enumerate(logs.items()):
         names = list(log["specs"])
         for row, tag in enumerate(("w", "x")):
             ax = axes[row][col]
+            drawn = False
             for i, name in enumerate(names):
                 pts = [(r["step"], r["layers"][name][f"ratio_{tag}"]) for r in log["history"]
                        if name in r["layers"]]
                 pts = [(s, v) for s, v in pts if v is not None and math.isfinite(v) and v > 0]
                 if pts:
                     ax.plot(*zip(*pts), color=cmap(i / max(1, len(names) - 1)), lw=1, marker=".", ms=3)
-            ax.set_yscale("log")
+                    drawn = True
+            if drawn:
+                ax.set_yscale("log")
+            else:  # e.g. a BatchNorm model's only monitored step (its ratios are undefined there)
+                ax.text(0.5, 0.5, "no finite ratio", ha="center", va="center", transform=ax.transAxes,
+                        fontsize=8)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(label, fontsize=8)
             else:
                 ax.set_xlabel("step")
             if col == 0:
-                ax.set_ylabel("quant / SGD variance, " + ("∇W path" if tag == "w" else "∇X (shift probe)"))
+                ax.set_ylabel("quant / SGD variance\n" + ("∇W path" if tag == "w" else "∇X (shift probe)"),
+                              fontsize=8)
     fig.suptitle(f"{runs[0].train['task']} — {runs[0].train['model']}: variance ratio per layer "
                  "(dark: first layers, yellow: last)", fontsize=9)
     save_figure(fig, path)

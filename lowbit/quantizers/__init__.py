@@ -98,6 +98,7 @@ __all__ = [
     "QuantizedOperand",
     "RowTransform",
     "absmax",
+    "check_operand",
     "get_quantizer",
     "quantize_grad",
 ]

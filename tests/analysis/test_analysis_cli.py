@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -203,3 +204,32 @@ def test_default_profile_shows_standard_errors(tmp_path) -> None:
     rows = text.split("## Variance profile")[1].split("\n## ")[0].splitlines()
     layer_rows = [r for r in rows if r.startswith("| net.")]
     assert layer_rows and all(r.count("±") == 2 for r in layer_rows), layer_rows
+
+
+def test_a_model_with_low_bit_attention_skips_the_bound_and_keeps_its_results(tmp_path, capsys) -> None:
+    """A new user: ``lowbit variance --task text`` (low-bit attention, which the Theorem 2
+    bound has no term for) spent its power iterations on a bound that was NaN for every
+    group, then failed in the bounds plot ("Data cannot be log-scaled"), reported as a bad
+    argument, with variance.json never written. The bound is skipped with a note now, and
+    the results are written before any bounds plot."""
+    out = tmp_path / "t"
+    rc = main(["variance", "--task", "text", "--quantizers", "psq", "--bits", "4", "--batches", "3",
+               "--repeats", "2", "--subset", "100000", "--batch-size", "2", "--train-steps", "0",
+               "--profile", "none", "--out", str(out), "--threads", "1", "--quiet"])
+    assert rc == 0
+    assert "for which the Theorem 2 bound has no term: --bound-batches 1 skipped" in capsys.readouterr().err
+    res = json.loads((out / "variance.json").read_text())
+    assert "attention products (blocks.0.attn.sdpa" in res["bound_note"] and res["spectra"] == []
+    assert not (out / "bounds.png").exists() and (out / "summary.md").exists()
+
+
+def test_the_bounds_plot_of_reports_without_a_finite_bound_is_drawn_with_a_note(tmp_path) -> None:
+    """The same run's plot, had it been called: every bound NaN left no point for the log
+    axes, and matplotlib raised. It is drawn with a note instead."""
+    from types import SimpleNamespace
+
+    from lowbit.analysis.plots import plot_bounds
+
+    g = SimpleNamespace(pred_data=math.nan, pred_analytic=math.nan, quant_bound_batches=1e-3)  # what it reads
+    rep = SimpleNamespace(groups={"total": g, "0.weight": g})
+    assert plot_bounds([("psq-int4", rep)], tmp_path / "b.png").stat().st_size > 500

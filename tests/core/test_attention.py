@@ -1248,16 +1248,21 @@ def test_multihead_attention_masks_with_weights_follow_torchs_dtype_rule() -> No
     ``nn.MultiheadAttention`` wants a float mask in the query's dtype (its weights path
     multiplies with ``baddbmm``); the converted module took the looser SDPA rule (a float32
     mask beside bfloat16 queries), so the ``fp`` baseline of a model failed where its
-    quantized run did not. Every (query, mask, need_weights, autocast) case now agrees."""
+    quantized run did not. Every (query, masks, need_weights, autocast) case now agrees."""
     torch.manual_seed(0)
-    for qd in (torch.bfloat16, torch.float32):
+    for qd in (torch.bfloat16, torch.float32, torch.float64):
         plain = nn.MultiheadAttention(16, 2, batch_first=True).to(qd)
         conv = lowbit.convert(nn.Sequential(copy.deepcopy(plain)), FQTConfig.from_recipe("fqt-psq-8", seed=0))[0]
         x = torch.randn(2, 3, 16, dtype=qd)
-        for autocast, weights, which, md in itertools.product((False, True), (True, False), ("attn", "kpm"),
-                                                              (torch.float32, torch.bfloat16, torch.float64)):
-            masks = {"attn_mask": torch.zeros(3, 3, dtype=md)} if which == "attn" else \
-                {"key_padding_mask": torch.zeros(2, 3, dtype=md)}
+        kinds = (None, torch.bool, torch.float32, torch.bfloat16, torch.float64)
+        # both masks together too: torch adds them (a second review: each checked alone refused
+        # a bool causal mask beside a float32 padding mask in a float64 model)
+        for autocast, weights, ad, kd in itertools.product((False, True), (True, False), kinds, kinds):
+            masks = {}
+            if ad is not None:
+                masks["attn_mask"] = torch.zeros(3, 3, dtype=ad) if ad != torch.bool else torch.ones(3, 3).triu(1).bool()
+            if kd is not None:
+                masks["key_padding_mask"] = torch.zeros(2, 3, dtype=kd)
             outcome = []
             for m in (plain, conv):
                 try:
@@ -1266,4 +1271,4 @@ def test_multihead_attention_masks_with_weights_follow_torchs_dtype_rule() -> No
                     outcome.append("ran")
                 except RuntimeError:
                     outcome.append("refused")
-            assert outcome[0] == outcome[1], (qd, autocast, weights, which, md)
+            assert outcome[0] == outcome[1], (qd, autocast, weights, ad, kd)

@@ -613,6 +613,15 @@ def test_cli_prints_the_table_and_writes_json(capsys: pytest.CaptureFixture[str]
     assert json.loads(out.read_text())["total_flops"] == total == 555008
 
 
+def test_cli_on_an_adaptive_recipe_says_once_what_the_table_shows(capfd: pytest.CaptureFixture[str]) -> None:
+    """A new user: ``lowbit coverage --recipe fqt-auto`` printed an AdaptiveRecipeWarning per
+    layer, pointing at lowbit's own source and at a policy the command cannot attach."""
+    assert main(["coverage", "--task", "digits", "--model", "mlp", "--batch-size", "4", "--recipe", "fqt-auto"]) == 0
+    out, err = capfd.readouterr()
+    assert "AdaptiveRecipeWarning" not in err and "trains at the recipe's fixed" not in err
+    assert "fqt-auto changes its gradient widths as it trains" in out and "starting widths" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nope"], "--task must be one of digits, fashion-mnist, text, got 'nope'"),
     (["--model", "gpt"], "--model for task digits must be one of mlp, cnn, got 'gpt'"),

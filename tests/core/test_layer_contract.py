@@ -717,8 +717,13 @@ def test_a_weight_left_on_meta_is_refused_not_read_as_memory() -> None:
         enc = lowbit.convert(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), cfg)
     assert enc(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
     q = torch.randn(4, 2, 8, device="meta")
-    out, weights = lowbit.convert(nn.Sequential(nn.MultiheadAttention(8, 2, device="meta")), cfg)[0](q, q, q)
+    attn = lowbit.convert(nn.Sequential(nn.MultiheadAttention(8, 2, device="meta")), cfg)[0]
+    out, weights = attn(q, q, q)
     assert out.shape == (4, 2, 8) and weights.shape == (2, 4, 4) and out.device.type == "meta"
+    out.sum().backward()  # a third review: empty outputs had no history, the weights no gradient
+    assert attn.in_proj_weight.grad.shape == (24, 8)
+    with pytest.raises(RuntimeError, match="cannot be broadcast"):  # nor was the mask's shape checked
+        scaled_dot_product_attention(qm, qm, qm, torch.zeros(7, 9, device="meta"), state=cfg)
 
 
 def test_fullgraph_compilation_through_lowbit_attention_names_the_way() -> None:

@@ -458,7 +458,7 @@ def test_model_load_state_dict_is_not_undone(cls: type, fmt: str) -> None:
     # (max error 0.45, ~230 grid steps).
     torch.manual_seed(0)
     m = nn.Linear(16, 8).to(torch.bfloat16)
-    opt = cls(m.parameters(), lr=1e-3, weights=fmt)
+    opt = cls(m.parameters(), lr=1e-3, weights=fmt, weight_decay=0.0)  # a zero-gradient step: no change
     pre = nn.Linear(16, 8).to(torch.bfloat16).state_dict()
     m.load_state_dict(pre)
     _zero_grad_step(m, opt)
@@ -800,7 +800,7 @@ def test_torch_settings_at_neutral_values_are_accepted() -> None:
     SRSGD([{"params": a.parameters(), "nesterov": False, "dampening": 0, **neutral}], lr=0.1)
     SRAdamW([{"params": a.parameters(), "amsgrad": False, "decoupled_weight_decay": True, **neutral}],
             lr=0.1, weight_decay=0.1)
-    SRAdamW([{"params": a.parameters(), "decoupled_weight_decay": False}], lr=0.1)  # no decay
+    SRAdamW([{"params": a.parameters(), "decoupled_weight_decay": False}], lr=0.1, weight_decay=0.0)  # no decay
     with pytest.raises(ValueError, match=r"SRAdamW does not implement decoupled_weight_decay=False "
                        r"with weight_decay=0.1: its weight decay is decoupled"):
         SRAdamW([{"params": a.parameters(), "decoupled_weight_decay": False}], lr=0.1, weight_decay=0.1)
@@ -1016,3 +1016,13 @@ def test_frozen_weights_are_not_rewritten_by_the_constructor() -> None:
     opt = SRSGD([*enc.parameters(), *head.parameters()], lr=0.1, weights="int8")
     assert torch.equal(enc.weight, before) and "weight_codes" not in opt.state.get(enc.weight, {})
     assert not torch.equal(head.weight, head_before) and "weight_codes" in opt.state[head.weight]
+
+
+def test_sradamw_defaults_are_torch_adamws() -> None:
+    """A new user: ``SRAdamW`` defaulted to no weight decay where ``torch.optim.AdamW``
+    decays by 1e-2, so a drop-in swap silently lost its weight decay."""
+    import inspect
+
+    ours, theirs = inspect.signature(SRAdamW).parameters, inspect.signature(torch.optim.AdamW).parameters
+    for name in ("betas", "eps", "weight_decay"):
+        assert ours[name].default == theirs[name].default, name

@@ -143,6 +143,8 @@ def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
     (["--grad-comm", ","], "--grad-comm must be a non-empty comma-separated list"),
     (["--grad-comm", "int8,,int4"], "--grad-comm has an empty item"),
     (["--batch-size", "63"], "--batch-size \\(63\\) must be a multiple of --world-size"),
+    # a new user: an adaptive recipe failed later with a message about QAT configs
+    (["--recipe", "fqt-auto"], "--recipe fqt-auto: an adaptive recipe's widths come from the variance monitor"),
 ])
 def test_comm_variance_command_rejects_bad_values(tmp_path, capsys, argv, match):
     from lowbit.cli import main

@@ -1549,3 +1549,24 @@ def test_table_and_claims_count_the_same_folder_of_a_seed(tmp_path):
     (group,) = groups.values()
     assert sorted(r.path.name for r in group) == ["psq-s0b", "psq-s1"]
     assert [r.path.name for r in repeats] == ["psq-s0a"]
+
+
+def test_a_monitor_log_without_a_finite_ratio_is_drawn_with_a_note(tmp_path, monkeypatch):
+    """A new user: a BatchNorm model's only monitored step (no finite ratio) gave two empty
+    0–1 axes with no word, and the two rows' labels overlapped in a 5.2-in figure."""
+    import lowbit.plots
+    from lowbit.experiments import monitoring
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fqt-psq-8", 0, [0.1, 0.9], "done")
+    loaded = report.load_runs(runs)
+    log = {"specs": {"net.1": {}}, "history": [{"step": 0, "layers": {"net.1": {"ratio_w": None, "ratio_x": None}}}]}
+    (Path(loaded[0].path) / monitoring.LOG).write_text(json.dumps(log))
+    figures = []
+    real = lowbit.plots.save_figure
+    monkeypatch.setattr(lowbit.plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or real(fig, path, **kw))
+    assert monitoring.plot_ratios(loaded, tmp_path / "v.png") is True
+    (fig,) = figures
+    assert fig.get_size_inches()[1] >= 6.4
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert notes == ["no finite ratio", "no finite ratio"]

@@ -32,8 +32,12 @@ def test_monitor_columns_and_log(tmp_path) -> None:
     assert (row["grad_bits_gi"], row["grad_bits_gw"]) == (4, 8)
     # weighted by ∇Y size (hidden 128, 10 classes): ∇X runs on net.3/net.5, ∇W on all three
     assert row["grad_bits_mean"] == pytest.approx((4 * (128 + 10) + 8 * (128 + 128 + 10)) / 404, rel=1e-12)
-    log = json.loads((tmp_path / "monitor.json").read_text())
+    def no_bare_nan(token: str) -> None:  # a new user: the first layer's ∇X ratio was a bare NaN
+        raise AssertionError(f"monitor.json holds {token}: not JSON")
+
+    log = json.loads((tmp_path / "monitor.json").read_text(), parse_constant=no_bare_nan)
     assert [r["step"] for r in log["history"]] == [0, 3, 6, 9, 12, 15]
+    assert log["history"][-1]["layers"]["net.1"]["ratio_x"] is None  # NaN written as null
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "ratio_w:net.3" in header
     off = train(TrainConfig(**DIGITS, recipe="fqt-bhq-4", epochs=1, monitor_every=0,
