@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 import math
 import statistics
@@ -61,6 +60,7 @@ from lowbit import FQTConfig, GradSpec
 from lowbit.analysis import gradient_variance, quantization_variance
 from lowbit.analysis._model import frozen_buffers, parameter_groups, qat_of, with_config
 from lowbit.experiments.tasks import make_task
+from lowbit.jsonfile import dumps
 from lowbit.monitor import VarianceMonitor
 from lowbit.nn import fqt_blocks, fqt_layers
 from lowbit.experiments.rundir import write_atomic
@@ -312,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     def save() -> None:
-        write_atomic(Path(a.out), json.dumps({"args": vars(a), "rows": results,
-                                              "seconds": time.time() - t0}, indent=1))
+        write_atomic(Path(a.out), dumps({"args": vars(a), "rows": results,  # valid JSON (a review)
+                                         "seconds": time.time() - t0}, indent=1))
 
     for point in points:
         model.load_state_dict(snaps[point])

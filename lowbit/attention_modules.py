@@ -311,7 +311,7 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         # checks the gradients applied it); the product's backward carries the NaN, as
         # torch's softmax does.
         dead = None
-        if need_weights and attn_mask is not None:
+        if need_weights and attn_mask is not None and attn_mask.device.type != "meta":  # meta: no values
             dead = torch.isneginf(attn_mask).all(-1).expand(out.shape[:-1])  # (N, H, L)
             if bool(dead.any()):
                 weights = weights * _nan_where(dead.unsqueeze(-1), weights)

@@ -2,7 +2,8 @@
 ``--json``, …). JSON has no NaN or Infinity, and ``json.dumps`` writes them as bare
 tokens that other readers refuse (reviews found them in ``variance.json``, then in
 ``monitor.json``): :func:`strict` writes NaN as ``null`` and ±inf as ``"inf"``/``"-inf"``,
-and :func:`dumps` refuses anything else that is not JSON."""
+:func:`dumps` refuses anything else that is not JSON, and :func:`number` reads such a
+number back."""
 
 from __future__ import annotations
 
@@ -28,9 +29,21 @@ def strict(x: object) -> object:
     return x
 
 
+def number(v: object) -> float:
+    """A number :func:`strict` wrote, read back: ``None`` → NaN, ``"inf"``/``"-inf"`` →
+    ±inf, an int or float → itself as float; ``TypeError`` for anything else."""
+    if v is None:
+        return math.nan
+    if v in ("inf", "-inf"):
+        return float(v)  # type: ignore[arg-type]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise TypeError(f"not a number lowbit.jsonfile writes: {v!r}")
+
+
 def dumps(x: object, **kwargs: Any) -> str:
     """``json.dumps(strict(x), allow_nan=False, **kwargs)``: valid JSON text."""
     return json.dumps(strict(x), allow_nan=False, **kwargs)
 
 
-__all__ = ["dumps", "strict"]
+__all__ = ["dumps", "number", "strict"]

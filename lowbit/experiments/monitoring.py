@@ -39,7 +39,7 @@ from torch import nn
 
 from lowbit.adaptive import AdaptivePolicy
 from lowbit.config import ADAPTIVE_RECIPES
-from lowbit.jsonfile import dumps
+from lowbit.jsonfile import dumps, number
 from lowbit.monitor import VarianceMonitor, skip_reason
 from lowbit.nn import fqt_layers
 
@@ -177,9 +177,9 @@ def plot_ratios(runs: list[Any], path: Path) -> bool:
             ax = axes[row][col]
             drawn = False
             for i, name in enumerate(names):
-                pts = [(r["step"], r["layers"][name][f"ratio_{tag}"]) for r in log["history"]
-                       if name in r["layers"]]
-                pts = [(s, v) for s, v in pts if v is not None and math.isfinite(v) and v > 0]
+                pts = [(r["step"], number(r["layers"][name][f"ratio_{tag}"])) for r in log["history"]
+                       if name in r["layers"]]  # written by lowbit.jsonfile: null, "inf" (a review)
+                pts = [(s, v) for s, v in pts if math.isfinite(v) and v > 0]
                 if pts:
                     ax.plot(*zip(*pts), color=cmap(i / max(1, len(names) - 1)), lw=1, marker=".", ms=3)
                     drawn = True

@@ -722,6 +722,10 @@ def test_a_weight_left_on_meta_is_refused_not_read_as_memory() -> None:
     assert out.shape == (4, 2, 8) and weights.shape == (2, 4, 4) and out.device.type == "meta"
     out.sum().backward()  # a third review: empty outputs had no history, the weights no gradient
     assert attn.in_proj_weight.grad.shape == (24, 8)
+    for masks in ({"attn_mask": torch.zeros(4, 4, device="meta")},  # a fourth: its dead-row check read values
+                  {"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool, device="meta")}):
+        out, weights = attn(q, q, q, **masks)
+        assert out.shape == (4, 2, 8) and weights.shape == (2, 4, 4)
     with pytest.raises(RuntimeError, match="cannot be broadcast"):  # nor was the mask's shape checked
         scaled_dot_product_attention(qm, qm, qm, torch.zeros(7, 9, device="meta"), state=cfg)
 
