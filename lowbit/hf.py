@@ -599,7 +599,16 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
             if key not in switch and _implementation(config) != before[key]:
                 config._attn_implementation_internal = before[key]  # switched along: restore
             elif key in switch and _implementation(config) != IMPLEMENTATION:
-                for name in groups[key]:
+                # transformers' set_attn_implementation declines, with a log line only, where it
+                # cannot read the model's source (a class defined in a notebook) or its file holds
+                # another attention class; these modules were read to call the attention interface
+                # (calls_attention_interface): set it as the restore above does (a review found
+                # them reported converted while they ran float)
+                config._attn_implementation_internal = IMPLEMENTATION
+                if _implementation(config) == IMPLEMENTATION:
+                    continue
+                for name, m in groups[key].items():  # still not switched: float, said so, no child
+                    m._modules.pop(CHILD, None)
                     skipped[name] = (f"{type(model).__name__} does not let transformers switch "
                                      "this attention's implementation: it stays float")
         return skipped

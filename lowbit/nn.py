@@ -455,6 +455,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     for name, why in finish(model).items():  # attention lowbit cannot route or compute
         if module_filter is None or _filter_wants(module_filter, model, name):
             skipped[name] = why
+    # a block finish took out again (an attention left float) is not converted (a review found it listed)
+    present = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    converted[:] = [c for c in converted if c in present]
     fastpath = disable_fused_fastpath(
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))
     if skipped:

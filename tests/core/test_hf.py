@@ -795,3 +795,39 @@ def test_float_attention_gives_finite_gradients_through_a_row_masked_whole(kind:
     assert torch.allclose(out, want, atol=1e-5) and torch.equal(weights[1, :, 0], torch.zeros(4, 5))
     for a, b in zip(got_g, want_g):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)  # float32 rounding
+
+
+def test_a_model_class_whose_source_transformers_cannot_read_still_switches(tmp_path) -> None:
+    """A review: transformers' ``set_attn_implementation`` declines, with a log line only,
+    where it cannot read a model's source (a class defined in a notebook, here by ``exec``)
+    or the file holds another attention class; lowbit then reported the Llama layers'
+    attention converted (its children listed) while it ran float (``never_called``). The
+    modules call transformers' attention interface, so lowbit switches the config itself."""
+    code = (
+        "import torch, transformers as T\n"
+        "from torch import nn\n"
+        "from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding\n"
+        "class Net(T.PreTrainedModel):\n"
+        "    config_class = T.LlamaConfig\n"
+        "    _supports_sdpa = True\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__(config)\n"
+        "        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+        "        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(2))\n"
+        "        self.rot = LlamaRotaryEmbedding(config)\n"
+        "        self.post_init()\n"
+        "    def forward(self, ids):\n"
+        "        h = self.emb(ids); pe = self.rot(h, torch.arange(ids.shape[1])[None])\n"
+        "        for layer in self.layers:\n"
+        "            h = layer(h, attention_mask=None, position_embeddings=pe)\n"
+        "        return h\n")
+    space: dict = {}
+    exec(compile(code, "<notebook cell>", "exec"), space)  # noqa: S102 - a class without a source file
+    torch.manual_seed(0)
+    net = space["Net"](T.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=64))
+    net, report = lowbit.convert(net, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
+    assert net.config._attn_implementation == hf.IMPLEMENTATION and report.skipped == {}
+    assert [n for n in report.converted if n.endswith(hf.CHILD)] == [f"layers.{i}.self_attn.{hf.CHILD}" for i in range(2)]
+    cov = lowbit.coverage(net, torch.randint(0, 64, (2, 8)), loss_fn=lambda o: o.pow(2).mean())
+    assert cov.never_called == () and cov.share("low-bit") == 1.0
