@@ -313,7 +313,9 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         dead = None
         if need_weights and attn_mask is not None and attn_mask.device.type != "meta":  # meta: no values
             dead = torch.isneginf(attn_mask).all(-1).expand(out.shape[:-1])  # (N, H, L)
-            if bool(dead.any()):
+            # traced (torch.export, torch.compile): applied whatever the values, the same result
+            # without a data-dependent branch (a review: export stopped on the host read)
+            if torch.compiler.is_compiling() or bool(dead.any()):
                 weights = weights * _nan_where(dead.unsqueeze(-1), weights)
                 dead = dead.any(1).t().unsqueeze(-1)  # (L, N, 1): a head's NaN reaches the row
             else:

@@ -407,10 +407,10 @@ def lowbit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} reached a "
                            f"{type(module).__name__} without a {CHILD!r} child: run lowbit.convert "
                            "on the PreTrainedModel (it adds one to every attention module it converts); "
-                           "for a float model built from a converted model's config, build it from "
-                           "copy.deepcopy(config) and call its set_attn_implementation('sdpa') (the "
-                           "config is shared: switching it switches the converted model's attention "
-                           "to float too)")
+                           "for a float model built from a converted model's config, build it from a "
+                           "copy set back to torch's attention: c = copy.deepcopy(config); "
+                           "c._attn_implementation = 'sdpa' (not the config itself: it is shared, and "
+                           "switching it switches the converted model's attention to float too)")
     _check_kwargs(module, kwargs)
     need_weights = _weights_requested(kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -562,6 +562,7 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
         skipped[name] = (f"{cls} computes attention with its own code, not through transformers' "
                          "attention interface (ALL_ATTENTION_FUNCTIONS): lowbit cannot route it, "
                          "its attention products stay float (its Linear layers are converted)")
+    own_code = [n for n in skipped if n in selfmade]  # such modules, listed
 
     def finish(model: nn.Module) -> dict[str, str]:
         switch: set[int] = set()
@@ -603,8 +604,11 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
                 # cannot read the model's source (a class defined in a notebook) or its file holds
                 # another attention class; these modules were read to call the attention interface
                 # (calls_attention_interface): set it as the restore above does (a review found
-                # them reported converted while they ran float)
-                config._attn_implementation_internal = IMPLEMENTATION
+                # them reported converted while they ran float) — unless the model also holds
+                # attention computed by its own code, which the switch would hand lowbit's mask
+                # format (a second review: a user's pooling attention stopped being causal)
+                if not own_code:
+                    config._attn_implementation_internal = IMPLEMENTATION
                 if _implementation(config) == IMPLEMENTATION:
                     continue
                 for name, m in groups[key].items():  # still not switched: float, said so, no child

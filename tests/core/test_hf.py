@@ -298,11 +298,12 @@ def test_a_float_model_built_from_a_converted_config_is_told_how_to_run() -> Non
 
     converted = lowbit.convert(gpt2(), FQT)
     fresh = T.GPT2LMHeadModel(converted.config)
-    with pytest.raises(RuntimeError, match=r"build it from copy\.deepcopy\(config\) and call its "
-                       r"set_attn_implementation\('sdpa'\)"):
+    with pytest.raises(RuntimeError, match=r"build it from a copy set back to torch's attention: "
+                       r"c = copy\.deepcopy\(config\); c\._attn_implementation = 'sdpa'"):
         fresh(**batch("gpt2"))
-    fresh = T.GPT2LMHeadModel(copy.deepcopy(converted.config))
-    fresh.set_attn_implementation("sdpa")
+    c = copy.deepcopy(converted.config)
+    c._attn_implementation = "sdpa"  # (a review: a class whose source transformers cannot read
+    fresh = T.GPT2LMHeadModel(c)     # declines set_attn_implementation; the config setter works)
     fresh(**batch("gpt2"))
     assert converted.config._attn_implementation == hf.IMPLEMENTATION
 
@@ -797,16 +798,25 @@ def test_float_attention_gives_finite_gradients_through_a_row_masked_whole(kind:
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)  # float32 rounding
 
 
-def test_a_model_class_whose_source_transformers_cannot_read_still_switches(tmp_path) -> None:
+@pytest.mark.parametrize("pool", [False, True], ids=["layers", "with-own-attention"])
+def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool: bool, tmp_path) -> None:
     """A review: transformers' ``set_attn_implementation`` declines, with a log line only,
     where it cannot read a model's source (a class defined in a notebook, here by ``exec``)
     or the file holds another attention class; lowbit then reported the Llama layers'
     attention converted (its children listed) while it ran float (``never_called``). The
-    modules call transformers' attention interface, so lowbit switches the config itself."""
+    modules call transformers' attention interface, so lowbit switches the config itself —
+    except where the model also computes attention with its own code (a second review: the
+    switch changed the mask format that module read), where they stay float, said so, and
+    are not listed converted."""
     code = (
         "import torch, transformers as T\n"
         "from torch import nn\n"
         "from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding\n"
+        "class PoolAttention(nn.Module):\n"
+        "    def __init__(self, d):\n"
+        "        super().__init__(); self.q = nn.Parameter(torch.randn(d))\n"
+        "    def forward(self, h):\n"
+        "        return (torch.softmax(h @ self.q, -1)[..., None] * h).sum(1)\n"
         "class Net(T.PreTrainedModel):\n"
         "    config_class = T.LlamaConfig\n"
         "    _supports_sdpa = True\n"
@@ -815,19 +825,37 @@ def test_a_model_class_whose_source_transformers_cannot_read_still_switches(tmp_
         "        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)\n"
         "        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(2))\n"
         "        self.rot = LlamaRotaryEmbedding(config)\n"
+        f"        self.pool = PoolAttention(config.hidden_size) if {pool} else None\n"
         "        self.post_init()\n"
         "    def forward(self, ids):\n"
         "        h = self.emb(ids); pe = self.rot(h, torch.arange(ids.shape[1])[None])\n"
         "        for layer in self.layers:\n"
         "            h = layer(h, attention_mask=None, position_embeddings=pe)\n"
-        "        return h\n")
-    space: dict = {}
-    exec(compile(code, "<notebook cell>", "exec"), space)  # noqa: S102 - a class without a source file
+        "        return h if self.pool is None else self.pool(h)\n")
+    if pool:  # a file transformers reads, and declines for its own-code attention class
+        import importlib.util
+
+        (tmp_path / "pool_model.py").write_text(code)
+        spec = importlib.util.spec_from_file_location("pool_model", tmp_path / "pool_model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        space = vars(module)
+    else:
+        space = {}
+        exec(compile(code, "<notebook cell>", "exec"), space)  # noqa: S102 - a class without a source file
     torch.manual_seed(0)
     net = space["Net"](T.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=64))
-    net, report = lowbit.convert(net, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
-    assert net.config._attn_implementation == hf.IMPLEMENTATION and report.skipped == {}
-    assert [n for n in report.converted if n.endswith(hf.CHILD)] == [f"layers.{i}.self_attn.{hf.CHILD}" for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lowbit.ConversionWarning)
+        net, report = lowbit.convert(net, FQTConfig.from_recipe("fqt-psq-8", seed=0), report=True)
+    children = [n for n in report.converted if n.endswith(hf.CHILD)]
     cov = lowbit.coverage(net, torch.randint(0, 64, (2, 8)), loss_fn=lambda o: o.pow(2).mean())
-    assert cov.never_called == () and cov.share("low-bit") == 1.0
+    assert cov.never_called == ()
+    if not pool:
+        assert net.config._attn_implementation == hf.IMPLEMENTATION and report.skipped == {}
+        assert children == [f"layers.{i}.self_attn.{hf.CHILD}" for i in range(2)] and cov.share("low-bit") == 1.0
+        return
+    assert net.config._attn_implementation != hf.IMPLEMENTATION and children == []
+    assert all(report.skipped[f"layers.{i}.self_attn"].startswith("Net does not let transformers switch")
+               for i in range(2)) and report.skipped["pool"].startswith("PoolAttention computes attention")

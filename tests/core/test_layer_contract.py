@@ -11,6 +11,7 @@ backend; mismatched dtypes raise at once, as ``nn.Linear``/``nn.Conv2d`` do.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -644,6 +645,18 @@ def test_a_jit_trace_through_lowbit_attention_is_refused_with_the_way_out() -> N
     try:
         with torch.no_grad():
             assert torch.equal(exported(x), m(x))
+            # with a mask and the weights (MHA's default): its dead-row check read values,
+            # and export stopped on the data-dependent branch (a review)
+            mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -math.inf)
+            weighted = lowbit.convert(nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True)),
+                                      FQTConfig.from_recipe("fqt-psq-8", seed=1))[0].eval()
+
+            class Weighted(nn.Module):
+                def forward(self, q: torch.Tensor) -> torch.Tensor:
+                    return weighted(q, q, q, attn_mask=mask, need_weights=True)[1]
+
+            got = torch.export.export(Weighted(), (x,)).module()(x)
+            assert torch.equal(got, weighted(x, x, x, attn_mask=mask, need_weights=True)[1])
     finally:
         softmax.set_enabled(True)
 
