@@ -579,6 +579,15 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
             for m in groups[key].values():  # lowbit.hf, which registers "lowbit" again
                 if isinstance(m._modules.get(CHILD), FQTScaledDotProductAttention):
                     m._modules[CHILD].hf_attention = True
+        if switch and own_code:  # switching would hand that code lowbit's mask format (bool where
+            # eager's was additive: a user's attention stopped being causal, a review): none switch
+            for key in switch:
+                for name, m in groups[key].items():
+                    m._modules.pop(CHILD, None)
+                    skipped[name] = (f"the model also computes attention with its own code ({own_code[0]}), "
+                                     "to which switching transformers' attention implementation would hand "
+                                     "lowbit's mask format: this attention stays float")
+            return skipped
         if switch:  # a config object may be shared (a twin model, a teacher): switch copies
             copies = _own_configs(model)
             configs.update({key: copies.get(id(c), c) for key, c in configs.items()})
@@ -604,11 +613,9 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
                 # cannot read the model's source (a class defined in a notebook) or its file holds
                 # another attention class; these modules were read to call the attention interface
                 # (calls_attention_interface): set it as the restore above does (a review found
-                # them reported converted while they ran float) — unless the model also holds
-                # attention computed by its own code, which the switch would hand lowbit's mask
-                # format (a second review: a user's pooling attention stopped being causal)
-                if not own_code:
-                    config._attn_implementation_internal = IMPLEMENTATION
+                # them reported converted while they ran float; a model with own-code attention
+                # never gets here: above)
+                config._attn_implementation_internal = IMPLEMENTATION
                 if _implementation(config) == IMPLEMENTATION:
                     continue
                 for name, m in groups[key].items():  # still not switched: float, said so, no child

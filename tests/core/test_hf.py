@@ -798,8 +798,9 @@ def test_float_attention_gives_finite_gradients_through_a_row_masked_whole(kind:
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)  # float32 rounding
 
 
-@pytest.mark.parametrize("pool", [False, True], ids=["layers", "with-own-attention"])
-def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool: bool, tmp_path) -> None:
+@pytest.mark.parametrize("pool", ["", "nn.Module", "torch.nn.Module"],
+                         ids=["layers", "with-own-attention", "with-own-attention-transformers-accepts"])
+def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool: str, tmp_path) -> None:
     """A review: transformers' ``set_attn_implementation`` declines, with a log line only,
     where it cannot read a model's source (a class defined in a notebook, here by ``exec``)
     or the file holds another attention class; lowbit then reported the Llama layers'
@@ -807,12 +808,14 @@ def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool
     modules call transformers' attention interface, so lowbit switches the config itself —
     except where the model also computes attention with its own code (a second review: the
     switch changed the mask format that module read), where they stay float, said so, and
-    are not listed converted."""
+    are not listed converted — whether transformers declines the switch (a file with such a
+    class) or accepts it (the class declared as ``torch.nn.Module``, which its check does not
+    read: a third review)."""
     code = (
         "import torch, transformers as T\n"
         "from torch import nn\n"
         "from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding\n"
-        "class PoolAttention(nn.Module):\n"
+        f"class PoolAttention({pool or 'nn.Module'}):\n"
         "    def __init__(self, d):\n"
         "        super().__init__(); self.q = nn.Parameter(torch.randn(d))\n"
         "    def forward(self, h):\n"
@@ -825,14 +828,14 @@ def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool
         "        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)\n"
         "        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(2))\n"
         "        self.rot = LlamaRotaryEmbedding(config)\n"
-        f"        self.pool = PoolAttention(config.hidden_size) if {pool} else None\n"
+        f"        self.pool = PoolAttention(config.hidden_size) if {bool(pool)} else None\n"
         "        self.post_init()\n"
         "    def forward(self, ids):\n"
         "        h = self.emb(ids); pe = self.rot(h, torch.arange(ids.shape[1])[None])\n"
         "        for layer in self.layers:\n"
         "            h = layer(h, attention_mask=None, position_embeddings=pe)\n"
         "        return h if self.pool is None else self.pool(h)\n")
-    if pool:  # a file transformers reads, and declines for its own-code attention class
+    if pool:  # a file transformers reads (declining for an own-code attention class it finds)
         import importlib.util
 
         (tmp_path / "pool_model.py").write_text(code)
@@ -857,5 +860,6 @@ def test_a_model_class_whose_source_transformers_cannot_read_still_switches(pool
         assert children == [f"layers.{i}.self_attn.{hf.CHILD}" for i in range(2)] and cov.share("low-bit") == 1.0
         return
     assert net.config._attn_implementation != hf.IMPLEMENTATION and children == []
-    assert all(report.skipped[f"layers.{i}.self_attn"].startswith("Net does not let transformers switch")
-               for i in range(2)) and report.skipped["pool"].startswith("PoolAttention computes attention")
+    assert all(report.skipped[f"layers.{i}.self_attn"].startswith("the model also computes attention with its "
+                                                                  "own code (pool)") for i in range(2))
+    assert report.skipped["pool"].startswith("PoolAttention computes attention")
