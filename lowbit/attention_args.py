@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import SUPPORTED_DTYPES, check_dense
+from .formats import SUPPORTED_DTYPES, check_dense, check_one_device
 from .functional import output_dtype  # as autocast casts a tensor (meta keeps its dtype)
 
 
@@ -29,10 +29,8 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             raise TypeError(f"{name} must be a floating tensor of shape (..., length, features), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
-    devices = [t.device for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
-    if any(d != devices[0] for d in devices):  # a review: a key on 'meta' gave uninitialised memory
-        raise RuntimeError(f"scaled_dot_product_attention: expected query, key, value (and attn_mask) on one "
-                           f"device, got {', '.join(str(d) for d in devices)}")
+    check_one_device("scaled_dot_product_attention", "query, key, value (and attn_mask)", query, key, value,
+                     attn_mask if isinstance(attn_mask, torch.Tensor) else None)
     if not output_dtype(query) == output_dtype(key) == output_dtype(value):  # as autocast casts them: it
         # leaves float64 alone, so float64 beside another dtype is refused under autocast too (a review)
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got "
@@ -69,7 +67,6 @@ def autocast_on(t: torch.Tensor) -> bool:
     """Whether autocast is on for ``t``'s device (never for ``meta``/``lazy``, whose query
     raises in torch)."""
     return t.device.type not in ("meta", "lazy") and torch.is_autocast_enabled(t.device.type)
-
 
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
-from .formats import SUPPORTED_DTYPES, check_dense, compute_dtype
+from .formats import SUPPORTED_DTYPES, check_dense, check_one_device, compute_dtype
 from .gradpair import quantize_grad_pair
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
@@ -321,11 +321,7 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         check_dense(op, what, t)
         if t is not None:
             check_quantizable(op, what, t)
-    devices = [t.device for t in (x, weight, bias) if t is not None]
-    if any(d != devices[0] for d in devices):  # a review: a weight left on meta gave uninitialised memory
-        raise RuntimeError(f"{op}: expected input, weight and bias on one device, got "
-                           f"{', '.join(str(d) for d in devices)} (a weight still on 'meta' was never "
-                           "loaded: load_state_dict(..., assign=True) or to_empty() first)")
+    check_one_device(op, "input, weight and bias", x, weight, bias)
     if output_dtype(x) != output_dtype(weight):
         raise RuntimeError(f"{op}: input and weight must have the same dtype, but got "
                            f"{x.dtype} and {weight.dtype}")

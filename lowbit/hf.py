@@ -579,14 +579,17 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
             for m in groups[key].values():  # lowbit.hf, which registers "lowbit" again
                 if isinstance(m._modules.get(CHILD), FQTScaledDotProductAttention):
                     m._modules[CHILD].hf_attention = True
+        def leave_float(key: int, why: str) -> None:  # the group's lowbit children out, said so
+            for name, m in groups[key].items():
+                m._modules.pop(CHILD, None)
+                skipped[name] = why
+
         if switch and own_code:  # switching would hand that code lowbit's mask format (bool where
             # eager's was additive: a user's attention stopped being causal, a review): none switch
             for key in switch:
-                for name, m in groups[key].items():
-                    m._modules.pop(CHILD, None)
-                    skipped[name] = (f"the model also computes attention with its own code ({own_code[0]}), "
-                                     "to which switching transformers' attention implementation would hand "
-                                     "lowbit's mask format: this attention stays float")
+                leave_float(key, f"the model also computes attention with its own code ({own_code[0]}), to "
+                                 "which switching transformers' attention implementation would hand lowbit's "
+                                 "mask format: this attention stays float")
             return skipped
         if switch:  # a config object may be shared (a twin model, a teacher): switch copies
             copies = _own_configs(model)
@@ -618,10 +621,8 @@ def prepare(model: nn.Module) -> Callable[[nn.Module], dict[str, str]]:
                 config._attn_implementation_internal = IMPLEMENTATION
                 if _implementation(config) == IMPLEMENTATION:
                     continue
-                for name, m in groups[key].items():  # still not switched: float, said so, no child
-                    m._modules.pop(CHILD, None)
-                    skipped[name] = (f"{type(model).__name__} does not let transformers switch "
-                                     "this attention's implementation: it stays float")
+                leave_float(key, f"{type(model).__name__} does not let transformers switch this attention's "
+                                 "implementation: it stays float")  # still not switched
         return skipped
 
     return finish

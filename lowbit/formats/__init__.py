@@ -83,6 +83,7 @@ from .base import (
     as_rounding,
     check_bits,
     check_dense,
+    check_one_device,
     check_float_tensor,
     compute_dtype,
 )
@@ -94,6 +95,6 @@ from .values import BlockFormat, FloatFormat, Format, IntFormat
 
 __all__ = ["BLOCK_FORMATS", "ELEMENTS", "FORMAT_NAMES", "MAX_BITS", "MIN_BITS", "SUPPORTED_DTYPES",
            "AnyFormat", "BlockFormat", "Element", "FloatFormat", "Format", "Granularity", "Grid", "IntFormat",
-           "Rounding", "ScaleRule", "as_granularity", "as_rounding", "check_bits", "check_dense", "check_float_tensor", "compute_dtype",
+           "Rounding", "ScaleRule", "as_granularity", "as_rounding", "check_bits", "check_dense", "check_float_tensor", "check_one_device", "compute_dtype",
            "counter_uniform", "div_rn", "draw_seed", "element_spacing_sq", "element_variance", "grid_step",
            "parse_format", "pow2", "pow2_step", "round_elements", "round_up_on", "stochastic_round"]

@@ -83,6 +83,17 @@ def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; supported dtypes: {allowed}")
 
 
+def check_one_device(op: str, what: str, *tensors: torch.Tensor | None) -> None:
+    """``RuntimeError`` naming ``op``, ``what`` (the operands' names) and their devices where
+    the given tensors (``None`` skipped) are not on one device: a weight left on ``meta``
+    reached the op's fake kernel and gave uninitialised memory (a review)."""
+    devices = [t.device for t in tensors if t is not None]
+    if any(d != devices[0] for d in devices):
+        raise RuntimeError(f"{op}: expected {what} on one device, got {', '.join(str(d) for d in devices)}"
+                           + (" (a weight still on 'meta' was never loaded: load_state_dict(..., assign=True) "
+                              "or to_empty() first)" if any(d.type == "meta" for d in devices) else ""))
+
+
 def check_dense(op: str, what: str, t: object) -> None:
     """``RuntimeError`` naming ``op``, ``what`` and the layout where ``t`` is a nested or
     sparse tensor: lowbit's low-bit GEMMs take dense (strided) tensors (checked before a

@@ -46,10 +46,15 @@ _HUGE = 2.0**100
 WIDE = (_HUGE, _TINY)  # the AVX-512 kernels' check of the same rule
 
 
-def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix of order ``b`` (a power of two)."""
+def check_block(b: int) -> None:
+    """``ValueError`` unless ``b`` is a power of two (checked, not built: a b×b matrix, a review)."""
     if b < 1 or b & (b - 1):
         raise ValueError(f"Hadamard block size must be a power of two, got {b}")
+
+
+def hadamard_matrix(b: int, device: torch.device | None = None) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of order ``b`` (a power of two)."""
+    check_block(b)
     h = torch.ones(1, 1, device=device)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -238,8 +243,7 @@ class Hadamard(GradQuantizer):
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
         if isinstance(block, bool) or not isinstance(block, int):  # True was taken as block 1
             raise TypeError(f"Hadamard block size must be an int, got {block!r}")
-        if block < 1 or block & (block - 1):  # checked, not built (a b×b matrix: a review)
-            raise ValueError(f"Hadamard block size must be a power of two, got {block}")
+        check_block(block)
         self.block = block
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
