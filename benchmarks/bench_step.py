@@ -21,9 +21,12 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
 * for lowbit modes, CPU ms inside lowbit's labelled regions (quantize, transform,
   epilogue; ``lowbit::gemm`` is inside GEMM ms);
 * peak MB: heap memory a step adds on top of the idle process, plus the buffers lowbit
-  keeps between steps (``lowbit.kernels.workspace``) (malloc's bytes in use,
-  glibc ``mallinfo2``, sampled every 0.2 ms; each mode in its own subprocess). Unlike the
-  resident size it does not depend on what the allocator keeps cached.
+  keeps between steps (``lowbit.kernels.workspace``); each mode in its own subprocess.
+  Exact where a C compiler builds ``benchmarks/heap_peak.c``, which the subprocess
+  preloads: the largest count of bytes malloc has handed out and not taken back, every
+  allocation counted however short-lived; else (the header says which) glibc
+  ``mallinfo2``'s bytes in use sampled every 0.2 ms, which misses peaks shorter than
+  that. Unlike the resident size neither depends on what the allocator keeps cached.
 
     python benchmarks/bench_step.py                          # all workloads, default modes
     python benchmarks/bench_step.py --workload ffn --modes fp32,bf16,fqt-psq-8
@@ -57,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 from pathlib import Path
 import os
@@ -67,6 +71,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -313,6 +318,39 @@ def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: i
     return out + skipped
 
 
+def heap_shim() -> str | None:
+    """The path of ``heap_peak.c`` built as a shared library (cached beside lowbit's
+    kernels, :func:`lowbit.kernels.cbuild.cache_dir`), or ``None`` where no C compiler
+    builds it (peak memory is then sampled)."""
+    from lowbit.kernels import cbuild
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heap_peak.c")
+    cc = cbuild.compiler(lambda msg, _: None)
+    if cc is None:
+        return None
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(cc).encode()).hexdigest()[:16]
+    out = cbuild.cache_dir() / f"heap_peak-{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), src], capture_output=True,
+                              check=False)
+        if proc.returncode != 0:
+            return None
+        os.replace(tmp, out)
+    return str(out)
+
+
+def _shim() -> Any:
+    """The preloaded :func:`heap_shim` library's counters (ctypes), or ``None``."""
+    lib = ctypes.CDLL(None)
+    if not hasattr(lib, "lowbit_heap_peak"):
+        return None
+    lib.lowbit_heap_bytes.restype = lib.lowbit_heap_peak.restype = ctypes.c_longlong
+    return lib
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                                  "usmblks", "fsmblks", "uordblks", "fordblks",
@@ -380,12 +418,20 @@ def peak_memory(workload: str, mode: str, size: str, warmup: int, steps: int,
         return round(max(peaks), 1)
     from lowbit.kernels import workspace
 
+    shim = _shim()
     for _ in range(steps):
-        with PeakMemory() as mem:
+        if shim is not None:  # exact: every allocation counted (heap_peak.c preloaded)
+            base = shim.lowbit_heap_bytes()
+            shim.lowbit_heap_reset_peak()
             b.step()
+            peak = (shim.lowbit_heap_peak() - base) / 2**20
+        else:
+            with PeakMemory() as mem:
+                b.step()
+            peak = mem.peak - mem.base
         # buffers lowbit keeps between steps (lowbit.kernels.workspace) are in the idle
         # heap the step starts from; they are the step's memory, so they count here
-        peaks.append(mem.peak - mem.base + workspace.held_bytes() / 2**20)
+        peaks.append(peak + workspace.held_bytes() / 2**20)
     return round(max(peaks), 1)
 
 
@@ -393,9 +439,24 @@ def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> flo
     cmd = [sys.executable, __file__, "--child", "--workload", workload, "--modes", mode,
            "--size", args.size, "--warmup", str(args.warmup), "--steps", "3",
            "--threads", str(args.threads), "--device", args.device, "--malloc", args.malloc]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    shim = heap_shim() if args.device == "cpu" else None
+    if shim is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, (shim, env.get("LD_PRELOAD"))))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
+    if proc.returncode != 0 or not lines:
+        return None
+    got = json.loads(lines[-1])
+    PEAK_METHODS.add(got["peak_method"])
+    return got["peak_mb"]
+
+
+# how the subprocesses measured peak memory ("exact", "sampled", "cuda"): the header says
+PEAK_METHODS: set[str] = set()
+_PEAK_WORDS = {"exact": "peak MB exact (benchmarks/heap_peak.c preloaded)",
+               "sampled": "peak MB sampled every 0.2 ms (no C compiler for heap_peak.c)",
+               "cuda": "peak MB torch.cuda.max_memory_allocated"}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -495,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if args.child:
         peak = peak_memory(workloads[0], modes[0], args.size, args.warmup, args.steps, args.device)
-        print(json.dumps({"peak_mb": peak}))
+        method = "exact" if _shim() is not None else "sampled"
+        print(json.dumps({"peak_mb": peak, "peak_method": method if args.device == "cpu" else "cuda"}))
         return 0
     header = machine()
     ceilings = Ceilings(args.ceiling_n, args.device)
@@ -512,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     ceil = ceilings.gflops()
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
           f"size={args.size}, device {args.device}, {malloc}; median of {args.rounds} interleaved rounds × {args.steps} steps "
-          f"after {args.warmup} warm-up")
+          f"after {args.warmup} warm-up" + "".join(f"; {_PEAK_WORDS[m]}" for m in sorted(PEAK_METHODS)))
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
           "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
           + (f"; int8/bf16 {ceil['int8'] / ceil['bf16']:.2f}×, bf16/fp32 {ceil['bf16'] / ceil['fp32']:.2f}×"
@@ -521,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_atomic(Path(args.json), json.dumps({
             "machine": header, "device": args.device, "malloc": malloc, "ceilings_gflops": ceil,
+            "peak_methods": sorted(PEAK_METHODS),
             "results": [asdict(r) for r in results]}, indent=1))
     return 0
 

@@ -151,17 +151,19 @@ def _place(k: Kernels, codes: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def _placed_x(k: Kernels, qx: QuantizedOperand, x_shape: Sequence[int], padding: Sequence[int],
-              layout: int) -> torch.Tensor:
-    """X's codes zero-padded by ``padding``, (N, H + 2p, W + 2p, C) int8: placed by the
-    transposing kernel from NCHW codes, a padded copy from NHWC ones."""
+              layout: int, samples: slice = slice(None)) -> torch.Tensor:
+    """X's codes zero-padded by ``padding``, (N, H + 2p, W + 2p, C) int8 (only the
+    ``samples``' rows): placed by the transposing kernel from NCHW codes, a padded copy
+    from NHWC ones."""
     n, c, h, w = x_shape
     size = (h + 2 * padding[0], w + 2 * padding[1])
+    rows = qx.codes[samples]  # a sample's codes are one row
     if layout != CL_CODES:
-        return _place(k, qx.codes, x_shape, size, padding)
-    codes = qx.codes.view(n, h, w, c)
+        return _place(k, rows, (rows.shape[0], c, h, w), size, padding)
+    codes = rows.view(rows.shape[0], h, w, c)
     if list(padding) == [0, 0]:
         return codes
-    out = codes.new_zeros(n, *size, c)
+    out = codes.new_zeros(codes.shape[0], *size, c)
     out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = codes
     return out
 
@@ -287,12 +289,15 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
                     w_shape: Sequence[int], params: Sequence[int],
                     out_dtype: torch.dtype = torch.float32,
                     tracker: RangeTracker | None = None,
-                    qa: QuantizedOperand | None = None) -> torch.Tensor:
+                    qa: QuantizedOperand | None = None, release: bool = False) -> torch.Tensor:
     """``∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)``: ``gy`` (N, C_out, H', W'), quantized with rows =
     samples (``spec=None``: QAT, float ``gy``), ``qw`` rows = output channels of W
     ``w_shape`` → ∇X ``x_shape`` (N, C, H, W) (channels-last under a channels-last
     ``params`` layout where oneDNN runs it). ``qa``: ``Q_a(∇Y)`` already quantized
-    (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape)."""
+    (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape);
+    ``release``: the caller hands ``qa`` over — its codes are dropped (``qa.codes``
+    emptied) once oneDNN's operand is made from them, so they are not held through the
+    convolution and its epilogue."""
     stride, padding, dilation, groups = _geometry(params)
     dt = compute_dtype(out_dtype)  # float32; float64 for float64 operands
     g = gy.to(dt) if qa is None else gy  # with qa, only its shape is read
@@ -318,7 +323,7 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     # float32 one and its cast: the same values); T⁻¹ needs the float32 product
     edt = out_dtype if type(qa.transform) is Identity and r == x_shape[0] else dt
     gx = _grad_input_onednn(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation, groups,
-                            backend, nhwc, edt)
+                            backend, nhwc, edt, release)
     if gx is not None and nhwc:  # rows (sample, position, channel): T⁻¹ acts on rows alike
         n, c, h, w = x_shape
         return qa.inverse(gx, out_dtype, overwrite=True).reshape(n, h, w, c).permute(0, 3, 1, 2)
@@ -344,7 +349,7 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
                        x_shape: Sequence[int], w_shape: Sequence[int], padding: Sequence[int],
                        stride: Sequence[int], dilation: Sequence[int], groups: int,
                        backend: Backend, channels_last: bool = False,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+                       dtype: torch.dtype = torch.float32, release: bool = False) -> torch.Tensor | None:
     """∇X as oneDNN's int8 convolution of ∇Y's codes with the flipped kernel, where it is
     exact (:func:`_onednn`), ``d(k − 1) ≥ p`` and :func:`zero_insert_pays`; else ``None``.
     At stride 1 oneDNN pads ∇Y by ``d(k − 1) − p``; at stride > 1 the codes are first
@@ -354,7 +359,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     the scatter path, most of them by zero codes, in one fast kernel instead of a GEMM
     summing over C_out alone and a float col2im. Every sum is exact in the integer
     accumulator. (N, C·H·W) ``dtype`` (float32, float64 for float64 operands, or ∇X's own
-    dtype where no ``T⁻¹`` follows); with ``channels_last`` (N, H·W·C)."""
+    dtype where no ``T⁻¹`` follows); with ``channels_last`` (N, H·W·C). ``release``:
+    ``qa.codes`` emptied once the unsigned operand is made (:func:`conv_grad_input`)."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -375,6 +381,8 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             pad = [0, 0]
         else:
             src = _unsigned_nhwc(k, qa.codes, g_shape)
+        if release:  # the codes' last reader was the placement: not held through the GEMM
+            qa.codes = qa.codes.new_empty(0)
         with scope("lowbit::gemm"):
             acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
         del src  # the unsigned channels-last copy: freed before the epilogue's output exists
@@ -483,12 +491,16 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
                          "(activation.granularity='row') lies on the summed dimension of ∇W")
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, g.device)
-    x = _placed_x(k, qx, x_shape, padding, _layout(params))
+    layout = _layout(params)
     gw = None
     if groups == 1 and stride == [1, 1] and qx.scale.shape[0] == 1:  # kernel-row GEMMs on a third of im2col's bytes
-        with scope("lowbit::grad_weight"):
-            gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), x, qx.scale, (kh, kw), dilation, dt)
+        placed = (x_shape[0], x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1], x_shape[1])
+        with scope("lowbit::grad_weight"):  # X placed a piece of samples at a time
+            gw = grad_weight_rows(k, Encoded(qa.codes, qa.scale), placed,
+                                  lambda n0, n1: _placed_x(k, qx, x_shape, padding, layout, slice(n0, n1)),
+                                  qx.scale, (kh, kw), dilation, dt)
     if gw is None:
+        x = _placed_x(k, qx, x_shape, padding, layout)
         p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C)
         b_scale = _per_row(qx.scale, p.shape[1] * p.shape[2])  # per sample: on the summed dim
         cog = co // groups if groups > 1 else qa.codes.shape[0]  # all R rows (a transform may pad)
@@ -546,7 +558,8 @@ def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
             qa_w = None
         if needs[0]:
             gx = conv_grad_input(gy, qw, cfg.grad_input, gens.get(Path.GRAD_INPUT), be,
-                                 meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0], qa_x)
+                                 meta.x_shape, meta.w_shape, p, meta.x_dtype, trackers[0], qa_x,
+                                 release=qa_x is not None)  # the pair's codes: lowbit's own
             qa_x = None
         if meta.b_dtype is not None and needs[2]:  # (C_out,)
             empty = gy.numel() == 0 or qx.codes.numel() == 0

@@ -17,7 +17,7 @@ product, added exactly in int64, then scaled once by the same epilogue as one GE
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from ..scopes import scope
@@ -183,12 +183,14 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
 ROWS_IN_PIECES = True
 
 
-def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: torch.Tensor,
+def grad_weight_rows(kernels: Kernels, a: Encoded, x_shape: Sequence[int],
+                     place: Callable[[int, int], torch.Tensor], x_scale: torch.Tensor,
                      kernel: Sequence[int], dilation: Sequence[int],
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """∇W of a stride-1 convolution without the full im2col: ``a`` the gradient codes
-    (R, N·H'·W') with rows = output channels and their scale (per row or tensor), ``x``
-    the zero-padded channels-last activation codes (N, Hp, Wp, C), contiguous, with the
+    (R, N·H'·W') with rows = output channels and their scale (per row or tensor), the
+    activation codes ``x`` zero-padded channels-last (N, Hp, Wp, C) = ``x_shape``, given
+    as ``place(n0, n1)``: samples ``n0:n1`` of ``x``, contiguous (1-byte codes), with the
     per-tensor ``x_scale`` (1, 1) → (R, kH·kW·C) in ``out_dtype``, column order (i, j, c):
     bitwise :func:`exact_gemm` of ``a`` and ``im2col(patches(x))`` (the same integer sums,
     the same epilogue).
@@ -201,26 +203,27 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x: torch.Tensor, x_scale: tor
     (summed length ``N·Hp·W'``), the accumulators side by side, one epilogue. The samples
     go in pieces whose patches hold at most ``x``'s bytes (about ``kW`` pieces; the int32
     sums of the pieces added: the same exact sums), so the patches never take ≈ ``kW``×
-    the input's memory at once. Returns
+    the input's memory at once; each piece's samples of ``x`` are placed for it alone
+    (``place``), so the whole placed input is never held either. Returns
     ``None`` (the caller uses :func:`im2col`) where that length exceeds ``int8.MAX_K``, or
     off the CPU (``_int_mm``'s CUDA shape rules are the im2col path's to check).
     Measured: docs/benchmarks.md "Predictions and outcomes" 13."""
-    n, hp, wp, c = x.shape
+    n, hp, wp, c = x_shape
     kh, kw = kernel
     ho, wo = hp - dilation[0] * (kh - 1), wp - dilation[1] * (kw - 1)
     length = n * hp * wo
-    if x.device.type != "cpu" or not 0 < length <= int8.MAX_K or min(ho, wo) < 1 \
+    if a.codes.device.type != "cpu" or not 0 < length <= int8.MAX_K or min(ho, wo) < 1 \
             or a.codes.shape[1] != n * ho * wo:
         return None
     # samples in pieces whose column patches are at most the placed input's size (about
     # kW pieces): the patches of the whole batch were ≈ kW× it, the largest buffer of a
     # CNN's backward; the integer sums are exact, so the pieces' sum is the whole's
-    per = min(n, max(1, n * x.numel() // (length * kw * c))) if ROWS_IN_PIECES else n
+    per = min(n, max(1, n * wp // (wo * kw))) if ROWS_IN_PIECES else n
     r = a.codes.shape[0]
     codes = a.codes.view(r, n, ho * wo)
     acc = None
     for n0 in range(0, n, per):
-        part = _rows_acc(codes[:, n0:n0 + per], x[n0:n0 + per], kh, kw, dilation, wo)
+        part = _rows_acc(codes[:, n0:n0 + per], place(n0, min(n, n0 + per)), kh, kw, dilation, wo)
         acc = part if acc is None else acc.add_(part)
     with scope("lowbit::epilogue"):
         return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,

@@ -134,3 +134,44 @@ def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureF
                     "--malloc", "default"]) == 0  # the allocator policy is process-wide: not in pytest
     assert ops.SHARE_SAVED_INPUT and im2col.ROWS_IN_PIECES  # on, as lowbit ships
     assert f"{toggle}: on" in capsys.readouterr().out
+
+
+def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(tmp_path: Path) -> None:
+    """``benchmarks/heap_peak.c`` preloaded into a child (as ``bench_step``'s memory
+    subprocess does): a 10 MB tensor alive for microseconds — shorter than any sampling
+    period — is the step's peak within 1% (malloc's usable size rounds up a few pages),
+    and the count returns to its start once the tensor is freed. Each allocator entry
+    point is exercised (``posix_memalign`` through torch, ``malloc``/``realloc``/
+    ``calloc``/``free`` through ctypes)."""
+    import os
+    import subprocess
+
+    bench = load("bench_step")
+    shim = bench.heap_shim()
+    if shim is None:
+        pytest.skip("no C compiler to build benchmarks/heap_peak.c")
+    code = (
+        "import ctypes, json, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import bench_step\n"
+        "lib = bench_step._shim()\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = libc.realloc.restype = libc.calloc.restype = ctypes.c_void_p\n"
+        "libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "base = lib.lowbit_heap_bytes(); lib.lowbit_heap_reset_peak()\n"
+        "x = torch.empty(10 * 2**20, dtype=torch.uint8); del x\n"
+        "torch_peak = lib.lowbit_heap_peak() - base\n"
+        "lib.lowbit_heap_reset_peak()\n"
+        "p = libc.malloc(2**20); p = libc.realloc(p, 3 * 2**20); q = libc.calloc(1, 2**20)\n"
+        "libc_peak = lib.lowbit_heap_peak() - base\n"
+        "libc.free(p); libc.free(q)\n"
+        "print(json.dumps([torch_peak, libc_peak, lib.lowbit_heap_bytes() - base]))\n")
+    env = dict(os.environ, LD_PRELOAD=shim)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    torch_peak, libc_peak, left = json.loads(proc.stdout.splitlines()[-1])
+    assert 10 * 2**20 <= torch_peak <= 1.01 * 10 * 2**20
+    assert 4 * 2**20 <= libc_peak <= 1.01 * 4 * 2**20  # realloc's 3 MB and calloc's 1 MB at once
+    assert abs(left) < 2**16  # both freed (a few small Python objects may remain)
+    assert bench._shim() is None  # not preloaded into this process: bench_step samples here

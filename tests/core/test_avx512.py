@@ -459,17 +459,23 @@ def test_place_nhwc_refuses_what_it_cannot_write() -> None:
 @needs_avx512
 def test_conv_layers_place_their_codes_on_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """A converted ``nn.Conv2d`` step places its codes channels-last on the kernel: X's
-    codes as u8 for oneDNN's forward convolution and padded for ∇W, ∇Y's as u8 for ∇X
-    (zero-inserted at stride 2)."""
+    codes as u8 for oneDNN's forward convolution and padded for ∇W (at stride 1 one
+    piece of samples at a time, each sample once: ``grad_weight_rows``), ∇Y's as u8 for
+    ∇X (zero-inserted at stride 2)."""
     assert avx512.available()
     calls = []
     real = avx512._place_nhwc
-    monkeypatch.setattr(avx512, "_place_nhwc", lambda *a: calls.append((a[6], tuple(a[5]))) or real(*a))
+    monkeypatch.setattr(avx512, "_place_nhwc",
+                        lambda *a: calls.append((a[6], tuple(a[5]), a[2][0])) or real(*a))
     for stride in (1, 2):
         calls.clear()
         model = lowbit.convert(nn.Conv2d(8, 16, 3, stride=stride, padding=1), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
         model(torch.randn(4, 8, 12, 12, requires_grad=True)).sum().backward()
-        assert sorted(calls) == [(False, (1, 1)), (True, (1, 1)), (True, (stride, stride))], (stride, calls)
+        unsigned = sorted(c[:2] for c in calls if c[0])
+        assert unsigned == [(True, (1, 1)), (True, (stride, stride))], (stride, calls)
+        padded = [c for c in calls if not c[0]]
+        assert all(c[1] == (1, 1) for c in padded) and sum(c[2] for c in padded) == 4, (stride, calls)
+        assert (len(padded) > 1) == (stride == 1), (stride, calls)  # stride 2: the im2col path, whole
 
 
 @needs_avx512

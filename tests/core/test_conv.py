@@ -303,7 +303,8 @@ def test_grad_weight_kernel_rows_leave_long_sums_to_im2col() -> None:
     assert side * (side + 2) > int8.MAX_K
     x = torch.zeros(1, side + 2, side + 2, 1, dtype=torch.int8)
     a = Encoded(torch.zeros(2, side * side, dtype=torch.int8), torch.ones(1, 1))
-    assert I.grad_weight_rows(kernels_for("auto", "cpu"), a, x, torch.ones(1, 1), (3, 3), (1, 1)) is None
+    assert I.grad_weight_rows(kernels_for("auto", "cpu"), a, x.shape, lambda i, j: x[i:j], torch.ones(1, 1), (3, 3),
+                              (1, 1)) is None
 
 
 def test_saved_activation_is_int8() -> None:
@@ -889,10 +890,10 @@ def test_grad_input_written_in_its_dtype_equals_the_float32_product_cast(monkeyp
 
     seen: list[torch.dtype] = []
     real = lowbit.conv._grad_input_onednn
-    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: seen.append(a[11]) or real(*a))  # dtype
     own = grads()
     assert torch.bfloat16 in seen  # the epilogue wrote ∇X's own dtype
-    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: real(*a[:-1], torch.float32))
+    monkeypatch.setattr(lowbit.conv, "_grad_input_onednn", lambda *a: real(*a[:11], torch.float32, *a[12:]))
     for a, b in zip(own, grads()):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
@@ -900,7 +901,8 @@ def test_grad_input_written_in_its_dtype_equals_the_float32_product_cast(monkeyp
 def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel-row ∇W runs its samples in pieces (patches at most the placed input's
     size): the summed int32 products of the pieces are the whole batch's, so ∇W is
-    bitwise the one-piece result."""
+    bitwise the one-piece result; each piece's samples are placed for it alone (the
+    whole placed input is never asked for)."""
     from lowbit.kernels import im2col as I, kernels_for
 
     g = torch.Generator().manual_seed(3)
@@ -911,8 +913,12 @@ def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: p
     k, calls = kernels_for("auto", "cpu"), []
     real = I._rows_acc
     monkeypatch.setattr(I, "_rows_acc", lambda *args: calls.append(args[1].shape[0]) or real(*args))
-    pieces = I.grad_weight_rows(k, a, x, torch.full((1, 1), 0.5), (3, 3), (1, 1))
+    placed: list[tuple[int, int]] = []
+    pieces = I.grad_weight_rows(k, a, x.shape, lambda i, j: placed.append((i, j)) or x[i:j],
+                                torch.full((1, 1), 0.5), (3, 3), (1, 1))
     assert len(calls) > 1 and sum(calls) == n  # pieces of samples, every sample once
+    assert [j - i for i, j in placed] == calls and placed[0][0] == 0 and placed[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(placed, placed[1:]))  # each placed once, in order
     whole = real(a.codes.view(r, n, side * side), x, 3, 3, (1, 1), side)
     want = int8_kernel.epilogue(k, whole, a.scale, torch.full((1, 1), 0.5), None, None, None, None,
                          a.codes.shape[1], None, torch.float32)
@@ -940,3 +946,33 @@ def test_conv_geometry_of_another_length_is_refused_not_run_as_another_convoluti
         conv(x)
     with pytest.raises(RuntimeError, match="fqt_conv1d: expected stride"):
         lowbit.functional.fqt_conv1d(torch.randn(2, 3, 8), torch.randn(4, 3, 3), None, cfg, stride=(1, 1))
+
+
+@pytest.mark.skipif(not qconv.available(torch.zeros(1, 8, 6, 6, dtype=torch.int8), (8, 8, 3, 3), 1, (6, 6),
+                                        (1, 1), (1, 1), (1, 1)), reason="oneDNN's exact int8 convolution")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grad_input_codes_released_before_the_convolution(monkeypatch: pytest.MonkeyPatch, stride: int) -> None:
+    """A layer's backward hands ∇X's codes over (``release``): they are emptied once
+    oneDNN's unsigned operand is made, so neither the convolution nor the epilogue holds
+    them (0.4 MB of ResNet-20's last layer at batch 128: the CNN step's peak,
+    docs/benchmarks.md); ∇X is bitwise the held codes' result. Without ``release`` the
+    caller's operand is left whole."""
+    from lowbit.gradpair import quantize_grad_pair
+
+    g = torch.Generator().manual_seed(5)
+    x_shape, w_shape, params = (4, 8, 9, 9), (8, 8, 3, 3), [stride, stride, 1, 1, 1, 1, 1]
+    qw = quantize_forward(torch.randn(8, 72, generator=g), OperandSpec(bits=8))
+    h = (9 + 2 - 3) // stride + 1
+    gy = torch.randn(4, 8, h, h, generator=g)
+    seen: list[int] = []
+    real = qconv.conv_acc
+    runs = []
+    for release in (False, True):
+        qa, _ = quantize_grad_pair(gy.reshape(4, 8, -1), GradSpec(), torch.Generator().manual_seed(1), GradSpec(),
+                                   torch.Generator().manual_seed(2), kernels_for("auto", "cpu"))
+        monkeypatch.setattr(qconv, "conv_acc", lambda *a, q=qa: seen.append(q.codes.numel()) or real(*a))
+        runs.append(conv_grad_input(gy, qw, GradSpec(), None, Backend.AUTO, x_shape, w_shape, params, qa=qa,
+                                    release=release))
+        assert (qa.codes.numel() == 0) == release
+    assert seen == [gy.numel(), 0]  # the convolution ran on oneDNN both times; released before it
+    assert torch.equal(runs[0], runs[1])
