@@ -24,9 +24,13 @@ gives the median step time, speedups against fp32 and bf16 of the same run, and:
   keeps between steps (``lowbit.kernels.workspace``); each mode in its own subprocess.
   Exact where a C compiler builds ``benchmarks/heap_peak.c``, which the subprocess
   preloads: the largest count of bytes malloc has handed out and not taken back, every
-  allocation counted however short-lived; else (the header says which) glibc
-  ``mallinfo2``'s bytes in use sampled every 0.2 ms, which misses peaks shorter than
-  that. Unlike the resident size neither depends on what the allocator keeps cached.
+  malloc-family allocation (torch's, oneDNN's, lowbit's kernels', Python's large
+  objects) counted however short-lived — not Python's small objects (pymalloc's own
+  mmap'd arenas) or memory mapped directly, which ``mallinfo2`` does not count either;
+  else (the header says which, and why) glibc ``mallinfo2``'s bytes in use sampled
+  every 0.2 ms, which misses peaks shorter than that, as where ``LD_PRELOAD`` is set
+  already (another allocator runs: the shim would bypass it). Unlike the resident size
+  neither depends on what the allocator keeps cached.
 
     python benchmarks/bench_step.py                          # all workloads, default modes
     python benchmarks/bench_step.py --workload ffn --modes fp32,bf16,fqt-psq-8
@@ -318,28 +322,39 @@ def time_modes(workload: str, modes: list[str], size: str, warmup: int, steps: i
     return out + skipped
 
 
-def heap_shim() -> str | None:
-    """The path of ``heap_peak.c`` built as a shared library (cached beside lowbit's
-    kernels, :func:`lowbit.kernels.cbuild.cache_dir`), or ``None`` where no C compiler
-    builds it (peak memory is then sampled)."""
+def heap_shim() -> tuple[str | None, str]:
+    """``(path, "")`` of ``heap_peak.c`` built as a shared library (C, whatever the
+    compiler; cached beside lowbit's kernels, :func:`lowbit.kernels.cbuild.cache_dir`)
+    and checked to export its counters, or ``(None, why)`` where it cannot be preloaded —
+    no C compiler, a failed build, a path ``LD_PRELOAD`` would split (a space or colon),
+    or an ``LD_PRELOAD`` set already (another allocator, such as jemalloc, which the shim
+    would bypass for glibc's): peak memory is then sampled."""
     from lowbit.kernels import cbuild
 
+    if os.environ.get("LD_PRELOAD"):
+        return None, ("LD_PRELOAD is set already: the allocator it loads is what runs "
+                      "(glibc's mallinfo2 counts only what glibc's malloc hands out)")
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heap_peak.c")
     cc = cbuild.compiler(lambda msg, _: None)
     if cc is None:
-        return None
+        return None, "no C compiler"
     with open(src, "rb") as f:
         digest = hashlib.sha256(f.read() + " ".join(cc).encode()).hexdigest()[:16]
     out = cbuild.cache_dir() / f"heap_peak-{digest}.so"
+    if any(ch in str(out) for ch in " :"):
+        return None, f"its path {str(out)!r} holds a space or colon, which LD_PRELOAD splits"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), src], capture_output=True,
-                              check=False)
+        # -x c: a C++ compiler (CC=g++) would mangle the symbols it must define
+        proc = subprocess.run([*cc, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(tmp), src],
+                              capture_output=True, check=False)
         if proc.returncode != 0:
-            return None
+            return None, "its build failed"
         os.replace(tmp, out)
-    return str(out)
+    if not all(hasattr(ctypes.CDLL(str(out)), f) for f in ("malloc", "lowbit_heap_peak", "lowbit_heap_bytes")):
+        return None, "the built library lacks its counters"
+    return str(out), ""
 
 
 def _shim() -> Any:
@@ -440,22 +455,23 @@ def memory_subprocess(args: argparse.Namespace, workload: str, mode: str) -> flo
            "--size", args.size, "--warmup", str(args.warmup), "--steps", "3",
            "--threads", str(args.threads), "--device", args.device, "--malloc", args.malloc]
     env = dict(os.environ)
-    shim = heap_shim() if args.device == "cpu" else None
+    shim, why = heap_shim() if args.device == "cpu" else (None, "")
     if shim is not None:
-        env["LD_PRELOAD"] = " ".join(filter(None, (shim, env.get("LD_PRELOAD"))))
+        env["LD_PRELOAD"] = shim
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return None
     got = json.loads(lines[-1])
-    PEAK_METHODS.add(got["peak_method"])
+    PEAK_METHODS.add(_PEAK_WORDS[got["peak_method"]] + (f" (heap_peak.c not preloaded: {why})"
+                                                         if got["peak_method"] == "sampled" else ""))
     return got["peak_mb"]
 
 
-# how the subprocesses measured peak memory ("exact", "sampled", "cuda"): the header says
+# how the subprocesses measured peak memory: the header says
 PEAK_METHODS: set[str] = set()
-_PEAK_WORDS = {"exact": "peak MB exact (benchmarks/heap_peak.c preloaded)",
-               "sampled": "peak MB sampled every 0.2 ms (no C compiler for heap_peak.c)",
+_PEAK_WORDS = {"exact": "peak MB exact (benchmarks/heap_peak.c preloaded: every block malloc hands out)",
+               "sampled": "peak MB sampled every 0.2 ms",
                "cuda": "peak MB torch.cuda.max_memory_allocated"}
 
 
@@ -486,7 +502,7 @@ def table(results: list[Result], ceil: dict[str, float]) -> str:
             floor = (r.gemm_flops / 1e9 / ceil["int8"] * 1e3) if r.gemm_flops and ceil.get("int8") else None
             cells = [
                 r.mode, f"{r.ms:.1f}" if r.ms else "-", ratio("fp32"), ratio("bf16"),
-                f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-",
+                f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-",
                 f"{r.gemm_flops / 1e9:.3g} ({r.real_share:.0%})" if r.gemm_flops else "-",
                 f"{floor:.1f}" if floor else "-",
                 f"{r.ms / floor:.2f}" if floor and r.ms else "-",
@@ -574,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     ceil = ceilings.gflops()
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
           f"size={args.size}, device {args.device}, {malloc}; median of {args.rounds} interleaved rounds × {args.steps} steps "
-          f"after {args.warmup} warm-up" + "".join(f"; {_PEAK_WORDS[m]}" for m in sorted(PEAK_METHODS)))
+          f"after {args.warmup} warm-up" + "".join(f"; {m}" for m in sorted(PEAK_METHODS)))
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
           "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
           + (f"; int8/bf16 {ceil['int8'] / ceil['bf16']:.2f}×, bf16/fp32 {ceil['bf16'] / ceil['fp32']:.2f}×"

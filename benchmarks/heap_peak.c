@@ -1,14 +1,17 @@
 /* heap_peak.c — an LD_PRELOAD shim for benchmarks/bench_step.py's peak memory: counts
  * the bytes glibc's malloc family has handed out and not yet taken back (each block's
- * malloc_usable_size), and the largest that count reached, exactly — every allocation of
- * torch, oneDNN, lowbit's kernels and Python itself, however short-lived (a sampling
- * thread misses what lives less than its period).
+ * malloc_usable_size), and the largest that count reached, exactly — every malloc-family
+ * allocation of torch, oneDNN, lowbit's kernels and Python's large objects, however
+ * short-lived (a sampling thread misses what lives less than its period). Not counted:
+ * Python's small objects (pymalloc maps its own arenas) and memory mapped directly, which
+ * glibc's mallinfo2 does not count either. Preloaded alone: it forwards to glibc, so
+ * another preloaded allocator would be bypassed (bench_step then samples instead).
  *
  * Every entry point forwards to glibc's own (__libc_malloc and friends), so nothing but
  * the count changes. Queried through ctypes: lowbit_heap_bytes(), lowbit_heap_peak(),
  * lowbit_heap_reset_peak() (the peak restarts from the bytes in use now).
  *
- *   cc -O2 -shared -fPIC -o heap_peak.so heap_peak.c
+ *   cc -x c -O2 -shared -fPIC -o heap_peak.so heap_peak.c
  *   LD_PRELOAD=./heap_peak.so python benchmarks/bench_step.py --child ...   (bench_step does this)
  */
 #define _GNU_SOURCE

@@ -136,7 +136,7 @@ def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureF
     assert f"{toggle}: on" in capsys.readouterr().out
 
 
-def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(tmp_path: Path) -> None:
+def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """``benchmarks/heap_peak.c`` preloaded into a child (as ``bench_step``'s memory
     subprocess does): a 10 MB tensor alive for microseconds — shorter than any sampling
     period — is the step's peak within 1% (malloc's usable size rounds up a few pages),
@@ -147,9 +147,10 @@ def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(tmp_path: Path) 
     import subprocess
 
     bench = load("bench_step")
-    shim = bench.heap_shim()
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    shim, why = bench.heap_shim()
     if shim is None:
-        pytest.skip("no C compiler to build benchmarks/heap_peak.c")
+        pytest.skip(f"benchmarks/heap_peak.c not built: {why}")
     code = (
         "import ctypes, json, sys, torch\n"
         f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
@@ -175,3 +176,9 @@ def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(tmp_path: Path) 
     assert 4 * 2**20 <= libc_peak <= 1.01 * 4 * 2**20  # realloc's 3 MB and calloc's 1 MB at once
     assert abs(left) < 2**16  # both freed (a few small Python objects may remain)
     assert bench._shim() is None  # not preloaded into this process: bench_step samples here
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # another allocator preloaded: left to run
+    assert bench.heap_shim()[0] is None and bench.heap_shim()[1].startswith("LD_PRELOAD is set already")
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("CC", "g++")  # a C++ compiler: built as C, the symbols unmangled
+    if bench.heap_shim()[0] is None and __import__("shutil").which("g++"):
+        pytest.fail(f"heap_peak.c under CC=g++: {bench.heap_shim()[1]}")
