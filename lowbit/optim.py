@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fractions
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
@@ -119,6 +120,21 @@ def _drop(state: dict[str, Any], name: str) -> None:
         state.pop(key, None)
 
 
+def _sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _sharded_message(name: str, what: str) -> str:
+    return (f"{name} does not take sharded parameters: {what} is a DTensor (FSDP2's fully_shard or "
+            "tensor parallelism), whose shards its stochastic rounding does not write; nothing was "
+            "updated. Use it with DDP or a single process, or torch.optim's optimizers with FSDP2")
+
+
 class _SROptimizer(torch.optim.Optimizer):
     """Base of the stochastic-rounding optimizers: loads and stores weights and state in
     their low-precision formats, and runs the step loop. A subclass only implements
@@ -139,6 +155,15 @@ class _SROptimizer(torch.optim.Optimizer):
         _check_format("state", state)
         self._check_hyper(defaults, "")
         check_generator(generator, type(self).__name__)  # not at the first step, half-way
+        if generator is None and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # the ranks' update must be one: torch's global RNG is often seeded per rank
+            # (dropout, augmentation), and then every replica rounds its own way (a review)
+            warnings.warn(f"{type(self).__name__} with generator=None under {torch.distributed.get_world_size()} "
+                          "ranks draws its rounding noise from torch's global RNG, which must then be in the "
+                          "same state on every rank or the replicas drift apart; pass "
+                          "generator=torch.Generator().manual_seed(s) with the same s on every rank",
+                          RuntimeWarning, stacklevel=3)
         self.generator = generator
         self.weight_format = weights
         self.state_format = state
@@ -201,6 +226,10 @@ class _SROptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         params = self.param_groups[-1]["params"]
+        sharded = [i for i, p in enumerate(params) if _sharded(p)]
+        if sharded:
+            self.param_groups.pop()
+            raise TypeError(_sharded_message(type(self).__name__, f"parameter {sharded[0]} of the group"))
         bad = [p.dtype for p in params if p.dtype != torch.bfloat16]
         if bad:
             self.param_groups.pop()
@@ -251,6 +280,8 @@ class _SROptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 what = f"parameter {pi} of param group {gi}"
+                if _sharded(p) or _sharded(p.grad):  # sharded after the optimizer was built
+                    raise TypeError(_sharded_message(type(self).__name__, what))
                 if p.grad.layout != torch.strided and (
                         why := self._sparse_refusal(group, p.grad.layout)) is not None:
                     raise RuntimeError(
@@ -407,7 +438,10 @@ class SRSGD(_SROptimizer):
     each in float32 for one parameter at a time and stored back with stochastic
     rounding (unbiased). ``weights``: ``"bf16"`` or ``"int8"`` (per-channel, ``ndim ≥ 2``
     only); ``state``: format of the momentum, ``"bf16"`` or ``"int8"`` (blockwise).
-    ``generator`` seeds the rounding noise (reproducible runs). Bytes per parameter: see
+    ``generator`` seeds the rounding noise (reproducible runs); under data parallelism
+    (DDP) every rank must round alike: pass ``torch.Generator().manual_seed(s)`` with the
+    same ``s`` on every rank (``None``, torch's global RNG, warns there). Sharded
+    (DTensor: FSDP2) parameters are refused (``TypeError``). Bytes per parameter: see
     the module docstring.
 
     A sparse gradient (``nn.Embedding(sparse=True)``) is taken as plain SGD only (momentum
@@ -471,7 +505,8 @@ class SRAdamW(_SROptimizer):
     (``v = 0``, update ``m̂/ε``) or is badly wrong. bfloat16 has float32's exponent range,
     so it holds ``v`` with 0.4% relative precision at every magnitude. (8-bit Adam
     implementations store ``v`` with a non-linear, dynamic quantization map instead.)
-    ``weights`` as for :class:`SRSGD`. ``generator`` seeds the rounding noise. The defaults
+    ``weights`` as for :class:`SRSGD`. ``generator`` seeds the rounding noise (the same on
+    every DDP rank, as for :class:`SRSGD`; sharded parameters refused). The defaults
     are ``torch.optim.AdamW``'s (``weight_decay=1e-2`` too: it was 0, and a new user's
     drop-in swap lost its weight decay).
 
@@ -509,7 +544,7 @@ class SRAdamW(_SROptimizer):
                 group: dict[str, Any]) -> torch.Tensor:
         lr, eps, wd = (_number(group[k]) for k in ("lr", "eps", "weight_decay"))  # plain floats (SRSGD's)
         b1, b2 = (_number(b) for b in group["betas"])
-        t = self.state[p]["step"] = self.state[p].get("step", 0) + 1
+        t = self.state[p].get("step", 0) + 1
         if wd:
             w = w - lr * wd * w
         m, v = self._load_state(p, "exp_avg"), self._load_state(p, "exp_avg_sq")
@@ -517,6 +552,7 @@ class SRAdamW(_SROptimizer):
         v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
         self._store_state(p, "exp_avg", m, self.state_format)
         self._store_state(p, "exp_avg_sq", v, "bf16")  # see the class docstring
+        self.state[p]["step"] = t  # counted once the state is written
         return w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
 
 
