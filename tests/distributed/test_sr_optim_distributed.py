@@ -56,7 +56,7 @@ def test_sharded_parameters_are_refused_before_anything_runs(tmp_path) -> None: 
                 with pytest.raises(TypeError, match=r"does not take sharded parameters: parameter 0 of the group"):
                     cls(model.parameters(), lr=0.1, weights=weights, generator=torch.Generator().manual_seed(1))
         model(torch.ones(3, 8, dtype=torch.bfloat16)).float().sum().backward()
-        for cls, opt in early.items():  # the optimizer holds the unsharded parameters
+        for opt in early.values():  # the optimizer holds the unsharded parameters
             for p in opt.param_groups[0]["params"]:
                 p.grad = torch.ones_like(p)
             opt.param_groups[0]["params"][0].grad = model[0].weight.grad  # a DTensor gradient
