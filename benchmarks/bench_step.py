@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import hashlib
 import json
 from pathlib import Path
 import os
@@ -334,25 +333,24 @@ def heap_shim() -> tuple[str | None, str]:
     if os.environ.get("LD_PRELOAD"):
         return None, ("LD_PRELOAD is set already: the allocator it loads is what runs "
                       "(glibc's mallinfo2 counts only what glibc's malloc hands out)")
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heap_peak.c")
+    src = Path(__file__).resolve().parent / "heap_peak.c"
     cc = cbuild.compiler(lambda msg, _: None)
     if cc is None:
         return None, "no C compiler"
-    with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join(cc).encode()).hexdigest()[:16]
-    out = cbuild.cache_dir() / f"heap_peak-{digest}.so"
+    # lowbit's own build: cached under a hash of the source, compiler, flags and version,
+    # built as C (-x c) whatever $CC is, a damaged file built again
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+        out = cbuild._compile(cc, version, src, ["-O2", "-shared", "-fPIC"], cbuild.cache_dir())
+    except (cbuild.BuildError, OSError, subprocess.CalledProcessError):
+        return None, "its build failed"
     if any(ch in str(out) for ch in " :"):
         return None, f"its path {str(out)!r} holds a space or colon, which LD_PRELOAD splits"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        # -x c: a C++ compiler (CC=g++) would mangle the symbols it must define
-        proc = subprocess.run([*cc, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(tmp), src],
-                              capture_output=True, check=False)
-        if proc.returncode != 0:
-            return None, "its build failed"
-        os.replace(tmp, out)
-    if not all(hasattr(ctypes.CDLL(str(out)), f) for f in ("malloc", "lowbit_heap_peak", "lowbit_heap_bytes")):
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError:
+        return None, "the built library does not load"
+    if not all(hasattr(lib, f) for f in ("malloc", "lowbit_heap_peak", "lowbit_heap_bytes")):
         return None, "the built library lacks its counters"
     return str(out), ""
 

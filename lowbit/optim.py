@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fractions
 import numbers
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -120,13 +121,34 @@ def _drop(state: dict[str, Any], name: str) -> None:
         state.pop(key, None)
 
 
-def _sharded(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+def _sharded(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism): looked
+    up where it is defined — ``torch.distributed.tensor`` (torch ≥ 2.5) or
+    ``torch.distributed._tensor`` (2.4, whose ``torch.distributed.tensor`` is empty) —
+    without importing anything (no DTensor exists before its module is loaded)."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if isinstance(cls, type) and isinstance(t, cls):
+            return True
+    return False
 
-    return isinstance(t, DTensor)
+
+def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer, stacklevel: int) -> bool:
+    """Warn (``RuntimeWarning``) where ``optimizer`` rounds with torch's global RNG
+    (``generator=None``) under an initialised process group of more than one rank: the
+    ranks' updates must be one, and that RNG is often seeded per rank (dropout,
+    augmentation), so the replicas would drift apart (a review). Returns whether the
+    question could be asked (a process group exists): it is asked again until then."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size()
+    if optimizer.generator is None and world > 1:  # type: ignore[attr-defined]
+        warnings.warn(f"{type(optimizer).__name__} with generator=None under {world} ranks draws its rounding "
+                      "noise from torch's global RNG, which must then be in the same state on every rank or "
+                      "the replicas drift apart; pass generator=torch.Generator().manual_seed(s) with the same "
+                      "s on every rank", RuntimeWarning, stacklevel=stacklevel + 1)
+    return True
 
 
 def _sharded_message(name: str, what: str) -> str:
@@ -155,16 +177,10 @@ class _SROptimizer(torch.optim.Optimizer):
         _check_format("state", state)
         self._check_hyper(defaults, "")
         check_generator(generator, type(self).__name__)  # not at the first step, half-way
-        if generator is None and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # the ranks' update must be one: torch's global RNG is often seeded per rank
-            # (dropout, augmentation), and then every replica rounds its own way (a review)
-            warnings.warn(f"{type(self).__name__} with generator=None under {torch.distributed.get_world_size()} "
-                          "ranks draws its rounding noise from torch's global RNG, which must then be in the "
-                          "same state on every rank or the replicas drift apart; pass "
-                          "generator=torch.Generator().manual_seed(s) with the same s on every rank",
-                          RuntimeWarning, stacklevel=3)
         self.generator = generator
+        # the ranks' rounding must be one: asked here and, where no process group exists
+        # yet (or for a copy unpickled on the ranks), at the first step
+        self._ranks_asked = _warn_global_rng_ranks(self, 3)
         self.weight_format = weights
         self.state_format = state
         super().__init__(params, defaults)
@@ -280,7 +296,7 @@ class _SROptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 what = f"parameter {pi} of param group {gi}"
-                if _sharded(p) or _sharded(p.grad):  # sharded after the optimizer was built
+                if _sharded(p) or _sharded(p.grad):  # a DTensor gradient (or parameter)
                     raise TypeError(_sharded_message(type(self).__name__, what))
                 if p.grad.layout != torch.strided and (
                         why := self._sparse_refusal(group, p.grad.layout)) is not None:
@@ -352,6 +368,8 @@ class _SROptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):  # settings changed since (a scheduler, by hand)
             self._check_hyper(group, f"param group {gi}: ")
         self._check_params()
+        if not getattr(self, "_ranks_asked", False):  # built before the process group, or unpickled
+            self._ranks_asked = _warn_global_rng_ranks(self, 4)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -380,7 +398,8 @@ class _SROptimizer(torch.optim.Optimizer):
         a setting the update reads, or holds a ``torch.optim`` setting at a value it does
         not implement (``nesterov=True``, ``maximize=True``, …, as :meth:`_check_hyper`).
         ``torch.optim.AdamW``'s state (``step``, ``exp_avg``, ``exp_avg_sq``) loads into
-        :class:`SRAdamW` (its tensor ``step`` becomes an int).
+        :class:`SRAdamW` (its tensor ``step`` becomes an int). State held as DTensors
+        (saved from FSDP2-sharded parameters) is refused with a ``TypeError``.
 
         Hooks as torch's: ``register_load_state_dict_pre_hook`` hooks run first (on a
         shallow copy; a returned dict replaces it) and the checks and the load read their
@@ -393,6 +412,11 @@ class _SROptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for gi, group in enumerate(state_dict["param_groups"]):
             self._check_hyper(group, f"{name}.load_state_dict: saved param group {gi}: ")
+        sharded = sorted({str(k) for st in state_dict["state"].values() for k, v in st.items() if _sharded(v)})
+        if sharded:  # FSDP2's optimizer state: its shards cannot continue a whole parameter's
+            raise TypeError(f"{name} cannot load this state dict: its state {', '.join(map(repr, sharded))} "
+                            "holds DTensors (saved from sharded parameters: FSDP2's fully_shard), which "
+                            f"{name} does not take; nothing was loaded")
         allowed = self._state_keys()
         foreign = sorted({str(k) for st in state_dict["state"].values() for k in st} - allowed)
         if foreign:

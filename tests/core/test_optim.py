@@ -1026,3 +1026,27 @@ def test_sradamw_defaults_are_torch_adamws() -> None:
     ours, theirs = inspect.signature(SRAdamW).parameters, inspect.signature(torch.optim.AdamW).parameters
     for name in ("betas", "eps", "weight_decay"):
         assert ours[name].default == theirs[name].default, name
+
+
+def test_a_step_that_fails_while_writing_state_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SRAdamW`` counted a step before writing its state, so a step that failed half-way
+    (a review: a sharded parameter's state write) left ``step`` one ahead of the moments —
+    the next bias correction used the wrong ``t``. Counted once the state is written."""
+    from lowbit.optim import SRAdamW
+
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    opt = SRAdamW([p], lr=0.1, generator=torch.Generator().manual_seed(0))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["step"] == 1
+    real = opt._store_state
+
+    def fail_on_second(q, name, x, fmt):  # noqa: ANN001, ANN202
+        if name == "exp_avg_sq":
+            raise RuntimeError("a write that fails")
+        return real(q, name, x, fmt)
+
+    monkeypatch.setattr(opt, "_store_state", fail_on_second)
+    with pytest.raises(RuntimeError, match="a write that fails"):
+        opt.step()
+    assert opt.state[p]["step"] == 1
