@@ -219,7 +219,8 @@ class VarianceMonitor:
         self._acc: dict[str, _Acc] = {}
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, cause) already warned about
-        self._pair: tuple[int, dict[str, list[torch.Tensor | None]]] | None = None  # last step's totals
+        self._pair: tuple[int, dict[str, list[torch.Tensor | None]], float] | None = None  # last step's totals, loss scale
+        self._scale = 1.0  # the loss scale of the step being recorded
         self._handles = [lay.register_forward_hook(_LayerHook(self, n), with_kwargs=True)
                          for n, lay in self.layers.items()]
         for layer in self.layers.values() if policy is not None else ():
@@ -237,13 +238,23 @@ class VarianceMonitor:
         return self.steps % self.every == 0
 
     @contextlib.contextmanager
-    def step(self, force: bool = False) -> Iterator[None]:
+    def step(self, force: bool = False, loss_scale: float | torch.Tensor = 1.0) -> Iterator[None]:
         """Wrap one training step's forward and backward (not the optimizer step). On a
         monitored step (:meth:`due`, or ``force``) the layers are measured, a
         :class:`StepRecord` is appended to :attr:`history` and the policy decides.
+        ``loss_scale``: the factor the loss was multiplied by before this backward (a
+        ``GradScaler``'s ``get_scale()``): the figures are in the scaled gradient's units
+        (their ratios are not), and the paired estimate brings the step before to this
+        step's scale (a scale that grew or backed off between them mixed units: a review).
         Raises ``ValueError`` where a layer's config was changed since it was checked (a
         second ``convert``, ``layer.config = …``) to one the monitor cannot measure or the
-        policy may not drive."""
+        policy may not drive, or for a ``loss_scale`` that is not a finite number > 0."""
+        scale = float(loss_scale) if isinstance(loss_scale, (int, float, torch.Tensor)) \
+            and not isinstance(loss_scale, bool) and (not isinstance(loss_scale, torch.Tensor)
+                                                      or loss_scale.numel() == 1) else math.nan
+        if not 0 < scale < math.inf:
+            raise ValueError(f"VarianceMonitor.step: loss_scale must be a finite number > 0 (the "
+                             f"GradScaler's get_scale()), got {loss_scale!r}")
         self._recheck()
         self._counted_steps += 1
         for n, layer in self.layers.items():
@@ -252,13 +263,13 @@ class VarianceMonitor:
                 self._bit_sums[n][p] += 0 if spec is None else spec.bits
         before = self.sgd == "paired" and (self.steps + 1) % self.every == 0
         self._mode = "full" if force or self.due() else ("totals" if before else None)
-        self._acc, self._totals = {}, {}
+        self._acc, self._totals, self._scale = {}, {}, scale
         try:
             yield
             if self._mode == "full":
                 self._finish()
             if self._mode is not None and self.sgd == "paired":
-                self._pair = (self.steps, self._totals)
+                self._pair = (self.steps, self._totals, scale)
         finally:
             self._mode = None
             self._acc, self._totals = {}, {}
@@ -303,7 +314,9 @@ class VarianceMonitor:
         def on_grad(gy: torch.Tensor) -> None:
             if x.numel() == 0 or gy.numel() == 0:  # nothing quantized (an expert given no
                 return  # tokens, an empty batch): no variance, and nothing to reshape by rows
-            with torch.no_grad():
+            # no autocast: a backward run inside the user's autocast block computed the
+            # figures' float32 products in bfloat16 (variances 3× off, even negative: a review)
+            with torch.no_grad(), torch.autocast(gy.device.type, enabled=False):
                 if self.sgd == "paired":  # this call's QAT gradients, for the pair
                     tot = self._totals.setdefault(name, [None, None])
                     for i, t in enumerate(layer_totals(module, x, gy.detach(), x_grad)):
@@ -357,11 +370,15 @@ class VarianceMonitor:
         rec = StepRecord(self.steps, {})
         ratios: dict[str, dict[str, dict[tuple[str, int], float]]] = {}
         prev = self._pair[1] if self._pair is not None and self._pair[0] == self.steps - 1 else None
+        rescale = self._scale / self._pair[2] if prev is not None else 1.0  # to this step's loss scale
         for name, acc in self._acc.items():
             layer, v = self.layers[name], acc.v
             v.sgd_w, v.sgd_x = v.sgd_w_samples, v.sgd_x_samples
             if self.sgd == "paired":  # ½‖g_k − g_{k−1}‖²: two minibatches, nearly equal weights
                 cur, old = self._totals.get(name, [None, None]), (prev or {}).get(name, [None, None])
+                old = [o if o is None or rescale == 1.0 else o * rescale for o in old]
+                if any(t is not None and not bool(t.isfinite().all()) for t in (*cur, *old)):
+                    acc.nonfinite = True  # an overflowed step in the pair: no ratio, and said so
                 v.sgd_w, v.sgd_x = (paired_variance(c, o) for c, o in zip(cur, old))
             for path, tag in (("grad_weight", "w"), ("grad_input", "x")):
                 spec = getattr(layer.config, path)
@@ -477,7 +494,8 @@ class VarianceMonitor:
                 "history": [r.to_dict() for r in self.history],
                 "bit_sums": {n: dict(p) for n, p in self._bit_sums.items()},
                 "pair": None if self._pair is None else
-                {"step": self._pair[0], "totals": {n: list(t) for n, t in self._pair[1].items()}},
+                {"step": self._pair[0], "totals": {n: list(t) for n, t in self._pair[1].items()},
+                 "loss_scale": self._pair[2]},
                 "grad_numel": {n: dict(d) for n, d in self._grad_numel.items()},
                 "counted_steps": self._counted_steps}
 
@@ -509,7 +527,8 @@ class VarianceMonitor:
         # states saved before the count was kept: every step was counted
         self._counted_steps = int(state.get("counted_steps", self.steps))
         pair = state.get("pair")
-        self._pair = None if pair is None else (int(pair["step"]), {n: list(t) for n, t in pair["totals"].items()})
+        self._pair = None if pair is None else (int(pair["step"]), {n: list(t) for n, t in pair["totals"].items()},
+                                                float(pair.get("loss_scale", 1.0)))  # saved before: unscaled
         self.decisions = [Decision(**d) for d in state["decisions"]]
         self.history = [StepRecord.from_dict(r) for r in state["history"]]
         self._bit_sums = {n: {p: int(s) for p, s in d.items()} for n, d in state["bit_sums"].items()}

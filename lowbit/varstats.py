@@ -187,11 +187,13 @@ def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,
 
 
 def paired_variance(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    """``½‖a − b‖²`` of two minibatch gradients (NaN when either is missing or their shapes
-    differ): unbiased for the minibatch variance when both come from independent
-    minibatches at the same weights (``E‖a − b‖² = 2·Var``); one optimizer step apart,
-    the drift ``Δμ`` of the mean gradient adds ``½‖Δμ‖²``."""
-    if a is None or b is None or a.shape != b.shape:
+    """``½‖a − b‖²`` of two minibatch gradients (NaN when either is missing, their shapes
+    differ, or either holds a non-finite value — an overflowed step's gradient is no
+    measurement, and its ``inf`` made every ratio 0: a review): unbiased for the
+    minibatch variance when both come from independent minibatches at the same weights
+    (``E‖a − b‖² = 2·Var``); one optimizer step apart, the drift ``Δμ`` of the mean
+    gradient adds ``½‖Δμ‖²``."""
+    if a is None or b is None or a.shape != b.shape or not (bool(a.isfinite().all()) and bool(b.isfinite().all())):
         return math.nan
     return float((a.double() - b.double()).square().sum()) / 2
 

@@ -783,3 +783,79 @@ def test_mean_bits_count_the_steps_the_monitor_saw() -> None:
     del state["counted_steps"]  # an older state: steps and sums from step 0
     again.load_state_dict(state)
     assert again.mean_bits()["2"]["grad_input"] == pytest.approx(4.0 * 4 / 104)
+
+
+def _paired_run(scales: list[float], inf_at: int | None = None, autocast_backward: bool = False,
+                pass_scale: bool = True) -> VarianceMonitor:
+    """Three steps of ``_net(bn=True)`` (paired estimate, ∇W quantized at 4 bits), the
+    loss of step ``k`` multiplied by ``scales[k]`` (a loss scaler's) and that scale passed
+    to the monitor; ``inf_at``: that step's loss gradient holds an ``inf``."""
+    model = lowbit.convert(_net(bn=True), _cfg("psq", 4, "w"))
+    mon = VarianceMonitor(model, every=2, sgd="paired")  # steps 0 and 2 measured, 2 paired with 1
+    g = torch.Generator().manual_seed(4)
+    for k, s in enumerate(scales):
+        xb, yb = torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8,), generator=g)
+        with mon.step(loss_scale=s if pass_scale else 1.0):
+            model.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast_backward):
+                out = model(xb)
+                if k == inf_at:
+                    out = out + torch.zeros_like(out).index_fill_(0, torch.tensor([0]), 1.0).mul(1e38).mul(10)
+                (F.cross_entropy(out.float(), yb) * s).backward()
+    return mon
+
+
+def test_an_overflowed_step_before_a_paired_one_gives_no_ratio(caplog) -> None:  # noqa: ANN001
+    """An ``inf`` in the step before a monitored one (kept as the pair's other half: a
+    trainer skips the update but keeps going) gave ``½‖g − inf‖² = inf`` and a ratio of 0,
+    which sent ``fqt-auto`` down to 2 bits without a warning (a review). Now the figure is
+    NaN and the layer is named as not finite."""
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        mon = _paired_run([1.0, 1.0, 1.0], inf_at=1)
+    rec = mon.history[-1]
+    assert rec.step == 2
+    assert all(math.isnan(v.sgd_w) and math.isnan(v.ratio_w) for v in rec.layers.values())
+    assert any("not finite" in r.message or "non-finite" in r.message for r in caplog.records)
+    clean = _paired_run([1.0, 1.0, 1.0]).history[-1]
+    assert all(math.isfinite(v.ratio_w) for v in clean.layers.values())
+
+
+def test_a_backward_inside_autocast_gives_the_same_figures() -> None:
+    """The monitor's hooks ran inside the user's ``torch.autocast`` when the backward did,
+    so its float32 products ran in bfloat16 (variances 3× off, some negative: a review).
+    They now run with autocast off: the figures of a backward inside the block equal
+    those of the same backward outside it (the layers' gradients are the same either way)."""
+    def run(inside: bool) -> list[tuple[float, float]]:
+        model = lowbit.convert(_mlp(False), _cfg("psq", 8))
+        mon = VarianceMonitor(model, every=1, sgd="per-sample")
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+        with mon.step():
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+                if inside:
+                    loss.backward()
+            if not inside:
+                loss.backward()
+        return [(v.sgd_w, v.quant_w) for v in mon.history[-1].layers.values()]
+    inside, outside = run(True), run(False)
+    assert inside == outside and all(s > 0 and q > 0 for s, q in outside)
+
+
+def test_the_paired_estimate_brings_the_step_before_to_this_steps_loss_scale() -> None:
+    """A loss scale that changed between the two paired steps (a ``GradScaler`` growing
+    from 1024 to 2048) mixed units: ``½‖s_k·g_k − s_{k−1}·g_{k−1}‖²`` (a review). With the
+    scale passed (``mon.step(loss_scale=…)``) the estimate is ``s_k²`` times the unscaled
+    run's, exactly (powers of two), and so the ratio is the unscaled run's; not passed,
+    it is not."""
+    plain = _paired_run([1.0, 1.0, 1.0]).history[-1]
+    scaled = _paired_run([1024.0, 1024.0, 2048.0]).history[-1]
+    unpassed = _paired_run([1024.0, 1024.0, 2048.0], pass_scale=False).history[-1]
+    for name, v in plain.layers.items():
+        assert scaled.layers[name].sgd_w == pytest.approx(2048.0**2 * v.sgd_w, rel=1e-9)
+        assert scaled.layers[name].ratio_w == pytest.approx(v.ratio_w, rel=1e-6)
+        assert unpassed.layers[name].ratio_w != pytest.approx(v.ratio_w, rel=1e-2)
+    for bad in (0.0, -1.0, math.inf, math.nan, True, "2", torch.ones(2)):
+        with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+            with VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=1).step(loss_scale=bad):
+                pass
