@@ -52,11 +52,22 @@ _BF16_MACS = 1 << 26  # ‖Σ_n G_n‖² of products this large: bfloat16 GEMM (
 _COHERENT = 0.9  # ... redone in float32 above this coherence ‖Σ G_n‖² / (B·Σ ‖G_n‖²)
 
 
+_TINY_NORM = 2.0**-43  # a float32 norm below this may have lost its elements' squares (see _sq)
+
+
 def _sq(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """Squared 2-norms over ``dim`` (all of ``x`` for None) as float64, from one float32
     pass (``vector_norm`` accumulates in float32 with torch's cascade summation; float64
-    for float64 ``x``, whose values may lie outside float32's range)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=compute_dtype(x.dtype)).double().square()
+    for float64 ``x``, whose values may lie outside float32's range). torch's float32
+    norm squares the elements in float32: below about 1e-19 they underflow (a gradient of
+    1e-25 had norm 0, so ``sgd_w`` 0 and a ratio of inf: a review), above about 1e19 they
+    overflow. A float32 norm under ``2⁻⁴³`` (which ``n ≤ 2⁴⁰`` elements reach only when
+    all lie under ``2⁻⁶³``) or infinite is therefore computed again in float64."""
+    r = torch.linalg.vector_norm(x, dim=dim, dtype=compute_dtype(x.dtype))
+    if r.dtype == torch.float32 and r.numel() and bool(((r < _TINY_NORM) | (r == math.inf)).any()):
+        wide = torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+        return torch.where((r < _TINY_NORM) | (r == math.inf), wide, r.double()).square()
+    return r.double().square()
 
 
 def _work(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:

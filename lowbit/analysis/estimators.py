@@ -79,9 +79,11 @@ class BiasTest:
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
-    """``v/‖v‖`` (zeros for a zero vector)."""
-    nrm = v.norm()
-    return v / nrm if nrm > 0 else torch.zeros_like(v)
+    """``v/‖v‖`` (zeros for a zero vector), the norm taken in float64: torch's float32 norm
+    squares each element in float32, which underflows below about 1e-19 (a direction of
+    1e-25 gradients read as zero) and overflows above about 1e19."""
+    nrm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    return (v.double() / nrm).to(v.dtype) if nrm > 0 else torch.zeros_like(v)  # a norm past float32's range too
 
 
 __all__ = ["BiasTest", "jackknife_se", "ratio", "unit", "var_from_gram", "var_loo", "within",

@@ -390,3 +390,16 @@ def test_quantization_variance_refuses_a_model_with_nothing_to_measure() -> None
     qat = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(4, 2)), FQTConfig.from_recipe("qat-8"))
     with pytest.raises(ValueError, match="no converted layer quantizes gradients"):
         quantization_variance(qat, lambda m, b: m(b).square().sum(), batch)
+
+
+def test_unit_directions_of_tiny_and_huge_vectors() -> None:
+    """``unit`` took torch's float32 norm, whose squares underflow below about 1e-19: a
+    direction of 1e-25 gradients read as zero (a review of the monitor found the same in
+    its squared norms). Now in float64: tiny and huge vectors give the unit vector."""
+    from lowbit.analysis.estimators import unit
+
+    want = unit(torch.arange(1.0, 11.0))
+    for scale in (1e-25, 1e-38, 3e37):
+        got = unit(torch.arange(1.0, 11.0) * scale)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5), scale
+    assert torch.equal(unit(torch.zeros(3)), torch.zeros(3))

@@ -859,3 +859,23 @@ def test_the_paired_estimate_brings_the_step_before_to_this_steps_loss_scale() -
         with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
             with VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=1).step(loss_scale=bad):
                 pass
+
+
+def test_tiny_gradients_are_measured_not_lost_to_float32_squares() -> None:
+    """torch's float32 norm squares each element in float32, so a gradient of 1e-25 had
+    norm 0: ``sgd_w`` 0 and a ratio of inf (a review). Norms that small (or infinite) are
+    computed again in float64: the loss scaled by 1e-25 (or 1e20) gives the unscaled
+    run's ratios, every variance the scale² times the unscaled one."""
+    def run(scale: float) -> list[tuple[float, float, float]]:
+        model = lowbit.convert(_mlp(False), _cfg("psq", 8))
+        mon = VarianceMonitor(model, every=1, sgd="per-sample")
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+        with mon.step():
+            (F.cross_entropy(model(x), y) * scale).backward()
+        return [(v.sgd_w, v.quant_w, v.ratio_w) for v in mon.history[-1].layers.values()]
+    plain = run(1.0)
+    for scale in (1e-25, 1e20):
+        for (s0, q0, r0), (s, q, r) in zip(plain, run(scale), strict=True):
+            assert s == pytest.approx(scale**2 * s0, rel=1e-3) and q == pytest.approx(scale**2 * q0, rel=1e-3)
+            assert r == pytest.approx(r0, rel=1e-3), (scale, r, r0)
