@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -131,6 +132,7 @@ class _Acc:
         self.shift: dict[tuple[str, int], float] = {}
         self.flat_probe = False  # ∇β summed to 0 over the samples (a batch-normalized output)
         self.nonfinite = False  # a non-finite ∇Y or per-sample norm: no ratio is a measurement
+        self.pair_nonfinite = False  # the paired step before overflowed: no ratio either
 
 
 class _InertHook:
@@ -249,9 +251,9 @@ class VarianceMonitor:
         Raises ``ValueError`` where a layer's config was changed since it was checked (a
         second ``convert``, ``layer.config = …``) to one the monitor cannot measure or the
         policy may not drive, or for a ``loss_scale`` that is not a finite number > 0."""
-        scale = float(loss_scale) if isinstance(loss_scale, (int, float, torch.Tensor)) \
-            and not isinstance(loss_scale, bool) and (not isinstance(loss_scale, torch.Tensor)
-                                                      or loss_scale.numel() == 1) else math.nan
+        scale = float(loss_scale) if not isinstance(loss_scale, bool) and (
+            isinstance(loss_scale, numbers.Real) or (isinstance(loss_scale, torch.Tensor) and loss_scale.numel() == 1
+                                                     and not loss_scale.is_complex())) else math.nan
         if not 0 < scale < math.inf:
             raise ValueError(f"VarianceMonitor.step: loss_scale must be a finite number > 0 (the "
                              f"GradScaler's get_scale()), got {loss_scale!r}")
@@ -377,8 +379,10 @@ class VarianceMonitor:
             if self.sgd == "paired":  # ½‖g_k − g_{k−1}‖²: two minibatches, nearly equal weights
                 cur, old = self._totals.get(name, [None, None]), (prev or {}).get(name, [None, None])
                 old = [o if o is None or rescale == 1.0 else o * rescale for o in old]
-                if any(t is not None and not bool(t.isfinite().all()) for t in (*cur, *old)):
-                    acc.nonfinite = True  # an overflowed step in the pair: no ratio, and said so
+                if any(t is not None and not bool(t.isfinite().all()) for t in cur):
+                    acc.nonfinite = True
+                elif any(t is not None and not bool(t.isfinite().all()) for t in old):
+                    acc.pair_nonfinite = True  # the step before overflowed: no ratio, and said so
                 v.sgd_w, v.sgd_x = (paired_variance(c, o) for c, o in zip(cur, old))
             for path, tag in (("grad_weight", "w"), ("grad_input", "x")):
                 spec = getattr(layer.config, path)
@@ -389,11 +393,12 @@ class VarianceMonitor:
                 setattr(v, f"quantizer_{tag}", spec.quantizer)
                 if tag == "w":
                     v.quant_w = acc.quant[path][cur]
-                    r = {k: math.nan if acc.nonfinite else ratio(q, v.sgd_w)
+                    r = {k: math.nan if acc.nonfinite or acc.pair_nonfinite else ratio(q, v.sgd_w)
                          for k, q in acc.quant[path].items()}
                 else:
                     v.quant_x, v.quant_x_shift = acc.quant[path][cur], acc.shift[cur]
-                    r = {k: math.nan if acc.flat_probe or acc.nonfinite else ratio(q, v.sgd_x)
+                    r = {k: math.nan if acc.flat_probe or acc.nonfinite or acc.pair_nonfinite
+                         else ratio(q, v.sgd_x)
                          for k, q in acc.shift.items()}
                 setattr(v, f"ratio_{tag}", r[cur])
                 if self.policy is not None:
@@ -419,6 +424,11 @@ class VarianceMonitor:
             causes.append(("nonfinite", f"{name}: its ∇Y or the per-sample gradient norms are not "
                            "finite (an overflow or NaN upstream): this step's ratios are not "
                            "measurements; a policy leaves the layer as it is"))
+        if acc.pair_nonfinite and not acc.nonfinite:
+            causes.append(("pair-nonfinite", f"{name}: the step before this one, the paired estimate's "
+                           "other half, had a non-finite gradient (an overflow: a loss scaler's skipped "
+                           "step): this step's ratios are not measurements; a policy leaves the layer as "
+                           "it is (said once per layer)"))
         if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
             causes.append(("samples", f"{name}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fractions
 import numbers
+import os
 import sys
 import warnings
 from collections import OrderedDict
@@ -133,7 +134,19 @@ def _sharded(t: object) -> bool:
     return False
 
 
-def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer, stacklevel: int) -> bool:
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn`, called from the caller's frame, that
+    names the first frame outside torch and lowbit (torch wraps ``step`` in three frames,
+    more under a scheduler or a ``GradScaler``: a fixed count named torch's line)."""
+    roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.split(".")[0]])
+                  if getattr(m, "__file__", None))
+    f, level = sys._getframe(2), 2
+    while f is not None and f.f_code.co_filename.startswith(roots):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer) -> bool:
     """Warn (``RuntimeWarning``) where ``optimizer`` rounds with torch's global RNG
     (``generator=None``) under an initialised process group of more than one rank: the
     ranks' updates must be one, and that RNG is often seeded per rank (dropout,
@@ -147,7 +160,7 @@ def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer, stacklevel: int) ->
         warnings.warn(f"{type(optimizer).__name__} with generator=None under {world} ranks draws its rounding "
                       "noise from torch's global RNG, which must then be in the same state on every rank or "
                       "the replicas drift apart; pass generator=torch.Generator().manual_seed(s) with the same "
-                      "s on every rank", RuntimeWarning, stacklevel=stacklevel + 1)
+                      "s on every rank", RuntimeWarning, stacklevel=_user_stacklevel())
     return True
 
 
@@ -180,7 +193,7 @@ class _SROptimizer(torch.optim.Optimizer):
         self.generator = generator
         # the ranks' rounding must be one: asked here and, where no process group exists
         # yet (or for a copy unpickled on the ranks), at the first step
-        self._ranks_asked = _warn_global_rng_ranks(self, 3)
+        self._ranks_asked = _warn_global_rng_ranks(self)
         self.weight_format = weights
         self.state_format = state
         super().__init__(params, defaults)
@@ -369,7 +382,7 @@ class _SROptimizer(torch.optim.Optimizer):
             self._check_hyper(group, f"param group {gi}: ")
         self._check_params()
         if not getattr(self, "_ranks_asked", False):  # built before the process group, or unpickled
-            self._ranks_asked = _warn_global_rng_ranks(self, 4)
+            self._ranks_asked = _warn_global_rng_ranks(self)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

@@ -15,10 +15,14 @@ from _ranks import run_ranks
 
 
 def _warns(fn) -> bool:  # noqa: ANN001
+    """Whether ``fn()`` warned about the ranks' rounding, the warning naming this file's
+    line (the user's code: not torch's wrappers of ``step``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn()
-    return any("same s on every rank" in str(w.message) for w in caught)
+    ours = [w for w in caught if "same s on every rank" in str(w.message)]
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+    return bool(ours)
 
 
 def _warned_per_generator(rank: int, world: int) -> list[bool]:
