@@ -64,9 +64,10 @@ def _sq(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tens
     overflow. A float32 norm under ``2⁻⁴³`` (which ``n ≤ 2⁴⁰`` elements reach only when
     all lie under ``2⁻⁶³``) or infinite is therefore computed again in float64."""
     r = torch.linalg.vector_norm(x, dim=dim, dtype=compute_dtype(x.dtype))
-    if r.dtype == torch.float32 and r.numel() and bool(((r < _TINY_NORM) | (r == math.inf)).any()):
-        wide = torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
-        return torch.where((r < _TINY_NORM) | (r == math.inf), wide, r.double()).square()
+    if r.dtype == torch.float32:
+        lost = (r < _TINY_NORM) | (r == math.inf)
+        if bool(lost.any()):
+            return torch.where(lost, torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64), r.double()).square()
     return r.double().square()
 
 
