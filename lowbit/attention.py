@@ -33,13 +33,17 @@ GEMM is big enough to amortise one call per head
 (:data:`LOOP_MIN_MACS`; ``backend="int8"`` always loops, or raises where it cannot);
 otherwise all heads run as one batched float GEMM of the dequantized codes (simulated,
 the same estimator; ``lowbit.coverage`` reports it so). Row-mixing gradient quantizers
-(``bhq``, ``hadamard``) transform the rows of all heads together. Where the transform
-stays within each head's rows — Hadamard blocks that divide the head's row count, as 64
-divides 128 query tokens or 64 value features — the heads' GEMMs run on the transformed
-codes like any others and ``T⁻¹`` is applied to the product's rows (per head, since no
-block spans two); otherwise (BHQ's groups, which span heads; Hadamard blocks that do
-not divide) the inverse is applied to the operand before the GEMM, which then runs
-simulated (rows of different heads meet different right operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
+(``bhq``, ``hadamard``) transform a gradient operand's rows (all heads' rows, B·R of
+them) with the quantizer's ``entries`` set to the B heads (:func:`grad_operand`): BHQ
+then builds each head's groups from that head's rows alone
+(:func:`lowbit.quantizers.bhq.bhq_transform`; its per-head estimate is unbiased as the
+whole operand's is, docs/METHOD.md §7), Hadamard's blocks are drawn over all rows as
+ever. Where the transform stays within each head's rows — BHQ always, Hadamard where its
+blocks divide the head's row count, as 64 divides 128 query tokens or 64 value features
+— the heads' GEMMs run on the transformed codes like any others and ``T⁻¹`` is applied
+to the product's rows (per head, since no group or block spans two); otherwise (Hadamard
+blocks that do not divide) the inverse is applied to the operand before the GEMM, which
+then runs simulated (rows of different heads meet different right operands). Noise: one backward call advances the state's counter once (:mod:`lowbit.noise`);
 each of the four gradient operands gets its own generator split from its path's. Where
 both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused backend),
 they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
@@ -476,7 +480,9 @@ def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | 
         return Operand(values=a, lowbit=False)
     if a.numel() == 0:
         return Operand(values=a)
-    q = quantize_gradient(a.reshape(-1, a.shape[2]), spec, gen, backend)
+    # each entry's rows transformed on their own where the quantizer can (BHQ's groups per
+    # head), so the heads' GEMMs may run on the integer kernels (module docstring)
+    q = quantize_gradient(a.reshape(-1, a.shape[2]), spec, gen, backend, entries=a.shape[0])
     return Operand.of(q, tuple(a.shape), a.dtype)  # type: ignore[arg-type]
 
 

@@ -63,12 +63,14 @@ def quantize_forward(
 
 def quantize_gradient(
     a: torch.Tensor, spec: GradSpec, generator: torch.Generator | None,
-    backend: Backend | Kernels = Backend.AUTO, tracker: RangeTracker | None = None,
+    backend: Backend | Kernels = Backend.AUTO, tracker: RangeTracker | None = None, entries: int | None = None,
 ) -> QuantizedOperand:
     """``Q_a`` / ``Q_w`` of a gradient operand whose rows are the non-summed dimension,
     onto ``spec.format`` with ``spec.quantizer`` (range from ``tracker`` when the spec's
     range is predicted; without one, the operand's own range, as attention's products
-    always use). ``ValueError`` for a ``tracker`` whose settings (history,
+    always use). ``entries``: the rows are that many entries (attention's heads), each
+    transformed on its own where the quantizer can (:meth:`GradQuantizer.quantize`).
+    ``ValueError`` for a ``tracker`` whose settings (history,
     margin, overflow, quantizer) are not the spec's: it would run with its own, silently
     (``lowbit.ops.tracker_key`` gives the key a layer's tracker has)."""
     if spec.predicted and tracker is not None:
@@ -81,7 +83,7 @@ def quantize_gradient(
                              "as RangeTracker(*lowbit.ops.tracker_key(spec, rows_persist))")
     q = get_quantizer(spec.quantizer)
     return q.quantize(a, spec.format, generator, spec.rounding, backend,
-                      tracker if spec.predicted else None)
+                      tracker if spec.predicted else None, entries)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -127,8 +127,9 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
     them, and those it may refuse depending on the data (Hadamard blocks against a
     sequence length), decided from the config: under ``"fp8"`` every convolution (no FP8 convolution kernel); a scale on a GEMM's
     summed dimension (per-output-channel weight scales in ∇X = ∇Y·W, per-sample
-    activation scales in ∇W = ∇Yᵀ·X), BHQ's (and, by sequence length, Hadamard's) row
-    transform in attention's ∇P, asymmetric gradient grids in attention and (``"int8"``)
+    activation scales in ∇W = ∇Yᵀ·X), Hadamard's row transform in attention's ∇P (by
+    sequence length; BHQ's groups are built per head there and run), asymmetric gradient
+    grids in attention and (``"int8"``)
     convolutions, a row-mixing ∇W quantizer on grouped convolutions. Empty for other
     backends. (A layer whose input needs no gradient, or whose weight is frozen, never runs
     the ∇X, or ∇W, GEMM named.)"""
@@ -153,8 +154,6 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
     if backend is Backend.FP8 and attention and config.activation is not None:
         found.append("every attention product (lowbit's attention has no FP8 kernel; Q·Kᵀ raises at "
                      "the first forward)")
-    if attention and config.grad_input is not None and config.grad_input.quantizer == "bhq":
-        found.append("attention's ∇P per head (BHQ's row transform mixes the query rows of a head's product)")
     if attention and config.grad_input is not None and config.grad_input.quantizer == "hadamard":
         possible.append("attention's ∇P per head (where the Hadamard block does not divide a head's "
                      "query rows, decided by the sequence length)")

@@ -179,3 +179,86 @@ void lowbit_bhq_scatter(int64_t n, const int64_t *order, const double *g, const 
         }
     }
 }
+
+/* Groups within entries (lowbit.kernels.bhq_groups.run_entries): lam holds n_entries
+ * consecutive entries of r rows each; every entry's groups are built from its own rows
+ * alone, as lowbit_bhq_groups builds them for the entry's r ranges, except that an
+ * entry of one row, or whose ranges include a NaN or an infinity, or are all zero, gets
+ * groups of one (bhq_transform's rule for a whole operand). Outputs as lowbit_bhq_groups's,
+ * each entry's in its own slice (r of each, r + 1 of crow) and in its own row and group
+ * numbering (0..r-1, 0..k_e-1): k_out is (n_entries, 2), each entry's number of groups
+ * and largest group. lowbit_bhq_entries_join then numbers them for the whole operand. */
+void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, int64_t *order, int64_t *grp_sorted,
+                               double *g, double *lam_large, double *lam_small, int64_t *group, int64_t *crow,
+                               int64_t *members, int64_t *k_out, int64_t *work) {
+    for (int64_t e = 0; e < n_entries; e++) {
+        const double *le = lam + e * r;
+        const int64_t o = e * r;
+        int ok = r >= 2;
+        double top = 0.0;
+        for (int64_t i = 0; ok && i < r; i++) {
+            if (!isfinite(le[i])) ok = 0;
+            else if (le[i] > top) top = le[i];
+        }
+        if (ok && top > 0.0) {
+            lowbit_bhq_groups(le, r, order + o, grp_sorted + o, g + o, lam_large + o, lam_small + o, group + o,
+                              crow + e * (r + 1), members + o, k_out + 2 * e, work);
+            continue;
+        }
+        for (int64_t i = 0; i < r; i++) {  /* groups of one: g = 1 gives s = 1, v = 0 */
+            order[o + i] = i;
+            grp_sorted[o + i] = i;
+            g[o + i] = 1.0;
+            lam_large[o + i] = 0.0;
+            lam_small[o + i] = 0.0;
+            group[o + i] = i;
+            crow[e * (r + 1) + i] = i;
+            members[o + i] = i;
+        }
+        crow[e * (r + 1) + r] = r;
+        k_out[2 * e] = r;
+        k_out[2 * e + 1] = 1;
+    }
+}
+
+/* lowbit_bhq_bases for each entry of lowbit_bhq_groups_entries's outputs (its k_out). */
+void lowbit_bhq_bases_entries(int64_t n_entries, int64_t r, const int64_t *k_out, const double *g,
+                              const double *lam_large, const double *lam_small, const double *tab_r,
+                              const double *tab_vl, const double *tab_vs, const double *tab_hm, double ratio,
+                              double *v, double *base) {
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t o = e * r;
+        lowbit_bhq_bases(r, k_out[2 * e], g + o, lam_large + o, lam_small + o, tab_r, tab_vl, tab_vs, tab_hm, ratio,
+                         v + o, base + o);
+    }
+}
+
+/* Each entry's lowbit_bhq_scatter (its order is the entry's own rows). */
+void lowbit_bhq_scatter_entries(int64_t n_entries, int64_t r, const int64_t *order, const double *g, const double *s,
+                                const double *v, int f64, void *scale, void *v_out) {
+    const size_t size = f64 ? sizeof(double) : sizeof(float);
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t o = e * r;
+        lowbit_bhq_scatter(r, order + o, g + o, s + o, v + o, f64, (char *)scale + (size_t)o * size,
+                           (char *)v_out + (size_t)o * size);
+    }
+}
+
+/* The entries' groups numbered for the whole operand, in place: entry e's group ids and
+ * member rows offset by the groups and rows of the entries before it, and crow_out
+ * (K + 1,) the whole operand's CSR row pointer (K = the entries' groups together) from
+ * the entries' own (r + 1 each). */
+void lowbit_bhq_entries_join(int64_t n_entries, int64_t r, const int64_t *k_out, int64_t *group,
+                             const int64_t *crow, int64_t *members, int64_t *crow_out) {
+    int64_t groups = 0;
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t o = e * r, k = k_out[2 * e];
+        for (int64_t i = 0; i < r; i++) {
+            group[o + i] += groups;
+            members[o + i] += o;
+        }
+        for (int64_t q = 0; q < k; q++) crow_out[groups + q] = crow[e * (r + 1) + q] + o;
+        groups += k;
+    }
+    crow_out[groups] = n_entries * r;
+}

@@ -47,7 +47,11 @@ _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
                "lowbit_bhq_bases": [_I64, _I64] + [_P] * 7 + [ctypes.c_double, _P, _P],
-               "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P]}
+               "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+               "lowbit_bhq_groups_entries": [_P, _I64, _I64] + [_P] * 10,
+               "lowbit_bhq_bases_entries": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, _P, _P],
+               "lowbit_bhq_scatter_entries": [_I64, _I64, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+               "lowbit_bhq_entries_join": [_I64, _I64] + [_P] * 5}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
 # finite when a group's small rows are all zero (their scale is then immaterial).
@@ -61,6 +65,7 @@ class Groups(NamedTuple):
     n_groups: int
     crow: torch.Tensor | None  # (K + 1,) int64
     members: torch.Tensor | None  # (N,) int64
+    entry_groups: tuple[int, ...] | None = None  # groups per entry (``bhq_entry_groups``), else None
 
 
 def householder_absmax(g: torch.Tensor) -> torch.Tensor:
@@ -142,25 +147,34 @@ def _by_size(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, v)`` (N,) in ``dtype`` and row order from the bookkeeping ``b``."""
-    g = b.g
-    is_large = torch.arange(g.shape[0], device=g.device) < b.k
+    is_large = torch.arange(b.g.shape[0], device=b.g.device) < b.k
+    return _scales_of(b.g, is_large, b.lam_large, b.lam_small, b.order, dtype)
+
+
+def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor, lam_small: torch.Tensor,
+               order: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_scales` on the bookkeeping's arrays (sorted order; ``order``: each sorted
+    row's place). One ``pow`` over all of them: ATen's vectorised float64 ``pow`` may give
+    an element another last bit than its scalar tail loop, so the result depends on where
+    an element sits in the array it is taken over (the native kernel takes it over the
+    same array)."""
     r, v_large, v_small, hmax = _by_size(g)
     v = torch.where(is_large, v_large, v_small)
 
     # Variance-minimising scales (overall scale is immaterial: rows are quantized per row):
     # s1 = (λ_large/√g)^(−1/3), s2 = (λ_small·max|H_g| / (g−1))^(−1/3).
-    w1 = b.lam_large / r
+    w1 = lam_large / r
     gm1 = torch.clamp(g - 1, min=1)
     # (a floor at the smallest normal float64 keeps s2 finite for subnormal float64 rows)
-    w2 = torch.maximum(b.lam_small * hmax,
-                       (MIN_SMALL_RATIO * b.lam_large).clamp_min(torch.finfo(torch.float64).tiny))
+    w2 = torch.maximum(lam_small * hmax,
+                       (MIN_SMALL_RATIO * lam_large).clamp_min(torch.finfo(torch.float64).tiny))
     s = torch.where(is_large, w1, w2 / gm1).pow(-1 / 3)
     s = torch.where(g > 1, s, torch.ones_like(s))
     # Back to the original row order.
     scale = torch.empty(g.shape[0], dtype=dtype, device=g.device)
     v_out = torch.empty(g.shape[0], dtype=dtype, device=g.device)
-    scale[b.order] = s.to(dtype)
-    v_out[b.order] = v.to(dtype)
+    scale[order] = s.to(dtype)
+    v_out[order] = v.to(dtype)
     return scale, v_out
 
 
@@ -186,6 +200,40 @@ def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     grp = torch.empty(lam.shape[0], dtype=torch.long, device=lam.device)
     grp[b.order] = b.group
     return Groups(scale, v, grp, b.k, None, None)
+
+
+def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
+    """``bhq_entry_groups``: the groups of ``lam`` (N,) float64, ``entries`` consecutive
+    entries of ``N / entries`` rows each (attention's heads), every entry's built from its
+    own ranges alone — :func:`reference`'s rules on the entry, or groups of one where the
+    entry has one row or its ranges are not finite or all zero — numbered for the whole
+    operand (entry ``e``'s groups after those of entries ``< e``); ``entry_groups``: each
+    entry's number of groups. The scales' power is taken once over all entries' bases
+    (:func:`_scales_of`). ``crow``/``members`` left ``None``. The definition
+    (:func:`run_entries` is the native kernel)."""
+    n, dev = lam.shape[0], lam.device
+    r = n // entries if entries else 0
+    parts = []  # per entry, in its sorted order: (order, g, is_large, λ_large, λ_small, group, k)
+    for x in lam.view(entries, r).unbind(0):
+        top = float(x.max()) if r else 0.0  # NaN if any range is NaN
+        if r >= 2 and math.isfinite(top) and top > 0:
+            b = _bookkeeping(x)
+            parts.append((b.order, b.g, torch.arange(r, device=dev) < b.k, b.lam_large, b.lam_small, b.group, b.k))
+        else:  # groups of one: g = 1 gives s = 1, v = 0 (bhq_transform's rule for a whole operand)
+            ar, zero = torch.arange(r, device=dev), torch.zeros(r, dtype=torch.float64, device=dev)
+            parts.append((ar, zero + 1, torch.ones(r, dtype=torch.bool, device=dev), zero, zero, ar, r))
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p[6])
+    if not parts:
+        empty = lam.new_zeros(0, dtype=dtype)
+        return Groups(empty, empty, lam.new_zeros(0, dtype=torch.long), 0, None, None, ())
+    order = torch.cat([p[0] + e * r for e, p in enumerate(parts)])
+    cat = [torch.cat([p[i] for p in parts]) for i in range(1, 5)]
+    scale, v = _scales_of(*cat, order, dtype)
+    group = torch.empty(n, dtype=torch.long, device=dev)
+    group[order] = torch.cat([p[5] + o for p, o in zip(parts, offsets)])
+    return Groups(scale, v, group, offsets[-1], None, None, tuple(p[6] for p in parts))
 
 
 # -- the native kernel ----------------------------------------------------------------------
@@ -256,6 +304,49 @@ def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     return _groups(_library(), lam, dtype)
 
 
+def supports_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`run_entries` takes this call: ``lam`` a plain contiguous float64 CPU
+    vector of ``entries`` ≥ 1 equal entries, ``dtype`` float32 or float64, the kernel
+    available (any ranges: the kernel gives groups of one where :func:`entry_reference`
+    does)."""
+    return (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
+            and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
+            and isinstance(entries, int) and entries >= 1 and lam.shape[0] % entries == 0
+            and dtype in (torch.float32, torch.float64) and _enabled and available())
+
+
+@compiled.disable_tracing
+def _entry_groups(lib: ctypes.CDLL, lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
+    n = lam.shape[0]
+    r = n // entries
+    i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
+    order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
+    g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
+    crow, k = torch.empty(entries * (r + 1), **i64), torch.empty(entries, 2, **i64)
+    work = torch.empty(3 * r, **i64)
+    lib.lowbit_bhq_groups_entries(lam.data_ptr(), entries, r, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
+                                  lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
+                                  members.data_ptr(), k.data_ptr(), work.data_ptr())
+    per_entry = k[:, 0].tolist()
+    tabs = _tables(max(1, int(k[:, 1].max())) if entries else 1)  # held until the calls return
+    lib.lowbit_bhq_bases_entries(entries, r, k.data_ptr(), g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
+                                 *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr())
+    s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, elementwise: each entry's own
+    scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
+    lib.lowbit_bhq_scatter_entries(entries, r, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
+                                   int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr())
+    n_groups = sum(per_entry)
+    crow_out = torch.empty(n_groups + 1, **i64)
+    lib.lowbit_bhq_entries_join(entries, r, k.data_ptr(), group.data_ptr(), crow.data_ptr(), members.data_ptr(),
+                                crow_out.data_ptr())
+    return Groups(scale, v_out, group, n_groups, crow_out, members, tuple(per_entry))
+
+
+def run_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
+    """``bhq_entry_groups`` on the kernel (the dispatcher's, after :func:`supports_entries`)."""
+    return _entry_groups(_library(), lam, entries, dtype)
+
+
 # -- self-test ------------------------------------------------------------------------------
 def _cases() -> list[torch.Tensor]:
     """Row-range vectors that reach every branch: ties, one huge row, equal rows, zeros,
@@ -281,14 +372,37 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         for dtype in (torch.float32, torch.float64):
             want = reference(lam, dtype)
             got = _groups(lib, lam, dtype)
-            crow, members = csr_index(want.group, want.n_groups)
-            if got.n_groups != want.n_groups or not all(
-                    torch.equal(a, b) for a, b in ((got.scale, want.scale), (got.v, want.v),
-                                                   (got.group, want.group), (got.crow, crow),
-                                                   (got.members, members))):
+            if not _same(got, want):
+                return False
+    for lam, entries in _entry_cases():
+        for dtype in (torch.float32, torch.float64):
+            if not _same(_entry_groups(lib, lam, entries, dtype), entry_reference(lam, entries, dtype)):
                 return False
     return True
 
 
-__all__ = ["Groups", "MIN_SMALL_RATIO", "available", "csr_index", "householder_absmax", "reference", "run",
-           "set_enabled", "supports"]
+def _same(got: Groups, want: Groups) -> bool:
+    """``got`` (the kernel's, with its CSR index) is ``want`` (a reference's) bit for bit."""
+    crow, members = csr_index(want.group, want.n_groups)
+    return got.n_groups == want.n_groups and got.entry_groups == want.entry_groups and all(
+        torch.equal(a, b) for a, b in ((got.scale, want.scale), (got.v, want.v), (got.group, want.group),
+                                       (got.crow, crow), (got.members, members)))
+
+
+def _entry_cases() -> list[tuple[torch.Tensor, int]]:
+    """Entries of every kind side by side: ordinary, one huge row, all zero, a NaN, an
+    infinity, ties; entries of one and two rows."""
+    g = torch.Generator().manual_seed(11)
+    f64 = {"dtype": torch.float64}
+    mixed = torch.rand(6, 40, generator=g, **f64) ** 4
+    mixed[1, 7] = 1e6
+    mixed[2] = 0
+    mixed[3, 5] = math.nan
+    mixed[4, 0] = math.inf
+    mixed[5] = 0.5
+    return [(mixed.reshape(-1), 6), (torch.rand(5, generator=g, **f64), 5), (torch.rand(8, generator=g, **f64), 4),
+            (torch.rand(300, generator=g, **f64), 1), (torch.exp(torch.randn(64 * 33, generator=g, **f64) * 4), 64)]
+
+
+__all__ = ["Groups", "MIN_SMALL_RATIO", "available", "csr_index", "entry_reference", "householder_absmax",
+           "reference", "run", "run_entries", "set_enabled", "supports", "supports_entries"]

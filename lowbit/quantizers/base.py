@@ -233,6 +233,14 @@ class GradQuantizer(abc.ABC):
         """The row transform for operand ``a`` ((R, D)), built with ``kernels``
         (default: reference)."""
 
+    def entry_transform(self, a: torch.Tensor, entries: int, generator: torch.Generator | None,
+                        kernels: Kernels | None = None) -> RowTransform:
+        """The row transform for ``a`` (R, D) whose rows are ``entries`` consecutive entries
+        of ``R / entries`` rows (attention's heads): one that keeps rows within their entry
+        where the quantizer can build it so (BHQ: groups per entry); by default
+        :meth:`transform`, whose :meth:`RowTransform.within_entries` says whether it does."""
+        return self.transform(a, generator, kernels)
+
     def quantize(
         self,
         a: torch.Tensor,
@@ -241,17 +249,24 @@ class GradQuantizer(abc.ABC):
         rounding: Rounding | str = Rounding.STOCHASTIC,
         backend: Backend | Kernels = Backend.AUTO,
         tracker: RangeTracker | None = None,
+        entries: int | None = None,
     ) -> QuantizedOperand:
         """Transform, then round ``T·a`` onto ``fmt`` (noise seeded from ``generator``).
         The range is ``T·a``'s own (dynamic), or ``tracker``'s prediction. ``rounding``: a
         :class:`Rounding` or its name (``"stochastic"``, ``"nearest"``); ``ValueError`` for
-        anything else."""
+        anything else. ``entries``: ``a``'s rows are that many consecutive entries of equal
+        size, to be transformed each on its own where the quantizer can
+        (:meth:`entry_transform`; attention's gradient operands); ``ValueError`` where it
+        does not divide ``a``'s rows."""
         check_operand(a, f"{self.name}.quantize")
         fmt = parse_format(fmt)
         rounding = as_rounding(rounding)
+        if entries is not None and (isinstance(entries, bool) or not isinstance(entries, int) or entries < 1
+                                    or a.shape[0] % entries):
+            raise ValueError(f"entries={entries!r} must be a positive int dividing the operand's {a.shape[0]} rows")
         k = kernels_for(backend, a.device)
         with scope("lowbit::transform"):
-            t = self.transform(a, generator, k)
+            t = self.transform(a, generator, k) if entries is None else self.entry_transform(a, entries, generator, k)
             t.kernels = k
         seed = sr_seed(generator, rounding, a.device)
         if tracker is None:

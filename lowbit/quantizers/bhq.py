@@ -22,6 +22,7 @@ added row by row in ascending order on the CPU), never as a dense N×N matrix;
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -108,6 +109,8 @@ register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
 register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
+register("bhq_entry_groups", Impl.REFERENCE, bhq_groups.entry_reference)
+register("bhq_entry_groups", Impl.NATIVE, bhq_groups.run_entries, ("cpu",), bhq_groups.supports_entries)
 
 
 class BlockHouseholder(RowTransform):
@@ -120,7 +123,8 @@ class BlockHouseholder(RowTransform):
     """
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,
-                 kernels: Kernels | None = None, csr: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 kernels: Kernels | None = None, csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 entry_groups: tuple[int, ...] | None = None):
         self.n_rows = scale.shape[0]
         self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
         self.v = v  # (N,) same dtype, 0 for groups of one
@@ -128,6 +132,10 @@ class BlockHouseholder(RowTransform):
         self.n_groups = n_groups
         self.kernels = kernels
         self._csr = csr
+        # groups built per entry (bhq_transform's entries): each entry's number of groups,
+        # entry e's numbered after those of the entries before it
+        self.entry_groups = entry_groups
+        self._group_starts = None if entry_groups is None else [0, *itertools.accumulate(entry_groups)]
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, members)``: group ``j``'s rows are ``members[crow[j]:crow[j + 1]]``,
@@ -138,6 +146,36 @@ class BlockHouseholder(RowTransform):
 
     def _k(self, x: torch.Tensor) -> Kernels:
         return self.kernels or kernels_for(Backend.REFERENCE, x.device)
+
+    @property
+    def entry_rows(self) -> int | None:
+        """Rows of each entry where the groups were built per entry, else None."""
+        if self.entry_groups is None:
+            return None
+        return self.n_rows // len(self.entry_groups) if self.entry_groups else 0
+
+    def within_entries(self, rows: int) -> bool:
+        """Groups built per entry of ``entry_rows`` rows never cross an entry of ``rows``
+        rows when ``entry_rows`` divides ``rows``."""
+        er = self.entry_rows
+        return bool(er) and rows > 0 and rows % er == 0  # type: ignore[operator]
+
+    def entries(self, lo: int, hi: int) -> BlockHouseholder:
+        """The transform of rows ``lo:hi`` (whole entries of :attr:`entry_rows`): their
+        scales, vectors and groups, renumbered from 0, with their part of the CSR index."""
+        er = self.entry_rows
+        if er is None:
+            raise ValueError("the transform's groups span the whole operand (built without entries): "
+                             "it does not split by entries")
+        if not er or not 0 <= lo <= hi <= self.n_rows or lo % er or hi % er:
+            raise ValueError(f"rows {lo}:{hi} are not whole entries of the transform's groups "
+                             f"({self.n_rows} rows, entries of {er})")
+        g0, g1 = self._group_starts[lo // er], self._group_starts[hi // er]  # type: ignore[index]
+        crow, members = self.csr()
+        m0, m1 = int(crow[g0]), int(crow[g1])
+        return BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
+                                (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
+                                self.entry_groups[lo // er:hi // er])  # type: ignore[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._k(x)
@@ -179,16 +217,31 @@ class BlockHouseholder(RowTransform):
         return out / self.scale.double() ** 2
 
 
-def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None) -> BlockHouseholder:
+def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int | None = None) -> BlockHouseholder:
     """Build the BHQ transform for ``a`` (N, D): the groups and scales of the module
     docstring from the row ranges, by the kernel-table op ``bhq_groups``
     (:mod:`lowbit.kernels.bhq_groups`: O(N log N) bookkeeping in float64, so that every
     float32 range, subnormals included, stays exact); the transform itself runs in the
     compute dtype (float64 for float64 ``a``). ``kernels``: the call's kernels (default:
-    reference)."""
+    reference).
+
+    ``entries``: the rows are that many consecutive entries of ``N / entries`` rows
+    (attention's batch entries and heads); each entry's groups are then built from its
+    own rows alone (the op ``bhq_entry_groups``; an entry of one row, or whose ranges are
+    not finite or all zero, gets groups of one), so that the transform never mixes rows of
+    two entries (:meth:`BlockHouseholder.within_entries`). ``ValueError`` where
+    ``entries`` does not divide ``N``."""
     n = a.shape[0]
     dev = a.device
     dt = compute_dtype(a.dtype)
+    if entries is not None:
+        if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1 or n % entries:
+            raise ValueError(f"entries={entries!r} must be a positive int dividing the operand's {n} rows")
+        k = kernels or kernels_for(Backend.REFERENCE, dev)
+        groups = k.run("bhq_entry_groups", row_absmax(a, kernels).double(), entries, dt)
+        csr = None if groups.crow is None else (groups.crow, groups.members)
+        return BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
+                                groups.entry_groups)
     lam = row_absmax(a, kernels).double()  # (N,)
     top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
     if n <= 1 or not math.isfinite(top) or top <= 0:
@@ -210,5 +263,10 @@ class BHQ(GradQuantizer):
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:
         return bhq_transform(a, kernels)
+
+    def entry_transform(self, a: torch.Tensor, entries: int, generator: torch.Generator | None,
+                        kernels: Kernels | None = None) -> RowTransform:
+        """Groups within each of the ``entries`` entries (:func:`bhq_transform`)."""
+        return bhq_transform(a, kernels, entries)
 
 

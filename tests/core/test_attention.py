@@ -173,9 +173,10 @@ def test_gradient_operands_are_quantized_independently(monkeypatch: pytest.Monke
     seen = []
     real, real_w = A.quantize_gradient, A.quantize_grad_w
 
-    def spy(a, spec, gen, backend, tracker=None):
+    def spy(a, spec, gen, backend, tracker=None, entries=None):
         seen.append((tuple(a.shape), spec.quantizer, gen.initial_seed()))
-        return real(a, spec, gen, backend, tracker)
+        assert entries == B * H  # the rows are the heads' (BHQ's groups per head)
+        return real(a, spec, gen, backend, tracker, entries)
 
     def spy_w(a, spec, gen, k, batched=False):
         out = real_w(a, spec, gen, k, batched)
@@ -301,9 +302,9 @@ def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("what, cfg, message", [
-    ("bhq", FQTConfig.from_recipe("fqt-bhq-8", backend="int8"),
+    ("hadamard", FQTConfig.from_recipe("fqt-hadamard-8", backend="int8"),  # 64-row blocks over heads of 6
      "backend='int8' cannot compute attention's ∇P GEMM per head (an operand has a row "
-     "transform (BlockHouseholder) that mixes rows of different heads); use backend='auto' "
+     "transform (BlockHadamard) that mixes rows of different heads); use backend='auto' "
      "(simulated there)"),
     ("per-row V", dataclasses.replace(FQT, activation=OperandSpec(8, "row"), backend="int8"),
      "backend='int8' cannot compute attention's P·V GEMM per head (a scale on the summed "
@@ -379,8 +380,12 @@ def test_hadamard_product_near_float32_max_stays_finite() -> None:
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
 
 
-def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fqt-hadamard-8 on heads of 128 × 64: all seven products integer (no simulated
+@pytest.mark.parametrize("recipe, rtols", [("fqt-hadamard-8", (1e-5, 1e-5, 3e-3, 1e-5)),
+                                           ("fqt-bhq-8", (1e-5, 1e-5, 3e-3, 1e-5))])
+def test_row_mixing_attention_runs_every_product_on_integer_kernels(
+        monkeypatch: pytest.MonkeyPatch, recipe: str, rtols: tuple[float, ...]) -> None:
+    """fqt-hadamard-8 (64-row blocks within each head) and fqt-bhq-8 (groups per head) on
+    heads of 128 × 64: all seven products integer (no simulated
     GEMM), ``backend="int8"`` accepts it, the result equals the reference backend's to
     the rounding of the sums (∇K's tolerance: ∇S cancels, and one flipped code is
     spread by the transform over its block of 64 rows; see the flipped-codes test), and
@@ -395,14 +400,14 @@ def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: p
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(2, 2, 128, 64, generator=g).requires_grad_() for _ in range(3))
         o = scaled_dot_product_attention(q, k, v, is_causal=True,
-                                         state=block_state(FQTConfig.from_recipe("fqt-hadamard-8", backend=backend, seed=1)))
+                                         state=block_state(FQTConfig.from_recipe(recipe, backend=backend, seed=1)))
         o.backward(torch.linspace(-1, 1, 64).expand_as(o))
         return o.detach(), q.grad, k.grad, v.grad
 
     fast = run("int8")
     assert len(calls) == 7
     ref = run("reference")
-    for a, b, rtol in zip(fast, ref, (1e-5, 1e-5, 3e-3, 1e-5)):
+    for a, b, rtol in zip(fast, ref, rtols):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
     assert all(torch.equal(a, b) for a, b in zip(run("auto"), fast))
     monkeypatch.setattr(A, "CHUNK_SCORES", 128 * 128)  # ∇P one entry at a time
@@ -410,7 +415,7 @@ def test_hadamard_attention_runs_every_product_on_integer_kernels(monkeypatch: p
     # lowbit.coverage counts the seven products as real int8 and the inverse transform's
     # own GEMM as the quantizer's (not as a float GEMM of the model)
     att = lowbit.ScaledDotProductAttention()
-    model = lowbit.convert(nn.Sequential(att), FQTConfig.from_recipe("fqt-hadamard-8", seed=1))
+    model = lowbit.convert(nn.Sequential(att), FQTConfig.from_recipe(recipe, seed=1))
     x = torch.randn(1, 2, 128, 64, requires_grad=True)
     rep = lowbit.coverage(model[0], x, x, x, loss_fn=lambda out: out.square().mean())
     assert rep.float_share == 0.0 and rep.flops("simulated") == 0 and rep.flops("int8") == rep.total_flops > 0

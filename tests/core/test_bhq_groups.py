@@ -137,3 +137,85 @@ def test_switched_off_by_the_environment() -> None:
     env = {**os.environ, "LOWBIT_BHQ_GROUPS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- groups per entry (attention's heads) -------------------------------------------------------
+def _entry_ranges(seed: int) -> tuple[torch.Tensor, int]:
+    """Entries of the kinds :func:`_ranges` makes, side by side, with an all-zero entry, a
+    NaN one and an infinite one among them where the seed says."""
+    g = torch.Generator().manual_seed(100 + seed)
+    entries, r = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+    lam = torch.cat([_ranges(seed * 10 + e)[:r] for e in range(entries)])
+    lam = torch.cat([lam, lam.new_ones(entries * r - lam.shape[0])])  # entries of r rows each
+    bad = int(torch.randint(0, entries, (1,), generator=g))
+    if seed % 3 == 1:
+        lam[bad * r:(bad + 1) * r] = 0.0
+    if seed % 4 == 2:
+        lam[bad * r] = float("nan") if seed % 8 == 2 else float("inf")
+    return lam, entries
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(24))
+def test_entry_kernel_is_the_entry_reference_bit_for_bit(seed: int) -> None:
+    lam, entries = _entry_ranges(seed)
+    for dtype in (torch.float32, torch.float64):
+        want = bhq_groups.entry_reference(lam, entries, dtype)
+        got = bhq_groups.run_entries(lam, entries, dtype)
+        _same(got, want)
+        assert got.entry_groups == want.entry_groups and sum(want.entry_groups) == want.n_groups
+        crow, members = bhq_groups.csr_index(want.group, want.n_groups)
+        assert torch.equal(got.crow, crow) and torch.equal(got.members, members)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_entry_groups_are_each_entrys_own(seed: int) -> None:
+    """Each entry's groups are those :func:`reference` builds from its ranges alone (the
+    same groups; scales and vectors to float64 rounding: the power is taken over all
+    entries at once, and ATen's vectorised ``pow`` may differ from its scalar one in the
+    last bit) — groups of one, unit scale, where the entry is one row, all zero or not
+    finite — and no group spans two entries."""
+    lam, entries = _entry_ranges(seed)
+    r = lam.shape[0] // entries
+    got = bhq_groups.entry_reference(lam, entries, torch.float64)
+    start = 0
+    for e, x in enumerate(lam.view(entries, r).unbind(0)):
+        rows = slice(e * r, (e + 1) * r)
+        top = float(x.max()) if r else 0.0
+        if r >= 2 and top == top and 0 < top < float("inf"):
+            want = bhq_groups.reference(x, torch.float64)
+            torch.testing.assert_close(got.scale[rows], want.scale, rtol=4e-16, atol=0)
+            torch.testing.assert_close(got.v[rows], want.v, rtol=4e-16, atol=0)
+        else:
+            want = bhq_groups.Groups(torch.ones(r, dtype=torch.float64), torch.zeros(r, dtype=torch.float64),
+                                     torch.arange(r), r, None, None)
+            assert torch.equal(got.scale[rows], want.scale) and torch.equal(got.v[rows], want.v)
+        assert torch.equal(got.group[rows] - start, want.group) and got.entry_groups[e] == want.n_groups
+        start += want.n_groups
+
+
+def test_entry_transform_splits_by_entries_and_refuses_what_does_not_divide() -> None:
+    """``bhq_transform(x, entries=E)``: within entries of its rows (and of their
+    multiples), and :meth:`entries` gives a range's own transform — the same scales,
+    vectors, groups (renumbered) and CSR index, so its inverse is those rows' inverse of the
+    whole, bit for bit. ``entries`` must divide the rows; a whole-operand transform is not
+    within entries, nor does it split."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6 * 20, 16, generator=g) * torch.exp(torch.randn(120, 1, generator=g) * 3)
+    for k in (AUTO, REF):
+        t = bhq.bhq_transform(x, k, entries=6)
+        assert t.entry_rows == 20 and t.within_entries(20) and t.within_entries(60) and not t.within_entries(10)
+        part = t.entries(40, 100)
+        assert part.n_rows == 60 and part.n_groups == sum(t.entry_groups[2:5]) == int(part.group.max()) + 1
+        crow, members = bhq_groups.csr_index(part.group, part.n_groups)
+        assert all(torch.equal(a, b) for a, b in zip(part.csr(), (crow, members)))
+        y = torch.randn(120, 7, generator=g)
+        assert torch.equal(part.inverse(y[40:100].clone()), t.inverse(y)[40:100])
+        with pytest.raises(ValueError, match="whole entries"):
+            t.entries(10, 40)
+    with pytest.raises(ValueError, match="entries=7 must be a positive int dividing the operand's 120 rows"):
+        bhq.bhq_transform(x, AUTO, entries=7)
+    whole = bhq.bhq_transform(x, AUTO)
+    assert not whole.within_entries(20)
+    with pytest.raises(ValueError, match="span the whole operand"):
+        whole.entries(0, 20)

@@ -224,15 +224,14 @@ def test_int8_backend_conflicts_are_named_at_convert() -> None:
     """What ``backend='int8'`` refuses at the first backward that needs it, decidable from
     the config, is named already by ``convert`` (a warning: the first layer's ∇X or a
     frozen weight's ∇W never run): per-row weight scales (∇X), per-sample activation
-    scales (∇W), BHQ in attention's ∇P. None for what int8 runs."""
+    scales (∇W), an asymmetric gradient grid in attention, a row-mixing ∇W quantizer on
+    grouped convolutions. None for what int8 runs — BHQ in attention among them (its
+    groups are built per head: the heads' products run on the integer kernels)."""
     int8 = FQTConfig.from_recipe("fqt-psq-8", backend="int8")
     with pytest.warns(lowbit.ConversionWarning, match=r"∇X = ∇Y·W of every Linear"):
         lowbit.convert(nn.Linear(4, 4), dataclasses.replace(int8, weight=lowbit.OperandSpec(8, "row")))
     with pytest.warns(lowbit.ConversionWarning, match=r"∇W = ∇Yᵀ·X of every layer"):
         lowbit.convert(nn.Linear(4, 4), dataclasses.replace(int8, activation=lowbit.OperandSpec(8, "row")))
-    with pytest.warns(lowbit.ConversionWarning, match=r"attention's ∇P per head"):
-        lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
-                       FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
     with pytest.warns(lowbit.ConversionWarning, match=r"asymmetric gradient grid"):
         lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
                        FQTConfig.from_recipe("fqt-psq-8a", backend="int8"))
@@ -242,6 +241,9 @@ def test_int8_backend_conflicts_are_named_at_convert() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", lowbit.ConversionWarning)
         lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), int8)
+        bhq_attention = lowbit.convert(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                                       FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
+        bhq_attention(torch.randn(2, 5, 8, requires_grad=True)).sum().backward()  # runs, as announced
         lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-bhq-4", backend="int8"))
         lowbit.convert(nn.Linear(4, 4), FQTConfig.from_recipe("fqt-psq-8a", backend="int8"))
         lowbit.convert(nn.Conv2d(4, 4, 3), dataclasses.replace(int8, grad_weight=lowbit.GradSpec(quantizer="bhq")))
