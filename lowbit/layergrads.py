@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .formats import compute_dtype
 from .functional import quantize_forward
 from .nn import FQTConv2d, FQTLinear
-from .varstats import product_row_norms, weight_grad_sq_norms
+from .varstats import squared_norms, product_row_norms, weight_grad_sq_norms
 
 
 @dataclass
@@ -87,11 +87,11 @@ def linear_grads(layer: FQTLinear, x: torch.Tensor, gy: torch.Tensor, weight_pat
     out = LayerGrads(b)
     if weight_path:
         u = _dequant(x.reshape(-1, n_in), cfg.activation)  # (N, in)
-        out.grad_weight = PathOperand(a.t(), u.square().sum(1))
+        out.grad_weight = PathOperand(a.t(), squared_norms(u, 1))
         out.w_sq, out.w_total = weight_grad_sq_norms(by_sample(a, gy), by_sample(u, x), bias)
     if input_path:
         wq = _dequant(layer.linear_weight().detach(), cfg.weight)  # (out, in)
-        wn = wq.square().sum(1)  # (out,)
+        wn = squared_norms(wq, 1)  # (out,)
         out.grad_input = PathOperand(a, wn, shift_weight=wn)
         out.x_sq, out.x_total = product_row_norms(by_sample(a, gy).sum(1), wq)  # rows (B, in)
     return out
@@ -113,7 +113,7 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
         xq = _dequant(xp.reshape(b, -1), cfg.activation).reshape(xp.shape)
         cols = F.unfold(xq, layer.kernel_size, **geom)  # (B, C_in·k², P)
         kg = cols.shape[1] // groups
-        col_w = torch.stack([cols[:, g * kg:(g + 1) * kg].square().sum(1).reshape(-1)
+        col_w = torch.stack([squared_norms(cols[:, g * kg:(g + 1) * kg], 1).reshape(-1)
                              for g in range(groups)], 1)  # (B·P, G)
         a_w = gy.transpose(0, 1).reshape(c_out, -1)  # (C_out, B·P)
         if groups > 1:
@@ -128,7 +128,7 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
         wq = _dequant(w.reshape(c_out, -1), cfg.weight).reshape(w.shape)  # (C_out, C_g, kh, kw)
         reach, taps = _conv_taps(layer, x, wq, geom)  # (1, C_out, H', W'), (G, O_g, C_g, P)
         out.grad_input = PathOperand(gy.reshape(b, -1), reach.reshape(-1),
-                                     shift_weight=taps.square().sum(2).reshape(-1))
+                                     shift_weight=squared_norms(taps, 2).reshape(-1))
         a_g = a_rows.reshape(b, groups, c_out // groups, -1)  # (B, G, O_g, P)
         shift = torch.einsum("bgop,gocp->bgc", a_g, taps).reshape(b, -1)  # (B, C_in): ∇β_n
         out.x_sq, out.x_total = product_row_norms(shift, torch.eye(shift.shape[1], device=shift.device))
@@ -141,7 +141,7 @@ def _conv_taps(layer: FQTConv2d, x: torch.Tensor, wq: torch.Tensor, geom: dict) 
     on the real input, not on padding (module doc)."""
     ones = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=wq.dtype)  # as wq
     inside, _ = layer._explicit_padding(ones)  # 1 on the input, 0 on padding
-    reach = F.conv2d(inside, wq.square().sum(1, keepdim=True), **geom)
+    reach = F.conv2d(inside.double(), squared_norms(wq, 1).unsqueeze(1), **geom)  # float64: W²'s range
     taps = F.conv2d(inside, wq.reshape(-1, 1, *wq.shape[2:]), **geom)  # (1, C_out·C_g, H', W')
     return reach, taps.reshape(layer.groups, layer.out_channels // layer.groups, wq.shape[1], -1)
 

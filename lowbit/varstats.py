@@ -52,10 +52,10 @@ _BF16_MACS = 1 << 26  # ‖Σ_n G_n‖² of products this large: bfloat16 GEMM (
 _COHERENT = 0.9  # ... redone in float32 above this coherence ‖Σ G_n‖² / (B·Σ ‖G_n‖²)
 
 
-_TINY_NORM = 2.0**-43  # a float32 norm below this may have lost its elements' squares (see _sq)
+_TINY_NORM = 2.0**-43  # a float32 norm below this may have lost its elements' squares (see squared_norms)
 
 
-def _sq(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+def squared_norms(x: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """Squared 2-norms over ``dim`` (all of ``x`` for None) as float64, from one float32
     pass (``vector_norm`` accumulates in float32 with torch's cascade summation; float64
     for float64 ``x``, whose values may lie outside float32's range). torch's float32
@@ -91,7 +91,7 @@ def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
     k = u.shape[2]
     a, u = _work(a, u), _work(u, a)
     if t == 1:
-        return _sq(a, (1, 2)) * _sq(u, (1, 2)), None
+        return squared_norms(a, (1, 2)) * squared_norms(u, (1, 2)), None
     ghost = t * (o + k) < o * k
     per = t * t if ghost else o * k
     step = max(1, _CHUNK_ELEMS // max(per, 1))
@@ -103,7 +103,7 @@ def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
             out.append(prod.double().sum((1, 2)))
         else:
             g = ac.transpose(1, 2) @ uc  # G_n: (b, O, K)
-            out.append(_sq(g, (1, 2)))
+            out.append(squared_norms(g, (1, 2)))
             total = g.sum(0) if total is None else total + g.sum(0)
     sq = torch.cat(out) if out else a.new_zeros(0, dtype=torch.float64)
     return sq, (None if ghost else total)
@@ -136,10 +136,10 @@ def total_sq_norm(a: torch.Tensor, u: torch.Tensor, sq: torch.Tensor) -> float:
     n, o = a.shape
     k = u.shape[1]
     if n * o * k >= _BF16_MACS and _low(a, u):
-        total = float(_sq(a.bfloat16().t() @ u.bfloat16()))
+        total = float(squared_norms(a.bfloat16().t() @ u.bfloat16()))
         if total <= _COHERENT * sq.shape[0] * float(sq.sum()):
             return total
-    return float(_sq(_work(a, u).t() @ _work(u, a)))
+    return float(squared_norms(_work(a, u).t() @ _work(u, a)))
 
 
 def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -148,7 +148,7 @@ def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, f
     2²⁶ multiply-adds, redone in float32 above coherence 0.9 — the rule and bound of
     :func:`total_sq_norm`."""
     def norms(p: torch.Tensor) -> tuple[torch.Tensor, float]:
-        return _sq(p, 1), float(_sq(_work(p).sum(0)))
+        return squared_norms(p, 1), float(squared_norms(_work(p).sum(0)))
 
     b, o = a.shape
     if b * o * w.shape[1] >= _BF16_MACS and _low(a, w):
@@ -190,11 +190,11 @@ def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,
         if full is None:  # (O_g, K_g): a GEMM unless the per-sample products gave it
             total += total_sq_norm(ag.reshape(-1, og), ug.reshape(-1, kg), sq_g)
         else:
-            total += float(_sq(full))
+            total += float(squared_norms(full))
     if bias:
         per = _work(a).sum(1)  # (B, O): each sample's bias gradient
-        sq = sq + _sq(per, 1)
-        total += float(_sq(per.sum(0)))
+        sq = sq + squared_norms(per, 1)
+        total += float(squared_norms(per.sum(0)))
     return sq, total
 
 
@@ -277,4 +277,4 @@ def column_sum_noise(t: object, var: torch.Tensor, col_weight: torch.Tensor) -> 
 
 
 __all__ = ["column_sum_noise", "inverse_column_sums", "paired_variance", "path_noise", "per_sample_sq_norms", "product_noise",
-           "product_row_norms", "sgd_variance", "total_sq_norm", "weight_grad_sq_norms"]
+           "product_row_norms", "sgd_variance", "squared_norms", "total_sq_norm", "weight_grad_sq_norms"]

@@ -127,7 +127,9 @@ def weight_gemm_stats(layer: FQTLayer, x: torch.Tensor) -> tuple[torch.Tensor, f
     gram = ud.t() @ ud
     # a NaN/Inf input: the eigensolver does not converge (LinAlgError); λ is not a number
     lam = float(torch.linalg.eigvalsh(gram)[-1]) if bool(torch.isfinite(gram).all()) else math.nan
-    return ud.pow(2).sum(1).to(compute_dtype(u.dtype)), lam
+    # float64, as every use reads it: float32 would overflow past ~1e19 (|u|) and lose
+    # columns whose squares sum under ~1e-45 (the float32 norms' fault kind, README row 201)
+    return ud.pow(2).sum(1), lam
 
 
 @contextlib.contextmanager

@@ -84,3 +84,18 @@ def test_weight_gemm_input_reproduces_the_weight_gradient() -> None:
         a = grad_weight_operand(layer, rec[name].gy)
         u = weight_gemm_input(layer, rec[name].x)
         assert torch.allclose(a @ u, layer.weight.grad.reshape(a.shape[0], -1), atol=1e-5), name
+
+
+def test_weight_gemm_column_norms_keep_float64_range() -> None:
+    """``‖U_n‖²`` of a float32 layer's input near 2⁷⁰ is 2¹⁴⁰·‖u‖², past float32: it was
+    cast back to float32 (inf; 2⁻⁸⁰ gave 0). Kept in float64 (how every use reads it),
+    it is the unscaled one's times s² to float rounding."""
+    from lowbit.analysis.bounds import weight_gemm_stats
+
+    layer = lowbit.convert(nn.Sequential(nn.Linear(6, 3)), FQTConfig.from_recipe("qat-8"))[0]
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    base = weight_gemm_stats(layer, x)[0]
+    for s in (2.0 ** 70, 2.0 ** -80):
+        got = weight_gemm_stats(layer, x * s)[0]
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got / s**2, base.double(), rtol=1e-6, atol=0)

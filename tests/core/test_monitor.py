@@ -884,3 +884,38 @@ def test_tiny_gradients_are_measured_not_lost_to_float32_squares() -> None:
         for (s0, q0, r0), (s, q, r) in zip(plain, run(scale), strict=True):
             assert s == pytest.approx(scale**2 * s0, rel=1e-3) and q == pytest.approx(scale**2 * q0, rel=1e-3)
             assert r == pytest.approx(r0, rel=1e-3), (scale, r, r0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_column_weights_keep_their_range_in_a_float32_model(kind: str) -> None:
+    """The quantization variance weights each column's rounding error by ``‖U_n‖²`` (the
+    other operand's squared row norms: activations on the ∇W path, weights on the ∇X
+    path). Summed as float32 squares they underflowed to 0 for activations near 1e-24
+    (``quant_w`` 0) and overflowed to inf near 1e21 (a review of fault kind 200). A power
+    of two ``s`` on the input scales layer 2's ∇W-path figures by ``s²``; on layer 2's
+    weight, its ∇X-path figures by ``s²`` (the loss's ∇Y does not change): to float32
+    rounding of the unscaled run's norms (1e-5)."""
+    def run(s_x: float, s_w: float) -> tuple[float, float, float, float]:
+        torch.manual_seed(0)
+        if kind == "linear":
+            model, x = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)), \
+                torch.randn(16, 8)
+        else:
+            model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
+                                     nn.Conv2d(4, 2, 3, padding=1, bias=False)), torch.randn(4, 3, 6, 6)
+        with torch.no_grad():
+            model[2].weight.mul_(s_w)
+        lowbit.convert(model, _cfg("psq", 8))
+        mon = VarianceMonitor(model, every=1)
+        x = (x * s_x).requires_grad_()
+        with mon.step():
+            y = model(x)
+            (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        v = mon.history[-1].layers["2"]
+        return v.sgd_w, v.quant_w, v.sgd_x, v.quant_x
+    base = run(1.0, 1.0)
+    assert all(math.isfinite(b) and b > 0 for b in base)
+    for s in (2.0 ** -80, 2.0 ** 70):
+        w_path, x_path = run(s, 1.0)[:2], run(1.0, s)[2:]
+        for got, want in zip((*w_path, *x_path), base, strict=True):
+            assert got / s**2 == pytest.approx(want, rel=1e-5), (s, got, want)
