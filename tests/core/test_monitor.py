@@ -167,6 +167,15 @@ def test_monitor_sgd_equals_brute_force_per_sample_gradients(kind: str) -> None:
                                rtol=1e-5, atol=1e-5 * float(qat.abs().max()))
 
 
+def _two_layers(kind: str) -> tuple[nn.Sequential, torch.Tensor]:
+    """Two bias-free layers with a ReLU between (positively homogeneous: a power-of-two
+    scale passes through exactly) and an input, from torch's global RNG."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)), torch.randn(16, 8)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(4, 2, 3, padding=1, bias=False)), torch.randn(4, 3, 6, 6)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_monitor_of_a_float64_model_keeps_float64_range(kind: str) -> None:
     """The monitor cast ∇Y and the operands to float32 (and large products to bfloat16):
@@ -176,12 +185,7 @@ def test_monitor_of_a_float64_model_keeps_float64_range(kind: str) -> None:
     float64 rounding."""
     def run(s: float) -> list[float]:
         torch.manual_seed(0)
-        if kind == "linear":
-            model, x = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)), \
-                torch.randn(16, 8)
-        else:
-            model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
-                                     nn.Conv2d(4, 2, 3, padding=1, bias=False)), torch.randn(4, 3, 6, 6)
+        model, x = _two_layers(kind)
         model, x = model.double(), (x.double() * s).requires_grad_()
         lowbit.convert(model, _cfg("bhq", 4))
         mon = VarianceMonitor(model, every=1)
@@ -897,12 +901,7 @@ def test_column_weights_keep_their_range_in_a_float32_model(kind: str) -> None:
     rounding of the unscaled run's norms (1e-5)."""
     def run(s_x: float, s_w: float) -> tuple[float, float, float, float]:
         torch.manual_seed(0)
-        if kind == "linear":
-            model, x = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False)), \
-                torch.randn(16, 8)
-        else:
-            model, x = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
-                                     nn.Conv2d(4, 2, 3, padding=1, bias=False)), torch.randn(4, 3, 6, 6)
+        model, x = _two_layers(kind)
         with torch.no_grad():
             model[2].weight.mul_(s_w)
         lowbit.convert(model, _cfg("psq", 8))
