@@ -74,6 +74,7 @@ pass (one more ``QKᵀ`` per head where ``P̃`` is per tensor).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ from .attention_args import additive_mask, check_arguments
 from .ops import (BlockState, flatten_operand, refuse_double_backward, refuse_forward_transforms, unflatten_operand,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand, get_quantizer
-from .quantizers.base import Identity, RowTransform
+from .quantizers.base import GradQuantizer, Identity, RowTransform
 
 # Per-head multiply-adds from which heads run one integer GEMM each (into one
 # accumulator, one batched epilogue); below, one batched float GEMM of the dequantized
@@ -482,8 +483,24 @@ def grad_operand(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | 
         return Operand(values=a)
     # each entry's rows transformed on their own where the quantizer can (BHQ's groups per
     # head), so the heads' GEMMs may run on the integer kernels (module docstring)
-    q = quantize_gradient(a.reshape(-1, a.shape[2]), spec, gen, backend, entries=a.shape[0])
+    entries = a.shape[0] if _per_entry(get_quantizer(spec.quantizer)) else None
+    q = quantize_gradient(a.reshape(-1, a.shape[2]), spec, gen, backend, entries=entries)
     return Operand.of(q, tuple(a.shape), a.dtype)  # type: ignore[arg-type]
+
+
+def _per_entry(q: object) -> bool:
+    """Whether the quantizer builds a transform per entry (overrides
+    :meth:`~lowbit.quantizers.base.GradQuantizer.entry_transform`) and its ``quantize``
+    takes ``entries`` (a user's quantizer may override ``quantize`` with the signature it
+    had before: it then gets the whole operand, as before)."""
+    cls = type(q)
+    return cls.entry_transform is not GradQuantizer.entry_transform and _takes_entries(cls.quantize)
+
+
+@functools.cache
+def _takes_entries(fn: Callable[..., Any]) -> bool:
+    params = inspect.signature(fn).parameters
+    return "entries" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def grad_operand_t(a: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None,

@@ -229,8 +229,11 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
     (attention's batch entries and heads); each entry's groups are then built from its
     own rows alone (the op ``bhq_entry_groups``; an entry of one row, or whose ranges are
     not finite or all zero, gets groups of one), so that the transform never mixes rows of
-    two entries (:meth:`BlockHouseholder.within_entries`). ``ValueError`` where
-    ``entries`` does not divide ``N``."""
+    two entries (:meth:`BlockHouseholder.within_entries`). On the CPU's fused backends the
+    op is one C call for all entries; the reference backend runs its torch definition, a
+    Python loop over the entries (≈ 0.1 ms each: 180 ms for 1,536 heads); off the CPU a
+    fused backend takes the CPU kernel's groups (the ranges copied there and the groups
+    back). ``ValueError`` where ``entries`` does not divide ``N``."""
     n = a.shape[0]
     dev = a.device
     dt = compute_dtype(a.dtype)
@@ -238,7 +241,16 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1 or n % entries:
             raise ValueError(f"entries={entries!r} must be a positive int dividing the operand's {n} rows")
         k = kernels or kernels_for(Backend.REFERENCE, dev)
-        groups = k.run("bhq_entry_groups", row_absmax(a, kernels).double(), entries, dt)
+        lam = row_absmax(a, kernels).double()
+        if dev.type != "cpu" and k.fused:
+            # off the CPU the groups come from the CPU's kernel (one copy of the (N,) ranges
+            # each way): the torch definition loops over the entries in Python, a few
+            # device syncs each (module docstring of lowbit.kernels.bhq_groups)
+            groups = kernels_for(k.backend, "cpu").run("bhq_entry_groups", lam.cpu(), entries, dt)
+            groups = groups._replace(**{f: getattr(groups, f).to(dev) for f in ("scale", "v", "group", "crow", "members")
+                                        if getattr(groups, f) is not None})
+        else:
+            groups = k.run("bhq_entry_groups", lam, entries, dt)
         csr = None if groups.crow is None else (groups.crow, groups.members)
         return BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
                                 groups.entry_groups)
