@@ -121,6 +121,10 @@ _NO_FQT_LAYER = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTrans
                  nn.RNNCellBase, nn.Bilinear)
 
 
+def _e5m2(fmt: object) -> bool:
+    return getattr(fmt, "code_dtype", None) == torch.float8_e5m2
+
+
 def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], list[str]]:
     """``(certain, possible)``: the GEMMs of the converted ``model`` that ``backend="int8"``
     (or ``"fp8"``) of ``config`` will refuse at the first forward or backward that needs
@@ -132,7 +136,8 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
     grids in attention and (``"int8"``)
     convolutions, a row-mixing ∇W quantizer on grouped convolutions. Empty for other
     backends. (A layer whose input needs no gradient, or whose weight is frozen, never runs
-    the ∇X, or ∇W, GEMM named.)"""
+    the ∇X, or ∇W, GEMM named.) Under ``"fp8"`` also a float64 layer (certain) and a
+    GEMM with both operands E5M2 (possible: CUDA refuses it, the CPU runs it)."""
     from .attention_modules import FQTMultiheadAttention, FQTScaledDotProductAttention  # they import this module
     backend = Backend(config.backend)
     found: list[str] = []
@@ -142,6 +147,17 @@ def backend_conflicts(config: FQTConfig, model: nn.Module) -> tuple[list[str], l
     if backend is Backend.FP8 and any(isinstance(m, (FQTConv2d, FQTConv1d)) for m in model.modules()):
         found.append("all three GEMMs of every convolution (there is no FP8 convolution kernel; the output "
                      "GEMM raises at the first forward)")
+    if backend is Backend.FP8 and any(p.dtype == torch.float64 for p in model.parameters()):
+        found.append("every GEMM of a float64 layer (torch._scaled_mm takes float32 scales; a float64 "
+                     "layer's steps are float64: the first forward raises)")
+    if backend is Backend.FP8:
+        e5m2 = [name for name, (a, b) in (("Y = X·Wᵀ", (config.activation, config.weight)),
+                                          ("∇X = ∇Y·W", (config.grad_input, config.weight)),
+                                          ("∇W = ∇Yᵀ·X", (config.grad_weight, config.activation)))
+                if a is not None and b is not None and _e5m2(a.format) and _e5m2(b.format)]
+        if e5m2:
+            possible.append(f"{', '.join(e5m2)} of every Linear on CUDA (both operands E5M2, which cuBLASLt "
+                            "refuses; the CPU runs them)")
     if config.grad_input is not None and config.weight is not None and config.weight.granularity is Granularity.ROW:
         found.append("∇X = ∇Y·W of every Linear/convolution whose input needs a gradient (the weight's "
                      "per-output-channel scale, weight.granularity='row', lies on its summed dimension)")

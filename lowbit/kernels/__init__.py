@@ -187,9 +187,12 @@ class Kernels:
             k = self.lookup("gemm", impl)
             if k is not None and k.supports(a, b):
                 return k.fn(self, a, b, bias, out_dtype)
+        if self.backend is Backend.FP8 and fp8.supports(a, b, one_by_one=True):
+            # a 1 × 1 product on the CPU: on _scaled_mm in oneDNN's order (lowbit.kernels.fp8)
+            return fp8.gemm(self, a, b, bias, out_dtype)
         if self.backend in (Backend.INT8, Backend.FP8):
             what = "torch._int_mm (int8 codes" if self.backend is Backend.INT8 else \
-                "torch._scaled_mm (fp8 codes, not both e5m2, float32 scales"
+                "torch._scaled_mm (fp8 codes, not both e5m2 off the CPU, float32 scales"
             raise ValueError(
                 f"backend={self.backend.value!r} cannot compute this GEMM on {what}, scales and "
                 f"offsets on non-summed dimensions only, no block scales, supported shapes): "
@@ -216,10 +219,11 @@ def refusal_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
     first of codes, block scales, offsets, scales on the summed dimension ``K``, scale
     dtype, else shapes or device."""
     fp8_ok = fp8.FP8_DTYPES
-    want = "int8" if backend is Backend.INT8 else "fp8 (not both e5m2)"
+    off_cpu = a.codes.device.type != "cpu"
+    want = "int8" if backend is Backend.INT8 else "fp8 (not both e5m2 off the CPU)"
     ok = (a.codes.dtype == b.codes.dtype == torch.int8) if backend is Backend.INT8 else (
         a.codes.dtype in fp8_ok and b.codes.dtype in fp8_ok
-        and not a.codes.dtype == b.codes.dtype == torch.float8_e5m2)
+        and not (a.codes.dtype == b.codes.dtype == torch.float8_e5m2 and off_cpu))
     if not ok:
         return f"its operands' codes are {a.codes.dtype} and {b.codes.dtype}, not {want}"
     if a.block_scale is not None or b.block_scale is not None:

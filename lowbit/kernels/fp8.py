@@ -8,7 +8,11 @@ simulated reference GEMM, which multiplies row-major operands too (tested, M fro
 for mixed E4M3/E5M2), ATen sends the product to oneDNN's FP8 matmul, which sums in another
 order (found on an Intel Xeon with AMX, 2026-12-01). So on the CPU lowbit passes
 tensor-wise scales row-wise, as (M, 1) and (1, N) tensors, and leaves a 1 × 1 product,
-whose scales are single numbers whatever their shape, to the reference GEMM. On CUDA (ATen's ``_scaled_mm_out_cuda``
+whose scales are single numbers whatever their shape, to the reference GEMM under
+``backend="auto"``; ``backend="fp8"`` runs it on ``_scaled_mm`` (oneDNN's order there: the
+values of the reference to float32 rounding, as cuBLASLt's on CUDA; ``supports(...,
+one_by_one=True)``). Both operands E5M2 run on the CPU as any other pair (the emulation
+takes them, bitwise the reference). On CUDA (ATen's ``_scaled_mm_out_cuda``
 and its meta function) it needs compute capability ≥ 8.9 (Ada, Hopper, Blackwell), ``a``
 row-major (``stride = (s, 1)``, ``s > 1``) and ``b`` column-major (``stride = (1, s)``,
 ``s > 1``), both 16-byte aligned (cuBLASLt), ``K`` and ``N`` multiples of 16 (``M`` free),
@@ -82,14 +86,14 @@ def col_major(t: torch.Tensor) -> torch.Tensor:
 _col_major = col_major  # the name before the CUDA audit
 
 
-def shape_ok(m: int, k: int, n: int, device: torch.device | str) -> bool:
+def shape_ok(m: int, k: int, n: int, device: torch.device | str, one_by_one: bool = False) -> bool:
     """Whether ``torch._scaled_mm`` takes an (m, k) × (k, n) product on ``device``:
-    non-empty, on CUDA ``k`` and ``n`` multiples of 16, on the CPU not 1 × 1 (module
-    docstring)."""
+    non-empty, on CUDA ``k`` and ``n`` multiples of 16, on the CPU not 1 × 1 unless
+    ``one_by_one`` (module docstring)."""
     if m <= 0 or k <= 0 or n <= 0:
         return False
     if torch.device(device).type == "cpu":  # a 1 × 1 product may go to oneDNN (docstring)
-        return m * n > 1
+        return m * n > 1 or one_by_one
     return torch.device(device).type != "cuda" or (k % 16 == 0 and n % 16 == 0)
 
 
@@ -114,17 +118,18 @@ def _probe(a: Encoded, b: Encoded) -> bool:
     return _probed[key]
 
 
-def supports(a: Encoded, b: Encoded) -> bool:
-    """FP8 codes on both sides (not both E5M2), plain scales (no offset, no blocks) in
-    float32 on non-summed dimensions, and the device's layout and shape rules."""
+def supports(a: Encoded, b: Encoded, one_by_one: bool = False) -> bool:
+    """FP8 codes on both sides (off the CPU not both E5M2: cuBLASLt's rule), plain scales
+    (no offset, no blocks) in float32 on non-summed dimensions, and the device's layout and
+    shape rules (``one_by_one``: :func:`shape_ok`'s)."""
     m, k = a.codes.shape
     n = b.codes.shape[1]
     dev = a.codes.device
     ok = (a.codes.dtype in FP8_DTYPES and b.codes.dtype in FP8_DTYPES
-          and not (a.codes.dtype == b.codes.dtype == torch.float8_e5m2)
+          and not (a.codes.dtype == b.codes.dtype == torch.float8_e5m2 and dev.type != "cpu")
           and a.plain and b.plain and a.scale.shape[1] == 1 and b.scale.shape[0] == 1
           and a.scale.dtype == b.scale.dtype == torch.float32
-          and shape_ok(m, k, n, dev) and available(dev))
+          and shape_ok(m, k, n, dev, one_by_one) and available(dev))
     if ok and dev.type == "cuda":
         ok = _probe(a, b)
     return ok

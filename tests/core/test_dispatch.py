@@ -4,6 +4,8 @@ FP8 (`torch._scaled_mm`) and asymmetric integer paths equal their references, an
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import available_devices
@@ -97,15 +99,54 @@ def test_fp8_layer_runs_its_three_gemms_on_scaled_mm_bitwise_as_reference(
         assert torch.equal(got, want)
 
 
-def test_fp8_one_by_one_product_runs_the_reference_on_the_cpu() -> None:
-    # scales of a 1 × 1 product are single numbers whatever their shape, and ATen sends
-    # such a product to oneDNN's FP8 matmul on an AMX CPU (another summation order)
-    assert not fp8.shape_ok(1, 96, 1, "cpu")
+def test_fp8_one_by_one_product_runs_the_reference_under_auto_and_scaled_mm_under_fp8(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scales of a 1 × 1 product are single numbers whatever their shape, and ATen sends
+    such a product to oneDNN's FP8 matmul on an AMX CPU (another summation order): under
+    ``auto`` it runs the reference GEMM (bitwise the reference backend); ``backend='fp8'``
+    refused a Linear(8, 1) at batch 1 with the wrong reason (a review) — it now runs it on
+    ``_scaled_mm``, to float32 rounding of the reference (Linear(1, 16)'s ∇X too)."""
+    assert not fp8.shape_ok(1, 96, 1, "cpu") and fp8.shape_ok(1, 96, 1, "cpu", one_by_one=True)
     assert fp8.shape_ok(1, 96, 2, "cpu") and fp8.shape_ok(2, 96, 1, "cpu")
-    g = torch.Generator().manual_seed(3)
-    qa = _operand(torch.randn(1, 96, generator=g), "fp8_e4m3", Granularity.ROW, 1)
-    qw = _operand(torch.randn(1, 96, generator=g), "fp8_e4m3", Granularity.ROW, 2, Rounding.NEAREST)
-    assert not fp8.supports(qa, qw.t())
+    for shape in ((8, 1), (1, 16)):
+        got = {}
+        for b in ("fp8", "auto", "reference"):
+            calls = _count(monkeypatch, torch, "_scaled_mm")
+            torch.manual_seed(0)
+            layer = lowbit.convert(nn.Linear(*shape), FQTConfig.from_recipe("fqt-psq-fp8", backend=b, seed=3))
+            x = torch.randn(1, shape[0], requires_grad=True)
+            y = layer(x)
+            y.square().sum().backward()
+            got[b] = (y.detach(), x.grad, layer.weight.grad)
+            assert len(calls) == {"fp8": 3, "auto": 2, "reference": 0}[b], (shape, b)  # auto: the 1 × 1 one not
+        assert all(torch.equal(a, r) for a, r in zip(got["auto"], got["reference"])), shape
+        for a, r in zip(got["fp8"], got["reference"]):
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=0)
+
+
+def test_fp8_e5m2_pairs_run_on_the_cpu_and_are_named_for_cuda() -> None:
+    """Both operands E5M2: cuBLASLt's refusal, which the CPU's emulation does not share —
+    there the strict backend runs them, bitwise the reference; ``convert`` names them as
+    possible conflicts (CUDA), and a float64 layer under ``backend='fp8'`` as certain
+    (``_scaled_mm`` takes float32 scales; a review: both raised only at the first pass)."""
+    e5m2 = dict(weight=lowbit.OperandSpec(format="fp8_e5m2"), activation=lowbit.OperandSpec(format="fp8_e5m2"),
+                grad_input=lowbit.GradSpec(format="fp8_e5m2"), grad_weight=lowbit.GradSpec(format="fp8_e5m2"))
+    got = []
+    for backend in ("fp8", "reference"):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            layer = lowbit.convert(nn.Linear(16, 8), FQTConfig(**e5m2, backend=backend, seed=1))
+        if backend == "fp8":
+            assert any("possibly Y = X·Wᵀ, ∇X = ∇Y·W, ∇W = ∇Yᵀ·X of every Linear on CUDA (both operands E5M2"
+                       in str(w.message) for w in seen)
+        x = torch.randn(4, 16, requires_grad=True)
+        y = layer(x)
+        y.square().sum().backward()
+        got.append((y.detach(), x.grad, layer.weight.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+    with pytest.warns(lowbit.ConversionWarning, match="every GEMM of a float64 layer"):
+        lowbit.convert(nn.Linear(16, 8).double(), FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8"))
 
 
 def test_fp8_rowwise_forward_is_real_and_backward_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
