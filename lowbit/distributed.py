@@ -88,6 +88,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .userframe import user_stacklevel
 from .formats import SUPPORTED_DTYPES, IntFormat, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
 from .storage import stochastic_round_bf16
@@ -521,7 +522,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         state.warned_fp16 = True
         warnings.warn("quantized_allreduce_hook: a float16 gradient bucket gets the decoded average rounded "
                       "to nearest (biased by up to half a float16 ulp); float32 and bfloat16 buckets stay "
-                      "unbiased", UserWarning, stacklevel=2)
+                      "unbiased", UserWarning, stacklevel=user_stacklevel())
     grads = list(buf.to(compute_dtype(buf.dtype)).split(sizes))
     absmax = [block_absmax(g, comm.block) for g in grads]
     local = torch.cat(absmax)

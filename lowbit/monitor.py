@@ -441,7 +441,9 @@ class VarianceMonitor:
         for cause, text in causes:
             if (name, cause) not in self._warned:
                 self._warned.add((name, cause))
-                log.warning(text)
+                # logged (logger lowbit.monitor, level WARNING), its origin in the text: Python's
+                # last-resort handler prints the message alone (a new user's walkthrough)
+                log.warning("lowbit.monitor: layer %s", text)
 
     def _current(self, name: str) -> tuple[str, int]:
         """``(quantizer, bits)`` of layer ``name``'s ∇X path now."""

@@ -62,6 +62,7 @@ import warnings
 from typing import Any
 
 import torch
+from .userframe import user_stacklevel
 
 _M64 = (1 << 64) - 1
 
@@ -373,7 +374,7 @@ def _note_use(stream: NoiseStream) -> None:
             f"noise stream (seed {stream.seed}, name {stream.name!r}). Layers converted by separate "
             "lowbit.convert calls with one seed get names relative to each call's root; convert the "
             "parent model once, or give each call its own seed (FQTConfig(seed=...))",
-            SharedNoiseWarning, stacklevel=2)
+            SharedNoiseWarning, stacklevel=user_stacklevel())
 
 
 __all__ = ["SEED_LIMIT", "NoiseStream", "SharedNoiseWarning", "Path", "check_generator", "check_seed", "comm_noise_seed", "counter_uniform", "current_rank", "draw_base_seed", "draw_seed",

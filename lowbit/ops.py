@@ -50,6 +50,7 @@ from .noise import NoiseStream, Path
 from .quantizers import Granularity, QuantizedOperand, get_quantizer
 from .quantizers.base import Identity
 from .ranges import RangeTracker
+from .userframe import user_stacklevel
 
 # Predicted-range trackers of a block's (grad_input, grad_weight) paths; None: dynamic.
 Trackers = tuple[RangeTracker | None, RangeTracker | None]
@@ -187,7 +188,7 @@ def warn_if_not_adaptive(state: BlockState) -> None:
            f"lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy"
            f".from_recipe({name!r})) drives (`lowbit train` attaches one), and none drives this one")
     warnings.warn(f"lowbit: {layer} of recipe {name!r} trains at the recipe's fixed 8-bit start: "
-                  f"{why}", AdaptiveRecipeWarning, stacklevel=2)
+                  f"{why}", AdaptiveRecipeWarning, stacklevel=user_stacklevel())
 
 
 def _state(handle: str) -> BlockState:

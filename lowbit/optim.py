@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import fractions
 import numbers
-import os
 import sys
 import warnings
 from collections import OrderedDict
@@ -60,6 +59,7 @@ import torch
 
 from lowbit.kernels import compiled
 from lowbit.noise import check_generator
+from lowbit.userframe import user_stacklevel
 from lowbit.storage import (
     BLOCK_SIZE,
     FORMATS,
@@ -134,18 +134,6 @@ def _sharded(t: object) -> bool:
     return False
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of :func:`warnings.warn`, called from the caller's frame, that
-    names the first frame outside torch and lowbit (torch wraps ``step`` in three frames,
-    more under a scheduler or a ``GradScaler``: a fixed count named torch's line)."""
-    roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.split(".")[0]])
-                  if getattr(m, "__file__", None))
-    f, level = sys._getframe(2), 2
-    while f is not None and f.f_code.co_filename.startswith(roots):
-        f, level = f.f_back, level + 1
-    return level
-
-
 def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer) -> bool:
     """Warn (``RuntimeWarning``) where ``optimizer`` rounds with torch's global RNG
     (``generator=None``) under an initialised process group of more than one rank: the
@@ -160,7 +148,7 @@ def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer) -> bool:
         warnings.warn(f"{type(optimizer).__name__} with generator=None under {world} ranks draws its rounding "
                       "noise from torch's global RNG, which must then be in the same state on every rank or "
                       "the replicas drift apart; pass generator=torch.Generator().manual_seed(s) with the same "
-                      "s on every rank", RuntimeWarning, stacklevel=_user_stacklevel())
+                      "s on every rank", RuntimeWarning, stacklevel=user_stacklevel())
     return True
 
 

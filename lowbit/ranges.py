@@ -38,6 +38,7 @@ import torch
 
 from .formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype
 from .kernels import Encoded, Kernels
+from .userframe import user_stacklevel
 
 
 class RangeMode(enum.Enum):
@@ -207,7 +208,7 @@ class RangeTracker:
             warnings.warn(f"predicted range: the operand now has {y.shape[0]} rows, the recorded "
                           f"history {self._hist.shape[1]} (the layer's output features changed); "
                           "its range history restarts (its next call dynamic, later ones predicted from the calls since)",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=user_stacklevel())
             self._hist, self._count = None, 0
         st.calls += 1
         amax = self.predict()

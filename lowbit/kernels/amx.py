@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import cbuild, compiled, vnni, workspace
+from ..userframe import user_stacklevel
 
 SOURCE = Path(__file__).with_name("amx_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f")
@@ -114,7 +115,7 @@ def _compiler() -> list[str] | None:
 def _warn(why: str, then: str | None = "torch._int_mm runs instead") -> None:
     """A ``RuntimeWarning`` from lowbit's first int8 GEMM that needs the kernel."""
     warnings.warn(f"lowbit: {why}" + (f"; {then}" if then else "") + " (AMX int8 GEMM, "
-                  "lowbit.kernels.amx)", RuntimeWarning, stacklevel=6)
+                  "lowbit.kernels.amx)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @cbuild.once

@@ -79,6 +79,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..formats import FloatFormat, Format, Granularity, IntFormat, Rounding, grid_step
 from . import cbuild, compiled
+from ..userframe import user_stacklevel
 
 SOURCE = Path(__file__).with_name("quant_avx512.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw",
@@ -129,7 +130,7 @@ def cpu_has_avx512() -> bool:
 
 def _warn(why: str, then: str | None = None) -> None:
     warnings.warn(f"lowbit: {why}; {then or 'the compiled quantizer runs instead'} (AVX-512 "
-                  "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=6)
+                  "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @cbuild.once

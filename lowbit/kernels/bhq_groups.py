@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import cbuild, compiled
+from ..userframe import user_stacklevel
 
 SOURCE = Path(__file__).with_name("bhq_groups.c")
 FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing")
@@ -239,7 +240,7 @@ def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Grou
 # -- the native kernel ----------------------------------------------------------------------
 def _warn(why: str, then: str | None = None) -> None:
     warnings.warn(f"lowbit: {why}; {then or 'the reference construction runs instead'} (BHQ groups, "
-                  "lowbit.kernels.bhq_groups)", RuntimeWarning, stacklevel=6)
+                  "lowbit.kernels.bhq_groups)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @cbuild.once

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from pathlib import Path
+from ..userframe import user_stacklevel
 
 Warn = Callable[[str, "str | None"], None]
 
@@ -250,7 +251,7 @@ def switched_off(name: str) -> bool:
         import warnings
 
         warnings.warn(f"lowbit: {name}={raw!r} is not a switch value (0/false/off/no turn it off, "
-                      "1/true/on/yes leave it on); left on", RuntimeWarning, stacklevel=3)
+                      "1/true/on/yes leave it on); left on", RuntimeWarning, stacklevel=user_stacklevel())
     return False
 
 

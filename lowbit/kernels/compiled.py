@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .cbuild import switched_off
+from ..userframe import user_stacklevel
 
 MIN_NUMEL = 1 << 15  # below this, eager kernels are as fast as a compiled call
 _enabled = not switched_off("LOWBIT_COMPILE") and hasattr(torch, "compile")
@@ -145,7 +146,7 @@ def disable_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
         warnings.warn(f"lowbit: {_failure}; torch.compile cannot run in this process, lowbit's "
                       "compiled kernels run eagerly (same results, slower; its C kernels are "
                       "unaffected); set TORCHINDUCTOR_CACHE_DIR to a writable directory",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     return fn
 
 
@@ -241,11 +242,11 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         _variant_failures.append(what)
         if _compiled_once or len(_variant_failures) < FAILURES_TO_STOP:
             warnings.warn(f"lowbit: {what}; that kernel variant runs eagerly from now on, the "
-                          "others stay compiled (same results, slower)", stacklevel=3)
+                          "others stay compiled (same results, slower)", stacklevel=user_stacklevel())
         else:
             _failure = what
             warnings.warn(f"lowbit: {_failure}; lowbit's compiled kernels run eagerly from now on "
-                          "(same results, slower; its C kernels are unaffected)", stacklevel=3)
+                          "(same results, slower; its C kernels are unaffected)", stacklevel=user_stacklevel())
         return fn(*args)
 
 

@@ -33,6 +33,7 @@ import torch
 
 from .encoded import Encoded
 from .reference import finish
+from ..userframe import user_stacklevel
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Kernels
@@ -114,7 +115,7 @@ def _probe(a: Encoded, b: Encoded) -> bool:
             _probed[key] = False
             warnings.warn(f"lowbit: torch._scaled_mm refuses {a.codes.dtype} × {b.codes.dtype} "
                           f"{'row' if rowwise else 'tensor'}-wise scaling with float32 output on "
-                          f"{dev} ({str(exc).splitlines()[0]}); those GEMMs run simulated", stacklevel=4)
+                          f"{dev} ({str(exc).splitlines()[0]}); those GEMMs run simulated", stacklevel=user_stacklevel())
     return _probed[key]
 
 

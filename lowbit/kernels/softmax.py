@@ -46,6 +46,7 @@ from ..scopes import scope
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import avx512, cbuild, compiled, int8
+from ..userframe import user_stacklevel
 
 SOURCE = avx512.SOURCE.with_name("softmax_avx512.c")
 _enabled = True
@@ -123,7 +124,7 @@ def reference_grad(kernels, grads: torch.Tensor, a_step: torch.Tensor | None,  #
 # -- the native kernel ----------------------------------------------------------------------
 def _warn(why: str, then: str | None = None) -> None:
     warnings.warn(f"lowbit: {why}; {then or 'the reference softmax runs instead'} (attention "
-                  "softmax, lowbit.kernels.softmax)", RuntimeWarning, stacklevel=6)
+                  "softmax, lowbit.kernels.softmax)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @cbuild.once

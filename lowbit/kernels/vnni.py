@@ -33,6 +33,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import cbuild, compiled
+from ..userframe import user_stacklevel
 
 SOURCE = Path(__file__).with_name("vnni_int8.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni")
@@ -53,7 +54,7 @@ def cpu_has_vnni() -> bool:
 
 def _warn(why: str, then: str | None = None) -> None:
     warnings.warn(f"lowbit: {why}; " + (then or "one torch._int_mm per batch entry runs instead")
-                  + " (VNNI int8 GEMM, lowbit.kernels.vnni)", RuntimeWarning, stacklevel=6)
+                  + " (VNNI int8 GEMM, lowbit.kernels.vnni)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _layouts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
