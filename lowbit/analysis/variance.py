@@ -197,7 +197,7 @@ class VarianceReport:
         head = (f"gradient variance: {self.batches} minibatches × {self.repeats} draws"
                 + (f", {self.world_size} ranks" if self.world_size > 1 else ""))
         rows = [("group", "numel", "sgd", "quant", "quant/sgd", "total", "gap/total", "max |z|",
-                 "bound (data)")]
+                 "quant/bound")]
         names = [n for n in self.groups if n != "total"] + (["total"] if "total" in self.groups else [])
         for n in names:
             g = self.groups[n]
@@ -206,7 +206,13 @@ class VarianceReport:
                          num(g.rel_gap), num(g.max_abs_z), num(g.tightness_data)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return "\n".join([head, "", *lines])
+        # what the last column is, and why it may be empty (a new user's walkthrough: "–"
+        # under a header "bound (data)", with no reason)
+        note = ("quant/bound: the measured quantization variance over the data-dependent bound "
+                "(≤ 1: the bound holds), on the first minibatches; "
+                + (f"bound_batches={self.bound_batches}" if self.bound_batches else
+                   "not computed: bound_batches=0 (pass bound_batches=1 or more)"))
+        return "\n".join([head, "", *lines, "", note])
 
     def __str__(self) -> str:
         return self.table()

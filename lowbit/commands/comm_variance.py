@@ -145,8 +145,11 @@ def run(args: argparse.Namespace) -> int:
     numels = [p.numel() for p in model.parameters() if p.requires_grad]
     fp32 = step_bytes(None, numels, world)
     runs, rows = [], []
-    for name in comms:
+    for i, name in enumerate(comms):
         comm = GradComm.from_name(name, seed=seed)
+        if not sys.stderr.isatty():  # no progress bar there: one line per communication scheme
+            print(f"lowbit comm-variance: [{i + 1}/{len(comms)}] {name}: {n_batches} batches × {repeats} draws ...",
+                  file=sys.stderr, flush=True)
         t = time.perf_counter()
         rep = gradient_variance(model, task.loss, batches, repeats=repeats, world_size=world,
                                 comm=comm, seed=seed, progress=sys.stderr.isatty())

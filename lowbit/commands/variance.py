@@ -72,6 +72,13 @@ from .variance_summary import command_line, jsonable, machine, summary, write_cs
 
 
 # -- the study ----------------------------------------------------------------------------
+def _stage(opts: Options, text: str) -> None:
+    """One line on stderr where there are no progress bars (stderr not a terminal: a log,
+    ``| tee``, a batch job) and not ``--quiet``: a long measurement says what it is doing."""
+    if opts.stages:
+        print(f"lowbit variance: {text} ...", file=sys.stderr, flush=True)
+
+
 def _bin_study(model: nn.Module, data: Data, batch: object,
                opts: Options) -> tuple[dict, list[Path]]:
     """Capture the clean (QAT) ∇Y of one layer and map it on every quantizer's grid."""
@@ -143,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))
 
     t = time.perf_counter()
+    if opts.train_steps:
+        _stage(opts, f"warm-up ({opts.train_steps} training steps)")
     warm = warmup(model, data, opts, gen)
     seconds["warmup"] = time.perf_counter() - t
     batches = data.study(opts.batches, gen)
@@ -158,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         bound_note = (f"{model_name} quantizes attention products ({attention[0]}, ...), for which the "
                       f"Theorem 2 bound has no term: --bound-batches {opts.bound_batches} skipped")
         print(f"lowbit variance: {bound_note}", file=sys.stderr)
+    if opts.bound_batches and not attention:
+        _stage(opts, f"Jacobian spectra of {opts.bound_batches} minibatch(es), for the bound")
     for i in range(0 if attention else opts.bound_batches):
         spectra.append(jacobian_spectrum(model, data.loss, batches[i],
                                          _config(opts.quantizers[0], opts.formats[0], opts.seed),
@@ -181,9 +192,11 @@ def run(args: argparse.Namespace) -> int:
     if skipped:  # (variance_args refuses a command where every combination is skipped)
         print(f"lowbit variance: not measured (predicted ranges serve symmetric integer and FP8 formats "
               f"only): {'; '.join(skipped)}", file=sys.stderr)
-    for fmt, q, rmode, rnd in combos:
+    for i, (fmt, q, rmode, rnd) in enumerate(combos):
         if rmode != "dynamic" and (parse_format(fmt).block or parse_format(fmt).asymmetric):
             continue  # predicted ranges serve symmetric per-row/tensor formats only
+        _stage(opts, f"[{i + 1}/{len(combos)}] {_label(q, fmt, rmode, rnd)}: {opts.batches} minibatches × "
+                     f"{opts.repeats} draws")
         t_run = time.perf_counter()
         bits = parse_format(fmt).element_bits
         cfg = _config(q, fmt, opts.seed, rmode, opts.range_margin, opts.range_history, rnd)

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bin-layer", default=None, help="layer whose ∇Y goes in the bin figure (default: middle)")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
-    a("--quiet", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
+    a("--quiet", action="store_true", help="no progress bars (where stderr is not a terminal: one line per stage instead)")
 
 
 # -- argument checks ----------------------------------------------------------------------
@@ -105,6 +105,7 @@ class Options:
     range_calibration: int
     range_margin: float
     range_history: int
+    stages: bool = False  # one line per stage on stderr (no progress bars: not a terminal)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -222,6 +223,7 @@ def validate(args: argparse.Namespace) -> Options:
         bin_layer=args.bin_layer,
         threads=None if args.threads is None else check_threads(args.threads),
         progress=not args.quiet and sys.stderr.isatty(), ranges=list(dict.fromkeys(ranges)),
+        stages=not args.quiet and not sys.stderr.isatty(),
         range_calibration=_at_least("range-calibration", args.range_calibration, 1),
         range_margin=margin, range_history=_at_least("range-history", args.range_history, 1),
     )

@@ -161,8 +161,9 @@ def parse_float(option: str, text: str | None) -> float | None:
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``["n_layer=2", "dropout=0.1", "widths=8,16,32"]`` →
     ``{"n_layer": 2, "dropout": 0.1, "widths": (8, 16, 32)}``: an integer, else a finite
-    number, or a tuple of integers when the value holds commas. Names, types and ranges
-    are checked against the model by :func:`~lowbit.experiments.models.check_model_args`."""
+    number, or a tuple of integers when the value holds commas; anything else stays the
+    text, for :func:`~lowbit.experiments.models.check_model_args`, which checks names
+    first, then types and ranges, against the model."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -175,12 +176,18 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
             try:
                 out[key] = tuple(int(t) for t in text.split(","))
             except ValueError:
-                raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+                out[key] = text  # check_model_args names what the argument must be (or that it is none)
             continue
         try:
             out[key] = int(text)
         except ValueError:
-            out[key] = parse_float(option, text)
+            try:
+                out[key] = parse_float(option, text)
+            except ValueError:
+                # not a number: check_model_args says first whether the model has such an
+                # argument, then what it must be (a new user's walkthrough: "n_layer must be
+                # a number" where mlp has no n_layer at all)
+                out[key] = text
     return out
 
 

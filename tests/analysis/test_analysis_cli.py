@@ -234,3 +234,19 @@ def test_the_bounds_plot_of_reports_without_a_finite_bound_is_drawn_with_a_note(
     g = SimpleNamespace(pred_data=math.nan, pred_analytic=math.nan, quant_bound_batches=1e-3)  # what it reads
     rep = SimpleNamespace(groups={"total": g, "0.weight": g})
     assert plot_bounds([("psq-int4", rep)], tmp_path / "b.png").stat().st_size > 500
+
+
+def test_a_long_measurement_says_what_it_does_where_there_are_no_progress_bars(tmp_path, capsys) -> None:
+    """stderr not a terminal (a log, ``| tee``, pytest's capture): no progress bars, so
+    one line per stage, counted; none with ``--quiet`` (a new user's walkthrough: minutes
+    of silence)."""
+    args = ["variance", "--task", "digits", "--model", "mlp", "--quantizers", "ptq,psq", "--bits", "4",
+            "--batches", "3", "--repeats", "2", "--train-steps", "2", "--bound-batches", "0", "--profile", "none"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    stages = [ln for ln in err.splitlines() if ln.startswith("lowbit variance: ")]
+    assert stages == ["lowbit variance: warm-up (2 training steps) ...",
+                      "lowbit variance: [1/2] ptq-int4: 3 minibatches × 2 draws ...",
+                      "lowbit variance: [2/2] psq-int4: 3 minibatches × 2 draws ..."], err
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "lowbit variance: [" not in capsys.readouterr().err

@@ -213,9 +213,13 @@ def test_nearest_rounding_is_flagged_as_biased() -> None:
     # printed as a table (a new user's print() showed a dataclass dump): one row per group
     lines = str(rep).splitlines()
     assert lines[0] == "gradient variance: 12 minibatches × 6 draws" and lines[2].split()[:3] == ["group", "numel", "sgd"]
-    assert [ln.split()[0] for ln in lines[3:]] == [*[n for n in rep.groups if n != "total"], "total"]
-    total = lines[-1].split()
+    assert lines[2].split()[-1] == "quant/bound"
+    rows, note = lines[3:-2], lines[-1]
+    assert [ln.split()[0] for ln in rows] == [*[n for n in rep.groups if n != "total"], "total"]
+    total = rows[-1].split()
     assert total[1] == str(rep.groups["total"].numel) and f"{rep.groups['total'].max_abs_z:.3g}" in total
+    # the last column says what it is, and why it is empty (a new user's walkthrough)
+    assert lines[-2] == "" and note.endswith("not computed: bound_batches=0 (pass bound_batches=1 or more)")
 
 
 def test_config_swap_restores_and_validates() -> None:

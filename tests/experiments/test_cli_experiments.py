@@ -216,7 +216,10 @@ MODEL_ARG_ERRORS = [  # issue 11.14: every model argument checked against its co
      "--model-arg num_classes must be 10 (the task's class count) for model 'mlp', got 10.0"),
     (["--model-arg", "foo=1"], "--model-arg foo is not an argument of model 'mlp'; allowed: hidden, num_classes"),
     (["--model-arg", "hidden=1.5"], "--model-arg hidden must be an integer ≥ 1 for model 'mlp', got 1.5"),
-    (["--model-arg", "hidden=abc"], "--model-arg hidden must be a number, got 'abc'"),
+    (["--model-arg", "hidden=abc"], "--model-arg hidden must be an integer ≥ 1 for model 'mlp', got 'abc'"),
+    # the name first (a new user's walkthrough: "n_layer must be a number" for an mlp that has none)
+    (["--model-arg", "n_layer=abc"], "--model-arg n_layer is not an argument of model 'mlp'; allowed: hidden, num_classes"),
+    (["--model-arg", "hidden=inf"], "--model-arg hidden must be an integer ≥ 1 for model 'mlp', got 'inf'"),
     (["--model-arg", "hidden=3", "--model-arg", "hidden=4"], "--model-arg hidden is given twice"),
     (["--task", "text", "--model-arg", "n_head=3"],
      "--model-arg n_embd (256) must be divisible by n_head (3) for model 'gpt'"),
@@ -230,7 +233,8 @@ MODEL_ARG_ERRORS = [  # issue 11.14: every model argument checked against its co
      "--model-arg widths must be 3 non-decreasing integers ≥ 1, comma-separated (e.g. 16,32,64) "
      "for model 'preact-resnet20', got (16, 8, 32)"),
     (["--task", "fashion-mnist", "--model-arg", "widths=16,a"],
-     "--model-arg widths must be comma-separated integers, got '16,a'"),
+     "--model-arg widths must be 3 non-decreasing integers ≥ 1, comma-separated (e.g. 16,32,64) "
+     "for model 'preact-resnet20', got '16,a'"),
     (["--task", "fashion-mnist", "--model-arg", "in_channels=3"],
      "--model-arg in_channels must be 1 (grayscale images) for model 'preact-resnet20', got 3"),
 ]
