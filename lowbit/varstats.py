@@ -84,6 +84,16 @@ def _low(*ts: torch.Tensor) -> bool:
     return all(t.dtype != torch.float64 for t in ts)
 
 
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per sample of ``x`` (b, T, K), a power of two near its absmax, (b, 1, 1) in ``x``'s
+    dtype (1 for an all-zero or non-finite sample): dividing by it is exact and brings the
+    values near 1, so their products neither overflow nor underflow."""
+    m = x.abs().amax((1, 2), keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    e = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent
+    return torch.ldexp(torch.ones_like(m), e)
+
+
 def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-sample ``‖a_nᵀu_n‖²`` (B,) float64, and ``Σ_n a_nᵀu_n`` (O, K) when it comes
     for free (the per-sample-product branch), else ``None``."""
@@ -99,8 +109,13 @@ def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
     for s in range(0, b, step):
         ac, uc = a[s:s + step], u[s:s + step]
         if ghost:
-            prod = (ac @ ac.transpose(1, 2)) * (uc @ uc.transpose(1, 2))  # (b, T, T)
-            out.append(prod.double().sum((1, 2)))
+            # each factor's Gram in its own range (a power of two taken out per sample: exact),
+            # the product and the scales' squares in float64 — float32 Grams of values past
+            # ~1e19 overflowed and below ~1e-19 lost their squares (fault kind 201, a review)
+            sa, su = _pow2_scale(ac), _pow2_scale(uc)
+            an, un = ac / sa, uc / su
+            prod = (an @ an.transpose(1, 2)).double() * (un @ un.transpose(1, 2)).double()  # (b, T, T)
+            out.append(prod.sum((1, 2)) * (sa.double().reshape(-1) * su.double().reshape(-1)) ** 2)
         else:
             g = ac.transpose(1, 2) @ uc  # G_n: (b, O, K)
             out.append(squared_norms(g, (1, 2)))

@@ -208,10 +208,15 @@ class VarianceReport:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         # what the last column is, and why it may be empty (a new user's walkthrough: "–"
         # under a header "bound (data)", with no reason)
+        if not self.bound_batches:
+            why = "not computed: bound_batches=0 (pass bound_batches=1 or more)"
+        elif all(math.isnan(g.tightness_data) for g in self.groups.values()):
+            why = (f"bound_batches={self.bound_batches}, but the bound has no term for this model's "
+                   "quantized attention products (or its spectra were not taken): not computed")
+        else:
+            why = f"bound_batches={self.bound_batches}"
         note = ("quant/bound: the measured quantization variance over the data-dependent bound "
-                "(≤ 1: the bound holds), on the first minibatches; "
-                + (f"bound_batches={self.bound_batches}" if self.bound_batches else
-                   "not computed: bound_batches=0 (pass bound_batches=1 or more)"))
+                f"(≤ 1: the bound holds), on the first minibatches; {why}")
         return "\n".join([head, "", *lines, "", note])
 
     def __str__(self) -> str:

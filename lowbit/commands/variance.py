@@ -192,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
     if skipped:  # (variance_args refuses a command where every combination is skipped)
         print(f"lowbit variance: not measured (predicted ranges serve symmetric integer and FP8 formats "
               f"only): {'; '.join(skipped)}", file=sys.stderr)
-    for i, (fmt, q, rmode, rnd) in enumerate(combos):
-        if rmode != "dynamic" and (parse_format(fmt).block or parse_format(fmt).asymmetric):
-            continue  # predicted ranges serve symmetric per-row/tensor formats only
-        _stage(opts, f"[{i + 1}/{len(combos)}] {_label(q, fmt, rmode, rnd)}: {opts.batches} minibatches × "
+    # predicted ranges serve symmetric per-row/tensor formats only (the skipped ones named above)
+    measured = [c for c in combos if c[2] == "dynamic" or not (parse_format(c[0]).block or parse_format(c[0]).asymmetric)]
+    for i, (fmt, q, rmode, rnd) in enumerate(measured):
+        _stage(opts, f"[{i + 1}/{len(measured)}] {_label(q, fmt, rmode, rnd)}: {opts.batches} minibatches × "
                      f"{opts.repeats} draws")
         t_run = time.perf_counter()
         bits = parse_format(fmt).element_bits

@@ -250,3 +250,12 @@ def test_a_long_measurement_says_what_it_does_where_there_are_no_progress_bars(t
                       "lowbit variance: [2/2] psq-int4: 3 minibatches × 2 draws ..."], err
     assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "lowbit variance: [" not in capsys.readouterr().err
+    # skipped combinations (predicted ranges of a block format) are not counted (a review:
+    # "[1/4]", "[3/4]", "[4/4]")
+    skip = ["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq", "--formats", "mxfp4,int4",
+            "--ranges", "dynamic,predicted", "--batches", "3", "--repeats", "2", "--train-steps", "0",
+            "--bound-batches", "0", "--profile", "none", "--range-calibration", "1"]
+    assert main([*skip, "--out", str(tmp_path / "c")]) == 0
+    counted = [ln.split(": ")[1].split()[0] for ln in capsys.readouterr().err.splitlines()
+               if ln.startswith("lowbit variance: [")]
+    assert counted == ["[1/3]", "[2/3]", "[3/3]"], counted

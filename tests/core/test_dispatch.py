@@ -148,6 +148,20 @@ def test_fp8_e5m2_pairs_run_on_the_cpu_and_are_named_for_cuda() -> None:
     with pytest.warns(lowbit.ConversionWarning, match="every GEMM of a float64 layer"):
         lowbit.convert(nn.Linear(16, 8).double(), FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8"))
 
+    class Mixed(nn.Module):  # a float64 parameter the model uses itself, outside any converted layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 8)
+            self.gain = nn.Parameter(torch.ones(8, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.gain.float()
+
+    with warnings.catch_warnings():  # a review: it was named a certain conflict, and ran
+        warnings.simplefilter("error", lowbit.ConversionWarning)
+        mixed = lowbit.convert(Mixed(), FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8"))
+    mixed(torch.randn(4, 16)).sum().backward()
+
 
 def test_fp8_rowwise_forward_is_real_and_backward_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
     # fp8-rowwise scales W per output channel: in ∇X = ∇Y·W that is the summed dimension,

@@ -918,3 +918,26 @@ def test_column_weights_keep_their_range_in_a_float32_model(kind: str) -> None:
         w_path, x_path = run(s, 1.0)[:2], run(1.0, s)[2:]
         for got, want in zip((*w_path, *x_path), base, strict=True):
             assert got / s**2 == pytest.approx(want, rel=1e-5), (s, got, want)
+
+
+def test_per_sample_gram_norms_keep_their_range() -> None:
+    """Tokens of few rows and wide layers take the Gram route for the per-sample norms
+    (``‖a_nᵀu_n‖² = Σ (a_n a_nᵀ) ⊙ (u_n u_nᵀ)``): its float32 Grams gave a negative
+    ``sgd_w`` for inputs at 2⁻⁸⁰ and inf/NaN from 2⁶⁰ (a review of fault kind 201). A power
+    of two on the input scales layer 2's ∇W figures by its square (float32 rounding, 1e-5)."""
+    def run(s: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False))
+        lowbit.convert(model, _cfg("psq", 8))
+        mon = VarianceMonitor(model, every=1, sgd="per-sample")
+        x = (torch.randn(8, 4, 64) * s).requires_grad_()
+        with mon.step():
+            y = model(x)
+            (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        v = mon.history[-1].layers["2"]
+        return v.sgd_w, v.quant_w
+    base = run(1.0)
+    assert all(math.isfinite(b) and b > 0 for b in base)
+    for s in (2.0 ** -80, 2.0 ** 60, 2.0 ** 70):
+        for got, want in zip(run(s), base, strict=True):
+            assert got / s**2 == pytest.approx(want, rel=1e-5), (s, got, want)
