@@ -85,13 +85,15 @@ def _low(*ts: torch.Tensor) -> bool:
 
 
 def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per sample of ``x`` (b, T, K), a power of two near its absmax, (b, 1, 1) in ``x``'s
-    dtype (1 for an all-zero or non-finite sample): dividing by it is exact and brings the
-    values near 1, so their products neither overflow nor underflow."""
+    """Per sample of ``x`` (b, T, K), the power of two ``2^(e−1) ≤ absmax < 2^e``, (b, 1, 1)
+    in ``x``'s dtype (1 for an all-zero or non-finite sample): dividing by it is exact and
+    brings the values into [0, 2), so the Gram entries of a sample neither overflow nor
+    underflow as its squares did (a Gram sums T products: cancellation between tokens
+    stays float32's). ``2^e`` itself overflowed for an absmax in float32's top binade."""
     m = x.abs().amax((1, 2), keepdim=True)
     ok = torch.isfinite(m) & (m > 0)
     e = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent
-    return torch.ldexp(torch.ones_like(m), e)
+    return torch.ldexp(torch.ones_like(m), e - 1)
 
 
 def _per_sample(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -210,11 +210,9 @@ class VarianceReport:
         # under a header "bound (data)", with no reason)
         if not self.bound_batches:
             why = "not computed: bound_batches=0 (pass bound_batches=1 or more)"
-        elif all(math.isnan(g.tightness_data) for g in self.groups.values()):
-            why = (f"bound_batches={self.bound_batches}, but the bound has no term for this model's "
-                   "quantized attention products (or its spectra were not taken): not computed")
-        else:
-            why = f"bound_batches={self.bound_batches}"
+        else:  # (a second review: one cause named for every "–" blamed attention wrongly)
+            why = (f"bound_batches={self.bound_batches}; \"–\" where the bound has no term (quantized "
+                   "attention products, a grouped convolution's ∇W) or a value is not finite")
         note = ("quant/bound: the measured quantization variance over the data-dependent bound "
                 f"(≤ 1: the bound holds), on the first minibatches; {why}")
         return "\n".join([head, "", *lines, "", note])

@@ -161,6 +161,25 @@ def test_fp8_e5m2_pairs_run_on_the_cpu_and_are_named_for_cuda() -> None:
         warnings.simplefilter("error", lowbit.ConversionWarning)
         mixed = lowbit.convert(Mixed(), FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8"))
     mixed(torch.randn(4, 16)).sum().backward()
+    # a parametrized weight (in a child module) and Hugging Face's Conv1D are converted
+    # layers too (a second review: both went unnamed, then raised at the first forward)
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    para = nn.Linear(16, 8, bias=False).double()
+    parametrize.register_parametrization(para, "weight", Scale())
+    layers = [para]
+    try:
+        from transformers.pytorch_utils import Conv1D
+        layers.append(Conv1D(8, 16).double())
+    except ImportError:  # (transformers is a test dependency; the first case stands alone)
+        pass
+    for layer in layers:
+        with pytest.warns(lowbit.ConversionWarning, match="every GEMM of a float64 layer"):
+            lowbit.convert(nn.Sequential(layer), FQTConfig.from_recipe("fqt-psq-fp8", backend="fp8"))
 
 
 def test_fp8_rowwise_forward_is_real_and_backward_simulated(monkeypatch: pytest.MonkeyPatch) -> None:

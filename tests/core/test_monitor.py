@@ -941,3 +941,13 @@ def test_per_sample_gram_norms_keep_their_range() -> None:
     for s in (2.0 ** -80, 2.0 ** 60, 2.0 ** 70):
         for got, want in zip(run(s), base, strict=True):
             assert got / s**2 == pytest.approx(want, rel=1e-5), (s, got, want)
+    # a sample whose absmax is in float32's top binade: its scale 2^128 was inf (a second
+    # review); against float64 per-sample products
+    from lowbit.varstats import per_sample_sq_norms
+    g = torch.Generator().manual_seed(1)
+    a, u = torch.randn(3, 4, 64, generator=g), torch.randn(3, 4, 64, generator=g)
+    a[0] *= 2.0 ** 126  # absmax in [2^127, 2^128)
+    want = torch.einsum("bto,btk->bok", a.double(), u.double()).square().sum((1, 2))
+    got = per_sample_sq_norms(a, u)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
