@@ -125,7 +125,8 @@ def test_pair_bitwise_the_reference(fmt, shape: tuple[int, int], dtype: torch.dt
 def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
     """BHQ's fused transform and quantizer (``T x = x·s − 2v·dots[group]``, never
     written) against ``bhq._forward_quantize``: random groups, scales and Householder
-    entries; per row and per tensor, both roundings, int4 and int8, 1–3 threads."""
+    entries, a zero, a NaN and an infinite row; per row and per tensor, both roundings,
+    int4 and int8, 1–3 threads."""
     from lowbit.quantizers.bhq import _forward_quantize
 
     g = torch.Generator().manual_seed(shape[0])
@@ -135,6 +136,10 @@ def test_bhq_forward_quantize_bitwise_the_reference(shape: tuple[int, int], dtyp
     group = torch.randint(0, groups, (n,), generator=g)
     scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
     dots = torch.randn(groups, d, generator=g) * 10
+    if n >= 4:  # an all-zero row of T x (divisor 1), a NaN one and an infinite one (its step NaN)
+        x[0], v[0] = 0, 0
+        x[1, d // 2] = float("nan")
+        x[3, 0] = float("inf")
     for fmt in (FORMATS[2], FORMATS[4]):
         for gran in (Granularity.ROW, Granularity.TENSOR):
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):

@@ -56,6 +56,25 @@ def test_kernel_is_the_reference_bit_for_bit(seed: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 31, 33, 64, 127, 128, 255, 256, 257])
+def test_small_operands_merge_sort_as_the_reference(n: int) -> None:
+    """Below the kernel's SMALL_SORT (256) keys a merge sort replaces the radix sort: the
+    same stable order, so the same groups, on ties, zeros and a spike, at the sizes around
+    its insertion runs (16) and the switch."""
+    g = torch.Generator().manual_seed(n)
+    for lam in (torch.randint(0, 4, (n,), generator=g).double(), torch.rand(n, generator=g, dtype=torch.float64) ** 6,
+                torch.cat([torch.full((n - 1,), 0.5, dtype=torch.float64), torch.tensor([1e20], dtype=torch.float64)])):
+        if not bool((lam > 0).any()):
+            lam[n // 2] = 1.0
+        for dtype in (torch.float32, torch.float64):
+            want = bhq_groups.reference(lam, dtype)
+            got = bhq_groups.run(lam, dtype)
+            _same(got, want)
+            crow, members = bhq_groups.csr_index(want.group, want.n_groups)
+            assert torch.equal(got.crow, crow) and torch.equal(got.members, members)
+
+
+@needs_kernel
 def test_self_test_cases_pass() -> None:
     assert bhq_groups._self_test(bhq_groups._library())
 
