@@ -43,6 +43,13 @@ int8 on non-int8 codes, asymmetric grids, block scales, a scale on the summed di
 or a grouped ∇W under a mixing transform.
 The backward GEMMs run inside ``lowbit::grad_input`` / ``lowbit::grad_weight`` profiler
 scopes, which name their pass to :mod:`lowbit.coverage`.
+Block formats (MXFP8, MXFP4, NVFP4; always simulated here) take their blocks along
+channels: X, W and ∇X's ∇Y are quantized as rows with the channels innermost — (N, H·W·C),
+W as (C_out, kH·kW·C/g) — so a block runs along channels, the summed dimension
+(:func:`conv_rows`, :func:`conv_values`; where C is not a multiple of the block, a block
+also takes the next position's first channels); ∇W's ∇Y rows (C_out, N·H'·W') are blocked
+along the samples and positions it sums over. Other formats keep NCHW rows. The three
+GEMM functions below take block-format operands in that order (``conv_rows``).
 Conv1d is the conv2d block on a height-1 image. ``params`` of a block: (stride_h,
 stride_w, padding_h, padding_w, dilation_h, dilation_w, groups[, layout]).
 
@@ -126,10 +133,39 @@ def out_format(params: Sequence[int]) -> torch.memory_format:
     return torch.channels_last if _layout(params) != NCHW else torch.contiguous_format
 
 
-def _x_rows(x: torch.Tensor, layout: int) -> torch.Tensor:
+def channels_inner(spec: Any) -> bool:
+    """Whether a convolution operand quantized under ``spec`` (an ``OperandSpec`` or
+    ``GradSpec``; ``None``: not quantized) takes its rows with the channels innermost: a
+    block format's (MXFP8, MXFP4, NVFP4) blocks of 32 (16) consecutive elements then run
+    along channels — the dimension a convolution sums over, as an MX convolution kernel
+    blocks it (docs/METHOD.md §6) — not along positions of one channel. Where the channel
+    count (``C/g`` for a weight) is not a multiple of the block, a block also takes the
+    first channels of the next position (kernel tap)."""
+    return spec is not None and bool(spec.format.block)
+
+
+def conv_rows(t: torch.Tensor, spec: Any) -> torch.Tensor:
+    """A convolution operand ``t`` (N, C, *spatial) — X, W (C_out, C/g, kH, kW), or ∇Y on
+    the ∇X path — as the rows its quantizer takes: (N, C·spatial) in NCHW order, or
+    (N, spatial·C) where :func:`channels_inner` (block formats; a view of channels-last
+    memory, a copy of NCHW memory)."""
+    return _rows(t.movedim(1, -1) if channels_inner(spec) and t.dim() > 2 else t)
+
+
+def conv_values(q: QuantizedOperand, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q``'s dequantized values as ``dtype`` in ``shape`` (N, C, *spatial), contiguous,
+    from rows in :func:`conv_rows`'s order (channels innermost where ``q`` has block
+    scales)."""
+    if not q.block or len(shape) < 3:
+        return _dq(q, shape, dtype)
+    return q.dequantize(dtype).reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
+
+
+def _x_rows(x: torch.Tensor, layout: int, spec: Any = None) -> torch.Tensor:
     """The activation operand: (N, C·H·W), or under ``CL_CODES`` the (N, H·W·C) view of
-    x's channels-last memory."""
-    return _rows(x.permute(0, 2, 3, 1) if layout == CL_CODES else x)
+    x's channels-last memory, and for block formats (N, H·W·C) whatever the memory
+    (:func:`conv_rows`)."""
+    return _rows(x.permute(0, 2, 3, 1)) if layout == CL_CODES else conv_rows(x, spec)
 
 
 def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int,
@@ -139,7 +175,7 @@ def _dq_x(qx: QuantizedOperand, x_shape: Sequence[int], layout: int,
     if layout == CL_CODES:
         n, c, h, w = x_shape
         return in_format(qx.dequantize(dtype).reshape(n, h, w, c).permute(0, 3, 1, 2))
-    return in_format(_dq(qx, x_shape, dtype))
+    return in_format(conv_values(qx, x_shape, dtype))
 
 
 def _place(k: Kernels, codes: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -242,7 +278,8 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
                 w_shape: Sequence[int], params: Sequence[int], backend: Backend,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Y = Q_f(X) ⊛ Q_f(W) + b``: ``qx`` rows = samples of X (N, C, H, W), ``qw`` rows
-    = output channels of W (C_out, C/groups, kH, kW) → Y (N, C_out, H', W') as
+    = output channels of W (C_out, C/groups, kH, kW), each in :func:`conv_rows`'s order
+    (channels innermost for block formats) → Y (N, C_out, H', W') as
     ``out_dtype`` (contiguous, or channels-last under a channels-last ``params`` layout
     where oneDNN runs it). ``qx``'s codes in NHWC order under ``CL_CODES``."""
     stride, padding, dilation, groups = _geometry(params)
@@ -254,8 +291,8 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
         dt = compute_dtype(out_dtype)  # float64 operands compute in float64
         b = None if bias is None else bias.to(dt)
         with grid_notes.simulating(lambda: simulated_cause(backend, (qx, qw))):
-            y = F.conv2d(_dq_x(qx, x_shape, layout, dt), _dq(qw, w_shape, dt), b, stride, padding, dilation,
-                         groups)
+            y = F.conv2d(_dq_x(qx, x_shape, layout, dt), conv_values(qw, w_shape, dt), b, stride, padding,
+                         dilation, groups)
         return y.to(out_dtype)
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
@@ -293,8 +330,9 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     """``∇X = Q_a(∇Y) ⊛ᵀ Q_f(W)``: ``gy`` (N, C_out, H', W'), quantized with rows =
     samples (``spec=None``: QAT, float ``gy``), ``qw`` rows = output channels of W
     ``w_shape`` → ∇X ``x_shape`` (N, C, H, W) (channels-last under a channels-last
-    ``params`` layout where oneDNN runs it). ``qa``: ``Q_a(∇Y)`` already quantized
-    (:func:`lowbit.gradpair.quantize_grad_pair`; ``gy`` then gives only its shape);
+    ``params`` layout where oneDNN runs it). ``qa``: ``Q_a(∇Y)`` already quantized, its
+    rows in :func:`conv_rows`'s order (:func:`lowbit.gradpair.quantize_grad_pair`, which
+    declines block formats on this side; ``gy`` then gives only its shape);
     ``release``: the caller hands ``qa`` over — its codes are dropped (``qa.codes``
     emptied) once oneDNN's operand is made from them, so they are not held through the
     convolution and its epilogue."""
@@ -304,14 +342,14 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
     if g.numel() == 0 or qw.codes.numel() == 0:
         return g.new_zeros(x_shape, dtype=out_dtype)
     if spec is None:  # float ∇Y read contiguous: the NCHW path's sums, whatever its layout
-        return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), in_format(g), stride, padding,
+        return torch.nn.grad.conv2d_input(x_shape, conv_values(qw, w_shape, dt), in_format(g), stride, padding,
                                           dilation, groups).to(out_dtype)
     if qa is None:
-        qa = quantize_gradient(_rows(g), spec, generator, backend, tracker)
+        qa = quantize_gradient(conv_rows(g, spec), spec, generator, backend, tracker)
     if not integer_path(backend, qa, qw) or Backend(backend) is Backend.FP8:
         with run_simulated(backend, "∇X", (qa, qw)):
-            return torch.nn.grad.conv2d_input(x_shape, _dq(qw, w_shape, dt), _dq(qa, g.shape, dt), stride,
-                                              padding, dilation, groups).to(out_dtype)
+            return torch.nn.grad.conv2d_input(x_shape, conv_values(qw, w_shape, dt), conv_values(qa, g.shape, dt),
+                                              stride, padding, dilation, groups).to(out_dtype)
     if qw.scale.shape[0] != 1:
         refuse_simulated(backend, "∇X", (qa, qw), "the per-output-channel weight scale "
                          "(weight.granularity='row') lies on the summed dimension of ∇X")
@@ -521,8 +559,9 @@ def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     (rows: samples), Q_f(W) (rows: output channels))``."""
     be = config.backend
     with torch.autocast(x.device.type, enabled=False):  # the recipe's arithmetic
-        qx = quantize_forward(_x_rows(x, _layout(params)), config.activation, gens.get(Path.ACTIVATION), be)
-        qw = quantize_forward(_rows(weight), config.weight, gens.get(Path.WEIGHT), be)
+        qx = quantize_forward(_x_rows(x, _layout(params), config.activation), config.activation,
+                              gens.get(Path.ACTIVATION), be)
+        qw = quantize_forward(conv_rows(weight, config.weight), config.weight, gens.get(Path.WEIGHT), be)
         y = conv_output(qx, qw, x.shape, weight.shape, params, be, bias, out_dtype)
     return y, qx, qw
 
@@ -530,7 +569,8 @@ def _conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _conv2d_quantize_x(x: torch.Tensor, config: FQTConfig, params: Sequence[int]) -> QuantizedOperand:
     """``Q_f(x)`` of a conv2d block's input as :func:`_conv2d_forward` makes it (round to
     nearest: no generator)."""
-    return quantize_forward(_x_rows(x, _layout(params)), config.activation, None, config.backend)
+    return quantize_forward(_x_rows(x, _layout(params), config.activation), config.activation, None,
+                            config.backend)
 
 
 def _conv2d_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperand, cfg: FQTConfig,
@@ -635,5 +675,5 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return apply_block("conv1d", x, weight, bias, state, [1, s, 0, p, 1, d, groups], output_dtype(x))
 
 
-__all__ = ["conv_grad_input", "conv_grad_weight", "conv_output", "fqt_conv1d", "integer_path",
-           "refuse_simulated"]
+__all__ = ["channels_inner", "conv_grad_input", "conv_grad_weight", "conv_output", "conv_rows", "conv_values",
+           "fqt_conv1d", "integer_path", "refuse_simulated"]

@@ -164,6 +164,9 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     (B, N, out) is a batch of gradients (attention's, one entry per batch and head): the
     codes of (B·N, out) and of each entry's transpose (B·out, N), bitwise what
     ``quantize_gradient`` gives on ``gy.reshape(-1, out)`` and ``gy.mT.reshape(-1, N)``.
+    A convolution's pair with a block format on the ``∇X`` side is ``None`` too: that
+    side's rows are channels innermost there (:func:`lowbit.conv.conv_rows`), not the
+    (N, C_out·L) rows this kernel makes.
     The seeds are drawn as the two calls draw them: ``Q_a``'s first, or with ``w_first``
     ``Q_w``'s (where the caller quantized that path first: it matters when both draw
     from torch's global generator, ``gen_a = gen_w = None``)."""
@@ -172,6 +175,8 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
                          f"batched=True; got shape {tuple(gy.shape)}, batched={batched}")
     if not (k.fused and gy.numel() and plain(spec_a) and plain(spec_w)):
         return None
+    if gy.dim() == 3 and not batched and spec_a.format.block:  # type: ignore[union-attr]
+        return None  # a convolution's ∇X rows take block formats channels innermost (lowbit.conv.conv_rows)
     if gy.dim() == 2:
         op, rows_a, rows_w = "quantize_pair", gy.shape[0], gy.shape[1]
     elif batched:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FQTConfig
+from ..conv import conv_rows, conv_values
 from ..formats import compute_dtype
 from ..functional import quantize_forward, same_padding
 from ..nn import FQTConv1d, FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
@@ -251,11 +252,12 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
 
 # -- the operands of a layer's backward GEMMs ---------------------------------------------
 def grad_input_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
-    """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``) or
-    tokens (linear: ``(N, out)``)."""
+    """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``, or
+    ``(B, H·W·C)`` for block formats, :func:`lowbit.conv.conv_rows`) or tokens (linear:
+    ``(N, out)``)."""
     dt = compute_dtype(gy.dtype)  # float32; float64 for float64 (its range kept)
     if isinstance(layer, _CONV):
-        return gy.reshape(gy.shape[0], -1).to(dt)
+        return conv_rows(gy, layer.config.grad_input).to(dt)
     return gy.reshape(-1, gy.shape[-1]).to(dt)
 
 
@@ -284,16 +286,14 @@ def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
             xp, p = F.pad(x, same_padding((k,), (d,))), 0
         else:
             xp, p = x, 0 if layer.padding == "valid" else layer.padding[0]
-        xd = xp.to(dt) if spec is None else (
-            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize(dt).reshape(xp.shape))
+        xd = xp.to(dt) if spec is None else conv_values(quantize_forward(conv_rows(xp, spec), spec), xp.shape, dt)
         cols = F.unfold(xd.unsqueeze(2), (1, k), (1, d), (0, p), (1, st))  # (B, C·k, L')
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if isinstance(layer, FQTConv2d):
         if layer.groups != 1:
             return None
         xp, padding = layer._explicit_padding(x)  # what fqt_conv2d receives
-        xd = xp.to(dt) if spec is None else (
-            quantize_forward(xp.reshape(xp.shape[0], -1), spec).dequantize(dt).reshape(xp.shape))
+        xd = xp.to(dt) if spec is None else conv_values(quantize_forward(conv_rows(xp, spec), spec), xp.shape, dt)
         cols = F.unfold(xd, layer.kernel_size, layer.dilation, padding, layer.stride)  # (B, Ck², L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·L, Ck²)
     x2d = x.reshape(-1, x.shape[-1])

@@ -976,3 +976,75 @@ def test_grad_input_codes_released_before_the_convolution(monkeypatch: pytest.Mo
         assert (qa.codes.numel() == 0) == release
     assert seen == [gy.numel(), 0]  # the convolution ran on oneDNN both times; released before it
     assert torch.equal(runs[0], runs[1])
+
+
+# -- block formats block along channels -----------------------------------------------------
+BLOCK_FORMATS = [("mxfp8_e4m3", "mxfp8_e5m2"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+
+
+def _channels_inner(t: torch.Tensor, spec: object) -> torch.Tensor:
+    """``t`` (N, C, *spatial) quantized as (N, spatial·C) rows, dequantized, back in ``t``'s shape:
+    the definition of a block-format convolution operand, written out."""
+    rows = t.movedim(1, -1).reshape(t.shape[0], -1)
+    q = quantize_forward(rows, spec) if isinstance(spec, OperandSpec) else quantize_gradient(rows, spec, None)
+    return q.dequantize().reshape(t.shape[0], *t.shape[2:], t.shape[1]).movedim(-1, 1).contiguous()
+
+
+@pytest.mark.parametrize("fwd, grad", BLOCK_FORMATS)
+def test_block_formats_take_their_blocks_along_channels(fwd: str, grad: str) -> None:
+    """A block format's (MXFP8, MXFP4, NVFP4) 32 (16) consecutive elements of a
+    convolution's X, W and ∇X's ∇Y are channels at one position, the dimension the
+    convolution sums over (an MX convolution kernel's blocks): forward and ∇X are the float
+    convolutions of those operands, bit for bit, and an outlier at one position widens
+    only that position's block — every other position of its channel keeps its codes."""
+    cfg = FQTConfig(activation=OperandSpec(format=fwd), weight=OperandSpec(format=fwd),
+                    grad_input=GradSpec(format=grad, rounding="nearest"), grad_weight=GradSpec(format=grad))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 5, 5, generator=g, requires_grad=True)
+    w, bias = torch.randn(8, 64, 3, 3, generator=g), torch.randn(8, generator=g)
+    y = fqt_conv2d(x, w, bias, block_state(cfg), 1, 1)
+    xq, wq = _channels_inner(x.detach(), cfg.activation), _channels_inner(w, cfg.weight)
+    assert torch.equal(y, F.conv2d(xq, wq, bias, 1, 1))
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    want = torch.nn.grad.conv2d_input(x.shape, wq, _channels_inner(gy, cfg.grad_input), 1, 1)
+    assert torch.equal(x.grad, want)
+    # an outlier in channel 0 at (0, 0): only the block at that position changes
+    x2 = x.detach().clone()
+    x2[0, 0, 0, 0] = 1e4
+    q1, q2 = (C.conv_values(C._conv2d_quantize_x(v, cfg, [1, 1, 1, 1, 1, 1, 1]), v.shape) for v in (x.detach(), x2))
+    changed = (q1 != q2).any(1)  # (N, H, W): positions where some channel's value changed
+    assert changed[0, 0, 0] and int(changed.sum()) == 1
+
+
+@pytest.mark.parametrize("fwd, grad", BLOCK_FORMATS[:1])
+def test_block_format_conv1d_and_the_monitors_operands_take_channels_inner(fwd: str, grad: str) -> None:
+    """Conv1d (the conv2d block on a height-1 image) blocks along channels too, and the
+    operands the variance monitor (:mod:`lowbit.layergrads`) and :mod:`lowbit.analysis`
+    rebuild are those the layer quantized: ∇Y's rows (and their column weights) in the
+    same (position, channel) order, X's values the layer's."""
+    from lowbit.analysis._model import grad_input_operand, weight_gemm_input
+    from lowbit.layergrads import conv2d_grads
+
+    cfg = FQTConfig(activation=OperandSpec(format=fwd), weight=OperandSpec(format=fwd),
+                    grad_input=GradSpec(format=grad), grad_weight=GradSpec(format=grad))
+    g = torch.Generator().manual_seed(1)
+    c1 = FQTConv1d.from_float(nn.Conv1d(64, 4, 3, padding=1), cfg)
+    x1 = torch.randn(2, 64, 7, generator=g)
+    want = F.conv1d(_channels_inner(x1, cfg.activation), _channels_inner(c1.weight.detach(), cfg.weight), c1.bias, 1, 1)
+    assert torch.equal(c1(x1), want)
+    u = weight_gemm_input(c1, x1)  # the ∇W GEMM's Q_f(X): im2col of the layer's values
+    assert torch.equal(u, F.unfold(_channels_inner(x1, cfg.activation).unsqueeze(2), (1, 3), padding=(0, 1))
+                       .transpose(1, 2).reshape(-1, 64 * 3))
+    c2 = FQTConv2d.from_float(nn.Conv2d(64, 8, 3, padding=1), cfg)
+    x2, gy = torch.randn(2, 64, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g)
+    rows = gy.movedim(1, -1).reshape(2, -1)  # (N, H·W·C_out)
+    assert torch.equal(grad_input_operand(c2, gy), rows)
+    got = conv2d_grads(c2, x2, gy, True, True, True).grad_input
+    int_grad = FQTConfig(activation=cfg.activation, weight=cfg.weight, grad_input=GradSpec(), grad_weight=GradSpec())
+    nchw = FQTConv2d.from_float(nn.Conv2d(64, 8, 3, padding=1), int_grad)
+    nchw.load_state_dict(c2.state_dict(), strict=False)
+    ref = conv2d_grads(nchw, x2, gy, True, True, True).grad_input  # the same Q_f(W), ∇Y's rows NCHW (int8)
+    assert torch.equal(got.a, rows) and torch.equal(ref.a, gy.reshape(2, -1))
+    perm = lambda v: v.reshape(8, 16).t().reshape(-1)  # noqa: E731 - (C_out, P) column order → (P, C_out)
+    assert torch.equal(got.col_weight, perm(ref.col_weight)) and torch.equal(got.shift_weight, perm(ref.shift_weight))

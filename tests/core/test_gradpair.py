@@ -92,6 +92,20 @@ def test_pair_does_not_apply(why: str, spec_a, spec_w, backend: Backend) -> None
     assert torch.equal(gen.get_state(), state)  # nothing drawn
 
 
+@pytest.mark.parametrize("fmt", ["mxfp8_e5m2", "mxfp4", "nvfp4"])
+def test_conv_pair_declines_a_block_format_on_the_grad_input_side(fmt: str) -> None:
+    """A convolution's ∇X rows take a block format channels innermost
+    (``lowbit.conv.conv_rows``), not the kernel's (N, C_out·L) rows: no pair, nothing drawn;
+    a block format on the ∇W side alone (its rows (C_out, N·L) either way) still pairs."""
+    g = torch.randn(4, 32, 9)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    k = kernels_for(Backend.AUTO, g.device)
+    assert quantize_grad_pair(g, GradSpec(format=fmt), gen, GradSpec(), gen, k) is None
+    assert torch.equal(gen.get_state(), state)
+    assert quantize_grad_pair(g, GradSpec(), gen, GradSpec(format=fmt), gen, k) is not None
+
+
 def test_pair_does_not_apply_to_an_empty_gradient() -> None:
     g = torch.zeros(0, 32)
     assert quantize_grad_pair(g, GradSpec(), None, GradSpec(), None,
