@@ -10,7 +10,7 @@ sends each gradient quantized with stochastic rounding (docs/METHOD.md §8)::
 (``block=None``: one block per parameter, i.e. PTQ per tensor). For one bucket:
 
 1. every rank computes its blocks' absmax; one all-reduce MAX gives the shared absmax
-   ``A_k`` of block ``k`` (a tiny message: 4 bytes per block);
+   ``A_k`` of block ``k`` (a tiny message: 4 bytes per block, 8 for float64 gradients);
 2. rank ``r`` rounds ``y = g_r/s_k`` (step ``s_k = A_k/Q``, ``Q = 2^(bits−1) − 1``,
    :meth:`~lowbit.formats.IntFormat.scale_from_absmax`) stochastically onto
    ``c_r = ⌊y⌋ + [u_r < y − ⌊y⌋] ∈ {−Q..Q}`` (``u_r`` uniform); ``|y| ≤ Q`` because the
@@ -263,8 +263,17 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     bfloat16 bucket 6% noisier than the first term alone). The float32 result for float16
     ``grads`` has the first term only; the hook's rounding of it to nearest float16 adds a
     deterministic error of up to half a float16 ulp per element (a bias, not a variance).
-    Non-finite input: the plain mean, variance NaN.
+    Non-finite input: the plain mean, variance NaN. ``TypeError`` unless ``grads`` is a
+    real floating tensor of a dtype the hook takes (``lowbit.formats.SUPPORTED_DTYPES``),
+    ``ValueError`` unless it is 2-D with at least one row (a review: a 1-D gradient raised
+    an ATen padding error, a 3-D one was flattened, complex ones lost their imaginary part).
     """
+    if not isinstance(grads, torch.Tensor) or grads.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("quantized_mean: grads must be a real floating tensor (float32, float64, bfloat16 "
+                        f"or float16), got {getattr(grads, 'dtype', type(grads).__name__)}")
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise ValueError("quantized_mean: grads must be (N, n): one row per rank, each the rank's flat "
+                         f"gradient of the parameter; got shape {tuple(grads.shape)}")
     world = grads.shape[0]
     fmt = comm.format
     absmax = torch.stack([block_absmax(g, comm.block) for g in grads]).amax(0)
@@ -334,7 +343,7 @@ class QuantizedCommState:
     process_group: dist.ProcessGroup | None = None
     index: dict[int, int] = field(init=False)
     calls: dict[int, int] = field(init=False)
-    agreed: set[int] = field(init=False, repr=False)  # buckets whose settings and counters the ranks agreed on
+    agreed: set[tuple[int, ...]] = field(init=False, repr=False)  # buckets (their parameters) the ranks agreed on
     bytes_sent: float = 0.0
     bytes_fp32: float = 0.0
     fallbacks: int = 0  # buckets sent as a plain all-reduce because a rank had a NaN/Inf
@@ -462,7 +471,7 @@ def _agree(state: QuantizedCommState, bucket: dist.GradBucket, group: object, id
     dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=group)
     if msg[0] != h or msg[1] != -h:
         raise _disagree(bucket, state, idx, None)
-    state.agreed.add(bucket.index())
+    state.agreed.add(tuple(idx))
 
 
 def _same_group(a: object, b: object) -> bool:
@@ -512,12 +521,15 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
         raise RuntimeError("a bucket holds a parameter the state does not know: build "
                            "QuantizedCommState from the model DDP wraps") from None
     calls = [state.calls.get(i, 0) for i in idx]
-    if bucket.index() not in state.agreed:  # before any message whose size the settings decide
+    # keyed by the bucket's parameters, not bucket.index(): under DDP(static_graph=True)
+    # the first iteration calls every bucket with index 0 (a review: the second skipped
+    # the check, and steps counted two passes)
+    if tuple(idx) not in state.agreed:  # before any message whose size the settings decide
         _agree(state, bucket, group, idx)
     for i in idx:
         state.calls[i] = state.calls.get(i, 0) + 1
-    if bucket.index() == 0:
-        state.steps += 1
+    # backward passes seen: each pass all-reduces every used parameter once
+    state.steps = max(state.steps, max((state.calls[i] for i in idx), default=0))
     if buf.dtype == torch.float16 and not state.warned_fp16:
         state.warned_fp16 = True
         warnings.warn("quantized_allreduce_hook: a float16 gradient bucket gets the decoded average rounded "

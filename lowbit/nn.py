@@ -741,7 +741,7 @@ class RangeWindow:
         self.stats: RangeStats | None = None
         self._counted = RangeStats()
         self._mine: weakref.WeakSet = weakref.WeakSet(self._trackers())
-        ranges_module.OPEN_WINDOWS.add(self)
+        ranges_module.window_opened(self)
 
     def _trackers(self) -> list[RangeTracker]:
         return [t for m in fqt_blocks(self.model).values() for t in m.range_trackers.values()]
@@ -760,7 +760,7 @@ class RangeWindow:
     def close(self) -> RangeStats:
         """The window's counters (summed over the model's trackers). Idempotent."""
         if self.stats is None:
-            ranges_module.OPEN_WINDOWS.discard(self)
+            ranges_module.window_closed(self)
             self.stats = self._counted
         return self.stats
 
@@ -776,7 +776,7 @@ def uncounted_ranges() -> Iterator[None]:
     """The block's tracker calls left out of every open :class:`RangeWindow` (each
     window's counts put back as they were: :func:`lowbit.coverage`'s trace, which leaves
     the trackers as they were too)."""
-    saved = [(w, dataclasses.replace(w._counted)) for w in list(ranges_module.OPEN_WINDOWS)]
+    saved = [(w, dataclasses.replace(w._counted)) for w in ranges_module.open_windows()]
     try:
         yield
     finally:

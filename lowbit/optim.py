@@ -2,8 +2,9 @@
 
 Storage formats (``FORMATS``, from :mod:`lowbit.storage`), for weights and state alike:
 ``"bf16"`` (bfloat16) or ``"int8"`` (int8 codes with float32 scales: one power-of-two
-scale per output channel for weights with ``ndim ≥ 2``, one per block of ``BLOCK_SIZE``
-elements for state). 1-D parameters (biases, norm weights) always stay bfloat16: they
+scale per row — dimension 0: a Linear or Conv weight's output channels, Hugging Face
+``Conv1D``'s input features — for weights with ``ndim ≥ 2``, one per block of
+``BLOCK_SIZE`` elements for state). 1-D parameters (biases, norm weights) always stay bfloat16: they
 are a negligible share of the memory, and a per-channel scale for them would cost more
 than it saves.
 
@@ -480,8 +481,13 @@ class SRSGD(_SROptimizer):
     _STATE = ("momentum",)
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0, generator: torch.Generator | None = None,
-                 weights: str = "bf16", state: str = "bf16") -> None:
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 generator: torch.Generator | None = None, weights: str = "bf16", state: str = "bf16") -> None:
+        # torch.optim.SGD's positional order (a review: SRSGD(params, lr, 0.9, 0.5) took 0.5
+        # as weight decay, where torch takes it as dampening); the two it does not implement
+        # only at their neutral values (ValueError otherwise, as in a param group)
+        self._check_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                           "dampening": dampening, "nesterov": nesterov}, "")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          generator, weights, state)
 
@@ -549,10 +555,11 @@ class SRAdamW(_SROptimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, generator: torch.Generator | None = None,
-                 weights: str = "bf16", state: str = "bf16") -> None:
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 generator: torch.Generator | None = None, weights: str = "bf16", state: str = "bf16") -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                     "eps": eps, "weight_decay": weight_decay}
+        self._check_hyper({**defaults, "amsgrad": amsgrad}, "")  # torch.optim.AdamW's order; amsgrad off only
         super().__init__(params, defaults, generator, weights, state)
 
     @classmethod

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -103,8 +104,28 @@ _STAT_FIELDS = tuple(f.name for f in fields(RangeStats))  # (asdict copies: on e
 
 # Open lowbit.nn.RangeWindow objects, held weakly (a window dropped unclosed stops
 # counting): every tracker call's counts are handed to each (``count(tracker, counts)``),
-# which keeps those of its model's trackers.
+# which keeps those of its model's trackers. Read and changed under _WINDOWS_LOCK only
+# (open_windows, window_opened, window_closed): a window opened or closed in one thread
+# while another thread's backward walked the set raised "Set changed size during
+# iteration" there (a review).
 OPEN_WINDOWS: weakref.WeakSet = weakref.WeakSet()
+_WINDOWS_LOCK = threading.Lock()
+
+
+def open_windows() -> list:
+    """A snapshot of the open ``RangeWindow`` objects (thread-safe)."""
+    with _WINDOWS_LOCK:
+        return list(OPEN_WINDOWS)
+
+
+def window_opened(window: object) -> None:
+    with _WINDOWS_LOCK:
+        OPEN_WINDOWS.add(window)
+
+
+def window_closed(window: object) -> None:
+    with _WINDOWS_LOCK:
+        OPEN_WINDOWS.discard(window)
 
 
 def check_range_settings(margin: Any, history: Any) -> None:
@@ -193,7 +214,7 @@ class RangeTracker:
         """Add one call's counts to :attr:`stats` (in place) and to every open
         :class:`lowbit.nn.RangeWindow` that counts this tracker."""
         self.stats.add_(d)
-        for w in list(OPEN_WINDOWS):
+        for w in open_windows():
             w.count(self, d)
 
     def _quantize(self, y: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,

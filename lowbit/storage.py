@@ -5,7 +5,8 @@ Formats (``FORMATS``), for weights and for optimizer state alike:
 * ``"bf16"``: bfloat16, written with :func:`stochastic_round_bf16`.
 * ``"int8"``: int8 codes ``c`` and float32 scales ``s``, value ``c·s``, written with
   stochastic rounding onto the grid ``s·{-127, …, 127}``. Weights (``ndim ≥ 2``) use one
-  power-of-two scale per output channel (:func:`encode_int8_per_channel`; the decode is
+  power-of-two scale per row, dimension 0 — a Linear or Conv weight's output channels,
+  Hugging Face ``Conv1D``'s input features (:func:`encode_int8_per_channel`; the decode is
   exact in bfloat16); optimizer state uses one scale per block of ``BLOCK_SIZE`` elements
   (:func:`encode_int8_blockwise`).
 
@@ -125,7 +126,9 @@ def _linear_scale(absmax: torch.Tensor) -> torch.Tensor:
 def encode_int8_per_channel(x: torch.Tensor, generator: torch.Generator | None = None, *,
                             stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight (``ndim ≥ 2``) → int8 codes (shape of ``x``) and one float32 power-of-two
-    scale per output channel, i.e. per row of ``x.flatten(1)``: ``scale[i] = 2^⌈log2(
+    scale per row of ``x.flatten(1)`` (dimension 0: an ``nn.Linear``/``nn.Conv*`` weight's
+    output channels; Hugging Face ``Conv1D``'s (in, out) weight: its input features):
+    ``scale[i] = 2^⌈log2(
     max|x[i]|/127)⌉``. Stochastic rounding (default) makes it unbiased,
     ``E[decode(encode(x))] = x``, and the decode is exact in bfloat16 (see
     :func:`_pow2_scale`). A row holding NaN or ±Inf decodes to NaN."""

@@ -38,6 +38,8 @@ from lowbit.distributed import (
 )
 from lowbit.ranges import RangeStats
 
+from .runconfig import launched_world_size
+
 
 @dataclass
 class Ranks:
@@ -54,6 +56,10 @@ class Ranks:
         ranks; a single-rank run needs none. Raises ``ValueError`` if the launch has a
         different number of ranks."""
         if world_size == 1 and not dist.is_initialized():
+            launched = launched_world_size()
+            if launched != 1:  # a review: rank 0 trained alone, rank 1 met a "run busy" error
+                raise ValueError(f"world_size is 1 but this process was launched as one of {launched} "
+                                 "ranks (WORLD_SIZE): leave world_size unset to train on all of them")
             return cls()
         owns = not dist.is_initialized()
         if owns and not init_process_group_from_env(torch.device("cpu")):

@@ -85,6 +85,29 @@ def test_settings_the_update_cannot_compute_with_are_refused_at_once() -> None:
     SRSGD([a], lr=np.float32(0.1), momentum=torch.tensor(0.9))  # NumPy scalars and 0-d tensors: taken
 
 
+def test_positional_arguments_follow_torch_optims_order() -> None:
+    """A review: ``SRSGD(params, 0.1, 0.9, 0.5)`` took 0.5 as weight decay where
+    ``torch.optim.SGD`` takes it as dampening (weights shrank 5% a step, silently). The
+    positional order is torch's: SGD's ``dampening`` / ``nesterov`` and AdamW's ``amsgrad``
+    are refused unless neutral; the generator and storage formats are keyword-only."""
+    a = nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dampening=0.5"):
+        SRSGD([a], 0.1, 0.9, 0.5)
+    with pytest.raises(ValueError, match="nesterov=True"):
+        SRSGD([a], 0.1, 0.9, 0, 0, True)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        SRAdamW([a], 1e-3, (0.9, 0.999), 1e-8, 0.01, True)
+    with pytest.raises(TypeError):
+        SRSGD([a], 0.1, 0.9, 0, 0.01, False, torch.Generator())  # generator= only by keyword
+    o = SRSGD([a], 0.1, 0.9, 0, 0.01, False)  # torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov)
+    t = torch.optim.SGD([nn.Parameter(torch.ones(4, 4))], 0.1, 0.9, 0, 0.01, False)
+    assert {k: o.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")} == \
+        {k: t.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")}
+    w = SRAdamW([a], 1e-3, (0.8, 0.9), 1e-6, 0.05, False)
+    assert (w.param_groups[0]["betas"], w.param_groups[0]["eps"], w.param_groups[0]["weight_decay"]) == \
+        ((0.8, 0.9), 1e-6, 0.05)
+
+
 def test_state_of_another_shape_is_refused_when_loaded() -> None:
     a, b = (nn.Parameter(torch.randn(4, 4).bfloat16()) for _ in range(2))
     o = SRSGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, weights="int8", state="int8")

@@ -779,3 +779,47 @@ def test_a_range_window_counts_a_module_attached_inside_it() -> None:
             a(x).square().mean().backward()
         made = lowbit.range_stats(a)["total"].calls - before
     assert window.stats.calls == made
+
+
+def test_range_windows_opened_in_another_thread_do_not_break_a_backward() -> None:
+    """A review: every predicted-range call walked the set of open windows while another
+    thread could open or close one (even for another model): ``RuntimeError: Set changed
+    size during iteration`` in the backward. The set is read and changed under a lock.
+    (Forced with many open windows and a tiny switch interval; 1.5 s of both threads.)"""
+    import sys
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    a, b = _predicted_mlp(), _predicted_mlp()
+    held = [lowbit.nn.RangeWindow(a) for _ in range(400)]
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 1.5
+
+    def train() -> None:
+        try:
+            while time.monotonic() < stop:
+                _backward(a)
+        except BaseException as e:  # noqa: BLE001 - the failure under test
+            errors.append(e)
+
+    def windows() -> None:
+        try:
+            while time.monotonic() < stop:
+                with lowbit.nn.RangeWindow(b):
+                    pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=f) for f in (train, windows)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    assert all(w.close().calls > 0 for w in held)  # the windows still counted a's calls

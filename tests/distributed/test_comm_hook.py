@@ -45,6 +45,17 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+class _TwoDtypes(torch.nn.Module):
+    """A float32 and a float64 layer: DDP puts them in two buckets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).double()).square().mean()
+
+
 def _hook_worker(rank: int, world: int) -> dict:
     x = _data(rank)
     model = _mlp()
@@ -117,6 +128,16 @@ def _hook_worker(rank: int, world: int) -> dict:
     except ValueError as exc:
         out["plain_module"] = str(exc)
     out["plain_given"] = QuantizedCommState(sub.module, COMM, process_group=groups[rank]).process_group is groups[rank]
+    # DDP(static_graph=True) calls every bucket with index 0 in its first iteration (a
+    # review: steps counted 2 passes there and the second bucket skipped the settings check)
+    torch.manual_seed(0)
+    two = DDP(_TwoDtypes(), static_graph=True)  # a float32 and a float64 bucket
+    st = QuantizedCommState(two, COMM)
+    two.register_comm_hook(st, quantized_allreduce_hook)
+    for _ in range(3):
+        two.zero_grad()
+        two(x[:, :4]).backward()
+    out["static_steps"], out["static_agreed"] = st.steps, sorted(st.agreed)
     # the layers' own stochastic rounding: same input and seed, rank-keyed streams
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
@@ -176,6 +197,14 @@ def test_hook_counts_calls_and_bytes(hook_runs):
     assert hook_runs[0]["allgather_state"]["bytes_sent"] / 3 == per_step  # N = 2: same cost
 
 
+def test_static_graph_counts_each_pass_once_and_checks_every_bucket(hook_runs):
+    for run in hook_runs:
+        assert run["static_steps"] == 3
+        # every bucket the hook met (the first iteration's and the rebuilt ones) agreed on,
+        # keyed by its parameters: all four of the model's
+        assert sorted({i for key in run["static_agreed"] for i in key}) == [0, 1, 2, 3]
+
+
 def test_non_finite_gradients_reach_the_average(hook_runs):
     for r in hook_runs:
         assert r["nan_fallbacks"] >= 1
@@ -223,6 +252,18 @@ def test_the_variance_quantized_mean_returns_is_what_its_average_has(dtype):
     sq_t = torch.tensor(sq, dtype=torch.float64)
     z = (float(sq_t.mean()) - var) / (float(sq_t.std()) / math.sqrt(len(sq_t)))
     assert abs(z) < 5, (float(sq_t.mean()), var, z)
+
+
+def test_quantized_mean_refuses_what_is_not_one_row_per_rank():
+    """A review: a 1-D gradient raised an ATen padding error, an empty one "stack expects a
+    non-empty TensorList", a 3-D one was flattened silently and a complex one lost its
+    imaginary part: each now named."""
+    for bad in (torch.randn(1000), torch.randn(0, 10), torch.randn(2, 3, 4)):
+        with pytest.raises(ValueError, match=r"grads must be \(N, n\)"):
+            quantized_mean(bad, COMM, 0, 0)
+    for bad in (torch.randn(2, 10, dtype=torch.complex64), torch.ones(2, 10, dtype=torch.int64)):
+        with pytest.raises(TypeError, match="real floating tensor"):
+            quantized_mean(bad, COMM, 0, 0)
 
 
 def test_bf16_rounding_variance_is_that_of_stochastic_rounding():

@@ -1003,3 +1003,18 @@ def test_a_finished_run_resumed_with_a_lower_max_bad_steps_stays_done(tmp_path):
     result = train(TrainConfig(**cfg, max_bad_steps=3, out=str(tmp_path)), resume=True, progress=False)
     assert [row["epoch"] for row in result.history] == [1]
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
+
+
+def test_a_single_rank_run_is_refused_under_a_multi_rank_launch(monkeypatch):
+    """A review: ``world_size=1`` under ``torchrun --nproc-per-node 2`` (no process group
+    yet) returned a one-rank job, so rank 0 trained alone and rank 1 met a misleading
+    "run busy" error. ``Ranks.start`` compares it with the launch's ``WORLD_SIZE``."""
+    import pytest
+
+    from lowbit.experiments.parallel import Ranks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="world_size is 1 but this process was launched as one of 2 ranks"):
+        Ranks.start(1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert Ranks.start(1) == Ranks()
