@@ -58,6 +58,7 @@ step) differ" holds in that sense: different keys, equal noise only by a 32-bit 
 from __future__ import annotations
 
 import enum
+import threading
 import warnings
 from typing import Any
 
@@ -350,6 +351,7 @@ class SharedNoiseWarning(UserWarning):
 _LAST_USE: dict[int, tuple[int, int]] = {}
 _LAST_USE_MAX = 4096
 _WARNED: set[int] = set()
+_USE_LOCK = threading.Lock()  # two threads' backward passes: the pruning walked the dict another one changed
 
 
 def _note_use(stream: NoiseStream) -> None:
@@ -361,14 +363,17 @@ def _note_use(stream: NoiseStream) -> None:
     task = torch._C._current_graph_task_id()
     if task < 0:  # not inside an autograd backward (a direct call)
         return
-    if len(_LAST_USE) >= _LAST_USE_MAX:  # bounded: one functional call makes one stream
-        for k in [k for k, (t, _) in _LAST_USE.items() if t != task]:
-            del _LAST_USE[k]
     key = stream.stream_seed()
-    prev = _LAST_USE.get(key)
-    _LAST_USE[key] = (task, id(stream))
-    if prev is not None and prev[0] == task and prev[1] != id(stream) and key not in _WARNED:
-        _WARNED.add(key)
+    with _USE_LOCK:
+        if len(_LAST_USE) >= _LAST_USE_MAX:  # bounded: one functional call makes one stream
+            for k in [k for k, (t, _) in _LAST_USE.items() if t != task]:
+                del _LAST_USE[k]
+        prev = _LAST_USE.get(key)
+        _LAST_USE[key] = (task, id(stream))
+        shared = prev is not None and prev[0] == task and prev[1] != id(stream) and key not in _WARNED
+        if shared:
+            _WARNED.add(key)
+    if shared:
         warnings.warn(
             f"two converted layers drew the same rounding noise in one backward pass: both have the "
             f"noise stream (seed {stream.seed}, name {stream.name!r}). Layers converted by separate "
