@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -110,7 +111,7 @@ def _recipe_overrides(common: dict, recipes: list[str]) -> None:
             raise ValueError(f"{option} applies to none of --recipes: {refused[recipes[0]]}")
         skipped = [r for r, why in refused.items() if why]
         if skipped:
-            print(f"sweep: {option} {common[name]} is not used by {', '.join(skipped)} "
+            _say(f"sweep: {option} {common[name]} is not used by {', '.join(skipped)} "
                   f"({refused[skipped[0]]})", flush=True)
 
 
@@ -172,6 +173,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _say(*args: object, **kwargs: object) -> None:
+    """``print`` on the launch's rank 0 only (the process group's rank, else torchrun's
+    ``RANK``): the grid's listing, each run's status and result are the same on every rank
+    (a review: under torchrun every line came once per rank). A run's error is printed by
+    every rank (``print``): it may be one rank's."""
+    rank = _rank() if dist.is_available() and dist.is_initialized() else os.environ.get("RANK", "0")
+    if str(rank) == "0":
+        print(*args, **kwargs)
+
+
 def _agreed_state(cfg: TrainConfig) -> str:
     """:func:`run_state`, decided by rank 0 and the same on every rank under torchrun (its
     refusal too): each rank reading the folder itself raced rank 0's lock — a review found
@@ -223,18 +234,18 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         with lock, _removed_if_unused(run_dir, created):
             state = _agreed_state(cfg)
             if state in ("done", "diverged"):
-                print(f"{tag} {cfg.run_name()}: {state}, skipped")
+                _say(f"{tag} {cfg.run_name()}: {state}, skipped")
                 return state
             if state == "other":
                 diff = settings_diff(cfg)
                 why = " (the schedule spans all epochs: a run is not extended)" \
                     if any(d.startswith("epochs ") for d in diff) else ""
-                print(f"{tag} {cfg.run_name()}: skipped, its folder holds a run of other settings: "
+                _say(f"{tag} {cfg.run_name()}: skipped, its folder holds a run of other settings: "
                       f"{', '.join(diff)}{why}; use another --out", flush=True)
                 return state
             what = {"partial": "resuming", "restart": "restarting (epochs recorded, no checkpoint: "
                     "redone from the start)"}.get(state, "start")
-            print(f"{tag} {cfg.run_name()}: {what}", flush=True)
+            _say(f"{tag} {cfg.run_name()}: {what}", flush=True)
             t0 = time.perf_counter()
             result = train(cfg, resume=state in ("partial", "restart"), progress=not args.no_progress,
                            monitor_requested=args.monitor_every is not None)
@@ -261,7 +272,7 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         return "failed"
     last = result.history[-1]
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
-    print(f"{tag} {cfg.run_name()}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    _say(f"{tag} {cfg.run_name()}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return "done"
 
 
@@ -319,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     set_malloc(args.malloc)
     listed = [_state_or_failed(cfg, args.dry_run) for cfg in configs]
     states = [state for state, _ in listed]
-    print(f"sweep: {len(configs)} runs -> {args.out} ("
+    _say(f"sweep: {len(configs)} runs -> {args.out} ("
           + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "restart", "busy",
                                                           "diverged", "other", "failed", "new")
                       if s in states) + ")")  # fmt: skip
@@ -327,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         for cfg, (state, failed) in zip(configs, listed):
             why = f" (other settings: {', '.join(settings_diff(cfg))})" if state == "other" else \
                 f" ({failed})" if failed else ""
-            print(f"  {state:8s} {cfg.out}{why}")
+            _say(f"  {state:8s} {cfg.out}{why}")
         return 1 if "other" in states or "failed" in states else 0
     # Under torchrun, one process group for the whole grid: each run creating and destroying
     # its own made the next run's gloo rendezvous fail ("connectFullMesh failed") or hang,
@@ -350,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
                                    "loadable checkpoint (named above)")):
         names = [n for n, o in outcomes.items() if o == what]
         if names:
-            print(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
+            _say(f"sweep: {len(names)} run(s) {label}: {', '.join(names)}")
     # exit 1 where a run asked for has no result of these settings (`sweep && report` must
     # not report stale folders); a diverged run is a result (the report counts it failed)
     return 1 if any(o in ("busy", "other", "failed") for o in outcomes.values()) else 0

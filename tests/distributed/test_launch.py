@@ -239,6 +239,8 @@ def test_a_torchrun_sweep_resumes_a_partial_run_on_every_rank_alike(tmp_path):
                             "--out", str(out), "--no-progress"],
                            capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
     assert first.returncode == 0, first.stderr[-2000:]
+    # the grid's listing and each run's status once, not once per rank (a review)
+    assert first.stdout.count("sweep: 1 runs") == 1 and first.stdout.count(": start") == 1, first.stdout
     run = out / "digits-mlp-qat-8-n2-s0"  # made partial: killed after its first epoch
     shutil.copy(run / "prev.pt", run / "last.pt")
     (run / "metrics.json").write_text(json.dumps(json.loads((run / "metrics.json").read_text())[:1]))
