@@ -177,10 +177,20 @@ def _say(*args: object, **kwargs: object) -> None:
     """``print`` on the launch's rank 0 only (the process group's rank, else torchrun's
     ``RANK``): the grid's listing, each run's status and result are the same on every rank
     (a review: under torchrun every line came once per rank). A run's error is printed by
-    every rank (``print``): it may be one rank's."""
-    rank = _rank() if dist.is_available() and dist.is_initialized() else os.environ.get("RANK", "0")
-    if str(rank) == "0":
+    every rank (``print``): it may be one rank's; a run busy or diverged is decided alike on
+    every rank (rank 0's state, the all-reduced loss) and said once."""
+    if launched_world_size() <= 1 or _rank_of_launch() == 0:  # a leftover RANK alone is no launch
         print(*args, **kwargs)
+
+
+def _rank_of_launch() -> int:
+    """The process group's rank, else torchrun's ``RANK`` (0 where unset or not a number)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _agreed_state(cfg: TrainConfig) -> str:
@@ -250,10 +260,10 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
             result = train(cfg, resume=state in ("partial", "restart"), progress=not args.no_progress,
                            monitor_requested=args.monitor_every is not None)
     except TrainingDiverged as exc:
-        print(f"{tag} {cfg.run_name()}: {exc}", flush=True)
+        _say(f"{tag} {cfg.run_name()}: {exc}", flush=True)
         return "diverged"
     except RunBusy as exc:  # another sweep (or lowbit train) has it: go on with the rest
-        print(f"{tag} {cfg.run_name()}: skipped for now, {exc}", flush=True)
+        _say(f"{tag} {cfg.run_name()}: skipped for now, {exc}", flush=True)
         return "busy"
     except (DataMismatch, CheckpointError) as exc:  # its folder holds epochs of another
         # dataset, or checkpoints none of which loads: skipped as a run of other settings

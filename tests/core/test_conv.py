@@ -998,17 +998,24 @@ def test_block_formats_take_their_blocks_along_channels(fwd: str, grad: str) -> 
     convolutions of those operands, bit for bit, and an outlier at one position widens
     only that position's block — every other position of its channel keeps its codes."""
     cfg = FQTConfig(activation=OperandSpec(format=fwd), weight=OperandSpec(format=fwd),
-                    grad_input=GradSpec(format=grad, rounding="nearest"), grad_weight=GradSpec(format=grad))
+                    grad_input=GradSpec(format=grad, rounding="nearest"),
+                    grad_weight=GradSpec(format=grad, rounding="nearest"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 5, 5, generator=g, requires_grad=True)
-    w, bias = torch.randn(8, 64, 3, 3, generator=g), torch.randn(8, generator=g)
+    w = torch.randn(8, 64, 3, 3, generator=g, requires_grad=True)  # ∇X and ∇W both wanted: the pair's case
+    bias = torch.randn(8, generator=g)
     y = fqt_conv2d(x, w, bias, block_state(cfg), 1, 1)
-    xq, wq = _channels_inner(x.detach(), cfg.activation), _channels_inner(w, cfg.weight)
+    xq, wq = _channels_inner(x.detach(), cfg.activation), _channels_inner(w.detach(), cfg.weight)
     assert torch.equal(y, F.conv2d(xq, wq, bias, 1, 1))
     gy = torch.randn(y.shape, generator=g)
     y.backward(gy)
     want = torch.nn.grad.conv2d_input(x.shape, wq, _channels_inner(gy, cfg.grad_input), 1, 1)
     assert torch.equal(x.grad, want)
+    # ∇W's ∇Y: rows (C_out, N·H'·W'), blocked along the samples and positions it sums over
+    gw_rows = quantize_gradient(gy.transpose(0, 1).reshape(8, -1), cfg.grad_weight, None).dequantize()
+    want_w = torch.nn.grad.conv2d_weight(xq, w.shape, gw_rows.reshape(8, *gy.shape[0:1], *gy.shape[2:]).transpose(0, 1),
+                                         1, 1)
+    assert torch.equal(w.grad, want_w)
     # an outlier in channel 0 at (0, 0): only the block at that position changes
     x2 = x.detach().clone()
     x2[0, 0, 0, 0] = 1e4

@@ -1579,3 +1579,19 @@ def test_a_monitor_log_without_a_finite_ratio_is_drawn_with_a_note(tmp_path, mon
     log["history"].append({"step": 1, "layers": {"net.1": {"ratio_w": "inf", "ratio_x": 0.5}}})
     (Path(loaded[0].path) / monitoring.LOG).write_text(json.dumps(log))
     assert monitoring.plot_ratios(loaded, tmp_path / "v2.png") is True
+
+
+def test_sweep_lines_are_said_by_the_launchs_rank_0_only(capsys, monkeypatch):
+    """Under torchrun the sweep's listing and run statuses come once, from rank 0; a
+    leftover ``RANK`` without a multi-rank ``WORLD_SIZE`` is no launch (a review: a stale
+    ``RANK=1`` hid every line of a single-process sweep)."""
+    from lowbit.experiments import sweep
+
+    for rank, world, said in (("1", "1", True), ("1", "2", False), ("0", "2", True), ("1", None, True)):
+        monkeypatch.setenv("RANK", rank)
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        sweep._say("a line")
+        assert (capsys.readouterr().out == "a line\n") == said, (rank, world)
