@@ -42,7 +42,7 @@ from lowbit.formats import Grid, IntFormat, Rounding
 from lowbit.quantizers import QUANTIZERS
 
 from . import claims, monitoring
-from .runconfig import DEFAULT_MONITOR_EVERY
+from .runconfig import DEFAULT_MONITOR_EVERY, effective_settings
 from .rundir import data_kind, write_atomic
 from .tasks import TASK_CLASSES
 from .trainer import WEIGHT_FORMATS
@@ -211,10 +211,13 @@ LATER_DEFAULTS = {"world_size": 1}
 
 
 def _settings(run: Run) -> tuple[tuple[str, str], ...]:
-    """The settings that runs sharing a table must agree on, as printable text."""
+    """The settings that runs sharing a table must agree on, as printable text: defaults
+    spelled out where ``None`` stands for them, as sweep and resume compare them
+    (``runconfig.effective_settings``; a review: a text run of ``steps_per_epoch`` None and
+    one of the default 200 written out landed in two tables, their seeds apart)."""
     return tuple(
         sorted((k, v if isinstance(v, str) else json.dumps(v))
-               for k, v in run.train.items()
+               for k, v in effective_settings(run.train).items()
                if k not in PER_RUN_FIELDS and LATER_DEFAULTS.get(k, object()) != v)
     )  # fmt: skip
 
@@ -620,9 +623,11 @@ def run(args: argparse.Namespace) -> int:
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise ValueError(f"--runs must be a folder of run folders, got {args.runs!r}")
-    from .train import check_out_dir
+    from .train import check_out_dir, check_out_file
 
     check_out_dir("--out", args.out)  # a folder, or creatable as one
+    if out.is_dir():  # its results.md a writable file, before the figures are drawn (a review: a folder
+        check_out_file("--out's results.md", str(out / "results.md"))  # there ended in IsADirectoryError's traceback)
     markers(args.section)  # a bad name fails before any work
     runs = load_runs(root)
     if not runs:

@@ -268,7 +268,7 @@ class TrainConfig:
 
 
 
-def _effective(settings: dict[str, Any]) -> dict[str, Any]:
+def effective_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with a default spelled out where ``None`` stands for it (a new user's
     trial: a text run of ``steps_per_epoch`` None was "other settings" beside the same run
     with the documented default 200 written out)."""
@@ -284,8 +284,8 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     adaptive recipe, whose bit widths are decided at the monitor's steps), with
     :data:`LEGACY_DEFAULTS` for what older records lack, both sides compared as JSON holds
     them (tuples as lists)."""
-    old = _effective(json.loads(json.dumps(LEGACY_DEFAULTS | saved)))
-    now = _effective(json.loads(json.dumps(cfg.to_dict())))
+    old = effective_settings(json.loads(json.dumps(LEGACY_DEFAULTS | saved)))
+    now = effective_settings(json.loads(json.dumps(cfg.to_dict())))
     free = RESUMABLE_CHANGES
     if cfg.fqt_config().adaptive is not None:  # fqt-auto: the monitor's interval is when the
         free = free - {"monitor_every"}  # policy decides bit widths, so it shapes the run
@@ -294,4 +294,4 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 __all__ = ["LEGACY_DEFAULTS", "changed_settings", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
-           "WEIGHT_FORMATS", "RECIPE_OVERRIDES", "launched_world_size", "override_refused"]
+           "WEIGHT_FORMATS", "RECIPE_OVERRIDES", "effective_settings", "launched_world_size", "override_refused"]

@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from .models import MODELS, build_model
-from .tasks import TASKS
+from .tasks import TASKS, make_task
 from .train import (
+    _as_option,
     add_training_arguments,
     check_out_dir,
     make_config,
@@ -78,7 +79,8 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
         if bare:  # it had no run at all, silently
             raise ValueError(f"--models: none of {', '.join(models)} is a model of task {bare[0]!r} "
                              f"(its models: {', '.join(MODELS[bare[0]])}); drop the task or add one")
-    seeds = [parse_seed("--seeds", s) for s in parse_list("--seeds", args.seeds)]
+    seeds = list(dict.fromkeys(parse_seed("--seeds", s) for s in parse_list("--seeds", args.seeds)))
+    # (once each: 0, 00 and +0 are one seed — a review counted 3 runs and trained one)
     recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)
     _recipe_overrides(common, recipes)
@@ -277,8 +279,8 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         # (a second review); torchrun stops the job on anything else.
         if launched_world_size() > 1 and not isinstance(exc, ValueError):
             raise
-        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
-        print(f"{tag} {cfg.run_name()}: failed, {kind}{exc}", flush=True)
+        why = _as_option(str(exc)) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        print(f"{tag} {cfg.run_name()}: failed, {why}", flush=True)  # a TrainConfig field named as its option
         return "failed"
     last = result.history[-1]
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("accuracy", "bpb") if k in last)
@@ -294,12 +296,31 @@ def _state_or_failed(cfg: TrainConfig, dry_run: bool) -> tuple[str, str]:
     try:
         state = run_state(cfg)
         if dry_run and state in ("new", "restart", "partial"):
-            why = backend_refusal(cfg)
+            why = backend_refusal(cfg) or _data_refusal(cfg.task, cfg.model, cfg.subset, cfg.eval_subset,
+                                                        cfg.steps_per_epoch, json.dumps(cfg.model_kwargs,
+                                                                                        sort_keys=True),
+                                                        cfg.batch_size)
             if why is not None:
                 return "failed", why
     except Exception as exc:  # the run's own failure, as _run_one reports it
         return "failed", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
     return state, ""
+
+
+@functools.cache
+def _data_refusal(task: str, model: str | None, subset: int | None, eval_subset: int | None,
+                  steps_per_epoch: int | None, model_kwargs: str, batch_size: int) -> str | None:
+    """Why the run's data refuses it before its first step — a subset or evaluation subset
+    larger than the data, a batch larger than the training set — as the trainer says it
+    (the option named), or ``None``: the task built once per distinct data settings, for
+    ``--dry-run`` (a review: it listed such runs as new and exited 0 where the sweep exits 1).
+    Other errors (data not installed) propagate, as :func:`_state_or_failed` reports them."""
+    try:
+        make_task(task, model, subset=subset, eval_subset=eval_subset, steps_per_epoch=steps_per_epoch,
+                  model_kwargs=json.loads(model_kwargs)).steps_per_epoch(batch_size)
+    except ValueError as exc:
+        return _as_option(str(exc))
+    return None
 
 
 @functools.cache

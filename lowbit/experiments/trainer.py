@@ -111,7 +111,9 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training into ``run_dir`` would overwrite another run's results
     without a checkpoint to continue from (a committed run folder keeps its metrics, not its
-    ``*.pt``): epochs in its ``metrics.json`` and no ``resume``; or, with ``resume``, a
+    ``*.pt``): epochs in its ``metrics.json`` and no ``resume``; a ``config.json`` that is
+    not a lowbit run's; without ``resume``, a recorded run of other settings or one recorded
+    as diverged; or, with ``resume``, a
     ``config.json`` recording other settings (:func:`~.runconfig.changed_settings`) or none
     that can be read beside epochs in ``metrics.json``. With ``resume`` and the same
     settings the run is redone from scratch, as ``lowbit sweep`` does for such a folder."""
@@ -122,10 +124,26 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     if epochs and not resume:
         raise ValueError(f"{run_dir} already holds a run's results ({epochs} epoch(s) in metrics.json, "
                          "no checkpoint): choose another --out, or pass --resume to redo that run")
+    # a review: a diverged run of other settings (no epochs) and a folder holding another
+    # program's config.json were trained over without a word
+    foreign = ValueError(f"{run_dir} holds a config.json that is not a lowbit run's record (no readable "
+                         "'train' settings) and no checkpoint: choose another --out")
+    if not resume:
+        saved_train = read_config(run_dir).get("train")
+        if (run_dir / "config.json").exists() and not isinstance(saved_train, dict):
+            raise foreign
+        diff = changed_settings(saved_train, cfg) if isinstance(saved_train, dict) else []
+        if diff:
+            raise ValueError(f"{run_dir} holds a run of other settings ({', '.join(diff)}): choose another --out")
+        if _status(run_dir) == "diverged":
+            raise ValueError(f"{run_dir} holds a run recorded as diverged (status.json; reports count it as a "
+                             "failed seed): choose another --out, or pass --resume to redo it")
     if not resume or (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
         return  # a checkpoint's own settings are checked when it is loaded (load_resumable)
     saved = read_config(run_dir).get("train")
     if not isinstance(saved, dict):
+        if not epochs and (run_dir / "config.json").exists():
+            raise foreign
         if epochs:  # results whose settings cannot be checked: not redone over (a review)
             raise ValueError(f"{run_dir} holds a run's results ({epochs} epoch(s) in metrics.json) but no "
                              "readable config.json beside them, so --resume cannot check they were made with "

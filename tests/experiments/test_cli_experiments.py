@@ -432,6 +432,23 @@ def test_sweep_grad_bits_name_runs_and_apply_to_fqt_only(tmp_path, capsys):
     assert "digits-mlp-fp-s0" in out and "digits-mlp-fqt-bhq-8-gi5-gw8-s0" in out
 
 
+def test_sweep_dry_run_exits_as_the_sweep_on_data_refusals_and_counts_a_seed_once(tmp_path, capsys):
+    """A review: ``--dry-run`` listed runs the data refuses (an evaluation subset or a
+    batch larger than the data) as new and exited 0 where the sweep exits 1; the sweep's
+    line named the field (``eval_subset``) where ``lowbit train`` names the option; and
+    ``--seeds 0,00,+0`` counted three runs of one seed."""
+    base = ["sweep", "--recipes", "fp", "--epochs", "1", "--subset", "128", "--out", str(tmp_path)]
+    assert cli.main([*base, "--eval-subset", "100000", "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "--eval-subset must be at most" in out, out
+    assert cli.main([*base, "--batch-size", "200", "--dry-run"]) == 1
+    assert "--batch-size (200) exceeds the 128 training images" in capsys.readouterr().out
+    assert cli.main([*base, "--eval-subset", "100000"]) == 1  # the sweep itself: the same line
+    assert "failed, --eval-subset must be at most" in capsys.readouterr().out
+    assert cli.main([*base, "--seeds", "0,00,+0", "--dry-run"]) == 0
+    assert "sweep: 1 runs" in capsys.readouterr().out
+
+
 def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
     """``--range-margin`` over a mixed grid refused the whole sweep while
     ``--grad-input-bits`` was dropped from fp without a word: both now go to the recipes
@@ -447,6 +464,17 @@ def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
                    str(tmp_path), "--dry-run"])
     assert rc == 2
     assert "--range-margin applies to none of --recipes" in capsys.readouterr().err
+
+
+def test_report_refuses_a_results_md_that_is_a_folder_before_any_work(tmp_path, capsys):
+    """A review: ``OUT/results.md`` a folder ended in ``IsADirectoryError``'s traceback,
+    after the figures were drawn: one line, exit 2, nothing drawn."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done")
+    (tmp_path / "out" / "results.md").mkdir(parents=True)
+    assert cli.main(["report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 2
+    assert "--out's results.md must be a file, but" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "figures").exists()
 
 
 def test_report_creates_results_md_with_markers(tmp_path):
@@ -750,6 +778,22 @@ def test_report_puts_runs_from_before_a_new_setting_in_the_same_table(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
     assert section.count("| recipe |") == 1
+
+
+def test_report_puts_a_default_spelled_out_in_the_same_table(tmp_path):
+    """A review: a text run of ``steps_per_epoch`` None (the default) and one with the
+    default 200 written out are the same run to sweep and resume, but the report put them
+    in two tables, their seeds apart."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "qat-8", 0, [2.0, 1.5], "done", task="text", bpb=[2.0, 1.5])
+    _fake_run(runs, "qat-8", 1, [2.1, 1.6], "done", task="text", bpb=[2.1, 1.6])
+    cfg_path = next(runs.glob("*qat-8*s1")) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["train"]["steps_per_epoch"] is None
+    cfg["train"]["steps_per_epoch"] = 200  # the documented default, written out
+    cfg_path.write_text(json.dumps(cfg))
+    section = report.render(report.load_runs(runs), tmp_path, "lowbit report")
+    assert section.count("| recipe |") == 1, section
 
 
 # --------------------------------------------------------------------------- help text

@@ -749,6 +749,34 @@ def test_a_run_folder_with_results_but_no_checkpoint_is_not_overwritten(tmp_path
     assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1
 
 
+def test_a_diverged_run_or_a_foreign_config_is_not_trained_over(tmp_path):
+    """A review: a folder recording a diverged run of other settings (no epochs: nothing
+    in metrics.json) and one holding another program's ``config.json`` were trained over
+    without ``--resume``, their records replaced. Both refused; the diverged run's own
+    settings with ``--resume`` redo it."""
+    from lowbit.experiments.rundir import write_status
+
+    run = tmp_path / "diverged"
+    run.mkdir()
+    cfg = TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(run))
+    (run / "config.json").write_text(json.dumps({"train": TrainConfig(**DIGITS, recipe="fp", epochs=1, lr=1e30,
+                                                                      out=str(run)).to_dict()}))
+    (run / "metrics.json").write_text("[]")
+    write_status(run, "diverged", "loss NaN")
+    with pytest.raises(ValueError, match=r"holds a run of other settings \(lr"):
+        train(cfg, progress=False)
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict()}))
+    with pytest.raises(ValueError, match="recorded as diverged"):
+        train(cfg, progress=False)
+    assert train(cfg, resume=True, progress=False).history[-1]["epoch"] == 1
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="not a lowbit run's record"):
+        train(TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(foreign)), progress=False)
+    assert json.loads((foreign / "config.json").read_text()) == {"model_type": "gpt2"}
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     """A run that failed before its first file (here the model cannot be built) left its
     new folder behind holding only ``.lock``; a folder that existed before, or one with
