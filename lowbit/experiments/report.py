@@ -599,20 +599,29 @@ def render(runs: list[Run], figures_dir: Path, command: str, prefix: str = "",
     return "\n".join(lines)
 
 
+def section_text(path: Path, name: str | None = None) -> str:
+    """The text of ``path`` (or a new file's) holding section ``name``'s markers once each,
+    BEGIN first (a new section appended at the end): ``ValueError`` otherwise — checked by
+    :func:`run` before any work, so that nothing is drawn for a file it will refuse."""
+    begin, end = markers(name)
+    text = path.read_text() if path.exists() else HEADER + f"{begin}\n{end}\n"
+    counts = (text.count(begin), text.count(end))
+    if counts == (0, 0):  # a new section, at the end
+        return text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    if counts != (1, 1) or text.index(begin) > text.index(end):
+        # anything else would replace text outside the section (a marker quoted in prose,
+        # a lost END): refuse rather than overwrite the hand-written part
+        raise ValueError(f"{path} holds {counts[0]} {begin!r} and {counts[1]} {end!r}; "
+                         "expected one of each, BEGIN first (or neither): fix the file by hand")
+    return text
+
+
 def write_section(path: Path, body: str, name: str | None = None) -> None:
     """Replace the text between the markers of section ``name`` of ``path`` (appended
     if absent; the file created if needed). ``ValueError`` if the file holds a marker of
     the section more than once, only one of the two, or END before BEGIN (nothing written)."""
     begin, end = markers(name)
-    text = path.read_text() if path.exists() else HEADER + f"{begin}\n{end}\n"
-    counts = (text.count(begin), text.count(end))
-    if counts == (0, 0):  # a new section, at the end
-        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
-    elif counts != (1, 1) or text.index(begin) > text.index(end):
-        # anything else would replace text outside the section (a marker quoted in prose,
-        # a lost END): refuse rather than overwrite the hand-written part
-        raise ValueError(f"{path} holds {counts[0]} {begin!r} and {counts[1]} {end!r}; "
-                         "expected one of each, BEGIN first (or neither): fix the file by hand")
+    text = section_text(path, name)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     write_atomic(path, f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")  # the hand-written part
@@ -626,9 +635,13 @@ def run(args: argparse.Namespace) -> int:
     from .train import check_out_dir, check_out_file
 
     check_out_dir("--out", args.out)  # a folder, or creatable as one
-    if out.is_dir():  # its results.md a writable file, before the figures are drawn (a review: a folder
-        check_out_file("--out's results.md", str(out / "results.md"))  # there ended in IsADirectoryError's traceback)
     markers(args.section)  # a bad name fails before any work
+    if out.is_dir():  # results.md and figures/ checked before anything is drawn (reviews: a folder
+        # results.md ended in IsADirectoryError's traceback, a file figures in FileExistsError's,
+        # and a results.md of broken markers was refused after the figures were redrawn)
+        check_out_file("--out's results.md", str(out / "results.md"))
+        check_out_dir("--out's figures", str(out / "figures"))
+        section_text(out / "results.md", args.section)
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")

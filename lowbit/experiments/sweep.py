@@ -93,7 +93,10 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
                     for name in RECIPE_OVERRIDES:  # each run gets the settings that fit it
                         if override_refused(name, recipe):
                             fields[name] = None
-                    cfg = make_config(fields)
+                    try:
+                        cfg = make_config(fields)
+                    except ValueError as exc:  # sweep has no --nproc: torchrun sets the ranks
+                        raise ValueError(_ranks_named(str(exc))) from None
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
     return configs
@@ -121,10 +124,11 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     """``"field (saved, now requested)"`` for every setting in which the run its folder
     holds differs from ``cfg`` — all of :class:`TrainConfig` but the fields a resumed run
     may change (:data:`~.runconfig.RESUMABLE_CHANGES`); empty where they agree or the
-    folder has neither a readable config nor a ``metrics.json``. (A review found a sweep
+    folder has neither a ``config.json`` nor a ``metrics.json``. (A review found a sweep
     that compared ``epochs`` only and reported runs of another learning rate, batch size,
     model or backend as done.) A folder with a ``metrics.json`` but no readable
-    ``config.json`` differs by that; a resolved quantization config other than today's
+    ``config.json``, or a ``config.json`` without lowbit's ``train`` record, differs by
+    that; a resolved quantization config other than today's
     (:func:`~.rundir.recipe_refusal`) is a difference too."""
     record = read_config(Path(cfg.out))
     saved = record.get("train") if isinstance(record.get("train"), dict) else None
@@ -133,6 +137,10 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
         # is neither done nor resumable (a review: a 5-epoch run without its config.json
         # was "done" for a 3-epoch sweep)
         return ["config.json (missing or unreadable beside metrics.json: the settings cannot be checked)"]
+    if saved is None and (Path(cfg.out) / "config.json").exists():
+        # another program's file, or a damaged one: the trainer refuses to write over it
+        # (a review: --dry-run listed such a folder as new and exited 0, the sweep exited 1)
+        return ["config.json (not a lowbit run's record: no readable 'train' settings)"]
     if saved is None:
         return []
     diff = changed_settings(saved, cfg)
@@ -168,6 +176,12 @@ def run_state(cfg: TrainConfig) -> str:
     if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists():
         return "partial"
     return "restart" if rows else "new"  # epochs recorded, no checkpoint (not committed): redo
+
+
+def _ranks_named(message: str) -> str:
+    """A trainer message for the sweep: ``--nproc`` (``lowbit train``'s option) named as
+    what sets it under a sweep, torchrun's ``--nproc-per-node`` (a review)."""
+    return message.replace("--nproc", "the launch's ranks (torchrun --nproc-per-node)")
 
 
 def _rank() -> int:
@@ -279,7 +293,7 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         # (a second review); torchrun stops the job on anything else.
         if launched_world_size() > 1 and not isinstance(exc, ValueError):
             raise
-        why = _as_option(str(exc)) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        why = _ranks_named(_as_option(str(exc))) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         print(f"{tag} {cfg.run_name()}: failed, {why}", flush=True)  # a TrainConfig field named as its option
         return "failed"
     last = result.history[-1]
@@ -296,10 +310,10 @@ def _state_or_failed(cfg: TrainConfig, dry_run: bool) -> tuple[str, str]:
     try:
         state = run_state(cfg)
         if dry_run and state in ("new", "restart", "partial"):
-            why = backend_refusal(cfg) or _data_refusal(cfg.task, cfg.model, cfg.subset, cfg.eval_subset,
-                                                        cfg.steps_per_epoch, json.dumps(cfg.model_kwargs,
-                                                                                        sort_keys=True),
-                                                        cfg.batch_size)
+            task_why, batch_why = _data_refusal(cfg.task, cfg.model, cfg.subset, cfg.eval_subset,
+                                                cfg.steps_per_epoch, json.dumps(cfg.model_kwargs, sort_keys=True),
+                                                cfg.batch_size)
+            why = task_why or backend_refusal(cfg) or batch_why  # the trainer's order
             if why is not None:
                 return "failed", why
     except Exception as exc:  # the run's own failure, as _run_one reports it
@@ -309,18 +323,23 @@ def _state_or_failed(cfg: TrainConfig, dry_run: bool) -> tuple[str, str]:
 
 @functools.cache
 def _data_refusal(task: str, model: str | None, subset: int | None, eval_subset: int | None,
-                  steps_per_epoch: int | None, model_kwargs: str, batch_size: int) -> str | None:
-    """Why the run's data refuses it before its first step — a subset or evaluation subset
-    larger than the data, a batch larger than the training set — as the trainer says it
-    (the option named), or ``None``: the task built once per distinct data settings, for
+                  steps_per_epoch: int | None, model_kwargs: str, batch_size: int) -> tuple[str | None, str | None]:
+    """Why the run's data refuses it before its first step, as the trainer says it (the
+    option named): building the task (a subset or evaluation subset larger than the data),
+    then — after the backend's check, in the trainer — the batch (larger than the training
+    set); ``None`` each where it passes. The task built once per distinct data settings, for
     ``--dry-run`` (a review: it listed such runs as new and exited 0 where the sweep exits 1).
     Other errors (data not installed) propagate, as :func:`_state_or_failed` reports them."""
     try:
-        make_task(task, model, subset=subset, eval_subset=eval_subset, steps_per_epoch=steps_per_epoch,
-                  model_kwargs=json.loads(model_kwargs)).steps_per_epoch(batch_size)
+        built = make_task(task, model, subset=subset, eval_subset=eval_subset, steps_per_epoch=steps_per_epoch,
+                          model_kwargs=json.loads(model_kwargs))
     except ValueError as exc:
-        return _as_option(str(exc))
-    return None
+        return _ranks_named(_as_option(str(exc))), None
+    try:
+        built.steps_per_epoch(batch_size)
+    except ValueError as exc:
+        return None, _ranks_named(_as_option(str(exc)))
+    return None, None
 
 
 @functools.cache

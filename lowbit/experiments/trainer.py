@@ -112,8 +112,8 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """``ValueError`` where training into ``run_dir`` would overwrite another run's results
     without a checkpoint to continue from (a committed run folder keeps its metrics, not its
     ``*.pt``): epochs in its ``metrics.json`` and no ``resume``; a ``config.json`` that is
-    not a lowbit run's; without ``resume``, a recorded run of other settings or one recorded
-    as diverged; or, with ``resume``, a
+    not a lowbit run's (without a checkpoint); without ``resume``, a run recorded as diverged;
+    or, with ``resume``, a
     ``config.json`` recording other settings (:func:`~.runconfig.changed_settings`) or none
     that can be read beside epochs in ``metrics.json``. With ``resume`` and the same
     settings the run is redone from scratch, as ``lowbit sweep`` does for such a folder."""
@@ -132,12 +132,13 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         saved_train = read_config(run_dir).get("train")
         if (run_dir / "config.json").exists() and not isinstance(saved_train, dict):
             raise foreign
-        diff = changed_settings(saved_train, cfg) if isinstance(saved_train, dict) else []
-        if diff:
-            raise ValueError(f"{run_dir} holds a run of other settings ({', '.join(diff)}): choose another --out")
-        if _status(run_dir) == "diverged":
-            raise ValueError(f"{run_dir} holds a run recorded as diverged (status.json; reports count it as a "
-                             "failed seed): choose another --out, or pass --resume to redo it")
+        if _status(run_dir) == "diverged":  # a result (reports count it a failed seed): kept; a run
+            # that crashed before its first epoch holds nothing to lose and is started afresh
+            diff = changed_settings(saved_train, cfg) if isinstance(saved_train, dict) else []
+            what = f"of other settings ({', '.join(diff)}) " if diff else ""
+            raise ValueError(f"{run_dir} holds a run {what}recorded as diverged (status.json; reports count it "
+                             "as a failed seed): choose another --out, or pass --resume to redo it (the options "
+                             f"you leave out are read from {run_dir / 'config.json'}; those you give must match it)")
     if not resume or (run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists():
         return  # a checkpoint's own settings are checked when it is loaded (load_resumable)
     saved = read_config(run_dir).get("train")

@@ -447,6 +447,18 @@ def test_sweep_dry_run_exits_as_the_sweep_on_data_refusals_and_counts_a_seed_onc
     assert "failed, --eval-subset must be at most" in capsys.readouterr().out
     assert cli.main([*base, "--seeds", "0,00,+0", "--dry-run"]) == 0
     assert "sweep: 1 runs" in capsys.readouterr().out
+    # a second review: a folder holding another program's config.json was "new" to the dry run
+    foreign = tmp_path / "digits-mlp-fp-s0"
+    foreign.mkdir(exist_ok=True)
+    (foreign / "config.json").write_text('{"name": "other-tool"}')
+    assert cli.main([*base, "--dry-run"]) == 1
+    assert "not a lowbit run's record" in capsys.readouterr().out
+    assert cli.main(base) == 1  # the sweep: skipped as other settings, its file kept
+    assert (foreign / "config.json").read_text() == '{"name": "other-tool"}'
+    # the trainer's order: the data's refusal before the backend's
+    assert cli.main([*base, "--models", "cnn", "--recipes", "fqt-psq-8", "--backend", "fp8", "--eval-subset",
+                     "100000", "--dry-run"]) == 1
+    assert "--eval-subset must be at most" in capsys.readouterr().out
 
 
 def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
@@ -475,6 +487,15 @@ def test_report_refuses_a_results_md_that_is_a_folder_before_any_work(tmp_path, 
     assert cli.main(["report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 2
     assert "--out's results.md must be a file, but" in capsys.readouterr().err
     assert not (tmp_path / "out" / "figures").exists()
+    # a results.md of broken markers, or a file named figures: refused before anything is drawn
+    (tmp_path / "out" / "results.md").rmdir()
+    (tmp_path / "out" / "results.md").write_text("# x\n<!-- BEGIN lowbit report -->\nold\n")
+    assert cli.main(["report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 2
+    assert "expected one of each" in capsys.readouterr().err and not (tmp_path / "out" / "figures").exists()
+    (tmp_path / "out" / "results.md").unlink()
+    (tmp_path / "out" / "figures").write_text("")
+    assert cli.main(["report", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 2
+    assert "--out's figures must be a folder" in capsys.readouterr().err
 
 
 def test_report_creates_results_md_with_markers(tmp_path):
@@ -1639,3 +1660,14 @@ def test_sweep_lines_are_said_by_the_launchs_rank_0_only(capsys, monkeypatch):
             monkeypatch.setenv("WORLD_SIZE", world)
         sweep._say("a line")
         assert (capsys.readouterr().out == "a line\n") == said, (rank, world)
+
+
+def test_sweep_names_torchruns_option_for_the_ranks(tmp_path, capsys, monkeypatch):
+    """A review: under a 2-rank launch a batch that does not split said "must be a multiple
+    of --nproc (2)", an option ``lowbit sweep`` does not have: torchrun's is named."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["sweep", "--recipes", "fp", "--batch-size", "63", "--epochs", "1", "--out", str(tmp_path),
+                     "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc-per-node" in err and "--nproc " not in err.replace("--nproc-per-node", ""), err

@@ -775,6 +775,15 @@ def test_a_diverged_run_or_a_foreign_config_is_not_trained_over(tmp_path):
     with pytest.raises(ValueError, match="not a lowbit run's record"):
         train(TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(foreign)), progress=False)
     assert json.loads((foreign / "config.json").read_text()) == {"model_type": "gpt2"}
+    # a run that crashed before its first epoch holds nothing to lose: started afresh with a
+    # changed setting (a second review: a smaller --batch-size after running out of memory)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    before = TrainConfig(**(DIGITS | {"batch_size": 16}), recipe="fp", epochs=1, out=str(crashed))
+    (crashed / "config.json").write_text(json.dumps({"train": before.to_dict()}))
+    (crashed / "metrics.json").write_text("[]")
+    write_status(crashed, "interrupted")
+    assert train(TrainConfig(**DIGITS, recipe="fp", epochs=1, out=str(crashed)), progress=False).history
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
