@@ -158,6 +158,37 @@ class _LayerHook:
         return (_InertHook, ())
 
 
+def _layers_differ(saved: list[str], layers: dict[str, nn.Module]) -> str:
+    """Why a monitor state's layer names are not this monitor's: a ``torch.compile`` or DDP
+    wrapper's prefix on one side, the Hugging Face ``Conv1D`` layers an older lowbit did not
+    monitor, or another model (a review: every mismatch was blamed on ``Conv1D``)."""
+    mine = sorted(layers)
+    text = f"monitor state is for layers {saved[:5]}{'…' if len(saved) > 5 else ''}, this monitor has " \
+           f"{mine[:5]}{'…' if len(mine) > 5 else ''}"
+    for prefix in ("_orig_mod.", "module."):  # the names differ as given: equal once it is dropped?
+        if sorted(n.removeprefix(prefix) for n in saved) == sorted(n.removeprefix(prefix) for n in mine):
+            return text + (f": the same layers, one side's names prefixed {prefix!r} (a torch.compile or DDP "
+                           "wrapper): build the monitor on the model as it was when the state was saved")
+    extra = sorted(set(mine) - set(saved))
+    if extra and set(saved) <= set(mine) and all(type(layers[n]).__name__ == "FQTConv1D" for n in extra):
+        return text + (f" (it monitors {extra[:3]}{'…' if len(extra) > 3 else ''} too: Hugging Face Conv1D "
+                       "layers, which the lowbit that saved the state (before 2026-12-02) did not monitor; "
+                       "resume with that lowbit or start afresh)")
+    return text + ": another model's state"
+
+
+def _one_rank(policy: AdaptivePolicy) -> None:
+    """``ValueError`` where a policy would run on several ranks of a process group: each
+    rank's policy decides from its own minibatch, so the ranks would quantize one layer at
+    different widths and a checkpoint would hold one rank's decisions (a review; ``lowbit
+    train`` refuses ``fqt-auto*`` with ``--nproc`` for that reason)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError(f"VarianceMonitor(policy=...) on {torch.distributed.get_world_size()} ranks: each rank's "
+                         "policy would choose its own widths from its own minibatch; adaptive precision "
+                         "runs in one process (an observe-only monitor, policy=None, runs on every rank)")
+
+
 class VarianceMonitor:
     """Per-layer quantization and minibatch variance every ``every`` steps (module doc).
 
@@ -169,7 +200,10 @@ class VarianceMonitor:
     an :class:`~lowbit.adaptive.AdaptivePolicy` that revises each layer's gradient bit
     widths from each monitored step's measurements (``None``: observe only).
     Raises ``TypeError``/``ValueError`` for a bad argument or a model without
-    monitorable layers.
+    monitorable layers, and ``ValueError`` for a policy in a process group of several ranks
+    (each rank's would choose its own widths). A monitored step that measures nothing (its
+    backward outside the ``step()`` block, or no monitored layer run) is logged once per
+    cause (logger ``lowbit.monitor``, WARNING).
 
     Use::
 
@@ -185,10 +219,13 @@ class VarianceMonitor:
                  sgd: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
+        every = int(every)  # a NumPy integer too, as AdaptivePolicy takes (a review)
         if policy is not None and not isinstance(policy, AdaptivePolicy):
             raise TypeError(f"policy must be an AdaptivePolicy or None, got {type(policy).__name__}")
+        if policy is not None:
+            _one_rank(policy)
         if sgd not in ("auto", "per-sample", "paired"):
             raise ValueError(f"sgd must be 'auto', 'per-sample' or 'paired', got {sgd!r}")
         if sgd == "auto":  # BatchNorm couples the samples of a batch: formula (1) fails
@@ -219,6 +256,7 @@ class VarianceMonitor:
         self._grad_numel = {n: {p: 0 for p in PATHS} for n in self.layers}  # ∇Y size, paths that ran
         self._mode: str | None = None  # this step: "full", "totals" (paired: the step before) or None
         self._acc: dict[str, _Acc] = {}
+        self._forwards = 0  # monitored layers' forwards seen in this step
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, cause) already warned about
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]], float] | None = None  # last step's totals, loss scale
@@ -265,7 +303,7 @@ class VarianceMonitor:
                 self._bit_sums[n][p] += 0 if spec is None else spec.bits
         before = self.sgd == "paired" and (self.steps + 1) % self.every == 0
         self._mode = "full" if force or self.due() else ("totals" if before else None)
-        self._acc, self._totals, self._scale = {}, {}, scale
+        self._acc, self._totals, self._scale, self._forwards = {}, {}, scale, 0
         try:
             yield
             if self._mode == "full":
@@ -307,8 +345,10 @@ class VarianceMonitor:
 
     # -- hooks ----------------------------------------------------------------------------
     def _on_forward(self, name: str, module: nn.Module, inp: Any, output: Any) -> None:
-        if self._mode is None or not isinstance(output, torch.Tensor) or not output.requires_grad \
-                or not isinstance(inp, torch.Tensor):
+        if self._mode is None:
+            return
+        self._forwards += 1
+        if not isinstance(output, torch.Tensor) or not output.requires_grad or not isinstance(inp, torch.Tensor):
             return
         x = inp.detach()
         x_grad = bool(inp.requires_grad)
@@ -369,6 +409,8 @@ class VarianceMonitor:
 
     # -- end of a monitored step ----------------------------------------------------------
     def _finish(self) -> None:
+        if self.layers and not self._acc:
+            self._say_empty()
         rec = StepRecord(self.steps, {})
         ratios: dict[str, dict[str, dict[tuple[str, int], float]]] = {}
         prev = self._pair[1] if self._pair is not None and self._pair[0] == self.steps - 1 else None
@@ -445,6 +487,22 @@ class VarianceMonitor:
                 # last-resort handler prints the message alone (a new user's walkthrough)
                 log.warning("lowbit.monitor: layer %s", text)
 
+    def _say_empty(self) -> None:
+        """A warning, once per cause, where a monitored step measured nothing: its record is
+        empty and a policy decides nothing (a review: with the backward outside the block —
+        the shape of an AMP loop — ``fqt-auto`` stayed at 8 bits without a word)."""
+        cause = "backward" if self._forwards else "forward"
+        if ("", cause) in self._warned:
+            return
+        self._warned.add(("", cause))
+        text = ("the monitored layers ran their forward inside `with monitor.step():` but no backward "
+                "reached them there: the figures are taken in the backward, so call loss.backward() (or "
+                "scaler.scale(loss).backward()) inside the block" if self._forwards else
+                "no monitored layer ran inside `with monitor.step():` (the forward and the backward both "
+                "belong inside the block)")
+        policy = "; the policy decides nothing and every width stays as it is" if self.policy is not None else ""
+        log.warning("lowbit.monitor: step %d measured nothing: %s%s (said once)", self.steps, text, policy)
+
     def _current(self, name: str) -> tuple[str, int]:
         """``(quantizer, bits)`` of layer ``name``'s ∇X path now."""
         spec = self.layers[name].config.grad_input
@@ -453,6 +511,7 @@ class VarianceMonitor:
     def _decide(self, step: int, ratios: dict[str, dict[str, dict[tuple[str, int], float]]]) -> None:
         """Apply the policy to every measured path; log and record each change."""
         assert self.policy is not None
+        _one_rank(self.policy)  # a process group made after the monitor
         n_input = sum(math.isfinite(paths["grad_input"].get(self._current(name), math.nan))
                       for name, paths in ratios.items() if "grad_input" in paths)  # ∇X paths measured
         for name, paths in ratios.items():
@@ -513,15 +572,11 @@ class VarianceMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (all but ``every``, which stays this
-        monitor's); the layers take the saved gradient specs.
-        Raises ``ValueError`` if the layers or the policy differ from this monitor's."""
+        monitor's); under a policy the layers take the saved gradient specs.
+        Raises ``ValueError`` if the layers or the policy differ from this monitor's, or,
+        without a policy, a layer's saved spec differs from its own (another recipe's state)."""
         if sorted(state["specs"]) != sorted(self.layers):
-            extra = sorted(set(self.layers) - set(state["specs"]))
-            raise ValueError(f"monitor state is for layers {sorted(state['specs'])[:5]}..., "
-                             f"this monitor has {sorted(self.layers)[:5]}..."
-                             + (f" (it monitors {extra[:3]}... too, which the lowbit that saved "
-                                "the state did not: Hugging Face Conv1D layers since 2026-12-02; "
-                                "resume with that lowbit or start afresh)" if extra else ""))
+            raise ValueError(_layers_differ(sorted(state["specs"]), self.layers))
         mine = _policy_state(self.policy)
         if state["policy"] != mine:
             raise ValueError(f"monitor state has policy {state['policy']}, this monitor {mine}")
@@ -532,6 +587,12 @@ class VarianceMonitor:
                 if (qb is None) != (spec is None):
                     raise ValueError(f"monitor state: layer {n!r} path {p} is "
                                      f"{'float' if qb is None else 'quantized'} in the state")
+                if qb is not None and self.policy is None and (spec.quantizer, spec.bits) != (qb[0], int(qb[1])):
+                    # only a policy changes a layer's gradient spec; an observe-only monitor's
+                    # state of another recipe rewrote a fixed one (a review)
+                    raise ValueError(f"monitor state: layer {n!r} path {p} ran {qb[0]}{qb[1]} in the state, "
+                                     f"{spec.quantizer}{spec.bits} here, and this monitor has no policy to "
+                                     "change it: the state is another recipe's")
                 if qb is not None:
                     cfg = dataclasses.replace(cfg, **{p: with_bits(dataclasses.replace(spec, quantizer=qb[0]), int(qb[1]))})
             layer.config = self._configs[n] = cfg

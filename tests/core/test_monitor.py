@@ -951,3 +951,47 @@ def test_per_sample_gram_norms_keep_their_range() -> None:
     got = per_sample_sq_norms(a, u)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_a_monitored_step_that_measures_nothing_says_why(caplog) -> None:
+    """A review: with the backward outside ``with mon.step():`` (an AMP loop's shape) every
+    record was empty and ``fqt-auto`` stayed at 8 bits without a word. A warning, once per
+    cause, says what ran where; the empty record is kept."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)),
+                           FQTConfig.from_recipe("fqt-auto", seed=0))
+    mon = VarianceMonitor(model, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        for _ in range(2):
+            with mon.step():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        with mon.step():  # nothing ran inside
+            pass
+    said = [r.getMessage() for r in caplog.records if "measured nothing" in r.getMessage()]
+    assert len(said) == 2 and "call loss.backward()" in said[0] and "policy decides nothing" in said[0]
+    assert "no monitored layer ran" in said[1]
+    assert [len(r.layers) for r in mon.history] == [0, 0, 0] and mon.decisions == []
+
+
+def test_a_state_of_another_recipe_or_layout_is_refused_with_the_cause() -> None:
+    """Two reviews' findings: a state of an ``fqt-bhq-4`` model loaded into an
+    observe-only monitor of an ``fqt-psq-8`` one rewrote its gradient specs (only a policy
+    changes them), and a state saved on a ``torch.compile``'d model was blamed on Hugging
+    Face's Conv1D. NumPy integers are an ``every`` too."""
+    saved = VarianceMonitor(_small_mlp("fqt-bhq-4"), every=5).state_dict()
+    model = _small_mlp("fqt-psq-8")
+    before = str(model[0].config)
+    with pytest.raises(ValueError, match="ran bhq4 in the state, psq8 here, and this monitor has no policy"):
+        VarianceMonitor(model, every=5).load_state_dict(saved)
+    assert str(model[0].config) == before
+    compiled = VarianceMonitor(torch.compile(_small_mlp("fqt-psq-8")), every=5).state_dict()
+    with pytest.raises(ValueError, match="prefixed '_orig_mod.'"):
+        VarianceMonitor(_small_mlp("fqt-psq-8"), every=5).load_state_dict(compiled)
+    deeper = lowbit.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
+                            FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    with pytest.raises(ValueError, match="another model's state"):
+        VarianceMonitor(deeper, every=5).load_state_dict(VarianceMonitor(_small_mlp("fqt-psq-8"), every=5).state_dict())
+    assert VarianceMonitor(_small_mlp("fqt-psq-8"), every=np.int64(5)).every == 5

@@ -138,6 +138,16 @@ def _hook_worker(rank: int, world: int) -> dict:
         two.zero_grad()
         two(x[:, :4]).backward()
     out["static_steps"], out["static_agreed"] = st.steps, sorted(st.agreed)
+    # an adaptive policy on 2 ranks: each would choose its own widths (a review): refused
+    from lowbit.adaptive import AdaptivePolicy
+    from lowbit.monitor import VarianceMonitor
+    auto = DDP(lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-auto", seed=0)))
+    try:
+        VarianceMonitor(auto, every=1, policy=AdaptivePolicy.from_recipe("fqt-auto"))
+        out["policy_ranks"] = ""
+    except ValueError as exc:
+        out["policy_ranks"] = str(exc)
+    out["observe_ranks"] = VarianceMonitor(auto, every=1).policy is None  # observe-only: every rank
     # the layers' own stochastic rounding: same input and seed, rank-keyed streams
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
@@ -203,6 +213,12 @@ def test_static_graph_counts_each_pass_once_and_checks_every_bucket(hook_runs):
         # every bucket the hook met (the first iteration's and the rebuilt ones) agreed on,
         # keyed by its parameters: all four of the model's
         assert sorted({i for key in run["static_agreed"] for i in key}) == [0, 1, 2, 3]
+
+
+def test_an_adaptive_policy_is_refused_on_several_ranks(hook_runs):
+    for run in hook_runs:
+        assert "on 2 ranks: each rank's policy would choose its own widths" in run["policy_ranks"]
+        assert run["observe_ranks"]
 
 
 def test_non_finite_gradients_reach_the_average(hook_runs):
