@@ -75,8 +75,8 @@ class AdaptivePolicy:
     ``min_bits..max_bits`` (default 2..8: every width the integer format has — the ratio,
     not a floor, decides) that meet it; candidates are every width with each quantizer
     of ``grad_input`` / ``grad_weight`` (listed cheapest first: at equal width, where a
-    path must move, the first that meets the target wins; a path whose current spec meets
-    its target keeps it — its quantizer too, even where a cheaper one listed earlier at
+    path must move, the first that meets the target wins; a path whose current spec, a
+    candidate, meets its target keeps it — its quantizer too, even where a cheaper one listed earlier at
     the same width meets it now: no flip-flop between quantizers on a ratio's noise).
     Hysteresis: down only where the ratio is at most ``down`` times the path's target.
     Raises ``ValueError`` naming the field for bad values."""

@@ -158,6 +158,14 @@ class _LayerHook:
         return (_InertHook, ())
 
 
+def _unwrapped(name: str) -> str:
+    """A layer's name without the leading ``_orig_mod.`` / ``module.`` prefixes that
+    ``torch.compile`` and DDP wrappers add, however stacked."""
+    while name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def _layers_differ(saved: list[str], layers: dict[str, nn.Module]) -> str:
     """Why a monitor state's layer names are not this monitor's: a ``torch.compile`` or DDP
     wrapper's prefix on one side, the Hugging Face ``Conv1D`` layers an older lowbit did not
@@ -165,10 +173,9 @@ def _layers_differ(saved: list[str], layers: dict[str, nn.Module]) -> str:
     mine = sorted(layers)
     text = f"monitor state is for layers {saved[:5]}{'…' if len(saved) > 5 else ''}, this monitor has " \
            f"{mine[:5]}{'…' if len(mine) > 5 else ''}"
-    for prefix in ("_orig_mod.", "module."):  # the names differ as given: equal once it is dropped?
-        if sorted(n.removeprefix(prefix) for n in saved) == sorted(n.removeprefix(prefix) for n in mine):
-            return text + (f": the same layers, one side's names prefixed {prefix!r} (a torch.compile or DDP "
-                           "wrapper): build the monitor on the model as it was when the state was saved")
+    if sorted(map(_unwrapped, saved)) == sorted(map(_unwrapped, mine)):  # the same layers, other wrappers
+        return text + (": the same layers under other wrappers (torch.compile's '_orig_mod.', DDP's 'module.' "
+                       "prefixes): build the monitor on the model wrapped as it was when the state was saved")
     extra = sorted(set(mine) - set(saved))
     if extra and set(saved) <= set(mine) and all(type(layers[n]).__name__ == "FQTConv1D" for n in extra):
         return text + (f" (it monitors {extra[:3]}{'…' if len(extra) > 3 else ''} too: Hugging Face Conv1D "
@@ -202,8 +209,8 @@ class VarianceMonitor:
     Raises ``TypeError``/``ValueError`` for a bad argument or a model without
     monitorable layers, and ``ValueError`` for a policy in a process group of several ranks
     (each rank's would choose its own widths). A monitored step that measures nothing (its
-    backward outside the ``step()`` block, or no monitored layer run) is logged once per
-    cause (logger ``lowbit.monitor``, WARNING).
+    backward outside the ``step()`` block, outputs that need no gradient, or no monitored
+    layer run) is logged once per cause (logger ``lowbit.monitor``, WARNING).
 
     Use::
 
@@ -256,7 +263,7 @@ class VarianceMonitor:
         self._grad_numel = {n: {p: 0 for p in PATHS} for n in self.layers}  # ∇Y size, paths that ran
         self._mode: str | None = None  # this step: "full", "totals" (paired: the step before) or None
         self._acc: dict[str, _Acc] = {}
-        self._forwards = 0  # monitored layers' forwards seen in this step
+        self._forwards = self._hooked = 0  # monitored layers' forwards this step; those needing a gradient
         self._totals: dict[str, list[torch.Tensor | None]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, cause) already warned about
         self._pair: tuple[int, dict[str, list[torch.Tensor | None]], float] | None = None  # last step's totals, loss scale
@@ -303,7 +310,7 @@ class VarianceMonitor:
                 self._bit_sums[n][p] += 0 if spec is None else spec.bits
         before = self.sgd == "paired" and (self.steps + 1) % self.every == 0
         self._mode = "full" if force or self.due() else ("totals" if before else None)
-        self._acc, self._totals, self._scale, self._forwards = {}, {}, scale, 0
+        self._acc, self._totals, self._scale, self._forwards, self._hooked = {}, {}, scale, 0, 0
         try:
             yield
             if self._mode == "full":
@@ -350,6 +357,7 @@ class VarianceMonitor:
         self._forwards += 1
         if not isinstance(output, torch.Tensor) or not output.requires_grad or not isinstance(inp, torch.Tensor):
             return
+        self._hooked += 1  # a forward whose output's gradient will be measured
         x = inp.detach()
         x_grad = bool(inp.requires_grad)
 
@@ -491,15 +499,17 @@ class VarianceMonitor:
         """A warning, once per cause, where a monitored step measured nothing: its record is
         empty and a policy decides nothing (a review: with the backward outside the block —
         the shape of an AMP loop — ``fqt-auto`` stayed at 8 bits without a word)."""
-        cause = "backward" if self._forwards else "forward"
+        cause = "backward" if self._hooked else "no-grad" if self._forwards else "forward"
         if ("", cause) in self._warned:
             return
         self._warned.add(("", cause))
-        text = ("the monitored layers ran their forward inside `with monitor.step():` but no backward "
-                "reached them there: the figures are taken in the backward, so call loss.backward() (or "
-                "scaler.scale(loss).backward()) inside the block" if self._forwards else
-                "no monitored layer ran inside `with monitor.step():` (the forward and the backward both "
-                "belong inside the block)")
+        text = {"backward": "the monitored layers ran their forward inside `with monitor.step():` but no backward "
+                            "reached them there: the figures are taken in the backward, so call loss.backward() "
+                            "(or scaler.scale(loss).backward()) inside the block",
+                "no-grad": "the monitored layers ran, but their outputs needed no gradient (frozen layers with an "
+                           "input that needs none, or a forward under torch.no_grad()): no gradient GEMM to measure",
+                "forward": "no monitored layer ran inside `with monitor.step():` (the forward and the backward "
+                           "both belong inside the block)"}[cause]
         policy = "; the policy decides nothing and every width stays as it is" if self.policy is not None else ""
         log.warning("lowbit.monitor: step %d measured nothing: %s%s (said once)", self.steps, text, policy)
 

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -179,9 +180,13 @@ def run_state(cfg: TrainConfig) -> str:
 
 
 def _ranks_named(message: str) -> str:
-    """A trainer message for the sweep: ``--nproc`` (``lowbit train``'s option) named as
-    what sets it under a sweep, torchrun's ``--nproc-per-node`` (a review)."""
-    return message.replace("--nproc", "the launch's ranks (torchrun --nproc-per-node)")
+    """A trainer message for a sweep under a multi-rank launch: the rank count it quotes as
+    ``--nproc (N)`` (``lowbit train``'s option, which a sweep does not have) named as what
+    sets it there, torchrun's ``--nproc-per-node`` (a review); other mentions of ``lowbit
+    train --nproc`` (advice) and every message outside a launch are left as they are."""
+    if launched_world_size() <= 1:
+        return message
+    return re.sub(r"--nproc \((\d+)\)", r"the launch's \1 ranks (torchrun --nproc-per-node)", message)
 
 
 def _rank() -> int:

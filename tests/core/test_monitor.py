@@ -974,6 +974,16 @@ def test_a_monitored_step_that_measures_nothing_says_why(caplog) -> None:
     assert len(said) == 2 and "call loss.backward()" in said[0] and "policy decides nothing" in said[0]
     assert "no monitored layer ran" in said[1]
     assert [len(r.layers) for r in mon.history] == [0, 0, 0] and mon.decisions == []
+    # frozen monitored layers (their outputs need no gradient), the backward inside: that cause
+    frozen = _mlp(bn=False).requires_grad_(False)
+    model2 = nn.Sequential(frozen, nn.Linear(4, 4))
+    mon2 = VarianceMonitor(model2, every=1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        with mon2.step():
+            F.cross_entropy(model2(x), y).backward()
+    said = [r.getMessage() for r in caplog.records if "measured nothing" in r.getMessage()]
+    assert len(said) == 1 and "needed no gradient" in said[0]
 
 
 def test_a_state_of_another_recipe_or_layout_is_refused_with_the_cause() -> None:
@@ -988,8 +998,12 @@ def test_a_state_of_another_recipe_or_layout_is_refused_with_the_cause() -> None
         VarianceMonitor(model, every=5).load_state_dict(saved)
     assert str(model[0].config) == before
     compiled = VarianceMonitor(torch.compile(_small_mlp("fqt-psq-8")), every=5).state_dict()
-    with pytest.raises(ValueError, match="prefixed '_orig_mod.'"):
+    with pytest.raises(ValueError, match="the same layers under other wrappers"):
         VarianceMonitor(_small_mlp("fqt-psq-8"), every=5).load_state_dict(compiled)
+    stacked = dict(compiled, specs={"_orig_mod.module." + k.removeprefix("_orig_mod."): v
+                                    for k, v in compiled["specs"].items()})  # compile of DDP
+    with pytest.raises(ValueError, match="the same layers under other wrappers"):
+        VarianceMonitor(_small_mlp("fqt-psq-8"), every=5).load_state_dict(stacked)
     deeper = lowbit.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
                             FQTConfig.from_recipe("fqt-psq-8", seed=0))
     with pytest.raises(ValueError, match="another model's state"):

@@ -1671,3 +1671,9 @@ def test_sweep_names_torchruns_option_for_the_ranks(tmp_path, capsys, monkeypatc
                      "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "torchrun --nproc-per-node" in err and "--nproc " not in err.replace("--nproc-per-node", ""), err
+    # outside a launch, and lowbit train's own option in advice: as the trainer says them
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["sweep", "--recipes", "fqt-psq-8", "--grad-comm", "int8", "--epochs", "1", "--out",
+                     str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "lowbit train --nproc" in err and "the launch's" not in err, err
