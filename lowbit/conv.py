@@ -161,6 +161,14 @@ def conv_values(q: QuantizedOperand, shape: Sequence[int], dtype: torch.dtype = 
     return q.dequantize(dtype).reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
 
 
+def conv_quantized(t: torch.Tensor, spec: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Q_f(t)`` of a convolution's ``X`` or ``W`` (N, C, *spatial) as a converted layer
+    makes it (rows in :func:`conv_rows`'s order, round to nearest), dequantized as ``dtype``
+    (default :func:`~lowbit.formats.compute_dtype` of ``t``'s), in ``t``'s shape: the
+    operand the variance monitor and :mod:`lowbit.analysis` rebuild."""
+    return conv_values(quantize_forward(conv_rows(t, spec), spec), t.shape, dtype or compute_dtype(t.dtype))
+
+
 def _x_rows(x: torch.Tensor, layout: int, spec: Any = None) -> torch.Tensor:
     """The activation operand: (N, C·H·W), or under ``CL_CODES`` the (N, H·W·C) view of
     x's channels-last memory, and for block formats (N, H·W·C) whatever the memory
@@ -675,5 +683,6 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return apply_block("conv1d", x, weight, bias, state, [1, s, 0, p, 1, d, groups], output_dtype(x))
 
 
-__all__ = ["channels_inner", "conv_grad_input", "conv_grad_weight", "conv_output", "conv_rows", "conv_values",
+__all__ = ["channels_inner", "conv_grad_input", "conv_grad_weight", "conv_output", "conv_quantized", "conv_rows",
+           "conv_values",
            "fqt_conv1d", "integer_path", "refuse_simulated"]

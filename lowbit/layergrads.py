@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import compute_dtype
-from .conv import channels_inner, conv_rows, conv_values
+from .conv import channels_inner, conv_quantized, conv_rows
 from .functional import quantize_forward
 from .nn import FQTConv2d, FQTLinear
 from .varstats import squared_norms, product_row_norms, weight_grad_sq_norms
@@ -68,14 +68,6 @@ class LayerGrads:
 def _dequant(x2d: torch.Tensor, spec: object) -> torch.Tensor:
     """``Q_f(x2d)`` dequantized in :func:`~lowbit.formats.compute_dtype` (float64 for float64)."""
     return quantize_forward(x2d, spec).dequantize(compute_dtype(x2d.dtype))  # type: ignore[arg-type]
-
-
-def _dequant_conv(t: torch.Tensor, spec: object) -> torch.Tensor:
-    """``Q_f`` of a convolution's ``X`` or ``W`` (N, C, *spatial) as the layer quantizes it
-    (:func:`lowbit.conv.conv_rows`: channels innermost for block formats), dequantized in
-    compute dtype, in ``t``'s shape."""
-    return conv_values(quantize_forward(conv_rows(t, spec), spec), t.shape,  # type: ignore[arg-type]
-                       compute_dtype(t.dtype))
 
 
 
@@ -119,7 +111,7 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
     a_rows = gy.reshape(b, c_out, -1)  # (B, C_out, P)
     out = LayerGrads(b)
     if weight_path:
-        xq = _dequant_conv(xp, cfg.activation)
+        xq = conv_quantized(xp, cfg.activation)
         cols = F.unfold(xq, layer.kernel_size, **geom)  # (B, C_in·k², P)
         kg = cols.shape[1] // groups
         col_w = torch.stack([squared_norms(cols[:, g * kg:(g + 1) * kg], 1).reshape(-1)
@@ -134,7 +126,7 @@ def conv2d_grads(layer: FQTConv2d, x: torch.Tensor, gy: torch.Tensor, weight_pat
                                                      bias, groups)
     if input_path:
         w = layer.weight.detach()
-        wq = _dequant_conv(w, cfg.weight)  # (C_out, C_g, kh, kw)
+        wq = conv_quantized(w, cfg.weight)  # (C_out, C_g, kh, kw)
         reach, taps = _conv_taps(layer, x, wq, geom)  # (1, C_out, H', W'), (G, O_g, C_g, P)
         shift_w = squared_norms(taps, 2).reshape(c_out, -1)  # (C_out, P)
         if channels_inner(cfg.grad_input):  # ∇Y's rows as the layer quantizes them: (P, C_out) order
@@ -178,11 +170,11 @@ def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor
         xp, padding = layer._explicit_padding(x)
         geom = dict(stride=layer.stride, padding=padding, dilation=layer.dilation)
         if want_w:
-            xq = _dequant_conv(xp, cfg.activation)
+            xq = conv_quantized(xp, cfg.activation)
             w_tot = torch.nn.grad.conv2d_weight(xq, w.shape, gy, groups=layer.groups, **geom)
             w_tot = torch.cat([w_tot.reshape(-1), gy.sum((0, 2, 3))]) if bias else w_tot.reshape(-1)
         if want_x:
-            wq = _dequant_conv(w, cfg.weight)
+            wq = conv_quantized(w, cfg.weight)
             _, taps = _conv_taps(layer, x, wq, geom)
             g = gy.sum(0).reshape(layer.groups, layer.out_channels // layer.groups, -1)  # (G, O_g, P)
             x_tot = torch.einsum("gop,gocp->gc", g, taps).reshape(-1)  # (C_in,)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FQTConfig
-from ..conv import conv_rows, conv_values
+from ..conv import conv_quantized, conv_rows
 from ..formats import compute_dtype
 from ..functional import quantize_forward, same_padding
 from ..nn import FQTConv1d, FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
@@ -286,14 +286,14 @@ def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
             xp, p = F.pad(x, same_padding((k,), (d,))), 0
         else:
             xp, p = x, 0 if layer.padding == "valid" else layer.padding[0]
-        xd = xp.to(dt) if spec is None else conv_values(quantize_forward(conv_rows(xp, spec), spec), xp.shape, dt)
+        xd = xp.to(dt) if spec is None else conv_quantized(xp, spec, dt)
         cols = F.unfold(xd.unsqueeze(2), (1, k), (1, d), (0, p), (1, st))  # (B, C·k, L')
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if isinstance(layer, FQTConv2d):
         if layer.groups != 1:
             return None
         xp, padding = layer._explicit_padding(x)  # what fqt_conv2d receives
-        xd = xp.to(dt) if spec is None else conv_values(quantize_forward(conv_rows(xp, spec), spec), xp.shape, dt)
+        xd = xp.to(dt) if spec is None else conv_quantized(xp, spec, dt)
         cols = F.unfold(xd, layer.kernel_size, layer.dilation, padding, layer.stride)  # (B, Ck², L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·L, Ck²)
     x2d = x.reshape(-1, x.shape[-1])
