@@ -24,8 +24,8 @@ happens exactly when an inf/NaN was found). With an explicit ``update(new_scale)
 signal is gone: the histories are rescaled but a skipped step is not undone — call
 :func:`lowbit.nn.snapshot_ranges` / ``lowbit.nn.restore_ranges(snapshot, counters=False)``
 yourself then.
-``get_scale()`` reads the scale to the host once per :meth:`update` (a device sync on a
-GPU).
+:meth:`update` reads the scale to the host twice (``get_scale()`` before and after
+torch's update: two device syncs on a GPU).
 """
 
 from __future__ import annotations

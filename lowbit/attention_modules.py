@@ -354,11 +354,34 @@ def _swap_sdpa(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Mo
     return sdpa_reason(mod) or FQTScaledDotProductAttention.from_float(mod, config, seed, name)
 
 
-def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Module | str:
+def _mha_refusal(mod: nn.Module) -> str | None:
+    """Why ``convert`` leaves the ``nn.MultiheadAttention`` ``mod`` float, or ``None``."""
     clash = sorted(k for k in set(vars(mod)) if k in ("attention", "projections", "config"))
     if clash:
         return f"instance attributes {clash} would clash with FQTMultiheadAttention's own"
-    return mha_reason(mod) or FQTMultiheadAttention.from_float(mod, config, seed, name, out_proj=False)
+    return mha_reason(mod)
+
+
+def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Module | str:
+    return _mha_refusal(mod) or FQTMultiheadAttention.from_float(mod, config, seed, name, out_proj=False)
+
+
+def float_attention_out_projs(model: nn.Module, module_filter: Callable[[nn.Module, str], bool] | None
+                              ) -> set[int]:
+    """Ids of the ``out_proj`` layers of the ``nn.MultiheadAttention`` modules in ``model``
+    that ``convert`` will leave float (``module_filter`` turns them down, or
+    :func:`_mha_refusal` does): their forward reads ``out_proj.weight`` and never calls it,
+    so ``out_proj`` must stay float under every name it has. Found before any swap: where
+    the layer is also reachable under another name met first (``self.head =
+    attn.out_proj``), that name would otherwise convert it (a review: converted or not by
+    the order of registration)."""
+    out: set[int] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.MultiheadAttention) or getattr(mod, "calls_out_proj", False):
+            continue
+        if (module_filter is not None and not module_filter(mod, name)) or _mha_refusal(mod) is not None:
+            out.add(id(mod.out_proj))
+    return out
 
 
 SWAP_RULES = (

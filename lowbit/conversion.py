@@ -223,14 +223,18 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
         if p is not None and type(p) is not nn.Parameter:
             return f"{name} is a {type(p).__name__}, not a plain nn.Parameter"
         if p is not None and p.dtype not in SUPPORTED_DTYPES:
-            return (f"{name} has dtype {p.dtype}: lowbit quantizes real floating tensors only "
-                    f"(a complex operand would lose its imaginary part)")
+            why = " (a complex operand would lose its imaginary part)" if p.is_complex() else ""
+            return (f"{name} has dtype {p.dtype}: lowbit's layers compute in "
+                    f"{', '.join(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES)} only{why}")
     if module._buffers:
         return f"owns buffers {sorted(module._buffers)}"
     children = sorted(set(module._modules) - ({"parametrizations"} if params else set()))
     if children:
         return f"owns submodules {children}"
     clash = sorted(k for k in set(module.__dict__) - _plain_keys(base) if hasattr(replacement, k))
+    if "_compiled_call_impl" in clash:  # Module.compile(): its compiled call is the float layer's
+        return ("this layer was compiled with Module.compile() (its compiled call runs the float "
+                "layer): convert the model before compiling it")
     if clash:
         return (f"instance attributes {clash} would clash with "
                 f"{type(replacement).__name__}'s own")

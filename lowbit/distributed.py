@@ -269,8 +269,8 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     an ATen padding error, a 3-D one was flattened, complex ones lost their imaginary part).
     """
     if not isinstance(grads, torch.Tensor) or grads.dtype not in SUPPORTED_DTYPES:
-        raise TypeError("quantized_mean: grads must be a real floating tensor (float32, float64, bfloat16 "
-                        f"or float16), got {getattr(grads, 'dtype', type(grads).__name__)}")
+        raise TypeError("quantized_mean: grads must be a float32, float64, bfloat16 or float16 tensor, "
+                        f"got {getattr(grads, 'dtype', type(grads).__name__)}")
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError("quantized_mean: grads must be (N, n): one row per rank, each the rank's flat "
                          f"gradient of the parameter; got shape {tuple(grads.shape)}")
@@ -381,9 +381,10 @@ class QuantizedCommState:
         module = getattr(model, "module", model)  # DDP wraps the model
         for name, p in module.named_parameters():
             if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:  # its bucket would be cast to real
+                why = " (a complex one would lose its imaginary part)" if p.is_complex() else ""
                 raise TypeError(f"QuantizedCommState: parameter {name!r} has dtype {p.dtype}; the quantized "
-                                f"all-reduce carries real floating gradients only (a complex one would "
-                                f"lose its imaginary part): use DDP's own all-reduce for this model")
+                                f"all-reduce carries float32, float64, bfloat16 or float16 gradients "
+                                f"only{why}: use DDP's own all-reduce for this model")
         self.index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
         self.calls = {}
         self.agreed = set()
@@ -509,7 +510,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket
                            "all-reduce")
     if buf.dtype not in SUPPORTED_DTYPES:  # a parameter's dtype changed after the state was built
         raise RuntimeError(f"bucket {bucket.index()}: a {buf.dtype} gradient bucket cannot be quantized "
-                           "(real floating gradients only): use DDP's own all-reduce")
+                           "(float32, float64, bfloat16 or float16 gradients only): use DDP's own all-reduce")
     params = bucket.parameters()
     sizes = [p.numel() for p in params]
     if sum(sizes) != buf.numel():

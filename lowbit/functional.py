@@ -308,8 +308,7 @@ def check_quantizable(op: str, what: str, t: torch.Tensor) -> None:
     part, an integer one its meaning)."""
     if t.dtype not in SUPPORTED_DTYPES:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes real floating "
-                        f"tensors only ({allowed})")
+        raise TypeError(f"{op}: {what} has dtype {t.dtype}; lowbit quantizes {allowed} tensors only")
 
 
 def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, describe, not_a_config
-from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
+from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .formats import check_dense
@@ -396,9 +396,10 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     probes: dict[type[nn.Module], nn.Module] = {}
     memo: dict[int, nn.Module] = {}
     kept: set[int] = set()  # ids of the already-converted blocks met
-    from .attention_modules import FQTMultiheadAttention, extensions  # they import this module
+    from .attention_modules import FQTMultiheadAttention, extensions, float_attention_out_projs  # they import this module
 
     rules, finish = extensions(model)  # attention, Hugging Face
+    float_outs = float_attention_out_projs(model, module_filter)  # under every name they have
 
     def swap(module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
         if module_filter is not None and not module_filter(module, name):
@@ -415,7 +416,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         if plain not in probes:  # what an FQT layer holds, for attribute clashes
             probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else plain(1, 1, 1, device="meta")
             probes[plain] = cls.from_float(probe, config, seed=0)
-        reason = skip_reason(module, parent, plain, probes[plain])
+        reason = MHA_REASON if id(module) in float_outs else skip_reason(module, parent, plain, probes[plain])
         if reason is not None:
             skipped[name] = reason
             return module

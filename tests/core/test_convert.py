@@ -22,6 +22,7 @@ from conftest import SelfAttention
 import lowbit
 from lowbit import ConversionWarning, FQTConfig, FQTConv2d, FQTLinear
 from lowbit.conversion import LAZY_REASON, MHA_REASON
+from lowbit.attention_modules import FQTMultiheadAttention
 
 FQT = FQTConfig.from_recipe("fqt-psq-8", seed=0)
 FP = FQTConfig.from_recipe("fp")
@@ -310,6 +311,25 @@ def test_module_owning_more_is_left_alone(case: str) -> None:
     assert list(model.state_dict()) == [f"0.{k}" for k in keys]
 
 
+def test_a_weight_of_another_dtype_or_a_compiled_layer_is_skipped_with_its_own_reason() -> None:
+    """A review: a float8 or int8 weight was skipped "lowbit quantizes real floating tensors
+    only (a complex operand would lose its imaginary part)" (float8 is real, neither is
+    complex), and a layer compiled with ``Module.compile()`` as an attribute clash."""
+    allowed = "float32, float16, bfloat16, float64 only"
+    for dtype, tail in ((torch.float8_e4m3fn, ""), (torch.int8, ""),
+                        (torch.complex64, " (a complex operand would lose its imaginary part)")):
+        lin = nn.Linear(4, 4)
+        lin.weight = nn.Parameter(lin.weight.detach().to(dtype), requires_grad=False)
+        _, report, _ = convert_quietly(nn.Sequential(lin))
+        assert report.skipped == {"0": f"weight has dtype {dtype}: lowbit's layers compute in {allowed}{tail}"}
+    lin = nn.Linear(4, 4)
+    lin.compile()  # nothing compiled until it is called
+    model, report, _ = convert_quietly(nn.Sequential(lin))
+    assert model[0] is lin and report.skipped == {
+        "0": "this layer was compiled with Module.compile() (its compiled call runs the float layer): "
+             "convert the model before compiling it"}
+
+
 def test_plain_attributes_are_carried_over() -> None:
     lin = nn.Linear(4, 4)
     lin._is_hf_initialized = True  # transformers tags every module like this
@@ -354,6 +374,46 @@ def test_multihead_attention_kept_float_does_not_claim_out_proj(mode: str) -> No
         y = model(x)
     twin = FQTLinear.from_float(copy.deepcopy(ref.head), FQT, seed=model.head.seed).train(mode == "train")
     assert model.head.ran and torch.equal(y, twin(a))
+
+
+class AliasedOutProj(nn.Module):
+    """An attention's out_proj also held under another name, registered first or second."""
+
+    def __init__(self, alias_first: bool, hooked: bool = False) -> None:
+        super().__init__()
+        attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        if hooked:  # convert refuses the attention itself
+            attn.register_forward_hook(lambda *a: None)
+        if alias_first:
+            self.head = attn.out_proj
+        self.attn = attn
+        if not alias_first:
+            self.head = attn.out_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+@pytest.mark.parametrize("why", ["filter", "hook"])
+def test_an_out_proj_of_a_float_attention_stays_float_under_every_name(alias_first: bool, why: str) -> None:
+    """A review: with ``self.head = attn.out_proj`` registered before the attention, the
+    first name reached converted the layer, so the float attention read a converted
+    layer's weight (its output projection silently float, no reason given) and every later
+    convert refused the attention, blaming lowbit's own layer. Now the layer stays float,
+    named with the reason, whichever name comes first; converting again without the filter
+    converts both."""
+    torch.manual_seed(0)
+    model = AliasedOutProj(alias_first, hooked=why == "hook")
+    keep_float = (lambda m, n: not isinstance(m, nn.MultiheadAttention)) if why == "filter" else None  # noqa: E731
+    model, report, _ = convert_quietly(model, module_filter=keep_float)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert model.head is model.attn.out_proj and report.converted == ()
+    assert report.skipped.get("head" if alias_first else "attn.out_proj") == MHA_REASON
+    if why == "filter":
+        model, report, _ = convert_quietly(model)
+        assert report.skipped == {} and type(model.attn) is FQTMultiheadAttention
+        assert model.head is model.attn.out_proj and isinstance(model.head, FQTLinear)
 
 
 def _encoder_layer() -> nn.TransformerEncoderLayer:
