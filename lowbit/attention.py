@@ -76,6 +76,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -817,6 +818,16 @@ def _run_attention(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return _Attention.apply(*args)
 
 
+def _scale_value(scale: object) -> float:
+    """``scale`` as a float; ``TypeError`` naming the argument, as torch's (a review: a bare
+    ``float("a")`` said "could not convert string to float")."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) and not (
+            isinstance(scale, torch.Tensor) and scale.numel() == 1):
+        raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, "
+                        f"not {type(scale).__name__}")
+    return float(scale)
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False, *,
@@ -850,7 +861,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     q3, k3, v3 = (t.expand(*lead, *t.shape[-2:]).reshape(n, *t.shape[-2:]) for t in (query, key, value))
     mask = additive_mask(attn_mask, is_causal, lead, lq, s, q3)
     # torch's default 1/√E; with E = 0 every score is an empty sum, 0 at any scale
-    c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else float(scale)
+    c = (1.0 / math.sqrt(e) if e else 1.0) if scale is None else _scale_value(scale)
     refuse_forward_transforms("lowbit attention")
     if torch.jit.is_tracing():  # a review: it failed in torch's JIT (aten::view of a dtype)
         raise RuntimeError("lowbit attention: torch.jit.trace would record its forward's operations "

@@ -199,8 +199,10 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
         if need_weights and not autocast_on(query):  # torch's weights path (baddbmm) takes one dtype:
             # its masks, bool ones made the query's dtype, added together (a review; a second one:
             # each checked alone refused a bool causal mask beside a float32 padding mask in float64)
+            # (an integer mask is left to torch's "only bool and floating types" below, a review)
             given = [query.dtype if m.dtype == torch.bool else m.dtype
-                     for m in (attn_mask, key_padding_mask) if m is not None]
+                     for m in (attn_mask, key_padding_mask) if m is not None
+                     and (m.dtype == torch.bool or m.is_floating_point())]
             merged = given[0] if len(given) == 1 else torch.promote_types(*given) if given else query.dtype
             if merged != query.dtype:
                 raise RuntimeError(f"nn.MultiheadAttention with need_weights=True: the masks (attn_mask "
@@ -270,6 +272,12 @@ class FQTMultiheadAttention(nn.MultiheadAttention):
             raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
         q, k, v = self._project(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
         src_len = k.shape[0]
+        if key_padding_mask is not None:  # torch's checks (a review: a transposed (S, N) mask of
+            # as many elements was viewed as (N, S), masking other keys of other samples)
+            for d, want in enumerate((bsz, src_len)):
+                if key_padding_mask.dim() != 2 or key_padding_mask.shape[d] != want:
+                    raise AssertionError(f"Expected key_padded_mask.shape[{d}] to be {want}, but got "
+                                         f"{key_padding_mask.shape[d] if d < key_padding_mask.dim() else None}")
         if attn_mask is not None:
             want = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * h, tgt_len, src_len)
             if attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape) != want:

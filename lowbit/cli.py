@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (UsageError, ValueError, TypeError, OSError, KeyError) as exc:  # OSError: a file or folder
         from .kernels.cbuild import switched_off
 
         if os.environ.get("LOWBIT_DEBUG") and not switched_off("LOWBIT_DEBUG"):  # (=0 is off)

@@ -89,7 +89,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .userframe import user_stacklevel
-from .formats import SUPPORTED_DTYPES, IntFormat, compute_dtype, counter_uniform
+from .formats import SUPPORTED_DTYPES, IntFormat, check_dense, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
 from .storage import stochastic_round_bf16
 
@@ -264,13 +264,14 @@ def quantized_mean(grads: torch.Tensor, comm: GradComm, index: int, call: int
     ``grads`` has the first term only; the hook's rounding of it to nearest float16 adds a
     deterministic error of up to half a float16 ulp per element (a bias, not a variance).
     Non-finite input: the plain mean, variance NaN. ``TypeError`` unless ``grads`` is a
-    real floating tensor of a dtype the hook takes (``lowbit.formats.SUPPORTED_DTYPES``),
-    ``ValueError`` unless it is 2-D with at least one row (a review: a 1-D gradient raised
+    tensor of a dtype the hook takes (``lowbit.formats.SUPPORTED_DTYPES``), ``RuntimeError``
+    for a sparse or nested one, ``ValueError`` unless it is 2-D with at least one row (a review: a 1-D gradient raised
     an ATen padding error, a 3-D one was flattened, complex ones lost their imaginary part).
     """
     if not isinstance(grads, torch.Tensor) or grads.dtype not in SUPPORTED_DTYPES:
         raise TypeError("quantized_mean: grads must be a float32, float64, bfloat16 or float16 tensor, "
                         f"got {getattr(grads, 'dtype', type(grads).__name__)}")
+    check_dense("quantized_mean", "grads", grads)  # a sparse one failed inside torch (a review)
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError("quantized_mean: grads must be (N, n): one row per rank, each the rank's flat "
                          f"gradient of the parameter; got shape {tuple(grads.shape)}")

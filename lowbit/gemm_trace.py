@@ -525,6 +525,8 @@ class GemmTracer(TorchDispatchMode):
             phase = "forward"
         elif part.role is not None:
             phase = part.role
+            if phase == "grad_weight" and owned is None:  # convolution_backward: (∇X, ∇W, ∇b)
+                weight = self._gradient_of(module, out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else out)
         elif any(s in _PHASE_SCOPES for s in self.scopes):
             phase = next(_PHASE_SCOPES[s] for s in reversed(self.scopes) if s in _PHASE_SCOPES)
             if phase == "grad_weight" and owned is None:  # ∇W's operands hold no weight of the layer
@@ -535,6 +537,13 @@ class GemmTracer(TorchDispatchMode):
             weight, phase = grad, "grad_weight"
         else:
             phase = "backward" if weight is None else "grad_input"
+        if weight is None and module is not None and id(module) in self.lowbit_layers and \
+                phase in ("forward", "grad_input", "grad_weight"):
+            # a converted layer's three GEMMs are its weight's, whatever operands its kernels
+            # hold (oneDNN's prepacked codes, ∇W per kernel row carry no link to it: a review
+            # found a converted convolution's rows without their weight)
+            own = module._parameters.get("weight")
+            weight = None if own is None else self.taint(own).param
         if backward and phase in ("grad_input", "grad_weight"):
             k = self.spans.forward_call(module)
             if k is not None:

@@ -15,8 +15,9 @@ calls and uses ``margin × max(history)`` as this call's range.
   counted.
 * **Warm-up.** A tracker with no usable history quantizes dynamically (counted as
   ``dynamic_calls``) and records the range it saw.
-* **Non-finite gradients** are quantized as usual (NaN/Inf propagate) but never enter
-  the history.
+* **Non-finite gradients** are quantized as usual but never enter the history: NaN/Inf
+  propagate to their group as on the dynamic path — the row, for a per-row quantizer
+  (PSQ) under a per-tensor range too; the whole operand for a per-tensor one (PTQ).
 * **Formats.** A predicted range fixes one scale per row or tensor on a symmetric grid:
   integer (``intB``) and FP8 formats. Asymmetric grids (two ends to predict) and block
   formats (one scale per block, read from the block) are refused with a ``ValueError``.
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype
+from .formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype, grid_step
 from .kernels import Encoded, Kernels
 from .userframe import user_stacklevel
 
@@ -253,7 +254,17 @@ class RangeTracker:
             # NaN/Inf groups propagate (their scale is the non-finite absmax); the finite
             # rows still get the overflow handling — clipped or requantized and counted —
             # as in a call without them (a review found them clipped silently)
-            if not (self.per_row and bool(finite.any())):
+            if not self.per_row and granularity is Granularity.ROW:
+                # a per-tensor prediction for a per-row quantizer (PSQ's ∇X, whose rows do not
+                # persist): the non-finite rows alone propagate, as on the dynamic path (a
+                # review: one NaN row made every row NaN)
+                dt = enc.scale.dtype  # the compute dtype, in which quantize_fixed took its step
+                row_amax = y.abs().amax(dim=1, keepdim=True).to(dt)  # (R, 1)
+                finite = torch.isfinite(row_amax).reshape(-1)
+                step = grid_step(amax.to(device=y.device, dtype=dt), fmt.emax)  # the finite rows' step
+                enc.scale = torch.where(finite[:, None], step.expand(y.shape[0], 1), row_amax)
+                amax = amax.expand(y.shape[0], 1)
+            if not (bool(finite.all()) or (finite.shape[0] == y.shape[0] and bool(finite.any()))):
                 return enc
             rows = y[finite].to(compute_dtype(y.dtype)).abs()
             excess = (rows - amax.to(y.device)[finite].to(rows.dtype)).clamp_min(0)

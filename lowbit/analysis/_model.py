@@ -48,8 +48,10 @@ def with_config(model: nn.Module,
 
 
 def qat_of(config: FQTConfig) -> FQTConfig:
-    """The QAT twin of a config: same forward, exact (STE) backward."""
-    return dataclasses.replace(config, grad_input=None, grad_weight=None)
+    """The QAT twin of a config: same forward, exact (STE) backward; no adaptive recipe
+    (it chooses widths of quantized gradients, which the twin has none of: an ``fqt-auto``
+    model's analysis failed on it after training, a review)."""
+    return dataclasses.replace(config, grad_input=None, grad_weight=None, adaptive=None)
 
 
 @contextlib.contextmanager

@@ -134,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     task = make_task(args.task, model_name, subset=subset)
+    try:
+        task.steps_per_epoch(batch_size)
+    except ValueError as e:
+        raise ValueError(f"--batch-size {batch_size}: {e} loaded (raise --subset or lower --batch-size)") from None
+    out.mkdir(parents=True, exist_ok=True)  # before the measurement, which a failure here would lose
     torch.manual_seed(torch_seed(seed))
     model = convert(task.build_model(), cfg)
     model.train()
@@ -165,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
               "gap = total − sum | max abs z | bytes/step (vs fp32) |\n"
               "|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "comm_variance.json", dumps({
         "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "data": getattr(task, "source", None),  # which copy of the data (config.json's "data")

@@ -66,7 +66,7 @@ from lowbit.nn import RangeWindow, convert, fqt_blocks, fqt_weight_layers, froze
 from lowbit.ranges import Overflow, RangeMode
 
 from ..noise import torch_seed
-from .variance_args import Options, add_arguments, validate
+from .variance_args import RESULTS, Options, add_arguments, validate
 from .variance_data import Data, warmup
 from .variance_summary import command_line, jsonable, machine, summary, write_csv
 
@@ -98,7 +98,10 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
     a = grad_input_operand(layers[name], rec[name].gy)
     out: dict = {"layer": name, "shape": list(a.shape), "by_bits": {}}
     paths = []
-    for bits in sorted({f.bits for f in map(parse_format, opts.formats) if isinstance(f, IntFormat)}):
+    # the study's grids are the symmetric ones (analysis.bins: IntFormat(bits)); an
+    # asymmetric format's grid is another (a review: int4a read the int4 table)
+    for bits in sorted({f.bits for f in map(parse_format, opts.formats) if isinstance(f, IntFormat)
+                        and not f.asymmetric}):
         hists = bin_utilization(a, bits, opts.quantizers, torch.Generator().manual_seed(torch_seed(opts.seed)))
         out["by_bits"][str(bits)] = {q: h.to_dict() for q, h in hists.items()}
         paths.append(plot_bin_utilization(
@@ -145,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     model_name = opts.model or DEFAULT_MODEL[opts.task]
     data = Data(opts)  # raises for missing data before --out exists (it was left empty)
     opts.out.mkdir(parents=True, exist_ok=True)
+    for f in sorted({f for pattern in RESULTS for f in opts.out.glob(pattern)}):  # --overwrite: an earlier run's
+        f.unlink()
     model = build_model(opts.task, model_name)
     model.train()
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))

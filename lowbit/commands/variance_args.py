@@ -22,7 +22,10 @@ DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
 DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
 RANGES = ("dynamic", "predicted", "predicted-clip")
 DEFAULT_BITS = "4,8"  # --bits without --formats
-RESULTS = ("variance.json", "variance.csv", "summary.md")  # what a run writes into --out
+# what a run writes into --out (glob patterns): an earlier run's are refused, or with
+# --overwrite all removed before measuring, so that no figure of another run stays beside
+# the new tables (a review found the old bins_4bit.png beside a run without bins)
+RESULTS = ("variance.json", "variance.csv", "summary.md", "bins_*bit.png", "profile_*.png", "bounds.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ Outputs in ``--out``:
     ``rel_change``, ``iters``, ``gram[layer]`` (see :class:`JacobianSpectrum`);
   - ``bound_note``: why no bound was computed (a model with low-bit attention, which the
     bound has no term for), else ``null``;
-  - ``bins``: ``layer`` (whose ∇Y, rows = samples), and per bit width per quantizer the
+  - ``bins``: ``layer`` (whose ∇Y, rows = samples), and per bit width of a symmetric integer format asked for, per quantizer the
     :class:`~lowbit.analysis.bins.BinHistogram` (``levels``, ``counts``, ``effective``,
     ``occupied``);
   - ``runs``: one per (quantizer, format, range, rounding) with ``quantizer``, ``format``,
@@ -129,11 +129,17 @@ def _holds(rep: VarianceReport, ranges: str) -> str:
     return " / ".join(cells)
 
 
+def _ratio(x: float) -> str:
+    """A tightness ratio's cell: "–" where it was not computed (NaN: no bound, as for
+    round-to-nearest runs)."""
+    return "–" if math.isnan(x) else _e(x)
+
+
 def _tight(g: GroupVariance) -> str:
     t = g.tightness_data
     if t > 1 and g.quant_bound_batches > 0 and math.isfinite(g.quant_bound_batches_se):
         return f"{t:.3g} ± {t * g.quant_bound_batches_se / g.quant_bound_batches:.2g}"
-    return _e(t)
+    return _ratio(t)
 
 
 def _range_section(res: dict, reports: list[tuple[str, VarianceReport]]) -> list[str]:
@@ -144,10 +150,14 @@ def _range_section(res: dict, reports: list[tuple[str, VarianceReport]]) -> list
         if run["range"] == "dynamic":
             continue
         st = run["range_stats"]
-        dyn = by_label.get(f"{run['quantizer']}-{run['format']}")
+        # against the dynamic run of the same rounding (a review: a round-to-nearest row was
+        # divided by the stochastic run and not marked nearest)
+        nearest = run["rounding"] == "nearest"
+        dyn = by_label.get(f"{run['quantizer']}-{run['format']}" + ("-nearest" if nearest else ""))
         g = rep.groups["total"]
         ratio = _e(g.quant / dyn.groups["total"].quant) if dyn and dyn.groups["total"].quant else "–"
-        rows.append(f"| {run['quantizer']} | {run['format']} | {run['range']} | {_e(g.quant)} | {ratio} | "
+        rows.append(f"| {run['quantizer']} | {run['format']} | {run['range']}{', nearest' if nearest else ''} | "
+                    f"{_e(g.quant)} | {ratio} | "
                     f"{rep.max_abs_z:.2f} | {st['overflow_calls']} / {st['calls']} | "
                     f"{st['overflow_rate']:.2e} | {st['clipped_norm']:.2e} |")
     if not rows:
@@ -186,8 +196,11 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
         holds = "–" if not rep.bound_batches else _holds(rep, run["range"])
         lines.append(f"| {q} | {b} | {_e(g.sgd)} | {_e(g.quant)} | {ratio} | {_e(g.total)} | "
                      f"{g.rel_gap:+.3f} ± {g.gap_se / g.total if g.total else 0:.3f} | "
-                     f"{rep.max_abs_z:.2f}{zb} | {holds} | " + ("–" if not rep.bound_batches else
-                     f"{_e(g.tightness_data)} / {_e(g.tightness_analytic)}") + " |")
+                     f"{rep.max_abs_z:.2f}{zb} | {holds} | " + (
+                         # the bounds assume dynamic ranges: "–" for others, as per group below
+                         "–" if not rep.bound_batches or run["range"] != "dynamic"
+                         or (math.isnan(g.tightness_data) and math.isnan(g.tightness_analytic)) else
+                         f"{_ratio(g.tightness_data)} / {_ratio(g.tightness_analytic)}") + " |")
     draws = res["args"].get("batches", 0) * res["args"].get("repeats", 0) if isinstance(res.get("args"), dict) else 0
     if res.get("bound_note"):  # the "–" bound cells, with their reason (a review)
         lines += ["", f"No bound: {res['bound_note']}."]
@@ -236,8 +249,8 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
     bins = res["bins"]
     head = (f"## Bin utilization: ∇Y of `{bins['layer']}` {tuple(bins['shape'])}, "
             f"rows = {'tokens' if res.get('task') == 'text' else 'samples'}")
-    if not bins["by_bits"]:  # measured on integer grids only (a new user's empty table)
-        lines += ["", head, "", "Measured on integer grids only; none was asked for.", ""]
+    if not bins["by_bits"]:  # measured on symmetric integer grids only (a new user's empty table)
+        lines += ["", head, "", "Measured on symmetric integer grids (int2 … int8) only; none was asked for.", ""]
         return "\n".join(lines)
     lines += ["", head, "", "| bits | quantizer | effective fraction | occupied fraction |", "|---|---|---|---|"]
     for b, hs in bins["by_bits"].items():

@@ -115,6 +115,11 @@ class ImageTask(Task):
         return n // batch_size  # drop_last: every step sees a full batch (BatchNorm)
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of full minibatches in a random order; ``ValueError`` (at the first
+        ``next``) where ``batch_size`` exceeds the training images: no full batch exists,
+        and a caller that draws passes until it has enough batches would loop for ever
+        (``lowbit comm-variance`` did, a review)."""
+        self.steps_per_epoch(batch_size)
         x, y = self.data.x_train, self.data.y_train
         for xb, yb in D.iterate_batches(x, y, batch_size, True, generator, drop_last=True):
             if self.augment_padding is not None:

@@ -191,23 +191,38 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in the existing ``folder``: a temporary file made and
+    removed there (``os.access`` says yes to root on a read-only mount or in ``/sys``,
+    where the command then failed after its measurement, a review)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
                   overwrite: bool = False) -> str:
     """``path`` as a folder a command will create or write into, checked before any work
-    (``ValueError`` naming ``option``): not a file, nor under one; and, unless
-    ``overwrite``, holding none of ``results`` (the files an earlier run of the command
-    wrote there: its measurement would be replaced without a word)."""
+    (``ValueError`` naming ``option``): not a file, nor under one; the folder (or the
+    nearest one above it that exists) writable; and, unless ``overwrite``, holding none of
+    ``results`` (names or glob patterns of the files an earlier run of the command wrote
+    there: its measurement would be replaced without a word)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{option} must be a folder, but {path} is a file")
-    held = [name for name in results if (p / name).exists()]
+    held = sorted({f.name for name in results for f in p.glob(name)}) if p.is_dir() else []
     if held and not overwrite:
         raise ValueError(f"{option}: {path} already holds {', '.join(held)} from an earlier run; "
                          "choose another folder, or pass --overwrite to replace them")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option}: {parent} is a file, cannot create {path}")
+    for folder in (p.absolute(), *p.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{option}: {folder} is a file, cannot create {path}")
+            if not _writable(folder):
+                raise ValueError(f"{option}: cannot write in {folder}" + ("" if folder == p.absolute() else
+                                                                          f", so cannot create {path}"))
             break
     return path
 
@@ -221,7 +236,7 @@ def check_out_file(option: str, path: str) -> str:
     parent = p.absolute().parent
     if not parent.is_dir():
         raise ValueError(f"{option}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    if not _writable(parent) or (p.exists() and not os.access(p, os.W_OK)):
         raise ValueError(f"{option}: {path} is not writable")
     return path
 

@@ -96,15 +96,16 @@ def check_one_device(op: str, what: str, *tensors: torch.Tensor | None) -> None:
 
 def check_dense(op: str, what: str, t: object) -> None:
     """``RuntimeError`` naming ``op``, ``what`` and the layout where ``t`` is a nested or
-    sparse tensor: lowbit's low-bit GEMMs take dense (strided) tensors (checked before a
-    padding or reshape would fail inside torch, with torch's "Internal error")."""
+    sparse tensor: lowbit's quantizers and low-bit GEMMs take dense (strided) tensors
+    (checked before a padding or reshape would fail inside torch, with torch's "Internal
+    error")."""
     if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
         kind, hint = ("a nested tensor", "pad it: nested.to_padded_tensor(0), masking the padding; an "
                       "nn.TransformerEncoder in eval() with a src_key_padding_mask makes one (its "
                       "nested-tensor path): convert the encoder or the model holding it, which turns "
                       "that path off, or set its use_nested_tensor = False") \
             if t.is_nested else (f"a {t.layout} tensor", "t.to_dense()")
-        raise RuntimeError(f"{op}: {what} is {kind}; lowbit's low-bit GEMMs take dense (strided) "
+        raise RuntimeError(f"{op}: {what} is {kind}; lowbit's quantizers and low-bit GEMMs take dense (strided) "
                            f"tensors ({hint})")
 
 

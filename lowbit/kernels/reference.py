@@ -147,8 +147,10 @@ def quantize_fixed(x: torch.Tensor, amax: torch.Tensor, fmt: Format, rounding: R
     needs to account for that, in the granularity of ``amax``: the observed absmax (for the
     next prediction), the number of clipped elements, ``Σ (|x| − amax)₊²`` and ``Σ x²`` (both
     float64: a float32 square of a finite value past 1.8e19 was Inf, which poisoned a
-    tracker's running sums for good, a review). A group whose observed absmax is
-    non-finite gets that as its scale, so NaN/Inf propagate as on the dynamic path."""
+    tracker's running sums for good, a review). A group of ``amax`` (a row, or the whole
+    tensor) whose observed absmax is non-finite gets that as its scale, so NaN/Inf
+    propagate to it (:class:`lowbit.ranges.RangeTracker` narrows a per-tensor group to
+    its non-finite rows for a per-row quantizer, as on the dynamic path)."""
     x = x.to(compute_dtype(x.dtype))
     amax = amax.to(x.dtype)
     a = x.abs()

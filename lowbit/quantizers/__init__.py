@@ -67,6 +67,7 @@ def quantize_grad(
     (BHQ: ``M/(4N)``) — tested for every quantizer and format, 2 to 8 bits, in float32,
     bfloat16, float16 and float64. Raises ``ValueError`` for an unknown
     quantizer or format name, ``TypeError``/``ValueError`` for a non-2-D or non-float ``g``,
+    ``RuntimeError`` for a sparse or nested ``g``,
     ``TypeError`` for a ``generator`` that is neither a ``torch.Generator`` nor ``None``,
     ``ValueError`` for a ``g`` that requires grad (the quantizer is not differentiable),
     ``ValueError`` for a format that clips (``*_spec``: biased by the specification's

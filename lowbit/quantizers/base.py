@@ -35,6 +35,7 @@ from ..formats import (
     Rounding,
     as_granularity,
     as_rounding,
+    check_dense,
     check_float_tensor,
     compute_dtype,
     draw_seed,
@@ -209,9 +210,11 @@ def check_operand(a: torch.Tensor, op: str, what: str = "operand", var: str = "a
     """The checks of every quantizer entry point (a review found the quantizer methods
     without those of :func:`lowbit.quantize_grad`: a 3-D operand took per-column scales,
     a complex one lost its imaginary part, one requiring grad got a zero gradient):
-    ``TypeError`` for a non-tensor or a dtype lowbit does not quantize, ``ValueError`` for
-    a non-2-D operand or one that requires grad while grad mode is on (not differentiable)."""
+    ``TypeError`` for a non-tensor or a dtype lowbit does not quantize, ``RuntimeError`` for
+    a sparse or nested one (:func:`lowbit.formats.check_dense`), ``ValueError`` for a
+    non-2-D operand or one that requires grad while grad mode is on (not differentiable)."""
     check_float_tensor(a, what)
+    check_dense(op, what, a)  # a sparse or nested one failed inside torch (a review)
     if a.dim() != 2:
         raise ValueError(f"{op} expects a 2-D {what} (rows, features), got shape {tuple(a.shape)}")
     if a.requires_grad and torch.is_grad_enabled():  # its graph would run through the scale only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 
@@ -146,6 +147,89 @@ def test_formats_and_nearest_rounding_on_digits(tmp_path) -> None:
         assert r["report"]["groups"]["total"]["quant"] == r["report"]["groups"]["total"]["quant"]
     text = (out / "summary.md").read_text()
     assert "| psq | fp8_e5m2 (8) |" in text and "| psq, nearest | mxfp4 (4) |" in text
+    # the bin study's grids are the symmetric ones: int4a's is another (a review: its table
+    # was int4's, levels −7…7)
+    assert res["bins"]["by_bits"] == {} and "Measured on symmetric integer grids" in text
+
+
+def _summary_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_tightness_is_shown_only_where_a_bound_applies(tmp_path) -> None:
+    """A review: a predicted-range row printed "– (dynamic-range bounds)" under "bound
+    holds" but a tightness number beside it, and a round-to-nearest row "nan / nan"."""
+    out = tmp_path / "v"
+    assert main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq", "--bits", "4",
+                 "--ranges", "dynamic,predicted", "--rounding", "stochastic,nearest", "--range-calibration", "2",
+                 "--batches", "3", "--repeats", "3", "--bound-batches", "1", "--profile", "none",
+                 "--out", str(out), "--quiet"]) == 0
+    text = (out / "summary.md").read_text()
+    rows = {r[0]: r for r in _summary_rows(text, "psq") if r[1] == "int4 (4)"}  # the decomposition table
+    assert set(rows) == {"psq", "psq, nearest", "psq (predicted range)", "psq (predicted range), nearest"}
+    assert re.fullmatch(r"[\d.e+-]+ / [\d.e+-]+", rows["psq"][-1])  # dynamic, stochastic: both ratios
+    for label in ("psq, nearest", "psq (predicted range)", "psq (predicted range), nearest"):
+        assert rows[label][-1] == "–", rows[label]
+    assert "nan" not in text.lower().replace("nanoseconds", "")
+    # the predicted-range table: each row against the dynamic run of its own rounding
+    res = json.loads((out / "variance.json").read_text())
+    quant = {(r["range"], r["rounding"]): r["report"]["groups"]["total"]["quant"] for r in res["runs"]}
+    ranged = {r[2]: r for r in _summary_rows(text, "psq") if r[1] == "int4"}
+    assert set(ranged) == {"predicted", "predicted, nearest"}
+    for cell, rounding in (("predicted", "stochastic"), ("predicted, nearest", "nearest")):
+        want = quant[("predicted", rounding)] / quant[("dynamic", rounding)]
+        assert ranged[cell][4] == f"{want:.3g}", (cell, ranged[cell], want)
+
+
+def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, capsys) -> None:
+    """A review: ``--overwrite`` replaced the tables but left the earlier run's figures
+    (``bins_4bit.png`` beside a run with no bin study); a folder holding only such a
+    figure is an earlier run's too."""
+    out = tmp_path / "v"
+    common = ["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq", "--batches", "3",
+              "--repeats", "2", "--bound-batches", "0", "--profile", "none", "--out", str(out), "--quiet"]
+    assert main([*common, "--bits", "4"]) == 0
+    assert (out / "bins_4bit.png").exists()
+    (out / "variance.json").unlink(), (out / "variance.csv").unlink(), (out / "summary.md").unlink()
+    assert main([*common, "--formats", "int4a"]) == 2
+    assert "already holds bins_4bit.png from an earlier run" in capsys.readouterr().err
+    assert main([*common, "--formats", "int4a", "--overwrite"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["summary.md", "variance.csv", "variance.json"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch, capsys) -> None:
+    """A review: ``--out`` in a folder the user cannot write in gave a traceback (status 1),
+    ``comm-variance``'s after its whole measurement (``os.access`` says yes to root on a
+    read-only mount or in /sys); any other OSError of a command is one line too."""
+    import tempfile
+
+    import lowbit.commands.coverage as coverage_command
+
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **kw):  # noqa: A002 - tempfile's name
+        if dir is not None and str(dir).startswith(str(tmp_path / "ro")):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*a, dir=dir, **kw)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    for argv in (["variance", "--task", "digits", "--out", str(tmp_path / "ro" / "new")],
+                 ["comm-variance", "--task", "digits", "--out", str(tmp_path / "ro")],
+                 ["coverage", "--task", "digits", "--json", str(tmp_path / "ro" / "c.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and ("cannot write in" in err or "is not writable" in err), err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+    def fail(args):
+        raise PermissionError(13, "Permission denied", "/somewhere/x.json")
+
+    monkeypatch.setattr(coverage_command, "run", fail)
+    assert main(["coverage", "--task", "digits"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "lowbit coverage: error: [Errno 13] Permission denied: '/somewhere/x.json'"
 
 
 def test_warmup_trend_windows_never_overlap() -> None:

@@ -248,6 +248,18 @@ def test_quantization_variance_and_with_config_still_work() -> None:
     assert {n: m.config for n, m in lowbit.fqt_layers(model).items()} == before
 
 
+def test_an_adaptive_recipes_model_is_measured_at_its_current_widths() -> None:
+    """A review: ``qat_of`` kept ``adaptive="fqt-auto"`` beside float gradient paths, which
+    ``FQTConfig`` refuses, so every analysis of an ``fqt-auto`` model (and ``lowbit demo
+    --recipes fqt-auto`` after its training) failed."""
+    model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-auto", seed=0))
+    out = quantization_variance(model, ce_loss, mlp_batches(1)[0], repeats=2)
+    assert math.isfinite(out["total"]) and out["total"] > 0
+    rep = gradient_variance(model, ce_loss, mlp_batches(3), repeats=2)
+    assert rep.groups["total"].quant > 0
+    assert all(m.config.adaptive == "fqt-auto" for m in lowbit.fqt_layers(model).values())  # put back
+
+
 def test_profile_attributes_noise_to_upstream_groups() -> None:
     cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
     prof = variance_profile(mlp(), ce_loss, mlp_batches(2), cfg, repeats=3)

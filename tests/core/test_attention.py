@@ -531,6 +531,15 @@ def test_dtypes_autocast_and_nan() -> None:
      f"attn_mask of shape (3, {S}) cannot be broadcast to the attention scores' shape ({B}, {H}, {L}, {S})"),
     ({"attn_mask": torch.ones(L, S, dtype=torch.int64)}, TypeError,
      "attn_mask must be a bool or floating tensor, got torch.int64"),
+    # a review: a 1-D or 0-d mask ran under a quantized recipe where torch (the fp recipe)
+    # raises IndexError; a scale of the wrong type did not name the argument
+    ({"attn_mask": torch.ones(S, dtype=torch.bool)}, IndexError,
+     f"attn_mask of shape ({S},) needs at least 2 dimensions (..., L, S) (torch's scaled_dot_product_attention "
+     "refuses it too)"),
+    ({"attn_mask": torch.tensor(0.0)}, IndexError,
+     "attn_mask of shape () needs at least 2 dimensions (..., L, S) (torch's scaled_dot_product_attention "
+     "refuses it too)"),
+    ({"scale": "a"}, TypeError, "scaled_dot_product_attention(): argument 'scale' must be float, not str"),
 ])
 def test_bad_arguments_raise_named_errors(kwargs: dict, error: type, message: str) -> None:
     q, k, v = qkv(grad=False)
@@ -1297,6 +1306,30 @@ def test_query_key_value_dtypes_torch_refuses_are_refused_alike(autocast: bool) 
                         assert "Expected query, key, and value to have the same dtype" in str(e)
                         outcome.append("refused")
             assert outcome[0] == outcome[1], (qd, kd)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_refuses_the_key_padding_masks_torch_refuses(need_weights: bool) -> None:
+    """A review: a transposed (S, N) ``key_padding_mask`` (as many elements as (N, S)) was
+    viewed as (N, S), masking other keys of other samples without a word; one of another
+    size raised a ``view`` error naming no argument; an integer one was called a dtype
+    mismatch. Each now raises torch's own error, the same as the float module's."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(16, 4)
+    conv = lowbit.convert(nn.Sequential(copy.deepcopy(plain)), FQTConfig.from_recipe("fqt-psq-8", seed=0))[0]
+    assert type(conv).__name__ == "FQTMultiheadAttention"
+    x, kx = torch.randn(6, 3, 16), torch.randn(7, 3, 16)  # L = 6, N = 3, S = 7
+    for kpm in (torch.zeros(7, 3, dtype=torch.bool), torch.zeros(3, 8, dtype=torch.bool),
+                torch.zeros(3, 7, dtype=torch.int64)):
+        errors = []
+        for m in (plain, conv):
+            with pytest.raises(AssertionError) as err:
+                m(x, kx, kx, key_padding_mask=kpm, need_weights=need_weights)
+            errors.append(str(err.value))
+        assert errors[0] == errors[1], errors
+    ok = torch.zeros(3, 7, dtype=torch.bool)
+    ok[0, 0] = True
+    assert conv(x, kx, kx, key_padding_mask=ok, need_weights=need_weights)[0].shape == (6, 3, 16)
 
 
 def test_multihead_attention_masks_with_weights_follow_torchs_dtype_rule() -> None:

@@ -943,6 +943,22 @@ def test_a_linear_fed_a_parameter_names_its_own_weight_and_its_weight_gradient()
         assert {g.weight for g in r.rows} == {"proj.weight"}
 
 
+@pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8", "fqt-bhq-8"])
+def test_every_convolution_row_names_its_weight(recipe: str) -> None:
+    """A review: a convolution's ∇W rows (``convolution_backward``'s, whose operands hold no
+    parameter) and every row of a converted convolution on the oneDNN / kernel-row paths
+    (prepacked codes) had ``weight`` None, where a Linear's rows name theirs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5), nn.Unflatten(1, (5, 1)), nn.Conv1d(5, 4, 1))
+    if recipe != "fp":
+        model = lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
+    r = coverage(model, torch.randn(2, 3, 8, 8))
+    named = {(g.module, g.phase): g.weight for g in r.rows}
+    assert named == {(m, p): f"{m}.weight" for m in ("0", "2", "4", "6") for p in ("forward", "grad_input", "grad_weight")
+                     if (m, p) != ("0", "grad_input")}  # the input needs no gradient
+
+
 def test_a_sum_past_max_k_is_named_as_such() -> None:
     """A Linear's ∇W over more than int8.MAX_K rows runs simulated (an int32 sum of that
     length could wrap); the reason said "the kernel does not take these shapes"."""

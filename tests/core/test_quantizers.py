@@ -512,7 +512,12 @@ def test_every_quantizer_entry_point_refuses_what_quantize_grad_refuses(name: st
            (torch.randn(5), ValueError, r"expects a 2-D operand"),
            (torch.complex(torch.randn(4, 6), torch.randn(4, 6)), TypeError, r"operand has dtype torch.complex64"),
            (torch.arange(24, dtype=torch.int32).reshape(4, 6), TypeError, r"operand has dtype torch.int32"),
-           (torch.randn(4, 6, requires_grad=True), ValueError, r"is not differentiable: pass a.detach\(\)")]
+           (torch.randn(4, 6, requires_grad=True), ValueError, r"is not differentiable: pass a.detach\(\)"),
+           # a review: a sparse or nested operand failed inside torch ("Could not run 'aten::amax'
+           # with arguments from the 'SparseCPU' backend", "NestedTensorImpl doesn't support sizes")
+           (torch.randn(4, 6).to_sparse(), RuntimeError, r"operand is a torch.sparse_coo tensor; lowbit's quantizers"),
+           (torch.nested.nested_tensor([torch.randn(3), torch.randn(5)]), RuntimeError,
+            r"operand is a nested tensor; lowbit's quantizers")]
     calls = {"quantize": lambda a: q.quantize(a, 8), "expected_variance": lambda a: q.expected_variance(a, 8),
              "variance_bound": lambda a: q.variance_bound(a, 8), "rounding_variance": lambda a: q.rounding_variance(a, 8)}
     for call in calls.values():
@@ -523,6 +528,8 @@ def test_every_quantizer_entry_point_refuses_what_quantize_grad_refuses(name: st
             call(torch.randn(4, 6, requires_grad=True))
     with pytest.raises(ValueError, match=r"quantize_grad expects a 2-D gradient"):
         lowbit.quantize_grad(torch.randn(2, 3, 4), name, 8)
+    with pytest.raises(RuntimeError, match=r"quantize_grad: gradient is a torch.sparse_csr tensor"):
+        lowbit.quantize_grad(torch.randn(4, 6).to_sparse_csr(), name, 8)
 
 
 def test_a_huge_hadamard_block_is_checked_not_built(monkeypatch: pytest.MonkeyPatch) -> None:

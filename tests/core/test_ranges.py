@@ -4,6 +4,7 @@ layers, config and the checkpointed state."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -470,6 +471,41 @@ def test_finite_rows_of_a_call_holding_nan_get_the_overflow_handling(overflow: O
     else:
         assert d.requantized_calls == 0 and d.clipped_norm > 0.5  # most of row 1 was clipped
         assert g[1].abs().max() < exact.abs().max() / 5
+
+
+@pytest.mark.parametrize("overflow", [Overflow.REQUANTIZE, Overflow.CLIP])
+def test_a_nan_sample_of_a_per_tensor_prediction_spoils_its_own_row_only(overflow: Overflow) -> None:
+    """A review: under ``fqt-psq-8-predicted`` the ∇X path keeps one range per tensor (its
+    rows, the samples, do not persist), and one NaN in a sample's ∇Y made every sample's ∇X
+    NaN, where the dynamic path (and the docs) spoil that sample's row alone. The other
+    rows are bitwise those of the same call without the NaN (same step, same noise), and
+    the call is counted non-finite."""
+    torch.manual_seed(0)
+    spec = GradSpec(quantizer="psq", format="int8", range=RangeMode.PREDICTED, overflow=overflow)
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0, grad_input=spec)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    x, c = torch.randn(6, 8), torch.randn(6, 4)
+
+    def grad_input(layer: nn.Module, nan: bool) -> tuple[torch.Tensor, RangeStats]:
+        lowbit.nn.restore_ranges(snap)  # the same history and noise for both calls
+        lowbit.nn.load_rng_state(layer, rng)
+        xi = x.detach().clone().requires_grad_()
+        cc = c.clone()
+        if nan:
+            cc[2, 1] = float("nan")
+        before = lowbit.range_stats(layer)["total"]
+        (layer(xi) * cc).sum().backward()
+        return xi.grad, lowbit.range_stats(layer)["total"] - before
+
+    layer = lowbit.convert(copy.deepcopy(model), cfg)
+    for _ in range(4):  # the history
+        (layer(x.detach().clone().requires_grad_()) * c).sum().backward()
+    snap, rng = lowbit.nn.snapshot_ranges(layer), lowbit.nn.rng_state(layer)
+    clean, _ = grad_input(layer, False)
+    dirty, d = grad_input(layer, True)
+    assert torch.isnan(dirty[2]).all() and torch.isfinite(dirty[[0, 1, 3, 4, 5]]).all()
+    assert torch.equal(dirty[[0, 1, 3, 4, 5]], clean[[0, 1, 3, 4, 5]])
+    assert d.nonfinite_calls >= 1 and d.dynamic_calls == 0
 
 
 def test_a_predicted_range_past_the_dtypes_max_is_the_max_not_inf() -> None:

@@ -277,6 +277,8 @@ def test_quantized_mean_refuses_what_is_not_one_row_per_rank():
     for bad in (torch.randn(1000), torch.randn(0, 10), torch.randn(2, 3, 4)):
         with pytest.raises(ValueError, match=r"grads must be \(N, n\)"):
             quantized_mean(bad, COMM, 0, 0)
+    with pytest.raises(RuntimeError, match="quantized_mean: grads is a torch.sparse_coo tensor"):
+        quantized_mean(torch.randn(2, 10).to_sparse(), COMM, 0, 0)  # a review: failed inside torch
     for bad in (torch.randn(2, 10, dtype=torch.complex64), torch.ones(2, 10, dtype=torch.int64)):
         with pytest.raises(TypeError, match="grads must be a float32, float64, bfloat16 or float16 tensor, got torch.(complex64|int64)"):
             quantized_mean(bad, COMM, 0, 0)

@@ -145,6 +145,9 @@ def test_comm_variance_command_writes_the_decomposition(tmp_path, capsys):
     (["--batch-size", "63"], "--batch-size \\(63\\) must be a multiple of --world-size"),
     # a new user: an adaptive recipe failed later with a message about QAT configs
     (["--recipe", "fqt-auto"], "--recipe fqt-auto: an adaptive recipe's widths come from the variance monitor"),
+    # a review: no full batch exists, and drawing passes until there were enough looped for ever
+    (["--subset", "10", "--batch-size", "64", "--train-steps", "0"],
+     "--batch-size 64: batch_size \\(64\\) exceeds the 10 training images loaded \\(raise --subset"),
 ])
 def test_comm_variance_command_rejects_bad_values(tmp_path, capsys, argv, match):
     from lowbit.cli import main
