@@ -819,13 +819,17 @@ def _run_attention(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _scale_value(scale: object) -> float:
-    """``scale`` as a float; ``TypeError`` naming the argument, as torch's (a review: a bare
-    ``float("a")`` said "could not convert string to float")."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) and not (
-            isinstance(scale, torch.Tensor) and scale.numel() == 1):
-        raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, "
-                        f"not {type(scale).__name__}")
-    return float(scale)
+    """``scale`` as a float, taking what torch's ``scaled_dot_product_attention`` takes: a
+    real number (``bool`` and NumPy scalars included) or a 0-d tensor that needs no
+    gradient; ``TypeError`` naming the argument otherwise, as torch's (reviews: a bare
+    ``float("a")`` said "could not convert string to float"; a learned 0-d scale would
+    have lost its gradient silently)."""
+    if isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.dim() == 0
+                                           and not scale.requires_grad):
+        return float(scale)
+    what = f"a {scale.dim()}-d tensor" + (" that requires grad" if scale.requires_grad else "") \
+        if isinstance(scale, torch.Tensor) else type(scale).__name__
+    raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, not {what}")
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

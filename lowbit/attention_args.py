@@ -83,9 +83,10 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
         return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
     if attn_mask is None:
         return None
-    if attn_mask.dim() < 2:  # torch's sdpa raises IndexError for these: so does the fp recipe (a review)
+    if attn_mask.dim() < 2 and len(lead) == 2:  # torch's sdpa raises IndexError for these with a 4-D
+        # query — so does the fp recipe — and broadcasts them otherwise, as here (two reviews)
         raise IndexError(f"attn_mask of shape {tuple(attn_mask.shape)} needs at least 2 dimensions (..., L, S) "
-                         f"(torch's scaled_dot_product_attention refuses it too)")
+                         f"with a 4-D query (torch's scaled_dot_product_attention refuses it too)")
     m = attn_mask
     if m.dtype == torch.bool:  # broadcast dimensions (stride 0, as transformers' masks come) at
         for d in range(m.dim()):  # size 1: not written out per batch entry (a review: 4·B·L·S

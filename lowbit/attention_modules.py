@@ -376,16 +376,22 @@ def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Mod
 
 def float_attention_out_projs(model: nn.Module, module_filter: Callable[[nn.Module, str], bool] | None
                               ) -> set[int]:
-    """Ids of the ``out_proj`` layers of the ``nn.MultiheadAttention`` modules in ``model``
-    that ``convert`` will leave float (``module_filter`` turns them down, or
-    :func:`_mha_refusal` does): their forward reads ``out_proj.weight`` and never calls it,
-    so ``out_proj`` must stay float under every name it has. Found before any swap: where
-    the layer is also reachable under another name met first (``self.head =
-    attn.out_proj``), that name would otherwise convert it (a review: converted or not by
-    the order of registration)."""
+    """Ids of the ``out_proj`` layers, reachable under more than one name, of the
+    ``nn.MultiheadAttention`` modules in ``model`` that ``convert`` will leave float
+    (``module_filter`` turns them down, or :func:`_mha_refusal` does): their forward reads
+    ``out_proj.weight`` and never calls it, so ``out_proj`` must stay float under every
+    name it has. Found before any swap: where the layer is also reachable under another
+    name met first (``self.head = attn.out_proj``), that name would otherwise convert it (a
+    review: converted or not by the order of registration). Only those attentions are
+    asked of ``module_filter`` here (``convert`` asks each (module, name) once: a filter
+    that keeps state sees the calls it saw before, a second review)."""
+    names: dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        names[id(mod)] = names.get(id(mod), 0) + 1
     out: set[int] = set()
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.MultiheadAttention) or getattr(mod, "calls_out_proj", False):
+        if not isinstance(mod, nn.MultiheadAttention) or getattr(mod, "calls_out_proj", False) \
+                or names.get(id(mod.out_proj), 0) < 2:
             continue
         if (module_filter is not None and not module_filter(mod, name)) or _mha_refusal(mod) is not None:
             out.add(id(mod.out_proj))

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -517,8 +518,12 @@ class GemmTracer(TorchDispatchMode):
         # or queries) had that parameter named as its weight and its ∇W called ∇X (a review)
         holders = self._weight_holders(module)
         own = {_storage_key(p) for m in holders for p in m.parameters(recurse=False)}
+        # a parametrized weight (weight_norm) is made from the holder's parametrizations' own
+        # parameters: its ∇X was called ∇W where ∇X has the weight's shape (a review)
+        made = tuple(f"{n}.parametrizations." if (n := self._name(m)) else "parametrizations." for m in holders)
         owned = next((tn.param for t, tn in zip(part.operands, taints) if tn.kind == "param"
-                      and (self.owner.get(tn.param) in holders or _storage_key(t) in own)), None)
+                      and (self.owner.get(tn.param) in holders or _storage_key(t) in own
+                           or tn.param.startswith(made))), None)
         if owned is not None:
             weight = owned
         if not backward:
@@ -543,6 +548,10 @@ class GemmTracer(TorchDispatchMode):
             # hold (oneDNN's prepacked codes, ∇W per kernel row carry no link to it: a review
             # found a converted convolution's rows without their weight)
             own = module._parameters.get("weight")
+            if own is None and parametrize.is_parametrized(module, "weight"):  # weight_norm, spectral_norm…:
+                # the original the weight is made from (its largest: weight_norm's direction v,
+                # as a float or converted Linear's rows name it; a second review)
+                own = max(module.parametrizations["weight"].parameters(recurse=False), key=torch.numel, default=None)
             weight = None if own is None else self.taint(own).param
         if backward and phase in ("grad_input", "grad_weight"):
             k = self.spans.forward_call(module)

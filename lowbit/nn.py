@@ -389,6 +389,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     if module_filter is not None and not callable(module_filter):
         raise TypeError(f"module_filter must be a callable (module, name) -> bool, got "
                         f"{type(module_filter).__name__}")
+    if module_filter is not None:  # asked once per (module, name): a filter may keep state
+        module_filter = _asked_once(module_filter)
     base = draw_base_seed() if config.seed is None else config.seed  # noise: lowbit.noise
     converted: list[str] = []
     skipped: dict[str, str] = {}
@@ -604,6 +606,22 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
+
+
+def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:
+    """``module_filter`` answering each (module, name) from its first answer: ``convert``
+    may need an answer twice (an attention's ``out_proj`` reachable under another name is
+    decided before the swaps), and a filter that counts or keeps state must see each
+    question once (a review: a filter converting the first attention it met converted none)."""
+    answers: dict[tuple[int, str], tuple[nn.Module, bool]] = {}
+
+    def ask(module: nn.Module, name: str) -> bool:
+        got = answers.get((id(module), name))
+        if got is None or got[0] is not module:  # (the module kept: its id is not reused)
+            got = answers[(id(module), name)] = (module, bool(module_filter(module, name)))
+        return got[1]
+
+    return ask
 
 
 def _attention_turned_down(module_filter: ModuleFilter, parent: nn.Module | None, name: str) -> bool:

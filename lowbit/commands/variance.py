@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     model_name = opts.model or DEFAULT_MODEL[opts.task]
     data = Data(opts)  # raises for missing data before --out exists (it was left empty)
     opts.out.mkdir(parents=True, exist_ok=True)
-    for f in sorted({f for pattern in RESULTS for f in opts.out.glob(pattern)}):  # --overwrite: an earlier run's
-        f.unlink()
+    for name in RESULTS:  # --overwrite: every file of the earlier run (check_out_dir refused them without it)
+        (opts.out / name).unlink(missing_ok=True)
     model = build_model(opts.task, model_name)
     model.train()
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))

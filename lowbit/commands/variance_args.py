@@ -22,10 +22,15 @@ DEFAULT_LR = {"digits": 0.05, "fashion-mnist": 0.05, "text": 1e-3}
 DEFAULT_SUBSET = {"digits": None, "fashion-mnist": 10_000, "text": 2_000_000}
 RANGES = ("dynamic", "predicted", "predicted-clip")
 DEFAULT_BITS = "4,8"  # --bits without --formats
-# what a run writes into --out (glob patterns): an earlier run's are refused, or with
-# --overwrite all removed before measuring, so that no figure of another run stays beside
-# the new tables (a review found the old bins_4bit.png beside a run without bins)
-RESULTS = ("variance.json", "variance.csv", "summary.md", "bins_*bit.png", "profile_*.png", "bounds.png")
+# every name a run can write into --out: an earlier run's are refused, or with --overwrite
+# all removed before measuring, so that no figure of another run stays beside the new tables
+# (a review found the old bins_4bit.png beside a run without bins); names, not patterns, so
+# that a user's own profile_picture.png is neither removed nor taken for a result (a second)
+_FORMAT_SPELLINGS = (*FORMAT_NAMES, *(f"{n}_spec" for n in FORMAT_NAMES if parse_format(n).block),
+                     *(str(b) for b in range(MIN_BITS, MAX_BITS + 1)))
+RESULTS = ("variance.json", "variance.csv", "summary.md", "bounds.png",
+           *(f"bins_{b}bit.png" for b in range(MIN_BITS, MAX_BITS + 1)),
+           *(f"profile_{q}_{f}.png" for q in QUANTIZERS for f in _FORMAT_SPELLINGS))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -207,12 +207,12 @@ def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
     """``path`` as a folder a command will create or write into, checked before any work
     (``ValueError`` naming ``option``): not a file, nor under one; the folder (or the
     nearest one above it that exists) writable; and, unless ``overwrite``, holding none of
-    ``results`` (names or glob patterns of the files an earlier run of the command wrote
-    there: its measurement would be replaced without a word)."""
+    ``results`` (the names of the files an earlier run of the command wrote there: its
+    measurement would be replaced without a word)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{option} must be a folder, but {path} is a file")
-    held = sorted({f.name for name in results for f in p.glob(name)}) if p.is_dir() else []
+    held = [name for name in results if (p / name).exists()]
     if held and not overwrite:
         raise ValueError(f"{option}: {path} already holds {', '.join(held)} from an earlier run; "
                          "choose another folder, or pass --overwrite to replace them")
@@ -228,15 +228,21 @@ def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
 
 
 def check_out_file(option: str, path: str) -> str:
-    """``path`` as a file a command will write at its end, checked before any work: not a
-    folder, in a folder that exists and is writable (``ValueError`` naming ``option``)."""
+    """``path`` as a file a command will write at its end (:func:`lowbit.experiments.rundir.write_atomic`:
+    a temporary file beside the link-resolved path, renamed over it), checked before any
+    work: not a folder nor another non-regular file (a pipe, a device: the rename would
+    replace it, or fail after the work, as ``--json /dev/stdout`` did, a review), in a folder
+    that exists and is writable (``ValueError`` naming ``option``)."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{option} must be a file, but {path} is a folder")
-    parent = p.absolute().parent
+    real = Path(os.path.realpath(p))
+    if real.exists() and not real.is_file():
+        raise ValueError(f"{option}: {path} is not a regular file (a pipe or a device); give a file's path")
+    parent = real.parent
     if not parent.is_dir():
         raise ValueError(f"{option}: the folder {parent} does not exist")
-    if not _writable(parent) or (p.exists() and not os.access(p, os.W_OK)):
+    if not _writable(parent) or (real.exists() and not os.access(real, os.W_OK)):
         raise ValueError(f"{option}: {path} is not writable")
     return path
 

@@ -194,8 +194,29 @@ def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, capsys) -> No
     (out / "variance.json").unlink(), (out / "variance.csv").unlink(), (out / "summary.md").unlink()
     assert main([*common, "--formats", "int4a"]) == 2
     assert "already holds bins_4bit.png from an earlier run" in capsys.readouterr().err
+    (out / "profile_picture.png").write_text("the user's own"), (out / "notes.txt").write_text("mine")
     assert main([*common, "--formats", "int4a", "--overwrite"]) == 0
-    assert sorted(f.name for f in out.iterdir()) == ["summary.md", "variance.csv", "variance.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["notes.txt", "profile_picture.png", "summary.md",
+                                                     "variance.csv", "variance.json"]
+    # files the command never writes are neither taken for an earlier run's nor removed (a second review)
+    other = tmp_path / "own"
+    other.mkdir()
+    (other / "profile_picture.png").write_text("the user's own")
+    assert main([*common[:-3], "--out", str(other), "--quiet", "--formats", "int4a"]) == 0
+    assert (other / "profile_picture.png").read_text() == "the user's own"
+
+
+def test_a_json_output_that_is_a_pipe_or_a_device_is_refused_before_the_work(tmp_path, capsys) -> None:
+    """A second review: ``--json`` at a FIFO passed the check and the atomic write then
+    replaced the pipe by a file; ``--json /dev/stdout`` failed after the whole step."""
+    import os
+
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    assert main(["coverage", "--task", "digits", "--json", str(fifo)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"lowbit coverage: error: --json: {fifo} is not a regular file (a pipe or a device); give a file's path"
+    assert fifo.is_fifo()
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch, capsys) -> None:

@@ -534,12 +534,17 @@ def test_dtypes_autocast_and_nan() -> None:
     # a review: a 1-D or 0-d mask ran under a quantized recipe where torch (the fp recipe)
     # raises IndexError; a scale of the wrong type did not name the argument
     ({"attn_mask": torch.ones(S, dtype=torch.bool)}, IndexError,
-     f"attn_mask of shape ({S},) needs at least 2 dimensions (..., L, S) (torch's scaled_dot_product_attention "
-     "refuses it too)"),
+     f"attn_mask of shape ({S},) needs at least 2 dimensions (..., L, S) with a 4-D query (torch's "
+     "scaled_dot_product_attention refuses it too)"),
     ({"attn_mask": torch.tensor(0.0)}, IndexError,
-     "attn_mask of shape () needs at least 2 dimensions (..., L, S) (torch's scaled_dot_product_attention "
-     "refuses it too)"),
+     "attn_mask of shape () needs at least 2 dimensions (..., L, S) with a 4-D query (torch's "
+     "scaled_dot_product_attention refuses it too)"),
     ({"scale": "a"}, TypeError, "scaled_dot_product_attention(): argument 'scale' must be float, not str"),
+    # torch refuses these too; a learned scale would have lost its gradient silently (a second review)
+    ({"scale": torch.tensor([0.5])}, TypeError,
+     "scaled_dot_product_attention(): argument 'scale' must be float, not a 1-d tensor"),
+    ({"scale": torch.tensor(0.5, requires_grad=True)}, TypeError,
+     "scaled_dot_product_attention(): argument 'scale' must be float, not a 0-d tensor that requires grad"),
 ])
 def test_bad_arguments_raise_named_errors(kwargs: dict, error: type, message: str) -> None:
     q, k, v = qkv(grad=False)
@@ -1306,6 +1311,23 @@ def test_query_key_value_dtypes_torch_refuses_are_refused_alike(autocast: bool) 
                         assert "Expected query, key, and value to have the same dtype" in str(e)
                         outcome.append("refused")
             assert outcome[0] == outcome[1], (qd, kd)
+
+
+def test_masks_and_scales_torch_takes_are_taken() -> None:
+    """A second review: the refusal of 1-D and 0-d masks is torch's for 4-D queries only;
+    torch broadcasts them for 2-D, 3-D and 5-D ones, and so does lowbit (the same output as
+    the mask written out as (L, S)). A ``bool`` or 0-d tensor scale is a number to torch."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    keep = torch.tensor([True, True, False, True, False])
+    for query, key, value in ((q, k, v), (q[0], k[0], v[0]), (q[None, None], k[None, None], v[None, None])):
+        torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=keep)  # torch takes it
+        got = scaled_dot_product_attention(query, key, value, attn_mask=keep, state=FQT)
+        want = scaled_dot_product_attention(query, key, value, attn_mask=keep.expand(6, 5), state=FQT)
+        assert torch.equal(got, want)
+    for sc in (True, torch.tensor(0.5), torch.tensor(True)):
+        assert torch.equal(scaled_dot_product_attention(q, k, v, scale=sc, state=FQT),
+                           scaled_dot_product_attention(q, k, v, scale=float(sc), state=FQT))
 
 
 @pytest.mark.parametrize("need_weights", [True, False])

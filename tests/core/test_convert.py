@@ -416,6 +416,27 @@ def test_an_out_proj_of_a_float_attention_stays_float_under_every_name(alias_fir
         assert model.head is model.attn.out_proj and isinstance(model.head, FQTLinear)
 
 
+def test_the_filter_is_asked_once_per_module_and_name() -> None:
+    """A second review: the alias check asked the filter about every attention before the
+    swaps, and the swap asked again, so a filter that converts the first attention it
+    meets converted none. Each (module, name) is asked once, in the order of before."""
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a1, self.a2 = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)
+
+    asked: list[str] = []
+
+    def first_attention_only(m: nn.Module, name: str) -> bool:
+        asked.append(name)
+        return not isinstance(m, nn.MultiheadAttention) or sum(n.count(".") == 0 for n in asked) == 1
+
+    model, report, _ = convert_quietly(Two(), module_filter=first_attention_only)
+    assert asked == ["a1", "a1.out_proj", "a2", "a2.out_proj"]
+    assert type(model.a1) is FQTMultiheadAttention and type(model.a2) is nn.MultiheadAttention
+    assert report.excluded == ("a2",) and report.skipped == {"a2.out_proj": MHA_REASON}
+
+
 def _encoder_layer() -> nn.TransformerEncoderLayer:
     torch.manual_seed(0)
     return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)

@@ -959,6 +959,24 @@ def test_every_convolution_row_names_its_weight(recipe: str) -> None:
                      if (m, p) != ("0", "grad_input")}  # the input needs no gradient
 
 
+@pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
+def test_a_weight_normed_layer_names_its_parametrization_and_its_passes(recipe: str) -> None:
+    """A second review: a converted weight-normed convolution's rows had no weight; and a
+    float weight-normed Linear whose ∇X has its weight's shape (batch 2, Linear(144, 2))
+    had its ∇X counted as ∇W (2304 FLOPs of ∇W, none of ∇X)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.Flatten(), weight_norm(nn.Linear(144, 2)))
+    if recipe != "fp":
+        model = lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
+    r = coverage(model, torch.randn(2, 3, 8, 8))
+    named = {(g.module, g.phase): g.weight for g in r.rows}
+    assert named == {(m, p): f"{m}.parametrizations.weight.original1" for m in ("0", "2")
+                     for p in ("forward", "grad_input", "grad_weight") if (m, p) != ("0", "grad_input")}
+    assert r.flops(phase="grad_input") == r.flops(phase="grad_weight") - 2 * 2 * 4 * 36 * 27  # conv ∇W alone
+
+
 def test_a_sum_past_max_k_is_named_as_such() -> None:
     """A Linear's ∇W over more than int8.MAX_K rows runs simulated (an int32 sum of that
     length could wrap); the reason said "the kernel does not take these shapes"."""
