@@ -133,11 +133,19 @@ def _warn(why: str, then: str | None = None) -> None:
                   "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
+_switched_off = False  # LOWBIT_AVX512 said off when _library decided (once per process)
+
+
 @cbuild.once
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
-    """The loaded, self-tested library, or ``None`` (module docstring)."""
-    if cbuild.switched_off("LOWBIT_AVX512") or not cpu_has_avx512():
+    """The loaded, self-tested library, or ``None`` (module docstring). Decided once per
+    process: ``LOWBIT_AVX512`` is read at the first use."""
+    global _switched_off
+    _switched_off = cbuild.switched_off("LOWBIT_AVX512")
+    if _switched_off:
+        return None
+    if not cpu_has_avx512():
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "AVX-512 quantizer", _self_test,
@@ -155,9 +163,12 @@ def in_use() -> str | None:
     """``None`` when lowbit's quantizers run on this kernel where it applies, else why
     not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
     (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (no
-    AVX-512, no compiler, a failed build or self-test: a warning said which)."""
-    if cbuild.switched_off("LOWBIT_AVX512"):
-        return "switched off by LOWBIT_AVX512=0"
+    AVX-512, no compiler, a failed build or self-test: a warning said which). It reports
+    the process's decision, not the environment as it is now (a review: ``LOWBIT_AVX512``
+    set after the first use was reported as switching the kernel off, which kept running)."""
+    _library()  # the decision, made once (LOWBIT_AVX512 read then)
+    if _switched_off:
+        return "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
     if not _enabled:
         return "switched off by lowbit.kernels.avx512.set_enabled(False)"
     if not compiled.enabled():
@@ -994,7 +1005,8 @@ def run_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> torch.Ten
     """BHQ's group sums ``dots[j] = Σ_{r∈j} w_r x_r`` (G, D) float32 (``lowbit.quantizers.bhq``'s
     ``bhq_group_sums``: each group's rows added one by one in ascending order, each
     product rounded first), after :func:`supports_bhq_group_sums`: bitwise the
-    reference's on the CPU. ``t``: the ``BlockHouseholder`` whose groups are summed."""
+    reference's on the CPU, but for the sign bit of a NaN (the operands of an addition
+    come in another order, and x86 passes on the first NaN's sign: a review). ``t``: the ``BlockHouseholder`` whose groups are summed."""
     crow, members = t.csr()  # type: ignore[attr-defined]
     with scope("lowbit::avx512_bhq_group_sums"):
         return _bhq_group_sums(_library(), x, w, crow, members, t.n_groups,  # type: ignore[attr-defined]

@@ -269,14 +269,16 @@ def set_enabled(flag: bool) -> None:
 
 def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether :func:`run` takes this call: ``lam`` a plain contiguous float64 CPU vector
-    meeting the op's conditions (at least two entries, all finite, one positive: the C
+    meeting the op's conditions (at least two entries, all finite, none negative, one positive: the C
     code reads nothing else), ``dtype`` float32 or float64, the kernel available."""
     if not (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
             and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous() and lam.shape[0] >= 2
             and dtype in (torch.float32, torch.float64) and _enabled and available()):
         return False
     top = float(lam.max())  # NaN if any entry is NaN
-    return math.isfinite(top) and top > 0
+    # no negative range (ranges are absolute values; the C code assumes it: a review found
+    # other groups than the reference's for negative ranges)
+    return math.isfinite(top) and top > 0 and not bool((lam < 0).any())
 
 
 @compiled.disable_tracing
@@ -307,13 +309,15 @@ def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
 
 def supports_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> bool:
     """Whether :func:`run_entries` takes this call: ``lam`` a plain contiguous float64 CPU
-    vector of ``entries`` ≥ 1 equal entries, ``dtype`` float32 or float64, the kernel
-    available (any ranges: the kernel gives groups of one where :func:`entry_reference`
-    does)."""
+    vector of ``entries`` ≥ 1 equal entries with no negative range (ranges are absolute
+    values; NaN and +Inf taken: the kernel gives groups of one where
+    :func:`entry_reference` does, which a −Inf or negative range beside a finite maximum
+    would not: a review), ``dtype`` float32 or float64, the kernel available."""
     return (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
             and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
             and isinstance(entries, int) and entries >= 1 and lam.shape[0] % entries == 0
-            and dtype in (torch.float32, torch.float64) and _enabled and available())
+            and dtype in (torch.float32, torch.float64) and _enabled and available()
+            and not bool((lam < 0).any()))
 
 
 @compiled.disable_tracing

@@ -206,7 +206,7 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         return None
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
-        root = "the kernel cache directory"
+        root = repr(os.environ.get("LOWBIT_CACHE_DIR", ""))  # (a relative one makes cache_dir raise)
         try:
             root = repr(str(cache_dir()))
             path = _compile(cc, version, source, flags, cache_dir(), lambda p: warn(

@@ -1045,8 +1045,19 @@ def test_in_use_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
         assert "set_enabled(False)" in avx512.in_use()
     finally:
         avx512.set_enabled(True)
+    # the process's decision, made at the first use: the switch set later changes nothing,
+    # and in_use says so (a review: it said "switched off" while the kernel kept running)
+    before = avx512.in_use()
     monkeypatch.setenv("LOWBIT_AVX512", "0")
-    assert "LOWBIT_AVX512=0" in avx512.in_use()
+    assert avx512.in_use() == before
+    try:
+        avx512._library.cache_clear()  # a fresh decision, with the switch off
+        assert avx512.in_use() == "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
+        assert not avx512.available()
+    finally:
+        monkeypatch.delenv("LOWBIT_AVX512")
+        avx512._library.cache_clear()
+    assert avx512.in_use() == before
 
 
 @needs_avx512

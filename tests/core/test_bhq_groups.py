@@ -136,6 +136,13 @@ def test_unsupported_calls_and_switch_run_the_reference() -> None:
     for bad in (torch.zeros(0, **f64), torch.ones(1, **f64), torch.tensor([1.0, float("nan")], **f64),
                 torch.tensor([float("inf"), 1.0], **f64), torch.zeros(4, **f64)):
         assert not bhq_groups.supports(bad, torch.float32)
+    # a negative or −Inf range (ranges are absolute values): the C code assumes none, and
+    # gave other groups than the reference's for them (a review) — the reference runs
+    for bad in (torch.tensor([1.0, 0.5, float("-inf")], **f64), torch.tensor([2.0, -1.0, 0.5], **f64)):
+        assert not bhq_groups.supports(bad, torch.float32)
+        assert not bhq_groups.supports_entries(bad, 1, torch.float32)
+        want, got = bhq_groups.entry_reference(bad, 1, torch.float32), AUTO.run("bhq_entry_groups", bad, 1, torch.float32)
+        assert all(torch.equal(getattr(want, f), getattr(got, f)) for f in ("scale", "v", "group"))
 
 
 @needs_kernel

@@ -82,6 +82,17 @@ def test_the_cache_dir_is_absolute_and_expands_home(monkeypatch) -> None:
         cbuild.cache_dir()
 
 
+def test_an_unusable_cache_dir_is_named_once_in_the_warning(monkeypatch) -> None:
+    """A review: a relative ``LOWBIT_CACHE_DIR`` was warned about as "the kernel cache
+    directory the kernel cache directory is not usable"."""
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", "relative/cache")
+    said: list[str] = []
+    lib = cbuild.load(bhq_groups.SOURCE, bhq_groups.FLAGS, lambda why, then: said.append(why), "test library")
+    assert said and said[0].startswith("the kernel cache directory 'relative/cache' is not usable (LOWBIT_CACHE_DIR "
+                                       "must be an absolute path")
+    assert lib is not None or cbuild.compiler(lambda *a: None) is None  # built in a temporary folder
+
+
 def test_a_full_disk_at_link_time_is_an_os_error(tmp_path) -> None:
     """The linker's "No space left on device" was a failed build (the kernel off); as an
     OSError, load builds in a temporary folder instead."""
