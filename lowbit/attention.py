@@ -76,7 +76,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -824,9 +823,10 @@ def _scale_value(scale: object) -> float:
     gradient; ``TypeError`` naming the argument otherwise, as torch's (reviews: a bare
     ``float("a")`` said "could not convert string to float"; a learned 0-d scale would
     have lost its gradient silently)."""
-    if isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.dim() == 0
-                                           and not scale.requires_grad):
-        return float(scale)
+    numpy_number = type(scale).__module__ == "numpy" and getattr(getattr(scale, "dtype", None), "kind", "") in "biuf"
+    if isinstance(scale, (int, float)) or (numpy_number and getattr(scale, "ndim", 1) == 0) or \
+            (isinstance(scale, torch.Tensor) and scale.dim() == 0 and not scale.requires_grad):
+        return float(scale)  # (not numbers.Real: torch refuses a Fraction, a second review)
     what = f"a {scale.dim()}-d tensor" + (" that requires grad" if scale.requires_grad else "") \
         if isinstance(scale, torch.Tensor) else type(scale).__name__
     raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, not {what}")

@@ -77,16 +77,15 @@ def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, lead: tuple[i
     by the heads is not copied per head (whoever saves it keeps only its own storage);
     bool masks keep ``True`` positions (``False`` → ``-inf``), converted at the size of
     their distinct elements (a stride-0 dimension, e.g. transformers' causal mask expanded
-    over the batch, stays size 1 until the final expanded view)."""
+    over the batch, stays size 1 until the final expanded view). A 1-D or 0-d mask
+    broadcasts as any other (torch's CPU flash path raises ``IndexError`` for one with some
+    4-D inputs and broadcasts it elsewhere — three reviews — so a quantized recipe takes it
+    where the ``fp`` recipe, torch's, may not)."""
     if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
         keep = torch.ones(lq, s, dtype=torch.bool, device=like.device).tril()
         return torch.zeros(1, lq, s, dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
     if attn_mask is None:
         return None
-    if attn_mask.dim() < 2 and len(lead) == 2:  # torch's sdpa raises IndexError for these with a 4-D
-        # query — so does the fp recipe — and broadcasts them otherwise, as here (two reviews)
-        raise IndexError(f"attn_mask of shape {tuple(attn_mask.shape)} needs at least 2 dimensions (..., L, S) "
-                         f"with a 4-D query (torch's scaled_dot_product_attention refuses it too)")
     m = attn_mask
     if m.dtype == torch.bool:  # broadcast dimensions (stride 0, as transformers' masks come) at
         for d in range(m.dim()):  # size 1: not written out per batch entry (a review: 4·B·L·S

@@ -374,28 +374,20 @@ def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Mod
     return _mha_refusal(mod) or FQTMultiheadAttention.from_float(mod, config, seed, name, out_proj=False)
 
 
-def float_attention_out_projs(model: nn.Module, module_filter: Callable[[nn.Module, str], bool] | None
-                              ) -> set[int]:
-    """Ids of the ``out_proj`` layers, reachable under more than one name, of the
-    ``nn.MultiheadAttention`` modules in ``model`` that ``convert`` will leave float
-    (``module_filter`` turns them down, or :func:`_mha_refusal` does): their forward reads
-    ``out_proj.weight`` and never calls it, so ``out_proj`` must stay float under every
-    name it has. Found before any swap: where the layer is also reachable under another
-    name met first (``self.head = attn.out_proj``), that name would otherwise convert it (a
-    review: converted or not by the order of registration). Only those attentions are
-    asked of ``module_filter`` here (``convert`` asks each (module, name) once: a filter
-    that keeps state sees the calls it saw before, a second review)."""
+def aliased_attention_out_projs(model: nn.Module) -> dict[int, nn.Module]:
+    """``id(out_proj) → attention`` for the plain ``nn.MultiheadAttention`` modules of
+    ``model`` whose ``out_proj`` is reachable under more than one name (``self.head =
+    attn.out_proj``). Such an attention reads ``out_proj.weight`` and never calls it:
+    where it stays float, its ``out_proj`` must stay float under every name, so ``convert``
+    decides an alias met before its attention only after the attention (a review: the first
+    name met converted it; a pre-pass that asked the module filter early changed what a
+    filter that keeps state chose, a second and third review)."""
     names: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
         names[id(mod)] = names.get(id(mod), 0) + 1
-    out: set[int] = set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.MultiheadAttention) or getattr(mod, "calls_out_proj", False) \
-                or names.get(id(mod.out_proj), 0) < 2:
-            continue
-        if (module_filter is not None and not module_filter(mod, name)) or _mha_refusal(mod) is not None:
-            out.add(id(mod.out_proj))
-    return out
+    return {id(mod.out_proj): mod for _, mod in model.named_modules()
+            if isinstance(mod, nn.MultiheadAttention) and not getattr(mod, "calls_out_proj", False)
+            and names.get(id(mod.out_proj), 0) > 1}
 
 
 SWAP_RULES = (

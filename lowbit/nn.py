@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, describe, not_a_config
-from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
+from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .formats import check_dense
@@ -398,10 +398,13 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     probes: dict[type[nn.Module], nn.Module] = {}
     memo: dict[int, nn.Module] = {}
     kept: set[int] = set()  # ids of the already-converted blocks met
-    from .attention_modules import FQTMultiheadAttention, extensions, float_attention_out_projs  # they import this module
+    from .attention_modules import FQTMultiheadAttention, aliased_attention_out_projs, extensions  # they import this module
 
     rules, finish = extensions(model)  # attention, Hugging Face
-    float_outs = float_attention_out_projs(model, module_filter)  # under every name they have
+    aliased = aliased_attention_out_projs(model)  # out_proj id -> its attention
+    started: set[int] = set()  # ids of the modules whose visit has begun
+    deferred: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, out_proj) met before its attention
+    just_deferred: list[nn.Module] = []  # swap's signal to visit: do not memoise this one
 
     def swap(module: nn.Module, name: str, parent: nn.Module | None) -> nn.Module:
         if module_filter is not None and not module_filter(module, name):
@@ -418,7 +421,12 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         if plain not in probes:  # what an FQT layer holds, for attribute clashes
             probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else plain(1, 1, 1, device="meta")
             probes[plain] = cls.from_float(probe, config, seed=0)
-        reason = MHA_REASON if id(module) in float_outs else skip_reason(module, parent, plain, probes[plain])
+        attn = aliased.get(id(module))
+        if attn is not None and id(attn) not in started:  # an out_proj met before its attention:
+            deferred.append((parent, name, module))  # decided once the attention is (below)
+            just_deferred.append(module)
+            return module
+        reason = skip_reason(module, parent, plain, probes[plain])
         if reason is not None:
             skipped[name] = reason
             return module
@@ -450,9 +458,13 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> nn.Module:
         if id(module) in memo:  # shared module: convert once, reuse everywhere
             return memo[id(module)]
+        started.add(id(module))
         rule = next((r for r in rules if isinstance(module, (r.fqt, r.plain))), None)
         if rule is None and isinstance(module, tuple(_PLAIN)):
             new = swap(module, prefix, parent)
+            if just_deferred:  # not memoised: met again under its attention, decided there
+                just_deferred.clear()
+                return new
         else:
             if rule is None and isinstance(module, _NO_FQT_LAYER) and \
                     (module_filter is None or module_filter(module, prefix)):
@@ -470,6 +482,10 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
+    for parent, name, out_proj in deferred:  # each as its attention's out_proj became
+        done = memo.get(id(out_proj), out_proj)
+        if done is not out_proj and parent is not None:
+            setattr(parent, name.rpartition(".")[2], done)
     _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
     warn_backend_conflicts(config, model, bool(converted))

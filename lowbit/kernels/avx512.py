@@ -166,13 +166,14 @@ def in_use() -> str | None:
     AVX-512, no compiler, a failed build or self-test: a warning said which). It reports
     the process's decision, not the environment as it is now (a review: ``LOWBIT_AVX512``
     set after the first use was reported as switching the kernel off, which kept running)."""
-    _library()  # the decision, made once (LOWBIT_AVX512 read then)
-    if _switched_off:
-        return "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
-    if not _enabled:
-        return "switched off by lowbit.kernels.avx512.set_enabled(False)"
     if not compiled.enabled():
         return "fused kernels are off (LOWBIT_COMPILE=0 or compiled.set_enabled(False)): the reference quantizers run"
+    if not _enabled:
+        return "switched off by lowbit.kernels.avx512.set_enabled(False)"
+    # the decision once made (LOWBIT_AVX512 read then), else the switch as the first use will
+    # read it — without building the kernel to find out (a review of the fix)
+    if _switched_off if _library.decided() else cbuild.switched_off("LOWBIT_AVX512"):  # type: ignore[attr-defined]
+        return "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
     if not cpu_has_avx512():
         return "this CPU lacks AVX-512 F/BW/DQ/VL"
     if not available():

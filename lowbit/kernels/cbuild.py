@@ -206,7 +206,8 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         return None
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
-        root = repr(os.environ.get("LOWBIT_CACHE_DIR", ""))  # (a relative one makes cache_dir raise)
+        given = os.environ.get("LOWBIT_CACHE_DIR")  # (a relative one makes cache_dir raise)
+        root = repr(given) if given else "(the default)"
         try:
             root = repr(str(cache_dir()))
             path = _compile(cc, version, source, flags, cache_dir(), lambda p: warn(
@@ -271,6 +272,7 @@ def once(fn: Callable[[], Any]) -> Callable[[], Any]:
         return done[0]
 
     wrapper.cache_clear = done.clear  # type: ignore[attr-defined]
+    wrapper.decided = lambda: bool(done)  # type: ignore[attr-defined]  # (whether it has run)
     return wrapper
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fractions
 import itertools
 import math
 import warnings
@@ -533,18 +534,14 @@ def test_dtypes_autocast_and_nan() -> None:
      "attn_mask must be a bool or floating tensor, got torch.int64"),
     # a review: a 1-D or 0-d mask ran under a quantized recipe where torch (the fp recipe)
     # raises IndexError; a scale of the wrong type did not name the argument
-    ({"attn_mask": torch.ones(S, dtype=torch.bool)}, IndexError,
-     f"attn_mask of shape ({S},) needs at least 2 dimensions (..., L, S) with a 4-D query (torch's "
-     "scaled_dot_product_attention refuses it too)"),
-    ({"attn_mask": torch.tensor(0.0)}, IndexError,
-     "attn_mask of shape () needs at least 2 dimensions (..., L, S) with a 4-D query (torch's "
-     "scaled_dot_product_attention refuses it too)"),
     ({"scale": "a"}, TypeError, "scaled_dot_product_attention(): argument 'scale' must be float, not str"),
     # torch refuses these too; a learned scale would have lost its gradient silently (a second review)
     ({"scale": torch.tensor([0.5])}, TypeError,
      "scaled_dot_product_attention(): argument 'scale' must be float, not a 1-d tensor"),
     ({"scale": torch.tensor(0.5, requires_grad=True)}, TypeError,
      "scaled_dot_product_attention(): argument 'scale' must be float, not a 0-d tensor that requires grad"),
+    ({"scale": fractions.Fraction(1, 2)}, TypeError,
+     "scaled_dot_product_attention(): argument 'scale' must be float, not Fraction"),
 ])
 def test_bad_arguments_raise_named_errors(kwargs: dict, error: type, message: str) -> None:
     q, k, v = qkv(grad=False)
@@ -1314,18 +1311,21 @@ def test_query_key_value_dtypes_torch_refuses_are_refused_alike(autocast: bool) 
 
 
 def test_masks_and_scales_torch_takes_are_taken() -> None:
-    """A second review: the refusal of 1-D and 0-d masks is torch's for 4-D queries only;
-    torch broadcasts them for 2-D, 3-D and 5-D ones, and so does lowbit (the same output as
-    the mask written out as (L, S)). A ``bool`` or 0-d tensor scale is a number to torch."""
+    """Reviews: torch broadcasts a 1-D or 0-d mask (but for some 4-D inputs on its CPU
+    flash path, which raises ``IndexError``), and so does lowbit, everywhere: the same
+    output as the mask written out as (L, S). A ``bool``, NumPy or 0-d tensor scale is a
+    number to torch."""
+    import numpy as np
+
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     keep = torch.tensor([True, True, False, True, False])
-    for query, key, value in ((q, k, v), (q[0], k[0], v[0]), (q[None, None], k[None, None], v[None, None])):
-        torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=keep)  # torch takes it
+    for query, key, value in ((q, k, v), (q[0], k[0], v[0]), (q[None, None], k[None, None], v[None, None]),
+                              (q[None], k[None], v[None])):
         got = scaled_dot_product_attention(query, key, value, attn_mask=keep, state=FQT)
         want = scaled_dot_product_attention(query, key, value, attn_mask=keep.expand(6, 5), state=FQT)
         assert torch.equal(got, want)
-    for sc in (True, torch.tensor(0.5), torch.tensor(True)):
+    for sc in (True, torch.tensor(0.5), torch.tensor(True), np.float32(0.5), np.bool_(True), np.int64(2)):
         assert torch.equal(scaled_dot_product_attention(q, k, v, scale=sc, state=FQT),
                            scaled_dot_product_attention(q, k, v, scale=float(sc), state=FQT))
 

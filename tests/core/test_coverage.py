@@ -977,6 +977,24 @@ def test_a_weight_normed_layer_names_its_parametrization_and_its_passes(recipe: 
     assert r.flops(phase="grad_input") == r.flops(phase="grad_weight") - 2 * 2 * 4 * 36 * 27  # conv ∇W alone
 
 
+@pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
+def test_a_parametrized_weight_runs_once_per_forward_under_the_trace(recipe: str) -> None:
+    """A review: the trace's layer hook read ``module.weight`` to size the layer (three
+    times for a convolution), and each read ran the parametrization again, its GEMMs
+    counted each time (a spectral-normed convolution's power iteration 4×)."""
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv2d(3, 4, 3)), nn.Flatten(), orthogonal(nn.Linear(144, 144)))
+    if recipe != "fp":
+        model = lowbit.convert(model, lowbit.FQTConfig.from_recipe(recipe, seed=0))
+    runs = {"conv": 0, "linear": 0}
+    model[0].parametrizations.weight[0].register_forward_hook(lambda *a: runs.__setitem__("conv", runs["conv"] + 1))
+    model[2].parametrizations.weight[0].register_forward_hook(lambda *a: runs.__setitem__("linear", runs["linear"] + 1))
+    coverage(model, torch.randn(3, 3, 8, 8))
+    assert runs == {"conv": 1, "linear": 1}
+
+
 def test_a_sum_past_max_k_is_named_as_such() -> None:
     """A Linear's ∇W over more than int8.MAX_K rows runs simulated (an int32 sum of that
     length could wrap); the reason said "the kernel does not take these shapes"."""
