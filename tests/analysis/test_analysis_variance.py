@@ -260,6 +260,43 @@ def test_an_adaptive_recipes_model_is_measured_at_its_current_widths() -> None:
     assert all(m.config.adaptive == "fqt-auto" for m in lowbit.fqt_layers(model).values())  # put back
 
 
+def test_a_converted_attention_that_never_runs_leaves_the_bound_computed() -> None:
+    """A new user's trial: a converted ``nn.MultiheadAttention`` the model holds but never
+    calls made every group's quant/bound "–" (the bound has no term for attention
+    products' noise — but none ran). Its ``ran`` flag is left as it was."""
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.unused = mlp(), nn.MultiheadAttention(32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    model = lowbit.convert(Holder(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = gradient_variance(model, ce_loss, mlp_batches(3), repeats=3, bound_batches=1)
+    assert all(math.isfinite(g.tightness_data) for g in rep.groups.values())
+    assert not any(b.ran for n, b in lowbit.nn.fqt_blocks(model).items() if n.startswith("unused"))
+
+
+def test_the_table_shows_the_standard_error_of_a_ratio_above_one() -> None:
+    """A new user's trial: ``print(rep)`` showed the last layer's quant/bound at 1.12 beside
+    "≤ 1: the bound holds", with no standard error (``lowbit variance``'s summary shows
+    it); ``bound_violations()`` said none."""
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)),
+                           FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    batches = [(torch.randn(8, 10), torch.randint(0, 4, (8,))) for _ in range(3)]
+    rep = gradient_variance(model, ce_loss, batches, FQTConfig.from_recipe("fqt-bhq-4"), repeats=4,
+                            bound_batches=1, spectrum_mode="layer")
+    above = [n for n, g in rep.groups.items() if g.tightness_data > 1]
+    assert above, {n: g.tightness_data for n, g in rep.groups.items()}  # this seed's last layer
+    for line in rep.table().splitlines():
+        cells = line.split()
+        if cells and cells[0] in above:
+            assert cells[-2] == "±", line
+    assert "up to its standard error" in rep.table() and rep.bound_violations() == []
+
+
 def test_profile_attributes_noise_to_upstream_groups() -> None:
     cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
     prof = variance_profile(mlp(), ce_loss, mlp_batches(2), cfg, repeats=3)
