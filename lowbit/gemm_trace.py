@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,13 +196,15 @@ class _ModuleSpans:
         inp = call_input(args, kwargs)  # conv(input=x) too
         logical = None
         if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
-            shape = _weight_shape(module)
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                shape = _weight_shape(module)
                 lead = (1,) if inp.dim() < len(shape) else ()  # unbatched input
                 logical = flops.conv_flops((*lead, *inp.shape), shape, (*lead, *output.shape), False)
-            elif shape is not None and len(shape) == 2 and inp.dim() >= 1 and inp.shape[-1] \
+            elif inp.dim() >= 1 and inp.shape[-1] and output.dim() >= 1 \
                     and (isinstance(module, nn.Linear) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)):
-                logical = 2 * (inp.numel() // inp.shape[-1]) * math.prod(shape)  # nn.Linear, HF Conv1D
+                # nn.Linear, HF Conv1D: rows · in · out from the call itself, whatever the layer's
+                # attributes say (a weight replaced or reshaped by a parametrization: a review)
+                logical = 2 * inp.numel() * output.shape[-1]
         while self.stack:  # an exception may have skipped inner post-hooks
             m, start = self.stack.pop()
             end = torch._C._autograd._get_sequence_nr()
@@ -652,18 +653,12 @@ def _autograd_leaves(depth: int = 4) -> list[torch.Tensor] | None:
     return leaves
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, ...] | None:
-    """``module.weight``'s shape without reading a parametrized weight: each read runs the
-    parametrization, whose GEMMs (spectral norm's power iteration, orthogonal's) a trace
-    then counted again (a review: 4× a spectral-normed convolution's forward)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-    if isinstance(module, nn.Linear):
-        return (module.out_features, module.in_features)
-    if parametrize.is_parametrized(module, "weight"):
-        return None
-    weight = getattr(module, "weight", None)
-    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+def _weight_shape(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """A convolution's kernel shape from its attributes, without reading a parametrized
+    weight: each read runs the parametrization, whose GEMMs (spectral norm's power
+    iteration, orthogonal's) a trace then counted again (a review: 4× a spectral-normed
+    convolution's forward)."""
+    return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
 
 
 def _weights_shaped_like(out: Any, module: nn.Module | None, padded: bool = True) -> list[torch.Tensor]:

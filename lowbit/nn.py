@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, describe, not_a_config
-from .conversion import (ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
+from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
                          rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .formats import check_dense
@@ -484,8 +484,14 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     model = visit(model, "", None)
     for parent, name, out_proj in deferred:  # each as its attention's out_proj became
         done = memo.get(id(out_proj), out_proj)
-        if done is not out_proj and parent is not None:
-            setattr(parent, name.rpartition(".")[2], done)
+        if done is out_proj or parent is None:
+            continue
+        if isinstance(parent, nn.MultiheadAttention) and not getattr(parent, "calls_out_proj", False):
+            # the out_proj of a float attention, shared with another that converted (a review):
+            # it reads the weight and never calls the layer, which stays float here
+            skipped[name] = MHA_REASON
+            continue
+        setattr(parent, name.rpartition(".")[2], done)
     _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
     warn_backend_conflicts(config, model, bool(converted))

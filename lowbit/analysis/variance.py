@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -240,6 +240,27 @@ class VarianceReport:
         }
 
 
+@contextlib.contextmanager
+def _attention_runs(model: nn.Module) -> Iterator[list[bool]]:
+    """Whether a quantized attention product of ``model`` runs inside the block (their
+    gradient noise has no term in the bound; a converted attention the model never calls
+    adds none: a new user's trial found one unused attribute blanking every quant/bound
+    ratio): ``[ran]``, set on exit. The blocks' ``ran`` flags are put back as running them
+    would leave them, also when the block raises (a review)."""
+    layers = fqt_weight_layers(model)
+    blocks = [b for n, b in fqt_blocks(model).items() if n not in layers and b.config.is_fqt]
+    was = [b.ran for b in blocks]
+    for b in blocks:
+        b.ran = False
+    out = [False]
+    try:
+        yield out
+    finally:
+        out[0] = any(b.ran for b in blocks)
+        for b, w in zip(blocks, was):
+            b.ran = b.ran or w
+
+
 def _mean_pairs(acc: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     if not acc:
         return {}
@@ -363,18 +384,11 @@ def gradient_variance(
         raise ValueError("bound_batches/spectra need world_size 1 (the bound is per rank)")
     gen = torch.Generator().manual_seed(torch_seed(seed))
 
-    with configured(model, config) as m, frozen_buffers(m):
+    with configured(model, config) as m, frozen_buffers(m), _attention_runs(m) as attention_ran:
         layers = fqt_weight_layers(m)
         cfgs = {n: lay.config for n, lay in layers.items()}
         groups = parameter_groups(m)
         homes = weight_groups(m, groups)  # where each layer's ∇W noise lands (tied weights)
-        # quantized attention products that run in the measured steps (their gradient noise
-        # has no term in the bound); a converted attention the model never calls adds none
-        # (a new user's trial: one unused attribute blanked every quant/bound ratio)
-        attn_blocks = [b for n, b in fqt_blocks(m).items() if n not in layers and b.config.is_fqt]
-        attn_ran = [b.ran for b in attn_blocks]
-        for b in attn_blocks:
-            b.ran = False
         flat = FlatGrads(m, groups)
         index = parameter_index(m, flat)
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
@@ -450,9 +464,7 @@ def gradient_variance(
                 pairs_d.append(pd)
                 pairs_a.append(pa)
         bar.close()
-        attention_noise = any(b.ran for b in attn_blocks)
-        for b, was in zip(attn_blocks, attn_ran):
-            b.ran = b.ran or was
+    attention_noise = attention_ran[0]
 
     stats: dict[str, GroupVariance] = {}
     pred_d = [column_sums(p, list(groups)) for p in pairs_d]

@@ -276,6 +276,12 @@ def test_a_converted_attention_that_never_runs_leaves_the_bound_computed() -> No
     rep = gradient_variance(model, ce_loss, mlp_batches(3), repeats=3, bound_batches=1)
     assert all(math.isfinite(g.tightness_data) for g in rep.groups.values())
     assert not any(b.ran for n, b in lowbit.nn.fqt_blocks(model).items() if n.startswith("unused"))
+    # flags that were set stay set, also when the measurement fails (a review of the fix)
+    for b in lowbit.nn.fqt_blocks(model).values():
+        b.ran = True
+    with pytest.raises(TypeError):
+        gradient_variance(model, lambda m, b: ce_loss(m, b["x"]), mlp_batches(3), repeats=2)
+    assert all(b.ran for b in lowbit.nn.fqt_blocks(model).values())
 
 
 def test_the_table_shows_the_standard_error_of_a_ratio_above_one() -> None:

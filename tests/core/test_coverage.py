@@ -977,6 +977,19 @@ def test_a_weight_normed_layer_names_its_parametrization_and_its_passes(recipe: 
     assert r.flops(phase="grad_input") == r.flops(phase="grad_weight") - 2 * 2 * 4 * 36 * 27  # conv ∇W alone
 
 
+def test_a_linears_passes_count_the_weight_it_multiplies_not_its_attributes() -> None:
+    """A review: sizing a Linear from ``in_features``/``out_features`` counted a layer
+    whose weight was replaced by a (32, 64) one as (64, 64): its ∇X and ∇W twice their
+    work. The call's own input and output size it."""
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)),
+                           lowbit.FQTConfig.from_recipe("fqt-hadamard-8", seed=0))
+    model[2].weight, model[2].bias = nn.Parameter(torch.randn(32, 64)), nn.Parameter(torch.randn(32))
+    r = coverage(model, torch.randn(65, 64))
+    work = {p: sum(g.flops for g in r.rows if g.module == "2" and g.phase == p) for p in ("forward", "grad_input", "grad_weight")}
+    assert work == {p: 2 * 65 * 64 * 32 for p in work}
+
+
 @pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
 def test_a_parametrized_weight_runs_once_per_forward_under_the_trace(recipe: str) -> None:
     """A review: the trace's layer hook read ``module.weight`` to size the layer (three
