@@ -632,9 +632,10 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:
     """``module_filter`` answering each (module, name) from its first answer: ``convert``
-    may need an answer twice (an attention's ``out_proj`` reachable under another name is
-    decided before the swaps), and a filter that counts or keeps state must see each
-    question once (a review: a filter converting the first attention it met converted none)."""
+    may need an answer twice (a Hugging Face attention the swap asked about is asked again
+    for its ``lowbit_attention`` child, :func:`_attention_turned_down`), and a filter that
+    counts or keeps state must see each question once, in the traversal's order (a review:
+    a filter converting the first attention it met converted none)."""
     answers: dict[tuple[int, str], tuple[nn.Module, bool]] = {}
 
     def ask(module: nn.Module, name: str) -> bool:
