@@ -374,20 +374,24 @@ def _swap_mha(mod: nn.Module, config: FQTConfig, seed: int, name: str) -> nn.Mod
     return _mha_refusal(mod) or FQTMultiheadAttention.from_float(mod, config, seed, name, out_proj=False)
 
 
-def aliased_attention_out_projs(model: nn.Module) -> dict[int, nn.Module]:
-    """``id(out_proj) → attention`` for the plain ``nn.MultiheadAttention`` modules of
-    ``model`` whose ``out_proj`` is reachable under more than one name (``self.head =
-    attn.out_proj``). Such an attention reads ``out_proj.weight`` and never calls it:
-    where it stays float, its ``out_proj`` must stay float under every name, so ``convert``
-    decides an alias met before its attention only after the attention (a review: the first
-    name met converted it; a pre-pass that asked the module filter early changed what a
-    filter that keeps state chose, a second and third review)."""
+def aliased_attention_out_projs(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """``id(out_proj) → the attentions holding it`` for the plain
+    ``nn.MultiheadAttention`` modules of ``model`` whose ``out_proj`` is reachable under
+    more than one name (``self.head = attn.out_proj``, or two attentions sharing one). Such
+    an attention reads ``out_proj.weight`` and never calls it: where one stays float, the
+    ``out_proj`` must stay float under every name, so ``convert`` decides it once every
+    attention holding it has been met (reviews: the first name met converted it; a pre-pass
+    that asked the module filter early changed what a filter that keeps state chose; with
+    two attentions sharing it the result depended on their order)."""
     names: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
         names[id(mod)] = names.get(id(mod), 0) + 1
-    return {id(mod.out_proj): mod for _, mod in model.named_modules()
-            if isinstance(mod, nn.MultiheadAttention) and not getattr(mod, "calls_out_proj", False)
-            and names.get(id(mod.out_proj), 0) > 1}
+    out: dict[int, list[nn.Module]] = {}
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and not getattr(mod, "calls_out_proj", False) \
+                and names.get(id(mod.out_proj), 0) > 1:
+            out.setdefault(id(mod.out_proj), []).append(mod)
+    return out
 
 
 SWAP_RULES = (

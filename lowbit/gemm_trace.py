@@ -202,9 +202,16 @@ class _ModuleSpans:
                 logical = flops.conv_flops((*lead, *inp.shape), shape, (*lead, *output.shape), False)
             elif inp.dim() >= 1 and inp.shape[-1] and output.dim() >= 1 \
                     and (isinstance(module, nn.Linear) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)):
-                # nn.Linear, HF Conv1D: rows · in · out from the call itself, whatever the layer's
-                # attributes say (a weight replaced or reshaped by a parametrization: a review)
-                logical = 2 * inp.numel() * output.shape[-1]
+                # nn.Linear, HF Conv1D: rows · in · out, ``out`` from the weight it multiplies
+                # (not the attributes: a weight replaced, a review; not the output a user's
+                # forward hook may have reshaped, a second review), or from the output where
+                # the weight is made by a parametrization (reading it would run it again)
+                weight = module._parameters.get("weight")
+                if weight is None or weight.dim() != 2:
+                    out = output.shape[-1]
+                else:  # nn.Linear's (out, in); HF Conv1D's (in, out)
+                    out = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
+                logical = 2 * inp.numel() * out
         while self.stack:  # an exception may have skipped inner post-hooks
             m, start = self.stack.pop()
             end = torch._C._autograd._get_sequence_nr()

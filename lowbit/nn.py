@@ -359,7 +359,8 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     Only faithful swaps are made (:func:`lowbit.conversion.skip_reason`): a module whose
     class is a subclass, that carries hooks, owns extra parameters/buffers, is not yet
     materialized (lazy) or is read by its parent without being called
-    (``out_proj`` of an ``nn.MultiheadAttention`` left float) is left alone, listed in the report's
+    (``out_proj`` of an ``nn.MultiheadAttention`` left float: under every name it has, also
+    where a converted attention shares it) is left alone, listed in the report's
     ``skipped`` with the reason and in one :class:`ConversionWarning`; so are torch's GEMM
     layers lowbit has no layer for (``Conv3d``, ``ConvTranspose*``, ``RNN``/``LSTM``/``GRU``
     and their cells, ``Bilinear``). A model in which nothing was converted, skipped or
@@ -421,12 +422,16 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         if plain not in probes:  # what an FQT layer holds, for attribute clashes
             probe = nn.Linear(1, 1, device="meta") if plain is nn.Linear else plain(1, 1, 1, device="meta")
             probes[plain] = cls.from_float(probe, config, seed=0)
-        attn = aliased.get(id(module))
-        if attn is not None and id(attn) not in started:  # an out_proj met before its attention:
-            deferred.append((parent, name, module))  # decided once the attention is (below)
+        holders = aliased.get(id(module), ())
+        if any(id(h) not in started for h in holders):  # an out_proj met before an attention holding it:
+            deferred.append((parent, name, module))  # decided once every one is (below)
             just_deferred.append(module)
             return module
-        reason = skip_reason(module, parent, plain, probes[plain])
+        # the attentions holding it as they end up (the one being visited: its replacement,
+        # ``parent``): any left float reads its weight, so it stays float under every name
+        ends = [memo.get(id(h), parent) for h in holders]
+        reason = MHA_REASON if any(_reads_out_proj(e) for e in ends) else \
+            skip_reason(module, parent, plain, probes[plain])
         if reason is not None:
             skipped[name] = reason
             return module
@@ -482,16 +487,15 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         return new
 
     model = visit(model, "", None)
-    for parent, name, out_proj in deferred:  # each as its attention's out_proj became
+    for parent, name, out_proj in deferred:  # each as the out_proj became
         done = memo.get(id(out_proj), out_proj)
-        if done is out_proj or parent is None:
-            continue
-        if isinstance(parent, nn.MultiheadAttention) and not getattr(parent, "calls_out_proj", False):
-            # the out_proj of a float attention, shared with another that converted (a review):
-            # it reads the weight and never calls the layer, which stays float here
-            skipped[name] = MHA_REASON
-            continue
-        setattr(parent, name.rpartition(".")[2], done)
+        if done is out_proj:  # float: a float attention holding it reads its weight
+            if getattr(parent, "calls_out_proj", False):  # a converted one calls it
+                skipped[name] = MHA_REASON + " (shared with a float nn.MultiheadAttention)"
+            elif _reads_out_proj(parent):
+                skipped[name] = MHA_REASON
+        elif parent is not None and not _reads_out_proj(parent):
+            setattr(parent, name.rpartition(".")[2], done)
     _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
     warn_backend_conflicts(config, model, bool(converted))
@@ -628,6 +632,11 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
+
+
+def _reads_out_proj(module: nn.Module | None) -> bool:
+    """A float ``nn.MultiheadAttention``: it reads ``out_proj.weight`` and never calls it."""
+    return isinstance(module, nn.MultiheadAttention) and not getattr(module, "calls_out_proj", False)
 
 
 def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:

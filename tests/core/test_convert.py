@@ -416,21 +416,26 @@ def test_an_out_proj_of_a_float_attention_stays_float_under_every_name(alias_fir
         assert model.head is model.attn.out_proj and isinstance(model.head, FQTLinear)
 
 
-def test_an_out_proj_shared_by_a_float_and_a_converted_attention_stays_float_in_the_float_one() -> None:
-    """A review: with ``b.out_proj = a.out_proj`` and ``a`` kept float, the deferred alias
-    put the ``FQTLinear`` that ``b`` converted into the float ``a``, which reads its weight
-    and never calls it."""
+@pytest.mark.parametrize("order", [("a", "b", "head"), ("b", "head", "a"), ("head", "b", "a")])
+def test_an_out_proj_shared_by_a_float_and_a_converted_attention_stays_float_everywhere(order) -> None:
+    """Reviews: with ``b.out_proj = a.out_proj`` and ``a`` kept float, the result depended
+    on the attributes' order — the ``FQTLinear`` that ``b`` converted was put into the float
+    ``a``, or ``b``'s out_proj stayed float without a word. Now, in every order, a float
+    attention holding it keeps it float under every name, and each attention's name says so."""
     class Two(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)
-            self.b.out_proj = self.a.out_proj
+            a, b = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)
+            b.out_proj = a.out_proj
+            for k in order:
+                setattr(self, k, {"a": a, "b": b, "head": a.out_proj}[k])
 
     model, report, _ = convert_quietly(Two(), module_filter=lambda m, n: n != "a")
     assert type(model.a) is nn.MultiheadAttention and type(model.b) is FQTMultiheadAttention
-    assert type(model.a.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert isinstance(model.b.out_proj, FQTLinear) and model.b.out_proj.weight is model.a.out_proj.weight
-    assert report.skipped == {"a.out_proj": MHA_REASON}
+    assert model.a.out_proj is model.b.out_proj is model.head
+    assert type(model.head) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert set(report.skipped) == {"a.out_proj", "b.out_proj"} and report.converted == ("b",)
+    assert all(r.startswith(MHA_REASON) for r in report.skipped.values())
 
 
 def test_the_filter_is_asked_once_per_module_and_name() -> None:

@@ -988,6 +988,12 @@ def test_a_linears_passes_count_the_weight_it_multiplies_not_its_attributes() ->
     r = coverage(model, torch.randn(65, 64))
     work = {p: sum(g.flops for g in r.rows if g.module == "2" and g.phase == p) for p in ("forward", "grad_input", "grad_weight")}
     assert work == {p: 2 * 65 * 64 * 32 for p in work}
+    # nor the output a forward hook reshaped (a second review: a quarter of the work counted)
+    heads = lowbit.convert(nn.Sequential(nn.Linear(64, 64)), lowbit.FQTConfig.from_recipe("fqt-hadamard-8", seed=0))
+    heads[0].register_forward_hook(lambda m, a, out: out.unflatten(-1, (4, 16)))  # (65, 4, 16)
+    r = coverage(heads, torch.randn(65, 64), loss_fn=lambda o: o.sum())
+    assert {p: sum(g.flops for g in r.rows if g.phase == p) for p in ("forward", "grad_weight")} \
+        == {p: 2 * 65 * 64 * 64 for p in ("forward", "grad_weight")}
 
 
 @pytest.mark.parametrize("recipe", ["fp", "fqt-psq-8"])
