@@ -354,11 +354,17 @@ def coverage(model: nn.Module, *example_inputs: Any,
     other than ``loss_fn``/``model_kwargs`` (the model's go in ``model_kwargs``), ``ValueError`` when
     the loss is not a floating 0-d tensor that requires grad, or when a parameter has a
     post-accumulate-grad hook (an optimizer step in the backward: the step could not be
-    undone). Under DDP or FSDP2 call it on every rank (its backward runs collectives);
+    undone). A ``torch.compile``'d model is traced as its original module (the same
+    GEMMs, their rows under the original names). Under DDP or FSDP2 call it on every rank (its backward runs collectives);
     lowbit's communication hook's state is put back, other hooks' state is not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        # torch.compile(model): its code does not run under the trace's dispatch mode (the
+        # default falls back to eager; fullgraph=True raised "found no compiled frames", a
+        # review), so the original module is traced, under its own names
+        model = model._orig_mod
     if unexpected:  # coverage(gpt2, input_ids=ids): the usual way to call an HF model
         raise TypeError(f"coverage() got keyword arguments {sorted(unexpected)}: pass the model's "
                         f"keyword inputs as model_kwargs=dict({', '.join(f'{k}=…' for k in sorted(unexpected))})")

@@ -977,6 +977,22 @@ def test_a_weight_normed_layer_names_its_parametrization_and_its_passes(recipe: 
     assert r.flops(phase="grad_input") == r.flops(phase="grad_weight") - 2 * 2 * 4 * 36 * 27  # conv ∇W alone
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_model_is_traced_as_its_original_module(fullgraph: bool) -> None:
+    """A review: ``coverage(torch.compile(m, fullgraph=True), x)`` raised torch's "found
+    no compiled frames" (compiled code does not run under a dispatch mode), and the default
+    compile's rows carried ``_orig_mod.`` names. The original module is traced: the same
+    rows as the eager model."""
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)),
+                           lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    x = torch.randn(2, 3, 8, 8)
+    eager = coverage(model, x)
+    compiled = coverage(torch.compile(model, fullgraph=fullgraph), x)
+    assert [(g.module, g.phase, g.flops, g.weight) for g in compiled.rows] == \
+        [(g.module, g.phase, g.flops, g.weight) for g in eager.rows]
+
+
 def test_a_linears_passes_count_the_weight_it_multiplies_not_its_attributes() -> None:
     """A review: sizing a Linear from ``in_features``/``out_features`` counted a layer
     whose weight was replaced by a (32, 64) one as (64, 64): its ∇X and ∇W twice their
