@@ -26,7 +26,7 @@ from torch import nn
 from .attention import attention
 from .attention_args import autocast_on
 from .config import FQTConfig
-from .conversion import SwapRule, hooks_reason, mha_reason
+from .conversion import SwapRule, hooks_reason, mha_reason, reads_out_proj
 from .formats import check_dense
 from .functional import fqt_linear
 from .nn import FQTLinear, _StochasticLayer, check_source
@@ -388,8 +388,7 @@ def aliased_attention_out_projs(model: nn.Module) -> dict[int, list[nn.Module]]:
         names[id(mod)] = names.get(id(mod), 0) + 1
     out: dict[int, list[nn.Module]] = {}
     for _, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention) and not getattr(mod, "calls_out_proj", False) \
-                and names.get(id(mod.out_proj), 0) > 1:
+        if reads_out_proj(mod) and names.get(id(mod.out_proj), 0) > 1:
             out.setdefault(id(mod.out_proj), []).append(mod)
     return out
 

@@ -124,6 +124,12 @@ _MHA_PARAMS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_
                          "in_proj_bias", "bias_k", "bias_v"})
 
 
+def reads_out_proj(module: nn.Module | None) -> bool:
+    """A float ``nn.MultiheadAttention`` (not lowbit's, which sets ``calls_out_proj``): its
+    forward reads ``out_proj.weight`` and never calls ``out_proj``."""
+    return isinstance(module, nn.MultiheadAttention) and not getattr(module, "calls_out_proj", False)
+
+
 def mha_reason(module: nn.Module) -> str | None:
     """Why an ``nn.MultiheadAttention`` cannot become an ``FQTMultiheadAttention`` that
     computes the same thing, or ``None``: it must be exactly that class, without hooks or
@@ -195,7 +201,7 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
     ``NonDynamicallyQuantizableLinear`` counts as a plain ``nn.Linear``, except converted
     on its own (no parent): it exists only as that attention's ``out_proj``.
     """
-    if isinstance(parent, nn.MultiheadAttention) and not getattr(parent, "calls_out_proj", False):
+    if reads_out_proj(parent):
         return MHA_REASON
     if parent is None and type(module) is NonDynamicallyQuantizableLinear:  # convert(mha.out_proj)
         return OUT_PROJ_REASON

@@ -28,7 +28,7 @@ from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, describe, not_a_config
 from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
-                         rebuild, skip_reason)
+                         reads_out_proj, rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .formats import check_dense
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
@@ -430,7 +430,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         # the attentions holding it as they end up (the one being visited: its replacement,
         # ``parent``): any left float reads its weight, so it stays float under every name
         ends = [memo.get(id(h), parent) for h in holders]
-        reason = MHA_REASON if any(_reads_out_proj(e) for e in ends) else \
+        reason = MHA_REASON if any(reads_out_proj(e) for e in ends) else \
             skip_reason(module, parent, plain, probes[plain])
         if reason is not None:
             skipped[name] = reason
@@ -492,9 +492,9 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         if done is out_proj:  # float: a float attention holding it reads its weight
             if getattr(parent, "calls_out_proj", False):  # a converted one calls it
                 skipped[name] = MHA_REASON + " (shared with a float nn.MultiheadAttention)"
-            elif _reads_out_proj(parent):
+            elif reads_out_proj(parent):
                 skipped[name] = MHA_REASON
-        elif parent is not None and not _reads_out_proj(parent):
+        elif parent is not None and not reads_out_proj(parent):
             setattr(parent, name.rpartition(".")[2], done)
     _rekey_kept(model, kept)
     _mark_sequence_first(model, FQTMultiheadAttention)
@@ -632,11 +632,6 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
     return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
-
-
-def _reads_out_proj(module: nn.Module | None) -> bool:
-    """A float ``nn.MultiheadAttention``: it reads ``out_proj.weight`` and never calls it."""
-    return isinstance(module, nn.MultiheadAttention) and not getattr(module, "calls_out_proj", False)
 
 
 def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:

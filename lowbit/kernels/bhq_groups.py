@@ -275,10 +275,10 @@ def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
             and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous() and lam.shape[0] >= 2
             and dtype in (torch.float32, torch.float64) and _enabled and available()):
         return False
-    top = float(lam.max())  # NaN if any entry is NaN
+    lo, top = (float(t) for t in torch.aminmax(lam))  # NaN if any entry is NaN; one pass
     # no negative range (ranges are absolute values; the C code assumes it: a review found
     # other groups than the reference's for negative ranges)
-    return math.isfinite(top) and top > 0 and not bool((lam < 0).any())
+    return math.isfinite(top) and top > 0 and lo >= 0
 
 
 @compiled.disable_tracing
