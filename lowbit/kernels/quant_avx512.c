@@ -293,35 +293,97 @@ void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t
     }
 }
 
+/* BHQ's group sums, one band of columns: acc[group[r] * acc_ld + c] for c < width, over
+ * the rows r in ascending order, of w[r] * x[r, c0 + c] (each product rounded to float32,
+ * then added to a float32 sum that starts at +0: at the group's first row, first[r], the
+ * sum is 0 + w[r] x[r]). Going down the rows reads x in memory order; the band's sums
+ * stay in cache. */
+static void band_sums(const void *x, int dtype, int64_t rows, int64_t ld, int64_t c0, int64_t width,
+                      const float *w, const int64_t *group, const uint8_t *first, float *acc, int64_t acc_ld) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *ar = acc + group[r] * acc_ld;
+        const __m512 wr = _mm512_set1_ps(w[r]);
+        const __mmask16 keep = first[r] ? 0 : 0xFFFF;
+        for (int64_t c = 0; c < width; c += 16) {
+            const __mmask16 k = tail_mask(width - c);
+            const __m512 p = _mm512_mul_ps(load16(x, r * ld + c0 + c, k, dtype), wr);
+            _mm512_mask_storeu_ps(ar + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k & keep, ar + c), p));
+        }
+    }
+}
+
+/* first[r] = whether row r is the first (lowest) row of its group; seen: n_groups bytes of
+ * scratch, left as whether each group has a row. */
+static void first_rows(int64_t rows, const int64_t *group, int64_t n_groups, uint8_t *first, uint8_t *seen) {
+    memset(seen, 0, (size_t)n_groups);
+    for (int64_t r = 0; r < rows; r++) {
+        first[r] = !seen[group[r]];
+        seen[group[r]] = 1;
+    }
+}
+
 /* BHQ's group sums dots[j, :] = sum over the rows r of group j of w[r] * x[r, :], the rows in
  * ascending order, each product rounded to float32 and then added to a float32 sum that
  * starts at +0 (lowbit.quantizers.bhq._group_sums on the CPU: torch's index_add_ of the
- * weighted rows, which adds the rows one by one in index order). Group j's rows are
- * members[crow[j] : crow[j + 1]], ascending. x (rows, cols) of type dtype with row stride
- * ld; w (rows,) float32; dots (n_groups, cols) row-major. Each task is one group and a
- * band of at most 256 columns, summed in registers: every element's additions keep the
- * reference's order whatever the threads. */
-#define GS_BAND 256
-void lowbit_bhq_group_sums(const void *x, int dtype, int64_t cols, int64_t ld, const float *w,
-                           const int64_t *crow, const int64_t *members, int64_t n_groups, float *dots,
+ * weighted rows, which adds the rows one by one in index order); a group without rows
+ * sums to +0. x (rows, cols) of type dtype with row stride ld; w (rows,) float32; group
+ * (rows,) int64 in [0, n_groups); dots (n_groups, cols) row-major. The threads take bands
+ * of band columns (a multiple of 16), each band summed going down all the rows, so every
+ * element's additions keep the reference's order whatever the threads. scratch: rows +
+ * n_groups bytes. (Until 2026-12-06 each task was one group's member rows: the text GPT's
+ * gradients have ~1,000 groups of ~2 rows, and the tasks' scheduling cost more than the
+ * sums.) */
+void lowbit_bhq_group_sums(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *w,
+                           const int64_t *group, int64_t n_groups, int64_t band, uint8_t *scratch, float *dots,
                            int threads) {
-    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
-    for (int64_t task = 0; task < n_groups * bands; task++) {
-        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
-        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
-        __m512 acc[GS_BAND / 16];
-        for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
-        for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
-            const int64_t r = members[m];
-            const __m512 wr = _mm512_set1_ps(w[r]);
-            for (int64_t i = 0; i < nv; i++) {
-                const __mmask16 k = tail_mask(width - 16 * i);
-                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), wr));
+    uint8_t *first = scratch, *seen = scratch + rows;
+    first_rows(rows, group, n_groups, first, seen);
+    for (int64_t j = 0; j < n_groups; j++)
+        if (!seen[j]) memset(dots + j * cols, 0, (size_t)cols * sizeof(float));
+    const int64_t bands = (cols + band - 1) / band;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t b = 0; b < bands; b++) {
+        const int64_t c0 = b * band, width = cols - c0 < band ? cols - c0 : band;
+        band_sums(x, dtype, rows, ld, c0, width, w, group, first, dots + c0, cols);
+    }
+}
+
+/* BHQ's inverse with its own group sums: out = S^-1 (y - 2 v dots[group]) with
+ * dots[j, :] = sum over group j's rows of v[r] * y[r, :] (lowbit_bhq_group_sums' order and
+ * arithmetic; then lowbit_bhq_inverse_rows'), one band of band columns (a multiple of 16)
+ * at a time: a band's sums going down all the rows, then the band's inverse while its
+ * rows are still in cache, so that y is read from memory once instead of twice.
+ * acc: threads * n_groups * band floats; scratch: rows + n_groups bytes. y, out float32
+ * row-major with row strides ldy, ldo (out == y: in place); s, v, v2 (= 2 v) float32 and
+ * group (rows,) int64 in [0, n_groups). */
+void lowbit_bhq_sums_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, const float *s,
+                             const float *v, const float *v2, const int64_t *group, int64_t n_groups,
+                             int64_t band, float *acc, uint8_t *scratch, float *out, int64_t ldo, int threads) {
+    uint8_t *first = scratch;
+    first_rows(rows, group, n_groups, first, scratch + rows);
+    const int64_t bands = (cols + band - 1) / band;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *a = acc + (int64_t)t * n_groups * band;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < bands; b++) {
+            const int64_t c0 = b * band, width = cols - c0 < band ? cols - c0 : band;
+            band_sums(y, F32, rows, ldy, c0, width, v, group, first, a, band);
+            for (int64_t r = 0; r < rows; r++) {
+                const float *yr = y + r * ldy + c0, *ar = a + group[r] * band;
+                float *o = out + r * ldo + c0;
+                const __m512 vv = _mm512_set1_ps(v2[r]), vs = _mm512_set1_ps(s[r]);
+                for (int64_t c = 0; c < width; c += 16) {
+                    const __mmask16 k = tail_mask(width - c);
+                    const __m512 u = _mm512_maskz_loadu_ps(k, yr + c), d = _mm512_maskz_loadu_ps(k, ar + c);
+                    _mm512_mask_storeu_ps(o + c, k, _mm512_div_ps(_mm512_sub_ps(u, _mm512_mul_ps(vv, d)), vs));
+                }
             }
         }
-        for (int64_t i = 0; i < nv; i++)
-            _mm512_mask_storeu_ps(dots + j * cols + c0 + 16 * i, tail_mask(width - 16 * i), acc[i]);
     }
 }
 

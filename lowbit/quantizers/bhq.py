@@ -100,11 +100,23 @@ def _forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, 
                               rounding, seed)
 
 
+def _sums_inverse(k: Kernels, y: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, t: BlockHouseholder,
+                  out_dtype: torch.dtype, overwrite: bool = False) -> torch.Tensor:
+    """``T⁻¹ y``: the group sums ``Σ_group v y`` (op ``bhq_group_sums``), then the inverse
+    (op ``bhq_inverse``), each on the call's kernels ``k``. The native kernel of this op
+    (:func:`lowbit.kernels.avx512.run_bhq_sums_inverse`) does both from one read of ``y``,
+    bit for bit."""
+    dots = k.run("bhq_group_sums", y, v, t)
+    return k.run("bhq_inverse", y, dots, scale, v, t.group, out_dtype, overwrite)
+
+
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
 register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.supports_bhq_inverse)
+register("bhq_sums_inverse", Impl.REFERENCE, _sums_inverse)
+register("bhq_sums_inverse", Impl.NATIVE, avx512.run_bhq_sums_inverse, ("cpu",), avx512.supports_bhq_sums_inverse)
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
@@ -201,8 +213,7 @@ class BlockHouseholder(RowTransform):
         dt = torch.promote_types(torch.promote_types(y.dtype, self.scale.dtype), torch.float32)
         y, v, scale = y.to(dt), self.v.to(dt), self.scale.to(dt)
         k = self._k(y)
-        dots = k.run("bhq_group_sums", y, v, self)
-        return k.run("bhq_inverse", y, dots, scale, v, self.group, out_dtype, overwrite)
+        return k.run("bhq_sums_inverse", k, y, v, scale, self, out_dtype, overwrite)
 
     def inverse_sq(self, var: torch.Tensor) -> torch.Tensor:
         # Σ_i H_ji² r_i = r_j (1 − 4 v_j²) + 4 v_j² Σ_{i∈group} v_i² r_i, then / s_j².

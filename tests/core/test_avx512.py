@@ -871,6 +871,64 @@ def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.d
 
 
 @needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96)])
+@pytest.mark.parametrize("groups", ["two", "many", "empty"])
+def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: str) -> None:
+    """BHQ's inverse with its own group sums (one banded kernel) against the reference's
+    two ops, ``sequential_group_sums`` then ``_apply_inverse``: two groups of which one
+    holds nearly every row (the text GPT's gradients), many, and ids that leave groups
+    empty; NaN and ±Inf values and a zero scale; bands of 16 columns to the default,
+    1–3 threads, a new tensor or ``y`` overwritten; what it cannot take is refused."""
+    from lowbit.quantizers.bhq import BlockHouseholder, _apply_inverse, sequential_group_sums
+
+    g = torch.Generator().manual_seed(shape[0] + len(groups))
+    n, d = shape
+    y = _operand(shape, g).clamp(-6e4, 6e4)
+    y[0, 0] = float("nan")
+    y[-1, -1] = float("inf")
+    n_groups = {"two": 2, "many": max(1, n // 3), "empty": n + 5}[groups]
+    group = torch.randint(0, n_groups, (n,), generator=g)
+    if groups == "two":
+        group = (torch.rand(n, generator=g) < 0.02).long()
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    scale[n // 2] = 0.0
+    t = BlockHouseholder(scale, v, group, n_groups)
+    want = _apply_inverse(y, sequential_group_sums(y, v, t), scale, v, group, torch.float32)
+    for threads in (1, 3):
+        with num_threads(threads):
+            assert avx512.supports_bhq_sums_inverse(None, y, v, scale, t, torch.float32)
+            assert _same(avx512.run_bhq_sums_inverse(None, y, v, scale, t, torch.float32), want)
+            for band in (16, 48):
+                assert _same(avx512._bhq_sums_inverse(avx512._library(), y, v, scale, group, n_groups, False,
+                                                      threads, band), want)
+            y2 = y.clone()
+            got = avx512.run_bhq_sums_inverse(None, y2, v, scale, t, torch.float32, True)
+            assert got.data_ptr() == y2.data_ptr() and _same(got, want)
+    assert not avx512.supports_bhq_sums_inverse(None, y, v, scale, t, torch.bfloat16)
+    assert not avx512.supports_bhq_sums_inverse(None, y.double(), v.double(), scale.double(),
+                                                BlockHouseholder(scale.double(), v.double(), group, n_groups),
+                                                torch.float64)
+    for wrong in (n_groups, -1):  # an id past the groups, a negative one
+        bad = group.clone()
+        bad[0] = wrong
+        assert not avx512.supports_bhq_sums_inverse(None, y, v, scale, BlockHouseholder(scale, v, bad, n_groups),
+                                                    torch.float32)
+
+
+def test_group_sum_bands_fit_and_split() -> None:
+    # a band of rows (or sums) stays within the cache budget where 16 columns allow, is a
+    # multiple of 16 columns from 16 to 256, and the columns split into at least one band
+    # per thread where they allow
+    for rows, cols, threads in ((2048, 256, 2), (8192, 64, 2), (1, 5, 1), (64, 4096, 4), (10**6, 7, 2),
+                                (1000, 1024, 2), (3, 40, 3)):
+        band = avx512.sums_band(rows, cols, threads)
+        assert band % 16 == 0 and 16 <= band <= 256
+        assert rows * band * 4 <= avx512.SUMS_BAND_BYTES or band == 16
+        assert -(-cols // band) >= min(threads, -(-cols // 16))
+    assert avx512.sums_band(2048, 256, 2) == 32 and avx512.sums_band(1000, 1024, 2) == 64
+
+
+@needs_avx512
 def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
     import lowbit
     from lowbit.kernels import Impl, register
@@ -885,18 +943,24 @@ def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
         return [x.grad, *(p.grad for p in model.parameters())]
 
     calls = []
-    real = avx512.run_bhq_inverse
+    fused, real = avx512.run_bhq_sums_inverse, avx512.run_bhq_inverse
     try:
-        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(1) or real(*a), ("cpu",),
-                 avx512.supports_bhq_inverse)
+        register("bhq_sums_inverse", Impl.NATIVE, lambda *a: calls.append(1) or fused(*a), ("cpu",),
+                 avx512.supports_bhq_sums_inverse)
         fast = grads()
         assert len(calls) == 3  # each layer's ∇X
+        register("bhq_sums_inverse", Impl.NATIVE, fused, ("cpu",), lambda *a: False)
+        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(2) or real(*a), ("cpu",),
+                 avx512.supports_bhq_inverse)
+        two_ops = grads()
+        assert calls.count(2) == 3  # the group sums and the inverse apart
         register("bhq_inverse", Impl.NATIVE, real, ("cpu",), lambda *a: False)
         slow = grads()
     finally:
+        register("bhq_sums_inverse", Impl.NATIVE, fused, ("cpu",), avx512.supports_bhq_sums_inverse)
         register("bhq_inverse", Impl.NATIVE, real, ("cpu",), avx512.supports_bhq_inverse)
-    for a, b in zip(fast, slow, strict=True):
-        assert torch.equal(a, b)
+    for a, b, c in zip(fast, two_ops, slow, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @needs_avx512
