@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import SUPPORTED_DTYPES, check_dense, check_one_device, compute_dtype
-from .gradpair import quantize_grad_pair
+from .gradpair import quantize_grad_pair, quantize_grad_pair_mixed
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind, stochastic_forward_paths
@@ -200,7 +200,9 @@ def _linear_backward(gy: torch.Tensor, qx: QuantizedOperand, qw: QuantizedOperan
         if needs[0] and needs[1] and qx.codes.numel() and qw.codes.numel():
             # both quantizations of ∇Y from one read where they allow it (lowbit.gradpair)
             pair = quantize_grad_pair(gy, cfg.grad_input, gens.get(Path.GRAD_INPUT),
-                                      cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), k)
+                                      cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), k) \
+                or quantize_grad_pair_mixed(gy, cfg.grad_input, gens.get(Path.GRAD_INPUT),
+                                            cfg.grad_weight, gens.get(Path.GRAD_WEIGHT), k)
         # the GEMMs' phase for lowbit.coverage (a GEMM in row panels has no weight-shaped
         # output to recognise ∇W by: lowbit.kernels.int8.gemm)
         if pair is not None:

@@ -24,7 +24,10 @@ channel-major order. A batch of gradients (B, N, out) — attention's ``∇O`` a
 one entry per (batch, head) — pairs its rows (B·N, out) with each entry's transpose
 (B·out, N) (:func:`quantize_batched_pair`), used by :mod:`lowbit.attention`.
 
-Where only the ``∇W`` side is plain (a row-mixing ``∇X`` quantizer: BHQ, Hadamard),
+A linear layer's pair where ``∇X``'s quantizer is BHQ (it mixes rows, within groups) is
+:func:`quantize_grad_pair_mixed`: BHQ's transform quantizes ``∇Y``'s columns alongside
+its own transformed rows, from one read for both ranges and one for both code tensors.
+Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X`` quantizer: BHQ, Hadamard),
 :func:`quantize_grad_w` quantizes that side alone, reading a convolution's or attention's
 gradient as it lies instead of copying it channel-major or transposed first.
 """
@@ -39,7 +42,7 @@ from .config import GradSpec
 from .formats import Format, Granularity, Rounding
 from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
-from .quantizers.base import Identity, sr_seed
+from .quantizers.base import Identity, check_operand, sr_seed
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -190,6 +193,39 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
     return run_pair(op, gy, spec_a, ops["a"], spec_w, ops["w"], k)  # type: ignore[arg-type]
 
 
+def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
+                             spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels
+                             ) -> tuple[QuantizedOperand, QuantizedOperand] | None:
+    """:func:`quantize_grad_pair` of a linear layer's ``gy`` (N, out) where ``Q_a`` mixes
+    rows with a transform that quantizes ``∇Y``'s columns alongside its own rows (a
+    quantizer whose ``pairs_columns`` is true: BHQ, :meth:`BlockHouseholder.forward_quantize_pair
+    <lowbit.quantizers.bhq.BlockHouseholder.forward_quantize_pair>`): bitwise what
+    ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
+    gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s).
+    ``None`` (nothing drawn) where that does not apply: ``Q_a`` without ``pairs_columns``,
+    predicted or ``None``, ``Q_w`` not plain, fused kernels off, an empty or non-2-D
+    ``gy``."""
+    if gy.dim() != 2 or not (k.fused and gy.numel()) or spec_a is None or spec_a.predicted or not plain(spec_w):
+        return None
+    q = get_quantizer(spec_a.quantizer)
+    if not getattr(q, "pairs_columns", False):
+        return None
+    check_operand(gy, f"{q.name}.quantize")
+    with scope("lowbit::transform"):
+        t = q.transform(gy, gen_a, k)
+        t.kernels = k
+    if not hasattr(t, "forward_quantize_pair"):  # pragma: no cover - a quantizer marked pairs_columns without it
+        raise TypeError(f"quantizer {q.name!r} sets pairs_columns but its {type(t).__name__} transform has no "
+                        "forward_quantize_pair")
+    seed_a = sr_seed(gen_a, spec_a.rounding, gy.device)
+    gran_w, rnd_w, seed_w, t_w = draw(gy, spec_w, gen_w, gy.shape[1], k)  # type: ignore[arg-type]
+    enc_a, enc_w = t.forward_quantize_pair(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a,
+                                           spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
+    grid_notes.note(enc_a.codes, spec_a.format)
+    grid_notes.note(enc_w.codes, spec_w.format)  # type: ignore[union-attr]
+    return QuantizedOperand.of(enc_a, t), QuantizedOperand.of(enc_w, t_w)
+
+
 def run_pair(op: str, gy: torch.Tensor, spec_a: GradSpec, drawn_a: tuple, spec_w: GradSpec, drawn_w: tuple,
              k: Kernels, *extra: object) -> tuple[QuantizedOperand, QuantizedOperand]:
     """The kernel-table pair op ``op`` on ``gy`` with what :func:`draw` drew for each side
@@ -206,4 +242,4 @@ def run_pair(op: str, gy: torch.Tensor, spec_a: GradSpec, drawn_a: tuple, spec_w
 
 
 __all__ = ["quantize_batched_pair", "quantize_batched_w", "quantize_conv_pair", "quantize_conv_w",
-           "quantize_grad_pair", "quantize_grad_w", "quantize_pair"]
+           "quantize_grad_pair", "quantize_grad_pair_mixed", "quantize_grad_w", "quantize_pair"]

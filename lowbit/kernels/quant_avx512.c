@@ -159,43 +159,52 @@ void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
 }
 
 
-/* max |x[r, :]| (NaN where the row holds a NaN), and cm[c] = max(cm[c], |x[r, c]|) keeping NaN. */
+/* max |(T x)[r, :]| (NaN where the row holds a NaN; t NULL: T the identity), and
+ * cm[c] = max(cm[c], |x[r, c]|) keeping NaN (x itself, never transformed). */
 static inline float row_and_column_absmax(const void *x, int dtype, int64_t r, int64_t cols, int64_t ld,
-                                          float *cm) {
+                                          const RowTransform *t, float *cm) {
     __m512 m = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t c = 0; c < cols; c += 16) {
         const __mmask16 k = tail_mask(cols - c);
-        const __m512 v = _mm512_abs_ps(load16(x, r * ld + c, k, dtype));
+        const __m512 xv = load16(x, r * ld + c, k, dtype);
+        const __m512 v = _mm512_abs_ps(xv);
         const __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        m = _mm512_max_ps(m, v);
-        nan |= vn;
+        if (t) {  /* as row_absmax: lanes past the row are 0 */
+            const __m512 tv = _mm512_maskz_mov_ps(k, _mm512_abs_ps(transform16(xv, t, r, cols, c, k)));
+            m = _mm512_max_ps(m, tv);
+            nan |= _mm512_cmp_ps_mask(tv, tv, _CMP_UNORD_Q);
+        } else {
+            m = _mm512_max_ps(m, v);
+            nan |= vn;
+        }
         const __m512 nw = _mm512_max_ps(v, _mm512_maskz_loadu_ps(k, cm + c));  /* old NaN -> old (2nd operand) */
         _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, vn, v));       /* new NaN -> NaN */
     }
     return nan ? NAN : _mm512_reduce_max_ps(m);
 }
 
-/* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted), camax (cols).
+/* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted) of
+ * T x's rows (t NULL: x's), camax (cols) of x's columns.
  * scratch: threads * cols floats (one column maximum per thread, merged at the end). */
-static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
-                        float *camax, float *scratch, int threads) {
+static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const RowTransform *t,
+                        float *ramax, float *camax, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0, nt = 1;
+        int tid = 0, nt = 1;
 #ifdef _OPENMP
-        t = omp_get_thread_num();
+        tid = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        float *cm = scratch + (int64_t)t * cols;
+        float *cm = scratch + (int64_t)tid * cols;
         memset(cm, 0, (size_t)cols * sizeof(float));
-        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
+        int64_t lo = rows * tid / nt, hi = rows * (tid + 1) / nt;
         for (int64_t r = lo; r < hi; r++) {
-            const float m = row_and_column_absmax(x, dtype, r, cols, ld, cm);
+            const float m = row_and_column_absmax(x, dtype, r, cols, ld, t, cm);
             if (ramax) ramax[r] = m;
         }
 #pragma omp barrier
-        int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
+        int64_t clo = cols * tid / nt, chi = cols * (tid + 1) / nt;
         for (int64_t c = clo; c < chi; c++) {
             float m = 0.0f;
             int nan = 0;
@@ -214,7 +223,7 @@ static void pair_absmax_serial(const void *x, int dtype, int64_t rows, int64_t c
                                float *camax) {
     memset(camax, 0, (size_t)cols * sizeof(float));
     for (int64_t r = 0; r < rows; r++) {
-        const float m = row_and_column_absmax(x, dtype, r, cols, ld, camax);
+        const float m = row_and_column_absmax(x, dtype, r, cols, ld, NULL, camax);
         if (ramax) ramax[r] = m;
     }
 }
@@ -228,8 +237,8 @@ void lowbit_pair_absmax(const void *x, int dtype, int64_t batch, int64_t bstride
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
     if (batch < threads) {
         for (int64_t e = 0; e < batch; e++)
-            pair_absmax((const char *)x + e * bstride * es, dtype, rows, cols, ld, ramax ? ramax + e * rows : NULL,
-                        camax + e * cols, scratch, threads);
+            pair_absmax((const char *)x + e * bstride * es, dtype, rows, cols, ld, NULL,
+                        ramax ? ramax + e * rows : NULL, camax + e * cols, scratch, threads);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -293,95 +302,74 @@ void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t
     }
 }
 
-/* BHQ's group sums, one band of columns: acc[group[r] * acc_ld + c] for c < width, over
- * the rows r in ascending order, of w[r] * x[r, c0 + c] (each product rounded to float32,
- * then added to a float32 sum that starts at +0: at the group's first row, first[r], the
- * sum is 0 + w[r] x[r]). Going down the rows reads x in memory order; the band's sums
- * stay in cache. */
-static void band_sums(const void *x, int dtype, int64_t rows, int64_t ld, int64_t c0, int64_t width,
-                      const float *w, const int64_t *group, const uint8_t *first, float *acc, int64_t acc_ld) {
-    for (int64_t r = 0; r < rows; r++) {
-        float *ar = acc + group[r] * acc_ld;
-        const __m512 wr = _mm512_set1_ps(w[r]);
-        const __mmask16 keep = first[r] ? 0 : 0xFFFF;
-        for (int64_t c = 0; c < width; c += 16) {
-            const __mmask16 k = tail_mask(width - c);
-            const __m512 p = _mm512_mul_ps(load16(x, r * ld + c0 + c, k, dtype), wr);
-            _mm512_mask_storeu_ps(ar + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k & keep, ar + c), p));
-        }
-    }
-}
+#define GS_BAND 256
 
-/* first[r] = whether row r is the first (lowest) row of its group; seen: n_groups bytes of
- * scratch, left as whether each group has a row. */
-static void first_rows(int64_t rows, const int64_t *group, int64_t n_groups, uint8_t *first, uint8_t *seen) {
-    memset(seen, 0, (size_t)n_groups);
-    for (int64_t r = 0; r < rows; r++) {
-        first[r] = !seen[group[r]];
-        seen[group[r]] = 1;
+/* acc[i] (i < nv: columns c0 + 16 i ..) = the sum over group j's rows (members[crow[j] :
+ * crow[j + 1]], ascending) of w[r] * x[r, c0 + ..] (each product rounded, from +0). */
+static inline void group_band_sums(const void *x, int dtype, int64_t ld, const float *w, const int64_t *crow,
+                                   const int64_t *members, int64_t j, int64_t c0, int64_t width, __m512 *acc) {
+    const int64_t nv = (width + 15) / 16;
+    for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+        const int64_t r = members[m];
+        const __m512 wr = _mm512_set1_ps(w[r]);
+        for (int64_t i = 0; i < nv; i++) {
+            const __mmask16 k = tail_mask(width - 16 * i);
+            acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(load16(x, r * ld + c0 + 16 * i, k, dtype), wr));
+        }
     }
 }
 
 /* BHQ's group sums dots[j, :] = sum over the rows r of group j of w[r] * x[r, :], the rows in
  * ascending order, each product rounded to float32 and then added to a float32 sum that
  * starts at +0 (lowbit.quantizers.bhq._group_sums on the CPU: torch's index_add_ of the
- * weighted rows, which adds the rows one by one in index order); a group without rows
- * sums to +0. x (rows, cols) of type dtype with row stride ld; w (rows,) float32; group
- * (rows,) int64 in [0, n_groups); dots (n_groups, cols) row-major. The threads take bands
- * of band columns (a multiple of 16), each band summed going down all the rows, so every
- * element's additions keep the reference's order whatever the threads. scratch: rows +
- * n_groups bytes. (Until 2026-12-06 each task was one group's member rows: the text GPT's
- * gradients have ~1,000 groups of ~2 rows, and the tasks' scheduling cost more than the
- * sums.) */
-void lowbit_bhq_group_sums(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *w,
-                           const int64_t *group, int64_t n_groups, int64_t band, uint8_t *scratch, float *dots,
+ * weighted rows, which adds the rows one by one in index order). Group j's rows are
+ * members[crow[j] : crow[j + 1]], ascending. x (rows, cols) of type dtype with row stride
+ * ld; w (rows,) float32; dots (n_groups, cols) row-major. Each task is one group and a
+ * band of at most GS_BAND columns, summed in registers: every element's additions keep the
+ * reference's order whatever the threads. The tasks go to the threads in guided chunks:
+ * the text GPT's gradients have ~1,000 groups of ~2 rows, whose tasks one at a time
+ * (schedule(dynamic, 4) until 2026-12-06) cost their scheduling as much as their sums. */
+void lowbit_bhq_group_sums(const void *x, int dtype, int64_t cols, int64_t ld, const float *w,
+                           const int64_t *crow, const int64_t *members, int64_t n_groups, float *dots,
                            int threads) {
-    uint8_t *first = scratch, *seen = scratch + rows;
-    first_rows(rows, group, n_groups, first, seen);
-    for (int64_t j = 0; j < n_groups; j++)
-        if (!seen[j]) memset(dots + j * cols, 0, (size_t)cols * sizeof(float));
-    const int64_t bands = (cols + band - 1) / band;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < bands; b++) {
-        const int64_t c0 = b * band, width = cols - c0 < band ? cols - c0 : band;
-        band_sums(x, dtype, rows, ld, c0, width, w, group, first, dots + c0, cols);
+    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
+#pragma omp parallel for num_threads(threads) schedule(guided)
+    for (int64_t task = 0; task < n_groups * bands; task++) {
+        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
+        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
+        __m512 acc[GS_BAND / 16];
+        group_band_sums(x, dtype, ld, w, crow, members, j, c0, width, acc);
+        for (int64_t i = 0; i < nv; i++)
+            _mm512_mask_storeu_ps(dots + j * cols + c0 + 16 * i, tail_mask(width - 16 * i), acc[i]);
     }
 }
 
-/* BHQ's inverse with its own group sums: out = S^-1 (y - 2 v dots[group]) with
- * dots[j, :] = sum over group j's rows of v[r] * y[r, :] (lowbit_bhq_group_sums' order and
- * arithmetic; then lowbit_bhq_inverse_rows'), one band of band columns (a multiple of 16)
- * at a time: a band's sums going down all the rows, then the band's inverse while its
- * rows are still in cache, so that y is read from memory once instead of twice.
- * acc: threads * n_groups * band floats; scratch: rows + n_groups bytes. y, out float32
- * row-major with row strides ldy, ldo (out == y: in place); s, v, v2 (= 2 v) float32 and
- * group (rows,) int64 in [0, n_groups). */
-void lowbit_bhq_sums_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, const float *s,
-                             const float *v, const float *v2, const int64_t *group, int64_t n_groups,
-                             int64_t band, float *acc, uint8_t *scratch, float *out, int64_t ldo, int threads) {
-    uint8_t *first = scratch;
-    first_rows(rows, group, n_groups, first, scratch + rows);
-    const int64_t bands = (cols + band - 1) / band;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        float *a = acc + (int64_t)t * n_groups * band;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < bands; b++) {
-            const int64_t c0 = b * band, width = cols - c0 < band ? cols - c0 : band;
-            band_sums(y, F32, rows, ldy, c0, width, v, group, first, a, band);
-            for (int64_t r = 0; r < rows; r++) {
-                const float *yr = y + r * ldy + c0, *ar = a + group[r] * band;
-                float *o = out + r * ldo + c0;
-                const __m512 vv = _mm512_set1_ps(v2[r]), vs = _mm512_set1_ps(s[r]);
-                for (int64_t c = 0; c < width; c += 16) {
-                    const __mmask16 k = tail_mask(width - c);
-                    const __m512 u = _mm512_maskz_loadu_ps(k, yr + c), d = _mm512_maskz_loadu_ps(k, ar + c);
-                    _mm512_mask_storeu_ps(o + c, k, _mm512_div_ps(_mm512_sub_ps(u, _mm512_mul_ps(vv, d)), vs));
-                }
+/* BHQ's inverse with its own group sums, group by group: out = S^-1 (y - 2 v dots[group])
+ * with dots[j, :] = sum over group j's rows of v[r] * y[r, :] (lowbit_bhq_group_sums' order
+ * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group and a band of at
+ * most GS_BAND columns: its sums in registers, then its rows' inverse while they are
+ * still in cache: y read from memory once, no dots written. y, out float32 row-major with
+ * row strides ldy, ldo (out == y: in place); s, v2 (= 2 v), v (rows,) float32; the groups'
+ * CSR index crow, members as lowbit_bhq_group_sums. */
+void lowbit_bhq_sums_inverse(const float *y, int64_t cols, int64_t ldy, const float *s, const float *v,
+                             const float *v2, const int64_t *crow, const int64_t *members, int64_t n_groups,
+                             float *out, int64_t ldo, int threads) {
+    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
+#pragma omp parallel for num_threads(threads) schedule(guided)
+    for (int64_t task = 0; task < n_groups * bands; task++) {
+        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
+        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
+        __m512 acc[GS_BAND / 16];
+        group_band_sums(y, F32, ldy, v, crow, members, j, c0, width, acc);
+        for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+            const int64_t r = members[m];
+            const __m512 vv = _mm512_set1_ps(v2[r]), vs = _mm512_set1_ps(s[r]);
+            for (int64_t i = 0; i < nv; i++) {
+                const __mmask16 k = tail_mask(width - 16 * i);
+                const __m512 u = _mm512_maskz_loadu_ps(k, y + r * ldy + c0 + 16 * i);
+                _mm512_mask_storeu_ps(out + r * ldo + c0 + 16 * i, k,
+                                      _mm512_div_ps(_mm512_sub_ps(u, _mm512_mul_ps(vv, acc[i])), vs));
             }
         }
     }
@@ -436,9 +424,9 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
  * its element indices offset by (first + e)·rows·cols (mod 2³²): the codes of the batch's rows
  * (batch·rows, cols) and of each entry's transpose (batch·cols, rows), where the batch is
  * entries first, first + 1, … of a larger one (first = 0: the whole batch). */
-void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
-                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
-                          int8_t *codes_a,
+static void quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                          int64_t ld, const RowTransform *t, const float *da, int64_t da_stride, uint32_t seed_a,
+                          int sr_a, float emax_a, int8_t *codes_a,
                           const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
                           int8_t *codes_w, int64_t first, int threads) {
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
@@ -482,7 +470,8 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstri
                             const __m512i ia = _mm512_add_epi32(
                                 _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c + base)), lane);
                             _mm_mask_storeu_epi8(cae + r * cols + c, k,
-                                                 codes16(v, _mm512_set1_ps(dae[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
+                                                 codes16(transform16(v, t, r, cols, c, k), _mm512_set1_ps(dae[r * da_stride]),
+                                                         ia, vseed_a, sr_a, vemax_a));
                         }
                         const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
                         /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
@@ -495,6 +484,39 @@ void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstri
             }
         }
     }
+}
+
+void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+                          int8_t *codes_a,
+                          const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
+                          int8_t *codes_w, int64_t first, int threads) {
+    quantize_pair(x, dtype, batch, bstride, rows, cols, ld, NULL, da, da_stride, seed_a, sr_a, emax_a, codes_a,
+                  dw, dw_stride, seed_w, sr_w, emax_w, codes_w, first, threads);
+}
+
+/* BHQ's pair: ∇X's codes of T x's rows (BHQ's transform, s, v2 = 2 v, group, dots as
+ * lowbit_bhq_absmax; T x never written) and ∇W's codes of x's columns (x itself), from
+ * one read of x for both ranges (lowbit_bhq_pair_absmax: ramax of T x's rows, camax of
+ * x's columns) and one for both code tensors (lowbit_bhq_quantize_pair, as
+ * lowbit_quantize_pair with one entry): what lowbit_bhq_absmax and
+ * lowbit_bhq_quantize_rows, then the column path of lowbit_pair_absmax and
+ * lowbit_quantize_pair give, bit for bit. */
+void lowbit_bhq_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
+                            const float *v2, const int64_t *group, const float *dots, float *ramax, float *camax,
+                            float *scratch, int threads) {
+    const RowTransform t = {s, v2, dots, group};
+    pair_absmax(x, dtype, rows, cols, ld, &t, ramax, camax, scratch, threads);
+}
+
+void lowbit_bhq_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
+                              const float *v2, const int64_t *group, const float *dots,
+                              const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+                              int8_t *codes_a, const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w,
+                              float emax_w, int8_t *codes_w, int threads) {
+    const RowTransform t = {s, v2, dots, group};
+    quantize_pair(x, dtype, 1, 0, rows, cols, ld, &t, da, da_stride, seed_a, sr_a, emax_a, codes_a,
+                  dw, dw_stride, seed_w, sr_w, emax_w, codes_w, 0, threads);
 }
 
 /* A convolution's output gradient x (n, c, l) (strides ldn, ldc, 1: l contiguous), the

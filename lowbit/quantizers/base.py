@@ -229,6 +229,8 @@ class GradQuantizer(abc.ABC):
     name: str
     granularity: Granularity
     mixes_rows: bool = False  # the transform mixes rows (so per-row ranges do not persist)
+    # the transform also quantizes the operand's columns in one pass (lowbit.gradpair.quantize_grad_pair_mixed)
+    pairs_columns: bool = False
 
     @abc.abstractmethod
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,

@@ -110,13 +110,37 @@ def _sums_inverse(k: Kernels, y: torch.Tensor, v: torch.Tensor, scale: torch.Ten
     return k.run("bhq_inverse", y, dots, scale, v, t.group, out_dtype, overwrite)
 
 
+def _forward_quantize_pair(k: Kernels, x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                           group: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                           seed_w: torch.Tensor) -> tuple:
+    """A layer's two gradient quantizations where ``∇X``'s is BHQ: ``T x``'s rows (op
+    ``bhq_forward_quantize``) and ``x``'s columns, i.e. ``xᵀ``'s rows (op ``quantize``),
+    each on the call's kernels ``k``: the eight tensors of the two (codes, scale, offset,
+    block scale). The native kernel of this op
+    (:func:`lowbit.kernels.avx512.run_bhq_quantize_pair`) reads ``x`` once for both ranges
+    and once for both code tensors, bit for bit."""
+    return (*k.run("bhq_forward_quantize", x, dots, scale, v, group, fmt_a, gran_a, rnd_a, seed_a),
+            *k.run("quantize", x.t(), fmt_w, gran_w, rnd_w, seed_w))
+
+
+def _native(fn):  # noqa: ANN001, ANN202
+    """A native kernel of an op whose first argument is the call's kernels (its reference
+    composes other ops on them): ``fn`` without that argument."""
+    return lambda k, *args: fn(*args)
+
+
 register_fused("bhq_forward", _apply_forward)
 register_fused("bhq_inverse", _apply_inverse)
 register_fused("bhq_forward_quantize", _forward_quantize)
 register("bhq_forward_quantize", Impl.NATIVE, avx512.run_bhq_forward_quantize, ("cpu",), avx512.supports_bhq)
 register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.supports_bhq_inverse)
 register("bhq_sums_inverse", Impl.REFERENCE, _sums_inverse)
-register("bhq_sums_inverse", Impl.NATIVE, avx512.run_bhq_sums_inverse, ("cpu",), avx512.supports_bhq_sums_inverse)
+register("bhq_sums_inverse", Impl.NATIVE, _native(avx512.run_bhq_sums_inverse), ("cpu",),
+         _native(avx512.supports_bhq_sums_inverse))
+register("bhq_quantize_pair", Impl.REFERENCE, _forward_quantize_pair)
+register("bhq_quantize_pair", Impl.NATIVE, _native(avx512.run_bhq_quantize_pair), ("cpu",),
+         _native(avx512.supports_bhq_pair))
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
@@ -206,6 +230,22 @@ class BlockHouseholder(RowTransform):
                                              self.group, fmt, granularity, rounding, seed)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
+    def forward_quantize_pair(self, x: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                              seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                              seed_w: torch.Tensor) -> tuple[Encoded, Encoded]:
+        """``∇Y`` (N, D) ``x``'s two quantizations: :meth:`forward_quantize`'s codes of
+        ``T x`` (N, D) and those of ``xᵀ`` (D, N: ``x``'s columns, untransformed) on
+        ``fmt_w`` — bitwise what ``forward_quantize(x, fmt_a, …)`` and an identity's
+        ``forward_quantize(x.t(), fmt_w, …)`` give, from one kernel where the call's
+        kernels have it (op ``bhq_quantize_pair``). ``x`` must not be empty."""
+        k = self._k(x)
+        with scope("lowbit::transform"):
+            dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
+        with scope("lowbit::quantize"):
+            out = k.run("bhq_quantize_pair", k, x, dots, self.scale, self.v, self.group, fmt_a, gran_a, rnd_a,
+                        seed_a, fmt_w, gran_w, rnd_w, seed_w)
+        return (Encoded(*out[:4], fmt_a.block, kernels=k), Encoded(*out[4:], fmt_w.block, kernels=k))
+
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> torch.Tensor:
         # In the transform's dtype, or float64 where y is (a float64 GEMM output or a
@@ -282,6 +322,9 @@ class BHQ(GradQuantizer):
     name = "bhq"
     granularity = Granularity.ROW
     mixes_rows = True
+    # its transform quantizes ∇Y's columns alongside its rows (BlockHouseholder.forward_quantize_pair:
+    # lowbit.gradpair.quantize_grad_pair_mixed); a subclass whose transform is not a BlockHouseholder unsets it
+    pairs_columns = True
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:

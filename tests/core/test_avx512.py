@@ -42,6 +42,13 @@ def _same(got: tuple, want: tuple) -> bool:
         if g is None or w is None:
             if not (g is None and w is None):
                 return False
+        elif g.dtype != w.dtype:
+            return False
+        elif g.dtype.is_floating_point and g.element_size() == 1:  # FP8 codes: bytes, NaN's sign aside
+            nan = g.float().isnan()
+            if not (torch.equal(nan, w.float().isnan()) and torch.equal(g.view(torch.uint8)[~nan],
+                                                                        w.view(torch.uint8)[~nan])):
+                return False
         elif not avx512._same(g, w):
             return False
     return True
@@ -872,13 +879,13 @@ def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.d
 
 @needs_avx512
 @pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96)])
-@pytest.mark.parametrize("groups", ["two", "many", "empty"])
+@pytest.mark.parametrize("groups", ["two", "many", "empty"])  # "two": one holds nearly every row
 def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: str) -> None:
-    """BHQ's inverse with its own group sums (one banded kernel) against the reference's
-    two ops, ``sequential_group_sums`` then ``_apply_inverse``: two groups of which one
-    holds nearly every row (the text GPT's gradients), many, and ids that leave groups
-    empty; NaN and ±Inf values and a zero scale; bands of 16 columns to the default,
-    1–3 threads, a new tensor or ``y`` overwritten; what it cannot take is refused."""
+    """BHQ's inverse with its own group sums (one kernel, group by group) against the
+    reference's two ops, ``sequential_group_sums`` then ``_apply_inverse``: two groups of
+    which one holds nearly every row (one task does them all), many, and ids that leave
+    groups empty (the text GPT's gradients have ~1,000 groups of ~2 rows); NaN and ±Inf values and a zero scale; 1–3 threads, a new tensor or ``y``
+    overwritten; what it cannot take is refused."""
     from lowbit.quantizers.bhq import BlockHouseholder, _apply_inverse, sequential_group_sums
 
     g = torch.Generator().manual_seed(shape[0] + len(groups))
@@ -896,36 +903,59 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
     want = _apply_inverse(y, sequential_group_sums(y, v, t), scale, v, group, torch.float32)
     for threads in (1, 3):
         with num_threads(threads):
-            assert avx512.supports_bhq_sums_inverse(None, y, v, scale, t, torch.float32)
-            assert _same(avx512.run_bhq_sums_inverse(None, y, v, scale, t, torch.float32), want)
-            for band in (16, 48):
-                assert _same(avx512._bhq_sums_inverse(avx512._library(), y, v, scale, group, n_groups, False,
-                                                      threads, band), want)
+            assert avx512.supports_bhq_sums_inverse(y, v, scale, t, torch.float32)
+            assert _same(avx512.run_bhq_sums_inverse(y, v, scale, t, torch.float32), want)
             y2 = y.clone()
-            got = avx512.run_bhq_sums_inverse(None, y2, v, scale, t, torch.float32, True)
+            got = avx512.run_bhq_sums_inverse(y2, v, scale, t, torch.float32, True)
             assert got.data_ptr() == y2.data_ptr() and _same(got, want)
-    assert not avx512.supports_bhq_sums_inverse(None, y, v, scale, t, torch.bfloat16)
-    assert not avx512.supports_bhq_sums_inverse(None, y.double(), v.double(), scale.double(),
+    assert not avx512.supports_bhq_sums_inverse(y, v, scale, t, torch.bfloat16)
+    assert not avx512.supports_bhq_sums_inverse(y.double(), v.double(), scale.double(),
                                                 BlockHouseholder(scale.double(), v.double(), group, n_groups),
                                                 torch.float64)
     for wrong in (n_groups, -1):  # an id past the groups, a negative one
         bad = group.clone()
         bad[0] = wrong
-        assert not avx512.supports_bhq_sums_inverse(None, y, v, scale, BlockHouseholder(scale, v, bad, n_groups),
+        assert not avx512.supports_bhq_sums_inverse(y, v, scale, BlockHouseholder(scale, v, bad, n_groups),
                                                     torch.float32)
 
 
-def test_group_sum_bands_fit_and_split() -> None:
-    # a band of rows (or sums) stays within the cache budget where 16 columns allow, is a
-    # multiple of 16 columns from 16 to 256, and the columns split into at least one band
-    # per thread where they allow
-    for rows, cols, threads in ((2048, 256, 2), (8192, 64, 2), (1, 5, 1), (64, 4096, 4), (10**6, 7, 2),
-                                (1000, 1024, 2), (3, 40, 3)):
-        band = avx512.sums_band(rows, cols, threads)
-        assert band % 16 == 0 and 16 <= band <= 256
-        assert rows * band * 4 <= avx512.SUMS_BAND_BYTES or band == 16
-        assert -(-cols // band) >= min(threads, -(-cols // 16))
-    assert avx512.sums_band(2048, 256, 2) == 32 and avx512.sums_band(1000, 1024, 2) == 64
+@needs_avx512
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("formats", [("int8", "int8", "row"), ("int4", "int8", "tensor"), ("int8", "fp8_e4m3", "row"),
+                                     ("int2", "int4", "row")], ids="-".join)
+def test_bhq_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int], formats: tuple[str, str, str]) -> None:
+    """BHQ's pair (``T x``'s row codes and ``x``'s column codes from one read for the
+    ranges and one for the codes) against the reference op, the two quantizations apart
+    on the reference kernels: stochastic and nearest, float32 and bfloat16 with NaN and
+    ±Inf, strided rows, 1–3 threads; what it cannot take is refused."""
+    import lowbit.quantizers.bhq as bhq
+
+    fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    n, d = shape
+    x = _operand(shape, g).clamp(-6e4, 6e4)
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("-inf")
+    groups = max(1, n // 3)
+    group = torch.randint(0, groups, (n,), generator=g)
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    dots = torch.randn(groups, d, generator=g) * 10
+    ref = kernels_for(Backend.REFERENCE, "cpu")
+    for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d]):
+        for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            args = (a, dots, scale, v, group, fmt_a, Granularity.ROW, rnd, torch.tensor(123),
+                    fmt_w, gran_w, rnd, torch.tensor(2**32 - 5))
+            want = bhq._forward_quantize_pair(ref, *args)
+            for threads in (1, 3):
+                with num_threads(threads):
+                    assert avx512.supports_bhq_pair(*args)
+                    assert _same(avx512.run_bhq_quantize_pair(*args), want)
+    args = (x, dots, scale, v, group, fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1))
+    assert not avx512.supports_bhq_pair(*args, parse_format("int4a"), gran_w, Rounding.STOCHASTIC, torch.tensor(1))
+    assert not avx512.supports_bhq_pair(*args, fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(2**32))
+    assert not avx512.supports_bhq_pair(x, dots, scale, v, group, parse_format("fp8_e4m3"), Granularity.ROW,
+                                        Rounding.STOCHASTIC, torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC,
+                                        torch.tensor(1))
 
 
 @needs_avx512
@@ -943,22 +973,23 @@ def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
         return [x.grad, *(p.grad for p in model.parameters())]
 
     calls = []
-    fused, real = avx512.run_bhq_sums_inverse, avx512.run_bhq_inverse
+    k = kernels_for(Backend.AUTO, "cpu")
+    saved = {op: k.lookup(op, Impl.NATIVE) for op in ("bhq_sums_inverse", "bhq_inverse")}
+    fused, real = saved["bhq_sums_inverse"], saved["bhq_inverse"]
     try:
-        register("bhq_sums_inverse", Impl.NATIVE, lambda *a: calls.append(1) or fused(*a), ("cpu",),
-                 avx512.supports_bhq_sums_inverse)
+        register("bhq_sums_inverse", Impl.NATIVE, lambda *a: calls.append(1) or fused.fn(*a), ("cpu",),
+                 fused.supports)
         fast = grads()
         assert len(calls) == 3  # each layer's ∇X
-        register("bhq_sums_inverse", Impl.NATIVE, fused, ("cpu",), lambda *a: False)
-        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(2) or real(*a), ("cpu",),
-                 avx512.supports_bhq_inverse)
+        register("bhq_sums_inverse", Impl.NATIVE, fused.fn, ("cpu",), lambda *a: False)
+        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(2) or real.fn(*a), ("cpu",), real.supports)
         two_ops = grads()
         assert calls.count(2) == 3  # the group sums and the inverse apart
-        register("bhq_inverse", Impl.NATIVE, real, ("cpu",), lambda *a: False)
+        register("bhq_inverse", Impl.NATIVE, real.fn, ("cpu",), lambda *a: False)
         slow = grads()
     finally:
-        register("bhq_sums_inverse", Impl.NATIVE, fused, ("cpu",), avx512.supports_bhq_sums_inverse)
-        register("bhq_inverse", Impl.NATIVE, real, ("cpu",), avx512.supports_bhq_inverse)
+        for op, kern in saved.items():  # the table's own rows again
+            register(op, Impl.NATIVE, kern.fn, ("cpu",), kern.supports)
     for a, b, c in zip(fast, two_ops, slow, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -12,7 +12,7 @@ import lowbit
 import lowbit.functional as functional
 from lowbit.config import Backend, FQTConfig, GradSpec
 from lowbit.functional import block_state, quantize_gradient
-from lowbit.gradpair import quantize_grad_pair
+from lowbit.gradpair import quantize_grad_pair, quantize_grad_pair_mixed
 from lowbit.kernels import kernels_for
 
 # symmetric and asymmetric integer grids, per row and per tensor, FP8, a block format
@@ -110,6 +110,77 @@ def test_pair_does_not_apply_to_an_empty_gradient() -> None:
     g = torch.zeros(0, 32)
     assert quantize_grad_pair(g, GradSpec(), None, GradSpec(), None,
                               kernels_for(Backend.AUTO, g.device)) is None
+
+
+def _mixed_grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.MonkeyPatch,
+                 calls: list[bool]) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 384), nn.GELU(), nn.Linear(384, 96)).to(dtype)
+    lowbit.convert(model, FQTConfig.from_recipe(recipe, seed=3))
+    x = torch.randn(256, 96, dtype=dtype, requires_grad=True)
+    x.data[:4] *= 1e3  # a few large rows: BHQ forms real groups
+
+    def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = quantize_grad_pair_mixed(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(functional, "quantize_grad_pair_mixed", counted if pair else (lambda *a, **k: None))
+    model(x).float().square().mean().backward()
+    monkeypatch.undo()
+    return [x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-bhq-4", "fqt-bhq-8a", "fqt-bhq-fp8", "fqt-bhq-nvfp4"])
+def test_mixed_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linear layer's ∇Y under BHQ: its transformed rows and its columns quantized
+    together (one C kernel where the formats allow it, else the two kernels through one
+    op) give bitwise the gradients of the two separate quantizer calls."""
+    calls: list[bool] = []
+    fused = _mixed_grads(recipe, dtype, True, monkeypatch, calls)
+    apart = _mixed_grads(recipe, dtype, False, monkeypatch, [])
+    assert calls == [True, True]  # both layers' backward took the pair
+    for a, b in zip(fused, apart):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt_w", ["int8", "int4a", "fp8_e5m2", "nvfp4"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_mixed_pair_operands_equal_quantize_gradient_on_each_path(fmt_w: str, rounding: str) -> None:
+    g = torch.randn(200, 300) * torch.rand(200, 1).pow(3) * 10
+    spec_a = GradSpec(quantizer="bhq", format="int8", rounding=rounding)
+    spec_w = GradSpec(quantizer="psq", format=fmt_w, rounding=rounding)
+    k = kernels_for(Backend.AUTO, g.device)
+    pair = quantize_grad_pair_mixed(g, spec_a, torch.Generator().manual_seed(1), spec_w,
+                                    torch.Generator().manual_seed(2), k)
+    assert pair is not None
+    want_a = quantize_gradient(g, spec_a, torch.Generator().manual_seed(1), k)
+    want_w = quantize_gradient(g.t(), spec_w, torch.Generator().manual_seed(2), k)
+    _assert_same_operands(pair, (want_a, want_w))
+    y = torch.randn(200, 50)  # and the ∇X side's transform is the one quantize_gradient builds
+    assert torch.equal(pair[0].transform.inverse(y.clone()), want_a.transform.inverse(y.clone()))
+
+
+@pytest.mark.parametrize("why, spec_a, spec_w, backend", [
+    ("a ∇X quantizer that does not mix rows", GradSpec(quantizer="psq"), GradSpec(), Backend.AUTO),
+    ("a transform without a column pair", GradSpec(quantizer="hadamard"), GradSpec(), Backend.AUTO),
+    ("predicted range", GradSpec(quantizer="bhq", range="predicted"), GradSpec(), Backend.AUTO),
+    ("predicted ∇W range", GradSpec(quantizer="bhq"), GradSpec(range="predicted"), Backend.AUTO),
+    ("QAT ∇W path", GradSpec(quantizer="bhq"), None, Backend.AUTO),
+    ("QAT ∇X path", None, GradSpec(), Backend.AUTO),
+    ("reference backend", GradSpec(quantizer="bhq"), GradSpec(), Backend.REFERENCE),
+])
+def test_mixed_pair_does_not_apply(why: str, spec_a, spec_w, backend: Backend) -> None:  # noqa: ANN001
+    g = torch.randn(64, 32)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    k = kernels_for(backend, g.device)
+    assert quantize_grad_pair_mixed(g, spec_a, gen, spec_w, gen, k) is None, why
+    assert torch.equal(gen.get_state(), state)  # nothing drawn
+    assert quantize_grad_pair_mixed(torch.zeros(0, 32), GradSpec(quantizer="bhq"), gen, GradSpec(), gen,
+                                    kernels_for(Backend.AUTO, "cpu")) is None  # an empty gradient
 
 
 def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool],
