@@ -109,9 +109,8 @@ _SIGNATURES = {
     "lowbit_bhq_inverse_rows": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I],
     "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_sums_inverse": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I],
-    "lowbit_bhq_pair_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I],
-    "lowbit_bhq_quantize_pair": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F, _P,
-                                 _P, _I64, _U32, _I, _F, _P, _I],
+    "lowbit_bhq_group_quantize": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, ctypes.c_double,
+                                  ctypes.c_double, _U32, _I, _F, _P, _P, _P, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
@@ -905,58 +904,66 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
     return codes, step, None, None
 
 
-def supports_bhq_pair(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                      group: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+def supports_bhq_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                       seed_w: torch.Tensor) -> bool:
-    """Whether :func:`run_bhq_quantize_pair` takes this call: the ``∇X`` side as
-    :func:`supports_bhq` takes it, the ``∇W`` side (``x``'s columns) as
-    :func:`supports_pair` takes its own."""
-    return _grid(fmt_w) is not None and gran_w in (Granularity.ROW, Granularity.TENSOR) \
+    """Whether :func:`run_bhq_quantize_pair` takes this call: ``x`` (N, D) as
+    :func:`supports` takes it per row on an integer grid, with contiguous rows; ``t`` a
+    ``BlockHouseholder`` of ``x``'s N rows with float32 ``scale`` and ``v`` on the CPU (its
+    CSR index is read); the ``∇W`` side (``x``'s columns) as :func:`supports_pair` takes
+    its own."""
+    scale, v = t.scale, t.v  # type: ignore[attr-defined]
+    return gran_a is Granularity.ROW and supports(x, fmt_a, gran_a, rnd_a, seed_a) and _int_grid(fmt_a) \
+        and _rows_contiguous(x) and _grid(fmt_w) is not None and gran_w in (Granularity.ROW, Granularity.TENSOR) \
         and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w) \
-        and supports_bhq(x, dots, scale, v, group, fmt_a, gran_a, rnd_a, seed_a)
+        and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
+                and a.dtype == torch.float32 and a.shape == (x.shape[0],) for a in (scale, v))
 
 
 @compiled.disable_tracing
-def _bhq_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor,
-                       v: torch.Tensor, group: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
-                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                       seed_w: torch.Tensor, threads: int) -> tuple[torch.Tensor, ...]:
+def _bhq_group_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                             v: torch.Tensor, crow: torch.Tensor, members: torch.Tensor, n_groups: int,
+                             fmt_a: Format, rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format,
+                             gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
+                             threads: int) -> tuple[torch.Tensor, ...]:
     r, d = x.shape
-    dots, scale, group = dots.contiguous(), scale.contiguous(), group.contiguous()
+    w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
     v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
-    tr = (scale.data_ptr(), v2.data_ptr(), group.data_ptr(), dots.data_ptr())
-    ramax = torch.empty(r, 1, dtype=torch.float32, device="cpu")
-    camax = torch.empty(d, 1, dtype=torch.float32, device="cpu")
-    scratch = torch.empty(max(threads, 1) * d, dtype=torch.float32, device="cpu")
-    dt = DTYPES[x.dtype]
-    lib.lowbit_bhq_pair_absmax(x.data_ptr(), dt, r, d, x.stride(0), *tr, ramax.data_ptr(), camax.data_ptr(),
-                               scratch.data_ptr(), threads)
-    step_a, div_a = _steps(lib, ramax, fmt_a, gran_a)
-    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)
     codes_a = torch.empty(r, d, dtype=torch.int8, device="cpu")
+    step_a = torch.empty(r, 1, dtype=torch.float32, device="cpu")
+    camax = torch.empty(d, 1, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(max(threads, 1) * 2 * d, dtype=torch.float32, device="cpu")
+    qmax = float(fmt_a.emax)
+    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
+    dt, ld = DTYPES[x.dtype], x.stride(0) if r > 1 else d
+    lib.lowbit_bhq_group_quantize(x.data_ptr(), dt, r, d, ld, scale.data_ptr(), w.data_ptr(), v2.data_ptr(),
+                                  crow.data_ptr(), members.data_ptr(), n_groups, q_hi, 1.0 / q_hi,
+                                  _seed(seed_a, rnd_a), int(rnd_a is Rounding.STOCHASTIC), qmax,
+                                  codes_a.data_ptr(), step_a.data_ptr(), camax.data_ptr(), scratch.data_ptr(),
+                                  threads)
+    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)
     codes_w = torch.empty(d, r, dtype=torch.int8, device="cpu")
-    lib.lowbit_bhq_quantize_pair(
-        x.data_ptr(), dt, r, d, x.stride(0), *tr,
-        div_a.data_ptr(), 1 if div_a.shape[0] > 1 else 0, _seed(seed_a, rnd_a),
-        int(rnd_a is Rounding.STOCHASTIC), float(fmt_a.emax), codes_a.data_ptr(),
-        div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
-        _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), threads)
+    lib.lowbit_quantize_pair(x.data_ptr(), dt, 1, 0, r, d, ld, None, 0, 0, 0, 0.0, None,
+                             div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
+                             _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), 0, threads)
     return codes_a, step_a, codes_w.view(fmt_w.code_dtype), step_w
 
 
-def run_bhq_quantize_pair(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                          group: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+def run_bhq_quantize_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                           seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """BHQ's pair (``lowbit.quantizers.bhq``'s ``bhq_quantize_pair``): the codes of
-    ``T x``'s rows (:func:`bhq_forward_quantize`) and of ``x``'s columns (:func:`quantize`
-    of ``xᵀ``) from one read of ``x`` for both ranges and one for both code tensors,
-    after :func:`supports_bhq_pair`: ``(codes (N, D), step, None, None, codes (D, N)
-    row-major, step, None, None)``, bitwise the two kernels' values."""
+    ``T x``'s rows (BHQ's transform ``t``: its group sums, then :func:`bhq_forward_quantize`)
+    and of ``x``'s columns (:func:`quantize` of ``xᵀ``), after :func:`supports_bhq_pair`:
+    ``(codes (N, D), step, None, None, codes (D, N) row-major, step, None, None)``,
+    bitwise those kernels' values. Group by group (``lowbit_bhq_group_quantize``): a
+    group's sums, then its rows' ranges and codes while they are in cache, no sums
+    written, with the columns' ranges from the same read; then the columns' codes."""
+    crow, members = t.csr()  # type: ignore[attr-defined]
     with scope("lowbit::avx512_bhq_quantize_pair"):
-        return _pair_result(_bhq_quantize_pair(_library(), x, dots, scale, v, group, fmt_a, gran_a, rnd_a, seed_a,
-                                               fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads()))
+        return _pair_result(_bhq_group_quantize_pair(
+            _library(), x, t.v * t.scale, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
+            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads()))
 
 
 def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
@@ -1486,7 +1493,8 @@ def _conv_pair_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 
 def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
-    """BHQ's fused transform-and-quantize against ``bhq._forward_quantize``, and its
+    """BHQ's fused transform-and-quantize against ``bhq._forward_quantize``, its pair with
+    the columns against ``bhq._forward_quantize_pair`` on the reference kernels, and its
     inverse against ``bhq._apply_inverse`` (out of place, in place, strided rows), on a
     random transform of ``x``'s rows (groups of 1–4 rows)."""
     from ..formats import parse_format
@@ -1506,6 +1514,19 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             codes, step = _bhq_quantize(lib, x, dots, scale, v, group, parse_format("int8"),
                                         Granularity.ROW, rnd, seed, threads)
             if not (torch.equal(codes, want[0]) and _same(step, want[1])):
+                return False
+    from ..quantizers.bhq import BlockHouseholder, _forward_quantize_pair
+    t = BlockHouseholder(scale, v, group, 9)  # and the pair, group by group, with x's columns
+    crow, members = t.csr()
+    from . import Backend, kernels_for  # (at first use: the package is imported by then)
+    ref = kernels_for(Backend.REFERENCE, "cpu")
+    for fmt_w, rnd in ((parse_format("int8"), Rounding.STOCHASTIC), (parse_format("int4"), Rounding.NEAREST)):
+        args = (parse_format("int8"), Granularity.ROW, rnd, seed, fmt_w, Granularity.ROW, rnd, torch.tensor(7))
+        want = _forward_quantize_pair(ref, x, t, *args)
+        for threads in cbuild.test_threads(1, 2):
+            got = _bhq_group_quantize_pair(lib, x, v * scale, scale, v, crow, members, 9, args[0], rnd, seed,
+                                           fmt_w, Granularity.ROW, rnd, torch.tensor(7), threads)
+            if not all(_same(a, b) for a, b in zip(got, (want[0], want[1], want[4], want[5]))):
                 return False
     want_inv = _apply_inverse(x, dots, scale, v, group, torch.float32)  # and the inverse
     for threads in cbuild.test_threads(1, 2):

@@ -159,52 +159,43 @@ void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
 }
 
 
-/* max |(T x)[r, :]| (NaN where the row holds a NaN; t NULL: T the identity), and
- * cm[c] = max(cm[c], |x[r, c]|) keeping NaN (x itself, never transformed). */
+/* max |x[r, :]| (NaN where the row holds a NaN), and cm[c] = max(cm[c], |x[r, c]|) keeping NaN. */
 static inline float row_and_column_absmax(const void *x, int dtype, int64_t r, int64_t cols, int64_t ld,
-                                          const RowTransform *t, float *cm) {
+                                          float *cm) {
     __m512 m = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t c = 0; c < cols; c += 16) {
         const __mmask16 k = tail_mask(cols - c);
-        const __m512 xv = load16(x, r * ld + c, k, dtype);
-        const __m512 v = _mm512_abs_ps(xv);
+        const __m512 v = _mm512_abs_ps(load16(x, r * ld + c, k, dtype));
         const __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        if (t) {  /* as row_absmax: lanes past the row are 0 */
-            const __m512 tv = _mm512_maskz_mov_ps(k, _mm512_abs_ps(transform16(xv, t, r, cols, c, k)));
-            m = _mm512_max_ps(m, tv);
-            nan |= _mm512_cmp_ps_mask(tv, tv, _CMP_UNORD_Q);
-        } else {
-            m = _mm512_max_ps(m, v);
-            nan |= vn;
-        }
+        m = _mm512_max_ps(m, v);
+        nan |= vn;
         const __m512 nw = _mm512_max_ps(v, _mm512_maskz_loadu_ps(k, cm + c));  /* old NaN -> old (2nd operand) */
         _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, vn, v));       /* new NaN -> NaN */
     }
     return nan ? NAN : _mm512_reduce_max_ps(m);
 }
 
-/* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted) of
- * T x's rows (t NULL: x's), camax (cols) of x's columns.
+/* Row and column absmax of x (rows, cols) in one read: ramax (rows; NULL: not wanted), camax (cols).
  * scratch: threads * cols floats (one column maximum per thread, merged at the end). */
-static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const RowTransform *t,
-                        float *ramax, float *camax, float *scratch, int threads) {
+static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, float *ramax,
+                        float *camax, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        int tid = 0, nt = 1;
+        int t = 0, nt = 1;
 #ifdef _OPENMP
-        tid = omp_get_thread_num();
+        t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        float *cm = scratch + (int64_t)tid * cols;
+        float *cm = scratch + (int64_t)t * cols;
         memset(cm, 0, (size_t)cols * sizeof(float));
-        int64_t lo = rows * tid / nt, hi = rows * (tid + 1) / nt;
+        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
         for (int64_t r = lo; r < hi; r++) {
-            const float m = row_and_column_absmax(x, dtype, r, cols, ld, t, cm);
+            const float m = row_and_column_absmax(x, dtype, r, cols, ld, cm);
             if (ramax) ramax[r] = m;
         }
 #pragma omp barrier
-        int64_t clo = cols * tid / nt, chi = cols * (tid + 1) / nt;
+        int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
         for (int64_t c = clo; c < chi; c++) {
             float m = 0.0f;
             int nan = 0;
@@ -223,7 +214,7 @@ static void pair_absmax_serial(const void *x, int dtype, int64_t rows, int64_t c
                                float *camax) {
     memset(camax, 0, (size_t)cols * sizeof(float));
     for (int64_t r = 0; r < rows; r++) {
-        const float m = row_and_column_absmax(x, dtype, r, cols, ld, NULL, camax);
+        const float m = row_and_column_absmax(x, dtype, r, cols, ld, camax);
         if (ramax) ramax[r] = m;
     }
 }
@@ -237,8 +228,8 @@ void lowbit_pair_absmax(const void *x, int dtype, int64_t batch, int64_t bstride
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
     if (batch < threads) {
         for (int64_t e = 0; e < batch; e++)
-            pair_absmax((const char *)x + e * bstride * es, dtype, rows, cols, ld, NULL,
-                        ramax ? ramax + e * rows : NULL, camax + e * cols, scratch, threads);
+            pair_absmax((const char *)x + e * bstride * es, dtype, rows, cols, ld, ramax ? ramax + e * rows : NULL,
+                        camax + e * cols, scratch, threads);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -424,9 +415,9 @@ static inline void transpose16(const __m128i in[16], __m128i out[16]) {
  * its element indices offset by (first + e)·rows·cols (mod 2³²): the codes of the batch's rows
  * (batch·rows, cols) and of each entry's transpose (batch·cols, rows), where the batch is
  * entries first, first + 1, … of a larger one (first = 0: the whole batch). */
-static void quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
-                          int64_t ld, const RowTransform *t, const float *da, int64_t da_stride, uint32_t seed_a,
-                          int sr_a, float emax_a, int8_t *codes_a,
+void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
+                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
+                          int8_t *codes_a,
                           const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
                           int8_t *codes_w, int64_t first, int threads) {
     const size_t es = dtype == F32 ? 4 : 2;  /* bytes per element */
@@ -470,8 +461,7 @@ static void quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstri
                             const __m512i ia = _mm512_add_epi32(
                                 _mm512_set1_epi32((int)(uint32_t)((uint64_t)r * (uint64_t)cols + (uint64_t)c + base)), lane);
                             _mm_mask_storeu_epi8(cae + r * cols + c, k,
-                                                 codes16(transform16(v, t, r, cols, c, k), _mm512_set1_ps(dae[r * da_stride]),
-                                                         ia, vseed_a, sr_a, vemax_a));
+                                                 codes16(v, _mm512_set1_ps(dae[r * da_stride]), ia, vseed_a, sr_a, vemax_a));
                         }
                         const __m512i iw = _mm512_add_epi32(colbase, _mm512_set1_epi32((int)(uint32_t)r));
                         /* masked-off lanes divide 0 by 0: NaN -> code 0, never stored */
@@ -484,39 +474,6 @@ static void quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstri
             }
         }
     }
-}
-
-void lowbit_quantize_pair(const void *x, int dtype, int64_t batch, int64_t bstride, int64_t rows, int64_t cols,
-                          int64_t ld, const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
-                          int8_t *codes_a,
-                          const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w, float emax_w,
-                          int8_t *codes_w, int64_t first, int threads) {
-    quantize_pair(x, dtype, batch, bstride, rows, cols, ld, NULL, da, da_stride, seed_a, sr_a, emax_a, codes_a,
-                  dw, dw_stride, seed_w, sr_w, emax_w, codes_w, first, threads);
-}
-
-/* BHQ's pair: ∇X's codes of T x's rows (BHQ's transform, s, v2 = 2 v, group, dots as
- * lowbit_bhq_absmax; T x never written) and ∇W's codes of x's columns (x itself), from
- * one read of x for both ranges (lowbit_bhq_pair_absmax: ramax of T x's rows, camax of
- * x's columns) and one for both code tensors (lowbit_bhq_quantize_pair, as
- * lowbit_quantize_pair with one entry): what lowbit_bhq_absmax and
- * lowbit_bhq_quantize_rows, then the column path of lowbit_pair_absmax and
- * lowbit_quantize_pair give, bit for bit. */
-void lowbit_bhq_pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
-                            const float *v2, const int64_t *group, const float *dots, float *ramax, float *camax,
-                            float *scratch, int threads) {
-    const RowTransform t = {s, v2, dots, group};
-    pair_absmax(x, dtype, rows, cols, ld, &t, ramax, camax, scratch, threads);
-}
-
-void lowbit_bhq_quantize_pair(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
-                              const float *v2, const int64_t *group, const float *dots,
-                              const float *da, int64_t da_stride, uint32_t seed_a, int sr_a, float emax_a,
-                              int8_t *codes_a, const float *dw, int64_t dw_stride, uint32_t seed_w, int sr_w,
-                              float emax_w, int8_t *codes_w, int threads) {
-    const RowTransform t = {s, v2, dots, group};
-    quantize_pair(x, dtype, 1, 0, rows, cols, ld, &t, da, da_stride, seed_a, sr_a, emax_a, codes_a,
-                  dw, dw_stride, seed_w, sr_w, emax_w, codes_w, 0, threads);
 }
 
 /* A convolution's output gradient x (n, c, l) (strides ldn, ldc, 1: l contiguous), the
@@ -835,6 +792,91 @@ void lowbit_grid_steps(const float *amax, int64_t n, int tensor, double q_hi, do
     for (int64_t i = 0; i < n; i++) {
         step[i] = grid_step1(amax[i], q_hi, inv);
         div[i] = amax[i] == 0.0f ? 1.0f : step[i];
+    }
+}
+
+/* BHQ's pair, group by group: ∇X's codes of T x's rows and ∇W's column ranges of x, from
+ * one read of x (each group's rows are read again from cache). Per group j (rows
+ * members[crow[j] : crow[j + 1]], ascending): its sums dots = sum of w[r] * x[r, :]
+ * (lowbit_bhq_group_sums' order and arithmetic, in a row of scratch), then for each of its
+ * rows T x = x * s[r] - v2[r] * dots (transform16's arithmetic), its absmax (row_absmax's),
+ * its step and divisor (lowbit_grid_steps' per-row ones: grid_step1), its codes
+ * (lowbit_bhq_quantize_rows': element index r * cols + c, seed, sr, emax) into codes
+ * (rows, cols) and its step into step[r]; and camax[c] = max |x[:, c]| (NaN where the
+ * column holds one; lowbit_pair_absmax's). scratch: threads * 2 * cols floats. Bit for bit
+ * what bhq_group_sums, bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's
+ * columns give. */
+void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
+                               const float *w, const float *v2, const int64_t *crow, const int64_t *members,
+                               int64_t n_groups, double q_hi, double inv, uint32_t seed, int sr, float emax,
+                               int8_t *codes, float *step, float *camax, float *scratch, int threads) {
+    const __m512i lane = _mm512_loadu_si512(LANES), vseed = _mm512_set1_epi32((int)seed);
+    const __m512 vemax = _mm512_set1_ps(emax);
+#pragma omp parallel num_threads(threads)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *dots = scratch + (int64_t)tid * 2 * cols, *cm = dots + cols;
+        memset(cm, 0, (size_t)cols * sizeof(float));
+#pragma omp for schedule(guided)
+        for (int64_t j = 0; j < n_groups; j++) {
+            for (int64_t c = 0; c < cols; c += 16)
+                _mm512_mask_storeu_ps(dots + c, tail_mask(cols - c), _mm512_setzero_ps());
+            for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+                const int64_t r = members[m];
+                const __m512 wr = _mm512_set1_ps(w[r]);
+                for (int64_t c = 0; c < cols; c += 16) {
+                    const __mmask16 k = tail_mask(cols - c);
+                    _mm512_mask_storeu_ps(dots + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, dots + c),
+                                                                     _mm512_mul_ps(load16(x, r * ld + c, k, dtype), wr)));
+                }
+            }
+            for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
+                const int64_t r = members[m];
+                const __m512 vs = _mm512_set1_ps(s[r]), vv = _mm512_set1_ps(v2[r]);
+                __m512 mx = _mm512_setzero_ps();
+                __mmask16 nan = 0;
+                for (int64_t c = 0; c < cols; c += 16) {
+                    const __mmask16 k = tail_mask(cols - c);
+                    const __m512 xv = load16(x, r * ld + c, k, dtype);
+                    const __m512 t = _mm512_maskz_mov_ps(k, _mm512_abs_ps(_mm512_sub_ps(
+                        _mm512_mul_ps(xv, vs), _mm512_mul_ps(vv, _mm512_maskz_loadu_ps(k, dots + c)))));
+                    mx = _mm512_max_ps(mx, t);
+                    nan |= _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
+                    const __m512 a = _mm512_abs_ps(xv);                                 /* x's column ranges */
+                    const __mmask16 an = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+                    const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm + c));
+                    _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, an, a));
+                }
+                const float amax = nan ? NAN : _mm512_reduce_max_ps(mx);
+                const float st = grid_step1(amax, q_hi, inv);
+                step[r] = st;
+                const __m512 vd = _mm512_set1_ps(amax == 0.0f ? 1.0f : st);
+                const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
+                for (int64_t c = 0; c < cols; c += 16) {
+                    const __mmask16 k = tail_mask(cols - c);
+                    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(load16(x, r * ld + c, k, dtype), vs),
+                                                   _mm512_mul_ps(vv, _mm512_maskz_loadu_ps(k, dots + c)));
+                    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)c)), lane);
+                    _mm_mask_storeu_epi8(codes + r * cols + c, k, codes16(t, vd, idx, vseed, sr, vemax));
+                }
+            }
+        }
+        /* the implicit barrier of the loop above: every thread's column maxima are final */
+        const int64_t clo = cols * tid / nt, chi = cols * (tid + 1) / nt;
+        for (int64_t c = clo; c < chi; c++) {
+            float mcol = 0.0f;
+            int cnan = 0;
+            for (int u = 0; u < nt; u++) {
+                const float a = scratch[(int64_t)u * 2 * cols + cols + c];
+                cnan |= a != a;
+                mcol = a > mcol ? a : mcol;
+            }
+            camax[c] = cnan ? NAN : mcol;
+        }
     }
 }
 

@@ -110,17 +110,19 @@ def _sums_inverse(k: Kernels, y: torch.Tensor, v: torch.Tensor, scale: torch.Ten
     return k.run("bhq_inverse", y, dots, scale, v, t.group, out_dtype, overwrite)
 
 
-def _forward_quantize_pair(k: Kernels, x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
-                           group: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
-                           seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                           seed_w: torch.Tensor) -> tuple:
-    """A layer's two gradient quantizations where ``∇X``'s is BHQ: ``T x``'s rows (op
-    ``bhq_forward_quantize``) and ``x``'s columns, i.e. ``xᵀ``'s rows (op ``quantize``),
-    each on the call's kernels ``k``: the eight tensors of the two (codes, scale, offset,
-    block scale). The native kernel of this op
-    (:func:`lowbit.kernels.avx512.run_bhq_quantize_pair`) reads ``x`` once for both ranges
-    and once for both code tensors, bit for bit."""
-    return (*k.run("bhq_forward_quantize", x, dots, scale, v, group, fmt_a, gran_a, rnd_a, seed_a),
+def _forward_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt_a: Format, gran_a: Granularity,
+                           rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                           rnd_w: Rounding, seed_w: torch.Tensor) -> tuple:
+    """A layer's two gradient quantizations where ``∇X``'s is BHQ's transform ``t``:
+    ``T x``'s rows (ops ``bhq_group_sums`` then ``bhq_forward_quantize``: what
+    :meth:`BlockHouseholder.forward_quantize` does) and ``x``'s columns, i.e. ``xᵀ``'s rows
+    (op ``quantize``), each on the call's kernels ``k``: the eight tensors of the two
+    (codes, scale, offset, block scale). The native kernel of this op
+    (:func:`lowbit.kernels.avx512.run_bhq_quantize_pair`) does it group by group from one
+    read of ``x``, then the columns' codes, bit for bit."""
+    with scope("lowbit::transform"):
+        dots = k.run("bhq_group_sums", x, t.v * t.scale, t)
+    return (*k.run("bhq_forward_quantize", x, dots, t.scale, t.v, t.group, fmt_a, gran_a, rnd_a, seed_a),
             *k.run("quantize", x.t(), fmt_w, gran_w, rnd_w, seed_w))
 
 
@@ -239,11 +241,8 @@ class BlockHouseholder(RowTransform):
         ``forward_quantize(x.t(), fmt_w, …)`` give, from one kernel where the call's
         kernels have it (op ``bhq_quantize_pair``). ``x`` must not be empty."""
         k = self._k(x)
-        with scope("lowbit::transform"):
-            dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
         with scope("lowbit::quantize"):
-            out = k.run("bhq_quantize_pair", k, x, dots, self.scale, self.v, self.group, fmt_a, gran_a, rnd_a,
-                        seed_a, fmt_w, gran_w, rnd_w, seed_w)
+            out = k.run("bhq_quantize_pair", k, x, self, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
         return (Encoded(*out[:4], fmt_a.block, kernels=k), Encoded(*out[4:], fmt_w.block, kernels=k))
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,

@@ -924,10 +924,11 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
 @pytest.mark.parametrize("formats", [("int8", "int8", "row"), ("int4", "int8", "tensor"), ("int8", "fp8_e4m3", "row"),
                                      ("int2", "int4", "row")], ids="-".join)
 def test_bhq_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int], formats: tuple[str, str, str]) -> None:
-    """BHQ's pair (``T x``'s row codes and ``x``'s column codes from one read for the
-    ranges and one for the codes) against the reference op, the two quantizations apart
-    on the reference kernels: stochastic and nearest, float32 and bfloat16 with NaN and
-    ±Inf, strided rows, 1–3 threads; what it cannot take is refused."""
+    """BHQ's pair (group by group: a group's sums, its rows' ``T x`` ranges and codes, and
+    ``x``'s column ranges from one read; then the columns' codes) against the reference
+    op, the group sums and the two quantizations apart on the reference kernels:
+    stochastic and nearest, float32 and bfloat16 with NaN and ±Inf, strided rows, groups
+    of one to many rows and empty ones, 1–3 threads; what it cannot take is refused."""
     import lowbit.quantizers.bhq as bhq
 
     fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
@@ -936,26 +937,27 @@ def test_bhq_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int], forma
     x = _operand(shape, g).clamp(-6e4, 6e4)
     x[0, 0] = float("nan")
     x[-1, -1] = float("-inf")
-    groups = max(1, n // 3)
-    group = torch.randint(0, groups, (n,), generator=g)
+    groups = max(1, n // 3) + 2
     scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
-    dots = torch.randn(groups, d, generator=g) * 10
+    t = bhq.BlockHouseholder(scale, v, torch.randint(0, groups, (n,), generator=g), groups)
     ref = kernels_for(Backend.REFERENCE, "cpu")
     for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d]):
         for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
-            args = (a, dots, scale, v, group, fmt_a, Granularity.ROW, rnd, torch.tensor(123),
-                    fmt_w, gran_w, rnd, torch.tensor(2**32 - 5))
+            args = (a, t, fmt_a, Granularity.ROW, rnd, torch.tensor(123), fmt_w, gran_w, rnd, torch.tensor(2**32 - 5))
             want = bhq._forward_quantize_pair(ref, *args)
             for threads in (1, 3):
                 with num_threads(threads):
                     assert avx512.supports_bhq_pair(*args)
                     assert _same(avx512.run_bhq_quantize_pair(*args), want)
-    args = (x, dots, scale, v, group, fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1))
+    args = (x, t, fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1))
     assert not avx512.supports_bhq_pair(*args, parse_format("int4a"), gran_w, Rounding.STOCHASTIC, torch.tensor(1))
     assert not avx512.supports_bhq_pair(*args, fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(2**32))
-    assert not avx512.supports_bhq_pair(x, dots, scale, v, group, parse_format("fp8_e4m3"), Granularity.ROW,
-                                        Rounding.STOCHASTIC, torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC,
+    assert not avx512.supports_bhq_pair(x, t, parse_format("fp8_e4m3"), Granularity.ROW, Rounding.STOCHASTIC,
+                                        torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(1))
+    assert not avx512.supports_bhq_pair(x.double(), t, *args[2:], fmt_w, gran_w, Rounding.STOCHASTIC,
                                         torch.tensor(1))
+    t64 = bhq.BlockHouseholder(scale.double(), v.double(), t.group, groups)
+    assert not avx512.supports_bhq_pair(x, t64, *args[2:], fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(1))
 
 
 @needs_avx512
