@@ -42,7 +42,7 @@ from .config import GradSpec
 from .formats import Format, Granularity, Rounding
 from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
-from .quantizers.base import Identity, check_operand, sr_seed
+from .quantizers.base import GradQuantizer, Identity, check_operand, sr_seed
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -202,22 +202,27 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     <lowbit.quantizers.bhq.BlockHouseholder.forward_quantize_pair>`): bitwise what
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
     gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s).
-    ``None`` (nothing drawn) where that does not apply: ``Q_a`` without ``pairs_columns``,
-    predicted or ``None``, ``Q_w`` not plain, fused kernels off, an empty or non-2-D
-    ``gy``."""
+    ``None`` (nothing drawn) where that does not apply: ``Q_a`` without ``pairs_columns``
+    or with its own ``quantize`` (a subclass's override runs as written), predicted or
+    ``None``, ``Q_w`` not plain, fused kernels off, an empty or non-2-D ``gy``. A subclass
+    whose transform has no ``forward_quantize_pair`` gets the two calls made in their
+    order."""
     if gy.dim() != 2 or not (k.fused and gy.numel()) or spec_a is None or spec_a.predicted or not plain(spec_w):
         return None
     q = get_quantizer(spec_a.quantizer)
-    if not getattr(q, "pairs_columns", False):
-        return None
+    if not getattr(q, "pairs_columns", False) or type(q).quantize is not GradQuantizer.quantize:
+        return None  # (a subclass's own quantize runs as the user wrote it)
     check_operand(gy, f"{q.name}.quantize")
     with scope("lowbit::transform"):
         t = q.transform(gy, gen_a, k)
         t.kernels = k
-    if not hasattr(t, "forward_quantize_pair"):  # pragma: no cover - a quantizer marked pairs_columns without it
-        raise TypeError(f"quantizer {q.name!r} sets pairs_columns but its {type(t).__name__} transform has no "
-                        "forward_quantize_pair")
     seed_a = sr_seed(gen_a, spec_a.rounding, gy.device)
+    if not hasattr(t, "forward_quantize_pair"):  # a subclass's own transform: the two calls, in their order
+        enc_a = t.forward_quantize(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a)
+        grid_notes.note(enc_a.codes, spec_a.format)
+        q_w = get_quantizer(spec_w.quantizer).quantize(gy.t(), spec_w.format, gen_w, spec_w.rounding,  # type: ignore[union-attr]
+                                                        k)
+        return QuantizedOperand.of(enc_a, t), q_w
     gran_w, rnd_w, seed_w, t_w = draw(gy, spec_w, gen_w, gy.shape[1], k)  # type: ignore[arg-type]
     enc_a, enc_w = t.forward_quantize_pair(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a,
                                            spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]

@@ -904,20 +904,67 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
     return codes, step, None, None
 
 
+def supports_bhq_rows(x: torch.Tensor, t: object, fmt: Format, granularity: Granularity, rounding: Rounding,
+                      seed: torch.Tensor) -> bool:
+    """Whether :func:`run_bhq_quantize` takes this call: ``x`` (N, D) as :func:`supports`
+    takes it per row on an integer grid, with contiguous rows; ``t`` a
+    ``BlockHouseholder`` of ``x``'s N rows with float32 ``scale`` and ``v`` on the CPU (its
+    CSR index is read)."""
+    scale, v = t.scale, t.v  # type: ignore[attr-defined]
+    return granularity is Granularity.ROW and supports(x, fmt, granularity, rounding, seed) and _int_grid(fmt) \
+        and _rows_contiguous(x) \
+        and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
+                and a.dtype == torch.float32 and a.shape == (x.shape[0],) for a in (scale, v))
+
+
+def run_bhq_quantize(x: torch.Tensor, t: object, fmt: Format, granularity: Granularity, rounding: Rounding,
+                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """BHQ's quantizer with its transform ``t`` (``lowbit.quantizers.bhq``'s ``bhq_quantize``:
+    its group sums, then :func:`bhq_forward_quantize`), group by group
+    (``lowbit_bhq_group_quantize``: a group's sums, then its rows' ranges and codes while
+    they are in cache; no sums written), after :func:`supports_bhq_rows`: ``(codes (N, D),
+    step (N, 1), None, None)``, bitwise those kernels' values."""
+    crow, members = t.csr()  # type: ignore[attr-defined]
+    with scope("lowbit::avx512_bhq_quantize"):
+        codes, step, _ = _bhq_group_quantize(_library(), x, t.v * t.scale, t.scale, t.v, crow,  # type: ignore[attr-defined]
+                                             members, t.n_groups, fmt, rounding, seed,  # type: ignore[attr-defined]
+                                             torch.get_num_threads())
+    return codes, step, None, None
+
+
 def supports_bhq_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                       seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
                       seed_w: torch.Tensor) -> bool:
-    """Whether :func:`run_bhq_quantize_pair` takes this call: ``x`` (N, D) as
-    :func:`supports` takes it per row on an integer grid, with contiguous rows; ``t`` a
-    ``BlockHouseholder`` of ``x``'s N rows with float32 ``scale`` and ``v`` on the CPU (its
-    CSR index is read); the ``∇W`` side (``x``'s columns) as :func:`supports_pair` takes
-    its own."""
-    scale, v = t.scale, t.v  # type: ignore[attr-defined]
-    return gran_a is Granularity.ROW and supports(x, fmt_a, gran_a, rnd_a, seed_a) and _int_grid(fmt_a) \
-        and _rows_contiguous(x) and _grid(fmt_w) is not None and gran_w in (Granularity.ROW, Granularity.TENSOR) \
+    """Whether :func:`run_bhq_quantize_pair` takes this call: the ``∇X`` side as
+    :func:`supports_bhq_rows` takes it, the ``∇W`` side (``x``'s columns) as
+    :func:`supports_pair` takes its own."""
+    return _grid(fmt_w) is not None and gran_w in (Granularity.ROW, Granularity.TENSOR) \
         and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w) \
-        and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
-                and a.dtype == torch.float32 and a.shape == (x.shape[0],) for a in (scale, v))
+        and supports_bhq_rows(x, t, fmt_a, gran_a, rnd_a, seed_a)
+
+
+@compiled.disable_tracing
+def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                        crow: torch.Tensor, members: torch.Tensor, n_groups: int, fmt: Format, rnd: Rounding,
+                        seed: torch.Tensor, threads: int, columns: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``lowbit_bhq_group_quantize``: (codes (N, D) int8 of ``T x``'s rows, their steps
+    (N, 1), ``x``'s column absmax (D, 1) where ``columns``, else None)."""
+    r, d = x.shape
+    w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
+    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
+    codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
+    step = torch.empty(r, 1, dtype=torch.float32, device="cpu")
+    camax = torch.empty(d, 1, dtype=torch.float32, device="cpu") if columns else None
+    scratch = torch.empty(max(threads, 1) * 2 * d, dtype=torch.float32, device="cpu")
+    qmax = float(fmt.emax)
+    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
+    lib.lowbit_bhq_group_quantize(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0) if r > 1 else d,
+                                  scale.data_ptr(), w.data_ptr(), v2.data_ptr(), crow.data_ptr(),
+                                  members.data_ptr(), n_groups, q_hi, 1.0 / q_hi, _seed(seed, rnd),
+                                  int(rnd is Rounding.STOCHASTIC), qmax, codes.data_ptr(), step.data_ptr(),
+                                  None if camax is None else camax.data_ptr(), scratch.data_ptr(), threads)
+    return codes, step, camax
 
 
 @compiled.disable_tracing
@@ -927,24 +974,12 @@ def _bhq_group_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor,
                              gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
                              threads: int) -> tuple[torch.Tensor, ...]:
     r, d = x.shape
-    w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
-    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
-    codes_a = torch.empty(r, d, dtype=torch.int8, device="cpu")
-    step_a = torch.empty(r, 1, dtype=torch.float32, device="cpu")
-    camax = torch.empty(d, 1, dtype=torch.float32, device="cpu")
-    scratch = torch.empty(max(threads, 1) * 2 * d, dtype=torch.float32, device="cpu")
-    qmax = float(fmt_a.emax)
-    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
-    dt, ld = DTYPES[x.dtype], x.stride(0) if r > 1 else d
-    lib.lowbit_bhq_group_quantize(x.data_ptr(), dt, r, d, ld, scale.data_ptr(), w.data_ptr(), v2.data_ptr(),
-                                  crow.data_ptr(), members.data_ptr(), n_groups, q_hi, 1.0 / q_hi,
-                                  _seed(seed_a, rnd_a), int(rnd_a is Rounding.STOCHASTIC), qmax,
-                                  codes_a.data_ptr(), step_a.data_ptr(), camax.data_ptr(), scratch.data_ptr(),
-                                  threads)
-    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)
+    codes_a, step_a, camax = _bhq_group_quantize(lib, x, w, scale, v, crow, members, n_groups, fmt_a, rnd_a,
+                                                 seed_a, threads, columns=True)
+    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)  # type: ignore[arg-type]
     codes_w = torch.empty(d, r, dtype=torch.int8, device="cpu")
-    lib.lowbit_quantize_pair(x.data_ptr(), dt, 1, 0, r, d, ld, None, 0, 0, 0, 0.0, None,
-                             div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
+    lib.lowbit_quantize_pair(x.data_ptr(), DTYPES[x.dtype], 1, 0, r, d, x.stride(0) if r > 1 else d, None, 0, 0, 0,
+                             0.0, None, div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
                              _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), 0, threads)
     return codes_a, step_a, codes_w.view(fmt_w.code_dtype), step_w
 
@@ -1527,6 +1562,10 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             got = _bhq_group_quantize_pair(lib, x, v * scale, scale, v, crow, members, 9, args[0], rnd, seed,
                                            fmt_w, Granularity.ROW, rnd, torch.tensor(7), threads)
             if not all(_same(a, b) for a, b in zip(got, (want[0], want[1], want[4], want[5]))):
+                return False
+            codes, step, none = _bhq_group_quantize(lib, x, v * scale, scale, v, crow, members, 9, args[0], rnd,
+                                                    seed, threads)
+            if none is not None or not (_same(codes, want[0]) and _same(step, want[1])):
                 return False
     want_inv = _apply_inverse(x, dots, scale, v, group, torch.float32)  # and the inverse
     for threads in cbuild.test_threads(1, 2):

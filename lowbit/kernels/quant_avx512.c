@@ -803,7 +803,8 @@ void lowbit_grid_steps(const float *amax, int64_t n, int tensor, double q_hi, do
  * its step and divisor (lowbit_grid_steps' per-row ones: grid_step1), its codes
  * (lowbit_bhq_quantize_rows': element index r * cols + c, seed, sr, emax) into codes
  * (rows, cols) and its step into step[r]; and camax[c] = max |x[:, c]| (NaN where the
- * column holds one; lowbit_pair_absmax's). scratch: threads * 2 * cols floats. Bit for bit
+ * column holds one; lowbit_pair_absmax's; camax NULL: not wanted, BHQ's rows alone).
+ * scratch: threads * 2 * cols floats. Bit for bit
  * what bhq_group_sums, bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's
  * columns give. */
 void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
@@ -846,10 +847,12 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
                         _mm512_mul_ps(xv, vs), _mm512_mul_ps(vv, _mm512_maskz_loadu_ps(k, dots + c)))));
                     mx = _mm512_max_ps(mx, t);
                     nan |= _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
-                    const __m512 a = _mm512_abs_ps(xv);                                 /* x's column ranges */
-                    const __mmask16 an = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-                    const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm + c));
-                    _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, an, a));
+                    if (camax) {                                                        /* x's column ranges */
+                        const __m512 a = _mm512_abs_ps(xv);
+                        const __mmask16 an = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+                        const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm + c));
+                        _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, an, a));
+                    }
                 }
                 const float amax = nan ? NAN : _mm512_reduce_max_ps(mx);
                 const float st = grid_step1(amax, q_hi, inv);
@@ -866,7 +869,7 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
             }
         }
         /* the implicit barrier of the loop above: every thread's column maxima are final */
-        const int64_t clo = cols * tid / nt, chi = cols * (tid + 1) / nt;
+        const int64_t clo = camax ? cols * tid / nt : 0, chi = camax ? cols * (tid + 1) / nt : 0;
         for (int64_t c = clo; c < chi; c++) {
             float mcol = 0.0f;
             int cnan = 0;

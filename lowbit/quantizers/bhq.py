@@ -110,19 +110,28 @@ def _sums_inverse(k: Kernels, y: torch.Tensor, v: torch.Tensor, scale: torch.Ten
     return k.run("bhq_inverse", y, dots, scale, v, t.group, out_dtype, overwrite)
 
 
+def _quantize_rows(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt: Format, granularity: Granularity,
+                   rounding: Rounding, seed: torch.Tensor) -> tuple:
+    """``T x``'s rows on ``fmt`` (codes, scale, offset, block scale): the group sums (op
+    ``bhq_group_sums``), then the fused transform and quantizer (op
+    ``bhq_forward_quantize``), each on the call's kernels ``k``. The native kernel of this
+    op (:func:`lowbit.kernels.avx512.run_bhq_quantize`) does both group by group from one
+    read of ``x``, bit for bit."""
+    with scope("lowbit::transform"):
+        dots = k.run("bhq_group_sums", x, t.v * t.scale, t)
+    return k.run("bhq_forward_quantize", x, dots, t.scale, t.v, t.group, fmt, granularity, rounding, seed)
+
+
 def _forward_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt_a: Format, gran_a: Granularity,
                            rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                            rnd_w: Rounding, seed_w: torch.Tensor) -> tuple:
     """A layer's two gradient quantizations where ``∇X``'s is BHQ's transform ``t``:
-    ``T x``'s rows (ops ``bhq_group_sums`` then ``bhq_forward_quantize``: what
-    :meth:`BlockHouseholder.forward_quantize` does) and ``x``'s columns, i.e. ``xᵀ``'s rows
-    (op ``quantize``), each on the call's kernels ``k``: the eight tensors of the two
-    (codes, scale, offset, block scale). The native kernel of this op
-    (:func:`lowbit.kernels.avx512.run_bhq_quantize_pair`) does it group by group from one
-    read of ``x``, then the columns' codes, bit for bit."""
-    with scope("lowbit::transform"):
-        dots = k.run("bhq_group_sums", x, t.v * t.scale, t)
-    return (*k.run("bhq_forward_quantize", x, dots, t.scale, t.v, t.group, fmt_a, gran_a, rnd_a, seed_a),
+    ``T x``'s rows (op ``bhq_quantize``: what :meth:`BlockHouseholder.forward_quantize`
+    does) and ``x``'s columns, i.e. ``xᵀ``'s rows (op ``quantize``), each on the call's
+    kernels ``k``: the eight tensors of the two (codes, scale, offset, block scale). The
+    native kernel of this op (:func:`lowbit.kernels.avx512.run_bhq_quantize_pair`) makes
+    the columns' ranges in the same read as the rows' codes, bit for bit."""
+    return (*k.run("bhq_quantize", k, x, t, fmt_a, gran_a, rnd_a, seed_a),
             *k.run("quantize", x.t(), fmt_w, gran_w, rnd_w, seed_w))
 
 
@@ -140,6 +149,8 @@ register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.su
 register("bhq_sums_inverse", Impl.REFERENCE, _sums_inverse)
 register("bhq_sums_inverse", Impl.NATIVE, _native(avx512.run_bhq_sums_inverse), ("cpu",),
          _native(avx512.supports_bhq_sums_inverse))
+register("bhq_quantize", Impl.REFERENCE, _quantize_rows)
+register("bhq_quantize", Impl.NATIVE, _native(avx512.run_bhq_quantize), ("cpu",), _native(avx512.supports_bhq_rows))
 register("bhq_quantize_pair", Impl.REFERENCE, _forward_quantize_pair)
 register("bhq_quantize_pair", Impl.NATIVE, _native(avx512.run_bhq_quantize_pair), ("cpu",),
          _native(avx512.supports_bhq_pair))
@@ -225,11 +236,8 @@ class BlockHouseholder(RowTransform):
         k = self._k(x)
         if x.numel() == 0:
             return super().forward_quantize(x, fmt, granularity, rounding, seed)
-        with scope("lowbit::transform"):
-            dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
         with scope("lowbit::quantize"):
-            codes, scale, offset, bs = k.run("bhq_forward_quantize", x, dots, self.scale, self.v,
-                                             self.group, fmt, granularity, rounding, seed)
+            codes, scale, offset, bs = k.run("bhq_quantize", k, x, self, fmt, granularity, rounding, seed)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
     def forward_quantize_pair(self, x: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,

@@ -183,6 +183,39 @@ def test_mixed_pair_does_not_apply(why: str, spec_a, spec_w, backend: Backend) -
                                     kernels_for(Backend.AUTO, "cpu")) is None  # an empty gradient
 
 
+def test_mixed_pair_keeps_a_subclass_s_own_transform_and_quantize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BHQ subclass with its own transform (not BHQ's: no column pair) gets the two
+    quantizations made as the separate calls make them, in their order; one with its own
+    ``quantize`` is not paired (its override runs: tests/core/test_attention.py)."""
+    from lowbit.quantizers import QUANTIZERS
+    from lowbit.quantizers.base import Identity
+    from lowbit.quantizers.bhq import BHQ
+
+    class OwnTransform(BHQ):
+        def transform(self, a, generator, kernels=None):  # noqa: ANN001, ANN201
+            torch.rand(1, generator=generator)  # it draws: the order matters
+            return Identity(a.shape[0])
+
+    class OwnQuantize(BHQ):
+        def quantize(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            return super().quantize(*args, **kwargs)
+
+    monkeypatch.setitem(QUANTIZERS, "own_transform", OwnTransform())
+    monkeypatch.setitem(QUANTIZERS, "own_quantize", OwnQuantize())
+    g = torch.randn(64, 32)
+    k = kernels_for(Backend.AUTO, g.device)
+    spec_a, spec_w = GradSpec(quantizer="own_transform"), GradSpec()
+    pair = quantize_grad_pair_mixed(g, spec_a, torch.Generator().manual_seed(1), spec_w,
+                                    torch.Generator().manual_seed(2), k)
+    want_a = quantize_gradient(g, spec_a, torch.Generator().manual_seed(1), k)
+    want_w = quantize_gradient(g.t(), spec_w, torch.Generator().manual_seed(2), k)
+    _assert_same_operands(pair, (want_a, want_w))
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert quantize_grad_pair_mixed(g, GradSpec(quantizer="own_quantize"), gen, spec_w, gen, k) is None
+    assert torch.equal(gen.get_state(), state)
+
+
 def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool],
                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     import lowbit.conv as conv
