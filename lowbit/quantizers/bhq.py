@@ -330,7 +330,7 @@ class BHQ(GradQuantizer):
     granularity = Granularity.ROW
     mixes_rows = True
     # its transform quantizes ∇Y's columns alongside its rows (BlockHouseholder.forward_quantize_pair:
-    # lowbit.gradpair.quantize_grad_pair_mixed); a subclass whose transform is not a BlockHouseholder unsets it
+    # lowbit.gradpair.quantize_grad_pair_mixed; a subclass's own transform without it gets the two calls)
     pairs_columns = True
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
