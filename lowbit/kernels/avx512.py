@@ -904,17 +904,28 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
     return codes, step, None, None
 
 
+def _index_ok(t: object, rows: int) -> bool:
+    """Whether ``t`` is a BHQ transform whose groups the C kernels may index an operand of
+    ``rows`` rows by (``BlockHouseholder.index_ok``: checked once per transform)."""
+    check = getattr(t, "index_ok", None)
+    return callable(check) and bool(check(rows))
+
+
+def _rows_apart(y: torch.Tensor) -> bool:
+    """Whether ``y``'s rows (contiguous ones) lie in separate memory, so that a kernel may
+    write its result over them (an expanded ``y`` shares one row: a review)."""
+    return y.shape[0] <= 1 or y.stride(0) >= y.shape[1]
+
+
 def supports_bhq_rows(x: torch.Tensor, t: object, fmt: Format, granularity: Granularity, rounding: Rounding,
                       seed: torch.Tensor) -> bool:
     """Whether :func:`run_bhq_quantize` takes this call: ``x`` (N, D) as :func:`supports`
     takes it per row on an integer grid, with contiguous rows; ``t`` a
-    ``BlockHouseholder`` of ``x``'s N rows with float32 ``scale`` and ``v`` on the CPU (its
-    CSR index is read)."""
-    scale, v = t.scale, t.v  # type: ignore[attr-defined]
+    ``BlockHouseholder`` of ``x``'s N rows with float32 ``scale`` and ``v`` whose index
+    the kernel may read (:func:`_index_ok`)."""
     return granularity is Granularity.ROW and supports(x, fmt, granularity, rounding, seed) and _int_grid(fmt) \
-        and _rows_contiguous(x) \
-        and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
-                and a.dtype == torch.float32 and a.shape == (x.shape[0],) for a in (scale, v))
+        and _rows_contiguous(x) and _index_ok(t, x.shape[0]) \
+        and t.scale.dtype == t.v.dtype == torch.float32  # type: ignore[attr-defined]
 
 
 def run_bhq_quantize(x: torch.Tensor, t: object, fmt: Format, granularity: Granularity, rounding: Rounding,
@@ -1004,11 +1015,12 @@ def run_bhq_quantize_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Gra
 def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                          group: torch.Tensor, out_dtype: torch.dtype, overwrite: bool = False) -> bool:
     """Whether :func:`run_bhq_inverse` takes this call: float32 ``y`` (N, D) with
-    contiguous rows, ``dots`` (G, D), ``scale``, ``v`` (N,) float32 and ``group`` (N,)
-    int64 with ids in [0, G), a float32 result, plain CPU tensors outside autograd
-    recording."""
+    contiguous rows (apart in memory where ``overwrite``), ``dots`` (G, D), ``scale``,
+    ``v`` (N,) float32 and ``group`` (N,) int64 with ids in [0, G), a float32 result,
+    plain CPU tensors outside autograd recording."""
     parts = (y, dots, scale, v, group)
     if not (out_dtype == torch.float32 and y.dim() == 2 and _rows_contiguous(y) and y.shape[1] > 0
+            and (not overwrite or _rows_apart(y))
             and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
                     and not (t.requires_grad and torch.is_grad_enabled()) for t in parts)
             and y.dtype == scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
@@ -1041,29 +1053,19 @@ def run_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v:
         return _bhq_inverse(_library(), y, dots, scale, v, group, overwrite, torch.get_num_threads())
 
 
-def _valid_groups(group: torch.Tensor, n_groups: int) -> bool:
-    """Group ids the C code may index with: all in [0, ``n_groups``)."""
-    if group.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(group)
-    return bool(lo >= 0) and bool(hi < n_groups)
-
-
 def supports_bhq_sums_inverse(y: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, t: object,
                               out_dtype: torch.dtype, overwrite: bool = False) -> bool:
-    """Whether :func:`run_bhq_sums_inverse` takes this call: what
-    :func:`supports_bhq_inverse` asks of ``y``, ``scale``, ``v`` and ``t.group`` (ids in
-    [0, ``t.n_groups``)), with ``t.n_groups`` ≥ 1."""
-    group, n_groups = t.group, t.n_groups  # type: ignore[attr-defined]
-    parts = (y, scale, v, group)
-    if not (out_dtype == torch.float32 and isinstance(n_groups, int) and n_groups > 0 and y.dim() == 2
-            and _rows_contiguous(y) and y.shape[1] > 0
-            and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
-                    and not (a.requires_grad and torch.is_grad_enabled()) for a in parts)
-            and y.dtype == scale.dtype == v.dtype == torch.float32 and group.dtype == torch.int64
-            and scale.shape == v.shape == group.shape == (y.shape[0],) and _enabled and available()):
-        return False
-    return _valid_groups(group, n_groups)
+    """Whether :func:`run_bhq_sums_inverse` takes this call: float32 ``y`` (N, D) with
+    contiguous rows (apart in memory where ``overwrite``), ``v`` and ``scale`` (N,)
+    float32 on the CPU, outside autograd recording, a float32 result; ``t`` a
+    ``BlockHouseholder`` whose index the kernel may read (:func:`_index_ok`)."""
+    parts = (y, scale, v)
+    return out_dtype == torch.float32 and y.dim() == 2 and _rows_contiguous(y) and y.shape[1] > 0 \
+        and (not overwrite or _rows_apart(y)) \
+        and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
+                and not (a.requires_grad and torch.is_grad_enabled()) for a in parts) \
+        and y.dtype == scale.dtype == v.dtype == torch.float32 and scale.shape == v.shape == (y.shape[0],) \
+        and _enabled and available() and _index_ok(t, y.shape[0])
 
 
 @compiled.disable_tracing
@@ -1149,11 +1151,12 @@ def _bhq_group_sums(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, crow: to
 def supports_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> bool:
     """Whether :func:`run_bhq_group_sums` takes this call: ``x`` (N, D) float32, bfloat16 or
     float16 with contiguous rows (as :func:`_readable`), ``w`` (N,) float32 on the CPU,
-    outside autograd recording; ``t`` a ``BlockHouseholder`` (its CSR index is read)."""
+    outside autograd recording; ``t`` a ``BlockHouseholder`` whose CSR index the kernel may
+    read (:func:`_index_ok`: a user-built one with a wrong index made it read outside ``x``)."""
     return x.dim() == 2 and _rows_contiguous(x) and _readable(x) and type(w) is torch.Tensor \
         and w.layout == torch.strided and w.device.type == "cpu" and w.dtype == torch.float32 \
         and w.shape == (x.shape[0],) and not (w.requires_grad and torch.is_grad_enabled()) \
-        and _enabled and available()
+        and _enabled and available() and _index_ok(t, x.shape[0])
 
 
 def run_bhq_group_sums(x: torch.Tensor, w: torch.Tensor, t: object) -> torch.Tensor:

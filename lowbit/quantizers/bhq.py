@@ -185,6 +185,7 @@ class BlockHouseholder(RowTransform):
         # entry e's numbered after those of the entries before it
         self.entry_groups = entry_groups
         self._group_starts = None if entry_groups is None else [0, *itertools.accumulate(entry_groups)]
+        self._index_ok: bool | None = None  # memo of index_ok(); True where bhq_transform built it
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, members)``: group ``j``'s rows are ``members[crow[j]:crow[j + 1]]``,
@@ -192,6 +193,47 @@ class BlockHouseholder(RowTransform):
         if self._csr is None:
             self._csr = csr_index(self.group, self.n_groups)
         return self._csr
+
+    def index_ok(self, n_rows: int) -> bool:
+        """Whether C kernels may index an operand of ``n_rows`` rows by this transform's
+        groups: ``scale``, ``v`` and ``group`` are strided CPU tensors of ``n_rows``
+        entries, ``group`` int64 with ids in [0, ``n_groups``), and the CSR index (given, or
+        :meth:`csr`'s) is ``group``'s: ``crow`` (G + 1,) from 0 to N, non-decreasing,
+        ``members`` each row once, ascending within its group. Checked once per transform
+        (a user-built one; :func:`bhq_transform`'s and :meth:`entries`' are built so); the
+        reference ops read ``group`` alone, and a kernel indexing by a wrong index read and
+        wrote outside its tensors (a review)."""
+        if self._index_ok is None:
+            self._index_ok = self._check_index()
+        return self._index_ok and self.n_rows == n_rows
+
+    def _check_index(self) -> bool:
+        n, g = self.n_rows, self.n_groups
+        parts = (self.scale, self.v, self.group)
+        if not (isinstance(g, int) and not isinstance(g, bool) and (g > 0 or n == 0)
+                and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
+                        and a.shape == (n,) for a in parts) and self.group.dtype == torch.int64):
+            return False
+        if n == 0:
+            return True
+        lo, hi = torch.aminmax(self.group)
+        if not (bool(lo >= 0) and bool(hi < g)):
+            return False
+        crow, members = self.csr()
+        if not (all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
+                    and a.dtype == torch.int64 for a in (crow, members))
+                and crow.shape == (g + 1,) and members.shape == (n,)):
+            return False
+        sizes = crow.diff()
+        if not (int(crow[0]) == 0 and int(crow[-1]) == n and bool((sizes >= 0).all())):
+            return False
+        lo, hi = torch.aminmax(members)
+        if not (bool(lo >= 0) and bool(hi < n)):
+            return False
+        owner = torch.repeat_interleave(torch.arange(g), sizes)  # the group of each member slot
+        same = owner[1:] == owner[:-1]
+        return bool(torch.equal(self.group[members], owner)) and bool((torch.bincount(members, minlength=n) == 1).all()) \
+            and bool((members.diff()[same] > 0).all())
 
     def _k(self, x: torch.Tensor) -> Kernels:
         return self.kernels or kernels_for(Backend.REFERENCE, x.device)
@@ -222,9 +264,11 @@ class BlockHouseholder(RowTransform):
         g0, g1 = self._group_starts[lo // er], self._group_starts[hi // er]  # type: ignore[index]
         crow, members = self.csr()
         m0, m1 = int(crow[g0]), int(crow[g1])
-        return BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
+        part = BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
                                 (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
                                 self.entry_groups[lo // er:hi // er])  # type: ignore[index]
+        part._index_ok = self._index_ok  # a whole-entry part of a checked index is one
+        return part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._k(x)
@@ -275,6 +319,14 @@ class BlockHouseholder(RowTransform):
         return out / self.scale.double() ** 2
 
 
+def _built(t: BlockHouseholder) -> BlockHouseholder:
+    """``t`` as :func:`bhq_transform` built it: its index is ``group``'s by construction
+    (the groups kernel is self-tested against the torch definition and ``csr_index``), so
+    :meth:`BlockHouseholder.index_ok` need not check it; on the CPU only (the C kernels')."""
+    t._index_ok = t.group.device.type == "cpu"
+    return t
+
+
 def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int | None = None) -> BlockHouseholder:
     """Build the BHQ transform for ``a`` (N, D): the groups and scales of the module
     docstring from the row ranges, by the kernel-table op ``bhq_groups``
@@ -310,19 +362,19 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
         else:
             groups = k.run("bhq_entry_groups", lam, entries, dt)
         csr = None if groups.crow is None else (groups.crow, groups.members)
-        return BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
-                                groups.entry_groups)
+        return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
+                                       groups.entry_groups))
     lam = row_absmax(a, kernels).double()  # (N,)
     top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
     if n <= 1 or not math.isfinite(top) or top <= 0:
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
         ones = torch.ones(n, dtype=dt, device=dev)
-        return BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n, kernels)
+        return _built(BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n, kernels))
     k = kernels or kernels_for(Backend.REFERENCE, dev)
     groups = k.run("bhq_groups", lam, dt)
     csr = None if groups.crow is None else (groups.crow, groups.members)
-    return BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr)
+    return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr))
 
 
 class BHQ(GradQuantizer):

@@ -960,6 +960,93 @@ def test_bhq_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int], forma
     assert not avx512.supports_bhq_pair(x, t64, *args[2:], fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(1))
 
 
+def _outcome(f) -> tuple:  # noqa: ANN001
+    """``f()``'s tensors, or the type of the error it raised."""
+    try:
+        out = f()
+    except (RuntimeError, ValueError, IndexError) as e:
+        return (type(e),)
+    return tuple(out) if isinstance(out, tuple) else (out,)
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", ["group longer", "group shorter", "no groups", "id past the groups",
+                                  "negative id", "members past the rows", "a row twice", "members of another group",
+                                  "descending members", "short crow"])
+def test_bhq_kernels_refuse_an_index_they_cannot_trust(case: str) -> None:
+    """A user-built ``BlockHouseholder`` whose groups or CSR index do not describe the
+    operand's rows is not read by the C kernels (they indexed rows through it: a process
+    crash or heap corruption, uninitialised codes — a review): every BHQ entry point
+    gives on the fast kernels what it gives on the reference ones, a value or the same
+    error."""
+    import lowbit.quantizers.bhq as bhq
+
+    n, d = 6, 40
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    group, n_groups, csr = torch.tensor([0, 1, 0, 2, 1, 0]), 3, None
+    good = bhq.BlockHouseholder(scale, v, group, n_groups).csr()
+    crow, members = good
+    if case == "group longer":
+        group = torch.zeros(8, dtype=torch.int64)
+    elif case == "group shorter":
+        group = torch.zeros(2, dtype=torch.int64)
+    elif case == "no groups":
+        n_groups = 0
+    elif case == "id past the groups":
+        group = group.clone()
+        group[1] = 5
+    elif case == "negative id":
+        group = group.clone()
+        group[1] = -1
+    elif case == "members past the rows":
+        csr = (crow, torch.where(members == 5, 10**6, members))
+    elif case == "a row twice":
+        csr = (crow, torch.where(members == 5, 4, members))
+    elif case == "members of another group":
+        csr = (crow, members.flip(0))
+    elif case == "descending members":
+        csr = (crow, torch.cat([members[:3].flip(0), members[3:]]))
+    else:  # "short crow"
+        csr = (crow[:-1], members)
+    fmt, rnd, seed = parse_format("int8"), Rounding.STOCHASTIC, torch.tensor(3)
+    results = []
+    for backend in (Backend.AUTO, Backend.REFERENCE):
+        t = bhq.BlockHouseholder(scale, v, group, n_groups, kernels_for(backend, "cpu"), csr)
+        results.append([
+            _outcome(lambda t=t: t.forward_quantize(x, fmt, Granularity.ROW, rnd, seed)),
+            _outcome(lambda t=t: t.forward_quantize_pair(x, fmt, Granularity.ROW, rnd, seed, fmt, Granularity.ROW,
+                                                         rnd, seed)),
+            _outcome(lambda t=t: t.inverse(x.clone(), overwrite=True)),
+        ])
+    for fast, ref in zip(*results, strict=True):
+        assert len(fast) == len(ref)
+        for a, b in zip(fast, ref, strict=True):
+            if isinstance(a, type):
+                assert a is b
+            else:
+                enc = (a, b) if isinstance(a, torch.Tensor) else ((a.codes, b.codes), (a.scale, b.scale))
+                pairs = [enc] if isinstance(a, torch.Tensor) else enc
+                for u, w in pairs:
+                    assert avx512._same(u, w)
+
+
+@needs_avx512
+def test_bhq_inverse_over_rows_sharing_memory_is_not_written_in_place() -> None:
+    """``overwrite=True`` on rows that share memory (an expanded ``y``): the kernels do not
+    write over them (every row then came out as the last one written: a review)."""
+    import lowbit.quantizers.bhq as bhq
+
+    base = torch.randn(1, 8)
+    t = bhq.bhq_transform(torch.randn(4, 8) * torch.tensor([[1.0], [100.0], [0.01], [3.0]]),
+                          kernels_for(Backend.AUTO, "cpu"))
+    ref = bhq.BlockHouseholder(t.scale, t.v, t.group, t.n_groups, kernels_for(Backend.REFERENCE, "cpu"))
+    expected = ref.inverse(base.expand(4, 8).clone())
+    assert not avx512.supports_bhq_sums_inverse(base.expand(4, 8), t.v, t.scale, t, torch.float32, True)
+    assert avx512._same(t.inverse(base.expand(4, 8), overwrite=True), expected)
+
+
 @needs_avx512
 def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
     import lowbit
