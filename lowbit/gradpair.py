@@ -25,8 +25,8 @@ one entry per (batch, head) — pairs its rows (B·N, out) with each entry's tra
 (B·out, N) (:func:`quantize_batched_pair`), used by :mod:`lowbit.attention`.
 
 A linear layer's pair where ``∇X``'s quantizer is BHQ (it mixes rows, within groups) is
-:func:`quantize_grad_pair_mixed`: BHQ's transform quantizes ``∇Y``'s columns alongside
-its own transformed rows, from one read for both ranges and one for both code tensors.
+:func:`quantize_grad_pair_mixed`: BHQ's transform makes its transformed rows' codes and
+``∇Y``'s column ranges in one read (group by group), then the columns' codes.
 Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X`` quantizer: BHQ, Hadamard),
 :func:`quantize_grad_w` quantizes that side alone, reading a convolution's or attention's
 gradient as it lies instead of copying it channel-major or transposed first.
@@ -43,6 +43,8 @@ from .formats import Format, Granularity, Rounding
 from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import GradQuantizer, Identity, check_operand, sr_seed
+from .quantizers.psq import PSQ
+from .quantizers.ptq import PTQ
 
 
 def quantize_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -110,10 +112,30 @@ register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu
          avx512.supports_conv_pair)
 
 
+def _identity_quantizer(q: GradQuantizer) -> bool:
+    """Whether ``q`` quantizes as the library's identity-transform quantizers do: PTQ or
+    PSQ, or a subclass that overrides neither ``quantize`` nor ``transform`` — only then
+    may a pair kernel stand in for its ``quantize`` call (a user's override, or a transform
+    of its own, was bypassed or refused: a review)."""
+    return type(q).quantize is GradQuantizer.quantize and type(q).transform in (PTQ.transform, PSQ.transform) \
+        and not q.mixes_rows
+
+
 def plain(spec: GradSpec | None) -> bool:
     """Whether ``spec`` quantizes rows on their own: low-bit (not None), a dynamic range
-    (not predicted) and a quantizer that does not mix rows (PTQ, PSQ; not BHQ, Hadamard)."""
-    return spec is not None and not spec.predicted and not get_quantizer(spec.quantizer).mixes_rows
+    (not predicted) and a quantizer that does not mix rows, PTQ or PSQ as the library
+    defines them (:func:`_identity_quantizer`; not BHQ, Hadamard, a user's own)."""
+    return spec is not None and not spec.predicted and _identity_quantizer(get_quantizer(spec.quantizer))
+
+
+def _pairs_columns(t: object) -> bool:
+    """Whether ``t``'s ``forward_quantize_pair`` stands for its ``forward_quantize`` (then
+    the columns'): it has one, and no class below the one defining it overrides
+    ``forward_quantize`` alone (a subclass's own ``forward_quantize`` was bypassed: a
+    review)."""
+    mro = type(t).__mro__
+    owner = next((c for c in mro if "forward_quantize_pair" in vars(c)), None)
+    return owner is not None and all("forward_quantize" not in vars(c) for c in mro[:mro.index(owner)])
 
 
 def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
@@ -204,9 +226,9 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s).
     ``None`` (nothing drawn) where that does not apply: ``Q_a`` without ``pairs_columns``
     or with its own ``quantize`` (a subclass's override runs as written), predicted or
-    ``None``, ``Q_w`` not plain, fused kernels off, an empty or non-2-D ``gy``. A subclass
-    whose transform has no ``forward_quantize_pair`` gets the two calls made in their
-    order."""
+    ``None``, ``Q_w`` not plain (:func:`plain`), fused kernels off, an empty or non-2-D
+    ``gy``. A subclass whose transform has no ``forward_quantize_pair``, or its own
+    ``forward_quantize`` (:func:`_pairs_columns`), gets the two calls made in their order."""
     if gy.dim() != 2 or not (k.fused and gy.numel()) or spec_a is None or spec_a.predicted or not plain(spec_w):
         return None
     q = get_quantizer(spec_a.quantizer)
@@ -217,7 +239,7 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
         t = q.transform(gy, gen_a, k)
         t.kernels = k
     seed_a = sr_seed(gen_a, spec_a.rounding, gy.device)
-    if not hasattr(t, "forward_quantize_pair"):  # a subclass's own transform: the two calls, in their order
+    if not _pairs_columns(t):  # a subclass's own transform: the two calls, in their order
         enc_a = t.forward_quantize(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a)
         grid_notes.note(enc_a.codes, spec_a.format)
         q_w = get_quantizer(spec_w.quantizer).quantize(gy.t(), spec_w.format, gen_w, spec_w.rounding,  # type: ignore[union-attr]

@@ -218,6 +218,81 @@ def test_mixed_pair_keeps_a_subclass_s_own_transform_and_quantize(monkeypatch: p
     assert torch.equal(gen.get_state(), state)
 
 
+@pytest.mark.parametrize("grad_input, user", [("bhq", "own quantize"), ("psq", "own quantize"),
+                                              ("bhq", "own transform"), ("psq", "own transform"),
+                                              ("users", "own forward_quantize")])
+def test_a_users_quantizer_is_never_stood_in_for_by_a_pair_kernel(grad_input: str, user: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's quantizer with its own ``quantize``, or its own transform (rows not mixed),
+    on the ∇W side, or a BHQ whose transform has its own ``forward_quantize`` on the ∇X
+    side: the gradients are those of the separate calls, the user's code ran (a review:
+    the pair kernels stood in for it, or refused the transform with a TypeError)."""
+    from lowbit.quantizers import QUANTIZERS
+    from lowbit.quantizers.base import RowTransform
+    from lowbit.quantizers.bhq import BHQ, BlockHouseholder
+    from lowbit.quantizers.psq import PSQ
+
+    ran: list[str] = []
+
+    class OwnQuantize(PSQ):
+        def quantize(self, a, fmt, generator=None, rounding="stochastic", backend="auto", tracker=None):  # noqa: ANN001, ANN201
+            ran.append("quantize")
+            return super().quantize(a.clamp(-1e-3, 1e-3), fmt, generator, rounding, backend, tracker)
+
+    class Halving(RowTransform):
+        def __init__(self, n: int) -> None:
+            self.n_rows, self.kernels = n, None
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            ran.append("transform")
+            return x * 0.5
+
+        def inverse(self, y, out_dtype=torch.float32, overwrite=False):  # noqa: ANN001, ANN201
+            return (y * 2).to(out_dtype)
+
+        def inverse_sq(self, var):  # noqa: ANN001, ANN201
+            return var * 4
+
+    class OwnTransform(PSQ):
+        def transform(self, a, generator, kernels=None):  # noqa: ANN001, ANN201
+            return Halving(a.shape[0])
+
+    class HalvingBH(BlockHouseholder):
+        def forward_quantize(self, x, *args):  # noqa: ANN001, ANN002, ANN201
+            ran.append("forward_quantize")
+            return super().forward_quantize(x * 0.5, *args)
+
+    class OwnForwardQuantize(BHQ):
+        def transform(self, a, generator, kernels=None):  # noqa: ANN001, ANN201
+            t = super().transform(a, generator, kernels)
+            return HalvingBH(t.scale, t.v, t.group, t.n_groups, t.kernels, t.csr())
+
+    quantizers = {"own quantize": OwnQuantize, "own transform": OwnTransform, "own forward_quantize": OwnForwardQuantize}
+    monkeypatch.setitem(QUANTIZERS, "users", quantizers[user]())
+    spec_a, spec_w = GradSpec(quantizer=grad_input), GradSpec()
+    if user != "own forward_quantize":  # a ∇W-side quantizer
+        spec_w = GradSpec(quantizer="users")
+    cfg = FQTConfig(grad_input=spec_a, grad_weight=spec_w, seed=3)
+
+    def grads(paired: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 64), nn.GELU(), nn.Linear(64, 8))
+        lowbit.convert(model, cfg)
+        x = torch.randn(64, 24, requires_grad=True)
+        with pytest.MonkeyPatch.context() as m:
+            if not paired:
+                m.setattr(functional, "quantize_grad_pair", lambda *a, **k: None)
+                m.setattr(functional, "quantize_grad_pair_mixed", lambda *a, **k: None)
+            model(x).square().mean().backward()
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    got = grads(True)
+    assert ran, "the user's code did not run"
+    want = grads(False)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls: list[bool],
                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     import lowbit.conv as conv
