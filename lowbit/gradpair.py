@@ -114,11 +114,20 @@ register("quantize_conv_pair", Impl.NATIVE, avx512.run_quantize_conv_pair, ("cpu
 
 def _identity_quantizer(q: GradQuantizer) -> bool:
     """Whether ``q`` quantizes as the library's identity-transform quantizers do: PTQ or
-    PSQ, or a subclass that overrides neither ``quantize`` nor ``transform`` — only then
-    may a pair kernel stand in for its ``quantize`` call (a user's override, or a transform
-    of its own, was bypassed or refused: a review)."""
-    return type(q).quantize is GradQuantizer.quantize and type(q).transform in (PTQ.transform, PSQ.transform) \
+    PSQ, or a subclass that overrides none of ``quantize``, ``transform`` and
+    ``entry_transform`` (on its class or instance) — only then may a pair kernel stand in
+    for its ``quantize`` call (a user's override, or a transform of its own, was bypassed
+    or refused: a review)."""
+    return _own(q, "quantize", GradQuantizer.quantize) and _own(q, "entry_transform", GradQuantizer.entry_transform) \
+        and type(q).transform in (PTQ.transform, PSQ.transform) and "transform" not in getattr(q, "__dict__", {}) \
         and not q.mixes_rows
+
+
+def _own(obj: object, name: str, library: object) -> bool:
+    """Whether ``obj``'s method ``name`` is the library's ``library``: not overridden by a
+    subclass nor set on the instance (a review: an instance's own ``quantize`` was
+    bypassed too)."""
+    return getattr(type(obj), name, None) is library and name not in getattr(obj, "__dict__", {})
 
 
 def plain(spec: GradSpec | None) -> bool:
@@ -135,7 +144,8 @@ def _pairs_columns(t: object) -> bool:
     review)."""
     mro = type(t).__mro__
     owner = next((c for c in mro if "forward_quantize_pair" in vars(c)), None)
-    return owner is not None and all("forward_quantize" not in vars(c) for c in mro[:mro.index(owner)])
+    return owner is not None and all("forward_quantize" not in vars(c) for c in mro[:mro.index(owner)]) \
+        and "forward_quantize" not in getattr(t, "__dict__", {})
 
 
 def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
@@ -232,7 +242,7 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     if gy.dim() != 2 or not (k.fused and gy.numel()) or spec_a is None or spec_a.predicted or not plain(spec_w):
         return None
     q = get_quantizer(spec_a.quantizer)
-    if not getattr(q, "pairs_columns", False) or type(q).quantize is not GradQuantizer.quantize:
+    if not getattr(q, "pairs_columns", False) or not _own(q, "quantize", GradQuantizer.quantize):
         return None  # (a subclass's own quantize runs as the user wrote it)
     check_operand(gy, f"{q.name}.quantize")
     with scope("lowbit::transform"):

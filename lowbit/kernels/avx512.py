@@ -857,7 +857,7 @@ def supports_bhq(x: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: to
             and scale.shape == v.shape == group.shape == (n,) and dots.dim() == 2
             and dots.shape[1] == d and dots.shape[0] > 0):
         return False
-    return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
+    return _ids_in(group, dots.shape[0])
 
 
 @compiled.disable_tracing
@@ -902,6 +902,15 @@ def run_bhq_forward_quantize(x: torch.Tensor, dots: torch.Tensor, scale: torch.T
         codes, step = _bhq_quantize(_library(), x, dots, scale, v, group, fmt, granularity, rounding,
                                     seed, torch.get_num_threads())
     return codes, step, None, None
+
+
+def _ids_in(group: torch.Tensor, n_groups: int) -> bool:
+    """Whether every id of ``group`` lies in [0, ``n_groups``) (none: yes; ``group.min()``
+    of an empty one raised: a review)."""
+    if group.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(group)
+    return bool(lo >= 0) and bool(hi < n_groups)
 
 
 def _index_ok(t: object, rows: int) -> bool:
@@ -1027,7 +1036,7 @@ def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tenso
             and scale.shape == v.shape == group.shape == (y.shape[0],) and dots.dim() == 2
             and dots.shape[1] == y.shape[1] and dots.shape[0] > 0 and _enabled and available()):
         return False
-    return bool(group.min() >= 0) and bool(group.max() < dots.shape[0])
+    return _ids_in(group, dots.shape[0])
 
 
 @compiled.disable_tracing

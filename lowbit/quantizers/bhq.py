@@ -185,7 +185,10 @@ class BlockHouseholder(RowTransform):
         # entry e's numbered after those of the entries before it
         self.entry_groups = entry_groups
         self._group_starts = None if entry_groups is None else [0, *itertools.accumulate(entry_groups)]
-        self._index_ok: bool | None = None  # memo of index_ok(); True where bhq_transform built it
+        # memo of index_ok(): (the fields' signature it holds for, the verdict); set by
+        # bhq_transform, which builds the index so (_built)
+        self._index_memo: tuple[tuple, bool] | None = None
+        self._library_built = False
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, members)``: group ``j``'s rows are ``members[crow[j]:crow[j + 1]]``,
@@ -199,13 +202,21 @@ class BlockHouseholder(RowTransform):
         groups: ``scale``, ``v`` and ``group`` are strided CPU tensors of ``n_rows``
         entries, ``group`` int64 with ids in [0, ``n_groups``), and the CSR index (given, or
         :meth:`csr`'s) is ``group``'s: ``crow`` (G + 1,) from 0 to N, non-decreasing,
-        ``members`` each row once, ascending within its group. Checked once per transform
-        (a user-built one; :func:`bhq_transform`'s and :meth:`entries`' are built so); the
-        reference ops read ``group`` alone, and a kernel indexing by a wrong index read and
-        wrote outside its tensors (a review)."""
-        if self._index_ok is None:
-            self._index_ok = self._check_index()
-        return self._index_ok and self.n_rows == n_rows
+        ``members`` each row once, ascending within its group. Checked once per state of
+        those fields (a field replaced or changed in place is checked again;
+        :func:`bhq_transform`'s are built so): the reference ops read ``group`` alone, and
+        a kernel indexing by a wrong index read and wrote outside its tensors (a review)."""
+        sig = self._signature()
+        if self._index_memo is None or self._index_memo[0] != sig:
+            ok = self._check_index()
+            self._index_memo = (self._signature(), ok)  # (csr() may have made the index)
+        return self._index_memo[1] and self.n_rows == n_rows
+
+    def _signature(self) -> tuple:
+        """The fields :meth:`index_ok` reads, each tensor by identity and version."""
+        parts = (self.scale, self.v, self.group, *(self._csr or ()))
+        return (self.n_rows, self.n_groups, self.entry_groups,
+                *((id(a), a._version) if isinstance(a, torch.Tensor) else (id(a),) for a in parts))
 
     def _check_index(self) -> bool:
         n, g = self.n_rows, self.n_groups
@@ -214,11 +225,10 @@ class BlockHouseholder(RowTransform):
                 and all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
                         and a.shape == (n,) for a in parts) and self.group.dtype == torch.int64):
             return False
-        if n == 0:
-            return True
-        lo, hi = torch.aminmax(self.group)
-        if not (bool(lo >= 0) and bool(hi < g)):
-            return False
+        if n:
+            lo, hi = torch.aminmax(self.group)
+            if not (bool(lo >= 0) and bool(hi < g)):
+                return False
         crow, members = self.csr()
         if not (all(type(a) is torch.Tensor and a.layout == torch.strided and a.device.type == "cpu"
                     and a.dtype == torch.int64 for a in (crow, members))
@@ -227,6 +237,8 @@ class BlockHouseholder(RowTransform):
         sizes = crow.diff()
         if not (int(crow[0]) == 0 and int(crow[-1]) == n and bool((sizes >= 0).all())):
             return False
+        if n == 0:
+            return True
         lo, hi = torch.aminmax(members)
         if not (bool(lo >= 0) and bool(hi < n)):
             return False
@@ -267,7 +279,8 @@ class BlockHouseholder(RowTransform):
         part = BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
                                 (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
                                 self.entry_groups[lo // er:hi // er])  # type: ignore[index]
-        part._index_ok = self._index_ok  # a whole-entry part of a checked index is one
+        if self._library_built and self._index_memo is not None and self._index_memo[0] == self._signature():
+            _built(part)  # a whole-entry part of a library-built index, unchanged since, is one
         return part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,10 +333,12 @@ class BlockHouseholder(RowTransform):
 
 
 def _built(t: BlockHouseholder) -> BlockHouseholder:
-    """``t`` as :func:`bhq_transform` built it: its index is ``group``'s by construction
-    (the groups kernel is self-tested against the torch definition and ``csr_index``), so
-    :meth:`BlockHouseholder.index_ok` need not check it; on the CPU only (the C kernels')."""
-    t._index_ok = t.group.device.type == "cpu"
+    """``t`` as :func:`bhq_transform` (or :meth:`BlockHouseholder.entries` of such a one)
+    built it: its index is ``group``'s by construction (the groups kernel is self-tested
+    against the torch definition and ``csr_index``), so :meth:`BlockHouseholder.index_ok`
+    need not check it while its fields stay as built; on the CPU only (the C kernels')."""
+    t._library_built = True
+    t._index_memo = (t._signature(), t.group.device.type == "cpu")
     return t
 
 

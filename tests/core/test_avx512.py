@@ -1033,6 +1033,59 @@ def test_bhq_kernels_refuse_an_index_they_cannot_trust(case: str) -> None:
 
 
 @needs_avx512
+@pytest.mark.parametrize("case", ["scale replaced", "group replaced", "fewer groups", "more groups",
+                                  "group changed in place", "a part of wrong entries", "no rows, a wrong crow"])
+def test_bhq_kernels_check_a_transform_changed_after_it_was_built(case: str) -> None:
+    """A transform :func:`bhq_transform` built (its index trusted) whose fields a user then
+    replaces or changes in place, a part of a user-built one whose entries cross its
+    groups, an empty one with a wrong index: the fast kernels give the reference's value
+    or error (they indexed by the old index: wrong codes, a crash — a review)."""
+    import lowbit.quantizers.bhq as bhq
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 32, generator=g) * torch.exp(torch.randn(64, 1, generator=g) * 2)
+    fmt, rnd, seed = parse_format("int8"), Rounding.NEAREST, torch.tensor(0)
+    results = []
+    for backend in (Backend.AUTO, Backend.REFERENCE):
+        k = kernels_for(backend, "cpu")
+        t, y = bhq.bhq_transform(x, k), x
+        t.kernels = k
+        if case == "scale replaced":
+            t.scale = torch.ones(1)
+        elif case == "group replaced":
+            t.group = torch.zeros(64, dtype=torch.int64)
+        elif case == "fewer groups":
+            t.n_groups = 1
+        elif case == "more groups":
+            t.n_groups = 100000
+        elif case == "group changed in place":
+            t.group[3] = (t.group[3] + 1) % t.n_groups
+        elif case == "a part of wrong entries":
+            whole = bhq.BlockHouseholder(torch.ones(4), torch.tensor([.5, .5, -.5, -.5]), torch.tensor([0, 1, 0, 1]),
+                                         2, k, None, (1, 1))
+            whole.forward_quantize(x[:4], fmt, Granularity.ROW, rnd, seed)  # (its own index holds)
+            t, y = whole.entries(0, 2), x[:2]
+        else:
+            e = torch.empty(0)
+            t, y = bhq.BlockHouseholder(e, e, torch.empty(0, dtype=torch.int64), 1, k,
+                                        (torch.tensor([0, 1 << 20]), torch.empty(0, dtype=torch.int64))), x[:0]
+        results.append([
+            _outcome(lambda t=t, y=y: t.forward_quantize(y, fmt, Granularity.ROW, rnd, seed)),
+            _outcome(lambda t=t, y=y: t.inverse(y.clone(), overwrite=True)),
+            _outcome(lambda t=t, y=y, k=k: k.run("bhq_group_sums", y, t.v * t.scale, t)),
+        ])
+    for fast, ref in zip(*results, strict=True):
+        assert len(fast) == len(ref)
+        for a, b in zip(fast, ref, strict=True):
+            if isinstance(a, type):
+                assert a is b
+            elif isinstance(a, torch.Tensor):
+                assert avx512._same(a, b)
+            else:
+                assert avx512._same(a.codes, b.codes) and avx512._same(a.scale, b.scale)
+
+
+@needs_avx512
 def test_bhq_inverse_over_rows_sharing_memory_is_not_written_in_place() -> None:
     """``overwrite=True`` on rows that share memory (an expanded ``y``): the kernels do not
     write over them (every row then came out as the last one written: a review)."""

@@ -220,7 +220,8 @@ def test_mixed_pair_keeps_a_subclass_s_own_transform_and_quantize(monkeypatch: p
 
 @pytest.mark.parametrize("grad_input, user", [("bhq", "own quantize"), ("psq", "own quantize"),
                                               ("bhq", "own transform"), ("psq", "own transform"),
-                                              ("users", "own forward_quantize")])
+                                              ("users", "own forward_quantize"), ("bhq", "instance's quantize"),
+                                              ("users", "instance's forward_quantize")])
 def test_a_users_quantizer_is_never_stood_in_for_by_a_pair_kernel(grad_input: str, user: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A user's quantizer with its own ``quantize``, or its own transform (rows not mixed),
@@ -267,10 +268,24 @@ def test_a_users_quantizer_is_never_stood_in_for_by_a_pair_kernel(grad_input: st
             t = super().transform(a, generator, kernels)
             return HalvingBH(t.scale, t.v, t.group, t.n_groups, t.kernels, t.csr())
 
-    quantizers = {"own quantize": OwnQuantize, "own transform": OwnTransform, "own forward_quantize": OwnForwardQuantize}
+    class InstanceForwardQuantize(BHQ):
+        def transform(self, a, generator, kernels=None):  # noqa: ANN001, ANN201
+            t = super().transform(a, generator, kernels)
+            real = t.forward_quantize
+            t.forward_quantize = lambda x, *args: ran.append("forward_quantize") or real(x * 0.5, *args)
+            return t
+
+    def instance_quantize() -> PSQ:
+        q = PSQ()
+        real = q.quantize
+        q.quantize = lambda a, *args, **kw: ran.append("quantize") or real(a.clamp(-1e-3, 1e-3), *args, **kw)
+        return q
+
+    quantizers = {"own quantize": OwnQuantize, "own transform": OwnTransform, "own forward_quantize": OwnForwardQuantize,
+                  "instance's quantize": instance_quantize, "instance's forward_quantize": InstanceForwardQuantize}
     monkeypatch.setitem(QUANTIZERS, "users", quantizers[user]())
     spec_a, spec_w = GradSpec(quantizer=grad_input), GradSpec()
-    if user != "own forward_quantize":  # a ∇W-side quantizer
+    if grad_input != "users":  # a ∇W-side quantizer
         spec_w = GradSpec(quantizer="users")
     cfg = FQTConfig(grad_input=spec_a, grad_weight=spec_w, seed=3)
 
@@ -290,6 +305,43 @@ def test_a_users_quantizer_is_never_stood_in_for_by_a_pair_kernel(grad_input: st
     assert ran, "the user's code did not run"
     want = grads(False)
     for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_attention_runs_a_users_entry_transform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PSQ whose ``entry_transform`` is its own, on both gradient sides of attention:
+    the pair kernels do not stand in for it (they called ``transform``, never the user's
+    code: a review); the gradients are the separate calls'."""
+    import lowbit.attention as A
+    from lowbit.attention import scaled_dot_product_attention
+    from lowbit.quantizers import QUANTIZERS
+    from lowbit.quantizers.psq import PSQ
+
+    ran: list[str] = []
+
+    class PerHead(PSQ):
+        def entry_transform(self, a, entries, generator, kernels=None):  # noqa: ANN001, ANN201
+            ran.append("entry_transform")
+            return super().entry_transform(a, entries, generator, kernels)
+
+    monkeypatch.setitem(QUANTIZERS, "per_head", PerHead())
+    spec = GradSpec(quantizer="per_head")
+    cfg = FQTConfig(grad_input=spec, grad_weight=spec, seed=3)
+
+    def grads(paired: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 128, 16, requires_grad=True) for _ in range(3))
+        with pytest.MonkeyPatch.context() as m:
+            if not paired:
+                m.setattr(A, "quantize_grad_pair", lambda *a, **kw: None)
+                m.setattr(A, "quantize_grad_w", lambda *a, **kw: None)
+                m.setattr(A, "_in_pieces_ok", lambda *a, **kw: False)
+            scaled_dot_product_attention(q, k, v, state=block_state(cfg)).square().sum().backward()
+        return [q.grad, k.grad, v.grad]
+
+    got = grads(True)
+    assert ran, "the user's entry_transform did not run"
+    for a, b in zip(got, grads(False), strict=True):
         assert torch.equal(a, b)
 
 
