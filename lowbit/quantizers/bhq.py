@@ -216,7 +216,8 @@ class BlockHouseholder(RowTransform):
         """The fields :meth:`index_ok` reads, each tensor by identity and version."""
         parts = (self.scale, self.v, self.group, *(self._csr or ()))
         return (self.n_rows, self.n_groups, self.entry_groups,
-                *((id(a), a._version) if isinstance(a, torch.Tensor) else (id(a),) for a in parts))
+                *((id(a), None if a.is_inference() else a._version) if isinstance(a, torch.Tensor) else (id(a),)
+                  for a in parts))  # (an inference tensor keeps no version: torch raises)
 
     def _check_index(self) -> bool:
         n, g = self.n_rows, self.n_groups

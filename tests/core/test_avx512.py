@@ -1086,6 +1086,26 @@ def test_bhq_kernels_check_a_transform_changed_after_it_was_built(case: str) -> 
 
 
 @needs_avx512
+def test_bhq_kernels_run_under_inference_mode() -> None:
+    """Under ``torch.inference_mode`` (inference tensors keep no version counter, which
+    the index check reads) BHQ's transform, quantizer and inverse run on the fast kernels
+    and equal the reference ones."""
+    import lowbit.quantizers.bhq as bhq
+
+    fmt, rnd, seed = parse_format("int8"), Rounding.NEAREST, torch.tensor(0)
+    got = []
+    with torch.inference_mode():
+        x = torch.randn(64, 32) * torch.exp(torch.randn(64, 1))
+        y = torch.randn(64, 16)
+        for backend in (Backend.AUTO, Backend.REFERENCE):
+            k = kernels_for(backend, "cpu")
+            t = bhq.bhq_transform(x, k)
+            t.kernels = k
+            got.append((t.forward_quantize(x, fmt, Granularity.ROW, rnd, seed).codes, t.inverse(y)))
+    assert all(avx512._same(a, b) for a, b in zip(*got, strict=True))
+
+
+@needs_avx512
 def test_bhq_inverse_over_rows_sharing_memory_is_not_written_in_place() -> None:
     """``overwrite=True`` on rows that share memory (an expanded ``y``): the kernels do not
     write over them (every row then came out as the last one written: a review)."""
