@@ -303,6 +303,13 @@ def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Ro
         and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w)
 
 
+def _q_hi(qmax: float) -> float:
+    """``grid_step``'s bound for a grid of ``qmax`` (``qmax`` plus half an ulp of it in
+    float32: the step is the smallest float32 ``d`` with ``d · q_hi ≥ amax``), as the C
+    code's ``grid_step1`` takes it with its inverse."""
+    return qmax + 2.0 ** (math.frexp(qmax)[1] - 25)
+
+
 def _steps(lib: ctypes.CDLL, amax: torch.Tensor, fmt: Format, granularity: Granularity
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, divisor) of each group from the per-row (or per-column) absmax (R, 1)
@@ -314,8 +321,7 @@ def _steps(lib: ctypes.CDLL, amax: torch.Tensor, fmt: Format, granularity: Granu
     rows = 1 if granularity is Granularity.TENSOR else amax.shape[0]
     step = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
     div = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
-    qmax = float(fmt.emax)
-    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)
+    q_hi = _q_hi(float(fmt.emax))
     lib.lowbit_grid_steps(amax.data_ptr(), amax.numel(), int(granularity is Granularity.TENSOR), q_hi,
                           1.0 / q_hi, step.data_ptr(), div.data_ptr())
     return step, div
@@ -978,7 +984,7 @@ def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scal
     camax = torch.empty(d, 1, dtype=torch.float32, device="cpu") if columns else None
     scratch = torch.empty(max(threads, 1) * 2 * d, dtype=torch.float32, device="cpu")
     qmax = float(fmt.emax)
-    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
+    q_hi = _q_hi(qmax)
     lib.lowbit_bhq_group_quantize(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0) if r > 1 else d,
                                   scale.data_ptr(), w.data_ptr(), v2.data_ptr(), crow.data_ptr(),
                                   members.data_ptr(), n_groups, q_hi, 1.0 / q_hi, _seed(seed, rnd),
@@ -1217,7 +1223,7 @@ def _hadamard_quantize(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows:
                        seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     n, d = x.shape
     qmax = float(fmt.emax)
-    q_hi = qmax + 2.0 ** (math.frexp(qmax)[1] - 25)  # as _steps
+    q_hi = _q_hi(qmax)
     step = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
     codes = torch.empty(rows, d, dtype=torch.int8, device="cpu")
     status = lib.lowbit_had_quantize(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,

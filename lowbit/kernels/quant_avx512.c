@@ -124,11 +124,15 @@ typedef struct {
     const int64_t *group;
 } RowTransform;
 
+/* x * s - v2 * d, 16 elements (s, v2 a row's; d its group's sums there, masked lanes 0). */
+static inline __m512 householder16(__m512 x, __m512 s, __m512 v2, const float *d, __mmask16 k) {
+    return _mm512_sub_ps(_mm512_mul_ps(x, s), _mm512_mul_ps(v2, _mm512_maskz_loadu_ps(k, d)));
+}
+
 static inline __m512 transform16(__m512 v, const RowTransform *t, int64_t r, int64_t cols, int64_t c,
                                  __mmask16 k) {
     if (!t) return v;
-    const __m512 d = _mm512_maskz_loadu_ps(k, t->dots + t->group[r] * cols + c);
-    return _mm512_sub_ps(_mm512_mul_ps(v, _mm512_set1_ps(t->s[r])), _mm512_mul_ps(_mm512_set1_ps(t->v2[r]), d));
+    return householder16(v, _mm512_set1_ps(t->s[r]), _mm512_set1_ps(t->v2[r]), t->dots + t->group[r] * cols + c, k);
 }
 
 static const int32_t LANES[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -159,6 +163,27 @@ void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
 }
 
 
+/* cm[c..c+16) = max(cm, a) for a = |x| (an's lanes NaN), keeping NaN (masked lanes untouched). */
+static inline void column_max16(float *cm, __m512 a, __mmask16 an, __mmask16 k) {
+    const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm));  /* old NaN -> old (2nd operand) */
+    _mm512_mask_storeu_ps(cm, k, _mm512_mask_mov_ps(nw, an, a));        /* new NaN -> NaN */
+}
+
+/* camax[c] for c in [lo, hi): the maximum over the nt threads' column maxima
+ * scratch[u * stride + c] (NaN where one is). */
+static void merge_column_max(const float *scratch, int64_t stride, int nt, int64_t lo, int64_t hi, float *camax) {
+    for (int64_t c = lo; c < hi; c++) {
+        float m = 0.0f;
+        int nan = 0;
+        for (int u = 0; u < nt; u++) {
+            const float v = scratch[(int64_t)u * stride + c];
+            nan |= v != v;
+            m = v > m ? v : m;
+        }
+        camax[c] = nan ? NAN : m;
+    }
+}
+
 /* max |x[r, :]| (NaN where the row holds a NaN), and cm[c] = max(cm[c], |x[r, c]|) keeping NaN. */
 static inline float row_and_column_absmax(const void *x, int dtype, int64_t r, int64_t cols, int64_t ld,
                                           float *cm) {
@@ -170,8 +195,7 @@ static inline float row_and_column_absmax(const void *x, int dtype, int64_t r, i
         const __mmask16 vn = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         m = _mm512_max_ps(m, v);
         nan |= vn;
-        const __m512 nw = _mm512_max_ps(v, _mm512_maskz_loadu_ps(k, cm + c));  /* old NaN -> old (2nd operand) */
-        _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, vn, v));       /* new NaN -> NaN */
+        column_max16(cm + c, v, vn, k);
     }
     return nan ? NAN : _mm512_reduce_max_ps(m);
 }
@@ -195,17 +219,7 @@ static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, in
             if (ramax) ramax[r] = m;
         }
 #pragma omp barrier
-        int64_t clo = cols * t / nt, chi = cols * (t + 1) / nt;
-        for (int64_t c = clo; c < chi; c++) {
-            float m = 0.0f;
-            int nan = 0;
-            for (int u = 0; u < nt; u++) {
-                float v = scratch[(int64_t)u * cols + c];
-                nan |= v != v;
-                m = v > m ? v : m;
-            }
-            camax[c] = nan ? NAN : m;
-        }
+        merge_column_max(scratch, cols, nt, cols * t / nt, cols * (t + 1) / nt, camax);
     }
 }
 
@@ -843,15 +857,12 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
                 for (int64_t c = 0; c < cols; c += 16) {
                     const __mmask16 k = tail_mask(cols - c);
                     const __m512 xv = load16(x, r * ld + c, k, dtype);
-                    const __m512 t = _mm512_maskz_mov_ps(k, _mm512_abs_ps(_mm512_sub_ps(
-                        _mm512_mul_ps(xv, vs), _mm512_mul_ps(vv, _mm512_maskz_loadu_ps(k, dots + c)))));
+                    const __m512 t = _mm512_maskz_mov_ps(k, _mm512_abs_ps(householder16(xv, vs, vv, dots + c, k)));
                     mx = _mm512_max_ps(mx, t);
                     nan |= _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
                     if (camax) {                                                        /* x's column ranges */
                         const __m512 a = _mm512_abs_ps(xv);
-                        const __mmask16 an = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-                        const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm + c));
-                        _mm512_mask_storeu_ps(cm + c, k, _mm512_mask_mov_ps(nw, an, a));
+                        column_max16(cm + c, a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), k);
                     }
                 }
                 const float amax = nan ? NAN : _mm512_reduce_max_ps(mx);
@@ -861,25 +872,14 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
                 const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
                 for (int64_t c = 0; c < cols; c += 16) {
                     const __mmask16 k = tail_mask(cols - c);
-                    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(load16(x, r * ld + c, k, dtype), vs),
-                                                   _mm512_mul_ps(vv, _mm512_maskz_loadu_ps(k, dots + c)));
+                    const __m512 t = householder16(load16(x, r * ld + c, k, dtype), vs, vv, dots + c, k);
                     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)c)), lane);
                     _mm_mask_storeu_epi8(codes + r * cols + c, k, codes16(t, vd, idx, vseed, sr, vemax));
                 }
             }
         }
         /* the implicit barrier of the loop above: every thread's column maxima are final */
-        const int64_t clo = camax ? cols * tid / nt : 0, chi = camax ? cols * (tid + 1) / nt : 0;
-        for (int64_t c = clo; c < chi; c++) {
-            float mcol = 0.0f;
-            int cnan = 0;
-            for (int u = 0; u < nt; u++) {
-                const float a = scratch[(int64_t)u * 2 * cols + cols + c];
-                cnan |= a != a;
-                mcol = a > mcol ? a : mcol;
-            }
-            camax[c] = cnan ? NAN : mcol;
-        }
+        if (camax) merge_column_max(scratch + cols, 2 * cols, nt, cols * tid / nt, cols * (tid + 1) / nt, camax);
     }
 }
 
