@@ -56,6 +56,8 @@ Toggles (each is "on" as lowbit ships it):
                entry; the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
+  bhq-entry-threads  attention's BHQ groups built for the entries (heads) on torch's threads
+               (``lowbit.kernels.bhq_groups``); off: on one thread (the same groups)
   vnni-batched  attention's per-head int8 products as one batched call of lowbit's AVX-512
                VNNI kernel (``lowbit.kernels.vnni``, op ``lowbit::int8_bmm``) on a CPU without
                AMX; off: one ``torch._int_mm`` per head (the same sums)
@@ -337,6 +339,18 @@ def _bhq_inverse() -> Callable[[bool], None]:
     return switch
 
 
+def _bhq_entry_threads() -> Callable[[bool], None]:
+    from lowbit.kernels import bhq_groups
+
+    if not bhq_groups.available():
+        raise SystemExit("lowbit's BHQ group kernel is not available on this machine (no C compiler?)")
+    real = bhq_groups._entry_groups
+
+    def switch(on: bool) -> None:
+        bhq_groups._entry_groups = real if on else (lambda lib, lam, entries, dtype: real(lib, lam, entries, dtype, 1))
+    return switch
+
+
 def _vnni_batched() -> Callable[[bool], None]:
     from lowbit.kernels import amx, int8, vnni
 
@@ -444,7 +458,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-row-absmax": _avx512_op("row_absmax", "run_row_absmax", "supports_row_absmax"),
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _grad_w("lowbit.conv"),
     "attention-grad-w": _grad_w("lowbit.attention"),
-    "bhq-inverse": _bhq_inverse, "malloc": _malloc,
+    "bhq-inverse": _bhq_inverse, "bhq-entry-threads": _bhq_entry_threads, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
     "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces}

@@ -12,10 +12,11 @@
  * the largest g, lowbit_bhq_bases reads the tables); the one power, base^(-1/3), is
  * torch's on the bases lowbit_bhq_bases leaves in sorted order, and lowbit_bhq_scatter
  * puts the scales and vectors back in row order. Plain C: no
- * intrinsics, no -ffast-math.
+ * intrinsics, no -ffast-math; OpenMP only across attention's entries, which are independent.
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -229,10 +230,13 @@ void lowbit_bhq_scatter(int64_t n, const int64_t *order, const double *g, const 
  * groups of one (bhq_transform's rule for a whole operand). Outputs as lowbit_bhq_groups's,
  * each entry's in its own slice (r of each, r + 1 of crow) and in its own row and group
  * numbering (0..r-1, 0..k_e-1): k_out is (n_entries, 2), each entry's number of groups
- * and largest group. lowbit_bhq_entries_join then numbers them for the whole operand. */
+ * and largest group. lowbit_bhq_entries_join then numbers them for the whole operand.
+ * The entries are independent: they go to `threads` threads, each with its own 3 r int64
+ * of scratch in work (3 r threads); the results do not depend on the threads. */
 void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, int64_t *order, int64_t *grp_sorted,
                                double *g, double *lam_large, double *lam_small, int64_t *group, int64_t *crow,
-                               int64_t *members, int64_t *k_out, int64_t *work) {
+                               int64_t *members, int64_t *k_out, int64_t *work, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t e = 0; e < n_entries; e++) {
         const double *le = lam + e * r;
         const int64_t o = e * r;
@@ -244,7 +248,7 @@ void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, 
         }
         if (ok && top > 0.0) {
             lowbit_bhq_groups(le, r, order + o, grp_sorted + o, g + o, lam_large + o, lam_small + o, group + o,
-                              crow + e * (r + 1), members + o, k_out + 2 * e, work);
+                              crow + e * (r + 1), members + o, k_out + 2 * e, work + 3 * r * omp_get_thread_num());
             continue;
         }
         for (int64_t i = 0; i < r; i++) {  /* groups of one: g = 1 gives s = 1, v = 0 */
@@ -263,11 +267,13 @@ void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, 
     }
 }
 
-/* lowbit_bhq_bases for each entry of lowbit_bhq_groups_entries's outputs (its k_out). */
+/* lowbit_bhq_bases for each entry of lowbit_bhq_groups_entries's outputs (its k_out), on
+ * `threads` threads. */
 void lowbit_bhq_bases_entries(int64_t n_entries, int64_t r, const int64_t *k_out, const double *g,
                               const double *lam_large, const double *lam_small, const double *tab_r,
                               const double *tab_vl, const double *tab_vs, const double *tab_hm, double ratio,
-                              double *v, double *base) {
+                              double *v, double *base, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t e = 0; e < n_entries; e++) {
         const int64_t o = e * r;
         lowbit_bhq_bases(r, k_out[2 * e], g + o, lam_large + o, lam_small + o, tab_r, tab_vl, tab_vs, tab_hm, ratio,
@@ -275,10 +281,11 @@ void lowbit_bhq_bases_entries(int64_t n_entries, int64_t r, const int64_t *k_out
     }
 }
 
-/* Each entry's lowbit_bhq_scatter (its order is the entry's own rows). */
+/* Each entry's lowbit_bhq_scatter (its order is the entry's own rows), on `threads` threads. */
 void lowbit_bhq_scatter_entries(int64_t n_entries, int64_t r, const int64_t *order, const double *g, const double *s,
-                                const double *v, int f64, void *scale, void *v_out) {
+                                const double *v, int f64, void *scale, void *v_out, int threads) {
     const size_t size = f64 ? sizeof(double) : sizeof(float);
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t e = 0; e < n_entries; e++) {
         const int64_t o = e * r;
         lowbit_bhq_scatter(r, order + o, g + o, s + o, v + o, f64, (char *)scale + (size_t)o * size,

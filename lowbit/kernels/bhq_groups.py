@@ -43,15 +43,15 @@ from . import cbuild, compiled
 from ..userframe import user_stacklevel
 
 SOURCE = Path(__file__).with_name("bhq_groups.c")
-FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing")
+FLAGS = ("-O2", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing")
 _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
                "lowbit_bhq_bases": [_I64, _I64] + [_P] * 7 + [ctypes.c_double, _P, _P],
                "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P],
-               "lowbit_bhq_groups_entries": [_P, _I64, _I64] + [_P] * 10,
-               "lowbit_bhq_bases_entries": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, _P, _P],
-               "lowbit_bhq_scatter_entries": [_I64, _I64, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+               "lowbit_bhq_groups_entries": [_P, _I64, _I64] + [_P] * 10 + [ctypes.c_int],
+               "lowbit_bhq_bases_entries": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, _P, _P, ctypes.c_int],
+               "lowbit_bhq_scatter_entries": [_I64, _I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int],
                "lowbit_bhq_entries_join": [_I64, _I64] + [_P] * 5}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
@@ -321,25 +321,30 @@ def supports_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> boo
 
 
 @compiled.disable_tracing
-def _entry_groups(lib: ctypes.CDLL, lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
+def _entry_groups(lib: ctypes.CDLL, lam: torch.Tensor, entries: int, dtype: torch.dtype,
+                  threads: int | None = None) -> Groups:
+    """The entries' groups, the entries on ``threads`` threads (default: torch's number;
+    they are independent, so the result does not depend on it)."""
     n = lam.shape[0]
     r = n // entries
+    threads = max(1, min(torch.get_num_threads() if threads is None else threads, entries))
     i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
     order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
     g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
     crow, k = torch.empty(entries * (r + 1), **i64), torch.empty(entries, 2, **i64)
-    work = torch.empty(3 * r, **i64)
+    work = torch.empty(3 * r * threads, **i64)  # each thread's own scratch
     lib.lowbit_bhq_groups_entries(lam.data_ptr(), entries, r, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
                                   lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
-                                  members.data_ptr(), k.data_ptr(), work.data_ptr())
+                                  members.data_ptr(), k.data_ptr(), work.data_ptr(), threads)
     per_entry = k[:, 0].tolist()
     tabs = _tables(max(1, int(k[:, 1].max())) if entries else 1)  # held until the calls return
     lib.lowbit_bhq_bases_entries(entries, r, k.data_ptr(), g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
-                                 *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr())
+                                 *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr(),
+                                 threads)
     s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, elementwise: each entry's own
     scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
     lib.lowbit_bhq_scatter_entries(entries, r, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
-                                   int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr())
+                                   int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr(), threads)
     n_groups = sum(per_entry)
     crow_out = torch.empty(n_groups + 1, **i64)
     lib.lowbit_bhq_entries_join(entries, r, k.data_ptr(), group.data_ptr(), crow.data_ptr(), members.data_ptr(),
@@ -381,8 +386,10 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                 return False
     for lam, entries in _entry_cases():
         for dtype in (torch.float32, torch.float64):
-            if not _same(_entry_groups(lib, lam, entries, dtype), entry_reference(lam, entries, dtype)):
-                return False
+            want = entry_reference(lam, entries, dtype)
+            for threads in (1, 3):  # the entries on one thread and on several
+                if not _same(_entry_groups(lib, lam, entries, dtype, threads), want):
+                    return False
     return True
 
 

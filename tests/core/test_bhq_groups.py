@@ -191,6 +191,12 @@ def test_entry_kernel_is_the_entry_reference_bit_for_bit(seed: int) -> None:
         assert got.entry_groups == want.entry_groups and sum(want.entry_groups) == want.n_groups
         crow, members = bhq_groups.csr_index(want.group, want.n_groups)
         assert torch.equal(got.crow, crow) and torch.equal(got.members, members)
+        # the entries on several threads (each its own scratch), more threads than entries too
+        threads = 1 + seed % 4
+        again = bhq_groups._entry_groups(bhq_groups._library(), lam, entries, dtype, threads)
+        _same(again, want)
+        assert again.entry_groups == want.entry_groups
+        assert torch.equal(again.crow, crow) and torch.equal(again.members, members)
 
 
 @pytest.mark.parametrize("seed", range(8))
