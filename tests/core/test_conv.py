@@ -17,6 +17,8 @@ same seeded generator (the noise stream does not depend on the backend).
 
 from __future__ import annotations
 
+import itertools
+
 import math
 
 import pytest
@@ -389,18 +391,23 @@ def test_gemm_nchw_bitwise_the_gemm_then_permute(fused: bool, monkeypatch: pytes
     codes = torch.randint(-127, 128, (n * p, k), dtype=torch.int8, generator=gen)
     b_codes = torch.randint(-127, 128, (k, c), dtype=torch.int8, generator=gen)
     kern = kernels_for(Backend.AUTO, "cpu")
-    for a_scale in (torch.rand(n, 1, generator=gen), torch.rand(1, 1, generator=gen)):
-        for b_scale in (torch.rand(1, c, generator=gen), torch.rand(1, 1, generator=gen),
-                        torch.rand(k, 1, generator=gen)):  # the last on the summed dimension
-            for bias, dt in ((None, torch.float32), (torch.randn(c, generator=gen), torch.float32),
-                             (torch.randn(c, generator=gen), torch.bfloat16)):
-                b = Encoded(b_codes, b_scale)
-                rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
-                want = exact_gemm(kern, Encoded(codes, rows), b, bias, dt)
-                want = want.reshape(n, 4, 5, c).permute(0, 3, 1, 2).contiguous()
-                got = gemm_nchw(kern, codes, a_scale, b, (4, 5), bias, dt)
-                assert got.dtype == dt and got.is_contiguous() and got._base is None
-                assert torch.equal(got, want)
+    a_scales = (torch.rand(n, 1, generator=gen), torch.rand(1, 1, generator=gen))
+    b_scales = (torch.rand(1, c, generator=gen), torch.rand(1, 1, generator=gen),
+                torch.rand(k, 1, generator=gen))  # the last on the summed dimension
+    outs = ((None, torch.float32), (torch.randn(c, generator=gen), torch.float32),
+            (torch.randn(c, generator=gen), torch.bfloat16))
+    cases = list(itertools.product(range(2), range(3), range(3)))
+    if fused:  # each compiled variant costs a compilation: every value of each factor, not every mix
+        cases = [(0, 0, 0), (1, 1, 1), (0, 1, 2), (1, 0, 2), (0, 2, 0)]
+    for i, j, m in cases:
+        a_scale, b_scale, (bias, dt) = a_scales[i], b_scales[j], outs[m]
+        b = Encoded(b_codes, b_scale)
+        rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
+        want = exact_gemm(kern, Encoded(codes, rows), b, bias, dt)
+        want = want.reshape(n, 4, 5, c).permute(0, 3, 1, 2).contiguous()
+        got = gemm_nchw(kern, codes, a_scale, b, (4, 5), bias, dt)
+        assert got.dtype == dt and got.is_contiguous() and got._base is None
+        assert torch.equal(got, want)
     with pytest.raises(ValueError, match=r"60 rows are not samples of \(7,\) positions"):
         gemm_nchw(kern, codes, torch.rand(1, 1), Encoded(b_codes, torch.rand(1, c)), (7,))
     with pytest.raises(ValueError, match=r"the scale \(2, 1\) is neither"):

@@ -52,8 +52,11 @@ def _grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.Monk
     return [x.grad, *(p.grad for p in model.parameters())]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("recipe", RECIPES)
+# NVFP4 in float32 only: its compiled kernels cost ~60 s of compilation per input dtype on a
+# fresh cache, and bfloat16 ∇Y is covered by the other recipes' pair kernels (the suite's time)
+@pytest.mark.parametrize("recipe, dtype", [(r, d) for r in RECIPES for d in (torch.float32, torch.bfloat16)
+                                           if not (r == "fqt-psq-nvfp4" and d == torch.bfloat16)],
+                         ids=lambda v: {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(v, v))
 def test_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
@@ -362,8 +365,11 @@ def _conv_grads(recipe: str, pair: bool, monkeypatch: pytest.MonkeyPatch, calls:
     return [x.grad, *(p.grad for p in model.parameters())]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-ptq-4", "fqt-psq-8a", "fqt-psq-fp8"])
+# float64 models with one recipe: each format's float64 kernels cost 15-40 s of compilation on
+# a fresh cache; the float64 ∇Y is cast the same way whatever the format (the suite's time)
+@pytest.mark.parametrize("recipe, dtype", [(r, d) for r in ("fqt-psq-8", "fqt-ptq-4", "fqt-psq-8a", "fqt-psq-fp8")
+                                           for d in (torch.float32, torch.bfloat16, torch.float64)
+                                           if d != torch.float64 or r == "fqt-psq-8"], ids=str)
 def test_conv_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Conv2d (stride 1, stride 2 with groups, 1×1) and Conv1d: the convolution's pair of
