@@ -16,7 +16,12 @@
  */
 #include <float.h>
 #include <math.h>
+#ifdef _OPENMP
 #include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else  /* built without OpenMP (a compiler without it): one thread */
+#define THREAD_NUM() 0
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -248,7 +253,7 @@ void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, 
         }
         if (ok && top > 0.0) {
             lowbit_bhq_groups(le, r, order + o, grp_sorted + o, g + o, lam_large + o, lam_small + o, group + o,
-                              crow + e * (r + 1), members + o, k_out + 2 * e, work + 3 * r * omp_get_thread_num());
+                              crow + e * (r + 1), members + o, k_out + 2 * e, work + 3 * r * THREAD_NUM());
             continue;
         }
         for (int64_t i = 0; i < r; i++) {  /* groups of one: g = 1 gives s = 1, v = 0 */

@@ -157,6 +157,25 @@ def test_square_root_tables_cover_the_largest_group() -> None:
     assert torch.equal(got.scale, want.scale) and torch.equal(got.v, want.v)
 
 
+@needs_kernel
+def test_a_compiler_without_openmp_builds_it_for_one_thread(tmp_path) -> None:  # noqa: ANN001
+    """A C compiler that refuses ``-fopenmp`` (Apple's clang) still builds the kernel,
+    without OpenMP, silently: the entries then go on one thread, the same groups (the
+    threaded build made such a compiler fall back to the slow torch reference)."""
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
+                  'exit 1; }; done\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    code = ("import warnings, torch; warnings.simplefilter('error', RuntimeWarning)\n"
+            "from lowbit.kernels import bhq_groups as b\n"
+            "lam = torch.rand(6 * 40, dtype=torch.float64) ** 4\n"
+            "got, want = b.run_entries(lam, 6, torch.float32), b.entry_reference(lam, 6, torch.float32)\n"
+            "print(b.available(), torch.equal(got.scale, want.scale) and torch.equal(got.group, want.group))")
+    env = {**os.environ, "CC": str(cc), "LOWBIT_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr
+
+
 def test_switched_off_by_the_environment() -> None:
     code = "from lowbit.kernels import bhq_groups; print(bhq_groups.available())"
     env = {**os.environ, "LOWBIT_BHQ_GROUPS": "0"}
