@@ -398,7 +398,7 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     for lam, entries in _entry_cases():
         for dtype in (torch.float32, torch.float64):
             want = entry_reference(lam, entries, dtype)
-            for threads in (1, 3):  # the entries on one thread and on several
+            for threads in cbuild.test_threads(1, 3):  # one thread and several (at most torch's)
                 if not _same(_entry_groups(lib, lam, entries, dtype, threads), want):
                     return False
     return True
