@@ -76,15 +76,17 @@ def test_no_home_directory_builds_in_a_temporary_folder(tmp_path: Path, monkeypa
 
 FORK_CHILD = """
 import multiprocessing as mp
+import sys
 import torch
 import lowbit
 
 def step(threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = lowbit.convert(torch.nn.Linear(256, 128), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=1))
-    m(torch.randn(128, 256)).square().sum().backward()
-    return float(m.weight.grad.double().sum())
+    m = lowbit.convert(torch.nn.Linear(256, 128), lowbit.FQTConfig.from_recipe(sys.argv[1], seed=1))
+    x = torch.randn(128, 256, requires_grad=True)  # ∇X too: BHQ's transform and its group kernel
+    m(x).square().sum().backward()
+    return float(m.weight.grad.double().sum() + x.grad.double().sum())
 
 def child(q):
     q.put(step(2))
@@ -102,13 +104,14 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
-def test_a_forked_child_with_more_threads_than_its_parent_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8"])  # BHQ: its group kernel's self-test too (a review)
+def test_a_forked_child_with_more_threads_than_its_parent_finishes(tmp_path: Path, recipe: str) -> None:
     """A single-threaded parent ran lowbit's kernel self-tests at 2 threads, starting an
     OpenMP pool that fork breaks: a forked child training with 2 threads hung for good
     (torch alone does not). The self-tests now use at most torch's thread count."""
     script = tmp_path / "fork_child.py"
     script.write_text(FORK_CHILD)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(script), recipe], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True"]  # the child's gradient equals the parent's
 
