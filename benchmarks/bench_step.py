@@ -340,7 +340,7 @@ def heap_shim() -> tuple[str | None, str]:
     # lowbit's own build: cached under a hash of the source, compiler, flags and version,
     # built as C (-x c) whatever $CC is, a damaged file built again
     try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, errors="replace", check=True).stdout
         out = cbuild._compile(cc, version, src, ["-O2", "-shared", "-fPIC"], cbuild.cache_dir())
     except (cbuild.BuildError, OSError, subprocess.CalledProcessError):
         return None, "its build failed"

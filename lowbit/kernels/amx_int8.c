@@ -20,7 +20,12 @@
  * Zero padding adds exact zeros, so the sums are those of the unpadded operands.
  */
 #include <immintrin.h>
+#ifdef _OPENMP  /* built without OpenMP where the compiler has none: one thread */
 #include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,7 +366,7 @@ void lowbit_amx_int_bmm(int64_t batch, const int8_t *A, int64_t sab, int64_t sam
     const int direct = sak == 1 && K == Kp && M == Mp;
 #pragma omp parallel num_threads(threads)
     {
-        const int t = omp_get_thread_num();
+        const int t = THREAD_NUM();
         int8_t *bp = Bp + (int64_t)t * Np * Kp, *ap = Ap + (int64_t)t * Mp * Kp;
         int32_t buf[16 * 16];
         configure();

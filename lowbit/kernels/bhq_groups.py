@@ -20,7 +20,8 @@ both stay torch's: the square roots depend on the group size alone and come from
 over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`, computed with the
 reference's ops and kept), and the one power runs in torch on the (N,) bases before the
 last call. Attention's entries (op ``bhq_entry_groups``) are independent and go to torch's
-threads (OpenMP; a compiler without it builds the same code for one thread, silently).
+threads (OpenMP; a compiler without it builds the same code for one thread, with a
+warning: :func:`lowbit.kernels.cbuild.load_tested`).
 Its results are the reference's
 bit for bit (a self-test checks ties, one huge row, equal rows, zeros, subnormal and huge
 ranges, two to thousands of rows, before first use; a failure, a missing compiler or a
@@ -251,18 +252,9 @@ def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     if cbuild.switched_off("LOWBIT_BHQ_GROUPS"):
         return None
-    said: list[tuple[str, str | None]] = []
     with _disable_current_modes():
-        lib = cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, lambda why, then=None: said.append((why, then)),
-                                 "BHQ group construction", _self_test, "the reference construction")
-        if lib is None and any("could not be built" in why for why, _ in said):
-            # a compiler without OpenMP (Apple's clang): the same kernel on one thread, as before
-            # the entries went to threads (its pragmas are ignored without -fopenmp)
-            return cbuild.load_tested(SOURCE, tuple(f for f in FLAGS if f != "-fopenmp"), _SIGNATURES, _warn,
-                                      "BHQ group construction", _self_test, "the reference construction")
-    for why, then in said:
-        _warn(why, then)
-    return lib
+        return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "BHQ group construction", _self_test,
+                                  "the reference construction")
 
 
 def available() -> bool:

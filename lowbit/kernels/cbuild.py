@@ -162,7 +162,7 @@ def _compile(cc: list[str], version: str, source: Path, flags: Sequence[str], ou
         try:
             try:
                 subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True,
-                               text=True, check=True)
+                               text=True, errors="replace", check=True)  # (any bytes a compiler prints)
             except subprocess.CalledProcessError as e:
                 if "No space left on device" in (e.stderr or ""):  # the cache's disk, not the code
                     raise OSError(errno.ENOSPC, f"no space left on device in {out_dir}") from e
@@ -195,7 +195,29 @@ def _remove_stale(out_dir: Path, stem: str) -> None:
 def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CDLL | None:
     """``source`` compiled with ``flags`` (cached: module docstring) and loaded; ``None``
     after a warning (``warn(why, None)``) when there is no compiler or the build fails.
-    ``what`` names the kernel in those warnings."""
+    ``what`` names the kernel in those warnings. Where ``flags`` ask for OpenMP and that
+    build fails (a compiler without it: Apple's clang, clang without libomp), the same
+    source is built without ``-fopenmp`` — its pragmas ignored, one thread; the C guards
+    ``omp.h`` — with a warning saying so; the first build's warnings are given only where
+    no second build is tried (a review: the kernels were lost to their slow fallbacks)."""
+    said: list[tuple[str, str | None]] = []
+    lib = _load(source, flags, lambda why, then=None: said.append((why, then)), what)
+    refused = [why for why, _ in said if " could not be built (" in why]
+    if lib is None and "-fopenmp" in flags and refused:
+        lib = _load(source, [f for f in flags if f != "-fopenmp"], warn, what)
+        if lib is not None:
+            detail = refused[-1].partition(" could not be built (")[2][:-1]
+            warn(f"the {what} was built without OpenMP (the C compiler refused -fopenmp: {detail[-300:]})",
+                 "it runs on one thread; a compiler with OpenMP (gcc, or clang with libomp) runs it on "
+                 "torch's threads")
+        return lib
+    for why, then in said:
+        warn(why, then)
+    return lib
+
+
+def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CDLL | None:
+    """:func:`load` with ``flags`` as given."""
     if not source.is_file():  # an install that did not ship the C source (package data)
         warn(f"the {what}'s C source {str(source)!r} is missing from this installation of "
              "lowbit (reinstall it; the package must ship lowbit/kernels/*.c)", None)
@@ -205,7 +227,7 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
         warn(f"the {what} needs a C compiler and none was found ($CC, gcc, cc)", None)
         return None
     try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, errors="replace", check=True).stdout
         given = os.environ.get("LOWBIT_CACHE_DIR")  # (a relative one makes cache_dir raise)
         root = repr(given) if given else "(the default)"
         try:
@@ -225,9 +247,11 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
             try:
                 path.unlink(missing_ok=True)
                 _digest_file(path).unlink(missing_ok=True)
-                return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
             except OSError:  # a read-only cache: build where this process can
                 return ctypes.CDLL(str(_compile(cc, version, source, flags, _temporary_dir())))
+            # built afresh and still not loadable (a library the build links but the loader
+            # cannot find): a build failure, not a third build elsewhere (a review)
+            return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
     except (BuildError, OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else

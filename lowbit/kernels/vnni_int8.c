@@ -15,7 +15,12 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP  /* built without OpenMP where the compiler has none: one thread */
 #include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
 
 #define NR 32
 #define MR 8
@@ -155,7 +160,7 @@ void lowbit_vnni_int_bmm(int64_t batch, const int8_t *A, int64_t sab, int64_t sa
     const int64_t Kq = (K + 3) / 4, NB = (N + NR - 1) / NR, Mp = (M + MR - 1) / MR * MR;
 #pragma omp parallel num_threads(threads)
     {
-        const int t = omp_get_thread_num();
+        const int t = THREAD_NUM();
         uint8_t *ap = Ap + (int64_t)t * Mp * Kq * 4;
         int8_t *bp = Bp + (int64_t)t * NB * Kq * NR * 4;
         int32_t *cs = CS + (int64_t)t * NB * NR;

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lowbit.kernels import Backend, Impl, bhq_groups, kernels_for
+from lowbit.kernels import Backend, Impl, bhq_groups, cbuild, kernels_for
 from lowbit.quantizers import bhq
 
 needs_kernel = pytest.mark.skipif(not bhq_groups.available(), reason="no C compiler for the BHQ group kernel")
@@ -160,20 +160,33 @@ def test_square_root_tables_cover_the_largest_group() -> None:
 @needs_kernel
 def test_a_compiler_without_openmp_builds_it_for_one_thread(tmp_path) -> None:  # noqa: ANN001
     """A C compiler that refuses ``-fopenmp`` (Apple's clang) still builds the kernel,
-    without OpenMP, silently: the entries then go on one thread, the same groups (the
-    threaded build made such a compiler fall back to the slow torch reference)."""
+    without OpenMP, with one warning saying so: the entries then go on one thread, the
+    same groups (the threaded build made such a compiler fall back to the slow torch
+    reference). In a process that has not imported torch's libgomp first, the library
+    loads: its C calls no OpenMP function without it."""
     cc = tmp_path / "cc-no-openmp"
     cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
-                  'exit 1; }; done\nexec gcc "$@"\n')
+                  'exit 1; }; done\nexec ' + " ".join(cbuild.compiler(lambda *a: None)) + ' "$@"\n')
     cc.chmod(0o755)
-    code = ("import warnings, torch; warnings.simplefilter('error', RuntimeWarning)\n"
+    code = ("import warnings, torch\n"
             "from lowbit.kernels import bhq_groups as b\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = b.available()\n"
+            "print(ok, [str(x.message).split(' (the C compiler')[0] for x in w])\n"
             "lam = torch.rand(6 * 40, dtype=torch.float64) ** 4\n"
             "got, want = b.run_entries(lam, 6, torch.float32), b.entry_reference(lam, 6, torch.float32)\n"
-            "print(b.available(), torch.equal(got.scale, want.scale) and torch.equal(got.group, want.group))")
-    env = {**os.environ, "CC": str(cc), "LOWBIT_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "True"], out.stderr
+            "print(torch.equal(got.scale, want.scale) and torch.equal(got.group, want.group))\n"
+            "import glob, ctypes, subprocess, sys\n"
+            "(so,) = glob.glob(sys.argv[1] + '/bhq_groups-*[!w].so')\n"
+            "print(subprocess.run([sys.executable, '-c', f'import ctypes; ctypes.CDLL({so!r}); print(1)'],\n"
+            "                     capture_output=True, text=True).stdout.strip())")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CC": str(cc), "LOWBIT_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", code, str(cache)], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.splitlines() == [
+        "True ['lowbit: the BHQ group construction was built without OpenMP']", "True", "1"], out.stderr
 
 
 def test_switched_off_by_the_environment() -> None:

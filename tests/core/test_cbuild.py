@@ -8,6 +8,7 @@ import gc
 import os
 import shutil
 import stat
+import sys
 import threading
 import time
 import types
@@ -46,6 +47,115 @@ def test_cached_files_follow_the_umask_and_killed_builds_are_cleared(tmp_path, m
     assert stat.S_IMODE(so.stat().st_mode) == 0o755
     assert stat.S_IMODE(so.with_name(so.name + ".sha256").stat().st_mode) == 0o644
     assert not stale.exists() and fresh.exists()
+
+
+def _no_openmp_compiler(tmp_path) -> str:  # noqa: ANN001
+    """A C compiler command (the one lowbit finds, wrapped) that refuses ``-fopenmp`` as
+    Apple's clang does, and links with ``--no-undefined`` so that a library calling
+    OpenMP without it fails to build (after ``import torch`` the loader would otherwise
+    find torch's libgomp and hide it)."""
+    cc = cbuild.compiler(_quiet)
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
+                       'exit 1; }; done\nexec ' + " ".join(cc) + ' "$@" -Wl,--no-undefined -lm\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+KERNELS_WITH_OPENMP = [("lowbit.kernels.avx512", "SOURCE", "FLAGS"), ("lowbit.kernels.softmax", "SOURCE", None),
+                       ("lowbit.kernels.vnni", "SOURCE", "FLAGS"), ("lowbit.kernels.amx", "SOURCE", "FLAGS"),
+                       ("lowbit.kernels.bhq_groups", "SOURCE", "FLAGS")]
+
+
+@needs_cc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU ld's --no-undefined")
+@pytest.mark.parametrize("module, source, flags", KERNELS_WITH_OPENMP, ids=[m.split(".")[-1] for m, *_ in KERNELS_WITH_OPENMP])
+def test_every_openmp_kernel_builds_without_openmp(tmp_path, monkeypatch, module: str, source: str,
+                                                   flags: str | None) -> None:
+    """A compiler without OpenMP (Apple's clang, clang without libomp) lost every kernel
+    whose build asked for ``-fopenmp``: each now builds without it (its C guards
+    ``omp.h``; one thread) and says so in one warning (a review). Checked on the build
+    alone (-O0: the code, not its speed), for every kernel that asks for OpenMP."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    src = getattr(mod, source)
+    fl = [f for f in (getattr(mod, flags) if flags else importlib.import_module("lowbit.kernels.avx512").FLAGS)
+          if not f.startswith("-O")] + ["-O0"]
+    assert "-fopenmp" in fl
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", _no_openmp_compiler(tmp_path))
+    said: list[tuple[str, str | None]] = []
+    lib = cbuild.load(src, fl, lambda why, then=None: said.append((why, then)), "test kernel")
+    assert lib is not None, said
+    (why, then), = said
+    assert why.startswith("the test kernel was built without OpenMP (the C compiler refused -fopenmp: ")
+    assert "unsupported option -fopenmp" in why and then.startswith("it runs on one thread")
+
+
+def _tiny_build_with(compiler_script, tmp_path, monkeypatch) -> list[tuple[str, str | None]]:  # noqa: ANN001
+    """The warnings of ``cbuild.load`` of a one-function C file with ``CC`` the given
+    script (made executable), into a fresh cache; the load must fail."""
+    compiler_script.chmod(0o755)
+    src = tmp_path / "tiny.c"
+    src.write_text("int lowbit_tiny(void) { return 7; }\n")
+    monkeypatch.setenv("CC", str(compiler_script))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    said: list[tuple[str, str | None]] = []
+    assert cbuild.load(src, ["-O0", "-shared", "-fPIC"], lambda why, then=None: said.append((why, then)),
+                       "tiny kernel") is None
+    return said
+
+
+@needs_cc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an ELF library the loader cannot find")
+def test_a_library_that_builds_but_never_loads_is_built_twice_not_three_times(tmp_path, monkeypatch) -> None:
+    """A library that links but that the loader cannot load (here: one needing a shared
+    library the linker found and the loader does not — clang's OpenMP without libomp on
+    the loader's path) was built a third time in a temporary folder after the rebuild
+    in the cache failed to load too (a review): now it is a build failure after the
+    rebuild, warned about, and ``None``."""
+    dep = tmp_path / "dep"
+    dep.mkdir()
+    cc = cbuild.compiler(_quiet)
+    (dep / "fake.c").write_text("int lowbit_fake_dep(void) { return 1; }\n")
+    import subprocess
+
+    subprocess.run([*cc, "-shared", "-fPIC", str(dep / "fake.c"), "-o", str(dep / "libfakedep.so")], check=True)
+    log = tmp_path / "builds.log"
+    wrapper = tmp_path / "cc-linking-a-missing-library"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] || echo build >> {log}\nexec {" ".join(cc)} "$@" '
+                       f'-Wl,--no-as-needed -L{dep} -lfakedep\n')
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    said = _tiny_build_with(wrapper, tmp_path, monkeypatch)
+    assert log.read_text().split() == ["build", "build"]  # the cache's, then once again
+    (loaded, again), (built, _) = said
+    assert "could not be loaded" in loaded and again == "building it again"
+    assert built.startswith("the tiny kernel could not be built (") and "libfakedep.so" in built
+
+
+def test_a_compiler_printing_bytes_that_are_not_utf8_is_a_warning(tmp_path, monkeypatch) -> None:
+    """A compiler's version or error text in another encoding raised UnicodeDecodeError
+    out of the kernel's first use instead of the build's warning (a review)."""
+    wrapper = tmp_path / "cc-latin1"
+    wrapper.write_bytes(b"#!/bin/sh\nprintf 'compil\\351 \\377\\n' >&2\nprintf 'v\\351rsion\\n'\n"
+                        b"[ \"$1\" = --version ] && exit 0\nexit 1\n")
+    said = _tiny_build_with(wrapper, tmp_path, monkeypatch)
+    (why, _), = said
+    assert why.startswith("the tiny kernel could not be built (compil\ufffd \ufffd")
+
+
+@needs_cc
+def test_a_build_failing_otherwise_is_warned_once(tmp_path) -> None:
+    """A build that fails for another reason than OpenMP is tried again without it, and
+    the user hears of it once (the second build's error), not twice."""
+    bad = tmp_path / "bad.c"
+    bad.write_text("int lowbit_bad( { return 0; }\n")
+    said: list[tuple[str, str | None]] = []
+    assert cbuild.load(bad, ["-O0", "-shared", "-fPIC", "-fopenmp"], lambda why, then=None: said.append((why, then)),
+                       "bad kernel") is None
+    (why, then), = said
+    assert why.startswith("the bad kernel could not be built (") and then is None
 
 
 @needs_cc
