@@ -231,6 +231,17 @@ def _render(rep: CoverageReport, by: str) -> str:
 
 
 # -- the training step ----------------------------------------------------------------------
+def _required_positionals(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` requires (0 where its signature is unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        return 0
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
 def default_loss(output: Any) -> torch.Tensor:
     """The loss of one step when ``loss_fn`` is None: the model's own loss if it returns
     one (a 0-d tensor, a ``.loss`` attribute as Hugging Face outputs have, or the first
@@ -370,6 +381,12 @@ def coverage(model: nn.Module, *example_inputs: Any,
                         f"keyword inputs as model_kwargs=dict({', '.join(f'{k}=…' for k in sorted(unexpected))})")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if loss_fn is not None and _required_positionals(loss_fn) > 1:
+        # gradient_variance's loss_fn(model, batch) passed here failed inside the step with
+        # Python's "missing 1 required positional argument" (a new user's trial)
+        raise TypeError("coverage's loss_fn takes the model's output alone (loss_fn(output) -> loss), got a "
+                        f"function of {_required_positionals(loss_fn)} required arguments; "
+                        "lowbit.analysis.gradient_variance's takes (model, batch)")
     _refuse_stateful_grad_hooks(model)
     kwargs = dict(model_kwargs or {})
     layers = {id(m): n for n, m in fqt_layers(model).items()}

@@ -511,6 +511,14 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
                       ConversionWarning, stacklevel=2)
+    elif not converted and excluded and getattr(module_filter, "none", None):
+        # a filter without a `return` (or ending in a print) excludes every module in silence
+        # (a new user's trial)
+        names = module_filter.none  # type: ignore[union-attr]
+        warnings.warn(f"lowbit.convert converted nothing: module_filter returned None (read as False: "
+                      f"excluded) for {len(names)} module(s) ({', '.join(repr(n) for n in names[:3])}"
+                      f"{', …' if len(names) > 3 else ''}); a filter must return True for the modules to "
+                      "convert — does it lack a return?", ConversionWarning, stacklevel=2)
     elif not converted and not excluded:  # a model of functional GEMMs came back as it was
         warnings.warn(f"lowbit.convert converted nothing: {type(model).__name__} holds no module lowbit "
                       "has a layer for (nn.Linear, nn.Conv1d, nn.Conv2d, attention modules, transformers' "
@@ -645,9 +653,13 @@ def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:
     def ask(module: nn.Module, name: str) -> bool:
         got = answers.get((id(module), name))
         if got is None or got[0] is not module:  # (the module kept: its id is not reused)
-            got = answers[(id(module), name)] = (module, bool(module_filter(module, name)))
+            said = module_filter(module, name)
+            if said is None:
+                ask.none.append(name)  # type: ignore[attr-defined]
+            got = answers[(id(module), name)] = (module, bool(said))
         return got[1]
 
+    ask.none = []  # type: ignore[attr-defined]  # names it answered None for (read by convert)
     return ask
 
 

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
                  "end (--out keeps them)")
         print(f"lowbit demo: digits {args.model}, {epochs} epoch{'s' * (epochs != 1)}, seed {seed}; {where}")
         t_start = time.perf_counter()
+        width = max(10, *(len(c.recipe) for c in configs))  # the recipe column fits the longest name
         rows = []
         for cfg in configs:
             cfg.out = str(root / cfg.run_name())
@@ -63,19 +64,31 @@ def run(args: argparse.Namespace) -> int:
                     result.model, result.task.loss, batch, VARIANCE_REPEATS
                 )
                 variance = stats["total"]
-            rows.append((cfg.recipe, last["accuracy"], last["val_loss"], variance,
-                         last["step_time_ms"]))  # fmt: skip
-            print(f"  {cfg.recipe:10s} done: accuracy {100 * last['accuracy']:.2f}%", flush=True)
+            rows.append((cfg.recipe, last["accuracy"], last["val_loss"], variance, last["step_time_ms"],
+                         _nearest_gradients(cfg.fqt_config())))  # fmt: skip
+            print(f"  {cfg.recipe:{width}s} done: accuracy {100 * last['accuracy']:.2f}%", flush=True)
         wall = time.perf_counter() - t_start
 
     print()
-    print("| recipe     | val accuracy | val loss | grad quantization variance | step (ms) |")
-    print("|------------|--------------|----------|----------------------------|-----------|")
-    for recipe, acc, loss, var, ms in rows:
-        shown = "-" if var is None else f"{var:.3e}"
-        print(f"| {recipe:10s} | {100 * acc:11.2f}% | {loss:8.4f} | {shown:>26s} | {ms:9.1f} |")
+    print(f"| {'recipe':{width}s} | val accuracy | val loss | grad quantization variance | step (ms) |")
+    print(f"|{'-' * (width + 2)}|--------------|----------|----------------------------|-----------|")
+    for recipe, acc, loss, var, ms, biased in rows:
+        shown = "-" if var is None else f"{var:.3e}" + (" *" if biased else "")
+        print(f"| {recipe:{width}s} | {100 * acc:11.2f}% | {loss:8.4f} | {shown:>26s} | {ms:9.1f} |")
     print()
     print(f"variance: E||g_FQT - g_QAT||^2 summed over parameters, one fixed batch of "
           f"{VARIANCE_BATCH} training images, {VARIANCE_REPEATS} repeats; step: median of the "
           f"last epoch. Wall time {wall:.0f} s.")  # fmt: skip
+    if any(r[5] and r[3] is not None for r in rows):
+        print("*: round-to-nearest gradients (biased): that mean squared error is mostly the "
+              "squared bias, not rounding variance.")
     return 0
+
+
+def _nearest_gradients(config: object) -> bool:
+    """Whether a recipe rounds a gradient to nearest (``fp8-*``: biased), so that its
+    E‖g_FQT − g_QAT‖² is mostly bias², not variance."""
+    from lowbit.formats import Rounding
+
+    return any(spec is not None and spec.rounding is Rounding.NEAREST
+               for spec in (getattr(config, "grad_input", None), getattr(config, "grad_weight", None)))

@@ -823,3 +823,20 @@ def test_a_model_with_nothing_to_convert_is_warned_about() -> None:
         warnings.simplefilter("error")
         lowbit.convert(nn.Sequential(nn.Linear(4, 4)), cfg, module_filter=lambda m, n: False)
         lowbit.convert(nn.Sequential(nn.Linear(4, 4)), cfg)
+
+
+def test_a_filter_returning_none_that_converts_nothing_is_warned_about() -> None:
+    """A new user's trial: a ``module_filter`` without a ``return`` (or ending in a print)
+    answers None, read as "exclude", and the model stayed float without a word. A filter
+    answering False on purpose, or None for some modules while others convert, is not
+    warned about (a falsy answer is an answer)."""
+    two = lambda: nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))  # noqa: E731
+    _, report, msgs = convert_quietly(two(), module_filter=lambda m, name: isinstance(m, nn.Linear) and None)
+    assert report.converted == () and len(report.excluded) == 2
+    assert msgs == ["lowbit.convert converted nothing: module_filter returned None (read as False: excluded) "
+                    "for 2 module(s) ('0', '1'); a filter must return True for the modules to convert — "
+                    "does it lack a return?"]
+    _, report, msgs = convert_quietly(two(), module_filter=lambda m, name: False)
+    assert report.converted == () and msgs == []
+    _, report, msgs = convert_quietly(two(), module_filter=lambda m, name: True if name == "1" else None)
+    assert report.converted == ("1",) and msgs == []

@@ -1104,3 +1104,17 @@ def test_a_root_product_with_a_childs_weight_is_its_grad_input_not_a_layers_grad
                         for p in ("forward", "grad_input", "grad_weight")]
         assert sorted(g.phase for g in r.rows if g.module == "fc" and g.kind == "int8") == \
             ["forward", "grad_input", "grad_weight"]
+
+
+def test_a_loss_fn_of_model_and_batch_is_refused_by_name() -> None:
+    """A new user's trial: ``gradient_variance``'s ``loss_fn(model, batch)`` passed to
+    coverage failed inside the step with Python's "missing 1 required positional
+    argument"; it is refused first, naming both signatures. One-argument callables
+    (a lambda, ``torch.sum``, a bound method) pass."""
+    m = lowbit.convert(nn.Linear(4, 4), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+    with pytest.raises(TypeError, match=r"coverage's loss_fn takes the model's output alone \(loss_fn\(output\) -> "
+                                        r"loss\), got a function of 2 required arguments; "
+                                        r"lowbit.analysis.gradient_variance's takes \(model, batch\)"):
+        coverage(m, torch.randn(2, 4), loss_fn=lambda model, batch: model(batch).sum())
+    for fn in (lambda out: out.sum(), torch.sum, torch.randn(1).new_tensor(0.0).add, lambda out, scale=2.0: out.sum()):
+        assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=lambda out, f=fn: f(out).sum()), CoverageReport)

@@ -522,6 +522,20 @@ def test_demo_smoke(tmp_path):
     assert "Wall time" in proc.stdout
 
 
+def test_demo_table_fits_long_recipe_names_and_marks_biased_gradients(tmp_path):
+    """A new user's trial: recipe names past 10 characters pushed their rows out of the
+    table's columns, and a round-to-nearest (biased) recipe's E‖g_FQT − g_QAT‖² was shown
+    as variance without a word."""
+    proc = _run("demo", "--model", "mlp", "--epochs", "1", "--recipes", "fp,fqt-hadamard-8,fp8-rowwise",
+                "--out", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 5 and len({len(line) for line in table}) == 1  # one width, columns aligned
+    assert len({tuple(i for i, ch in enumerate(line) if ch == "|") for line in table}) == 1
+    assert table[4].split("|")[4].strip().endswith(" *") and not table[3].split("|")[4].strip().endswith("*")
+    assert "*: round-to-nearest gradients (biased)" in proc.stdout
+
+
 def _fake_run(root: Path, recipe: str, seed: int, finals: list[float], status: str,
               epochs: int = 2, data: str | None = None, task: str = "digits",
               **columns: list[float] | list[str]) -> None:
