@@ -206,10 +206,11 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
     if lib is None and "-fopenmp" in flags and refused:
         lib = _load(source, [f for f in flags if f != "-fopenmp"], warn, what)
         if lib is not None:
-            detail = refused[-1].partition(" could not be built (")[2][:-1]
-            warn(f"the {what} was built without OpenMP (the C compiler refused -fopenmp: {detail[-300:]})",
-                 "it runs on one thread; a compiler with OpenMP (gcc, or clang with libomp) runs it on "
-                 "torch's threads")
+            detail = refused[-1].partition(" could not be built (")[2][:-1][-300:]
+            cause = (f"its OpenMP build could not be loaded: {detail}" if any("could not be loaded" in why for why, _ in said)
+                     else f"the C compiler refused -fopenmp: {detail}")  # (a review: a loader's error read as the compiler's)
+            warn(f"the {what} was built without OpenMP ({cause})", "it runs on one thread; a compiler with OpenMP "
+                 "(gcc, or clang with libomp where the loader finds it) runs it on torch's threads")
         return lib
     for why, then in said:
         warn(why, then)
@@ -249,9 +250,17 @@ def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.C
                 _digest_file(path).unlink(missing_ok=True)
             except OSError:  # a read-only cache: build where this process can
                 return ctypes.CDLL(str(_compile(cc, version, source, flags, _temporary_dir())))
-            # built afresh and still not loadable (a library the build links but the loader
-            # cannot find): a build failure, not a third build elsewhere (a review)
-            return ctypes.CDLL(str(_compile(cc, version, source, flags, path.parent)))
+            path = _compile(cc, version, source, flags, path.parent)
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                # built afresh and still not loadable from the cache's folder: a copy where this
+                # process can load it (a cache on a noexec mount), not a third build; a library
+                # the loader cannot load anywhere (a dependency it cannot find) fails there too,
+                # a build failure (two reviews)
+                copy = _temporary_dir() / path.name
+                shutil.copyfile(path, copy)
+                return ctypes.CDLL(str(copy))
     except (BuildError, OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else

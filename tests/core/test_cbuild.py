@@ -132,6 +132,55 @@ def test_a_library_that_builds_but_never_loads_is_built_twice_not_three_times(tm
     (loaded, again), (built, _) = said
     assert "could not be loaded" in loaded and again == "building it again"
     assert built.startswith("the tiny kernel could not be built (") and "libfakedep.so" in built
+    # the same missing library linked for OpenMP alone (clang's -fopenmp with libomp off the
+    # loader's path): the kernel is built without it, and the warning blames the loading,
+    # not the compiler (a review)
+    omp_only = tmp_path / "cc-linking-a-missing-library-for-openmp"  # (another compiler: another cache key)
+    omp_only.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exec {" ".join(cc)} "$@" '
+                        f'-Wl,--no-as-needed -L{dep} -lfakedep; done\nexec {" ".join(cc)} "$@"\n')
+    omp_only.chmod(0o755)
+    monkeypatch.setenv("CC", str(omp_only))
+    said.clear()
+    assert cbuild.load(tmp_path / "tiny.c", ["-O0", "-shared", "-fPIC", "-fopenmp"],
+                       lambda why, then=None: said.append((why, then)), "tiny kernel").lowbit_tiny() == 7
+    (why, then), = said
+    assert why.startswith("the tiny kernel was built without OpenMP (its OpenMP build could not be loaded: ")
+    assert "libfakedep.so" in why and then.startswith("it runs on one thread")
+
+
+@needs_cc
+def test_a_cache_the_loader_cannot_map_from_loads_a_copy(tmp_path, monkeypatch) -> None:
+    """A cache on a noexec mount (a hardened /home, /dev/shm): the loader refuses every
+    library there, intact or rebuilt. The rebuilt one is loaded from a copy in a
+    temporary folder (a review: a change had made it a build failure, every kernel lost),
+    after two builds, not three."""
+    import ctypes
+
+    cache = tmp_path / "cache"
+    real = ctypes.CDLL
+
+    def loader(name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(name).startswith(str(cache)):
+            raise OSError(f"{name}: failed to map segment from shared object")
+        return real(name, *args, **kwargs)
+
+    cc = cbuild.compiler(_quiet)
+    log = tmp_path / "builds.log"
+    wrapper = tmp_path / "cc-logged"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] || echo build >> {log}\nexec {" ".join(cc)} "$@"\n')
+    wrapper.chmod(0o755)
+    src = tmp_path / "tiny.c"
+    src.write_text("int lowbit_tiny(void) { return 7; }\n")
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(cache))
+    monkeypatch.setattr(ctypes, "CDLL", loader)
+    said: list[tuple[str, str | None]] = []
+    lib = cbuild.load(src, ["-O0", "-shared", "-fPIC", "-fopenmp"], lambda why, then=None: said.append((why, then)),
+                      "tiny kernel")
+    assert lib is not None and lib.lowbit_tiny() == 7
+    assert log.read_text().split() == ["build", "build"]
+    (loaded, again), = said
+    assert "could not be loaded" in loaded and "failed to map segment" in loaded and again == "building it again"
 
 
 def test_a_compiler_printing_bytes_that_are_not_utf8_is_a_warning(tmp_path, monkeypatch) -> None:
