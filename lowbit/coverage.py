@@ -235,9 +235,9 @@ def _required_positionals(fn: Callable[..., Any]) -> int:
     """How many positional arguments ``fn`` requires (0 where its signature is unknown)."""
     import inspect
 
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C function without a signature
+    try:  # fn's own parameters, not those of a function it wraps (functools.wraps: a review)
+        params = inspect.signature(fn, follow_wrapped=False).parameters.values()
+    except Exception:  # noqa: BLE001 - a builtin without a signature, a __signature__ that raises
         return 0
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 

@@ -511,10 +511,10 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
                       ConversionWarning, stacklevel=2)
-    elif not converted and excluded and getattr(module_filter, "none", None):
+    elif not converted and (names := [n for n in getattr(module_filter, "none", ()) if n in set(excluded)]):
         # a filter without a `return` (or ending in a print) excludes every module in silence
-        # (a new user's trial)
-        names = module_filter.none  # type: ignore[union-attr]
+        # (a new user's trial); only None answers that excluded a module count (a review: the
+        # modules lowbit has no layer for are asked too)
         warnings.warn(f"lowbit.convert converted nothing: module_filter returned None (read as False: "
                       f"excluded) for {len(names)} module(s) ({', '.join(repr(n) for n in names[:3])}"
                       f"{', …' if len(names) > 3 else ''}); a filter must return True for the modules to "

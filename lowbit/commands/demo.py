@@ -72,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"| {'recipe':{width}s} | val accuracy | val loss | grad quantization variance | step (ms) |")
     print(f"|{'-' * (width + 2)}|--------------|----------|----------------------------|-----------|")
+    marked = any(r[5] and r[3] is not None for r in rows)
     for recipe, acc, loss, var, ms, biased in rows:
-        shown = "-" if var is None else f"{var:.3e}" + (" *" if biased else "")
+        shown = "-" if var is None else f"{var:.3e}" + (" *" if biased else "  " if marked else "")
         print(f"| {recipe:{width}s} | {100 * acc:11.2f}% | {loss:8.4f} | {shown:>26s} | {ms:9.1f} |")
     print()
     print(f"variance: E||g_FQT - g_QAT||^2 summed over parameters, one fixed batch of "
           f"{VARIANCE_BATCH} training images, {VARIANCE_REPEATS} repeats; step: median of the "
           f"last epoch. Wall time {wall:.0f} s.")  # fmt: skip
-    if any(r[5] and r[3] is not None for r in rows):
+    if marked:
         print("*: round-to-nearest gradients (biased): that mean squared error is mostly the "
               "squared bias, not rounding variance.")
     return 0

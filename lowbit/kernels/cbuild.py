@@ -217,6 +217,15 @@ def load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CD
     return lib
 
 
+def _load_copy(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` loaded from a copy in a fresh temporary directory: a cache
+    the loader cannot map libraries from (a noexec mount: two reviews). ``OSError`` where
+    the copy cannot be made or loaded either."""
+    copy = _temporary_dir() / path.name
+    shutil.copyfile(path, copy)
+    return ctypes.CDLL(str(copy))
+
+
 def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.CDLL | None:
     """:func:`load` with ``flags`` as given."""
     if not source.is_file():  # an install that did not ship the C source (package data)
@@ -243,7 +252,16 @@ def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.C
             path = _compile(cc, version, source, flags, _temporary_dir())
         try:
             return ctypes.CDLL(str(path))
-        except OSError as e:  # intact but not loadable here: build it again
+        except OSError as e:  # intact but not loadable here
+            try:  # from another folder? (a cache on a noexec mount: a copy, no rebuild, no unlink)
+                lib = _load_copy(path)
+            except OSError:
+                pass
+            else:
+                warn(f"the loader cannot map the {what} from the kernel cache directory {root} ({e}: a noexec "
+                     "mount?); point LOWBIT_CACHE_DIR at a directory libraries may be loaded from",
+                     "loading a copy from a temporary directory (again in every process until then)")
+                return lib
             warn(f"the cached {what} {str(path)!r} could not be loaded ({e})", "building it again")
             try:
                 path.unlink(missing_ok=True)
@@ -253,14 +271,8 @@ def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.C
             path = _compile(cc, version, source, flags, path.parent)
             try:
                 return ctypes.CDLL(str(path))
-            except OSError:
-                # built afresh and still not loadable from the cache's folder: a copy where this
-                # process can load it (a cache on a noexec mount), not a third build; a library
-                # the loader cannot load anywhere (a dependency it cannot find) fails there too,
-                # a build failure (two reviews)
-                copy = _temporary_dir() / path.name
-                shutil.copyfile(path, copy)
-                return ctypes.CDLL(str(copy))
+            except OSError:  # built afresh and still not loadable: a copy, else the build failed
+                return _load_copy(path)
     except (BuildError, OSError, subprocess.CalledProcessError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         warn(f"the {what} could not be built (…{detail[-600:]})" if len(detail) > 600 else

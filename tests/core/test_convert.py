@@ -840,3 +840,9 @@ def test_a_filter_returning_none_that_converts_nothing_is_warned_about() -> None
     assert report.converted == () and msgs == []
     _, report, msgs = convert_quietly(two(), module_filter=lambda m, name: True if name == "1" else None)
     assert report.converted == ("1",) and msgs == []
+    # None for modules lowbit has no layer for excludes nothing: a filter keeping its Linear
+    # float on purpose (False) is not told it lacks a return (a review)
+    with_others = nn.Sequential(nn.LSTM(4, 4), nn.Linear(4, 4), nn.Conv3d(1, 1, 1))
+    _, report, msgs = convert_quietly(with_others, module_filter=lambda m, name: False if isinstance(m, nn.Linear)
+                                      else None)
+    assert report.excluded == ("1",) and not any("module_filter returned None" in msg for msg in msgs)

@@ -9,6 +9,7 @@ checked with ==.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 
@@ -1118,3 +1119,14 @@ def test_a_loss_fn_of_model_and_batch_is_refused_by_name() -> None:
         coverage(m, torch.randn(2, 4), loss_fn=lambda model, batch: model(batch).sum())
     for fn in (lambda out: out.sum(), torch.sum, torch.randn(1).new_tensor(0.0).add, lambda out, scale=2.0: out.sum()):
         assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=lambda out, f=fn: f(out).sum()), CoverageReport)
+
+    def against(target):  # noqa: ANN001, ANN202 - a decorator-made loss of the output alone
+        def deco(fn):  # noqa: ANN001, ANN202
+            @functools.wraps(fn)
+            def loss(out):  # noqa: ANN001, ANN202
+                return fn(out, target)
+            return loss
+        return deco
+
+    # its signature is loss(out), not the wrapped F.mse_loss(input, target) (a review)
+    assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=against(torch.zeros(2, 4))(F.mse_loss)), CoverageReport)

@@ -532,6 +532,7 @@ def test_demo_table_fits_long_recipe_names_and_marks_biased_gradients(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 5 and len({len(line) for line in table}) == 1  # one width, columns aligned
     assert len({tuple(i for i, ch in enumerate(line) if ch == "|") for line in table}) == 1
+    assert table[3].index("e-") == table[4].index("e-")  # the values' digits aligned, marked or not
     assert table[4].split("|")[4].strip().endswith(" *") and not table[3].split("|")[4].strip().endswith("*")
     assert "*: round-to-nearest gradients (biased)" in proc.stdout
 
