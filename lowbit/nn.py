@@ -507,11 +507,12 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
     converted[:] = [c for c in converted if c in present]
     fastpath = disable_fused_fastpath(
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))
+    set_excluded = set(excluded)
     if skipped:
         listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
                       ConversionWarning, stacklevel=2)
-    elif not converted and (names := [n for n in getattr(module_filter, "none", ()) if n in set(excluded)]):
+    elif not converted and (names := [n for n in getattr(module_filter, "none", ()) if n in set_excluded]):
         # a filter without a `return` (or ending in a print) excludes every module in silence
         # (a new user's trial); only None answers that excluded a module count (a review: the
         # modules lowbit has no layer for are asked too)

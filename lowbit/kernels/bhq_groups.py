@@ -21,7 +21,7 @@ over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`, computed w
 reference's ops and kept), and the one power runs in torch on the (N,) bases before the
 last call. Attention's entries (op ``bhq_entry_groups``) are independent and go to torch's
 threads (OpenMP; a compiler without it builds the same code for one thread, with a
-warning: :func:`lowbit.kernels.cbuild.load_tested`).
+warning: :func:`lowbit.kernels.cbuild.load`).
 Its results are the reference's
 bit for bit (a self-test checks ties, one huge row, equal rows, zeros, subnormal and huge
 ranges, two to thousands of rows, before first use; a failure, a missing compiler or a
