@@ -235,8 +235,13 @@ def _required_positionals(fn: Callable[..., Any]) -> int:
     """How many positional arguments ``fn`` requires (0 where its signature is unknown)."""
     import inspect
 
-    try:  # fn's own parameters, not those of a function it wraps (functools.wraps: a review)
-        params = inspect.signature(fn, follow_wrapped=False).parameters.values()
+    try:  # fn's own parameters, not those of a function it wraps (functools.wraps: a review) —
+        # but a pass-through wrapper's (*args, **kwargs) says nothing: what it passes on to
+        # (a decorated or torch.compile'd loss: a second review)
+        sig = inspect.signature(fn, follow_wrapped=False)
+        if hasattr(fn, "__wrapped__") and any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
+            sig = inspect.signature(fn)
+        params = sig.parameters.values()
     except Exception:  # noqa: BLE001 - a builtin without a signature, a __signature__ that raises
         return 0
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)

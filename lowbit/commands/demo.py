@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"|{'-' * (width + 2)}|--------------|----------|----------------------------|-----------|")
     marked = any(r[5] and r[3] is not None for r in rows)
     for recipe, acc, loss, var, ms, biased in rows:
-        shown = "-" if var is None else f"{var:.3e}" + (" *" if biased else "  " if marked else "")
+        shown = ("-" if var is None else f"{var:.3e}") + (" *" if biased and var is not None else "  " if marked else "")
         print(f"| {recipe:{width}s} | {100 * acc:11.2f}% | {loss:8.4f} | {shown:>26s} | {ms:9.1f} |")
     print()
     print(f"variance: E||g_FQT - g_QAT||^2 summed over parameters, one fixed batch of "

@@ -1130,3 +1130,15 @@ def test_a_loss_fn_of_model_and_batch_is_refused_by_name() -> None:
 
     # its signature is loss(out), not the wrapped F.mse_loss(input, target) (a review)
     assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=against(torch.zeros(2, 4))(F.mse_loss)), CoverageReport)
+
+    def logged(fn):  # noqa: ANN001, ANN202 - a pass-through decorator: (*args, **kwargs)
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return fn(*args, **kwargs)
+        return wrapper
+
+    # what a pass-through wrapper passes on to counts (a second review)
+    for two in (logged(lambda model, batch: model(batch).sum()), torch.compile(lambda model, batch: 0)):
+        with pytest.raises(TypeError, match="got a function of 2 required arguments"):
+            coverage(m, torch.randn(2, 4), loss_fn=two)
+    assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=logged(lambda out: out.sum())), CoverageReport)
