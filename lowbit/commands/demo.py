@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from lowbit.analysis import quantization_variance
-from lowbit.experiments.train import check_out_dir, make_config, parse_int, parse_recipes, parse_seed, set_threads
+from lowbit.experiments.train import (check_named, check_out_dir, make_config, parse_int, parse_recipes, parse_seed,
+                                     set_threads)
 from lowbit.experiments.trainer import train
 
 RECIPES = ("fp", "qat-8", "fqt-ptq-8", "fqt-psq-8", "fqt-bhq-8", "fqt-ptq-4", "fqt-psq-4",
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
                      "seed": seed})
         for r in parse_recipes("--recipes", args.recipes)
     ]  # fmt: skip
+    check_named("--out", args.out, "folder")
     set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
         root = Path(check_out_dir("--out", args.out) if args.out else tmp)

@@ -629,10 +629,12 @@ def write_section(path: Path, body: str, name: str | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .train import check_named, check_out_dir, check_out_file
+
+    check_named("--runs", args.runs, "folder")  # "" read the current folder's runs
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise ValueError(f"--runs must be a folder of run folders, got {args.runs!r}")
-    from .train import check_out_dir, check_out_file
 
     check_out_dir("--out", args.out)  # a folder, or creatable as one
     markers(args.section)  # a bad name fails before any work

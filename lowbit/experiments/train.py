@@ -202,6 +202,14 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+def check_named(option: str, path: str | None, what: str) -> None:
+    """``ValueError`` naming ``option`` where ``path`` is given but empty (or blanks): a
+    shell variable that expanded to nothing read as the current folder, or as the default
+    one, without a word (a new user's trial: ``lowbit train --out ""``)."""
+    if path is not None and not str(path).strip():
+        raise ValueError(f"{option} must name a {what}, got an empty string")
+
+
 def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
                   overwrite: bool = False) -> str:
     """``path`` as a folder a command will create or write into, checked before any work
@@ -209,6 +217,7 @@ def check_out_dir(option: str, path: str, results: tuple[str, ...] = (),
     nearest one above it that exists) writable; and, unless ``overwrite``, holding none of
     ``results`` (the names of the files an earlier run of the command wrote there: its
     measurement would be replaced without a word)."""
+    check_named(option, path, "folder")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{option} must be a folder, but {path} is a file")
@@ -233,6 +242,7 @@ def check_out_file(option: str, path: str) -> str:
     work: not a folder nor another non-regular file (a pipe, a device: the rename would
     replace it, or fail after the work, as ``--json /dev/stdout`` did, a review), in a folder
     that exists and is writable (``ValueError`` naming ``option``)."""
+    check_named(option, path, "file")
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{option} must be a file, but {path} is a folder")
@@ -416,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
         fields["world_size"] = nproc
     source = ""
     out = args.out
+    check_named("--out", out, "folder")
     if args.resume and not out:  # the folder these options name (a data-parallel run's has
         # -nN: after --nproc), its settings read as with --out (a new user's trial: without
         # --out the defaults were compared)

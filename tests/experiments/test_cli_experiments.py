@@ -190,6 +190,24 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert err.startswith(f"lowbit {args[0]}: error: ") and message in err, err
 
 
+@pytest.mark.parametrize("args, option", [
+    (["train", "--epochs", "1", "--out", ""], "--out"),
+    (["demo", "--epochs", "1", "--out", " "], "--out"),
+    (["sweep", "--recipes", "fp", "--out", ""], "--out"),
+    (["comm-variance", "--task", "digits", "--out", ""], "--out"),
+    (["report", "--runs", "", "--out", "x"], "--runs"),
+])
+def test_an_empty_path_is_refused_not_read_as_a_folder(tmp_path, capsys, monkeypatch, args, option):
+    """A new user's trial: ``lowbit train --out ""`` (a shell variable expanded to nothing)
+    trained into the default folder without a word; other commands read "" as the current
+    folder. Refused in one line naming the option, before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {option} must name a folder, got an empty string" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_lowbit_debug_0_is_off(tmp_path, capsys, monkeypatch):
     """``LOWBIT_DEBUG=0`` turned the traceback on (any non-empty value did)."""
     monkeypatch.setenv("LOWBIT_DEBUG", "0")
