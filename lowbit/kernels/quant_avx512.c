@@ -24,6 +24,11 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#define NUM_THREADS() omp_get_num_threads()
+#else  /* built without OpenMP where the compiler has none: one thread */
+#define THREAD_NUM() 0
+#define NUM_THREADS() 1
 #endif
 
 #define K1 0x27D4EB2Du
@@ -206,11 +211,7 @@ static void pair_absmax(const void *x, int dtype, int64_t rows, int64_t cols, in
                         float *camax, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        const int t = THREAD_NUM(), nt = NUM_THREADS();
         float *cm = scratch + (int64_t)t * cols;
         memset(cm, 0, (size_t)cols * sizeof(float));
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
@@ -829,11 +830,7 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
     const __m512 vemax = _mm512_set1_ps(emax);
 #pragma omp parallel num_threads(threads)
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        const int tid = THREAD_NUM(), nt = NUM_THREADS();
         float *dots = scratch + (int64_t)tid * 2 * cols, *cm = dots + cols;
         memset(cm, 0, (size_t)cols * sizeof(float));
 #pragma omp for schedule(guided)
