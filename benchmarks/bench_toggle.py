@@ -96,6 +96,13 @@ Toggles (each is "on" as lowbit ships it):
   conv-grad-w-pieces  a convolution's kernel-row ∇W over pieces of samples
                (``lowbit.kernels.im2col.ROWS_IN_PIECES``); off: the whole batch at once
                (the same sums)
+  conv-grad-w-half-pieces  the kernel-row ∇W's pieces of samples with patches of at most half
+               the placed input's bytes (``lowbit.kernels.im2col.PIECE_SHARE`` 2); off: at
+               most all of them (1: half as many pieces; the same sums)
+  conv-acc-pieces  oneDNN's int8 convolutions (a convolution's output and ∇X) over pieces
+               of samples, each piece's float32 accumulator written into the result before
+               the next exists (``lowbit.conv.ACC_IN_PIECES``); off: one accumulator of the
+               whole batch (the same values)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -427,6 +434,25 @@ def _conv_grad_w_pieces() -> Callable[[bool], None]:
     return switch
 
 
+def _conv_grad_w_half_pieces() -> Callable[[bool], None]:
+    """Off: the kernel-row ∇W's pieces with patches up to the placed input's bytes
+    (``lowbit.kernels.im2col.PIECE_SHARE`` 1)."""
+    from lowbit.kernels import im2col
+
+    def switch(on: bool) -> None:
+        im2col.PIECE_SHARE = 2 if on else 1
+    return switch
+
+
+def _conv_acc_pieces() -> Callable[[bool], None]:
+    """Off: oneDNN's convolutions on the whole batch at once (``lowbit.conv.ACC_IN_PIECES``)."""
+    import lowbit.conv as conv
+
+    def switch(on: bool) -> None:
+        conv.ACC_IN_PIECES = on
+    return switch
+
+
 def _attention_pieces() -> Callable[[bool], None]:
     import lowbit.attention as attention
 
@@ -461,7 +487,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "bhq-inverse": _bhq_inverse, "bhq-entry-threads": _bhq_entry_threads, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
-    "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces}
+    "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces,
+    "conv-acc-pieces": _conv_acc_pieces, "conv-grad-w-half-pieces": _conv_grad_w_half_pieces}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -268,17 +268,74 @@ def _unsigned_nhwc(k: Kernels, codes: torch.Tensor, shape: Sequence[int]) -> tor
 
 def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, length: int,
-              channels_last: bool = False) -> torch.Tensor:
+              channels_last: bool = False, out: torch.Tensor | None = None, safe: bool = False) -> torch.Tensor:
     """``acc·s_a·s_b + bias`` of an exact (N, C, H, W) float32 accumulator in
     channels-last memory (oneDNN's) of sums of ``length`` code products, ``a_scale`` per
     sample or tensor, ``b_scale`` per channel or tensor → (N, C, H, W), contiguous, or
     with ``channels_last`` in the accumulator's channels-last memory (possibly written
-    over it): the epilogue of the integer GEMM, the same arithmetic (in float64 where
-    float32 could overflow: :func:`lowbit.kernels.int8.safe_scales`)."""
-    a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
+    over it), or written into ``out`` (that layout): the epilogue of the integer GEMM, the
+    same arithmetic (in float64 where float32 could overflow:
+    :func:`lowbit.kernels.int8.safe_scales`; ``safe``: the caller made them so already)."""
+    if not safe:
+        a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
+    args = (acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1), b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
     with scope("lowbit::epilogue"):
-        return k.run("int8_epilogue_nhwc" if channels_last else "int8_epilogue_nchw", acc.permute(0, 2, 3, 1),
-                     a_scale.reshape(-1, 1, 1, 1), b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
+        return k.run("int8_epilogue_nhwc" if channels_last else "int8_epilogue_nchw", *args,
+                     *(() if out is None else (out,)))
+
+
+# Whether oneDNN's convolutions run their samples in pieces where the epilogue writes a
+# new buffer (False: the whole batch at once; a benchmark toggle, bench_toggle.py
+# conv-acc-pieces)
+ACC_IN_PIECES = True
+
+
+def acc_pieces(n: int, out_dtype: torch.dtype, in_place: bool) -> int:
+    """How many pieces of samples :func:`_conv_epilogue` runs oneDNN's convolution of
+    ``n`` samples in: one where the epilogue writes over the float32 accumulator
+    (``in_place``), else as many as keep each piece's accumulator at most half the
+    result's bytes (4 for a bfloat16 result, 2 for float32, 1 for float64), at most ``n``."""
+    if not ACC_IN_PIECES or in_place:
+        return 1
+    return max(1, min(n, 8 // out_dtype.itemsize))
+
+
+def _conv_epilogue(k: Kernels, held: list[torch.Tensor], w_codes: torch.Tensor, geometry: tuple[Any, ...],
+                   a_scale: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype, length: int, channels_last: bool,
+                   pieces: int | None = None) -> torch.Tensor:
+    """oneDNN's exact convolution (:func:`lowbit.kernels.qconv.conv_acc`, ``geometry`` its
+    stride, padding, dilation and groups) of the codes ``held[0]`` — handed over (popped),
+    so they are freed once the last piece has read them — with ``w_codes``, and its
+    :func:`_epilogue`, in :func:`acc_pieces` pieces of samples: each piece's float32
+    accumulator is written into its samples of the result and freed before the next
+    exists, so the whole accumulator (4 bytes a result element) never sits beside the
+    result. The weight is packed once for all pieces; each element gets the same exact
+    sum and the same epilogue (its scales made safe once, over the whole batch: the same
+    dtype for every piece), so the result is bitwise the one-piece one."""
+    xu = held.pop()
+    n = xu.shape[0]
+    if pieces is None:
+        pieces = acc_pieces(n, out_dtype, channels_last and out_dtype == torch.float32)
+    if pieces == 1:
+        with scope("lowbit::gemm"):
+            acc = qconv.conv_acc(xu, w_codes, *geometry)
+        del xu  # freed before the epilogue's output exists
+        return _epilogue(k, acc, a_scale, b_scale, bias, out_dtype, length, channels_last)
+    a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)  # one dtype for every piece
+    with scope("lowbit::gemm"):
+        packed = qconv.prepack(w_codes, *geometry, xu.shape)
+    per, out = -(-n // pieces), None
+    for n0 in range(0, n, per):
+        with scope("lowbit::gemm"):
+            acc = qconv.conv_acc(xu[n0:n0 + per], w_codes, *geometry, packed=packed)
+        if out is None:  # (N, C_out, H', W') in the epilogue's layout
+            out = torch.empty(n, *acc.shape[1:], dtype=out_dtype,
+                              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        sa = a_scale[n0:n0 + per] if a_scale.shape[0] > 1 else a_scale
+        _epilogue(k, acc, sa, b_scale, bias, out_dtype, length, channels_last, out[n0:n0 + per], safe=True)
+        del acc
+    return out  # type: ignore[return-value]
 
 
 # -- the three GEMMs ---------------------------------------------------------------------
@@ -306,12 +363,10 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
     co, cg, kh, kw = w_shape
     k = kernels_for(backend, qx.codes.device)
     if _onednn(k, qx.codes, w_shape, groups, (h, w), stride, padding, dilation):  # exact sums
-        xu = qx.codes.view(n, h, w, c).permute(0, 3, 1, 2) if layout == CL_CODES else \
-            _unsigned_nhwc(k, qx.codes, x_shape)
-        with scope("lowbit::gemm"):
-            acc = qconv.conv_acc(xu, qw.codes.view(w_shape), stride, padding, dilation, groups)
-        del xu  # an unsigned copy (NCHW layouts): freed before the epilogue's output exists
-        return _epilogue(k, acc, qx.scale, qw.scale, bias, out_dtype, cg * kh * kw, layout != NCHW)
+        held = [qx.codes.view(n, h, w, c).permute(0, 3, 1, 2) if layout == CL_CODES else
+                _unsigned_nhwc(k, qx.codes, x_shape)]  # an unsigned copy (NCHW layouts): handed over
+        return _conv_epilogue(k, held, qw.codes.view(w_shape), (stride, padding, dilation, groups), qx.scale,
+                              qw.scale, bias, out_dtype, cg * kh * kw, layout != NCHW, pieces=1)
     x = _placed_x(k, qx, x_shape, padding, layout)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
@@ -422,17 +477,16 @@ def _grad_input_onednn(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     wt = qw.codes.reshape(groups, cog, cg, kh, kw).transpose(1, 2).flip(3, 4).reshape(c, cog, kh, kw)
     with scope("lowbit::grad_input"):
         if list(stride) != [1, 1]:  # zero codes (u8 128) inserted, oneDNN pads nothing
-            src = _place(k, qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
-                        True).permute(0, 3, 1, 2)
+            held = [_place(k, qa.codes, g_shape, (h + ext[0], w + ext[1]), pad, stride,
+                           True).permute(0, 3, 1, 2)]
             pad = [0, 0]
         else:
-            src = _unsigned_nhwc(k, qa.codes, g_shape)
+            held = [_unsigned_nhwc(k, qa.codes, g_shape)]
         if release:  # the codes' last reader was the placement: not held through the GEMM
             qa.codes = qa.codes.new_empty(0)
-        with scope("lowbit::gemm"):
-            acc = qconv.conv_acc(src, wt, (1, 1), pad, dilation, groups)
-        del src  # the unsigned channels-last copy: freed before the epilogue's output exists
-        gx = _epilogue(k, acc, qa.scale, qw.scale, None, dtype, cog * kh * kw, channels_last)
+        # the unsigned channels-last copy handed over: freed once the convolution read it
+        gx = _conv_epilogue(k, held, wt, ((1, 1), pad, dilation, groups), qa.scale, qw.scale, None, dtype,
+                            cog * kh * kw, channels_last)
     return gx.permute(0, 2, 3, 1).reshape(n, h * w * c) if channels_last else gx.reshape(n, c * h * w)
 
 

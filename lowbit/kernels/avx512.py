@@ -646,15 +646,38 @@ def run_quantize_conv_w(g: torch.Tensor, fmt: Format, gran: Granularity, rnd: Ro
         return codes, step, None, None
 
 
+def _out_ok(out: torch.Tensor | None, acc: torch.Tensor, out_dtype: torch.dtype, channels_last: bool) -> bool:
+    """Whether an epilogue's ``out`` is ``None``, or a plain CPU tensor of ``out_dtype``
+    shaped (N, C, *spatial) after ``acc`` (N, *spatial, C), in the layout the kernel
+    writes (contiguous; channels-last memory with ``channels_last``), holding no
+    byte of ``acc``."""
+    if out is None:
+        return True
+    shape = (acc.shape[0], acc.shape[-1], *acc.shape[1:-1])
+    mem = out.movedim(1, -1) if channels_last else out
+    return (type(out) is torch.Tensor and out.layout == torch.strided and out.device.type == "cpu"
+            and out.dtype == out_dtype and tuple(out.shape) == shape and mem.is_contiguous()
+            and not (out.requires_grad and torch.is_grad_enabled()) and out.numel() > 0
+            and not _overlap(out, acc))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a``'s and ``b``'s bytes (each contiguous) share any address."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                           bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+                           bias: torch.Tensor | None, out_dtype: torch.dtype,
+                           out: torch.Tensor | None = None, channels_last: bool = False) -> bool:
     """Whether :func:`epilogue_nchw` takes this call: ``acc`` (N, *spatial, C) int32 or
     float32, contiguous; ``a_scale`` float32 (N or 1, 1, …, 1), ``b_scale`` float32
     (1, …, 1, C or 1), ``bias`` ``None`` or (C,) floating (an ``nn.Parameter`` too), all
     strided CPU tensors autograd does not record; ``out_dtype`` float32 or bfloat16 (the
-    float32 value rounded to nearest even, as torch's cast)."""
+    float32 value rounded to nearest even, as torch's cast); ``out`` ``None`` or as
+    :func:`_out_ok` (``channels_last``: :func:`run_epilogue_nhwc`'s layout)."""
     if not (acc.dim() >= 2 and acc.is_contiguous() and out_dtype in (torch.float32, torch.bfloat16)
-            and _readable(acc, (torch.int32, torch.float32))):
+            and _readable(acc, (torch.int32, torch.float32)) and _out_ok(out, acc, out_dtype, channels_last)):
         return False
     n, c = acc.shape[0], acc.shape[-1]
     ones = (1,) * (acc.dim() - 2)  # the reference broadcasts the scales by shape
@@ -668,15 +691,25 @@ def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
         and (bias is None or (bias.is_floating_point() and bias.shape == (c,))) and _enabled and available()
 
 
+def supports_epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                           bias: torch.Tensor | None, out_dtype: torch.dtype,
+                           out: torch.Tensor | None = None) -> bool:
+    """Whether :func:`run_epilogue_nhwc` takes this call: as
+    :func:`supports_epilogue_nchw`, ``out`` in channels-last memory."""
+    return supports_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype, out, channels_last=True)
+
+
 @compiled.disable_tracing
 def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
     spatial = acc.shape[1:-1]
     p = acc.numel() // (n * c)
     sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
-    out = torch.empty(n, c, *spatial, dtype=out_dtype, device="cpu")
+    if out is None:
+        out = torch.empty(n, c, *spatial, dtype=out_dtype, device="cpu")
     lib.lowbit_epilogue_nchw(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
                              None if b is None else b.data_ptr(), out.data_ptr(),
@@ -685,33 +718,43 @@ def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b
 
 
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                  bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`lowbit.kernels.im2col.epilogue_nchw` on the kernel: ``acc`` (N, *spatial,
-    C) → a new contiguous (N, C, *spatial) ``out_dtype`` (float32 or bfloat16),
-    ``(float(acc)·s_a)·s_b (+ bias)`` per element, bitwise the reference's; the transposing write in 16 × 16 tiles.
-    ``RuntimeError`` where :func:`supports_epilogue_nchw` is false."""
-    _check("epilogue_nchw", supports_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype),
+    C) → a new contiguous (N, C, *spatial) ``out_dtype`` (float32 or bfloat16), or
+    ``out`` written and returned, ``(float(acc)·s_a)·s_b (+ bias)`` per element, bitwise
+    the reference's; the transposing write in 16 × 16 tiles. ``RuntimeError`` where
+    :func:`supports_epilogue_nchw` is false."""
+    _check("epilogue_nchw", supports_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype, out),
            f"{acc.dtype} {tuple(acc.shape)} strides {tuple(acc.stride())}, scales {a_scale.dtype}/"
-           f"{b_scale.dtype}, out {out_dtype}")
-    return run_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype)
+           f"{b_scale.dtype}, out {out_dtype}" + ("" if out is None else
+                                                 f" into {out.dtype} {tuple(out.shape)} strides {tuple(out.stride())}"))
+    return run_epilogue_nchw(acc, a_scale, b_scale, bias, out_dtype, out)
 
 
 def run_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                      bias: torch.Tensor | None, out_dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`epilogue_nchw` without its checks (the dispatcher's kernel, after
     :func:`supports_epilogue_nchw`)."""
     with scope("lowbit::avx512_epilogue"):
-        return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype)
+        return _epilogue_nchw(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype, out)
 
 
 @compiled.disable_tracing
 def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   bias: torch.Tensor | None, threads: int, out_dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     n, c = acc.shape[0], acc.shape[-1]
     p = acc.numel() // (n * c)
     sa, sb = a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()  # the reference's bias.to(float32)
-    out = acc if acc.dtype == out_dtype == torch.float32 else torch.empty(acc.shape, dtype=out_dtype, device="cpu")
+    if out is not None:
+        out = out.movedim(1, -1)  # (N, *spatial, C): its memory
+    elif acc.dtype == out_dtype == torch.float32:
+        out = acc
+    else:
+        out = torch.empty(acc.shape, dtype=out_dtype, device="cpu")
     lib.lowbit_epilogue_nhwc(acc.data_ptr(), int(acc.dtype == torch.int32), n, p, c, sa.data_ptr(),
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
                              None if b is None else b.data_ptr(), out.data_ptr(),
@@ -720,15 +763,16 @@ def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b
 
 
 def run_epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                      bias: torch.Tensor | None, out_dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`lowbit.kernels.im2col.epilogue_nhwc` on the kernel (after
-    :func:`supports_epilogue_nchw`, whose conditions it shares): ``acc`` (N, *spatial, C)
-    → (N, C, *spatial) ``out_dtype`` (float32 or bfloat16) in ``acc``'s channels-last
-    memory, ``(float(acc)·s_a)·s_b (+ bias)`` per element, bitwise the reference's; a
-    float32 ``acc`` is overwritten by a float32 result (each element read before it is
-    written), otherwise the result is a new buffer."""
+    :func:`supports_epilogue_nhwc`): ``acc`` (N, *spatial, C) → (N, C, *spatial)
+    ``out_dtype`` (float32 or bfloat16) in ``acc``'s channels-last memory, ``(float(acc)·
+    s_a)·s_b (+ bias)`` per element, bitwise the reference's; written into ``out`` where
+    given, else a float32 ``acc`` is overwritten by a float32 result (each element read
+    before it is written), otherwise the result is a new buffer."""
     with scope("lowbit::avx512_epilogue"):
-        return _epilogue_nhwc(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype)
+        return _epilogue_nhwc(_library(), acc, a_scale, b_scale, bias, torch.get_num_threads(), out_dtype, out)
 
 
 def _epilogue_rows_layout(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor
@@ -1778,7 +1822,7 @@ def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_
 
 
 __all__ = ["CPU_FLAGS", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
-           "run_epilogue_into", "supports_epilogue_into",
+           "run_epilogue_into", "supports_epilogue_into", "supports_epilogue_nhwc",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",
            "supports_bhq", "supports_conv_pair", "supports_epilogue_nchw", "supports_pair", "supports_place_nhwc"]

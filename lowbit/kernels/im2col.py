@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from .. import grid_notes
 from ..scopes import scope
 
 from . import Backend, Impl, Kernels, avx512, int8, reference, register, register_fused
@@ -179,8 +180,10 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
 
 
 # Whether grad_weight_rows runs its samples in pieces (False: the whole batch at once; a
-# benchmark toggle, benchmarks/bench_toggle.py conv-grad-w-pieces)
+# benchmark toggle, benchmarks/bench_toggle.py conv-grad-w-pieces), and the placed input's
+# bytes over a piece's patches' (about kW·PIECE_SHARE pieces)
 ROWS_IN_PIECES = True
+PIECE_SHARE = 2
 
 
 def grad_weight_rows(kernels: Kernels, a: Encoded, x_shape: Sequence[int],
@@ -215,53 +218,77 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x_shape: Sequence[int],
     if a.codes.device.type != "cpu" or not 0 < length <= int8.MAX_K or min(ho, wo) < 1 \
             or a.codes.shape[1] != n * ho * wo:
         return None
-    # samples in pieces whose column patches are at most the placed input's size (about
-    # kW pieces): the patches of the whole batch were ≈ kW× it, the largest buffer of a
-    # CNN's backward; the integer sums are exact, so the pieces' sum is the whole's
-    per = min(n, max(1, n * wp // (wo * kw))) if ROWS_IN_PIECES else n
+    # samples in pieces whose column patches are at most half the placed input's size
+    # (about 2·kW pieces): the patches of the whole batch were ≈ kW× it, the largest buffer
+    # of a CNN's backward, and _int_mm packs about as many bytes again; the integer sums
+    # are exact, so the pieces' sum is the whole's
+    per = min(n, max(1, n * wp // (wo * kw * PIECE_SHARE))) if ROWS_IN_PIECES else n
     r = a.codes.shape[0]
     codes = a.codes.view(r, n, ho * wo)
-    acc = None
+    step = dilation[0] * wo  # rows between kernel rows i and i + 1
+    # one patches buffer and one padded-codes buffer for every piece: the rows past a
+    # piece's end that the last kernel rows' shifts read, and the codes' rows h ≥ H'
+    # (zero gradient), are zero
+    x3 = a.codes.new_empty(per * hp * wo + (kh - 1) * step, kw * c)
+    x3[per * hp * wo:].zero_()
+    ap = a.codes.new_empty(r, per, hp, wo)
+    ap[:, :, ho:].zero_()
+    acc = a.codes.new_empty(kh, r, kw * c, dtype=torch.int32)  # kernel row i's sums at acc[i]
     for n0 in range(0, n, per):
-        part = _rows_acc(codes[:, n0:n0 + per], place(n0, min(n, n0 + per)), kh, kw, dilation, wo)
-        acc = part if acc is None else acc.add_(part)
+        n1 = min(n, n0 + per)
+        _rows_acc(codes[:, n0:n1], place(n0, n1), (kh, kw), dilation, x3, ap, acc, n0 == 0)
+    del x3, ap
+    acc = acc.transpose(0, 1).reshape(r, kh * kw * c)  # columns (i, j, c)
     with scope("lowbit::epilogue"):
         return int8.epilogue(kernels, acc, a.scale, x_scale, None, None, None, None,
                              a.codes.shape[1], None, out_dtype)
 
 
-def _rows_acc(codes: torch.Tensor, x: torch.Tensor, kh: int, kw: int, dilation: Sequence[int],
-              wo: int) -> torch.Tensor:
-    """The int32 sums of :func:`grad_weight_rows` over the samples of ``x`` (n, Hp, Wp, C)
-    and their gradient codes ``codes`` (R, n, H'·W'): (R, kH·kW·C)."""
+def _rows_acc(codes: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], dilation: Sequence[int],
+              x3: torch.Tensor, ap: torch.Tensor, acc: torch.Tensor, first: bool) -> None:
+    """The int32 sums of :func:`grad_weight_rows` over the placed samples ``x`` (n, Hp,
+    Wp, C) and their gradient codes ``codes`` (R, n, H'·W'), written (``first``) or added
+    into ``acc`` (kH, R, kW·C), kernel row ``i`` at ``acc[i]``: ``x``'s column patches
+    copied into the front of ``x3``, the codes into ``ap`` (R, ≥ n, Hp, W'), whose rows
+    h ≥ H' are zero, as are ``x3``'s rows past the end of a whole piece (a shorter last
+    piece zeroes its own)."""
+    kh, kw = kernel
     n, hp, _, c = x.shape
+    r, wo = codes.shape[0], ap.shape[3]
     ho, length = hp - dilation[0] * (kh - 1), n * hp * wo
     step = dilation[0] * wo  # rows between kernel rows i and i + 1
-    x3 = x.new_empty(length + (kh - 1) * step, kw * c)
     sn, sh, sw, sc = x.stride()
     dst, src = x3[:length].view(n, hp, wo, kw, c), x.as_strided((n, hp, wo, kw, c), (sn, sh, sw, sw * dilation[1], sc))
     words = as_words(dst, src)  # C-byte runs copied as words (im2col's rule)
     (dst, src) = words if words is not None else (dst, src)
     dst.copy_(src)
-    x3[length:].zero_()  # the rows past the end that the last kernel rows' shifts read
-    r = codes.shape[0]
-    ap = codes.new_empty(r, n, hp, wo)
-    ap[:, :, :ho] = codes.view(r, n, ho, wo)
-    ap[:, :, ho:].zero_()  # padded rows: zero gradient
-    ap = ap.view(r, length)
+    grid_notes.derived(x3, x)  # the buffer holds x's codes now (a coverage trace's grid)
+    del x, src, dst, words  # the placed samples (the caller's only reference): their patches are what the GEMMs read
+    if length + (kh - 1) * step < x3.shape[0]:  # a shorter last piece: the rows its shifts read past its end
+        x3[length:length + (kh - 1) * step].zero_()
+    ap[:, :n, :ho] = codes.view(r, n, ho, wo)
+    a = ap[:, :n].view(r, length)  # rows R apart by a whole piece's codes
     with scope("lowbit::gemm"):
-        return torch.cat([int8.int_mm(ap, x3[i * step:i * step + length]) for i in range(kh)], 1)
+        for i in range(kh):
+            part = int8.int_mm(a, x3[i * step:i * step + length])
+            if first:
+                acc[i].copy_(part)
+            else:
+                acc[i].add_(part)
+            del part
 
 
 def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                  bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`reference.int8_epilogue` of ``acc`` (N, *spatial, C) int32 (no offsets),
     written as a new contiguous (N, C, *spatial) tensor (never a view: a layer returns
-    it): ``a_scale`` (N, 1, …, 1) or all ones, ``b_scale`` (1, …, 1, C) or all ones,
-    ``bias`` (C,) or ``None``. Per element the same operations as the epilogue of the
-    (N·P, C) GEMM output, so bitwise the same values."""
-    out = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
-    return out.movedim(-1, 1).clone(memory_format=torch.contiguous_format)
+    it), or into ``out`` (that shape, contiguous, ``out_dtype``: a piece of a larger
+    result) and returned: ``a_scale`` (N, 1, …, 1) or all ones, ``b_scale`` (1, …, 1, C)
+    or all ones, ``bias`` (C,) or ``None``. Per element the same operations as the
+    epilogue of the (N·P, C) GEMM output, so bitwise the same values."""
+    res = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype).movedim(-1, 1)
+    return res.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(res)
 
 
 register_fused("int8_epilogue_nchw", epilogue_nchw)
@@ -269,17 +296,19 @@ register("int8_epilogue_nchw", Impl.NATIVE, avx512.run_epilogue_nchw, ("cpu",), 
 
 
 def epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                  bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`epilogue_nchw`'s values in the accumulator's own layout: ``acc`` (N,
     *spatial, C) → (N, C, *spatial) whose memory is channels-last (a channels-last
-    model's output, with no transposing pass). The native kernel may write over a float32
+    model's output, with no transposing pass), or into ``out`` (that shape and memory,
+    ``out_dtype``) and returned. Without ``out`` the native kernel may write over a float32
     ``acc``; callers pass one they do not read again."""
-    out = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
-    return out.contiguous().movedim(-1, 1)
+    res = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
+    return res.contiguous().movedim(-1, 1) if out is None else out.copy_(res.movedim(-1, 1))
 
 
 register_fused("int8_epilogue_nhwc", epilogue_nhwc)
-register("int8_epilogue_nhwc", Impl.NATIVE, avx512.run_epilogue_nhwc, ("cpu",), avx512.supports_epilogue_nchw)
+register("int8_epilogue_nhwc", Impl.NATIVE, avx512.run_epilogue_nhwc, ("cpu",), avx512.supports_epilogue_nhwc)
 
 
 def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b: Encoded,

@@ -40,23 +40,37 @@ def _op_exists() -> bool:
     return onednn is not None and hasattr(onednn, "qconv2d_pointwise") and hasattr(onednn, "qconv_prepack")
 
 
+def prepack(w_codes: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+            groups: int, x_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """oneDNN's packed form of int8 weight codes ``w_codes`` (C_out, C/groups, kH, kW)
+    for :func:`conv_acc` under this geometry: one weight scale (1, the codes themselves)
+    and the activation zero point 128. ``x_shape``: told to the prepack only where
+    :data:`PREPACK_INPUT_SHAPE` is on. Made once, it serves every piece of a batch."""
+    # one weight scale for the tensor (1: the codes themselves): a per-channel vector made
+    # the prepack read every channel's scale as a tensor element (1,312 select/item ops per
+    # cnn step); the same float(acc) either way
+    packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), torch.ones(1), 1.0, 128, list(stride),
+                                            list(padding), list(dilation), groups,
+                                            list(x_shape) if PREPACK_INPUT_SHAPE and x_shape is not None else None)
+    grid_notes.derived(packed, w_codes)  # the prepack is not seen by a coverage trace
+    return packed
+
+
 def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int],
-             padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+             padding: Sequence[int], dilation: Sequence[int], groups: int,
+             packed: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x̂, ŵ)`` of int8 codes as float32 ``float(acc)``, exact: ``x_codes``
     (N, C, H, W) int8, or uint8 taken to hold ``code + 128`` (channels-last memory is
     what oneDNN reads without a copy — the ``int8_place_nhwc`` kernel writes it, see
     ``lowbit.conv``; other layouts are copied), ``w_codes`` (C_out, C/groups, kH, kW) int8, codes in
-    [−127, 127] (or −128) → (N, C_out, H', W') float32, channels-last memory."""
-    # one weight scale for the tensor (1: the codes themselves): a per-channel vector made
-    # the prepack read every channel's scale as a tensor element (1,312 select/item ops per
-    # cnn step); the same float(acc) either way
+    [−127, 127] (or −128), or ``packed`` (:func:`prepack` of them under this geometry)
+    → (N, C_out, H', W') float32, channels-last memory."""
     ones, zero = torch.ones(1), torch.zeros(1, dtype=torch.int64)
     # code + 128, in x_codes' memory format
     xu = x_codes if x_codes.dtype == torch.uint8 else x_codes.view(torch.uint8) ^ 128
     geometry = (list(stride), list(padding), list(dilation), groups)
-    packed = torch.ops.onednn.qconv_prepack(w_codes.contiguous(), ones, 1.0, 128, *geometry,
-                                            list(x_codes.shape) if PREPACK_INPUT_SHAPE else None)
-    grid_notes.derived(packed, w_codes)  # the prepack is not seen by a coverage trace
+    if packed is None:
+        packed = prepack(w_codes, *geometry, x_codes.shape)
     return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, packed, ones, zero, None, *geometry,
                                               1.0, 0, torch.float32, "none", [], "")
 
@@ -163,4 +177,4 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
             and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding))))
 
 
-__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok", "grouped_exact"]
+__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok", "grouped_exact", "prepack"]

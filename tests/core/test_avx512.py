@@ -421,6 +421,41 @@ def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
         assert avx512.supports_epilogue_nchw(acc, sa, sb, bias, torch.float32) == avx512.available()
 
 
+
+@needs_avx512
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_conv_epilogue_into_pieces_of_a_result(channels_last: bool, out_dtype: torch.dtype) -> None:
+    """The convolution epilogues write into ``out`` (a piece of samples of a larger result,
+    ``lowbit.conv``'s accumulator in pieces): bitwise the reference op with ``out``
+    (NCHW: ``int8_epilogue_nchw``; channels-last: ``int8_epilogue_nhwc``) and the whole
+    result, nothing outside the piece touched; an ``out`` of another dtype, shape or
+    layout, or sharing bytes with ``acc``, is refused (the reference runs it)."""
+    g = torch.Generator().manual_seed(8)
+    acc = torch.randint(-2**20, 2**20, (5, 6, 7, 20), generator=g).float()  # (N, H, W, C)
+    sa, sb, bias = torch.rand(5, 1, 1, 1, generator=g), torch.rand(1, 1, 1, 20, generator=g), torch.randn(20)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    native = avx512.run_epilogue_nhwc if channels_last else avx512.run_epilogue_nchw
+    supports = avx512.supports_epilogue_nhwc if channels_last else avx512.supports_epilogue_nchw
+    ref = im2col.epilogue_nhwc if channels_last else im2col.epilogue_nchw
+    want = ref(acc, sa, sb, bias, out_dtype)
+    for fn in (native, ref):
+        out = torch.full((5, 20, 6, 7), 7.0, dtype=out_dtype).contiguous(memory_format=fmt)
+        assert supports(acc[1:3].clone(), sa[1:3], sb, bias, out_dtype, out[1:3])
+        got = fn(acc[1:3].clone(), sa[1:3], sb, bias, out_dtype, out[1:3])
+        assert got.data_ptr() == out[1:3].data_ptr() and torch.equal(out[1:3], want[1:3])
+        assert (out[:1] == 7).all() and (out[3:] == 7).all()  # outside the piece: untouched
+    piece = acc[1:3].clone()
+    bad = [torch.empty(2, 20, 6, 7, dtype=torch.float16).contiguous(memory_format=fmt),
+           torch.empty(2, 20, 6, 8, dtype=out_dtype).contiguous(memory_format=fmt),
+           torch.empty(2, 20, 6, 7, dtype=out_dtype).contiguous(
+               memory_format=torch.contiguous_format if channels_last else torch.channels_last),
+           piece.view(out_dtype)[..., :20].movedim(-1, 1) if out_dtype == torch.float32 else
+           piece.view(torch.bfloat16)[..., :20].movedim(-1, 1)]
+    for out in bad:
+        assert not supports(piece, sa[1:3], sb, bias, out_dtype, out)
+
+
 PLACEMENTS = [  # (N, C, H, W), size, offset, stride: no padding, padding, zero insertion
     ((1, 1, 1, 1), (1, 1), (0, 0), (1, 1)), ((2, 3, 5, 7), (7, 9), (1, 1), (1, 1)),
     ((4, 16, 28, 28), (28, 28), (0, 0), (1, 1)), ((4, 16, 28, 28), (30, 30), (1, 1), (1, 1)),

@@ -17,6 +17,7 @@ same seeded generator (the noise stream does not depend on the backend).
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import math
@@ -189,17 +190,20 @@ def test_layer_auto_equals_reference_same_noise_stream(name: str) -> None:
 
 def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     """What runs under auto for a per-tensor int8 recipe: the output GEMM and ∇X (stride
-    2: of the zero-inserted ∇Y codes) as one oneDNN int8 convolution each (all groups)
+    2: of the zero-inserted ∇Y codes) as oneDNN int8 convolutions (all groups; ∇X one per
+    piece of samples)
     where that is exact on this machine, else ``_int_mm`` once per group (∇X: the col2im
     GEMM); ∇W ``_int_mm`` once per group; no float convolution."""
     x, wt, b, params = _case("groups2")
     gy = torch.ones(F.conv2d(x, wt, b, params[0:2], params[2:4], params[4:6], params[6]).shape)
+    _layer_run("auto", x, wt, b, params, gy)  # oneDNN's once-per-geometry probes (qconv.grouped_exact) run here
     with torch.profiler.profile() as prof:
         _layer_run("auto", x, wt, b, params, gy)
     names = [e.name for e in prof.events()]
     onednn = qconv.available(torch.zeros(1, dtype=torch.int8), wt.shape, params[6], x.shape[2:], params[0:2],
                              params[2:4], params[4:6])
-    assert names.count("onednn::qconv2d_pointwise") == 2 * int(onednn)
+    # Y in one call, ∇X in one per piece of samples (float32: the accumulator in pieces, conv.acc_pieces)
+    assert names.count("onednn::qconv2d_pointwise") == (1 + C.acc_pieces(x.shape[0], torch.float32, False)) * onednn
     assert names.count("aten::_int_mm") == (3 - 2 * onednn) * params[6]
     assert not any("aten::convolution" in n or "aten::_convolution" in n for n in names)
 
@@ -913,8 +917,9 @@ def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: p
     from lowbit.kernels import im2col as I, kernels_for
 
     g = torch.Generator().manual_seed(3)
-    n, c, side, r = 12, 8, 7, 5
+    n, c, side, r = 13, 8, 7, 5  # pieces of 2 samples, the last of 1 (its own zero rows)
     x = torch.randint(-127, 128, (n, side + 2, side + 2, c), generator=g, dtype=torch.int8)
+    x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1] = 0, 0, 0, 0  # placed: zero padding
     a = Encoded(torch.randint(-127, 128, (r, n * side * side), generator=g, dtype=torch.int8),
                 torch.rand(r, 1, generator=g))
     k, calls = kernels_for("auto", "cpu"), []
@@ -923,13 +928,15 @@ def test_grad_weight_kernel_rows_in_sample_pieces_equal_one_piece(monkeypatch: p
     placed: list[tuple[int, int]] = []
     pieces = I.grad_weight_rows(k, a, x.shape, lambda i, j: placed.append((i, j)) or x[i:j],
                                 torch.full((1, 1), 0.5), (3, 3), (1, 1))
-    assert len(calls) > 1 and sum(calls) == n  # pieces of samples, every sample once
+    assert len(calls) > 1 and sum(calls) == n and calls[-1] < calls[0]  # pieces of samples, every sample once
     assert [j - i for i, j in placed] == calls and placed[0][0] == 0 and placed[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(placed, placed[1:]))  # each placed once, in order
-    whole = real(a.codes.view(r, n, side * side), x, 3, 3, (1, 1), side)
-    want = int8_kernel.epilogue(k, whole, a.scale, torch.full((1, 1), 0.5), None, None, None, None,
-                         a.codes.shape[1], None, torch.float32)
-    assert torch.equal(pieces, want)
+    monkeypatch.setattr(I, "ROWS_IN_PIECES", False)
+    whole = I.grad_weight_rows(k, a, x.shape, lambda i, j: x[i:j], torch.full((1, 1), 0.5), (3, 3), (1, 1))
+    exact = torch.tensor(0.5, dtype=torch.float64) * a.scale.double() * torch.einsum(  # every sum exact in float64
+        "rnhw,nhwk->rk", a.codes.view(r, n, side, side).double(),
+        patches(x, (3, 3), (1, 1), (1, 1)).reshape(n, side, side, -1).double())
+    assert torch.equal(pieces, whole) and torch.allclose(pieces.double(), exact, rtol=1e-6, atol=0)
 
 
 def test_conv_geometry_of_another_length_is_refused_not_run_as_another_convolution() -> None:
@@ -977,11 +984,13 @@ def test_grad_input_codes_released_before_the_convolution(monkeypatch: pytest.Mo
     for release in (False, True):
         qa, _ = quantize_grad_pair(gy.reshape(4, 8, -1), GradSpec(), torch.Generator().manual_seed(1), GradSpec(),
                                    torch.Generator().manual_seed(2), kernels_for("auto", "cpu"))
-        monkeypatch.setattr(qconv, "conv_acc", lambda *a, q=qa: seen.append(q.codes.numel()) or real(*a))
+        monkeypatch.setattr(qconv, "conv_acc", lambda *a, q=qa, **kw: seen.append(q.codes.numel()) or real(*a, **kw))
         runs.append(conv_grad_input(gy, qw, GradSpec(), None, Backend.AUTO, x_shape, w_shape, params, qa=qa,
                                     release=release))
         assert (qa.codes.numel() == 0) == release
-    assert seen == [gy.numel(), 0]  # the convolution ran on oneDNN both times; released before it
+    # the convolution ran on oneDNN both times (each piece of samples: conv.acc_pieces); released before it
+    pieces = C.acc_pieces(4, torch.float32, False)
+    assert seen == [gy.numel()] * pieces + [0] * pieces
     assert torch.equal(runs[0], runs[1])
 
 
@@ -1062,3 +1071,49 @@ def test_block_format_conv1d_and_the_monitors_operands_take_channels_inner(fwd: 
     assert torch.equal(got.a, rows) and torch.equal(ref.a, gy.reshape(2, -1))
     perm = lambda v: v.reshape(8, 16).t().reshape(-1)  # noqa: E731 - (C_out, P) column order → (P, C_out)
     assert torch.equal(got.col_weight, perm(ref.col_weight)) and torch.equal(got.shift_weight, perm(ref.shift_weight))
+
+
+@ONEDNN
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8"])
+def test_grad_input_in_sample_pieces_is_bitwise_the_whole_batch(monkeypatch: pytest.MonkeyPatch, channels_last: bool,
+                                                                dtype: torch.dtype, recipe: str) -> None:
+    """∇X on oneDNN runs its samples in pieces (``conv.acc_pieces``: each piece's float32
+    accumulator at most half the result's bytes; none where the epilogue writes over a
+    float32 accumulator, channels-last): every gradient bitwise the one-piece run's, with
+    a sample whose ∇Y is ~1e36 (its per-sample scale sends the epilogue to float64: the
+    scales are made safe once, so every piece computes in the same dtype) and a batch
+    that is no multiple of the piece count; the convolution never sees more than a
+    piece's samples."""
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(6, 6, 3, padding=1)
+    x = torch.randn(7, 6, 9, 9, generator=g)
+    gy = torch.randn(7, 6, 9, 9, generator=g)
+    gy[3] *= 1e36
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    real, seen = qconv.conv_acc, []
+    monkeypatch.setattr(qconv, "conv_acc", lambda *a, **k: seen.append(a[0].shape[0]) or real(*a, **k))
+
+    def grads(pieces: bool) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(C, "ACC_IN_PIECES", pieces)
+        model = lowbit.convert(copy.deepcopy(conv), FQTConfig.from_recipe(recipe, seed=5)).to(memory_format=fmt)
+        xs = x.to(dtype, copy=True).contiguous(memory_format=fmt).requires_grad_()  # a bf16 input: a bf16 ∇X
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = model(xs)
+        y.backward(gy.to(y.dtype).to(memory_format=fmt))
+        return xs.grad, model.weight.grad, model.bias.grad, torch.tensor(seen)
+
+    *whole, calls_whole = grads(False)
+    *parts, calls = grads(True)
+    for a, b in zip(whole, parts):
+        assert torch.equal(a, b)
+    assert parts[0].isfinite().all() and parts[0][3].abs().max() > 1e30  # the float64 route ran
+    epilogue_dtype = torch.float32 if recipe == "fqt-bhq-8" else dtype  # BHQ's T⁻¹ reads a float32 product
+    pieces = C.acc_pieces(7, epilogue_dtype, channels_last and epilogue_dtype == torch.float32)
+    assert pieces == {(torch.float32, False): 2, (torch.float32, True): 1, (torch.bfloat16, False): 4,
+                      (torch.bfloat16, True): 4}[(epilogue_dtype, channels_last)]
+    n_bwd = len(calls) - 1  # the forward's convolution: one call of all samples
+    assert calls[0] == 7 and n_bwd == pieces and calls[1:].sum() == calls_whole[1:].sum()
+    assert calls[1:].max() <= -(-calls_whole[1:].max() // pieces)
