@@ -285,19 +285,22 @@ def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
 
 
 # Whether oneDNN's convolutions run their samples in pieces where the epilogue writes a
-# new buffer (False: the whole batch at once; a benchmark toggle, bench_toggle.py
-# conv-acc-pieces)
+# narrower result (False: the whole batch at once; a benchmark toggle, bench_toggle.py
+# conv-acc-pieces), and how many
 ACC_IN_PIECES = True
+ACC_PIECES = 3
 
 
 def acc_pieces(n: int, out_dtype: torch.dtype, in_place: bool) -> int:
     """How many pieces of samples :func:`_conv_epilogue` runs oneDNN's convolution of
-    ``n`` samples in: one where the epilogue writes over the float32 accumulator
-    (``in_place``), else as many as keep each piece's accumulator at most half the
-    result's bytes (4 for a bfloat16 result, 2 for float32, 1 for float64), at most ``n``."""
-    if not ACC_IN_PIECES or in_place:
+    ``n`` samples in: :data:`ACC_PIECES` (at most ``n``) where the result is narrower than
+    the float32 accumulator (bfloat16, float16) — the whole accumulator beside the result
+    was then the largest pair of buffers of a CNN's backward (docs/benchmarks.md "The
+    CNN's peak under bf16's") —, else one (a float32 result is as large as the
+    accumulator, or written over it: ``in_place``)."""
+    if not ACC_IN_PIECES or in_place or out_dtype.itemsize >= 4:
         return 1
-    return max(1, min(n, 8 // out_dtype.itemsize))
+    return max(1, min(n, ACC_PIECES))
 
 
 def _conv_epilogue(k: Kernels, held: list[torch.Tensor], w_codes: torch.Tensor, geometry: tuple[Any, ...],

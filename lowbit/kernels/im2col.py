@@ -204,10 +204,12 @@ def grad_weight_rows(kernels: Kernels, a: Encoded, x_shape: Sequence[int],
     ``a`` placed on the same (n, h, w) grid with zero rows where ``h ≥ H'`` (a shift past
     a sample's last output row multiplies zeros). One exact int32 GEMM per kernel row
     (summed length ``N·Hp·W'``), the accumulators side by side, one epilogue. The samples
-    go in pieces whose patches hold at most ``x``'s bytes (about ``kW`` pieces; the int32
-    sums of the pieces added: the same exact sums), so the patches never take ≈ ``kW``×
-    the input's memory at once; each piece's samples of ``x`` are placed for it alone
-    (``place``), so the whole placed input is never held either. Returns
+    go in pieces whose patches hold at most ``x``'s bytes over :data:`PIECE_SHARE` (about
+    ``kW·PIECE_SHARE`` pieces; the int32 sums of the pieces added: the same exact sums),
+    so the patches — and the right operand ``_int_mm`` packs from them, as large — never
+    take ≈ ``kW``× the input's memory at once; each piece's samples of ``x`` are placed
+    for it alone (``place``) and dropped once patched, so the whole placed input is never
+    held either; one patches buffer and one padded-codes buffer serve every piece. Returns
     ``None`` (the caller uses :func:`im2col`) where that length exceeds ``int8.MAX_K``, or
     off the CPU (``_int_mm``'s CUDA shape rules are the im2col path's to check).
     Measured: docs/benchmarks.md "Predictions and outcomes" 13."""

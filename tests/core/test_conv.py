@@ -1079,9 +1079,9 @@ def test_block_format_conv1d_and_the_monitors_operands_take_channels_inner(fwd: 
 @pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8"])
 def test_grad_input_in_sample_pieces_is_bitwise_the_whole_batch(monkeypatch: pytest.MonkeyPatch, channels_last: bool,
                                                                 dtype: torch.dtype, recipe: str) -> None:
-    """∇X on oneDNN runs its samples in pieces (``conv.acc_pieces``: each piece's float32
-    accumulator at most half the result's bytes; none where the epilogue writes over a
-    float32 accumulator, channels-last): every gradient bitwise the one-piece run's, with
+    """∇X on oneDNN runs its samples in pieces (``conv.acc_pieces``: ``ACC_PIECES`` where
+    the result is narrower than the float32 accumulator, bf16 here; one for a float32
+    result): every gradient bitwise the one-piece run's, with
     a sample whose ∇Y is ~1e36 (its per-sample scale sends the epilogue to float64: the
     scales are made safe once, so every piece computes in the same dtype) and a batch
     that is no multiple of the piece count; the convolution never sees more than a
@@ -1112,8 +1112,30 @@ def test_grad_input_in_sample_pieces_is_bitwise_the_whole_batch(monkeypatch: pyt
     assert parts[0].isfinite().all() and parts[0][3].abs().max() > 1e30  # the float64 route ran
     epilogue_dtype = torch.float32 if recipe == "fqt-bhq-8" else dtype  # BHQ's T⁻¹ reads a float32 product
     pieces = C.acc_pieces(7, epilogue_dtype, channels_last and epilogue_dtype == torch.float32)
-    assert pieces == {(torch.float32, False): 2, (torch.float32, True): 1, (torch.bfloat16, False): 4,
-                      (torch.bfloat16, True): 4}[(epilogue_dtype, channels_last)]
+    assert pieces == (C.ACC_PIECES if epilogue_dtype == torch.bfloat16 else 1) and C.ACC_PIECES > 1
     n_bwd = len(calls) - 1  # the forward's convolution: one call of all samples
     assert calls[0] == 7 and n_bwd == pieces and calls[1:].sum() == calls_whole[1:].sum()
     assert calls[1:].max() <= -(-calls_whole[1:].max() // pieces)
+
+
+@ONEDNN
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_epilogue_pieces_share_one_epilogue_dtype(channels_last: bool) -> None:
+    """``conv._conv_epilogue`` in pieces (forced to 3 here, float32 results, where a
+    dtype change shows in the bits) against one piece: bitwise, with one sample's scale
+    so large that the epilogue runs in float64 (``int8.safe_scales``) — decided once for
+    the whole batch, not per piece (a piece without that sample would otherwise round its
+    products in float32: 28% of such products differ in the last bit)."""
+    g = torch.Generator().manual_seed(6)
+    n, c, h = 7, 8, 6
+    codes = torch.randint(-127, 128, (n, c, h, h), generator=g, dtype=torch.int8)
+    xu = (codes.view(torch.uint8) ^ 128).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (c, c, 3, 3), generator=g, dtype=torch.int8)
+    sa = torch.rand(n, 1, generator=g) + 0.5
+    sa[5] = 1e33  # past float32's safe range for K = 72 products (1e33·72·2¹⁴ > 3.4e38): float64 for the batch
+    sb = torch.rand(1, 1, generator=g) * 1e-3  # the products themselves stay finite
+    k = kernels_for("auto", "cpu")
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    got = [C._conv_epilogue(k, [xu], w, geometry, sa, sb, None, torch.float32, 72, channels_last, pieces=p)
+           for p in (1, 3)]
+    assert torch.equal(got[0], got[1]) and got[0][5].abs().max() > 1e30 and got[0].isfinite().all()
