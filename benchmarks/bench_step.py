@@ -355,6 +355,20 @@ def heap_shim() -> tuple[str | None, str]:
     return str(out), ""
 
 
+def rerun_with_shim() -> int | None:
+    """For a probe that needs the exact heap count: ``None`` where :func:`heap_shim`'s
+    library is preloaded in this process; otherwise this script run again with it
+    preloaded (its exit status), or 2 with the reason on stderr where it cannot be."""
+    if _shim() is not None:
+        return None
+    shim, why = heap_shim()
+    if shim is None:
+        print(f"heap_peak.c cannot be preloaded: {why}", file=sys.stderr)
+        return 2
+    return subprocess.run([sys.executable, *sys.argv], env={**os.environ, "LD_PRELOAD": shim},
+                          check=False).returncode
+
+
 def _shim() -> Any:
     """The preloaded :func:`heap_shim` library's counters (ctypes), or ``None``."""
     lib = ctypes.CDLL(None)

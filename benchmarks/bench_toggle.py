@@ -99,10 +99,16 @@ Toggles (each is "on" as lowbit ships it):
   conv-grad-w-half-pieces  the kernel-row ∇W's pieces of samples with patches of at most half
                the placed input's bytes (``lowbit.kernels.im2col.PIECE_SHARE`` 2); off: at
                most all of them (1: half as many pieces; the same sums)
-  conv-acc-pieces  oneDNN's int8 convolutions (a convolution's output and ∇X) over pieces
-               of samples, each piece's float32 accumulator written into the result before
-               the next exists (``lowbit.conv.ACC_IN_PIECES``); off: one accumulator of the
-               whole batch (the same values)
+  conv-acc-pieces  a convolution's ∇X on oneDNN's int8 convolution (its result bf16/fp16)
+               over pieces of samples, each piece's float32 accumulator written into the
+               result before the next exists (``lowbit.conv.ACC_IN_PIECES``); off: one
+               accumulator of the whole batch (the same values)
+  conv-im2col-pieces  a convolution's im2col GEMMs (output and ∇X where oneDNN does not
+               take them, e.g. K > 1023) and its scattered ∇X over pieces of samples
+               (``lowbit.kernels.im2col.IM2COL_IN_PIECES``); off: the whole batch (the
+               same values)
+  conv-pieces  all three of the pieces above at once (conv-acc-pieces,
+               conv-grad-w-half-pieces, conv-im2col-pieces)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -453,6 +459,26 @@ def _conv_acc_pieces() -> Callable[[bool], None]:
     return switch
 
 
+def _conv_im2col_pieces() -> Callable[[bool], None]:
+    """Off: a convolution's im2col GEMMs and scatter on the whole batch
+    (``lowbit.kernels.im2col.IM2COL_IN_PIECES``)."""
+    from lowbit.kernels import im2col
+
+    def switch(on: bool) -> None:
+        im2col.IM2COL_IN_PIECES = on
+    return switch
+
+
+def _conv_pieces() -> Callable[[bool], None]:
+    """Off: every convolution piece switch above off at once."""
+    switches = (_conv_acc_pieces(), _conv_grad_w_half_pieces(), _conv_im2col_pieces())
+
+    def switch(on: bool) -> None:
+        for s in switches:
+            s(on)
+    return switch
+
+
 def _attention_pieces() -> Callable[[bool], None]:
     import lowbit.attention as attention
 
@@ -488,7 +514,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
     "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces,
-    "conv-acc-pieces": _conv_acc_pieces, "conv-grad-w-half-pieces": _conv_grad_w_half_pieces}
+    "conv-acc-pieces": _conv_acc_pieces, "conv-grad-w-half-pieces": _conv_grad_w_half_pieces,
+    "conv-im2col-pieces": _conv_im2col_pieces, "conv-pieces": _conv_pieces}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,8 +83,8 @@ from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
                          conv_geometry, output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
-from .kernels.im2col import (channels_last, col2im, exact_gemm, gemm_nchw, grad_weight_rows, im2col,
-                             patches)
+from .kernels.im2col import (channels_last, col2im, exact_gemm, grad_weight_rows, im2col, patch_gemm_nchw, patches,
+                             sample_pieces)
 from .formats import Rounding, compute_dtype
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, in_format, register_kind
@@ -284,9 +284,9 @@ def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
                      *(() if out is None else (out,)))
 
 
-# Whether oneDNN's convolutions run their samples in pieces where the epilogue writes a
+# Whether ∇X on oneDNN's convolution runs its samples in pieces where the epilogue writes a
 # narrower result (False: the whole batch at once; a benchmark toggle, bench_toggle.py
-# conv-acc-pieces), and how many
+# conv-acc-pieces), and how many (the output's convolution runs whole)
 ACC_IN_PIECES = True
 ACC_PIECES = 3
 
@@ -371,12 +371,12 @@ def conv_output(qx: QuantizedOperand, qw: QuantizedOperand, x_shape: Sequence[in
         return _conv_epilogue(k, held, qw.codes.view(w_shape), (stride, padding, dilation, groups), qx.scale,
                               qw.scale, bias, out_dtype, cg * kh * kw, layout != NCHW, pieces=1)
     x = _placed_x(k, qx, x_shape, padding, layout)
+    wl = _weight_rows(qw, w_shape)
+    if groups == 1:  # the epilogue writes (N, C_out, H'·W'), in pieces of samples
+        return patch_gemm_nchw(k, x, (kh, kw), stride, dilation, qx.scale, Encoded(wl, qw.scale).t(), bias,
+                               out_dtype)
     p = patches(x, (kh, kw), stride, dilation)  # (N, H', W', kH, kW, C) view
     ho, wo = p.shape[1], p.shape[2]
-    wl = _weight_rows(qw, w_shape)
-    if groups == 1:  # the epilogue writes (N, C_out, H'·W')
-        return gemm_nchw(k, im2col(p, 0, 1), qx.scale, Encoded(wl, qw.scale).t(), (ho, wo), bias,
-                         out_dtype)
     a_scale = _per_row(qx.scale, ho * wo)
     cog = co // groups
     outs = [exact_gemm(k, Encoded(im2col(p, g, groups), a_scale),
@@ -432,10 +432,13 @@ def conv_grad_input(gy: torch.Tensor, qw: QuantizedOperand, spec: GradSpec | Non
         n, c, h, w = x_shape
         return qa.inverse(gx, out_dtype, overwrite=True).reshape(n, h, w, c).permute(0, 3, 1, 2)
     if gx is None and stride == [1, 1]:
-        gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend, dt)
+        gx = _grad_input_gather(qa, qw, g_shape, xr_shape, w_shape, padding, dilation, groups, backend, edt)
     elif gx is None:
         gx = _grad_input_scatter(qa, qw, g_shape, xr_shape, w_shape, padding, stride, dilation,
-                                 groups, backend, dt)
+                                 groups, backend, dt)  # (R, C, H, W), a view of the padded sums
+        if type(qa.transform) is Identity and gx.shape[0] == x_shape[0]:  # cast from the sums: no float copy first
+            return gx.to(out_dtype, memory_format=torch.contiguous_format)
+        gx = gx.reshape(gx.shape[0], -1)
     return qa.inverse(gx, out_dtype, overwrite=True).reshape(x_shape)  # T⁻¹ on the sample rows: (N, C·H·W)
 
 
@@ -499,7 +502,9 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stride 1: ∇X as a convolution of ∇Y's codes, padded by ``d(k − 1) − p`` (cropped
     where negative), with the flipped kernel — im2col GEMMs, one per group, with every
-    sum in the integer accumulator. (N, C·H·W) ``dtype`` before ``T⁻¹``."""
+    sum in the integer accumulator. (N, C·H·W) before ``T⁻¹``: ``dtype`` (∇X's own where
+    no ``T⁻¹`` follows, written by the epilogue) with one group and a per-tensor weight
+    scale (:func:`patch_gemm_nchw`, in pieces of samples), else its compute dtype."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     ext = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
@@ -507,13 +512,13 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
     cog = co // groups
     gz = _place(k, qa.codes, g_shape, (h + ext[0], w + ext[1]),
                (ext[0] - padding[0], ext[1] - padding[1]))
-    p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     wf = qw.codes.reshape(co, cg, kh, kw).flip(2, 3).permute(2, 3, 0, 1)  # (kH, kW, C_out, C/g)
-    if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W)
+    if groups == 1 and qw.scale.shape[0] == 1:  # the epilogue writes (N, C, H·W), in pieces of samples
         with scope("lowbit::grad_input"):
-            gx = gemm_nchw(k, im2col(p, 0, 1), qa.scale, Encoded(wf.reshape(kh * kw * co, cg), qw.scale),
-                           (h, w), None, dtype)
+            gx = patch_gemm_nchw(k, gz, (kh, kw), (1, 1), dilation, qa.scale,
+                                 Encoded(wf.reshape(kh * kw * co, cg), qw.scale), None, dtype)
         return gx.reshape(n, c * h * w)
+    p = patches(gz, (kh, kw), (1, 1), dilation)  # (N, H, W, kH, kW, C_out)
     a_scale = _per_row(qa.scale, h * w)
     outs = []
     with scope("lowbit::grad_input"):
@@ -523,7 +528,7 @@ def _grad_input_gather(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Sequ
             if b_scale.shape[0] != 1:  # per output channel: on the summed dimension
                 b_scale = b_scale.reshape(1, cog, 1).expand(kh * kw, cog, 1).reshape(-1, 1)
             outs.append(exact_gemm(k, Encoded(im2col(p, gi, groups), a_scale),
-                                   Encoded(b_codes, b_scale), None, dtype))
+                                   Encoded(b_codes, b_scale), None, compute_dtype(dtype)))
     gx = outs[0] if groups == 1 else torch.cat(outs, 1)  # (N·H·W, C)
     return gx.reshape(n, h, w, c).permute(0, 3, 1, 2).reshape(n, c * h * w)
 
@@ -534,8 +539,10 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
                         backend: Backend, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stride > 1: the GEMM ``∇Y`` (rows (sample, output position)) × ``W`` (output
     channel × (kernel position, input channel)), then col2im, adding kH·kW ``dtype`` terms
-    per element (a gather would multiply s² inserted zeros). (N, C·H·W) ``dtype`` before
-    ``T⁻¹``."""
+    per element (a gather would multiply s² inserted zeros), in pieces of samples whose
+    float columns hold at most a quarter of ∇X's bytes (:func:`sample_pieces`; the epilogue's
+    dtype decided once for the batch: bitwise the whole). (N, C, H, W) ``dtype`` before
+    ``T⁻¹``: a channels-last view into the padded sums, which the caller casts or copies."""
     n, c, h, w = x_shape
     co, cg, kh, kw = w_shape
     _, _, ho, wo = g_shape
@@ -545,16 +552,23 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
     k = kernels_for(backend, qa.codes.device)
     cog = co // groups
     out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c, dtype=dtype)  # padded, channels-last
+    # the samples in pieces whose float columns hold at most a quarter of ∇X's bytes
+    # (sample_pieces): the whole batch's were kH·kW/(sH·sW)× it; the epilogue's dtype decided once
+    per = sample_pieces(n, n * ho * wo * kh * kw * cg * out.element_size(), out.numel() * out.element_size() // 4)
+    p_rows = per * ho * wo
     with scope("lowbit::grad_input"):
         for gi in range(groups):
             rows = slice(gi * cog, (gi + 1) * cog)
-            a = Encoded(a_codes[:, rows].contiguous(), a_scale)
-            b_scale = _group(qw.scale, gi, cog)  # per output channel: on the summed dimension
-            cols = exact_gemm(k, a, Encoded(wl[rows], b_scale), None, dtype)  # (N·H'·W', kH·kW·C/g)
-            col2im(cols.reshape(n, ho, wo, kh, kw, cg), out, stride, dilation,
-                   slice(gi * cg, (gi + 1) * cg))
-    gx = out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
-    return gx.reshape(n, c * h * w)
+            sa, b_scale = int8.safe_scales(a_scale, _group(qw.scale, gi, cog), cog)  # per output channel: summed
+            b = Encoded(wl[rows], b_scale)
+            for n0 in range(0, n, per):
+                a = Encoded(a_codes[n0 * ho * wo:n0 * ho * wo + p_rows, rows].contiguous(),
+                            sa[n0 * ho * wo:n0 * ho * wo + p_rows] if sa.shape[0] > 1 else sa)
+                cols = exact_gemm(k, a, b, None, dtype)  # (piece·H'·W', kH·kW·C/g)
+                col2im(cols.reshape(-1, ho, wo, kh, kw, cg), out[n0:n0 + per], stride, dilation,
+                       slice(gi * cg, (gi + 1) * cg))
+                del cols
+    return out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
 
 
 def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | None,

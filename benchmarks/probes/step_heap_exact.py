@@ -8,16 +8,16 @@ previous event and resets it, so each peak is charged to the Python frame it hap
 under (a C call's transient buffers included). Prints the step's peak and the heap where
 its forward ends (MB above the heap before the step, as ``bench_step``'s peak MB without
 its workspace term), then the largest peaks of the profiled step, one line per distinct
-innermost frame. Only peaks within ``--window`` MB of the step's peak are recorded, and
-the peak is reset after recording: the recording's own allocations stay out of the
-readings. Memory does not depend on the machine's load.
+innermost frame. Only peaks within ``--window`` MB of the step's peak are recorded; the
+peak is reset after recording and what the recording keeps (its dict, linecache) is
+subtracted from every later reading, so its own allocations stay out of the readings.
+Memory does not depend on the machine's load.
 
     python benchmarks/probes/step_heap_exact.py --workload cnn-cl --mode fqt-psq-8+bf16
 """
 
 import argparse
 import os
-import subprocess
 import sys
 import traceback
 
@@ -37,14 +37,10 @@ def main() -> int:
     p.add_argument("--window", type=float, default=0.6, help="record peaks within this many MB of the step's")
     p.add_argument("--top", type=int, default=8)
     args = p.parse_args()
+    rc = bench_step.rerun_with_shim()  # not preloaded yet: this script again, with the shim
+    if rc is not None:
+        return rc
     lib = bench_step._shim()
-    if lib is None:  # not preloaded yet: run again with the shim
-        shim, why = bench_step.heap_shim()
-        if shim is None:
-            print(f"heap_peak.c cannot be preloaded: {why}", file=sys.stderr)
-            return 2
-        return subprocess.run([sys.executable, *sys.argv], env={**os.environ, "LD_PRELOAD": shim},
-                              check=False).returncode
     torch.set_num_threads(args.threads)
     allocator.keep_freed_memory()
     b = bench_step.Bench(args.workload, args.mode, "full", "cpu")
@@ -57,14 +53,17 @@ def main() -> int:
     step_peak = lib.lowbit_heap_peak() - base
     above = step_peak - int(args.window * 2**20)
     peaks: dict[str, int] = {}
+    own = [0]  # bytes the recording keeps (the dict, linecache): subtracted from every reading
 
     def profile(frame, event, arg) -> None:  # noqa: ANN001
-        peak = lib.lowbit_heap_peak() - base
+        peak = lib.lowbit_heap_peak() - base - own[0]
         if peak >= above:
+            before = lib.lowbit_heap_bytes()
             where = " <- ".join(f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}"
                                 for f in reversed(traceback.extract_stack(frame)[-6:]))
             peaks[where] = max(peaks.get(where, 0), peak)
-        lib.lowbit_heap_reset_peak()  # after recording: its allocations are not the step's
+            own[0] += lib.lowbit_heap_bytes() - before
+        lib.lowbit_heap_reset_peak()  # after recording: its transient allocations are not the step's
 
     base = lib.lowbit_heap_bytes()
     lib.lowbit_heap_reset_peak()

@@ -16,6 +16,7 @@ product, added exactly in int64, then scaled once by the same epilogue as one GE
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -315,14 +316,16 @@ register("int8_epilogue_nhwc", Impl.NATIVE, avx512.run_epilogue_nhwc, ("cpu",), 
 
 def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b: Encoded,
               spatial: Sequence[int], bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """``â @ b̂ + bias`` as :func:`exact_gemm`, for ``a``'s rows (sample, position):
     ``a_codes`` (N·P, K) with ``P = prod(spatial)``, ``a_scale`` per sample (N, 1) or per
-    tensor (1, 1), ``b`` (K, C) → a new contiguous (N, C, *spatial) in ``out_dtype``.
-    With the integer GEMM in one piece (``K ≤ int8.MAX_K``) the epilogue writes that
-    layout in its one pass (:func:`epilogue_nchw`); otherwise :func:`exact_gemm` with the
-    scale repeated over each sample's rows, then a permuting copy. Raises ``ValueError``
-    where the rows are not N samples of P positions or the scale is neither."""
+    tensor (1, 1), ``b`` (K, C) → a new contiguous (N, C, *spatial) in ``out_dtype``, or
+    written into ``out`` (that shape, contiguous: a piece of samples of a larger result)
+    and returned. With the integer GEMM in one piece (``K ≤ int8.MAX_K``) the epilogue
+    writes that layout in its one pass (:func:`epilogue_nchw`); otherwise
+    :func:`exact_gemm` with the scale repeated over each sample's rows, then a permuting
+    copy. Raises ``ValueError`` where the rows are not N samples of P positions or the
+    scale is neither."""
     m, c, p = a_codes.shape[0], b.codes.shape[1], math.prod(spatial)
     n = m // p if p else 0
     if p == 0 or m != n * p or a_scale.shape[0] not in (1, n):
@@ -337,11 +340,51 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
         with scope("lowbit::epilogue"):
             return kernels.run("int8_epilogue_nchw", acc.view(n, *spatial, c),
                                sa.reshape(sa.shape[0], *ones, 1), sb.reshape(*ones, 1, sb.shape[1]), bias,
-                               out_dtype)
+                               out_dtype, *(() if out is None else (out,)))
     rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
-    y = exact_gemm(kernels, Encoded(a_codes, rows), b, bias, out_dtype)
-    return y.reshape(n, *spatial, c).movedim(-1, 1).clone(memory_format=torch.contiguous_format)
+    y = exact_gemm(kernels, Encoded(a_codes, rows), b, bias, out_dtype).reshape(n, *spatial, c).movedim(-1, 1)
+    return y.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(y)
+
+
+# The patches of an im2col GEMM (patch_gemm_nchw) in pieces of samples (False: the whole
+# batch at once; a benchmark toggle, benchmarks/bench_toggle.py conv-im2col-pieces)
+IM2COL_IN_PIECES = True
+
+
+def sample_pieces(n: int, patch_bytes: int, budget: int) -> int:
+    """Samples per piece for patches of ``patch_bytes`` (all ``n`` samples): pieces whose
+    patches hold at most ``budget`` bytes (at least one sample a piece); ``n`` where
+    :data:`IM2COL_IN_PIECES` is off."""
+    if not IM2COL_IN_PIECES or patch_bytes <= budget:
+        return n
+    return min(n, max(1, n * budget // patch_bytes))
+
+
+def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
+                    dilation: Sequence[int], a_scale: torch.Tensor, b: Encoded,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`gemm_nchw` of ``im2col(patches(x))``: ``x`` the placed codes (N, Hp, Wp, C)
+    (contiguous channels-last, 1-byte), ``a_scale`` per sample (N, 1) or per tensor,
+    ``b`` (kH·kW·C, C_out) → (N, C_out, H', W') in ``out_dtype``, contiguous. The samples
+    go in pieces whose patches hold at most ``x``'s bytes over :data:`PIECE_SHARE`
+    (:func:`sample_pieces`; about ``kH·kW·PIECE_SHARE`` pieces at stride 1: the whole
+    batch's patches were ≈ ``kH·kW``× ``x``): each piece's patches, int32 product and
+    epilogue, written into its samples of the result, before the next piece's exist. The
+    epilogue's scales are made safe once for the whole batch (:func:`int8.safe_scales`),
+    so every piece rounds in the same dtype: bitwise the one-piece result."""
+    p = patches(x, kernel, stride, dilation)  # (N, H', W', kH, kW, C) view
+    n, ho, wo = p.shape[:3]
+    per = sample_pieces(n, n * ho * wo * kernel[0] * kernel[1] * x.shape[3], x.numel() // PIECE_SHARE)
+    if per >= n:
+        return gemm_nchw(kernels, im2col(p, 0, 1), a_scale, b, (ho, wo), bias, out_dtype)
+    sa, sb = int8.safe_scales(a_scale, b.scale, b.codes.shape[0])  # one dtype for every piece
+    b = dataclasses.replace(b, scale=sb)
+    out = torch.empty(n, b.codes.shape[1], ho, wo, dtype=out_dtype, device=x.device)
+    for n0 in range(0, n, per):
+        gemm_nchw(kernels, im2col(p[n0:n0 + per], 0, 1), sa[n0:n0 + per] if sa.shape[0] > 1 else sa, b,
+                  (ho, wo), bias, out_dtype, out[n0:n0 + per])
+    return out
 
 
 __all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "epilogue_nhwc", "exact_gemm",
-           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patches", "place", "place_codes"]
+           "gemm_nchw", "grad_weight_rows", "patch_gemm_nchw", "sample_pieces", "im2col", "nhwc", "patches", "place", "place_codes"]

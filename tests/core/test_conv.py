@@ -191,7 +191,7 @@ def test_layer_auto_equals_reference_same_noise_stream(name: str) -> None:
 def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     """What runs under auto for a per-tensor int8 recipe: the output GEMM and ∇X (stride
     2: of the zero-inserted ∇Y codes) as oneDNN int8 convolutions (all groups; ∇X one per
-    piece of samples)
+    piece of samples where its result is bf16)
     where that is exact on this machine, else ``_int_mm`` once per group (∇X: the col2im
     GEMM); ∇W ``_int_mm`` once per group; no float convolution."""
     x, wt, b, params = _case("groups2")
@@ -202,7 +202,7 @@ def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     names = [e.name for e in prof.events()]
     onednn = qconv.available(torch.zeros(1, dtype=torch.int8), wt.shape, params[6], x.shape[2:], params[0:2],
                              params[2:4], params[4:6])
-    # Y in one call, ∇X in one per piece of samples (float32: the accumulator in pieces, conv.acc_pieces)
+    # Y in one call, ∇X in one per piece of samples where its result is narrower than float32 (conv.acc_pieces: 1 here)
     assert names.count("onednn::qconv2d_pointwise") == (1 + C.acc_pieces(x.shape[0], torch.float32, False)) * onednn
     assert names.count("aten::_int_mm") == (3 - 2 * onednn) * params[6]
     assert not any("aten::convolution" in n or "aten::_convolution" in n for n in names)
@@ -988,7 +988,7 @@ def test_grad_input_codes_released_before_the_convolution(monkeypatch: pytest.Mo
         runs.append(conv_grad_input(gy, qw, GradSpec(), None, Backend.AUTO, x_shape, w_shape, params, qa=qa,
                                     release=release))
         assert (qa.codes.numel() == 0) == release
-    # the convolution ran on oneDNN both times (each piece of samples: conv.acc_pieces); released before it
+    # the convolution ran on oneDNN both times (once per piece of samples, conv.acc_pieces: 1 for float32); released before it
     pieces = C.acc_pieces(4, torch.float32, False)
     assert seen == [gy.numel()] * pieces + [0] * pieces
     assert torch.equal(runs[0], runs[1])
@@ -1139,3 +1139,73 @@ def test_conv_epilogue_pieces_share_one_epilogue_dtype(channels_last: bool) -> N
     got = [C._conv_epilogue(k, [xu], w, geometry, sa, sb, None, torch.float32, 72, channels_last, pieces=p)
            for p in (1, 3)]
     assert torch.equal(got[0], got[1]) and got[0][5].abs().max() > 1e30 and got[0].isfinite().all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_im2col_paths_in_sample_pieces_are_bitwise_the_whole_batch(monkeypatch: pytest.MonkeyPatch, stride: int,
+                                                                   dtype: torch.dtype,
+                                                                   layout: torch.memory_format) -> None:
+    """A convolution oneDNN does not take (K = 120·9 > qconv.MAX_K: a wide layer) runs its
+    output and ∇X GEMMs on im2col patches (∇X: gathered at stride 1, scattered at stride
+    2), now in pieces of samples (``im2col.sample_pieces``: patches, or the scatter's
+    float columns, at most the input's / ∇X's bytes): every gradient bitwise the
+    whole-batch run's, with a sample ~1e36 large in the input and in ∇Y (the epilogue's
+    float64 route, decided once for the batch), 7 samples (no multiple of the piece)."""
+    from lowbit.kernels import im2col as I
+
+    g = torch.Generator().manual_seed(9)
+    conv = nn.Conv2d(120, 120, 3, stride=stride, padding=1)  # K = 1080 for Y and for ∇X
+    x = torch.randn(7, 120, 6, 6, generator=g)
+    x[2] *= 1e36
+    gy = torch.randn(7, 120, (6 - 1) // stride + 1, (6 - 1) // stride + 1, generator=g)
+    gy[4] *= 1e36
+    calls: list[int] = []  # rows of each im2col GEMM (+: output, gathered ∇X), samples of each scatter (−)
+    real, real_scatter = I.gemm_nchw, C.col2im
+    monkeypatch.setattr(I, "gemm_nchw", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(C, "col2im", lambda *a, **k: calls.append(-a[0].shape[0]) or real_scatter(*a, **k))
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=2, activation=OperandSpec(bits=8, granularity="row"))
+
+    def grads(pieces: bool) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(I, "IM2COL_IN_PIECES", pieces)
+        model = lowbit.convert(copy.deepcopy(conv), cfg).to(memory_format=layout)
+        xs = x.to(dtype, copy=True).contiguous(memory_format=layout).requires_grad_()
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = model(xs)
+        y.backward(gy.to(y.dtype).contiguous(memory_format=layout))
+        return y.detach(), xs.grad, model.weight.grad, model.bias.grad, torch.tensor(calls)
+
+    *whole, calls_whole = grads(False)
+    *parts, calls_parts = grads(True)
+    for a, b in zip(whole, parts):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # the output's and ∇X's GEMMs ran in pieces, every row once: im2col (+) for Y, and for ∇X
+    # at stride 1 (gathered); ∇X scattered (−: samples per col2im) at stride 2
+    w, p = calls_whole[calls_whole > 0], calls_parts[calls_parts > 0]
+    assert len(w) == (2 if stride == 1 else 1) and len(p) > len(w) and p.sum() == w.sum()
+    w, p = calls_whole[calls_whole < 0], calls_parts[calls_parts < 0]
+    assert (len(p) > len(w) > 0 and p.sum() == w.sum()) if stride == 2 else len(w) == len(p) == 0
+
+
+@pytest.mark.parametrize("pieces", [False, True])
+def test_gathered_grad_input_writes_its_own_dtype_bitwise_the_float32_cast(monkeypatch: pytest.MonkeyPatch,
+                                                                           pieces: bool) -> None:
+    """Where no ``T⁻¹`` follows, the stride-1 im2col ∇X (``_grad_input_gather``, K > 1023)
+    lets its epilogue write ∇X's bf16 (no float32 result and its cast): bitwise the
+    float32 epilogue's values cast to bf16, per-sample scales, whole batch or pieces."""
+    from lowbit.gradpair import quantize_grad_pair
+    from lowbit.kernels import im2col as I
+
+    monkeypatch.setattr(I, "IM2COL_IN_PIECES", pieces)
+    g = torch.Generator().manual_seed(12)
+    n, c, h = 5, 120, 5  # K = 120·9 = 1080 > qconv.MAX_K: the im2col path
+    qw = quantize_forward(torch.randn(c, c * 9, generator=g), OperandSpec(bits=8))
+    gy = torch.randn(n, c, h, h, generator=g) * torch.logspace(-3, 3, n).reshape(n, 1, 1, 1)
+    qa, _ = quantize_grad_pair(gy.reshape(n, c, -1), GradSpec(), torch.Generator().manual_seed(1), GradSpec(),
+                               torch.Generator().manual_seed(2), kernels_for("auto", "cpu"))
+    shape = (n, c, h, h)
+    got = C._grad_input_gather(qa, qw, shape, shape, (c, c, 3, 3), (1, 1), (1, 1), 1, Backend.AUTO, torch.bfloat16)
+    want = C._grad_input_gather(qa, qw, shape, shape, (c, c, 3, 3), (1, 1), (1, 1), 1, Backend.AUTO, torch.float32)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))

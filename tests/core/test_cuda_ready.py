@@ -244,7 +244,7 @@ def test_conv_runs_integer_gemms_on_device_and_equals_reference(
     # (lowbit.kernels.im2col.grad_weight_rows: here 2 pieces of 1 sample), elsewhere one on
     # the full im2col
     gw_calls = 6 if torch.device(device).type == "cpu" else 1
-    # Y's oneDNN convolution in one piece, ∇X's (float32) in pieces of samples (conv.acc_pieces)
+    # Y's oneDNN convolution in one piece, ∇X's in one per piece of samples (conv.acc_pieces: 1 for float32)
     conv_calls = 1 + lowbit.conv.acc_pieces(2, torch.float32, False)
     assert (len(calls), len(onednn)) == ((gw_calls, conv_calls) if on_cpu else (2 + gw_calls, 0))
     ref = run("reference")
