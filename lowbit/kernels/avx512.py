@@ -714,6 +714,7 @@ def _epilogue_nchw(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
                              None if b is None else b.data_ptr(), out.data_ptr(),
                              int(out_dtype == torch.bfloat16), threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer: autograd's in-place check sees it
     return out
 
 
@@ -759,6 +760,7 @@ def _epilogue_nhwc(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b
                              int(sa.numel() > 1), sb.data_ptr(), int(sb.numel() > 1),
                              None if b is None else b.data_ptr(), out.data_ptr(),
                              int(out_dtype == torch.bfloat16), threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer (out, or acc written over)
     return out.movedim(-1, 1)
 
 
@@ -827,6 +829,7 @@ def _epilogue_into(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()  # the reference's bias.to(float32)
     lib.lowbit_epilogue_rows(acc.data_ptr(), acc.numel() // n, m, n, sa.data_ptr(), int(sa_rows), sb.data_ptr(),
                              int(sb_cols), sb_bstride, None if b is None else b.data_ptr(), threads)
+    torch.autograd.graph.increment_version(acc)  # written over through its pointer
 
 
 def run_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

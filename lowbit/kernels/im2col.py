@@ -291,7 +291,15 @@ def epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
     or all ones, ``bias`` (C,) or ``None``. Per element the same operations as the
     epilogue of the (N·P, C) GEMM output, so bitwise the same values."""
     res = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype).movedim(-1, 1)
-    return res.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(res)
+    return res.clone(memory_format=torch.contiguous_format) if out is None else _into(out, res, out_dtype)
+
+
+def _into(out: torch.Tensor, res: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``res`` copied into ``out``, which must have its shape and ``out_dtype`` (an epilogue's
+    ``out``: a copy would broadcast or cast in silence); ``ValueError`` otherwise."""
+    if out.shape != res.shape or out.dtype != out_dtype:
+        raise ValueError(f"epilogue out: expected {out_dtype} {tuple(res.shape)}, got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(res)
 
 
 register_fused("int8_epilogue_nchw", epilogue_nchw)
@@ -307,7 +315,7 @@ def epilogue_nhwc(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
     ``out_dtype``) and returned. Without ``out`` the native kernel may write over a float32
     ``acc``; callers pass one they do not read again."""
     res = reference.int8_epilogue(acc, a_scale, b_scale, None, None, None, None, 0, bias, out_dtype)
-    return res.contiguous().movedim(-1, 1) if out is None else out.copy_(res.movedim(-1, 1))
+    return res.contiguous().movedim(-1, 1) if out is None else _into(out, res.movedim(-1, 1), out_dtype)
 
 
 register_fused("int8_epilogue_nhwc", epilogue_nhwc)

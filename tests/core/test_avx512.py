@@ -454,6 +454,16 @@ def test_conv_epilogue_into_pieces_of_a_result(channels_last: bool, out_dtype: t
            piece.view(torch.bfloat16)[..., :20].movedim(-1, 1)]
     for out in bad:
         assert not supports(piece, sa[1:3], sb, bias, out_dtype, out)
+    with pytest.raises(ValueError, match="epilogue out"):  # the reference copies neither broadcast nor cast
+        ref(piece, sa[1:3], sb, bias, out_dtype, torch.empty(1, 20, 6, 7, dtype=out_dtype).contiguous(memory_format=fmt))
+    for fn in (native, ref):  # a write autograd sees: a tensor saved for backward then written raises, both routes
+        t = torch.randn(2, 20, 6, 7, requires_grad=True)
+        u = (t * 1).to(out_dtype).contiguous(memory_format=fmt)
+        loss = u.sin().float().sum()  # sin saves u
+        with torch.no_grad():
+            fn(piece.clone(), sa[1:3], sb, bias, out_dtype, u)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 PLACEMENTS = [  # (N, C, H, W), size, offset, stride: no padding, padding, zero insertion
