@@ -96,9 +96,10 @@ Toggles (each is "on" as lowbit ships it):
   conv-grad-w-pieces  a convolution's kernel-row ∇W over pieces of samples
                (``lowbit.kernels.im2col.ROWS_IN_PIECES``); off: the whole batch at once
                (the same sums)
-  conv-grad-w-half-pieces  the kernel-row ∇W's pieces of samples with patches of at most half
-               the placed input's bytes (``lowbit.kernels.im2col.PIECE_SHARE`` 2); off: at
-               most all of them (1: half as many pieces; the same sums)
+  conv-grad-w-half-pieces  the kernel-row ∇W's (and the im2col GEMMs') pieces of samples
+               with patches of at most half the placed input's bytes
+               (``lowbit.kernels.im2col.PIECE_SHARE`` 2); off: at most all of them (1:
+               half as many pieces; the same sums)
   conv-acc-pieces  a convolution's ∇X on oneDNN's int8 convolution (its result bf16/fp16)
                over pieces of samples, each piece's float32 accumulator written into the
                result before the next exists (``lowbit.conv.ACC_IN_PIECES``); off: one

@@ -554,7 +554,8 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
     out = a_scale.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c, dtype=dtype)  # padded, channels-last
     # the samples in pieces whose float columns hold at most a quarter of ∇X's bytes
     # (sample_pieces): the whole batch's were kH·kW/(sH·sW)× it; the epilogue's dtype decided once
-    per = sample_pieces(n, n * ho * wo * kh * kw * cg * out.element_size(), out.numel() * out.element_size() // 4)
+    per = sample_pieces(n, n * ho * wo * kh * kw * cg * out.element_size(), out.numel() * out.element_size() // 4,
+                        out.device)
     p_rows = per * ho * wo
     with scope("lowbit::grad_input"):
         for gi in range(groups):

@@ -197,6 +197,7 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     lib.lowbit_amx_int_mm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
                           b.stride(1), m, k, n, out.data_ptr(), out.stride(0), packed_b.data_ptr(),
                           packed_a.data_ptr(), threads, int(given))
+    torch.autograd.graph.increment_version(out)  # written through its pointer
     del packed_a, packed_b  # alive until here
 
 
@@ -213,6 +214,7 @@ def _call_batched(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch
     lib.lowbit_amx_int_bmm(bsz, a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), b.data_ptr(),
                            b.stride(0), b.stride(1), b.stride(2), m, k, n, out.data_ptr(), out.stride(0),
                            out.stride(1), packed_b.data_ptr(), packed_a.data_ptr(), threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer
     del packed_a, packed_b  # alive until here
 
 

@@ -378,6 +378,7 @@ def quantize_part_into(x: torch.Tensor, fmt: Format, amax: torch.Tensor, out: to
         lib.lowbit_quantize_rows(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0), div.data_ptr(), 0, 0,
                                  _mode(fmt, Rounding.NEAREST), float(fmt.emax), out.data_ptr(),
                                  torch.get_num_threads())
+    torch.autograd.graph.increment_version(out)  # written through its pointer
     return step
 
 
@@ -1102,6 +1103,7 @@ def _bhq_inverse(lib: ctypes.CDLL, y: torch.Tensor, dots: torch.Tensor, scale: t
     lib.lowbit_bhq_inverse_rows(y.data_ptr(), r, d, y.stride(0) if r > 1 else d, scale.data_ptr(), v2.data_ptr(),
                                 group.data_ptr(), dots.data_ptr(), out.data_ptr(), out.stride(0) if r > 1 else d,
                                 threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer (y itself with overwrite)
     return out
 
 
@@ -1141,6 +1143,7 @@ def _bhq_sums_inverse(lib: ctypes.CDLL, y: torch.Tensor, v: torch.Tensor, scale:
     lib.lowbit_bhq_sums_inverse(y.data_ptr(), d, y.stride(0) if r > 1 else d, scale.data_ptr(), v.data_ptr(),
                                 v2.data_ptr(), crow.data_ptr(), members.data_ptr(), n_groups, out.data_ptr(),
                                 out.stride(0) if r > 1 else d, threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer (y itself with overwrite)
     return out
 
 

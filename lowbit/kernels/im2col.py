@@ -182,7 +182,8 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
 
 # Whether grad_weight_rows runs its samples in pieces (False: the whole batch at once; a
 # benchmark toggle, benchmarks/bench_toggle.py conv-grad-w-pieces), and the placed input's
-# bytes over a piece's patches' (about kW·PIECE_SHARE pieces)
+# bytes over a piece's patches' there and in patch_gemm_nchw (about kW·PIECE_SHARE and
+# kH·kW·PIECE_SHARE pieces)
 ROWS_IN_PIECES = True
 PIECE_SHARE = 2
 
@@ -359,11 +360,12 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
 IM2COL_IN_PIECES = True
 
 
-def sample_pieces(n: int, patch_bytes: int, budget: int) -> int:
+def sample_pieces(n: int, patch_bytes: int, budget: int, device: torch.device) -> int:
     """Samples per piece for patches of ``patch_bytes`` (all ``n`` samples): pieces whose
-    patches hold at most ``budget`` bytes (at least one sample a piece); ``n`` where
-    :data:`IM2COL_IN_PIECES` is off."""
-    if not IM2COL_IN_PIECES or patch_bytes <= budget:
+    patches hold at most ``budget`` bytes (at least one sample a piece), on the CPU; ``n``
+    elsewhere (on CUDA a piece's GEMM could fall under ``_int_mm``'s shape rules — more
+    than 16 rows — and run simulated) and where :data:`IM2COL_IN_PIECES` is off."""
+    if not IM2COL_IN_PIECES or patch_bytes <= budget or torch.device(device).type != "cpu":
         return n
     return min(n, max(1, n * budget // patch_bytes))
 
@@ -382,7 +384,7 @@ def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], st
     so every piece rounds in the same dtype: bitwise the one-piece result."""
     p = patches(x, kernel, stride, dilation)  # (N, H', W', kH, kW, C) view
     n, ho, wo = p.shape[:3]
-    per = sample_pieces(n, n * ho * wo * kernel[0] * kernel[1] * x.shape[3], x.numel() // PIECE_SHARE)
+    per = sample_pieces(n, n * ho * wo * kernel[0] * kernel[1] * x.shape[3], x.numel() // PIECE_SHARE, x.device)
     if per >= n:
         return gemm_nchw(kernels, im2col(p, 0, 1), a_scale, b, (ho, wo), bias, out_dtype)
     sa, sb = int8.safe_scales(a_scale, b.scale, b.codes.shape[0])  # one dtype for every piece
@@ -395,4 +397,5 @@ def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], st
 
 
 __all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "epilogue_nhwc", "exact_gemm",
-           "gemm_nchw", "grad_weight_rows", "patch_gemm_nchw", "sample_pieces", "im2col", "nhwc", "patches", "place", "place_codes"]
+           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patch_gemm_nchw", "patches", "place", "place_codes",
+           "sample_pieces"]

@@ -224,6 +224,7 @@ def _softmax(lib: ctypes.CDLL, scores: torch.Tensor, a_step: torch.Tensor | None
                                  sb_b, None if mask is None else mask.data_ptr(),
                                  None if moff is None else moff.data_ptr(),
                                  0 if mask is None else mask.stride(-2), int(masked), threads)
+    torch.autograd.graph.increment_version(scores)  # written over through its pointer
     del keep
     return scores.view(torch.float32)
 
@@ -235,6 +236,7 @@ def _softmax_grad(lib: ctypes.CDLL, grads: torch.Tensor, a_step: torch.Tensor | 
     sa, sa_st, sb, sb_cols, sb_b, keep = _step_args(a_step, b_step, s)
     lib.lowbit_attention_softmax_grad(grads.data_ptr(), int(a_step is not None), b, lq, s, sa, sa_st, sb,
                                       sb_cols, sb_b, probs.data_ptr(), threads)
+    torch.autograd.graph.increment_version(probs)  # written over through its pointer
     del keep
     return probs
 

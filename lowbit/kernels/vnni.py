@@ -83,6 +83,7 @@ def _call(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                             b.stride(0), b.stride(1), b.stride(2), m, k, n, out.data_ptr(), out.stride(0),
                             out.stride(1), packed_a.data_ptr(), packed_b.data_ptr(), colsums.data_ptr(),
                             int(stream), threads)
+    torch.autograd.graph.increment_version(out)  # written through its pointer
     del packed_a, packed_b, colsums  # alive until here
 
 

@@ -1209,3 +1209,15 @@ def test_gathered_grad_input_writes_its_own_dtype_bitwise_the_float32_cast(monke
     got = C._grad_input_gather(qa, qw, shape, shape, (c, c, 3, 3), (1, 1), (1, 1), 1, Backend.AUTO, torch.bfloat16)
     want = C._grad_input_gather(qa, qw, shape, shape, (c, c, 3, 3), (1, 1), (1, 1), 1, Backend.AUTO, torch.float32)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_sample_pieces_only_on_the_cpu() -> None:
+    """The im2col paths' pieces (``im2col.sample_pieces``) run on the CPU only: on CUDA a
+    piece's GEMM could fall under ``_int_mm``'s shape rules (more than 16 rows) and run
+    simulated, or raise under ``backend='int8'`` (a review); the whole batch there."""
+    from lowbit.kernels import im2col as I
+
+    assert I.sample_pieces(8, 10**6, 10**5, torch.device("cpu")) == 1
+    assert I.sample_pieces(8, 10**6, 5 * 10**5, torch.device("cpu")) == 4
+    assert I.sample_pieces(8, 10**6, 10**5, torch.device("cuda")) == 8
+    assert I.sample_pieces(8, 10**6, 10**5, torch.device("meta")) == 8
