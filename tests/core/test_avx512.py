@@ -894,8 +894,10 @@ def test_bhq_inverse_bitwise_the_reference(shape: tuple[int, int]) -> None:
             assert avx512.supports_bhq_inverse(y, dots, scale, v, group, torch.float32)
             assert _same(avx512.run_bhq_inverse(y, dots, scale, v, group, torch.float32), want)
             y2 = y.clone()
+            version = y2._version
             got = avx512.run_bhq_inverse(y2, dots, scale, v, group, torch.float32, True)
             assert got.data_ptr() == y2.data_ptr() and _same(got, want)
+            assert y2._version > version  # written over through its pointer: autograd sees it (README row 225)
     assert not avx512.supports_bhq_inverse(y, dots, scale, v, group, torch.bfloat16)
     assert not avx512.supports_bhq_inverse(y.double(), dots.double(), scale.double(), v.double(), group,
                                            torch.float64)

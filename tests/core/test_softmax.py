@@ -154,3 +154,19 @@ def test_switched_off_by_the_environment() -> None:
     env = {**os.environ, "LOWBIT_SOFTMAX": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_kernel
+def test_softmax_kernels_bump_the_version_of_what_they_write_over() -> None:
+    """The native softmax writes ``P`` over the scores, its backward ``∇S`` over ``P``,
+    through their pointers: each bumps the tensor's version, so a tensor autograd saved
+    and the kernel then wrote raises autograd's in-place error as an ATen op would
+    (README fault kind 225)."""
+    g = torch.Generator().manual_seed(3)
+    scores, probs = torch.randn(2, 4, 16, generator=g), torch.rand(2, 4, 16, generator=g)
+    v0 = scores._version
+    softmax.run(AUTO, scores, None, None, None, False, torch.float32)
+    assert scores._version > v0
+    v1 = probs._version
+    softmax.run_grad(AUTO, torch.randn(2, 4, 16, generator=g), None, None, probs, torch.float32)
+    assert probs._version > v1

@@ -65,8 +65,10 @@ def test_vnni_longest_exact_sum_of_extreme_codes(va: int, vb: int) -> None:
     a = torch.full((1, 8, k), va, dtype=torch.int8)
     b = torch.full((1, k, 32), vb, dtype=torch.int8)
     out = torch.empty(1, 8, 32, dtype=torch.int32)
+    version = out._version
     vnni.bmm_into(a, b, out)
     assert bool((out.long() == va * vb * k).all())
+    assert out._version > version  # written through its pointer: autograd sees it (README fault kind 225)
     assert vnni.MAX_K == amx.MAX_K == int8.MAX_K
     with pytest.raises(ValueError, match="can overflow"):
         vnni.bmm_into(torch.zeros(1, 1, k + 1, dtype=torch.int8), torch.zeros(1, k + 1, 1, dtype=torch.int8),
