@@ -352,7 +352,7 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
                                out_dtype, *(() if out is None else (out,)))
     rows = a_scale if a_scale.shape[0] == 1 else a_scale.repeat_interleave(p, dim=0)
     y = exact_gemm(kernels, Encoded(a_codes, rows), b, bias, out_dtype).reshape(n, *spatial, c).movedim(-1, 1)
-    return y.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(y)
+    return y.clone(memory_format=torch.contiguous_format) if out is None else _into(out, y, out_dtype)
 
 
 # The patches of an im2col GEMM (patch_gemm_nchw) in pieces of samples (False: the whole

@@ -651,8 +651,10 @@ def test_epilogue_into_bitwise_the_reference(case: str) -> None:
     assert avx512.supports_epilogue_into(acc, *args)
     want = reference.int8_epilogue(acc, sa, sb, None, None, None, None, 0, bias, torch.float32)
     got = acc.clone()
+    version = got._version
     avx512.run_epilogue_into(got, *args)
     assert torch.equal(got.view(torch.float32).view(torch.int32), want.view(torch.int32))
+    assert got._version > version  # written over through its pointer: autograd sees it (README row 225)
     assert not avx512.supports_epilogue_into(acc, sa, sb, sa, None, None, None, 0, bias)  # an offset
     if acc.dim() == 2 and n > 1:
         assert not avx512.supports_epilogue_into(acc.t(), sb.t(), sa.t(), None, None, None, None, 0)
@@ -953,8 +955,10 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
             assert avx512.supports_bhq_sums_inverse(y, v, scale, t, torch.float32)
             assert _same(avx512.run_bhq_sums_inverse(y, v, scale, t, torch.float32), want)
             y2 = y.clone()
+            version = y2._version
             got = avx512.run_bhq_sums_inverse(y2, v, scale, t, torch.float32, True)
             assert got.data_ptr() == y2.data_ptr() and _same(got, want)
+            assert y2._version > version  # written over through its pointer (README row 225)
     assert not avx512.supports_bhq_sums_inverse(y, v, scale, t, torch.bfloat16)
     assert not avx512.supports_bhq_sums_inverse(y.double(), v.double(), scale.double(),
                                                 BlockHouseholder(scale.double(), v.double(), group, n_groups),
@@ -1391,3 +1395,16 @@ def test_damaged_cached_library_is_rebuilt(tmp_path) -> None:  # noqa: ANN001
         assert second.stdout.split() == ["True"], second.stderr
         assert "is damaged or of an older lowbit" in second.stderr and "building it again" in second.stderr
         assert so.read_bytes() == good or so.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_avx512
+def test_kernels_bump_the_version_of_what_they_write() -> None:
+    """``quantize_part_into`` writes its codes into the caller's ``out`` through its
+    pointer: the write bumps ``out``'s version, as an ATen op's would (README fault kind
+    225; the epilogues', BHQ's inverses' and softmax's bumps are asserted in their own
+    tests)."""
+    x = torch.randn(4, 32)
+    out = torch.empty(4, 32, dtype=torch.int8)
+    version = out._version
+    step = avx512.quantize_part_into(x, parse_format("int8"), x.abs().amax().reshape(1), out)
+    assert out._version > version and step.shape == (1, 1) and out.abs().max() == 127

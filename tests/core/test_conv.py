@@ -1221,3 +1221,20 @@ def test_sample_pieces_only_on_the_cpu() -> None:
     assert I.sample_pieces(8, 10**6, 5 * 10**5, torch.device("cpu")) == 4
     assert I.sample_pieces(8, 10**6, 10**5, torch.device("cuda")) == 8
     assert I.sample_pieces(8, 10**6, 10**5, torch.device("meta")) == 8
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_gemm_nchw_out_of_another_shape_or_dtype_is_refused(backend: str) -> None:
+    """``im2col.gemm_nchw``'s ``out=`` (a piece of samples of a larger result) takes only
+    the result's own shape and dtype, on the integer route and on the reference one (a
+    copy would broadcast one sample over three, or cast, in silence: README fault kind 225)."""
+    from lowbit.kernels import im2col as I
+
+    a = torch.randint(-127, 128, (6, 10), dtype=torch.int8)  # 1 sample of 2 × 3 positions
+    b = Encoded(torch.randint(-127, 128, (10, 4), dtype=torch.int8), torch.ones(1, 1))
+    k = kernels_for(backend, "cpu")
+    for out in (torch.empty(3, 4, 2, 3), torch.empty(1, 4, 2, 3, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="epilogue out"):
+            I.gemm_nchw(k, a, torch.ones(1, 1), b, (2, 3), None, torch.float32, out)
+    out = torch.empty(1, 4, 2, 3)
+    assert I.gemm_nchw(k, a, torch.ones(1, 1), b, (2, 3), None, torch.float32, out) is out
