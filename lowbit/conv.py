@@ -83,8 +83,8 @@ from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
                          conv_geometry, output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, int8, kernels_for, qconv
-from .kernels.im2col import (channels_last, col2im, exact_gemm, grad_weight_rows, im2col, patch_gemm_nchw, patches,
-                             sample_pieces)
+from .kernels.im2col import (channels_last, col2im, exact_gemm, grad_weight_rows, im2col, integer_route,
+                             patch_gemm_nchw, patches, sample_pieces)
 from .formats import Rounding, compute_dtype
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, in_format, register_kind
@@ -556,17 +556,22 @@ def _grad_input_scatter(qa: QuantizedOperand, qw: QuantizedOperand, g_shape: Seq
     # (sample_pieces): the whole batch's were kH·kW/(sH·sW)× it; the epilogue's dtype decided once
     per = sample_pieces(n, n * ho * wo * kh * kw * cg * out.element_size(), out.numel() * out.element_size() // 4,
                         out.device)
-    p_rows = per * ho * wo
     with scope("lowbit::grad_input"):
         for gi in range(groups):
             rows = slice(gi * cog, (gi + 1) * cog)
-            sa, b_scale = int8.safe_scales(a_scale, _group(qw.scale, gi, cog), cog)  # per output channel: summed
-            b = Encoded(wl[rows], b_scale)
-            for n0 in range(0, n, per):
+            b = Encoded(wl[rows], _group(qw.scale, gi, cog))  # per output channel: on the summed dimension
+            sa, group_per = a_scale, per
+            if per < n and integer_route(k, a_scale, b):  # the integer GEMM's scales made safe once, for every piece
+                sa, b_scale = int8.safe_scales(a_scale, b.scale, cog)
+                b = Encoded(b.codes, b_scale)
+            else:  # a simulated GEMM dequantizes with the scales as they come: the whole batch, as before
+                group_per = n
+            for n0 in range(0, n, group_per):
+                p_rows = group_per * ho * wo
                 a = Encoded(a_codes[n0 * ho * wo:n0 * ho * wo + p_rows, rows].contiguous(),
                             sa[n0 * ho * wo:n0 * ho * wo + p_rows] if sa.shape[0] > 1 else sa)
                 cols = exact_gemm(k, a, b, None, dtype)  # (piece·H'·W', kH·kW·C/g)
-                col2im(cols.reshape(-1, ho, wo, kh, kw, cg), out[n0:n0 + per], stride, dilation,
+                col2im(cols.reshape(-1, ho, wo, kh, kw, cg), out[n0:n0 + group_per], stride, dilation,
                        slice(gi * cg, (gi + 1) * cg))
                 del cols
     return out[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)

@@ -370,6 +370,17 @@ def sample_pieces(n: int, patch_bytes: int, budget: int, device: torch.device) -
     return min(n, max(1, n * budget // patch_bytes))
 
 
+def integer_route(kernels: Kernels, a_scale: torch.Tensor, b: Encoded) -> bool:
+    """Whether :meth:`Kernels.gemm` of int8 codes with ``a_scale`` (per row or tensor) and
+    ``b`` (K ≤ ``int8.MAX_K``, C) runs on the integer GEMM — whose epilogue makes its
+    scales safe (:func:`int8.safe_scales`), so a caller may make them safe once for
+    several pieces of rows — rather than a simulated one, which dequantizes with the
+    scales as they come."""
+    k = b.codes.shape[0]
+    rows = Encoded(torch.zeros(1, k, dtype=torch.int8, device=b.codes.device), a_scale[:1])
+    return kernels.backend in (Backend.AUTO, Backend.INT8) and 0 < k <= int8.MAX_K and int8.supports(rows, b)
+
+
 def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
                     dilation: Sequence[int], a_scale: torch.Tensor, b: Encoded,
                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -385,7 +396,7 @@ def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], st
     p = patches(x, kernel, stride, dilation)  # (N, H', W', kH, kW, C) view
     n, ho, wo = p.shape[:3]
     per = sample_pieces(n, n * ho * wo * kernel[0] * kernel[1] * x.shape[3], x.numel() // PIECE_SHARE, x.device)
-    if per >= n:
+    if per >= n or not integer_route(kernels, a_scale, b):  # (elsewhere the scales' dtype is the GEMM's own)
         return gemm_nchw(kernels, im2col(p, 0, 1), a_scale, b, (ho, wo), bias, out_dtype)
     sa, sb = int8.safe_scales(a_scale, b.scale, b.codes.shape[0])  # one dtype for every piece
     b = dataclasses.replace(b, scale=sb)
@@ -397,5 +408,5 @@ def patch_gemm_nchw(kernels: Kernels, x: torch.Tensor, kernel: Sequence[int], st
 
 
 __all__ = ["as_words", "channels_last", "chunks_supported", "col2im", "epilogue_nchw", "epilogue_nhwc", "exact_gemm",
-           "gemm_nchw", "grad_weight_rows", "im2col", "nhwc", "patch_gemm_nchw", "patches", "place", "place_codes",
-           "sample_pieces"]
+           "gemm_nchw", "grad_weight_rows", "im2col", "integer_route", "nhwc", "patch_gemm_nchw", "patches", "place",
+           "place_codes", "sample_pieces"]

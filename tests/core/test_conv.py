@@ -1238,3 +1238,44 @@ def test_gemm_nchw_out_of_another_shape_or_dtype_is_refused(backend: str) -> Non
             I.gemm_nchw(k, a, torch.ones(1, 1), b, (2, 3), None, torch.float32, out)
     out = torch.empty(1, 4, 2, 3)
     assert I.gemm_nchw(k, a, torch.ones(1, 1), b, (2, 3), None, torch.float32, out) is out
+
+
+@pytest.mark.parametrize("weight_gran", ["tensor", "row"])
+def test_scatter_pieces_make_scales_safe_only_for_the_integer_gemm(monkeypatch: pytest.MonkeyPatch,
+                                                                   weight_gran: str) -> None:
+    """The scattered ∇X (stride 2, 1×1) makes its epilogue's scales safe once for all
+    pieces only where its GEMM runs on the integer kernel (a per-tensor weight scale): a
+    per-output-channel weight scale lies on the summed dimension, the GEMM runs simulated
+    and dequantizes with the scales as they come — float64 scales there gave other bits
+    than the code before pieces (a review) — so it keeps them, and the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 1, stride=2)
+    x = torch.randn(9, 8, 8, 8, generator=g)
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=1, weight=OperandSpec(bits=8, granularity=weight_gran))
+    model = lowbit.convert(conv, cfg)
+    seen: list[tuple[int, torch.dtype]] = []
+    inside = [False]
+    real, real_scatter = C.exact_gemm, C._grad_input_scatter
+
+    def scatter(*a: object) -> torch.Tensor:
+        inside[0] = True
+        try:
+            return real_scatter(*a)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(C, "_grad_input_scatter", scatter)
+    monkeypatch.setattr(C, "exact_gemm", lambda k, a, b, *r: (inside[0] and seen.append((a.codes.shape[0],
+                                                                                          a.scale.dtype)))
+                        or real(k, a, b, *r))
+    monkeypatch.setattr(C, "sample_pieces", lambda n, *a: 4)  # pieces of 4 samples (the rule's own sizes aside)
+    xs = x.requires_grad_()
+    y = model(xs)
+    gy = torch.randn(y.shape, generator=g)
+    gy[4] *= 1e36  # a per-sample scale past float32's safe range
+    y.backward(gy)
+    if weight_gran == "tensor":  # integer GEMMs in pieces, the scales float64 for each
+        assert [r for r, _ in seen] == [4 * 16, 4 * 16, 16] and {d for _, d in seen} == {torch.float64}
+    else:  # simulated: one GEMM of the whole batch, its scales as they came
+        assert seen == [(9 * 16, torch.float32)]
+    assert xs.grad.isfinite().all()
