@@ -1030,7 +1030,7 @@ def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scal
     codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     step = torch.empty(r, 1, dtype=torch.float32, device="cpu")
     camax = torch.empty(d, 1, dtype=torch.float32, device="cpu") if columns else None
-    scratch = torch.empty(max(threads, 1) * 2 * d, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(max(threads, 1) * 3 * d, dtype=torch.float32, device="cpu")
     qmax = float(fmt.emax)
     q_hi = _q_hi(qmax)
     lib.lowbit_bhq_group_quantize(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0) if r > 1 else d,

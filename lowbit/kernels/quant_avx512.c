@@ -351,34 +351,55 @@ void lowbit_bhq_group_sums(const void *x, int dtype, int64_t cols, int64_t ld, c
     }
 }
 
+/* One band of at most 64 columns (c0 .. c0 + width) of group j's inverse, its four sums
+ * in registers: acc = sum over the group's rows (ascending) of v[r] * y[r, band] (each
+ * product rounded, added to a sum from +0: lowbit_bhq_group_sums' order and arithmetic),
+ * then out[r, band] = (y[r, band] - v2[r] * acc) / s[r] (lowbit_bhq_inverse_rows'). */
+static inline void sums_inverse_band(const float *y, int64_t ldy, const float *s, const float *v, const float *v2,
+                                     const int64_t *mb, const int64_t *me, int64_t c0, int64_t width, float *out,
+                                     int64_t ldo) {
+    const __mmask16 k0 = tail_mask(width), k1 = width > 16 ? tail_mask(width - 16) : 0,
+                    k2 = width > 32 ? tail_mask(width - 32) : 0, k3 = width > 48 ? tail_mask(width - 48) : 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (const int64_t *m = mb; m < me; m++) {
+        const float *p = y + *m * ldy + c0;
+        const __m512 w = _mm512_set1_ps(v[*m]);
+        a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_maskz_loadu_ps(k0, p), w));
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(_mm512_maskz_loadu_ps(k1, p + 16), w));
+        a2 = _mm512_add_ps(a2, _mm512_mul_ps(_mm512_maskz_loadu_ps(k2, p + 32), w));
+        a3 = _mm512_add_ps(a3, _mm512_mul_ps(_mm512_maskz_loadu_ps(k3, p + 48), w));
+    }
+    for (const int64_t *m = mb; m < me; m++) {
+        const float *p = y + *m * ldy + c0;
+        float *o = out + *m * ldo + c0;
+        const __m512 vv = _mm512_set1_ps(v2[*m]), vs = _mm512_set1_ps(s[*m]);
+        _mm512_mask_storeu_ps(o, k0, _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, p), _mm512_mul_ps(vv, a0)), vs));
+        _mm512_mask_storeu_ps(o + 16, k1, _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, p + 16), _mm512_mul_ps(vv, a1)), vs));
+        _mm512_mask_storeu_ps(o + 32, k2, _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k2, p + 32), _mm512_mul_ps(vv, a2)), vs));
+        _mm512_mask_storeu_ps(o + 48, k3, _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k3, p + 48), _mm512_mul_ps(vv, a3)), vs));
+    }
+}
+
 /* BHQ's inverse with its own group sums, group by group: out = S^-1 (y - 2 v dots[group])
  * with dots[j, :] = sum over group j's rows of v[r] * y[r, :] (lowbit_bhq_group_sums' order
- * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group and a band of at
- * most GS_BAND columns: its sums in registers, then its rows' inverse while they are
- * still in cache: y read from memory once, no dots written. y, out float32 row-major with
- * row strides ldy, ldo (out == y: in place); s, v2 (= 2 v), v (rows,) float32; the groups'
- * CSR index crow, members as lowbit_bhq_group_sums. */
+ * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group, its columns in
+ * bands of 64 (sums_inverse_band: four sums in registers, then the band's rows while they
+ * are in cache): y read from memory once, no dots written. (Until 2026-12-06 a task was a
+ * group and a band of 256 columns whose sums lived in an array on the stack: 1.4-1.6x the
+ * time, measured in docs/benchmarks.md "BHQ's inverse".) y, out float32 row-major with row
+ * strides ldy, ldo (out == y: in place); s, v2 (= 2 v), v (rows,) float32; the groups' CSR
+ * index crow, members as lowbit_bhq_group_sums. */
 void lowbit_bhq_sums_inverse(const float *y, int64_t cols, int64_t ldy, const float *s, const float *v,
                              const float *v2, const int64_t *crow, const int64_t *members, int64_t n_groups,
                              float *out, int64_t ldo, int threads) {
-    const int64_t bands = (cols + GS_BAND - 1) / GS_BAND;
-#pragma omp parallel for num_threads(threads) schedule(guided)
-    for (int64_t task = 0; task < n_groups * bands; task++) {
-        const int64_t j = task / bands, c0 = (task % bands) * GS_BAND;
-        const int64_t width = cols - c0 < GS_BAND ? cols - c0 : GS_BAND, nv = (width + 15) / 16;
-        __m512 acc[GS_BAND / 16];
-        group_band_sums(y, F32, ldy, v, crow, members, j, c0, width, acc);
-        for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
-            const int64_t r = members[m];
-            const __m512 vv = _mm512_set1_ps(v2[r]), vs = _mm512_set1_ps(s[r]);
-            for (int64_t i = 0; i < nv; i++) {
-                const __mmask16 k = tail_mask(width - 16 * i);
-                const __m512 u = _mm512_maskz_loadu_ps(k, y + r * ldy + c0 + 16 * i);
-                _mm512_mask_storeu_ps(out + r * ldo + c0 + 16 * i, k,
-                                      _mm512_div_ps(_mm512_sub_ps(u, _mm512_mul_ps(vv, acc[i])), vs));
-            }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n_groups; j++)
+        for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+            if (cols - c0 >= 64)  /* (a constant width: the masks fold away) */
+                sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, 64, out, ldo);
+            else
+                sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, cols - c0, out, ldo);
         }
-    }
 }
 
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
@@ -810,18 +831,42 @@ void lowbit_grid_steps(const float *amax, int64_t n, int tensor, double q_hi, do
     }
 }
 
+/* dots[c0 .. c0 + width) (width <= 64) = the sum over the rows members[mb .. me)
+ * (ascending) of w[r] * x[r, band] (each product rounded, added to a sum from +0:
+ * lowbit_bhq_group_sums' order and arithmetic), in four registers, stored once. */
+static inline void group_sums64(const void *x, int dtype, int64_t ld, const float *w, const int64_t *mb,
+                                const int64_t *me, int64_t c0, int64_t width, float *dots) {
+    const __mmask16 k0 = tail_mask(width), k1 = width > 16 ? tail_mask(width - 16) : 0,
+                    k2 = width > 32 ? tail_mask(width - 32) : 0, k3 = width > 48 ? tail_mask(width - 48) : 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (const int64_t *m = mb; m < me; m++) {
+        const int64_t o = *m * ld + c0;
+        const __m512 wr = _mm512_set1_ps(w[*m]);
+        a0 = _mm512_add_ps(a0, _mm512_mul_ps(load16(x, o, k0, dtype), wr));
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(load16(x, o + 16, k1, dtype), wr));
+        a2 = _mm512_add_ps(a2, _mm512_mul_ps(load16(x, o + 32, k2, dtype), wr));
+        a3 = _mm512_add_ps(a3, _mm512_mul_ps(load16(x, o + 48, k3, dtype), wr));
+    }
+    _mm512_mask_storeu_ps(dots + c0, k0, a0);
+    _mm512_mask_storeu_ps(dots + c0 + 16, k1, a1);
+    _mm512_mask_storeu_ps(dots + c0 + 32, k2, a2);
+    _mm512_mask_storeu_ps(dots + c0 + 48, k3, a3);
+}
+
 /* BHQ's pair, group by group: ∇X's codes of T x's rows and ∇W's column ranges of x, from
  * one read of x (each group's rows are read again from cache). Per group j (rows
  * members[crow[j] : crow[j + 1]], ascending): its sums dots = sum of w[r] * x[r, :]
- * (lowbit_bhq_group_sums' order and arithmetic, in a row of scratch), then for each of its
- * rows T x = x * s[r] - v2[r] * dots (transform16's arithmetic), its absmax (row_absmax's),
- * its step and divisor (lowbit_grid_steps' per-row ones: grid_step1), its codes
- * (lowbit_bhq_quantize_rows': element index r * cols + c, seed, sr, emax) into codes
- * (rows, cols) and its step into step[r]; and camax[c] = max |x[:, c]| (NaN where the
- * column holds one; lowbit_pair_absmax's; camax NULL: not wanted, BHQ's rows alone).
- * scratch: threads * 2 * cols floats. Bit for bit
- * what bhq_group_sums, bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's
- * columns give. */
+ * (lowbit_bhq_group_sums' order and arithmetic, in registers 64 columns at a time:
+ * group_sums64, into a row of scratch), then for each of its rows T x = x * s[r] - v2[r] *
+ * dots (transform16's arithmetic, kept in a second row of scratch), its absmax
+ * (row_absmax's), its step and divisor (lowbit_grid_steps' per-row ones: grid_step1), its
+ * codes from the kept T x (lowbit_bhq_quantize_rows': element index r * cols + c, seed,
+ * sr, emax) into codes (rows, cols) and its step into step[r]; and camax[c] = max |x[:, c]|
+ * (NaN where the column holds one; lowbit_pair_absmax's; camax NULL: not wanted, BHQ's
+ * rows alone). scratch: threads * 3 * cols floats. Bit for bit what bhq_group_sums,
+ * bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's columns give. (Until
+ * 2026-12-06 the sums were added in the scratch row, a load and a store per product, and
+ * T x computed twice: 1.2x the time, docs/benchmarks.md "BHQ's inverse".) */
 void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
                                const float *w, const float *v2, const int64_t *crow, const int64_t *members,
                                int64_t n_groups, double q_hi, double inv, uint32_t seed, int sr, float emax,
@@ -831,30 +876,28 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
 #pragma omp parallel num_threads(threads)
     {
         const int tid = THREAD_NUM(), nt = NUM_THREADS();
-        float *dots = scratch + (int64_t)tid * 2 * cols, *cm = dots + cols;
+        float *dots = scratch + (int64_t)tid * 3 * cols, *cm = dots + cols, *tx = cm + cols;
         memset(cm, 0, (size_t)cols * sizeof(float));
 #pragma omp for schedule(guided)
         for (int64_t j = 0; j < n_groups; j++) {
-            for (int64_t c = 0; c < cols; c += 16)
-                _mm512_mask_storeu_ps(dots + c, tail_mask(cols - c), _mm512_setzero_ps());
-            for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
-                const int64_t r = members[m];
-                const __m512 wr = _mm512_set1_ps(w[r]);
-                for (int64_t c = 0; c < cols; c += 16) {
-                    const __mmask16 k = tail_mask(cols - c);
-                    _mm512_mask_storeu_ps(dots + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, dots + c),
-                                                                     _mm512_mul_ps(load16(x, r * ld + c, k, dtype), wr)));
-                }
+            const int64_t *mb = members + crow[j], *me = members + crow[j + 1];
+            for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+                if (cols - c0 >= 64)  /* (a constant width: the masks fold away) */
+                    group_sums64(x, dtype, ld, w, mb, me, c0, 64, dots);
+                else
+                    group_sums64(x, dtype, ld, w, mb, me, c0, cols - c0, dots);
             }
-            for (int64_t m = crow[j]; m < crow[j + 1]; m++) {
-                const int64_t r = members[m];
+            for (const int64_t *m = mb; m < me; m++) {
+                const int64_t r = *m;
                 const __m512 vs = _mm512_set1_ps(s[r]), vv = _mm512_set1_ps(v2[r]);
                 __m512 mx = _mm512_setzero_ps();
                 __mmask16 nan = 0;
                 for (int64_t c = 0; c < cols; c += 16) {
                     const __mmask16 k = tail_mask(cols - c);
                     const __m512 xv = load16(x, r * ld + c, k, dtype);
-                    const __m512 t = _mm512_maskz_mov_ps(k, _mm512_abs_ps(householder16(xv, vs, vv, dots + c, k)));
+                    const __m512 tv = householder16(xv, vs, vv, dots + c, k);
+                    _mm512_mask_storeu_ps(tx + c, k, tv);
+                    const __m512 t = _mm512_maskz_mov_ps(k, _mm512_abs_ps(tv));
                     mx = _mm512_max_ps(mx, t);
                     nan |= _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
                     if (camax) {                                                        /* x's column ranges */
@@ -869,14 +912,14 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
                 const uint32_t base = (uint32_t)((uint64_t)r * (uint64_t)cols);
                 for (int64_t c = 0; c < cols; c += 16) {
                     const __mmask16 k = tail_mask(cols - c);
-                    const __m512 t = householder16(load16(x, r * ld + c, k, dtype), vs, vv, dots + c, k);
                     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(base + (uint32_t)c)), lane);
-                    _mm_mask_storeu_epi8(codes + r * cols + c, k, codes16(t, vd, idx, vseed, sr, vemax));
+                    _mm_mask_storeu_epi8(codes + r * cols + c, k,
+                                         codes16(_mm512_maskz_loadu_ps(k, tx + c), vd, idx, vseed, sr, vemax));
                 }
             }
         }
         /* the implicit barrier of the loop above: every thread's column maxima are final */
-        if (camax) merge_column_max(scratch + cols, 2 * cols, nt, cols * tid / nt, cols * (tid + 1) / nt, camax);
+        if (camax) merge_column_max(scratch + cols, 3 * cols, nt, cols * tid / nt, cols * (tid + 1) / nt, camax);
     }
 }
 

@@ -927,7 +927,7 @@ def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.d
 
 
 @needs_avx512
-@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96)])
+@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96), (40, 64), (9, 130)])
 @pytest.mark.parametrize("groups", ["two", "many", "empty"])  # "two": one holds nearly every row
 def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: str) -> None:
     """BHQ's inverse with its own group sums (one kernel, group by group) against the
@@ -954,6 +954,11 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
         with num_threads(threads):
             assert avx512.supports_bhq_sums_inverse(y, v, scale, t, torch.float32)
             assert _same(avx512.run_bhq_sums_inverse(y, v, scale, t, torch.float32), want)
+            if d > 1:  # rows apart in memory (a row stride past the width: bands of 64 and a tail)
+                part = y[:, 1:]
+                assert avx512.supports_bhq_sums_inverse(part, v, scale, t, torch.float32)
+                assert _same(avx512.run_bhq_sums_inverse(part, v, scale, t, torch.float32),
+                             _apply_inverse(part, sequential_group_sums(part, v, t), scale, v, group, torch.float32))
             y2 = y.clone()
             version = y2._version
             got = avx512.run_bhq_sums_inverse(y2, v, scale, t, torch.float32, True)
