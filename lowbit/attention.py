@@ -48,7 +48,9 @@ each of the four gradient operands gets its own generator split from its path's.
 both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused backend),
 they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
 ``batched=True``): ``∇S`` is then never transposed in memory for ``∇K``; the codes are
-bitwise those of the two calls.
+bitwise those of the two calls. With BHQ rows beside a plain transpose, the pair is
+:func:`lowbit.gradpair.quantize_grad_pair_mixed` with the heads as entries (the heads'
+column ranges from BHQ's group pass over the rows; bitwise the two calls too).
 
 Memory: the forward keeps ``Q``, ``K``, ``V`` and ``P̃`` as codes, never a float (B, L, S)
 tensor, and the backward recomputes ``P`` from the codes. On the CPU with lowbit's
@@ -645,13 +647,18 @@ def _pair(g: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | Non
           w_first: bool = False) -> tuple[Operand | None, Operand | None]:
     """Both gradient operands of ``g`` (B, N, C) — its rows (B, N, C) and each entry's
     transpose (B, C, N) — quantized from one read (:func:`lowbit.gradpair.quantize_grad_pair`,
-    bitwise the two :func:`grad_operand` calls, drawing in the same order: ``w_first``
-    where the transpose's was drawn first), where ``wanted`` and the specs allow it; else
-    ``(None, None)`` and nothing drawn."""
+    bitwise :func:`grad_operand` and :func:`grad_operand_t`, drawing in the same order:
+    ``w_first`` where the transpose's was drawn first), where ``wanted`` and the specs allow
+    it; with a row-mixing ``Q_a`` that builds its transform per entry and quantizes the
+    columns alongside (BHQ), :func:`lowbit.gradpair.quantize_grad_pair_mixed` with the
+    entries; else ``(None, None)`` and nothing drawn."""
     if not wanted:
         return None, None
-    pair = quantize_grad_pair(g, spec_a, gen_a, spec_w, gen_w, kernels_for(backend, g.device), batched=True,
-                              w_first=w_first)
+    k = kernels_for(backend, g.device)
+    pair = quantize_grad_pair(g, spec_a, gen_a, spec_w, gen_w, k, batched=True, w_first=w_first)
+    if pair is None and spec_a is not None and g.dim() == 3 and _per_entry(get_quantizer(spec_a.quantizer)):
+        pair = gradpair.quantize_grad_pair_mixed(g.reshape(-1, g.shape[2]), spec_a, gen_a, spec_w, gen_w, k,
+                                                 entries=g.shape[0], w_first=w_first)
     if pair is None:
         return None, None
     bn, n, c = g.shape

@@ -26,8 +26,10 @@ one entry per (batch, head) — pairs its rows (B·N, out) with each entry's tra
 
 A linear layer's pair where ``∇X``'s quantizer is BHQ (it mixes rows, within groups) is
 :func:`quantize_grad_pair_mixed`: BHQ's transform makes its transformed rows' codes and
-``∇Y``'s column ranges in one read (group by group), then the columns' codes.
-Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X`` quantizer: BHQ, Hadamard),
+``∇Y``'s column ranges in one read (group by group), then the columns' codes; attention's
+batch (its groups per head, the columns each head's transpose) too, with ``entries``.
+Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X`` quantizer: Hadamard; BHQ where
+the pair does not apply),
 :func:`quantize_grad_w` quantizes that side alone, reading a convolution's or attention's
 gradient as it lies instead of copying it channel-major or transposed first.
 """
@@ -226,38 +228,61 @@ def quantize_grad_pair(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.G
 
 
 def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | None,
-                             spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels
+                             spec_w: GradSpec | None, gen_w: torch.Generator | None, k: Kernels,
+                             entries: int | None = None, w_first: bool = False
                              ) -> tuple[QuantizedOperand, QuantizedOperand] | None:
     """:func:`quantize_grad_pair` of a linear layer's ``gy`` (N, out) where ``Q_a`` mixes
     rows with a transform that quantizes ``∇Y``'s columns alongside its own rows (a
     quantizer whose ``pairs_columns`` is true: BHQ, :meth:`BlockHouseholder.forward_quantize_pair
     <lowbit.quantizers.bhq.BlockHouseholder.forward_quantize_pair>`): bitwise what
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
-    gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s).
+    gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s;
+    with ``w_first`` ``Q_w``'s first).
+    With ``entries``, ``gy`` (B·N, C) is attention's batch of B entries of N rows (its
+    ``∇O`` or ``∇S``, reshaped) and the pair is what :func:`lowbit.attention.grad_operand`
+    and :func:`lowbit.attention.grad_operand_t` give: ``quantize_gradient(gy, spec_a, gen_a,
+    k, entries=B)`` (the transform built per entry: ``Q_a``'s ``entry_transform``) and
+    :func:`quantize_grad_w` of ``gy.reshape(B, N, C)`` with ``batched`` (each entry's
+    transpose, (B·C, N)); only for a quantizer whose ``entry_transform`` is its own (else
+    ``None``).
     ``None`` (nothing drawn) where that does not apply: ``Q_a`` without ``pairs_columns``
     or with its own ``quantize`` (a subclass's override runs as written), predicted or
     ``None``, ``Q_w`` not plain (:func:`plain`), fused kernels off, an empty or non-2-D
     ``gy``. A subclass whose transform has no ``forward_quantize_pair``, or its own
-    ``forward_quantize`` (:func:`_pairs_columns`), gets the two calls made in their order."""
+    ``forward_quantize`` (:func:`_pairs_columns`), gets the two quantizations made apart,
+    drawn in the same order."""
     if gy.dim() != 2 or not (k.fused and gy.numel()) or spec_a is None or spec_a.predicted or not plain(spec_w):
         return None
     q = get_quantizer(spec_a.quantizer)
     if not getattr(q, "pairs_columns", False) or not _own(q, "quantize", GradQuantizer.quantize):
         return None  # (a subclass's own quantize runs as the user wrote it)
+    if entries is not None and (isinstance(entries, bool) or not isinstance(entries, int) or entries < 1
+                                or gy.shape[0] % entries or type(q).entry_transform is GradQuantizer.entry_transform):
+        return None  # (no transform per entry: the caller's separate calls decide what runs)
     check_operand(gy, f"{q.name}.quantize")
+    rows_w = gy.shape[1] * (entries or 1)
+    drawn_w = draw(gy, spec_w, gen_w, rows_w, k) if w_first else None  # type: ignore[arg-type]
     with scope("lowbit::transform"):
-        t = q.transform(gy, gen_a, k)
+        t = q.transform(gy, gen_a, k) if entries is None else q.entry_transform(gy, entries, gen_a, k)
         t.kernels = k
     seed_a = sr_seed(gen_a, spec_a.rounding, gy.device)
-    if not _pairs_columns(t):  # a subclass's own transform: the two calls, in their order
+    if drawn_w is None:
+        drawn_w = draw(gy, spec_w, gen_w, rows_w, k)  # type: ignore[arg-type]
+    gran_w, rnd_w, seed_w, t_w = drawn_w
+    if not _pairs_columns(t):  # a subclass's own transform: the two quantizations apart, as drawn
         enc_a = t.forward_quantize(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a)
-        grid_notes.note(enc_a.codes, spec_a.format)
-        q_w = get_quantizer(spec_w.quantizer).quantize(gy.t(), spec_w.format, gen_w, spec_w.rounding,  # type: ignore[union-attr]
-                                                        k)
-        return QuantizedOperand.of(enc_a, t), q_w
-    gran_w, rnd_w, seed_w, t_w = draw(gy, spec_w, gen_w, gy.shape[1], k)  # type: ignore[arg-type]
-    enc_a, enc_w = t.forward_quantize_pair(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a,
-                                           spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
+        with scope("lowbit::quantize"):
+            if entries is None:
+                out = k.quantize(gy.t(), spec_w.format, gran_w, rnd_w, seed_w)  # type: ignore[union-attr]
+            else:
+                out = k.run("quantize_batched_w", gy.reshape(entries, -1, gy.shape[1]), spec_w.format,  # type: ignore[union-attr]
+                            gran_w, rnd_w, seed_w)
+                out = Encoded(*out, spec_w.format.block, kernels=k)  # type: ignore[union-attr, misc]
+        enc_w = out
+    else:
+        enc_a, enc_w = t.forward_quantize_pair(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a,  # type: ignore[union-attr]
+                                               spec_w.format, gran_w, rnd_w, seed_w,  # type: ignore[union-attr]
+                                               **({} if entries is None else {"entries": entries}))
     grid_notes.note(enc_a.codes, spec_a.format)
     grid_notes.note(enc_w.codes, spec_w.format)  # type: ignore[union-attr]
     return QuantizedOperand.of(enc_a, t), QuantizedOperand.of(enc_w, t_w)

@@ -110,7 +110,7 @@ _SIGNATURES = {
     "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_sums_inverse": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I],
     "lowbit_bhq_group_quantize": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, ctypes.c_double,
-                                  ctypes.c_double, _U32, _I, _F, _P, _P, _P, _P, _I],
+                                  ctypes.c_double, _U32, _I, _F, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
@@ -1020,24 +1020,29 @@ def supports_bhq_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granula
 @compiled.disable_tracing
 def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                         crow: torch.Tensor, members: torch.Tensor, n_groups: int, fmt: Format, rnd: Rounding,
-                        seed: torch.Tensor, threads: int, columns: bool = False
+                        seed: torch.Tensor, threads: int, columns: bool = False, entry_rows: int = 0
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``lowbit_bhq_group_quantize``: (codes (N, D) int8 of ``T x``'s rows, their steps
-    (N, 1), ``x``'s column absmax (D, 1) where ``columns``, else None)."""
+    (N, 1), ``x``'s column absmax where ``columns`` — (D, 1), or with ``entry_rows`` > 0
+    (``x`` a batch of entries of that many rows) each entry's, (N / entry_rows · D, 1) —
+    else None)."""
     r, d = x.shape
     w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
     v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
     codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     step = torch.empty(r, 1, dtype=torch.float32, device="cpu")
-    camax = torch.empty(d, 1, dtype=torch.float32, device="cpu") if columns else None
-    scratch = torch.empty(max(threads, 1) * 3 * d, dtype=torch.float32, device="cpu")
+    entry_rows = entry_rows if columns else 0
+    ncm = (r // entry_rows if entry_rows else 1) * d  # column maxima a thread keeps
+    camax = torch.empty(ncm, 1, dtype=torch.float32, device="cpu") if columns else None
+    scratch = torch.empty(max(threads, 1) * (2 * d + ncm), dtype=torch.float32, device="cpu")
     qmax = float(fmt.emax)
     q_hi = _q_hi(qmax)
     lib.lowbit_bhq_group_quantize(x.data_ptr(), DTYPES[x.dtype], r, d, x.stride(0) if r > 1 else d,
                                   scale.data_ptr(), w.data_ptr(), v2.data_ptr(), crow.data_ptr(),
                                   members.data_ptr(), n_groups, q_hi, 1.0 / q_hi, _seed(seed, rnd),
                                   int(rnd is Rounding.STOCHASTIC), qmax, codes.data_ptr(), step.data_ptr(),
-                                  None if camax is None else camax.data_ptr(), scratch.data_ptr(), threads)
+                                  None if camax is None else camax.data_ptr(), entry_rows, scratch.data_ptr(),
+                                  threads)
     return codes, step, camax
 
 
@@ -1046,13 +1051,17 @@ def _bhq_group_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor,
                              v: torch.Tensor, crow: torch.Tensor, members: torch.Tensor, n_groups: int,
                              fmt_a: Format, rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format,
                              gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
-                             threads: int) -> tuple[torch.Tensor, ...]:
+                             threads: int, entries: int = 0) -> tuple[torch.Tensor, ...]:
+    """The rows' codes and steps, then the columns' (``entries`` > 0: ``x`` a batch of that
+    many entries, the columns each entry's own: codes (entries · D, N / entries))."""
     r, d = x.shape
+    er = r // entries if entries else r  # rows of an entry
     codes_a, step_a, camax = _bhq_group_quantize(lib, x, w, scale, v, crow, members, n_groups, fmt_a, rnd_a,
-                                                 seed_a, threads, columns=True)
+                                                 seed_a, threads, columns=True, entry_rows=er if entries else 0)
     step_w, div_w = _steps(lib, camax, fmt_w, gran_w)  # type: ignore[arg-type]
-    codes_w = torch.empty(d, r, dtype=torch.int8, device="cpu")
-    lib.lowbit_quantize_pair(x.data_ptr(), DTYPES[x.dtype], 1, 0, r, d, x.stride(0) if r > 1 else d, None, 0, 0, 0,
+    codes_w = torch.empty(max(entries, 1) * d, er, dtype=torch.int8, device="cpu")
+    ld = x.stride(0) if r > 1 else d
+    lib.lowbit_quantize_pair(x.data_ptr(), DTYPES[x.dtype], max(entries, 1), er * ld, er, d, ld, None, 0, 0, 0,
                              0.0, None, div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
                              _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), 0, threads)
     return codes_a, step_a, codes_w.view(fmt_w.code_dtype), step_w
@@ -1073,6 +1082,34 @@ def run_bhq_quantize_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Gra
         return _pair_result(_bhq_group_quantize_pair(
             _library(), x, t.v * t.scale, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
             fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads()))
+
+
+def supports_bhq_batched_pair(x: torch.Tensor, t: object, entries: int, fmt_a: Format, gran_a: Granularity,
+                              rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                              rnd_w: Rounding, seed_w: torch.Tensor) -> bool:
+    """Whether :func:`run_bhq_quantize_batched_pair` takes this call: as
+    :func:`supports_bhq_pair`, with ``entries`` a positive int dividing ``x``'s rows."""
+    return isinstance(entries, int) and not isinstance(entries, bool) and entries > 0 \
+        and x.dim() == 2 and x.shape[0] % entries == 0 \
+        and supports_bhq_pair(x, t, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+
+
+def run_bhq_quantize_batched_pair(x: torch.Tensor, t: object, entries: int, fmt_a: Format, gran_a: Granularity,
+                                  rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                                  rnd_w: Rounding, seed_w: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """BHQ's batched pair (``lowbit.quantizers.bhq``'s ``bhq_quantize_batched_pair``):
+    ``x`` (B·N, D) holds ``entries`` = B entries of N rows (attention's heads); the codes
+    of ``T x``'s rows as :func:`run_bhq_quantize_pair`'s, and of each entry's columns —
+    :func:`quantize` of the entries' transposes (B·D, N), as
+    :func:`run_quantize_batched_w` gives them — after :func:`supports_bhq_batched_pair`:
+    ``(codes (B·N, D), step, None, None, codes (B·D, N), step, None, None)``, bitwise
+    those kernels' values; the entries' column ranges come from the rows' group pass
+    (each row's into its entry's), not from a read of their own."""
+    crow, members = t.csr()  # type: ignore[attr-defined]
+    with scope("lowbit::avx512_bhq_quantize_pair"):
+        return _pair_result(_bhq_group_quantize_pair(
+            _library(), x, t.v * t.scale, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
+            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads(), entries))
 
 
 def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,

@@ -863,21 +863,26 @@ static inline void group_sums64(const void *x, int dtype, int64_t ld, const floa
  * codes from the kept T x (lowbit_bhq_quantize_rows': element index r * cols + c, seed,
  * sr, emax) into codes (rows, cols) and its step into step[r]; and camax[c] = max |x[:, c]|
  * (NaN where the column holds one; lowbit_pair_absmax's; camax NULL: not wanted, BHQ's
- * rows alone). scratch: threads * 3 * cols floats. Bit for bit what bhq_group_sums,
+ * rows alone) or, with entry_rows > 0 (rows a batch of entries of entry_rows rows:
+ * attention's), camax[e * cols + c] = max |x[e * entry_rows : (e + 1) * entry_rows, c]|,
+ * each entry's own (lowbit_pair_absmax's batch). scratch: threads * (2 + E) * cols floats,
+ * E the entries (1 without). Bit for bit what bhq_group_sums,
  * bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's columns give. (Until
  * 2026-12-06 the sums were added in the scratch row, a load and a store per product, and
  * T x computed twice: 1.2x the time, docs/benchmarks.md "BHQ's inverse".) */
 void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
                                const float *w, const float *v2, const int64_t *crow, const int64_t *members,
                                int64_t n_groups, double q_hi, double inv, uint32_t seed, int sr, float emax,
-                               int8_t *codes, float *step, float *camax, float *scratch, int threads) {
+                               int8_t *codes, float *step, float *camax, int64_t entry_rows, float *scratch,
+                               int threads) {
     const __m512i lane = _mm512_loadu_si512(LANES), vseed = _mm512_set1_epi32((int)seed);
     const __m512 vemax = _mm512_set1_ps(emax);
+    const int64_t ncm = (entry_rows > 0 ? rows / entry_rows : 1) * cols, per = 2 * cols + ncm;
 #pragma omp parallel num_threads(threads)
     {
         const int tid = THREAD_NUM(), nt = NUM_THREADS();
-        float *dots = scratch + (int64_t)tid * 3 * cols, *cm = dots + cols, *tx = cm + cols;
-        memset(cm, 0, (size_t)cols * sizeof(float));
+        float *dots = scratch + (int64_t)tid * per, *tx = dots + cols, *cm0 = tx + cols;
+        if (camax) memset(cm0, 0, (size_t)ncm * sizeof(float));
 #pragma omp for schedule(guided)
         for (int64_t j = 0; j < n_groups; j++) {
             const int64_t *mb = members + crow[j], *me = members + crow[j + 1];
@@ -889,6 +894,7 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
             }
             for (const int64_t *m = mb; m < me; m++) {
                 const int64_t r = *m;
+                float *cm = cm0 + (entry_rows > 0 ? r / entry_rows * cols : 0);  /* the row's entry's */
                 const __m512 vs = _mm512_set1_ps(s[r]), vv = _mm512_set1_ps(v2[r]);
                 __m512 mx = _mm512_setzero_ps();
                 __mmask16 nan = 0;
@@ -919,7 +925,7 @@ void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t c
             }
         }
         /* the implicit barrier of the loop above: every thread's column maxima are final */
-        if (camax) merge_column_max(scratch + cols, 3 * cols, nt, cols * tid / nt, cols * (tid + 1) / nt, camax);
+        if (camax) merge_column_max(scratch + 2 * cols, per, nt, ncm * tid / nt, ncm * (tid + 1) / nt, camax);
     }
 }
 

@@ -135,6 +135,20 @@ def _forward_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt
             *k.run("quantize", x.t(), fmt_w, gran_w, rnd_w, seed_w))
 
 
+def _forward_quantize_batched_pair(k: Kernels, x: torch.Tensor, t: BlockHouseholder, entries: int, fmt_a: Format,
+                                   gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format,
+                                   gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor) -> tuple:
+    """:func:`_forward_quantize_pair` of ``x`` (B·N, D) holding ``entries`` = B entries of
+    N rows (attention's heads), the ``∇W`` side each entry's transpose (B·D, N) (op
+    ``quantize``: what :func:`lowbit.gradpair.quantize_grad_w` gives with ``batched``).
+    The native kernel of this op (:func:`lowbit.kernels.avx512.run_bhq_quantize_batched_pair`)
+    makes each entry's column ranges in the rows' group pass, bit for bit."""
+    n = x.shape[0] // entries
+    cols = x.reshape(entries, n, x.shape[1]).mT.reshape(-1, n)
+    return (*k.run("bhq_quantize", k, x, t, fmt_a, gran_a, rnd_a, seed_a),
+            *k.run("quantize", cols, fmt_w, gran_w, rnd_w, seed_w))
+
+
 def _native(fn):  # noqa: ANN001, ANN202
     """A native kernel of an op whose first argument is the call's kernels (its reference
     composes other ops on them): ``fn`` without that argument."""
@@ -154,6 +168,9 @@ register("bhq_quantize", Impl.NATIVE, _native(avx512.run_bhq_quantize), ("cpu",)
 register("bhq_quantize_pair", Impl.REFERENCE, _forward_quantize_pair)
 register("bhq_quantize_pair", Impl.NATIVE, _native(avx512.run_bhq_quantize_pair), ("cpu",),
          _native(avx512.supports_bhq_pair))
+register("bhq_quantize_batched_pair", Impl.REFERENCE, _forward_quantize_batched_pair)
+register("bhq_quantize_batched_pair", Impl.NATIVE, _native(avx512.run_bhq_quantize_batched_pair), ("cpu",),
+         _native(avx512.supports_bhq_batched_pair))
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
 register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
@@ -300,15 +317,24 @@ class BlockHouseholder(RowTransform):
 
     def forward_quantize_pair(self, x: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
                               seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
-                              seed_w: torch.Tensor) -> tuple[Encoded, Encoded]:
+                              seed_w: torch.Tensor, entries: int | None = None) -> tuple[Encoded, Encoded]:
         """``∇Y`` (N, D) ``x``'s two quantizations: :meth:`forward_quantize`'s codes of
         ``T x`` (N, D) and those of ``xᵀ`` (D, N: ``x``'s columns, untransformed) on
         ``fmt_w`` — bitwise what ``forward_quantize(x, fmt_a, …)`` and an identity's
         ``forward_quantize(x.t(), fmt_w, …)`` give, from one kernel where the call's
-        kernels have it (op ``bhq_quantize_pair``). ``x`` must not be empty."""
+        kernels have it (op ``bhq_quantize_pair``). With ``entries``, ``x`` (B·N, D) is
+        that many entries of N rows (attention's heads; the transform's groups built per
+        entry) and the second operand each entry's transpose (B·D, N), bitwise an
+        identity's ``forward_quantize`` of ``x.reshape(B, N, D).mT.reshape(-1, N)`` (op
+        ``bhq_quantize_batched_pair``). ``x`` must not be empty."""
         k = self._k(x)
         with scope("lowbit::quantize"):
-            out = k.run("bhq_quantize_pair", k, x, self, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+            if entries is None:
+                out = k.run("bhq_quantize_pair", k, x, self, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w,
+                            seed_w)
+            else:
+                out = k.run("bhq_quantize_batched_pair", k, x, self, entries, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
+                            gran_w, rnd_w, seed_w)
         return (Encoded(*out[:4], fmt_a.block, kernels=k), Encoded(*out[4:], fmt_w.block, kernels=k))
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,

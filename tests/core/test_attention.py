@@ -221,9 +221,19 @@ def test_gradient_operands_are_quantized_independently(monkeypatch: pytest.Monke
     """∇O and ∇S are each quantized twice, by distinct generators, with the rows of each
     on its GEMM's non-summed dimension: ∇O (B·L, Ev) and ∇Oᵀ (B·Ev, L), ∇S (B·L, S) and
     ∇Sᵀ (B·S, L) — the transposes' PSQ from the batch as it lies
-    (``gradpair.quantize_grad_w``), where the BHQ side keeps the pair apart."""
+    (``gradpair.quantize_grad_w``, or alongside BHQ's rows per head:
+    ``gradpair.quantize_grad_pair_mixed`` with the entries)."""
     seen = []
-    real, real_w = A.quantize_gradient, A.quantize_grad_w
+    real, real_w, real_mixed = A.quantize_gradient, A.quantize_grad_w, A.gradpair.quantize_grad_pair_mixed
+
+    def spy_mixed(gy, spec_a, gen_a, spec_w, gen_w, k, entries=None, w_first=False):
+        out = real_mixed(gy, spec_a, gen_a, spec_w, gen_w, k, entries, w_first)
+        assert out is not None and entries == B * H  # BHQ's groups per head
+        n = gy.shape[0] // entries
+        seen.append((tuple(gy.shape), spec_a.quantizer, gen_a.initial_seed()))
+        seen.append(((entries * gy.shape[1], n), spec_w.quantizer, gen_w.initial_seed()))
+        assert tuple(out[0].codes.shape) == tuple(gy.shape) and tuple(out[1].codes.shape) == (entries * gy.shape[1], n)
+        return out
 
     def spy(a, spec, gen, backend, tracker=None, entries=None):
         seen.append((tuple(a.shape), spec.quantizer, gen.initial_seed()))
@@ -238,6 +248,7 @@ def test_gradient_operands_are_quantized_independently(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(A, "quantize_gradient", spy)
     monkeypatch.setattr(A, "quantize_grad_w", spy_w)
+    monkeypatch.setattr(A.gradpair, "quantize_grad_pair_mixed", spy_mixed)
     q, k, v = qkv()
     scaled_dot_product_attention(q, k, v, state=FQTConfig.from_recipe("fqt-bhq-5", seed=0)).sum().backward()
     bh = B * H

@@ -1016,6 +1016,52 @@ def test_bhq_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int], forma
     assert not avx512.supports_bhq_pair(x, t64, *args[2:], fmt_w, gran_w, Rounding.STOCHASTIC, torch.tensor(1))
 
 
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 16, 16), (6, 17, 70), (3, 40, 513), (64, 2, 31), (5, 1, 9)])
+@pytest.mark.parametrize("formats", [("int8", "int8", "row"), ("int4", "int8", "tensor"), ("int8", "fp8_e4m3", "row")],
+                         ids="-".join)
+def test_bhq_quantize_batched_pair_bitwise_the_two_kernels(shape: tuple[int, int, int],
+                                                           formats: tuple[str, str, str]) -> None:
+    """BHQ's batched pair (attention's: ``x`` (B·N, D) of B entries; the second operand each
+    entry's transpose (B·D, N), its ranges from the rows' group pass, each row's into its
+    entry's) against the reference op (BHQ's rows, then the entries' transposes on the
+    reference kernels): groups per entry (``bhq_transform`` with the entries) and groups
+    across entries, stochastic and nearest, float32 and bfloat16 with NaN and ±Inf,
+    strided rows, entries of one row, 1–3 threads; what it cannot take is refused."""
+    import lowbit.quantizers.bhq as bhq
+
+    fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
+    e, n, d = shape
+    g = torch.Generator().manual_seed(e * 131 + n * 7 + d)
+    x = _operand((e * n, d), g).clamp(-6e4, 6e4)
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("-inf")
+    if e > 2:
+        x[n:2 * n] *= 1e-3  # an entry of its own scale: each entry's column ranges are its own
+    scale, v = torch.rand(e * n, generator=g) + 0.5, torch.randn(e * n, generator=g) * 0.3
+    groups = max(1, e * n // 3) + 2
+    across = bhq.BlockHouseholder(scale, v, torch.randint(0, groups, (e * n,), generator=g), groups)
+    ref = kernels_for(Backend.REFERENCE, "cpu")
+    for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d]):
+        per_entry = bhq.bhq_transform(a.float().nan_to_num(0.0, 1.0, 1.0), kernels_for(Backend.AUTO, "cpu"), e)
+        for t in (per_entry, across):
+            for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                args = (a, t, e, fmt_a, Granularity.ROW, rnd, torch.tensor(123), fmt_w, gran_w, rnd,
+                        torch.tensor(2**32 - 5))
+                want = bhq._forward_quantize_batched_pair(ref, *args)
+                assert want[4].shape == (e * d, n)
+                for threads in (1, 3):
+                    with num_threads(threads):
+                        assert avx512.supports_bhq_batched_pair(*args)
+                        assert _same(avx512.run_bhq_quantize_batched_pair(*args), want)
+    rest = (fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC,
+            torch.tensor(1))
+    assert avx512.supports_bhq_batched_pair(x, across, e, *rest)
+    for entries in (0, -1, True, 1.0, e * n + 1 if e * n > 1 else 2):
+        assert not avx512.supports_bhq_batched_pair(x, across, entries, *rest)
+    assert not avx512.supports_bhq_batched_pair(x, across, e, *rest[:4], parse_format("int4a"), *rest[5:])
+
+
 def _outcome(f) -> tuple:  # noqa: ANN001
     """``f()``'s tensors, or the type of the error it raised."""
     try:

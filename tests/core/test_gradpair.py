@@ -491,35 +491,52 @@ def test_batched_grad_w_alone_equals_quantize_gradient(quantizer: str, dtype: to
     assert torch.equal(gen.get_state(), state)
 
 
-@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-hadamard-8"])
-def test_attention_grad_w_alone_gives_bitwise_the_transposed_path(recipe: str,
+@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-hadamard-8", "fqt-bhq-4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_grad_w_alone_gives_bitwise_the_transposed_path(recipe: str, dtype: torch.dtype,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-mixing ∇X quantizers in attention: ∇Q, ∇K, ∇V with the ∇W sides of ∇O and ∇S
     read as they lie equal those with the transposed copies, bit for bit, and the
-    in-place path ran for both."""
+    in-place path ran for both — Hadamard's alone (``quantize_grad_w``), BHQ's beside its
+    rows per head (``quantize_grad_pair_mixed`` with the entries: the entries' column
+    ranges from the rows' group pass), which equals the two apart too."""
     import lowbit.attention as att
+    import lowbit.gradpair as gp
 
     state = lowbit.functional.block_state(FQTConfig.from_recipe(recipe, seed=3))
 
     def grads() -> list[torch.Tensor]:
+        state.noise.load_state_dict({**state.noise.state_dict(), "counter": 0})  # the same noise each time
         torch.manual_seed(0)
-        q, k, v = (torch.randn(2, 3, 64, 16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(2, 3, 64, 16, dtype=dtype).mul_(torch.rand(2, 3, 64, 1, dtype=dtype) * 8)
+                   .requires_grad_() for _ in range(3))
         att.attention(q, k, v, is_causal=True, state=state)[0].square().sum().backward()
         return [q.grad, k.grad, v.grad]
 
     calls: list[bool] = []
-    real = att.quantize_grad_w
+    mixed: list[bool] = []
+    real, real_mixed = att.quantize_grad_w, gp.quantize_grad_pair_mixed
+
     def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         out = real(*a, **kw)
         calls.append(out is not None)
         return out
+
+    def counted_mixed(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = real_mixed(*a, **kw)
+        mixed.append(out is not None)
+        return out
     monkeypatch.setattr(att, "quantize_grad_w", counted)
+    monkeypatch.setattr(gp, "quantize_grad_pair_mixed", counted_mixed)
     fast = grads()
-    assert calls == [True, True]  # ∇Oᵀ and ∇Sᵀ, both read in place
-    monkeypatch.setattr(att, "quantize_grad_w", lambda *a, **kw: None)
-    state.noise.load_state_dict({**state.noise.state_dict(), "counter": 0})  # the same noise again
-    for a, b in zip(fast, grads(), strict=True):
-        assert torch.equal(a, b)
+    bhq = "bhq" in recipe
+    assert (mixed, calls) == (([True, True], []) if bhq else ([], [True, True]))  # ∇O and ∇S, in place
+    monkeypatch.setattr(gp, "quantize_grad_pair_mixed", lambda *a, **kw: None)  # apart, ∇W in place
+    apart = grads()
+    assert calls == ([True, True] if bhq else [True, True] * 2)
+    monkeypatch.setattr(att, "quantize_grad_w", lambda *a, **kw: None)  # apart, ∇W from transposed copies
+    for a, b, c in zip(fast, apart, grads(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_pair_refuses_other_shapes() -> None:
