@@ -974,6 +974,13 @@ def _index_ok(t: object, rows: int) -> bool:
     return callable(check) and bool(check(rows))
 
 
+def _weights(t: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BHQ transform's ``(v·s, 2v)``: its ``weights()`` (kept from its construction), or
+    torch's products for another transform with BHQ's fields."""
+    get = getattr(t, "weights", None)
+    return get() if callable(get) else (t.v * t.scale, 2 * t.v)  # type: ignore[attr-defined]
+
+
 def _rows_apart(y: torch.Tensor) -> bool:
     """Whether ``y``'s rows (contiguous ones) lie in separate memory, so that a kernel may
     write its result over them (an expanded ``y`` shares one row: a review)."""
@@ -999,10 +1006,11 @@ def run_bhq_quantize(x: torch.Tensor, t: object, fmt: Format, granularity: Granu
     they are in cache; no sums written), after :func:`supports_bhq_rows`: ``(codes (N, D),
     step (N, 1), None, None)``, bitwise those kernels' values."""
     crow, members = t.csr()  # type: ignore[attr-defined]
+    w, v2 = _weights(t)
     with scope("lowbit::avx512_bhq_quantize"):
-        codes, step, _ = _bhq_group_quantize(_library(), x, t.v * t.scale, t.scale, t.v, crow,  # type: ignore[attr-defined]
+        codes, step, _ = _bhq_group_quantize(_library(), x, w, t.scale, t.v, crow,  # type: ignore[attr-defined]
                                              members, t.n_groups, fmt, rounding, seed,  # type: ignore[attr-defined]
-                                             torch.get_num_threads())
+                                             torch.get_num_threads(), v2=v2)
     return codes, step, None, None
 
 
@@ -1020,15 +1028,15 @@ def supports_bhq_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granula
 @compiled.disable_tracing
 def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
                         crow: torch.Tensor, members: torch.Tensor, n_groups: int, fmt: Format, rnd: Rounding,
-                        seed: torch.Tensor, threads: int, columns: bool = False, entry_rows: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        seed: torch.Tensor, threads: int, columns: bool = False, entry_rows: int = 0,
+                        v2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``lowbit_bhq_group_quantize``: (codes (N, D) int8 of ``T x``'s rows, their steps
     (N, 1), ``x``'s column absmax where ``columns`` — (D, 1), or with ``entry_rows`` > 0
     (``x`` a batch of entries of that many rows) each entry's, (N / entry_rows · D, 1) —
-    else None)."""
+    else None). ``v2``: ``2 * v`` where the caller has it."""
     r, d = x.shape
     w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
-    v2 = (2 * v).contiguous()  # the reference's 2 * v[:, None], exact
+    v2 = (2 * v if v2 is None else v2).contiguous()  # the reference's 2 * v[:, None], exact
     codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     step = torch.empty(r, 1, dtype=torch.float32, device="cpu")
     entry_rows = entry_rows if columns else 0
@@ -1051,13 +1059,15 @@ def _bhq_group_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor,
                              v: torch.Tensor, crow: torch.Tensor, members: torch.Tensor, n_groups: int,
                              fmt_a: Format, rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format,
                              gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
-                             threads: int, entries: int = 0) -> tuple[torch.Tensor, ...]:
+                             threads: int, entries: int = 0, v2: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, ...]:
     """The rows' codes and steps, then the columns' (``entries`` > 0: ``x`` a batch of that
     many entries, the columns each entry's own: codes (entries · D, N / entries))."""
     r, d = x.shape
     er = r // entries if entries else r  # rows of an entry
     codes_a, step_a, camax = _bhq_group_quantize(lib, x, w, scale, v, crow, members, n_groups, fmt_a, rnd_a,
-                                                 seed_a, threads, columns=True, entry_rows=er if entries else 0)
+                                                 seed_a, threads, columns=True, entry_rows=er if entries else 0,
+                                                 v2=v2)
     step_w, div_w = _steps(lib, camax, fmt_w, gran_w)  # type: ignore[arg-type]
     codes_w = torch.empty(max(entries, 1) * d, er, dtype=torch.int8, device="cpu")
     ld = x.stride(0) if r > 1 else d
@@ -1078,10 +1088,11 @@ def run_bhq_quantize_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Gra
     group's sums, then its rows' ranges and codes while they are in cache, no sums
     written, with the columns' ranges from the same read; then the columns' codes."""
     crow, members = t.csr()  # type: ignore[attr-defined]
+    w, v2 = _weights(t)
     with scope("lowbit::avx512_bhq_quantize_pair"):
         return _pair_result(_bhq_group_quantize_pair(
-            _library(), x, t.v * t.scale, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
-            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads()))
+            _library(), x, w, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
+            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads(), v2=v2))
 
 
 def supports_bhq_batched_pair(x: torch.Tensor, t: object, entries: int, fmt_a: Format, gran_a: Granularity,
@@ -1106,10 +1117,11 @@ def run_bhq_quantize_batched_pair(x: torch.Tensor, t: object, entries: int, fmt_
     those kernels' values; the entries' column ranges come from the rows' group pass
     (each row's into its entry's), not from a read of their own."""
     crow, members = t.csr()  # type: ignore[attr-defined]
+    w, v2 = _weights(t)
     with scope("lowbit::avx512_bhq_quantize_pair"):
         return _pair_result(_bhq_group_quantize_pair(
-            _library(), x, t.v * t.scale, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
-            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads(), entries))
+            _library(), x, w, t.scale, t.v, crow, members, t.n_groups,  # type: ignore[attr-defined]
+            fmt_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, torch.get_num_threads(), entries, v2=v2))
 
 
 def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
@@ -1172,10 +1184,10 @@ def supports_bhq_sums_inverse(y: torch.Tensor, v: torch.Tensor, scale: torch.Ten
 @compiled.disable_tracing
 def _bhq_sums_inverse(lib: ctypes.CDLL, y: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                       crow: torch.Tensor, members: torch.Tensor, n_groups: int, overwrite: bool,
-                      threads: int) -> torch.Tensor:
+                      threads: int, v2: torch.Tensor | None = None) -> torch.Tensor:
     r, d = y.shape
     v, scale, crow, members = v.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
-    v2 = 2 * v  # the reference's 2 * v[:, None], exact
+    v2 = (2 * v if v2 is None else v2).contiguous()  # the reference's 2 * v[:, None], exact
     out = y if overwrite else torch.empty(r, d, dtype=torch.float32, device="cpu")
     lib.lowbit_bhq_sums_inverse(y.data_ptr(), d, y.stride(0) if r > 1 else d, scale.data_ptr(), v.data_ptr(),
                                 v2.data_ptr(), crow.data_ptr(), members.data_ptr(), n_groups, out.data_ptr(),
@@ -1194,9 +1206,11 @@ def run_bhq_sums_inverse(y: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, 
     while in cache (``y`` read from memory once, no sums written). Written over ``y``
     with ``overwrite``."""
     crow, members = t.csr()  # type: ignore[attr-defined]
+    # 2v as the transform keeps it where v is its own (inverse() passes it on in its dtype)
+    v2 = _weights(t)[1] if v is t.v else None  # type: ignore[attr-defined]
     with scope("lowbit::avx512_bhq_inverse"):
         return _bhq_sums_inverse(_library(), y, v, scale, crow, members, t.n_groups,  # type: ignore[attr-defined]
-                                 overwrite, torch.get_num_threads())
+                                 overwrite, torch.get_num_threads(), v2)
 
 
 def supports_row_absmax(x: torch.Tensor) -> bool:

@@ -5,14 +5,15 @@
  * arithmetic (additions, one multiply and divide, round-half-even) is the reference's in
  * the reference's order (ATen's CPU cumsum adds sequentially), and the elementwise math of
  * the scales and Householder vectors (IEEE +, -, *, /, max: correctly rounded, so torch's
- * and C's agree), so the outputs are the reference's bit for bit. ATen's square root and
- * power are not the C library's (its float64 sqrt is not correctly rounded), so they stay
- * in torch: the square roots depend only on the group size g, and come as tables indexed
- * by g - 1 computed by torch with the reference's operations (lowbit_bhq_groups reports
- * the largest g, lowbit_bhq_bases reads the tables); the one power, base^(-1/3), is
- * torch's on the bases lowbit_bhq_bases leaves in sorted order, and lowbit_bhq_scatter
- * puts the scales and vectors back in row order. Plain C: no
- * intrinsics, no -ffast-math; OpenMP only across attention's entries, which are independent.
+ * and C's agree), so the outputs are the reference's bit for bit. ATen's square root is
+ * not the C library's (its float64 sqrt is not correctly rounded), so it stays in torch:
+ * the square roots depend only on the group size g, and come as tables indexed by g - 1
+ * computed by torch with the reference's operations (lowbit_bhq_groups reports the largest
+ * g, lowbit_bhq_finish reads the tables). The scales' inverse cube root is
+ * lowbit.kernels.bhq_groups.inv_cbrt's: an integer first guess and Newton steps of IEEE
+ * operations, the same in torch and here. lowbit_bhq_finish then puts the scales and
+ * vectors (and v * s, 2 v) back in row order. Plain C: no intrinsics, no -ffast-math;
+ * OpenMP only across attention's entries, which are independent.
  */
 #include <float.h>
 #include <math.h>
@@ -190,40 +191,60 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
     k_out[1] = gmax;
 }
 
-/* The vectors and the scales' bases (lowbit.kernels.bhq_groups._scales), rows in sorted order
- * (the first k large) from lowbit_bhq_groups's g, lam_large, lam_small:
- *   v[i]    the Householder vector entry
- *   base[i] s = base^(-1/3) where g > 1:  s1 = (λ_large/√g)^(-1/3),
- *           s2 = (max(λ_small·max|H_g|, max(ratio·λ_large, DBL_MIN)) / max(g - 1, 1))^(-1/3)
- *           (ratio: bhq_groups.MIN_SMALL_RATIO)
+/* b^(-1/3) as lowbit.kernels.bhq_groups.inv_cbrt computes it (its docstring: the first
+ * guess from the bits, INV_CBRT_STEPS Newton steps y + y ((1 - (b y)(y y)) THIRD), each
+ * operation rounded as IEEE float64 arithmetic rounds it). The floor division of the bits
+ * is Python's (toward -inf). */
+#define INV_CBRT_MAGIC 0x553EF0FF289DD796LL
+#define INV_CBRT_STEPS 4
+#define INV_CBRT_THIRD (1.0 / 3.0)
+static double inv_cbrt(double b) {
+    int64_t bits, yb;
+    memcpy(&bits, &b, sizeof bits);
+    int64_t q = bits / 3;
+    if (bits % 3 != 0 && bits < 0) q -= 1;
+    yb = INV_CBRT_MAGIC - q;
+    double y;
+    memcpy(&y, &yb, sizeof y);
+    for (int i = 0; i < INV_CBRT_STEPS; i++) y = y + y * ((1.0 - (b * y) * (y * y)) * INV_CBRT_THIRD);
+    return y;
+}
+
+/* The vectors and scales (lowbit.kernels.bhq_groups._scales_of), rows in sorted order (the
+ * first k large) from lowbit_bhq_groups's g, lam_large, lam_small, written in row order
+ * (row order[i]) in float32 (f64 == 0, round to nearest even) or float64:
+ *   v      the Householder vector entry
+ *   scale  g > 1: inv_cbrt(base) with base = λ_large/√g for a large row, else
+ *          max(λ_small·max|H_g|, max(ratio·λ_large, DBL_MIN)) / max(g - 1, 1)
+ *          (ratio: bhq_groups.MIN_SMALL_RATIO); 1 where g == 1
+ *   w      v * scale, and v2 = 2 v (both in the output dtype: what BHQ's kernels read)
  * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
  * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
-void lowbit_bhq_bases(int64_t n, int64_t k, const double *g, const double *lam_large, const double *lam_small,
-                      const double *tab_r, const double *tab_vl, const double *tab_vs, const double *tab_hm,
-                      double ratio, double *v, double *base) {
+void lowbit_bhq_finish(int64_t n, int64_t k, const int64_t *order, const double *g, const double *lam_large,
+                       const double *lam_small, const double *tab_r, const double *tab_vl, const double *tab_vs,
+                       const double *tab_hm, double ratio, int f64, void *scale, void *v_out, void *w_out,
+                       void *v2_out) {
     for (int64_t i = 0; i < n; i++) {
         const double gi = g[i];
         const int64_t t = (int64_t)gi - 1;
-        v[i] = i < k ? tab_vl[t] : tab_vs[t];
+        const double v = i < k ? tab_vl[t] : tab_vs[t];
         const double gm1 = gi - 1.0 > 1.0 ? gi - 1.0 : 1.0;
         const double floor_ = ratio * lam_large[i] > DBL_MIN ? ratio * lam_large[i] : DBL_MIN;
         const double w2a = lam_small[i] * tab_hm[t];
-        base[i] = i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
-    }
-}
-
-/* Back to row order: scale[order[i]] = g[i] > 1 ? s[i] : 1 and v_out[order[i]] = v[i], as
- * float32 (f64 == 0, round to nearest even) or float64. */
-void lowbit_bhq_scatter(int64_t n, const int64_t *order, const double *g, const double *s, const double *v,
-                        int f64, void *scale, void *v_out) {
-    for (int64_t i = 0; i < n; i++) {
-        const double si = g[i] > 1.0 ? s[i] : 1.0;
+        const double base = i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
+        const double si = gi > 1.0 ? inv_cbrt(base) : 1.0;
+        const int64_t o = order[i];
         if (f64) {
-            ((double *)scale)[order[i]] = si;
-            ((double *)v_out)[order[i]] = v[i];
+            ((double *)scale)[o] = si;
+            ((double *)v_out)[o] = v;
+            ((double *)w_out)[o] = v * si;
+            ((double *)v2_out)[o] = 2.0 * v;
         } else {
-            ((float *)scale)[order[i]] = (float)si;
-            ((float *)v_out)[order[i]] = (float)v[i];
+            const float sf = (float)si, vf = (float)v;
+            ((float *)scale)[o] = sf;
+            ((float *)v_out)[o] = vf;
+            ((float *)w_out)[o] = vf * sf;
+            ((float *)v2_out)[o] = 2.0f * vf;
         }
     }
 }
@@ -272,30 +293,27 @@ void lowbit_bhq_groups_entries(const double *lam, int64_t n_entries, int64_t r, 
     }
 }
 
-/* lowbit_bhq_bases for each entry of lowbit_bhq_groups_entries's outputs (its k_out), on
- * `threads` threads. */
-void lowbit_bhq_bases_entries(int64_t n_entries, int64_t r, const int64_t *k_out, const double *g,
-                              const double *lam_large, const double *lam_small, const double *tab_r,
-                              const double *tab_vl, const double *tab_vs, const double *tab_hm, double ratio,
-                              double *v, double *base, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t e = 0; e < n_entries; e++) {
-        const int64_t o = e * r;
-        lowbit_bhq_bases(r, k_out[2 * e], g + o, lam_large + o, lam_small + o, tab_r, tab_vl, tab_vs, tab_hm, ratio,
-                         v + o, base + o);
-    }
-}
+void lowbit_bhq_entries_join(int64_t n_entries, int64_t r, const int64_t *k_out, int64_t *group,
+                             const int64_t *crow, int64_t *members, int64_t *crow_out);
 
-/* Each entry's lowbit_bhq_scatter (its order is the entry's own rows), on `threads` threads. */
-void lowbit_bhq_scatter_entries(int64_t n_entries, int64_t r, const int64_t *order, const double *g, const double *s,
-                                const double *v, int f64, void *scale, void *v_out, int threads) {
+/* lowbit_bhq_finish for each entry of lowbit_bhq_groups_entries's outputs (its k_out; the
+ * entry's order is its own rows), on `threads` threads, then lowbit_bhq_entries_join. */
+void lowbit_bhq_finish_entries(int64_t n_entries, int64_t r, const int64_t *k_out, const int64_t *order,
+                               const double *g, const double *lam_large, const double *lam_small,
+                               const double *tab_r, const double *tab_vl, const double *tab_vs, const double *tab_hm,
+                               double ratio, int f64, void *scale, void *v_out, void *w_out, void *v2_out,
+                               int64_t *group, const int64_t *crow, int64_t *members, int64_t *crow_out,
+                               int threads) {
     const size_t size = f64 ? sizeof(double) : sizeof(float);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t e = 0; e < n_entries; e++) {
         const int64_t o = e * r;
-        lowbit_bhq_scatter(r, order + o, g + o, s + o, v + o, f64, (char *)scale + (size_t)o * size,
-                           (char *)v_out + (size_t)o * size);
+        const size_t b = (size_t)o * size;
+        lowbit_bhq_finish(r, k_out[2 * e], order + o, g + o, lam_large + o, lam_small + o, tab_r, tab_vl, tab_vs,
+                          tab_hm, ratio, f64, (char *)scale + b, (char *)v_out + b, (char *)w_out + b,
+                          (char *)v2_out + b);
     }
+    lowbit_bhq_entries_join(n_entries, r, k_out, group, crow, members, crow_out);
 }
 
 /* The entries' groups numbered for the whole operand, in place: entry e's group ids and

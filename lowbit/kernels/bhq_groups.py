@@ -4,22 +4,28 @@ quantizer is :mod:`lowbit.quantizers.bhq`, whose docstring gives the rules).
 ``bhq_groups(lam, dtype)``: for the row ranges ``lam`` (N,) float64 (N ≥ 2, all finite, at
 least one positive), a :class:`Groups`: each row's scale ``s`` and Householder vector entry
 ``v`` (N,) in ``dtype`` (float32 or float64), its group id (N,) int64 in ``[0, K)``, the
-number of groups ``K``, and the groups' members as a CSR index (``crow`` (K + 1,) and
+number of groups ``K``, the groups' members as a CSR index (``crow`` (K + 1,) and
 ``members`` (N,) int64, ascending row ids within a group; ``None`` where not computed:
-:func:`csr_index` gives it). The construction is O(N log N) bookkeeping in float64 (a sort,
-prefix sums, a search), so every float32 range, subnormals included, stays exact.
+:func:`csr_index` gives it), and ``v·s`` and ``2v`` in ``dtype`` (what BHQ's kernels read).
+The construction is O(N log N) bookkeeping in float64 (a sort, prefix sums, a search), so
+every float32 range, subnormals included, stays exact; the scales' power ``(·)^(−1/3)`` is
+:func:`inv_cbrt`, elementwise IEEE arithmetic that C computes bit for bit too.
 
 Two implementations. :func:`reference`, in torch, defines it: about a hundred small ops
 (≈ 1.5–2 ms per call at one thread, paid for every BHQ-quantized gradient). The native one
 (:func:`run`; plain C, ``bhq_groups.c``, built by :mod:`.cbuild` on first use) does the
 bookkeeping (a radix sort, prefix sums, group sizes and memberships, the gathers and the
-scatter back to row order) and the scales' and vectors' elementwise float64 arithmetic in
-three calls, with the reference's operations in the reference's order. ATen's ``sqrt``
-and ``pow`` are not the C library's (its float64 ``sqrt`` is not correctly rounded), so
-both stay torch's: the square roots depend on the group size alone and come from tables
-over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`, computed with the
-reference's ops and kept), and the one power runs in torch on the (N,) bases before the
-last call. Attention's entries (op ``bhq_entry_groups``) are independent and go to torch's
+scatter back to row order) and the scales' and vectors' elementwise float64 arithmetic,
+the inverse cube root included, in two calls, with the reference's operations in the
+reference's order. ATen's ``sqrt`` is not the C library's (its float64 ``sqrt`` is not
+correctly rounded), so it stays torch's: the square roots depend on the group size alone
+and come from tables over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`,
+computed with the reference's ops and kept), read by the second call. (Until 2026-12-06
+the power was ``torch.pow(base, -1/3)`` between two of three calls: ATen's vectorised
+float64 ``pow`` may give an element another last bit than its scalar tail loop, and the
+exponent −1/3 is not exact in float64 — up to 119 ulp from the cube root over float64's
+range, where :func:`inv_cbrt` is within 1; no float32 scale of 2·10⁶ random bases
+changed.) Attention's entries (op ``bhq_entry_groups``) are independent and go to torch's
 threads (OpenMP; a compiler without it builds the same code for one thread, with a
 warning: :func:`lowbit.kernels.cbuild.load`).
 Its results are the reference's
@@ -50,12 +56,10 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-fast-
 _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
-               "lowbit_bhq_bases": [_I64, _I64] + [_P] * 7 + [ctypes.c_double, _P, _P],
-               "lowbit_bhq_scatter": [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+               "lowbit_bhq_finish": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, ctypes.c_int] + [_P] * 4,
                "lowbit_bhq_groups_entries": [_P, _I64, _I64] + [_P] * 10 + [ctypes.c_int],
-               "lowbit_bhq_bases_entries": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, _P, _P, ctypes.c_int],
-               "lowbit_bhq_scatter_entries": [_I64, _I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int],
-               "lowbit_bhq_entries_join": [_I64, _I64] + [_P] * 5}
+               "lowbit_bhq_finish_entries": [_I64, _I64] + [_P] * 9 + [ctypes.c_double, ctypes.c_int] + [_P] * 8
+               + [ctypes.c_int]}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
 # finite when a group's small rows are all zero (their scale is then immaterial).
@@ -70,6 +74,8 @@ class Groups(NamedTuple):
     crow: torch.Tensor | None  # (K + 1,) int64
     members: torch.Tensor | None  # (N,) int64
     entry_groups: tuple[int, ...] | None = None  # groups per entry (``bhq_entry_groups``), else None
+    w: torch.Tensor | None = None  # (N,) dtype: v * scale
+    v2: torch.Tensor | None = None  # (N,) dtype: 2 * v
 
 
 def householder_absmax(g: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,26 @@ def householder_absmax(g: torch.Tensor) -> torch.Tensor:
     c = 1.0 / (r * (r - 1.0))
     diag = torch.maximum(1.0 / r, (1.0 - c).abs())
     return torch.where(g >= 3, torch.maximum(diag, c), diag)
+
+
+INV_CBRT_MAGIC = 0x553EF0FF289DD796  # the first guess's constant (float64 bits)
+INV_CBRT_STEPS = 4  # Newton steps: a first guess within 3.5% reaches ~1e-19 after four (e → −2e²)
+INV_CBRT_THIRD = 1 / 3  # (the float64 nearest 1/3)
+
+
+def inv_cbrt(b: torch.Tensor) -> torch.Tensor:
+    """``b^(−1/3)`` of contiguous float64 ``b`` (> 0, normal; other values give some number
+    BHQ never uses), elementwise: a first guess from the bits (``INV_CBRT_MAGIC − bits //
+    3``, within 3.5%), then :data:`INV_CBRT_STEPS` Newton steps
+    ``y ← y + y·((1 − (b·y)·(y·y))·INV_CBRT_THIRD)``, each operation rounded as IEEE
+    float64 arithmetic rounds it (no division) — so the C kernel (``bhq_groups.c``'s
+    ``inv_cbrt``) and torch on any device give the same bits. Within 1 ulp of the true
+    cube root's inverse over float64's normal range (checked against 60-digit decimals in
+    ``tests/core/test_bhq_groups.py``; ``b·y`` and ``y·y`` stay normal there)."""
+    y = (INV_CBRT_MAGIC - b.view(torch.int64).div(3, rounding_mode="floor")).view(torch.float64)
+    for _ in range(INV_CBRT_STEPS):
+        y = y + y * ((1 - (b * y) * (y * y)) * INV_CBRT_THIRD)
+    return y
 
 
 def csr_index(group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +184,7 @@ def _scales(b: _Sorted, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]
 def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor, lam_small: torch.Tensor,
                order: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_scales` on the bookkeeping's arrays (sorted order; ``order``: each sorted
-    row's place). One ``pow`` over all of them: ATen's vectorised float64 ``pow`` may give
-    an element another last bit than its scalar tail loop, so the result depends on where
-    an element sits in the array it is taken over (the native kernel takes it over the
-    same array)."""
+    row's place). The power ``(·)^(−1/3)`` is :func:`inv_cbrt`, elementwise."""
     r, v_large, v_small, hmax = _by_size(g)
     v = torch.where(is_large, v_large, v_small)
 
@@ -172,7 +195,7 @@ def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor,
     # (a floor at the smallest normal float64 keeps s2 finite for subnormal float64 rows)
     w2 = torch.maximum(lam_small * hmax,
                        (MIN_SMALL_RATIO * lam_large).clamp_min(torch.finfo(torch.float64).tiny))
-    s = torch.where(is_large, w1, w2 / gm1).pow(-1 / 3)
+    s = inv_cbrt(torch.where(is_large, w1, w2 / gm1).contiguous())
     s = torch.where(g > 1, s, torch.ones_like(s))
     # Back to the original row order.
     scale = torch.empty(g.shape[0], dtype=dtype, device=g.device)
@@ -203,7 +226,7 @@ def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     scale, v = _scales(b, dtype)
     grp = torch.empty(lam.shape[0], dtype=torch.long, device=lam.device)
     grp[b.order] = b.group
-    return Groups(scale, v, grp, b.k, None, None)
+    return Groups(scale, v, grp, b.k, None, None, None, v * scale, 2 * v)
 
 
 def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
@@ -212,8 +235,9 @@ def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Grou
     own ranges alone — :func:`reference`'s rules on the entry, or groups of one where the
     entry has one row or its ranges are not finite or all zero — numbered for the whole
     operand (entry ``e``'s groups after those of entries ``< e``); ``entry_groups``: each
-    entry's number of groups. The scales' power is taken once over all entries' bases
-    (:func:`_scales_of`). ``crow``/``members`` left ``None``. The definition
+    entry's number of groups; ``w``, ``v2`` as :func:`reference`'s. The scales come from
+    :func:`_scales_of` over all entries' arrays (elementwise). ``crow``/``members`` left
+    ``None``. The definition
     (:func:`run_entries` is the native kernel)."""
     n, dev = lam.shape[0], lam.device
     r = n // entries if entries else 0
@@ -231,13 +255,13 @@ def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Grou
         offsets.append(offsets[-1] + p[6])
     if not parts:
         empty = lam.new_zeros(0, dtype=dtype)
-        return Groups(empty, empty, lam.new_zeros(0, dtype=torch.long), 0, None, None, ())
+        return Groups(empty, empty, lam.new_zeros(0, dtype=torch.long), 0, None, None, (), empty, empty)
     order = torch.cat([p[0] + e * r for e, p in enumerate(parts)])
     cat = [torch.cat([p[i] for p in parts]) for i in range(1, 5)]
     scale, v = _scales_of(*cat, order, dtype)
     group = torch.empty(n, dtype=torch.long, device=dev)
     group[order] = torch.cat([p[5] + o for p, o in zip(parts, offsets)])
-    return Groups(scale, v, group, offsets[-1], None, None, tuple(p[6] for p in parts))
+    return Groups(scale, v, group, offsets[-1], None, None, tuple(p[6] for p in parts), v * scale, 2 * v)
 
 
 # -- the native kernel ----------------------------------------------------------------------
@@ -284,25 +308,31 @@ def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
     return math.isfinite(top) and top > 0 and lo >= 0
 
 
+def _buffers(n: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The kernels' (n,) arrays from three allocations: (group, members), kept by the
+    transform; the scratch (order, grp_sorted, and g, lam_large, lam_small, which the C
+    code reads and writes as float64: 8 bytes each all the same); (scale, v, w, v2) in
+    ``dtype``, kept."""
+    kept = torch.empty(2, n, dtype=torch.int64, device="cpu")
+    scratch = torch.empty(5, n, dtype=torch.int64, device="cpu")
+    out = torch.empty(4, n, dtype=dtype, device="cpu")
+    return list(kept.unbind(0)), list(scratch.unbind(0)), list(out.unbind(0))
+
+
 @compiled.disable_tracing
 def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     n = lam.shape[0]
-    i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
-    order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
-    g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
-    crow, k, work = torch.empty(n + 1, **i64), torch.empty(2, **i64), torch.empty(3 * n, **i64)
+    (group, members), (order, grp_sorted, g, lam_large, lam_small), (scale, v, w, v2) = _buffers(n, dtype)
+    crow, k, work = (torch.empty(m, dtype=torch.int64, device="cpu") for m in (n + 1, 2, 3 * n))
     lib.lowbit_bhq_groups(lam.data_ptr(), n, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
                           lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
                           members.data_ptr(), k.data_ptr(), work.data_ptr())
     n_groups, largest = k.tolist()
     tabs = _tables(largest)  # the tables' references are held until the call returns
-    lib.lowbit_bhq_bases(n, n_groups, g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
-                         *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr())
-    s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, on the same (N,) sorted bases
-    scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
-    lib.lowbit_bhq_scatter(n, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
-                           int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr())
-    return Groups(scale, v_out, group, n_groups, crow[: n_groups + 1], members)
+    lib.lowbit_bhq_finish(n, n_groups, order.data_ptr(), g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
+                          *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, int(dtype == torch.float64),
+                          scale.data_ptr(), v.data_ptr(), w.data_ptr(), v2.data_ptr())
+    return Groups(scale, v, group, n_groups, crow[: n_groups + 1], members, None, w, v2)
 
 
 def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
@@ -331,28 +361,23 @@ def _entry_groups(lib: ctypes.CDLL, lam: torch.Tensor, entries: int, dtype: torc
     n = lam.shape[0]
     r = n // entries
     threads = max(1, min(torch.get_num_threads() if threads is None else threads, entries))
-    i64, f64 = {"dtype": torch.int64, "device": "cpu"}, {"dtype": torch.float64, "device": "cpu"}
-    order, grp_sorted, group, members = (torch.empty(n, **i64) for _ in range(4))
-    g, lam_large, lam_small, v, base = (torch.empty(n, **f64) for _ in range(5))
-    crow, k = torch.empty(entries * (r + 1), **i64), torch.empty(entries, 2, **i64)
-    work = torch.empty(3 * r * threads, **i64)  # each thread's own scratch
+    (group, members), (order, grp_sorted, g, lam_large, lam_small), (scale, v, w, v2) = _buffers(n, dtype)
+    crow, k, work = (torch.empty(m, dtype=torch.int64, device="cpu")
+                     for m in (entries * (r + 1), 2 * entries, 3 * r * threads))  # work: each thread's own
     lib.lowbit_bhq_groups_entries(lam.data_ptr(), entries, r, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
                                   lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
                                   members.data_ptr(), k.data_ptr(), work.data_ptr(), threads)
-    per_entry = k[:, 0].tolist()
-    tabs = _tables(max(1, int(k[:, 1].max())) if entries else 1)  # held until the calls return
-    lib.lowbit_bhq_bases_entries(entries, r, k.data_ptr(), g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
-                                 *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, v.data_ptr(), base.data_ptr(),
-                                 threads)
-    s = torch.pow(base, -1 / 3, out=lam_small)  # _scales's power, elementwise: each entry's own
-    scale, v_out = torch.empty(n, dtype=dtype, device="cpu"), torch.empty(n, dtype=dtype, device="cpu")
-    lib.lowbit_bhq_scatter_entries(entries, r, order.data_ptr(), g.data_ptr(), s.data_ptr(), v.data_ptr(),
-                                   int(dtype == torch.float64), scale.data_ptr(), v_out.data_ptr(), threads)
+    k2 = k.view(entries, 2)
+    per_entry = k2[:, 0].tolist()
     n_groups = sum(per_entry)
-    crow_out = torch.empty(n_groups + 1, **i64)
-    lib.lowbit_bhq_entries_join(entries, r, k.data_ptr(), group.data_ptr(), crow.data_ptr(), members.data_ptr(),
-                                crow_out.data_ptr())
-    return Groups(scale, v_out, group, n_groups, crow_out, members, tuple(per_entry))
+    tabs = _tables(max(1, int(k2[:, 1].max())) if entries else 1)  # held until the call returns
+    crow_out = torch.empty(n_groups + 1, dtype=torch.int64, device="cpu")
+    lib.lowbit_bhq_finish_entries(entries, r, k.data_ptr(), order.data_ptr(), g.data_ptr(), lam_large.data_ptr(),
+                                  lam_small.data_ptr(), *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO,
+                                  int(dtype == torch.float64), scale.data_ptr(), v.data_ptr(), w.data_ptr(),
+                                  v2.data_ptr(), group.data_ptr(), crow.data_ptr(), members.data_ptr(),
+                                  crow_out.data_ptr(), threads)
+    return Groups(scale, v, group, n_groups, crow_out, members, tuple(per_entry), w, v2)
 
 
 def run_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
@@ -401,7 +426,8 @@ def _same(got: Groups, want: Groups) -> bool:
     crow, members = csr_index(want.group, want.n_groups)
     return got.n_groups == want.n_groups and got.entry_groups == want.entry_groups and all(
         torch.equal(a, b) for a, b in ((got.scale, want.scale), (got.v, want.v), (got.group, want.group),
-                                       (got.crow, crow), (got.members, members)))
+                                       (got.crow, crow), (got.members, members), (got.w, want.w),
+                                       (got.v2, want.v2)))
 
 
 def _entry_cases() -> list[tuple[torch.Tensor, int]]:

@@ -118,7 +118,7 @@ def _quantize_rows(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt: Format
     op (:func:`lowbit.kernels.avx512.run_bhq_quantize`) does both group by group from one
     read of ``x``, bit for bit."""
     with scope("lowbit::transform"):
-        dots = k.run("bhq_group_sums", x, t.v * t.scale, t)
+        dots = k.run("bhq_group_sums", x, t.weights()[0], t)
     return k.run("bhq_forward_quantize", x, dots, t.scale, t.v, t.group, fmt, granularity, rounding, seed)
 
 
@@ -190,7 +190,8 @@ class BlockHouseholder(RowTransform):
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,
                  kernels: Kernels | None = None, csr: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 entry_groups: tuple[int, ...] | None = None):
+                 entry_groups: tuple[int, ...] | None = None,
+                 derived: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.n_rows = scale.shape[0]
         self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
         self.v = v  # (N,) same dtype, 0 for groups of one
@@ -206,6 +207,35 @@ class BlockHouseholder(RowTransform):
         # bhq_transform, which builds the index so (_built)
         self._index_memo: tuple[tuple, bool] | None = None
         self._library_built = False
+        # (v·s, 2v) as the construction made them (``derived``, the same bits as torch's
+        # products), for the fields they were made from: see weights()
+        self._weights = None if derived is None else (self._weights_key(), *derived)
+
+    def _weights_key(self) -> tuple | None:
+        """``scale`` and ``v`` themselves (held: no other tensor takes their ``id``) and their
+        versions; None for an inference tensor, which keeps no version (then nothing is
+        kept)."""
+        if self.scale.is_inference() or self.v.is_inference():
+            return None
+        return (self.scale, self.scale._version, self.v, self.v._version)
+
+    def _kept_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The construction's ``(v·s, 2v)`` while ``scale`` and ``v`` are the tensors they
+        were made from, unchanged; else None."""
+        key = None if self._weights is None else self._weights[0]
+        if key is None or key[0] is not self.scale or key[2] is not self.v \
+                or key[1] != self.scale._version or key[3] != self.v._version:
+            return None
+        return self._weights[1], self._weights[2]  # type: ignore[index]
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v·s, 2v)`` (N,) in the transform's dtype: the group sums' weights and the
+        rank-1 update's factor, as torch's ``v * scale`` and ``2 * v`` give them — the
+        construction's (:func:`bhq_transform`: the same bits) where ``scale`` and ``v``
+        are still the tensors it made, unchanged; a field replaced or written in place
+        gets them computed again."""
+        kept = self._kept_weights()
+        return kept if kept is not None else (self.v * self.scale, 2 * self.v)
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crow, members)``: group ``j``'s rows are ``members[crow[j]:crow[j + 1]]``,
@@ -294,16 +324,18 @@ class BlockHouseholder(RowTransform):
         g0, g1 = self._group_starts[lo // er], self._group_starts[hi // er]  # type: ignore[index]
         crow, members = self.csr()
         m0, m1 = int(crow[g0]), int(crow[g1])
+        kept = self._kept_weights()
         part = BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
                                 (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
-                                self.entry_groups[lo // er:hi // er])  # type: ignore[index]
+                                self.entry_groups[lo // er:hi // er],  # type: ignore[index]
+                                None if kept is None else (kept[0][lo:hi], kept[1][lo:hi]))
         if self._library_built and self._index_memo is not None and self._index_memo[0] == self._signature():
             _built(part)  # a whole-entry part of a library-built index, unchanged since, is one
         return part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._k(x)
-        dots = k.run("bhq_group_sums", x, self.v * self.scale, self)
+        dots = k.run("bhq_group_sums", x, self.weights()[0], self)
         return k.run("bhq_forward", x, dots, self.scale, self.v, self.group)
 
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
@@ -399,13 +431,14 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
             # each way): the torch definition loops over the entries in Python, a few
             # device syncs each (module docstring of lowbit.kernels.bhq_groups)
             groups = kernels_for(k.backend, "cpu").run("bhq_entry_groups", lam.cpu(), entries, dt)
-            groups = groups._replace(**{f: getattr(groups, f).to(dev) for f in ("scale", "v", "group", "crow", "members")
+            groups = groups._replace(**{f: getattr(groups, f).to(dev) for f in ("scale", "v", "group", "crow", "members",
+                                                                                "w", "v2")
                                         if getattr(groups, f) is not None})
         else:
             groups = k.run("bhq_entry_groups", lam, entries, dt)
         csr = None if groups.crow is None else (groups.crow, groups.members)
         return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
-                                       groups.entry_groups))
+                                       groups.entry_groups, _derived(groups)))
     lam = row_absmax(a, kernels).double()  # (N,)
     top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
     if n <= 1 or not math.isfinite(top) or top <= 0:
@@ -416,7 +449,14 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
     k = kernels or kernels_for(Backend.REFERENCE, dev)
     groups = k.run("bhq_groups", lam, dt)
     csr = None if groups.crow is None else (groups.crow, groups.members)
-    return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr))
+    return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
+                                   derived=_derived(groups)))
+
+
+def _derived(groups: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The construction's ``(v·s, 2v)`` where it made them (:class:`lowbit.kernels.bhq_groups.Groups`)."""
+    w, v2 = getattr(groups, "w", None), getattr(groups, "v2", None)
+    return None if w is None or v2 is None else (w, v2)
 
 
 class BHQ(GradQuantizer):

@@ -38,9 +38,35 @@ def _ranges(seed: int) -> torch.Tensor:
 
 def _same(got: bhq_groups.Groups, want: bhq_groups.Groups) -> None:
     assert got.n_groups == want.n_groups
-    for name in ("scale", "v", "group"):
+    for name in ("scale", "v", "group", "w", "v2"):
         a, b = getattr(got, name), getattr(want, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(want.w, want.v * want.scale) and torch.equal(want.v2, 2 * want.v)
+
+
+def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
+    """The scales' power (·)^(−1/3) (``inv_cbrt``: a first guess from the bits, four Newton
+    steps of IEEE operations) against 60-digit decimals over float64's normal range — the
+    smallest and largest normal, powers of two and of three, exact cubes, random bases of
+    every exponent: within 1 ulp (ATen's ``pow(b, -1/3)``, the definition until
+    2026-12-06, was up to ~120 ulp off at the range's ends: its exponent is not −1/3)."""
+    from decimal import Decimal, getcontext
+    import math
+
+    getcontext().prec = 60
+    g = torch.Generator().manual_seed(0)
+    f = torch.finfo(torch.float64)
+    special = [f.tiny, f.max, 1.0, 8.0, 27.0, 0.125, 2.0**-1022 * 3, 2.0**1000, 3.0**600, 3.0**-600, 1e-300, 1e300]
+    rand = torch.exp2(torch.rand(1500, generator=g, dtype=torch.float64) * 2040 - 1020) \
+        * (1 + torch.rand(1500, generator=g, dtype=torch.float64))
+    b = torch.cat([torch.tensor(special, dtype=torch.float64), rand.clamp(f.tiny, f.max)])
+    y = bhq_groups.inv_cbrt(b)
+    for bi, yi in zip(b.tolist(), y.tolist(), strict=True):
+        exact = Decimal(bi) ** (Decimal(-1) / Decimal(3))
+        assert abs(Decimal(yi) - exact) <= Decimal(math.ulp(float(exact))), (bi, yi)
+    assert bhq_groups.inv_cbrt(torch.tensor([8.0, 0.125], dtype=torch.float64)).tolist() == [0.5, 2.0]
+    # elementwise: an element's value does not depend on where it sits (ATen's pow did)
+    assert torch.equal(bhq_groups.inv_cbrt(b[7:].clone()), y[7:])
 
 
 @needs_kernel
@@ -57,6 +83,18 @@ def _kernel_is_reference(lam: torch.Tensor) -> None:
         _same(got, want)
         crow, members = bhq_groups.csr_index(want.group, want.n_groups)
         assert torch.equal(got.crow, crow) and torch.equal(got.members, members)
+
+
+@needs_kernel
+def test_kernel_scales_over_float64s_range_are_the_reference() -> None:
+    """Ranges from the smallest subnormal to 1e300 (float64 gradients'): the kernel's
+    inverse cube roots of the bases are ``inv_cbrt``'s, bit for bit, in both dtypes."""
+    g = torch.Generator().manual_seed(3)
+    for n in (2, 40, 300, 3000):
+        lam = torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * 2000 - 1000)
+        lam[0] = 5e-324
+        lam[-1] = 1e300
+        _kernel_is_reference(lam)
 
 
 @needs_kernel
@@ -78,6 +116,15 @@ def test_self_test_cases_pass() -> None:
     assert bhq_groups._self_test(bhq_groups._library())
 
 
+@pytest.mark.skipif(cbuild.compiler(lambda *a: None) is None or cbuild.switched_off("LOWBIT_BHQ_GROUPS")
+                    or cbuild.switched_off("LOWBIT_COMPILE"), reason="no C compiler, or the kernel switched off")
+def test_kernel_builds_and_passes_its_self_test_where_a_compiler_is() -> None:
+    """With a C compiler the kernel builds and passes its self-test (a kernel that fails it
+    runs the reference with a warning, and its bit-for-bit tests above skip: this one
+    fails instead)."""
+    assert bhq_groups.available()
+
+
 def test_csr_index_lists_each_group_in_ascending_rows() -> None:
     group = torch.tensor([2, 0, 2, 1, 0, 2])
     crow, members = bhq_groups.csr_index(group, 4)
@@ -94,14 +141,44 @@ def test_every_kernel_set_builds_the_same_transform(dtype: torch.dtype) -> None:
     x = torch.randn(4096, 160, generator=g, dtype=dtype) * torch.exp(torch.randn(4096, 1, generator=g, dtype=dtype) * 3)
     fast, ref = bhq.bhq_transform(x, AUTO), bhq.bhq_transform(x, REF)
     assert ref._csr is None and (fast._csr is not None) == (bhq_groups.available() and AUTO.fused)
-    _same(bhq_groups.Groups(fast.scale, fast.v, fast.group, fast.n_groups, None, None),
-          bhq_groups.Groups(ref.scale, ref.v, ref.group, ref.n_groups, None, None))
+    _same(bhq_groups.Groups(fast.scale, fast.v, fast.group, fast.n_groups, None, None, None, *fast.weights()),
+          bhq_groups.Groups(ref.scale, ref.v, ref.group, ref.n_groups, None, None, None, *ref.weights()))
     w = fast.v * fast.scale
     assert torch.equal(AUTO.run("bhq_group_sums", x, w, fast), REF.run("bhq_group_sums", x, w, ref))
     small = x[:512, :64]
     ts, tr = bhq.bhq_transform(small, AUTO), bhq.bhq_transform(small, REF)
     assert torch.equal(AUTO.run("bhq_group_sums", small, ts.v * ts.scale, ts),
                        REF.run("bhq_group_sums", small, tr.v * tr.scale, tr))
+
+
+def test_kept_weights_follow_the_fields() -> None:
+    """``weights()`` — ``(v·s, 2v)`` kept from the construction, for the kernels — are
+    torch's products of the fields as they are now: the construction's tensors while the
+    fields are unchanged (also in a whole-entry part), computed again after a field is
+    replaced or written in place, and for inference tensors (which keep no version)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 24, generator=g) * torch.exp(torch.randn(256, 1, generator=g) * 2)
+
+    def check(t: bhq.BlockHouseholder) -> tuple[torch.Tensor, torch.Tensor]:
+        w, v2 = t.weights()
+        assert torch.equal(w, t.v * t.scale) and torch.equal(v2, 2 * t.v)
+        return w, v2
+
+    for k in (AUTO, REF):
+        t = bhq.bhq_transform(x, k)
+        assert check(t)[0] is t.weights()[0]  # kept, not recomputed
+        t.scale.mul_(2)  # written in place: its version moves
+        check(t)
+        t.v = t.v * 3  # replaced
+        check(t)
+        e = bhq.bhq_transform(x, k, entries=8)
+        part = e.entries(32, 96)
+        assert check(part)[0] is part.weights()[0]
+        with torch.inference_mode():
+            ti = bhq.bhq_transform(x.clone(), k)
+            check(ti)
+            ti.scale.mul_(2)
+            check(ti)
 
 
 def test_degenerate_operands_are_groups_of_one() -> None:
