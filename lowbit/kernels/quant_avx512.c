@@ -385,8 +385,8 @@ static inline void sums_inverse_band(const float *y, int64_t ldy, const float *s
  * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group, its columns in
  * bands of 64 (sums_inverse_band: four sums in registers, then the band's rows while they
  * are in cache): y read from memory once, no dots written. (Until 2026-12-06 a task was a
- * group and a band of 256 columns whose sums lived in an array on the stack: 1.4-1.6x the
- * time, measured in docs/benchmarks.md "BHQ's inverse".) y, out float32 row-major with row
+ * group and a band of 256 columns whose sums lived in an array on the stack: 1.25x the
+ * time, docs/benchmarks.md "BHQ's sums in registers…".) y, out float32 row-major with row
  * strides ldy, ldo (out == y: in place); s, v2 (= 2 v), v (rows,) float32; the groups' CSR
  * index crow, members as lowbit_bhq_group_sums. */
 void lowbit_bhq_sums_inverse(const float *y, int64_t cols, int64_t ldy, const float *s, const float *v,
@@ -869,7 +869,7 @@ static inline void group_sums64(const void *x, int dtype, int64_t ld, const floa
  * E the entries (1 without). Bit for bit what bhq_group_sums,
  * bhq_absmax, the steps and bhq_quantize_rows, then pair_absmax's columns give. (Until
  * 2026-12-06 the sums were added in the scratch row, a load and a store per product, and
- * T x computed twice: 1.2x the time, docs/benchmarks.md "BHQ's inverse".) */
+ * T x computed twice: 1.2x the time, docs/benchmarks.md "BHQ's sums in registers…".) */
 void lowbit_bhq_group_quantize(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld, const float *s,
                                const float *w, const float *v2, const int64_t *crow, const int64_t *members,
                                int64_t n_groups, double q_hi, double inv, uint32_t seed, int sr, float emax,
