@@ -253,18 +253,32 @@ class BlockHouseholder(RowTransform):
         those fields (a field replaced or changed in place is checked again;
         :func:`bhq_transform`'s are built so): the reference ops read ``group`` alone, and
         a kernel indexing by a wrong index read and wrote outside its tensors (a review)."""
-        sig = self._signature()
-        if self._index_memo is None or self._index_memo[0] != sig:
+        if not self._memo_holds():
             ok = self._check_index()
             self._index_memo = (self._signature(), ok)  # (csr() may have made the index)
-        return self._index_memo[1] and self.n_rows == n_rows
+        return self._index_memo[1] and self.n_rows == n_rows  # type: ignore[index]
 
-    def _signature(self) -> tuple:
-        """The fields :meth:`index_ok` reads, each tensor by identity and version."""
+    def _signature(self) -> tuple | None:
+        """The fields :meth:`index_ok` reads: the sizes, the tensors themselves (held, so no
+        other object takes their ``id``: a replaced field freed and its id reused passed for
+        the old one, a review) and their versions; None where one is an inference tensor,
+        which keeps no version (then nothing is memoized: it is checked each time)."""
         parts = (self.scale, self.v, self.group, *(self._csr or ()))
-        return (self.n_rows, self.n_groups, self.entry_groups,
-                *((id(a), None if a.is_inference() else a._version) if isinstance(a, torch.Tensor) else (id(a),)
-                  for a in parts))  # (an inference tensor keeps no version: torch raises)
+        if any(isinstance(a, torch.Tensor) and a.is_inference() for a in parts):
+            return None
+        return (self.n_rows, self.n_groups, self.entry_groups, parts,
+                tuple(a._version if isinstance(a, torch.Tensor) else None for a in parts))
+
+    def _memo_holds(self) -> bool:
+        """Whether :meth:`index_ok`'s memo is for the fields as they are now: the same
+        sizes, the same objects (``is``), the same versions."""
+        memo = self._index_memo
+        if memo is None or memo[0] is None:
+            return False
+        now = self._signature()
+        old = memo[0]
+        return now is not None and now[:3] == old[:3] and len(now[3]) == len(old[3]) \
+            and all(a is b for a, b in zip(now[3], old[3])) and now[4] == old[4]
 
     def _check_index(self) -> bool:
         n, g = self.n_rows, self.n_groups
@@ -329,7 +343,7 @@ class BlockHouseholder(RowTransform):
                                 (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
                                 self.entry_groups[lo // er:hi // er],  # type: ignore[index]
                                 None if kept is None else (kept[0][lo:hi], kept[1][lo:hi]))
-        if self._library_built and self._index_memo is not None and self._index_memo[0] == self._signature():
+        if self._library_built and self._memo_holds():
             _built(part)  # a whole-entry part of a library-built index, unchanged since, is one
         return part
 

@@ -1136,12 +1136,18 @@ def test_bhq_kernels_refuse_an_index_they_cannot_trust(case: str) -> None:
 
 @needs_avx512
 @pytest.mark.parametrize("case", ["scale replaced", "group replaced", "fewer groups", "more groups",
-                                  "group changed in place", "a part of wrong entries", "no rows, a wrong crow"])
+                                  "group changed in place", "a part of wrong entries", "no rows, a wrong crow",
+                                  "v changed in place", "scale changed in place", "v replaced, same values",
+                                  "group changed in place in inference mode"])
 def test_bhq_kernels_check_a_transform_changed_after_it_was_built(case: str) -> None:
-    """A transform :func:`bhq_transform` built (its index trusted) whose fields a user then
-    replaces or changes in place, a part of a user-built one whose entries cross its
-    groups, an empty one with a wrong index: the fast kernels give the reference's value
-    or error (they indexed by the old index: wrong codes, a crash — a review)."""
+    """A transform :func:`bhq_transform` built (its index trusted, its ``v·s`` and ``2v``
+    kept) whose fields a user then replaces or changes in place — also under
+    ``torch.inference_mode``, whose tensors keep no version — a part of a user-built one
+    whose entries cross its groups, an empty one with a wrong index: the fast kernels give
+    the reference's value or error (they indexed by the old index: wrong codes, a crash —
+    a review)."""
+    import contextlib
+
     import lowbit.quantizers.bhq as bhq
 
     g = torch.Generator().manual_seed(1)
@@ -1150,9 +1156,22 @@ def test_bhq_kernels_check_a_transform_changed_after_it_was_built(case: str) -> 
     results = []
     for backend in (Backend.AUTO, Backend.REFERENCE):
         k = kernels_for(backend, "cpu")
-        t, y = bhq.bhq_transform(x, k), x
-        t.kernels = k
-        if case == "scale replaced":
+        mode = torch.inference_mode() if "inference" in case else contextlib.nullcontext()
+        with mode:
+            t, y = bhq.bhq_transform(x.clone() if "inference" in case else x, k), x
+            t.kernels = k
+            t.forward_quantize(y, fmt, Granularity.ROW, rnd, seed)  # (its index checked and memoized)
+            if "inference" in case:
+                t.group[3] = (t.group[3] + 1) % t.n_groups
+        if case == "v changed in place":
+            t.v.mul_(3)
+        elif case == "scale changed in place":
+            t.scale.mul_(0.5)
+        elif case == "v replaced, same values":
+            t.v = t.v.clone()
+        elif "inference" in case:
+            pass
+        elif case == "scale replaced":
             t.scale = torch.ones(1)
         elif case == "group replaced":
             t.group = torch.zeros(64, dtype=torch.int64)
@@ -1173,6 +1192,8 @@ def test_bhq_kernels_check_a_transform_changed_after_it_was_built(case: str) -> 
                                         (torch.tensor([0, 1 << 20]), torch.empty(0, dtype=torch.int64))), x[:0]
         results.append([
             _outcome(lambda t=t, y=y: t.forward_quantize(y, fmt, Granularity.ROW, rnd, seed)),
+            _outcome(lambda t=t, y=y: t.forward_quantize_pair(y, fmt, Granularity.ROW, rnd, seed, fmt,
+                                                              Granularity.ROW, rnd, seed)),
             _outcome(lambda t=t, y=y: t.inverse(y.clone(), overwrite=True)),
             _outcome(lambda t=t, y=y, k=k: k.run("bhq_group_sums", y, t.v * t.scale, t)),
         ])
