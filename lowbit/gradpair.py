@@ -36,6 +36,9 @@ gradient as it lies instead of copying it channel-major or transposed first.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from . import grid_notes
 from .scopes import scope
@@ -148,6 +151,13 @@ def _pairs_columns(t: object) -> bool:
     owner = next((c for c in mro if "forward_quantize_pair" in vars(c)), None)
     return owner is not None and all("forward_quantize" not in vars(c) for c in mro[:mro.index(owner)]) \
         and "forward_quantize" not in getattr(t, "__dict__", {})
+
+
+@functools.cache
+def _takes_entries(fn: object) -> bool:
+    """Whether ``fn`` (a transform's ``forward_quantize_pair``) takes ``entries``."""
+    params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+    return "entries" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
@@ -269,7 +279,9 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     if drawn_w is None:
         drawn_w = draw(gy, spec_w, gen_w, rows_w, k)  # type: ignore[arg-type]
     gran_w, rnd_w, seed_w, t_w = drawn_w
-    if not _pairs_columns(t):  # a subclass's own transform: the two quantizations apart, as drawn
+    if not _pairs_columns(t) or (entries is not None and not _takes_entries(type(t).forward_quantize_pair)):
+        # a subclass's own transform, or its forward_quantize_pair of the signature before
+        # entries (attention never called it then: a review): the two quantizations apart, as drawn
         enc_a = t.forward_quantize(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a)
         with scope("lowbit::quantize"):
             if entries is None:

@@ -191,14 +191,16 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
     k_out[1] = gmax;
 }
 
-/* b^(-1/3) as lowbit.kernels.bhq_groups.inv_cbrt computes it (its docstring: the first
- * guess from the bits, INV_CBRT_STEPS Newton steps y + y ((1 - (b y)(y y)) THIRD), each
+/* b^(-1/3) as lowbit.kernels.bhq_groups.inv_cbrt computes it (its docstring: a subnormal b
+ * scaled by 2^54 first and its result by 2^18, the first guess from the bits, INV_CBRT_STEPS Newton steps y + y ((1 - (b y)(y y)) THIRD), each
  * operation rounded as IEEE float64 arithmetic rounds it). The floor division of the bits
  * is Python's (toward -inf). */
 #define INV_CBRT_MAGIC 0x553EF0FF289DD796LL
 #define INV_CBRT_STEPS 4
 #define INV_CBRT_THIRD (1.0 / 3.0)
 static double inv_cbrt(double b) {
+    const int small = b < DBL_MIN;  /* subnormal: b 2^54 (exact), the result times 2^18 (exact) */
+    if (small) b = b * 18014398509481984.0;  /* 2^54 */
     int64_t bits, yb;
     memcpy(&bits, &b, sizeof bits);
     int64_t q = bits / 3;
@@ -207,7 +209,7 @@ static double inv_cbrt(double b) {
     double y;
     memcpy(&y, &yb, sizeof y);
     for (int i = 0; i < INV_CBRT_STEPS; i++) y = y + y * ((1.0 - (b * y) * (y * y)) * INV_CBRT_THIRD);
-    return y;
+    return small ? y * 262144.0 : y;  /* 2^18 */
 }
 
 /* The vectors and scales (lowbit.kernels.bhq_groups._scales_of), rows in sorted order (the

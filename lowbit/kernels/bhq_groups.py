@@ -95,21 +95,28 @@ def householder_absmax(g: torch.Tensor) -> torch.Tensor:
 INV_CBRT_MAGIC = 0x553EF0FF289DD796  # the first guess's constant (float64 bits)
 INV_CBRT_STEPS = 4  # Newton steps: a first guess within 3.5% reaches ~1e-19 after four (e → −2e²)
 INV_CBRT_THIRD = 1 / 3  # (the float64 nearest 1/3)
+INV_CBRT_TINY = torch.finfo(torch.float64).tiny  # below it (subnormal), the base is scaled by 2⁵⁴ first
 
 
 def inv_cbrt(b: torch.Tensor) -> torch.Tensor:
-    """``b^(−1/3)`` of contiguous float64 ``b`` (> 0, normal; other values give some number
-    BHQ never uses), elementwise: a first guess from the bits (``INV_CBRT_MAGIC − bits //
-    3``, within 3.5%), then :data:`INV_CBRT_STEPS` Newton steps
-    ``y ← y + y·((1 − (b·y)·(y·y))·INV_CBRT_THIRD)``, each operation rounded as IEEE
-    float64 arithmetic rounds it (no division) — so the C kernel (``bhq_groups.c``'s
-    ``inv_cbrt``) and torch on any device give the same bits. Within 1 ulp of the true
-    cube root's inverse over float64's normal range (checked against 60-digit decimals in
-    ``tests/core/test_bhq_groups.py``; ``b·y`` and ``y·y`` stay normal there)."""
+    """``b^(−1/3)`` of contiguous float64 ``b`` (> 0, subnormals included; other values give
+    some number BHQ never uses), elementwise: a subnormal ``b`` (below float64's smallest
+    normal: a float64 operand's subnormal range, or a small row's floored base divided by
+    ``g − 1``) is taken as ``b·2⁵⁴`` and its result times ``2¹⁸``, both exact (the first
+    guess assumes a normal number: a review found the large row's scale 3,250× too small
+    there); then a first guess from the bits (``INV_CBRT_MAGIC − bits // 3``, within 3.5%)
+    and :data:`INV_CBRT_STEPS` Newton steps ``y ← y + y·((1 − (b·y)·(y·y))·INV_CBRT_THIRD)``,
+    each operation rounded as IEEE float64 arithmetic rounds it (no division) — so the C
+    kernel (``bhq_groups.c``'s ``inv_cbrt``) and torch on any device give the same bits.
+    Within 1 ulp of the true cube root's inverse from the smallest subnormal to float64's
+    largest value (checked against 60-digit decimals in ``tests/core/test_bhq_groups.py``;
+    ``b·y`` and ``y·y`` stay normal there)."""
+    small = b < INV_CBRT_TINY
+    b = torch.where(small, b * 2.0**54, b)
     y = (INV_CBRT_MAGIC - b.view(torch.int64).div(3, rounding_mode="floor")).view(torch.float64)
     for _ in range(INV_CBRT_STEPS):
         y = y + y * ((1 - (b * y) * (y * y)) * INV_CBRT_THIRD)
-    return y
+    return torch.where(small, y * 2.0**18, y)
 
 
 def csr_index(group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -382,9 +382,11 @@ static inline void sums_inverse_band(const float *y, int64_t ldy, const float *s
 
 /* BHQ's inverse with its own group sums, group by group: out = S^-1 (y - 2 v dots[group])
  * with dots[j, :] = sum over group j's rows of v[r] * y[r, :] (lowbit_bhq_group_sums' order
- * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group, its columns in
- * bands of 64 (sums_inverse_band: four sums in registers, then the band's rows while they
- * are in cache): y read from memory once, no dots written. (Until 2026-12-06 a task was a
+ * and arithmetic, then lowbit_bhq_inverse_rows'), each task one group's band of 64
+ * columns (sums_inverse_band: four sums in registers, then the band's rows while they
+ * are in cache; a group of nearly all rows — one spike row — still goes to every thread,
+ * which a task per whole group did not: 2x the time, a review): y read from memory once,
+ * no dots written. (Until 2026-12-06 a task was a
  * group and a band of 256 columns whose sums lived in an array on the stack: 1.25x the
  * time, docs/benchmarks.md "BHQ's sums in registers…".) y, out float32 row-major with row
  * strides ldy, ldo (out == y: in place); s, v2 (= 2 v), v (rows,) float32; the groups' CSR
@@ -392,14 +394,15 @@ static inline void sums_inverse_band(const float *y, int64_t ldy, const float *s
 void lowbit_bhq_sums_inverse(const float *y, int64_t cols, int64_t ldy, const float *s, const float *v,
                              const float *v2, const int64_t *crow, const int64_t *members, int64_t n_groups,
                              float *out, int64_t ldo, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n_groups; j++)
-        for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-            if (cols - c0 >= 64)  /* (a constant width: the masks fold away) */
-                sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, 64, out, ldo);
-            else
-                sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, cols - c0, out, ldo);
-        }
+    const int64_t bands = (cols + 63) / 64;
+#pragma omp parallel for num_threads(threads) schedule(guided)
+    for (int64_t task = 0; task < n_groups * bands; task++) {  /* a group's band: one group of all rows still splits */
+        const int64_t j = task / bands, c0 = (task % bands) * 64;
+        if (cols - c0 >= 64)  /* (a constant width: the masks fold away) */
+            sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, 64, out, ldo);
+        else
+            sums_inverse_band(y, ldy, s, v, v2, members + crow[j], members + crow[j + 1], c0, cols - c0, out, ldo);
+    }
 }
 
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,

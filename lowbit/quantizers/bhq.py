@@ -211,6 +211,15 @@ class BlockHouseholder(RowTransform):
         # products), for the fields they were made from: see weights()
         self._weights = None if derived is None else (self._weights_key(), *derived)
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) keeps neither memo: its
+        tensors are new objects whose versions say nothing of the original's (a copy of a
+        transform changed in place carried the version its kept ``v·s`` was made at: stale,
+        a review), so its index is checked again and ``v·s``, ``2v`` computed again."""
+        state = self.__dict__.copy()
+        state.update(_weights=None, _index_memo=None, _library_built=False)
+        return state
+
     def _weights_key(self) -> tuple | None:
         """``scale`` and ``v`` themselves (held: no other tensor takes their ``id``) and their
         versions; None for an inference tensor, which keeps no version (then nothing is

@@ -4,7 +4,9 @@ same transform."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 
@@ -46,9 +48,10 @@ def _same(got: bhq_groups.Groups, want: bhq_groups.Groups) -> None:
 
 def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
     """The scales' power (·)^(−1/3) (``inv_cbrt``: a first guess from the bits, four Newton
-    steps of IEEE operations) against 60-digit decimals over float64's normal range — the
-    smallest and largest normal, powers of two and of three, exact cubes, random bases of
-    every exponent: within 1 ulp (ATen's ``pow(b, -1/3)``, the definition until
+    steps of IEEE operations) against 60-digit decimals over float64's range — the smallest
+    and largest normal, subnormals (a float64 operand's subnormal ranges, a small row's
+    floored base over ``g − 1``: a review found them far off before they were scaled),
+    powers of two and of three, exact cubes, random bases of every exponent: within 1 ulp (ATen's ``pow(b, -1/3)``, the definition until
     2026-12-06, was up to ~120 ulp off at the range's ends: its exponent is not −1/3)."""
     from decimal import Decimal, getcontext
     import math
@@ -56,10 +59,11 @@ def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
     getcontext().prec = 60
     g = torch.Generator().manual_seed(0)
     f = torch.finfo(torch.float64)
-    special = [f.tiny, f.max, 1.0, 8.0, 27.0, 0.125, 2.0**-1022 * 3, 2.0**1000, 3.0**600, 3.0**-600, 1e-300, 1e300]
-    rand = torch.exp2(torch.rand(1500, generator=g, dtype=torch.float64) * 2040 - 1020) \
+    special = [f.tiny, f.max, 1.0, 8.0, 27.0, 0.125, 2.0**-1022 * 3, 2.0**1000, 3.0**600, 3.0**-600, 1e-300, 1e300,
+               5e-324, 1e-315, 1e-310, f.tiny / 2, f.tiny / 3, f.tiny * (1 - 2.0**-52)]  # subnormals (a review)
+    rand = torch.exp2(torch.rand(1500, generator=g, dtype=torch.float64) * 2090 - 1070) \
         * (1 + torch.rand(1500, generator=g, dtype=torch.float64))
-    b = torch.cat([torch.tensor(special, dtype=torch.float64), rand.clamp(f.tiny, f.max)])
+    b = torch.cat([torch.tensor(special, dtype=torch.float64), rand.clamp(5e-324, f.max)])
     y = bhq_groups.inv_cbrt(b)
     for bi, yi in zip(b.tolist(), y.tolist(), strict=True):
         exact = Decimal(bi) ** (Decimal(-1) / Decimal(3))
@@ -174,6 +178,11 @@ def test_kept_weights_follow_the_fields() -> None:
         e = bhq.bhq_transform(x, k, entries=8)
         part = e.entries(32, 96)
         assert check(part)[0] is part.weights()[0]
+        t = bhq.bhq_transform(x, k)
+        t.scale.mul_(2)  # then copied: the copy's versions say nothing of the original's (a review)
+        for c in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+            check(c)
+            assert c.index_ok(x.shape[0])
         with torch.inference_mode():
             ti = bhq.bhq_transform(x.clone(), k)
             check(ti)

@@ -221,6 +221,42 @@ def test_mixed_pair_keeps_a_subclass_s_own_transform_and_quantize(monkeypatch: p
     assert torch.equal(gen.get_state(), state)
 
 
+def test_attention_pair_keeps_a_transform_whose_pair_takes_no_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BHQ transform subclass whose ``forward_quantize_pair`` has the signature before
+    ``entries`` (linear layers call it so) is not handed attention's ``entries`` (a
+    ``TypeError`` in the backward, which trained before: a review): attention's two
+    quantizations are made apart, bitwise the separate calls."""
+    import lowbit.attention as att
+    from lowbit.quantizers import QUANTIZERS
+    from lowbit.quantizers.bhq import BHQ, BlockHouseholder
+
+    class PairOld(BlockHouseholder):
+        def forward_quantize_pair(self, x, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w,  # noqa: ANN001, ANN201
+                                  seed_w):
+            return super().forward_quantize_pair(x, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w)
+
+    class MyBHQ(BHQ):
+        name = "my_bhq"
+
+        def entry_transform(self, a, entries, generator, kernels=None):  # noqa: ANN001, ANN201
+            t = super().entry_transform(a, entries, generator, kernels)
+            t.__class__ = PairOld
+            return t
+
+    monkeypatch.setitem(QUANTIZERS, "my_bhq", MyBHQ())
+    g = torch.randn(3, 16, 8) * torch.exp(torch.randn(3, 16, 1))
+    k = kernels_for(Backend.AUTO, g.device)
+    spec_a, spec_w = GradSpec(quantizer="my_bhq"), GradSpec()
+    pair = quantize_grad_pair_mixed(g.reshape(-1, 8), spec_a, torch.Generator().manual_seed(1), spec_w,
+                                    torch.Generator().manual_seed(2), k, entries=3)
+    want_a = att.grad_operand(g, spec_a, torch.Generator().manual_seed(1), Backend.AUTO)
+    want_w = att.grad_operand_t(g, spec_w, torch.Generator().manual_seed(2), Backend.AUTO)
+    assert pair is not None and isinstance(pair[0].transform, PairOld)
+    for got, want in zip(pair, (want_a, want_w), strict=True):
+        assert torch.equal(got.codes, want.codes.reshape(got.codes.shape)) \
+            and torch.equal(got.scale.reshape(-1), want.step.reshape(-1))
+
+
 @pytest.mark.parametrize("grad_input, user", [("bhq", "own quantize"), ("psq", "own quantize"),
                                               ("bhq", "own transform"), ("psq", "own transform"),
                                               ("users", "own forward_quantize"), ("bhq", "instance's quantize"),
