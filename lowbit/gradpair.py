@@ -153,11 +153,23 @@ def _pairs_columns(t: object) -> bool:
         and "forward_quantize" not in getattr(t, "__dict__", {})
 
 
-@functools.cache
+def _pair_takes_entries(t: object) -> bool:
+    """Whether the ``forward_quantize_pair`` that ``t.forward_quantize_pair(…)`` calls takes
+    ``entries``: an instance's own (checked each time: a cache would keep the instance
+    alive), else its class's (cached)."""
+    own = getattr(t, "__dict__", {}).get("forward_quantize_pair")
+    return _takes_entries(own) if own is not None else _class_takes_entries(type(t).forward_quantize_pair)
+
+
 def _takes_entries(fn: object) -> bool:
-    """Whether ``fn`` (a transform's ``forward_quantize_pair``) takes ``entries``."""
-    params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+    try:
+        params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no signature to read (a builtin): do not hand it one
+        return False
     return "entries" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+_class_takes_entries = functools.cache(_takes_entries)
 
 
 def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: int, k: Kernels
@@ -279,7 +291,7 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     if drawn_w is None:
         drawn_w = draw(gy, spec_w, gen_w, rows_w, k)  # type: ignore[arg-type]
     gran_w, rnd_w, seed_w, t_w = drawn_w
-    if not _pairs_columns(t) or (entries is not None and not _takes_entries(type(t).forward_quantize_pair)):
+    if not _pairs_columns(t) or (entries is not None and not _pair_takes_entries(t)):
         # a subclass's own transform, or its forward_quantize_pair of the signature before
         # entries (attention never called it then: a review): the two quantizations apart, as drawn
         enc_a = t.forward_quantize(gy, spec_a.format, q.granularity, spec_a.rounding, seed_a)

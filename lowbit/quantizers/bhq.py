@@ -179,6 +179,23 @@ register("bhq_entry_groups", Impl.REFERENCE, bhq_groups.entry_reference)
 register("bhq_entry_groups", Impl.NATIVE, bhq_groups.run_entries, ("cpu",), bhq_groups.supports_entries)
 
 
+def _state(a: object) -> tuple | None:
+    """What an in-place write, a ``.data`` swap or a replacement changes about a field: the
+    tensor itself (held), its version, storage and shape; None for what keeps no version (an
+    inference tensor) or is not a strided tensor (then nothing is memoized on it)."""
+    if not isinstance(a, torch.Tensor) or a.layout != torch.strided or a.is_inference():
+        return None
+    return (a, a._version, a.data_ptr(), a.shape)
+
+
+def _same_state(a: object, st: tuple | None) -> bool:
+    """Whether ``a`` is still the field :func:`_state` saw as ``st``. (A write through
+    ``.data`` into the same storage moves nothing it reads: as for any tensor, it is not
+    seen.)"""
+    return st is not None and a is st[0] and a._version == st[1] and a.data_ptr() == st[2] \
+        and a.shape == st[3]  # type: ignore[attr-defined]
+
+
 class BlockHouseholder(RowTransform):
     """Per-row scale ``s`` and Householder vector entries ``v`` with group ids.
 
@@ -221,19 +238,16 @@ class BlockHouseholder(RowTransform):
         return state
 
     def _weights_key(self) -> tuple | None:
-        """``scale`` and ``v`` themselves (held: no other tensor takes their ``id``) and their
-        versions; None for an inference tensor, which keeps no version (then nothing is
-        kept)."""
-        if self.scale.is_inference() or self.v.is_inference():
-            return None
-        return (self.scale, self.scale._version, self.v, self.v._version)
+        """:func:`_state` of ``scale`` and ``v`` (None where either keeps none: then nothing
+        is kept)."""
+        key = (_state(self.scale), _state(self.v))
+        return None if None in key else key
 
     def _kept_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The construction's ``(v·s, 2v)`` while ``scale`` and ``v`` are the tensors they
-        were made from, unchanged; else None."""
+        were made from, unchanged (:func:`_same_state`); else None."""
         key = None if self._weights is None else self._weights[0]
-        if key is None or key[0] is not self.scale or key[2] is not self.v \
-                or key[1] != self.scale._version or key[3] != self.v._version:
+        if key is None or not (_same_state(self.scale, key[0]) and _same_state(self.v, key[1])):
             return None
         return self._weights[1], self._weights[2]  # type: ignore[index]
 
@@ -265,29 +279,35 @@ class BlockHouseholder(RowTransform):
         if not self._memo_holds():
             ok = self._check_index()
             self._index_memo = (self._signature(), ok)  # (csr() may have made the index)
+            self._library_built = False  # the memo is now a check's, not the construction's (a review)
         return self._index_memo[1] and self.n_rows == n_rows  # type: ignore[index]
 
+    def _parts(self) -> tuple:
+        return (self.scale, self.v, self.group, *(self._csr or ()))
+
     def _signature(self) -> tuple | None:
-        """The fields :meth:`index_ok` reads: the sizes, the tensors themselves (held, so no
-        other object takes their ``id``: a replaced field freed and its id reused passed for
-        the old one, a review) and their versions; None where one is an inference tensor,
-        which keeps no version (then nothing is memoized: it is checked each time)."""
-        parts = (self.scale, self.v, self.group, *(self._csr or ()))
-        if any(isinstance(a, torch.Tensor) and a.is_inference() for a in parts):
-            return None
-        return (self.n_rows, self.n_groups, self.entry_groups, parts,
-                tuple(a._version if isinstance(a, torch.Tensor) else None for a in parts))
+        """The fields :meth:`index_ok` reads: the sizes and each tensor's :func:`_state`
+        (the tensor itself — held, so no other object takes its ``id``: a replaced field
+        freed and its id reused passed for the old one, a review — its version, storage and
+        shape); None where a field keeps no state (an inference tensor keeps no version:
+        then nothing is memoized, it is checked each time)."""
+        states = tuple(_state(a) for a in self._parts())
+        return None if None in states else (self.n_rows, self.n_groups, self.entry_groups, states)
 
     def _memo_holds(self) -> bool:
         """Whether :meth:`index_ok`'s memo is for the fields as they are now: the same
-        sizes, the same objects (``is``), the same versions."""
+        sizes, and each field the same object, version, storage and shape."""
         memo = self._index_memo
-        if memo is None or memo[0] is None:
+        sig = None if memo is None else memo[0]
+        if sig is None or sig[0] != self.n_rows or sig[1] != self.n_groups or sig[2] != self.entry_groups:
             return False
-        now = self._signature()
-        old = memo[0]
-        return now is not None and now[:3] == old[:3] and len(now[3]) == len(old[3]) \
-            and all(a is b for a, b in zip(now[3], old[3])) and now[4] == old[4]
+        parts, states = self._parts(), sig[3]
+        if len(parts) != len(states):
+            return False
+        for a, st in zip(parts, states):
+            if not _same_state(a, st):
+                return False
+        return True
 
     def _check_index(self) -> bool:
         n, g = self.n_rows, self.n_groups

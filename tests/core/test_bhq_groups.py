@@ -51,7 +51,7 @@ def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
     steps of IEEE operations) against 60-digit decimals over float64's range — the smallest
     and largest normal, subnormals (a float64 operand's subnormal ranges, a small row's
     floored base over ``g − 1``: a review found them far off before they were scaled),
-    powers of two and of three, exact cubes, random bases of every exponent: within 1 ulp (ATen's ``pow(b, -1/3)``, the definition until
+    powers of two and of three, exact cubes, random bases of every exponent: the correctly rounded value or its neighbour (ATen's ``pow(b, -1/3)``, the definition until
     2026-12-06, was up to ~120 ulp off at the range's ends: its exponent is not −1/3)."""
     from decimal import Decimal, getcontext
     import math
@@ -60,14 +60,15 @@ def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
     g = torch.Generator().manual_seed(0)
     f = torch.finfo(torch.float64)
     special = [f.tiny, f.max, 1.0, 8.0, 27.0, 0.125, 2.0**-1022 * 3, 2.0**1000, 3.0**600, 3.0**-600, 1e-300, 1e300,
-               5e-324, 1e-315, 1e-310, f.tiny / 2, f.tiny / 3, f.tiny * (1 - 2.0**-52)]  # subnormals (a review)
+               5e-324, 1e-315, 1e-310, f.tiny / 2, f.tiny / 3, f.tiny * (1 - 2.0**-52),  # subnormals (a review)
+               9.880218568103649, 1.513443244641586e-308]  # a neighbour of the correctly rounded value
     rand = torch.exp2(torch.rand(1500, generator=g, dtype=torch.float64) * 2090 - 1070) \
         * (1 + torch.rand(1500, generator=g, dtype=torch.float64))
     b = torch.cat([torch.tensor(special, dtype=torch.float64), rand.clamp(5e-324, f.max)])
     y = bhq_groups.inv_cbrt(b)
     for bi, yi in zip(b.tolist(), y.tolist(), strict=True):
-        exact = Decimal(bi) ** (Decimal(-1) / Decimal(3))
-        assert abs(Decimal(yi) - exact) <= Decimal(math.ulp(float(exact))), (bi, yi)
+        rounded = float(Decimal(bi) ** (Decimal(-1) / Decimal(3)))  # the correctly rounded value
+        assert abs(yi - rounded) <= math.ulp(rounded), (bi, yi)  # it or a neighbour (a review: not always it)
     assert bhq_groups.inv_cbrt(torch.tensor([8.0, 0.125], dtype=torch.float64)).tolist() == [0.5, 2.0]
     # elementwise: an element's value does not depend on where it sits (ATen's pow did)
     assert torch.equal(bhq_groups.inv_cbrt(b[7:].clone()), y[7:])
@@ -188,6 +189,32 @@ def test_kept_weights_follow_the_fields() -> None:
             check(ti)
             ti.scale.mul_(2)
             check(ti)
+
+
+def test_index_check_follows_swaps_and_parts_of_a_failed_check() -> None:
+    """The C kernels index rows by a transform's groups only while its memoized check holds:
+    a field's contents swapped through ``.data`` (its version does not move) is checked
+    again, and a whole-entry part of a transform whose re-check failed is not trusted as
+    built (both passed, and the kernels read outside the tensors: a review); the kept
+    ``v·s`` follows a ``.data`` swap of ``scale`` too."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 6, generator=g) * torch.exp(torch.randn(8, 1, generator=g) * 2)
+    t = bhq.bhq_transform(x, AUTO)
+    assert t.index_ok(8)
+    crow, members = t.csr()
+    members.data = torch.full_like(members, 10**9)
+    assert not t.index_ok(8)
+    t = bhq.bhq_transform(x, AUTO)
+    t.scale.data = t.scale.clone() * 2
+    w, v2 = t.weights()
+    assert torch.equal(w, t.v * t.scale) and torch.equal(v2, 2 * t.v)
+    t = bhq.bhq_transform(x, AUTO, entries=2)
+    crow, members = t.csr()
+    members[1] = 10**9
+    assert not t.index_ok(8)
+    assert not t.entries(0, 4).index_ok(4)  # the part holding the bad member
+    other = t.entries(4, 8)  # (its own slice of the index is whole: checked, not trusted)
+    assert not other._library_built and other.index_ok(4) == other._check_index()
 
 
 def test_degenerate_operands_are_groups_of_one() -> None:

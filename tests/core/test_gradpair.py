@@ -243,18 +243,29 @@ def test_attention_pair_keeps_a_transform_whose_pair_takes_no_entries(monkeypatc
             t.__class__ = PairOld
             return t
 
+    class InstanceOld(BHQ):  # the old signature as the instance's own attribute (a review)
+        name = "instance_old"
+
+        def entry_transform(self, a, entries, generator, kernels=None):  # noqa: ANN001, ANN201
+            t = super().entry_transform(a, entries, generator, kernels)
+            base = t.forward_quantize_pair
+            t.forward_quantize_pair = lambda x, fa, ga, ra, sa, fw, gw, rw, sw: base(x, fa, ga, ra, sa, fw, gw, rw, sw)
+            return t
+
     monkeypatch.setitem(QUANTIZERS, "my_bhq", MyBHQ())
+    monkeypatch.setitem(QUANTIZERS, "instance_old", InstanceOld())
     g = torch.randn(3, 16, 8) * torch.exp(torch.randn(3, 16, 1))
     k = kernels_for(Backend.AUTO, g.device)
-    spec_a, spec_w = GradSpec(quantizer="my_bhq"), GradSpec()
-    pair = quantize_grad_pair_mixed(g.reshape(-1, 8), spec_a, torch.Generator().manual_seed(1), spec_w,
-                                    torch.Generator().manual_seed(2), k, entries=3)
-    want_a = att.grad_operand(g, spec_a, torch.Generator().manual_seed(1), Backend.AUTO)
-    want_w = att.grad_operand_t(g, spec_w, torch.Generator().manual_seed(2), Backend.AUTO)
-    assert pair is not None and isinstance(pair[0].transform, PairOld)
-    for got, want in zip(pair, (want_a, want_w), strict=True):
-        assert torch.equal(got.codes, want.codes.reshape(got.codes.shape)) \
-            and torch.equal(got.scale.reshape(-1), want.step.reshape(-1))
+    for name in ("my_bhq", "instance_old"):
+        spec_a, spec_w = GradSpec(quantizer=name), GradSpec()
+        pair = quantize_grad_pair_mixed(g.reshape(-1, 8), spec_a, torch.Generator().manual_seed(1), spec_w,
+                                        torch.Generator().manual_seed(2), k, entries=3)
+        want_a = att.grad_operand(g, spec_a, torch.Generator().manual_seed(1), Backend.AUTO)
+        want_w = att.grad_operand_t(g, spec_w, torch.Generator().manual_seed(2), Backend.AUTO)
+        assert pair is not None and isinstance(pair[0].transform, PairOld if name == "my_bhq" else BlockHouseholder)
+        for got, want in zip(pair, (want_a, want_w), strict=True):
+            assert torch.equal(got.codes, want.codes.reshape(got.codes.shape)) \
+                and torch.equal(got.scale.reshape(-1), want.step.reshape(-1))
 
 
 @pytest.mark.parametrize("grad_input, user", [("bhq", "own quantize"), ("psq", "own quantize"),
