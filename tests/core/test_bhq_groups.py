@@ -46,7 +46,7 @@ def _same(got: bhq_groups.Groups, want: bhq_groups.Groups) -> None:
     assert torch.equal(want.w, want.v * want.scale) and torch.equal(want.v2, 2 * want.v)
 
 
-def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
+def test_inv_cbrt_is_the_cube_root_rounded_or_its_neighbour() -> None:
     """The scales' power (·)^(−1/3) (``inv_cbrt``: a first guess from the bits, four Newton
     steps of IEEE operations) against 60-digit decimals over float64's range — the smallest
     and largest normal, subnormals (a float64 operand's subnormal ranges, a small row's
@@ -62,8 +62,8 @@ def test_inv_cbrt_is_within_one_ulp_of_the_cube_root() -> None:
     special = [f.tiny, f.max, 1.0, 8.0, 27.0, 0.125, 2.0**-1022 * 3, 2.0**1000, 3.0**600, 3.0**-600, 1e-300, 1e300,
                5e-324, 1e-315, 1e-310, f.tiny / 2, f.tiny / 3, f.tiny * (1 - 2.0**-52),  # subnormals (a review)
                9.880218568103649, 1.513443244641586e-308]  # a neighbour of the correctly rounded value
-    rand = torch.exp2(torch.rand(1500, generator=g, dtype=torch.float64) * 2090 - 1070) \
-        * (1 + torch.rand(1500, generator=g, dtype=torch.float64))
+    rand = torch.exp2(torch.rand(600, generator=g, dtype=torch.float64) * 2090 - 1070) \
+        * (1 + torch.rand(600, generator=g, dtype=torch.float64))
     b = torch.cat([torch.tensor(special, dtype=torch.float64), rand.clamp(5e-324, f.max)])
     y = bhq_groups.inv_cbrt(b)
     for bi, yi in zip(b.tolist(), y.tolist(), strict=True):
