@@ -207,8 +207,7 @@ class BlockHouseholder(RowTransform):
 
     def __init__(self, scale: torch.Tensor, v: torch.Tensor, group: torch.Tensor, n_groups: int,
                  kernels: Kernels | None = None, csr: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 entry_groups: tuple[int, ...] | None = None,
-                 derived: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 entry_groups: tuple[int, ...] | None = None):
         self.n_rows = scale.shape[0]
         self.scale = scale  # (N,) in the compute dtype (float32; float64 for float64 input)
         self.v = v  # (N,) same dtype, 0 for groups of one
@@ -224,9 +223,18 @@ class BlockHouseholder(RowTransform):
         # bhq_transform, which builds the index so (_built)
         self._index_memo: tuple[tuple, bool] | None = None
         self._library_built = False
-        # (v·s, 2v) as the construction made them (``derived``, the same bits as torch's
+        # (v·s, 2v) as the construction made them (_keep: the same bits as torch's
         # products), for the fields they were made from: see weights()
-        self._weights = None if derived is None else (self._weights_key(), *derived)
+        self._weights: tuple | None = None
+
+    def _keep(self, derived: tuple[torch.Tensor, torch.Tensor] | None) -> BlockHouseholder:
+        """Keep the construction's ``(v·s, 2v)`` for :meth:`weights` (lowbit's own
+        construction only: not a constructor argument, which a user could hand values of
+        another length the kernels then read past)."""
+        if derived is not None and all(d.shape == self.scale.shape and d.dtype == self.scale.dtype
+                                       and d.device == self.scale.device for d in derived):
+            self._weights = (self._weights_key(), *derived)
+        return self
 
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, pickle, ``torch.save``) keeps neither memo: its
@@ -370,8 +378,8 @@ class BlockHouseholder(RowTransform):
         kept = self._kept_weights()
         part = BlockHouseholder(self.scale[lo:hi], self.v[lo:hi], self.group[lo:hi] - g0, g1 - g0, self.kernels,
                                 (crow[g0:g1 + 1] - m0, members[m0:m1] - lo),
-                                self.entry_groups[lo // er:hi // er],  # type: ignore[index]
-                                None if kept is None else (kept[0][lo:hi], kept[1][lo:hi]))
+                                self.entry_groups[lo // er:hi // er])._keep(  # type: ignore[index]
+                                    None if kept is None else (kept[0][lo:hi], kept[1][lo:hi]))
         if self._library_built and self._memo_holds():
             _built(part)  # a whole-entry part of a library-built index, unchanged since, is one
         return part
@@ -481,7 +489,7 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
             groups = k.run("bhq_entry_groups", lam, entries, dt)
         csr = None if groups.crow is None else (groups.crow, groups.members)
         return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
-                                       groups.entry_groups, _derived(groups)))
+                                       groups.entry_groups)._keep(_derived(groups)))
     lam = row_absmax(a, kernels).double()  # (N,)
     top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
     if n <= 1 or not math.isfinite(top) or top <= 0:
@@ -492,8 +500,8 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
     k = kernels or kernels_for(Backend.REFERENCE, dev)
     groups = k.run("bhq_groups", lam, dt)
     csr = None if groups.crow is None else (groups.crow, groups.members)
-    return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
-                                   derived=_derived(groups)))
+    return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels,
+                                   csr)._keep(_derived(groups)))
 
 
 def _derived(groups: object) -> tuple[torch.Tensor, torch.Tensor] | None:
