@@ -108,6 +108,7 @@ _SIGNATURES = {
     "lowbit_bhq_absmax": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I],
     "lowbit_bhq_inverse_rows": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I],
     "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
+    "lowbit_csr_ok": [_P, _P, _I64, _I64],
     "lowbit_bhq_sums_inverse": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I],
     "lowbit_bhq_group_quantize": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, ctypes.c_double,
                                   ctypes.c_double, _U32, _I, _F, _P, _P, _P, _I64, _P, _I],
@@ -120,7 +121,20 @@ _SIGNATURES = {
     "lowbit_dequantize_rows": [_P, _I64, _I64, _P, _I, _P, _I],
 }
 _RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int,
-             "lowbit_had_forward": ctypes.c_int}
+             "lowbit_had_forward": ctypes.c_int, "lowbit_csr_ok": ctypes.c_int}
+
+
+def _check_csr(lib: ctypes.CDLL, crow: torch.Tensor, members: torch.Tensor, n_groups: int, rows: int) -> None:
+    """``RuntimeError`` unless the C kernels may read ``rows`` rows through the CSR index
+    (``lowbit_csr_ok``: O(N + G) before each kernel that indexes by it; contiguous int64
+    ``crow`` of at least ``n_groups + 1`` and ``members`` of ``rows`` entries, as
+    ``BlockHouseholder.index_ok`` checked their shapes). A value changed where no version
+    counter sees it (through ``.data`` or ``.numpy()``) made a kernel read and write
+    outside its tensors (a review): now it is refused."""
+    if not lib.lowbit_csr_ok(crow.data_ptr(), members.data_ptr(), n_groups, rows):
+        raise RuntimeError("lowbit: a BHQ transform's group index (crow, members) was changed where its version "
+                           "counter does not see it (through .data or .numpy()); its C kernels cannot read rows "
+                           "through it. Build the transform again (lowbit.quantizers.bhq.bhq_transform)")
 # the operand dtypes the C code reads (each converted to float32 exactly, as the
 # reference's x.to(float32)), by the code it takes
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -1036,6 +1050,7 @@ def _bhq_group_quantize(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scal
     else None). ``v2``: ``2 * v`` where the caller has it."""
     r, d = x.shape
     w, scale, crow, members = w.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
+    _check_csr(lib, crow, members, n_groups, r)
     v2 = (2 * v if v2 is None else v2).contiguous()  # the reference's 2 * v[:, None], exact
     codes = torch.empty(r, d, dtype=torch.int8, device="cpu")
     step = torch.empty(r, 1, dtype=torch.float32, device="cpu")
@@ -1187,6 +1202,7 @@ def _bhq_sums_inverse(lib: ctypes.CDLL, y: torch.Tensor, v: torch.Tensor, scale:
                       threads: int, v2: torch.Tensor | None = None) -> torch.Tensor:
     r, d = y.shape
     v, scale, crow, members = v.contiguous(), scale.contiguous(), crow.contiguous(), members.contiguous()
+    _check_csr(lib, crow, members, n_groups, r)
     v2 = (2 * v if v2 is None else v2).contiguous()  # the reference's 2 * v[:, None], exact
     out = y if overwrite else torch.empty(r, d, dtype=torch.float32, device="cpu")
     lib.lowbit_bhq_sums_inverse(y.data_ptr(), d, y.stride(0) if r > 1 else d, scale.data_ptr(), v.data_ptr(),
@@ -1257,6 +1273,7 @@ def _bhq_group_sums(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, crow: to
                     members: torch.Tensor, n_groups: int, threads: int) -> torch.Tensor:
     d = x.shape[1]
     w, crow, members = w.contiguous(), crow.contiguous(), members.contiguous()
+    _check_csr(lib, crow, members, n_groups, x.shape[0])
     dots = torch.empty(n_groups, d, dtype=torch.float32, device="cpu")
     lib.lowbit_bhq_group_sums(x.data_ptr(), DTYPES[x.dtype], d, x.stride(0) if x.shape[0] > 1 else d,
                               w.data_ptr(), crow.data_ptr(), members.data_ptr(), n_groups, dots.data_ptr(),

@@ -181,19 +181,22 @@ register("bhq_entry_groups", Impl.NATIVE, bhq_groups.run_entries, ("cpu",), bhq_
 
 def _state(a: object) -> tuple | None:
     """What an in-place write, a ``.data`` swap or a replacement changes about a field: the
-    tensor itself (held), its version, storage and shape; None for what keeps no version (an
-    inference tensor) or is not a strided tensor (then nothing is memoized on it)."""
+    tensor itself and its storage (both held: no other tensor or buffer takes their ``id``
+    or address while the memo lives), its version, address, shape, strides and dtype; None
+    for what keeps no version (an inference tensor) or is not a strided tensor (then
+    nothing is memoized on it)."""
     if not isinstance(a, torch.Tensor) or a.layout != torch.strided or a.is_inference():
         return None
-    return (a, a._version, a.data_ptr(), a.shape)
+    return (a, a._version, a.data_ptr(), a.shape, a.stride(), a.dtype, a.untyped_storage())
 
 
 def _same_state(a: object, st: tuple | None) -> bool:
     """Whether ``a`` is still the field :func:`_state` saw as ``st``. (A write through
-    ``.data`` into the same storage moves nothing it reads: as for any tensor, it is not
-    seen.)"""
+    ``.data`` or ``.numpy()`` into the same storage moves nothing it reads: as for any
+    tensor, it is not seen — the C kernels bound-check the index they read rows through
+    each call, ``lowbit.kernels.avx512._check_csr``.)"""
     return st is not None and a is st[0] and a._version == st[1] and a.data_ptr() == st[2] \
-        and a.shape == st[3]  # type: ignore[attr-defined]
+        and a.shape == st[3] and a.stride() == st[4] and a.dtype == st[5]  # type: ignore[attr-defined]
 
 
 class BlockHouseholder(RowTransform):

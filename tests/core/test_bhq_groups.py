@@ -17,6 +17,12 @@ from lowbit.kernels import Backend, Impl, bhq_groups, cbuild, kernels_for
 from lowbit.quantizers import bhq
 
 needs_kernel = pytest.mark.skipif(not bhq_groups.available(), reason="no C compiler for the BHQ group kernel")
+
+
+def avx512_available() -> bool:
+    from lowbit.kernels import avx512
+
+    return avx512.available()
 AUTO, REF = kernels_for(Backend.AUTO, "cpu"), kernels_for(Backend.REFERENCE, "cpu")
 
 
@@ -215,6 +221,49 @@ def test_index_check_follows_swaps_and_parts_of_a_failed_check() -> None:
     assert not t.entries(0, 4).index_ok(4)  # the part holding the bad member
     other = t.entries(4, 8)  # (its own slice of the index is whole: checked, not trusted)
     assert not other._library_built and other.index_ok(4) == other._check_index()
+
+
+def test_index_check_follows_a_data_swap_to_other_strides() -> None:
+    """A field swapped through ``.data`` for a view of the same address and shape but other
+    strides (lowbit's fields sit in larger storage) is checked again (it passed: a review)."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(64, 6, generator=g) * torch.exp(torch.randn(64, 1, generator=g) * 2)
+    t = bhq.bhq_transform(x, AUTO)
+    assert t.index_ok(64)
+    crow, members = t.csr()
+    members.data = members.as_strided((64,), (0,))
+    assert not t.index_ok(64)
+    t = bhq.bhq_transform(x, AUTO)
+    t.scale.data = t.scale.as_strided((64,), (0,))
+    w, _ = t.weights()
+    assert torch.equal(w, t.v * t.scale)
+
+
+WRITE_UNSEEN = """
+import torch
+from lowbit.formats import Granularity, Rounding, parse_format
+from lowbit.kernels import Backend, kernels_for
+from lowbit.quantizers import bhq
+x = torch.randn(64, 16) * torch.exp(torch.randn(64, 1) * 2)
+t = bhq.bhq_transform(x, kernels_for(Backend.AUTO, "cpu"))
+assert t.index_ok(64)
+t.csr()[1].numpy()[5] = 10**9  # no version counter sees it
+try:
+    t.forward_quantize(x, parse_format("int8"), Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+except RuntimeError as e:
+    print("refused:", "version counter does not see it" in str(e))
+"""
+
+
+@pytest.mark.skipif(not avx512_available(), reason="lowbit's AVX-512 kernels do not run here")
+def test_an_index_written_where_no_version_sees_it_is_refused_not_read() -> None:
+    """A member id written through ``.numpy()`` after the index was checked (no version
+    moves): the C kernels bound-check the index each call and refuse it with a
+    ``RuntimeError`` (they read and wrote outside their tensors: a crash, a review). In a
+    subprocess: a crash must not take the test run with it."""
+    out = subprocess.run([sys.executable, "-c", WRITE_UNSEEN], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "refused: True" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
 
 
 def test_degenerate_operands_are_groups_of_one() -> None:
