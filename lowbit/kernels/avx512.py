@@ -126,12 +126,16 @@ _RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c
 
 def _check_csr(lib: ctypes.CDLL, crow: torch.Tensor, members: torch.Tensor, n_groups: int, rows: int) -> None:
     """``RuntimeError`` unless the C kernels may read ``rows`` rows through the CSR index
-    (``lowbit_csr_ok``: O(N + G) before each kernel that indexes by it; contiguous int64
-    ``crow`` of at least ``n_groups + 1`` and ``members`` of ``rows`` entries, as
-    ``BlockHouseholder.index_ok`` checked their shapes). A value changed where no version
-    counter sees it (through ``.data`` or ``.numpy()``) made a kernel read and write
-    outside its tensors (a review): now it is refused."""
-    if not lib.lowbit_csr_ok(crow.data_ptr(), members.data_ptr(), n_groups, rows):
+    (``lowbit_csr_ok``: ``crow`` from 0 to ``rows``, non-decreasing, ``members`` each row
+    once; O(N + G) before each kernel that indexes by it; contiguous int64 ``crow`` of
+    ``n_groups + 1`` and ``members`` of ``rows`` entries, as ``BlockHouseholder.index_ok``
+    checked their shapes). A value changed where no version counter sees it (through
+    ``.data`` or ``.numpy()``) made a kernel read and write outside its tensors, or leave
+    a row's results uninitialised (reviews): now it is refused."""
+    ok = lib.lowbit_csr_ok(crow.data_ptr(), members.data_ptr(), n_groups, rows)
+    if ok < 0:
+        raise MemoryError(f"lowbit: no memory for the {rows}-byte scratch of BHQ's index check")
+    if not ok:
         raise RuntimeError("lowbit: a BHQ transform's group index (crow, members) was changed where its version "
                            "counter does not see it (through .data or .numpy()); its C kernels cannot read rows "
                            "through it. Build the transform again (lowbit.quantizers.bhq.bhq_transform)")

@@ -308,18 +308,27 @@ void lowbit_bhq_inverse_rows(const float *y, int64_t rows, int64_t cols, int64_t
     }
 }
 
-/* 1 where a kernel may read rows through the CSR index (crow (n_groups + 1,), members):
- * crow non-decreasing from >= 0 to <= n (members' length), each member read in [0, n); else
- * 0. O(N + G), run before each kernel that indexes by it: the Python side memoizes its own
- * full check on the fields' versions, which a write through .data or numpy does not move
- * (a review: such a write made a kernel read and write outside its tensors). */
+/* 1 where a kernel may read rows through the CSR index (crow (n_groups + 1,), members (n,)):
+ * crow non-decreasing from 0 to n, and members each row of [0, n) once (the kernels write
+ * only the rows they list, into fresh buffers); else 0 (or -1 where no scratch could be
+ * had). O(N + G), run before each kernel that indexes by it: the Python side memoizes its
+ * own full check on the fields' versions, which a write through .data or numpy does not
+ * move (reviews: such a write made a kernel read and write outside its tensors, or, in
+ * range, leave a row's results uninitialised). */
 int lowbit_csr_ok(const int64_t *crow, const int64_t *members, int64_t n_groups, int64_t n) {
-    if (n_groups < 0 || crow[0] < 0 || crow[n_groups] > n) return 0;
+    if (n_groups < 0 || crow[0] != 0 || crow[n_groups] != n) return 0;
     for (int64_t j = 0; j < n_groups; j++)
         if (crow[j + 1] < crow[j]) return 0;
-    for (int64_t m = crow[0]; m < crow[n_groups]; m++)
-        if ((uint64_t)members[m] >= (uint64_t)n) return 0;
-    return 1;
+    unsigned char *seen = (unsigned char *)calloc((size_t)(n > 0 ? n : 1), 1);
+    if (!seen) return -1;
+    int ok = 1;
+    for (int64_t m = 0; m < n && ok; m++) {
+        const int64_t r = members[m];
+        if ((uint64_t)r >= (uint64_t)n || seen[r]) ok = 0;
+        else seen[r] = 1;
+    }
+    free(seen);
+    return ok;
 }
 
 #define GS_BAND 256

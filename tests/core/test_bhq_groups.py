@@ -247,23 +247,29 @@ from lowbit.quantizers import bhq
 x = torch.randn(64, 16) * torch.exp(torch.randn(64, 1) * 2)
 t = bhq.bhq_transform(x, kernels_for(Backend.AUTO, "cpu"))
 assert t.index_ok(64)
-t.csr()[1].numpy()[5] = 10**9  # no version counter sees it
-try:
-    t.forward_quantize(x, parse_format("int8"), Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
-except RuntimeError as e:
-    print("refused:", "version counter does not see it" in str(e))
+crow, members = t.csr()
+keep = members.clone()
+for write in ("out of range", "a row twice"):  # no version counter sees either write
+    members.numpy()[:] = keep.numpy()
+    members.numpy()[5] = 10**9 if write == "out of range" else int(keep[6])  # (row keep[5] left out)
+    try:
+        t.forward_quantize(x, parse_format("int8"), Granularity.ROW, Rounding.NEAREST, torch.tensor(0))
+    except RuntimeError as e:
+        print(write, "refused:", "version counter does not see it" in str(e))
 """
 
 
 @pytest.mark.skipif(not avx512_available(), reason="lowbit's AVX-512 kernels do not run here")
 def test_an_index_written_where_no_version_sees_it_is_refused_not_read() -> None:
     """A member id written through ``.numpy()`` after the index was checked (no version
-    moves): the C kernels bound-check the index each call and refuse it with a
-    ``RuntimeError`` (they read and wrote outside their tensors: a crash, a review). In a
+    moves) — out of range, or a row listed twice (another left out) — the C kernels check
+    the index each call and refuse it with a ``RuntimeError`` (they read and wrote outside
+    their tensors: a crash; or left the row's results uninitialised: reviews). In a
     subprocess: a crash must not take the test run with it."""
     out = subprocess.run([sys.executable, "-c", WRITE_UNSEEN], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0 and "refused: True" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert out.returncode == 0 and "out of range refused: True" in out.stdout \
+        and "a row twice refused: True" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
 
 
 def test_degenerate_operands_are_groups_of_one() -> None:
