@@ -115,7 +115,7 @@ _SIGNATURES = {
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
                                  _P, _I],
     "lowbit_had_quantize": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _F, _F, ctypes.c_double, ctypes.c_double,
-                            _U32, _I, _F, _P, _P, _I],
+                            _U32, _I, _F, _P, _P, _P, _I64, _P, _I],
     "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
     "lowbit_had_forward": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _I64, _I],
     "lowbit_dequantize_rows": [_P, _I64, _I64, _P, _I, _P, _I],
@@ -1038,9 +1038,32 @@ def supports_bhq_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granula
     """Whether :func:`run_bhq_quantize_pair` takes this call: the ``∇X`` side as
     :func:`supports_bhq_rows` takes it, the ``∇W`` side (``x``'s columns) as
     :func:`supports_pair` takes its own."""
+    return _columns_ok(fmt_w, gran_w, rnd_w, seed_w) and supports_bhq_rows(x, t, fmt_a, gran_a, rnd_a, seed_a)
+
+
+def _columns_ok(fmt_w: Format, gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor) -> bool:
+    """Whether :func:`_column_codes` takes a pair's ``∇W`` side: a grid the pair kernel
+    quantizes on, per row or per tensor, stochastic or nearest, with a seed it takes."""
     return _grid(fmt_w) is not None and gran_w in (Granularity.ROW, Granularity.TENSOR) \
-        and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w) \
-        and supports_bhq_rows(x, t, fmt_a, gran_a, rnd_a, seed_a)
+        and rnd_w in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed_w, rnd_w)
+
+
+def _column_codes(lib: ctypes.CDLL, x: torch.Tensor, camax: torch.Tensor, entries: int, fmt_w: Format,
+                  gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor, threads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair's ``∇W`` side from its column ranges ``camax`` (made in the ``∇X`` side's
+    read): the codes of ``xᵀ`` (D, N) row-major — with ``entries`` > 0, of each entry's
+    transpose (entries · D, N / entries) — and their steps, :func:`quantize`'s values
+    (``lowbit_quantize_pair``'s column pass alone)."""
+    r, d = x.shape
+    er = r // entries if entries else r  # rows of an entry
+    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)
+    codes_w = torch.empty(max(entries, 1) * d, er, dtype=torch.int8, device="cpu")
+    ld = x.stride(0) if r > 1 else d
+    lib.lowbit_quantize_pair(x.data_ptr(), DTYPES[x.dtype], max(entries, 1), er * ld, er, d, ld, None, 0, 0, 0,
+                             0.0, None, div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
+                             _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), 0, threads)
+    return codes_w.view(fmt_w.code_dtype), step_w
 
 
 @compiled.disable_tracing
@@ -1087,13 +1110,8 @@ def _bhq_group_quantize_pair(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor,
     codes_a, step_a, camax = _bhq_group_quantize(lib, x, w, scale, v, crow, members, n_groups, fmt_a, rnd_a,
                                                  seed_a, threads, columns=True, entry_rows=er if entries else 0,
                                                  v2=v2)
-    step_w, div_w = _steps(lib, camax, fmt_w, gran_w)  # type: ignore[arg-type]
-    codes_w = torch.empty(max(entries, 1) * d, er, dtype=torch.int8, device="cpu")
-    ld = x.stride(0) if r > 1 else d
-    lib.lowbit_quantize_pair(x.data_ptr(), DTYPES[x.dtype], max(entries, 1), er * ld, er, d, ld, None, 0, 0, 0,
-                             0.0, None, div_w.data_ptr(), 1 if div_w.shape[0] > 1 else 0, _seed(seed_w, rnd_w),
-                             _mode(fmt_w, rnd_w), float(fmt_w.emax), codes_w.data_ptr(), 0, threads)
-    return codes_a, step_a, codes_w.view(fmt_w.code_dtype), step_w
+    codes_w, step_w = _column_codes(lib, x, camax, entries, fmt_w, gran_w, rnd_w, seed_w, threads)  # type: ignore[arg-type]
+    return codes_a, step_a, codes_w, step_w
 
 
 def run_bhq_quantize_pair(x: torch.Tensor, t: object, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -1342,17 +1360,26 @@ def _had_status(status: int) -> bool:
 @compiled.disable_tracing
 def _hadamard_quantize(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: int, block: int,
                        wide: tuple[float, float], fmt: Format, granularity: Granularity, rounding: Rounding,
-                       seed: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       seed: torch.Tensor, threads: int, columns: bool = False, entry_rows: int = 0
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``lowbit_had_quantize``: (codes (rows, D) int8, steps (rows, 1) — both ``None``
+    where a block is wide —, ``x``'s column absmax where ``columns``: (D, 1), or with
+    ``entry_rows`` > 0 each entry's (N / entry_rows · D, 1); else ``None``)."""
     n, d = x.shape
     qmax = float(fmt.emax)
     q_hi = _q_hi(qmax)
     step = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
     codes = torch.empty(rows, d, dtype=torch.int8, device="cpu")
+    entry_rows = entry_rows if columns else 0
+    ncm = (n // entry_rows if entry_rows else 1) * d
+    camax = torch.empty(ncm, 1, dtype=torch.float32, device="cpu") if columns else None
+    scratch = torch.empty(max(threads, 1) * ncm, dtype=torch.float32, device="cpu") if columns else None
     status = lib.lowbit_had_quantize(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,
                                      m.contiguous().data_ptr(), *wide, q_hi, 1.0 / q_hi, _seed(seed, rounding),
                                      int(rounding is Rounding.STOCHASTIC), qmax, step.data_ptr(), codes.data_ptr(),
-                                     threads)
-    return (codes, step) if _had_status(status) else None
+                                     None if camax is None else camax.data_ptr(), entry_rows,
+                                     None if scratch is None else scratch.data_ptr(), threads)
+    return (codes, step, camax) if _had_status(status) else (None, None, camax)
 
 
 def hadamard_forward_quantize(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float],
@@ -1373,9 +1400,51 @@ def hadamard_forward_quantize(x: torch.Tensor, m: torch.Tensor, rows: int, block
     _check("hadamard_forward_quantize", supports_hadamard(x, m, rows, block, wide, fmt, granularity, rounding, seed),
            f"{fmt.name}, {x.dtype} {tuple(x.shape)} {tuple(x.stride())} strides, block {block}, {rows} rows")
     with scope("lowbit::avx512_hadamard_quantize"):
-        out = _hadamard_quantize(_library(), x, m, rows, block, wide, fmt, granularity, rounding, seed,
-                                 torch.get_num_threads())
-    return None if out is None else (out[0], out[1], None, None)
+        codes, step, _ = _hadamard_quantize(_library(), x, m, rows, block, wide, fmt, granularity, rounding, seed,
+                                            torch.get_num_threads())
+    return None if codes is None else (codes, step, None, None)
+
+
+def supports_hadamard_pair(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float],
+                           fmt_a: Format, gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor,
+                           fmt_w: Format, gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
+                           entries: int = 0) -> bool:
+    """Whether :func:`hadamard_quantize_pair` takes this call: the rows as
+    :func:`supports_hadamard` takes them, the columns as :func:`supports_bhq_pair` takes
+    its own, ``entries`` 0 or a positive int dividing ``x``'s rows."""
+    return (isinstance(entries, int) and not isinstance(entries, bool) and entries >= 0
+            and _columns_ok(fmt_w, gran_w, rnd_w, seed_w)
+            and supports_hadamard(x, m, rows, block, wide, fmt_a, gran_a, rnd_a, seed_a)
+            and (entries == 0 or x.shape[0] % entries == 0))
+
+
+@compiled.disable_tracing
+def hadamard_quantize_pair(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float],
+                           fmt_a: Format, gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor,
+                           fmt_w: Format, gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
+                           entries: int = 0) -> tuple[torch.Tensor | None, ...]:
+    """A layer's two gradient quantizations where ``∇X``'s is the randomized block
+    Hadamard transform: :func:`hadamard_forward_quantize`'s codes of ``T x`` (rows, D) and
+    :func:`quantize`'s of ``x``'s columns — ``xᵀ`` (D, N), or with ``entries`` > 0 (``x``
+    a batch of that many entries of N / entries rows: attention's heads) each entry's
+    transpose (entries · D, N / entries) — the columns' ranges taken in the rows' read
+    (``lowbit_had_quantize``), then the columns' codes: ``(codes_a, step_a, codes_w,
+    step_w)``, bitwise those kernels' values; ``codes_a`` and ``step_a`` ``None`` where a
+    block is wide (:func:`hadamard_forward_quantize`'s ``None``: the caller runs the
+    reference for the rows). ``MemoryError`` if the tile buffer cannot be allocated;
+    ``RuntimeError`` where :func:`supports_hadamard_pair` is false."""
+    _check("hadamard_quantize_pair", supports_hadamard_pair(x, m, rows, block, wide, fmt_a, gran_a, rnd_a, seed_a,
+                                                            fmt_w, gran_w, rnd_w, seed_w, entries),
+           f"{fmt_a.name}/{fmt_w.name}, {x.dtype} {tuple(x.shape)} {tuple(x.stride())} strides, block {block}, "
+           f"{rows} rows, entries {entries!r}")
+    lib, threads = _library(), torch.get_num_threads()
+    with scope("lowbit::avx512_hadamard_quantize_pair"):
+        codes_a, step_a, camax = _hadamard_quantize(lib, x, m, rows, block, wide, fmt_a, gran_a, rnd_a, seed_a,
+                                                    threads, columns=True,
+                                                    entry_rows=x.shape[0] // entries if entries else 0)
+        codes_w, step_w = _column_codes(lib, x, camax, entries, fmt_w, gran_w, rnd_w, seed_w,  # type: ignore[arg-type]
+                                        threads)
+    return codes_a, step_a, codes_w, step_w
 
 
 def supports_hadamard_forward(x: torch.Tensor, m: torch.Tensor, rows: int, block: int) -> bool:
@@ -1422,25 +1491,31 @@ def supports_hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, 
 
 @compiled.disable_tracing
 def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, block: int, c: float,
-                      wide: tuple[float, float], n_out: int, threads: int) -> torch.Tensor | None:
+                      wide: tuple[float, float], n_out: int, threads: int, overwrite: bool = False
+                      ) -> torch.Tensor | None:
     rows, d = y.shape
-    out = torch.empty(n_out, d, dtype=torch.float32, device="cpu")
-    status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, y.stride(0) if rows > 1 else d, block, c,
-                                    signs.contiguous().data_ptr(), *wide, out.data_ptr(), n_out, d, threads)
-    return out if _had_status(status) else None
+    out = y if overwrite else torch.empty(n_out, d, dtype=torch.float32, device="cpu")
+    ld = y.stride(0) if rows > 1 else d
+    status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, ld, block, c, signs.contiguous().data_ptr(), *wide,
+                                    out.data_ptr(), n_out, ld if overwrite else d, threads)
+    return (out[:n_out] if overwrite else out) if _had_status(status) else None
 
 
 def hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, c: float, wide: tuple[float, float],
-                     n_out: int) -> torch.Tensor | None:
-    """``T⁻¹ y = D·H y`` of a float32 (rows, D) ``y``, its first ``n_out`` rows as a new
+                     n_out: int, overwrite: bool = False) -> torch.Tensor | None:
+    """``T⁻¹ y = D·H y`` of a float32 (rows, D) ``y``, its first ``n_out`` rows as a
     float32 tensor: each row times ``c`` (the float32 ``1/√block``), the butterflies,
     then times its sign — bitwise ``lowbit.quantizers.hadamard``'s ``_inverse``; ``None``
     where a block of ``y`` is wide (as :func:`hadamard_forward_quantize`'s: the reference
-    then runs in float64). ``RuntimeError`` where :func:`supports_hadamard_inverse` is false."""
+    then runs in float64). With ``overwrite`` (``y`` the caller's fresh tensor, its rows
+    apart in memory) the result is written over ``y`` (its first ``n_out`` rows, a view;
+    ``y`` left as it was where a block is wide); else a new tensor.
+    ``RuntimeError`` where :func:`supports_hadamard_inverse` is false."""
     _check("hadamard_inverse", supports_hadamard_inverse(y, signs, block, n_out),
            f"{y.dtype} {tuple(y.shape)} {tuple(y.stride())} strides, block {block}, {n_out} rows out")
     with scope("lowbit::avx512_hadamard_inverse"):
-        return _hadamard_inverse(_library(), y, signs, block, c, wide, n_out, torch.get_num_threads())
+        return _hadamard_inverse(_library(), y, signs, block, c, wide, n_out, torch.get_num_threads(),
+                                 overwrite and _rows_apart(y))
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
@@ -1753,9 +1828,12 @@ def _bhq_group_sums_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
 
 def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     """The Hadamard transform-and-quantize and its inverse against
-    ``hadamard._forward_quantize`` and ``hadamard._inverse``: blocks of 1 to 128 rows,
-    padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic and nearest,
-    one thread and two; and the fallback signal for a huge element and a tiny block."""
+    ``hadamard._forward_quantize`` and ``hadamard._inverse``, and the column ranges taken
+    in the same read (all rows', or each of three entries') against ``amax``, and the
+    inverse written over its operand (nothing written where a block is wide): blocks of 1
+    to 256 rows (every way the kernels group the butterflies), padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic
+    and nearest, one thread and two; and the fallback signal for a huge element and a
+    tiny block."""
     from ..formats import parse_format
     from ..quantizers.hadamard import WIDE, _c, _forward, _forward_quantize, _inverse
 
@@ -1763,7 +1841,7 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     finite = x.nan_to_num(posinf=1e3, neginf=-1e3)  # (37, 53) with a NaN and tails
     seed = torch.tensor(0x9E3779B9, device="cpu")
     for a, block in ((finite, 64), (finite[:33, 1:], 8), (finite[:3], 4), (finite[:1], 1),
-                     (finite.bfloat16(), 128), (finite[:30], 2)):
+                     (finite.bfloat16(), 128), (finite[:30], 2), (finite[:20], 32), (finite[5:], 256)):
         rows = -(-a.shape[0] // block) * block
         signs = (torch.randint(0, 2, (rows,), generator=g, device="cpu") * 2 - 1).float()
         m = signs * _c(block, torch.float32, signs.device)
@@ -1771,9 +1849,12 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
                 want = _forward_quantize(a, signs, block, fmt, Granularity.ROW, rnd, seed)
                 for threads in cbuild.test_threads(1, 2):
+                    er = a.shape[0] // 3 if a.shape[0] % 3 == 0 else 0  # each of 3 entries' columns, or all
                     got = _hadamard_quantize(lib, a, m, rows, block, WIDE, fmt, Granularity.ROW, rnd, seed,
-                                             threads)
-                    if got is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1])):
+                                             threads, columns=True, entry_rows=er)
+                    cols = a.float().reshape(3 if er else 1, -1, a.shape[1]).abs().amax(1).reshape(-1, 1)
+                    if got[0] is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1])
+                                              and _same(got[2], cols)):
                         return False
         for threads in cbuild.test_threads(1, 2):
             got_fwd = _hadamard_forward(lib, a, m, rows, block, WIDE, threads)
@@ -1785,16 +1866,24 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
             want_inv = _inverse(y, signs, block, n_out, torch.float32)
             for threads in cbuild.test_threads(1, 2):
                 got_inv = _hadamard_inverse(lib, y, signs, block, c, WIDE, n_out, threads)
-                if got_inv is None or not _same(got_inv, want_inv):
+                mine = torch.cat([y, y], 1)[:, :21]  # in place, over strided rows
+                over = _hadamard_inverse(lib, mine, signs, block, c, WIDE, n_out, threads, overwrite=True)
+                if got_inv is None or not _same(got_inv, want_inv) or over is None or not _same(over, want_inv) \
+                        or over.data_ptr() != mine.data_ptr():
                     return False
     signs = torch.ones(64, dtype=torch.float32, device="cpu")
     for bad in (float("inf"), 2.0**101, 1e-20):  # a huge element, and a tiny block
         big = finite.clone() if bad > 1 else torch.full_like(finite, 1e-21)
         big[4, 4] = bad
         if _hadamard_quantize(lib, big, signs, 64, 64, WIDE, parse_format("int8"), Granularity.ROW,
-                              Rounding.NEAREST, seed, 1) is not None \
+                              Rounding.NEAREST, seed, 1)[0] is not None \
                 or _hadamard_inverse(lib, torch.cat([big, big[:27]]), signs, 64, 0.125, WIDE, 64,
                                      cbuild.test_threads(2)[0]) is not None:
+            return False
+        mine = torch.cat([big, big[:27]])  # in place: nothing written where a block is wide
+        kept = mine.clone()
+        if _hadamard_inverse(lib, mine, signs, 64, 0.125, WIDE, 64, cbuild.test_threads(2)[0], True) is not None \
+                or not _same(mine, kept):
             return False
     return True
 

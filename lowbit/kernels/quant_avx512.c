@@ -991,43 +991,134 @@ void lowbit_epilogue_rows(int32_t *acc, int64_t rows, int64_t m, int64_t n, cons
  *
  * Memory: a block's b rows sit at one power-of-two stride apart, so the 16-column tiles of
  * all b rows map to one L1 set and evict each other. Each block is therefore first read
- * row by row (one sequential stream) into a per-thread buffer of 16-column tiles (tile t,
- * row i at buf[t * (b + 1) + i]: the padding spreads a row's tiles over the sets), the
- * butterflies run on each tile there, and the result leaves row by row again (the codes,
- * or the inverse's rows). The buffer (b x cols floats: 1 MB at 64 x 4096) stays in L2. */
+ * eight rows at a time (eight sequential streams) into a per-thread buffer of 16-column
+ * tiles (tile t, row i at buf[t * (b + 1) + i]: the padding spreads a row's tiles over the
+ * sets), the butterflies run on each tile there, and the result leaves row by row again
+ * (the codes, or the inverse's rows). The buffer (b x cols floats: 1 MB at 64 x 4096)
+ * stays in L2. */
 #define HAD_MAX_B 256
 
-static inline void fwht16(__m512 *u, int64_t b) {
-    for (int64_t h = 1; h < b; h <<= 1)
-        for (int64_t i = 0; i < b; i += 2 * h)
-            for (int64_t j = i; j < i + h; j++) {
-                const __m512 a = u[j], c = u[j + h];
-                u[j] = _mm512_add_ps(a, c);
-                u[j + h] = _mm512_sub_ps(a, c);
+/* The butterflies of stages h = 1, 2, .., 2^(S-1) on the 2^S vectors v (registers): the
+ * stages h0, 2 h0, .. of rows j + k h0 (k < 2^S) of a tile, since a stage's butterflies
+ * each take the same two values whatever the order they run in (bit for bit fwht's). */
+#define BFLY(v, p, q)                        \
+    do {                                     \
+        const __m512 a_ = v[p], c_ = v[q];   \
+        v[p] = _mm512_add_ps(a_, c_);        \
+        v[q] = _mm512_sub_ps(a_, c_);        \
+    } while (0)
+static inline __attribute__((always_inline)) void fwht_regs(__m512 *v, int s) {
+    if (s >= 1) {  /* h = 1 */
+        BFLY(v, 0, 1);
+        if (s >= 2) { BFLY(v, 2, 3); }
+        if (s >= 3) { BFLY(v, 4, 5); BFLY(v, 6, 7); }
+    }
+    if (s >= 2) {  /* h = 2 */
+        BFLY(v, 0, 2); BFLY(v, 1, 3);
+        if (s >= 3) { BFLY(v, 4, 6); BFLY(v, 5, 7); }
+    }
+    if (s >= 3) {  /* h = 4 */
+        BFLY(v, 0, 4); BFLY(v, 1, 5); BFLY(v, 2, 6); BFLY(v, 3, 7);
+    }
+}
+
+/* stages h0, 2 h0, .., h0 * 2^(s-1) on the tile u of b vectors: 2^s rows at a time in registers */
+static inline __attribute__((always_inline)) void fwht_chunk(__m512 *u, int64_t b, int64_t h0, int s) {
+    const int64_t span = h0 << s;
+    for (int64_t base = 0; base < b; base += span)
+        for (int64_t j = base; j < base + h0; j++) {
+            __m512 v[8];
+            for (int k = 0; k < 1 << s; k++) v[k] = u[j + k * h0];
+            fwht_regs(v, s);
+            for (int k = 0; k < 1 << s; k++) u[j + k * h0] = v[k];
+        }
+}
+
+/* the butterflies' stages h = h0, .., b/2 on the tile u of b vectors (b, h0 powers of two),
+ * three at a time (a pass over the tile for three stages instead of one each) */
+static void fwht_rest(__m512 *u, int64_t b, int64_t h0) {
+    while (h0 < b) {
+        if (b >= h0 << 3) {
+            fwht_chunk(u, b, h0, 3);
+            h0 <<= 3;
+        } else if (b >= h0 << 2) {
+            fwht_chunk(u, b, h0, 2);
+            h0 <<= 2;
+        } else {
+            fwht_chunk(u, b, h0, 1);
+            h0 <<= 1;
+        }
+    }
+}
+
+/* Rows r0 + i0 .. r0 + i0 + 2^S - 1 of a block (had_block's arguments) into buf, with the
+ * first S stages of the butterflies (h = 1 .. 2^(S-1)) done in registers tile by tile. */
+static inline __attribute__((always_inline)) void had_rows(const void *x, int dtype, int64_t n, int64_t ld,
+                                                           int64_t cols, int64_t r, int s, const float *mul,
+                                                           float c, __m512 *buf, int64_t ts, float *cm0,
+                                                           int64_t entry_rows, __m512 *mx, __mmask16 *nan) {
+    const int64_t tiles = (cols + 15) / 16, g = 1 << s;
+    __m512 f[8];
+    float *cm[8];
+    for (int k = 0; k < g; k++) {
+        f[k] = _mm512_set1_ps(mul ? mul[r + k] : c);
+        cm[k] = cm0 && r + k < n ? cm0 + (entry_rows > 0 ? (r + k) / entry_rows * cols : 0) : NULL;
+    }
+    /* the group's rows all real and of one entry: their column maxima joined in registers
+     * first, one update of cm per tile (NaN kept: a lane NaN in any row is NaN) */
+    float *joint = cm[0] && cm[g - 1] == cm[0] ? cm[0] : NULL;
+    const __m512 qnan = _mm512_set1_ps(NAN);
+    for (int64_t t = 0; t < tiles; t++) {
+        const __mmask16 km = tail_mask(cols - 16 * t);
+        __m512 v[8], ja = _mm512_setzero_ps();
+        __mmask16 jn = 0;
+        for (int k = 0; k < g; k++) {
+            const __m512 u = r + k < n ? load16(x, (r + k) * ld + 16 * t, km, dtype) : _mm512_setzero_ps();
+            const __m512 a = _mm512_abs_ps(u);
+            const __mmask16 an = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+            *nan |= an;
+            *mx = _mm512_max_ps(*mx, a);
+            v[k] = _mm512_mul_ps(u, f[k]);
+            if (joint) {
+                ja = _mm512_max_ps(ja, a);
+                jn |= an;
+            } else if (cm[k]) {
+                column_max16(cm[k] + 16 * t, a, an, km);
             }
+        }
+        if (joint) column_max16(joint + 16 * t, _mm512_mask_mov_ps(ja, jn, qnan), jn, km);
+        fwht_regs(v, s);
+        for (int k = 0; k < g; k++) buf[t * ts + k] = v[k];
+    }
 }
 
 /* Block b rows from row r0 of x (n rows of type dtype, row stride ld; rows >= n zero) into
- * buf, each element times mul[r] (mul NULL: times c), then the butterflies on every tile.
+ * buf, each element times mul[r] (mul NULL: times c), then the butterflies on every tile:
+ * the first three stages on each 8 rows in registers as they are read (8 row streams), the
+ * others three at a time per tile (fwht_rest; until 2026-12-06 one pass over the tile per
+ * stage: 1.6x the time, docs/benchmarks.md "Hadamard's pair…").
+ * cm0 (NULL: not wanted): x's column maxima as read, cm0[e * cols + c] = max(.., |x[r, c]|)
+ * keeping NaN (column_max16), e = r / entry_rows (0 where entry_rows is 0), rows < n only.
  * Returns whether the block is wide (module comment). */
 static int had_block(const void *x, int dtype, int64_t n, int64_t ld, int64_t cols, int64_t r0, int64_t b,
-                     const float *mul, float c, float huge, float tiny, __m512 *buf) {
+                     const float *mul, float c, float huge, float tiny, __m512 *buf, float *cm0,
+                     int64_t entry_rows) {
     const int64_t tiles = (cols + 15) / 16, ts = b + 1;
+    const int s = b >= 8 ? 3 : b == 4 ? 2 : b == 2 ? 1 : 0;
     __m512 mx = _mm512_setzero_ps();
     __mmask16 nan = 0;
-    for (int64_t i = 0; i < b; i++) {
-        const int64_t r = r0 + i;
-        const __m512 f = _mm512_set1_ps(mul ? mul[r] : c);
-        for (int64_t t = 0; t < tiles; t++) {
-            const __mmask16 k = tail_mask(cols - 16 * t);
-            const __m512 v = r < n ? load16(x, r * ld + 16 * t, k, dtype) : _mm512_setzero_ps();
-            const __m512 a = _mm512_abs_ps(v);
-            nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-            mx = _mm512_max_ps(mx, a);
-            buf[t * ts + i] = _mm512_mul_ps(v, f);
-        }
+    for (int64_t i0 = 0; i0 < b; i0 += (int64_t)1 << s) {
+        if (s == 3)  /* (constant group sizes: the loops over the group unroll into registers) */
+            had_rows(x, dtype, n, ld, cols, r0 + i0, 3, mul, c, buf + i0, ts, cm0, entry_rows, &mx, &nan);
+        else if (s == 2)
+            had_rows(x, dtype, n, ld, cols, r0 + i0, 2, mul, c, buf + i0, ts, cm0, entry_rows, &mx, &nan);
+        else if (s == 1)
+            had_rows(x, dtype, n, ld, cols, r0 + i0, 1, mul, c, buf + i0, ts, cm0, entry_rows, &mx, &nan);
+        else
+            had_rows(x, dtype, n, ld, cols, r0 + i0, 0, mul, c, buf + i0, ts, cm0, entry_rows, &mx, &nan);
     }
-    for (int64_t t = 0; t < tiles; t++) fwht16(buf + t * ts, b);
+    if (b > 8)
+        for (int64_t t = 0; t < tiles; t++) fwht_rest(buf + t * ts, b, 8);
     if (nan) return 0;  /* the block's amax is NaN: no comparison holds */
     const float m = _mm512_reduce_max_ps(mx);
     return m > huge || (m > 0.0f && m < tiny);
@@ -1037,22 +1128,31 @@ static int had_block(const void *x, int dtype, int64_t n, int64_t ld, int64_t co
 typedef void (*HadEmit)(const void *ctx, int64_t r0, int64_t b, int64_t cols, const __m512 *buf);
 
 /* Every block of b rows of x (rows, a multiple of b) through had_block and emit, the blocks
- * spread over the threads, each thread with its own tile buffer. Returns had_block's wide
- * flag over all blocks, or -1 if a buffer could not be allocated. */
+ * spread over the threads, each thread with its own tile buffer. camax (NULL: not wanted):
+ * x's column maxima (had_block's cm0: ncm = (entry_rows > 0 ? n / entry_rows : 1) * cols of
+ * them, NaN where a column holds one), each thread's kept in scratch (threads * ncm floats)
+ * and merged after the last block. Returns had_block's wide flag over all blocks, or -1 if a
+ * buffer could not be allocated. */
 static int had_blocks(const void *x, int dtype, int64_t n, int64_t rows, int64_t cols, int64_t ld, int64_t b,
                       const float *mul, float c, float huge, float tiny, HadEmit emit, const void *ctx,
-                      int threads) {
+                      float *camax, int64_t entry_rows, float *scratch, int threads) {
     int wide = 0, oom = 0;
+    const int64_t ncm = (entry_rows > 0 ? n / entry_rows : 1) * cols;
 #pragma omp parallel num_threads(threads) reduction(| : wide, oom)
     {
+        const int tid = THREAD_NUM(), nt = NUM_THREADS();
+        float *cm = camax ? scratch + (int64_t)tid * ncm : NULL;
+        if (cm) memset(cm, 0, (size_t)ncm * sizeof(float));
         __m512 *buf = (__m512 *)aligned_alloc(64, (size_t)((cols + 15) / 16) * (size_t)(b + 1) * sizeof(__m512));
         if (!buf) oom = 1;
 #pragma omp for schedule(static)
         for (int64_t r0 = 0; r0 < rows; r0 += b) {
             if (!buf) continue;
-            wide |= had_block(x, dtype, n, ld, cols, r0, b, mul, c, huge, tiny, buf);
+            wide |= had_block(x, dtype, n, ld, cols, r0, b, mul, c, huge, tiny, buf, cm, entry_rows);
             emit(ctx, r0, b, cols, buf);
         }
+        /* the implicit barrier of the loop above: every thread's column maxima are final */
+        if (camax) merge_column_max(scratch, ncm, nt, ncm * tid / nt, ncm * (tid + 1) / nt, camax);
         free(buf);
     }
     return oom ? -1 : wide;
@@ -1096,13 +1196,20 @@ static void had_emit_codes(const void *ctx, int64_t r0, int64_t b, int64_t cols,
 
 /* codes (rows, cols) row-major of T x, x (n, cols) with row stride ld, rows a multiple of b,
  * and each row's step (grid_steps' arithmetic, q_hi and inv as there) into step (rows);
- * stochastic rounding (sr) with the element indices of the (rows, cols) shape. Returns 1
- * where a block is wide (the outputs are then not the reference's), -1 if out of memory. */
+ * stochastic rounding (sr) with the element indices of the (rows, cols) shape. camax (NULL:
+ * not wanted; then entry_rows and scratch unused): x's column maxima from the same read,
+ * camax[c] = max |x[:, c]| (NaN where the column holds one; lowbit_pair_absmax's) or, with
+ * entry_rows > 0 (n a batch of entries of entry_rows rows: attention's), each entry's,
+ * camax[e * cols + c] = max |x[e * entry_rows : (e + 1) * entry_rows, c]|; scratch: threads *
+ * that many floats. Returns 1 where a block is wide (the codes and steps are then not the
+ * reference's; camax is), -1 if out of memory. */
 int lowbit_had_quantize(const void *x, int dtype, int64_t n, int64_t rows, int64_t cols, int64_t ld, int64_t b,
                         const float *m, float huge, float tiny, double q_hi, double inv, uint32_t seed, int sr,
-                        float emax, float *step, int8_t *codes, int threads) {
+                        float emax, float *step, int8_t *codes, float *camax, int64_t entry_rows, float *scratch,
+                        int threads) {
     const HadCodes q = {q_hi, inv, seed, sr, emax, step, codes};
-    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_codes, &q, threads);
+    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_codes, &q, camax, entry_rows,
+                      scratch, threads);
 }
 
 typedef struct {
@@ -1130,18 +1237,49 @@ int lowbit_had_forward(const void *x, int dtype, int64_t n, int64_t rows, int64_
                        const float *m, const float *ones, float huge, float tiny, float *out, int64_t ldo,
                        int threads) {
     const HadRowsOut o = {ones, out, rows, ldo};
-    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_rows, &o, threads);
+    return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_rows, &o, NULL, 0, NULL,
+                      threads);
+}
+
+/* Whether a block of b rows of y (rows, cols) float32, row stride ldy, is wide (had_block's
+ * rule: largest magnitude above huge or in (0, tiny); a block with a NaN is not), the blocks
+ * spread over the threads: one read of y, nothing written. */
+static int had_any_wide(const float *y, int64_t rows, int64_t cols, int64_t ldy, int64_t b, float huge,
+                        float tiny, int threads) {
+    int wide = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : wide)
+    for (int64_t r0 = 0; r0 < rows; r0 += b) {
+        __m512 mx = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t r = r0; r < r0 + b; r++)
+            for (int64_t c = 0; c < cols; c += 16) {
+                const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(cols - c), y + r * ldy + c));
+                nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+                mx = _mm512_max_ps(mx, a);
+            }
+        if (!nan) {
+            const float m = _mm512_reduce_max_ps(mx);
+            wide |= m > huge || (m > 0.0f && m < tiny);
+        }
+    }
+    return wide;
 }
 
 /* out[r, :] = (T^-1 y)[r, :] for r < n_out: y (rows, cols) float32 (rows a multiple of b, row
  * stride ldy), each row times c, the butterflies, then times s[r] (+-1); out (n_out, cols),
- * row stride ldo, not y. Returns 1 where a block of y is wide (out is then not the
- * reference's), -1 if out of memory. */
+ * row stride ldo: another tensor's memory, or y's own (out == y, ldo == ldy: in place — a
+ * block's rows are all read before they are written — after a first read that finds no
+ * block wide, so that y is left as it was where one is). Returns 1 where a block of y is
+ * wide (out is then not the reference's; in place, nothing is written), -1 if out of
+ * memory. (In place takes 0.6x the time of a separate output, whose lines are not in
+ * cache: docs/benchmarks.md "Hadamard's pair…".) */
 int lowbit_had_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, int64_t b, float c,
                        const float *s, float huge, float tiny, float *out, int64_t n_out, int64_t ldo,
                        int threads) {
+    if (out == y && had_any_wide(y, rows, cols, ldy, b, huge, tiny, threads)) return 1;
     const HadRowsOut o = {s, out, n_out, ldo};
-    return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, threads);
+    return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, NULL, 0,
+                      NULL, threads);
 }
 
 /* ---- dequantization: out = (float)code * scale (lowbit.kernels.encoded.dequantize's

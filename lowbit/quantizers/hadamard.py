@@ -156,26 +156,66 @@ def _native_forward_ok(x: torch.Tensor, signs: torch.Tensor, block: int) -> bool
     return signs.dtype == torch.float32 and avx512.supports_hadamard_forward(x, signs, signs.shape[0], block)
 
 
-def _inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int, out_dtype: torch.dtype) -> torch.Tensor:
+def _inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int, out_dtype: torch.dtype,
+             overwrite: bool = False) -> torch.Tensor:
     """``T⁻¹ y`` of ``y`` (rows, D), its first ``n_out`` rows as ``out_dtype``: the module
-    docstring's arithmetic in ``y``'s compute dtype (float64 for a wide block: :func:`_wide`)."""
+    docstring's arithmetic in ``y``'s compute dtype (float64 for a wide block: :func:`_wide`).
+    ``overwrite`` (``y`` is the caller's to write over) is the native kernel's; here a new
+    tensor."""
     y = _wide(y.to(compute_dtype(y.dtype)), block)
     rows, d = y.shape
     u = fwht((y * _c(block, y.dtype, y.device)).reshape(rows // block, block, d)).reshape(rows, d)
     return (u * signs.to(y.dtype)[:, None])[:n_out].to(out_dtype)
 
 
-def _native_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int,
-                    out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_inverse` on the AVX-512 kernel, the reference where a block is
-    transformed in float64 (module docstring)."""
-    out = avx512.hadamard_inverse(y, signs, block, _c(block, torch.float32, y.device).item(), WIDE, n_out)
+def _native_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int, out_dtype: torch.dtype,
+                    overwrite: bool = False) -> torch.Tensor:
+    """:func:`_inverse` on the AVX-512 kernel (with ``overwrite``, written over ``y``), the
+    reference where a block is transformed in float64 (module docstring)."""
+    out = avx512.hadamard_inverse(y, signs, block, _c(block, torch.float32, y.device).item(), WIDE, n_out,
+                                  overwrite)
     return _inverse(y, signs, block, n_out, out_dtype) if out is None else out.to(out_dtype)
 
 
 def _native_inverse_ok(y: torch.Tensor, signs: torch.Tensor, block: int, n_out: int,
-                       out_dtype: torch.dtype) -> bool:
+                       out_dtype: torch.dtype, overwrite: bool = False) -> bool:
     return avx512.supports_hadamard_inverse(y, signs, block, n_out)
+
+
+def _quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHadamard, fmt_a: Format, gran_a: Granularity,
+                   rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                   seed_w: torch.Tensor, entries: int = 0) -> tuple:
+    """A layer's two gradient quantizations where ``∇X``'s is the transform ``t``: ``T x``'s
+    rows (:meth:`BlockHadamard.forward_quantize`) and ``x``'s columns — ``xᵀ``'s rows, or
+    with ``entries`` > 0 each entry's transpose (entries · D, N / entries) — (op
+    ``quantize``), each on the call's kernels ``k``: the eight tensors of the two (codes,
+    scale, offset, block scale). The native kernel of this op
+    (:func:`lowbit.kernels.avx512.hadamard_quantize_pair`) makes the columns' ranges in
+    the rows' read, bit for bit."""
+    a = t.forward_quantize(x, fmt_a, gran_a, rnd_a, seed_a)
+    cols = x.t() if not entries else x.reshape(entries, -1, x.shape[1]).mT.reshape(-1, x.shape[0] // entries)
+    return (a.codes, a.scale, a.offset, a.block_scale, *k.run("quantize", cols, fmt_w, gran_w, rnd_w, seed_w))
+
+
+def _native_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHadamard, fmt_a: Format, gran_a: Granularity,
+                          rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                          rnd_w: Rounding, seed_w: torch.Tensor, entries: int = 0) -> tuple:
+    """:func:`_quantize_pair` on the AVX-512 kernel; the rows from the reference where a
+    block is transformed in float64 (module docstring: the columns are ``x``'s own)."""
+    m = t.signs * _c(t.block, torch.float32, t.signs.device)
+    codes_a, step_a, codes_w, step_w = avx512.hadamard_quantize_pair(
+        x, m, t.signs.shape[0], t.block, WIDE, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, entries)
+    rows = (codes_a, step_a, None, None) if codes_a is not None else \
+        _forward_quantize(x, t.signs, t.block, fmt_a, gran_a, rnd_a, seed_a)
+    return (*rows, codes_w, step_w, None, None)
+
+
+def _native_quantize_pair_ok(k: Kernels, x: torch.Tensor, t: BlockHadamard, fmt_a: Format, gran_a: Granularity,
+                             rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
+                             rnd_w: Rounding, seed_w: torch.Tensor, entries: int = 0) -> bool:
+    return type(t) is BlockHadamard and t.signs.dtype == torch.float32 and avx512.supports_hadamard_pair(
+        x, t.signs, t.signs.shape[0], t.block, WIDE, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w,
+        entries)
 
 
 register("hadamard_forward", Impl.REFERENCE, _forward)
@@ -184,6 +224,8 @@ register("hadamard_forward_quantize", Impl.REFERENCE, _forward_quantize)
 register("hadamard_forward_quantize", Impl.NATIVE, _native_forward_quantize, ("cpu",), _native_forward_quantize_ok)
 register("hadamard_inverse", Impl.REFERENCE, _inverse)
 register("hadamard_inverse", Impl.NATIVE, _native_inverse, ("cpu",), _native_inverse_ok)
+register("hadamard_quantize_pair", Impl.REFERENCE, _quantize_pair)
+register("hadamard_quantize_pair", Impl.NATIVE, _native_quantize_pair, ("cpu",), _native_quantize_pair_ok)
 
 
 class BlockHadamard(RowTransform):
@@ -213,9 +255,27 @@ class BlockHadamard(RowTransform):
             codes, scale, offset, bs = native.fn(*args)
         return Encoded(codes, scale, offset, bs, fmt.block, kernels=k)
 
+    def forward_quantize_pair(self, x: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
+                              seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity, rnd_w: Rounding,
+                              seed_w: torch.Tensor, entries: int | None = None) -> tuple[Encoded, Encoded]:
+        """``∇Y`` (N, D) ``x``'s two quantizations: :meth:`forward_quantize`'s codes of
+        ``T x`` (rows, D) and those of ``xᵀ`` (D, N: ``x``'s columns, untransformed) on
+        ``fmt_w`` — bitwise what ``forward_quantize(x, fmt_a, …)`` and an identity's
+        ``forward_quantize(x.t(), fmt_w, …)`` give, the columns' ranges taken in the rows'
+        read where the call's kernels have it (op ``hadamard_quantize_pair``). With
+        ``entries``, ``x`` (B·N, D) is that many entries of N rows (attention's heads) and
+        the second operand each entry's transpose (B·D, N), bitwise an identity's
+        ``forward_quantize`` of ``x.reshape(B, N, D).mT.reshape(-1, N)``. ``x`` must not be
+        empty."""
+        k = self._k(x)
+        with scope("lowbit::quantize"):
+            out = k.run("hadamard_quantize_pair", k, x, self, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w,
+                        seed_w, entries or 0)
+        return Encoded(*out[:4], fmt_a.block, kernels=k), Encoded(*out[4:], fmt_w.block, kernels=k)
+
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> torch.Tensor:
-        return self._k(y).run("hadamard_inverse", y, self.signs, self.block, self.n_rows, out_dtype)
+        return self._k(y).run("hadamard_inverse", y, self.signs, self.block, self.n_rows, out_dtype, overwrite)
 
     def within_entries(self, rows: int) -> bool:
         """Blocks of ``block`` rows never cross an entry of ``rows`` rows when ``block``
@@ -239,6 +299,9 @@ class Hadamard(GradQuantizer):
     name = "hadamard"
     granularity = Granularity.ROW
     mixes_rows = True
+    # its transform quantizes ∇Y's columns alongside its rows (BlockHadamard.forward_quantize_pair:
+    # lowbit.gradpair.quantize_grad_pair_mixed; a subclass's own transform without it gets the two calls)
+    pairs_columns = True
 
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
         if isinstance(block, bool) or not isinstance(block, int):  # True was taken as block 1
@@ -255,6 +318,14 @@ class Hadamard(GradQuantizer):
         dev = a.device if generator is None else generator.device
         bits = torch.randint(0, 2, (n_pad,), generator=generator, device=dev).to(a.device)
         return BlockHadamard(bits.float() * 2 - 1, n, b, kernels)
+
+    def entry_transform(self, a: torch.Tensor, entries: int, generator: torch.Generator | None,
+                        kernels: Kernels | None = None) -> RowTransform:
+        """:meth:`transform`, drawn and built as for the whole operand: its blocks stay
+        within entries of ``R / entries`` rows where the block divides them
+        (:meth:`BlockHadamard.within_entries`). Its own, so that attention's gradients take
+        the pair with each entry's columns (:func:`lowbit.gradpair.quantize_grad_pair_mixed`)."""
+        return self.transform(a, generator, kernels)
 
     def variance_bound(self, a: torch.Tensor, fmt: AnyFormat | int | str) -> torch.Tensor:
         """Sign-free bound: every entry of block ``k`` after the transform is at most

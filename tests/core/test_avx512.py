@@ -60,6 +60,19 @@ def _operand(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
         * torch.logspace(2, -2, shape[0]).unsqueeze(1)
 
 
+def _entries_operand(e: int, n: int, d: int) -> tuple[torch.Tensor, torch.Generator]:
+    """A batch of ``e`` entries of ``n`` rows (``_operand``'s values, clamped to bfloat16's
+    range) with a NaN first and −Inf last, the second entry of its own scale where ``e`` >
+    2 (each entry's column ranges are its own), and the generator that made it."""
+    g = torch.Generator().manual_seed(e * 131 + n * 7 + d)
+    x = _operand((e * n, d), g).clamp(-6e4, 6e4)
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("-inf")
+    if e > 2:
+        x[n:2 * n] *= 1e-3
+    return x, g
+
+
 @needs_avx512
 def test_kernel_builds_and_passes_its_self_test() -> None:
     assert avx512.available()
@@ -225,6 +238,71 @@ def test_hadamard_kernels_bitwise_the_reference(shape: tuple[int, int], dtype: t
 
 
 @needs_avx512
+@pytest.mark.parametrize("block", [1, 2, 4, 8, 16, 32, 64, 128, 256])
+def test_hadamard_kernels_bitwise_the_reference_on_every_block_size(block: int) -> None:
+    """The butterflies as the kernels group them (the first three stages per eight rows as
+    they are read, the rest three, two or one at a time per tile) give bitwise the
+    reference's stage-by-stage values on every block size the kernels take: the codes and
+    steps of ``T x`` (padded rows, a NaN) and the inverse, into a new tensor or over its
+    operand."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(block)
+    x = _operand((2 * block + 3, 37), g)
+    x[1, 1] = float("nan")
+    q = had.Hadamard(block)
+    want = q.quantize(x, "int8", torch.Generator().manual_seed(3), backend=Backend.REFERENCE)
+    got = q.quantize(x, "int8", torch.Generator().manual_seed(3), backend=Backend.AUTO)
+    assert torch.equal(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+    y = torch.randn(got.codes.shape[0], 40, generator=g)
+    assert avx512._same(got.inverse(y), want.inverse(y))
+    mine = torch.cat([y, y], 1)[:, :40]  # y's values on strided rows, written over
+    assert avx512._same(got.inverse(mine, overwrite=True), want.inverse(y))
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 16, 16), (2, 100, 70), (3, 64, 513), (64, 2, 31), (1, 300, 33)])
+@pytest.mark.parametrize("formats", [("int8", "int8", "row"), ("int4", "int8", "tensor"), ("int8", "fp8_e4m3", "row")],
+                         ids="-".join)
+def test_hadamard_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int, int],
+                                                        formats: tuple[str, str, str]) -> None:
+    """Hadamard's pair (a layer's ``∇Y``: ``T x``'s rows and ``x``'s columns, their ranges
+    from the rows' read; with entries, attention's, each entry's transpose) against the
+    reference op (the transform's quantizer, then the columns' on the reference kernels):
+    entries (E, N rows each, D columns) with padded rows, blocks of 64 and 8 rows, a block
+    with ±Inf (its rows from the float64 reference), a NaN, an entry of its own scale,
+    float32, bfloat16 and strided rows, stochastic and nearest, 1–3 threads; what the
+    kernel cannot take is refused."""
+    from lowbit.quantizers import hadamard as had
+
+    fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
+    e, n, d = shape
+    x, g = _entries_operand(e, n, d)
+    ref = kernels_for(Backend.REFERENCE, "cpu")
+    for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d]):
+        for block in (64, 8):
+            t = had.Hadamard(block).transform(a, torch.Generator().manual_seed(1), ref)
+            for entries in sorted({0, e}):
+                for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                    args = (a, t, fmt_a, Granularity.ROW, rnd, torch.tensor(123), fmt_w, gran_w, rnd,
+                            torch.tensor(2**32 - 5), entries)
+                    want = had._quantize_pair(ref, *args)
+                    assert want[4].shape == ((entries or 1) * d, e * n // (entries or 1))
+                    for threads in (1, 3):
+                        with num_threads(threads):
+                            assert had._native_quantize_pair_ok(ref, *args)
+                            assert _same(had._native_quantize_pair(ref, *args), want)
+    t = had.Hadamard().transform(x, None, ref)
+    rest = (fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC,
+            torch.tensor(1))
+    for entries in (-1, True, 1.0, e * n + 1):
+        assert not had._native_quantize_pair_ok(ref, x, t, *rest, entries)
+    assert not had._native_quantize_pair_ok(ref, x, t, *rest[:4], parse_format("int4a"), *rest[5:], 0)
+    assert not had._native_quantize_pair_ok(ref, x, t, parse_format("fp8_e4m3"), *rest[1:], 0)
+    assert not had._native_quantize_pair_ok(ref, x, t, *rest[:7], torch.tensor(2**32), 0)
+
+
+@needs_avx512
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_hadamard_forward_alone_bitwise_the_reference(dtype: torch.dtype) -> None:
     """Where the fused quantizer does not take the format (FP8), the Hadamard transform
@@ -251,7 +329,8 @@ def test_hadamard_forward_alone_bitwise_the_reference(dtype: torch.dtype) -> Non
 def test_hadamard_kernels_hand_wide_blocks_to_the_float64_reference(bad: float) -> None:
     """A block the reference transforms in float64 (largest magnitude above 2¹⁰⁰ or in
     (0, 2⁻⁶⁰)) is detected by the kernels themselves and computed by the reference: the
-    same float64 steps and inverse as ``backend="reference"``."""
+    same float64 steps and inverse as ``backend="reference"`` — also where the inverse may
+    write over its operand (the kernel writes nothing before it knows no block is wide)."""
     from lowbit.quantizers import hadamard as had
 
     g = torch.Generator().manual_seed(11)
@@ -267,6 +346,8 @@ def test_hadamard_kernels_hand_wide_blocks_to_the_float64_reference(bad: float) 
     y = torch.randn(got.codes.shape[0], 9, generator=g)
     y[70, 0] = bad
     assert avx512._same(got.inverse(y), want.inverse(y))
+    mine = y.clone()  # the kernel asked to write over it: the reference reads it untouched
+    assert avx512._same(got.inverse(mine, overwrite=True), want.inverse(y))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -1032,12 +1113,7 @@ def test_bhq_quantize_batched_pair_bitwise_the_two_kernels(shape: tuple[int, int
 
     fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
     e, n, d = shape
-    g = torch.Generator().manual_seed(e * 131 + n * 7 + d)
-    x = _operand((e * n, d), g).clamp(-6e4, 6e4)
-    x[0, 0] = float("nan")
-    x[-1, -1] = float("-inf")
-    if e > 2:
-        x[n:2 * n] *= 1e-3  # an entry of its own scale: each entry's column ranges are its own
+    x, g = _entries_operand(e, n, d)
     scale, v = torch.rand(e * n, generator=g) + 0.5, torch.randn(e * n, generator=g) * 0.3
     groups = max(1, e * n // 3) + 2
     across = bhq.BlockHouseholder(scale, v, torch.randint(0, groups, (e * n,), generator=g), groups)

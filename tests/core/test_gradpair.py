@@ -52,6 +52,50 @@ def _grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytest.Monk
     return [x.grad, *(p.grad for p in model.parameters())]
 
 
+def _assert_attention_pair_bitwise_apart(recipe: str, variant: str, n: int, monkeypatch: pytest.MonkeyPatch,
+                                         owner: object, name: str) -> None:
+    """lowbit's attention on heads of ``n`` rows — causal with grouped key/value heads, or
+    with a float mask that wants its gradient and dropout — under ``recipe``: the
+    gradients with ``owner.name`` (a pair function) as it is equal bitwise those where it
+    declines (the separate calls), and it applied twice (∇O's pair and ∇S's)."""
+    import lowbit.attention as A
+
+    real = getattr(owner, name)
+
+    def grads(pair: bool, calls: list[bool]) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(*shape, generator=g).requires_grad_()
+                   for shape in ((2, 4, n, 32), (2, 2, n, 32), (2, 2, n, 32)))
+        mask = torch.randn(n, n, generator=g).requires_grad_()
+        cfg = FQTConfig.from_recipe(recipe, seed=4)
+
+        def counted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+            out = real(*args, **kw)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(owner, name, counted if pair else (lambda *a, **k: None))
+        # the whole ∇S (its pieces, which quantize each piece with the pair kernel, are
+        # bitwise this path: test_attention.py::test_backward_in_pieces_is_bitwise_the_whole_backward)
+        monkeypatch.setattr(A, "_in_pieces_ok", lambda *a: False)
+        torch.manual_seed(5)  # dropout's mask
+        if variant == "causal-gqa":
+            out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=block_state(cfg))
+        else:
+            out = A.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                 attn_mask=mask, dropout_p=0.2, state=block_state(cfg))
+        out.square().sum().backward()
+        monkeypatch.undo()
+        return [t.grad for t in (q, k, v, mask) if t.grad is not None]
+
+    calls: list[bool] = []
+    fused, apart = grads(True, calls), grads(False, [])
+    assert calls == [True, True]  # ∇O's pair and ∇S's pair
+    assert len(fused) == len(apart) == (3 if variant == "causal-gqa" else 4)
+    for a, b in zip(fused, apart):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 # NVFP4 in float32 only: its compiled kernels cost ~60 s of compilation per input dtype on a
 # fresh cache, and bfloat16 ∇Y is covered by the other recipes' pair kernels (the suite's time)
 @pytest.mark.parametrize("recipe, dtype", [(r, d) for r in RECIPES for d in (torch.float32, torch.bfloat16)
@@ -137,12 +181,13 @@ def _mixed_grads(recipe: str, dtype: torch.dtype, pair: bool, monkeypatch: pytes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 # the C pair on int8 and int4, the two kernels through one op on FP8 (the compiled
 # kernels' other formats take that same path: test_mixed_pair_operands_equal_…)
-@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-bhq-4", "fqt-bhq-fp8"])
+@pytest.mark.parametrize("recipe", ["fqt-bhq-8", "fqt-bhq-4", "fqt-bhq-fp8", "fqt-hadamard-8", "fqt-hadamard-4",
+                                    "fqt-hadamard-fp8"])
 def test_mixed_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: torch.dtype,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A linear layer's ∇Y under BHQ: its transformed rows and its columns quantized
-    together (one C kernel where the formats allow it, else the two kernels through one
-    op) give bitwise the gradients of the two separate quantizer calls."""
+    """A linear layer's ∇Y under BHQ or Hadamard: its transformed rows and its columns
+    quantized together (one C kernel where the formats allow it, else the two kernels
+    through one op) give bitwise the gradients of the two separate quantizer calls."""
     calls: list[bool] = []
     fused = _mixed_grads(recipe, dtype, True, monkeypatch, calls)
     apart = _mixed_grads(recipe, dtype, False, monkeypatch, [])
@@ -153,9 +198,10 @@ def test_mixed_pair_gives_bitwise_the_separate_gradients(recipe: str, dtype: tor
 
 @pytest.mark.parametrize("fmt_w", ["int8", "int4a", "fp8_e5m2"])
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-def test_mixed_pair_operands_equal_quantize_gradient_on_each_path(fmt_w: str, rounding: str) -> None:
+@pytest.mark.parametrize("quantizer", ["bhq", "hadamard"])
+def test_mixed_pair_operands_equal_quantize_gradient_on_each_path(fmt_w: str, rounding: str, quantizer: str) -> None:
     g = torch.randn(200, 300) * torch.rand(200, 1).pow(3) * 10
-    spec_a = GradSpec(quantizer="bhq", format="int8", rounding=rounding)
+    spec_a = GradSpec(quantizer=quantizer, format="int8", rounding=rounding)
     spec_w = GradSpec(quantizer="psq", format=fmt_w, rounding=rounding)
     k = kernels_for(Backend.AUTO, g.device)
     pair = quantize_grad_pair_mixed(g, spec_a, torch.Generator().manual_seed(1), spec_w,
@@ -164,13 +210,13 @@ def test_mixed_pair_operands_equal_quantize_gradient_on_each_path(fmt_w: str, ro
     want_a = quantize_gradient(g, spec_a, torch.Generator().manual_seed(1), k)
     want_w = quantize_gradient(g.t(), spec_w, torch.Generator().manual_seed(2), k)
     _assert_same_operands(pair, (want_a, want_w))
-    y = torch.randn(200, 50)  # and the ∇X side's transform is the one quantize_gradient builds
+    y = torch.randn(pair[0].codes.shape[0], 50)  # and the ∇X side's transform is quantize_gradient's
+    # (Hadamard's rows padded to its blocks)
     assert torch.equal(pair[0].transform.inverse(y.clone()), want_a.transform.inverse(y.clone()))
 
 
 @pytest.mark.parametrize("why, spec_a, spec_w, backend", [
     ("a ∇X quantizer that does not mix rows", GradSpec(quantizer="psq"), GradSpec(), Backend.AUTO),
-    ("a transform without a column pair", GradSpec(quantizer="hadamard"), GradSpec(), Backend.AUTO),
     ("predicted range", GradSpec(quantizer="bhq", range="predicted"), GradSpec(), Backend.AUTO),
     ("predicted ∇W range", GradSpec(quantizer="bhq"), GradSpec(range="predicted"), Backend.AUTO),
     ("QAT ∇W path", GradSpec(quantizer="bhq"), None, Backend.AUTO),
@@ -544,9 +590,9 @@ def test_attention_grad_w_alone_gives_bitwise_the_transposed_path(recipe: str, d
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-mixing ∇X quantizers in attention: ∇Q, ∇K, ∇V with the ∇W sides of ∇O and ∇S
     read as they lie equal those with the transposed copies, bit for bit, and the
-    in-place path ran for both — Hadamard's alone (``quantize_grad_w``), BHQ's beside its
-    rows per head (``quantize_grad_pair_mixed`` with the entries: the entries' column
-    ranges from the rows' group pass), which equals the two apart too."""
+    in-place path ran for both — beside the rows per head (``quantize_grad_pair_mixed``
+    with the entries: the entries' column ranges from the rows' read), which equals the
+    two apart (the ∇W side alone, ``quantize_grad_w``) too."""
     import lowbit.attention as att
     import lowbit.gradpair as gp
 
@@ -576,11 +622,10 @@ def test_attention_grad_w_alone_gives_bitwise_the_transposed_path(recipe: str, d
     monkeypatch.setattr(att, "quantize_grad_w", counted)
     monkeypatch.setattr(gp, "quantize_grad_pair_mixed", counted_mixed)
     fast = grads()
-    bhq = "bhq" in recipe
-    assert (mixed, calls) == (([True, True], []) if bhq else ([], [True, True]))  # ∇O and ∇S, in place
+    assert (mixed, calls) == ([True, True], [])  # ∇O and ∇S, in place
     monkeypatch.setattr(gp, "quantize_grad_pair_mixed", lambda *a, **kw: None)  # apart, ∇W in place
     apart = grads()
-    assert calls == ([True, True] if bhq else [True, True] * 2)
+    assert calls == [True, True]
     monkeypatch.setattr(att, "quantize_grad_w", lambda *a, **kw: None)  # apart, ∇W from transposed copies
     for a, b, c in zip(fast, apart, grads(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -623,32 +668,23 @@ def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, varian
     gradient and dropout."""
     import lowbit.attention as A
 
-    def grads(pair: bool, calls: list[bool]) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(*shape, generator=g).requires_grad_()
-                   for shape in ((2, 4, 96, 32), (2, 2, 96, 32), (2, 2, 96, 32)))
-        mask = torch.randn(96, 96, generator=g).requires_grad_()
-        cfg = FQTConfig.from_recipe(recipe, seed=4)
-        monkeypatch.setattr(A, "quantize_grad_pair", _counted(calls) if pair else (lambda *a, **k: None))
-        # the whole ∇S (its pieces, which quantize each piece with the pair kernel, are
-        # bitwise this path: test_attention.py::test_backward_in_pieces_is_bitwise_the_whole_backward)
-        monkeypatch.setattr(A, "_in_pieces_ok", lambda *a: False)
-        torch.manual_seed(5)  # dropout's mask
-        if variant == "causal-gqa":
-            out = A.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, state=block_state(cfg))
-        else:
-            out = A.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                 attn_mask=mask, dropout_p=0.2, state=block_state(cfg))
-        out.square().sum().backward()
-        monkeypatch.undo()
-        return [t.grad for t in (q, k, v, mask) if t.grad is not None]
+    _assert_attention_pair_bitwise_apart(recipe, variant, 96, monkeypatch, A, "quantize_grad_pair")
 
-    calls: list[bool] = []
-    fused, apart = grads(True, calls), grads(False, [])
-    assert calls == [True, True]  # ∇O's pair and ∇S's pair
-    assert len(fused) == len(apart) == (3 if variant == "causal-gqa" else 4)
-    for a, b in zip(fused, apart):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+
+@pytest.mark.parametrize("recipe", ["fqt-hadamard-8", "fqt-hadamard-4", "fqt-bhq-8"])
+@pytest.mark.parametrize("variant", ["causal-gqa", "mask-grad-dropout"])
+def test_attention_mixed_pair_gives_bitwise_the_separate_gradients(recipe: str, variant: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """lowbit's attention under a row-mixing ``∇X`` quantizer (Hadamard, BHQ): ∇O and ∇S
+    each quantized as transformed rows and each head's columns from one read
+    (``quantize_grad_pair_mixed`` with the heads as entries), bitwise the gradients of
+    the separate calls — heads of 128 rows (Hadamard's blocks within a head: the integer
+    path) with a causal mask and grouped key/value heads, and of 96 rows (blocks across
+    heads) with a float mask that wants its gradient and dropout."""
+    import lowbit.attention as A
+
+    _assert_attention_pair_bitwise_apart(recipe, variant, 128 if variant == "causal-gqa" else 96, monkeypatch,
+                                         A.gradpair, "quantize_grad_pair_mixed")
 
 
 def test_attention_pair_draws_in_the_separate_calls_order_from_the_global_generator() -> None:
