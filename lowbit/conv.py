@@ -82,7 +82,7 @@ from .conv_dispatch import integer_path, refuse_simulated, run_simulated, simula
 from .gradpair import quantize_grad_w, quantize_grad_pair
 from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
                          conv_geometry, output_dtype, quantize_forward, quantize_gradient, same_padding)
-from .kernels import Encoded, Kernels, int8, kernels_for, qconv
+from .kernels import Encoded, Kernels, avx512, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, grad_weight_rows, im2col, integer_route,
                              patch_gemm_nchw, patches, sample_pieces)
 from .formats import Rounding, compute_dtype
@@ -146,10 +146,14 @@ def channels_inner(spec: Any) -> bool:
 
 def conv_rows(t: torch.Tensor, spec: Any) -> torch.Tensor:
     """A convolution operand ``t`` (N, C, *spatial) — X, W (C_out, C/g, kH, kW), or ∇Y on
-    the ∇X path — as the rows its quantizer takes: (N, C·spatial) in NCHW order, or
+    the ∇X path — as the rows its quantizer takes: (N, C·spatial) in NCHW order (a copy
+    of channels-last memory: :func:`lowbit.kernels.avx512.cl_rows` where it runs), or
     (N, spatial·C) where :func:`channels_inner` (block formats; a view of channels-last
     memory, a copy of NCHW memory)."""
-    return _rows(t.movedim(1, -1) if channels_inner(spec) and t.dim() > 2 else t)
+    if channels_inner(spec) and t.dim() > 2:
+        return _rows(t.movedim(1, -1))
+    # a channels-last t's NCHW rows are a copy: the AVX-512 transpose where it runs, else torch's
+    return avx512.cl_rows(t) if t.dim() > 2 and not t.is_contiguous() and avx512.supports_cl_rows(t) else _rows(t)
 
 
 def conv_values(q: QuantizedOperand, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -119,6 +119,7 @@ _SIGNATURES = {
     "lowbit_had_inverse": [_P, _I64, _I64, _I64, _I64, _F, _P, _F, _F, _P, _I64, _I64, _I],
     "lowbit_had_forward": [_P, _I, _I64, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _I64, _I],
     "lowbit_dequantize_rows": [_P, _I64, _I64, _P, _I, _P, _I],
+    "lowbit_cl_rows": [_P, _I64, _I64, _I64, _I64, _P, _I],
 }
 _RESTYPES = {"lowbit_had_quantize": ctypes.c_int, "lowbit_had_inverse": ctypes.c_int,
              "lowbit_had_forward": ctypes.c_int, "lowbit_csr_ok": ctypes.c_int}
@@ -1518,6 +1519,35 @@ def hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, c: float,
                                  overwrite and _rows_apart(y))
 
 
+def supports_cl_rows(t: torch.Tensor) -> bool:
+    """Whether :func:`cl_rows` takes ``t``: a float32 (N, C, *spatial) CPU tensor, at least
+    3-D, whose channels lie innermost in memory with each sample's positions dense
+    (channels-last: ``t.movedim(1, -1)[i]`` contiguous), samples apart, outside autograd
+    recording and tracing, on a machine where the kernel runs."""
+    if not (t.dim() >= 3 and _readable(t, (torch.float32,)) and _enabled and available()):
+        return False
+    inner = t.movedim(1, -1)
+    return inner[0].is_contiguous() and (t.shape[0] == 1 or t.stride(0) >= inner[0].numel())
+
+
+@compiled.disable_tracing
+def cl_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(N, -1)`` of a channels-last ``t`` (:func:`supports_cl_rows`): its rows
+    (N, C·spatial) in NCHW order, a new contiguous tensor, the same values — each sample's
+    (positions, channels) matrix transposed in 16 × 16 tiles in registers
+    (``lowbit_cl_rows``) instead of torch's strided copy (≈ 5× the time at (128, 16, 28, 28):
+    docs/benchmarks.md "Hadamard's pair…"). ``RuntimeError`` where
+    :func:`supports_cl_rows` is false."""
+    _check("cl_rows", supports_cl_rows(t), f"{t.dtype} {tuple(t.shape)} {tuple(t.stride())} strides")
+    n, c = t.shape[0], t.shape[1]
+    length = t[0, 0].numel()
+    out = torch.empty(n, c * length, dtype=torch.float32, device="cpu")
+    with scope("lowbit::avx512_cl_rows"):
+        _library().lowbit_cl_rows(t.data_ptr(), n, c, length, t.stride(0) if n > 1 else c * length, out.data_ptr(),
+                                  torch.get_num_threads())
+    return out
+
+
 def _self_test(lib: ctypes.CDLL) -> bool:
     """The kernel's codes and steps equal the reference's: random rows with tails, an
     all-zero row, NaN and ±Inf rows, float32, bfloat16 and float16, row-major and
@@ -1552,7 +1582,22 @@ def _self_test(lib: ctypes.CDLL) -> bool:
                         return False
     return _steps_self_test(lib) and _batched_pair_self_test(lib, x) and _conv_pair_self_test(lib, x) \
         and _epilogue_self_test(lib) and _epilogue_rows_self_test(lib) and _bhq_self_test(lib, x) \
-        and _place_self_test(lib) and _hadamard_self_test(lib, x) and _row_absmax_self_test(lib, x)
+        and _place_self_test(lib) and _hadamard_self_test(lib, x) and _row_absmax_self_test(lib, x) \
+        and _cl_rows_self_test(lib, x)
+
+
+def _cl_rows_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
+    """The channels-last transpose against torch's reshape: channel and position tails
+    (17 channels, 45 positions), NaN and ±Inf carried, one and two threads."""
+    t = torch.cat([x.flatten(), x.flatten()])[:3 * 17 * 45].reshape(3, 17, 5, 9).contiguous(
+        memory_format=torch.channels_last)
+    want = t.reshape(3, -1)
+    for threads in cbuild.test_threads(1, 2):
+        out = torch.empty(3, 17 * 45, dtype=torch.float32, device="cpu")
+        lib.lowbit_cl_rows(t.data_ptr(), 3, 17, 45, t.stride(0), out.data_ptr(), threads)
+        if not _same(out, want):
+            return False
+    return True
 
 
 def _epilogue_rows_self_test(lib: ctypes.CDLL) -> bool:
@@ -1830,7 +1875,8 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     """The Hadamard transform-and-quantize and its inverse against
     ``hadamard._forward_quantize`` and ``hadamard._inverse``, and the column ranges taken
     in the same read (all rows', or each of three entries') against ``amax``, and the
-    inverse written over its operand (nothing written where a block is wide): blocks of 1
+    inverse written over its operand (nothing written where a block is wide) and in
+    column chunks (rows past ``HAD_CHUNK`` columns): blocks of 1
     to 256 rows (every way the kernels group the butterflies), padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic
     and nearest, one thread and two; and the fallback signal for a huge element and a
     tiny block."""
@@ -1871,6 +1917,19 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
                 if got_inv is None or not _same(got_inv, want_inv) or over is None or not _same(over, want_inv) \
                         or over.data_ptr() != mine.data_ptr():
                     return False
+    wide_rows = torch.randn(64, 1100, generator=g, dtype=torch.float32, device="cpu")  # past HAD_CHUNK columns
+    signs = (torch.randint(0, 2, (64,), generator=g, device="cpu") * 2 - 1).float()
+    wide_rows[5, 1050] = float("nan")
+    want = _forward_quantize(wide_rows, signs, 64, parse_format("int8"), Granularity.ROW, Rounding.STOCHASTIC, seed)
+    cols = wide_rows.reshape(2, 32, -1).abs().amax(1).reshape(-1, 1)  # two entries' column ranges
+    for threads in cbuild.test_threads(1, 2):
+        if not _same(_hadamard_inverse(lib, wide_rows.nan_to_num(0.0), signs, 64, 0.125, WIDE, 64, threads),
+                     _inverse(wide_rows.nan_to_num(0.0), signs, 64, 64, torch.float32)):
+            return False
+        got = _hadamard_quantize(lib, wide_rows, signs * 0.125, 64, 64, WIDE, parse_format("int8"), Granularity.ROW,
+                                 Rounding.STOCHASTIC, seed, threads, columns=True, entry_rows=32)
+        if got[0] is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1]) and _same(got[2], cols)):
+            return False
     signs = torch.ones(64, dtype=torch.float32, device="cpu")
     for bad in (float("inf"), 2.0**101, 1e-20):  # a huge element, and a tiny block
         big = finite.clone() if bad > 1 else torch.full_like(finite, 1e-21)

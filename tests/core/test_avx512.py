@@ -261,7 +261,67 @@ def test_hadamard_kernels_bitwise_the_reference_on_every_block_size(block: int) 
 
 
 @needs_avx512
-@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 16, 16), (2, 100, 70), (3, 64, 513), (64, 2, 31), (1, 300, 33)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 3), (2, 16, 4, 4), (4, 17, 5, 9), (2, 40, 33, 1),
+                                   (5, 100, 3, 11), (16, 16, 28, 28)])
+def test_cl_rows_bitwise_the_reshape(shape: tuple[int, ...]) -> None:
+    """A channels-last ∇Y's NCHW rows from the AVX-512 transpose (16 × 16 tiles: channel
+    and position tails, one sample, one position) equal torch's copy, and
+    ``conv_rows`` takes them from it; 3-D operands with channels innermost too, 1–3
+    threads; what it cannot take (NCHW memory, other dtypes, sample gaps that overlap) is
+    refused."""
+    from lowbit.conv import conv_rows
+    from lowbit.config import GradSpec
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(shape[0], shape[2] * shape[3], shape[1], generator=g).movedim(-1, 1)
+    for t in (x, x3):
+        for threads in (1, 3):
+            with num_threads(threads):
+                assert avx512.supports_cl_rows(t)
+                got = avx512.cl_rows(t)
+                assert got.is_contiguous() and torch.equal(got, t.reshape(shape[0], -1))
+    ran = []
+    real = avx512.cl_rows
+    avx512.cl_rows = lambda t: ran.append(1) or real(t)
+    try:
+        assert torch.equal(conv_rows(x, GradSpec()), x.reshape(shape[0], -1))
+    finally:
+        avx512.cl_rows = real
+    assert ran == ([] if x.is_contiguous() else [1])  # (C = 1 or one position: a view, no copy)
+    assert not avx512.supports_cl_rows(x.double()) and not avx512.supports_cl_rows(x.bfloat16())
+    if shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert not avx512.supports_cl_rows(torch.randn(shape).transpose(2, 3))  # NCHW memory, transposed
+    if shape[0] > 1:
+        assert not avx512.supports_cl_rows(x[:1].expand(shape))  # every sample the same memory
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(70, 2100), (128, 3000)])
+def test_hadamard_kernels_on_wide_rows_bitwise_the_reference(shape: tuple[int, int]) -> None:
+    """Rows wider than the kernels' column chunk (``HAD_CHUNK`` = 1024: the inverse and the
+    forward transform run in tasks of a block's rows times 1024 columns, the last one
+    shorter): the codes and steps of ``T x``, ``T x`` itself and the inverse — into a new
+    tensor, over its operand, and over strided rows — bitwise the reference's."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(shape[1])
+    x = _operand(shape, g)
+    x[3, 1500] = float("nan")
+    q = had.Hadamard()
+    want = q.quantize(x, "int8", torch.Generator().manual_seed(3), backend=Backend.REFERENCE)
+    got = q.quantize(x, "int8", torch.Generator().manual_seed(3), backend=Backend.AUTO)
+    assert torch.equal(got.codes, want.codes) and avx512._same(got.scale, want.scale)
+    assert avx512._same(got.transform.forward(x), want.transform.forward(x))
+    y = torch.randn(got.codes.shape[0], shape[1], generator=g)
+    assert avx512._same(got.inverse(y), want.inverse(y))
+    for mine in (y.clone(), torch.cat([y, y], 1)[:, :shape[1]]):
+        assert avx512._same(got.inverse(mine, overwrite=True), want.inverse(y))
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 16, 16), (2, 100, 70), (3, 64, 513), (64, 2, 31), (1, 300, 33),
+                                   (2, 40, 1100)])
 @pytest.mark.parametrize("formats", [("int8", "int8", "row"), ("int4", "int8", "tensor"), ("int8", "fp8_e4m3", "row")],
                          ids="-".join)
 def test_hadamard_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int, int],
