@@ -1922,10 +1922,15 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     wide_rows[5, 1050] = float("nan")
     want = _forward_quantize(wide_rows, signs, 64, parse_format("int8"), Granularity.ROW, Rounding.STOCHASTIC, seed)
     cols = wide_rows.reshape(2, 32, -1).abs().amax(1).reshape(-1, 1)  # two entries' column ranges
+    tiny_chunk = wide_rows.nan_to_num(0.0)
+    tiny_chunk[:, 1024:] = 1e-20  # a chunk that alone would be wide, its block not (a review)
     for threads in cbuild.test_threads(1, 2):
-        if not _same(_hadamard_inverse(lib, wide_rows.nan_to_num(0.0), signs, 64, 0.125, WIDE, 64, threads),
-                     _inverse(wide_rows.nan_to_num(0.0), signs, 64, 64, torch.float32)):
-            return False
+        for y in (wide_rows.nan_to_num(0.0), tiny_chunk):
+            want_inv = _inverse(y, signs, 64, 64, torch.float32)
+            mine = y.clone()
+            if not (_same(_hadamard_inverse(lib, y, signs, 64, 0.125, WIDE, 64, threads), want_inv)
+                    and _same(_hadamard_inverse(lib, mine, signs, 64, 0.125, WIDE, 64, threads, True), want_inv)):
+                return False
         got = _hadamard_quantize(lib, wide_rows, signs * 0.125, 64, 64, WIDE, parse_format("int8"), Granularity.ROW,
                                  Rounding.STOCHASTIC, seed, threads, columns=True, entry_rows=32)
         if got[0] is None or not (torch.equal(got[0], want[0]) and _same(got[1], want[1]) and _same(got[2], cols)):

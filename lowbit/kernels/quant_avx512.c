@@ -997,10 +997,11 @@ void lowbit_epilogue_rows(int32_t *acc, int64_t rows, int64_t m, int64_t n, cons
  * (the codes, or the inverse's rows). The buffer (b x cols floats: 1 MB at 64 x 4096)
  * stays in L2. */
 #define HAD_MAX_B 256
-/* The inverse's and the forward's tasks: a block's rows times at most HAD_CHUNK columns (the
- * columns are transformed each on its own), so a task's tile buffer stays in L2 at any
- * width: (128, 12544) 0.86 -> 0.48 ms; the quantizer's rows need all their columns (their
- * range) and take whole rows. */
+/* The inverse's tasks: a block's rows times at most HAD_CHUNK columns (the columns are
+ * transformed each on its own), so a task's tile buffer stays in L2 at any width: (128,
+ * 12544) 0.86 -> 0.48 ms. Whether a block is wide is then decided on the whole block first
+ * (had_any_wide: a chunk alone may look wide where its block is not, a review); the
+ * quantizer's rows need all their columns (their range) and take whole rows. */
 #define HAD_CHUNK 1024
 
 /* The butterflies of stages h = 1, 2, .., 2^(S-1) on the 2^S vectors v (registers): the
@@ -1136,7 +1137,8 @@ typedef void (*HadEmit)(const void *ctx, int64_t r0, int64_t b, int64_t c0, int6
 /* Every block of b rows of x (rows, a multiple of b) through had_block and emit, the blocks
  * spread over the threads, each thread with its own tile buffer; with chunk > 0 (and no
  * camax) each task is a block's rows times at most chunk columns, emit told the first
- * column c0 of its cols. camax (NULL: not wanted):
+ * column c0 of its cols, and the wide flag returned is then a chunk's, not its block's
+ * (lowbit_had_inverse decides on whole blocks first). camax (NULL: not wanted):
  * x's column maxima (had_block's cm0: ncm = (entry_rows > 0 ? n / entry_rows : 1) * cols of
  * them, NaN where a column holds one), each thread's kept in scratch (threads * ncm floats)
  * and merged after the last block. Returns had_block's wide flag over all blocks, or -1 if a
@@ -1251,7 +1253,7 @@ int lowbit_had_forward(const void *x, int dtype, int64_t n, int64_t rows, int64_
                        int threads) {
     const HadRowsOut o = {ones, out, rows, ldo};
     return had_blocks(x, dtype, n, rows, cols, ld, b, m, 0.0f, huge, tiny, had_emit_rows, &o, NULL, 0, NULL,
-                      HAD_CHUNK, threads);
+                      0, threads);
 }
 
 /* Whether a block of b rows of y (rows, cols) float32, row stride ldy, is wide (had_block's
@@ -1281,18 +1283,23 @@ static int had_any_wide(const float *y, int64_t rows, int64_t cols, int64_t ldy,
 /* out[r, :] = (T^-1 y)[r, :] for r < n_out: y (rows, cols) float32 (rows a multiple of b, row
  * stride ldy), each row times c, the butterflies, then times s[r] (+-1); out (n_out, cols),
  * row stride ldo: another tensor's memory, or y's own (out == y, ldo == ldy: in place — a
- * block's rows are all read before they are written — after a first read that finds no
- * block wide, so that y is left as it was where one is). Returns 1 where a block of y is
+ * task's rows are all read before they are written — after a first read that finds no
+ * block wide, so that y is left as it was where one is; that read also decides for rows
+ * wider than HAD_CHUNK, whose tasks are column chunks). Returns 1 where a block of y is
  * wide (out is then not the reference's; in place, nothing is written), -1 if out of
  * memory. (In place takes 0.6x the time of a separate output, whose lines are not in
  * cache: docs/benchmarks.md "Hadamard's pair…".) */
 int lowbit_had_inverse(const float *y, int64_t rows, int64_t cols, int64_t ldy, int64_t b, float c,
                        const float *s, float huge, float tiny, float *out, int64_t n_out, int64_t ldo,
                        int threads) {
-    if (out == y && had_any_wide(y, rows, cols, ldy, b, huge, tiny, threads)) return 1;
     const HadRowsOut o = {s, out, n_out, ldo};
-    return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, NULL, 0,
-                      NULL, HAD_CHUNK, threads);
+    if (out != y && cols <= HAD_CHUNK)  /* whole rows: each task's wide flag is its block's */
+        return had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, NULL, 0, NULL,
+                          0, threads);
+    if (had_any_wide(y, rows, cols, ldy, b, huge, tiny, threads)) return 1;
+    const int status = had_blocks(y, F32, rows, rows, cols, ldy, b, NULL, c, huge, tiny, had_emit_rows, &o, NULL, 0,
+                                  NULL, HAD_CHUNK, threads);
+    return status < 0 ? status : 0;  /* (no block is wide; a chunk's own flag is not its block's) */
 }
 
 /* ---- channels-last to NCHW rows ---------------------------------------------------------------

@@ -261,6 +261,38 @@ def test_hadamard_kernels_bitwise_the_reference_on_every_block_size(block: int) 
 
 
 @needs_avx512
+@pytest.mark.parametrize("case", ["tiny-chunk", "nan-and-huge", "huge"])
+def test_hadamard_inverse_on_wide_rows_decides_wide_per_block(case: str) -> None:
+    """Rows past the inverse's 1024-column chunks: a block is wide (the float64
+    reference's) by its whole rows' largest magnitude, not a chunk's — a chunk of values
+    ≈ 1e-20 in a block of O(1) ones, or a huge value beside a NaN (a block with a NaN is
+    not wide), stays on the kernel, into a new tensor and over its operand, bitwise the
+    reference (a review: in place, the kernel wrote the chunks and then handed the
+    transformed operand to the reference); a wide block leaves the operand untouched."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(64, 1100, generator=g)
+    if case == "tiny-chunk":
+        y[:, 1024:] = 1e-20
+    else:
+        y[1, 1050] = 2.0**101
+        if case == "nan-and-huge":
+            y[0, 0] = float("nan")
+    signs = (torch.randint(0, 2, (64,), generator=g) * 2 - 1).float()
+    c = float(had._c(64, torch.float32, y.device))
+    want = had._inverse(y, signs, 64, 64, torch.float32)
+    for overwrite in (False, True):
+        mine = y.clone()
+        got = avx512.hadamard_inverse(mine, signs, 64, c, had.WIDE, 64, overwrite)
+        if case == "huge":
+            assert got is None and torch.equal(mine, y)  # the reference reads it as it was
+        else:
+            assert got is not None and avx512._same(got, want)
+        assert avx512._same(had._native_inverse(y.clone(), signs, 64, 64, torch.float32, overwrite), want)
+
+
+@needs_avx512
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 3), (2, 16, 4, 4), (4, 17, 5, 9), (2, 40, 33, 1),
                                    (5, 100, 3, 11), (16, 16, 28, 28)])
 def test_cl_rows_bitwise_the_reshape(shape: tuple[int, ...]) -> None:
