@@ -10,9 +10,10 @@ Toggles (each is "on" as lowbit ships it):
   materialize  no zero gradients filled for the block op's saved codes and steps; off:
                autograd fills them (the behaviour before issue 14)
   hadamard-fwht  the Hadamard transform as butterflies (``lowbit.quantizers.hadamard.fwht``),
-               fused with the quantizer on lowbit's AVX-512 kernels; off: the transform before
-               it, one batched GEMM with each block's ``H·diag(s)``, written out, then the
-               quantizer (values differ by float rounding)
+               fused with the quantizer on lowbit's AVX-512 kernels (and ∇Y's column ranges:
+               the pair); off: the transform before it, one batched GEMM with each block's
+               ``H·diag(s)``, written out, then the quantizer, the ∇W side apart (values
+               differ by float rounding)
   amx          int8 GEMMs of at least ``amx.MIN_MACS`` multiply-adds, and attention's
                batches of head products, on lowbit's AMX kernel (``lowbit.kernels.amx``);
                off: all on ``torch._int_mm`` (the same sums). Needs a CPU with AMX.
@@ -52,8 +53,9 @@ Toggles (each is "on" as lowbit ships it):
                side cannot share the pair (BHQ, Hadamard); off: ∇Y copied channel-major first
                (the same codes)
   attention-grad-w  the same for attention's ∇O and ∇S (each head's transpose quantized as
-               it lies); off: the transposed copies (∇S's made in its own memory, entry by
-               entry; the same codes)
+               it lies) where the ∇X side does not pair its columns (since 2026-12-06 BHQ
+               and Hadamard do: a user's row-mixing quantizer); off: the transposed copies
+               (∇S's made in its own memory, entry by entry; the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
   bhq-entry-threads  attention's BHQ groups built for the entries (heads) on torch's threads
@@ -194,6 +196,7 @@ def _hadamard_fwht() -> Callable[[bool], None]:
     def switch(on: bool) -> None:
         cls.forward, cls.forward_quantize, cls.inverse = fwht if on else (
             forward, RowTransform.forward_quantize, inverse)
+        had.Hadamard.pairs_columns = on  # (off: no pair either, whose kernel runs the butterflies)
     return switch
 
 

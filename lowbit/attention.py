@@ -48,9 +48,9 @@ each of the four gradient operands gets its own generator split from its path's.
 both of a gradient's quantizations are plain (PTQ/PSQ, dynamic range, a fused backend),
 they come from one read of it (:func:`lowbit.gradpair.quantize_grad_pair` with
 ``batched=True``): ``∇S`` is then never transposed in memory for ``∇K``; the codes are
-bitwise those of the two calls. With BHQ rows beside a plain transpose, the pair is
-:func:`lowbit.gradpair.quantize_grad_pair_mixed` with the heads as entries (the heads'
-column ranges from BHQ's group pass over the rows; bitwise the two calls too).
+bitwise those of the two calls. With BHQ or Hadamard rows beside a plain transpose, the
+pair is :func:`lowbit.gradpair.quantize_grad_pair_mixed` with the heads as entries (the
+heads' column ranges from the transform's pass over the rows; bitwise the two calls too).
 
 Memory: the forward keeps ``Q``, ``K``, ``V`` and ``P̃`` as codes, never a float (B, L, S)
 tensor, and the backward recomputes ``P`` from the codes. On the CPU with lowbit's
@@ -650,8 +650,8 @@ def _pair(g: torch.Tensor, spec_a: GradSpec | None, gen_a: torch.Generator | Non
     bitwise :func:`grad_operand` and :func:`grad_operand_t`, drawing in the same order:
     ``w_first`` where the transpose's was drawn first), where ``wanted`` and the specs allow
     it; with a row-mixing ``Q_a`` that builds its transform per entry and quantizes the
-    columns alongside (BHQ), :func:`lowbit.gradpair.quantize_grad_pair_mixed` with the
-    entries; else ``(None, None)`` and nothing drawn."""
+    columns alongside (BHQ, Hadamard), :func:`lowbit.gradpair.quantize_grad_pair_mixed`
+    with the entries; else ``(None, None)`` and nothing drawn."""
     if not wanted:
         return None, None
     k = kernels_for(backend, g.device)

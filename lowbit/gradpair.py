@@ -24,12 +24,12 @@ channel-major order. A batch of gradients (B, N, out) — attention's ``∇O`` a
 one entry per (batch, head) — pairs its rows (B·N, out) with each entry's transpose
 (B·out, N) (:func:`quantize_batched_pair`), used by :mod:`lowbit.attention`.
 
-A linear layer's pair where ``∇X``'s quantizer is BHQ (it mixes rows, within groups) is
-:func:`quantize_grad_pair_mixed`: BHQ's transform makes its transformed rows' codes and
-``∇Y``'s column ranges in one read (group by group), then the columns' codes; attention's
-batch (its groups per head, the columns each head's transpose) too, with ``entries``.
-Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X`` quantizer: Hadamard; BHQ where
-the pair does not apply),
+A linear layer's pair where ``∇X``'s quantizer is BHQ or Hadamard (they mix rows, within
+groups or blocks) is :func:`quantize_grad_pair_mixed`: the transform makes its transformed
+rows' codes and ``∇Y``'s column ranges in one read (BHQ group by group, Hadamard block by
+block), then the columns' codes; attention's batch (the columns each head's transpose)
+too, with ``entries``. Where only the ``∇W`` side is plain otherwise (a row-mixing ``∇X``
+quantizer on a convolution, or where the mixed pair does not apply),
 :func:`quantize_grad_w` quantizes that side alone, reading a convolution's or attention's
 gradient as it lies instead of copying it channel-major or transposed first.
 """
@@ -189,7 +189,8 @@ def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: in
 def quantize_grad_w(gy: torch.Tensor, spec: GradSpec | None, gen: torch.Generator | None, k: Kernels,
                     batched: bool = False) -> QuantizedOperand | None:
     """The ``∇W`` side of :func:`quantize_grad_pair` alone, for when the ``∇X`` side cannot
-    join it (a row-mixing ``Q_a``: BHQ, Hadamard), read in place instead of copied first:
+    join it (a row-mixing ``Q_a`` on a convolution, or where :func:`quantize_grad_pair_mixed`
+    does not apply), read in place instead of copied first:
     a convolution's ``gy`` (N, C_out, L) as its channels (C_out, N·L), bitwise
     ``quantize_gradient(gy.transpose(0, 1).reshape(C_out, -1), spec, gen, k)``; with
     ``batched``, attention's ``gy`` (B, N, out) as each entry's transpose (B·out, N),
@@ -256,7 +257,9 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     """:func:`quantize_grad_pair` of a linear layer's ``gy`` (N, out) where ``Q_a`` mixes
     rows with a transform that quantizes ``∇Y``'s columns alongside its own rows (a
     quantizer whose ``pairs_columns`` is true: BHQ, :meth:`BlockHouseholder.forward_quantize_pair
-    <lowbit.quantizers.bhq.BlockHouseholder.forward_quantize_pair>`): bitwise what
+    <lowbit.quantizers.bhq.BlockHouseholder.forward_quantize_pair>`; Hadamard,
+    :meth:`BlockHadamard.forward_quantize_pair
+    <lowbit.quantizers.hadamard.BlockHadamard.forward_quantize_pair>`): bitwise what
     ``quantize_gradient(gy, spec_a, gen_a, k)`` and ``quantize_gradient(gy.t(), spec_w,
     gen_w, k)`` give, drawn in that order (``Q_a``'s transform and seed, then ``Q_w``'s;
     with ``w_first`` ``Q_w``'s first).

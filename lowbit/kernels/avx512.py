@@ -1499,7 +1499,12 @@ def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, bl
     ld = y.stride(0) if rows > 1 else d
     status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, ld, block, c, signs.contiguous().data_ptr(), *wide,
                                     out.data_ptr(), n_out, ld if overwrite else d, threads)
-    return (out[:n_out] if overwrite else out) if _had_status(status) else None
+    if not _had_status(status):
+        return None  # (in place: nothing written)
+    if overwrite:
+        torch.autograd.graph.increment_version(y)  # written through its pointer: autograd's in-place check sees it
+        return out[:n_out]
+    return out
 
 
 def hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, c: float, wide: tuple[float, float],

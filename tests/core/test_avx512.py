@@ -284,11 +284,14 @@ def test_hadamard_inverse_on_wide_rows_decides_wide_per_block(case: str) -> None
     want = had._inverse(y, signs, 64, 64, torch.float32)
     for overwrite in (False, True):
         mine = y.clone()
+        version = mine._version
         got = avx512.hadamard_inverse(mine, signs, 64, c, had.WIDE, 64, overwrite)
         if case == "huge":
-            assert got is None and torch.equal(mine, y)  # the reference reads it as it was
+            assert got is None and torch.equal(mine, y) and mine._version == version  # the reference reads it as it was
         else:
             assert got is not None and avx512._same(got, want)
+            # written over through its pointer: autograd's in-place check sees it (README rows 225, 229)
+            assert (mine._version > version) == overwrite
         assert avx512._same(had._native_inverse(y.clone(), signs, 64, 64, torch.float32, overwrite), want)
 
 
@@ -362,16 +365,17 @@ def test_hadamard_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int, i
     from the rows' read; with entries, attention's, each entry's transpose) against the
     reference op (the transform's quantizer, then the columns' on the reference kernels):
     entries (E, N rows each, D columns) with padded rows, blocks of 64 and 8 rows, a block
-    with ±Inf (its rows from the float64 reference), a NaN, an entry of its own scale,
-    float32, bfloat16 and strided rows, stochastic and nearest, 1–3 threads; what the
-    kernel cannot take is refused."""
+    with ±Inf (its rows from the float64 reference) and a NaN, or finite (every row's codes
+    from the kernel), an entry of its own scale, float32, bfloat16 and strided rows,
+    stochastic and nearest, 1–3 threads; what the kernel cannot take is refused."""
     from lowbit.quantizers import hadamard as had
 
     fmt_a, fmt_w, gran_w = parse_format(formats[0]), parse_format(formats[1]), Granularity(formats[2])
     e, n, d = shape
     x, g = _entries_operand(e, n, d)
     ref = kernels_for(Backend.REFERENCE, "cpu")
-    for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d]):
+    finite_rows = []  # the kernel's rows finite: (a review) with ±Inf beside each NaN they never were
+    for a in (x, x.bfloat16(), torch.cat([x, x], 1)[:, :d], x.nan_to_num(0.0, 6e4, -6e4)):
         for block in (64, 8):
             t = had.Hadamard(block).transform(a, torch.Generator().manual_seed(1), ref)
             for entries in sorted({0, e}):
@@ -384,6 +388,10 @@ def test_hadamard_quantize_pair_bitwise_the_two_kernels(shape: tuple[int, int, i
                         with num_threads(threads):
                             assert had._native_quantize_pair_ok(ref, *args)
                             assert _same(had._native_quantize_pair(ref, *args), want)
+                    m = t.signs * had._c(t.block, torch.float32, "cpu")
+                    rows = avx512.hadamard_quantize_pair(a, m, t.signs.shape[0], t.block, had.WIDE, *args[2:])
+                    finite_rows.append(rows[0] is not None and bool(torch.isfinite(rows[1]).all()))
+    assert finite_rows[-1]  # the finite operand's rows from the kernel
     t = had.Hadamard().transform(x, None, ref)
     rest = (fmt_a, Granularity.ROW, Rounding.STOCHASTIC, torch.tensor(1), fmt_w, gran_w, Rounding.STOCHASTIC,
             torch.tensor(1))
