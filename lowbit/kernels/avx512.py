@@ -1438,6 +1438,17 @@ def hadamard_quantize_pair(x: torch.Tensor, m: torch.Tensor, rows: int, block: i
                                                             fmt_w, gran_w, rnd_w, seed_w, entries),
            f"{fmt_a.name}/{fmt_w.name}, {x.dtype} {tuple(x.shape)} {tuple(x.stride())} strides, block {block}, "
            f"{rows} rows, entries {entries!r}")
+    return run_hadamard_quantize_pair(x, m, rows, block, wide, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w,
+                                      seed_w, entries)
+
+
+@compiled.disable_tracing
+def run_hadamard_quantize_pair(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float],
+                               fmt_a: Format, gran_a: Granularity, rnd_a: Rounding, seed_a: torch.Tensor,
+                               fmt_w: Format, gran_w: Granularity, rnd_w: Rounding, seed_w: torch.Tensor,
+                               entries: int = 0) -> tuple[torch.Tensor | None, ...]:
+    """:func:`hadamard_quantize_pair` without its checks (the dispatcher's kernel, after
+    :func:`supports_hadamard_pair`: ``lowbit.quantizers.hadamard``'s native op checks it)."""
     lib, threads = _library(), torch.get_num_threads()
     with scope("lowbit::avx512_hadamard_quantize_pair"):
         codes_a, step_a, camax = _hadamard_quantize(lib, x, m, rows, block, wide, fmt_a, gran_a, rnd_a, seed_a,
@@ -1499,14 +1510,11 @@ def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, bl
     ld = y.stride(0) if rows > 1 else d
     status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, ld, block, c, signs.contiguous().data_ptr(), *wide,
                                     out.data_ptr(), n_out, ld if overwrite else d, threads)
-    if overwrite and status < 0:  # out of memory: some threads may have written their part of y
-        torch.autograd.graph.increment_version(y)
+    if overwrite and status != 1:  # written through its pointer (out of memory: some threads' parts, -1)
+        torch.autograd.graph.increment_version(y)  # autograd's in-place check sees it; wide (1): nothing written
     if not _had_status(status):
-        return None  # (in place: nothing written)
-    if overwrite:
-        torch.autograd.graph.increment_version(y)  # written through its pointer: autograd's in-place check sees it
-        return out[:n_out]
-    return out
+        return None
+    return out[:n_out] if overwrite else out
 
 
 def hadamard_inverse(y: torch.Tensor, signs: torch.Tensor, block: int, c: float, wide: tuple[float, float],
@@ -1883,10 +1891,10 @@ def _hadamard_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
     ``hadamard._forward_quantize`` and ``hadamard._inverse``, and the column ranges taken
     in the same read (all rows', or each of three entries') against ``amax``, and the
     inverse written over its operand (nothing written where a block is wide) and in
-    column chunks (rows past ``HAD_CHUNK`` columns): blocks of 1
-    to 256 rows (every way the kernels group the butterflies), padded rows, NaN rows, bfloat16, strided rows, int8 and int4, stochastic
-    and nearest, one thread and two; and the fallback signal for a huge element and a
-    tiny block."""
+    column chunks (rows past ``HAD_CHUNK`` columns): blocks of 1 to 256 rows (every way
+    the kernels group the butterflies), padded rows, NaN rows, bfloat16, strided rows,
+    int8 and int4, stochastic and nearest, one thread and two; and the fallback signal for
+    a huge element and a tiny block."""
     from ..formats import parse_format
     from ..quantizers.hadamard import WIDE, _c, _forward, _forward_quantize, _inverse
 

@@ -1098,6 +1098,15 @@ static inline __attribute__((always_inline)) void had_rows(const void *x, int dt
     }
 }
 
+/* Whether a block whose elements' absolute values have maximum lanes mx (nan: lanes that saw a
+ * NaN) is wide (module comment): its largest magnitude above huge or in (0, tiny); a block
+ * with a NaN is not (its amax is NaN: no comparison holds). */
+static inline int had_wide(__m512 mx, __mmask16 nan, float huge, float tiny) {
+    if (nan) return 0;
+    const float m = _mm512_reduce_max_ps(mx);
+    return m > huge || (m > 0.0f && m < tiny);
+}
+
 /* Block b rows from row r0 of x (n rows of type dtype, row stride ld; rows >= n zero) into
  * buf, each element times mul[r] (mul NULL: times c), then the butterflies on every tile:
  * the first three stages on each 8 rows in registers as they are read (8 row streams), the
@@ -1125,9 +1134,7 @@ static int had_block(const void *x, int dtype, int64_t n, int64_t ld, int64_t co
     }
     if (b > 8)
         for (int64_t t = 0; t < tiles; t++) fwht_rest(buf + t * ts, b, 8);
-    if (nan) return 0;  /* the block's amax is NaN: no comparison holds */
-    const float m = _mm512_reduce_max_ps(mx);
-    return m > huge || (m > 0.0f && m < tiny);
+    return had_wide(mx, nan, huge, tiny);
 }
 
 /* What a caller does with a transformed block (rows r0 .. r0 + b - 1, columns c0 .. c0 + cols - 1
@@ -1256,9 +1263,8 @@ int lowbit_had_forward(const void *x, int dtype, int64_t n, int64_t rows, int64_
                       0, threads);
 }
 
-/* Whether a block of b rows of y (rows, cols) float32, row stride ldy, is wide (had_block's
- * rule: largest magnitude above huge or in (0, tiny); a block with a NaN is not), the blocks
- * spread over the threads: one read of y, nothing written. */
+/* Whether a block of b rows of y (rows, cols) float32, row stride ldy, is wide (had_wide), the
+ * blocks spread over the threads: one read of y, nothing written. */
 static int had_any_wide(const float *y, int64_t rows, int64_t cols, int64_t ldy, int64_t b, float huge,
                         float tiny, int threads) {
     int wide = 0;
@@ -1272,10 +1278,7 @@ static int had_any_wide(const float *y, int64_t rows, int64_t cols, int64_t ldy,
                 nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
                 mx = _mm512_max_ps(mx, a);
             }
-        if (!nan) {
-            const float m = _mm512_reduce_max_ps(mx);
-            wide |= m > huge || (m > 0.0f && m < tiny);
-        }
+        wide |= had_wide(mx, nan, huge, tiny);
     }
     return wide;
 }

@@ -203,7 +203,7 @@ def _native_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHadamard, fmt_a: 
     """:func:`_quantize_pair` on the AVX-512 kernel; the rows from the reference where a
     block is transformed in float64 (module docstring: the columns are ``x``'s own)."""
     m = t.signs * _c(t.block, torch.float32, t.signs.device)
-    codes_a, step_a, codes_w, step_w = avx512.hadamard_quantize_pair(
+    codes_a, step_a, codes_w, step_w = avx512.run_hadamard_quantize_pair(
         x, m, t.signs.shape[0], t.block, WIDE, fmt_a, gran_a, rnd_a, seed_a, fmt_w, gran_w, rnd_w, seed_w, entries)
     rows = (codes_a, step_a, None, None) if codes_a is not None else \
         _forward_quantize(x, t.signs, t.block, fmt_a, gran_a, rnd_a, seed_a)
