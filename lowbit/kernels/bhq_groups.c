@@ -198,9 +198,8 @@ void lowbit_bhq_groups(const double *lam, int64_t n, int64_t *order, int64_t *gr
 #define INV_CBRT_MAGIC 0x553EF0FF289DD796LL
 #define INV_CBRT_STEPS 4
 #define INV_CBRT_THIRD (1.0 / 3.0)
-static double inv_cbrt(double b) {
-    const int small = b < DBL_MIN;  /* subnormal: b 2^54 (exact), the result times 2^18 (exact) */
-    if (small) b = b * 18014398509481984.0;  /* 2^54 */
+/* inv_cbrt's first guess (its small-operand scaling applied by the caller). */
+static inline double inv_cbrt_guess(double b) {
     int64_t bits, yb;
     memcpy(&bits, &b, sizeof bits);
     int64_t q = bits / 3;
@@ -208,7 +207,16 @@ static double inv_cbrt(double b) {
     yb = INV_CBRT_MAGIC - q;
     double y;
     memcpy(&y, &yb, sizeof y);
-    for (int i = 0; i < INV_CBRT_STEPS; i++) y = y + y * ((1.0 - (b * y) * (y * y)) * INV_CBRT_THIRD);
+    return y;
+}
+
+#define INV_CBRT_STEP(y, b) ((y) + (y) * ((1.0 - ((b) * (y)) * ((y) * (y))) * INV_CBRT_THIRD))
+
+static double inv_cbrt(double b) {
+    const int small = b < DBL_MIN;  /* subnormal: b 2^54 (exact), the result times 2^18 (exact) */
+    if (small) b = b * 18014398509481984.0;  /* 2^54 */
+    double y = inv_cbrt_guess(b);
+    for (int i = 0; i < INV_CBRT_STEPS; i++) y = INV_CBRT_STEP(y, b);
     return small ? y * 262144.0 : y;  /* 2^18 */
 }
 
@@ -222,32 +230,75 @@ static double inv_cbrt(double b) {
  *   w      v * scale, and v2 = 2 v (both in the output dtype: what BHQ's kernels read)
  * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
  * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
+/* Row i's (sorted order) base and vector entry, as lowbit_bhq_finish computes them. */
+static inline double finish_base(int64_t i, int64_t k, const double *g, const double *lam_large,
+                                 const double *lam_small, const double *tab_r, const double *tab_vl,
+                                 const double *tab_vs, const double *tab_hm, double ratio, double *v) {
+    const double gi = g[i];
+    const int64_t t = (int64_t)gi - 1;
+    *v = i < k ? tab_vl[t] : tab_vs[t];
+    const double gm1 = gi - 1.0 > 1.0 ? gi - 1.0 : 1.0;
+    const double floor_ = ratio * lam_large[i] > DBL_MIN ? ratio * lam_large[i] : DBL_MIN;
+    const double w2a = lam_small[i] * tab_hm[t];
+    return i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
+}
+
+/* Row i's outputs at row order[i] (lowbit_bhq_finish's). */
+static inline void finish_store(int64_t o, double si, double v, int f64, void *scale, void *v_out, void *w_out,
+                                void *v2_out) {
+    if (f64) {
+        ((double *)scale)[o] = si;
+        ((double *)v_out)[o] = v;
+        ((double *)w_out)[o] = v * si;
+        ((double *)v2_out)[o] = 2.0 * v;
+    } else {
+        const float sf = (float)si, vf = (float)v;
+        ((float *)scale)[o] = sf;
+        ((float *)v_out)[o] = vf;
+        ((float *)w_out)[o] = vf * sf;
+        ((float *)v2_out)[o] = 2.0f * vf;
+    }
+}
+
+
 void lowbit_bhq_finish(int64_t n, int64_t k, const int64_t *order, const double *g, const double *lam_large,
                        const double *lam_small, const double *tab_r, const double *tab_vl, const double *tab_vs,
                        const double *tab_hm, double ratio, int f64, void *scale, void *v_out, void *w_out,
                        void *v2_out) {
-    for (int64_t i = 0; i < n; i++) {
-        const double gi = g[i];
-        const int64_t t = (int64_t)gi - 1;
-        const double v = i < k ? tab_vl[t] : tab_vs[t];
-        const double gm1 = gi - 1.0 > 1.0 ? gi - 1.0 : 1.0;
-        const double floor_ = ratio * lam_large[i] > DBL_MIN ? ratio * lam_large[i] : DBL_MIN;
-        const double w2a = lam_small[i] * tab_hm[t];
-        const double base = i < k ? lam_large[i] / tab_r[t] : (w2a > floor_ ? w2a : floor_) / gm1;
-        const double si = gi > 1.0 ? inv_cbrt(base) : 1.0;
-        const int64_t o = order[i];
-        if (f64) {
-            ((double *)scale)[o] = si;
-            ((double *)v_out)[o] = v;
-            ((double *)w_out)[o] = v * si;
-            ((double *)v2_out)[o] = 2.0 * v;
-        } else {
-            const float sf = (float)si, vf = (float)v;
-            ((float *)scale)[o] = sf;
-            ((float *)v_out)[o] = vf;
-            ((float *)w_out)[o] = vf * sf;
-            ((float *)v2_out)[o] = 2.0f * vf;
+    int64_t i = 0;
+    /* four rows at a time: inv_cbrt's operations for each (the same bits), its four chains of
+     * dependent Newton steps interleaved, which one row at a time left the core waiting on */
+    for (; i + 4 <= n; i += 4) {
+        double v0, v1, v2, v3;
+        double b0 = finish_base(i, k, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, &v0);
+        double b1 = finish_base(i + 1, k, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, &v1);
+        double b2 = finish_base(i + 2, k, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, &v2);
+        double b3 = finish_base(i + 3, k, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, &v3);
+        const int s0 = b0 < DBL_MIN, s1 = b1 < DBL_MIN, s2 = b2 < DBL_MIN, s3 = b3 < DBL_MIN;
+        if (s0) b0 *= 18014398509481984.0;  /* 2^54: inv_cbrt's subnormal scaling */
+        if (s1) b1 *= 18014398509481984.0;
+        if (s2) b2 *= 18014398509481984.0;
+        if (s3) b3 *= 18014398509481984.0;
+        double y0 = inv_cbrt_guess(b0), y1 = inv_cbrt_guess(b1), y2 = inv_cbrt_guess(b2), y3 = inv_cbrt_guess(b3);
+        for (int st = 0; st < INV_CBRT_STEPS; st++) {
+            y0 = INV_CBRT_STEP(y0, b0);
+            y1 = INV_CBRT_STEP(y1, b1);
+            y2 = INV_CBRT_STEP(y2, b2);
+            y3 = INV_CBRT_STEP(y3, b3);
         }
+        if (s0) y0 *= 262144.0;  /* 2^18 */
+        if (s1) y1 *= 262144.0;
+        if (s2) y2 *= 262144.0;
+        if (s3) y3 *= 262144.0;
+        finish_store(order[i], g[i] > 1.0 ? y0 : 1.0, v0, f64, scale, v_out, w_out, v2_out);
+        finish_store(order[i + 1], g[i + 1] > 1.0 ? y1 : 1.0, v1, f64, scale, v_out, w_out, v2_out);
+        finish_store(order[i + 2], g[i + 2] > 1.0 ? y2 : 1.0, v2, f64, scale, v_out, w_out, v2_out);
+        finish_store(order[i + 3], g[i + 3] > 1.0 ? y3 : 1.0, v3, f64, scale, v_out, w_out, v2_out);
+    }
+    for (; i < n; i++) {
+        double v;
+        const double base = finish_base(i, k, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, &v);
+        finish_store(order[i], g[i] > 1.0 ? inv_cbrt(base) : 1.0, v, f64, scale, v_out, w_out, v2_out);
     }
 }
 
@@ -335,4 +386,75 @@ void lowbit_bhq_entries_join(int64_t n_entries, int64_t r, const int64_t *k_out,
         groups += k;
     }
     crow_out[groups] = n_entries * r;
+}
+
+/* The ranges checked and made float64 (lowbit_bhq_build's and lowbit_bhq_build_entries'
+ * first step): lam (n,) float64 (lam_f64) or float32, copied into l64 (exact). Returns 0
+ * where a range is negative (-Inf included) or, with finite, where one is NaN or +Inf or
+ * none is positive; else 1. */
+static int ranges64(const void *lam, int lam_f64, int64_t n, int finite, double *l64) {
+    double top = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const double x = lam_f64 ? ((const double *)lam)[i] : (double)((const float *)lam)[i];
+        if (x < 0.0 || (finite && !(x <= DBL_MAX))) return 0;  /* !(x <= DBL_MAX): NaN or +Inf */
+        if (x > top) top = x;
+        l64[i] = x;
+    }
+    return !finite || top > 0.0;
+}
+
+/* The op bhq_groups in one call (lowbit.kernels.bhq_groups._groups): lam (n,) float64
+ * (lam_f64) or float32 ranges, n >= 2; then lowbit_bhq_groups and, where the tables
+ * (tab_size entries each) cover the largest group, lowbit_bhq_finish. out: scale, v, w,
+ * v2, n each, in the output dtype (f64: float64, else float32), one after the other; idx:
+ * group (n), members (n), crow (n + 1, of which k + 1 used); work: 11 n + 2 int64 of
+ * scratch (lam as float64, order, grp_sorted, g, lam_large, lam_small, 3 n for
+ * lowbit_bhq_groups, and its k_out last). Returns the number of groups k >= 1; -1 where
+ * the tables are too small (lowbit_bhq_finish then runs with grown ones on work's arrays:
+ * k_out holds k and the largest group); 0 where the ranges are outside the op's
+ * conditions (a NaN, an infinity, a negative range or none positive: ranges64), nothing
+ * written but work. */
+int64_t lowbit_bhq_build(const void *lam, int lam_f64, int64_t n, double ratio, int f64, const double *tab_r,
+                         const double *tab_vl, const double *tab_vs, const double *tab_hm, int64_t tab_size,
+                         void *out, int64_t *idx, int64_t *work) {
+    double *l64 = (double *)work;
+    if (!ranges64(lam, lam_f64, n, 1, l64)) return 0;
+    int64_t *order = work + n, *grp_sorted = work + 2 * n, *k_out = work + 11 * n;
+    double *g = (double *)(work + 3 * n), *lam_large = (double *)(work + 4 * n), *lam_small = (double *)(work + 5 * n);
+    lowbit_bhq_groups(l64, n, order, grp_sorted, g, lam_large, lam_small, idx, idx + 2 * n, idx + n, k_out,
+                      work + 6 * n);
+    if (k_out[1] > tab_size) return -1;
+    const size_t b = (size_t)n * (f64 ? sizeof(double) : sizeof(float));
+    lowbit_bhq_finish(n, k_out[0], order, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm, ratio, f64, out,
+                      (char *)out + b, (char *)out + 2 * b, (char *)out + 3 * b);
+    return k_out[0];
+}
+
+/* The op bhq_entry_groups in one call (lowbit.kernels.bhq_groups._entry_groups): lam
+ * (n_entries r,) float64 (lam_f64) or float32, then lowbit_bhq_groups_entries and
+ * lowbit_bhq_finish_entries on `threads` threads. The tables must cover r (tab_size >=
+ * r). out as lowbit_bhq_build's; idx: group (n), members (n), crow_out (n + 1, of which
+ * K + 1 used); k_out (n_entries, 2); work: 6 n + n_entries (r + 1) + 3 r threads int64
+ * (lam as float64, order, grp_sorted, g, lam_large, lam_small, the entries' own crow,
+ * each thread's scratch). Returns the groups K of
+ * all entries; 0 where a range is negative (-Inf included: outside the op's conditions,
+ * nothing written but work) or r > tab_size. */
+int64_t lowbit_bhq_build_entries(const void *lam, int lam_f64, int64_t n_entries, int64_t r, double ratio, int f64,
+                                 const double *tab_r, const double *tab_vl, const double *tab_vs,
+                                 const double *tab_hm, int64_t tab_size, void *out, int64_t *idx, int64_t *k_out,
+                                 int64_t *work, int threads) {
+    const int64_t n = n_entries * r;
+    double *l64 = (double *)work;
+    if (r > tab_size || !ranges64(lam, lam_f64, n, 0, l64)) return 0;
+    int64_t *order = work + n, *grp_sorted = work + 2 * n, *crow = work + 6 * n;
+    double *g = (double *)(work + 3 * n), *lam_large = (double *)(work + 4 * n), *lam_small = (double *)(work + 5 * n);
+    lowbit_bhq_groups_entries(l64, n_entries, r, order, grp_sorted, g, lam_large, lam_small, idx, crow, idx + n,
+                              k_out, crow + n_entries * (r + 1), threads);
+    const size_t b = (size_t)n * (f64 ? sizeof(double) : sizeof(float));
+    lowbit_bhq_finish_entries(n_entries, r, k_out, order, g, lam_large, lam_small, tab_r, tab_vl, tab_vs, tab_hm,
+                              ratio, f64, out, (char *)out + b, (char *)out + 2 * b, (char *)out + 3 * b, idx, crow,
+                              idx + n, idx + 2 * n, threads);
+    int64_t groups = 0;
+    for (int64_t e = 0; e < n_entries; e++) groups += k_out[2 * e];
+    return groups;
 }

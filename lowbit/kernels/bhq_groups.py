@@ -1,8 +1,10 @@
 """BHQ's groups from its row ranges: the kernel-table op ``bhq_groups`` (docs/METHOD.md §2; the
 quantizer is :mod:`lowbit.quantizers.bhq`, whose docstring gives the rules).
 
-``bhq_groups(lam, dtype)``: for the row ranges ``lam`` (N,) float64 (N ≥ 2, all finite, at
-least one positive), a :class:`Groups`: each row's scale ``s`` and Householder vector entry
+``bhq_groups(lam, dtype)``: for the row ranges ``lam`` (N,) float32 or float64 (N ≥ 2;
+made float64, exact), ``None`` where a range is NaN or ±Inf or none is positive (BHQ then
+takes groups of one: :func:`lowbit.quantizers.bhq.bhq_transform`), else (all finite, at
+least one positive) a :class:`Groups`: each row's scale ``s`` and Householder vector entry
 ``v`` (N,) in ``dtype`` (float32 or float64), its group id (N,) int64 in ``[0, K)``, the
 number of groups ``K``, the groups' members as a CSR index (``crow`` (K + 1,) and
 ``members`` (N,) int64, ascending row ids within a group; ``None`` where not computed:
@@ -16,11 +18,14 @@ Two implementations. :func:`reference`, in torch, defines it: about a hundred sm
 (:func:`run`; plain C, ``bhq_groups.c``, built by :mod:`.cbuild` on first use) does the
 bookkeeping (a radix sort, prefix sums, group sizes and memberships, the gathers and the
 scatter back to row order) and the scales' and vectors' elementwise float64 arithmetic,
-the inverse cube root included, in two calls, with the reference's operations in the
+the inverse cube root included, in one call (``lowbit_bhq_build``, which checks the
+ranges first, so the op's ``None`` needs no torch reduction; :func:`checked_reference`
+is its result for ranges outside the conditions), with the reference's operations in the
 reference's order. ATen's ``sqrt`` is not the C library's (its float64 ``sqrt`` is not
 correctly rounded), so it stays torch's: the square roots depend on the group size alone
-and come from tables over sizes 1..2ᵏ, 2ᵏ at least the largest group (:func:`_tables`,
-computed with the reference's ops and kept), read by the second call. (Until 2026-12-06
+and come from tables over sizes 1..2ᵏ (:func:`_tables`, computed with the reference's
+ops and kept); where they do not reach the largest group, the call stops before the
+scales, the tables grow, and a second call finishes. (Until 2026-12-06
 the power was ``torch.pow(base, -1/3)`` between two of three calls: ATen's vectorised
 float64 ``pow`` may give an element another last bit than its scalar tail loop, and the
 exponent −1/3 is not exact in float64 — up to 119 ulp from the cube root over float64's
@@ -58,9 +63,11 @@ _enabled = True
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {"lowbit_bhq_groups": [_P, _I64] + [_P] * 10,
                "lowbit_bhq_finish": [_I64, _I64] + [_P] * 8 + [ctypes.c_double, ctypes.c_int] + [_P] * 4,
-               "lowbit_bhq_groups_entries": [_P, _I64, _I64] + [_P] * 10 + [ctypes.c_int],
-               "lowbit_bhq_finish_entries": [_I64, _I64] + [_P] * 9 + [ctypes.c_double, ctypes.c_int] + [_P] * 8
-               + [ctypes.c_int]}
+               "lowbit_bhq_build": [_P, ctypes.c_int, _I64, ctypes.c_double, ctypes.c_int] + [_P] * 4 + [_I64]
+               + [_P] * 3,
+               "lowbit_bhq_build_entries": [_P, ctypes.c_int, _I64, _I64, ctypes.c_double, ctypes.c_int] + [_P] * 4
+               + [_I64] + [_P] * 4 + [ctypes.c_int]}
+_RESTYPES = {"lowbit_bhq_build": _I64, "lowbit_bhq_build_entries": _I64}
 
 # Smallest ratio λ_small/λ_large used for the small-row scale: keeps s2/s1 ≤ ~1e4·g^(1/3)
 # finite when a group's small rows are all zero (their scale is then immaterial).
@@ -215,22 +222,33 @@ def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor,
 
 
 _TABLES: list[torch.Tensor] = []  # the largest tables made so far; smaller sizes are prefixes
+_TABLE_ARGS: list = [0]  # (size, r, vl, vs, hm addresses): the kept tables as the C calls take them
 
 
 def _tables(size: int) -> list[torch.Tensor]:
     """:func:`_by_size` of the group sizes 1..``size`` or more (float64, CPU), kept and
-    grown by powers of two. ATen's float64 ``sqrt`` is elementwise (the same value
-    wherever an element sits), so entry ``g − 1`` is the reference's value for a row of a
-    group of ``g``; the self-test checks it."""
+    grown by powers of two (never replaced while smaller: the C calls hold their
+    addresses, :func:`_table_args`). ATen's float64 ``sqrt`` is elementwise (the same
+    value wherever an element sits), so entry ``g − 1`` is the reference's value for a row
+    of a group of ``g``; the self-test checks it."""
     if not _TABLES or _TABLES[0].shape[0] < size:
         grown = 1 << (size - 1).bit_length()
-        _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
-                                                                    device="cpu"))]
+        tabs = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64, device="cpu"))]
+        _TABLES[:] = tabs
+        _TABLE_ARGS[:] = [grown, *(t.data_ptr() for t in tabs)]
     return list(_TABLES)
 
 
+def _table_args(size: int) -> tuple[list[torch.Tensor], list]:
+    """``(tables, [size, r, vl, vs, hm addresses])``: :func:`_tables` of at least ``size``
+    and their addresses (the tables returned keep them alive for the call)."""
+    tabs = _tables(size)
+    return tabs, list(_TABLE_ARGS)
+
+
 def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
-    """``bhq_groups`` (module docstring) in torch; ``crow``/``members`` left ``None``."""
+    """The groups of float64 ranges ``lam`` meeting the conditions (module docstring) in
+    torch; ``crow``/``members`` left ``None``: the definition."""
     b = _bookkeeping(lam)
     scale, v = _scales(b, dtype)
     grp = torch.empty(lam.shape[0], dtype=torch.long, device=lam.device)
@@ -238,8 +256,16 @@ def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
     return Groups(scale, v, grp, b.k, None, None, None, v * scale, 2 * v)
 
 
+def checked_reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups | None:
+    """``bhq_groups`` in torch (the op's reference): ``None`` where a range is NaN or
+    ±Inf or none is positive, else :func:`reference` of the ranges in float64."""
+    lam = lam.double()
+    top = float(lam.max())  # NaN where any range is NaN (torch.max propagates it)
+    return reference(lam, dtype) if math.isfinite(top) and top > 0 else None
+
+
 def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
-    """``bhq_entry_groups``: the groups of ``lam`` (N,) float64, ``entries`` consecutive
+    """``bhq_entry_groups``: the groups of ``lam`` (N,) float64 (float32 taken, made float64), ``entries`` consecutive
     entries of ``N / entries`` rows each (attention's heads), every entry's built from its
     own ranges alone — :func:`reference`'s rules on the entry, or groups of one where the
     entry has one row or its ranges are not finite or all zero — numbered for the whole
@@ -248,6 +274,7 @@ def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Grou
     :func:`_scales_of` over all entries' arrays (elementwise). ``crow``/``members`` left
     ``None``. The definition
     (:func:`run_entries` is the native kernel)."""
+    lam = lam.double()
     n, dev = lam.shape[0], lam.device
     r = n // entries if entries else 0
     parts = []  # per entry, in its sorted order: (order, g, is_large, λ_large, λ_small, group, k)
@@ -287,7 +314,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "BHQ group construction", _self_test,
-                                  "the reference construction")
+                                  "the reference construction", _RESTYPES)
 
 
 def available() -> bool:
@@ -303,90 +330,94 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def _plain_ranges(lam: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``lam`` a plain contiguous float32 or float64 CPU vector, ``dtype`` float32 or
+    float64, the kernel available: what the C calls read (the values they check)."""
+    return (type(lam) is torch.Tensor and lam.dtype in (torch.float32, torch.float64) and lam.device.type == "cpu"
+            and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
+            and dtype in (torch.float32, torch.float64) and _enabled and available())
+
+
 def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether :func:`run` takes this call: ``lam`` a plain contiguous float64 CPU vector
-    meeting the op's conditions (at least two entries, all finite, none negative, one positive: the C
-    code reads nothing else), ``dtype`` float32 or float64, the kernel available."""
-    if not (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
-            and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous() and lam.shape[0] >= 2
-            and dtype in (torch.float32, torch.float64) and _enabled and available()):
-        return False
-    lo, top = (float(t) for t in torch.aminmax(lam))  # NaN if any entry is NaN; one pass
-    # no negative range (ranges are absolute values; the C code assumes it: a review found
-    # other groups than the reference's for negative ranges)
-    return math.isfinite(top) and top > 0 and lo >= 0
+    """Whether :func:`run` takes this call: ``lam`` a plain contiguous float32 or float64
+    CPU vector of at least two ranges, ``dtype`` float32 or float64, the kernel available.
+    The values are the C code's to check (one read, no torch op): ranges outside the
+    op's conditions (a NaN, an infinity, a negative range — ranges are absolute values: a
+    review found other groups than the reference's for negative ones —, none positive)
+    make :func:`run` return :func:`checked_reference`'s result."""
+    return _plain_ranges(lam, dtype) and lam.shape[0] >= 2
 
 
-def _buffers(n: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """The kernels' (n,) arrays from three allocations: (group, members), kept by the
-    transform; the scratch (order, grp_sorted, and g, lam_large, lam_small, which the C
-    code reads and writes as float64: 8 bytes each all the same); (scale, v, w, v2) in
-    ``dtype``, kept."""
-    kept = torch.empty(2, n, dtype=torch.int64, device="cpu")
-    scratch = torch.empty(5, n, dtype=torch.int64, device="cpu")
-    out = torch.empty(4, n, dtype=dtype, device="cpu")
-    return list(kept.unbind(0)), list(scratch.unbind(0)), list(out.unbind(0))
+def _addr(t: torch.Tensor, i: int) -> int:
+    """The address of ``t``'s ``i``-th int64 (t int64, contiguous)."""
+    return t.data_ptr() + 8 * i
 
 
 @compiled.disable_tracing
-def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups:
+def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups | None:
+    """``lowbit_bhq_build``: the groups in one C call from three allocations (the kept
+    (4, N) scales and vectors, the kept group/members/crow index, the scratch); where the
+    square-root tables are too small for the largest group, they grow and
+    ``lowbit_bhq_finish`` runs on the scratch's arrays; where the ranges are outside the
+    op's conditions, :func:`checked_reference`."""
     n = lam.shape[0]
-    (group, members), (order, grp_sorted, g, lam_large, lam_small), (scale, v, w, v2) = _buffers(n, dtype)
-    crow, k, work = (torch.empty(m, dtype=torch.int64, device="cpu") for m in (n + 1, 2, 3 * n))
-    lib.lowbit_bhq_groups(lam.data_ptr(), n, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
-                          lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
-                          members.data_ptr(), k.data_ptr(), work.data_ptr())
-    n_groups, largest = k.tolist()
-    tabs = _tables(largest)  # the tables' references are held until the call returns
-    lib.lowbit_bhq_finish(n, n_groups, order.data_ptr(), g.data_ptr(), lam_large.data_ptr(), lam_small.data_ptr(),
-                          *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO, int(dtype == torch.float64),
-                          scale.data_ptr(), v.data_ptr(), w.data_ptr(), v2.data_ptr())
-    return Groups(scale, v, group, n_groups, crow[: n_groups + 1], members, None, w, v2)
+    out = torch.empty(4, n, dtype=dtype, device="cpu")  # scale, v, w = v·s, v2 = 2v
+    idx = torch.empty(3 * n + 1, dtype=torch.int64, device="cpu")  # group, members, crow
+    work = torch.empty(11 * n + 2, dtype=torch.int64, device="cpu")
+    tabs, args = _table_args(1)
+    f64 = int(dtype == torch.float64)
+    k = lib.lowbit_bhq_build(lam.data_ptr(), int(lam.dtype == torch.float64), n, MIN_SMALL_RATIO, f64, *args[1:],
+                             args[0], out.data_ptr(), idx.data_ptr(), work.data_ptr())
+    if k == 0:
+        return checked_reference(lam, dtype)
+    if k < 0:  # the tables grow to the largest group; the scales from the scratch's arrays
+        k, largest = work[11 * n:].tolist()
+        tabs, args = _table_args(largest)
+        size = n * out.element_size()
+        lib.lowbit_bhq_finish(n, k, _addr(work, n), _addr(work, 3 * n), _addr(work, 4 * n), _addr(work, 5 * n),
+                              *args[1:], MIN_SMALL_RATIO, f64, *(out.data_ptr() + i * size for i in range(4)))
+    scale, v, w, v2 = out.unbind(0)
+    return Groups(scale, v, idx[:n], k, idx[2 * n: 2 * n + k + 1], idx[n: 2 * n], None, w, v2)
 
 
-def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
+def run(lam: torch.Tensor, dtype: torch.dtype) -> Groups | None:
     """``bhq_groups`` on the kernel (the dispatcher's, after :func:`supports`)."""
     return _groups(_library(), lam, dtype)
 
 
 def supports_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`run_entries` takes this call: ``lam`` a plain contiguous float64 CPU
-    vector of ``entries`` ≥ 1 equal entries with no negative range (ranges are absolute
-    values; NaN and +Inf taken: the kernel gives groups of one where
-    :func:`entry_reference` does, which a −Inf or negative range beside a finite maximum
-    would not: a review), ``dtype`` float32 or float64, the kernel available."""
-    return (type(lam) is torch.Tensor and lam.dtype == torch.float64 and lam.device.type == "cpu"
-            and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
-            and isinstance(entries, int) and entries >= 1 and lam.shape[0] % entries == 0
-            and dtype in (torch.float32, torch.float64) and _enabled and available()
-            and not bool((lam < 0).any()))
+    """Whether :func:`run_entries` takes this call: ``lam`` a plain contiguous float32 or
+    float64 CPU vector of ``entries`` ≥ 1 equal entries, ``dtype`` float32 or float64, the
+    kernel available. NaN and +Inf are the kernel's (groups of one where
+    :func:`entry_reference` gives them); a negative or −Inf range beside a finite maximum
+    would not be (a review), so the C code checks for one and :func:`run_entries` then
+    returns :func:`entry_reference`'s result."""
+    return _plain_ranges(lam, dtype) and isinstance(entries, int) and not isinstance(entries, bool) \
+        and entries >= 1 and lam.shape[0] % entries == 0
 
 
 @compiled.disable_tracing
 def _entry_groups(lib: ctypes.CDLL, lam: torch.Tensor, entries: int, dtype: torch.dtype,
                   threads: int | None = None) -> Groups:
-    """The entries' groups, the entries on ``threads`` threads (default: torch's number;
-    they are independent, so the result does not depend on it)."""
+    """``lowbit_bhq_build_entries``: the entries' groups in one C call, the entries on
+    ``threads`` threads (default: torch's number; they are independent, so the result
+    does not depend on it); :func:`entry_reference` where a range is negative."""
     n = lam.shape[0]
     r = n // entries
     threads = max(1, min(torch.get_num_threads() if threads is None else threads, entries))
-    (group, members), (order, grp_sorted, g, lam_large, lam_small), (scale, v, w, v2) = _buffers(n, dtype)
-    crow, k, work = (torch.empty(m, dtype=torch.int64, device="cpu")
-                     for m in (entries * (r + 1), 2 * entries, 3 * r * threads))  # work: each thread's own
-    lib.lowbit_bhq_groups_entries(lam.data_ptr(), entries, r, order.data_ptr(), grp_sorted.data_ptr(), g.data_ptr(),
-                                  lam_large.data_ptr(), lam_small.data_ptr(), group.data_ptr(), crow.data_ptr(),
-                                  members.data_ptr(), k.data_ptr(), work.data_ptr(), threads)
-    k2 = k.view(entries, 2)
-    per_entry = k2[:, 0].tolist()
-    n_groups = sum(per_entry)
-    tabs = _tables(max(1, int(k2[:, 1].max())) if entries else 1)  # held until the call returns
-    crow_out = torch.empty(n_groups + 1, dtype=torch.int64, device="cpu")
-    lib.lowbit_bhq_finish_entries(entries, r, k.data_ptr(), order.data_ptr(), g.data_ptr(), lam_large.data_ptr(),
-                                  lam_small.data_ptr(), *(t.data_ptr() for t in tabs), MIN_SMALL_RATIO,
-                                  int(dtype == torch.float64), scale.data_ptr(), v.data_ptr(), w.data_ptr(),
-                                  v2.data_ptr(), group.data_ptr(), crow.data_ptr(), members.data_ptr(),
-                                  crow_out.data_ptr(), threads)
-    return Groups(scale, v, group, n_groups, crow_out, members, tuple(per_entry), w, v2)
+    out = torch.empty(4, n, dtype=dtype, device="cpu")  # scale, v, w = v·s, v2 = 2v
+    idx = torch.empty(3 * n + 1, dtype=torch.int64, device="cpu")  # group, members, crow
+    k = torch.empty(2 * entries, dtype=torch.int64, device="cpu")
+    work = torch.empty(6 * n + entries * (r + 1) + 3 * r * threads, dtype=torch.int64, device="cpu")
+    tabs, args = _table_args(max(r, 1))  # held until the call returns
+    n_groups = lib.lowbit_bhq_build_entries(lam.data_ptr(), int(lam.dtype == torch.float64), entries, r,
+                                            MIN_SMALL_RATIO, int(dtype == torch.float64), *args[1:], args[0],
+                                            out.data_ptr(), idx.data_ptr(), k.data_ptr(), work.data_ptr(), threads)
+    if n_groups == 0 and n:
+        return entry_reference(lam, entries, dtype)
+    scale, v, w, v2 = out.unbind(0)
+    return Groups(scale, v, idx[:n], n_groups, idx[2 * n: 2 * n + n_groups + 1], idx[n: 2 * n],
+                  tuple(k.tolist()[::2]), w, v2)
 
 
 def run_entries(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:

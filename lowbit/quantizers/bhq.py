@@ -173,7 +173,7 @@ register("bhq_quantize_batched_pair", Impl.NATIVE, _native(avx512.run_bhq_quanti
          _native(avx512.supports_bhq_batched_pair))
 register("bhq_group_sums", Impl.REFERENCE, _group_sums)
 register("bhq_group_sums", Impl.NATIVE, avx512.run_bhq_group_sums, ("cpu",), _native_group_sums_ok)
-register("bhq_groups", Impl.REFERENCE, bhq_groups.reference)
+register("bhq_groups", Impl.REFERENCE, bhq_groups.checked_reference)
 register("bhq_groups", Impl.NATIVE, bhq_groups.run, ("cpu",), bhq_groups.supports)
 register("bhq_entry_groups", Impl.REFERENCE, bhq_groups.entry_reference)
 register("bhq_entry_groups", Impl.NATIVE, bhq_groups.run_entries, ("cpu",), bhq_groups.supports_entries)
@@ -479,7 +479,7 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1 or n % entries:
             raise ValueError(f"entries={entries!r} must be a positive int dividing the operand's {n} rows")
         k = kernels or kernels_for(Backend.REFERENCE, dev)
-        lam = row_absmax(a, kernels).double()
+        lam = row_absmax(a, kernels)  # the op makes the ranges float64
         if dev.type != "cpu" and k.fused:
             # off the CPU the groups come from the CPU's kernel (one copy of the (N,) ranges
             # each way): the torch definition loops over the entries in Python, a few
@@ -493,15 +493,15 @@ def bhq_transform(a: torch.Tensor, kernels: Kernels | None = None, entries: int 
         csr = None if groups.crow is None else (groups.crow, groups.members)
         return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels, csr,
                                        groups.entry_groups)._keep(_derived(groups)))
-    lam = row_absmax(a, kernels).double()  # (N,)
-    top = float(lam.max()) if n > 1 else 0.0  # NaN where any range is NaN (torch.max propagates it)
-    if n <= 1 or not math.isfinite(top) or top <= 0:
+    # (N,) in the compute dtype; the op reads them as float64 and gives None for an
+    # all-zero gradient or a non-finite one
+    groups = (kernels or kernels_for(Backend.REFERENCE, dev)).run("bhq_groups", row_absmax(a, kernels), dt) \
+        if n > 1 else None
+    if groups is None:
         # One row, an all-zero gradient, or a non-finite one: groups of one, unit scale
         # (non-finite values then propagate through the per-row quantizer unchanged).
         ones = torch.ones(n, dtype=dt, device=dev)
         return _built(BlockHouseholder(ones, torch.zeros_like(ones), torch.arange(n, device=dev), n, kernels))
-    k = kernels or kernels_for(Backend.REFERENCE, dev)
-    groups = k.run("bhq_groups", lam, dt)
     csr = None if groups.crow is None else (groups.crow, groups.members)
     return _built(BlockHouseholder(groups.scale, groups.v, groups.group, groups.n_groups, kernels,
                                    csr)._keep(_derived(groups)))

@@ -286,7 +286,8 @@ def test_degenerate_operands_are_groups_of_one() -> None:
 def test_unsupported_calls_and_switch_run_the_reference() -> None:
     lam = _ranges(1)
     assert bhq_groups.supports(lam, torch.float32)
-    assert not bhq_groups.supports(lam.float(), torch.float32)  # ranges are float64
+    assert bhq_groups.supports(lam.float(), torch.float32)  # float32 ranges: made float64 in C, exact
+    assert not bhq_groups.supports(lam.half(), torch.float32)
     assert not bhq_groups.supports(lam, torch.bfloat16)
     assert not bhq_groups.supports(torch.stack([lam, lam], 1)[:, 0], torch.float32)  # strided
     assert REF.lookup("bhq_groups", Impl.NATIVE) is not None
@@ -298,19 +299,47 @@ def test_unsupported_calls_and_switch_run_the_reference() -> None:
     finally:
         bhq_groups.set_enabled(True)
     assert (AUTO.run("bhq_groups", lam, torch.float32).crow is not None) == AUTO.fused
-    # outside the op's conditions the C code is never called (it would read past an empty
-    # vector or round a NaN): fewer than two rows, a NaN or an infinite range, all zeros
     f64 = {"dtype": torch.float64}
-    for bad in (torch.zeros(0, **f64), torch.ones(1, **f64), torch.tensor([1.0, float("nan")], **f64),
-                torch.tensor([float("inf"), 1.0], **f64), torch.zeros(4, **f64)):
+    for bad in (torch.zeros(0, **f64), torch.ones(1, **f64)):  # the C code would read past them
         assert not bhq_groups.supports(bad, torch.float32)
-    # a negative or −Inf range (ranges are absolute values): the C code assumes none, and
-    # gave other groups than the reference's for them (a review) — the reference runs
-    for bad in (torch.tensor([1.0, 0.5, float("-inf")], **f64), torch.tensor([2.0, -1.0, 0.5], **f64)):
-        assert not bhq_groups.supports(bad, torch.float32)
-        assert not bhq_groups.supports_entries(bad, 1, torch.float32)
-        want, got = bhq_groups.entry_reference(bad, 1, torch.float32), AUTO.run("bhq_entry_groups", bad, 1, torch.float32)
-        assert all(torch.equal(getattr(want, f), getattr(got, f)) for f in ("scale", "v", "group"))
+    # outside the op's conditions — a NaN or an infinite range, all zeros: None, BHQ's groups
+    # of one; a negative or −Inf range beside a positive one (ranges are absolute values; the
+    # groups code assumes none, and gave other groups than the reference's: a review) — the
+    # C code checks the values first and returns the checked reference's result
+    lib = bhq_groups._library()
+    for bad, degenerate in ((torch.tensor([1.0, float("nan")], **f64), True),
+                            (torch.tensor([float("inf"), 1.0], **f64), True), (torch.zeros(4, **f64), True),
+                            (torch.tensor([1.0, 0.5, float("-inf")], **f64), False),
+                            (torch.tensor([2.0, -1.0, 0.5], **f64), False)):
+        for ranges in (bad, bad.float()):
+            assert bhq_groups.supports(ranges, torch.float32)
+            work = torch.empty(11 * ranges.shape[0] + 2, dtype=torch.int64)
+            assert lib.lowbit_bhq_build(ranges.data_ptr(), int(ranges.dtype == torch.float64), ranges.shape[0],
+                                        0.0, 0, None, None, None, None, 0, None, None, work.data_ptr()) == 0
+            got, want = AUTO.run("bhq_groups", ranges, torch.float32), bhq_groups.checked_reference(ranges,
+                                                                                                     torch.float32)
+            assert (got is None) == (want is None) == degenerate
+            if not degenerate:
+                _same(got, want)
+        if not degenerate:
+            assert bhq_groups.supports_entries(bad, 1, torch.float32)
+            want, got = bhq_groups.entry_reference(bad, 1, torch.float32), AUTO.run("bhq_entry_groups", bad, 1,
+                                                                                    torch.float32)
+            assert all(torch.equal(getattr(want, f), getattr(got, f)) for f in ("scale", "v", "group"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(6))
+def test_float32_ranges_are_their_float64_values(seed: int) -> None:
+    """Float32 ranges (what ``row_absmax`` gives a float32 or bfloat16 gradient) are read
+    as their exact float64 values: the groups of the float64 copy, bit for bit, for the
+    whole operand and per entry."""
+    lam = _ranges(seed).float()
+    for dtype in (torch.float32, torch.float64):
+        _same(bhq_groups.run(lam, dtype), bhq_groups.reference(lam.double(), dtype))
+        entries = 1 + seed % 3
+        lam_e = lam[: lam.shape[0] // entries * entries]
+        _same(bhq_groups.run_entries(lam_e, entries, dtype), bhq_groups.entry_reference(lam_e.double(), entries, dtype))
 
 
 @needs_kernel
@@ -319,10 +348,20 @@ def test_square_root_tables_cover_the_largest_group() -> None:
     (index g − 1) and the native construction is the reference's, bit for bit."""
     lam = torch.full((5000,), 1e-30, dtype=torch.float64)
     lam[17] = 1e30
-    got, want = bhq_groups.run(lam, torch.float64), bhq_groups.reference(lam, torch.float64)
-    assert got.n_groups == want.n_groups == 1
-    assert bhq_groups._TABLES[0].shape[0] >= 5000
-    assert torch.equal(got.scale, want.scale) and torch.equal(got.v, want.v)
+    kept = list(bhq_groups._TABLES), list(bhq_groups._TABLE_ARGS)
+    bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = [], [0]  # whatever this process grew: two sizes here
+    try:
+        bhq_groups._tables(2)
+        for dtype in (torch.float32, torch.float64):
+            got, want = bhq_groups.run(lam, dtype), bhq_groups.reference(lam, dtype)
+            assert got.n_groups == want.n_groups == 1
+            assert bhq_groups._TABLES[0].shape[0] >= 5000  # grown: the call's second half ran on them
+            _same(got, want)
+            assert torch.equal(got.crow, torch.tensor([0, 5000])) and torch.equal(got.members, torch.arange(5000))
+            bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = [], [0]
+            bhq_groups._tables(2)
+    finally:
+        bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = kept
 
 
 @needs_kernel
