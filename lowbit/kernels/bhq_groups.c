@@ -407,7 +407,7 @@ static int ranges64(const void *lam, int lam_f64, int64_t n, int finite, double 
  * (lam_f64) or float32 ranges, n >= 2; then lowbit_bhq_groups and, where the tables
  * (tab_size entries each) cover the largest group, lowbit_bhq_finish. out: scale, v, w,
  * v2, n each, in the output dtype (f64: float64, else float32), one after the other; idx:
- * group (n), members (n), crow (n + 1, of which k + 1 used); work: 11 n + 2 int64 of
+ * group (n), members (n), crow (n + 1, of which k + 1 used); work: 9 n + 2 int64 of
  * scratch (lam as float64, order, grp_sorted, g, lam_large, lam_small, 3 n for
  * lowbit_bhq_groups, and its k_out last). Returns the number of groups k >= 1; -1 where
  * the tables are too small (lowbit_bhq_finish then runs with grown ones on work's arrays:
@@ -419,7 +419,7 @@ int64_t lowbit_bhq_build(const void *lam, int lam_f64, int64_t n, double ratio, 
                          void *out, int64_t *idx, int64_t *work) {
     double *l64 = (double *)work;
     if (!ranges64(lam, lam_f64, n, 1, l64)) return 0;
-    int64_t *order = work + n, *grp_sorted = work + 2 * n, *k_out = work + 11 * n;
+    int64_t *order = work + n, *grp_sorted = work + 2 * n, *k_out = work + 9 * n;
     double *g = (double *)(work + 3 * n), *lam_large = (double *)(work + 4 * n), *lam_small = (double *)(work + 5 * n);
     lowbit_bhq_groups(l64, n, order, grp_sorted, g, lam_large, lam_small, idx, idx + 2 * n, idx + n, k_out,
                       work + 6 * n);

@@ -2,9 +2,10 @@
 quantizer is :mod:`lowbit.quantizers.bhq`, whose docstring gives the rules).
 
 ``bhq_groups(lam, dtype)``: for the row ranges ``lam`` (N,) float32 or float64 (N ≥ 2;
-made float64, exact), ``None`` where a range is NaN or ±Inf or none is positive (BHQ then
-takes groups of one: :func:`lowbit.quantizers.bhq.bhq_transform`), else (all finite, at
-least one positive) a :class:`Groups`: each row's scale ``s`` and Householder vector entry
+made float64, exact), ``None`` where a range is NaN or +Inf or none is positive (BHQ then
+takes groups of one: :func:`lowbit.quantizers.bhq.bhq_transform`), else — the ranges'
+maximum finite and positive; ranges are absolute values, and a negative or −Inf one goes
+to :func:`reference` as it is — a :class:`Groups`: each row's scale ``s`` and Householder vector entry
 ``v`` (N,) in ``dtype`` (float32 or float64), its group id (N,) int64 in ``[0, K)``, the
 number of groups ``K``, the groups' members as a CSR index (``crow`` (K + 1,) and
 ``members`` (N,) int64, ascending row ids within a group; ``None`` where not computed:
@@ -222,28 +223,28 @@ def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor,
 
 
 _TABLES: list[torch.Tensor] = []  # the largest tables made so far; smaller sizes are prefixes
-_TABLE_ARGS: list = [0]  # (size, r, vl, vs, hm addresses): the kept tables as the C calls take them
 
 
 def _tables(size: int) -> list[torch.Tensor]:
     """:func:`_by_size` of the group sizes 1..``size`` or more (float64, CPU), kept and
-    grown by powers of two (never replaced while smaller: the C calls hold their
-    addresses, :func:`_table_args`). ATen's float64 ``sqrt`` is elementwise (the same
-    value wherever an element sits), so entry ``g − 1`` is the reference's value for a row
-    of a group of ``g``; the self-test checks it."""
+    grown by powers of two. ATen's float64 ``sqrt`` is elementwise (the same value
+    wherever an element sits), so entry ``g − 1`` is the reference's value for a row of a
+    group of ``g``; the self-test checks it."""
     if not _TABLES or _TABLES[0].shape[0] < size:
         grown = 1 << (size - 1).bit_length()
-        tabs = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64, device="cpu"))]
-        _TABLES[:] = tabs
-        _TABLE_ARGS[:] = [grown, *(t.data_ptr() for t in tabs)]
+        _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
+                                                                    device="cpu"))]
     return list(_TABLES)
 
 
-def _table_args(size: int) -> tuple[list[torch.Tensor], list]:
-    """``(tables, [size, r, vl, vs, hm addresses])``: :func:`_tables` of at least ``size``
-    and their addresses (the tables returned keep them alive for the call)."""
+def _table_args(size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """``(tables, [entries, r, vl, vs, hm addresses])``: :func:`_tables` of at least
+    ``size``, and what the C calls read of those very tensors (which the caller holds for
+    the call). Taken from the list returned, not kept beside ``_TABLES``: a cache of the
+    addresses, published apart from the tables, let another thread growing them pair the
+    new tables with the old, freed addresses (a review: C read freed memory)."""
     tabs = _tables(size)
-    return tabs, list(_TABLE_ARGS)
+    return tabs, [tabs[0].shape[0], *(t.data_ptr() for t in tabs)]
 
 
 def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
@@ -258,7 +259,9 @@ def reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups:
 
 def checked_reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups | None:
     """``bhq_groups`` in torch (the op's reference): ``None`` where a range is NaN or
-    ±Inf or none is positive, else :func:`reference` of the ranges in float64."""
+    +Inf or none is positive (the ranges' maximum not finite and positive), else
+    :func:`reference` of the ranges in float64 (a negative or −Inf range included, as
+    it is)."""
     lam = lam.double()
     top = float(lam.max())  # NaN where any range is NaN (torch.max propagates it)
     return reference(lam, dtype) if math.isfinite(top) and top > 0 else None
@@ -363,7 +366,7 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups |
     n = lam.shape[0]
     out = torch.empty(4, n, dtype=dtype, device="cpu")  # scale, v, w = v·s, v2 = 2v
     idx = torch.empty(3 * n + 1, dtype=torch.int64, device="cpu")  # group, members, crow
-    work = torch.empty(11 * n + 2, dtype=torch.int64, device="cpu")
+    work = torch.empty(9 * n + 2, dtype=torch.int64, device="cpu")
     tabs, args = _table_args(1)
     f64 = int(dtype == torch.float64)
     k = lib.lowbit_bhq_build(lam.data_ptr(), int(lam.dtype == torch.float64), n, MIN_SMALL_RATIO, f64, *args[1:],
@@ -371,7 +374,7 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups |
     if k == 0:
         return checked_reference(lam, dtype)
     if k < 0:  # the tables grow to the largest group; the scales from the scratch's arrays
-        k, largest = work[11 * n:].tolist()
+        k, largest = work[9 * n:].tolist()
         tabs, args = _table_args(largest)
         size = n * out.element_size()
         lib.lowbit_bhq_finish(n, k, _addr(work, n), _addr(work, 3 * n), _addr(work, 4 * n), _addr(work, 5 * n),

@@ -313,7 +313,7 @@ def test_unsupported_calls_and_switch_run_the_reference() -> None:
                             (torch.tensor([2.0, -1.0, 0.5], **f64), False)):
         for ranges in (bad, bad.float()):
             assert bhq_groups.supports(ranges, torch.float32)
-            work = torch.empty(11 * ranges.shape[0] + 2, dtype=torch.int64)
+            work = torch.empty(9 * ranges.shape[0] + 2, dtype=torch.int64)
             assert lib.lowbit_bhq_build(ranges.data_ptr(), int(ranges.dtype == torch.float64), ranges.shape[0],
                                         0.0, 0, None, None, None, None, 0, None, None, work.data_ptr()) == 0
             got, want = AUTO.run("bhq_groups", ranges, torch.float32), bhq_groups.checked_reference(ranges,
@@ -348,8 +348,8 @@ def test_square_root_tables_cover_the_largest_group() -> None:
     (index g − 1) and the native construction is the reference's, bit for bit."""
     lam = torch.full((5000,), 1e-30, dtype=torch.float64)
     lam[17] = 1e30
-    kept = list(bhq_groups._TABLES), list(bhq_groups._TABLE_ARGS)
-    bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = [], [0]  # whatever this process grew: two sizes here
+    kept = list(bhq_groups._TABLES)
+    bhq_groups._TABLES[:] = []  # whatever this process grew: two sizes here
     try:
         bhq_groups._tables(2)
         for dtype in (torch.float32, torch.float64):
@@ -358,10 +358,57 @@ def test_square_root_tables_cover_the_largest_group() -> None:
             assert bhq_groups._TABLES[0].shape[0] >= 5000  # grown: the call's second half ran on them
             _same(got, want)
             assert torch.equal(got.crow, torch.tensor([0, 5000])) and torch.equal(got.members, torch.arange(5000))
-            bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = [], [0]
+            bhq_groups._TABLES[:] = []
             bhq_groups._tables(2)
     finally:
-        bhq_groups._TABLES[:], bhq_groups._TABLE_ARGS[:] = kept
+        bhq_groups._TABLES[:] = kept
+
+
+@needs_kernel
+def test_tables_grown_by_another_thread_mid_call_are_never_read_freed() -> None:
+    """A thread growing the square-root tables, paused just after it replaced them, while
+    this one builds groups that need the grown tables: the groups are the reference's.
+    (The tables' addresses were cached apart from the tables and published in a second
+    statement: in that window a call paired the new tables with the old, freed addresses
+    and its C code read freed memory — a review.)"""
+    import threading
+
+    lam = torch.full((5000,), 1e-30, dtype=torch.float64)
+    lam[17] = 1e30  # one group of 5000 rows: the tables must reach 5000
+    kept = list(bhq_groups._TABLES)
+    bhq_groups._TABLES[:] = []
+    bhq_groups._tables(2)
+    replaced, resume = threading.Event(), threading.Event()
+    code = bhq_groups._tables.__code__
+
+    def pause_after_replacing(frame, event, arg):  # noqa: ANN001, ANN202
+        if frame.f_code is code:
+            def local(frame, event, arg):  # noqa: ANN001, ANN202
+                if event in ("line", "return") and bhq_groups._TABLES[0].shape[0] >= 8192 \
+                        and not replaced.is_set():
+                    replaced.set()
+                    resume.wait(10)
+                return local
+            return local
+        return None
+
+    def grow() -> None:
+        sys.settrace(pause_after_replacing)
+        try:
+            bhq_groups._tables(8192)
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=grow)
+    try:
+        t.start()
+        assert replaced.wait(10)
+        for dtype in (torch.float32, torch.float64):
+            _same(bhq_groups.run(lam, dtype), bhq_groups.reference(lam, dtype))
+    finally:
+        resume.set()
+        t.join(10)
+        bhq_groups._TABLES[:] = kept
 
 
 @needs_kernel
