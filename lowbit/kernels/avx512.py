@@ -140,6 +140,11 @@ def _check_csr(lib: ctypes.CDLL, crow: torch.Tensor, members: torch.Tensor, n_gr
         raise RuntimeError("lowbit: a BHQ transform's group index (crow, members) was changed where its version "
                            "counter does not see it (through .data or .numpy()); its C kernels cannot read rows "
                            "through it. Build the transform again (lowbit.quantizers.bhq.bhq_transform)")
+# HELD_FOR_C: a tensor whose address a C call reads is bound to a name for the call —
+# ``t.contiguous().data_ptr()`` inline handed C the address of a temporary copy (of a
+# strided ``t``) that was freed as soon as ``data_ptr()`` returned: the C code read freed
+# memory (a review, 2026-12-06; README fault kind 230).
+
 # the operand dtypes the C code reads (each converted to float32 exactly, as the
 # reference's x.to(float32)), by the code it takes
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -1375,8 +1380,9 @@ def _hadamard_quantize(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows:
     ncm = (n // entry_rows if entry_rows else 1) * d
     camax = torch.empty(ncm, 1, dtype=torch.float32, device="cpu") if columns else None
     scratch = torch.empty(max(threads, 1) * ncm, dtype=torch.float32, device="cpu") if columns else None
+    m = m.contiguous()  # held for the call (HELD_FOR_C)
     status = lib.lowbit_had_quantize(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,
-                                     m.contiguous().data_ptr(), *wide, q_hi, 1.0 / q_hi, _seed(seed, rounding),
+                                     m.data_ptr(), *wide, q_hi, 1.0 / q_hi, _seed(seed, rounding),
                                      int(rounding is Rounding.STOCHASTIC), qmax, step.data_ptr(), codes.data_ptr(),
                                      None if camax is None else camax.data_ptr(), entry_rows,
                                      None if scratch is None else scratch.data_ptr(), threads)
@@ -1473,8 +1479,9 @@ def _hadamard_forward(lib: ctypes.CDLL, x: torch.Tensor, m: torch.Tensor, rows: 
     n, d = x.shape
     out = torch.empty(rows, d, dtype=torch.float32, device="cpu")
     ones = torch.ones(rows, dtype=torch.float32, device="cpu")
+    m = m.contiguous()  # held for the call (HELD_FOR_C)
     status = lib.lowbit_had_forward(x.data_ptr(), DTYPES[x.dtype], n, rows, d, x.stride(0) if n > 1 else d, block,
-                                    m.contiguous().data_ptr(), ones.data_ptr(), *wide, out.data_ptr(), d, threads)
+                                    m.data_ptr(), ones.data_ptr(), *wide, out.data_ptr(), d, threads)
     return out if _had_status(status) else None
 
 
@@ -1508,7 +1515,8 @@ def _hadamard_inverse(lib: ctypes.CDLL, y: torch.Tensor, signs: torch.Tensor, bl
     rows, d = y.shape
     out = y if overwrite else torch.empty(n_out, d, dtype=torch.float32, device="cpu")
     ld = y.stride(0) if rows > 1 else d
-    status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, ld, block, c, signs.contiguous().data_ptr(), *wide,
+    signs = signs.contiguous()  # held for the call (HELD_FOR_C)
+    status = lib.lowbit_had_inverse(y.data_ptr(), rows, d, ld, block, c, signs.data_ptr(), *wide,
                                     out.data_ptr(), n_out, ld if overwrite else d, threads)
     if overwrite and status != 1:  # written through its pointer (out of memory: some threads' parts, -1)
         torch.autograd.graph.increment_version(y)  # autograd's in-place check sees it; wide (1): nothing written
@@ -2063,7 +2071,8 @@ def run_attention_dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.T
 def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_row: bool) -> torch.Tensor:
     out = torch.empty_strided(codes.shape, codes.stride(), dtype=torch.float32, device="cpu")
     rows, cols = (codes.shape[0], codes.numel() // codes.shape[0]) if per_row else (1, codes.numel())
-    lib.lowbit_dequantize_rows(codes.data_ptr(), rows, cols, scale.contiguous().data_ptr(), int(per_row),
+    scale = scale.contiguous()  # held for the call (HELD_FOR_C)
+    lib.lowbit_dequantize_rows(codes.data_ptr(), rows, cols, scale.data_ptr(), int(per_row),
                                out.data_ptr(), torch.get_num_threads())
     return out
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -223,18 +224,24 @@ def _scales_of(g: torch.Tensor, is_large: torch.Tensor, lam_large: torch.Tensor,
 
 
 _TABLES: list[torch.Tensor] = []  # the largest tables made so far; smaller sizes are prefixes
+_TABLES_LOCK = threading.Lock()
 
 
 def _tables(size: int) -> list[torch.Tensor]:
     """:func:`_by_size` of the group sizes 1..``size`` or more (float64, CPU), kept and
-    grown by powers of two. ATen's float64 ``sqrt`` is elementwise (the same value
-    wherever an element sits), so entry ``g − 1`` is the reference's value for a row of a
-    group of ``g``; the self-test checks it."""
-    if not _TABLES or _TABLES[0].shape[0] < size:
-        grown = 1 << (size - 1).bit_length()
-        _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
-                                                                    device="cpu"))]
-    return list(_TABLES)
+    grown by powers of two: the check, the growth and the read under one lock, so the
+    kept tables only ever grow and a caller gets at least ``size`` (unlocked, a thread
+    that had checked for a smaller size replaced another's grown tables with its own
+    between that one's growth and its read: the C code then read past their end — a
+    review). ATen's float64 ``sqrt`` is elementwise (the same value wherever an element
+    sits), so entry ``g − 1`` is the reference's value for a row of a group of ``g``; the
+    self-test checks it."""
+    with _TABLES_LOCK:
+        if not _TABLES or _TABLES[0].shape[0] < size:
+            grown = 1 << (size - 1).bit_length()
+            _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
+                                                                        device="cpu"))]
+        return list(_TABLES)
 
 
 def _table_args(size: int) -> tuple[list[torch.Tensor], list[int]]:
@@ -376,6 +383,8 @@ def _groups(lib: ctypes.CDLL, lam: torch.Tensor, dtype: torch.dtype) -> Groups |
     if k < 0:  # the tables grow to the largest group; the scales from the scratch's arrays
         k, largest = work[9 * n:].tolist()
         tabs, args = _table_args(largest)
+        if args[0] < largest:  # (never: _tables gives at least what it is asked; C reads entry largest − 1)
+            raise RuntimeError(f"lowbit: BHQ's square-root tables hold {args[0]} sizes, the largest group {largest}")
         size = n * out.element_size()
         lib.lowbit_bhq_finish(n, k, _addr(work, n), _addr(work, 3 * n), _addr(work, 4 * n), _addr(work, 5 * n),
                               *args[1:], MIN_SMALL_RATIO, f64, *(out.data_ptr() + i * size for i in range(4)))

@@ -1659,3 +1659,36 @@ def test_kernels_bump_the_version_of_what_they_write() -> None:
     version = out._version
     step = avx512.quantize_part_into(x, parse_format("int8"), x.abs().amax().reshape(1), out)
     assert out._version > version and step.shape == (1, 1) and out.abs().max() == 127
+
+
+@needs_avx512
+def test_strided_side_vectors_are_held_for_the_c_call() -> None:
+    """A strided vector the C code reads beside the operand (Hadamard's multipliers and
+    signs, a per-row dequantization scale) gives the contiguous copy's results, bit for
+    bit, call after call: its contiguous copy is held for the call (``t.contiguous()
+    .data_ptr()`` inline handed C the address of a temporary freed before it was read —
+    a review, README fault kind 230)."""
+    from lowbit.quantizers import hadamard as had
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(512, 64, generator=g)
+    seed, fmt = torch.tensor(77), parse_format(8)
+    base = (torch.randint(0, 2, (1024,), generator=g) * 2 - 1).float()
+    strided, plain = base[::2], base[::2].contiguous()
+    c = float(had._c(16, torch.float32, "cpu"))
+    codes = torch.randint(-127, 128, (512, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(1024, generator=g) + 0.5
+    for _ in range(20):  # a freed temporary is reused by the next allocations: many tries
+        m_s, m_p = (plain * c).repeat_interleave(2)[::2], plain * c
+        assert not m_s.is_contiguous()
+        got = avx512.hadamard_forward_quantize(x, m_s, 512, 16, had.WIDE, fmt, Granularity.ROW,
+                                               Rounding.STOCHASTIC, seed)
+        want = avx512.hadamard_forward_quantize(x, m_p, 512, 16, had.WIDE, fmt, Granularity.ROW,
+                                                Rounding.STOCHASTIC, seed)
+        assert _same(got, want)
+        assert avx512._same(avx512.hadamard_forward(x, m_s, 512, 16, had.WIDE),
+                            avx512.hadamard_forward(x, m_p, 512, 16, had.WIDE))
+        assert avx512._same(avx512.hadamard_inverse(x.clone(), strided, 16, c, had.WIDE, 512),
+                            avx512.hadamard_inverse(x.clone(), plain, 16, c, had.WIDE, 512))
+        assert avx512._same(avx512._dequantize(avx512._library(), codes, scales[::2], True),
+                            avx512._dequantize(avx512._library(), codes, scales[::2].contiguous(), True))

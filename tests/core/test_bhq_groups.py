@@ -364,6 +364,22 @@ def test_square_root_tables_cover_the_largest_group() -> None:
         bhq_groups._TABLES[:] = kept
 
 
+def _pause_in_tables(paused, resume, timeout: float):  # noqa: ANN001, ANN202
+    """A ``sys.settrace`` function that, the first time a line of ``bhq_groups._tables``
+    (or its return) runs with the kept tables at 8192 entries or more, sets ``paused`` and
+    waits for ``resume`` (at most ``timeout`` seconds)."""
+    code = bhq_groups._tables.__code__
+
+    def local(frame, event, arg):  # noqa: ANN001, ANN202
+        if event in ("line", "return") and bhq_groups._TABLES and bhq_groups._TABLES[0].shape[0] >= 8192 \
+                and not paused.is_set():
+            paused.set()
+            resume.wait(timeout)
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is code else None
+
+
 @needs_kernel
 def test_tables_grown_by_another_thread_mid_call_are_never_read_freed() -> None:
     """A thread growing the square-root tables, paused just after it replaced them, while
@@ -379,18 +395,7 @@ def test_tables_grown_by_another_thread_mid_call_are_never_read_freed() -> None:
     bhq_groups._TABLES[:] = []
     bhq_groups._tables(2)
     replaced, resume = threading.Event(), threading.Event()
-    code = bhq_groups._tables.__code__
-
-    def pause_after_replacing(frame, event, arg):  # noqa: ANN001, ANN202
-        if frame.f_code is code:
-            def local(frame, event, arg):  # noqa: ANN001, ANN202
-                if event in ("line", "return") and bhq_groups._TABLES[0].shape[0] >= 8192 \
-                        and not replaced.is_set():
-                    replaced.set()
-                    resume.wait(10)
-                return local
-            return local
-        return None
+    pause_after_replacing = _pause_in_tables(replaced, resume, 2)  # (under the tables' lock: this call waits it out)
 
     def grow() -> None:
         sys.settrace(pause_after_replacing)
@@ -407,6 +412,57 @@ def test_tables_grown_by_another_thread_mid_call_are_never_read_freed() -> None:
             _same(bhq_groups.run(lam, dtype), bhq_groups.reference(lam, dtype))
     finally:
         resume.set()
+        t.join(10)
+        bhq_groups._TABLES[:] = kept
+
+
+@needs_kernel
+def test_tables_never_shrink_under_a_call_that_grew_them(monkeypatch) -> None:  # noqa: ANN001
+    """Another thread that had checked the tables for a smaller size (1024) and builds its
+    own while this one grows them to 8192 for a group of 5000: this call still reads
+    tables of at least 5000 entries, and the groups are the reference's. (Unlocked, the
+    other thread's smaller tables replaced the grown ones between this call's growth and
+    its read, and the C code read past their end — a second review.) Waits are bounded:
+    under the lock the other thread times out (2 s) while holding it."""
+    import threading
+
+    lam = torch.full((5000,), 1e-30, dtype=torch.float64)
+    lam[17] = 1e30
+    want = bhq_groups.reference(lam, torch.float64)
+    kept = list(bhq_groups._TABLES)
+    bhq_groups._TABLES[:] = []
+    bhq_groups._tables(2)
+    c_in, a_grown, c_done = threading.Event(), threading.Event(), threading.Event()
+    by_size = bhq_groups._by_size
+
+    def slow_by_size(g):  # noqa: ANN001, ANN202
+        if threading.current_thread().name == "smaller":  # past its size check: wait for the growth
+            c_in.set()
+            a_grown.wait(2)
+        return by_size(g)
+
+    monkeypatch.setattr(bhq_groups, "_by_size", slow_by_size)
+    pause_after_growth = _pause_in_tables(a_grown, c_done, 2)
+
+    def smaller() -> None:
+        try:
+            bhq_groups._tables(1024)
+        finally:
+            c_done.set()
+
+    t = threading.Thread(target=smaller, name="smaller")
+    try:
+        t.start()
+        assert c_in.wait(10)
+        sys.settrace(pause_after_growth)
+        try:
+            got = bhq_groups.run(lam, torch.float64)
+        finally:
+            sys.settrace(None)
+        _same(got, want)
+        assert bhq_groups._TABLES[0].shape[0] >= 5000
+    finally:
+        a_grown.set()
         t.join(10)
         bhq_groups._TABLES[:] = kept
 
