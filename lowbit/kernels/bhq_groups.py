@@ -229,18 +229,25 @@ _TABLES_LOCK = threading.Lock()
 
 def _tables(size: int) -> list[torch.Tensor]:
     """:func:`_by_size` of the group sizes 1..``size`` or more (float64, CPU), kept and
-    grown by powers of two: the check, the growth and the read under one lock, so the
-    kept tables only ever grow and a caller gets at least ``size`` (unlocked, a thread
-    that had checked for a smaller size replaced another's grown tables with its own
-    between that one's growth and its read: the C code then read past their end — a
-    review). ATen's float64 ``sqrt`` is elementwise (the same value wherever an element
-    sits), so entry ``g − 1`` is the reference's value for a row of a group of ``g``; the
-    self-test checks it."""
+    grown by powers of two. They only ever grow and a caller gets at least ``size``: the
+    kept ones are read, and grown ones published only where larger, under one lock
+    (unlocked, a thread that had checked for a smaller size replaced another's grown
+    tables with its own between that one's growth and its read: the C code then read past
+    their end — a review). They are computed outside the lock and outside the caller's
+    torch function and dispatch modes (a mode seeing those ops, and building groups
+    itself, re-entered the lock: a deadlock — a review; the tables every later call
+    shares are torch's plain values). ATen's float64 ``sqrt`` is elementwise (the same
+    value wherever an element sits), so entry ``g − 1`` is the reference's value for a row
+    of a group of ``g``; the self-test checks it."""
     with _TABLES_LOCK:
-        if not _TABLES or _TABLES[0].shape[0] < size:
-            grown = 1 << (size - 1).bit_length()
-            _TABLES[:] = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64,
-                                                                        device="cpu"))]
+        if _TABLES and _TABLES[0].shape[0] >= size:
+            return list(_TABLES)
+    grown = 1 << (size - 1).bit_length()
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
+        tabs = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64, device="cpu"))]
+    with _TABLES_LOCK:
+        if not _TABLES or _TABLES[0].shape[0] < grown:
+            _TABLES[:] = tabs
         return list(_TABLES)
 
 

@@ -398,11 +398,12 @@ def test_tables_grown_by_another_thread_mid_call_are_never_read_freed() -> None:
     pause_after_replacing = _pause_in_tables(replaced, resume, 2)  # (under the tables' lock: this call waits it out)
 
     def grow() -> None:
+        before = sys.gettrace()
         sys.settrace(pause_after_replacing)
         try:
             bhq_groups._tables(8192)
         finally:
-            sys.settrace(None)
+            sys.settrace(before)
 
     t = threading.Thread(target=grow)
     try:
@@ -422,8 +423,8 @@ def test_tables_never_shrink_under_a_call_that_grew_them(monkeypatch) -> None:  
     own while this one grows them to 8192 for a group of 5000: this call still reads
     tables of at least 5000 entries, and the groups are the reference's. (Unlocked, the
     other thread's smaller tables replaced the grown ones between this call's growth and
-    its read, and the C code read past their end — a second review.) Waits are bounded:
-    under the lock the other thread times out (2 s) while holding it."""
+    its read, and the C code read past their end — a second review; now grown tables are
+    published, under a lock, only where larger.) Every wait is bounded (2 s)."""
     import threading
 
     lam = torch.full((5000,), 1e-30, dtype=torch.float64)
@@ -454,17 +455,61 @@ def test_tables_never_shrink_under_a_call_that_grew_them(monkeypatch) -> None:  
     try:
         t.start()
         assert c_in.wait(10)
+        before = sys.gettrace()  # (coverage's or a debugger's tracer: put back after)
         sys.settrace(pause_after_growth)
         try:
             got = bhq_groups.run(lam, torch.float64)
         finally:
-            sys.settrace(None)
+            sys.settrace(before)
         _same(got, want)
         assert bhq_groups._TABLES[0].shape[0] >= 5000
     finally:
         a_grown.set()
         t.join(10)
         bhq_groups._TABLES[:] = kept
+
+
+@needs_kernel
+def test_tables_grow_outside_the_callers_torch_modes() -> None:
+    """Under a user's torch function mode that builds BHQ groups itself when it sees a
+    ``sqrt``: growing the tables neither shows the mode their ops nor waits on itself
+    (under the tables' lock, the mode re-entered it: a deadlock — a third review), and
+    the groups are the reference's. Run in a thread with a bounded join."""
+    import threading
+
+    from torch.overrides import TorchFunctionMode
+
+    lam = torch.full((5000,), 1e-30, dtype=torch.float64)
+    lam[17] = 1e30
+    small = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
+    seen: list[str] = []
+
+    class Nested(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if getattr(func, "__name__", "") == "sqrt":
+                seen.append("sqrt")
+                bhq_groups.run(small, torch.float64)
+            return func(*args, **(kwargs or {}))
+
+    kept = list(bhq_groups._TABLES)
+    bhq_groups._TABLES[:] = []
+    bhq_groups._tables(2)
+    out: dict = {}
+
+    def work() -> None:
+        with Nested():
+            out["got"] = bhq_groups.run(lam, torch.float64)
+
+    t = threading.Thread(target=work, daemon=True)
+    try:
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the tables' growth waited on itself"
+        assert seen == [] and bhq_groups._TABLES[0].shape[0] >= 5000
+        _same(out["got"], bhq_groups.reference(lam, torch.float64))
+    finally:
+        if not t.is_alive():
+            bhq_groups._TABLES[:] = kept
 
 
 @needs_kernel
