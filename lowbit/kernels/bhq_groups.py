@@ -234,16 +234,17 @@ def _tables(size: int) -> list[torch.Tensor]:
     (unlocked, a thread that had checked for a smaller size replaced another's grown
     tables with its own between that one's growth and its read: the C code then read past
     their end — a review). They are computed outside the lock and outside the caller's
-    torch function and dispatch modes (a mode seeing those ops, and building groups
-    itself, re-entered the lock: a deadlock — a review; the tables every later call
-    shares are torch's plain values). ATen's float64 ``sqrt`` is elementwise (the same
+    functorch transforms, torch function and dispatch modes (:func:`.cbuild.plain_torch`:
+    a mode seeing those ops, and building groups itself, re-entered the lock — a
+    deadlock; under ``torch.func.grad`` the kept tables were wrapped tensors without
+    storage — reviews; the tables every later call shares are torch's plain values). ATen's float64 ``sqrt`` is elementwise (the same
     value wherever an element sits), so entry ``g − 1`` is the reference's value for a row
     of a group of ``g``; the self-test checks it."""
     with _TABLES_LOCK:
         if _TABLES and _TABLES[0].shape[0] >= size:
             return list(_TABLES)
     grown = 1 << (size - 1).bit_length()
-    with torch._C.DisableTorchFunction(), _disable_current_modes():
+    with cbuild.plain_torch():
         tabs = [t.contiguous() for t in _by_size(torch.arange(1, grown + 1, dtype=torch.float64, device="cpu"))]
     with _TABLES_LOCK:
         if not _TABLES or _TABLES[0].shape[0] < grown:
@@ -348,10 +349,13 @@ def set_enabled(flag: bool) -> None:
 
 
 def _plain_ranges(lam: torch.Tensor, dtype: torch.dtype) -> bool:
-    """``lam`` a plain contiguous float32 or float64 CPU vector, ``dtype`` float32 or
+    """``lam`` a plain contiguous float32 or float64 CPU vector (not a functorch
+    transform's wrapper, no dispatch mode active: the outputs would be tensors without
+    storage, whose null address C wrote through — a review), ``dtype`` float32 or
     float64, the kernel available: what the C calls read (the values they check)."""
     return (type(lam) is torch.Tensor and lam.dtype in (torch.float32, torch.float64) and lam.device.type == "cpu"
             and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(lam)
             and dtype in (torch.float32, torch.float64) and _enabled and available())
 
 

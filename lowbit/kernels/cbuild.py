@@ -332,11 +332,28 @@ def test_threads(*counts: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(min(c, cap) for c in counts))
 
 
+@contextlib.contextmanager
+def plain_torch():  # noqa: ANN201
+    """Plain torch for lowbit's own self-tests, probes and kept tensors, whatever the
+    caller is inside: functorch's transforms off (``torch.func.grad``'s and ``vmap``'s
+    factories made wrapped tensors without storage — a kernel first used inside one
+    failed its self-test and stayed off for the process, a review), torch function modes
+    and subclasses off, dispatch modes off (a coverage trace must not count a probe's
+    ops, nor a fake mode make its tensors)."""
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch._C._DisableFuncTorch(), torch._C.DisableTorchFunction(), _disable_current_modes():
+        yield
+
+
 def self_tested(test: Callable[[], bool], warn: Warn, what: str, against: str) -> bool:
-    """``test()`` (a kernel's self-test) passed; a ``False`` or any exception is a warning
-    (``warn(why, None)``) naming ``what`` and what it is compared ``against``."""
+    """``test()`` (a kernel's self-test, run under :func:`plain_torch`) passed; a
+    ``False`` or any exception is a warning (``warn(why, None)``) naming ``what`` and what
+    it is compared ``against``."""
     try:
-        passed = test()
+        with plain_torch():
+            passed = test()
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
         warn(f"the {what}'s self-test failed ({type(e).__name__}: {e})", None)
         return False
@@ -364,5 +381,5 @@ def load_tested(source: Path, flags: Sequence[str], signatures: dict[str, list],
     return lib if self_tested(lambda: test(lib), warn, what, against) else None
 
 
-__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "once", "self_tested", "switched_off",
-           "test_threads"]
+__all__ = ["BuildError", "cache_dir", "compiler", "cpu_flags", "load", "load_tested", "once", "plain_torch",
+           "self_tested", "switched_off", "test_threads"]

@@ -82,9 +82,9 @@ def _exact_here() -> bool:
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     if not _op_exists() or vnni is None or not vnni():
         return False
-    from torch.utils._python_dispatch import _disable_current_modes
+    from .cbuild import plain_torch
 
-    with _disable_current_modes(), torch.no_grad():
+    with plain_torch(), torch.no_grad():
         return _probe()
 
 
@@ -146,11 +146,11 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
 def _probe_grouped(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
                    padding: tuple[int, ...], threads: int) -> bool:
     """:func:`grouped_exact`'s probe, cached per geometry, input size and thread count."""
-    from torch.utils._python_dispatch import _disable_current_modes
+    from .cbuild import plain_torch
 
     co, cg = w_shape[0], w_shape[1]
     g = torch.Generator().manual_seed(co * 7919 + cg)
-    with _disable_current_modes(), torch.no_grad():
+    with plain_torch(), torch.no_grad():
         try:
             x = torch.randint(-127, 128, (1, cg * groups, *shape), dtype=torch.int8, generator=g)
             w = torch.randint(-127, 128, tuple(w_shape), dtype=torch.int8, generator=g)

@@ -183,11 +183,18 @@ def _state(a: object) -> tuple | None:
     """What an in-place write, a ``.data`` swap or a replacement changes about a field: the
     tensor itself and its storage (both held: no other tensor or buffer takes their ``id``
     or address while the memo lives), its version, address, shape, strides and dtype; None
-    for what keeps no version (an inference tensor) or is not a strided tensor (then
-    nothing is memoized on it)."""
-    if not isinstance(a, torch.Tensor) or a.layout != torch.strided or a.is_inference():
+    for what keeps no version (an inference tensor), is not a strided tensor, or has no
+    storage of its own (a functorch transform's wrapper, a fake tensor: their addresses
+    raise — BHQ inside ``torch.func.grad`` failed there, a review); then nothing is
+    memoized on it."""
+    if not isinstance(a, torch.Tensor) or a.layout != torch.strided or a.is_inference() \
+            or torch._C._functorch.is_functorch_wrapped_tensor(a):
         return None
-    return (a, a._version, a.data_ptr(), a.shape, a.stride(), a.dtype, a.untyped_storage())
+    try:
+        ptr = a.data_ptr()
+    except RuntimeError:  # no storage (a fake or meta-like tensor)
+        return None
+    return (a, a._version, ptr, a.shape, a.stride(), a.dtype, a.untyped_storage())
 
 
 def _same_state(a: object, st: tuple | None) -> bool:

@@ -282,6 +282,11 @@ def test_degenerate_operands_are_groups_of_one() -> None:
             assert torch.equal(t.v, torch.zeros(x.shape[0]))
 
 
+def assert_refused(lam: torch.Tensor) -> None:
+    """The kernel takes neither op for ``lam`` (a functorch wrapper, say)."""
+    assert not bhq_groups.supports(lam, torch.float32) and not bhq_groups.supports_entries(lam, 1, torch.float32)
+
+
 @needs_kernel
 def test_unsupported_calls_and_switch_run_the_reference() -> None:
     lam = _ranges(1)
@@ -302,6 +307,13 @@ def test_unsupported_calls_and_switch_run_the_reference() -> None:
     f64 = {"dtype": torch.float64}
     for bad in (torch.zeros(0, **f64), torch.ones(1, **f64)):  # the C code would read past them
         assert not bhq_groups.supports(bad, torch.float32)
+    # under a dispatch mode (a fake mode made the outputs fake: C wrote through their null
+    # address, a segfault) or for a functorch wrapper (no storage): the reference (a review)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert not bhq_groups.supports(lam, torch.float32) and not bhq_groups.supports_entries(lam, 1, torch.float32)
+    torch.func.grad(lambda x: (assert_refused(x * lam) or x).sum())(torch.ones_like(lam))
     # outside the op's conditions — a NaN or an infinite range, all zeros: None, BHQ's groups
     # of one; a negative or −Inf range beside a positive one (ranges are absolute values; the
     # groups code assumes none, and gave other groups than the reference's: a review) — the

@@ -8,6 +8,7 @@ import gc
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -340,3 +341,49 @@ def test_the_umask_is_read_without_being_set() -> None:
         assert os.umask(0o027) == 0o027  # unchanged by the read
     finally:
         os.umask(old)
+
+
+_FIRST_USE = """
+import sys, warnings, torch
+warnings.simplefilter("error", RuntimeWarning)  # a failed self-test's warning fails the run
+from lowbit.kernels import avx512, bhq_groups, qconv, softmax, vnni
+def check():
+    return [avx512.available(), softmax.available(), vnni.available(), bhq_groups.available(),
+            qconv._exact_here()]
+def f(x):
+    print(check())
+    bhq_groups._tables(512)  # the groups' kept tables grown inside the transform
+    from lowbit.kernels import Backend, kernels_for
+    from lowbit.quantizers.bhq import bhq_transform
+    a = torch.randn(64, 8) * torch.exp(torch.randn(64, 1))  # BHQ's public path there: the reference's groups
+    want = bhq_transform(a, kernels_for(Backend.REFERENCE, "cpu"))
+    print(torch.equal(bhq_transform(a, kernels_for(Backend.AUTO, "cpu")).scale, want.scale))
+    return (x * 2).sum()
+if sys.argv[1] == "grad":
+    torch.func.grad(f)(torch.ones(3))
+print(check())
+if bhq_groups.available():
+    lam = torch.rand(300, dtype=torch.float64) + 0.1
+    got, want = bhq_groups.run(lam, torch.float32), bhq_groups.reference(lam, torch.float32)
+    print(torch.equal(got.scale, want.scale), type(bhq_groups._TABLES[0]) is torch.Tensor,
+          not torch._C._functorch.is_functorch_wrapped_tensor(bhq_groups._TABLES[0]))
+"""
+
+
+@needs_cc
+def test_kernels_first_used_inside_a_functorch_transform_stay_on(tmp_path) -> None:
+    """A process whose first use of lowbit's C kernels is inside ``torch.func.grad``: each
+    self-test and probe runs on plain tensors (:func:`lowbit.kernels.cbuild.plain_torch`),
+    so every kernel is as available as in a process that never ran the transform, and
+    BHQ's kept square-root tables are plain tensors (inside the transform the factories
+    made wrapped tensors without storage: each self-test failed and switched its kernel
+    off for the process — a review)."""
+    env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    runs = {how: subprocess.run([sys.executable, "-c", _FIRST_USE, how], env=env, capture_output=True, text=True,
+                                timeout=600)
+            for how in ("plain", "grad")}
+    for how, out in runs.items():
+        assert out.returncode == 0, (how, out.stderr[-3000:])
+    plain, grad = runs["plain"].stdout.splitlines(), runs["grad"].stdout.splitlines()
+    assert grad[0] == grad[2] == plain[0], (plain, grad)  # inside the transform, after it, never in it
+    assert grad[1] == "True" and grad[3:] == plain[1:] and all(v == "True" for v in " ".join(grad[3:]).split())
