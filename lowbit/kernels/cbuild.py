@@ -339,11 +339,13 @@ def plain_torch():  # noqa: ANN201
     factories made wrapped tensors without storage — a kernel first used inside one
     failed its self-test and stayed off for the process, a review), torch function modes
     and subclasses off, dispatch modes off (a coverage trace must not count a probe's
-    ops, nor a fake mode make its tensors)."""
+    ops, nor a fake mode make its tensors), CPU autocast off (a probe's exact float32
+    check ran in bf16 under it and cached a wrong "no": a review)."""
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with torch._C._DisableFuncTorch(), torch._C.DisableTorchFunction(), _disable_current_modes():
+    with torch._C._DisableFuncTorch(), torch._C.DisableTorchFunction(), _disable_current_modes(), \
+            torch.autocast("cpu", enabled=False):
         yield
 
 

@@ -387,3 +387,28 @@ def test_kernels_first_used_inside_a_functorch_transform_stay_on(tmp_path) -> No
     plain, grad = runs["plain"].stdout.splitlines(), runs["grad"].stdout.splitlines()
     assert grad[0] == grad[2] == plain[0], (plain, grad)  # inside the transform, after it, never in it
     assert grad[1] == "True" and grad[3:] == plain[1:] and all(v == "True" for v in " ".join(grad[3:]).split())
+
+
+def test_plain_torch_leaves_no_transform_mode_or_autocast_on() -> None:
+    """Inside :func:`lowbit.kernels.cbuild.plain_torch`, under the caller's
+    ``torch.func.grad``, a dispatch mode and bf16 autocast: factories make plain tensors,
+    the mode sees nothing, a float32 product stays float32 (a convolution probe's exact
+    float32 check ran in bf16 under autocast and cached a wrong "no": a review)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def f(x):  # noqa: ANN001, ANN202
+        with Count(), torch.autocast("cpu", dtype=torch.bfloat16), cbuild.plain_torch():
+            t = torch.ones(4, 4)
+            out.append((torch._C._functorch.is_functorch_wrapped_tensor(t), torch.mm(t, t).dtype))
+        return (x * 2).sum()
+
+    out: list = []
+    torch.func.grad(f)(torch.ones(3))
+    assert out == [(False, torch.float32)] and seen == []
