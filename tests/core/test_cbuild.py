@@ -371,14 +371,14 @@ if bhq_groups.available():
 
 
 @needs_cc
-def test_kernels_first_used_inside_a_functorch_transform_stay_on(tmp_path) -> None:
+def test_kernels_first_used_inside_a_functorch_transform_stay_on() -> None:
     """A process whose first use of lowbit's C kernels is inside ``torch.func.grad``: each
     self-test and probe runs on plain tensors (:func:`lowbit.kernels.cbuild.plain_torch`),
     so every kernel is as available as in a process that never ran the transform, and
     BHQ's kept square-root tables are plain tensors (inside the transform the factories
     made wrapped tensors without storage: each self-test failed and switched its kernel
     off for the process — a review)."""
-    env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (the built libraries reused: a self-test runs per process)
     runs = {how: subprocess.run([sys.executable, "-c", _FIRST_USE, how], env=env, capture_output=True, text=True,
                                 timeout=600)
             for how in ("plain", "grad")}
