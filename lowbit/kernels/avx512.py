@@ -140,6 +140,8 @@ def _check_csr(lib: ctypes.CDLL, crow: torch.Tensor, members: torch.Tensor, n_gr
         raise RuntimeError("lowbit: a BHQ transform's group index (crow, members) was changed where its version "
                            "counter does not see it (through .data or .numpy()); its C kernels cannot read rows "
                            "through it. Build the transform again (lowbit.quantizers.bhq.bhq_transform)")
+
+
 # HELD_FOR_C: a tensor whose address a C call reads is bound to a name for the call —
 # ``t.contiguous().data_ptr()`` inline handed C the address of a temporary copy (of a
 # strided ``t``) that was freed as soon as ``data_ptr()`` returned: the C code read freed

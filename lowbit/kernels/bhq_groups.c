@@ -220,16 +220,6 @@ static double inv_cbrt(double b) {
     return small ? y * 262144.0 : y;  /* 2^18 */
 }
 
-/* The vectors and scales (lowbit.kernels.bhq_groups._scales_of), rows in sorted order (the
- * first k large) from lowbit_bhq_groups's g, lam_large, lam_small, written in row order
- * (row order[i]) in float32 (f64 == 0, round to nearest even) or float64:
- *   v      the Householder vector entry
- *   scale  g > 1: inv_cbrt(base) with base = λ_large/√g for a large row, else
- *          max(λ_small·max|H_g|, max(ratio·λ_large, DBL_MIN)) / max(g - 1, 1)
- *          (ratio: bhq_groups.MIN_SMALL_RATIO); 1 where g == 1
- *   w      v * scale, and v2 = 2 v (both in the output dtype: what BHQ's kernels read)
- * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
- * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
 /* Row i's (sorted order) base and vector entry, as lowbit_bhq_finish computes them. */
 static inline double finish_base(int64_t i, int64_t k, const double *g, const double *lam_large,
                                  const double *lam_small, const double *tab_r, const double *tab_vl,
@@ -260,7 +250,16 @@ static inline void finish_store(int64_t o, double si, double v, int f64, void *s
     }
 }
 
-
+/* The vectors and scales (lowbit.kernels.bhq_groups._scales_of), rows in sorted order (the
+ * first k large) from lowbit_bhq_groups's g, lam_large, lam_small, written in row order
+ * (row order[i]) in float32 (f64 == 0, round to nearest even) or float64:
+ *   v      the Householder vector entry
+ *   scale  g > 1: inv_cbrt(base) with base = λ_large/√g for a large row, else
+ *          max(λ_small·max|H_g|, max(ratio·λ_large, DBL_MIN)) / max(g - 1, 1)
+ *          (ratio: bhq_groups.MIN_SMALL_RATIO); 1 where g == 1
+ *   w      v * scale, and v2 = 2 v (both in the output dtype: what BHQ's kernels read)
+ * Tables (index g - 1, at least the largest group's size; bhq_groups._tables): r = sqrt(g),
+ * vl and vs the vector entries of a group's large and small rows, hm = max|H_max(g, 2)|. */
 void lowbit_bhq_finish(int64_t n, int64_t k, const int64_t *order, const double *g, const double *lam_large,
                        const double *lam_small, const double *tab_r, const double *tab_vl, const double *tab_vs,
                        const double *tab_hm, double ratio, int f64, void *scale, void *v_out, void *w_out,

@@ -237,9 +237,10 @@ def _tables(size: int) -> list[torch.Tensor]:
     functorch transforms, torch function and dispatch modes (:func:`.cbuild.plain_torch`:
     a mode seeing those ops, and building groups itself, re-entered the lock — a
     deadlock; under ``torch.func.grad`` the kept tables were wrapped tensors without
-    storage — reviews; the tables every later call shares are torch's plain values). ATen's float64 ``sqrt`` is elementwise (the same
-    value wherever an element sits), so entry ``g − 1`` is the reference's value for a row
-    of a group of ``g``; the self-test checks it."""
+    storage — reviews; the tables every later call shares are torch's plain values).
+    ATen's float64 ``sqrt`` is elementwise (the same value wherever an element sits), so
+    entry ``g − 1`` is the reference's value for a row of a group of ``g``; the self-test
+    checks it."""
     with _TABLES_LOCK:
         if _TABLES and _TABLES[0].shape[0] >= size:
             return list(_TABLES)
@@ -283,15 +284,15 @@ def checked_reference(lam: torch.Tensor, dtype: torch.dtype) -> Groups | None:
 
 
 def entry_reference(lam: torch.Tensor, entries: int, dtype: torch.dtype) -> Groups:
-    """``bhq_entry_groups``: the groups of ``lam`` (N,) float64 (float32 taken, made float64), ``entries`` consecutive
-    entries of ``N / entries`` rows each (attention's heads), every entry's built from its
-    own ranges alone — :func:`reference`'s rules on the entry, or groups of one where the
-    entry has one row or its ranges are not finite or all zero — numbered for the whole
-    operand (entry ``e``'s groups after those of entries ``< e``); ``entry_groups``: each
-    entry's number of groups; ``w``, ``v2`` as :func:`reference`'s. The scales come from
-    :func:`_scales_of` over all entries' arrays (elementwise). ``crow``/``members`` left
-    ``None``. The definition
-    (:func:`run_entries` is the native kernel)."""
+    """``bhq_entry_groups``: the groups of ``lam`` (N,) float64 (float32 taken, made
+    float64), ``entries`` consecutive entries of ``N / entries`` rows each (attention's
+    heads), every entry's built from its own ranges alone — :func:`reference`'s rules on
+    the entry, or groups of one where the entry has one row or its ranges are not finite
+    or all zero — numbered for the whole operand (entry ``e``'s groups after those of
+    entries ``< e``); ``entry_groups``: each entry's number of groups; ``w``, ``v2`` as
+    :func:`reference`'s. The scales come from :func:`_scales_of` over all entries' arrays
+    (elementwise). ``crow``/``members`` left ``None``. The definition (:func:`run_entries`
+    is the native kernel)."""
     lam = lam.double()
     n, dev = lam.shape[0], lam.device
     r = n // entries if entries else 0
