@@ -7,7 +7,8 @@ batch 128). One step = forward + backward, gradients for the input too, no optim
 All modes of a workload are timed in one process, interleaved: ``--rounds`` rounds, each
 timing ``--steps`` steps of every mode (order rotated per round) and, in the same
 rotation, the machine's GEMM ceilings (lowbit's int8 GEMM ``int8.int_mm`` — lowbit's
-AMX kernel on CPUs with AMX, else ``torch._int_mm`` — bf16 and fp32 at 2048³), so that the drift of a shared machine hits all of them alike. Per mode the table
+AMX kernel on CPUs with AMX, exact float32 GEMMs on CPUs without an int8 dot product
+(``lowbit.kernels.exact_f32``), else ``torch._int_mm`` — bf16 and fp32 at 2048³), so that the drift of a shared machine hits all of them alike. Per mode the table
 gives the median step time, speedups against fp32 and bf16 of the same run, and:
 
 * GEMM GFLOP of the step, counted by ``lowbit.coverage`` from the aten ops that ran
@@ -253,8 +254,8 @@ def count_flops(bench: Bench) -> tuple[int, float]:
 
 class Ceilings:
     """The machine's GEMM rates at ``n``³: int8 as lowbit runs it
-    (``lowbit.kernels.int8.int_mm``, int32 out: the AMX kernel on CPUs with AMX, else
-    ``torch._int_mm``), bf16 and fp32 ``torch.mm``; timed once per round inside the
+    (``lowbit.kernels.int8.int_mm``, int32 out: the AMX kernel on CPUs with AMX, exact
+    float32 GEMMs on CPUs without an int8 dot product, else ``torch._int_mm``), bf16 and fp32 ``torch.mm``; timed once per round inside the
     modes' rotation."""
 
     KINDS = ("int8", "bf16", "fp32")
@@ -600,11 +601,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         results += rows
     ceil = ceilings.gflops()
+    from lowbit.kernels import int8
+
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
           f"size={args.size}, device {args.device}, {malloc}; median of {args.rounds} interleaved rounds × {args.steps} steps "
           f"after {args.warmup} warm-up" + "".join(f"; {m}" for m in sorted(PEAK_METHODS)))
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
-          "rotation): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
+          f"rotation; int8 on {int8.engine(args.device)}): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
           + (f"; int8/bf16 {ceil['int8'] / ceil['bf16']:.2f}×, bf16/fp32 {ceil['bf16'] / ceil['fp32']:.2f}×"
              if len(ceil) == 3 else ""))
     print(table(results, ceil))

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .kernels import amx as _amx  # noqa: F401  (defines lowbit::int8_mm)
+from .kernels import exact_f32 as _exact_f32  # noqa: F401  (defines lowbit::int8_mm_f32)
 
 aten = torch.ops.aten
 
@@ -244,6 +245,8 @@ def _trilinear(args: Sequence[Any], out: Any) -> list[Part]:
 FORMULAS[torch.ops.aten._trilinear] = _trilinear  # was listed as not counted, outside the shares
 FORMULAS[torch.ops.lowbit.int8_mm] = _mm(0, 1)  # lowbit.kernels.amx's int8 GEMM
 FORMULAS[torch.ops.lowbit.int8_bmm] = _bmm(0, 1)  # and its batch of them (attention's heads)
+FORMULAS[torch.ops.lowbit.int8_mm_f32] = _mm(0, 1)  # lowbit.kernels.exact_f32's (CPUs without VNNI)
+FORMULAS[torch.ops.lowbit.int8_bmm_f32] = _bmm(0, 1)
 
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv

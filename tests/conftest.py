@@ -121,6 +121,17 @@ class num_threads:
         torch.set_num_threads(self.before)
 
 
+@pytest.fixture
+def int_mm_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer GEMMs on ``torch._int_mm`` (or the AMX/VNNI kernels) even on a CPU without
+    an int8 dot product, where ``auto`` sums them on float32 units: for tests that count
+    which integer kernel runs. The float32 route (the same exact sums) has its own tests,
+    ``tests/core/test_exact_f32.py``."""
+    from lowbit.kernels import exact_f32
+
+    monkeypatch.setattr(exact_f32, "ENGINE", "int")
+
+
 def assert_attention_heads_counted_as_int8() -> None:
     """``nn.MultiheadAttention`` (4 heads of 128 × 64, batch 2) converted under
     ``fqt-psq-8``: its head products go through ``lowbit::int8_bmm``, counted by

@@ -29,6 +29,7 @@ rather than silently run eagerly.
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Hashable
@@ -51,6 +52,22 @@ _compiled_once = False  # some variant compiled and ran in this process
 _dynamo_broken = False  # importing torch._dynamo failed (disable_tracing)
 # kernel name -> variant key -> compiled copy of the kernel
 _compiled: dict[str, dict[Hashable, Callable[..., Any]]] = {}
+
+
+def _after_fork_in_child() -> None:
+    """Inductor's thread pool for C++ builds (``AsyncCompile.pool``, one per process,
+    cached) has no threads in a forked child, and torch 2.13's own at-fork hook resets only
+    its process pool: a child that compiled a new variant waited forever on a build no
+    thread would run (a child training at another thread count than its parent, with a
+    cold Inductor cache: ``tests/core/test_packaging.py``). The child makes its own pool."""
+    module = sys.modules.get("torch._inductor.async_compile")
+    pool = getattr(getattr(module, "AsyncCompile", None), "pool", None)
+    if pool is not None and hasattr(pool, "cache_clear"):
+        pool.cache_clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from . import amx, vnni, workspace
+from . import amx, exact_f32, vnni, workspace
 from .encoded import Encoded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,16 +122,32 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
     into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
     :func:`amx.worth_it` picks (and no ``out``) run on :mod:`.amx`'s kernel (it reads
     any strides; ``packed_b``: :func:`amx.pack_right` of ``b_codes``, made once for
-    several such products, else ignored); elsewhere on ``torch._int_mm``, operands whose
-    strides it would misread copied first (:func:`dense`). Both give the same int32
+    several such products, else ignored); on a CPU without an int8 dot product
+    (:func:`exact_f32.runs`) as float32 GEMMs of pieces short enough to be exact
+    (:mod:`.exact_f32`); elsewhere on ``torch._int_mm``, operands whose
+    strides it would misread copied first (:func:`dense`). All give the same int32
     sums. ``ValueError`` for ``K >`` :data:`MAX_K` (an int32 sum of that length could
     wrap: split it, as :func:`gemm` does)."""
     _check_k(a_codes.shape[-1], "int_mm")
     if out is None and runs_amx(a_codes, b_codes.shape[1]):
         return amx.int_mm(a_codes, b_codes, packed_b)
+    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product
+        acc = exact_f32.int_mm(a_codes, b_codes)
+        return acc if out is None else out.copy_(acc)
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
+
+
+def engine(device: torch.device | str = "cpu") -> str:
+    """What sums :func:`int_mm`'s products on ``device``: ``"float32"`` (exact float32
+    GEMMs, :mod:`.exact_f32`: a CPU without an int8 dot product, or
+    ``exact_f32.ENGINE = "float32"``), ``"amx"`` (lowbit's AMX kernel for the products
+    :func:`amx.worth_it` picks, ``torch._int_mm`` for the others) or
+    ``"torch._int_mm"``. The sums are the same exact int32 values on each."""
+    if exact_f32.runs(device):
+        return "float32"
+    return "amx" if torch.device(device).type == "cpu" and amx.available() else "torch._int_mm"
 
 
 def batched_kernel(k: int) -> bool:
@@ -152,7 +168,9 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     whole batch is one call of :mod:`.amx`'s batched kernel (``lowbit::int8_bmm``: the
     entries spread over the threads; 1.1–5× the loop at attention's head shapes,
     docs/benchmarks.md), on one with AVX-512 VNNI but no AMX one call of :mod:`.vnni`'s
-    (the same op; :func:`batched_kernel`). Otherwise one ``torch._int_mm`` per entry: every entry has the
+    (the same op; :func:`batched_kernel`); on a CPU without either nor any int8 dot
+    product, one exact float32 ``torch.bmm`` per piece of ``K`` (:mod:`.exact_f32`).
+    Otherwise one ``torch._int_mm`` per entry: every entry has the
     same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
     whether the operand is first copied whole (row-major entries) — the per-entry stride
     checks and selects of :func:`int_mm` in a loop cost about as much as the products at
@@ -161,6 +179,9 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
             and batched_kernel(a_codes.shape[2]):
         return amx.int_bmm(a_codes, b_codes)
+    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product
+        acc = exact_f32.int_bmm(a_codes, b_codes)
+        return acc if out is None else out.copy_(acc)
     if out is None and a_codes.device.type == "cpu":  # large results reuse a buffer
         out = workspace.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), torch.int32)
     elif out is None:

@@ -83,6 +83,7 @@ def test_new_workloads_build_and_step(workload: str) -> None:
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in w.model.parameters() if p.dim() == 4)
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_profile_step_charges_int_mm_to_the_gemm_scope() -> None:
     prof = load("profile_step")
     wall, table = prof.profile_mode("ffn", "fqt-psq-8", "tiny", warmup=1)

@@ -21,6 +21,7 @@ from torch import nn
 
 import lowbit
 import lowbit.attention as A
+from lowbit.kernels import avx512
 import lowbit.attention_modules as AM
 from lowbit import FQTConfig, OperandSpec
 from lowbit.attention import Operand, batched_mm, scaled_dot_product_attention
@@ -284,6 +285,7 @@ def test_left_scale_on_the_summed_dimension_is_never_integer(monkeypatch: pytest
         batched_mm(Operand(a, sa), Operand(b, sb), Backend.INT8, torch.float32, "test")
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_integer_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     from lowbit.kernels import amx
 
@@ -348,6 +350,7 @@ def test_integer_and_reference_differ_only_by_flipped_codes(monkeypatch: pytest.
     assert all(f < 1e-3 * 32_768 for f in flips), flips
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_auto_backend_loops_heads_only_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
     from lowbit.kernels import amx
 
@@ -786,6 +789,13 @@ def test_attention_saves_no_float_scores(mask: str) -> None:
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def _skip_without_pieces(expected: bool) -> None:
+    """Skip a case that expects attention in pieces on a CPU without lowbit's AVX-512
+    kernels, which the pieces need (``lowbit.attention``'s docstring, "Memory")."""
+    if expected and not avx512.available():
+        pytest.skip("attention in pieces needs lowbit's AVX-512 kernels, not available on this machine")
+
+
 def _attention_grads(monkeypatch: pytest.MonkeyPatch, pieces: bool, cfg: FQTConfig, length: int, hd: int,
                      kw: dict, weights: bool = False, nan: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
     """O, ∇Q, ∇K, ∇V (and the float mask's gradient) of one step of 2 × 3 heads, with the
@@ -843,12 +853,14 @@ def test_backward_in_pieces_is_bitwise_the_whole_backward(monkeypatch: pytest.Mo
     mask that wants its gradient keep the whole ∇S (its scale and its gradient span every
     entry)."""
     length, hd = heads
+    pieces = mask != "float-learned" and recipe == "fqt-psq-8" and hd == 64
+    _skip_without_pieces(pieces)
     kw = _masks(length).get(mask, {"is_causal": True})
     cfg = FQTConfig.from_recipe(recipe, seed=0)
     got, asked = _attention_grads(monkeypatch, True, cfg, length, hd, kw, weights=mask == "need-weights")
     want, _ = _attention_grads(monkeypatch, False, cfg, length, hd, kw, weights=mask == "need-weights")
     # a mask's gradient: never asked; small heads (simulated GEMMs) and PTQ: the whole ∇S
-    assert asked == ([] if mask == "float-learned" else [recipe == "fqt-psq-8" and hd == 64])
+    assert asked == ([] if mask == "float-learned" else [pieces])
     assert len(got) == len(want) == (5 if mask == "float-learned" else 4)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
@@ -865,6 +877,7 @@ def test_forward_in_pieces_is_bitwise_the_whole_forward(monkeypatch: pytest.Monk
     simulated: the whole forward). Per tensor, a NaN in the queries or every key masked hands the call to the whole forward
     (the same NaN output and zero rows as always); per row the pieces keep it, NaN rows
     staying NaN and the other rows' bits unchanged."""
+    _skip_without_pieces(activation != "e4m3")
     cfg = FQTConfig.from_recipe("fqt-psq-fp8", seed=0) if activation == "e4m3" else FQT
     if activation == "row":
         cfg = dataclasses.replace(cfg, activation=dataclasses.replace(cfg.activation,
@@ -919,6 +932,7 @@ def test_attention_in_pieces_allocates_no_score_sized_buffer(monkeypatch: pytest
     op)."""
     from torch.profiler import ProfilerActivity, profile
 
+    _skip_without_pieces(pieces)
     if not pieces:
         monkeypatch.setattr(A, "_in_pieces_ok", lambda *args: False)
         monkeypatch.setattr(A, "_forward_in_pieces_ok", lambda *args: False)

@@ -453,6 +453,7 @@ def test_hadamard_kernels_hand_wide_blocks_to_the_float64_reference(bad: float) 
     assert avx512._same(got.inverse(mine, overwrite=True), want.inverse(y))
 
 
+@needs_avx512
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 33), (48, 128, 64), (2, 300, 513)])
 def test_batched_pair_bitwise_the_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:

@@ -35,7 +35,7 @@ from lowbit.conv import conv_grad_input, conv_grad_weight, conv_output, fqt_conv
 from lowbit.functional import block_state, fqt_conv2d, quantize_forward, quantize_gradient
 from lowbit.kernels import Encoded, int8 as int8_kernel, kernels_for
 from lowbit.kernels import avx512, compiled, qconv
-from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place
+from lowbit.kernels.im2col import exact_gemm, gemm_nchw, im2col, nhwc, patches, place, sample_pieces
 
 U = 2.0**-24
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
@@ -188,6 +188,7 @@ def test_layer_auto_equals_reference_same_noise_stream(name: str) -> None:
     assert y_ratio <= (math.prod(wt.shape[1:]) + 8) * U * math.prod(wt.shape[1:])
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     """What runs under auto for a per-tensor int8 recipe: the output GEMM and ∇X (stride
     2: of the zero-inserted ∇Y codes) as oneDNN int8 convolutions (all groups; ∇X one per
@@ -204,7 +205,12 @@ def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
                              params[2:4], params[4:6])
     # Y in one call, ∇X in one per piece of samples where its result is narrower than float32 (conv.acc_pieces: 1 here)
     assert names.count("onednn::qconv2d_pointwise") == (1 + C.acc_pieces(x.shape[0], torch.float32, False)) * onednn
-    assert names.count("aten::_int_mm") == (3 - 2 * onednn) * params[6]
+    # else Y one _int_mm per group, ∇X (stride 2, padding 0: col2im) one per group and piece
+    # of samples (their float columns within a quarter of ∇X's bytes, im2col.sample_pieces)
+    n, c, h, w = x.shape
+    (ho, wo), (_, cg, kh, kw) = gy.shape[2:], wt.shape
+    per = sample_pieces(n, n * ho * wo * kh * kw * cg * 4, n * h * w * c * 4 // 4, torch.device("cpu"))
+    assert names.count("aten::_int_mm") == (1 + (1 - onednn) * (1 + -(-n // per))) * params[6]
     assert not any("aten::convolution" in n or "aten::_convolution" in n for n in names)
 
 

@@ -232,6 +232,7 @@ def test_asymmetric_int8_codes_are_centred_into_int8() -> None:
     torch.testing.assert_close(enc.dequantize(), x, rtol=0, atol=float(enc.scale.max()) / 2 * 1.0001)
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_layer_with_asymmetric_gradients_runs_all_gemms_on_int_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count(monkeypatch, torch, "_int_mm")
     layer = lowbit.convert(nn.Linear(32, 24), FQTConfig.from_recipe("fqt-psq-4a", seed=0))
@@ -249,6 +250,7 @@ def test_layer_with_asymmetric_gradients_runs_all_gemms_on_int_mm(monkeypatch: p
 
 
 # -- the table ------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("int_mm_engine")
 def test_table_picks_the_gemm_from_the_operand_formats(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w = torch.randn(24, 32), torch.randn(16, 32)
     int_mm, scaled = _count(monkeypatch, torch, "_int_mm"), _count(monkeypatch, torch, "_scaled_mm")

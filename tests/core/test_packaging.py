@@ -108,10 +108,16 @@ if __name__ == "__main__":
 def test_a_forked_child_with_more_threads_than_its_parent_finishes(tmp_path: Path, recipe: str) -> None:
     """A single-threaded parent ran lowbit's kernel self-tests at 2 threads, starting an
     OpenMP pool that fork breaks: a forked child training with 2 threads hung for good
-    (torch alone does not). The self-tests now use at most torch's thread count."""
+    (torch alone does not). The self-tests now use at most torch's thread count. With a
+    cold Inductor cache the child, compiling a variant of its own, waited forever on the
+    parent's C++-build thread pool, which fork leaves without threads (torch 2.13 resets
+    only its process pool): lowbit resets it in the child (``compiled._after_fork_in_child``);
+    the cache is cold here so that the child compiles."""
     script = tmp_path / "fork_child.py"
     script.write_text(FORK_CHILD)
-    proc = subprocess.run([sys.executable, str(script), recipe], capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, str(script), recipe], capture_output=True, text=True, timeout=240,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True"]  # the child's gradient equals the parent's
 

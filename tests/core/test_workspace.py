@@ -168,6 +168,7 @@ def test_switched_off_allocates_fresh() -> None:
         workspace.set_enabled(True)
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_attention_with_pooled_scores_equals_fresh_buffers() -> None:
     """Two steps of a low-bit attention whose scores are 32 MB (pooled, the forward's and
     the backward's recomputation reusing one buffer), the returned weights kept alive

@@ -1,0 +1,154 @@
+"""int8 × int8 → int32 GEMMs summed exactly on float32 units, for CPUs without an int8
+dot-product instruction.
+
+On an x86 CPU with neither AVX-512 VNNI, AVX-VNNI nor AMX, PyTorch 2.13's
+``torch._int_mm`` runs no vectorised kernel: 2.0 GOP/s at 1024³ on 2 threads of an AMD
+EPYC (Zen 3, AVX2) where a float32 ``torch.mm`` reaches 139 GFLOP/s (docs/benchmarks.md,
+"int8 GEMMs on a CPU without VNNI"). There, lowbit's integer GEMMs take this route: the
+codes are cast to float32 and multiplied by ``torch.mm`` / ``torch.bmm`` in pieces of the
+summed dimension short enough that every partial sum is an integer below 2²⁴ in
+magnitude, so float32 represents each exactly whatever order the GEMM adds in; each
+piece is converted to int32 and the pieces added. The result is the exact int32 sum:
+bitwise ``torch._int_mm``'s (``tests/core/test_exact_f32.py``), and so every epilogue
+after it gives the same bits as on the integer kernels.
+
+The piece length is ``⌊(2²⁴ − 1) / (a_max·b_max)⌋`` terms, with ``a_max``/``b_max`` the
+largest code magnitude of each operand (read once per call where ``K`` passes
+:data:`SAFE_K` = 1,023, the length exact for any int8 codes): 1,040 for int8 codes in
+[−127, 127], 1,023 where a code is −128, the whole sum for 4-bit codes. It runs as the
+ops ``lowbit::int8_mm_f32`` and ``lowbit::int8_bmm_f32``, which ``lowbit.coverage``
+counts as int8 GEMMs (their operands are int8 codes and their results the int8 GEMM's
+exact sums; :func:`runs` and ``lowbit.kernels.int8.engine()`` say which engine ran).
+
+Which engine runs (:data:`ENGINE`): ``"auto"`` — this one on the CPU where
+:func:`cpu_lacks_int8_dot` (an x86-64 CPU reporting none of ``avx512_vnni``,
+``avx_vnni``, ``amx_int8``), ``torch._int_mm`` elsewhere; ``"float32"`` — this one on
+every CPU (tests, benchmarks); ``"int"`` — never. The environment variable
+``LOWBIT_INT8_ENGINE`` sets the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import cbuild
+
+ENGINES = ("auto", "float32", "int")
+# Which engine runs an int8 GEMM on the CPU (module docstring); read at each call.
+ENGINE = os.environ.get("LOWBIT_INT8_ENGINE", "auto")
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_EXACT = 2**24 - 1  # float32 holds every integer of at most this magnitude
+SAFE_K = _EXACT // (128 * 128)  # 1023: terms of any int8 codes summed exactly in float32
+
+
+@functools.cache
+def cpu_lacks_int8_dot() -> bool:
+    """Whether this is an x86-64 CPU (Linux ``/proc/cpuinfo``) reporting none of
+    :data:`INT8_DOT_FLAGS`: one where ``torch._int_mm`` has no fast kernel. ``False``
+    where the flags cannot be read (other architectures, other systems)."""
+    flags = cbuild.cpu_flags()
+    return bool(flags) and not flags & INT8_DOT_FLAGS
+
+
+def runs(device: torch.device | str = "cpu") -> bool:
+    """Whether an int8 GEMM on ``device`` takes this module's route under :data:`ENGINE`
+    (module docstring). ``ValueError`` for an :data:`ENGINE` outside :data:`ENGINES`."""
+    if ENGINE not in ENGINES:
+        raise ValueError(f"lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) must be one of "
+                         f"{', '.join(map(repr, ENGINES))}, got {ENGINE!r}")
+    if torch.device(device).type != "cpu" or ENGINE == "int":
+        return False
+    return ENGINE == "float32" or cpu_lacks_int8_dot()
+
+
+def piece_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The most terms of ``a``'s and ``b``'s codes (int8) whose sum float32 holds
+    exactly in any order: ``⌊(2²⁴ − 1) / (a_max·b_max)⌋`` (module docstring); the whole
+    length where either operand is all zeros or empty."""
+    def mag(t: torch.Tensor) -> int:
+        if t.numel() == 0:
+            return 0
+        lo, hi = torch.aminmax(t)
+        return max(-int(lo), int(hi))
+
+    prod = mag(a) * mag(b)
+    return max(1, _EXACT // prod) if prod else max(1, a.shape[-1])
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, batched: bool, name: str) -> None:
+    dims = 3 if batched else 2
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"lowbit::{name} takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != dims or b.dim() != dims or a.shape[-1] != b.shape[-2] \
+            or (batched and a.shape[0] != b.shape[0]):
+        raise ValueError(f"lowbit::{name}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+
+
+def _sum(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (int32) = the exact sums of ``mm(a, b)`` over the last dimension of ``a``,
+    piece by piece (module docstring)."""
+    k = a.shape[-1]
+    if k == 0 or out.numel() == 0:
+        return out.zero_()
+    # any int8 codes (|code| ≤ 128) sum exactly over SAFE_K terms: no read of their range
+    step = k if k <= SAFE_K else piece_length(a, b)
+    for s in range(0, k, step):
+        part = mm(a[..., s:s + step].float(), b[..., s:s + step, :].float())
+        if s == 0:
+            out.copy_(part)  # integers below 2²⁴: exact in float32 and in int32
+        else:
+            out.add_(part.to(torch.int32))
+    return out
+
+
+_LIB = torch.library.Library("lowbit", "FRAGMENT")
+_LIB.define("int8_mm_f32(Tensor a, Tensor b) -> Tensor")
+_LIB.define("int8_bmm_f32(Tensor a, Tensor b) -> Tensor")
+
+
+def _mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b, False, "int8_mm_f32")
+    return _sum(torch.mm, a, b, torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device))
+
+
+def _bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b, True, "int8_bmm_f32")
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
+    return _sum(torch.bmm, a, b, out)
+
+
+_LIB.impl("int8_mm_f32", _mm_cpu, "CPU")
+_LIB.impl("int8_bmm_f32", _bmm_cpu, "CPU")
+
+
+@torch.library.register_fake("lowbit::int8_mm_f32", lib=_LIB)
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b, False, "int8_mm_f32")
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+@torch.library.register_fake("lowbit::int8_bmm_f32", lib=_LIB)
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b, True, "int8_bmm_f32")
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``: (M, K) × (K, N) int8 CPU tensors, any strides and any ``K`` → a new
+    (M, N) int32 tensor of the exact sums (the op ``lowbit::int8_mm_f32``; module
+    docstring). ``TypeError`` for other dtypes, ``ValueError`` for shapes that do not
+    match."""
+    return torch.ops.lowbit.int8_mm_f32(a, b)
+
+
+def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[i] @ b[i]`` for each batch entry: (B, M, K) × (B, K, N) int8 CPU tensors → a new
+    (B, M, N) int32 tensor of the exact sums (the op ``lowbit::int8_bmm_f32``). Errors as
+    :func:`int_mm`."""
+    return torch.ops.lowbit.int8_bmm_f32(a, b)
+
+
+__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "cpu_lacks_int8_dot", "int_bmm", "int_mm", "piece_length", "runs"]

@@ -1,0 +1,138 @@
+"""lowbit.kernels.exact_f32: int8 GEMMs summed on float32 units are the exact int32 sums
+(compared with int64 products, so == holds or the route is wrong), whatever the piece
+length, layout or code range; which CPUs take the route; a converted model's step is
+bitwise the same on either engine, and coverage counts the route as int8 GEMMs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.coverage import coverage
+from lowbit.kernels import cbuild, exact_f32, int8
+
+
+def exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.long() @ b.long()).int()
+
+
+@pytest.mark.parametrize("k", [1, 1023, 1024, 1040, 1041, 2081, 2500])
+@pytest.mark.parametrize("low", [-127, -128])
+def test_sums_equal_int64_products_across_pieces(k: int, low: int) -> None:
+    # worst case for float32: every code at the grid's end, all products of one sign
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(low, 128, (9, k), dtype=torch.int8, generator=g)
+    b = torch.randint(low, 128, (k, 7), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = low, low  # |Σ| = k·low²: past 2²⁴ from k = 1041 (127) / 1025 (-128)
+    a[1], b[:, 1] = 127, low
+    want = exact(a, b)
+    assert torch.equal(exact_f32.int_mm(a, b), want)
+    assert torch.equal(exact_f32.int_mm(a.t().contiguous().t(), b.t().contiguous().t()), want)
+    batch = exact_f32.int_bmm(torch.stack([a, a.flip(0)]), torch.stack([b, b.flip(1)]))
+    assert torch.equal(batch, torch.stack([want, exact(a.flip(0), b.flip(1))]))
+
+
+def test_piece_length_follows_the_codes_range() -> None:
+    full = torch.full((2, 3), 127, dtype=torch.int8)
+    assert exact_f32.piece_length(full, full.t()) == 1040  # ⌊(2²⁴−1)/127²⌋
+    low = full.clone()
+    low[0, 0] = -128
+    assert exact_f32.piece_length(low, full.t()) == (2**24 - 1) // (128 * 127)
+    four = torch.full((2, 3), -8, dtype=torch.int8)
+    assert exact_f32.piece_length(four, four.t()) == (2**24 - 1) // 64
+    assert exact_f32.piece_length(torch.zeros(2, 3, dtype=torch.int8), full.t()) == 3
+    assert exact_f32.SAFE_K == 1023
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3), (3, 0, 4), (3, 4, 0)])
+def test_empty_products(shape: tuple[int, int, int]) -> None:
+    m, k, n = shape
+    a, b = torch.ones(m, k, dtype=torch.int8), torch.ones(k, n, dtype=torch.int8)
+    assert torch.equal(exact_f32.int_mm(a, b), torch.zeros(m, n, dtype=torch.int32))
+    assert torch.equal(exact_f32.int_bmm(a[None], b[None]), torch.zeros(1, m, n, dtype=torch.int32))
+
+
+def test_bad_operands_raise() -> None:
+    a = torch.ones(2, 3, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8 operands"):
+        exact_f32.int_mm(a.float(), a.t())
+    with pytest.raises(ValueError, match="do not match"):
+        exact_f32.int_mm(a, a)
+    with pytest.raises(ValueError, match="do not match"):
+        exact_f32.int_bmm(a[None].expand(2, 2, 3), a.t()[None])
+
+
+def test_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    assert exact_f32.runs("cpu") and int8.engine("cpu") == "float32"
+    assert not exact_f32.runs("meta")  # the CPU only
+    monkeypatch.setattr(exact_f32, "ENGINE", "int")
+    assert not exact_f32.runs("cpu") and int8.engine("cpu") != "float32"
+    monkeypatch.setattr(exact_f32, "ENGINE", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_INT8_ENGINE"):
+        exact_f32.runs("cpu")
+
+
+@pytest.mark.parametrize(("flags", "lacks"), [
+    ({"avx2", "fma"}, True),  # Zen 3, Haswell–Skylake client: no int8 dot product
+    ({"avx2", "avx512f", "avx512_vnni"}, False),
+    ({"avx2", "avx_vnni"}, False),
+    ({"avx512f", "amx_int8", "amx_tile"}, False),
+    (set(), False),  # flags unknown (not x86-64 Linux): torch._int_mm as before
+])
+def test_auto_takes_the_route_only_without_an_int8_dot_product(monkeypatch: pytest.MonkeyPatch,
+                                                               flags: set[str], lacks: bool) -> None:
+    monkeypatch.setattr(cbuild, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(exact_f32, "ENGINE", "auto")
+    exact_f32.cpu_lacks_int8_dot.cache_clear()
+    try:
+        assert exact_f32.cpu_lacks_int8_dot() is lacks
+        assert exact_f32.runs("cpu") is lacks
+    finally:
+        exact_f32.cpu_lacks_int8_dot.cache_clear()
+
+
+class Tiny(nn.Module):
+    """A Linear, attention with 4 heads of 32 features on 128 tokens (each head's GEMM
+    past ``attention.LOOP_MIN_MACS``: the heads run integer GEMMs), a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(12, 128)
+        self.attn = lowbit.ScaledDotProductAttention()
+        self.out = nn.Linear(128, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)  # (B, T, 128)
+        b, t, _ = h.shape
+        q = h.view(b, t, 4, 32).transpose(1, 2)
+        o = self.attn(q, q, q, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(b, t, 128))
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8"])
+def test_a_step_is_bitwise_the_same_on_either_engine(monkeypatch: pytest.MonkeyPatch, recipe: str) -> None:
+    x = torch.randn(2, 128, 12, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for engine in ("int", "float32"):
+        monkeypatch.setattr(exact_f32, "ENGINE", engine)
+        model = lowbit.convert(Tiny(), lowbit.FQTConfig.from_recipe(recipe, seed=0))
+        loss = model(x).square().mean()
+        loss.backward()
+        grads[engine] = (loss.detach(), [p.grad for p in model.parameters()])
+    (l0, g0), (l1, g1) = grads["int"], grads["float32"]
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+def test_coverage_counts_the_route_as_int8_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    model = lowbit.convert(Tiny(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    rep = coverage(model, torch.randn(2, 128, 12))
+    assert rep.real_share == 1.0 and {r.kind for r in rep.rows} == {"int8"}
+    ops = {(r.module, r.phase): r.op for r in rep.rows}
+    assert {op for (m, _), op in ops.items() if m != "attn"} == {"lowbit.int8_mm_f32"}
+    assert {op for (m, _), op in ops.items() if m == "attn"} == {"lowbit.int8_bmm_f32"}
