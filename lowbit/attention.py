@@ -26,7 +26,8 @@ dynamic: attention keeps no range history).
 Execution: each head's GEMM runs as an exact int32 product into one accumulator
 (:func:`lowbit.kernels.int8.int_mm_batched`: the whole batch in one call of the AMX
 kernel where the CPU has AMX, of the AVX-512 VNNI kernel where it has VNNI but no AMX,
-else ``torch._int_mm`` per head), with one batched epilogue
+exact float32 ``bmm`` calls of the codes where it has no int8 dot product
+(:mod:`lowbit.kernels.exact_f32`), else ``torch._int_mm`` per head), with one batched epilogue
 (:func:`batched_mm`), when both operands are int8 codes with
 their steps off the summed dimension, the backend is not ``reference``, and each head's
 GEMM is big enough to amortise one call per head
@@ -220,7 +221,8 @@ def batched_product(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype
     """``a @ b`` per batch entry ((B, M, K) × (B, K, N)) before its epilogue: ``(acc,
     a_step, b_step, kernels)`` with the exact int32 (B, M, N) accumulator of the heads'
     integer GEMMs (:func:`lowbit.kernels.int8.int_mm_batched`: one AMX or VNNI call for the
-    batch, else ``torch._int_mm`` per head), whose value is ``(acc·a_step)·b_step`` (steps per row
+    batch, exact float32 ``bmm`` calls on a CPU without an int8 dot product, else
+    ``torch._int_mm`` per head), whose value is ``(acc·a_step)·b_step`` (steps per row
     of ``a``, per column of ``b``), or ``(product in dtype, None, None, kernels)`` where
     the GEMM runs simulated (module docstring); ``kernels``: the call's kernels."""
     n_batch, m, k = (a.codes if a.codes is not None else a.values).shape

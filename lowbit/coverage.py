@@ -34,6 +34,8 @@ from .kernels import compiled
 from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges, uncounted_ranges
 
 _UNSET = object()
+# the ops of lowbit.kernels.exact_f32 (int8 GEMMs on float32 units), as a row names them
+FLOAT32_ROUTE_OPS = ("lowbit.int8_mm_f32", "lowbit.int8_bmm_f32")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ def _render(rep: CoverageReport, by: str) -> str:
                      f"shares): {_si(rep.quantizer_flops)} FLOPs in {rep.quantizer_calls} calls")
     for op, module, n in rep.unaccounted:
         lines.append(f"not counted (no FLOP formula): {op} in {module or '(root)'}, {n} calls")
+    if any(r.op in FLOAT32_ROUTE_OPS for r in rep.rows):
+        lines.append("lowbit.int8_mm_f32 / lowbit.int8_bmm_f32 = int8 codes summed exactly on float32 "
+                     "units: this CPU has no int8 dot product (lowbit.kernels.exact_f32)")
     if any(SIMULATED in r.formats for r in rep.rows):
         lines.append("sim = float operand holding dequantized low-bit codes (lowbit's reference "
                      "kernels: simulated low-bit)")

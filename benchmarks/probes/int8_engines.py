@@ -30,9 +30,9 @@ def main() -> None:
         af, bf = a.float(), b.float()
         assert torch.equal(exact_f32.int_mm(a, b), torch._int_mm(a, b))  # the same exact sums
         ops = 2 * m * k * n
-        times = {"torch._int_mm": median_ms(lambda: torch._int_mm(a, b), 3),
-                 "exact_f32.int_mm": median_ms(lambda: exact_f32.int_mm(a, b), 7),
-                 "float32 mm": median_ms(lambda: af @ bf, 7)}
+        times = {"torch._int_mm": median_ms(lambda a=a, b=b: torch._int_mm(a, b), 3),
+                 "exact_f32.int_mm": median_ms(lambda a=a, b=b: exact_f32.int_mm(a, b), 7),
+                 "float32 mm": median_ms(lambda af=af, bf=bf: af @ bf, 7)}
         print(f"{m}×{k}×{n}: " + " | ".join(f"{name} {ops / t / 1e6:.1f} ({t:.1f})" for name, t in times.items()))
 
 

@@ -13,7 +13,8 @@ with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementa
   rounding (its ``exp`` and summation order are its own);
 * ``compiled`` (cpu, cuda): the same function fused by ``torch.compile``
   (:mod:`.compiled`), for tensors large enough to pay for a compiled call;
-* ``int8`` (``torch._int_mm``, or lowbit's AMX kernel :mod:`.amx` on CPUs with AMX;
+* ``int8`` (``torch._int_mm``, or lowbit's AMX kernel :mod:`.amx` on CPUs with AMX, or
+  exact float32 GEMMs of the codes on CPUs without an int8 dot product, :mod:`.exact_f32`;
   :mod:`.int8`) and ``fp8`` (``torch._scaled_mm``, :mod:`.fp8`):
   real low-bit GEMMs, exact where the scales sit on non-summed dimensions.
 

@@ -3,7 +3,7 @@ dot-product instruction.
 
 On an x86 CPU with neither AVX-512 VNNI, AVX-VNNI nor AMX, PyTorch 2.13's
 ``torch._int_mm`` runs no vectorised kernel: 2.0 GOP/s at 1024³ on 2 threads of an AMD
-EPYC (Zen 3, AVX2) where a float32 ``torch.mm`` reaches 139 GFLOP/s (docs/benchmarks.md,
+EPYC (Zen 3, AVX2) where a float32 ``torch.mm`` reaches 165 GFLOP/s (docs/benchmarks.md,
 "int8 GEMMs on a CPU without VNNI"). There, lowbit's integer GEMMs take this route: the
 codes are cast to float32 and multiplied by ``torch.mm`` / ``torch.bmm`` in pieces of the
 summed dimension short enough that every partial sum is an integer below 2²⁴ in
@@ -15,10 +15,16 @@ after it gives the same bits as on the integer kernels.
 The piece length is ``⌊(2²⁴ − 1) / (a_max·b_max)⌋`` terms, with ``a_max``/``b_max`` the
 largest code magnitude of each operand (read once per call where ``K`` passes
 :data:`SAFE_K` = 1,023, the length exact for any int8 codes): 1,040 for int8 codes in
-[−127, 127], 1,023 where a code is −128, the whole sum for 4-bit codes. It runs as the
+[−127, 127], 1,032 where one operand holds −128 and 1,023 where both do, the whole sum
+for 4-bit codes. Sums of more than :data:`MAX_K` terms are refused, as by every int8
+GEMM of lowbit (their int32 result could wrap). It runs as the
 ops ``lowbit::int8_mm_f32`` and ``lowbit::int8_bmm_f32``, which ``lowbit.coverage``
 counts as int8 GEMMs (their operands are int8 codes and their results the int8 GEMM's
 exact sums; :func:`runs` and ``lowbit.kernels.int8.engine()`` say which engine ran).
+
+The float32 GEMMs must run in IEEE float32 (:func:`float32_gemms_exact`: oneDNN may round
+them to bf16 under ``torch.set_float32_matmul_precision("medium")`` on a CPU with bf16
+units — every such CPU has VNNI, so ``auto`` never picks this route there).
 
 Which engine runs (:data:`ENGINE`): ``"auto"`` — this one on the CPU where
 :func:`cpu_lacks_int8_dot` (an x86-64 CPU reporting none of ``avx512_vnni``,
@@ -40,8 +46,10 @@ ENGINES = ("auto", "float32", "int")
 # Which engine runs an int8 GEMM on the CPU (module docstring); read at each call.
 ENGINE = os.environ.get("LOWBIT_INT8_ENGINE", "auto")
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+REDUCED_FLOAT_FLAGS = frozenset({"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
 _EXACT = 2**24 - 1  # float32 holds every integer of at most this magnitude
 SAFE_K = _EXACT // (128 * 128)  # 1023: terms of any int8 codes summed exactly in float32
+MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes (= int8.MAX_K)
 
 
 @functools.cache
@@ -53,15 +61,41 @@ def cpu_lacks_int8_dot() -> bool:
     return bool(flags) and not flags & INT8_DOT_FLAGS
 
 
+@functools.cache
+def _reduced_float_units() -> bool:
+    """Whether this CPU reports a unit oneDNN may run float32 GEMMs on in bf16 or fp16
+    (:data:`REDUCED_FLOAT_FLAGS`)."""
+    return bool(cbuild.cpu_flags() & REDUCED_FLOAT_FLAGS)
+
+
+def float32_gemms_exact() -> bool:
+    """Whether a float32 ``torch.mm`` on the CPU multiplies and adds in IEEE float32 here:
+    ``torch.backends.mkldnn.matmul.fp32_precision`` is ``"none"``/``"ieee"`` (the
+    default; ``torch.set_float32_matmul_precision("high"/"medium")`` changes it), or the
+    CPU has no bf16/fp16 unit for oneDNN to round on."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee") or not _reduced_float_units()
+
+
 def runs(device: torch.device | str = "cpu") -> bool:
     """Whether an int8 GEMM on ``device`` takes this module's route under :data:`ENGINE`
-    (module docstring). ``ValueError`` for an :data:`ENGINE` outside :data:`ENGINES`."""
+    (module docstring): on the CPU only, and only where :func:`float32_gemms_exact`.
+    ``ValueError`` for an :data:`ENGINE` outside :data:`ENGINES`, or ``"float32"`` where
+    float32 GEMMs may round to bf16 or fp16 (the sums would not be exact)."""
     if ENGINE not in ENGINES:
         raise ValueError(f"lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) must be one of "
                          f"{', '.join(map(repr, ENGINES))}, got {ENGINE!r}")
     if torch.device(device).type != "cpu" or ENGINE == "int":
         return False
-    return ENGINE == "float32" or cpu_lacks_int8_dot()
+    if ENGINE == "auto":
+        return cpu_lacks_int8_dot() and float32_gemms_exact()
+    if not float32_gemms_exact():
+        raise ValueError("lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) is 'float32', but "
+                         "torch.backends.mkldnn.matmul.fp32_precision = "
+                         f"{torch.backends.mkldnn.matmul.fp32_precision!r} lets this CPU round float32 GEMMs "
+                         "to bf16/fp16, so their integer sums would not be exact: use "
+                         "torch.set_float32_matmul_precision('highest') or the 'auto' engine")
+    return True
 
 
 def piece_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -85,6 +119,9 @@ def _check(a: torch.Tensor, b: torch.Tensor, batched: bool, name: str) -> None:
     if a.dim() != dims or b.dim() != dims or a.shape[-1] != b.shape[-2] \
             or (batched and a.shape[0] != b.shape[0]):
         raise ValueError(f"lowbit::{name}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    if a.shape[-1] > MAX_K:
+        raise ValueError(f"lowbit::{name}: K = {a.shape[-1]} > MAX_K = {MAX_K}, past which an int32 "
+                         "sum of int8 codes can wrap (split the sum)")
 
 
 def _sum(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -137,10 +174,10 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``: (M, K) × (K, N) int8 CPU tensors, any strides and any ``K`` → a new
-    (M, N) int32 tensor of the exact sums (the op ``lowbit::int8_mm_f32``; module
+    """``a @ b``: (M, K) × (K, N) int8 CPU tensors, any strides, ``K ≤`` :data:`MAX_K` →
+    a new (M, N) int32 tensor of the exact sums (the op ``lowbit::int8_mm_f32``; module
     docstring). ``TypeError`` for other dtypes, ``ValueError`` for shapes that do not
-    match."""
+    match or a longer ``K``."""
     return torch.ops.lowbit.int8_mm_f32(a, b)
 
 
@@ -151,4 +188,5 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm_f32(a, b)
 
 
-__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "cpu_lacks_int8_dot", "int_bmm", "int_mm", "piece_length", "runs"]
+__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "MAX_K", "REDUCED_FLOAT_FLAGS", "SAFE_K", "cpu_lacks_int8_dot",
+           "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "runs"]

@@ -1,4 +1,6 @@
-"""Integer GEMM: int8 × int8 → int32 with ``torch._int_mm``, scales applied after.
+"""Integer GEMM: int8 × int8 → int32 with ``torch._int_mm`` (lowbit's AMX/VNNI kernels,
+or exact float32 GEMMs on a CPU without an int8 dot product: :func:`engine`), scales
+applied after.
 
 Exact for codes of ≤ 8 bits as long as the int32 accumulator cannot overflow:
 ``K · 128² < 2³¹`` ⇔ ``K ≤ MAX_K`` (8-bit asymmetric codes reach −128). Scales and
@@ -109,6 +111,18 @@ def _check_k(k: int, what: str) -> None:
                          f"MAX_K = {MAX_K}")
 
 
+def _into(out: torch.Tensor | None, acc: torch.Tensor) -> torch.Tensor:
+    """``acc`` (int32), or copied into ``out``, which must be an int32 tensor of its shape
+    (``ValueError`` otherwise, as ``torch._int_mm`` refuses: a copy would cast or
+    broadcast in silence)."""
+    if out is None:
+        return acc
+    if out.dtype != torch.int32 or out.shape != acc.shape:
+        raise ValueError(f"lowbit.kernels.int8: out must be an int32 tensor of shape {tuple(acc.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(acc)
+
+
 def runs_amx(a_codes: torch.Tensor, n: int) -> bool:
     """Whether :func:`int_mm` (without ``out``) runs :mod:`.amx`'s kernel for ``a_codes``
     (M, K) times a (K, N = ``n``) operand: on a CPU with AMX, for the products
@@ -119,21 +133,20 @@ def runs_amx(a_codes: torch.Tensor, n: int) -> bool:
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None,
            packed_b: torch.Tensor | None = None) -> torch.Tensor:
     """``a_codes @ b_codes`` ((M, K) × (K, N) int8, any strides) with an exact int32 sum,
-    into ``out`` ((M, N) int32, contiguous) if given. On a CPU with AMX, the products
+    into ``out`` ((M, N) int32, contiguous) if given. Where :func:`exact_f32.runs` (a CPU
+    without an int8 dot product, or ``exact_f32.ENGINE = "float32"``), as float32 GEMMs of
+    pieces short enough to be exact (:mod:`.exact_f32`). Else on a CPU with AMX, the products
     :func:`amx.worth_it` picks (and no ``out``) run on :mod:`.amx`'s kernel (it reads
     any strides; ``packed_b``: :func:`amx.pack_right` of ``b_codes``, made once for
-    several such products, else ignored); on a CPU without an int8 dot product
-    (:func:`exact_f32.runs`) as float32 GEMMs of pieces short enough to be exact
-    (:mod:`.exact_f32`); elsewhere on ``torch._int_mm``, operands whose
+    several such products, else ignored); elsewhere on ``torch._int_mm``, operands whose
     strides it would misread copied first (:func:`dense`). All give the same int32
     sums. ``ValueError`` for ``K >`` :data:`MAX_K` (an int32 sum of that length could
     wrap: split it, as :func:`gemm` does)."""
     _check_k(a_codes.shape[-1], "int_mm")
+    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product (or asked for)
+        return _into(out, exact_f32.int_mm(a_codes, b_codes))
     if out is None and runs_amx(a_codes, b_codes.shape[1]):
         return amx.int_mm(a_codes, b_codes, packed_b)
-    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product
-        acc = exact_f32.int_mm(a_codes, b_codes)
-        return acc if out is None else out.copy_(acc)
     if out is None:
         return torch._int_mm(dense(a_codes), dense(b_codes))  # (M, N) int32
     return torch._int_mm(dense(a_codes), dense(b_codes), out=out)
@@ -144,7 +157,8 @@ def engine(device: torch.device | str = "cpu") -> str:
     GEMMs, :mod:`.exact_f32`: a CPU without an int8 dot product, or
     ``exact_f32.ENGINE = "float32"``), ``"amx"`` (lowbit's AMX kernel for the products
     :func:`amx.worth_it` picks, ``torch._int_mm`` for the others) or
-    ``"torch._int_mm"``. The sums are the same exact int32 values on each."""
+    ``"torch._int_mm"``. The sums are the same exact int32 values on each. ``ValueError``
+    for an ``exact_f32.ENGINE`` (``LOWBIT_INT8_ENGINE``) outside ``exact_f32.ENGINES``."""
     if exact_f32.runs(device):
         return "float32"
     return "amx" if torch.device(device).type == "cpu" and amx.available() else "torch._int_mm"
@@ -168,20 +182,19 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     whole batch is one call of :mod:`.amx`'s batched kernel (``lowbit::int8_bmm``: the
     entries spread over the threads; 1.1–5× the loop at attention's head shapes,
     docs/benchmarks.md), on one with AVX-512 VNNI but no AMX one call of :mod:`.vnni`'s
-    (the same op; :func:`batched_kernel`); on a CPU without either nor any int8 dot
-    product, one exact float32 ``torch.bmm`` per piece of ``K`` (:mod:`.exact_f32`).
+    (the same op; :func:`batched_kernel`); before either, where :func:`exact_f32.runs`,
+    one exact float32 ``torch.bmm`` per piece of ``K`` (:mod:`.exact_f32`).
     Otherwise one ``torch._int_mm`` per entry: every entry has the
     same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
     whether the operand is first copied whole (row-major entries) — the per-entry stride
     checks and selects of :func:`int_mm` in a loop cost about as much as the products at
     attention's head sizes. ``ValueError`` for ``K >`` :data:`MAX_K`, as :func:`int_mm`."""
     _check_k(a_codes.shape[-1], "int_mm_batched")
+    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product (or asked for)
+        return _into(out, exact_f32.int_bmm(a_codes, b_codes))
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
             and batched_kernel(a_codes.shape[2]):
         return amx.int_bmm(a_codes, b_codes)
-    if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product
-        acc = exact_f32.int_bmm(a_codes, b_codes)
-        return acc if out is None else out.copy_(acc)
     if out is None and a_codes.device.type == "cpu":  # large results reuse a buffer
         out = workspace.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), torch.int32)
     elif out is None:

@@ -136,3 +136,70 @@ def test_coverage_counts_the_route_as_int8_gemms(monkeypatch: pytest.MonkeyPatch
     ops = {(r.module, r.phase): r.op for r in rep.rows}
     assert {op for (m, _), op in ops.items() if m != "attn"} == {"lowbit.int8_mm_f32"}
     assert {op for (m, _), op in ops.items() if m == "attn"} == {"lowbit.int8_bmm_f32"}
+
+
+def test_sums_past_max_k_are_refused() -> None:
+    a = torch.ones(1, exact_f32.MAX_K + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="MAX_K"):
+        exact_f32.int_mm(a, a.t())
+    with pytest.raises(ValueError, match="MAX_K"):
+        exact_f32.int_bmm(a[None], a.t()[None])
+
+
+def test_out_must_be_int32_of_the_result_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    a, b = torch.ones(5, 4, dtype=torch.int8), torch.ones(4, 6, dtype=torch.int8)
+    out = torch.empty(5, 6, dtype=torch.int32)
+    assert int8.int_mm(a, b, out=out) is out and bool((out == 4).all())
+    for bad in (torch.empty(5, 6), torch.empty(3, 5, 6, dtype=torch.int32)):  # a cast, a broadcast
+        with pytest.raises(ValueError, match="out must be an int32 tensor of shape"):
+            int8.int_mm(a, b, out=bad)
+    with pytest.raises(ValueError, match="out must be an int32 tensor of shape"):
+        int8.int_mm_batched(a[None], b[None], out=torch.empty(1, 5, 6, dtype=torch.int64))
+
+
+def test_forced_float32_engine_runs_before_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ENGINE = "float32"`` means every CPU int8 GEMM, the AMX/VNNI ones included, and
+    ``int8.engine()`` says so."""
+    from lowbit.kernels import amx
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the AMX/VNNI kernel ran")
+
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    monkeypatch.setattr(amx, "available", lambda: True)
+    monkeypatch.setattr(amx, "worth_it", lambda *args: True)
+    monkeypatch.setattr(amx, "int_mm", refuse)
+    monkeypatch.setattr(amx, "int_bmm", refuse)
+    a, b = torch.ones(64, 32, dtype=torch.int8), torch.ones(32, 48, dtype=torch.int8)
+    assert int8.engine("cpu") == "float32"
+    assert bool((int8.int_mm(a, b) == 32).all()) and bool((int8.int_mm_batched(a[None], b[None]) == 32).all())
+
+
+def test_float32_engine_refused_where_float32_gemms_may_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``set_float32_matmul_precision("medium")`` oneDNN may run float32 GEMMs in bf16
+    on a CPU with bf16 units: forcing the route raises, ``auto`` keeps ``torch._int_mm``."""
+    monkeypatch.setattr(exact_f32, "_reduced_float_units", lambda: True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not exact_f32.float32_gemms_exact()
+        monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+        with pytest.raises(ValueError, match="would not be exact"):
+            exact_f32.runs("cpu")
+        monkeypatch.setattr(exact_f32, "ENGINE", "auto")
+        monkeypatch.setattr(exact_f32, "cpu_lacks_int8_dot", lambda: True)
+        assert not exact_f32.runs("cpu")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert exact_f32.float32_gemms_exact()
+
+
+def test_coverage_text_explains_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    model = lowbit.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                           lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    text = str(coverage(model, torch.randn(5, 8)))
+    assert "int8 codes summed exactly on float32 units" in text
+    monkeypatch.setattr(exact_f32, "ENGINE", "int")
+    assert "float32 units" not in str(coverage(model, torch.randn(5, 8)))
