@@ -228,7 +228,7 @@ def _render(rep: CoverageReport, by: str) -> str:
         lines.append(f"not counted (no FLOP formula): {op} in {module or '(root)'}, {n} calls")
     if any(r.op in FLOAT32_ROUTE_OPS for r in rep.rows):
         lines.append("lowbit.int8_mm_f32 / lowbit.int8_bmm_f32 = int8 codes summed exactly on float32 "
-                     "units: this CPU has no int8 dot product (lowbit.kernels.exact_f32)")
+                     "units: no int8 dot product on this CPU, or LOWBIT_INT8_ENGINE=float32 (lowbit.kernels.exact_f32)")
     if any(SIMULATED in r.formats for r in rep.rows):
         lines.append("sim = float operand holding dequantized low-bit codes (lowbit's reference "
                      "kernels: simulated low-bit)")

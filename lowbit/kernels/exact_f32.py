@@ -23,11 +23,11 @@ counts as int8 GEMMs (their operands are int8 codes and their results the int8 G
 exact sums; :func:`runs` and ``lowbit.kernels.int8.engine()`` say which engine ran).
 
 The float32 GEMMs must run in IEEE float32 (:func:`float32_gemms_exact`: oneDNN may round
-them to bf16 under ``torch.set_float32_matmul_precision("medium")`` on a CPU with bf16
+them to bf16 or tf32 under ``torch.set_float32_matmul_precision("medium"/"high")`` on a CPU with such
 units — every such CPU has VNNI, so ``auto`` never picks this route there).
 
 Which engine runs (:data:`ENGINE`): ``"auto"`` — this one on the CPU where
-:func:`cpu_lacks_int8_dot` (an x86-64 CPU reporting none of ``avx512_vnni``,
+:data:`LACKS_INT8_DOT` (an x86-64 CPU reporting none of ``avx512_vnni``,
 ``avx_vnni``, ``amx_int8``), ``torch._int_mm`` elsewhere; ``"float32"`` — this one on
 every CPU (tests, benchmarks); ``"int"`` — never. The environment variable
 ``LOWBIT_INT8_ENGINE`` sets the default.
@@ -35,7 +35,6 @@ every CPU (tests, benchmarks); ``"int"`` — never. The environment variable
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -52,48 +51,53 @@ SAFE_K = _EXACT // (128 * 128)  # 1023: terms of any int8 codes summed exactly i
 MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes (= int8.MAX_K)
 
 
-@functools.cache
-def cpu_lacks_int8_dot() -> bool:
-    """Whether this is an x86-64 CPU (Linux ``/proc/cpuinfo``) reporting none of
-    :data:`INT8_DOT_FLAGS`: one where ``torch._int_mm`` has no fast kernel. ``False``
-    where the flags cannot be read (other architectures, other systems)."""
-    flags = cbuild.cpu_flags()
+def cpu_lacks_int8_dot(flags: frozenset[str] | None = None) -> bool:
+    """Whether this is an x86-64 CPU (Linux ``/proc/cpuinfo``; or one reporting ``flags``)
+    with none of :data:`INT8_DOT_FLAGS`: one where ``torch._int_mm`` has no fast kernel.
+    ``False`` where the flags cannot be read (other architectures, other systems). Read
+    once, at import, into :data:`LACKS_INT8_DOT`."""
+    flags = cbuild.cpu_flags() if flags is None else flags
     return bool(flags) and not flags & INT8_DOT_FLAGS
 
 
-@functools.cache
-def _reduced_float_units() -> bool:
-    """Whether this CPU reports a unit oneDNN may run float32 GEMMs on in bf16 or fp16
-    (:data:`REDUCED_FLOAT_FLAGS`)."""
-    return bool(cbuild.cpu_flags() & REDUCED_FLOAT_FLAGS)
+# this CPU's answers, read once here: a call traced by torch.compile reads no file
+LACKS_INT8_DOT = cpu_lacks_int8_dot()
+# a unit oneDNN may run float32 GEMMs on in bf16, fp16 or tf32-like precision
+REDUCED_FLOAT_UNITS = bool(cbuild.cpu_flags() & REDUCED_FLOAT_FLAGS)
 
 
 def float32_gemms_exact() -> bool:
     """Whether a float32 ``torch.mm`` on the CPU multiplies and adds in IEEE float32 here:
-    ``torch.backends.mkldnn.matmul.fp32_precision`` is ``"none"``/``"ieee"`` (the
-    default; ``torch.set_float32_matmul_precision("high"/"medium")`` changes it), or the
-    CPU has no bf16/fp16 unit for oneDNN to round on."""
+    the CPU has no reduced-precision float unit (:data:`REDUCED_FLOAT_UNITS`), or oneDNN
+    is told IEEE float32 — ``torch.backends.mkldnn.matmul.fp32_precision`` ``"ieee"``
+    (``"none"``/``"default"``: not overridden; ``torch.set_float32_matmul_precision("high")``
+    makes it ``"tf32"``, ``"medium"`` ``"bf16"``); on a torch without that setting,
+    ``torch.get_float32_matmul_precision() == "highest"``."""
+    if not REDUCED_FLOAT_UNITS:
+        return True
     matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee") or not _reduced_float_units()
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.get_float32_matmul_precision() == "highest"
+    return precision in ("none", "ieee", "default")
 
 
 def runs(device: torch.device | str = "cpu") -> bool:
     """Whether an int8 GEMM on ``device`` takes this module's route under :data:`ENGINE`
     (module docstring): on the CPU only, and only where :func:`float32_gemms_exact`.
     ``ValueError`` for an :data:`ENGINE` outside :data:`ENGINES`, or ``"float32"`` where
-    float32 GEMMs may round to bf16 or fp16 (the sums would not be exact)."""
+    float32 GEMMs may round to bf16, fp16 or tf32 (the sums would not be exact)."""
     if ENGINE not in ENGINES:
         raise ValueError(f"lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) must be one of "
                          f"{', '.join(map(repr, ENGINES))}, got {ENGINE!r}")
     if torch.device(device).type != "cpu" or ENGINE == "int":
         return False
     if ENGINE == "auto":
-        return cpu_lacks_int8_dot() and float32_gemms_exact()
+        return LACKS_INT8_DOT and float32_gemms_exact()
     if not float32_gemms_exact():
-        raise ValueError("lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) is 'float32', but "
-                         "torch.backends.mkldnn.matmul.fp32_precision = "
-                         f"{torch.backends.mkldnn.matmul.fp32_precision!r} lets this CPU round float32 GEMMs "
-                         "to bf16/fp16, so their integer sums would not be exact: use "
+        raise ValueError("lowbit.kernels.exact_f32.ENGINE (or LOWBIT_INT8_ENGINE) is 'float32', but the "
+                         f"float32 matmul precision ({torch.get_float32_matmul_precision()!r}) lets this CPU "
+                         "round float32 GEMMs to bf16/fp16/tf32, so their integer sums would not be exact: use "
                          "torch.set_float32_matmul_precision('highest') or the 'auto' engine")
     return True
 
@@ -188,5 +192,6 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm_f32(a, b)
 
 
-__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "MAX_K", "REDUCED_FLOAT_FLAGS", "SAFE_K", "cpu_lacks_int8_dot",
+__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
+           "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
            "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "runs"]

@@ -111,23 +111,21 @@ def _check_k(k: int, what: str) -> None:
                          f"MAX_K = {MAX_K}")
 
 
-def _into(out: torch.Tensor | None, acc: torch.Tensor) -> torch.Tensor:
-    """``acc`` (int32), or copied into ``out``, which must be an int32 tensor of its shape
-    (``ValueError`` otherwise, as ``torch._int_mm`` refuses: a copy would cast or
-    broadcast in silence)."""
-    if out is None:
-        return acc
-    if out.dtype != torch.int32 or out.shape != acc.shape:
-        raise ValueError(f"lowbit.kernels.int8: out must be an int32 tensor of shape {tuple(acc.shape)}, "
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """``out``, where given, must be an int32 tensor of the result's ``shape``
+    (``ValueError`` otherwise, on every engine: a copy would cast or broadcast in silence,
+    a loop over a shorter batch would leave entries unwritten)."""
+    if out is not None and (out.dtype != torch.int32 or tuple(out.shape) != shape):
+        raise ValueError(f"lowbit.kernels.int8: out must be an int32 tensor of shape {shape}, "
                          f"got {out.dtype} {tuple(out.shape)}")
-    return out.copy_(acc)
 
 
 def runs_amx(a_codes: torch.Tensor, n: int) -> bool:
     """Whether :func:`int_mm` (without ``out``) runs :mod:`.amx`'s kernel for ``a_codes``
     (M, K) times a (K, N = ``n``) operand: on a CPU with AMX, for the products
     :func:`amx.worth_it` picks."""
-    return a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, n) and amx.available()
+    return a_codes.device.type == "cpu" and amx.worth_it(*a_codes.shape, n) and not exact_f32.runs("cpu") \
+        and amx.available()
 
 
 def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | None = None,
@@ -141,10 +139,13 @@ def int_mm(a_codes: torch.Tensor, b_codes: torch.Tensor, out: torch.Tensor | Non
     several such products, else ignored); elsewhere on ``torch._int_mm``, operands whose
     strides it would misread copied first (:func:`dense`). All give the same int32
     sums. ``ValueError`` for ``K >`` :data:`MAX_K` (an int32 sum of that length could
-    wrap: split it, as :func:`gemm` does)."""
+    wrap: split it, as :func:`gemm` does) and for an ``out`` that is not int32 of the
+    result's shape."""
     _check_k(a_codes.shape[-1], "int_mm")
+    _check_out(out, (a_codes.shape[0], b_codes.shape[1]))
     if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product (or asked for)
-        return _into(out, exact_f32.int_mm(a_codes, b_codes))
+        acc = exact_f32.int_mm(a_codes, b_codes)
+        return acc if out is None else out.copy_(acc)
     if out is None and runs_amx(a_codes, b_codes.shape[1]):
         return amx.int_mm(a_codes, b_codes, packed_b)
     if out is None:
@@ -158,7 +159,8 @@ def engine(device: torch.device | str = "cpu") -> str:
     ``exact_f32.ENGINE = "float32"``), ``"amx"`` (lowbit's AMX kernel for the products
     :func:`amx.worth_it` picks, ``torch._int_mm`` for the others) or
     ``"torch._int_mm"``. The sums are the same exact int32 values on each. ``ValueError``
-    for an ``exact_f32.ENGINE`` (``LOWBIT_INT8_ENGINE``) outside ``exact_f32.ENGINES``."""
+    for an ``exact_f32.ENGINE`` (``LOWBIT_INT8_ENGINE``) outside ``exact_f32.ENGINES``, or
+    ``"float32"`` where float32 GEMMs may round (:func:`exact_f32.runs`)."""
     if exact_f32.runs(device):
         return "float32"
     return "amx" if torch.device(device).type == "cpu" and amx.available() else "torch._int_mm"
@@ -188,10 +190,13 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
     same strides, so one :func:`reads_as_meant` check (of entry 0) decides for all
     whether the operand is first copied whole (row-major entries) — the per-entry stride
     checks and selects of :func:`int_mm` in a loop cost about as much as the products at
-    attention's head sizes. ``ValueError`` for ``K >`` :data:`MAX_K`, as :func:`int_mm`."""
+    attention's head sizes. ``ValueError`` for ``K >`` :data:`MAX_K` or a wrong ``out``, as
+    :func:`int_mm`."""
     _check_k(a_codes.shape[-1], "int_mm_batched")
+    _check_out(out, (a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]))
     if exact_f32.runs(a_codes.device):  # a CPU without an int8 dot product (or asked for)
-        return _into(out, exact_f32.int_bmm(a_codes, b_codes))
+        acc = exact_f32.int_bmm(a_codes, b_codes)
+        return acc if out is None else out.copy_(acc)
     if out is None and a_codes.device.type == "cpu" and a_codes.shape[0] > 0 \
             and batched_kernel(a_codes.shape[2]):
         return amx.int_bmm(a_codes, b_codes)

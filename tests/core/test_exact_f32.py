@@ -11,7 +11,7 @@ from torch import nn
 
 import lowbit
 from lowbit.coverage import coverage
-from lowbit.kernels import cbuild, exact_f32, int8
+from lowbit.kernels import Encoded, exact_f32, int8, kernels_for
 
 
 def exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,14 +84,20 @@ def test_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_auto_takes_the_route_only_without_an_int8_dot_product(monkeypatch: pytest.MonkeyPatch,
                                                                flags: set[str], lacks: bool) -> None:
-    monkeypatch.setattr(cbuild, "cpu_flags", lambda: frozenset(flags))
+    assert exact_f32.LACKS_INT8_DOT is exact_f32.cpu_lacks_int8_dot()  # this CPU's answer, read at import
+    assert exact_f32.cpu_lacks_int8_dot(frozenset(flags)) is lacks
+    monkeypatch.setattr(exact_f32, "LACKS_INT8_DOT", lacks)
     monkeypatch.setattr(exact_f32, "ENGINE", "auto")
-    exact_f32.cpu_lacks_int8_dot.cache_clear()
-    try:
-        assert exact_f32.cpu_lacks_int8_dot() is lacks
-        assert exact_f32.runs("cpu") is lacks
-    finally:
-        exact_f32.cpu_lacks_int8_dot.cache_clear()
+    assert exact_f32.runs("cpu") is lacks
+
+
+def test_routing_traces_under_torch_compile() -> None:
+    """The engine's choice reads no file when a compiled graph traces it (the CPU's flags
+    are read at import: a first read under ``fullgraph=True`` failed, Dynamo cannot trace
+    ``open``)."""
+    a, b = torch.ones(20, 12, dtype=torch.int8), torch.ones(12, 8, dtype=torch.int8)
+    fn = torch.compile(lambda x, y: int8.int_mm(x, y) + 1, fullgraph=True, backend="eager")
+    assert bool((fn(a, b) == 13).all())
 
 
 class Tiny(nn.Module):
@@ -146,16 +152,20 @@ def test_sums_past_max_k_are_refused() -> None:
         exact_f32.int_bmm(a[None], a.t()[None])
 
 
-def test_out_must_be_int32_of_the_result_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+@pytest.mark.parametrize("engine", ["float32", "int"])
+def test_out_must_be_int32_of_the_result_shape(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    """On every engine: a cast, a broadcast or a shorter batch is refused, not written."""
+    monkeypatch.setattr(exact_f32, "ENGINE", engine)
     a, b = torch.ones(5, 4, dtype=torch.int8), torch.ones(4, 6, dtype=torch.int8)
     out = torch.empty(5, 6, dtype=torch.int32)
     assert int8.int_mm(a, b, out=out) is out and bool((out == 4).all())
     for bad in (torch.empty(5, 6), torch.empty(3, 5, 6, dtype=torch.int32)):  # a cast, a broadcast
         with pytest.raises(ValueError, match="out must be an int32 tensor of shape"):
             int8.int_mm(a, b, out=bad)
-    with pytest.raises(ValueError, match="out must be an int32 tensor of shape"):
-        int8.int_mm_batched(a[None], b[None], out=torch.empty(1, 5, 6, dtype=torch.int64))
+    a2, b2 = torch.stack([a, a]), torch.stack([b, b])
+    for bad in (torch.empty(2, 5, 6, dtype=torch.int64), torch.zeros(1, 5, 6, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="out must be an int32 tensor of shape"):
+            int8.int_mm_batched(a2, b2, out=bad)
 
 
 def test_forced_float32_engine_runs_before_amx(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,28 +181,36 @@ def test_forced_float32_engine_runs_before_amx(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(amx, "worth_it", lambda *args: True)
     monkeypatch.setattr(amx, "int_mm", refuse)
     monkeypatch.setattr(amx, "int_bmm", refuse)
+    monkeypatch.setattr(amx, "pack_right", refuse)
     a, b = torch.ones(64, 32, dtype=torch.int8), torch.ones(32, 48, dtype=torch.int8)
-    assert int8.engine("cpu") == "float32"
+    assert int8.engine("cpu") == "float32" and not int8.runs_amx(a, 48)
     assert bool((int8.int_mm(a, b) == 32).all()) and bool((int8.int_mm_batched(a[None], b[None]) == 32).all())
+    monkeypatch.setattr(int8, "panel_size", lambda: 48 * 16)  # a bf16 output by panels: no AMX packing
+    out = int8.gemm(kernels_for("auto", "cpu"), Encoded(a, torch.ones(64, 1)), Encoded(b, torch.ones(1, 48)),
+                    None, torch.bfloat16)
+    assert bool((out == 32).all())
 
 
 def test_float32_engine_refused_where_float32_gemms_may_round(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under ``set_float32_matmul_precision("medium")`` oneDNN may run float32 GEMMs in bf16
-    on a CPU with bf16 units: forcing the route raises, ``auto`` keeps ``torch._int_mm``."""
-    monkeypatch.setattr(exact_f32, "_reduced_float_units", lambda: True)
+    """Under ``set_float32_matmul_precision("medium"/"high")`` oneDNN may run float32 GEMMs
+    in bf16/tf32 on a CPU with such units: forcing the route raises, ``auto`` keeps
+    ``torch._int_mm``."""
+    monkeypatch.setattr(exact_f32, "REDUCED_FLOAT_UNITS", True)
+    monkeypatch.setattr(exact_f32, "LACKS_INT8_DOT", True)
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
     try:
-        assert not exact_f32.float32_gemms_exact()
-        monkeypatch.setattr(exact_f32, "ENGINE", "float32")
-        with pytest.raises(ValueError, match="would not be exact"):
-            exact_f32.runs("cpu")
-        monkeypatch.setattr(exact_f32, "ENGINE", "auto")
-        monkeypatch.setattr(exact_f32, "cpu_lacks_int8_dot", lambda: True)
-        assert not exact_f32.runs("cpu")
+        for precision in ("medium", "high"):  # mkldnn's fp32 precision bf16, tf32
+            torch.set_float32_matmul_precision(precision)
+            assert not exact_f32.float32_gemms_exact()
+            monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+            with pytest.raises(ValueError, match="would not be exact"):
+                exact_f32.runs("cpu")
+            monkeypatch.setattr(exact_f32, "ENGINE", "auto")
+            assert not exact_f32.runs("cpu")
+        torch.set_float32_matmul_precision("highest")
+        assert exact_f32.float32_gemms_exact() and exact_f32.runs("cpu")
     finally:
         torch.set_float32_matmul_precision(before)
-    assert exact_f32.float32_gemms_exact()
 
 
 def test_coverage_text_explains_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
