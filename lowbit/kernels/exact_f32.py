@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from . import cbuild
+from . import cbuild, vnni
 
 ENGINES = ("auto", "float32", "int")
 # Which engine runs an int8 GEMM on the CPU (module docstring); read at each call.
@@ -48,7 +48,7 @@ INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 REDUCED_FLOAT_FLAGS = frozenset({"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
 _EXACT = 2**24 - 1  # float32 holds every integer of at most this magnitude
 SAFE_K = _EXACT // (128 * 128)  # 1023: terms of any int8 codes summed exactly in float32
-MAX_K = (2**31 - 1) // (128 * 128)  # the longest exact int32 sum of int8 codes (= int8.MAX_K)
+MAX_K = vnni.MAX_K  # the longest exact int32 sum of int8 codes (= int8.MAX_K)
 
 
 def cpu_lacks_int8_dot(flags: frozenset[str] | None = None) -> bool:
@@ -117,15 +117,14 @@ def piece_length(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, batched: bool, name: str) -> None:
-    dims = 3 if batched else 2
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"lowbit::{name} takes int8 operands, got {a.dtype} and {b.dtype}")
-    if a.dim() != dims or b.dim() != dims or a.shape[-1] != b.shape[-2] \
-            or (batched and a.shape[0] != b.shape[0]):
-        raise ValueError(f"lowbit::{name}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
-    if a.shape[-1] > MAX_K:
-        raise ValueError(f"lowbit::{name}: K = {a.shape[-1]} > MAX_K = {MAX_K}, past which an int32 "
-                         "sum of int8 codes can wrap (split the sum)")
+    """The rules of every int8 GEMM of lowbit (:func:`.vnni.check_operands`: int8, shapes
+    that match, ``K ≤`` :data:`MAX_K`) for a batch, or one product (``batched`` false)."""
+    what = f"lowbit::{name}"
+    if not batched:
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"{what}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+        a, b = a[None], b[None]
+    vnni.check_operands(a, b, what)
 
 
 def _sum(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

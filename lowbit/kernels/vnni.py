@@ -142,7 +142,7 @@ def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"{what}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
     if a.shape[2] > MAX_K:
-        raise ValueError(f"{what}: K = {a.shape[2]} > {MAX_K}, past which an int32 sum of int8 "
+        raise ValueError(f"{what}: K = {a.shape[2]} > MAX_K = {MAX_K}, past which an int32 sum of int8 "
                          "codes can overflow (split the sum)")
 
 
