@@ -601,11 +601,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         results += rows
     ceil = ceilings.gflops()
-    from lowbit.kernels import int8
+    from lowbit.kernels import avx512, int8
 
     print(f"{header} (at start), load {os.getloadavg()[0]:.2f} at end; {args.threads} threads, "
           f"size={args.size}, device {args.device}, {malloc}; median of {args.rounds} interleaved rounds × {args.steps} steps "
-          f"after {args.warmup} warm-up" + "".join(f"; {m}" for m in sorted(PEAK_METHODS)))
+          f"after {args.warmup} warm-up" + "".join(f"; {m}" for m in sorted(PEAK_METHODS))
+          + ("" if not str(args.device).startswith("cpu") else f"; C quantizer: its {avx512.isa()} build"
+             if avx512.in_use() is None else f"; C quantizer off ({avx512.in_use()})"))
     print(f"GEMM ceilings at {args.ceiling_n}³ (medians of {len(ceilings.times['int8'])} in the same "
           f"rotation; int8 on {int8.engine(args.device)}): " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceil.items())
           + (f"; int8/bf16 {ceil['int8'] / ceil['bf16']:.2f}×, bf16/fp32 {ceil['bf16'] / ceil['fp32']:.2f}×"

@@ -32,7 +32,10 @@ all-zero, non-finite and tail-shaped operands, with one thread and with two, bef
 kernel is used; a failed test, a missing compiler or a failed build is a
 ``RuntimeWarning`` and the compiled kernel runs instead. ``LOWBIT_AVX512=0`` turns it
 off; so does ``LOWBIT_COMPILE=0`` (it runs where the dispatcher may use fused kernels).
-It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL.
+It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL, or with AVX2, FMA and F16C: there
+the same C file is built with each 512-bit intrinsic computed on two 256-bit halves
+(``avx512_on_avx2.h``; :func:`isa`, :func:`build_flags`), the same values lane for lane,
+and the same self-test decides whether it runs.
 
 :func:`quantize_pair` quantizes an output gradient ``∇Y`` (N, out) both ways from one
 read (:mod:`lowbit.gradpair`): the row codes (N, out) and the codes of ``∇Yᵀ`` written
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -85,6 +89,11 @@ SOURCE = Path(__file__).with_name("quant_avx512.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw",
          "-mavx512dq", "-mavx512vl")
 CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})
+# the same source on AVX2: each 512-bit intrinsic on two 256-bit halves (avx512_on_avx2.h);
+# F16C for float16 operands, FMA for the fused multiply-adds (one rounding, as on AVX-512)
+SHIM = Path(__file__).with_name("avx512_on_avx2.h")
+AVX2_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c")
+AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 _enabled = True  # the process-wide switch of set_enabled
 
 _P, _I64, _I, _U32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
@@ -157,6 +166,29 @@ def cpu_has_avx512() -> bool:
     return CPU_FLAGS <= cbuild.cpu_flags()
 
 
+def isa() -> str | None:
+    """Which build of the kernel this CPU takes: ``"avx512"`` (AVX-512 F/BW/DQ/VL: the
+    intrinsics as written), ``"avx2"`` (AVX2, FMA and F16C but not those: each 512-bit
+    intrinsic on two 256-bit halves, :data:`SHIM`), else ``None`` (no build)."""
+    if cpu_has_avx512():
+        return "avx512"
+    return "avx2" if AVX2_CPU_FLAGS <= cbuild.cpu_flags() else None
+
+
+def build_flags() -> tuple[str, ...] | None:
+    """The C compiler's flags for this CPU's build (:func:`isa`): :data:`FLAGS`, or
+    :data:`AVX2_FLAGS` with the shim (:data:`SHIM`) and its SHA-256 as a macro (the cache
+    key hashes the source and the flags, not the header: a changed shim is a new build);
+    ``None`` where there is no build."""
+    which = isa()
+    if which is None:
+        return None
+    if which == "avx512":
+        return FLAGS
+    shim = hashlib.sha256(SHIM.read_bytes()).hexdigest()[:16]
+    return AVX2_FLAGS + ("-DLOWBIT_AVX2_SHIM", f"-DLOWBIT_SHIM_SHA256={shim}", f"-I{SHIM.parent}")
+
+
 def _warn(why: str, then: str | None = None) -> None:
     warnings.warn(f"lowbit: {why}; {then or 'the compiled quantizer runs instead'} (AVX-512 "
                   "quantizer, lowbit.kernels.avx512)", RuntimeWarning, stacklevel=user_stacklevel())
@@ -174,10 +206,12 @@ def _library() -> ctypes.CDLL | None:
     _switched_off = cbuild.switched_off("LOWBIT_AVX512")
     if _switched_off:
         return None
-    if not cpu_has_avx512():
+    flags = build_flags()
+    if flags is None:
         return None
     with _disable_current_modes():
-        return cbuild.load_tested(SOURCE, FLAGS, _SIGNATURES, _warn, "AVX-512 quantizer", _self_test,
+        what = "AVX-512 quantizer" if flags is FLAGS else "AVX-512 quantizer's AVX2 build"
+        return cbuild.load_tested(SOURCE, flags, _SIGNATURES, _warn, what, _self_test,
                                   "the reference quantizer", _RESTYPES)
 
 
@@ -203,8 +237,8 @@ def in_use() -> str | None:
     # read it — without building the kernel to find out (a review of the fix)
     if _switched_off if _library.decided() else cbuild.switched_off("LOWBIT_AVX512"):  # type: ignore[attr-defined]
         return "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
-    if not cpu_has_avx512():
-        return "this CPU lacks AVX-512 F/BW/DQ/VL"
+    if isa() is None:
+        return "this CPU lacks AVX-512 F/BW/DQ/VL and AVX2/FMA/F16C"
     if not available():
         return "the kernel could not be built or failed its self-test (see the warning)"
     return None
@@ -2079,7 +2113,7 @@ def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_
     return out
 
 
-__all__ = ["CPU_FLAGS", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+__all__ = ["AVX2_CPU_FLAGS", "CPU_FLAGS", "build_flags", "isa", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
            "run_epilogue_into", "supports_epilogue_into", "supports_epilogue_nhwc",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",

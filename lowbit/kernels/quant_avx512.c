@@ -16,8 +16,18 @@
  * uint32 arithmetic here is the reference's int64 arithmetic masked to 32 bits.
  *
  * Built without -ffast-math and with -ffp-contract=off: every operation is the IEEE one.
+ * On a CPU with AVX2 but no AVX-512 the same file is built with LOWBIT_AVX2_SHIM defined:
+ * each 512-bit intrinsic then runs on two 256-bit halves (avx512_on_avx2.h: SIMDe).
  */
+#ifdef LOWBIT_AVX2_SHIM
+#include "avx512_on_avx2.h"
+/* a 512-bit value there is a struct of two registers, passed through memory to a function
+ * not inlined (codes16 ran 3x slower than the compiled quantizer): the vector helpers inline */
+#define VEC static inline __attribute__((always_inline))
+#else
 #include <immintrin.h>
+#define VEC static inline
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +44,7 @@
 #define K1 0x27D4EB2Du
 #define K2 0x045D9F3Bu
 
-static inline __m512 noise16(__m512i idx, __m512i seed) {
+VEC __m512 noise16(__m512i idx, __m512i seed) {
     __m512i h = _mm512_xor_si512(_mm512_mullo_epi32(idx, _mm512_set1_epi32((int)K1)), seed);
     h = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(h, 16), h), _mm512_set1_epi32((int)K2));
     h = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_srli_epi32(h, 16), h), _mm512_set1_epi32((int)K2));
@@ -42,7 +52,7 @@ static inline __m512 noise16(__m512i idx, __m512i seed) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
 }
 
-static inline __m512i set1i(int v) { return _mm512_set1_epi32(v); }
+VEC __m512i set1i(int v) { return _mm512_set1_epi32(v); }
 
 /* FP8 elements (lowbit.formats.round_elements on an Element) of y = x / d as their code
  * bytes. k = max(exponent(|y|), emin) - man is the grid spacing's exponent there (read from
@@ -53,7 +63,7 @@ static inline __m512i set1i(int v) { return _mm512_set1_epi32(v); }
  * value: sign << 7 | exponent + bias << man | mantissa (normal), v / 2^(emin - man)
  * (subnormal), 0x7F for NaN (with the sign bit). kind 1: E4M3FN (man 3, emin -6, bias 7);
  * 2: E5M2 (man 2, emin -14, bias 15). */
-static inline __m128i fp8_codes16(__m512 y, __m512i idx, __m512i seed, int sr, int kind) {
+VEC __m128i fp8_codes16(__m512 y, __m512i idx, __m512i seed, int sr, int kind) {
     const int man = kind == 1 ? 3 : 2, emin = kind == 1 ? -6 : -14, bias = kind == 1 ? 7 : 15;
     const __m512i ybits = _mm512_castps_si512(y);
     __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(ybits, 23), set1i(0xFF)), set1i(127));
@@ -88,7 +98,7 @@ static inline __m128i fp8_codes16(__m512 y, __m512i idx, __m512i seed, int sr, i
 /* 16 codes of x / d (lanes' element indices idx) as 16 bytes. mode: bit 0 stochastic
  * rounding, bits 1-2 the grid: 0 the integer grid (clamped to +-emax), 1 E4M3, 2 E5M2
  * (fp8_codes16). */
-static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int mode, __m512 emax) {
+VEC __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int mode, __m512 emax) {
     __m512 y = _mm512_div_ps(x, d), q;
     const int sr = mode & 1;
     if (mode >> 1) return fp8_codes16(y, idx, seed, sr, mode >> 1);
@@ -104,14 +114,14 @@ static inline __m128i codes16(__m512 x, __m512 d, __m512i idx, __m512i seed, int
     return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));                            /* exact */
 }
 
-static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+VEC __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* Element types of x: float32, bfloat16, float16 (each converted to float32 exactly, as
  * the reference's x.to(float32)). */
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
 /* 16 elements of x from element offset off (masked lanes 0) as float32. */
-static inline __m512 load16(const void *x, int64_t off, __mmask16 k, int dtype) {
+VEC __m512 load16(const void *x, int64_t off, __mmask16 k, int dtype) {
     if (dtype == BF16) {
         __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + off);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -130,11 +140,11 @@ typedef struct {
 } RowTransform;
 
 /* x * s - v2 * d, 16 elements (s, v2 a row's; d its group's sums there, masked lanes 0). */
-static inline __m512 householder16(__m512 x, __m512 s, __m512 v2, const float *d, __mmask16 k) {
+VEC __m512 householder16(__m512 x, __m512 s, __m512 v2, const float *d, __mmask16 k) {
     return _mm512_sub_ps(_mm512_mul_ps(x, s), _mm512_mul_ps(v2, _mm512_maskz_loadu_ps(k, d)));
 }
 
-static inline __m512 transform16(__m512 v, const RowTransform *t, int64_t r, int64_t cols, int64_t c,
+VEC __m512 transform16(__m512 v, const RowTransform *t, int64_t r, int64_t cols, int64_t c,
                                  __mmask16 k) {
     if (!t) return v;
     return householder16(v, _mm512_set1_ps(t->s[r]), _mm512_set1_ps(t->v2[r]), t->dots + t->group[r] * cols + c, k);
@@ -169,7 +179,7 @@ void lowbit_row_absmax(const void *x, int dtype, int64_t rows, int64_t cols, int
 
 
 /* cm[c..c+16) = max(cm, a) for a = |x| (an's lanes NaN), keeping NaN (masked lanes untouched). */
-static inline void column_max16(float *cm, __m512 a, __mmask16 an, __mmask16 k) {
+VEC void column_max16(float *cm, __m512 a, __mmask16 an, __mmask16 k) {
     const __m512 nw = _mm512_max_ps(a, _mm512_maskz_loadu_ps(k, cm));  /* old NaN -> old (2nd operand) */
     _mm512_mask_storeu_ps(cm, k, _mm512_mask_mov_ps(nw, an, a));        /* new NaN -> NaN */
 }
@@ -662,7 +672,7 @@ void lowbit_seg_quantize_pair_cl(const void *x, int dtype, int64_t n, int64_t c,
  * (c10::round_to_nearest_even; a NaN becomes 0x7FC0). */
 
 /* 16 floats -> 16 bfloat16 bit patterns, round to nearest even (AVX-512F only). */
-static inline __m256i bf16_rne(__m512 v) {
+VEC __m256i bf16_rne(__m512 v) {
     const __m512i b = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
@@ -670,7 +680,7 @@ static inline __m256i bf16_rne(__m512 v) {
     return _mm512_cvtepi32_epi16(r);
 }
 
-static inline void store_out(void *out, int out_bf16, int64_t at, __mmask16 k, __m512 v) {
+VEC void store_out(void *out, int out_bf16, int64_t at, __mmask16 k, __m512 v) {
     if (out_bf16) _mm256_mask_storeu_epi16((uint16_t *)out + at, k, bf16_rne(v));
     else _mm512_mask_storeu_ps((float *)out + at, k, v);
 }
@@ -1101,7 +1111,7 @@ static inline __attribute__((always_inline)) void had_rows(const void *x, int dt
 /* Whether a block whose elements' absolute values have maximum lanes mx (nan: lanes that saw a
  * NaN) is wide (module comment): its largest magnitude above huge or in (0, tiny); a block
  * with a NaN is not (its amax is NaN: no comparison holds). */
-static inline int had_wide(__m512 mx, __mmask16 nan, float huge, float tiny) {
+VEC int had_wide(__m512 mx, __mmask16 nan, float huge, float tiny) {
     if (nan) return 0;
     const float m = _mm512_reduce_max_ps(mx);
     return m > huge || (m > 0.0f && m < tiny);

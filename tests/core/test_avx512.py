@@ -23,13 +23,15 @@ from lowbit.formats import Granularity, Rounding, parse_format
 from lowbit.gradpair import quantize_batched_pair as reference_batched_pair
 from lowbit.gradpair import quantize_conv_pair as reference_conv_pair
 from lowbit.gradpair import quantize_pair as reference_pair
-from lowbit.kernels import Backend, avx512, cbuild, im2col, kernels_for, reference
+from lowbit.kernels import Backend, avx512, cbuild, im2col, kernels_for, qconv, reference
 
 # Skipped only where the kernel is not meant to run, never because its self-test failed
 # (test_kernel_builds_and_passes_its_self_test fails then).
-WANTED = avx512.cpu_has_avx512() and os.environ.get("LOWBIT_AVX512", "1") != "0" \
+# (its AVX-512 build, or the same source on AVX2 through SIMDe: avx512.build_flags)
+WANTED = avx512.build_flags() is not None and os.environ.get("LOWBIT_AVX512", "1") != "0" \
     and cbuild.compiler(lambda why, then: None) is not None
-needs_avx512 = pytest.mark.skipif(not WANTED, reason="needs a CPU with AVX-512 F/BW/DQ/VL and a C compiler")
+needs_avx512 = pytest.mark.skipif(not WANTED, reason="needs a CPU with AVX-512 F/BW/DQ/VL or AVX2/FMA/F16C "
+                                  "(with SIMDe's headers), and a C compiler")
 
 FORMATS = [parse_format(f"int{b}") for b in (2, 3, 4, 5, 8)]
 SHAPES = [(1, 1), (1, 17), (17, 1), (16, 16), (33, 70), (300, 513), (257, 31)]
@@ -569,6 +571,12 @@ def test_conv_epilogue_bitwise_the_reference(shape: tuple[int, ...], acc_dtype: 
             assert got_cl.movedim(1, -1).is_contiguous() and avx512._same(got_cl, want), threads
 
 
+def _onednn_conv(w_shape: tuple, size: tuple, stride: tuple) -> bool:
+    """Whether a converted Conv2d of this geometry (padding 1) runs oneDNN's exact int8
+    convolution on this machine (``lowbit.kernels.qconv``), not im2col + an int8 GEMM."""
+    return qconv.available(torch.zeros(1, dtype=torch.int8), w_shape, 1, size, stride, (1, 1), (1, 1))
+
+
 @needs_avx512
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_layers_use_the_epilogue_with_and_without_bias(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
@@ -580,7 +588,11 @@ def test_conv_layers_use_the_epilogue_with_and_without_bias(monkeypatch: pytest.
     monkeypatch.setattr(avx512, "_epilogue_nchw", lambda *a: calls.append(a[4] is not None) or real(*a))
     model = lowbit.convert(nn.Conv2d(8, 16, 3, padding=1, bias=bias), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
     model(torch.randn(4, 8, 12, 12))
-    assert calls == [bias]
+    # oneDNN's convolution: one accumulator; else im2col's GEMM, one per piece of samples
+    pieces = 1 if _onednn_conv((16, 8, 3, 3), (12, 12), (1, 1)) else \
+        -(-4 // im2col.sample_pieces(4, 4 * 12 * 12 * 3 * 3 * 8, 4 * 14 * 14 * 8 // im2col.PIECE_SHARE,
+                                     torch.device("cpu")))
+    assert calls == [bias] * pieces
 
 
 def test_conv_epilogue_refuses_what_it_cannot_compute() -> None:
@@ -714,8 +726,17 @@ def test_conv_layers_place_their_codes_on_the_kernel(monkeypatch: pytest.MonkeyP
         model = lowbit.convert(nn.Conv2d(8, 16, 3, stride=stride, padding=1), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
         model(torch.randn(4, 8, 12, 12, requires_grad=True)).sum().backward()
         unsigned = sorted(c[:2] for c in calls if c[0])
-        assert unsigned == [(True, (1, 1)), (True, (stride, stride))], (stride, calls)
         padded = [c for c in calls if not c[0]]
+        if not _onednn_conv((16, 8, 3, 3), (12, 12), (stride, stride)):
+            # im2col + the integer GEMM (no VNNI: oneDNN's convolution is not exact): X
+            # padded for Y's patches and for ∇W's (at stride 1 one piece of samples at a
+            # time), ∇Y padded for ∇X's at stride 1 (at stride 2: col2im, no placing)
+            whole = [c for c in padded if c[2] == 4]
+            assert not unsigned and all(c[1] == (1, 1) for c in padded), (stride, calls)
+            assert len(whole) == 2 and sum(c[2] for c in padded) - 8 == 4 * (stride == 1), (stride, calls)
+            assert (len(padded) > 3) == (stride == 1), (stride, calls)
+            continue
+        assert unsigned == [(True, (1, 1)), (True, (stride, stride))], (stride, calls)
         assert all(c[1] == (1, 1) for c in padded) and sum(c[2] for c in padded) == 4, (stride, calls)
         assert (len(padded) > 1) == (stride == 1), (stride, calls)  # stride 2: the im2col path, whole
 
@@ -1018,10 +1039,11 @@ def test_switched_off_by_environment() -> None:
 def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     """A compiler that rejects the flags: a warning naming the cause, the kernel not
     used, quantization still the reference's."""
-    if not avx512.cpu_has_avx512():
-        pytest.skip("the build is only attempted on a CPU with AVX-512")
+    if avx512.build_flags() is None:
+        pytest.skip("the build is only attempted on a CPU with AVX-512, or AVX2 with SIMDe's headers")
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(avx512, "FLAGS", (*avx512.FLAGS, "-no-such-flag"))
+    name = "FLAGS" if avx512.isa() == "avx512" else "AVX2_FLAGS"
+    monkeypatch.setattr(avx512, name, (*getattr(avx512, name), "-no-such-flag"))
     avx512._library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built.*no-such-flag.*compiled quantizer runs instead"):
@@ -1693,3 +1715,64 @@ def test_strided_side_vectors_are_held_for_the_c_call() -> None:
                             avx512.hadamard_inverse(x.clone(), plain, 16, c, had.WIDE, 512))
         assert avx512._same(avx512._dequantize(avx512._library(), codes, scales[::2], True),
                             avx512._dequantize(avx512._library(), codes, scales[::2].contiguous(), True))
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys, torch
+from lowbit.formats import Granularity, Rounding, parse_format
+from lowbit.kernels import avx512, reference
+from lowbit.kernels.im2col import place_codes
+
+assert avx512.available()
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+if libc.mprotect(base + page, page, 0) != 0:  # PROT_NONE: any byte past the first page faults
+    sys.exit("mprotect failed")
+
+def at_page_end(src):
+    # a copy of src whose last byte is the first page's last byte
+    n = src.numel() * src.element_size()
+    t = torch.frombuffer(buf, dtype=src.dtype, count=src.numel(), offset=page - n).view(src.shape)
+    t.copy_(src)
+    return t
+
+int8, seed = parse_format("int8"), torch.tensor(5)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for shape in ((3, 13), (1, 1), (2, 33)):
+        x = at_page_end(torch.randn(shape).to(dtype))
+        for gran in (Granularity.ROW, Granularity.TENSOR):
+            want = reference.quantize(x, int8, gran, Rounding.STOCHASTIC, seed)
+            got = avx512.quantize(x, int8, gran, Rounding.STOCHASTIC, seed)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, shape)
+            pair = avx512.quantize_pair(x, int8, gran, Rounding.STOCHASTIC, seed, int8, gran,
+                                        Rounding.STOCHASTIC, seed)
+            assert torch.equal(pair[0], want[0]), (dtype, shape)
+        xt = at_page_end(torch.randn(shape[::-1]).to(dtype)).t()  # read column by column
+        got = avx512.quantize(xt, int8, Granularity.ROW, Rounding.NEAREST, seed)
+        want = reference.quantize(xt, int8, Granularity.ROW, Rounding.NEAREST, seed)
+        assert torch.equal(got[0], want[0]), (dtype, shape, "transposed")
+acc = at_page_end(torch.randint(-999, 999, (2, 3, 5, 7), dtype=torch.int32))  # (N, H, W, C)
+sa, sb = torch.rand(2, 1, 1, 1), torch.rand(1, 1, 1, 7)
+got = avx512.epilogue_nchw(acc, sa, sb, None, torch.float32)
+assert torch.equal(got, ((acc.float() * sa) * sb).permute(0, 3, 1, 2)), "epilogue"
+codes = at_page_end(torch.randint(-128, 128, (2, 3 * 5 * 7), dtype=torch.int8))
+got = avx512.place_nhwc(codes, (2, 3, 5, 7), (7, 9), (1, 1))
+assert torch.equal(got, place_codes(codes, (2, 3, 5, 7), (7, 9), (1, 1))), "place"
+print("ok")
+"""
+
+
+@needs_avx512
+def test_the_kernel_reads_nothing_past_its_operands() -> None:
+    """Operands whose last byte is the last byte before a page that may not be read
+    (``mprotect``, ``PROT_NONE``): float32, bfloat16 and float16 rows and columns with
+    tails of every kind, int32 accumulators and int8 codes. A masked load that reads its
+    whole 64 bytes (SIMDe's ``_mm512_maskz_loadu_*`` on AVX2: ``avx512_on_avx2.h``) faults
+    there; the kernel gives the reference's values instead. In a child process, so a fault
+    is this test's failure, not the run's."""
+    out = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
