@@ -4,7 +4,8 @@ shapes of lowbit's workloads: one operand (per-row stochastic — float32, a tra
 view, bfloat16 — and per-tensor nearest, int8) and a Linear's two ∇Y quantizations (``quantize_pair``: rows for ∇X, columns for
 ∇W). Both through the dispatcher (``Kernels.run``), switched with
 ``avx512.set_enabled``; interleaved medians (``_timing``); every result checked bitwise
-equal first. Needs a CPU with AVX-512.
+equal first. Needs a CPU with AVX-512, or with AVX2, FMA and F16C (the kernel's AVX2
+build, ``avx512.isa()``; the header line says which ran).
 
     python benchmarks/probes/avx512_quantize.py --threads 1
 """
@@ -25,13 +26,13 @@ def main() -> None:
     start(__doc__)
     why = avx512.in_use()
     if why:
-        raise SystemExit(f"lowbit's AVX-512 quantizer is not in use: {why}")
+        raise SystemExit(f"lowbit's C quantizer is not in use: {why}")
     k = kernels_for(Backend.AUTO, "cpu")
     fmt = parse_format("int8")
     sr, rn = Rounding.STOCHASTIC, Rounding.NEAREST
     seed = torch.tensor(0x9E3779B9)
-    print(f"threads {torch.get_num_threads()}; ms per call, compiled vs AVX-512")
-    print("| operand | shape | call | compiled ms | AVX-512 ms | speed-up | ns/element (AVX-512) |")
+    print(f"threads {torch.get_num_threads()}; ms per call, compiled vs the C kernel's {avx512.isa()} build")
+    print("| operand | shape | call | compiled ms | C kernel ms | speed-up | ns/element (C kernel) |")
     print("|---|---|---|---|---|---|---|")
     for name, shape in SHAPES:
         x = torch.randn(shape)
