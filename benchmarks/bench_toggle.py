@@ -18,7 +18,8 @@ Toggles (each is "on" as lowbit ships it):
                batches of head products, on lowbit's AMX kernel (``lowbit.kernels.amx``);
                off: all on ``torch._int_mm`` (the same sums). Needs a CPU with AMX.
   avx512       integer quantizers on lowbit's AVX-512 kernel (``lowbit.kernels.avx512``);
-               off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512.
+               off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512, or AVX2
+               with FMA and F16C (the kernel's AVX2 build).
   avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
                lowbit's AVX-512 kernel; off: the compiled epilogue (the same values)
   amx-batched  attention's per-head int8 products as one batched AMX call
@@ -219,7 +220,7 @@ def _avx512() -> Callable[[bool], None]:
 
     why = avx512.in_use()
     if why:
-        raise SystemExit(f"lowbit's AVX-512 quantizer is not in use: {why}")
+        raise SystemExit(f"lowbit's C quantizer (AVX-512, or its AVX2 build) is not in use: {why}")
     return avx512.set_enabled
 
 
@@ -297,7 +298,7 @@ def _softmax() -> Callable[[bool], None]:
     from lowbit.kernels import softmax
 
     if not softmax.available():
-        raise SystemExit("lowbit's AVX-512 softmax kernel is not available on this machine")
+        raise SystemExit("lowbit's softmax kernel (AVX-512, or its AVX2 build) is not available on this machine")
     return softmax.set_enabled
 
 
@@ -348,7 +349,7 @@ def _bhq_inverse() -> Callable[[bool], None]:
     from lowbit.kernels import Impl, avx512, register
 
     if not avx512.available():
-        raise SystemExit("lowbit's AVX-512 kernel is not available on this machine")
+        raise SystemExit("lowbit's C quantizer (AVX-512, or its AVX2 build) is not available on this machine")
 
     def switch(on: bool) -> None:
         register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",),

@@ -6,7 +6,7 @@ with an optional ``supports(*args)`` check (dtypes, shapes, formats). Implementa
 * ``reference`` (any device): plain eager torch, float32 (float64 for float64 inputs) —
   it defines the semantics;
 * ``native`` (cpu): lowbit's own C kernels where they compute the same thing faster —
-  the integer quantizer on AVX-512 (:mod:`.avx512`, with the Hadamard and BHQ transforms
+  the integer quantizer on AVX-512 or AVX2 (:mod:`.avx512`, with the Hadamard and BHQ transforms
   fused into it) and BHQ's group bookkeeping (:mod:`.bhq_groups`, plain C), bit for bit
   the reference's, and attention's softmax
   fused with its scores' epilogue (:mod:`.softmax`), equal to the reference to float

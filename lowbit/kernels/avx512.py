@@ -175,18 +175,32 @@ def isa() -> str | None:
     return "avx2" if AVX2_CPU_FLAGS <= cbuild.cpu_flags() else None
 
 
+def missing_shim() -> str | None:
+    """Why this CPU's build cannot be made though the CPU could run it (the AVX2 build
+    without :data:`SHIM`: an installation that did not ship ``lowbit/kernels/*.h``), else
+    ``None``."""
+    if isa() == "avx2" and not SHIM.is_file():
+        return (f"the AVX2 build's header {str(SHIM)!r} is missing from this installation of lowbit "
+                "(reinstall it; the package must ship lowbit/kernels/*.h)")
+    return None
+
+
 def build_flags() -> tuple[str, ...] | None:
     """The C compiler's flags for this CPU's build (:func:`isa`): :data:`FLAGS`, or
     :data:`AVX2_FLAGS` with the shim (:data:`SHIM`) and its SHA-256 as a macro (the cache
     key hashes the source and the flags, not the header: a changed shim is a new build);
-    ``None`` where there is no build."""
+    ``None`` where there is no build: no such CPU, or the shim missing from this
+    installation (:func:`missing_shim` names it)."""
     which = isa()
     if which is None:
         return None
     if which == "avx512":
         return FLAGS
-    shim = hashlib.sha256(SHIM.read_bytes()).hexdigest()[:16]
-    return AVX2_FLAGS + ("-DLOWBIT_AVX2_SHIM", f"-DLOWBIT_SHIM_SHA256={shim}", f"-I{SHIM.parent}")
+    try:  # (the C file includes it by a quoted name: found beside the source, no -I)
+        shim = hashlib.sha256(SHIM.read_bytes()).hexdigest()[:16]
+    except OSError:  # an installation without the header (package data): no AVX2 build
+        return None
+    return AVX2_FLAGS + ("-DLOWBIT_AVX2_SHIM", f"-DLOWBIT_SHIM_SHA256={shim}")
 
 
 def _warn(why: str, then: str | None = None) -> None:
@@ -208,6 +222,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     flags = build_flags()
     if flags is None:
+        if missing_shim():
+            _warn(missing_shim())
         return None
     with _disable_current_modes():
         what = "AVX-512 quantizer" if flags is FLAGS else "AVX-512 quantizer's AVX2 build"
@@ -225,8 +241,9 @@ def available() -> bool:
 def in_use() -> str | None:
     """``None`` when lowbit's quantizers run on this kernel where it applies, else why
     not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
-    (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (no
-    AVX-512, no compiler, a failed build or self-test: a warning said which). It reports
+    (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (neither
+    AVX-512 nor AVX2/FMA/F16C, no compiler, a failed build or self-test, the AVX2 build's
+    header missing: a warning said which). It reports
     the process's decision, not the environment as it is now (a review: ``LOWBIT_AVX512``
     set after the first use was reported as switching the kernel off, which kept running)."""
     if not compiled.enabled():
@@ -2113,7 +2130,7 @@ def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_
     return out
 
 
-__all__ = ["AVX2_CPU_FLAGS", "CPU_FLAGS", "build_flags", "isa", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+__all__ = ["AVX2_CPU_FLAGS", "CPU_FLAGS", "build_flags", "isa", "missing_shim", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
            "run_epilogue_into", "supports_epilogue_into", "supports_epilogue_nhwc",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",

@@ -69,12 +69,13 @@ LB lb_m512 lb_abs_ps(lb_m512 a) {
 #define _mm512_max_ps lb_max_ps
 #define _mm512_min_ps lb_min_ps
 #define _mm512_abs_ps lb_abs_ps
-/* vrndscaleps with no scale bits (imm < 16: the C file's floor and nearest-even) */
+/* vrndscaleps with no scale bits (imm < 16): bits 0-2 as roundps reads them (bit 2: by
+ * MXCSR), exceptions suppressed (the C files pass floor and nearest-even) */
 #define _mm512_roundscale_ps(a, imm) __extension__({                                    \
     _Static_assert(((imm) >> 4) == 0, "lowbit's AVX2 roundscale takes no scale bits");   \
     const lb_m512 r_a_ = (a);                                                            \
-    (lb_m512){_mm256_round_ps(r_a_.lo, ((imm) & 3) | _MM_FROUND_NO_EXC),                 \
-              _mm256_round_ps(r_a_.hi, ((imm) & 3) | _MM_FROUND_NO_EXC)}; })
+    (lb_m512){_mm256_round_ps(r_a_.lo, ((imm) & 7) | _MM_FROUND_NO_EXC),                 \
+              _mm256_round_ps(r_a_.hi, ((imm) & 7) | _MM_FROUND_NO_EXC)}; })
 /* a predicate of _mm256_cmp_ps (AVX: all 32) on both halves, as a 16-bit mask */
 #define _mm512_cmp_ps_mask(a, b, imm) __extension__({                                   \
     const lb_m512 c_a_ = (a), c_b_ = (b);                                                \
@@ -132,8 +133,8 @@ LB lb_m512 lb_maskz_scalef_ps(__mmask16 k, lb_m512 y, lb_m512 n) {
 #define _mm512_maskz_scalef_ps lb_maskz_scalef_ps
 /* the largest lane; the C file calls it only where no lane is NaN */
 LB float lb_reduce_max_ps(lb_m512 a) {
-  __m256 m = _mm256_max_ps(a.lo, a.hi);
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  __m256 m = _mm256_max_ps(a.hi, a.lo);  /* GCC's order (avx512fintrin.h): the same bits for ±0 */
+  __m128 h = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
   return _mm_cvtss_f32(h);

@@ -154,10 +154,26 @@ def _mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _sum(torch.mm, a, b, torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device))
 
 
+def entries_per_call(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """How many batch entries of ``a (B, M, K) @ b (B, K, N)`` one ``torch.bmm`` of their
+    float32 copies takes: as many as keep those copies (``(M + N)·K`` floats an entry) no
+    larger than the call's own int32 result (``B·M·N``), at least one. Attention's
+    ``P̃·V`` and ``P̃ᵀ·∇O`` had their whole (B, L, S) codes copied to float32, the
+    score-sized buffer its pieces exist to avoid (a review, 2026-12-07); entries are
+    independent, so the sums are the same bits in any grouping."""
+    b, m, k = a_shape
+    n = b_shape[2]
+    per_entry = (m + n) * k
+    return max(1, min(b, (b * m * n) // per_entry)) if per_entry else max(b, 1)
+
+
 def _bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b, True, "int8_bmm_f32")
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
-    return _sum(torch.bmm, a, b, out)
+    step = entries_per_call(tuple(a.shape), tuple(b.shape))
+    for e in range(0, a.shape[0], step):
+        _sum(torch.bmm, a[e:e + step], b[e:e + step], out[e:e + step])
+    return out
 
 
 _LIB.impl("int8_mm_f32", _mm_cpu, "CPU")
@@ -191,6 +207,6 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm_f32(a, b)
 
 
-__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
+__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
            "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
            "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "runs"]

@@ -17,7 +17,7 @@
  *
  * Built without -ffast-math and with -ffp-contract=off: every operation is the IEEE one.
  * On a CPU with AVX2 but no AVX-512 the same file is built with LOWBIT_AVX2_SHIM defined:
- * each 512-bit intrinsic then runs on two 256-bit halves (avx512_on_avx2.h: SIMDe).
+ * each 512-bit intrinsic then runs on two 256-bit halves (avx512_on_avx2.h).
  */
 #ifdef LOWBIT_AVX2_SHIM
 #include "avx512_on_avx2.h"

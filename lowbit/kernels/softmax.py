@@ -134,6 +134,8 @@ def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
     flags = avx512.build_flags()  # AVX-512, or AVX2 through avx512_on_avx2.h (as the quantizer)
     if cbuild.switched_off("LOWBIT_SOFTMAX") or flags is None:
+        if not cbuild.switched_off("LOWBIT_SOFTMAX") and avx512.missing_shim():
+            _warn(avx512.missing_shim())
         return None
     with _disable_current_modes():
         return cbuild.load_tested(SOURCE, flags, _SIGNATURES, _warn, "attention softmax kernel",

@@ -27,11 +27,11 @@ from lowbit.kernels import Backend, avx512, cbuild, im2col, kernels_for, qconv, 
 
 # Skipped only where the kernel is not meant to run, never because its self-test failed
 # (test_kernel_builds_and_passes_its_self_test fails then).
-# (its AVX-512 build, or the same source on AVX2 through SIMDe: avx512.build_flags)
+# (its AVX-512 build, or the same source on AVX2 through avx512_on_avx2.h: avx512.build_flags)
 WANTED = avx512.build_flags() is not None and os.environ.get("LOWBIT_AVX512", "1") != "0" \
     and cbuild.compiler(lambda why, then: None) is not None
-needs_avx512 = pytest.mark.skipif(not WANTED, reason="needs a CPU with AVX-512 F/BW/DQ/VL or AVX2/FMA/F16C "
-                                  "(with SIMDe's headers), and a C compiler")
+needs_avx512 = pytest.mark.skipif(not WANTED, reason="needs a CPU with AVX-512 F/BW/DQ/VL or AVX2/FMA/F16C, "
+                                  "and a C compiler")
 
 FORMATS = [parse_format(f"int{b}") for b in (2, 3, 4, 5, 8)]
 SHAPES = [(1, 1), (1, 17), (17, 1), (16, 16), (33, 70), (300, 513), (257, 31)]
@@ -1040,7 +1040,7 @@ def test_build_failure_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp
     """A compiler that rejects the flags: a warning naming the cause, the kernel not
     used, quantization still the reference's."""
     if avx512.build_flags() is None:
-        pytest.skip("the build is only attempted on a CPU with AVX-512, or AVX2 with SIMDe's headers")
+        pytest.skip("the build is only attempted on a CPU with AVX-512, or AVX2 with FMA and F16C")
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
     name = "FLAGS" if avx512.isa() == "avx512" else "AVX2_FLAGS"
     monkeypatch.setattr(avx512, name, (*getattr(avx512, name), "-no-such-flag"))
@@ -1769,10 +1769,36 @@ print("ok")
 def test_the_kernel_reads_nothing_past_its_operands() -> None:
     """Operands whose last byte is the last byte before a page that may not be read
     (``mprotect``, ``PROT_NONE``): float32, bfloat16 and float16 rows and columns with
-    tails of every kind, int32 accumulators and int8 codes. A masked load that reads its
-    whole 64 bytes (SIMDe's ``_mm512_maskz_loadu_*`` on AVX2: ``avx512_on_avx2.h``) faults
-    there; the kernel gives the reference's values instead. In a child process, so a fault
+    tails of every kind, int32 accumulators and int8 codes. A masked load emulated by a
+    read of its whole 64 bytes (as SIMDe 0.8.2 does; ``avx512_on_avx2.h`` uses vmaskmov)
+    faults there; the kernel gives the reference's values instead. In a child process, so a fault
     is this test's failure, not the run's."""
     out = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_a_missing_avx2_header_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """An installation without ``avx512_on_avx2.h`` on an AVX2 CPU (faked here): both C
+    kernels warn, name the file, and the compiled quantizer and reference softmax run; no
+    ``FileNotFoundError`` out of a training step (a review: ``build_flags`` read it
+    unguarded, so every quantizer call raised)."""
+    from lowbit.kernels import softmax
+
+    monkeypatch.setattr(avx512, "isa", lambda: "avx2")
+    monkeypatch.setattr(avx512, "SHIM", tmp_path / "avx512_on_avx2.h")
+    avx512._library.cache_clear()
+    softmax._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="avx512_on_avx2.h' is missing from this installation"):
+            assert not avx512.available()
+        with pytest.warns(RuntimeWarning, match="missing from this installation.*attention softmax"):
+            assert not softmax.available()
+        assert avx512.build_flags() is None
+        x = torch.randn(8, 40, requires_grad=True)
+        model = lowbit.convert(nn.Linear(40, 24), lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+        model(x).sum().backward()
+        assert x.grad is not None and x.grad.isfinite().all()
+    finally:
+        avx512._library.cache_clear()
+        softmax._library.cache_clear()

@@ -34,6 +34,25 @@ def test_sums_equal_int64_products_across_pieces(k: int, low: int) -> None:
     assert torch.equal(batch, torch.stack([want, exact(a.flip(0), b.flip(1))]))
 
 
+@pytest.mark.parametrize("shapes", [((5, 64, 64), (5, 64, 8)), ((5, 8, 16), (5, 16, 64)), ((3, 1, 1100), (3, 1100, 1))],
+                         ids=["copies-larger", "result-larger", "long-sums"])
+def test_batched_float_copies_stay_within_the_result(shapes: tuple) -> None:
+    """A batched product's float32 copies of its codes are at most its int32 result's
+    bytes, or one entry's (``entries_per_call``): attention's ``P̃·V`` copied the whole
+    (B, L, S) codes, a score-sized buffer; the sums the exact ones, in any grouping."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, shapes[0], dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, shapes[1], dtype=torch.int8, generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = exact_f32.int_bmm(a, b)
+    (n, m, k), w = a.shape, b.shape[2]
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert largest <= max(n * m * w, (m + w) * k) * 4, (largest, exact_f32.entries_per_call(a.shape, b.shape))
+    assert torch.equal(got, torch.stack([exact(x, y) for x, y in zip(a, b)]))
+
+
 def test_piece_length_follows_the_codes_range() -> None:
     full = torch.full((2, 3), 127, dtype=torch.int8)
     assert exact_f32.piece_length(full, full.t()) == 1040  # ⌊(2²⁴−1)/127²⌋
