@@ -102,7 +102,7 @@ def register_fused(op: str, fn: Callable[..., Any]) -> None:
 
 
 register_fused("quantize", reference.quantize)
-register("quantize", Impl.NATIVE, avx512.run_quantize, ("cpu",), avx512.supports)
+register("quantize", Impl.NATIVE, avx512.run_quantize, ("cpu",), avx512.prefers)
 register_fused("quantize_fixed", reference.quantize_fixed)
 register_fused("int8_epilogue", reference.int8_epilogue)
 register_fused("int8_epilogue_into", reference.int8_epilogue_into)

@@ -166,10 +166,12 @@ def cpu_has_avx512() -> bool:
     return CPU_FLAGS <= cbuild.cpu_flags()
 
 
+@functools.cache
 def isa() -> str | None:
     """Which build of the kernel this CPU takes: ``"avx512"`` (AVX-512 F/BW/DQ/VL: the
     intrinsics as written), ``"avx2"`` (AVX2, FMA and F16C but not those: each 512-bit
-    intrinsic on two 256-bit halves, :data:`SHIM`), else ``None`` (no build)."""
+    intrinsic on two 256-bit halves, :data:`SHIM`), else ``None`` (no build). Read once
+    per process (the dispatcher asks at every quantizer call)."""
     if cpu_has_avx512():
         return "avx512"
     return "avx2" if AVX2_CPU_FLAGS <= cbuild.cpu_flags() else None
@@ -177,11 +179,15 @@ def isa() -> str | None:
 
 def missing_shim() -> str | None:
     """Why this CPU's build cannot be made though the CPU could run it (the AVX2 build
-    without :data:`SHIM`: an installation that did not ship ``lowbit/kernels/*.h``), else
-    ``None``."""
-    if isa() == "avx2" and not SHIM.is_file():
-        return (f"the AVX2 build's header {str(SHIM)!r} is missing from this installation of lowbit "
-                "(reinstall it; the package must ship lowbit/kernels/*.h)")
+    without a readable :data:`SHIM`: an installation that did not ship
+    ``lowbit/kernels/*.h``, or a file it may not read), else ``None``."""
+    if isa() != "avx2":
+        return None
+    try:
+        SHIM.read_bytes()
+    except OSError as e:
+        return (f"the AVX2 build's header {str(SHIM)!r} is missing from this installation of lowbit or cannot "
+                f"be read ({e.strerror or e}; reinstall it: the package must ship lowbit/kernels/*.h)")
     return None
 
 
@@ -368,6 +374,18 @@ def supports(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: R
     return _operand_ok(x) and _grid(fmt) is not None and granularity in (Granularity.ROW, Granularity.TENSOR) \
         and rounding in (Rounding.STOCHASTIC, Rounding.NEAREST) and _seed_ok(seed, rounding) \
         and _enabled and available()
+
+
+def prefers(x: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
+            seed: torch.Tensor) -> bool:
+    """:func:`supports`, less the calls the compiled quantizer runs faster (the
+    dispatcher's choice; the codes are the same bits either way): on the AVX2 build
+    (:func:`isa`), an integer grid per tensor rounded to nearest — 0.48–0.89× the
+    compiled kernel's speed there, against 1.3–3.9× for every other kind of call
+    (docs/benchmarks.md, "lowbit's C kernels on AVX2 CPUs")."""
+    return supports(x, fmt, granularity, rounding, seed) and not (
+        granularity == Granularity.TENSOR and rounding == Rounding.NEAREST and _kind(fmt) == 0
+        and isa() == "avx2")
 
 
 def supports_pair(g: torch.Tensor, fmt_a: Format, gran_a: Granularity, rnd_a: Rounding,
@@ -2130,7 +2148,7 @@ def _dequantize(lib: ctypes.CDLL, codes: torch.Tensor, scale: torch.Tensor, per_
     return out
 
 
-__all__ = ["AVX2_CPU_FLAGS", "CPU_FLAGS", "build_flags", "isa", "missing_shim", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
+__all__ = ["AVX2_CPU_FLAGS", "CPU_FLAGS", "build_flags", "isa", "missing_shim", "prefers", "available", "run_attention_dequantize", "run_dequantize", "bhq_forward_quantize", "cpu_has_avx512", "epilogue_nchw", "in_use", "place_nhwc", "quantize",
            "run_epilogue_into", "supports_epilogue_into", "supports_epilogue_nhwc",
            "quantize_batched_pair", "quantize_conv_pair", "quantize_pair", "run_bhq_forward_quantize", "run_epilogue_nchw", "run_place_nhwc", "run_quantize",
            "run_quantize_batched_pair", "run_quantize_conv_pair", "run_quantize_pair", "set_enabled", "supports", "supports_batched_pair",

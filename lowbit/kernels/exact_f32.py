@@ -154,22 +154,31 @@ def _mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _sum(torch.mm, a, b, torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device))
 
 
+# float32 copies every batched call may make whatever its result (1 MiB): short products
+# (one query row against 512 keys) ran 4-7x slower one entry per torch.bmm (a review)
+COPY_FLOOR = 1 << 18
+
+
 def entries_per_call(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
     """How many batch entries of ``a (B, M, K) @ b (B, K, N)`` one ``torch.bmm`` of their
-    float32 copies takes: as many as keep those copies (``(M + N)·K`` floats an entry) no
-    larger than the call's own int32 result (``B·M·N``), at least one. Attention's
-    ``P̃·V`` and ``P̃ᵀ·∇O`` had their whole (B, L, S) codes copied to float32, the
-    score-sized buffer its pieces exist to avoid (a review, 2026-12-07); entries are
-    independent, so the sums are the same bits in any grouping."""
+    float32 copies takes: as many as keep those copies (``(M + N)·K`` floats an entry)
+    within the call's own int32 result (``B·M·N``) or :data:`COPY_FLOOR` floats, whichever
+    is larger, at least one. Attention's ``P̃·V`` and ``P̃ᵀ·∇O`` had their whole (B, L, S)
+    codes copied to float32, the score-sized buffer its pieces exist to avoid (a review,
+    2026-12-07); entries are independent, so the sums are the same bits in any grouping."""
     b, m, k = a_shape
     n = b_shape[2]
     per_entry = (m + n) * k
-    return max(1, min(b, (b * m * n) // per_entry)) if per_entry else max(b, 1)
+    if per_entry == 0:
+        return max(b, 1)
+    return max(1, min(b, max(b * m * n, COPY_FLOOR) // per_entry))
 
 
 def _bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b, True, "int8_bmm_f32")
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
+    if out.numel() == 0 or a.shape[2] == 0:
+        return out.zero_()
     step = entries_per_call(tuple(a.shape), tuple(b.shape))
     for e in range(0, a.shape[0], step):
         _sum(torch.bmm, a[e:e + step], b[e:e + step], out[e:e + step])
@@ -207,6 +216,6 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm_f32(a, b)
 
 
-__all__ = ["ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
+__all__ = ["COPY_FLOOR", "ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
            "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
            "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "runs"]

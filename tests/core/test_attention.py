@@ -929,23 +929,24 @@ def test_attention_in_pieces_allocates_no_score_sized_buffer(monkeypatch: pytest
     """The point of the pieces: the largest buffer a training step's forward and backward
     allocate is one piece of the scores (two entries here), not the (B·H, L, S) float32
     tensor the whole P and ∇S need (torch's profiler, ``self_cpu_memory_usage`` of each
-    op)."""
+    op). Entries of 512 × 512 scores (1 MiB each): larger than the float32 route's floor of
+    copies (``exact_f32.COPY_FLOOR``), so its copies of P̃ are an entry at a time too."""
     from torch.profiler import ProfilerActivity, profile
 
     _skip_without_pieces(pieces)
     if not pieces:
         monkeypatch.setattr(A, "_in_pieces_ok", lambda *args: False)
         monkeypatch.setattr(A, "_forward_in_pieces_ok", lambda *args: False)
-    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * 128 * 128)
-    q, k, v = _qkv_heads(length=128, hd=16)  # 6 entries of 128 × 128 scores
+    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * 512 * 512)
+    q, k, v = _qkv_heads(length=512, hd=16)  # 6 entries of 512 × 512 scores
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Memory block of unknown size was allocated before the profiling"
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss = scaled_dot_product_attention(q, k, v, is_causal=True, state=FQT).square().sum()
             loss.backward()
     largest = max(e.self_cpu_memory_usage for e in prof.events())
-    scores = 6 * 128 * 128 * 4
-    assert largest == (2 * 128 * 128 * 4 if pieces else scores)
+    scores = 6 * 512 * 512 * 4
+    assert largest == (2 * 512 * 512 * 4 if pieces else scores)
 
 
 @pytest.mark.parametrize("heads", [(40, 8), (64, 64)], ids=["simulated", "integer"])

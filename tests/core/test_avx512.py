@@ -1778,7 +1778,8 @@ def test_the_kernel_reads_nothing_past_its_operands() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
 
 
-def test_a_missing_avx2_header_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("header", ["missing", "unreadable"])
+def test_a_missing_avx2_header_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path, header: str) -> None:  # noqa: ANN001
     """An installation without ``avx512_on_avx2.h`` on an AVX2 CPU (faked here): both C
     kernels warn, name the file, and the compiled quantizer and reference softmax run; no
     ``FileNotFoundError`` out of a training step (a review: ``build_flags`` read it
@@ -1786,11 +1787,15 @@ def test_a_missing_avx2_header_warns_and_falls_back(monkeypatch: pytest.MonkeyPa
     from lowbit.kernels import softmax
 
     monkeypatch.setattr(avx512, "isa", lambda: "avx2")
-    monkeypatch.setattr(avx512, "SHIM", tmp_path / "avx512_on_avx2.h")
+    shim = tmp_path / "avx512_on_avx2.h"
+    if header == "unreadable":
+        shim.mkdir()  # reading it raises IsADirectoryError, an OSError (a review: no warning then)
+    monkeypatch.setattr(avx512, "SHIM", shim)
     avx512._library.cache_clear()
     softmax._library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="avx512_on_avx2.h' is missing from this installation"):
+        with pytest.warns(RuntimeWarning, match="avx512_on_avx2.h' is missing from this installation of lowbit or "
+                                                "cannot be read"):
             assert not avx512.available()
         with pytest.warns(RuntimeWarning, match="missing from this installation.*attention softmax"):
             assert not softmax.available()
@@ -1802,3 +1807,31 @@ def test_a_missing_avx2_header_warns_and_falls_back(monkeypatch: pytest.MonkeyPa
     finally:
         avx512._library.cache_clear()
         softmax._library.cache_clear()
+
+
+@needs_avx512
+def test_dispatcher_leaves_to_the_compiled_quantizer_what_it_runs_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``avx512.prefers``: on the kernel's AVX2 build an integer grid per tensor rounded to
+    nearest runs on the compiled quantizer (measured 0.45–0.89× its speed there,
+    docs/benchmarks.md), every other call the kernel takes on the kernel; on the AVX-512
+    build every such call. The dispatcher follows it (the kernel's profiler scope), and
+    the codes are the same bits either way."""
+    from torch.profiler import profile
+
+    x, seed = torch.randn(64, 80), torch.tensor(1)
+    fp8 = parse_format("fp8_e4m3")
+    assert avx512.available() and avx512._fp8_tested()  # built for this CPU before isa() is faked
+    for build in ("avx512", "avx2"):
+        monkeypatch.setattr(avx512, "isa", lambda build=build: build)
+        for fmt in (FORMATS[4], FORMATS[2], fp8):
+            for gran in (Granularity.ROW, Granularity.TENSOR):
+                for rnd in (Rounding.STOCHASTIC, Rounding.NEAREST):
+                    compiled_faster = build == "avx2" and gran == Granularity.TENSOR and rnd == Rounding.NEAREST \
+                        and fmt is not fp8
+                    assert avx512.prefers(x, fmt, gran, rnd, seed) == (avx512.supports(x, fmt, gran, rnd, seed)
+                                                                      and not compiled_faster)
+                    with profile() as prof:
+                        got = kernels_for(Backend.AUTO, "cpu").run("quantize", x, fmt, gran, rnd, seed)
+                    ran = any(e.name == "lowbit::avx512_quantize" for e in prof.events())
+                    assert ran == avx512.prefers(x, fmt, gran, rnd, seed), (build, fmt.name, gran, rnd)
+                    assert _same(got, reference.quantize(x, fmt, gran, rnd, seed))

@@ -34,22 +34,29 @@ def test_sums_equal_int64_products_across_pieces(k: int, low: int) -> None:
     assert torch.equal(batch, torch.stack([want, exact(a.flip(0), b.flip(1))]))
 
 
-@pytest.mark.parametrize("shapes", [((5, 64, 64), (5, 64, 8)), ((5, 8, 16), (5, 16, 64)), ((3, 1, 1100), (3, 1100, 1))],
-                         ids=["copies-larger", "result-larger", "long-sums"])
-def test_batched_float_copies_stay_within_the_result(shapes: tuple) -> None:
-    """A batched product's float32 copies of its codes are at most its int32 result's
-    bytes, or one entry's (``entries_per_call``): attention's ``P̃·V`` copied the whole
-    (B, L, S) codes, a score-sized buffer; the sums the exact ones, in any grouping."""
+@pytest.mark.parametrize("shapes,groups", [(((8, 16, 2048), (8, 2048, 64)), 8), (((6, 64, 64), (6, 64, 64)), 1),
+                                           (((9, 1, 512), (9, 512, 1)), 1)],
+                         ids=["copies-larger", "result-larger", "short-rows"])
+def test_batched_float_copies_stay_within_the_result(monkeypatch: pytest.MonkeyPatch, shapes: tuple,
+                                                     groups: int) -> None:
+    """A batched product's float32 copies of its codes (all of a group of entries, both
+    operands at once) are at most its int32 result's size, one entry's, or
+    ``COPY_FLOOR`` floats (``entries_per_call``): attention's ``P̃·V`` copied the whole
+    (B, L, S) codes, a score-sized buffer; a one-row product ran an entry per call. The
+    sums are the exact ones in any grouping; the profiler sees no larger allocation."""
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(3)
     a = torch.randint(-128, 128, shapes[0], dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, shapes[1], dtype=torch.int8, generator=g)
+    real, seen = exact_f32._sum, []
+    monkeypatch.setattr(exact_f32, "_sum", lambda mm, x, y, out: seen.append(x.shape[0]) or real(mm, x, y, out))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         got = exact_f32.int_bmm(a, b)
     (n, m, k), w = a.shape, b.shape[2]
-    largest = max(e.self_cpu_memory_usage for e in prof.events())
-    assert largest <= max(n * m * w, (m + w) * k) * 4, (largest, exact_f32.entries_per_call(a.shape, b.shape))
+    bound = max(n * m * w, (m + w) * k, exact_f32.COPY_FLOOR)
+    assert sum(seen) == n and len(seen) == groups and max(seen) * (m + w) * k <= bound, seen
+    assert max(e.self_cpu_memory_usage for e in prof.events()) <= bound * 4
     assert torch.equal(got, torch.stack([exact(x, y) for x, y in zip(a, b)]))
 
 
