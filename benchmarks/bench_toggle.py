@@ -19,7 +19,7 @@ Toggles (each is "on" as lowbit ships it):
                off: all on ``torch._int_mm`` (the same sums). Needs a CPU with AMX.
   avx512       integer quantizers on lowbit's AVX-512 kernel (``lowbit.kernels.avx512``);
                off: the compiled (Inductor) quantizer (the same codes). Needs AVX-512, or AVX2
-               with FMA and F16C (the kernel's AVX2 build).
+               and F16C (the kernel's AVX2 build).
   avx512-epilogue  a convolution's epilogue (channels-last accumulator → NCHW product) on
                lowbit's AVX-512 kernel; off: the compiled epilogue (the same values)
   amx-batched  attention's per-head int8 products as one batched AMX call

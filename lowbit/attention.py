@@ -300,7 +300,7 @@ def attention_probs(qq: QuantizedOperand, qk: QuantizedOperand, mask: torch.Tens
     codes ``qq``, ``qk`` (``shapes`` = (B, L, S, E, Ev)); ``masked``: zero the rows the
     mask blocks entirely (:func:`masked_softmax`); the epilogue, the mask and the softmax
     are the kernel-table op ``attention_softmax`` (:mod:`lowbit.kernels.softmax`: fused on
-    AVX-512 and AVX2 CPUs, to float rounding). Deterministic in its arguments, so the
+    AVX-512 CPUs, to float rounding). Deterministic in its arguments, so the
     backward recomputes ``P`` from the saved codes instead of keeping it (a float32
     (B, L, S) tensor: 48 MB for one GPT-2-small block of 4 × 512 tokens), a few entries
     at a time where it can (:func:`attention_backward`). ``entries`` = (i, j): entries
@@ -728,7 +728,7 @@ def grad_scores_op(g_out: Operand, v_t: Operand, probs: torch.Tensor, backend: B
     """``∇S`` of ``∇P = Q_a(∇O)·Q_f(V)ᵀ`` (no dropout) written over ``probs`` (contiguous, on
     the CPU): the GEMM (:func:`batched_product`), then the kernel-table op
     ``attention_softmax_grad`` (its epilogue and the softmax backward; fused on AVX-512
-    and AVX2 CPUs, :mod:`lowbit.kernels.softmax`)."""
+    CPUs, :mod:`lowbit.kernels.softmax`)."""
     acc, a_step, b_step, kernels = batched_product(g_out, v_t, backend, dtype, "∇P")
     return kernels.run("attention_softmax_grad", kernels, acc, a_step, b_step, probs, dtype)
 

@@ -6,7 +6,7 @@ view, bfloat16 — and per-tensor nearest, int8) and a Linear's two ∇Y quantiz
 ``avx512.set_enabled`` — but the per-tensor nearest call, which reaches the kernel
 directly (``avx512.quantize``: on the AVX2 build the dispatcher keeps the compiled one for
 it, ``avx512.prefers``); interleaved medians (``_timing``); every result checked bitwise
-equal first. Needs a CPU with AVX-512, or with AVX2, FMA and F16C (the kernel's AVX2
+equal first. Needs a CPU with AVX-512, or with AVX2 and F16C (the kernel's AVX2
 build, ``avx512.isa()``; the header line says which ran).
 
     python benchmarks/probes/avx512_quantize.py --threads 1

@@ -32,7 +32,7 @@ all-zero, non-finite and tail-shaped operands, with one thread and with two, bef
 kernel is used; a failed test, a missing compiler or a failed build is a
 ``RuntimeWarning`` and the compiled kernel runs instead. ``LOWBIT_AVX512=0`` turns it
 off; so does ``LOWBIT_COMPILE=0`` (it runs where the dispatcher may use fused kernels).
-It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL, or with AVX2, FMA and F16C: there
+It needs x86-64 Linux and a CPU with AVX-512 F/BW/DQ/VL, or with AVX2 and F16C: there
 the same C file is built with each 512-bit intrinsic computed on two 256-bit halves
 (``avx512_on_avx2.h``; :func:`isa`, :func:`build_flags`), the same values lane for lane,
 and the same self-test decides whether it runs.
@@ -90,10 +90,10 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f"
          "-mavx512dq", "-mavx512vl")
 CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})
 # the same source on AVX2: each 512-bit intrinsic on two 256-bit halves (avx512_on_avx2.h);
-# F16C for float16 operands, FMA for the fused multiply-adds (one rounding, as on AVX-512)
+# F16C for float16 operands (the C file has no fused multiply-add: no FMA needed)
 SHIM = Path(__file__).with_name("avx512_on_avx2.h")
-AVX2_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c")
-AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+AVX2_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx2", "-mf16c")
+AVX2_CPU_FLAGS = frozenset({"avx2", "f16c"})
 _enabled = True  # the process-wide switch of set_enabled
 
 _P, _I64, _I, _U32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
@@ -169,7 +169,7 @@ def cpu_has_avx512() -> bool:
 @functools.cache
 def isa() -> str | None:
     """Which build of the kernel this CPU takes: ``"avx512"`` (AVX-512 F/BW/DQ/VL: the
-    intrinsics as written), ``"avx2"`` (AVX2, FMA and F16C but not those: each 512-bit
+    intrinsics as written), ``"avx2"`` (AVX2 and F16C but not those: each 512-bit
     intrinsic on two 256-bit halves, :data:`SHIM`), else ``None`` (no build). Read once
     per process (the dispatcher asks at every quantizer call)."""
     if cpu_has_avx512():
@@ -248,7 +248,7 @@ def in_use() -> str | None:
     """``None`` when lowbit's quantizers run on this kernel where it applies, else why
     not: switched off (``LOWBIT_AVX512=0``, :func:`set_enabled`), fused kernels off
     (``LOWBIT_COMPILE=0``: the reference quantizers run), or not available here (neither
-    AVX-512 nor AVX2/FMA/F16C, no compiler, a failed build or self-test, the AVX2 build's
+    AVX-512 nor AVX2/F16C, no compiler, a failed build or self-test, the AVX2 build's
     header missing: a warning said which). It reports
     the process's decision, not the environment as it is now (a review: ``LOWBIT_AVX512``
     set after the first use was reported as switching the kernel off, which kept running)."""
@@ -261,7 +261,7 @@ def in_use() -> str | None:
     if _switched_off if _library.decided() else cbuild.switched_off("LOWBIT_AVX512"):  # type: ignore[attr-defined]
         return "switched off by LOWBIT_AVX512=0 (read at the kernel's first use in this process)"
     if isa() is None:
-        return "this CPU lacks AVX-512 F/BW/DQ/VL and AVX2/FMA/F16C"
+        return "this CPU lacks AVX-512 F/BW/DQ/VL and AVX2/F16C"
     if not available():
         return "the kernel could not be built or failed its self-test (see the warning)"
     return None

@@ -1,10 +1,9 @@
-/* lowbit's AVX-512 quantizer (quant_avx512.c) and attention softmax (softmax_avx512.c) on a
- * CPU with AVX2, FMA and F16C but no AVX-512: included in place of <immintrin.h> where the
- * build defines LOWBIT_AVX2_SHIM
+/* lowbit's AVX-512 quantizer (quant_avx512.c) on a CPU with AVX2 and F16C but no AVX-512:
+ * included in place of <immintrin.h> where the build defines LOWBIT_AVX2_SHIM
  * (lowbit.kernels.avx512.build_flags). Each 512-bit type is a pair of 256-bit registers
  * (lo: lanes 0-7, hi: lanes 8-15) and each AVX-512 intrinsic the C file calls is defined
  * here on the halves, computing lane for lane what Intel's Intrinsics Guide gives for the
- * instruction (the same IEEE operations: add, mul, div, FMA, min/max with their NaN rule,
+ * instruction (the same IEEE operations: add, mul, div, min/max with their NaN rule,
  * round, convert), so that the codes are the AVX-512 build's bit for bit. Masks stay
  * 16-bit integers (__mmask16); a mask's half becomes all-ones lanes by lb_lanes8 and a
  * comparison's lanes become bits by vmovmskps.
@@ -14,7 +13,7 @@
  * a store of them would overwrite the neighbouring data): vmaskmovps/vpmaskmovd for
  * 32-bit lanes, byte loops where the 8- and 16-bit lanes of a tail are not all selected.
  *
- * Only the intrinsics quant_avx512.c and softmax_avx512.c use are here; a new one fails the AVX2 build
+ * Only the intrinsics quant_avx512.c uses are here; a new one fails the AVX2 build
  * (GCC: "target specific option mismatch"), which lowbit reports and falls back from.
  * SIMDe (simd-everywhere) emulates the same set generically; its 0.8.2 release was
  * measured slower than the compiled quantizer here (each 512-bit value through memory)
@@ -89,48 +88,9 @@ LB lb_m512 lb_mask_mov_ps(lb_m512 src, __mmask16 k, lb_m512 a) {
 LB lb_m512 lb_mask_add_ps(lb_m512 src, __mmask16 k, lb_m512 a, lb_m512 b) {
   return lb_mask_mov_ps(src, k, lb_add_ps(a, b));
 }
-LB lb_m512 lb_mask_blend_ps(__mmask16 k, lb_m512 a, lb_m512 b) { return lb_mask_mov_ps(a, k, b); }
-LB lb_m512 lb_mask_max_ps(lb_m512 src, __mmask16 k, lb_m512 a, lb_m512 b) {
-  return lb_mask_mov_ps(src, k, lb_max_ps(a, b));
-}
 #define _mm512_maskz_mov_ps lb_maskz_mov_ps
 #define _mm512_mask_mov_ps lb_mask_mov_ps
 #define _mm512_mask_add_ps lb_mask_add_ps
-#define _mm512_mask_blend_ps lb_mask_blend_ps
-#define _mm512_mask_max_ps lb_mask_max_ps
-#define _mm512_mask_cmp_ps_mask(k, a, b, imm) ((__mmask16)((k) & _mm512_cmp_ps_mask(a, b, imm)))
-/* fused multiply-adds: one rounding, as vfmadd/vfnmadd on zmm (FMA3 on each half) */
-LB lb_m512 lb_fmadd_ps(lb_m512 a, lb_m512 b, lb_m512 c) {
-  return (lb_m512){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
-}
-LB lb_m512 lb_fnmadd_ps(lb_m512 a, lb_m512 b, lb_m512 c) {
-  return (lb_m512){_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
-}
-#define _mm512_fmadd_ps lb_fmadd_ps
-#define _mm512_fnmadd_ps lb_fnmadd_ps
-/* the lanes' sum in the order of GCC's _mm512_reduce_add_ps (avx512fintrin.h: the 256-bit
- * halves added, then the 128-bit halves, then lanes (2, 3) onto (0, 1), then lane 1 onto
- * lane 0), so that a sum is the AVX-512 build's bit for bit */
-LB float lb_reduce_add_ps(lb_m512 a) {
-  const __m256 t3 = _mm256_add_ps(a.hi, a.lo);
-  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
-}
-#define _mm512_reduce_add_ps lb_reduce_add_ps
-/* vscalefps for what softmax_avx512.c's exp16 passes: n integral in [-252, 252] (there
- * [-150, 128]) or NaN with y NaN. y·2^n as two exact powers of two, 2^floor(n/2) then
- * 2^(n - floor(n/2)), each a normal float: the first product is exact (y in [0.5, 2]
- * there), so the second rounds once, as scalef does, to a subnormal, 0 or inf alike. */
-LB __m256 lb_pow2_8(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); }
-LB __m256 lb_scalef8(__m256 y, __m256 n) {
-  const __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1);
-  return _mm256_mul_ps(_mm256_mul_ps(y, lb_pow2_8(a)), lb_pow2_8(_mm256_sub_epi32(ni, a)));
-}
-LB lb_m512 lb_maskz_scalef_ps(__mmask16 k, lb_m512 y, lb_m512 n) {
-  return lb_maskz_mov_ps(k, (lb_m512){lb_scalef8(y.lo, n.lo), lb_scalef8(y.hi, n.hi)});
-}
-#define _mm512_maskz_scalef_ps lb_maskz_scalef_ps
 /* the largest lane; the C file calls it only where no lane is NaN */
 LB float lb_reduce_max_ps(lb_m512 a) {
   __m256 m = _mm256_max_ps(a.hi, a.lo);  /* GCC's order (avx512fintrin.h): the same bits for ±0 */

@@ -2,8 +2,8 @@
 
 lowbit ships five C kernels: four for x86-64 CPUs (:mod:`.amx`: an AMX int8 GEMM;
 :mod:`.vnni`: a batched int8 GEMM on AVX-512 VNNI; :mod:`.avx512`: the integer quantizer on
-AVX-512; :mod:`.softmax`: attention's softmax with its scores' epilogue on AVX-512 — these
-two also on AVX2 CPUs, through ``avx512_on_avx2.h``) and one
+AVX-512, also on AVX2 CPUs through ``avx512_on_avx2.h``; :mod:`.softmax`: attention's
+softmax with its scores' epilogue on AVX-512) and one
 in plain C (:mod:`.bhq_groups`: BHQ's group
 bookkeeping). Each is compiled with the system C
 compiler (``$CC``, split like a shell would, else ``gcc``, else ``cc``) the first time it

@@ -16,8 +16,7 @@ rowsum(∇P ⊙ P))`` written over ``probs`` (B, L, S), ``∇P`` the epilogue of
 Two implementations. The reference (:func:`reference`, :func:`reference_grad`) composes the
 table's ``int8_epilogue``, a mask addition and ATen's softmax (and its backward), each a
 pass over the score-sized tensor. The native one (:func:`run`, :func:`run_grad`; AVX-512,
-``softmax_avx512.c``, built by :mod:`.cbuild` on first use — on a CPU with AVX2 but no
-AVX-512 the same file on two 256-bit halves, ``avx512_on_avx2.h``, the same values) reads the accumulator once and
+``softmax_avx512.c``, built by :mod:`.cbuild` on first use) reads the accumulator once and
 writes ``P`` (or ``∇S``) over it, each row kept in L1 between its passes: on the text
 task's attention (64 heads of 128 × 128 scores) the epilogue, the mask addition and the
 softmax took four passes over 4 MB. Its values equal the reference's to float rounding,
@@ -132,19 +131,19 @@ def _warn(why: str, then: str | None = None) -> None:
 @compiled.disable_tracing
 def _library() -> ctypes.CDLL | None:
     """The loaded, self-tested library, or ``None`` (module docstring)."""
-    flags = avx512.build_flags()  # AVX-512, or AVX2 through avx512_on_avx2.h (as the quantizer)
-    if cbuild.switched_off("LOWBIT_SOFTMAX") or flags is None:
-        if not cbuild.switched_off("LOWBIT_SOFTMAX") and avx512.missing_shim():
-            _warn(avx512.missing_shim())
+    # AVX-512 only: its AVX2 build (avx512_on_avx2.h, as the quantizer's) was measured slower
+    # than the reference there (the text GPT's fqt-psq-8 step +4.5%; docs/benchmarks.md,
+    # "lowbit's C kernels on AVX2 CPUs")
+    if cbuild.switched_off("LOWBIT_SOFTMAX") or not avx512.cpu_has_avx512():
         return None
     with _disable_current_modes():
-        return cbuild.load_tested(SOURCE, flags, _SIGNATURES, _warn, "attention softmax kernel",
+        return cbuild.load_tested(SOURCE, avx512.FLAGS, _SIGNATURES, _warn, "attention softmax kernel",
                                   _self_test, "the reference softmax")
 
 
 def available() -> bool:
-    """Whether the kernel can run here (AVX-512, or AVX2 with FMA and F16C: its AVX2 build,
-    ``avx512.isa()``; a compiler; a passed self-test); builds and tests it on the first call."""
+    """Whether the kernel can run here (AVX-512, a compiler, a passed self-test); builds and
+    tests it on the first call."""
     return _library() is not None
 
 

@@ -22,22 +22,16 @@
  * Built without -ffast-math and with -ffp-contract=off; the fused multiply-adds are the
  * explicit ones of exp16.
  */
-#ifdef LOWBIT_AVX2_SHIM  /* a CPU with AVX2 but no AVX-512: each 512-bit intrinsic on two halves */
-#include "avx512_on_avx2.h"
-#define VEC static inline __attribute__((always_inline))
-#else
 #include <immintrin.h>
-#define VEC static inline
-#endif
 #include <math.h>
 #include <stdint.h>
 
-VEC __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2/2, exp(r) by Cephes' degree-5 minimax
  * polynomial, times 2^n by scalef (overflow to inf, gradual underflow to 0). -inf and
  * x < -104 give 0; NaN stays NaN (an unordered compare is false: not zeroed). */
-VEC __m512 exp16(__m512 x) {
+static inline __m512 exp16(__m512 x) {
     /* lanes below -104 (a masked score: -inf) are computed as exp(0) and then zeroed:
      * clamping them to -104 instead would make scalef produce denormals, which cost a
      * microcode assist per vector (measured: 8x slower on a causal mask) */
@@ -59,7 +53,7 @@ VEC __m512 exp16(__m512 x) {
 }
 
 /* the 16 scores of row r at column j0 (k: the lanes in the row) */
-VEC __m512 load_scores(const void *in, int in_int, int64_t off, __mmask16 k, __m512 va,
+static inline __m512 load_scores(const void *in, int in_int, int64_t off, __mmask16 k, __m512 va,
                                  const float *sb, __m512 vb, int64_t j0) {
     if (!in_int) return _mm512_maskz_loadu_ps(k, (const float *)in + off);
     const __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, (const int32_t *)in + off));
