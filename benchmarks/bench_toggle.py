@@ -298,7 +298,7 @@ def _softmax() -> Callable[[bool], None]:
     from lowbit.kernels import softmax
 
     if not softmax.available():
-        raise SystemExit("lowbit's softmax kernel (AVX-512, or its AVX2 build) is not available on this machine")
+        raise SystemExit("lowbit's AVX-512 softmax kernel is not available on this machine")
     return softmax.set_enabled
 
 

@@ -13,8 +13,9 @@
  * a store of them would overwrite the neighbouring data): vmaskmovps/vpmaskmovd for
  * 32-bit lanes, byte loops where the 8- and 16-bit lanes of a tail are not all selected.
  *
- * Only the intrinsics quant_avx512.c uses are here; a new one fails the AVX2 build
- * (GCC: "target specific option mismatch"), which lowbit reports and falls back from.
+ * Only the intrinsics quant_avx512.c uses are here; a new one fails the AVX2 build (a
+ * compile error: an incompatible type for a 512-bit operand, else "target specific option
+ * mismatch"), which lowbit reports and falls back from.
  * SIMDe (simd-everywhere) emulates the same set generically; its 0.8.2 release was
  * measured slower than the compiled quantizer here (each 512-bit value through memory)
  * and wrong for this kernel in three places (masked stores wrote zeros into unselected

@@ -974,7 +974,8 @@ def _bitwise_with_and_without(grads) -> None:  # noqa: ANN001
     on the AVX2 build a per-tensor nearest operand runs compiled, ``avx512.prefers``)."""
     with torch.profiler.profile() as prof:
         on = grads()
-    assert any(e.name.startswith("lowbit::avx512_") and "quantize" in e.name for e in prof.events())
+    assert any(e.name.startswith("lowbit::avx512_") and "quantize" in e.name and "dequantize" not in e.name
+               for e in prof.events())
     avx512.set_enabled(False)
     try:
         off = grads()

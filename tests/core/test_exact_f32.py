@@ -35,8 +35,9 @@ def test_sums_equal_int64_products_across_pieces(k: int, low: int) -> None:
 
 
 @pytest.mark.parametrize("shapes,groups", [(((8, 16, 2048), (8, 2048, 64)), 8), (((6, 64, 64), (6, 64, 64)), 1),
-                                           (((9, 1, 512), (9, 512, 1)), 1)],
-                         ids=["copies-larger", "result-larger", "short-rows"])
+                                           (((9, 1, 512), (9, 512, 1)), 1),
+                                           (((100, 64, 256), (100, 256, 64)), 9)],
+                         ids=["copies-larger", "floor", "short-rows", "result-larger"])
 def test_batched_float_copies_stay_within_the_result(monkeypatch: pytest.MonkeyPatch, shapes: tuple,
                                                      groups: int) -> None:
     """A batched product's float32 copies of its codes (all of a group of entries, both
