@@ -177,18 +177,24 @@ def isa() -> str | None:
     return "avx2" if AVX2_CPU_FLAGS <= cbuild.cpu_flags() else None
 
 
+def _shim_digest() -> str | OSError:
+    """The first 16 hex digits of :data:`SHIM`'s SHA-256, or the ``OSError`` reading it
+    raised (an installation that did not ship ``lowbit/kernels/*.h``, a file it may not
+    read)."""
+    try:
+        return hashlib.sha256(SHIM.read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        return e
+
+
 def missing_shim() -> str | None:
     """Why this CPU's build cannot be made though the CPU could run it (the AVX2 build
-    without a readable :data:`SHIM`: an installation that did not ship
-    ``lowbit/kernels/*.h``, or a file it may not read), else ``None``."""
-    if isa() != "avx2":
+    without a readable :data:`SHIM`), else ``None``."""
+    digest = _shim_digest() if isa() == "avx2" else ""
+    if not isinstance(digest, OSError):
         return None
-    try:
-        SHIM.read_bytes()
-    except OSError as e:
-        return (f"the AVX2 build's header {str(SHIM)!r} is missing from this installation of lowbit or cannot "
-                f"be read ({e.strerror or e}; reinstall it: the package must ship lowbit/kernels/*.h)")
-    return None
+    return (f"the AVX2 build's header {str(SHIM)!r} is missing from this installation of lowbit or cannot "
+            f"be read ({digest.strerror or digest}; reinstall it: the package must ship lowbit/kernels/*.h)")
 
 
 def build_flags() -> tuple[str, ...] | None:
@@ -202,11 +208,10 @@ def build_flags() -> tuple[str, ...] | None:
         return None
     if which == "avx512":
         return FLAGS
-    try:  # (the C file includes it by a quoted name: found beside the source, no -I)
-        shim = hashlib.sha256(SHIM.read_bytes()).hexdigest()[:16]
-    except OSError:  # an installation without the header (package data): no AVX2 build
+    digest = _shim_digest()  # (the C file includes it by a quoted name: found beside the source, no -I)
+    if isinstance(digest, OSError):  # no AVX2 build (missing_shim says why)
         return None
-    return AVX2_FLAGS + ("-DLOWBIT_AVX2_SHIM", f"-DLOWBIT_SHIM_SHA256={shim}")
+    return AVX2_FLAGS + ("-DLOWBIT_AVX2_SHIM", f"-DLOWBIT_SHIM_SHA256={digest}")
 
 
 def _warn(why: str, then: str | None = None) -> None:
@@ -228,8 +233,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     flags = build_flags()
     if flags is None:
-        if missing_shim():
-            _warn(missing_shim())
+        if why := missing_shim():
+            _warn(why)
         return None
     with _disable_current_modes():
         what = "AVX-512 quantizer" if flags is FLAGS else "AVX-512 quantizer's AVX2 build"
