@@ -113,6 +113,9 @@ Toggles (each is "on" as lowbit ships it):
                same values)
   conv-pieces  all three of the pieces above at once (conv-acc-pieces,
                conv-grad-w-half-pieces, conv-im2col-pieces)
+  f32-pieces-batched  on the exact float32 route (a CPU without an int8 dot product), a long
+               sum's pieces several to one ``torch.bmm`` (``lowbit.kernels.exact_f32.PIECES_FLOOR``);
+               off: one ``torch.mm`` a piece (the same sums)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -495,6 +498,18 @@ def _attention_pieces() -> Callable[[bool], None]:
     return switch
 
 
+def _f32_pieces_batched() -> Callable[[bool], None]:
+    """Off: a long sum's pieces on the exact float32 route one ``torch.mm`` each
+    (``lowbit.kernels.exact_f32.PIECES_FLOOR`` 0)."""
+    from lowbit.kernels import exact_f32
+
+    floor = exact_f32.PIECES_FLOOR
+
+    def switch(on: bool) -> None:
+        exact_f32.PIECES_FLOOR = floor if on else 0
+    return switch
+
+
 def _gemm_panels() -> Callable[[bool], None]:
     from lowbit.kernels import int8
 
@@ -520,7 +535,8 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
     "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces,
     "conv-acc-pieces": _conv_acc_pieces, "conv-grad-w-half-pieces": _conv_grad_w_half_pieces,
-    "conv-im2col-pieces": _conv_im2col_pieces, "conv-pieces": _conv_pieces}
+    "conv-im2col-pieces": _conv_im2col_pieces, "conv-pieces": _conv_pieces,
+    "f32-pieces-batched": _f32_pieces_batched}
 
 
 def main(argv: list[str] | None = None) -> int:

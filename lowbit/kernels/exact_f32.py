@@ -127,14 +127,68 @@ def _check(a: torch.Tensor, b: torch.Tensor, batched: bool, name: str) -> None:
     vnni.check_operands(a, b, what)
 
 
+# float32 copies and partial results one torch.bmm of a long sum's pieces may make
+# whatever the product's result (8 MiB): a CNN's ∇W (16 × 18,480 @ 18,480 × 48) ran as 18
+# torch.mm of one piece each, 2.6 ms on 2 threads, and as one bmm of its 18 pieces 0.85 ms
+# (docs/benchmarks.md, "The float32 route's long sums")
+PIECES_FLOOR = 1 << 21
+
+
+def pieces_per_call(m: int, n: int, step: int, pieces: int) -> int:
+    """How many of the ``pieces`` ``step``-long pieces of an (M, K) × (K, N) sum one
+    ``torch.bmm`` takes: as many as keep their float32 copies (``(M + N)·step`` floats a
+    piece) and partial results (``M·N`` a piece) within the product's int32 result
+    (``M·N``) or :data:`PIECES_FLOOR` floats, whichever is larger; at least one (then one
+    ``torch.mm`` a piece, as for a wide product, where a piece's GEMM is efficient)."""
+    per_piece = (m + n) * step + m * n
+    return max(1, min(pieces, max(m * n, PIECES_FLOOR) // per_piece))
+
+
+def _sum_batched(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, step: int, per: int) -> torch.Tensor:
+    """``out`` (M, N) int32 = the exact sums of ``a`` (M, K) @ ``b`` (K, N), the whole
+    ``step``-long pieces ``per`` at a time as one ``torch.bmm`` of their float32 copies
+    ((q, M, step) @ (q, step, N)), the last, shorter piece as one ``torch.mm``. Each
+    piece's partial sums are integers below 2²⁴ (exact in float32); a group's are added in
+    float64, exact below 2⁵³ — and the sum of a group is a partial sum of ``K ≤``
+    :data:`MAX_K` terms, below 2³¹ — so the result is the same exact sum as
+    piece by piece."""
+    k = a.shape[1]
+    whole = k // step
+    first = True
+    for p0 in range(0, whole, per):
+        q = min(per, whole - p0)
+        s0, s1 = p0 * step, (p0 + q) * step
+        af = a[:, s0:s1].unflatten(1, (q, step)).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        bf = b[s0:s1].unflatten(0, (q, step)).to(torch.float32, memory_format=torch.contiguous_format)
+        part = torch.bmm(af, bf).sum(0, dtype=torch.float64).to(torch.int32)
+        del af, bf
+        if first:
+            out.copy_(part)
+        else:
+            out.add_(part)
+        first = False
+    if whole * step < k:  # the last, shorter piece
+        part = torch.mm(a[:, whole * step:].float(), b[whole * step:].float())
+        if first:
+            out.copy_(part)
+        else:
+            out.add_(part.to(torch.int32))
+    return out
+
+
 def _sum(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` (int32) = the exact sums of ``mm(a, b)`` over the last dimension of ``a``,
-    piece by piece (module docstring)."""
+    piece by piece (module docstring); the pieces of a single product (``a`` 2-D) several
+    to a ``torch.bmm`` where :func:`pieces_per_call` allows."""
     k = a.shape[-1]
     if k == 0 or out.numel() == 0:
         return out.zero_()
     # any int8 codes (|code| ≤ 128) sum exactly over SAFE_K terms: no read of their range
     step = k if k <= SAFE_K else piece_length(a, b)
+    if a.dim() == 2 and step < k:
+        per = pieces_per_call(a.shape[0], b.shape[1], step, k // step)
+        if per > 1:
+            return _sum_batched(a, b, out, step, per)
     for s in range(0, k, step):
         part = mm(a[..., s:s + step].float(), b[..., s:s + step, :].float())
         if s == 0:
@@ -216,6 +270,6 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.int8_bmm_f32(a, b)
 
 
-__all__ = ["COPY_FLOOR", "ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K", "REDUCED_FLOAT_FLAGS",
-           "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
-           "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "runs"]
+__all__ = ["COPY_FLOOR", "ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K",
+           "PIECES_FLOOR", "REDUCED_FLOAT_FLAGS", "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
+           "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "pieces_per_call", "runs"]

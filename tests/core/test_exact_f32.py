@@ -61,6 +61,34 @@ def test_batched_float_copies_stay_within_the_result(monkeypatch: pytest.MonkeyP
     assert torch.equal(got, torch.stack([exact(x, y) for x, y in zip(a, b)]))
 
 
+@pytest.mark.parametrize("m,k,n,calls", [(16, 18480, 48, [17]), (300, 5000, 200, [3, 1]), (64, 2080, 40, [2]),
+                                         (512, 2100, 2048, [])],
+                         ids=["one-call", "groups", "no-remainder", "wide"])
+def test_long_sums_batch_their_pieces_within_the_bound(monkeypatch: pytest.MonkeyPatch, m: int, k: int, n: int,
+                                                        calls: list[int]) -> None:
+    """A long sum's whole pieces go several to a ``torch.bmm`` (the ∇W of a CNN's first
+    layers: 18 one-piece GEMMs were 3× slower), at most as many as keep the call's float32
+    copies and partial results within the int32 result or ``PIECES_FLOOR`` floats
+    (``pieces_per_call``); a wide product keeps one ``torch.mm`` a piece; the shorter last
+    piece is its own ``torch.mm``. The sums are the exact ones, in either operand layout."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = 127, 127  # a partial sum past 2²⁴ from 1,041 terms: pieces must not overflow
+    want = exact(a, b)
+    real, seen = torch.bmm, []
+
+    def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], x.numel() + y.numel() + x.shape[0] * x.shape[1] * y.shape[2]))
+        return real(x, y)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    for x, y in ((a, b), (a.t().contiguous().t(), b.t().contiguous().t())):
+        seen.clear()
+        assert torch.equal(exact_f32.int_mm(x, y), want)
+        assert [q for q, _ in seen] == calls
+        assert all(size <= max(m * n, exact_f32.PIECES_FLOOR) for _, size in seen), seen
+
+
 def test_piece_length_follows_the_codes_range() -> None:
     full = torch.full((2, 3), 127, dtype=torch.int8)
     assert exact_f32.piece_length(full, full.t()) == 1040  # ⌊(2²⁴−1)/127²⌋
