@@ -127,9 +127,9 @@ def _check(a: torch.Tensor, b: torch.Tensor, batched: bool, name: str) -> None:
     vnni.check_operands(a, b, what)
 
 
-# float32 copies and partial results one torch.bmm of a long sum's pieces may make
-# whatever the product's result (8 MiB): a CNN's ∇W (16 × 18,480 @ 18,480 × 48) ran as 18
-# torch.mm of one piece each, 2.6 ms on 2 threads, and as one bmm of its 18 pieces 0.85 ms
+# float32 copies and partial results one torch.bmm of a long sum's pieces may make (8 MiB):
+# a CNN's ∇W (16 × 18,480 @ 18,480 × 48) ran as 18 torch.mm of one piece each, 1.15 ms on
+# 2 threads, and as one bmm of its 17 whole pieces plus one mm of the rest 0.61 ms
 # (docs/benchmarks.md, "The float32 route's long sums")
 PIECES_FLOOR = 1 << 21
 
@@ -137,21 +137,22 @@ PIECES_FLOOR = 1 << 21
 def pieces_per_call(m: int, n: int, step: int, pieces: int) -> int:
     """How many of the ``pieces`` ``step``-long pieces of an (M, K) × (K, N) sum one
     ``torch.bmm`` takes: as many as keep their float32 copies (``(M + N)·step`` floats a
-    piece) and partial results (``M·N`` a piece) within the product's int32 result
-    (``M·N``) or :data:`PIECES_FLOOR` floats, whichever is larger; at least one (then one
-    ``torch.mm`` a piece, as for a wide product, where a piece's GEMM is efficient)."""
+    piece) and partial results (``M·N`` a piece) within :data:`PIECES_FLOOR` floats; at
+    least one (then one ``torch.mm`` a piece, as for a wide product, whose pieces' GEMMs
+    are efficient and whose copies would not fit)."""
     per_piece = (m + n) * step + m * n
-    return max(1, min(pieces, max(m * n, PIECES_FLOOR) // per_piece))
+    return max(1, min(pieces, PIECES_FLOOR // per_piece))
 
 
 def _sum_batched(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, step: int, per: int) -> torch.Tensor:
     """``out`` (M, N) int32 = the exact sums of ``a`` (M, K) @ ``b`` (K, N), the whole
     ``step``-long pieces ``per`` at a time as one ``torch.bmm`` of their float32 copies
     ((q, M, step) @ (q, step, N)), the last, shorter piece as one ``torch.mm``. Each
-    piece's partial sums are integers below 2²⁴ (exact in float32); a group's are added in
-    float64, exact below 2⁵³ — and the sum of a group is a partial sum of ``K ≤``
-    :data:`MAX_K` terms, below 2³¹ — so the result is the same exact sum as
-    piece by piece."""
+    piece's partial sums are integers below 2²⁴ (exact in float32), added into ``out``
+    in int32 one piece at a time after the copies are freed (no (q, M, N) temporary
+    beside the bmm's result); every running sum is a partial sum of ``K ≤``
+    :data:`MAX_K` terms, below 2³¹, so the result is the same exact sum as piece by
+    piece."""
     k = a.shape[1]
     whole = k // step
     first = True
@@ -160,19 +161,17 @@ def _sum_batched(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, step: int,
         s0, s1 = p0 * step, (p0 + q) * step
         af = a[:, s0:s1].unflatten(1, (q, step)).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
         bf = b[s0:s1].unflatten(0, (q, step)).to(torch.float32, memory_format=torch.contiguous_format)
-        part = torch.bmm(af, bf).sum(0, dtype=torch.float64).to(torch.int32)
+        parts = torch.bmm(af, bf)
         del af, bf
-        if first:
-            out.copy_(part)
-        else:
-            out.add_(part)
-        first = False
-    if whole * step < k:  # the last, shorter piece
-        part = torch.mm(a[:, whole * step:].float(), b[whole * step:].float())
-        if first:
-            out.copy_(part)
-        else:
-            out.add_(part.to(torch.int32))
+        for i in range(q):
+            if first:
+                out.copy_(parts[i])  # integers below 2²⁴: exact in float32 and in int32
+            else:
+                out.add_(parts[i].to(torch.int32))
+            first = False
+        del parts  # (no view of it outlives the loop: the next group's copies come after)
+    if whole * step < k:  # the last, shorter piece (after at least one whole one)
+        out.add_(torch.mm(a[:, whole * step:].float(), b[whole * step:].float()).to(torch.int32))
     return out
 
 

@@ -68,9 +68,9 @@ def test_long_sums_batch_their_pieces_within_the_bound(monkeypatch: pytest.Monke
                                                         calls: list[int]) -> None:
     """A long sum's whole pieces go several to a ``torch.bmm`` (the ∇W of a CNN's first
     layers: 18 one-piece GEMMs were 3× slower), at most as many as keep the call's float32
-    copies and partial results within the int32 result or ``PIECES_FLOOR`` floats
-    (``pieces_per_call``); a wide product keeps one ``torch.mm`` a piece; the shorter last
-    piece is its own ``torch.mm``. The sums are the exact ones, in either operand layout."""
+    copies and partial results within ``PIECES_FLOOR`` floats (``pieces_per_call``); a
+    wide product keeps one ``torch.mm`` a piece; the shorter last piece is its own
+    ``torch.mm``. The sums are the exact ones, in either operand layout."""
     g = torch.Generator().manual_seed(k)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
@@ -86,7 +86,44 @@ def test_long_sums_batch_their_pieces_within_the_bound(monkeypatch: pytest.Monke
         seen.clear()
         assert torch.equal(exact_f32.int_mm(x, y), want)
         assert [q for q, _ in seen] == calls
-        assert all(size <= max(m * n, exact_f32.PIECES_FLOOR) for _, size in seen), seen
+        assert all(size <= exact_f32.PIECES_FLOOR for _, size in seen), seen
+
+
+def _peak_bytes(f) -> int:  # noqa: ANN001
+    """The most bytes ``f()`` holds allocated at once on the CPU (torch's profiler: the
+    running total of its memory events)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        f()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(str(Path(d) / "trace.json"))
+        events = json.loads((Path(d) / "trace.json").read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+@pytest.mark.parametrize("m,k,n", [(412, 5000, 437), (16, 18480, 48)], ids=["two-a-call", "one-call"])
+def test_long_sums_hold_no_more_than_the_bound_at_once(m: int, k: int, n: int) -> None:
+    """While a long sum's pieces run batched, the memory held at once is at most one
+    call's copies and partial results (``PIECES_FLOOR`` floats) beside the int32 result
+    and one int32 piece added into it (a review: the partial results were summed through
+    a float64 copy of all of them, and one group's outlived the next group's copies —
+    1.5× the bound at 412×5000×437)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = -128, -128  # pieces of 1,023 terms
+    step = exact_f32.piece_length(a, b)
+    assert exact_f32.pieces_per_call(m, n, step, k // step) > 1  # the batched path runs
+    got = {}
+    peak = _peak_bytes(lambda: got.setdefault("out", exact_f32.int_mm(a, b)))
+    assert torch.equal(got["out"], exact(a, b))
+    assert peak <= 4 * (exact_f32.PIECES_FLOOR + 2 * m * n), (peak, exact_f32.PIECES_FLOOR)
 
 
 def test_piece_length_follows_the_codes_range() -> None:
