@@ -9,6 +9,9 @@ that and names what would be lost; :func:`rebuild` moves what can be carried ove
 :func:`disable_fused_fastpath` makes the parents that would bypass converted children
 (PyTorch's fused transformer inference path) call them instead. Modules left alone are
 listed in a :class:`ConversionReport` and in a :class:`ConversionWarning`.
+
+:func:`quote_module` is how every message of lowbit's names a module: quoted, ``<root>``
+for the model itself.
 """
 
 from __future__ import annotations
@@ -62,6 +65,18 @@ LAZY_REASON = ("lazy module with uninitialized parameters: run one forward pass 
                "materialize it, then convert")
 
 
+ROOT = "<root>"  # the model itself (fully qualified name "") in lowbit's messages
+
+
+def quote_module(name: str) -> str:
+    """A module's fully qualified name (``named_modules()``'s) as lowbit's messages, report
+    texts and tables print it: quoted (``'2'``, ``'blocks.0.attn'``), so that an
+    ``nn.Sequential`` index cannot read as a count ("in 2"), and :data:`ROOT` (``<root>``,
+    unquoted: not a name) for the model itself, whose name ``""`` would print as nothing.
+    Machine-readable outputs (report fields, dict keys, JSON) keep the bare names."""
+    return repr(name) if name else ROOT
+
+
 class ConversionWarning(UserWarning):
     """``convert`` left a Linear/Conv2d alone because it could not swap it faithfully."""
 
@@ -89,8 +104,8 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layers, skipped {len(self.skipped)}, "
                  f"excluded by the filter {len(self.excluded)}"]
-        lines += [f"  skipped {name or '<root>'}: {why}" for name, why in self.skipped.items()]
-        lines += [f"  fused fast path off: {name or '<root>'}" for name in self.fastpath_disabled]
+        lines += [f"  skipped {quote_module(name)}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  fused fast path off: {quote_module(name)}" for name in self.fastpath_disabled]
         return "\n".join(lines)
 
 
@@ -336,5 +351,5 @@ def disable_fused_fastpath(model: nn.Module, converted: Callable[[nn.Module], bo
     return tuple(names)
 
 
-__all__ = ["ConversionReport", "ConversionWarning", "SwapRule", "disable_fused_fastpath",
-           "hooks_reason", "mha_reason", "rebuild", "register_probe", "skip_reason"]
+__all__ = ["ROOT", "ConversionReport", "ConversionWarning", "SwapRule", "disable_fused_fastpath",
+           "hooks_reason", "mha_reason", "quote_module", "rebuild", "register_probe", "skip_reason"]

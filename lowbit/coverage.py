@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import functional
+from .conversion import quote_module
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .kernels import compiled
 from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges, uncounted_ranges
@@ -162,7 +163,9 @@ class CoverageReport:
 
     def table(self, by: str = "module") -> str:
         """The report as text: a summary line, one row per GEMM group (``by="module"``)
-        or per (module type, op, pass, formats) (``by="type"``), then the float list."""
+        or per (module type, op, pass, formats) (``by="type"``), then the float list. Modules
+        are named quoted (``'2'``: an ``nn.Sequential`` index, not a count), the model itself
+        ``<root>`` (:func:`lowbit.conversion.quote_module`); :meth:`to_dict` keeps the bare names."""
         if by not in ("module", "type"):
             raise ValueError(f"by must be 'module' or 'type', got {by!r}")
         return _render(self, by)
@@ -186,6 +189,12 @@ def _short(fmt: str) -> str:
     return "sim" if fmt == SIMULATED else fmt
 
 
+def _where(module: str) -> str:
+    """A row's module as the text names it: quoted, ``<root>`` for the model itself
+    (:func:`lowbit.conversion.quote_module`), ``(outside model)`` as it is (not a name)."""
+    return module if module == OUTSIDE else quote_module(module)
+
+
 def _render(rep: CoverageReport, by: str) -> str:
     total = rep.total_flops
     if not total:
@@ -198,7 +207,7 @@ def _render(rep: CoverageReport, by: str) -> str:
         f"{_pct(rep.share('low-bit', 'forward'))}", ""]
     groups: dict[tuple, list[int]] = {}
     for r in rep.rows:
-        name = ("(root)" if r.module == "" else r.module) if by == "module" else None
+        name = _where(r.module) if by == "module" else None
         key = (name, r.module_type, r.op, r.phase, " × ".join(map(_short, r.formats)), r.kind)
         acc = groups.setdefault(key, [0, 0])
         acc[0] += r.flops
@@ -217,15 +226,15 @@ def _render(rep: CoverageReport, by: str) -> str:
         for g in reasons:
             more = f", +{len(g['modules']) - 1} more" if len(g["modules"]) > 1 else ""
             lines.append(f"  {g['module_type']} {g['op']} {g['phase']}: {_si(g['flops'])} "
-                         f"({_pct(g['flops'] / total)}) in {g['modules'][0] or '(root)'}{more}"
+                         f"({_pct(g['flops'] / total)}) in {_where(g['modules'][0])}{more}"
                          f" — {g['reason']}")
     if rep.never_called:
-        lines.append(f"converted layers that never ran: {', '.join(rep.never_called)}")
+        lines.append(f"converted layers that never ran: {', '.join(map(quote_module, rep.never_called))}")
     if rep.quantizer_calls:
         lines.append(f"quantizer transforms (float GEMMs inside lowbit's quantizers, not in the "
                      f"shares): {_si(rep.quantizer_flops)} FLOPs in {rep.quantizer_calls} calls")
     for op, module, n in rep.unaccounted:
-        lines.append(f"not counted (no FLOP formula): {op} in {module or '(root)'}, {n} calls")
+        lines.append(f"not counted (no FLOP formula): {op} in {_where(module)}, {n} calls")
     if any(r.op in FLOAT32_ROUTE_OPS for r in rep.rows):
         lines.append("lowbit.int8_mm_f32 / lowbit.int8_bmm_f32 = int8 codes summed exactly on float32 "
                      "units: no int8 dot product on this CPU, or LOWBIT_INT8_ENGINE=float32 (lowbit.kernels.exact_f32)")

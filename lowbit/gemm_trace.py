@@ -55,6 +55,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import flops, grid_notes
 from .config import FQTConfig
+from .conversion import quote_module
 from .nn import call_input
 from .scopes import recorded
 
@@ -586,7 +587,7 @@ class GemmTracer(TorchDispatchMode):
             return "runs outside the model's modules (e.g. in the loss)"
         owner = self.owner.get(weight) if weight is not None else None
         if owner is not None and owner is not module and id(owner) in self.lowbit_layers:
-            return (f"uses the weight of converted {self.lowbit_layers[id(owner)]} "
+            return (f"uses the weight of converted {quote_module(self.lowbit_layers[id(owner)])} "
                     f"({type(owner).__name__}) directly; that layer's forward is bypassed")
         if id(module) in self.lowbit_layers:
             return _why_layer_float(module, phase)

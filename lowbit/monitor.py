@@ -79,6 +79,7 @@ from torch import nn
 
 from .adaptive import AdaptivePolicy, Decision
 from .config import GradSpec, describe, with_bits
+from .conversion import quote_module
 from .formats import IntFormat, Rounding, parse_format
 from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, call_input, fqt_blocks
@@ -250,7 +251,7 @@ class VarianceMonitor:
                 self.skipped[name] = reason
         if not self.layers:
             raise ValueError("no monitorable converted layer: "
-                             + ("; ".join(f"{n}: {r}" for n, r in self.skipped.items())
+                             + ("; ".join(f"{quote_module(n)}: {r}" for n, r in self.skipped.items())
                                 or "convert the model with an fqt-* recipe first"))
         if policy is not None:
             _check_policy_fits(policy, self.layers)
@@ -332,7 +333,7 @@ class VarianceMonitor:
                 continue
             reason = skip_reason(layer)
             if reason is not None:
-                raise ValueError(f"VarianceMonitor: layer {name!r} was given a new config since the "
+                raise ValueError(f"VarianceMonitor: layer {quote_module(name)} was given a new config since the "
                                  f"monitor was built ({describe(layer.config)}), which it cannot "
                                  f"measure: {reason}; build a new VarianceMonitor (or close this one)")
             if self.policy is not None:
@@ -465,26 +466,27 @@ class VarianceMonitor:
         """A warning, once per layer and cause, where a ratio is NaN for a reason the user
         can act on (it was silent: ``fqt-auto`` then ran at fixed widths)."""
         causes = []
+        layer = quote_module(name)
         if acc.flat_probe:
-            causes.append(("flat", f"{name}: ratio_x not measured: the layer's ∇Y sums to 0 over the "
+            causes.append(("flat", f"{layer}: ratio_x not measured: the layer's ∇Y sums to 0 over the "
                            "samples (its output is normalized over the batch, e.g. by BatchNorm), so "
                            "the input-shift probe has no gradient to compare with; a policy leaves "
                            "this ∇X path's width as it is"))
         if acc.nonfinite:
-            causes.append(("nonfinite", f"{name}: its ∇Y or the per-sample gradient norms are not "
+            causes.append(("nonfinite", f"{layer}: its ∇Y or the per-sample gradient norms are not "
                            "finite (an overflow or NaN upstream): this step's ratios are not "
                            "measurements; a policy leaves the layer as it is"))
         if acc.pair_nonfinite and not acc.nonfinite:
-            causes.append(("pair-nonfinite", f"{name}: the step before this one, the paired estimate's "
+            causes.append(("pair-nonfinite", f"{layer}: the step before this one, the paired estimate's "
                            "other half, had a non-finite gradient (an overflow: a loss scaler's skipped "
                            "step): this step's ratios are not measurements; a policy leaves the layer as "
                            "it is (said once per layer)"))
         if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
-            causes.append(("samples", f"{name}: one sample in the minibatch: the per-sample "
+            causes.append(("samples", f"{layer}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "
                            "leaves it as it is; VarianceMonitor(sgd='paired') compares two steps"))
         if v.calls > 1 and self.sgd == "per-sample":
-            causes.append(("calls", f"{name}: ran {v.calls} times in one monitored step (gradient "
+            causes.append(("calls", f"{layer}: ran {v.calls} times in one monitored step (gradient "
                            "accumulation or a shared layer): per-sample minibatch variance cannot "
                            "span calls, so its ratios are NaN and a policy leaves it as it is; "
                            "VarianceMonitor(sgd='paired') sums the calls' gradients"))
@@ -536,7 +538,7 @@ class VarianceMonitor:
                 cfg = dataclasses.replace(cfg, **{path: with_bits(dataclasses.replace(spec, quantizer=new[0]), new[1])})
                 d = Decision(step, name, path, cur[0], cur[1], new[0], new[1], r[cur], r[new])
                 self.decisions.append(d)
-                log.info("step %d %s %s: %s%d -> %s%d (ratio %.3g -> %.3g)", step, name, path,
+                log.info("step %d: layer %s %s: %s%d -> %s%d (ratio %.3g -> %.3g)", step, quote_module(name), path,
                          cur[0], cur[1], new[0], new[1], r[cur], r[new])
             layer.config = self._configs[name] = cfg
 
@@ -595,12 +597,12 @@ class VarianceMonitor:
             for p, qb in paths.items():
                 spec = getattr(cfg, p)
                 if (qb is None) != (spec is None):
-                    raise ValueError(f"monitor state: layer {n!r} path {p} is "
+                    raise ValueError(f"monitor state: layer {quote_module(n)} path {p} is "
                                      f"{'float' if qb is None else 'quantized'} in the state")
                 if qb is not None and self.policy is None and (spec.quantizer, spec.bits) != (qb[0], int(qb[1])):
                     # only a policy changes a layer's gradient spec; an observe-only monitor's
                     # state of another recipe rewrote a fixed one (a review)
-                    raise ValueError(f"monitor state: layer {n!r} path {p} ran {qb[0]}{qb[1]} in the state, "
+                    raise ValueError(f"monitor state: layer {quote_module(n)} path {p} ran {qb[0]}{qb[1]} in the state, "
                                      f"{spec.quantizer}{spec.bits} here, and this monitor has no policy to "
                                      "change it: the state is another recipe's")
                 if qb is not None:
@@ -628,7 +630,7 @@ def _check_policy_fits(policy: AdaptivePolicy, layers: dict[str, Any]) -> None:
         cfg = layer.config
         if cfg.adaptive is None:
             raise ValueError(
-                f"VarianceMonitor: policy given, but layer {name!r} was converted with a fixed recipe "
+                f"VarianceMonitor: policy given, but layer {quote_module(name)} was converted with a fixed recipe "
                 f"({describe(cfg)}): the policy would rewrite its gradient bit widths. Convert with an "
                 "adaptive recipe (FQTConfig.from_recipe('fqt-auto'|'fqt-auto-psq'|'fqt-auto-bhq')) "
                 "and AdaptivePolicy.from_recipe of the same name, or monitor without a policy")
@@ -636,11 +638,11 @@ def _check_policy_fits(policy: AdaptivePolicy, layers: dict[str, Any]) -> None:
             spec = getattr(cfg, path)
             if spec is not None and not isinstance(spec.format, IntFormat):
                 raise ValueError(
-                    f"VarianceMonitor: layer {name!r} quantizes {path} on {spec.format.name}, which "
+                    f"VarianceMonitor: layer {quote_module(name)} quantizes {path} on {spec.format.name}, which "
                     "has no other bit width: a policy chooses integer widths (intB, intBa)")
             if spec is not None and spec.quantizer not in cands:
                 raise ValueError(
-                    f"VarianceMonitor: layer {name!r} quantizes {path} with {spec.quantizer!r}, not "
+                    f"VarianceMonitor: layer {quote_module(name)} quantizes {path} with {spec.quantizer!r}, not "
                     f"among the policy's candidates {list(cands)}: use AdaptivePolicy.from_recipe("
                     f"{cfg.adaptive!r}) for a model converted with {cfg.adaptive!r}")
 

@@ -28,7 +28,7 @@ from torch.nn.modules.utils import _pair
 
 from .config import Backend, FQTConfig, describe, not_a_config
 from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRule, disable_fused_fastpath,
-                         reads_out_proj, rebuild, skip_reason)
+                         quote_module, reads_out_proj, rebuild, skip_reason)
 from .conv import fqt_conv1d
 from .formats import check_dense
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
@@ -509,7 +509,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         model, lambda m: isinstance(m, (*_FQT_LAYERS, FQTMultiheadAttention)))
     set_excluded = set(excluded)
     if skipped:
-        listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in skipped.items())
+        listing = "; ".join(f"{quote_module(n)}: {why}" for n, why in skipped.items())
         warnings.warn(f"lowbit.convert left {len(skipped)} layer(s) in float: {listing}",
                       ConversionWarning, stacklevel=2)
     elif not converted and (names := [n for n in getattr(module_filter, "none", ()) if n in set_excluded]):
@@ -517,7 +517,7 @@ def convert(model: nn.Module, config: FQTConfig, module_filter: ModuleFilter | N
         # (a new user's trial); only None answers that excluded a module count (a review: the
         # modules lowbit has no layer for are asked too)
         warnings.warn(f"lowbit.convert converted nothing: module_filter returned None (read as False: "
-                      f"excluded) for {len(names)} module(s) ({', '.join(repr(n) for n in names[:3])}"
+                      f"excluded) for {len(names)} module(s) ({', '.join(map(quote_module, names[:3]))}"
                       f"{', …' if len(names) > 3 else ''}); a filter must return True for the modules to "
                       "convert — does it lack a return?", ConversionWarning, stacklevel=2)
     elif not converted and not excluded:  # a model of functional GEMMs came back as it was

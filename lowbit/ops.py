@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from .config import FQTConfig, GradSpec, OperandSpec, not_a_config
+from .conversion import quote_module
 from .formats import Rounding, compute_dtype
 from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path
@@ -181,7 +182,8 @@ def warn_if_not_adaptive(state: BlockState) -> None:
     name = state.config.adaptive
     if name is None or state.policy_driven:
         return
-    layer = f"layer {state.noise.name!r}" if state.noise.name else "a layer"
+    # "" is also the name of a layer built without one (FQTLinear(..., name="")): not "<root>"
+    layer = f"layer {quote_module(state.noise.name)}" if state.noise.name else "a layer"
     why = (f"the VarianceMonitor attached to the model cannot drive it ({state.undriven})"
            if state.undriven is not None else
            f"the recipe chooses gradient bit widths only for the layers that "

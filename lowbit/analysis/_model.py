@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FQTConfig
+from ..conversion import quote_module
 from ..conv import conv_quantized, conv_rows
 from ..formats import compute_dtype
 from ..functional import quantize_forward, same_padding
@@ -228,7 +229,7 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             rec.calls += 1
             if rec.calls > 1:
-                raise ValueError(f"layer {name!r} ran {rec.calls} times in one forward; the "
+                raise ValueError(f"layer {quote_module(name)} ran {rec.calls} times in one forward; the "
                                  "analysis needs each converted layer called once")
             x = call_input(args, kwargs)
             rec.x_needs_grad = bool(x.requires_grad)

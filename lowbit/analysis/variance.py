@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
+from ..conversion import quote_module
 from ..distributed import GradComm
 from ..nn import fqt_blocks, fqt_weight_layers
 from ..noise import torch_seed
 from ._model import (
+    OTHER,
     TOTAL,
     FlatGrads,
     LossFn,
@@ -186,7 +188,9 @@ class VarianceReport:
         relative gap ``(total − sgd − quant)/total``, the largest bias |z|, and the
         measured/predicted ratio of the Theorem 2 bound (– where not computed, inf where the
         bound is 0 and the measurement is not). Variances
-        are traces (sums over the group's entries), in squared gradient units."""
+        are traces (sums over the group's entries), in squared gradient units. A converted
+        layer's group is named as its module, quoted (``'0'``; ``<root>`` for the model itself:
+        :func:`lowbit.conversion.quote_module`), beside ``other`` and ``total``."""
         def num(x: float, se: float | None = None) -> str:
             if math.isnan(x):  # not computed
                 return "–"
@@ -207,7 +211,8 @@ class VarianceReport:
 
         for n in names:
             g = self.groups[n]
-            rows.append((n, str(g.numel), num(g.sgd, g.sgd_se), num(g.quant, g.quant_se),
+            label = n if n in (OTHER, TOTAL) else quote_module(n)  # a group of a converted layer: its module
+            rows.append((label, str(g.numel), num(g.sgd, g.sgd_se), num(g.quant, g.quant_se),
                          num(g.quant / g.sgd if g.sgd > 0 else math.nan), num(g.total, g.total_se),
                          num(g.rel_gap), num(g.max_abs_z), tight(g)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

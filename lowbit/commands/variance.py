@@ -58,6 +58,7 @@ from lowbit.analysis.variance import (
     variance_profile,
 )
 from lowbit.config import FQTConfig, GradSpec
+from lowbit.conversion import quote_module
 from lowbit.experiments.models import DEFAULT_MODEL, build_model
 from lowbit.experiments.rundir import write_atomic
 from lowbit.formats import IntFormat, Rounding, parse_format
@@ -90,7 +91,7 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
     eligible = [n for n, r in rec.items() if r.x_needs_grad and r.gy is not None]
     if opts.bin_layer is not None:
         if opts.bin_layer not in eligible:
-            raise ValueError(f"--bin-layer must be one of {', '.join(eligible)}, "
+            raise ValueError(f"--bin-layer must be one of {', '.join(map(quote_module, eligible))}, "
                              f"got {opts.bin_layer!r}")
         name = opts.bin_layer
     else:
@@ -106,7 +107,7 @@ def _bin_study(model: nn.Module, data: Data, batch: object,
         out["by_bits"][str(bits)] = {q: h.to_dict() for q, h in hists.items()}
         paths.append(plot_bin_utilization(
             hists, opts.out / f"bins_{bits}bit.png",
-            f"{opts.task}: ∇Y of {name} {tuple(a.shape)} (rows = {'tokens' if opts.task == 'text' else 'samples'}) on the {bits}-bit grid"))
+            f"{opts.task}: ∇Y of {quote_module(name)} {tuple(a.shape)} (rows = {'tokens' if opts.task == 'text' else 'samples'}) on the {bits}-bit grid"))
     return out, paths
 
 
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     attention = [n for n in fqt_blocks(model) if n not in fqt_weight_layers(model)]
     bound_note = None
     if attention and opts.bound_batches:
-        bound_note = (f"{model_name} quantizes attention products ({attention[0]}, ...), for which the "
+        bound_note = (f"{model_name} quantizes attention products ({quote_module(attention[0])}, ...), for which the "
                       f"Theorem 2 bound has no term: --bound-batches {opts.bound_batches} skipped")
         print(f"lowbit variance: {bound_note}", file=sys.stderr)
     if opts.bound_batches and not attention:

@@ -324,7 +324,7 @@ def test_a_model_with_low_bit_attention_skips_the_bound_and_keeps_its_results(tm
     assert rc == 0
     assert "for which the Theorem 2 bound has no term: --bound-batches 1 skipped" in capsys.readouterr().err
     res = json.loads((out / "variance.json").read_text())
-    assert "attention products (blocks.0.attn.sdpa" in res["bound_note"] and res["spectra"] == []
+    assert "attention products ('blocks.0.attn.sdpa'" in res["bound_note"] and res["spectra"] == []
     assert not (out / "bounds.png").exists()
     assert "No bound: gpt quantizes attention products" in (out / "summary.md").read_text()  # the "–" cells' reason
 

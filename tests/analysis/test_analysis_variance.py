@@ -215,7 +215,8 @@ def test_nearest_rounding_is_flagged_as_biased() -> None:
     assert lines[0] == "gradient variance: 12 minibatches × 6 draws" and lines[2].split()[:3] == ["group", "numel", "sgd"]
     assert lines[2].split()[-1] == "quant/bound"
     rows, note = lines[3:-2], lines[-1]
-    assert [ln.split()[0] for ln in rows] == [*[n for n in rep.groups if n != "total"], "total"]
+    # the converted layers' groups named as their modules, quoted: "0  160  …" read as numbers
+    assert [ln.split()[0] for ln in rows] == [*[f"'{n}'" for n in rep.groups if n != "total"], "total"]
     total = rows[-1].split()
     assert total[1] == str(rep.groups["total"].numel) and f"{rep.groups['total'].max_abs_z:.3g}" in total
     # the last column says what it is, and why it is empty (a new user's walkthrough)

@@ -21,7 +21,7 @@ from conftest import SelfAttention
 
 import lowbit
 from lowbit import ConversionWarning, FQTConfig, FQTConv2d, FQTLinear
-from lowbit.conversion import LAZY_REASON, MHA_REASON
+from lowbit.conversion import LAZY_REASON, MHA_REASON, ROOT, quote_module
 from lowbit.attention_modules import FQTMultiheadAttention
 
 FQT = FQTConfig.from_recipe("fqt-psq-8", seed=0)
@@ -112,7 +112,7 @@ def test_subclass_is_left_alone(case: str) -> None:
     model, report, msgs = convert_quietly(model)
     reason = f"{cls_name} is a subclass of nn.{base}: its own forward, parameters or state would be lost"
     assert report.skipped == {"0": reason} and report.converted == ()
-    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {reason}"]
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: '0': {reason}"]
     assert model[0] is sub and type(sub).__name__ == cls_name
     assert list(model.state_dict()) == keys
     assert torch.equal(model(x), ref(x))  # bit for bit: nothing changed
@@ -162,7 +162,7 @@ def test_hooked_module_is_left_alone(kind: str, layer: str) -> None:
     model, report, msgs = convert_quietly(nn.Sequential(mod))
     reason = f"has {kind}: the converted layer would not carry them"
     assert report.skipped == {"0": reason} and model[0] is mod
-    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {reason}"]
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: '0': {reason}"]
     assert torch.equal(model(x), before)
     handle.remove()  # the user's handle still works on the untouched module
     assert lowbit.convert(model, FQT)[0].__class__ in (FQTLinear, FQTConv2d)
@@ -253,7 +253,7 @@ def test_lazy_module_is_skipped_then_converts_once_materialized() -> None:
     model, ref = nn.Sequential(nn.LazyLinear(4)), nn.Sequential(nn.LazyLinear(4))
     model, report, msgs = convert_quietly(model)
     assert report.skipped == {"0": LAZY_REASON}
-    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 0: {LAZY_REASON}"]
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: '0': {LAZY_REASON}"]
     x = torch.randn(2, 3)
     torch.manual_seed(0)
     y = model(x)  # used to fail here; materializes as a plain nn.Linear
@@ -361,7 +361,7 @@ def test_multihead_attention_kept_float_does_not_claim_out_proj(mode: str) -> No
     model, report, msgs = convert_quietly(model, module_filter=keep_float)
     assert report.excluded == ("mha",)
     assert report.skipped == {"mha.out_proj": MHA_REASON} and report.converted == ("head",)
-    assert msgs == [f"lowbit.convert left 1 layer(s) in float: mha.out_proj: {MHA_REASON}"]
+    assert msgs == [f"lowbit.convert left 1 layer(s) in float: 'mha.out_proj': {MHA_REASON}"]
     assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert set(lowbit.fqt_layers(model)) == {"head"}
     x = torch.randn(2, 5, 8)
@@ -647,6 +647,34 @@ def test_root_module() -> None:
     model, report, msgs = convert_quietly(hooked)
     assert model is hooked and set(report.skipped) == {""}
     assert msgs[0].startswith("lowbit.convert left 1 layer(s) in float: <root>: has forward hooks")
+
+
+def test_messages_name_modules_quoted_and_the_model_itself_as_root() -> None:
+    """A new user's trial: in an ``nn.Sequential`` the warning read "in float: 0: …; 2: …" —
+    a count, not a module. Every message names a module quoted (``'2'``) and the model itself
+    ``<root>`` (its name ``""`` printed as nothing); the report's fields keep the bare names."""
+    assert (quote_module("2"), quote_module("blocks.0.fc"), quote_module("")) == ("'2'", "'blocks.0.fc'", ROOT)
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    for i in (0, 2):
+        model[i].register_forward_hook(lambda m, args, out: out)
+    _, report, msgs = convert_quietly(model)
+    why = "has forward hooks: the converted layer would not carry them"
+    assert report.skipped == {"0": why, "2": why}
+    assert msgs == [f"lowbit.convert left 2 layer(s) in float: '0': {why}; '2': {why}"]
+    assert str(report).splitlines()[1:] == [f"  skipped '0': {why}", f"  skipped '2': {why}"]
+    # the fused fast path turned off in a Sequential's layer '0'
+    enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+    _, report, _ = convert_quietly(enc)
+    assert report.fastpath_disabled == ("0",) and str(report).splitlines()[-1] == "  fused fast path off: '0'"
+    # the model itself: skipped, and a filter answering None for it
+    root = nn.Linear(3, 3)
+    root.register_forward_hook(lambda m, i, o: o)
+    _, report, msgs = convert_quietly(root)
+    assert set(report.skipped) == {""} and str(report).splitlines()[1] == f"  skipped <root>: {why}"
+    _, report, msgs = convert_quietly(nn.Linear(3, 3), module_filter=lambda m, name: None)
+    assert report.excluded == ("",) and msgs[0].startswith(
+        "lowbit.convert converted nothing: module_filter returned None (read as False: excluded) for 1 "
+        "module(s) (<root>); ")
 
 
 def test_ran_flag_and_reset() -> None:

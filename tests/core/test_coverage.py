@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
+import re
 import warnings
 
 import pytest
@@ -22,7 +24,7 @@ from conftest import SelfAttention, same_nested
 
 import lowbit
 from lowbit.cli import main
-from lowbit.coverage import SIMULATED, CoverageReport, coverage, default_loss
+from lowbit.coverage import OUTSIDE, SIMULATED, CoverageReport, GemmRow, coverage, default_loss
 from lowbit.kernels import qconv
 from lowbit.nn import range_state, rng_state
 
@@ -427,7 +429,7 @@ def test_swapped_module_that_is_never_called_counts_as_float() -> None:
     assert rep.never_called == ("proj",)  # ...but never called
     assert rep.lowbit_share == pytest.approx(3 * head / (3 * head + 2 * proj), rel=1e-12)
     reasons = {g["reason"] for g in rep.float_reasons()}
-    assert reasons == {"uses the weight of converted proj (FQTLinear) directly; that layer's "
+    assert reasons == {"uses the weight of converted 'proj' (FQTLinear) directly; that layer's "
                        "forward is bypassed"}
 
 
@@ -603,6 +605,44 @@ def test_report_table_and_dict() -> None:
     assert d["total_flops"] == 5760 and d["flops_by_kind"]["int8"] == 1920
     assert d["flops_by_phase"] == {"forward": 1920, "grad_input": 1920, "grad_weight": 1920,
                                    "backward": 0}
+
+
+def test_the_text_names_modules_quoted_and_the_model_itself_as_root(capsys: pytest.CaptureFixture[str]) -> None:
+    """A new user's trial: in an ``nn.Sequential`` the text read "… in 2, +1 more" — a count,
+    not a module — and the model itself "(root)". The text (table, float and simulated
+    lines, never-ran and not-counted lines, the CLI's) quotes every module it names and
+    calls the model itself ``<root>``; the rows and ``to_dict()`` keep the bare names."""
+    rep = mlp_step(converted(mlp(), "qat-8"))  # ∇X and ∇W float in layers 0 and 2
+    lines = str(rep).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("module "))
+    assert {line.split()[0] for line in lines[head + 1:lines.index("", head)]} == {"'0'", "'2'"}
+    floats = [line for line in lines if line.startswith("  FQTLinear ")]
+    assert len(floats) == 2 and all(re.search(r" in '[02]', \+1 more — the recipe keeps", x) for x in floats)
+    assert {r.module for r in rep.rows} == {"0", "2"}
+    assert {m for g in rep.to_dict()["float"] for m in g["modules"]} == {"0", "2"}
+    # the model itself running a GEMM with a converted layer's weight, which never runs
+    torch.manual_seed(0)
+    text = str(coverage(converted(Bypass(), "fqt-psq-8"), torch.randn(5, 8)))
+    assert "<root>  Bypass" in text and "(root)" not in text
+    assert " in <root> — uses the weight of converted 'proj' (FQTLinear) directly" in text
+    assert "converted layers that never ran: 'proj'" in text.splitlines()
+    # every line that names a module, on a report built by hand
+    made = CoverageReport((GemmRow("", "Net", "aten.mm", "forward", FP32, "float", 600, 1, None, "why"),
+                           GemmRow(OUTSIDE, "-", "aten.mm", "forward", FP32, "float", 200, 1, None, "loss"),
+                           GemmRow("2", "FQTLinear", "aten._int_mm", "forward", INT8, "int8", 200, 1, "2.weight")),
+                          unaccounted=(("aten.foo", "", 3), ("aten.bar", "0", 1)), never_called=("0", "1"))
+    lines = made.table().splitlines()
+    assert [line.split()[0] for line in lines[4:7]] == ["<root>", "(outside", "'2'"]
+    assert "  Net aten.mm forward: 600 (60.0%) in <root> — why" in lines
+    assert "  - aten.mm forward: 200 (20.0%) in (outside model) — loss" in lines
+    assert lines[-3:] == ["converted layers that never ran: '0', '1'",
+                          "not counted (no FLOP formula): aten.foo in <root>, 3 calls",
+                          "not counted (no FLOP formula): aten.bar in '0', 1 calls"]
+    assert main(["coverage", "--task", "digits", "--model", "mlp", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(out) if line.startswith("module "))
+    rows = itertools.takewhile(lambda line: line and not line.startswith("lowbit.int8"), out[head + 1:])
+    assert {line.split()[0] for line in rows} == {"'net.1'", "'net.3'", "'net.5'"}
 
 
 # -- the command line ------------------------------------------------------------------------

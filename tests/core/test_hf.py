@@ -437,7 +437,7 @@ def test_attention_lowbit_cannot_compute_stays_float_and_is_reported(make, why: 
     assert len(names) == 2 and set(report.skipped) == set(names)
     assert all(why in report.skipped[n] and "stays float ('eager' attention)" in report.skipped[n]
                for n in names)
-    assert all(f"{n}: {report.skipped[n]}" in message for n in names)
+    assert all(f"'{n}': {report.skipped[n]}" in message for n in names)  # quoted, as every module
     assert model.config._attn_implementation == "eager" and attention_blocks(model) == {}
     ids = batch("llama")["input_ids"]
     with torch.no_grad():

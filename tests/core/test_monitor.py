@@ -378,8 +378,12 @@ def test_monitor_leaves_training_bitwise_unchanged() -> None:
     torch.set_rng_state(rng)
 
 
-def test_adaptive_decisions_deterministic_and_resume_bitwise() -> None:
-    p1, d1, s1 = _train(6, "fqt-auto", "adapt", seed=3)
+def test_adaptive_decisions_deterministic_and_resume_bitwise(caplog) -> None:  # noqa: ANN001
+    with caplog.at_level("INFO", logger="lowbit.monitor"):
+        p1, d1, s1 = _train(6, "fqt-auto", "adapt", seed=3)
+    logged = [r.getMessage() for r in caplog.records if " -> " in r.getMessage()]
+    assert [m.split(": ")[:2] for m in logged] == [  # each change logged, its layer quoted
+        [f"step {d.step}", f"layer '{d.layer}' {d.path}"] for d in d1]
     p2, d2, s2 = _train(6, "fqt-auto", "adapt", seed=3)
     assert d1 and d1 == d2, "the policy must decide, and the same way under a seed"
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
@@ -675,6 +679,8 @@ def test_gradient_accumulation_is_named_and_paired_measures_it(caplog) -> None:
         if sgd == "per-sample":
             assert math.isnan(v.ratio_w) and math.isnan(v.ratio_x)
             assert len(warned) == 3  # once per layer, not once per step
+            # naming the layer quoted: "layer 2: ran 4 times" read as a count (a new user's trial)
+            assert sorted(w.split(": ran ")[0] for w in warned) == [f"lowbit.monitor: layer '{n}'" for n in "024"]
         else:
             assert math.isfinite(v.ratio_w) and math.isfinite(v.ratio_x) and not warned
 
