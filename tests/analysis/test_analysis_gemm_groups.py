@@ -20,7 +20,7 @@ from torch import nn
 import lowbit
 from lowbit import FQTConfig
 from lowbit.analysis import gradient_variance, jacobian_spectrum, variance_profile
-from lowbit.analysis._model import parameter_groups
+from lowbit.analysis._model import parameter_groups, qat_of
 
 CFG = FQTConfig.from_recipe("fqt-psq-8", seed=0)
 
@@ -87,9 +87,34 @@ def test_attention_blanks_the_bound_of_the_groups_upstream_of_it_only() -> None:
     assert rep.to_dict()["unbounded"] == rep.unbounded
     # under QAT attention adds no noise: every group is bounded
     qat_attention = _attn_model()
-    qat_attention.attn.attention.config = lowbit.analysis.variance.qat_of(CFG)
+    qat_attention.attn.attention.config = qat_of(CFG)
     rep = gradient_variance(qat_attention, _ce, _attn_batches(), repeats=3, bound_batches=1)
     assert rep.unbounded == {} and all(math.isfinite(g.pred_data) for g in rep.groups.values())
+
+
+def test_a_block_that_ran_unseen_reaches_every_group() -> None:
+    """A block whose output is not seen (computed past ``__call__`` and ``attend``) but
+    whose ``ran`` flag says it ran: its reach is not ruled out, every group; one that did
+    not run reaches none. ``ran`` flags are left as running the model leaves them."""
+    from lowbit.analysis.bounds import unmodelled_reach
+    from lowbit.attention_modules import FQTScaledDotProductAttention
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.odd = FQTScaledDotProductAttention(config=CFG)
+            self.idle = FQTScaledDotProductAttention(config=CFG)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.odd.ran = True  # as a method other than attend would
+            return self.b(self.a(x))
+
+    m = lowbit.convert(M(), CFG)
+    groups = parameter_groups(m)
+    reach = unmodelled_reach(m, lambda mod, b: mod(b).sum(), torch.randn(3, 4), groups,
+                             {"odd": m.odd, "idle": m.idle})
+    assert reach == {"odd": ["a", "b"]} and m.odd.ran and not m.idle.ran
 
 
 def test_an_in_projection_is_propagated_through_as_a_linear() -> None:
