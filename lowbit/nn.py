@@ -581,9 +581,11 @@ def fqt_layers(model: nn.Module, *, ran: bool | None = None) -> dict[str, _Stoch
 
 def fqt_weight_layers(model: nn.Module) -> dict[str, FQTLinear | FQTConv2d | FQTConv1d]:
     """The converted ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` layers of ``model`` by
-    name: the layers with a weight GEMM of their own that :mod:`lowbit.analysis` models
-    (its formulas read a Linear's (out, in) weight or a convolution's kernel; attention
-    products, in-projections and Hugging Face ``Conv1D`` are not among them)."""
+    name: the layers whose ``weight`` is the (out, in) weight or the kernel of their GEMM.
+    Hugging Face ``Conv1D`` ((in, out) weight), an ``nn.MultiheadAttention``'s
+    in-projections (blocks running on their parent's weight) and attention products are not
+    among them; :mod:`lowbit.analysis` models the first two as well
+    (:func:`lowbit.analysis._model.gemm_layers`)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _FQT_LAYERS)}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention_modules import FQTMultiheadAttention, InProjection
 from ..config import FQTConfig
 from ..conversion import quote_module
 from ..conv import conv_quantized, conv_rows
 from ..formats import compute_dtype
 from ..functional import quantize_forward, same_padding
-from ..nn import FQTConv1d, FQTConv2d, FQTLinear, call_input, convert, fqt_blocks, fqt_weight_layers
+from ..nn import FQTConv1d, FQTConv2d, FQTLinear, call_input, convert, fqt_blocks
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-FQTLayer = FQTLinear | FQTConv2d | FQTConv1d
 _CONV = (FQTConv2d, FQTConv1d)  # rows = samples; columns (channel, position)
 
 OTHER = "other"  # parameters outside converted layers (norms, embeddings, ...)
@@ -121,18 +122,97 @@ def configured(model: nn.Module, config: FQTConfig | None) -> Iterator[nn.Module
     if config is None:
         require_fqt(model, "pass config= or lowbit.convert it first", "pass an fqt-* config")
         yield model
-    elif fqt_weight_layers(model):
+    elif fqt_blocks(model):  # converted (Hugging Face Conv1D, attention blocks: not only Linears)
         with with_config(model, lambda _: config):
             yield model
     else:
         yield convert(copy.deepcopy(model), config)
 
 
+# -- the layers the analysis models, and their parameter groups ------------------------------
+class InProjectionGemm:
+    """One in-projection GEMM of a converted ``nn.MultiheadAttention``
+    (:class:`~lowbit.attention_modules.FQTMultiheadAttention`), seen as the linear layer it
+    computes: ``fqt_linear(x, W, b)`` under the block's config, ``W`` the attention module's
+    ``in_proj_weight`` (or a slice of it: rows of ``q``, of ``k`` and ``v``) or its
+    ``q/k/v_proj_weight``. ``weight`` is that parameter (where its ∇W lands), ``owner`` the
+    attention module's name (the group holding it), ``block`` the
+    :class:`~lowbit.attention_modules.InProjection` that runs it (hooked by :func:`capture`)."""
+
+    def __init__(self, block: InProjection, weight: nn.Parameter, owner: str) -> None:
+        self.block, self.weight, self.owner = block, weight, owner
+
+    @property
+    def config(self) -> FQTConfig:
+        return self.block.config
+
+    def register_forward_hook(self, hook: Callable, **kwargs: bool) -> object:
+        return self.block.register_forward_hook(hook, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"InProjectionGemm({self.owner!r}, {self.block!r})"
+
+
+FQTLayer = FQTLinear | FQTConv2d | FQTConv1d | InProjectionGemm  # and Hugging Face FQTConv1D
+
+
+def _hf_conv1d() -> tuple[type, ...]:
+    """Hugging Face's converted ``Conv1D`` class where :mod:`lowbit.hf` is loaded (it is
+    whenever a model holds one: ``convert`` imports it, and unpickling one does)."""
+    hf = sys.modules.get("lowbit.hf")
+    return (hf.FQTConv1D,) if hf is not None else ()
+
+
+def _child(name: str, sub: str) -> str:
+    return f"{name}.{sub}" if name else sub
+
+
+def _in_projection_weight(mha: FQTMultiheadAttention, role: str) -> nn.Parameter | None:
+    """The parameter the in-projection ``role`` multiplies (packed: ``in_proj_weight``)."""
+    if mha._qkv_same_embed_dim:
+        return mha.in_proj_weight
+    return {"q": mha.q_proj_weight, "k": mha.k_proj_weight, "v": mha.v_proj_weight}.get(role)
+
+
+def gemm_layers(model: nn.Module) -> dict[str, FQTLayer]:
+    """Every converted GEMM with a weight of its own that the analysis models, by module
+    name: the layers of :func:`~lowbit.nn.fqt_weight_layers` (``FQTLinear``, ``FQTConv2d``,
+    ``FQTConv1d``), Hugging Face ``FQTConv1D`` (a Linear whose weight is stored transposed,
+    (in, out): its GEMMs are ``fqt_linear(x, Wᵀ, b)``, so a Linear's formulas apply: they
+    read its input, its output gradient and its config, never the weight's layout) and the
+    in-projection blocks of a converted ``nn.MultiheadAttention`` (``<name>.projections.qkv``
+    and its alternatives, as :class:`InProjectionGemm` views; the alternatives a forward does
+    not call record no call). Attention products (activation × activation) are not among
+    them. In module order, an attention's in-projections at the attention module."""
+    kinds = (FQTLinear, FQTConv2d, FQTConv1d, *_hf_conv1d())
+    out: dict[str, FQTLayer] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, kinds):
+            out[name] = m
+        elif isinstance(m, FQTMultiheadAttention):
+            for role, block in m.projections.items():
+                weight = _in_projection_weight(m, role)
+                if weight is not None:
+                    out[_child(name, f"projections.{role}")] = InProjectionGemm(block, weight, name)
+    return out
+
+
+def owner_of(name: str, layer: FQTLayer) -> str:
+    """The module whose parameters hold ``layer``'s weight: the layer itself (``name``), or,
+    for an in-projection, its attention module."""
+    return layer.owner if isinstance(layer, InProjectionGemm) else name
+
+
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Parameter names by group: one group per converted layer (its weight and bias, in
-    module order), then ``"other"`` for every remaining trainable parameter (if any).
-    Names are ``model.named_parameters()``'s: a parameter tied into several modules
-    appears once, under its first name, in the first converted layer holding it."""
+    """Parameter names by group: one group per converted module that owns a weight GEMM
+    (:func:`gemm_layers`: a Linear's, a convolution's or Hugging Face ``Conv1D``'s weight and
+    bias; a converted ``nn.MultiheadAttention``'s own parameters — ``in_proj_weight`` or
+    ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``/``bias_v`` — under the attention
+    module's name, its ``out_proj`` a group of its own), in module order, then ``"other"``
+    for every remaining trainable parameter (norms, embeddings, anything not converted), if
+    any. Names are ``model.named_parameters()``'s: a parameter tied into several modules
+    appears once, under its first name, in the first converted module holding it."""
+    owners = list(dict.fromkeys(owner_of(n, lay) for n, lay in gemm_layers(model).items()))
     groups: dict[str, list[str]] = {}
     # a tied parameter (an embedding shared with the output head, Hugging Face GPT-2's
     # layout) under the one name model.named_parameters() gives it, in the group of the
@@ -140,8 +220,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     # KeyError in every consumer of these names)
     canonical = {id(p): n for n, p in model.named_parameters()}
     taken: set[str] = set()
-    for name, layer in fqt_weight_layers(model).items():
-        names = [canonical[id(t)] for t in layer.parameters(recurse=False)
+    for name in owners:
+        names = [canonical[id(t)] for t in model.get_submodule(name).parameters(recurse=False)
                  if t.requires_grad and id(t) in canonical and canonical[id(t)] not in taken]
         if names:
             groups[name] = names
@@ -153,13 +233,14 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def weight_groups(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, str]:
-    """The group of :func:`parameter_groups` that holds each converted layer's weight, by
-    layer name: its own, or, for a weight tied into an earlier layer, that layer's (a
-    frozen weight is in no group, and the layer is absent)."""
+    """The group of :func:`parameter_groups` that holds each layer's weight
+    (:func:`gemm_layers`), by layer name: its own (an in-projection's: its attention
+    module's), or, for a weight tied into an earlier layer, that layer's (a frozen weight
+    is in no group, and the layer is absent)."""
     canonical = {id(p): n for n, p in model.named_parameters()}
     where = {pn: g for g, names in groups.items() for pn in names}
     out = {}
-    for name, layer in fqt_weight_layers(model).items():
+    for name, layer in gemm_layers(model).items():
         group = where.get(canonical.get(id(layer.weight), ""))
         if group is not None:
             out[name] = group
@@ -214,13 +295,14 @@ class LayerRecord:
 @contextlib.contextmanager
 def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
             grads: bool = True) -> Iterator[dict[str, LayerRecord]]:
-    """Record each converted layer's input, output and output gradient ``∇Y``.
+    """Record each layer's (:func:`gemm_layers`) input, output and output gradient ``∇Y``.
 
-    Forward hooks on the layers; ``∇Y`` comes from a tensor hook on the output, so it is
+    Forward hooks on the layers (an in-projection's: on its block); ``∇Y`` comes from a tensor hook on the output, so it is
     exactly the ``grad_out`` the layer's backward quantizes. Each layer must run once per
     forward (weight sharing would mix several ``∇Y``): a second call raises.
     """
-    records = {n: LayerRecord() for n in fqt_weight_layers(model)}
+    layers = gemm_layers(model)
+    records = {n: LayerRecord() for n in layers}
     handles = []
 
     def make_hook(name: str) -> Callable:
@@ -244,7 +326,7 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
 
         return hook
 
-    for name, layer in fqt_weight_layers(model).items():
+    for name, layer in layers.items():
         handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
     try:
         yield records
@@ -256,8 +338,8 @@ def capture(model: nn.Module, *, inputs: bool = False, outputs: bool = False,
 # -- the operands of a layer's backward GEMMs ---------------------------------------------
 def grad_input_operand(layer: FQTLayer, gy: torch.Tensor) -> torch.Tensor:
     """``∇Y`` as the ∇X GEMM quantizes it: rows = samples (conv: ``(B, C·H·W)``, or
-    ``(B, H·W·C)`` for block formats, :func:`lowbit.conv.conv_rows`) or tokens (linear:
-    ``(N, out)``)."""
+    ``(B, H·W·C)`` for block formats, :func:`lowbit.conv.conv_rows`) or tokens (linear,
+    Hugging Face ``Conv1D``, in-projection: ``(N, out)``)."""
     dt = compute_dtype(gy.dtype)  # float32; float64 for float64 (its range kept)
     if isinstance(layer, _CONV):
         return conv_rows(gy, layer.config.grad_input).to(dt)
@@ -277,7 +359,8 @@ def weight_gemm_input(layer: FQTLayer, x: torch.Tensor) -> torch.Tensor | None:
     """``U``, the dequantized ``Q_f(X)`` operand of the ∇W GEMM, so that ``∇W = A·U`` with
     ``A`` from :func:`grad_weight_operand`: (N, in) for a linear layer, the im2col matrix
     (B·L, C_in·k·k) for a conv (a Conv1d: the conv2d block on a height-1 image, as it
-    runs). ``None`` for grouped convolutions (not a single GEMM)."""
+    runs; Hugging Face ``Conv1D`` and an in-projection: their input, as a Linear's).
+    ``None`` for grouped convolutions (not a single GEMM)."""
     spec, dt = layer.config.activation, compute_dtype(x.dtype)
     if isinstance(layer, FQTConv1d):
         if layer.groups != 1:

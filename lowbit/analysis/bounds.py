@@ -11,7 +11,8 @@ so the FQT gradient of parameter group ``p`` is ``g_QAT + Σ_l J_{l→p} ε_l + 
 where ``J_{l→p}`` is the linear map from a perturbation of ``∇Y_l`` on the ∇X path to
 ``∇θ_p`` — the QAT backward from layer ``l``'s ∇X GEMM down to ``θ_p``: ``∇Y_l ↦ ∇Y_l·Q_f(W_l)
 = ∇X_l ↦ … ↦ ∇θ_p``. It is the transposed Jacobian ``(∂Y_l/∂θ_p)ᵀ`` of the QAT graph (STE),
-non-zero only for groups upstream of ``l`` (``p ≠ l``: ``ε_l`` never reaches ``θ_l``).
+non-zero only for groups upstream of ``l`` (``p ≠ l``: ``ε_l`` never reaches ``θ_l``; the
+group of an attention's in-projection is its attention module's).
 
 Each noise term has zero mean given everything computed before it, so cross terms vanish
 and, exactly,
@@ -37,13 +38,19 @@ and ``E‖η U‖² ≤ λ_max(UᵀU)·E‖η‖²``. What this module computes:
 
 Both predictions are upper bounds of the measured quantization variance in expectation:
 ``tightness = measured / predicted ≤ 1`` means the bound holds.
+
+The layers ``l`` are the GEMMs with a weight (:func:`~lowbit.analysis._model.gemm_layers`:
+Linear, convolutions, Hugging Face ``Conv1D``, an ``nn.MultiheadAttention``'s
+in-projections). Quantized attention products (activation × activation) have no term: their
+noise enters the gradients of the groups upstream of them (:func:`unmodelled_reach`), whose
+bound is then not computed; every other group's is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +58,6 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import IntFormat, Rounding, compute_dtype
-from ..nn import fqt_weight_layers
 from ..noise import torch_seed
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
@@ -62,8 +68,10 @@ from ._model import (
     capture,
     configured,
     frozen_buffers,
+    gemm_layers,
     grad_input_operand,
     grad_weight_operand,
+    owner_of,
     parameter_groups,
     progress_bar,
     qat_of,
@@ -213,7 +221,7 @@ def jacobian_spectrum(
             capture(m, inputs=True, outputs=True, grads=False) as rec:
         groups = parameter_groups(m)
         params = dict(m.named_parameters())
-        layers = fqt_weight_layers(m)
+        layers = gemm_layers(m)
         m.zero_grad(set_to_none=True)
         loss_fn(m, batch)  # forward only: the graph up to every Y_l is kept via rec[l].y
         layers = {n: layer for n, layer in layers.items() if rec[n].calls}
@@ -222,10 +230,11 @@ def jacobian_spectrum(
             if stats is not None:
                 out.col_norms[name], out.gram[name] = stats
         todo = []  # (layer, [(group, param names)])
-        for name in layers:
+        for name, layer in layers.items():
             r = rec[name]
+            own = owner_of(name, layer)  # Y_l's direct dependence on it is the ∇W path, not ε_l's
             if r.x_needs_grad and r.y is not None and r.y.requires_grad:
-                todo.append((name, [(g, ns) for g, ns in groups.items() if g != name]))
+                todo.append((name, [(g, ns) for g, ns in groups.items() if g != own]))
         if mode == "pairs":
             todo = [(name, [gp]) for name, gps in todo
                     for gp in _upstream(rec[name].y, gps, params, gen)]
@@ -258,6 +267,73 @@ def _upstream(y: torch.Tensor, gps: list[tuple[str, list[str]]], params: dict[st
                                 allow_unused=True)
     used = {n for n, g in zip(names, reach) if g is not None}
     return [(g, [n for n in ns if n in used]) for g, ns in gps if any(n in used for n in ns)]
+
+
+def unmodelled_reach(model: nn.Module, loss_fn: LossFn, batch: object,
+                     groups: dict[str, list[str]], blocks: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The groups of ``groups`` each of ``blocks`` (GEMM blocks the bound has no term for:
+    quantized attention products) can add gradient noise to, by block name: the groups
+    whose parameters its output depends on — its backward's noise flows from its inputs
+    upstream, never to the parameters downstream of it. Read from the autograd graph of one
+    QAT forward and backward on ``batch`` (noise streams and buffers restored; the blocks'
+    ``ran`` flags as any forward leaves them: set where they ran, else as they were): a
+    dependence, not its size. The output is taken where the block computes it
+    (``attend``, which ``nn.MultiheadAttention`` and Hugging Face's attention call past the
+    module's ``__call__``; else the forward); a block that ran with no output seen reaches
+    every group, one that did not run none (absent)."""
+    params = dict(model.named_parameters())
+    names = [n for ns in groups.values() for n in ns]
+    outs: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, output: object) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor):
+            outs.setdefault(name, []).append(out)
+
+    def attend(name: str, method: Callable) -> Callable:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            result = method(*args, **kwargs)
+            keep(name, result)
+            return result
+        return wrapped
+
+    was = {n: b.ran for n, b in blocks.items()}
+    handles, patched = [], []
+    for n, b in blocks.items():
+        b.ran = False
+        if callable(getattr(b, "attend", None)):
+            b.attend = attend(n, b.attend)  # an instance attribute, deleted below
+            patched.append(b)
+        else:
+            handles.append(b.register_forward_hook(lambda mod, args, out, n=n: keep(n, out)))
+    reach: dict[str, list[str]] = {}
+    try:
+        # the backward below runs under the QAT config too: under the model's own, each
+        # block between an attention output and the parameters ran a quantized backward,
+        # drawing noise and updating range trackers after the streams were restored (a review)
+        with frozen_buffers(model), with_config(model, qat_of), torch.enable_grad():
+            loss_fn(model, batch)
+            ran = {n for n, b in blocks.items() if b.ran}
+            for name in ran:
+                if name not in outs:  # ran, but its output was not seen: every group (not ruled out)
+                    reach[name] = list(groups)
+                    continue
+                ys = [y for y in outs[name] if y.requires_grad]
+                if not ys:
+                    reach[name] = []
+                    continue
+                grads = torch.autograd.grad(ys, [params[n] for n in names], [torch.ones_like(y) for y in ys],
+                                            retain_graph=True, allow_unused=True) if names else []
+                used = {n for n, g in zip(names, grads) if g is not None}
+                reach[name] = [g for g, ns in groups.items() if any(n in used for n in ns)]
+    finally:
+        for h in handles:
+            h.remove()
+        for b in patched:
+            del b.attend
+        for n, b in blocks.items():
+            b.ran = b.ran or was[n]
+    return {n: reach[n] for n in blocks if n in reach}
 
 
 # -- quantizer variances on captured operands -----------------------------------------
@@ -368,6 +444,7 @@ __all__ = [
     "jacobian_spectrum",
     "layer_noise",
     "propagate",
+    "unmodelled_reach",
     "weight_gemm_stats",
     "weighted_expected_variance",
 ]

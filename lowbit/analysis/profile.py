@@ -11,16 +11,18 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..nn import fqt_blocks, fqt_weight_layers
+from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
     TOTAL,
     FlatGrads,
+    InProjectionGemm,
     LossFn,
     capture,
     check_batches,
     configured,
     frozen_buffers,
+    gemm_layers,
     parameter_groups,
     progress_bar,
     qat_of,
@@ -82,7 +84,9 @@ def variance_profile(
 ) -> VarianceProfile:
     """Which layer's quantizer adds how much variance to which parameter group.
 
-    For each converted layer ``l`` in turn, only ``l`` quantizes gradients (its ∇X and ∇W
+    For each layer ``l`` (:func:`~lowbit.analysis._model.gemm_layers`: Linear, convolutions,
+    Hugging Face ``Conv1D``, the in-projections an ``nn.MultiheadAttention`` calls) in
+    turn, only ``l`` quantizes gradients (its ∇X and ∇W
     paths as configured) and every other layer runs QAT; the quantization variance of
     each group is the unbiased sample variance over ``repeats ≥ 2`` draws per batch,
     averaged over ``batches`` (standard error by a jackknife over draws: ``repeats ≥ 3``).
@@ -103,12 +107,16 @@ def variance_profile(
                          f"got {len(spectra)}")
     gen = torch.Generator().manual_seed(torch_seed(seed))
     with configured(model, config) as m, frozen_buffers(m):
-        layers = fqt_weight_layers(m)
+        layers = gemm_layers(m)
         groups = parameter_groups(m)
         homes = weight_groups(m, groups)
         flat = FlatGrads(m, groups)
         slices = dict(flat.slices) | {TOTAL: slice(0, flat.numel)}
-        names = list(layers)
+        # an attention's in-projection alternatives that its calls do not take (packed qkv
+        # runs, q/k/v/kv do not) get no row: nothing of theirs to quantize
+        with with_config(m, qat_of), capture(m, grads=False) as rec:
+            loss_fn(m, batches[0])
+        names = [n for n, lay in layers.items() if rec[n].calls or not isinstance(lay, InProjectionGemm)]
         meas = torch.zeros(len(names), len(slices), dtype=torch.float64)
         meas_se2 = torch.zeros_like(meas)
         pd = torch.zeros_like(meas)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..conversion import quote_module
 from ..distributed import GradComm
-from ..nn import fqt_blocks, fqt_weight_layers
+from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
     OTHER,
@@ -38,6 +38,7 @@ from ._model import (
     check_batches,
     configured,
     frozen_buffers,
+    gemm_layers,
     parameter_groups,
     progress_bar,
     qat_of,
@@ -52,6 +53,7 @@ from .bounds import (
     jacobian_spectrum,
     layer_noise,
     propagate,
+    unmodelled_reach,
 )
 from .dataparallel import comm_average, parameter_index, rank_grads
 from .estimators import BiasTest, jackknife_se, ratio, unit, var_from_gram, var_loo, within
@@ -138,7 +140,10 @@ class VarianceReport:
     group (converted layers by name, ``"other"``) and ``"total"``; ``layers`` the mean
     quantizer noise of each layer's operands on the bound batches; ``pairs_data`` /
     ``pairs_analytic`` the predicted contribution of layer ``l``'s quantizers to group
-    ``p`` (``[l][p]``), averaged over the bound batches."""
+    ``p`` (``[l][p]``), averaged over the bound batches; ``unbounded`` the groups whose
+    bound is not computed because quantized attention products (which the bound has no
+    term for) add noise to their gradients, each with those blocks' names (the groups
+    upstream of them; ``"total"`` with every such block)."""
 
     config: dict
     batches: int
@@ -151,6 +156,7 @@ class VarianceReport:
     spectra: list[JacobianSpectrum] = field(default_factory=list)
     world_size: int = 1
     comm: dict | None = None  # the GradComm, with world_size > 1 and quantized communication
+    unbounded: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def max_abs_z(self) -> float:
@@ -174,9 +180,10 @@ class VarianceReport:
     def bound_undecided(self, which: str = "data") -> list[str]:
         """Groups whose measurement exceeds the bound but has no standard error (fewer
         than 3 draws per bound batch), or where the measurement or the bound is not a
-        finite number (non-finite gradients; a bound not computed, e.g. a grouped
-        convolution's): whether the bound holds there is not decided — a bare ``measured
-        > bound`` would fire about half the time where it is an equality."""
+        finite number (non-finite gradients; a bound not computed: a grouped
+        convolution's, a group upstream of a quantized attention product,
+        :attr:`unbounded`): whether the bound holds there is not decided — a bare
+        ``measured > bound`` would fire about half the time where it is an equality."""
         return [n for n, g in self.groups.items()
                 if not (math.isfinite(g.quant_bound_batches) and math.isfinite(getattr(g, f"pred_{which}")))
                 or (not math.isfinite(g.quant_bound_batches_se)
@@ -224,6 +231,14 @@ class VarianceReport:
         else:  # (a second review: one cause named for every "–" blamed attention wrongly)
             why = (f"bound_batches={self.bound_batches}; \"–\" where the bound has no term (quantized "
                    "attention products, a grouped convolution's ∇W) or a value is not finite")
+            if self.unbounded:  # which groups attention left without a bound, and which blocks
+                def few(xs: list[str]) -> str:
+                    return ", ".join(map(quote_module, xs[:3])) + (", …" if len(xs) > 3 else "")
+
+                blocks = list(dict.fromkeys(b for bs in self.unbounded.values() for b in bs))
+                why += (f"; no bound for {few([n for n in self.unbounded if n != TOTAL])} and total, "
+                        f"which quantized attention products ({few(blocks)}) add noise to "
+                        "(the groups upstream of them)")
         note = ("quant/bound: the measured quantization variance over the data-dependent bound "
                 f"(≤ 1: the bound holds, up to its standard error, shown above 1: where a group's only "
                 f"noise is its own ∇W-path noise — the last layer — the bound is an equality and the "
@@ -241,29 +256,8 @@ class VarianceReport:
             "layers": {n: asdict(v) for n, v in self.layers.items()},
             "pairs_data": self.pairs_data, "pairs_analytic": self.pairs_analytic,
             "spectra": [s.to_dict() for s in self.spectra],
-            "world_size": self.world_size, "comm": self.comm,
+            "world_size": self.world_size, "comm": self.comm, "unbounded": self.unbounded,
         }
-
-
-@contextlib.contextmanager
-def _attention_runs(model: nn.Module) -> Iterator[list[bool]]:
-    """Whether a quantized attention product of ``model`` runs inside the block (their
-    gradient noise has no term in the bound; a converted attention the model never calls
-    adds none: a new user's trial found one unused attribute blanking every quant/bound
-    ratio): ``[ran]``, set on exit. The blocks' ``ran`` flags are put back as running them
-    would leave them, also when the block raises (a review)."""
-    layers = fqt_weight_layers(model)
-    blocks = [b for n, b in fqt_blocks(model).items() if n not in layers and b.config.is_fqt]
-    was = [b.ran for b in blocks]
-    for b in blocks:
-        b.ran = False
-    out = [False]
-    try:
-        yield out
-    finally:
-        out[0] = any(b.ran for b in blocks)
-        for b, w in zip(blocks, was):
-            b.ran = b.ran or w
 
 
 def _mean_pairs(acc: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -366,7 +360,12 @@ def gradient_variance(
     ``quant_bound_batches_se`` (delete-one jackknife over the draws of each bound batch;
     needs ``repeats ≥ 3``; ``quant_bound_batches_df`` its Satterthwaite degrees of
     freedom) — :meth:`VarianceReport.bound_violations` flags only excesses beyond the
-    3σ level of Student's t with those degrees of freedom; single-rank only. ``seed`` seeds the random directions and the
+    3σ level of Student's t with those degrees of freedom; single-rank only. The bound has
+    no term for quantized attention products: the groups whose parameters an attention
+    product that runs depends on (upstream of it: its noise flows there; found on each bound
+    batch's graph, :func:`~lowbit.analysis.bounds.unmodelled_reach`) and ``total`` get
+    ``pred_* = NaN`` (undecided, listed in :attr:`VarianceReport.unbounded`); every other
+    group keeps its bound. ``seed`` seeds the random directions and the
     Hadamard sign draws of the predictions (the layers' own streams draw the FQT noise,
     ``comm.seed`` the communication noise). Raises ``ValueError`` for fewer than 3
     batches, ``repeats < 2``, ``comm`` without ``world_size ≥ 2`` or bounds with it.
@@ -389,8 +388,11 @@ def gradient_variance(
         raise ValueError("bound_batches/spectra need world_size 1 (the bound is per rank)")
     gen = torch.Generator().manual_seed(torch_seed(seed))
 
-    with configured(model, config) as m, frozen_buffers(m), _attention_runs(m) as attention_ran:
-        layers = fqt_weight_layers(m)
+    with configured(model, config) as m, frozen_buffers(m):
+        layers = gemm_layers(m)
+        # GEMM blocks the bound has no term for (attention products) that quantize gradients
+        unmodelled = {n: b for n, b in fqt_blocks(m).items() if n not in layers and b.config.is_fqt}
+        unbounded: dict[str, list[str]] = {}  # group → those blocks whose noise reaches it
         cfgs = {n: lay.config for n, lay in layers.items()}
         groups = parameter_groups(m)
         homes = weight_groups(m, groups)  # where each layer's ∇W noise lands (tied weights)
@@ -427,6 +429,11 @@ def gradient_variance(
                 spectra.append(jacobian_spectrum(m, loss_fn, batch, mode=spectrum_mode,
                                                  iters=power_iters, tol=power_tol, seed=seed + b,
                                                  progress=progress))
+            if bounded and unmodelled:  # the groups their noise reaches get no bound (upstream ones)
+                for block, reached in unmodelled_reach(m, loss_fn, batch, groups, unmodelled).items():
+                    for g in [*reached, TOTAL] if reached else []:
+                        if block not in unbounded.setdefault(g, []):
+                            unbounded[g].append(block)
             with with_config(m, qat_of):
                 q, _ = draw(batch)
             bar.update(1)
@@ -469,7 +476,7 @@ def gradient_variance(
                 pairs_d.append(pd)
                 pairs_a.append(pa)
         bar.close()
-    attention_noise = attention_ran[0]
+    unbounded = {g: unbounded[g] for g in names if g in unbounded}  # in the groups' order
 
     stats: dict[str, GroupVariance] = {}
     pred_d = [column_sums(p, list(groups)) for p in pairs_d]
@@ -501,10 +508,11 @@ def gradient_variance(
             st.quant_bound_batches_se = float(quant_b_se[:n_bound, i].pow(2).sum().sqrt()) / n_bound
             st.quant_bound_batches_df = satterthwaite_df(quant_b_se[:n_bound, i], reps - 1)
             # the bound has no term for attention products' quantizers (lowbit.attention):
-            # where they quantize gradients it is not computed (undecided), not a violation
-            unbounded = math.nan if attention_noise else 0.0
-            st.pred_data = sum(p[g] for p in pred_d) / n_bound + unbounded
-            st.pred_analytic = sum(p[g] for p in pred_a) / n_bound + unbounded
+            # for the groups their noise reaches (upstream of them, and the total) it is not
+            # computed (undecided), not a violation; every other group's bound stands
+            blank = math.nan if g in unbounded else 0.0
+            st.pred_data = sum(p[g] for p in pred_d) / n_bound + blank
+            st.pred_analytic = sum(p[g] for p in pred_a) / n_bound + blank
             st.tightness_data = ratio(st.quant_bound_batches, st.pred_data)
             st.tightness_analytic = ratio(st.quant_bound_batches, st.pred_analytic)
         stats[g] = st
@@ -512,7 +520,7 @@ def gradient_variance(
         config=_config_summary(cfgs), batches=n_b, repeats=reps, bound_batches=n_bound,
         groups=stats, layers=noise_acc, pairs_data=_mean_pairs(pairs_d),
         pairs_analytic=_mean_pairs(pairs_a), spectra=spectra[:n_bound], world_size=world,
-        comm=None if comm is None else asdict(comm),
+        comm=None if comm is None else asdict(comm), unbounded=unbounded,
     )
 
 

@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
     a("--lr", type=float, default=None, help="warm-up learning rate (SGD images, AdamW text)")
     a("--bound-batches", type=int, default=1,
-      help="minibatches with a Theorem 2 bound (0: none; skipped with a note for models with low-bit "
-           "attention, which the bound does not cover)")
+      help="minibatches with a Theorem 2 bound (0: none; with low-bit attention, which the bound "
+           "does not cover, the groups upstream of it get none, with a note)")
     a("--spectrum", default="layer",
       help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum)")
     a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")

@@ -10,8 +10,9 @@ Outputs in ``--out``:
   - ``groups``: parameter groups (converted layers by name, ``other``) and ``layers``;
   - ``spectra``: per bound batch, ``mode``, ``lam[layer][group]``, ``lam_total[layer]``,
     ``rel_change``, ``iters``, ``gram[layer]`` (see :class:`JacobianSpectrum`);
-  - ``bound_note``: why no bound was computed (a model with low-bit attention, which the
-    bound has no term for), else ``null``;
+  - ``bound_note``: which groups got no bound and why (a model with low-bit attention,
+    which the bound has no term for: the groups upstream of it and the total; the report's
+    ``unbounded``), else ``null``;
   - ``bins``: ``layer`` (whose ∇Y, rows = samples), and per bit width of a symmetric integer format asked for, per quantizer the
     :class:`~lowbit.analysis.bins.BinHistogram` (``levels``, ``counts``, ``effective``,
     ``occupied``);
@@ -203,7 +204,7 @@ def summary(res: dict, reports: list[tuple[str, VarianceReport]],
                          f"{_ratio(g.tightness_data)} / {_ratio(g.tightness_analytic)}") + " |")
     draws = res["args"].get("batches", 0) * res["args"].get("repeats", 0) if isinstance(res.get("args"), dict) else 0
     if res.get("bound_note"):  # the "–" bound cells, with their reason (a review)
-        lines += ["", f"No bound: {res['bound_note']}."]
+        lines += ["", f"Bounds: {res['bound_note']}."]
     if reports and draws:
         lines += ["", (f"max abs z (bias) is at most √(batches × repeats) = {math.sqrt(draws):.2f} whatever the "
                        "bias (a z over n draws cannot exceed √n)" + (
