@@ -17,7 +17,8 @@ from _timing import interleaved_ms, median_ms
 from lowbit.kernels import exact_f32
 
 # (M, K, N) of the cnn workload's kernel-row ∇W GEMMs (benchmarks/step_workloads.py,
-# batch 128 of 28×28; grad_weight_rows: R output channels × kW·C columns)
+# batch 128 of 28×28; grad_weight_rows: R output channels × kW·C columns), and one wide
+# product (one torch.mm a piece) as a control
 SHAPES = [(16, 18480, 48), (32, 5376, 96), (64, 1701, 192), (16, 15120, 3), (512, 4096, 512)]
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention_modules import FQTMultiheadAttention, InProjection
+from ..attention_modules import FQTMultiheadAttention, InProjection, _child
 from ..config import FQTConfig
 from ..conversion import quote_module
 from ..conv import conv_quantized, conv_rows
@@ -163,15 +163,12 @@ def _hf_conv1d() -> tuple[type, ...]:
     return (hf.FQTConv1D,) if hf is not None else ()
 
 
-def _child(name: str, sub: str) -> str:
-    return f"{name}.{sub}" if name else sub
-
-
-def _in_projection_weight(mha: FQTMultiheadAttention, role: str) -> nn.Parameter | None:
-    """The parameter the in-projection ``role`` multiplies (packed: ``in_proj_weight``)."""
+def _in_projection_weight(mha: FQTMultiheadAttention, role: str) -> nn.Parameter:
+    """The parameter the in-projection ``role`` multiplies (packed: ``in_proj_weight``;
+    separate weights: the roles are ``q``, ``k`` and ``v`` alone)."""
     if mha._qkv_same_embed_dim:
         return mha.in_proj_weight
-    return {"q": mha.q_proj_weight, "k": mha.k_proj_weight, "v": mha.v_proj_weight}.get(role)
+    return {"q": mha.q_proj_weight, "k": mha.k_proj_weight, "v": mha.v_proj_weight}[role]
 
 
 def gemm_layers(model: nn.Module) -> dict[str, FQTLayer]:
@@ -191,9 +188,7 @@ def gemm_layers(model: nn.Module) -> dict[str, FQTLayer]:
             out[name] = m
         elif isinstance(m, FQTMultiheadAttention):
             for role, block in m.projections.items():
-                weight = _in_projection_weight(m, role)
-                if weight is not None:
-                    out[_child(name, f"projections.{role}")] = InProjectionGemm(block, weight, name)
+                out[_child(name, f"projections.{role}")] = InProjectionGemm(block, _in_projection_weight(m, role), name)
     return out
 
 

@@ -134,6 +134,25 @@ class GroupVariance:
         return max(abs(z) for z in zs if not math.isnan(z))
 
 
+def group_label(name: str) -> str:
+    """A parameter group's name as tables and notes print it: a converted module's quoted
+    (:func:`lowbit.conversion.quote_module`), ``other`` and ``total`` bare."""
+    return name if name in (OTHER, TOTAL) else quote_module(name)
+
+
+def unbounded_note(unbounded: dict[str, list[str]]) -> str:
+    """What :attr:`VarianceReport.unbounded` (group → the attention blocks whose noise
+    reaches it) means, in one clause: "no bound for 'a', 'b' and total, which quantized
+    attention products ('attn') add noise to (the groups upstream of them)" — at most three
+    names of each, then "…"."""
+    def few(xs: list[str]) -> str:
+        return ", ".join(map(group_label, xs[:3])) + (", …" if len(xs) > 3 else "")
+
+    blocks = list(dict.fromkeys(b for bs in unbounded.values() for b in bs))
+    return (f"no bound for {few([n for n in unbounded if n != TOTAL])} and total, which quantized "
+            f"attention products ({few(blocks)}) add noise to (the groups upstream of them)")
+
+
 @dataclass
 class VarianceReport:
     """What :func:`gradient_variance` measured. ``groups`` has one entry per parameter
@@ -218,7 +237,7 @@ class VarianceReport:
 
         for n in names:
             g = self.groups[n]
-            label = n if n in (OTHER, TOTAL) else quote_module(n)  # a group of a converted layer: its module
+            label = group_label(n)
             rows.append((label, str(g.numel), num(g.sgd, g.sgd_se), num(g.quant, g.quant_se),
                          num(g.quant / g.sgd if g.sgd > 0 else math.nan), num(g.total, g.total_se),
                          num(g.rel_gap), num(g.max_abs_z), tight(g)))
@@ -232,13 +251,7 @@ class VarianceReport:
             why = (f"bound_batches={self.bound_batches}; \"–\" where the bound has no term (quantized "
                    "attention products, a grouped convolution's ∇W) or a value is not finite")
             if self.unbounded:  # which groups attention left without a bound, and which blocks
-                def few(xs: list[str]) -> str:
-                    return ", ".join(map(quote_module, xs[:3])) + (", …" if len(xs) > 3 else "")
-
-                blocks = list(dict.fromkeys(b for bs in self.unbounded.values() for b in bs))
-                why += (f"; no bound for {few([n for n in self.unbounded if n != TOTAL])} and total, "
-                        f"which quantized attention products ({few(blocks)}) add noise to "
-                        "(the groups upstream of them)")
+                why += f"; {unbounded_note(self.unbounded)}"
         note = ("quant/bound: the measured quantization variance over the data-dependent bound "
                 f"(≤ 1: the bound holds, up to its standard error, shown above 1: where a group's only "
                 f"noise is its own ∇W-path noise — the last layer — the bound is an equality and the "

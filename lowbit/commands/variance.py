@@ -56,6 +56,7 @@ from lowbit.analysis.variance import (
     VarianceProfile,
     VarianceReport,
     gradient_variance,
+    unbounded_note,
     variance_profile,
 )
 from lowbit.config import FQTConfig, GradSpec
@@ -238,12 +239,8 @@ def run(args: argparse.Namespace) -> int:
     unbounded = {g: b for _, rep in reports for g, b in rep.unbounded.items()}
     bound_note = None
     if unbounded:  # the "–" bound cells of the groups upstream of attention, with their reason
-        blocks = list(dict.fromkeys(b for bs in unbounded.values() for b in bs))
-        upstream = [g for g in unbounded if g != "total"]
-        bound_note = (f"{model_name} quantizes attention products ({quote_module(blocks[0])}"
-                      f"{', ...' if len(blocks) > 1 else ''}), for which the Theorem 2 bound has no term: no bound "
-                      f"for the groups upstream of them ({', '.join(map(quote_module, upstream[:4]))}"
-                      f"{', ...' if len(upstream) > 4 else ''}) and the total")
+        bound_note = (f"{model_name} quantizes attention products, for which the Theorem 2 bound has no term: "
+                      f"{unbounded_note(unbounded)}")
     result = {
         "command": command_line(opts),
         "machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v

@@ -1,5 +1,5 @@
 """Every converted module that owns a weight GEMM is a parameter group of its own, and
-attention's unbounded noise blanks only the groups it reaches (a review, 2027-01).
+attention's unbounded noise blanks only the groups it reaches (a review, 2026-12-07).
 
 The analysis grouped by ``lowbit.nn.fqt_weight_layers`` (Linear, Conv2d, Conv1d): a Hugging
 Face GPT-2's ``Conv1D`` layers — almost all its GEMMs — and an ``nn.MultiheadAttention``'s
@@ -271,3 +271,19 @@ def test_data_parallel_communication_with_conv1d_groups() -> None:
                             comm=GradComm(bits=4, block=16))
     assert "transformer.h.0.mlp.c_fc" in rep.groups
     assert all(g.comm_expected > 0 for g in rep.groups.values())
+
+
+def test_the_unbounded_note_quotes_modules_and_leaves_other_and_total_bare() -> None:
+    """The table's note and ``lowbit variance``'s name the groups as the table's rows do:
+    a converted module quoted, ``other`` and ``total`` bare (a review: ``'other'`` read as a
+    module), at most three names, then "…"."""
+    from lowbit.analysis.variance import group_label, unbounded_note
+
+    assert [group_label(n) for n in ("0", "other", "total", "")] == ["'0'", "other", "total", "<root>"]
+    blocks = ["mha.attention"]
+    assert unbounded_note({"mha": blocks, "other": blocks, "total": blocks}) == (
+        "no bound for 'mha', other and total, which quantized attention products ('mha.attention') add noise "
+        "to (the groups upstream of them)")
+    many = {n: [f"b{i}" for i in range(5)] for n in ("a", "b", "c", "d", "total")}
+    assert unbounded_note(many).startswith("no bound for 'a', 'b', 'c', … and total, which quantized attention "
+                                           "products ('b0', 'b1', 'b2', …)")
