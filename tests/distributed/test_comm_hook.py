@@ -539,5 +539,5 @@ def test_convert_after_fully_shard_says_to_convert_first(tmp_path):
     finally:
         dist.destroy_process_group()
     text = " ".join(str(w.message) for w in caught)
-    assert "0: FSDPLinear is a module fully_shard (FSDP2) has already sharded: convert the model with " \
+    assert "'0': FSDPLinear is a module fully_shard (FSDP2) has already sharded: convert the model with " \
            "lowbit.convert before fully_shard" in text
