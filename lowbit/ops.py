@@ -20,8 +20,11 @@ quantizer is deterministic (round-to-nearest): the same codes, without a second 
 the activation held through the step (:func:`kept_by_autograd`, :data:`SHARE_SAVED_INPUT`).
 
 The Python state a block reads when it runs (recipe, :class:`~lowbit.noise.NoiseStream`,
-range trackers) is a :class:`BlockState`, found from the op through its ``handle`` (a
-string, registered weakly: the layer owns the state). Which GEMMs a block computes is a
+range trackers) is a :class:`BlockState`, found from the op through its ``ident`` (a
+tensor ``[number, process]``, registered weakly: the layer owns the state); the op's string
+argument is the state's :func:`trace_key` — what a traced graph fixes of its config,
+shared by the blocks of equal such parts, so a compiled frame several layers run compiles
+once. Which GEMMs a block computes is a
 row of a table (:func:`register_kind`): ``linear`` and ``conv2d`` are registered by
 ``lowbit.functional``.
 """
@@ -63,6 +66,39 @@ _next_handle = itertools.count()
 # torch.export) names its layers' states by handle, and in another process the same
 # counter value belongs to another layer (a review found a saved trace using it silently)
 _PROCESS = secrets.token_hex(4)
+# the states by number (BlockState.ident's first entry), and the process mark as a number
+_BY_NUMBER: weakref.WeakValueDictionary[int, BlockState] = weakref.WeakValueDictionary()
+_PROCESS_NUMBER = int(_PROCESS, 16)
+# what a traced graph reads of a config (operand specs, backend), by trace key (BlockState.trace_key)
+_TRACED: dict[tuple, str] = {}
+_TRACED_SPECS: dict[str, tuple] = {}
+
+
+def trace_key(config: FQTConfig) -> str:
+    """The name under which :data:`block_forward`'s fake kernel and autograd context find
+    what a traced graph fixes of ``config`` — its forward operand specs and backend (the
+    saved codes' dtypes, shapes and block sizes) — the same string for every block of
+    equal such parts. A compiled frame guards on it (a string constant of the graph): a
+    config change that alters them retraces, and the blocks of one model share it, so a
+    frame that several layers run (the code after a graph break in a transformer block)
+    compiles once, not once per layer (a new user's trial: 28 recompiles, dynamo's limit
+    hit, at 10 layers, when the per-layer handle was that constant)."""
+    parts = (config.activation, config.weight, config.backend)
+    key = _TRACED.get(parts)
+    if key is None:
+        key = _TRACED[parts] = f"traced{len(_TRACED)}@{_PROCESS}"
+        _TRACED_SPECS[key] = parts
+    return key
+
+
+def _traced_specs(key: str) -> tuple:
+    """(activation spec, weight spec, backend) of a :func:`trace_key`."""
+    parts = _TRACED_SPECS.get(key)
+    if parts is None:
+        raise RuntimeError(f"lowbit: trace key {key!r} is not of this process: a graph traced or exported "
+                           "elsewhere names its layers' states, which live in the process that traced it; "
+                           "convert and trace (or export) the model again in this process")
+    return parts
 
 
 def tracker_key(spec: GradSpec | None, rows_persist: bool) -> tuple | None:
@@ -87,8 +123,9 @@ def _tracker_for(spec: GradSpec | None, rows_persist: bool,
 class BlockState:
     """What one block reads when it runs: ``config`` (an :class:`FQTConfig`, may be
     reassigned), ``noise`` (its :class:`NoiseStream`) and ``range_trackers`` (created
-    when a predicted spec asks for them). ``handle`` names it to the ops; a copy
-    (``copy.deepcopy``, pickling) gets a handle of its own. ``policy_driven``: set by a
+    when a predicted spec asks for them). ``handle`` (a string) and ``ident`` (the tensor
+    the ops take) name it; ``trace_key`` is its config's :func:`trace_key`; a copy
+    (``copy.deepcopy``, pickling) gets a handle and ident of its own. ``policy_driven``: set by a
     ``VarianceMonitor`` whose policy chooses this block's widths (an ``fqt-auto*`` config
     without one warns at its first backward: :func:`warn_if_not_adaptive`)."""
 
@@ -123,17 +160,23 @@ class BlockState:
         old, self._config = self._config, value
         if (old.activation, old.weight, old.backend) != (value.activation, value.weight, value.backend):
             # what a traced graph fixed (the operands' formats and block sizes, the fake
-            # kernel's shapes): a new handle makes torch.compile's guard on it fail, so the
-            # graph is traced again (a compiled model kept the old formats: wrong ∇W)
+            # kernel's shapes): a new trace key makes torch.compile's guard on it fail, so
+            # the graph is traced again (a compiled model kept the old formats: wrong ∇W)
             self._register()
 
     def _register(self) -> None:
-        self.handle = f"block{next(_next_handle)}@{_PROCESS}"
+        n = next(_next_handle)
+        self.handle = f"block{n}@{_PROCESS}"
         _STATES[self.handle] = self
+        _BY_NUMBER[n] = self
+        # the state as the ops take it: a tensor, so that a compiled frame run by several
+        # layers reads each layer's as data instead of guarding on a constant per layer
+        self.ident = torch.tensor([n, _PROCESS_NUMBER], dtype=torch.int64)
+        self.trace_key = trace_key(self._config)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("handle", "policy_driven", "undriven", "_adaptive_checked")}
+                if k not in ("handle", "ident", "trace_key", "policy_driven", "undriven", "_adaptive_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "config" in state:  # pickled before config became a property
@@ -203,6 +246,17 @@ def _state(handle: str) -> BlockState:
                                "(or export) the model again in this process")
         raise RuntimeError(f"lowbit: block state {handle!r} no longer exists (the layer or "
                            "BlockState that ran the forward was freed before its backward)")
+    return state
+
+
+def _state_of(ident: torch.Tensor) -> BlockState:
+    """The state a block op's ``ident`` (:attr:`BlockState.ident`, ``[number, process]``)
+    names; ``RuntimeError`` for another process's (a trace or export run elsewhere) or a
+    state freed since (as :func:`_state`)."""
+    n, process = (int(v) for v in ident.tolist())
+    state = _BY_NUMBER.get(n)
+    if state is None or process != _PROCESS_NUMBER:
+        return _state(f"block{n}@{process:08x}")  # raises, naming the cause
     return state
 
 
@@ -306,15 +360,17 @@ def _backward_paths(cfg: FQTConfig) -> tuple[Path, ...]:
 
 # -- the two ops -----------------------------------------------------------------------
 def _block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  handle: str, params: list[int], out_dtype: torch.dtype
+                  key: str, ident: torch.Tensor, params: list[int], out_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, x_codes, x_scale, x_offset, x_block_scale, w_codes, w_scale, w_offset,
     w_block_scale)``: the output and the quantized forward operands saved for the
     backward (codes (rows, cols) int8 or float8, scales (rows, 1) or (1, 1) in the compute
     dtype, offsets and block scales 1-D empty where the format has none). Draws from
-    torch's CPU RNG only for a stochastic-rounding forward spec."""
-    state = _state(handle)
+    torch's CPU RNG only for a stochastic-rounding forward spec. The block is the state
+    ``ident`` names (:attr:`BlockState.ident`); ``key`` its :func:`trace_key`, which the
+    fake kernel reads."""
+    state = _state_of(ident)
     cfg = state.config
     gens = state.noise.forward_generators(x.device, stochastic_forward_paths(cfg))
     k = _kind(kind)
@@ -341,15 +397,15 @@ def _fake_rows(t: torch.Tensor, spec: OperandSpec | None) -> tuple[torch.Tensor,
 
 
 @block_forward.register_fake
-def _(kind, x, weight, bias, handle, params, out_dtype):  # noqa: ANN001, ANN202
-    cfg = _state(handle).config
+def _(kind, x, weight, bias, key, ident, params, out_dtype):  # noqa: ANN001, ANN202
+    activation, weight_spec, _ = _traced_specs(key)
     k = _kind(kind)
     y = torch.empty(k.out_shape(x.shape, weight.shape, params), dtype=out_dtype, device=x.device,
                     memory_format=k.format_of(params))
-    return (y, *_fake_rows(x, cfg.activation), *_fake_rows(weight, cfg.weight))
+    return (y, *_fake_rows(x, activation), *_fake_rows(weight, weight_spec))
 
 
-def _block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], handle: str,
+def _block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], ident: torch.Tensor,
                    params: list[int], x_shape: list[int], x_dtype: torch.dtype, w_shape: list[int],
                    w_dtype: torch.dtype, b_dtype: torch.dtype | None, blocks: list[int],
                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -357,7 +413,7 @@ def _block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], hand
     :func:`block_forward`; an empty tensor where ``needs`` says the gradient is not
     wanted. Advances the block's noise counter by one and updates its range trackers."""
     meta = BlockMeta(params, x_shape, x_dtype, w_shape, w_dtype, b_dtype, blocks)
-    grads = _run_backward(kind, gy, saved, handle, meta, needs)
+    grads = _run_backward(kind, gy, saved, ident, meta, needs)
     formats = (_kind(kind).format_of(params), torch.contiguous_format, torch.contiguous_format)
     return tuple(gy.new_empty(0) if g is None else in_format(g, f)  # type: ignore[return-value]
                  for g, f in zip(grads, formats))
@@ -366,9 +422,9 @@ def _block_backward(kind: str, gy: torch.Tensor, saved: list[torch.Tensor], hand
 block_backward = torch.library.custom_op("lowbit::block_backward", mutates_args=())(_block_backward)
 
 
-def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], handle: str,
+def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], ident: torch.Tensor,
                   meta: BlockMeta, needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
-    state = _state(handle)
+    state = _state_of(ident)
     warn_if_not_adaptive(state)
     cfg = state.config
     gens = state.noise.backward_generators(gy.device, _backward_paths(cfg))
@@ -378,7 +434,7 @@ def _run_backward(kind: str, gy: torch.Tensor, saved: Sequence[torch.Tensor], ha
 
 
 @block_backward.register_fake
-def _(kind, gy, saved, handle, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
+def _(kind, gy, saved, ident, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
       w_shape, w_dtype, b_dtype, blocks, needs):
     shapes = ((x_shape, x_dtype, _kind(kind).format_of(params)), (w_shape, w_dtype, torch.contiguous_format),
               ([w_shape[0]], b_dtype, torch.contiguous_format))
@@ -438,19 +494,32 @@ def _shares_input(kind: str, x: torch.Tensor, cfg: FQTConfig) -> bool:
         and _kind(kind).quantize_x is not None and x.numel() > 0 and kept_by_autograd(x)
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple, share_input: bool = False) -> None:
-    kind, x, weight, bias, handle, params, _ = inputs
-    cfg = _STATES[handle].config
-    if share_input:  # x's codes are made again from x in the backward (_saved_operands)
-        ctx.save_for_backward(x, *output[5:])
-        ctx.x_config = cfg
+# the state whose op apply_block is calling (eager calls through the dispatcher): its
+# autograd context keeps it alive until the backward (a transient state of a functional
+# call); read here rather than from the ident, which tracing and export cannot read
+_CALLING: contextvars.ContextVar[BlockState | None] = contextvars.ContextVar("lowbit_calling", default=None)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple, x_config: FQTConfig | None = None,
+                   state: BlockState | None = None) -> None:
+    """The autograd context of a block's forward: the saved operands (and the state's
+    ``ident`` last, a tensor: under ``torch.compile`` one traced backward may serve several
+    layers, each reading its own), the kind and the operands' metadata. ``x_config``: the
+    forward's config where the block saves x instead of its codes (:func:`_shares_input`,
+    eager only); ``state``: the state, kept alive until the backward (a transient one of a
+    functional call; else the one :func:`apply_block` is calling, if any)."""
+    kind, x, weight, bias, key, ident, params, _ = inputs
+    activation, weight_spec, _ = _traced_specs(key)
+    if x_config is not None:  # x's codes are made again from x in the backward (_saved_operands)
+        ctx.save_for_backward(x, *output[5:], ident)
+        ctx.x_config = x_config
     else:
-        ctx.save_for_backward(*output[1:])
-    ctx.kind, ctx.handle = kind, handle
-    blocks = [0 if s is None else s.format.block for s in (cfg.activation, cfg.weight)]
+        ctx.save_for_backward(*output[1:], ident)
+    ctx.kind = kind
+    blocks = [0 if s is None else s.format.block for s in (activation, weight_spec)]
     ctx.meta = BlockMeta(list(params), list(x.shape), x.dtype, list(weight.shape), weight.dtype,
                          None if bias is None else bias.dtype, blocks)
-    ctx.state = _STATES.get(handle)  # keeps a transient state alive until the backward
+    ctx.state = state if state is not None else _CALLING.get()
     # Only y carries a gradient: do not fill zero gradients for the saved codes and steps
     # (four (rows, cols)-sized fills per backward, 3% of an FFN step; issue 14).
     ctx.set_materialize_grads(False)
@@ -507,12 +576,12 @@ def refuse_double_backward(cfg: FQTConfig) -> None:
             "lowbit.ops.gradient_only_double_backward().")
 
 
-def _saved_operands(ctx: Any) -> list[torch.Tensor]:
+def _saved_operands(ctx: Any, saved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The eight operand tensors of :func:`block_forward`'s output that the backward
     reads: saved, or, where the forward saved x (:func:`_shares_input`), x's codes made
     again by the kind's ``quantize_x`` under the forward's config (bitwise the forward's:
     round-to-nearest)."""
-    saved = list(ctx.saved_tensors)
+    saved = list(saved[:-1])  # ctx.saved_tensors, read once (a checkpoint unpacks them once); the last is the ident
     config = getattr(ctx, "x_config", None)
     if config is None:
         return saved
@@ -528,18 +597,23 @@ def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     m: BlockMeta = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
     if gy is None:  # y took no part in the loss (grads are not materialised)
-        return (None,) * 7
+        return (None,) * 8
+    saved = ctx.saved_tensors
+    # the forward's own state where the context holds it (eager): a checkpoint's recompute
+    # hands back the saved tensors of its own call — a functional call's new transient
+    # state, freed by then; traced code holds none and reads each layer's from the ident
+    ident = ctx.state.ident if ctx.state is not None else saved[-1]
     if torch.is_grad_enabled():  # create_graph=True: the same backward, recorded by autograd
-        refuse_double_backward(_state(ctx.handle).config)
-        gx, gw, gb = _run_backward(ctx.kind, gy, _saved_operands(ctx), ctx.handle, m, needs)
+        refuse_double_backward(_state_of(ident).config)
+        gx, gw, gb = _run_backward(ctx.kind, gy, _saved_operands(ctx, saved), ident, m, needs)
     else:
         # the op's own function where the forward skipped the dispatcher and no mode
         # would see the op now either (one entered between forward and backward does)
         op = _block_backward if getattr(ctx, "eager", False) and _plain_eager(gy) else block_backward
-        gx, gw, gb = op(ctx.kind, gy, _saved_operands(ctx), ctx.handle, m.params,
+        gx, gw, gb = op(ctx.kind, gy, _saved_operands(ctx, saved), ident, m.params,
                         m.x_shape, m.x_dtype, m.w_shape, m.w_dtype, m.b_dtype, m.blocks, needs)
     return (None, gx if needs[0] else None, gw if needs[1] else None,
-            gb if needs[2] else None, None, None, None)
+            gb if needs[2] else None, None, None, None, None)
 
 
 block_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -552,10 +626,11 @@ class _EagerBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                handle: str, params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        out = _block_forward(kind, x, weight, bias, handle, params, out_dtype)
-        _setup_context(ctx, (kind, x, weight, bias, handle, params, out_dtype), out,
-                       _shares_input(kind, x, _STATES[handle].config))
+                key: str, ident: torch.Tensor, params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        out = _block_forward(kind, x, weight, bias, key, ident, params, out_dtype)
+        state = _state_of(ident)
+        _setup_context(ctx, (kind, x, weight, bias, key, ident, params, out_dtype), out,
+                       state.config if _shares_input(kind, x, state.config) else None, state)
         ctx.eager = True
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -612,9 +687,15 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     values either way. ``RuntimeError`` under ``torch.func.jvp``/``jacfwd``/``vmap``
     (:func:`refuse_forward_transforms`)."""
     if _plain_eager(x, weight, bias):  # no functorch wrapper: no transform to refuse
-        return _EagerBlock.apply(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
+        return _EagerBlock.apply(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype)[0]
     refuse_forward_transforms(f"lowbit {kind} block")
-    return block_forward(kind, x, weight, bias, state.handle, list(params), out_dtype)[0]
+    if torch.compiler.is_compiling():  # (traced code holds no Python state: _setup_context)
+        return block_forward(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype)[0]
+    token = _CALLING.set(state)
+    try:
+        return block_forward(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype)[0]
+    finally:
+        _CALLING.reset(token)
 
 
 __all__ = ["SHARE_SAVED_INPUT", "AdaptiveRecipeWarning", "BlockKind", "BlockMeta", "BlockState", "Trackers", "apply_block",

@@ -141,6 +141,54 @@ def test_compiled_training_is_bitwise_eager_without_recompiles(recipe: str) -> N
     assert eager[0].noise.counter == model[0].noise.counter == 2
 
 
+def _gpt(n_layer: int, cfg: FQTConfig) -> nn.Module:
+    from lowbit.config import with_bits
+    from lowbit.experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = lowbit.convert(build_model("text", "gpt", n_layer=n_layer, n_embd=16, n_head=2, block_size=8), cfg)
+    # one layer quantizes ∇X on 4 bits: a frame that served every layer with one layer's
+    # state would give its gradients the wrong width (as well as another layer's noise)
+    model.blocks[0].mlp[0].config = dataclasses.replace(cfg, grad_input=with_bits(cfg.grad_input, 4))
+    return model
+
+
+@needs_compile
+def test_a_transformer_with_lowbit_attention_compiles_once_not_once_per_layer() -> None:
+    """Converted attention runs eagerly between compiled graphs (graph breaks), so the code
+    after each break is one frame that every transformer block runs. The layer ops took
+    each block's handle as a string constant, and dynamo guarded on it: the frame compiled
+    once per layer (a new user's trial: a 10-layer model traced 28 graphs and hit dynamo's
+    recompile limit, past which the layers ran eagerly). The ops now take the state as a
+    tensor (``BlockState.ident``) and a trace key shared by equal configs: the graphs do
+    not grow with depth, and each layer still reads its own state — its own noise and
+    widths — so compiled training (``aot_eager``: eager kernels) is bitwise eager."""
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    x = torch.randint(0, 64, (2, 8))
+
+    def loss_grads(model: nn.Module, run: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = run(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out.detach()] + [p.grad for p in model.parameters()]
+
+    graphs = {}
+    for n_layer in (2, 6):
+        eager, model = _gpt(n_layer, cfg), _gpt(n_layer, cfg)
+        run = torch.compile(model, backend="aot_eager")
+        torch._dynamo.reset()
+        counters.clear()
+        for step in range(2):
+            torch.manual_seed(step)
+            want = loss_grads(eager, eager)
+            torch.manual_seed(step)
+            got = loss_grads(model, run)
+            assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), (n_layer, step)
+        graphs[n_layer] = counters["stats"]["unique_graphs"]
+    assert graphs[6] == graphs[2], graphs  # not one more graph per layer
+
+
 @needs_compile
 def test_a_compiled_model_follows_a_new_forward_format_after_convert() -> None:
     """A compiled model kept the forward formats it was traced with (block sizes, the fake

@@ -731,13 +731,13 @@ def test_channels_last_empty_batch_and_fake_strides() -> None:
             conv = lowbit.convert(nn.Conv2d(3, c_out, 3).to(memory_format=cl), FQTConfig.from_recipe(recipe, seed=0))
             x = torch.randn(2, 3, side, side).contiguous(memory_format=cl)
             params = [1, 1, 0, 0, 1, 1, 1, C.memory_layout(x, conv.weight, conv.config.activation)]
-            args = ("conv2d", x, conv.weight, conv.bias, conv._block.handle, params, torch.float32)
+            args = ("conv2d", x, conv.weight, conv.bias, conv._block.trace_key, conv._block.ident, params, torch.float32)
             real = block_forward(*args)
             with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
                 fake = block_forward(*args)
             assert real[0].stride() == fake[0].stride(), (recipe, c_out, side)
             meta = ([x.shape[0], *x.shape[1:]], x.dtype, list(conv.weight.shape), conv.weight.dtype, conv.bias.dtype)
-            bargs = ("conv2d", torch.randn_like(real[0]), list(real[1:]), conv._block.handle, params, meta[0], meta[1],
+            bargs = ("conv2d", torch.randn_like(real[0]), list(real[1:]), conv._block.ident, params, meta[0], meta[1],
                      meta[2], meta[3], meta[4], [0, 0], [True, True, True])
             got = block_backward(*bargs)
             with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
