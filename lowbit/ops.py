@@ -50,6 +50,7 @@ from .config import FQTConfig, GradSpec, OperandSpec, not_a_config
 from .conversion import quote_module
 from .formats import Rounding, compute_dtype
 from .kernels import Kernels, kernels_for
+from .kernels.cbuild import plain_torch
 from .noise import NoiseStream, Path
 from .quantizers import Granularity, QuantizedOperand, get_quantizer
 from .quantizers.base import Identity
@@ -170,8 +171,12 @@ class BlockState:
         _STATES[self.handle] = self
         _BY_NUMBER[n] = self
         # the state as the ops take it: a tensor, so that a compiled frame run by several
-        # layers reads each layer's as data instead of guarding on a constant per layer
-        self.ident = torch.tensor([n, _PROCESS_NUMBER], dtype=torch.int64)
+        # layers reads each layer's as data instead of guarding on a constant per layer;
+        # a plain CPU tensor whatever the caller is inside (a review: made under
+        # inference_mode it could not be saved for a backward, under torch.device("meta")
+        # it could not be read, under a default CUDA device each read would sync)
+        with plain_torch(), torch.inference_mode(False):
+            self.ident = torch.tensor([n, _PROCESS_NUMBER], dtype=torch.int64, device="cpu")
         self.trace_key = trace_key(self._config)
 
     def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet

@@ -534,6 +534,54 @@ def test_convert_still_converts_the_children_of_a_layer_it_has_no_layer_for() ->
     assert isinstance(model[0].head, lowbit.FQTLinear) and rep.converted == ("0.head",)
 
 
+@pytest.mark.parametrize("where", ["inference_mode", "meta_device", "fake_mode"])
+def test_a_state_made_inside_a_mode_trains_as_any(where: str) -> None:
+    """A block's state reaches the ops as a tensor (``BlockState.ident``), made whenever a
+    state is built, copied or given new forward formats — whatever the caller is inside
+    then. A review: made under ``torch.inference_mode`` (an evaluation with a temporary
+    config) it was an inference tensor, and every later training step failed to save it;
+    converted under ``torch.device("meta")`` (meta initialisation, then ``to_empty``) it
+    was a meta tensor the first forward could not read; under a fake mode it would be a
+    fake one. It is a plain CPU tensor now."""
+    import copy
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit import OperandSpec
+    from lowbit.analysis import with_config
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=0)
+    x = torch.randn(4, 8)
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    if where == "inference_mode":
+        m = lowbit.convert(mlp(), cfg)
+        with torch.inference_mode(), with_config(m, lambda c: dataclasses.replace(c, activation=OperandSpec(4))):
+            m(x)  # new forward formats: the states registered again inside the mode
+        with torch.inference_mode():
+            m = copy.deepcopy(m)
+    elif where == "meta_device":
+        with torch.device("meta"):
+            m = lowbit.convert(mlp(), cfg)
+        m = m.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_()
+    else:  # a real model converted while a fake mode is on (a tracer's): its parameters stay real
+        m = mlp()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            m = lowbit.convert(m, cfg)
+    for layer in (m[0], m[2]):
+        assert type(layer._block.ident) is torch.Tensor and layer._block.ident.device.type == "cpu"
+        assert not layer._block.ident.is_inference()
+    m(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_functional_call_under_checkpointing_recomputes_its_forward_noise() -> None:
     """A bare seeded config with a stochastically rounded forward, under activation
     checkpointing: the recompute must quantize X with the forward's noise (a stream named
