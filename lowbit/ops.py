@@ -61,15 +61,14 @@ from .userframe import user_stacklevel
 Trackers = tuple[RangeTracker | None, RangeTracker | None]
 GRAD_PATHS = ("grad_input", "grad_weight")
 
-_STATES: weakref.WeakValueDictionary[str, BlockState] = weakref.WeakValueDictionary()
-_next_handle = itertools.count()
-# this process's mark on every handle: a graph traced or exported here (jit.trace,
-# torch.export) names its layers' states by handle, and in another process the same
+_next_number = itertools.count()
+# this process's mark on every state's ident: a graph traced or exported here (jit.trace,
+# torch.export) names its layers' states by number, and in another process the same
 # counter value belongs to another layer (a review found a saved trace using it silently)
 _PROCESS = secrets.token_hex(4)
-# the states by number (BlockState.ident's first entry), and the process mark as a number
-_BY_NUMBER: weakref.WeakValueDictionary[int, BlockState] = weakref.WeakValueDictionary()
 _PROCESS_NUMBER = int(_PROCESS, 16)
+# every live state by number (BlockState.ident's first entry): the one registry
+_BY_NUMBER: weakref.WeakValueDictionary[int, BlockState] = weakref.WeakValueDictionary()
 # what a traced graph reads of a config (operand specs, backend), by trace key (BlockState.trace_key)
 _TRACED: dict[tuple, str] = {}
 _TRACED_SPECS: dict[str, tuple] = {}
@@ -124,9 +123,9 @@ def _tracker_for(spec: GradSpec | None, rows_persist: bool,
 class BlockState:
     """What one block reads when it runs: ``config`` (an :class:`FQTConfig`, may be
     reassigned), ``noise`` (its :class:`NoiseStream`) and ``range_trackers`` (created
-    when a predicted spec asks for them). ``handle`` (a string) and ``ident`` (the tensor
-    the ops take) name it; ``trace_key`` is its config's :func:`trace_key`; a copy
-    (``copy.deepcopy``, pickling) gets a handle and ident of its own. ``policy_driven``: set by a
+    when a predicted spec asks for them). ``ident`` (an int64 CPU tensor ``[number,
+    process]``, what the ops take) names it; ``trace_key`` is its config's
+    :func:`trace_key`; a copy (``copy.deepcopy``, pickling) gets an ident of its own. ``policy_driven``: set by a
     ``VarianceMonitor`` whose policy chooses this block's widths (an ``fqt-auto*`` config
     without one warns at its first backward: :func:`warn_if_not_adaptive`)."""
 
@@ -166,9 +165,7 @@ class BlockState:
             self._register()
 
     def _register(self) -> None:
-        n = next(_next_handle)
-        self.handle = f"block{n}@{_PROCESS}"
-        _STATES[self.handle] = self
+        n = next(_next_number)
         _BY_NUMBER[n] = self
         # the state as the ops take it: a tensor, so that a compiled frame run by several
         # layers reads each layer's as data instead of guarding on a constant per layer;
@@ -181,11 +178,12 @@ class BlockState:
 
     def __getstate__(self) -> dict[str, Any]:  # a copy is driven by no monitor yet
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("handle", "ident", "trace_key", "policy_driven", "undriven", "_adaptive_checked")}
+                if k not in ("ident", "trace_key", "policy_driven", "undriven", "_adaptive_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "config" in state:  # pickled before config became a property
             state = {("_config" if k == "config" else k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k != "handle"}  # pickled when states had one
         self.__dict__.update(state)
         self.policy_driven, self.undriven, self._adaptive_checked = False, None, False
         self._register()
@@ -241,27 +239,20 @@ def warn_if_not_adaptive(state: BlockState) -> None:
                   f"{why}", AdaptiveRecipeWarning, stacklevel=user_stacklevel())
 
 
-def _state(handle: str) -> BlockState:
-    state = _STATES.get(handle)
-    if state is None:
-        if not handle.endswith(f"@{_PROCESS}"):
-            raise RuntimeError(f"lowbit: block state {handle!r} belongs to another process: a "
-                               "torch.jit.trace or torch.export of a converted model names its layers' "
-                               "states, which live in the process that traced it; convert and trace "
-                               "(or export) the model again in this process")
-        raise RuntimeError(f"lowbit: block state {handle!r} no longer exists (the layer or "
-                           "BlockState that ran the forward was freed before its backward)")
-    return state
-
-
 def _state_of(ident: torch.Tensor) -> BlockState:
     """The state a block op's ``ident`` (:attr:`BlockState.ident`, ``[number, process]``)
-    names; ``RuntimeError`` for another process's (a trace or export run elsewhere) or a
-    state freed since (as :func:`_state`)."""
+    names. ``RuntimeError`` for another process's (a ``torch.jit.trace`` or
+    ``torch.export`` run elsewhere) or for a state freed since its forward."""
     n, process = (int(v) for v in ident.tolist())
+    if process != _PROCESS_NUMBER:
+        raise RuntimeError(f"lowbit: block state {n}@{process:08x} belongs to another process: a "
+                           "torch.jit.trace or torch.export of a converted model names its layers' "
+                           "states, which live in the process that traced it; convert and trace "
+                           "(or export) the model again in this process")
     state = _BY_NUMBER.get(n)
-    if state is None or process != _PROCESS_NUMBER:
-        return _state(f"block{n}@{process:08x}")  # raises, naming the cause
+    if state is None:
+        raise RuntimeError(f"lowbit: block state {n}@{process:08x} no longer exists (the layer or "
+                           "BlockState that ran the forward was freed before its backward)")
     return state
 
 

@@ -11,6 +11,7 @@ backend; mismatched dtypes raise at once, as ``nn.Linear``/``nn.Conv2d`` do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import re
 
@@ -631,16 +632,29 @@ def test_forward_mode_ad_and_vmap_are_refused_not_silently_wrong(recipe: str) ->
 
 
 def test_a_traced_graph_from_another_process_names_its_problem() -> None:
-    # a jit.trace / torch.export saved in one process named its layers' states "block1",
+    # a jit.trace / torch.export saved in one process named its layers' states by number,
     # which in a loading process is another layer's: it ran with that layer's recipe and
-    # noise (a review: max error 0.23); handles now carry the process's mark
+    # noise (a review: max error 0.23); idents now carry the process's mark
     from lowbit import ops
     lin = lowbit.convert(nn.Sequential(nn.Linear(4, 3)), FQTConfig.from_recipe("fqt-psq-8"))
-    handle = lin[0]._block.handle
-    assert handle.endswith(f"@{ops._PROCESS}") and ops._state(handle) is lin[0]._block
-    other = handle.rsplit("@", 1)[0] + "@" + ("0" * 8 if ops._PROCESS != "0" * 8 else "1" * 8)
+    ident = lin[0]._block.ident
+    assert int(ident[1]) == ops._PROCESS_NUMBER and ops._state_of(ident) is lin[0]._block
+    other = ident.clone()
+    other[1] = 0 if ops._PROCESS_NUMBER != 0 else 1
     with pytest.raises(RuntimeError, match="belongs to another process"):
-        ops._state(other)
+        ops._state_of(other)
+
+
+def test_a_state_freed_before_its_backward_is_named_as_such() -> None:
+    from lowbit import ops
+    from lowbit.functional import block_state
+    state = block_state(FQTConfig.from_recipe("fqt-psq-8"))
+    ident = state.ident.clone()
+    assert ops._state_of(ident) is state
+    del state
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        ops._state_of(ident)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
