@@ -366,7 +366,12 @@ def _block_forward(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch
     torch's CPU RNG only for a stochastic-rounding forward spec. The block is the state
     ``ident`` names (:attr:`BlockState.ident`); ``key`` its :func:`trace_key`, which the
     fake kernel reads."""
-    state = _state_of(ident)
+    return _forward_of(_state_of(ident), kind, x, weight, bias, params, out_dtype)
+
+
+def _forward_of(state: BlockState, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """:func:`_block_forward` of the block ``state`` itself (its ident already resolved)."""
     cfg = state.config
     gens = state.noise.forward_generators(x.device, stochastic_forward_paths(cfg))
     k = _kind(kind)
@@ -622,9 +627,10 @@ class _EagerBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                key: str, ident: torch.Tensor, params: list[int], out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        out = _block_forward(kind, x, weight, bias, key, ident, params, out_dtype)
-        state = _state_of(ident)
+                key: str, ident: torch.Tensor, params: list[int], out_dtype: torch.dtype,
+                state: BlockState) -> tuple[torch.Tensor, ...]:
+        # ``state`` is the block ``ident`` names, handed in by the caller that holds it
+        out = _forward_of(state, kind, x, weight, bias, params, out_dtype)
         _setup_context(ctx, (kind, x, weight, bias, key, ident, params, out_dtype), out,
                        state.config if _shares_input(kind, x, state.config) else None, state)
         ctx.eager = True
@@ -633,7 +639,7 @@ class _EagerBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
-        return _backward(ctx, gy)
+        return (*_backward(ctx, gy), None)  # no gradient for ``state``
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -683,7 +689,8 @@ def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     values either way. ``RuntimeError`` under ``torch.func.jvp``/``jacfwd``/``vmap``
     (:func:`refuse_forward_transforms`)."""
     if _plain_eager(x, weight, bias):  # no functorch wrapper: no transform to refuse
-        return _EagerBlock.apply(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype)[0]
+        return _EagerBlock.apply(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype,
+                                 state)[0]
     refuse_forward_transforms(f"lowbit {kind} block")
     if torch.compiler.is_compiling():  # (traced code holds no Python state: _setup_context)
         return block_forward(kind, x, weight, bias, state.trace_key, state.ident, list(params), out_dtype)[0]
