@@ -194,8 +194,8 @@ def test_a_compiled_model_follows_a_new_forward_format_after_convert() -> None:
     """A compiled model kept the forward formats it was traced with (block sizes, the fake
     kernel's shapes): converted again from MXFP4 to NVFP4 it gave wrong ∇W silently under
     ``aot_eager`` (Inductor crashed). A config change in the forward specs or backend now
-    gives the block a new handle, so the compiled graph is traced again; gradient-only
-    changes (QAT twins, adaptive widths) keep it."""
+    gives the block a new ident and trace key, so the compiled graph is traced again;
+    gradient-only changes (QAT twins, adaptive widths) keep them."""
     def mlp() -> nn.Module:
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -203,10 +203,12 @@ def test_a_compiled_model_follows_a_new_forward_format_after_convert() -> None:
     model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-mxfp4", seed=0))
     run = torch.compile(model, backend="aot_eager")
     train_step(model, run, x)
-    handle = model[0]._block.handle
+    ident, key = model[0]._block.ident, model[0]._block.trace_key
     lowbit.convert(model, dataclasses.replace(FQTConfig.from_recipe("fqt-psq-mxfp4", seed=0), grad_weight=None))
-    assert model[0]._block.handle == handle  # gradient specs only: the trace stays valid
+    # gradient specs only: the trace stays valid
+    assert model[0]._block.ident is ident and model[0]._block.trace_key == key
     lowbit.convert(model, FQTConfig.from_recipe("fqt-psq-nvfp4", seed=0))
+    assert not torch.equal(model[0]._block.ident, ident) and model[0]._block.trace_key != key
     eager = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-nvfp4", seed=0))
     lowbit.load_rng_state(eager, lowbit.rng_state(model))  # the same noise step
     got, want = train_step(model, run, x), train_step(eager, eager, x)
