@@ -116,6 +116,10 @@ Toggles (each is "on" as lowbit ships it):
   f32-pieces-batched  on the exact float32 route (a CPU without an int8 dot product), a long
                sum's pieces several to one ``torch.bmm`` (``lowbit.kernels.exact_f32.PIECES_FLOOR``);
                off: one ``torch.mm`` a piece (the same sums)
+  f32-conv     on the exact float32 route, a convolution of codes (output, stride-1 ∇X, and
+               stride-2 ∇X of zero-inserted codes) as one float32 convolution on oneDNN
+               (``lowbit.kernels.qconv.FLOAT32_CONV``); off: im2col and the route's GEMMs
+               (the same sums; stride-2 ∇X then the scatter path, within its rounding)
 
     python benchmarks/bench_toggle.py pair --workload ffn --mode fqt-psq-8 --threads 1
 """
@@ -510,6 +514,16 @@ def _f32_pieces_batched() -> Callable[[bool], None]:
     return switch
 
 
+def _f32_conv() -> Callable[[bool], None]:
+    """Off: convolutions of codes on the float32 route as im2col and float32 GEMMs of
+    pieces, not one float32 convolution (``lowbit.kernels.qconv.FLOAT32_CONV``)."""
+    from lowbit.kernels import qconv
+
+    def switch(on: bool) -> None:
+        qconv.FLOAT32_CONV = on
+    return switch
+
+
 def _gemm_panels() -> Callable[[bool], None]:
     from lowbit.kernels import int8
 
@@ -536,7 +550,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces,
     "conv-acc-pieces": _conv_acc_pieces, "conv-grad-w-half-pieces": _conv_grad_w_half_pieces,
     "conv-im2col-pieces": _conv_im2col_pieces, "conv-pieces": _conv_pieces,
-    "f32-pieces-batched": _f32_pieces_batched}
+    "f32-pieces-batched": _f32_pieces_batched, "f32-conv": _f32_conv}
 
 
 def main(argv: list[str] | None = None) -> int:

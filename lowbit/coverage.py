@@ -36,7 +36,7 @@ from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_stat
 
 _UNSET = object()
 # the ops of lowbit.kernels.exact_f32 (int8 GEMMs on float32 units), as a row names them
-FLOAT32_ROUTE_OPS = ("lowbit.int8_mm_f32", "lowbit.int8_bmm_f32")
+FLOAT32_ROUTE_OPS = ("lowbit.int8_mm_f32", "lowbit.int8_bmm_f32", "lowbit.int8_conv_f32")
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def _render(rep: CoverageReport, by: str) -> str:
     for op, module, n in rep.unaccounted:
         lines.append(f"not counted (no FLOP formula): {op} in {_where(module)}, {n} calls")
     if any(r.op in FLOAT32_ROUTE_OPS for r in rep.rows):
-        lines.append("lowbit.int8_mm_f32 / lowbit.int8_bmm_f32 = int8 codes summed exactly on float32 "
+        lines.append("lowbit.int8_mm_f32 / lowbit.int8_bmm_f32 / lowbit.int8_conv_f32 = int8 codes summed exactly on float32 "
                      "units: no int8 dot product on this CPU, or LOWBIT_INT8_ENGINE=float32 (lowbit.kernels.exact_f32)")
     if any(SIMULATED in r.formats for r in rep.rows):
         lines.append("sim = float operand holding dequantized low-bit codes (lowbit's reference "

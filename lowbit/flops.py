@@ -248,6 +248,16 @@ FORMULAS[torch.ops.lowbit.int8_bmm] = _bmm(0, 1)  # and its batch of them (atten
 FORMULAS[torch.ops.lowbit.int8_mm_f32] = _mm(0, 1)  # lowbit.kernels.exact_f32's (CPUs without VNNI)
 FORMULAS[torch.ops.lowbit.int8_bmm_f32] = _bmm(0, 1)
 
+
+def _conv_f32(args: Sequence[Any], out: Any) -> list[Part]:
+    """``lowbit::int8_conv_f32(x, w, …)``: lowbit.conv's exact convolution of codes on
+    float32 units (lowbit.kernels.exact_f32, CPUs without VNNI)."""
+    x, w = args[0], args[1]
+    return [Part(None, conv_flops(x.shape, w.shape, out.shape, False), (x, w))]
+
+
+FORMULAS[torch.ops.lowbit.int8_conv_f32] = _conv_f32
+
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv
 

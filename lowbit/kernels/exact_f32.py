@@ -22,6 +22,13 @@ ops ``lowbit::int8_mm_f32`` and ``lowbit::int8_bmm_f32``, which ``lowbit.coverag
 counts as int8 GEMMs (their operands are int8 codes and their results the int8 GEMM's
 exact sums; :func:`runs` and ``lowbit.kernels.int8.engine()`` say which engine ran).
 
+Convolutions of codes whose sums have at most :data:`SAFE_K` terms (``C/groups·kH·kW``:
+every layer of a ResNet-20) run as one float32 convolution of the codes on oneDNN
+(``lowbit::int8_conv_f32``, :func:`int_conv`): every partial sum is again an integer
+below 2²⁴, so the float32 result is ``float(acc)`` of the exact int32 sums, as oneDNN's
+int8 convolution gives it on a CPU with VNNI (``lowbit.kernels.qconv``), without the
+(N·H'·W', K) float32 patch matrix of im2col and a GEMM.
+
 The float32 GEMMs must run in IEEE float32 (:func:`float32_gemms_exact`: oneDNN may round
 them to bf16 or tf32 under ``torch.set_float32_matmul_precision("medium"/"high")`` on a CPU with such
 units — every such CPU has VNNI, so ``auto`` never picks this route there).
@@ -77,6 +84,22 @@ def float32_gemms_exact() -> bool:
         return True
     matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.get_float32_matmul_precision() == "highest"
+    return precision in ("none", "ieee", "default")
+
+
+def float32_convs_exact() -> bool:
+    """:func:`float32_gemms_exact` for oneDNN's float32 convolutions
+    (``torch.backends.mkldnn.conv.fp32_precision``), and oneDNN is built in: the
+    convolution then runs ``aten.mkldnn_convolution``'s direct algorithm (no Winograd, no
+    NNPACK), exact on integer values whose partial sums stay below 2²⁴."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    if mkldnn is None or not mkldnn.is_available() or not hasattr(torch.ops.aten, "mkldnn_convolution"):
+        return False
+    if not REDUCED_FLOAT_UNITS:
+        return True
+    precision = getattr(getattr(mkldnn, "conv", None), "fp32_precision", None)
     if precision is None:
         return torch.get_float32_matmul_precision() == "highest"
     return precision in ("none", "ieee", "default")
@@ -238,8 +261,39 @@ def _bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_LIB.define("int8_conv_f32(Tensor x, Tensor w, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor")
+
+
+def _check_conv(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
+    """``x`` (N, C, H, W) int8 codes or uint8 ``code + 128``, ``w`` (C_out, C/groups, kH,
+    kW) int8, summed lengths ``C/groups·kH·kW ≤`` :data:`SAFE_K`."""
+    what = "lowbit::int8_conv_f32"
+    if x.dtype not in (torch.int8, torch.uint8) or w.dtype != torch.int8:
+        raise TypeError(f"{what}: needs int8 (or uint8 code + 128) activations and int8 weights, "
+                        f"got {x.dtype} and {w.dtype}")
+    if x.dim() != 4 or w.dim() != 4 or groups < 1 or x.shape[1] != w.shape[1] * groups:
+        raise ValueError(f"{what}: shapes {tuple(x.shape)} and {tuple(w.shape)} (groups={groups}) do not match")
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    if k > SAFE_K:
+        raise ValueError(f"{what}: sums of {k} terms (C/groups·kH·kW) can pass 2²⁴, where float32 stops "
+                         f"being exact; at most {SAFE_K}")
+
+
+def _conv_cpu(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+              groups: int) -> torch.Tensor:
+    _check_conv(x, w, groups)
+    xf = x.to(torch.float32, memory_format=torch.channels_last)
+    if x.dtype == torch.uint8:
+        xf.sub_(128.0)  # code + 128 back to the code: exact
+    wf = w.to(torch.float32, memory_format=torch.channels_last)
+    # the direct algorithm, whatever torch's backend choice would be (NNPACK's Winograd
+    # is not exact): float(acc), channels-last memory
+    return torch.ops.aten.mkldnn_convolution(xf, wf, None, padding, stride, dilation, groups)
+
+
 _LIB.impl("int8_mm_f32", _mm_cpu, "CPU")
 _LIB.impl("int8_bmm_f32", _bmm_cpu, "CPU")
+_LIB.impl("int8_conv_f32", _conv_cpu, "CPU")
 
 
 @torch.library.register_fake("lowbit::int8_mm_f32", lib=_LIB)
@@ -252,6 +306,28 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b, True, "int8_bmm_f32")
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+
+
+@torch.library.register_fake("lowbit::int8_conv_f32", lib=_LIB)
+def _(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+      groups: int) -> torch.Tensor:
+    _check_conv(x, w, groups)
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return x.new_empty((x.shape[0], w.shape[0], *size), dtype=torch.float32).contiguous(
+        memory_format=torch.channels_last)
+
+
+def int_conv(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+             groups: int) -> torch.Tensor:
+    """``conv2d(x̂, ŵ)`` of codes as float32 ``float(acc)``, exact (module docstring):
+    ``x`` (N, C, H, W) int8 codes, or uint8 holding ``code + 128`` (oneDNN's int8 operand),
+    any memory format; ``w`` (C_out, C/groups, kH, kW) int8 → (N, C_out, H', W') float32
+    in channels-last memory, as ``lowbit.kernels.qconv.conv_acc`` on the int8 kernel (the
+    op ``lowbit::int8_conv_f32``). ``TypeError`` for other dtypes, ``ValueError`` for
+    shapes that do not match or sums of more than :data:`SAFE_K` terms. The caller
+    checks :func:`runs` and :func:`float32_convs_exact`."""
+    return torch.ops.lowbit.int8_conv_f32(x, w, list(stride), list(padding), list(dilation), groups)
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,4 +347,4 @@ def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["COPY_FLOOR", "ENGINE", "ENGINES", "INT8_DOT_FLAGS", "entries_per_call", "LACKS_INT8_DOT", "MAX_K",
            "PIECES_FLOOR", "REDUCED_FLOAT_FLAGS", "REDUCED_FLOAT_UNITS", "SAFE_K", "cpu_lacks_int8_dot",
-           "float32_gemms_exact", "int_bmm", "int_mm", "piece_length", "pieces_per_call", "runs"]
+           "float32_convs_exact", "float32_gemms_exact", "int_bmm", "int_conv", "int_mm", "piece_length", "pieces_per_call", "runs"]

@@ -15,16 +15,27 @@ pairs of u8·s8 products at 2¹⁵ and weights are pre-scaled), :func:`available
 it requires a CPU with VNNI and, once per process, a probe of worst-case codes (every
 activation 127 against weights all 127, all −127 and alternating) equal to the exact
 float64 convolution. :func:`lowbit.flops` counts the op (``onednn.qconv2d_pointwise``).
+
+Where lowbit's int8 GEMMs take the float32 route instead (a CPU without an int8 dot
+product: ``lowbit.kernels.exact_f32.runs``), the same sums come from oneDNN's float32
+convolution of the codes (``lowbit::int8_conv_f32``: exact, as every partial sum of at most
+:data:`MAX_K` products is an integer below 2²⁴), under the same conditions and with the
+same worst-case probe, once per process: :func:`conv_acc` returns the same float32
+``float(acc)`` either way, so every result after it is the same bits. On the AMD EPYC
+without AVX-512 it replaced im2col and float32 GEMMs of pieces (docs/benchmarks.md, "The
+float32 route's convolutions").
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .. import grid_notes
+from . import exact_f32
 
 MAX_K = (2**24 - 1) // (128 * 128)  # 1023: float32 holds every int32 sum of ≤ this many terms
 # Whether the weight prepack is told the input's shape. Off: oneDNN packs for its default
@@ -33,6 +44,18 @@ MAX_K = (2**24 - 1) // (128 * 128)  # 1023: float32 holds every int32 sum of ≤
 # the others (docs/benchmarks.md "The per-layer fixed cost"); the same exact sums either
 # way. A switch for benchmarks/bench_toggle.py.
 PREPACK_INPUT_SHAPE = False
+# Whether convolutions of codes run as float32 convolutions where the float32 route runs
+# (module docstring); off: im2col and the route's GEMMs. A switch for bench_toggle.py (f32-conv).
+FLOAT32_CONV = True
+
+
+def float32_engine(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`conv_acc` runs on oneDNN's float32 convolution here: the float32
+    route runs (``exact_f32.runs``), oneDNN's float32 convolutions are IEEE float32
+    (``exact_f32.float32_convs_exact``), :data:`FLOAT32_CONV`, and the worst-case probe
+    passed (once per process)."""
+    return (FLOAT32_CONV and exact_f32.runs(device) and exact_f32.float32_convs_exact()
+            and _float32_exact_here())
 
 
 def _op_exists() -> bool:
@@ -45,7 +68,10 @@ def prepack(w_codes: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
     """oneDNN's packed form of int8 weight codes ``w_codes`` (C_out, C/groups, kH, kW)
     for :func:`conv_acc` under this geometry: one weight scale (1, the codes themselves)
     and the activation zero point 128. ``x_shape``: told to the prepack only where
-    :data:`PREPACK_INPUT_SHAPE` is on. Made once, it serves every piece of a batch."""
+    :data:`PREPACK_INPUT_SHAPE` is on. Made once, it serves every piece of a batch. On the
+    float32 engine (:func:`float32_engine`) the codes themselves (nothing to pack)."""
+    if float32_engine(w_codes.device):
+        return w_codes
     # one weight scale for the tensor (1: the codes themselves): a per-channel vector made
     # the prepack read every channel's scale as a tensor element (1,312 select/item ops per
     # cnn step); the same float(acc) either way
@@ -65,6 +91,8 @@ def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int]
     ``lowbit.conv``; other layouts are copied), ``w_codes`` (C_out, C/groups, kH, kW) int8, codes in
     [−127, 127] (or −128), or ``packed`` (:func:`prepack` of them under this geometry)
     → (N, C_out, H', W') float32, channels-last memory."""
+    if float32_engine(x_codes.device):  # ``packed`` is the codes themselves there (prepack)
+        return exact_f32.int_conv(x_codes, w_codes, stride, padding, dilation, groups)
     ones, zero = torch.ones(1), torch.zeros(1, dtype=torch.int64)
     # code + 128, in x_codes' memory format
     xu = x_codes if x_codes.dtype == torch.uint8 else x_codes.view(torch.uint8) ^ 128
@@ -88,14 +116,27 @@ def _exact_here() -> bool:
         return _probe()
 
 
-def _probe() -> bool:
+@functools.cache
+def _float32_exact_here() -> bool:
+    """:func:`_probe` of the float32 engine (once per process), hidden from dispatch modes."""
+    from .cbuild import plain_torch
+
+    with plain_torch(), torch.no_grad():
+        return _probe(exact_f32.int_conv)
+
+
+def _probe(conv: Any = None) -> bool:
+    """Worst-case codes (activations all 127 against weights all 127, all −127 and
+    alternating; sums of 576 products) through ``conv`` (default: oneDNN's int8
+    convolution, :func:`conv_acc`) equal to the exact float64 convolution."""
+    conv = conv_acc if conv is None else conv
     try:
         x = torch.full((2, 64, 5, 5), 127, dtype=torch.int8)
         for value in (127, -127, None):
             w = torch.full((8, 64, 3, 3), 127 if value is None else value, dtype=torch.int8)
             if value is None:
                 w[:, 1::2] = -127
-            got = conv_acc(x, w, (1, 1), (1, 1), (1, 1), 1)
+            got = conv(x, w, (1, 1), (1, 1), (1, 1), 1)
             want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
             if not torch.equal(got.double(), want):
                 return False
@@ -168,13 +209,18 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether :func:`conv_acc` is exact for these operands: int8 codes on the CPU,
     ``K = C/groups·kH·kW ≤ MAX_K``, a geometry oneDNN computes (:func:`geometry_ok`; ``size``
-    the input's spatial (H, W)), this machine's oneDNN passes the probe, and, with
-    ``groups > 1``, the geometry's own probe (:func:`grouped_exact`)."""
+    the input's spatial (H, W)), and either the float32 engine runs (:func:`float32_engine`)
+    or this machine's oneDNN passes the int8 probe and, with ``groups > 1``, the
+    geometry's own probe (:func:`grouped_exact`: the grouped faults are the int8 op's)."""
     k = w_shape[1] * w_shape[2] * w_shape[3]
-    return (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
-            and x_codes.numel() > 0 and geometry_ok(size, w_shape[2:], stride, padding, dilation)
-            and _exact_here()
-            and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding))))
+    if not (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
+            and x_codes.numel() > 0 and geometry_ok(size, w_shape[2:], stride, padding, dilation)):
+        return False
+    if float32_engine(x_codes.device):
+        return True
+    return _exact_here() and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride),
+                                                          tuple(padding)))
 
 
-__all__ = ["MAX_K", "available", "conv_acc", "geometry_ok", "grouped_exact", "prepack"]
+__all__ = ["FLOAT32_CONV", "MAX_K", "available", "conv_acc", "float32_engine", "geometry_ok", "grouped_exact",
+           "prepack"]

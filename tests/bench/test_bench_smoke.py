@@ -125,18 +125,18 @@ def test_scope_times_probe_times_the_scopes_and_restores_them(capsys: pytest.Cap
 
 
 @pytest.mark.parametrize("toggle", ["shared-input", "conv-grad-w-pieces", "conv-acc-pieces",
-                                    "conv-grad-w-half-pieces", "conv-im2col-pieces", "conv-pieces"])
+                                    "conv-grad-w-half-pieces", "conv-im2col-pieces", "conv-pieces", "f32-conv"])
 def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureFixture[str]) -> None:
     bt = load("bench_toggle")
     from lowbit import conv, ops
-    from lowbit.kernels import im2col
+    from lowbit.kernels import im2col, qconv
 
     assert bt.main([toggle, "--workload", "cnn", "--mode", "fqt-psq-8+bf16", "--size", "tiny", "--rounds", "1",
                     "--steps", "1", "--warmup", "1", "--threads", str(torch.get_num_threads()),
                     "--malloc", "default"]) == 0  # the allocator policy is process-wide: not in pytest
     assert ops.SHARE_SAVED_INPUT and im2col.ROWS_IN_PIECES and conv.ACC_IN_PIECES  # on, as lowbit ships
     assert im2col.IM2COL_IN_PIECES
-    assert im2col.PIECE_SHARE == 2
+    assert im2col.PIECE_SHARE == 2 and qconv.FLOAT32_CONV
     assert f"{toggle}: on" in capsys.readouterr().out
 
 

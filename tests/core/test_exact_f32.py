@@ -320,3 +320,115 @@ def test_coverage_text_explains_the_route(monkeypatch: pytest.MonkeyPatch) -> No
     assert "int8 codes summed exactly on float32 units" in text
     monkeypatch.setattr(exact_f32, "ENGINE", "int")
     assert "float32 units" not in str(coverage(model, torch.randn(5, 8)))
+
+
+# -- convolutions of codes on float32 units (lowbit::int8_conv_f32, lowbit.kernels.qconv) ------
+CONV_GEOMETRIES = {  # (N, C, H, W, C_out, k, stride, padding, dilation, groups)
+    "3x3": (2, 16, 9, 7, 8, 3, 1, 1, 1, 1), "stride2": (3, 8, 10, 10, 6, 3, 2, 1, 1, 1),
+    "groups": (2, 12, 6, 6, 9, 3, 1, 0, 1, 3), "1x1": (4, 32, 5, 5, 16, 1, 1, 0, 1, 1),
+    "dilated": (1, 4, 12, 12, 4, 3, 1, 2, 2, 1), "longest": (2, exact_f32.SAFE_K, 1, 1, 3, 1, 1, 0, 1, 1)}
+
+
+@pytest.mark.parametrize("name", list(CONV_GEOMETRIES))
+def test_convolutions_of_codes_are_the_exact_sums_on_float32_units(name: str) -> None:
+    """``int_conv`` of int8 codes — random, all at the grid's ends (every product one
+    sign, the sums up to SAFE_K·128² < 2²⁴), given as int8 in either memory format or as
+    uint8 ``code + 128`` — equals the float64 convolution of the codes exactly, as float32
+    in channels-last memory (what oneDNN's int8 convolution returns)."""
+    import torch.nn.functional as F
+
+    n, c, h, w, co, k, s, p, d, g = CONV_GEOMETRIES[name]
+    gen = torch.Generator().manual_seed(c)
+    cases = [(torch.randint(-128, 128, (n, c, h, w), dtype=torch.int8, generator=gen),
+              torch.randint(-128, 128, (co, c // g, k, k), dtype=torch.int8, generator=gen))]
+    for xv, wv in ((127, 127), (-128, -128), (-128, 127)):
+        cases.append((torch.full((n, c, h, w), xv, dtype=torch.int8), torch.full((co, c // g, k, k), wv, dtype=torch.int8)))
+    for x, wt in cases:
+        want = F.conv2d(x.double(), wt.double(), None, s, p, d, g)
+        for xi in (x, x.contiguous(memory_format=torch.channels_last), x.view(torch.uint8) ^ 128):
+            got = exact_f32.int_conv(xi, wt, [s, s], [p, p], [d, d], g)
+            assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got.double(), want), (name, xi.dtype)
+
+
+def test_convolutions_past_the_exact_length_or_of_other_dtypes_are_refused() -> None:
+    x = torch.zeros(1, exact_f32.SAFE_K + 1, 1, 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="at most 1023"):
+        exact_f32.int_conv(x, x[:1], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(TypeError, match="int8"):
+        exact_f32.int_conv(x.float(), x[:1], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(ValueError, match="do not match"):
+        exact_f32.int_conv(x, x[:1, :5], [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_a_cnn_runs_its_convolutions_on_the_op_and_coverage_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the float32 engine a converted CNN's output GEMMs and stride-1 ∇X run as
+    ``lowbit::int8_conv_f32`` (no oneDNN int8 op, no float convolution of dequantized
+    values), which coverage counts as int8 GEMMs with the convolution's FLOPs."""
+    from lowbit.flops import conv_flops
+    from lowbit.kernels import qconv
+
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    torch.manual_seed(0)
+    model = lowbit.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)),
+                           lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    x = torch.randn(4, 3, 10, 10)
+    assert qconv.float32_engine()
+    rep = coverage(model, x)
+    assert rep.real_share == 1.0 and {r.kind for r in rep.rows} == {"int8"}
+    conv_rows = [r for r in rep.rows if r.op == "lowbit.int8_conv_f32"]
+    assert {(r.module, r.phase) for r in conv_rows} >= {("0", "forward"), ("2", "forward"), ("2", "grad_input")}
+    assert next(r for r in conv_rows if (r.module, r.phase) == ("2", "forward")).flops == \
+        conv_flops((4, 8, 10, 10), (8, 8, 3, 3), (4, 8, 10, 10), False)
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("lowbit::int8_conv_f32") == 3  # two outputs, one ∇X (the first layer's input needs none)
+    assert not any(n in ("aten::convolution", "onednn::qconv2d_pointwise") for n in names)
+
+
+def test_the_float32_engine_leaves_convolutions_that_could_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN may run float32 convolutions in bf16 (a CPU with such units, told
+    ``torch.backends.mkldnn.conv.fp32_precision = "bf16"``) the engine is off and
+    ``qconv.available`` falls back to what the machine's int8 kernels allow; the
+    ``FLOAT32_CONV`` switch does the same."""
+    from lowbit.kernels import qconv
+
+    monkeypatch.setattr(exact_f32, "ENGINE", "float32")
+    codes = torch.zeros(1, 8, 6, 6, dtype=torch.int8)
+    geometry = ((8, 8, 3, 3), 1, (6, 6), (1, 1), (1, 1), (1, 1))
+    assert exact_f32.float32_convs_exact() and qconv.float32_engine() and qconv.available(codes, *geometry)
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        monkeypatch.setattr(exact_f32, "REDUCED_FLOAT_UNITS", True)
+        before = conv.fp32_precision
+        try:
+            conv.fp32_precision = "bf16"
+            assert not exact_f32.float32_convs_exact() and not qconv.float32_engine()
+            assert qconv.available(codes, *geometry) == (qconv._exact_here())  # the int8 kernel's own answer
+        finally:
+            conv.fp32_precision = before
+        monkeypatch.setattr(exact_f32, "REDUCED_FLOAT_UNITS", exact_f32.cpu_lacks_int8_dot() is None)
+    monkeypatch.setattr(qconv, "FLOAT32_CONV", False)
+    assert not qconv.float32_engine()
+
+
+def test_the_float32_engine_gives_the_int8_engines_bits() -> None:
+    """On a CPU whose oneDNN int8 convolution is exact (VNNI), the float32 engine's
+    ``conv_acc`` is bitwise the int8 engine's, so a step does not depend on which ran."""
+    from lowbit.kernels import qconv
+
+    if not qconv._exact_here():
+        pytest.skip("oneDNN's int8 convolution is not exact here (no VNNI): nothing to compare with")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (4, 32, 9, 9), dtype=torch.int8, generator=gen)
+    wt = torch.randint(-127, 128, (16, 32, 3, 3), dtype=torch.int8, generator=gen)
+    old_engine = exact_f32.ENGINE
+    try:
+        exact_f32.ENGINE = "int"
+        want = qconv.conv_acc(x, wt, (1, 1), (1, 1), (1, 1), 1)
+        exact_f32.ENGINE = "float32"
+        got = qconv.conv_acc(x, wt, (1, 1), (1, 1), (1, 1), 1)
+    finally:
+        exact_f32.ENGINE = old_engine
+    assert torch.equal(got, want)
