@@ -76,6 +76,7 @@ pass (one more ``QKᵀ`` per head where ``P̃`` is per tensor).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -543,7 +544,9 @@ def attention_backward(g_out: torch.Tensor, g_dropped: torch.Tensor | None, quan
     (each step is per entry, and the noise is indexed by the element's place in the whole
     ``∇S``); otherwise it is called once for all entries."""
     b, lq, s, e, ev = shapes
-    dt, be, gi, gw = g_out.dtype, config.backend, config.grad_input, config.grad_weight
+    # predicted specs run dynamic here (module docstring): the pair kernel and the pieces take them
+    gi, gw = (None if g is None else g.as_dynamic() for g in (config.grad_input, config.grad_weight))
+    dt, be = g_out.dtype, config.backend
     rows_gen = _split(gens.get(Path.GRAD_INPUT), 2)  # ∇O, ∇S with a scale per query token
     cols_gen = _split(gens.get(Path.GRAD_WEIGHT), 2)  # ∇Oᵀ, ∇Sᵀ: per value feature, key token
     qq, qk, qv, qp = (Operand.of(q, sh, dt) for q, sh in
@@ -747,6 +750,13 @@ def _transposed(t: torch.Tensor, reuse: bool) -> torch.Tensor:
 
 
 # -- autograd ------------------------------------------------------------------------------
+def dynamic_grads(config: FQTConfig) -> FQTConfig:
+    """``config`` as attention runs it: its gradient specs' ranges dynamic
+    (:meth:`lowbit.config.GradSpec.as_dynamic`; attention keeps no range history)."""
+    return dataclasses.replace(config, **{p: None if (g := getattr(config, p)) is None else g.as_dynamic()
+                                          for p in ("grad_input", "grad_weight")})
+
+
 def _forward_paths(config: FQTConfig) -> tuple[Path, ...]:
     return (Path.ACTIVATION,) if config.activation.rounding is Rounding.STOCHASTIC else ()
 

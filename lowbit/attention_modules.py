@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, dynamic_grads
 from .attention_args import autocast_on
 from .config import FQTConfig
 from .conversion import SwapRule, hooks_reason, mha_reason, reads_out_proj
@@ -97,7 +97,9 @@ class FQTScaledDotProductAttention(ScaledDotProductAttention, _StochasticLayer):
                          state=self._block, need_weights=need_weights)
 
     def extra_repr(self) -> str:
-        return self._extra()
+        # the recipe as attention runs it: predicted gradient ranges are dynamic here (a new
+        # user's trial: "gi:psq4~pred" was shown for ranges attention never predicts)
+        return self._extra(dynamic_grads(self.config))
 
 
 class InProjection(nn.Module, _StochasticLayer):

@@ -150,6 +150,14 @@ class GradSpec:
     def predicted(self) -> bool:
         return self.range is RangeMode.PREDICTED
 
+    def as_dynamic(self) -> GradSpec:
+        """This spec with a dynamic range (the predicted-range settings back at their
+        defaults); itself where it is dynamic already. What a block that keeps no range
+        history (attention) runs a predicted spec as."""
+        if not self.predicted:
+            return self
+        return dataclasses.replace(self, range=RangeMode.DYNAMIC, **_RANGE_DEFAULTS)
+
 
 PREDICTED_SUFFIX = "-predicted"
 def with_bits(spec: _Spec, bits: int) -> _Spec:

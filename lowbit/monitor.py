@@ -271,6 +271,7 @@ class VarianceMonitor:
         self._scale = 1.0  # the loss scale of the step being recorded
         self._handles = [lay.register_forward_hook(_LayerHook(self, n), with_kwargs=True)
                          for n, lay in self.layers.items()]
+        self._closed = False  # close() removed the hooks: step() refuses
         for layer in self.layers.values() if policy is not None else ():
             layer._block.policy_driven = True  # no AdaptiveRecipeWarning from these (lowbit.ops)
         blocks = fqt_blocks(model) if policy is not None else {}
@@ -296,7 +297,12 @@ class VarianceMonitor:
         step's scale (a scale that grew or backed off between them mixed units: a review).
         Raises ``ValueError`` where a layer's config was changed since it was checked (a
         second ``convert``, ``layer.config = …``) to one the monitor cannot measure or the
-        policy may not drive, or for a ``loss_scale`` that is not a finite number > 0."""
+        policy may not drive, or for a ``loss_scale`` that is not a finite number > 0;
+        ``RuntimeError`` once the monitor is closed (:meth:`close`)."""
+        if getattr(self, "_closed", False):  # (a monitor unpickled from before the flag: open)
+            raise RuntimeError("lowbit: this VarianceMonitor is closed (close() removed its hooks), so it "
+                               "measures nothing and records nothing; make a new VarianceMonitor to monitor "
+                               "again (its state_dict() carries the history and policy over)")
         scale = float(loss_scale) if not isinstance(loss_scale, bool) and (
             isinstance(loss_scale, numbers.Real) or (isinstance(loss_scale, torch.Tensor) and loss_scale.numel() == 1
                                                      and not loss_scale.is_complex())) else math.nan
@@ -342,7 +348,8 @@ class VarianceMonitor:
 
     def close(self) -> None:
         """Remove the hooks (the monitor then measures nothing, and its policy drives no
-        layer any more)."""
+        layer any more); :meth:`step` raises from then on."""
+        self._closed = True
         for h in self._handles:
             h.remove()
         self._handles = []

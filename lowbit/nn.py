@@ -112,8 +112,11 @@ class _StochasticLayer:
     def set_rng_state(self, state: dict[str, Any]) -> None:
         self._block.noise.load_state_dict(state)
 
-    def _extra(self) -> str:
-        return f"recipe={describe(self.config)}, seed={self.seed}, name={self.noise.name!r}"
+    def _extra(self, config: FQTConfig | None = None) -> str:
+        """``recipe=…, seed=…, name=…`` of the layer's config, or of ``config`` (the one
+        the layer runs, where it reads its own differently: attention's dynamic ranges)."""
+        return f"recipe={describe(self.config if config is None else config)}, seed={self.seed}, " \
+               f"name={self.noise.name!r}"
 
 
 # torch modules with GEMMs that lowbit has no layer for: listed as skipped, not silently float

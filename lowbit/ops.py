@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .config import FQTConfig, GradSpec, OperandSpec, not_a_config
+from .config import FQTConfig, GradSpec, OperandSpec, describe, not_a_config
 from .conversion import quote_module
 from .formats import Rounding, compute_dtype
 from .kernels import Kernels, kernels_for
@@ -221,7 +221,8 @@ class AdaptiveRecipeWarning(UserWarning):
 def warn_if_not_adaptive(state: BlockState) -> None:
     """Warn once per block when its config is the start of an adaptive recipe
     (``config.adaptive``) but no ``VarianceMonitor`` policy drives it: the recipe then
-    trains at its fixed 8-bit start, which the name does not say (README fault kind 26)."""
+    trains at its fixed 8-bit start — or, for a copy of a layer a policy adapted, at the
+    widths it has — which the name does not say (README fault kind 26)."""
     if state._adaptive_checked:
         return
     state._adaptive_checked = True
@@ -230,13 +231,19 @@ def warn_if_not_adaptive(state: BlockState) -> None:
         return
     # "" is also the name of a layer built without one (FQTLinear(..., name="")): not "<root>"
     layer = f"layer {quote_module(state.noise.name)}" if state.noise.name else "a layer"
+    cfg, start = state.config, FQTConfig.from_recipe(name)
+    # a copy of a layer a policy had adapted keeps its widths (a new user's trial: the
+    # warning said "8-bit start" of a copy at gi:bhq4/gw:psq5)
+    widths = ("the recipe's fixed 8-bit start" if (cfg.grad_input, cfg.grad_weight) == (start.grad_input,
+                                                                                         start.grad_weight)
+              else f"the gradient widths it has now, fixed ({describe(cfg).split('/', 1)[-1]})")
     why = (f"the VarianceMonitor attached to the model cannot drive it ({state.undriven})"
            if state.undriven is not None else
            f"the recipe chooses gradient bit widths only for the layers that "
            f"lowbit.monitor.VarianceMonitor(model, every, policy=lowbit.adaptive.AdaptivePolicy"
            f".from_recipe({name!r})) drives (`lowbit train` attaches one), and none drives this one")
-    warnings.warn(f"lowbit: {layer} of recipe {name!r} trains at the recipe's fixed 8-bit start: "
-                  f"{why}", AdaptiveRecipeWarning, stacklevel=user_stacklevel())
+    warnings.warn(f"lowbit: {layer} of recipe {name!r} trains at {widths}: {why}", AdaptiveRecipeWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _state_of(ident: torch.Tensor) -> BlockState:

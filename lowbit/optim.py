@@ -427,6 +427,18 @@ class _SROptimizer(torch.optim.Optimizer):
                 f"{', '.join(map(repr, foreign))}, which {name} does not write (it writes "
                 f"{', '.join(map(repr, sorted(allowed)))}): state saved by another optimizer "
                 "would be ignored and start afresh")
+        # the groups' layout first, in torch's words: the shape check below pairs parameters
+        # in flattened order, and blamed "another model" for the same model grouped otherwise
+        # (a new user's trial)
+        saved_sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        my_sizes = [len(g["params"]) for g in self.param_groups]
+        if len(saved_sizes) != len(my_sizes):
+            raise ValueError(f"{name} cannot load this state dict: loaded state dict has a different number of "
+                             f"parameter groups ({len(saved_sizes)} saved, {len(my_sizes)} here); nothing was loaded")
+        if saved_sizes != my_sizes:
+            raise ValueError(f"{name} cannot load this state dict: loaded state dict contains a parameter group "
+                             f"that doesn't match the size of optimizer's group (sizes {saved_sizes} saved, "
+                             f"{my_sizes} here); nothing was loaded")
         saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         mine = chain.from_iterable(g["params"] for g in self.param_groups)
         for i, (pid, p) in enumerate(zip(saved, mine)):

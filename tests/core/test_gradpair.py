@@ -671,6 +671,20 @@ def test_attention_pair_gives_bitwise_the_separate_gradients(recipe: str, varian
     _assert_attention_pair_bitwise_apart(recipe, variant, 96, monkeypatch, A, "quantize_grad_pair")
 
 
+def test_attention_runs_a_predicted_recipe_as_dynamic_with_its_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's trial: attention reads a predicted-range gradient spec as dynamic
+    (it keeps no range history), but handed the spec on as predicted, so ∇O's and ∇S's
+    pair kernel declined it, and its repr showed ``~pred``. Now it runs the pair, and
+    shows the ranges it uses."""
+    import lowbit.attention as A
+
+    _assert_attention_pair_bitwise_apart("fqt-psq-8-predicted", "causal-gqa", 96, monkeypatch, A,
+                                         "quantize_grad_pair")
+    layer = lowbit.convert(nn.Sequential(lowbit.ScaledDotProductAttention()),
+                           FQTConfig.from_recipe("fqt-psq-4-predicted", seed=0))
+    assert "~pred" not in repr(layer) and "gi:psq4/gw:psq8" in repr(layer)
+
+
 @pytest.mark.parametrize("recipe", ["fqt-hadamard-8", "fqt-hadamard-4", "fqt-bhq-8"])
 @pytest.mark.parametrize("variant", ["causal-gqa", "mask-grad-dropout"])
 def test_attention_mixed_pair_gives_bitwise_the_separate_gradients(recipe: str, variant: str,

@@ -595,6 +595,48 @@ def test_adaptive_recipe_without_its_policy_warns_once_per_layer_and_says_so() -
         FQTConfig(adaptive="fqt-psq-8")
 
 
+def test_a_copy_of_an_adapted_layer_warns_with_the_widths_it_has() -> None:
+    """A new user's trial: a ``copy.deepcopy`` of an ``fqt-auto`` model whose policy had
+    adapted its widths warned that each layer "trains at the recipe's fixed 8-bit start",
+    while the copy kept the adapted widths; the warning now names them."""
+    import dataclasses
+    import warnings
+
+    from lowbit.config import describe
+    from lowbit.ops import AdaptiveRecipeWarning
+
+    cfg = FQTConfig.from_recipe("fqt-auto", seed=0)
+    model = lowbit.convert(_net(False), cfg)
+    layer = lowbit.fqt_layers(model)["3"]  # as a policy leaves it: ∇X at 4-bit BHQ
+    layer.config = dataclasses.replace(layer.config, grad_input=dataclasses.replace(
+        layer.config.grad_input, bits=4, format="int4", quantizer="bhq"))
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin(torch.randn(8, 2, 5, 5)).square().mean().backward()
+    got = {str(w.message).split("'")[1]: str(w.message) for w in caught
+           if issubclass(w.category, AdaptiveRecipeWarning)}
+    widths = describe(twin[3].config).split("/", 1)[1]
+    assert widths.startswith("gi:bhq4")
+    assert f"layer '3' of recipe 'fqt-auto' trains at the gradient widths it has now, fixed ({widths}):" in got["3"]
+    assert "trains at the recipe's fixed 8-bit start:" in got["5"]  # not adapted: the start
+
+
+def test_a_closed_monitor_refuses_to_step() -> None:
+    """A new user's trial: after ``close()``, ``with monitor.step():`` still counted a
+    step, appended an empty record and warned that no monitored layer ran inside the
+    block (blaming the training loop)."""
+    model = lowbit.convert(_net(), _cfg("psq", 8))
+    mon = VarianceMonitor(model, every=1)
+    with mon.step():
+        model(torch.randn(8, 2, 5, 5)).square().mean().backward()
+    mon.close()
+    with pytest.raises(RuntimeError, match=r"VarianceMonitor is closed \(close\(\) removed its hooks\)"):
+        with mon.step():
+            model(torch.randn(8, 2, 5, 5)).square().mean().backward()
+    assert len(mon.history) == 1 and mon.steps == 1
+
+
 def test_monitor_errors_and_skips() -> None:
     with pytest.raises(ValueError, match="every must be a positive int, got 0"):
         VarianceMonitor(lowbit.convert(_net(), _cfg("psq", 8)), every=0)

@@ -875,6 +875,31 @@ def test_load_state_dict_refuses_another_optimizers_state() -> None:
     assert not opt.state and opt.param_groups[0]["nesterov"] is False
 
 
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_a_state_of_the_same_model_grouped_otherwise_is_refused_as_such(cls: type) -> None:
+    """A new user's trial: the state of the same model saved under two param groups
+    (weights, biases) and loaded into an optimizer of one group was blamed on "another
+    model's parameters" (the shape check paired parameters in flattened order before
+    torch's layout check); now torch's words, with the sizes, and nothing loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).bfloat16()
+    kw = {"lr": 0.1, "momentum": 0.9} if cls is SRSGD else {"lr": 0.01}
+    grouped = cls([{"params": [p for p in model.parameters() if p.ndim > 1]},
+                   {"params": [p for p in model.parameters() if p.ndim == 1]}], **kw)
+    model(torch.randn(4, 20).bfloat16()).float().sum().backward()
+    grouped.step()
+    one = cls(model.parameters(), **kw)
+    with pytest.raises(ValueError, match=r"different number of parameter groups \(2 saved, 1 here\)"):
+        one.load_state_dict(grouped.state_dict())
+    swapped = cls([{"params": [p for p in model.parameters() if p.ndim == 1]},
+                   {"params": [p for p in model.parameters() if p.ndim > 1][:1]},
+                   ], **kw)
+    with pytest.raises(ValueError, match=r"doesn't match the size of optimizer's group \(sizes \[2, 2\] saved, "
+                       r"\[2, 1\] here\)"):
+        swapped.load_state_dict(grouped.state_dict())
+    assert not one.state and not swapped.state
+
+
 def _state_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
         return False
