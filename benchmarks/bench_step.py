@@ -537,11 +537,17 @@ def add_malloc_arg(p: argparse.ArgumentParser) -> None:
 
 
 def apply_malloc(choice: str) -> str:
-    """Set the allocator policy ``choice`` and return its label for the header."""
+    """Set the allocator policy ``choice`` and return its label for the header: the
+    policy in effect (``lowbit.allocator.policy``), which for ``default`` is another where
+    this process already keeps freed memory — glibc's settings are not undone (an in-process
+    call after ``lowbit train``'s, as in the tests) —, said on stderr."""
     from lowbit import allocator
 
     if choice == "keep-freed" and not allocator.keep_freed_memory():
         print("warning: not glibc; --malloc keep-freed changes nothing", file=sys.stderr)
+    if choice == "default" and allocator.policy() != "default":
+        print(f"warning: --malloc default, but this process already runs {allocator.policy()!r} "
+              "(set earlier in it, and not undone): the numbers are under that policy", file=sys.stderr)
     return f"malloc {allocator.policy()}"
 
 
