@@ -492,10 +492,16 @@ class VarianceMonitor:
             causes.append(("samples", f"{layer}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "
                            "leaves it as it is; VarianceMonitor(sgd='paired') compares two steps"))
-        if v.calls > 1 and self.sgd == "per-sample":
+        # the ratios the calls leave NaN (a new user's trial: "its ratios are NaN" was said of
+        # a shared layer whose ∇X only one call needed, and whose ratio_x a policy acted on)
+        spanned = [r for r in ("ratio_w", "ratio_x") if math.isnan(getattr(v, r))
+                   and getattr(v, f"quantizer_{r[-1]}")]
+        if v.calls > 1 and self.sgd == "per-sample" and spanned:
+            one = len(spanned) == 1
             causes.append(("calls", f"{layer}: ran {v.calls} times in one monitored step (gradient "
                            "accumulation or a shared layer): per-sample minibatch variance cannot "
-                           "span calls, so its ratios are NaN and a policy leaves it as it is; "
+                           f"span calls, so its {' and '.join(spanned)} {'is' if one else 'are'} NaN and a "
+                           f"policy leaves {'that path' if one else 'the layer'} as it is; "
                            "VarianceMonitor(sgd='paired') sums the calls' gradients"))
         for cause, text in causes:
             if (name, cause) not in self._warned:

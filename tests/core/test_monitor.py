@@ -723,8 +723,36 @@ def test_gradient_accumulation_is_named_and_paired_measures_it(caplog) -> None:
             assert len(warned) == 3  # once per layer, not once per step
             # naming the layer quoted: "layer 2: ran 4 times" read as a count (a new user's trial)
             assert sorted(w.split(": ran ")[0] for w in warned) == [f"lowbit.monitor: layer '{n}'" for n in "024"]
+            said = {w.split("'")[1]: w for w in warned}  # the ratios the calls left NaN (the first layer has no ∇X)
+            assert "so its ratio_w and ratio_x are NaN and a policy leaves the layer as it is" in said["2"]
+            assert "so its ratio_w is NaN and a policy leaves that path as it is" in said["0"]
         else:
             assert math.isfinite(v.ratio_w) and math.isfinite(v.ratio_x) and not warned
+
+
+def test_a_shared_layer_is_said_to_lose_only_the_ratios_its_calls_span(caplog) -> None:
+    """A new user's trial: a layer called twice, of which only one call needs ∇X, has a
+    finite ratio_x that a policy acts on, but the warning said "its ratios are NaN and a
+    policy leaves it as it is"; it now names the ratio the calls left NaN."""
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # b on the input (no ∇X) and on a(x)
+            return self.c(self.b(x) + self.b(torch.relu(self.a(x))))
+
+    model = lowbit.convert(Shared(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
+    mon = VarianceMonitor(model, every=1)
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        for _ in range(2):
+            with mon.step():
+                model(torch.randn(32, 16)).square().mean().backward()
+    v = mon.history[-1].layers["b"]
+    assert v.calls == 2 and math.isnan(v.ratio_w) and math.isfinite(v.ratio_x)
+    (said,) = [r.message for r in caplog.records if "ran 2 times" in r.message]
+    assert "so its ratio_w is NaN and a policy leaves that path as it is" in said
 
 
 @pytest.mark.parametrize("sgd", ["per-sample", "paired"])
