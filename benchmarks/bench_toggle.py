@@ -117,7 +117,8 @@ Toggles (each is "on" as lowbit ships it):
                sum's pieces several to one ``torch.bmm`` (``lowbit.kernels.exact_f32.PIECES_FLOOR``);
                off: one ``torch.mm`` a piece (the same sums)
   f32-conv     on the exact float32 route, a convolution of codes (output, stride-1 ∇X, and
-               stride-2 ∇X of zero-inserted codes) as one float32 convolution on oneDNN
+               stride-2 ∇X of zero-inserted codes where the kernel covers more than a stride
+               cell, ``conv.zero_insert_pays``) as one float32 convolution on oneDNN
                (``lowbit.kernels.qconv.FLOAT32_CONV``); off: im2col and the route's GEMMs
                (the same sums; stride-2 ∇X then the scatter path, within its rounding)
 

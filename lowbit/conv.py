@@ -289,22 +289,30 @@ def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
 
 
 # Whether ∇X on oneDNN's convolution runs its samples in pieces where the epilogue writes a
-# narrower result (False: the whole batch at once; a benchmark toggle, bench_toggle.py
-# conv-acc-pieces), and how many (the output's convolution runs whole)
+# narrower result or the convolution copies the codes to float32 (False: the whole batch at
+# once; a benchmark toggle, bench_toggle.py conv-acc-pieces), and how many (the output's
+# convolution runs whole)
 ACC_IN_PIECES = True
 ACC_PIECES = 3
 
 
 def acc_pieces(n: int, out_dtype: torch.dtype, in_place: bool) -> int:
     """How many pieces of samples :func:`_conv_epilogue` runs oneDNN's convolution of
-    ``n`` samples in: :data:`ACC_PIECES` (at most ``n``) where the result is narrower than
+    ``n`` samples in: :data:`ACC_PIECES` (at most ``n``; 2 for 4 samples, as pieces of
+    ``⌈n / ACC_PIECES⌉`` samples make) where the result is narrower than
     the float32 accumulator (bfloat16, float16) — the whole accumulator beside the result
     was then the largest pair of buffers of a CNN's backward (docs/benchmarks.md "The
-    CNN's peak under bf16's") —, else one (a float32 result is as large as the
-    accumulator, or written over it: ``in_place``)."""
-    if not ACC_IN_PIECES or in_place or out_dtype.itemsize >= 4:
+    CNN's peak under bf16's") — or where the convolution runs on float32 copies of the
+    codes (:func:`lowbit.kernels.qconv.float32_engine`: a zero-inserted ∇Y's copy is as
+    large as ∇X; whole, a wide stride-2 ∇X's step peaked 6–8% above the route before it, a
+    review), else one (a float32 result is as large as the accumulator, or written over
+    it: ``in_place``)."""
+    if not ACC_IN_PIECES:
         return 1
-    return max(1, min(n, ACC_PIECES))
+    if qconv.float32_engine() or (not in_place and out_dtype.itemsize < 4):
+        per = -(-n // max(1, min(n, ACC_PIECES)))  # samples a piece: the pieces are that many apart
+        return -(-n // per) if n else 1
+    return 1
 
 
 def _conv_epilogue(k: Kernels, held: list[torch.Tensor], w_codes: torch.Tensor, geometry: tuple[Any, ...],

@@ -264,24 +264,38 @@ def _bmm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _LIB.define("int8_conv_f32(Tensor x, Tensor w, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor")
 
 
-def _check_conv(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
+def _check_conv(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                groups: int) -> list[int]:
     """``x`` (N, C, H, W) int8 codes or uint8 ``code + 128``, ``w`` (C_out, C/groups, kH,
-    kW) int8, summed lengths ``C/groups·kH·kW ≤`` :data:`SAFE_K`."""
+    kW) int8, summed lengths ``C/groups·kH·kW ≤`` :data:`SAFE_K`, two strides and
+    dilations ≥ 1 and paddings ≥ 0, an output of at least one position: its (H', W')
+    (the real and the fake kernel refuse alike, naming the op: a review found the fake one
+    giving shapes where torch's convolution raises)."""
     what = "lowbit::int8_conv_f32"
     if x.dtype not in (torch.int8, torch.uint8) or w.dtype != torch.int8:
         raise TypeError(f"{what}: needs int8 (or uint8 code + 128) activations and int8 weights, "
                         f"got {x.dtype} and {w.dtype}")
-    if x.dim() != 4 or w.dim() != 4 or groups < 1 or x.shape[1] != w.shape[1] * groups:
+    if x.dim() != 4 or w.dim() != 4 or groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"{what}: shapes {tuple(x.shape)} and {tuple(w.shape)} (groups={groups}) do not match")
+    if not (len(stride) == len(padding) == len(dilation) == 2 and min(stride) >= 1 and min(dilation) >= 1
+            and min(padding) >= 0):
+        raise ValueError(f"{what}: needs two strides and dilations ≥ 1 and two paddings ≥ 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
     k = w.shape[1] * w.shape[2] * w.shape[3]
     if k > SAFE_K:
         raise ValueError(f"{what}: sums of {k} terms (C/groups·kH·kW) can pass 2²⁴, where float32 stops "
                          f"being exact; at most {SAFE_K}")
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    if min(size) < 1:
+        raise ValueError(f"{what}: a {tuple(w.shape[2:])} kernel (dilation {dilation}) does not fit the "
+                         f"{tuple(x.shape[2:])} input padded by {padding}")
+    return size
 
 
 def _conv_cpu(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
               groups: int) -> torch.Tensor:
-    _check_conv(x, w, groups)
+    _check_conv(x, w, stride, padding, dilation, groups)
     xf = x.to(torch.float32, memory_format=torch.channels_last)
     if x.dtype == torch.uint8:
         xf.sub_(128.0)  # code + 128 back to the code: exact
@@ -311,9 +325,7 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("lowbit::int8_conv_f32", lib=_LIB)
 def _(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
       groups: int) -> torch.Tensor:
-    _check_conv(x, w, groups)
-    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
+    size = _check_conv(x, w, stride, padding, dilation, groups)
     return x.new_empty((x.shape[0], w.shape[0], *size), dtype=torch.float32).contiguous(
         memory_format=torch.channels_last)
 
@@ -325,8 +337,9 @@ def int_conv(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[
     any memory format; ``w`` (C_out, C/groups, kH, kW) int8 → (N, C_out, H', W') float32
     in channels-last memory, as ``lowbit.kernels.qconv.conv_acc`` on the int8 kernel (the
     op ``lowbit::int8_conv_f32``). ``TypeError`` for other dtypes, ``ValueError`` for
-    shapes that do not match or sums of more than :data:`SAFE_K` terms. The caller
-    checks :func:`runs` and :func:`float32_convs_exact`."""
+    shapes that do not match, sums of more than :data:`SAFE_K` terms, strides or
+    dilations below 1, negative padding, or a kernel that does not fit the padded input.
+    The caller checks :func:`runs` and :func:`float32_convs_exact`."""
     return torch.ops.lowbit.int8_conv_f32(x, w, list(stride), list(padding), list(dilation), groups)
 
 

@@ -1118,7 +1118,9 @@ def test_grad_input_in_sample_pieces_is_bitwise_the_whole_batch(monkeypatch: pyt
     assert parts[0].isfinite().all() and parts[0][3].abs().max() > 1e30  # the float64 route ran
     epilogue_dtype = torch.float32 if recipe == "fqt-bhq-8" else dtype  # BHQ's T⁻¹ reads a float32 product
     pieces = C.acc_pieces(7, epilogue_dtype, channels_last and epilogue_dtype == torch.float32)
-    assert pieces == (C.ACC_PIECES if epilogue_dtype == torch.bfloat16 else 1) and C.ACC_PIECES > 1
+    # pieces where the result is narrower, or where the float32 engine copies the codes
+    assert pieces == (C.ACC_PIECES if epilogue_dtype == torch.bfloat16 or qconv.float32_engine() else 1)
+    assert C.ACC_PIECES > 1
     n_bwd = len(calls) - 1  # the forward's convolution: one call of all samples
     assert calls[0] == 7 and n_bwd == pieces and calls[1:].sum() == calls_whole[1:].sum()
     assert calls[1:].max() <= -(-calls_whole[1:].max() // pieces)
