@@ -161,10 +161,11 @@ class Operand:
         (asymmetric and block formats) are applied here, on the operand."""
         aligned = q.offset is None and q.block_scale is None and q.transform.within_entries(shape[1])
         if not (q.plain or aligned):
-            why = ("block scales (a block format)" if q.block_scale is not None else
-                   "an offset (an asymmetric grid)" if q.offset is not None else
-                   f"a row transform ({type(q.transform).__name__}) that mixes rows of different heads")
-            return cls(values=q.dequantize(dtype).reshape(shape), why=f"an operand has {why}")
+            why = (grid_notes.BLOCK_SCALED if q.block_scale is not None else
+                   "an operand has an offset (an asymmetric grid)" if q.offset is not None else
+                   f"an operand has a row transform ({type(q.transform).__name__}) that mixes rows "
+                   "of different heads")
+            return cls(values=q.dequantize(dtype).reshape(shape), why=why)
         per_row = q.step.shape[0] != 1  # (0 rows: an empty operand's steps are per row too)
         step = q.step.reshape(shape[0], shape[1], 1) if per_row else q.step.reshape(1, 1, 1)
         if q.plain:

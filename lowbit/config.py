@@ -79,7 +79,8 @@ class OperandSpec:
     """Forward quantizer of a weight or an activation: ``format`` (default ``int8``, or
     ``bits=B`` for ``intB``), one scale per tensor or per row (per output channel for
     weights, per sample or token for activations; block formats add their block scales
-    along the input features), round-to-nearest by default; STE in the backward."""
+    along the input features — an MX format has only those: ``granularity='row'`` raises
+    ``ValueError`` there), round-to-nearest by default; STE in the backward."""
 
     bits: int | None = None
     granularity: Granularity = Granularity.TENSOR
@@ -90,6 +91,41 @@ class OperandSpec:
         _resolve_format(self)
         _coerce_enum(self, "granularity", Granularity)
         _coerce_enum(self, "rounding", Rounding)
+        _no_row_scale(self)
+
+
+def _spec_hint(value: object, kind: type) -> str:
+    """What a spec field given a name or a width may have meant: a recipe name is a whole
+    config (``FQTConfig.from_recipe``), a format name or width the spec's ``format``
+    (a new user's trial: ``weight="int4"`` was pointed at ``from_recipe('int4')``, which
+    raised "unknown recipe")."""
+    if isinstance(value, str) and value in RECIPES:
+        return f"; {value!r} is a recipe name: use FQTConfig.from_recipe({value!r}) for the whole config"
+    return f"; for that format: {kind.__name__}(format={value!r})" if _a_format(value) else ""
+
+
+def _a_format(value: object) -> bool:
+    """Whether ``value`` is a format's name or width (:func:`parse_format` takes it)."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return False
+    try:
+        parse_format(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _no_row_scale(spec: OperandSpec) -> None:
+    """``granularity='row'`` on an MX format is refused: an MX format's only scales are
+    its blocks' (the group scale is 1), so the setting would be dropped without a word (a
+    new user's trial: ``OperandSpec(format="mxfp4", granularity="row")`` ran per tensor
+    and showed ``~row``)."""
+    fmt = spec.format
+    if (spec.granularity is Granularity.ROW and isinstance(fmt, BlockFormat)
+            and fmt.scale == "e8m0"):
+        raise ValueError(f"granularity='row' has no effect on format={fmt.name!r}: an MX format "
+                         f"has no per-row or per-tensor scale (each {fmt.block}-element block's "
+                         "power-of-two scale is its only one); leave granularity at 'tensor'")
 
 
 _RANGE_DEFAULTS = {"margin": 1.25, "history": 16, "overflow": Overflow.REQUANTIZE}  # GradSpec's
@@ -282,9 +318,8 @@ class FQTConfig:
                            ("grad_input", GradSpec), ("grad_weight", GradSpec)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                hint = (f"; for the named recipe use FQTConfig.from_recipe({value!r})"
-                        if name == "weight" and isinstance(value, str) else "")
-                raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}{hint}")
+                raise TypeError(f"{name} must be an {kind.__name__} or None, got {value!r}"
+                                f"{_spec_hint(value, kind)}")
         if (self.weight is None) != (self.activation is None):
             raise ValueError("weight and activation must both be quantized or both be None")
         if self.weight is None and (self.grad_input or self.grad_weight):
@@ -449,11 +484,23 @@ class FQTConfig:
 
 
 
+def config_hint(value: object) -> str:
+    """What a name given where a config belongs may have meant: a recipe name gets the
+    call that makes its config, a format name (or width) the specs that take it, another
+    string where the recipe names are listed (a new user's trial: every string was called
+    "a recipe name", ``"int4"`` too, and the call offered raised "unknown recipe")."""
+    if isinstance(value, str) and value in RECIPES:
+        return f" (a recipe name: lowbit.FQTConfig.from_recipe({value!r}))"
+    if _a_format(value):
+        return (f" (a format: a config's specs take it, e.g. FQTConfig(grad_input=GradSpec("
+                f"format={value!r})) or OperandSpec(format={value!r}))")
+    return " (not a recipe name: lowbit.RECIPES lists them)" if isinstance(value, str) else ""
+
+
 def not_a_config(value: object) -> TypeError:
-    """The ``TypeError`` for a ``config`` that is not an :class:`FQTConfig`; a recipe name
-    gets the call that makes one."""
-    hint = f" (a recipe name: lowbit.FQTConfig.from_recipe({value!r}))" if isinstance(value, str) else ""
-    return TypeError(f"config must be an FQTConfig, got {type(value).__name__}{hint}")
+    """The ``TypeError`` for a ``config`` that is not an :class:`FQTConfig`, with
+    :func:`config_hint`."""
+    return TypeError(f"config must be an FQTConfig, got {type(value).__name__}{config_hint(value)}")
 
 __all__ = ["ADAPTIVE_RECIPES", "BASELINES", "FLOAT_FAMILIES", "MIN_BITS", "RECIPES", "Backend", "backend_names", "recipe_families", "FQTConfig", "GradSpec", "OperandSpec", "Overflow",
            "RangeMode"]

@@ -41,7 +41,7 @@ def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: st
     if be is Backend.INT8 and wrong is not None:  # the format is the first thing to change there
         return f"an operand's codes are {wrong} (format not int8)"
     if any(q.block_scale is not None for q in ops):
-        return "an operand has block scales (a block format)"
+        return grid_notes.BLOCK_SCALED
     if any(q.offset is not None for q in ops):
         return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
     if be is Backend.FP8 or wrong in FP8_DTYPES:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import Backend, FQTConfig, GradSpec, OperandSpec
+from .config import Backend, FQTConfig, GradSpec, OperandSpec, config_hint
 from .formats import SUPPORTED_DTYPES, check_dense, check_one_device, compute_dtype
 from .gradpair import quantize_grad_pair, quantize_grad_pair_mixed
 from .kernels import Kernels, kernels_for
@@ -265,8 +265,8 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
     if isinstance(state, BlockState):
         return state
     if not isinstance(state, FQTConfig):
-        hint = f" (a recipe name: lowbit.FQTConfig.from_recipe({state!r}))" if isinstance(state, str) else ""
-        raise TypeError(f"state must be a BlockState or an FQTConfig, got {type(state).__name__}{hint}")
+        raise TypeError(f"state must be a BlockState or an FQTConfig, got {type(state).__name__}"
+                        f"{config_hint(state)}")
     seed = draw_base_seed() if state.seed is None else state.seed
     return BlockState(state, NoiseStream(seed))
 

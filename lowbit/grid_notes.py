@@ -28,6 +28,10 @@ class Listener(Protocol):
 LISTENERS: list[Listener] = []  # tracers tracing now (GemmTracer.tracing adds and removes itself)
 REASONS: list[str] = []  # why the GEMMs running now are simulated, innermost last (while tracing)
 REFERENCE = "backend='reference': lowbit's reference path (dequantized codes in a float GEMM)"
+# why a GEMM of a block format runs simulated, in coverage and traces (a new user's trial:
+# MXFP4/NVFP4 GEMMs were said to find "no fp8 kernel", as if an FP8 kernel were missing)
+BLOCK_SCALED = ("an operand has block scales (a block format: MX, NVFP4), and lowbit has no "
+                "block-scaled GEMM kernel: emulated exactly (dequantized codes in a float GEMM)")
 
 
 def note(codes: torch.Tensor, fmt: Any) -> None:

@@ -249,7 +249,11 @@ class VarianceReport:
             why = "not computed: bound_batches=0 (pass bound_batches=1 or more)"
         else:  # (a second review: one cause named for every "–" blamed attention wrongly)
             why = (f"bound_batches={self.bound_batches}; \"–\" where the bound has no term (quantized "
-                   "attention products, a grouped convolution's ∇W) or a value is not finite")
+                   "attention products, a grouped convolution's ∇W, gradients rounded to nearest) "
+                   "or a value is not finite")
+            if _rounds_to_nearest(self.config):  # (a trial: fp8-tensorwise's "–" everywhere, unexplained)
+                why += ("; this config rounds gradients to nearest (biased): Theorem 2 bounds the "
+                        "variance of unbiased stochastic rounding only")
             if self.unbounded:  # which groups attention left without a bound, and which blocks
                 why += f"; {unbounded_note(self.unbounded)}"
         note = ("quant/bound: the measured quantization variance over the data-dependent bound "
@@ -535,6 +539,14 @@ def gradient_variance(
         pairs_analytic=_mean_pairs(pairs_a), spectra=spectra[:n_bound], world_size=world,
         comm=None if comm is None else asdict(comm), unbounded=unbounded,
     )
+
+
+def _rounds_to_nearest(config: dict) -> bool:
+    """Whether a :attr:`VarianceReport.config` (one config's dict, or one per layer) rounds
+    a gradient path to nearest."""
+    configs = [config] if "grad_input" in config or "grad_weight" in config else list(config.values())
+    return any(isinstance(c, dict) and isinstance(c.get(k), dict) and c[k].get("rounding") == "nearest"
+               for c in configs for k in ("grad_input", "grad_weight"))
 
 
 def _config_summary(cfgs: dict[str, FQTConfig]) -> dict:

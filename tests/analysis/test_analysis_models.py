@@ -176,4 +176,4 @@ def test_non_finite_operands_give_nan_bin_utilization_and_the_table_shows_inf() 
     # non-finite value) is explained (a review: "–" with only "bound_batches=1" after it)
     assert rep.table().splitlines()[-1].endswith(
         "bound_batches=1; \"–\" where the bound has no term (quantized attention products, a grouped "
-        "convolution's ∇W) or a value is not finite")
+        "convolution's ∇W, gradients rounded to nearest) or a value is not finite")

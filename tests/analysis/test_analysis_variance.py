@@ -223,6 +223,23 @@ def test_nearest_rounding_is_flagged_as_biased() -> None:
     assert lines[-2] == "" and note.endswith("not computed: bound_batches=0 (pass bound_batches=1 or more)")
 
 
+def test_the_tables_note_names_nearest_rounding_as_why_the_bound_is_empty() -> None:
+    """A new user's trial (README fault kind 244): under ``fp8-tensorwise`` (gradients
+    rounded to nearest) every quant/bound cell is "–", and the note named only attention
+    and grouped convolutions as causes. It names round-to-nearest, and says so for this
+    config; a stochastic-rounding config's note does not."""
+    cfg = FQTConfig(grad_input=GradSpec(3, "ptq", rounding=Rounding.NEAREST),
+                    grad_weight=GradSpec(3, "ptq", rounding=Rounding.NEAREST), seed=0)
+    rep = gradient_variance(mlp(), ce_loss, mlp_batches(3), cfg, repeats=2, bound_batches=1)
+    assert all(ln.split()[-1] == "–" for ln in str(rep).splitlines()[3:-2])
+    assert str(rep).splitlines()[-1].endswith("; this config rounds gradients to nearest (biased): "
+                                              "Theorem 2 bounds the variance of unbiased stochastic "
+                                              "rounding only")
+    sr = gradient_variance(mlp(), ce_loss, mlp_batches(3), FQTConfig.from_recipe("fqt-psq-4", seed=0),
+                           repeats=2, bound_batches=1)
+    assert "rounds gradients to nearest" not in str(sr).splitlines()[-1]
+
+
 def test_config_swap_restores_and_validates() -> None:
     model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
     before = {n: m.config for n, m in lowbit.fqt_layers(model).items()}

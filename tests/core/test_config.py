@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -165,6 +166,50 @@ def test_a_wrong_field_or_a_recipe_string_says_what_to_do() -> None:
     # and FQTConfig("fqt-bhq-4") (the recipe as the first field, weight) named no way out
     with pytest.raises(TypeError, match=r"use FQTConfig.from_recipe\('fqt-bhq-4'\)"):
         FQTConfig("fqt-bhq-4")
+
+
+def test_a_format_name_given_as_a_spec_points_at_the_spec() -> None:
+    """A new user's trial (README fault kind 244): ``weight="int4"`` was answered "for the
+    named recipe use FQTConfig.from_recipe('int4')", which raised "unknown recipe"."""
+    for field, kind in (("weight", "OperandSpec"), ("grad_input", "GradSpec")):
+        with pytest.raises(TypeError, match=rf"{field} must be an {kind} or None, got 'int4'; "
+                                            rf"for that format: {kind}\(format='int4'\)$"):
+            FQTConfig.from_recipe("fqt-psq-8", **{field: "int4"})
+    with pytest.raises(TypeError, match=r"got 'fp8_e4m3'; for that format: OperandSpec\(format='fp8_e4m3'\)"):
+        FQTConfig(weight="fp8_e4m3", activation=OperandSpec())
+    with pytest.raises(TypeError, match=r"got 'banana'$"):  # neither a recipe nor a format: no hint
+        FQTConfig(grad_weight="banana")
+    # where a whole config belongs: convert(model, "int4") was called "a recipe name" too
+    with pytest.raises(TypeError, match=r"got str \(a format: a config's specs take it, e\.g\. "
+                                        r"FQTConfig\(grad_input=GradSpec\(format='int4'\)\)"):
+        lowbit.convert(torch.nn.Linear(2, 2), "int4")
+    with pytest.raises(TypeError, match=r"got str \(not a recipe name: lowbit.RECIPES lists them\)"):
+        lowbit.convert(torch.nn.Linear(2, 2), "fqt-psq-9")
+    from lowbit.functional import block_state
+    with pytest.raises(TypeError, match=r"got str \(a format: .*OperandSpec\(format='nvfp4'\)\)"):
+        block_state("nvfp4")
+
+
+def test_mx_formats_refuse_a_row_scale_and_ptq_is_psq_there() -> None:
+    """The same trial: an MX format's only scales are its blocks' (the group scale is 1),
+    so ``OperandSpec(format="mxfp4", granularity="row")`` ran per tensor and showed
+    ``~row``; it is refused by name. NVFP4 has a group scale: per row is taken. And, as
+    the README's recipe table says, PTQ and PSQ are one quantizer on an MX format: the
+    same gradients, bit for bit."""
+    for name in ("mxfp4", "mxfp8_e4m3", "mxfp8_e5m2"):
+        with pytest.raises(ValueError, match=rf"granularity='row' has no effect on format='{name}'"):
+            OperandSpec(format=name, granularity="row")
+    assert OperandSpec(format="nvfp4", granularity="row").granularity.value == "row"
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    for fmt in ("mxfp4", "mxfp8"):
+        grads = []
+        for q in ("ptq", "psq"):
+            m = lowbit.convert(copy.deepcopy(base), FQTConfig.from_recipe(f"fqt-{q}-{fmt}", seed=0))
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            grads.append([p.grad for p in m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), fmt
 
 
 def test_config_helpers_refuse_what_they_would_ignore_and_labels_name_block_settings() -> None:

@@ -294,6 +294,32 @@ def test_simulated_gemms_say_why(recipe: str, backend: str, why: str) -> None:
     assert rep.to_dict()["simulated"] and not grid_notes.REASONS
 
 
+@pytest.mark.parametrize("recipe", ["fqt-psq-mxfp4", "fqt-bhq-nvfp4", "fqt-psq-mxfp8"])
+def test_block_format_gemms_say_no_block_scaled_kernel_not_no_fp8_kernel(recipe: str) -> None:
+    """A new user's trial (README fault kind 244): a linear layer's MXFP4/NVFP4 GEMMs
+    said "no fp8 kernel takes it: an operand has block scales", as if an FP8 kernel were
+    missing; a block format's reason names the block scales and the missing block-scaled
+    kernel, whatever the element type."""
+    from lowbit import grid_notes
+    torch.manual_seed(0)
+    rep = mlp_step(converted(mlp(), recipe))
+    sim = {r.reason for r in rep.rows if r.kind == "simulated"}
+    assert sim == {grid_notes.BLOCK_SCALED}, sim
+
+
+def test_an_integer_and_an_fp8_operand_are_named_as_the_mix() -> None:
+    """The same trial: int8 forward codes with FP8 gradient codes said the codes "are
+    torch.float8_e5m2 and torch.int8, not fp8" — one of them is fp8; the cause is the mix."""
+    from lowbit import FQTConfig, GradSpec
+    torch.manual_seed(0)
+    cfg = FQTConfig(grad_input=GradSpec(format="fp8_e5m2", quantizer="psq"),
+                    grad_weight=GradSpec(format="fp8_e5m2", quantizer="psq"))
+    rep = mlp_step(lowbit.convert(mlp(), cfg))
+    sim = {r.reason for r in rep.rows if r.kind == "simulated"}
+    assert sim and all("no kernel takes an integer and an FP8 operand together" in w
+                       and "not fp8" not in w for w in sim), sim
+
+
 def test_fp8_attention_says_it_has_no_fp8_kernel() -> None:
     torch.manual_seed(0)
     mha = converted(nn.MultiheadAttention(64, 2, batch_first=True), "fqt-psq-fp8")
