@@ -332,9 +332,10 @@ class QuantizedCommState:
     of the same buckets sends; ``steps``: backward passes seen).
 
     ``process_group``: ``None`` takes the DDP model's ``process_group`` (the group its
-    buckets are reduced over); given with a DDP model, it must be that model's group:
-    ``ValueError`` naming both otherwise (a review found a DDP over a subgroup averaged
-    over every rank of the job and divided by the job's size). A model that is not a
+    buckets are reduced over); given with a DDP model, it must be that model's group or
+    one of the same ranks in the same order: ``ValueError`` naming both otherwise (a
+    review found a DDP over a subgroup averaged over every rank of the job and divided by
+    the job's size). A model that is not a
     ``DistributedDataParallel`` (its ``.module``, a plain model) needs ``process_group``
     where a job of several ranks runs (``ValueError``): its group cannot be read from it;
     in a single process (no process group yet) the default group is used at the hook."""
@@ -366,7 +367,11 @@ class QuantizedCommState:
             own = model.process_group
             if self.process_group is None:
                 self.process_group = own
-            elif not _same_group(self.process_group, own):
+            elif not _same_group(self.process_group, own) and (
+                    _group_ranks(self.process_group) is None
+                    or _group_ranks(self.process_group) != _group_ranks(own)):
+                # (a group of the same ranks averages alike: taken; a trial found it refused
+                # as "other ranks")
                 raise ValueError(f"QuantizedCommState: process_group {_group_name(self.process_group)} is "
                                  f"not the DDP model's process_group {_group_name(own)}: the hook would "
                                  "average over other ranks than DDP reduces its buckets over; leave "
@@ -484,12 +489,17 @@ def _same_group(a: object, b: object) -> bool:
     return name_a is not None and name_a == name_b
 
 
+def _group_ranks(group: object) -> list[int] | None:
+    """A process group's global ranks, in its rank order; ``None`` where they cannot be read."""
+    try:
+        return dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _group_name(group: object) -> str:
     """A process group in words, for messages: its global ranks (and name)."""
-    try:
-        ranks = dist.get_process_group_ranks(group)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
-        ranks = None
+    ranks = _group_ranks(group)
     name = getattr(group, "group_name", None)
     return f"(ranks {ranks}{f', name {name!r}' if name else ''})" if ranks is not None else repr(group)
 

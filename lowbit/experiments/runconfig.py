@@ -207,8 +207,11 @@ class TrainConfig:
             raise ValueError(f"grad_comm must be one of {', '.join(GRAD_COMM_NAMES)}, "
                              f"got {self.grad_comm!r}")
         if self.grad_comm != "fp32" and self.world_size < 2:
-            raise ValueError(f"grad_comm {self.grad_comm} needs a data-parallel run "
-                             "(world_size ≥ 2, launched with torchrun or lowbit train --nproc)")
+            # (no option named but the launchers': a trial found `lowbit sweep` told to use
+            # --nproc, which it does not have)
+            raise ValueError(f"grad_comm {self.grad_comm} needs a data-parallel run of 2 or more "
+                             "ranks: launch it with torchrun --nproc-per-node N (lowbit train: or "
+                             "with --nproc N)")
         m = self.monitor_every
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"monitor_every must be a non-negative integer, got {m!r}")

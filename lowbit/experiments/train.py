@@ -95,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt); the settings "
         "this command line does not give are those OUT/config.json records (give --out); OUT must "
         "exist (a folder without a checkpoint starts afresh)")
-    add("--nproc", help="data-parallel ranks: launches torchrun with N processes (default 1; "
-        "under torchrun, its WORLD_SIZE)")
+    add("--nproc", help="data-parallel ranks: launches torchrun with N processes (default 1); "
+        "under torchrun leave it out: the ranks are torchrun's --nproc-per-node (its WORLD_SIZE)")
     add_training_arguments(parser)
 
 
@@ -392,7 +392,11 @@ def resumed_settings(out: Path, fields: dict[str, Any], given: set[str] | None) 
         return "", []
     ranks = saved.get("world_size") or 1
     if isinstance(ranks, int) and ranks > 1 and "nproc" not in given and not launched_ranks():
-        raise ValueError(f"{out} is a run of {ranks} data-parallel ranks: resume it with --nproc {ranks}")
+        # both launches named (a trial: under `torchrun --nproc-per-node 1` the advice "--nproc 2"
+        # could not be typed: torchrun's parser refuses --nproc as an ambiguous abbreviation)
+        raise ValueError(f"{out} is a run of {ranks} data-parallel ranks: resume it on {ranks} ranks "
+                         f"(lowbit train --nproc {ranks} ..., or torchrun --nproc-per-node {ranks} -m "
+                         "lowbit train ... without --nproc)")
     taken = {}
     for name in TrainConfig.__dataclass_fields__:
         if name in NOT_RESUMED or name not in saved or OPTION_OF_FIELD.get(name, name) in given:
@@ -555,15 +559,38 @@ def _how_ended(code: int) -> str:
     return {130: "was interrupted (SIGINT)", 143: "was terminated (SIGTERM)"}.get(code, f"exited with status {code}")
 
 
-def _root_cause(failures: dict[int, dict]) -> int:
+def _root_cause(failures: dict[int, dict], recorded: int | None = None) -> int:
     """The rank whose failure stopped the job: the earliest torchrun saw (whole seconds),
     among those a rank killed by a signal other than the SIGTERM/SIGINT torchrun stops the
-    others with, then one that exited on its own."""
+    others with (it recorded nothing); else ``recorded``, the rank ``status.json`` names as
+    the first to stop (a rank records before its connections close, so before the others
+    fail: finer than torchrun's seconds); else one that exited on its own. (A trial: a
+    ``kill -TERM`` of rank 1 was blamed on rank 0, whose "Connection closed by peer"
+    exit torchrun saw in the same second, though status.json named rank 1.)"""
     def order(rank: int) -> tuple:
         code = failures[rank]["exitcode"]
         stopped = code in (-signal.SIGTERM, -signal.SIGINT, 130, 143)
         return failures[rank]["time"], 0 if code < 0 and not stopped else 1 if not stopped else 2, rank
-    return min(failures, key=order)
+    first = min(failures, key=order)
+    if order(first)[1] == 0 or recorded not in failures:
+        return first
+    return recorded  # type: ignore[return-value]
+
+
+_RECORDED = re.compile(r"stopped by (?:SIGTERM|an interrupt \(Ctrl-C\)|an error) on rank (\d+)\b")
+
+
+def _recorded_rank(out: Path) -> int | None:
+    """The rank ``status.json``'s ``failed``/``interrupted`` record names as the first to
+    stop (the trainer's words: "stopped by … on rank R"), else ``None``."""
+    try:
+        record = json.loads((out / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") not in ("failed", "interrupted"):
+        return None
+    m = _RECORDED.match(str(record.get("message") or ""))
+    return int(m.group(1)) if m else None
 
 
 def explain_ending(folder: Path, out: Path, code: int) -> int:
@@ -585,7 +612,7 @@ def explain_ending(folder: Path, out: Path, code: int) -> int:
         return code  # torchrun failed before any rank (its own message is above)
     if not failures:
         return code
-    root = _root_cause(failures)
+    root = _root_cause(failures, _recorded_rank(out))
     others = [f"rank {r} {_how_ended(failures[r]['exitcode'])}" for r in sorted(failures) if r != root]
     what = f"rank {root} {_how_ended(failures[root]['exitcode'])}"
     print(f"lowbit train: {what}" + (f"; then {', '.join(others)}" if others else "")

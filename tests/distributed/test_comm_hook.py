@@ -122,6 +122,10 @@ def _hook_worker(rank: int, world: int) -> dict:
     except ValueError as exc:
         out["other_group"] = str(exc)
     out["same_group"] = QuantizedCommState(sub, COMM, process_group=groups[rank]).process_group is groups[rank]
+    # another group of the same ranks averages alike: taken (a trial: refused as "other ranks")
+    twin = dist.new_group(list(range(world)))
+    whole = DDP(torch.nn.Linear(4, 1, bias=False))
+    out["twin_group"] = QuantizedCommState(whole, COMM, process_group=twin).process_group is twin
     try:  # its unwrapped module: the group cannot be read from it, so it must be given
         QuantizedCommState(sub.module, COMM)  # (it silently took WORLD: a second review)
         out["plain_module"] = ""
@@ -304,7 +308,7 @@ def test_a_ddp_over_a_subgroup_is_averaged_over_that_group(hook_runs):
         assert torch.equal(r["subgroup_grad"], torch.full((1, 4), float(rank + 1)))
         assert "is not the DDP model's process_group" in r["other_group"]
         assert "(ranks [0, 1]" in r["other_group"] and f"(ranks [{rank}]" in r["other_group"]
-        assert r["same_group"]
+        assert r["same_group"] and r["twin_group"]
         assert "is not a DistributedDataParallel model, so its process group is unknown" in r["plain_module"]
         assert r["plain_given"]
 

@@ -170,6 +170,23 @@ def test_train_rejects_bad_distributed_options_before_launching(tmp_path, capsys
     assert not (tmp_path / "run").exists()  # nothing launched, nothing written
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_grad_comm_on_one_rank_names_launches_the_command_can_take(tmp_path, capsys, command):
+    """A new user's trial (README fault kind 245): ``lowbit sweep --grad-comm int8`` on one
+    process was told "--nproc ≥ 2", an option sweep does not have (torchrun's
+    ``--nproc-per-node`` is its only way to ranks)."""
+    from lowbit.cli import main
+
+    extra = ["--task", "digits", "--recipe", "fp"] if command == "train" else ["--tasks", "digits",
+                                                                               "--recipes", "fp"]
+    assert main([command, *extra, "--grad-comm", "int8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lowbit {command}: error: --grad-comm int8 needs a data-parallel run of 2 or "
+                          "more ranks: launch it with torchrun --nproc-per-node N (lowbit train: or "
+                          "with --nproc N)"), err
+    assert "--nproc ≥" not in err and not (tmp_path / "run").exists()
+
+
 def test_train_config_world_size():
     cfg = TrainConfig(task="digits", recipe="fqt-psq-8", world_size=2, grad_comm="int4")
     assert cfg.run_name() == "digits-mlp-fqt-psq-8-n2-cint4-s0"

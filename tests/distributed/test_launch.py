@@ -164,6 +164,32 @@ def test_a_rank_killed_by_a_signal_is_named_in_status_json(tmp_path, capsys):
     assert capsys.readouterr().err == "lowbit train: error: --subset must be at most 9\n"
 
 
+def test_a_rank_stopped_by_sigterm_first_is_named_first(tmp_path, capsys):
+    """A new user's trial (README fault kind 245): ``kill -TERM`` of rank 1 of a
+    ``--nproc 2`` run: rank 1 recorded "stopped by SIGTERM on rank 1", rank 0 then exited
+    1 on the closed connection, in the same second by torchrun's clock, and the launcher
+    said "rank 0 exited with status 1; then rank 1 was terminated". The rank status.json
+    names as the first to stop comes first; a SIGKILLed rank (which records nothing) still
+    comes before it (the test above)."""
+    (tmp_path / "failures.json").write_text(json.dumps({
+        "0": {"exitcode": 1, "pid": 10, "time": 100.0},
+        "1": {"exitcode": 143, "pid": 11, "time": 100.0}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    said = {"status": "interrupted", "message": "stopped by SIGTERM on rank 1; the same command with "
+            "--resume (lowbit sweep: the same command) continues from the last epoch checkpoint"}
+    (run / "status.json").write_text(json.dumps(said))
+    assert train_cli.explain_ending(tmp_path, run, 1) == 1
+    assert capsys.readouterr().err.startswith("lowbit train: rank 1 was terminated (SIGTERM); then rank 0 "
+                                              "exited with status 1")
+    assert _status(run) == said  # its own record stands
+    # an error recorded on rank 0, rank 1 stopped by torchrun's SIGTERM after it: rank 0
+    (run / "status.json").write_text(json.dumps({"status": "failed", "message": (
+        "stopped by an error on rank 0: ValueError: bad value on rank 1; after fixing it, ...")}))
+    train_cli.explain_ending(tmp_path, run, 1)
+    assert capsys.readouterr().err.startswith("lowbit train: rank 0 exited with status 1; then rank 1")
+
+
 def test_world_size_1_in_the_environment_is_not_a_launch(tmp_path, monkeypatch, capsys):
     """A review: WORLD_SIZE=1 left in the environment made `--nproc 2` refuse with
     "--world-size is 2 but this process was not launched on several ranks" (no such

@@ -88,7 +88,9 @@ def test_resume_reads_the_checkpoint_where_config_json_is_damaged_and_names_its_
     config["train"]["world_size"] = 2
     (out / "config.json").write_text(json.dumps(config))
     assert cli.main(["train", "--resume", "--out", str(out), *TINY]) == 2
-    assert "resume it with --nproc 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("resume it on 2 ranks (lowbit train --nproc 2 ..., or torchrun --nproc-per-node 2 -m lowbit "
+            "train ... without --nproc)") in err
 
 # --------------------------------------------------------------------------- SIGKILL + resume
 
