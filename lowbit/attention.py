@@ -94,7 +94,7 @@ from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import Format, Granularity, IntFormat, Rounding, compute_dtype
 from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
-from .kernels import Encoded, Impl, Kernels, avx512, compiled, int8, int8_applicable, kernels_for, register, register_fused
+from .kernels import Encoded, Impl, Kernels, avx512, compiled, fp8, int8, int8_applicable, kernels_for, register, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
@@ -267,6 +267,11 @@ def _why_simulated(a: Operand, b: Operand, backend: Backend, integer: bool, macs
     why = a.why or b.why or _transform_why(b)
     if why is not None:
         return why
+    mix = fp8.mixed_codes(*(o.codes.dtype for o in (a, b) if o.codes is not None))
+    if mix:  # int8 on both would be real: the mix named, not only FP8 (a review)
+        return (f"its operands' codes are {mix}: lowbit's attention has no FP8 kernel, alone or beside "
+                "integer codes (int8 specs on both run on the integer kernels; one batched float GEMM "
+                "of the codes)")
     if any(o.codes is not None and o.codes.dtype != torch.int8 for o in (a, b)):
         return "FP8 codes: lowbit's attention has no FP8 kernel (one batched float GEMM of the codes)"
     return "a scale on the summed dimension, or shapes the integer kernel refuses"

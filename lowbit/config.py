@@ -318,7 +318,8 @@ class FQTConfig:
                            ("grad_input", GradSpec), ("grad_weight", GradSpec)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be an {kind.__name__} or None, got {value!r}"
+                article = "an" if kind.__name__[0] in "AEIOU" else "a"
+                raise TypeError(f"{name} must be {article} {kind.__name__} or None, got {value!r}"
                                 f"{_spec_hint(value, kind)}")
         if (self.weight is None) != (self.activation is None):
             raise ValueError("weight and activation must both be quantized or both be None")

@@ -15,7 +15,7 @@ import torch
 
 from . import grid_notes
 from .config import Backend
-from .kernels.fp8 import FP8_DTYPES
+from .kernels.fp8 import FP8_DTYPES, mixed_codes
 from .quantizers import QuantizedOperand
 
 
@@ -44,6 +44,10 @@ def simulated_cause(backend: Backend, ops: Sequence[QuantizedOperand], cause: st
         return grid_notes.BLOCK_SCALED
     if any(q.offset is not None for q in ops):
         return "an operand is on an asymmetric grid (an offset: code 0 is not the value 0)"
+    mix = mixed_codes(*(q.codes.dtype for q in ops))
+    if mix:  # int8 on both would be real: the mix named, not only FP8 (a review)
+        return (f"its operands' codes are {mix}: no convolution kernel takes FP8 codes, alone or "
+                "beside integer ones (int8 specs on both operands run on the integer kernels)")
     if be is Backend.FP8 or wrong in FP8_DTYPES:
         return "FP8 convolution has no _scaled_mm kernel (lowbit runs it simulated)"
     if wrong is not None:

@@ -216,9 +216,11 @@ class TrainConfig:
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"monitor_every must be a non-negative integer, got {m!r}")
         if self.recipe in ADAPTIVE_RECIPES and self.world_size > 1:
-            raise ValueError(f"{self.recipe} trains on a single rank only (world_size {self.world_size}): "
-                             "its bit widths come from the variance monitor, which runs on one rank; "
-                             "train it without --nproc / torchrun, or pick a fixed-width recipe")
+            # (no field or option named: "(--nproc 2)" reached torchrun and sweep users — a review)
+            raise ValueError(f"{self.recipe} trains on a single rank only, not on {self.world_size} "
+                             "data-parallel ranks: its bit widths come from the variance monitor, which "
+                             "runs on one rank; train it in one process (without --nproc or torchrun), "
+                             "or pick a fixed-width recipe")
         if self.recipe in ADAPTIVE_RECIPES and m < 1:
             raise ValueError(f"monitor_every must be ≥ 1 for {self.recipe}: its bit widths come "
                              f"from the variance monitor (got {m})")

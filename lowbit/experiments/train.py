@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -322,11 +323,20 @@ def _as_option(message: str) -> str:
     """``batch_size must ...`` → ``--batch-size must ...`` (name the CLI option of a
     TrainConfig field; other messages are left as they are). ``world_size``, which the
     command line sets with ``--nproc``, is named ``--nproc`` (a review found "--world-size
-    is 2 ...": no such option), also as a word inside the message, not inside a path."""
+    is 2 ...": no such option), also as a word inside the message, not inside a path;
+    under a multi-rank launch, where torchrun set it, ``torchrun's --nproc-per-node``."""
     name, sep, rest = message.partition(" ")
+    try:  # under torchrun the ranks are its --nproc-per-node: --nproc cannot be typed there (a review)
+        ranks = "torchrun's --nproc-per-node" if launched_ranks() else "--nproc"
+    except ValueError:
+        ranks = "--nproc"
     if sep and name in TrainConfig.__dataclass_fields__:
-        message = f"{OPTION_NAMES.get(name, '--' + name.replace('_', '-'))} {rest}"
-    return re.sub(r"(?<![\w/.~-])world_size(?![\w/.-])", "--nproc", message)  # the word, not in a path
+        option = ranks if name == "world_size" else OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        message = f"{option} {rest}"
+    if ranks != "--nproc":  # "world_size (2)" as a sweep under torchrun says it (sweep._ranks_named)
+        message = re.sub(r"(?<![\w/.~-])world_size \((\d+)\)", r"the launch's \1 ranks (torchrun "
+                         "--nproc-per-node)", message)
+    return re.sub(r"(?<![\w/.~-])world_size(?![\w/.-])", ranks, message)  # the word, not in a path
 
 
 def launched_ranks() -> bool:
@@ -506,6 +516,7 @@ def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
     with tempfile.TemporaryDirectory(prefix="lowbit-launch-") as folder:
         env = dict(os.environ, **{LAUNCHED: "1", LAUNCH_DIR: folder})
         # its own process group: a Ctrl-C at the terminal reaches torchrun once, from here
+        started = time.time()  # a status.json record older than this is another run's
         proc = subprocess.Popen(argv, env=env, process_group=0)
         code, signum = wait_forwarding_signals(proc)
         if signum is not None and code != 0:  # the ranks stopped (status.json: interrupted)
@@ -516,7 +527,7 @@ def _torchrun(args: argparse.Namespace, nproc: int, out: str) -> int:
         if code < 0:  # torchrun itself killed by a signal (its ranks got SIGTERM from it, if alive)
             print(f"lowbit train: torchrun {_how_ended(code)}", file=sys.stderr)
             return 128 - code
-        return explain_ending(Path(folder), Path(out), code) if code else 0
+        return explain_ending(Path(folder), Path(out), code, since=started) if code else 0
 
 
 FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM}
@@ -574,17 +585,23 @@ def _root_cause(failures: dict[int, dict], recorded: int | None = None) -> int:
     first = min(failures, key=order)
     if order(first)[1] == 0 or recorded not in failures:
         return first
-    return recorded  # type: ignore[return-value]
+    return recorded  # type: ignore[return-value]  (a record of this launch: _recorded_rank)
 
 
 _RECORDED = re.compile(r"stopped by (?:SIGTERM|an interrupt \(Ctrl-C\)|an error) on rank (\d+)\b")
 
 
-def _recorded_rank(out: Path) -> int | None:
+def _recorded_rank(out: Path, since: float | None = None) -> int | None:
     """The rank ``status.json``'s ``failed``/``interrupted`` record names as the first to
-    stop (the trainer's words: "stopped by … on rank R"), else ``None``."""
+    stop (the trainer's words: "stopped by … on rank R"), else ``None``; ``None`` too for a
+    record written before ``since`` (the launch's start: a run that failed before writing
+    "running" — building the model, restoring a checkpoint — left the previous run's
+    record, which a review found blamed)."""
+    path = out / "status.json"
     try:
-        record = json.loads((out / "status.json").read_text())
+        if since is not None and path.stat().st_mtime < since:
+            return None
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("status") not in ("failed", "interrupted"):
@@ -593,14 +610,16 @@ def _recorded_rank(out: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def explain_ending(folder: Path, out: Path, code: int) -> int:
+def explain_ending(folder: Path, out: Path, code: int, since: float | None = None) -> int:
     """After torchrun ended with ``code`` ≠ 0: the ranks' usage errors (:func:`.launch.report_usage_error`)
     printed once each, status 2; else one line naming each failed rank (``failures.json``,
     :mod:`.launch`; their tracebacks are above it), status ``code``. A rank killed by a
     signal (SIGKILL: the out-of-memory killer, a crashed machine) records nothing itself,
     and rank 0 recorded what it saw next (gloo's "Connection closed by peer", or the
     SIGTERM torchrun stopped it with): ``status.json`` is rewritten to name the rank and
-    the signal (a review)."""
+    the signal (a review). The rank ``status.json`` names as the first to stop is taken as
+    the cause where it was written at or after ``since`` (the launch's start; ``None``:
+    any record) and no rank was killed by such a signal first (:func:`_root_cause`)."""
     errors = {int(p.name[4:-6]): p.read_text().strip() for p in folder.glob(RANK_ERROR.format("*"))}
     if errors:  # a value the ranks found wrong: every rank says the same, once is enough
         for line in dict.fromkeys(errors[r] for r in sorted(errors)):
@@ -612,7 +631,7 @@ def explain_ending(folder: Path, out: Path, code: int) -> int:
         return code  # torchrun failed before any rank (its own message is above)
     if not failures:
         return code
-    root = _root_cause(failures, _recorded_rank(out))
+    root = _root_cause(failures, _recorded_rank(out, since))
     others = [f"rank {r} {_how_ended(failures[r]['exitcode'])}" for r in sorted(failures) if r != root]
     what = f"rank {root} {_how_ended(failures[root]['exitcode'])}"
     print(f"lowbit train: {what}" + (f"; then {', '.join(others)}" if others else "")

@@ -212,11 +212,11 @@ def simulated_cause(backend: Backend, a: Encoded, b: Encoded) -> str:
         return grid_notes.REFERENCE
     if a.block_scale is not None or b.block_scale is not None:
         return grid_notes.BLOCK_SCALED
-    a_fp8, b_fp8 = a.codes.dtype in fp8.FP8_DTYPES, b.codes.dtype in fp8.FP8_DTYPES
-    if a_fp8 != b_fp8:  # (a trial: "codes are float8_e5m2 and int8, not fp8" contradicted itself)
-        return (f"its operands' codes are {a.codes.dtype} and {b.codes.dtype}: no kernel takes an "
-                "integer and an FP8 operand together (give the GEMM's two specs one kind of format)")
-    kind = Backend.FP8 if a_fp8 else Backend.INT8
+    mix = fp8.mixed_codes(a.codes.dtype, b.codes.dtype)
+    if mix:  # (a trial: "codes are float8_e5m2 and int8, not fp8" contradicted itself)
+        return (f"its operands' codes are {mix}: no kernel takes an integer and an FP8 operand "
+                "together (give the GEMM's two specs one kind of format)")
+    kind = Backend.FP8 if a.codes.dtype in fp8.FP8_DTYPES else Backend.INT8
     return f"no {kind.value} kernel takes it: {refusal_cause(kind, a, b)}"
 
 

@@ -39,6 +39,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import Kernels
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def mixed_codes(*dtypes: torch.dtype) -> str | None:
+    """``"torch.float8_e5m2 and torch.int8"`` where one GEMM's operand codes mix FP8 and
+    integer dtypes (no kernel takes both together: a coverage reason names the mix, not a
+    missing FP8 kernel — a new user's trial), else ``None``."""
+    fp8 = [d in FP8_DTYPES for d in dtypes]
+    if not any(fp8) or all(fp8):
+        return None
+    return " and ".join(str(d) for d in dict.fromkeys(dtypes))
 _probed: dict[tuple, bool] = {}
 
 

@@ -318,6 +318,18 @@ def test_an_integer_and_an_fp8_operand_are_named_as_the_mix() -> None:
     sim = {r.reason for r in rep.rows if r.kind == "simulated"}
     assert sim and all("no kernel takes an integer and an FP8 operand together" in w
                        and "not fp8" not in w for w in sim), sim
+    # convolutions and attention alike (a review: they said only "no FP8 kernel", though
+    # int8 on both operands runs on their integer kernels)
+    rep = cnn_step(lowbit.convert(SmallCNN(), cfg))
+    conv = {r.reason for r in rep.rows if r.kind == "simulated" and r.module in ("conv1", "dw", "pw")}
+    assert conv and all(w.startswith("its operands' codes are ") and "no convolution kernel takes FP8 "
+                        "codes, alone or beside integer ones" in w for w in conv), conv
+    mha = lowbit.convert(nn.MultiheadAttention(64, 2, batch_first=True), cfg)
+    x = torch.randn(2, 128, 64)
+    rep = coverage(mha, x, x, x, loss_fn=lambda o: o[0].square().mean(), model_kwargs={"need_weights": False})
+    att = {r.reason for r in rep.rows if r.kind == "simulated"}
+    assert att and any("lowbit's attention has no FP8 kernel, alone or beside integer codes" in w
+                       for w in att), att
 
 
 def test_fp8_attention_says_it_has_no_fp8_kernel() -> None:

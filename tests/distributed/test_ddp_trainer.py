@@ -187,6 +187,19 @@ def test_grad_comm_on_one_rank_names_launches_the_command_can_take(tmp_path, cap
     assert "--nproc ≥" not in err and not (tmp_path / "run").exists()
 
 
+def test_under_torchrun_the_ranks_are_named_as_torchruns_option(monkeypatch):
+    """A review of fault kind 245: under torchrun, where ``--nproc`` cannot be typed,
+    ``lowbit train`` said "must be a multiple of --nproc (2)"; torchrun's option is named."""
+    from lowbit.experiments.train import _as_option
+
+    msg = "batch_size (33) must be a multiple of world_size (2): it is the global batch"
+    assert _as_option(msg).startswith("--batch-size (33) must be a multiple of --nproc (2)")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _as_option(msg).startswith("--batch-size (33) must be a multiple of the launch's 2 ranks "
+                                      "(torchrun --nproc-per-node)")
+    assert _as_option("world_size must be a positive integer").startswith("torchrun's --nproc-per-node must")
+
+
 def test_train_config_world_size():
     cfg = TrainConfig(task="digits", recipe="fqt-psq-8", world_size=2, grad_comm="int4")
     assert cfg.run_name() == "digits-mlp-fqt-psq-8-n2-cint4-s0"

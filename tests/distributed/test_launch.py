@@ -183,11 +183,18 @@ def test_a_rank_stopped_by_sigterm_first_is_named_first(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("lowbit train: rank 1 was terminated (SIGTERM); then rank 0 "
                                               "exited with status 1")
     assert _status(run) == said  # its own record stands
-    # an error recorded on rank 0, rank 1 stopped by torchrun's SIGTERM after it: rank 0
+    # a record another run left (this launch failed before writing "running": a review):
+    # older than the launch, not read; torchrun's order stands
+    (tmp_path / "failures.json").write_text(json.dumps({
+        "0": {"exitcode": 1, "pid": 10, "time": 100.0},
+        "1": {"exitcode": 143, "pid": 11, "time": 101.0}}))
     (run / "status.json").write_text(json.dumps({"status": "failed", "message": (
-        "stopped by an error on rank 0: ValueError: bad value on rank 1; after fixing it, ...")}))
-    train_cli.explain_ending(tmp_path, run, 1)
+        "stopped by an error on rank 1: RuntimeError: an earlier run's; after fixing it, ...")}))
+    os.utime(run / "status.json", (1000.0, 1000.0))
+    train_cli.explain_ending(tmp_path, run, 1, since=2000.0)
     assert capsys.readouterr().err.startswith("lowbit train: rank 0 exited with status 1; then rank 1")
+    train_cli.explain_ending(tmp_path, run, 1, since=500.0)  # a record of this launch names rank 1
+    assert capsys.readouterr().err.startswith("lowbit train: rank 1 was terminated (SIGTERM); then rank 0")
 
 
 def test_world_size_1_in_the_environment_is_not_a_launch(tmp_path, monkeypatch, capsys):

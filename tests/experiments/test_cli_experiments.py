@@ -1711,4 +1711,4 @@ def test_sweep_names_torchruns_option_for_the_ranks(tmp_path, capsys, monkeypatc
     assert cli.main(["sweep", "--recipes", "fqt-psq-8", "--grad-comm", "int8", "--epochs", "1", "--out",
                      str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "lowbit train --nproc" in err and "the launch's" not in err, err
+    assert "torchrun --nproc-per-node N (lowbit train: or with --nproc N)" in err and "the launch's" not in err, err

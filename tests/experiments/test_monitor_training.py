@@ -68,7 +68,8 @@ def test_adaptive_recipe_needs_the_monitor() -> None:
     with pytest.raises(ValueError, match="monitor_every must be ≥ 1 for fqt-auto: .* \\(got 0\\)"):
         TrainConfig(**DIGITS, recipe="fqt-auto", monitor_every=0)
     # a user who never gave --monitor-every read "must be ≥ 1 ... (got 50, world_size 2)"
-    with pytest.raises(ValueError, match="fqt-auto trains on a single rank only \\(world_size 2\\)"):
+    with pytest.raises(ValueError, match="fqt-auto trains on a single rank only, not on 2 data-parallel "
+                                         "ranks: .* train it in one process \\(without --nproc or torchrun\\)"):
         TrainConfig(**DIGITS, recipe="fqt-auto", world_size=2)
     with pytest.raises(ValueError, match="monitor_every must be a non-negative integer, got -1"):
         TrainConfig(**DIGITS, recipe="fqt-psq-8", monitor_every=-1)
