@@ -99,7 +99,7 @@ from .kernels.softmax import inplace_ok as _inplace_ok
 from .kernels.softmax import masked_softmax
 from .noise import Path, generator_for
 from .attention_args import additive_mask, check_arguments
-from .ops import (BlockState, flatten_operand, refuse_double_backward, refuse_forward_transforms, unflatten_operand,
+from .ops import (BlockState, engine_needs, flatten_operand, tensor_slots, refuse_double_backward, refuse_forward_transforms, unflatten_operand,
                   warn_if_not_adaptive)
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import GradQuantizer, Identity, RowTransform
@@ -794,6 +794,7 @@ class _Attention(torch.autograd.Function):
         ctx.shapes = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype)
         ctx.mask_shape = None if mask is None else mask.shape
+        ctx.grad_slots = tensor_slots(q, k, v, mask)  # their edges: which the backward's caller asks for
         ctx.set_materialize_grads(False)
         weights = dropped.to(out_dtype) if need_weights else out.new_empty(0, dtype=out_dtype)
         if not need_weights:
@@ -805,7 +806,7 @@ class _Attention(torch.autograd.Function):
         *codes, mask, keep = ctx.saved_tensors
         mask = None if mask is None else mask.expand(ctx.mask_shape)
         b, lq, s, e, ev = ctx.shapes
-        needs = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        needs = tuple(engine_needs(ctx, [bool(n) for n in ctx.needs_input_grad[:4]]))
         state: BlockState = ctx.state
         warn_if_not_adaptive(state)
         cfg, dt = state.config, ctx.compute_dtype

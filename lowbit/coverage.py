@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from . import functional
 from .conversion import quote_module
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
+from .gradmode import saveable, training_grad_mode
 from .kernels import compiled
 from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges, uncounted_ranges
 
@@ -408,9 +409,12 @@ def coverage(model: nn.Module, *example_inputs: Any,
                         "lowbit.analysis.gradient_variance's takes (model, batch)")
     _refuse_stateful_grad_hooks(model)
     kwargs = dict(model_kwargs or {})
+    with training_grad_mode():  # inside torch.inference_mode() too, as under no_grad (lowbit.gradmode)
+        example_inputs, kwargs = saveable((tuple(example_inputs), kwargs))
     layers = {id(m): n for n, m in fqt_layers(model).items()}
     tracer = GemmTracer(model, (example_inputs, kwargs), layers)
-    with _restored(model, (example_inputs, kwargs)), uncounted_ranges(), _eager_kernels(), torch.enable_grad():
+    with training_grad_mode(), _restored(model, (example_inputs, kwargs)), uncounted_ranges(), \
+            _eager_kernels():
         model.train()
         for m in fqt_layers(model).values():  # restored afterwards (_restored)
             m.ran = False

@@ -556,6 +556,45 @@ def gradient_only_double_backward() -> Iterator[None]:
         _GRADIENT_ONLY.reset(token)
 
 
+def tensor_slots(*inputs: object) -> tuple[int | None, ...]:
+    """Where each of ``inputs`` (an ``autograd.Function``'s forward arguments) sits in its
+    backward node's ``next_functions``, which holds one edge per tensor argument in order
+    (``None`` for an argument that is not a tensor), for :func:`engine_needs`."""
+    slots, n = [], 0
+    for a in inputs:
+        slots.append(n if isinstance(a, torch.Tensor) else None)
+        n += isinstance(a, torch.Tensor)
+    return tuple(slots)
+
+
+def engine_needs(ctx: Any, needs: Sequence[bool]) -> list[bool]:
+    """``needs`` (``ctx.needs_input_grad``: fixed at the forward by ``requires_grad``)
+    narrowed to the gradients the running backward uses: one whose node (the input's
+    edge in ``ctx.next_functions``, at ``ctx.grad_slots``: :func:`tensor_slots`) the
+    engine will not execute — ``loss.backward(inputs=[x])``, ``torch.autograd.grad(loss,
+    x)``: a GAN's, an adversarial attack's, a saliency map's backward — is not computed, as
+    torch's own layers skip it (a new user's trial: every ∇W was quantized and multiplied,
+    and autograd dropped it). Where the engine cannot say (a leaf ``autograd.grad`` asks
+    for, which it refuses to be asked about; a context without slots: the custom op's,
+    traced code), the gradient counts as used."""
+    slots = getattr(ctx, "grad_slots", None)
+    if slots is None or torch.compiler.is_compiling():
+        return list(needs)
+    try:
+        nodes = ctx.next_functions
+    except (AttributeError, RuntimeError):
+        return list(needs)
+    out = []
+    for need, slot in zip(needs, slots):
+        if need and slot is not None and slot < len(nodes) and nodes[slot][0] is not None:
+            try:
+                need = bool(torch._C._will_engine_execute_node(nodes[slot][0]))
+            except (AttributeError, RuntimeError):  # autograd.grad's own leaf, no backward running
+                need = True
+        out.append(need)
+    return out
+
+
 def refuse_double_backward(cfg: FQTConfig) -> None:
     """``RuntimeError`` for a double backward (``create_graph=True``) through a layer
     (or attention) of config ``cfg``. With quantized gradients always: its ∇X and ∇W are
@@ -603,7 +642,7 @@ def _saved_operands(ctx: Any, saved: Sequence[torch.Tensor]) -> list[torch.Tenso
 
 def _backward(ctx: Any, gy: torch.Tensor | None, *_: Any) -> tuple:
     m: BlockMeta = ctx.meta
-    needs = [bool(n) for n in ctx.needs_input_grad[1:4]]
+    needs = engine_needs(ctx, [bool(n) for n in ctx.needs_input_grad[1:4]])
     if gy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 8
     saved = ctx.saved_tensors
@@ -641,6 +680,7 @@ class _EagerBlock(torch.autograd.Function):
         _setup_context(ctx, (kind, x, weight, bias, key, ident, params, out_dtype), out,
                        state.config if _shares_input(kind, x, state.config) else None, state)
         ctx.eager = True
+        ctx.grad_slots = tensor_slots(x, weight, bias)  # their edges: which the backward's caller asks for
         ctx.mark_non_differentiable(*out[1:])
         return out
 

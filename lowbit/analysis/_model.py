@@ -18,6 +18,7 @@ from torch import nn
 from ..attention_modules import FQTMultiheadAttention, InProjection, _child
 from ..config import FQTConfig
 from ..conversion import quote_module
+from ..gradmode import saveable, training_grad_mode
 from ..conv import conv_quantized, conv_rows
 from ..formats import compute_dtype
 from ..functional import quantize_forward, same_padding
@@ -265,10 +266,11 @@ class FlatGrads:
     def grads(self, model: nn.Module, loss_fn: LossFn, batch: object) -> torch.Tensor:
         """One backward pass; the gradient as a flat vector of :attr:`dtype` (unused params: 0)."""
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ValueError("loss_fn(model, batch) must return a scalar tensor")
-        loss.backward()
+        with training_grad_mode():  # called under no_grad or inference_mode too (lowbit.gradmode)
+            loss = loss_fn(model, saveable(batch))
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn(model, batch) must return a scalar tensor")
+            loss.backward()
         out = torch.cat([p.grad.detach().reshape(-1).to(self.dtype) if p.grad is not None
                          else torch.zeros(p.numel(), device=p.device, dtype=self.dtype) for p in self.params])
         model.zero_grad(set_to_none=True)

@@ -58,6 +58,7 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import IntFormat, Rounding, compute_dtype
+from ..gradmode import runs_training_steps, saveable
 from ..noise import torch_seed
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
@@ -188,6 +189,7 @@ def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, to
 SPECTRUM_MODES = ("pairs", "layer")
 
 
+@runs_training_steps
 def jacobian_spectrum(
     model: nn.Module, loss_fn: LossFn, batch: object, config: FQTConfig | None = None, *,
     mode: str = "pairs", iters: int = 8, tol: float = 1e-2, seed: int = 0,
@@ -214,6 +216,7 @@ def jacobian_spectrum(
         raise ValueError(f"iters must be ≥ 1, got {iters}")
     if mode not in SPECTRUM_MODES:
         raise ValueError(f"mode must be one of {', '.join(SPECTRUM_MODES)}, got {mode!r}")
+    batch = saveable(batch)  # inference tensors copied (lowbit.gradmode)
     gen = torch.Generator().manual_seed(torch_seed(seed))
     out = JacobianSpectrum(mode=mode)
     with configured(model, config) as m, frozen_buffers(m), with_config(m, qat_of), \

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
+from ..gradmode import runs_training_steps, saveable
 from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
@@ -71,6 +72,7 @@ class VarianceProfile:
         return asdict(self)
 
 
+@runs_training_steps
 def variance_profile(
     model: nn.Module,
     loss_fn: LossFn,
@@ -96,7 +98,7 @@ def variance_profile(
     backward passes. ``config`` as in :func:`gradient_variance`. With ``spectra`` (one per batch,
     for all batches), the predicted pair bounds from the QAT ``∇Y`` come along.
     """
-    batches = list(batches)
+    batches = [saveable(b) for b in batches]  # inference tensors copied (lowbit.gradmode)
     if not batches:
         raise ValueError("variance_profile needs at least one batch")
     check_batches(batches)

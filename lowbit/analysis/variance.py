@@ -27,6 +27,7 @@ from torch import nn
 from ..config import FQTConfig
 from ..conversion import quote_module
 from ..distributed import GradComm
+from ..gradmode import runs_training_steps, saveable, training_grad_mode
 from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
@@ -62,10 +63,12 @@ from .profile import VarianceProfile, variance_profile
 
 def _grads(model: nn.Module, loss_fn: LossFn, batch: object) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    loss_fn(model, batch).backward()
+    with training_grad_mode():  # called under no_grad or inference_mode too (lowbit.gradmode)
+        loss_fn(model, saveable(batch)).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@runs_training_steps
 def quantization_variance(
     model: nn.Module, loss_fn: LossFn, batch: object, repeats: int = 8
 ) -> dict[str, float]:
@@ -305,6 +308,7 @@ def critical_t(sigmas: float, df: float) -> float:
     return float(t.ppf(norm.cdf(sigmas), df))
 
 
+@runs_training_steps
 def gradient_variance(
     model: nn.Module,
     loss_fn: LossFn,
@@ -387,7 +391,7 @@ def gradient_variance(
     ``comm.seed`` the communication noise). Raises ``ValueError`` for fewer than 3
     batches, ``repeats < 2``, ``comm`` without ``world_size ≥ 2`` or bounds with it.
     """
-    batches = list(batches)
+    batches = [saveable(b) for b in batches]  # inference tensors copied (lowbit.gradmode)
     n_b, reps, world = len(batches), int(repeats), int(world_size)
     if n_b < 3:
         raise ValueError(f"gradient_variance needs at least 3 batches (jackknife), got {n_b}")

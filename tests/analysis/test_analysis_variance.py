@@ -240,6 +240,31 @@ def test_the_tables_note_names_nearest_rounding_as_why_the_bound_is_empty() -> N
     assert "rounds gradients to nearest" not in str(sr).splitlines()[-1]
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_measurements_called_under_no_grad_or_inference_mode_give_the_same_numbers(mode: str) -> None:
+    """A new user's trial (README fault kind 246): ``gradient_variance`` under either mode
+    failed with torch's "element 0 of tensors does not require grad"; run there now, its
+    bound ratio came out 304 where it is 0.19 (the bound's own backward passes under the
+    caller's mode), and ``jacobian_spectrum`` returned no constants at all — silently.
+    Each measurement runs its steps with autograd on (``lowbit.gradmode``): the same
+    numbers as outside, inputs made in inference mode included."""
+    from lowbit.analysis import jacobian_spectrum
+    cfg = FQTConfig.from_recipe("fqt-psq-4", seed=0)
+
+    def measure(batches: list) -> tuple[str, str, str]:
+        rep = gradient_variance(mlp(), ce_loss, batches, cfg, repeats=2, bound_batches=1, spectrum_mode="layer")
+        prof = variance_profile(mlp(), ce_loss, batches, cfg)
+        spec = jacobian_spectrum(mlp(), ce_loss, batches[0], cfg, mode="layer")
+        return str(rep), str(prof), str(spec.to_dict())
+
+    want = measure(mlp_batches(3))
+    assert "'lam': {}" not in want[2]
+    with getattr(torch, mode)():
+        inner = [(x.clone(), y.clone()) for x, y in mlp_batches(3)]  # inference tensors under inference_mode
+        got = measure(inner)
+    assert got == want
+
+
 def test_config_swap_restores_and_validates() -> None:
     model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
     before = {n: m.config for n, m in lowbit.fqt_layers(model).items()}

@@ -332,6 +332,21 @@ def test_an_integer_and_an_fp8_operand_are_named_as_the_mix() -> None:
                        for w in att), att
 
 
+def test_coverage_runs_its_step_inside_inference_mode_as_under_no_grad() -> None:
+    """A new user's trial (README fault kind 246): inside ``torch.inference_mode()``
+    coverage said "no floating tensor that requires grad … (frozen parameters, or pass
+    loss_fn)", blaming the model; it runs its step there as under ``no_grad``, inputs
+    made in inference mode included, and leaves the model as it was."""
+    model = converted(mlp(), "fqt-psq-8")
+    y = torch.tensor([0, 1, 2, 3, 0])  # (a tensor a loss_fn captures is the user's: made outside)
+    want = str(coverage(model, torch.randn(N, D_IN), loss_fn=lambda out: F.cross_entropy(out, y)))
+    with torch.inference_mode():
+        x = torch.randn(N, D_IN)  # an inference tensor: copied for the step
+        assert str(coverage(model, x, loss_fn=lambda out: F.cross_entropy(out, y))) == want
+        assert torch.is_inference_mode_enabled()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_fp8_attention_says_it_has_no_fp8_kernel() -> None:
     torch.manual_seed(0)
     mha = converted(nn.MultiheadAttention(64, 2, batch_first=True), "fqt-psq-fp8")

@@ -837,3 +837,72 @@ def test_fullgraph_compilation_through_lowbit_attention_names_the_way() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"RAISED .*_run_attention runs eagerly between compiled graphs.*compile without "
                      r"fullgraph=True", out.stdout), out.stdout[-2000:]
+
+
+def _backward_gemms(fn) -> int:  # noqa: ANN001
+    """How many GEMM ops ``fn`` (a backward) ran, by torch's profiler (each GEMM the same
+    count of events on a machine, so ratios compare)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    gemms = ("aten::mm", "aten::bmm", "aten::_int_mm", "aten::_scaled_mm", "lowbit::int8_mm_f32",
+             "lowbit::int8_bmm_f32")
+    return sum(e.name in gemms for e in prof.events())
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-8"])
+def test_gradients_the_backward_does_not_ask_for_are_not_computed(recipe: str) -> None:
+    """A new user's trial (README fault kind 246): ``loss.backward(inputs=[x])`` and
+    ``torch.autograd.grad(loss, x)`` (adversarial examples, saliency, a GAN's generator
+    step) quantized and multiplied every ∇W, which autograd then dropped — the GEMMs of a
+    full backward. Only the asked-for gradients run now, bitwise those of a full backward
+    on the same noise; frozen weights aside, as torch's own layers do."""
+    import copy
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x0, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+
+    def run(how: str) -> tuple:
+        m = lowbit.convert(copy.deepcopy(base), lowbit.FQTConfig.from_recipe(recipe, seed=3))
+        x = x0.clone().requires_grad_(True)
+        loss = F.cross_entropy(m(x), y)
+        if how == "grad":
+            n = _backward_gemms(lambda: x.__setattr__("grad", torch.autograd.grad(loss, x)[0]))
+        else:
+            inputs = {"all": None, "x": [x], "w0": [m[0].weight]}[how]
+            n = _backward_gemms(lambda: loss.backward(inputs=inputs))
+        return n, x.grad, [p.grad for p in m.parameters()]
+
+    n_all, gx, grads = run("all")
+    for how in ("x", "grad"):
+        n, gx_only, only = run(how)
+        assert 2 * n == n_all, (how, n, n_all)  # the three ∇X GEMMs of six
+        assert torch.equal(gx_only, gx) and all(g is None for g in only), how
+    n, gx_w, only = run("w0")  # layer 0's ∇W needs the ∇X of layers 2 and 1, not layer 0's own
+    assert 2 * n == n_all and gx_w is None
+    assert torch.equal(only[0], grads[0]) and all(g is None for g in only[1:])
+
+
+def test_attention_computes_only_the_gradients_asked_for() -> None:
+    """The same (fault kind 246) for lowbit's attention: ``backward(inputs=[v])`` ran ∇Q's
+    and ∇K's GEMMs too; now ∇V's alone, bitwise a full backward's."""
+    from lowbit.attention import scaled_dot_product_attention as sdpa
+    from lowbit.functional import call_count, set_call_count
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(2, 2, 128, 64, generator=g) for _ in range(3))
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=1)
+
+    def run(only_v: bool) -> tuple:
+        set_call_count(0)  # the same call's noise (each functional call draws its own)
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        out = sdpa(q, k, v, is_causal=True, state=cfg)
+        n = _backward_gemms(lambda: out.square().sum().backward(inputs=[v] if only_v else None))
+        return n, q.grad, k.grad, v.grad
+
+    before = call_count()
+    try:
+        n_all, gq, gk, gv = run(False)
+        n_v, gq_v, gk_v, gv_v = run(True)
+    finally:
+        set_call_count(before)
+    assert n_v < n_all and gq_v is None and gk_v is None and torch.equal(gv_v, gv)
