@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args._argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (lowbit train --resume)
     _show_lowbit_info()
     module = importlib.import_module(args._module)
+    from .gradmode import training_grad_mode
     try:
-        return int(module.run(args) or 0)
+        with training_grad_mode():  # commands train and measure: main() called under inference_mode too
+            return int(module.run(args) or 0)
     except (UsageError, ValueError, TypeError, OSError, KeyError) as exc:  # OSError: a file or folder
         from .kernels.cbuild import switched_off
 

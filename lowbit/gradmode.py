@@ -13,12 +13,13 @@ autograd cannot save an inference tensor for the backward."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import TypeVar
 
 import torch
-from torch.utils._pytree import tree_map
 
 T = TypeVar("T")
 
@@ -31,10 +32,37 @@ def training_grad_mode() -> Iterator[None]:
 
 
 def saveable(tree: T) -> T:
-    """``tree`` (tensors in tuples, lists, dicts) with each inference tensor replaced by a
-    normal copy (others as they are), for a backward to save; call it inside
-    :func:`training_grad_mode` (a copy made in inference mode is an inference tensor)."""
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, tree)
+    """``tree`` with each inference tensor replaced by a normal copy, for a backward to save,
+    through tuples (named ones too), lists, mappings (dicts, Hugging Face's
+    ``BatchEncoding``: a copy of the same type) and dataclasses; anything else, and a
+    container holding no inference tensor, is returned as it is (the same object). Call it
+    inside :func:`training_grad_mode` (a copy made in inference mode is an inference
+    tensor). A review found ``torch.utils._pytree`` leaving a ``BatchEncoding`` and a
+    dataclass batch untouched."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone() if tree.is_inference() else tree  # type: ignore[return-value]
+    if isinstance(tree, (list, tuple)):
+        items = [saveable(t) for t in tree]
+        if all(a is b for a, b in zip(items, tree)):
+            return tree
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple
+            return type(tree)(*items)  # type: ignore[return-value]
+        return type(tree)(items)  # type: ignore[call-arg]
+    if isinstance(tree, Mapping):
+        items = {k: saveable(v) for k, v in tree.items()}
+        if all(items[k] is v for k, v in tree.items()):
+            return tree
+        if isinstance(tree, MutableMapping):
+            new = copy.copy(tree)
+            new.update(items)
+            return new  # type: ignore[return-value]
+        return items  # type: ignore[return-value]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        changed = {f.name: saveable(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
+        if all(v is getattr(tree, k) for k, v in changed.items()):
+            return tree
+        return dataclasses.replace(tree, **changed)  # type: ignore[return-value]
+    return tree
 
 
 def runs_training_steps(fn: Callable[..., T]) -> Callable[..., T]:

@@ -263,6 +263,28 @@ def test_measurements_called_under_no_grad_or_inference_mode_give_the_same_numbe
         inner = [(x.clone(), y.clone()) for x, y in mlp_batches(3)]  # inference tensors under inference_mode
         got = measure(inner)
     assert got == want
+    # batches in containers torch's pytree does not open (a review): Hugging Face's
+    # BatchEncoding, a dataclass — copied alike
+    from dataclasses import dataclass
+
+    from transformers import BatchEncoding
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    def loss_of(model: nn.Module, b: object) -> torch.Tensor:
+        x, y = (b["x"], b["y"]) if isinstance(b, BatchEncoding) else (b.x, b.y)  # type: ignore[attr-defined]
+        return ce_loss(model, (x, y))
+
+    for wrap in (lambda x, y: BatchEncoding({"x": x, "y": y}), Batch):
+        outside = [wrap(x, y) for x, y in mlp_batches(3)]
+        ref = str(gradient_variance(mlp(), loss_of, outside, cfg, repeats=2, bound_batches=1, spectrum_mode="layer"))
+        with getattr(torch, mode)():
+            inner = [wrap(x.clone(), y.clone()) for x, y in mlp_batches(3)]
+            assert str(gradient_variance(mlp(), loss_of, inner, cfg, repeats=2, bound_batches=1,
+                                         spectrum_mode="layer")) == ref
 
 
 def test_config_swap_restores_and_validates() -> None:

@@ -347,6 +347,18 @@ def test_coverage_runs_its_step_inside_inference_mode_as_under_no_grad() -> None
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_coverage_command_runs_under_inference_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """A review of fault kind 246: ``lowbit.cli.main(["coverage", ...])`` under
+    ``inference_mode`` built its labels there, which its loss captured (torch: "Inference
+    tensors cannot be saved for backward"); every command now runs with autograd on."""
+    argv = ["coverage", "--task", "digits", "--recipe", "fqt-psq-8", "--batch-size", "8"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    with torch.inference_mode():
+        assert main(argv) == 0
+    assert capsys.readouterr().out == want
+
+
 def test_fp8_attention_says_it_has_no_fp8_kernel() -> None:
     torch.manual_seed(0)
     mha = converted(nn.MultiheadAttention(64, 2, batch_first=True), "fqt-psq-fp8")

@@ -883,6 +883,23 @@ def test_gradients_the_backward_does_not_ask_for_are_not_computed(recipe: str) -
     assert torch.equal(only[0], grads[0]) and all(g is None for g in only[1:])
 
 
+def test_a_gradient_not_computed_records_no_predicted_range() -> None:
+    """A review of fault kind 246: a path whose gradient the backward did not ask for
+    records no range in its predicted-range tracker (as a frozen weight's path records
+    none), so the next full step predicts from the ranges of the gradients that ran; the
+    asked-for ∇X paths record theirs."""
+    from lowbit.nn import range_stats
+    m = lowbit.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+                       lowbit.FQTConfig.from_recipe("fqt-psq-4-predicted", seed=3))
+    x = torch.randn(8, 16, requires_grad=True)
+    F.cross_entropy(m(x), torch.randint(0, 4, (8,))).backward(inputs=[x])
+    stats = range_stats(m)
+    assert stats["0/grad_input"].calls == stats["2/grad_input"].calls == 1
+    assert stats["0/grad_weight"].calls == stats["2/grad_weight"].calls == 0
+    F.cross_entropy(m(x), torch.randint(0, 4, (8,))).backward()
+    assert range_stats(m)["2/grad_weight"].calls == 1
+
+
 def test_attention_computes_only_the_gradients_asked_for() -> None:
     """The same (fault kind 246) for lowbit's attention: ``backward(inputs=[v])`` ran ∇Q's
     and ∇K's GEMMs too; now ∇V's alone, bitwise a full backward's."""
