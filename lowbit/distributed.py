@@ -367,9 +367,8 @@ class QuantizedCommState:
             own = model.process_group
             if self.process_group is None:
                 self.process_group = own
-            elif not _same_group(self.process_group, own) and (
-                    _group_ranks(self.process_group) is None
-                    or _group_ranks(self.process_group) != _group_ranks(own)):
+            elif not (_same_group(self.process_group, own)
+                      or (given := _group_ranks(self.process_group)) is not None and given == _group_ranks(own)):
                 # (a group of the same ranks averages alike: taken; a trial found it refused
                 # as "other ranks")
                 raise ValueError(f"QuantizedCommState: process_group {_group_name(self.process_group)} is "

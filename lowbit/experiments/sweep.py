@@ -22,7 +22,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -94,10 +93,7 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
                     for name in RECIPE_OVERRIDES:  # each run gets the settings that fit it
                         if override_refused(name, recipe):
                             fields[name] = None
-                    try:
-                        cfg = make_config(fields)
-                    except ValueError as exc:  # sweep has no --nproc: torchrun sets the ranks
-                        raise ValueError(_ranks_named(str(exc))) from None
+                    cfg = make_config(fields)  # (its errors name torchrun's option under a launch: _as_option)
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
     return configs
@@ -177,16 +173,6 @@ def run_state(cfg: TrainConfig) -> str:
     if (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists():
         return "partial"
     return "restart" if rows else "new"  # epochs recorded, no checkpoint (not committed): redo
-
-
-def _ranks_named(message: str) -> str:
-    """A trainer message for a sweep under a multi-rank launch: the rank count it quotes as
-    ``--nproc (N)`` (``lowbit train``'s option, which a sweep does not have) named as what
-    sets it there, torchrun's ``--nproc-per-node`` (a review); other mentions of ``lowbit
-    train --nproc`` (advice) and every message outside a launch are left as they are."""
-    if launched_world_size() <= 1:
-        return message
-    return re.sub(r"--nproc \((\d+)\)", r"the launch's \1 ranks (torchrun --nproc-per-node)", message)
 
 
 def _rank() -> int:
@@ -298,7 +284,7 @@ def _run_one(cfg: TrainConfig, tag: str, args: argparse.Namespace) -> str:
         # (a second review); torchrun stops the job on anything else.
         if launched_world_size() > 1 and not isinstance(exc, ValueError):
             raise
-        why = _ranks_named(_as_option(str(exc))) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        why = _as_option(str(exc)) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         print(f"{tag} {cfg.run_name()}: failed, {why}", flush=True)  # a TrainConfig field named as its option
         return "failed"
     last = result.history[-1]
@@ -339,11 +325,11 @@ def _data_refusal(task: str, model: str | None, subset: int | None, eval_subset:
         built = make_task(task, model, subset=subset, eval_subset=eval_subset, steps_per_epoch=steps_per_epoch,
                           model_kwargs=json.loads(model_kwargs))
     except ValueError as exc:
-        return _ranks_named(_as_option(str(exc))), None
+        return _as_option(str(exc)), None
     try:
         built.steps_per_epoch(batch_size)
     except ValueError as exc:
-        return None, _ranks_named(_as_option(str(exc)))
+        return None, _as_option(str(exc))
     return None, None
 
 

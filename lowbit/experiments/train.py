@@ -333,7 +333,7 @@ def _as_option(message: str) -> str:
     if sep and name in TrainConfig.__dataclass_fields__:
         option = ranks if name == "world_size" else OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
         message = f"{option} {rest}"
-    if ranks != "--nproc":  # "world_size (2)" as a sweep under torchrun says it (sweep._ranks_named)
+    if ranks != "--nproc":  # "world_size (2)": the launch's ranks, in train and sweep alike
         message = re.sub(r"(?<![\w/.~-])world_size \((\d+)\)", r"the launch's \1 ranks (torchrun "
                          "--nproc-per-node)", message)
     return re.sub(r"(?<![\w/.~-])world_size(?![\w/.-])", ranks, message)  # the word, not in a path
