@@ -8,10 +8,16 @@ scale per row — dimension 0: a Linear or Conv weight's output channels, Huggin
 are a negligible share of the memory, and a per-channel scale for them would cost more
 than it saves.
 
-Every write rounds stochastically, so ``E[stored] = value``: an update computed in
-float32 for one parameter at a time (the only float32 anywhere, and only transiently)
-and written back is unbiased, ``E[w_{t+1} | w_t] = w_t − lr·d_t``; updates smaller than
-one grid step, which round-to-nearest would drop, survive in expectation.
+Every write rounds stochastically, so ``E[stored] = value``. The update ``Δ`` (weight
+decay included) is computed in float32 for one parameter at a time (the only float32
+anywhere, and only transiently); the new weight ``w + Δ`` is formed in float64 and
+rounded from there (:func:`lowbit.storage.stochastic_round_bf16`,
+:func:`lowbit.storage.encode_int8_per_channel` of a float64 tensor), so
+``E[w_{t+1} | w_t] = w_t + Δ_t`` to within ``2^-45`` of a grid step however small ``Δ``
+is: updates smaller than one grid step, which round-to-nearest would drop, survive in
+expectation. (A float32 sum drops ``Δ`` below ``2^-24·|w|`` before any rounding — a
+decay ``lr·λ`` of 1e-8 vanished, and smaller steps were biased by 20%: a new user's
+trial.)
 
 Bytes per parameter (:func:`memory_breakdown`; ``r`` = row length, i.e. ``numel / rows``):
 
@@ -72,6 +78,7 @@ from lowbit.storage import (
 )
 
 _W_CODES, _W_SCALE = "weight_codes", "weight_scale"
+_PIECE = 1 << 16  # elements of a weight whose float64 sum w + Δ is rounded at once (_store_weight)
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -115,6 +122,13 @@ _NEUTRAL_TEXT = "maximize, nesterov, amsgrad, differentiable, capturable False; 
 
 # the constructor's own settings, one per optimizer: refused in a param group (ignored there)
 _PER_OPTIMIZER = ("weights", "state", "generator", "weight_format", "state_format")
+# the storage formats as a saved param group records them, and the arguments that set them
+_FORMAT_ARGS = {"weight_format": "weights", "state_format": "state"}
+
+
+def _formats(optimizer: Any) -> dict[str, str]:
+    """The storage formats as a saved param group records them."""
+    return {"weight_format": optimizer.weight_format, "state_format": optimizer.state_format}
 
 
 def _drop(state: dict[str, Any], name: str) -> None:
@@ -185,7 +199,15 @@ class _SROptimizer(torch.optim.Optimizer):
         self._ranks_asked = _warn_global_rng_ranks(self)
         self.weight_format = weights
         self.state_format = state
-        super().__init__(params, defaults)
+        # every group checked before any weight is encoded: a refused group leaves the
+        # model as it was (a new user's trial: group 0 was already rounded to int8)
+        self._encode_later = True
+        try:
+            super().__init__(params, defaults)
+        finally:
+            self._encode_later = False
+        for group in self.param_groups:
+            self._encode_weights(group["params"])
 
     @classmethod
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
@@ -231,12 +253,14 @@ class _SROptimizer(torch.optim.Optimizer):
                 "weight_format": self.weight_format, "state_format": self.state_format}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Checks that the parameters are bfloat16; with ``weights="int8"``, encodes each
-        trainable weight (``ndim ≥ 2``, ``requires_grad``) once with round-to-nearest (the
-        smallest error for a one-off conversion; unbiasedness matters for the updates that
-        accumulate, which all use stochastic rounding) and writes its exact bfloat16 image
-        into the parameter. A frozen weight is left as it is (it would lose precision for
-        no update); it is encoded at its first step, if it ever takes one."""
+        """Checks that the parameters are bfloat16 (``TypeError`` naming the group and the
+        parameter); with ``weights="int8"``, encodes each trainable weight (``ndim ≥ 2``,
+        ``requires_grad``) once with round-to-nearest (the smallest error for a one-off
+        conversion; unbiasedness matters for the updates that accumulate, which all use
+        stochastic rounding) and writes its exact bfloat16 image into the parameter. A
+        frozen weight is left as it is (it would lose precision for no update); it is
+        encoded at its first step, if it ever takes one. The constructor encodes once
+        every group has been checked: a refused group leaves every weight unwritten."""
         super().add_param_group(param_group)
         try:  # its own settings, or the defaults it took
             self._check_hyper(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
@@ -248,11 +272,18 @@ class _SROptimizer(torch.optim.Optimizer):
         if sharded:
             self.param_groups.pop()
             raise TypeError(_sharded_message(type(self).__name__, f"parameter {sharded[0]} of the group"))
-        bad = [p.dtype for p in params if p.dtype != torch.bfloat16]
+        bad = [(i, p.dtype) for i, p in enumerate(params) if p.dtype != torch.bfloat16]
         if bad:
             self.param_groups.pop()
-            raise TypeError(f"{type(self).__name__} keeps weights in bfloat16; got a {bad[0]} "
-                            "parameter (convert the model with model.to(torch.bfloat16))")
+            raise TypeError(f"{type(self).__name__} keeps weights in bfloat16; parameter {bad[0][0]} of "
+                            f"param group {len(self.param_groups)} is {bad[0][1]} (convert the model with "
+                            "model.to(torch.bfloat16)); no weight was written")
+        if not getattr(self, "_encode_later", False):
+            self._encode_weights(params)
+
+    def _encode_weights(self, params: list[torch.Tensor]) -> None:
+        """With ``weights="int8"``: each trainable weight of ``params`` onto its int8 grid
+        (round-to-nearest), its exact bfloat16 image into the parameter."""
         with torch.no_grad():
             for p in params:
                 if self._int8_weight(p) and p.requires_grad:
@@ -270,8 +301,13 @@ class _SROptimizer(torch.optim.Optimizer):
     def _load_weight(self, p: torch.Tensor) -> torch.Tensor:
         """The weight in float32: the int8 codes·scales if stored and still equal to ``p``,
         else ``p`` (a write from outside the optimizer; int8 weights are then re-encoded
-        from it with round-to-nearest, see the module docstring)."""
+        from it with round-to-nearest, see the module docstring). Codes where this
+        optimizer stores bfloat16 weights (a state dict of int8 weights that recorded no
+        formats) are dropped: ``p`` is the weight (they were re-encoded onto the int8 grid:
+        a new user's trial)."""
         st = self.state.get(p, {})
+        if _W_CODES in st and not self._int8_weight(p):
+            _drop(st, "weight")
         if _W_CODES not in st:
             return p.float()
         w = decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
@@ -326,14 +362,33 @@ class _SROptimizer(torch.optim.Optimizer):
                         "(shapes only, no values to round); materialize the model first "
                         "(model.to_empty(device=...) and load or initialize its weights)")
 
-    def _store_weight(self, p: torch.Tensor, w: torch.Tensor) -> None:
-        """Writes ``w`` with stochastic rounding (``E[stored] = w``): int8 per channel
-        (fresh scales from ``w``) plus its bfloat16 image in ``p``, or bfloat16 in ``p``."""
+    def _store_weight(self, p: torch.Tensor, w: torch.Tensor, delta: torch.Tensor) -> None:
+        """Writes ``w + Δ`` (``w``, ``delta`` float32, summed in float64: see the module
+        docstring) with stochastic rounding (``E[stored] = w + Δ``): int8 per channel
+        (fresh scales) plus its bfloat16 image in ``p``, or bfloat16 in ``p``. The float64
+        sum and its rounding run on pieces of about ``_PIECE`` elements (whole rows for
+        int8), in row-major order: the same draws as one call of the codec on the whole
+        float64 tensor (a CPU generator draws element by element), with the temporaries
+        in cache and off glibc's fresh mappings (whole-tensor float64 temporaries took 5×
+        the bf16 step's time: docs/benchmarks.md, "The optimizers' float64 weight write")."""
+        gen = self.generator
         if self._int8_weight(p):
-            self._put_int8_weight(p, *encode_int8_per_channel(w, self.generator))
+            rows_w, rows_d = w.reshape(w.shape[0], -1), delta.reshape(w.shape[0], -1)
+            codes = torch.empty(rows_w.shape, dtype=torch.int8, device=p.device)
+            scale = torch.empty(rows_w.shape[0], dtype=torch.float32, device=p.device)
+            per = max(1, _PIECE // max(1, rows_w.shape[1]))
+            for i in range(0, rows_w.shape[0], per):
+                codes[i:i + per], scale[i:i + per] = encode_int8_per_channel(
+                    rows_w[i:i + per].double() + rows_d[i:i + per].double(), gen)
+            self._put_int8_weight(p, codes.view(p.shape), scale)
         else:
             _drop(self.state.get(p, {}), "weight")
-            p.copy_(stochastic_round_bf16(w, self.generator))
+            flat_w, flat_d = w.reshape(-1), delta.reshape(-1)
+            out = torch.empty(flat_w.shape, dtype=torch.bfloat16, device=p.device)
+            for i in range(0, flat_w.numel(), _PIECE):
+                out[i:i + _PIECE] = stochastic_round_bf16(flat_w[i:i + _PIECE].double()
+                                                          + flat_d[i:i + _PIECE].double(), gen)
+            p.copy_(out.view(p.shape))
 
     def _load_state(self, p: torch.Tensor, name: str) -> torch.Tensor | None:
         """State entry ``name`` of ``p`` in float32, or None before the first write."""
@@ -355,7 +410,8 @@ class _SROptimizer(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:
-        """New float32 weight from weight ``w`` and gradient ``g`` (stores the state)."""
+        """The float32 update ``Δ`` (the new weight is ``w + Δ``, formed in float64 by
+        :meth:`step`) from weight ``w`` and gradient ``g``, both float32 (stores the state)."""
         raise NotImplementedError
 
     # eager inside torch.compile (its generator-driven rounding does not trace with dynamic
@@ -375,14 +431,45 @@ class _SROptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    w = self._update(p, self._load_weight(p), p.grad.float(), group)
-                    self._store_weight(p, w)
+                    w = self._load_weight(p)
+                    delta = self._update(p, w, p.grad.float(), group)
+                    self._store_weight(p, w, delta)
         return loss
 
     def _state_keys(self) -> set[str]:
         """Every key this optimizer writes into a parameter's state."""
         entries = {f"{n}{s}" for n in self._STATE for s in ("", "_codes", "_scale")}
         return entries | {_W_CODES, _W_SCALE} | set(self._STATE_PLAIN)
+
+    @torch._disable_dynamo  # as torch's own
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`torch.optim.Optimizer.state_dict`, each saved param group also holding the
+        storage formats (``"weight_format"``, ``"state_format"``: this optimizer's
+        ``weights=`` and ``state=``), which :meth:`load_state_dict` checks (in the param
+        groups: ``torch.distributed.checkpoint``'s optimizer state dicts keep those)."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group.update(_formats(self))
+        return sd
+
+    def _formats_of(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with its param groups' recorded formats checked against this
+        optimizer's and taken out (a shallow copy; the caller's dict is not changed).
+        ``ValueError`` where they differ: the load would go on silently in other formats (a
+        new user's trial: an int8/int8 checkpoint went on in bfloat16)."""
+        name, mine = type(self).__name__, _formats(self)
+        for gi, group in enumerate(state_dict["param_groups"]):
+            saved = {k: group[k] for k in mine if k in group}
+            if any(saved[k] != mine[k] for k in saved):
+                was = ", ".join(f"{_FORMAT_ARGS[k]}={v!r}" for k, v in saved.items())
+                now = ", ".join(f"{_FORMAT_ARGS[k]}={mine[k]!r}" for k in saved)
+                raise ValueError(
+                    f"{name} cannot load this state dict: its param group {gi} was saved with {was}, "
+                    f"and this optimizer stores {now}; nothing was loaded. To resume, build it as "
+                    f"{name}(params, ..., {was}); to change formats, load only the model's weights "
+                    "and start a fresh optimizer")
+        groups = [{k: v for k, v in g.items() if k not in mine} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but state tensors keep their
@@ -398,7 +485,10 @@ class _SROptimizer(torch.optim.Optimizer):
         write (another optimizer's: ``torch.optim.SGD``'s ``momentum_buffer`` would be
         ignored and the momentum restart from zero), named; a saved param group that lacks
         a setting the update reads, or holds a ``torch.optim`` setting at a value it does
-        not implement (``nesterov=True``, ``maximize=True``, …, as :meth:`_check_hyper`).
+        not implement (``nesterov=True``, ``maximize=True``, …, as :meth:`_check_hyper`),
+        or was saved with other storage formats (``weights=``, ``state=``, which
+        :meth:`state_dict` records; a state dict without them — torch's, or saved before
+        they were recorded — loads, each entry converted at its next write).
         ``torch.optim.AdamW``'s state (``step``, ``exp_avg``, ``exp_avg_sq``) loads into
         :class:`SRAdamW` (its tensor ``step`` becomes an int). State held as DTensors
         (saved from FSDP2-sharded parameters) is refused with a ``TypeError``.
@@ -412,6 +502,7 @@ class _SROptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         name = type(self).__name__
+        state_dict = self._formats_of(state_dict)
         for gi, group in enumerate(state_dict["param_groups"]):
             self._check_hyper(group, f"{name}.load_state_dict: saved param group {gi}: ")
         sharded = sorted({str(k) for st in state_dict["state"].values() for k, v in st.items() if _sharded(v)})
@@ -484,22 +575,29 @@ class SRSGD(_SROptimizer):
 
     A sparse gradient (``nn.Embedding(sparse=True)``) is taken as plain SGD only (momentum
     and weight decay 0, COO layout): otherwise ``step`` raises ``RuntimeError`` before any
-    update. ``torch.optim.SGD`` settings it does not implement (``nesterov``, ``dampening``,
-    ``maximize``) are refused (``ValueError``) in a param group or a loaded state dict
-    unless at their neutral value (``False``, 0).
+    update. The signature is ``torch.optim.SGD``'s (``lr`` defaults to 1e-3); the settings it
+    does not implement (``nesterov``, ``dampening``, ``maximize``, ``differentiable``) are
+    refused (``ValueError``), as arguments, in a param group or in a loaded state dict,
+    unless at their neutral value (``False``, 0); ``foreach`` and ``fused`` are ignored
+    (they choose how torch runs its loop).
     """
 
     _HYPER = ("lr", "weight_decay", "momentum")
     _STATE = ("momentum",)
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 generator: torch.Generator | None = None, weights: str = "bf16", state: str = "bf16") -> None:
-        # torch.optim.SGD's positional order (a review: SRSGD(params, lr, 0.9, 0.5) took 0.5
-        # as weight decay, where torch takes it as dampening); the two it does not implement
-        # only at their neutral values (ValueError otherwise, as in a param group)
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, generator: torch.Generator | None = None,
+                 weights: str = "bf16", state: str = "bf16") -> None:
+        # torch.optim.SGD's signature (a review: SRSGD(params, lr, 0.9, 0.5) took 0.5 as
+        # weight decay, where torch takes it as dampening; a trial: maximize=False was a
+        # TypeError); the settings it does not implement only at their neutral values
+        # (ValueError otherwise, as in a param group); foreach and fused choose torch's loop
+        # only: ignored
         self._check_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                           "dampening": dampening, "nesterov": nesterov}, "")
+                           "dampening": dampening, "nesterov": nesterov, "maximize": maximize,
+                           "differentiable": differentiable}, "")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
                          generator, weights, state)
 
@@ -530,16 +628,16 @@ class SRSGD(_SROptimizer):
             v = self._load_state(p, "momentum")
             d = d if v is None else mu * v + d
             self._store_state(p, "momentum", d, self.state_format)
-        return w - lr * d
+        return (-lr * d).to_dense()  # (a sparse gradient's Δ: 0 off its rows, kept exactly)
 
 
 class SRAdamW(_SROptimizer):
     """AdamW for bfloat16 parameters, updated with stochastic rounding.
 
-    At step ``t``: ``w ← w − lr·λ·w`` (decoupled weight decay);
-    ``m ← β1 m + (1 − β1) g``; ``v ← β2 v + (1 − β2) g²``;
-    ``w ← w − lr · m̂ / (√v̂ + ε)`` with ``m̂ = m / (1 − β1^t)``, ``v̂ = v / (1 − β2^t)``;
-    all in float32 for one parameter at a time, stored back with stochastic rounding.
+    At step ``t``: ``m ← β1 m + (1 − β1) g``; ``v ← β2 v + (1 − β2) g²``;
+    ``w ← w − lr · m̂ / (√v̂ + ε) − lr·λ·w`` (decoupled weight decay) with
+    ``m̂ = m / (1 − β1^t)``, ``v̂ = v / (1 − β2^t)``; the update in float32 for one
+    parameter at a time, ``w + Δ`` in float64, stored back with stochastic rounding.
 
     ``state="bf16"`` stores ``m`` and ``v`` in bfloat16. ``state="int8"`` stores ``m`` in
     int8 blockwise and ``v`` still in bfloat16: ``v`` spans many orders of magnitude within
@@ -554,10 +652,11 @@ class SRAdamW(_SROptimizer):
     drop-in swap lost its weight decay).
 
     Sparse gradients are refused (``RuntimeError`` at ``step``, before any update), as by
-    ``torch.optim.AdamW``. ``torch.optim.AdamW`` settings it does not implement
-    (``amsgrad``, ``maximize``, ``capturable``, ``differentiable``) are refused
-    (``ValueError``) unless ``False``; a ``torch.optim.AdamW`` state dict with them at
-    ``False`` loads (the same update rule and state).
+    ``torch.optim.AdamW``. The signature is ``torch.optim.AdamW``'s; the settings it does
+    not implement (``amsgrad``, ``maximize``, ``capturable``, ``differentiable``) are
+    refused (``ValueError``), as arguments, in a param group or in a loaded state dict,
+    unless ``False``; ``foreach`` and ``fused`` are ignored. A ``torch.optim.AdamW`` state
+    dict with them at ``False`` loads (the same update rule and state).
     """
 
     _HYPER = ("lr", "weight_decay", "betas", "eps")
@@ -565,13 +664,17 @@ class SRAdamW(_SROptimizer):
     _STATE_PLAIN = ("step",)
     _DECOUPLED = True
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float,
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 generator: torch.Generator | None = None, weights: str = "bf16", state: str = "bf16") -> None:
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, generator: torch.Generator | None = None,
+                 weights: str = "bf16", state: str = "bf16") -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                     "eps": eps, "weight_decay": weight_decay}
-        self._check_hyper({**defaults, "amsgrad": amsgrad}, "")  # torch.optim.AdamW's order; amsgrad off only
+        # torch.optim.AdamW's signature; the settings it does not implement off only
+        self._check_hyper({**defaults, "amsgrad": amsgrad, "maximize": maximize, "capturable": capturable,
+                           "differentiable": differentiable}, "")
         super().__init__(params, defaults, generator, weights, state)
 
     @classmethod
@@ -589,15 +692,16 @@ class SRAdamW(_SROptimizer):
         lr, eps, wd = (_number(group[k]) for k in ("lr", "eps", "weight_decay"))  # plain floats (SRSGD's)
         b1, b2 = (_number(b) for b in group["betas"])
         t = self.state[p].get("step", 0) + 1
-        if wd:
-            w = w - lr * wd * w
         m, v = self._load_state(p, "exp_avg"), self._load_state(p, "exp_avg_sq")
         m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
         v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
         self._store_state(p, "exp_avg", m, self.state_format)
         self._store_state(p, "exp_avg_sq", v, "bf16")  # see the class docstring
         self.state[p]["step"] = t  # counted once the state is written
-        return w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        delta = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        # the decay in the same Δ: applied to w apart, in float32, it rounded back to w
+        # wherever lr·λ < 2^-25 (a new user's trial: weight_decay had no effect at lr 1e-6)
+        return delta - (lr * wd) * w if wd else delta
 
 
 # --------------------------------------------------------------------------------- memory

@@ -13,7 +13,11 @@ Formats (``FORMATS``), for weights and for optimizer state alike:
 Stochastic rounding makes every write unbiased, ``E[decode(encode(x))] = x``; a row or
 block holding NaN or ±Inf decodes to NaN. bfloat16 is the top half of a float32: adding
 uniform noise to the 16 low bits of the float32 pattern and truncating them is
-stochastic rounding onto the bfloat16 grid. Used by :mod:`lowbit.optim`.
+stochastic rounding onto the bfloat16 grid. A float64 input is rounded from its own value
+(45 noise bits below bfloat16's 7, or a float64 uniform for int8 codes): what
+:mod:`lowbit.optim` writes, ``w + Δ`` formed in float64, where a float32 sum would already
+have rounded an update below ``2^-24·|w|`` to nearest (a new user's trial: those updates
+were lost, not kept in expectation).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from .noise import check_generator
 FORMATS = ("bf16", "int8")
 BLOCK_SIZE = 128  # elements per scale in int8 optimizer state
 _LOW16 = 0xFFFF
+_LOW45 = (1 << 45) - 1  # a float64's mantissa bits below bfloat16's 7
+_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)  # 2^-126: below it bfloat16's step is 2^-133
 _INT8_MAX = 127
 # bfloat16 subnormals are the multiples of 2^-133: the smallest power-of-two weight scale
 # for which every c·s (|c| ≤ 127) is still a bfloat16 number.
@@ -42,10 +49,17 @@ def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """float32 → bfloat16 with stochastic rounding: ``E[result] = x`` for finite ``x``
-    whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as they are; a
-    finite ``|x|`` past the largest bfloat16 (3.3895e38, whose upper neighbour would be
-    ``2¹²⁸``, not a number) saturates to it: finite, and biased there only."""
+    """float32 (or float64) → bfloat16 with stochastic rounding: ``E[result] = x`` for
+    finite ``x`` whose neighbours on the bfloat16 grid are finite. NaN and ±Inf stay as
+    they are; a finite ``|x|`` past the largest bfloat16 (3.3895e38, whose upper neighbour
+    would be ``2¹²⁸``, not a number) saturates to it: finite, and biased there only.
+
+    ``x`` of another dtype is read as float32. A float64 ``x`` is rounded from its own
+    value, with 45 random bits below bfloat16's (``P(up)`` exact to ``2^-45`` of a step;
+    its own draw, an int64 per element): ``x`` closer to a grid point than float32 can
+    tell still moves in expectation."""
+    if x.dtype == torch.float64:
+        return _stochastic_round_bf16_f64(x, generator)
     x = x.float()
     bits = x.view(torch.int32)
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, dtype=torch.int32,
@@ -63,17 +77,40 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
+def _stochastic_round_bf16_f64(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`stochastic_round_bf16` of a float64 ``x``: noise ``n`` uniform on
+    ``[0, 2^45)``; for ``|x| ≥ 2^-126`` (bfloat16's normal numbers) the float32 method on
+    the float64 pattern — ``n`` added to its 45 low mantissa bits, which are then
+    truncated; below, where bfloat16's grid is the multiples of ``2^-133``, ``q = x·2^133``
+    rounds to ``⌊q⌋ + [n < (q − ⌊q⌋)·2^45]``. Finite ``|x|`` past the largest bfloat16
+    takes it; NaN and ±Inf stay."""
+    xc = x.clamp(-_BF16_MAX, _BF16_MAX)  # on the grid: no noise carries it past (NaN stays NaN)
+    noise = torch.randint(0, _LOW45 + 1, x.shape, generator=generator, dtype=torch.int64,
+                          device=_draw_device(generator, x)).to(x.device)
+    out = ((xc.view(torch.int64) + noise) & ~_LOW45).view(torch.float64)
+    small = (xc.abs() < _F32_TINY) & (xc != 0)  # (±0: kept by the above)
+    if bool(small.any()):  # rare: bfloat16's subnormals
+        q = xc * 2.0**133  # exact (a power of two), |q| < 2^7 where used
+        low = q.floor()
+        sub = (low + (noise.double() < (q - low) * 2.0**45).double()) * 2.0**-133
+        out = torch.where(small, sub, out)
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        out = torch.where(finite, out, x)
+    return out.to(torch.bfloat16)  # exact: on the grid
+
+
 # ---------------------------------------------------------------------------- int8 codes
 
 
 def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None,
                 stochastic: bool = True) -> torch.Tensor:
-    """Codes ``c`` for the rows ``x`` of a 2-D float32 tensor, one scale ``s`` per row,
-    given ``|x| ≤ 127·s``.
+    """Codes ``c`` for the rows ``x`` of a 2-D float32 (or float64) tensor, one scale
+    ``s`` per row, given ``|x| ≤ 127·s``.
 
     Stochastic: with ``q = x/s`` and ``u ~ U[0, 1)``, ``c = ⌊q⌋ + [u < q − ⌊q⌋]``, so
     ``P(c = ⌊q⌋ + 1) = q − ⌊q⌋`` and ``E[c] = q``, i.e. ``E[c·s] = x`` (up to ``2^-24·s``
-    from the float32 grid of ``u``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the
+    from the float32 grid of ``u``; float64 rows: a float64 ``u``, up to ``2^-53·s``). ``|q| ≤ 127`` makes ``c ∈ [-127, 127]``, so the
     clamp to 127 never acts and cannot bias. Codes also stop at ``⌊FLT_MAX/s⌋`` where that
     is less than 127 (a row whose absmax is within a factor 2 of float32's largest value:
     ``c·s`` would decode to Inf), saturating there: biased only for those values, finite
@@ -84,12 +121,13 @@ def _int8_codes(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Genera
     q = torch.where(finite[:, None], rows / scale[:, None], 0.0)
     if stochastic:
         low = q.floor()
-        u = torch.rand(q.shape, generator=generator, device=_draw_device(generator, q)).to(q.device)
-        q = low + (u < q - low).float()
+        u = torch.rand(q.shape, generator=generator, dtype=q.dtype,
+                       device=_draw_device(generator, q)).to(q.device)
+        q = low + (u < q - low).to(q.dtype)
     else:
         q = q.round()
     top = (torch.finfo(torch.float32).max / scale.double()).floor().clamp(max=_INT8_MAX)
-    top = torch.where(finite, top, float(_INT8_MAX)).float()[:, None]  # (R, 1)
+    top = torch.where(finite, top, float(_INT8_MAX)).to(q.dtype)[:, None]  # (R, 1)
     return q.clamp(-top, top).to(torch.int8)  # one pass, per-row bounds
 
 
@@ -131,11 +169,13 @@ def encode_int8_per_channel(x: torch.Tensor, generator: torch.Generator | None =
     ``scale[i] = 2^⌈log2(
     max|x[i]|/127)⌉``. Stochastic rounding (default) makes it unbiased,
     ``E[decode(encode(x))] = x``, and the decode is exact in bfloat16 (see
-    :func:`_pow2_scale`). A row holding NaN or ±Inf decodes to NaN."""
+    :func:`_pow2_scale`). A row holding NaN or ±Inf decodes to NaN. A float64 ``x`` is
+    rounded from its own value (``x/s`` in float64: exact, a power-of-two scale), any
+    other dtype as float32."""
     if x.ndim < 2:
         raise ValueError(f"per-channel int8 needs a tensor with ndim ≥ 2, got shape "
                          f"{tuple(x.shape)} (1-D parameters stay bfloat16)")
-    rows = x.float().flatten(1)
+    rows = (x if x.dtype == torch.float64 else x.float()).flatten(1)
     # a channel of no elements has range 0 (amax over an empty dimension raises)
     scale = _pow2_scale(rows.abs().amax(1) if rows.shape[1] else rows.new_zeros(rows.shape[0]))
     return _int8_codes(rows, scale, generator, stochastic).view(x.shape), scale

@@ -540,8 +540,8 @@ OUTSIDE_WRITES = {  # every kind of write the optimizer must see
 @pytest.mark.parametrize("write", list(OUTSIDE_WRITES))
 def test_every_outside_write_is_seen(cls: type, write: str) -> None:
     m = _mlp()
-    opt = cls(m.parameters(), lr=0.01, weights="int8", state="int8",
-              generator=torch.Generator().manual_seed(7))
+    opt = cls(m.parameters(), lr=0.01, weights="int8", state="int8", weight_decay=0.0,
+              generator=torch.Generator().manual_seed(7))  # (a decay moves the weight: SRAdamW's default 1e-2)
     if cls is SRSGD:  # no momentum: a zero-gradient step leaves the weight where it is
         _train(m, opt, 2)  # (AdamW's first moment would move it: it stays fresh)
     p = m[0].weight
@@ -558,8 +558,8 @@ def test_every_outside_write_is_seen(cls: type, write: str) -> None:
 
 
 def test_update_after_an_outside_write_starts_from_the_written_weight() -> None:
-    # Exact reference: the written weight, rounded to nearest on its grid, minus lr·g,
-    # stochastically rounded with the optimizer's own noise stream.
+    # Exact reference: the written weight, rounded to nearest on its grid, plus Δ = −lr·g
+    # (float32) in float64, stochastically rounded with the optimizer's own noise stream.
     p = nn.Parameter(torch.randn(4, 32).bfloat16())
     gen = torch.Generator().manual_seed(8)
     opt = SRSGD([p], lr=0.1, weights="int8", generator=gen)
@@ -569,7 +569,8 @@ def test_update_after_an_outside_write_starts_from_the_written_weight() -> None:
     ref_gen = torch.Generator().manual_seed(0)
     ref_gen.set_state(gen.get_state())
     w = decode_int8_per_channel(*encode_int8_per_channel(p.detach(), stochastic=False))
-    expected = decode_int8_per_channel(*encode_int8_per_channel(w - 0.1 * p.grad.float(), ref_gen))
+    expected = decode_int8_per_channel(*encode_int8_per_channel(w.double() + (-0.1 * p.grad.float()).double(),
+                                                                ref_gen))
     opt.step()
     assert torch.equal(p.float(), expected)
 
@@ -657,7 +658,8 @@ def _reference_step(cls: type, w: torch.Tensor, g: torch.Tensor, st: dict[str, A
                     gen: torch.Generator, fmt: str) -> torch.Tensor:
     """One SRSGD (lr 0.01, momentum 0.9, wd 1e-3) or SRAdamW (lr 0.01, wd 0.01) step on a
     float32 weight with the public codecs, drawing noise in the optimizers' order (state,
-    then weight); returns the stored weight in float32."""
+    then weight): the update Δ in float32, the new weight w + Δ in float64; returns the
+    stored weight in float32."""
     def store(x: torch.Tensor, f: str) -> torch.Tensor:
         if f == "bf16":
             return stochastic_round_bf16(x, gen).float()
@@ -667,13 +669,13 @@ def _reference_step(cls: type, w: torch.Tensor, g: torch.Tensor, st: dict[str, A
         d = g + 1e-3 * w
         d = d if "v" not in st else 0.9 * st["v"] + d
         st["v"] = store(d, fmt)
-        w = w - 0.01 * d
+        delta = -0.01 * d
     else:
-        w = w - 0.01 * 0.01 * w
         m = 0.1 * g if "m" not in st else 0.9 * st["m"] + 0.1 * g
         v = 0.001 * g * g if "v" not in st else 0.999 * st["v"] + 0.001 * g * g
         st["m"], st["v"] = store(m, fmt), store(v, "bf16")
-        w = w - 0.01 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        delta = -0.01 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8) - (0.01 * 0.01) * w
+    w = w.double() + delta.double()
     if fmt == "int8" and w.ndim >= 2:
         return decode_int8_per_channel(*encode_int8_per_channel(w, gen))
     return stochastic_round_bf16(w, gen).float()
@@ -1098,3 +1100,128 @@ def test_a_step_that_fails_while_writing_state_is_not_counted(monkeypatch: pytes
     with pytest.raises(RuntimeError, match="a write that fails"):
         opt.step()
     assert opt.state[p]["step"] == 1
+
+
+# An update below half a float32 ulp of the weight vanished in the float32 sum w + Δ, before
+# any stochastic rounding (a new user's trial: 0 of 2e7 elements moved where 128 should).
+# Here Δ is just under half a float32 ulp of w, so the float32 sum is w itself; each element
+# must move one grid step (s) down with probability |Δ|/s. N elements, the count of moves
+# tested against N·|Δ|/s at 5σ (binomial; the expected count is ≥ 36, so 5σ ≤ 0.84 of it:
+# a count of 0 fails).
+def _assert_moves_in_expectation(p: nn.Parameter, w: float, step: float, delta: float) -> None:
+    moved = p.detach().float() != w
+    assert bool((p.detach().float()[moved] == w - step).all())  # one step, downwards
+    n, prob = p.numel(), delta / step
+    expected, sd = n * prob, (n * prob * (1 - prob)) ** 0.5
+    count = int(moved.sum())
+    assert abs(count - expected) < 5 * sd, (count, expected, sd)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_updates_below_float32_precision_move_the_weight_in_expectation(fmt: str) -> None:
+    # w = 127/64: int8 code 127 at scale 2^-6 (step 2^-6); bfloat16 step below it 2^-7
+    w, n = 127 / 64, 10_000_000 if fmt == "int8" else 5_000_000  # P(move) 3.8e-6, 7.6e-6
+    half_ulp = 2.0**-24 * 0.5 * 2  # float32's ulp in [1, 2) is 2^-23: half of it 2^-24
+    delta = 0.99 * half_ulp
+    assert float(torch.tensor(w) - torch.tensor(delta)) == w  # the float32 sum: w
+    p = nn.Parameter(torch.full((n // 2, 2), w, dtype=torch.bfloat16))
+    opt = SRSGD([p], lr=1.0, weights=fmt, generator=torch.Generator().manual_seed(3))
+    p.grad = torch.full_like(p, delta)  # not exact in bfloat16: the Δ that ran is its value
+    delta = float(p.grad[0, 0])
+    opt.step()
+    _assert_moves_in_expectation(p, w, 2.0**-6 if fmt == "int8" else 2.0**-7, delta)
+
+
+def test_a_small_decoupled_weight_decay_is_not_lost() -> None:
+    # A trial: SRAdamW(lr=1e-6, weight_decay=0.01) left the weights bitwise those of
+    # weight_decay=0: w − lr·λ·w, applied apart in float32, rounded back to w.
+    w, n, lr, wd = 1.0, 5_000_000, 2.9e-6, 1e-2  # lr·λ = 2.9e-8 < 2^-25, half an ulp below 1
+    assert float(torch.tensor(w) - torch.tensor(lr * wd)) == w
+    p = nn.Parameter(torch.full((n,), w, dtype=torch.bfloat16))
+    opt = SRAdamW([p], lr=lr, weight_decay=wd, generator=torch.Generator().manual_seed(4))
+    p.grad = torch.zeros_like(p)  # Adam's own term is 0 (m = v = 0): the decay alone
+    opt.step()
+    _assert_moves_in_expectation(p, w, 2.0**-8, float(torch.tensor(lr * wd * w, dtype=torch.float32)))
+
+
+def test_float64_values_round_stochastically_to_bf16_and_int8_from_their_own_value() -> None:
+    # The codecs' float64 form, which the optimizers write through: one grid step apart,
+    # P(up) is the float64 value's own fraction (5σ, N = 400,000); non-finite values stay.
+    gen = torch.Generator().manual_seed(5)
+    n, frac = 400_000, 0.3
+    for fmt, lo, step in (("bf16", 1.0, 2.0**-7), ("int8", 1.0, 2.0**-6),
+                          ("bf16", 2.0**-130, 2.0**-133), ("bf16", -2.0**-130, 2.0**-133),
+                          ("bf16", -3.0, 2.0**-6)):
+        x = torch.full((n // 2, 2), lo + frac * step * (1 if lo > 0 else -1), dtype=torch.float64)
+        if fmt == "bf16":
+            y = stochastic_round_bf16(x, gen).double()
+        else:
+            y = decode_int8_per_channel(*encode_int8_per_channel(x, gen)).double()
+        up = (y - lo).abs() == step
+        assert bool(((y == lo) | up).all()), (fmt, lo)
+        se = (frac * (1 - frac) / n) ** 0.5
+        assert abs(float(up.double().mean()) - frac) < 5 * se, (fmt, lo)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e39, -1e39], dtype=torch.float64)
+    y = stochastic_round_bf16(x, gen).float()
+    assert y[0].isnan() and y[1] == float("inf") and y[2] == -float("inf")
+    assert y[3] == torch.finfo(torch.bfloat16).max and y[4] == -torch.finfo(torch.bfloat16).max
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_a_refused_param_group_leaves_every_weight_unwritten(cls: type) -> None:
+    # A trial: group 1's float32 LayerNorm was refused after group 0 had been rounded onto
+    # the int8 grid; the error named neither the group nor the parameter.
+    torch.manual_seed(0)
+    lin, norm = nn.Linear(64, 64).bfloat16(), nn.LayerNorm(64)
+    before = lin.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"parameter 0 of param group 1 is torch.float32 .*no weight was written"):
+        cls([{"params": lin.parameters()}, {"params": norm.parameters()}], lr=1e-3, weights="int8")
+    assert torch.equal(lin.weight, before)
+    opt = cls([{"params": lin.parameters()}, {"params": norm.bfloat16().parameters()}], lr=1e-3, weights="int8")
+    assert "weight_codes" in opt.state[lin.weight] and not torch.equal(lin.weight, before)
+
+
+@pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
+def test_a_state_dict_of_other_storage_formats_is_refused(cls: type) -> None:
+    # A trial: an int8/int8 checkpoint loaded into a bf16/bf16 optimizer and went on in
+    # bf16, silently; and its weight codes then pulled bf16 weights onto the int8 grid.
+    model, opt, _ = _make(cls, "int8")
+    _train(model, opt, 2)
+    saved = opt.state_dict()
+    assert all(g["weight_format"] == "int8" and g["state_format"] == "int8" for g in saved["param_groups"])
+    for weights, state in (("bf16", "bf16"), ("bf16", "int8"), ("int8", "bf16")):
+        other = cls(model.parameters(), lr=0.01, weights=weights, state=state)
+        built = {k: sorted(v) for k, v in other.state.items()}  # (int8 weights: their codes)
+        with pytest.raises(ValueError, match=rf"param group 0 was saved with weights='int8', state='int8', "
+                           rf"and this optimizer stores weights='{weights}', state='{state}'; nothing was loaded"):
+            other.load_state_dict(saved)
+        assert {k: sorted(v) for k, v in other.state.items()} == built
+    again = cls(model.parameters(), lr=0.01, weights="int8", state="int8")
+    again.load_state_dict(saved)  # the same formats: loads, and the keys stay out of its groups
+    assert "weight_format" not in again.param_groups[0]
+    assert torch.equal(again.state_dict()["state"][0]["weight_codes"], saved["state"][0]["weight_codes"])
+    # without the record (torch's optimizers, older saves): loads; codes a bf16 optimizer
+    # finds are dropped, the parameter is the weight (a step at lr 0 leaves it bitwise)
+    legacy = {**saved, "param_groups": [{**{k: v for k, v in g.items() if not k.endswith("_format")}, "lr": 0.0}
+                                        for g in saved["param_groups"]]}
+    bf = cls(model.parameters(), lr=0.01, weights="bf16")
+    bf.load_state_dict(legacy)
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.02)
+    before = [p.detach().clone() for p in model.parameters()]
+    _zero_grad_step(model, bf)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all("weight_codes" not in bf.state.get(p, {}) for p in model.parameters())
+
+
+def test_torchs_keyword_arguments_are_taken_as_torch_takes_them() -> None:
+    # A trial: SRAdamW's docstring refused maximize=True with a ValueError; the constructor
+    # raised TypeError for maximize=False too (as for foreach=/fused= on both).
+    a = nn.Linear(2, 2).bfloat16()
+    SRSGD(a.parameters(), maximize=False, foreach=True, differentiable=False, fused=None)
+    SRAdamW(a.parameters(), maximize=False, foreach=False, capturable=False, differentiable=False, fused=None)
+    assert SRSGD(a.parameters()).defaults["lr"] == torch.optim.SGD(a.parameters()).defaults["lr"]
+    for cls, key in ((SRSGD, "maximize"), (SRSGD, "differentiable"), (SRAdamW, "maximize"),
+                     (SRAdamW, "capturable"), (SRAdamW, "differentiable")):
+        with pytest.raises(ValueError, match=rf"{cls.__name__} does not implement {key}=True"):
+            cls(a.parameters(), lr=0.1, **{key: True})
