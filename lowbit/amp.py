@@ -16,8 +16,14 @@ step that recorded it. With torch's scaler alone, two things go silently wrong:
 :class:`GradScaler` is ``torch.amp.GradScaler`` with both fixed: it snapshots the
 model's range histories at the first :meth:`scale` of a step (as lowbit's trainer does,
 :func:`lowbit.nn.snapshot_ranges`), and in :meth:`update` restores them when the step
-was skipped and multiplies them by the scale's change (exact: the factors are powers of
-two by default). Models without predicted ranges are unaffected (nothing to keep).
+was skipped and rescales them by the scale's change (:func:`lowbit.nn.rescale_ranges`:
+exact for PTQ, PSQ and Hadamard, whose factors are powers of two by default; BHQ's
+transformed ranges follow the gradient's as ``c^(2/3)``, rescaled so, to float rounding).
+Each tracker also keeps the loss scale its history is in (``loss_scale``): at the first
+:meth:`scale` of a step a history in other units — recorded without loss scaling, or
+loaded — is brought to this scale, and the counters' sums of squares
+(:class:`lowbit.ranges.RangeStats`) are kept in the unscaled loss's units. Models without
+predicted ranges are unaffected (nothing to keep).
 
 A step counts as skipped when :meth:`update` lowered the scale (torch's backoff, which
 happens exactly when an inf/NaN was found). With an explicit ``update(new_scale)`` that
@@ -35,14 +41,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import RangeSnapshot, rescale_ranges, restore_ranges, snapshot_ranges
+from .kernels import compiled
+from .nn import RangeSnapshot, fqt_blocks, rescale_ranges, restore_ranges, snapshot_ranges
+from .quantizers import QUANTIZERS
 
 
 class GradScaler(torch.amp.GradScaler):
-    """``torch.amp.GradScaler(device, **kwargs)`` that keeps ``model``'s predicted
+    """``torch.amp.GradScaler(device, *args, **kwargs)`` that keeps ``model``'s predicted
     gradient ranges in step with the loss scale (module docstring).
 
-    Use it exactly as torch's::
+    Use it as torch's, with the model first::
 
         scaler = lowbit.amp.GradScaler(model, "cuda")
         with torch.autocast("cuda", dtype=torch.float16):
@@ -54,20 +62,36 @@ class GradScaler(torch.amp.GradScaler):
     ``model``: the converted ``nn.Module`` whose layers' range histories to keep (the
     one the scaled loss is computed from). ``TypeError`` if it is not an ``nn.Module``.
     Gradient accumulation works as with torch's: the snapshot is taken at the first
-    :meth:`scale` after an :meth:`update`."""
+    :meth:`scale` after an :meth:`update`. Inside ``torch.compile`` that snapshot runs
+    eagerly (traced, its counters guarded the graph: a recompile every step)."""
 
-    def __init__(self, model: nn.Module, device: str = "cuda", **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, device: str = "cuda", *args: Any, **kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradScaler(model, ...): model must be an nn.Module (the converted "
                             f"model), got {type(model).__name__}")
-        super().__init__(device, **kwargs)
+        super().__init__(device, *args, **kwargs)  # torch's positional order after the model
         self.model = model
         self._ranges: RangeSnapshot | None = None
+        self._known_scale: float | None = None  # the scale as update() read it (None: _init_scale's)
 
     def scale(self, outputs):  # noqa: ANN001, ANN201 - torch's signature
         if self.is_enabled() and self._ranges is None:
-            self._ranges = snapshot_ranges(self.model)
+            self._begin_step()
         return super().scale(outputs)
+
+    @compiled.disable_tracing
+    def _begin_step(self) -> None:
+        """The step's snapshot, and every history brought to the current scale's units."""
+        s = self._init_scale if self._known_scale is None else self._known_scale
+        for m in fqt_blocks(self.model).values():
+            for t in m.range_trackers.values():
+                if t.loss_scale != s and s > 0:
+                    t.rescale(s / t.loss_scale, getattr(QUANTIZERS.get(t.quantizer), "range_exponent", 1.0))
+        self._ranges = snapshot_ranges(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._known_scale = None  # the loaded scale (torch keeps it as _init_scale)
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         if not self.is_enabled():
@@ -76,10 +100,15 @@ class GradScaler(torch.amp.GradScaler):
         super().update(new_scale)
         new = self.get_scale()
         snapshot, self._ranges = self._ranges, None
+        for m, before, _ in snapshot or ():  # trackers the step made: their history is in its scale
+            for p, t in m.range_trackers.items():
+                if before.get(p) is not t:
+                    t.loss_scale = old
         if new_scale is None and new < old and snapshot is not None:  # torch's backoff: skipped
             restore_ranges(snapshot, counters=False)  # its non-finite calls stay counted
         if new != old and old > 0 and new > 0:
             rescale_ranges(self.model, new / old)
+        self._known_scale = new
 
 
 __all__ = ["GradScaler"]

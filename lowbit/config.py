@@ -169,7 +169,9 @@ class GradSpec:
                           f"{self.format.name.removesuffix('_spec')} rounds the block scale up "  # type: ignore[union-attr]
                           f"instead and is unbiased (the variance monitor skips such a layer)",
                           UserWarning, stacklevel=3)
-        check_range_settings(self.margin, self.history)
+        margin, history = check_range_settings(self.margin, self.history)  # as a float and an int
+        object.__setattr__(self, "margin", margin)
+        object.__setattr__(self, "history", history)
         if self.range is RangeMode.DYNAMIC:  # the predicted-range settings would be ignored
             given = [f"{k}={getattr(v, 'value', v)!r}" for k, default in _RANGE_DEFAULTS.items()
                      if (v := getattr(self, k)) != default]

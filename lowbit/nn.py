@@ -34,7 +34,7 @@ from .formats import check_dense
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
-from .quantizers import Granularity
+from .quantizers import QUANTIZERS, Granularity
 from . import ranges as ranges_module
 from .ranges import RangeStats, RangeTracker
 
@@ -766,11 +766,15 @@ def restore_ranges(snapshot: RangeSnapshot, counters: bool = True) -> None:
 
 
 def rescale_ranges(model: nn.Module, factor: float) -> None:
-    """Multiply every predicted-range history of ``model`` by ``factor`` (the gradients'
-    unit changed by that factor: a new loss scale, :class:`lowbit.amp.GradScaler`)."""
+    """The gradients' unit of every predicted-range tracker of ``model`` changed by
+    ``factor`` (a new loss scale, :class:`lowbit.amp.GradScaler`): each history is
+    multiplied by ``factor`` to the power of its quantizer's ``range_exponent`` (BHQ's
+    transformed range follows the gradient's as ``c^(2/3)``), its ``loss_scale`` by
+    ``factor`` (:meth:`lowbit.ranges.RangeTracker.rescale`)."""
     for m in fqt_blocks(model).values():
         for t in m.range_trackers.values():
-            t.rescale(factor)
+            q = QUANTIZERS.get(t.quantizer)
+            t.rescale(factor, getattr(q, "range_exponent", 1.0))
 
 
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+import operator
 import threading
 import warnings
 import weakref
@@ -68,6 +70,8 @@ class RangeStats:
     nonfinite_calls: int = 0  # calls whose operand held NaN/Inf (not recorded)
     elements: int = 0  # elements quantized with a predicted range
     overflow_elements: int = 0  # of which beyond the range
+    # the sums of squares are in the unscaled loss's units: each call's divided by its
+    # tracker's loss_scale² (lowbit.amp.GradScaler keeps that in step with its scale)
     clipped_sq: float = 0.0  # Σ (|x| − range)₊² over clipped calls (overflow="clip"), summed in float64
     total_sq: float = 0.0  # Σ x² over calls with a predicted range, summed in float64
 
@@ -129,15 +133,42 @@ def window_closed(window: object) -> None:
         OPEN_WINDOWS.discard(window)
 
 
-def check_range_settings(margin: Any, history: Any) -> None:
-    """``ValueError`` unless ``margin`` is a finite real number ≥ 1 and ``history`` a
-    positive integer (bools refused): the predicted-range settings of a ``GradSpec`` and
-    of a :class:`RangeTracker` (a NaN margin made every code NaN, an infinite one every
-    code 0, uncounted: a review)."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 1 <= margin < float("inf"):
+def _real(v: Any) -> float | None:
+    """``v`` as a float where it is a real number: an int or float, a NumPy real scalar,
+    a one-element real tensor (bools, complex numbers and strings: ``None``)."""
+    if isinstance(v, torch.Tensor):
+        ok = v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+        return float(v) if ok else None
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_":
+        return float(v)
+    return None
+
+
+def _integer(v: Any) -> int | None:
+    """``v`` as an int where it is an integer: an int, a NumPy integer, a one-element
+    integer tensor (bools: ``None``)."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or (isinstance(v, torch.Tensor) and (
+            v.numel() != 1 or v.dtype == torch.bool or v.is_floating_point() or v.is_complex())):
+        return None
+    try:
+        return operator.index(v.reshape(()) if isinstance(v, torch.Tensor) else v)
+    except TypeError:
+        return None
+
+
+def check_range_settings(margin: Any, history: Any) -> tuple[float, int]:
+    """``(margin, history)`` as a float and an int; ``ValueError`` unless ``margin`` is a
+    finite real number ≥ 1 and ``history`` a positive integer — NumPy scalars and
+    one-element tensors taken, bools refused (a trial: ``np.float32(1.5)`` was refused as
+    if below 1): the predicted-range settings of a ``GradSpec`` and of a
+    :class:`RangeTracker` (a NaN margin made every code NaN, an infinite one every code 0,
+    uncounted: a review)."""
+    m, h = _real(margin), _integer(history)
+    if m is None or not 1 <= m < float("inf"):
         raise ValueError(f"margin must be a finite number ≥ 1, got {margin!r}")
-    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+    if h is None or h < 1:
         raise ValueError(f"history must be a positive integer, got {history!r}")
+    return m, h
 
 
 class RangeTracker:
@@ -152,13 +183,14 @@ class RangeTracker:
 
     def __init__(self, history: int, margin: float, per_row: bool, overflow: Overflow | str,
                  quantizer: str = "") -> None:
-        check_range_settings(margin, history)
-        self.history = history
-        self.margin = margin
+        self.margin, self.history = check_range_settings(margin, history)
         self.per_row = per_row
         self.overflow = Overflow(overflow)
         self.quantizer = quantizer  # whose transformed operand the ranges describe
         self.frozen = False
+        # the loss scale of the gradients it sees: its sums of squares are divided by its
+        # square (lowbit.amp.GradScaler sets it; rescale follows the scale's changes)
+        self.loss_scale = 1.0
         self.stats = RangeStats()
         self._call: RangeStats | None = None  # the counts of the quantize call running
         self._hist: torch.Tensor | None = None
@@ -275,13 +307,14 @@ class RangeTracker:
             st.elements += y.numel()
         n_over = int(n_over)
         st.overflow_elements += n_over
-        st.total_sq += float(total_sq)
+        unit = self.loss_scale**2  # (a trial: the same training under a GradScaler reported 5e5× the mass)
+        st.total_sq += float(total_sq) / unit
         if n_over:
             st.overflow_calls += 1
             if self.overflow is Overflow.REQUANTIZE:
                 st.requantized_calls += 1
                 return kernels.quantize(y, fmt, granularity, rounding, seed)
-            st.clipped_sq += float(clipped_sq)
+            st.clipped_sq += float(clipped_sq) / unit
         return enc
 
     def record(self, observed: torch.Tensor) -> None:
@@ -316,18 +349,24 @@ class RangeTracker:
         """Forget every recorded range (the counters stay): the next call is dynamic."""
         self._hist, self._count = None, 0
 
-    def rescale(self, factor: float) -> None:
-        """Multiply the recorded ranges by ``factor`` > 0 (finite): the gradients' unit
-        changed, e.g. a loss scale went from ``s`` to ``factor·s`` (:mod:`lowbit.amp`).
-        Exact for powers of two. ``ValueError`` for another ``factor``."""
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+    def rescale(self, factor: float, exponent: float = 1.0) -> None:
+        """The gradients' unit changed by ``factor`` > 0 (finite; a real number, NumPy
+        scalar or one-element tensor), e.g. a loss scale went from ``s`` to ``factor·s``
+        (:mod:`lowbit.amp`): the recorded ranges are multiplied by ``factor**exponent``
+        (``exponent``: how the tracked operand's range follows the gradient's,
+        :attr:`lowbit.quantizers.GradQuantizer.range_exponent` — 1 for PTQ, PSQ and
+        Hadamard, exact for powers of two; 2/3 for BHQ's transform, to float rounding), and
+        :attr:`loss_scale` by ``factor``. ``ValueError`` for another ``factor``."""
+        f = _real(factor)
+        if f is None or not (math.isfinite(f) and f > 0):
             raise ValueError(f"rescale factor must be a finite number > 0, got {factor!r}")
         if self._hist is not None:
-            self._hist.mul_(factor)
+            self._hist.mul_(f if exponent == 1 else f**exponent)
+        self.loss_scale *= f
 
     def state_dict(self) -> dict[str, Any]:
         return {"hist": None if self._hist is None else self._hist.clone(), "count": self._count,
-                "stats": asdict(self.stats), "key": list(self.key())}
+                "stats": asdict(self.stats), "key": list(self.key()), "loss_scale": self.loss_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = tuple(state["key"]), self.key()
@@ -337,6 +376,7 @@ class RangeTracker:
         self._hist = None if state["hist"] is None else state["hist"].clone()
         self._count = int(state["count"])
         self.stats = RangeStats(**state["stats"])
+        self.loss_scale = float(state.get("loss_scale", 1.0))  # (saved before it was kept: 1)
 
 
 __all__ = ["Overflow", "RangeMode", "RangeStats", "RangeTracker", "check_range_settings"]

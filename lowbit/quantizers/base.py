@@ -231,6 +231,10 @@ class GradQuantizer(abc.ABC):
     mixes_rows: bool = False  # the transform mixes rows (so per-row ranges do not persist)
     # the transform also quantizes the operand's columns in one pass (lowbit.gradpair.quantize_grad_pair_mixed)
     pairs_columns: bool = False
+    # how the transformed operand's range follows the gradient's: range(T(c·g)) =
+    # c**range_exponent · range(T g) for c > 0 (a linear transform: 1); what a predicted
+    # range's history is rescaled by when a loss scale changes (lowbit.nn.rescale_ranges)
+    range_exponent: float = 1.0
 
     @abc.abstractmethod
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,

@@ -527,6 +527,10 @@ class BHQ(GradQuantizer):
     # its transform quantizes ∇Y's columns alongside its rows (BlockHouseholder.forward_quantize_pair:
     # lowbit.gradpair.quantize_grad_pair_mixed; a subclass's own transform without it gets the two calls)
     pairs_columns = True
+    # its scales go as λ^(−1/3) (module docstring), so T(c·g) = c^(2/3)·T(g): a loss scale
+    # multiplied by c multiplies the transformed ranges by c^(2/3), not c (a trial: the
+    # history was rescaled by c, 2^(1/3) too wide after each growth step)
+    range_exponent = 2 / 3
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:

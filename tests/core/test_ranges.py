@@ -852,3 +852,150 @@ def test_range_windows_opened_in_another_thread_do_not_break_a_backward(monkeypa
         t.join()
     assert others and opened and all(w.close().calls > 0 for w in held)
     opened[0].close()
+
+
+# -- loss scaling: units of the histories and counters (a fresh-user trial) -----------------
+def _scaled_steps(model: nn.Module, steps: int, scaler: object | None, batches: list) -> list[float]:
+    """``steps`` backward passes on ``batches`` (cycled), through ``scaler`` (lowbit's
+    GradScaler; ``None``: unscaled), lr 0; per step the last layer's ∇X prediction over
+    the range it then observed (``nan`` while it had none)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ratios = []
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss if scaler is None else scaler.scale(loss)
+        t = model[2].range_trackers.get("grad_input")
+        pred = None if t is None else t.predict()  # (after scale(): the step's own)
+        loss.backward()
+        t = model[2].range_trackers["grad_input"]
+        seen = t._hist[(t._count - 1) % t.history].max().clone()  # (before update() rescales it)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        ratios.append(math.nan if pred is None else float(pred.max() / seen))
+    return ratios
+
+
+@pytest.mark.parametrize("q", ["psq", "bhq"])
+def test_a_growing_loss_scale_keeps_each_quantizers_prediction_in_step(q: str) -> None:
+    # A trial: GradScaler rescaled BHQ's ∇X history by the scale's factor c, but BHQ's
+    # transformed range grows as c^(2/3) (its scales go as λ^(−1/3)): after each growth the
+    # prediction was 2^(1/3) too wide (1.575 where the unscaled run has 1.25). One batch,
+    # lr 0, the scale doubling every step: prediction / observed is the margin throughout
+    # (float rounding: 1e-5).
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(2)
+    batch = [(torch.randn(64, 12, generator=g), torch.randint(0, 5, (64,), generator=g))]
+    ratios = {}
+    for scaled in (False, True):
+        model = lowbit.convert(_mlp(), FQTConfig.from_recipe(f"fqt-{q}-8-predicted", seed=0))
+        scaler = GradScaler(model, "cpu", init_scale=2.0**4, growth_interval=1) if scaled else None
+        ratios[scaled] = _scaled_steps(model, 6, scaler, batch)
+        if scaled:
+            assert scaler.get_scale() == 2.0**10 and model[2].range_trackers["grad_input"].loss_scale == 2.0**10
+    assert ratios[False][1:] == [1.25] * 5
+    assert all(abs(r - 1.25) < 1.25e-5 for r in ratios[True][1:]), ratios[True]
+
+
+def test_range_counters_are_in_the_unscaled_losss_units() -> None:
+    # A trial: the same training (bitwise the same gradients) reported clipped_norm
+    # 0.0119 unscaled and 0.00038 under a growing GradScaler, total_sq 1.2 and 6e5: the sums
+    # were kept in loss-scaled units. Under lowbit's GradScaler each call's sums are divided
+    # by the loss scale² (powers of two: the same sums to float64 rounding, 1e-12).
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(64, 12, generator=g) * (1 + i % 3), torch.randint(0, 5, (64,), generator=g))
+               for i in range(8)]
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0).with_ranges(overflow="clip", margin=1.0)
+    stats = {}
+    for scaled in (False, True):
+        model = lowbit.convert(_mlp(), cfg)
+        scaler = GradScaler(model, "cpu", init_scale=2.0**4, growth_interval=1) if scaled else None
+        with lowbit.nn.RangeWindow(model) as w:
+            _scaled_steps(model, 8, scaler, batches)
+        stats[scaled] = w.stats
+    plain, scaled = stats[False], stats[True]
+    assert plain.clipped_sq > 0 and plain.overflow_calls == scaled.overflow_calls
+    assert math.isclose(scaled.total_sq, plain.total_sq, rel_tol=1e-12)
+    assert math.isclose(scaled.clipped_sq, plain.clipped_sq, rel_tol=1e-12)
+
+
+def test_a_history_recorded_without_loss_scaling_is_brought_to_the_scale() -> None:
+    # The same kind: histories recorded before a GradScaler was used (or loaded) are in
+    # another unit; at the scaler's first step they are brought to its scale, so one batch
+    # keeps its prediction at the margin (unaligned: 2^10 too small, every call overflowed).
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(4)
+    batch = [(torch.randn(64, 12, generator=g), torch.randint(0, 5, (64,), generator=g))]
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    _scaled_steps(model, 3, None, batch)
+    before = lowbit.nn.range_stats(model)["total"]
+    ratios = _scaled_steps(model, 3, GradScaler(model, "cpu", init_scale=2.0**10, growth_interval=100), batch)
+    assert ratios == [1.25] * 3
+    assert (lowbit.nn.range_stats(model)["total"] - before).overflow_calls == 0
+
+
+def test_range_settings_take_numpy_scalars_and_one_element_tensors() -> None:
+    # A trial: margin=np.float32(1.5) was refused as "must be a finite number ≥ 1", and so
+    # were history=np.int64(16) and rescale factors np.float32(2.0), torch.tensor(2.).
+    import numpy as np
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted").with_ranges(margin=np.float32(1.5), history=np.int64(16))
+    assert type(cfg.grad_input.margin) is float and cfg.grad_input.margin == 1.5
+    assert type(cfg.grad_input.history) is int and cfg.grad_input.history == 16
+    t = RangeTracker(history=torch.tensor(4), margin=torch.tensor(2.0), per_row=False, overflow="clip")
+    assert (t.history, t.margin) == (4, 2.0) and type(t.history) is int
+    t.record(torch.ones(1, 1))
+    for factor in (np.float32(2.0), torch.tensor(2.0), 2):
+        t.rescale(factor)
+    assert float(t.predict()) == 2.0 * 8 and t.loss_scale == 8.0
+    for bad in (True, np.bool_(True), "2", torch.tensor([2.0, 2.0]), float("nan")):
+        with pytest.raises(ValueError, match="rescale factor must be a finite number > 0"):
+            t.rescale(bad)
+    for kwargs in ({"margin": True}, {"history": 2.0}, {"history": np.float64(2)}, {"history": torch.tensor(2.0)}):
+        with pytest.raises(ValueError, match="margin must be|history must be"):
+            RangeTracker(**({"history": 4, "margin": 1.25, "per_row": False, "overflow": "clip"} | kwargs))
+
+
+def test_grad_scaler_takes_torchs_positional_arguments() -> None:
+    # A trial: lowbit.amp.GradScaler(model, "cpu", 1024.0) was a TypeError where
+    # torch.amp.GradScaler("cpu", 1024.0) works.
+    from lowbit.amp import GradScaler
+
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted"))
+    scaler = GradScaler(model, "cpu", 1024.0, 3.0, 0.25, 7)
+    assert (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
+            scaler.get_growth_interval()) == (1024.0, 3.0, 0.25, 7)
+
+
+def test_grad_scaler_scale_inside_torch_compile_does_not_recompile_every_step() -> None:
+    # A trial: scale() traced the range snapshot, whose counters guarded the graph: a
+    # recompile every step (8 graphs, 2–4 s each) until dynamo's limit.
+    from torch._dynamo.utils import counters
+
+    from lowbit.amp import GradScaler
+
+    if compiled.failure() is not None:
+        pytest.skip(f"torch's compiler is unusable here: {compiled.failure()}")
+    torch._dynamo.reset()
+    counters.clear()
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    scaler = GradScaler(model, "cpu", init_scale=2.0**4, growth_interval=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    fwd = torch.compile(lambda x, y: scaler.scale(nn.functional.cross_entropy(model(x), y)))
+    g = torch.Generator().manual_seed(5)
+    graphs = []
+    for _ in range(5):
+        fwd(torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1], graphs  # none after the second step
