@@ -104,8 +104,8 @@ class AdaptivePolicy:
         v = self.input_share
         if not 0 < v < 1:
             raise ValueError(f"input_share must be a number in (0, 1), got {v!r}")
-        check_bits(self.min_bits, "min_bits")
-        check_bits(self.max_bits, "max_bits")
+        object.__setattr__(self, "min_bits", check_bits(self.min_bits, "min_bits"))
+        object.__setattr__(self, "max_bits", check_bits(self.max_bits, "max_bits"))
         if self.min_bits > self.max_bits:
             raise ValueError(f"min_bits ({self.min_bits}) exceeds max_bits ({self.max_bits})")
         for name in ("grad_input", "grad_weight"):

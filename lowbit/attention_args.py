@@ -10,6 +10,7 @@ import torch
 
 from .formats import SUPPORTED_DTYPES, check_dense, check_one_device
 from .functional import output_dtype  # as autocast casts a tensor (meta keeps its dtype)
+from .scalars import real
 
 
 def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -45,7 +46,8 @@ def check_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise RuntimeError(f"enable_gqa: the query's heads ({query.shape[-3] if query.dim() > 2 else None}) "
                            f"must be a multiple of the key's and value's (equal) heads "
                            f"({key.shape[-3] if key.dim() > 2 else None}, {value.shape[-3] if value.dim() > 2 else None})")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p <= 1:
+    p = real(dropout_p)  # (torch's takes NumPy scalars and one-element tensors too)
+    if p is None or not 0 <= p <= 1:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if is_causal and attn_mask is not None:
         raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set "

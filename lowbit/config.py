@@ -337,7 +337,7 @@ class FQTConfig:
                     raise ValueError(f"backend={self.backend.value!r} runs {allowed} GEMMs only; "
                                      f"{name}.format is {spec.format.name!r} (use backend='auto')")
         if self.seed is not None:
-            check_seed(self.seed)
+            object.__setattr__(self, "seed", check_seed(self.seed))
         if self.adaptive is not None and self.adaptive not in ADAPTIVE_RECIPES:
             raise ValueError(f"adaptive must be one of {', '.join(ADAPTIVE_RECIPES)} or None, "
                              f"got {self.adaptive!r}")

@@ -91,6 +91,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .userframe import user_stacklevel
 from .formats import SUPPORTED_DTYPES, IntFormat, check_dense, compute_dtype, counter_uniform
 from .noise import check_seed, comm_noise_seed
+from .scalars import integer
 from .storage import stochastic_round_bf16
 
 WIRES = ("auto", "allreduce", "allgather")
@@ -112,13 +113,15 @@ class GradComm:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        IntFormat(self.bits)  # validates bits
-        if self.block is not None and (isinstance(self.block, bool) or not isinstance(
-                self.block, int) or self.block < 1):
-            raise ValueError(f"block must be a positive integer or None, got {self.block!r}")
+        object.__setattr__(self, "bits", IntFormat(self.bits).bits)  # validated, as an int
+        if self.block is not None:
+            block = integer(self.block)
+            if block is None or block < 1:
+                raise ValueError(f"block must be a positive integer or None, got {self.block!r}")
+            object.__setattr__(self, "block", block)
         if self.wire not in WIRES:
             raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {self.wire!r}")
-        check_seed(self.seed)
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
     @property
     def format(self) -> IntFormat:

@@ -63,6 +63,7 @@ import warnings
 from typing import Any
 
 import torch
+from .scalars import integer
 from .userframe import user_stacklevel
 
 _M64 = (1 << 64) - 1
@@ -119,11 +120,12 @@ def check_seed(seed: object, what: str = "seed", limit: int = SEED_LIMIT) -> int
     (``bool`` included), ``ValueError`` naming ``what`` and the range otherwise. A seed
     outside the range would alias one inside it (the hash reads 64-bit words: ``2⁶⁴``
     and ``0``, ``-1`` and ``2⁶⁴ − 1`` gave the same noise; README fault kind 25)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    s = integer(seed)  # (a NumPy integer or a one-element integer tensor: as an int)
+    if s is None:
         raise TypeError(f"{what} must be an int, got {seed!r}")
-    if not 0 <= seed < limit:
-        raise ValueError(f"{what} must be in [0, 2**{limit.bit_length() - 1}), got {seed}")
-    return seed
+    if not 0 <= s < limit:
+        raise ValueError(f"{what} must be in [0, 2**{limit.bit_length() - 1}), got {s}")
+    return s
 
 
 def torch_seed(seed: int) -> int:
@@ -186,7 +188,7 @@ class NoiseStream:
     """
 
     def __init__(self, seed: int, name: str = "") -> None:
-        check_seed(seed)
+        seed = check_seed(seed)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.seed, self.name, self.counter = seed, name, 0
@@ -254,7 +256,7 @@ class NoiseStream:
         if missing:
             raise KeyError(f"noise state lacks {sorted(missing)}")
         seed, name, counter = state["seed"], state["name"], state["counter"]
-        check_seed(seed, "noise state seed")  # as NoiseStream(seed): no alias of another seed
+        seed = check_seed(seed, "noise state seed")  # as NoiseStream(seed): no alias of another seed
         if not isinstance(name, str):
             raise TypeError(f"noise state name must be a str, got {type(name).__name__}")
         if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:

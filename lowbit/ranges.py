@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import enum
 import math
-import numbers
-import operator
 import threading
 import warnings
 import weakref
@@ -42,6 +40,7 @@ import torch
 
 from .formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype, grid_step
 from .kernels import Encoded, Kernels
+from .scalars import integer, real
 from .userframe import user_stacklevel
 
 
@@ -133,29 +132,6 @@ def window_closed(window: object) -> None:
         OPEN_WINDOWS.discard(window)
 
 
-def _real(v: Any) -> float | None:
-    """``v`` as a float where it is a real number: an int or float, a NumPy real scalar,
-    a one-element real tensor (bools, complex numbers and strings: ``None``)."""
-    if isinstance(v, torch.Tensor):
-        ok = v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
-        return float(v) if ok else None
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_":
-        return float(v)
-    return None
-
-
-def _integer(v: Any) -> int | None:
-    """``v`` as an int where it is an integer: an int, a NumPy integer, a one-element
-    integer tensor (bools: ``None``)."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_" or (isinstance(v, torch.Tensor) and (
-            v.numel() != 1 or v.dtype == torch.bool or v.is_floating_point() or v.is_complex())):
-        return None
-    try:
-        return operator.index(v.reshape(()) if isinstance(v, torch.Tensor) else v)
-    except TypeError:
-        return None
-
-
 def check_range_settings(margin: Any, history: Any) -> tuple[float, int]:
     """``(margin, history)`` as a float and an int; ``ValueError`` unless ``margin`` is a
     finite real number ≥ 1 and ``history`` a positive integer — NumPy scalars and
@@ -163,7 +139,7 @@ def check_range_settings(margin: Any, history: Any) -> tuple[float, int]:
     if below 1): the predicted-range settings of a ``GradSpec`` and of a
     :class:`RangeTracker` (a NaN margin made every code NaN, an infinite one every code 0,
     uncounted: a review)."""
-    m, h = _real(margin), _integer(history)
+    m, h = real(margin), integer(history)
     if m is None or not 1 <= m < float("inf"):
         raise ValueError(f"margin must be a finite number ≥ 1, got {margin!r}")
     if h is None or h < 1:
@@ -357,7 +333,7 @@ class RangeTracker:
         :attr:`lowbit.quantizers.GradQuantizer.range_exponent` — 1 for PTQ, PSQ and
         Hadamard, exact for powers of two; 2/3 for BHQ's transform, to float rounding), and
         :attr:`loss_scale` by ``factor``. ``ValueError`` for another ``factor``."""
-        f = _real(factor)
+        f = real(factor)
         if f is None or not (math.isfinite(f) and f > 0):
             raise ValueError(f"rescale factor must be a finite number > 0, got {factor!r}")
         if self._hist is not None:

@@ -8,6 +8,8 @@ import enum
 
 import torch
 
+from ..scalars import integer
+
 MIN_BITS = 2
 MAX_BITS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -66,12 +68,15 @@ class ScaleRule(enum.Enum):
 
 
 def check_bits(bits: int, field: str = "bits") -> int:
-    """Validate a bit width: an int in ``MIN_BITS..MAX_BITS``."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    """A bit width as an int in ``MIN_BITS..MAX_BITS`` (NumPy integers and one-element
+    integer tensors read as ints: :mod:`lowbit.scalars`); ``TypeError`` for a non-integer
+    (bools included), ``ValueError`` out of range."""
+    b = integer(bits)
+    if b is None:
         raise TypeError(f"{field} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{field} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
-    return bits
+    if not MIN_BITS <= b <= MAX_BITS:
+        raise ValueError(f"{field} must be in {MIN_BITS}..{MAX_BITS}, got {b}")
+    return b
 
 
 def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:

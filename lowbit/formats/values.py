@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..scalars import integer
+
 from .base import Grid, ScaleRule, _coerce, check_bits, compute_dtype
 from .elements import ELEMENTS, Element
 from .scales import grid_step
@@ -74,7 +76,7 @@ class IntFormat(Format):
     element = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
+        object.__setattr__(self, "bits", check_bits(self.bits))  # (a NumPy integer: as an int)
         object.__setattr__(self, "grid", _coerce(self.grid, Grid, "grid"))
 
     @property
@@ -170,8 +172,10 @@ class BlockFormat(Format):
                              f"got {self.element_name!r}")
         if self.scale not in ("e8m0", "e4m3"):
             raise ValueError(f"block scale must be 'e8m0' or 'e4m3', got {self.scale!r}")
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+        block = integer(self.block)
+        if block is None or block < 1:
             raise ValueError(f"block must be a positive int, got {self.block!r}")
+        object.__setattr__(self, "block", block)
         object.__setattr__(self, "rule", _coerce(self.rule, ScaleRule, "rule"))
 
     @property

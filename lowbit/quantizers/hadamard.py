@@ -34,6 +34,7 @@ import torch
 from ..formats import AnyFormat, Format, Granularity, Rounding, compute_dtype, parse_format
 from ..kernels import Impl, Kernels, avx512, kernels_for, reference, register
 from ..kernels.encoded import Encoded
+from ..scalars import integer
 from ..scopes import scope
 from .base import GradQuantizer, RowTransform, check_operand, refuse_clipping
 
@@ -304,10 +305,11 @@ class Hadamard(GradQuantizer):
     pairs_columns = True
 
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
-        if isinstance(block, bool) or not isinstance(block, int):  # True was taken as block 1
+        b = integer(block)  # (True was taken as block 1; a NumPy integer is one)
+        if b is None:
             raise TypeError(f"Hadamard block size must be an int, got {block!r}")
-        check_block(block)
-        self.block = block
+        check_block(b)
+        self.block = b
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:

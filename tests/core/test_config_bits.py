@@ -97,3 +97,41 @@ def test_inputs_a_review_found_accepted_are_refused(call, error, match) -> None:
     # a review (2026-12-04): each was accepted silently or failed far from the argument
     with pytest.raises(error, match=match):
         call()
+
+
+def test_integer_and_real_settings_take_numpy_scalars_and_one_element_tensors() -> None:
+    # The kind of a trial's finding (predicted-range margin=np.float32(1.5) refused as if
+    # below 1): every int or float setting takes NumPy scalars and one-element tensors,
+    # stores the Python number (configs print, compare and serialize as before) and still
+    # refuses bools.
+    import json
+
+    import numpy as np
+
+    from lowbit.adaptive import AdaptivePolicy
+    from lowbit.distributed import GradComm
+    from lowbit.formats import BlockFormat
+    from lowbit.noise import NoiseStream
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=np.int64(3), activation=OperandSpec(bits=np.int64(6)),
+                                grad_input=GradSpec(bits=torch.tensor(4), quantizer="psq"))
+    assert (cfg.seed, cfg.activation.format.bits, cfg.grad_input.format.bits) == (3, 6, 4)
+    assert type(cfg.seed) is int and type(cfg.activation.format.bits) is int
+    assert FQTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert IntFormat(np.int8(5)) == IntFormat(5)
+    mx = parse_format("mxfp4")
+    assert BlockFormat(mx.format_name, mx.element_name, np.int64(32), mx.scale) == mx
+    pol = AdaptivePolicy(min_bits=np.int64(3), max_bits=np.int32(7))
+    assert (type(pol.min_bits), pol.min_bits, pol.max_bits) == (int, 3, 7)
+    comm = GradComm(bits=np.int64(4), block=np.int64(64), seed=np.uint8(1))
+    assert (comm.bits, comm.block, comm.seed) == (4, 64, 1) and type(comm.block) is int
+    assert lowbit.quantizers.hadamard.Hadamard(np.int64(16)).block == 16
+    assert NoiseStream(np.int64(7), "x").seed == 7
+    q = torch.randn(1, 2, 4, 8)
+    torch.testing.assert_close(lowbit.attention.scaled_dot_product_attention(q, q, q, dropout_p=np.float32(0.0)),
+                               lowbit.attention.scaled_dot_product_attention(q, q, q))
+    for bad in (True, np.bool_(True), 2.0, "8", torch.tensor([8, 8])):
+        with pytest.raises(TypeError, match="bits must be an int"):
+            IntFormat(bad)
+        with pytest.raises(TypeError, match="seed must be an int"):
+            NoiseStream(bad, "x")
