@@ -366,17 +366,20 @@ class _SROptimizer(torch.optim.Optimizer):
         """Writes ``w + Δ`` (``w``, ``delta`` float32, summed in float64: see the module
         docstring) with stochastic rounding (``E[stored] = w + Δ``): int8 per channel
         (fresh scales) plus its bfloat16 image in ``p``, or bfloat16 in ``p``. The float64
-        sum and its rounding run on pieces of about ``_PIECE`` elements (whole rows for
-        int8), in row-major order: the same draws as one call of the codec on the whole
-        float64 tensor (a CPU generator draws element by element), with the temporaries
-        in cache and off glibc's fresh mappings (whole-tensor float64 temporaries took 5×
-        the bf16 step's time: docs/benchmarks.md, "The optimizers' float64 weight write")."""
+        sum and its rounding run, on the CPU, on pieces of about ``_PIECE`` elements (whole
+        rows for int8), in row-major order: the same draws as one call of the codec on the
+        whole float64 tensor (a CPU generator draws element by element), with the
+        temporaries in cache and off glibc's fresh mappings (whole-tensor float64
+        temporaries took 5× the bf16 step's time: docs/benchmarks.md, "The optimizers'
+        float64 weight write"); elsewhere in one piece (a GPU's caching allocator has no
+        such cost, and pieces would be kernel launches)."""
         gen = self.generator
+        piece = _PIECE if p.device.type == "cpu" else max(1, w.numel())
         if self._int8_weight(p):
             rows_w, rows_d = w.reshape(w.shape[0], -1), delta.reshape(w.shape[0], -1)
             codes = torch.empty(rows_w.shape, dtype=torch.int8, device=p.device)
             scale = torch.empty(rows_w.shape[0], dtype=torch.float32, device=p.device)
-            per = max(1, _PIECE // max(1, rows_w.shape[1]))
+            per = max(1, piece // max(1, rows_w.shape[1]))
             for i in range(0, rows_w.shape[0], per):
                 codes[i:i + per], scale[i:i + per] = encode_int8_per_channel(
                     rows_w[i:i + per].double() + rows_d[i:i + per].double(), gen)
@@ -385,9 +388,9 @@ class _SROptimizer(torch.optim.Optimizer):
             _drop(self.state.get(p, {}), "weight")
             flat_w, flat_d = w.reshape(-1), delta.reshape(-1)
             out = torch.empty(flat_w.shape, dtype=torch.bfloat16, device=p.device)
-            for i in range(0, flat_w.numel(), _PIECE):
-                out[i:i + _PIECE] = stochastic_round_bf16(flat_w[i:i + _PIECE].double()
-                                                          + flat_d[i:i + _PIECE].double(), gen)
+            for i in range(0, flat_w.numel(), piece):
+                out[i:i + piece] = stochastic_round_bf16(flat_w[i:i + piece].double()
+                                                         + flat_d[i:i + piece].double(), gen)
             p.copy_(out.view(p.shape))
 
     def _load_state(self, p: torch.Tensor, name: str) -> torch.Tensor | None:
