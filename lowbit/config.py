@@ -407,7 +407,7 @@ class FQTConfig:
             if bits is not None and spec is None:  # dropped without a word before (a review)
                 raise ValueError(f"{path} is float in this config: it has no bits to set")
             if bits is not None and spec is not None and not isinstance(spec.format, IntFormat):
-                raise ValueError(f"gradient bits apply to integer formats; this recipe's gradient "
+                raise ValueError(f"{path} bits apply to integer formats; this recipe's {path} "
                                  f"format is {spec.format.name!r}")
         if grad_input is not None and gi is not None:
             gi = with_bits(gi, grad_input)

@@ -150,9 +150,25 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(torch_seed(opts.seed))
     model_name = opts.model or DEFAULT_MODEL[opts.task]
     data = Data(opts)  # raises for missing data before --out exists (it was left empty)
+    created = not opts.out.exists()
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in RESULTS:  # --overwrite: every file of the earlier run (check_out_dir refused them without it)
         (opts.out / name).unlink(missing_ok=True)
+    try:
+        return _study(opts, data, gen, model_name, seconds, t_start)
+    except BaseException:
+        # an interrupted or failed study leaves no part of its results: a plot without its
+        # variance.json was left, and refused the rerun as "an earlier run's" (a trial)
+        for name in RESULTS:
+            (opts.out / name).unlink(missing_ok=True)
+        if created and not any(opts.out.iterdir()):
+            opts.out.rmdir()
+        raise
+
+
+def _study(opts: Options, data: Data, gen: torch.Generator, model_name: str, seconds: dict[str, float],
+           t_start: float) -> int:
+    """The study of :func:`run` once ``opts.out`` exists: its measurements, files and summary."""
     model = build_model(opts.task, model_name)
     model.train()
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))

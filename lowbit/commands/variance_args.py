@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "also as NAME_spec: the OCP/NVFP4 scale rule that may clip)")
     a("--rounding", default="stochastic",
       help="comma-separated gradient rounding modes: stochastic, nearest (default stochastic)")
-    a("--out", required=True, help="output folder (created; one holding an earlier "
-      "variance.json is refused unless --overwrite)")
+    a("--out", required=True, help="output folder (created; one holding an earlier run's "
+      "results — variance.json, variance.csv, summary.md, its figures — is refused unless "
+      "--overwrite; an interrupted run leaves none of its own)")
     a("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     a("--batches", type=int, default=12, help="minibatches for the decomposition (≥ 3)")
     a("--batch-size", type=int, default=None,
@@ -57,26 +58,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--subset", type=int, default=None,
       help="training images to load (fashion-mnist, default 10000; digits: all) or text bytes")
     a("--train-steps", type=int, default=0, help="QAT warm-up steps before measuring")
-    a("--lr", type=float, default=None, help="warm-up learning rate (SGD images, AdamW text)")
+    a("--lr", type=float, default=None,
+      help="warm-up learning rate (SGD images, AdamW text; with --train-steps only)")
     a("--bound-batches", type=int, default=1,
       help="minibatches with a Theorem 2 bound (0: none; with low-bit attention, which the bound "
            "does not cover, the groups upstream of it get none, with a note)")
-    a("--spectrum", default="layer",
-      help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum)")
-    a("--power-iters", type=int, default=6, help="power-iteration steps per Jacobian constant")
+    a("--spectrum", default=None,
+      help=f"Jacobian constants: {' or '.join(SPECTRUM_MODES)} (see jacobian_spectrum; default layer; "
+           "with a bound only)")
+    a("--power-iters", type=int, default=None,
+      help="power-iteration steps per Jacobian constant (default 6; with a bound only)")
     a("--ranges", default="dynamic",
       help=f"comma-separated gradient range modes from {', '.join(RANGES)} (default dynamic)")
-    a("--range-margin", type=float, default=1.25,
-      help="predicted range = margin × the largest recent absmax (≥ 1, default 1.25)")
-    a("--range-history", type=int, default=16,
-      help="predicted range: calls whose absmax is remembered (default 16)")
-    a("--range-calibration", type=int, default=16,
-      help="FQT backward passes that fill the predicted-range histories (default 16)")
+    a("--range-margin", type=float, default=None,
+      help="predicted range = margin × the largest recent absmax (≥ 1, default 1.25; "
+           "with predicted --ranges only)")
+    a("--range-history", type=int, default=None,
+      help="predicted range: calls whose absmax is remembered (default 16; with predicted --ranges only)")
+    a("--range-calibration", type=int, default=None,
+      help="FQT backward passes that fill the predicted-range histories (default 16; with "
+           "predicted --ranges only)")
     a("--profile", default=None,
       help="quantizers to profile layer by layer (default: all of --quantizers; 'none': off)")
-    a("--profile-batches", type=int, default=1, help="minibatches of the profile")
-    a("--profile-repeats", type=int, default=4, help="draws per minibatch and layer (≥ 2; from 3 on the "
-      "profile shows standard errors, without which a ratio of 2 draws can read as a bound violation)")
+    a("--profile-batches", type=int, default=None, help="minibatches of the profile (default 1)")
+    a("--profile-repeats", type=int, default=None, help="draws per minibatch and layer (≥ 2, default 4; from "
+      "3 on the profile shows standard errors, without which a ratio of 2 draws can read as a bound violation)")
     a("--bin-layer", default=None, help="layer whose ∇Y goes in the bin figure (default: middle)")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
@@ -154,14 +160,42 @@ def _at_least(name: str, value: int, low: int) -> int:
     return value
 
 
+# options that only tune one stage, each with its default and what turns the stage on: given
+# where that stage does not run they would do nothing, yet be recorded as used (a trial)
+_STAGE_OPTIONS = {
+    "lr": (None, "the warm-up (--train-steps N)"),
+    "range_margin": (1.25, "predicted ranges (--ranges predicted or predicted-clip)"),
+    "range_history": (16, "predicted ranges (--ranges predicted or predicted-clip)"),
+    "range_calibration": (16, "predicted ranges (--ranges predicted or predicted-clip)"),
+    "profile_batches": (1, "the profile (--profile, not none)"),
+    "profile_repeats": (4, "the profile (--profile, not none)"),
+    "spectrum": ("layer", "the bound (--bound-batches ≥ 1)"),
+    "power_iters": (6, "the bound (--bound-batches ≥ 1)"),
+}
+
+
+def _stage_options(args: argparse.Namespace, runs: dict[str, bool]) -> None:
+    """``ValueError`` for an option of :data:`_STAGE_OPTIONS` given where its stage does not
+    run (``runs``: stage description → whether it runs); then each unset one takes its
+    default."""
+    for name, (default, stage) in _STAGE_OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None and not runs[stage]:
+            raise ValueError(f"--{name.replace('_', '-')} applies to {stage}, which this command does not "
+                             "run: leave it out, or ask for that stage")
+        if value is None and default is not None:
+            setattr(args, name, default)
+
+
 def validate(args: argparse.Namespace) -> Options:
     """Check the arguments; raise ``ValueError`` with a line naming the allowed values."""
+    args = argparse.Namespace(**vars(args))  # (defaults filled in below: the caller's is kept)
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     if args.model is not None and args.model not in MODELS[args.task]:
         raise ValueError(f"--model for task {args.task!r} must be one of "
                          f"{', '.join(MODELS[args.task])}, got {args.model!r}")
-    if args.spectrum not in SPECTRUM_MODES:
+    if args.spectrum is not None and args.spectrum not in SPECTRUM_MODES:
         raise ValueError(f"--spectrum must be one of {', '.join(SPECTRUM_MODES)}, "
                          f"got {args.spectrum!r}")
     quantizers = _names(args.quantizers, "quantizers")
@@ -179,15 +213,21 @@ def validate(args: argparse.Namespace) -> Options:
     bound = _at_least("bound-batches", args.bound_batches, 0)
     if bound > batches:
         raise ValueError(f"--bound-batches ({bound}) must be ≤ --batches ({batches})")
+    ranges = parse_list("--ranges", args.ranges)
+    if any(r not in RANGES for r in ranges):
+        raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
+                         f"got {args.ranges!r}")
+    train_steps = _at_least("train-steps", args.train_steps, 0)
+    predicted = "predicted ranges (--ranges predicted or predicted-clip)"
+    _stage_options(args, {"the warm-up (--train-steps N)": train_steps > 0,
+                          predicted: any(r != "dynamic" for r in ranges),
+                          "the profile (--profile, not none)": bool(profile),
+                          "the bound (--bound-batches ≥ 1)": bound > 0})
     pbatches = _at_least("profile-batches", args.profile_batches, 0)
     if pbatches > batches:
         raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
     if args.subset is not None:
         _at_least("subset", args.subset, 1)
-    ranges = parse_list("--ranges", args.ranges)
-    if any(r not in RANGES for r in ranges):
-        raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
-                         f"got {args.ranges!r}")
     margin = args.range_margin
     if not (math.isfinite(margin) and margin >= 1):
         raise ValueError(f"--range-margin must be a finite number ≥ 1, got {margin}")
@@ -223,7 +263,7 @@ def validate(args: argparse.Namespace) -> Options:
                              else args.batch_size, 2),  # 0 is refused, not taken for "default"
         repeats=_at_least("repeats", args.repeats, 2), seed=parse_seed("--seed", args.seed),
         subset=args.subset if args.subset is not None else DEFAULT_SUBSET[args.task],
-        train_steps=_at_least("train-steps", args.train_steps, 0), lr=lr,
+        train_steps=train_steps, lr=lr,
         bound_batches=bound, spectrum=args.spectrum,
         power_iters=_at_least("power-iters", args.power_iters, 1), profile=profile,
         profile_batches=pbatches,

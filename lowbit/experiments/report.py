@@ -266,7 +266,8 @@ def _memory_and_range_notes(done: list[Run]) -> list[str]:
     notes = []
     if done and (bpp := done[0].rows[-1].get("bytes_per_param")) is not None:
         stored = done[0].rows[-1].get("bytes_per_param_stored", bpp)
-        notes.append(f"{bpp:.2f} B/param" + (f" ({stored:.2f} stored)" if stored != bpp else ""))
+        held, kept = f"{bpp:.2f}", f"{stored:.2f}"  # compared as printed (a trial: "3.03 (3.03 stored)",
+        notes.append(f"{held} B/param" + (f" ({kept} stored)" if kept != held else ""))  # a last-bit difference)
     overflow = [row["range_overflow_calls"] for r in done for row in r.rows
                 if "range_overflow_calls" in row]
     if overflow:
@@ -616,6 +617,16 @@ def section_text(path: Path, name: str | None = None) -> str:
     return text
 
 
+def _figures_of(text: str, section: str | None = "") -> set[str]:
+    """The figure files ``text`` shows (``![…](figures/NAME)``), or, with ``section`` not
+    ``""``, those of that section of the file's text (between its markers): file names
+    only (a name with a path in it is not a figure this report wrote)."""
+    if section != "":
+        begin, end = markers(section)
+        text = text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
+    return {n for n in re.findall(r"!\[[^\]]*\]\(figures/([^)\s]+)\)", text) if "/" not in n and n not in ("..", ".")}
+
+
 def write_section(path: Path, body: str, name: str | None = None) -> None:
     """Replace the text between the markers of section ``name`` of ``path`` (appended
     if absent; the file created if needed). ``ValueError`` if the file holds a marker of
@@ -650,9 +661,12 @@ def run(args: argparse.Namespace) -> int:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     command = f"lowbit report --runs {args.runs} --out {args.out}" + (
         f" --section {args.section}" if args.section else "") + (" --claims" if args.claims else "")
+    before = _figures_of(section_text(out / "results.md", args.section), args.section)
     body = render(runs, out / "figures", command, f"{args.section}-" if args.section else "",
                   args.claims)
     write_section(out / "results.md", body, args.section)
+    for name in before - _figures_of(body):  # the section's earlier figures it no longer shows
+        (out / "figures" / name).unlink(missing_ok=True)  # (a trial: stale ones were left)
     ignored = len(one_per_seed(runs)[1])
     print(f"report: {len(runs) - ignored} runs" + (f" ({ignored} folder(s) ignored as repeats)" if ignored else "")
           + f" -> {out / 'results.md'}, {out / 'figures'}")

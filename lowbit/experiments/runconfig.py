@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from lowbit.config import ADAPTIVE_RECIPES, RECIPES, Backend, FQTConfig, recipe_families
+from lowbit.formats import IntFormat
 from lowbit.distributed import GRAD_COMM_NAMES, GradComm
 from lowbit.formats import MAX_BITS, MIN_BITS
 
@@ -59,8 +60,9 @@ RECIPE_OVERRIDES = ("grad_input_bits", "grad_weight_bits", "range_margin")
 def override_refused(name: str, recipe: str) -> str | None:
     """Why the recipe-specific setting ``name`` (one of ``RECIPE_OVERRIDES``) does not
     apply to ``recipe``, or None where it does: gradient bits need an ``fqt-*`` recipe of
-    fixed widths (an adaptive one picks its own), the range margin an ``fqt-*-predicted``
-    one. :class:`TrainConfig` raises with the reason; ``lowbit sweep`` leaves the setting
+    fixed widths (an adaptive one picks its own) whose gradient format on that path is an
+    integer one (FP8 and block formats have their own widths), the range margin an
+    ``fqt-*-predicted`` one. :class:`TrainConfig` raises with the reason; ``lowbit sweep`` leaves the setting
     out of the runs it does not apply to and says so."""
     if name == "range_margin":
         return None if recipe.endswith("-predicted") else (
@@ -72,6 +74,11 @@ def override_refused(name: str, recipe: str) -> str | None:
     if recipe in ADAPTIVE_RECIPES:
         return (f"{name} conflicts with the adaptive recipe {recipe!r}: its widths are chosen "
                 "per layer by the variance monitor")
+    path = name.removesuffix("_bits")
+    spec = getattr(FQTConfig.from_recipe(recipe), path, None) if recipe in RECIPES else None
+    if spec is not None and not isinstance(spec.format, IntFormat):  # (a trial: refused without the option's name)
+        return (f"{name} sets an integer width, and the {path} format of recipe {recipe!r} is "
+                f"{spec.format.name!r}, which has its own width")
     return None
 
 

@@ -275,30 +275,40 @@ def check_same_data(run_dir: Path, source: str | None) -> None:
                            "into another --out")
 
 
+# settings a resume may change (RESUMABLE_CHANGES but the folder): per session, as threads
+_SESSION_SETTINGS = ("monitor_every", "max_bad_steps")
+
+
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int,
                  data: str | None = None, start_epoch: int = 0) -> None:
     """``config.json``: the run's settings, the resolved FQT config, and ``data``, which
     copy of the data it read (the text task's corpus falls back to the standard library's
     sources where the Python docs are missing: two machines can train on different text).
-    A resume (``start_epoch`` > 0: from a checkpoint) keeps the first session's thread count and
-    versions and appends this session's to ``"resumed"`` (with the epoch it starts at)
-    where they differ: rewritten, the record of a run that mixed 2 and 1 threads said 1,
-    and a later resume at 1 thread warned of nothing (a review)."""
-    now = {"threads": torch.get_num_threads(), "lowbit": lowbit.__version__, "torch": torch.__version__}
+    A resume (``start_epoch`` > 0: from a checkpoint) keeps the first session's thread count,
+    versions and the settings a resume may change (``monitor_every``, ``max_bad_steps``)
+    and appends this session's to ``"resumed"`` (with the epoch it starts at) where they
+    differ: rewritten, the record of a run that mixed 2 and 1 threads said 1, and a later
+    resume at 1 thread warned of nothing (a review); a resume of a finished run with
+    ``--monitor-every 3`` recorded 3 for a run monitored every 50 steps (a trial)."""
+    train = cfg.to_dict()
+    now = {"threads": torch.get_num_threads(), "lowbit": lowbit.__version__, "torch": torch.__version__,
+           **{k: train[k] for k in _SESSION_SETTINGS}}
     old = read_config(run_dir) if start_epoch > 0 else {}  # a resume from a checkpoint
-    first = {k: old.get(k, v) for k, v in now.items()}
+    saved = old.get("train") if isinstance(old.get("train"), dict) else {}
+    first = {k: (saved if k in _SESSION_SETTINGS else old).get(k, v) for k, v in now.items()}
+    train.update({k: first[k] for k in _SESSION_SETTINGS})
     resumed = list(old.get("resumed", []))
-    last = {k: resumed[-1].get(k) for k in now} if resumed else first  # the latest session's
+    last = {k: resumed[-1].get(k, first[k]) for k in now} if resumed else first  # the latest session's
     if old and now != last:
         resumed.append({"epoch": start_epoch, **now})
     config = {
         "run": cfg.run_name(),
         "data": data,
-        "train": cfg.to_dict(),
+        "train": train,
         "fqt": fqt.to_dict(),
         "recipe": lowbit.describe(fqt),
         "steps_per_epoch": steps_per_epoch,
-        **first,
+        **{k: first[k] for k in now if k not in _SESSION_SETTINGS},
     }
     if resumed:
         config["resumed"] = resumed

@@ -84,6 +84,7 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     recipes = parse_recipes("--recipes", args.recipes)
     common = training_fields(args)
     _recipe_overrides(common, recipes)
+    _task_overrides(common, tasks)
     configs = []
     for seed in seeds:  # seeds outermost: a sweep cut short still covers every recipe once
         for task in tasks:
@@ -93,10 +94,33 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
                     for name in RECIPE_OVERRIDES:  # each run gets the settings that fit it
                         if override_refused(name, recipe):
                             fields[name] = None
+                    for name, only in TASK_OVERRIDES.items():
+                        if task != only:
+                            fields[name] = None
                     cfg = make_config(fields)  # (its errors name torchrun's option under a launch: _as_option)
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
     return configs
+
+
+# task-specific settings: the one task each applies to
+TASK_OVERRIDES = {"steps_per_epoch": "text"}
+
+
+def _task_overrides(common: dict, tasks: list[str]) -> None:
+    """Task-specific settings (``--steps-per-epoch``: text) go to the runs of their task and
+    are left out of the others, with a line naming those (a trial: a sweep over digits and
+    text refused ``--steps-per-epoch``); ``ValueError`` where none of ``tasks`` is theirs."""
+    for name, only in TASK_OVERRIDES.items():
+        if common.get(name) is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if only not in tasks:
+            raise ValueError(f"{option} applies to the {only} task only, and --tasks is {','.join(tasks)}")
+        others = [t for t in tasks if t != only]
+        if others:
+            _say(f"sweep: {option} {common[name]} is not used by {', '.join(others)} "
+                 f"(it applies to the {only} task only)", flush=True)
 
 
 def _recipe_overrides(common: dict, recipes: list[str]) -> None:
@@ -125,8 +149,8 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     that compared ``epochs`` only and reported runs of another learning rate, batch size,
     model or backend as done.) A folder with a ``metrics.json`` but no readable
     ``config.json``, or a ``config.json`` without lowbit's ``train`` record, differs by
-    that; a resolved quantization config other than today's
-    (:func:`~.rundir.recipe_refusal`) is a difference too."""
+    that; with the same settings, a resolved quantization config other than today's
+    (:func:`~.rundir.recipe_refusal`: another version's) is a difference too."""
     record = read_config(Path(cfg.out))
     saved = record.get("train") if isinstance(record.get("train"), dict) else None
     if saved is None and (Path(cfg.out) / "metrics.json").exists():
@@ -141,7 +165,10 @@ def settings_diff(cfg: TrainConfig) -> list[str]:
     if saved is None:
         return []
     diff = changed_settings(saved, cfg)
-    if recipe_refusal(Path(cfg.out), record.get("fqt"), cfg):
+    # with the same settings, a recorded config other than today's comes from the version;
+    # with other settings it differs through them (a trial: --backend alone was reported as
+    # "recorded by another version" too)
+    if not diff and recipe_refusal(Path(cfg.out), record.get("fqt"), cfg):
         diff.append(f"the quantization config {cfg.recipe} resolves to (recorded by another version)")
     return diff
 

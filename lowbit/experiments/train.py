@@ -69,7 +69,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "int8 (SR updates, no fp32 copy)")
     add("--opt-state", help="optimizer state format: bf16 or int8 with --weights bf16 or int8 "
         "(default: as --weights); fp32 (the only value) with fp32 or bf16-master weights")
-    add("--max-bad-steps", default="5", help="stop after N consecutive non-finite steps (5)")
+    add("--max-bad-steps", default="5", help="stop after N consecutive skipped steps: a non-finite loss or gradient, or a "
+        "gradient norm past float32's range (5)")
     add("--monitor-every", help="variance monitor every N steps (lowbit.monitor; "
         "default 50, 0 off; fqt-auto* recipes need it)")
     add("--grad-comm", default="fp32", help="data-parallel gradient averaging: fp32 (DDP's "

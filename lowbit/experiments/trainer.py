@@ -156,8 +156,12 @@ def _refuse_to_overwrite(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient, or a non-finite
-    evaluation loss (the model's outputs NaN/Inf: its accuracy would be an argmax over NaN)."""
+    """Too many consecutive skipped steps (:data:`BAD_STEPS`), or a non-finite evaluation
+    loss (the model's outputs NaN/Inf: its accuracy would be an argmax over NaN)."""
+
+
+# the steps the trainer skips: what --max-bad-steps counts
+BAD_STEPS = "skipped steps (a non-finite loss or gradient, or a gradient norm past float32's range)"
 
 
 @dataclass
@@ -288,7 +292,7 @@ def train(
 
     With ``resume`` the run continues from ``last.pt`` (or ``prev.pt`` if ``last.pt`` is
     unreadable); without a checkpoint it starts fresh. Raises :class:`TrainingDiverged`
-    after ``cfg.max_bad_steps`` consecutive non-finite steps; ``ValueError`` if the run
+    after ``cfg.max_bad_steps`` consecutive skipped steps (:data:`BAD_STEPS`); ``ValueError`` if the run
     folder holds a checkpoint and ``resume`` is False, or the launch's number of ranks is
     not ``cfg.world_size``; :class:`~.rundir.RunBusy` (a ``ValueError``) if another
     process holds the run folder's lock (:func:`~.rundir.run_lock`). ``monitor_requested``:
@@ -487,7 +491,7 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
     if start_epoch < cfg.epochs and bad_in_a_row >= cfg.max_bad_steps:  # a resume with a lower --max-bad-steps (a review:
         # the restored count was compared only after its next increment: "8/5 in a row"; a
         # finished run has no step left and stays "done")
-        _diverged(run_dir, main, f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient "
+        _diverged(run_dir, main, f"{bad_in_a_row} consecutive {BAD_STEPS} "
                                  f"before step {step}, restored from the checkpoint, reach max_bad_steps "
                                  f"{cfg.max_bad_steps}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -547,13 +551,16 @@ def _train_locked(cfg: TrainConfig, resume: bool, task: Task | None, progress: b
                     lowbit.nn.restore_ranges(ranges, counters=False)  # its calls stay counted
                 bad_steps += 1
                 bad_in_a_row += 1
+                why = _bad_step_reason(loss, grad_norm, params)
                 if main:
-                    bar.write(f"step {step}: {_bad_step_reason(loss, grad_norm, params)}; optimizer step "
+                    bar.write(f"step {step}: {why}; optimizer step "
                               f"skipped ({bad_in_a_row}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
                 if bad_in_a_row >= cfg.max_bad_steps:
                     bar.close()
-                    _diverged(run_dir, main, f"{bad_in_a_row} consecutive steps with a non-finite loss or "
-                                             f"gradient (epoch {epoch + 1}, step {step})")
+                    # the last step's own reason: "non-finite" contradicted the step lines where
+                    # the gradients were finite and only their norm overflowed (a trial)
+                    _diverged(run_dir, main, f"{bad_in_a_row} consecutive {BAD_STEPS} (epoch {epoch + 1}, "
+                                             f"step {step}; the last: {why})")
             scheduler.step()
             step += 1
             step_times.append(time.perf_counter() - t0)

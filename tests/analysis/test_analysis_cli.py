@@ -26,8 +26,18 @@ def parse(*argv: str):
     (["--task", "digits", "--spectrum", "full"], "--spectrum must be one of pairs, layer"),
     (["--task", "digits", "--bound-batches", "20"], "must be ≤ --batches"),
     (["--task", "digits", "--ranges", "dynamic,guessed"], "--ranges must be a comma-separated list"),
-    (["--task", "digits", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
-    (["--task", "digits", "--range-margin", "0.5"], "--range-margin must be a finite number ≥ 1"),
+    (["--task", "digits", "--ranges", "predicted", "--range-calibration", "0"], "--range-calibration must be ≥ 1"),
+    (["--task", "digits", "--ranges", "predicted", "--range-margin", "0.5"],
+     "--range-margin must be a finite number ≥ 1"),
+    # a trial: options of a stage that does not run were accepted, and recorded as used
+    (["--task", "digits", "--lr", "0.5"], "--lr applies to the warm-up (--train-steps N), which this command"),
+    (["--task", "digits", "--range-margin", "2"], "--range-margin applies to predicted ranges"),
+    (["--task", "digits", "--range-history", "8"], "--range-history applies to predicted ranges"),
+    (["--task", "digits", "--range-calibration", "4"], "--range-calibration applies to predicted ranges"),
+    (["--task", "digits", "--profile", "none", "--profile-repeats", "3"], "--profile-repeats applies to the profile"),
+    (["--task", "digits", "--profile", "none", "--profile-batches", "1"], "--profile-batches applies to the profile"),
+    (["--task", "digits", "--bound-batches", "0", "--power-iters", "3"], "--power-iters applies to the bound"),
+    (["--task", "digits", "--bound-batches", "0", "--spectrum", "pairs"], "--spectrum applies to the bound"),
     (["--task", "digits", "--formats", "int4,fp6"], "--formats: unknown format 'fp6'; allowed: int2"),
     # a new user: --bits was ignored without a word next to --formats
     (["--task", "digits", "--formats", "fp8_e5m2", "--bits", "4"], "--bits and --formats both given"),
@@ -133,13 +143,13 @@ def test_predicted_ranges_are_measured_against_dynamic(tmp_path) -> None:
 
 def test_formats_and_nearest_rounding_on_digits(tmp_path) -> None:
     out = tmp_path / "v"
-    rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq",
+    rc = main(["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq,ptq",
                "--formats", "int4a,fp8_e5m2,mxfp4", "--rounding", "stochastic,nearest",
                "--out", str(out), "--batches", "3", "--repeats", "2", "--bound-batches", "0",
                "--profile", "none", "--quiet"])
     assert rc == 0
     res = json.loads((out / "variance.json").read_text())
-    assert [(r["format"], r["rounding"], r["bits"]) for r in res["runs"]] == [
+    assert [(r["format"], r["rounding"], r["bits"]) for r in res["runs"] if r["quantizer"] == "psq"] == [
         ("int4a", "stochastic", 4), ("int4a", "nearest", 4), ("fp8_e5m2", "stochastic", 8),
         ("fp8_e5m2", "nearest", 8), ("mxfp4", "stochastic", 4), ("mxfp4", "nearest", 4)]
     for r in res["runs"]:
@@ -147,6 +157,10 @@ def test_formats_and_nearest_rounding_on_digits(tmp_path) -> None:
         assert r["report"]["groups"]["total"]["quant"] == r["report"]["groups"]["total"]["quant"]
     text = (out / "summary.md").read_text()
     assert "| psq | fp8_e5m2 (8) |" in text and "| psq, nearest | mxfp4 (4) |" in text
+    # "PTQ / this" against PTQ of the row's own rounding (a trial: a nearest row was divided
+    # into the stochastic PTQ's variance — 6540 for PTQ against itself)
+    ptq_rows = _summary_rows(text, "ptq")
+    assert len(ptq_rows) == 6 and all(float(r[4]) == 1.0 for r in ptq_rows), ptq_rows
     # the bin study's grids are the symmetric ones: int4a's is another (a review: its table
     # was int4's, levels −7…7)
     assert res["bins"]["by_bits"] == {} and "Measured on symmetric integer grids" in text
@@ -368,3 +382,25 @@ def test_a_long_measurement_says_what_it_does_where_there_are_no_progress_bars(t
     counted = [ln.split(": ")[1].split()[0] for ln in capsys.readouterr().err.splitlines()
                if ln.startswith("lowbit variance: [")]
     assert counted == ["[1/3]", "[2/3]", "[3/3]"], counted
+
+
+def test_an_interrupted_study_leaves_none_of_its_results(tmp_path, monkeypatch) -> None:
+    """A trial: Ctrl-C during ``lowbit variance`` left its plots without a variance.json,
+    and the rerun was refused as "already holds bins_4bit.png … from an earlier run"."""
+    import lowbit.commands.variance as variance
+
+    def interrupted(*args, **kwargs):  # after variance.json, variance.csv and the plots
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(variance, "summary", interrupted)
+    args = ["variance", "--task", "digits", "--model", "mlp", "--quantizers", "psq", "--bits", "4",
+            "--batches", "3", "--repeats", "2", "--bound-batches", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 130  # lowbit's exit code for Ctrl-C
+    assert not (tmp_path / "new").exists()  # created by the run, emptied: removed
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main([*args, "--out", str(kept)]) == 130
+    assert [f.name for f in kept.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    assert main([*args, "--out", str(kept)]) == 0  # no refusal: nothing of an earlier run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -496,6 +497,24 @@ def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
                    str(tmp_path), "--dry-run"])
     assert rc == 2
     assert "--range-margin applies to none of --recipes" in capsys.readouterr().err
+    # a trial: FP8 and block-format recipes have their own widths — the sweep aborted with
+    # "gradient bits apply to integer formats", naming neither the recipe nor the option
+    assert cli.main(["sweep", "--recipes", "fp,fqt-psq-8,fqt-psq-fp8,fqt-bhq-mxfp4", "--grad-input-bits", "5",
+                     "--epochs", "1", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--grad-input-bits 5 is not used by fp, fqt-psq-fp8, fqt-bhq-mxfp4" in out
+    assert "digits-mlp-fqt-psq-fp8-s0" in out and "digits-mlp-fqt-psq-8-gi5-gw8-s0" in out
+    assert cli.main(["train", "--recipe", "fqt-psq-fp8", "--grad-input-bits", "5", "--out", str(tmp_path / "t")]) == 2
+    assert "--grad-input-bits sets an integer width, and the grad_input format of recipe 'fqt-psq-fp8' is " \
+        "'fp8_e5m2'" in capsys.readouterr().err
+    # and a task's setting goes to that task's runs (--steps-per-epoch: text), not refused
+    assert cli.main(["sweep", "--tasks", "digits,text", "--recipes", "fp", "--steps-per-epoch", "10",
+                     "--epochs", "1", "--out", str(tmp_path / "st"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--steps-per-epoch 10 is not used by digits (it applies to the text task only)" in out
+    assert cli.main(["sweep", "--tasks", "digits", "--recipes", "fp", "--steps-per-epoch", "10",
+                     "--out", str(tmp_path / "st"), "--dry-run"]) == 2
+    assert "--steps-per-epoch applies to the text task only, and --tasks is digits" in capsys.readouterr().err
 
 
 def test_report_refuses_a_results_md_that_is_a_folder_before_any_work(tmp_path, capsys):
@@ -758,6 +777,38 @@ def test_report_sections_are_independent(tmp_path):
     for bad in ("a--b", "x>", "", " c", "-a", ".", "..", "_x"):
         with pytest.raises(ValueError, match="--section: a letter or digit"):
             report.markers(bad)
+
+
+def test_report_removes_the_figures_its_section_no_longer_shows(tmp_path):
+    """A trial: a report of other runs into the same --out left the earlier tables' figures
+    (digits-cnn-*.png) beside a results.md that no longer showed them. The section's own
+    earlier figures go; another section's, and files the report never wrote, stay."""
+    runs_a, runs_b, docs = tmp_path / "a", tmp_path / "b", tmp_path / "docs"
+    _fake_run(runs_a, "qat-8", 0, [0.5, 0.9], "done", task="digits")
+    _fake_run(runs_a, "qat-8", 0, [0.5, 0.9], "done", task="fashion-mnist")
+    _fake_run(runs_b, "qat-8", 0, [0.5, 0.9], "done", task="digits")
+    assert cli.main(["report", "--runs", str(runs_a), "--out", str(docs)]) == 0
+    assert cli.main(["report", "--runs", str(runs_a), "--out", str(docs), "--section", "other"]) == 0
+    figures = docs / "figures"
+    (figures / "mine.png").write_text("not the report's")
+    fm = {f.name for f in figures.iterdir() if f.name.startswith("fashion-mnist-")}
+    assert fm, sorted(f.name for f in figures.iterdir())
+    assert cli.main(["report", "--runs", str(runs_b), "--out", str(docs)]) == 0
+    left = {f.name for f in figures.iterdir()}
+    assert not (fm & left) and "digits-mlp-curves.png" in left and "mine.png" in left
+    assert any(n.startswith("other-fashion-mnist-") for n in left)  # the other section's
+    text = (docs / "results.md").read_text().split(report.END)[0]
+    assert all((figures / n).exists() for n in re.findall(r"\(figures/([^)]+)\)", text))
+
+
+def test_report_memory_note_compares_bytes_as_printed(tmp_path):
+    """A trial: ``3.03 B/param (3.03 stored)`` — the two differed in their last bit only."""
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    _fake_run(runs, "qat-8", 0, [0.5, 0.9], "done", bytes_per_param=[3.0328748742032876] * 2,
+              bytes_per_param_stored=[3.032874874203287] * 2)
+    assert cli.main(["report", "--runs", str(runs), "--out", str(docs)]) == 0
+    text = (docs / "results.md").read_text()
+    assert "3.03 B/param" in text and "(3.03 stored)" not in text
 
 
 def test_report_refuses_a_file_whose_section_markers_are_ambiguous(tmp_path):
@@ -1305,6 +1356,18 @@ def test_sweep_recognises_its_own_runs_through_json(tmp_path):
     other = TrainConfig(task="fashion-mnist", model="preact-resnet20", model_kwargs={"widths": (8, 16, 64)},
                         out=str(tmp_path))
     assert settings_diff(other) == ["model_kwargs ({'widths': [8, 16, 32]}, now {'widths': [8, 16, 64]})"]
+    # a trial: a run of the same version asked for with another --backend was also said to
+    # be "recorded by another version" (the backend is in the resolved config)
+    import dataclasses
+
+    fqt = TrainConfig(task="digits", model="mlp", recipe="fqt-psq-8", out=str(tmp_path / "b"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"train": fqt.to_dict(), "fqt": fqt.fqt_config().to_dict()}))
+    assert settings_diff(fqt) == []
+    assert settings_diff(dataclasses.replace(fqt, backend="reference")) == ["backend ('auto', now 'reference')"]
+    old = {**fqt.fqt_config().to_dict(), "seed": 12345}  # the same settings, another resolution
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"train": fqt.to_dict(), "fqt": old}))
+    assert settings_diff(fqt) == ["the quantization config fqt-psq-8 resolves to (recorded by another version)"]
 
 
 def test_sweep_finishes_restarts_or_skips_what_its_folders_hold(tmp_path, capsys):

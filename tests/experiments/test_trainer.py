@@ -424,6 +424,15 @@ def test_a_resume_keeps_the_first_sessions_threads_and_records_its_own(tmp_path,
     monkeypatch.setattr(rundir.torch, "get_num_threads", lambda: 1)
     rundir.write_config(tmp_path, cfg, fqt, 10)  # a fresh start: a fresh record
     assert rundir.read_config(tmp_path)["threads"] == 1 and "resumed" not in rundir.read_config(tmp_path)
+    # a trial: a resume with --monitor-every 3 (of a finished run: nothing trained) wrote 3
+    # into the record of a run monitored every 50 steps; --max-bad-steps likewise
+    import dataclasses
+
+    other = dataclasses.replace(cfg, monitor_every=3, max_bad_steps=9)
+    rundir.write_config(tmp_path, other, fqt, 10, start_epoch=2)
+    got = rundir.read_config(tmp_path)
+    assert (got["train"]["monitor_every"], got["train"]["max_bad_steps"]) == (cfg.monitor_every, cfg.max_bad_steps)
+    assert [(r["epoch"], r["monitor_every"], r["max_bad_steps"]) for r in got["resumed"]] == [(2, 3, 9)]
 
 
 def test_checkpoint_rotation_and_contents(tmp_path):
@@ -653,7 +662,10 @@ def test_sigterm_leaves_status_interrupted_not_running(tmp_path):
 def test_consecutive_bad_steps_stop_with_a_clear_error(tmp_path):
     task = T.make_task("digits", "mlp", subset=256, eval_subset=64)
     cfg = TrainConfig(**DIGITS, epochs=2, max_bad_steps=3, out=str(tmp_path))
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps with a non-finite"):
+    # the last step's own reason (a trial: "non-finite" after step lines saying the
+    # gradients were finite and only their norm overflowed)
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive skipped steps \(a non-finite loss or gradient, or a "
+                       r"gradient norm past float32's range\) \(epoch 2, step 12; the last: non-finite loss \(nan\)\)"):
         train(cfg, task=_NaNLoss(task, set(range(10, 100))), progress=False)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "diverged" and "non-finite" in status["message"]
@@ -1019,7 +1031,7 @@ def test_a_resume_with_a_lower_max_bad_steps_stops_on_the_restored_count(tmp_pat
         train(TrainConfig(**cfg, max_bad_steps=10, out=str(tmp_path)),
               task=_InterruptAt(_NaNLoss(task, {4, 5, 6, 7}), 10), progress=False)
     seen = _NaNLoss(task, set())
-    with pytest.raises(TrainingDiverged, match=r"4 consecutive steps .* before step 8, restored from the "
+    with pytest.raises(TrainingDiverged, match=r"4 consecutive skipped steps .* before step 8, restored from the "
                                                r"checkpoint, reach max_bad_steps 3; last good checkpoint: .*last\.pt"):
         train(TrainConfig(**cfg, max_bad_steps=3, out=str(tmp_path)), task=seen, resume=True, progress=False)
     assert seen.calls == 0  # no step taken
