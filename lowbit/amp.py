@@ -36,6 +36,7 @@ torch's update: two device syncs on a GPU).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -43,7 +44,6 @@ from torch import nn
 
 from .kernels import compiled
 from .nn import RangeSnapshot, fqt_blocks, rescale_ranges, restore_ranges, snapshot_ranges
-from .quantizers import QUANTIZERS
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -81,12 +81,23 @@ class GradScaler(torch.amp.GradScaler):
 
     @compiled.disable_tracing
     def _begin_step(self) -> None:
-        """The step's snapshot, and every history brought to the current scale's units."""
-        s = self._init_scale if self._known_scale is None else self._known_scale
+        """The step's snapshot; every history brought to the current scale's units, and the
+        layers told the scale (their new trackers start in it). A history whose unit is not
+        known (a range state saved before trackers kept it) is taken to be in this scale's,
+        with a warning."""
+        s = float(self._init_scale if self._known_scale is None else self._known_scale)
+        unknown = 0
         for m in fqt_blocks(self.model).values():
+            m.loss_scale = s
             for t in m.range_trackers.values():
-                if t.loss_scale != s and s > 0:
-                    t.rescale(s / t.loss_scale, getattr(QUANTIZERS.get(t.quantizer), "range_exponent", 1.0))
+                if t.loss_scale is None:
+                    t.loss_scale, unknown = s, unknown + 1
+                elif t.loss_scale != s and s > 0:
+                    t.rescale(s / t.loss_scale)
+        if unknown:
+            warnings.warn(f"lowbit.amp.GradScaler: {unknown} predicted-range histories do not say which loss "
+                          f"scale they were recorded at (a range state saved before lowbit kept it); they are "
+                          f"taken to be at this scaler's ({s:g})", RuntimeWarning, stacklevel=3)
         self._ranges = snapshot_ranges(self.model)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -100,14 +111,12 @@ class GradScaler(torch.amp.GradScaler):
         super().update(new_scale)
         new = self.get_scale()
         snapshot, self._ranges = self._ranges, None
-        for m, before, _ in snapshot or ():  # trackers the step made: their history is in its scale
-            for p, t in m.range_trackers.items():
-                if before.get(p) is not t:
-                    t.loss_scale = old
         if new_scale is None and new < old and snapshot is not None:  # torch's backoff: skipped
             restore_ranges(snapshot, counters=False)  # its non-finite calls stay counted
         if new != old and old > 0 and new > 0:
             rescale_ranges(self.model, new / old)
+            for m in fqt_blocks(self.model).values():
+                m.loss_scale = new
         self._known_scale = new
 
 

@@ -34,7 +34,7 @@ from .formats import check_dense
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
 from .noise import NoiseStream, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
-from .quantizers import QUANTIZERS, Granularity
+from .quantizers import Granularity
 from . import ranges as ranges_module
 from .ranges import RangeStats, RangeTracker
 
@@ -92,6 +92,16 @@ class _StochasticLayer:
     @property
     def range_trackers(self) -> dict[str, RangeTracker]:
         return self._block.range_trackers
+
+    @property
+    def loss_scale(self) -> float:
+        """The loss scale of the gradients this layer sees now (:class:`lowbit.amp.GradScaler`
+        sets it): the range trackers it creates start in it."""
+        return self._block.loss_scale
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        self._block.loss_scale = float(value)
 
     def trackers(self) -> Trackers:
         """(grad_input, grad_weight) trackers for the current config (``None``: dynamic)."""
@@ -767,14 +777,13 @@ def restore_ranges(snapshot: RangeSnapshot, counters: bool = True) -> None:
 
 def rescale_ranges(model: nn.Module, factor: float) -> None:
     """The gradients' unit of every predicted-range tracker of ``model`` changed by
-    ``factor`` (a new loss scale, :class:`lowbit.amp.GradScaler`): each history is
-    multiplied by ``factor`` to the power of its quantizer's ``range_exponent`` (BHQ's
-    transformed range follows the gradient's as ``c^(2/3)``), its ``loss_scale`` by
-    ``factor`` (:meth:`lowbit.ranges.RangeTracker.rescale`)."""
+    ``factor`` (a new loss scale, :class:`lowbit.amp.GradScaler`): each recorded range
+    is multiplied by ``factor`` to the power its call's transform gave (BHQ's transformed
+    range follows the gradient's as ``c^(2/3)``), its ``loss_scale`` by ``factor``
+    (:meth:`lowbit.ranges.RangeTracker.rescale`)."""
     for m in fqt_blocks(model).values():
         for t in m.range_trackers.values():
-            q = QUANTIZERS.get(t.quantizer)
-            t.rescale(factor, getattr(q, "range_exponent", 1.0))
+            t.rescale(factor)
 
 
 def range_stats(model: nn.Module) -> dict[str, RangeStats]:

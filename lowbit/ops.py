@@ -137,6 +137,10 @@ class BlockState:
         self._config = config
         self.noise = noise
         self.range_trackers: dict[str, RangeTracker] = {}
+        # the loss scale of the gradients it sees now (lowbit.amp.GradScaler sets it): a
+        # tracker it makes starts in it (a review: one made inside a scaled step counted
+        # its accumulation's sums in scaled units)
+        self.loss_scale = 1.0
         self.policy_driven = False
         self.undriven: str | None = None  # why a policy's monitor cannot drive it
         self._adaptive_checked = False
@@ -185,6 +189,7 @@ class BlockState:
             state = {("_config" if k == "config" else k): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if k != "handle"}  # pickled when states had one
         self.__dict__.update(state)
+        self.__dict__.setdefault("loss_scale", 1.0)  # (pickled before it was kept)
         self.policy_driven, self.undriven, self._adaptive_checked = False, None, False
         self._register()
 
@@ -208,6 +213,8 @@ class BlockState:
         for path in GRAD_PATHS:
             t = _tracker_for(getattr(self.config, path), path == "grad_weight",
                              self.range_trackers.get(path))
+            if t is not None and t is not self.range_trackers.get(path):
+                t.loss_scale = self.loss_scale  # a new one: in the unit of the gradients now
             if t is not None:
                 self.range_trackers[path] = t
             out.append(t)

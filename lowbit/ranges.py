@@ -165,12 +165,28 @@ class RangeTracker:
         self.quantizer = quantizer  # whose transformed operand the ranges describe
         self.frozen = False
         # the loss scale of the gradients it sees: its sums of squares are divided by its
-        # square (lowbit.amp.GradScaler sets it; rescale follows the scale's changes)
-        self.loss_scale = 1.0
+        # square (lowbit.amp.GradScaler sets it; rescale follows the scale's changes); None:
+        # not known (a state saved before it was kept), taken as 1 until a scaler adopts it
+        self.loss_scale: float | None = 1.0
+        # per history slot, how its range follows the gradient's (rescale): the
+        # transform's range_exponent at the call that recorded it (BHQ 2/3, 1 for its
+        # groups of one: a review)
+        self._exp: list[float] = [1.0] * self.history
+        self._call_exponent = 1.0  # the running quantize call's
         self.stats = RangeStats()
         self._call: RangeStats | None = None  # the counts of the quantize call running
         self._hist: torch.Tensor | None = None
         self._count = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """An unpickled tracker (a pickled converted model); one pickled before the loss
+        scale and the exponents were kept gets them as :meth:`load_state_dict` does."""
+        self.__dict__.update(state)
+        if "loss_scale" not in state:
+            self.loss_scale = None
+        if "_exp" not in state:
+            self._exp = [2 / 3 if self.quantizer == "bhq" else 1.0] * self.history
+        self._call_exponent = 1.0
 
     def key(self) -> tuple:
         """What must match for a tracker to be reused (or its state loaded)."""
@@ -194,13 +210,14 @@ class RangeTracker:
         return (seen * self.margin).clamp(max=torch.finfo(seen.dtype).max).reshape(-1, 1)
 
     def quantize(self, y: torch.Tensor, fmt: Format, granularity: Granularity, rounding: Rounding,
-                 seed: torch.Tensor, kernels: Kernels) -> Encoded:
+                 seed: torch.Tensor, kernels: Kernels, exponent: float = 1.0) -> Encoded:
         """``y`` (the transformed operand, (R, D)) on ``fmt`` with this call's predicted
         range: dynamic while there is no history; on overflow clipped or quantized again
         with its own range (``overflow``). Counts the call in :attr:`stats` and records
-        the observed range; an empty ``y`` gives empty codes and is neither counted nor
-        recorded. Raises ``ValueError`` for formats a predicted range cannot
-        serve (module docstring)."""
+        the observed range, with ``exponent`` (how ``y``'s range follows the gradient's:
+        the transform's ``range_exponent``, for :meth:`rescale`); an empty ``y`` gives empty
+        codes and is neither counted nor recorded. Raises ``ValueError`` for formats a
+        predicted range cannot serve (module docstring)."""
         granularity, rounding = as_granularity(granularity), as_rounding(rounding)
         if fmt.block or fmt.asymmetric:
             raise ValueError(f"range='predicted' needs a symmetric integer or fp8 format (one "
@@ -213,6 +230,7 @@ class RangeTracker:
             return kernels.quantize(y, fmt, granularity, rounding, seed)
         st = RangeStats()  # this call's counts, added to stats (and to any open window) at its end
         self._call = st  # record() counts into it during the call
+        self._call_exponent = exponent
         try:
             return self._quantize(y, fmt, granularity, rounding, seed, kernels, st)
         finally:
@@ -283,7 +301,7 @@ class RangeTracker:
             st.elements += y.numel()
         n_over = int(n_over)
         st.overflow_elements += n_over
-        unit = self.loss_scale**2  # (a trial: the same training under a GradScaler reported 5e5× the mass)
+        unit = (self.loss_scale or 1.0)**2  # (a trial: the same training under a GradScaler reported 5e5× the mass)
         st.total_sq += float(total_sq) / unit
         if n_over:
             st.overflow_calls += 1
@@ -319,30 +337,38 @@ class RangeTracker:
         if obs.dtype == torch.float64 and self._hist.dtype != torch.float64:
             self._hist = self._hist.double()  # float32 ranges are exact in float64
         self._hist[self._count % self.history] = obs.to(self._hist.device, self._hist.dtype)
+        self._exp[self._count % self.history] = self._call_exponent if self._call is not None else 1.0
         self._count += 1
 
     def clear_history(self) -> None:
         """Forget every recorded range (the counters stay): the next call is dynamic."""
         self._hist, self._count = None, 0
+        self._exp = [1.0] * self.history
 
-    def rescale(self, factor: float, exponent: float = 1.0) -> None:
+    def rescale(self, factor: float) -> None:
         """The gradients' unit changed by ``factor`` > 0 (finite; a real number, NumPy
         scalar or one-element tensor), e.g. a loss scale went from ``s`` to ``factor·s``
-        (:mod:`lowbit.amp`): the recorded ranges are multiplied by ``factor**exponent``
-        (``exponent``: how the tracked operand's range follows the gradient's,
-        :attr:`lowbit.quantizers.GradQuantizer.range_exponent` — 1 for PTQ, PSQ and
-        Hadamard, exact for powers of two; 2/3 for BHQ's transform, to float rounding), and
-        :attr:`loss_scale` by ``factor``. ``ValueError`` for another ``factor``."""
+        (:mod:`lowbit.amp`): each recorded range is multiplied by ``factor`` to the power
+        its call recorded (the transform's ``range_exponent``: 1 for PTQ, PSQ and Hadamard,
+        exact for powers of two; 2/3 for BHQ's transform, to float rounding — 1 for its
+        groups of one), and :attr:`loss_scale` by ``factor``. ``ValueError`` for another
+        ``factor``."""
         f = real(factor)
         if f is None or not (math.isfinite(f) and f > 0):
             raise ValueError(f"rescale factor must be a finite number > 0, got {factor!r}")
         if self._hist is not None:
-            self._hist.mul_(f if exponent == 1 else f**exponent)
-        self.loss_scale *= f
+            if all(e == 1 for e in self._exp):
+                self._hist.mul_(f)
+            else:
+                self._hist.mul_(torch.tensor([f**e for e in self._exp], dtype=self._hist.dtype,
+                                             device=self._hist.device)[:, None])
+        if self.loss_scale is not None:
+            self.loss_scale *= f
 
     def state_dict(self) -> dict[str, Any]:
         return {"hist": None if self._hist is None else self._hist.clone(), "count": self._count,
-                "stats": asdict(self.stats), "key": list(self.key()), "loss_scale": self.loss_scale}
+                "stats": asdict(self.stats), "key": list(self.key()), "loss_scale": self.loss_scale,
+                "exponents": list(self._exp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = tuple(state["key"]), self.key()
@@ -352,7 +378,11 @@ class RangeTracker:
         self._hist = None if state["hist"] is None else state["hist"].clone()
         self._count = int(state["count"])
         self.stats = RangeStats(**state["stats"])
-        self.loss_scale = float(state.get("loss_scale", 1.0))  # (saved before it was kept: 1)
+        ls = state.get("loss_scale")  # saved before it was kept: not known (a GradScaler adopts its own)
+        self.loss_scale = None if ls is None else float(ls)
+        exps = state.get("exponents")  # saved before: BHQ's transform's (its usual) or 1
+        self._exp = [float(e) for e in exps] if isinstance(exps, list) and len(exps) == self.history else \
+            [2 / 3 if self.quantizer == "bhq" else 1.0] * self.history
 
 
 __all__ = ["Overflow", "RangeMode", "RangeStats", "RangeTracker", "check_range_settings"]

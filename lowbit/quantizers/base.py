@@ -233,7 +233,8 @@ class GradQuantizer(abc.ABC):
     pairs_columns: bool = False
     # how the transformed operand's range follows the gradient's: range(T(c·g)) =
     # c**range_exponent · range(T g) for c > 0 (a linear transform: 1); what a predicted
-    # range's history is rescaled by when a loss scale changes (lowbit.nn.rescale_ranges)
+    # range's history is rescaled by when a loss scale changes (lowbit.nn.rescale_ranges).
+    # A transform may say otherwise for its own call (its own range_exponent attribute)
     range_exponent: float = 1.0
 
     @abc.abstractmethod
@@ -283,7 +284,8 @@ class GradQuantizer(abc.ABC):
         else:
             with scope("lowbit::transform"):
                 y = t.forward(a)
-            enc = tracker.quantize(y, fmt, self.granularity, rounding, seed, k)
+            enc = tracker.quantize(y, fmt, self.granularity, rounding, seed, k,
+                                   getattr(t, "range_exponent", self.range_exponent))
         grid_notes.note(enc.codes, fmt)
         return QuantizedOperand.of(enc, t)
 

@@ -529,16 +529,25 @@ class BHQ(GradQuantizer):
     pairs_columns = True
     # its scales go as λ^(−1/3) (module docstring), so T(c·g) = c^(2/3)·T(g): a loss scale
     # multiplied by c multiplies the transformed ranges by c^(2/3), not c (a trial: the
-    # history was rescaled by c, 2^(1/3) too wide after each growth step)
+    # history was rescaled by c, 2^(1/3) too wide after each growth step); an operand of one
+    # row per entry gets groups of one, unit scale: 1 for that call (a review)
     range_exponent = 2 / 3
 
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:
-        return bhq_transform(a, kernels)
+        return _with_exponent(bhq_transform(a, kernels), a.shape[0])
 
     def entry_transform(self, a: torch.Tensor, entries: int, generator: torch.Generator | None,
                         kernels: Kernels | None = None) -> RowTransform:
         """Groups within each of the ``entries`` entries (:func:`bhq_transform`)."""
-        return bhq_transform(a, kernels, entries)
+        return _with_exponent(bhq_transform(a, kernels, entries), a.shape[0] // entries)
+
+
+def _with_exponent(t: BlockHouseholder, rows: int) -> BlockHouseholder:
+    """``t`` with its call's ``range_exponent``: 2/3, or 1 where each entry is one row
+    (groups of one, unit scale: the identity). (All-zero and non-finite operands get groups
+    of one too, but record a zero range or none.)"""
+    t.range_exponent = BHQ.range_exponent if rows > 1 else 1.0
+    return t
 
 

@@ -999,3 +999,66 @@ def test_grad_scaler_scale_inside_torch_compile_does_not_recompile_every_step() 
         opt.zero_grad()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[1], graphs  # none after the second step
+
+
+def test_trackers_made_inside_a_scaled_step_count_in_unscaled_units() -> None:
+    # A review: a tracker created inside a step kept loss_scale 1 until update(); with
+    # gradient accumulation its second micro-batch was counted at 2^20 the sums (2^10 scale).
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(6)
+    micro = [(torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)) for _ in range(4)]
+    totals = []
+    for scaled in (False, True):
+        model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+        scaler = GradScaler(model, "cpu", init_scale=2.0**10) if scaled else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with lowbit.nn.RangeWindow(model) as w:
+            for step in range(2):
+                for x, y in micro[2 * step: 2 * step + 2]:  # two micro-batches a step
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+        totals.append(w.stats.total_sq)
+    assert totals[0] > 0 and math.isclose(totals[1], totals[0], rel_tol=1e-12), totals
+
+
+def test_a_range_state_saved_before_loss_scales_were_kept_resumes_at_the_scalers_scale() -> None:
+    # A review: a range_state without "loss_scale" was read as unscaled, and the first
+    # scale() multiplied its (scaled) history by the scale: predictions 1024× too wide.
+    # Now it is taken to be at the scaler's scale, with a warning.
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(7)
+    batch = [(torch.randn(64, 12, generator=g), torch.randint(0, 5, (64,), generator=g))]
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    scaler = GradScaler(model, "cpu", init_scale=2.0**10, growth_interval=100)
+    _scaled_steps(model, 2, scaler, batch)
+    state = lowbit.range_state(model)
+    for layer in state.values():
+        for tracker in layer.values():
+            del tracker["loss_scale"], tracker["exponents"]
+    again = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    lowbit.load_range_state(again, state)
+    resumed = GradScaler(again, "cpu", init_scale=2.0**10, growth_interval=100)
+    resumed.load_state_dict(scaler.state_dict())
+    with pytest.warns(RuntimeWarning, match="do not say which loss scale they were recorded at"):
+        ratios = _scaled_steps(again, 2, resumed, batch)
+    assert ratios == [1.25, 1.25]
+
+
+def test_bhqs_groups_of_one_follow_the_scale_linearly() -> None:
+    # A review: a one-row ∇Y (batch 1) gets BHQ's identity transform, whose range follows
+    # the scale as c, not c^(2/3): every call overflowed (0.992 = 1.25 / 2^(1/3)).
+    from lowbit.amp import GradScaler
+
+    g = torch.Generator().manual_seed(8)
+    batch = [(torch.randn(1, 12, generator=g), torch.randint(0, 5, (1,), generator=g))]
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-bhq-8-predicted", seed=0))
+    ratios = _scaled_steps(model, 5, GradScaler(model, "cpu", init_scale=2.0**4, growth_interval=1), batch)
+    assert ratios[1:] == [1.25] * 4, ratios
