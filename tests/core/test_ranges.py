@@ -855,6 +855,16 @@ def test_range_windows_opened_in_another_thread_do_not_break_a_backward(monkeypa
 
 
 # -- loss scaling: units of the histories and counters (a fresh-user trial) -----------------
+def _optimizer_step(opt: torch.optim.Optimizer, scaler: object | None) -> None:
+    """``opt``'s step, through ``scaler`` (then its update) where there is one; grads zeroed."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
 def _scaled_steps(model: nn.Module, steps: int, scaler: object | None, batches: list) -> list[float]:
     """``steps`` backward passes on ``batches`` (cycled), through ``scaler`` (lowbit's
     GradScaler; ``None``: unscaled), lr 0; per step the last layer's ∇X prediction over
@@ -870,12 +880,7 @@ def _scaled_steps(model: nn.Module, steps: int, scaler: object | None, batches: 
         loss.backward()
         t = model[2].range_trackers["grad_input"]
         seen = t._hist[(t._count - 1) % t.history].max().clone()  # (before update() rescales it)
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad()
+        _optimizer_step(opt, scaler)
         ratios.append(math.nan if pred is None else float(pred.max() / seen))
     return ratios
 
@@ -1018,12 +1023,7 @@ def test_trackers_made_inside_a_scaled_step_count_in_unscaled_units() -> None:
                 for x, y in micro[2 * step: 2 * step + 2]:  # two micro-batches a step
                     loss = nn.functional.cross_entropy(model(x), y)
                     (loss if scaler is None else scaler.scale(loss)).backward()
-                if scaler is None:
-                    opt.step()
-                else:
-                    scaler.step(opt)
-                    scaler.update()
-                opt.zero_grad()
+                _optimizer_step(opt, scaler)
         totals.append(w.stats.total_sq)
     assert totals[0] > 0 and math.isclose(totals[1], totals[0], rel_tol=1e-12), totals
 
