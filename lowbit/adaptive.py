@@ -38,10 +38,10 @@ the starting config (8 bits, first candidate quantizer) and
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 from .config import ADAPTIVE_RECIPES
+from .scalars import real
 from .formats import MAX_BITS, MIN_BITS, check_bits
 from .quantizers import QUANTIZERS
 
@@ -92,9 +92,9 @@ class AdaptivePolicy:
     def __post_init__(self) -> None:
         for name in ("target", "down", "input_share"):  # real numbers (NumPy's too), kept as float
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            if real(v) is None:  # (one-element tensors too: lowbit.scalars)
                 raise ValueError(f"{name} must be a real number, got {v!r}")
-            object.__setattr__(self, name, float(v))
+            object.__setattr__(self, name, real(v))
         for name in ("target", "down"):
             v = getattr(self, name)
             if not 0 < v < math.inf:

@@ -760,7 +760,7 @@ def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.dim() != 3 or weight.dim() != 3:
         raise RuntimeError(f"fqt_conv1d: expected a 3-D input (N, C, L) and a 3-D weight, got "
                            f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    check_conv_args("fqt_conv1d", x, weight, bias, groups, 1)
+    groups = check_conv_args("fqt_conv1d", x, weight, bias, groups, 1)
     (s,) = conv_geometry("fqt_conv1d", "stride", stride, 1, 1)
     (d,) = conv_geometry("fqt_conv1d", "dilation", dilation, 1, 1)
     check_conv_padding("fqt_conv1d", padding, (s,))

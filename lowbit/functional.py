@@ -36,6 +36,7 @@ from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, regist
 from .quantizers import QuantizedOperand, get_quantizer
 from .quantizers.base import Identity, sr_seed
 from .ranges import RangeTracker
+from .scalars import integer
 from . import grid_notes
 from .scopes import scope
 
@@ -337,17 +338,19 @@ def check_dtypes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    groups: int, dims: int) -> None:
+                    groups: int, dims: int) -> int:
     """Raise ``RuntimeError`` in torch's words where ``F.conv{dims}d`` would refuse these
     operands, naming the shapes the caller passed (not lowbit's internal 4-D views): a
     ``(dims + 2)``-D weight, ``groups ≥ 1`` dividing its output channels, an input with
-    ``weight.shape[1]·groups`` channels, a bias of one element per output channel."""
+    ``weight.shape[1]·groups`` channels, a bias of one element per output channel. Returns
+    ``groups`` as an int (a NumPy integer, which torch takes, too: :mod:`lowbit.scalars`)."""
     if weight.dim() != dims + 2:
         raise RuntimeError(f"{op}: expected a {dims + 2}-D weight (C_out, C_in/groups, "
                            f"{', '.join('k' for _ in range(dims))}), got shape {tuple(weight.shape)}")
-    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+    given, groups = groups, integer(groups)  # type: ignore[assignment]
+    if groups is None or groups < 1 or weight.shape[0] % groups:
         raise RuntimeError(f"{op}: groups must be a positive integer dividing the weight's "
-                           f"{weight.shape[0]} output channels, got {groups!r}")
+                           f"{weight.shape[0]} output channels, got {given!r}")
     if x.dim() != dims + 2 or x.shape[1] != weight.shape[1] * groups:
         raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight.shape)}, "
                            f"expected input{list(x.shape)} to be {dims + 2}-D with "
@@ -356,6 +359,7 @@ def check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
         raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias to be "
                            f"1-dimensional with {weight.shape[0]} elements, but got bias of size "
                            f"{list(bias.shape)} instead")
+    return groups
 
 
 def conv_geometry(op: str, name: str, value: Any, dims: int, least: int) -> tuple[int, ...]:
@@ -364,10 +368,12 @@ def conv_geometry(op: str, name: str, value: Any, dims: int, least: int) -> tupl
     ``least``; ``RuntimeError`` otherwise. (``_pair`` returned a 4-tuple unchanged, whose
     extra entries slid into the next fields: ``padding=(0, 0, 2, 2)`` ran as dilation 2, a
     convolution other than the module's, where torch raises: a review.)"""
-    vals = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    vals = (value,) if integer(value) is not None else value  # (NumPy integers too, as torch)
     ok = isinstance(vals, (tuple, list)) and len(vals) in (1, dims) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= least for v in vals)
-    if not ok:
+        (i := integer(v)) is not None and i >= least for v in vals)
+    if ok:
+        vals = tuple(integer(v) for v in vals)  # type: ignore[misc]
+    else:
         count = "1 such integer" if dims == 1 else f"1 or {dims} such integers"
         raise RuntimeError(f"{op}: expected {name} to be an integer ≥ {least} or a sequence of {count}, "
                            f"got {value!r}")
@@ -446,7 +452,7 @@ def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check_dtypes("fqt_conv2d", x, weight, bias)
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return fqt_conv2d(x.unsqueeze(0), weight, bias, state, stride, padding, dilation, groups)[0]
-    check_conv_args("fqt_conv2d", x, weight, bias, groups, 2)
+    groups = check_conv_args("fqt_conv2d", x, weight, bias, groups, 2)
     stride = conv_geometry("fqt_conv2d", "stride", stride, 2, 1)
     dilation = conv_geometry("fqt_conv2d", "dilation", dilation, 2, 1)
     check_conv_padding("fqt_conv2d", padding, stride)

@@ -69,7 +69,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -85,6 +84,7 @@ from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, call_input, fqt_blocks
 from .noise import Path, generator_for
 from .quantizers import get_quantizer
+from .scalars import integer, real
 from .varrecord import LayerVariance, StepRecord, ratio
 from .varstats import paired_variance, path_noise, sgd_variance
 
@@ -227,9 +227,9 @@ class VarianceMonitor:
                  sgd: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        if integer(every) is None or integer(every) < 1:  # type: ignore[operator]
             raise ValueError(f"every must be a positive int, got {every!r}")
-        every = int(every)  # a NumPy integer too, as AdaptivePolicy takes (a review)
+        every = integer(every)  # a NumPy integer or a one-element tensor too (lowbit.scalars)
         if policy is not None and not isinstance(policy, AdaptivePolicy):
             raise TypeError(f"policy must be an AdaptivePolicy or None, got {type(policy).__name__}")
         if policy is not None:
@@ -303,9 +303,7 @@ class VarianceMonitor:
             raise RuntimeError("lowbit: this VarianceMonitor is closed (close() removed its hooks), so it "
                                "measures nothing and records nothing; make a new VarianceMonitor to monitor "
                                "again (its state_dict() carries the history and policy over)")
-        scale = float(loss_scale) if not isinstance(loss_scale, bool) and (
-            isinstance(loss_scale, numbers.Real) or (isinstance(loss_scale, torch.Tensor) and loss_scale.numel() == 1
-                                                     and not loss_scale.is_complex())) else math.nan
+        scale = math.nan if real(loss_scale) is None else real(loss_scale)
         if not 0 < scale < math.inf:
             raise ValueError(f"VarianceMonitor.step: loss_scale must be a finite number > 0 (the "
                              f"GradScaler's get_scale()), got {loss_scale!r}")

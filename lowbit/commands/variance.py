@@ -154,9 +154,12 @@ def run(args: argparse.Namespace) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in RESULTS:  # --overwrite: every file of the earlier run (check_out_dir refused them without it)
         (opts.out / name).unlink(missing_ok=True)
+    written: list[bool] = []  # set once the results are whole (variance.json, .csv, summary.md)
     try:
-        return _study(opts, data, gen, model_name, seconds, t_start)
+        return _study(opts, data, gen, model_name, seconds, t_start, written)
     except BaseException:
+        if written:  # a failure after them (the bounds plot, a closed stdout) keeps them (a review)
+            raise
         # an interrupted or failed study leaves no part of its results: a plot without its
         # variance.json was left, and refused the rerun as "an earlier run's" (a trial)
         for name in RESULTS:
@@ -167,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _study(opts: Options, data: Data, gen: torch.Generator, model_name: str, seconds: dict[str, float],
-           t_start: float) -> int:
-    """The study of :func:`run` once ``opts.out`` exists: its measurements, files and summary."""
+           t_start: float, written: list[bool]) -> int:
+    """The study of :func:`run` once ``opts.out`` exists: its measurements, files and summary
+    (``written`` gets ``True`` once the results are whole)."""
     model = build_model(opts.task, model_name)
     model.train()
     convert(model, qat_of(_config(opts.quantizers[0], opts.formats[0], opts.seed)))
@@ -270,6 +274,7 @@ def _study(opts: Options, data: Data, gen: torch.Generator, model_name: str, sec
     write_csv(opts.out / "variance.csv", runs)
     text = summary(result, reports, profiles)
     write_atomic(opts.out / "summary.md", text)
+    written.append(True)
     if spectra and dynamic:  # after the results are written
         plot_bounds(dynamic, opts.out / "bounds.png",
                     f"{opts.task}/{model_name}: quantization variance vs Theorem 2 bound")

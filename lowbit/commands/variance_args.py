@@ -13,7 +13,7 @@ from pathlib import Path
 from lowbit.analysis.bounds import SPECTRUM_MODES
 from lowbit.experiments.models import MODELS
 from lowbit.experiments.train import check_out_dir, check_threads, parse_list, parse_seed
-from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, parse_format
+from lowbit.formats import FORMAT_NAMES, MAX_BITS, MIN_BITS, IntFormat, parse_format
 from lowbit.quantizers import QUANTIZERS
 
 TASKS = ("digits", "fashion-mnist", "text")
@@ -171,6 +171,7 @@ _STAGE_OPTIONS = {
     "profile_repeats": (4, "the profile (--profile, not none)"),
     "spectrum": ("layer", "the bound (--bound-batches ≥ 1)"),
     "power_iters": (6, "the bound (--bound-batches ≥ 1)"),
+    "bin_layer": (None, "the bin figure (a symmetric integer format: --bits, or intB in --formats)"),
 }
 
 
@@ -218,11 +219,18 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--ranges must be a comma-separated list from {', '.join(RANGES)}, "
                          f"got {args.ranges!r}")
     train_steps = _at_least("train-steps", args.train_steps, 0)
+    if args.formats is not None and args.bits is not None:
+        raise ValueError("--bits and --formats both given: --formats names the widths "
+                         "(int4, fp8_e4m3, ...); pass one of them")
+    bits = _int_list(args.bits or DEFAULT_BITS, "bits")
+    formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
     predicted = "predicted ranges (--ranges predicted or predicted-clip)"
+    binned = [f for f in formats if isinstance(parse_format(f), IntFormat) and not parse_format(f).asymmetric]
     _stage_options(args, {"the warm-up (--train-steps N)": train_steps > 0,
                           predicted: any(r != "dynamic" for r in ranges),
                           "the profile (--profile, not none)": bool(profile),
-                          "the bound (--bound-batches ≥ 1)": bound > 0})
+                          "the bound (--bound-batches ≥ 1)": bound > 0,
+                          _STAGE_OPTIONS["bin_layer"][1]: bool(binned)})
     pbatches = _at_least("profile-batches", args.profile_batches, 0)
     if pbatches > batches:
         raise ValueError(f"--profile-batches ({pbatches}) must be ≤ --batches ({batches})")
@@ -235,11 +243,6 @@ def validate(args: argparse.Namespace) -> Options:
     if any(r not in ("stochastic", "nearest") for r in roundings):
         raise ValueError(f"--rounding must be a comma-separated list from stochastic, nearest, "
                          f"got {args.rounding!r}")
-    if args.formats is not None and args.bits is not None:
-        raise ValueError("--bits and --formats both given: --formats names the widths "
-                         "(int4, fp8_e4m3, ...); pass one of them")
-    bits = _int_list(args.bits or DEFAULT_BITS, "bits")
-    formats = [f"int{b}" for b in bits] if args.formats is None else _formats(args.formats)
     # predicted ranges serve symmetric per-row/tensor formats only (commands.variance skips
     # the other combinations): refuse a command that would measure nothing at all
     unserved = [f for f in formats if parse_format(f).block or parse_format(f).asymmetric]

@@ -276,7 +276,7 @@ def check_same_data(run_dir: Path, source: str | None) -> None:
 
 
 # settings a resume may change (RESUMABLE_CHANGES but the folder): per session, as threads
-_SESSION_SETTINGS = ("monitor_every", "max_bad_steps")
+SESSION_SETTINGS = ("monitor_every", "max_bad_steps")
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoch: int,
@@ -292,11 +292,11 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
     ``--monitor-every 3`` recorded 3 for a run monitored every 50 steps (a trial)."""
     train = cfg.to_dict()
     now = {"threads": torch.get_num_threads(), "lowbit": lowbit.__version__, "torch": torch.__version__,
-           **{k: train[k] for k in _SESSION_SETTINGS}}
+           **{k: train[k] for k in SESSION_SETTINGS}}
     old = read_config(run_dir) if start_epoch > 0 else {}  # a resume from a checkpoint
     saved = old.get("train") if isinstance(old.get("train"), dict) else {}
-    first = {k: (saved if k in _SESSION_SETTINGS else old).get(k, v) for k, v in now.items()}
-    train.update({k: first[k] for k in _SESSION_SETTINGS})
+    first = {k: (saved if k in SESSION_SETTINGS else old).get(k, v) for k, v in now.items()}
+    train.update({k: first[k] for k in SESSION_SETTINGS})
     resumed = list(old.get("resumed", []))
     last = {k: resumed[-1].get(k, first[k]) for k in now} if resumed else first  # the latest session's
     if old and now != last:
@@ -308,7 +308,7 @@ def write_config(run_dir: Path, cfg: TrainConfig, fqt: FQTConfig, steps_per_epoc
         "fqt": fqt.to_dict(),
         "recipe": lowbit.describe(fqt),
         "steps_per_epoch": steps_per_epoch,
-        **{k: first[k] for k in now if k not in _SESSION_SETTINGS},
+        **{k: first[k] for k in now if k not in SESSION_SETTINGS},
     }
     if resumed:
         config["resumed"] = resumed

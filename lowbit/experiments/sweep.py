@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .models import MODELS, build_model
+from .models import DEFAULT_MODEL, MODEL_ARGS, MODELS, build_model, check_model_args
 from .tasks import TASKS, make_task
 from .train import (
     _as_option,
@@ -85,6 +85,9 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
     common = training_fields(args)
     _recipe_overrides(common, recipes)
     _task_overrides(common, tasks)
+    pairs = [(t, m or DEFAULT_MODEL[t]) for t in tasks
+             for m in ([m for m in models if m in MODELS[t]] if models else [None])]
+    _model_arg_overrides(common.get("model_kwargs") or {}, pairs)
     configs = []
     for seed in seeds:  # seeds outermost: a sweep cut short still covers every recipe once
         for task in tasks:
@@ -97,6 +100,9 @@ def grid(args: argparse.Namespace) -> list[TrainConfig]:
                     for name, only in TASK_OVERRIDES.items():
                         if task != only:
                             fields[name] = None
+                    if fields.get("model_kwargs"):  # the model arguments this run's model has
+                        allowed = MODEL_ARGS[task][model or DEFAULT_MODEL[task]]
+                        fields["model_kwargs"] = {k: v for k, v in fields["model_kwargs"].items() if k in allowed}
                     cfg = make_config(fields)  # (its errors name torchrun's option under a launch: _as_option)
                     cfg.out = str(Path(args.out) / cfg.run_name())
                     configs.append(cfg)
@@ -121,6 +127,22 @@ def _task_overrides(common: dict, tasks: list[str]) -> None:
         if others:
             _say(f"sweep: {option} {common[name]} is not used by {', '.join(others)} "
                  f"(it applies to the {only} task only)", flush=True)
+
+
+def _model_arg_overrides(kwargs: dict, pairs: list[tuple[str, str]]) -> None:
+    """``--model-arg`` NAME=VALUE goes to the runs whose model has NAME and is left out of
+    the others, with a line naming those (a review: ``--tasks digits,text --model-arg
+    n_layer=2`` was refused for the MLP); ``ValueError`` where no model of the sweep has it."""
+    for key in kwargs:
+        without = [f"{m} ({t})" for t, m in pairs if key not in MODEL_ARGS[t][m]]
+        if len(without) == len(pairs):
+            if len(pairs) == 1:  # train's words
+                check_model_args(*pairs[0], {key: kwargs[key]}, "--model-arg ")
+            raise ValueError(f"--model-arg {key} is an argument of none of the sweep's models: " + "; ".join(
+                f"{m} ({t}) takes {', '.join(MODEL_ARGS[t][m])}" for t, m in pairs))
+        if without:
+            _say(f"sweep: --model-arg {key}={kwargs[key]} is not used by {', '.join(without)} "
+                 "(not an argument of their model)", flush=True)
 
 
 def _recipe_overrides(common: dict, recipes: list[str]) -> None:

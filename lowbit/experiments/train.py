@@ -32,7 +32,7 @@ from lowbit.config import RECIPES, backend_names, recipe_families
 from .checkpoint import CheckpointError, load_checkpoint
 from .launch import FAILURES, LAUNCH_DIR, RANK_ERROR
 from .models import MODELS, check_model_args
-from .rundir import is_busy, read_config, recipe_refusal, resume_refusal, write_status
+from .rundir import SESSION_SETTINGS, is_busy, read_config, recipe_refusal, resume_refusal, write_status
 from .runconfig import launched_world_size
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
@@ -374,11 +374,16 @@ LAUNCHED = "LOWBIT_TRAIN_LAUNCHED"  # set in the ranks `lowbit train --nproc N` 
 
 def recorded_settings(out: Path) -> tuple[dict[str, Any] | None, str]:
     """The TrainConfig fields ``out``'s run recorded and where they were read:
-    ``config.json``'s ``train`` record, else (a missing or damaged file) the newest
-    readable checkpoint's ``train_config``; ``(None, "")`` where neither is there."""
-    saved = read_config(out).get("train")
+    ``config.json``'s ``train`` record — with the latest session's ``monitor_every`` and
+    ``max_bad_steps`` (its last ``resumed`` entry's: the record keeps the first session's,
+    a review) — else (a missing or damaged file) the newest readable checkpoint's
+    ``train_config``; ``(None, "")`` where neither is there."""
+    record = read_config(out)
+    saved = record.get("train")
     if isinstance(saved, dict):
-        return saved, str(out / "config.json")
+        resumed = record.get("resumed")
+        last = resumed[-1] if isinstance(resumed, list) and resumed and isinstance(resumed[-1], dict) else {}
+        return saved | {k: last[k] for k in SESSION_SETTINGS if k in last}, str(out / "config.json")
     try:
         loaded = load_checkpoint(out)
     except CheckpointError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from .base import MAX_BITS, MIN_BITS, Grid, ScaleRule
+from ..scalars import integer
 from .values import BlockFormat, FloatFormat, Format, IntFormat
 
 BLOCK_FORMATS: dict[str, BlockFormat] = {
@@ -29,8 +30,8 @@ def parse_format(spec: int | str | Format) -> AnyFormat:
     ``ValueError`` naming the allowed names, ``TypeError`` for other types."""
     if isinstance(spec, Format):
         return spec  # type: ignore[return-value]
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return IntFormat(spec)
+    if integer(spec) is not None:  # (a NumPy integer too: lowbit.scalars)
+        return IntFormat(integer(spec))
     if not isinstance(spec, str):
         raise TypeError(f"a format must be an int (bits), a name or a format object, got {spec!r}")
     m = re.fullmatch(r"int([1-9]\d*)(a?)", spec)  # no leading zeros: "int08" is not a name

@@ -38,6 +38,8 @@ def parse(*argv: str):
     (["--task", "digits", "--profile", "none", "--profile-batches", "1"], "--profile-batches applies to the profile"),
     (["--task", "digits", "--bound-batches", "0", "--power-iters", "3"], "--power-iters applies to the bound"),
     (["--task", "digits", "--bound-batches", "0", "--spectrum", "pairs"], "--spectrum applies to the bound"),
+    (["--task", "digits", "--formats", "fp8_e4m3", "--bound-batches", "0", "--bin-layer", "net.3"],
+     "--bin-layer applies to the bin figure"),
     (["--task", "digits", "--formats", "int4,fp6"], "--formats: unknown format 'fp6'; allowed: int2"),
     # a new user: --bits was ignored without a word next to --formats
     (["--task", "digits", "--formats", "fp8_e5m2", "--bits", "4"], "--bits and --formats both given"),
@@ -404,3 +406,12 @@ def test_an_interrupted_study_leaves_none_of_its_results(tmp_path, monkeypatch) 
     assert [f.name for f in kept.iterdir()] == ["notes.txt"]
     monkeypatch.undo()
     assert main([*args, "--out", str(kept)]) == 0  # no refusal: nothing of an earlier run
+    # a failure once the results are whole keeps them (a review: `| head` closing stdout
+    # deleted a finished study)
+    def closed(*args, **kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(variance, "print", closed, raising=False)
+    with pytest.raises(BrokenPipeError):
+        variance.run(build_parser().parse_args([*args, "--out", str(tmp_path / "piped")]))
+    assert {"variance.json", "variance.csv", "summary.md"} <= {f.name for f in (tmp_path / "piped").iterdir()}

@@ -135,3 +135,23 @@ def test_integer_and_real_settings_take_numpy_scalars_and_one_element_tensors() 
             IntFormat(bad)
         with pytest.raises(TypeError, match="seed must be an int"):
             NoiseStream(bad, "x")
+
+
+def test_formats_monitor_policy_and_conv_geometry_take_numpy_integers_too() -> None:
+    # A review of the test above: format=np.int64(4), AdaptivePolicy(target=tensor),
+    # VarianceMonitor(every=tensor) and a converted Conv2d(groups=np.int64(2), stride=...)
+    # were still refused where torch (or bits=) takes them.
+    import numpy as np
+
+    from lowbit.adaptive import AdaptivePolicy
+    from lowbit.monitor import VarianceMonitor
+
+    assert parse_format(np.int64(4)) == IntFormat(4)
+    assert GradSpec(format=np.int64(4)).format == IntFormat(4) and OperandSpec(format=np.int8(6)).format == IntFormat(6)
+    assert AdaptivePolicy(target=torch.tensor(0.1)).target == pytest.approx(0.1)
+    conv = torch.nn.Conv2d(4, 4, 3, stride=np.int64(2), padding=np.int64(1), groups=np.int64(2))
+    x = torch.randn(2, 4, 8, 8)
+    ref = conv(x)
+    conv = lowbit.convert(conv, FQTConfig.from_recipe("fqt-psq-8"))  # (the root module: a new one)
+    assert conv(x).shape == ref.shape
+    assert VarianceMonitor(conv, every=torch.tensor(4)).every == 4

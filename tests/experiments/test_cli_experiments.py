@@ -515,6 +515,15 @@ def test_sweep_recipe_settings_go_to_the_recipes_they_fit(tmp_path, capsys):
     assert cli.main(["sweep", "--tasks", "digits", "--recipes", "fp", "--steps-per-epoch", "10",
                      "--out", str(tmp_path / "st"), "--dry-run"]) == 2
     assert "--steps-per-epoch applies to the text task only, and --tasks is digits" in capsys.readouterr().err
+    # a model's argument goes to that model's runs (a review: n_layer refused for the MLP)
+    assert cli.main(["sweep", "--tasks", "digits,text", "--recipes", "fp", "--model-arg", "n_layer=2",
+                     "--epochs", "1", "--out", str(tmp_path / "ma"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--model-arg n_layer=2 is not used by mlp (digits)" in out
+    assert cli.main(["sweep", "--tasks", "digits,fashion-mnist", "--recipes", "fp", "--model-arg", "n_layer=2",
+                     "--out", str(tmp_path / "ma"), "--dry-run"]) == 2
+    assert ("--model-arg n_layer is an argument of none of the sweep's models: mlp (digits) takes hidden, "
+            "num_classes; preact-resnet20 (fashion-mnist) takes") in capsys.readouterr().err
 
 
 def test_report_refuses_a_results_md_that_is_a_folder_before_any_work(tmp_path, capsys):

@@ -433,6 +433,11 @@ def test_a_resume_keeps_the_first_sessions_threads_and_records_its_own(tmp_path,
     got = rundir.read_config(tmp_path)
     assert (got["train"]["monitor_every"], got["train"]["max_bad_steps"]) == (cfg.monitor_every, cfg.max_bad_steps)
     assert [(r["epoch"], r["monitor_every"], r["max_bad_steps"]) for r in got["resumed"]] == [(2, 3, 9)]
+    # and a plain --resume takes the latest session's (a review: back to the first's)
+    from lowbit.experiments.train import recorded_settings
+
+    assert {k: recorded_settings(tmp_path)[0][k] for k in ("monitor_every", "max_bad_steps")} == \
+        {"monitor_every": 3, "max_bad_steps": 9}
 
 
 def test_checkpoint_rotation_and_contents(tmp_path):
