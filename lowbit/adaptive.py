@@ -151,13 +151,21 @@ class AdaptivePolicy:
         is NaN (no SGD estimate). A current spec that is not a candidate (a width outside
         ``min_bits..max_bits``, as the recipes' 8-bit start under ``max_bits < 8``, or an
         unlisted quantizer) is left for the fewest-bit candidate meeting the target
-        without hysteresis, else the lowest-ratio one at ``max_bits``. Candidates whose
-        ratio is NaN are never chosen."""
+        without hysteresis, else the lowest-ratio one at ``max_bits`` — unmeasured (NaN),
+        for the candidate nearest it: its quantizer, its width clamped to
+        ``min_bits..max_bits`` (a trial: a path the monitor cannot measure stayed at 8 bits
+        under ``max_bits=6``). At ``max_bits`` with no candidate meeting the target, another
+        quantizer replaces the current one only at a ratio ``down`` times lower (a trial:
+        PSQ and BHQ swapped places on the ratios' noise). Candidates whose ratio is NaN are
+        never chosen by their ratio."""
         r_cur = ratios[current]
-        if math.isnan(r_cur):
-            return current
-        order = [c for c in self.candidates(path) if c in ratios]
         allowed = current in self.candidates(path)
+        if math.isnan(r_cur):
+            if allowed:
+                return current
+            near = (current[0], min(max(current[1], self.min_bits), self.max_bits))
+            return near if near in self.candidates(path) else self.candidates(path)[-1]
+        order = [c for c in self.candidates(path) if c in ratios]
         if r_cur > target or not allowed:
             for c in order:
                 # fewer bits than now (another quantizer) is a move down: it must meet the
@@ -165,7 +173,12 @@ class AdaptivePolicy:
                 if ratios[c] <= (self.down * target if allowed and c[1] < current[1] else target):
                     return c
             top = [c for c in order if c[1] == self.max_bits and not math.isnan(ratios[c])]
-            return min(top, key=lambda c: ratios[c]) if top else current
+            if not top:
+                return current
+            best = min(top, key=lambda c: ratios[c])
+            if allowed and current in top and not ratios[best] <= self.down * r_cur:
+                return current  # hysteresis between quantizers at max_bits
+            return best
         for c in order:
             if c[1] < current[1] and ratios[c] <= self.down * target:
                 return c

@@ -152,15 +152,16 @@ def _conv_taps(layer: FQTConv2d, x: torch.Tensor, wq: torch.Tensor, geom: dict) 
 
 
 def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
-                 x_requires_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 x_requires_grad: bool, w_grad: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One call's QAT weight (+ bias) gradient ``Σ_n G_n`` (flattened, in compute dtype; ``None``
     unless the ∇W path is quantized and the weight trains) and its input-shift probe
     gradient ``Σ_n ∇β_n`` (``None`` unless the ∇X path is quantized and the input needs a
     gradient): what the paired minibatch-variance estimate of :mod:`lowbit.monitor`
-    compares between two steps."""
+    compares between two steps. ``w_grad``: whether this backward computes the weight's
+    gradient (default: whether the weight requires one)."""
     cfg, gy = layer.config, gy.to(compute_dtype(gy.dtype))  # float64 keeps its range
     w = (layer.weight if isinstance(layer, FQTConv2d) else layer.linear_weight()).detach()  # (out, in, …)
-    want_w = cfg.grad_weight is not None and layer.weight.requires_grad
+    want_w = cfg.grad_weight is not None and (layer.weight.requires_grad if w_grad is None else w_grad)
     want_x = cfg.grad_input is not None and x_requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad
     w_tot = x_tot = None
@@ -189,11 +190,12 @@ def layer_totals(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor
 
 
 def layer_grads(layer: FQTLinear | FQTConv2d, x: torch.Tensor, gy: torch.Tensor,
-                x_requires_grad: bool) -> LayerGrads:
+                x_requires_grad: bool, w_grad: bool | None = None) -> LayerGrads:
     """:func:`linear_grads` or :func:`conv2d_grads` for the paths the layer's backward
-    quantizes on this call (∇W if its weight requires grad, ∇X if its input does)."""
+    quantizes on this call (∇W if its weight requires grad — ``w_grad``: whether this
+    backward computes it —, ∇X if its input does)."""
     cfg = layer.config
-    weight_path = cfg.grad_weight is not None and layer.weight.requires_grad
+    weight_path = cfg.grad_weight is not None and (layer.weight.requires_grad if w_grad is None else w_grad)
     input_path = cfg.grad_input is not None and x_requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad
     fn = conv2d_grads if isinstance(layer, FQTConv2d) else linear_grads

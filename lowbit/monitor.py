@@ -83,6 +83,7 @@ from .formats import IntFormat, Rounding, parse_format
 from .layergrads import layer_grads, layer_totals
 from .nn import FQTConv2d, FQTLinear, call_input, fqt_blocks
 from .noise import Path, generator_for
+from .ops import engine_needs
 from .quantizers import get_quantizer
 from .scalars import integer, real
 from .varrecord import LayerVariance, StepRecord, ratio
@@ -134,6 +135,7 @@ class _Acc:
         self.flat_probe = False  # ∇β summed to 0 over the samples (a batch-normalized output)
         self.nonfinite = False  # a non-finite ∇Y or per-sample norm: no ratio is a measurement
         self.pair_nonfinite = False  # the paired step before overflowed: no ratio either
+        self.unpaired = False  # paired, and the step before was not recorded (a forced step)
 
 
 class _InertHook:
@@ -157,6 +159,20 @@ class _LayerHook:
 
     def __reduce__(self) -> tuple:
         return (_InertHook, ())
+
+
+def _block_node(output: torch.Tensor) -> Any:
+    """The backward node of the block that made ``output`` (a converted layer's eager
+    autograd Function: it carries ``grad_slots``), through at most a few single-input
+    nodes (a reshape back to the caller's shape), or ``None`` (the custom op, a traced
+    graph: the paths are then those that require a gradient)."""
+    node = output.grad_fn
+    for _ in range(4):
+        if node is None or hasattr(node, "grad_slots"):
+            return node
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        node = nxt[0] if len(nxt) == 1 else None
+    return None
 
 
 def _unwrapped(name: str) -> str:
@@ -366,30 +382,37 @@ class VarianceMonitor:
         self._hooked += 1  # a forward whose output's gradient will be measured
         x = inp.detach()
         x_grad = bool(inp.requires_grad)
+        block = _block_node(output)
 
         def on_grad(gy: torch.Tensor) -> None:
             if x.numel() == 0 or gy.numel() == 0:  # nothing quantized (an expert given no
                 return  # tokens, an empty batch): no variance, and nothing to reshape by rows
+            # the paths this backward runs, as the block's own backward decides them (a trial:
+            # torch.autograd.grad(loss, x) inside a monitored step counted a ∇W never computed)
+            x_now, w_now = x_grad, None
+            if block is not None:
+                x_now, w_now = engine_needs(block, [bool(n) for n in block.needs_input_grad[1:4]])[:2]
+                x_now = x_now and x_grad
             # no autocast: a backward run inside the user's autocast block computed the
             # figures' float32 products in bfloat16 (variances 3× off, even negative: a review)
             with torch.no_grad(), torch.autocast(gy.device.type, enabled=False):
                 if self.sgd == "paired":  # this call's QAT gradients, for the pair
                     tot = self._totals.setdefault(name, [None, None])
-                    for i, t in enumerate(layer_totals(module, x, gy.detach(), x_grad)):
+                    for i, t in enumerate(layer_totals(module, x, gy.detach(), x_now, w_now)):
                         if t is not None:
                             tot[i] = t if tot[i] is None else tot[i] + t
                 if self._mode == "full":
-                    self._measure(name, module, x, x_grad, gy.detach())
+                    self._measure(name, module, x, x_now, gy.detach(), w_now)
 
         output.register_hook(on_grad)
 
     def _measure(self, name: str, layer: nn.Module, x: torch.Tensor, x_grad: bool,
-                 gy: torch.Tensor) -> None:
+                 gy: torch.Tensor, w_grad: bool | None = None) -> None:
         """One call's figures at the current spec and every candidate, added to the step."""
         acc = self._acc.setdefault(name, _Acc())
         v = acc.v
         v.calls += 1
-        g = layer_grads(layer, x, gy, x_grad)  # type: ignore[arg-type]
+        g = layer_grads(layer, x, gy, x_grad, w_grad)  # type: ignore[arg-type]
         v.samples, v.grad_rows = g.samples, gy.numel()
         for path in PATHS:
             op = getattr(g, path)
@@ -435,6 +458,7 @@ class VarianceMonitor:
             if self.sgd == "paired":  # ½‖g_k − g_{k−1}‖²: two minibatches, nearly equal weights
                 cur, old = self._totals.get(name, [None, None]), (prev or {}).get(name, [None, None])
                 old = [o if o is None or rescale == 1.0 else o * rescale for o in old]
+                acc.unpaired = prev is None and self.steps > 0  # (the first step: none to pair, as documented)
                 if any(t is not None and not bool(t.isfinite().all()) for t in cur):
                     acc.nonfinite = True
                 elif any(t is not None and not bool(t.isfinite().all()) for t in old):
@@ -486,6 +510,12 @@ class VarianceMonitor:
                            "other half, had a non-finite gradient (an overflow: a loss scaler's skipped "
                            "step): this step's ratios are not measurements; a policy leaves the layer as "
                            "it is (said once per layer)"))
+        if acc.unpaired:  # (a trial: a forced step's ratios came out NaN without a word)
+            causes.append(("unpaired", f"{layer}: the paired minibatch-variance estimate compares a "
+                           "monitored step with the step before it, which the monitor records only "
+                           f"before its due steps (every {self.every}); this step (step(force=True) off "
+                           "that schedule) has none, so its ratios are NaN and a policy leaves the layer "
+                           "as it is; force the step after a due one, or monitor every step"))
         if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
             causes.append(("samples", f"{layer}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "

@@ -178,11 +178,14 @@ def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, f
 def sgd_variance(sq_norms: torch.Tensor, total_sq: float) -> float:
     """Formula (1): ``(B·Σ_n ‖G_n‖² − ‖Σ_n G_n‖²)/(B − 1)`` from the per-sample squared
     norms ``sq_norms`` (B,) and ``total_sq = ‖Σ_n G_n‖²``; NaN for ``B < 2`` (a single
-    sample has no sample variance)."""
+    sample has no sample variance). At least 0: the two sums are equal where every sample
+    gives one gradient (a variance of 0), and their difference then left rounding's sign —
+    a negative variance (a trial: ``-2.29e-09``; a non-finite one stays as it is)."""
     b = sq_norms.shape[0]
     if b < 2:
         return math.nan
-    return float((b * sq_norms.double().sum() - total_sq) / (b - 1))
+    v = float((b * sq_norms.double().sum() - total_sq) / (b - 1))
+    return max(v, 0.0) if math.isfinite(v) else v
 
 
 def weight_grad_sq_norms(a: torch.Tensor, u: torch.Tensor, bias: bool,

@@ -80,6 +80,23 @@ def test_total_norm_in_bfloat16_keeps_the_sgd_estimate(alpha: float) -> None:
     assert sgd_variance(*product_row_norms(a, w)) == pytest.approx(ref, rel=1e-3)
 
 
+def test_sgd_variance_of_identical_samples_is_zero_not_negative() -> None:
+    # A trial: 16 identical samples gave sgd_w = -2.29e-09 (the two sums equal up to their
+    # rounding) and a ratio of inf read against a negative variance; at least 0 now, and a
+    # non-finite estimate stays non-finite.
+    sq = torch.full((16,), 0.1, dtype=torch.float64)
+    assert sgd_variance(sq, 16 * 16 * 0.1 * (1 + 1e-15)) == 0.0
+    assert not math.isfinite(sgd_variance(sq, math.inf)) and math.isnan(sgd_variance(sq, math.nan))
+    assert sgd_variance(sq * math.inf, 1.0) == math.inf
+    m = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+                       FQTConfig.from_recipe("fqt-psq-8"))
+    mon = VarianceMonitor(m, every=1, sgd="per-sample")
+    x = torch.randn(1, 20).repeat(16, 1)
+    with mon.step():
+        torch.nn.functional.cross_entropy(m(x), torch.zeros(16, dtype=torch.long)).backward()
+    assert all(v.sgd_w >= 0 for v in mon.history[-1].layers.values()), mon.history[-1].layers
+
+
 def test_sgd_variance_is_the_sample_variance_over_b() -> None:
     g = torch.Generator().manual_seed(1)
     per = torch.randn(9, 4, 3, generator=g, dtype=torch.float64)  # per-sample gradients G_n
@@ -518,6 +535,17 @@ def test_policy_moves_a_width_outside_its_range_into_it_and_never_to_a_nan_ratio
     assert two.choose("grad_input", ("psq", 8), ratios, 0.05) == ("psq", 8)
     # NumPy's scalars are numbers too (kept as float)
     assert AdaptivePolicy(target=np.float32(0.25), input_share=np.float64(0.5)).target == 0.25
+    # a trial: a path the monitor cannot measure (NaN) stayed at the 8-bit start under
+    # max_bits=6; it goes to its quantizer at the nearest allowed width
+    assert pol.choose("grad_weight", ("psq", 8), {k: math.nan for k in r}, t) == ("psq", 6)
+    low = AdaptivePolicy.from_recipe("fqt-auto-psq", min_bits=5)
+    assert low.choose("grad_weight", ("psq", 3), {("psq", b): math.nan for b in range(2, 9)}, t) == ("psq", 5)
+    # and at max_bits, with none meeting the target, PSQ and BHQ swapped places on the
+    # ratios' noise (3.53e-5 against 3.36e-5): another quantizer only at down × the ratio
+    both = AdaptivePolicy(target=1e-6, grad_input=("psq", "bhq"))
+    noisy = {c: 1.0 for c in both.candidates("grad_input")} | {("psq", 8): 3.53e-5, ("bhq", 8): 3.36e-5}
+    assert both.choose("grad_input", ("psq", 8), noisy, 1e-6) == ("psq", 8)
+    assert both.choose("grad_input", ("psq", 8), noisy | {("bhq", 8): 1.7e-5}, 1e-6) == ("bhq", 8)
 
 
 def test_policy_takes_any_iterable_of_quantizers_whole() -> None:
@@ -1085,3 +1113,43 @@ def test_a_state_of_another_recipe_or_layout_is_refused_with_the_cause() -> None
     with pytest.raises(ValueError, match="another model's state"):
         VarianceMonitor(deeper, every=5).load_state_dict(VarianceMonitor(_small_mlp("fqt-psq-8"), every=5).state_dict())
     assert VarianceMonitor(_small_mlp("fqt-psq-8"), every=np.int64(5)).every == 5
+
+
+def test_a_backward_that_does_not_compute_the_weights_gradient_is_not_counted() -> None:
+    # A trial: torch.autograd.grad(loss, x) inside a monitored step (an adversarial example,
+    # a saliency map) computes no ∇W — the layers skip it (fault kind 246) — yet the
+    # monitor counted its ∇W quantization: quant_w came out twice the draws' variance.
+    def figures(with_input_grad: bool) -> dict:
+        torch.manual_seed(0)
+        m = lowbit.convert(torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)),
+                           FQTConfig.from_recipe("fqt-psq-4", seed=0))
+        mon = VarianceMonitor(m, every=1, sgd="paired")
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
+        with mon.step():
+            if with_input_grad:
+                xa = x.clone().requires_grad_(True)
+                torch.autograd.grad(torch.nn.functional.cross_entropy(m(xa), y), xa)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        return {n: v.quant_w for n, v in mon.history[-1].layers.items()}
+
+    plain, both = figures(False), figures(True)
+    for name in plain:  # one ∇W call each (the noise draws differ: within 20%, not 2×)
+        assert 0.8 < both[name] / plain[name] < 1.25, (name, both[name], plain[name])
+
+
+def test_a_forced_step_without_its_paired_step_says_why_its_ratios_are_nan(caplog) -> None:  # noqa: ANN001
+    # A trial: step(force=True) under sgd="paired" off the monitor's schedule gave NaN ratios
+    # and no word (the step before is recorded only before due steps).
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(32, 32, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(5)]
+    model = _mlp(bn=False)
+    mon = VarianceMonitor(model, every=100, sgd="paired")
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        for i, (x, y) in enumerate(batches):
+            with mon.step(force=(i == 3)):
+                F.cross_entropy(model(x), y).backward()
+    v = mon.history[-1].layers["2"]
+    assert mon.history[-1].step == 3 and math.isnan(v.ratio_w)
+    said = [r.message for r in caplog.records if "records only before its due steps (every 100)" in r.message]
+    assert len(said) == 3 and all("force the step after a due one" in m for m in said)
