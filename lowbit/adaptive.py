@@ -148,23 +148,24 @@ class AdaptivePolicy:
         """The spec ``path`` should run from the next step, given the ratios measured on
         this step at the current spec and at each candidate (``ratios`` must hold them)
         and the path's ``target`` (:meth:`path_target`). Unchanged when the current ratio
-        is NaN (no SGD estimate). A current spec that is not a candidate (a width outside
-        ``min_bits..max_bits``, as the recipes' 8-bit start under ``max_bits < 8``, or an
-        unlisted quantizer) is left for the fewest-bit candidate meeting the target
-        without hysteresis, else the lowest-ratio one at ``max_bits`` — unmeasured (NaN),
-        for the candidate nearest it: its quantizer, its width clamped to
-        ``min_bits..max_bits`` (a trial: a path the monitor cannot measure stayed at 8 bits
-        under ``max_bits=6``). At ``max_bits`` with no candidate meeting the target, another
-        quantizer replaces the current one only at a ratio ``down`` times lower (a trial:
-        PSQ and BHQ swapped places on the ratios' noise). Candidates whose ratio is NaN are
-        never chosen by their ratio."""
+        is NaN (no SGD estimate), but for a current spec outside the candidates. Such a
+        spec (a width outside ``min_bits..max_bits``, as the recipes' 8-bit start under
+        ``max_bits < 8``, or an unlisted quantizer) is left for the fewest-bit candidate
+        meeting the target without hysteresis, else the lowest-ratio one at ``max_bits``;
+        unmeasured (NaN), for the candidate nearest it: its quantizer (an unlisted one: the
+        first listed), its width clamped to ``min_bits..max_bits`` (a trial: a path the
+        monitor cannot measure stayed at 8 bits under ``max_bits=6``). At ``max_bits`` with
+        no candidate meeting the target, another quantizer replaces the current one only at
+        a ratio ``down`` times lower (a trial: PSQ and BHQ swapped places on the ratios'
+        noise). Candidates whose ratio is NaN are never chosen by their ratio."""
         r_cur = ratios[current]
         allowed = current in self.candidates(path)
         if math.isnan(r_cur):
             if allowed:
                 return current
-            near = (current[0], min(max(current[1], self.min_bits), self.max_bits))
-            return near if near in self.candidates(path) else self.candidates(path)[-1]
+            listed = getattr(self, path)
+            return (current[0] if current[0] in listed else listed[0],
+                    min(max(current[1], self.min_bits), self.max_bits))
         order = [c for c in self.candidates(path) if c in ratios]
         if r_cur > target or not allowed:
             for c in order:

@@ -47,7 +47,8 @@ names it once: gradient accumulation is measured with ``sgd="paired"``) — the 
 estimate (BatchNorm models) stays finite, it needs no per-sample split — and its
 ``quant_*`` are summed. A layer whose ``∇Y`` sums to 0 over the samples (its output is
 normalized over the batch) gives the probe no gradient (``‖Σ_n ∇β_n‖² ≤ FLAT_PROBE ·
-Σ_n ‖∇β_n‖²``): its ``ratio_x`` is NaN, with a warning, and a policy leaves that path.
+Σ_n ‖∇β_n‖²``): its ``ratio_x`` is NaN, with a warning, and a policy leaves that path
+(but for moving a width outside its ``min_bits..max_bits`` into that range).
 Random transforms (``hadamard``) use the very signs the layer drew: the generator is
 rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
 
@@ -136,6 +137,7 @@ class _Acc:
         self.nonfinite = False  # a non-finite ∇Y or per-sample norm: no ratio is a measurement
         self.pair_nonfinite = False  # the paired step before overflowed: no ratio either
         self.unpaired = False  # paired, and the step before was not recorded (a forced step)
+        self.unrecorded = False  # paired, and the step before raised inside its step()
 
 
 class _InertHook:
@@ -330,6 +332,7 @@ class VarianceMonitor:
                 spec = getattr(layer.config, p)
                 self._bit_sums[n][p] += 0 if spec is None else spec.bits
         before = self.sgd == "paired" and (self.steps + 1) % self.every == 0
+        self._forced = bool(force) and not self.due()  # monitored off the schedule
         self._mode = "full" if force or self.due() else ("totals" if before else None)
         self._acc, self._totals, self._scale, self._forwards, self._hooked = {}, {}, scale, 0, 0
         try:
@@ -458,7 +461,9 @@ class VarianceMonitor:
             if self.sgd == "paired":  # ½‖g_k − g_{k−1}‖²: two minibatches, nearly equal weights
                 cur, old = self._totals.get(name, [None, None]), (prev or {}).get(name, [None, None])
                 old = [o if o is None or rescale == 1.0 else o * rescale for o in old]
-                acc.unpaired = prev is None and self.steps > 0  # (the first step: none to pair, as documented)
+                # (the first step: none to pair, as documented)
+                acc.unpaired = prev is None and self.steps > 0 and getattr(self, "_forced", False)
+                acc.unrecorded = prev is None and self.steps > 0 and not acc.unpaired
                 if any(t is not None and not bool(t.isfinite().all()) for t in cur):
                     acc.nonfinite = True
                 elif any(t is not None and not bool(t.isfinite().all()) for t in old):
@@ -516,6 +521,11 @@ class VarianceMonitor:
                            f"before its due steps (every {self.every}); this step (step(force=True) off "
                            "that schedule) has none, so its ratios are NaN and a policy leaves the layer "
                            "as it is; force the step after a due one, or monitor every step"))
+        if acc.unrecorded:  # the step before raised inside its step() (a review)
+            causes.append(("unrecorded", f"{layer}: the paired minibatch-variance estimate compares a "
+                           "monitored step with the step before it, which did not finish (it raised "
+                           "inside its step()), so this step's ratios are NaN and a policy leaves the "
+                           "layer as it is"))
         if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
             causes.append(("samples", f"{layer}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "
@@ -536,7 +546,10 @@ class VarianceMonitor:
                 self._warned.add((name, cause))
                 # logged (logger lowbit.monitor, level WARNING), its origin in the text: Python's
                 # last-resort handler prints the message alone (a new user's walkthrough)
-                log.warning("lowbit.monitor: layer %s", text)
+                # (a width outside the policy's range moves into it even then: a review)
+                log.warning("lowbit.monitor: layer %s%s", text, "" if self.policy is None else
+                            f" (but for a width outside min_bits..max_bits = {self.policy.min_bits}.."
+                            f"{self.policy.max_bits}, which moves into that range)")
 
     def _say_empty(self) -> None:
         """A warning, once per cause, where a monitored step measured nothing: its record is

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import io
 import json
@@ -538,6 +540,10 @@ def test_policy_moves_a_width_outside_its_range_into_it_and_never_to_a_nan_ratio
     # a trial: a path the monitor cannot measure (NaN) stayed at the 8-bit start under
     # max_bits=6; it goes to its quantizer at the nearest allowed width
     assert pol.choose("grad_weight", ("psq", 8), {k: math.nan for k in r}, t) == ("psq", 6)
+    # an unlisted quantizer unmeasured: the first listed one at the width clamped (a review:
+    # bhq4 went to psq8, the last candidate)
+    assert AdaptivePolicy(grad_weight=("psq",)).choose("grad_weight", ("bhq", 4), {c: math.nan for c in
+                                                       [("bhq", 4), *pol.candidates("grad_weight")]}, t) == ("psq", 4)
     low = AdaptivePolicy.from_recipe("fqt-auto-psq", min_bits=5)
     assert low.choose("grad_weight", ("psq", 3), {("psq", b): math.nan for b in range(2, 9)}, t) == ("psq", 5)
     # and at max_bits, with none meeting the target, PSQ and BHQ swapped places on the
@@ -1153,3 +1159,16 @@ def test_a_forced_step_without_its_paired_step_says_why_its_ratios_are_nan(caplo
     assert mon.history[-1].step == 3 and math.isnan(v.ratio_w)
     said = [r.message for r in caplog.records if "records only before its due steps (every 100)" in r.message]
     assert len(said) == 3 and all("force the step after a due one" in m for m in said)
+    # a step before that raised inside its step() is named as such, not as a forced step (a review)
+    model = _mlp(bn=False)
+    mon = VarianceMonitor(model, every=1, sgd="paired")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.monitor"):
+        for i, (x, y) in enumerate(batches[:3]):
+            with pytest.raises(RuntimeError) if i == 1 else contextlib.nullcontext(), mon.step():
+                F.cross_entropy(model(x), y).backward()
+                if i == 1:
+                    raise RuntimeError("a failed step")
+    messages = [r.message for r in caplog.records]
+    assert not any("step(force=True)" in m for m in messages)
+    assert sum("which did not finish (it raised inside its step())" in m for m in messages) == 3
