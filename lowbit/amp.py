@@ -90,8 +90,9 @@ class GradScaler(torch.amp.GradScaler):
         for m in fqt_blocks(self.model).values():
             m.loss_scale = s
             for t in m.range_trackers.values():
-                if t.loss_scale is None:
-                    t.loss_scale, unknown = s, unknown + 1
+                if t.loss_scale is None:  # (kept as assumed: a restore of the unknown state keeps it, a review)
+                    t.loss_scale = t.assumed_loss_scale = s
+                    unknown += 1
                 elif t.loss_scale != s and s > 0:
                     t.rescale(s / t.loss_scale)
         if unknown:

@@ -379,7 +379,9 @@ class RangeTracker:
         self._count = int(state["count"])
         self.stats = RangeStats(**state["stats"])
         ls = state.get("loss_scale")  # saved before it was kept: not known (a GradScaler adopts its own)
-        self.loss_scale = None if ls is None else float(ls)
+        # (not known, where a scaler already took it to be one: that one — a loop's own
+        # restore_ranges of a snapshot taken before put None back, a review)
+        self.loss_scale = getattr(self, "assumed_loss_scale", None) if ls is None else float(ls)
         exps = state.get("exponents")  # saved before: BHQ's transform's (its usual) or 1
         self._exp = [float(e) for e in exps] if isinstance(exps, list) and len(exps) == self.history else \
             [2 / 3 if self.quantizer == "bhq" else 1.0] * self.history

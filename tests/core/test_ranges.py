@@ -1050,6 +1050,24 @@ def test_a_range_state_saved_before_loss_scales_were_kept_resumes_at_the_scalers
     with pytest.warns(RuntimeWarning, match="do not say which loss scale they were recorded at"):
         ratios = _scaled_steps(again, 2, resumed, batch)
     assert ratios == [1.25, 1.25]
+    # the same, with a loop's own snapshot before scale() restored after an overflowed first
+    # step (a review: the restore put "not known" back, the next scale() took the history
+    # to be at the halved scale: predictions 2× too wide, and a second warning)
+    third = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0))
+    lowbit.load_range_state(third, state)
+    scaler3 = GradScaler(third, "cpu", init_scale=2.0**10, growth_interval=100)
+    scaler3.load_state_dict(scaler.state_dict())
+    opt = torch.optim.SGD(third.parameters(), lr=0.0)
+    snap = lowbit.nn.snapshot_ranges(third)
+    with pytest.warns(RuntimeWarning, match="do not say which loss scale"):
+        loss = scaler3.scale(nn.functional.cross_entropy(third(batch[0][0]), batch[0][1]) * math.inf)
+    loss.backward()
+    scaler3.step(opt)
+    scaler3.update()  # skipped: the scale halves
+    opt.zero_grad()
+    lowbit.nn.restore_ranges(snap, counters=False)
+    assert scaler3.get_scale() == 2.0**9
+    assert _scaled_steps(third, 2, scaler3, batch) == [1.25, 1.25]
 
 
 def test_bhqs_groups_of_one_follow_the_scale_linearly() -> None:
