@@ -137,7 +137,7 @@ class _Acc:
         self.nonfinite = False  # a non-finite ∇Y or per-sample norm: no ratio is a measurement
         self.pair_nonfinite = False  # the paired step before overflowed: no ratio either
         self.unpaired = False  # paired, and the step before was not recorded (a forced step)
-        self.unrecorded = False  # paired, and the step before raised inside its step()
+        self.unrecorded = False  # paired, and the step before not recorded (it raised; a state without it)
 
 
 class _InertHook:
@@ -521,11 +521,11 @@ class VarianceMonitor:
                            f"before its due steps (every {self.every}); this step (step(force=True) off "
                            "that schedule) has none, so its ratios are NaN and a policy leaves the layer "
                            "as it is; force the step after a due one, or monitor every step"))
-        if acc.unrecorded:  # the step before raised inside its step() (a review)
+        if acc.unrecorded:  # the step before raised inside its step(), or a state lacked it (a review)
             causes.append(("unrecorded", f"{layer}: the paired minibatch-variance estimate compares a "
-                           "monitored step with the step before it, which did not finish (it raised "
-                           "inside its step()), so this step's ratios are NaN and a policy leaves the "
-                           "layer as it is"))
+                           "monitored step with the step before it, which was not recorded (it raised "
+                           "inside its step(), or the monitor's state was loaded without it), so this "
+                           "step's ratios are NaN and a policy leaves the layer as it is"))
         if v.samples < 2 and v.calls == 1 and self.sgd == "per-sample":
             causes.append(("samples", f"{layer}: one sample in the minibatch: the per-sample "
                            "minibatch variance needs at least 2, so its ratios are NaN and a policy "

@@ -1171,4 +1171,4 @@ def test_a_forced_step_without_its_paired_step_says_why_its_ratios_are_nan(caplo
                     raise RuntimeError("a failed step")
     messages = [r.message for r in caplog.records]
     assert not any("step(force=True)" in m for m in messages)
-    assert sum("which did not finish (it raised inside its step())" in m for m in messages) == 3
+    assert sum("which was not recorded (it raised inside its step()" in m for m in messages) == 3
