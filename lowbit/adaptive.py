@@ -116,7 +116,8 @@ class AdaptivePolicy:
                 except TypeError:
                     pass
             if isinstance(qs, str) or not isinstance(qs, tuple) or not qs \
-                    or any(q not in QUANTIZERS for q in qs) or len(set(qs)) != len(qs):
+                    or any(not isinstance(q, str) or q not in QUANTIZERS for q in qs) \
+                    or len(set(qs)) != len(qs):
                 raise ValueError(f"{name} must be a non-empty tuple of distinct quantizers from "
                                  f"{', '.join(QUANTIZERS)}, got {qs!r}")
             object.__setattr__(self, name, tuple(qs))
@@ -125,7 +126,7 @@ class AdaptivePolicy:
     def from_recipe(cls, name: str, **overrides: object) -> AdaptivePolicy:
         """The policy of an ``fqt-auto*`` recipe (``lowbit.config.ADAPTIVE_RECIPES``);
         ``overrides`` replace fields (``target=0.05``). ``ValueError`` for other names."""
-        if name not in ADAPTIVE_RECIPES:
+        if not isinstance(name, str) or name not in ADAPTIVE_RECIPES:  # (a list: unhashable)
             raise ValueError(f"{name!r} is not an adaptive recipe; allowed: {', '.join(ADAPTIVE_RECIPES)}")
         gi, gw = ADAPTIVE_RECIPES[name]
         return cls(**{"grad_input": gi, "grad_weight": gw, **overrides})  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ def _resolve_format(spec: object) -> None:
             fmt = parse_format(fmt)
         except (ValueError, TypeError) as exc:  # the field the user gave, named
             raise type(exc)(f"format={fmt!r}: {exc}") from None
-        if bits is not None and bits != fmt.element_bits:
+        if bits is not None and check_bits(bits, "bits") != fmt.element_bits:
             raise ValueError(f"bits={bits!r} contradicts format={fmt.name!r} "
                              f"({fmt.element_bits}-bit elements); give one of them")
     object.__setattr__(spec, "format", fmt)
@@ -128,6 +128,20 @@ def _no_row_scale(spec: OperandSpec) -> None:
                          "power-of-two scale is its only one); leave granularity at 'tensor'")
 
 
+def _coerce_quantizer(spec: GradSpec) -> None:
+    """``quantizer`` as its registered name: a name, or one of the objects in
+    ``lowbit.QUANTIZERS`` (which ``quantize_grad`` and ``get_quantizer`` take; a new user's
+    trial: ``GradSpec(quantizer=QUANTIZERS["psq"])`` was refused); anything else is a
+    ``ValueError`` naming the field (an unhashable value raised a bare ``TypeError``)."""
+    value = spec.quantizer
+    for name, obj in QUANTIZERS.items():
+        if value is obj:
+            object.__setattr__(spec, "quantizer", name)
+            return
+    if not isinstance(value, str) or value not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {value!r}")
+
+
 _RANGE_DEFAULTS = {"margin": 1.25, "history": 16, "overflow": Overflow.REQUANTIZE}  # GradSpec's
 
 
@@ -156,10 +170,7 @@ class GradSpec:
 
     def __post_init__(self) -> None:
         _resolve_format(self)
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(
-                f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"
-            )
+        _coerce_quantizer(self)
         _coerce_enum(self, "rounding", Rounding)
         _coerce_enum(self, "range", RangeMode)
         _coerce_enum(self, "overflow", Overflow)
@@ -338,7 +349,8 @@ class FQTConfig:
                                      f"{name}.format is {spec.format.name!r} (use backend='auto')")
         if self.seed is not None:
             object.__setattr__(self, "seed", check_seed(self.seed))
-        if self.adaptive is not None and self.adaptive not in ADAPTIVE_RECIPES:
+        if self.adaptive is not None and (not isinstance(self.adaptive, str)
+                                          or self.adaptive not in ADAPTIVE_RECIPES):
             raise ValueError(f"adaptive must be one of {', '.join(ADAPTIVE_RECIPES)} or None, "
                              f"got {self.adaptive!r}")
         if self.adaptive is not None and (self.grad_input is None or self.grad_weight is None):

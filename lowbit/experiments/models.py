@@ -349,10 +349,10 @@ def build_model(task: str, name: str | None = None, **kw: Any) -> nn.Module:
     after :func:`check_model_args`. Raises ``ValueError`` listing the allowed tasks or
     names, or naming the bad argument.
     """
-    if task not in _BUILDERS:
+    if not isinstance(task, str) or task not in _BUILDERS:  # (a list: unhashable)
         raise ValueError(f"unknown task {task!r}; allowed tasks: {', '.join(_BUILDERS)}")
     name = DEFAULT_MODEL[task] if name is None else name
-    if name not in _BUILDERS[task]:
+    if not isinstance(name, str) or name not in _BUILDERS[task]:
         raise ValueError(
             f"unknown model {name!r} for task {task!r}; allowed: {', '.join(MODELS[task])}"
         )

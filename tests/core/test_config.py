@@ -247,3 +247,33 @@ def test_quantize_forward_refuses_an_integer_operand() -> None:
 
     with pytest.raises(TypeError, match="quantize_forward: the operand has dtype torch.int32"):
         quantize_forward(torch.arange(16, dtype=torch.int32).reshape(4, 4), OperandSpec())
+
+
+def test_unhashable_or_mistyped_names_are_refused_naming_the_field() -> None:
+    """Fault kind 251 (a new user's trial): a list where a name belongs raised Python's
+    bare ``TypeError: unhashable type`` (a dict lookup before any type check); a registered
+    quantizer object, which ``quantize_grad`` takes, was refused by ``GradSpec``; a float
+    ``bits`` beside a ``format`` passed through the ``!=`` comparison."""
+    from lowbit.adaptive import AdaptivePolicy
+    from lowbit.experiments.models import build_model
+
+    with pytest.raises(ValueError, match=r"quantizer must be one of .*got \['psq'\]"):
+        GradSpec(quantizer=["psq"])
+    with pytest.raises(ValueError, match=r"adaptive must be one of .*got \['fqt-auto'\]"):
+        FQTConfig.from_recipe("fqt-psq-8", adaptive=["fqt-auto"])
+    with pytest.raises(ValueError, match=r"\['fqt-auto'\] is not an adaptive recipe"):
+        AdaptivePolicy.from_recipe(["fqt-auto"])
+    with pytest.raises(ValueError, match="grad_input must be a non-empty tuple of distinct quantizers"):
+        AdaptivePolicy(grad_input=[["psq"]])
+    with pytest.raises(ValueError, match=r"unknown task \['text'\]"):
+        build_model(["text"])
+    with pytest.raises(ValueError, match=r"unknown model \['gpt'\] for task 'text'"):
+        build_model("text", ["gpt"])
+    assert GradSpec(quantizer=lowbit.QUANTIZERS["bhq"]) == GradSpec(quantizer="bhq")
+    with pytest.raises(ValueError, match="quantizer must be one of"):  # another instance: not registered
+        GradSpec(quantizer=type(lowbit.QUANTIZERS["psq"])())
+    with pytest.raises(TypeError, match="bits must be an int in 2..8, got 8.0"):
+        OperandSpec(bits=8.0, format="int8")
+    with pytest.raises(TypeError, match="bits must be an int in 2..8, got True"):
+        GradSpec(bits=True, format="int4")
+    assert OperandSpec(bits=4, format="int4").bits == 4
