@@ -70,8 +70,9 @@ gone float64 (1 ulp apart, both rounded once from exact sums). Pieces need the h
 GEMMs on the integer kernels (:func:`_integer_heads`; a simulated batch of one entry
 takes another path in torch). Otherwise ``P`` is formed whole and ``∇S`` written over it
 in pieces. ``lowbit.coverage`` traces attention whole (the pieces need lowbit's AVX-512
-kernels, which do not run under a trace): the same GEMMs, but not the forward's first
-pass (one more ``QKᵀ`` per head where ``P̃`` is per tensor).
+kernels, which do not run under a trace): the same GEMMs, and where an untraced step would
+make the forward's first pass (``P̃`` per tensor, in pieces) the traced one runs that
+``QKᵀ`` too, so the trace counts it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
 from . import grid_notes
 from .scopes import scope
 
@@ -374,6 +377,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         if done is not None:
             return done[0], None, None, None, (qq, qk, qv, done[1])
         # a NaN, an infinity or all zeros in P̃: the whole computation below, as always
+    elif not keep_probs and dropout_p == 0 and grid_notes.LISTENERS and spec.granularity is Granularity.TENSOR \
+            and _forward_in_pieces_untraced(spec, be, (b, lq, s, e, ev), dt):
+        # traced (lowbit.coverage): the pieces' C kernels do not run under a dispatch mode,
+        # so the whole computation below runs; the first pass over P's absmax that an
+        # untraced step makes is one more QKᵀ (and softmax): run it, so the trace counts it
+        # (a new user's trial: a Llama's forward FLOPs were 13% short)
+        attention_probs(qq, qk, mask, scale, (b, lq, s, e, ev), dt, be, mask is not None and not causal)
     probs = attention_probs(qq, qk, mask, scale, (b, lq, s, e, ev), dt, be,
                             mask is not None and not causal)  # (B, L, S); causal: none dead
     keep = None
@@ -425,6 +435,16 @@ def _forward_in_pieces_ok(spec: OperandSpec, backend: Backend, shapes: tuple[int
         return False  # one piece: the first pass would cost time and save no memory
     probe = torch.empty(1, s, dtype=dtype)
     return avx512.supports(probe, spec.format, spec.granularity, spec.rounding, torch.zeros((), dtype=torch.int64))
+
+
+def _forward_in_pieces_untraced(spec: OperandSpec, backend: Backend, shapes: tuple[int, ...],
+                                dtype: torch.dtype) -> bool:
+    """:func:`_forward_in_pieces_ok` as a step outside the dispatch modes running now
+    would answer it (a :class:`lowbit.gemm_trace.GemmTracer` makes lowbit's C kernels
+    decline, and ``lowbit.coverage`` turns the fused kernels off, so the traced step runs
+    whole)."""
+    with _disable_current_modes(), compiled.as_untraced():
+        return _forward_in_pieces_ok(spec, backend, shapes, dtype)
 
 
 def _forward_in_pieces(qq: QuantizedOperand, qk: QuantizedOperand, qv: QuantizedOperand, mask: torch.Tensor | None,

@@ -352,13 +352,11 @@ def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
 def _eager_kernels() -> Iterator[None]:
     """lowbit's fused quantizer/epilogue kernels off for the block: torch.compile does not
     compile under a dispatch mode. They compute the same codes as the eager reference
-    kernels and never decide which GEMM runs, so the traced GEMMs are the same."""
-    was = compiled.enabled()
-    compiled.set_enabled(False)
-    try:
+    kernels, and where they decide which GEMMs run (attention's forward in pieces and its
+    first pass) the decision is made as untraced (``compiled.as_untraced``), so the traced
+    GEMMs are the same."""
+    with compiled.off_for_trace():
         yield
-    finally:
-        compiled.set_enabled(was)
 
 
 def coverage(model: nn.Module, *example_inputs: Any,

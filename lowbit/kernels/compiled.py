@@ -28,11 +28,12 @@ rather than silently run eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,35 @@ def set_enabled(flag: bool) -> None:
     """Turn compiled kernels on or off (process-wide switch, e.g. for tests)."""
     global _enabled
     _enabled = bool(flag)
+
+
+_before_trace: list[bool] = []  # the switch as it was before a trace turned it off
+
+
+@contextlib.contextmanager
+def off_for_trace() -> Iterator[None]:
+    """The switch off for a traced block (``lowbit.coverage``: torch.compile does not
+    compile under a dispatch mode, and the reference kernels compute the same codes);
+    :func:`as_untraced` tells a decision what an untraced step would use."""
+    _before_trace.append(_enabled)
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(_before_trace.pop())
+
+
+@contextlib.contextmanager
+def as_untraced() -> Iterator[None]:
+    """The switch as an untraced step has it, for a decision made inside a traced block
+    (attention's forward in pieces: its first pass is a GEMM the trace must count)."""
+    global _enabled
+    was = _enabled
+    _enabled = _before_trace[0] if _before_trace else _enabled
+    try:
+        yield
+    finally:
+        _enabled = was
 
 
 def _describe(exc: BaseException) -> str:

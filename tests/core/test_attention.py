@@ -900,6 +900,39 @@ def test_forward_in_pieces_is_bitwise_the_whole_forward(monkeypatch: pytest.Monk
         assert got[0].isnan().any()
 
 
+@pytest.mark.parametrize("activation", ["tensor", "row"])
+def test_coverage_counts_the_first_pass_of_a_forward_in_pieces(monkeypatch: pytest.MonkeyPatch,
+                                                               activation: str) -> None:
+    """Fault kind 252 (a new user's trial: a Llama's forward FLOPs 13% short in coverage):
+    a traced step runs attention whole (the pieces' C kernels decline under a dispatch
+    mode), so the first pass over P's absmax that an untraced per-tensor step makes (one
+    more QKᵀ) was not counted. Untraced, the forward's QKᵀ runs twice per tensor (counted
+    here by wrapping ``attention_probs``) and once per row; coverage now says the same."""
+    _skip_without_pieces(True)
+    cfg = FQT
+    if activation == "row":
+        cfg = dataclasses.replace(cfg, activation=dataclasses.replace(cfg.activation,
+                                                                      granularity=cfg.activation.granularity.ROW))
+    monkeypatch.setattr(A, "CHUNK_SCORES", 2 * 128 * 128)  # 6 entries: three pieces
+    model = lowbit.convert(lowbit.ScaledDotProductAttention(), cfg)
+    q, k, v = _qkv_heads(length=128, hd=16)
+    entries: list[int] = []
+    real = A.attention_probs
+
+    def counted(qq, qk, mask, scale, shapes, *rest):  # entries of P each call forms
+        entries.append(rest[3][1] - rest[3][0] if len(rest) > 3 and rest[3] is not None else shapes[0])
+        return real(qq, qk, mask, scale, shapes, *rest)
+
+    monkeypatch.setattr(A, "attention_probs", counted)
+    out = model(q, k, v, is_causal=True)  # untraced: in pieces
+    passes = sum(entries) / 6
+    assert passes == (2 if activation == "tensor" else 1) and len(entries) == 3 * passes
+    out.sum().backward()
+    rep = lowbit.coverage(model, q, k, v, model_kwargs={"is_causal": True})
+    gemm = 2 * 6 * 128 * 128 * 16  # one attention GEMM: 2·(b·h)·L·S·hd
+    assert rep.flops(phase="forward") == (passes + 1) * gemm
+
+
 def test_pieces_with_a_huge_head_agree_with_the_whole_to_float_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one documented exception to "bitwise" (module docstring): a gradient step so
     large that an epilogue's float32 intermediate could overflow sends that call's
