@@ -50,6 +50,24 @@ _HOOKS = (
 _CARRIED = "_load_state_dict_pre_hooks"
 
 
+def _is_dtensor(t: object) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (named, not imported: a torch built
+    without distributed has none)."""
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+def sharded_reason(*modules: nn.Module) -> str | None:
+    """Why a module whose parameters are DTensors cannot be swapped, or ``None``: FSDP2
+    sharded it from a module above (the layer keeps its class, with FSDP's load_state_dict
+    post-hooks, which a new user's trial was told of instead), or tensor parallelism
+    distributed it."""
+    if any(_is_dtensor(p) for m in modules for p in m._parameters.values()):
+        return ("its parameters are DTensors, sharded by fully_shard (FSDP2) on a module above it "
+                "or distributed by tensor parallelism: convert the model with lowbit.convert before "
+                "fully_shard / parallelize_module")
+    return None
+
+
 def _module_free(module: nn.Module) -> bool:
     return all(getattr(h, "with_module", True) is False for h in getattr(module, _CARRIED).values())
 
@@ -160,6 +178,9 @@ def mha_reason(module: nn.Module) -> str | None:
         owned = extra or sorted(module._buffers) or sorted(set(module._modules) - {"out_proj"})
         return f"owns more than nn.MultiheadAttention defines: {owned}"
     out = module.out_proj
+    sharded = sharded_reason(module, out) if isinstance(out, nn.Module) else None
+    if sharded:
+        return sharded
     if type(out) not in (nn.Linear, NonDynamicallyQuantizableLinear) or hooks_reason(out):
         return ("its out_proj is not a plain Linear without hooks (the converted module calls "
                 "out_proj, the float one never does)")
@@ -231,6 +252,9 @@ def skip_reason(module: nn.Module, parent: nn.Module | None, base: type[nn.Modul
         where = "nn." if base.__module__.startswith("torch.") else f"{base.__module__}."
         return (f"{cls.__qualname__} is a subclass of {where}{base.__name__}: its own forward, "
                 f"parameters or state would be lost")
+    sharded = sharded_reason(module)  # (before the hooks, which FSDP2 registers)
+    if sharded:
+        return sharded
     hooks = hooks_reason(module)
     if hooks:
         return hooks

@@ -332,7 +332,8 @@ class QuantizedCommState:
     """State of :func:`quantized_allreduce_hook`: the :class:`GradComm`, the process group
     the gradients are averaged over, each parameter's index and communication count, and
     byte counters (``bytes_sent`` by this rank; ``bytes_fp32``: what DDP's fp32 all-reduce
-    of the same buckets sends; ``steps``: backward passes seen).
+    of the same buckets sends; ``steps``: backward passes whose gradients were communicated
+    — a pass under DDP's ``no_sync()`` is not one).
 
     ``process_group``: ``None`` takes the DDP model's ``process_group`` (the group its
     buckets are reduced over); given with a DDP model, it must be that model's group or
@@ -399,8 +400,12 @@ class QuantizedCommState:
 
     def state_dict(self) -> dict:
         """The counters (``calls`` per parameter index: the keys of the communication
-        noise), with the ``comm`` settings and the number of ``parameters`` they belong to."""
-        return {"calls": dict(self.calls), "bytes_sent": self.bytes_sent,
+        noise; every index, 0 for one never communicated, so that a load in place —
+        ``torch.distributed.checkpoint.load`` into a fresh state's dict, which fills only the
+        keys it holds — restores them all), with the ``comm`` settings and the number of
+        ``parameters`` they belong to."""
+        calls = {i: self.calls.get(i, 0) for i in range(len(self.index))}
+        return {"calls": calls, "bytes_sent": self.bytes_sent,
                 "bytes_fp32": self.bytes_fp32, "fallbacks": self.fallbacks, "steps": self.steps,
                 "comm": asdict(self.comm), "parameters": len(self.index)}
 
@@ -433,6 +438,17 @@ class QuantizedCommState:
         except KeyError as exc:
             raise ValueError(f"QuantizedCommState.load_state_dict: the state has no {exc.args[0]!r} "
                              "(not a QuantizedCommState.state_dict())") from None
+        if steps > max(calls.values(), default=0):
+            # each step advances some parameter's count to it: the counts were lost (a new
+            # user's trial: a torch.distributed.checkpoint load into a fresh state's empty
+            # calls; the noise then restarted at call 0, repeating earlier steps' draws)
+            raise ValueError(f"QuantizedCommState.load_state_dict: steps={steps} but the largest of the "
+                             f"calls counted is {max(calls.values(), default=0)}: the per-parameter counts "
+                             "(the communication noise's keys) are missing or altered — a "
+                             "torch.distributed.checkpoint load fills only the keys of the dict it loads "
+                             "into; save and load the whole state_dict() of a state that has run "
+                             "(or torch.save it per process)")
+        calls = {k: v for k, v in calls.items() if v}  # (0: never communicated, as absent)
         self.calls, self.bytes_sent, self.bytes_fp32 = calls, sent, fp32
         self.fallbacks, self.steps = fallbacks, steps
 

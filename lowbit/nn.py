@@ -32,7 +32,7 @@ from .conversion import (MHA_REASON, ConversionReport, ConversionWarning, SwapRu
 from .conv import fqt_conv1d
 from .formats import check_dense
 from .functional import Trackers, fqt_conv2d, fqt_linear, same_padding
-from .noise import NoiseStream, draw_base_seed
+from .noise import NoiseStream, current_rank, draw_base_seed
 from .ops import GRAD_PATHS, BlockState
 from .quantizers import Granularity
 from . import ranges as ranges_module
@@ -653,8 +653,12 @@ def load_rng_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
 
 def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     """Every predicted-range tracker's history and counters, by layer and path (save it
-    in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical)."""
-    return {n: {p: t.state_dict() for p, t in m.range_trackers.items()}
+    in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical).
+    The histories are this process's own: under DDP each rank predicts from its own
+    gradients, so each rank saves and loads its own state (each entry records its
+    ``rank``; :func:`load_range_state` warns where another rank's is loaded)."""
+    rank = current_rank()
+    return {n: {p: {**t.state_dict(), "rank": rank} for p, t in m.range_trackers.items()}
             for n, m in fqt_blocks(model).items() if m.range_trackers}
 
 
@@ -731,6 +735,17 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     if unfit:  # its next backward would replace (or ignore) it: refuse instead
         raise ValueError("range state was saved under other predicted-range settings (history, margin, "
                          f"per row, overflow, quantizer) than the layers' configs: {unfit[:3]}")
+    rank = current_rank()
+    others = sorted({s["rank"] for paths in state.values() for s in paths.values()
+                     if isinstance(s.get("rank"), int) and s["rank"] != rank})
+    if others:
+        # a new user's trial: the usual rank-0-only checkpoint gave every rank rank 0's
+        # histories, and the resumed run silently stopped being bitwise
+        warnings.warn(f"load_range_state: this state was saved on rank {others[0]}, this process is rank "
+                      f"{rank}: predicted ranges are each rank's own (its own gradients), so the run "
+                      "continues unbiased but not bitwise as the uninterrupted one; for a bitwise resume "
+                      "save lowbit.range_state(model) on every rank and load each rank's own",
+                      UserWarning, stacklevel=2)
     loaded: dict[str, dict[str, RangeTracker]] = {}
     for name, paths in state.items():  # all built before any layer changes
         for path, s in paths.items():

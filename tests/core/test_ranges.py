@@ -235,6 +235,28 @@ def test_range_state_round_trip_and_errors() -> None:
         lowbit.load_range_state(fresh, {"nope": {}})
 
 
+def test_another_ranks_range_state_is_loaded_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault kind 253 (a new user's trial under torchrun): a rank-0-only checkpoint gave
+    rank 1 rank 0's histories; its resume silently stopped being bitwise. Each entry now
+    records its rank, and loading another rank's warns (the run stays unbiased)."""
+    import warnings
+
+    import lowbit.nn as lnn
+
+    model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-4-predicted", seed=0))
+    _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    state = lowbit.range_state(model)  # rank 0 (no process group)
+    assert {s["rank"] for paths in state.values() for s in paths.values()} == {0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.load_range_state(model, state)  # its own rank: no word
+    monkeypatch.setattr(lnn, "current_rank", lambda: 1)
+    with pytest.warns(UserWarning, match="saved on rank 0, this process is rank 1: .* save "
+                                         r"lowbit.range_state\(model\) on every rank"):
+        lowbit.load_range_state(model, state)
+    assert _same_ranges(lowbit.range_state(model), state)  # loaded all the same
+
+
 def _same_ranges(a: dict, b: dict) -> bool:
     """Two :func:`lowbit.range_state` results hold the same trackers in the same states."""
     return a.keys() == b.keys() and all(

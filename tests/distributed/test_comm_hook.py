@@ -425,6 +425,29 @@ def test_ranks_that_disagree_on_the_hooks_settings_or_counters_are_told_not_aver
         assert "is an FSDP model" in r["fsdp"] and "DistributedDataParallel comm hook" in r["fsdp"]
 
 
+def test_comm_state_lists_every_counter_and_refuses_a_load_that_lost_them():
+    """Fault kind 253 (a new user's trial): ``torch.distributed.checkpoint.load`` fills only
+    the keys of the dict it loads into, and a fresh state's ``calls`` was empty: the load
+    left ``steps=3`` with no counts, accepted, and the communication noise restarted at call
+    0 (earlier steps' draws again). ``state_dict()`` now lists every parameter index, and a
+    state whose counts fall short of its ``steps`` is refused."""
+    fresh = QuantizedCommState(_mlp(), COMM)
+    assert fresh.state_dict()["calls"] == {0: 0, 1: 0, 2: 0, 3: 0}
+    ran = QuantizedCommState(_mlp(), COMM)
+    ran.calls, ran.steps = {0: 3, 1: 3, 2: 3, 3: 3}, 3
+    target = fresh.state_dict()  # what an in-place load does: the target's keys, the saved values
+    saved = ran.state_dict()
+    loaded = {k: ({i: saved["calls"][i] for i in target["calls"]} if k == "calls" else saved[k]) for k in target}
+    fresh.load_state_dict(loaded)
+    assert fresh.calls == ran.calls and fresh.steps == 3
+    lost = saved | {"calls": {}}
+    other = QuantizedCommState(_mlp(), COMM)
+    with pytest.raises(ValueError, match=r"steps=3 but the largest of the calls counted is 0: .*"
+                                         r"torch.distributed.checkpoint load fills only the keys"):
+        other.load_state_dict(lost)
+    assert other.steps == 0 and other.calls == {}
+
+
 def test_a_comm_state_that_cannot_load_whole_changes_nothing():
     """A review: ``load_state_dict`` replaced ``calls`` before it found ``bytes_sent``
     missing (KeyError, half loaded), and took negative or fractional counters."""
@@ -537,11 +560,21 @@ def test_convert_after_fully_shard_says_to_convert_first(tmp_path):
     try:
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         fully_shard(model[0])
+        root = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2), torch.nn.MultiheadAttention(8, 2))
+        fully_shard(root)  # sharded from above: the layers stay nn.Linear with DTensor parameters
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-psq-8"))
+            _, report = lowbit.convert(root, lowbit.FQTConfig.from_recipe("fqt-psq-8"), report=True)
     finally:
         dist.destroy_process_group()
     text = " ".join(str(w.message) for w in caught)
     assert "'0': FSDPLinear is a module fully_shard (FSDP2) has already sharded: convert the model with " \
            "lowbit.convert before fully_shard" in text
+    # fault kind 253 (a new user's trial): the root-only case blamed "load_state_dict
+    # post-hooks", which FSDP2 registers, not the user
+    assert type(root[0]) is torch.nn.Linear and set(report.skipped) == {"0", "1", "2", "2.out_proj"}
+    for name in ("0", "1", "2"):
+        why = report.skipped[name]
+        assert why.startswith("its parameters are DTensors, sharded by fully_shard (FSDP2) on a module "
+                              "above it") and "convert the model with lowbit.convert before fully_shard" in why
