@@ -53,7 +53,16 @@ def quantize_forward(
     """``Q_f`` of a weight (out, in) or activation (N, in) operand onto ``spec.format``
     (block scales along ``in``, the summed dimension of the output GEMM): one kernel call.
     ``TypeError`` for a dtype lowbit does not quantize (an int32 tensor was quantized
-    without a word: a review; fault kind 67's check at this entry point too)."""
+    without a word: a review; fault kind 67's check at this entry point too); ``TypeError``
+    for a ``spec`` that is not an :class:`OperandSpec`, ``ValueError`` for an operand that
+    is not 2-D (a 3-D one got scales of no row's shape: a new user's trial)."""
+    if not isinstance(spec, OperandSpec):
+        raise TypeError(f"quantize_forward: spec must be an OperandSpec, got {type(spec).__name__}"
+                        + (" (a gradient's spec: use quantize_gradient)" if isinstance(spec, GradSpec) else ""))
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
+        raise ValueError("quantize_forward expects a 2-D operand (rows, in): got "
+                         + (f"shape {tuple(x2d.shape)}" if isinstance(x2d, torch.Tensor) else type(x2d).__name__)
+                         + " (reshape it to (-1, in) first)")
     check_quantizable("quantize_forward", "the operand", x2d)
     k = kernels_for(backend, x2d.device)
     seed = sr_seed(generator, spec.rounding, x2d.device)
@@ -73,7 +82,11 @@ def quantize_gradient(
     transformed on its own where the quantizer can (:meth:`GradQuantizer.quantize`).
     ``ValueError`` for a ``tracker`` whose settings (history,
     margin, overflow, quantizer) are not the spec's: it would run with its own, silently
-    (``lowbit.ops.tracker_key`` gives the key a layer's tracker has)."""
+    (``lowbit.ops.tracker_key`` gives the key a layer's tracker has); ``TypeError`` for a
+    ``spec`` that is not a :class:`GradSpec`."""
+    if not isinstance(spec, GradSpec):
+        raise TypeError(f"quantize_gradient: spec must be a GradSpec, got {type(spec).__name__}"
+                        + (" (a forward operand's spec: use quantize_forward)" if isinstance(spec, OperandSpec) else ""))
     if spec.predicted and tracker is not None:
         want = (spec.history, spec.margin, spec.overflow.value, spec.quantizer)
         have = (tracker.history, tracker.margin, tracker.overflow.value, tracker.quantizer)
@@ -410,8 +423,8 @@ def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if weight.dim() != 2:
         raise RuntimeError(f"fqt_linear: expected a 2-D weight (out, in), got shape {tuple(weight.shape)} "
                            "(for F.linear's 1-D form use weight.unsqueeze(0) and squeeze the output)")
-    if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
-        bias = bias.reshape(1).expand(weight.shape[0])  # broadcast, as F.linear does
+    if bias is not None and bias.dim() <= 1 and bias.numel() == 1:
+        bias = bias.reshape(1).expand(weight.shape[0])  # broadcast, as F.linear does (a 0-d one too)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"fqt_linear: bias of shape {tuple(bias.shape)} does not fit a weight of "
                            f"shape {tuple(weight.shape)}: it must be ({weight.shape[0]},) or one element")

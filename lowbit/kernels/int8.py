@@ -224,22 +224,48 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     a_scale`` could pass float32's maximum although the product need not (``|acc| ≤ k·2¹⁴``
     for int8 codes: a step past ``3.4e38 / (k·2¹⁴)``, an operand of magnitude ≈ 1e34 and
     more): the epilogue then runs in float64 and rounds once to its output dtype, as the
-    simulated GEMM of the dequantized operands stays finite. Only finite steps count: a
+    simulated GEMM of the dequantized operands stays finite. Float64 steps, which have no
+    wider dtype, get a power of two moved from ``a_scale`` to ``b_scale`` instead where the
+    intermediate could pass float64's maximum (exact: the product is unchanged). Only finite steps count: a
     NaN or infinite row is non-finite either way, and the other rows keep their float32
     bits. Float32 scales otherwise
     (every ordinary gradient: the same bits as before). Checked on the CPU only (on other
     devices the check would be a host sync per GEMM). ``k`` 0: the summed length is not
     known (:data:`MAX_K` is assumed)."""
-    if a_scale.dtype != torch.float32 or a_scale.device.type != "cpu" or a_scale.numel() == 0:
+    if a_scale.dtype not in (torch.float32, torch.float64) or a_scale.device.type != "cpu" \
+            or a_scale.numel() == 0:
         return a_scale, b_scale
     # the largest finite step decides: a NaN or infinite one makes its own products
     # non-finite in either dtype, and must not move the other rows to float64 (their bits
     # would change with a NaN elsewhere in the batch); one number: read it (one op)
-    a = a_scale.detach()
-    amax = abs(float(a)) if a.numel() == 1 else float(torch.where(torch.isfinite(a), a.abs(), 0.0).amax())
-    if not math.isfinite(amax) or amax * (k if k > 0 else MAX_K) * 2.0**14 <= _FLOAT32_MAX:
+    amax = _largest_finite(a_scale)
+    terms = (k if k > 0 else MAX_K) * 2.0**14  # |acc| ≤ terms: the intermediate's bound is amax·terms
+    if a_scale.dtype == torch.float32:
+        return (a_scale, b_scale) if amax * terms <= _FLOAT32_MAX else (a_scale.double(), b_scale.double())
+    # float64 steps have no wider dtype: past float64's range (a step beyond ≈ 1e304/k,
+    # beside a tiny other one: a new user's trial, 1e307 × 1e-307 gave inf where the
+    # reference gives 1.6) a power of two moves from a's steps to b's, exactly (both stay
+    # normal numbers), so (acc·s_a)·s_b stays finite where the product is
+    if amax <= _FLOAT64_MAX / terms:  # (the bound itself may pass float64's range)
         return a_scale, b_scale
-    return a_scale.double(), b_scale.double()
+    shift = math.ceil(math.log2(amax) + math.log2(terms) - math.log2(_FLOAT64_MAX)) + 1
+    bmax = _largest_finite(b_scale)
+    if not math.isfinite(math.ldexp(bmax, shift)):  # the product itself past the range: as it is
+        return a_scale, b_scale
+    return torch.ldexp(a_scale, torch.tensor(-float(shift), dtype=torch.float64)), \
+        torch.ldexp(b_scale, torch.tensor(float(shift), dtype=torch.float64))
+
+
+_FLOAT64_MAX = float(torch.finfo(torch.float64).max)
+
+
+def _largest_finite(scale: torch.Tensor) -> float:
+    """The largest finite ``|scale|`` (0 where none is): one number read."""
+    a = scale.detach()
+    if a.numel() == 1:
+        v = abs(float(a))
+        return v if math.isfinite(v) else 0.0
+    return float(torch.where(torch.isfinite(a), a.abs(), 0.0).amax())
 
 
 def panel_rows(a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:

@@ -528,6 +528,47 @@ def test_huge_gradients_stay_finite_on_the_integer_path(layer: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv", "attention"])
+def test_float64_steps_past_float64s_range_stay_finite_on_the_integer_path(layer: str) -> None:
+    """Fault kind 254 (a new user's trial): float64 has no wider dtype, so the guard above
+    left a float64 epilogue ``(float(acc)·s_a)·s_b`` as it was; x ≈ 1e307 beside W ≈ 1e-307
+    gave inf under ``auto`` where ``reference`` and torch give 1.6. A power of two now moves
+    from ``s_a`` to ``s_b`` (exact): finite wherever the reference is, equal to it to float
+    rounding (rtol as above)."""
+    import lowbit
+    from lowbit.attention import scaled_dot_product_attention
+
+    big = torch.finfo(torch.float64).max / 64
+
+    def run(backend: str) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=1)
+        if layer == "attention":  # ∇O near the range: ∇S's steps, then ∇Q = ∇S·K
+            q, k, v = (torch.randn(2, 2, 128, 16, generator=g, dtype=torch.float64).requires_grad_()
+                       for _ in range(3))
+            out, leaves = scaled_dot_product_attention(q, k, v, state=block_state(cfg)), [q, k, v]
+            out.backward(torch.randn(out.shape, generator=g, dtype=torch.float64) * big / 4)
+            return [out.detach(), *(t.grad for t in leaves)]
+        got = []
+        # the forward's steps (x huge beside a small W), then the backward's (∇Y huge); every
+        # step a normal number (a subnormal step rounds each path's values differently)
+        for xs, ws, gs in ((1e306, 1e-300, 1.0), (1e-300, 1e-300, 1e306)):
+            shape = (8, 16) if layer == "linear" else (2, 3, 8, 8)
+            x = (torch.randn(shape, generator=g, dtype=torch.float64) * xs).requires_grad_()
+            wshape = (5, 16) if layer == "linear" else (4, 3, 3, 3)
+            w = (torch.randn(wshape, generator=g, dtype=torch.float64) * ws).requires_grad_()
+            fn = lowbit.functional.fqt_linear if layer == "linear" else lowbit.functional.fqt_conv2d
+            out = fn(x, w, None, block_state(cfg))  # (a bare config: a new noise stream per call)
+            out.backward(torch.randn(out.shape, generator=g, dtype=torch.float64) * gs)
+            got += [out.detach(), x.grad, w.grad]
+        return got
+
+    for a, b in zip(run("auto"), run("reference"), strict=True):
+        assert bool(b.isfinite().all()), "the reference itself overflows: the case is mis-sized"
+        assert bool(a.isfinite().all())
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_row_leaves_the_other_rows_bits(bad: float) -> None:
     """A review (2026-12-05): the int8 epilogue's float32/float64 decision read the call's

@@ -374,6 +374,29 @@ def test_linear_takes_a_one_element_bias_as_torch_broadcasts_it() -> None:
     got = lowbit.functional.fqt_linear(x, w, b, cfg)
     want = lowbit.functional.fqt_linear(x, w, b.expand(3).clone(), cfg)
     assert torch.equal(got, want)
+    # fault kind 254 (a new user's trial): a 0-d bias of a one-output weight was refused
+    # ("bias of shape () ... must be (1,) or one element"), where F.linear takes it
+    w1, b0 = torch.randn(1, 4), torch.tensor(2.0)
+    assert torch.equal(lowbit.functional.fqt_linear(x, w1, b0, cfg),
+                       lowbit.functional.fqt_linear(x, w1, b0.reshape(1), cfg))
+
+
+def test_quantize_forward_and_gradient_refuse_other_shapes_and_specs() -> None:
+    """Fault kind 254 (a new user's trial): ``quantize_forward`` took a 3-D operand and gave
+    scales of no row's shape, a 0-d one an ``IndexError``, and another spec type an
+    ``AttributeError``; now each is named."""
+    from lowbit import GradSpec, OperandSpec
+    from lowbit.functional import quantize_forward, quantize_gradient
+
+    for shape in ((2, 3, 4), (4,), ()):
+        with pytest.raises(ValueError, match=rf"quantize_forward expects a 2-D operand \(rows, in\): got shape "
+                                             rf"{re.escape(str(shape))}"):
+            quantize_forward(torch.randn(shape), OperandSpec(8, "row"))
+    with pytest.raises(TypeError, match="spec must be an OperandSpec, got GradSpec .*use quantize_gradient"):
+        quantize_forward(torch.randn(3, 4), GradSpec(8))
+    with pytest.raises(TypeError, match="spec must be a GradSpec, got OperandSpec .*use quantize_forward"):
+        quantize_gradient(torch.randn(3, 4), OperandSpec(8), None)
+    assert quantize_forward(torch.randn(3, 4), OperandSpec(8, "row")).scale.shape == (3, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
