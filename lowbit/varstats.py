@@ -80,8 +80,23 @@ def _work(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
 
 def _low(*ts: torch.Tensor) -> bool:
     """Whether the bfloat16 shortcut may take these operands: not float64 ones (bfloat16
-    has float32's range, not float64's)."""
-    return all(t.dtype != torch.float64 for t in ts)
+    has float32's range, not float64's), and only where a bfloat16 GEMM is the faster one
+    (:func:`bf16_gemms_fast`)."""
+    return all(t.dtype != torch.float64 for t in ts) and all(bf16_gemms_fast(t.device) for t in ts)
+
+
+_BF16_UNITS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def bf16_gemms_fast(device: torch.device) -> bool:
+    """Whether bfloat16 GEMMs outrun float32's on ``device``: off the CPU, and on CPUs with
+    bfloat16 units (AVX-512 BF16, AMX-BF16). Elsewhere torch's bfloat16 matmul has no fast
+    kernel (an AMD EPYC with AVX2 only: 0.9 GFLOP/s against 50 for float32 — a docs audit
+    found a monitored FFN step at 114–137 s against 1.6–2.7 s unmonitored)."""
+    if device.type != "cpu":
+        return True
+    from .kernels import cbuild  # (the kernels package imports this module's users)
+    return bool(cbuild.cpu_flags() & _BF16_UNITS)
 
 
 def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +157,9 @@ def total_sq_norm(a: torch.Tensor, u: torch.Tensor, sq: torch.Tensor) -> float:
     """``‖aᵀu‖²_F`` for ``a`` (N, O), ``u`` (N, K) given the per-sample squared norms ``sq``
     whose sum bounds it (``‖Σ_n G_n‖² ≤ B·Σ_n ‖G_n‖²``).
 
-    Products of at least 2²⁶ multiply-adds run in bfloat16 (float32 accumulation, 4× a
-    float32 GEMM on CPUs with AVX-512 BF16). Its input rounding (relative 2⁻⁹ per element,
+    Products of at least 2²⁶ multiply-adds run in bfloat16 where that is faster
+    (:func:`bf16_gemms_fast`: float32 accumulation, 4× a float32 GEMM on CPUs with
+    AVX-512 BF16; float32 on CPUs without bfloat16 units). Its input rounding (relative 2⁻⁹ per element,
     independent signs) moves ``‖aᵀu‖²`` by a relative 1e-5–5e-5 (measured, Gaussian
     operands 1024×256×256), so formula (1) by that times ``c/(1 − c)``, ``c`` the
     coherence ``‖aᵀu‖² / (B·Σ‖G_n‖²)``: at most 5e-4 for ``c ≤ 0.9``, far below (1)'s own
@@ -162,7 +178,7 @@ def total_sq_norm(a: torch.Tensor, u: torch.Tensor, sq: torch.Tensor) -> float:
 def product_row_norms(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Rows ``s_n`` of ``a·w`` (``a`` (B, O), ``w`` (O, K)) as per-sample gradients: their
     squared norms (B,) float64 and ``‖Σ_n s_n‖²``. In bfloat16 for products of at least
-    2²⁶ multiply-adds, redone in float32 above coherence 0.9 — the rule and bound of
+    2²⁶ multiply-adds where that is faster (:func:`bf16_gemms_fast`), redone in float32 above coherence 0.9 — the rule and bound of
     :func:`total_sq_norm`."""
     def norms(p: torch.Tensor) -> tuple[torch.Tensor, float]:
         return squared_norms(p, 1), float(squared_norms(_work(p).sum(0)))

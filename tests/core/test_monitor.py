@@ -59,11 +59,15 @@ def test_per_sample_sq_norms_equal_brute_force(shape: tuple[int, int, int, int])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0, 10.0])
-def test_total_norm_in_bfloat16_keeps_the_sgd_estimate(alpha: float) -> None:
+def test_total_norm_in_bfloat16_keeps_the_sgd_estimate(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2²⁶-MAC product takes the bfloat16 GEMM: formula (1) within 1e-3 relative of the
     float64 value (the documented bound is 5e-4 up to coherence 0.9; Gaussian operands
     whose shared mean ``alpha`` sets the coherence from ~0 to ~0.98, where the float32
-    fallback must give the float32 product exactly)."""
+    fallback must give the float32 product exactly). (The bfloat16 path forced on: a CPU
+    without bfloat16 units takes float32.)"""
+    import lowbit.varstats as V
+
+    monkeypatch.setattr(V, "bf16_gemms_fast", lambda device: True)
     g = torch.Generator().manual_seed(0)
     n, o, k = 1024, 256, 256
     a = alpha * torch.randn(o, generator=g) + torch.randn(n, o, generator=g)
@@ -80,6 +84,31 @@ def test_total_norm_in_bfloat16_keeps_the_sgd_estimate(alpha: float) -> None:
     s64 = a.double() @ w.double()
     ref = sgd_variance(s64.square().sum(1), float(s64.sum(0).square().sum()))
     assert sgd_variance(*product_row_norms(a, w)) == pytest.approx(ref, rel=1e-3)
+
+
+def test_the_bfloat16_shortcut_only_where_bfloat16_gemms_are_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault kind 255 (a docs audit on an AMD EPYC with AVX2 only): the monitor's 2²⁶-MAC
+    products ran in bfloat16 on every CPU, where torch's bfloat16 matmul without
+    bfloat16 units runs at 0.9 GFLOP/s against 50 for float32 — a monitored FFN step took
+    114–137 s against 1.6–2.7 s. The shortcut now needs AVX-512 BF16 or AMX-BF16 (or a
+    GPU); elsewhere the product is the float32 one, exactly."""
+    import lowbit.varstats as V
+    from lowbit.kernels import cbuild
+
+    for flags, fast in ((frozenset({"avx2", "fma"}), False), (frozenset({"avx512_bf16"}), True),
+                        (frozenset({"amx_bf16"}), True)):
+        monkeypatch.setattr(cbuild, "cpu_flags", lambda flags=flags: flags)
+        assert V.bf16_gemms_fast(torch.device("cpu")) is fast
+    assert V.bf16_gemms_fast(torch.device("cuda")) is True
+    monkeypatch.setattr(cbuild, "cpu_flags", lambda: frozenset({"avx2"}))
+    g = torch.Generator().manual_seed(0)
+    a, u = torch.randn(1024, 256, generator=g), torch.randn(1024, 256, generator=g)  # 2²⁶ MACs
+    sq = per_sample_sq_norms(a[:, None], u[:, None])
+    assert total_sq_norm(a, u, sq) == float(V.squared_norms(a.t() @ u))
+    w = u[:256].t().contiguous()
+    got_sq, got_total = product_row_norms(a, w)
+    p = a @ w
+    assert torch.equal(got_sq, V.squared_norms(p, 1)) and got_total == float(V.squared_norms(p.sum(0)))
 
 
 def test_sgd_variance_of_identical_samples_is_zero_not_negative() -> None:
