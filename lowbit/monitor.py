@@ -53,7 +53,8 @@ Random transforms (``hadamard``) use the very signs the layer drew: the generato
 rebuilt from the layer's noise stream (:mod:`lowbit.noise`) before its backward runs.
 
 Cost: on a monitored step, about one extra GEMM per layer the size of its ∇W GEMM
-(``‖∇W_QAT‖²``; bfloat16 when large), elementwise passes over ∇Y per path (and per
+(``‖∇W_QAT‖²``; bfloat16 when large, where bfloat16 GEMMs are fast:
+:func:`lowbit.varstats.bf16_gemms_fast`), elementwise passes over ∇Y per path (and per
 candidate width under a policy), per-sample norms; paired: one ∇W-sized GEMM per layer on
 the step before. Nothing on other steps but a forward hook that returns at once. The
 input ``X`` of each layer is held from its forward to its backward on measured steps
