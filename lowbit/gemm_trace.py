@@ -596,7 +596,22 @@ class GemmTracer(TorchDispatchMode):
         if weight is None and phase in ("forward", "backward"):
             return "activation × activation product (e.g. attention): not converted"
         local = weight.removeprefix(f"{self._name(module)}.") if weight is not None else "weight"
-        return f"{type(module).__name__} is not converted" + (f" ({local})" if local != "weight" else "")
+        return f"{type(module).__name__} is not converted" + (f" ({local})" if local != "weight" else "") \
+            + _not_converted_why(module)
+
+
+def _not_converted_why(module: nn.Module) -> str:
+    """Why a module's GEMM ran float though it is not lowbit's, after "X is not converted"
+    (a new user's trial: a layer a ``module_filter`` excluded and a ``ConvTranspose2d``,
+    which lowbit has no layer for, read alike)."""
+    name = type(module).__name__
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) \
+            or (name == "Conv1D" and type(module).__module__.startswith("transformers")):
+        return (": a kind convert swaps, left float — excluded by a module_filter, skipped (the conversion "
+                "report's skipped says why), or not reached by convert")
+    if type(module).__module__.startswith("torch.nn"):
+        return f": lowbit has no low-bit {name} (README, \"What stays in float after convert\")"
+    return ": a functional GEMM in its forward (convert swaps modules, not calls)"
 
 
 @functools.cache

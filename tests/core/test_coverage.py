@@ -80,11 +80,27 @@ def test_mlp_fp_recipe_runs_all_float() -> None:
     assert {g["reason"] for g in rep.float_reasons()} == {"converted with the fp recipe (float by design)"}
 
 
+NOT_SWAPPED = (": a kind convert swaps, left float — excluded by a module_filter, skipped (the conversion "
+               "report's skipped says why), or not reached by convert")
+
+
+def test_float_reasons_tell_an_excluded_layer_from_a_kind_lowbit_has_no_layer_for() -> None:
+    """Fault kind 256 (a new user's trial): a layer a ``module_filter`` excluded and a
+    ``ConvTranspose2d`` both read "X is not converted", as if lowbit could do nothing for
+    either."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Flatten(), nn.Linear(256, 5))
+    lowbit.convert(m, lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0), module_filter=lambda mod, name: name != "0")
+    reasons = {(g.module, g.reason) for g in coverage(m, torch.randn(2, 3, 8, 8)).rows if g.kind == "float"}
+    assert reasons == {("0", "Conv2d is not converted" + NOT_SWAPPED),
+                       ("1", "ConvTranspose2d is not converted: lowbit has no low-bit ConvTranspose2d (README, "
+                             "\"What stays in float after convert\")")}
+
+
 def test_unconverted_mlp_says_not_converted() -> None:
     rep = mlp_step(mlp())
     assert by_gemm(rep) == mlp_expected("float", FP32)
     reasons = rep.float_reasons()
-    assert {g["reason"] for g in reasons} == {"Linear is not converted"}
+    assert {g["reason"] for g in reasons} == {"Linear is not converted" + NOT_SWAPPED}
     assert sum(g["flops"] for g in reasons) == 5760
 
 
@@ -972,7 +988,8 @@ def test_bilinear_products_are_counted_and_other_namespaces_gemms_listed() -> No
     # ∇x1, ∇x2 and ∇A: each one trilinear over the same index space, ∇A the weight's gradient
     assert _module_flops(r, "bil", "grad_input") == 2 * 2 * n * o * i1 * i2
     assert _module_flops(r, "bil", "grad_weight") == 2 * n * o * i1 * i2
-    assert {(g.weight, g.reason) for g in r.rows if g.module == "bil"} == {("bil.weight", "Bilinear is not converted")}
+    assert {(g.weight, g.reason) for g in r.rows if g.module == "bil"} == {("bil.weight", "Bilinear is not converted: lowbit has no low-bit Bilinear (README, "
+                                                                   "\"What stays in float after convert\")")}
     assert not r.unaccounted and 0 < r.lowbit_share < 0.1
 
     class Packs(nn.Module):  # packs its weight in the step: the packing multiplies nothing
@@ -1213,7 +1230,8 @@ def test_a_root_product_with_a_childs_weight_is_its_grad_input_not_a_layers_grad
     for tokens in (7, 4):  # 4·4 rows: ∇h is (16, 16), fc.weight's very shape (a second review)
         r = coverage(m, torch.randint(0, 50, (4, tokens)))
         root = sorted((g.phase, g.weight, g.reason) for g in r.rows if g.module == "")
-        assert root == [(p, "emb.weight", "Net is not converted (emb.weight)")
+        assert root == [(p, "emb.weight", "Net is not converted (emb.weight): a functional GEMM in its forward "
+                                          "(convert swaps modules, not calls)")
                         for p in ("forward", "grad_input", "grad_weight")]
         assert sorted(g.phase for g in r.rows if g.module == "fc" and g.kind == "int8") == \
             ["forward", "grad_input", "grad_weight"]
