@@ -281,7 +281,7 @@ def _epilogue(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: tor
     same arithmetic (in float64 where float32 could overflow:
     :func:`lowbit.kernels.int8.safe_scales`; ``safe``: the caller made them so already)."""
     if not safe:
-        a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)
+        a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length, shift=True)  # (a convolution's: no offsets)
     args = (acc.permute(0, 2, 3, 1), a_scale.reshape(-1, 1, 1, 1), b_scale.reshape(1, 1, 1, -1), bias, out_dtype)
     with scope("lowbit::epilogue"):
         return k.run("int8_epilogue_nhwc" if channels_last else "int8_epilogue_nchw", *args,
@@ -337,7 +337,7 @@ def _conv_epilogue(k: Kernels, held: list[torch.Tensor], w_codes: torch.Tensor, 
             acc = qconv.conv_acc(xu, w_codes, *geometry)
         del xu  # freed before the epilogue's output exists
         return _epilogue(k, acc, a_scale, b_scale, bias, out_dtype, length, channels_last)
-    a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length)  # one dtype for every piece
+    a_scale, b_scale = int8.safe_scales(a_scale, b_scale, length, shift=True)  # one dtype for every piece (no offsets)
     with scope("lowbit::gemm"):
         packed = qconv.prepack(w_codes, *geometry, xu.shape)
     per, out = -(-n // pieces), None

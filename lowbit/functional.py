@@ -59,10 +59,11 @@ def quantize_forward(
     if not isinstance(spec, OperandSpec):
         raise TypeError(f"quantize_forward: spec must be an OperandSpec, got {type(spec).__name__}"
                         + (" (a gradient's spec: use quantize_gradient)" if isinstance(spec, GradSpec) else ""))
-    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
-        raise ValueError("quantize_forward expects a 2-D operand (rows, in): got "
-                         + (f"shape {tuple(x2d.shape)}" if isinstance(x2d, torch.Tensor) else type(x2d).__name__)
-                         + " (reshape it to (-1, in) first)")
+    if not isinstance(x2d, torch.Tensor):
+        raise TypeError(f"quantize_forward: the operand must be a torch.Tensor, got {type(x2d).__name__}")
+    if x2d.dim() != 2:
+        raise ValueError(f"quantize_forward expects a 2-D operand (rows, in): got shape {tuple(x2d.shape)} "
+                         "(reshape it to (-1, in) first)")
     check_quantizable("quantize_forward", "the operand", x2d)
     k = kernels_for(backend, x2d.device)
     seed = sr_seed(generator, spec.rounding, x2d.device)

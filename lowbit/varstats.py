@@ -89,12 +89,16 @@ _BF16_UNITS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def bf16_gemms_fast(device: torch.device) -> bool:
-    """Whether bfloat16 GEMMs outrun float32's on ``device``: off the CPU, and on CPUs with
-    bfloat16 units (AVX-512 BF16, AMX-BF16). Elsewhere torch's bfloat16 matmul has no fast
-    kernel (an AMD EPYC with AVX2 only: 0.9 GFLOP/s against 50 for float32 — a docs audit
-    found a monitored FFN step at 114–137 s against 1.6–2.7 s unmonitored)."""
+    """Whether bfloat16 GEMMs outrun float32's on ``device``: CUDA GPUs with bfloat16 tensor
+    cores (compute capability 8.0 and up: not a V100 or T4, a review), and CPUs with
+    bfloat16 units (AVX-512 BF16, AMX-BF16). Elsewhere the float32 GEMM (torch's bfloat16
+    matmul without such units: an AMD EPYC with AVX2 only ran it at 0.9 GFLOP/s against 50
+    for float32 — a docs audit found a monitored FFN step at 114–137 s against 1.6–2.7 s
+    unmonitored)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
-        return True
+        return False
     from .kernels import cbuild  # (the kernels package imports this module's users)
     return bool(cbuild.cpu_flags() & _BF16_UNITS)
 

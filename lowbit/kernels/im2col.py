@@ -176,7 +176,7 @@ def exact_gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | No
     acc = torch.zeros(a.codes.shape[0], b.codes.shape[1], dtype=torch.int64, device=a.codes.device)
     for s in range(0, k, c):
         acc += int8.int_mm(a.codes[:, s:s + c].contiguous(), b.codes[s:s + c].contiguous())
-    return kernels.run("int8_epilogue", acc, *int8.safe_scales(a.scale, b.scale, k), None, None, None, None, k,
+    return kernels.run("int8_epilogue", acc, *int8.safe_scales(a.scale, b.scale, k, shift=True), None, None, None, None, k,
                        bias, out_dtype)
 
 
@@ -345,7 +345,7 @@ def gemm_nchw(kernels: Kernels, a_codes: torch.Tensor, a_scale: torch.Tensor, b:
             and b.offset is None and int8.supports(Encoded(a_codes, a_scale[:1]), b):
         with scope("lowbit::gemm"):
             acc = int8.int_mm(a_codes, b.codes)
-        sa, sb = int8.safe_scales(a_scale, b.scale, a_codes.shape[1])
+        sa, sb = int8.safe_scales(a_scale, b.scale, a_codes.shape[1], shift=True)  # (no offsets here)
         with scope("lowbit::epilogue"):
             return kernels.run("int8_epilogue_nchw", acc.view(n, *spatial, c),
                                sa.reshape(sa.shape[0], *ones, 1), sb.reshape(*ones, 1, sb.shape[1]), bias,

@@ -219,14 +219,19 @@ def int_mm_batched(a_codes: torch.Tensor, b_codes: torch.Tensor,
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int,
+                shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The epilogue's scales, as float64 where its float32 intermediate ``float(acc) ·
     a_scale`` could pass float32's maximum although the product need not (``|acc| ≤ k·2¹⁴``
     for int8 codes: a step past ``3.4e38 / (k·2¹⁴)``, an operand of magnitude ≈ 1e34 and
     more): the epilogue then runs in float64 and rounds once to its output dtype, as the
     simulated GEMM of the dequantized operands stays finite. Float64 steps, which have no
     wider dtype, get a power of two moved from ``a_scale`` to ``b_scale`` instead where the
-    intermediate could pass float64's maximum (exact: the product is unchanged). Only finite steps count: a
+    intermediate could pass float64's maximum — only with ``shift`` (the caller's epilogue
+    has no offsets: an asymmetric grid's offset terms are in real units and would be off by
+    the power of two, a review) and only where it is exact: both scales float64, every
+    finite nonzero ``a_scale`` staying a normal number and ``b_scale``'s largest finite
+    (``s_a·s_b`` unchanged). Only finite steps count: a
     NaN or infinite row is non-finite either way, and the other rows keep their float32
     bits. Float32 scales otherwise
     (every ordinary gradient: the same bits as before). Checked on the CPU only (on other
@@ -246,17 +251,55 @@ def safe_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int) -> tuple[t
     # beside a tiny other one: a new user's trial, 1e307 × 1e-307 gave inf where the
     # reference gives 1.6) a power of two moves from a's steps to b's, exactly (both stay
     # normal numbers), so (acc·s_a)·s_b stays finite where the product is
-    if amax <= _FLOAT64_MAX / terms:  # (the bound itself may pass float64's range)
-        return a_scale, b_scale
-    shift = math.ceil(math.log2(amax) + math.log2(terms) - math.log2(_FLOAT64_MAX)) + 1
-    bmax = _largest_finite(b_scale)
-    if not math.isfinite(math.ldexp(bmax, shift)):  # the product itself past the range: as it is
-        return a_scale, b_scale
-    return torch.ldexp(a_scale, torch.tensor(-float(shift), dtype=torch.float64)), \
-        torch.ldexp(b_scale, torch.tensor(float(shift), dtype=torch.float64))
+    e = float64_shift(a_scale, b_scale, k) if shift else 0
+    return (a_scale, b_scale) if e == 0 else (_ldexp(a_scale, -e), _ldexp(b_scale, e))
+
+
+def float64_shift(a_scale: torch.Tensor, b_scale: torch.Tensor, k: int,
+                  *others: torch.Tensor | None) -> int:
+    """The power of two ``e`` that :func:`safe_scales` moves from float64 ``a_scale`` to
+    ``b_scale`` (``a·2^-e``, ``b·2^e``), 0 for none: where ``(float(acc)·s_a)`` could pass
+    float64's maximum, and only where exact — both scales float64, every finite nonzero
+    step of ``a_scale`` (and of ``others``' first, an offset that moves with it) staying a
+    normal number and ``b_scale``'s (and ``others``' second) largest finite."""
+    if a_scale.dtype != torch.float64 or b_scale.dtype != torch.float64 or a_scale.device.type != "cpu" \
+            or a_scale.numel() == 0:
+        return 0
+    terms = (k if k > 0 else MAX_K) * 2.0**14
+    amax = _largest_finite(a_scale)
+    if amax <= _FLOAT64_MAX / terms:  # (the bound itself may pass float64's range: compared so)
+        return 0
+    e = math.ceil(math.log2(amax) + math.log2(terms) - math.log2(_FLOAT64_MAX)) + 1
+    down = [a_scale, *others[:1]]
+    up = [b_scale, *others[1:2]]
+    if any(t is not None and math.ldexp(_smallest_nonzero(t), -e) < _FLOAT64_TINY for t in down) \
+            or any(t is not None and not _finite_times(_largest_finite(t), e) for t in up):
+        return 0  # not exact (a step pushed into subnormals, or one past the range): as it is
+    return e
+
+
+def _finite_times(x: float, e: int) -> bool:
+    """Whether ``x·2^e`` is a finite float64 (``math.ldexp`` raises past the range)."""
+    try:
+        return math.isfinite(math.ldexp(x, e))
+    except OverflowError:
+        return False
+
+
+def _ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t·2^e`` (float64; exact for normal results)."""
+    return torch.ldexp(t, torch.tensor(float(e), dtype=torch.float64))
 
 
 _FLOAT64_MAX = float(torch.finfo(torch.float64).max)
+_FLOAT64_TINY = float(torch.finfo(torch.float64).tiny)  # the smallest normal float64
+
+
+def _smallest_nonzero(scale: torch.Tensor) -> float:
+    """The smallest finite nonzero ``|scale|`` (float64's max where none is): one number."""
+    a = scale.detach().abs()
+    ok = torch.isfinite(a) & (a > 0)
+    return float(torch.where(ok, a, _FLOAT64_MAX).amin()) if a.numel() else _FLOAT64_MAX
 
 
 def _largest_finite(scale: torch.Tensor) -> float:
@@ -345,7 +388,16 @@ def epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale
     (``int8_epilogue_into``: no second accumulator-sized buffer, the same values),
     any other output dtype (bf16 under autocast, float64 scales) into a new tensor. Scales
     that could overflow the float32 intermediate run in float64 (:func:`safe_scales`)."""
-    a_scale, b_scale = safe_scales(a_scale, b_scale, k)
+    if a_offset is None and b_offset is None:
+        a_scale, b_scale = safe_scales(a_scale, b_scale, k, shift=True)
+    elif (e := float64_shift(a_scale, b_scale, k, a_offset, b_offset)) != 0:
+        # an asymmetric grid's offsets are in real units: each moves with its scale (a
+        # review: shifted scales alone were off by 2^±e in the offset terms)
+        a_scale, b_scale = _ldexp(a_scale, -e), _ldexp(b_scale, e)
+        a_offset = None if a_offset is None else _ldexp(a_offset, -e)
+        b_offset = None if b_offset is None else _ldexp(b_offset, e)
+    else:
+        a_scale, b_scale = safe_scales(a_scale, b_scale, k)
     if out_dtype == torch.float32 and acc.dtype == torch.int32 \
             and torch.promote_types(a_scale.dtype, b_scale.dtype) == torch.float32:
         kernels.run("int8_epilogue_into", acc, a_scale, b_scale, a_offset, b_offset, rowsum,

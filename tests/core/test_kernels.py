@@ -528,8 +528,9 @@ def test_huge_gradients_stay_finite_on_the_integer_path(layer: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("layer", ["linear", "conv", "attention"])
-def test_float64_steps_past_float64s_range_stay_finite_on_the_integer_path(layer: str) -> None:
+@pytest.mark.parametrize(("layer", "recipe"), [("linear", "fqt-psq-8"), ("conv", "fqt-psq-8"),
+                                               ("attention", "fqt-psq-8"), ("linear", "fqt-psq-8a")])
+def test_float64_steps_past_float64s_range_stay_finite_on_the_integer_path(layer: str, recipe: str) -> None:
     """Fault kind 254 (a new user's trial): float64 has no wider dtype, so the guard above
     left a float64 epilogue ``(float(acc)·s_a)·s_b`` as it was; x ≈ 1e307 beside W ≈ 1e-307
     gave inf under ``auto`` where ``reference`` and torch give 1.6. A power of two now moves
@@ -542,7 +543,7 @@ def test_float64_steps_past_float64s_range_stay_finite_on_the_integer_path(layer
 
     def run(backend: str) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", backend=backend, seed=1)
+        cfg = lowbit.FQTConfig.from_recipe(recipe, backend=backend, seed=1)
         if layer == "attention":  # ∇O near the range: ∇S's steps, then ∇Q = ∇S·K
             q, k, v = (torch.randn(2, 2, 128, 16, generator=g, dtype=torch.float64).requires_grad_()
                        for _ in range(3))
@@ -567,6 +568,27 @@ def test_float64_steps_past_float64s_range_stay_finite_on_the_integer_path(layer
         assert bool(b.isfinite().all()), "the reference itself overflows: the case is mis-sized"
         assert bool(a.isfinite().all())
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+
+
+def test_the_float64_shift_is_taken_only_where_it_is_exact() -> None:
+    """A review of fault kind 254's first form: the power of two moved between float64
+    steps also where the epilogue has offsets (an asymmetric grid's, in real units: 4.46e10
+    for 1.62e8), pushed a small per-row step into subnormals (80 ulp off), and overflowed a
+    float32 ``b_scale``. It now moves only with ``shift`` (offset-free epilogues), between
+    float64 steps, where every step stays normal; then ``s_a·s_b`` is unchanged exactly."""
+    from lowbit.kernels import int8
+
+    f64 = torch.float64
+    sa, sb = torch.tensor([[1e307], [3e300]], dtype=f64), torch.tensor([[3e-300, 7e-301]], dtype=f64)
+    a, b = int8.safe_scales(sa, sb, 16, shift=True)
+    assert a.dtype == b.dtype == f64 and bool((a < sa).all()) and torch.equal(a * b, sa * sb)
+    assert bool(a.max() * 16 * 2.0**14 < torch.finfo(f64).max)
+    for args in ((sa, sb, 16, False),  # offsets: not moved
+                 (torch.tensor([[1e304], [3.3e-308]], dtype=f64), sb, 4096, True),  # a step would go subnormal
+                 (sa, torch.tensor([[3e34]]), 16, True),  # a float32 b_scale
+                 (sa, torch.tensor([[1e306]], dtype=f64), 16, True)):  # b's step past the range
+        a, b = int8.safe_scales(*args[:3], shift=args[3])
+        assert a is args[0] and b is args[1]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

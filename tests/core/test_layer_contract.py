@@ -397,6 +397,8 @@ def test_quantize_forward_and_gradient_refuse_other_shapes_and_specs() -> None:
     with pytest.raises(TypeError, match="spec must be a GradSpec, got OperandSpec .*use quantize_forward"):
         quantize_gradient(torch.randn(3, 4), OperandSpec(8), None)
     assert quantize_forward(torch.randn(3, 4), OperandSpec(8, "row")).scale.shape == (3, 1)
+    with pytest.raises(TypeError, match="the operand must be a torch.Tensor, got list"):
+        quantize_forward([[1.0, 2.0]], OperandSpec(8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

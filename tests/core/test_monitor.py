@@ -99,6 +99,9 @@ def test_the_bfloat16_shortcut_only_where_bfloat16_gemms_are_fast(monkeypatch: p
                         (frozenset({"amx_bf16"}), True)):
         monkeypatch.setattr(cbuild, "cpu_flags", lambda flags=flags: flags)
         assert V.bf16_gemms_fast(torch.device("cpu")) is fast
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100
+    assert V.bf16_gemms_fast(torch.device("cuda")) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert V.bf16_gemms_fast(torch.device("cuda")) is True
     monkeypatch.setattr(cbuild, "cpu_flags", lambda: frozenset({"avx2"}))
     g = torch.Generator().manual_seed(0)
