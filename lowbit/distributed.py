@@ -447,7 +447,9 @@ class QuantizedCommState:
                              "(the communication noise's keys) are missing or altered — a "
                              "torch.distributed.checkpoint load fills only the keys of the dict it loads "
                              "into; save and load the whole state_dict() of a state that has run "
-                             "(or torch.save it per process)")
+                             "(or torch.save it per process). A state saved by lowbit before 2026-12-06 "
+                             "under DDP's static_graph counted two steps a pass: set its 'steps' to the "
+                             "largest count to load it")
         calls = {k: v for k, v in calls.items() if v}  # (0: never communicated, as absent)
         self.calls, self.bytes_sent, self.bytes_fp32 = calls, sent, fp32
         self.fallbacks, self.steps = fallbacks, steps
