@@ -448,7 +448,7 @@ class QuantizedCommState:
                              "torch.distributed.checkpoint load fills only the keys of the dict it loads "
                              "into; save and load the whole state_dict() of a state that has run "
                              "(or torch.save it per process). A state saved by lowbit before 2026-12-06 "
-                             "under DDP's static_graph counted two steps a pass: set its 'steps' to the "
+                             "under DDP's static_graph counted its first pass twice: set its 'steps' to the "
                              "largest count to load it")
         calls = {k: v for k, v in calls.items() if v}  # (0: never communicated, as absent)
         self.calls, self.bytes_sent, self.bytes_fp32 = calls, sent, fp32
