@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -50,10 +51,16 @@ _HOOKS = (
 _CARRIED = "_load_state_dict_pre_hooks"
 
 
-def _is_dtensor(t: object) -> bool:
-    """``t`` is a ``torch.distributed.tensor.DTensor`` (named, not imported: a torch built
-    without distributed has none)."""
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism): looked
+    up where it is defined — ``torch.distributed.tensor`` (torch ≥ 2.5) or
+    ``torch.distributed._tensor`` (2.4, whose ``torch.distributed.tensor`` is empty) —
+    without importing anything (no DTensor exists before its module is loaded)."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if isinstance(cls, type) and isinstance(t, cls):
+            return True
+    return False
 
 
 def sharded_reason(*modules: nn.Module) -> str | None:
@@ -61,7 +68,7 @@ def sharded_reason(*modules: nn.Module) -> str | None:
     sharded it from a module above (the layer keeps its class, with FSDP's load_state_dict
     post-hooks, which a new user's trial was told of instead), or tensor parallelism
     distributed it."""
-    if any(_is_dtensor(p) for m in modules for p in m._parameters.values()):
+    if any(is_dtensor(p) for m in modules for p in m._parameters.values()):
         return ("its parameters are DTensors, sharded by fully_shard (FSDP2) on a module above it "
                 "or distributed by tensor parallelism: convert the model with lowbit.convert before "
                 "fully_shard / parallelize_module")

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import fractions
 import numbers
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -64,6 +63,7 @@ from typing import Any
 
 import torch
 
+from lowbit.conversion import is_dtensor
 from lowbit.kernels import compiled
 from lowbit.noise import check_generator
 from lowbit.userframe import user_stacklevel
@@ -135,18 +135,6 @@ def _drop(state: dict[str, Any], name: str) -> None:
     """Forget every stored form (bf16, or int8 codes + scale) of the entry ``name``."""
     for key in (name, f"{name}_codes", f"{name}_scale"):
         state.pop(key, None)
-
-
-def _sharded(t: object) -> bool:
-    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism): looked
-    up where it is defined — ``torch.distributed.tensor`` (torch ≥ 2.5) or
-    ``torch.distributed._tensor`` (2.4, whose ``torch.distributed.tensor`` is empty) —
-    without importing anything (no DTensor exists before its module is loaded)."""
-    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        cls = getattr(sys.modules.get(module), "DTensor", None)
-        if isinstance(cls, type) and isinstance(t, cls):
-            return True
-    return False
 
 
 def _warn_global_rng_ranks(optimizer: torch.optim.Optimizer) -> bool:
@@ -268,7 +256,7 @@ class _SROptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         params = self.param_groups[-1]["params"]
-        sharded = [i for i, p in enumerate(params) if _sharded(p)]
+        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
         if sharded:
             self.param_groups.pop()
             raise TypeError(_sharded_message(type(self).__name__, f"parameter {sharded[0]} of the group"))
@@ -334,7 +322,7 @@ class _SROptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 what = f"parameter {pi} of param group {gi}"
-                if _sharded(p) or _sharded(p.grad):  # a DTensor gradient (or parameter)
+                if is_dtensor(p) or is_dtensor(p.grad):  # a DTensor gradient (or parameter)
                     raise TypeError(_sharded_message(type(self).__name__, what))
                 if p.grad.layout != torch.strided and (
                         why := self._sparse_refusal(group, p.grad.layout)) is not None:
@@ -508,7 +496,7 @@ class _SROptimizer(torch.optim.Optimizer):
         state_dict = self._formats_of(state_dict)
         for gi, group in enumerate(state_dict["param_groups"]):
             self._check_hyper(group, f"{name}.load_state_dict: saved param group {gi}: ")
-        sharded = sorted({str(k) for st in state_dict["state"].values() for k, v in st.items() if _sharded(v)})
+        sharded = sorted({str(k) for st in state_dict["state"].values() for k, v in st.items() if is_dtensor(v)})
         if sharded:  # FSDP2's optimizer state: its shards cannot continue a whole parameter's
             raise TypeError(f"{name} cannot load this state dict: its state {', '.join(map(repr, sharded))} "
                             "holds DTensors (saved from sharded parameters: FSDP2's fully_shard), which "

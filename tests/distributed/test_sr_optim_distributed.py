@@ -96,7 +96,7 @@ def test_sharded_parameters_are_refused_before_anything_runs(tmp_path, monkeypat
         import sys
         import types
 
-        from lowbit.optim import _sharded
+        from lowbit.conversion import is_dtensor as _sharded
         dt = sys.modules["torch.distributed.tensor"].DTensor
         monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.ModuleType("torch.distributed.tensor"))
         monkeypatch.setitem(sys.modules, "torch.distributed._tensor", types.SimpleNamespace(DTensor=dt))
