@@ -1909,14 +1909,18 @@ def _bhq_self_test(lib: ctypes.CDLL, x: torch.Tensor) -> bool:
                                         Granularity.ROW, rnd, seed, threads)
             if not (torch.equal(codes, want[0]) and _same(step, want[1])):
                 return False
-    from ..quantizers.bhq import BlockHouseholder, _forward_quantize_pair
+    from ..quantizers.bhq import BlockHouseholder, sequential_group_sums
+    from .reference import quantize as quantize_ref
     t = BlockHouseholder(scale, v, group, 9)  # and the pair, group by group, with x's columns
     crow, members = t.csr()
-    from . import Backend, kernels_for  # (at first use: the package is imported by then)
-    ref = kernels_for(Backend.REFERENCE, "cpu")
+    # the CPU's definition, whatever bhq's settings (SEQUENTIAL_DEVICES emptied, SPARSE_MIN_NUMEL
+    # lowered by a benchmark toggle or a test): the reference pair op summed the groups by a sparse
+    # product then, and the self-test failed on an AVX-512 CPU, switching the kernel off
+    dots_pair = sequential_group_sums(x, v * scale, t)
     for fmt_w, rnd in ((parse_format("int8"), Rounding.STOCHASTIC), (parse_format("int4"), Rounding.NEAREST)):
         args = (parse_format("int8"), Granularity.ROW, rnd, seed, fmt_w, Granularity.ROW, rnd, torch.tensor(7))
-        want = _forward_quantize_pair(ref, x, t, *args)
+        want = (*_forward_quantize(x, dots_pair, scale, v, group, *args[:4]),
+                *quantize_ref(x.t(), *args[4:]))
         for threads in cbuild.test_threads(1, 2):
             got = _bhq_group_quantize_pair(lib, x, v * scale, scale, v, crow, members, 9, args[0], rnd, seed,
                                            fmt_w, Granularity.ROW, rnd, torch.tensor(7), threads)

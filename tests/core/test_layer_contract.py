@@ -866,12 +866,14 @@ def test_fullgraph_compilation_through_lowbit_attention_names_the_way() -> None:
 
 def _backward_gemms(fn) -> int:  # noqa: ANN001
     """How many GEMM ops ``fn`` (a backward) ran, by torch's profiler (each GEMM the same
-    count of events on a machine, so ratios compare)."""
+    count of events on a machine, so ratios compare). The ops are those lowbit counts FLOPs
+    of (:data:`lowbit.flops.FORMULAS`), as ``bench_step.py`` does: a fixed list of names
+    missed the AMX kernel's ``lowbit::int8_bmm`` (0 GEMMs counted on an AMX CPU)."""
     from torch.profiler import ProfilerActivity, profile
+    from lowbit.flops import FORMULAS
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    gemms = ("aten::mm", "aten::bmm", "aten::_int_mm", "aten::_scaled_mm", "lowbit::int8_mm_f32",
-             "lowbit::int8_bmm_f32")
+    gemms = {op._qualified_op_name for op in FORMULAS}
     return sum(e.name in gemms for e in prof.events())
 
 
