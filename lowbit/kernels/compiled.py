@@ -261,15 +261,36 @@ def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     return copy
 
 
+def under_user_dispatch_mode() -> bool:
+    """Whether a dispatch mode that ``torch.compile`` refuses to compile under is active
+    (a user's ``TorchDispatchMode``: ``FlopCounterMode``, a tracer, a logging mode) —
+    dynamo's own test in ``torch._dynamo.convert_frame``: with
+    ``torch._dynamo.config.inline_torch_dispatch_torch_compile`` any non-infra mode on the
+    stack that does not ignore compile internals, else any mode without
+    ``ignore_compile_internals``. A ``fullgraph=True`` kernel raised ``RuntimeError: …
+    found no compiled frames`` there (a new user's trial: lowbit's attention under
+    ``FlopCounterMode``)."""
+    try:
+        from torch.utils import _python_dispatch as pd
+        if getattr(torch._dynamo.config, "inline_torch_dispatch_torch_compile", False):
+            return pd.any_torch_dispatch_mode_on_stack()
+        return pd.is_in_any_mode_without_ignore_compile_internals()
+    except (AttributeError, ImportError):  # pragma: no cover - a torch without these hooks
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+        return is_in_torch_dispatch_mode(include_infra_modes=False)
+
+
 def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` through ``torch.compile`` (one compiled copy per kernel variant); on
     a compiler failure, warn once and run every compiled kernel's ``fn`` eagerly from then
-    on (:func:`failure`). Tensor arguments are detached (plain tensors, no view or
-    autograd history: the kernels compute codes, scales and epilogues, which nothing
-    differentiates)."""
+    on (:func:`failure`). Under a user's dispatch mode, which ``torch.compile`` does not
+    compile under (:func:`under_user_dispatch_mode`), ``fn`` runs eagerly for that call:
+    the same results, the mode seeing each of its ops. Tensor arguments are detached
+    (plain tensors, no view or autograd history: the kernels compute codes, scales and
+    epilogues, which nothing differentiates)."""
     global _failure
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    if _failure is not None:
+    if _failure is not None or under_user_dispatch_mode():
         return fn(*args)
     variants = _compiled.setdefault(name, {})
     key = _variant_key(args)

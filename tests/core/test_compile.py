@@ -5,6 +5,7 @@ eager silently, even with many layer shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -444,3 +445,46 @@ def test_disable_tracing_without_a_reason_argument_still_disables(monkeypatch: p
     g = compiled.disable_tracing(f)
     assert seen == [f] and g is not f and compiled.failure() == before
     assert torch.equal(g(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_a_user_dispatch_mode_runs_the_compiled_kernels_eagerly() -> None:
+    """A new user's trial (README fault kind 258): lowbit's attention (operands of at least
+    ``compiled.MIN_NUMEL`` elements: the compiled kernels) under torch's ``FlopCounterMode``
+    or any user ``TorchDispatchMode`` raised ``RuntimeError: … found no compiled frames``
+    (``torch.compile`` does not compile under such a mode). Under the mode each compiled
+    kernel now runs its function eagerly, and no kernel variant is marked as failed: the
+    output bitwise the one outside the mode, the gradients equal to float rounding (the
+    compiled epilogues' fused arithmetic against the eager ops, as the README says of the
+    fused kernels: 4 float32 ulp measured; rtol 1e-5)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from lowbit.functional import call_count, scaled_dot_product_attention as sdpa, set_call_count
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(1, 4, 128, 64, generator=g) for _ in range(3))
+    assert q0.numel() >= compiled.MIN_NUMEL and compiled.working()
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=2)
+
+    def step(mode: object) -> tuple:
+        set_call_count(0)
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        with mode if mode is not None else contextlib.nullcontext():
+            out = sdpa(q, k, v, is_causal=True, state=cfg)
+            out.square().sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    before, failures = call_count(), compiled.variant_failures()
+    try:
+        want = step(None)
+        for mode in (FlopCounterMode(display=False), Passthrough()):
+            got = step(mode)
+            assert torch.equal(got[0], want[0]), type(mode).__name__
+            for a, b in zip(got[1:], want[1:]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        set_call_count(before)
+    assert compiled.variant_failures() == failures and compiled.failure() is None
