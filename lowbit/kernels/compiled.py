@@ -284,8 +284,9 @@ def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` through ``torch.compile`` (one compiled copy per kernel variant); on
     a compiler failure, warn once and run every compiled kernel's ``fn`` eagerly from then
     on (:func:`failure`). Under a user's dispatch mode, which ``torch.compile`` does not
-    compile under (:func:`under_user_dispatch_mode`), ``fn`` runs eagerly for that call:
-    the same results, the mode seeing each of its ops. Tensor arguments are detached
+    compile under (:func:`under_user_dispatch_mode`), ``fn`` runs eagerly for that call,
+    the mode seeing each of its ops: the same codes and scales, float epilogues equal to
+    float rounding (Inductor's fused arithmetic against the eager ops). Tensor arguments are detached
     (plain tensors, no view or autograd history: the kernels compute codes, scales and
     epilogues, which nothing differentiates)."""
     global _failure
