@@ -353,7 +353,7 @@ def _readable(x: torch.Tensor, dtypes: object = DTYPES) -> bool:
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not (x.requires_grad and torch.is_grad_enabled()))
+            and not (x.requires_grad and torch.is_grad_enabled()) and cbuild.plain_memory(x))
 
 
 def _seed_ok(seed: torch.Tensor, rounding: Rounding) -> bool:
@@ -1417,7 +1417,7 @@ def _hadamard_block_ok(block: int, rows: int, n: int) -> bool:
 
 def _plain_f32(t: torch.Tensor, n: int) -> bool:
     return (type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
-            and t.dtype == torch.float32 and tuple(t.shape) == (n,))
+            and t.dtype == torch.float32 and tuple(t.shape) == (n,) and cbuild.plain_memory(t))
 
 
 def supports_hadamard(x: torch.Tensor, m: torch.Tensor, rows: int, block: int, wide: tuple[float, float], fmt: Format,

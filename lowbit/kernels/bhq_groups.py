@@ -357,7 +357,7 @@ def _plain_ranges(lam: torch.Tensor, dtype: torch.dtype) -> bool:
     return (type(lam) is torch.Tensor and lam.dtype in (torch.float32, torch.float64) and lam.device.type == "cpu"
             and lam.layout == torch.strided and lam.dim() == 1 and lam.is_contiguous()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(lam)
-            and dtype in (torch.float32, torch.float64) and _enabled and available())
+            and cbuild.plain_memory(lam) and dtype in (torch.float32, torch.float64) and _enabled and available())
 
 
 def supports(lam: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -284,6 +284,19 @@ def _load(source: Path, flags: Sequence[str], warn: Warn, what: str) -> ctypes.C
 _OFF, _ON = frozenset({"0", "false", "off", "no"}), frozenset({"", "1", "true", "on", "yes"})
 
 
+def plain_memory(*tensors: object) -> bool:
+    """Whether each tensor's values are its memory, as C reads them through ``data_ptr()``:
+    not a view with torch's lazy negative or conjugate bit (``z.conj().imag`` is a float32
+    view whose values are the negation of its memory: C read them with every sign
+    flipped — a new user's trial), not a ``ZeroTensor`` (no memory at all: C read past
+    nothing and crashed the process). torch's own ops, lowbit's reference and compiled
+    kernels, and its custom ops (the dispatcher resolves both bits before a kernel runs)
+    see the values; a C kernel's gate sends such a tensor there."""
+    import torch  # (this module builds and loads C code without torch otherwise)
+    return all(not isinstance(t, torch.Tensor)
+               or not (t.is_neg() or t.is_conj() or t._is_zerotensor()) for t in tensors)
+
+
 def switched_off(name: str) -> bool:
     """Whether the environment switch ``name`` (``LOWBIT_AVX512``, ``LOWBIT_COMPILE``, …)
     turns its feature off: ``0``, ``false``, ``off`` or ``no`` (any case). Only ``0``

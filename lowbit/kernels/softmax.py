@@ -161,7 +161,8 @@ def _steps_ok(scores: torch.Tensor, a_step: torch.Tensor | None, b_step: torch.T
     return scores.dtype == torch.int32 and a_step.dtype == b_step.dtype == torch.float32 \
         and tuple(a_step.shape) in ((b, lq, 1), (1, 1, 1)) and tuple(b_step.shape) in ((b, 1, s), (1, 1, 1)) \
         and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
-                and not (t.requires_grad and torch.is_grad_enabled()) for t in (a_step, b_step)) \
+                and not (t.requires_grad and torch.is_grad_enabled()) and cbuild.plain_memory(t)
+                for t in (a_step, b_step)) \
         and int8.safe_scales(a_step, b_step, 0)[0].dtype == torch.float32  # else: the reference, in float64
 
 
@@ -176,7 +177,7 @@ def _mask_ok(mask: torch.Tensor | None, batch: int, lq: int, s: int) -> bool:
     return type(mask) is torch.Tensor and mask.dtype == torch.float32 and mask.device.type == "cpu" \
         and mask.layout == torch.strided and mask.dim() >= 3 and tuple(mask.shape[-2:]) == (lq, s) \
         and (s == 1 or mask.stride(-1) == 1) and mask.shape[:-2].numel() in (1, batch) \
-        and not (mask.requires_grad and torch.is_grad_enabled())
+        and not (mask.requires_grad and torch.is_grad_enabled()) and cbuild.plain_memory(mask)
 
 
 def supports(kernels, scores: torch.Tensor, a_step: torch.Tensor | None,  # noqa: ANN001

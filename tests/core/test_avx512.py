@@ -1843,3 +1843,58 @@ def test_dispatcher_leaves_to_the_compiled_quantizer_what_it_runs_faster(monkeyp
                     ran = any(e.name == "lowbit::avx512_quantize" for e in prof.events())
                     assert ran == avx512.prefers(x, fmt, gran, rnd, seed), (build, fmt.name, gran, rnd)
                     assert _same(got, reference.quantize(x, fmt, gran, rnd, seed))
+
+
+def test_a_negative_view_or_zero_tensor_is_read_by_its_values() -> None:
+    """A new user's trial (README fault kind 259): ``z.conj().imag`` is a float32 view
+    whose values are the negation of its memory (torch's lazy negative bit); the C
+    quantizer read the memory, so every sign came back flipped (``quantize_grad``,
+    ``quantize_forward``, each quantizer), and a ``ZeroTensor`` (no memory) crashed the
+    process. The C kernels' gates now send both to the compiled or reference kernel, which
+    see the values: each quantizer gives on such a view what it gives on a plain copy of
+    its values (``resolve_neg``), and an attention mask with the negative bit what its
+    resolved copy gives."""
+    import lowbit
+    from lowbit.functional import quantize_forward
+    from lowbit.kernels import cbuild
+
+    torch.manual_seed(0)
+    z = torch.complex(torch.randn(1, 300), torch.randn(1, 300))
+    g = z.conj().imag  # (1, 300), values = −memory
+    views = (g, torch._neg_view(torch.randn(37, 65)), torch._neg_view(torch.randn(65, 37)).t())
+    assert all(v.is_neg() for v in views) and not cbuild.plain_memory(g)
+    for v in views:
+        for name in ("psq", "ptq", "bhq", "hadamard"):
+            q = lowbit.get_quantizer(name)
+            for rnd in ("nearest", "stochastic"):
+                gen = torch.Generator().manual_seed(3) if rnd == "stochastic" else None
+                got = q.quantize(v, "int8", gen, rnd, "auto").dequantize()
+                gen = torch.Generator().manual_seed(3) if rnd == "stochastic" else None
+                want = q.quantize(v.resolve_neg(), "int8", gen, rnd, "auto").dequantize()
+                if name == "hadamard":  # the view takes the compiled transform, the copy the C one:
+                    # equal to float rounding (README), so codes one or two steps apart at most —
+                    # a step is 1/127 of a row's range; the flipped signs were 2× the range off
+                    torch.testing.assert_close(got, want, rtol=0, atol=2 / 127 * want.abs().max().item())
+                else:
+                    assert torch.equal(got, want), (name, rnd, tuple(v.shape))
+        fwd = quantize_forward(v, lowbit.OperandSpec(8, "tensor")).dequantize()
+        assert torch.equal(fwd, quantize_forward(v.resolve_neg(), lowbit.OperandSpec(8, "tensor")).dequantize())
+    zero = torch._efficientzerotensor((3, 5))
+    assert torch.equal(lowbit.get_quantizer("psq").quantize(zero, "int8", None, "nearest", "auto").dequantize(),
+                       torch.zeros(3, 5))
+
+    from lowbit.attention import scaled_dot_product_attention as sdpa
+    qkv = [torch.randn(1, 2, 128, 64) for _ in range(3)]
+    cfg = lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=1)
+    mask = torch._neg_view(torch.randn(128, 128).clamp(max=0)).reshape(1, 1, 128, 128)
+    assert mask.is_neg()
+    from lowbit.functional import call_count, set_call_count
+    before = call_count()
+    try:
+        set_call_count(0)
+        got = sdpa(*qkv, attn_mask=mask, state=cfg)
+        set_call_count(0)
+        want = sdpa(*qkv, attn_mask=mask.resolve_neg(), state=cfg)
+    finally:
+        set_call_count(before)
+    assert torch.equal(got, want)
