@@ -785,7 +785,7 @@ def supports_epilogue_nchw(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
     parts = (a_scale, b_scale) if bias is None else (a_scale, b_scale, bias)
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
                and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
-               for t in parts) \
+               and cbuild.plain_memory(t) for t in parts) \
         and a_scale.dtype == b_scale.dtype == torch.float32 \
         and tuple(a_scale.shape) in ((n, *ones, 1), (1, *ones, 1)) \
         and tuple(b_scale.shape) in ((1, *ones, c), (1, *ones, 1)) \
@@ -915,7 +915,7 @@ def supports_epilogue_into(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: to
     parts = (a_scale, b_scale) if bias is None else (a_scale, b_scale, bias)
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
                and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
-               for t in parts) \
+               and cbuild.plain_memory(t) for t in parts) \
         and a_scale.dtype == b_scale.dtype == torch.float32 \
         and (bias is None or (bias.is_floating_point() and tuple(bias.shape) == (acc.shape[-1],))) \
         and _epilogue_rows_layout(acc, a_scale, b_scale) is not None and _enabled and available()
@@ -1253,7 +1253,7 @@ def supports_bhq_inverse(y: torch.Tensor, dots: torch.Tensor, scale: torch.Tenso
     if not (out_dtype == torch.float32 and y.dim() == 2 and _rows_contiguous(y) and y.shape[1] > 0
             and (not overwrite or _rows_apart(y))
             and all(type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
-                    and not (t.requires_grad and torch.is_grad_enabled()) for t in parts)
+                    and not (t.requires_grad and torch.is_grad_enabled()) and cbuild.plain_memory(t) for t in parts)
             and y.dtype == scale.dtype == v.dtype == dots.dtype == torch.float32 and group.dtype == torch.int64
             and scale.shape == v.shape == group.shape == (y.shape[0],) and dots.dim() == 2
             and dots.shape[1] == y.shape[1] and dots.shape[0] > 0 and _enabled and available()):
