@@ -270,14 +270,16 @@ def under_user_dispatch_mode() -> bool:
     ``ignore_compile_internals``. A ``fullgraph=True`` kernel raised ``RuntimeError: …
     found no compiled frames`` there (a new user's trial: lowbit's attention under
     ``FlopCounterMode``)."""
-    try:
-        from torch.utils import _python_dispatch as pd
-        if getattr(torch._dynamo.config, "inline_torch_dispatch_torch_compile", False):
-            return pd.any_torch_dispatch_mode_on_stack()
-        return pd.is_in_any_mode_without_ignore_compile_internals()
-    except (AttributeError, ImportError):  # pragma: no cover - a torch without these hooks
-        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-        return is_in_torch_dispatch_mode(include_infra_modes=False)
+    from torch.utils import _python_dispatch as pd
+    # dynamo's setting where dynamo is imported, else its default (True in torch 2.13): never
+    # imported here, so a torch whose compiler cannot import still runs every kernel eagerly
+    config = sys.modules.get("torch._dynamo.config")
+    inline = getattr(config, "inline_torch_dispatch_torch_compile", True)
+    test = getattr(pd, "any_torch_dispatch_mode_on_stack" if inline
+                   else "is_in_any_mode_without_ignore_compile_internals", None)
+    if test is None:  # pragma: no cover - a torch without these hooks
+        return pd.is_in_torch_dispatch_mode(include_infra_modes=False)
+    return test()
 
 
 def run(name: str, fn: Callable[..., Any], *args: Any) -> Any:
