@@ -270,6 +270,8 @@ def under_user_dispatch_mode() -> bool:
     ``ignore_compile_internals``. A ``fullgraph=True`` kernel raised ``RuntimeError: …
     found no compiled frames`` there (a new user's trial: lowbit's attention under
     ``FlopCounterMode``)."""
+    if torch._C._len_torch_dispatch_stack() == 0:  # (every call of a training step: no mode)
+        return False
     from torch.utils import _python_dispatch as pd
     # dynamo's setting where dynamo is imported, else its default (True in torch 2.13): never
     # imported here, so a torch whose compiler cannot import still runs every kernel eagerly
