@@ -294,6 +294,10 @@ def batched_mm(a: Operand, b: Operand, backend: Backend, dtype: torch.dtype, wha
     mid = dtype if a.transform is None else torch.promote_types(torch.promote_types(a_step.dtype, b_step.dtype),
                                                                  dtype)
     with scope("lowbit::epilogue"):
+        if a.transform is not None and mid == dtype:  # T⁻¹ with the epilogue where it has a kernel for it
+            out = a.transform.epilogue_inverse(kernels, acc, a_step, b_step, a.codes.shape[2], dtype)
+            if out is not None:
+                return out.view(acc.shape)
         out = int8.epilogue(kernels, acc, a_step, b_step, None, None, None, None, a.codes.shape[2], None, mid)
     if a.transform is None:
         return out

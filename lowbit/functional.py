@@ -146,8 +146,9 @@ def _rows_times(q: QuantizedOperand, b: QuantizedOperand, backend: Backend | Ker
     k = kernels_for(backend, q.codes.device)
     if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
         return k.gemm(q.enc, b.enc, None, out_dtype)
-    # the GEMM's output in compute_dtype (float64 for float64 operands) until T⁻¹ has run
-    return q.inverse(k.gemm(q.enc, b.enc, None, compute_dtype(out_dtype)), out_dtype, overwrite=True)
+    # the GEMM's output in compute_dtype (float64 for float64 operands) until T⁻¹ has run;
+    # an integer GEMM applies T⁻¹ with its epilogue where the transform has a kernel for it
+    return k.gemm(q.enc, b.enc, None, out_dtype, inverse=q.transform)
 
 
 # -- Linear: the three GEMMs ------------------------------------------------------------

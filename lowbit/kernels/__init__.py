@@ -32,7 +32,7 @@ import enum
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from .. import grid_notes
@@ -41,6 +41,9 @@ from ..scopes import scope
 from ..formats import Format, Granularity, Rounding, as_granularity, as_rounding, compute_dtype, grid_step
 from . import avx512, compiled, fp8, int8, reference, softmax
 from .encoded import Encoded, dequantize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..quantizers.base import RowTransform
 
 
 class Backend(enum.Enum):
@@ -180,10 +183,23 @@ class Kernels:
         return (Encoded(codes, step, kernels=self), *acct)  # type: ignore[return-value]
 
     def gemm(self, a: Encoded, b: Encoded, bias: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.float32, inverse: RowTransform | None = None) -> torch.Tensor:
         """``â @ b̂ + bias`` ((M, K) × (K, N)) as ``out_dtype``, by the first GEMM of the
         backend's order (int8, then fp8, under AUTO) that supports the operands, else
-        the simulated reference GEMM. ``INT8``/``FP8`` raise where theirs cannot."""
+        the simulated reference GEMM. ``INT8``/``FP8`` raise where theirs cannot.
+        ``inverse``: a row transform ``T`` of ``â``'s M rows (``bias`` must be ``None``):
+        the result is ``T⁻¹(â @ b̂)``, the product in ``compute_dtype(out_dtype)`` until
+        ``T⁻¹`` has run; the integer GEMM applies it in one pass with its epilogue where
+        ``T`` has a kernel for that (:func:`lowbit.kernels.int8.gemm`), the same values."""
+        if inverse is not None:
+            if bias is not None:
+                raise ValueError("Kernels.gemm: a bias is added after T⁻¹, not before (give bias=None with inverse)")
+            k = self.lookup("gemm", Impl.INT8) if Impl.INT8 in _GEMM_ORDER[self.backend] else None
+            if k is not None and k.supports(a, b):
+                return k.fn(self, a, b, None, out_dtype, inverse=inverse)
+            out = self.gemm(a, b, None, compute_dtype(out_dtype))
+            with scope("lowbit::transform"):
+                return inverse.inverse(out, out_dtype, overwrite=True)
         for impl in _GEMM_ORDER[self.backend]:
             k = self.lookup("gemm", impl)
             if k is not None and k.supports(a, b):

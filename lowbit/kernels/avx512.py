@@ -119,6 +119,7 @@ _SIGNATURES = {
     "lowbit_bhq_group_sums": [_P, _I, _I64, _I64, _P, _P, _P, _I64, _P, _I],
     "lowbit_csr_ok": [_P, _P, _I64, _I64],
     "lowbit_bhq_sums_inverse": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I],
+    "lowbit_bhq_epilogue_inverse": [_P, _I64, _I64, _P, _I, _P, _I, _I64, _P, _P, _P, _P, _P, _I64, _I],
     "lowbit_bhq_group_quantize": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, ctypes.c_double,
                                   ctypes.c_double, _U32, _I, _F, _P, _P, _P, _I64, _P, _I],
     "lowbit_bhq_quantize_rows": [_P, _I, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _U32, _I, _F,
@@ -1331,6 +1332,52 @@ def run_bhq_sums_inverse(y: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, 
     with scope("lowbit::avx512_bhq_inverse"):
         return _bhq_sums_inverse(_library(), y, v, scale, crow, members, t.n_groups,  # type: ignore[attr-defined]
                                  overwrite, torch.get_num_threads(), v2)
+
+
+def supports_bhq_epilogue_inverse(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, k: int,
+                                   t: object, out_dtype: torch.dtype) -> bool:
+    """Whether :func:`run_bhq_epilogue_inverse` takes this call: what
+    :func:`supports_epilogue_into` takes without bias or offsets (``acc`` (…, M, N) int32,
+    contiguous; float32 scales per row or one, per column of each entry or one), a
+    float32 result, and ``t`` a ``BlockHouseholder`` of ``acc``'s R = …·M rows with
+    float32 ``scale`` and ``v`` (R,) whose index the kernel may read (:func:`_index_ok`)."""
+    if not (out_dtype == torch.float32 and acc.shape[-1] > 0
+            and supports_epilogue_into(acc, a_scale, b_scale, None, None, None, None, k)):
+        return False
+    rows = acc.numel() // acc.shape[-1]
+    parts = (getattr(t, "scale", None), getattr(t, "v", None))
+    return all(type(p) is torch.Tensor and p.layout == torch.strided and p.device.type == "cpu"
+               and p.dtype == torch.float32 and p.shape == (rows,) and not (p.requires_grad and torch.is_grad_enabled())
+               and cbuild.plain_memory(p) for p in parts) and _index_ok(t, rows)
+
+
+@compiled.disable_tracing
+def _bhq_epilogue_inverse(lib: ctypes.CDLL, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                          t: object, threads: int) -> torch.Tensor:
+    sa_rows, sb_cols, sb_bstride = _epilogue_rows_layout(acc, a_scale, b_scale)  # type: ignore[misc]
+    m, n = acc.shape[-2], acc.shape[-1]
+    rows = acc.numel() // n
+    sa, sb = a_scale.contiguous(), b_scale.contiguous()
+    v, scale = t.v.contiguous(), t.scale.contiguous()  # type: ignore[attr-defined]
+    crow, members = (c.contiguous() for c in t.csr())  # type: ignore[attr-defined]
+    _check_csr(lib, crow, members, t.n_groups, rows)  # type: ignore[attr-defined]
+    v2 = _weights(t)[1].contiguous()
+    lib.lowbit_bhq_epilogue_inverse(acc.data_ptr(), n, m, sa.data_ptr(), int(sa_rows), sb.data_ptr(), int(sb_cols),
+                                    sb_bstride, scale.data_ptr(), v.data_ptr(), v2.data_ptr(), crow.data_ptr(),
+                                    members.data_ptr(), t.n_groups, threads)  # type: ignore[attr-defined]
+    torch.autograd.graph.increment_version(acc)  # written over through its pointer
+    return acc.view(torch.float32).view(rows, n)
+
+
+def run_bhq_epilogue_inverse(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, k: int, t: object,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """``T⁻¹`` of a GEMM's float32 epilogue (``lowbit.quantizers.bhq``'s op
+    ``bhq_epilogue_inverse``: ``int8_epilogue_into``, then ``bhq_sums_inverse`` in place)
+    in one kernel, after :func:`supports_bhq_epilogue_inverse`: bit for bit the two ops'
+    values (a NaN's sign bit aside, as :func:`run_bhq_sums_inverse`), group by group, the
+    int32 sums read from memory once and the (R, N) float32 result written over them."""
+    with scope("lowbit::avx512_bhq_epilogue_inverse"):
+        return _bhq_epilogue_inverse(_library(), acc, a_scale, b_scale, t, torch.get_num_threads())
 
 
 def supports_row_absmax(x: torch.Tensor) -> bool:

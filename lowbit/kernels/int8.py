@@ -30,6 +30,7 @@ from .encoded import Encoded
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import Kernels
+    from ..quantizers.base import RowTransform
 
 MAX_K = (2**31 - 1) // (128 * 128)  # 131071
 CHUNK_K = MAX_K - MAX_K % 8  # 131064: the longest exact sum that keeps K % 8 == 0
@@ -362,12 +363,19 @@ def _gemm_panels(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | 
 
 
 def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
-         out_dtype: torch.dtype, panels: bool = True) -> torch.Tensor:
+         out_dtype: torch.dtype, panels: bool = True, inverse: RowTransform | None = None) -> torch.Tensor:
     """``â @ b̂ + bias`` from one integer GEMM and the (fused) epilogue; a bf16/float16
-    output by row panels where :func:`panel_rows` says so (``panels=False``: never)."""
+    output by row panels where :func:`panel_rows` says so (``panels=False``: never).
+    ``inverse``: a row transform ``T`` of ``â``'s rows (no ``bias``): the result is then
+    ``T⁻¹(â @ b̂)``, the product in ``compute_dtype(out_dtype)`` until ``T⁻¹`` has run, in one
+    pass with the epilogue where ``T`` has a kernel for it
+    (:meth:`lowbit.quantizers.base.RowTransform.epilogue_inverse`), the same values."""
+    from ..formats import compute_dtype
     from ..scopes import scope
 
-    rows = panel_rows(a, b, out_dtype) if panels else None
+    if inverse is not None and bias is not None:
+        raise ValueError("int8.gemm: a bias is added after T⁻¹, not before (give bias=None with inverse)")
+    rows = panel_rows(a, b, out_dtype) if panels and inverse is None else None
     if rows is not None:
         return _gemm_panels(kernels, a, b, bias, out_dtype, rows)
     with scope("lowbit::gemm"):
@@ -375,8 +383,17 @@ def gemm(kernels: Kernels, a: Encoded, b: Encoded, bias: torch.Tensor | None,
     rowsum = a.codes.sum(dim=1, keepdim=True, dtype=torch.int32) if b.offset is not None else None
     colsum = b.codes.sum(dim=0, keepdim=True, dtype=torch.int32) if a.offset is not None else None
     with scope("lowbit::epilogue"):
-        return epilogue(kernels, acc, a.scale, b.scale, a.offset, b.offset, rowsum, colsum,
-                        a.codes.shape[1], bias, out_dtype)
+        if inverse is None:
+            return epilogue(kernels, acc, a.scale, b.scale, a.offset, b.offset, rowsum, colsum,
+                            a.codes.shape[1], bias, out_dtype)
+        if a.offset is None and b.offset is None:
+            out = inverse.epilogue_inverse(kernels, acc, a.scale, b.scale, a.codes.shape[1], out_dtype)
+            if out is not None:
+                return out
+        out = epilogue(kernels, acc, a.scale, b.scale, a.offset, b.offset, rowsum, colsum, a.codes.shape[1],
+                       None, compute_dtype(out_dtype))
+    with scope("lowbit::transform"):
+        return inverse.inverse(out, out_dtype, overwrite=True)
 
 
 def epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

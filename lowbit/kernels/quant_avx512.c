@@ -438,6 +438,66 @@ void lowbit_bhq_sums_inverse(const float *y, int64_t cols, int64_t ldy, const fl
     }
 }
 
+/* One band of group j for lowbit_bhq_epilogue_inverse: the epilogue of its rows'
+ * int32 sums (lowbit_epilogue_rows' (float(acc) * sa) * sb, no bias) written over them as
+ * float32 while v[r] * y is summed (sums_inverse_band's order and arithmetic), then the
+ * band's rows inverted from cache (sums_inverse_band's second loop), in place. */
+static inline void epilogue_inverse_band(int32_t *acc, int64_t n, int64_t m, const float *sa, int sa_rows,
+                                         const float *sb, int sb_cols, int64_t sb_bstride, const float *s,
+                                         const float *v, const float *v2, const int64_t *mb, const int64_t *me,
+                                         int64_t c0, int64_t width) {
+    const __mmask16 k0 = tail_mask(width), k1 = width > 16 ? tail_mask(width - 16) : 0,
+                    k2 = width > 32 ? tail_mask(width - 32) : 0, k3 = width > 48 ? tail_mask(width - 48) : 0;
+    const __mmask16 km[4] = {k0, k1, k2, k3};
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (const int64_t *p = mb; p < me; p++) {
+        const int64_t r = *p;
+        int32_t *row = acc + r * n + c0;
+        const __m512 va = _mm512_set1_ps(sa[sa_rows ? r : 0]), w = _mm512_set1_ps(v[r]);
+        const float *sbr = sb_cols ? sb + (r / m) * sb_bstride + c0 : NULL;
+        const __m512 vb = _mm512_set1_ps(sb[0]);
+        for (int q = 0; q < 4; q++) {
+            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km[q], row + 16 * q)),
+                                                         va),
+                                           sbr ? _mm512_maskz_loadu_ps(km[q], sbr + 16 * q) : vb);
+            _mm512_mask_storeu_ps((float *)row + 16 * q, km[q], y);
+            a[q] = _mm512_add_ps(a[q], _mm512_mul_ps(y, w));
+        }
+    }
+    for (const int64_t *p = mb; p < me; p++) {
+        float *o = (float *)(acc + *p * n + c0);
+        const __m512 vv = _mm512_set1_ps(v2[*p]), vs = _mm512_set1_ps(s[*p]);
+        for (int q = 0; q < 4; q++)
+            _mm512_mask_storeu_ps(o + 16 * q, km[q],
+                                  _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(km[q], o + 16 * q),
+                                                              _mm512_mul_ps(vv, a[q])), vs));
+    }
+}
+
+/* The epilogue of a GEMM whose left operand is BHQ's T x, and T^-1 of its rows, in one
+ * pass, in place: acc (rows, n) int32 -> float32 over the same bytes, with the values of
+ * lowbit_epilogue_rows (no bias; sa, sb, m, sb_bstride as there) followed by
+ * lowbit_bhq_sums_inverse (s, v, v2 = 2 v, the CSR index crow, members of n_groups
+ * groups) — bit for bit. Each task is one group's band of 64 columns, as there: its rows'
+ * sums are converted while they are summed, then inverted from cache; acc is read from
+ * memory once and written once, where the two kernels read it twice and wrote it twice. */
+void lowbit_bhq_epilogue_inverse(int32_t *acc, int64_t n, int64_t m, const float *sa, int sa_rows,
+                                 const float *sb, int sb_cols, int64_t sb_bstride, const float *s, const float *v,
+                                 const float *v2, const int64_t *crow, const int64_t *members, int64_t n_groups,
+                                 int threads) {
+    const int64_t bands = (n + 63) / 64;
+#pragma omp parallel for num_threads(threads) schedule(guided)
+    for (int64_t task = 0; task < n_groups * bands; task++) {
+        const int64_t j = task / bands, c0 = (task % bands) * 64;
+        if (n - c0 >= 64)  /* (a constant width: the masks fold away) */
+            epilogue_inverse_band(acc, n, m, sa, sa_rows, sb, sb_cols, sb_bstride, s, v, v2, members + crow[j],
+                                  members + crow[j + 1], c0, 64);
+        else
+            epilogue_inverse_band(acc, n, m, sa, sa_rows, sb, sb_cols, sb_bstride, s, v, v2, members + crow[j],
+                                  members + crow[j + 1], c0, n - c0);
+    }
+}
+
 void lowbit_bhq_quantize_rows(const void *x, int dtype, int64_t rows, int64_t cols, int64_t ld,
                               const float *s, const float *v2, const int64_t *group, const float *dots,
                               const float *d, int64_t dstride, uint32_t seed, int sr, float emax,

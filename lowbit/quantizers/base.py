@@ -98,6 +98,17 @@ class RowTransform(abc.ABC):
         ``overwrite``: the caller no longer needs ``y`` (a fresh GEMM output), so the
         result may be written over it."""
 
+    def epilogue_inverse(self, kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                         k: int, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """``T⁻¹`` of an integer GEMM's output in one pass with its epilogue, or ``None``
+        where this transform has no such kernel (the caller then runs the epilogue and
+        :meth:`inverse`, the same values). ``acc``: the GEMM's int32 sums (…, M, N) with
+        …·M = the transform's rows, handed over (overwritten where a tensor is
+        returned); ``a_scale``, ``b_scale``: the epilogue's scales as they broadcast
+        against ``acc`` (``lowbit.kernels.int8.epilogue``), ``k`` the summed dimension.
+        Returns the (…·M, N) result as ``out_dtype``. Here: ``None``."""
+        return None
+
     def forward_quantize(self, x: torch.Tensor, fmt: Format, granularity: Granularity,
                          rounding: Rounding, seed: torch.Tensor) -> Encoded:
         """``T x`` on ``fmt``. Transforms with a fused kernel override this."""

@@ -30,7 +30,8 @@ import torch
 from ..scopes import scope
 
 from ..formats import Format, Granularity, Rounding, compute_dtype
-from ..kernels import Backend, Encoded, Impl, Kernels, avx512, bhq_groups, kernels_for, reference, register, register_fused
+from ..kernels import (Backend, Encoded, Impl, Kernels, avx512, bhq_groups, int8, kernels_for, reference, register,
+                       register_fused)
 from ..kernels.bhq_groups import csr_index
 from .base import GradQuantizer, RowTransform, row_absmax
 
@@ -122,6 +123,19 @@ def _quantize_rows(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt: Format
     return k.run("bhq_forward_quantize", x, dots, t.scale, t.v, t.group, fmt, granularity, rounding, seed)
 
 
+def _epilogue_inverse(k: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, n_sum: int,
+                      t: BlockHouseholder, out_dtype: torch.dtype) -> torch.Tensor:
+    """``T⁻¹`` of an integer GEMM's output: its float32 epilogue ``(float(acc)·a_scale)·b_scale``
+    written over the int32 sums ``acc`` (…, M, N) (op ``int8_epilogue_into``; float32
+    scales), then :meth:`BlockHouseholder.inverse` of its (…·M, N) rows in place, each on
+    the call's kernels ``k``. The native kernel of this op
+    (:func:`lowbit.kernels.avx512.run_bhq_epilogue_inverse`) does both group by group,
+    reading and writing the output once, bit for bit."""
+    k.run("int8_epilogue_into", acc, a_scale, b_scale, None, None, None, None, n_sum, None)
+    with scope("lowbit::transform"):  # (its group sums are quantizer work to a GEMM trace)
+        return t.inverse(acc.view(torch.float32).view(-1, acc.shape[-1]), out_dtype, overwrite=True)
+
+
 def _forward_quantize_pair(k: Kernels, x: torch.Tensor, t: BlockHouseholder, fmt_a: Format, gran_a: Granularity,
                            rnd_a: Rounding, seed_a: torch.Tensor, fmt_w: Format, gran_w: Granularity,
                            rnd_w: Rounding, seed_w: torch.Tensor) -> tuple:
@@ -163,6 +177,9 @@ register("bhq_inverse", Impl.NATIVE, avx512.run_bhq_inverse, ("cpu",), avx512.su
 register("bhq_sums_inverse", Impl.REFERENCE, _sums_inverse)
 register("bhq_sums_inverse", Impl.NATIVE, _native(avx512.run_bhq_sums_inverse), ("cpu",),
          _native(avx512.supports_bhq_sums_inverse))
+register("bhq_epilogue_inverse", Impl.REFERENCE, _epilogue_inverse)
+register("bhq_epilogue_inverse", Impl.NATIVE, _native(avx512.run_bhq_epilogue_inverse), ("cpu",),
+         _native(avx512.supports_bhq_epilogue_inverse))
 register("bhq_quantize", Impl.REFERENCE, _quantize_rows)
 register("bhq_quantize", Impl.NATIVE, _native(avx512.run_bhq_quantize), ("cpu",), _native(avx512.supports_bhq_rows))
 register("bhq_quantize_pair", Impl.REFERENCE, _forward_quantize_pair)
@@ -429,6 +446,20 @@ class BlockHouseholder(RowTransform):
                 out = k.run("bhq_quantize_batched_pair", k, x, self, entries, fmt_a, gran_a, rnd_a, seed_a, fmt_w,
                             gran_w, rnd_w, seed_w)
         return (Encoded(*out[:4], fmt_a.block, kernels=k), Encoded(*out[4:], fmt_w.block, kernels=k))
+
+    def epilogue_inverse(self, kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                         k: int, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """:meth:`RowTransform.epilogue_inverse`: on fused kernels, for int32 ``acc``
+        without offsets whose epilogue stays in float32 (``lowbit.kernels.int8.safe_scales``)
+        and a float32 result, the op ``bhq_epilogue_inverse`` (the epilogue, then
+        :meth:`inverse`; one pass on the CPU's kernel); else ``None``."""
+        if not (kernels.fused and out_dtype == torch.float32 and acc.dtype == torch.int32 and acc.dim() >= 2
+                and acc.numel() // max(acc.shape[-1], 1) == self.scale.shape[0]):
+            return None
+        a_scale, b_scale = int8.safe_scales(a_scale, b_scale, k, shift=True)
+        if torch.promote_types(a_scale.dtype, b_scale.dtype) != torch.float32:
+            return None
+        return kernels.run("bhq_epilogue_inverse", kernels, acc, a_scale, b_scale, k, self, out_dtype)
 
     def inverse(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> torch.Tensor:

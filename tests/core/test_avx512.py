@@ -1136,6 +1136,21 @@ def test_row_absmax_bitwise_the_reference(shape: tuple[int, int], dtype: torch.d
     assert not avx512.supports_row_absmax(x.double())
 
 
+def _test_groups(n: int, groups: str, g: torch.Generator) -> object:
+    """A user-built ``BlockHouseholder`` of ``n`` rows: ``"two"`` groups of which one holds
+    nearly every row (one task does them all), ``"many"`` of ~3 rows, or ids that leave
+    groups ``"empty"``; a zero scale."""
+    from lowbit.quantizers.bhq import BlockHouseholder
+
+    n_groups = {"two": 2, "many": max(1, n // 3), "empty": n + 5}[groups]
+    group = torch.randint(0, n_groups, (n,), generator=g)
+    if groups == "two":
+        group = (torch.rand(n, generator=g) < 0.02).long()
+    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
+    scale[n // 2] = 0.0
+    return BlockHouseholder(scale, v, group, n_groups)
+
+
 @needs_avx512
 @pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96), (40, 64), (9, 130)])
 @pytest.mark.parametrize("groups", ["two", "many", "empty"])  # "two": one holds nearly every row
@@ -1152,13 +1167,8 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
     y = _operand(shape, g).clamp(-6e4, 6e4)
     y[0, 0] = float("nan")
     y[-1, -1] = float("inf")
-    n_groups = {"two": 2, "many": max(1, n // 3), "empty": n + 5}[groups]
-    group = torch.randint(0, n_groups, (n,), generator=g)
-    if groups == "two":
-        group = (torch.rand(n, generator=g) < 0.02).long()
-    scale, v = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.3
-    scale[n // 2] = 0.0
-    t = BlockHouseholder(scale, v, group, n_groups)
+    t = _test_groups(n, groups, g)
+    scale, v, group, n_groups = t.scale, t.v, t.group, t.n_groups
     want = _apply_inverse(y, sequential_group_sums(y, v, t), scale, v, group, torch.float32)
     for threads in (1, 3):
         with num_threads(threads):
@@ -1183,6 +1193,58 @@ def test_bhq_sums_inverse_bitwise_the_two_ops(shape: tuple[int, int], groups: st
         bad[0] = wrong
         assert not avx512.supports_bhq_sums_inverse(y, v, scale, BlockHouseholder(scale, v, bad, n_groups),
                                                     torch.float32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 5), (17, 33), (300, 513), (2048, 96), (2, 40, 64), (3, 9, 130)])
+@pytest.mark.parametrize("groups", ["two", "many", "empty"])  # "two": one holds nearly every row
+def test_bhq_epilogue_inverse_bitwise_the_two_ops(shape: tuple[int, ...], groups: str) -> None:
+    """A GEMM's epilogue and BHQ's inverse in one pass (``lowbit_bhq_epilogue_inverse``)
+    against the two ops it replaces, the reference's ``int8_epilogue_into`` then
+    ``sequential_group_sums`` and ``_apply_inverse``: per-row and one ``a`` scale, per-column
+    and one ``b`` scale, per entry for a batched (B, M, N) product (attention's), a zero, a
+    huge and an infinite row scale (NaN and ±Inf outputs), int32 sums up to ±2³¹; groups as
+    in the sums-inverse test; 1–3 threads; written over the sums. What it cannot take is refused."""
+    from lowbit.quantizers.bhq import BlockHouseholder, _apply_inverse, sequential_group_sums
+
+    g = torch.Generator().manual_seed(sum(shape) + len(groups))
+    lead, n = shape[:-2], shape[-1]
+    rows = shape[0] if len(shape) == 2 else shape[0] * shape[1]
+    acc = torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int32)
+    acc.view(-1)[: min(8, acc.numel())] = torch.tensor([0, 1, -1, 2**31 - 1, -2**31, 7, 3, 5],
+                                                       dtype=torch.int32)[: min(8, acc.numel())]
+    t = _test_groups(rows, groups, g)
+    scale, v, group, n_groups = t.scale, t.v, t.group, t.n_groups
+    sa_rows = torch.logspace(-12, -8, rows).reshape(*lead, -1, 1)
+    sa_rows.view(-1)[0] = 1e30
+    sa_rows.view(-1)[-1] = float("inf")
+    sb_cols = torch.logspace(-3, 1, n).reshape(*([1] * len(lead)), 1, n)
+    sb_entry = (torch.rand(*lead, 1, n, generator=g) + 0.5) * 1e-2 if lead else sb_cols
+    for sa in (sa_rows, torch.tensor(3e-9)):
+        for sb in (sb_cols, sb_entry, torch.tensor(0.25)):
+            mid = reference.int8_epilogue(acc, sa, sb, None, None, None, None, 7, None, torch.float32)
+            mid = mid.reshape(rows, n)
+            want = _apply_inverse(mid, sequential_group_sums(mid, v, t), scale, v, group, torch.float32)
+            for threads in (1, 3):
+                with num_threads(threads):
+                    a = acc.clone()
+                    assert avx512.supports_bhq_epilogue_inverse(a, sa, sb, 7, t, torch.float32)
+                    version = a._version
+                    got = avx512.run_bhq_epilogue_inverse(a, sa, sb, 7, t, torch.float32)
+                    assert got.data_ptr() == a.data_ptr() and a._version > version
+                    assert avx512._same(got, want), (sa.shape, sb.shape, threads)
+    assert not avx512.supports_bhq_epilogue_inverse(acc, sa_rows, sb_cols, 7, t, torch.bfloat16)
+    assert not avx512.supports_bhq_epilogue_inverse(acc.float(), sa_rows, sb_cols, 7, t, torch.float32)
+    assert not avx512.supports_bhq_epilogue_inverse(acc, sa_rows.double(), sb_cols, 7, t, torch.float32)
+    t64 = BlockHouseholder(scale.double(), v.double(), group, n_groups)
+    assert not avx512.supports_bhq_epilogue_inverse(acc, sa_rows, sb_cols, 7, t64, torch.float32)
+    short = BlockHouseholder(scale[1:], v[1:], group[1:], n_groups)  # rows other than the product's
+    assert not avx512.supports_bhq_epilogue_inverse(acc, sa_rows, sb_cols, 7, short, torch.float32)
+    for wrong in (n_groups, -1):  # an id past the groups, a negative one
+        bad = group.clone()
+        bad[0] = wrong
+        assert not avx512.supports_bhq_epilogue_inverse(acc, sa_rows, sb_cols, 7,
+                                                        BlockHouseholder(scale, v, bad, n_groups), torch.float32)
 
 
 @needs_avx512
@@ -1450,38 +1512,61 @@ def test_bhq_inverse_over_rows_sharing_memory_is_not_written_in_place() -> None:
 
 @needs_avx512
 def test_bhq_layers_bitwise_with_and_without_the_native_inverse() -> None:
+    """A BHQ-converted CNN's and a GPT-2-style transformer's gradients are the same bits
+    whichever kernel runs ``T⁻¹`` on the ``∇X`` products: the epilogue and the inverse in one
+    pass (``bhq_epilogue_inverse``: the Linear layers' and attention's integer GEMMs), the
+    sums and the inverse in one kernel (``bhq_sums_inverse``: the convolution's, and the
+    rest once the first is off), the two ops apart, the reference."""
     import lowbit
     from lowbit.kernels import Impl, register
 
-    def grads() -> list[torch.Tensor]:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(64, 2, batch_first=True)
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.nn.functional.gelu(x + self.attn(x, x, x, need_weights=False)[0]))
+
+    def grads(attention: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
-                                    torch.nn.Linear(8 * 64, 300), torch.nn.GELU(), torch.nn.Linear(300, 7))
+        if attention:
+            model, x = Block(), torch.randn(4, 128, 64, requires_grad=True)
+        else:
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(),
+                                        torch.nn.Linear(8 * 64, 300), torch.nn.GELU(), torch.nn.Linear(300, 7))
+            x = torch.randn(64, 3, 8, 8, requires_grad=True)
         lowbit.convert(model, lowbit.FQTConfig.from_recipe("fqt-bhq-8", seed=2))
-        x = torch.randn(64, 3, 8, 8, requires_grad=True)
         model(x).square().mean().backward()
         return [x.grad, *(p.grad for p in model.parameters())]
 
-    calls = []
     k = kernels_for(Backend.AUTO, "cpu")
-    saved = {op: k.lookup(op, Impl.NATIVE) for op in ("bhq_sums_inverse", "bhq_inverse")}
-    fused, real = saved["bhq_sums_inverse"], saved["bhq_inverse"]
-    try:
-        register("bhq_sums_inverse", Impl.NATIVE, lambda *a: calls.append(1) or fused.fn(*a), ("cpu",),
-                 fused.supports)
-        fast = grads()
-        assert len(calls) == 3  # each layer's ∇X
-        register("bhq_sums_inverse", Impl.NATIVE, fused.fn, ("cpu",), lambda *a: False)
-        register("bhq_inverse", Impl.NATIVE, lambda *a: calls.append(2) or real.fn(*a), ("cpu",), real.supports)
-        two_ops = grads()
-        assert calls.count(2) == 3  # the group sums and the inverse apart
-        register("bhq_inverse", Impl.NATIVE, real.fn, ("cpu",), lambda *a: False)
-        slow = grads()
-    finally:
-        for op, kern in saved.items():  # the table's own rows again
-            register(op, Impl.NATIVE, kern.fn, ("cpu",), kern.supports)
-    for a, b, c in zip(fast, two_ops, slow, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    ops = ("bhq_epilogue_inverse", "bhq_sums_inverse", "bhq_inverse")
+    saved = {op: k.lookup(op, Impl.NATIVE) for op in ops}
+    for attention, first in ((False, (2, 1, 0)), (True, (5, 0, 0))):  # per op, the calls of the first run
+        runs = []
+        try:
+            for off in range(len(ops) + 1):  # the first `off` kernels switched off
+                calls = {op: 0 for op in ops}
+                for i, op in enumerate(ops):
+                    kern = saved[op]
+
+                    def counted(*a, op=op, kern=kern, calls=calls):  # noqa: ANN001, ANN202
+                        calls[op] += 1
+                        return kern.fn(*a)
+
+                    register(op, Impl.NATIVE, counted, ("cpu",), (lambda *a: False) if i < off else kern.supports)
+                runs.append(grads(attention))
+                if off == 0:
+                    assert tuple(calls.values()) == first, calls
+                elif off < len(ops):
+                    assert calls[ops[off]] == sum(first), calls  # every ∇X inverse, on the next kernel
+        finally:
+            for op, kern in saved.items():  # the table's own rows again
+                register(op, Impl.NATIVE, kern.fn, ("cpu",), kern.supports)
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
 
 
 @needs_avx512
