@@ -200,8 +200,11 @@ class _SROptimizer(torch.optim.Optimizer):
     @classmethod
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
         """``ValueError`` naming the setting (and ``where``: a param group) for a value
-        ``torch.optim``'s own optimizer would refuse: ``lr`` and ``weight_decay`` finite and
-        ≥ 0 (0 is what a schedule ending at 0 sets), the subclass's own below; for a setting
+        ``torch.optim``'s own optimizer would refuse — a negative ``lr``, ``weight_decay``,
+        ``momentum`` or ``eps``, a beta outside [0, 1) — and for a NaN or infinite one, which
+        torch takes and which would make every weight it updates NaN or infinite (0 is
+        what a schedule ending at 0 sets; ``eps=0`` and ``momentum`` ≥ 1 are torch's to
+        take and ours: a new user's trial found them refused where this said otherwise); for a setting
         the update reads that the group lacks (a state dict saved by another optimizer); and
         for a ``torch.optim`` setting this optimizer does not implement, at a value that
         would change the update (:data:`_UNSUPPORTED`; at its neutral value, e.g. a
@@ -232,6 +235,30 @@ class _SROptimizer(torch.optim.Optimizer):
             v = _number(group[key])
             if v is None or not 0 <= v < float("inf"):
                 raise ValueError(f"{where}{key} must be a finite number ≥ 0, got {group[key]!r}")
+
+    def _check_complete(self, i: int, st: dict[str, Any]) -> None:
+        """``ValueError`` unless the saved state ``st`` of parameter ``i`` holds each entry
+        whole (``name`` or ``name_codes`` with ``name_scale``; the weight's codes with their
+        scales) and, where the update counts steps, its entries all or none with the count:
+        a state dict loaded into a skeleton that lacked keys (``torch.distributed.checkpoint``
+        fills only the keys it finds) would restart what it lost, without a word."""
+        name = type(self).__name__
+        for entry in (*self._STATE, "weight"):
+            codes, scale = f"{entry}_codes" in st, f"{entry}_scale" in st
+            if codes != scale:
+                raise ValueError(f"{name} cannot load this state dict: parameter {i} (in param-group order) has "
+                                 f"{entry + ('_codes' if codes else '_scale')!r} without "
+                                 f"{entry + ('_scale' if codes else '_codes')!r}; nothing was loaded")
+        if not self._STATE_PLAIN:
+            return
+        have = {e for e in self._STATE if e in st or f"{e}_codes" in st} | {k for k in self._STATE_PLAIN if k in st}
+        every = set(self._STATE) | set(self._STATE_PLAIN)
+        if have and have != every:
+            raise ValueError(
+                f"{name} cannot load this state dict: parameter {i} (in param-group order) has "
+                f"{', '.join(sorted(have))} but not {', '.join(sorted(every - have))}: the update would restart "
+                "them from zero. (torch.distributed.checkpoint loads only the keys of the state dict it fills: "
+                f"make that one with get_state_dict on an optimizer whose state is complete); nothing was loaded")
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's state (defaults, state, param groups) and this optimizer's own settings
@@ -271,11 +298,18 @@ class _SROptimizer(torch.optim.Optimizer):
 
     def _encode_weights(self, params: list[torch.Tensor]) -> None:
         """With ``weights="int8"``: each trainable weight of ``params`` onto its int8 grid
-        (round-to-nearest), its exact bfloat16 image into the parameter."""
+        (round-to-nearest), its exact bfloat16 image into the parameter. The codes are not
+        kept: the first step reads the weight from the parameter, which is exactly their
+        decode (:meth:`_load_weight`), and stores its own. So a new optimizer's ``state`` is
+        empty, as a ``torch.optim`` optimizer's is: ``torch.distributed.checkpoint``'s
+        ``get_state_dict`` makes the state of an optimizer whose state is empty with a step
+        at lr 0, and took a fresh one holding only weight codes for initialised — its state
+        dict to load into then had no moments, and DCP, which fills only the keys it finds,
+        resumed Adam from step 1 without a word (a new user's trial)."""
         with torch.no_grad():
             for p in params:
                 if self._int8_weight(p) and p.requires_grad:
-                    self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
+                    p.copy_(decode_int8_per_channel(*encode_int8_per_channel(p, stochastic=False)))
 
     def _int8_weight(self, p: torch.Tensor) -> bool:
         return self.weight_format == "int8" and p.ndim >= 2 and p.numel() > 0
@@ -289,15 +323,20 @@ class _SROptimizer(torch.optim.Optimizer):
     def _load_weight(self, p: torch.Tensor) -> torch.Tensor:
         """The weight in float32: the int8 codes·scales if stored and still equal to ``p``,
         else ``p`` (a write from outside the optimizer; int8 weights are then re-encoded
-        from it with round-to-nearest, see the module docstring). Codes where this
+        from it with round-to-nearest, see the module docstring; so is an int8 weight
+        without codes yet — a new optimizer's, whose parameter the constructor put on its
+        grid, exactly, or one frozen when the optimizer was built). Codes where this
         optimizer stores bfloat16 weights (a state dict of int8 weights that recorded no
         formats) are dropped: ``p`` is the weight (they were re-encoded onto the int8 grid:
         a new user's trial)."""
         st = self.state.get(p, {})
         if _W_CODES in st and not self._int8_weight(p):
             _drop(st, "weight")
-        if _W_CODES not in st:
+        if not self._int8_weight(p):
             return p.float()
+        if _W_CODES not in st:  # a new optimizer's (the constructor's grid: exact) or a weight frozen then
+            self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
+            return decode_int8_per_channel(self.state[p][_W_CODES], self.state[p][_W_SCALE])
         w = decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
         pf = p.float()
         if torch.equal(pf, w) or torch.allclose(pf, w, rtol=0, atol=0, equal_nan=True):
@@ -524,6 +563,7 @@ class _SROptimizer(torch.optim.Optimizer):
         saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         mine = chain.from_iterable(g["params"] for g in self.param_groups)
         for i, (pid, p) in enumerate(zip(saved, mine)):
+            self._check_complete(i, state_dict["state"].get(pid, {}))
             for key, value in state_dict["state"].get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key not in self._STATE_PLAIN \
                         and not key.endswith("_scale") and tuple(value.shape) != tuple(p.shape):
@@ -596,8 +636,8 @@ class SRSGD(_SROptimizer):
     def _check_hyper(cls, group: dict[str, Any], where: str) -> None:
         super()._check_hyper(group, where)
         mu = _number(group["momentum"])
-        if mu is None or not 0 <= mu < 1:
-            raise ValueError(f"{where}momentum must be in [0, 1), got {group['momentum']!r}")
+        if mu is None or not 0 <= mu < float("inf"):  # torch.optim.SGD's rule (momentum 1: no decay)
+            raise ValueError(f"{where}momentum must be a finite number ≥ 0, got {group['momentum']!r}")
 
     def _sparse_refusal(self, group: dict[str, Any], layout: torch.layout) -> str | None:
         """Plain SGD (no momentum, no weight decay) takes a sparse COO gradient: the update
@@ -675,8 +715,8 @@ class SRAdamW(_SROptimizer):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
                 (b := _number(x)) is not None and 0 <= b < 1 for x in betas)):
             raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
-        if eps is None or not 0 < eps < float("inf"):
-            raise ValueError(f"{where}eps must be a finite number > 0, got {group['eps']!r}")
+        if eps is None or not 0 <= eps < float("inf"):  # torch.optim.AdamW's rule (0: m/√v, as torch)
+            raise ValueError(f"{where}eps must be a finite number ≥ 0, got {group['eps']!r}")
 
     def _update(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 group: dict[str, Any]) -> torch.Tensor:

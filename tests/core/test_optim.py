@@ -174,7 +174,8 @@ def test_param_group_settings_are_checked_as_the_defaults_are() -> None:
     lr = -1 used to be accepted and step the weights uphill."""
     a, b = nn.Linear(2, 2).bfloat16(), nn.Linear(2, 2).bfloat16()
     for bad, match in [({"lr": -1.0}, "param group 1: lr must be a finite number ≥ 0, got -1.0"),
-                       ({"momentum": 1.5}, "param group 1: momentum must be in \\[0, 1\\), got 1.5"),
+                       ({"momentum": -0.5}, "param group 1: momentum must be a finite number ≥ 0, got -0.5"),
+                       ({"momentum": float("nan")}, "param group 1: momentum must be a finite number ≥ 0, got nan"),
                        ({"weight_decay": -1.0}, "param group 1: weight_decay must be a finite")]:
         with pytest.raises(ValueError, match=match):
             SRSGD([{"params": a.parameters()}, {"params": b.parameters(), **bad}], lr=0.1)
@@ -445,8 +446,12 @@ def test_validation_names_the_problem() -> None:
     for betas in [(0.9, 1.0), (-0.1, 0.999), (0.9,)]:
         with pytest.raises(ValueError, match="betas must be two numbers in"):
             SRAdamW(params, lr=0.1, betas=betas)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        SRAdamW(params, lr=0.1, eps=0.0)
+    for eps in (-1e-8, float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number ≥ 0"):
+            SRAdamW(params, lr=0.1, eps=eps)
+    # what torch.optim takes (a new user's trial: refused where the docstring said otherwise)
+    torch.optim.AdamW(params, lr=0.1, eps=0.0), torch.optim.SGD(params, lr=0.1, momentum=1.0)
+    SRAdamW(params, lr=0.1, eps=0.0), SRSGD(params, lr=0.1, momentum=1.0)
     with pytest.raises(TypeError, match="SRAdamW keeps weights in bfloat16"):
         SRAdamW(nn.Linear(2, 2).parameters(), lr=0.1)
     opt = SRSGD(params, lr=0.1)
@@ -466,6 +471,11 @@ def _grid_round(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.double().flatten(1)
     s = torch.exp2(torch.ceil(torch.log2(w.abs().amax(1) / 127)))[:, None]
     return s, torch.round(w / s) * s
+
+
+def _on_int8_grid(w: torch.Tensor) -> bool:
+    """Whether ``w`` lies on its rows' power-of-two int8 grids (:func:`_grid_round` leaves it)."""
+    return torch.equal(_grid_round(w)[1], w.double().flatten(1))
 
 
 def _zero_grad_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -1065,7 +1075,8 @@ def test_frozen_weights_are_not_rewritten_by_the_constructor() -> None:
     before, head_before = enc.weight.clone(), head.weight.clone()
     opt = SRSGD([*enc.parameters(), *head.parameters()], lr=0.1, weights="int8")
     assert torch.equal(enc.weight, before) and "weight_codes" not in opt.state.get(enc.weight, {})
-    assert not torch.equal(head.weight, head_before) and "weight_codes" in opt.state[head.weight]
+    assert not torch.equal(head.weight, head_before) and _on_int8_grid(head.weight)
+    assert not opt.state  # the codes come at the first step (a new optimizer's state is empty, as torch's)
 
 
 def test_sradamw_defaults_are_torch_adamws() -> None:
@@ -1177,8 +1188,8 @@ def test_a_refused_param_group_leaves_every_weight_unwritten(cls: type) -> None:
     with pytest.raises(TypeError, match=r"parameter 0 of param group 1 is torch.float32 .*no weight was written"):
         cls([{"params": lin.parameters()}, {"params": norm.parameters()}], lr=1e-3, weights="int8")
     assert torch.equal(lin.weight, before)
-    opt = cls([{"params": lin.parameters()}, {"params": norm.bfloat16().parameters()}], lr=1e-3, weights="int8")
-    assert "weight_codes" in opt.state[lin.weight] and not torch.equal(lin.weight, before)
+    cls([{"params": lin.parameters()}, {"params": norm.bfloat16().parameters()}], lr=1e-3, weights="int8")
+    assert _on_int8_grid(lin.weight) and not torch.equal(lin.weight, before)
 
 
 @pytest.mark.parametrize("cls", [SRSGD, SRAdamW])
@@ -1247,3 +1258,80 @@ def test_the_weight_write_in_pieces_draws_as_the_whole_tensors_codec(fmt: str) -
     opt.step()
     assert p.numel() > 2 * 2**16 and torch.equal(p.float(), expected)
     assert torch.equal(gen.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize(("cls", "kw"), [(SRAdamW, {}), (SRSGD, {"momentum": 0.9, "weight_decay": 0.01})])
+def test_distributed_checkpoint_resumes_bitwise(tmp_path, cls: type, kw: dict, flatten: bool) -> None:  # noqa: ANN001
+    """A new user's trial: ``torch.distributed.checkpoint`` (``get_state_dict``, ``dcp.save``,
+    then ``get_state_dict`` of a fresh model and optimizer as the dict to load into,
+    ``dcp.load``, ``set_state_dict``) resumed int8 weights and state without Adam's moments
+    and step (and SGD's momentum), without a word: a fresh optimizer's state held its
+    weight codes, so DCP took it for initialised and its dict lacked every other key
+    (DCP fills only the keys it finds); with biases the load raised torch's "Missing
+    optimizer state". Now the resumed run is the uninterrupted one, bit for bit, nested
+    or flattened (``StateDictOptions(flatten_optimizer_state_dict=True)``)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    opts = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    x = torch.randn(16, 8).bfloat16()
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).bfloat16()
+        return m, cls(m.parameters(), lr=1e-2, weights="int8", state="int8",
+                      generator=torch.Generator().manual_seed(1), **kw)
+
+    def step(m: nn.Module, o: torch.optim.Optimizer) -> None:
+        m(x).float().pow(2).mean().backward()
+        o.step()
+        o.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's own, without a process group
+        m, o = build()
+        for _ in range(3):
+            step(m, o)
+        msd, osd = get_state_dict(m, o, options=opts)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+        gen = o.generator.get_state()
+        for _ in range(3):
+            step(m, o)
+        m2, o2 = build()
+        msd2, osd2 = get_state_dict(m2, o2, options=opts)
+        sd = {"model": msd2, "optim": osd2}
+        dcp.load(sd, checkpoint_id=str(tmp_path))
+        set_state_dict(m2, o2, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
+        o2.generator.set_state(gen)
+        assert {p: sorted(st) for p, st in zip(m.parameters(), (o2.state[q] for q in m2.parameters()))} \
+            == {p: sorted(st) for p, st in zip(m.parameters(), (o.state[q] for q in m.parameters()))}
+        for _ in range(3):
+            step(m2, o2)
+    for a, b in zip(m.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(m.parameters(), m2.parameters(), strict=True):
+        assert all(torch.equal(v, o2.state[q][k]) if isinstance(v, torch.Tensor) else v == o2.state[q][k]
+                   for k, v in o.state[p].items())
+
+
+@pytest.mark.parametrize("drop", [("exp_avg_codes", "exp_avg_scale"), ("exp_avg_sq",), ("step",), ("exp_avg_scale",),
+                                  ("weight_codes",)], ids="+".join)
+def test_a_state_dict_missing_part_of_a_parameters_state_is_refused(drop: tuple[str, ...]) -> None:
+    """The other half of the trial above: a state dict that holds a parameter's step but not
+    its moments (or the reverse, or codes without their scales) restarted what it lacked
+    from zero; now ``ValueError`` naming the parameter and the keys, nothing loaded."""
+    model, opt, _ = _make(SRAdamW, "int8")
+    _train(model, opt, 2)
+    saved = opt.state_dict()
+    pid = next(iter(saved["state"]))
+    st = {k: v for k, v in saved["state"][pid].items() if k not in drop}
+    assert len(st) == len(saved["state"][pid]) - len(drop)
+    broken = {**saved, "state": {**saved["state"], pid: st}}
+    fresh = SRAdamW(model.parameters(), lr=0.01, weights="int8", state="int8")
+    with pytest.raises(ValueError, match=rf"parameter {pid} \(in param-group order\) has .*nothing was loaded"):
+        fresh.load_state_dict(broken)
+    assert not fresh.state
+    fresh.load_state_dict(saved)  # whole: loads
