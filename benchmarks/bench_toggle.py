@@ -59,6 +59,10 @@ Toggles (each is "on" as lowbit ships it):
                (∇S's made in its own memory, entry by entry; the same codes)
   bhq-inverse  BHQ's inverse on a GEMM's output on lowbit's AVX-512 kernel, written over that
                fresh output; off: the compiled inverse into a new tensor (the same values)
+  bhq-epilogue-inverse  an integer GEMM's epilogue and BHQ's inverse of its rows in one pass
+               (``lowbit_bhq_epilogue_inverse``: the ∇X products of Linear layers and
+               attention); off: the epilogue, then the inverse with its group sums, two
+               kernels (the same values)
   bhq-entry-threads  attention's BHQ groups built for the entries (heads) on torch's threads
                (``lowbit.kernels.bhq_groups``); off: on one thread (the same groups)
   vnni-batched  attention's per-head int8 products as one batched call of lowbit's AVX-512
@@ -365,6 +369,20 @@ def _bhq_inverse() -> Callable[[bool], None]:
     return switch
 
 
+def _bhq_epilogue_inverse() -> Callable[[bool], None]:
+    from lowbit.kernels import Impl, avx512, register
+    from lowbit.quantizers import bhq
+
+    if not avx512.available():
+        raise SystemExit("lowbit's C quantizer (AVX-512, or its AVX2 build) is not available on this machine")
+    native = bhq._native
+
+    def switch(on: bool) -> None:
+        register("bhq_epilogue_inverse", Impl.NATIVE, native(avx512.run_bhq_epilogue_inverse), ("cpu",),
+                 native(avx512.supports_bhq_epilogue_inverse) if on else (lambda *a: False))
+    return switch
+
+
 def _bhq_entry_threads() -> Callable[[bool], None]:
     from lowbit.kernels import bhq_groups
 
@@ -545,7 +563,7 @@ TOGGLES: dict[str, Callable[[], Callable[[bool], None]]] = {
     "avx512-row-absmax": _avx512_op("row_absmax", "run_row_absmax", "supports_row_absmax"),
     "hadamard-heads": _hadamard_heads, "conv-grad-w": _grad_w("lowbit.conv"),
     "attention-grad-w": _grad_w("lowbit.attention"),
-    "bhq-inverse": _bhq_inverse, "bhq-entry-threads": _bhq_entry_threads, "malloc": _malloc,
+    "bhq-inverse": _bhq_inverse, "bhq-epilogue-inverse": _bhq_epilogue_inverse, "bhq-entry-threads": _bhq_entry_threads, "malloc": _malloc,
     "vnni-batched": _vnni_batched, "bias-pieces": _bias_pieces, "prepack-no-shape": _prepack_no_shape,
     "gemm-panels": _gemm_panels, "eager-block": _eager_block, "attention-pieces": _attention_pieces,
     "shared-input": _shared_input, "conv-grad-w-pieces": _conv_grad_w_pieces,

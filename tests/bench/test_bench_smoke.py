@@ -140,6 +140,31 @@ def test_todays_toggles_run_and_are_left_on(toggle: str, capsys: pytest.CaptureF
     assert f"{toggle}: on" in capsys.readouterr().out
 
 
+def test_bhq_epilogue_inverse_toggle_runs_and_is_left_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench_toggle.py bhq-epilogue-inverse`` times a BHQ text GPT with and without the
+    one-pass kernel and leaves it as lowbit ships it: a BHQ layer's ∇X product then runs
+    it (its profiler scope)."""
+    from torch.profiler import profile
+
+    import lowbit
+    from lowbit.kernels import avx512
+
+    if not avx512.available():
+        pytest.skip("lowbit's C quantizer is not available on this CPU")
+    bt = load("bench_toggle")
+    assert bt.main(["bhq-epilogue-inverse", "--workload", "gpt", "--mode", "fqt-bhq-8", "--size", "tiny",
+                    "--rounds", "1", "--steps", "1", "--warmup", "1", "--threads", str(torch.get_num_threads()),
+                    "--malloc", "default"]) == 0
+    assert "bhq-epilogue-inverse: on" in capsys.readouterr().out
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    lowbit.convert(layer, lowbit.FQTConfig.from_recipe("fqt-bhq-8", seed=1))
+    x = torch.randn(256, 64, requires_grad=True)
+    with profile() as prof:
+        layer(x).square().mean().backward()
+    assert any(e.name == "lowbit::avx512_bhq_epilogue_inverse" for e in prof.events())
+
+
 def test_heap_peak_shim_counts_a_short_lived_allocation_exactly(monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
     """``benchmarks/heap_peak.c`` preloaded into a child (as ``bench_step``'s memory
