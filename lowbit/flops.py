@@ -261,6 +261,31 @@ FORMULAS[torch.ops.lowbit.int8_conv_f32] = _conv_f32
 if hasattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise"):
     FORMULAS[torch.ops.onednn.qconv2d_pointwise] = _qconv
 
+
+
+def _torch_formula(f: Formula) -> Callable[..., int]:
+    """``f`` as a ``torch.utils.flop_counter`` formula (raw arguments, the output as
+    ``out_val``): the sum of its parts."""
+    def formula(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        return sum(p.flops for p in f(args, out_val))
+    return formula
+
+
+def _register_with_flop_counter() -> None:
+    """lowbit's own GEMM ops (the AMX/VNNI int8 products, their exact float32 routes) and
+    ``aten._int_mm``, where torch has no formula for them: ``FlopCounterMode`` counted 0
+    for the int8 GEMMs it saw (lowbit's attention, run eagerly under the mode) — a model's
+    FLOPs silently short (a review, 2026-12-07). Not where torch has its own."""
+    from torch.utils import flop_counter
+
+    for op in (torch.ops.lowbit.int8_mm, torch.ops.lowbit.int8_bmm, torch.ops.lowbit.int8_mm_f32,
+               torch.ops.lowbit.int8_bmm_f32, torch.ops.lowbit.int8_conv_f32, aten._int_mm):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(_torch_formula(FORMULAS[op]))
+
+
+_register_with_flop_counter()
+
 ATTENTION_OPS = frozenset(p for p, f in FORMULAS.items() if f in (_sdpa, _sdpa_backward))
 
 # Names of aten ops that multiply matrices; one of these without a formula is reported

@@ -457,6 +457,43 @@ def _(kind, gy, saved, ident, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
                  for (s, d, f), n in zip(shapes, needs))
 
 
+# -- FLOPs for torch.utils.flop_counter ---------------------------------------------------
+def block_flops(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> int:
+    """FLOPs of a block's forward GEMM — each of its backward GEMMs (∇x, ∇w) costs the same —
+    counted as ``torch.utils.flop_counter`` counts a float layer's: ``2·m·k·n`` for a linear
+    block's (m, k) × (k, n), ``2·N·prod(w.shape)·prod(spatial)`` for a convolution's
+    (:func:`lowbit.flops.conv_flops`, which gives the linear count too: no spatial
+    dimensions). The GEMMs run on integer or FP8 codes; the count is of their
+    multiply-adds, whatever the format, as torch counts ``_scaled_mm``'s."""
+    from .flops import conv_flops
+
+    return conv_flops(x_shape, w_shape, _kind(kind).out_shape(x_shape, w_shape, params), False)
+
+
+def _forward_flops(kind, x, weight, bias, key, ident, params, out_dtype, *, out_val=None, **_):  # noqa: ANN001, ANN202
+    return block_flops(kind, x.shape, weight.shape, params)
+
+
+def _backward_flops(kind, gy, saved, ident, params, x_shape, x_dtype, w_shape, w_dtype,  # noqa: ANN001, ANN202
+                    b_dtype, blocks, needs, *, out_val=None, **_):
+    return (bool(needs[0]) + bool(needs[1])) * block_flops(kind, x_shape, w_shape, params)
+
+
+def _register_flop_formulas() -> None:
+    """``FlopCounterMode`` sees a converted layer as these two ops (their insides run out of
+    its sight) and counted 0 FLOPs for every converted layer — a model's MFU silently
+    wrong: the formulas give it the float layer's count (a review, 2026-12-07)."""
+    from torch.utils import flop_counter
+
+    for op, formula in ((torch.ops.lowbit.block_forward, _forward_flops),
+                        (torch.ops.lowbit.block_backward, _backward_flops)):
+        if op not in flop_counter.flop_registry:  # (a second import of this module)
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
+_register_flop_formulas()
+
+
 # Whether an eager block saves its input instead of its codes where autograd keeps that
 # input anyway (:func:`kept_by_autograd`); False: always the codes (a benchmark toggle).
 SHARE_SAVED_INPUT = True

@@ -1272,3 +1272,47 @@ def test_a_loss_fn_of_model_and_batch_is_refused_by_name() -> None:
         with pytest.raises(TypeError, match="got a function of 2 required arguments"):
             coverage(m, torch.randn(2, 4), loss_fn=two)
     assert isinstance(coverage(m, torch.randn(2, 4), loss_fn=logged(lambda out: out.sum())), CoverageReport)
+
+
+@pytest.mark.parametrize("recipe", ["fqt-psq-8", "fqt-bhq-4", "fqt-hadamard-fp8"])
+def test_flop_counter_mode_counts_a_converted_model_as_the_float_one(recipe: str) -> None:
+    """torch's ``FlopCounterMode`` saw a converted layer as the opaque ops
+    ``lowbit::block_forward``/``block_backward`` and counted 0 FLOPs for every converted
+    model: an MFU silently wrong. With their formulas it counts what the float model's
+    GEMMs count, exactly (a CNN with a strided convolution, a Conv1d, linear layers; the
+    ∇x of the first layer wanted and not), and lowbit's attention its batched products as
+    they run: 2 forward, 5 backward (its backward recomputes ``QKᵀ``), each
+    ``2·B·H·L·S·d``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lowbit.functional import scaled_dot_product_attention
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+            self.head = nn.Sequential(nn.Linear(8 * 64, 64), nn.GELU(), nn.Linear(64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x)).flatten(2)
+            return self.head(torch.relu(self.conv1d(h)).flatten(1))
+
+    def count(model: nn.Module, x: torch.Tensor) -> int:
+        with FlopCounterMode(display=False) as fc:
+            model(x).square().mean().backward()
+        return fc.get_total_flops()
+
+    for grad_x in (True, False):
+        torch.manual_seed(0)
+        model = Net()
+        x = torch.randn(16, 3, 16, 16, requires_grad=grad_x)
+        want = count(model, x)
+        assert want > 0
+        assert count(lowbit.convert(copy.deepcopy(model), lowbit.FQTConfig.from_recipe(recipe, seed=1)), x) == want
+    b, h, length, d = 1, 4, 128, 64
+    q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        scaled_dot_product_attention(q, k, v, is_causal=True, state=lowbit.FQTConfig.from_recipe(recipe, seed=2)) \
+            .square().sum().backward()
+    assert fc.get_total_flops() == 7 * 2 * b * h * length * length * d
