@@ -36,7 +36,7 @@ from .formats import (
 )
 from .kernels import Backend
 from .noise import check_seed
-from .quantizers import QUANTIZERS, Granularity
+from .quantizers import QUANTIZERS, GradQuantizer, Granularity
 from .ranges import Overflow, RangeMode, check_range_settings
 
 
@@ -139,7 +139,9 @@ def _coerce_quantizer(spec: GradSpec) -> None:
             object.__setattr__(spec, "quantizer", name)
             return
     if not isinstance(value, str) or value not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {value!r}")
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {value!r}"
+                         + (" (register your own first: lowbit.quantizers.register_quantizer)"
+                            if isinstance(value, (str, GradQuantizer)) else ""))
 
 
 _RANGE_DEFAULTS = {"margin": 1.25, "history": 16, "overflow": Overflow.REQUANTIZE}  # GradSpec's

@@ -89,7 +89,7 @@ from .formats import Rounding, compute_dtype
 from .noise import Path
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, in_format, register_kind
 from .quantizers import QuantizedOperand
-from .quantizers.base import Identity
+from .quantizers.base import Identity, is_identity
 from .ranges import RangeTracker
 
 
@@ -613,7 +613,7 @@ def conv_grad_weight(gy: torch.Tensor, qx: QuantizedOperand, spec: GradSpec | No
     if qa is None:
         qa = quantize_gradient(_rows(g.transpose(0, 1)), spec, generator, backend, tracker)
     # a transform mixing output channels across groups: a group's GEMM would need all rows
-    mixed = groups > 1 and not isinstance(qa.transform, Identity)
+    mixed = groups > 1 and not is_identity(qa.transform)
     if mixed or not integer_path(backend, qa, qx) or Backend(backend) is Backend.FP8:
         with run_simulated(backend, "∇W", (qa, qx), "with groups, the gradient's row transform "
                            f"({type(qa.transform).__name__}) mixes the groups' output channels"

@@ -34,7 +34,7 @@ from .kernels import Kernels, kernels_for
 from .noise import NoiseStream, Path, draw_base_seed
 from .ops import BlockKind, BlockMeta, BlockState, Trackers, apply_block, register_kind, stochastic_forward_paths
 from .quantizers import QuantizedOperand, get_quantizer
-from .quantizers.base import Identity, sr_seed
+from .quantizers.base import Identity, is_identity, sr_seed
 from .ranges import RangeTracker
 from .scalars import integer
 from . import grid_notes
@@ -100,8 +100,11 @@ def quantize_gradient(
     # entries only where set, by keyword: a quantizer that overrides quantize with the
     # signature before entries existed keeps working (a review)
     more = {} if entries is None else {"entries": entries}
-    return q.quantize(a, spec.format, generator, spec.rounding, backend,
-                      tracker if spec.predicted else None, **more)
+    out = q.quantize(a, spec.format, generator, spec.rounding, backend, tracker if spec.predicted else None, **more)
+    if not isinstance(out, QuantizedOperand):  # a user's quantize (it failed later on .enc: a new user's trial)
+        raise TypeError(f"quantizer {q.name!r}: quantize must return a lowbit.quantizers.QuantizedOperand "
+                        f"(codes, scales and its transform), got {type(out).__name__}")
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,7 @@ def _rows_times(q: QuantizedOperand, b: QuantizedOperand, backend: Backend | Ker
     """``T⁻¹ · â @ b̂``: the GEMM of the encoded operands (integer, FP8 or simulated, as
     the call's kernels decide), then the inverse transform on the output rows."""
     k = kernels_for(backend, q.codes.device)
-    if isinstance(q.transform, Identity):  # cast fused into the GEMM's epilogue
+    if is_identity(q.transform):  # cast fused into the GEMM's epilogue
         return k.gemm(q.enc, b.enc, None, out_dtype)
     # the GEMM's output in compute_dtype (float64 for float64 operands) until T⁻¹ has run;
     # an integer GEMM applies T⁻¹ with its epilogue where the transform has a kernel for it

@@ -47,7 +47,7 @@ from .config import GradSpec
 from .formats import Format, Granularity, Rounding
 from .kernels import Encoded, Impl, Kernels, avx512, reference, register, register_fused
 from .quantizers import QuantizedOperand, get_quantizer
-from .quantizers.base import GradQuantizer, Identity, check_operand, sr_seed
+from .quantizers.base import GradQuantizer, Identity, check_operand, checked_transform, is_identity, sr_seed
 from .quantizers.psq import PSQ
 from .quantizers.ptq import PTQ
 
@@ -181,7 +181,7 @@ def draw(gy: torch.Tensor, spec: GradSpec, gen: torch.Generator | None, rows: in
     with scope("lowbit::transform"):
         t = q.transform(gy.new_empty(rows, 0), gen, k)
         t.kernels = k
-    if not isinstance(t, Identity):  # pragma: no cover - a quantizer not marked mixes_rows
+    if not is_identity(t):  # pragma: no cover - a quantizer not marked mixes_rows
         raise TypeError(f"quantizer {q.name!r} does not mix rows but has a {type(t).__name__} transform")
     return q.granularity, spec.rounding, sr_seed(gen, spec.rounding, gy.device), t
 
@@ -288,7 +288,7 @@ def quantize_grad_pair_mixed(gy: torch.Tensor, spec_a: GradSpec | None, gen_a: t
     rows_w = gy.shape[1] * (entries or 1)
     drawn_w = draw(gy, spec_w, gen_w, rows_w, k) if w_first else None  # type: ignore[arg-type]
     with scope("lowbit::transform"):
-        t = q.transform(gy, gen_a, k) if entries is None else q.entry_transform(gy, entries, gen_a, k)
+        t = checked_transform(q, q.transform(gy, gen_a, k) if entries is None else q.entry_transform(gy, entries, gen_a, k))
         t.kernels = k
     seed_a = sr_seed(gen_a, spec_a.rounding, gy.device)
     if drawn_w is None:

@@ -62,7 +62,9 @@ only. Measured in docs/benchmarks.md ("Variance monitor overhead").
 
 Not monitored (listed in :attr:`VarianceMonitor.skipped` with the reason): layers with a
 stochastic-rounding forward (the codes the backward used are not observable) or with
-predicted gradient ranges (their grid is not the operand's own), fp/QAT layers.
+predicted gradient ranges (their grid is not the operand's own), fp/QAT layers, and layers
+whose gradient quantizer overrides ``quantize`` but inherits ``rounding_variance``
+(:func:`lowbit.quantizers.base.variance_formula_gap`: the formula is not what runs).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ from .nn import FQTConv2d, FQTLinear, call_input, fqt_blocks
 from .noise import Path, generator_for
 from .ops import engine_needs
 from .quantizers import get_quantizer
+from .quantizers.base import variance_formula_gap
 from .scalars import integer, real
 from .varrecord import LayerVariance, StepRecord, ratio
 from .varstats import paired_variance, path_noise, sgd_variance
@@ -124,6 +127,10 @@ def skip_reason(layer: FQTLinear | FQTConv2d) -> str | None:
         return "a *_spec gradient format: its scale rule clips (biased), no rounding variance to compare"
     if isinstance(layer, FQTConv2d) and layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r}: ∇X of the padded input is folded back"
+    for s in (cfg.grad_input, cfg.grad_weight):
+        gap = None if s is None else variance_formula_gap(get_quantizer(s.quantizer))
+        if gap is not None:
+            return f"{gap}: no rounding variance to compare"
     return None
 
 

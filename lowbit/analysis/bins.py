@@ -26,6 +26,7 @@ import torch
 
 from ..formats import IntFormat, compute_dtype
 from ..quantizers import QUANTIZERS, absmax, check_operand, get_quantizer
+from ..quantizers.base import checked_transform
 from .plots import save_figure
 
 
@@ -51,7 +52,7 @@ def mapped_values(a: torch.Tensor, quantizer: str, bits: int,
     check_operand(a, "mapped_values")  # 2-D, a float dtype lowbit quantizes (a review: complex taken)
     q, fmt = get_quantizer(quantizer), IntFormat(bits)
     a = a.to(compute_dtype(a.dtype))  # float64 keeps its range
-    y = q.transform(a, generator).forward(a)
+    y = checked_transform(q, q.transform(a, generator)).forward(a)
     step = fmt.scale_from_absmax(absmax(y, q.granularity))
     return y / step
 

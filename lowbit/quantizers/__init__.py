@@ -23,16 +23,57 @@ from .ptq import PTQ
 QUANTIZERS: dict[str, GradQuantizer] = {q.name: q for q in (PTQ(), PSQ(), BHQ(), Hadamard())}
 
 
+_BUILT_IN = frozenset(QUANTIZERS)
+
+
 def get_quantizer(name: str | GradQuantizer) -> GradQuantizer:
-    """Look a quantizer up by name (``ptq``, ``psq``, ``bhq``, ``hadamard``)."""
+    """Look a quantizer up by name (``ptq``, ``psq``, ``bhq``, ``hadamard``, or one added
+    with :func:`register_quantizer`)."""
     if isinstance(name, GradQuantizer):
         return name
     try:
         return QUANTIZERS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}"
+            f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)} (add your own with "
+            "lowbit.quantizers.register_quantizer)"
         ) from None
+
+
+def register_quantizer(quantizer: GradQuantizer, *, replace: bool = False) -> GradQuantizer:
+    """Add ``quantizer`` (an instance of a :class:`GradQuantizer` subclass) to
+    :data:`QUANTIZERS` under its ``name``, so that ``GradSpec(quantizer=name)``, recipes'
+    specs, ``quantize_grad`` and the variance tools take it; returns it.
+
+    The subclass gives ``name`` (a non-empty str), ``granularity`` (a :class:`Granularity`
+    or its name, ``"tensor"`` / ``"row"``) and ``transform(a, generator, kernels)``
+    returning a :class:`RowTransform` (:class:`Identity` for none); ``mixes_rows = True``
+    if the transform mixes rows (then per-row ranges do not persist across steps). lowbit
+    runs its own ``quantize`` (transform, rounding, ``T⁻¹`` on the GEMM's output); a
+    subclass that overrides ``quantize`` should override ``rounding_variance`` too, or the
+    variance monitor skips it (:func:`~lowbit.quantizers.base.variance_formula_gap`).
+    Fused kernels stand in only for the library's own PTQ and PSQ; a user's quantizer
+    runs its own code (``lowbit.gradpair``).
+
+    ``TypeError`` for an object that is not a ``GradQuantizer`` (a class instead of an
+    instance, say), ``ValueError`` for a missing or empty name or granularity, or a name
+    already registered (a built-in name always; another with ``replace=False``)."""
+    if isinstance(quantizer, type) or not isinstance(quantizer, GradQuantizer):
+        what = f"the class {quantizer.__name__} (pass an instance: {quantizer.__name__}())" \
+            if isinstance(quantizer, type) else type(quantizer).__name__
+        raise TypeError(f"register_quantizer: expected a GradQuantizer instance, got {what}")
+    name = getattr(quantizer, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_quantizer: {type(quantizer).__name__} has no name (set the class "
+                         f"attribute name = '...'), got {name!r}")
+    if not isinstance(getattr(quantizer, "granularity", None), Granularity):
+        raise ValueError(f"register_quantizer: {type(quantizer).__name__} has no granularity (set the class "
+                         "attribute granularity = Granularity.ROW or Granularity.TENSOR)")
+    if name in _BUILT_IN or (name in QUANTIZERS and not replace and QUANTIZERS[name] is not quantizer):
+        raise ValueError(f"register_quantizer: the name {name!r} is taken ({'lowbit' if name in _BUILT_IN else 'registered'}"
+                         f"{'' if name in _BUILT_IN else '; pass replace=True to replace it'})")
+    QUANTIZERS[name] = quantizer
+    return quantizer
 
 
 def quantize_grad(
@@ -102,4 +143,5 @@ __all__ = [
     "check_operand",
     "get_quantizer",
     "quantize_grad",
+    "register_quantizer",
 ]

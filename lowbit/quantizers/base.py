@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from .. import grid_notes
@@ -135,6 +135,10 @@ class RowTransform(abc.ABC):
 
 
 class Identity(RowTransform):
+    """No transform: ``T = I``. Only this class itself means "no transform" to lowbit
+    (:func:`is_identity`); a subclass is a transform like any other, its ``forward`` and
+    ``inverse`` both run."""
+
     def __init__(self, n_rows: int) -> None:
         self.n_rows = n_rows
 
@@ -147,6 +151,14 @@ class Identity(RowTransform):
 
     def inverse_sq(self, v: torch.Tensor) -> torch.Tensor:
         return v
+
+
+def is_identity(t: object) -> bool:
+    """Whether ``t`` is :class:`Identity` itself, the transform lowbit may skip (no
+    ``T⁻¹`` on the GEMM's output, a cast fused into its epilogue). A subclass is not: a
+    user's ``Identity`` subclass with ``T = ½·I`` had its ``forward`` applied and its
+    ``inverse`` skipped — every gradient halved (a new user's trial)."""
+    return type(t) is Identity
 
 
 @dataclass
@@ -187,7 +199,7 @@ class QuantizedOperand:
     @property
     def plain(self) -> bool:
         """No row transform, offset or block scale: ``codes · scale`` is the operand."""
-        return self.offset is None and self.block_scale is None and isinstance(self.transform, Identity)
+        return self.offset is None and self.block_scale is None and is_identity(self.transform)
 
     def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``T⁻¹ · x̂`` as ``out_dtype``, computed in the scale's dtype (float64 if
@@ -200,11 +212,41 @@ class QuantizedOperand:
         """``T⁻¹`` applied to the rows of a GEMM output (or of the dequantized operand),
         returned as ``out_dtype``; ``overwrite``: ``out`` is the caller's fresh tensor,
         which the result may be written over (:meth:`RowTransform.inverse`)."""
-        if isinstance(self.transform, Identity):
+        if is_identity(self.transform):
             return out.to(out_dtype)
         with scope("lowbit::transform"):
             return self.transform.inverse(out, out_dtype, overwrite)
 
+
+
+def checked_transform(q: GradQuantizer, t: object) -> RowTransform:
+    """``t``, what ``q.transform`` (or ``entry_transform``) returned, if it is a
+    :class:`RowTransform`; ``TypeError`` naming the contract otherwise (a user's transform
+    returning a tensor failed later with ``'Tensor' object has no attribute
+    'forward_quantize'``: a new user's trial)."""
+    if not isinstance(t, RowTransform):
+        raise TypeError(f"quantizer {getattr(q, 'name', type(q).__name__)!r}: transform must return a "
+                        f"lowbit.quantizers.RowTransform (Identity for none), got {type(t).__name__}")
+    return t
+
+
+def variance_formula_gap(q: GradQuantizer) -> str | None:
+    """Why :meth:`GradQuantizer.rounding_variance` (and so ``expected_variance``,
+    ``variance_bound`` and the variance monitor) may not describe what ``q.quantize``
+    runs, or ``None``: a subclass (or the instance) overrides ``quantize`` below the class
+    whose ``rounding_variance`` it inherits — the formula is then the base class's (a new
+    user's trial: a monitor reported an 8-bit variance, 10⁴× too small, for a quantizer
+    that rounded to 2 bits)."""
+    own = getattr(q, "__dict__", {})
+    if "quantize" in own and "rounding_variance" not in own:
+        return f"quantizer {q.name!r} has its own quantize (set on the instance) but not its own rounding_variance"
+    mro = type(q).__mro__
+    by = {m: next((c for c in mro if m in vars(c)), None) for m in ("quantize", "rounding_variance")}
+    if by["quantize"] is not by["rounding_variance"] and by["rounding_variance"] in mro[mro.index(by["quantize"]):]:
+        return (f"quantizer {q.name!r}: {by['quantize'].__name__} overrides quantize but inherits "
+                f"{by['rounding_variance'].__name__}'s rounding_variance, whose formula need not be what runs "
+                "(override rounding_variance too)")
+    return None
 
 
 def refuse_clipping(fmt: AnyFormat, what: str) -> None:
@@ -248,6 +290,19 @@ class GradQuantizer(abc.ABC):
     # A transform may say otherwise for its own call (its own range_exponent attribute)
     range_exponent: float = 1.0
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's ``granularity`` as a :class:`Granularity`: the name ``"row"`` ran per
+        row on the reference kernels and per tensor on the fused ones, silently, and a
+        misspelt one trained as per tensor (a new user's trial); ``ValueError`` for a value
+        that is not a granularity, at the class statement."""
+        super().__init_subclass__(**kwargs)
+        if "granularity" in vars(cls):
+            cls.granularity = as_granularity(vars(cls)["granularity"])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # an instance's own granularity, as a subclass's (__init_subclass__)
+        super().__setattr__(name, as_granularity(value) if name == "granularity" else value)
+
     @abc.abstractmethod
     def transform(self, a: torch.Tensor, generator: torch.Generator | None,
                   kernels: Kernels | None = None) -> RowTransform:
@@ -287,7 +342,8 @@ class GradQuantizer(abc.ABC):
             raise ValueError(f"entries={entries!r} must be a positive int dividing the operand's {a.shape[0]} rows")
         k = kernels_for(backend, a.device)
         with scope("lowbit::transform"):
-            t = self.transform(a, generator, k) if entries is None else self.entry_transform(a, entries, generator, k)
+            t = checked_transform(self, self.transform(a, generator, k) if entries is None
+                                  else self.entry_transform(a, entries, generator, k))
             t.kernels = k
         seed = sr_seed(generator, rounding, a.device)
         if tracker is None:
@@ -308,7 +364,7 @@ class GradQuantizer(abc.ABC):
         element's absolute scale (both (R, D); the kernels' own arithmetic)."""
         fmt = parse_format(fmt)
         a = a.to(compute_dtype(a.dtype))
-        t = self.transform(a, generator)
+        t = checked_transform(self, self.transform(a, generator))
         x = t.forward(a)
         y, scale, _, bs = reference.prepare(x, fmt, self.granularity)
         s = scale.double().expand_as(y)
