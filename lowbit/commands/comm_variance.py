@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
     write_atomic(out / "comm_variance.json", dumps({
-        "command": "lowbit " + " ".join(sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "command": shlex.join(["lowbit", *sys.argv[1:]]), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "data": getattr(task, "source", None),  # which copy of the data (config.json's "data")
         "warmup": warm, "runs": runs, "seconds": time.perf_counter() - t0,
         "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=1, default=str) + "\n")

@@ -46,6 +46,7 @@ import io
 import math
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,18 @@ def command_line(opts: Any) -> str:
     """The command line as typed (``lowbit variance …``), or rebuilt from the options when
     ``run`` was called from Python."""
     argv = sys.argv
-    if "variance" in argv:
-        return "lowbit " + " ".join(argv[argv.index("variance"):])
-    parts = ["lowbit variance", f"--task {opts.task}", f"--quantizers {','.join(opts.quantizers)}",
-             f"--formats {','.join(opts.formats)}", f"--rounding {','.join(opts.roundings)}",
-             f"--out {opts.out}",
-             f"--batches {opts.batches}", f"--batch-size {opts.batch_size}",
-             f"--repeats {opts.repeats}", f"--seed {opts.seed}",
-             f"--train-steps {opts.train_steps}",
-             f"--spectrum {opts.spectrum}", f"--power-iters {opts.power_iters}"]
+    if "variance" in argv:  # shell-quoted: a path with a space ran as another command (a trial)
+        return shlex.join(["lowbit", *argv[argv.index("variance"):]])
+    parts = ["lowbit", "variance", "--task", opts.task, "--quantizers", ",".join(opts.quantizers),
+             "--formats", ",".join(opts.formats), "--rounding", ",".join(opts.roundings),
+             "--out", str(opts.out),
+             "--batches", str(opts.batches), "--batch-size", str(opts.batch_size),
+             "--repeats", str(opts.repeats), "--seed", str(opts.seed),
+             "--train-steps", str(opts.train_steps),
+             "--spectrum", str(opts.spectrum), "--power-iters", str(opts.power_iters)]
     if opts.model:
-        parts.insert(2, f"--model {opts.model}")
-    return " ".join(parts)
+        parts[2:2] = ["--model", opts.model]
+    return shlex.join(parts)
 
 
 def jsonable(x: object) -> object:

@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from lowbit.atomic import write_atomic
+
 LAUNCH_DIR = "LOWBIT_LAUNCH_DIR"  # the launcher's folder for the ranks' errors and failures.json
 FAILURES = "failures.json"
 RANK_ERROR = "rank{}.error"  # the usage error a rank leaves there
@@ -37,7 +39,7 @@ def report_usage_error(line: str) -> bool:
     if not folder:
         return False
     try:
-        (Path(folder) / RANK_ERROR.format(int(os.environ.get("RANK", "0")))).write_text(line + "\n")
+        write_atomic(Path(folder) / RANK_ERROR.format(int(os.environ.get("RANK", "0"))), line + "\n")
     except (OSError, ValueError):
         return False
     return True
@@ -68,7 +70,7 @@ def write_failures(folder: Path, failures: dict) -> None:
     it, whole seconds)."""
     data = {str(rank): {"exitcode": int(f.exitcode), "pid": int(f.pid), "time": float(f.timestamp)}
             for rank, f in failures.items()}
-    (folder / FAILURES).write_text(json.dumps(data) + "\n")
+    write_atomic(folder / FAILURES, json.dumps(data) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

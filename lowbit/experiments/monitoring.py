@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import nn
 
 from lowbit.adaptive import AdaptivePolicy
 from lowbit.config import ADAPTIVE_RECIPES
+from lowbit.atomic import write_atomic
 from lowbit.jsonfile import dumps, number
 from lowbit.monitor import VarianceMonitor, skip_reason
 from lowbit.nn import fqt_layers
@@ -140,9 +140,7 @@ def write_log(run_dir: Path, monitor: VarianceMonitor | None) -> None:
     # valid JSON: a first layer's ∇X ratio and a BatchNorm model's first step are NaN (null here;
     # a new user's JSON reader refused the bare NaN tokens)
     text = dumps(state | {"sgd": monitor.sgd, "mean_bits": monitor.mean_bits()}, indent=1)
-    tmp = run_dir / f".{LOG}.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, run_dir / LOG)
+    write_atomic(run_dir / LOG, text + "\n")
 
 
 def plot_ratios(runs: list[Any], path: Path) -> bool:

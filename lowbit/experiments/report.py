@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import statistics
 import sys
 from collections import defaultdict
@@ -659,8 +660,8 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         raise ValueError(f"no runs (config.json + metrics.json) under {root}")
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    command = f"lowbit report --runs {args.runs} --out {args.out}" + (
-        f" --section {args.section}" if args.section else "") + (" --claims" if args.claims else "")
+    command = shlex.join(["lowbit", "report", "--runs", str(args.runs), "--out", str(args.out)]
+                         + (["--section", args.section] if args.section else []) + (["--claims"] if args.claims else []))
     before = _figures_of(section_text(out / "results.md", args.section), args.section)
     body = render(runs, out / "figures", command, f"{args.section}-" if args.section else "",
                   args.claims)

@@ -289,8 +289,33 @@ def effective_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """``"field (saved, now requested)"`` for every setting in which a run recorded as
+# the command-line option of each TrainConfig field that has one under another name
+# (the rest: --field-name; optimizer, momentum and grad_clip are the Python API's only)
+_OPTION = {"model_kwargs": "--model-arg", "world_size": "--nproc", "optimizer": "optimizer", "momentum": "momentum",
+           "grad_clip": "grad_clip"}
+# the fields run_name() writes into the default run folder's name
+NAMED_FIELDS = frozenset({"task", "model", "recipe", "grad_input_bits", "grad_weight_bits", "range_margin", "weights",
+                          "opt_state", "world_size", "grad_comm", "seed"})
+
+
+def option_of(field: str) -> str:
+    """The ``lowbit train`` option that sets TrainConfig's ``field`` (``--model-arg`` for
+    ``model_kwargs``, ``--nproc`` for ``world_size``; the field's own name where the
+    command line has none)."""
+    return _OPTION.get(field, "--" + field.replace("_", "-"))
+
+
+def unnamed_options() -> list[str]:
+    """The options that shape a run but are not in its default folder's name
+    (:meth:`TrainConfig.run_name`): two runs that differ only in them need their own
+    ``--out`` (a new user's trial: ``--help`` named four of the ten)."""
+    return [option_of(f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in NAMED_FIELDS and f.name not in RESUMABLE_CHANGES and option_of(f.name).startswith("--")]
+
+
+def changed_settings(saved: dict[str, Any], cfg: TrainConfig, options: bool = False) -> list[str]:
+    """``"field (saved, now requested)"`` (with ``options``, the field's ``lowbit train``
+    option: :func:`option_of`) for every setting in which a run recorded as
     ``saved`` (a checkpoint's ``train_config`` or config.json's ``train``) differs from
     ``cfg``: all fields but :data:`RESUMABLE_CHANGES` (``monitor_every`` counts for an
     adaptive recipe, whose bit widths are decided at the monitor's steps), with
@@ -301,9 +326,9 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     free = RESUMABLE_CHANGES
     if cfg.fqt_config().adaptive is not None:  # fqt-auto: the monitor's interval is when the
         free = free - {"monitor_every"}  # policy decides bit widths, so it shapes the run
-    return [f"{k} ({old.get(k)!r}, now {v!r})" for k, v in now.items()
+    return [f"{option_of(k) if options else k} ({old.get(k)!r}, now {v!r})" for k, v in now.items()
             if k not in free and old.get(k) != v]
 
 
-__all__ = ["LEGACY_DEFAULTS", "changed_settings", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
+__all__ = ["LEGACY_DEFAULTS", "NAMED_FIELDS", "changed_settings", "option_of", "unnamed_options", "OPTIMIZERS", "RESUMABLE_CHANGES", "TIMING_FIELDS", "TrainConfig",
            "WEIGHT_FORMATS", "RECIPE_OVERRIDES", "effective_settings", "launched_world_size", "override_refused"]

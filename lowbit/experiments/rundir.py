@@ -18,9 +18,7 @@ import math
 import os
 import platform
 import socket
-import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from lowbit.config import FQTConfig
 
 from . import checkpoint as ckpt
 from .runconfig import TrainConfig, changed_settings
+from ..atomic import write_atomic
 
 
 def _json_number(x: Any) -> Any:
@@ -48,31 +47,6 @@ def cpu_name() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     return name
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
-    a reader sees the old or the new file, never half of one. A symlink is followed (its
-    target is replaced, the link kept), the old file's permission bits are kept, the
-    temporary name is unique to the writer and removed if writing fails."""
-    path = Path(os.path.realpath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .launch import FAILURES, LAUNCH_DIR, RANK_ERROR
 from .models import MODELS, check_model_args
 from .rundir import SESSION_SETTINGS, is_busy, read_config, recipe_refusal, resume_refusal, write_status
-from .runconfig import launched_world_size
+from .runconfig import launched_world_size, unnamed_options
 from .tasks import TASKS
 from .trainer import TrainConfig, TrainingDiverged, check_run_dir, train
 
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the measured variance; default fp)")
     add("--seed", default="0", help="seed of the weights, the data order and the SR noise")
     add("--out", help="run folder (default runs/<task>-<model>-<recipe>[-giB-gwB][-mMARGIN][-wFMT[-sFMT]]"
-        "[-nN[-cCOMM]]-s<seed>; --epochs, --lr, --batch-size and --subset are not in the name, so a run "
+        "[-nN[-cCOMM]]-s<seed>; " + ", ".join(unnamed_options()) + " are not in the name, so a run "
         "that changes them needs its own --out)")
     add("--resume", action="store_true", help="continue from OUT/last.pt (or prev.pt); the settings "
         "this command line does not give are those OUT/config.json records (give --out); OUT must "

@@ -95,12 +95,12 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     would otherwise start, each to find it)."""
     if not resume and ((run_dir / ckpt.LAST).exists() or (run_dir / ckpt.PREV).exists()):
         saved = read_config(run_dir).get("train")
-        diff = changed_settings(saved, cfg) if isinstance(saved, dict) else []
+        diff = changed_settings(saved, cfg, options=True) if isinstance(saved, dict) else []
         if diff:  # say what differs now, not only "pass --resume" (a new user's trial)
-            raise ValueError(f"{run_dir} already holds a checkpoint of a run with a different "
-                             f"{', '.join(diff)}: pass --resume to continue it (the options you leave "
-                             f"out are read from {run_dir / 'config.json'}; those you give must "
-                             "match it) or choose another --out")
+            raise ValueError(f"{run_dir} already holds a checkpoint of a run with other settings: "
+                             f"{', '.join(diff)}. To train these settings, choose another --out; to "
+                             f"continue that run, pass --resume and leave those options out (they are "
+                             f"read from {run_dir / 'config.json'})")
         raise ValueError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --out"

@@ -701,10 +701,10 @@ def test_nproc_refuses_a_folder_before_launching_the_ranks(tmp_path, capsys, mon
     assert cli.main([*args, "--nproc", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # (a run of 1 rank: --resume would be refused too, so the difference is named first)
-    assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint of a run with a "
-                   "different world_size (1, now 2): pass --resume to continue it (the options you leave "
-                   f"out are read from {tmp_path / 'r' / 'config.json'}; those you give must match it) "
-                   "or choose another --out"]
+    assert err == [f"lowbit train: error: {tmp_path / 'r'} already holds a checkpoint of a run with other "
+                   "settings: --nproc (1, now 2). To train these settings, choose another --out; to continue "
+                   "that run, pass --resume and leave those options out (they are read from "
+                   f"{tmp_path / 'r' / 'config.json'})"]
 
 
 def test_sweep_refuses_a_task_left_without_a_model(tmp_path, capsys):
@@ -854,7 +854,7 @@ def test_report_never_leaves_results_md_half_written(tmp_path, monkeypatch):
     """The section is written to a temporary file and renamed over results.md: a failure
     before the rename (disk full, a crash) leaves the old file whole, hand-written text
     included, and no temporary file behind."""
-    import lowbit.experiments.rundir as R
+    import lowbit.atomic as R
 
     path = tmp_path / "results.md"
     old = f"# R\n\nhand-written\n\n{report.BEGIN}\nold\n{report.END}\n"
@@ -1647,10 +1647,21 @@ def test_a_folder_of_another_run_says_the_settings_differ_not_pass_resume(tmp_pa
     capsys.readouterr()
     assert cli.main([*base, "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "a run with a different epochs (1, now 2): pass --resume to continue it" in err, err
-    assert "or choose another --out" in err
+    assert "a run with other settings: --epochs (1, now 2). To train these settings, choose another --out; " \
+           "to continue that run, pass --resume and leave those options out" in err, err
     assert cli.main([*base, "--epochs", "1"]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
+    # a second trial: --backend, --weight-decay, --model-arg and --eval-subset are not in the
+    # folder's name either; the refusal names them as options, and --help lists them
+    assert cli.main([*base, "--epochs", "1", "--backend", "reference", "--model-arg", "hidden=32"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend ('auto', now 'reference')" in err and "--model-arg ({}, now {'hidden': 32})" in err, err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    helptext = "".join(capsys.readouterr().out.split())  # (argparse wraps "--weight-decay" at its hyphen)
+    named = helptext[helptext.index("--outOUT"):helptext.index("needsitsown--out")]
+    for option in ("--backend", "--epochs", "--lr", "--weight-decay", "--eval-subset", "--model-arg"):
+        assert option in named, option
 
 
 def test_resume_without_out_reads_the_default_folders_settings(tmp_path, capsys, monkeypatch):
@@ -1784,3 +1795,42 @@ def test_sweep_names_torchruns_option_for_the_ranks(tmp_path, capsys, monkeypatc
                      str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "torchrun --nproc-per-node N (lowbit train: or with --nproc N)" in err and "the launch's" not in err, err
+
+
+def test_report_figures_are_written_whole_and_its_command_runs_as_written(tmp_path, monkeypatch):
+    """A new user's trial (README fault kind 263): a report killed while saving a figure
+    left an empty PNG that the previous results.md still showed — figures were written in
+    place, results.md atomically. Now a figure is written to a temporary file and renamed:
+    a failure mid-write leaves the old figure whole and no temporary file. And the "Generated
+    by" command line, with a path holding a space, split into other arguments when run; it
+    is shell-quoted now (as ``lowbit variance``'s is)."""
+    import shlex
+
+    from lowbit.plots import pyplot, save_figure
+
+    plt = pyplot()
+    path = tmp_path / "fig.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    save_figure(fig, path)
+    old = path.read_bytes()
+    assert old.startswith(b"\x89PNG") and old.rstrip().endswith(b"IEND\xaeB`\x82")
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 0])
+
+    def killed(f, **kw):  # noqa: ANN001, ANN003
+        f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
+
+    runs, out = tmp_path / "with space" / "runs", tmp_path / "with space" / "report"
+    _fake_run(runs, "fp", 0, [0.5, 0.9], "done")
+    assert cli.main(["report", "--runs", str(runs), "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    command = text[text.index("Generated by `") + len("Generated by `"):].split("`")[0]
+    assert shlex.split(command) == ["lowbit", "report", "--runs", str(runs), "--out", str(out)]

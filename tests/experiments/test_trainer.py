@@ -725,7 +725,7 @@ def test_a_refused_command_leaves_a_killed_runs_status_as_it_was(tmp_path):
     train(cfg, progress=False)
     killed = {"status": "running", "message": ""}
     (tmp_path / "status.json").write_text(json.dumps(killed))
-    with pytest.raises(ValueError, match="different lr"):
+    with pytest.raises(ValueError, match=r"other settings: --lr \("):
         train(TrainConfig(**DIGITS, model="mlp", epochs=1, lr=0.2, out=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="epochs"):
         train(TrainConfig(**DIGITS, model="mlp", epochs=3, out=str(tmp_path)), resume=True, progress=False)
