@@ -272,14 +272,16 @@ def _torch_formula(f: Formula) -> Callable[..., int]:
 
 
 def _register_with_flop_counter() -> None:
-    """lowbit's own GEMM ops (the AMX/VNNI int8 products, their exact float32 routes) and
-    ``aten._int_mm``, where torch has no formula for them: ``FlopCounterMode`` counted 0
-    for the int8 GEMMs it saw (lowbit's attention, run eagerly under the mode) — a model's
-    FLOPs silently short (a review, 2026-12-07). Not where torch has its own."""
+    """lowbit's own GEMM ops (the AMX/VNNI int8 products, their exact float32 routes):
+    ``FlopCounterMode`` counted 0 for the int8 GEMMs it saw (lowbit's attention, run
+    eagerly under the mode) — a model's FLOPs silently short (a review, 2026-12-07). Not
+    ``aten._int_mm``, torch's op, which has no formula in torch: registering one in torch's
+    global table made any later registration of it (a library's own) fail as a duplicate
+    (a review); lowbit's attention on that route counts 0 for its products."""
     from torch.utils import flop_counter
 
     for op in (torch.ops.lowbit.int8_mm, torch.ops.lowbit.int8_bmm, torch.ops.lowbit.int8_mm_f32,
-               torch.ops.lowbit.int8_bmm_f32, torch.ops.lowbit.int8_conv_f32, aten._int_mm):
+               torch.ops.lowbit.int8_bmm_f32, torch.ops.lowbit.int8_conv_f32):
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op, get_raw=True)(_torch_formula(FORMULAS[op]))
 

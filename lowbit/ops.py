@@ -459,7 +459,9 @@ def _(kind, gy, saved, ident, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
 
 # -- FLOPs for torch.utils.flop_counter ---------------------------------------------------
 def block_flops(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> int:
-    """FLOPs of a block's forward GEMM — each of its backward GEMMs (∇x, ∇w) costs the same —
+    """FLOPs of a block's forward GEMM — each of a linear block's backward GEMMs (∇x, ∇w)
+    costs the same; a convolution's backward is counted by torch's own formula, which
+    counts a grouped ∇w ``groups`` times —
     counted as ``torch.utils.flop_counter`` counts a float layer's: ``2·m·k·n`` for a linear
     block's (m, k) × (k, n), ``2·N·prod(w.shape)·prod(spatial)`` for a convolution's
     (:func:`lowbit.flops.conv_flops`, which gives the linear count too: no spatial
@@ -476,7 +478,20 @@ def _forward_flops(kind, x, weight, bias, key, ident, params, out_dtype, *, out_
 
 def _backward_flops(kind, gy, saved, ident, params, x_shape, x_dtype, w_shape, w_dtype,  # noqa: ANN001, ANN202
                     b_dtype, blocks, needs, *, out_val=None, **_):
-    return (bool(needs[0]) + bool(needs[1])) * block_flops(kind, x_shape, w_shape, params)
+    if len(w_shape) == 2:  # a linear block: ∇x and ∇w each cost its forward GEMM
+        return (bool(needs[0]) + bool(needs[1])) * block_flops(kind, x_shape, w_shape, params)
+    # a convolution: torch's own count of its float layer's backward (convolution_backward),
+    # which counts a grouped (depthwise) ∇w as ``groups`` times the forward — the float
+    # model's number, which the count is to equal (a review found ours short by (g − 1)×)
+    from torch.utils import flop_counter
+
+    formula = flop_counter.flop_registry[torch.ops.aten.convolution_backward]
+    y_shape = list(gy.shape)
+    groups = x_shape[1] // w_shape[1]
+    spatial = len(w_shape) - 2
+    return int(formula(y_shape, list(x_shape), list(w_shape), None, [1] * spatial, [0] * spatial, [1] * spatial,
+                       False, [0] * spatial, groups, [bool(needs[0]), bool(needs[1]), False],
+                       out_val=[list(x_shape), list(w_shape), None]))
 
 
 def _register_flop_formulas() -> None:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import fractions
 import numbers
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
@@ -161,6 +162,31 @@ def _sharded_message(name: str, what: str) -> str:
             "updated. Use it with DDP or a single process, or torch.optim's optimizers with FSDP2")
 
 
+class _Marked:
+    """A set of tensors by identity, holding them weakly (``weakref.WeakSet`` compares
+    tensors with ``==``, elementwise: its membership test raised)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        self._refs[id(t)] = weakref.ref(t)
+
+    def discard(self, t: torch.Tensor) -> None:
+        if t in self:
+            del self._refs[id(t)]
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+    def __contains__(self, t: object) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+    def __len__(self) -> int:
+        return sum(ref() is not None for ref in self._refs.values())
+
+
 class _SROptimizer(torch.optim.Optimizer):
     """Base of the stochastic-rounding optimizers: loads and stores weights and state in
     their low-precision formats, and runs the step loop. A subclass only implements
@@ -263,9 +289,21 @@ class _SROptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """torch's state (defaults, state, param groups) and this optimizer's own settings
         (``copy.deepcopy``, pickling, ``torch.save(optimizer)``: torch's keeps only the
-        former, and a copy then failed at its first step)."""
+        former, and a copy then failed at its first step), with the weights marked on
+        their grid (:attr:`_on_grid`) by position."""
+        marked = self._on_grid
         return {**super().__getstate__(), "generator": self.generator,
-                "weight_format": self.weight_format, "state_format": self.state_format}
+                "weight_format": self.weight_format, "state_format": self.state_format,
+                "on_grid": [(gi, pi) for gi, g in enumerate(self.param_groups)
+                            for pi, p in enumerate(g["params"]) if p in marked]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        on_grid = state.pop("on_grid", [])
+        super().__setstate__(state)
+        self.__dict__.pop("_on_grid_set", None)
+        for gi, pi in on_grid:
+            self._on_grid.add(self.param_groups[gi]["params"][pi])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Checks that the parameters are bfloat16 (``TypeError`` naming the group and the
@@ -299,22 +337,36 @@ class _SROptimizer(torch.optim.Optimizer):
     def _encode_weights(self, params: list[torch.Tensor]) -> None:
         """With ``weights="int8"``: each trainable weight of ``params`` onto its int8 grid
         (round-to-nearest), its exact bfloat16 image into the parameter. The codes are not
-        kept: the first step reads the weight from the parameter, which is exactly their
-        decode (:meth:`_load_weight`), and stores its own. So a new optimizer's ``state`` is
-        empty, as a ``torch.optim`` optimizer's is: ``torch.distributed.checkpoint``'s
-        ``get_state_dict`` makes the state of an optimizer whose state is empty with a step
-        at lr 0, and took a fresh one holding only weight codes for initialised — its state
-        dict to load into then had no moments, and DCP, which fills only the keys it finds,
-        resumed Adam from step 1 without a word (a new user's trial)."""
+        kept in ``state``: the weight is marked (:attr:`_on_grid`), and its first step
+        encodes the parameter again — exactly these codes, or, after a write from outside,
+        the parameter's own round-to-nearest ones, as stored codes would have made it
+        (:meth:`_load_weight`). So a new optimizer's ``state`` is empty, as a ``torch.optim``
+        optimizer's is: ``torch.distributed.checkpoint``'s ``get_state_dict`` makes the
+        state of an optimizer whose state is empty with a step at lr 0, and took a fresh one
+        holding only weight codes for initialised — its state dict to load into then had no
+        moments, and DCP, which fills only the keys it finds, resumed Adam from step 1
+        without a word (a new user's trial)."""
         with torch.no_grad():
             for p in params:
                 if self._int8_weight(p) and p.requires_grad:
                     p.copy_(decode_int8_per_channel(*encode_int8_per_channel(p, stochastic=False)))
+                    self._on_grid.add(p)
+
+    @property
+    def _on_grid(self) -> _Marked:
+        """The int8 weights the constructor (or ``add_param_group``) put on their grid whose
+        codes are not stored yet (their first step stores them); emptied by
+        :meth:`load_state_dict`, which replaces the state, as it replaced stored codes."""
+        marked = self.__dict__.get("_on_grid_set")
+        if marked is None:
+            marked = self.__dict__["_on_grid_set"] = _Marked()
+        return marked
 
     def _int8_weight(self, p: torch.Tensor) -> bool:
         return self.weight_format == "int8" and p.ndim >= 2 and p.numel() > 0
 
     def _put_int8_weight(self, p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self._on_grid.discard(p)  # its codes are stored from now on
         st = self.state[p]
         _drop(st, "weight")
         st[_W_CODES], st[_W_SCALE] = codes, scale
@@ -323,20 +375,19 @@ class _SROptimizer(torch.optim.Optimizer):
     def _load_weight(self, p: torch.Tensor) -> torch.Tensor:
         """The weight in float32: the int8 codes·scales if stored and still equal to ``p``,
         else ``p`` (a write from outside the optimizer; int8 weights are then re-encoded
-        from it with round-to-nearest, see the module docstring; so is an int8 weight
-        without codes yet — a new optimizer's, whose parameter the constructor put on its
-        grid, exactly, or one frozen when the optimizer was built). Codes where this
+        from it with round-to-nearest, see the module docstring). A weight the constructor
+        put on its grid (:attr:`_on_grid`) counts as having those codes. Codes where this
         optimizer stores bfloat16 weights (a state dict of int8 weights that recorded no
         formats) are dropped: ``p`` is the weight (they were re-encoded onto the int8 grid:
         a new user's trial)."""
         st = self.state.get(p, {})
         if _W_CODES in st and not self._int8_weight(p):
             _drop(st, "weight")
-        if not self._int8_weight(p):
+        if _W_CODES not in st and p in self._on_grid:  # the constructor's grid, codes not stored yet
+            self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))  # (exact if untouched)
+            st = self.state[p]
+        if _W_CODES not in st:
             return p.float()
-        if _W_CODES not in st:  # a new optimizer's (the constructor's grid: exact) or a weight frozen then
-            self._put_int8_weight(p, *encode_int8_per_channel(p, stochastic=False))
-            return decode_int8_per_channel(self.state[p][_W_CODES], self.state[p][_W_SCALE])
         w = decode_int8_per_channel(st[_W_CODES], st[_W_SCALE])
         pf = p.float()
         if torch.equal(pf, w) or torch.allclose(pf, w, rtol=0, atol=0, equal_nan=True):
@@ -576,6 +627,7 @@ class _SROptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()  # run below, on the saved dtypes
         try:
             super().load_state_dict(state_dict)
+            self._on_grid.clear()  # the loaded state is the state (it replaced stored codes, as here)
         finally:  # the same dicts: the hooks' handles stay valid
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post

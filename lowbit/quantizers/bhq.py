@@ -452,10 +452,13 @@ class BlockHouseholder(RowTransform):
         """:meth:`RowTransform.epilogue_inverse`: on fused kernels, for int32 ``acc``
         without offsets whose epilogue stays in float32 (``lowbit.kernels.int8.safe_scales``)
         and a float32 result, the op ``bhq_epilogue_inverse`` (the epilogue, then
-        :meth:`inverse`; one pass on the CPU's kernel); else ``None``."""
+        :meth:`inverse`; one pass on the CPU's kernel); else — and for a subclass (or an
+        instance) with its own ``inverse`` — ``None``."""
         if not (kernels.fused and out_dtype == torch.float32 and acc.dtype == torch.int32 and acc.dim() >= 2
                 and acc.numel() // max(acc.shape[-1], 1) == self.scale.shape[0]):
             return None
+        if type(self).inverse is not BlockHouseholder.inverse or "inverse" in vars(self):
+            return None  # a user's own inverse runs as written (a review: the kernel skipped it, gradients ×4)
         a_scale, b_scale = int8.safe_scales(a_scale, b_scale, k, shift=True)
         if torch.promote_types(a_scale.dtype, b_scale.dtype) != torch.float32:
             return None

@@ -1291,11 +1291,12 @@ def test_flop_counter_mode_counts_a_converted_model_as_the_float_one(recipe: str
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-            self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+            self.conv1d = nn.Conv1d(8, 8, 3, padding=1, groups=2)
             self.head = nn.Sequential(nn.Linear(8 * 64, 64), nn.GELU(), nn.Linear(64, 10))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.conv(x)).flatten(2)
+            h = torch.relu(self.depthwise(torch.relu(self.conv(x)))).flatten(2)
             return self.head(torch.relu(self.conv1d(h)).flatten(1))
 
     def count(model: nn.Module, x: torch.Tensor) -> int:

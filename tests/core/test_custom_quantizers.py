@@ -191,3 +191,33 @@ def test_the_monitor_skips_a_quantizer_whose_variance_formula_is_not_what_runs()
         else:
             with pytest.raises(ValueError, match="'two_bits': TwoBits overrides quantize but inherits GradQuantizer's rounding_variance"):
                 VarianceMonitor(model, every=1)  # no layer left to monitor: the reasons in the error
+
+
+def test_a_bhq_transform_subclass_with_its_own_inverse_runs_it() -> None:
+    """A review of the one-pass epilogue and inverse (README fault kind 262): a user's
+    ``BlockHouseholder`` subclass with its own ``inverse`` had it skipped on the fused
+    kernels (the kernel applied BHQ's), so a transform that scaled its rows got gradients
+    4× off. Its ``inverse`` runs on every ∇X product, and a subclass that only wraps
+    ``inverse`` gives BHQ's gradients bit for bit."""
+    from lowbit.quantizers.bhq import BHQ, BlockHouseholder
+
+    calls = []
+
+    class Counted(BlockHouseholder):
+        def inverse(self, y, out_dtype=torch.float32, overwrite=False):  # noqa: ANN001, ANN201
+            calls.append(y.shape)
+            return super().inverse(y, out_dtype, overwrite)
+
+    class CountedBHQ(BHQ):
+        name = "counted_bhq"
+
+        def transform(self, a, generator, kernels=None):  # noqa: ANN001, ANN201
+            t = super().transform(a, generator, kernels)
+            t.__class__ = Counted
+            return t
+
+    register_quantizer(CountedBHQ())
+    got = _grads("counted_bhq", "auto")
+    assert len(calls) == 4  # both layers, both paths (∇X and ∇W: the spec is on both)
+    for a, b in zip(got, _grads("bhq", "auto"), strict=True):
+        assert torch.equal(a, b)

@@ -1335,3 +1335,37 @@ def test_a_state_dict_missing_part_of_a_parameters_state_is_refused(drop: tuple[
         fresh.load_state_dict(broken)
     assert not fresh.state
     fresh.load_state_dict(saved)  # whole: loads
+
+
+def test_a_weight_without_the_constructors_codes_steps_from_itself() -> None:
+    """A review of the change above: keeping no codes at construction must not change a
+    step. A weight frozen when the optimizer was built (so not put on its grid), then
+    unfrozen, takes its first step from its own value, rounded stochastically — ``E[w₁] =
+    w₀ + Δ`` — not from its round-to-nearest codes (half a grid step of bias measured); the
+    same after a ``torch.optim`` state dict without codes is loaded (it replaces the state,
+    as it replaced stored codes); a weight the constructor put on its grid keeps those
+    codes through ``copy.deepcopy``."""
+    from lowbit.optim import decode_int8_per_channel
+
+    lin = nn.Linear(16, 8, bias=False).bfloat16()
+    lin.requires_grad_(False)
+    opt = SRSGD(lin.parameters(), lr=0.0, weights="int8", generator=torch.Generator().manual_seed(3))
+    lin.requires_grad_(True)
+    before = lin.weight.detach().clone()
+    assert not _on_int8_grid(before)
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    opt.step()
+    want = decode_int8_per_channel(*encode_int8_per_channel(before.double(), torch.Generator().manual_seed(3)))
+    assert torch.equal(lin.weight.float(), want.float())
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False).bfloat16()
+    opt = SRAdamW(lin.parameters(), lr=1e-3, weights="int8", generator=torch.Generator().manual_seed(4))
+    assert _on_int8_grid(lin.weight) and lin.weight in opt._on_grid
+    twin = copy.deepcopy(opt)
+    assert [p in twin._on_grid for g in twin.param_groups for p in g["params"]] == [True]
+    ref = torch.optim.AdamW([torch.nn.Parameter(lin.weight.detach().float())], lr=1e-3)
+    ref.param_groups[0]["params"][0].grad = torch.ones(8, 16)
+    ref.step()
+    opt.load_state_dict(ref.state_dict())
+    assert len(opt._on_grid) == 0  # the loaded state has no codes: the weight steps from itself
