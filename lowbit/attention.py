@@ -95,7 +95,7 @@ from .scopes import scope
 from . import gradpair
 from .config import Backend, FQTConfig, GradSpec, OperandSpec
 from .formats import Format, Granularity, IntFormat, Rounding, compute_dtype
-from .functional import call_state, output_dtype, quantize_forward, quantize_gradient
+from .functional import call_state, output_dtype, per_call, quantize_forward, quantize_gradient
 from .gradpair import quantize_grad_pair, quantize_grad_w
 from .kernels import Encoded, Impl, Kernels, avx512, compiled, fp8, int8, int8_applicable, kernels_for, register, register_fused
 from .kernels.softmax import inplace_ok as _inplace_ok
@@ -934,6 +934,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, weights.reshape(*lead, lq, s) if need_weights else None
 
 
+@per_call(None)
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,

@@ -80,7 +80,7 @@ from torch._prims_common import are_strides_like_channels_last_or_false, suggest
 from .config import Backend, FQTConfig, GradSpec
 from .conv_dispatch import integer_path, refuse_simulated, run_simulated, simulated_cause
 from .gradpair import quantize_grad_w, quantize_grad_pair
-from .functional import (Generators, bias_grad, call_state, check_conv_args, check_conv_padding, check_dtypes,
+from .functional import (Generators, bias_grad, call_state, per_call, check_conv_args, check_conv_padding, check_dtypes,
                          conv_geometry, output_dtype, quantize_forward, quantize_gradient, same_padding)
 from .kernels import Encoded, Kernels, avx512, int8, kernels_for, qconv
 from .kernels.im2col import (channels_last, col2im, exact_gemm, grad_weight_rows, im2col, integer_route,
@@ -743,6 +743,7 @@ register_kind("conv1d", BlockKind(_conv1d_forward, _conv1d_backward, _conv1d_out
                                       x.unsqueeze(2), config, params)))
 
 
+@per_call(3)
 def fqt_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig, stride: Any = 1, padding: Any = 0,
                dilation: Any = 1, groups: int = 1) -> torch.Tensor:

@@ -19,6 +19,7 @@ the rule of :mod:`lowbit.noise` (layer, rank, step, path).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -290,6 +291,28 @@ def block_state(state: BlockState | FQTConfig) -> BlockState:
     return BlockState(state, NoiseStream(seed))
 
 
+def per_call(position: int | None) -> Any:
+    """Decorator of a functional entry point whose ``state`` (positional at ``position``,
+    or the keyword ``state``) may be a bare :class:`FQTConfig`: such a call makes a new
+    :class:`BlockState` (:func:`call_state`), which compiled code cannot hold — dynamo
+    traced its creation once, and the traced graph named a state freed before its
+    backward ran ("block state … no longer exists": a new user's trial of
+    ``torch.compile(lambda x: fqt_linear(x, W, None, cfg))``). Under ``torch.compile`` such
+    a call runs eagerly (``torch.compiler.disable``: a graph break), as in eager mode: a
+    new stream per call. A kept :class:`BlockState` (:func:`block_state`) compiles."""
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                state = kwargs.get("state", args[position] if position is not None and len(args) > position
+                                   else None)
+                if isinstance(state, FQTConfig):  # (made here: importing lowbit does not import
+                    return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo, which may not import)
+            return fn(*args, **kwargs)
+        return call
+    return wrap
+
+
 def call_state(state: BlockState | FQTConfig) -> BlockState:
     """The state of one functional call (``fqt_linear``, ``fqt_conv2d``, ``fqt_conv1d``,
     ``scaled_dot_product_attention``): a :class:`BlockState` as it is; a bare seeded
@@ -411,6 +434,7 @@ def check_conv_padding(op: str, padding: Any, stride: Sequence[int]) -> None:
                                f"(stride {tuple(stride)})")
 
 
+@per_call(3)
 def fqt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig) -> torch.Tensor:
     """Linear layer under ``state``'s recipe (``fp``: plain ``F.linear``): ``x`` (*, in),
@@ -452,6 +476,7 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> list[in
     return pads
 
 
+@per_call(3)
 def fqt_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: BlockState | FQTConfig, stride: Any = 1, padding: Any = 0,
                dilation: Any = 1, groups: int = 1) -> torch.Tensor:

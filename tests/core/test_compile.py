@@ -488,3 +488,36 @@ def test_a_user_dispatch_mode_runs_the_compiled_kernels_eagerly() -> None:
     finally:
         set_call_count(before)
     assert compiled.variant_failures() == failures and compiled.failure() is None
+
+
+def test_a_functional_call_with_a_bare_config_compiles_as_it_runs_eagerly() -> None:
+    """A new user's trial (README fault kind 264): ``torch.compile`` of a function (or a
+    module's forward) calling ``fqt_linear(x, W, None, cfg)`` with a bare seeded config
+    raised "block state … no longer exists" at the backward: each such call makes a new
+    state, which dynamo traced once and the graph then named after it was freed. Such a
+    call now runs eagerly under compile (a graph break): outputs and gradients bitwise
+    eager's, two calls drawing two streams, for ``fqt_linear`` and ``fqt_conv2d``."""
+    import torch._dynamo
+
+    from lowbit.functional import call_count, fqt_conv2d, fqt_linear, set_call_count
+
+    cfg = FQTConfig.from_recipe("fqt-psq-8", seed=1)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 16, generator=g), torch.randn(6, 16, generator=g)
+    k, img = torch.randn(4, 3, 3, 3, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    calls = (lambda w: fqt_linear(x, w, None, cfg), lambda k: fqt_conv2d(img, k, None, cfg, padding=1))
+    before = call_count()
+    try:
+        for fn, weight in zip(calls, (w, k), strict=True):
+            runs = []
+            for compile_it in (False, True):
+                torch._dynamo.reset()
+                set_call_count(0)
+                p = weight.clone().requires_grad_(True)
+                f = torch.compile(fn) if compile_it else fn
+                outs = [f(p) for _ in range(2)]
+                (outs[0].square().sum() + outs[1].sum()).backward()
+                runs.append((outs[0].detach(), outs[1].detach(), p.grad))
+            assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    finally:
+        set_call_count(before)

@@ -52,6 +52,11 @@ def test_communication_variance_is_the_predicted_third_term():
         assert g.sgd == plain.groups[name].sgd
         assert math.isnan(plain.groups[name].comm)
     assert rep.max_abs_z < 5  # no bias in the GEMMs (z_grad, z_rand) nor the comm (z_comm_*)
+    # the printed table shows the term its gap subtracts (a new user's trial: a total 3.6×
+    # sgd + quant beside a gap of 0.4%, the comm nowhere; README fault kind 264)
+    head, *body = [line for line in rep.table().splitlines() if line.startswith(("group", "total"))]
+    assert "comm  " in head and "comm expected" in head and "comm" not in plain.table().splitlines()[1]
+    assert body and f"{rep.groups['total'].comm:.3g}" in body[0]
 
 
 def test_the_communicated_average_is_taken_in_each_parameters_dtype():
