@@ -459,14 +459,13 @@ def _(kind, gy, saved, ident, params, x_shape, x_dtype,  # noqa: ANN001, ANN202
 
 # -- FLOPs for torch.utils.flop_counter ---------------------------------------------------
 def block_flops(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], params: Sequence[int]) -> int:
-    """FLOPs of a block's forward GEMM — each of a linear block's backward GEMMs (∇x, ∇w)
-    costs the same; a convolution's backward is counted by torch's own formula, which
-    counts a grouped ∇w ``groups`` times —
-    counted as ``torch.utils.flop_counter`` counts a float layer's: ``2·m·k·n`` for a linear
-    block's (m, k) × (k, n), ``2·N·prod(w.shape)·prod(spatial)`` for a convolution's
-    (:func:`lowbit.flops.conv_flops`, which gives the linear count too: no spatial
-    dimensions). The GEMMs run on integer or FP8 codes; the count is of their
-    multiply-adds, whatever the format, as torch counts ``_scaled_mm``'s."""
+    """FLOPs of a block's forward GEMM, counted as ``torch.utils.flop_counter`` counts a
+    float layer's: ``2·m·k·n`` for a linear block's (m, k) × (k, n),
+    ``2·N·prod(w.shape)·prod(spatial)`` for a convolution's (:func:`lowbit.flops.conv_flops`,
+    which gives the linear count too: no spatial dimensions). Each of a linear block's
+    backward GEMMs (∇x, ∇w) costs the same; a convolution's backward is counted by torch's
+    own formula (:func:`_backward_flops`). The GEMMs run on integer or FP8 codes; the
+    count is of their multiply-adds, whatever the format, as torch counts ``_scaled_mm``'s."""
     from .flops import conv_flops
 
     return conv_flops(x_shape, w_shape, _kind(kind).out_shape(x_shape, w_shape, params), False)
