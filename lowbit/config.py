@@ -579,7 +579,10 @@ def describe(config: FQTConfig) -> str:
     (biased), ``~pred`` predicted ranges, followed by every range setting that differs
     from the default (which changes the results): ``-clip`` for ``overflow="clip"``
     (biased), ``-m2`` for ``margin=2``, ``-h4`` for ``history=4``, e.g.
-    ``gi:psq8~pred-clip-m2``. ``TypeError`` for anything
+    ``gi:psq8~pred-clip-m2``. An adaptive config (``fqt-auto*``, whose gradient widths a
+    monitor's policy changes as it trains) ends in ``/auto:`` and its recipe, e.g.
+    ``fwd8/gi:psq8/gw:psq8/auto:fqt-auto`` (the widths it has now): without it the recipe's
+    8-bit start read as ``fqt-psq-8``. ``TypeError`` for anything
     but an :class:`FQTConfig` (a model's layers carry theirs: ``lowbit.fqt_layers``)."""
     if not isinstance(config, FQTConfig):
         raise TypeError(f"describe takes an FQTConfig, got {type(config).__name__} (a converted "
@@ -602,4 +605,6 @@ def describe(config: FQTConfig) -> str:
         text += _range_text(spec)
         text += "~rtn" if spec.rounding is Rounding.NEAREST else ""
         parts.append(f"{name}:{text}")
+    if config.adaptive is not None:
+        parts.append(f"auto:{config.adaptive}")
     return "/".join(parts)

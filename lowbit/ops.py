@@ -243,7 +243,8 @@ def warn_if_not_adaptive(state: BlockState) -> None:
     # warning said "8-bit start" of a copy at gi:bhq4/gw:psq5)
     widths = ("the recipe's fixed 8-bit start" if (cfg.grad_input, cfg.grad_weight) == (start.grad_input,
                                                                                          start.grad_weight)
-              else f"the gradient widths it has now, fixed ({describe(cfg).split('/', 1)[-1]})")
+              else f"the gradient widths it has now, fixed "
+                   f"({describe(dataclasses.replace(cfg, adaptive=None)).split('/', 1)[-1]})")
     why = (f"the VarianceMonitor attached to the model cannot drive it ({state.undriven})"
            if state.undriven is not None else
            f"the recipe chooses gradient bit widths only for the layers that "

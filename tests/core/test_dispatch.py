@@ -380,6 +380,9 @@ def test_new_recipes_train_linear_and_conv_layers(device: str, recipe: str) -> N
     ("fqt-psq-fp8", "fwd:fp8_e4m3/gi:psq·fp8_e5m2/gw:psq·fp8_e5m2"),
     ("fp8-rowwise", "fwd:fp8_e4m3~row/gi:psq·fp8_e4m3~rtn/gw:psq·fp8_e4m3~rtn"),
     ("fqt-psq-nvfp4", "fwd:nvfp4/gi:psq·nvfp4/gw:psq·nvfp4"),
+    # an adaptive recipe's start read as fqt-psq-8 in layer reprs and run configs (a stop note's open item)
+    ("fqt-auto", "fwd8/gi:psq8/gw:psq8/auto:fqt-auto"),
+    ("fqt-auto-bhq", "fwd8/gi:bhq8/gw:psq8/auto:fqt-auto-bhq"),
 ])
 def test_describe_names_the_format_and_a_biased_rounding(recipe: str, text: str) -> None:
     """The report's "GEMM operands" column: a format other than a symmetric integer grid
