@@ -28,14 +28,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from . import functional
 from .conversion import quote_module
 from .gemm_trace import KINDS, OUTSIDE, PHASES, REAL_KINDS, SIMULATED, GemmCall, GemmTracer
 from .gradmode import saveable, training_grad_mode
 from .kernels import compiled
-from .nn import fqt_blocks, fqt_layers, load_rng_state, restore_ranges, rng_state, snapshot_ranges, uncounted_ranges
+from .nn import fqt_layers, uncounted_ranges
+from .stepstate import kept
 
-_UNSET = object()
 # the ops of lowbit.kernels.exact_f32 (int8 GEMMs on float32 units), as a row names them
 FLOAT32_ROUTE_OPS = ("lowbit.int8_mm_f32", "lowbit.int8_bmm_f32", "lowbit.int8_conv_f32")
 
@@ -281,14 +280,6 @@ def default_loss(output: Any) -> torch.Tensor:
     return sum(t.float().sum() for t in leaves)  # type: ignore[return-value]
 
 
-def _comm_states(model: nn.Module) -> list[Any]:
-    """The :class:`lowbit.distributed.QuantizedCommState` of each DDP module in ``model``
-    with lowbit's communication hook registered (DDP keeps hooks in ``_comm_hooks``)."""
-    from .distributed import QuantizedCommState
-    return [st for m in model.modules() for _, st in getattr(m, "_comm_hooks", None) or ()
-            if isinstance(st, QuantizedCommState)]
-
-
 def _refuse_stateful_grad_hooks(model: nn.Module) -> None:
     """``ValueError`` for parameters with post-accumulate-grad hooks (torch's "optimizer
     step in backward" pattern): coverage's backward would run them — an optimizer step,
@@ -298,54 +289,6 @@ def _refuse_stateful_grad_hooks(model: nn.Module) -> None:
         raise ValueError(f"coverage runs a backward pass, which would run the post-accumulate-grad "
                          f"hooks of {hooked[:3]} (an optimizer step in the backward, say) and change "
                          "the model irreversibly: measure a copy without those hooks")
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module, inputs: Any) -> Iterator[None]:
-    """Run a block, then put back what a training step changes: ``.grad`` of the
-    parameters and of leaf inputs (the step's gradients are dropped), buffers
-    (BatchNorm statistics), train/eval flags, the global CPU/CUDA RNG states, the
-    converted layers' noise streams, predicted-range trackers and ``ran`` flags, and the
-    state of lowbit's DDP communication hook (its call counters key the communication
-    noise)."""
-    tensors = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
-    leaves = list(model.parameters()) + [t for t in tensors if t.requires_grad and t.is_leaf]
-    grads = [(t, t.grad) for t in leaves]
-    buffers = [(m, n, b, b.clone()) for m in model.modules()
-               for n, b in m.named_buffers(recurse=False)]
-    flags = [(m, m.training) for m in model.modules()]
-    layers = list(fqt_blocks(model).values())  # in-projections too: their ranges and ran flags
-    noise = rng_state(model)
-    ranges = snapshot_ranges(model)
-    calls = functional.call_count()  # seeded functional calls name their noise by this count
-    ran = [(m, vars(m).get("ran", _UNSET)) for m in layers]
-    comm = [(st, st.state_dict()) for st in _comm_states(model)]
-    devices = sorted({t.device.index or 0 for t in leaves + tensors if t.device.type == "cuda"})
-    for t in leaves:
-        t.grad = None
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for t, g in grads:
-                t.grad = g
-            for m, n, b, saved in buffers:
-                if getattr(m, n) is not b:
-                    setattr(m, n, b)
-                b.copy_(saved)
-        for m, flag in flags:
-            m.training = flag
-        load_rng_state(model, noise)
-        restore_ranges(ranges)
-        functional.set_call_count(calls)
-        for st, saved_comm in comm:
-            st.load_state_dict(saved_comm)
-        for m, value in ran:
-            if value is _UNSET:
-                vars(m).pop("ran", None)
-            else:
-                m.ran = value
 
 
 @contextlib.contextmanager
@@ -411,10 +354,10 @@ def coverage(model: nn.Module, *example_inputs: Any,
         example_inputs, kwargs = saveable((tuple(example_inputs), kwargs))
     layers = {id(m): n for n, m in fqt_layers(model).items()}
     tracer = GemmTracer(model, (example_inputs, kwargs), layers)
-    with training_grad_mode(), _restored(model, (example_inputs, kwargs)), uncounted_ranges(), \
+    with training_grad_mode(), kept(model, (example_inputs, kwargs)), uncounted_ranges(), \
             _eager_kernels():
         model.train()
-        for m in fqt_layers(model).values():  # restored afterwards (_restored)
+        for m in fqt_layers(model).values():  # restored afterwards (lowbit.stepstate.kept)
             m.ran = False
         with tracer.tracing():
             loss = (loss_fn or default_loss)(model(*example_inputs, **kwargs))

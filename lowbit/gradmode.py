@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TypeVar
 
 import torch
@@ -63,15 +62,3 @@ def saveable(tree: T) -> T:
             return tree
         return dataclasses.replace(tree, **changed)  # type: ignore[return-value]
     return tree
-
-
-def runs_training_steps(fn: Callable[..., T]) -> Callable[..., T]:
-    """``fn`` (a measurement that runs forward and backward passes) run under
-    :func:`training_grad_mode`: the same numbers inside ``no_grad`` or ``inference_mode``
-    as outside (a trial found ``gradient_variance``'s bound ratio 304 where it was 0.19:
-    its bound's own backward passes ran under the caller's inference mode)."""
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> T:
-        with training_grad_mode():
-            return fn(*args, **kwargs)
-    return wrapper

@@ -58,7 +58,8 @@ from torch import nn
 
 from ..config import FQTConfig
 from ..formats import IntFormat, Rounding, compute_dtype
-from ..gradmode import runs_training_steps, saveable
+from ..gradmode import saveable
+from ..stepstate import measures
 from ..noise import torch_seed
 from ..ops import gradient_only_double_backward
 from ..quantizers import GradQuantizer, get_quantizer
@@ -189,7 +190,7 @@ def _power_iteration(y: torch.Tensor, params: list[torch.Tensor], iters: int, to
 SPECTRUM_MODES = ("pairs", "layer")
 
 
-@runs_training_steps
+@measures
 def jacobian_spectrum(
     model: nn.Module, loss_fn: LossFn, batch: object, config: FQTConfig | None = None, *,
     mode: str = "pairs", iters: int = 8, tol: float = 1e-2, seed: int = 0,

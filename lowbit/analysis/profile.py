@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import FQTConfig
-from ..gradmode import runs_training_steps, saveable
+from ..gradmode import saveable
+from ..stepstate import measures
 from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
@@ -72,7 +73,7 @@ class VarianceProfile:
         return asdict(self)
 
 
-@runs_training_steps
+@measures
 def variance_profile(
     model: nn.Module,
     loss_fn: LossFn,

@@ -27,7 +27,8 @@ from torch import nn
 from ..config import FQTConfig
 from ..conversion import quote_module
 from ..distributed import GradComm
-from ..gradmode import runs_training_steps, saveable, training_grad_mode
+from ..gradmode import saveable, training_grad_mode
+from ..stepstate import measures
 from ..nn import fqt_blocks
 from ..noise import torch_seed
 from ._model import (
@@ -68,7 +69,7 @@ def _grads(model: nn.Module, loss_fn: LossFn, batch: object) -> dict[str, torch.
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@runs_training_steps
+@measures
 def quantization_variance(
     model: nn.Module, loss_fn: LossFn, batch: object, repeats: int = 8
 ) -> dict[str, float]:
@@ -313,7 +314,7 @@ def critical_t(sigmas: float, df: float) -> float:
     return float(t.ppf(norm.cdf(sigmas), df))
 
 
-@runs_training_steps
+@measures
 def gradient_variance(
     model: nn.Module,
     loss_fn: LossFn,

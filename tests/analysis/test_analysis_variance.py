@@ -287,6 +287,38 @@ def test_measurements_called_under_no_grad_or_inference_mode_give_the_same_numbe
                                          spectrum_mode="layer")) == ref
 
 
+def test_measurements_leave_the_models_training_as_it_was() -> None:
+    """A new user's trial of the same kind as coverage's (README fault kind 266):
+    ``quantization_variance`` and the other measurements cleared the model's ``.grad`` (a
+    pending accumulated gradient lost) and moved its layers' noise streams and predicted
+    ranges, so the training after the call was another run. Now each puts back what its
+    steps changed (``lowbit.stepstate.kept``): the pending gradient, and the next step's
+    gradient bitwise that of the same training without the call."""
+    from lowbit.analysis import jacobian_spectrum
+    cfg = FQTConfig.from_recipe("fqt-bhq-8-predicted", seed=0)
+    batches = mlp_batches(3)
+    calls = {
+        "quantization_variance": lambda m: quantization_variance(m, ce_loss, batches[0], repeats=2),
+        "gradient_variance": lambda m: gradient_variance(m, ce_loss, batches, repeats=2, bound_batches=1,
+                                                         spectrum_mode="layer"),
+        "variance_profile": lambda m: variance_profile(m, ce_loss, batches),
+        "jacobian_spectrum": lambda m: jacobian_spectrum(m, ce_loss, batches[0], mode="layer"),
+        "none": lambda m: None,
+    }
+    got = {}
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        model = lowbit.convert(mlp(), cfg)
+        ce_loss(model, batches[1]).backward()  # a micro-step whose gradient is pending
+        pending = [p.grad.clone() for p in model.parameters()]
+        call(model)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), pending)), name
+        ce_loss(model, batches[2]).backward()  # the next micro-step: its noise and ranges as without the call
+        got[name] = [p.grad.clone() for p in model.parameters()]
+    for name, grads in got.items():
+        assert all(torch.equal(a, b) for a, b in zip(grads, got["none"])), name
+
+
 def test_config_swap_restores_and_validates() -> None:
     model = lowbit.convert(mlp(), FQTConfig.from_recipe("fqt-psq-8", seed=0))
     before = {n: m.config for n, m in lowbit.fqt_layers(model).items()}

@@ -156,7 +156,7 @@ def _hook_worker(rank: int, world: int) -> dict:
     fqt = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-4", seed=0))
     fqt(_data(0)).square().mean().backward()
     out["fqt_grad"] = _flat(fqt)
-    return out | _fsdp_vs_ddp(rank, world)
+    return out | _fsdp_vs_ddp(rank, world) | _fsdp_accumulation(rank)
 
 
 @pytest.fixture(scope="module")
@@ -478,6 +478,49 @@ def test_grad_comm_validation():
     assert GradComm(bits=4).wire_for(18) == ("allreduce", torch.int8)
     assert GradComm(bits=8).wire_for(2) == ("allgather", torch.int8)
     assert GradComm(bits=8).wire_for(8) == ("allreduce", torch.int32)
+
+
+def _fsdp_accumulation(rank: int) -> dict:
+    """The gradient of two micro-steps under FSDP2 (the first with
+    ``set_requires_gradient_sync(False)``), with ``lowbit.coverage`` called between them
+    while the sync is off, or after it is turned back on, or not at all."""
+    from torch.distributed.fsdp import fully_shard
+
+    x0, x1 = torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(200 + rank))
+    y = torch.randint(0, 6, (16,), generator=torch.Generator().manual_seed(rank))
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, y)
+
+    out = {}
+    for when in ("none", "sync off", "sync on"):
+        model = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        model.set_requires_gradient_sync(False)
+        loss_fn(model(x0)).backward()
+        if when == "sync off":
+            lowbit.coverage(model, x1, loss_fn=loss_fn)
+        model.set_requires_gradient_sync(True)
+        if when == "sync on":
+            lowbit.coverage(model, x1, loss_fn=loss_fn)
+        loss_fn(model(x1)).backward()
+        out[when] = torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()])
+    return {"fsdp_accumulation": out}
+
+
+def test_coverage_between_fsdp2_micro_steps_keeps_the_pending_gradient(hook_runs):
+    """A new user's trial: FSDP2 keeps a gradient accumulated under
+    ``set_requires_gradient_sync(False)`` on its unsharded parameters, which coverage did
+    not put back — called while the sync was off, its own backward was added to the
+    pending gradient (0.097 off); called after the sync was turned back on, its backward
+    reduce-scattered the pending gradient and then dropped it (0.12 off: the first
+    micro-step lost). Now the final gradient is bitwise that of the same steps without
+    the call (``lowbit.stepstate.kept``)."""
+    for r in hook_runs:
+        got = r["fsdp_accumulation"]
+        assert torch.equal(got["sync off"], got["none"]) and torch.equal(got["sync on"], got["none"])
 
 
 def _fsdp_vs_ddp(rank: int, world: int) -> dict:
