@@ -656,10 +656,25 @@ def range_state(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     in checkpoints next to :func:`rng_state`: a resumed run is then bitwise identical).
     The histories are this process's own: under DDP each rank predicts from its own
     gradients, so each rank saves and loads its own state (each entry records its
-    ``rank``; :func:`load_range_state` warns where another rank's is loaded)."""
+    ``rank``; :func:`load_range_state` warns where another rank's is loaded).
+    A predicted path that has no tracker yet (before its first backward) is listed as
+    ``{"created": False, "rank": …}``, a tracker's entry carries ``"created": True``: a
+    loader that fills only the keys of the dict it loads into —
+    ``torch.distributed.checkpoint.load`` into a fresh model's ``range_state`` — then
+    leaves an entry that says it was created but holds no history, which
+    :func:`load_range_state` refuses (it had restarted every history without a word: a
+    new user's trial). Save and load each rank's state whole (``torch.save`` /
+    ``torch.load``)."""
     rank = current_rank()
-    return {n: {p: {**t.state_dict(), "rank": rank} for p, t in m.range_trackers.items()}
-            for n, m in fqt_blocks(model).items() if m.range_trackers}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for n, m in fqt_blocks(model).items():
+        paths = {p: {**t.state_dict(), "rank": rank, "created": True} for p, t in m.range_trackers.items()}
+        for p in GRAD_PATHS:  # a predicted path before its first backward: a placeholder
+            if p not in paths and m.tracker_key(p) is not None:
+                paths[p] = {"created": False, "rank": rank}
+        if paths:
+            out[n] = paths
+    return out
 
 
 def _asked_once(module_filter: ModuleFilter) -> ModuleFilter:
@@ -709,14 +724,17 @@ def _filter_wants(module_filter: ModuleFilter, model: nn.Module, name: str) -> b
 def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Restore what :func:`range_state` returned: afterwards every layer's trackers are
     exactly the saved ones (created as they were saved). A layer or gradient path the
-    state lacks had no tracker when it was saved (:func:`range_state` lists only those
-    with one, e.g. ``{}`` before the first backward): its tracker is removed, so it starts
-    with no history, as in a fresh model. Rolling a model back to a checkpoint therefore
+    state lacks or lists as not created had no tracker when it was saved (:func:`range_state`
+    lists such a predicted path as ``{"created": False, …}``; a state saved by a lowbit
+    before that left it out, ``{}`` before the first backward): its tracker is removed, so
+    it starts with no history, as in a fresh model. Rolling a model back to a checkpoint therefore
     equals loading that checkpoint into a fresh model (as with :func:`load_rng_state`,
     nothing of the current state survives the load).
 
     ``TypeError`` for a state that is not a dict; ``KeyError`` naming layers this model
-    does not have, or paths that are not gradient paths; ``ValueError`` naming trackers
+    does not have, or paths that are not gradient paths; ``ValueError`` naming entries that
+    say a tracker was saved but hold no history (a loader that filled only a fresh model's
+    keys, :func:`range_state`), or trackers
     saved under other predicted-range settings than the layer's config asks for (its
     next backward would replace them: the history silently lost); nothing is changed
     when it raises."""
@@ -729,6 +747,17 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     bad = sorted(f"{n}/{p}" for n, paths in state.items() for p in paths if p not in GRAD_PATHS)
     if bad:
         raise KeyError(f"range state names paths that are not gradient paths {GRAD_PATHS}: {bad[:5]}")
+    # a path listed before its first backward (created False) had no tracker: none is made
+    state = {n: {p: s for p, s in paths.items() if s.get("created", True) is not False}
+             for n, paths in state.items()}
+    hollow = sorted(f"{n}/{p}" for n, paths in state.items() for p, s in paths.items()
+                    if not {"hist", "count", "stats", "key"} <= set(s))
+    if hollow:
+        raise ValueError(f"range state entries {hollow[:3]} say a tracker was saved but hold no history "
+                         "(hist, count, stats, key): a loader that fills only the keys of the dict it loads "
+                         "into — torch.distributed.checkpoint.load into lowbit.range_state of a model before "
+                         "its first backward — left them out; save and load each rank's lowbit.range_state "
+                         "whole (torch.save / torch.load), as the README's checkpoint section does")
     unfit = [f"{n}/{p} (saved {tuple(s['key'])}, the layer's config needs {layers[n].tracker_key(p)})"
              for n, paths in state.items() for p, s in paths.items()
              if tuple(s["key"]) != layers[n].tracker_key(p)]
@@ -741,7 +770,8 @@ def load_range_state(model: nn.Module, state: dict[str, dict[str, dict[str, Any]
     if others:
         # a new user's trial: the usual rank-0-only checkpoint gave every rank rank 0's
         # histories, and the resumed run silently stopped being bitwise
-        warnings.warn(f"load_range_state: this state was saved on rank {others[0]}, this process is rank "
+        warnings.warn(f"load_range_state: this state holds what rank {', '.join(map(str, others))} saved, "
+                      f"this process is rank "
                       f"{rank}: predicted ranges are each rank's own (its own gradients), so the run "
                       "continues unbiased but not bitwise as the uninterrupted one; for a bitwise resume "
                       "save lowbit.range_state(model) on every rank and load each rank's own",

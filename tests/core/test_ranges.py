@@ -251,14 +251,22 @@ def test_another_ranks_range_state_is_loaded_with_a_warning(monkeypatch: pytest.
         warnings.simplefilter("error")
         lowbit.load_range_state(model, state)  # its own rank: no word
     monkeypatch.setattr(lnn, "current_rank", lambda: 1)
-    with pytest.warns(UserWarning, match="saved on rank 0, this process is rank 1: .* save "
+    with pytest.warns(UserWarning, match="holds what rank 0 saved, this process is rank 1: .* save "
                                          r"lowbit.range_state\(model\) on every rank"):
         lowbit.load_range_state(model, state)
     assert _same_ranges(lowbit.range_state(model), state)  # loaded all the same
 
 
+def _trackers(state: dict) -> dict:
+    """The trackers a :func:`lowbit.range_state` result holds: without the placeholders of
+    predicted paths before their first backward (``created`` False)."""
+    out = {n: {p: s for p, s in paths.items() if s.get("created", True)} for n, paths in state.items()}
+    return {n: paths for n, paths in out.items() if paths}
+
+
 def _same_ranges(a: dict, b: dict) -> bool:
     """Two :func:`lowbit.range_state` results hold the same trackers in the same states."""
+    a, b = _trackers(a), _trackers(b)
     return a.keys() == b.keys() and all(
         a[n].keys() == b[n].keys() and all(
             (s["key"], s["count"], s["stats"]) == (b[n][p]["key"], b[n][p]["count"], b[n][p]["stats"])
@@ -334,7 +342,7 @@ def test_range_state_of_other_settings_is_refused_not_silently_replaced() -> Non
     other = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0).with_ranges(margin=2.0))
     with pytest.raises(ValueError, match=r"other predicted-range settings.*0/grad_input \(saved \(16, 1.25"):
         lowbit.load_range_state(other, state)
-    assert lowbit.range_state(other) == {}
+    assert _trackers(lowbit.range_state(other)) == {}
     lowbit.load_range_state(lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0)), state)
 
 
@@ -1102,3 +1110,33 @@ def test_bhqs_groups_of_one_follow_the_scale_linearly() -> None:
     model = lowbit.convert(_mlp(), FQTConfig.from_recipe("fqt-bhq-8-predicted", seed=0))
     ratios = _scaled_steps(model, 5, GradScaler(model, "cpu", init_scale=2.0**4, growth_interval=1), batch)
     assert ratios[1:] == [1.25] * 4, ratios
+
+
+def test_a_checkpoint_loader_that_fills_only_a_fresh_models_keys_is_refused(tmp_path) -> None:
+    """A new user's trial (README fault kind 267): ``torch.distributed.checkpoint`` fills
+    only the keys of the dict it loads into, and a fresh model's ``range_state`` was ``{}``
+    — so the load brought back nothing and ``load_range_state`` restarted every history
+    without a word (the resumed run 0.0099 off). A fresh model's state now lists each
+    predicted path (``created`` False); DCP's load sets ``created`` from the checkpoint
+    and ``load_range_state`` refuses the entries it left without their history, naming
+    the way that works; a whole state (``torch.save``) loads as before."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    cfg = FQTConfig.from_recipe("fqt-psq-8-predicted", seed=0)
+    model = lowbit.convert(_mlp(), cfg)
+    for _ in range(2):
+        _grads(model, torch.randn(8, 12), torch.randint(0, 5, (8,)))
+    fresh = lowbit.convert(_mlp(), cfg)
+    target = {"ranges": lowbit.range_state(fresh)}
+    assert {p for paths in target["ranges"].values() for p in paths} == {"grad_input", "grad_weight"}
+    assert all(s == {"created": False, "rank": 0} for paths in target["ranges"].values() for s in paths.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's warnings about running without a process group
+        dcp.save({"ranges": lowbit.range_state(model)}, checkpoint_id=str(tmp_path / "ck"))
+        dcp.load(target, checkpoint_id=str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match=r"say a tracker was saved but hold no history.*torch.save"):
+        lowbit.load_range_state(fresh, target["ranges"])
+    assert _trackers(lowbit.range_state(fresh)) == {}  # nothing changed
+    lowbit.load_range_state(fresh, lowbit.range_state(model))  # a whole state: loaded
+    assert _same_ranges(lowbit.range_state(fresh), lowbit.range_state(model))
