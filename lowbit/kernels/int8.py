@@ -312,6 +312,77 @@ def _largest_finite(scale: torch.Tensor) -> float:
     return float(torch.where(torch.isfinite(a), a.abs(), 0.0).amax())
 
 
+def _log2(x: float) -> float:
+    return math.log2(x) if x > 0 else -math.inf
+
+
+def _offset_terms(a_scale: torch.Tensor, b_scale: torch.Tensor, a_offset: torch.Tensor | None,
+                  b_offset: torch.Tensor | None, k: int) -> tuple[float, float, float]:
+    """log2 bounds of an asymmetric epilogue's intermediates (``int8_epilogue``:
+    ``acc·s_a·s_b``, ``m_a·(Σr·s_b)``, ``(Σc·s_a)·m_b``, ``k·m_a·m_b``, and their sum):
+    ``(the largest intermediate or partial sum, its a side's factors, its b side's)`` from
+    the largest finite scales and offsets (codes of at most 8 bits: ``|acc| ≤ k·2¹⁴``,
+    ``|Σ codes| ≤ k·2⁸``). Each term is an a-side factor (``acc·s_a``, ``Σc·s_a``,
+    ``k·m_a``) times a b-side one (``s_b``, ``Σr·s_b``, ``m_b``), so four times the
+    product of the sides bounds their sum. In log2: the bounds may pass float64's range."""
+    kk = float(k if k > 0 else MAX_K)
+    sa, sb = _log2(_largest_finite(a_scale)), _log2(_largest_finite(b_scale))
+    ma = -math.inf if a_offset is None else _log2(_largest_finite(a_offset))
+    mb = -math.inf if b_offset is None else _log2(_largest_finite(b_offset))
+    lk = math.log2(kk)
+    side_a = max(sa + lk + 14, ma + lk, ma)
+    side_b = max(sb + lk + 8, mb)
+    return max(side_a, side_b, 2 + side_a + side_b), side_a, side_b
+
+
+def _offsets_safe(a_scale: torch.Tensor, b_scale: torch.Tensor, a_offset: torch.Tensor | None,
+                  b_offset: torch.Tensor | None, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """An asymmetric epilogue's scales and offsets, as float64 where a float32
+    intermediate of its offset terms could pass float32's maximum although the product
+    need not (a new user's trial: ``fqt-psq-4a`` activations of 2e35 over 4,096 tokens
+    gave ∇W all NaN — ``Σ_k x·s`` past 3.4e38 — where the simulated GEMM gives 2.4e34);
+    ``None`` where even float64's could (the caller scales them down); else as they are.
+    The CPU only, as :func:`safe_scales`."""
+    if a_scale.device.type != "cpu" or a_scale.numel() == 0:
+        return a_scale, b_scale, a_offset, b_offset
+    bound = _offset_terms(a_scale, b_scale, a_offset, b_offset, k)[0]
+    if torch.promote_types(a_scale.dtype, b_scale.dtype) == torch.float32 and bound <= math.log2(_FLOAT32_MAX):
+        return a_scale, b_scale, a_offset, b_offset
+    if bound > math.log2(_FLOAT64_MAX) - 3:
+        return None
+    return tuple(None if t is None else t.double() for t in (a_scale, b_scale, a_offset, b_offset))  # type: ignore[return-value]
+
+
+def _scaled_offset_epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                            a_offset: torch.Tensor | None, b_offset: torch.Tensor | None,
+                            rowsum: torch.Tensor | None, colsum: torch.Tensor | None, k: int,
+                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """An asymmetric epilogue whose float64 intermediates could pass float64's maximum
+    (operands near 1e308): each side's scale and offset scaled down by a power of two
+    (``2^-e_a``, ``2^-e_b``) so that every intermediate stays below about 2¹⁰⁰⁰, the
+    epilogue in float64, its result scaled back by ``2^(e_a + e_b)`` (exact where it is a
+    normal number), then the bias and one rounding to ``out_dtype``. Where a scaled-down
+    scale or offset would leave the normal numbers (not exact) the epilogue runs as it is."""
+    _, side_a, side_b = _offset_terms(a_scale, b_scale, a_offset, b_offset, k)
+    e_a = max(0, math.ceil(side_a) - 500) if math.isfinite(side_a) else 0
+    e_b = max(0, math.ceil(side_b) - 500) if math.isfinite(side_b) else 0
+    sides = [(e_a, (a_scale, a_offset)), (e_b, (b_scale, b_offset))]
+    if any(t is not None and math.ldexp(_smallest_nonzero(t.double()), -e) < _FLOAT64_TINY
+           for e, ts in sides for t in ts) or e_a + e_b == 0:
+        return kernels.run("int8_epilogue", acc, *(None if t is None else t.double() for t in
+                                                   (a_scale, b_scale, a_offset, b_offset)),
+                           rowsum, colsum, k, bias, out_dtype)
+    a_scale, a_offset, b_scale, b_offset = (None if t is None else _ldexp(t.double(), -e)
+                                            for e, ts in sides for t in ts)
+    out = kernels.run("int8_epilogue", acc, a_scale, b_scale, a_offset, b_offset, rowsum, colsum, k, None,
+                      torch.float64)
+    out = _ldexp(out, e_a + e_b)
+    if bias is not None:
+        out = out + bias
+    return out.to(out_dtype)
+
+
 def panel_rows(a: Encoded, b: Encoded, out_dtype: torch.dtype) -> int | None:
     """Rows per panel of :func:`gemm`'s output, or None for one GEMM: where panels are on
     (:func:`panel_size` > 0), a bf16 or float16 output on the CPU of at least two
@@ -415,6 +486,11 @@ def epilogue(kernels: Kernels, acc: torch.Tensor, a_scale: torch.Tensor, b_scale
         b_offset = None if b_offset is None else _ldexp(b_offset, e)
     else:
         a_scale, b_scale = safe_scales(a_scale, b_scale, k)
+        widened = _offsets_safe(a_scale, b_scale, a_offset, b_offset, k)
+        if widened is None:  # past float64's range: scaled down by powers of two, where exact
+            return _scaled_offset_epilogue(kernels, acc, a_scale, b_scale, a_offset, b_offset, rowsum, colsum,
+                                           k, bias, out_dtype)
+        a_scale, b_scale, a_offset, b_offset = widened
     if out_dtype == torch.float32 and acc.dtype == torch.int32 \
             and torch.promote_types(a_scale.dtype, b_scale.dtype) == torch.float32:
         kernels.run("int8_epilogue_into", acc, a_scale, b_scale, a_offset, b_offset, rowsum,
