@@ -16,8 +16,9 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps a gradient accumulated unde
 ``.grad`` a module's ``parameters()`` show: a trial found ``coverage`` adding its own
 backward to that pending gradient (sync off), or reduce-scattering it and then dropping it
 (sync back on before the call). They are saved and set aside for the block
-(``FSDPParam._unsharded_param.grad`` and ``unsharded_accumulated_grad``, read through
-torch's private ``_get_fsdp_state()``; where a torch release lays them out otherwise, a
+(``FSDPParam._unsharded_param.grad`` and ``unsharded_accumulated_grad``, and HSDP's
+partial reduction ``FSDPParamGroup._partial_reduce_output``, read through torch's private
+``_get_fsdp_state()``; where a torch release lays them out otherwise, a
 ``ValueError`` says to call the tool with no gradient pending)."""
 
 from __future__ import annotations
@@ -47,47 +48,62 @@ def comm_states(model: nn.Module) -> list[Any]:
             if isinstance(st, QuantizedCommState)]
 
 
-def _fsdp_params(model: nn.Module) -> list[Any]:
-    """The ``FSDPParam`` of every FSDP2-sharded module in ``model`` (none without FSDP2).
-    ``ValueError`` where a module is FSDP2's but its parameters cannot be found (another
-    torch release's layout): its pending gradient could not be put back."""
+def _fsdp_groups(model: nn.Module) -> list[Any]:
+    """The ``FSDPParamGroup`` of every FSDP2-sharded module in ``model`` (all of a state's
+    groups: a ``shard_placement_fn`` giving parameters meshes of their own makes several;
+    none without FSDP2). ``ValueError`` where a module is FSDP2's but its groups cannot be
+    read (another torch release's layout): its pending gradient could not be put back."""
     out = []
     for m in model.modules():
         get_state = getattr(m, "_get_fsdp_state", None)
         if get_state is None:
             continue
         try:
-            group = get_state()._fsdp_param_group
-            params = [] if group is None else list(group.fsdp_params)
-            for p in params:
-                p.unsharded_accumulated_grad  # noqa: B018 - the layout this module reads
-        except (AttributeError, TypeError) as exc:
+            state = get_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # a release with one group per state
+                groups = [] if state._fsdp_param_group is None else [state._fsdp_param_group]
+            for g in groups:
+                for p in g.fsdp_params:
+                    p.unsharded_accumulated_grad  # noqa: B018 - the layout this module reads
+            out += [g for g in groups if g not in out]
+        except (AttributeError, TypeError, AssertionError) as exc:
             raise ValueError(f"{type(m).__name__} is sharded by FSDP2 in a way lowbit cannot read ({exc}): "
                              "the gradient it may hold pending (set_requires_gradient_sync(False)) could not "
                              "be put back; call this tool with no gradient pending (after the optimizer "
                              "step and zero_grad)") from exc
-        out += params
     return out
 
 
-def _fsdp_pending(fsdp_params: list[Any]) -> list[tuple[Any, Any, Any]]:
-    """Each FSDPParam's pending unsharded gradient and accumulated one, set aside (None)."""
-    saved = []
-    for p in fsdp_params:
-        unsharded = getattr(p, "_unsharded_param", None)
-        saved.append((p, _UNSET if unsharded is None else unsharded.grad, p.unsharded_accumulated_grad))
-        if unsharded is not None:
-            unsharded.grad = None
-        p.unsharded_accumulated_grad = None
+def _fsdp_pending(groups: list[Any]) -> list[tuple[Any, ...]]:
+    """Each group's pending gradients, set aside (None): every FSDPParam's unsharded
+    gradient and accumulated one, and the group's partial reduction (HSDP's, kept under
+    ``set_requires_all_reduce(False)``: a review found it added to or lost)."""
+    saved: list[tuple[Any, ...]] = []
+    for g in groups:
+        saved.append(("group", g, getattr(g, "_partial_reduce_output", _UNSET)))
+        if hasattr(g, "_partial_reduce_output"):
+            g._partial_reduce_output = None
+        for p in g.fsdp_params:
+            unsharded = getattr(p, "_unsharded_param", None)
+            saved.append(("param", p, _UNSET if unsharded is None else unsharded.grad, p.unsharded_accumulated_grad))
+            if unsharded is not None:
+                unsharded.grad = None
+            p.unsharded_accumulated_grad = None
     return saved
 
 
-def _fsdp_put_back(saved: list[tuple[Any, Any, Any]]) -> None:
-    for p, grad, accumulated in saved:
-        unsharded = getattr(p, "_unsharded_param", None)
+def _fsdp_put_back(saved: list[tuple[Any, ...]]) -> None:
+    for kind, obj, *values in saved:
+        if kind == "group":
+            if values[0] is not _UNSET:
+                obj._partial_reduce_output = values[0]
+            continue
+        grad, accumulated = values
+        unsharded = getattr(obj, "_unsharded_param", None)
         if unsharded is not None:
             unsharded.grad = None if grad is _UNSET else grad
-        p.unsharded_accumulated_grad = accumulated
+        obj.unsharded_accumulated_grad = accumulated
 
 
 @contextlib.contextmanager
@@ -96,8 +112,8 @@ def kept(model: nn.Module, inputs: Any = ()) -> Iterator[None]:
     (the module docstring's list), ``inputs``' leaf tensors' ``.grad`` too. The block
     starts with every such ``.grad`` (and FSDP2's pending gradients) set aside as ``None``.
     ``ValueError`` for an FSDP2 model whose layout this torch release changed
-    (:func:`_fsdp_params`)."""
-    fsdp = _fsdp_params(model)
+    (:func:`_fsdp_groups`)."""
+    fsdp = _fsdp_groups(model)
     tensors = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     leaves = list(model.parameters()) + [t for t in tensors if t.requires_grad and t.is_leaf]
     grads = [(t, t.grad) for t in leaves]
@@ -146,7 +162,9 @@ def measures(fn: Callable[..., T]) -> Callable[..., T]:
     ``no_grad`` or ``inference_mode``) and under :func:`kept`: the model's gradients,
     noise streams, ranges, RNG and buffers afterwards as they were before (a trial found
     ``quantization_variance`` dropping a pending accumulated gradient and moving the
-    layers' noise streams, so the training run after it was another run)."""
+    layers' noise streams, so the training run after it was another run). So two calls in
+    a row draw the same noise: for more draws raise the measurement's own ``repeats``.
+    The batch's own leaf tensors' ``.grad`` is not covered (the model's state is)."""
     @functools.wraps(fn)
     def wrapper(model: nn.Module, *args: object, **kwargs: object) -> T:
         if not isinstance(model, nn.Module):  # the function's own TypeError names it

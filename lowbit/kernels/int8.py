@@ -321,18 +321,24 @@ def _offset_terms(a_scale: torch.Tensor, b_scale: torch.Tensor, a_offset: torch.
     """log2 bounds of an asymmetric epilogue's intermediates (``int8_epilogue``:
     ``acc·s_a·s_b``, ``m_a·(Σr·s_b)``, ``(Σc·s_a)·m_b``, ``k·m_a·m_b``, and their sum):
     ``(the largest intermediate or partial sum, its a side's factors, its b side's)`` from
-    the largest finite scales and offsets (codes of at most 8 bits: ``|acc| ≤ k·2¹⁴``,
-    ``|Σ codes| ≤ k·2⁸``). Each term is an a-side factor (``acc·s_a``, ``Σc·s_a``,
-    ``k·m_a``) times a b-side one (``s_b``, ``Σr·s_b``, ``m_b``), so four times the
-    product of the sides bounds their sum. In log2: the bounds may pass float64's range."""
+    the largest finite scales and offsets (stored codes in [-128, 127]: ``|acc| ≤ k·2¹⁴``,
+    ``|Σ codes| ≤ k·2⁷``), each term's own (a review: the product of the two sides' largest
+    factors is k·2⁷ above any term, and moved GEMMs far from overflow to float64), four
+    times the largest bounding their partial sums. The sides (each side's largest factor:
+    ``acc·s_a``, ``Σc·s_a``, ``k·m_a`` and ``s_b``, ``Σr·s_b``, ``m_b``) are what
+    :func:`_scaled_offset_epilogue` scales down. In log2: bounds may pass float64's range."""
     kk = float(k if k > 0 else MAX_K)
     sa, sb = _log2(_largest_finite(a_scale)), _log2(_largest_finite(b_scale))
     ma = -math.inf if a_offset is None else _log2(_largest_finite(a_offset))
     mb = -math.inf if b_offset is None else _log2(_largest_finite(b_offset))
     lk = math.log2(kk)
+    terms = (sa + lk + 14 + sb, ma + lk + 7 + sb, sa + lk + 7 + mb, lk + ma + mb)
+    inner = (sa + lk + 14,  # acc·s_a; Σr·s_b and k·m_a where a has an offset, Σc·s_a where b has
+             sb + lk + 7 if a_offset is not None else -math.inf, lk + ma,
+             sa + lk + 7 if b_offset is not None else -math.inf)
     side_a = max(sa + lk + 14, ma + lk, ma)
-    side_b = max(sb + lk + 8, mb)
-    return max(side_a, side_b, 2 + side_a + side_b), side_a, side_b
+    side_b = max(sb, sb + lk + 7, mb)
+    return max(*inner, *terms, 2 + max(terms)), side_a, side_b
 
 
 def _offsets_safe(a_scale: torch.Tensor, b_scale: torch.Tensor, a_offset: torch.Tensor | None,

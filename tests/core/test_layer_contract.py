@@ -992,3 +992,17 @@ def test_asymmetric_grids_stay_finite_where_the_simulated_gemm_does(case: str) -
     a, r = got["auto"][name], got["reference"][name]
     assert torch.isfinite(r).all() and torch.isfinite(a).all()
     assert float((a - r).abs().max()) <= 1e-5 * float(r.abs().max())
+
+
+def test_asymmetric_epilogue_leaves_float32_where_no_intermediate_can_overflow() -> None:
+    """A review of row 268's first bound: the product of the two sides' largest factors
+    sat k·2⁷ above any real term, so GEMMs far from overflow (activations of 1e31) moved
+    to float64 and changed bits. Each term is bounded on its own now: float32 stays where
+    every intermediate fits, float64 comes where one may not."""
+    from lowbit.kernels import int8
+    k = 4096  # ∇W = ∇Yᵀ·X over 4,096 tokens: ∇Yᵀ on an asymmetric grid (fqt-psq-4a), X symmetric
+    gy_step, gy_offset = torch.tensor([[2e-3 / 255]]), torch.tensor([[-1e-3]])
+    for x_max, widened in ((1e31, False), (1e33, False), (1e34, False), (2e35, True)):
+        x_step = torch.tensor([[x_max / 127]])  # its Σ_k r·s_b reaches k·2⁷·s_b ≈ k·x_max
+        got = int8._offsets_safe(gy_step, x_step, gy_offset, None, k)
+        assert got is not None and (got[0].dtype == torch.float64) is widened, x_max

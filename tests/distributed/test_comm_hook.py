@@ -492,21 +492,26 @@ def _fsdp_accumulation(rank: int) -> dict:
     def loss_fn(out: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out, y)
 
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hsdp = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
     out = {}
-    for when in ("none", "sync off", "sync on"):
-        model = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
-        fully_shard(model[0])
-        fully_shard(model[2])
-        fully_shard(model)
-        model.set_requires_gradient_sync(False)
-        loss_fn(model(x0)).backward()
-        if when == "sync off":
-            lowbit.coverage(model, x1, loss_fn=loss_fn)
-        model.set_requires_gradient_sync(True)
-        if when == "sync on":
-            lowbit.coverage(model, x1, loss_fn=loss_fn)
-        loss_fn(model(x1)).backward()
-        out[when] = torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()])
+    for mesh in (None, hsdp):  # HSDP keeps its pending all-reduce in the group (a review)
+        for when in ("none", "sync off", "sync on"):
+            model = lowbit.convert(_mlp(), lowbit.FQTConfig.from_recipe("fqt-psq-8", seed=0))
+            for m in (model[0], model[2], model):
+                fully_shard(m, mesh=mesh)
+            sync = model.set_requires_gradient_sync if mesh is None else model.set_requires_all_reduce
+            sync(False)
+            loss_fn(model(x0)).backward()
+            if when == "sync off":
+                lowbit.coverage(model, x1, loss_fn=loss_fn)
+            sync(True)
+            if when == "sync on":
+                lowbit.coverage(model, x1, loss_fn=loss_fn)
+            loss_fn(model(x1)).backward()
+            out[when if mesh is None else f"hsdp {when}"] = torch.cat(
+                [p.grad.full_tensor().flatten() for p in model.parameters()])
     return {"fsdp_accumulation": out}
 
 
@@ -520,7 +525,36 @@ def test_coverage_between_fsdp2_micro_steps_keeps_the_pending_gradient(hook_runs
     the call (``lowbit.stepstate.kept``)."""
     for r in hook_runs:
         got = r["fsdp_accumulation"]
-        assert torch.equal(got["sync off"], got["none"]) and torch.equal(got["sync on"], got["none"])
+        for prefix in ("", "hsdp "):  # HSDP: a review found its pending all-reduce added to or lost
+            assert torch.equal(got[prefix + "sync off"], got[prefix + "none"])
+            assert torch.equal(got[prefix + "sync on"], got[prefix + "none"])
+
+
+def test_every_fsdp2_param_group_is_read_and_an_unknown_layout_is_named() -> None:
+    """A review: a state with several parameter groups (``shard_placement_fn`` giving
+    parameters meshes of their own) raised torch's ``AssertionError`` from its singular
+    ``_fsdp_param_group``; every group is read now, and a layout lowbit cannot read is a
+    ``ValueError`` saying what to do."""
+    from types import SimpleNamespace
+
+    from lowbit.stepstate import _fsdp_groups
+
+    def param() -> SimpleNamespace:
+        return SimpleNamespace(unsharded_accumulated_grad=None)
+
+    class State:
+        _fsdp_param_groups = [SimpleNamespace(fsdp_params=[param()]), SimpleNamespace(fsdp_params=[param()])]
+
+        @property
+        def _fsdp_param_group(self) -> None:
+            raise AssertionError("Expected at most 1 param group")
+
+    sharded = torch.nn.Module()
+    sharded._get_fsdp_state = State  # type: ignore[assignment]
+    assert _fsdp_groups(sharded) == State._fsdp_param_groups
+    sharded._get_fsdp_state = lambda: SimpleNamespace(_fsdp_param_groups=[SimpleNamespace()])  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="sharded by FSDP2 in a way lowbit cannot read.*no gradient pending"):
+        _fsdp_groups(sharded)
 
 
 def _fsdp_vs_ddp(rank: int, world: int) -> dict:
