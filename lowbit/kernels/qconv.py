@@ -93,6 +93,13 @@ def conv_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int]
     → (N, C_out, H', W') float32, channels-last memory."""
     if float32_engine(x_codes.device):  # ``packed`` is the codes themselves there (prepack)
         return exact_f32.int_conv(x_codes, w_codes, stride, padding, dilation, groups)
+    return _onednn_acc(x_codes, w_codes, stride, padding, dilation, groups, packed)
+
+
+def _onednn_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`conv_acc` on oneDNN's int8 convolution (what the probes test, called by them
+    directly: the layer's own calls are what a caller wrapping ``conv_acc`` sees)."""
     ones, zero = torch.ones(1), torch.zeros(1, dtype=torch.int64)
     # code + 128, in x_codes' memory format
     xu = x_codes if x_codes.dtype == torch.uint8 else x_codes.view(torch.uint8) ^ 128
@@ -161,10 +168,11 @@ def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int
 
 
 def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
-                  padding: tuple[int, ...]) -> bool:
-    """Whether oneDNN's int8 convolution gives the exact sums for this grouped geometry
-    (``w_shape`` (C_out, C/groups, kH, kW)) on inputs of spatial ``size``, probed once per
-    process: random codes on one sample of that size against the exact float32 convolution.
+                  padding: tuple[int, ...], batch: int = 1) -> bool:
+    """Whether oneDNN's int8 convolution gives the exact sums for this geometry, grouped
+    or not (``w_shape`` (C_out, C/groups, kH, kW)), on a batch of ``batch`` inputs of
+    spatial ``size``, probed once per process: random codes of that batch and size against
+    the exact float32 convolution.
     torch 2.13's ``qconv2d_pointwise`` got grouped convolutions wrong — the same wrong
     sums on every call — for groups of 31 or more output channels with 1, 2, 3, 5–7, 9,
     10, 13, 17, 24, 28 or 31 input channels (a review: ``Conv2d(48, 96, 3, groups=2)``'s
@@ -176,26 +184,32 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
     the Intel Xeon): once per geometry, input size and thread count, costing about two
     single-sample convolutions of the layer (int8 and an exact float32 one; one thread,
     Intel Xeon: 9 ms for 64 channels at 56², 49 ms for 128 at 112², 0.43 s for 256 at
-    224²; a model whose input size changes every batch pays it for each new size). One
-    sample: a batch of one only ever refused where larger batches were exact. Hidden from
-    dispatch modes, as :func:`_exact_here`."""
-    return _probe_grouped(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
+    224²; a model whose input size changes every batch pays it for each new size). A
+    third review (a new user's trial of convolution shapes) found both faults this probe
+    had assumed away: an ungrouped ``Conv2d(4, 1, (2, 1), padding=(1, 0))`` on 14 × 16
+    inputs wrong (32% of the output), which the one probe of :func:`_exact_here` had
+    passed, and ``Conv2d(51, 51, 3, stride=(1, 3), groups=3)`` on 27 × 27 inputs exact for
+    one sample and wrong from two on (on two threads): so every geometry is probed, at the
+    call's own batch (a probe per batch size too: twice a layer's convolution, once).
+    Hidden from dispatch modes, as :func:`_exact_here`."""
+    return _probe_grouped(groups, tuple(w_shape), (max(int(batch), 1), *size), tuple(stride), tuple(padding),
                           torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=4096)
 def _probe_grouped(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
                    padding: tuple[int, ...], threads: int) -> bool:
-    """:func:`grouped_exact`'s probe, cached per geometry, input size and thread count."""
+    """:func:`grouped_exact`'s probe, cached per geometry, input shape ``(batch, H, W)``
+    and thread count."""
     from .cbuild import plain_torch
 
     co, cg = w_shape[0], w_shape[1]
     g = torch.Generator().manual_seed(co * 7919 + cg)
     with plain_torch(), torch.no_grad():
         try:
-            x = torch.randint(-127, 128, (1, cg * groups, *shape), dtype=torch.int8, generator=g)
+            x = torch.randint(-127, 128, (shape[0], cg * groups, *shape[1:]), dtype=torch.int8, generator=g)
             w = torch.randint(-127, 128, tuple(w_shape), dtype=torch.int8, generator=g)
-            got = conv_acc(x, w, stride, padding, (1, 1), groups)
+            got = _onednn_acc(x, w, stride, padding, (1, 1), groups)
         except RuntimeError:  # a geometry this build's op refuses
             return False
         # float32 is exact here: every partial sum of K = C/groups·kH·kW ≤ MAX_K products
@@ -210,16 +224,18 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
     """Whether :func:`conv_acc` is exact for these operands: int8 codes on the CPU,
     ``K = C/groups·kH·kW ≤ MAX_K``, a geometry oneDNN computes (:func:`geometry_ok`; ``size``
     the input's spatial (H, W)), and either the float32 engine runs (:func:`float32_engine`)
-    or this machine's oneDNN passes the int8 probe and, with ``groups > 1``, the
-    geometry's own probe (:func:`grouped_exact`: the grouped faults are the int8 op's)."""
+    or this machine's oneDNN passes the int8 probe and the geometry's own probe at this
+    batch (:func:`grouped_exact`; ``x_codes``' first dimension is the batch: the faults are
+    the int8 op's)."""
     k = w_shape[1] * w_shape[2] * w_shape[3]
     if not (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
             and x_codes.numel() > 0 and geometry_ok(size, w_shape[2:], stride, padding, dilation)):
         return False
     if float32_engine(x_codes.device):
         return True
-    return _exact_here() and (groups == 1 or grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride),
-                                                          tuple(padding)))
+    batch = x_codes.shape[0] if x_codes.dim() > 1 else 1
+    return _exact_here() and grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
+                                           batch)
 
 
 __all__ = ["FLOAT32_CONV", "MAX_K", "available", "conv_acc", "float32_engine", "geometry_ok", "grouped_exact",

@@ -892,6 +892,47 @@ assert routed >= 2  # the depthwise and exact grouped geometries still take oneD
         assert r.returncode == 0, (threads, r.returncode, r.stderr[-2000:])
 
 
+@ONEDNN
+def test_every_geometry_is_probed_at_its_own_batch() -> None:
+    """A new user's trial of convolution shapes (README fault kind 270): an ungrouped
+    ``Conv2d(4, 1, (2, 1), padding=(1, 0))`` on (3, 4, 14, 16) inputs took oneDNN's int8
+    convolution on the strength of one probe per process and gave an output 0.64 off
+    (32%; the reference 0.015 from float); ``Conv2d(51, 51, 3, stride=(1, 3), padding=1,
+    groups=3)`` on (5, 51, 27, 27) passed its probe of one sample and was 7.4 off (two
+    threads). Every geometry is probed now, at the call's batch: where ``available`` says
+    yes the sums are exact, and the layer equals the reference backend's. In a
+    subprocess, as the test above."""
+    import subprocess
+    import sys
+    code = """
+import copy, sys, torch, lowbit
+from lowbit.kernels import qconv
+torch.set_num_threads(int(sys.argv[1]))
+for cin, cout, g, k, s, p, shape in [(4, 1, 1, (2, 1), (1, 1), (1, 0), (3, 4, 14, 16)),
+                                     (51, 51, 3, (3, 3), (1, 3), (1, 1), (5, 51, 27, 27))]:
+    x = torch.randint(-127, 128, shape, dtype=torch.int8)
+    w = torch.randint(-127, 128, (cout, cin // g, *k), dtype=torch.int8)
+    if qconv.available(x, w.shape, g, shape[2:], s, p, (1, 1)):
+        want = torch.nn.functional.conv2d(x.double(), w.double(), None, s, p, 1, g)
+        assert torch.equal(qconv.conv_acc(x, w, s, p, (1, 1), g).double(), want), (cin, cout, g)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=s, padding=p, groups=g)
+    xf = torch.randn(shape)
+    out = []
+    for be in ("auto", "reference"):
+        q = lowbit.convert(copy.deepcopy(conv), lowbit.FQTConfig.from_recipe("qat-8", backend=be, seed=0))
+        xi = xf.clone().requires_grad_(True)
+        y = q(xi)
+        y.backward(torch.ones_like(y))
+        out.append((y.detach(), xi.grad))
+    for a, b in zip(*out):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (cin, cout, g)
+"""
+    for threads in (1, 2):
+        r = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (threads, r.returncode, r.stderr[-2000:])
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_grad_input_written_in_its_dtype_equals_the_float32_product_cast(monkeypatch: pytest.MonkeyPatch,
                                                                          layout: str) -> None:
