@@ -782,9 +782,13 @@ def refuse_forward_transforms(what: str) -> None:
     key = top.key()
     if key in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Vmap):
         transform = "jvp/jacfwd (forward-mode AD)" if key == torch._C._functorch.TransformType.Jvp else "vmap"
+        # a batched forward alone (vmap under no_grad, inference) needs no autograd: the
+        # batch itself is the call (a new user's trial: the autograd advice did not fit it)
+        fix = ("call the layer on the batched input itself (it takes a leading batch dimension)"
+               if key == torch._C._functorch.TransformType.Vmap and not torch.is_grad_enabled() else
+               "use ordinary autograd (loss.backward, torch.autograd.grad)")
         raise RuntimeError(f"{what}: torch.func.{transform} through a lowbit quantized layer is not "
-                           "supported (no forward-mode derivative, no per-sample batching rule); use "
-                           "ordinary autograd (loss.backward, torch.autograd.grad)")
+                           f"supported (no forward-mode derivative, no per-sample batching rule); {fix}")
 
 
 def apply_block(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
