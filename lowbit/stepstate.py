@@ -75,35 +75,36 @@ def _fsdp_groups(model: nn.Module) -> list[Any]:
     return out
 
 
-def _fsdp_pending(groups: list[Any]) -> list[tuple[Any, ...]]:
-    """Each group's pending gradients, set aside (None): every FSDPParam's unsharded
-    gradient and accumulated one, and the group's partial reduction (HSDP's, kept under
-    ``set_requires_all_reduce(False)``: a review found it added to or lost)."""
-    saved: list[tuple[Any, ...]] = []
-    for g in groups:
-        saved.append(("group", g, getattr(g, "_partial_reduce_output", _UNSET)))
-        if hasattr(g, "_partial_reduce_output"):
-            g._partial_reduce_output = None
-        for p in g.fsdp_params:
-            unsharded = getattr(p, "_unsharded_param", None)
-            saved.append(("param", p, _UNSET if unsharded is None else unsharded.grad, p.unsharded_accumulated_grad))
-            if unsharded is not None:
-                unsharded.grad = None
-            p.unsharded_accumulated_grad = None
-    return saved
+def _fsdp_pending(groups: list[Any]) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any, Any]]]:
+    """Each group's pending gradients, set aside (None): the group's partial reduction
+    (HSDP's, kept under ``set_requires_all_reduce(False)``: a review found it added to or
+    lost), and every FSDPParam's unsharded gradient and accumulated one."""
+    reductions = [(g, g._partial_reduce_output) for g in groups if hasattr(g, "_partial_reduce_output")]
+    # (the unsharded gradient as None where no unsharded parameter exists yet: put back on
+    # whichever parameter object FSDP holds afterwards)
+    params = [(p, getattr(getattr(p, "_unsharded_param", None), "grad", None), p.unsharded_accumulated_grad)
+              for g in groups for p in g.fsdp_params]
+    for g, _ in reductions:
+        g._partial_reduce_output = None
+    for p, _, _ in params:
+        _set_unsharded_grad(p, None)
+        p.unsharded_accumulated_grad = None
+    return reductions, params
 
 
-def _fsdp_put_back(saved: list[tuple[Any, ...]]) -> None:
-    for kind, obj, *values in saved:
-        if kind == "group":
-            if values[0] is not _UNSET:
-                obj._partial_reduce_output = values[0]
-            continue
-        grad, accumulated = values
-        unsharded = getattr(obj, "_unsharded_param", None)
-        if unsharded is not None:
-            unsharded.grad = None if grad is _UNSET else grad
-        obj.unsharded_accumulated_grad = accumulated
+def _set_unsharded_grad(p: Any, grad: torch.Tensor | None) -> None:
+    unsharded = getattr(p, "_unsharded_param", None)
+    if unsharded is not None:
+        unsharded.grad = grad
+
+
+def _fsdp_put_back(saved: tuple[list[tuple[Any, Any]], list[tuple[Any, Any, Any]]]) -> None:
+    reductions, params = saved
+    for g, value in reductions:
+        g._partial_reduce_output = value
+    for p, grad, accumulated in params:
+        _set_unsharded_grad(p, grad)
+        p.unsharded_accumulated_grad = accumulated
 
 
 @contextlib.contextmanager

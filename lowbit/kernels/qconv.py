@@ -167,7 +167,7 @@ def geometry_ok(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int
             and out_w >= 2)
 
 
-def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
+def geometry_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], stride: tuple[int, ...],
                   padding: tuple[int, ...], batch: int = 1) -> bool:
     """Whether oneDNN's int8 convolution gives the exact sums for this geometry, grouped
     or not (``w_shape`` (C_out, C/groups, kH, kW)), on a batch of ``batch`` inputs of
@@ -193,14 +193,14 @@ def grouped_exact(groups: int, w_shape: tuple[int, ...], size: tuple[int, int], 
     call's own batch (a probe per batch size too: twice a layer's convolution, once; the
     benchmark CNN's first `fqt-psq-8` step, batch 128: 8 probes, 137 ms of 575, Intel Xeon, 2 threads).
     Hidden from dispatch modes, as :func:`_exact_here`."""
-    return _probe_grouped(groups, tuple(w_shape), (max(int(batch), 1), *size), tuple(stride), tuple(padding),
+    return _probe_geometry(groups, tuple(w_shape), (max(int(batch), 1), *size), tuple(stride), tuple(padding),
                           torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=4096)
-def _probe_grouped(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
+def _probe_geometry(groups: int, w_shape: tuple[int, ...], shape: tuple[int, ...], stride: tuple[int, ...],
                    padding: tuple[int, ...], threads: int) -> bool:
-    """:func:`grouped_exact`'s probe, cached per geometry, input shape ``(batch, H, W)``
+    """:func:`geometry_exact`'s probe, cached per geometry, input shape ``(batch, H, W)``
     and thread count."""
     from .cbuild import plain_torch
 
@@ -226,7 +226,7 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
     ``K = C/groups·kH·kW ≤ MAX_K``, a geometry oneDNN computes (:func:`geometry_ok`; ``size``
     the input's spatial (H, W)), and either the float32 engine runs (:func:`float32_engine`)
     or this machine's oneDNN passes the int8 probe and the geometry's own probe at this
-    batch (:func:`grouped_exact`; ``x_codes``' first dimension is the batch: the faults are
+    batch (:func:`geometry_exact`; ``x_codes``' first dimension is the batch: the faults are
     the int8 op's)."""
     k = w_shape[1] * w_shape[2] * w_shape[3]
     if not (x_codes.device.type == "cpu" and x_codes.dtype == torch.int8 and 0 < k <= MAX_K
@@ -235,9 +235,9 @@ def available(x_codes: torch.Tensor, w_shape: Sequence[int], groups: int, size: 
     if float32_engine(x_codes.device):
         return True
     batch = x_codes.shape[0] if x_codes.dim() > 1 else 1
-    return _exact_here() and grouped_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
+    return _exact_here() and geometry_exact(groups, tuple(w_shape), tuple(size), tuple(stride), tuple(padding),
                                            batch)
 
 
-__all__ = ["FLOAT32_CONV", "MAX_K", "available", "conv_acc", "float32_engine", "geometry_ok", "grouped_exact",
+__all__ = ["FLOAT32_CONV", "MAX_K", "available", "conv_acc", "float32_engine", "geometry_ok", "geometry_exact",
            "prepack"]

@@ -197,7 +197,7 @@ def test_integer_path_runs_int_mm_and_no_float_convolution() -> None:
     GEMM); ∇W ``_int_mm`` once per group; no float convolution."""
     x, wt, b, params = _case("groups2")
     gy = torch.ones(F.conv2d(x, wt, b, params[0:2], params[2:4], params[4:6], params[6]).shape)
-    _layer_run("auto", x, wt, b, params, gy)  # oneDNN's once-per-geometry probes (qconv.grouped_exact) run here
+    _layer_run("auto", x, wt, b, params, gy)  # oneDNN's once-per-geometry probes (qconv.geometry_exact) run here
     with torch.profiler.profile() as prof:
         _layer_run("auto", x, wt, b, params, gy)
     names = [e.name for e in prof.events()]
